@@ -1,0 +1,172 @@
+"""Applying journal records to a layer root, idempotently.
+
+Used in two places: crash recovery (re-apply the one metadata record that may
+have been in flight when the daemon died, see ``sdeefs.journal``) and replicas
+(apply a stream of records to a copy of the user's layer root).  Every rule
+here is written so that applying a record twice leaves the same tree as
+applying it once; every path goes through :class:`~sdeefs.cow.LayerRoot`'s
+``openat2`` resolution, so a record can never reach outside the layer root.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+from . import records as rec
+from .cow import LayerRoot, apply_setattr
+from .journal import Journal, NullJournal
+from .sysio import open_by_handle, renameat2
+
+log = logging.getLogger(__name__)
+
+
+def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = None) -> None:
+    """Make the effect of ``record`` true in ``layers`` (whose journal should be a NullJournal)."""
+    match record:
+        case rec.Mkdir(path=p, mode=mode, uid=uid, gid=gid):
+            if layers.lstat(p) is None:
+                layers.mkdir(p, mode, uid, gid)
+        case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid):
+            if layers.lstat(p) is None:
+                layers.mknod(p, mode, uid, gid)
+        case rec.Symlink(path=p, target=target, uid=uid, gid=gid):
+            if layers.lstat(p) is None:
+                layers.symlink(p, target, uid, gid)
+        case rec.Link(src=src, dst=dst):
+            if layers.lstat(dst) is None and layers.lstat(src) is not None:
+                layers.link(src, dst)
+        case rec.Unlink(path=p):
+            st = layers.lstat(p)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                layers.unlink(p)
+        case rec.Rmdir(path=p):
+            st = layers.lstat(p)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                layers.rmdir(p)
+        case rec.Rename(src=src, dst=dst, flags=flags, src_ino=src_ino):
+            _apply_rename(layers, src, dst, flags, src_ino)
+        case rec.Setattr(path=p):
+            if layers.lstat(p) is not None:
+                apply_setattr(layers, record)
+        case rec.Setxattr(path=p, name=name, value=value):
+            if layers.lstat(p) is not None:
+                layers.setxattr(p, name, value)
+        case rec.Removexattr(path=p, name=name):
+            if layers.lstat(p) is not None:
+                try:
+                    layers.removexattr(p, name)
+                except OSError as exc:
+                    if exc.errno != errno.ENODATA:
+                        raise
+        case rec.Write(path=p, offset=offset):
+            if data is not None:
+                _apply_write(layers, p, offset, data)
+        case rec.Abort() | rec.Sync():
+            pass
+        case _:
+            raise TypeError(f"no rule to apply {record!r}")
+
+
+def _apply_rename(layers: LayerRoot, src: bytes, dst: bytes, flags: int, src_ino: int) -> None:
+    dst_st = layers.lstat(dst)
+    if src_ino and dst_st is not None and dst_st.st_ino == src_ino:
+        return  # already done (inode numbers are those of this layer root's filesystem)
+    src_st = layers.lstat(src)
+    if src_st is None:
+        return
+    sfd, sname = layers.parent_fd(src)
+    try:
+        dfd, dname = layers.parent_fd(dst)
+        try:
+            renameat2(sfd, sname, dfd, dname, flags)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def _apply_write(layers: LayerRoot, path: bytes, offset: int, data: bytes) -> None:
+    st = layers.lstat(path)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return  # the file is gone by now; a later record removes or replaces it
+    fd = layers.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def recover(journal: Journal, upper: bytes, work: bytes) -> int | None:
+    """Re-apply the last metadata record if it may not have taken effect; return its seq."""
+    last: rec.Record | None = None
+    last_seq = 0
+    aborted: set[int] = set()
+    segments = journal.segments()
+    start = segments[-1][0] if segments else 1
+    for entry in journal.read(start):
+        if isinstance(entry.record, rec.Abort):
+            aborted.add(entry.record.seq)
+        elif entry.record.METADATA:
+            last, last_seq = entry.record, entry.seq
+    if last is None or last_seq in aborted:
+        return None
+    upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        layers = LayerRoot(upper_fd, work_fd, NullJournal())
+        try:
+            apply_record(layers, last)
+        except OSError as exc:
+            # The operation cannot be completed now (it would have failed): record that.
+            log.warning("recovery: record %d could not be re-applied (%s); aborting it",
+                        last_seq, exc)
+            journal.append(rec.Abort(last_seq))
+            journal.sync()
+    finally:
+        os.close(upper_fd)
+        os.close(work_fd)
+    return last_seq
+
+
+def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:
+    """The bytes a Write record refers to, read from the live source layer root.
+
+    By file handle first (the file may have been renamed since), by path when
+    the filesystem has no handles; None when the file no longer exists.
+    """
+    fd = -1
+    if record.handle:
+        try:
+            fd = open_by_handle(source.mount_fd(), record.handle, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno in (errno.ESTALE, errno.ENOENT):
+                return None
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    if fd < 0:
+        try:
+            fd = source.open(record.path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    try:
+        return os.pread(fd, record.length, record.offset)
+    finally:
+        os.close(fd)
+
+
+def replay(journal: Journal, source: LayerRoot, target: LayerRoot, from_seq: int = 1) -> int:
+    """Apply every non-aborted record from ``from_seq`` to ``target``; return the last seq."""
+    entries = list(journal.read(from_seq))
+    aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
+    last = from_seq - 1
+    for entry in entries:
+        last = entry.seq
+        if entry.seq in aborted:
+            continue
+        data = read_write_data(source, entry.record) if isinstance(entry.record, rec.Write) \
+            else None
+        apply_record(target, entry.record, data)
+    return last

@@ -1,0 +1,125 @@
+"""``sdeefs check``: invariants of an upper directory and its journal, one function each.
+
+Every check returns a list of one-line problems; an empty list means the
+invariant holds.  The strongest check replays the whole journal into a scratch
+layer root and compares it with the upper: if they differ, a replica would
+diverge from the user's layer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+
+from . import records as rec
+from .apply import replay
+from .cow import LayerRoot
+from .errors import BadRecord, JournalCorrupt
+from .journal import Journal, NullJournal
+from .sysio import is_whiteout
+
+PRIVATE_XATTRS = (b"trusted.overlay.", b"user.overlay.")
+
+
+def check_journal_readable(journal: Journal) -> list[str]:
+    try:
+        expected = journal.first_seq()
+        for entry in journal.read(expected):
+            if entry.seq != expected:
+                return [f"journal: sequence jumps from {expected - 1} to {entry.seq}"]
+            expected += 1
+    except (JournalCorrupt, BadRecord) as exc:
+        return [f"journal: {exc}"]
+    return []
+
+
+def check_upper_format(upper: str) -> list[str]:
+    """Kernel overlayfs format only: 0/0 whiteouts, opaque = "y", no aufs leftovers, no devices."""
+    problems = []
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, upper)
+            st = os.lstat(path)
+            if name.startswith(".wh."):
+                problems.append(f"upper: aufs-style whiteout name {rel}")
+            if stat.S_ISCHR(st.st_mode) and not is_whiteout(st) or stat.S_ISBLK(st.st_mode):
+                problems.append(f"upper: device node {rel}")
+            if stat.S_ISDIR(st.st_mode):
+                for prefix in PRIVATE_XATTRS:
+                    try:
+                        value = os.getxattr(path, prefix + b"opaque", follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if value not in (b"y", b"x"):
+                        problems.append(f"upper: {rel} has opaque={value!r}")
+    return problems
+
+
+def _tree_signature(root: str) -> dict[str, tuple[object, ...]]:
+    """path -> (type, mode, uid, gid, size, symlink target, sorted xattrs) for a tree."""
+    sig: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+            try:
+                names = sorted(os.listxattr(path, follow_symlinks=False))
+                xattrs = tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
+            except OSError:
+                xattrs = ()
+            sig[os.path.relpath(path, root)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                                st.st_uid, st.st_gid, size, target, xattrs)
+    return sig
+
+
+def check_replay_matches(journal: Journal, upper: str, work: str) -> list[str]:
+    """Replaying the journal from empty must rebuild the upper (skipped once trimmed)."""
+    if journal.first_seq() != 1:
+        return []
+    first = next(iter(journal.read(1)), None)
+    if first is None:
+        return [] if not os.listdir(upper) else ["journal is empty but the upper is not"]
+    scratch = tempfile.mkdtemp(prefix=".sdeefs-check-", dir=os.path.dirname(upper))
+    try:
+        os.mkdir(os.path.join(scratch, "upper"))
+        os.mkdir(os.path.join(scratch, "work"))
+        opened = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in
+                  (upper, work, os.path.join(scratch, "upper"), os.path.join(scratch, "work"))]
+        try:
+            source = LayerRoot(opened[0], opened[1], NullJournal())
+            target = LayerRoot(opened[2], opened[3], NullJournal())
+            replay(journal, source, target)
+        finally:
+            for fd in opened:
+                os.close(fd)
+        want = _tree_signature(upper)
+        got = _tree_signature(os.path.join(scratch, "upper"))
+        problems = []
+        for path in sorted(set(want) | set(got)):
+            if want.get(path) != got.get(path):
+                problems.append(f"replay differs at {path}: upper {want.get(path)} "
+                                f"journal {got.get(path)}")
+        return problems[:50]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_checks(upper: str, state: str) -> list[str]:
+    journal_dir = os.path.join(state, "journal")
+    problems = check_upper_format(upper)
+    if not os.path.isdir(journal_dir):
+        return problems + [f"no journal in {state}"]
+    journal = Journal(directory=journal_dir)
+    readable = check_journal_readable(journal)
+    problems += readable
+    if not readable:
+        problems += check_replay_matches(journal, upper, os.path.join(state, "work"))
+    return problems
+
+
+__all__ = ["run_checks", "rec"]

@@ -1,0 +1,1254 @@
+"""Overlay semantics: a copy-on-write view of a read-only lower tree and a writable upper.
+
+This module never imports pyfuse3; it works on inode numbers, ``bytes`` names
+and ``os.stat_result``s, raises ``OSError`` with a real errno, and is tested on
+plain directories without a mount (``tests/test_cow.py``).
+
+The upper directory is in **kernel overlayfs format** (Documentation/filesystems/overlayfs.rst):
+
+* a deleted lower entry is a character device 0/0 (a *whiteout*);
+* a directory that replaces a lower one carries ``<prefix>opaque = "y"``;
+* a copied-up entry carries ``<prefix>origin``, a kernel file handle of its
+  lower original (the same encoding kernel overlayfs writes), which is how
+  sdeefs keeps ``st_ino`` across copy-up and remount;
+* ``<prefix>`` is ``trusted.overlay.`` (host root mounts) or ``user.overlay.``
+  (user-namespace mounts with ``userxattr``); those names are hidden from the view.
+
+Two modes share one node table and one journal:
+
+* ``merged`` - the overlay view (``--engine fuse``).
+* ``raw`` - the passthrough upper for kernel overlayfs (``--engine hybrid``):
+  the view root holds ``upper`` and ``work`` exactly as they are on disk,
+  whiteouts and overlay xattrs included, so kernel overlayfs can use it as
+  its upper filesystem while every change is journaled here.
+
+Every change to the upper is made through :class:`LayerRoot`, which journals
+it first (see ``sdeefs.journal`` for the log model) and resolves every upper
+path with ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)``: the upper is
+user-owned in the launcher's set-up, so a symlink planted there must never
+lead the root daemon elsewhere.
+
+Concurrency contract (docs/threading.md): every method here is synchronous.
+Node-table changes and namespace mutations run on the trio loop, one at a
+time (ops.py holds a lock around them); only :meth:`CowFS.copy_data` and file
+data I/O run in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import attrs
+
+from . import records as rec
+from .journal import Journal, NullJournal
+from .sysio import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    copy_file_data,
+    fd_path,
+    filesystem_uuid,
+    is_whiteout,
+    name_to_handle,
+    open_tree_clone,
+    openat2_beneath,
+    renameat2,
+)
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+NAME_MAX = 255
+PATH_MAX = 4096
+UPPER_ONLY_BIT = 1 << 63  # tags st_ino of upper-only files when upper and lower differ in st_dev
+STAGE = b"work/sdeefs"  # where the merged engine stages copy-ups and replacements
+DEFAULT_EXCLUDES = (b"proc", b"sys", b"dev", b"run")
+
+AnyJournal = Journal | NullJournal
+Mode = Literal["merged", "raw"]
+
+
+@attrs.frozen
+class Layout:
+    """Names of the overlayfs xattrs in the upper (trusted.* or user.* namespace)."""
+
+    prefix: bytes = b"trusted.overlay."
+
+    @property
+    def opaque(self) -> bytes:
+        return self.prefix + b"opaque"
+
+    @property
+    def origin(self) -> bytes:
+        return self.prefix + b"origin"
+
+    def is_private(self, name: bytes) -> bool:
+        return name.startswith(b"trusted.overlay.") or name.startswith(b"user.overlay.")
+
+
+@attrs.frozen
+class Attr:
+    """What a lookup or getattr returns: the inode number we report and the backing stat."""
+
+    ino: int
+    st: os.stat_result
+
+
+@attrs.define(eq=False)
+class Node:
+    """One inode of the view.
+
+    Attributes:
+        ino: the FUSE inode number, also the reported st_ino.
+        kind: S_IFMT bits.
+        paths: view paths (b"" = root) naming this inode; the first is used for I/O.
+        lower: path of the visible lower entry, or None.
+        in_upper: an entry exists in the upper at ``paths[0]``.
+        opaque: (directories) nothing below it comes from the lower.
+        lookups: the kernel's lookup count.
+        handle: cached file handle of the upper file (for Write records).
+    """
+
+    ino: int
+    kind: int
+    paths: list[bytes]
+    lower: bytes | None
+    in_upper: bool
+    opaque: bool = False
+    lookups: int = 0
+    handle: bytes | None = None
+
+    @property
+    def path(self) -> bytes:
+        return self.paths[0]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+def split(path: bytes) -> tuple[bytes, bytes]:
+    head, _, tail = path.rpartition(b"/")
+    return head, tail
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise OSError(errno.EINVAL, "invalid name")
+
+
+@attrs.define(eq=False)
+class LayerRoot:
+    """The upper and work directories, reached only by safe resolution, changed only via the journal.
+
+    Layer paths are ``upper/...`` and ``work/...`` (see ``sdeefs.journal``).
+    """
+
+    upper_fd: int
+    work_fd: int
+    journal: AnyJournal
+    _mount_fd: int = -1
+
+    def _root(self, path: bytes) -> tuple[int, bytes]:
+        top, _, rest = path.partition(b"/")
+        if top == b"upper":
+            return self.upper_fd, rest
+        if top == b"work":
+            return self.work_fd, rest
+        raise OSError(errno.EINVAL, f"not a layer path: {path!r}")
+
+    def mount_fd(self) -> int:
+        """A readable fd on the upper's filesystem, for open_by_handle_at (kept open)."""
+        if self._mount_fd < 0:
+            self._mount_fd = os.open(fd_path(self.upper_fd), os.O_RDONLY | os.O_DIRECTORY
+                                     | os.O_CLOEXEC)
+        return self._mount_fd
+
+    def open_dir(self, path: bytes) -> int:
+        root, rest = self._root(path)
+        return openat2_beneath(root, rest, os.O_PATH | os.O_DIRECTORY)
+
+    def parent_fd(self, path: bytes) -> tuple[int, bytes]:
+        """(fd of the parent directory, final name); the caller closes the fd.
+
+        For ``upper`` or ``work`` themselves: (fd of that directory, b"").
+        """
+        if b"/" not in path:
+            return self.open_dir(path), b""
+        head, name = split(path)
+        return self.open_dir(head), name
+
+    def lstat(self, path: bytes) -> os.stat_result | None:
+        try:
+            fd, name = self.parent_fd(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            if not name:
+                return os.stat(fd)
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(fd)
+
+    def open(self, path: bytes, flags: int, mode: int = 0o600) -> int:
+        root, rest = self._root(path)
+        return openat2_beneath(root, rest, flags | os.O_NOFOLLOW) if not flags & os.O_CREAT \
+            else self._create(path, flags, mode)
+
+    def _create(self, path: bytes, flags: int, mode: int) -> int:
+        fd, name = self.parent_fd(path)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def readlink(self, path: bytes) -> bytes:
+        fd, name = self.parent_fd(path)
+        try:
+            return os.readlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, path: bytes) -> list[bytes]:
+        fd = self.open_dir(path)
+        try:
+            dfd = os.open(fd_path(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        finally:
+            os.close(fd)
+        try:
+            return [os.fsencode(n) for n in os.listdir(dfd)]
+        finally:
+            os.close(dfd)
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes:
+        fd, leaf = self.parent_fd(path)
+        try:
+            return os.getxattr(fd_path(fd, leaf or None), name, follow_symlinks=not leaf)
+        finally:
+            os.close(fd)
+
+    def listxattr(self, path: bytes) -> list[bytes]:
+        fd, leaf = self.parent_fd(path)
+        try:
+            names = os.listxattr(fd_path(fd, leaf or None), follow_symlinks=not leaf)
+        finally:
+            os.close(fd)
+        return [os.fsencode(n) for n in names]
+
+    # -- journaled mutations: record first, then the syscall (no await in between) ---------
+
+    def _do(self, record: rec.Record, action: Callable[[], None]) -> None:
+        seq = self.journal.append(record)
+        try:
+            action()
+        except BaseException:
+            if seq:
+                self.journal.append(rec.Abort(seq))
+            raise
+
+    def _at(self, path: bytes, fn: Callable[[int, bytes], None]) -> None:
+        fd, name = self.parent_fd(path)
+        try:
+            fn(fd, name)
+        finally:
+            os.close(fd)
+
+    def mkdir(self, path: bytes, mode: int, uid: int, gid: int) -> None:
+        def action() -> None:
+            def at(fd: int, name: bytes) -> None:
+                os.mkdir(name, mode & 0o7777, dir_fd=fd)
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                os.chmod(fd_path(fd, name), mode & 0o7777)
+            self._at(path, at)
+        self._do(rec.Mkdir(path, mode & 0o7777, uid, gid), action)
+
+    def mknod(self, path: bytes, mode: int, uid: int, gid: int) -> None:
+        """Empty regular file, fifo, socket, or (S_IFCHR) a whiteout; never a device."""
+        kind = stat.S_IFMT(mode)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR):
+            raise OSError(errno.EPERM, "device nodes are refused by policy")
+        perm = 0 if kind == stat.S_IFCHR else mode & 0o7777
+
+        def action() -> None:
+            def at(fd: int, name: bytes) -> None:
+                os.mknod(name, kind | perm, 0, dir_fd=fd)
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                if kind != stat.S_IFCHR:
+                    os.chmod(fd_path(fd, name), perm)
+            self._at(path, at)
+        self._do(rec.Mknod(path, kind | perm, uid, gid), action)
+
+    def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> None:
+        def action() -> None:
+            def at(fd: int, name: bytes) -> None:
+                os.symlink(target, name, dir_fd=fd)
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+            self._at(path, at)
+        self._do(rec.Symlink(path, target, uid, gid), action)
+
+    def link(self, src: bytes, dst: bytes) -> None:
+        def action() -> None:
+            sfd, sname = self.parent_fd(src)
+            try:
+                self._at(dst, lambda fd, name: os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=fd,
+                                                       follow_symlinks=False))
+            finally:
+                os.close(sfd)
+        self._do(rec.Link(src, dst), action)
+
+    def unlink(self, path: bytes) -> None:
+        self._do(rec.Unlink(path), lambda: self._at(path, lambda fd, n: os.unlink(n, dir_fd=fd)))
+
+    def rmdir(self, path: bytes) -> None:
+        self._do(rec.Rmdir(path), lambda: self._at(path, lambda fd, n: os.rmdir(n, dir_fd=fd)))
+
+    def rename(self, src: bytes, dst: bytes, flags: int = 0) -> None:
+        st = self.lstat(src)
+        src_ino = st.st_ino if st else 0
+
+        def action() -> None:
+            sfd, sname = self.parent_fd(src)
+            try:
+                self._at(dst, lambda fd, name: renameat2(sfd, sname, fd, name, flags))
+            finally:
+                os.close(sfd)
+        self._do(rec.Rename(src, dst, flags, src_ino), action)
+
+    def setattr(self, record: rec.Setattr) -> None:
+        self._do(record, lambda: apply_setattr(self, record))
+
+    def setxattr(self, path: bytes, name: bytes, value: bytes) -> None:
+        def action() -> None:
+            def at(fd: int, leaf: bytes) -> None:
+                os.setxattr(fd_path(fd, leaf or None), name, value, follow_symlinks=not leaf)
+            self._at(path, at)
+        self._do(rec.Setxattr(path, name, value), action)
+
+    def removexattr(self, path: bytes, name: bytes) -> None:
+        def action() -> None:
+            def at(fd: int, leaf: bytes) -> None:
+                os.removexattr(fd_path(fd, leaf or None), name, follow_symlinks=not leaf)
+            self._at(path, at)
+        self._do(rec.Removexattr(path, name), action)
+
+
+def apply_setattr(layers: LayerRoot, r: rec.Setattr) -> None:
+    """Apply a Setattr record's fields in the order that keeps them all (size, owner, mode, times)."""
+    fd, name = layers.parent_fd(r.path)
+    try:
+        target = fd_path(fd, name or None)
+        if r.mask & rec.SET_SIZE:
+            wfd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.ftruncate(wfd, r.size)
+            finally:
+                os.close(wfd)
+        if r.mask & rec.SET_OWNER:
+            os.chown(target, r.uid, r.gid, follow_symlinks=False)
+        if r.mask & rec.SET_MODE:
+            os.chmod(target, r.mode)  # after chown, which clears set-id bits
+        if r.mask & (rec.SET_ATIME | rec.SET_MTIME):
+            st = os.stat(target, follow_symlinks=False)
+            atime = r.atime_ns if r.mask & rec.SET_ATIME else st.st_atime_ns
+            mtime = r.mtime_ns if r.mask & rec.SET_MTIME else st.st_mtime_ns
+            os.utime(target, ns=(atime, mtime), follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+@attrs.frozen
+class CopyUp:
+    """A copy-up in progress: the staged file and where it goes."""
+
+    node: Node
+    stage: bytes
+    lower_fd: int
+    upper_fd: int
+    size: int
+
+
+@attrs.frozen
+class Config:
+    """How one view is assembled (all paths absolute, in bytes)."""
+
+    upper: bytes
+    work: bytes
+    lower: bytes | None = b"/"
+    mode: Mode = "merged"
+    excludes: tuple[bytes, ...] = DEFAULT_EXCLUDES  # view paths shown as empty directories
+    hidden: tuple[bytes, ...] = ()  # view paths whose lower entry is not shown at all
+    layout: Layout = Layout()
+
+
+@attrs.define(eq=False)
+class CowFS:
+    """The copy-on-write view.  See the module docstring for modes and formats.
+
+    Attributes:
+        config: how the view is assembled.
+        layers: journaled, safe access to upper and work.
+        lower_fd: a detached non-recursive clone of the lower mount (or -1 in raw mode).
+        nodes: inode number -> Node for every inode the kernel knows.
+        upper_dev / lower_dev: st_dev of the two trees, for inode numbering.
+        lower_uuid: uuid of the lower filesystem (part of origin file handles).
+    """
+
+    config: Config
+    layers: LayerRoot
+    lower_fd: int
+    nodes: dict[int, Node]
+    upper_dev: int
+    lower_dev: int
+    lower_uuid: bytes
+    _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, config: Config, journal: AnyJournal) -> CowFS:
+        upper_fd = os.open(config.upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        work_fd = os.open(config.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        upper_dev = os.stat(upper_fd).st_dev
+        if os.stat(work_fd).st_dev != upper_dev:
+            raise OSError(errno.EXDEV, "the work directory is not on the upper's filesystem")
+        lower_fd, lower_dev, lower_uuid = -1, upper_dev, bytes(16)
+        if config.mode == "merged":
+            assert config.lower is not None
+            try:
+                lower_fd = open_tree_clone(config.lower)
+            except OSError:  # not root, or an old kernel: plain directory, mounts not cut
+                lower_fd = os.open(config.lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            lower_dev = os.stat(lower_fd).st_dev
+            probe = os.open(fd_path(lower_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                lower_uuid = filesystem_uuid(probe)
+            finally:
+                os.close(probe)
+        layers = LayerRoot(upper_fd, work_fd, journal)
+        fs = cls(config, layers, lower_fd, {}, upper_dev, lower_dev, lower_uuid)
+        root_kind = stat.S_IFDIR
+        fs.nodes[ROOT_INO] = Node(ROOT_INO, root_kind, [b""], b"" if lower_fd >= 0 else None,
+                                  True, lookups=1)
+        if config.mode == "merged":
+            fs._prepare_stage()
+        return fs
+
+    def close(self) -> None:
+        for fd in (self.layers.upper_fd, self.layers.work_fd, self.lower_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def _prepare_stage(self) -> None:
+        """Create the staging directory and discard what an interrupted copy-up left there."""
+        if self.layers.lstat(STAGE) is None:
+            self.layers.mkdir(STAGE, 0o700, 0, 0)
+            return
+        for name in self.layers.listdir(STAGE):
+            self._remove_tree(join(STAGE, name))
+
+    def _remove_tree(self, path: bytes) -> None:
+        st = self.layers.lstat(path)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            for name in self.layers.listdir(path):
+                self._remove_tree(join(path, name))
+            self.layers.rmdir(path)
+        else:
+            self.layers.unlink(path)
+
+    # -- paths --------------------------------------------------------------------------------
+
+    @property
+    def raw(self) -> bool:
+        return self.config.mode == "raw"
+
+    def layer_path(self, view_path: bytes) -> bytes:
+        """The layer-root path of a view path (merged: under upper/; raw: itself)."""
+        if self.raw:
+            return view_path
+        return join(b"upper", view_path)
+
+    def _stage_name(self) -> bytes:
+        return join(STAGE, b"#%x-%d" % (os.getpid(), next(self._stage_counter)))
+
+    def _lower_lstat(self, path: bytes) -> os.stat_result | None:
+        try:
+            if not path:
+                return os.stat(self.lower_fd)
+            return os.stat(path, dir_fd=self.lower_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    # -- node table ---------------------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise OSError(errno.ESTALE, f"unknown inode {ino}") from None
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT_INO:
+            return
+        node.lookups -= count
+        if node.lookups <= 0:
+            del self.nodes[ino]
+
+    def _remember(self, ino: int, kind: int, path: bytes, lower: bytes | None, in_upper: bool,
+                  opaque: bool, count: bool) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            node = Node(ino, kind, [path], lower, in_upper, opaque)
+            self.nodes[ino] = node
+        else:
+            node.kind, node.lower, node.in_upper, node.opaque = kind, lower, in_upper, opaque
+            if path in node.paths:
+                node.paths.remove(path)
+            node.paths.insert(0, path)
+        if count:
+            node.lookups += 1
+        return node
+
+    def _forget_path(self, path: bytes, keep: Node | None = None) -> None:
+        """A name disappeared from the view: drop it from every node that carried it."""
+        for node in list(self.nodes.values()):
+            if node is keep or path not in node.paths:
+                continue
+            node.paths.remove(path)
+            if not node.paths:
+                node.paths.append(path)  # unlinked but still open or looked up: keep last name
+                node.in_upper = False
+                node.lower = None
+
+    def _rename_paths(self, src: bytes, dst: bytes) -> None:
+        prefix = src + b"/"
+        for node in self.nodes.values():
+            node.paths = [dst + p[len(src):] if p == src or p.startswith(prefix) else p
+                          for p in node.paths]
+            if node.lower is not None and not node.in_upper and (
+                    node.lower == src or node.lower.startswith(prefix)):
+                node.lower = None  # moved away from its lower path: it lives in upper now
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def _resolve(self, parent: Node, name: bytes) -> tuple[int, int, bytes | None, bool, bool,
+                                                          os.stat_result]:
+        """Find ``name`` in ``parent``: (ino, kind, lower path, in_upper, opaque, stat)."""
+        path = join(parent.path, name)
+        if self.raw:
+            return self._resolve_raw(parent, path)
+        upper = self.layers.lstat(self.layer_path(path)) if parent.in_upper else None
+        if upper is not None and is_whiteout(upper):
+            raise FileNotFoundError(errno.ENOENT, "whiteout", path)
+        lower_path: bytes | None = None
+        lower = None
+        if parent.lower is not None and not parent.opaque and path not in self.config.hidden:
+            candidate = join(parent.lower, name)
+            lower = self._lower_lstat(candidate)
+            if lower is not None:
+                lower_path = candidate
+        if upper is None and lower is None:
+            raise FileNotFoundError(errno.ENOENT, "no such entry", path)
+        excluded = path in self.config.excludes
+        if upper is not None:
+            kind = stat.S_IFMT(upper.st_mode)
+            opaque = excluded
+            if kind == stat.S_IFDIR:
+                if lower is not None and not stat.S_ISDIR(lower.st_mode):
+                    lower, lower_path = None, None
+                if self._is_opaque(path):
+                    opaque = True
+            elif lower is not None and not self._is_copy_of(path, lower_path):
+                lower, lower_path = None, None
+            if kind != stat.S_IFDIR:
+                lower, lower_path = (lower, lower_path) if lower is not None and \
+                    stat.S_IFMT(lower.st_mode) == kind else (None, None)
+            ino = lower.st_ino if lower is not None and kind != stat.S_IFDIR else \
+                self._upper_ino(upper)
+            if kind == stat.S_IFDIR and lower is not None:
+                ino = lower.st_ino  # a merged directory keeps its lower inode number
+            return ino, kind, lower_path, True, opaque, upper
+        assert lower is not None
+        kind = stat.S_IFMT(lower.st_mode)
+        return lower.st_ino, kind, lower_path, False, excluded, lower
+
+    def _resolve_raw(self, parent: Node, path: bytes) -> tuple[int, int, bytes | None, bool,
+                                                              bool, os.stat_result]:
+        if parent.ino == ROOT_INO and path not in (b"upper", b"work"):
+            raise FileNotFoundError(errno.ENOENT, "not a layer", path)
+        st = self.layers.lstat(path)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "no such entry", path)
+        return st.st_ino, stat.S_IFMT(st.st_mode), None, True, True, st
+
+    def _upper_ino(self, st: os.stat_result) -> int:
+        if st.st_dev == self.lower_dev or self.raw:
+            return st.st_ino
+        return st.st_ino | UPPER_ONLY_BIT
+
+    def _is_opaque(self, path: bytes) -> bool:
+        try:
+            return self.layers.getxattr(self.layer_path(path), self.config.layout.opaque) == b"y"
+        except OSError:
+            return False
+
+    def _is_copy_of(self, path: bytes, lower_path: bytes | None) -> bool:
+        """Is the upper entry at ``path`` a copy-up of ``lower_path`` (its origin handle matches)?"""
+        if lower_path is None:
+            return False
+        try:
+            origin = self.layers.getxattr(self.layer_path(path), self.config.layout.origin)
+        except OSError:
+            return False
+        return origin == self._origin_of(lower_path)
+
+    def _origin_of(self, lower_path: bytes) -> bytes:
+        """The kernel's ``struct ovl_fb`` for a lower entry: what overlayfs stores as origin."""
+        try:
+            fd = os.open(lower_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.lower_fd)
+        except OSError:
+            return b""
+        try:
+            handle = name_to_handle(fd)
+        finally:
+            os.close(fd)
+        if not handle:
+            return b""
+        fid, fh_type = handle[8:], int.from_bytes(handle[4:8], "little")
+        # struct ovl_fb: version 0, magic 0xfb, len, flags (0 = little endian), type, uuid, fid
+        return bytes([0, 0xFB, 21 + len(fid), 0, fh_type & 0xFF]) + self.lower_uuid + fid
+
+    def lookup(self, parent_ino: int, name: bytes) -> Attr:
+        check_name(name)
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        ino, kind, lower, in_upper, opaque, st = self._resolve(parent, name)
+        node = self._remember(ino, kind, join(parent.path, name), lower, in_upper, opaque, True)
+        return Attr(node.ino, st)
+
+    def refresh(self, node: Node) -> os.stat_result:
+        """Re-resolve a node from its current name (the lower may have changed under us)."""
+        if node.ino == ROOT_INO:
+            return self._root_stat()
+        head, name = split(node.path)
+        parent_ino = self._ino_of_path(head)
+        parent = self.nodes.get(parent_ino) if parent_ino is not None else None
+        if parent is None:
+            return self._stat_node(node)
+        ino, kind, lower, in_upper, opaque, st = self._resolve(parent, name)
+        if ino == node.ino:
+            node.kind, node.lower, node.in_upper, node.opaque = kind, lower, in_upper, opaque
+        return st
+
+    def _ino_of_path(self, path: bytes) -> int | None:
+        for node in self.nodes.values():
+            if node.path == path:
+                return node.ino
+        return None
+
+    def _root_stat(self) -> os.stat_result:
+        if self.raw:
+            return os.stat(self.layers.upper_fd)
+        return self.layers.lstat(b"upper") or os.stat(self.layers.upper_fd)
+
+    def _stat_node(self, node: Node) -> os.stat_result:
+        if node.ino == ROOT_INO:
+            return self._root_stat()
+        if node.in_upper:
+            st = self.layers.lstat(self.layer_path(node.path))
+            if st is not None:
+                return st
+        if node.lower is not None:
+            st = self._lower_lstat(node.lower)
+            if st is not None:
+                return st
+        raise FileNotFoundError(errno.ENOENT, "entry vanished", node.path)
+
+    def getattr(self, ino: int) -> Attr:
+        node = self.node(ino)
+        return Attr(node.ino, self._stat_node(node))
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if node.in_upper:
+            return self.layers.readlink(self.layer_path(node.path))
+        assert node.lower is not None
+        return os.readlink(node.lower, dir_fd=self.lower_fd)
+
+    def listdir(self, ino: int) -> list[bytes]:
+        """The merged names of a directory: upper first, then lower; whiteouts hidden, no dups."""
+        node = self.node(ino)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if self.raw and node.ino == ROOT_INO:
+            return [b"upper", b"work"]
+        names: list[bytes] = []
+        seen: set[bytes] = set()
+        whiteouts: set[bytes] = set()
+        if node.in_upper:
+            upath = self.layer_path(node.path)
+            for name in sorted(self.layers.listdir(upath)):
+                if not self.raw:
+                    st = self.layers.lstat(join(upath, name))
+                    if st is None:
+                        continue
+                    if is_whiteout(st):
+                        whiteouts.add(name)
+                        continue
+                seen.add(name)
+                names.append(name)
+        if node.lower is not None and not node.opaque and not self.raw:
+            lower_names = self._lower_listdir(node.lower)
+            for bname in sorted(lower_names):
+                if bname in seen or bname in whiteouts:
+                    continue
+                if join(node.path, bname) in self.config.hidden:
+                    continue
+                seen.add(bname)
+                names.append(bname)
+        return names
+
+    def _lower_listdir(self, path: bytes) -> list[bytes]:
+        try:
+            fd = os.open(path or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                         dir_fd=self.lower_fd)
+        except OSError:
+            return []
+        try:
+            return [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(fd_path(self.layers.upper_fd))
+
+    # -- copy-up ------------------------------------------------------------------------------
+
+    def needs_copy_up(self, node: Node) -> bool:
+        return not self.raw and not node.in_upper
+
+    def ensure_upper_dir(self, node: Node) -> None:
+        """Copy a directory (and its parents) up, so entries can be created in it."""
+        if node.in_upper or self.raw:
+            return
+        head, _ = split(node.path)
+        parent_ino = self._ino_of_path(head)
+        if parent_ino is None:  # parent not in the table: resolve it by walking from the root
+            parent = self._walk(head)
+        else:
+            parent = self.node(parent_ino)
+        self.ensure_upper_dir(parent)
+        assert node.lower is not None
+        lst = self._lower_lstat(node.lower)
+        if lst is None:
+            raise FileNotFoundError(errno.ENOENT, "lower directory vanished", node.path)
+        stage = self._stage_name()
+        self.layers.mkdir(stage, lst.st_mode, lst.st_uid, lst.st_gid)
+        self._copy_metadata(node.lower, stage, lst)
+        dest = self.layer_path(node.path)
+        if self.layers.lstat(dest) is not None:  # a concurrent creator beat us; keep theirs
+            self.layers.rmdir(stage)
+        else:
+            self.layers.rename(stage, dest, RENAME_NOREPLACE)
+        node.in_upper = True
+
+    def _walk(self, path: bytes) -> Node:
+        """The node of a view path, resolved from the root (not counted as a kernel lookup)."""
+        node = self.nodes[ROOT_INO]
+        for part in path.split(b"/") if path else []:
+            ino, kind, lower, in_upper, opaque, _ = self._resolve(node, part)
+            node = self._remember(ino, kind, join(node.path, part), lower, in_upper, opaque,
+                                  False)
+        return node
+
+    def _copy_metadata(self, lower_path: bytes, stage: bytes, lst: os.stat_result) -> None:
+        """xattrs, origin, owner, mode and times of a lower entry onto a staged copy."""
+        layout = self.config.layout
+        try:
+            names = os.listxattr(fd_path(self.lower_fd, lower_path), follow_symlinks=False)
+        except OSError:
+            names = []
+        for sname in names:
+            name = os.fsencode(sname)
+            if layout.is_private(name):
+                continue
+            try:
+                value = os.getxattr(fd_path(self.lower_fd, lower_path), name,
+                                    follow_symlinks=False)
+            except OSError:
+                continue
+            self.layers.setxattr(stage, name, value)
+        origin = self._origin_of(lower_path)
+        if origin and not stat.S_ISLNK(lst.st_mode):
+            self.layers.setxattr(stage, layout.origin, origin)
+        mask = rec.SET_OWNER | rec.SET_ATIME | rec.SET_MTIME
+        if not stat.S_ISLNK(lst.st_mode):
+            mask |= rec.SET_MODE
+        self.layers.setattr(rec.Setattr(stage, mask, stat.S_IMODE(lst.st_mode), lst.st_uid,
+                                        lst.st_gid, 0, lst.st_atime_ns, lst.st_mtime_ns))
+
+    def start_copy_up(self, node: Node, keep_data: bool = True) -> CopyUp | None:
+        """Stage a copy of a lower entry.  Directories and symlinks complete at once (None)."""
+        if not self.needs_copy_up(node):
+            return None
+        if node.is_dir:
+            self.ensure_upper_dir(node)
+            return None
+        head, _ = split(node.path)
+        self.ensure_upper_dir(self._parent_node(node))
+        assert node.lower is not None
+        lst = self._lower_lstat(node.lower)
+        if lst is None:
+            raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
+        stage = self._stage_name()
+        if stat.S_ISLNK(lst.st_mode):
+            target = os.readlink(node.lower, dir_fd=self.lower_fd)
+            self.layers.symlink(stage, target, lst.st_uid, lst.st_gid)
+            self._copy_metadata(node.lower, stage, lst)
+            self._finish(node, stage, lst)
+            return None
+        if not stat.S_ISREG(lst.st_mode):
+            self.layers.mknod(stage, lst.st_mode, lst.st_uid, lst.st_gid)
+            self._copy_metadata(node.lower, stage, lst)
+            self._finish(node, stage, lst)
+            return None
+        self.layers.mknod(stage, stat.S_IFREG | 0o600, 0, 0)
+        size = lst.st_size if keep_data else 0
+        lower_fd = os.open(node.lower, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.lower_fd)
+        try:
+            upper_fd = self.layers.open(stage, os.O_WRONLY)
+        except BaseException:
+            os.close(lower_fd)
+            raise
+        return CopyUp(node, stage, lower_fd, upper_fd, size)
+
+    def copy_data(self, plan: CopyUp) -> None:
+        """The bulk copy, in the kernel (reflink or copy_file_range).  Runs in a worker thread."""
+        try:
+            copy_file_data(plan.lower_fd, plan.upper_fd, plan.size)
+            os.fsync(plan.upper_fd)  # the copy must be durable before it shadows the lower
+            handle = name_to_handle(plan.upper_fd)
+            if plan.size:
+                self.layers.journal.append(rec.Write(plan.stage, handle, 0, plan.size))
+        finally:
+            os.close(plan.lower_fd)
+            os.close(plan.upper_fd)
+
+    def abort_copy_up(self, plan: CopyUp) -> None:
+        self.layers.unlink(plan.stage)
+
+    def finish_copy_up(self, plan: CopyUp) -> None:
+        node = plan.node
+        assert node.lower is not None
+        lst = self._lower_lstat(node.lower)
+        if lst is None:
+            self.abort_copy_up(plan)
+            raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
+        self._copy_metadata(node.lower, plan.stage, lst)
+        self._finish(node, plan.stage, lst)
+
+    def _finish(self, node: Node, stage: bytes, lst: os.stat_result) -> None:
+        """Move a staged copy into place, then give every other lower name of it the same inode."""
+        self.layers.rename(stage, self.layer_path(node.path), RENAME_NOREPLACE)
+        node.in_upper = True
+        if stat.S_ISREG(lst.st_mode) and lst.st_nlink > 1:
+            self._link_other_names(node, lst)
+
+    def copy_up(self, node: Node, keep_data: bool = True) -> None:
+        """Synchronous copy-up (tests, and callers already off the loop)."""
+        plan = self.start_copy_up(node, keep_data)
+        if plan is not None:
+            try:
+                self.copy_data(plan)
+            except BaseException:
+                self.abort_copy_up(plan)
+                raise
+            self.finish_copy_up(plan)
+
+    def _parent_node(self, node: Node) -> Node:
+        head, _ = split(node.path)
+        ino = self._ino_of_path(head)
+        return self.node(ino) if ino is not None else self._walk(head)
+
+    def _link_other_names(self, node: Node, lst: os.stat_result) -> None:
+        """Hard links: after copying up one lower name, link the copy under all the others.
+
+        Without this (kernel overlayfs with index=off, fuse-overlayfs #192) a
+        write through one name is invisible through the others.
+        """
+        src = self.layer_path(node.path)
+        for other in self.lower_names_of(lst, exclude=node.lower):
+            head, _ = split(other)
+            try:
+                parent = self._walk(head)
+            except OSError:
+                continue  # the directory is gone from the view
+            if other in self.config.hidden or parent.opaque or parent.lower != head:
+                continue  # that name does not show this lower file in the view
+            if self.layers.lstat(self.layer_path(other)) is not None:
+                continue  # deleted or replaced in the upper: no longer the same file
+            self.ensure_upper_dir(parent)
+            self.layers.link(src, self.layer_path(other))
+            if other not in node.paths:
+                node.paths.append(other)
+
+    def lower_names_of(self, lst: os.stat_result, exclude: bytes | None) -> list[bytes]:
+        """Every path in the lower tree of the inode ``lst`` (a scan; only for nlink > 1)."""
+        found: list[bytes] = []
+        root = os.fsencode(fd_path(self.lower_fd))
+        wanted = lst.st_nlink
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in filenames:
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                if st.st_ino == lst.st_ino and st.st_dev == lst.st_dev:
+                    rel = full[len(root) + 1:]
+                    if rel != exclude:
+                        found.append(rel)
+                    if len(found) + 1 >= wanted:
+                        return found
+            dirnames.sort()
+        return found
+
+    # -- creating entries ---------------------------------------------------------------------
+
+    def _prepare_create(self, parent_ino: int, name: bytes) -> tuple[Node, bytes, bool]:
+        """Check that ``name`` is free in the view; return (parent, view path, replaces a whiteout)."""
+        check_name(name)
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        path = join(parent.path, name)
+        if len(path) >= PATH_MAX - 1:
+            raise OSError(errno.ENAMETOOLONG, "path too long")
+        if self.raw and parent.ino == ROOT_INO:
+            raise OSError(errno.EPERM, "the layer root holds only upper and work")
+        try:
+            self._resolve(parent, name)
+        except FileNotFoundError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, "exists", path)
+        self.ensure_upper_dir(parent)
+        upper = None if self.raw else self.layers.lstat(self.layer_path(path))
+        return parent, path, upper is not None and is_whiteout(upper)
+
+    def _place(self, stage: bytes, path: bytes, over_whiteout: bool, is_dir: bool) -> None:
+        """Move a staged new entry to ``path``, replacing the whiteout there if any."""
+        dest = self.layer_path(path)
+        if not over_whiteout:
+            self.layers.rename(stage, dest, RENAME_NOREPLACE)
+        elif is_dir:  # rename(2) cannot put a directory over a device: exchange, then drop it
+            self.layers.rename(stage, dest, RENAME_EXCHANGE)
+            self.layers.unlink(stage)
+        else:
+            self.layers.rename(stage, dest)
+
+    def _new_entry(self, parent_ino: int, name: bytes, make: Callable[[bytes], None],
+                   is_dir: bool = False) -> Attr:
+        parent, path, over_whiteout = self._prepare_create(parent_ino, name)
+        if self.raw:
+            make(path)
+        elif over_whiteout or is_dir and parent.lower is not None and not parent.opaque:
+            stage = self._stage_name()
+            make(stage)
+            if is_dir and over_whiteout:
+                self.layers.setxattr(stage, self.config.layout.opaque, b"y")
+            self._place(stage, path, over_whiteout, is_dir)
+        else:
+            make(self.layer_path(path))
+        self._forget_path(path)
+        return self.lookup(parent.ino, name)
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self._new_entry(parent_ino, name,
+                               lambda p: self.layers.mkdir(p, mode, uid, gid), is_dir=True)
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int,
+              gid: int) -> Attr:
+        kind = stat.S_IFMT(mode)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            whiteout = self.raw and kind == stat.S_IFCHR and rdev == 0
+            if not whiteout:
+                raise OSError(errno.EPERM, "device nodes are refused by policy")
+        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise OSError(errno.EINVAL, "unsupported file type")
+        return self._new_entry(parent_ino, name, lambda p: self.layers.mknod(p, mode, uid, gid))
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if len(target) >= PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        return self._new_entry(parent_ino, name,
+                               lambda p: self.layers.symlink(p, target, uid, gid))
+
+    def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return self.mknod(parent_ino, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
+
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
+        node = self.node(ino)
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard links to directories are not allowed")
+        if self.needs_copy_up(node):
+            self.copy_up(node)
+        src = self.layer_path(node.path)
+        attr = self._new_entry(new_parent_ino, new_name, lambda p: self.layers.link(src, p))
+        return attr
+
+    # -- removing entries ---------------------------------------------------------------------
+
+    def _child(self, parent_ino: int, name: bytes) -> tuple[Node, Node]:
+        check_name(name)
+        parent = self.node(parent_ino)
+        ino, kind, lower, in_upper, opaque, _ = self._resolve(parent, name)
+        node = self._remember(ino, kind, join(parent.path, name), lower, in_upper, opaque, False)
+        return parent, node
+
+    def _whiteout_needed(self, parent: Node, name: bytes) -> bool:
+        if self.raw or parent.lower is None or parent.opaque:
+            return False
+        return self._lower_lstat(join(parent.lower, name)) is not None
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent, node = self._child(parent_ino, name)
+        if node.is_dir:
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        self._remove(parent, node, name)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent, node = self._child(parent_ino, name)
+        if not node.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        if self.raw and parent.ino == ROOT_INO:
+            raise OSError(errno.EPERM, "the layer root holds only upper and work")
+        if self.listdir(node.ino):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        self._remove(parent, node, name)
+
+    def _remove(self, parent: Node, node: Node, name: bytes) -> None:
+        path = join(parent.path, name)
+        dest = self.layer_path(path)
+        whiteout = self._whiteout_needed(parent, name)
+        if whiteout:
+            self.ensure_upper_dir(parent)
+        upper = self.layers.lstat(dest) if parent.in_upper or self.raw else None
+        if upper is None:
+            if whiteout:
+                self.layers.mknod(dest, stat.S_IFCHR, 0, 0)
+        elif whiteout:
+            # Atomically swap the entry for a whiteout, then dispose of the old entry.
+            stage = self._stage_name()
+            self.layers.mknod(stage, stat.S_IFCHR, 0, 0)
+            self.layers.rename(stage, dest, RENAME_EXCHANGE)
+            self._remove_tree(stage)
+        elif stat.S_ISDIR(upper.st_mode):
+            self._clear_whiteouts(dest)
+            self.layers.rmdir(dest)
+        else:
+            self.layers.unlink(dest)
+        self._forget_path(path)
+
+    def _clear_whiteouts(self, upper_dir: bytes) -> None:
+        for child in self.layers.listdir(upper_dir):
+            self.layers.unlink(join(upper_dir, child))
+
+    # -- rename -------------------------------------------------------------------------------
+
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+               new_name: bytes, flags: int) -> None:
+        check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
+            raise OSError(errno.EINVAL, "invalid rename flags")
+        if flags & RENAME_WHITEOUT and not self.raw:
+            raise OSError(errno.EINVAL, "RENAME_WHITEOUT is offered by the passthrough upper only")
+        old_parent, node = self._child(old_parent_ino, old_name)
+        new_parent = self.node(new_parent_ino)
+        if not new_parent.is_dir:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        src = join(old_parent.path, old_name)
+        dst = join(new_parent.path, new_name)
+        if dst == src or dst.startswith(src + b"/") and node.is_dir:
+            if dst == src:
+                return
+            raise OSError(errno.EINVAL, "cannot move a directory into itself")
+        try:
+            _, target = self._child(new_parent_ino, new_name)
+        except FileNotFoundError:
+            target = None
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise FileExistsError(errno.EEXIST, "target exists", dst)
+        if target is None and flags & RENAME_EXCHANGE:
+            raise FileNotFoundError(errno.ENOENT, "exchange target missing", dst)
+        if self.raw:
+            if (self.raw and (old_parent.ino == ROOT_INO or new_parent.ino == ROOT_INO)):
+                raise OSError(errno.EPERM, "the layer root holds only upper and work")
+            self.layers.rename(src, dst, flags)
+            self._after_rename(src, dst, node, target, flags)
+            return
+        if node.is_dir and node.lower is not None:
+            raise OSError(errno.EXDEV, "renaming a lower directory needs a copy (redirect_dir=off)")
+        if target is not None and not (flags & RENAME_EXCHANGE):
+            if node.is_dir and not target.is_dir:
+                raise NotADirectoryError(errno.ENOTDIR, "target is not a directory")
+            if target.is_dir and not node.is_dir:
+                raise IsADirectoryError(errno.EISDIR, "target is a directory")
+            if target.is_dir and self.listdir(target.ino):
+                raise OSError(errno.ENOTEMPTY, "target directory not empty")
+        if flags & RENAME_EXCHANGE and target is not None and target.is_dir and \
+                target.lower is not None:
+            raise OSError(errno.EXDEV, "exchanging a lower directory needs a copy")
+        self.copy_up(node)
+        if target is not None and flags & RENAME_EXCHANGE:
+            self.copy_up(target)
+        self.ensure_upper_dir(new_parent)
+        src_whiteout = self._whiteout_needed(old_parent, old_name) and not flags & RENAME_EXCHANGE
+        dst_upper = self.layer_path(dst)
+        upper_target = self.layers.lstat(dst_upper)
+        if target is not None and target.is_dir and upper_target is not None and \
+                stat.S_ISDIR(upper_target.st_mode) and not flags & RENAME_EXCHANGE:
+            self._clear_whiteouts(dst_upper)
+        if node.is_dir and not flags & RENAME_EXCHANGE and self._whiteout_needed(new_parent,
+                                                                                  new_name):
+            self.layers.setxattr(self.layer_path(src), self.config.layout.opaque, b"y")
+        if upper_target is not None and is_whiteout(upper_target) and node.is_dir:
+            self.layers.rename(self.layer_path(src), dst_upper,
+                               RENAME_EXCHANGE | 0)
+            if src_whiteout:
+                pass  # the whiteout that came back to src is exactly what src needs
+            else:
+                self.layers.unlink(self.layer_path(src))
+        else:
+            mode = flags & RENAME_EXCHANGE
+            if src_whiteout:
+                mode |= RENAME_WHITEOUT
+            self.layers.rename(self.layer_path(src), dst_upper, mode)
+        self._after_rename(src, dst, node, target, flags)
+
+    def _after_rename(self, src: bytes, dst: bytes, node: Node, target: Node | None,
+                      flags: int) -> None:
+        if flags & RENAME_EXCHANGE and target is not None:
+            tmp = b"\0swap"
+            self._rename_paths(dst, tmp)
+            self._rename_paths(src, dst)
+            self._rename_paths(tmp, src)
+            return
+        if target is not None:
+            self._forget_path(dst, keep=node)
+        self._rename_paths(src, dst)
+        node.in_upper = True
+
+    # -- attributes and xattrs ----------------------------------------------------------------
+
+    def setattr(self, ino: int, change: rec.Setattr) -> Attr:
+        """Apply ``change`` (its path is ignored) after copying up (data kept unless size 0)."""
+        node = self.node(ino)
+        if node.ino == ROOT_INO and self.raw:
+            raise OSError(errno.EPERM, "the layer root is not changeable")
+        if self.needs_copy_up(node):
+            keep = not (change.mask & rec.SET_SIZE and change.size == 0)
+            self.copy_up(node, keep_data=keep)
+        path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
+        self.layers.setattr(attrs.evolve(change, path=path))
+        return self.getattr(ino)
+
+    def _xattr_path(self, node: Node) -> tuple[bytes | None, bytes | None]:
+        """(layer path, lower path) that holds this node's xattrs."""
+        if node.ino == ROOT_INO:
+            return (b"upper" if not self.raw else None), None
+        if node.in_upper:
+            return self.layer_path(node.path), None
+        return None, node.lower
+
+    def _check_xattr_name(self, name: bytes) -> None:
+        if not self.raw and self.config.layout.is_private(name):
+            # overlay's own attributes are not part of the view (kernel overlayfs: EPERM on set)
+            raise OSError(errno.EPERM, "overlay xattrs are private")
+        if len(name) > 255:
+            raise OSError(errno.ERANGE, "xattr name too long")
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.node(ino)
+        if not self.raw and self.config.layout.is_private(name):
+            raise OSError(errno.ENODATA, "no such attribute")
+        upper, lower = self._xattr_path(node)
+        if upper is not None:
+            return self.layers.getxattr(upper, name)
+        if lower is not None:
+            return os.getxattr(fd_path(self.lower_fd, lower) if lower else fd_path(self.lower_fd),
+                               name, follow_symlinks=False)
+        raise OSError(errno.ENODATA, "no such attribute")
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.node(ino)
+        upper, lower = self._xattr_path(node)
+        if upper is not None:
+            names = self.layers.listxattr(upper)
+        elif lower is not None:
+            target = fd_path(self.lower_fd, lower) if lower else fd_path(self.lower_fd)
+            names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=False)]
+        else:
+            names = []
+        if self.raw:
+            return names
+        return [n for n in names if not self.config.layout.is_private(n)]
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._check_xattr_name(name)
+        node = self.node(ino)
+        if node.ino == ROOT_INO and self.raw:
+            raise OSError(errno.EPERM, "the layer root is not changeable")
+        self.copy_up(node)
+        path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
+        self.layers.setxattr(path, name, value)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._check_xattr_name(name)
+        node = self.node(ino)
+        if node.ino == ROOT_INO and self.raw:
+            raise OSError(errno.EPERM, "the layer root is not changeable")
+        self.getxattr(ino, name)  # ENODATA before any copy-up
+        self.copy_up(node)
+        path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
+        self.layers.removexattr(path, name)
+
+    # -- files --------------------------------------------------------------------------------
+
+    def open_fd(self, ino: int, flags: int) -> int:
+        """Open the backing file (the caller has copied up if it writes)."""
+        node = self.node(ino)
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        if node.in_upper:
+            return self.layers.open(self.layer_path(node.path), flags)
+        assert node.lower is not None
+        return os.open(node.lower, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.lower_fd)
+
+    def write_handle(self, node: Node, fd: int) -> bytes:
+        if node.handle is None:
+            node.handle = name_to_handle(fd)
+        return node.handle
+
+    def journal_write(self, node: Node, fd: int, offset: int, length: int) -> None:
+        """Record that ``length`` bytes at ``offset`` changed (after they reached the upper)."""
+        self.layers.journal.append(
+            rec.Write(self.layer_path(node.path), self.write_handle(node, fd), offset, length))

@@ -1,0 +1,45 @@
+"""Domain errors of sdeefs.
+
+Library code raises ``OSError`` (with a real errno) for anything a filesystem
+caller should see, and the exceptions below for everything else.  ``ops.py`` is
+the one place that turns either kind into ``pyfuse3.FUSEError``; the command
+line turns :class:`QuietError` into one line on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class QuietError(Exception):
+    """A user-facing error: printed as one line, no traceback, then ``exit(exitcode)``."""
+
+    def __init__(self, message: str, exitcode: int = 1) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class JournalCorrupt(Exception):
+    """The journal holds a record that fails its checksum or framing *before* its tail.
+
+    A torn tail (the last, partially written record) is not corruption: it is
+    truncated silently on open.  Damage followed by valid records is.
+    """
+
+
+class BadRecord(ValueError):
+    """A journal record or replication frame that is malformed or unsafe to apply.
+
+    Raised by decoders on hostile input; the caller logs it and changes nothing.
+    """
+
+
+class FailsafeError(OSError):
+    """Mutations are refused because the journal could not be written.
+
+    Mapped to EROFS at the FUSE boundary: after a journal failure the
+    filesystem turns read-only rather than accept writes it cannot journal.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(errno.EROFS, f"sdeefs is read-only after a journal failure: {reason}")

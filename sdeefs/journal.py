@@ -1,0 +1,343 @@
+"""The sdeefs journal: an append-only, checksummed log of every mutation of the upper.
+
+Log model
+=========
+
+The journal describes changes to a *layer root*: a directory holding ``upper/``
+(the user's layer, in kernel overlayfs format) and ``work/`` (overlayfs' work
+directory, where copy-ups are staged).  Every record names paths relative to the
+layer root, so ``upper/etc/profile`` or ``work/#1f``.  A record is an operation
+*on the upper directory* (create a whiteout, set ``trusted.overlay.opaque``,
+rename a staged copy-up into place), never a user-level overlay operation: a
+replica that applies the records in order to an empty layer root ends with the
+same tree, whatever engine (pure FUSE overlay, or kernel overlayfs over the
+passthrough upper) produced them.
+
+Files on disk
+-------------
+``STATE/journal/seg-<first seq, 16 hex digits>.log``: segments, each starting
+with a header, followed by records.  A new segment starts when the current one
+exceeds ``segment_bytes``; trimming deletes whole segments whose records every
+replica has acknowledged.
+
+Segment header (``SEGMENT_HEADER``, 24 bytes, little endian)::
+
+    magic      8s   b"SDEEFSJ\\0"
+    version    u16  1
+    reserved   u16  0
+    first_seq  u64  sequence number of the first record in this segment
+    crc32      u32  of the 20 bytes before it
+
+Record frame (``FRAME_HEADER``, 20 bytes, then ``length`` payload bytes)::
+
+    crc32      u32  of everything after this field: length, seq, type, flags, payload
+    length     u32  payload bytes (at most MAX_PAYLOAD)
+    seq        u64  strictly increasing by one across all segments, starting at 1
+    type       u16  record type (see ``sdeefs.records``)
+    flags      u16  0 (reserved)
+
+Payload encodings are pinned per record type in ``sdeefs.records``.
+
+Data by reference
+-----------------
+``Write`` records carry no data: they name the file (path and a persistent
+kernel file handle) and the byte range.  The shipper reads the bytes from the
+live upper when it sends the record.  Reading later data than the record saw
+is harmless: every later change to those bytes has its own later record, so a
+replica applying records in order converges to the byte-identical file.
+
+Durability and ordering
+-----------------------
+* A metadata record is written (``write(2)`` into the page cache) *before* the
+  operation it describes is performed on the upper, with no await in between,
+  so at most one metadata record can be "in flight" when the daemon is killed:
+  the last one.  On the next mount, recovery re-applies that record
+  idempotently (``sdeefs.apply``), so the upper and the journal agree.
+  If an operation fails after its record was written, an ``Abort`` record
+  naming its sequence number follows it; replay skips aborted records.
+* ``Write`` records are appended after the data reached the upper file.
+* ``kill -9`` of the daemon loses nothing written: the page cache survives
+  the process.  Power loss loses at most what was not yet ``fdatasync``-ed:
+  the journal is synced by a background task every ``sync_interval`` seconds,
+  and synchronously (group commit) whenever the user calls ``fsync``/``fdatasync``
+  on a file or directory of the view.
+* On open, the last segment is scanned; a torn or checksum-failing tail is
+  truncated away (that record was never acknowledged durably).  A bad record
+  followed by good ones is corruption, reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+
+import attrs
+
+from .errors import FailsafeError, JournalCorrupt
+from .records import Record, decode_record, encode_record
+from .sysio import fsync_dir
+
+log = logging.getLogger(__name__)
+
+SEGMENT_MAGIC = b"SDEEFSJ\0"
+SEGMENT_VERSION = 1
+SEGMENT_HEADER = struct.Struct("<8sHHQI")
+assert SEGMENT_HEADER.size == 24
+FRAME_HEADER = struct.Struct("<IIQHH")
+assert FRAME_HEADER.size == 20
+MAX_PAYLOAD = 1 << 20  # no record needs more: paths ≤ 4 KiB, xattr values ≤ 64 KiB
+_SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.log$")
+
+
+def segment_name(first_seq: int) -> str:
+    return f"seg-{first_seq:016x}.log"
+
+
+def encode_frame(seq: int, record: Record) -> bytes:
+    rtype, payload = encode_record(record)
+    body = struct.pack("<IQHH", len(payload), seq, rtype, 0) + payload
+    return struct.pack("<I", zlib.crc32(body)) + body
+
+
+def encode_segment_header(first_seq: int) -> bytes:
+    head = struct.pack("<8sHHQ", SEGMENT_MAGIC, SEGMENT_VERSION, 0, first_seq)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def decode_segment_header(data: bytes) -> int:
+    """Return the segment's first sequence number; raise JournalCorrupt if the header is bad."""
+    if len(data) < SEGMENT_HEADER.size:
+        raise JournalCorrupt("segment header truncated")
+    magic, version, _, first_seq, crc = SEGMENT_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC or zlib.crc32(data[:20]) != crc:
+        raise JournalCorrupt("segment header has a bad magic or checksum")
+    if version != SEGMENT_VERSION:
+        raise JournalCorrupt(f"segment version {version} is not supported")
+    return int(first_seq)
+
+
+@attrs.frozen
+class Entry:
+    """One decoded journal record with its position."""
+
+    seq: int
+    record: Record
+
+
+@attrs.frozen
+class _ScanResult:
+    entries_end: int  # byte offset just past the last good frame
+    last_seq: int  # 0 if the segment holds no record
+    torn: bool  # bytes after entries_end that do not form a good frame
+
+
+def scan_frames(data: bytes, offset: int, expect_seq: int) -> Iterator[tuple[int, int, int, bytes]]:
+    """Yield (end_offset, seq, type, payload) for each good frame from ``offset``.
+
+    Stops at the first frame that is truncated, fails its checksum or breaks
+    the sequence; the caller compares the stop offset with ``len(data)``.
+    """
+    while offset + FRAME_HEADER.size <= len(data):
+        crc, length, seq, rtype, _flags = FRAME_HEADER.unpack_from(data, offset)
+        end = offset + FRAME_HEADER.size + length
+        if length > MAX_PAYLOAD or end > len(data):
+            return
+        if zlib.crc32(data[offset + 4 : end]) != crc or seq != expect_seq:
+            return
+        yield end, seq, rtype, data[offset + FRAME_HEADER.size : end]
+        offset = end
+        expect_seq += 1
+
+
+@attrs.define(eq=False)
+class Journal:
+    """An open journal directory.  Thread-safe: appends may come from worker threads.
+
+    Attributes:
+        directory: the journal directory (``STATE/journal``).
+        segment_bytes: start a new segment beyond this size.
+        head: sequence number of the last record appended (0 if none).
+        synced: every record up to this sequence number is on stable storage.
+        failed: set to the reason once an append failed; all later appends are refused.
+    """
+
+    directory: str
+    segment_bytes: int = 64 << 20
+    head: int = 0
+    synced: int = 0
+    failed: str | None = None
+    _fd: int = -1
+    _segment_first: int = 1
+    _segment_size: int = 0
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _sync_lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    # -- opening and recovery ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: str, segment_bytes: int = 64 << 20) -> Journal:
+        """Open (creating if needed) the journal, truncating a torn tail."""
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        journal = cls(directory=directory, segment_bytes=segment_bytes)
+        segments = journal.segments()
+        if not segments:
+            journal._start_segment(1)
+            return journal
+        first, path = segments[-1]
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            if decode_segment_header(data) != first:
+                raise JournalCorrupt(f"{path}: header does not match the file name")
+        except JournalCorrupt:
+            if len(segments) == 1 or len(data) > SEGMENT_HEADER.size:
+                raise
+            # A segment whose header never fully reached the disk: redo it.
+            os.unlink(path)
+            return cls.open(directory, segment_bytes)
+        end, last = SEGMENT_HEADER.size, first - 1
+        for end, last, _, _ in scan_frames(data, SEGMENT_HEADER.size, first):
+            pass
+        if end < len(data):
+            log.warning(
+                "journal %s: truncating a torn tail of %d bytes after seq %d",
+                path, len(data) - end, last,
+            )
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        journal.head = journal.synced = last
+        journal._segment_first = first
+        journal._segment_size = end
+        journal._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        return journal
+
+    def segments(self) -> list[tuple[int, str]]:
+        found = []
+        for name in os.listdir(self.directory):
+            m = _SEGMENT_NAME.match(name)
+            if m:
+                found.append((int(m.group(1), 16), os.path.join(self.directory, name)))
+        return sorted(found)
+
+    def _start_segment(self, first_seq: int) -> None:
+        path = os.path.join(self.directory, segment_name(first_seq))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.write(fd, encode_segment_header(first_seq))
+        os.fsync(fd)
+        fsync_dir(self.directory)
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+        self._fd = fd
+        self._segment_first = first_seq
+        self._segment_size = SEGMENT_HEADER.size
+
+    # -- appending ----------------------------------------------------------------------------
+
+    def append(self, record: Record) -> int:
+        """Write one record into the page cache; return its sequence number."""
+        with self._lock:
+            if self.failed is not None:
+                raise FailsafeError(self.failed)
+            seq = self.head + 1
+            frame = encode_frame(seq, record)
+            try:
+                if self._segment_size + len(frame) > self.segment_bytes and self.head >= self._segment_first:
+                    self._start_segment(seq)
+                written = os.write(self._fd, frame)
+                if written != len(frame):
+                    raise OSError(f"short journal write ({written} of {len(frame)} bytes)")
+            except OSError as exc:
+                self.failed = f"journal append failed: {exc}"
+                log.error("%s; refusing further mutations", self.failed)
+                raise FailsafeError(self.failed) from exc
+            self._segment_size += len(frame)
+            self.head = seq
+            return seq
+
+    def sync(self, upto: int | None = None) -> None:
+        """Make every record up to ``upto`` (default: the head) durable (group commit)."""
+        target = self.head if upto is None else upto
+        if self.synced >= target:
+            return
+        with self._sync_lock:
+            if self.synced >= target:  # another thread's fdatasync covered us
+                return
+            with self._lock:
+                fd, head = self._fd, self.head
+            os.fdatasync(fd)
+            self.synced = max(self.synced, head)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.fsync(self._fd)
+                    self.synced = self.head
+                finally:
+                    os.close(self._fd)
+                    self._fd = -1
+
+    # -- reading and trimming -----------------------------------------------------------------
+
+    def read(self, from_seq: int = 1) -> Iterator[Entry]:
+        """Yield committed entries with seq >= from_seq, oldest first."""
+        segments = self.segments()
+        for index, (first, path) in enumerate(segments):
+            next_first = segments[index + 1][0] if index + 1 < len(segments) else None
+            if next_first is not None and next_first <= from_seq:
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            if decode_segment_header(data) != first:
+                raise JournalCorrupt(f"{path}: header does not match the file name")
+            end, last = SEGMENT_HEADER.size, first - 1
+            for end, last, rtype, payload in scan_frames(data, SEGMENT_HEADER.size, first):
+                if last >= from_seq:
+                    yield Entry(last, decode_record(rtype, payload))
+            complete = end == len(data)
+            if next_first is not None and (not complete or last + 1 != next_first):
+                raise JournalCorrupt(f"{path}: damaged before seq {next_first}")
+
+    def first_seq(self) -> int:
+        segments = self.segments()
+        return segments[0][0] if segments else 1
+
+    def trim(self, below: int) -> int:
+        """Delete whole segments whose records all have seq < ``below``; return how many."""
+        segments = self.segments()
+        removed = 0
+        for (_first, path), (next_first, _) in zip(segments, segments[1:], strict=False):
+            if next_first <= below:
+                os.unlink(path)
+                removed += 1
+        if removed:
+            fsync_dir(self.directory)
+        return removed
+
+    def size_bytes(self) -> int:
+        return sum(os.path.getsize(path) for _, path in self.segments())
+
+
+@attrs.define(eq=False)
+class NullJournal:
+    """``--no-journal``: the same interface, recording nothing (benchmarks, emergencies)."""
+
+    head: int = 0
+    synced: int = 0
+    failed: str | None = None
+
+    def append(self, record: Record) -> int:
+        return 0
+
+    def sync(self, upto: int | None = None) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

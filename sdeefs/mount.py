@@ -1,0 +1,419 @@
+"""Mounting and unmounting: argument checks, the daemon process, and the hybrid stack.
+
+``sdeefs mount`` forks a daemon that mounts the filesystem and reports back
+through a pipe: the command returns only once the mount is usable, or prints
+the daemon's one-line reason and exits non-zero.
+
+Layout of a state directory::
+
+    STATE/journal/   journal segments (sdeefs.journal)
+    STATE/work/      overlayfs work directory (same filesystem as the upper)
+    STATE/lock       flock'ed by the running daemon; holds its pid
+    STATE/mnt/       hybrid engine: where the passthrough upper is mounted
+    STATE/mask/      hybrid engine: the top lower layer that hides excluded paths
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import faulthandler
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import attrs
+import pyfuse3
+import trio
+
+from .apply import recover
+from .cow import DEFAULT_EXCLUDES, Config, CowFS, Layout, Mode
+from .errors import QuietError
+from .journal import Journal, NullJournal
+from .offload import Offload
+from .ops import Operations
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("fuse", "hybrid")
+
+
+@attrs.frozen
+class MountRequest:
+    """Everything ``sdeefs mount`` was asked to do (validated by :func:`validate`)."""
+
+    mountpoint: str
+    upper: str
+    state: str
+    lower: str = "/"
+    engine: str = "fuse"
+    journal: bool = True
+    excludes: tuple[str, ...] = ()
+    cache_timeout: float = 10.0
+    sync_interval: float = 5.0
+    xattr_namespace: str = "trusted"
+    writeback_cache: bool = True
+    foreground: bool = False
+
+
+def default_state(upper: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(upper.rstrip("/"))), "state")
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def view_excludes(req: MountRequest) -> tuple[bytes, ...]:
+    """Lower paths shown as empty directories: the defaults, the user's, and our own dirs."""
+    lower = os.path.realpath(req.lower)
+    found = list(DEFAULT_EXCLUDES) if lower == "/" else []
+    for path in (*req.excludes, req.mountpoint, req.upper, req.state):
+        if _inside(path, lower):
+            rel = os.path.relpath(os.path.realpath(path), lower)
+            if rel != ".":
+                found.append(os.fsencode(rel))
+    return tuple(dict.fromkeys(found))
+
+
+def validate(req: MountRequest) -> None:
+    """Refuse, in one line each, every set-up that cannot work."""
+    for what, path in (("upper", req.upper), ("state", req.state), ("lower", req.lower),
+                       ("mountpoint", req.mountpoint)):
+        if any(c in path for c in ",:\n\t "):
+            raise QuietError(f"cannot mount: the {what} path {path!r} contains a comma, colon or "
+                             "blank (mount options cannot carry it)", 2)
+    if req.engine not in ENGINES:
+        raise QuietError(f"unknown engine {req.engine!r} (choose from {', '.join(ENGINES)})", 2)
+    if not os.path.exists("/dev/fuse"):
+        raise QuietError("cannot mount: /dev/fuse does not exist (load the fuse module)", 3)
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise QuietError("cannot mount: no permission to open /dev/fuse", 3)
+    if os.geteuid() != 0:
+        raise QuietError("cannot mount: sdeefs mount must run as root (it serves every uid)", 3)
+    for what, path in (("lower", req.lower), ("upper", req.upper), ("mountpoint", req.mountpoint)):
+        if not os.path.isdir(path):
+            raise QuietError(f"cannot mount: {what} {path} is not a directory", 2)
+    if os.path.ismount(req.mountpoint):
+        raise QuietError(f"cannot mount: {req.mountpoint} is busy (something is mounted there)", 4)
+    if os.listdir(req.mountpoint):
+        raise QuietError(f"cannot mount: mountpoint {req.mountpoint} is not empty", 4)
+    for what, path in (("upper", req.upper), ("state", req.state)):
+        if _inside(path, req.mountpoint):
+            raise QuietError(f"cannot mount: the {what} directory {path} is inside the mountpoint",
+                             2)
+        if _inside(req.lower, path):
+            raise QuietError(f"cannot mount: the lower {req.lower} is inside the {what} {path}", 2)
+    if _inside(req.state, req.upper) or _inside(req.upper, req.state):
+        raise QuietError("cannot mount: upper and state directories must not contain each other",
+                         2)
+    lower = os.path.realpath(req.lower)
+    excluded = [os.path.join(lower, os.fsdecode(e)) for e in view_excludes(req)]
+    for what, path in (("upper", req.upper), ("state", req.state)):
+        if _inside(path, lower) and not any(_inside(path, e) for e in excluded):
+            raise QuietError(f"cannot mount: the {what} {path} is inside the lower tree but not in "
+                             "its excluded paths", 2)
+
+
+def prepare_state(req: MountRequest) -> None:
+    os.makedirs(req.state, mode=0o700, exist_ok=True)
+    os.makedirs(os.path.join(req.state, "work"), mode=0o700, exist_ok=True)
+    if os.stat(req.upper).st_dev != os.stat(os.path.join(req.state, "work")).st_dev:
+        raise QuietError(f"cannot mount: state {req.state} must be on the upper's filesystem "
+                         "(copy-ups are renamed from its work directory into the upper)", 2)
+
+
+@contextlib.contextmanager
+def state_lock(state: str) -> Iterator[int]:
+    """Hold STATE/lock for the daemon's lifetime: one daemon per state directory."""
+    fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise QuietError(f"cannot mount: state {state} is in use by daemon pid {pid}", 4)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def daemon_pid(state: str) -> int | None:
+    """The pid holding STATE/lock, or None if no daemon runs."""
+    path = os.path.join(state, "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+def _fuse_options(mode: Mode, state: str) -> set[str]:
+    # The state directory in fsname lets `sdeefs umount MOUNTPOINT` find the daemon's lock.
+    options = {f"fsname=sdeefs:{os.path.abspath(state)}", "subtype=sdeefs", "default_permissions", "allow_other", "nodev",
+               "nosuid"}
+    if mode == "raw":
+        options.discard("default_permissions")  # kernel overlayfs checks for us, as its mounter
+    return options
+
+
+async def _serve(ops: Operations, journal: Journal | NullJournal, sync_interval: float) -> None:
+    async def periodic_sync() -> None:
+        while True:
+            await trio.sleep(sync_interval)
+            await ops.offload.run(journal.sync)
+
+    async def on_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(periodic_sync)
+        nursery.start_soon(on_signals)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | None) -> int:
+    """Mount and serve until unmounted.  Reports "ok" or an error line on ``ready_fd``."""
+    faulthandler.register(signal.SIGUSR1)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(state_lock(req.state))
+            journal: Journal | NullJournal
+            upper, work = os.fsencode(req.upper), os.fsencode(os.path.join(req.state, "work"))
+            if req.journal:
+                journal = Journal.open(os.path.join(req.state, "journal"))
+                stack.callback(journal.close)
+                seq = recover(journal, upper, work)
+                if seq is not None:
+                    log.info("recovery: re-checked journal record %d", seq)
+            else:
+                journal = NullJournal()
+            prefix = b"user.overlay." if req.xattr_namespace == "user" else b"trusted.overlay."
+            config = Config(upper=os.fsencode(os.path.abspath(req.upper)),
+                            work=os.fsencode(os.path.abspath(os.path.join(req.state, "work"))),
+                            lower=os.fsencode(req.lower) if mode == "merged" else None,
+                            mode=mode, excludes=view_excludes(req), layout=Layout(prefix))
+            fs = CowFS.open(config, journal)
+            stack.callback(fs.close)
+            ops = Operations(fs, Offload(), req.cache_timeout,
+                             writeback_cache=req.writeback_cache and mode == "merged")
+            pyfuse3.init(ops, mountpoint, _fuse_options(mode, req.state))
+        except QuietError as exc:
+            _report(ready_fd, str(exc))
+            return exc.exitcode
+        except OSError as exc:
+            _report(ready_fd, f"cannot mount: {exc.strerror or exc}"
+                    + (f" ({os.fsdecode(exc.filename)})" if exc.filename else ""))
+            return 1
+        _report(ready_fd, "ok")
+        try:
+            trio.run(_serve, ops, journal, req.sync_interval)
+        finally:
+            pyfuse3.close(unmount=True)
+    return 0
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        if message != "ok":
+            print(f"sdeefs: {message}", file=sys.stderr)
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+
+
+def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
+    """Fork a detached daemon and wait until it reports that the mount is up."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: detach, then serve
+        os.close(read_fd)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        _detach_stdio(req.state)
+        code = 1
+        try:
+            code = run_daemon(req, mountpoint, mode, write_fd)
+        except BaseException:
+            log.exception("daemon failed")
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_fd, "rb") as pipe:
+        answer = pipe.readline().decode(errors="replace").strip()
+    if answer != "ok":
+        raise QuietError(answer or "cannot mount: the daemon died while starting (see "
+                         f"{os.path.join(req.state, 'daemon.log')})", 1)
+
+
+def _detach_stdio(state: str) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    logfile = os.open(os.path.join(state, "daemon.log"),
+                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(logfile, 1)
+    os.dup2(logfile, 2)
+    os.close(logfile)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
+                                           "%(message)s"))
+    root.addHandler(handler)
+
+
+# -- the hybrid stack --------------------------------------------------------------------------
+
+
+def build_mask(req: MountRequest) -> str:
+    """A lower layer above the real lower: empty opaque directories at the excluded paths."""
+    mask = os.path.join(req.state, "mask")
+    subprocess.run(["rm", "-rf", "--one-file-system", mask], check=True)
+    os.makedirs(mask, mode=0o755)
+    for rel in view_excludes(req):
+        src = os.path.join(req.lower, os.fsdecode(rel))
+        if not os.path.isdir(src) or os.path.islink(src):
+            continue
+        target = os.path.join(mask, os.fsdecode(rel))
+        os.makedirs(target, exist_ok=True)
+        st = os.stat(src)
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+        os.chown(target, st.st_uid, st.st_gid)
+        os.setxattr(target, b"trusted.overlay.opaque", b"y")
+    return mask
+
+
+def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:
+    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise QuietError(f"cannot mount kernel overlayfs: {result.stderr.strip()}", 1)
+
+
+def mount(req: MountRequest) -> None:
+    validate(req)
+    prepare_state(req)
+    if req.engine == "fuse":
+        if req.foreground:
+            sys.exit(run_daemon(req, req.mountpoint, "merged", None))
+        spawn_daemon(req, req.mountpoint, "merged")
+        return
+    inner = os.path.join(req.state, "mnt")
+    os.makedirs(inner, mode=0o700, exist_ok=True)
+    if os.path.ismount(inner):
+        raise QuietError(f"cannot mount: {inner} is still mounted from an earlier run", 4)
+    mask = build_mask(req)
+    spawn_daemon(req, inner, "raw")
+    try:
+        os.makedirs(os.path.join(inner, "work", "ovl"), exist_ok=True)
+        lowers = [mask, req.lower] if os.listdir(mask) else [req.lower]
+        mount_overlay(lowers, os.path.join(inner, "upper"), os.path.join(inner, "work", "ovl"),
+                      req.mountpoint)
+    except BaseException:
+        unmount_path(inner)
+        wait_daemon_exit(req.state, 10.0)
+        raise
+    if req.foreground:
+        pid = daemon_pid(req.state)
+        while pid is not None and _alive(pid):
+            time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def unmount_path(path: str) -> None:
+    result = subprocess.run(["umount", path], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise QuietError(f"cannot unmount {path}: {result.stderr.strip()}", 5)
+
+
+def wait_daemon_exit(state: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while daemon_pid(state) is not None:
+        if time.monotonic() > deadline:
+            raise QuietError(f"the daemon of {state} did not exit within {timeout:.0f} s", 5)
+        time.sleep(0.02)
+
+
+def mounted_state(mountpoint: str) -> tuple[str, str | None]:
+    """(type, state dir) of an sdeefs mount at ``mountpoint``, from /proc/self/mountinfo."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] != target:
+                continue
+            fstype, source, options = fields[sep + 1], fields[sep + 2], fields[sep + 3]
+            if fstype == "overlay":
+                for opt in options.split(","):
+                    if opt.startswith("upperdir="):
+                        inner = os.path.dirname(opt[len("upperdir="):])
+                        return "hybrid", os.path.dirname(inner)
+                return "overlay", None
+            if fstype.startswith("fuse") and source.startswith("sdeefs:"):
+                return "fuse", source[len("sdeefs:"):].replace("\\040", " ")
+            raise QuietError(f"{mountpoint} is a {fstype} mount not made by sdeefs", 2)
+    raise QuietError(f"{mountpoint} is not mounted", 2)
+
+
+def umount(mountpoint: str, timeout: float = 30.0) -> None:
+    """Unmount an sdeefs view and wait until its daemon has exited (journal closed)."""
+    kind, state = mounted_state(mountpoint)
+    if kind == "overlay" or state is None:
+        raise QuietError(f"{mountpoint} is a kernel overlay not made by sdeefs", 2)
+    unmount_path(mountpoint)
+    if kind == "hybrid":
+        unmount_path(os.path.join(state, "mnt"))
+    wait_daemon_exit(state, timeout)
+
+
+def mount_passthrough(req: MountRequest) -> None:
+    """``--passthrough-upper``: serve upper/ and work/ as they are, journaled, at the mountpoint.
+
+    Kernel overlayfs can then use ``MOUNTPOINT/upper`` and ``MOUNTPOINT/work/ovl``
+    as its upper and work directories (this is what ``--engine hybrid`` does).
+    """
+    validate(req)
+    prepare_state(req)
+    if req.foreground:
+        sys.exit(run_daemon(req, req.mountpoint, "raw", None))
+    spawn_daemon(req, req.mountpoint, "raw")

@@ -1,0 +1,394 @@
+"""pyfuse3 protocol adapter: FUSE types in, ``EntryAttributes``/``FileInfo`` out, ``FUSEError`` out.
+
+No overlay policy lives here (that is ``sdeefs.cow``).  This module decides
+only *where* each call runs:
+
+* namespace mutations and copy-ups run one at a time under ``self.mutex``;
+  their cow.py parts are synchronous on the loop, the bulk data copy of a
+  copy-up goes to a worker thread;
+* ``read``/``write``/``fsync`` run in worker threads (``Offload``), so many
+  readers proceed in parallel;
+* lookups and getattrs are synchronous on the loop: a handful of ``lstat``
+  calls on local filesystems, cheaper than a thread hop (docs/threading.md).
+
+The only exceptions that may leave a handler are ``FUSEError``s; ``_errors``
+is the single place that turns ``OSError`` into one.  Anything else is a bug
+and is allowed to take the mount down loudly.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import attrs
+import pyfuse3
+import trio
+from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestContext
+
+from . import records as rec
+from .cow import ROOT_INO, Attr, CowFS, Node
+from .offload import Offload
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Translate OSError into FUSEError (the one place that does)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno is None:
+                raise  # not a filesystem error: a bug, let it surface
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s -> %s", fn.__name__, errno.errorcode.get(exc.errno, exc.errno))
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    return wrapper
+
+
+@attrs.define(eq=False)
+class OpenFile:
+    fd: int
+    node: Node
+    writable: bool
+
+
+@attrs.define(eq=False)
+class OpenDir:
+    node: Node
+    names: list[bytes]
+
+
+class Operations(pyfuse3.Operations):
+    """The FUSE face of a :class:`~sdeefs.cow.CowFS`.
+
+    Attributes:
+        fs: the overlay semantics.
+        offload: worker threads for data I/O.
+        timeout: entry/attribute cache lifetime in seconds (the lower may change under us).
+        mutex: serialises namespace mutations and copy-ups.
+        files / dirs: open handles.
+    """
+
+    supports_dot_lookup = False
+
+    def __init__(self, fs: CowFS, offload: Offload, timeout: float,
+                 writeback_cache: bool) -> None:
+        super().__init__()
+        self.fs = fs
+        self.offload = offload
+        self.timeout = timeout
+        self.enable_writeback_cache = writeback_cache
+        self.mutex = trio.Lock()
+        self.files: dict[int, OpenFile] = {}
+        self.dirs: dict[int, OpenDir] = {}
+        self._next_fh = 1
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _entry(self, attr: Attr) -> EntryAttributes:
+        """The one place that builds EntryAttributes."""
+        st = attr.st
+        entry = EntryAttributes()
+        entry.st_ino = InodeT(attr.ino)
+        entry.generation = 0
+        entry.entry_timeout = self.timeout
+        entry.attr_timeout = self.timeout
+        entry.st_mode = st.st_mode
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def _copy_up(self, node: Node, keep_data: bool = True) -> None:
+        """Copy-up with the data copy in a worker thread (caller holds the mutex)."""
+        plan = self.fs.start_copy_up(node, keep_data)
+        if plan is None:
+            return
+        try:
+            await self.offload.run(self.fs.copy_data, plan)
+        except BaseException:
+            self.fs.abort_copy_up(plan)
+            raise
+        self.fs.finish_copy_up(plan)
+
+    # -- lookups and attributes ---------------------------------------------------------------
+
+    @_errors
+    async def lookup(self, parent_inode: InodeT, name: bytes, ctx: RequestContext
+                     ) -> EntryAttributes:
+        return self._entry(self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        for ino, count in inode_list:
+            self.fs.forget(ino, count)
+
+    @_errors
+    async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
+        return self._entry(self.fs.getattr(inode))
+
+    @_errors
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
+        mask = 0
+        current = self.fs.getattr(inode).st
+        uid, gid = current.st_uid, current.st_gid
+        if fields.update_mode:
+            mask |= rec.SET_MODE
+        if fields.update_uid or fields.update_gid:
+            mask |= rec.SET_OWNER
+            uid = attr.st_uid if fields.update_uid else uid
+            gid = attr.st_gid if fields.update_gid else gid
+        if fields.update_size:
+            mask |= rec.SET_SIZE
+        if fields.update_atime:
+            mask |= rec.SET_ATIME
+        if fields.update_mtime:
+            mask |= rec.SET_MTIME
+        change = rec.Setattr(b"upper", mask, stat.S_IMODE(attr.st_mode), uid, gid,
+                             attr.st_size if fields.update_size else 0,
+                             attr.st_atime_ns, attr.st_mtime_ns)
+        async with self.mutex:
+            node = self.fs.node(inode)
+            if self.fs.needs_copy_up(node):
+                await self._copy_up(node, keep_data=not (mask & rec.SET_SIZE and attr.st_size == 0))
+            return self._entry(self.fs.setattr(inode, change))
+
+    @_errors
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @_errors
+    async def access(self, inode: InodeT, mode: int, ctx: RequestContext) -> bool:
+        return True  # mounted with default_permissions: the kernel checks modes itself
+
+    @_errors
+    async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.fs.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize, data.f_frsize = sv.f_bsize, sv.f_frsize
+        data.f_blocks, data.f_bfree, data.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
+        data.f_files, data.f_ffree, data.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
+        data.f_namemax = 255
+        return data
+
+    # -- namespace mutations ------------------------------------------------------------------
+
+    @_errors
+    async def mkdir(self, parent_inode: InodeT, name: bytes, mode: int, ctx: RequestContext
+                    ) -> EntryAttributes:
+        async with self.mutex:
+            uid, gid, extra = self._owner(parent_inode, ctx, is_dir=True)
+            return self._entry(self.fs.mkdir(parent_inode, name, mode | extra, uid, gid))
+
+    @_errors
+    async def mknod(self, parent_inode: InodeT, name: bytes, mode: int, rdev: int,
+                    ctx: RequestContext) -> EntryAttributes:
+        async with self.mutex:
+            uid, gid, _ = self._owner(parent_inode, ctx, is_dir=False)
+            return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, uid, gid))
+
+    @_errors
+    async def symlink(self, parent_inode: InodeT, name: bytes, target: bytes,
+                      ctx: RequestContext) -> EntryAttributes:
+        async with self.mutex:
+            uid, gid, _ = self._owner(parent_inode, ctx, is_dir=False)
+            return self._entry(self.fs.symlink(parent_inode, name, target, uid, gid))
+
+    def _owner(self, parent_inode: InodeT, ctx: RequestContext, is_dir: bool
+               ) -> tuple[int, int, int]:
+        """Owner of a new entry: the caller, with BSD group semantics under a setgid directory."""
+        parent = self.fs.getattr(parent_inode).st
+        if parent.st_mode & stat.S_ISGID:
+            return ctx.uid, parent.st_gid, stat.S_ISGID if is_dir else 0
+        return ctx.uid, ctx.gid, 0
+
+    @_errors
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: bytes,
+                   ctx: RequestContext) -> EntryAttributes:
+        async with self.mutex:
+            node = self.fs.node(inode)
+            if self.fs.needs_copy_up(node) and not node.is_dir:
+                await self._copy_up(node)
+            return self._entry(self.fs.link(inode, new_parent_inode, new_name))
+
+    @_errors
+    async def unlink(self, parent_inode: InodeT, name: bytes, ctx: RequestContext) -> None:
+        async with self.mutex:
+            self.fs.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: RequestContext) -> None:
+        async with self.mutex:
+            self.fs.rmdir(parent_inode, name)
+
+    @_errors
+    async def rename(self, parent_inode_old: InodeT, name_old: bytes, parent_inode_new: InodeT,
+                     name_new: bytes, flags: int, ctx: RequestContext) -> None:
+        async with self.mutex:
+            for parent, name in ((parent_inode_old, name_old), (parent_inode_new, name_new)):
+                try:
+                    attr = self.fs.lookup(parent, name)
+                except FileNotFoundError:
+                    continue
+                node = self.fs.node(attr.ino)
+                try:
+                    if self.fs.needs_copy_up(node) and stat.S_ISREG(node.kind):
+                        await self._copy_up(node)
+                finally:
+                    self.fs.forget(attr.ino, 1)
+            self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- extended attributes ------------------------------------------------------------------
+
+    @_errors
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
+        return self.fs.listxattr(inode)
+
+    @_errors
+    async def setxattr(self, inode: InodeT, name: bytes, value: bytes, ctx: RequestContext
+                       ) -> None:
+        async with self.mutex:
+            node = self.fs.node(inode)
+            if self.fs.needs_copy_up(node) and stat.S_ISREG(node.kind):
+                await self._copy_up(node)
+            self.fs.setxattr(inode, name, value)
+
+    @_errors
+    async def removexattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> None:
+        async with self.mutex:
+            self.fs.removexattr(inode, name)
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _open_flags(self, flags: int) -> tuple[int, bool, bool]:
+        """(flags for the backing open, writable, truncate)."""
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        truncate = bool(flags & os.O_TRUNC) and writable
+        # The kernel computes append offsets itself; a backing O_APPEND would make pwrite
+        # ignore the offset the journal records.
+        flags &= ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            # The kernel may read through a write-only handle to fill its cache
+            # (libfuse's passthrough_ll does the same).
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags, writable, truncate
+
+    async def _open(self, node: Node, flags: int) -> FileInfo:
+        backing, writable, truncate = self._open_flags(flags)
+        if writable and (self.fs.needs_copy_up(node) or truncate):
+            async with self.mutex:
+                if self.fs.needs_copy_up(node):
+                    await self._copy_up(node, keep_data=not truncate)
+                if truncate:
+                    self.fs.setattr(node.ino, rec.Setattr(b"upper", rec.SET_SIZE, size=0))
+        fd = self.fs.open_fd(node.ino, backing)
+        fh = self._new_fh()
+        self.files[fh] = OpenFile(fd, node, writable)
+        return FileInfo(fh=FileHandleT(fh), keep_cache=True)
+
+    @_errors
+    async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
+        return await self._open(self.fs.node(inode), flags)
+
+    @_errors
+    async def create(self, parent_inode: InodeT, name: bytes, mode: int, flags: int,
+                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
+        async with self.mutex:
+            uid, gid, _ = self._owner(parent_inode, ctx, is_dir=False)
+            attr = self.fs.create(parent_inode, name, mode, uid, gid)
+        info = await self._open(self.fs.node(attr.ino), flags & ~os.O_TRUNC)
+        return info, self._entry(attr)
+
+    @_errors
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        return await self.offload.run(os.pread, self.files[fh].fd, size, off)
+
+    @_errors
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        handle = self.files[fh]
+        return await self.offload.run(self._write_sync, handle, off, buf)
+
+    def _write_sync(self, handle: OpenFile, off: int, buf: bytes) -> int:
+        written = os.pwrite(handle.fd, buf, off)
+        self.fs.journal_write(handle.node, handle.fd, off, written)
+        return written
+
+    @_errors
+    async def flush(self, fh: FileHandleT) -> None:
+        return None
+
+    @_errors
+    async def release(self, fh: FileHandleT) -> None:
+        handle = self.files.pop(fh)
+        os.close(handle.fd)
+
+    @_errors
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        fd = self.files[fh].fd
+        await self.offload.run(os.fdatasync if datasync else os.fsync, fd)
+        await self.offload.run(self.fs.layers.journal.sync)
+
+    # -- directories --------------------------------------------------------------------------
+
+    @_errors
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        node = self.fs.node(inode)
+        names = self.fs.listdir(inode)
+        fh = self._new_fh()
+        self.dirs[fh] = OpenDir(node, names)
+        return FileHandleT(fh)
+
+    @_errors
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.dirs[fh]
+        for index in range(start_id, len(handle.names)):
+            name = handle.names[index]
+            try:
+                attr = self.fs.lookup(handle.node.ino, name)
+            except FileNotFoundError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), index + 1):
+                self.fs.forget(attr.ino, 1)  # not delivered: the kernel did not count it
+                return
+
+    @_errors
+    async def releasedir(self, fh: FileHandleT) -> None:
+        del self.dirs[fh]
+
+    @_errors
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        await self.offload.run(self.fs.layers.journal.sync)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"nodes": len(self.fs.nodes), "open_files": len(self.files),
+                "open_dirs": len(self.dirs), "journal_head": self.fs.layers.journal.head,
+                "root": ROOT_INO}

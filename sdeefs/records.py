@@ -1,0 +1,316 @@
+"""Journal record types and their pinned binary payloads.
+
+Every record is an operation on a *layer root* (``upper/`` + ``work/``; see
+``sdeefs.journal``).  Payloads are a fixed sequence of fields per type, encoded
+little endian with no padding:
+
+===========  ==============================================================
+field kind   encoding
+===========  ==============================================================
+``path``     u16 length + bytes: relative, no NUL, no empty/``.``/``..``
+             component, first component ``upper`` or ``work``, ≤ 4096 bytes
+``name``     u16 length + bytes (xattr names; ≤ 255 bytes, no NUL)
+``blob``     u32 length + bytes (symlink targets ≤ 4096, xattr values ≤ 64 KiB,
+             file handles ≤ 136)
+``u32``      4 bytes unsigned
+``u64``      8 bytes unsigned
+``i64``      8 bytes signed
+===========  ==============================================================
+
+Decoding is strict because records also arrive from replica peers: any
+trailing byte, out-of-range length, unsafe path or forbidden file type raises
+:class:`~sdeefs.errors.BadRecord` and nothing is applied.
+
+=====  ==============  ==========================================================
+type   record          fields
+=====  ==============  ==========================================================
+1      Mkdir           path, mode u32, uid u32, gid u32
+2      Mknod           path, mode u32 (S_IFREG/S_IFIFO/S_IFSOCK, or S_IFCHR
+                       with rdev 0 = whiteout), uid u32, gid u32
+3      Symlink         path, target blob, uid u32, gid u32
+4      Link            src path, dst path
+5      Unlink          path
+6      Rmdir           path
+7      Rename          src path, dst path, flags u32 (renameat2), src_ino u64
+8      Setattr         path, mask u32, mode u32, uid u32, gid u32, size u64,
+                       atime_ns i64, mtime_ns i64
+9      Setxattr        path, name, value blob
+10     Removexattr     path, name
+11     Write           path, handle blob, offset u64, length u64
+12     Abort           seq u64 (the record that did not take effect)
+13     Sync            reason u32 (a durable commit point; informational)
+=====  ==============================================================
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from typing import ClassVar
+
+import attrs
+
+from .errors import BadRecord
+
+MAX_PATH = 4096
+MAX_NAME = 255
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 65536
+MAX_HANDLE = 136
+LAYER_DIRS = (b"upper", b"work")
+
+# Setattr.mask bits
+SET_MODE = 1
+SET_OWNER = 2
+SET_SIZE = 4
+SET_ATIME = 8
+SET_MTIME = 16
+SET_ALL = SET_MODE | SET_OWNER | SET_SIZE | SET_ATIME | SET_MTIME
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+
+
+def check_path(path: bytes) -> bytes:
+    """Validate a layer-root-relative path; return it or raise BadRecord."""
+    if not path or len(path) > MAX_PATH or b"\0" in path:
+        raise BadRecord(f"bad path length or NUL byte in {path[:64]!r}")
+    parts = path.split(b"/")
+    if parts[0] not in LAYER_DIRS:
+        raise BadRecord(f"path {path[:64]!r} is outside the layer root")
+    for part in parts[1:]:
+        if part in (b"", b".", b"..") or len(part) > MAX_NAME:
+            raise BadRecord(f"unsafe component in path {path[:64]!r}")
+    return path
+
+
+class Record:
+    """Base of all record types; subclasses are frozen attrs classes with FIELDS."""
+
+    TYPE: ClassVar[int]
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]]
+    METADATA: ClassVar[bool] = True  # changes the namespace or inode metadata
+
+    def validate(self) -> None:
+        """Type-specific checks beyond field encoding (hook for subclasses)."""
+
+
+@attrs.frozen
+class Mkdir(Record):
+    TYPE = 1
+    FIELDS = (("path", "path"), ("mode", "u32"), ("uid", "u32"), ("gid", "u32"))
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+
+
+@attrs.frozen
+class Mknod(Record):
+    TYPE = 2
+    FIELDS = (("path", "path"), ("mode", "u32"), ("uid", "u32"), ("gid", "u32"))
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+
+    def validate(self) -> None:
+        kind = stat.S_IFMT(self.mode)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR):
+            raise BadRecord(f"mknod of file type {kind:o} is refused (device nodes are)")
+
+    @property
+    def is_whiteout(self) -> bool:
+        return stat.S_ISCHR(self.mode)
+
+
+@attrs.frozen
+class Symlink(Record):
+    TYPE = 3
+    FIELDS = (("path", "path"), ("target", "blob"), ("uid", "u32"), ("gid", "u32"))
+    path: bytes
+    target: bytes
+    uid: int
+    gid: int
+
+    def validate(self) -> None:
+        if not self.target or len(self.target) > MAX_PATH or b"\0" in self.target:
+            raise BadRecord("bad symlink target")
+
+
+@attrs.frozen
+class Link(Record):
+    TYPE = 4
+    FIELDS = (("src", "path"), ("dst", "path"))
+    src: bytes
+    dst: bytes
+
+
+@attrs.frozen
+class Unlink(Record):
+    TYPE = 5
+    FIELDS = (("path", "path"),)
+    path: bytes
+
+
+@attrs.frozen
+class Rmdir(Record):
+    TYPE = 6
+    FIELDS = (("path", "path"),)
+    path: bytes
+
+
+@attrs.frozen
+class Rename(Record):
+    TYPE = 7
+    FIELDS = (("src", "path"), ("dst", "path"), ("flags", "u32"), ("src_ino", "u64"))
+    src: bytes
+    dst: bytes
+    flags: int
+    src_ino: int
+
+    def validate(self) -> None:
+        if self.flags & ~7 or (self.flags & 1 and self.flags & 2) or (self.flags & 2 and self.flags & 4):
+            raise BadRecord(f"invalid rename flags {self.flags:#x}")
+
+
+@attrs.frozen
+class Setattr(Record):
+    TYPE = 8
+    FIELDS = (
+        ("path", "path"), ("mask", "u32"), ("mode", "u32"), ("uid", "u32"), ("gid", "u32"),
+        ("size", "u64"), ("atime_ns", "i64"), ("mtime_ns", "i64"),
+    )
+    path: bytes
+    mask: int
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+
+    def validate(self) -> None:
+        if self.mask & ~SET_ALL or self.mode & ~0o7777:
+            raise BadRecord("invalid setattr mask or mode")
+
+
+@attrs.frozen
+class Setxattr(Record):
+    TYPE = 9
+    FIELDS = (("path", "path"), ("name", "name"), ("value", "blob"))
+    path: bytes
+    name: bytes
+    value: bytes
+
+    def validate(self) -> None:
+        if len(self.value) > MAX_XATTR_VALUE:
+            raise BadRecord("xattr value too long")
+
+
+@attrs.frozen
+class Removexattr(Record):
+    TYPE = 10
+    FIELDS = (("path", "path"), ("name", "name"))
+    path: bytes
+    name: bytes
+
+
+@attrs.frozen
+class Write(Record):
+    TYPE = 11
+    FIELDS = (("path", "path"), ("handle", "blob"), ("offset", "u64"), ("length", "u64"))
+    METADATA = False
+    path: bytes
+    handle: bytes
+    offset: int
+    length: int
+
+    def validate(self) -> None:
+        if len(self.handle) > MAX_HANDLE or self.offset + self.length >= 1 << 62:
+            raise BadRecord("bad write handle or range")
+
+
+@attrs.frozen
+class Abort(Record):
+    TYPE = 12
+    FIELDS = (("seq", "u64"),)
+    METADATA = False
+    seq: int
+
+
+@attrs.frozen
+class Sync(Record):
+    TYPE = 13
+    FIELDS = (("reason", "u32"),)
+    METADATA = False
+    reason: int
+
+
+RECORD_TYPES: dict[int, type[Record]] = {
+    cls.TYPE: cls
+    for cls in (Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Rename, Setattr, Setxattr,
+                Removexattr, Write, Abort, Sync)
+}
+
+
+def encode_record(record: Record) -> tuple[int, bytes]:
+    out = bytearray()
+    for name, kind in record.FIELDS:
+        value = getattr(record, name)
+        if kind in ("path", "name"):
+            out += _U16.pack(len(value)) + value
+        elif kind == "blob":
+            out += _U32.pack(len(value)) + value
+        elif kind == "u32":
+            out += _U32.pack(value)
+        elif kind == "u64":
+            out += _U64.pack(value)
+        else:
+            out += _I64.pack(value)
+    return record.TYPE, bytes(out)
+
+
+def decode_record(rtype: int, payload: bytes) -> Record:
+    """Decode and validate one payload; raise BadRecord on anything unexpected."""
+    cls = RECORD_TYPES.get(rtype)
+    if cls is None:
+        raise BadRecord(f"unknown record type {rtype}")
+    values: dict[str, object] = {}
+    pos = 0
+    try:
+        for name, kind in cls.FIELDS:
+            if kind in ("path", "name"):
+                (n,) = _U16.unpack_from(payload, pos)
+                pos += 2
+                value: object = payload[pos : pos + n]
+                if len(value) != n:  # type: ignore[arg-type]
+                    raise BadRecord("field runs past the end of the record")
+                pos += n
+                if kind == "path":
+                    check_path(value)  # type: ignore[arg-type]
+                elif not value or n > MAX_XATTR_NAME or b"\0" in value:  # type: ignore[operator]
+                    raise BadRecord("bad xattr name")
+            elif kind == "blob":
+                (n,) = _U32.unpack_from(payload, pos)
+                pos += 4
+                if n > MAX_XATTR_VALUE:
+                    raise BadRecord("blob too long")
+                value = payload[pos : pos + n]
+                if len(value) != n:  # type: ignore[arg-type]
+                    raise BadRecord("field runs past the end of the record")
+                pos += n
+            else:
+                codec = {"u32": _U32, "u64": _U64, "i64": _I64}[kind]
+                (value,) = codec.unpack_from(payload, pos)
+                pos += codec.size
+            values[name] = value
+    except struct.error:
+        raise BadRecord(f"record type {rtype} truncated") from None
+    if pos != len(payload):
+        raise BadRecord(f"record type {rtype} has {len(payload) - pos} trailing bytes")
+    record = cls(**values)
+    record.validate()
+    return record
