@@ -115,11 +115,13 @@ def validate(req: MountRequest) -> None:
         raise QuietError("cannot mount: upper and state directories must not contain each other",
                          2)
     lower = os.path.realpath(req.lower)
-    excluded = [os.path.join(lower, os.fsdecode(e)) for e in view_excludes(req)]
+    given = [*req.excludes, *(os.path.join(lower, os.fsdecode(e)) for e in DEFAULT_EXCLUDES
+                              if lower == "/")]
     for what, path in (("upper", req.upper), ("state", req.state)):
-        if _inside(path, lower) and not any(_inside(path, e) for e in excluded):
-            raise QuietError(f"cannot mount: the {what} {path} is inside the lower tree but not in "
-                             "its excluded paths", 2)
+        for excluded in given:
+            if _inside(path, excluded):
+                raise QuietError(f"cannot mount: the {what} {path} is inside the excluded path "
+                                 f"{excluded}, which the launcher bind-mounts from the host", 2)
 
 
 def prepare_state(req: MountRequest) -> None:
@@ -225,11 +227,11 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
                              writeback_cache=req.writeback_cache and mode == "merged")
             pyfuse3.init(ops, mountpoint, _fuse_options(mode, req.state))
         except QuietError as exc:
-            _report(ready_fd, str(exc))
+            _report(ready_fd, str(exc), exc.exitcode)
             return exc.exitcode
         except OSError as exc:
             _report(ready_fd, f"cannot mount: {exc.strerror or exc}"
-                    + (f" ({os.fsdecode(exc.filename)})" if exc.filename else ""))
+                    + (f" ({os.fsdecode(exc.filename)})" if exc.filename else ""), 1)
             return 1
         _report(ready_fd, "ok")
         try:
@@ -239,13 +241,15 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
     return 0
 
 
-def _report(fd: int | None, message: str) -> None:
+def _report(fd: int | None, message: str, exitcode: int = 0) -> None:
+    """Tell the waiting ``sdeefs mount`` how starting went: "ok" or "<exit code> <reason>"."""
     if fd is None:
         if message != "ok":
             print(f"sdeefs: {message}", file=sys.stderr)
         return
+    line = message if message == "ok" else f"{exitcode} {message}"
     with contextlib.suppress(OSError):
-        os.write(fd, message.encode() + b"\n")
+        os.write(fd, line.encode() + b"\n")
         os.close(fd)
 
 
@@ -270,9 +274,13 @@ def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
     os.waitpid(pid, 0)
     with os.fdopen(read_fd, "rb") as pipe:
         answer = pipe.readline().decode(errors="replace").strip()
-    if answer != "ok":
-        raise QuietError(answer or "cannot mount: the daemon died while starting (see "
+    if answer == "ok":
+        return
+    code, _, message = answer.partition(" ")
+    if not code.isdigit():
+        raise QuietError("cannot mount: the daemon died while starting (see "
                          f"{os.path.join(req.state, 'daemon.log')})", 1)
+    raise QuietError(message, int(code))
 
 
 def _detach_stdio(state: str) -> None:
@@ -315,7 +323,8 @@ def build_mask(req: MountRequest) -> str:
 
 
 def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:
-    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work}"
+    # xino=on: st_ino stays the origin's across copy-up although the upper is another fs
+    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},xino=on"
     result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
                             capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,0 +1,105 @@
+"""Shared fixtures: real sdeefs mounts that always come down, even when a test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from sdeefs.mount import daemon_pid
+
+
+def fuse_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "real mounts need root (the daemon serves every uid)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    return None
+
+
+requires_fuse = pytest.mark.skipif(fuse_skip_reason() is not None,
+                                   reason=fuse_skip_reason() or "")
+
+
+def sdeefs(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the sdeefs command line as a user would."""
+    result = subprocess.run([sys.executable, "-m", "sdeefs", *args], capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"sdeefs {' '.join(args)} failed ({result.returncode}): "
+                             f"{result.stderr.strip()}")
+    return result
+
+
+def mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+@attrs.define
+class Layers:
+    """A lower, an upper, a state dir and a mountpoint under one tmp dir."""
+
+    root: Path
+    lower: Path
+    upper: Path
+    state: Path
+    mnt: Path
+    active: list[tuple[Path, Path]] = attrs.field(factory=list)
+
+    def mount(self, engine: str = "fuse", *extra: str, mnt: Path | None = None,
+              upper: Path | None = None, state: Path | None = None) -> Path:
+        mnt = mnt or self.mnt
+        state = state or self.state
+        self.active.append((mnt, state))
+        sdeefs("mount", "--engine", engine, "--lower", str(self.lower), "--upper",
+               str(upper or self.upper), "--state", str(state), *extra, str(mnt))
+        return mnt
+
+    def umount(self, mnt: Path | None = None) -> None:
+        mnt = mnt or self.mnt
+        sdeefs("umount", str(mnt))
+        self.active = [(m, s) for m, s in self.active if m != mnt]
+
+    def cleanup(self) -> None:
+        """Last resort after a failed test: lazy unmounts, then kill our own daemons by pid."""
+        for mnt, state in self.active:
+            if mounted(mnt):
+                with contextlib.suppress(Exception):
+                    sdeefs("umount", str(mnt), check=False, timeout=20)
+            for path in (mnt, state / "mnt"):
+                if mounted(path):
+                    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+            pid = daemon_pid(str(state))
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while daemon_pid(str(state)) is not None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        self.active.clear()
+
+
+def make_layers(root: Path) -> Layers:
+    layers = Layers(root, root / "lower", root / "upper", root / "state", root / "mnt")
+    for path in (layers.lower, layers.upper, layers.mnt):
+        path.mkdir(parents=True)
+    return layers
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> Iterator[Layers]:
+    result = make_layers(tmp_path)
+    try:
+        yield result
+    finally:
+        result.cleanup()

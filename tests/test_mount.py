@@ -1,0 +1,247 @@
+"""Real mounts of both engines: what a user of the view sees, and how mounting fails."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sdeefs.check import run_checks
+from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+from .conftest import Layers, mounted, requires_fuse, sdeefs
+
+pytestmark = requires_fuse
+ENGINES = ["fuse", "hybrid"]
+
+
+def populate(lower: Path) -> None:
+    (lower / "etc").mkdir()
+    (lower / "etc" / "profile").write_text("export A=1\n")
+    (lower / "usr" / "lib").mkdir(parents=True)
+    (lower / "usr" / "lib" / "libx.so").write_bytes(b"\x7fELF" + bytes(10000))
+    (lower / "usr" / "lib" / "mod").mkdir()
+    (lower / "usr" / "lib" / "mod" / "a.py").write_text("A = 1\n")
+    (lower / "bin").mkdir()
+    (lower / "bin" / "tool").write_text("#!/bin/sh\necho tool\n")
+    os.chmod(lower / "bin" / "tool", 0o755)
+    os.link(lower / "bin" / "tool", lower / "bin" / "tool-alias")
+    os.symlink("usr/lib", lower / "lib")
+    os.chown(lower / "etc" / "profile", 1234, 5678)
+    os.setxattr(lower / "etc" / "profile", "user.tag", b"lower")
+
+
+def check_consistent(layers: Layers) -> None:
+    assert run_checks(str(layers.upper), str(layers.state)) == []
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_view_copy_up_whiteout_opaque(layers: Layers, engine: str) -> None:
+    populate(layers.lower)
+    mnt = layers.mount(engine)
+    assert (mnt / "etc" / "profile").read_text() == "export A=1\n"
+    assert os.readlink(mnt / "lib") == "usr/lib"
+    with open(mnt / "etc" / "profile", "a") as f:
+        f.write("export B=2\n")
+    st = os.stat(mnt / "etc" / "profile")
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert os.getxattr(mnt / "etc" / "profile", "user.tag") == b"lower"
+    os.unlink(mnt / "bin" / "tool-alias")
+    (mnt / "usr" / "lib" / "mod" / "a.py").unlink()
+    (mnt / "usr" / "lib" / "mod").rmdir()
+    (mnt / "usr" / "lib" / "mod").mkdir()
+    (mnt / "usr" / "lib" / "mod" / "b.py").write_text("B = 2\n")
+    assert sorted(os.listdir(mnt / "usr" / "lib" / "mod")) == ["b.py"]
+    assert sorted(os.listdir(mnt / "bin")) == ["tool"]
+    layers.umount()
+    upper = layers.upper
+    assert (upper / "etc" / "profile").read_text() == "export A=1\nexport B=2\n"
+    wh = os.lstat(upper / "bin" / "tool-alias")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert os.getxattr(upper / "usr" / "lib" / "mod", "trusted.overlay.opaque") == b"y"
+    assert not any(n.startswith(".wh.") for _, ds, fs in os.walk(upper) for n in ds + fs)
+    assert (layers.lower / "etc" / "profile").read_text() == "export A=1\n"
+    check_consistent(layers)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_inode_numbers_survive_copy_up_and_remount(layers: Layers, engine: str) -> None:
+    populate(layers.lower)
+    mnt = layers.mount(engine)
+    before = os.stat(mnt / "usr" / "lib" / "libx.so").st_ino
+    with open(mnt / "usr" / "lib" / "libx.so", "r+b") as f:
+        f.write(b"\x7fELF2")
+    after = os.stat(mnt / "usr" / "lib" / "libx.so").st_ino
+    layers.umount()
+    layers.mount(engine)
+    again = os.stat(mnt / "usr" / "lib" / "libx.so").st_ino
+    assert before == after == again
+    layers.umount()
+
+
+@pytest.mark.parametrize("engine", ["fuse"])
+def test_hard_links_stay_linked_after_copy_up_and_remount(layers: Layers, engine: str) -> None:
+    populate(layers.lower)
+    mnt = layers.mount(engine)
+    with open(mnt / "bin" / "tool", "a") as f:
+        f.write("echo changed\n")
+    assert (mnt / "bin" / "tool-alias").read_text().endswith("echo changed\n")
+    a, b = os.stat(mnt / "bin" / "tool"), os.stat(mnt / "bin" / "tool-alias")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    layers.umount()
+    layers.mount(engine)
+    assert (mnt / "bin" / "tool-alias").read_text().endswith("echo changed\n")
+    a, b = os.stat(mnt / "bin" / "tool"), os.stat(mnt / "bin" / "tool-alias")
+    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    layers.umount()
+    check_consistent(layers)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rename_flags(layers: Layers, engine: str) -> None:
+    populate(layers.lower)
+    mnt = layers.mount(engine)
+    etc = os.open(mnt / "etc", os.O_PATH | os.O_DIRECTORY)
+    try:
+        (mnt / "etc" / "a").write_text("a")
+        (mnt / "etc" / "b").write_text("b")
+        with pytest.raises(FileExistsError):
+            renameat2(etc, b"a", etc, b"b", RENAME_NOREPLACE)
+        renameat2(etc, b"a", etc, b"profile", RENAME_EXCHANGE)
+        assert (mnt / "etc" / "profile").read_text() == "a"
+        assert (mnt / "etc" / "a").read_text() == "export A=1\n"
+        os.rename(mnt / "etc" / "a", mnt / "etc" / "moved")
+        assert not (mnt / "etc" / "a").exists()
+        with pytest.raises(OSError) as info:
+            os.rename(mnt / "usr" / "lib", mnt / "usr" / "lib2")
+        assert info.value.errno == errno.EXDEV
+        (mnt / "newdir").mkdir()
+        (mnt / "newdir" / "x").write_text("x")
+        os.rename(mnt / "newdir", mnt / "newdir2")
+        assert (mnt / "newdir2" / "x").read_text() == "x"
+    finally:
+        os.close(etc)
+    layers.umount()
+    check_consistent(layers)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_limits_xattrs_and_devices(layers: Layers, engine: str) -> None:
+    populate(layers.lower)
+    mnt = layers.mount(engine)
+    with pytest.raises(OSError) as info:
+        (mnt / ("x" * 256)).write_text("long")
+    assert info.value.errno == errno.ENAMETOOLONG
+    assert os.statvfs(mnt).f_namemax == 255
+    target = mnt / "etc" / "profile"
+    os.setxattr(target, "user.mine", b"1")
+    assert b"1" == os.getxattr(target, "user.mine")
+    assert set(os.listxattr(target)) == {"user.tag", "user.mine"}
+    os.removexattr(target, "user.tag")
+    assert os.listxattr(target) == ["user.mine"]
+    assert not any(n.startswith("trusted.overlay") for n in os.listxattr(mnt / "etc"))
+    with pytest.raises(PermissionError):
+        os.mknod(mnt / "null2", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mkfifo(mnt / "fifo")
+    assert stat.S_ISFIFO(os.lstat(mnt / "fifo").st_mode)
+    layers.umount()
+    check_consistent(layers)
+
+
+def test_lower_changes_appear_within_the_cache_timeout(layers: Layers) -> None:
+    populate(layers.lower)
+    mnt = layers.mount("fuse", "--cache-timeout", "0.3")
+    assert not (mnt / "etc" / "new.conf").exists()
+    (layers.lower / "etc" / "new.conf").write_text("admin\n")
+    (layers.lower / "etc" / "profile").write_text("export A=2\n")
+    time.sleep(0.6)
+    assert (mnt / "etc" / "new.conf").read_text() == "admin\n"
+    assert "new.conf" in os.listdir(mnt / "etc")
+    assert (mnt / "etc" / "profile").read_text() == "export A=2\n"
+    layers.umount()
+
+
+def test_many_concurrent_readers(layers: Layers) -> None:
+    data = os.urandom(4 << 20)
+    (layers.lower / "big").write_bytes(data)
+    mnt = layers.mount("fuse")
+    errors: list[BaseException] = []
+
+    def reader(offset: int) -> None:
+        try:
+            with open(mnt / "big", "rb") as f:
+                for _ in range(20):
+                    f.seek(offset)
+                    assert f.read(65536) == data[offset:offset + 65536]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(i * 65536,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    layers.umount()
+
+
+def test_fsync_makes_the_journal_durable(layers: Layers) -> None:
+    mnt = layers.mount("fuse", "--sync-interval", "3600")
+    fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"x" * 1000)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log = sdeefs("log", "--upper", str(layers.upper), "--state", str(layers.state)).stdout
+    assert "write" in log and "upper/f" in log
+    layers.umount()
+    check_consistent(layers)
+
+
+def test_mount_errors_are_one_line(layers: Layers) -> None:
+    (layers.mnt / "junk").write_text("x")
+    result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
+                    "--state", str(layers.state), str(layers.mnt), check=False)
+    assert result.returncode == 4
+    assert result.stderr.count("\n") == 1 and "not empty" in result.stderr
+    (layers.mnt / "junk").unlink()
+    result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
+                    "--state", str(layers.upper / "state"), str(layers.mnt), check=False)
+    assert result.returncode == 2 and "contain" in result.stderr
+    layers.mount("fuse")
+    result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
+                    "--state", str(layers.state), str(layers.mnt), check=False)
+    assert result.returncode == 4 and "busy" in result.stderr
+    other = layers.root / "mnt2"
+    other.mkdir()
+    result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
+                    "--state", str(layers.state), str(other), check=False)
+    assert result.returncode == 4 and "in use by daemon" in result.stderr
+    layers.umount()
+    result = sdeefs("umount", str(layers.mnt), check=False)
+    assert result.returncode == 2 and "not mounted" in result.stderr
+
+
+def test_host_root_view_excludes_virtual_trees_and_itself(layers: Layers) -> None:
+    """lower = / : /proc and friends are empty, and the view never contains itself."""
+    mnt = layers.mnt
+    layers.active.append((mnt, layers.state))
+    sdeefs("mount", "--upper", str(layers.upper), "--state", str(layers.state), str(mnt))
+    assert os.listdir(mnt / "proc") == []
+    assert os.listdir(mnt / "sys") == []
+    assert (mnt / "etc" / "os-release").read_bytes() == Path("/etc/os-release").read_bytes()
+    inside = mnt / os.path.relpath(mnt, "/")
+    assert inside.is_dir() and os.listdir(inside) == []
+    assert os.listdir(mnt / os.path.relpath(layers.upper, "/")) == []
+    (mnt / "etc" / "sdeefs-test-marker").write_text("only in the upper\n")
+    assert not Path("/etc/sdeefs-test-marker").exists()
+    layers.umount()
+    assert (layers.upper / "etc" / "sdeefs-test-marker").exists()
+    assert not mounted(mnt)
