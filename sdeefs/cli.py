@@ -1,8 +1,8 @@
 """The ``sdeefs`` command: mount, umount, diff, log, check.
 
 User errors are one line on stderr and a non-zero exit code (QuietError);
-``--debug`` turns on DEBUG logging (optionally for named modules only,
-``--debug sdeefs.cow``) and shows tracebacks.
+``--debug`` turns on DEBUG logging and shows tracebacks; ``--debug-module
+sdeefs.cow`` limits DEBUG logging to the named modules.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdeefs", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", nargs="?", const="sdeefs", metavar="MODULE",
-                        help="debug logging (for one module, e.g. sdeefs.cow)")
+    parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--debug-module", action="append", default=[], metavar="MODULE",
+                        help="debug logging for one module only, e.g. sdeefs.cow (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mount", help="mount a user's view (lower + upper)")
@@ -68,15 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(debug: str | None) -> None:
+def _setup_logging(debug: bool, modules: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="sdeefs: %(message)s", stream=sys.stderr)
-    if debug:
-        logging.getLogger(debug).setLevel(logging.DEBUG)
+    for name in modules or (["sdeefs"] if debug else []):
+        logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.debug)
+    _setup_logging(args.debug, args.debug_module)
     try:
         return _dispatch(args)
     except QuietError as exc:

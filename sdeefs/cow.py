@@ -113,7 +113,7 @@ class Node:
         in_upper: an entry exists in the upper at ``paths[0]``.
         opaque: (directories) nothing below it comes from the lower.
         lookups: the kernel's lookup count.
-        handle: cached file handle of the upper file (for Write records).
+        dead: its last name was removed and its upper inode is gone.
     """
 
     ino: int
@@ -123,7 +123,7 @@ class Node:
     in_upper: bool
     opaque: bool = False
     lookups: int = 0
-    handle: bytes | None = None
+    dead: bool = False
 
     @property
     def path(self) -> bytes:
@@ -141,6 +141,10 @@ def join(parent: bytes, name: bytes) -> bytes:
 def split(path: bytes) -> tuple[bytes, bytes]:
     head, _, tail = path.rpartition(b"/")
     return head, tail
+
+
+def _last_link(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
 
 
 def check_name(name: bytes) -> None:
@@ -406,6 +410,7 @@ class CowFS:
         nodes: inode number -> Node for every inode the kernel knows.
         upper_dev / lower_dev: st_dev of the two trees, for inode numbering.
         lower_uuid: uuid of the lower filesystem (part of origin file handles).
+        renumbered: inode numbers reused by the filesystem -> the node id used instead.
     """
 
     config: Config
@@ -415,7 +420,9 @@ class CowFS:
     upper_dev: int
     lower_dev: int
     lower_uuid: bytes
+    renumbered: dict[int, int] = attrs.field(factory=dict)
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
+    _generation: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
 
     # -- construction -------------------------------------------------------------------------
 
@@ -513,7 +520,16 @@ class CowFS:
 
     def _remember(self, ino: int, kind: int, path: bytes, lower: bytes | None, in_upper: bool,
                   opaque: bool, count: bool) -> Node:
+        ino = self.renumbered.get(ino, ino)
         node = self.nodes.get(ino)
+        if node is not None and node.dead:
+            # The filesystem reused the inode number of a deleted entry the kernel still
+            # remembers.  A FUSE node id must not be reused before the kernel forgets it
+            # (a dead directory inode answers ENOENT to everything), so renumber.
+            real = ino
+            ino = real | (next(self._generation) << 56)
+            self.renumbered[real] = ino
+            node = None
         if node is None:
             node = Node(ino, kind, [path], lower, in_upper, opaque)
             self.nodes[ino] = node
@@ -526,8 +542,12 @@ class CowFS:
             node.lookups += 1
         return node
 
-    def _forget_path(self, path: bytes, keep: Node | None = None) -> None:
-        """A name disappeared from the view: drop it from every node that carried it."""
+    def _forget_path(self, path: bytes, keep: Node | None = None, dead: bool = False) -> None:
+        """A name disappeared from the view: drop it from every node that carried it.
+
+        ``dead``: the entry's inode is gone from the upper (its last link), so its
+        number may be reused by the filesystem for something new.
+        """
         for node in list(self.nodes.values()):
             if node is keep or path not in node.paths:
                 continue
@@ -536,6 +556,7 @@ class CowFS:
                 node.paths.append(path)  # unlinked but still open or looked up: keep last name
                 node.in_upper = False
                 node.lower = None
+                node.dead = node.dead or dead
 
     def _rename_paths(self, src: bytes, dst: bytes) -> None:
         prefix = src + b"/"
@@ -843,11 +864,11 @@ class CowFS:
     def copy_data(self, plan: CopyUp) -> None:
         """The bulk copy, in the kernel (reflink or copy_file_range).  Runs in a worker thread."""
         try:
+            if plan.size:  # journal first, as for every write (see ops.Operations.write)
+                handle = name_to_handle(plan.upper_fd)
+                self.layers.journal.append(rec.Write(plan.stage, handle, 0, plan.size))
             copy_file_data(plan.lower_fd, plan.upper_fd, plan.size)
             os.fsync(plan.upper_fd)  # the copy must be durable before it shadows the lower
-            handle = name_to_handle(plan.upper_fd)
-            if plan.size:
-                self.layers.journal.append(rec.Write(plan.stage, handle, 0, plan.size))
         finally:
             os.close(plan.lower_fd)
             os.close(plan.upper_fd)
@@ -1066,7 +1087,7 @@ class CowFS:
             self.layers.rmdir(dest)
         else:
             self.layers.unlink(dest)
-        self._forget_path(path)
+        self._forget_path(path, dead=upper is not None and _last_link(upper))
 
     def _clear_whiteouts(self, upper_dir: bytes) -> None:
         for child in self.layers.listdir(upper_dir):
@@ -1101,10 +1122,12 @@ class CowFS:
         if target is None and flags & RENAME_EXCHANGE:
             raise FileNotFoundError(errno.ENOENT, "exchange target missing", dst)
         if self.raw:
-            if (self.raw and (old_parent.ino == ROOT_INO or new_parent.ino == ROOT_INO)):
+            if old_parent.ino == ROOT_INO or new_parent.ino == ROOT_INO:
                 raise OSError(errno.EPERM, "the layer root holds only upper and work")
+            victim = self.layers.lstat(dst)
             self.layers.rename(src, dst, flags)
-            self._after_rename(src, dst, node, target, flags)
+            self._after_rename(src, dst, node, target, flags,
+                               victim is not None and _last_link(victim))
             return
         if node.is_dir and node.lower is not None:
             raise OSError(errno.EXDEV, "renaming a lower directory needs a copy (redirect_dir=off)")
@@ -1143,10 +1166,11 @@ class CowFS:
             if src_whiteout:
                 mode |= RENAME_WHITEOUT
             self.layers.rename(self.layer_path(src), dst_upper, mode)
-        self._after_rename(src, dst, node, target, flags)
+        self._after_rename(src, dst, node, target, flags,
+                           upper_target is not None and _last_link(upper_target))
 
     def _after_rename(self, src: bytes, dst: bytes, node: Node, target: Node | None,
-                      flags: int) -> None:
+                      flags: int, target_dead: bool) -> None:
         if flags & RENAME_EXCHANGE and target is not None:
             tmp = b"\0swap"
             self._rename_paths(dst, tmp)
@@ -1154,7 +1178,7 @@ class CowFS:
             self._rename_paths(tmp, src)
             return
         if target is not None:
-            self._forget_path(dst, keep=node)
+            self._forget_path(dst, keep=node, dead=target_dead)
         self._rename_paths(src, dst)
         node.in_upper = True
 
@@ -1243,12 +1267,10 @@ class CowFS:
         assert node.lower is not None
         return os.open(node.lower, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.lower_fd)
 
-    def write_handle(self, node: Node, fd: int) -> bytes:
-        if node.handle is None:
-            node.handle = name_to_handle(fd)
-        return node.handle
+    def journal_write(self, node: Node, handle: bytes, offset: int, length: int) -> None:
+        """Record that ``length`` bytes at ``offset`` are about to change in the upper file.
 
-    def journal_write(self, node: Node, fd: int, offset: int, length: int) -> None:
-        """Record that ``length`` bytes at ``offset`` changed (after they reached the upper)."""
-        self.layers.journal.append(
-            rec.Write(self.layer_path(node.path), self.write_handle(node, fd), offset, length))
+        ``handle`` is the file handle of the open upper file (``name_to_handle``), taken
+        per open file: an inode number can be reused by a new file, a handle cannot.
+        """
+        self.layers.journal.append(rec.Write(self.layer_path(node.path), handle, offset, length))

@@ -55,7 +55,10 @@ Durability and ordering
   idempotently (``sdeefs.apply``), so the upper and the journal agree.
   If an operation fails after its record was written, an ``Abort`` record
   naming its sequence number follows it; replay skips aborted records.
-* ``Write`` records are appended after the data reached the upper file.
+* ``Write`` records are appended *before* the ``pwrite`` too.  If the daemon
+  dies in between, the record names a range the file does not (fully) hold
+  yet; the shipper reads whatever the file holds there (possibly nothing), so
+  the journal still covers every byte of the upper.
 * ``kill -9`` of the daemon loses nothing written: the page cache survives
   the process.  Power loss loses at most what was not yet ``fdatasync``-ed:
   the journal is synced by a background task every ``sync_interval`` seconds,

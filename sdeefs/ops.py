@@ -34,6 +34,7 @@ from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestConte
 from . import records as rec
 from .cow import ROOT_INO, Attr, CowFS, Node
 from .offload import Offload
+from .sysio import name_to_handle
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ def _errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", fn.__name__, tuple(a for a in args[1:]
+                                                 if not isinstance(a, RequestContext)))
         try:
             return await fn(*args, **kwargs)
         except OSError as exc:
@@ -63,6 +67,7 @@ class OpenFile:
     fd: int
     node: Node
     writable: bool
+    handle: bytes  # file handle of the upper file, for Write records (b"" if read-only)
 
 
 @attrs.define(eq=False)
@@ -141,7 +146,10 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def lookup(self, parent_inode: InodeT, name: bytes, ctx: RequestContext
                      ) -> EntryAttributes:
-        return self._entry(self.fs.lookup(parent_inode, name))
+        attr = self.fs.lookup(parent_inode, name)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("lookup -> %d mode %o", attr.ino, attr.st.st_mode)
+        return self._entry(attr)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for ino, count in inode_list:
@@ -311,8 +319,13 @@ class Operations(pyfuse3.Operations):
                 if truncate:
                     self.fs.setattr(node.ino, rec.Setattr(b"upper", rec.SET_SIZE, size=0))
         fd = self.fs.open_fd(node.ino, backing)
+        try:
+            handle = name_to_handle(fd) if writable else b""
+        except BaseException:
+            os.close(fd)
+            raise
         fh = self._new_fh()
-        self.files[fh] = OpenFile(fd, node, writable)
+        self.files[fh] = OpenFile(fd, node, writable, handle)
         return FileInfo(fh=FileHandleT(fh), keep_cache=True)
 
     @_errors
@@ -338,9 +351,10 @@ class Operations(pyfuse3.Operations):
         return await self.offload.run(self._write_sync, handle, off, buf)
 
     def _write_sync(self, handle: OpenFile, off: int, buf: bytes) -> int:
-        written = os.pwrite(handle.fd, buf, off)
-        self.fs.journal_write(handle.node, handle.fd, off, written)
-        return written
+        # Journal first: if we die between the two, the record names a range whose
+        # bytes a shipper reads from the file as they are, so the journal still covers it.
+        self.fs.journal_write(handle.node, handle.handle, off, len(buf))
+        return os.pwrite(handle.fd, buf, off)
 
     @_errors
     async def flush(self, fh: FileHandleT) -> None:
