@@ -10,7 +10,7 @@ Layout of a state directory::
     STATE/work/      overlayfs work directory (same filesystem as the upper)
     STATE/lock       flock'ed by the running daemon; holds its pid
     STATE/mnt/       hybrid engine: where the passthrough upper is mounted
-    STATE/mask/      hybrid engine: the top lower layer that hides excluded paths
+    STATE/mask/      hybrid engine: a tmpfs, the top lower layer that hides excluded paths
 """
 
 from __future__ import annotations
@@ -304,15 +304,29 @@ def _detach_stdio(state: str) -> None:
 # -- the hybrid stack --------------------------------------------------------------------------
 
 
-def build_mask(req: MountRequest) -> str:
-    """A lower layer above the real lower: empty opaque directories at the excluded paths."""
+def build_mask(req: MountRequest) -> str | None:
+    """A lower layer above the real lower: empty opaque directories at the excluded paths.
+
+    It lives on a small private tmpfs at STATE/mask: kernel overlayfs refuses a
+    layer inside another layer of the same filesystem ("overlapping lowerdir"),
+    and the state directory is usually inside the lower (/).  None if nothing
+    needs masking.
+    """
+    wanted = [rel for rel in view_excludes(req)
+              if os.path.isdir(os.path.join(req.lower, os.fsdecode(rel)))
+              and not os.path.islink(os.path.join(req.lower, os.fsdecode(rel)))]
+    if not wanted:
+        return None
     mask = os.path.join(req.state, "mask")
-    subprocess.run(["rm", "-rf", "--one-file-system", mask], check=True)
-    os.makedirs(mask, mode=0o755)
-    for rel in view_excludes(req):
+    os.makedirs(mask, mode=0o755, exist_ok=True)
+    if os.path.ismount(mask):
+        unmount_path(mask)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m,nr_inodes=4096",
+                             "sdeefs-mask", mask], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise QuietError(f"cannot mount the mask layer: {result.stderr.strip()}", 1)
+    for rel in wanted:
         src = os.path.join(req.lower, os.fsdecode(rel))
-        if not os.path.isdir(src) or os.path.islink(src):
-            continue
         target = os.path.join(mask, os.fsdecode(rel))
         os.makedirs(target, exist_ok=True)
         st = os.stat(src)
@@ -344,15 +358,20 @@ def mount(req: MountRequest) -> None:
     if os.path.ismount(inner):
         raise QuietError(f"cannot mount: {inner} is still mounted from an earlier run", 4)
     mask = build_mask(req)
-    spawn_daemon(req, inner, "raw")
     try:
-        os.makedirs(os.path.join(inner, "work", "ovl"), exist_ok=True)
-        lowers = [mask, req.lower] if os.listdir(mask) else [req.lower]
-        mount_overlay(lowers, os.path.join(inner, "upper"), os.path.join(inner, "work", "ovl"),
-                      req.mountpoint)
+        spawn_daemon(req, inner, "raw")
+        try:
+            os.makedirs(os.path.join(inner, "work", "ovl"), exist_ok=True)
+            lowers = [mask, req.lower] if mask else [req.lower]
+            mount_overlay(lowers, os.path.join(inner, "upper"),
+                          os.path.join(inner, "work", "ovl"), req.mountpoint)
+        except BaseException:
+            unmount_path(inner)
+            wait_daemon_exit(req.state, 10.0)
+            raise
     except BaseException:
-        unmount_path(inner)
-        wait_daemon_exit(req.state, 10.0)
+        if mask:
+            unmount_path(mask)
         raise
     if req.foreground:
         pid = daemon_pid(req.state)
@@ -412,6 +431,8 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
     unmount_path(mountpoint)
     if kind == "hybrid":
         unmount_path(os.path.join(state, "mnt"))
+        if os.path.ismount(os.path.join(state, "mask")):
+            unmount_path(os.path.join(state, "mask"))
     wait_daemon_exit(state, timeout)
 
 

@@ -301,9 +301,11 @@ class Operations(pyfuse3.Operations):
         """(flags for the backing open, writable, truncate)."""
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC) and writable
-        # The kernel computes append offsets itself; a backing O_APPEND would make pwrite
-        # ignore the offset the journal records.
-        flags &= ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+        # Only flags that mean the same for the backing file survive: the kernel computes
+        # append offsets itself (a backing O_APPEND would make pwrite ignore the offset the
+        # journal records), and exec opens carry the kernel-internal __FMODE_EXEC bit, which
+        # openat2 rightly rejects.
+        flags &= os.O_ACCMODE | os.O_NONBLOCK | os.O_DSYNC | os.O_SYNC | os.O_LARGEFILE
         if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
             # The kernel may read through a write-only handle to fill its cache
             # (libfuse's passthrough_ll does the same).

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what sdeefs needs on Debian 12 (idempotent; fast when everything is there).
+# Runs as root: apt packages, then a virtualenv in .venv with sdeefs and its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  fuse3 libfuse3-dev pkg-config           # the FUSE library pyfuse3 builds against
+  python3 python3-venv python3-dev gcc    # Debian's Python 3.11 and headers
+  attr util-linux iproute2 procps         # getfattr/setfattr, mount/unshare, ip, ps
+  fuse-overlayfs fio                      # benchmark peers and load generator
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  # apt-get update does not wait for the lists lock: retry it.
+  for attempt in 1 2 3 4 5 6; do
+    apt-get update -qq && break
+    sleep 5
+  done
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
+fi
+
+modprobe fuse 2>/dev/null || true
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing and could not be loaded" >&2; exit 3; }
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, attrs, xattr, pytest_trio, hypothesis' 2>/dev/null; then
+  echo "setup: creating .venv" >&2
+  /usr/bin/python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]' >/dev/null
+elif ! .venv/bin/python -c 'import sdeefs, sdeefs_launcher' 2>/dev/null; then
+  .venv/bin/pip install -q -e '.[test]' >/dev/null
+fi
