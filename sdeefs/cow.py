@@ -156,7 +156,7 @@ def check_name(name: bytes) -> None:
 
 @attrs.define(eq=False)
 class LayerRoot:
-    """The upper and work directories, reached only by safe resolution, changed only via the journal.
+    """The upper and work directories: reached only by safe resolution, changed via the journal.
 
     Layer paths are ``upper/...`` and ``work/...`` (see ``sdeefs.journal``).
     """
@@ -352,7 +352,7 @@ class LayerRoot:
 
 
 def apply_setattr(layers: LayerRoot, r: rec.Setattr) -> None:
-    """Apply a Setattr record's fields in the order that keeps them all (size, owner, mode, times)."""
+    """Apply a Setattr record's fields in an order that keeps them all: size, owner, mode, times."""
     fd, name = layers.parent_fd(r.path)
     try:
         target = fd_path(fd, name or None)
@@ -631,7 +631,7 @@ class CowFS:
             return False
 
     def _is_copy_of(self, path: bytes, lower_path: bytes | None) -> bool:
-        """Is the upper entry at ``path`` a copy-up of ``lower_path`` (its origin handle matches)?"""
+        """Is the upper entry at ``path`` a copy-up of ``lower_path`` (origin handle matches)?"""
         if lower_path is None:
             return False
         try:
@@ -772,10 +772,8 @@ class CowFS:
             return
         head, _ = split(node.path)
         parent_ino = self._ino_of_path(head)
-        if parent_ino is None:  # parent not in the table: resolve it by walking from the root
-            parent = self._walk(head)
-        else:
-            parent = self.node(parent_ino)
+        # a parent not in the table is resolved by walking from the root
+        parent = self._walk(head) if parent_ino is None else self.node(parent_ino)
         self.ensure_upper_dir(parent)
         assert node.lower is not None
         lst = self._lower_lstat(node.lower)
@@ -955,7 +953,7 @@ class CowFS:
     # -- creating entries ---------------------------------------------------------------------
 
     def _prepare_create(self, parent_ino: int, name: bytes) -> tuple[Node, bytes, bool]:
-        """Check that ``name`` is free in the view; return (parent, view path, replaces a whiteout)."""
+        """Check that ``name`` is free in the view: (parent, view path, replaces a whiteout)."""
         check_name(name)
         parent = self.node(parent_ino)
         if not parent.is_dir:

@@ -132,13 +132,6 @@ class Entry:
     record: Record
 
 
-@attrs.frozen
-class _ScanResult:
-    entries_end: int  # byte offset just past the last good frame
-    last_seq: int  # 0 if the segment holds no record
-    torn: bool  # bytes after entries_end that do not form a good frame
-
-
 def scan_frames(data: bytes, offset: int, expect_seq: int) -> Iterator[tuple[int, int, int, bytes]]:
     """Yield (end_offset, seq, type, payload) for each good frame from ``offset``.
 
@@ -155,6 +148,14 @@ def scan_frames(data: bytes, offset: int, expect_seq: int) -> Iterator[tuple[int
         yield end, seq, rtype, data[offset + FRAME_HEADER.size : end]
         offset = end
         expect_seq += 1
+
+
+def last_good_frame(data: bytes, first_seq: int) -> tuple[int, int]:
+    """(offset just past the last good frame, its seq) of a segment's bytes."""
+    end, last = SEGMENT_HEADER.size, first_seq - 1
+    for frame_end, seq, _, _ in scan_frames(data, SEGMENT_HEADER.size, first_seq):
+        end, last = frame_end, seq
+    return end, last
 
 
 @attrs.define(eq=False)
@@ -203,9 +204,7 @@ class Journal:
             # A segment whose header never fully reached the disk: redo it.
             os.unlink(path)
             return cls.open(directory, segment_bytes)
-        end, last = SEGMENT_HEADER.size, first - 1
-        for end, last, _, _ in scan_frames(data, SEGMENT_HEADER.size, first):
-            pass
+        end, last = last_good_frame(data, first)
         if end < len(data):
             log.warning(
                 "journal %s: truncating a torn tail of %d bytes after seq %d",
@@ -251,7 +250,8 @@ class Journal:
             seq = self.head + 1
             frame = encode_frame(seq, record)
             try:
-                if self._segment_size + len(frame) > self.segment_bytes and self.head >= self._segment_first:
+                full = self._segment_size + len(frame) > self.segment_bytes
+                if full and self.head >= self._segment_first:
                     self._start_segment(seq)
                 written = os.write(self._fd, frame)
                 if written != len(frame):
@@ -301,9 +301,10 @@ class Journal:
             if decode_segment_header(data) != first:
                 raise JournalCorrupt(f"{path}: header does not match the file name")
             end, last = SEGMENT_HEADER.size, first - 1
-            for end, last, rtype, payload in scan_frames(data, SEGMENT_HEADER.size, first):
-                if last >= from_seq:
-                    yield Entry(last, decode_record(rtype, payload))
+            for frame_end, seq, rtype, payload in scan_frames(data, SEGMENT_HEADER.size, first):
+                end, last = frame_end, seq
+                if seq >= from_seq:
+                    yield Entry(seq, decode_record(rtype, payload))
             complete = end == len(data)
             if next_first is not None and (not complete or last + 1 != next_first):
                 raise JournalCorrupt(f"{path}: damaged before seq {next_first}")

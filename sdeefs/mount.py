@@ -16,9 +16,8 @@ Layout of a state directory::
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import faulthandler
+import fcntl
 import logging
 import os
 import signal
@@ -141,7 +140,8 @@ def state_lock(state: str) -> Iterator[int]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise QuietError(f"cannot mount: state {state} is in use by daemon pid {pid}", 4)
+            raise QuietError(f"cannot mount: state {state} is in use by daemon pid {pid}",
+                             4) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
@@ -173,7 +173,8 @@ def daemon_pid(state: str) -> int | None:
 
 def _fuse_options(mode: Mode, state: str) -> set[str]:
     # The state directory in fsname lets `sdeefs umount MOUNTPOINT` find the daemon's lock.
-    options = {f"fsname=sdeefs:{os.path.abspath(state)}", "subtype=sdeefs", "default_permissions", "allow_other", "nodev",
+    options = {f"fsname=sdeefs:{os.path.abspath(state)}", "subtype=sdeefs",
+               "default_permissions", "allow_other", "nodev",
                "nosuid"}
     if mode == "raw":
         options.discard("default_permissions")  # kernel overlayfs checks for us, as its mounter
@@ -276,11 +277,11 @@ def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
         answer = pipe.readline().decode(errors="replace").strip()
     if answer == "ok":
         return
-    code, _, message = answer.partition(" ")
-    if not code.isdigit():
+    status, _, message = answer.partition(" ")
+    if not status.isdigit():
         raise QuietError("cannot mount: the daemon died while starting (see "
                          f"{os.path.join(req.state, 'daemon.log')})", 1)
-    raise QuietError(message, int(code))
+    raise QuietError(message, int(status))
 
 
 def _detach_stdio(state: str) -> None:

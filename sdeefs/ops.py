@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import attrs
@@ -42,7 +42,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def _errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Translate OSError into FUSEError (the one place that does)."""
 
     @functools.wraps(fn)

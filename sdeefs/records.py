@@ -172,7 +172,8 @@ class Rename(Record):
     src_ino: int
 
     def validate(self) -> None:
-        if self.flags & ~7 or (self.flags & 1 and self.flags & 2) or (self.flags & 2 and self.flags & 4):
+        noreplace, exchange, whiteout = self.flags & 1, self.flags & 2, self.flags & 4
+        if self.flags & ~7 or (exchange and (noreplace or whiteout)):
             raise BadRecord(f"invalid rename flags {self.flags:#x}")
 
 
@@ -273,40 +274,41 @@ def encode_record(record: Record) -> tuple[int, bytes]:
     return record.TYPE, bytes(out)
 
 
+def _take(payload: bytes, pos: int, length: int) -> bytes:
+    value = payload[pos : pos + length]
+    if len(value) != length:
+        raise BadRecord("field runs past the end of the record")
+    return value
+
+
 def decode_record(rtype: int, payload: bytes) -> Record:
     """Decode and validate one payload; raise BadRecord on anything unexpected."""
     cls = RECORD_TYPES.get(rtype)
     if cls is None:
         raise BadRecord(f"unknown record type {rtype}")
-    values: dict[str, object] = {}
+    values: dict[str, bytes | int] = {}
     pos = 0
     try:
         for name, kind in cls.FIELDS:
             if kind in ("path", "name"):
                 (n,) = _U16.unpack_from(payload, pos)
-                pos += 2
-                value: object = payload[pos : pos + n]
-                if len(value) != n:  # type: ignore[arg-type]
-                    raise BadRecord("field runs past the end of the record")
-                pos += n
+                data = _take(payload, pos + 2, n)
+                pos += 2 + n
                 if kind == "path":
-                    check_path(value)  # type: ignore[arg-type]
-                elif not value or n > MAX_XATTR_NAME or b"\0" in value:  # type: ignore[operator]
+                    check_path(data)
+                elif not data or n > MAX_XATTR_NAME or b"\0" in data:
                     raise BadRecord("bad xattr name")
+                values[name] = data
             elif kind == "blob":
                 (n,) = _U32.unpack_from(payload, pos)
-                pos += 4
                 if n > MAX_XATTR_VALUE:
                     raise BadRecord("blob too long")
-                value = payload[pos : pos + n]
-                if len(value) != n:  # type: ignore[arg-type]
-                    raise BadRecord("field runs past the end of the record")
-                pos += n
+                values[name] = _take(payload, pos + 4, n)
+                pos += 4 + n
             else:
                 codec = {"u32": _U32, "u64": _U64, "i64": _I64}[kind]
-                (value,) = codec.unpack_from(payload, pos)
+                (values[name],) = codec.unpack_from(payload, pos)
                 pos += codec.size
-            values[name] = value
     except struct.error:
         raise BadRecord(f"record type {rtype} truncated") from None
     if pos != len(payload):

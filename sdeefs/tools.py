@@ -156,14 +156,12 @@ def show_log(state: str, from_seq: int, limit: int, as_json: bool) -> int:
 
         raise QuietError(f"no journal in {state}", 2)
     journal = Journal(directory=journal_dir)
-    shown = 0
-    for entry in journal.read(from_seq):
+    for shown, entry in enumerate(journal.read(from_seq), start=1):
         if as_json:
             print(json.dumps({"seq": entry.seq, "type": type(entry.record).__name__,
                               "text": describe(entry.record)}))
         else:
             print(f"{entry.seq:>10}  {describe(entry.record)}")
-        shown += 1
         if limit and shown >= limit:
             break
     return 0

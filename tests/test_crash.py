@@ -99,7 +99,8 @@ def kill_daemon_during_storm(layers: Layers, engine: str, seed: int, delay: floa
         if mounted(path):
             subprocess.run(["umount", "-l", str(path)], check=True)
     lines = out.splitlines()
-    assert lines and lines[-1].startswith("stopped"), f"the storm failed: {err.strip()[-600:]}"
+    assert lines, f"the storm failed at once: {err.strip()[-600:]}"
+    assert lines[-1].startswith("stopped"), f"the storm failed: {err.strip()[-600:]}"
     return lines
 
 

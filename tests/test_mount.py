@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -63,7 +62,8 @@ def test_view_copy_up_whiteout_opaque(layers: Layers, engine: str) -> None:
     upper = layers.upper
     assert (upper / "etc" / "profile").read_text() == "export A=1\nexport B=2\n"
     wh = os.lstat(upper / "bin" / "tool-alias")
-    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    assert stat.S_ISCHR(wh.st_mode)
+    assert wh.st_rdev == 0
     assert os.getxattr(upper / "usr" / "lib" / "mod", "trusted.overlay.opaque") == b"y"
     assert not any(n.startswith(".wh.") for _, ds, fs in os.walk(upper) for n in ds + fs)
     assert (layers.lower / "etc" / "profile").read_text() == "export A=1\n"
@@ -93,12 +93,14 @@ def test_hard_links_stay_linked_after_copy_up_and_remount(layers: Layers, engine
         f.write("echo changed\n")
     assert (mnt / "bin" / "tool-alias").read_text().endswith("echo changed\n")
     a, b = os.stat(mnt / "bin" / "tool"), os.stat(mnt / "bin" / "tool-alias")
-    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert a.st_ino == b.st_ino
+    assert a.st_nlink == 2
     layers.umount()
     layers.mount(engine)
     assert (mnt / "bin" / "tool-alias").read_text().endswith("echo changed\n")
     a, b = os.stat(mnt / "bin" / "tool"), os.stat(mnt / "bin" / "tool-alias")
-    assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert a.st_ino == b.st_ino
+    assert a.st_nlink == 2
     layers.umount()
     check_consistent(layers)
 
@@ -118,7 +120,7 @@ def test_rename_flags(layers: Layers, engine: str) -> None:
         assert (mnt / "etc" / "a").read_text() == "export A=1\n"
         os.rename(mnt / "etc" / "a", mnt / "etc" / "moved")
         assert not (mnt / "etc" / "a").exists()
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is checked
             os.rename(mnt / "usr" / "lib", mnt / "usr" / "lib2")
         assert info.value.errno == errno.EXDEV
         (mnt / "newdir").mkdir()
@@ -135,13 +137,13 @@ def test_rename_flags(layers: Layers, engine: str) -> None:
 def test_limits_xattrs_and_devices(layers: Layers, engine: str) -> None:
     populate(layers.lower)
     mnt = layers.mount(engine)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is checked
         (mnt / ("x" * 256)).write_text("long")
     assert info.value.errno == errno.ENAMETOOLONG
     assert os.statvfs(mnt).f_namemax == 255
     target = mnt / "etc" / "profile"
     os.setxattr(target, "user.mine", b"1")
-    assert b"1" == os.getxattr(target, "user.mine")
+    assert os.getxattr(target, "user.mine") == b"1"
     assert set(os.listxattr(target)) == {"user.tag", "user.mine"}
     os.removexattr(target, "user.tag")
     assert os.listxattr(target) == ["user.mine"]
@@ -200,7 +202,8 @@ def test_fsync_makes_the_journal_durable(layers: Layers) -> None:
     finally:
         os.close(fd)
     log = sdeefs("log", "--upper", str(layers.upper), "--state", str(layers.state)).stdout
-    assert "write" in log and "upper/f" in log
+    assert "write" in log
+    assert "upper/f" in log
     layers.umount()
     check_consistent(layers)
 
@@ -210,23 +213,28 @@ def test_mount_errors_are_one_line(layers: Layers) -> None:
     result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
                     "--state", str(layers.state), str(layers.mnt), check=False)
     assert result.returncode == 4
-    assert result.stderr.count("\n") == 1 and "not empty" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "not empty" in result.stderr
     (layers.mnt / "junk").unlink()
     result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
                     "--state", str(layers.upper / "state"), str(layers.mnt), check=False)
-    assert result.returncode == 2 and "contain" in result.stderr
+    assert result.returncode == 2
+    assert "contain" in result.stderr
     layers.mount("fuse")
     result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
                     "--state", str(layers.state), str(layers.mnt), check=False)
-    assert result.returncode == 4 and "busy" in result.stderr
+    assert result.returncode == 4
+    assert "busy" in result.stderr
     other = layers.root / "mnt2"
     other.mkdir()
     result = sdeefs("mount", "--lower", str(layers.lower), "--upper", str(layers.upper),
                     "--state", str(layers.state), str(other), check=False)
-    assert result.returncode == 4 and "in use by daemon" in result.stderr
+    assert result.returncode == 4
+    assert "in use by daemon" in result.stderr
     layers.umount()
     result = sdeefs("umount", str(layers.mnt), check=False)
-    assert result.returncode == 2 and "not mounted" in result.stderr
+    assert result.returncode == 2
+    assert "not mounted" in result.stderr
 
 
 def test_host_root_view_excludes_virtual_trees_and_itself(layers: Layers) -> None:
@@ -238,7 +246,8 @@ def test_host_root_view_excludes_virtual_trees_and_itself(layers: Layers) -> Non
     assert os.listdir(mnt / "sys") == []
     assert (mnt / "etc" / "os-release").read_bytes() == Path("/etc/os-release").read_bytes()
     inside = mnt / os.path.relpath(mnt, "/")
-    assert inside.is_dir() and os.listdir(inside) == []
+    assert inside.is_dir()
+    assert os.listdir(inside) == []
     assert os.listdir(mnt / os.path.relpath(layers.upper, "/")) == []
     (mnt / "etc" / "sdeefs-test-marker").write_text("only in the upper\n")
     assert not Path("/etc/sdeefs-test-marker").exists()
