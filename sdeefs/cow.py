@@ -411,6 +411,7 @@ class CowFS:
         upper_dev / lower_dev: st_dev of the two trees, for inode numbering.
         lower_uuid: uuid of the lower filesystem (part of origin file handles).
         renumbered: inode numbers reused by the filesystem -> the node id used instead.
+        by_path: view path -> the node it names (every path in some ``Node.paths``).
     """
 
     config: Config
@@ -421,6 +422,7 @@ class CowFS:
     lower_dev: int
     lower_uuid: bytes
     renumbered: dict[int, int] = attrs.field(factory=dict)
+    by_path: dict[bytes, Node] = attrs.field(factory=dict)
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
     _generation: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
 
@@ -449,8 +451,10 @@ class CowFS:
         layers = LayerRoot(upper_fd, work_fd, journal)
         fs = cls(config, layers, lower_fd, {}, upper_dev, lower_dev, lower_uuid)
         root_kind = stat.S_IFDIR
-        fs.nodes[ROOT_INO] = Node(ROOT_INO, root_kind, [b""], b"" if lower_fd >= 0 else None,
-                                  True, lookups=1)
+        root = Node(ROOT_INO, root_kind, [b""], b"" if lower_fd >= 0 else None, True,
+                    lookups=1)
+        fs.nodes[ROOT_INO] = root
+        fs.by_path[b""] = root
         if config.mode == "merged":
             fs._prepare_stage()
         return fs
@@ -517,6 +521,21 @@ class CowFS:
         node.lookups -= count
         if node.lookups <= 0:
             del self.nodes[ino]
+            for path in node.paths:
+                if self.by_path.get(path) is node:
+                    del self.by_path[path]
+
+    def _name(self, node: Node, path: bytes) -> None:
+        """``path`` now names ``node`` (first among its names)."""
+        previous = self.by_path.get(path)
+        if previous is not None and previous is not node and path in previous.paths:
+            previous.paths.remove(path)
+            if not previous.paths:
+                previous.paths.append(path)  # unreachable now; keeps its last name for I/O
+        self.by_path[path] = node
+        if path in node.paths:
+            node.paths.remove(path)
+        node.paths.insert(0, path)
 
     def _remember(self, ino: int, kind: int, path: bytes, lower: bytes | None, in_upper: bool,
                   opaque: bool, count: bool) -> Node:
@@ -531,41 +550,45 @@ class CowFS:
             self.renumbered[real] = ino
             node = None
         if node is None:
-            node = Node(ino, kind, [path], lower, in_upper, opaque)
+            node = Node(ino, kind, [], lower, in_upper, opaque)
             self.nodes[ino] = node
         else:
             node.kind, node.lower, node.in_upper, node.opaque = kind, lower, in_upper, opaque
-            if path in node.paths:
-                node.paths.remove(path)
-            node.paths.insert(0, path)
+        self._name(node, path)
         if count:
             node.lookups += 1
         return node
 
     def _forget_path(self, path: bytes, keep: Node | None = None, dead: bool = False) -> None:
-        """A name disappeared from the view: drop it from every node that carried it.
+        """A name disappeared from the view: drop it from the node that carried it.
 
         ``dead``: the entry's inode is gone from the upper (its last link), so its
         number may be reused by the filesystem for something new.
         """
-        for node in list(self.nodes.values()):
-            if node is keep or path not in node.paths:
-                continue
+        node = self.by_path.get(path)
+        if node is None or node is keep:
+            return
+        del self.by_path[path]
+        if path in node.paths:
             node.paths.remove(path)
-            if not node.paths:
-                node.paths.append(path)  # unlinked but still open or looked up: keep last name
-                node.in_upper = False
-                node.lower = None
-                node.dead = node.dead or dead
+        if not node.paths:
+            node.paths.append(path)  # unlinked but still open or looked up: keep last name
+            node.in_upper = False
+            node.lower = None
+            node.dead = node.dead or dead
 
-    def _rename_paths(self, src: bytes, dst: bytes) -> None:
-        prefix = src + b"/"
-        for node in self.nodes.values():
-            node.paths = [dst + p[len(src):] if p == src or p.startswith(prefix) else p
-                          for p in node.paths]
-            if node.lower is not None and not node.in_upper and (
-                    node.lower == src or node.lower.startswith(prefix)):
-                node.lower = None  # moved away from its lower path: it lives in upper now
+    def _rename_paths(self, src: bytes, dst: bytes, is_dir: bool) -> None:
+        """Every name at or below ``src`` moves to ``dst`` (a scan only for directories)."""
+        if is_dir:
+            prefix = src + b"/"
+            moved = [p for p in self.by_path if p == src or p.startswith(prefix)]
+        else:
+            moved = [src] if src in self.by_path else []
+        renamed = [(p, dst + p[len(src):], self.by_path.pop(p)) for p in moved]
+        for old, new, node in renamed:
+            node.paths = [new if p == old else p for p in node.paths]
+        for _, new, node in renamed:
+            self.by_path[new] = node
 
     # -- resolution ---------------------------------------------------------------------------
 
@@ -680,10 +703,8 @@ class CowFS:
         return st
 
     def _ino_of_path(self, path: bytes) -> int | None:
-        for node in self.nodes.values():
-            if node.path == path:
-                return node.ino
-        return None
+        node = self.by_path.get(path)
+        return node.ino if node is not None else None
 
     def _root_stat(self) -> os.stat_result:
         if self.raw:
@@ -928,6 +949,7 @@ class CowFS:
             self.layers.link(src, self.layer_path(other))
             if other not in node.paths:
                 node.paths.append(other)
+                self.by_path[other] = node
 
     def lower_names_of(self, lst: os.stat_result, exclude: bytes | None) -> list[bytes]:
         """Every path in the lower tree of the inode ``lst`` (a scan; only for nlink > 1)."""
@@ -1171,14 +1193,16 @@ class CowFS:
                       flags: int, target_dead: bool) -> None:
         if flags & RENAME_EXCHANGE and target is not None:
             tmp = b"\0swap"
-            self._rename_paths(dst, tmp)
-            self._rename_paths(src, dst)
-            self._rename_paths(tmp, src)
+            self._rename_paths(dst, tmp, target.is_dir)
+            self._rename_paths(src, dst, node.is_dir)
+            self._rename_paths(tmp, src, target.is_dir)
             return
         if target is not None:
             self._forget_path(dst, keep=node, dead=target_dead)
-        self._rename_paths(src, dst)
+        self._rename_paths(src, dst, node.is_dir)
         node.in_upper = True
+        if not self.raw:
+            node.lower = None  # the moved entry is upper-only now (lower dirs cannot move)
 
     # -- attributes and xattrs ----------------------------------------------------------------
 
