@@ -22,7 +22,7 @@ pytestmark = requires_fuse
 # The storm: many small mutations of every kind, and after each fsync'd file a line
 # "durable NAME SIZE" on stdout, which the test holds the filesystem to after the crash.
 STORM = r"""
-import errno, os, sys, random
+import errno, os, sys, random, time
 root = sys.argv[1]
 rng = random.Random(int(sys.argv[2]))
 i = 0
@@ -66,9 +66,11 @@ try:
         else:
             os.symlink("target%d" % i, os.path.join(d, "l%d" % i))
 except OSError as exc:
-    if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
-        raise  # anything but "the daemon is gone" is a bug the test must see
-    print("stopped", exc.errno, flush=True)
+    # How "the daemon is gone" shows: ENOTCONN/ECONNABORTED from FUSE, EIO from a flush,
+    # ESTALE from kernel overlayfs (the FUSE upper's dentries fail to revalidate).
+    if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ESTALE):
+        raise  # anything else is a bug the test must see
+    print("stopped", exc.errno, time.monotonic(), flush=True)
 """
 
 
@@ -86,6 +88,7 @@ def kill_daemon_during_storm(layers: Layers, engine: str, seed: int, delay: floa
         time.sleep(delay)
         pid = daemon_pid(str(layers.state))
         assert pid is not None
+        killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         out, err = storm.communicate(timeout=60)
     finally:
@@ -101,6 +104,8 @@ def kill_daemon_during_storm(layers: Layers, engine: str, seed: int, delay: floa
     lines = out.splitlines()
     assert lines, f"the storm failed at once: {err.strip()[-600:]}"
     assert lines[-1].startswith("stopped"), f"the storm failed: {err.strip()[-600:]}"
+    stopped_at = float(lines[-1].split()[2])
+    assert stopped_at >= killed_at, f"the storm hit {lines[-1]} before the daemon was killed"
     return lines
 
 
