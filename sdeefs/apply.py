@@ -64,7 +64,7 @@ def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = Non
         case rec.Write(path=p, offset=offset):
             if data is not None:
                 _apply_write(layers, p, offset, data)
-        case rec.Abort() | rec.Sync():
+        case rec.Abort() | rec.Sync() | rec.Done():
             pass
         case _:
             raise TypeError(f"no rule to apply {record!r}")
@@ -99,36 +99,54 @@ def _apply_write(layers: LayerRoot, path: bytes, offset: int, data: bytes) -> No
         os.close(fd)
 
 
-def recover(journal: Journal, upper: bytes, work: bytes) -> int | None:
-    """Re-apply the last metadata record if it may not have taken effect; return its seq."""
-    last: rec.Record | None = None
-    last_seq = 0
-    aborted: set[int] = set()
+def _last_metadata(journal: Journal) -> tuple[int, rec.Record | None, list[rec.Record]]:
+    """(seq, record) of the last metadata record, and every record after it.
+
+    Segments are read from the newest backwards until one holds a metadata record
+    (worker threads may have started a new segment with Write records after it).
+    """
     segments = journal.segments()
-    start = segments[-1][0] if segments else 1
-    for entry in journal.read(start):
-        if isinstance(entry.record, rec.Abort):
-            aborted.add(entry.record.seq)
-        elif entry.record.METADATA:
-            last, last_seq = entry.record, entry.seq
-    if last is None or last_seq in aborted:
+    for first, _ in reversed(segments):
+        entries = list(journal.read(first))
+        for index in range(len(entries) - 1, -1, -1):
+            if entries[index].record.METADATA:
+                later = [e.record for e in entries[index + 1:]]
+                return entries[index].seq, entries[index].record, later
+    return 0, None, []
+
+
+def recover(journal: Journal, upper: bytes, work: bytes) -> int | None:
+    """Settle the one metadata record that may have been in flight when the daemon died.
+
+    A record followed by its Done or Abort is settled.  Otherwise it is re-applied
+    idempotently and marked Done; a Setattr that later Write records to the same
+    file prove done is only marked (re-applying a truncation would cut off those
+    writes); a record that cannot be re-applied is marked Abort.  Returns its seq.
+    """
+    seq, last, later = _last_metadata(journal)
+    if last is None or any(isinstance(r, rec.Done | rec.Abort) and r.seq == seq for r in later):
         return None
+    path = getattr(last, "path", None)
+    if isinstance(last, rec.Setattr) and any(
+            isinstance(r, rec.Write) and r.path == path for r in later):
+        journal.append(rec.Done(seq))
+        journal.sync()
+        return seq
     upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    layers = LayerRoot(upper_fd, work_fd, NullJournal())
     try:
-        layers = LayerRoot(upper_fd, work_fd, NullJournal())
-        try:
-            apply_record(layers, last)
-        except OSError as exc:
-            # The operation cannot be completed now (it would have failed): record that.
-            log.warning("recovery: record %d could not be re-applied (%s); aborting it",
-                        last_seq, exc)
-            journal.append(rec.Abort(last_seq))
-            journal.sync()
+        apply_record(layers, last)
+    except OSError as exc:
+        # The operation cannot be completed now (it would have failed): record that.
+        log.warning("recovery: record %d could not be re-applied (%s); aborting it", seq, exc)
+        journal.append(rec.Abort(seq))
+    else:
+        journal.append(rec.Done(seq))
     finally:
-        os.close(upper_fd)
-        os.close(work_fd)
-    return last_seq
+        layers.close()
+    journal.sync()
+    return seq
 
 
 def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:

@@ -41,6 +41,7 @@ import itertools
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -52,11 +53,13 @@ from .sysio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
+    chmod_at,
     copy_file_data,
     fd_path,
     filesystem_uuid,
     is_whiteout,
     name_to_handle,
+    open_by_handle,
     open_tree_clone,
     openat2_beneath,
     renameat2,
@@ -68,6 +71,7 @@ ROOT_INO = 1
 NAME_MAX = 255
 PATH_MAX = 4096
 UPPER_ONLY_BIT = 1 << 63  # tags st_ino of upper-only files when upper and lower differ in st_dev
+RENUMBERED_BASE = 1 << 62  # node ids handed out when the filesystem reuses an inode number
 STAGE = b"work/sdeefs"  # where the merged engine stages copy-ups and replacements
 DEFAULT_EXCLUDES = (b"proc", b"sys", b"dev", b"run")
 
@@ -174,6 +178,11 @@ class LayerRoot:
             return self.work_fd, rest
         raise OSError(errno.EINVAL, f"not a layer path: {path!r}")
 
+    def close(self) -> None:
+        for fd in (self.upper_fd, self.work_fd, self._mount_fd):
+            if fd >= 0:
+                os.close(fd)
+
     def mount_fd(self) -> int:
         """A readable fd on the upper's filesystem, for open_by_handle_at (kept open)."""
         if self._mount_fd < 0:
@@ -257,6 +266,7 @@ class LayerRoot:
     # -- journaled mutations: record first, then the syscall (no await in between) ---------
 
     def _do(self, record: rec.Record, action: Callable[[], None]) -> None:
+        """Journal ``record``, perform it, then mark it Done (or Abort if it failed)."""
         seq = self.journal.append(record)
         try:
             action()
@@ -264,6 +274,8 @@ class LayerRoot:
             if seq:
                 self.journal.append(rec.Abort(seq))
             raise
+        if seq:
+            self.journal.append(rec.Done(seq))
 
     def _at(self, path: bytes, fn: Callable[[int, bytes], None]) -> None:
         fd, name = self.parent_fd(path)
@@ -277,7 +289,7 @@ class LayerRoot:
             def at(fd: int, name: bytes) -> None:
                 os.mkdir(name, mode & 0o7777, dir_fd=fd)
                 os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-                os.chmod(fd_path(fd, name), mode & 0o7777)
+                chmod_at(fd, name, mode & 0o7777)
             self._at(path, at)
         self._do(rec.Mkdir(path, mode & 0o7777, uid, gid), action)
 
@@ -293,7 +305,7 @@ class LayerRoot:
                 os.mknod(name, kind | perm, 0, dir_fd=fd)
                 os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
                 if kind != stat.S_IFCHR:
-                    os.chmod(fd_path(fd, name), perm)
+                    chmod_at(fd, name, perm)
             self._at(path, at)
         self._do(rec.Mknod(path, kind | perm, uid, gid), action)
 
@@ -355,22 +367,25 @@ def apply_setattr(layers: LayerRoot, r: rec.Setattr) -> None:
     """Apply a Setattr record's fields in an order that keeps them all: size, owner, mode, times."""
     fd, name = layers.parent_fd(r.path)
     try:
-        target = fd_path(fd, name or None)
+        # ``name`` is empty for the layer directories themselves: then the /proc magic
+        # link is the target and must be followed; otherwise nothing is followed.
+        target, follow = fd_path(fd, name or None), not name
         if r.mask & rec.SET_SIZE:
-            wfd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            wfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                          dir_fd=fd)
             try:
                 os.ftruncate(wfd, r.size)
             finally:
                 os.close(wfd)
         if r.mask & rec.SET_OWNER:
-            os.chown(target, r.uid, r.gid, follow_symlinks=False)
+            os.chown(target, r.uid, r.gid, follow_symlinks=follow)
         if r.mask & rec.SET_MODE:
-            os.chmod(target, r.mode)  # after chown, which clears set-id bits
+            chmod_at(fd, name, r.mode)  # after chown, which clears set-id bits
         if r.mask & (rec.SET_ATIME | rec.SET_MTIME):
-            st = os.stat(target, follow_symlinks=False)
+            st = os.stat(target, follow_symlinks=follow)
             atime = r.atime_ns if r.mask & rec.SET_ATIME else st.st_atime_ns
             mtime = r.mtime_ns if r.mask & rec.SET_MTIME else st.st_mtime_ns
-            os.utime(target, ns=(atime, mtime), follow_symlinks=False)
+            os.utime(target, ns=(atime, mtime), follow_symlinks=follow)
     finally:
         os.close(fd)
 
@@ -410,7 +425,9 @@ class CowFS:
         nodes: inode number -> Node for every inode the kernel knows.
         upper_dev / lower_dev: st_dev of the two trees, for inode numbering.
         lower_uuid: uuid of the lower filesystem (part of origin file handles).
+        lower_mount_fd: a readable fd on the lower's root, for open_by_handle_at.
         renumbered: inode numbers reused by the filesystem -> the node id used instead.
+        origin_inos: cache of decoded origin xattrs -> lower inode numbers.
         by_path: view path -> the node it names (every path in some ``Node.paths``).
     """
 
@@ -421,7 +438,9 @@ class CowFS:
     upper_dev: int
     lower_dev: int
     lower_uuid: bytes
+    lower_mount_fd: int = -1
     renumbered: dict[int, int] = attrs.field(factory=dict)
+    origin_inos: dict[bytes, int] = attrs.field(factory=dict)
     by_path: dict[bytes, Node] = attrs.field(factory=dict)
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
     _generation: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
@@ -443,13 +462,13 @@ class CowFS:
             except OSError:  # not root, or an old kernel: plain directory, mounts not cut
                 lower_fd = os.open(config.lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             lower_dev = os.stat(lower_fd).st_dev
-            probe = os.open(fd_path(lower_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                lower_uuid = filesystem_uuid(probe)
-            finally:
-                os.close(probe)
+            lower_mount_fd = os.open(fd_path(lower_fd), os.O_RDONLY | os.O_DIRECTORY
+                                     | os.O_CLOEXEC)
+            lower_uuid = filesystem_uuid(lower_mount_fd)
+        else:
+            lower_mount_fd = -1
         layers = LayerRoot(upper_fd, work_fd, journal)
-        fs = cls(config, layers, lower_fd, {}, upper_dev, lower_dev, lower_uuid)
+        fs = cls(config, layers, lower_fd, {}, upper_dev, lower_dev, lower_uuid, lower_mount_fd)
         root_kind = stat.S_IFDIR
         root = Node(ROOT_INO, root_kind, [b""], b"" if lower_fd >= 0 else None, True,
                     lookups=1)
@@ -460,7 +479,8 @@ class CowFS:
         return fs
 
     def close(self) -> None:
-        for fd in (self.layers.upper_fd, self.layers.work_fd, self.lower_fd):
+        self.layers.close()
+        for fd in (self.lower_fd, self.lower_mount_fd):
             if fd >= 0:
                 os.close(fd)
 
@@ -539,14 +559,14 @@ class CowFS:
 
     def _remember(self, ino: int, kind: int, path: bytes, lower: bytes | None, in_upper: bool,
                   opaque: bool, count: bool) -> Node:
-        ino = self.renumbered.get(ino, ino)
+        real = ino
+        ino = self.renumbered.get(real, real)
         node = self.nodes.get(ino)
         if node is not None and node.dead:
             # The filesystem reused the inode number of a deleted entry the kernel still
             # remembers.  A FUSE node id must not be reused before the kernel forgets it
             # (a dead directory inode answers ENOENT to everything), so renumber.
-            real = ino
-            ino = real | (next(self._generation) << 56)
+            ino = RENUMBERED_BASE | next(self._generation)
             self.renumbered[real] = ino
             node = None
         if node is None:
@@ -613,22 +633,13 @@ class CowFS:
         excluded = path in self.config.excludes
         if upper is not None:
             kind = stat.S_IFMT(upper.st_mode)
-            opaque = excluded
-            if kind == stat.S_IFDIR:
-                if lower is not None and not stat.S_ISDIR(lower.st_mode):
-                    lower, lower_path = None, None
-                if self._is_opaque(path):
-                    opaque = True
-            elif lower is not None and not self._is_copy_of(path, lower_path):
-                lower, lower_path = None, None
-            if kind != stat.S_IFDIR:
-                lower, lower_path = (lower, lower_path) if lower is not None and \
-                    stat.S_IFMT(lower.st_mode) == kind else (None, None)
-            ino = lower.st_ino if lower is not None and kind != stat.S_IFDIR else \
-                self._upper_ino(upper)
-            if kind == stat.S_IFDIR and lower is not None:
-                ino = lower.st_ino  # a merged directory keeps its lower inode number
-            return ino, kind, lower_path, True, opaque, upper
+            if kind != stat.S_IFDIR:  # nothing of the lower shows through an upper non-directory
+                ino = self._origin_ino(path) or self._upper_ino(upper)
+                return ino, kind, None, True, False, upper
+            opaque = excluded or self._is_opaque(path)
+            if lower is None or not stat.S_ISDIR(lower.st_mode) or opaque:
+                return self._upper_ino(upper), kind, None, True, opaque, upper
+            return lower.st_ino, kind, lower_path, True, False, upper  # merged: lower's number
         assert lower is not None
         kind = stat.S_IFMT(lower.st_mode)
         return lower.st_ino, kind, lower_path, False, excluded, lower
@@ -653,15 +664,39 @@ class CowFS:
         except OSError:
             return False
 
-    def _is_copy_of(self, path: bytes, lower_path: bytes | None) -> bool:
-        """Is the upper entry at ``path`` a copy-up of ``lower_path`` (origin handle matches)?"""
-        if lower_path is None:
-            return False
+    def _origin_ino(self, path: bytes) -> int | None:
+        """The lower inode number a copied-up entry came from (its origin xattr), if any.
+
+        This is what keeps st_ino across copy-up, rename, link and remount, for
+        copies made by sdeefs and by kernel overlayfs alike (same origin format).
+        """
         try:
             origin = self.layers.getxattr(self.layer_path(path), self.config.layout.origin)
         except OSError:
-            return False
-        return origin == self._origin_of(lower_path)
+            return None
+        if origin in self.origin_inos:
+            return self.origin_inos[origin]
+        ino = self._decode_origin(origin)
+        if ino is not None:
+            self.origin_inos[origin] = ino
+        return ino
+
+    def _decode_origin(self, origin: bytes) -> int | None:
+        # struct ovl_fb: version, magic 0xfb, len, flags, type, uuid[16], fid[]
+        if len(origin) < 22 or origin[1] != 0xFB or origin[2] != len(origin):
+            return None
+        uuid, fid = origin[5:21], origin[21:]
+        if uuid != self.lower_uuid and any(uuid) and any(self.lower_uuid):
+            return None  # a handle of another filesystem
+        handle = struct.pack("=Ii", len(fid), origin[4]) + fid
+        try:
+            fd = open_by_handle(self.lower_mount_fd, handle, os.O_PATH)
+        except OSError:
+            return None  # the original is gone from the lower (or not ours)
+        try:
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
 
     def _origin_of(self, lower_path: bytes) -> bytes:
         """The kernel's ``struct ovl_fb`` for a lower entry: what overlayfs stores as origin."""
@@ -902,7 +937,11 @@ class CowFS:
         if lst is None:
             self.abort_copy_up(plan)
             raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
-        self._copy_metadata(node.lower, plan.stage, lst)
+        try:
+            self._copy_metadata(node.lower, plan.stage, lst)
+        except BaseException:
+            self.abort_copy_up(plan)
+            raise
         self._finish(node, plan.stage, lst)
 
     def _finish(self, node: Node, stage: bytes, lst: os.stat_result) -> None:
@@ -1137,6 +1176,8 @@ class CowFS:
             _, target = self._child(new_parent_ino, new_name)
         except FileNotFoundError:
             target = None
+        if target is node and not flags & RENAME_EXCHANGE:
+            return  # two names of one file: rename(2) does nothing
         if target is not None and flags & RENAME_NOREPLACE:
             raise FileExistsError(errno.EEXIST, "target exists", dst)
         if target is None and flags & RENAME_EXCHANGE:
@@ -1284,6 +1325,8 @@ class CowFS:
         """Open the backing file (the caller has copied up if it writes)."""
         node = self.node(ino)
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        if not node.in_upper and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise OSError(errno.EROFS, "the lower is read-only: copy up before writing")
         if node.in_upper:
             return self.layers.open(self.layer_path(node.path), flags)
         assert node.lower is not None

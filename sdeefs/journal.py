@@ -61,12 +61,14 @@ Durability and ordering
   the journal still covers every byte of the upper.
 * ``kill -9`` of the daemon loses nothing written: the page cache survives
   the process.  Power loss loses at most what was not yet ``fdatasync``-ed:
-  the journal is synced by a background task every ``sync_interval`` seconds,
-  and synchronously (group commit) whenever the user calls ``fsync``/``fdatasync``
-  on a file or directory of the view.
+  every flush is followed by a ``Sync`` record certifying that all records
+  before it are on disk.  The journal is synced by a background task every
+  ``sync_interval`` seconds, and synchronously (group commit) whenever the user
+  calls ``fsync``/``fdatasync`` on a file or directory of the view.
 * On open, the last segment is scanned; a torn or checksum-failing tail is
   truncated away (that record was never acknowledged durably).  A bad record
-  followed by good ones is corruption, reported, never silently dropped.
+  followed by an intact ``Sync`` record is corruption of durable data: it is
+  reported (``JournalCorrupt``), never silently dropped.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ from collections.abc import Iterator
 import attrs
 
 from .errors import FailsafeError, JournalCorrupt
-from .records import Record, decode_record, encode_record
+from .records import Record, Sync, decode_record, encode_record
 from .sysio import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ assert SEGMENT_HEADER.size == 24
 FRAME_HEADER = struct.Struct("<IIQHH")
 assert FRAME_HEADER.size == 20
 MAX_PAYLOAD = 1 << 20  # no record needs more: paths ≤ 4 KiB, xattr values ≤ 64 KiB
+SYNC_FLUSHED = 1  # Sync.reason: every record before this one was fdatasync'ed
 _SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 
 
@@ -158,6 +161,27 @@ def last_good_frame(data: bytes, first_seq: int) -> tuple[int, int]:
     return end, last
 
 
+def good_frame_after(data: bytes, offset: int, last_seq: int) -> bool:
+    """Does an intact Sync record with a later seq start anywhere after ``offset``?
+
+    Tells damage from a torn tail.  After a power loss, unsynced pages may reach
+    the disk out of order (a hole, then intact records): those records were never
+    durable, so that is a torn tail.  But a Sync record is written only after an
+    fdatasync covered everything before it, so bad bytes before an intact Sync
+    record are damage to durable data.  Only called on the bytes after the last
+    good frame.
+    """
+    for start in range(offset + 1, len(data) - FRAME_HEADER.size + 1):
+        crc, length, seq, rtype, _ = FRAME_HEADER.unpack_from(data, start)
+        if rtype != Sync.TYPE or not last_seq < seq <= last_seq + (1 << 20) \
+                or length > MAX_PAYLOAD:
+            continue
+        end = start + FRAME_HEADER.size + length
+        if end <= len(data) and zlib.crc32(data[start + 4 : end]) == crc:
+            return True
+    return False
+
+
 @attrs.define(eq=False)
 class Journal:
     """An open journal directory.  Thread-safe: appends may come from worker threads.
@@ -199,12 +223,18 @@ class Journal:
             if decode_segment_header(data) != first:
                 raise JournalCorrupt(f"{path}: header does not match the file name")
         except JournalCorrupt:
-            if len(segments) == 1 or len(data) > SEGMENT_HEADER.size:
+            if len(data) > SEGMENT_HEADER.size:
                 raise
-            # A segment whose header never fully reached the disk: redo it.
+            # Killed while starting this segment: its header never fully reached the
+            # disk, so no record did either.  Start it again with the same first seq.
             os.unlink(path)
-            return cls.open(directory, segment_bytes)
+            journal._start_segment(first)
+            journal.head = journal.synced = first - 1
+            return journal
         end, last = last_good_frame(data, first)
+        if end < len(data) and good_frame_after(data, end, last):
+            raise JournalCorrupt(f"{path}: damaged record after seq {last}, with intact "
+                                 "records behind it")
         if end < len(data):
             log.warning(
                 "journal %s: truncating a torn tail of %d bytes after seq %d",
@@ -245,27 +275,35 @@ class Journal:
     def append(self, record: Record) -> int:
         """Write one record into the page cache; return its sequence number."""
         with self._lock:
-            if self.failed is not None:
-                raise FailsafeError(self.failed)
-            seq = self.head + 1
-            frame = encode_frame(seq, record)
-            try:
-                full = self._segment_size + len(frame) > self.segment_bytes
-                if full and self.head >= self._segment_first:
-                    self._start_segment(seq)
-                written = os.write(self._fd, frame)
-                if written != len(frame):
-                    raise OSError(f"short journal write ({written} of {len(frame)} bytes)")
-            except OSError as exc:
-                self.failed = f"journal append failed: {exc}"
-                log.error("%s; refusing further mutations", self.failed)
-                raise FailsafeError(self.failed) from exc
-            self._segment_size += len(frame)
-            self.head = seq
-            return seq
+            return self._append_locked(record)
+
+    def _append_locked(self, record: Record) -> int:
+        if self.failed is not None:
+            raise FailsafeError(self.failed)
+        seq = self.head + 1
+        frame = encode_frame(seq, record)
+        try:
+            full = self._segment_size + len(frame) > self.segment_bytes
+            if full and self.head >= self._segment_first:
+                self._start_segment(seq)
+            written = os.write(self._fd, frame)
+            if written != len(frame):
+                raise OSError(f"short journal write ({written} of {len(frame)} bytes)")
+        except OSError as exc:
+            self.failed = f"journal append failed: {exc}"
+            log.error("%s; refusing further mutations", self.failed)
+            raise FailsafeError(self.failed) from exc
+        self._segment_size += len(frame)
+        self.head = seq
+        return seq
 
     def sync(self, upto: int | None = None) -> None:
-        """Make every record up to ``upto`` (default: the head) durable (group commit)."""
+        """Make every record up to ``upto`` (default: the head) durable (group commit).
+
+        After the flush, a Sync record is appended if nothing else was meanwhile:
+        it certifies that every record before it is on disk, which is how opening
+        tells damage (bad bytes before an intact Sync) from a torn tail.
+        """
         target = self.head if upto is None else upto
         if self.synced >= target:
             return
@@ -275,7 +313,10 @@ class Journal:
             with self._lock:
                 fd, head = self._fd, self.head
             os.fdatasync(fd)
-            self.synced = max(self.synced, head)
+            with self._lock:
+                if self.head == head and self.failed is None:
+                    head = self._append_locked(Sync(SYNC_FLUSHED))  # need not be durable
+                self.synced = max(self.synced, head)
 
     def close(self) -> None:
         with self._lock:
@@ -308,6 +349,10 @@ class Journal:
             complete = end == len(data)
             if next_first is not None and (not complete or last + 1 != next_first):
                 raise JournalCorrupt(f"{path}: damaged before seq {next_first}")
+            if not complete and good_frame_after(data, end, last):
+                # The last segment may end in a record being written right now (a torn
+                # tail is normal there), but not in damage with good records behind it.
+                raise JournalCorrupt(f"{path}: damaged record after seq {last}")
 
     def first_seq(self) -> int:
         segments = self.segments()

@@ -39,6 +39,7 @@ type   record          fields
 11     Write           path, handle blob, offset u64, length u64
 12     Abort           seq u64 (the record that did not take effect)
 13     Sync            reason u32 (a durable commit point; informational)
+14     Done            seq u64 (the metadata record that took effect)
 =====  ==============================================================
 """
 
@@ -250,10 +251,18 @@ class Sync(Record):
     reason: int
 
 
+@attrs.frozen
+class Done(Record):
+    TYPE = 14
+    FIELDS = (("seq", "u64"),)
+    METADATA = False
+    seq: int
+
+
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Rename, Setattr, Setxattr,
-                Removexattr, Write, Abort, Sync)
+                Removexattr, Write, Abort, Sync, Done)
 }
 
 
