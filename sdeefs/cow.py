@@ -737,6 +737,13 @@ class CowFS:
             node.kind, node.lower, node.in_upper, node.opaque = kind, lower, in_upper, opaque
         return st
 
+    def parent_ino(self, node: Node) -> int:
+        """The inode of the directory holding ``node`` (the root for the root)."""
+        if node.ino == ROOT_INO:
+            return ROOT_INO
+        head, _ = split(node.path)
+        return self._ino_of_path(head) or ROOT_INO
+
     def _ino_of_path(self, path: bytes) -> int | None:
         node = self.by_path.get(path)
         return node.ino if node is not None else None
@@ -838,12 +845,29 @@ class CowFS:
         stage = self._stage_name()
         self.layers.mkdir(stage, lst.st_mode, lst.st_uid, lst.st_gid)
         self._copy_metadata(node.lower, stage, lst)
-        dest = self.layer_path(node.path)
-        if self.layers.lstat(dest) is not None:  # a concurrent creator beat us; keep theirs
-            self.layers.rmdir(stage)
+        if self.layers.lstat(self.layer_path(node.path)) is not None:
+            self.layers.rmdir(stage)  # a concurrent creator beat us; keep theirs
+        else:
+            self._move_into_place(stage, node.path)
+        node.in_upper = True
+
+    def _move_into_place(self, stage: bytes, path: bytes, link: bool = False) -> None:
+        """Rename (or link) a copy into the upper without touching its directory's times.
+
+        A copy-up is not a change of the directory holding it, so, like kernel
+        overlayfs, restore that directory's atime and mtime afterwards.
+        """
+        dest = self.layer_path(path)
+        parent, _ = split(dest)
+        before = self.layers.lstat(parent)
+        if link:
+            self.layers.link(stage, dest)
         else:
             self.layers.rename(stage, dest, RENAME_NOREPLACE)
-        node.in_upper = True
+        if before is not None:
+            self.layers.setattr(rec.Setattr(parent, rec.SET_ATIME | rec.SET_MTIME,
+                                            atime_ns=before.st_atime_ns,
+                                            mtime_ns=before.st_mtime_ns))
 
     def _walk(self, path: bytes) -> Node:
         """The node of a view path, resolved from the root (not counted as a kernel lookup)."""
@@ -946,7 +970,7 @@ class CowFS:
 
     def _finish(self, node: Node, stage: bytes, lst: os.stat_result) -> None:
         """Move a staged copy into place, then give every other lower name of it the same inode."""
-        self.layers.rename(stage, self.layer_path(node.path), RENAME_NOREPLACE)
+        self._move_into_place(stage, node.path)
         node.in_upper = True
         if stat.S_ISREG(lst.st_mode) and lst.st_nlink > 1:
             self._link_other_names(node, lst)
@@ -985,7 +1009,7 @@ class CowFS:
             if self.layers.lstat(self.layer_path(other)) is not None:
                 continue  # deleted or replaced in the upper: no longer the same file
             self.ensure_upper_dir(parent)
-            self.layers.link(src, self.layer_path(other))
+            self._move_into_place(src, other, link=True)
             if other not in node.paths:
                 node.paths.append(other)
                 self.by_path[other] = node

@@ -386,8 +386,15 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.dirs[fh]
-        for index in range(start_id, len(handle.names)):
-            name = handle.names[index]
+        # Offsets 1 and 2 are "." and "..": the kernel does not count lookups for them.
+        for index, name in ((0, b"."), (1, b"..")):
+            if start_id <= index:
+                ino = handle.node.ino if name == b"." else self.fs.parent_ino(handle.node)
+                if not pyfuse3.readdir_reply(token, name, self._entry(self.fs.getattr(ino)),
+                                             index + 1):
+                    return
+        for index in range(max(start_id, 2), len(handle.names) + 2):
+            name = handle.names[index - 2]
             try:
                 attr = self.fs.lookup(handle.node.ino, name)
             except FileNotFoundError:
