@@ -21,7 +21,6 @@ import fcntl
 import logging
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from .apply import recover
 from .cow import DEFAULT_EXCLUDES, Config, CowFS, Layout, Mode
 from .errors import QuietError
 from .journal import Journal, NullJournal
+from .mask import MaskSpec
+from .mask import build_mask as build_mask_layer
 from .offload import Offload
 from .ops import Operations
 
@@ -306,35 +307,10 @@ def _detach_stdio(state: str) -> None:
 
 
 def build_mask(req: MountRequest) -> str | None:
-    """A lower layer above the real lower: empty opaque directories at the excluded paths.
-
-    It lives on a small private tmpfs at STATE/mask: kernel overlayfs refuses a
-    layer inside another layer of the same filesystem ("overlapping lowerdir"),
-    and the state directory is usually inside the lower (/).  None if nothing
-    needs masking.
-    """
-    wanted = [rel for rel in view_excludes(req)
-              if os.path.isdir(os.path.join(req.lower, os.fsdecode(rel)))
-              and not os.path.islink(os.path.join(req.lower, os.fsdecode(rel)))]
-    if not wanted:
-        return None
+    """The mask layer (``sdeefs.mask``) showing the excluded paths as empty directories."""
     mask = os.path.join(req.state, "mask")
-    os.makedirs(mask, mode=0o755, exist_ok=True)
-    if os.path.ismount(mask):
-        unmount_path(mask)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m,nr_inodes=4096",
-                             "sdeefs-mask", mask], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise QuietError(f"cannot mount the mask layer: {result.stderr.strip()}", 1)
-    for rel in wanted:
-        src = os.path.join(req.lower, os.fsdecode(rel))
-        target = os.path.join(mask, os.fsdecode(rel))
-        os.makedirs(target, exist_ok=True)
-        st = os.stat(src)
-        os.chmod(target, stat.S_IMODE(st.st_mode))
-        os.chown(target, st.st_uid, st.st_gid)
-        os.setxattr(target, b"trusted.overlay.opaque", b"y")
-    return mask
+    spec = MaskSpec(empty_dirs=view_excludes(req))
+    return mask if build_mask_layer(mask, req.lower, spec, b"trusted.overlay.opaque") else None
 
 
 def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:

@@ -1,0 +1,132 @@
+"""The launcher's configuration: one TOML file, every key documented, every error naming its key.
+
+Read from ``/etc/sdeefs/sdeefs.toml`` or the file named by ``$SDEEFS_CONFIG``;
+a missing file means all defaults.  Example (every key, with its default)::
+
+    [sdeefs]
+    root = "/var/lib/sdeefs"     # per-user layers: ROOT/USER/upper and ROOT/USER/state
+    run_dir = "/run/sdeefs"      # per-user runtime state (idmapped lower, mask, init pid)
+    engine = "hybrid"            # hybrid: kernel overlayfs over the journaling sdeefs upper
+                                 # overlay: plain kernel overlayfs on the upper (no journal)
+    lower = "/"                  # the shared base system every user starts from
+    min_uid = 1000               # users below this uid get no environment (system accounts)
+    shared = ["/scratch"]        # host paths bind-mounted read-write when they exist
+    deny = [...]                 # host paths hidden from every view (globs allowed); the
+                                 # default hides credentials, other users' homes and sdeefs'
+                                 # own directories, see DEFAULT_DENY
+    idle_timeout = 0             # seconds an environment outlives its last session; 0: none
+    cache_timeout = 10.0         # seconds the view caches names and attributes of the lower
+    tmp_size = "25%"             # size of the private /tmp of an environment
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from typing import Any
+
+import attrs
+
+from sdeefs.errors import QuietError
+
+DEFAULT_PATH = "/etc/sdeefs/sdeefs.toml"
+ENGINES = ("hybrid", "overlay")
+DEFAULT_DENY = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers.d",
+    "/etc/munge", "/etc/ssh/ssh_host_*_key", "/root", "/var/spool/slurm", "/var/spool/slurmd",
+    "/var/lib/slurm", "/var/log", "/home",
+)
+
+
+@attrs.frozen
+class Config:
+    """Validated launcher configuration (see the module docstring for each key)."""
+
+    root: str = "/var/lib/sdeefs"
+    run_dir: str = "/run/sdeefs"
+    engine: str = "hybrid"
+    lower: str = "/"
+    min_uid: int = 1000
+    shared: tuple[str, ...] = ("/scratch",)
+    deny: tuple[str, ...] = DEFAULT_DENY
+    idle_timeout: float = 0.0
+    cache_timeout: float = 10.0
+    tmp_size: str = "25%"
+
+    def user_root(self, user: str) -> str:
+        return os.path.join(self.root, user)
+
+    def user_run(self, user: str) -> str:
+        return os.path.join(self.run_dir, user)
+
+
+def _absolute(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise QuietError(f"config: {key} must be an absolute path, not {value!r}", 2)
+    return os.path.normpath(value)
+
+
+def _paths(key: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise QuietError(f"config: {key} must be a list of absolute paths", 2)
+    return tuple(_absolute(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def _number(key: str, value: object, minimum: float = 0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise QuietError(f"config: {key} must be a number >= {minimum}, not {value!r}", 2)
+    return float(value)
+
+
+def parse(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a parsed TOML document; one clear error per bad key."""
+    unknown_tables = set(data) - {"sdeefs"}
+    if unknown_tables:
+        raise QuietError(f"{source}: unknown table [{sorted(unknown_tables)[0]}]", 2)
+    table = data.get("sdeefs", {})
+    if not isinstance(table, dict):
+        raise QuietError(f"{source}: [sdeefs] must be a table", 2)
+    fields = {f.name for f in attrs.fields(Config)}
+    for key in table:
+        if key not in fields:
+            raise QuietError(f"{source}: unknown key sdeefs.{key}", 2)
+    values: dict[str, Any] = {}
+    for key in ("root", "run_dir", "lower"):
+        if key in table:
+            values[key] = _absolute(f"sdeefs.{key}", table[key])
+    if "engine" in table:
+        if table["engine"] not in ENGINES:
+            raise QuietError(f"{source}: sdeefs.engine must be one of {', '.join(ENGINES)}, "
+                             f"not {table['engine']!r}", 2)
+        values["engine"] = table["engine"]
+    if "min_uid" in table:
+        values["min_uid"] = int(_number("sdeefs.min_uid", table["min_uid"]))
+    for key in ("shared", "deny"):
+        if key in table:
+            values[key] = _paths(f"sdeefs.{key}", table[key])
+    for key in ("idle_timeout", "cache_timeout"):
+        if key in table:
+            values[key] = _number(f"sdeefs.{key}", table[key])
+    if "tmp_size" in table:
+        size = table["tmp_size"]
+        if not isinstance(size, str) or not re.fullmatch(r"\d+[kmgKMG%]?", size):
+            raise QuietError(f"{source}: sdeefs.tmp_size must look like 25% or 4G, not {size!r}",
+                             2)
+        values["tmp_size"] = size
+    return Config(**values)
+
+
+def load(path: str | None = None) -> Config:
+    """Load the configuration file (``$SDEEFS_CONFIG`` or /etc/sdeefs/sdeefs.toml)."""
+    path = path or os.environ.get("SDEEFS_CONFIG") or DEFAULT_PATH
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if path != DEFAULT_PATH:
+            raise QuietError(f"config file {path} does not exist", 2) from None
+        return Config()
+    except tomllib.TOMLDecodeError as exc:
+        raise QuietError(f"{path}: not valid TOML: {exc}", 2) from None
+    return parse(data, path)
