@@ -172,13 +172,13 @@ def daemon_pid(state: str) -> int | None:
 # -- the daemon --------------------------------------------------------------------------------
 
 
-def _fuse_options(mode: Mode, state: str) -> set[str]:
+def _fuse_options(state: str) -> set[str]:
     # The state directory in fsname lets `sdeefs umount MOUNTPOINT` find the daemon's lock.
+    # default_permissions in both modes: in raw mode too the caller may be the user (a
+    # user-namespace overlay mounted by them), who must not chown to root or the like.
     options = {f"fsname=sdeefs:{os.path.abspath(state)}", "subtype=sdeefs",
                "default_permissions", "allow_other", "nodev",
                "nosuid"}
-    if mode == "raw":
-        options.discard("default_permissions")  # kernel overlayfs checks for us, as its mounter
     return options
 
 
@@ -227,7 +227,7 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
             stack.callback(fs.close)
             ops = Operations(fs, Offload(), req.cache_timeout,
                              writeback_cache=req.writeback_cache and mode == "merged")
-            pyfuse3.init(ops, mountpoint, _fuse_options(mode, req.state))
+            pyfuse3.init(ops, mountpoint, _fuse_options(req.state))
         except QuietError as exc:
             _report(ready_fd, str(exc), exc.exitcode)
             return exc.exitcode

@@ -1,0 +1,447 @@
+"""Per-user environments: create, join, count sessions, stop, report.
+
+An environment of user U is a tree of processes under one init process
+(``sdeefs-init``, PID 1 of its own PID namespace), in U's own user namespace
+(inside uid 0 = host uid U) and mount namespace, whose root is kernel overlayfs
+over three layers::
+
+    upper  ROOT/U/upper        through the journaling sdeefs passthrough at
+                               ROOT/U/state/mnt (engine hybrid), or directly
+                               (engine overlay, no journal)
+    mask   RUN/U/mask          tmpfs: hides credentials, other users' homes,
+                               sdeefs' own directories; mountpoints
+    lower  RUN/U/lower         idmapped read-only bind of the host root:
+                               host root shows as U, so "root-owned" files are
+                               the user's to change inside (copy-up)
+
+Privileged set-up (daemon, idmapped mount, mask) happens here, as root, at
+session open (the PAM hook); the namespaces themselves are made by the small
+C helper ``sdeefs-enter`` (launcher/sdeefs-enter.c), which also joins them.
+
+Directory ownership keeps the user on the host from bypassing the journal:
+ROOT/U and RUN/U are root's (0700); only the layer directories inside belong
+to U, reachable by U only through the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import attrs
+
+from sdeefs.errors import QuietError
+from sdeefs.mask import MaskSpec, build_mask
+from sdeefs.mount import MountRequest, daemon_pid, mount_passthrough, umount
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+ALWAYS_EMPTY = ("/proc", "/sys", "/dev", "/run", "/tmp")
+
+
+@attrs.frozen
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str) -> User:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise QuietError(f"no such user: {name}", 2) from None
+        return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+@attrs.frozen
+class Layout:
+    """Where everything of one user lives."""
+
+    root: str
+    run: str
+
+    @classmethod
+    def of(cls, config: Config, user: User) -> Layout:
+        return cls(config.user_root(user.name), config.user_run(user.name))
+
+    upper = property(lambda self: os.path.join(self.root, "upper"))
+    state = property(lambda self: os.path.join(self.root, "state"))
+    work = property(lambda self: os.path.join(self.root, "state", "work"))
+    fuse = property(lambda self: os.path.join(self.root, "state", "mnt"))
+    # RUN/U is 0711: the user reads RUN/U/init (pid and start time of the environment's
+    # init, for sdeefs-shell) but nothing in RUN/U/private, whose idmapped view of the
+    # host root would show root's files as the user's.
+    private = property(lambda self: os.path.join(self.run, "private"))
+    lower = property(lambda self: os.path.join(self.run, "private", "lower"))
+    mask = property(lambda self: os.path.join(self.run, "private", "mask"))
+    record = property(lambda self: os.path.join(self.run, "private", "env.json"))
+    lock = property(lambda self: os.path.join(self.run, "private", "lock"))
+    init = property(lambda self: os.path.join(self.run, "init"))
+
+
+@attrs.frozen
+class EnvRecord:
+    """RUN/U/env.json: the running environment."""
+
+    user: str
+    uid: int
+    init_pid: int
+    init_start: int  # /proc/PID/stat start time: guards against a recycled pid
+    engine: str
+    sessions: int
+    started: float
+    last_logout: float = 0.0
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(attrs.asdict(self), f)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> EnvRecord | None:
+        try:
+            with open(path) as f:
+                return cls(**json.load(f))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+
+def helper_path() -> str:
+    """The compiled sdeefs-enter (built by scripts/setup.sh next to the Python)."""
+    path = os.environ.get("SDEEFS_ENTER") or os.path.join(os.path.dirname(sys.executable),
+                                                           "sdeefs-enter")
+    if not os.access(path, os.X_OK):
+        raise QuietError(f"{path} is missing: run scripts/setup.sh to build sdeefs-enter", 3)
+    return path
+
+
+def proc_start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def is_alive(record: EnvRecord) -> bool:
+    if proc_start_time(record.init_pid) != record.init_start:
+        return False
+    try:
+        with open(f"/proc/{record.init_pid}/comm") as f:
+            return f.read().strip() == "sdeefs-init"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def user_lock(layout: Layout) -> Iterator[None]:
+    """Serialise the set-up and tear-down of one user's environment (parallel logins)."""
+    _ensure_run_dirs(layout)
+    fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _ensure_run_dirs(layout: Layout) -> None:
+    for path, mode in ((os.path.dirname(layout.run), 0o755), (layout.run, 0o711),
+                       (layout.private, 0o700)):
+        os.makedirs(path, mode=mode, exist_ok=True)
+        os.chmod(path, mode)
+
+
+def _ensure_dirs(layout: Layout, user: User) -> None:
+    for path, owner, mode in ((os.path.dirname(layout.root), None, 0o755),
+                              (layout.root, None, 0o700), (layout.upper, user, 0o700),
+                              (layout.state, None, 0o700), (layout.work, user, 0o700),
+                              (layout.fuse, None, 0o700),
+                              (os.path.join(layout.work, "ovl"), user, 0o700),
+                              (layout.lower, None, 0o700)):
+        os.makedirs(path, mode=mode, exist_ok=True)
+        uid, gid = (user.uid, user.gid) if owner else (0, 0)
+        st = os.lstat(path)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(path, uid, gid)
+        if st.st_mode & 0o7777 != mode:
+            os.chmod(path, mode)
+
+
+def _mounted(path: str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def _umount(path: str) -> None:
+    if _mounted(path):
+        result = subprocess.run(["umount", path], capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def _ensure_upper_daemon(config: Config, layout: Layout) -> None:
+    """Engine hybrid: the journaling passthrough of the upper, healthy (recovered after a crash)."""
+    if _mounted(layout.fuse):
+        try:
+            os.stat(os.path.join(layout.fuse, "upper"))
+            if daemon_pid(layout.state) is not None:
+                return
+        except OSError:
+            pass
+        log.warning("%s: the upper daemon died; remounting (the journal recovers)", layout.fuse)
+        _umount(layout.fuse)
+    mount_passthrough(MountRequest(mountpoint=layout.fuse, upper=layout.upper,
+                                   state=layout.state, lower="/", engine="fuse",
+                                   cache_timeout=config.cache_timeout,
+                                   xattr_namespace="user", writeback_cache=False))
+
+
+def _mask_spec(config: Config, user: User) -> MaskSpec:
+    lower = config.lower
+    empty: list[bytes] = []
+    hidden: list[bytes] = []
+    for pattern in (*ALWAYS_EMPTY, config.root, config.run_dir, *config.deny):
+        for path in sorted(glob.glob(os.path.join(lower, pattern.lstrip("/")))) or []:
+            rel = os.fsencode(os.path.relpath(path, lower))
+            if os.path.isdir(path) and not os.path.islink(path):
+                empty.append(rel)
+            else:
+                hidden.append(rel)
+    mountpoints = [os.fsencode(p.lstrip("/")) for p in (user.home, *config.shared)
+                   if any(_inside(p, "/" + os.fsdecode(e)) for e in empty)]
+    return MaskSpec(tuple(dict.fromkeys(empty)), tuple(dict.fromkeys(hidden)),
+                    tuple(mountpoints))
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _run_helper(args: list[str]) -> str:
+    result = subprocess.run([helper_path(), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise QuietError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
+                         else f"sdeefs-enter {args[0]} failed ({result.returncode})", 1)
+    return result.stdout
+
+
+def _start(config: Config, user: User, layout: Layout) -> EnvRecord:
+    _ensure_dirs(layout, user)
+    if config.engine == "hybrid":
+        _ensure_upper_daemon(config, layout)
+        upper = os.path.join(layout.fuse, "upper")
+        work = os.path.join(layout.fuse, "work", "ovl")
+    else:
+        upper, work = layout.upper, os.path.join(layout.work, "ovl")
+    if not _mounted(layout.lower):
+        _run_helper(["idmap", "--uid", str(user.uid), "--gid", str(user.gid), config.lower,
+                     layout.lower])
+
+    def as_user(uid: int, gid: int) -> tuple[int, int]:  # host root shows as the user
+        return (user.uid if uid == 0 else uid, user.gid if gid == 0 else gid)
+
+    lowers = [layout.lower]
+    if build_mask(layout.mask, config.lower, _mask_spec(config, user),
+                  b"user.overlay.opaque", as_user):
+        lowers.insert(0, layout.mask)
+    args = ["start", "--uid", str(user.uid), "--gid", str(user.gid)]
+    for lower in lowers:
+        args += ["--root-lower", lower]
+    args += ["--root-upper", upper, "--root-work", work, "--home", user.home,
+             "--tmp-size", config.tmp_size]
+    for shared in config.shared:
+        if os.path.isdir(shared):
+            args += ["--bind", f"{shared}:{shared}"]
+    pid = int(_run_helper(args).strip())
+    start = proc_start_time(pid)
+    if start is None:
+        raise QuietError(f"the environment of {user.name} died while starting", 1)
+    return EnvRecord(user.name, user.uid, pid, start, config.engine, 0, time.time())
+
+
+def ensure(config: Config, user: User) -> EnvRecord:
+    """The user's running environment, started if needed (no session counted)."""
+    layout = Layout.of(config, user)
+    with user_lock(layout):
+        record = EnvRecord.load(layout.record)
+        if record is not None and is_alive(record):
+            return record
+        _teardown(layout, record)
+        record = _start(config, user, layout)
+        _save(layout, record)
+        return record
+
+
+def _save(layout: Layout, record: EnvRecord) -> None:
+    record.save(layout.record)
+    tmp = layout.init + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{record.init_pid} {record.init_start}\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, layout.init)
+
+
+def open_session(config: Config, user: User) -> EnvRecord:
+    layout = Layout.of(config, user)
+    with user_lock(layout):
+        record = EnvRecord.load(layout.record)
+        if record is None or not is_alive(record):
+            _teardown(layout, record)
+            record = _start(config, user, layout)
+        record = attrs.evolve(record, sessions=record.sessions + 1)
+        _save(layout, record)
+        return record
+
+
+def close_session(config: Config, user: User) -> None:
+    """One session fewer; the last one ends the environment (unless idle_timeout keeps it)."""
+    layout = Layout.of(config, user)
+    with user_lock(layout):
+        record = EnvRecord.load(layout.record)
+        if record is None:
+            return
+        record = attrs.evolve(record, sessions=max(0, record.sessions - 1),
+                              last_logout=time.time())
+        if record.sessions == 0 and config.idle_timeout == 0:
+            _teardown(layout, record)
+            return
+        _save(layout, record)
+
+
+def stop(config: Config, user: User) -> bool:
+    """End the environment: its whole process tree, then its mounts.  The upper stays."""
+    layout = Layout.of(config, user)
+    with user_lock(layout):
+        record = EnvRecord.load(layout.record)
+        running = record is not None and is_alive(record)
+        _teardown(layout, record)
+        return running
+
+
+def stop_idle(config: Config) -> list[str]:
+    """Stop environments without sessions for longer than idle_timeout (run from cron)."""
+    stopped = []
+    for record in _records(config):
+        idle = time.time() - record.last_logout
+        if record.sessions == 0 and idle >= config.idle_timeout and \
+                stop(config, User.lookup(record.user)):
+            stopped.append(record.user)
+    return stopped
+
+
+def _teardown(layout: Layout, record: EnvRecord | None) -> None:
+    if record is not None and is_alive(record):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.init_pid, signal.SIGKILL)  # the PID namespace dies with its init
+        deadline = time.monotonic() + 10
+        while is_alive(record) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for path in (layout.mask, layout.lower):
+        _umount(path)
+    if _mounted(layout.fuse):
+        try:
+            umount(layout.fuse)
+        except QuietError:
+            _umount(layout.fuse)
+    for path in (layout.init, layout.record):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _records(config: Config) -> list[EnvRecord]:
+    found = []
+    if os.path.isdir(config.run_dir):
+        for name in sorted(os.listdir(config.run_dir)):
+            record = EnvRecord.load(os.path.join(config.run_dir, name, "private", "env.json"))
+            if record is not None:
+                found.append(record)
+    return found
+
+
+def namespace_processes(pid: int) -> int:
+    """How many processes live in the PID namespace of ``pid``."""
+    try:
+        target = os.readlink(f"/proc/{pid}/ns/pid_for_children")
+        own = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return 0
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/ns/pid") in (own, target):
+                    count += 1
+    return count
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+def status(config: Config) -> list[dict[str, object]]:
+    """One dict per known user environment, for ``sdeefs status``."""
+    from sdeefs.journal import Journal
+
+    rows = []
+    users = set()
+    if os.path.isdir(config.root):
+        users |= set(os.listdir(config.root))
+    records = {r.user: r for r in _records(config)}
+    users |= set(records)
+    for name in sorted(users):
+        record = records.get(name)
+        state = os.path.join(config.user_root(name), "state")
+        head = 0
+        journal_dir = os.path.join(state, "journal")
+        if os.path.isdir(journal_dir):
+            with contextlib.suppress(Exception):
+                segments = Journal(directory=journal_dir).segments()
+                if segments:
+                    for entry in Journal(directory=journal_dir).read(segments[-1][0]):
+                        head = entry.seq
+        alive = record is not None and is_alive(record)
+        rows.append({
+            "user": name,
+            "running": alive,
+            "engine": record.engine if record else None,
+            "init_pid": record.init_pid if alive and record else None,
+            "sessions": record.sessions if record else 0,
+            "processes": namespace_processes(record.init_pid) if alive and record else 0,
+            "upper_mount": os.path.join(state, "mnt") if _mounted(os.path.join(state, "mnt"))
+            else None,
+            "daemon_pid": daemon_pid(state) if os.path.isdir(state) else None,
+            "upper_bytes": _tree_size(os.path.join(config.user_root(name), "upper")),
+            "journal_head": head,
+        })
+    return rows
+
+
+def remove_user_data(config: Config, user: User) -> None:
+    """Delete a user's layers (admin action; the environment must be stopped)."""
+    stop(config, user)
+    shutil.rmtree(config.user_root(user.name), ignore_errors=True)
+    shutil.rmtree(config.user_run(user.name), ignore_errors=True)
