@@ -9,6 +9,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc    # Debian's Python 3.11 and headers
   attr util-linux iproute2 procps         # getfattr/setfattr, mount/unshare, ip, ps
   fuse-overlayfs fio                      # benchmark peers and load generator
+  pamtester                               # the launcher's PAM tests
 )
 
 missing=()
@@ -33,6 +34,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, att
   /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]' >/dev/null
-elif ! .venv/bin/python -c 'import sdeefs, sdeefs_launcher' 2>/dev/null; then
+elif ! .venv/bin/python -c 'import sdeefs, sdeefs_launcher' 2>/dev/null || [ ! -x .venv/bin/sdeefs-pam ]; then
   .venv/bin/pip install -q -e '.[test]' >/dev/null
+fi
+
+# The launcher's namespace helper (C: it sits on every login's hot path).
+if [ -f launcher/sdeefs-enter.c ] && { [ ! -x .venv/bin/sdeefs-enter ] || [ launcher/sdeefs-enter.c -nt .venv/bin/sdeefs-enter ]; }; then
+  gcc -O2 -Wall -Wextra -Werror -o .venv/bin/sdeefs-enter launcher/sdeefs-enter.c
 fi

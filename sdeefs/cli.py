@@ -55,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount and wait for the daemon to finish")
     u.add_argument("mountpoint")
 
+    ip = sub.add_parser("install-pam", help="add the session hook to /etc/pam.d/SERVICE")
+    ip.add_argument("--service", required=True, help="PAM service, e.g. sshd or login")
+    ip.add_argument("--control", choices=("optional", "required"), default="optional")
+    up = sub.add_parser("uninstall-pam", help="remove the session hook from a PAM service")
+    up.add_argument("--service", required=True)
+    for name, helptext in (("start", "start USER's environment (as the PAM hook does)"),
+                           ("stop", "stop USER's environment: its processes and mounts")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("user")
+    st = sub.add_parser("status", help="every user's environment, for admins")
+    st.add_argument("--json", action="store_true")
+    sub.add_parser("stop-idle", help="stop environments idle longer than idle_timeout")
+
     for name, helptext in (("diff", "what this user added, changed and deleted"),
                            ("log", "the journal, human-readable"),
                            ("check", "consistency checks of upper + journal")):
@@ -121,6 +134,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "umount":
         umount(args.mountpoint)
         return 0
+    if args.command in LAUNCHER_COMMANDS:
+        return _launcher(args)
     state = os.path.abspath(args.state or default_state(args.upper))
     if args.command == "log":
         return tools.show_log(state, args.from_seq, args.limit, args.json)
@@ -143,3 +158,51 @@ def _dispatch(args: argparse.Namespace) -> int:
             print("ok" if not problems else f"{len(problems)} problem(s)")
         return 0 if not problems else 7
     raise AssertionError(args.command)
+
+
+LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle")
+
+
+def _launcher(args: argparse.Namespace) -> int:
+    from sdeefs_launcher import config, env, pam
+
+    if args.command == "install-pam":
+        print(f"installed in {pam.install(args.service, args.control)}")
+        return 0
+    if args.command == "uninstall-pam":
+        removed = pam.uninstall(args.service)
+        print("removed" if removed else "nothing to remove")
+        return 0
+    cfg = config.load()
+    if args.command == "start":
+        record = env.ensure(cfg, env.User.lookup(args.user))
+        print(f"{args.user}: environment pid {record.init_pid}")
+        return 0
+    if args.command == "stop":
+        was = env.stop(cfg, env.User.lookup(args.user))
+        print(f"{args.user}: " + ("stopped" if was else "was not running; mounts cleaned up"))
+        return 0
+    if args.command == "stop-idle":
+        for user in env.stop_idle(cfg):
+            print(f"{user}: stopped (idle)")
+        return 0
+    rows = env.status(cfg)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'user':<16} {'state':<8} {'engine':<8} {'init':>8} {'sess':>4} {'procs':>5} "
+          f"{'upper':>10} {'journal':>8}")
+    for row in rows:
+        print(f"{row['user']:<16} {'running' if row['running'] else 'stopped':<8} "
+              f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
+              f"{row['processes']:>5} {_size(int(str(row['upper_bytes']))):>10} "
+              f"{row['journal_head']:>8}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n}{unit}"
+        n //= 1024
+    return f"{n}T"
