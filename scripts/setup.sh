@@ -42,3 +42,4 @@ fi
 if [ -f launcher/sdeefs-enter.c ] && { [ ! -x .venv/bin/sdeefs-enter ] || [ launcher/sdeefs-enter.c -nt .venv/bin/sdeefs-enter ]; }; then
   gcc -O2 -Wall -Wextra -Werror -o .venv/bin/sdeefs-enter launcher/sdeefs-enter.c
 fi
+ln -sf sdeefs-enter .venv/bin/sdeefs-shell   # the login shell: same binary, shell mode

@@ -1,0 +1,1300 @@
+/*
+ * sdeefs-enter: create, and join, an sdeefs environment.
+ *
+ * An environment gives the HPC user U (host uid U, gid G) "root inside" but never more than U on
+ * the host: a user namespace owned by U that maps inside 0 to U, a mount namespace and a PID
+ * namespace, whose root is a kernel overlayfs mounted *inside* the user namespace (userxattr) over
+ * an idmapped bind of the host "/" (host 0 shown as U) and an upper that belongs to U.
+ *
+ *   sdeefs-enter idmap --uid U --gid G SRC DST                    (as root)
+ *   sdeefs-enter start --uid U --gid G --root-lower DIR [...] --root-upper DIR --root-work DIR
+ *                      --home HOSTDIR [--bind SRC:DST ...] [--ro-bind SRC:DST ...] [--hide PATH ...]
+ *                      [--tmp-size SIZE]                            (as root; prints the init pid)
+ *   sdeefs-enter join --pid PID [--cwd DIR] [--keep-cap NAME ...] -- CMD [ARG...]   (as U or root)
+ *
+ * Every error is one line on stderr, "sdeefs-enter: <step>: <reason>", and exit status 1 (2 for
+ * usage errors).  A failed start leaves nothing behind: the processes it forked are killed.
+ *
+ * Processes of "start" (P = the root process that was called, A and B its descendants):
+ *
+ *   P (host root)                     A (drops to U)                   B (PID 1 of the new pid ns)
+ *   fork A  ------------------------> setsid; setgroups(0); setresgid(G); setresuid(U)
+ *                                     unshare(NEWUSER)   -- "U" -->
+ *   write setgroups=deny, uid_map, gid_map   <-- "M" --
+ *                                     unshare(NEWNS|NEWPID); / rslave   -- "N" -->
+ *   setns(A's mnt ns); open O_PATH layer fds; setns back; send fds --> (SCM_RIGHTS)
+ *                                     fork B  -- "P<pid>" -->          scratch tmpfs on /tmp,
+ *                                     wait for B, exit with it          overlay, pivot, mounts,
+ *   print pid, exit 0        <----------------------------------------- "R" (or "E<error line>")
+ *
+ * Why P opens the layer fds *inside A's mount namespace* (deviation from "open them first"):
+ * overlayfs clones every layer with clone_private_mount(), which refuses (EINVAL, "failed to clone
+ * upperpath") a mount that belongs to another mount namespace.  Fds opened before A's unshare
+ * point at the host's mounts, so both mount(2) with /proc/self/fd/N and fsconfig(FSCONFIG_SET_FD)
+ * fail with them (verified on 6.18).  Host root can traverse the root-owned 0700 parents; U,
+ * even as root of its user namespace, cannot (those inodes are not mapped in it).
+ *
+ * B's mounts follow bubblewrap: a scratch tmpfs is mounted on /tmp, the overlay at
+ * /tmp/newroot, then pivot_root(scratch, scratch/oldroot) so the host tree (including its real
+ * /tmp) stays reachable as /oldroot for bind sources while /newroot is filled in; /oldroot is
+ * detached, then chdir(/newroot), pivot_root(".", "."), umount2(".", MNT_DETACH), chdir("/").
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <pwd.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h> /* glibc 2.36: includes <linux/mount.h> (new mount API constants) */
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
+#endif
+
+#define MAX_LAYERS 128 /* lowers + upper + work must fit one SCM_RIGHTS message (max 253) */
+#define MAX_MOUNTS 256
+#define SETUP_TIMEOUT_S 60
+#define INIT_NAME "sdeefs-init"
+
+/* ------------------------------------------------------------------------------------------ */
+/* Errors                                                                                     */
+
+static int g_report = -1;         /* in A and B: socket to P; errors go there as "E<line>" */
+static pid_t g_child = -1;        /* in P: our child (A, or idmap's helper) to kill and reap */
+static pid_t g_grandchild = -1;   /* in P: B, once known; A reaps it */
+
+/* Kill what we forked.  B first, and let A reap it (A exits as soon as B is gone): killing A
+ * first would orphan B to the host's PID 1, which need not reap it. */
+static void cleanup_children(void)
+{
+    if (g_grandchild > 0 && g_child > 0) {
+        kill(g_grandchild, SIGKILL);
+        for (int i = 0; i < 2000; i++) { /* up to 2 s */
+            pid_t r = waitpid(g_child, NULL, WNOHANG);
+            if (r == g_child || (r < 0 && errno != EINTR))
+                return;
+            usleep(1000);
+        }
+    }
+    if (g_child > 0) {
+        kill(g_child, SIGKILL);
+        while (waitpid(g_child, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+}
+
+static void emit_line(const char *line)
+{
+    if (g_report >= 0) {
+        char msg[1100];
+        int n = snprintf(msg, sizeof msg, "E%s", line);
+        if (send(g_report, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1,
+                 MSG_NOSIGNAL) >= 0)
+            return;
+    }
+    fprintf(stderr, "%s\n", line);
+}
+
+__attribute__((noreturn, format(printf, 1, 2))) static void fail(const char *fmt, ...)
+{
+    char line[1024];
+    int n = snprintf(line, sizeof line, "sdeefs-enter: ");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    va_end(ap);
+    for (char *c = line; *c; c++) /* exactly one line */
+        if (*c == '\n')
+            *c = ' ';
+    emit_line(line);
+    cleanup_children();
+    _exit(1);
+}
+
+/* The step failed with errno. */
+#define FAIL(...) fail_errno(errno, __VA_ARGS__)
+__attribute__((noreturn, format(printf, 2, 3))) static void fail_errno(int err, const char *fmt,
+                                                                        ...)
+{
+    char step[700];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(step, sizeof step, fmt, ap);
+    va_end(ap);
+    fail("%s: %s", step, strerror(err));
+}
+
+__attribute__((noreturn, format(printf, 1, 2))) static void usage(const char *fmt, ...)
+{
+    char msg[700];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "sdeefs-enter: usage: %s\n", msg);
+    _exit(2);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Small helpers                                                                              */
+
+static int sys_open_tree(int dfd, const char *path, unsigned flags)
+{
+    return (int)syscall(SYS_open_tree, dfd, path, flags);
+}
+static int sys_move_mount(int from_dfd, const char *from, int to_dfd, const char *to,
+                          unsigned flags)
+{
+    return (int)syscall(SYS_move_mount, from_dfd, from, to_dfd, to, flags);
+}
+static int sys_mount_setattr(int dfd, const char *path, unsigned flags, struct mount_attr *attr)
+{
+    return (int)syscall(SYS_mount_setattr, dfd, path, flags, attr, sizeof *attr);
+}
+static int sys_pivot_root(const char *new_root, const char *put_old)
+{
+    return (int)syscall(SYS_pivot_root, new_root, put_old);
+}
+static int sys_fsopen(const char *fs, unsigned flags)
+{
+    return (int)syscall(SYS_fsopen, fs, flags);
+}
+static int sys_fsconfig(int fd, unsigned cmd, const char *key, const void *value, int aux)
+{
+    return (int)syscall(SYS_fsconfig, fd, cmd, key, value, aux);
+}
+static int sys_fsmount(int fd, unsigned flags, unsigned attrs)
+{
+    return (int)syscall(SYS_fsmount, fd, flags, attrs);
+}
+static int sys_close_range(unsigned first, unsigned last)
+{
+    return (int)syscall(SYS_close_range, first, last, 0);
+}
+
+static unsigned parse_id(const char *opt, const char *s)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (!*s || *end || errno || v >= UINT32_MAX || !isdigit((unsigned char)*s))
+        usage("%s: not a numeric id: %s", opt, s);
+    return (unsigned)v;
+}
+
+/* An absolute path without "." or ".." components (they could climb out of /newroot). */
+static void check_abs_path(const char *opt, const char *p)
+{
+    if (p[0] != '/')
+        usage("%s: not an absolute path: %s", opt, p);
+    for (const char *c = p; *c;) {
+        while (*c == '/')
+            c++;
+        size_t len = strcspn(c, "/");
+        if ((len == 1 && c[0] == '.') || (len == 2 && c[0] == '.' && c[1] == '.'))
+            usage("%s: '.' and '..' are not allowed: %s", opt, p);
+        c += len;
+    }
+}
+
+static void write_file(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        FAIL("open %s", path);
+    size_t len = strlen(text);
+    if (write(fd, text, len) != (ssize_t)len)
+        FAIL("write %s", path);
+    if (close(fd) < 0)
+        FAIL("write %s", path);
+}
+
+static void write_id_maps(pid_t pid, unsigned uid, unsigned gid)
+{
+    char path[64], map[64];
+    snprintf(path, sizeof path, "/proc/%d/setgroups", (int)pid);
+    write_file(path, "deny");
+    snprintf(path, sizeof path, "/proc/%d/uid_map", (int)pid);
+    snprintf(map, sizeof map, "0 %u 1\n", uid);
+    write_file(path, map);
+    snprintf(path, sizeof path, "/proc/%d/gid_map", (int)pid);
+    snprintf(map, sizeof map, "0 %u 1\n", gid);
+    write_file(path, map);
+}
+
+static void send_msg(int sock, const char *msg)
+{
+    if (send(sock, msg, strlen(msg), MSG_NOSIGNAL) < 0)
+        FAIL("send to parent");
+}
+
+/* Receive one message (and any fds) from the peer.  Returns the length; 0 means the peer is gone.
+ * A message starting with 'E' is an error line from the peer: print it and fail. */
+static size_t recv_msg(int sock, char *buf, size_t size, int *fds, int *nfds, const char *step)
+{
+    char cbuf[CMSG_SPACE(sizeof(int) * MAX_LAYERS)];
+    struct iovec iov = {buf, size - 1};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                        .msg_controllen = sizeof cbuf};
+    ssize_t n;
+    do
+        n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            fail("%s: timed out after %d s", step, SETUP_TIMEOUT_S);
+        FAIL("%s", step);
+    }
+    buf[n] = 0;
+    if (nfds)
+        *nfds = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            if (fds && nfds) {
+                memcpy(fds, CMSG_DATA(c), sizeof(int) * (size_t)count);
+                *nfds = count;
+            }
+        }
+    if (n > 0 && buf[0] == 'E') {
+        /* The peer already formatted the whole line. */
+        g_report = -1;
+        emit_line(buf + 1);
+        cleanup_children();
+        _exit(1);
+    }
+    return (size_t)n;
+}
+
+static void expect_msg(int sock, char tag, char *buf, size_t size, const char *step)
+{
+    size_t n = recv_msg(sock, buf, size, NULL, NULL, step);
+    if (n == 0)
+        fail("%s: the environment exited during setup", step);
+    if (buf[0] != tag)
+        fail("%s: unexpected message from the environment", step);
+}
+
+/* mkdir -p; ENOENT-free afterwards (an existing non-directory is left to the mount to report). */
+static void mkdir_p(const char *path, mode_t mode)
+{
+    char buf[PATH_MAX];
+    if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
+        fail("mkdir %s: path too long", path);
+    for (char *c = buf + 1;; c++) {
+        if (*c == '/' || *c == 0) {
+            char saved = *c;
+            *c = 0;
+            if (mkdir(buf, mode) < 0 && errno != EEXIST)
+                FAIL("mkdir %s", buf);
+            *c = saved;
+            if (!saved)
+                break;
+        }
+    }
+}
+
+/* Make the mountpoint DST exist: a directory if the source is one, else an empty file. */
+static void ensure_mountpoint(const char *dst, int is_dir)
+{
+    struct stat st;
+    if (stat(dst, &st) == 0)
+        return;
+    if (errno != ENOENT)
+        FAIL("stat %s", dst);
+    if (is_dir) {
+        mkdir_p(dst, 0755);
+        return;
+    }
+    char parent[PATH_MAX];
+    snprintf(parent, sizeof parent, "%s", dst);
+    char *slash = strrchr(parent, '/');
+    if (slash && slash != parent) {
+        *slash = 0;
+        mkdir_p(parent, 0755);
+    }
+    int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0)
+        FAIL("create mountpoint %s", dst);
+    close(fd);
+}
+
+static void bind_mount(const char *src, const char *dst, const char *what)
+{
+    if (mount(src, dst, NULL, MS_BIND | MS_REC, NULL) < 0)
+        FAIL("%s: bind %s on %s", what, src, dst);
+}
+
+static void set_mount_attr(const char *path, unsigned long long attrs, int recursive,
+                           const char *what)
+{
+    struct mount_attr a = {.attr_set = attrs};
+    if (sys_mount_setattr(AT_FDCWD, path, recursive ? AT_RECURSIVE : 0, &a) < 0)
+        FAIL("%s: make %s read-only", what, path);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* idmap                                                                                      */
+
+/* A user namespace whose uid_map/gid_map are "0 U 1"/"0 G 1", as an fd: a child unshares
+ * CLONE_NEWUSER, we write its maps and open its ns/user, then the child is killed. */
+static int make_idmap_userns(unsigned uid, unsigned gid)
+{
+    int ready[2];
+    if (pipe2(ready, O_CLOEXEC) < 0)
+        FAIL("userns: pipe");
+    pid_t child = fork();
+    if (child < 0)
+        FAIL("userns: fork");
+    if (child == 0) {
+        close(ready[0]);
+        if (unshare(CLONE_NEWUSER) < 0)
+            _exit(1);
+        if (write(ready[1], "u", 1) != 1)
+            _exit(1);
+        pause(); /* until killed */
+        _exit(0);
+    }
+    g_child = child;
+    close(ready[1]);
+    char c;
+    ssize_t n;
+    do
+        n = read(ready[0], &c, 1);
+    while (n < 0 && errno == EINTR);
+    if (n != 1)
+        fail("userns: unshare(CLONE_NEWUSER) failed in the helper child");
+    close(ready[0]);
+    write_id_maps(child, uid, gid);
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/ns/user", (int)child);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        FAIL("open %s", path);
+    cleanup_children(); /* the fd keeps the namespace alive */
+    g_child = -1;
+    return fd;
+}
+
+static int cmd_idmap(int argc, char **argv)
+{
+    long uid = -1, gid = -1;
+    const char *pos[2];
+    int npos = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--uid") && i + 1 < argc)
+            uid = parse_id("--uid", argv[++i]);
+        else if (!strcmp(argv[i], "--gid") && i + 1 < argc)
+            gid = parse_id("--gid", argv[++i]);
+        else if (argv[i][0] != '-' && npos < 2)
+            pos[npos++] = argv[i];
+        else
+            usage("idmap --uid U --gid G SRC DST (unexpected %s)", argv[i]);
+    }
+    if (uid < 0 || gid < 0 || npos != 2)
+        usage("idmap --uid U --gid G SRC DST");
+
+    int tree = sys_open_tree(AT_FDCWD, pos[0], OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (tree < 0)
+        FAIL("open_tree %s", pos[0]);
+    int userns = make_idmap_userns((unsigned)uid, (unsigned)gid);
+    struct mount_attr attr = {
+        .attr_set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        .userns_fd = (uint64_t)userns,
+    };
+    if (sys_mount_setattr(tree, "", AT_EMPTY_PATH, &attr) < 0)
+        FAIL("mount_setattr idmap");
+    if (sys_move_mount(tree, "", AT_FDCWD, pos[1], MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        FAIL("move_mount %s", pos[1]);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* start                                                                                      */
+
+struct bind_spec {
+    const char *src, *dst;
+    int ro;
+};
+
+struct start_opts {
+    unsigned uid, gid;
+    const char *lower[MAX_LAYERS];
+    int nlower;
+    const char *upper, *work, *home, *tmp_size;
+    struct bind_spec binds[MAX_MOUNTS];
+    int nbinds;
+    const char *hide[MAX_MOUNTS];
+    int nhide;
+};
+
+static int g_argc;
+static char **g_argv;
+
+static void parse_bind(struct start_opts *o, const char *opt, char *arg, int ro)
+{
+    if (o->nbinds >= MAX_MOUNTS)
+        usage("too many binds");
+    char *colon = strchr(arg, ':');
+    struct bind_spec *b = &o->binds[o->nbinds++];
+    b->src = arg;
+    b->dst = arg;
+    b->ro = ro;
+    if (colon) {
+        *colon = 0;
+        b->dst = colon + 1;
+    }
+    check_abs_path(opt, b->src);
+    check_abs_path(opt, b->dst);
+}
+
+static void check_tmp_size(const char *s)
+{
+    size_t digits = strspn(s, "0123456789");
+    if (digits == 0 || (s[digits] && (s[digits + 1] || !strchr("kKmMgG%", s[digits]))))
+        usage("--tmp-size: expected a number with an optional k/m/g/%% suffix: %s", s);
+}
+
+static void parse_start(struct start_opts *o, int argc, char **argv)
+{
+    long uid = -1, gid = -1;
+    memset(o, 0, sizeof *o);
+    o->tmp_size = "25%";
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (i + 1 >= argc)
+            usage("start: %s needs a value (or is unknown)", a);
+        char *v = argv[++i];
+        if (!strcmp(a, "--uid"))
+            uid = parse_id(a, v);
+        else if (!strcmp(a, "--gid"))
+            gid = parse_id(a, v);
+        else if (!strcmp(a, "--root-lower")) {
+            if (o->nlower >= MAX_LAYERS - 2)
+                usage("too many --root-lower");
+            o->lower[o->nlower++] = v;
+        } else if (!strcmp(a, "--root-upper"))
+            o->upper = v;
+        else if (!strcmp(a, "--root-work"))
+            o->work = v;
+        else if (!strcmp(a, "--home")) {
+            check_abs_path(a, v);
+            o->home = v;
+        } else if (!strcmp(a, "--bind"))
+            parse_bind(o, a, v, 0);
+        else if (!strcmp(a, "--ro-bind"))
+            parse_bind(o, a, v, 1);
+        else if (!strcmp(a, "--hide")) {
+            check_abs_path(a, v);
+            if (o->nhide >= MAX_MOUNTS)
+                usage("too many --hide");
+            o->hide[o->nhide++] = v;
+        } else if (!strcmp(a, "--tmp-size")) {
+            check_tmp_size(v);
+            o->tmp_size = v;
+        } else
+            usage("start: unknown option %s", a);
+    }
+    if (uid < 0 || gid < 0 || !o->nlower || !o->upper || !o->work || !o->home)
+        usage("start --uid U --gid G --root-lower DIR [...] --root-upper DIR --root-work DIR "
+              "--home HOSTDIR [--bind SRC:DST] [--ro-bind SRC:DST] [--hide PATH] [--tmp-size S]");
+    if (uid == 0 || gid == 0)
+        usage("start: refusing uid/gid 0 (the environment's root would be host root)");
+    o->uid = (unsigned)uid;
+    o->gid = (unsigned)gid;
+}
+
+/* ---- B: build the root and become init ---- */
+
+/* Path of P inside the future root (under /newroot) or the host tree (under /oldroot). */
+static const char *in_root(const char *prefix, const char *p, char *buf)
+{
+    if (snprintf(buf, PATH_MAX, "%s%s", prefix, p) >= PATH_MAX)
+        fail("%s%s: path too long", prefix, p);
+    return buf;
+}
+
+/* lowerdir=/proc/self/fd/N paths: the kernel follows the magic links straight to the fds'
+ * directories without walking their (root-owned, 0700) parents. */
+static int mount_overlay_legacy(const char *target, const int *fds, int nlower)
+{
+    char opts[4096];
+    size_t n = (size_t)snprintf(opts, sizeof opts, "userxattr,lowerdir=");
+    for (int i = 0; i < nlower && n < sizeof opts; i++)
+        n += (size_t)snprintf(opts + n, sizeof opts - n, "%s/proc/self/fd/%d", i ? ":" : "",
+                              fds[i]);
+    if (n < sizeof opts)
+        n += (size_t)snprintf(opts + n, sizeof opts - n,
+                              ",upperdir=/proc/self/fd/%d,workdir=/proc/self/fd/%d", fds[nlower],
+                              fds[nlower + 1]);
+    if (n >= sizeof opts) {
+        errno = E2BIG;
+        return -1;
+    }
+    return mount("overlay", target, "overlay", MS_NOSUID, opts);
+}
+
+/* The new mount API with the layers given as fds ("lowerdir+", 6.8+).  On failure, writes a
+ * description (with the kernel's own message from the fs context when there is one) to err. */
+static int mount_overlay_fsopen(const char *target, const int *fds, int nlower, char *err,
+                                size_t errlen)
+{
+    const char *step = "fsopen";
+    int mfd = -1, fs = sys_fsopen("overlay", FSOPEN_CLOEXEC);
+    if (fs < 0)
+        goto out;
+    step = "fsconfig userxattr";
+    if (sys_fsconfig(fs, FSCONFIG_SET_FLAG, "userxattr", NULL, 0) < 0)
+        goto out;
+    step = "fsconfig lowerdir+";
+    for (int i = 0; i < nlower; i++)
+        if (sys_fsconfig(fs, FSCONFIG_SET_FD, "lowerdir+", NULL, fds[i]) < 0)
+            goto out;
+    step = "fsconfig upperdir";
+    if (sys_fsconfig(fs, FSCONFIG_SET_FD, "upperdir", NULL, fds[nlower]) < 0)
+        goto out;
+    step = "fsconfig workdir";
+    if (sys_fsconfig(fs, FSCONFIG_SET_FD, "workdir", NULL, fds[nlower + 1]) < 0)
+        goto out;
+    step = "fsconfig create";
+    if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+        goto out;
+    step = "fsmount";
+    if ((mfd = sys_fsmount(fs, FSMOUNT_CLOEXEC, MOUNT_ATTR_NOSUID)) < 0)
+        goto out;
+    step = "move_mount";
+    if (sys_move_mount(mfd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        goto out;
+    close(mfd);
+    close(fs);
+    return 0;
+out:;
+    int saved = errno;
+    char klog[256] = "";
+    if (fs >= 0) { /* the fs context's message log: "e overlayfs: ..." */
+        int fl = fcntl(fs, F_GETFL);
+        fcntl(fs, F_SETFL, fl | O_NONBLOCK);
+        ssize_t k = read(fs, klog, sizeof klog - 1);
+        klog[k > 0 ? k : 0] = 0;
+        klog[strcspn(klog, "\n")] = 0;
+        close(fs);
+    }
+    if (mfd >= 0)
+        close(mfd);
+    snprintf(err, errlen, "%s: %s%s%s%s", step, strerror(saved), *klog ? " (" : "", klog,
+             *klog ? ")" : "");
+    errno = saved;
+    return -1;
+}
+
+/* Tests build a second binary with -DSDEEFS_TEST_FSOPEN_ONLY to cover the fallback. */
+#ifdef SDEEFS_TEST_FSOPEN_ONLY
+#define TRY_LEGACY_OVERLAY 0
+#else
+#define TRY_LEGACY_OVERLAY 1
+#endif
+
+static void mount_overlay(const char *target, const int *fds, int nlower)
+{
+    char err[400];
+    int legacy = ENOSYS;
+    if (TRY_LEGACY_OVERLAY) {
+        if (mount_overlay_legacy(target, fds, nlower) == 0)
+            return;
+        legacy = errno;
+    }
+    if (mount_overlay_fsopen(target, fds, nlower, err, sizeof err) == 0)
+        return;
+    fail("mount overlay: %s; fallback %s", strerror(legacy), err);
+}
+
+static void setup_proc(void)
+{
+    static const char *masked[] = {"kcore", "keys", "timer_list", "sysrq-trigger", "sched_debug"};
+    static const char *readonly[] = {"sys", "irq", "bus", "fs"};
+    char path[PATH_MAX];
+    mkdir_p("/newroot/proc", 0555);
+    if (mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        FAIL("mount proc");
+    for (size_t i = 0; i < sizeof masked / sizeof *masked; i++) {
+        snprintf(path, sizeof path, "/newroot/proc/%s", masked[i]);
+        if (access(path, F_OK) < 0)
+            continue;
+        if (mount("/oldroot/dev/null", path, NULL, MS_BIND, NULL) < 0)
+            FAIL("mask %s", path + 8);
+        set_mount_attr(path, MOUNT_ATTR_RDONLY, 0, "mask /proc");
+    }
+    for (size_t i = 0; i < sizeof readonly / sizeof *readonly; i++) {
+        snprintf(path, sizeof path, "/newroot/proc/%s", readonly[i]);
+        if (access(path, F_OK) < 0)
+            continue;
+        bind_mount(path, path, "read-only /proc");
+        set_mount_attr(path, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV |
+                                 MOUNT_ATTR_NOEXEC,
+                       1, "read-only /proc");
+    }
+}
+
+static void setup_dev(void)
+{
+    static const char *nodes[] = {"null", "zero", "full", "random", "urandom", "tty"};
+    static const char *links[][2] = {{"/proc/self/fd", "fd"},       {"/proc/self/fd/0", "stdin"},
+                                     {"/proc/self/fd/1", "stdout"}, {"/proc/self/fd/2", "stderr"},
+                                     {"pts/ptmx", "ptmx"}};
+    char src[PATH_MAX], dst[PATH_MAX];
+    mkdir_p("/newroot/dev", 0755);
+    if (mount("tmpfs", "/newroot/dev", "tmpfs", MS_NOSUID, "mode=0755") < 0)
+        FAIL("mount tmpfs on /dev");
+    /* mknod is refused in a user namespace: bind the host's nodes onto empty files. */
+    for (size_t i = 0; i < sizeof nodes / sizeof *nodes; i++) {
+        snprintf(src, sizeof src, "/oldroot/dev/%s", nodes[i]);
+        snprintf(dst, sizeof dst, "/newroot/dev/%s", nodes[i]);
+        int fd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0)
+            FAIL("create %s", dst + 8);
+        close(fd);
+        if (mount(src, dst, NULL, MS_BIND, NULL) < 0)
+            FAIL("bind %s", dst + 8);
+    }
+    if (mkdir("/newroot/dev/pts", 0755) < 0)
+        FAIL("mkdir /dev/pts");
+    if (mount("devpts", "/newroot/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=0620") < 0)
+        FAIL("mount devpts on /dev/pts");
+    if (mkdir("/newroot/dev/shm", 01777) < 0)
+        FAIL("mkdir /dev/shm");
+    if (mount("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+        FAIL("mount tmpfs on /dev/shm");
+    for (size_t i = 0; i < sizeof links / sizeof *links; i++) {
+        snprintf(dst, sizeof dst, "/newroot/dev/%s", links[i][1]);
+        if (symlink(links[i][0], dst) < 0)
+            FAIL("symlink %s", dst + 8);
+    }
+}
+
+static void setup_sys(void)
+{
+    mkdir_p("/newroot/sys", 0555);
+    bind_mount("/oldroot/sys", "/newroot/sys", "/sys");
+    set_mount_attr("/newroot/sys",
+                   MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC, 1,
+                   "/sys");
+}
+
+static void setup_tmp(const char *size)
+{
+    char opts[64];
+    snprintf(opts, sizeof opts, "mode=1777,size=%s", size);
+    mkdir_p("/newroot/tmp", 01777);
+    if (mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0)
+        FAIL("mount tmpfs on /tmp");
+}
+
+static void setup_bind(const char *src_host, const char *dst_view, int ro, const char *what)
+{
+    char src[PATH_MAX], dst[PATH_MAX];
+    struct stat st;
+    in_root("/oldroot", src_host, src);
+    in_root("/newroot", dst_view, dst);
+    if (stat(src, &st) < 0)
+        FAIL("%s: source %s", what, src_host);
+    ensure_mountpoint(dst, S_ISDIR(st.st_mode));
+    bind_mount(src, dst, what);
+    if (ro)
+        set_mount_attr(dst, MOUNT_ATTR_RDONLY, 1, what);
+}
+
+static void setup_hide(const char *view_path)
+{
+    char dst[PATH_MAX];
+    struct stat st;
+    in_root("/newroot", view_path, dst);
+    if (stat(dst, &st) < 0) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            return; /* nothing to hide */
+        FAIL("hide %s: stat", view_path);
+    }
+    if (S_ISDIR(st.st_mode)) {
+        if (mount("tmpfs", dst, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "mode=0755,size=4k") < 0)
+            FAIL("hide %s: mount tmpfs", view_path);
+    } else {
+        if (mount("/oldroot/dev/null", dst, NULL, MS_BIND, NULL) < 0)
+            FAIL("hide %s: bind /dev/null", view_path);
+        set_mount_attr(dst, MOUNT_ATTR_RDONLY, 0, "hide");
+    }
+}
+
+static void set_init_name(void)
+{
+    if (prctl(PR_SET_NAME, INIT_NAME, 0, 0, 0) < 0)
+        FAIL("prctl PR_SET_NAME");
+    /* argv[0]..argv[argc-1] are contiguous: overwrite them so that cmdline shows the name too. */
+    char *start = g_argv[0];
+    char *end = g_argv[g_argc - 1] + strlen(g_argv[g_argc - 1]);
+    size_t len = (size_t)(end - start);
+    memset(start, 0, len);
+    memcpy(start, INIT_NAME, len < sizeof INIT_NAME - 1 ? len : sizeof INIT_NAME - 1);
+}
+
+__attribute__((noreturn)) static void run_init(void)
+{
+    sigset_t all, wanted;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, NULL);
+    sigemptyset(&wanted);
+    sigaddset(&wanted, SIGCHLD);
+    sigaddset(&wanted, SIGTERM);
+    sigaddset(&wanted, SIGINT);
+    for (;;) {
+        /* Blocked signals are queued even for PID 1 with SIG_DFL, so sigwaitinfo sees them. */
+        int sig = sigwaitinfo(&wanted, NULL);
+        if (sig == SIGTERM || sig == SIGINT) {
+            kill(-1, SIGKILL); /* every other process of the PID namespace */
+            _exit(0);
+        }
+        while (waitpid(-1, NULL, WNOHANG) > 0)
+            ;
+    }
+}
+
+__attribute__((noreturn)) static void run_b(const struct start_opts *o, const int *fds)
+{
+    char path[PATH_MAX];
+    umask(022);
+    /* Until ready, die with A: a launcher that gave up must not leave a half-built root. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0)
+        FAIL("prctl PR_SET_PDEATHSIG");
+    if (setsid() < 0)
+        FAIL("setsid");
+    /* Scratch, only in this namespace: holds the overlay until the final pivot_root. */
+    if (mount("sdeefs-scratch", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k") < 0)
+        FAIL("mount scratch tmpfs on /tmp");
+    if (mkdir("/tmp/newroot", 0755) < 0 || mkdir("/tmp/oldroot", 0755) < 0)
+        FAIL("mkdir scratch");
+    mount_overlay("/tmp/newroot", fds, o->nlower);
+    for (int i = 0; i < o->nlower + 2; i++)
+        close(fds[i]);
+    if (chdir("/tmp") < 0)
+        FAIL("chdir /tmp");
+    if (sys_pivot_root(".", "oldroot") < 0)
+        FAIL("pivot_root to scratch");
+    if (chdir("/") < 0)
+        FAIL("chdir /");
+
+    setup_proc();
+    setup_dev();
+    setup_sys();
+    setup_tmp(o->tmp_size);
+    setup_bind(o->home, o->home, 0, "home");
+    for (int i = 0; i < o->nbinds; i++) {
+        snprintf(path, sizeof path, "%s %s", o->binds[i].ro ? "ro-bind" : "bind", o->binds[i].dst);
+        setup_bind(o->binds[i].src, o->binds[i].dst, o->binds[i].ro, path);
+    }
+    for (int i = 0; i < o->nhide; i++)
+        setup_hide(o->hide[i]);
+
+    if (umount2("/oldroot", MNT_DETACH) < 0)
+        FAIL("detach host root");
+    if (chdir("/newroot") < 0)
+        FAIL("chdir /newroot");
+    if (sys_pivot_root(".", ".") < 0)
+        FAIL("pivot_root");
+    if (umount2(".", MNT_DETACH) < 0)
+        FAIL("detach scratch");
+    if (chdir("/") < 0)
+        FAIL("chdir /");
+
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (null < 0)
+        FAIL("open /dev/null");
+    if (dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0)
+        FAIL("dup2 /dev/null");
+    /* Nothing of the host may stay reachable through /proc/1/fd. */
+    if (g_report > 3)
+        sys_close_range(3, (unsigned)g_report - 1);
+    sys_close_range((unsigned)g_report + 1, ~0U);
+    set_init_name();
+    if (prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0) < 0) /* from now on B *is* the environment */
+        FAIL("prctl PR_SET_PDEATHSIG");
+    send_msg(g_report, "R");
+    close(g_report);
+    g_report = -1;
+    run_init();
+}
+
+/* ---- A: become U, own the user namespace, create the mount and PID namespaces ---- */
+
+__attribute__((noreturn)) static void run_a(const struct start_opts *o, int sock)
+{
+    char buf[64];
+    int fds[MAX_LAYERS], nfds = 0;
+    g_report = sock;
+    if (setsid() < 0)
+        FAIL("setsid");
+    if (setgroups(0, NULL) < 0)
+        FAIL("setgroups");
+    if (setresgid(o->gid, o->gid, o->gid) < 0)
+        FAIL("setresgid");
+    if (setresuid(o->uid, o->uid, o->uid) < 0)
+        FAIL("setresuid");
+    /* After the uid change: the namespace is owned by U, who can setns into it later. */
+    if (unshare(CLONE_NEWUSER) < 0)
+        FAIL("unshare user namespace");
+    send_msg(sock, "U");
+    expect_msg(sock, 'M', buf, sizeof buf, "wait for id maps");
+    if (unshare(CLONE_NEWNS | CLONE_NEWPID) < 0)
+        FAIL("unshare mount and pid namespaces");
+    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
+        FAIL("make / a recursive slave");
+    send_msg(sock, "N");
+    if (recv_msg(sock, buf, sizeof buf, fds, &nfds, "receive layer fds") == 0)
+        fail("receive layer fds: the launcher exited");
+    if (buf[0] != 'F' || nfds != o->nlower + 2)
+        fail("receive layer fds: got %d fds, expected %d", nfds, o->nlower + 2);
+    /* The uid change made us non-dumpable: /proc/<init>/ns/ files would then be root-only and
+     * U could not join.  B inherits the flag through fork. */
+    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
+        FAIL("prctl PR_SET_DUMPABLE");
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC); /* before B's pivot_root changes our root */
+    if (null < 0)
+        FAIL("open /dev/null");
+    pid_t b = fork();
+    if (b < 0)
+        FAIL("fork init");
+    if (b == 0) {
+        close(null);
+        run_b(o, fds);
+    }
+    for (int i = 0; i < nfds; i++)
+        close(fds[i]);
+    snprintf(buf, sizeof buf, "P%d", (int)b);
+    if (send(sock, buf, strlen(buf), MSG_NOSIGNAL) < 0) {
+        kill(b, SIGKILL);
+        _exit(1);
+    }
+    close(sock);
+    g_report = -1;
+    dup2(null, 0);
+    dup2(null, 1);
+    dup2(null, 2);
+    sys_close_range(3, ~0U);
+    int status;
+    while (waitpid(b, &status, 0) < 0)
+        if (errno != EINTR)
+            _exit(1);
+    _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+}
+
+/* ---- P: the root process that was called ---- */
+
+static int cmd_start(int argc, char **argv)
+{
+    struct start_opts o;
+    parse_start(&o, argc, argv);
+
+    /* Absolute paths now: after setns our cwd is the namespace's root. */
+    char *paths[MAX_LAYERS];
+    int npaths = 0;
+    const char *given[MAX_LAYERS];
+    memcpy(given, o.lower, sizeof(char *) * (size_t)o.nlower);
+    given[o.nlower] = o.upper;
+    given[o.nlower + 1] = o.work;
+    for (int i = 0; i < o.nlower + 2; i++)
+        if (!(paths[npaths++] = realpath(given[i], NULL)))
+            FAIL("layer %s", given[i]);
+
+    int host_mnt = open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC);
+    if (host_mnt < 0)
+        FAIL("open /proc/self/ns/mnt");
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        FAIL("socketpair");
+    struct timeval tv = {SETUP_TIMEOUT_S, 0};
+    if (setsockopt(sv[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0)
+        FAIL("setsockopt");
+    fflush(NULL);
+    pid_t a = fork();
+    if (a < 0)
+        FAIL("fork");
+    if (a == 0) {
+        close(sv[0]);
+        close(host_mnt);
+        run_a(&o, sv[1]);
+    }
+    g_child = a;
+    close(sv[1]);
+    int sock = sv[0];
+    char buf[1200];
+
+    expect_msg(sock, 'U', buf, sizeof buf, "create user namespace");
+    write_id_maps(a, o.uid, o.gid);
+    send_msg(sock, "M");
+    expect_msg(sock, 'N', buf, sizeof buf, "create mount and pid namespaces");
+
+    /* Open the layers as host root but inside A's new mount namespace (see the header). */
+    char nspath[64];
+    snprintf(nspath, sizeof nspath, "/proc/%d/ns/mnt", (int)a);
+    int env_mnt = open(nspath, O_RDONLY | O_CLOEXEC);
+    if (env_mnt < 0)
+        FAIL("open %s", nspath);
+    if (setns(env_mnt, CLONE_NEWNS) < 0)
+        FAIL("setns into the environment's mount namespace");
+    int fds[MAX_LAYERS];
+    for (int i = 0; i < npaths; i++) {
+        fds[i] = open(paths[i], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fds[i] < 0) {
+            int err = errno;
+            setns(host_mnt, CLONE_NEWNS);
+            fail_errno(err, "open layer %s", given[i]);
+        }
+    }
+    if (setns(host_mnt, CLONE_NEWNS) < 0)
+        FAIL("setns back to the host mount namespace");
+    close(env_mnt);
+    close(host_mnt);
+
+    char cbuf[CMSG_SPACE(sizeof(int) * MAX_LAYERS)];
+    memset(cbuf, 0, sizeof cbuf);
+    struct iovec iov = {"F", 1};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                        .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)npaths)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)npaths);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)npaths);
+    if (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0)
+        FAIL("send layer fds");
+    for (int i = 0; i < npaths; i++)
+        close(fds[i]);
+
+    expect_msg(sock, 'P', buf, sizeof buf, "fork init");
+    pid_t b = (pid_t)atoi(buf + 1);
+    if (b <= 0)
+        fail("fork init: bad pid from the environment");
+    g_grandchild = b;
+    expect_msg(sock, 'R', buf, sizeof buf, "set up the environment");
+    printf("%d\n", (int)b);
+    if (fflush(stdout) != 0)
+        FAIL("write pid");
+    return 0; /* A is left running as B's parent; it reaps B and exits with it */
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* join                                                                                       */
+
+static const char *const cap_names[] = {
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+    "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+    "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
+    "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
+    "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
+    "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore"};
+#define NCAP_NAMES ((int)(sizeof cap_names / sizeof *cap_names))
+
+static int cap_from_name(const char *name)
+{
+    if (!strncasecmp(name, "cap_", 4))
+        name += 4;
+    for (int i = 0; i < NCAP_NAMES; i++)
+        if (!strcasecmp(name, cap_names[i]))
+            return i;
+    return -1;
+}
+
+static volatile sig_atomic_t g_join_child = -1;
+
+static void forward_signal(int sig, siginfo_t *si, void *uctx)
+{
+    (void)uctx;
+    /* Only what someone sent us with kill(2): the terminal's signals (si_code SI_KERNEL)
+     * already reach the child, which is in our process group. */
+    if (si->si_code <= 0 && g_join_child > 0)
+        kill(g_join_child, sig);
+}
+
+static ssize_t read_at(int dirfd, const char *name, char *buf, size_t size)
+{
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, size - 1);
+    int err = errno;
+    close(fd);
+    errno = err;
+    if (n >= 0)
+        buf[n] = 0;
+    return n;
+}
+
+static void drop_capabilities(const uint64_t keep)
+{
+    for (int cap = 0; cap < 64; cap++) {
+        if (keep & (1ULL << cap))
+            continue;
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+            if (errno == EINVAL)
+                break; /* beyond the kernel's last capability */
+            FAIL("drop %s from the bounding set", cap < NCAP_NAMES ? cap_names[cap] : "cap");
+        }
+    }
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        FAIL("clear ambient capabilities");
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &hdr, data) < 0)
+        FAIL("capget");
+    for (int i = 0; i < 2; i++) {
+        uint32_t k = (uint32_t)(keep >> (32 * i));
+        data[i].permitted &= k;
+        data[i].effective &= k;
+        data[i].inheritable = 0;
+    }
+    if (syscall(SYS_capset, &hdr, data) < 0)
+        FAIL("capset");
+}
+
+static int cmd_join(int argc, char **argv)
+{
+    long pid = -1;
+    const char *cwd = NULL;
+    uint64_t keep = (1ULL << CAP_CHOWN) | (1ULL << CAP_DAC_OVERRIDE) | (1ULL << CAP_FOWNER) |
+                    (1ULL << CAP_FSETID) | (1ULL << CAP_KILL) | (1ULL << CAP_SETGID) |
+                    (1ULL << CAP_SETUID) | (1ULL << CAP_SETFCAP) |
+                    (1ULL << CAP_NET_BIND_SERVICE) | (1ULL << CAP_AUDIT_WRITE);
+    int i = 0;
+    for (; i < argc; i++) {
+        if (!strcmp(argv[i], "--")) {
+            i++;
+            break;
+        }
+        if (argv[i][0] != '-')
+            break;
+        if (i + 1 >= argc)
+            usage("join: %s needs a value", argv[i]);
+        if (!strcmp(argv[i], "--pid")) {
+            unsigned v = parse_id("--pid", argv[++i]);
+            if (v == 0 || v > INT_MAX)
+                usage("--pid: not a pid: %s", argv[i]);
+            pid = v;
+        } else if (!strcmp(argv[i], "--cwd"))
+            cwd = argv[++i];
+        else if (!strcmp(argv[i], "--keep-cap")) {
+            int cap = cap_from_name(argv[++i]);
+            if (cap < 0)
+                usage("--keep-cap: unknown capability %s", argv[i]);
+            keep |= 1ULL << cap;
+        } else
+            usage("join: unknown option %s", argv[i]);
+    }
+    if (pid < 0 || i >= argc)
+        usage("join --pid PID [--cwd DIR] [--keep-cap NAME ...] -- CMD [ARG...]");
+    char **cmd = argv + i;
+
+    /* Everything through one /proc/PID directory fd: if the pid is recycled meanwhile, the
+     * reads fail instead of describing another process. */
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld", pid);
+    int pdir = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (pdir < 0) {
+        if (errno == ENOENT)
+            fail("check pid %ld: no such process", pid);
+        FAIL("check pid %ld", pid);
+    }
+    char buf[4096];
+    if (read_at(pdir, "comm", buf, sizeof buf) < 0)
+        FAIL("check pid %ld: read comm", pid);
+    if (strcmp(buf, INIT_NAME "\n"))
+        fail("check pid %ld: not an sdeefs environment (its name is %.*s)", pid,
+             (int)strcspn(buf, "\n"), buf);
+    uid_t me = getuid();
+    if (me != 0 || geteuid() != 0) {
+        if (read_at(pdir, "status", buf, sizeof buf) < 0)
+            FAIL("check pid %ld: read status", pid);
+        char *line = strstr(buf, "\nUid:");
+        unsigned long owner;
+        if (!line || sscanf(line + 5, "%lu", &owner) != 1)
+            fail("check pid %ld: no Uid in its status", pid);
+        if (owner != me)
+            fail("check pid %ld: the environment belongs to uid %lu, not to uid %u", pid, owner,
+                 (unsigned)me);
+    }
+    int ns_user = openat(pdir, "ns/user", O_RDONLY | O_CLOEXEC);
+    if (ns_user < 0)
+        FAIL("open /proc/%ld/ns/user", pid);
+    int ns_mnt = openat(pdir, "ns/mnt", O_RDONLY | O_CLOEXEC);
+    if (ns_mnt < 0)
+        FAIL("open /proc/%ld/ns/mnt", pid);
+    int ns_pid = openat(pdir, "ns/pid", O_RDONLY | O_CLOEXEC);
+    if (ns_pid < 0)
+        FAIL("open /proc/%ld/ns/pid", pid);
+    close(pdir);
+
+    struct stat theirs, ours;
+    if (fstat(ns_user, &theirs) < 0 || stat("/proc/self/ns/user", &ours) < 0)
+        FAIL("stat user namespaces");
+    if (theirs.st_ino != ours.st_ino || theirs.st_dev != ours.st_dev) {
+        /* Host root would keep its supplementary groups (0 among them) otherwise; the
+         * environment's setgroups is "deny", so this is the last moment to drop them. */
+        if (geteuid() == 0 && setgroups(0, NULL) < 0)
+            FAIL("setgroups");
+        if (setns(ns_user, CLONE_NEWUSER) < 0)
+            FAIL("setns user");
+        /* Inside 0 is host U: for U a no-op, for host root the switch to U. */
+        if (setresgid(0, 0, 0) < 0)
+            FAIL("setresgid");
+        if (setresuid(0, 0, 0) < 0)
+            FAIL("setresuid");
+    }
+    if (setns(ns_mnt, CLONE_NEWNS) < 0)
+        FAIL("setns mnt");
+    if (setns(ns_pid, CLONE_NEWPID) < 0)
+        FAIL("setns pid");
+    close(ns_user);
+    close(ns_mnt);
+    close(ns_pid);
+
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_BLOCK, &all, &old);
+    pid_t child = fork();
+    if (child < 0)
+        FAIL("fork");
+    if (child == 0) {
+        sigprocmask(SIG_SETMASK, &old, NULL);
+        if (cwd) {
+            if (chdir(cwd) < 0)
+                FAIL("chdir %s", cwd);
+        } else {
+            const char *home = getenv("HOME");
+            if (!home || !*home || chdir(home) < 0)
+                if (chdir("/") < 0)
+                    FAIL("chdir /");
+        }
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+            FAIL("prctl PR_SET_NO_NEW_PRIVS");
+        drop_capabilities(keep);
+        sys_close_range(3, ~0U);
+        execvp(cmd[0], cmd);
+        FAIL("exec %s", cmd[0]);
+    }
+    g_join_child = child;
+    struct sigaction sa = {.sa_sigaction = forward_signal, .sa_flags = SA_SIGINFO | SA_RESTART};
+    sigemptyset(&sa.sa_mask);
+    int forwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
+    for (size_t k = 0; k < sizeof forwarded / sizeof *forwarded; k++)
+        sigaction(forwarded[k], &sa, NULL);
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    int status;
+    while (waitpid(child, &status, 0) < 0)
+        if (errno != EINTR)
+            FAIL("waitpid");
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* sdeefs-shell: the login shell.  Finds the caller's environment from RUN/USER/init ("PID
+ * START\n", written by the PAM hook) and joins it with the user's inner shell.             */
+
+static int cmd_shell(int argc, char **argv, int login)
+{
+    const char *run_dir = getenv("SDEEFS_RUN_DIR");
+    if (!run_dir || !*run_dir)
+        run_dir = "/run/sdeefs";
+    struct passwd *pw = getpwuid(getuid());
+    if (!pw)
+        fail("shell: uid %u has no passwd entry", (unsigned)getuid());
+    char path[PATH_MAX], buf[128];
+    snprintf(path, sizeof path, "%s/%s/init", run_dir, pw->pw_name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        fail("shell: no environment for %s (%s: %s); is the sdeefs PAM hook installed?",
+             pw->pw_name, path, strerror(errno));
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    unsigned long pid = 0;
+    unsigned long long start = 0;
+    if (n <= 0 || (buf[n] = 0, sscanf(buf, "%lu %llu", &pid, &start) != 2) || !pid)
+        fail("shell: %s is damaged", path);
+    /* The pid must still be the same process: compare its start time (field 22). */
+    snprintf(path, sizeof path, "/proc/%lu/stat", pid);
+    char stat_buf[1024];
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    n = fd < 0 ? -1 : read(fd, stat_buf, sizeof stat_buf - 1);
+    if (fd >= 0)
+        close(fd);
+    char *after = n > 0 ? (stat_buf[n] = 0, strrchr(stat_buf, ')')) : NULL;
+    unsigned long long now_start = 0;
+    if (!after || sscanf(after + 2, "%*c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s "
+                                    "%*s %*s %*s %*s %*s %llu", &now_start) != 1 ||
+        now_start != start)
+        fail("shell: the environment of %s is not running (log in again)", pw->pw_name);
+
+    const char *inner = getenv("SDEEFS_SHELL");
+    if (!inner || !*inner)
+        inner = "/bin/bash";
+    const char *forced = getenv("SSH_ORIGINAL_COMMAND");  /* sshd ForceCommand */
+    char pid_arg[32];
+    snprintf(pid_arg, sizeof pid_arg, "%lu", pid);
+    char **jargv = calloc((size_t)argc + 8, sizeof *jargv);
+    if (!jargv)
+        FAIL("calloc");
+    int j = 0;
+    jargv[j++] = "--pid";
+    jargv[j++] = pid_arg;
+    jargv[j++] = "--";
+    jargv[j++] = (char *)inner;
+    if (forced && *forced && argc == 0) {
+        jargv[j++] = "-c";
+        jargv[j++] = (char *)forced;
+    } else if (login && argc == 0) {
+        jargv[j++] = "-l";
+    }
+    for (int k = 0; k < argc; k++)
+        jargv[j++] = argv[k];
+    return cmd_join(j, jargv);
+}
+
+int main(int argc, char **argv)
+{
+    g_argc = argc;
+    g_argv = argv;
+    /* With a closed 0, 1 or 2, a socket could land there and be clobbered by a later dup2. */
+    int fd = open("/dev/null", O_RDWR); /* no O_CLOEXEC: it may become a stdio fd */
+    while (fd >= 0 && fd <= 2)
+        fd = dup(fd);
+    if (fd > 2)
+        close(fd);
+    const char *base = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
+    if (!strcmp(base, "sdeefs-shell") || !strcmp(base, "-sdeefs-shell"))
+        return cmd_shell(argc - 1, argv + 1, base[0] == '-');
+    if (argc < 2)
+        usage("sdeefs-enter idmap|start|join|shell ...");
+    if (!strcmp(argv[1], "shell"))
+        return cmd_shell(argc - 2, argv + 2, 0);
+    if (!strcmp(argv[1], "idmap"))
+        return cmd_idmap(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "start"))
+        return cmd_start(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "join"))
+        return cmd_join(argc - 2, argv + 2);
+    usage("unknown command %s (expected idmap, start or join)", argv[1]);
+}
