@@ -102,6 +102,7 @@ class EnvRecord:
     uid: int
     init_pid: int
     init_start: int  # /proc/PID/stat start time: guards against a recycled pid
+    holder_pid: int  # the init's parent (outside the PID namespace); it exits with the init
     engine: str
     sessions: int
     started: float
@@ -131,13 +132,29 @@ def helper_path() -> str:
     return path
 
 
-def proc_start_time(pid: int) -> int | None:
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (after the command name), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
+
+
+def proc_start_time(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields and fields[0] != "Z" else None
+
+
+def _running(pid: int, uid: int) -> bool:
+    """Is ``pid`` a live (not zombie) process of ``uid``?"""
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] == "Z":
+        return False
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == uid
+    except OSError:
+        return False
 
 
 def is_alive(record: EnvRecord) -> bool:
@@ -173,9 +190,7 @@ def _ensure_dirs(layout: Layout, user: User) -> None:
     for path, owner, mode in ((os.path.dirname(layout.root), None, 0o755),
                               (layout.root, None, 0o700), (layout.upper, user, 0o700),
                               (layout.state, None, 0o700), (layout.work, user, 0o700),
-                              (layout.fuse, None, 0o700),
-                              (os.path.join(layout.work, "ovl"), user, 0o700),
-                              (layout.lower, None, 0o700)):
+                              (layout.fuse, None, 0o700), (layout.lower, None, 0o700)):
         os.makedirs(path, mode=mode, exist_ok=True)
         uid, gid = (user.uid, user.gid) if owner else (0, 0)
         st = os.lstat(path)
@@ -249,9 +264,12 @@ def _start(config: Config, user: User, layout: Layout) -> EnvRecord:
     if config.engine == "hybrid":
         _ensure_upper_daemon(config, layout)
         upper = os.path.join(layout.fuse, "upper")
-        work = os.path.join(layout.fuse, "work", "ovl")
+        work = os.path.join(layout.fuse, "work", "ovl")  # made through the daemon: journaled
     else:
         upper, work = layout.upper, os.path.join(layout.work, "ovl")
+    if not os.path.isdir(work):
+        os.mkdir(work, 0o700)
+        os.chown(work, user.uid, user.gid)
     if not _mounted(layout.lower):
         _run_helper(["idmap", "--uid", str(user.uid), "--gid", str(user.gid), config.lower,
                      layout.lower])
@@ -272,10 +290,12 @@ def _start(config: Config, user: User, layout: Layout) -> EnvRecord:
         if os.path.isdir(shared):
             args += ["--bind", f"{shared}:{shared}"]
     pid = int(_run_helper(args).strip())
+    fields = _proc_stat(pid)
     start = proc_start_time(pid)
-    if start is None:
+    if start is None or fields is None:
         raise QuietError(f"the environment of {user.name} died while starting", 1)
-    return EnvRecord(user.name, user.uid, pid, start, config.engine, 0, time.time())
+    return EnvRecord(user.name, user.uid, pid, start, int(fields[1]), config.engine, 0,
+                     time.time())
 
 
 def ensure(config: Config, user: User) -> EnvRecord:
@@ -353,7 +373,8 @@ def _teardown(layout: Layout, record: EnvRecord | None) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.init_pid, signal.SIGKILL)  # the PID namespace dies with its init
         deadline = time.monotonic() + 10
-        while is_alive(record) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+                is_alive(record) or _running(record.holder_pid, record.uid)):
             time.sleep(0.01)
     for path in (layout.mask, layout.lower):
         _umount(path)

@@ -36,11 +36,14 @@ PAM_DIR = "/etc/pam.d"
 def hook_main() -> int:
     """Entry point of ``sdeefs-pam`` (pam_exec passes PAM_USER and PAM_TYPE)."""
     logging.basicConfig(level=logging.INFO, format="sdeefs-pam: %(message)s")
+    # pam_exec passes no environment of ours: the config file comes as an argument.
+    args = sys.argv[1:]
+    config_path = args[args.index("--config") + 1] if "--config" in args[:-1] else None
     user_name, pam_type = os.environ.get("PAM_USER"), os.environ.get("PAM_TYPE")
     if not user_name or pam_type not in ("open_session", "close_session"):
         return 0  # auth/account phases, or misuse: nothing to do
     try:
-        cfg = config_mod.load()
+        cfg = config_mod.load(config_path)
         user = env.User.lookup(user_name)
         if user.uid < cfg.min_uid:
             return 0
@@ -61,12 +64,14 @@ def hook_path() -> str:
     return path if os.path.exists(path) else shutil.which("sdeefs-pam") or path
 
 
-def install(service: str, control: str = "optional", pam_dir: str = PAM_DIR) -> str:
+def install(service: str, control: str = "optional", pam_dir: str = PAM_DIR,
+            config: str | None = None) -> str:
     """Append the session line to /etc/pam.d/SERVICE (idempotent); return the file."""
     path = os.path.join(pam_dir, service)
     if not os.path.exists(path):
         raise QuietError(f"no PAM service file {path}", 2)
-    line = f"session {control} pam_exec.so quiet {hook_path()}  {MARKER}\n"
+    config_arg = f" --config {config}" if config else ""
+    line = f"session {control} pam_exec.so quiet {hook_path()}{config_arg}  {MARKER}\n"
     with open(path) as f:
         lines = f.readlines()
     lines = [existing for existing in lines if not existing.rstrip().endswith(MARKER)]

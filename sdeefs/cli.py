@@ -167,7 +167,8 @@ def _launcher(args: argparse.Namespace) -> int:
     from sdeefs_launcher import config, env, pam
 
     if args.command == "install-pam":
-        print(f"installed in {pam.install(args.service, args.control)}")
+        config_path = os.environ.get("SDEEFS_CONFIG")
+        print(f"installed in {pam.install(args.service, args.control, config=config_path)}")
         return 0
     if args.command == "uninstall-pam":
         removed = pam.uninstall(args.service)

@@ -261,6 +261,10 @@ def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
     pid = os.fork()
     if pid == 0:  # child: detach, then serve
         os.close(read_fd)
+        # Keep nothing of the caller's but the report pipe: an inherited descriptor (a
+        # caller's flock, a socket) would otherwise live as long as the daemon.
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
         os.setsid()
         if os.fork() != 0:
             os._exit(0)

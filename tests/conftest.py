@@ -103,3 +103,7 @@ def layers(tmp_path: Path) -> Iterator[Layers]:
         yield result
     finally:
         result.cleanup()
+
+
+# The launcher tests' site fixture (tests/launcher_site.py), available to every module.
+from .launcher_site import site  # noqa: E402, F401

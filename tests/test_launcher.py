@@ -1,0 +1,188 @@
+"""The login environment end to end: real PAM (pamtester), real users, real namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdeefs.mount import daemon_pid
+from sdeefs_launcher import config as config_mod
+from sdeefs_launcher.pam import install, uninstall
+
+from .launcher_site import Site, open_site, requires_launcher
+
+pytestmark = requires_launcher
+
+PYTHON_MODULE_DIR = "/usr/lib/python3/dist-packages"
+
+
+def test_two_users_are_isolated_and_the_host_unchanged(site: Site) -> None:
+    alice, bob = site.add_user(), site.add_user()
+    site.start(alice)
+    site.start(bob)
+    # alice installs things as root would
+    site.run(alice, "printf '#!/bin/sh\\necho alice-tool\\n' > /usr/local/bin/alice-tool && "
+                    "chmod 755 /usr/local/bin/alice-tool && "
+                    "echo 'export ALICE=1' > /etc/profile.d/alice.sh && "
+                    f"mkdir -p {PYTHON_MODULE_DIR}/sdeefs_demo_mod && "
+                    f"echo 'VERSION = 2' > {PYTHON_MODULE_DIR}/sdeefs_demo_mod/__init__.py && "
+                    "echo done > ~/result.txt")
+    assert site.run(alice, "alice-tool").stdout == "alice-tool\n"
+    assert site.run(alice, "python3 -c 'import sdeefs_demo_mod; print(sdeefs_demo_mod.VERSION)'"
+                    ).stdout == "2\n"
+    # bob sees none of it, and neither does the host
+    out = site.run(bob, "ls /usr/local/bin/alice-tool /etc/profile.d/alice.sh 2>&1; true").stdout
+    assert out.count("No such file") == 2
+    for path in ("/usr/local/bin/alice-tool", "/etc/profile.d/alice.sh",
+                 f"{PYTHON_MODULE_DIR}/sdeefs_demo_mod"):
+        assert not os.path.exists(path)
+    # results land in the real home; the upper holds the rest, owned by the user
+    assert (site.home(alice) / "result.txt").read_text() == "done\n"
+    tool = site.upper(alice) / "usr/local/bin/alice-tool"
+    assert tool.stat().st_uid == site.uid(alice)
+    # each sees only its own processes, and root inside is the user outside
+    ps = site.run(alice, "ps -eo pid,comm --no-headers").stdout.split("\n")
+    assert ps[0].split() == ["1", "sdeefs-init"]
+    assert all("sleep" not in line for line in ps)
+    assert site.run(alice, "id -u").stdout == "0\n"
+    assert site.run(alice, "cat /proc/self/uid_map").stdout.split() == ["0",
+                                                                          str(site.uid(alice)),
+                                                                          "1"]
+    # bob's home and the sdeefs directories are not visible from alice's view
+    assert site.run(alice, f"ls {site.home(bob)} 2>&1; true").stdout.count("No such file") == 1
+    assert site.run(alice, f"ls -A {site.root}").stdout == ""  # an empty directory
+
+
+def test_sessions_share_one_environment(site: Site) -> None:
+    user = site.add_user()
+    site.start(user)
+    sleeper = subprocess.Popen(["runuser", "-u", user, "--", "env",
+                                f"SDEEFS_RUN_DIR={site.run_dir}", str(Path(sys.executable).parent
+                                                                     / "sdeefs-shell"),
+                                "-c", "exec sleep 30"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if "sleep" in site.run(user, "ps -eo comm --no-headers").stdout:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the first session's sleep is not visible to the second session")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_pam_sessions_start_count_and_end_the_environment(site: Site) -> None:
+    user = site.add_user()
+    service = site.pam_service()
+    first = site.pamtester(service, user, "open_session")
+    assert first.returncode == 0, first.stderr
+    second = site.pamtester(service, user, "open_session")
+    assert second.returncode == 0, second.stderr
+    [row] = [r for r in json.loads(site.sdeefs("status", "--json").stdout) if r["user"] == user]
+    assert row["running"]
+    assert row["sessions"] == 2
+    assert row["engine"] == "hybrid"
+    assert row["daemon_pid"]
+    assert site.run(user, "echo logged-in").stdout == "logged-in\n"
+    init_pid = row["init_pid"]
+    assert site.pamtester(service, user, "close_session").returncode == 0
+    assert os.path.exists(f"/proc/{init_pid}")  # one session left
+    assert site.pamtester(service, user, "close_session").returncode == 0
+    # the last logout ends the whole tree and unmounts; the upper and journal stay
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{init_pid}/ns") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{init_pid}/ns")
+    assert site.leftovers() == []
+    assert (site.root / user / "state" / "journal").is_dir()
+
+
+def test_relogin_after_the_daemon_died_recovers(site: Site) -> None:
+    user = site.add_user()
+    site.start(user)
+    site.run(user, "echo before > /etc/kept.conf")
+    state = site.root / user / "state"
+    pid = daemon_pid(str(state))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    site.stop(user)  # what a crashed machine leaves behind, minus the reboot
+    site.start(user)
+    assert site.run(user, "cat /etc/kept.conf").stdout == "before\n"
+    assert site.run(user, "echo after >> /etc/kept.conf && cat /etc/kept.conf").stdout == \
+        "before\nafter\n"
+    site.stop(user)
+    check = site.sdeefs("check", "--upper", str(site.upper(user)), "--state", str(state))
+    assert check.stdout.strip().endswith("ok")
+
+
+def test_stop_leaves_nothing_behind(site: Site) -> None:
+    user = site.add_user()
+    init_pid = site.start(user)
+    site.run(user, "sleep 60 >/dev/null 2>&1 & true")
+    site.stop(user)
+    assert not os.path.exists(f"/proc/{init_pid}/ns")
+    assert site.leftovers() == []
+    # (zombies are left for the host's init to reap: they hold no namespace or mount)
+    out = subprocess.run(["ps", "-u", user, "-o", "pid=,stat=,comm="], capture_output=True,
+                         text=True)
+    assert [line for line in out.stdout.splitlines() if line.split()[1][0] != "Z"] == []
+    assert site.sdeefs("stop", user).stdout.strip().endswith("was not running; mounts cleaned up")
+
+
+def test_overlay_engine_without_journal() -> None:
+    """engine = overlay: plain kernel overlayfs on the upper (its filesystem must not be /'s)."""
+    with open_site("overlay") as site:
+        os.makedirs(site.root, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755", "sdeefs-test", str(site.root)],
+                       check=True)
+        try:
+            user = site.add_user()
+            site.start(user)
+            site.run(user, "echo overlay > /etc/engine.txt")
+            assert (site.upper(user) / "etc" / "engine.txt").read_text() == "overlay\n"
+            assert not (site.root / user / "state" / "journal").exists()
+            site.stop(user)
+        finally:
+            site.cleanup()
+            subprocess.run(["umount", "-l", str(site.root)], capture_output=True)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    for text, key in (('[sdeefs]\nengine = "docker"\n', "sdeefs.engine"),
+                      ('[sdeefs]\nroot = "relative"\n', "sdeefs.root"),
+                      ('[sdeefs]\nshred = []\n', "sdeefs.shred"),
+                      ('[sdeefs]\nidle_timeout = -1\n', "sdeefs.idle_timeout")):
+        bad.write_text(text)
+        result = subprocess.run([sys.executable, "-m", "sdeefs", "status"],
+                                env={**os.environ, "SDEEFS_CONFIG": str(bad)},
+                                capture_output=True, text=True)
+        assert result.returncode == 2
+        assert key in result.stderr
+        assert result.stderr.count("\n") == 1
+    assert config_mod.parse({}) == config_mod.Config()
+
+
+def test_install_pam_edits_only_its_own_line(tmp_path: Path) -> None:
+    service = tmp_path / "login"
+    original = "auth required pam_unix.so\nsession required pam_unix.so"
+    service.write_text(original)
+    install("login", pam_dir=str(tmp_path))
+    install("login", pam_dir=str(tmp_path))  # idempotent
+    lines = service.read_text().splitlines()
+    assert lines[:2] == original.splitlines()
+    assert len(lines) == 3
+    assert "pam_exec.so" in lines[2]
+    assert "sdeefs-pam" in lines[2]
+    assert uninstall("login", pam_dir=str(tmp_path))
+    assert service.read_text() == original + "\n"
+    assert not uninstall("login", pam_dir=str(tmp_path))
