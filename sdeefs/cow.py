@@ -42,6 +42,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -77,6 +78,8 @@ DEFAULT_EXCLUDES = (b"proc", b"sys", b"dev", b"run")
 
 AnyJournal = Journal | NullJournal
 Mode = Literal["merged", "raw"]
+# what resolving a name yields: (ino, kind, lower path, in_upper, opaque, stat)
+Resolved = tuple[int, int, bytes | None, bool, bool, os.stat_result]
 
 
 @attrs.frozen
@@ -168,6 +171,7 @@ class LayerRoot:
     upper_fd: int
     work_fd: int
     journal: AnyJournal
+    generation: int = 0  # counts namespace mutations
     _mount_fd: int = -1
 
     def _root(self, path: bytes) -> tuple[int, bytes]:
@@ -267,6 +271,7 @@ class LayerRoot:
 
     def _do(self, record: rec.Record, action: Callable[[], None]) -> None:
         """Journal ``record``, perform it, then mark it Done (or Abort if it failed)."""
+        self.generation += 1  # invalidates what CowFS cached about names
         seq = self.journal.append(record)
         try:
             action()
@@ -412,6 +417,7 @@ class Config:
     excludes: tuple[bytes, ...] = DEFAULT_EXCLUDES  # view paths shown as empty directories
     hidden: tuple[bytes, ...] = ()  # view paths whose lower entry is not shown at all
     layout: Layout = Layout()
+    cache_timeout: float = 0.0  # how long lower-only names may be answered from memory
 
 
 @attrs.define(eq=False)
@@ -442,6 +448,9 @@ class CowFS:
     renumbered: dict[int, int] = attrs.field(factory=dict)
     origin_inos: dict[bytes, int] = attrs.field(factory=dict)
     by_path: dict[bytes, Node] = attrs.field(factory=dict)
+    _resolved: dict[tuple[int, bytes], tuple[float, Resolved]] = attrs.field(factory=dict)
+    _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
+    _cache_generation: int = 0
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
     _generation: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
 
@@ -612,8 +621,7 @@ class CowFS:
 
     # -- resolution ---------------------------------------------------------------------------
 
-    def _resolve(self, parent: Node, name: bytes) -> tuple[int, int, bytes | None, bool, bool,
-                                                          os.stat_result]:
+    def _resolve(self, parent: Node, name: bytes) -> Resolved:
         """Find ``name`` in ``parent``: (ino, kind, lower path, in_upper, opaque, stat)."""
         path = join(parent.path, name)
         if self.raw:
@@ -644,8 +652,7 @@ class CowFS:
         kind = stat.S_IFMT(lower.st_mode)
         return lower.st_ino, kind, lower_path, False, excluded, lower
 
-    def _resolve_raw(self, parent: Node, path: bytes) -> tuple[int, int, bytes | None, bool,
-                                                              bool, os.stat_result]:
+    def _resolve_raw(self, parent: Node, path: bytes) -> Resolved:
         if parent.ino == ROOT_INO and path not in (b"upper", b"work"):
             raise FileNotFoundError(errno.ENOENT, "not a layer", path)
         st = self.layers.lstat(path)
@@ -719,23 +726,32 @@ class CowFS:
         parent = self.node(parent_ino)
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
-        ino, kind, lower, in_upper, opaque, st = self._resolve(parent, name)
+        ino, kind, lower, in_upper, opaque, st = self._resolve_cached(parent, name)
         node = self._remember(ino, kind, join(parent.path, name), lower, in_upper, opaque, True)
         return Attr(node.ino, st)
 
-    def refresh(self, node: Node) -> os.stat_result:
-        """Re-resolve a node from its current name (the lower may have changed under us)."""
-        if node.ino == ROOT_INO:
-            return self._root_stat()
-        head, name = split(node.path)
-        parent_ino = self._ino_of_path(head)
-        parent = self.nodes.get(parent_ino) if parent_ino is not None else None
-        if parent is None:
-            return self._stat_node(node)
-        ino, kind, lower, in_upper, opaque, st = self._resolve(parent, name)
-        if ino == node.ino:
-            node.kind, node.lower, node.in_upper, node.opaque = kind, lower, in_upper, opaque
-        return st
+    def _resolve_cached(self, parent: Node, name: bytes) -> Resolved:
+        """_resolve, remembered for ``cache_timeout`` for entries that only the lower holds.
+
+        The kernel re-asks for names and attributes it dropped (and for every entry
+        of every readdir, which FUSE never caches); answering from memory for
+        lower-only entries is as fresh as the kernel's own cache, which the admin's
+        changes also wait out.  Any change to the upper forgets everything, and upper
+        entries are never cached (their size changes with every write).
+        """
+        now = time.monotonic()
+        if self._cache_generation != self.layers.generation or len(self._resolved) > 500_000:
+            self._resolved.clear()
+            self._listings.clear()
+            self._cache_generation = self.layers.generation
+        key = (parent.ino, name)
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        result = self._resolve(parent, name)
+        if not result[3] and self.config.cache_timeout > 0:
+            self._resolved[key] = (now + self.config.cache_timeout, result)
+        return result
 
     def parent_ino(self, node: Node) -> int:
         """The inode of the directory holding ``node`` (the root for the root)."""
@@ -780,6 +796,18 @@ class CowFS:
     def listdir(self, ino: int) -> list[bytes]:
         """The merged names of a directory: upper first, then lower; whiteouts hidden, no dups."""
         node = self.node(ino)
+        if node.in_upper or self.raw or self.config.cache_timeout <= 0:
+            return self._listdir(node)
+        now = time.monotonic()
+        hit = self._listings.get(ino)
+        if hit is not None and hit[0] > now and self._cache_generation == self.layers.generation:
+            return hit[1]
+        names = self._listdir(node)
+        if self._cache_generation == self.layers.generation:
+            self._listings[ino] = (now + self.config.cache_timeout, names)
+        return names
+
+    def _listdir(self, node: Node) -> list[bytes]:
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         if self.raw and node.ino == ROOT_INO:

@@ -222,7 +222,8 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
             config = Config(upper=os.fsencode(os.path.abspath(req.upper)),
                             work=os.fsencode(os.path.abspath(os.path.join(req.state, "work"))),
                             lower=os.fsencode(req.lower) if mode == "merged" else None,
-                            mode=mode, excludes=view_excludes(req), layout=Layout(prefix))
+                            mode=mode, excludes=view_excludes(req), layout=Layout(prefix),
+                            cache_timeout=req.cache_timeout)
             fs = CowFS.open(config, journal)
             stack.callback(fs.close)
             ops = Operations(fs, Offload(), req.cache_timeout,
