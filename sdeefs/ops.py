@@ -98,6 +98,7 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self.mutex = trio.Lock()
         self.files: dict[int, OpenFile] = {}
+        self._nowait_writes = True
         self.dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
 
@@ -345,18 +346,35 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        return await self.offload.run(os.pread, self.files[fh].fd, size, off)
+        fd = self.files[fh].fd
+        # Fast path: data already in the page cache is copied on the loop (RWF_NOWAIT
+        # refuses, rather than waits for, anything that would block); the rest goes to
+        # a worker thread.  A thread hop costs more than a cached 128 KiB read.
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return await self.offload.run(os.pread, fd, size, off)
+        if n == size or n == 0:
+            return bytes(buf[:n])
+        return bytes(buf[:n]) + await self.offload.run(os.pread, fd, size - n, off + n)
 
     @_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self.files[fh]
-        return await self.offload.run(self._write_sync, handle, off, buf)
-
-    def _write_sync(self, handle: OpenFile, off: int, buf: bytes) -> int:
         # Journal first: if we die between the two, the record names a range whose
         # bytes a shipper reads from the file as they are, so the journal still covers it.
         self.fs.journal_write(handle.node, handle.handle, off, len(buf))
-        return os.pwrite(handle.fd, buf, off)
+        if self._nowait_writes:  # fast path as for read, where the filesystem offers it
+            try:
+                return os.pwritev(handle.fd, [buf], off, os.RWF_NOWAIT)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._nowait_writes = False  # e.g. ext4 buffered writes: always a thread
+        return await self.offload.run(os.pwrite, handle.fd, buf, off)
 
     @_errors
     async def flush(self, fh: FileHandleT) -> None:
