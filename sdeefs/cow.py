@@ -786,12 +786,20 @@ class CowFS:
         node = self.node(ino)
         return Attr(node.ino, self._stat_node(node))
 
+    def _lower_of(self, node: Node) -> bytes:
+        """The lower path of a node that is not in the upper; ENOENT once it was removed.
+
+        (An unlinked entry can still be reached through an open O_PATH descriptor.)
+        """
+        if node.lower is None:
+            raise FileNotFoundError(errno.ENOENT, "the entry was removed", node.path)
+        return node.lower
+
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)
         if node.in_upper:
             return self.layers.readlink(self.layer_path(node.path))
-        assert node.lower is not None
-        return os.readlink(node.lower, dir_fd=self.lower_fd)
+        return os.readlink(self._lower_of(node), dir_fd=self.lower_fd)
 
     def listdir(self, ino: int) -> list[bytes]:
         """The merged names of a directory: upper first, then lower; whiteouts hidden, no dups."""
@@ -866,13 +874,13 @@ class CowFS:
         # a parent not in the table is resolved by walking from the root
         parent = self._walk(head) if parent_ino is None else self.node(parent_ino)
         self.ensure_upper_dir(parent)
-        assert node.lower is not None
-        lst = self._lower_lstat(node.lower)
+        lower = self._lower_of(node)
+        lst = self._lower_lstat(lower)
         if lst is None:
             raise FileNotFoundError(errno.ENOENT, "lower directory vanished", node.path)
         stage = self._stage_name()
         self.layers.mkdir(stage, lst.st_mode, lst.st_uid, lst.st_gid)
-        self._copy_metadata(node.lower, stage, lst)
+        self._copy_metadata(lower, stage, lst)
         if self.layers.lstat(self.layer_path(node.path)) is not None:
             self.layers.rmdir(stage)  # a concurrent creator beat us; keep theirs
         else:
@@ -939,27 +947,26 @@ class CowFS:
         if node.is_dir:
             self.ensure_upper_dir(node)
             return None
-        head, _ = split(node.path)
         self.ensure_upper_dir(self._parent_node(node))
-        assert node.lower is not None
-        lst = self._lower_lstat(node.lower)
+        lower = self._lower_of(node)
+        lst = self._lower_lstat(lower)
         if lst is None:
             raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
         stage = self._stage_name()
         if stat.S_ISLNK(lst.st_mode):
-            target = os.readlink(node.lower, dir_fd=self.lower_fd)
+            target = os.readlink(lower, dir_fd=self.lower_fd)
             self.layers.symlink(stage, target, lst.st_uid, lst.st_gid)
-            self._copy_metadata(node.lower, stage, lst)
+            self._copy_metadata(lower, stage, lst)
             self._finish(node, stage, lst)
             return None
         if not stat.S_ISREG(lst.st_mode):
             self.layers.mknod(stage, lst.st_mode, lst.st_uid, lst.st_gid)
-            self._copy_metadata(node.lower, stage, lst)
+            self._copy_metadata(lower, stage, lst)
             self._finish(node, stage, lst)
             return None
         self.layers.mknod(stage, stat.S_IFREG | 0o600, 0, 0)
         size = lst.st_size if keep_data else 0
-        lower_fd = os.open(node.lower, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.lower_fd)
+        lower_fd = os.open(lower, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.lower_fd)
         try:
             upper_fd = self.layers.open(stage, os.O_WRONLY)
         except BaseException:
@@ -984,13 +991,13 @@ class CowFS:
 
     def finish_copy_up(self, plan: CopyUp) -> None:
         node = plan.node
-        assert node.lower is not None
-        lst = self._lower_lstat(node.lower)
+        lower = self._lower_of(node)
+        lst = self._lower_lstat(lower)
         if lst is None:
             self.abort_copy_up(plan)
             raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
         try:
-            self._copy_metadata(node.lower, plan.stage, lst)
+            self._copy_metadata(lower, plan.stage, lst)
         except BaseException:
             self.abort_copy_up(plan)
             raise
@@ -1381,8 +1388,8 @@ class CowFS:
             raise OSError(errno.EROFS, "the lower is read-only: copy up before writing")
         if node.in_upper:
             return self.layers.open(self.layer_path(node.path), flags)
-        assert node.lower is not None
-        return os.open(node.lower, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.lower_fd)
+        return os.open(self._lower_of(node), flags | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       dir_fd=self.lower_fd)
 
     def journal_write(self, node: Node, handle: bytes, offset: int, length: int) -> None:
         """Record that ``length`` bytes at ``offset`` are about to change in the upper file.
