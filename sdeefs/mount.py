@@ -227,7 +227,7 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
             fs = CowFS.open(config, journal)
             stack.callback(fs.close)
             ops = Operations(fs, Offload(), req.cache_timeout,
-                             writeback_cache=req.writeback_cache and mode == "merged")
+                             writeback_cache=req.writeback_cache)
             pyfuse3.init(ops, mountpoint, _fuse_options(req.state))
         except QuietError as exc:
             _report(ready_fd, str(exc), exc.exitcode)
