@@ -140,6 +140,11 @@ class Node:
     def is_dir(self) -> bool:
         return self.kind == stat.S_IFDIR
 
+    @property
+    def unlinked(self) -> bool:
+        """Removed from the view while the kernel still holds it (an open file, say)."""
+        return not self.in_upper and self.lower is None and self.ino != ROOT_INO
+
 
 def join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
@@ -932,7 +937,8 @@ class CowFS:
                 continue
             self.layers.setxattr(stage, name, value)
         origin = self._origin_of(lower_path)
-        if origin and not stat.S_ISLNK(lst.st_mode):
+        # user.* xattrs are not allowed on symlinks; trusted.* are (as kernel overlayfs does)
+        if origin and not (stat.S_ISLNK(lst.st_mode) and layout.prefix.startswith(b"user.")):
             self.layers.setxattr(stage, layout.origin, origin)
         mask = rec.SET_OWNER | rec.SET_ATIME | rec.SET_MTIME
         if not stat.S_ISLNK(lst.st_mode):
@@ -1397,4 +1403,6 @@ class CowFS:
         ``handle`` is the file handle of the open upper file (``name_to_handle``), taken
         per open file: an inode number can be reused by a new file, a handle cannot.
         """
+        if node.unlinked:
+            return  # the file has no name in the upper any more: nothing a replica must see
         self.layers.journal.append(rec.Write(self.layer_path(node.path), handle, offset, length))

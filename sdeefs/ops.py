@@ -158,13 +158,39 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
+        fd = self._open_fd_of(inode)
+        if fd is not None:  # unlinked but open: the file lives on in its descriptor
+            return self._entry(Attr(inode, os.fstat(fd)))
         return self._entry(self.fs.getattr(inode))
+
+    def _open_fd_of(self, inode: int) -> int | None:
+        """A descriptor of an open, unlinked file (None if the node still has a name)."""
+        node = self.fs.nodes.get(inode)
+        if node is None or not node.unlinked:
+            return None
+        return next((f.fd for f in self.files.values() if f.node is node), None)
+
+    def _setattr_unlinked(self, inode: int, fd: int, mask: int, change: rec.Setattr
+                          ) -> EntryAttributes:
+        """setattr of an unlinked open file: through its descriptor, nothing to journal."""
+        if mask & rec.SET_SIZE:
+            os.ftruncate(fd, change.size)
+        if mask & rec.SET_OWNER:
+            os.fchown(fd, change.uid, change.gid)
+        if mask & rec.SET_MODE:
+            os.fchmod(fd, change.mode)
+        if mask & (rec.SET_ATIME | rec.SET_MTIME):
+            st = os.fstat(fd)
+            os.utime(fd, ns=(change.atime_ns if mask & rec.SET_ATIME else st.st_atime_ns,
+                             change.mtime_ns if mask & rec.SET_MTIME else st.st_mtime_ns))
+        return self._entry(Attr(inode, os.fstat(fd)))
 
     @_errors
     async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
         mask = 0
-        current = self.fs.getattr(inode).st
+        unlinked_fd = self._open_fd_of(inode)
+        current = os.fstat(unlinked_fd) if unlinked_fd is not None else self.fs.getattr(inode).st
         uid, gid = current.st_uid, current.st_gid
         if fields.update_mode:
             mask |= rec.SET_MODE
@@ -181,6 +207,8 @@ class Operations(pyfuse3.Operations):
         change = rec.Setattr(b"upper", mask, stat.S_IMODE(attr.st_mode), uid, gid,
                              attr.st_size if fields.update_size else 0,
                              attr.st_atime_ns, attr.st_mtime_ns)
+        if unlinked_fd is not None:
+            return self._setattr_unlinked(inode, unlinked_fd, mask, change)
         async with self.mutex:
             node = self.fs.node(inode)
             if self.fs.needs_copy_up(node):
