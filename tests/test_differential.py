@@ -1,0 +1,518 @@
+"""Differential acceptance test: sdeefs versus kernel overlayfs.
+
+Hypothesis generates sequences of filesystem operations on a small alphabet
+of names (so they collide with the lower tree and with each other).  Every
+sequence is applied to
+
+  (a) kernel overlayfs   lowerdir=L, upperdir=U1, workdir=W1   at M1
+  (b) sdeefs             --lower L --upper U2 --state S2        at M2
+
+Each operation's outcome (result or errno) must be identical, and so must the
+merged trees (names, types, modes, owners, sizes, contents, symlink targets,
+user xattrs, nlink of regular files, explicitly set mtimes, no duplicate
+names, "." and ".." and d_types in getdents64, and which inode numbers are
+shared / kept from the lower layer).  Besides plain syscalls the sequences
+hold fds across other operations, run operations as uid 1000/1001, and drop
+the kernel's dentry/inode caches (FUSE FORGETs).
+
+Then both are unmounted; sdeefs is mounted again on U2/S2, and the upper dirs
+are swapped: U2 (written by sdeefs) is mounted by the kernel, U1
+(written by the kernel) by sdeefs; all three must show the tree kernel
+overlayfs showed.  U2 must be in overlayfs format (0/0 whiteouts, no ``.wh.``
+names).  The lower layer must never change.
+
+``test_harness_kernel_vs_kernel`` runs the same harness with the kernel on
+both sides, proving the harness itself is deterministic.
+
+Environment:
+  SDEEFS_DIFF_EXAMPLES       max_examples of the sdeefs test (default 25)
+  SDEEFS_DIFF_SELF_EXAMPLES  max_examples of the kernel/kernel check (default 10)
+  SDEEFS_DIFF_MAX_OPS        maximum operations per sequence (default 25)
+  SDEEFS_DIFF_SEED           fixed hypothesis seed
+  SDEEFS_DIFF_VERBOSE        print every op and both outcomes to stderr
+  SDEEFS_DIFF_SKIP_OPS=A,B   leave these operation classes out of the sequences,
+                             e.g. AsUser,OpenFd (no unprivileged callers, no held fds)
+  SDEEFS_DIFF_LOWER_HARDLINK=1  lower d/b is a hard link of b (default: a copy).  Off by
+                             default because here sdeefs differs from kernel overlayfs on
+                             purpose: a copy-up keeps all lower names of a file linked (as
+                             kernel overlayfs does only with index=on), where the default
+                             kernel breaks the link; tests/test_mount.py and test_cow.py
+                             check sdeefs' behaviour
+  SDEEFS_DIFF_IGNORE=f1,f2   leave snapshot fields out of the comparison (to look
+                             past a known mismatch), e.g. ino,dir.mtime
+  SDEEFS_DIFF_OP_TIMEOUT     seconds before a blocked sdeefs op aborts the
+                             FUSE connection (default 30)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+# the helper module lives next to this file (works whether or not tests/ is a package)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import overlay_model as om  # noqa: E402
+
+MAX_EXAMPLES = int(os.environ.get("SDEEFS_DIFF_EXAMPLES", "25"))
+SELF_EXAMPLES = int(os.environ.get("SDEEFS_DIFF_SELF_EXAMPLES", "10"))
+MAX_OPS = int(os.environ.get("SDEEFS_DIFF_MAX_OPS", "25"))
+SKIP_OPS = frozenset(
+    n.strip() for n in os.environ.get("SDEEFS_DIFF_SKIP_OPS", "").split(",") if n.strip())
+LOWER_HARDLINK = os.environ.get("SDEEFS_DIFF_LOWER_HARDLINK", "0") != "0"
+
+
+# --------------------------------------------------------------------------
+# skips
+
+def _overlay_in_proc_filesystems() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1] == "overlay" for line in f if line.strip())
+    except OSError:
+        return False
+
+
+def _skip_reason(need_fuse: bool) -> str | None:
+    if os.geteuid() != 0:
+        return ("differential test needs root (mount -t overlay, chown, trusted.* "
+                f"xattrs); euid is {os.geteuid()}")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        return "mount/umount binaries not found in PATH"
+    if not _overlay_in_proc_filesystems():
+        subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
+        if not _overlay_in_proc_filesystems():
+            return "kernel has no overlay filesystem (/proc/filesystems; modprobe overlay failed)"
+    if need_fuse and not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist (no FUSE support in this kernel/container)"
+    return None
+
+
+# --------------------------------------------------------------------------
+# operation strategy
+
+# biased towards names that exist in the lower tree (top level, d/*, e/*) so
+# that operations hit lower entries and each other; any path up to depth 3
+# (d/e/*, d/d/*, ENOTDIR paths like a/b, ...) is still possible
+_top = st.sampled_from(om.NAMES)
+_second = st.builds(lambda p, n: f"{p}/{n}", st.sampled_from(["d", "e"]),
+                    st.sampled_from(om.NAMES))
+_any = st.lists(st.sampled_from(om.NAMES), min_size=1, max_size=3).map("/".join)
+paths = st.one_of(_top, _top, _second, _second, _any)
+
+_datas = st.one_of(
+    st.sampled_from([b"", b"x", b"hello\n", b"0123456789"]),
+    st.binary(min_size=1, max_size=16),
+    st.builds(om.Blob, st.sampled_from([4097, 70000]), st.integers(0, 3)),
+)
+
+_explicit_ns = st.builds(
+    lambda s, ns: s * 1_000_000_000 + ns,
+    st.integers(1_000_000_000, 1_400_000_000),
+    st.sampled_from([0, 1, 500_000_000, 999_999_999]),
+)
+
+_slots = st.integers(0, 1)
+
+# operations that only take paths (these can also run as another user)
+path_operations = st.one_of(
+    st.builds(om.Write, paths,
+              st.sampled_from(["trunc", "create", "append", "excl", "existing"]),
+              st.sampled_from([0, 3, 100, 6000]), _datas),
+    st.builds(om.Truncate, paths, st.sampled_from([0, 2, 5000, 100000])),
+    st.builds(om.Mkdir, paths, st.sampled_from([0o755, 0o700, 0o1777])),
+    st.builds(om.Rmdir, paths),
+    st.builds(om.Unlink, paths),
+    st.builds(om.RmTree, paths),
+    st.builds(om.Rename, paths, paths,
+              st.sampled_from([0, 0, om.RENAME_NOREPLACE, om.RENAME_EXCHANGE])),
+    st.builds(om.Symlink, st.sampled_from(om.SYMLINK_TARGETS), paths),
+    st.builds(om.Link, paths, paths),
+    st.builds(om.Chmod, paths,
+              st.sampled_from([0o600, 0o755, 0o4755, 0o000, 0o1777, 0o2750])),
+    st.builds(om.Chown, paths, st.sampled_from([0, 1000, 1001]),
+              st.sampled_from([0, 100, 1000]), st.booleans()),
+    st.builds(om.Utime, paths, _explicit_ns, _explicit_ns, st.booleans()),
+    st.builds(om.SetXattr, paths, st.sampled_from(om.XATTR_NAMES),
+              st.sampled_from([b"", b"v1", b"value-two"]),
+              st.sampled_from([0, 0, os.XATTR_CREATE, os.XATTR_REPLACE])),
+    st.builds(om.RemoveXattr, paths,
+              st.sampled_from((*om.XATTR_NAMES, "user.dirattr"))),
+    st.builds(om.GetXattr, paths, st.sampled_from(om.XATTR_NAMES)),
+    st.builds(om.Mkfifo, paths),
+    st.builds(om.MknodWhiteout, paths),
+    st.builds(om.Read, paths),
+    st.builds(om.ListDir, st.one_of(st.just("."), paths)),
+)
+
+# (uid, gid) of unprivileged callers: 1000 owns some lower entries, 1001 none
+_users = st.sampled_from([(1000, 1000), (1000, 100), (1001, 1001)])
+as_user = st.builds(lambda ug, op: om.AsUser(ug[0], ug[1], op), _users, path_operations)
+
+operations = st.one_of(
+    path_operations,
+    as_user,
+    st.builds(om.OpenFd, _slots, paths, st.sampled_from(["r", "rw", "w-creat"])),
+    st.builds(om.FdRead, _slots),
+    st.builds(om.FdWrite, _slots, st.sampled_from([0, 4, 5000]), _datas),
+    st.builds(om.FdTruncate, _slots, st.sampled_from([0, 3, 9000])),
+    st.builds(om.FdStat, _slots),
+    st.builds(om.CloseFd, _slots),
+    st.just(om.Check()),
+    st.just(om.DropCaches()),
+)
+
+# short scripted scenarios that random single ops would hit too rarely; they
+# are mixed into the sequence as units (and shrink like everything else)
+_lower_dirs = st.sampled_from(["d", "e", "d/e", "d/d"])
+_lower_nondirs = st.sampled_from(["a", "b", "x", "d/a", "d/b", "d/x", "d/e/a", "d/e/x"])
+_modes = st.sampled_from([0o755, 0o700])
+scenarios = st.one_of(
+    # rm -r of a lower dir, then mkdir of the same name: must be opaque
+    st.builds(lambda p, m: [om.RmTree(p), om.Mkdir(p, m)], _lower_dirs, _modes),
+    st.builds(lambda p, m, n: [om.RmTree(p), om.Mkdir(p, m),
+                               om.Write(f"{p}/{n}", "excl", 0, b"new\n"), om.ListDir(p)],
+              _lower_dirs, _modes, _top),
+    # a lower dir replaced by a file / symlink / fifo
+    st.builds(lambda p, d: [om.RmTree(p), om.Write(p, "excl", 0, d)], _lower_dirs, _datas),
+    st.builds(lambda p, t: [om.RmTree(p), om.Symlink(t, p)], _lower_dirs,
+              st.sampled_from(om.SYMLINK_TARGETS)),
+    # a lower file deleted and recreated (as file, dir, fifo)
+    st.builds(lambda p, d: [om.Unlink(p), om.Write(p, "excl", 0, d)], _lower_nondirs, _datas),
+    st.builds(lambda p, m: [om.Unlink(p), om.Mkdir(p, m)], _lower_nondirs, _modes),
+    st.builds(lambda p: [om.Unlink(p), om.Mkfifo(p)], _lower_nondirs),
+    # rename over a lower entry, then reuse the source name
+    st.builds(lambda p, q, d: [om.Rename(p, q), om.Write(p, "excl", 0, d)],
+              _lower_nondirs, _lower_nondirs, _datas),
+    # a new directory tree renamed around (legal without redirect_dir)
+    st.builds(lambda p, q, f: [om.Mkdir(p, 0o755), om.Write(f"{p}/a", "excl", 0, b"z"),
+                               om.Rename(p, q, f), om.ListDir(q)],
+              paths, paths, st.sampled_from([0, om.RENAME_NOREPLACE, om.RENAME_EXCHANGE])),
+    # copy-up of one name of the lower hard-link pair b, d/b (the other name
+    # must keep showing the lower file, with the lower nlink)
+    st.sampled_from(["b", "d/b"]).flatmap(lambda p: st.one_of(
+        st.builds(om.Truncate, st.just(p), st.sampled_from([0, 5000])),
+        st.builds(om.Chmod, st.just(p), st.just(0o644)),
+        st.builds(om.Chown, st.just(p), st.just(0), st.just(0)),
+        st.builds(om.Write, st.just(p), st.just("append"), st.just(0), st.just(b"+")),
+        st.builds(om.SetXattr, st.just(p), st.just("user.bar"), st.just(b"v1")),
+        st.builds(om.Utime, st.just(p), _explicit_ns, _explicit_ns),
+        st.builds(om.Rename, st.just(p), st.sampled_from(["e/b", "a"])),
+        st.builds(om.Link, st.just(p), st.sampled_from(["e/b", "d/d/b"]))))
+    .map(lambda op: [op, om.Check()]),
+    # metadata-only change of a lower file (truncate to its own size too)
+    st.builds(lambda pn, op: [op(pn[0], pn[1]), om.Check()],
+              st.sampled_from([("a", 8), ("b", 5000), ("d/a", 72), ("d/e/a", 0)]),
+              st.sampled_from([om.Truncate, lambda p, n: om.Chmod(p, 0o640),
+                               lambda p, n: om.SetXattr(p, "user.foo", b"v1")])),
+    # an open file that is unlinked (lower, copied-up or new) stays usable
+    st.builds(lambda pre, p, m, d: [*pre(p), om.OpenFd(1, p, m), om.Unlink(p), om.FdStat(1),
+                                    om.FdWrite(1, 0, d), om.FdRead(1), om.FdStat(1),
+                                    om.CloseFd(1)],
+              st.sampled_from([lambda p: [], lambda p: [om.Chmod(p, 0o644)],
+                               lambda p: [om.Unlink(p), om.Write(p, "excl", 0, b"new")]]),
+              st.sampled_from(["a", "b", "d/a", "d/e/a"]),
+              st.sampled_from(["r", "rw"]), _datas),
+    # hold a lower file open, modify it through another path, read the fd
+    st.builds(lambda p, m, op: [om.OpenFd(0, p, m), op, om.FdRead(0), om.FdStat(0)],
+              _lower_nondirs, st.sampled_from(["r", "rw"]),
+              st.one_of(st.builds(om.Chmod, _lower_nondirs, st.just(0o600)),
+                        st.builds(om.Write, _lower_nondirs, st.just("append"),
+                                  st.just(0), st.just(b"+appended")),
+                        st.builds(om.Unlink, _lower_nondirs),
+                        st.builds(om.Truncate, _lower_nondirs, st.just(1)))),
+)
+
+
+def _flatten(chunks: list[list[om.Op]]) -> list[om.Op]:
+    ops = [op for chunk in chunks for op in chunk
+           if type(op).__name__ not in SKIP_OPS]
+    return ops[:MAX_OPS]
+
+
+op_sequences = st.lists(
+    st.one_of(operations.map(lambda o: [o]), operations.map(lambda o: [o]), scenarios),
+    max_size=MAX_OPS,
+).map(_flatten)
+
+
+# --------------------------------------------------------------------------
+# fixtures
+
+class LowerTree:
+    """The lower layer's path and pristine snapshot (short repr: hypothesis
+    prints fixture values in its failure report)."""
+
+    def __init__(self, path: str, pristine: dict) -> None:
+        self.path = path
+        self.pristine = pristine
+
+    def __repr__(self) -> str:
+        return f"LowerTree({self.path!r})"
+
+
+@pytest.fixture(scope="module")
+def lower_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LowerTree]:
+    """The lower layer, shared by every example (and proven never to change)."""
+    if os.geteuid() != 0:
+        pytest.skip(f"differential test needs root; euid is {os.geteuid()}")
+    base = tmp_path_factory.mktemp("difflower")
+    os.chmod(base, 0o755)
+    lower = str(base / "lower")
+    os.mkdir(lower)
+    om.build_lower_tree(lower, hardlink=LOWER_HARDLINK)
+    pristine = om.snapshot(lower, exact_times=True)
+    yield LowerTree(lower, pristine)
+    assert om.mounted_under(str(base)) == [], "mounts left below the lower tree"
+
+
+# --------------------------------------------------------------------------
+# the harness
+
+T = TypeVar("T")
+
+
+class Side:
+    """One mounted filesystem under test (kernel or sdeefs)."""
+
+    def __init__(self, backend: Any, ws: om.Workspace, tag: str) -> None:
+        self.backend = backend
+        self.tag = tag
+        self.upper = ws.dir(f"upper-{tag}")
+        self.aux = ws.dir(f"{'work' if backend.name == 'kernel' else 'state'}-{tag}")
+        self.mnt = ws.dir(f"mnt-{tag}")
+        self.ctx = om.Ctx(self.mnt)
+        self.lower_inos: dict[int, str] = {}
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend.name}[{self.tag}]"
+
+    def guarded(self, fn: Callable[[], T], what: str) -> T:
+        return om.call_with_watchdog(fn, self.mnt, self.backend.is_fuse,
+                                     f"{self.label} {what}")
+
+    def apply(self, op: om.Op) -> om.Outcome:
+        return self.guarded(lambda: om.apply_op(self.ctx, op), repr(op))
+
+    def snap(self) -> dict:
+        return self.guarded(_snapshot_of(self.mnt, self.lower_inos), "snapshot")
+
+
+def _fmt_ops(ops: list[om.Op], upto: int | None = None) -> str:
+    return "\n".join(f"  {i:2d}: {op!r}" for i, op in enumerate(ops[:upto]))
+
+
+# distinct failure classes, so that hypothesis reports (and shrinks) each kind
+# of mismatch separately instead of only the one that is easiest to reach
+class OutcomeMismatch(AssertionError):
+    """An operation succeeded/failed differently."""
+
+
+class TreeMismatch(AssertionError):
+    """The merged trees differ while mounted."""
+
+
+class UpperFormatError(AssertionError):
+    """The upper dir written by the backend under test is not overlayfs format."""
+
+
+class CrossMountMismatch(AssertionError):
+    """An upper dir read by the other implementation shows a different tree."""
+
+
+class LowerModified(AssertionError):
+    """The lower layer changed."""
+
+
+_failure_classes: dict[str, type[AssertionError]] = {}
+
+
+def _failure_class(kind: type[AssertionError], key: str) -> type[AssertionError]:
+    """``kind`` refined by ``key`` (the op type): hypothesis
+    tells failures apart by exception type, so each kind of mismatch is
+    shrunk and reported on its own instead of hiding behind another one."""
+    if not key:
+        return kind
+    name = f"{kind.__name__}[{key}]"
+    if name not in _failure_classes:
+        _failure_classes[name] = type(name, (kind,), {"__module__": __name__})
+    return _failure_classes[name]
+
+
+def _op_key(op: om.Op) -> str:
+    if isinstance(op, om.AsUser):
+        return f"AsUser.{type(op.op).__name__}"
+    return type(op).__name__
+
+
+def _fail(kind: type[AssertionError], msg: str, diff: list[str], ops: list[om.Op],
+          upto: int | None = None, key: str = "") -> None:
+    body = msg + ("\n  " + "\n  ".join(diff) if diff else "")
+    cls = _failure_class(kind, key)
+    raise cls(f"{body}\nsequence:\n{_fmt_ops(ops, upto)}")
+
+
+def _snapshot_of(mnt: str, lower_inos: dict[int, str]) -> Callable[[], dict]:
+    return lambda: om.snapshot(mnt, lower_inos=lower_inos)
+
+
+def run_differential(ops: list[om.Op], lower: str, pristine: dict,
+                     backend_a: Any, backend_b: Any) -> None:
+    """Apply ``ops`` to both backends over ``lower`` and compare everything.
+
+    Side A is the reference (kernel overlayfs)."""
+    # in /tmp, not below pytest's 0700 basetemp: AsUser ops must reach the mounts
+    ws = om.Workspace()
+    lower_inos = om.lower_inodes(lower)
+    sides: list[Side] = []
+    ok = False
+    try:
+        a = Side(backend_a, ws, "A")
+        b = Side(backend_b, ws, "B")
+        sides = [a, b]
+        a.lower_inos = b.lower_inos = lower_inos
+        ws.mount(a.backend, lower, a.upper, a.aux, a.mnt)
+        ws.mount(b.backend, lower, b.upper, b.aux, b.mnt)
+
+        # ---- 1. live: every op must have the same outcome
+        for i, op in enumerate(ops):
+            out_a = a.apply(op)
+            out_b = b.apply(op)
+            om.log(f"{i:2d} {op!r}: {a.label}={out_a!r} {b.label}={out_b!r}")
+            if out_a != out_b:
+                _fail(OutcomeMismatch, f"outcome of op #{i} {op!r} differs:\n"
+                      f"  {a.label}: {out_a!r}\n  {b.label}: {out_b!r}", [], ops, i + 1,
+                      key=_op_key(op))
+            if isinstance(op, om.Check):
+                d = om.diff_snapshots(a.snap(), b.snap(), a.label, b.label)
+                if d:
+                    _fail(TreeMismatch, f"merged trees differ at Check op #{i}:", d, ops, i + 1)
+
+        # ---- 2. live: final trees (with open fds still held)
+        expected = a.snap()
+        d = om.diff_snapshots(expected, b.snap(), a.label, b.label)
+        if d:
+            _fail(TreeMismatch, "merged trees differ after the sequence:", d, ops)
+        for s in sides:
+            s.ctx.close_all()
+        # and once more without open files (release/flush happened)
+        expected = a.snap()
+        d = om.diff_snapshots(expected, b.snap(), a.label, b.label)
+        if d:
+            _fail(TreeMismatch, "merged trees differ after closing the open fds:", d, ops)
+
+        ws.umount(a.backend, a.mnt)
+        ws.umount(b.backend, b.mnt)
+
+        # ---- 3. B's upper dir must be in kernel overlayfs format
+        problems = om.check_overlay_upper_format(b.upper)
+        if problems:
+            _fail(UpperFormatError, f"{b.label} upper dir is not in overlayfs format:",
+                  problems, ops)
+
+        # ---- 4. remount + cross-mount: B again on its own upper and state
+        # dir (persistence), then A's backend on B's upper (fresh work dir)
+        # and B's backend on A's upper (fresh state dir)
+        errors: list[str] = []
+        for reader, upper, aux_or_none, writer in ((b.backend, b.upper, b.aux, b.label),
+                                                   (a.backend, b.upper, None, b.label),
+                                                   (b.backend, a.upper, None, a.label)):
+            tag = f"{reader.name}-reads-{writer}".replace("[", "-").replace("]", "")
+            if aux_or_none is None:
+                aux = ws.dir(f"{'work' if reader.name == 'kernel' else 'state'}-{tag}")
+                label = f"{reader.name} mounting the upper written by {writer}"
+            else:
+                aux = aux_or_none
+                tag += "-again"
+                label = f"{reader.name} remounting the upper (and state) of {writer}"
+            mnt = ws.dir(f"mnt-{tag}")
+            ws.mount(reader, lower, upper, aux, mnt)
+            try:
+                snap = om.call_with_watchdog(_snapshot_of(mnt, lower_inos), mnt,
+                                             reader.is_fuse, f"{label}: snapshot")
+            finally:
+                ws.umount(reader, mnt)
+            d = om.diff_snapshots(expected, snap, f"{a.label}-live", label)
+            if d:
+                errors.append(f"{label}: tree differs from the live tree:\n  "
+                              + "\n  ".join(d))
+        if errors:
+            _fail(CrossMountMismatch, "cross-mount mismatch:\n" + "\n".join(errors), [], ops)
+
+        # ---- 5. the lower layer is untouched
+        d = om.diff_snapshots(pristine, om.snapshot(lower, exact_times=True),
+                              "lower-before", "lower-after")
+        if d:
+            _fail(LowerModified, "the LOWER layer was modified:", d, ops)
+        ok = True
+    except AssertionError as e:
+        # the daemon's own account of what happened, for whoever debugs it
+        for s in sides:
+            if isinstance(s.backend, om.Sdeefs):
+                log = os.path.join(s.aux, "daemon.log")
+                with contextlib.suppress(OSError), open(log, errors="replace") as f:
+                    tail = f.readlines()[-30:]
+                    if tail:
+                        e.add_note(f"{s.label} {log} (last {len(tail)} lines):\n"
+                                   + "".join(tail))
+        raise
+    finally:
+        for s in sides:
+            s.ctx.close_all()
+        problems = ws.close()
+        left = om.mounted_under(ws.root)
+        if ok and (problems or left):
+            raise AssertionError(f"cleanup problems: {problems}; mounts left: {left}")
+
+
+_common_settings: dict[str, Any] = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.function_scoped_fixture,
+                              HealthCheck.too_slow, HealthCheck.data_too_large],
+    "print_blob": True,
+}
+
+
+def _maybe_seed(f: Callable[..., None]) -> Callable[..., None]:
+    s = os.environ.get("SDEEFS_DIFF_SEED")
+    return seed(int(s))(f) if s else f
+
+
+@_maybe_seed
+@settings(max_examples=SELF_EXAMPLES, **_common_settings)
+@given(ops=op_sequences)
+def test_harness_kernel_vs_kernel(ops: list[om.Op], lower_tree: LowerTree) -> None:
+    """The harness is sound: kernel overlayfs against itself never differs."""
+    reason = _skip_reason(need_fuse=False)
+    if reason:
+        pytest.skip(reason)
+    lower, pristine = lower_tree.path, lower_tree.pristine
+    run_differential(ops, lower, pristine, om.Kernel(), om.Kernel())
+
+
+@_maybe_seed
+@settings(max_examples=MAX_EXAMPLES, **_common_settings)
+@given(ops=op_sequences)
+def test_sdeefs_matches_kernel_overlayfs(ops: list[om.Op],
+                                         lower_tree: LowerTree) -> None:
+    """sdeefs behaves exactly like kernel overlayfs and shares its upper format."""
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    lower, pristine = lower_tree.path, lower_tree.pristine
+    run_differential(ops, lower, pristine, om.Kernel(), om.Sdeefs())
+
+
+def test_no_mounts_left_behind() -> None:
+    """Runs last in this module: nothing this process mounted is still mounted."""
+    left = [m for root in om.WORKSPACE_ROOTS for m in om.mounted_under(root)]
+    assert left == []
