@@ -13,7 +13,6 @@ import shutil
 import stat
 import tempfile
 
-from . import records as rec
 from .apply import replay
 from .cow import LayerRoot
 from .errors import BadRecord, JournalCorrupt
@@ -121,5 +120,3 @@ def run_checks(upper: str, state: str) -> list[str]:
         problems += check_replay_matches(journal, upper, os.path.join(state, "work"))
     return problems
 
-
-__all__ = ["run_checks", "rec"]

@@ -32,7 +32,7 @@ import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestContext
 
 from . import records as rec
-from .cow import ROOT_INO, Attr, CowFS, Node
+from .cow import Attr, CowFS, Node
 from .offload import Offload
 from .sysio import name_to_handle
 
@@ -456,8 +456,3 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         await self.offload.run(self.fs.layers.journal.sync)
-
-    def statistics(self) -> dict[str, Any]:
-        return {"nodes": len(self.fs.nodes), "open_files": len(self.files),
-                "open_dirs": len(self.dirs), "journal_head": self.fs.layers.journal.head,
-                "root": ROOT_INO}

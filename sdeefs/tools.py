@@ -14,6 +14,8 @@ from .journal import Journal
 from .sysio import is_whiteout
 
 OPAQUE_NAMES = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+SETATTR_BITS = ((rec.SET_MODE, "mode"), (rec.SET_OWNER, "owner"), (rec.SET_SIZE, "size"),
+                (rec.SET_ATIME, "atime"), (rec.SET_MTIME, "mtime"))
 
 
 @attrs.frozen
@@ -135,15 +137,10 @@ def describe(record: rec.Record) -> str:
         elif kind == "blob":
             shown = value if len(value) <= 32 else value[:32] + b"..."
             fields.append(f"{name}={shown!r}")
-        elif name in ("mode",):
+        elif name == "mode":
             fields.append(f"{name}={value:o}")
         elif name == "mask":
-            bits = [b for b, n in ((rec.SET_MODE, "mode"), (rec.SET_OWNER, "owner"),
-                                   (rec.SET_SIZE, "size"), (rec.SET_ATIME, "atime"),
-                                   (rec.SET_MTIME, "mtime")) if value & b]
-            fields.append("set=" + "+".join(n for b, n in (
-                (rec.SET_MODE, "mode"), (rec.SET_OWNER, "owner"), (rec.SET_SIZE, "size"),
-                (rec.SET_ATIME, "atime"), (rec.SET_MTIME, "mtime")) if b in bits))
+            fields.append("set=" + "+".join(label for bit, label in SETATTR_BITS if value & bit))
         else:
             fields.append(f"{name}={value}")
     return f"{type(record).__name__.lower():<11} " + " ".join(fields)
