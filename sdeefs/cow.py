@@ -227,6 +227,25 @@ class LayerRoot:
         finally:
             os.close(fd)
 
+    def lstat_with_xattr(self, path: bytes, name: bytes
+                         ) -> tuple[os.stat_result | None, bytes | None]:
+        """lstat and one xattr of the same entry, resolving its directory once (lookups)."""
+        try:
+            fd, leaf = self.parent_fd(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, None
+        try:
+            st = os.stat(leaf, dir_fd=fd, follow_symlinks=False) if leaf else os.stat(fd)
+            try:
+                value = os.getxattr(fd_path(fd, leaf or None), name, follow_symlinks=not leaf)
+            except OSError:
+                value = None
+            return st, value
+        except FileNotFoundError:
+            return None, None
+        finally:
+            os.close(fd)
+
     def open(self, path: bytes, flags: int, mode: int = 0o600) -> int:
         root, rest = self._root(path)
         return openat2_beneath(root, rest, flags | os.O_NOFOLLOW) if not flags & os.O_CREAT \
@@ -631,7 +650,9 @@ class CowFS:
         path = join(parent.path, name)
         if self.raw:
             return self._resolve_raw(parent, path)
-        upper = self.layers.lstat(self.layer_path(path)) if parent.in_upper else None
+        upper, origin = (self.layers.lstat_with_xattr(self.layer_path(path),
+                                                      self.config.layout.origin)
+                         if parent.in_upper else (None, None))
         if upper is not None and is_whiteout(upper):
             raise FileNotFoundError(errno.ENOENT, "whiteout", path)
         lower_path: bytes | None = None
@@ -647,7 +668,7 @@ class CowFS:
         if upper is not None:
             kind = stat.S_IFMT(upper.st_mode)
             if kind != stat.S_IFDIR:  # nothing of the lower shows through an upper non-directory
-                ino = self._origin_ino(path) or self._upper_ino(upper)
+                ino = self._origin_ino(origin) or self._upper_ino(upper)
                 return ino, kind, None, True, False, upper
             opaque = excluded or self._is_opaque(path)
             if lower is None or not stat.S_ISDIR(lower.st_mode) or opaque:
@@ -676,15 +697,13 @@ class CowFS:
         except OSError:
             return False
 
-    def _origin_ino(self, path: bytes) -> int | None:
+    def _origin_ino(self, origin: bytes | None) -> int | None:
         """The lower inode number a copied-up entry came from (its origin xattr), if any.
 
         This is what keeps st_ino across copy-up, rename, link and remount, for
         copies made by sdeefs and by kernel overlayfs alike (same origin format).
         """
-        try:
-            origin = self.layers.getxattr(self.layer_path(path), self.config.layout.origin)
-        except OSError:
+        if origin is None:
             return None
         if origin in self.origin_inos:
             return self.origin_inos[origin]
