@@ -17,6 +17,8 @@ a missing file means all defaults.  Example (every key, with its default)::
     idle_timeout = 0             # seconds an environment outlives its last session; 0: none
     cache_timeout = 10.0         # seconds the view caches names and attributes of the lower
     tmp_size = "25%"             # size of the private /tmp of an environment
+    private_scan_age = 86400.0   # seconds a scan for root-only files stays valid
+                                 # (launcher/private.py; `sdeefs scan-private` refreshes)
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Config:
     idle_timeout: float = 0.0
     cache_timeout: float = 10.0
     tmp_size: str = "25%"
+    private_scan_age: float = 86400.0
 
     def user_root(self, user: str) -> str:
         return os.path.join(self.root, user)
@@ -105,7 +108,7 @@ def parse(data: dict[str, Any], source: str = "config") -> Config:
     for key in ("shared", "deny"):
         if key in table:
             values[key] = _paths(f"sdeefs.{key}", table[key])
-    for key in ("idle_timeout", "cache_timeout"):
+    for key in ("idle_timeout", "cache_timeout", "private_scan_age"):
         if key in table:
             values[key] = _number(f"sdeefs.{key}", table[key])
     if "tmp_size" in table:

@@ -45,6 +45,7 @@ from sdeefs.errors import QuietError
 from sdeefs.mask import MaskSpec, build_mask
 from sdeefs.mount import MountRequest, daemon_pid, mount_passthrough, umount
 
+from . import private
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,12 @@ def _mask_spec(config: Config, user: User) -> MaskSpec:
                 empty.append(rel)
             else:
                 hidden.append(rel)
+    skip = tuple(os.path.join(lower, p.lstrip("/")) for p in
+                 (*ALWAYS_EMPTY, "home", config.root, config.run_dir))
+    for rel in private.private_paths(lower, config.run_dir, skip, config.private_scan_age):
+        if not any(_inside("/" + os.fsdecode(rel), "/" + os.fsdecode(e)) for e in empty):
+            full = os.path.join(os.fsencode(lower), rel)
+            (empty if os.path.isdir(full) and not os.path.islink(full) else hidden).append(rel)
     mountpoints = [os.fsencode(p.lstrip("/")) for p in (user.home, *config.shared)
                    if any(_inside(p, "/" + os.fsdecode(e)) for e in empty)]
     return MaskSpec(tuple(dict.fromkeys(empty)), tuple(dict.fromkeys(hidden)),
@@ -392,6 +399,8 @@ def _records(config: Config) -> list[EnvRecord]:
     found = []
     if os.path.isdir(config.run_dir):
         for name in sorted(os.listdir(config.run_dir)):
+            if not os.path.isdir(os.path.join(config.run_dir, name)):
+                continue  # e.g. the private-paths cache
             record = EnvRecord.load(os.path.join(config.run_dir, name, "private", "env.json"))
             if record is not None:
                 found.append(record)

@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="every user's environment, for admins")
     st.add_argument("--json", action="store_true")
     sub.add_parser("stop-idle", help="stop environments idle longer than idle_timeout")
+    sub.add_parser("scan-private", help="refresh the list of root-only lower entries that "
+                                        "every environment hides")
 
     for name, helptext in (("diff", "what this user added, changed and deleted"),
                            ("log", "the journal, human-readable"),
@@ -160,7 +162,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle")
+LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle",
+                     "scan-private")
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -182,6 +185,14 @@ def _launcher(args: argparse.Namespace) -> int:
     if args.command == "stop":
         was = env.stop(cfg, env.User.lookup(args.user))
         print(f"{args.user}: " + ("stopped" if was else "was not running; mounts cleaned up"))
+        return 0
+    if args.command == "scan-private":
+        from sdeefs_launcher import private
+
+        skip = tuple(os.path.join(cfg.lower, p.lstrip("/")) for p in
+                     (*env.ALWAYS_EMPTY, "home", cfg.root, cfg.run_dir))
+        found = private.refresh(cfg.lower, cfg.run_dir, skip)
+        print(f"{len(found)} root-only entries will be hidden from new environments")
         return 0
     if args.command == "stop-idle":
         for user in env.stop_idle(cfg):

@@ -57,7 +57,7 @@ def build_mask(target: str, lower: str, spec: MaskSpec, opaque_xattr: bytes,
     os.makedirs(target, mode=0o755, exist_ok=True)
     if os.path.ismount(target):
         subprocess.run(["umount", target], check=True, capture_output=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m,nr_inodes=8192",
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=8m,nr_inodes=65536",
                              "sdeefs-mask", target], capture_output=True, text=True)
     if result.returncode != 0:
         raise QuietError(f"cannot mount the mask layer: {result.stderr.strip()}", 1)

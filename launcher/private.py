@@ -1,0 +1,85 @@
+"""Which lower entries only root may read: they must not show in the idmapped view.
+
+The idmapped lower shows host uid/gid 0 as the user, so an entry readable by root
+*only through its owner or group bits* (``/etc/ssl/private``, a 0600 root file) would
+be readable inside.  This scan finds them; the mask layer hides them (files become
+whiteouts, directories empty).  Entries owned by other users need nothing: their
+owners are not mapped into the user namespace, so inside-root gets no override.
+
+The scan walks the lower's own filesystem (5 s for a full Debian root here), so its
+result is cached in RUN_DIR/private-paths and reused until it is ``max_age`` old;
+``sdeefs scan-private`` refreshes it (from cron, or after installing software).
+Entries created after the last scan are not hidden until the next one: the deny
+list in the config covers known secrets at every start regardless.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator
+
+CACHE_NAME = "private-paths"
+
+
+def _readable_only_by_root(st: os.stat_result) -> bool:
+    mode = st.st_mode
+    needed = 0o005 if stat.S_ISDIR(mode) else 0o004  # what "others" must be allowed
+    if mode & needed == needed:
+        return False
+    root_bits = (0o500 if stat.S_ISDIR(mode) else 0o400) if st.st_uid == 0 else 0
+    group_bits = (0o050 if stat.S_ISDIR(mode) else 0o040) if st.st_gid == 0 else 0
+    return bool(mode & (root_bits | group_bits))
+
+
+def scan(lower: str, skip: tuple[str, ...]) -> Iterator[bytes]:
+    """Lower-relative paths (bytes) of root-only entries; does not descend into them."""
+    top = os.fsencode(lower)
+    skipped = {os.fsencode(s) for s in skip}
+    device = os.lstat(top).st_dev
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            path = entry.path
+            if path in skipped:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_dev != device or stat.S_ISLNK(st.st_mode):
+                continue
+            if _readable_only_by_root(st):
+                yield os.path.relpath(path, top)
+            elif stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+
+
+def private_paths(lower: str, run_dir: str, skip: tuple[str, ...], max_age: float,
+                  ) -> list[bytes]:
+    """The cached scan, refreshed when missing or older than ``max_age`` seconds."""
+    cache = os.path.join(run_dir, CACHE_NAME)
+    try:
+        if time.time() - os.stat(cache).st_mtime < max_age:
+            with open(cache, "rb") as f:
+                return [line for line in f.read().split(b"\n") if line]
+    except FileNotFoundError:
+        pass
+    return refresh(lower, run_dir, skip)
+
+
+def refresh(lower: str, run_dir: str, skip: tuple[str, ...]) -> list[bytes]:
+    found = sorted(scan(lower, skip))
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    tmp = os.path.join(run_dir, CACHE_NAME + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(b"\n".join(found) + b"\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, os.path.join(run_dir, CACHE_NAME))
+    return found
