@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import os
 import shutil
@@ -39,6 +38,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from sdeefs.mount import daemon_pid as mount_daemon_pid
 
 # --------------------------------------------------------------------------
 # constants
@@ -1046,20 +1047,7 @@ class Sdeefs:
     @staticmethod
     def daemon_pid(state: str) -> int | None:
         """The pid in STATE/lock while somebody holds the lock (the daemon)."""
-        try:
-            fd = os.open(os.path.join(state, "lock"), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        finally:
-            os.close(fd)
+        return mount_daemon_pid(state)
 
     def wait_daemon(self, state: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
