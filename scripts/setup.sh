@@ -10,6 +10,8 @@ APT_PACKAGES=(
   attr util-linux iproute2 procps         # getfattr/setfattr, mount/unshare, ip, ps
   fuse-overlayfs fio                      # benchmark peers and load generator
   pamtester                               # the launcher's PAM tests
+  munge slurmctld slurmd slurm-client     # a real SLURM cluster for the replication tests
+  rsync                                   # deploy benchmark peer
 )
 
 missing=()
