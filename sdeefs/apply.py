@@ -11,6 +11,7 @@ applying it once; every path goes through :class:`~sdeefs.cow.LayerRoot`'s
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -18,7 +19,7 @@ import stat
 from . import records as rec
 from .cow import LayerRoot, apply_setattr
 from .journal import Journal, NullJournal
-from .sysio import open_by_handle, renameat2
+from .sysio import open_by_handle, range_lock, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,11 @@ def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:
         except (FileNotFoundError, NotADirectoryError):
             return None
     try:
+        if record.length:  # wait for a write of this range still in progress (sdeefs.ops)
+            range_lock(fd, record.offset, record.length, fcntl.F_RDLCK, wait=True)
         return os.pread(fd, record.length, record.offset)
     finally:
-        os.close(fd)
+        os.close(fd)  # drops the lock
 
 
 def replay(journal: Journal, source: LayerRoot, target: LayerRoot, from_seq: int = 1) -> int:

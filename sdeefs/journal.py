@@ -15,6 +15,10 @@ passthrough upper) produced them.
 
 Files on disk
 -------------
+``STATE/journal/id``: 16 random bytes naming this journal's history.  Replicas keep
+it with their position: a user whose state was deleted and recreated starts a new
+history (seq 1 again), and a replica holding the old one must be rebuilt, not resumed.
+
 ``STATE/journal/seg-<first seq, 16 hex digits>.log``: segments, each starting
 with a header, followed by records.  A new segment starts when the current one
 exceeds ``segment_bytes``; trimming deletes whole segments whose records every
@@ -78,6 +82,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -98,6 +103,31 @@ assert FRAME_HEADER.size == 20
 MAX_PAYLOAD = 1 << 20  # no record needs more: paths ≤ 4 KiB, xattr values ≤ 64 KiB
 SYNC_FLUSHED = 1  # Sync.reason: every record before this one was fdatasync'ed
 _SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.log$")
+
+
+def journal_id(directory: str) -> bytes:
+    """The journal's history id (``directory/id``), created on first use."""
+    path = os.path.join(directory, "id")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.write(fd, os.urandom(16))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(directory)
+    for _ in range(1000):  # another process may have created it and not yet written it
+        with open(path, "rb") as f:
+            data = f.read()
+        if data:
+            break
+        time.sleep(0.001)
+    if len(data) != 16:
+        raise JournalCorrupt(f"{path}: a journal id is 16 bytes, not {len(data)}")
+    return data
 
 
 def segment_name(first_seq: int) -> str:
@@ -212,6 +242,7 @@ class Journal:
         """Open (creating if needed) the journal, truncating a torn tail."""
         os.makedirs(directory, mode=0o700, exist_ok=True)
         journal = cls(directory=directory, segment_bytes=segment_bytes)
+        journal_id(directory)
         segments = journal.segments()
         if not segments:
             journal._start_segment(1)

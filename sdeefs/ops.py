@@ -19,6 +19,7 @@ and is allowed to take the mount down loudly.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -34,7 +35,7 @@ from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestConte
 from . import records as rec
 from .cow import Attr, CowFS, Node
 from .offload import Offload
-from .sysio import name_to_handle
+from .sysio import name_to_handle, range_lock
 
 log = logging.getLogger(__name__)
 
@@ -392,17 +393,25 @@ class Operations(pyfuse3.Operations):
         handle = self.files[fh]
         # Journal first: if we die between the two, the record names a range whose
         # bytes a shipper reads from the file as they are, so the journal still covers it.
-        self.fs.journal_write(handle.node, handle.handle, off, len(buf))
-        if self._nowait_writes:  # fast path as for read, where the filesystem offers it
-            try:
-                return os.pwritev(handle.fd, [buf], off, os.RWF_NOWAIT)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._nowait_writes = False  # e.g. ext4 buffered writes: always a thread
-        return await self.offload.run(os.pwrite, handle.fd, buf, off)
+        # The range stays write-locked until the bytes are in: a shipper streaming the
+        # journal live reads the range under a read lock, never before the write landed.
+        fd, length = handle.fd, max(len(buf), 1)
+        if not range_lock(fd, off, length, fcntl.F_WRLCK, wait=False):
+            await self.offload.run(range_lock, fd, off, length, fcntl.F_WRLCK, True)
+        try:
+            self.fs.journal_write(handle.node, handle.handle, off, len(buf))
+            if self._nowait_writes:  # fast path as for read, where the filesystem offers it
+                try:
+                    return os.pwritev(fd, [buf], off, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self._nowait_writes = False  # e.g. ext4 buffered writes: always a thread
+            return await self.offload.run(os.pwrite, fd, buf, off)
+        finally:
+            range_lock(fd, off, length, fcntl.F_UNLCK, wait=False)
 
     @_errors
     async def flush(self, fh: FileHandleT) -> None:

@@ -1,44 +1,86 @@
-"""Streaming a user's journal to replicas: the wire format, the sender and the replica.
+"""Streaming a user's journal to replicas: the wire format, the replica, the two ends of a link.
 
-Wire format (version 1)
+Model
+=====
+
+A user's upper changes only through journaled records (``sdeefs.journal``).  A
+*replica* is a copy of the user's layer root on a compute node that applies the
+same records in the same order; after record N it holds the upper as it was
+after record N on the login node.  Records stream as they are written, so when
+a job starts its environment is already on the node.
+
+Replicas pull: ``sdeefs-replicad`` on a compute node connects to an upstream (the
+login node's daemon, which reads the journal, or another replica relaying what it
+applied: a tree, see ``sdeefs.replicad``), says which user and from which seq,
+and receives RECORD frames; it answers with ACKs of what it applied.  When the
+upstream no longer holds the records a replica needs (trimmed, or a relay's
+buffer moved on), it sends a *snapshot*: the whole upper as a sequence of
+ordinary records applied into a staging directory, verified against a digest of
+the tree, then swapped in.  A replica never has a silent gap.
+
+Wire format (version 2)
 =======================
 
 Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   1
-             type     u8   HELLO / RECORD / ACK / ERROR
-             flags    u16  RECORD: MORE (1) = more chunks of this seq follow
+             version  u8   2
+             type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
+             flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow
              length   u32  payload bytes (at most MAX_FRAME_PAYLOAD)
-             seq      u64  RECORD: journal seq; ACK: last applied seq; HELLO: resume point
+             seq      u64  see below
              crc32    u32  of the header (crc field zero) and the payload
     payload  ``length`` bytes
-    mac      32 bytes: HMAC-SHA256(session key, header + payload)
+    mac      32 bytes: HMAC-SHA256(key, header + payload)
 
-The session key is HMAC-SHA256(shared key, b"sdeefs-replication" + replica nonce + sender
-nonce): the replica's HELLO carries a fresh 16-byte nonce, the sender answers with its own, so
-a frame recorded in one session is worthless in another (no replay).  MUNGE credentials can
-replace the shared key where MUNGE runs (SLURM's standard); the frame format does not change.
+The two HELLOs are authenticated with the shared key; every later frame with the
+session key HMAC-SHA256(shared key, b"sdeefs-replication" + replica nonce +
+upstream nonce), so a frame recorded in one session is worthless in another.
 
-Payloads:
+==============  =========  ==========================================================
+frame           direction  seq / payload
+==============  =========  ==========================================================
+HELLO           replica →  seq: first seq wanted.  nonce 16s, journal id 16s (zero:
+                           none held), flags u16 (QUERY: answer the head, stream
+                           nothing), port u16 (where this replica relays; 0: it
+                           does not), user (u16 + bytes), node (u16 + bytes)
+HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s
+REDIRECT        ← upstream "host:port" of another upstream to ask (tree fan-out)
+RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, record
+                           (``sdeefs.records``), then data for Write records; big
+                           writes are chunks of one seq with MORE on all but the last
+SNAPSHOT        ← upstream seq: the snapshot's position.  A RECORD-style payload
+SNAPSHOT_END    ← upstream seq: as SNAPSHOT.  32 bytes: digest of the tree (tree_digest)
+HEAD            ← upstream seq: upstream's head (sent when idle: lag, liveness)
+ACK             replica →  seq: last applied.  Subtree report: u16 count, then per
+                           replica below this one: node (u16 + bytes), applied u64
+ERROR           either     UTF-8 message; the connection ends
+==============  =========  ==========================================================
 
-* HELLO: nonce 16s, user (u16 length + bytes); ``seq`` = first seq the replica wants.
-* RECORD: rtype u16, record length u32, record payload (``sdeefs.records`` encoding), then
-  data bytes for Write records (a chunk of the written range: the record's offset/length
-  describe the chunk).  Big writes travel as several RECORD frames of one seq with MORE set
-  on all but the last; the replica's applied seq moves only with the last.
-* ACK: empty; ``seq`` = the replica's applied seq (durable).
-* ERROR: a UTF-8 message; the sender stops and reports it.
+Replica rules (every byte from a peer is hostile): a frame with a bad magic,
+version, CRC, MAC or length is rejected; a RECORD whose seq is neither applied + 1
+nor a MORE continuation is rejected ("out of sequence"); records are decoded
+strictly (``sdeefs.records``: no unsafe path, no device node) and made safe:
+set-user/group-ID bits are stripped from every mode, xattrs other than
+``user.*`` and the overlay's own ``trusted.overlay.*`` are refused (so no
+``security.capability``).  Paths resolve under the replica's layer root with
+``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)``.  A rejected frame changes
+nothing, is logged, and ends the connection with ERROR.
 
-Replica rules (every byte from a peer is hostile): a frame with a bad magic, version, CRC,
-MAC or length is rejected; a RECORD whose seq is neither the applied seq + 1 nor a MORE
-continuation of the seq being applied is rejected ("out of sequence", the sender must
-resync); records are decoded strictly (``sdeefs.records``: no unsafe path, no device node)
-and then made safe: set-user/group-ID bits are stripped from every mode, and xattrs other
-than ``user.*`` and the overlay's own ``trusted.overlay.*``/``user.overlay.*`` are refused
-(no ``security.capability``, no other ``trusted.*``).  Paths are resolved under the
-replica's layer root with ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)`` (``sdeefs.apply``).
+Replica state on disk (``REPLICA_DIR/USER/``)
+=============================================
+
+``upper/`` and ``work/`` (the copy), ``position`` (POSITION: journal id, boot id,
+applied seq, in-flight seq and inode; rewritten in place after every record,
+never fsynced: it survives a ``kill -9`` of the daemon, not a power loss) and
+``durable`` (journal id, synced seq, clean flag; replaced atomically with fsync).
+Before the first record after a sync point ``durable`` says *dirty*; every few
+seconds the filesystem is ``syncfs``-ed and ``durable`` says *clean at seq N*.
+On start: the same boot → trust ``position`` (re-apply the in-flight record,
+idempotently: renames compare the replica's own inode number, saved in
+``position`` before the rename); another boot → trust ``durable`` if clean,
+otherwise start over (a full, verified resync).
 """
 
 from __future__ import annotations
@@ -48,38 +90,61 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
+import shutil
 import stat
 import struct
+import threading
+import time
 import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 import trio
 
 from . import records as rec
-from .apply import apply_record, read_write_data
+from .apply import apply_record
 from .cow import LayerRoot
-from .errors import BadRecord
-from .journal import Journal, NullJournal
-from .sysio import write_file_atomic
+from .errors import BadRecord, JournalCorrupt
+from .journal import FRAME_HEADER as JOURNAL_FRAME
+from .journal import SEGMENT_HEADER, Entry, decode_segment_header, scan_frames
+from .journal import segment_name as journal_segment_name
+from .records import decode_record
+from .sysio import boot_id, renameat2, syncfs, write_file_atomic
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"SDRP"
-VERSION = 1
-HELLO, RECORD, ACK, ERROR = 1, 2, 3, 4
+VERSION = 2
+HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
+FRAME_TYPES = range(1, 9)
 MORE = 1
+QUERY = 1  # HELLO flag: only tell me your head (the SLURM prolog's barrier), then close
 FRAME_HEADER = struct.Struct("<4sBBHIQI")
 assert FRAME_HEADER.size == 24
 MAC_SIZE = 32
 MAX_FRAME_PAYLOAD = 2 << 20
 CHUNK = 1 << 20  # data bytes per RECORD frame
 NONCE_SIZE = 16
+ID_SIZE = 16
+NO_ID = bytes(ID_SIZE)
+MAX_REPORT = 4096  # replicas below one replica that it reports upstream
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
+_NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
+_RENAME_FLAGS_EXCHANGE = 2
 
 
 class ProtocolError(Exception):
     """A frame or a record that must not be applied; nothing was changed."""
+
+
+class Redirected(Exception):
+    """The upstream has enough followers for this user: ask ``address`` instead."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.address = address
 
 
 @attrs.frozen
@@ -90,8 +155,8 @@ class Frame:
     flags: int = 0
 
 
-def session_key(shared_key: bytes, replica_nonce: bytes, sender_nonce: bytes) -> bytes:
-    return hmac.new(shared_key, b"sdeefs-replication" + replica_nonce + sender_nonce,
+def session_key(shared_key: bytes, replica_nonce: bytes, upstream_nonce: bytes) -> bytes:
+    return hmac.new(shared_key, b"sdeefs-replication" + replica_nonce + upstream_nonce,
                     hashlib.sha256).digest()
 
 
@@ -100,10 +165,11 @@ def encode_frame(frame: Frame, key: bytes) -> bytes:
         raise ValueError("frame payload too large")
     header = FRAME_HEADER.pack(MAGIC, VERSION, frame.type, frame.flags, len(frame.payload),
                                frame.seq, 0)
-    crc = zlib.crc32(header + frame.payload)
+    crc = zlib.crc32(frame.payload, zlib.crc32(header))
     header = header[:-4] + struct.pack("<I", crc)
-    body = header + frame.payload
-    return body + hmac.new(key, body, hashlib.sha256).digest()
+    mac = hmac.new(key, header, hashlib.sha256)
+    mac.update(frame.payload)
+    return b"".join((header, frame.payload, mac.digest()))
 
 
 def decode_header(data: bytes) -> tuple[int, int, int, int, int]:
@@ -115,7 +181,7 @@ def decode_header(data: bytes) -> tuple[int, int, int, int, int]:
         raise ProtocolError("not an sdeefs replication frame (bad magic)")
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version}")
-    if ftype not in (HELLO, RECORD, ACK, ERROR) or flags & ~MORE:
+    if ftype not in FRAME_TYPES or flags & ~MORE:
         raise ProtocolError(f"bad frame type {ftype} or flags {flags:#x}")
     if length > MAX_FRAME_PAYLOAD:
         raise ProtocolError(f"frame of {length} bytes is too large")
@@ -127,9 +193,11 @@ def check_frame(header: bytes, payload: bytes, mac: bytes, key: bytes) -> Frame:
     ftype, flags, length, seq, crc = decode_header(header)
     if len(payload) != length or len(mac) != MAC_SIZE:
         raise ProtocolError("frame truncated")
-    if zlib.crc32(header[:-4] + b"\0\0\0\0" + payload) != crc:
+    if zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) != crc:
         raise ProtocolError("frame checksum mismatch")
-    if not hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac):
+    want = hmac.new(key, header, hashlib.sha256)
+    want.update(payload)
+    if not hmac.compare_digest(want.digest(), mac):
         raise ProtocolError("frame authentication failed")
     return Frame(ftype, seq, payload, flags)
 
@@ -139,17 +207,122 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
     while len(data) < size:
         chunk = await stream.receive_some(size - len(data))
         if not chunk:
+            if not data:
+                raise EOFError("connection closed")
             raise ProtocolError("connection closed in the middle of a frame")
         data += chunk
     return bytes(data)
 
 
 async def receive_frame(stream: trio.abc.ReceiveStream, key: bytes) -> Frame:
+    """The next verified frame; EOFError at a clean end of stream."""
     header = await _receive_exactly(stream, FRAME_HEADER.size)
     _, _, length, _, _ = decode_header(header)
-    payload = await _receive_exactly(stream, length)
-    mac = await _receive_exactly(stream, MAC_SIZE)
+    try:
+        payload = await _receive_exactly(stream, length) if length else b""
+        mac = await _receive_exactly(stream, MAC_SIZE)
+    except EOFError:
+        raise ProtocolError("connection closed in the middle of a frame") from None
     return check_frame(header, payload, mac, key)
+
+
+@contextlib.asynccontextmanager
+async def open_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery that raises its first real error itself, not wrapped in an ExceptionGroup.
+
+    A link has a few tasks (reader, applier, ACK receiver); when one fails the others
+    are cancelled, and callers want to catch *that* error (ProtocolError, OSError) to
+    log it and reconnect, not an ExceptionGroup they would have to unpack everywhere.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group.exceptions[0]
+
+
+# -- HELLO and ACK payloads --------------------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    """What a replica asks for: ``user``'s records from ``want`` on (see the module docstring)."""
+
+    nonce: bytes
+    journal_id: bytes
+    user: str
+    node: str
+    want: int
+    flags: int = 0
+    port: int = 0
+
+
+def _name_field(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _take_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
+    if offset + 2 > len(payload):
+        raise ProtocolError(f"{what} missing")
+    (length,) = struct.unpack_from("<H", payload, offset)
+    raw = payload[offset + 2:offset + 2 + length]
+    if len(raw) != length or not _NAME.match(raw):
+        raise ProtocolError(f"bad {what} {raw[:64]!r}")
+    return raw.decode(), offset + 2 + length
+
+
+def encode_hello(hello: Hello) -> Frame:
+    payload = (hello.nonce + hello.journal_id + struct.pack("<HH", hello.flags, hello.port)
+               + _name_field(hello.user) + _name_field(hello.node))
+    return Frame(HELLO, hello.want, payload)
+
+
+def decode_hello(frame: Frame) -> Hello:
+    payload = frame.payload
+    if frame.type != HELLO or len(payload) < NONCE_SIZE + ID_SIZE + 4:
+        raise ProtocolError("expected HELLO")
+    nonce, jid = payload[:NONCE_SIZE], payload[NONCE_SIZE:NONCE_SIZE + ID_SIZE]
+    flags, port = struct.unpack_from("<HH", payload, NONCE_SIZE + ID_SIZE)
+    user, offset = _take_name(payload, NONCE_SIZE + ID_SIZE + 4, "user name")
+    node, offset = _take_name(payload, offset, "node name")
+    if offset != len(payload) or flags & ~QUERY or frame.seq < 1:
+        raise ProtocolError("malformed HELLO")
+    return Hello(nonce, jid, user, node, frame.seq, flags, port)
+
+
+def encode_report(report: list[tuple[str, int]]) -> bytes:
+    report = report[:MAX_REPORT]
+    return struct.pack("<H", len(report)) + b"".join(
+        _name_field(node) + struct.pack("<Q", seq) for node, seq in report)
+
+
+def decode_report(payload: bytes) -> list[tuple[str, int]]:
+    if len(payload) < 2:
+        raise ProtocolError("ACK without a report")
+    (count,) = struct.unpack_from("<H", payload)
+    if count > MAX_REPORT:
+        raise ProtocolError("ACK report too long")
+    offset, report = 2, []
+    for _ in range(count):
+        node, offset = _take_name(payload, offset, "node name")
+        if offset + 8 > len(payload):
+            raise ProtocolError("ACK report truncated")
+        (seq,) = struct.unpack_from("<Q", payload, offset)
+        offset += 8
+        report.append((node, seq))
+    if offset != len(payload):
+        raise ProtocolError("trailing bytes in ACK report")
+    return report
 
 
 # -- record payloads -------------------------------------------------------------------------
@@ -192,38 +365,380 @@ def sanitize(record: rec.Record) -> rec.Record:
     return record
 
 
+def record_frames(seq: int, record: rec.Record, data: bytes | None,
+                  ftype: int = RECORD) -> list[Frame]:
+    """The frames of one record; a Write's data split into MORE-chained chunks."""
+    if not isinstance(record, rec.Write):
+        return [Frame(ftype, seq, encode_record_payload(record))]
+    data = data or b""
+    frames = []
+    for start in range(0, max(len(data), 1), CHUNK):
+        chunk = data[start:start + CHUNK]
+        part = attrs.evolve(record, offset=record.offset + start, length=len(chunk))
+        more = MORE if start + CHUNK < len(data) else 0
+        frames.append(Frame(ftype, seq, encode_record_payload(part, chunk), more))
+    return frames
+
+
+# -- trees: digest and snapshot ------------------------------------------------------------------
+
+
+def _allowed_xattrs(dir_fd: int, name: str) -> list[tuple[bytes, bytes]]:
+    path = f"/proc/self/fd/{dir_fd}/{name}" if name else f"/proc/self/fd/{dir_fd}"
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return []
+    found = []
+    for xname in sorted(names):
+        raw = xname.encode()
+        if raw.startswith(ALLOWED_XATTR_PREFIXES):
+            with contextlib.suppress(OSError):
+                found.append((raw, os.getxattr(path, xname, follow_symlinks=False)))
+    return found
+
+
+@attrs.frozen
+class TreeEntry:
+    """One entry of a tree as a replica must reproduce it (times and inode numbers aside)."""
+
+    path: bytes  # relative to the tree, b"" for its root
+    st: os.stat_result
+    link_target: bytes
+    xattrs: tuple[tuple[bytes, bytes], ...]
+
+    def key(self, content_hash: bytes) -> bytes:
+        st = self.st
+        kind = stat.S_IFMT(st.st_mode)
+        fields = (self.path, kind, stat.S_IMODE(st.st_mode) & ~0o6000, st.st_uid, st.st_gid,
+                  st.st_size if kind == stat.S_IFREG else 0,
+                  0 if kind == stat.S_IFDIR else st.st_nlink, st.st_rdev,
+                  self.link_target, content_hash, self.xattrs)
+        return repr(fields).encode()
+
+
+def walk_tree(root_fd: int) -> Iterator[tuple[TreeEntry, int, str]]:
+    """Every entry of the tree under ``root_fd``, parents first, without following symlinks.
+
+    Yields (entry, parent fd, name); the fds are valid only until the next step.  Every
+    directory is opened relative to its parent with O_NOFOLLOW, so a tree that changes
+    while it is walked (a user renaming a directory to a symlink) never leads outside.
+    """
+    root_st = os.fstat(root_fd)
+    yield TreeEntry(b"", root_st, b"", tuple(_allowed_xattrs(root_fd, ""))), root_fd, ""
+    stack: list[tuple[int, bytes]] = [(os.dup(root_fd), b"")]
+    try:
+        while stack:
+            dir_fd, rel = stack.pop()
+            try:
+                names = sorted(os.listdir(dir_fd))
+                for name in names:
+                    try:
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    path = (rel + b"/" if rel else b"") + os.fsencode(name)
+                    target = os.fsencode(os.readlink(name, dir_fd=dir_fd)) \
+                        if stat.S_ISLNK(st.st_mode) else b""
+                    xattrs = tuple(_allowed_xattrs(dir_fd, name)) \
+                        if not stat.S_ISLNK(st.st_mode) else ()
+                    yield TreeEntry(path, st, target, xattrs), dir_fd, name
+                for name in reversed(names):
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                      | os.O_CLOEXEC, dir_fd=dir_fd)
+                        stack.append((sub, (rel + b"/" if rel else b"") + os.fsencode(name)))
+            finally:
+                os.close(dir_fd)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+
+
+def _read_regular(dir_fd: int, name: str) -> Iterator[bytes]:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd) if name \
+        else os.dup(dir_fd)
+    try:
+        offset = 0
+        while True:
+            chunk = os.pread(fd, CHUNK, offset)
+            if not chunk:
+                return
+            yield chunk
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def tree_digest(root: str) -> bytes:
+    """SHA-256 over every entry of a tree: type, mode (set-ID bits aside), owner, size,
+    link count, content, symlink target, replicated xattrs.  Equal digests: equal trees."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        keys = []
+        for entry, dir_fd, name in walk_tree(root_fd):
+            content = b""
+            if stat.S_ISREG(entry.st.st_mode):
+                h = hashlib.sha256()
+                for chunk in _read_regular(dir_fd, name):
+                    h.update(chunk)
+                content = h.digest()
+            keys.append(entry.key(content))
+    finally:
+        os.close(root_fd)
+    return _digest_of(keys)
+
+
+def _digest_of(keys: list[bytes]) -> bytes:
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        h.update(struct.pack("<I", len(key)) + key)
+    return h.digest()
+
+
+def snapshot_frames(upper: str, seq: int, digest_out: list[bytes]) -> Iterator[Frame]:
+    """The upper as SNAPSHOT frames (records that rebuild it in an empty layer root).
+
+    The digest of what was sent (the same function as ``tree_digest``) is appended
+    to ``digest_out`` when the walk ends, for the SNAPSHOT_END frame.
+    """
+    root_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    keys: list[bytes] = []
+    first_link: dict[tuple[int, int], bytes] = {}
+    dirs: list[TreeEntry] = []
+    try:
+        for entry, dir_fd, name in walk_tree(root_fd):
+            st, path = entry.st, b"upper/" + entry.path if entry.path else b"upper"
+            kind = stat.S_IFMT(st.st_mode)
+            perm = stat.S_IMODE(st.st_mode) & ~0o6000
+            content = b""
+            if kind == stat.S_IFDIR:
+                if entry.path:
+                    yield from record_frames(seq, rec.Mkdir(path, perm, st.st_uid, st.st_gid),
+                                             None, SNAPSHOT)
+                dirs.append(entry)
+            elif kind == stat.S_IFLNK:
+                yield from record_frames(seq, rec.Symlink(path, entry.link_target, st.st_uid,
+                                                          st.st_gid), None, SNAPSHOT)
+            elif kind == stat.S_IFREG and st.st_nlink > 1 and (st.st_dev, st.st_ino) \
+                    in first_link:
+                yield from record_frames(seq, rec.Link(first_link[st.st_dev, st.st_ino], path),
+                                         None, SNAPSHOT)
+                h = hashlib.sha256()
+                for chunk in _read_regular(dir_fd, name):
+                    h.update(chunk)
+                content = h.digest()
+            elif kind in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK) or (
+                    kind == stat.S_IFCHR and st.st_rdev == 0):
+                mode = kind | (0 if kind == stat.S_IFCHR else perm)
+                yield from record_frames(seq, rec.Mknod(path, mode, st.st_uid, st.st_gid),
+                                         None, SNAPSHOT)
+                if kind == stat.S_IFREG:
+                    first_link[st.st_dev, st.st_ino] = path
+                    h = hashlib.sha256()
+                    offset = 0
+                    for chunk in _read_regular(dir_fd, name):
+                        h.update(chunk)
+                        write = rec.Write(path, b"", offset, len(chunk))
+                        yield Frame(SNAPSHOT, seq, encode_record_payload(write, chunk))
+                        offset += len(chunk)
+                    content = h.digest()
+                    if offset != st.st_size:  # changed under us: the digest will tell
+                        log.warning("snapshot: %r changed size while read", path)
+            else:
+                log.warning("snapshot: skipping %r (a device node has no place in an upper)",
+                            path)
+                continue
+            for xname, value in entry.xattrs:
+                yield from record_frames(seq, rec.Setxattr(path, xname, value), None, SNAPSHOT)
+            if kind not in (stat.S_IFDIR, stat.S_IFLNK):
+                yield from record_frames(seq, _times(path, st, rec.SET_MODE | rec.SET_OWNER),
+                                         None, SNAPSHOT)
+            keys.append(entry.key(content))
+        for entry in reversed(dirs):  # times last: creating the entries changed them
+            path = b"upper/" + entry.path if entry.path else b"upper"
+            yield from record_frames(seq, _times(path, entry.st, rec.SET_MODE | rec.SET_OWNER),
+                                     None, SNAPSHOT)
+    finally:
+        os.close(root_fd)
+    digest_out.append(_digest_of(keys))
+
+
+def _times(path: bytes, st: os.stat_result, extra: int) -> rec.Setattr:
+    return rec.Setattr(path, extra | rec.SET_ATIME | rec.SET_MTIME,
+                       stat.S_IMODE(st.st_mode) & ~0o6000, st.st_uid, st.st_gid, 0,
+                       st.st_atime_ns, st.st_mtime_ns)
+
+
 # -- the replica -----------------------------------------------------------------------------
+
+POSITION = struct.Struct("<8s16s16sQQQI")
+POSITION_MAGIC = b"SDRPPOS1"
+SNAPSHOT_MARK = (1 << 64) - 1  # in-flight "seq": a snapshot was being swapped in
+
+
+def _open_layers(root: str) -> LayerRoot:
+    from .journal import NullJournal
+
+    fds = [os.open(os.path.join(root, sub), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+           for sub in ("upper", "work")]
+    return LayerRoot(fds[0], fds[1], NullJournal())
 
 
 @attrs.define(eq=False)
 class Replica:
-    """One user's copy of the layer root on a compute node.
+    """One user's copy of the layer root on a compute node (see "Replica state" above).
+
+    Not thread-safe by itself: the daemon applies under ``lock`` (also held while a
+    relay reads the tree for a snapshot, so it reads one consistent state).
 
     Attributes:
-        root: ``<replica dir>/<user>``, holding ``upper/``, ``work/`` and ``applied``.
-        applied: the last journal seq fully applied (persisted in ``applied``).
+        root: ``<replica dir>/<user>``.
+        journal_id: the history this copy follows (NO_ID: none yet).
+        applied: the last journal seq fully applied.
         pending: the seq whose chunks are being applied (0 if none).
+        synced: the last seq known to be on stable storage.
     """
 
     root: str
+    journal_id: bytes = NO_ID
     applied: int = 0
     pending: int = 0
+    synced: int = 0
+    dirty: bool = False
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _layers: LayerRoot | None = None
+    _pos_fd: int = -1
+    _staging: LayerRoot | None = None
+    _staging_seq: int = 0
+
+    upper = property(lambda self: os.path.join(self.root, "upper"))
 
     @classmethod
     def open(cls, root: str) -> Replica:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.chmod(root, 0o700)
         for sub in ("upper", "work"):
             os.makedirs(os.path.join(root, sub), mode=0o755, exist_ok=True)
-        try:
-            with open(os.path.join(root, "applied")) as f:
-                applied = int(f.read().strip() or 0)
-        except FileNotFoundError:
-            applied = 0
-        return cls(root, applied)
+        replica = cls(root)
+        replica._pos_fd = os.open(os.path.join(root, "position"),
+                                  os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        replica._load()
+        replica._layers = _open_layers(root)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(os.path.join(root, "incoming"))
+        return replica
 
-    def _layers(self) -> LayerRoot:
-        fds = [os.open(os.path.join(self.root, sub), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-               for sub in ("upper", "work")]
-        return LayerRoot(fds[0], fds[1], NullJournal())
+    def close(self) -> None:
+        for layers in (self._layers, self._staging):
+            if layers is not None:
+                layers.close()
+        self._layers = self._staging = None
+        if self._pos_fd >= 0:
+            os.close(self._pos_fd)
+            self._pos_fd = -1
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        data = os.pread(self._pos_fd, POSITION.size, 0)
+        durable = self._read_durable()
+        if len(data) == POSITION.size:
+            magic, jid, boot, applied, inflight, _ino, crc = POSITION.unpack(data)
+            if magic == POSITION_MAGIC and zlib.crc32(data[:-4]) == crc and boot == boot_id():
+                if inflight == SNAPSHOT_MARK:
+                    log.warning("replica %s: interrupted while swapping in a snapshot; "
+                                "starting over", self.root)
+                    self.reset()
+                    return
+                self.journal_id, self.applied = jid, applied
+                self.synced = durable[1] if durable and durable[0] == jid else 0
+                return
+        if durable is not None and durable[2]:
+            self.journal_id, self.applied = durable[0], durable[1]
+            self.synced = self.applied
+            self._write_position()
+            return
+        if durable is not None or len(data):
+            log.warning("replica %s: not cleanly synced before a restart of the machine; "
+                        "starting over (full resync)", self.root)
+        self.reset()
+
+    def _read_durable(self) -> tuple[bytes, int, bool] | None:
+        try:
+            with open(os.path.join(self.root, "durable"), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        if len(data) != 16 + 8 + 1 + 4 or zlib.crc32(data[:-4]) != struct.unpack(
+                "<I", data[-4:])[0]:
+            return None
+        return data[:16], struct.unpack_from("<Q", data, 16)[0], bool(data[24])
+
+    def _write_durable(self, clean: bool) -> None:
+        body = self.journal_id + struct.pack("<QB", self.synced, clean)
+        write_file_atomic(os.path.join(self.root, "durable"),
+                          body + struct.pack("<I", zlib.crc32(body)))
+
+    def _write_position(self, inflight: int = 0, inflight_ino: int = 0) -> None:
+        body = POSITION.pack(POSITION_MAGIC, self.journal_id, boot_id(), self.applied,
+                             inflight, inflight_ino, 0)[:-4]
+        os.pwrite(self._pos_fd, body + struct.pack("<I", zlib.crc32(body)), 0)
+
+    def _saved_inflight(self) -> tuple[int, int]:
+        data = os.pread(self._pos_fd, POSITION.size, 0)
+        if len(data) != POSITION.size:
+            return 0, 0
+        _, _, _, _, inflight, ino, _ = POSITION.unpack(data)
+        return inflight, ino
+
+    def sync(self) -> None:
+        """Make everything applied durable (one syncfs), then say so in ``durable``."""
+        if not self.dirty and self.synced == self.applied:
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+        self.synced = self.applied
+        self._write_durable(clean=True)
+        self.dirty = False
+
+    def _mark_dirty(self) -> None:
+        if not self.dirty:
+            self._write_durable(clean=False)
+            self.dirty = True
+
+    def reset(self) -> None:
+        """Forget everything: an empty copy that needs the history from the start."""
+        for sub in ("upper", "work"):
+            path = os.path.join(self.root, sub)
+            if os.path.lexists(path):
+                trash = os.path.join(self.root, f".trash-{sub}-{time.monotonic_ns()}")
+                os.rename(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.mkdir(path, 0o755)
+        if self._layers is not None:
+            self._layers.close()
+            self._layers = _open_layers(self.root)
+        self.journal_id, self.applied, self.pending, self.synced = NO_ID, 0, 0, 0
+        self._write_position()
+        self._write_durable(clean=True)
+        self.dirty = False
+
+    def adopt(self, journal_id: bytes) -> None:
+        """Follow ``journal_id``; a copy of another history is reset first."""
+        if self.journal_id != journal_id:
+            if self.journal_id != NO_ID:
+                log.warning("replica %s: the user's journal was replaced; starting over",
+                            self.root)
+                self.reset()
+            self.journal_id = journal_id
+            self._write_position()
+            self._write_durable(clean=True)
+
+    # -- applying records -----------------------------------------------------------------
 
     def accept(self, frame: Frame) -> bool:
         """Apply one RECORD frame; True when its seq is complete (then ACK it)."""
@@ -236,108 +751,378 @@ class Replica:
         elif frame.seq != self.applied + 1:
             raise ProtocolError(f"out of sequence: seq {frame.seq} after {self.applied}")
         record, data = decode_record_payload(frame.payload)
-        layers = self._layers()
+        assert self._layers is not None
+        self._mark_dirty()
+        if record.METADATA:
+            record = self._local_rename(frame.seq, record)
         try:
-            apply_record(layers, record, data if isinstance(record, rec.Write) else None)
+            apply_record(self._layers, record, data if isinstance(record, rec.Write) else None)
         except OSError as exc:
             raise ProtocolError(f"record {frame.seq} cannot be applied: {exc}") from None
-        finally:
-            layers.close()
         if frame.flags & MORE:
             self.pending = frame.seq
             return False
         self.pending = 0
         self.applied = frame.seq
-        write_file_atomic(os.path.join(self.root, "applied"), f"{self.applied}\n".encode())
+        self._write_position()
         return True
 
+    def _local_rename(self, seq: int, record: rec.Record) -> rec.Record:
+        """Note the in-flight record (and, for a rename, the source's inode *here*).
 
-async def serve_replica(stream: trio.abc.Stream, replica_dir: str, shared_key: bytes,
-                        user: str) -> int:
-    """The replica side of one connection: HELLO, then apply and ACK until the peer closes.
+        ``apply_record`` decides whether a rename already happened by comparing the
+        destination's inode number with ``src_ino``; the login node's number means
+        nothing here, so the replica saves its own before renaming and uses it when
+        the record is delivered again after a crash.
+        """
+        if not isinstance(record, rec.Rename):
+            self._write_position(seq, 0)
+            return record
+        saved_seq, saved_ino = self._saved_inflight()
+        if saved_seq == seq and saved_ino:
+            return attrs.evolve(record, src_ino=saved_ino)
+        assert self._layers is not None
+        st = self._layers.lstat(record.src)
+        ino = st.st_ino if st is not None else 0
+        self._write_position(seq, ino)
+        return attrs.evolve(record, src_ino=ino)
 
-    Returns the applied seq.  A bad frame is logged, answered with ERROR, and ends the
-    connection without applying anything of it.
+    # -- snapshots --------------------------------------------------------------------------
+
+    def begin_snapshot(self, seq: int) -> None:
+        incoming = os.path.join(self.root, "incoming")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(incoming)
+        for sub in ("", "upper", "work"):
+            os.mkdir(os.path.join(incoming, sub), 0o755 if sub else 0o700)
+        if self._staging is not None:
+            self._staging.close()
+        self._staging = _open_layers(incoming)
+        self._staging_seq = seq
+
+    def accept_snapshot(self, frame: Frame) -> None:
+        if self._staging is None or frame.seq != self._staging_seq:
+            raise ProtocolError("snapshot frame outside a snapshot")
+        record, data = decode_record_payload(frame.payload)
+        if not isinstance(record, rec.Mkdir | rec.Mknod | rec.Symlink | rec.Link | rec.Setattr
+                          | rec.Setxattr | rec.Write):
+            raise ProtocolError(f"{type(record).__name__} has no place in a snapshot")
+        try:
+            apply_record(self._staging, record, data if isinstance(record, rec.Write) else None)
+        except OSError as exc:
+            raise ProtocolError(f"snapshot record cannot be applied: {exc}") from None
+
+    def finish_snapshot(self, seq: int, digest: bytes) -> None:
+        """Verify the staged tree against ``digest``, then swap it in as the copy at ``seq``."""
+        if self._staging is None or seq != self._staging_seq:
+            raise ProtocolError("snapshot end outside a snapshot")
+        incoming = os.path.join(self.root, "incoming")
+        self._staging.close()
+        self._staging = None
+        got = tree_digest(os.path.join(incoming, "upper"))
+        if not hmac.compare_digest(got, digest):
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise ProtocolError("snapshot does not match its digest; discarded")
+        self.applied = 0
+        self._write_position(SNAPSHOT_MARK)
+        self._write_durable(clean=False)
+        root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        in_fd = os.open(incoming, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for sub in (b"upper", b"work"):
+                renameat2(in_fd, sub, root_fd, sub, _RENAME_FLAGS_EXCHANGE)
+        finally:
+            os.close(in_fd)
+            os.close(root_fd)
+        assert self._layers is not None
+        self._layers.close()
+        self._layers = _open_layers(self.root)
+        self.applied, self.pending = seq, 0
+        self._write_position()
+        self.dirty = True
+        self.sync()
+        shutil.rmtree(incoming, ignore_errors=True)
+
+
+# -- reading a live journal incrementally ------------------------------------------------------
+
+
+class Trimmed(Exception):
+    """The records asked for were trimmed from the journal: a snapshot must replace them."""
+
+
+@attrs.define(eq=False)
+class JournalTail:
+    """Reads a journal that another process is appending to, from ``next_seq`` on.
+
+    Keeps its place (segment, offset), so following a live journal costs only the new
+    bytes.  A frame still being written (torn) is simply not returned yet.
     """
-    replica = Replica.open(os.path.join(replica_dir, user))
-    nonce = secrets.token_bytes(NONCE_SIZE)
-    hello = Frame(HELLO, replica.applied + 1,
-                  nonce + struct.pack("<H", len(user)) + user.encode())
-    await stream.send_all(encode_frame(hello, shared_key))
-    answer = await receive_frame(stream, shared_key)
-    if answer.type != HELLO or len(answer.payload) != NONCE_SIZE:
-        raise ProtocolError("the sender did not answer HELLO")
-    key = session_key(shared_key, nonce, answer.payload)
-    try:
+
+    directory: str
+    next_seq: int
+    _fd: int = -1
+    _first: int = 0
+    _offset: int = 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _segments(self) -> list[int]:
+        firsts = []
+        for name in os.listdir(self.directory):
+            if name.startswith("seg-") and name.endswith(".log") and len(name) == 24:
+                with contextlib.suppress(ValueError):
+                    firsts.append(int(name[4:20], 16))
+        return sorted(firsts)
+
+    def first_available(self) -> int:
+        firsts = self._segments()
+        return firsts[0] if firsts else 1
+
+    def _open_segment(self, first: int) -> None:
+        self.close()
+        self._fd = os.open(os.path.join(self.directory, journal_segment_name(first)),
+                           os.O_RDONLY | os.O_CLOEXEC)
+        header = os.pread(self._fd, SEGMENT_HEADER.size, 0)
+        if decode_segment_header(header) != first:
+            raise JournalCorrupt(f"segment {first}: header does not match its name")
+        self._first, self._offset = first, SEGMENT_HEADER.size
+
+    def _locate(self) -> None:
+        firsts = self._segments()
+        candidates = [f for f in firsts if f <= self.next_seq]
+        if not candidates:
+            raise Trimmed(f"seq {self.next_seq} is no longer in the journal")
+        self._open_segment(candidates[-1])
+        # Skip the frames before next_seq (only when starting in the middle of a segment).
         while True:
-            try:
-                frame = await receive_frame(stream, key)
-            except ProtocolError as exc:
-                if "closed" in str(exc):
-                    return replica.applied
-                raise
-            if replica.accept(frame):
+            header = os.pread(self._fd, JOURNAL_FRAME.size, self._offset)
+            if len(header) < JOURNAL_FRAME.size:
+                return
+            _, length, seq, _, _ = JOURNAL_FRAME.unpack(header)
+            if seq >= self.next_seq:
+                return
+            self._offset += JOURNAL_FRAME.size + length
+
+    def poll(self, max_bytes: int = 4 << 20) -> list[Entry]:
+        """The complete records appended since the last call (at most about max_bytes)."""
+        if self._fd < 0:
+            self._locate()
+            if self._fd < 0:
+                return []
+        data = os.pread(self._fd, max_bytes, self._offset)
+        entries = []
+        consumed = 0
+        for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
+            entries.append(Entry(seq, decode_record(rtype, payload)))
+            consumed = end
+            self.next_seq = seq + 1
+        if not entries and len(data) < max_bytes:
+            self._offset += consumed
+            # Nothing new here: has the journal moved on to a next segment?
+            later = [f for f in self._segments() if f > self._first]
+            if later:
+                if later[0] != self.next_seq:
+                    raise JournalCorrupt(f"journal damaged before seq {later[0]}")
+                if len(data) == 0 or not self._growing():
+                    self._open_segment(later[0])
+                    return self.poll(max_bytes)
+            elif not os.path.exists(os.path.join(self.directory,
+                                                 journal_segment_name(self._first))):
+                raise Trimmed(f"segment {self._first} was trimmed while read")
+        self._offset += consumed
+        return entries
+
+    def _growing(self) -> bool:
+        return os.fstat(self._fd).st_size > self._offset
+
+
+# -- the replica end of a link ------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class LinkStats:
+    """Counters of one link, for ``sdeefs status`` and the deploy benchmark."""
+
+    head: int = 0  # upstream's head as last reported
+    bytes_received: int = 0
+    frames: int = 0
+    snapshots: int = 0
+    connected: bool = False
+    last_error: str = ""
+
+
+async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, user: str,
+                 node: str, stats: LinkStats,
+                 report: Callable[[], list[tuple[str, int]]] = list,
+                 on_applied: Callable[[list[Frame]], None] | None = None,
+                 on_snapshot: Callable[[], None] | None = None,
+                 silence_timeout: float = 10.0, relay_port: int = 0) -> None:
+    """Pull ``user``'s records over ``stream`` into ``replica`` until the upstream closes.
+
+    Blocking work (applying, syncing) runs in worker threads under ``replica.lock``;
+    the trio loop only moves bytes.  An upstream silent for ``silence_timeout`` (it sends
+    HEAD every second when idle) is taken for a lost link.  Raises Redirected,
+    ProtocolError, ConnectionError or the stream's own errors; the caller reconnects.
+    """
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    hello = Hello(nonce, replica.journal_id, user, node, replica.applied + 1, 0, relay_port)
+    await stream.send_all(encode_frame(encode_hello(hello), shared_key))
+    answer = await receive_frame(stream, shared_key)
+    if answer.type == REDIRECT:
+        raise Redirected(answer.payload.decode(errors="replace"))
+    if answer.type == ERROR:
+        raise ProtocolError("upstream refused: " + answer.payload.decode(errors="replace"))
+    if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
+        raise ProtocolError("the upstream did not answer HELLO")
+    key = session_key(shared_key, nonce, answer.payload[:NONCE_SIZE])
+    upstream_id = answer.payload[NONCE_SIZE:]
+    stats.head, stats.connected = answer.seq, True
+    if replica.journal_id != upstream_id:
+        had_history = replica.journal_id != NO_ID
+        await trio.to_thread.run_sync(_locked, replica, replica.adopt, upstream_id)
+        if had_history:
+            return  # reconnect asking from seq 1 of the new history
+    send, receive = trio.open_memory_channel[Frame](256)
+
+    async def reader() -> None:
+        async with send:
+            while True:
                 try:
-                    await stream.send_all(encode_frame(Frame(ACK, replica.applied), key))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return replica.applied  # the sender went away; it resumes from here
+                    with trio.fail_after(silence_timeout):
+                        frame = await receive_frame(stream, key)
+                except EOFError:
+                    return
+                except trio.TooSlowError:
+                    raise ConnectionError(f"upstream silent for {silence_timeout:.0f} s") \
+                        from None
+                stats.bytes_received += FRAME_HEADER.size + len(frame.payload) + MAC_SIZE
+                stats.frames += 1
+                if frame.type == ERROR:
+                    raise ProtocolError("upstream: " + frame.payload.decode(errors="replace"))
+                if frame.type == HEAD:
+                    stats.head = max(stats.head, frame.seq)
+                    continue
+                await send.send(frame)
+
+    async def applier() -> None:
+        async with receive:
+            while True:
+                try:
+                    batch = [await receive.receive()]
+                except trio.EndOfChannel:
+                    return
+                while len(batch) < 512:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                applied = await trio.to_thread.run_sync(_apply_batch, replica, batch,
+                                                        on_snapshot)
+                if on_applied is not None:
+                    on_applied(applied)
+                stats.head = max(stats.head, replica.applied)
+                await stream.send_all(encode_frame(
+                    Frame(ACK, replica.applied, encode_report(report())), key))
+
+    async def syncer() -> None:
+        while True:
+            await trio.sleep(2.0)
+            await trio.to_thread.run_sync(_locked, replica, replica.sync)
+
+    try:
+        async with open_nursery() as nursery:
+            nursery.start_soon(syncer)
+            async with open_nursery() as inner:
+                inner.start_soon(applier)
+                await reader()
+            nursery.cancel_scope.cancel()
     except ProtocolError as exc:
-        log.error("replica %s: rejected: %s", user, exc)
+        log.error("replica %s of %s: rejected: %s", node, user, exc)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(encode_frame(Frame(ERROR, replica.applied,
                                                      str(exc).encode()[:4096]), key))
         raise
+    finally:
+        stats.connected = False
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_locked, replica, replica.sync)
 
 
-# -- the sender ------------------------------------------------------------------------------
+def _locked(replica: Replica, fn: Callable[..., object], *args: object) -> object:
+    with replica.lock:
+        return fn(*args)
 
 
-async def send_journal(stream: trio.abc.Stream, journal: Journal, source: LayerRoot,
-                       shared_key: bytes, upto: int | None = None) -> int:
-    """Stream records from the replica's resume point to ``upto`` (default: the head).
+def _apply_batch(replica: Replica, batch: list[Frame],
+                 on_snapshot: Callable[[], None] | None) -> list[Frame]:
+    """Apply frames in order; return the RECORD frames applied (for relaying)."""
+    applied = []
+    with replica.lock:
+        for frame in batch:
+            if frame.type == RECORD:
+                replica.accept(frame)
+                applied.append(frame)
+            elif frame.type == SNAPSHOT:
+                if replica._staging is None or replica._staging_seq != frame.seq:
+                    replica.begin_snapshot(frame.seq)
+                replica.accept_snapshot(frame)
+            elif frame.type == SNAPSHOT_END:
+                if replica._staging is None:
+                    replica.begin_snapshot(frame.seq)  # an empty upper has no records
+                replica.finish_snapshot(frame.seq, frame.payload)
+                applied = []  # what was relayed before the snapshot no longer leads here
+                if on_snapshot is not None:
+                    on_snapshot()
+            else:
+                raise ProtocolError(f"unexpected frame type {frame.type} from upstream")
+    return applied
 
-    Returns the seq the replica acknowledged last.  Aborted records and records whose
-    file is gone still travel (as empty writes), so the replica's sequence has no gaps.
-    """
-    hello = await receive_frame(stream, shared_key)
-    if hello.type != HELLO or len(hello.payload) < NONCE_SIZE + 2:
-        raise ProtocolError("the replica did not say HELLO")
+
+# -- the upstream end of a link -----------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Follower:
+    """What an upstream knows of one replica following a user through it."""
+
+    node: str
+    user: str
+    acked: int = 0
+    sent_seq: int = 0
+    bytes_sent: int = 0
+    connected_at: float = attrs.field(factory=time.time)
+    report: list[tuple[str, int]] = attrs.field(factory=list)
+
+
+async def answer_hello(stream: trio.abc.Stream, shared_key: bytes,
+                       hello_frame: Frame, head: int, journal_id: bytes) -> tuple[Hello, bytes]:
+    """Decode the replica's HELLO, answer it; return (hello, session key)."""
+    hello = decode_hello(hello_frame)
     nonce = secrets.token_bytes(NONCE_SIZE)
-    await stream.send_all(encode_frame(Frame(HELLO, 0, nonce), shared_key))
-    key = session_key(shared_key, hello.payload[:NONCE_SIZE], nonce)
-    if hello.seq < journal.first_seq():
-        raise ProtocolError(f"the replica needs seq {hello.seq}, trimmed from the journal: "
-                            "it must be resynced from a snapshot")
-    acked = hello.seq - 1
-    last = hello.seq - 1
-    entries = list(journal.read(hello.seq))
-    aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
-    for entry in entries:
-        if upto is not None and entry.seq > upto:
-            break
-        record = entry.record
-        if entry.seq in aborted:
-            record = rec.Sync(0)  # keeps the sequence without applying what did not happen
-        for payload, more in _record_frames(record, source):
-            await stream.send_all(encode_frame(Frame(RECORD, entry.seq, payload,
-                                                     MORE if more else 0), key))
-        last = entry.seq
-    while acked < last:
-        frame = await receive_frame(stream, key)
+    await stream.send_all(encode_frame(Frame(HELLO, head, nonce + journal_id), shared_key))
+    return hello, session_key(shared_key, hello.nonce, nonce)
+
+
+async def receive_acks(stream: trio.abc.ReceiveStream, key: bytes, follower: Follower) -> None:
+    """Record the follower's ACKs until it closes; an ERROR or a bad frame ends the link."""
+    while True:
+        try:
+            frame = await receive_frame(stream, key)
+        except EOFError:
+            return
         if frame.type == ERROR:
-            raise ProtocolError("replica refused: " + frame.payload.decode(errors="replace"))
-        if frame.type == ACK:
-            acked = frame.seq
-    return acked
+            raise ProtocolError(f"replica {follower.node} refused: "
+                                + frame.payload.decode(errors="replace"))
+        if frame.type != ACK or frame.seq > follower.sent_seq:
+            raise ProtocolError(f"replica {follower.node} sent a bad ACK")
+        follower.acked = max(follower.acked, frame.seq)
+        follower.report = decode_report(frame.payload)
 
 
-def _record_frames(record: rec.Record, source: LayerRoot) -> list[tuple[bytes, bool]]:
-    if not isinstance(record, rec.Write):
-        return [(encode_record_payload(record), False)]
-    data = read_write_data(source, record) or b""
-    frames = []
-    for start in range(0, max(len(data), 1), CHUNK):
-        chunk = data[start:start + CHUNK]
-        part = attrs.evolve(record, offset=record.offset + start, length=len(chunk))
-        frames.append((encode_record_payload(part, chunk), start + CHUNK < len(data)))
-    return frames
+def entry_frames(entry: Entry, read_data: Callable[[rec.Write], bytes | None]) -> list[Frame]:
+    data = read_data(entry.record) if isinstance(entry.record, rec.Write) else None
+    return record_frames(entry.seq, entry.record, data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat
 import struct
@@ -255,3 +256,37 @@ def chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
         os.chmod(fd_path(fd), mode)
     finally:
         os.close(fd)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): flush the whole filesystem holding ``fd`` (one call for a batch of changes)."""
+    _check(_libc.syncfs(ctypes.c_int(fd)), "syncfs")
+
+
+def boot_id() -> bytes:
+    """This boot's random id: a replica's unsynced state is trusted only within one boot."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return bytes.fromhex(f.read().strip().replace("-", ""))
+
+
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock on Linux/x86-64 and arm64 (l_pid 0 for OFD)
+
+
+def range_lock(fd: int, offset: int, length: int, kind: int, wait: bool) -> bool:
+    """Take (or with F_UNLCK drop) an open-file-description lock on a byte range.
+
+    The daemon holds a write lock from journaling a Write record until its pwrite is
+    done; a shipper reading that range for a replica takes a read lock first, so it
+    never reads the bytes before they landed.  Returns False if ``wait`` is False and
+    the range is locked by someone else.
+    """
+    cmd = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    try:
+        fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, offset, length, 0))
+    except BlockingIOError:
+        return False
+    except PermissionError:  # EACCES: some kernels report a conflict so
+        if wait:
+            raise
+        return False
+    return True

@@ -16,23 +16,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
+from sdeefs.apply import read_write_data
 from sdeefs.check import _tree_signature
 from sdeefs.cow import ROOT_INO, Config, CowFS, LayerRoot
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.replicate import (
+    ACK,
     CHUNK,
-    HELLO,
     MORE,
     RECORD,
+    Follower,
     Frame,
+    LinkStats,
     ProtocolError,
     Replica,
+    answer_hello,
     check_frame,
+    decode_hello,
     decode_record_payload,
+    decode_report,
     encode_frame,
     encode_record_payload,
-    send_journal,
-    serve_replica,
+    follow,
+    receive_frame,
+    record_frames,
 )
 from sdeefs.sysio import name_to_handle
 
@@ -87,20 +94,48 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
     return out
 
 
-async def stream(login: Login, replica_dir: Path, key: bytes = KEY) -> tuple[int, int]:
-    left, right = trio.testing.memory_stream_pair()
-    result: dict[str, int] = {}
+JOURNAL_ID = b"j" * 16
+
+
+async def upstream(stream: trio.abc.Stream, frames: list[Frame], last: int) -> int:
+    """A minimal upstream: answer HELLO, send ``frames`` after the replica's position,
+    wait for the ACK of ``last``, close.  Returns the last seq acknowledged."""
+    hello_frame = await receive_frame(stream, KEY)
+    hello, key = await answer_hello(stream, KEY, hello_frame, last, JOURNAL_ID)
+    follower = Follower("n1", USER, acked=hello.want - 1)
+    await stream.send_all(b"".join(encode_frame(f, key) for f in frames if f.seq >= hello.want))
+    while follower.acked < last:
+        frame = await receive_frame(stream, key)
+        assert frame.type == ACK
+        follower.acked = frame.seq
+    await stream.aclose()
+    return follower.acked
+
+
+async def stream(login: Login, replica_dir: Path) -> tuple[int, int]:
+    """Send the login node's whole journal to the replica in ``replica_dir``."""
     source = login.source()
+    try:
+        frames = []
+        for entry in login.journal.read(1):
+            data = read_write_data(source, entry.record) \
+                if isinstance(entry.record, rec.Write) else None
+            frames.extend(record_frames(entry.seq, entry.record, data))
+    finally:
+        source.close()
+    left, right = trio.testing.memory_stream_pair()
+    replica = Replica.open(str(replica_dir / USER))
+    result: dict[str, int] = {}
     try:
         async with trio.open_nursery() as nursery:
             async def replica_side() -> None:
-                result["applied"] = await serve_replica(right, str(replica_dir), key, USER)
+                await follow(right, replica, KEY, USER, "n1", LinkStats())
+                result["applied"] = replica.applied
 
             nursery.start_soon(replica_side)
-            result["acked"] = await send_journal(left, login.journal, source, key)
-            await left.aclose()
+            result["acked"] = await upstream(left, frames, login.journal.head)
     finally:
-        source.close()
+        replica.close()
     return result["acked"], result["applied"]
 
 
@@ -137,7 +172,9 @@ async def test_replica_converges_and_resumes(login: Login, tmp_path: Path) -> No
     acked, applied = await stream(login, replica_dir)
     assert applied == login.journal.head > before
     assert tree(replica_upper) == tree(login.upper)
-    assert Replica.open(str(replica_dir / USER)).applied == login.journal.head
+    reopened = Replica.open(str(replica_dir / USER))
+    assert reopened.applied == login.journal.head
+    reopened.close()
 
 
 async def test_setuid_bits_are_stripped_on_the_replica(login: Login, tmp_path: Path) -> None:
@@ -155,27 +192,25 @@ def _frames(payloads: list[tuple[int, bytes, int]], key: bytes) -> bytes:
 
 
 async def _hostile_session(tmp_path: Path, build: object) -> tuple[Replica, str]:
-    """Run serve_replica against a scripted peer; return the replica and the error text."""
+    """Run a replica against a scripted upstream; return the replica and the error text."""
     left, right = trio.testing.memory_stream_pair()
     replica_dir = tmp_path / "replicas"
     errors: list[str] = []
+    replica = Replica.open(str(replica_dir / USER))
 
     async def replica_side() -> None:
         try:
-            await serve_replica(right, str(replica_dir), KEY, USER)
+            await follow(right, replica, KEY, USER, "n1", LinkStats())
         except ProtocolError as exc:
             errors.append(str(exc))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(replica_side)
-        from sdeefs.replicate import receive_frame, session_key
-
-        hello = await receive_frame(left, KEY)
-        sender_nonce = b"n" * 16
-        await left.send_all(encode_frame(Frame(HELLO, 0, sender_nonce), KEY))
-        key = session_key(KEY, hello.payload[:16], sender_nonce)
+        hello_frame = await receive_frame(left, KEY)
+        _, key = await answer_hello(left, KEY, hello_frame, 9, JOURNAL_ID)
         await left.send_all(build(key))  # type: ignore[operator]
         await left.send_stream.aclose()  # half-close: the replica still answers
+    replica.close()
     return Replica.open(str(replica_dir / USER)), errors[0] if errors else ""
 
 
@@ -258,3 +293,124 @@ def test_record_payload_decoder_fuzz(data: bytes) -> None:
 def test_frame_checker_fuzz(header: bytes, payload: bytes, mac: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         check_frame(header, payload, mac, KEY)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120), st.integers(min_value=0, max_value=5))
+def test_hello_and_report_decoders_fuzz(data: bytes, seq: int) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_hello(Frame(1, seq, data))
+    with contextlib.suppress(ProtocolError):
+        decode_report(data)
+
+
+def _accept_all(replica: Replica, records: list[tuple[int, rec.Record, bytes | None]]) -> None:
+    for seq, record, data in records:
+        for frame in record_frames(seq, record, data):
+            replica.accept(frame)
+
+
+def test_redelivered_rename_after_a_crash_is_idempotent(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon dies after a rename, before noting it applied: the rename comes again."""
+    replica = Replica.open(str(tmp_path / USER))
+    _accept_all(replica, [
+        (1, rec.Mknod(b"upper/a", stat.S_IFREG | 0o644, 0, 0), None),
+        (2, rec.Write(b"upper/a", b"", 0, 1), b"A"),
+        (3, rec.Mknod(b"upper/b", stat.S_IFREG | 0o644, 0, 0), None),
+        (4, rec.Write(b"upper/b", b"", 0, 1), b"B"),
+    ])
+    exchange = rec.Rename(b"upper/a", b"upper/b", 2, 987654321)  # the LOGIN node's inode
+    original = Replica._write_position
+
+    def dies_after_applying(self: Replica, inflight: int = 0, inflight_ino: int = 0) -> None:
+        if inflight == 0 and self.applied == 5 and \
+                (tmp_path / USER / "upper" / "b").read_bytes() == b"A":
+            raise KeyboardInterrupt  # killed before the position says 5
+        original(self, inflight, inflight_ino)
+
+    monkeypatch.setattr(Replica, "_write_position", dies_after_applying)
+    with pytest.raises(KeyboardInterrupt):
+        replica.accept(record_frames(5, exchange, None)[0])
+    monkeypatch.setattr(Replica, "_write_position", original)
+    replica.close()
+    replica = Replica.open(str(tmp_path / USER))
+    assert replica.applied == 4
+    replica.accept(record_frames(5, exchange, None)[0])  # delivered again
+    replica.close()
+    assert (tmp_path / USER / "upper" / "b").read_bytes() == b"A"
+    assert (tmp_path / USER / "upper" / "a").read_bytes() == b"B"
+
+
+def _sample_tree(root: Path) -> None:
+    (root / "usr" / "lib").mkdir(parents=True)
+    (root / "usr" / "lib" / "libx.so").write_bytes(os.urandom(CHUNK + 777))
+    os.link(root / "usr" / "lib" / "libx.so", root / "usr" / "lib" / "libx.so.1")
+    (root / "etc").mkdir()
+    (root / "etc" / "motd").write_text("hi\n")
+    os.symlink("motd", root / "etc" / "motd.link")
+    os.mknod(root / "etc" / "gone", stat.S_IFCHR | 0, 0)  # whiteout
+    os.setxattr(root / "usr", "trusted.overlay.opaque", b"y")
+    os.setxattr(root / "etc" / "motd", "user.note", b"v")
+    (root / "suid").write_bytes(b"x")
+    os.chmod(root / "suid", 0o4755)
+    os.mkfifo(root / "fifo")
+
+
+def test_snapshot_rebuilds_a_verified_copy_and_a_bad_one_changes_nothing(tmp_path: Path) -> None:
+    from sdeefs.replicate import SNAPSHOT, snapshot_frames, tree_digest
+
+    source = tmp_path / "source"
+    source.mkdir()
+    _sample_tree(source)
+    replica = Replica.open(str(tmp_path / USER))
+    digest: list[bytes] = []
+    frames = list(snapshot_frames(str(source), 42, digest))
+    assert all(f.type == SNAPSHOT and f.seq == 42 for f in frames)
+    replica.begin_snapshot(42)
+    for frame in frames:
+        replica.accept_snapshot(frame)
+    replica.finish_snapshot(42, digest[0])
+    upper = tmp_path / USER / "upper"
+    assert replica.applied == 42
+    assert tree_digest(str(upper)) == tree_digest(str(source)) == digest[0]
+    assert os.stat(upper / "usr/lib/libx.so").st_ino == os.stat(upper / "usr/lib/libx.so.1").st_ino
+    assert stat.S_IMODE(os.stat(upper / "suid").st_mode) == 0o755
+
+    # A snapshot that does not match its digest is discarded; the copy stays as it was.
+    (source / "etc" / "motd").write_text("changed\n")
+    replica.begin_snapshot(50)
+    for frame in snapshot_frames(str(source), 50, []):
+        replica.accept_snapshot(frame)
+    with pytest.raises(ProtocolError, match="digest"):
+        replica.finish_snapshot(50, digest[0])
+    assert replica.applied == 42
+    assert (upper / "etc" / "motd").read_text() == "hi\n"
+    replica.close()
+
+
+def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sdeefs.replicate as replicate
+
+    replica = Replica.open(str(tmp_path / USER))
+    replica.adopt(b"i" * 16)
+    _accept_all(replica, [(1, rec.Mkdir(b"upper/d", 0o755, 0, 0), None)])
+    replica.sync()  # clean at 1
+    _accept_all(replica, [(2, rec.Mkdir(b"upper/e", 0o755, 0, 0), None)])  # dirty, unsynced
+    replica.close()
+    assert Replica.open(str(tmp_path / USER)).applied == 2  # same boot: the page cache holds
+
+    monkeypatch.setattr(replicate, "boot_id", lambda: b"\x01" * 16)  # "after a reboot"
+    again = Replica.open(str(tmp_path / USER))
+    assert again.applied == 0
+    assert os.listdir(tmp_path / USER / "upper") == []
+    again.adopt(b"i" * 16)
+    _accept_all(again, [(1, rec.Mkdir(b"upper/d", 0o755, 0, 0), None)])
+    again.sync()
+    again.close()
+    monkeypatch.setattr(replicate, "boot_id", lambda: b"\x02" * 16)
+    clean = Replica.open(str(tmp_path / USER))
+    assert clean.applied == 1
+    assert clean.journal_id == b"i" * 16
+    clean.close()

@@ -1,0 +1,863 @@
+"""``sdeefs-replicad``: one daemon per node that serves and keeps users' replicas.
+
+Roles (one process can have both):
+
+* **origin** (login node, ``--origin ROOT``): serves every user's journal from
+  ``ROOT/USER/state/journal``, reading the data of Write records from the live
+  upper ``ROOT/USER/upper`` by file handle.  Each follower has its own reader of
+  the journal, so a slow replica never stalls the user (the journal is the buffer)
+  nor another replica.  The journal is trimmed below what every follower
+  acknowledged; a follower gone longer than ``expire`` no longer holds it back and
+  gets a snapshot when it returns.
+* **replica** (compute node, ``--replica-dir DIR --upstream HOST:PORT``): follows the
+  users it is asked to (``follow`` on the control socket: the SLURM prolog, or
+  ``--follow USER`` for warm replicas), applying into ``DIR/USER`` (see
+  ``sdeefs.replicate``), reconnecting with backoff after any failure.  It also
+  *relays*: what it applied is kept in a bounded buffer and served to replicas
+  that connect to it, so the login node sends each record to at most ``fanout``
+  nodes whatever the size of the job.
+
+Tree fan-out: an upstream that already has ``fanout`` direct followers of a user
+answers a new one with REDIRECT to one of them (the one reporting the smallest
+subtree, never one below the asker), so followers arrange themselves in a tree of
+degree ``fanout`` and depth log_fanout(N).  Every replicad listens on the same
+port, so a redirect names the follower's address as seen by the upstream.
+
+Control socket (unix, root only): one JSON request per connection, one JSON reply::
+
+    {"op": "follow", "user": U, "wait": true, "timeout": 120}   -> {"applied", "barrier"}
+    {"op": "unfollow", "user": U}
+    {"op": "status"}                                             -> every user, both roles
+
+``follow`` with ``wait`` asks the origin for its head *now* (at least the position
+the user's journal had when the job was submitted) and returns once the replica
+holds it: that is the job's barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+
+import attrs
+import trio
+
+from . import records as rec
+from .apply import read_write_data
+from .cow import LayerRoot
+from .errors import JournalCorrupt, QuietError
+from .journal import Entry, Journal, NullJournal, journal_id
+from .replicate import (
+    ERROR,
+    HEAD,
+    HELLO,
+    ID_SIZE,
+    NO_ID,
+    NONCE_SIZE,
+    QUERY,
+    REDIRECT,
+    SNAPSHOT_END,
+    Follower,
+    Frame,
+    Hello,
+    JournalTail,
+    LinkStats,
+    ProtocolError,
+    Redirected,
+    Replica,
+    Trimmed,
+    answer_hello,
+    decode_hello,
+    encode_frame,
+    encode_hello,
+    follow,
+    open_nursery,
+    receive_acks,
+    receive_frame,
+    record_frames,
+    snapshot_frames,
+)
+
+log = logging.getLogger(__name__)
+
+HOLD_BACK = 0.05  # seconds a trailing metadata record waits for a possible Abort
+IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
+POLL = 0.01  # seconds between looks at a journal for new records
+
+
+@attrs.frozen
+class DaemonConfig:
+    node: str
+    key: bytes
+    listen: tuple[str, int] | None = None
+    origin_root: str | None = None
+    replica_dir: str | None = None
+    upstream: tuple[str, int] | None = None
+    fanout: int = 4
+    control: str | None = None
+    follow: tuple[str, ...] = ()
+    relay_bytes: int = 256 << 20
+    expire: float = 86400.0
+    silence_timeout: float = 10.0
+
+
+def parse_address(text: str, default_port: int = 7077) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, default_port
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise QuietError(f"bad address {text!r} (want HOST:PORT)", 2) from None
+
+
+def load_key(path: str) -> bytes:
+    """The shared replication key: a root-only file of at least 32 bytes."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            key = f.read()
+    except OSError as exc:
+        raise QuietError(f"cannot read the replication key {path}: {exc.strerror}", 2) from None
+    if st.st_mode & 0o077:
+        raise QuietError(f"{path}: the replication key must not be readable by others "
+                         "(chmod 600)", 2)
+    if len(key.strip()) < 32:
+        raise QuietError(f"{path}: the replication key is shorter than 32 bytes", 2)
+    return key.strip()
+
+
+# -- origin: a user's journal as a source -------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class OriginUser:
+    """One user's journal on the login node and the replicas following it directly."""
+
+    name: str
+    root: str  # ROOT/USER
+    journal_dir: str
+    followers: dict[str, Follower] = attrs.field(factory=dict)
+    addresses: dict[str, str] = attrs.field(factory=dict)  # node -> where it relays
+    head: int = 0
+    _head_tail: JournalTail | None = None
+    changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def refresh_head(self) -> int:
+        if self._head_tail is None:
+            self._head_tail = JournalTail(self.journal_dir, max(1, self.head + 1))
+        try:
+            while entries := self._head_tail.poll(16 << 20):
+                self.head = entries[-1].seq
+        except Trimmed:
+            self._head_tail.close()
+            self._head_tail = None
+        return self.head
+
+    def source(self) -> LayerRoot:
+        fds = [os.open(os.path.join(self.root, *sub), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+               for sub in (("upper",), ("state", "work"))]
+        return LayerRoot(fds[0], fds[1], NullJournal())
+
+
+def _settled(pending: list[Entry], first_seen: float) -> int:
+    """How many of ``pending`` may be sent now.
+
+    A metadata record is written just before its operation; if the operation fails an
+    Abort follows at once.  So the last metadata record waits until anything follows
+    it, or HOLD_BACK has passed.
+    """
+    if not pending:
+        return 0
+    last = pending[-1]
+    if last.record.METADATA and not isinstance(last.record, rec.Sync | rec.Done | rec.Abort) \
+            and time.monotonic() - first_seen < HOLD_BACK:
+        return len(pending) - 1
+    return len(pending)
+
+
+def _without_aborted(entries: list[Entry]) -> list[Entry]:
+    aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
+    return [Entry(e.seq, rec.Sync(0)) if e.seq in aborted else e for e in entries]
+
+
+# -- relay: what a replica applied, for the replicas below it ---------------------------------
+
+
+@attrs.define(eq=False)
+class RelayBuffer:
+    """The last RECORD frames a replica applied (bounded), and who waits for more."""
+
+    limit: int
+    frames: collections.deque[Frame] = attrs.field(factory=collections.deque)
+    size: int = 0
+    changed: trio.Event = attrs.field(factory=trio.Event)
+    generation: int = 0  # bumps when the replica was replaced by a snapshot
+
+    def append(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self.frames.append(frame)
+            self.size += len(frame.payload)
+        while self.size > self.limit and len(self.frames) > 1:
+            first = self.frames[0].seq
+            while self.frames and self.frames[0].seq == first:  # whole records only
+                self.size -= len(self.frames.popleft().payload)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self.size = 0
+        self.generation += 1
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def first_seq(self) -> int | None:
+        return self.frames[0].seq if self.frames else None
+
+    def after(self, seq: int, max_bytes: int = 8 << 20) -> list[Frame]:
+        out, size = [], 0
+        for frame in self.frames:
+            if frame.seq > seq:
+                out.append(frame)
+                size += len(frame.payload)
+                if size >= max_bytes and not frame.flags:
+                    break
+        while out and out[-1].flags:  # only whole records
+            out.pop()
+        return out
+
+
+@attrs.define(eq=False)
+class ReplicaUser:
+    name: str
+    replica: Replica
+    stats: LinkStats = attrs.field(factory=LinkStats)
+    relay: RelayBuffer = attrs.field(factory=lambda: RelayBuffer(256 << 20))
+    followers: dict[str, Follower] = attrs.field(factory=dict)
+    addresses: dict[str, str] = attrs.field(factory=dict)
+    upstream: str = ""
+    scope: trio.CancelScope | None = None
+    applied_changed: trio.Event = attrs.field(factory=trio.Event)
+
+
+# -- the daemon ------------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Daemon:
+    config: DaemonConfig
+    origin: dict[str, OriginUser] = attrs.field(factory=dict)
+    replicas: dict[str, ReplicaUser] = attrs.field(factory=dict)
+    _nursery: trio.Nursery | None = None
+    started: float = attrs.field(factory=time.time)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.config.listen is not None:
+                host, port = self.config.listen
+                listeners = await trio.open_tcp_listeners(port, host=host or None)
+                nursery.start_soon(trio.serve_listeners, self._handle_peer, listeners)
+            if self.config.control is not None:
+                await nursery.start(self._serve_control)
+            for user in self.config.follow:
+                self.start_following(user)
+            if self.config.origin_root is not None:
+                nursery.start_soon(self._trim_loop)
+            log.info("sdeefs-replicad %s ready (listen %s, origin %s, replicas %s, upstream %s)",
+                     self.config.node, self.config.listen, self.config.origin_root,
+                     self.config.replica_dir, self.config.upstream)
+            task_status.started()
+
+    # -- serving followers ------------------------------------------------------------------
+
+    async def _handle_peer(self, stream: trio.SocketStream) -> None:
+        peer = stream.socket.getpeername()[0]
+        try:
+            with trio.fail_after(10):
+                hello_frame = await receive_frame(stream, self.config.key)
+            hello = decode_hello(hello_frame)
+            if hello.want == 0:
+                raise ProtocolError("bad HELLO")
+            await self._serve_hello(stream, hello_frame, hello, peer)
+        except (ProtocolError, EOFError, trio.TooSlowError, ValueError) as exc:
+            log.error("peer %s: %s", peer, exc)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode_frame(Frame(ERROR, 0, str(exc).encode()[:4096]),
+                                                   self.config.key))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("peer %s went away: %s", peer, exc)
+        finally:
+            await stream.aclose()
+
+    def _origin_user(self, name: str) -> OriginUser | None:
+        if self.config.origin_root is None:
+            return None
+        user = self.origin.get(name)
+        if user is None:
+            root = os.path.join(self.config.origin_root, name)
+            journal_dir = os.path.join(root, "state", "journal")
+            if not os.path.isdir(journal_dir):
+                return None
+            user = self.origin[name] = OriginUser(name, root, journal_dir)
+        return user
+
+    def _redirect_target(self, followers: dict[str, Follower], addresses: dict[str, str],
+                         node: str) -> str | None:
+        if node in followers or len(followers) < self.config.fanout:
+            return None
+        choices = [f for f in followers.values() if f.node != node and f.node in addresses
+                   and node not in {n for n, _ in f.report}]
+        if not choices:
+            return None
+        best = min(choices, key=lambda f: (len(f.report), f.node))
+        return addresses[best.node]
+
+    async def _serve_hello(self, stream: trio.SocketStream, frame: Frame, hello: Hello,
+                           peer: str) -> None:
+        origin = self._origin_user(hello.user)
+        relay = self.replicas.get(hello.user)
+        if origin is None and relay is None:
+            raise ProtocolError(f"{self.config.node} holds nothing of user {hello.user}")
+        if hello.flags & QUERY:
+            if origin is not None:
+                head = await trio.to_thread.run_sync(origin.refresh_head)
+                jid = await trio.to_thread.run_sync(journal_id, origin.journal_dir)
+            else:
+                assert relay is not None
+                head = max(relay.stats.head, relay.replica.applied)
+                jid = relay.replica.journal_id
+            await answer_hello(stream, self.config.key, frame, head, jid)
+            return
+        followers = origin.followers if origin else relay.followers  # type: ignore[union-attr]
+        addresses = origin.addresses if origin else relay.addresses  # type: ignore[union-attr]
+        target = self._redirect_target(followers, addresses, hello.node)
+        if target is not None:
+            await stream.send_all(encode_frame(Frame(REDIRECT, 0, target.encode()),
+                                               self.config.key))
+            return
+        follower = Follower(hello.node, hello.user, acked=hello.want - 1,
+                            sent_seq=hello.want - 1)
+        followers[hello.node] = follower
+        if hello.port:
+            addresses[hello.node] = f"{peer}:{hello.port}"
+        else:
+            addresses.pop(hello.node, None)
+        try:
+            if origin is not None:
+                head = await trio.to_thread.run_sync(origin.refresh_head)
+                jid = await trio.to_thread.run_sync(journal_id, origin.journal_dir)
+                hello, key = await answer_hello(stream, self.config.key, frame, head, jid)
+                await self._serve_origin(stream, key, hello, origin, follower)
+            else:
+                assert relay is not None
+                if relay.replica.journal_id == NO_ID:
+                    raise ProtocolError(f"{self.config.node} has no history of {hello.user} yet")
+                hello, key = await answer_hello(stream, self.config.key, frame,
+                                                max(relay.stats.head, relay.replica.applied),
+                                                relay.replica.journal_id)
+                await self._serve_relay(stream, key, hello, relay, follower)
+        finally:
+            if followers.get(hello.node) is follower:
+                del followers[hello.node]
+
+    async def _stream_with_acks(self, stream: trio.SocketStream, key: bytes, follower: Follower,
+                                producer: object) -> None:
+        async with open_nursery() as nursery:
+            async def acks() -> None:
+                await receive_acks(stream, key, follower)
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(acks)
+            await producer()  # type: ignore[operator]
+            nursery.cancel_scope.cancel()
+
+    async def _send(self, stream: trio.SocketStream, key: bytes, follower: Follower,
+                    frames: list[Frame]) -> None:
+        if not frames:
+            return
+        data = b"".join(encode_frame(f, key) for f in frames)
+        # Before sending: the ACK can arrive before send_all returns.
+        follower.sent_seq = max(follower.sent_seq, frames[-1].seq)
+        follower.bytes_sent += len(data)
+        await stream.send_all(data)
+
+    async def _send_snapshot(self, stream: trio.SocketStream, key: bytes, follower: Follower,
+                             upper: str, seq: int) -> None:
+        """Stream a snapshot of ``upper`` as the state at ``seq`` (the caller keeps it still)."""
+        digest: list[bytes] = []
+        frames: Iterator[Frame] = snapshot_frames(upper, seq, digest)
+
+        def take() -> list[Frame]:
+            out, size = [], 0
+            for frame in frames:
+                out.append(frame)
+                size += len(frame.payload)
+                if size >= 4 << 20:
+                    break
+            return out
+
+        while batch := await trio.to_thread.run_sync(take):
+            await self._send(stream, key, follower, batch)
+        await self._send(stream, key, follower, [Frame(SNAPSHOT_END, seq, digest[0])])
+        log.info("sent a snapshot of %s at seq %d to %s", follower.user, seq, follower.node)
+
+    async def _serve_origin(self, stream: trio.SocketStream, key: bytes, hello: Hello,
+                            user: OriginUser, follower: Follower) -> None:
+        source = await trio.to_thread.run_sync(user.source)
+        try:
+            async def produce() -> None:
+                want = hello.want
+                if hello.journal_id != NO_ID and hello.journal_id != journal_id(user.journal_dir):
+                    want = 1  # the replica resets itself and asks again
+                    return
+                tail = JournalTail(user.journal_dir, want)
+                try:
+                    if want > user.head + 1:
+                        await trio.to_thread.run_sync(user.refresh_head)
+                    if want > user.head + 1:
+                        raise ProtocolError(f"replica wants seq {want} but the journal ends at "
+                                            f"{user.head}: its history diverged")
+                    try:
+                        await trio.to_thread.run_sync(tail.poll, 0)
+                    except Trimmed:
+                        tail.close()
+                        seq = await self._origin_snapshot(stream, key, user, follower)
+                        tail = JournalTail(user.journal_dir, seq + 1)
+                    await self._follow_journal(stream, key, user, follower, tail, source)
+                finally:
+                    tail.close()
+            await self._stream_with_acks(stream, key, follower, produce)
+        finally:
+            source.close()
+
+    async def _origin_snapshot(self, stream: trio.SocketStream, key: bytes, user: OriginUser,
+                               follower: Follower) -> int:
+        """A snapshot of the live upper, valid only if the journal did not move meanwhile."""
+        journal = Journal(directory=user.journal_dir)
+        for attempt in range(5):
+            before = await trio.to_thread.run_sync(journal.size_bytes)
+            seq = await trio.to_thread.run_sync(user.refresh_head)
+            await trio.sleep(HOLD_BACK)
+            if await trio.to_thread.run_sync(journal.size_bytes) != before:
+                continue
+            await self._send_snapshot(stream, key, follower, os.path.join(user.root, "upper"),
+                                      seq)
+            if await trio.to_thread.run_sync(journal.size_bytes) == before:
+                return seq
+            log.warning("snapshot of %s for %s: the upper changed while read (attempt %d)",
+                        user.name, follower.node, attempt + 1)
+            raise ProtocolError("the upper changed during the snapshot; reconnect and retry")
+        raise ProtocolError(f"{user.name}'s environment is too busy for a snapshot; retrying")
+
+    async def _follow_journal(self, stream: trio.SocketStream, key: bytes, user: OriginUser,
+                              follower: Follower, tail: JournalTail, source: LayerRoot) -> None:
+        pending: list[Entry] = []
+        first_seen = 0.0
+        last_send = trio.current_time()
+
+        def read_data(record: rec.Write) -> bytes | None:
+            return read_write_data(source, record)
+
+        def next_frames() -> tuple[list[Frame], int]:
+            nonlocal pending, first_seen
+            new = tail.poll()
+            if new and not pending:
+                first_seen = time.monotonic()
+            pending = _without_aborted(pending + new)
+            ready = _settled(pending, first_seen)
+            batch, pending = pending[:ready], pending[ready:]
+            if pending and batch:
+                first_seen = time.monotonic()
+            frames = []
+            for entry in batch:
+                record = entry.record
+                data = read_data(record) if isinstance(record, rec.Write) else None
+                frames.extend(record_frames(entry.seq, record, data))
+            return frames, batch[-1].seq if batch else 0
+
+        while True:
+            try:
+                frames, last = await trio.to_thread.run_sync(next_frames)
+            except Trimmed:
+                raise ProtocolError("the journal was trimmed below this replica; "
+                                    "reconnect for a snapshot") from None
+            except JournalCorrupt as exc:
+                raise ProtocolError(f"journal of {user.name}: {exc}") from None
+            if frames:
+                await self._send(stream, key, follower, frames)
+                user.head = max(user.head, last)
+                last_send = trio.current_time()
+                continue
+            if trio.current_time() - last_send >= IDLE_HEAD:
+                await self._send(stream, key, follower,
+                                 [Frame(HEAD, max(user.head, follower.sent_seq))])
+                last_send = trio.current_time()
+            await trio.sleep(POLL)
+
+    async def _serve_relay(self, stream: trio.SocketStream, key: bytes, hello: Hello,
+                           user: ReplicaUser, follower: Follower) -> None:
+        async def produce() -> None:
+            pos = hello.want - 1
+            generation = user.relay.generation
+            last_send = trio.current_time()
+            while True:
+                first = user.relay.first_seq()
+                applied = user.replica.applied
+                if user.relay.generation != generation or (
+                        pos < applied and (first is None or first > pos + 1)):
+                    pos = await self._relay_snapshot(stream, key, user, follower)
+                    generation = user.relay.generation
+                frames = user.relay.after(pos)
+                if frames:
+                    await self._send(stream, key, follower, frames)
+                    pos = frames[-1].seq
+                    last_send = trio.current_time()
+                    continue
+                if trio.current_time() - last_send >= IDLE_HEAD:
+                    await self._send(stream, key, follower,
+                                     [Frame(HEAD, max(user.stats.head, pos))])
+                    last_send = trio.current_time()
+                with trio.move_on_after(IDLE_HEAD):
+                    await user.relay.changed.wait()
+        await self._stream_with_acks(stream, key, follower, produce)
+
+    async def _relay_snapshot(self, stream: trio.SocketStream, key: bytes, user: ReplicaUser,
+                              follower: Follower) -> int:
+        """Our own copy, held still (applying pauses) while it is read."""
+        replica = user.replica
+        await trio.to_thread.run_sync(replica.lock.acquire)
+        try:
+            seq = replica.applied
+            await self._send_snapshot(stream, key, follower, replica.upper, seq)
+        finally:
+            replica.lock.release()
+        return seq
+
+    # -- following upstream ------------------------------------------------------------------
+
+    def start_following(self, name: str) -> ReplicaUser:
+        if self.config.replica_dir is None or self.config.upstream is None:
+            raise QuietError(f"{self.config.node} keeps no replicas (no replica_dir/upstream)", 2)
+        user = self.replicas.get(name)
+        if user is None:
+            replica = Replica.open(os.path.join(self.config.replica_dir, name))
+            user = self.replicas[name] = ReplicaUser(name, replica,
+                                                     relay=RelayBuffer(self.config.relay_bytes))
+            assert self._nursery is not None
+            self._nursery.start_soon(self._follow_loop, user)
+        return user
+
+    def stop_following(self, name: str) -> bool:
+        user = self.replicas.pop(name, None)
+        if user is None:
+            return False
+        if user.scope is not None:
+            user.scope.cancel()
+        return True
+
+    async def _follow_loop(self, user: ReplicaUser) -> None:
+        assert self.config.upstream is not None
+        home = f"{self.config.upstream[0]}:{self.config.upstream[1]}"
+        address, redirects, backoff = home, 0, 0.05
+        with trio.CancelScope() as scope:
+            user.scope = scope
+            try:
+                while True:
+                    user.upstream = address
+                    try:
+                        host, port = parse_address(address)
+                        with trio.fail_after(5):
+                            stream = await trio.open_tcp_stream(host, port)
+                        async with stream:
+                            await follow(stream, user.replica, self.config.key, user.name,
+                                         self.config.node, user.stats,
+                                         report=lambda: self._report(user),
+                                         on_applied=lambda frames: self._applied(user, frames),
+                                         on_snapshot=user.relay.clear,
+                                         silence_timeout=self.config.silence_timeout,
+                                         relay_port=self.config.listen[1]
+                                         if self.config.listen else 0)
+                        backoff = 0.05
+                    except Redirected as r:
+                        redirects += 1
+                        if redirects <= 8:
+                            log.info("%s: %s redirects to %s", user.name, address, r.address)
+                            address = r.address
+                            continue
+                        address, redirects = home, 0
+                    except (OSError, ConnectionError, EOFError, trio.TooSlowError,
+                            trio.BrokenResourceError, ProtocolError, QuietError) as exc:
+                        user.stats.last_error = f"{address}: {exc}"
+                        log.warning("following %s from %s: %s", user.name, address, exc)
+                        address, redirects = home, 0
+                    self._applied(user, [])
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(user.replica.close)
+
+    def _applied(self, user: ReplicaUser, frames: list[Frame]) -> None:
+        if frames:
+            user.relay.append(frames)
+        user.applied_changed.set()
+        user.applied_changed = trio.Event()
+
+    def _report(self, user: ReplicaUser) -> list[tuple[str, int]]:
+        report = []
+        for follower in user.followers.values():
+            report.append((follower.node, follower.acked))
+            report.extend(follower.report)
+        return report
+
+    async def _origin_head(self, name: str) -> int:
+        """Ask the origin (the configured upstream) for the user's head now."""
+        assert self.config.upstream is not None
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(*self.config.upstream)
+            async with stream:
+                hello = Hello(os.urandom(NONCE_SIZE), NO_ID, name, self.config.node, 1, QUERY)
+                await stream.send_all(encode_frame(encode_hello(hello), self.config.key))
+                answer = await receive_frame(stream, self.config.key)
+                if answer.type == ERROR:
+                    raise ProtocolError("upstream: " + answer.payload.decode(errors="replace"))
+                if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
+                    raise ProtocolError("upstream did not answer")
+                return answer.seq
+
+    async def wait_barrier(self, name: str, limit: float) -> dict[str, object]:
+        user = self.start_following(name)
+        with trio.fail_after(limit):
+            while True:
+                try:
+                    barrier = await self._origin_head(name)
+                    break
+                except (OSError, trio.BrokenResourceError, ProtocolError, EOFError) as exc:
+                    user.stats.last_error = str(exc)
+                    await trio.sleep(0.2)
+            while user.replica.applied < barrier or user.replica.journal_id == NO_ID:
+                with trio.move_on_after(0.05):
+                    await user.applied_changed.wait()
+        return {"user": name, "applied": user.replica.applied, "barrier": barrier}
+
+    # -- trimming -----------------------------------------------------------------------------
+
+    async def _trim_loop(self) -> None:
+        while True:
+            await trio.sleep(10)
+            for user in list(self.origin.values()):
+                with contextlib.suppress(OSError, JournalCorrupt):
+                    await trio.to_thread.run_sync(self.trim, user)
+
+    def trim(self, user: OriginUser) -> int:
+        """Delete journal segments every follower (seen within ``expire``) acknowledged."""
+        path = os.path.join(user.root, "state", "replicas.json")
+        try:
+            with open(path) as f:
+                seen = {k: (int(v[0]), float(v[1])) for k, v in json.load(f).items()}
+        except (OSError, ValueError, TypeError, IndexError):
+            seen = {}
+        now = time.time()
+        for node, follower in user.followers.items():
+            seen[node] = (follower.acked, now)
+        seen = {k: v for k, v in seen.items() if now - v[1] < self.config.expire}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(seen, f)
+        os.replace(tmp, path)
+        if not seen:
+            return 0
+        below = min(acked for acked, _ in seen.values()) + 1
+        return Journal(directory=user.journal_dir).trim(below)
+
+    # -- control and status ----------------------------------------------------------------
+
+    async def _serve_control(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        assert self.config.control is not None
+        path = self.config.control
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self._handle_control, [listener])
+
+    async def _handle_control(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                data = b""
+                with trio.fail_after(10):
+                    while not data.endswith(b"\n"):
+                        chunk = await stream.receive_some(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                        if len(data) > 65536:
+                            raise ValueError("request too long")
+                request = json.loads(data)
+                reply = await self._control(request)
+            except QuietError as exc:
+                reply = {"error": str(exc)}
+            except trio.TooSlowError:
+                reply = {"error": "timed out"}
+            except (ValueError, KeyError, TypeError) as exc:
+                reply = {"error": f"bad request: {exc}"}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    async def _control(self, request: dict[str, object]) -> dict[str, object]:
+        op = request.get("op")
+        if op == "status":
+            return self.status()
+        user = request.get("user")
+        if not isinstance(user, str) or not user or "/" in user or user.startswith("."):
+            raise ValueError("user must be a user name")
+        if op == "follow":
+            if request.get("wait"):
+                timeout = float(request.get("timeout", 300))  # type: ignore[arg-type]
+                try:
+                    return await self.wait_barrier(user, timeout)
+                except trio.TooSlowError:
+                    r = self.replicas.get(user)
+                    raise QuietError(
+                        f"{user}: replica not at the barrier after {timeout:.0f} s "
+                        f"(applied {r.replica.applied if r else 0}, "
+                        f"last error: {r.stats.last_error if r else ''})", 1) from None
+            self.start_following(user)
+            return {"user": user, "following": True}
+        if op == "unfollow":
+            return {"user": user, "stopped": self.stop_following(user)}
+        raise ValueError(f"unknown op {op!r}")
+
+    def status(self) -> dict[str, object]:
+        origin = {}
+        for user in self.origin.values():
+            with contextlib.suppress(OSError):
+                user.refresh_head()
+            followers: dict[str, dict[str, object]] = {}
+            for f in user.followers.values():
+                followers[f.node] = {"acked": f.acked, "lag": user.head - f.acked,
+                                     "bytes_sent": f.bytes_sent, "direct": True}
+                for node, seq in f.report:
+                    followers.setdefault(node, {"acked": seq, "lag": user.head - seq,
+                                                "direct": False, "via": f.node})
+            origin[user.name] = {"head": user.head, "followers": followers}
+        replicas = {}
+        for r in self.replicas.values():
+            replicas[r.name] = {
+                "applied": r.replica.applied, "upstream_head": r.stats.head,
+                "lag": max(0, r.stats.head - r.replica.applied),
+                "bytes_received": r.stats.bytes_received, "connected": r.stats.connected,
+                "upstream": r.upstream, "last_error": r.stats.last_error,
+                "followers": sorted(r.followers),
+            }
+        return {"node": self.config.node, "origin": origin, "replicas": replicas,
+                "uptime": time.time() - self.started}
+
+
+def control_request(path: str, request: dict[str, object], timeout: float = 600) -> dict[
+        str, object]:
+    """Send one request to a replicad's control socket (blocking; for the CLI and prolog)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise QuietError(f"sdeefs-replicad is not running ({path}: {exc.strerror})", 3) \
+                from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        reply: dict[str, object] = json.loads(data)
+    except ValueError:
+        raise QuietError("sdeefs-replicad gave no answer", 1) from None
+    if "error" in reply:
+        raise QuietError(str(reply["error"]), 1)
+    return reply
+
+
+def tree_cost(nodes: int, fanout: int) -> dict[str, float]:
+    """Depth and per-node streams of the relay tree (for the 1,000/10,000-node estimate)."""
+    depth = math.ceil(math.log(nodes * (fanout - 1) + 1, fanout)) if fanout > 1 else nodes
+    return {"nodes": nodes, "fanout": fanout, "depth": depth, "login_streams": min(nodes, fanout)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdeefs-replicad", description="serve users' journals (login node) and keep "
+        "their replicas (compute nodes); see `pydoc sdeefs.replicad`")
+    parser.add_argument("--node", default=socket.gethostname().split(".")[0],
+                        help="this node's name (default: the short host name)")
+    parser.add_argument("--key-file", required=True,
+                        help="shared replication key, root-only, >= 32 bytes")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="serve followers here (origin, and relays for the tree)")
+    parser.add_argument("--origin", metavar="ROOT",
+                        help="login node: serve the journals of ROOT/USER/state/journal")
+    parser.add_argument("--replica-dir", metavar="DIR", help="compute node: keep replicas here")
+    parser.add_argument("--upstream", metavar="HOST:PORT", help="the login node's replicad")
+    parser.add_argument("--fanout", type=int, default=4,
+                        help="direct followers per user before redirecting (default 4)")
+    parser.add_argument("--control", metavar="SOCKET", help="control socket (root only)")
+    parser.add_argument("--follow", action="append", default=[], metavar="USER",
+                        help="follow USER continuously (a warm replica; repeatable)")
+    parser.add_argument("--relay-bytes", type=int, default=256 << 20,
+                        help="bytes of applied records kept for relaying (default 256 MiB)")
+    parser.add_argument("--log-file", help="log here instead of stderr")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(filename=args.log_file,
+                        level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.replica_dir and not args.upstream:
+            raise QuietError("--replica-dir needs --upstream (where to follow users from)", 2)
+        if not (args.origin or args.replica_dir):
+            raise QuietError("nothing to do: give --origin and/or --replica-dir", 2)
+        if args.fanout < 1:
+            raise QuietError("--fanout must be at least 1", 2)
+        config = DaemonConfig(
+            node=args.node, key=load_key(args.key_file),
+            listen=parse_address(args.listen) if args.listen else None,
+            origin_root=args.origin, replica_dir=args.replica_dir,
+            upstream=parse_address(args.upstream) if args.upstream else None,
+            fanout=args.fanout, control=args.control, follow=tuple(args.follow),
+            relay_bytes=args.relay_bytes)
+        if config.replica_dir:
+            os.makedirs(config.replica_dir, mode=0o700, exist_ok=True)
+        trio.run(Daemon(config).run)
+    except QuietError as exc:
+        print(f"sdeefs-replicad: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except OSError as exc:
+        print(f"sdeefs-replicad: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
