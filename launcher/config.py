@@ -19,6 +19,18 @@ a missing file means all defaults.  Example (every key, with its default)::
     tmp_size = "25%"             # size of the private /tmp of an environment
     private_scan_age = 86400.0   # seconds a scan for root-only files stays valid
                                  # (launcher/private.py; `sdeefs scan-private` refreshes)
+
+    [replication]                # compute nodes and jobs (sdeefs.replicad, launcher/job.py)
+    login = ""                   # HOST:PORT of the login node's sdeefs-replicad (required on
+                                 # compute nodes)
+    key_file = "/etc/sdeefs/replication.key"   # shared key, root only, >= 32 bytes
+    control = "/run/sdeefs-replicad.sock"      # the local replicad's control socket
+    replica_dir = "/var/lib/sdeefs-replica"    # replicas of users' uppers on this node
+    job_dir = "/var/lib/sdeefs-jobs"           # per-job scratch uppers (removed at job end)
+    barrier_timeout = 300.0      # seconds the prolog waits for the replica to catch up
+
+In the [replication] paths, ``%n`` stands for the node's name (SLURMD_NODENAME, or the
+short host name): several simulated nodes can share one machine.
 """
 
 from __future__ import annotations
@@ -42,6 +54,23 @@ DEFAULT_DENY = (
 
 
 @attrs.frozen
+class Replication:
+    """The [replication] table (see the module docstring)."""
+
+    login: str = ""
+    key_file: str = "/etc/sdeefs/replication.key"
+    control: str = "/run/sdeefs-replicad.sock"
+    replica_dir: str = "/var/lib/sdeefs-replica"
+    job_dir: str = "/var/lib/sdeefs-jobs"
+    barrier_timeout: float = 300.0
+
+    def on(self, node: str) -> Replication:
+        """These settings with ``%n`` replaced by ``node``."""
+        return attrs.evolve(self, **{key: getattr(self, key).replace("%n", node) for key in
+                                     ("control", "replica_dir", "job_dir")})
+
+
+@attrs.frozen
 class Config:
     """Validated launcher configuration (see the module docstring for each key)."""
 
@@ -56,6 +85,7 @@ class Config:
     cache_timeout: float = 10.0
     tmp_size: str = "25%"
     private_scan_age: float = 86400.0
+    replication: Replication = Replication()
 
     def user_root(self, user: str) -> str:
         return os.path.join(self.root, user)
@@ -84,7 +114,7 @@ def _number(key: str, value: object, minimum: float = 0) -> float:
 
 def parse(data: dict[str, Any], source: str = "config") -> Config:
     """Build a Config from a parsed TOML document; one clear error per bad key."""
-    unknown_tables = set(data) - {"sdeefs"}
+    unknown_tables = set(data) - {"sdeefs", "replication"}
     if unknown_tables:
         raise QuietError(f"{source}: unknown table [{sorted(unknown_tables)[0]}]", 2)
     table = data.get("sdeefs", {})
@@ -117,7 +147,32 @@ def parse(data: dict[str, Any], source: str = "config") -> Config:
             raise QuietError(f"{source}: sdeefs.tmp_size must look like 25% or 4G, not {size!r}",
                              2)
         values["tmp_size"] = size
+    if "replication" in data:
+        values["replication"] = _replication(data["replication"], source)
     return Config(**values)
+
+
+def _replication(table: object, source: str) -> Replication:
+    if not isinstance(table, dict):
+        raise QuietError(f"{source}: [replication] must be a table", 2)
+    fields = {f.name for f in attrs.fields(Replication)}
+    for key in table:
+        if key not in fields:
+            raise QuietError(f"{source}: unknown key replication.{key}", 2)
+    values: dict[str, Any] = {}
+    if "login" in table:
+        login = table["login"]
+        if not isinstance(login, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", login):
+            raise QuietError(f"{source}: replication.login must look like HOST:PORT, "
+                             f"not {login!r}", 2)
+        values["login"] = login
+    for key in ("key_file", "control", "replica_dir", "job_dir"):
+        if key in table:
+            values[key] = _absolute(f"replication.{key}", table[key])
+    if "barrier_timeout" in table:
+        values["barrier_timeout"] = _number("replication.barrier_timeout",
+                                            table["barrier_timeout"], 1)
+    return Replication(**values)
 
 
 def load(path: str | None = None) -> Config:

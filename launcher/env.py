@@ -274,6 +274,13 @@ def _start(config: Config, user: User, layout: Layout) -> EnvRecord:
         work = os.path.join(layout.fuse, "work", "ovl")  # made through the daemon: journaled
     else:
         upper, work = layout.upper, os.path.join(layout.work, "ovl")
+    return launch(config, user, layout, upper, work, config.engine)
+
+
+def launch(config: Config, user: User, layout: Layout, upper: str, work: str, engine: str,
+           middle: tuple[str, ...] = ()) -> EnvRecord:
+    """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
+    replica of the user's upper, on compute nodes) and the masked, idmapped host root."""
     if not os.path.isdir(work):
         os.mkdir(work, 0o700)
         os.chown(work, user.uid, user.gid)
@@ -288,6 +295,7 @@ def _start(config: Config, user: User, layout: Layout) -> EnvRecord:
     if build_mask(layout.mask, config.lower, _mask_spec(config, user),
                   b"user.overlay.opaque", as_user):
         lowers.insert(0, layout.mask)
+    lowers[:0] = middle  # the user's own layer is above the mask, as the upper is at login
     args = ["start", "--uid", str(user.uid), "--gid", str(user.gid)]
     for lower in lowers:
         args += ["--root-lower", lower]
@@ -301,7 +309,7 @@ def _start(config: Config, user: User, layout: Layout) -> EnvRecord:
     start = proc_start_time(pid)
     if start is None or fields is None:
         raise QuietError(f"the environment of {user.name} died while starting", 1)
-    return EnvRecord(user.name, user.uid, pid, start, int(fields[1]), config.engine, 0,
+    return EnvRecord(user.name, user.uid, pid, start, int(fields[1]), engine, 0,
                      time.time())
 
 

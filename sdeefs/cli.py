@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("stop-idle", help="stop environments idle longer than idle_timeout")
     sub.add_parser("scan-private", help="refresh the list of root-only lower entries that "
                                         "every environment hides")
+    sub.add_parser("job-prolog", help="SLURM Prolog: replica at the barrier, job environment")
+    sub.add_parser("job-epilog", help="SLURM Epilog: end the job's environment")
+    rp = sub.add_parser("replica", help="the local sdeefs-replicad: follow a user, status")
+    rp.add_argument("action", choices=("follow", "unfollow", "status"))
+    rp.add_argument("user", nargs="?")
+    rp.add_argument("--wait", action="store_true", help="follow: wait for the login's head")
+    rp.add_argument("--control", help="control socket (default: from the config)")
+    rp.add_argument("--json", action="store_true")
 
     for name, helptext in (("diff", "what this user added, changed and deleted"),
                            ("log", "the journal, human-readable"),
@@ -163,7 +171,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle",
-                     "scan-private")
+                     "scan-private", "job-prolog", "job-epilog", "replica")
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -177,7 +185,13 @@ def _launcher(args: argparse.Namespace) -> int:
         removed = pam.uninstall(args.service)
         print("removed" if removed else "nothing to remove")
         return 0
+    if args.command in ("job-prolog", "job-epilog"):
+        from sdeefs_launcher import job
+
+        return job.slurm_hook_main(args.command[4:])
     cfg = config.load()
+    if args.command == "replica":
+        return _replica(args, cfg)
     if args.command == "start":
         record = env.ensure(cfg, env.User.lookup(args.user))
         print(f"{args.user}: environment pid {record.init_pid}")
@@ -209,6 +223,41 @@ def _launcher(args: argparse.Namespace) -> int:
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
               f"{row['processes']:>5} {_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
+    return 0
+
+
+def _replica(args: argparse.Namespace, cfg: object) -> int:
+    from sdeefs_launcher import job
+
+    from .replicad import control_request
+
+    rep = cfg.replication.on(job.node_name())  # type: ignore[attr-defined]
+    control = args.control or rep.control
+    if args.action == "status":
+        reply = control_request(control, {"op": "status"})
+        if args.json:
+            print(json.dumps(reply, indent=1))
+            return 0
+        print(f"node {reply['node']}")
+        origin: dict[str, dict[str, object]] = reply.get("origin", {})  # type: ignore[assignment]
+        for user, info in sorted(origin.items()):
+            followers: dict[str, dict[str, object]] = info["followers"]  # type: ignore[assignment]
+            print(f"  {user}: head {info['head']}")
+            for node, f in sorted(followers.items()):
+                via = "" if f.get("direct") else f" via {f.get('via')}"
+                print(f"    {node:<16} acked {f['acked']:>8}  lag {f['lag']:>6}{via}")
+        replicas: dict[str, dict[str, object]] = reply.get("replicas", {})  # type: ignore[assignment]
+        for user, info in sorted(replicas.items()):
+            print(f"  replica {user}: applied {info['applied']} of {info['upstream_head']} "
+                  f"(lag {info['lag']}, {_size(int(str(info['bytes_received'])))} received, "
+                  f"{'connected' if info['connected'] else 'disconnected'} to "
+                  f"{info['upstream']})")
+        return 0
+    if not args.user:
+        raise QuietError(f"replica {args.action} needs a user name", 2)
+    reply = control_request(control, {"op": args.action, "user": args.user,
+                                      "wait": args.wait, "timeout": rep.barrier_timeout})
+    print(json.dumps(reply) if args.json else " ".join(f"{k}={v}" for k, v in reply.items()))
     return 0
 
 

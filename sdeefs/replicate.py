@@ -471,12 +471,17 @@ def _read_regular(dir_fd: int, name: str) -> Iterator[bytes]:
 
 
 def tree_digest(root: str) -> bytes:
-    """SHA-256 over every entry of a tree: type, mode (set-ID bits aside), owner, size,
-    link count, content, symlink target, replicated xattrs.  Equal digests: equal trees."""
+    """SHA-256 over every entry below a tree's root: type, mode (set-ID bits aside), owner,
+    size, link count, content, symlink target, replicated xattrs.  Equal digests: equal
+    trees.  The root directory's own mode and owner are not part of it: a layer root's
+    are set by whoever made it (the launcher at login, the replica daemon)."""
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         keys = []
         for entry, dir_fd, name in walk_tree(root_fd):
+            if not entry.path:
+                keys.append(_root_key(entry))
+                continue
             content = b""
             if stat.S_ISREG(entry.st.st_mode):
                 h = hashlib.sha256()
@@ -487,6 +492,10 @@ def tree_digest(root: str) -> bytes:
     finally:
         os.close(root_fd)
     return _digest_of(keys)
+
+
+def _root_key(entry: TreeEntry) -> bytes:
+    return repr((b"", entry.xattrs)).encode()
 
 
 def _digest_of(keys: list[bytes]) -> bytes:
@@ -554,7 +563,7 @@ def snapshot_frames(upper: str, seq: int, digest_out: list[bytes]) -> Iterator[F
             if kind not in (stat.S_IFDIR, stat.S_IFLNK):
                 yield from record_frames(seq, _times(path, st, rec.SET_MODE | rec.SET_OWNER),
                                          None, SNAPSHOT)
-            keys.append(entry.key(content))
+            keys.append(entry.key(content) if entry.path else _root_key(entry))
         for entry in reversed(dirs):  # times last: creating the entries changed them
             path = b"upper/" + entry.path if entry.path else b"upper"
             yield from record_frames(seq, _times(path, entry.st, rec.SET_MODE | rec.SET_OWNER),

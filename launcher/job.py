@@ -1,0 +1,194 @@
+"""Jobs on compute nodes: the SLURM prolog and epilog, and ``sdeefs-run``.
+
+A job of user U on node N runs in the same kind of environment as U's login (user,
+mount and PID namespaces, masked paths, no_new_privs, U is root inside and only U
+outside), over these layers::
+
+    upper   JOB_DIR/JOBID/upper        per-job scratch, removed when the job ends
+    middle  REPLICA_DIR/U/upper        U's replica, kept current by sdeefs-replicad
+    mask    (tmpfs)                    the same deny list as at login
+    lower   host /, idmapped           host root shows as U
+
+The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
+
+* ``sdeefs job-prolog`` (SLURM ``Prolog``, root, every allocated node, before any
+  step; ``PrologFlags=Alloc``): asks the local replicad to follow U and waits until
+  the replica holds the journal position the login node has *now* (at least what U
+  had at submission), then starts the job's environment.
+* ``sdeefs-run [--] CMD ...`` (what ``srun`` runs, as U): joins that environment and
+  runs CMD; every step of the job on this node shares it (start once, run many).
+* ``sdeefs job-epilog`` (SLURM ``Epilog``, root): kills the environment's root
+  process (the whole tree goes with it), unmounts, removes the scratch upper.  The
+  replica stays for the next job.
+
+A user without an sdeefs environment on the login node gets none on the compute
+node either: the prolog says so in slurmd's log and lets the job run as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import sys
+
+from sdeefs.errors import QuietError
+
+from . import config as config_mod
+from . import env
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+
+def pwd_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def node_name() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def _job_id() -> str:
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID") or ""
+    if not job.isdigit():
+        raise QuietError("not in a SLURM job (SLURM_JOB_ID is not set)", 2)
+    return job
+
+
+def layout(config: Config, node: str, job: str) -> env.Layout:
+    job_dir = config.replication.on(node).job_dir
+    return env.Layout(os.path.join(job_dir, job), os.path.join(job_dir, f"{job}.run"))
+
+
+def prolog(config: Config, node: str, user: env.User, job: str) -> env.EnvRecord | None:
+    """Replica at the barrier, then the job's environment (idempotent)."""
+    from sdeefs.replicad import control_request
+
+    rep = config.replication.on(node)
+    if user.uid < config.min_uid:
+        return None
+    reply = control_request(rep.control, {"op": "follow", "user": user.name, "wait": True,
+                                          "timeout": rep.barrier_timeout},
+                            timeout=rep.barrier_timeout + 30)
+    log.info("job %s: replica of %s at seq %s (barrier %s)", job, user.name,
+             reply.get("applied"), reply.get("barrier"))
+    replica_upper = os.path.join(rep.replica_dir, user.name, "upper")
+    os.makedirs(rep.job_dir, mode=0o755, exist_ok=True)
+    lower_dev = os.stat(config.lower).st_dev
+    for key, path in (("replica_dir", rep.replica_dir), ("job_dir", rep.job_dir)):
+        if os.stat(path).st_dev == lower_dev:
+            raise QuietError(f"replication.{key} {path} is on the same filesystem as the lower "
+                             f"({config.lower}): the kernel refuses overlapping overlay layers; "
+                             "put it on the node's local scratch filesystem", 2)
+    where = layout(config, node, job)
+    with env.user_lock(where):
+        record = env.EnvRecord.load(where.record)
+        if record is not None and env.is_alive(record):
+            return record
+        _ensure_job_dirs(where, user)
+        record = env.launch(config, user, where, where.upper, os.path.join(where.work, "ovl"),
+                            "overlay", middle=(replica_upper,))
+        env._save(where, record)
+        return record
+
+
+def _ensure_job_dirs(where: env.Layout, user: env.User) -> None:
+    for path, owner, mode in ((where.root, None, 0o700), (where.upper, user, 0o755),
+                              (where.state, None, 0o700), (where.work, user, 0o700),
+                              (where.lower, None, 0o700)):
+        os.makedirs(path, mode=mode, exist_ok=True)
+        os.chown(path, *((user.uid, user.gid) if owner else (0, 0)))
+        os.chmod(path, mode)
+
+
+def epilog(config: Config, node: str, job: str) -> bool:
+    """End the job's environment on this node and remove its scratch upper."""
+    where = layout(config, node, job)
+    if not os.path.isdir(where.run) and not os.path.isdir(where.root):
+        return False
+    with env.user_lock(where):
+        env._teardown(where, env.EnvRecord.load(where.record))
+    shutil.rmtree(where.root, ignore_errors=True)
+    shutil.rmtree(where.run, ignore_errors=True)
+    return True
+
+
+def _slurm_user() -> env.User:
+    name = os.environ.get("SLURM_JOB_USER")
+    if not name:
+        raise QuietError("SLURM_JOB_USER is not set (run me as SLURM's Prolog/Epilog)", 2)
+    return env.User.lookup(name)
+
+
+def prolog_main(config: Config) -> int:
+    node, job, user = node_name(), _job_id(), _slurm_user()
+    try:
+        prolog(config, node, user, job)
+    except QuietError as exc:
+        if "holds nothing of user" in str(exc):
+            print(f"sdeefs: job {job}: {user.name} has no sdeefs environment; the job runs "
+                  "without one", file=sys.stderr)
+            return 0
+        raise
+    return 0
+
+
+def epilog_main(config: Config) -> int:
+    epilog(config, node_name(), _job_id())
+    return 0
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    """``sdeefs-run [--engine overlay] [--] CMD ...``: run CMD in this job's environment."""
+    parser = argparse.ArgumentParser(prog="sdeefs-run", description=run_main.__doc__)
+    parser.add_argument("--engine", choices=("overlay", "fuse"), default="overlay",
+                        help="overlay (default): kernel overlayfs over the replica")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        if not command:
+            raise QuietError("usage: sdeefs-run [--engine overlay] -- CMD [ARG...]", 2)
+        if args.engine == "fuse":
+            raise QuietError("--engine fuse is not available on compute nodes: the pure FUSE "
+                             "engine has one lower layer, a job needs the replica and the host",
+                             2)
+        config = config_mod.load()
+        where = layout(config, node_name(), _job_id())
+        try:
+            with open(where.init) as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            raise QuietError(f"no sdeefs environment for job {_job_id()} on {node_name()} "
+                             "(is `sdeefs job-prolog` SLURM's Prolog here?)", 3) from None
+        helper = env.helper_path()
+        # The environment shows the home and the shared paths of the host; elsewhere the
+        # job's directory does not exist inside, so start in the home instead.
+        cwd = os.getcwd()
+        me = env.User.lookup(pwd_name())
+        if not any(env._inside(cwd, p) for p in (me.home, *config.shared)):
+            cwd = me.home
+        os.execv(helper, [helper, "join", "--pid", str(pid), "--cwd", cwd, "--", *command])
+    except QuietError as exc:
+        print(f"sdeefs-run: {exc}", file=sys.stderr)
+        return exc.exitcode
+    return 0  # not reached
+
+
+def slurm_hook_main(which: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="sdeefs: %(message)s")
+    try:
+        config = config_mod.load()
+        return prolog_main(config) if which == "prolog" else epilog_main(config)
+    except QuietError as exc:
+        print(f"sdeefs job-{which}: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except OSError as exc:
+        print(f"sdeefs job-{which}: {exc}", file=sys.stderr)
+        return 1
+

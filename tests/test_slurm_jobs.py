@@ -1,0 +1,299 @@
+"""End to end on a real SLURM cluster: a login environment streams to 3 compute nodes.
+
+munge + slurmctld + 3 slurmd, each node in its own network namespace (tests/slurm_cluster.py);
+sdeefs-replicad as the origin on the login node (the hub) and as a replica on every node;
+SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeefs-run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from sdeefs.mount import daemon_pid
+from sdeefs.replicad import control_request
+from sdeefs.replicate import tree_digest
+
+from .launcher_site import VENV_BIN, Site, open_site, requires_launcher
+from .slurm_cluster import Cluster, cluster, requires_slurm
+
+PORT = 7077
+NODES = 3
+
+LIB_C = r"""
+const char *greeting(void) { return "hello from libgreet"; }
+"""
+PROG_C = r"""
+#include <stdio.h>
+const char *greeting(void);
+int main(void) { puts(greeting()); return 0; }
+"""
+
+
+@attrs.define
+class Grid:
+    site: Site
+    slurm: Cluster
+    base: Path
+    user: str
+    key: Path
+    replicads: dict[int, subprocess.Popen[bytes]] = attrs.field(factory=dict)
+
+    def start_replicad(self, i: int) -> None:
+        """i = 0: the login node's origin; 1..NODES: compute nodes."""
+        log = open(self.base / f"replicad-{i}.log", "ab")  # noqa: SIM115 (the process keeps it)
+        common = [str(VENV_BIN / "sdeefs-replicad"), "--key-file", str(self.key)]
+        for stale in (self.base / "login.sock", self.base / f"n{i}" / "replicad.sock"):
+            if i == 0 and stale.name == "login.sock" or i and stale.parent.name == f"n{i}":
+                stale.unlink(missing_ok=True)
+        if i == 0:
+            control = self.base / "login.sock"
+            argv = [*common, "--node", "login", "--origin", str(self.site.root),
+                    "--listen", f"{self.slurm.hub_addr}:{PORT}", "--control", str(control),
+                    "--fanout", "2"]
+            proc = self.slurm.hub_popen(argv, stdout=log, stderr=log)
+        else:
+            control = self.base / f"n{i}" / "replicad.sock"
+            argv = [*common, "--node", f"n{i}", "--replica-dir", str(self.base / f"n{i}" / "rep"),
+                    "--upstream", f"{self.slurm.hub_addr}:{PORT}",
+                    "--listen", f"{self.slurm.node_addr(i)}:{PORT}", "--control", str(control),
+                    "--fanout", "2"]
+            proc = self.slurm.node_popen(i, argv, stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while not control.exists():  # the old one was removed before the start (below)
+            assert proc.poll() is None, self.log(i)
+            assert time.monotonic() < deadline, self.log(i)
+            time.sleep(0.02)
+        self.replicads[i] = proc
+
+    def kill_replicad(self, i: int) -> None:
+        proc = self.replicads.pop(i)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def log(self, i: int) -> str:
+        return (self.base / f"replicad-{i}.log").read_text(errors="replace")[-3000:]
+
+    def control(self, i: int, request: dict[str, object]) -> dict[str, object]:
+        sock = self.base / ("login.sock" if i == 0 else f"n{i}/replicad.sock")
+        return control_request(str(sock), request, timeout=120)
+
+    def sync(self, i: int) -> None:
+        self.control(i, {"op": "follow", "user": self.user, "wait": True, "timeout": 90})
+
+    def received(self, i: int) -> int:
+        replicas = self.control(i, {"op": "status"})["replicas"]
+        return int(replicas[self.user]["bytes_received"])  # type: ignore[index]
+
+    def hook_logs(self) -> str:
+        return "\n".join(f"{p.name}: {p.read_text(errors='replace')[-1500:]}"
+                         for p in sorted(self.base.glob("*log*.log")) + sorted(
+                             self.base.glob("*prolog*")) + sorted(self.base.glob("*epilog*")))
+
+    def replica_upper(self, i: int) -> Path:
+        return self.base / f"n{i}" / "rep" / self.user / "upper"
+
+    def assert_converged(self) -> None:
+        want = tree_digest(str(self.site.upper(self.user)))
+        for i in range(1, NODES + 1):
+            self.sync(i)
+            if tree_digest(str(self.replica_upper(i))) != want:
+                raise AssertionError(f"n{i} differs: " + tree_difference(
+                    self.site.upper(self.user), self.replica_upper(i)))
+
+    def submit(self, script: str, *args: str) -> str:
+        """sbatch as the user; returns the job's output file's text."""
+        home = self.site.home(self.user)
+        out = home / f"job-{time.monotonic_ns()}.out"
+        job = self.slurm.sbatch(script, ["-o", str(out), *args], user=self.user,
+                                env={"SDEEFS_CONFIG": str(self.site.config)}, cwd=home)
+        try:
+            state = self.slurm.wait_job(job, timeout=120)
+        except Exception as exc:
+            raise AssertionError(f"{exc}\n{self.hook_logs()}") from None
+        text = out.read_text() if out.exists() else ""
+        assert state in ("COMPLETED", "UNKNOWN"), (state, text, self.hook_logs())
+        return text
+
+
+def tree_difference(a: Path, b: Path) -> str:
+    from sdeefs.check import _tree_signature
+
+    sa, sb = _tree_signature(str(a)), _tree_signature(str(b))
+    out = []
+    for path in sorted(set(sa) | set(sb)):
+        va, vb = sa.get(path), sb.get(path)
+        regular = (a / path).is_file() and not (a / path).is_symlink()
+        if va == vb and va is not None and regular and \
+                (a / path).read_bytes() != (b / path).read_bytes():
+            va, vb = (*va, "content"), (*vb, "differs")
+        if va != vb:
+            out.append(f"{path}: {va} != {vb}")
+    return "; ".join(out[:10]) or "digests differ, signatures equal"
+
+
+@pytest.fixture
+def grid() -> Iterator[Grid]:
+    base = Path(tempfile.mkdtemp(prefix="sdeefs-grid-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    key = base / "replication.key"
+    key.write_text(os.urandom(32).hex())
+    os.chmod(key, 0o600)
+    extra = (f'\n[replication]\nlogin = "10.0.0.1:{PORT}"\nkey_file = "{key}"\n'
+             f'control = "{base}/%n/replicad.sock"\nreplica_dir = "{base}/%n/rep"\n'
+             f'job_dir = "{base}/%n/jobs"\nbarrier_timeout = 90\n')
+    try:
+        with open_site(extra=extra) as site:
+            for which in ("prolog", "epilog"):
+                (base / f"{which}.sh").write_text(
+                    f"#!/bin/sh\nSDEEFS_CONFIG={site.config} exec {VENV_BIN / 'sdeefs'} "
+                    f"job-{which} 2>>{base}/{which}-$SLURMD_NODENAME.log\n")
+                os.chmod(base / f"{which}.sh", 0o755)
+            user = site.add_user()
+            for i in range(1, NODES + 1):  # each node's local disk: not the host root's fs
+                (base / f"n{i}").mkdir()
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=2g", "tmpfs",
+                                str(base / f"n{i}")], check=True)
+            with cluster(str(base / "cluster"), nodes=NODES, prolog=str(base / "prolog.sh"),
+                         epilog=str(base / "epilog.sh")) as slurm:
+                g = Grid(site, slurm, base, user, key)
+                for i in range(NODES + 1):
+                    g.start_replicad(i)
+                try:
+                    yield g
+                finally:
+                    for i in list(g.replicads):
+                        g.kill_replicad(i)
+                    for i in range(1, NODES + 1):  # a failed test may leave job environments
+                        for run in (base / f"n{i}" / "jobs").glob("*.run"):
+                            with contextlib.suppress(Exception):
+                                from sdeefs_launcher import config as config_mod
+                                from sdeefs_launcher import job as job_mod
+
+                                job_mod.epilog(config_mod.load(str(site.config)), f"n{i}",
+                                               run.name.removesuffix(".run"))
+    finally:
+        for i in range(1, NODES + 1):
+            subprocess.run(["umount", "-l", str(base / f"n{i}")], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def install_software(g: Grid) -> None:
+    """What a user does at login: a shared library, a program linked to it, a Python module."""
+    src = g.site.home(g.user) / "src"
+    g.site.run(g.user, f"mkdir -p {src}")
+    (src / "greet.c").write_text(LIB_C)
+    (src / "main.c").write_text(PROG_C)
+    g.site.run(g.user, " && ".join([
+        "mkdir -p /usr/local/lib/greet /usr/local/lib/python3/dist-packages",
+        f"gcc -shared -fPIC -o /usr/local/lib/greet/libgreet.so {src}/greet.c",
+        f"gcc -o /usr/local/bin/greet {src}/main.c -L/usr/local/lib/greet -lgreet "
+        "-Wl,-rpath,/usr/local/lib/greet",
+        "echo 'VALUE = 42' > /usr/lib/python3/dist-packages/sdeefs_demo.py",
+    ]))
+
+
+JOB = """#!/bin/sh
+srun -N{nodes} {run} -- sh -c 'echo "$(hostname) $(id -u) $(greet) \\
+  $(python3 -c "import sdeefs_demo; print(sdeefs_demo.VALUE)") $(cat /etc/sdeefs-demo)"'
+"""
+
+
+def job_lines(text: str) -> list[str]:
+    return sorted(" ".join(line.split()) for line in text.splitlines() if line.startswith("n"))
+
+
+@requires_slurm
+@requires_launcher
+def test_jobs_run_in_the_users_environment_on_every_node(grid: Grid) -> None:
+    g = grid
+    g.site.start(g.user)
+    install_software(g)
+    g.site.run(g.user, "echo v1 > /etc/sdeefs-demo")
+    assert not Path("/usr/local/bin/greet").exists()  # the host did not change
+    run = VENV_BIN / "sdeefs-run"
+
+    text = g.submit(JOB.format(nodes=3, run=run), "-N3")
+    assert job_lines(text) == [f"n{i} 0 hello from libgreet 42 v1" for i in (1, 2, 3)], text
+    g.assert_converged()
+    # The job environments are gone after the job: no scratch upper, no processes.
+    for i in (1, 2, 3):
+        assert list((g.base / f"n{i}" / "jobs").iterdir()) == []
+
+    # srun -N2 straight from the login node.
+    out = g.slurm.run(["srun", "-N2", str(run), "--", "sh", "-c", "hostname; cat /etc/sdeefs-demo"],
+                      user=g.user, env={"SDEEFS_CONFIG": str(g.site.config)},
+                      cwd=str(g.site.home(g.user)))
+    assert out.stdout.count("v1") == 2, out.stdout + out.stderr
+
+    # One byte changes: only that record travels, and the next job sees it.
+    before = {i: g.received(i) for i in (1, 2, 3)}
+    g.site.run(g.user, "printf 2 | dd of=/etc/sdeefs-demo bs=1 seek=1 conv=notrunc status=none")
+    text = g.submit(JOB.format(nodes=3, run=run), "-N3")
+    assert job_lines(text) == [f"n{i} 0 hello from libgreet 42 v2" for i in (1, 2, 3)], text
+    for i in (1, 2, 3):
+        delta = g.received(i) - before[i]
+        assert 0 < delta < 4096, (i, delta)
+
+
+@requires_slurm
+@requires_launcher
+def test_replicas_converge_through_failures(grid: Grid) -> None:
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "mkdir -p /opt/data && echo start > /etc/sdeefs-demo")
+    for i in (1, 2, 3):
+        g.sync(i)
+
+    # A replica daemon killed mid-stream and restarted resumes where it was.
+    writer = subprocess.Popen(["runuser", "-u", g.user, "--", "env",
+                               f"SDEEFS_RUN_DIR={g.site.run_dir}", str(VENV_BIN / "sdeefs-shell"),
+                               "-c", "for i in $(seq 40); do head -c 1048576 /dev/urandom "
+                               "> /opt/data/f$i; done"])
+    time.sleep(0.5)
+    g.kill_replicad(2)
+    writer.wait(120)
+    g.start_replicad(2)
+    g.assert_converged()
+
+    # A node's link goes down while the user works; it catches up when it returns.
+    g.slurm.link_down(3)
+    g.site.run(g.user, "rm -rf /opt/data/f1* && mv /opt/data/f2 /opt/data/renamed && "
+               "echo during-outage > /etc/sdeefs-demo")
+    time.sleep(1)
+    g.slurm.link_up(3)
+    g.assert_converged()
+
+    # The login node's journaling daemon is killed -9 in the middle of a write; the next
+    # login recovers it from the journal and the replicas converge on the result.
+    pid = daemon_pid(str(g.site.root / g.user / "state"))
+    assert pid is not None
+    spin = subprocess.Popen(["runuser", "-u", g.user, "--", "env",
+                             f"SDEEFS_RUN_DIR={g.site.run_dir}", str(VENV_BIN / "sdeefs-shell"),
+                             "-c", "while :; do echo x >> /opt/data/spin; done"],
+                            stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    g.site.stop(g.user)  # ends the writer too: it is in the environment's tree
+    spin.wait(30)
+    g.site.start(g.user)
+    g.site.run(g.user, "echo after-crash > /etc/sdeefs-demo")
+    g.assert_converged()
+    text = g.submit(JOB.format(nodes=3, run=VENV_BIN / "sdeefs-run").replace(
+        "$(greet) ", ""), "-N3")
+    assert [line.split()[-1] for line in job_lines(text)] == ["after-crash"] * 3, text
+
+    # Status on the login node shows every replica, with its lag.
+    status = g.control(0, {"op": "status"})
+    followers = status["origin"][g.user]["followers"]  # type: ignore[index]
+    assert set(followers) == {"n1", "n2", "n3"}, followers
