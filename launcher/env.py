@@ -235,19 +235,33 @@ def _mask_spec(config: Config, user: User) -> MaskSpec:
     lower = config.lower
     empty: list[bytes] = []
     hidden: list[bytes] = []
+    needed = (user.home, *config.shared)  # mountpoints that must stay reachable
     for pattern in (*ALWAYS_EMPTY, config.root, config.run_dir, *config.deny):
         for path in sorted(glob.glob(os.path.join(lower, pattern.lstrip("/")))) or []:
             rel = os.fsencode(os.path.relpath(path, lower))
-            if os.path.isdir(path) and not os.path.islink(path):
+            # A denied directory vanishes (a whiteout), unless a bind mount goes inside it
+            # (/home) or the environment mounts something there (/proc): then it is emptied.
+            # An emptied secret directory would keep its owner and mode (/etc/munge: 0700,
+            # munge), and "permission denied" tells more than "no such file".
+            keep = pattern not in config.deny or any(_inside(p, "/" + os.fsdecode(rel))
+                                                     for p in needed)
+            if os.path.isdir(path) and not os.path.islink(path) and keep:
                 empty.append(rel)
             else:
                 hidden.append(rel)
     skip = tuple(os.path.join(lower, p.lstrip("/")) for p in
                  (*ALWAYS_EMPTY, "home", config.root, config.run_dir))
     for rel in private.private_paths(lower, config.run_dir, skip, config.private_scan_age):
-        if not any(_inside("/" + os.fsdecode(rel), "/" + os.fsdecode(e)) for e in empty):
+        if not any(_inside("/" + os.fsdecode(rel), "/" + os.fsdecode(e))
+                   for e in (*empty, *hidden)):
             full = os.path.join(os.fsencode(lower), rel)
             (empty if os.path.isdir(full) and not os.path.islink(full) else hidden).append(rel)
+    # Nothing inside a vanished entry: its whiteout already hides all of it.
+    def under_hidden(rel: bytes) -> bool:
+        return any(rel != h and _inside("/" + os.fsdecode(rel), "/" + os.fsdecode(h))
+                   for h in hidden)
+    empty = [e for e in empty if not under_hidden(e)]
+    hidden = [h for h in hidden if not under_hidden(h)]
     mountpoints = [os.fsencode(p.lstrip("/")) for p in (user.home, *config.shared)
                    if any(_inside(p, "/" + os.fsdecode(e)) for e in empty)]
     return MaskSpec(tuple(dict.fromkeys(empty)), tuple(dict.fromkeys(hidden)),
