@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="overlay xattrs as trusted.overlay.* (host mounts) or user.overlay.* "
                         "(user-namespace mounts with userxattr)")
     m.add_argument("--no-writeback-cache", action="store_true")
+    m.add_argument("--segment-bytes", type=int, default=64 << 20, metavar="BYTES",
+                   help="start a new journal segment beyond this size; trimming after "
+                        "replication removes whole segments (default 64 MiB)")
     m.add_argument("--foreground", action="store_true", help="stay attached")
     m.add_argument("mountpoint")
 
@@ -133,7 +136,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             journal=not args.no_journal, excludes=tuple(args.exclude),
             cache_timeout=args.cache_timeout, sync_interval=args.sync_interval,
             xattr_namespace=args.xattr_namespace, writeback_cache=not args.no_writeback_cache,
-            foreground=args.foreground)
+            foreground=args.foreground, segment_bytes=args.segment_bytes)
         if args.passthrough_upper:
             from .mount import mount_passthrough
 

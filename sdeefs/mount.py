@@ -60,6 +60,7 @@ class MountRequest:
     xattr_namespace: str = "trusted"
     writeback_cache: bool = True
     foreground: bool = False
+    segment_bytes: int = 64 << 20
 
 
 def default_state(upper: str) -> str:
@@ -211,7 +212,7 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
             journal: Journal | NullJournal
             upper, work = os.fsencode(req.upper), os.fsencode(os.path.join(req.state, "work"))
             if req.journal:
-                journal = Journal.open(os.path.join(req.state, "journal"))
+                journal = Journal.open(os.path.join(req.state, "journal"), req.segment_bytes)
                 stack.callback(journal.close)
                 seq = recover(journal, upper, work)
                 if seq is not None:

@@ -108,6 +108,7 @@ class DaemonConfig:
     relay_bytes: int = 256 << 20
     expire: float = 86400.0
     silence_timeout: float = 10.0
+    trim_interval: float = 10.0
 
 
 def parse_address(text: str, default_port: int = 7077) -> tuple[str, int]:
@@ -654,7 +655,7 @@ class Daemon:
 
     async def _trim_loop(self) -> None:
         while True:
-            await trio.sleep(10)
+            await trio.sleep(self.config.trim_interval)
             for user in list(self.origin.values()):
                 with contextlib.suppress(OSError, JournalCorrupt):
                     await trio.to_thread.run_sync(self.trim, user)
@@ -825,6 +826,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="follow USER continuously (a warm replica; repeatable)")
     parser.add_argument("--relay-bytes", type=int, default=256 << 20,
                         help="bytes of applied records kept for relaying (default 256 MiB)")
+    parser.add_argument("--trim-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="origin: how often the journals are trimmed below every "
+                             "follower's acknowledgement (default 10)")
+    parser.add_argument("--expire", type=float, default=86400.0, metavar="SECONDS",
+                        help="origin: a follower unseen this long no longer holds the journal "
+                             "back; it gets a snapshot when it returns (default 1 day)")
     parser.add_argument("--log-file", help="log here instead of stderr")
     parser.add_argument("--debug", action="store_true")
     return parser
@@ -848,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
             origin_root=args.origin, replica_dir=args.replica_dir,
             upstream=parse_address(args.upstream) if args.upstream else None,
             fanout=args.fanout, control=args.control, follow=tuple(args.follow),
-            relay_bytes=args.relay_bytes)
+            relay_bytes=args.relay_bytes, trim_interval=args.trim_interval,
+            expire=args.expire)
         if config.replica_dir:
             os.makedirs(config.replica_dir, mode=0o700, exist_ok=True)
         trio.run(Daemon(config).run)

@@ -53,7 +53,8 @@ class Site:
 
     def mount(self) -> None:
         subprocess.run([*SDEEFS, "mount", "--passthrough-upper", "--upper", str(self.upper),
-                        "--state", str(self.state), str(self.mnt)], check=True)
+                        "--state", str(self.state), "--segment-bytes", "16384", str(self.mnt)],
+                       check=True)
 
     def umount(self) -> None:
         if os.path.ismount(self.mnt):
@@ -232,3 +233,41 @@ def test_tree_fan_out_relays_and_status(site: Site) -> None:
         time.sleep(0.2)
         followers = site.control("login", {"op": "status"})["origin"][USER]["followers"]  # type: ignore[index]
     assert set(followers) == {"n1", "n2", "n3", "n4"}, json.dumps(followers)
+
+
+@requires_fuse
+def test_trimmed_history_and_a_relay_without_it_resync_by_verified_snapshots(site: Site) -> None:
+    site.start("login", "--origin", str(site.root), "--listen", f"127.0.0.1:{site.port}",
+               "--fanout", "1", "--trim-interval", "0.3")
+    site.start_replica("n1", listen=True)
+    change_tree(site.view, "one")
+    for i in range(3):  # several 16 KiB journal segments' worth of records
+        with open(site.view / f"blob{i}", "wb") as f:
+            for _ in range(100):
+                f.write(os.urandom(1 << 20))
+                f.flush()
+    site.sync_to("n1")
+    journal = site.state / "journal"
+    deadline = time.monotonic() + 20
+    while "seg-0000000000000001.log" in os.listdir(journal):
+        assert time.monotonic() < deadline, os.listdir(journal)
+        time.sleep(0.1)
+
+    # n1 restarts with an empty relay buffer; n2 is redirected to it (fan-out 1) and
+    # needs everything: n1 sends a snapshot of its own copy.
+    site.kill("n1")
+    site.start_replica("n1", listen=True)
+    site.sync_to("n1")
+    site.start_replica("n2")
+    site.sync_to("n2")
+    assert converged(site, "n2")
+    assert "sent a snapshot" in site.log("n1")
+
+    # n3 asks the origin itself for seq 1, which was trimmed: a snapshot of the live upper.
+    site.kill("n1")
+    site.kill("n2")
+    site.start_replica("n3")
+    change_tree(site.view, "two")
+    site.sync_to("n3")
+    assert converged(site, "n3")
+    assert "sent a snapshot" in site.log("login")
