@@ -3,8 +3,10 @@
 A *deploy method* moves a directory tree (a user's upper layer) from the "login node" to
 the "compute node". Both nodes are network namespaces on this machine joined by a veth
 pair; they share the file system, so a method's compute-side files simply live in a
-directory the method owns (under the ``workdir`` it is given), written by processes that
-run inside the compute namespace and receive the data over TCP.
+directory the method owns (under the ``workdir`` it is given, which is on the file system
+standing for the compute node's local disk), written by processes that run inside the
+compute namespace and receive the data over TCP. Before each timed deploy the harness reads
+``src`` and ``dest`` once (warm page cache) and runs ``sync``.
 
 To add a method without touching ``run.py``, create ``bench/deploy/<anything>_method.py``
 defining ``METHODS: list[DeployMethod]``; ``run.py`` imports every such module (an import
@@ -59,6 +61,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -216,12 +219,12 @@ class Spawned:
     def stop(self, grace: float = 3.0) -> None:
         """SIGTERM the process group, SIGKILL after ``grace`` seconds; reap."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, 15)
+            os.killpg(self.popen.pid, signal.SIGTERM)
         try:
             self.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, 9)
+                os.killpg(self.popen.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=5)
         for stream in (self.popen.stdin, self.popen.stdout):

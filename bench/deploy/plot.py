@@ -134,6 +134,7 @@ def render(chart: Chart, x_ticks_as_bytes: bool = True) -> str:
     out.append(f'<text transform="translate(22,{TOP + plot_h / 2}) rotate(-90)" '
                f'text-anchor="middle">{escape(chart.y_label)}</text>')
 
+    labels: list[tuple[float, float, str, str]] = []
     for s in chart.series:
         points = sorted((x, y) for x, y in s.points if x > 0 and y > 0)
         if not points:
@@ -149,8 +150,15 @@ def render(chart: Chart, x_ticks_as_bytes: bool = True) -> str:
                        f'{_fmt_seconds(y)} at {_fmt_bytes_tick(x)}</title></circle>')
         if s.annotate_last:
             x, y = points[-1]
-            out.append(f'<text x="{px(x) + 8:.1f}" y="{py(y) + 4:.1f}" '
-                       f'fill="{s.color}">{_fmt_seconds(y)}</text>')
+            labels.append((px(x) + 8, py(y) + 4, _fmt_seconds(y), s.color))
+    # Value labels of nearby end points would print on top of each other: push each one
+    # at least a line below the one above it.
+    placed_y: float | None = None
+    for x, y, text, color in sorted(labels, key=lambda item: item[1]):
+        if placed_y is not None and y < placed_y + 15:
+            y = placed_y + 15
+        placed_y = y
+        out.append(f'<text x="{x:.1f}" y="{y:.1f}" fill="{color}">{escape(text)}</text>')
 
     for m in chart.markers:
         x, y = px(m.x), py(m.y)

@@ -5,9 +5,14 @@ Usage (as root)::
     .venv/bin/python bench/deploy/run.py [--sizes 5M,100M,1G,2G]
         [--scenarios full,nothing,1pct,edit64] [--methods rsync,tar,...] [--repeat 3]
         [--out bench/out/deploy.md] [--data-dir DIR] [--rebuild]
+        [--compute-fs ext4|tmpfs|host] [--no-warmup]
 
 The two nodes are network namespaces on this machine (login 10.250.0.1, compute
-10.250.0.2) joined by a veth pair, created for the run and removed at exit.
+10.250.0.2) joined by a veth pair, created for the run and removed at exit. The login side
+reads the data set from the host file system; the compute side writes into a journaled ext4
+made for the run (see ``make_compute_fs`` for why not the host's root file system).
+Measurements start warm (source and compute-side trees read just before, then ``sync``);
+an untimed full deploy per method and data set comes first.
 
 Data sets (cached under ``/var/tmp/sdeefs-deploy-data``; ``--rebuild`` rebuilds them): a
 user's upper layer of about the given size, ``home/user/venv`` (a venv with numpy, scipy
@@ -58,6 +63,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.common import (  # noqa: E402
+    SCRATCH_PARENT,
     BenchSession,
     HostInfo,
     ProcessTracker,
@@ -938,6 +944,8 @@ class Run:
     rebuild: bool
     tracker: ProcessTracker
     datasets: dict[str, Dataset] = field(default_factory=dict)
+    compute_fs: str = ""
+    warmup: bool = True
     changes: dict[tuple[str, str], Change] = field(default_factory=dict)
     cells: dict[tuple[str, str, str], Cell] = field(default_factory=dict)
 
@@ -945,16 +953,56 @@ class Run:
         return self.cells.setdefault((size, scenario, method), Cell())
 
 
+def warm_tree(root: Path) -> None:
+    """Read every regular file under ``root`` once, so a measurement starts warm.
+
+    Needed here because this machine may run DAMON proactive reclaim, which pages out
+    page-cache pages idle for about a minute: without it, whether a data set is still
+    cached would depend on how long ago the previous scenario touched it.
+    """
+    buffer = bytearray(MIB)
+    for rel, entry in scan_tree(root).items():
+        if entry.kind != "f" or entry.size == 0:
+            continue
+        with contextlib.suppress(OSError), open(root / rel, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+
+
+def damon_pageout() -> str:
+    """A description of active DAMON pageout schemes (read-only look), or ""."""
+    notes: list[str] = []
+    base = Path("/sys/kernel/mm/damon/admin/kdamonds")
+    with contextlib.suppress(OSError, ValueError):
+        for kdamond in sorted(base.glob("[0-9]*")):
+            if (kdamond / "state").read_text().strip() != "on":
+                continue
+            for ctx in sorted(kdamond.glob("contexts/[0-9]*")):
+                aggr_us = int((ctx / "monitoring_attrs/intervals/aggr_us").read_text())
+                for scheme in sorted(ctx.glob("schemes/[0-9]*")):
+                    if (scheme / "action").read_text().strip() != "pageout":
+                        continue
+                    age = int((scheme / "access_pattern/age/min").read_text())
+                    quota = int((scheme / "quotas/bytes").read_text())
+                    reset_ms = int((scheme / "quotas/reset_interval_ms").read_text())
+                    rate = f", at most {fmt_bytes(quota)} per {reset_ms} ms" if quota else ""
+                    notes.append(f"pages idle for {age * aggr_us / 1e6:.0f} s{rate}")
+    return "; ".join(notes)
+
+
 def _deploy_checked(run: Run, entry: MethodEntry, src: Path, scenario: str,
                     windows: list[Window]) -> Sample:
     """One deploy with the wire counted around it, then the compute side checked."""
     method = entry.method
     assert method is not None
+    dest = getattr(method, "dest", "") or ""
+    warm_tree(src)
+    if dest and scenario != FULL:
+        warm_tree(Path(dest))
     settle()
     tx0, rx0 = run.net.wire_bytes()
     measurement = method.deploy(str(src), scenario)
     tx1, rx1 = run.net.wire_bytes()
-    dest = getattr(method, "dest", "") or ""
     if dest:
         compare_trees(src, Path(dest), windows)
     return Sample(measurement.seconds, measurement.bytes_sent, measurement.bytes_received,
@@ -979,6 +1027,12 @@ def run_size(run: Run, label: str, dataset: Dataset) -> None:
     for scenario in run.scenarios:
         run.changes[(label, scenario)] = plan_change(dataset, scenario)
     try:
+        if run.warmup:
+            # An untimed full deploy per method first: the first writes of a run into
+            # the compute file system (and into memory the VM has not used yet) ran
+            # about twice as slow as later ones, for every method alike.
+            for entry in live:
+                _bring_to_base(run, entry, src, label, "warm-up", state)
         for rep in range(run.repeat):
             order = live[rep % len(live):] + live[: rep % len(live)] if live else []
             for scenario in run.scenarios:
@@ -1014,7 +1068,7 @@ def _bring_to_base(run: Run, entry: MethodEntry, src: Path, label: str, scenario
         if dest:
             compare_trees(src, Path(dest), [])
         state[entry.name] = "base"
-    except (DeployFailed, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one broken method must not end the run
         reason = f"untimed catch-up ({catch_up}) before {scenario}: {describe_failure(exc)}"
         log(f"{label} {entry.name}: {reason}")
         run.cell(label, scenario, entry.name).errors.append(reason)
@@ -1026,7 +1080,7 @@ def _measure(run: Run, entry: MethodEntry, src: Path, label: str, scenario: str,
     cell = run.cell(label, scenario, entry.name)
     try:
         sample = _deploy_checked(run, entry, src, scenario, windows)
-    except (DeployFailed, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one broken method must not end the run
         reason = describe_failure(exc)
         log(f"{label} {scenario} #{rep + 1} {entry.name}: FAILED: {reason}")
         cell.errors.append(reason)
@@ -1152,12 +1206,18 @@ def write_outputs(run: Run, out: Path, host: HostInfo, wall: float,
         f"- Network: two network namespaces on this machine, login {run.net.login_addr} and "
         f"compute {run.net.compute_addr}, joined by a veth pair (MTU 1500, IPv6 off); plain "
         "TCP, no encryption, no compression. Both ends share this machine's disk and CPUs.",
-        "- Measured warm: nothing is dropped from the page cache; `sync` runs before every "
-        "measurement so write-back of earlier runs does not overlap it; receivers do not "
-        "fsync. The clock stops when the compute side has the files (rsync: client exit; "
+        f"- Login side: the data set's working copy on the host root file system. Compute "
+        f"side: every method writes into a {run.compute_fs} (`--compute-fs`; see "
+        "`make_compute_fs` in run.py for why not the host's root ext4).",
+        "- Measured warm: before every measurement the source tree and the method's existing "
+        "compute-side tree are read once and `sync` runs (write-back of earlier runs does "
+        "not overlap the measurement); receivers do not fsync. The clock stops when the "
+        "compute side has the files (rsync: client exit; "
         "tar: the receiver's tar exit, acknowledged over the socket).",
         f"- Repetitions: {run.repeat} per cell, methods interleaved (order rotated each "
-        "repetition), median reported with min..max.",
+        "repetition), median reported with min..max"
+        + ("; before them, one untimed full deploy per method and data set (warm-up)."
+           if run.warmup else "; no warm-up deploy (--no-warmup)."),
         "- Ratios: rsync's median divided by the method's, for time and for bytes sent on "
         "the wire (> 1 = better than rsync). Bytes sent/received: the method's own count "
         "(rsync --stats \"Total bytes sent/received\"; tar: archive size from --totals, and "
@@ -1201,7 +1261,8 @@ def write_outputs(run: Run, out: Path, host: HostInfo, wall: float,
         "command": host.command, "date": host.date, "wall_seconds": wall,
         "host": asdict(host),
         "options": {"sizes": [label for label, _ in run.sizes], "scenarios": run.scenarios,
-                    "repeat": run.repeat, "data_dir": str(run.data_dir)},
+                    "repeat": run.repeat, "data_dir": str(run.data_dir),
+                    "compute_fs": run.compute_fs},
         "net": {"login_ns": run.net.login_ns, "compute_ns": run.net.compute_ns,
                 "login_addr": run.net.login_addr, "compute_addr": run.net.compute_addr},
         "paper_fig11": list(PAPER_FIG11),
@@ -1210,11 +1271,12 @@ def write_outputs(run: Run, out: Path, host: HostInfo, wall: float,
         "datasets": {label: d.summary() for label, d in run.datasets.items()},
         "changes": {f"{label}/{scenario}": asdict(c)
                     for (label, scenario), c in run.changes.items()},
+        # In run order (sizes as given, scenarios, methods), not sorted by name.
         "results": [
             {"size": size, "scenario": scenario, "method": method,
              "median_seconds": cell.median("seconds"),
              "samples": [asdict(s) for s in cell.samples], "errors": cell.errors}
-            for (size, scenario, method), cell in sorted(run.cells.items())
+            for (size, scenario, method), cell in run.cells.items()
         ],
         "notes": notes,
     }
@@ -1279,26 +1341,87 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default bench/out/deploy.md)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                         help=f"data set cache (default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--compute-fs", choices=COMPUTE_FS_CHOICES, default="ext4",
+                        help="file system the compute side writes into: a journaled ext4 "
+                             "made for the run (default), a tmpfs, or the host's own")
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one untimed full deploy per method and data set before the "
+                             "measurements (default on)")
     parser.add_argument("--rebuild", action="store_true",
                         help="rebuild the venv and the selected data sets")
     return parser.parse_args(argv)
 
 
+COMPUTE_FS_CHOICES = ("ext4", "tmpfs", "host")
+
+
+def make_compute_fs(kind: str, mount_point: Path, size: int, tracker: ProcessTracker) -> str:
+    """The compute node's local file system, where every method's copy lands.
+
+    ext4 (default): a journaled ext4 in a sparse image file, loop-mounted for the run.
+    The root file system of these machines is ext4 *without* a journal, and without one
+    ext4 will not reuse an inode freed in the last 60-300 s: it scans past every recently
+    freed inode on each create. A full deploy right after deleting the previous copy
+    then took 3.3 s for 100 MB (3,400 files) instead of 0.4 s, i.e. it measured the
+    delete before it. tmpfs: a RAM-backed tree (diskless compute nodes). host: a plain
+    directory on the root file system, pathology included.
+    """
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if kind == "host":
+        return f"plain directory on the host root file system ({mount_point})"
+    if kind == "tmpfs":
+        result = run_command(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                              str(mount_point)], tracker, timeout=60)
+        if not result.ok:
+            raise BenchError(f"mounting the tmpfs: {result.failure_reason()}")
+        return f"tmpfs of {fmt_bytes(size)}"
+    image = mount_point.parent / "compute-fs.img"
+    with open(image, "wb") as handle:
+        handle.truncate(size)
+    # Inode tables and journal initialised now: lazy init would zero them from a kernel
+    # thread in the middle of the measurements.
+    mkfs = run_command(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                        "lazy_itable_init=0,lazy_journal_init=0", str(image)], tracker,
+                       timeout=600)
+    if not mkfs.ok:
+        raise BenchError(f"mkfs.ext4 for the compute file system: {mkfs.failure_reason()}")
+    result = run_command(["mount", "-o", "loop", str(image), str(mount_point)], tracker,
+                         timeout=60)
+    if not result.ok:
+        raise BenchError(f"loop-mounting the compute file system: {result.failure_reason()} "
+                         "(try --compute-fs tmpfs or host)")
+    return (f"journaled ext4 (mkfs.ext4 defaults, data=ordered) on a loop-mounted sparse "
+            f"image of {fmt_bytes(size)} in the scratch directory")
+
+
 def check_space(data_dir: Path, sizes: list[tuple[str, int]], n_methods: int,
-                rebuild: bool) -> None:
-    """Refuse to start when /var/tmp cannot hold data sets + every method's copy."""
+                rebuild: bool, compute_fs: str) -> None:
+    """Refuse to start when the disk (or RAM, for tmpfs) cannot hold what the run writes."""
     missing = sum(size for label, size in sizes
                   if rebuild or not (data_dir / label / "manifest.json").exists())
     biggest = max(size for _label, size in sizes)
     venv = 0 if (data_dir / "venv" / "BUILD.json").exists() and not rebuild else 400 * MIB
-    # Each method keeps one copy of the biggest tree; the edit64 copy of the biggest file
-    # and the 1pct rewrites need a little more; 1 GiB of headroom.
-    need = missing + venv + n_methods * biggest + biggest // 2 + GIB
+    # Data sets to build, plus the edit64 copy of the biggest file and the 1pct rewrites.
+    need_data = missing + venv + biggest // 2 + GIB
+    # Every method keeps one copy of the biggest tree on the compute side.
+    need_copies = n_methods * biggest * 5 // 4
     probe = data_dir if data_dir.exists() else data_dir.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise BenchError(f"not enough disk space under {probe}: need about "
-                         f"{fmt_bytes(need)}, {fmt_bytes(free)} free")
+    checks: list[tuple[str, int, int]] = []
+    if compute_fs == "tmpfs":
+        available = 0
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+        checks.append(("memory (tmpfs)", need_copies, available))
+    elif os.stat(probe).st_dev == os.stat(SCRATCH_PARENT).st_dev:
+        need_data += need_copies
+    else:
+        checks.append((str(SCRATCH_PARENT), need_copies, shutil.disk_usage(SCRATCH_PARENT).free))
+    checks.append((str(probe), need_data, shutil.disk_usage(probe).free))
+    for where, need, free in checks:
+        if free < need:
+            raise BenchError(f"not enough space in {where}: need about {fmt_bytes(need)}, "
+                             f"{fmt_bytes(free)} free")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1333,7 +1456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if wanted:  # asked for by name: not having it is an error
                 raise BenchError(f"method {entry.name}: {entry.unavailable}")
             log(f"method {entry.name}: unavailable: {entry.unavailable}")
-    check_space(args.data_dir, sizes, len(entries), args.rebuild)
+    check_space(args.data_dir, sizes, len(entries), args.rebuild, args.compute_fs)
 
     host = HostInfo.collect()
     started = time.monotonic()
@@ -1355,17 +1478,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             log(f"network: {net.login_ns} {net.login_addr} <-> {net.compute_ns} "
                 f"{net.compute_addr}")
+            n_live = sum(1 for e in entries if e.method is not None)
+            compute_root = session.scratch / "compute"
+            compute_fs = make_compute_fs(
+                args.compute_fs, compute_root,
+                n_live * max(d.total_bytes for d in datasets.values()) * 5 // 4 + 2 * GIB,
+                tracker)
+            log(f"compute side writes into: {compute_fs}")
+            damon = damon_pageout()
+            if damon:
+                notes.append(f"This machine runs DAMON proactive reclaim (pageout of {damon}), "
+                             "so page-cache data idle for a while is evicted; the harness "
+                             "reads the source tree and the method's compute-side tree once "
+                             "before each measurement so every measurement starts warm.")
             run = Run(sizes, scenarios, args.repeat, entries, net, session.scratch,
-                      args.data_dir, args.rebuild, tracker, datasets)
+                      args.data_dir, args.rebuild, tracker, datasets, compute_fs,
+                      args.warmup)
             for entry in entries:
                 if entry.method is None:
                     continue
-                workdir = session.scratch / f"method-{entry.name}"
+                workdir = compute_root / f"method-{entry.name}"
                 workdir.mkdir()
                 try:
                     entry.method.setup(net, str(workdir))
                     set_up.append(entry)
-                except (MethodUnavailable, DeployFailed, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - reported as unavailable
                     entry.unavailable = describe_failure(exc)
                     log(f"method {entry.name}: unavailable: {entry.unavailable}")
                     if wanted:
