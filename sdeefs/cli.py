@@ -216,6 +216,9 @@ def _launcher(args: argparse.Namespace) -> int:
             print(f"{user}: stopped (idle)")
         return 0
     rows = env.status(cfg)
+    replicas = _replica_lag(cfg)
+    for row in rows:
+        row["replicas"] = replicas.get(str(row["user"]), {})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -226,7 +229,27 @@ def _launcher(args: argparse.Namespace) -> int:
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
               f"{row['processes']:>5} {_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
+        followers: dict[str, dict[str, object]] = row["replicas"]
+        for node, f in sorted(followers.items()):
+            print(f"{'':<16} replica on {node}: acked {f['acked']}, lag {f['lag']} records")
     return 0
+
+
+def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
+    """Per user, the followers the local (login node) replicad reports; {} if none runs."""
+    from sdeefs_launcher import job
+
+    from .replicad import control_request
+
+    control = cfg.replication.on(job.node_name()).control  # type: ignore[attr-defined]
+    if not os.path.exists(control):
+        return {}
+    try:
+        reply = control_request(control, {"op": "status"}, timeout=5)
+    except QuietError:
+        return {}
+    origin: dict[str, dict[str, object]] = reply.get("origin", {})  # type: ignore[assignment]
+    return {user: info["followers"] for user, info in origin.items()}  # type: ignore[misc]
 
 
 def _replica(args: argparse.Namespace, cfg: object) -> int:

@@ -45,6 +45,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -151,9 +152,14 @@ class OriginUser:
     addresses: dict[str, str] = attrs.field(factory=dict)  # node -> where it relays
     head: int = 0
     _head_tail: JournalTail | None = None
-    changed: trio.Event = attrs.field(factory=trio.Event)
+    _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     def refresh_head(self) -> int:
+        """Read new records' seqs (worker threads call this concurrently: one at a time)."""
+        with self._head_lock:
+            return self._refresh_head()
+
+    def _refresh_head(self) -> int:
         if self._head_tail is None:
             self._head_tail = JournalTail(self.journal_dir, max(1, self.head + 1))
         try:

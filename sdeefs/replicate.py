@@ -616,6 +616,7 @@ class Replica:
     synced: int = 0
     dirty: bool = False
     lock: threading.Lock = attrs.field(factory=threading.Lock)
+    boot: bytes = attrs.field(factory=lambda: boot_id())  # looked up per instance
     _layers: LayerRoot | None = None
     _pos_fd: int = -1
     _staging: LayerRoot | None = None
@@ -654,7 +655,7 @@ class Replica:
         durable = self._read_durable()
         if len(data) == POSITION.size:
             magic, jid, boot, applied, inflight, _ino, crc = POSITION.unpack(data)
-            if magic == POSITION_MAGIC and zlib.crc32(data[:-4]) == crc and boot == boot_id():
+            if magic == POSITION_MAGIC and zlib.crc32(data[:-4]) == crc and boot == self.boot:
                 if inflight == SNAPSHOT_MARK:
                     log.warning("replica %s: interrupted while swapping in a snapshot; "
                                 "starting over", self.root)
@@ -690,7 +691,7 @@ class Replica:
                           body + struct.pack("<I", zlib.crc32(body)))
 
     def _write_position(self, inflight: int = 0, inflight_ino: int = 0) -> None:
-        body = POSITION.pack(POSITION_MAGIC, self.journal_id, boot_id(), self.applied,
+        body = POSITION.pack(POSITION_MAGIC, self.journal_id, self.boot, self.applied,
                              inflight, inflight_ino, 0)[:-4]
         os.pwrite(self._pos_fd, body + struct.pack("<I", zlib.crc32(body)), 0)
 

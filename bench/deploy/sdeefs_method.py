@@ -1,0 +1,169 @@
+"""sdeefs in the deploy benchmark: the user's changes stream from the journal to a replica.
+
+The login side is what a login node runs: the user's upper behind the journaling
+passthrough (``sdeefs mount --passthrough-upper``) and ``sdeefs-replicad --origin``
+in the login namespace; the compute side is ``sdeefs-replicad --replica-dir`` in the
+compute namespace, its replica on the harness's compute disk (``dest``).
+
+Before each timed deploy the *user* brings the upper to ``src`` (untimed: that is the
+user installing or editing, not deploying): ``rsync --inplace --no-whole-file`` into
+the mounted upper, so an edit writes the changed blocks, as an editor or pip would.
+The timed part is what a job start costs, the SLURM prolog's ``follow --wait``: ask the
+login node for its head and wait until the replica holds it.
+
+* ``sdeefs`` (pre-streamed): the replica follows the user all along (a warm replica,
+  or the allocation's nodes following from submission), so while the user works the
+  changes are already travelling; job start pays what is left plus one round trip.
+* ``sdeefs-cold``: the node starts following only at job start and receives the whole
+  history then (the worst case: no pre-streaming at all).
+
+Bytes sent: what the replica received (frames: headers, records, data, MACs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.deploy.harness import DeployFailed, DeployMethod, Measurement, Net, Spawned, settle
+from sdeefs.replicad import control_request
+
+USER = "benchuser"
+PORT = 7078
+VENV_BIN = Path(sys.executable).parent
+
+
+class SdeefsMethod:
+    def __init__(self, prestream: bool) -> None:
+        self.prestream = prestream
+        self.port = PORT if prestream else PORT + 1  # both methods' daemons stay up
+        self.name = "sdeefs" if prestream else "sdeefs-cold"
+        self.description = (
+            "journaling passthrough mount + `sdeefs-replicad --origin` (login ns) → "
+            "`sdeefs-replicad --replica-dir` (compute ns); timed: the prolog's `follow "
+            "--wait` after the user changed the upper (rsync --inplace into the mount, "
+            "untimed); " + ("replica following all along (pre-streamed)" if prestream
+                            else "replica starts following at job start (cold)"))
+        self.dest = ""
+        self._net: Net | None = None
+        self._work = Path()
+        self._origin: Spawned | None = None
+        self._replica: Spawned | None = None
+        self._src = ""
+
+    # -- paths -----------------------------------------------------------------------------
+
+    @property
+    def _login(self) -> Path:
+        return self._work / "login"
+
+    @property
+    def _mnt(self) -> Path:
+        return self._login / "mnt"
+
+    def _control(self, side: str) -> str:
+        return str(self._work / f"{side}.sock")
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def setup(self, net: Net, workdir: str) -> None:
+        self._net = net
+        self._work = Path(workdir)
+        self._work.mkdir(parents=True, exist_ok=True)
+        self._key = self._work / "key"
+        self._key.write_text(os.urandom(32).hex())
+        os.chmod(self._key, 0o600)
+        # The login node's disk: beside the data sets, not the compute disk.
+        self._login_root = Path(f"/var/tmp/sdeefs-bench-login-{os.getpid()}-{self.name}")
+        self.dest = str(self._work / "replicas" / USER / "upper")
+
+    def _daemon(self, side: str) -> Spawned:
+        assert self._net is not None
+        common = [VENV_BIN / "sdeefs-replicad", "--key-file", self._key, "--node", side,
+                  "--control", self._control(side)]
+        if side == "login":
+            argv = [*common, "--origin", self._login_root,
+                    "--listen", f"{self._net.login_addr}:{self.port}"]
+        else:
+            argv = [*common, "--replica-dir", self._work / "replicas",
+                    "--upstream", f"{self._net.login_addr}:{self.port}"]
+        Path(self._control(side)).unlink(missing_ok=True)
+        proc = self._net.spawn(side, argv, label=f"sdeefs-replicad {side}",  # type: ignore[arg-type]
+                               log_file=self._work / f"{side}.log")
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self._control(side)):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise DeployFailed(f"sdeefs-replicad {side} did not start: "
+                                   + (self._work / f"{side}.log").read_text()[-3000:].replace("\n", " | "))
+            time.sleep(0.02)
+        return proc
+
+    def _stop(self, which: str) -> None:
+        proc = getattr(self, f"_{which}")
+        if proc is not None:
+            proc.stop()
+            setattr(self, f"_{which}", None)
+
+    def _reset(self) -> None:
+        """A new user history: empty upper, empty journal, replica and daemons restarted."""
+        self._stop("replica")
+        self._stop("origin")
+        if os.path.ismount(self._mnt):
+            subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=True)
+        shutil.rmtree(self._login_root, ignore_errors=True)
+        shutil.rmtree(self._work / "replicas", ignore_errors=True)
+        upper = self._login_root / USER / "upper"
+        state = self._login_root / USER / "state"
+        for path in (upper, state / "work", self._mnt):
+            path.mkdir(parents=True, exist_ok=True)
+        subprocess.run([VENV_BIN / "sdeefs", "mount", "--passthrough-upper", "--upper", upper,
+                        "--state", state, "--no-writeback-cache", self._mnt], check=True)
+        self._origin = self._daemon("login")
+        if self.prestream:
+            self._replica = self._daemon("compute")
+            control_request(self._control("compute"), {"op": "follow", "user": USER})
+
+    # -- deploying -------------------------------------------------------------------------
+
+    def deploy(self, src: str, scenario: str) -> Measurement:
+        if scenario == "full" or src != self._src:
+            self._reset()
+            self._src = src
+        # The user changes the environment (untimed): only changed blocks are written.
+        result = subprocess.run(["rsync", "-a", "--inplace", "--no-whole-file", "--delete",
+                                 f"{src}/", f"{self._mnt}/upper/"], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            raise DeployFailed(f"rsync into the mounted upper: {result.stderr.strip()[-300:]}")
+        if self._replica is None:
+            self._replica = self._daemon("compute")
+        before = self._received()
+        settle()
+        start = time.perf_counter()
+        reply = control_request(self._control("compute"),
+                                {"op": "follow", "user": USER, "wait": True, "timeout": 600})
+        seconds = time.perf_counter() - start
+        sent = self._received() - before
+        if not self.prestream:  # between jobs the node keeps its copy but does not follow
+            control_request(self._control("compute"), {"op": "unfollow", "user": USER})
+        return Measurement(seconds, sent, 0, f"barrier seq {reply.get('barrier')}")
+
+    def _received(self) -> int:
+        status = control_request(self._control("compute"), {"op": "status"})
+        replicas = status.get("replicas", {})
+        info = replicas.get(USER) if isinstance(replicas, dict) else None
+        return int(info["bytes_received"]) if info else 0
+
+    def teardown(self) -> None:
+        self._stop("replica")
+        self._stop("origin")
+        if os.path.ismount(self._mnt):
+            subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=False)
+        shutil.rmtree(self._login_root, ignore_errors=True)
+
+
+METHODS: list[DeployMethod] = [SdeefsMethod(prestream=True), SdeefsMethod(prestream=False)]
