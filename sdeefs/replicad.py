@@ -93,6 +93,7 @@ log = logging.getLogger(__name__)
 HOLD_BACK = 0.05  # seconds a trailing metadata record waits for a possible Abort
 IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
 POLL = 0.01  # seconds between looks at a journal for new records
+BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 
 
 @attrs.frozen
@@ -476,21 +477,29 @@ class Daemon:
             return read_write_data(source, record)
 
         def next_frames() -> tuple[list[Frame], int]:
+            """The next frames to send: about BATCH_BYTES of data, so reading, sending and
+            applying overlap (and a big history never sits in memory at once)."""
             nonlocal pending, first_seen
-            new = tail.poll()
-            if new and not pending:
-                first_seen = time.monotonic()
-            pending = _without_aborted(pending + new)
+            if len(pending) < 4096:
+                new = tail.poll()
+                if new and not pending:
+                    first_seen = time.monotonic()
+                pending = _without_aborted(pending + new)
             ready = _settled(pending, first_seen)
-            batch, pending = pending[:ready], pending[ready:]
-            if pending and batch:
-                first_seen = time.monotonic()
-            frames = []
-            for entry in batch:
+            frames: list[Frame] = []
+            size = taken = 0
+            while taken < ready and size < BATCH_BYTES:
+                entry = pending[taken]
                 record = entry.record
                 data = read_data(record) if isinstance(record, rec.Write) else None
                 frames.extend(record_frames(entry.seq, record, data))
-            return frames, batch[-1].seq if batch else 0
+                size += len(data or b"") + 64
+                taken += 1
+            last = pending[taken - 1].seq if taken else 0
+            pending = pending[taken:]
+            if pending and taken:
+                first_seen = time.monotonic()
+            return frames, last
 
         while True:
             try:

@@ -53,11 +53,10 @@ class Grid:
         """i = 0: the login node's origin; 1..NODES: compute nodes."""
         log = open(self.base / f"replicad-{i}.log", "ab")  # noqa: SIM115 (the process keeps it)
         common = [str(VENV_BIN / "sdeefs-replicad"), "--key-file", str(self.key)]
-        for stale in (self.base / "login.sock", self.base / f"n{i}" / "replicad.sock"):
-            if i == 0 and stale.name == "login.sock" or i and stale.parent.name == f"n{i}":
-                stale.unlink(missing_ok=True)
+        self.control_path(i).unlink(missing_ok=True)
         if i == 0:
-            control = self.base / "login.sock"
+            control = self.control_path(0)
+            control.parent.mkdir(exist_ok=True)
             argv = [*common, "--node", "login", "--origin", str(self.site.root),
                     "--listen", f"{self.slurm.hub_addr}:{PORT}", "--control", str(control),
                     "--fanout", "2"]
@@ -84,9 +83,11 @@ class Grid:
     def log(self, i: int) -> str:
         return (self.base / f"replicad-{i}.log").read_text(errors="replace")[-3000:]
 
+    def control_path(self, i: int) -> Path:
+        return self.base / ("login" if i == 0 else f"n{i}") / "replicad.sock"
+
     def control(self, i: int, request: dict[str, object]) -> dict[str, object]:
-        sock = self.base / ("login.sock" if i == 0 else f"n{i}/replicad.sock")
-        return control_request(str(sock), request, timeout=120)
+        return control_request(str(self.control_path(i)), request, timeout=120)
 
     def sync(self, i: int) -> None:
         self.control(i, {"op": "follow", "user": self.user, "wait": True, "timeout": 90})
@@ -113,10 +114,18 @@ class Grid:
 
     def submit(self, script: str, *args: str) -> str:
         """sbatch as the user; returns the job's output file's text."""
-        home = self.site.home(self.user)
+        return self.wait(self.start_job(script, *args))
+
+    def start_job(self, script: str, *args: str, user: str | None = None) -> tuple[int, Path]:
+        user = user or self.user
+        home = self.site.home(user)
         out = home / f"job-{time.monotonic_ns()}.out"
-        job = self.slurm.sbatch(script, ["-o", str(out), *args], user=self.user,
+        job = self.slurm.sbatch(script, ["-o", str(out), *args], user=user,
                                 env={"SDEEFS_CONFIG": str(self.site.config)}, cwd=home)
+        return job, out
+
+    def wait(self, started: tuple[int, Path]) -> str:
+        job, out = started
         try:
             state = self.slurm.wait_job(job, timeout=120)
         except Exception as exc:
@@ -297,3 +306,27 @@ def test_replicas_converge_through_failures(grid: Grid) -> None:
     status = g.control(0, {"op": "status"})
     followers = status["origin"][g.user]["followers"]  # type: ignore[index]
     assert set(followers) == {"n1", "n2", "n3"}, followers
+    out = subprocess.run([str(VENV_BIN / "sdeefs"), "status"], capture_output=True, text=True,
+                         env={**g.site.env(), "SLURMD_NODENAME": "login"}, check=True).stdout
+    for node in ("n1", "n2", "n3"):
+        assert f"replica on {node}: acked" in out, out
+
+
+@requires_slurm
+@requires_launcher
+def test_two_users_jobs_share_nodes_without_cross_talk(grid: Grid) -> None:
+    g = grid
+    other = g.site.add_user()
+    for user, tag in ((g.user, "alpha"), (other, "beta")):
+        g.site.start(user)
+        g.site.run(user, f"echo {tag} > /etc/sdeefs-demo && mkdir -p /opt/{tag}")
+    script = (f"#!/bin/sh\nsrun -N2 {VENV_BIN / 'sdeefs-run'} -- sh -c 'echo $(hostname) "
+              "$(cat /etc/sdeefs-demo) $(ls -d /opt/alpha /opt/beta 2>/dev/null) $(id -u)'; "
+              "sleep 1\n")
+    jobs = [g.start_job(script, "-N2", "-w", "n1,n2", user=user) for user in (g.user, other)]
+    texts = [g.wait(job) for job in jobs]
+    assert job_lines(texts[0]) == [f"n{i} alpha /opt/alpha 0" for i in (1, 2)], texts
+    assert job_lines(texts[1]) == [f"n{i} beta /opt/beta 0" for i in (1, 2)], texts
+    for i in (1, 2):
+        assert sorted(p.name for p in (g.base / f"n{i}" / "rep").iterdir()) == \
+            sorted([g.user, other])

@@ -97,8 +97,9 @@ class SdeefsMethod:
         deadline = time.monotonic() + 10
         while not os.path.exists(self._control(side)):
             if not proc.alive() or time.monotonic() > deadline:
+                tail = (self._work / f"{side}.log").read_text()[-3000:]
                 raise DeployFailed(f"sdeefs-replicad {side} did not start: "
-                                   + (self._work / f"{side}.log").read_text()[-3000:].replace("\n", " | "))
+                                   + tail.replace("\n", " | "))
             time.sleep(0.02)
         return proc
 
