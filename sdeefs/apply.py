@@ -150,11 +150,12 @@ def recover(journal: Journal, upper: bytes, work: bytes) -> int | None:
     return seq
 
 
-def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:
-    """The bytes a Write record refers to, read from the live source layer root.
+def open_write_data(source: LayerRoot, record: rec.Write) -> int | None:
+    """An fd on the file a Write record refers to, its range read-locked; None if gone.
 
-    By file handle first (the file may have been renamed since), by path when
-    the filesystem has no handles; None when the file no longer exists.
+    By file handle first (the file may have been renamed since), by path when the
+    filesystem has no handles.  The read lock waits for a write of this range still in
+    progress (``sdeefs.ops``); closing the fd drops it.
     """
     fd = -1
     if record.handle:
@@ -170,9 +171,21 @@ def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:
             fd = source.open(record.path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return None
-    try:
-        if record.length:  # wait for a write of this range still in progress (sdeefs.ops)
+    if record.length:
+        try:
             range_lock(fd, record.offset, record.length, fcntl.F_RDLCK, wait=True)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:
+    """The bytes a Write record refers to, read from the live source layer root."""
+    fd = open_write_data(source, record)
+    if fd is None:
+        return None
+    try:
         return os.pread(fd, record.length, record.offset)
     finally:
         os.close(fd)  # drops the lock

@@ -53,7 +53,7 @@ import attrs
 import trio
 
 from . import records as rec
-from .apply import read_write_data
+from .apply import open_write_data
 from .cow import LayerRoot
 from .errors import JournalCorrupt, QuietError
 from .journal import Entry, Journal, NullJournal, journal_id
@@ -80,6 +80,7 @@ from .replicate import (
     decode_hello,
     encode_frame,
     encode_hello,
+    encode_write_frames,
     follow,
     open_nursery,
     receive_acks,
@@ -191,6 +192,27 @@ def _settled(pending: list[Entry], first_seen: float) -> int:
             and time.monotonic() - first_seen < HOLD_BACK:
         return len(pending) - 1
     return len(pending)
+
+
+def _coalesce(buffers: list[bytes | bytearray], small: int = 1 << 16,
+              target: int = 1 << 18) -> Iterator[bytes | bytearray]:
+    """Small frames joined into sends of about ``target`` bytes; big ones as they are."""
+    pending: list[bytes | bytearray] = []
+    size = 0
+    for buf in buffers:
+        if len(buf) >= small:
+            if pending:
+                yield b"".join(pending)
+                pending, size = [], 0
+            yield buf
+            continue
+        pending.append(buf)
+        size += len(buf)
+        if size >= target:
+            yield b"".join(pending)
+            pending, size = [], 0
+    if pending:
+        yield b"".join(pending)
 
 
 def _without_aborted(entries: list[Entry]) -> list[Entry]:
@@ -305,6 +327,8 @@ class Daemon:
                                                    self.config.key))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("peer %s went away: %s", peer, exc)
+        except Exception:  # a bug in one link must not end the daemon and every other link
+            log.exception("peer %s: internal error", peer)
         finally:
             await stream.aclose()
 
@@ -473,12 +497,10 @@ class Daemon:
         first_seen = 0.0
         last_send = trio.current_time()
 
-        def read_data(record: rec.Write) -> bytes | None:
-            return read_write_data(source, record)
-
-        def next_frames() -> tuple[list[Frame], int]:
-            """The next frames to send: about BATCH_BYTES of data, so reading, sending and
-            applying overlap (and a big history never sits in memory at once)."""
+        def next_frames() -> tuple[list[bytes | bytearray], int]:
+            """The next frames to send, encoded: about BATCH_BYTES of data, so reading,
+            sending and applying overlap (and a big history never sits in memory at once).
+            Write data goes from the upper straight into the frame buffers."""
             nonlocal pending, first_seen
             if len(pending) < 4096:
                 new = tail.poll()
@@ -486,14 +508,24 @@ class Daemon:
                     first_seen = time.monotonic()
                 pending = _without_aborted(pending + new)
             ready = _settled(pending, first_seen)
-            frames: list[Frame] = []
+            frames: list[bytes | bytearray] = []
             size = taken = 0
             while taken < ready and size < BATCH_BYTES:
                 entry = pending[taken]
                 record = entry.record
-                data = read_data(record) if isinstance(record, rec.Write) else None
-                frames.extend(record_frames(entry.seq, record, data))
-                size += len(data or b"") + 64
+                if isinstance(record, rec.Write):
+                    fd = open_write_data(source, record)
+                    try:
+                        encoded = encode_write_frames(entry.seq, record, fd, key)
+                    finally:
+                        if fd is not None:
+                            os.close(fd)
+                    frames.extend(encoded)
+                    size += sum(len(b) for b in encoded)
+                else:
+                    frames.extend(encode_frame(f, key)
+                                  for f in record_frames(entry.seq, record, None))
+                    size += 64
                 taken += 1
             last = pending[taken - 1].seq if taken else 0
             pending = pending[taken:]
@@ -510,7 +542,10 @@ class Daemon:
             except JournalCorrupt as exc:
                 raise ProtocolError(f"journal of {user.name}: {exc}") from None
             if frames:
-                await self._send(stream, key, follower, frames)
+                follower.sent_seq = max(follower.sent_seq, last)  # before: ACKs may overtake
+                for buf in _coalesce(frames):
+                    follower.bytes_sent += len(buf)
+                    await stream.send_all(buf)
                 user.head = max(user.head, last)
                 last_send = trio.current_time()
                 continue
@@ -616,6 +651,11 @@ class Daemon:
                         user.stats.last_error = f"{address}: {exc}"
                         log.warning("following %s from %s: %s", user.name, address, exc)
                         address, redirects = home, 0
+                    except Exception as exc:  # a bug must not end every user's replication
+                        user.stats.last_error = f"{address}: internal error: {exc!r}"
+                        log.exception("following %s from %s", user.name, address)
+                        address, redirects = home, 0
+                        backoff = 2.0
                     self._applied(user, [])
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)

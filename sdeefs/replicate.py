@@ -250,6 +250,45 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return group.exceptions[0]
 
 
+class FrameReader:
+    """Frames from a stream through one buffer: a stream of small records costs one
+    ``recv`` per READ_SIZE bytes, not three awaits per frame.  Never reads past what the
+    caller consumes *in frames*, so it takes over a stream after receive_frame()."""
+
+    READ_SIZE = 1 << 20
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.pos = 0
+
+    async def _fill(self, need: int, started: bool) -> None:
+        while len(self.buf) - self.pos < need:
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            chunk = await self.stream.receive_some(max(need - len(self.buf), self.READ_SIZE))
+            if not chunk:
+                if started or self.buf:
+                    raise ProtocolError("connection closed in the middle of a frame")
+                raise EOFError("connection closed")
+            self.buf += chunk
+
+    async def frame(self, key: bytes) -> Frame:
+        """The next verified frame; EOFError at a clean end of stream."""
+        await self._fill(FRAME_HEADER.size, False)
+        start = self.pos
+        header = bytes(self.buf[start:start + FRAME_HEADER.size])
+        _, _, length, _, _ = decode_header(header)
+        total = FRAME_HEADER.size + length + MAC_SIZE
+        await self._fill(total, True)
+        start = self.pos
+        payload = bytes(self.buf[start + FRAME_HEADER.size:start + FRAME_HEADER.size + length])
+        mac = bytes(self.buf[start + total - MAC_SIZE:start + total])
+        self.pos = start + total
+        return check_frame(header, payload, mac, key)
+
+
 # -- HELLO and ACK payloads --------------------------------------------------------------------
 
 
@@ -341,7 +380,7 @@ def decode_record_payload(payload: bytes) -> tuple[rec.Record, bytes]:
     if 6 + length > len(payload):
         raise ProtocolError("record runs past the frame")
     try:
-        record = rec.decode_record(rtype, payload[6:6 + length])
+        record = rec.decode_record(rtype, bytes(payload[6:6 + length]))
     except BadRecord as exc:
         raise ProtocolError(f"bad record: {exc}") from None
     data = payload[6 + length:]
@@ -363,6 +402,46 @@ def sanitize(record: rec.Record) -> rec.Record:
     if isinstance(record, rec.Mknod) and stat.S_ISCHR(record.mode) and record.mode & 0o7777:
         raise ProtocolError("a whiteout must have mode 0")
     return record
+
+
+def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: bytes) -> list[
+        bytearray]:
+    """The encoded RECORD frames of a Write record, its data read from ``fd`` straight into
+    the frame buffers (no copy of the data: this is the bulk of a stream).
+
+    Byte for byte what ``encode_frame(record_frames(...))`` produces; ``fd`` None (the file
+    is gone) or a short file gives a shorter write, as ``read_write_data`` would.
+    """
+    out = []
+    start = 0
+    while True:
+        want = min(CHUNK, record.length - start)
+        part = attrs.evolve(record, offset=record.offset + start, length=want)
+        rtype, body = rec.encode_record(part)
+        head = FRAME_HEADER.size + 6 + len(body)
+        buf = bytearray(head + want + MAC_SIZE)
+        view = memoryview(buf)
+        got = os.preadv(fd, [view[head:head + want]], record.offset + start) \
+            if fd is not None and want else 0
+        if got < want:  # the file is shorter now: send what it holds, as read_write_data
+            rtype, body = rec.encode_record(attrs.evolve(part, length=got))  # same size
+        more = MORE if got == want and start + want < record.length else 0
+        length = head - FRAME_HEADER.size + got
+        FRAME_HEADER.pack_into(buf, 0, MAGIC, VERSION, RECORD, more, length, seq, 0)
+        struct.pack_into("<HI", buf, FRAME_HEADER.size, rtype, len(body))
+        view[FRAME_HEADER.size + 6:head] = body
+        end = head + got
+        crc = zlib.crc32(view[FRAME_HEADER.size:end], zlib.crc32(view[:FRAME_HEADER.size]))
+        struct.pack_into("<I", buf, FRAME_HEADER.size - 4, crc)
+        mac = hmac.new(key, view[:end], hashlib.sha256).digest()
+        view[end:end + MAC_SIZE] = mac
+        del view
+        if end + MAC_SIZE != len(buf):
+            del buf[end + MAC_SIZE:]
+        out.append(buf)
+        start += got
+        if not more:
+            return out
 
 
 def record_frames(seq: int, record: rec.Record, data: bytes | None,
@@ -998,12 +1077,14 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
             return  # reconnect asking from seq 1 of the new history
     send, receive = trio.open_memory_channel[Frame](256)
 
+    frames = FrameReader(stream)
+
     async def reader() -> None:
         async with send:
             while True:
                 try:
                     with trio.fail_after(silence_timeout):
-                        frame = await receive_frame(stream, key)
+                        frame = await frames.frame(key)
                 except EOFError:
                     return
                 except trio.TooSlowError:

@@ -414,3 +414,33 @@ def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
     assert clean.applied == 1
     assert clean.journal_id == b"i" * 16
     clean.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 77])
+def test_zero_copy_write_frames_equal_the_reference_encoding(tmp_path: Path, size: int) -> None:
+    from sdeefs.replicate import encode_write_frames
+
+    path = tmp_path / "f"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    key = b"s" * 32
+    for offset, length in ((0, size), (0, size + 5000), (3, max(size - 3, 0))):
+        record = rec.Write(b"upper/f", b"h", offset, length)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = [bytes(b) for b in encode_write_frames(9, record, fd, key)]
+        finally:
+            os.close(fd)
+        want = [encode_frame(f, key)
+                for f in record_frames(9, record, data[offset:offset + length])]
+        if offset + length <= size:
+            assert got == want, (offset, length)
+        # A file shorter than the record: the same bytes arrive (the chunking may differ
+        # by an empty last chunk when the file ends on a chunk boundary).
+        frames = [check_frame(b[:24], b[24:-32], b[-32:], key) for b in got]
+        assert [f.flags for f in frames][-1] == 0
+        assert b"".join(decode_record_payload(f.payload)[1] for f in frames) == \
+            data[offset:offset + length]
+    assert [bytes(b) for b in encode_write_frames(9, rec.Write(b"upper/f", b"", 0, 10), None,
+                                                  key)] == \
+        [encode_frame(f, key) for f in record_frames(9, rec.Write(b"upper/f", b"", 0, 10), None)]
