@@ -239,6 +239,12 @@ def test_jobs_run_in_the_users_environment_on_every_node(grid: Grid) -> None:
     for i in (1, 2, 3):
         assert list((g.base / f"n{i}" / "jobs").iterdir()) == []
 
+    # Steps of one job on a node share one environment (started once by the prolog).
+    steps = (f"#!/bin/sh\nsrun -N3 {run} -- sh -c 'echo $$ > /tmp/step1'\n"
+             f"srun -N3 {run} -- sh -c 'echo $(hostname) step2 sees $(cat /tmp/step1 | wc -l)'\n")
+    text = g.submit(steps, "-N3")
+    assert job_lines(text) == [f"n{i} step2 sees 1" for i in (1, 2, 3)], text
+
     # srun -N2 straight from the login node.
     out = g.slurm.run(["srun", "-N2", str(run), "--", "sh", "-c", "hostname; cat /etc/sdeefs-demo"],
                       user=g.user, env={"SDEEFS_CONFIG": str(g.site.config)},
