@@ -866,17 +866,22 @@ def _parser() -> argparse.ArgumentParser:
         "their replicas (compute nodes); see `pydoc sdeefs.replicad`")
     parser.add_argument("--node", default=socket.gethostname().split(".")[0],
                         help="this node's name (default: the short host name)")
-    parser.add_argument("--key-file", required=True,
-                        help="shared replication key, root-only, >= 32 bytes")
+    parser.add_argument("--key-file",
+                        help="shared replication key, root-only, >= 32 bytes (default: "
+                             "replication.key_file of the sdeefs config)")
     parser.add_argument("--listen", metavar="HOST:PORT",
                         help="serve followers here (origin, and relays for the tree)")
     parser.add_argument("--origin", metavar="ROOT",
                         help="login node: serve the journals of ROOT/USER/state/journal")
-    parser.add_argument("--replica-dir", metavar="DIR", help="compute node: keep replicas here")
-    parser.add_argument("--upstream", metavar="HOST:PORT", help="the login node's replicad")
+    parser.add_argument("--replica-dir", metavar="DIR",
+                        help="compute node: keep replicas here (default with --upstream or "
+                             "replication.login set: replication.replica_dir)")
+    parser.add_argument("--upstream", metavar="HOST:PORT",
+                        help="the login node's replicad (default: replication.login)")
     parser.add_argument("--fanout", type=int, default=4,
                         help="direct followers per user before redirecting (default 4)")
-    parser.add_argument("--control", metavar="SOCKET", help="control socket (root only)")
+    parser.add_argument("--control", metavar="SOCKET",
+                        help="control socket, root only (default: replication.control)")
     parser.add_argument("--follow", action="append", default=[], metavar="USER",
                         help="follow USER continuously (a warm replica; repeatable)")
     parser.add_argument("--relay-bytes", type=int, default=256 << 20,
@@ -892,12 +897,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _defaults_from_config(args: argparse.Namespace) -> None:
+    """Options not given come from [replication] of the sdeefs config (the file the SLURM
+    prolog and ``sdeefs-run`` read too), with ``%n`` the node's name."""
+    from sdeefs_launcher import config as config_mod
+
+    rep = config_mod.load().replication.on(args.node)
+    args.key_file = args.key_file or rep.key_file
+    args.control = args.control or rep.control
+    if not args.origin:  # a compute node
+        args.upstream = args.upstream or rep.login or None
+        if args.upstream:
+            args.replica_dir = args.replica_dir or rep.replica_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(filename=args.log_file,
                         level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        _defaults_from_config(args)
         if args.replica_dir and not args.upstream:
             raise QuietError("--replica-dir needs --upstream (where to follow users from)", 2)
         if not (args.origin or args.replica_dir):

@@ -271,3 +271,38 @@ def test_trimmed_history_and_a_relay_without_it_resync_by_verified_snapshots(sit
     site.sync_to("n3")
     assert converged(site, "n3")
     assert "sent a snapshot" in site.log("login")
+
+
+def test_replication_config_names_the_bad_key_and_substitutes_the_node() -> None:
+    from sdeefs.errors import QuietError
+    from sdeefs_launcher.config import parse
+
+    config = parse({"replication": {"login": "login1:7077", "replica_dir": "/local/%n/rep",
+                                    "control": "/run/%n.sock", "barrier_timeout": 5}})
+    on = config.replication.on("n7")
+    assert (on.login, on.replica_dir, on.control, on.barrier_timeout) == \
+        ("login1:7077", "/local/n7/rep", "/run/n7.sock", 5.0)
+    for table, key in (({"login": "no-port"}, "replication.login"),
+                       ({"replica_dir": "relative"}, "replication.replica_dir"),
+                       ({"barrier_timeout": 0}, "replication.barrier_timeout"),
+                       ({"fanout": 3}, "replication.fanout")):
+        with pytest.raises(QuietError, match=key):
+            parse({"replication": table})
+
+
+def test_replicad_refuses_a_readable_or_short_key(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("x" * 64)
+    os.chmod(key, 0o644)
+    result = subprocess.run([REPLICAD, "--key-file", str(key), "--origin", str(tmp_path)],
+                            capture_output=True, text=True, env={**os.environ,
+                                                                 "SDEEFS_CONFIG": ""})
+    assert result.returncode == 2
+    assert "chmod 600" in result.stderr
+    assert "Traceback" not in result.stderr
+    os.chmod(key, 0o600)
+    key.write_text("short")
+    result = subprocess.run([REPLICAD, "--key-file", str(key), "--origin", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "shorter than 32 bytes" in result.stderr
