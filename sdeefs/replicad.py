@@ -66,6 +66,7 @@ from .replicate import (
     NONCE_SIZE,
     QUERY,
     REDIRECT,
+    SKIP,
     SNAPSHOT_END,
     Follower,
     Frame,
@@ -95,6 +96,7 @@ HOLD_BACK = 0.05  # seconds a trailing metadata record waits for a possible Abor
 IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
 POLL = 0.01  # seconds between looks at a journal for new records
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
+MARKERS = (rec.Done, rec.Sync, rec.Abort)  # records a replica has nothing to do for
 
 
 @attrs.frozen
@@ -232,8 +234,12 @@ class RelayBuffer:
     size: int = 0
     changed: trio.Event = attrs.field(factory=trio.Event)
     generation: int = 0  # bumps when the replica was replaced by a snapshot
+    base: int = 0  # the seq just before the first frame kept
 
-    def append(self, frames: list[Frame]) -> None:
+    def append(self, before: int, frames: list[Frame]) -> None:
+        """Keep ``frames``, applied after seq ``before``."""
+        if not self.frames:
+            self.base = before
         for frame in frames:
             self.frames.append(frame)
             self.size += len(frame.payload)
@@ -241,6 +247,7 @@ class RelayBuffer:
             first = self.frames[0].seq
             while self.frames and self.frames[0].seq == first:  # whole records only
                 self.size -= len(self.frames.popleft().payload)
+            self.base = first
         self.changed.set()
         self.changed = trio.Event()
 
@@ -252,7 +259,8 @@ class RelayBuffer:
         self.changed = trio.Event()
 
     def first_seq(self) -> int | None:
-        return self.frames[0].seq if self.frames else None
+        """The first seq the buffer covers (frames after a SKIP cover the markers too)."""
+        return self.base + 1 if self.frames else None
 
     def after(self, seq: int, max_bytes: int = 8 << 20) -> list[Frame]:
         out, size = [], 0
@@ -495,13 +503,14 @@ class Daemon:
                               follower: Follower, tail: JournalTail, source: LayerRoot) -> None:
         pending: list[Entry] = []
         first_seen = 0.0
+        skipped = False  # markers were left out since the last frame sent
         last_send = trio.current_time()
 
         def next_frames() -> tuple[list[bytes | bytearray], int]:
             """The next frames to send, encoded: about BATCH_BYTES of data, so reading,
             sending and applying overlap (and a big history never sits in memory at once).
             Write data goes from the upper straight into the frame buffers."""
-            nonlocal pending, first_seen
+            nonlocal pending, first_seen, skipped
             if len(pending) < 4096:
                 new = tail.poll()
                 if new and not pending:
@@ -513,20 +522,26 @@ class Daemon:
             while taken < ready and size < BATCH_BYTES:
                 entry = pending[taken]
                 record = entry.record
+                taken += 1
+                last_of_batch = taken == ready  # the batch may end on a marker: send it
+                if isinstance(record, MARKERS) and not last_of_batch:
+                    skipped = True  # nothing to apply; the next frame says SKIP
+                    continue
+                flags = SKIP if skipped else 0
+                skipped = False
                 if isinstance(record, rec.Write):
                     fd = open_write_data(source, record)
                     try:
-                        encoded = encode_write_frames(entry.seq, record, fd, key)
+                        encoded = encode_write_frames(entry.seq, record, fd, key, flags)
                     finally:
                         if fd is not None:
                             os.close(fd)
                     frames.extend(encoded)
                     size += sum(len(b) for b in encoded)
                 else:
-                    frames.extend(encode_frame(f, key)
-                                  for f in record_frames(entry.seq, record, None))
+                    frame = record_frames(entry.seq, record, None)[0]
+                    frames.append(encode_frame(attrs.evolve(frame, flags=flags), key))
                     size += 64
-                taken += 1
             last = pending[taken - 1].seq if taken else 0
             pending = pending[taken:]
             if pending and taken:
@@ -633,7 +648,8 @@ class Daemon:
                             await follow(stream, user.replica, self.config.key, user.name,
                                          self.config.node, user.stats,
                                          report=lambda: self._report(user),
-                                         on_applied=lambda frames: self._applied(user, frames),
+                                         on_applied=lambda before, frames: self._applied(
+                                             user, frames, before),
                                          on_snapshot=user.relay.clear,
                                          silence_timeout=self.config.silence_timeout,
                                          relay_port=self.config.listen[1]
@@ -663,9 +679,9 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(user.replica.close)
 
-    def _applied(self, user: ReplicaUser, frames: list[Frame]) -> None:
+    def _applied(self, user: ReplicaUser, frames: list[Frame], before: int = 0) -> None:
         if frames:
-            user.relay.append(frames)
+            user.relay.append(before, frames)
         user.applied_changed.set()
         user.applied_changed = trio.Event()
 

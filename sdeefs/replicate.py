@@ -27,7 +27,9 @@ Every frame::
              magic    4s   b"SDRP"
              version  u8   2
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
-             flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow
+             flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
+                           RECORD: SKIP (2) = the seqs between the previous frame and
+                           this one were markers (Done/Sync/Abort: nothing to apply)
              length   u32  payload bytes (at most MAX_FRAME_PAYLOAD)
              seq      u64  see below
              crc32    u32  of the header (crc field zero) and the payload
@@ -60,7 +62,8 @@ ERROR           either     UTF-8 message; the connection ends
 
 Replica rules (every byte from a peer is hostile): a frame with a bad magic,
 version, CRC, MAC or length is rejected; a RECORD whose seq is neither applied + 1
-nor a MORE continuation is rejected ("out of sequence"); records are decoded
+nor a MORE continuation (nor, with SKIP, beyond it) is rejected ("out of sequence");
+records are decoded
 strictly (``sdeefs.records``: no unsafe path, no device node) and made safe:
 set-user/group-ID bits are stripped from every mode, xattrs other than
 ``user.*`` and the overlay's own ``trusted.overlay.*`` are refused (so no
@@ -120,6 +123,7 @@ VERSION = 2
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
 MORE = 1
+SKIP = 2  # the seqs before this frame's were markers, not sent (a third of a journal)
 QUERY = 1  # HELLO flag: only tell me your head (the SLURM prolog's barrier), then close
 FRAME_HEADER = struct.Struct("<4sBBHIQI")
 assert FRAME_HEADER.size == 24
@@ -181,7 +185,7 @@ def decode_header(data: bytes) -> tuple[int, int, int, int, int]:
         raise ProtocolError("not an sdeefs replication frame (bad magic)")
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version}")
-    if ftype not in FRAME_TYPES or flags & ~MORE:
+    if ftype not in FRAME_TYPES or flags & ~(MORE | SKIP):
         raise ProtocolError(f"bad frame type {ftype} or flags {flags:#x}")
     if length > MAX_FRAME_PAYLOAD:
         raise ProtocolError(f"frame of {length} bytes is too large")
@@ -404,15 +408,16 @@ def sanitize(record: rec.Record) -> rec.Record:
     return record
 
 
-def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: bytes) -> list[
-        bytearray]:
+def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: bytes,
+                        first_flags: int = 0) -> list[bytearray]:
     """The encoded RECORD frames of a Write record, its data read from ``fd`` straight into
     the frame buffers (no copy of the data: this is the bulk of a stream).
 
     Byte for byte what ``encode_frame(record_frames(...))`` produces; ``fd`` None (the file
     is gone) or a short file gives a shorter write, as ``read_write_data`` would.
+    ``first_flags`` (SKIP) goes on the first frame only.
     """
-    out = []
+    out: list[bytearray] = []
     start = 0
     while True:
         want = min(CHUNK, record.length - start)
@@ -427,7 +432,8 @@ def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: bytes)
             rtype, body = rec.encode_record(attrs.evolve(part, length=got))  # same size
         more = MORE if got == want and start + want < record.length else 0
         length = head - FRAME_HEADER.size + got
-        FRAME_HEADER.pack_into(buf, 0, MAGIC, VERSION, RECORD, more, length, seq, 0)
+        FRAME_HEADER.pack_into(buf, 0, MAGIC, VERSION, RECORD, more | (first_flags if not out
+                                                                       else 0), length, seq, 0)
         struct.pack_into("<HI", buf, FRAME_HEADER.size, rtype, len(body))
         view[FRAME_HEADER.size + 6:head] = body
         end = head + got
@@ -837,7 +843,8 @@ class Replica:
             if frame.seq != self.pending:
                 raise ProtocolError(f"out of sequence: seq {frame.seq} while {self.pending} "
                                     "is incomplete")
-        elif frame.seq != self.applied + 1:
+        elif frame.seq != self.applied + 1 and not (frame.flags & SKIP
+                                                      and frame.seq > self.applied):
             raise ProtocolError(f"out of sequence: seq {frame.seq} after {self.applied}")
         record, data = decode_record_payload(frame.payload)
         assert self._layers is not None
@@ -1047,7 +1054,7 @@ class LinkStats:
 async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, user: str,
                  node: str, stats: LinkStats,
                  report: Callable[[], list[tuple[str, int]]] = list,
-                 on_applied: Callable[[list[Frame]], None] | None = None,
+                 on_applied: Callable[[int, list[Frame]], None] | None = None,
                  on_snapshot: Callable[[], None] | None = None,
                  silence_timeout: float = 10.0, relay_port: int = 0) -> None:
     """Pull ``user``'s records over ``stream`` into ``replica`` until the upstream closes.
@@ -1111,10 +1118,12 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                applied = await trio.to_thread.run_sync(_apply_batch, replica, batch,
-                                                        on_snapshot)
+                before, applied, snapshotted = await trio.to_thread.run_sync(
+                    _apply_batch, replica, batch)
+                if snapshotted and on_snapshot is not None:
+                    on_snapshot()
                 if on_applied is not None:
-                    on_applied(applied)
+                    on_applied(before, applied)
                 stats.head = max(stats.head, replica.applied)
                 await stream.send_all(encode_frame(
                     Frame(ACK, replica.applied, encode_report(report())), key))
@@ -1148,13 +1157,17 @@ def _locked(replica: Replica, fn: Callable[..., object], *args: object) -> objec
         return fn(*args)
 
 
-def _apply_batch(replica: Replica, batch: list[Frame],
-                 on_snapshot: Callable[[], None] | None) -> list[Frame]:
-    """Apply frames in order; return the RECORD frames applied (for relaying)."""
-    applied = []
+def _apply_batch(replica: Replica, batch: list[Frame]) -> tuple[int, list[Frame], bool]:
+    """Apply frames in order (a worker thread).  Returns the applied seq before the first
+    RECORD frame returned, those frames (for relaying), and whether a snapshot replaced the
+    copy (then what was relayed before no longer leads here)."""
+    applied: list[Frame] = []
+    before, snapshotted = replica.applied, False
     with replica.lock:
         for frame in batch:
             if frame.type == RECORD:
+                if not applied:
+                    before = replica.applied
                 replica.accept(frame)
                 applied.append(frame)
             elif frame.type == SNAPSHOT:
@@ -1165,12 +1178,10 @@ def _apply_batch(replica: Replica, batch: list[Frame],
                 if replica._staging is None:
                     replica.begin_snapshot(frame.seq)  # an empty upper has no records
                 replica.finish_snapshot(frame.seq, frame.payload)
-                applied = []  # what was relayed before the snapshot no longer leads here
-                if on_snapshot is not None:
-                    on_snapshot()
+                applied, snapshotted = [], True
             else:
                 raise ProtocolError(f"unexpected frame type {frame.type} from upstream")
-    return applied
+    return before, applied, snapshotted
 
 
 # -- the upstream end of a link -----------------------------------------------------------------

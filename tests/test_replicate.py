@@ -444,3 +444,21 @@ def test_zero_copy_write_frames_equal_the_reference_encoding(tmp_path: Path, siz
     assert [bytes(b) for b in encode_write_frames(9, rec.Write(b"upper/f", b"", 0, 10), None,
                                                   key)] == \
         [encode_frame(f, key) for f in record_frames(9, rec.Write(b"upper/f", b"", 0, 10), None)]
+
+
+def test_skip_covers_markers_only_forwards(tmp_path: Path) -> None:
+    """SKIP lets the upstream leave out no-op markers; it never lets a seq go backwards."""
+    from sdeefs.replicate import SKIP
+
+    replica = Replica.open(str(tmp_path / USER))
+    _accept_all(replica, [(1, rec.Mkdir(b"upper/a", 0o755, 0, 0), None)])
+    mkdir_b = record_frames(5, rec.Mkdir(b"upper/b", 0o755, 0, 0), None)[0]
+    with pytest.raises(ProtocolError, match="out of sequence"):
+        replica.accept(mkdir_b)  # a gap without SKIP
+    replica.accept(Frame(RECORD, 5, mkdir_b.payload, SKIP))  # 2..4 were markers
+    assert replica.applied == 5
+    with pytest.raises(ProtocolError, match="out of sequence"):
+        replica.accept(Frame(RECORD, 5, mkdir_b.payload, SKIP))  # not again
+    with pytest.raises(ProtocolError, match="out of sequence"):
+        replica.accept(Frame(RECORD, 3, mkdir_b.payload, SKIP))  # not backwards
+    replica.close()
