@@ -217,6 +217,30 @@ def _coalesce(buffers: list[bytes | bytearray], small: int = 1 << 16,
         yield b"".join(pending)
 
 
+def merge_setattr(first: rec.Setattr, then: rec.Setattr) -> rec.Setattr | None:
+    """One Setattr with the effect of ``first`` followed by ``then`` on a replica, or None.
+
+    rsync, tar and pip set mode, owner and times of a file in separate calls: three
+    records where one does.  The merged record is applied in apply_setattr's order (size,
+    owner, mode, times), which differs from the two in sequence only where the order
+    matters: a truncate after a time change (the truncate would move the time: not
+    merged) and set-ID bits cleared by chown (replicas strip set-ID bits anyway).
+    """
+    if first.path != then.path:
+        return None
+    times = rec.SET_ATIME | rec.SET_MTIME
+    if then.mask & rec.SET_SIZE and first.mask & times:
+        return None
+
+    def pick(bit: int, name: str) -> int:
+        return int(getattr(then if then.mask & bit else first, name))
+
+    return rec.Setattr(first.path, first.mask | then.mask, pick(rec.SET_MODE, "mode"),
+                       pick(rec.SET_OWNER, "uid"), pick(rec.SET_OWNER, "gid"),
+                       pick(rec.SET_SIZE, "size"), pick(rec.SET_ATIME, "atime_ns"),
+                       pick(rec.SET_MTIME, "mtime_ns"))
+
+
 def _without_aborted(entries: list[Entry]) -> list[Entry]:
     aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
     return [Entry(e.seq, rec.Sync(0)) if e.seq in aborted else e for e in entries]
@@ -519,6 +543,24 @@ class Daemon:
             ready = _settled(pending, first_seen)
             frames: list[bytes | bytearray] = []
             size = taken = 0
+            held: tuple[int, rec.Setattr, int] | None = None  # (seq, record, flags)
+
+            def emit(seq: int, record: rec.Record, flags: int) -> None:
+                nonlocal size
+                if isinstance(record, rec.Write):
+                    fd = open_write_data(source, record)
+                    try:
+                        encoded = encode_write_frames(seq, record, fd, key, flags)
+                    finally:
+                        if fd is not None:
+                            os.close(fd)
+                    frames.extend(encoded)
+                    size += sum(len(b) for b in encoded)
+                else:
+                    frame = record_frames(seq, record, None)[0]
+                    frames.append(encode_frame(attrs.evolve(frame, flags=flags), key))
+                    size += 64
+
             while taken < ready and size < BATCH_BYTES:
                 entry = pending[taken]
                 record = entry.record
@@ -527,21 +569,22 @@ class Daemon:
                 if isinstance(record, MARKERS) and not last_of_batch:
                     skipped = True  # nothing to apply; the next frame says SKIP
                     continue
+                if held is not None and isinstance(record, rec.Setattr):
+                    merged = merge_setattr(held[1], record)
+                    if merged is not None:  # the earlier seq is left out: SKIP
+                        held, skipped = (entry.seq, merged, SKIP), False
+                        continue
+                if held is not None:
+                    emit(*held)
+                    held = None
                 flags = SKIP if skipped else 0
                 skipped = False
-                if isinstance(record, rec.Write):
-                    fd = open_write_data(source, record)
-                    try:
-                        encoded = encode_write_frames(entry.seq, record, fd, key, flags)
-                    finally:
-                        if fd is not None:
-                            os.close(fd)
-                    frames.extend(encoded)
-                    size += sum(len(b) for b in encoded)
-                else:
-                    frame = record_frames(entry.seq, record, None)[0]
-                    frames.append(encode_frame(attrs.evolve(frame, flags=flags), key))
-                    size += 64
+                if isinstance(record, rec.Setattr) and not last_of_batch:
+                    held = (entry.seq, record, flags)  # the next setattr may join it
+                    continue
+                emit(entry.seq, record, flags)
+            if held is not None:
+                emit(*held)
             last = pending[taken - 1].seq if taken else 0
             pending = pending[taken:]
             if pending and taken:

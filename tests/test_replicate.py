@@ -462,3 +462,44 @@ def test_skip_covers_markers_only_forwards(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError, match="out of sequence"):
         replica.accept(Frame(RECORD, 3, mkdir_b.payload, SKIP))  # not backwards
     replica.close()
+
+
+def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
+    from sdeefs.apply import apply_record
+    from sdeefs.replicad import merge_setattr
+
+    from .test_journal import _close_layers, _open_layers
+
+    chmod = rec.Setattr(b"upper/f", rec.SET_MODE, 0o640)
+    chown = rec.Setattr(b"upper/f", rec.SET_OWNER, uid=1234, gid=5678)
+    times = rec.Setattr(b"upper/f", rec.SET_ATIME | rec.SET_MTIME, atime_ns=10**18,
+                        mtime_ns=2 * 10**18)
+    truncate = rec.Setattr(b"upper/f", rec.SET_SIZE, size=3)
+    sequences = [[chmod, chown, times], [truncate, chmod, times], [chown, truncate, chmod]]
+    for records in sequences:
+        results = []
+        for merged in (False, True):
+            root = tmp_path / f"{len(results)}-{sequences.index(records)}"
+            (root / "upper").mkdir(parents=True)
+            (root / "work").mkdir()
+            (root / "upper" / "f").write_bytes(b"0123456789")
+            todo: list[rec.Setattr] = list(records)
+            if merged:
+                combined = todo[0]
+                for nxt in todo[1:]:
+                    step = merge_setattr(combined, nxt)
+                    assert step is not None
+                    combined = step
+                todo = [combined]
+            layers = _open_layers(root / "upper", root / "work")
+            try:
+                for record in todo:
+                    apply_record(layers, record)
+            finally:
+                _close_layers(layers)
+            st = os.stat(root / "upper" / "f")
+            results.append((stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size,
+                            st.st_mtime_ns if times in records else None))
+        assert results[0] == results[1], records
+    assert merge_setattr(times, truncate) is None  # the truncate would move mtime
+    assert merge_setattr(chmod, rec.Setattr(b"upper/g", rec.SET_MODE, 0o600)) is None
