@@ -251,21 +251,28 @@ def _mask_spec(config: Config, user: User) -> MaskSpec:
                 hidden.append(rel)
     skip = tuple(os.path.join(lower, p.lstrip("/")) for p in
                  (*ALWAYS_EMPTY, "home", config.root, config.run_dir))
+    covered = set(empty) | set(hidden)
     for rel in private.private_paths(lower, config.run_dir, skip, config.private_scan_age):
-        if not any(_inside("/" + os.fsdecode(rel), "/" + os.fsdecode(e))
-                   for e in (*empty, *hidden)):
+        if not _below_any(rel, covered, itself=True):
             full = os.path.join(os.fsencode(lower), rel)
             (empty if os.path.isdir(full) and not os.path.islink(full) else hidden).append(rel)
     # Nothing inside a vanished entry: its whiteout already hides all of it.
-    def under_hidden(rel: bytes) -> bool:
-        return any(rel != h and _inside("/" + os.fsdecode(rel), "/" + os.fsdecode(h))
-                   for h in hidden)
-    empty = [e for e in empty if not under_hidden(e)]
-    hidden = [h for h in hidden if not under_hidden(h)]
+    gone = set(hidden)
+    empty = [e for e in empty if not _below_any(e, gone)]
+    hidden = [h for h in hidden if not _below_any(h, gone)]
     mountpoints = [os.fsencode(p.lstrip("/")) for p in (user.home, *config.shared)
                    if any(_inside(p, "/" + os.fsdecode(e)) for e in empty)]
     return MaskSpec(tuple(dict.fromkeys(empty)), tuple(dict.fromkeys(hidden)),
                     tuple(mountpoints))
+
+
+def _below_any(rel: bytes, dirs: set[bytes], itself: bool = False) -> bool:
+    """Is ``rel`` inside one of ``dirs`` (or one of them, with ``itself``)?  One set lookup
+    per ancestor: the private scan can list thousands of paths."""
+    if itself and rel in dirs:
+        return True
+    parts = rel.split(b"/")
+    return any(b"/".join(parts[:i]) in dirs for i in range(1, len(parts)))
 
 
 def _inside(path: str, directory: str) -> bool:
