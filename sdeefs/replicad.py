@@ -96,7 +96,10 @@ HOLD_BACK = 0.05  # seconds a trailing metadata record waits for a possible Abor
 IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
 POLL = 0.01  # seconds between looks at a journal for new records
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
-MARKERS = (rec.Done, rec.Sync, rec.Abort)  # records a replica has nothing to do for
+MARKERS = (rec.Done, rec.Sync, rec.Abort)
+# The start of the ERROR a replica gets when it holds records the login node's journal does
+# not (the journal lost its unsynced tail in a crash of the login node): it must start over.
+DIVERGED = "history diverged:"  # records a replica has nothing to do for
 
 
 @attrs.frozen
@@ -442,7 +445,13 @@ class Daemon:
                 await receive_acks(stream, key, follower)
                 nursery.cancel_scope.cancel()
             nursery.start_soon(acks)
-            await producer()  # type: ignore[operator]
+            try:
+                await producer()  # type: ignore[operator]
+            except ProtocolError as exc:  # tell the replica why, in this session's key
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(encode_frame(
+                        Frame(ERROR, 0, str(exc).encode()[:4096]), key))
+                raise
             nursery.cancel_scope.cancel()
 
     async def _send(self, stream: trio.SocketStream, key: bytes, follower: Follower,
@@ -482,15 +491,14 @@ class Daemon:
             async def produce() -> None:
                 want = hello.want
                 if hello.journal_id != NO_ID and hello.journal_id != journal_id(user.journal_dir):
-                    want = 1  # the replica resets itself and asks again
-                    return
+                    return  # another history: the replica resets itself and asks again
                 tail = JournalTail(user.journal_dir, want)
                 try:
                     if want > user.head + 1:
                         await trio.to_thread.run_sync(user.refresh_head)
                     if want > user.head + 1:
-                        raise ProtocolError(f"replica wants seq {want} but the journal ends at "
-                                            f"{user.head}: its history diverged")
+                        raise ProtocolError(f"{DIVERGED} replica wants seq {want} but the "
+                                            f"journal ends at {user.head}")
                     try:
                         await trio.to_thread.run_sync(tail.poll, 0)
                     except Trimmed:
@@ -698,6 +706,15 @@ class Daemon:
                                          relay_port=self.config.listen[1]
                                          if self.config.listen else 0)
                         backoff = 0.05
+                    except ProtocolError as exc:
+                        user.stats.last_error = f"{address}: {exc}"
+                        if DIVERGED in str(exc):
+                            log.warning("%s: %s; starting over with a full resync", user.name,
+                                        exc)
+                            await trio.to_thread.run_sync(_reset_locked, user.replica)
+                        else:
+                            log.warning("following %s from %s: %s", user.name, address, exc)
+                        address, redirects = home, 0
                     except Redirected as r:
                         redirects += 1
                         if redirects <= 8:
@@ -706,7 +723,7 @@ class Daemon:
                             continue
                         address, redirects = home, 0
                     except (OSError, ConnectionError, EOFError, trio.TooSlowError,
-                            trio.BrokenResourceError, ProtocolError, QuietError) as exc:
+                            trio.BrokenResourceError, QuietError) as exc:
                         user.stats.last_error = f"{address}: {exc}"
                         log.warning("following %s from %s: %s", user.name, address, exc)
                         address, redirects = home, 0
@@ -760,7 +777,14 @@ class Daemon:
                 except (OSError, trio.BrokenResourceError, ProtocolError, EOFError) as exc:
                     user.stats.last_error = str(exc)
                     await trio.sleep(0.2)
-            while user.replica.applied < barrier or user.replica.journal_id == NO_ID:
+            while True:
+                applied = user.replica.applied
+                # More than the login node had is normal (it moved on since), unless it is
+                # more than it has *now*: then this copy holds a history the login node
+                # lost, and the link is about to start it over.
+                if user.replica.journal_id != NO_ID and applied >= barrier and (
+                        applied == barrier or applied <= await self._origin_head(name)):
+                    break
                 with trio.move_on_after(0.05):
                     await user.applied_changed.wait()
         return {"user": name, "applied": user.replica.applied, "barrier": barrier}
@@ -885,6 +909,11 @@ class Daemon:
             }
         return {"node": self.config.node, "origin": origin, "replicas": replicas,
                 "uptime": time.time() - self.started}
+
+
+def _reset_locked(replica: Replica) -> None:
+    with replica.lock:
+        replica.reset()
 
 
 def control_request(path: str, request: dict[str, object], timeout: float = 600) -> dict[

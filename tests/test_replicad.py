@@ -306,3 +306,24 @@ def test_replicad_refuses_a_readable_or_short_key(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "shorter than 32 bytes" in result.stderr
+
+
+@requires_fuse
+def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
+    """The login node lost its journal's unsynced tail in a crash; a replica had applied it:
+    it holds history the login node no longer has, and must be rebuilt, not resumed."""
+    from sdeefs.replicate import Replica
+
+    change_tree(site.view, "one")
+    site.start_origin()
+    site.start_replica("n1")
+    site.sync_to("n1")
+    site.kill("n1")
+    replica = Replica.open(str(site.tmp / "n1" / USER))
+    replica.applied += 50  # records the login node no longer has
+    replica._write_position()
+    replica.close()
+    site.start_replica("n1")
+    site.sync_to("n1")
+    assert converged(site, "n1")
+    assert "starting over" in site.log("n1")
