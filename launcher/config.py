@@ -7,6 +7,7 @@ a missing file means all defaults.  Example (every key, with its default)::
     root = "/var/lib/sdeefs"     # per-user layers: ROOT/USER/upper and ROOT/USER/state
     run_dir = "/run/sdeefs"      # per-user runtime state (idmapped lower, mask, init pid)
     engine = "hybrid"            # hybrid: kernel overlayfs over the journaling sdeefs upper
+                                 # fuse: the pure sdeefs overlay (every access through it)
                                  # overlay: plain kernel overlayfs on the upper (no journal)
     lower = "/"                  # the shared base system every user starts from
     min_uid = 1000               # users below this uid get no environment (system accounts)
@@ -45,7 +46,7 @@ import attrs
 from sdeefs.errors import QuietError
 
 DEFAULT_PATH = "/etc/sdeefs/sdeefs.toml"
-ENGINES = ("hybrid", "overlay")
+ENGINES = ("hybrid", "fuse", "overlay")
 DEFAULT_DENY = (
     "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers.d",
     "/etc/munge", "/etc/ssh/ssh_host_*_key", "/root", "/var/spool/slurm", "/var/spool/slurmd",

@@ -3,18 +3,23 @@
 An environment of user U is a tree of processes under one init process
 (``sdeefs-init``, PID 1 of its own PID namespace), in U's own user namespace
 (inside uid 0 = host uid U) and mount namespace, whose root is kernel overlayfs
-over three layers::
+over four layers::
 
     upper  ROOT/U/upper        through the journaling sdeefs passthrough at
                                ROOT/U/state/mnt (engine hybrid), or directly
                                (engine overlay, no journal)
-    mask   RUN/U/mask          tmpfs: hides credentials, other users' homes,
-                               sdeefs' own directories; mountpoints
-    lower  RUN/U/lower         idmapped read-only bind of the host root:
+    mask   RUN/U/private/mask  tmpfs: empties /proc, /dev, /home ... (mountpoints),
+                               hides sdeefs' own directories and what the deny
+                               list names at start
+    guard  RUN/U/private/guard sdeefs.guard (FUSE, read-only): hides, when first
+                               looked up, whatever the deny list matches and
+                               whatever only root may read on the host, also
+                               entries created after the environment started
+    lower  RUN/U/private/lower idmapped read-only bind of the host root:
                                host root shows as U, so "root-owned" files are
                                the user's to change inside (copy-up)
 
-Privileged set-up (daemon, idmapped mount, mask) happens here, as root, at
+Privileged set-up (daemons, idmapped mount, mask) happens here, as root, at
 session open (the PAM hook); the namespaces themselves are made by the small
 C helper ``sdeefs-enter`` (launcher/sdeefs-enter.c), which also joins them.
 
@@ -43,7 +48,15 @@ import attrs
 
 from sdeefs.errors import QuietError
 from sdeefs.mask import MaskSpec, build_mask
-from sdeefs.mount import MountRequest, daemon_pid, mount_passthrough, umount
+from sdeefs.mount import (
+    GuardRequest,
+    MountRequest,
+    daemon_pid,
+    mount,
+    mount_guard,
+    mount_passthrough,
+    umount,
+)
 
 from . import private
 from .config import Config
@@ -90,6 +103,8 @@ class Layout:
     private = property(lambda self: os.path.join(self.run, "private"))
     lower = property(lambda self: os.path.join(self.run, "private", "lower"))
     mask = property(lambda self: os.path.join(self.run, "private", "mask"))
+    guard = property(lambda self: os.path.join(self.run, "private", "guard"))
+    view = property(lambda self: os.path.join(self.run, "private", "view"))  # engine fuse
     record = property(lambda self: os.path.join(self.run, "private", "env.json"))
     lock = property(lambda self: os.path.join(self.run, "private", "lock"))
     init = property(lambda self: os.path.join(self.run, "init"))
@@ -231,7 +246,24 @@ def _ensure_upper_daemon(config: Config, layout: Layout) -> None:
                                    xattr_namespace="user", writeback_cache=False))
 
 
-def _mask_spec(config: Config, user: User) -> MaskSpec:
+def _ensure_guard(config: Config, user: User, layout: Layout) -> str:
+    """The guard layer (sdeefs.guard) of the user's view, healthy (remounted if its daemon died)."""
+    if _mounted(layout.guard):
+        try:
+            os.statvfs(layout.guard)
+            return layout.guard
+        except OSError:  # ENOTCONN: the daemon is gone
+            log.warning("%s: the guard daemon died; remounting", layout.guard)
+            _umount(layout.guard)
+    os.makedirs(layout.guard, mode=0o700, exist_ok=True)
+    mount_guard(GuardRequest(mountpoint=layout.guard, lower=config.lower, uid=user.uid,
+                             gid=user.gid, deny=config.deny,
+                             log=os.path.join(layout.private, "guard.log"),
+                             cache_timeout=config.cache_timeout))
+    return layout.guard
+
+
+def _mask_spec(config: Config, user: User, scan_private: bool = True) -> MaskSpec:
     lower = config.lower
     empty: list[bytes] = []
     hidden: list[bytes] = []
@@ -239,12 +271,12 @@ def _mask_spec(config: Config, user: User) -> MaskSpec:
     for pattern in (*ALWAYS_EMPTY, config.root, config.run_dir, *config.deny):
         for path in sorted(glob.glob(os.path.join(lower, pattern.lstrip("/")))) or []:
             rel = os.fsencode(os.path.relpath(path, lower))
-            # A denied directory vanishes (a whiteout), unless a bind mount goes inside it
-            # (/home) or the environment mounts something there (/proc): then it is emptied.
-            # An emptied secret directory would keep its owner and mode (/etc/munge: 0700,
-            # munge), and "permission denied" tells more than "no such file".
-            keep = pattern not in config.deny or any(_inside(p, "/" + os.fsdecode(rel))
-                                                     for p in needed)
+            # A denied directory (and sdeefs' own) vanishes (a whiteout), unless a bind mount
+            # goes inside it (/home) or the environment mounts something there (/proc): then
+            # it is emptied.  An emptied secret directory would keep its owner and mode
+            # (/etc/munge: 0700, munge), and "permission denied" tells more than "no such file".
+            keep = pattern in ALWAYS_EMPTY or any(_inside(p, "/" + os.fsdecode(rel))
+                                                  for p in needed)
             if os.path.isdir(path) and not os.path.islink(path) and keep:
                 empty.append(rel)
             else:
@@ -252,7 +284,9 @@ def _mask_spec(config: Config, user: User) -> MaskSpec:
     skip = tuple(os.path.join(lower, p.lstrip("/")) for p in
                  (*ALWAYS_EMPTY, "home", config.root, config.run_dir))
     covered = set(empty) | set(hidden)
-    for rel in private.private_paths(lower, config.run_dir, skip, config.private_scan_age):
+    scanned = private.private_paths(lower, config.run_dir, skip, config.private_scan_age) \
+        if scan_private else []
+    for rel in scanned:
         if not _below_any(rel, covered, itself=True):
             full = os.path.join(os.fsencode(lower), rel)
             (empty if os.path.isdir(full) and not os.path.islink(full) else hidden).append(rel)
@@ -287,21 +321,53 @@ def _run_helper(args: list[str]) -> str:
     return result.stdout
 
 
-def _start(config: Config, user: User, layout: Layout) -> EnvRecord:
+def _ensure_view(config: Config, user: User, layout: Layout) -> str:
+    """Engine fuse: the pure sdeefs overlay of the host root and the user's upper."""
+    if _mounted(layout.view):
+        try:
+            os.statvfs(layout.view)
+            return layout.view
+        except OSError:
+            log.warning("%s: the daemon died; remounting (the journal recovers)", layout.view)
+            _umount(layout.view)
+    os.makedirs(layout.view, mode=0o700, exist_ok=True)
+    # The same view as the other engines: host root shows as the user, the deny list and
+    # root-only entries are hidden (sdeefs.guard's rules), sdeefs' own trees vanish, and
+    # /proc, /dev, /home ... are empty directories for the environment's own mounts.
+    mount(MountRequest(mountpoint=layout.view, upper=layout.upper, state=layout.state,
+                       lower=config.lower, engine="fuse",
+                       excludes=tuple(p for p in (*ALWAYS_EMPTY, "/home")
+                                      if os.path.isdir(os.path.join(config.lower, p[1:]))),
+                       cache_timeout=config.cache_timeout, xattr_namespace="user",
+                       root_owner=(user.uid, user.gid),
+                       deny=(*config.deny, config.root, config.run_dir)))
+    return layout.view
+
+
+def _start(config: Config, user: User, layout: Layout, engine: str) -> EnvRecord:
     _ensure_dirs(layout, user)
-    if config.engine == "hybrid":
+    if engine == "fuse":
+        return _start_namespaces(config, user, ["--root-view", _ensure_view(config, user, layout)],
+                                 engine)
+    if engine == "hybrid":
         _ensure_upper_daemon(config, layout)
         upper = os.path.join(layout.fuse, "upper")
         work = os.path.join(layout.fuse, "work", "ovl")  # made through the daemon: journaled
     else:
         upper, work = layout.upper, os.path.join(layout.work, "ovl")
-    return launch(config, user, layout, upper, work, config.engine)
+    return launch(config, user, layout, upper, work, engine,
+                  guard=_ensure_guard(config, user, layout))
 
 
 def launch(config: Config, user: User, layout: Layout, upper: str, work: str, engine: str,
-           middle: tuple[str, ...] = ()) -> EnvRecord:
+           middle: tuple[str, ...] = (), guard: str | None = None) -> EnvRecord:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
-    replica of the user's upper, on compute nodes) and the masked, idmapped host root."""
+    replica of the user's upper, on compute nodes) and the masked, idmapped host root.
+
+    With a ``guard`` layer (logins) root-only host entries are hidden as they are
+    looked up; without one (jobs: no daemon on compute nodes) the cached scan of
+    launcher/private.py hides those that existed when it ran.
+    """
     if not os.path.isdir(work):
         os.mkdir(work, 0o700)
         os.chown(work, user.uid, user.gid)
@@ -312,16 +378,23 @@ def launch(config: Config, user: User, layout: Layout, upper: str, work: str, en
     def as_user(uid: int, gid: int) -> tuple[int, int]:  # host root shows as the user
         return (user.uid if uid == 0 else uid, user.gid if gid == 0 else gid)
 
-    lowers = [layout.lower]
-    if build_mask(layout.mask, config.lower, _mask_spec(config, user),
+    lowers = [layout.lower] if guard is None else [guard, layout.lower]
+    if build_mask(layout.mask, config.lower, _mask_spec(config, user, guard is None),
                   b"user.overlay.opaque", as_user):
         lowers.insert(0, layout.mask)
     lowers[:0] = middle  # the user's own layer is above the mask, as the upper is at login
-    args = ["start", "--uid", str(user.uid), "--gid", str(user.gid)]
+    root = []
     for lower in lowers:
-        args += ["--root-lower", lower]
-    args += ["--root-upper", upper, "--root-work", work, "--home", user.home,
-             "--tmp-size", config.tmp_size]
+        root += ["--root-lower", lower]
+    return _start_namespaces(config, user, [*root, "--root-upper", upper, "--root-work", work],
+                             engine)
+
+
+def _start_namespaces(config: Config, user: User, root: list[str], engine: str) -> EnvRecord:
+    """sdeefs-enter start: the namespaces and init of an environment whose root is ``root``
+    (its --root-* options)."""
+    args = ["start", "--uid", str(user.uid), "--gid", str(user.gid), *root, "--home", user.home,
+            "--tmp-size", config.tmp_size]
     for shared in config.shared:
         if os.path.isdir(shared):
             args += ["--bind", f"{shared}:{shared}"]
@@ -334,15 +407,43 @@ def launch(config: Config, user: User, layout: Layout, upper: str, work: str, en
                      time.time())
 
 
-def ensure(config: Config, user: User) -> EnvRecord:
-    """The user's running environment, started if needed (no session counted)."""
+def _usable(layout: Layout, record: EnvRecord | None) -> bool:
+    """Is the environment running, with the daemons its view depends on alive?
+
+    A view whose guard or journaling daemon died fails every lookup that needs it
+    (ENOTCONN): the next login replaces it (journal replay) rather than joining it.
+    """
+    if record is None or not is_alive(record):
+        return False
+    # statfs always reaches the daemon (a stat may be answered from the kernel's cache)
+    needed = {"fuse": [layout.view], "hybrid": [layout.guard, layout.fuse]}.get(
+        record.engine, [layout.guard])
+    try:
+        for path in needed:
+            os.statvfs(path)
+    except OSError:
+        log.warning("the environment of %s lost a daemon: starting it anew", record.user)
+        return False
+    return all(_mounted(path) for path in needed)
+
+
+def ensure(config: Config, user: User, engine: str | None = None) -> EnvRecord:
+    """The user's running environment, started if needed (no session counted).
+
+    ``engine`` (default: the config's) applies to a new environment; a running one of
+    another engine is an error: its sessions share it.
+    """
     layout = Layout.of(config, user)
     with user_lock(layout):
         record = EnvRecord.load(layout.record)
-        if record is not None and is_alive(record):
+        if record is not None and _usable(layout, record):
+            if engine is not None and engine != record.engine:
+                raise QuietError(f"the environment of {user.name} runs the {record.engine} "
+                                 f"engine ({record.sessions} session(s)); stop it first to "
+                                 f"start it with {engine}", 4)
             return record
         _teardown(layout, record)
-        record = _start(config, user, layout)
+        record = _start(config, user, layout, engine or config.engine)
         _save(layout, record)
         return record
 
@@ -350,8 +451,8 @@ def ensure(config: Config, user: User) -> EnvRecord:
 def _save(layout: Layout, record: EnvRecord) -> None:
     record.save(layout.record)
     tmp = layout.init + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{record.init_pid} {record.init_start}\n")
+    with open(tmp, "w") as f:  # read by sdeefs-shell (launcher/sdeefs-enter.c)
+        f.write(f"{record.init_pid} {record.init_start} {record.engine}\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, layout.init)
 
@@ -360,9 +461,9 @@ def open_session(config: Config, user: User) -> EnvRecord:
     layout = Layout.of(config, user)
     with user_lock(layout):
         record = EnvRecord.load(layout.record)
-        if record is None or not is_alive(record):
+        if record is None or not _usable(layout, record):
             _teardown(layout, record)
-            record = _start(config, user, layout)
+            record = _start(config, user, layout, config.engine)
         record = attrs.evolve(record, sessions=record.sessions + 1)
         _save(layout, record)
         return record
@@ -412,13 +513,14 @@ def _teardown(layout: Layout, record: EnvRecord | None) -> None:
         while time.monotonic() < deadline and (
                 is_alive(record) or _running(record.holder_pid, record.uid)):
             time.sleep(0.01)
-    for path in (layout.mask, layout.lower):
+    for path in (layout.mask, layout.guard, layout.lower):
         _umount(path)
-    if _mounted(layout.fuse):
-        try:
-            umount(layout.fuse)
-        except QuietError:
-            _umount(layout.fuse)
+    for view in (layout.fuse, layout.view):
+        if _mounted(view):
+            try:
+                umount(view)
+            except QuietError:
+                _umount(view)
     for path in (layout.init, layout.record):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

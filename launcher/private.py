@@ -1,4 +1,7 @@
-"""Which lower entries only root may read: they must not show in the idmapped view.
+"""Which lower entries only root may read, scanned: for job environments on compute nodes.
+
+Login environments do not need this: their guard layer (sdeefs.guard) decides the
+same question for every entry as it is looked up.  Jobs run without a daemon.
 
 The idmapped lower shows host uid/gid 0 as the user, so an entry readable by root
 *only through its owner or group bits* (``/etc/ssl/private``, a 0600 root file) would
@@ -10,7 +13,7 @@ The scan walks the lower's own filesystem (5 s for a full Debian root here), so 
 result is cached in RUN_DIR/private-paths and reused until it is ``max_age`` old;
 ``sdeefs scan-private`` refreshes it (from cron, or after installing software).
 Entries created after the last scan are not hidden until the next one: the deny
-list in the config covers known secrets at every start regardless.
+list in the config covers known secrets at every job start regardless.
 """
 
 from __future__ import annotations
@@ -20,17 +23,9 @@ import stat
 import time
 from collections.abc import Iterator
 
+from sdeefs.guard import readable_only_by_root
+
 CACHE_NAME = "private-paths"
-
-
-def _readable_only_by_root(st: os.stat_result) -> bool:
-    mode = st.st_mode
-    needed = 0o005 if stat.S_ISDIR(mode) else 0o004  # what "others" must be allowed
-    if mode & needed == needed:
-        return False
-    root_bits = (0o500 if stat.S_ISDIR(mode) else 0o400) if st.st_uid == 0 else 0
-    group_bits = (0o050 if stat.S_ISDIR(mode) else 0o040) if st.st_gid == 0 else 0
-    return bool(mode & (root_bits | group_bits))
 
 
 def scan(lower: str, skip: tuple[str, ...]) -> Iterator[bytes]:
@@ -55,7 +50,7 @@ def scan(lower: str, skip: tuple[str, ...]) -> Iterator[bytes]:
                 continue
             if st.st_dev != device or stat.S_ISLNK(st.st_mode):
                 continue
-            if _readable_only_by_root(st):
+            if readable_only_by_root(st):
                 yield os.path.relpath(path, top)
             elif stat.S_ISDIR(st.st_mode):
                 stack.append(path)

@@ -10,6 +10,9 @@
  *   sdeefs-enter start --uid U --gid G --root-lower DIR [...] --root-upper DIR --root-work DIR
  *                      --home HOSTDIR [--bind SRC:DST ...] [--ro-bind SRC:DST ...] [--hide PATH ...]
  *                      [--tmp-size SIZE]                            (as root; prints the init pid)
+ *   sdeefs-enter start --uid U --gid G --root-view DIR --home HOSTDIR [...]
+ *                      (the root is a bind of an existing view, the pure FUSE engine's mount,
+ *                      instead of an overlay mounted inside the user namespace)
  *   sdeefs-enter join --pid PID [--cwd DIR] [--keep-cap NAME ...] -- CMD [ARG...]   (as U or root)
  *
  * Every error is one line on stderr, "sdeefs-enter: <step>: <reason>", and exit status 1 (2 for
@@ -439,6 +442,7 @@ struct start_opts {
     const char *lower[MAX_LAYERS];
     int nlower;
     const char *upper, *work, *home, *tmp_size;
+    const char *view; /* --root-view: bind this mount as the root instead of an overlay */
     struct bind_spec binds[MAX_MOUNTS];
     int nbinds;
     const char *hide[MAX_MOUNTS];
@@ -490,7 +494,9 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
             if (o->nlower >= MAX_LAYERS - 2)
                 usage("too many --root-lower");
             o->lower[o->nlower++] = v;
-        } else if (!strcmp(a, "--root-upper"))
+        } else if (!strcmp(a, "--root-view"))
+            o->view = v;
+        else if (!strcmp(a, "--root-upper"))
             o->upper = v;
         else if (!strcmp(a, "--root-work"))
             o->work = v;
@@ -512,9 +518,13 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
         } else
             usage("start: unknown option %s", a);
     }
-    if (uid < 0 || gid < 0 || !o->nlower || !o->upper || !o->work || !o->home)
-        usage("start --uid U --gid G --root-lower DIR [...] --root-upper DIR --root-work DIR "
-              "--home HOSTDIR [--bind SRC:DST] [--ro-bind SRC:DST] [--hide PATH] [--tmp-size S]");
+    int layers = o->nlower && o->upper && o->work;
+    if (o->view && (o->nlower || o->upper || o->work))
+        usage("start: --root-view excludes --root-lower, --root-upper and --root-work");
+    if (uid < 0 || gid < 0 || !(layers || o->view) || !o->home)
+        usage("start --uid U --gid G (--root-lower DIR [...] --root-upper DIR --root-work DIR | "
+              "--root-view DIR) --home HOSTDIR [--bind SRC:DST] [--ro-bind SRC:DST] "
+              "[--hide PATH] [--tmp-size S]");
     if (uid == 0 || gid == 0)
         usage("start: refusing uid/gid 0 (the environment's root would be host root)");
     o->uid = (unsigned)uid;
@@ -610,6 +620,22 @@ out:;
 #else
 #define TRY_LEGACY_OVERLAY 1
 #endif
+
+/* How many layer fds P sends: the overlay's lowers, upper and work, or the one view. */
+static int layer_count(const struct start_opts *o)
+{
+    return o->view ? 1 : o->nlower + 2;
+}
+
+static void bind_view(const char *target, int view_fd)
+{
+    int tree = sys_open_tree(view_fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    if (tree < 0)
+        FAIL("clone the view's mount");
+    if (sys_move_mount(tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        FAIL("mount the view at %s", target);
+    close(tree);
+}
 
 static void mount_overlay(const char *target, const int *fds, int nlower)
 {
@@ -789,8 +815,11 @@ __attribute__((noreturn)) static void run_b(const struct start_opts *o, const in
         FAIL("mount scratch tmpfs on /tmp");
     if (mkdir("/tmp/newroot", 0755) < 0 || mkdir("/tmp/oldroot", 0755) < 0)
         FAIL("mkdir scratch");
-    mount_overlay("/tmp/newroot", fds, o->nlower);
-    for (int i = 0; i < o->nlower + 2; i++)
+    if (o->view)
+        bind_view("/tmp/newroot", fds[0]);
+    else
+        mount_overlay("/tmp/newroot", fds, o->nlower);
+    for (int i = 0; i < layer_count(o); i++)
         close(fds[i]);
     if (chdir("/tmp") < 0)
         FAIL("chdir /tmp");
@@ -867,8 +896,8 @@ __attribute__((noreturn)) static void run_a(const struct start_opts *o, int sock
     send_msg(sock, "N");
     if (recv_msg(sock, buf, sizeof buf, fds, &nfds, "receive layer fds") == 0)
         fail("receive layer fds: the launcher exited");
-    if (buf[0] != 'F' || nfds != o->nlower + 2)
-        fail("receive layer fds: got %d fds, expected %d", nfds, o->nlower + 2);
+    if (buf[0] != 'F' || nfds != layer_count(o))
+        fail("receive layer fds: got %d fds, expected %d", nfds, layer_count(o));
     /* The uid change made us non-dumpable: /proc/<init>/ns/ files would then be root-only and
      * U could not join.  B inherits the flag through fork. */
     if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
@@ -917,7 +946,9 @@ static int cmd_start(int argc, char **argv)
     memcpy(given, o.lower, sizeof(char *) * (size_t)o.nlower);
     given[o.nlower] = o.upper;
     given[o.nlower + 1] = o.work;
-    for (int i = 0; i < o.nlower + 2; i++)
+    if (o.view)
+        given[0] = o.view;
+    for (int i = 0; i < layer_count(&o); i++)
         if (!(paths[npaths++] = realpath(given[i], NULL)))
             FAIL("layer %s", given[i]);
 
@@ -1222,7 +1253,18 @@ static int cmd_shell(int argc, char **argv, int login)
     struct passwd *pw = getpwuid(getuid());
     if (!pw)
         fail("shell: uid %u has no passwd entry", (unsigned)getuid());
-    char path[PATH_MAX], buf[128];
+    /* --engine E: join only an environment of that engine (all sessions share one, so the
+     * engine is chosen when it starts: config, or `sdeefs start USER --engine E`). */
+    const char *want_engine = NULL;
+    if (argc >= 2 && !strcmp(argv[0], "--engine")) {
+        want_engine = argv[1];
+        if (strcmp(want_engine, "hybrid") && strcmp(want_engine, "fuse") &&
+            strcmp(want_engine, "overlay"))
+            usage("shell: --engine must be hybrid, fuse or overlay, not %s", want_engine);
+        argc -= 2;
+        argv += 2;
+    }
+    char path[PATH_MAX], buf[128], engine[16] = "";
     snprintf(path, sizeof path, "%s/%s/init", run_dir, pw->pw_name);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -1232,7 +1274,7 @@ static int cmd_shell(int argc, char **argv, int login)
     close(fd);
     unsigned long pid = 0;
     unsigned long long start = 0;
-    if (n <= 0 || (buf[n] = 0, sscanf(buf, "%lu %llu", &pid, &start) != 2) || !pid)
+    if (n <= 0 || (buf[n] = 0, sscanf(buf, "%lu %llu %15s", &pid, &start, engine) < 2) || !pid)
         fail("shell: %s is damaged", path);
     /* The pid must still be the same process: compare its start time (field 22). */
     snprintf(path, sizeof path, "/proc/%lu/stat", pid);
@@ -1247,6 +1289,13 @@ static int cmd_shell(int argc, char **argv, int login)
                                     "%*s %*s %*s %*s %*s %llu", &now_start) != 1 ||
         now_start != start)
         fail("shell: the environment of %s is not running (log in again)", pw->pw_name);
+    if (want_engine && strcmp(want_engine, engine)) {
+        fprintf(stderr, "sdeefs-shell: your environment runs the %s engine, not %s (all your "
+                "sessions share it: end them, or ask an admin for `sdeefs stop %s`, and start it "
+                "with `sdeefs start %s --engine %s`)\n", *engine ? engine : "unknown",
+                want_engine, pw->pw_name, pw->pw_name, want_engine);
+        exit(3);
+    }
 
     const char *inner = getenv("SDEEFS_SHELL");
     if (!inner || !*inner)

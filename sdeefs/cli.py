@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                            ("stop", "stop USER's environment: its processes and mounts")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("user")
+        if name == "start":
+            p.add_argument("--engine", choices=("hybrid", "fuse", "overlay"),
+                           help="engine of a new environment (default: the config's)")
     st = sub.add_parser("status", help="every user's environment, for admins")
     st.add_argument("--json", action="store_true")
     sub.add_parser("stop-idle", help="stop environments idle longer than idle_timeout")
@@ -196,8 +199,8 @@ def _launcher(args: argparse.Namespace) -> int:
     if args.command == "replica":
         return _replica(args, cfg)
     if args.command == "start":
-        record = env.ensure(cfg, env.User.lookup(args.user))
-        print(f"{args.user}: environment pid {record.init_pid}")
+        record = env.ensure(cfg, env.User.lookup(args.user), args.engine)
+        print(f"{args.user}: {record.engine} environment pid {record.init_pid}")
         return 0
     if args.command == "stop":
         was = env.stop(cfg, env.User.lookup(args.user))

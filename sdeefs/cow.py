@@ -102,10 +102,14 @@ class Layout:
 
 @attrs.frozen
 class Attr:
-    """What a lookup or getattr returns: the inode number we report and the backing stat."""
+    """What a lookup or getattr returns: the inode number we report and the backing stat.
+
+    ``owner`` (uid, gid), when set, is shown instead of the backing entry's owner.
+    """
 
     ino: int
     st: os.stat_result
+    owner: tuple[int, int] | None = None
 
 
 @attrs.define(eq=False)
@@ -144,6 +148,17 @@ class Node:
     def unlinked(self) -> bool:
         """Removed from the view while the kernel still holds it (an open file, say)."""
         return not self.in_upper and self.lower is None and self.ino != ROOT_INO
+
+
+def with_owner(st: os.stat_result, uid: int, gid: int) -> os.stat_result:
+    """``st`` with another owner (os.stat_result is immutable)."""
+    fields = list(st[:10])
+    fields[4], fields[5] = uid, gid
+    return os.stat_result(fields, {name: getattr(st, name) for name in _STAT_EXTRA})
+
+
+_STAT_EXTRA = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+               "st_blksize", "st_blocks", "st_rdev")
 
 
 def join(parent: bytes, name: bytes) -> bytes:
@@ -442,6 +457,12 @@ class Config:
     hidden: tuple[bytes, ...] = ()  # view paths whose lower entry is not shown at all
     layout: Layout = Layout()
     cache_timeout: float = 0.0  # how long lower-only names may be answered from memory
+    # Lower entries this says to hide (lower path, its lstat) do not show; the launcher
+    # passes sdeefs.guard.Policy.hides: deny patterns and root-only entries, at lookup time.
+    hide: Callable[[bytes, os.stat_result], bool] | None = None
+    # (uid, gid) that lower entries of uid/gid 0 show as, and are copied up as: the
+    # launcher's user, who is root inside (what the idmapped lower does for kernel overlayfs).
+    root_owner: tuple[int, int] | None = None
 
 
 @attrs.define(eq=False)
@@ -552,12 +573,31 @@ class CowFS:
         return join(STAGE, b"#%x-%d" % (os.getpid(), next(self._stage_counter)))
 
     def _lower_lstat(self, path: bytes) -> os.stat_result | None:
+        """A lower entry's stat as the view shows it (owner mapped, see Config.root_owner)."""
+        st = self._lower_lstat_raw(path)
+        return self._shown(st) if st is not None else None
+
+    def _lower_lstat_raw(self, path: bytes) -> os.stat_result | None:
         try:
             if not path:
                 return os.stat(self.lower_fd)
             return os.stat(path, dir_fd=self.lower_fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def _shown(self, st: os.stat_result) -> os.stat_result:
+        owner = self.config.root_owner
+        if owner is None or (st.st_uid and st.st_gid):
+            return st
+        return with_owner(st, owner[0] if st.st_uid == 0 else st.st_uid,
+                          owner[1] if st.st_gid == 0 else st.st_gid)
+
+    def _lower_visible(self, path: bytes) -> os.stat_result | None:
+        """The lower entry at ``path`` unless the hide policy hides it (as shown)."""
+        st = self._lower_lstat_raw(path)
+        if st is None or (self.config.hide is not None and self.config.hide(path, st)):
+            return None
+        return self._shown(st)
 
     # -- node table ---------------------------------------------------------------------------
 
@@ -659,7 +699,7 @@ class CowFS:
         lower = None
         if parent.lower is not None and not parent.opaque and path not in self.config.hidden:
             candidate = join(parent.lower, name)
-            lower = self._lower_lstat(candidate)
+            lower = self._lower_visible(candidate)
             if lower is not None:
                 lower_path = candidate
         if upper is None and lower is None:
@@ -865,6 +905,9 @@ class CowFS:
                 if bname in seen or bname in whiteouts:
                     continue
                 if join(node.path, bname) in self.config.hidden:
+                    continue
+                if self.config.hide is not None and \
+                        self._lower_visible(join(node.lower, bname)) is None:
                     continue
                 seen.add(bname)
                 names.append(bname)

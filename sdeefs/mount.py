@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import attrs
 import pyfuse3
@@ -33,11 +33,13 @@ import trio
 from .apply import recover
 from .cow import DEFAULT_EXCLUDES, Config, CowFS, Layout, Mode
 from .errors import QuietError
+from .guard import DenyPatterns, GuardView, Policy
 from .journal import Journal, NullJournal
 from .mask import MaskSpec
 from .mask import build_mask as build_mask_layer
 from .offload import Offload
-from .ops import Operations
+from .ops import GuardOperations, Operations
+from .sysio import open_tree_clone
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,11 @@ class MountRequest:
     writeback_cache: bool = True
     foreground: bool = False
     segment_bytes: int = 64 << 20
+    # --engine fuse for a user's environment (the launcher): lower entries of uid/gid 0
+    # show as this (uid, gid), and what sdeefs.guard hides stays hidden (root-only
+    # entries; the deny patterns also without root_owner)
+    root_owner: tuple[int, int] | None = None
+    deny: tuple[str, ...] = ()
 
 
 def default_state(upper: str) -> str:
@@ -183,11 +190,14 @@ def _fuse_options(state: str) -> set[str]:
     return options
 
 
-async def _serve(ops: Operations, journal: Journal | NullJournal, sync_interval: float) -> None:
-    async def periodic_sync() -> None:
+async def _serve(periodic: Callable[[], Awaitable[None]] | None = None,
+                 interval: float = 0.0) -> None:
+    """Run pyfuse3's request loop until unmounted or signalled; ``periodic`` every ``interval``."""
+    async def every_interval() -> None:
+        assert periodic is not None
         while True:
-            await trio.sleep(sync_interval)
-            await ops.offload.run(journal.sync)
+            await trio.sleep(interval)
+            await periodic()
 
     async def on_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -197,7 +207,8 @@ async def _serve(ops: Operations, journal: Journal | NullJournal, sync_interval:
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(periodic_sync)
+        if periodic is not None:
+            nursery.start_soon(every_interval)
         nursery.start_soon(on_signals)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
@@ -224,7 +235,8 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
                             work=os.fsencode(os.path.abspath(os.path.join(req.state, "work"))),
                             lower=os.fsencode(req.lower) if mode == "merged" else None,
                             mode=mode, excludes=view_excludes(req), layout=Layout(prefix),
-                            cache_timeout=req.cache_timeout)
+                            cache_timeout=req.cache_timeout, hide=_hide_policy(req),
+                            root_owner=req.root_owner)
             fs = CowFS.open(config, journal)
             stack.callback(fs.close)
             ops = Operations(fs, Offload(), req.cache_timeout,
@@ -238,11 +250,25 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
                     + (f" ({os.fsdecode(exc.filename)})" if exc.filename else ""), 1)
             return 1
         _report(ready_fd, "ok")
+
+        async def sync_journal() -> None:
+            await ops.offload.run(journal.sync)
+
         try:
-            trio.run(_serve, ops, journal, req.sync_interval)
+            trio.run(_serve, sync_journal, req.sync_interval)
         finally:
             pyfuse3.close(unmount=True)
     return 0
+
+
+def _hide_policy(req: MountRequest) -> Callable[[bytes, os.stat_result], bool] | None:
+    """What the merged view hides of the lower (sdeefs.guard's rules), if anything."""
+    deny = DenyPatterns.of(req.deny)
+    if req.root_owner is not None:
+        return Policy(deny, *req.root_owner).hides
+    if deny.patterns:
+        return lambda rel, st: deny.matches(rel)
+    return None
 
 
 def _report(fd: int | None, message: str, exitcode: int = 0) -> None:
@@ -259,6 +285,13 @@ def _report(fd: int | None, message: str, exitcode: int = 0) -> None:
 
 def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
     """Fork a detached daemon and wait until it reports that the mount is up."""
+    _spawn(os.path.join(req.state, "daemon.log"),
+           lambda ready_fd: run_daemon(req, mountpoint, mode, ready_fd))
+
+
+def _spawn(log_path: str, serve: Callable[[int], int]) -> None:
+    """Fork a detached process running ``serve(ready_fd)``; return once it reported "ok"
+    on ``ready_fd``, or raise its one-line reason."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: detach, then serve
@@ -270,10 +303,10 @@ def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
-        _detach_stdio(req.state)
+        _detach_stdio(log_path)
         code = 1
         try:
-            code = run_daemon(req, mountpoint, mode, write_fd)
+            code = serve(write_fd)
         except BaseException:
             log.exception("daemon failed")
         finally:
@@ -286,17 +319,15 @@ def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
         return
     status, _, message = answer.partition(" ")
     if not status.isdigit():
-        raise QuietError("cannot mount: the daemon died while starting (see "
-                         f"{os.path.join(req.state, 'daemon.log')})", 1)
+        raise QuietError(f"cannot mount: the daemon died while starting (see {log_path})", 1)
     raise QuietError(message, int(status))
 
 
-def _detach_stdio(state: str) -> None:
+def _detach_stdio(log_path: str) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    logfile = os.open(os.path.join(state, "daemon.log"),
-                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    logfile = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     os.dup2(logfile, 1)
     os.dup2(logfile, 2)
     os.close(logfile)
@@ -307,6 +338,62 @@ def _detach_stdio(state: str) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
                                            "%(message)s"))
     root.addHandler(handler)
+
+
+# -- the guard layer (sdeefs.guard) ------------------------------------------------------------
+
+
+@attrs.frozen
+class GuardRequest:
+    """A guard over ``lower`` for a user whose view shows host root as ``uid``/``gid``."""
+
+    mountpoint: str
+    lower: str
+    uid: int
+    gid: int
+    deny: tuple[str, ...] = ()
+    log: str = "/dev/null"
+    cache_timeout: float = 10.0
+
+
+GUARD_FSNAME = "sdeefs-guard"
+
+
+def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
+    """Mount the guard and serve until unmounted.  Reports like :func:`run_daemon`."""
+    faulthandler.register(signal.SIGUSR1)
+    try:
+        try:
+            lower_fd = open_tree_clone(req.lower)  # no submounts: what the idmapped lower shows
+        except PermissionError:
+            raise QuietError("cannot mount the guard: it must run as root", 3) from None
+        view = GuardView(lower_fd, Policy(DenyPatterns.of(req.deny), req.uid, req.gid))
+        ops = GuardOperations(view, Offload(), req.cache_timeout)
+        pyfuse3.init(ops, req.mountpoint, {
+            f"fsname={GUARD_FSNAME}", f"subtype={GUARD_FSNAME}", "ro", "default_permissions",
+            "allow_other", "nodev", "nosuid", "noexec"})
+    except QuietError as exc:
+        _report(ready_fd, str(exc), exc.exitcode)
+        return exc.exitcode
+    except OSError as exc:
+        _report(ready_fd, f"cannot mount the guard: {exc.strerror or exc}", 1)
+        return 1
+    _report(ready_fd, "ok")
+    try:
+        trio.run(_serve)
+    finally:
+        pyfuse3.close(unmount=True)
+        os.close(lower_fd)
+    return 0
+
+
+def mount_guard(req: GuardRequest) -> None:
+    """Mount the guard layer at ``req.mountpoint`` (a detached daemon; ends when unmounted)."""
+    if not os.path.isdir(req.mountpoint):
+        raise QuietError(f"cannot mount the guard: {req.mountpoint} is not a directory", 2)
+    if not os.path.isdir(req.lower):
+        raise QuietError(f"cannot mount the guard: lower {req.lower} is not a directory", 2)
+    _spawn(req.log, lambda ready_fd: run_guard(req, ready_fd))
 
 
 # -- the hybrid stack --------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestConte
 
 from . import records as rec
 from .cow import Attr, CowFS, Node
+from .guard import GuardView
 from .offload import Offload
 from .sysio import name_to_handle, range_lock
 
@@ -61,6 +62,36 @@ def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[An
             raise pyfuse3.FUSEError(exc.errno) from None
 
     return wrapper
+
+
+def entry_attributes(attr: Attr, timeout: float) -> EntryAttributes:
+    """The one place that builds EntryAttributes."""
+    st = attr.st
+    entry = EntryAttributes()
+    entry.st_ino = InodeT(attr.ino)
+    entry.generation = 0
+    entry.entry_timeout = timeout
+    entry.attr_timeout = timeout
+    entry.st_mode = st.st_mode
+    entry.st_nlink = st.st_nlink
+    entry.st_uid, entry.st_gid = attr.owner or (st.st_uid, st.st_gid)
+    entry.st_rdev = st.st_rdev
+    entry.st_size = st.st_size
+    entry.st_blksize = st.st_blksize
+    entry.st_blocks = st.st_blocks
+    entry.st_atime_ns = st.st_atime_ns
+    entry.st_mtime_ns = st.st_mtime_ns
+    entry.st_ctime_ns = st.st_ctime_ns
+    return entry
+
+
+def statvfs_data(sv: os.statvfs_result) -> pyfuse3.StatvfsData:
+    data = pyfuse3.StatvfsData()
+    data.f_bsize, data.f_frsize = sv.f_bsize, sv.f_frsize
+    data.f_blocks, data.f_bfree, data.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
+    data.f_files, data.f_ffree, data.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
+    data.f_namemax = 255
+    return data
 
 
 @attrs.define(eq=False)
@@ -106,25 +137,7 @@ class Operations(pyfuse3.Operations):
     # -- helpers ------------------------------------------------------------------------------
 
     def _entry(self, attr: Attr) -> EntryAttributes:
-        """The one place that builds EntryAttributes."""
-        st = attr.st
-        entry = EntryAttributes()
-        entry.st_ino = InodeT(attr.ino)
-        entry.generation = 0
-        entry.entry_timeout = self.timeout
-        entry.attr_timeout = self.timeout
-        entry.st_mode = st.st_mode
-        entry.st_nlink = st.st_nlink
-        entry.st_uid = st.st_uid
-        entry.st_gid = st.st_gid
-        entry.st_rdev = st.st_rdev
-        entry.st_size = st.st_size
-        entry.st_blksize = st.st_blksize
-        entry.st_blocks = st.st_blocks
-        entry.st_atime_ns = st.st_atime_ns
-        entry.st_mtime_ns = st.st_mtime_ns
-        entry.st_ctime_ns = st.st_ctime_ns
-        return entry
+        return entry_attributes(attr, self.timeout)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -226,13 +239,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
-        sv = self.fs.statfs()
-        data = pyfuse3.StatvfsData()
-        data.f_bsize, data.f_frsize = sv.f_bsize, sv.f_frsize
-        data.f_blocks, data.f_bfree, data.f_bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
-        data.f_files, data.f_ffree, data.f_favail = sv.f_files, sv.f_ffree, sv.f_favail
-        data.f_namemax = 255
-        return data
+        return statvfs_data(self.fs.statfs())
 
     # -- namespace mutations ------------------------------------------------------------------
 
@@ -465,3 +472,72 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         await self.offload.run(self.fs.layers.journal.sync)
+
+
+class GuardOperations(pyfuse3.Operations):
+    """The FUSE face of a :class:`~sdeefs.guard.GuardView`, mounted read-only.
+
+    Lookups and getattrs run on the loop (a few syscalls, as above); a listing
+    stats every entry of a host directory, so that part runs in a worker thread.
+    Everything else is refused by pyfuse3 (ENOSYS) or by the kernel (``ro``).
+    """
+
+    supports_dot_lookup = False
+
+    def __init__(self, view: GuardView, offload: Offload, timeout: float) -> None:
+        super().__init__()
+        self.view = view
+        self.offload = offload
+        self.timeout = timeout
+        self.listings: dict[int, list[tuple[bytes, bytes, os.stat_result]]] = {}
+        self._next_fh = 1
+
+    @_errors
+    async def lookup(self, parent_inode: InodeT, name: bytes, ctx: RequestContext
+                     ) -> EntryAttributes:
+        return entry_attributes(self.view.lookup(parent_inode, name), self.timeout)
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        for ino, count in inode_list:
+            self.view.forget(ino, count)
+
+    @_errors
+    async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
+        return entry_attributes(self.view.getattr(inode), self.timeout)
+
+    @_errors
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
+        self.view.node(inode)
+        raise OSError(errno.ENODATA, "no extended attributes")
+
+    @_errors
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[bytes]:
+        self.view.node(inode)
+        return []
+
+    @_errors
+    async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
+        return statvfs_data(self.view.statfs())
+
+    @_errors
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        found = await self.offload.run(self.view.scan_hidden, inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.listings[fh] = found
+        return FileHandleT(fh)
+
+    @_errors
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        found = self.listings[fh]
+        for index in range(start_id, len(found)):
+            name, rel, st = found[index]
+            attr = self.view.remember_hidden(rel, st)  # a delivered entry counts as a lookup
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(attr, self.timeout),
+                                         index + 1):
+                self.view.forget(attr.ino, 1)
+                return
+
+    @_errors
+    async def releasedir(self, fh: FileHandleT) -> None:
+        del self.listings[fh]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from sdeefs.mount import daemon_pid
 from sdeefs_launcher import config as config_mod
 from sdeefs_launcher.pam import install, uninstall
 
-from .launcher_site import Site, open_site, requires_launcher
+from .launcher_site import SHELL, Site, open_site, requires_launcher
 
 pytestmark = requires_launcher
 
@@ -57,7 +59,58 @@ def test_two_users_are_isolated_and_the_host_unchanged(site: Site) -> None:
                                                                           "1"]
     # bob's home and the sdeefs directories are not visible from alice's view
     assert site.run(alice, f"ls {site.home(bob)} 2>&1; true").stdout.count("No such file") == 1
-    assert site.run(alice, f"ls -A {site.root}").stdout == ""  # an empty directory
+    assert "No such file" in site.run(alice, f"ls -A {site.root} 2>&1; true").stdout
+
+
+def _view(site: Site, user: str) -> str:
+    """What an environment shows: names, types, owners and modes, a file, the hidden paths."""
+    return site.run(user, "find /etc /opt/tool /usr/local -maxdepth 1 -printf '%p %y %u %g %m\\n'"
+                          " | sort; cat /etc/engine-test.conf; id -u; stat -c '%U %a' /etc/passwd;"
+                          f" ls -d /etc/shadow /root {site.root} 2>&1; true").stdout
+
+
+def test_fuse_engine_shows_the_same_environment(site: Site) -> None:
+    """--engine fuse (the pure sdeefs overlay) over the same upper: same view, same rules."""
+    user = site.add_user()
+    site.start(user)
+    site.run(user, "echo hybrid > /etc/engine-test.conf && mkdir -p /opt/tool && "
+                   "echo 1 > /opt/tool/version && chmod 700 /opt/tool")
+    hybrid = _view(site, user)
+    # every session shares the one environment: no other engine while it runs
+    shell = subprocess.run(["runuser", "-u", user, "--", "env", f"SDEEFS_RUN_DIR={site.run_dir}",
+                            str(SHELL), "--engine", "fuse", "-c", "true"],
+                           capture_output=True, text=True, timeout=30)
+    assert shell.returncode == 3
+    assert "runs the hybrid engine, not fuse" in shell.stderr
+    assert len(shell.stderr.strip().splitlines()) == 1
+    busy = site.sdeefs("start", user, "--engine", "fuse", check=False)
+    assert busy.returncode == 4
+    assert "runs the hybrid engine" in busy.stderr
+    site.stop(user)
+    assert "fuse environment" in site.sdeefs("start", user, "--engine", "fuse").stdout
+    assert _view(site, user) == hybrid
+    status = json.loads(site.sdeefs("status", "--json").stdout)
+    assert next(row for row in status if row["user"] == user)["engine"] == "fuse"
+    # root-only and denied host entries made after the start stay hidden here too
+    late = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        late.chmod(0o755)
+        (late / "secret").write_text("root only\n")
+        (late / "secret").chmod(0o600)
+        (late / "public").write_text("public\n")
+        out = site.run(user, f"cat {late}/public; cat {late}/secret 2>&1; ls {late}").stdout
+        assert out == f"public\ncat: {late}/secret: No such file or directory\npublic\n"
+    finally:
+        shutil.rmtree(late)
+    assert subprocess.run(["runuser", "-u", user, "--", "env", f"SDEEFS_RUN_DIR={site.run_dir}",
+                           str(SHELL), "--engine", "fuse", "-c", "echo joined"],
+                          capture_output=True, text=True, timeout=30).stdout == "joined\n"
+    site.run(user, "echo fuse >> /etc/engine-test.conf")  # journaled into the same upper
+    site.stop(user)
+    assert site.leftovers() == []
+    site.start(user)  # hybrid again (the site's engine): everything is there
+    assert site.run(user, "cat /etc/engine-test.conf").stdout == "hybrid\nfuse\n"
+    site.stop(user)
 
 
 def test_sessions_share_one_environment(site: Site) -> None:
