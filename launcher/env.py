@@ -42,7 +42,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -51,9 +51,9 @@ from sdeefs.mask import MaskSpec, build_mask
 from sdeefs.mount import (
     GuardRequest,
     MountRequest,
+    begin_guard,
     daemon_pid,
     mount,
-    mount_guard,
     mount_passthrough,
     umount,
 )
@@ -246,21 +246,28 @@ def _ensure_upper_daemon(config: Config, layout: Layout) -> None:
                                    xattr_namespace="user", writeback_cache=False))
 
 
-def _ensure_guard(config: Config, user: User, layout: Layout) -> str:
-    """The guard layer (sdeefs.guard) of the user's view, healthy (remounted if its daemon died)."""
+def _begin_guard(config: Config, user: User, layout: Layout) -> Callable[[], str]:
+    """Make sure the guard layer (sdeefs.guard) of the user's view is mounted and healthy
+    (remounted if its daemon died).  Its daemon starts now; the returned call waits for it,
+    so that the upper's daemon can start meanwhile."""
     if _mounted(layout.guard):
         try:
             os.statvfs(layout.guard)
-            return layout.guard
+            return lambda: layout.guard
         except OSError:  # ENOTCONN: the daemon is gone
             log.warning("%s: the guard daemon died; remounting", layout.guard)
             _umount(layout.guard)
     os.makedirs(layout.guard, mode=0o700, exist_ok=True)
-    mount_guard(GuardRequest(mountpoint=layout.guard, lower=config.lower, uid=user.uid,
-                             gid=user.gid, deny=config.deny,
-                             log=os.path.join(layout.private, "guard.log"),
-                             cache_timeout=config.cache_timeout))
-    return layout.guard
+    wait = begin_guard(GuardRequest(mountpoint=layout.guard, lower=config.lower, uid=user.uid,
+                                    gid=user.gid, deny=config.deny,
+                                    log=os.path.join(layout.private, "guard.log"),
+                                    cache_timeout=config.cache_timeout))
+
+    def mounted() -> str:
+        wait()
+        return layout.guard
+
+    return mounted
 
 
 def _mask_spec(config: Config, user: User, scan_private: bool = True) -> MaskSpec:
@@ -349,14 +356,17 @@ def _start(config: Config, user: User, layout: Layout, engine: str) -> EnvRecord
     if engine == "fuse":
         return _start_namespaces(config, user, ["--root-view", _ensure_view(config, user, layout)],
                                  engine)
-    if engine == "hybrid":
-        _ensure_upper_daemon(config, layout)
-        upper = os.path.join(layout.fuse, "upper")
-        work = os.path.join(layout.fuse, "work", "ovl")  # made through the daemon: journaled
-    else:
-        upper, work = layout.upper, os.path.join(layout.work, "ovl")
-    return launch(config, user, layout, upper, work, engine,
-                  guard=_ensure_guard(config, user, layout))
+    guard = _begin_guard(config, user, layout)
+    try:
+        if engine == "hybrid":
+            _ensure_upper_daemon(config, layout)
+            upper = os.path.join(layout.fuse, "upper")
+            work = os.path.join(layout.fuse, "work", "ovl")  # made through the daemon: journaled
+        else:
+            upper, work = layout.upper, os.path.join(layout.work, "ovl")
+    finally:
+        guard_path = guard()  # waited for in any case: no daemon is left unreported
+    return launch(config, user, layout, upper, work, engine, guard=guard_path)
 
 
 def launch(config: Config, user: User, layout: Layout, upper: str, work: str, engine: str,

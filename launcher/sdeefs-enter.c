@@ -63,6 +63,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1242,6 +1243,91 @@ static int cmd_join(int argc, char **argv)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Finding the caller's environment, and asking sdeefs-launchd to start one.                  */
+
+enum { ENV_RUNNING, ENV_MISSING, ENV_DAMAGED, ENV_GONE };
+
+/* RUN/USER/init ("PID START ENGINE\n", written by the launcher): is that process still the
+ * environment's init?  The pid must still be the same process: compare its start time. */
+static int find_env(const char *run_dir, const char *user, unsigned long *pid, char engine[16],
+                    char path[PATH_MAX])
+{
+    char buf[128], stat_buf[1024], proc[64];
+    snprintf(path, PATH_MAX, "%s/%s/init", run_dir, user);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ENV_MISSING;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    unsigned long long start = 0, now_start = 0;
+    engine[0] = 0;
+    if (n <= 0 || (buf[n] = 0, sscanf(buf, "%lu %llu %15s", pid, &start, engine) < 2) || !*pid)
+        return ENV_DAMAGED;
+    snprintf(proc, sizeof proc, "/proc/%lu/stat", *pid);
+    fd = open(proc, O_RDONLY | O_CLOEXEC);
+    n = fd < 0 ? -1 : read(fd, stat_buf, sizeof stat_buf - 1);
+    if (fd >= 0)
+        close(fd);
+    char *after = n > 0 ? (stat_buf[n] = 0, strrchr(stat_buf, ')')) : NULL;
+    if (!after || sscanf(after + 2, "%*c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s "
+                                    "%*s %*s %*s %*s %*s %llu", &now_start) != 1 ||
+        now_start != start)
+        return ENV_GONE;
+    return ENV_RUNNING;
+}
+
+/* One request to RUN/launchd.sock (launcher/service.py): 0 once it started the caller's
+ * environment, -1 if no service listens.  Its refusal is printed (one line) and ends us. */
+static int ask_launchd(const char *run_dir, const char *engine)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (snprintf(addr.sun_path, sizeof addr.sun_path, "%s/launchd.sock", run_dir) >=
+        (int)sizeof addr.sun_path)
+        return -1;
+    int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        return -1;
+    if (connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        close(sock);
+        return -1;
+    }
+    char req[96], reply[4096];
+    int len = snprintf(req, sizeof req, engine ? "{\"op\": \"start\", \"engine\": \"%s\"}\n"
+                                               : "{\"op\": \"start\"}\n", engine);
+    size_t got = 0;
+    if (write(sock, req, (size_t)len) != len) {
+        close(sock);
+        return -1;
+    }
+    for (;;) {
+        ssize_t n = read(sock, reply + got, sizeof reply - 1 - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+        if (memchr(reply, '\n', got) || got == sizeof reply - 1)
+            break;
+    }
+    close(sock);
+    reply[got] = 0;
+    if (strstr(reply, "\"ok\": true"))
+        return 0;
+    /* {"ok": false, "error": "...", "code": N}: print the error, unescaping \" and \\ */
+    const char *err = strstr(reply, "\"error\": \"");
+    const char *code = strstr(reply, "\"code\": ");
+    fputs("sdeefs-shell: ", stderr);
+    for (const char *c = err ? err + 10 : "sdeefs-launchd gave no answer\""; *c && *c != '"'; c++) {
+        if (*c == '\\' && c[1])
+            c++;
+        fputc(*c, stderr);
+    }
+    fputc('\n', stderr);
+    int status = code ? atoi(code + 8) : 1;
+    exit(status > 0 && status < 126 ? status : 1);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* sdeefs-shell: the login shell.  Finds the caller's environment from RUN/USER/init ("PID
  * START\n", written by the PAM hook) and joins it with the user's inner shell.             */
 
@@ -1264,31 +1350,21 @@ static int cmd_shell(int argc, char **argv, int login)
         argc -= 2;
         argv += 2;
     }
-    char path[PATH_MAX], buf[128], engine[16] = "";
-    snprintf(path, sizeof path, "%s/%s/init", run_dir, pw->pw_name);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        fail("shell: no environment for %s (%s: %s); is the sdeefs PAM hook installed?",
-             pw->pw_name, path, strerror(errno));
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
     unsigned long pid = 0;
-    unsigned long long start = 0;
-    if (n <= 0 || (buf[n] = 0, sscanf(buf, "%lu %llu %15s", &pid, &start, engine) < 2) || !pid)
-        fail("shell: %s is damaged", path);
-    /* The pid must still be the same process: compare its start time (field 22). */
-    snprintf(path, sizeof path, "/proc/%lu/stat", pid);
-    char stat_buf[1024];
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    n = fd < 0 ? -1 : read(fd, stat_buf, sizeof stat_buf - 1);
-    if (fd >= 0)
-        close(fd);
-    char *after = n > 0 ? (stat_buf[n] = 0, strrchr(stat_buf, ')')) : NULL;
-    unsigned long long now_start = 0;
-    if (!after || sscanf(after + 2, "%*c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s "
-                                    "%*s %*s %*s %*s %*s %llu", &now_start) != 1 ||
-        now_start != start)
-        fail("shell: the environment of %s is not running (log in again)", pw->pw_name);
+    char engine[16] = "", path[PATH_MAX];
+    int found = find_env(run_dir, pw->pw_name, &pid, engine, path);
+    if (found != ENV_RUNNING) {
+        /* No running environment: the resident service (sdeefs-launchd) starts one, if it runs. */
+        if (ask_launchd(run_dir, want_engine) == 0)
+            found = find_env(run_dir, pw->pw_name, &pid, engine, path);
+        if (found == ENV_MISSING)
+            fail("shell: no environment for %s (%s: %s); is the sdeefs PAM hook installed?",
+                 pw->pw_name, path, strerror(ENOENT));
+        if (found == ENV_DAMAGED)
+            fail("shell: %s is damaged", path);
+        if (found == ENV_GONE)
+            fail("shell: the environment of %s is not running (log in again)", pw->pw_name);
+    }
     if (want_engine && strcmp(want_engine, engine)) {
         fprintf(stderr, "sdeefs-shell: your environment runs the %s engine, not %s (all your "
                 "sessions share it: end them, or ask an admin for `sdeefs stop %s`, and start it "

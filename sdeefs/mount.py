@@ -292,6 +292,13 @@ def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
 def _spawn(log_path: str, serve: Callable[[int], int]) -> None:
     """Fork a detached process running ``serve(ready_fd)``; return once it reported "ok"
     on ``ready_fd``, or raise its one-line reason."""
+    _fork_daemon(log_path, serve)()
+
+
+def _fork_daemon(log_path: str, serve: Callable[[int], int]) -> Callable[[], None]:
+    """Fork a detached process running ``serve(ready_fd)``; the returned call waits until it
+    reported "ok" on ``ready_fd``, or raises its one-line reason (two daemons can start at
+    once)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: detach, then serve
@@ -313,14 +320,18 @@ def _spawn(log_path: str, serve: Callable[[int], int]) -> None:
             os._exit(code)
     os.close(write_fd)
     os.waitpid(pid, 0)
-    with os.fdopen(read_fd, "rb") as pipe:
-        answer = pipe.readline().decode(errors="replace").strip()
-    if answer == "ok":
-        return
-    status, _, message = answer.partition(" ")
-    if not status.isdigit():
-        raise QuietError(f"cannot mount: the daemon died while starting (see {log_path})", 1)
-    raise QuietError(message, int(status))
+
+    def wait() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            answer = pipe.readline().decode(errors="replace").strip()
+        if answer == "ok":
+            return
+        status, _, message = answer.partition(" ")
+        if not status.isdigit():
+            raise QuietError(f"cannot mount: the daemon died while starting (see {log_path})", 1)
+        raise QuietError(message, int(status))
+
+    return wait
 
 
 def _detach_stdio(log_path: str) -> None:
@@ -389,11 +400,16 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
 
 def mount_guard(req: GuardRequest) -> None:
     """Mount the guard layer at ``req.mountpoint`` (a detached daemon; ends when unmounted)."""
+    begin_guard(req)()
+
+
+def begin_guard(req: GuardRequest) -> Callable[[], None]:
+    """Start mounting the guard; the returned call waits until it is mounted (or raises)."""
     if not os.path.isdir(req.mountpoint):
         raise QuietError(f"cannot mount the guard: {req.mountpoint} is not a directory", 2)
     if not os.path.isdir(req.lower):
         raise QuietError(f"cannot mount the guard: lower {req.lower} is not a directory", 2)
-    _spawn(req.log, lambda ready_fd: run_guard(req, ready_fd))
+    return _fork_daemon(req.log, lambda ready_fd: run_guard(req, ready_fd))
 
 
 # -- the hybrid stack --------------------------------------------------------------------------

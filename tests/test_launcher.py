@@ -16,9 +16,10 @@ import pytest
 
 from sdeefs.mount import daemon_pid
 from sdeefs_launcher import config as config_mod
+from sdeefs_launcher import service as service_mod
 from sdeefs_launcher.pam import install, uninstall
 
-from .launcher_site import SHELL, Site, open_site, requires_launcher
+from .launcher_site import SHELL, VENV_BIN, Site, open_site, requires_launcher
 
 pytestmark = requires_launcher
 
@@ -239,3 +240,74 @@ def test_install_pam_edits_only_its_own_line(tmp_path: Path) -> None:
     assert uninstall("login", pam_dir=str(tmp_path))
     assert service.read_text() == original + "\n"
     assert not uninstall("login", pam_dir=str(tmp_path))
+
+
+def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
+    """sdeefs-launchd: sdeefs-shell with no running environment asks it for one."""
+    alice, bob = site.add_user(), site.add_user()
+    service = subprocess.Popen([str(VENV_BIN / "sdeefs-launchd")], env=site.env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cfg = config_mod.load(str(site.config))
+    try:
+        sock = site.run_dir / "launchd.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            assert service.poll() is None, service.stderr.read() if service.stderr else ""
+            time.sleep(0.05)
+
+        def shell(user: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["runuser", "-u", user, "--", "env",
+                                   f"SDEEFS_RUN_DIR={site.run_dir}", str(SHELL), *args],
+                                  capture_output=True, text=True, timeout=60)
+
+        assert shell(alice, "-c", "id -u; echo $((6*7))").stdout == "0\n42\n"
+        status = {row["user"]: row for row in json.loads(site.sdeefs("status", "--json").stdout)}
+        assert status[alice]["running"]
+        assert status[alice]["engine"] == "hybrid"
+        assert not status.get(bob, {}).get("running")  # nobody asked for bob's
+        got = shell(bob, "--engine", "fuse", "-c", "echo fuse; ls /etc/shadow 2>&1; true")
+        assert got.stdout == "fuse\nls: cannot access '/etc/shadow': No such file or directory\n"
+        status = {row["user"]: row for row in json.loads(site.sdeefs("status", "--json").stdout)}
+        assert status[bob]["engine"] == "fuse"
+        # the kernel says who asks: a user cannot start or stop somebody else's environment
+        probe = ("import json, socket, sys; s = socket.socket(socket.AF_UNIX); "
+                 f"s.connect({str(sock)!r}); s.sendall(sys.argv[1].encode() + b'\\n'); "
+                 "print(s.makefile().readline().strip())")
+        for request, error in (
+                ({"op": "stop", "user": alice}, "only root may start or stop another user's"),
+                ({"op": "start", "engine": "nfs"}, "unknown engine 'nfs'"),
+                ({"op": "reboot"}, "unknown op 'reboot'"),
+                (["start"], "not a JSON object")):
+            out = subprocess.run(["runuser", "-u", bob, "--", sys.executable, "-c", probe,
+                                  json.dumps(request)], capture_output=True, text=True,
+                                 timeout=30)
+            reply = json.loads(out.stdout)
+            assert reply["ok"] is False, request
+            assert error in reply["error"]
+        raw = subprocess.run(["runuser", "-u", bob, "--", sys.executable, "-c", probe,
+                              "not json"], capture_output=True, text=True, timeout=30)
+        assert json.loads(raw.stdout)["error"] == "bad request: not JSON"
+        assert service.poll() is None  # still serving after all of that
+        assert service_mod.request(cfg, {"op": "stop", "user": bob})["stopped"] is True
+        # a refusal reaches the user as one line with its exit code
+        os.chmod(site.home(bob), 0o700)
+        free = next(uid for uid in range(999, 500, -1) if not _uid_taken(uid))
+        subprocess.run(["usermod", "-u", str(free), bob], check=True, capture_output=True)
+        refused = shell(bob, "-c", "true")  # now below min_uid
+        assert refused.returncode == 3
+        assert refused.stderr == f"sdeefs-shell: {bob} is below min_uid 1000: no environment\n"
+        assert service_mod.request(cfg, {"op": "stop", "user": alice})["stopped"] is True
+        assert site.leftovers() == []
+    finally:
+        service.terminate()
+        service.wait(timeout=10)
+    assert not (site.run_dir / "launchd.sock").exists()
+
+
+def _uid_taken(uid: int) -> bool:
+    import pwd
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
