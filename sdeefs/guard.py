@@ -51,6 +51,7 @@ import fnmatch
 import itertools
 import os
 import stat
+import time
 from collections.abc import Iterable, Iterator
 
 import attrs
@@ -65,6 +66,11 @@ ROOT_INO = 1
 RENUMBERED_BASE = 1 << 48
 WHITEOUT_BASE = 1 << 49
 STALE_WHITEOUT = WHITEOUT_BASE - 1  # the answer for every name in a directory that moved
+# A directory's listing (its hidden entries) is reused while the directory's mtime is the
+# same, for at most this long: overlayfs lists the guard's directory on every getdents of a
+# merged directory, and a scan stats every entry.  (Only listings wait: a lookup always
+# decides afresh, so an entry chmod'ed to root-only is hidden at once, if still listed.)
+LISTING_TTL = 60.0
 
 
 def readable_only_by_root(st: os.stat_result) -> bool:
@@ -131,6 +137,9 @@ class Policy:
                 self.gid if st.st_gid == 0 else st.st_gid)
 
 
+Hidden = list[tuple[bytes, bytes, os.stat_result]]  # (name, lower path, host stat)
+
+
 @attrs.define(eq=False)
 class GuardNode:
     """An entry the kernel knows: a visible host directory or a whiteout."""
@@ -159,6 +168,8 @@ class GuardView:
     nodes: dict[int, GuardNode] = attrs.field(factory=dict)
     _ids: dict[tuple[bool, int], int] = attrs.field(factory=dict)  # (whiteout, host ino) -> id
     _counter: Iterator[int] = attrs.field(factory=itertools.count)
+    # node ino -> (host mtime_ns, monotonic expiry, hidden entries)
+    _listings: dict[int, tuple[int, float, Hidden]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         st = os.fstat(self.lower_fd)
@@ -198,16 +209,30 @@ class GuardView:
         node.lookups -= count
         if node.lookups <= 0:
             del self.nodes[ino]
+            self._listings.pop(ino, None)
             key = (node.whiteout, node.host_ino)
             if self._ids.get(key) == ino:
                 del self._ids[key]
 
-    def scan_hidden(self, ino: int) -> list[tuple[bytes, bytes, os.stat_result]]:
+    def cached_hidden(self, ino: int) -> Hidden | None:
+        """The directory's listing from the cache, if its directory did not change since."""
+        hit = self._listings.get(ino)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        fd = self._open(self._dir(ino), os.O_PATH)
+        if fd is None:
+            return []
+        try:
+            return hit[2] if os.fstat(fd).st_mtime_ns == hit[0] else None
+        finally:
+            os.close(fd)
+
+    def scan_hidden(self, ino: int) -> Hidden:
         """(name, path, host stat) of the hidden entries of a directory: its listing.
 
-        Touches no node table, so the operations layer runs it in a worker thread (it
-        stats every entry); each entry becomes a node only as it is handed to the
-        kernel (:meth:`remember_hidden`).
+        Touches no node table (only the listing cache, one dict store), so the operations
+        layer runs it in a worker thread (it stats every entry); each entry becomes a node
+        only as it is handed to the kernel (:meth:`remember_hidden`).
         """
         node = self._dir(ino)
         fd = self._open(node, os.O_RDONLY)
@@ -215,6 +240,7 @@ class GuardView:
             return []
         found = []
         try:
+            mtime = os.fstat(fd).st_mtime_ns  # before the scan: a change during it rescans
             for entry in os.scandir(fd):
                 name = os.fsencode(entry.name)
                 try:
@@ -226,7 +252,11 @@ class GuardView:
                     found.append((name, rel, st))
         finally:
             os.close(fd)
-        return sorted(found)
+        found.sort()
+        if len(self._listings) > 100_000:
+            self._listings.clear()
+        self._listings[ino] = (mtime, time.monotonic() + LISTING_TTL, found)
+        return found
 
     def remember_hidden(self, rel: bytes, st: os.stat_result) -> Attr:
         return self._remember_whiteout(st.st_ino, rel)

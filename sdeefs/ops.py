@@ -521,7 +521,9 @@ class GuardOperations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        found = await self.offload.run(self.view.scan_hidden, inode)
+        found = self.view.cached_hidden(inode)
+        if found is None:
+            found = await self.offload.run(self.view.scan_hidden, inode)
         fh = self._next_fh
         self._next_fh += 1
         self.listings[fh] = found

@@ -191,6 +191,38 @@ def cold_starts(site: object, user: str, count: int) -> tuple[list[float], list[
     return starts, totals
 
 
+STOP_REQUEST = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                "s.sendall(b'{\"op\": \"stop\"}\\n'); s.recv(4096)")
+
+
+def launchd_cold_starts(site: object, user: str, count: int) -> list[float]:
+    """``sdeefs-shell -c /bin/true`` with no environment running: sdeefs-launchd starts one
+    (guard + upper daemon, idmap, mask, namespaces), then the shell joins it and runs bash.
+    Timed inside one runuser'd loop; the user's stop request between starts is not timed."""
+    import subprocess
+
+    run_dir = site.run_dir  # type: ignore[attr-defined]
+    sock = run_dir / "launchd.sock"
+    service = subprocess.Popen([str(ENTER.parent / "sdeefs-launchd")], env=site.env(),  # type: ignore[attr-defined]
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if time.monotonic() > deadline or service.poll() is not None:
+                raise SystemExit("sdeefs-launchd did not start")
+            time.sleep(0.05)
+        script = (f"export SDEEFS_RUN_DIR={run_dir}; for i in $(seq {count}); do "
+                  "t0=$(date +%s%N); " + f"{SHELL} -c /bin/true; " + "t1=$(date +%s%N); "
+                  "echo $((t1 - t0)); "
+                  f"/usr/bin/python3 -c {shlex.quote(STOP_REQUEST)} {sock}; done")
+        out = subprocess.run(["runuser", "-u", user, "--", "sh", "-c", script],
+                             capture_output=True, text=True, timeout=600, check=True).stdout
+        return [int(line) / 1e6 for line in out.split()]
+    finally:
+        service.terminate()
+        service.wait(timeout=10)
+
+
 def fmt(ms: float) -> str:
     return f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 
@@ -217,6 +249,8 @@ def main() -> int:
         site.stop(user)
         log(f"cold starts x{args.cold}")
         cold_start, cold_total = cold_starts(site, user, args.cold)
+        log(f"cold starts through sdeefs-launchd x{args.cold}")
+        service_cold = launchd_cold_starts(site, user, args.cold)
 
     medians = {c.name: statistics.median(c.samples) for c in live if c.samples}
     bare = medians.get("bare")
@@ -243,6 +277,11 @@ def main() -> int:
     rows.append(["sdeefs-cold: start+stop", fmt(ct), f"{ct / bare:.0f}" if bare else "-",
                  f"{fmt(min(cold_total))}..{fmt(max(cold_total))}",
                  f"sdeefs start U + sdeefs stop U (x{args.cold})"])
+    sc = statistics.median(service_cold)
+    rows.append(["sdeefs-cold: sdeefs-shell via launchd", fmt(sc), f"{sc / bare:.0f}" if bare
+                 else "-", f"{fmt(min(service_cold))}..{fmt(max(service_cold))}",
+                 f"sdeefs-shell -c /bin/true, no environment running: sdeefs-launchd starts it "
+                 f"(x{args.cold})"])
 
     print(render_text_table(header, rows))
     if args.out is not None:
