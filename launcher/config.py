@@ -18,7 +18,8 @@ a missing file means all defaults.  Example (every key, with its default)::
     idle_timeout = 0             # seconds an environment outlives its last session; 0: none
     cache_timeout = 10.0         # seconds the view caches names and attributes of the lower
     tmp_size = "25%"             # size of the private /tmp of an environment
-    private_scan_age = 86400.0   # seconds a scan for root-only files stays valid
+    private_scan_age = 86400.0   # seconds a scan for root-only files stays valid: job
+                                 # environments on compute nodes, which run no guard layer
                                  # (launcher/private.py; `sdeefs scan-private` refreshes)
 
     [replication]                # compute nodes and jobs (sdeefs.replicad, launcher/job.py)
