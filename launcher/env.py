@@ -604,6 +604,8 @@ def status(config: Config) -> list[dict[str, object]]:
             "processes": namespace_processes(record.init_pid) if alive and record else 0,
             "upper_mount": os.path.join(state, "mnt") if _mounted(os.path.join(state, "mnt"))
             else None,
+            "guard_mount": guard if _mounted(guard := os.path.join(
+                config.user_run(name), "private", "guard")) else None,
             "daemon_pid": daemon_pid(state) if os.path.isdir(state) else None,
             "upper_bytes": _tree_size(os.path.join(config.user_root(name), "upper")),
             "journal_head": head,

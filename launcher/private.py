@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -72,9 +73,10 @@ def private_paths(lower: str, run_dir: str, skip: tuple[str, ...], max_age: floa
 def refresh(lower: str, run_dir: str, skip: tuple[str, ...]) -> list[bytes]:
     found = sorted(scan(lower, skip))
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    tmp = os.path.join(run_dir, CACHE_NAME + ".tmp")
-    with open(tmp, "wb") as f:
+    # A temporary file of its own: the prologs of several jobs (or simulated nodes sharing a
+    # machine) may refresh at once, and each replace must find its own file.
+    fd, tmp = tempfile.mkstemp(prefix=CACHE_NAME + ".", dir=run_dir)  # mode 0600
+    with os.fdopen(fd, "wb") as f:
         f.write(b"\n".join(found) + b"\n")
-    os.chmod(tmp, 0o600)
     os.replace(tmp, os.path.join(run_dir, CACHE_NAME))
     return found

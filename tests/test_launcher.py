@@ -264,6 +264,7 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
         status = {row["user"]: row for row in json.loads(site.sdeefs("status", "--json").stdout)}
         assert status[alice]["running"]
         assert status[alice]["engine"] == "hybrid"
+        assert status[alice]["guard_mount"] == str(site.run_dir / alice / "private" / "guard")
         assert not status.get(bob, {}).get("running")  # nobody asked for bob's
         got = shell(bob, "--engine", "fuse", "-c", "echo fuse; ls /etc/shadow 2>&1; true")
         assert got.stdout == "fuse\nls: cannot access '/etc/shadow': No such file or directory\n"
@@ -311,3 +312,32 @@ def _uid_taken(uid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_private_scan_refreshes_may_race(tmp_path: Path) -> None:
+    """Several job prologs on one machine refresh the root-only scan at once (a CI failure:
+    they shared one temporary file name)."""
+    import threading
+
+    from sdeefs_launcher import private
+
+    lower = tmp_path / "lower"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "secret").write_text("x")
+    (lower / "etc" / "secret").chmod(0o600)
+    errors: list[BaseException] = []
+
+    def refresh() -> None:
+        try:
+            for _ in range(20):
+                private.refresh(str(lower), str(tmp_path / "run"), ())
+        except BaseException as exc:  # noqa: BLE001 - collected for the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=refresh) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert (tmp_path / "run" / "private-paths").read_bytes() == b"etc/secret\n"
