@@ -495,6 +495,7 @@ class CowFS:
     by_path: dict[bytes, Node] = attrs.field(factory=dict)
     _resolved: dict[tuple[int, bytes], tuple[float, Resolved]] = attrs.field(factory=dict)
     _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
+    _name_hints: dict[tuple[int, int], bytes] = attrs.field(factory=dict)
     _cache_generation: int = 0
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
     _generation: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
@@ -686,20 +687,64 @@ class CowFS:
     def _other_name(self, removed: os.stat_result, near: bytes) -> bytes | None:
         """A view path that still names the upper inode of ``removed``, or None.
 
-        A scan (hard links have no way back to their names): the directory the
-        link was removed from first, then the whole upper, comparing d_ino and
-        confirming with lstat; it stays on the upper's filesystem and never
-        follows symlinks.  It runs only when the last known name of a multiply
-        linked file goes while the kernel still uses it.
+        What :meth:`find_other_name` found before the removal (the daemon runs that
+        scan in a worker thread), else that scan here.
+        """
+        hint = self._name_hints.pop((removed.st_dev, removed.st_ino), None)
+        if hint is not None:
+            st = self.layers.lstat(self.layer_path(hint))
+            if st is not None and (st.st_dev, st.st_ino) == (removed.st_dev, removed.st_ino):
+                return hint
+        return self.find_other_name(removed, near, b"")
+
+    def other_name_needed(self, parent_ino: int, name: bytes
+                          ) -> tuple[os.stat_result, bytes, bytes] | None:
+        """(upper stat, its directory, its path) if removing ``name`` leaves a node the
+        kernel holds with no known name while its file keeps other links; else None.
+
+        Then the file's other name is to be found (:meth:`find_other_name`) before the
+        removal, so that the node carries on under it (see :meth:`_forget_path`).
+        """
+        parent = self.nodes.get(parent_ino)
+        if parent is None:
+            return None
+        path = join(parent.path, name)
+        node = self.by_path.get(path)
+        if node is None or node.lookups <= 0 or node.paths != [path]:
+            return None
+        try:
+            st = self.layers.lstat(self.layer_path(path))
+        except OSError:
+            return None
+        if st is None or _last_link(st):
+            return None
+        return st, parent.path, path
+
+    def find_other_name(self, removed: os.stat_result, near: bytes, exclude: bytes
+                        ) -> bytes | None:
+        """A view path other than ``exclude`` naming the upper inode of ``removed``.
+
+        A scan, as hard links have no way back to their names: the directory ``near``
+        first, then the whole upper, by d_ino, confirmed with lstat; it stays on the
+        upper's filesystem and never follows symlinks.  It only reads the upper, so it
+        may run in a worker thread (the caller holds the namespace lock); it is needed
+        only when the last known name of a multiply linked file goes.
         """
         top = b"upper"
-        for start in (self.layer_path(near) if near else top, top):
-            found = self._find_link(start, removed, recurse=start == top)
+        starts = [self.layer_path(near)] if near and self.layer_path(near) != top else []
+        for start in [*starts, top]:
+            found = self._find_link(start, removed, self.layer_path(exclude) if exclude
+                                    else b"", recurse=start == top)
             if found is not None:
                 return found if self.raw else found[len(top) + 1:]
         return None
 
-    def _find_link(self, start: bytes, removed: os.stat_result, recurse: bool) -> bytes | None:
+    def hint_other_name(self, removed: os.stat_result, path: bytes) -> None:
+        """Remember what :meth:`find_other_name` found for the removal that follows."""
+        self._name_hints[(removed.st_dev, removed.st_ino)] = path
+
+    def _find_link(self, start: bytes, removed: os.stat_result, exclude: bytes,
+                   recurse: bool) -> bytes | None:
         try:
             pfd = self.layers.open_dir(start)
         except OSError:
@@ -721,7 +766,8 @@ class CowFS:
                                 subdirs.append(name)
                             elif entry.inode() == removed.st_ino:
                                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                                if (st.st_ino, st.st_dev) == (removed.st_ino, removed.st_dev):
+                                if (st.st_ino, st.st_dev) == (removed.st_ino, removed.st_dev) \
+                                        and join(path, name) != exclude:
                                     return join(path, name)
                     for name in subdirs if recurse else ():
                         try:

@@ -634,10 +634,11 @@ def _write_through(env: Env, ino: int, data: bytes, offset: int = 0) -> None:
 # while the kernel still held the node (an open file): the node counted as unlinked, so
 # writes and truncations through it were not journaled although the file lives on under
 # its other name (replay != upper, and replicas kept the old content)
+@pytest.mark.parametrize("searched", ["in cow", "before, as ops.py does"])
 @pytest.mark.parametrize("kind", ["unlink", "rename over"])
 @pytest.mark.parametrize("mode", ["merged", "raw"])
 def test_writes_after_the_known_name_of_a_hard_link_went_are_journaled(
-        tmp_path: Path, mode: str, kind: str) -> None:
+        tmp_path: Path, mode: str, kind: str, searched: str) -> None:
     env = Env(tmp_path, mode)
     try:
         mkfile(env.lower / "keep")
@@ -651,10 +652,18 @@ def test_writes_after_the_known_name_of_a_hard_link_went_are_journaled(
         fs = env.fs
         top = fs.lookup(ROOT_INO, b"upper").ino if mode == "raw" else ROOT_INO
         ino = fs.lookup(top, b"a").ino  # an open file: the kernel holds this node
+        if kind == "rename over":
+            fs.create(top, b"new", 0o600, 0, 0)
+        if searched != "in cow":  # the scan in a worker thread, its result handed over
+            needed = fs.other_name_needed(top, b"a")
+            assert needed is not None
+            found = fs.find_other_name(*needed)
+            assert found == prefix + b"s/t/b"
+            fs.hint_other_name(needed[0], found)
+        assert fs.other_name_needed(top, b"new" if kind == "rename over" else b"keep") is None
         if kind == "unlink":
             fs.unlink(top, b"a")
         else:
-            fs.create(top, b"new", 0o600, 0, 0)
             fs.rename(top, b"new", top, b"a", 0)
         _write_through(env, ino, b"written later")
         fs.setattr(ino, rec.Setattr(b"upper", rec.SET_SIZE, size=7))
