@@ -710,7 +710,7 @@ class CowFS:
             return None
         path = join(parent.path, name)
         node = self.by_path.get(path)
-        if node is None or node.lookups <= 0 or node.paths != [path]:
+        if node is None or node.is_dir or node.lookups <= 0 or node.paths != [path]:
             return None
         try:
             st = self.layers.lstat(self.layer_path(path))
