@@ -4,6 +4,22 @@
 set -euo pipefail
 src=$1; mnt=$2; py=$3
 here=$(cd "$(dirname "$0")" && pwd)
+if [ ! -d "$src" ]; then  # 1,410 directories, 5,944 entries (issue 16's find benchmark shape)
+  mkdir -p "$src"
+  python3 - "$src" <<'PY'
+import os, random, sys
+random.seed(1)
+os.chdir(sys.argv[1])
+dirs = [""]
+while len(dirs) < 1410:
+    d = os.path.join(random.choice(dirs), f"d{len(dirs)}")
+    os.makedirs(d)
+    dirs.append(d)
+for i in range(5945 - 1410):
+    with open(os.path.join(random.choice(dirs) or ".", f"f{i}"), "w") as f:
+        f.write("x" * random.randint(0, 300))
+PY
+fi
 for mode in ${MODES:-plain cache-dir}; do
   flag=(); [ $mode = cache-dir ] && flag=(--cache-dir); [ $mode = no-opendir ] && flag=(--no-opendir)
   stats=$(mktemp)
