@@ -495,6 +495,7 @@ class CowFS:
     by_path: dict[bytes, Node] = attrs.field(factory=dict)
     _resolved: dict[tuple[int, bytes], tuple[float, Resolved]] = attrs.field(factory=dict)
     _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
+    _name_hints: dict[tuple[int, int], bytes] = attrs.field(factory=dict)
     _cache_generation: int = 0
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
     _generation: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
@@ -626,8 +627,9 @@ class CowFS:
             if not previous.paths:
                 previous.paths.append(path)  # unreachable now; keeps its last name for I/O
         self.by_path[path] = node
-        if path in node.paths:
-            node.paths.remove(path)
+        # Only names that still lead to this node stay: one it kept after losing its
+        # last name (see _forget_path) is no name once it is found under another.
+        node.paths = [p for p in node.paths if p != path and self.by_path.get(p) is node]
         node.paths.insert(0, path)
 
     def _remember(self, ino: int, kind: int, path: bytes, lower: bytes | None, in_upper: bool,
@@ -652,11 +654,17 @@ class CowFS:
             node.lookups += 1
         return node
 
-    def _forget_path(self, path: bytes, keep: Node | None = None, dead: bool = False) -> None:
+    def _forget_path(self, path: bytes, keep: Node | None = None,
+                     removed: os.stat_result | None = None) -> None:
         """A name disappeared from the view: drop it from the node that carried it.
 
-        ``dead``: the entry's inode is gone from the upper (its last link), so its
-        number may be reused by the filesystem for something new.
+        ``removed`` is the upper entry's stat before it went.  Its last link: the
+        inode is gone, so its number may be reused by the filesystem for something
+        new (``dead``).  Not its last link: the file lives on under another name,
+        and if this was the last name known here while the kernel still uses the
+        node (an open file, a cached dentry), that other name is looked for, so
+        that what is written through the node is journaled under a path a replica
+        can find (otherwise it would count as unlinked and go unjournaled).
         """
         node = self.by_path.get(path)
         if node is None or node is keep:
@@ -664,11 +672,119 @@ class CowFS:
         del self.by_path[path]
         if path in node.paths:
             node.paths.remove(path)
-        if not node.paths:
-            node.paths.append(path)  # unlinked but still open or looked up: keep last name
-            node.in_upper = False
-            node.lower = None
-            node.dead = node.dead or dead
+        if node.paths:
+            return
+        if removed is not None and not _last_link(removed) and node.lookups > 0:
+            other = self._other_name(removed, split(path)[0])
+            if other is not None:
+                self._name(node, other)
+                return
+        node.paths.append(path)  # unlinked but still open or looked up: keep last name
+        node.in_upper = False
+        node.lower = None
+        node.dead = node.dead or (removed is not None and _last_link(removed))
+
+    def _other_name(self, removed: os.stat_result, near: bytes) -> bytes | None:
+        """A view path that still names the upper inode of ``removed``, or None.
+
+        What :meth:`find_other_name` found before the removal (the daemon runs that
+        scan in a worker thread), else that scan here.
+        """
+        hint = self._name_hints.pop((removed.st_dev, removed.st_ino), None)
+        if hint is not None:
+            st = self.layers.lstat(self.layer_path(hint))
+            if st is not None and (st.st_dev, st.st_ino) == (removed.st_dev, removed.st_ino):
+                return hint
+        return self.find_other_name(removed, near, b"")
+
+    def other_name_needed(self, parent_ino: int, name: bytes
+                          ) -> tuple[os.stat_result, bytes, bytes] | None:
+        """(upper stat, its directory, its path) if removing ``name`` leaves a node the
+        kernel holds with no known name while its file keeps other links; else None.
+
+        Then the file's other name is to be found (:meth:`find_other_name`) before the
+        removal, so that the node carries on under it (see :meth:`_forget_path`).
+        """
+        parent = self.nodes.get(parent_ino)
+        if parent is None:
+            return None
+        path = join(parent.path, name)
+        node = self.by_path.get(path)
+        if node is None or node.is_dir or node.lookups <= 0 or node.paths != [path]:
+            return None
+        try:
+            st = self.layers.lstat(self.layer_path(path))
+        except OSError:
+            return None
+        if st is None or _last_link(st):
+            return None
+        return st, parent.path, path
+
+    def find_other_name(self, removed: os.stat_result, near: bytes, exclude: bytes
+                        ) -> bytes | None:
+        """A view path other than ``exclude`` naming the upper inode of ``removed``.
+
+        A scan, as hard links have no way back to their names: the directory ``near``
+        first, then the whole upper, by d_ino, confirmed with lstat; it stays on the
+        upper's filesystem and never follows symlinks.  It only reads the upper, so it
+        may run in a worker thread (the caller holds the namespace lock); it is needed
+        only when the last known name of a multiply linked file goes.
+        """
+        top = b"upper"
+        starts = [self.layer_path(near)] if near and self.layer_path(near) != top else []
+        for start in [*starts, top]:
+            found = self._find_link(start, removed, self.layer_path(exclude) if exclude
+                                    else b"", recurse=start == top)
+            if found is not None:
+                return found if self.raw else found[len(top) + 1:]
+        return None
+
+    def hint_other_name(self, removed: os.stat_result, path: bytes) -> None:
+        """Remember what :meth:`find_other_name` found for the removal that follows."""
+        self._name_hints[(removed.st_dev, removed.st_ino)] = path
+
+    def _find_link(self, start: bytes, removed: os.stat_result, exclude: bytes,
+                   recurse: bool) -> bytes | None:
+        try:
+            pfd = self.layers.open_dir(start)
+        except OSError:
+            return None
+        try:
+            dfd = os.open(fd_path(pfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+        pending = [(start, dfd)]
+        try:
+            while pending:
+                path, dfd = pending.pop()
+                try:
+                    subdirs = []
+                    with os.scandir(dfd) as entries:
+                        for entry in entries:
+                            name = os.fsencode(entry.name)
+                            if entry.is_dir(follow_symlinks=False):
+                                subdirs.append(name)
+                            elif entry.inode() == removed.st_ino:
+                                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                                if (st.st_ino, st.st_dev) == (removed.st_ino, removed.st_dev) \
+                                        and join(path, name) != exclude:
+                                    return join(path, name)
+                    for name in subdirs if recurse else ():
+                        try:
+                            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                          | os.O_CLOEXEC, dir_fd=dfd)
+                        except OSError:
+                            continue
+                        if os.fstat(sub).st_dev != removed.st_dev:
+                            os.close(sub)  # a mount inside the upper: not the upper
+                            continue
+                        pending.append((join(path, name), sub))
+                finally:
+                    os.close(dfd)
+        finally:
+            for _, fd in pending:
+                os.close(fd)
+        return None
 
     def _rename_paths(self, src: bytes, dst: bytes, is_dir: bool) -> None:
         """Every name at or below ``src`` moves to ``dst`` (a scan only for directories)."""
@@ -1273,7 +1389,7 @@ class CowFS:
             self.layers.rmdir(dest)
         else:
             self.layers.unlink(dest)
-        self._forget_path(path, dead=upper is not None and _last_link(upper))
+        self._forget_path(path, removed=upper)
 
     def _clear_whiteouts(self, upper_dir: bytes) -> None:
         for child in self.layers.listdir(upper_dir):
@@ -1314,8 +1430,7 @@ class CowFS:
                 raise OSError(errno.EPERM, "the layer root holds only upper and work")
             victim = self.layers.lstat(dst)
             self.layers.rename(src, dst, flags)
-            self._after_rename(src, dst, node, target, flags,
-                               victim is not None and _last_link(victim))
+            self._after_rename(src, dst, node, target, flags, victim)
             return
         if node.is_dir and node.lower is not None:
             raise OSError(errno.EXDEV, "renaming a lower directory needs a copy (redirect_dir=off)")
@@ -1354,11 +1469,11 @@ class CowFS:
             if src_whiteout:
                 mode |= RENAME_WHITEOUT
             self.layers.rename(self.layer_path(src), dst_upper, mode)
-        self._after_rename(src, dst, node, target, flags,
-                           upper_target is not None and _last_link(upper_target))
+        self._after_rename(src, dst, node, target, flags, upper_target)
 
     def _after_rename(self, src: bytes, dst: bytes, node: Node, target: Node | None,
-                      flags: int, target_dead: bool) -> None:
+                      flags: int, victim: os.stat_result | None) -> None:
+        """Node bookkeeping after a rename; ``victim`` is the replaced upper entry's stat."""
         if flags & RENAME_EXCHANGE and target is not None:
             tmp = b"\0swap"
             self._rename_paths(dst, tmp, target.is_dir)
@@ -1366,7 +1481,7 @@ class CowFS:
             self._rename_paths(tmp, src, target.is_dir)
             return
         if target is not None:
-            self._forget_path(dst, keep=node, dead=target_dead)
+            self._forget_path(dst, keep=node, removed=victim)
         self._rename_paths(src, dst, node.is_dir)
         node.in_upper = True
         if not self.raw:

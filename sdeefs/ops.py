@@ -36,7 +36,7 @@ from . import records as rec
 from .cow import Attr, CowFS, Node
 from .guard import GuardView
 from .offload import Offload
-from .sysio import name_to_handle, range_lock
+from .sysio import RENAME_EXCHANGE, name_to_handle, range_lock
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +281,20 @@ class Operations(pyfuse3.Operations):
                 await self._copy_up(node)
             return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
+    async def _find_other_name(self, parent_inode: InodeT, name: bytes) -> None:
+        """Before a removal that leaves a hard-linked file's node without a known name,
+        find the file's other name in a worker thread (a scan of the upper; the caller
+        holds the mutex, so nothing renames it meanwhile)."""
+        needed = self.fs.other_name_needed(parent_inode, name)
+        if needed is not None:
+            found = await self.offload.run(self.fs.find_other_name, *needed)
+            if found is not None:
+                self.fs.hint_other_name(needed[0], found)
+
     @_errors
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: RequestContext) -> None:
         async with self.mutex:
+            await self._find_other_name(parent_inode, name)
             self.fs.unlink(parent_inode, name)
 
     @_errors
@@ -306,6 +317,8 @@ class Operations(pyfuse3.Operations):
                         await self._copy_up(node)
                 finally:
                     self.fs.forget(attr.ino, 1)
+            if not flags & RENAME_EXCHANGE:
+                await self._find_other_name(parent_inode_new, name_new)
             self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # -- extended attributes ------------------------------------------------------------------

@@ -66,6 +66,9 @@ SDEEFS_PYTHON = os.environ.get("SDEEFS_PYTHON", sys.executable)
 SDEEFS_SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OP_TIMEOUT = float(os.environ.get("SDEEFS_DIFF_OP_TIMEOUT", "30"))
+#: the sdeefs engine under test (hybrid: expect ESTALE in the hard-link scenarios,
+#: docs/hardlinks.md)
+SDEEFS_ENGINE = os.environ.get("SDEEFS_DIFF_ENGINE", "fuse")
 MOUNT_TIMEOUT = float(os.environ.get("SDEEFS_DIFF_MOUNT_TIMEOUT", "60"))
 
 
@@ -1024,7 +1027,7 @@ class Sdeefs:
 
     def mount(self, lower: str, upper: str, aux: str, mnt: str) -> None:
         self.states[mnt] = aux
-        cmd = self._cmd("mount", "--engine", "fuse", "--lower", lower,
+        cmd = self._cmd("mount", "--engine", SDEEFS_ENGINE, "--lower", lower,
                         "--upper", upper, "--state", aux, mnt)
         rc, out, err = self._run_cli(cmd)
         if rc != 0 or not is_mounted(mnt):

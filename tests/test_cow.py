@@ -620,6 +620,81 @@ def test_link_of_lower_file_keeps_one_inode_number(env: Env) -> None:
     assert_consistent(env)
 
 
+def _write_through(env: Env, ino: int, data: bytes, offset: int = 0) -> None:
+    """What ops.py does for write(2) on an open file: journal the range, then write it."""
+    fd = env.fs.open_fd(ino, os.O_WRONLY)
+    try:
+        env.fs.journal_write(env.fs.node(ino), name_to_handle(fd), offset, len(data))
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+# Regression (was a bug): the last name this daemon knew of a hard-linked file was removed
+# while the kernel still held the node (an open file): the node counted as unlinked, so
+# writes and truncations through it were not journaled although the file lives on under
+# its other name (replay != upper, and replicas kept the old content)
+@pytest.mark.parametrize("searched", ["in cow", "before, as ops.py does"])
+@pytest.mark.parametrize("kind", ["unlink", "rename over"])
+@pytest.mark.parametrize("mode", ["merged", "raw"])
+def test_writes_after_the_known_name_of_a_hard_link_went_are_journaled(
+        tmp_path: Path, mode: str, kind: str, searched: str) -> None:
+    env = Env(tmp_path, mode)
+    try:
+        mkfile(env.lower / "keep")
+        fs = env.start()
+        top = fs.lookup(ROOT_INO, b"upper").ino if mode == "raw" else ROOT_INO
+        prefix = b"upper/" if mode == "raw" else b""
+        sub = fs.mkdir(fs.mkdir(top, b"s", 0o755, 0, 0).ino, b"t", 0o755, 0, 0).ino
+        fs.create(top, b"a", 0o644, 0, 0)
+        fs.link(fs.lookup(top, b"a").ino, sub, b"b")
+        env.remount()  # a fresh daemon knows only the names the kernel asks for
+        fs = env.fs
+        top = fs.lookup(ROOT_INO, b"upper").ino if mode == "raw" else ROOT_INO
+        ino = fs.lookup(top, b"a").ino  # an open file: the kernel holds this node
+        if kind == "rename over":
+            fs.create(top, b"new", 0o600, 0, 0)
+        if searched != "in cow":  # the scan in a worker thread, its result handed over
+            needed = fs.other_name_needed(top, b"a")
+            assert needed is not None
+            found = fs.find_other_name(*needed)
+            assert found == prefix + b"s/t/b"
+            fs.hint_other_name(needed[0], found)
+        assert fs.other_name_needed(top, b"new" if kind == "rename over" else b"keep") is None
+        if kind == "unlink":
+            fs.unlink(top, b"a")
+        else:
+            fs.rename(top, b"new", top, b"a", 0)
+        _write_through(env, ino, b"written later")
+        fs.setattr(ino, rec.Setattr(b"upper", rec.SET_SIZE, size=7))
+        assert fs.getattr(ino).st.st_nlink == 1
+        assert (env.upper / "s" / "t" / "b").read_bytes() == b"written"
+        assert fs.node(ino).paths == [prefix + b"s/t/b"]
+        assert_consistent(env)
+    finally:
+        env.close()
+
+
+# Regression (was a bug): a node that had lost its last name kept that name when the kernel
+# found it again under another one, so when that one went too the node still counted as
+# named (not unlinked) and kept serving the removed lower file
+def test_a_node_found_under_another_name_drops_the_removed_one(env: Env) -> None:
+    mkfile(env.lower / "b", b"shared")
+    mkfile(env.lower / "d" / "keep")
+    os.link(env.lower / "b", env.lower / "d" / "b")
+    env.start()
+    ino = env.ino(b"b")
+    env.fs.unlink(ROOT_INO, b"b")
+    assert env.fs.node(ino).unlinked
+    assert env.ino(b"d/b") == ino
+    assert env.fs.node(ino).paths == [b"d/b"]
+    env.fs.unlink(env.ino(b"d"), b"b")
+    assert env.fs.node(ino).unlinked
+    with raises_errno(errno.ENOENT):
+        env.fs.getattr(ino)
+    assert_consistent(env)
+
+
 # --------------------------------------------------------------------------
 # rename
 

@@ -44,6 +44,8 @@ Environment:
                              past a known mismatch), e.g. ino,dir.mtime
   SDEEFS_DIFF_OP_TIMEOUT     seconds before a blocked sdeefs op aborts the
                              FUSE connection (default 30)
+  SDEEFS_DIFF_ENGINE         the sdeefs engine (default fuse; hybrid fails the hard-link
+                             scenarios with ESTALE: docs/hardlinks.md)
 """
 
 from __future__ import annotations
@@ -177,6 +179,15 @@ operations = st.one_of(
 _lower_dirs = st.sampled_from(["d", "e", "d/e", "d/d"])
 _lower_nondirs = st.sampled_from(["a", "b", "x", "d/a", "d/b", "d/x", "d/e/a", "d/e/x"])
 _modes = st.sampled_from([0o755, 0o700])
+# names free in the lower tree, in three directories
+_new_names = ("e/a", "e/b", "d/d/a", "d/d/b", "d/e/b")
+_link_pairs = st.tuples(st.sampled_from(_new_names), st.sampled_from(_new_names)).filter(
+    lambda pq: pq[0] != pq[1])
+# the first name: a new file, or (the link copies it up) a lower file moved there
+_first_names = st.sampled_from([
+    lambda p, data: [om.Write(p, "excl", 0, data)],
+    lambda p, data: [om.Rename("d/a", p)],
+])
 scenarios = st.one_of(
     # rm -r of a lower dir, then mkdir of the same name: must be opaque
     st.builds(lambda p, m: [om.RmTree(p), om.Mkdir(p, m)], _lower_dirs, _modes),
@@ -223,6 +234,27 @@ scenarios = st.one_of(
                                lambda p: [om.Unlink(p), om.Write(p, "excl", 0, b"new")]]),
               st.sampled_from(["a", "b", "d/a", "d/e/a"]),
               st.sampled_from(["r", "rw"]), _datas),
+    # hard links (new or copied-up files; the second name in the same or another
+    # directory, looked up by the Check): the first name unlinked, renamed away, or
+    # replaced by a rename over it, with an fd held through it
+    st.builds(lambda pq, first, data: [*first(pq[0], data), om.Link(pq[0], pq[1]), om.Check(),
+                                       om.Unlink(pq[0]), om.Read(pq[1]),
+                                       om.Write(pq[1], "append", 0, b"+"), om.Check()],
+              _link_pairs, _first_names, _datas),
+    st.builds(lambda pq, first, r: [*first(pq[0], b"first"), om.Link(pq[0], pq[1]),
+                                    om.Check(), om.Rename(pq[0], r), om.Read(pq[1]),
+                                    om.Check()],
+              _link_pairs, _first_names, st.sampled_from(["e/d", "d/d/d", "x"])),
+    st.builds(lambda pq, first, r: [*first(pq[0], b"first"), om.Link(pq[0], pq[1]),
+                                    om.Check(), om.Write(r, "excl", 0, b"over"),
+                                    om.Rename(r, pq[0]), om.Read(pq[1]), om.Read(pq[0]),
+                                    om.Check()],
+              _link_pairs, _first_names, st.sampled_from(["e/e", "d/d/e"])),
+    st.builds(lambda pq, d: [om.Write(pq[0], "excl", 0, b"first"), om.Link(pq[0], pq[1]),
+                             om.Check(), om.OpenFd(0, pq[0], "rw"), om.Unlink(pq[0]),
+                             om.FdWrite(0, 0, d), om.FdStat(0), om.Read(pq[1]),
+                             om.CloseFd(0), om.Check()],
+              _link_pairs, _datas),
     # hold a lower file open, modify it through another path, read the fd
     st.builds(lambda p, m, op: [om.OpenFd(0, p, m), op, om.FdRead(0), om.FdStat(0)],
               _lower_nondirs, st.sampled_from(["r", "rw"]),
@@ -520,6 +552,42 @@ def test_sdeefs_matches_kernel_overlayfs(ops: list[om.Op],
         pytest.skip(reason)
     lower, pristine = lower_tree.path, lower_tree.pristine
     run_differential(ops, lower, pristine, om.Kernel(), om.Sdeefs())
+
+
+# The hard-link cases, always run (the random sequences reach them only now and then):
+# names in one and in two directories, the first name a new or a copied-up lower file
+HARD_LINK_CASES = {
+    "unlink-first-name": [
+        om.Write("e/a", "excl", 0, b"first"), om.Link("e/a", "e/b"), om.Check(),
+        om.Unlink("e/a"), om.Read("e/b"), om.Write("e/b", "append", 0, b"+"), om.Check()],
+    "unlink-first-name-across-dirs-copied-up": [
+        om.Link("d/a", "e/b"), om.Check(), om.Unlink("d/a"), om.Read("e/b"),
+        om.Write("e/b", "append", 0, b"+"), om.Check()],
+    "rename-one-name-away": [
+        om.Write("d/d/a", "excl", 0, b"first"), om.Link("d/d/a", "e/b"), om.Check(),
+        om.Rename("d/d/a", "d/d/b"), om.Read("e/b"), om.Unlink("e/b"), om.Check()],
+    "rename-over-one-name": [
+        om.Write("e/a", "excl", 0, b"first"), om.Link("e/a", "d/d/b"), om.Check(),
+        om.Write("e/x", "excl", 0, b"over"), om.Rename("e/x", "e/a"), om.Read("d/d/b"),
+        om.Check()],
+    "fd-held-through-the-removed-name": [
+        om.Write("e/a", "excl", 0, b"first"), om.Link("e/a", "d/e/b"), om.Check(),
+        om.OpenFd(0, "e/a", "rw"), om.Unlink("e/a"), om.FdWrite(0, 0, b"via fd"),
+        om.FdTruncate(0, 3), om.FdStat(0), om.Read("d/e/b"), om.CloseFd(0), om.Check()],
+    "three-names-two-removed-after-dropped-caches": [
+        om.Write("e/a", "excl", 0, b"first"), om.Link("e/a", "e/b"), om.Link("e/b", "d/d/a"),
+        om.DropCaches(), om.Read("e/a"), om.Unlink("e/a"), om.Unlink("e/b"),
+        om.Read("d/d/a"), om.Check()],
+}
+
+
+@pytest.mark.parametrize("case", sorted(HARD_LINK_CASES))
+def test_hard_links_match_kernel_overlayfs(case: str, lower_tree: LowerTree) -> None:
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    run_differential(HARD_LINK_CASES[case], lower_tree.path, lower_tree.pristine,
+                     om.Kernel(), om.Sdeefs())
 
 
 def test_no_mounts_left_behind() -> None:

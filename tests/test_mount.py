@@ -105,6 +105,87 @@ def test_hard_links_stay_linked_after_copy_up_and_remount(layers: Layers, engine
     check_consistent(layers)
 
 
+# Kernel overlayfs (the hybrid engine's top layer) keeps, per inode, the upper dentry of the
+# name it met first and revalidates exactly that dentry by name for every other name of the
+# inode; the FUSE upper then has to answer a lookup of a removed name, so every later access
+# by path gets ESTALE until the overlay's dentry cache is dropped (fs/overlayfs/super.c
+# ovl_revalidate_real, fs/fuse/dir.c fuse_dentry_revalidate).  No answer of the upper can be
+# right: see docs/hardlinks.md.  Strict: this starts failing if a kernel gets it right.
+HYBRID_HARD_LINK_LIMIT = pytest.mark.xfail(
+    strict=True, raises=OSError,
+    reason="kernel overlayfs over a FUSE upper: ESTALE once the first name of a hard-linked "
+           "file goes (docs/hardlinks.md)")
+
+
+@pytest.mark.parametrize("engine", ["fuse", pytest.param("hybrid", marks=HYBRID_HARD_LINK_LIMIT)])
+def test_hard_links(layers: Layers, engine: str) -> None:
+    """link, unlink of the first name, rename of one name and over one name, fds, nlink."""
+    populate(layers.lower)
+    mnt = layers.mount(engine)
+    d1, d2 = mnt / "d1", mnt / "d2"
+    d1.mkdir()
+    d2.mkdir()
+    (d1 / "a").write_text("one")
+    os.link(d1 / "a", d2 / "b")  # across directories
+    a, b = os.stat(d1 / "a"), os.stat(d2 / "b")
+    assert (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+    with open(d2 / "b", "a") as f:
+        f.write("+two")
+    assert (d1 / "a").read_text() == "one+two"
+    fd = os.open(d1 / "a", os.O_RDWR)  # held across everything below
+    try:
+        os.unlink(d1 / "a")  # the first name goes
+        assert (d2 / "b").read_text() == "one+two"
+        assert os.stat(d2 / "b").st_nlink == 1
+        os.pwrite(fd, b"ONE", 0)
+        assert (d2 / "b").read_text() == "ONE+two"
+        os.link(d2 / "b", mnt / "c")
+        os.rename(d2 / "b", d1 / "b2")  # one name renamed
+        assert (mnt / "c").read_text() == "ONE+two"
+        (mnt / "new").write_text("new")
+        os.rename(mnt / "new", mnt / "c")  # another file renamed over one name
+        assert (d1 / "b2").read_text() == "ONE+two"
+        assert os.stat(d1 / "b2").st_nlink == 1
+        assert os.fstat(fd).st_nlink == 1
+        os.ftruncate(fd, 3)
+        assert (d1 / "b2").read_text() == "ONE"
+    finally:
+        os.close(fd)
+    assert ((mnt / "c").read_text(), os.stat(mnt / "c").st_nlink) == ("new", 1)
+    layers.umount()
+    mnt = layers.mount(engine)
+    assert ((mnt / "d1" / "b2").read_text(), os.stat(mnt / "d1" / "b2").st_nlink) == ("ONE", 1)
+    assert not (mnt / "d1" / "a").exists()
+    assert sorted(os.listdir(mnt / "d2")) == []
+    layers.umount()
+    check_consistent(layers)
+
+
+# Regression (was a bug, both engines): after a remount the daemon knew only the name a file
+# was opened by; once that name went, writes through the open file were not journaled
+# although the file lived on under its other name (check: "replay differs", exit 7)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_writes_through_a_file_whose_opened_name_went_are_journaled(
+        layers: Layers, engine: str) -> None:
+    mnt = layers.mount(engine)
+    (mnt / "x" / "y").mkdir(parents=True)
+    (mnt / "a").write_text("one\n")
+    os.link(mnt / "a", mnt / "x" / "y" / "b")
+    layers.umount()
+    mnt = layers.mount(engine)
+    fd = os.open(mnt / "a", os.O_RDWR)
+    try:
+        os.unlink(mnt / "a")
+        os.pwrite(fd, b"TWO", 0)
+        os.ftruncate(fd, 5)
+        assert os.fstat(fd).st_nlink == 1
+    finally:
+        os.close(fd)
+    layers.umount()
+    assert (layers.upper / "x" / "y" / "b").read_bytes() == b"TWO\n\0"
+    check_consistent(layers)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rename_flags(layers: Layers, engine: str) -> None:
     populate(layers.lower)
