@@ -73,6 +73,23 @@ Durability and ordering
   truncated away (that record was never acknowledged durably).  A bad record
   followed by an intact ``Sync`` record is corruption of durable data: it is
   reported (``JournalCorrupt``), never silently dropped.
+
+Captured batches (the ``kernel`` engine)
+----------------------------------------
+With the kernel engine no sdeefs process is in the write path: kernel overlayfs
+writes the upper directly and a capture daemon (``sdeefs.fs.capture``) turns
+fanotify's change notifications into the same records, *after* the fact.  The
+guarantee is then "captured before the barrier" instead of write-ahead: every
+change whose syscall returned before a drain request is in the journal when the
+drain answers (fanotify queues events inside the syscall).  Records come in
+batches, ``Begin`` … ``Commit(begin)``, that take effect only as a whole; a batch
+a crash left open is closed by ``Void(begin, end)`` at the next start, and
+replay, check and replicas skip it.  Applying a batch to the tree the journal
+described before it yields the upper as the capture saw it; whatever the capture
+did not see yet (it died, the event queue overflowed) it finds by a full scan
+of the upper against its model of the journal's tree, so the journal converges
+to the upper after any crash.  What the user's fsync acknowledged is on the
+upper's own filesystem, whatever happens to the capture.
 """
 
 from __future__ import annotations
