@@ -34,9 +34,10 @@ delete) the directory's handle with the entry's name, and the entry's own handle
 for a rename (``FAN_RENAME``, one event) the old and the new directory with their
 names, and the moved entry's handle; for events on an inode (modify, attrib,
 close_write) its handle, and its parent with its name when the kernel still knows
-them.  Names can be stale (a hard link written to is reported under the name
-used to open it, even if that name is gone by now): the capture treats events
-as hints of where to look, never as the truth.
+them; for events on a directory itself (``FAN_ONDIR``) no FID record but the
+directory's own handle with the name ".".  Names can be stale (a hard link written
+to is reported under the name used to open it, even if that name is gone by now):
+the capture treats events as hints of where to look, never as the truth.
 
 ext4 encodes handles as ``FILEID_INO32_GEN`` (type 1: u32 inode number, u32
 generation), so the inode number of an event's object needs no syscall
