@@ -327,10 +327,10 @@ class Capture:
                 dirty.full = True
                 continue
             if mask & ENTRY_EVENTS:
-                for _, handle, name in event.dirs:
-                    ino = self._ino(handle)
+                for _, dir_handle, name in event.dirs:
+                    ino = self._ino(dir_handle)
                     if ino is not None:
-                        dirty.dirs[ino] = handle
+                        dirty.dirs[ino] = dir_handle
                         if name:
                             dirty.names.add((ino, name))
             if mask & OBJECT_EVENTS:
