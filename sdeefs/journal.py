@@ -345,6 +345,31 @@ class Journal:
         self.head = seq
         return seq
 
+    def append_many(self, records: list[Record]) -> int:
+        """Append ``records`` with one write(2) (the capture's batches); the last seq.
+
+        Consecutive seqs, like appending them one by one; a batch that would cross the
+        segment size goes one by one (it may start a segment)."""
+        with self._lock:
+            if self.failed is not None:
+                raise FailsafeError(self.failed)
+            data = b"".join(encode_frame(self.head + 1 + i, r) for i, r in enumerate(records))
+            if self._segment_size + len(data) > self.segment_bytes:
+                for record in records:
+                    self._append_locked(record)
+                return self.head
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise OSError(f"short journal write ({written} of {len(data)} bytes)")
+            except OSError as exc:
+                self.failed = f"journal append failed: {exc}"
+                log.error("%s; refusing further mutations", self.failed)
+                raise FailsafeError(self.failed) from exc
+            self._segment_size += len(data)
+            self.head += len(records)
+            return self.head
+
     def sync(self, upto: int | None = None) -> None:
         """Make every record up to ``upto`` (default: the head) durable (group commit).
 

@@ -60,13 +60,17 @@ class Rig:
     def replica(self) -> Path:
         return self.root / "dst" / "upper"
 
-    def capture(self, dirty: Dirty | None = None) -> list[rec.Record]:
+    def capture(self, dirty: Dirty | None = None, budget: int = 0) -> list[rec.Record]:
         records: list[rec.Record] = []
-        Reconciler(self.model, self.upper).reconcile(dirty or Dirty(full=True),
-                                                     records.append)
-        for record in records:  # what the journal would hold: every record decodes
-            assert rec.decode_record(*rec.encode_record(record)) == record
-        apply_all(records, self.src, self.dst)
+        todo = dirty or Dirty(full=True)
+        while todo:  # a budget leaves directories to list again: until none is left
+            batch: list[rec.Record] = []
+            stats = Reconciler(self.model, self.upper).reconcile(todo, batch.append, budget)
+            for record in batch:  # what the journal would hold: every record decodes
+                assert rec.decode_record(*rec.encode_record(record)) == record
+            apply_all(batch, self.src, self.dst)  # every batch leaves a complete tree
+            records += batch
+            todo = Dirty(dirs=stats.carry)
         self.log += records
         return records
 
@@ -256,12 +260,31 @@ def test_extents() -> None:
     assert [e.length // BLOCK for e in out] == [256, 256, 88]
 
 
+def test_a_budget_splits_big_batches(rig: Rig) -> None:
+    for d in range(3):
+        (rig.up / f"d{d}" / "sub").mkdir(parents=True)
+        for i in range(25):
+            (rig.up / f"d{d}" / f"f{i}").write_bytes(b"%d" % i)
+    batches = []
+    todo = Dirty(full=True)
+    while todo:
+        batch: list[rec.Record] = []
+        stats = Reconciler(rig.model, rig.upper).reconcile(todo, batch.append, budget=10)
+        apply_all(batch, rig.src, rig.dst)
+        rig.log += batch
+        batches.append(batch)
+        todo = Dirty(dirs=stats.carry)
+    assert len(batches) > 5
+    assert max(sum(isinstance(r, rec.Mknod) for r in b) for b in batches) <= 10
+    rig.check()
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32), ops=st.lists(st.sampled_from(Workload.OPS), min_size=1,
                                                max_size=40),
-       rounds=st.integers(1, 4), events=st.booleans())
+       rounds=st.integers(1, 4), events=st.booleans(), budget=st.sampled_from([0, 0, 3]))
 def test_random_changes_replay_identically(seed: int, ops: list[str], rounds: int,
-                                           events: bool) -> None:
+                                           events: bool, budget: int) -> None:
     with tempfile.TemporaryDirectory(prefix="capture-", dir="/tmp") as tmp:
         r = make_rig(Path(tmp))
         try:
@@ -274,7 +297,7 @@ def test_random_changes_replay_identically(seed: int, ops: list[str], rounds: in
                 for op in ops[start:start + per_round]:
                     w.run(op)
                 dirty = w.take()
-                r.capture(dirty if events else Dirty(full=True))
+                r.capture(dirty if events else Dirty(full=True), budget)
                 r.check()
             # a full scan after event batches finds nothing they missed
             assert [x for x in r.capture() if not isinstance(x, rec.Setattr)] == []

@@ -93,6 +93,7 @@ ENTRY_EVENTS = fan.FAN_CREATE | fan.FAN_DELETE | fan.FAN_RENAME
 OBJECT_EVENTS = fan.FAN_MODIFY | fan.FAN_ATTRIB | fan.FAN_CLOSE_WRITE
 DATA_EVENTS = fan.FAN_MODIFY | fan.FAN_CLOSE_WRITE
 MAX_REQUEST = 4096
+APPEND_CHUNK = 512  # records per write(2) of a batch
 _UCRED = struct.Struct("3i")
 
 
@@ -109,7 +110,8 @@ class Config:
     unlimited_queue: bool = True
     quiet: float = 0.02
     max_delay: float = 0.25
-    max_batch_events: int = 200_000
+    max_batch_events: int = 20_000
+    batch_entries: int = 20_000  # new entries examined per batch (bounds its memory)
     sync_interval: float = 5.0
     checkpoint_interval: float = 300.0
     fault_stall_after: int = 0  # tests: stop for good after this many records of a batch
@@ -286,7 +288,11 @@ class Capture:
     def _start(self, trust: bool) -> None:
         if trust:
             log.info("capture: no capture wrote this journal; taking the upper as its state")
-            self.reconciler.reconcile(Dirty(full=True), lambda record: None)
+            dirty = Dirty(full=True)
+            while dirty:
+                stats = self.reconciler.reconcile(dirty, lambda record: None,
+                                                  self.config.batch_entries)
+                dirty = Dirty(dirs=stats.carry)
         self.dirty.full = True
         self._batch()
         self._checkpoint()
@@ -358,19 +364,28 @@ class Capture:
         begin = 0
         count = 0
         stall = self.config.fault_stall_after
+        pending: list[rec.Record] = []
 
         def emit(record: rec.Record) -> None:
             nonlocal begin, count
             if not begin:
                 begin = journal.append(rec.Begin(1 if dirty.full else 0))
-            journal.append(record)
+            pending.append(record)
             count += 1
+            if len(pending) >= APPEND_CHUNK:
+                journal.append_many(pending)
+                pending.clear()
             if stall and count == stall:
+                journal.append_many(pending)
                 log.warning("capture: fault injection: stalled in a batch after %d records",
                             count)
                 time.sleep(3600)
 
-        self.reconciler.reconcile(dirty, emit)
+        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries)
+        if stats.carry:
+            self.dirty.merge(Dirty(dirs=stats.carry))
+        if pending:
+            journal.append_many(pending)
         if begin:
             journal.append(rec.Commit(begin))
         self.model.seq = journal.head
@@ -412,6 +427,8 @@ class Capture:
                 waiters, self._waiters = self._waiters, []
                 await self.offload.run(self._read_events)  # all queued before the requests
                 await self.offload.run(self._batch)
+                while (waiters or self.stopping) and self.dirty:  # what the batch left over
+                    await self.offload.run(self._batch)
                 if waiters or self.stopping:
                     await self.offload.run(self.journal.sync)
                 for waiter in waiters:
@@ -425,7 +442,7 @@ class Capture:
         """Until events are queued, a drain is asked or the capture stops."""
         if self._wakeup.is_set():
             self._wakeup = trio.Event()
-        if self._waiters or self.stopping or self.dirty.full:
+        if self._waiters or self.stopping or self.dirty:
             return
         async with trio.open_nursery() as nursery:
             async def readable() -> None:

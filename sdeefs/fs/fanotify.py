@@ -250,14 +250,20 @@ def handle_ino(handle: bytes) -> int | None:
     return None
 
 
-def handle_of(dir_fd: int, name: bytes) -> bytes:
+def handle_buffer() -> ctypes.Array[ctypes.c_char]:
+    """A buffer for :func:`handle_of` (one per thread that calls it)."""
+    return ctypes.create_string_buffer(HANDLE_HEADER.size + sysio.MAX_HANDLE_SZ)
+
+
+def handle_of(dir_fd: int, name: bytes, buf: object = None) -> bytes:
     """name_to_handle_at(dir_fd, name, 0): the entry's own handle (a symlink is not
-    followed), b"" if the filesystem has none.
+    followed), b"" if the filesystem has none.  ``buf``: from :func:`handle_buffer`.
 
     Identity beyond the inode number: the generation in the handle changes when the
     filesystem reuses a number for a new inode.
     """
-    buf = ctypes.create_string_buffer(HANDLE_HEADER.size + sysio.MAX_HANDLE_SZ)
+    if not isinstance(buf, ctypes.Array):
+        buf = handle_buffer()
     HANDLE_HEADER.pack_into(buf, 0, sysio.MAX_HANDLE_SZ, 0)
     mount_id = ctypes.c_int()
     ret = _syscall(_SYS_NAME_TO_HANDLE_AT, ctypes.c_int(dir_fd), ctypes.c_char_p(name), buf,

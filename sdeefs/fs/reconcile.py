@@ -56,9 +56,8 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from .. import records as rec
-from ..errors import BadRecord
 from ..sysio import fd_path, name_to_handle, open_by_handle, openat2_beneath
-from .fanotify import handle_ino, handle_of
+from .fanotify import handle_buffer, handle_ino, handle_of
 from .model import UPPER, WORK, Model, Node
 
 log = logging.getLogger(__name__)
@@ -118,17 +117,45 @@ class Dirty:
 
 
 @attrs.frozen
-class Seen:
-    """One examined inode as the upper has it now."""
+class Contents:
+    """What reading a regular file found."""
 
-    st: os.stat_result
+    sums: bytes
+    size: int
+    mtime: int
+    ctime: int  # 0: the file changed while it was read
+
+
+@attrs.frozen
+class Seen:
+    """One examined inode as the upper has it now (what records need of its lstat)."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    ctime: int
+    ino: int
+    rdev: int
     handle: bytes
     xattrs: tuple[tuple[bytes, bytes], ...]
     target: bytes  # symlinks
+    contents: Contents | None = None  # regular files that had to be read
+
+    @classmethod
+    def of(cls, st: os.stat_result, handle: bytes, xattrs: tuple[tuple[bytes, bytes], ...],
+           target: bytes = b"", contents: Contents | None = None) -> Seen:
+        return cls(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                   st.st_ctime_ns, st.st_ino, st.st_rdev, handle, xattrs, target, contents)
 
     @property
     def kind(self) -> int:
-        return stat.S_IFMT(self.st.st_mode)
+        return stat.S_IFMT(self.mode)
+
+    @property
+    def perm(self) -> int:
+        return 0 if self.kind == stat.S_IFCHR else stat.S_IMODE(self.mode)
 
 
 @attrs.frozen
@@ -137,6 +164,7 @@ class Stats:
     listed: int = 0
     examined: int = 0
     read_bytes: int = 0
+    carry: dict[int, bytes] = attrs.field(factory=dict)  # directories to list again
 
 
 @attrs.define(eq=False)
@@ -198,12 +226,31 @@ def _xattrs(path: bytes, follow: bool) -> tuple[tuple[bytes, bytes], ...]:
 def same_kind(node: Node, seen: Seen) -> bool:
     if stat.S_IFMT(node.mode) != seen.kind:
         return False
-    return seen.kind != stat.S_IFCHR or seen.st.st_rdev == 0
+    return seen.kind != stat.S_IFCHR or seen.rdev == 0
 
 
 def refused(seen: Seen) -> bool:
     """Device nodes cannot be journaled (records refuse them); whiteouts (0/0) can."""
-    return seen.kind == stat.S_IFBLK or seen.kind == stat.S_IFCHR and seen.st.st_rdev != 0
+    return seen.kind == stat.S_IFBLK or seen.kind == stat.S_IFCHR and seen.rdev != 0
+
+
+def needs_read(node: Node | None, st: os.stat_result, data_dirty: bool, full: bool) -> bool:
+    """Must a regular file's data be read (sums compared with the model's)?
+
+    Always after a data event (timestamps may be too coarse to show a change), when the
+    model does not know it, or its size or mtime moved.  In a full scan (events were
+    lost) also when its ctime moved: a change of attributes alone (chmod) is no reason
+    to read a file when events say its data did not change.
+    """
+    return node is None or data_dirty or node.data is None or node.size != st.st_size \
+        or node.mtime != st.st_mtime_ns \
+        or full and (not node.ctime or node.ctime != st.st_ctime_ns)
+
+
+def same_attributes(node: Node, seen: Seen) -> bool:
+    return (node.uid, node.gid, node.mtime, node.xattrs) == \
+        (seen.uid, seen.gid, seen.mtime, seen.xattrs) \
+        and (seen.kind == stat.S_IFLNK or stat.S_IMODE(node.mode) == seen.perm)
 
 
 @attrs.define(eq=False)
@@ -212,7 +259,9 @@ class _Batch:
 
     want: dict[int, dict[bytes, int]] = attrs.field(factory=dict)  # listed dir -> entries
     order: list[int] = attrs.field(factory=list)  # listed dirs, in listing order
-    seen: dict[int, Seen] = attrs.field(factory=dict)
+    seen: dict[int, Seen] = attrs.field(factory=dict)  # examined and not as the model has it
+    looked: set[int] = attrs.field(factory=set)  # examined
+    full: bool = False  # a full scan
     new: set[int] = attrs.field(factory=set)  # ids the model does not hold yet
     reborn: dict[int, int] = attrs.field(factory=dict)  # temporary id -> its inode number
     data: set[int] = attrs.field(factory=set)  # ids whose data must be read
@@ -222,6 +271,8 @@ class _Batch:
     records: int = 0
     examined: int = 0
     read_bytes: int = 0
+    budget: int = 0  # new entries to examine at most (0: no bound)
+    carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
 
 
 @attrs.define(eq=False)
@@ -237,6 +288,8 @@ class Reconciler:
     model: Model
     upper: Upper
     refused_seen: set[tuple[int, bytes]] = attrs.field(factory=set)
+    _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
+    _hbuf: object = attrs.field(factory=handle_buffer)
 
     def __attrs_post_init__(self) -> None:
         if self.model.root_ino and self.model.root_ino != self.upper.ino:
@@ -256,28 +309,33 @@ class Reconciler:
 
     # -- the one entry point ------------------------------------------------------------------
 
-    def reconcile(self, dirty: Dirty, emit: Emit) -> Stats:
-        """Journal (through ``emit``) what changed where ``dirty`` points."""
-        b = _Batch()
+    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0) -> Stats:
+        """Journal (through ``emit``) what changed where ``dirty`` points.
+
+        ``budget`` bounds the new entries one call examines (and so its memory): the
+        directories that hold more come back in ``Stats.carry``, to be listed again by
+        the next call; every call leaves a complete tree (with fewer new entries).
+        """
+        b = _Batch(budget=budget)
 
         def out(record: rec.Record) -> None:
+            # Names come from directory listings (one component each, never "." or ".."),
+            # so only the length can make a path one the journal's readers refuse.
             for name, kind in record.FIELDS:
-                if kind == "path":
-                    try:
-                        rec.check_path(getattr(record, name))
-                    except BadRecord as exc:
-                        raise CaptureError(f"cannot journal {record!r}: {exc}") from None
+                if kind == "path" and len(getattr(record, name)) > rec.MAX_PATH:
+                    raise CaptureError(f"cannot journal {record!r}: path too long")
             b.records += 1
             emit(record)
 
         self._observe(dirty, b)
         self._plan_and_emit(b, out)
-        return Stats(b.records, len(b.want), b.examined, b.read_bytes)
+        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry)
 
     # -- 1. observe ---------------------------------------------------------------------------
 
     def _observe(self, dirty: Dirty, b: _Batch) -> None:
         m = self.model
+        b.full = dirty.full
         hints: set[tuple[int, bytes]] = {(m.id_of_ino(i), n) for i, n in dirty.names}
         b.data = {m.id_of_ino(i) for i in dirty.data}
         todo: list[tuple[int, bytes | None]] = []  # (id, handle; None: the upper itself)
@@ -303,13 +361,14 @@ class Reconciler:
         if not dirty.full:
             for ino, handle in dirty.objects.items():
                 id = m.id_of_ino(ino)
-                if id in b.seen or id not in m.nodes:
+                if id in b.looked or id not in m.nodes:
                     continue
                 node = m.nodes[id]
                 if node.handle and node.handle != handle:
                     continue  # the model's inode is gone (its directory says how)
-                seen = self._examine_handle(handle)
-                if seen is not None and seen.st.st_ino == ino and same_kind(node, seen):
+                seen = self._examine_handle(handle, node, id in b.data)
+                b.looked.add(id)
+                if seen is not None and seen.ino == ino and same_kind(node, seen):
                     b.seen[id] = seen
                     b.examined += 1
 
@@ -328,7 +387,8 @@ class Reconciler:
             st = os.fstat(fd)
             if not stat.S_ISDIR(st.st_mode):
                 return
-            b.seen[id] = Seen(st, handle or b"", _xattrs(fd_path(fd), True), b"")
+            b.seen[id] = Seen.of(st, handle or b"", _xattrs(fd_path(fd), True))
+            b.looked.add(id)
             node = m.nodes.get(id)
             children = node.children if node is not None and node.children is not None else {}
             entries: dict[bytes, int] = {}
@@ -339,12 +399,15 @@ class Reconciler:
                 if not full and cur is not None and cur == ino and (id, name) not in hints:
                     entries[name] = cur  # same inode under the same name: nothing to look at
                     continue
+                if cur is None and b.budget and len(b.seen) >= b.budget:
+                    b.carry[st.st_ino] = handle or b""  # the next batch takes the rest
+                    continue
                 got = self._examine_entry(fd, name, cur, b)
                 if got is None:
                     continue
                 entries[name] = got
-                child = b.seen[got]
-                if child.kind == stat.S_IFDIR and (full or got in b.new):
+                child = b.seen.get(got)  # (directories are always kept)
+                if child is not None and child.kind == stat.S_IFDIR and (full or got in b.new):
                     yield got, child.handle
             b.want[id] = entries
             b.order.append(id)
@@ -384,16 +447,20 @@ class Reconciler:
         return None
 
     def _examine_entry(self, dir_fd: int, name: bytes, cur: int | None, b: _Batch) -> int | None:
-        """Examine one entry; return the id it has in the new tree (None: skip it)."""
+        """Examine one entry; return the id it has in the new tree (None: skip it).
+
+        What differs from the model (or is a directory) goes to ``b.seen``; a regular
+        file that must be read is read now, while its directory is open.
+        """
         m = self.model
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            handle = handle_of(dir_fd, name)
+            handle = handle_of(dir_fd, name, self._hbuf)
             xattrs = _xattrs(fd_path(dir_fd, name), False)
             target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else b""
         except FileNotFoundError:
             return None  # gone meanwhile: its event is queued, the next batch looks again
-        seen = Seen(st, handle, xattrs, target)
+        seen = Seen.of(st, handle, xattrs, target)
         b.examined += 1
         ino = st.st_ino
         if refused(seen):
@@ -426,10 +493,28 @@ class Reconciler:
                 id = m.new_id()
                 b.reborn[id] = ino
             b.new.add(id)
+            node = None
+        b.looked.add(id)
+        regular = stat.S_ISREG(st.st_mode)
+        read = regular and needs_read(node, st, id in b.data, b.full)
+        if node is not None and cur == id and not read and seen.kind != stat.S_IFDIR \
+                and same_attributes(node, seen):
+            return id  # as the model has it: nothing to keep
+        if read:
+            try:
+                fd = os.open(name, OPEN_DATA, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EACCES):
+                    raise
+            else:
+                try:
+                    seen = attrs.evolve(seen, contents=self._read(fd, ino, b))
+                finally:
+                    os.close(fd)
         b.seen[id] = seen
         return id
 
-    def _examine_handle(self, handle: bytes) -> Seen | None:
+    def _examine_handle(self, handle: bytes, node: Node, data_dirty: bool) -> Seen | None:
         fd = self.upper.open_handle(handle, os.O_PATH)
         if fd is None:
             return None
@@ -437,11 +522,30 @@ class Reconciler:
             st = os.fstat(fd)
             # (the /proc link of an O_PATH fd leads to the inode itself, a symlink too)
             target = os.readlink(b"", dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
-            return Seen(st, handle, _xattrs(fd_path(fd), True), target)
+            seen = Seen.of(st, handle, _xattrs(fd_path(fd), True), target)
         except FileNotFoundError:
             return None
         finally:
             os.close(fd)
+        if stat.S_ISREG(st.st_mode) and needs_read(node, st, data_dirty, False):
+            fd = self.upper.open_handle(handle, OPEN_DATA)
+            if fd is not None:
+                try:
+                    seen = attrs.evolve(seen, contents=self._read(fd, st.st_ino, None))
+                finally:
+                    os.close(fd)
+        return seen
+
+    def _read(self, fd: int, ino: int, b: _Batch | None) -> Contents | None:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode) or before.st_ino != ino:
+            return None  # replaced meanwhile: its events are queued
+        sums, size = read_sums(fd, self._buf)
+        after = os.fstat(fd)
+        if b is not None:
+            b.read_bytes += size
+        ctime = after.st_ctime_ns if after.st_ctime_ns == before.st_ctime_ns else 0
+        return Contents(sums, size, after.st_mtime_ns, ctime)
 
     # -- 2. decide the new tree ---------------------------------------------------------------
 
@@ -716,25 +820,21 @@ class Reconciler:
             b.touched.add(p)
 
     def _create(self, path: bytes, seen: Seen, emit: Emit) -> Node:
-        st = seen.st
-        perm = stat.S_IMODE(st.st_mode)
-        kind = seen.kind
+        perm, kind, uid, gid = seen.perm, seen.kind, seen.uid, seen.gid
         if kind == stat.S_IFDIR:
-            emit(rec.Mkdir(path, perm, st.st_uid, st.st_gid))
-            return Node(stat.S_IFDIR | perm, st.st_uid, st.st_gid, children={})
+            emit(rec.Mkdir(path, perm, uid, gid))
+            return Node(stat.S_IFDIR | perm, uid, gid, children={})
         if kind == stat.S_IFLNK:
-            emit(rec.Symlink(path, seen.target, st.st_uid, st.st_gid))
-            return Node(st.st_mode, st.st_uid, st.st_gid, size=len(seen.target),
-                        data=seen.target)
-        if kind == stat.S_IFCHR:
-            perm = 0
-        emit(rec.Mknod(path, kind | perm, st.st_uid, st.st_gid))
-        return Node(kind | perm, st.st_uid, st.st_gid)
+            emit(rec.Symlink(path, seen.target, uid, gid))
+            return Node(seen.mode, uid, gid, size=len(seen.target), data=seen.target)
+        emit(rec.Mknod(path, kind | perm, uid, gid))
+        return Node(kind | perm, uid, gid)
 
     # -- attributes and data ------------------------------------------------------------------
 
     def _emit_attributes(self, b: _Batch, alive: Callable[[int], bool], emit: Emit) -> None:
         m = self.model
+        now = time.time_ns()
         for id, seen in b.seen.items():
             node = m.nodes.get(id)
             if node is None or not node.parent and id != UPPER:
@@ -749,70 +849,38 @@ class Reconciler:
                     if have.get(name) != value:
                         emit(rec.Setxattr(path, name, value))
                 node.xattrs = seen.xattrs
-            st = seen.st
             mask = 0
-            size = 0
-            mtime = st.st_mtime_ns
-            ctime = st.st_ctime_ns
-            if stat.S_ISREG(st.st_mode):
-                reread = id in b.data or node.data is None or not node.ctime \
-                    or node.ctime != st.st_ctime_ns or node.size != st.st_size \
-                    or node.mtime != st.st_mtime_ns
-                if reread:
-                    got = self._data(id, node, seen, path, b, emit)
-                    if got is not None:
-                        changed, size, mtime, ctime = got
-                        if changed:
-                            mask |= rec.SET_MTIME
-                        if changed and (node.size != size or node.data is None):
-                            mask |= rec.SET_SIZE
-                        node.size = size
-            perm = stat.S_IMODE(st.st_mode)
-            if seen.kind == stat.S_IFCHR:
-                perm = 0
-            if perm != stat.S_IMODE(node.mode) and seen.kind != stat.S_IFLNK:
+            mtime, ctime = seen.mtime, seen.ctime
+            mode, uid, gid, old_mtime, old_ctime, size, handle, data = node.unpacked()
+            got = seen.contents
+            if got is not None:
+                mtime, ctime = got.mtime, got.ctime
+                if data != got.sums or size != got.size:
+                    for extent in extents(path, seen.handle, data, size, got.sums, got.size):
+                        emit(extent)
+                    mask |= rec.SET_MTIME
+                    if size != got.size or data is None:
+                        mask |= rec.SET_SIZE
+                data, size = got.sums, got.size
+            perm = seen.perm
+            if perm != stat.S_IMODE(mode) and seen.kind != stat.S_IFLNK:
                 mask |= rec.SET_MODE
-                node.mode = stat.S_IFMT(node.mode) | perm
-            if (st.st_uid, st.st_gid) != (node.uid, node.gid):
+                mode = stat.S_IFMT(mode) | perm
+            if (seen.uid, seen.gid) != (uid, gid):
                 mask |= rec.SET_OWNER
-                node.uid, node.gid = st.st_uid, st.st_gid
-            if mtime != node.mtime or id in b.touched:
+            if mtime != old_mtime or id in b.touched:
                 mask |= rec.SET_MTIME
-            node.mtime = mtime
-            node.ctime = 0 if time.time_ns() - ctime < UNSURE_NS else ctime
-            node.handle = seen.handle or node.handle
+            if got is not None or seen.kind != stat.S_IFREG:
+                old_ctime = 0 if now - ctime < UNSURE_NS else ctime
+            node.set(mode=mode, uid=seen.uid, gid=seen.gid, mtime=mtime, ctime=old_ctime,
+                     size=size, handle=seen.handle or handle, data=data)
             if mask:
-                emit(rec.Setattr(path, mask, perm, st.st_uid, st.st_gid, node.size, 0, mtime))
-
-    def _data(self, id: int, node: Node, seen: Seen, path: bytes, b: _Batch,
-              emit: Emit) -> tuple[bool, int, int, int] | None:
-        """Journal a regular file's changed blocks; (changed, size, mtime, ctime) read."""
-        fd = self.upper.open_handle(seen.handle, OPEN_DATA)
-        if fd is None:
-            return None  # gone, or no handles here: the next event or scan finds it
-        try:
-            before = os.fstat(fd)
-            if not stat.S_ISREG(before.st_mode) or before.st_ino != seen.st.st_ino:
-                return None
-            sums, size = read_sums(fd)
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        b.read_bytes += size
-        old = node.data
-        changed = old != sums or node.size != size
-        if changed:
-            for extent in extents(path, seen.handle, old, node.size, sums, size):
-                emit(extent)
-        node.data = sums
-        ctime = after.st_ctime_ns if after.st_ctime_ns == before.st_ctime_ns else 0
-        return changed, size, after.st_mtime_ns, ctime
+                emit(rec.Setattr(path, mask, perm, seen.uid, seen.gid, size, 0, mtime))
 
 
-def read_sums(fd: int) -> tuple[bytes, int]:
-    """(blake2b-128 of every BLOCK of the file, bytes read)."""
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
+def read_sums(fd: int, buf: bytearray | None = None) -> tuple[bytes, int]:
+    """(blake2b-128 of every BLOCK of the file, bytes read); ``buf``: READ_CHUNK bytes."""
+    view = memoryview(buf if buf is not None else bytearray(READ_CHUNK))
     sums = bytearray()
     size = 0
     while True:
