@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from sdeefs import records as rec
 from sdeefs.apply import recover, replay
 from sdeefs.check import check_replay_matches
 from sdeefs.fs import capture, image
+from sdeefs.fs import fanotify as fan
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, renameat2
 
@@ -390,3 +392,56 @@ def test_a_dangling_batch_in_an_earlier_segment(tmp_path: Path) -> None:
     journal.append(rec.Commit(begin))
     assert capture.dangling_batch(journal) is None
     journal.close()
+
+
+# -- fanotify event decoding (pinned layouts; no kernel needed) -----------------------------
+
+
+def _fid_info(itype: int, ino: int, gen: int, name: bytes | None = None) -> bytes:
+    handle = fan.HANDLE_HEADER.pack(8, fan.FILEID_INO32_GEN) + fan.INO32_GEN.pack(ino, gen)
+    body = b"\x01" * 8 + handle  # fsid, then the struct file_handle
+    if name is not None:
+        body += name + b"\0"
+    body += b"\0" * (-(len(body) + 4) % 4)  # the kernel pads info records to 4 bytes
+    return fan.INFO_HEADER.pack(itype, 0, 4 + len(body)) + body
+
+
+def _event(mask: int, *infos: bytes, pid: int = 42) -> bytes:
+    body = b"".join(infos)
+    return fan.METADATA.pack(fan.METADATA.size + len(body), fan.FANOTIFY_METADATA_VERSION, 0,
+                             fan.METADATA.size, mask, fan.FAN_NOFD, pid) + body
+
+
+def test_decode_events() -> None:
+    data = (_event(fan.FAN_RENAME, _fid_info(fan.INFO_OLD_DFID_NAME, 10, 1, b"a"),
+                   _fid_info(fan.INFO_NEW_DFID_NAME, 11, 2, b"b\xff"),
+                   _fid_info(fan.INFO_FID, 12, 3))
+            + _event(fan.FAN_ATTRIB | fan.FAN_ONDIR, _fid_info(fan.INFO_DFID_NAME, 13, 4, b"."))
+            + _event(fan.FAN_Q_OVERFLOW))
+    renamed, attrib, overflow = fan.decode_events(data)
+    assert renamed.mask == fan.FAN_RENAME
+    assert renamed.pid == 42
+    assert renamed.handle is not None
+    assert fan.handle_ino(renamed.handle) == 12
+    assert [(t, fan.handle_ino(h), n) for t, h, n in renamed.dirs] == \
+        [(fan.INFO_OLD_DFID_NAME, 10, b"a"), (fan.INFO_NEW_DFID_NAME, 11, b"b\xff")]
+    assert attrib.handle is None
+    assert attrib.dirs[0][2] == b"."
+    assert overflow.mask == fan.FAN_Q_OVERFLOW
+    assert overflow.dirs == ()
+    assert fan.handle_ino(fan.HANDLE_HEADER.pack(12, 0x81) + bytes(12)) is None  # not ext4's
+
+
+@pytest.mark.parametrize("damage", ["version", "event_len", "info_len", "handle_len"])
+def test_decode_events_refuses_what_it_does_not_know(damage: str) -> None:
+    data = bytearray(_event(fan.FAN_CREATE, _fid_info(fan.INFO_DFID_NAME, 10, 1, b"name")))
+    if damage == "version":
+        data[4] = 2
+    elif damage == "event_len":
+        struct.pack_into("<I", data, 0, len(data) + 8)
+    elif damage == "info_len":
+        struct.pack_into("<H", data, fan.METADATA.size + 2, 200)
+    else:
+        struct.pack_into("<I", data, fan.METADATA.size + 12, 100)
+    with pytest.raises(fan.BadEvent):
+        fan.decode_events(bytes(data))
