@@ -231,6 +231,13 @@ def test_drain_covers_writes_to_a_file_still_open(site: Site) -> None:
 
 @requires_kernel
 def test_kill_9_in_a_batch_then_restart(site: Site) -> None:
+    # committed batches after the start's checkpoint, then a crash: the next start
+    # rebuilds the model from the checkpoint and the journal after it
+    proc = site.start()
+    changes_through_the_overlay(site.mnt, "a")
+    site.drain()
+    site.stop(proc, signal.SIGKILL)
+    changes_through_the_overlay(site.mnt, "b")  # while no capture runs
     proc = site.start("--fault-stall-after", "40")
     for i in range(200):
         (site.mnt / f"f{i}").write_bytes(b"%d" % i)
@@ -257,19 +264,30 @@ def test_kill_9_in_a_batch_then_restart(site: Site) -> None:
 @requires_kernel
 def test_queue_overflow_makes_a_full_scan(site: Site) -> None:
     proc = site.start("--bounded-queue")
+    (site.mnt / "many").mkdir()
+    (site.mnt / "old").mkdir()
+    for i in range(100):
+        (site.mnt / "old" / f"o{i}").write_bytes(b"old")
     site.drain()
     os.kill(proc.pid, signal.SIGSTOP)
     try:
-        (site.mnt / "many").mkdir()
-        for i in range(20_000):  # > 16384 queued events
+        for i in range(20_000):  # > 16384 queued events: the queue is full
             (site.mnt / "many" / f"f{i}").write_bytes(b"x")
+        # changes whose events are lost: only a full scan finds them
+        for i in range(0, 100, 2):
+            os.unlink(site.mnt / "old" / f"o{i}")
+        with open(site.mnt / "old" / "o1", "ab") as f:
+            f.write(b" and new")
+        os.chmod(site.mnt / "old" / "o3", 0o600)
+        os.rename(site.mnt / "old" / "o5", site.mnt / "old" / "o5-renamed")
+        (site.mnt / "old" / "late").write_bytes(b"late")
     finally:
         os.kill(proc.pid, signal.SIGCONT)
     site.drain()
+    assert site.replay_diff() == []
     status = site.status()
     assert status["overflows"] >= 1
     assert status["full_scans"] >= 2
-    assert site.replay_diff() == []
     site.stop(proc)
 
 
