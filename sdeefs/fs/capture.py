@@ -37,7 +37,8 @@ Start
    records from seq 1; a journal that no capture ever wrote (another engine's, which
    journals ahead of every change) is trusted to equal the upper: the model is then a
    scan of the upper and nothing is journaled for it;
-5. a full scan (a batch like any other), a checkpoint.
+5. a full scan (the loop's first batch, so that drains asked meanwhile wait for it),
+   then a checkpoint.
 
 Checkpoints are written after start, every ``checkpoint_interval`` seconds when the
 model changed, and at a clean stop (SIGTERM/SIGINT: the queue is drained first).
@@ -251,6 +252,7 @@ class Capture:
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _last_checkpoint: float = 0.0
     _checkpoint_seq: int = 0
+    _starting: bool = False  # the start's full scan is not done yet
 
     # -- start and stop (synchronous) -----------------------------------------------------
 
@@ -293,9 +295,9 @@ class Capture:
                 stats = self.reconciler.reconcile(dirty, lambda record: None,
                                                   self.config.batch_entries)
                 dirty = Dirty(dirs=stats.carry)
+        # The full scan is the loop's first batch: drains asked meanwhile wait for it.
         self.dirty.full = True
-        self._batch()
-        self._checkpoint()
+        self._starting = True
 
     def close(self) -> None:
         self.group.close()
@@ -470,6 +472,9 @@ class Capture:
                 return
 
     async def _maintain(self) -> None:
+        if self._starting and not self.dirty:
+            self._starting = False
+            await self.offload.run(self._checkpoint)  # what the start's scan found
         if self.journal.head > self.journal.synced:
             await self.offload.run(self.journal.sync)
         if self.model.seq != self._checkpoint_seq and \
