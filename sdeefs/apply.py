@@ -18,7 +18,7 @@ import stat
 
 from . import records as rec
 from .cow import LayerRoot, apply_setattr
-from .journal import Journal, NullJournal
+from .journal import Entry, Journal, NullJournal
 from .sysio import open_by_handle, range_lock, renameat2
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = Non
         case rec.Write(path=p, offset=offset):
             if data is not None:
                 _apply_write(layers, p, offset, data)
-        case rec.Abort() | rec.Sync() | rec.Done():
+        case rec.Abort() | rec.Sync() | rec.Done() | rec.Begin() | rec.Commit() | rec.Void():
             pass
         case _:
             raise TypeError(f"no rule to apply {record!r}")
@@ -127,6 +127,8 @@ def recover(journal: Journal, upper: bytes, work: bytes) -> int | None:
     seq, last, later = _last_metadata(journal)
     if last is None or any(isinstance(r, rec.Done | rec.Abort) and r.seq == seq for r in later):
         return None
+    if any(isinstance(r, rec.Commit | rec.Void) for r in later):
+        return None  # a capture batch (sdeefs.fs.capture): settled by its Commit or Void
     path = getattr(last, "path", None)
     if isinstance(last, rec.Setattr) and any(
             isinstance(r, rec.Write) and r.path == path for r in later):
@@ -191,14 +193,25 @@ def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:
         os.close(fd)  # drops the lock
 
 
+def voided(entries: list[Entry]) -> list[tuple[int, int]]:
+    """The (begin, end) seq ranges of capture batches that did not take effect."""
+    return [(e.record.begin, e.record.end) for e in entries if isinstance(e.record, rec.Void)]
+
+
 def replay(journal: Journal, source: LayerRoot, target: LayerRoot, from_seq: int = 1) -> int:
-    """Apply every non-aborted record from ``from_seq`` to ``target``; return the last seq."""
+    """Apply every record from ``from_seq`` that took effect to ``target``; return the last seq.
+
+    Skipped: records an Abort names and the batches a Void names (``sdeefs.records``).
+    A batch still open at the head (no Commit yet) is applied: the upper holds its
+    effect already, and ``sdeefs check`` runs after a drain.
+    """
     entries = list(journal.read(from_seq))
     aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
+    void = voided(entries)
     last = from_seq - 1
     for entry in entries:
         last = entry.seq
-        if entry.seq in aborted:
+        if entry.seq in aborted or any(b <= entry.seq <= e for b, e in void):
             continue
         data = read_write_data(source, entry.record) if isinstance(entry.record, rec.Write) \
             else None

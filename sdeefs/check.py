@@ -89,13 +89,15 @@ def check_replay_matches(journal: Journal, upper: str, work: str) -> list[str]:
         os.mkdir(os.path.join(scratch, "work"))
         opened = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in
                   (upper, work, os.path.join(scratch, "upper"), os.path.join(scratch, "work"))]
+        source = LayerRoot(opened[0], opened[1], NullJournal())
+        target = LayerRoot(opened[2], opened[3], NullJournal())
         try:
-            source = LayerRoot(opened[0], opened[1], NullJournal())
-            target = LayerRoot(opened[2], opened[3], NullJournal())
             replay(journal, source, target)
         finally:
-            for fd in opened:
-                os.close(fd)
+            # LayerRoot.close also closes the mount fd that reading Write data opened: left
+            # open, it keeps the upper's filesystem busy (a layer image cannot be unmounted)
+            source.close()
+            target.close()
         want = _tree_signature(upper)
         got = _tree_signature(os.path.join(scratch, "upper"))
         problems = []

@@ -73,6 +73,23 @@ Durability and ordering
   truncated away (that record was never acknowledged durably).  A bad record
   followed by an intact ``Sync`` record is corruption of durable data: it is
   reported (``JournalCorrupt``), never silently dropped.
+
+Captured batches (the ``kernel`` engine)
+----------------------------------------
+With the kernel engine no sdeefs process is in the write path: kernel overlayfs
+writes the upper directly and a capture daemon (``sdeefs.fs.capture``) turns
+fanotify's change notifications into the same records, *after* the fact.  The
+guarantee is then "captured before the barrier" instead of write-ahead: every
+change whose syscall returned before a drain request is in the journal when the
+drain answers (fanotify queues events inside the syscall).  Records come in
+batches, ``Begin`` … ``Commit(begin)``, that take effect only as a whole; a batch
+a crash left open is closed by ``Void(begin, end)`` at the next start, and
+replay, check and replicas skip it.  Applying a batch to the tree the journal
+described before it yields the upper as the capture saw it; whatever the capture
+did not see yet (it died, the event queue overflowed) it finds by a full scan
+of the upper against its model of the journal's tree, so the journal converges
+to the upper after any crash.  What the user's fsync acknowledged is on the
+upper's own filesystem, whatever happens to the capture.
 """
 
 from __future__ import annotations
@@ -327,6 +344,31 @@ class Journal:
         self._segment_size += len(frame)
         self.head = seq
         return seq
+
+    def append_many(self, records: list[Record]) -> int:
+        """Append ``records`` with one write(2) (the capture's batches); the last seq.
+
+        Consecutive seqs, like appending them one by one; a batch that would cross the
+        segment size goes one by one (it may start a segment)."""
+        with self._lock:
+            if self.failed is not None:
+                raise FailsafeError(self.failed)
+            data = b"".join(encode_frame(self.head + 1 + i, r) for i, r in enumerate(records))
+            if self._segment_size + len(data) > self.segment_bytes:
+                for record in records:
+                    self._append_locked(record)
+                return self.head
+            try:
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise OSError(f"short journal write ({written} of {len(data)} bytes)")
+            except OSError as exc:
+                self.failed = f"journal append failed: {exc}"
+                log.error("%s; refusing further mutations", self.failed)
+                raise FailsafeError(self.failed) from exc
+            self._segment_size += len(data)
+            self.head += len(records)
+            return self.head
 
     def sync(self, upto: int | None = None) -> None:
         """Make every record up to ``upto`` (default: the head) durable (group commit).

@@ -40,7 +40,37 @@ type   record          fields
 12     Abort           seq u64 (the record that did not take effect)
 13     Sync            reason u32 (a durable commit point; informational)
 14     Done            seq u64 (the metadata record that took effect)
-=====  ==============================================================
+15     Begin           scan u32 (1: the batch is a full scan of the upper)
+16     Commit          begin u64 (the seq of the Begin whose batch took effect)
+17     Void            begin u64, end u64 (the batch from ``begin`` up to ``end`` did
+                       not take effect: replay and replicas skip those seqs)
+18     Extent          path, handle blob, offset u64, length u64, size u64,
+                       sums blob (a Write that says what the capture read, below)
+=====  ==============  ==========================================================
+
+Types 15-18 come from the kernel engine's capture daemon (``sdeefs.fs.capture``),
+which does not journal operations ahead of them but reconciles what the kernel
+already did into *batches*: ``Begin``, records, ``Commit(begin)``.  A batch takes
+effect as a whole: a reader ships or applies its records only once the Commit is
+in the journal.  A batch cut off by a crash is closed at the next start by
+``Void(begin, end)`` (the journal is never truncated: a reader may hold those
+records), and every reader skips the seqs it names, as it skips Aborted records.
+Any writer that starts on a journal first voids a dangling batch
+(``sdeefs.fs.capture.void_dangling``).
+
+``Extent`` is a ``Write`` (data by reference: the bytes are read from the live
+upper when shipped, and applying it is applying a Write) that also says what the
+capture read: ``size``, the file's size then, and ``sums``, the blake2b-128 of
+each ``EXTENT_BLOCK`` block of the range (the last one ends at the range's end).
+An Extent of length 0 says only "the file's data changed; its size was ``size``".
+Why the sums: the capture compares blocks with what it read before and journals
+only those that differ, so a block that changed after the capture read it and
+changed back before the next scan has no later record.  A shipper that read the
+block in between would leave the replica holding bytes the upper no longer has.
+So a shipper that finds a block whose hash differs from its sum must not let a
+replica settle on those bytes unless a later committed Extent of the same handle
+covers that block (or has a ``size`` at or below its start), or the handle no
+longer opens; otherwise it waits for the capture's next Commit and reads again.
 """
 
 from __future__ import annotations
@@ -259,10 +289,61 @@ class Done(Record):
     seq: int
 
 
+@attrs.frozen
+class Begin(Record):
+    TYPE = 15
+    FIELDS = (("scan", "u32"),)
+    METADATA = False
+    scan: int
+
+
+@attrs.frozen
+class Commit(Record):
+    TYPE = 16
+    FIELDS = (("begin", "u64"),)
+    METADATA = False
+    begin: int
+
+
+@attrs.frozen
+class Void(Record):
+    TYPE = 17
+    FIELDS = (("begin", "u64"), ("end", "u64"))
+    METADATA = False
+    begin: int
+    end: int
+
+    def validate(self) -> None:
+        if not 0 < self.begin <= self.end:
+            raise BadRecord("a void names an empty range")
+
+
+EXTENT_BLOCK = 1 << 16  # bytes per sum of an Extent
+SUM_SIZE = 16  # blake2b digest_size of a block sum
+MAX_SUMS = 4096  # sums in one Extent (its blob stays within MAX_XATTR_VALUE)
+
+
+@attrs.frozen
+class Extent(Write):
+    TYPE = 18
+    # (mypy took Write's FIELDS for a tuple of exactly four pairs)
+    FIELDS = Write.FIELDS + (("size", "u64"), ("sums", "blob"))  # type: ignore[assignment]
+    size: int
+    sums: bytes
+
+    def validate(self) -> None:
+        super().validate()
+        # The sums are not tied to ``length``: replication cuts a record's data into
+        # chunks of one seq, each carrying the record with a narrower range.
+        if len(self.sums) % SUM_SIZE or len(self.sums) > SUM_SIZE * MAX_SUMS \
+                or self.offset % EXTENT_BLOCK:
+            raise BadRecord("bad extent sums or offset")
+
+
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Rename, Setattr, Setxattr,
-                Removexattr, Write, Abort, Sync, Done)
+                Removexattr, Write, Abort, Sync, Done, Begin, Commit, Void, Extent)
 }
 
 

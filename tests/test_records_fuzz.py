@@ -65,6 +65,15 @@ RECORD_STRATEGIES: dict[type[rec.Record], st.SearchStrategy[rec.Record]] = {
 }
 if hasattr(rec, "Done"):  # recovery's "this record took effect" marker
     RECORD_STRATEGIES[rec.Done] = st.builds(rec.Done, U64)
+# the capture's batches and extents (sdeefs.fs.capture)
+RECORD_STRATEGIES[rec.Begin] = st.builds(rec.Begin, U32)
+RECORD_STRATEGIES[rec.Commit] = st.builds(rec.Commit, U64)
+RECORD_STRATEGIES[rec.Void] = st.integers(1, 2**64 - 1).flatmap(
+    lambda b: st.builds(rec.Void, st.just(b), st.integers(b, 2**64 - 1)))
+RECORD_STRATEGIES[rec.Extent] = st.builds(
+    rec.Extent, paths, handles, st.integers(0, 2**40).map(lambda n: n * rec.EXTENT_BLOCK),
+    st.integers(0, 2**40), U64,
+    st.integers(0, 64).map(lambda n: bytes(range(16)) * n))
 valid_records = st.one_of(*RECORD_STRATEGIES.values())
 KNOWN_TYPES = sorted(rec.RECORD_TYPES)
 

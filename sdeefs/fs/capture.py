@@ -1,0 +1,633 @@
+"""The capture daemon of the ``kernel`` engine: fanotify events -> reconciled, committed
+batches in the user's journal.
+
+Kernel overlayfs writes the user's upper directly (no sdeefs process in the write
+path); this daemon (root, one per running environment, not in the I/O path: if it
+dies, the user's sessions do not notice) watches the layer's filesystem
+(``sdeefs.fs.image``: one ext4 image per user, so a filesystem mark sees exactly
+this user's changes) and journals what changed.
+
+Loop
+====
+Events are read as they come (a worker thread parses them into a ``Dirty`` set:
+directories whose entries changed, inodes whose data or attributes changed, names
+events mentioned).  When the queue has been quiet for ``quiet`` seconds, or
+``max_delay`` after the first event of a batch, or when a drain is requested, the
+set is reconciled against the live upper (``sdeefs.fs.reconcile``) and the records
+go to the journal as one batch: ``Begin``, records, ``Commit`` (``sdeefs.records``).
+The journal is fdatasync'ed every ``sync_interval`` seconds and on every drain.
+
+Barrier: fanotify queues an event inside the syscall that caused it, so every change
+whose syscall returned before a drain request is in the queue when the request
+arrives.  A drain reads the queue until it is empty *after* the request, reconciles,
+commits, syncs the journal and answers the head seq: everything the user did before
+asking is in the journal up to that seq ("captured before the barrier").
+
+Overflow (``FAN_Q_OVERFLOW``: the queue was full, or its memory could not be
+allocated) makes the next batch a full scan of the upper.
+
+Start
+=====
+1. the lock (``STATE/capture/lock``: one capture per state directory);
+2. the fanotify group and its filesystem mark (before looking at anything, so that
+   nothing changing during the start is missed);
+3. a batch a crash left open is voided (``void_dangling``);
+4. the model: the checkpoint (``STATE/capture/model``, ``sdeefs.fs.model``) and the
+   journal's records after its seq applied to it; without a checkpoint, the journal's
+   records from seq 1; a journal that no capture ever wrote (another engine's, which
+   journals ahead of every change) is trusted to equal the upper: the model is then a
+   scan of the upper and nothing is journaled for it;
+5. a full scan (the loop's first batch, so that drains asked meanwhile wait for it),
+   then a checkpoint.
+
+Checkpoints are written after start, every ``checkpoint_interval`` seconds when the
+model changed, and at a clean stop (SIGTERM/SIGINT: the queue is drained first).
+
+Control socket (``STATE/capture.sock``, root only)
+===================================================
+One JSON object per line in, one per line out, then the connection closes::
+
+    {"op": "drain"}   -> {"ok": true, "head": SEQ}   everything before the request is in
+                                                     the journal up to SEQ, fdatasync'ed
+    {"op": "status"}  -> {"ok": true, "head": ..., "batches": ..., "full_scans": ...,
+                          "overflows": ..., "events": ..., "records": ..., "nodes": ...}
+    anything else     -> {"ok": false, "error": "..."}
+
+Limits: mmap writes cause no events; a file written through a shared mapping is
+captured when it is closed (``FAN_CLOSE_WRITE``) or at the next full scan.  Access
+times are not journaled.  Device nodes (a tampered image) are not journaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+import attrs
+import trio
+
+from .. import records as rec
+from ..errors import FailsafeError, JournalCorrupt, QuietError
+from ..journal import Journal, journal_id
+from ..offload import Offload
+from . import fanotify as fan
+from .model import CheckpointError, Model
+from .reconcile import CaptureError, Dirty, Reconciler, Upper, handle_id
+
+log = logging.getLogger(__name__)
+
+MASK = (fan.FAN_CREATE | fan.FAN_DELETE | fan.FAN_RENAME | fan.FAN_MODIFY | fan.FAN_ATTRIB
+        | fan.FAN_CLOSE_WRITE | fan.FAN_ONDIR)
+# Not DELETE_SELF / MOVE_SELF: the directory events (DELETE, RENAME of the entry) say the
+# same and also say where to look; every event costs ~10 µs of parsing.
+ENTRY_EVENTS = fan.FAN_CREATE | fan.FAN_DELETE | fan.FAN_RENAME
+OBJECT_EVENTS = fan.FAN_MODIFY | fan.FAN_ATTRIB | fan.FAN_CLOSE_WRITE
+DATA_EVENTS = fan.FAN_MODIFY | fan.FAN_CLOSE_WRITE
+MAX_REQUEST = 4096
+APPEND_CHUNK = 512  # records per write(2) of a batch
+_UCRED = struct.Struct("3i")
+
+
+@attrs.frozen
+class Config:
+    """What one capture watches and how it batches.
+
+    ``layer``: the mounted layer (holding ``upper/`` and ``work/``); ``state``: the
+    user's state directory (``journal/`` is there).
+    """
+
+    layer: str
+    state: str
+    unlimited_queue: bool = True
+    quiet: float = 0.02
+    max_delay: float = 0.25
+    max_batch_events: int = 20_000
+    batch_entries: int = 20_000  # new entries examined per batch (bounds its memory)
+    sync_interval: float = 5.0
+    checkpoint_interval: float = 300.0
+    fault_stall_after: int = 0  # tests: stop for good after this many records of a batch
+
+    @property
+    def upper(self) -> str:
+        return os.path.join(self.layer, "upper")
+
+    @property
+    def directory(self) -> str:
+        return os.path.join(self.state, "capture")
+
+    @property
+    def checkpoint(self) -> str:
+        return os.path.join(self.directory, "model")
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.state, "capture.sock")
+
+
+@attrs.define(eq=False)
+class Counters:
+    events: int = 0
+    batches: int = 0
+    records: int = 0
+    full_scans: int = 0
+    overflows: int = 0
+    last_batch_seconds: float = 0.0
+
+
+# -- journal helpers (also for other writers of a journal) -------------------------------------
+
+
+def dangling_batch(journal: Journal) -> int | None:
+    """The seq of a Begin that no Commit or Void closed, if the journal ends in one."""
+    segments = journal.segments()
+    for index in range(len(segments) - 1, -1, -1):
+        first = segments[index][0]
+        stop = segments[index + 1][0] if index + 1 < len(segments) else None
+        last: rec.Record | None = None
+        last_seq = 0
+        for entry in journal.read(first):
+            if stop is not None and entry.seq >= stop:
+                break
+            if isinstance(entry.record, rec.Begin | rec.Commit | rec.Void):
+                last, last_seq = entry.record, entry.seq
+        if last is not None:
+            return last_seq if isinstance(last, rec.Begin) else None
+    return None
+
+
+def void_dangling(journal: Journal) -> int | None:
+    """Close a batch a crash left open with a Void (and sync); return its Begin's seq.
+
+    Every writer that starts on a journal calls this first: records after a dangling
+    Begin would otherwise be taken for part of that batch.
+    """
+    begin = dangling_batch(journal)
+    if begin is None:
+        return None
+    log.warning("capture: the batch from seq %d to %d was cut off; voiding it",
+                begin, journal.head)
+    journal.append(rec.Void(begin, journal.head))
+    journal.sync()
+    return begin
+
+
+def load_model(journal: Journal, checkpoint: str) -> tuple[Model, bool]:
+    """(model of what the journal says, trust) — ``trust``: no capture ever wrote this
+    journal, so the upper is taken as its state (build the model by a silent scan)."""
+    jid = journal_id(journal.directory)
+    model: Model | None = None
+    try:
+        model = Model.load(checkpoint)
+    except FileNotFoundError:
+        pass
+    except (CheckpointError, OSError) as exc:
+        log.warning("capture: ignoring the checkpoint %s: %s", checkpoint, exc)
+    if model is not None and (model.journal_id != jid or model.seq > journal.head
+                              or model.seq + 1 < journal.first_seq()):
+        log.warning("capture: the checkpoint (seq %d) does not belong to this journal "
+                    "(head %d); rebuilding the model", model.seq, journal.head)
+        model = None
+    if model is None:
+        if journal.head == 0:
+            return Model.empty(jid), False
+        if journal.first_seq() != 1:
+            raise CaptureError("no usable model checkpoint and the journal is trimmed: "
+                               "what the replicas hold is unknown (start a new journal)")
+        if not any(isinstance(e.record, rec.Begin) for e in journal.read(1)):
+            model = Model.empty(jid)
+            model.seq = journal.head
+            return model, True
+        model = Model.empty(jid)
+    entries = list(journal.read(model.seq + 1))
+    aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
+    void = [(e.record.begin, e.record.end) for e in entries if isinstance(e.record, rec.Void)]
+    for entry in entries:
+        if entry.seq in aborted or any(b <= entry.seq <= e for b, e in void):
+            continue
+        model.apply(entry.record)
+    if entries:
+        log.info("capture: model at seq %d plus %d journal records", model.seq, len(entries))
+    model.seq = journal.head
+    return model, False
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Capture:
+    """One running capture.  Model, journal and reconciler are used from one worker thread
+    at a time (the loop awaits each call); the trio loop only schedules.
+
+    Attributes:
+        config: what it watches.
+        journal, model, upper, reconciler, group: its parts.
+        dirty: what the events read so far point at (the next batch).
+        counters: statistics for ``status``.
+    """
+
+    config: Config
+    journal: Journal
+    model: Model
+    upper: Upper
+    reconciler: Reconciler
+    group: fan.Group
+    lock_fd: int
+    offload: Offload = attrs.field(factory=lambda: Offload(trio.CapacityLimiter(1)))
+    dirty: Dirty = attrs.field(factory=Dirty)
+    counters: Counters = attrs.field(factory=Counters)
+    pending_events: int = 0
+    stopping: bool = False
+    _waiters: list[trio.Event] = attrs.field(factory=list)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    _last_checkpoint: float = 0.0
+    _checkpoint_seq: int = 0
+    _starting: bool = False  # the start's full scan is not done yet
+
+    # -- start and stop (synchronous) -----------------------------------------------------
+
+    @classmethod
+    def open(cls, config: Config) -> Capture:
+        os.makedirs(config.directory, mode=0o700, exist_ok=True)
+        lock_fd = os.open(os.path.join(config.directory, "lock"),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise QuietError(f"a capture runs for {config.state} already", 4) from None
+        os.ftruncate(lock_fd, 0)
+        os.write(lock_fd, b"%d\n" % os.getpid())
+        group = upper = journal = None
+        try:
+            journal = Journal.open(os.path.join(config.state, "journal"))
+            group = fan.Group.open(config.unlimited_queue)
+            group.mark_filesystem(config.upper, MASK)
+            void_dangling(journal)
+            model, trust = load_model(journal, config.checkpoint)
+            upper = Upper.open(config.upper)
+            capture = cls(config, journal, model, upper, Reconciler(model, upper), group,
+                          lock_fd)
+            capture._start(trust)
+            return capture
+        except BaseException:
+            for part in (group, upper, journal):
+                if part is not None:
+                    part.close()
+            os.close(lock_fd)
+            raise
+
+    def _start(self, trust: bool) -> None:
+        if trust:
+            log.info("capture: no capture wrote this journal; taking the upper as its state")
+            dirty = Dirty(full=True)
+            while dirty:
+                stats = self.reconciler.reconcile(dirty, lambda record: None,
+                                                  self.config.batch_entries)
+                dirty = Dirty(dirs=stats.carry)
+        # The full scan is the loop's first batch: drains asked meanwhile wait for it.
+        self.dirty.full = True
+        self._starting = True
+
+    def close(self) -> None:
+        self.group.close()
+        self.upper.close()
+        self.journal.close()
+        os.close(self.lock_fd)
+
+    # -- batches (worker thread) --------------------------------------------------------------
+
+    def _read_events(self) -> int:
+        """Read what is queued (up to a batch's worth) into ``dirty``; how many events."""
+        total = 0
+        while total < self.config.max_batch_events:
+            events = self.group.read()
+            if not events:
+                break
+            total += len(events)
+            self._note(events)
+        self.counters.events += total
+        self.pending_events += total
+        return total
+
+    def _note(self, events: list[fan.Event]) -> None:
+        dirty = self.dirty
+        trace = log.isEnabledFor(logging.DEBUG)
+        for event in events:
+            mask = event.mask
+            if trace:
+                log.debug("event %#x pid %d %s %s", mask, event.pid,
+                          event.handle and self._ino(event.handle),
+                          [(t, self._ino(h), n) for t, h, n in event.dirs])
+            if mask & fan.FAN_Q_OVERFLOW:
+                log.warning("capture: the event queue overflowed; the next batch is a full scan")
+                self.counters.overflows += 1
+                dirty.full = True
+                continue
+            if mask & ENTRY_EVENTS:
+                for _, dir_handle, name in event.dirs:
+                    ino = self._ino(dir_handle)
+                    if ino is not None:
+                        dirty.dirs[ino] = dir_handle
+                        if name:
+                            dirty.names.add((ino, name))
+            if mask & OBJECT_EVENTS:
+                handle = event.handle
+                if handle is None:  # an event on a directory itself: reported as "dir/."
+                    handle = next((h for _, h, n in event.dirs if n == b"."), None)
+                ino = self._ino(handle) if handle is not None else None
+                if ino is not None and handle is not None:
+                    dirty.objects[ino] = handle
+                    if mask & DATA_EVENTS:
+                        dirty.data.add(ino)
+
+    def _ino(self, handle: bytes) -> int | None:
+        ino = fan.handle_ino(handle)
+        return ino if ino is not None else handle_id(self.model, handle, self.upper)
+
+    def _batch(self) -> None:
+        """Reconcile what ``dirty`` points at and journal it as one committed batch."""
+        dirty, self.dirty = self.dirty, Dirty()
+        self.pending_events = 0
+        if not dirty:
+            return
+        started = time.monotonic()
+        journal = self.journal
+        begin = 0
+        count = 0
+        stall = self.config.fault_stall_after
+        pending: list[rec.Record] = []
+
+        def emit(record: rec.Record) -> None:
+            nonlocal begin, count
+            if not begin:
+                begin = journal.append(rec.Begin(1 if dirty.full else 0))
+            pending.append(record)
+            count += 1
+            if len(pending) >= APPEND_CHUNK:
+                journal.append_many(pending)
+                pending.clear()
+            if stall and count == stall:
+                journal.append_many(pending)
+                log.warning("capture: fault injection: stalled in a batch after %d records",
+                            count)
+                time.sleep(3600)
+
+        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries)
+        if stats.carry:
+            self.dirty.merge(Dirty(dirs=stats.carry))
+        if pending:
+            journal.append_many(pending)
+        if begin:
+            journal.append(rec.Commit(begin))
+        self.model.seq = journal.head
+        self.counters.batches += 1
+        self.counters.records += count
+        self.counters.full_scans += dirty.full
+        self.counters.last_batch_seconds = time.monotonic() - started
+        log.debug("capture: batch of %d records in %.3f s", count,
+                  self.counters.last_batch_seconds)
+
+    def _checkpoint(self) -> None:
+        """Save the model (its seq must be durable in the journal first)."""
+        self.journal.sync()
+        self.model.seq = min(self.model.seq, self.journal.synced)
+        self.model.save(self.config.checkpoint)
+        self._checkpoint_seq = self.model.seq
+        self._last_checkpoint = time.monotonic()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = self._listen()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve, listener)
+            nursery.start_soon(self._signals)
+            task_status.started()
+            await self._loop()
+            nursery.cancel_scope.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket)
+
+    async def _loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.config.sync_interval):
+                await self._wait_for_work()
+            await self.offload.run(self._read_events)
+            if self.dirty or self._waiters or self.stopping:
+                await self._gather()
+                waiters, self._waiters = self._waiters, []
+                await self.offload.run(self._read_events)  # all queued before the requests
+                await self.offload.run(self._batch)
+                while (waiters or self.stopping) and self.dirty:  # what the batch left over
+                    await self.offload.run(self._batch)
+                if waiters or self.stopping:
+                    await self.offload.run(self.journal.sync)
+                for waiter in waiters:
+                    waiter.set()
+            if self.stopping:
+                await self.offload.run(self._checkpoint)
+                return
+            await self._maintain()
+
+    async def _wait_for_work(self) -> None:
+        """Until events are queued, a drain is asked or the capture stops."""
+        if self._wakeup.is_set():
+            self._wakeup = trio.Event()
+        if self._waiters or self.stopping or self.dirty:
+            return
+        async with trio.open_nursery() as nursery:
+            async def readable() -> None:
+                await trio.lowlevel.wait_readable(self.group.fd)
+                nursery.cancel_scope.cancel()
+
+            async def woken() -> None:
+                await self._wakeup.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(readable)
+            nursery.start_soon(woken)
+
+    async def _gather(self) -> None:
+        """Read events until the queue is quiet, the batch old or big enough, or asked."""
+        deadline = trio.current_time() + self.config.max_delay
+        while not self._waiters and not self.stopping:
+            await self.offload.run(self._read_events)
+            if self.pending_events >= self.config.max_batch_events \
+                    or trio.current_time() >= deadline:
+                return
+            with trio.move_on_after(self.config.quiet) as scope:
+                await trio.lowlevel.wait_readable(self.group.fd)
+            if scope.cancelled_caught:
+                return
+
+    async def _maintain(self) -> None:
+        if self._starting and not self.dirty:
+            self._starting = False
+            await self.offload.run(self._checkpoint)  # what the start's scan found
+        if self.journal.head > self.journal.synced:
+            await self.offload.run(self.journal.sync)
+        if self.model.seq != self._checkpoint_seq and \
+                time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval:
+            await self.offload.run(self._checkpoint)
+
+    async def drain(self) -> int:
+        """Wait until everything changed before this call is journaled and synced."""
+        done = trio.Event()
+        self._waiters.append(done)
+        self._wakeup.set()
+        await done.wait()
+        return self.journal.head
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wakeup.set()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("capture: stopping")
+                self.stop()
+
+    # -- control socket -------------------------------------------------------------------
+
+    def _listen(self) -> trio.socket.SocketType:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.socket)  # a dead capture's (we hold the lock)
+        return trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    async def _serve(self, sock: trio.socket.SocketType) -> None:
+        old = os.umask(0o177)  # the socket file: root only
+        try:
+            await sock.bind(self.config.socket)
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await sock.accept()
+                nursery.start_soon(self._answer, conn)
+
+    async def _answer(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            uid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                _UCRED.size))[1]
+            if uid != 0:
+                await conn.send(b'{"ok": false, "error": "root only"}\n')
+                return
+            data = b""
+            with trio.move_on_after(10):
+                while b"\n" not in data and len(data) < MAX_REQUEST:
+                    chunk = await conn.recv(MAX_REQUEST)
+                    if not chunk:
+                        break
+                    data += chunk
+            reply = await self._handle(data.split(b"\n", 1)[0])
+            with contextlib.suppress(OSError):
+                await conn.send(json.dumps(reply).encode() + b"\n")
+
+    async def _handle(self, line: bytes) -> dict[str, object]:
+        try:
+            request = json.loads(line)
+            op = request.get("op") if isinstance(request, dict) else None
+        except ValueError:
+            op = None
+        if op == "drain":
+            return {"ok": True, "head": await self.drain()}
+        if op == "status":
+            c = self.counters
+            return {"ok": True, "head": self.journal.head, "synced": self.journal.synced,
+                    "batches": c.batches, "full_scans": c.full_scans,
+                    "overflows": c.overflows, "events": c.events, "records": c.records,
+                    "nodes": len(self.model.nodes),
+                    "last_batch_seconds": round(c.last_batch_seconds, 6)}
+        return {"ok": False, "error": "unknown request"}
+
+
+def request(state: str, op: str, timeout: float = 60.0) -> dict[str, object]:
+    """Ask the capture of ``state`` (blocking); OSError if none answers."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(os.path.join(state, "capture.sock"))
+        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = json.loads(data)
+    if not isinstance(reply, dict):
+        raise OSError(errno.EPROTO, "bad answer from the capture")
+    return reply
+
+
+def drain(state: str, timeout: float = 60.0) -> int:
+    """Ask the capture for a barrier; the journal head that holds everything before it."""
+    reply = request(state, "drain", timeout)
+    if not reply.get("ok"):
+        raise OSError(errno.EPROTO, f"capture: {reply.get('error')}")
+    head = reply["head"]
+    assert isinstance(head, int)
+    return head
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sdeefs-capture",
+                                     description="journal a kernel overlay's upper from fanotify")
+    parser.add_argument("--layer", required=True, help="the mounted layer (upper/, work/)")
+    parser.add_argument("--state", required=True, help="the state directory (journal/)")
+    parser.add_argument("--bounded-queue", action="store_true",
+                        help="the kernel's default event queue limit (overflow: full scan)")
+    parser.add_argument("--log", help="log file (default: stderr)")
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--fault-stall-after", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(filename=args.log, level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = Config(os.path.abspath(args.layer), os.path.abspath(args.state),
+                    unlimited_queue=not args.bounded_queue,
+                    fault_stall_after=args.fault_stall_after)
+    try:
+        _main(config)
+    except QuietError as exc:
+        print(f"sdeefs-capture: {exc}", file=sys.stderr)
+        sys.exit(exc.exitcode)
+    except (CaptureError, JournalCorrupt, FailsafeError) as exc:
+        print(f"sdeefs-capture: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _main(config: Config) -> None:
+    if os.geteuid() != 0:
+        raise QuietError("the capture needs root (fanotify filesystem marks)", 3)
+    if not os.path.isdir(config.upper):
+        raise QuietError(f"{config.upper} is not a directory", 2)
+    try:
+        capture = Capture.open(config)
+    except OSError as exc:
+        if exc.errno in (errno.EPERM, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EXDEV):
+            raise QuietError(f"cannot watch {config.layer}: {exc}", 3) from None
+        raise
+    try:
+        log.info("capture: watching %s, journal head %d", config.layer, capture.journal.head)
+        trio.run(capture.run)
+    finally:
+        capture.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Per-user layer images: a sparse ext4 file, mounted through a loop device (root only).
+
+``ROOT/U/layer.img`` holds U's layer: ``upper/`` and ``work/`` of the kernel overlay,
+owned by U (0700), on a filesystem of their own.  Its size is U's quota: a full
+layer gives U ENOSPC in their own filesystem and never fills the host's; and a
+filesystem mark of fanotify on it sees exactly U's changes (``sdeefs.fs.capture``).
+
+* :func:`create_image`: a sparse file (root, 0600) and ``mkfs.ext4`` with lazy
+  initialisation (seconds for any size), no reserved blocks; the filesystem root
+  stays root's (U must not be able to rename ``upper/`` away under the capture).
+* :func:`mount_image`: ``mount -o loop,nodev,nosuid`` (loop devices of ``mount -o
+  loop`` detach themselves when unmounted); before that ``e2fsck -p`` if the image
+  was not cleanly unmounted (its superblock says the journal needs recovery or an
+  error was recorded); then direct I/O on the loop device when the host's filesystem
+  allows it (the image's pages are cached once, by the ext4 inside, not twice).
+* :func:`unmount_image`.
+
+Superblock fields read (``SUPERBLOCK``, at byte 1024 of the image, little endian):
+``s_magic`` u16 at 0x38 (0xEF53), ``s_state`` u16 at 0x3A (bit 2: errors were
+found), ``s_feature_incompat`` u32 at 0x60 (bit 0x4: the journal needs recovery,
+set while mounted).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import subprocess
+
+log = logging.getLogger(__name__)
+
+SUPERBLOCK_OFFSET = 1024
+EXT4_MAGIC = 0xEF53
+STATE_ERRORS = 0x2
+INCOMPAT_RECOVER = 0x4
+_MAGIC = struct.Struct("<H")
+_STATE = struct.Struct("<H")
+_INCOMPAT = struct.Struct("<I")
+LOOP_SET_DIRECT_IO = 0x4C08
+MOUNT_OPTIONS = "loop,nodev,nosuid"
+
+
+class ImageError(Exception):
+    """A layer image that cannot be made, checked or mounted (one line for the user)."""
+
+
+def _run(argv: list[str], what: str, ok: tuple[int, ...] = (0,)) -> int:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise ImageError(f"{what}: {argv[0]} is not installed") from None
+    if done.returncode not in ok:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise ImageError(f"{what}: {argv[0]} exited with {done.returncode}"
+                         + (f": {detail[-1]}" if detail else ""))
+    return done.returncode
+
+
+def create_image(path: str, size: int, bytes_per_inode: int | None = None) -> None:
+    """A new sparse ext4 image of ``size`` bytes at ``path`` (which must not exist)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "sdeefs-layer",
+            "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
+    if bytes_per_inode:
+        argv += ["-i", str(bytes_per_inode)]
+    try:
+        _run(argv + [path], f"making the layer image {path}")
+    except ImageError:
+        os.unlink(path)
+        raise
+
+
+def superblock_state(path: str) -> tuple[bool, bool]:
+    """(journal needs recovery, errors recorded) from the image's superblock."""
+    with open(path, "rb") as f:
+        f.seek(SUPERBLOCK_OFFSET)
+        sb = f.read(0x64)
+    if len(sb) < 0x64 or _MAGIC.unpack_from(sb, 0x38)[0] != EXT4_MAGIC:
+        raise ImageError(f"{path} is not an ext4 image")
+    (state,) = _STATE.unpack_from(sb, 0x3A)
+    (incompat,) = _INCOMPAT.unpack_from(sb, 0x60)
+    return bool(incompat & INCOMPAT_RECOVER), bool(state & STATE_ERRORS)
+
+
+def loop_devices_of(path: str) -> list[str]:
+    """The loop devices backed by ``path`` now."""
+    real = os.path.realpath(path)
+    found = []
+    try:
+        names = os.listdir("/sys/block")
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().rstrip("\n")
+        except OSError:
+            continue
+        if backing.removesuffix(" (deleted)") == real:
+            found.append(f"/dev/{name}")
+    return found
+
+
+def mount_source(mountpoint: str) -> str | None:
+    """The source device of the mount at ``mountpoint`` (None if nothing is mounted there)."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                found = fields[fields.index("-") + 2]
+    return found
+
+
+def check_image(path: str) -> None:
+    """``e2fsck -p`` if the image was not cleanly unmounted; ImageError if it cannot repair."""
+    recover, errors = superblock_state(path)
+    if not (recover or errors):
+        return
+    log.warning("layer image %s was not cleanly unmounted: e2fsck -p", path)
+    # 0 clean, 1 errors corrected, 2 corrected (reboot advised: for a root fs only)
+    _run(["e2fsck", "-p", path], f"checking the layer image {path}", ok=(0, 1, 2))
+
+
+def mount_image(path: str, mountpoint: str) -> str:
+    """Mount the image at ``mountpoint`` (checked first if needed); return its loop device.
+
+    Refuses an image attached to a loop device already (mounted elsewhere): checking or
+    mounting a filesystem twice would corrupt it.
+    """
+    source = mount_source(mountpoint)
+    devices = loop_devices_of(path)
+    if source is not None and source in devices:
+        return source  # mounted here already
+    if source is not None:
+        raise ImageError(f"{mountpoint} has something else mounted on it")
+    if devices:
+        raise ImageError(f"layer image {path} is in use ({', '.join(devices)})")
+    check_image(path)
+    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+    _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, path, mountpoint],
+         f"mounting the layer image {path}")
+    device = mount_source(mountpoint)
+    if device is None:
+        raise ImageError(f"mounting the layer image {path}: not mounted after mount(8)")
+    _direct_io(device)
+    return device
+
+
+def _direct_io(device: str) -> None:
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.info("no direct I/O on %s: %s", device, exc)
+        return
+    try:
+        fcntl.ioctl(fd, LOOP_SET_DIRECT_IO, 1)
+    except OSError as exc:  # a host filesystem without O_DIRECT: cached twice, still correct
+        log.info("no direct I/O on %s: %s", device, exc)
+    finally:
+        os.close(fd)
+
+
+def unmount_image(mountpoint: str) -> None:
+    """Unmount the layer (its loop device detaches itself)."""
+    if mount_source(mountpoint) is None:
+        return
+    _run(["umount", mountpoint], f"unmounting the layer at {mountpoint}")
+
+
+def prepare_layer(mountpoint: str, uid: int, gid: int) -> tuple[str, str]:
+    """``upper/`` and ``work/`` in a mounted layer, owned by the user, 0700; their paths."""
+    paths = []
+    for name in ("upper", "work"):
+        path = os.path.join(mountpoint, name)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chown(path, uid, gid)
+        paths.append(path)
+    return paths[0], paths[1]

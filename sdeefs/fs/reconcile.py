@@ -1,0 +1,946 @@
+"""Reconciliation: the model of the journaled tree and the live upper -> ordered records.
+
+The capture (``sdeefs.fs.capture``) learns from fanotify *where* the upper changed
+(directories whose entries changed, inodes whose data or attributes changed) but not
+reliably *what* changed: names in events can be stale and many changes are
+coalesced.  So every batch looks at the upper itself, only where the events point:
+
+1. **Observe.**  List every dirty directory (opened by its file handle, so wherever
+   it moved) and examine the entries whose name is new, whose inode differs from the
+   model's, or which an event named (``lstat``, file handle, xattrs, symlink target);
+   directories the model does not know are walked whole.  Dirty inodes outside
+   those directories are examined by handle.  A full scan (start, overflow) lists
+   every directory and examines every entry.
+2. **Decide the new tree.**  The listed directories' entries replace the model's;
+   everything else stays.  A directory found in two listings (it moved while we
+   listed) keeps the last one; a directory no longer reachable from ``upper/`` is
+   gone with whatever is not bound elsewhere.  Identity is the inode number plus the
+   handle's generation: a reused number is a new inode.
+3. **Emit**, applying each record to the model as it goes (the model is the
+   replica's tree at every step, so every record is valid where it lands):
+
+   a. moves whose destination is free (or holds an entry that is going away and can
+      be replaced) and whose directory exists, as plain renames, repeatedly;
+   b. the other moves to a staging directory ``work/sdeefs-capture`` (swaps,
+      cycles, destinations below a directory that moves too);
+   c. removals, children first;
+   d. directories, staged entries, new entries and new hard links, by their depth in
+      the new tree, so a parent always exists first;
+   e. per inode: xattrs, data (``Extent`` records for the 64 KiB blocks whose sums
+      differ from the model's; a new file's zero blocks come from its size), then one
+      ``Setattr`` (size, owner, mode, mtime: applied in that order);
+   f. the staging directory is removed.
+
+The records are those of ``sdeefs.records``; ``Rename`` carries ``src_ino`` 0 (this
+filesystem's inode numbers mean nothing where records are applied).  Access times
+are not journaled (reads change them without events); mtimes are, and every
+directory whose entries the batch changed gets its mtime restored after them.
+
+Everything here is synchronous and may block for as long as reading changed files
+takes: the capture runs it in a worker thread (docs/threading.md).  Nothing in the
+upper is trusted: names are bytes of any value, symlinks are never followed (every
+lookup is ``*at`` below a directory fd or by file handle), FIFOs are never opened,
+and only regular files are read.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+
+import attrs
+
+from .. import records as rec
+from ..sysio import fd_path, name_to_handle, open_by_handle, openat2_beneath
+from .fanotify import handle_buffer, handle_ino, handle_of
+from .model import UPPER, WORK, Model, Node
+
+log = logging.getLogger(__name__)
+
+BLOCK = rec.EXTENT_BLOCK
+SUM = rec.SUM_SIZE
+MAX_EXTENT_BLOCKS = 256  # blocks per Extent record (16 MiB, 4 KiB of sums)
+STAGE = b"sdeefs-capture"  # work/sdeefs-capture: where moved entries wait within a batch
+READ_CHUNK = 1 << 20
+# A change this recent may be followed by another within the same timestamp tick
+# (kernels without fine-grained ctime): the model then keeps ctime 0, so that a full
+# scan reads the file again instead of trusting an unchanged ctime.
+UNSURE_NS = 50_000_000
+OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Emit = Callable[[rec.Record], None]
+
+
+def block_sum(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=SUM).digest()
+
+
+ZERO_SUM = block_sum(bytes(BLOCK))
+
+
+class CaptureError(Exception):
+    """The capture cannot journal what it found (a record the journal would refuse)."""
+
+
+@attrs.define(eq=False)
+class Dirty:
+    """Where to look: what the events of one batch pointed at.
+
+    Attributes:
+        full: scan the whole upper (start, event queue overflow).
+        dirs: inode -> handle of directories whose entries changed.
+        objects: inode -> handle of inodes whose attributes or data changed.
+        data: inodes whose data changed (read them even if size and times look the same).
+        names: (directory inode, name) pairs events named: examined even if unchanged.
+    """
+
+    full: bool = False
+    dirs: dict[int, bytes] = attrs.field(factory=dict)
+    objects: dict[int, bytes] = attrs.field(factory=dict)
+    data: set[int] = attrs.field(factory=set)
+    names: set[tuple[int, bytes]] = attrs.field(factory=set)
+
+    def __bool__(self) -> bool:
+        return self.full or bool(self.dirs or self.objects)
+
+    def merge(self, other: Dirty) -> None:
+        self.full |= other.full
+        self.dirs.update(other.dirs)
+        self.objects.update(other.objects)
+        self.data |= other.data
+        self.names |= other.names
+
+
+@attrs.frozen
+class Contents:
+    """What reading a regular file found."""
+
+    sums: bytes
+    size: int
+    mtime: int
+    ctime: int  # 0: the file changed while it was read
+
+
+@attrs.frozen
+class Seen:
+    """One examined inode as the upper has it now (what records need of its lstat)."""
+
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    ctime: int
+    ino: int
+    rdev: int
+    handle: bytes
+    xattrs: tuple[tuple[bytes, bytes], ...]
+    target: bytes  # symlinks
+    contents: Contents | None = None  # regular files that had to be read
+
+    @classmethod
+    def of(cls, st: os.stat_result, handle: bytes, xattrs: tuple[tuple[bytes, bytes], ...],
+           target: bytes = b"", contents: Contents | None = None) -> Seen:
+        return cls(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                   st.st_ctime_ns, st.st_ino, st.st_rdev, handle, xattrs, target, contents)
+
+    @property
+    def kind(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+    @property
+    def perm(self) -> int:
+        return 0 if self.kind == stat.S_IFCHR else stat.S_IMODE(self.mode)
+
+
+@attrs.frozen
+class Stats:
+    records: int = 0
+    listed: int = 0
+    examined: int = 0
+    read_bytes: int = 0
+    carry: dict[int, bytes] = attrs.field(factory=dict)  # directories to list again
+
+
+@attrs.define(eq=False)
+class Upper:
+    """The live upper directory: opened once, everything below reached by fd or handle.
+
+    Attributes:
+        fd: ``upper/`` (O_RDONLY|O_DIRECTORY); also the mount fd for open_by_handle_at.
+        ino: its inode number.
+    """
+
+    fd: int
+    ino: int
+
+    @classmethod
+    def open(cls, path: str | bytes) -> Upper:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return cls(fd, os.fstat(fd).st_ino)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def open_handle(self, handle: bytes, flags: int) -> int | None:
+        """open_by_handle_at, or None if the inode is gone (or the handle is not one)."""
+        if not handle:
+            return None
+        try:
+            return open_by_handle(self.fd, handle, flags)
+        except OSError as exc:
+            if exc.errno in (errno.ESTALE, errno.ENOENT, errno.EINVAL, errno.ELOOP,
+                             errno.ENXIO, errno.ENODEV):
+                return None
+            raise
+
+
+def _xattrs(path: bytes, follow: bool) -> tuple[tuple[bytes, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENOENT):
+            return ()
+        raise
+    if not names:
+        return ()
+    out = []
+    for name in names:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOENT):
+                continue
+            raise
+        out.append((os.fsencode(name), value))
+    return tuple(sorted(out))
+
+
+def same_kind(node: Node, seen: Seen) -> bool:
+    if stat.S_IFMT(node.mode) != seen.kind:
+        return False
+    return seen.kind != stat.S_IFCHR or seen.rdev == 0
+
+
+def refused(seen: Seen) -> bool:
+    """Device nodes cannot be journaled (records refuse them); whiteouts (0/0) can."""
+    return seen.kind == stat.S_IFBLK or seen.kind == stat.S_IFCHR and seen.rdev != 0
+
+
+def needs_read(node: Node | None, st: os.stat_result, data_dirty: bool, full: bool) -> bool:
+    """Must a regular file's data be read (sums compared with the model's)?
+
+    Always after a data event (timestamps may be too coarse to show a change), when the
+    model does not know it, or its size or mtime moved.  In a full scan (events were
+    lost) also when its ctime moved: a change of attributes alone (chmod) is no reason
+    to read a file when events say its data did not change.
+    """
+    return node is None or data_dirty or node.data is None or node.size != st.st_size \
+        or node.mtime != st.st_mtime_ns \
+        or full and (not node.ctime or node.ctime != st.st_ctime_ns)
+
+
+def same_attributes(node: Node, seen: Seen) -> bool:
+    return (node.uid, node.gid, node.mtime, node.xattrs) == \
+        (seen.uid, seen.gid, seen.mtime, seen.xattrs) \
+        and (seen.kind == stat.S_IFLNK or stat.S_IMODE(node.mode) == seen.perm)
+
+
+@attrs.define(eq=False)
+class _Batch:
+    """What one reconciliation observed and decided (ids are model ids)."""
+
+    want: dict[int, dict[bytes, int]] = attrs.field(factory=dict)  # listed dir -> entries
+    order: list[int] = attrs.field(factory=list)  # listed dirs, in listing order
+    seen: dict[int, Seen] = attrs.field(factory=dict)  # examined and not as the model has it
+    looked: set[int] = attrs.field(factory=set)  # examined
+    full: bool = False  # a full scan
+    new: set[int] = attrs.field(factory=set)  # ids the model does not hold yet
+    reborn: dict[int, int] = attrs.field(factory=dict)  # temporary id -> its inode number
+    data: set[int] = attrs.field(factory=set)  # ids whose data must be read
+    touched: set[int] = attrs.field(factory=set)  # dirs whose entries records changed
+    stage: int = 0  # id of work/sdeefs-capture once made
+    staged: dict[tuple[int, bytes], bytes] = attrs.field(factory=dict)  # dest -> stage name
+    records: int = 0
+    examined: int = 0
+    read_bytes: int = 0
+    budget: int = 0  # new entries to examine at most (0: no bound)
+    carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
+
+
+@attrs.define(eq=False)
+class Reconciler:
+    """Turns a Dirty set into records, keeping ``model`` equal to what they describe.
+
+    Attributes:
+        model: the journaled tree (changed by every call).
+        upper: the live upper.
+        refused_seen: devices already reported (each is logged once).
+    """
+
+    model: Model
+    upper: Upper
+    refused_seen: set[tuple[int, bytes]] = attrs.field(factory=set)
+    _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
+    _hbuf: object = attrs.field(factory=handle_buffer)
+
+    def __attrs_post_init__(self) -> None:
+        if self.model.root_ino and self.model.root_ino != self.upper.ino:
+            # Another filesystem (the upper was copied or recreated): inode numbers
+            # mean nothing; a full scan finds every node again by its name.
+            log.warning("capture: the upper is not the inode the model knew; "
+                        "matching the model by names")
+            self.forget_inodes()
+        self.model.root_ino = self.upper.ino
+
+    def forget_inodes(self) -> None:
+        for id in [i for i in self.model.nodes if i > 0]:
+            new = self.model.new_id()
+            self.model.rekey(id, new)
+            node = self.model.nodes[new]
+            node.handle, node.ctime = b"", 0
+
+    # -- the one entry point ------------------------------------------------------------------
+
+    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0) -> Stats:
+        """Journal (through ``emit``) what changed where ``dirty`` points.
+
+        ``budget`` bounds the new entries one call examines (and so its memory): the
+        directories that hold more come back in ``Stats.carry``, to be listed again by
+        the next call; every call leaves a complete tree (with fewer new entries).
+        """
+        b = _Batch(budget=budget)
+
+        def out(record: rec.Record) -> None:
+            # Names come from directory listings (one component each, never "." or ".."),
+            # so only the length can make a path one the journal's readers refuse.
+            for name, kind in record.FIELDS:
+                if kind == "path" and len(getattr(record, name)) > rec.MAX_PATH:
+                    raise CaptureError(f"cannot journal {record!r}: path too long")
+            b.records += 1
+            emit(record)
+
+        self._observe(dirty, b)
+        self._plan_and_emit(b, out)
+        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry)
+
+    # -- 1. observe ---------------------------------------------------------------------------
+
+    def _observe(self, dirty: Dirty, b: _Batch) -> None:
+        m = self.model
+        b.full = dirty.full
+        hints: set[tuple[int, bytes]] = {(m.id_of_ino(i), n) for i, n in dirty.names}
+        b.data = {m.id_of_ino(i) for i in dirty.data}
+        todo: list[tuple[int, bytes | None]] = []  # (id, handle; None: the upper itself)
+        if dirty.full:
+            todo.append((UPPER, None))
+        else:
+            for ino, handle in dirty.dirs.items():
+                id = m.id_of_ino(ino)
+                node = m.nodes.get(id)
+                if node is None or not node.is_dir:
+                    continue  # not in the journaled tree (work/, or new: its parent walks it)
+                if id != UPPER and node.handle and node.handle != handle:
+                    continue  # the model's directory is gone; this is another inode
+                todo.append((id, None if id == UPPER else handle))
+        listed: set[int] = set()
+        while todo:
+            id, dir_handle = todo.pop()
+            if id in listed:
+                continue
+            listed.add(id)
+            for child in self._list(id, dir_handle, dirty.full, hints, b):
+                todo.append(child)
+        if not dirty.full:
+            for ino, handle in dirty.objects.items():
+                id = m.id_of_ino(ino)
+                if id in b.looked or id not in m.nodes:
+                    continue
+                node = m.nodes[id]
+                if node.handle and node.handle != handle:
+                    continue  # the model's inode is gone (its directory says how)
+                seen = self._examine_handle(handle, node, id in b.data)
+                b.looked.add(id)
+                if seen is not None and seen.ino == ino and same_kind(node, seen):
+                    b.seen[id] = seen
+                    b.examined += 1
+
+    def _list(self, id: int, handle: bytes | None, full: bool, hints: set[tuple[int, bytes]],
+              b: _Batch) -> Iterator[tuple[int, bytes]]:
+        """List one directory into ``b.want``; yield the directories to list after it."""
+        m = self.model
+        opened = self._open_dir(id, handle)
+        if opened is None:
+            if id in m.nodes:
+                b.want[id] = {}
+                b.order.append(id)
+            return
+        fd = opened
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            b.seen[id] = Seen.of(st, handle or b"", _xattrs(fd_path(fd), True))
+            b.looked.add(id)
+            node = m.nodes.get(id)
+            children = node.children if node is not None and node.children is not None else {}
+            entries: dict[bytes, int] = {}
+            with os.scandir(fd) as it:
+                listing = [(os.fsencode(e.name), e.inode()) for e in it]
+            for name, ino in listing:
+                cur = children.get(name)
+                if not full and cur is not None and cur == ino and (id, name) not in hints:
+                    entries[name] = cur  # same inode under the same name: nothing to look at
+                    continue
+                if cur is None and b.budget and len(b.seen) >= b.budget:
+                    b.carry[st.st_ino] = handle or b""  # the next batch takes the rest
+                    continue
+                got = self._examine_entry(fd, name, cur, b)
+                if got is None:
+                    continue
+                entries[name] = got
+                child = b.seen.get(got)  # (directories are always kept)
+                if child is not None and child.kind == stat.S_IFDIR and (full or got in b.new):
+                    yield got, child.handle
+            b.want[id] = entries
+            b.order.append(id)
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, id: int, handle: bytes | None) -> int | None:
+        """The directory ``id`` (None: it is gone), by handle, else by the model's path."""
+        if handle is None:
+            return os.open(fd_path(self.upper.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = self.upper.open_handle(handle, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            # Seen here (6.18) for a directory removed a moment before: the kernel could
+            # not reconnect it.  The model's path tells whether it is still there.
+            if exc.errno != errno.ENOMEM:
+                raise
+            fd = None
+        if fd is not None:
+            return fd
+        node = self.model.nodes.get(id)
+        if node is None or not node.parent:
+            return None
+        path = self.model.path(id)
+        if not path.startswith(b"upper/"):
+            return None
+        try:
+            fd = openat2_beneath(self.upper.fd, path[6:], os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return None
+        try:
+            if name_to_handle(fd) == handle:
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
+    def _examine_entry(self, dir_fd: int, name: bytes, cur: int | None, b: _Batch) -> int | None:
+        """Examine one entry; return the id it has in the new tree (None: skip it).
+
+        What differs from the model (or is a directory) goes to ``b.seen``; a regular
+        file that must be read is read now, while its directory is open.
+        """
+        m = self.model
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            handle = handle_of(dir_fd, name, self._hbuf)
+            xattrs = _xattrs(fd_path(dir_fd, name), False)
+            target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else b""
+        except FileNotFoundError:
+            return None  # gone meanwhile: its event is queued, the next batch looks again
+        seen = Seen.of(st, handle, xattrs, target)
+        b.examined += 1
+        ino = st.st_ino
+        if refused(seen):
+            if (ino, name) not in self.refused_seen:
+                self.refused_seen.add((ino, name))
+                log.warning("capture: %r is a device node: not journaled", name)
+            return None
+        node = m.nodes.get(ino)
+        if node is None and cur is not None and cur < 0:
+            # A node journaled while nobody watched, at this name: adopt it if it can be it.
+            cnode = m.nodes[cur]
+            if same_kind(cnode, seen) and cnode.handle in (b"", handle):
+                m.rekey(cur, ino)
+                m.nodes[ino].handle = handle
+                m.nodes[ino].ctime = 0
+                node = m.nodes[ino]
+        if node is None:
+            id = ino
+            if id in b.new and id in b.seen and b.seen[id].handle != handle:
+                return None  # two inodes of one number in one batch: a race, look again later
+            b.new.add(id)
+        elif same_kind(node, seen) and (not node.handle or not handle or node.handle == handle):
+            id = ino
+        else:
+            # The number was reused: the model's node is another (dead) inode.
+            prior = [k for k, v in b.reborn.items() if v == ino]
+            if prior:
+                id = prior[0]
+            else:
+                id = m.new_id()
+                b.reborn[id] = ino
+            b.new.add(id)
+            node = None
+        b.looked.add(id)
+        regular = stat.S_ISREG(st.st_mode)
+        read = regular and needs_read(node, st, id in b.data, b.full)
+        if node is not None and cur == id and not read and seen.kind != stat.S_IFDIR \
+                and same_attributes(node, seen):
+            return id  # as the model has it: nothing to keep
+        if read:
+            try:
+                fd = os.open(name, OPEN_DATA, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EACCES):
+                    raise
+            else:
+                try:
+                    seen = attrs.evolve(seen, contents=self._read(fd, ino, b))
+                finally:
+                    os.close(fd)
+        b.seen[id] = seen
+        return id
+
+    def _examine_handle(self, handle: bytes, node: Node, data_dirty: bool) -> Seen | None:
+        fd = self.upper.open_handle(handle, os.O_PATH)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+            # (the /proc link of an O_PATH fd leads to the inode itself, a symlink too)
+            target = os.readlink(b"", dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
+            seen = Seen.of(st, handle, _xattrs(fd_path(fd), True), target)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(fd)
+        if stat.S_ISREG(st.st_mode) and needs_read(node, st, data_dirty, False):
+            fd = self.upper.open_handle(handle, OPEN_DATA)
+            if fd is not None:
+                try:
+                    seen = attrs.evolve(seen, contents=self._read(fd, st.st_ino, None))
+                finally:
+                    os.close(fd)
+        return seen
+
+    def _read(self, fd: int, ino: int, b: _Batch | None) -> Contents | None:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode) or before.st_ino != ino:
+            return None  # replaced meanwhile: its events are queued
+        sums, size = read_sums(fd, self._buf)
+        after = os.fstat(fd)
+        if b is not None:
+            b.read_bytes += size
+        ctime = after.st_ctime_ns if after.st_ctime_ns == before.st_ctime_ns else 0
+        return Contents(sums, size, after.st_mtime_ns, ctime)
+
+    # -- 2. decide the new tree ---------------------------------------------------------------
+
+    def _plan_and_emit(self, b: _Batch, emit: Emit) -> None:
+        m = self.model
+        # a directory bound in two listings keeps the last one
+        bound: dict[int, tuple[int, bytes]] = {}
+        for p in b.order:
+            for name, id in b.want[p].items():
+                if self._is_dir(id, b):
+                    prev = bound.get(id)
+                    if prev is not None:
+                        b.want[prev[0]].pop(prev[1], None)
+                    bound[id] = (p, name)
+
+        loc_memo: dict[int, bool] = {UPPER: True}
+
+        def final_loc(d: int) -> tuple[int, bytes] | None:
+            if d in bound:
+                return bound[d]
+            node = m.nodes.get(d)
+            if node is None or not node.parent:
+                return None
+            p, n = node.parent, node.name
+            if p in b.want and b.want[p].get(n) != d:
+                return None
+            return p, n
+
+        def alive(d: int) -> bool:
+            path = []
+            cur = d
+            while cur not in loc_memo:
+                if cur in path or cur == WORK:
+                    break
+                path.append(cur)
+                loc = final_loc(cur)
+                if loc is None:
+                    break
+                cur = loc[0]
+            result = loc_memo.get(cur, False) if cur not in path else False
+            for x in path:
+                loc_memo[x] = result
+            return result
+
+        depth_memo: dict[int, int] = {UPPER: 0}
+
+        def final_depth(d: int) -> int:
+            chain = []
+            while d not in depth_memo:
+                chain.append(d)
+                loc = final_loc(d)
+                assert loc is not None
+                d = loc[0]
+            base = depth_memo[d]
+            for x in reversed(chain):
+                base += 1
+                depth_memo[x] = base
+            return base
+
+        # drops: model bindings that are not in the new tree
+        drops: dict[tuple[int, bytes], int] = {}
+        for p in b.order:
+            node = m.nodes.get(p)
+            if node is None or node.children is None:
+                continue
+            keep = alive(p)
+            for name, old in node.children.items():
+                if not keep or b.want[p].get(name) != old:
+                    drops[p, name] = old
+        for d, (p, name) in bound.items():  # a directory's old place in an unlisted directory
+            node = m.nodes.get(d)
+            if node is not None and node.parent and (node.parent, node.name) != (p, name) \
+                    and node.parent not in b.want:
+                drops[node.parent, node.name] = d
+        # the contents of directories that are gone
+        stack = [old for old in drops.values() if m.nodes[old].is_dir and not alive(old)]
+        while stack:
+            d = stack.pop()
+            for name, child in (m.nodes[d].children or {}).items():
+                if (d, name) not in drops:
+                    drops[d, name] = child
+                    if m.nodes[child].is_dir and not alive(child):
+                        stack.append(child)
+        # adds: entries of the new tree the model does not have there
+        adds: list[tuple[int, bytes, int]] = []
+        for p in b.order:
+            if not alive(p):
+                continue
+            for name, id in b.want[p].items():
+                if m.lookup(p, name) != id:
+                    adds.append((p, name, id))
+
+        # moves: an existing inode leaves one name for another
+        sources: dict[int, list[tuple[int, bytes]]] = {}
+        for (p, name), old in drops.items():
+            if old in m.nodes:
+                sources.setdefault(old, []).append((p, name))
+        moves: list[tuple[int, tuple[int, bytes], tuple[int, bytes]]] = []
+        rest: list[tuple[int, bytes, int]] = []
+        for p, name, id in adds:
+            if id in m.nodes and sources.get(id):
+                src = sources[id].pop()
+                del drops[src]
+                moves.append((id, src, (p, name)))
+            else:
+                rest.append((p, name, id))
+
+        self._emit_moves(moves, drops, b, emit)
+        self._emit_removals(drops, b, emit)
+        self._emit_places(rest + [(p, n, id) for id, _, (p, n) in moves
+                                  if (p, n) in b.staged], final_depth, b, emit)
+        self._emit_attributes(b, alive, emit)
+        if b.stage:
+            self._unstage(b, emit)
+        for tmp, ino in b.reborn.items():
+            if tmp in m.nodes and ino not in m.nodes:
+                m.rekey(tmp, ino)
+
+    def _is_dir(self, id: int, b: _Batch) -> bool:
+        seen = b.seen.get(id)
+        if seen is not None:
+            return seen.kind == stat.S_IFDIR
+        node = self.model.nodes.get(id)
+        return node is not None and node.is_dir
+
+    # -- 3. emit ------------------------------------------------------------------------------
+
+    def _attached(self, d: int) -> bool:
+        """Is directory ``d`` (in the model, as records left it so far) below upper/?"""
+        m = self.model
+        while d not in (UPPER, WORK, 0):
+            d = m.nodes[d].parent
+        return d == UPPER
+
+    def _emit_moves(self, moves: list[tuple[int, tuple[int, bytes], tuple[int, bytes]]],
+                    drops: dict[tuple[int, bytes], int], b: _Batch, emit: Emit) -> None:
+        pending = list(moves)
+        while pending:
+            self._direct_moves(pending, drops, b, emit)
+            if pending:  # stage one (a swap or cycle frees the others' destinations)
+                self._stage(pending.pop(0), b, emit)
+
+    def _direct_moves(self, pending: list[tuple[int, tuple[int, bytes], tuple[int, bytes]]],
+                      drops: dict[tuple[int, bytes], int], b: _Batch, emit: Emit) -> None:
+        m = self.model
+        progress = True
+        while pending and progress:
+            progress = False
+            for move in list(pending):
+                id, (p0, n0), (p1, n1) = move
+                node = m.nodes[id]
+                if p1 not in m.nodes or not m.nodes[p1].is_dir or not self._attached(p1):
+                    continue
+                if node.is_dir and m.is_within(p1, id):
+                    continue
+                occ = m.lookup(p1, n1)
+                if occ is not None:
+                    onode = m.nodes[occ]
+                    if drops.get((p1, n1)) != occ or onode.is_dir != node.is_dir \
+                            or onode.children:
+                        continue
+                    del drops[p1, n1]  # replaced by the rename
+                emit(rec.Rename(m.entry_path(p0, n0), m.entry_path(p1, n1), 0, 0))
+                if occ is not None:
+                    m.unbind(occ, p1, n1)
+                    if not m.nodes[occ].parent:
+                        m.discard(occ)
+                m.unbind(id, p0, n0)
+                m.bind(id, p1, n1)
+                b.touched.update((p0, p1))
+                pending.remove(move)
+                progress = True
+
+    def _stage(self, move: tuple[int, tuple[int, bytes], tuple[int, bytes]], b: _Batch,
+               emit: Emit) -> None:
+        m = self.model
+        id, (p0, n0), dst = move
+        stage = self._stage_dir(b, emit)
+        name = b"%d" % (len(b.staged) + 1)
+        while m.lookup(stage, name) is not None:
+            name += b"_"
+        emit(rec.Rename(m.entry_path(p0, n0), m.entry_path(stage, name), 0, 0))
+        m.unbind(id, p0, n0)
+        m.bind(id, stage, name)
+        b.staged[dst] = name
+        b.touched.add(p0)
+
+    def _stage_dir(self, b: _Batch, emit: Emit) -> int:
+        m = self.model
+        if not b.stage:
+            found = m.lookup(WORK, STAGE)
+            if found is None:
+                emit(rec.Mkdir(b"work/" + STAGE, 0o700, 0, 0))
+                found = m.new_id()
+                m.add(found, Node(stat.S_IFDIR | 0o700, children={}))
+                m.bind(found, WORK, STAGE)
+            b.stage = found
+        return b.stage
+
+    def _unstage(self, b: _Batch, emit: Emit) -> None:
+        m = self.model
+        stage_node = m.nodes[b.stage]
+        for name in list(stage_node.children or {}):  # left over: could not be placed
+            self._remove(b.stage, name, emit)
+        emit(rec.Rmdir(b"work/" + STAGE))
+        m.unbind(b.stage, WORK, STAGE)
+        m.discard(b.stage)
+
+    def _remove(self, parent: int, name: bytes, emit: Emit) -> None:
+        """Remove an entry as records: a directory's contents first."""
+        m = self.model
+        entries = []
+        stack = [(parent, name)]
+        while stack:
+            p, n = stack.pop()
+            entries.append((p, n))
+            child = m.lookup(p, n)
+            assert child is not None
+            kids = m.nodes[child].children
+            if kids:
+                stack.extend((child, cn) for cn in kids)
+        for p, n in reversed(entries):
+            id = m.lookup(p, n)
+            assert id is not None
+            is_dir = m.nodes[id].is_dir
+            emit((rec.Rmdir if is_dir else rec.Unlink)(m.entry_path(p, n)))
+            m.unbind(id, p, n)
+            if not m.nodes[id].parent:
+                m.discard(id)
+
+    def _emit_removals(self, drops: dict[tuple[int, bytes], int], b: _Batch,
+                       emit: Emit) -> None:
+        m = self.model
+        for (p, name), old in sorted(drops.items(), key=lambda kv: -self._depth_or(kv[0][0])):
+            if m.lookup(p, name) != old:
+                continue  # went with its directory
+            self._remove(p, name, emit)
+            b.touched.add(p)
+
+    def _depth_or(self, id: int) -> int:
+        try:
+            return self.model.depth(id)
+        except KeyError:
+            return 0
+
+    def _emit_places(self, places: list[tuple[int, bytes, int]],
+                     final_depth: Callable[[int], int], b: _Batch, emit: Emit) -> None:
+        m = self.model
+        for p, name, id in sorted(places, key=lambda x: final_depth(x[0])):
+            if p not in m.nodes:
+                continue  # its directory could not be made (a refused or too long path)
+            path = m.entry_path(p, name)
+            if len(path) > rec.MAX_PATH:
+                log.warning("capture: %r... is too long a path to journal", path[:200])
+                continue
+            if (p, name) in b.staged:
+                staged = b.staged.pop((p, name))
+                emit(rec.Rename(m.entry_path(b.stage, staged), path, 0, 0))
+                m.unbind(id, b.stage, staged)
+                m.bind(id, p, name)
+            elif id in m.nodes and m.nodes[id].parent and not m.nodes[id].is_dir:
+                emit(rec.Link(m.path(id), path))
+                m.bind(id, p, name)
+            elif id not in m.nodes:
+                seen = b.seen[id]
+                node = self._create(path, seen, emit)
+                m.add(id, node)
+                m.bind(id, p, name)
+                b.data.add(id)
+            else:
+                continue
+            b.touched.add(p)
+
+    def _create(self, path: bytes, seen: Seen, emit: Emit) -> Node:
+        perm, kind, uid, gid = seen.perm, seen.kind, seen.uid, seen.gid
+        if kind == stat.S_IFDIR:
+            emit(rec.Mkdir(path, perm, uid, gid))
+            return Node(stat.S_IFDIR | perm, uid, gid, children={})
+        if kind == stat.S_IFLNK:
+            emit(rec.Symlink(path, seen.target, uid, gid))
+            return Node(seen.mode, uid, gid, size=len(seen.target), data=seen.target)
+        emit(rec.Mknod(path, kind | perm, uid, gid))
+        return Node(kind | perm, uid, gid)
+
+    # -- attributes and data ------------------------------------------------------------------
+
+    def _emit_attributes(self, b: _Batch, alive: Callable[[int], bool], emit: Emit) -> None:
+        m = self.model
+        now = time.time_ns()
+        for id, seen in b.seen.items():
+            node = m.nodes.get(id)
+            if node is None or not node.parent and id != UPPER:
+                continue
+            path = m.path(id)
+            if seen.xattrs != node.xattrs:
+                have = dict(node.xattrs)
+                want = dict(seen.xattrs)
+                for name in sorted(set(have) - set(want)):
+                    emit(rec.Removexattr(path, name))
+                for name, value in seen.xattrs:
+                    if have.get(name) != value:
+                        emit(rec.Setxattr(path, name, value))
+                node.xattrs = seen.xattrs
+            mask = 0
+            mtime, ctime = seen.mtime, seen.ctime
+            mode, uid, gid, old_mtime, old_ctime, size, handle, data = node.unpacked()
+            got = seen.contents
+            if got is not None:
+                mtime, ctime = got.mtime, got.ctime
+                if data != got.sums or size != got.size:
+                    for extent in extents(path, seen.handle, data, size, got.sums, got.size):
+                        emit(extent)
+                    mask |= rec.SET_MTIME
+                    if size != got.size or data is None:
+                        mask |= rec.SET_SIZE
+                data, size = got.sums, got.size
+            perm = seen.perm
+            if perm != stat.S_IMODE(mode) and seen.kind != stat.S_IFLNK:
+                mask |= rec.SET_MODE
+                mode = stat.S_IFMT(mode) | perm
+            if (seen.uid, seen.gid) != (uid, gid):
+                mask |= rec.SET_OWNER
+            if mtime != old_mtime or id in b.touched:
+                mask |= rec.SET_MTIME
+            if got is not None or seen.kind != stat.S_IFREG:
+                old_ctime = 0 if now - ctime < UNSURE_NS else ctime
+            node.set(mode=mode, uid=seen.uid, gid=seen.gid, mtime=mtime, ctime=old_ctime,
+                     size=size, handle=seen.handle or handle, data=data)
+            if mask:
+                emit(rec.Setattr(path, mask, perm, seen.uid, seen.gid, size, 0, mtime))
+
+
+def read_sums(fd: int, buf: bytearray | None = None) -> tuple[bytes, int]:
+    """(blake2b-128 of every BLOCK of the file, bytes read); ``buf``: READ_CHUNK bytes."""
+    view = memoryview(buf if buf is not None else bytearray(READ_CHUNK))
+    sums = bytearray()
+    size = 0
+    while True:
+        filled = 0
+        while filled < READ_CHUNK:
+            n = os.preadv(fd, [view[filled:]], size + filled)
+            if n == 0:
+                break
+            filled += n
+        for start in range(0, filled, BLOCK):
+            sums += block_sum(view[start:min(start + BLOCK, filled)])
+        size += filled
+        if filled < READ_CHUNK:
+            return bytes(sums), size
+
+
+def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: bytes,
+            new_size: int) -> Iterator[rec.Extent]:
+    """Extent records that turn a file with sums ``old`` (None: unknown) into one with
+    sums ``new``.  Blocks past the old end that are all zeros are left to the size
+    change; at least one Extent (maybe of length 0) comes out."""
+    count = len(new) // SUM
+    changed = []
+    for i in range(count):
+        s = new[i * SUM:(i + 1) * SUM]
+        if old is not None:
+            if old[i * SUM:(i + 1) * SUM] == s:
+                continue
+            if i * BLOCK >= old_size:
+                length = min(BLOCK, new_size - i * BLOCK)
+                zero = ZERO_SUM if length == BLOCK else block_sum(bytes(length))
+                if s == zero:
+                    continue
+        changed.append(i)
+    out = 0
+    start = 0
+    while start < len(changed):
+        end = start
+        while end + 1 < len(changed) and changed[end + 1] == changed[end] + 1 \
+                and end + 1 - start < MAX_EXTENT_BLOCKS:
+            end += 1
+        first, last = changed[start], changed[end]
+        offset = first * BLOCK
+        length = min((last + 1) * BLOCK, new_size) - offset
+        yield rec.Extent(path, handle, offset, length, new_size, new[first * SUM:(last + 1) * SUM])
+        out += 1
+        start = end + 1
+    if not out:
+        yield rec.Extent(path, handle, 0, 0, new_size, b"")
+
+
+def handle_id(model: Model, handle: bytes, upper: Upper) -> int | None:
+    """The inode number a handle names (decoded for ext4, otherwise by opening it)."""
+    ino = handle_ino(handle)
+    if ino is not None:
+        return ino
+    fd = upper.open_handle(handle, os.O_PATH)
+    if fd is None:
+        return None
+    try:
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
