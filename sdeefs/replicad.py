@@ -62,6 +62,7 @@ from .replicate import (
     HEAD,
     HELLO,
     ID_SIZE,
+    MORE,
     NO_ID,
     NONCE_SIZE,
     QUERY,
@@ -290,14 +291,20 @@ class RelayBuffer:
         return self.base + 1 if self.frames else None
 
     def after(self, seq: int, max_bytes: int = 8 << 20) -> list[Frame]:
+        """The frames after ``seq`` (about ``max_bytes``), ending on a complete record.
+
+        Only MORE marks an incomplete record: a trailing frame with SKIP is the one that
+        carries the stream to its position (the markers before it are not in the buffer),
+        so holding it back would leave every follower short of the head for good.
+        """
         out, size = [], 0
         for frame in self.frames:
             if frame.seq > seq:
                 out.append(frame)
                 size += len(frame.payload)
-                if size >= max_bytes and not frame.flags:
+                if size >= max_bytes and not frame.flags & MORE:
                     break
-        while out and out[-1].flags:  # only whole records
+        while out and out[-1].flags & MORE:  # only whole records
             out.pop()
         return out
 

@@ -36,6 +36,15 @@ Every frame::
     payload  ``length`` bytes
     mac      32 bytes: HMAC-SHA256(key, header + payload)
 
+A stream never stops short of the position it has reached (a replica's barrier
+depends on it): markers (Done/Sync/Abort, nothing to apply) are left out only when
+a later frame of the same batch follows them and carries SKIP; a batch that ends in
+markers ends with the last of them as a RECORD frame of its own (applying it only
+moves the replica's applied seq).  A relay forwards every RECORD frame it applied,
+its SKIP flag included, and holds back only an incomplete record (MORE), so its
+followers reach exactly its position.  The upstream never needs a later record to
+say how far a follower is.
+
 The two HELLOs are authenticated with the shared key; every later frame with the
 session key HMAC-SHA256(shared key, b"sdeefs-replication" + replica nonce +
 upstream nonce), so a frame recorded in one session is worthless in another.

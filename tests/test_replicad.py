@@ -327,3 +327,59 @@ def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     site.sync_to("n1")
     assert converged(site, "n1")
     assert "starting over" in site.log("n1")
+
+
+def journal_entries(site: Site) -> list[object]:
+    """The records of the login node's journal, in order."""
+    from sdeefs.replicate import JournalTail
+
+    tail = JournalTail(str(site.state / "journal"), 1)
+    try:
+        entries = []
+        while batch := tail.poll():
+            entries.extend(batch)
+        return entries
+    finally:
+        tail.close()
+
+
+def wait_quiet_journal_ending_in_markers(site: Site) -> int:
+    """Until the journal ends in Done and Sync records and stops growing; its head."""
+    from sdeefs import records as rec
+
+    deadline = time.monotonic() + 20
+    while True:
+        entries = journal_entries(site)
+        tail = [type(e.record) for e in entries[-2:]]  # type: ignore[attr-defined]
+        if tail == [rec.Done, rec.Sync]:
+            time.sleep(0.5)
+            if len(journal_entries(site)) == len(entries):
+                return int(entries[-1].seq)  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, tail
+        time.sleep(0.2)
+
+
+@requires_fuse
+def test_relayed_nodes_pass_the_barrier_after_the_login_went_quiet(site: Site) -> None:
+    """More nodes than the fan-out: the nodes fed by a relay must reach the login node's
+    head although the journal ends in marker records (nothing to apply) and nothing follows
+    them.  Once they stopped two records short of it, forever."""
+    change_tree(site.view, "one")
+    with open(site.view / "etc" / "motd", "rb+") as f:
+        os.fsync(f.fileno())  # a Sync record now, not in 5 s
+    head = wait_quiet_journal_ending_in_markers(site)
+    site.start_origin(fanout=2)
+    nodes = [f"n{i}" for i in range(1, 6)]
+    for name in nodes:
+        site.start_replica(name, fanout=2, listen=True)
+    for name in nodes:
+        reply = site.control(name, {"op": "follow", "user": USER, "wait": True, "timeout": 15})
+        assert reply["applied"] == reply["barrier"] == head, (name, reply)
+        assert converged(site, name), name
+    # The same after a change once every node is in the tree (warm replicas).
+    change_tree(site.view, "two")
+    head = wait_quiet_journal_ending_in_markers(site)
+    for name in nodes:
+        reply = site.control(name, {"op": "follow", "user": USER, "wait": True, "timeout": 15})
+        assert reply["applied"] == head, (name, reply)
+        assert converged(site, name), name

@@ -464,6 +464,24 @@ def test_skip_covers_markers_only_forwards(tmp_path: Path) -> None:
     replica.close()
 
 
+def test_a_relay_forwards_a_trailing_skip_frame_and_holds_back_only_incomplete_records(
+        ) -> None:
+    """The frame that carries a stream past its trailing markers (SKIP) is forwarded at
+    once; only a record still missing chunks (MORE) waits."""
+    from sdeefs.replicad import RelayBuffer
+    from sdeefs.replicate import SKIP
+
+    relay = RelayBuffer(1 << 20)
+    write = record_frames(8, rec.Write(b"upper/f", b"", 0, 3), b"abc")[0]
+    sync = Frame(RECORD, 10, encode_record_payload(rec.Sync(0)), SKIP)  # 9 was Done
+    relay.append(7, [write, sync])
+    assert [f.seq for f in relay.after(7)] == [8, 10]
+    relay.append(10, [Frame(RECORD, 11, b"x", MORE)])
+    assert [f.seq for f in relay.after(7)] == [8, 10]
+    relay.append(10, [Frame(RECORD, 11, b"y", 0)])
+    assert [f.seq for f in relay.after(10)] == [11, 11]
+
+
 def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
     from sdeefs.apply import apply_record
     from sdeefs.replicad import merge_setattr
