@@ -18,10 +18,13 @@ Roles (one process can have both):
   nodes whatever the size of the job.
 
 Tree fan-out: an upstream that already has ``fanout`` direct followers of a user
-answers a new one with REDIRECT to one of them (the one reporting the smallest
-subtree, never one below the asker), so followers arrange themselves in a tree of
-degree ``fanout`` and depth log_fanout(N).  Every replicad listens on the same
-port, so a redirect names the follower's address as seen by the upstream.
+answers a new one with REDIRECT to the one with the smallest subtree, counted by
+what this upstream itself sent there (``Placement``: bookkeeping at redirect time,
+so a burst of joiners spreads at once; the subtree reports in ACKs lag behind a
+cold stream and only correct it).  Every follower places its share the same way,
+so followers arrange themselves in a tree of degree ``fanout`` and the least depth
+that degree allows (about log_fanout N), however they join.  A redirect names the
+follower's relay address as seen by the upstream.
 
 Control socket (unix, root only): one JSON request per connection, one JSON reply::
 
@@ -98,6 +101,8 @@ IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
 POLL = 0.01  # seconds between looks at a journal for new records
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MARKERS = (rec.Done, rec.Sync, rec.Abort)
+MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
+PLACEMENT_GRACE = 30.0  # seconds a node sent below a follower counts there unreported
 # The start of the ERROR a replica gets when it holds records the login node's journal does
 # not (the journal lost its unsynced tail in a crash of the login node): it must start over.
 DIVERGED = "history diverged:"  # records a replica has nothing to do for
@@ -146,6 +151,94 @@ def load_key(path: str) -> bytes:
     return key.strip()
 
 
+# -- the tree: where an upstream puts a joiner -------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Subtree:
+    """What an upstream knows of the nodes below one of its direct followers.
+
+    Attributes:
+        sent: nodes this upstream redirected there and the follower has not reported
+            yet, with the (monotonic) time they were sent; oldest first.
+        reported: the nodes of the follower's last subtree report.
+        report_of: the ``Follower.report`` list ``reported`` was taken from.
+    """
+
+    sent: dict[str, float] = attrs.field(factory=dict)
+    reported: frozenset[str] = frozenset()
+    report_of: object = None
+
+    def size(self, now: float) -> int:
+        while self.sent:  # a node sent long ago and never reported went elsewhere
+            node, when = next(iter(self.sent.items()))
+            if now - when < PLACEMENT_GRACE:
+                break
+            del self.sent[node]
+        return len(self.reported) + len(self.sent)
+
+
+@attrs.define(eq=False)
+class Placement:
+    """Where an upstream with ``fanout`` direct followers of a user puts the next joiner.
+
+    Below the direct follower with the smallest subtree, where a subtree is what this
+    upstream sent there (counted when it redirects, so joiners arriving together spread
+    at once) plus what that follower last reported (nodes there from before: this
+    daemon restarted, or they stayed while their relay reconnected).  Each follower
+    places what it receives the same way, so subtree sizes differ by at most about one
+    at every level and the depth is the least the fan-out allows.  Costs O(fanout) per
+    redirect, and O(subtree) once per report.
+
+    Attributes:
+        subtrees: direct follower's node -> its ``Subtree``.
+        below: node -> the direct follower it was last sent below.
+    """
+
+    subtrees: dict[str, Subtree] = attrs.field(factory=dict)
+    below: dict[str, str] = attrs.field(factory=dict)
+
+    def _subtree(self, follower: Follower) -> Subtree:
+        sub = self.subtrees.setdefault(follower.node, Subtree())
+        if sub.report_of is not follower.report:  # a new report: it confirms what was sent
+            sub.report_of = follower.report
+            sub.reported = frozenset(node for node, _ in follower.report)
+            for node in sub.reported.intersection(sub.sent):
+                del sub.sent[node]
+        return sub
+
+    def choose(self, followers: list[Follower], node: str, now: float) -> Follower | None:
+        """The follower to send ``node`` below (None: there is none).
+
+        A redirect never makes a cycle: every follower a redirect names is connected to
+        the redirecting upstream right now, so its chain of upstreams leads here, while
+        ``node`` is asking here because it has no upstream.
+        """
+        best: tuple[tuple[int, str], Follower] | None = None
+        for follower in followers:
+            if follower.node == node:
+                continue
+            rank = (self._subtree(follower).size(now), follower.node)
+            if best is None or rank < best[0]:
+                best = rank, follower
+        return best[1] if best is not None else None
+
+    def sent(self, node: str, follower: Follower, now: float) -> None:
+        """``node`` was redirected below ``follower``."""
+        self.joined(node)
+        sub = self._subtree(follower)
+        if node not in sub.reported:
+            sub.sent[node] = now
+        self.below[node] = follower.node
+
+    def joined(self, node: str) -> None:
+        """``node`` follows this upstream directly now: it is below none of its followers."""
+        old = self.below.pop(node, None)
+        sub = self.subtrees.get(old) if old is not None else None
+        if sub is not None:
+            sub.sent.pop(node, None)
+
+
 # -- origin: a user's journal as a source -------------------------------------------------------
 
 
@@ -158,6 +251,7 @@ class OriginUser:
     journal_dir: str
     followers: dict[str, Follower] = attrs.field(factory=dict)
     addresses: dict[str, str] = attrs.field(factory=dict)  # node -> where it relays
+    placement: Placement = attrs.field(factory=lambda: Placement())
     head: int = 0
     _head_tail: JournalTail | None = None
     _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
@@ -317,6 +411,7 @@ class ReplicaUser:
     relay: RelayBuffer = attrs.field(factory=lambda: RelayBuffer(256 << 20))
     followers: dict[str, Follower] = attrs.field(factory=dict)
     addresses: dict[str, str] = attrs.field(factory=dict)
+    placement: Placement = attrs.field(factory=lambda: Placement())
     upstream: str = ""
     scope: trio.CancelScope | None = None
     applied_changed: trio.Event = attrs.field(factory=trio.Event)
@@ -387,14 +482,17 @@ class Daemon:
         return user
 
     def _redirect_target(self, followers: dict[str, Follower], addresses: dict[str, str],
-                         node: str) -> str | None:
+                         placement: Placement, node: str) -> str | None:
         if node in followers or len(followers) < self.config.fanout:
+            placement.joined(node)
             return None
-        choices = [f for f in followers.values() if f.node != node and f.node in addresses
-                   and node not in {n for n, _ in f.report}]
-        if not choices:
+        now = time.monotonic()
+        best = placement.choose([f for f in followers.values() if f.node in addresses],
+                                node, now)
+        if best is None:
+            placement.joined(node)
             return None
-        best = min(choices, key=lambda f: (len(f.report), f.node))
+        placement.sent(node, best, now)
         return addresses[best.node]
 
     async def _serve_hello(self, stream: trio.SocketStream, frame: Frame, hello: Hello,
@@ -415,7 +513,8 @@ class Daemon:
             return
         followers = origin.followers if origin else relay.followers  # type: ignore[union-attr]
         addresses = origin.addresses if origin else relay.addresses  # type: ignore[union-attr]
-        target = self._redirect_target(followers, addresses, hello.node)
+        placement = origin.placement if origin else relay.placement  # type: ignore[union-attr]
+        target = self._redirect_target(followers, addresses, placement, hello.node)
         if target is not None:
             await stream.send_all(encode_frame(Frame(REDIRECT, 0, target.encode()),
                                                self.config.key))
@@ -724,7 +823,7 @@ class Daemon:
                         address, redirects = home, 0
                     except Redirected as r:
                         redirects += 1
-                        if redirects <= 8:
+                        if redirects <= MAX_REDIRECTS:
                             log.info("%s: %s redirects to %s", user.name, address, r.address)
                             address = r.address
                             continue

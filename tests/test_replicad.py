@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ class Site:
         self.port = free_port()
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.node_ports: dict[str, int] = {}
+        self.fanout = 4
 
     def mount(self) -> None:
         subprocess.run([*SDEEFS, "mount", "--passthrough-upper", "--upper", str(self.upper),
@@ -382,4 +384,67 @@ def test_relayed_nodes_pass_the_barrier_after_the_login_went_quiet(site: Site) -
     for name in nodes:
         reply = site.control(name, {"op": "follow", "user": USER, "wait": True, "timeout": 15})
         assert reply["applied"] == head, (name, reply)
+        assert converged(site, name), name
+
+
+def tree_depths(site: Site, nodes: list[str]) -> dict[str, int]:
+    """Each node's depth in the relay tree (the login node's direct followers: 1)."""
+    by_port = {str(port): name for name, port in site.node_ports.items()}
+    parent = {}
+    for name in nodes:
+        upstream = site.control(name, {"op": "status"})["replicas"][USER]["upstream"]  # type: ignore[index]
+        port = str(upstream).rpartition(":")[2]
+        parent[name] = "login" if port == str(site.port) else by_port[port]
+    depths: dict[str, int] = {}
+
+    def depth(name: str) -> int:
+        if name == "login":
+            return 0
+        if name not in depths:
+            depths[name] = -1  # a cycle would show as a negative depth
+            depths[name] = depth(parent[name]) + 1
+        return depths[name]
+
+    for name in nodes:
+        depth(name)
+    children = [sum(1 for p in parent.values() if p == up) for up in ("login", *nodes)]
+    assert max(children) <= int(site.fanout), (parent, children)
+    return depths
+
+
+def optimal_depth(nodes: int, fanout: int) -> int:
+    """The smallest depth of a tree of ``nodes`` below the login node, ``fanout`` each."""
+    depth, capacity, level = 0, 0, 1
+    while capacity < nodes:
+        level *= fanout
+        capacity += level
+        depth += 1
+    return depth
+
+
+@requires_fuse
+@pytest.mark.parametrize(("fanout", "count", "stagger"), [(2, 10, False), (2, 7, True),
+                                                          (4, 20, False)])
+def test_the_relay_tree_is_balanced_however_nodes_join(site: Site, fanout: int, count: int,
+                                                       stagger: bool) -> None:
+    """A joiner is placed by what the upstream already sent where, not by subtree reports
+    that lag behind a cold stream: depth is the least a tree of that fan-out can have."""
+    with open(site.view / "data.bin", "wb") as f:
+        f.write(os.urandom(24 << 20))  # a stream long enough for reports to lag
+    change_tree(site.view, "one")
+    site.start_origin(fanout=fanout)
+    site.fanout = fanout
+    nodes = [f"n{i}" for i in range(1, count + 1)]
+    for name in nodes:
+        site.start_replica(name, fanout=fanout, listen=True)
+    for name in nodes:
+        site.control(name, {"op": "follow", "user": USER})
+        if stagger:
+            time.sleep(0.3)
+    for name in nodes:
+        site.sync_to(name)
+    depths = tree_depths(site, nodes)
+    assert max(depths.values()) == optimal_depth(count, fanout) <= \
+        math.ceil(math.log(count, fanout)), depths
+    for name in nodes:
         assert converged(site, name), name
