@@ -32,9 +32,19 @@ Control socket (unix, root only): one JSON request per connection, one JSON repl
     {"op": "unfollow", "user": U}
     {"op": "status"}                                             -> every user, both roles
 
-``follow`` with ``wait`` asks the origin for its head *now* (at least the position
+``follow`` with ``wait`` learns the login node's head *now* (at least the position
 the user's journal had when the job was submitted) and returns once the replica
-holds it: that is the job's barrier.
+holds it, of the same history (journal id): that is the job's barrier.  A node
+asks its upstream (a QUERY HELLO), not the login node: a relay answers with the
+head it learns from *its* upstream in turn, so the question climbs the tree and
+only the login node reads its journal.  Each node asks in rounds: a round starts
+after the previous one ended and answers every question that arrived before it
+started, so its answer is the login node's head at some moment after each of
+them was asked (the guarantee).  A burst of N prologs costs the login node a few
+rounds per direct follower (about one per tree level below it: a deeper node's
+question arrives after the rounds above it started), not N connections; while
+questions keep arriving, one per round trip.  A node not linked to an upstream,
+or whose upstream fails to answer, asks the login node itself.
 """
 
 from __future__ import annotations
@@ -101,6 +111,9 @@ IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
 POLL = 0.01  # seconds between looks at a journal for new records
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MARKERS = (rec.Done, rec.Sync, rec.Abort)
+HEAD_QUERY_TIMEOUT = 10.0  # seconds for one head query to an upstream (and all above it)
+HEAD_QUERY_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, trio.TooSlowError,
+                     trio.BrokenResourceError)
 MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
 PLACEMENT_GRACE = 30.0  # seconds a node sent below a follower counts there unreported
 # The start of the ERROR a replica gets when it holds records the login node's journal does
@@ -253,6 +266,7 @@ class OriginUser:
     addresses: dict[str, str] = attrs.field(factory=dict)  # node -> where it relays
     placement: Placement = attrs.field(factory=lambda: Placement())
     head: int = 0
+    queries: int = 0  # head queries answered (barriers of the nodes below)
     _head_tail: JournalTail | None = None
     _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -415,6 +429,20 @@ class ReplicaUser:
     upstream: str = ""
     scope: trio.CancelScope | None = None
     applied_changed: trio.Event = attrs.field(factory=trio.Event)
+    next_query: HeadQuery | None = None  # the round of asking upstream that starts next
+    querying: bool = False  # a task runs the rounds
+    queries: int = 0  # head queries answered for nodes below
+
+
+@attrs.define(eq=False)
+class HeadQuery:
+    """One round of asking upstream for the login node's head of a user: its answer (or
+    error) serves every caller that arrived before the round started."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    head: int = 0
+    journal_id: bytes = NO_ID
+    error: Exception | None = None
 
 
 # -- the daemon ------------------------------------------------------------------------------------
@@ -503,12 +531,17 @@ class Daemon:
             raise ProtocolError(f"{self.config.node} holds nothing of user {hello.user}")
         if hello.flags & QUERY:
             if origin is not None:
+                origin.queries += 1
                 head = await trio.to_thread.run_sync(origin.refresh_head)
                 jid = await trio.to_thread.run_sync(journal_id, origin.journal_dir)
             else:
                 assert relay is not None
-                head = max(relay.stats.head, relay.replica.applied)
-                jid = relay.replica.journal_id
+                relay.queries += 1
+                try:  # never what this relay last heard: the login node's head *now*
+                    head, jid = await self.login_head(relay)
+                except HEAD_QUERY_ERRORS as exc:
+                    raise ProtocolError(f"{self.config.node} cannot learn the head of "
+                                        f"{hello.user}: {exc}") from None
             await answer_hello(stream, self.config.key, frame, head, jid)
             return
         followers = origin.followers if origin else relay.followers  # type: ignore[union-attr]
@@ -536,6 +569,7 @@ class Daemon:
                 assert relay is not None
                 if relay.replica.journal_id == NO_ID:
                     raise ProtocolError(f"{self.config.node} has no history of {hello.user} yet")
+                await self._refuse_diverged(relay, hello)
                 hello, key = await answer_hello(stream, self.config.key, frame,
                                                 max(relay.stats.head, relay.replica.applied),
                                                 relay.replica.journal_id)
@@ -727,6 +761,20 @@ class Daemon:
                 last_send = trio.current_time()
             await trio.sleep(POLL)
 
+    async def _refuse_diverged(self, user: ReplicaUser, hello: Hello) -> None:
+        """A follower of this history that holds more than this relay: normal if this relay
+        lags, but if it holds more than the login node, its history was lost there (the
+        login node crashed before syncing it) and it must start over, as the origin says."""
+        if hello.journal_id != user.replica.journal_id or hello.want - 1 <= user.replica.applied:
+            return
+        try:
+            head, jid = await self.login_head(user)
+        except HEAD_QUERY_ERRORS:
+            return  # cannot tell now: serve it; nothing reaches it until this relay catches up
+        if jid == hello.journal_id and hello.want - 1 > head:
+            raise ProtocolError(f"{DIVERGED} replica wants seq {hello.want} but the journal "
+                                f"ends at {head}")
+
     async def _serve_relay(self, stream: trio.SocketStream, key: bytes, hello: Hello,
                            user: ReplicaUser, follower: Follower) -> None:
         async def produce() -> None:
@@ -858,11 +906,11 @@ class Daemon:
             report.extend(follower.report)
         return report
 
-    async def _origin_head(self, name: str) -> int:
-        """Ask the origin (the configured upstream) for the user's head now."""
-        assert self.config.upstream is not None
-        with trio.fail_after(10):
-            stream = await trio.open_tcp_stream(*self.config.upstream)
+    async def _ask_head(self, address: tuple[str, int], name: str) -> tuple[int, bytes]:
+        """One QUERY HELLO to ``address``: the login node's head of ``name`` and its journal
+        id, as that node learns them now."""
+        with trio.fail_after(HEAD_QUERY_TIMEOUT):
+            stream = await trio.open_tcp_stream(*address)
             async with stream:
                 hello = Hello(os.urandom(NONCE_SIZE), NO_ID, name, self.config.node, 1, QUERY)
                 await stream.send_all(encode_frame(encode_hello(hello), self.config.key))
@@ -871,29 +919,78 @@ class Daemon:
                     raise ProtocolError("upstream: " + answer.payload.decode(errors="replace"))
                 if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
                     raise ProtocolError("upstream did not answer")
-                return answer.seq
+                return answer.seq, answer.payload[NONCE_SIZE:]
+
+    async def login_head(self, user: ReplicaUser) -> tuple[int, bytes]:
+        """The login node's head of ``user`` (and journal id) at a moment after this call
+        began: the answer of the next round of asking upstream (see the module docstring)."""
+        query = user.next_query
+        if query is None:
+            query = user.next_query = HeadQuery()
+            if not user.querying:
+                user.querying = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_head_queries, user)
+        await query.done.wait()
+        if query.error is not None:
+            raise query.error
+        return query.head, query.journal_id
+
+    async def _run_head_queries(self, user: ReplicaUser) -> None:
+        assert self.config.upstream is not None
+        try:
+            while (query := user.next_query) is not None:
+                user.next_query = None  # who asks from now on waits for the next round
+                try:
+                    # Up the tree while linked (the link's chain of upstreams leads to the
+                    # login node); the login node itself when not, or when that fails.
+                    try:
+                        if not (user.stats.connected and user.upstream):
+                            raise ConnectionError("not linked upstream")
+                        query.head, query.journal_id = await self._ask_head(
+                            parse_address(user.upstream), user.name)
+                    except HEAD_QUERY_ERRORS as exc:
+                        log.debug("%s: head from %s: %s; asking the login node", user.name,
+                                  user.upstream, exc)
+                        query.head, query.journal_id = await self._ask_head(
+                            self.config.upstream, user.name)
+                except HEAD_QUERY_ERRORS as exc:
+                    query.error = exc
+                query.done.set()
+        finally:
+            user.querying = False
 
     async def wait_barrier(self, name: str, limit: float) -> dict[str, object]:
         user = self.start_following(name)
         with trio.fail_after(limit):
             while True:
                 try:
-                    barrier = await self._origin_head(name)
+                    barrier, jid = await self.login_head(user)
                     break
-                except (OSError, trio.BrokenResourceError, ProtocolError, EOFError) as exc:
+                except HEAD_QUERY_ERRORS as exc:
                     user.stats.last_error = str(exc)
                     await trio.sleep(0.2)
             while True:
-                applied = user.replica.applied
+                applied = user.replica.journal_id, user.replica.applied
+                if applied[0] not in (NO_ID, jid):  # the user's history was replaced since
+                    with contextlib.suppress(*HEAD_QUERY_ERRORS):
+                        barrier, jid = await self.login_head(user)
                 # More than the login node had is normal (it moved on since), unless it is
                 # more than it has *now*: then this copy holds a history the login node
                 # lost, and the link is about to start it over.
-                if user.replica.journal_id != NO_ID and applied >= barrier and (
-                        applied == barrier or applied <= await self._origin_head(name)):
+                elif applied[0] == jid and applied[1] >= barrier and (
+                        applied[1] == barrier or applied[1] <= await self._head_now(user)):
                     break
                 with trio.move_on_after(0.05):
                     await user.applied_changed.wait()
         return {"user": name, "applied": user.replica.applied, "barrier": barrier}
+
+    async def _head_now(self, user: ReplicaUser) -> int:
+        try:
+            return (await self.login_head(user))[0]
+        except HEAD_QUERY_ERRORS:
+            await trio.sleep(0.2)
+            return -1
 
     # -- trimming -----------------------------------------------------------------------------
 
@@ -1003,7 +1100,8 @@ class Daemon:
                 for node, seq in f.report:
                     followers.setdefault(node, {"acked": seq, "lag": user.head - seq,
                                                 "direct": False, "via": f.node})
-            origin[user.name] = {"head": user.head, "followers": followers}
+            origin[user.name] = {"head": user.head, "followers": followers,
+                                 "queries": user.queries}
         replicas = {}
         for r in self.replicas.values():
             replicas[r.name] = {
@@ -1011,7 +1109,7 @@ class Daemon:
                 "lag": max(0, r.stats.head - r.replica.applied),
                 "bytes_received": r.stats.bytes_received, "connected": r.stats.connected,
                 "upstream": r.upstream, "last_error": r.stats.last_error,
-                "followers": sorted(r.followers),
+                "followers": sorted(r.followers), "queries": r.queries,
             }
         return {"node": self.config.node, "origin": origin, "replicas": replicas,
                 "uptime": time.time() - self.started}

@@ -448,3 +448,70 @@ def test_the_relay_tree_is_balanced_however_nodes_join(site: Site, fanout: int, 
         math.ceil(math.log(count, fanout)), depths
     for name in nodes:
         assert converged(site, name), name
+
+
+@requires_fuse
+def test_barrier_queries_climb_the_tree_not_all_to_the_login_node(site: Site) -> None:
+    """Fourteen prologs ask while the login node is busy (stopped): each node asks its
+    upstream, which asks its own in rounds, so the login node answers a few rounds of its
+    two direct followers (about one or two per level below them), not fourteen questions,
+    and every node still waits for the head as it was when it asked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    change_tree(site.view, "one")
+    site.start_origin(fanout=2)
+    nodes = [f"n{i}" for i in range(1, 15)]
+    for name in nodes:
+        site.start_replica(name, fanout=2, listen=True)
+        site.sync_to(name)
+    depth = max(tree_depths(site, nodes).values())
+
+    def queries(name: str) -> int:
+        status = site.control(name, {"op": "status"})
+        table = status["origin"] if name == "login" else status["replicas"]
+        return int(table[USER]["queries"])  # type: ignore[index]
+
+    change_tree(site.view, "two")
+    head = wait_quiet_journal_ending_in_markers(site)
+    before = queries("login")
+    login = site.daemons["login"].pid
+    os.kill(login, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            replies = pool.map(site.sync_to, nodes)
+            deadline = time.monotonic() + 20  # until every node below the top asked a relay
+            while sum(queries(name) for name in nodes) < len(nodes) - 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            os.kill(login, signal.SIGCONT)
+            for name, reply in zip(nodes, replies, strict=True):
+                assert reply["barrier"] == reply["applied"] == head, (name, reply)
+    finally:
+        os.kill(login, signal.SIGCONT)
+    answered = queries("login") - before
+    assert answered <= 2 * 2 * depth < len(nodes), answered
+    for name in nodes:
+        assert converged(site, name), name
+
+
+@requires_fuse
+def test_a_relayed_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
+    """As for a direct follower: a copy holding records the login node lost is told so by
+    the relay it is sent to (which asks the login node's head), and is rebuilt."""
+    from sdeefs.replicate import Replica
+
+    change_tree(site.view, "one")
+    site.start_origin(fanout=1)
+    site.start_replica("n1", fanout=1, listen=True)
+    site.sync_to("n1")
+    site.start_replica("n2", fanout=1)
+    site.sync_to("n2")
+    site.kill("n2")
+    replica = Replica.open(str(site.tmp / "n2" / USER))
+    replica.applied += 50  # records the login node no longer has
+    replica._write_position()
+    replica.close()
+    site.start_replica("n2", fanout=1)
+    site.sync_to("n2")
+    assert converged(site, "n2")
+    assert "starting over" in site.log("n2")
