@@ -103,17 +103,30 @@ from .replicate import (
     record_frames,
     snapshot_frames,
 )
+from .sysio import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_IGNORED,
+    IN_MODIFY,
+    IN_MOVED_TO,
+    inotify_drain,
+    inotify_watch,
+    malloc_trim,
+)
 
 log = logging.getLogger(__name__)
 
 HOLD_BACK = 0.05  # seconds a trailing metadata record waits for a possible Abort
 IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
-POLL = 0.01  # seconds between looks at a journal for new records
+POLL = 0.01  # seconds between looks at a journal for new records, where inotify fails
+JOURNAL_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE  # a segment grew or came
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MARKERS = (rec.Done, rec.Sync, rec.Abort)
 HEAD_QUERY_TIMEOUT = 10.0  # seconds for one head query to an upstream (and all above it)
 HEAD_QUERY_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, trio.TooSlowError,
                      trio.BrokenResourceError)
+MEMORY_CHECK = 2.0  # seconds between looks at whether the streams went quiet
+RELAY_STALL = 5.0  # seconds a relay waits for a slow follower before leaving it behind
 MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
 PLACEMENT_GRACE = 30.0  # seconds a node sent below a follower counts there unreported
 # The start of the ERROR a replica gets when it holds records the login node's journal does
@@ -132,7 +145,7 @@ class DaemonConfig:
     fanout: int = 4
     control: str | None = None
     follow: tuple[str, ...] = ()
-    relay_bytes: int = 256 << 20
+    relay_bytes: int = 16 << 20
     expire: float = 86400.0
     silence_timeout: float = 10.0
     trim_interval: float = 10.0
@@ -267,6 +280,7 @@ class OriginUser:
     placement: Placement = attrs.field(factory=lambda: Placement())
     head: int = 0
     queries: int = 0  # head queries answered (barriers of the nodes below)
+    grew: trio.Event = attrs.field(factory=trio.Event)  # replaced each time the journal grows
     _head_tail: JournalTail | None = None
     _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -285,6 +299,10 @@ class OriginUser:
             self._head_tail.close()
             self._head_tail = None
         return self.head
+
+    def journal_grew(self) -> None:
+        self.grew.set()
+        self.grew = trio.Event()
 
     def source(self) -> LayerRoot:
         fds = [os.open(os.path.join(self.root, *sub), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -363,7 +381,18 @@ def _without_aborted(entries: list[Entry]) -> list[Entry]:
 
 @attrs.define(eq=False)
 class RelayBuffer:
-    """The last RECORD frames a replica applied (bounded), and who waits for more."""
+    """The last RECORD frames a replica applied (at most ``limit`` payload bytes: this is
+    most of an idle node replicad's memory), and who waits for more.
+
+    Pipelined like the hops of a tree should be: before applying more, the replica waits
+    (``wait_room``) until the followers being served have been sent what the new frames
+    would evict, for at most RELAY_STALL; a follower still behind then (stuck, or far
+    slower than its siblings) falls off the buffer and gets a snapshot, as one that
+    connects too late does.
+
+    Attributes:
+        readers: each follower being served (by token) and the last seq sent to it.
+    """
 
     limit: int
     frames: collections.deque[Frame] = attrs.field(factory=collections.deque)
@@ -371,6 +400,37 @@ class RelayBuffer:
     changed: trio.Event = attrs.field(factory=trio.Event)
     generation: int = 0  # bumps when the replica was replaced by a snapshot
     base: int = 0  # the seq just before the first frame kept
+    readers: dict[object, int] = attrs.field(factory=dict)
+    moved: trio.Event = attrs.field(factory=trio.Event)
+
+    def reader_at(self, token: object, pos: int | None) -> None:
+        """Follower ``token`` was sent everything up to ``pos`` (None: it is gone)."""
+        if pos is None:
+            self.readers.pop(token, None)
+        else:
+            self.readers[token] = pos
+        self.moved.set()
+        self.moved = trio.Event()
+
+    def _room(self, incoming: int) -> bool:
+        """Whether appending ``incoming`` bytes evicts nothing a reader still needs."""
+        excess = self.size + incoming - self.limit
+        inside = [pos for pos in self.readers.values() if pos >= self.base]
+        if excess <= 0 or not self.frames or not inside:
+            return True
+        slowest, freed = min(inside), 0
+        for frame in self.frames:
+            if frame.seq > slowest:
+                return False
+            freed += len(frame.payload)
+            if freed >= excess:
+                return True
+        return True
+
+    async def wait_room(self, incoming: int) -> None:
+        with trio.move_on_after(RELAY_STALL):
+            while not self._room(incoming):
+                await self.moved.wait()
 
     def append(self, before: int, frames: list[Frame]) -> None:
         """Keep ``frames``, applied after seq ``before``."""
@@ -398,7 +458,7 @@ class RelayBuffer:
         """The first seq the buffer covers (frames after a SKIP cover the markers too)."""
         return self.base + 1 if self.frames else None
 
-    def after(self, seq: int, max_bytes: int = 8 << 20) -> list[Frame]:
+    def after(self, seq: int, max_bytes: int = 1 << 20) -> list[Frame]:
         """The frames after ``seq`` (about ``max_bytes``), ending on a complete record.
 
         Only MORE marks an incomplete record: a trailing frame with SKIP is the one that
@@ -422,7 +482,7 @@ class ReplicaUser:
     name: str
     replica: Replica
     stats: LinkStats = attrs.field(factory=LinkStats)
-    relay: RelayBuffer = attrs.field(factory=lambda: RelayBuffer(256 << 20))
+    relay: RelayBuffer = attrs.field(factory=lambda: RelayBuffer(16 << 20))
     followers: dict[str, Follower] = attrs.field(factory=dict)
     addresses: dict[str, str] = attrs.field(factory=dict)
     placement: Placement = attrs.field(factory=lambda: Placement())
@@ -469,6 +529,7 @@ class Daemon:
                 self.start_following(user)
             if self.config.origin_root is not None:
                 nursery.start_soon(self._trim_loop)
+            nursery.start_soon(self._release_memory)
             log.info("sdeefs-replicad %s ready (listen %s, origin %s, replicas %s, upstream %s)",
                      self.config.node, self.config.listen, self.config.origin_root,
                      self.config.replica_dir, self.config.upstream)
@@ -507,7 +568,34 @@ class Daemon:
             if not os.path.isdir(journal_dir):
                 return None
             user = self.origin[name] = OriginUser(name, root, journal_dir)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_journal, user)
         return user
+
+    async def _watch_journal(self, user: OriginUser) -> None:
+        """Wake ``user``'s shippers whenever the journal directory changes (inotify), so an
+        idle login node costs nothing; polling at POLL where inotify cannot watch it."""
+        while True:
+            try:
+                fd = inotify_watch(user.journal_dir, JOURNAL_EVENTS)
+            except OSError as exc:
+                log.warning("%s: cannot watch %s (%s); polling it", user.name,
+                            user.journal_dir, exc.strerror)
+                with trio.move_on_after(IDLE_HEAD * 10):
+                    while True:
+                        await trio.sleep(POLL)
+                        user.journal_grew()
+                continue
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    # Non-blocking reads of a few bytes: on the loop, no thread needed.
+                    mask = inotify_drain(fd)
+                    user.journal_grew()
+                    if mask & IN_IGNORED:  # the directory went (a new history): watch anew
+                        break
+            finally:
+                os.close(fd)
 
     def _redirect_target(self, followers: dict[str, Follower], addresses: dict[str, str],
                          placement: Placement, node: str) -> str | None:
@@ -740,6 +828,7 @@ class Daemon:
             return frames, last
 
         while True:
+            grew = user.grew  # taken before reading: a record written meanwhile sets it
             try:
                 frames, last = await trio.to_thread.run_sync(next_frames)
             except Trimmed:
@@ -759,7 +848,11 @@ class Daemon:
                 await self._send(stream, key, follower,
                                  [Frame(HEAD, max(user.head, follower.sent_seq))])
                 last_send = trio.current_time()
-            await trio.sleep(POLL)
+            # A held-back record goes after HOLD_BACK; otherwise sleep until the journal
+            # grows or the next HEAD is due.
+            idle = IDLE_HEAD - (trio.current_time() - last_send)
+            with trio.move_on_after(HOLD_BACK if pending else max(idle, 0.0)):
+                await grew.wait()
 
     async def _refuse_diverged(self, user: ReplicaUser, hello: Hello) -> None:
         """A follower of this history that holds more than this relay: normal if this relay
@@ -777,6 +870,8 @@ class Daemon:
 
     async def _serve_relay(self, stream: trio.SocketStream, key: bytes, hello: Hello,
                            user: ReplicaUser, follower: Follower) -> None:
+        token = object()
+
         async def produce() -> None:
             pos = hello.want - 1
             generation = user.relay.generation
@@ -786,10 +881,14 @@ class Daemon:
                 applied = user.replica.applied
                 if user.relay.generation != generation or (
                         pos < applied and (first is None or first > pos + 1)):
+                    user.relay.reader_at(token, None)  # not waited for while it is rebuilt
                     pos = await self._relay_snapshot(stream, key, user, follower)
                     generation = user.relay.generation
+                user.relay.reader_at(token, pos)
                 frames = user.relay.after(pos)
                 if frames:
+                    # Taken: the buffer may drop them now (this list keeps them until sent).
+                    user.relay.reader_at(token, frames[-1].seq)
                     await self._send(stream, key, follower, frames)
                     pos = frames[-1].seq
                     last_send = trio.current_time()
@@ -800,7 +899,10 @@ class Daemon:
                     last_send = trio.current_time()
                 with trio.move_on_after(IDLE_HEAD):
                     await user.relay.changed.wait()
-        await self._stream_with_acks(stream, key, follower, produce)
+        try:
+            await self._stream_with_acks(stream, key, follower, produce)
+        finally:
+            user.relay.reader_at(token, None)
 
     async def _relay_snapshot(self, stream: trio.SocketStream, key: bytes, user: ReplicaUser,
                               follower: Follower) -> int:
@@ -858,7 +960,10 @@ class Daemon:
                                          on_snapshot=user.relay.clear,
                                          silence_timeout=self.config.silence_timeout,
                                          relay_port=self.config.listen[1]
-                                         if self.config.listen else 0)
+                                         if self.config.listen else 0,
+                                         wait_room=user.relay.wait_room,
+                                         # a batch never evicts what it waited to keep
+                                         batch_bytes=max(1, user.relay.limit // 4))
                         backoff = 0.05
                     except ProtocolError as exc:
                         user.stats.last_error = f"{address}: {exc}"
@@ -991,6 +1096,19 @@ class Daemon:
         except HEAD_QUERY_ERRORS:
             await trio.sleep(0.2)
             return -1
+
+    async def _release_memory(self) -> None:
+        """Once the streams went quiet, give freed heap pages back (an idle node's replicad
+        is bounded by its relay buffers, not by the largest burst it relayed)."""
+        seen = trimmed = 0
+        while True:
+            await trio.sleep(MEMORY_CHECK)
+            moved = sum(u.replica.applied for u in self.replicas.values()) + sum(
+                f.sent_seq for u in self.origin.values() for f in u.followers.values())
+            if moved == seen and moved != trimmed:
+                await trio.to_thread.run_sync(malloc_trim)
+                trimmed = moved
+            seen = moved
 
     # -- trimming -----------------------------------------------------------------------------
 
@@ -1176,8 +1294,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="control socket, root only (default: replication.control)")
     parser.add_argument("--follow", action="append", default=[], metavar="USER",
                         help="follow USER continuously (a warm replica; repeatable)")
-    parser.add_argument("--relay-bytes", type=int, default=256 << 20,
-                        help="bytes of applied records kept for relaying (default 256 MiB)")
+    parser.add_argument("--relay-bytes", type=int, default=16 << 20,
+                        help="bytes of applied records kept for relaying (default 16 MiB: "
+                             "an idle node's replicad stays under 64 MB)")
     parser.add_argument("--trim-interval", type=float, default=10.0, metavar="SECONDS",
                         help="origin: how often the journals are trimmed below every "
                              "follower's acknowledgement (default 10)")

@@ -115,7 +115,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import attrs
 import trio
@@ -150,6 +150,7 @@ NO_ID = bytes(ID_SIZE)
 REPORT_COUNT = struct.Struct("<I")
 REPORT_ENTRY = struct.Struct("<Q")  # after the node's name
 REPORT_INTERVAL = 1.0  # seconds: at most one subtree report per link this often
+IN_FLIGHT_BYTES = 8 << 20  # payload received and not yet applied (a replica's memory bound)
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
 _NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
 _RENAME_FLAGS_EXCHANGE = 2
@@ -1078,12 +1079,18 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
                  report: Callable[[], list[tuple[str, int]]] = list,
                  on_applied: Callable[[int, list[Frame]], None] | None = None,
                  on_snapshot: Callable[[], None] | None = None,
-                 silence_timeout: float = 10.0, relay_port: int = 0) -> None:
+                 silence_timeout: float = 10.0, relay_port: int = 0,
+                 wait_room: Callable[[int], Awaitable[None]] | None = None,
+                 batch_bytes: int = IN_FLIGHT_BYTES) -> None:
     """Pull ``user``'s records over ``stream`` into ``replica`` until the upstream closes.
 
     Blocking work (applying, syncing) runs in worker threads under ``replica.lock``;
-    the trio loop only moves bytes.  An upstream silent for ``silence_timeout`` (it sends
-    HEAD every second when idle) is taken for a lost link.  Raises Redirected,
+    the trio loop only moves bytes.  At most IN_FLIGHT_BYTES are read ahead of what
+    is applied (TCP holds the upstream back), and ``wait_room(bytes)``, when given, is
+    awaited before a batch of RECORD frames of that size (at most about
+    ``batch_bytes``) is applied (a relay's buffer waiting for its followers).  An
+    upstream silent for ``silence_timeout`` (it sends HEAD every second when idle) is
+    taken for a lost link.  Raises Redirected,
     ProtocolError, ConnectionError or the stream's own errors; the caller reconnects.
     """
     nonce = secrets.token_bytes(NONCE_SIZE)
@@ -1105,10 +1112,13 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
         if had_history:
             return  # reconnect asking from seq 1 of the new history
     send, receive = trio.open_memory_channel[Frame](256)
+    in_flight = 0  # payload bytes in the channel and in the batch being applied
+    drained = trio.Event()
 
     frames = FrameReader(stream)
 
     async def reader() -> None:
+        nonlocal in_flight
         async with send:
             while True:
                 try:
@@ -1126,22 +1136,33 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
                 if frame.type == HEAD:
                     stats.head = max(stats.head, frame.seq)
                     continue
+                while in_flight >= IN_FLIGHT_BYTES:
+                    await drained.wait()
+                in_flight += len(frame.payload)
                 await send.send(frame)
 
     async def applier() -> None:
+        nonlocal in_flight, drained
         async with receive:
             while True:
                 try:
                     batch = [await receive.receive()]
                 except trio.EndOfChannel:
                     return
-                while len(batch) < 512:
+                size = len(batch[0].payload)
+                while len(batch) < 512 and size < batch_bytes:
                     try:
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                    size += len(batch[-1].payload)
+                if wait_room is not None:
+                    await wait_room(sum(len(f.payload) for f in batch if f.type == RECORD))
                 before, applied, snapshotted = await trio.to_thread.run_sync(
                     _apply_batch, replica, batch)
+                in_flight -= size
+                drained.set()
+                drained = trio.Event()
                 if snapshotted and on_snapshot is not None:
                     on_snapshot()
                 if on_applied is not None:

@@ -84,9 +84,10 @@ class Site:
         self.start("login", "--origin", str(self.root), "--listen", f"127.0.0.1:{self.port}",
                    "--fanout", str(fanout))
 
-    def start_replica(self, name: str, fanout: int = 4, listen: bool = False) -> None:
+    def start_replica(self, name: str, fanout: int = 4, listen: bool = False,
+                      *extra: str) -> None:
         args = ["--replica-dir", str(self.tmp / name), "--upstream",
-                f"127.0.0.1:{self.port}", "--fanout", str(fanout)]
+                f"127.0.0.1:{self.port}", "--fanout", str(fanout), *extra]
         if listen:
             self.node_ports[name] = free_port()
             args += ["--listen", f"127.0.0.1:{self.node_ports[name]}"]
@@ -515,3 +516,73 @@ def test_a_relayed_replica_ahead_of_the_login_journal_starts_over(site: Site) ->
     site.sync_to("n2")
     assert converged(site, "n2")
     assert "starting over" in site.log("n2")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def write_mb(path: Path, mb: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(mb):
+            f.write(os.urandom(1 << 20))
+
+
+@requires_fuse
+def test_idle_daemons_cost_no_cpu_and_little_memory(site: Site) -> None:
+    """After a 64 MB stream through a relay: the login replicad waits for its journal to
+    grow (it polled 100 times a second per follower), and the node replicads, the relay
+    included, give the stream's memory back (the relay kept 256 MiB of it)."""
+    write_mb(site.view / "big.bin", 64)
+    site.start_origin(fanout=1)
+    site.start_replica("n1", 1, True)
+    site.start_replica("n2", 1, True)
+    site.sync_to("n1")
+    site.sync_to("n2")
+    change_tree(site.view, "one")  # n2 follows n1's buffer, not a snapshot
+    site.sync_to("n2")
+    time.sleep(5)  # quiet: the daemons notice (within 2 s) and release what they freed
+    login = site.daemons["login"].pid
+    before, start = cpu_seconds(login), time.monotonic()
+    time.sleep(5)
+    share = (cpu_seconds(login) - before) / (time.monotonic() - start)
+    assert share < 0.01, f"the idle login replicad used {share:.1%} of a core"
+    for name in ("n1", "n2"):
+        assert rss_mb(site.daemons[name].pid) <= 64, (name, rss_mb(site.daemons[name].pid))
+    assert converged(site, "n2")
+
+
+@requires_fuse
+def test_a_relay_waits_for_a_slow_follower_then_leaves_a_stuck_one_behind(site: Site) -> None:
+    """A relay buffer far smaller than the stream: the relay applies no faster than its
+    follower takes the records (no snapshot needed); a follower that stops taking them
+    holds it back only RELAY_STALL, then gets a snapshot and converges."""
+    site.start_origin(fanout=1)
+    site.start_replica("n1", 1, True, "--relay-bytes", str(1 << 20))
+    site.start_replica("n2", 1, True)
+    site.sync_to("n1")
+    site.sync_to("n2")
+    write_mb(site.view / "big.bin", 24)
+    site.sync_to("n2")
+    assert converged(site, "n2")
+    assert "sent a snapshot" not in site.log("n1")
+
+    n2 = site.daemons["n2"].pid
+    os.kill(n2, signal.SIGSTOP)
+    try:
+        write_mb(site.view / "more.bin", 16)
+        start = time.monotonic()
+        site.sync_to("n1")
+        assert time.monotonic() - start < 20
+    finally:
+        os.kill(n2, signal.SIGCONT)
+    site.sync_to("n2")
+    assert converged(site, "n2")
+    assert "sent a snapshot" in site.log("n1")
