@@ -54,7 +54,6 @@ import collections
 import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import sys
@@ -125,7 +124,7 @@ MARKERS = (rec.Done, rec.Sync, rec.Abort)
 HEAD_QUERY_TIMEOUT = 10.0  # seconds for one head query to an upstream (and all above it)
 HEAD_QUERY_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, trio.TooSlowError,
                      trio.BrokenResourceError)
-MEMORY_CHECK = 2.0  # seconds between looks at whether the streams went quiet
+MEMORY_CHECK = 1.0  # seconds between looks at whether the streams went quiet
 RELAY_STALL = 5.0  # seconds a relay waits for a slow follower before leaving it behind
 MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
 PLACEMENT_GRACE = 30.0  # seconds a node sent below a follower counts there unreported
@@ -999,7 +998,7 @@ class Daemon:
                     await trio.to_thread.run_sync(user.replica.close)
 
     def _applied(self, user: ReplicaUser, frames: list[Frame], before: int = 0) -> None:
-        if frames:
+        if frames and self.config.listen is not None:  # a node that cannot relay keeps none
             user.relay.append(before, frames)
         user.applied_changed.set()
         user.applied_changed = trio.Event()
@@ -1265,8 +1264,17 @@ def control_request(path: str, request: dict[str, object], timeout: float = 600)
 
 
 def tree_cost(nodes: int, fanout: int) -> dict[str, float]:
-    """Depth and per-node streams of the relay tree (for the 1,000/10,000-node estimate)."""
-    depth = math.ceil(math.log(nodes * (fanout - 1) + 1, fanout)) if fanout > 1 else nodes
+    """Depth and per-node streams of the relay tree (for the 1,000/10,000-node estimate).
+
+    ``depth``: the least number of hops below the login node that holds ``nodes`` at
+    ``fanout`` followers each (fanout + fanout**2 + ... >= nodes), which ``Placement``
+    reaches however the nodes join.
+    """
+    depth, capacity, level = 0, 0, 1
+    while capacity < nodes:
+        level *= max(fanout, 1)
+        capacity += level if fanout > 1 else 1
+        depth += 1
     return {"nodes": nodes, "fanout": fanout, "depth": depth, "login_streams": min(nodes, fanout)}
 
 
