@@ -40,11 +40,13 @@ head it learns from *its* upstream in turn, so the question climbs the tree and
 only the login node reads its journal.  Each node asks in rounds: a round starts
 after the previous one ended and answers every question that arrived before it
 started, so its answer is the login node's head at some moment after each of
-them was asked (the guarantee).  A burst of N prologs costs the login node a few
-rounds per direct follower (about one per tree level below it: a deeper node's
-question arrives after the rounds above it started), not N connections; while
-questions keep arriving, one per round trip.  A node not linked to an upstream,
-or whose upstream fails to answer, asks the login node itself.
+them was asked (the guarantee).  The login node's direct followers also leave
+LOGIN_ROUND_GAP between the starts of their rounds, so the login node answers at
+most ``fanout`` questions per gap whatever N, at the price of at most that gap
+for a barrier asked during a burst (a deeper node's question arrives after the
+rounds above it started, so a burst takes about one round per level below each
+direct follower, or per gap while questions keep coming).  A node not linked to
+an upstream, or whose upstream fails to answer, asks the login node itself.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -121,6 +124,7 @@ POLL = 0.01  # seconds between looks at a journal for new records, where inotify
 JOURNAL_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE  # a segment grew or came
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MARKERS = (rec.Done, rec.Sync, rec.Abort)
+LOGIN_ROUND_GAP = 0.010  # seconds between rounds of asking the login node itself
 HEAD_QUERY_TIMEOUT = 10.0  # seconds for one head query to an upstream (and all above it)
 HEAD_QUERY_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, trio.TooSlowError,
                      trio.BrokenResourceError)
@@ -490,6 +494,7 @@ class ReplicaUser:
     applied_changed: trio.Event = attrs.field(factory=trio.Event)
     next_query: HeadQuery | None = None  # the round of asking upstream that starts next
     querying: bool = False  # a task runs the rounds
+    last_round: float = -math.inf  # trio time the last round started
     queries: int = 0  # head queries answered for nodes below
 
 
@@ -1042,9 +1047,17 @@ class Daemon:
 
     async def _run_head_queries(self, user: ReplicaUser) -> None:
         assert self.config.upstream is not None
+        home = parse_address(f"{self.config.upstream[0]}:{self.config.upstream[1]}")
         try:
-            while (query := user.next_query) is not None:
-                user.next_query = None  # who asks from now on waits for the next round
+            while user.next_query is not None:
+                linked = user.stats.connected and bool(user.upstream)
+                if not linked or parse_address(user.upstream) == home:
+                    # The login node's direct followers start a round at most every
+                    # LOGIN_ROUND_GAP: what arrives meanwhile joins it, so a burst of
+                    # prologs reaches the login node as rounds per interval, not per node.
+                    await trio.sleep_until(user.last_round + LOGIN_ROUND_GAP)
+                query, user.next_query = user.next_query, None  # later askers: next round
+                user.last_round = trio.current_time()
                 try:
                     # Up the tree while linked (the link's chain of upstreams leads to the
                     # login node); the login node itself when not, or when that fails.

@@ -1090,8 +1090,8 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
     awaited before a batch of RECORD frames of that size (at most about
     ``batch_bytes``) is applied (a relay's buffer waiting for its followers).  An
     upstream silent for ``silence_timeout`` (it sends HEAD every second when idle) is
-    taken for a lost link.  Raises Redirected,
-    ProtocolError, ConnectionError or the stream's own errors; the caller reconnects.
+    taken for a lost link.  Raises Redirected, ProtocolError, ConnectionError or the
+    stream's own errors; the caller reconnects.
     """
     nonce = secrets.token_bytes(NONCE_SIZE)
     hello = Hello(nonce, replica.journal_id, user, node, replica.applied + 1, 0, relay_port)
