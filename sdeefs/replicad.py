@@ -18,10 +18,13 @@ Roles (one process can have both):
   nodes whatever the size of the job.
 
 Tree fan-out: an upstream that already has ``fanout`` direct followers of a user
-answers a new one with REDIRECT to one of them (the one reporting the smallest
-subtree, never one below the asker), so followers arrange themselves in a tree of
-degree ``fanout`` and depth log_fanout(N).  Every replicad listens on the same
-port, so a redirect names the follower's address as seen by the upstream.
+answers a new one with REDIRECT to the one with the smallest subtree, counted by
+what this upstream itself sent there (``Placement``: bookkeeping at redirect time,
+so a burst of joiners spreads at once; the subtree reports in ACKs lag behind a
+cold stream and only correct it).  Every follower places its share the same way,
+so followers arrange themselves in a tree of degree ``fanout`` and the least depth
+that degree allows (about log_fanout N), however they join.  A redirect names the
+follower's relay address as seen by the upstream.
 
 Control socket (unix, root only): one JSON request per connection, one JSON reply::
 
@@ -29,9 +32,21 @@ Control socket (unix, root only): one JSON request per connection, one JSON repl
     {"op": "unfollow", "user": U}
     {"op": "status"}                                             -> every user, both roles
 
-``follow`` with ``wait`` asks the origin for its head *now* (at least the position
+``follow`` with ``wait`` learns the login node's head *now* (at least the position
 the user's journal had when the job was submitted) and returns once the replica
-holds it: that is the job's barrier.
+holds it, of the same history (journal id): that is the job's barrier.  A node
+asks its upstream (a QUERY HELLO), not the login node: a relay answers with the
+head it learns from *its* upstream in turn, so the question climbs the tree and
+only the login node reads its journal.  Each node asks in rounds: a round starts
+after the previous one ended and answers every question that arrived before it
+started, so its answer is the login node's head at some moment after each of
+them was asked (the guarantee).  The login node's direct followers also leave
+LOGIN_ROUND_GAP between the starts of their rounds, so the login node answers at
+most ``fanout`` questions per gap whatever N, at the price of at most that gap
+for a barrier asked during a burst (a deeper node's question arrives after the
+rounds above it started, so a burst takes about one round per level below each
+direct follower, or per gap while questions keep coming).  A node not linked to
+an upstream, or whose upstream fails to answer, asks the login node itself.
 """
 
 from __future__ import annotations
@@ -62,6 +77,7 @@ from .replicate import (
     HEAD,
     HELLO,
     ID_SIZE,
+    MORE,
     NO_ID,
     NONCE_SIZE,
     QUERY,
@@ -89,14 +105,33 @@ from .replicate import (
     record_frames,
     snapshot_frames,
 )
+from .sysio import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_IGNORED,
+    IN_MODIFY,
+    IN_MOVED_TO,
+    inotify_drain,
+    inotify_watch,
+    malloc_trim,
+)
 
 log = logging.getLogger(__name__)
 
 HOLD_BACK = 0.05  # seconds a trailing metadata record waits for a possible Abort
 IDLE_HEAD = 1.0  # seconds between HEAD frames on an idle link
-POLL = 0.01  # seconds between looks at a journal for new records
+POLL = 0.01  # seconds between looks at a journal for new records, where inotify fails
+JOURNAL_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE  # a segment grew or came
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MARKERS = (rec.Done, rec.Sync, rec.Abort)
+LOGIN_ROUND_GAP = 0.010  # seconds between rounds of asking the login node itself
+HEAD_QUERY_TIMEOUT = 10.0  # seconds for one head query to an upstream (and all above it)
+HEAD_QUERY_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, trio.TooSlowError,
+                     trio.BrokenResourceError)
+MEMORY_CHECK = 1.0  # seconds between looks at whether the streams went quiet
+RELAY_STALL = 5.0  # seconds a relay waits for a slow follower before leaving it behind
+MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
+PLACEMENT_GRACE = 30.0  # seconds a node sent below a follower counts there unreported
 # The start of the ERROR a replica gets when it holds records the login node's journal does
 # not (the journal lost its unsynced tail in a crash of the login node): it must start over.
 DIVERGED = "history diverged:"  # records a replica has nothing to do for
@@ -113,7 +148,7 @@ class DaemonConfig:
     fanout: int = 4
     control: str | None = None
     follow: tuple[str, ...] = ()
-    relay_bytes: int = 256 << 20
+    relay_bytes: int = 16 << 20
     expire: float = 86400.0
     silence_timeout: float = 10.0
     trim_interval: float = 10.0
@@ -145,6 +180,94 @@ def load_key(path: str) -> bytes:
     return key.strip()
 
 
+# -- the tree: where an upstream puts a joiner -------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Subtree:
+    """What an upstream knows of the nodes below one of its direct followers.
+
+    Attributes:
+        sent: nodes this upstream redirected there and the follower has not reported
+            yet, with the (monotonic) time they were sent; oldest first.
+        reported: the nodes of the follower's last subtree report.
+        report_of: the ``Follower.report`` list ``reported`` was taken from.
+    """
+
+    sent: dict[str, float] = attrs.field(factory=dict)
+    reported: frozenset[str] = frozenset()
+    report_of: object = None
+
+    def size(self, now: float) -> int:
+        while self.sent:  # a node sent long ago and never reported went elsewhere
+            node, when = next(iter(self.sent.items()))
+            if now - when < PLACEMENT_GRACE:
+                break
+            del self.sent[node]
+        return len(self.reported) + len(self.sent)
+
+
+@attrs.define(eq=False)
+class Placement:
+    """Where an upstream with ``fanout`` direct followers of a user puts the next joiner.
+
+    Below the direct follower with the smallest subtree, where a subtree is what this
+    upstream sent there (counted when it redirects, so joiners arriving together spread
+    at once) plus what that follower last reported (nodes there from before: this
+    daemon restarted, or they stayed while their relay reconnected).  Each follower
+    places what it receives the same way, so subtree sizes differ by at most about one
+    at every level and the depth is the least the fan-out allows.  Costs O(fanout) per
+    redirect, and O(subtree) once per report.
+
+    Attributes:
+        subtrees: direct follower's node -> its ``Subtree``.
+        below: node -> the direct follower it was last sent below.
+    """
+
+    subtrees: dict[str, Subtree] = attrs.field(factory=dict)
+    below: dict[str, str] = attrs.field(factory=dict)
+
+    def _subtree(self, follower: Follower) -> Subtree:
+        sub = self.subtrees.setdefault(follower.node, Subtree())
+        if sub.report_of is not follower.report:  # a new report: it confirms what was sent
+            sub.report_of = follower.report
+            sub.reported = frozenset(node for node, _ in follower.report)
+            for node in sub.reported.intersection(sub.sent):
+                del sub.sent[node]
+        return sub
+
+    def choose(self, followers: list[Follower], node: str, now: float) -> Follower | None:
+        """The follower to send ``node`` below (None: there is none).
+
+        A redirect never makes a cycle: every follower a redirect names is connected to
+        the redirecting upstream right now, so its chain of upstreams leads here, while
+        ``node`` is asking here because it has no upstream.
+        """
+        best: tuple[tuple[int, str], Follower] | None = None
+        for follower in followers:
+            if follower.node == node:
+                continue
+            rank = (self._subtree(follower).size(now), follower.node)
+            if best is None or rank < best[0]:
+                best = rank, follower
+        return best[1] if best is not None else None
+
+    def sent(self, node: str, follower: Follower, now: float) -> None:
+        """``node`` was redirected below ``follower``."""
+        self.joined(node)
+        sub = self._subtree(follower)
+        if node not in sub.reported:
+            sub.sent[node] = now
+        self.below[node] = follower.node
+
+    def joined(self, node: str) -> None:
+        """``node`` follows this upstream directly now: it is below none of its followers."""
+        old = self.below.pop(node, None)
+        sub = self.subtrees.get(old) if old is not None else None
+        if sub is not None:
+            sub.sent.pop(node, None)
+
+
 # -- origin: a user's journal as a source -------------------------------------------------------
 
 
@@ -157,7 +280,10 @@ class OriginUser:
     journal_dir: str
     followers: dict[str, Follower] = attrs.field(factory=dict)
     addresses: dict[str, str] = attrs.field(factory=dict)  # node -> where it relays
+    placement: Placement = attrs.field(factory=lambda: Placement())
     head: int = 0
+    queries: int = 0  # head queries answered (barriers of the nodes below)
+    grew: trio.Event = attrs.field(factory=trio.Event)  # replaced each time the journal grows
     _head_tail: JournalTail | None = None
     _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -176,6 +302,10 @@ class OriginUser:
             self._head_tail.close()
             self._head_tail = None
         return self.head
+
+    def journal_grew(self) -> None:
+        self.grew.set()
+        self.grew = trio.Event()
 
     def source(self) -> LayerRoot:
         fds = [os.open(os.path.join(self.root, *sub), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -254,7 +384,18 @@ def _without_aborted(entries: list[Entry]) -> list[Entry]:
 
 @attrs.define(eq=False)
 class RelayBuffer:
-    """The last RECORD frames a replica applied (bounded), and who waits for more."""
+    """The last RECORD frames a replica applied (at most ``limit`` payload bytes: this is
+    most of an idle node replicad's memory), and who waits for more.
+
+    Pipelined like the hops of a tree should be: before applying more, the replica waits
+    (``wait_room``) until the followers being served have been sent what the new frames
+    would evict, for at most RELAY_STALL; a follower still behind then (stuck, or far
+    slower than its siblings) falls off the buffer and gets a snapshot, as one that
+    connects too late does.
+
+    Attributes:
+        readers: each follower being served (by token) and the last seq sent to it.
+    """
 
     limit: int
     frames: collections.deque[Frame] = attrs.field(factory=collections.deque)
@@ -262,6 +403,37 @@ class RelayBuffer:
     changed: trio.Event = attrs.field(factory=trio.Event)
     generation: int = 0  # bumps when the replica was replaced by a snapshot
     base: int = 0  # the seq just before the first frame kept
+    readers: dict[object, int] = attrs.field(factory=dict)
+    moved: trio.Event = attrs.field(factory=trio.Event)
+
+    def reader_at(self, token: object, pos: int | None) -> None:
+        """Follower ``token`` was sent everything up to ``pos`` (None: it is gone)."""
+        if pos is None:
+            self.readers.pop(token, None)
+        else:
+            self.readers[token] = pos
+        self.moved.set()
+        self.moved = trio.Event()
+
+    def _room(self, incoming: int) -> bool:
+        """Whether appending ``incoming`` bytes evicts nothing a reader still needs."""
+        excess = self.size + incoming - self.limit
+        inside = [pos for pos in self.readers.values() if pos >= self.base]
+        if excess <= 0 or not self.frames or not inside:
+            return True
+        slowest, freed = min(inside), 0
+        for frame in self.frames:
+            if frame.seq > slowest:
+                return False
+            freed += len(frame.payload)
+            if freed >= excess:
+                return True
+        return True
+
+    async def wait_room(self, incoming: int) -> None:
+        with trio.move_on_after(RELAY_STALL):
+            while not self._room(incoming):
+                await self.moved.wait()
 
     def append(self, before: int, frames: list[Frame]) -> None:
         """Keep ``frames``, applied after seq ``before``."""
@@ -289,15 +461,21 @@ class RelayBuffer:
         """The first seq the buffer covers (frames after a SKIP cover the markers too)."""
         return self.base + 1 if self.frames else None
 
-    def after(self, seq: int, max_bytes: int = 8 << 20) -> list[Frame]:
+    def after(self, seq: int, max_bytes: int = 1 << 20) -> list[Frame]:
+        """The frames after ``seq`` (about ``max_bytes``), ending on a complete record.
+
+        Only MORE marks an incomplete record: a trailing frame with SKIP is the one that
+        carries the stream to its position (the markers before it are not in the buffer),
+        so holding it back would leave every follower short of the head for good.
+        """
         out, size = [], 0
         for frame in self.frames:
             if frame.seq > seq:
                 out.append(frame)
                 size += len(frame.payload)
-                if size >= max_bytes and not frame.flags:
+                if size >= max_bytes and not frame.flags & MORE:
                     break
-        while out and out[-1].flags:  # only whole records
+        while out and out[-1].flags & MORE:  # only whole records
             out.pop()
         return out
 
@@ -307,12 +485,28 @@ class ReplicaUser:
     name: str
     replica: Replica
     stats: LinkStats = attrs.field(factory=LinkStats)
-    relay: RelayBuffer = attrs.field(factory=lambda: RelayBuffer(256 << 20))
+    relay: RelayBuffer = attrs.field(factory=lambda: RelayBuffer(16 << 20))
     followers: dict[str, Follower] = attrs.field(factory=dict)
     addresses: dict[str, str] = attrs.field(factory=dict)
+    placement: Placement = attrs.field(factory=lambda: Placement())
     upstream: str = ""
     scope: trio.CancelScope | None = None
     applied_changed: trio.Event = attrs.field(factory=trio.Event)
+    next_query: HeadQuery | None = None  # the round of asking upstream that starts next
+    querying: bool = False  # a task runs the rounds
+    last_round: float = -math.inf  # trio time the last round started
+    queries: int = 0  # head queries answered for nodes below
+
+
+@attrs.define(eq=False)
+class HeadQuery:
+    """One round of asking upstream for the login node's head of a user: its answer (or
+    error) serves every caller that arrived before the round started."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    head: int = 0
+    journal_id: bytes = NO_ID
+    error: Exception | None = None
 
 
 # -- the daemon ------------------------------------------------------------------------------------
@@ -339,6 +533,7 @@ class Daemon:
                 self.start_following(user)
             if self.config.origin_root is not None:
                 nursery.start_soon(self._trim_loop)
+            nursery.start_soon(self._release_memory)
             log.info("sdeefs-replicad %s ready (listen %s, origin %s, replicas %s, upstream %s)",
                      self.config.node, self.config.listen, self.config.origin_root,
                      self.config.replica_dir, self.config.upstream)
@@ -377,17 +572,47 @@ class Daemon:
             if not os.path.isdir(journal_dir):
                 return None
             user = self.origin[name] = OriginUser(name, root, journal_dir)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_journal, user)
         return user
 
+    async def _watch_journal(self, user: OriginUser) -> None:
+        """Wake ``user``'s shippers whenever the journal directory changes (inotify), so an
+        idle login node costs nothing; polling at POLL where inotify cannot watch it."""
+        while True:
+            try:
+                fd = inotify_watch(user.journal_dir, JOURNAL_EVENTS)
+            except OSError as exc:
+                log.warning("%s: cannot watch %s (%s); polling it", user.name,
+                            user.journal_dir, exc.strerror)
+                with trio.move_on_after(IDLE_HEAD * 10):
+                    while True:
+                        await trio.sleep(POLL)
+                        user.journal_grew()
+                continue
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    # Non-blocking reads of a few bytes: on the loop, no thread needed.
+                    mask = inotify_drain(fd)
+                    user.journal_grew()
+                    if mask & IN_IGNORED:  # the directory went (a new history): watch anew
+                        break
+            finally:
+                os.close(fd)
+
     def _redirect_target(self, followers: dict[str, Follower], addresses: dict[str, str],
-                         node: str) -> str | None:
+                         placement: Placement, node: str) -> str | None:
         if node in followers or len(followers) < self.config.fanout:
+            placement.joined(node)
             return None
-        choices = [f for f in followers.values() if f.node != node and f.node in addresses
-                   and node not in {n for n, _ in f.report}]
-        if not choices:
+        now = time.monotonic()
+        best = placement.choose([f for f in followers.values() if f.node in addresses],
+                                node, now)
+        if best is None:
+            placement.joined(node)
             return None
-        best = min(choices, key=lambda f: (len(f.report), f.node))
+        placement.sent(node, best, now)
         return addresses[best.node]
 
     async def _serve_hello(self, stream: trio.SocketStream, frame: Frame, hello: Hello,
@@ -398,17 +623,23 @@ class Daemon:
             raise ProtocolError(f"{self.config.node} holds nothing of user {hello.user}")
         if hello.flags & QUERY:
             if origin is not None:
+                origin.queries += 1
                 head = await trio.to_thread.run_sync(origin.refresh_head)
                 jid = await trio.to_thread.run_sync(journal_id, origin.journal_dir)
             else:
                 assert relay is not None
-                head = max(relay.stats.head, relay.replica.applied)
-                jid = relay.replica.journal_id
+                relay.queries += 1
+                try:  # never what this relay last heard: the login node's head *now*
+                    head, jid = await self.login_head(relay)
+                except HEAD_QUERY_ERRORS as exc:
+                    raise ProtocolError(f"{self.config.node} cannot learn the head of "
+                                        f"{hello.user}: {exc}") from None
             await answer_hello(stream, self.config.key, frame, head, jid)
             return
         followers = origin.followers if origin else relay.followers  # type: ignore[union-attr]
         addresses = origin.addresses if origin else relay.addresses  # type: ignore[union-attr]
-        target = self._redirect_target(followers, addresses, hello.node)
+        placement = origin.placement if origin else relay.placement  # type: ignore[union-attr]
+        target = self._redirect_target(followers, addresses, placement, hello.node)
         if target is not None:
             await stream.send_all(encode_frame(Frame(REDIRECT, 0, target.encode()),
                                                self.config.key))
@@ -430,6 +661,7 @@ class Daemon:
                 assert relay is not None
                 if relay.replica.journal_id == NO_ID:
                     raise ProtocolError(f"{self.config.node} has no history of {hello.user} yet")
+                await self._refuse_diverged(relay, hello)
                 hello, key = await answer_hello(stream, self.config.key, frame,
                                                 max(relay.stats.head, relay.replica.applied),
                                                 relay.replica.journal_id)
@@ -600,6 +832,7 @@ class Daemon:
             return frames, last
 
         while True:
+            grew = user.grew  # taken before reading: a record written meanwhile sets it
             try:
                 frames, last = await trio.to_thread.run_sync(next_frames)
             except Trimmed:
@@ -619,10 +852,30 @@ class Daemon:
                 await self._send(stream, key, follower,
                                  [Frame(HEAD, max(user.head, follower.sent_seq))])
                 last_send = trio.current_time()
-            await trio.sleep(POLL)
+            # A held-back record goes after HOLD_BACK; otherwise sleep until the journal
+            # grows or the next HEAD is due.
+            idle = IDLE_HEAD - (trio.current_time() - last_send)
+            with trio.move_on_after(HOLD_BACK if pending else max(idle, 0.0)):
+                await grew.wait()
+
+    async def _refuse_diverged(self, user: ReplicaUser, hello: Hello) -> None:
+        """A follower of this history that holds more than this relay: normal if this relay
+        lags, but if it holds more than the login node, its history was lost there (the
+        login node crashed before syncing it) and it must start over, as the origin says."""
+        if hello.journal_id != user.replica.journal_id or hello.want - 1 <= user.replica.applied:
+            return
+        try:
+            head, jid = await self.login_head(user)
+        except HEAD_QUERY_ERRORS:
+            return  # cannot tell now: serve it; nothing reaches it until this relay catches up
+        if jid == hello.journal_id and hello.want - 1 > head:
+            raise ProtocolError(f"{DIVERGED} replica wants seq {hello.want} but the journal "
+                                f"ends at {head}")
 
     async def _serve_relay(self, stream: trio.SocketStream, key: bytes, hello: Hello,
                            user: ReplicaUser, follower: Follower) -> None:
+        token = object()
+
         async def produce() -> None:
             pos = hello.want - 1
             generation = user.relay.generation
@@ -632,10 +885,14 @@ class Daemon:
                 applied = user.replica.applied
                 if user.relay.generation != generation or (
                         pos < applied and (first is None or first > pos + 1)):
+                    user.relay.reader_at(token, None)  # not waited for while it is rebuilt
                     pos = await self._relay_snapshot(stream, key, user, follower)
                     generation = user.relay.generation
+                user.relay.reader_at(token, pos)
                 frames = user.relay.after(pos)
                 if frames:
+                    # Taken: the buffer may drop them now (this list keeps them until sent).
+                    user.relay.reader_at(token, frames[-1].seq)
                     await self._send(stream, key, follower, frames)
                     pos = frames[-1].seq
                     last_send = trio.current_time()
@@ -646,7 +903,10 @@ class Daemon:
                     last_send = trio.current_time()
                 with trio.move_on_after(IDLE_HEAD):
                     await user.relay.changed.wait()
-        await self._stream_with_acks(stream, key, follower, produce)
+        try:
+            await self._stream_with_acks(stream, key, follower, produce)
+        finally:
+            user.relay.reader_at(token, None)
 
     async def _relay_snapshot(self, stream: trio.SocketStream, key: bytes, user: ReplicaUser,
                               follower: Follower) -> int:
@@ -704,7 +964,10 @@ class Daemon:
                                          on_snapshot=user.relay.clear,
                                          silence_timeout=self.config.silence_timeout,
                                          relay_port=self.config.listen[1]
-                                         if self.config.listen else 0)
+                                         if self.config.listen else 0,
+                                         wait_room=user.relay.wait_room,
+                                         # a batch never evicts what it waited to keep
+                                         batch_bytes=max(1, user.relay.limit // 4))
                         backoff = 0.05
                     except ProtocolError as exc:
                         user.stats.last_error = f"{address}: {exc}"
@@ -717,7 +980,7 @@ class Daemon:
                         address, redirects = home, 0
                     except Redirected as r:
                         redirects += 1
-                        if redirects <= 8:
+                        if redirects <= MAX_REDIRECTS:
                             log.info("%s: %s redirects to %s", user.name, address, r.address)
                             address = r.address
                             continue
@@ -740,7 +1003,7 @@ class Daemon:
                     await trio.to_thread.run_sync(user.replica.close)
 
     def _applied(self, user: ReplicaUser, frames: list[Frame], before: int = 0) -> None:
-        if frames:
+        if frames and self.config.listen is not None:  # a node that cannot relay keeps none
             user.relay.append(before, frames)
         user.applied_changed.set()
         user.applied_changed = trio.Event()
@@ -752,11 +1015,11 @@ class Daemon:
             report.extend(follower.report)
         return report
 
-    async def _origin_head(self, name: str) -> int:
-        """Ask the origin (the configured upstream) for the user's head now."""
-        assert self.config.upstream is not None
-        with trio.fail_after(10):
-            stream = await trio.open_tcp_stream(*self.config.upstream)
+    async def _ask_head(self, address: tuple[str, int], name: str) -> tuple[int, bytes]:
+        """One QUERY HELLO to ``address``: the login node's head of ``name`` and its journal
+        id, as that node learns them now."""
+        with trio.fail_after(HEAD_QUERY_TIMEOUT):
+            stream = await trio.open_tcp_stream(*address)
             async with stream:
                 hello = Hello(os.urandom(NONCE_SIZE), NO_ID, name, self.config.node, 1, QUERY)
                 await stream.send_all(encode_frame(encode_hello(hello), self.config.key))
@@ -765,29 +1028,99 @@ class Daemon:
                     raise ProtocolError("upstream: " + answer.payload.decode(errors="replace"))
                 if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
                     raise ProtocolError("upstream did not answer")
-                return answer.seq
+                return answer.seq, answer.payload[NONCE_SIZE:]
+
+    async def login_head(self, user: ReplicaUser) -> tuple[int, bytes]:
+        """The login node's head of ``user`` (and journal id) at a moment after this call
+        began: the answer of the next round of asking upstream (see the module docstring)."""
+        query = user.next_query
+        if query is None:
+            query = user.next_query = HeadQuery()
+            if not user.querying:
+                user.querying = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_head_queries, user)
+        await query.done.wait()
+        if query.error is not None:
+            raise query.error
+        return query.head, query.journal_id
+
+    async def _run_head_queries(self, user: ReplicaUser) -> None:
+        assert self.config.upstream is not None
+        home = parse_address(f"{self.config.upstream[0]}:{self.config.upstream[1]}")
+        try:
+            while user.next_query is not None:
+                linked = user.stats.connected and bool(user.upstream)
+                if not linked or parse_address(user.upstream) == home:
+                    # The login node's direct followers start a round at most every
+                    # LOGIN_ROUND_GAP: what arrives meanwhile joins it, so a burst of
+                    # prologs reaches the login node as rounds per interval, not per node.
+                    await trio.sleep_until(user.last_round + LOGIN_ROUND_GAP)
+                query, user.next_query = user.next_query, None  # later askers: next round
+                user.last_round = trio.current_time()
+                try:
+                    # Up the tree while linked (the link's chain of upstreams leads to the
+                    # login node); the login node itself when not, or when that fails.
+                    try:
+                        if not (user.stats.connected and user.upstream):
+                            raise ConnectionError("not linked upstream")
+                        query.head, query.journal_id = await self._ask_head(
+                            parse_address(user.upstream), user.name)
+                    except HEAD_QUERY_ERRORS as exc:
+                        log.debug("%s: head from %s: %s; asking the login node", user.name,
+                                  user.upstream, exc)
+                        query.head, query.journal_id = await self._ask_head(
+                            self.config.upstream, user.name)
+                except HEAD_QUERY_ERRORS as exc:
+                    query.error = exc
+                query.done.set()
+        finally:
+            user.querying = False
 
     async def wait_barrier(self, name: str, limit: float) -> dict[str, object]:
         user = self.start_following(name)
         with trio.fail_after(limit):
             while True:
                 try:
-                    barrier = await self._origin_head(name)
+                    barrier, jid = await self.login_head(user)
                     break
-                except (OSError, trio.BrokenResourceError, ProtocolError, EOFError) as exc:
+                except HEAD_QUERY_ERRORS as exc:
                     user.stats.last_error = str(exc)
                     await trio.sleep(0.2)
             while True:
-                applied = user.replica.applied
+                applied = user.replica.journal_id, user.replica.applied
+                if applied[0] not in (NO_ID, jid):  # the user's history was replaced since
+                    with contextlib.suppress(*HEAD_QUERY_ERRORS):
+                        barrier, jid = await self.login_head(user)
                 # More than the login node had is normal (it moved on since), unless it is
                 # more than it has *now*: then this copy holds a history the login node
                 # lost, and the link is about to start it over.
-                if user.replica.journal_id != NO_ID and applied >= barrier and (
-                        applied == barrier or applied <= await self._origin_head(name)):
+                elif applied[0] == jid and applied[1] >= barrier and (
+                        applied[1] == barrier or applied[1] <= await self._head_now(user)):
                     break
                 with trio.move_on_after(0.05):
                     await user.applied_changed.wait()
         return {"user": name, "applied": user.replica.applied, "barrier": barrier}
+
+    async def _head_now(self, user: ReplicaUser) -> int:
+        try:
+            return (await self.login_head(user))[0]
+        except HEAD_QUERY_ERRORS:
+            await trio.sleep(0.2)
+            return -1
+
+    async def _release_memory(self) -> None:
+        """Once the streams went quiet, give freed heap pages back (an idle node's replicad
+        is bounded by its relay buffers, not by the largest burst it relayed)."""
+        seen = trimmed = 0
+        while True:
+            await trio.sleep(MEMORY_CHECK)
+            moved = sum(u.replica.applied for u in self.replicas.values()) + sum(
+                f.sent_seq for u in self.origin.values() for f in u.followers.values())
+            if moved == seen and moved != trimmed:
+                await trio.to_thread.run_sync(malloc_trim)
+                trimmed = moved
+            seen = moved
 
     # -- trimming -----------------------------------------------------------------------------
 
@@ -897,7 +1230,8 @@ class Daemon:
                 for node, seq in f.report:
                     followers.setdefault(node, {"acked": seq, "lag": user.head - seq,
                                                 "direct": False, "via": f.node})
-            origin[user.name] = {"head": user.head, "followers": followers}
+            origin[user.name] = {"head": user.head, "followers": followers,
+                                 "queries": user.queries}
         replicas = {}
         for r in self.replicas.values():
             replicas[r.name] = {
@@ -905,7 +1239,7 @@ class Daemon:
                 "lag": max(0, r.stats.head - r.replica.applied),
                 "bytes_received": r.stats.bytes_received, "connected": r.stats.connected,
                 "upstream": r.upstream, "last_error": r.stats.last_error,
-                "followers": sorted(r.followers),
+                "followers": sorted(r.followers), "queries": r.queries,
             }
         return {"node": self.config.node, "origin": origin, "replicas": replicas,
                 "uptime": time.time() - self.started}
@@ -943,8 +1277,17 @@ def control_request(path: str, request: dict[str, object], timeout: float = 600)
 
 
 def tree_cost(nodes: int, fanout: int) -> dict[str, float]:
-    """Depth and per-node streams of the relay tree (for the 1,000/10,000-node estimate)."""
-    depth = math.ceil(math.log(nodes * (fanout - 1) + 1, fanout)) if fanout > 1 else nodes
+    """Depth and per-node streams of the relay tree (for the 1,000/10,000-node estimate).
+
+    ``depth``: the least number of hops below the login node that holds ``nodes`` at
+    ``fanout`` followers each (fanout + fanout**2 + ... >= nodes), which ``Placement``
+    reaches however the nodes join.
+    """
+    depth, capacity, level = 0, 0, 1
+    while capacity < nodes:
+        level *= max(fanout, 1)
+        capacity += level if fanout > 1 else 1
+        depth += 1
     return {"nodes": nodes, "fanout": fanout, "depth": depth, "login_streams": min(nodes, fanout)}
 
 
@@ -972,8 +1315,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="control socket, root only (default: replication.control)")
     parser.add_argument("--follow", action="append", default=[], metavar="USER",
                         help="follow USER continuously (a warm replica; repeatable)")
-    parser.add_argument("--relay-bytes", type=int, default=256 << 20,
-                        help="bytes of applied records kept for relaying (default 256 MiB)")
+    parser.add_argument("--relay-bytes", type=int, default=16 << 20,
+                        help="bytes of applied records kept for relaying (default 16 MiB: "
+                             "an idle node's replicad stays under 64 MB)")
     parser.add_argument("--trim-interval", type=float, default=10.0, metavar="SECONDS",
                         help="origin: how often the journals are trimmed below every "
                              "follower's acknowledgement (default 10)")

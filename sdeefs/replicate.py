@@ -18,14 +18,14 @@ buffer moved on), it sends a *snapshot*: the whole upper as a sequence of
 ordinary records applied into a staging directory, verified against a digest of
 the tree, then swapped in.  A replica never has a silent gap.
 
-Wire format (version 2)
+Wire format (version 3)
 =======================
 
 Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   2
+             version  u8   3
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
              flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
                            RECORD: SKIP (2) = the seqs between the previous frame and
@@ -35,6 +35,15 @@ Every frame::
              crc32    u32  of the header (crc field zero) and the payload
     payload  ``length`` bytes
     mac      32 bytes: HMAC-SHA256(key, header + payload)
+
+A stream never stops short of the position it has reached (a replica's barrier
+depends on it): markers (Done/Sync/Abort, nothing to apply) are left out only when
+a later frame of the same batch follows them and carries SKIP; a batch that ends in
+markers ends with the last of them as a RECORD frame of its own (applying it only
+moves the replica's applied seq).  A relay forwards every RECORD frame it applied,
+its SKIP flag included, and holds back only an incomplete record (MORE), so its
+followers reach exactly its position.  The upstream never needs a later record to
+say how far a follower is.
 
 The two HELLOs are authenticated with the shared key; every later frame with the
 session key HMAC-SHA256(shared key, b"sdeefs-replication" + replica nonce +
@@ -55,8 +64,13 @@ RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, re
 SNAPSHOT        ← upstream seq: the snapshot's position.  A RECORD-style payload
 SNAPSHOT_END    ← upstream seq: as SNAPSHOT.  32 bytes: digest of the tree (tree_digest)
 HEAD            ← upstream seq: upstream's head (sent when idle: lag, liveness)
-ACK             replica →  seq: last applied.  Subtree report: u16 count, then per
-                           replica below this one: node (u16 + bytes), applied u64
+ACK             replica →  seq: last applied.  Empty payload: the subtree report
+                           is as last sent.  Otherwise the subtree report: u32
+                           count, then per replica below this one (all of them, at
+                           any depth): node (u16 + bytes), applied u64.  Sent when
+                           it changed, at most every REPORT_INTERVAL; bounded only
+                           by MAX_FRAME_PAYLOAD (over 100,000 nodes of short names;
+                           a longer one is cut to what fits)
 ERROR           either     UTF-8 message; the connection ends
 ==============  =========  ==========================================================
 
@@ -101,7 +115,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import attrs
 import trio
@@ -119,7 +133,7 @@ from .sysio import boot_id, renameat2, syncfs, write_file_atomic
 log = logging.getLogger(__name__)
 
 MAGIC = b"SDRP"
-VERSION = 2
+VERSION = 3  # 3: the ACK's subtree report has a u32 count and may be left out
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
 MORE = 1
@@ -133,7 +147,10 @@ CHUNK = 1 << 20  # data bytes per RECORD frame
 NONCE_SIZE = 16
 ID_SIZE = 16
 NO_ID = bytes(ID_SIZE)
-MAX_REPORT = 4096  # replicas below one replica that it reports upstream
+REPORT_COUNT = struct.Struct("<I")
+REPORT_ENTRY = struct.Struct("<Q")  # after the node's name
+REPORT_INTERVAL = 1.0  # seconds: at most one subtree report per link this often
+IN_FLIGHT_BYTES = 8 << 20  # payload received and not yet applied (a replica's memory bound)
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
 _NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
 _RENAME_FLAGS_EXCHANGE = 2
@@ -344,24 +361,30 @@ def decode_hello(frame: Frame) -> Hello:
 
 
 def encode_report(report: list[tuple[str, int]]) -> bytes:
-    report = report[:MAX_REPORT]
-    return struct.pack("<H", len(report)) + b"".join(
-        _name_field(node) + struct.pack("<Q", seq) for node, seq in report)
+    """A subtree report for an ACK: every entry that fits in one frame."""
+    parts, size = [], REPORT_COUNT.size
+    for node, seq in report:
+        part = _name_field(node) + REPORT_ENTRY.pack(seq)
+        if size + len(part) > MAX_FRAME_PAYLOAD:
+            break
+        parts.append(part)
+        size += len(part)
+    return REPORT_COUNT.pack(len(parts)) + b"".join(parts)
 
 
 def decode_report(payload: bytes) -> list[tuple[str, int]]:
-    if len(payload) < 2:
-        raise ProtocolError("ACK without a report")
-    (count,) = struct.unpack_from("<H", payload)
-    if count > MAX_REPORT:
-        raise ProtocolError("ACK report too long")
-    offset, report = 2, []
+    if len(payload) < REPORT_COUNT.size:
+        raise ProtocolError("ACK report truncated")
+    (count,) = REPORT_COUNT.unpack_from(payload)
+    if count > len(payload) // (2 + 1 + REPORT_ENTRY.size):  # no count a payload cannot hold
+        raise ProtocolError("ACK report too long for its frame")
+    offset, report = REPORT_COUNT.size, []
     for _ in range(count):
         node, offset = _take_name(payload, offset, "node name")
-        if offset + 8 > len(payload):
+        if offset + REPORT_ENTRY.size > len(payload):
             raise ProtocolError("ACK report truncated")
-        (seq,) = struct.unpack_from("<Q", payload, offset)
-        offset += 8
+        (seq,) = REPORT_ENTRY.unpack_from(payload, offset)
+        offset += REPORT_ENTRY.size
         report.append((node, seq))
     if offset != len(payload):
         raise ProtocolError("trailing bytes in ACK report")
@@ -1056,13 +1079,19 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
                  report: Callable[[], list[tuple[str, int]]] = list,
                  on_applied: Callable[[int, list[Frame]], None] | None = None,
                  on_snapshot: Callable[[], None] | None = None,
-                 silence_timeout: float = 10.0, relay_port: int = 0) -> None:
+                 silence_timeout: float = 10.0, relay_port: int = 0,
+                 wait_room: Callable[[int], Awaitable[None]] | None = None,
+                 batch_bytes: int = IN_FLIGHT_BYTES) -> None:
     """Pull ``user``'s records over ``stream`` into ``replica`` until the upstream closes.
 
     Blocking work (applying, syncing) runs in worker threads under ``replica.lock``;
-    the trio loop only moves bytes.  An upstream silent for ``silence_timeout`` (it sends
-    HEAD every second when idle) is taken for a lost link.  Raises Redirected,
-    ProtocolError, ConnectionError or the stream's own errors; the caller reconnects.
+    the trio loop only moves bytes.  At most IN_FLIGHT_BYTES are read ahead of what
+    is applied (TCP holds the upstream back), and ``wait_room(bytes)``, when given, is
+    awaited before a batch of RECORD frames of that size (at most about
+    ``batch_bytes``) is applied (a relay's buffer waiting for its followers).  An
+    upstream silent for ``silence_timeout`` (it sends HEAD every second when idle) is
+    taken for a lost link.  Raises Redirected, ProtocolError, ConnectionError or the
+    stream's own errors; the caller reconnects.
     """
     nonce = secrets.token_bytes(NONCE_SIZE)
     hello = Hello(nonce, replica.journal_id, user, node, replica.applied + 1, 0, relay_port)
@@ -1083,10 +1112,13 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
         if had_history:
             return  # reconnect asking from seq 1 of the new history
     send, receive = trio.open_memory_channel[Frame](256)
+    in_flight = 0  # payload bytes in the channel and in the batch being applied
+    drained = trio.Event()
 
     frames = FrameReader(stream)
 
     async def reader() -> None:
+        nonlocal in_flight
         async with send:
             while True:
                 try:
@@ -1104,29 +1136,56 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
                 if frame.type == HEAD:
                     stats.head = max(stats.head, frame.seq)
                     continue
+                while in_flight >= IN_FLIGHT_BYTES:
+                    await drained.wait()
+                in_flight += len(frame.payload)
                 await send.send(frame)
 
     async def applier() -> None:
+        nonlocal in_flight, drained
         async with receive:
             while True:
                 try:
                     batch = [await receive.receive()]
                 except trio.EndOfChannel:
                     return
-                while len(batch) < 512:
+                size = len(batch[0].payload)
+                while len(batch) < 512 and size < batch_bytes:
                     try:
                         batch.append(receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                    size += len(batch[-1].payload)
+                if wait_room is not None:
+                    await wait_room(sum(len(f.payload) for f in batch if f.type == RECORD))
                 before, applied, snapshotted = await trio.to_thread.run_sync(
                     _apply_batch, replica, batch)
+                in_flight -= size
+                drained.set()
+                drained = trio.Event()
                 if snapshotted and on_snapshot is not None:
                     on_snapshot()
                 if on_applied is not None:
                     on_applied(before, applied)
                 stats.head = max(stats.head, replica.applied)
-                await stream.send_all(encode_frame(
-                    Frame(ACK, replica.applied, encode_report(report())), key))
+                await send_ack(b"")
+
+    sending = trio.Lock()  # the applier and the reporter share the stream
+
+    async def send_ack(payload: bytes) -> None:
+        async with sending:
+            await stream.send_all(encode_frame(Frame(ACK, replica.applied, payload), key))
+
+    async def reporter() -> None:
+        """The subtree report, when it changed: not with every ACK (it grows with the tree),
+        and also when idle (a node that joined below must show up upstream)."""
+        last: list[tuple[str, int]] = []
+        while True:
+            await trio.sleep(REPORT_INTERVAL)
+            now = report()
+            if now != last:
+                await send_ack(encode_report(now))
+                last = now
 
     async def syncer() -> None:
         while True:
@@ -1136,6 +1195,7 @@ async def follow(stream: trio.abc.Stream, replica: Replica, shared_key: bytes, u
     try:
         async with open_nursery() as nursery:
             nursery.start_soon(syncer)
+            nursery.start_soon(reporter)
             async with open_nursery() as inner:
                 inner.start_soon(applier)
                 await reader()
@@ -1222,7 +1282,8 @@ async def receive_acks(stream: trio.abc.ReceiveStream, key: bytes, follower: Fol
         if frame.type != ACK or frame.seq > follower.sent_seq:
             raise ProtocolError(f"replica {follower.node} sent a bad ACK")
         follower.acked = max(follower.acked, frame.seq)
-        follower.report = decode_report(frame.payload)
+        if frame.payload:
+            follower.report = decode_report(frame.payload)
 
 
 def entry_frames(entry: Entry, read_data: Callable[[rec.Write], bytes | None]) -> list[Frame]:

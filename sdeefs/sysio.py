@@ -290,3 +290,50 @@ def range_lock(fd: int, offset: int, length: int, kind: int, wait: bool) -> bool
             raise
         return False
     return True
+
+
+# inotify(7): the login node's replicad waits for a journal to grow instead of polling it.
+IN_MODIFY = 0x2
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_IGNORED = 0x8000  # the watch is gone (its directory was deleted)
+INOTIFY_EVENT = struct.Struct("<iIII")  # wd, mask, cookie, name length (then the name)
+
+
+def inotify_watch(path: str, mask: int) -> int:
+    """A non-blocking inotify fd with one watch on ``path``; close it to stop."""
+    fd = _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
+    try:
+        _check(_libc.inotify_add_watch(ctypes.c_int(fd), ctypes.c_char_p(os.fsencode(path)),
+                                       ctypes.c_uint32(mask)), "inotify_add_watch",
+               os.fsencode(path))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def inotify_drain(fd: int) -> int:
+    """Read every pending event of a non-blocking inotify fd (never blocks); the union of
+    their masks (0: none was pending)."""
+    mask = 0
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return mask
+        offset = 0
+        while offset + INOTIFY_EVENT.size <= len(data):
+            _, event, _, length = INOTIFY_EVENT.unpack_from(data, offset)
+            mask |= event
+            offset += INOTIFY_EVENT.size + length
+
+
+def malloc_trim() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim(0)).
+
+    After a stream the heap holds the freed frames: glibc raises its mmap threshold to
+    the size of the frames it freed, so later ones come from the heap and stay there.
+    """
+    _libc.malloc_trim(ctypes.c_size_t(0))

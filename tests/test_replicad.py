@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -50,6 +51,7 @@ class Site:
         self.port = free_port()
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.node_ports: dict[str, int] = {}
+        self.fanout = 4
 
     def mount(self) -> None:
         subprocess.run([*SDEEFS, "mount", "--passthrough-upper", "--upper", str(self.upper),
@@ -82,9 +84,10 @@ class Site:
         self.start("login", "--origin", str(self.root), "--listen", f"127.0.0.1:{self.port}",
                    "--fanout", str(fanout))
 
-    def start_replica(self, name: str, fanout: int = 4, listen: bool = False) -> None:
+    def start_replica(self, name: str, fanout: int = 4, listen: bool = False,
+                      *extra: str) -> None:
         args = ["--replica-dir", str(self.tmp / name), "--upstream",
-                f"127.0.0.1:{self.port}", "--fanout", str(fanout)]
+                f"127.0.0.1:{self.port}", "--fanout", str(fanout), *extra]
         if listen:
             self.node_ports[name] = free_port()
             args += ["--listen", f"127.0.0.1:{self.node_ports[name]}"]
@@ -327,3 +330,259 @@ def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     site.sync_to("n1")
     assert converged(site, "n1")
     assert "starting over" in site.log("n1")
+
+
+def journal_entries(site: Site) -> list[object]:
+    """The records of the login node's journal, in order."""
+    from sdeefs.replicate import JournalTail
+
+    tail = JournalTail(str(site.state / "journal"), 1)
+    try:
+        entries = []
+        while batch := tail.poll():
+            entries.extend(batch)
+        return entries
+    finally:
+        tail.close()
+
+
+def wait_quiet_journal_ending_in_markers(site: Site) -> int:
+    """Until the journal ends in Done and Sync records and stops growing; its head."""
+    from sdeefs import records as rec
+
+    deadline = time.monotonic() + 20
+    while True:
+        entries = journal_entries(site)
+        tail = [type(e.record) for e in entries[-2:]]  # type: ignore[attr-defined]
+        if tail == [rec.Done, rec.Sync]:
+            time.sleep(0.5)
+            if len(journal_entries(site)) == len(entries):
+                return int(entries[-1].seq)  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, tail
+        time.sleep(0.2)
+
+
+@requires_fuse
+def test_relayed_nodes_pass_the_barrier_after_the_login_went_quiet(site: Site) -> None:
+    """More nodes than the fan-out: the nodes fed by a relay must reach the login node's
+    head although the journal ends in marker records (nothing to apply) and nothing follows
+    them.  Once they stopped two records short of it, forever."""
+    change_tree(site.view, "one")
+    with open(site.view / "etc" / "motd", "rb+") as f:
+        os.fsync(f.fileno())  # a Sync record now, not in 5 s
+    head = wait_quiet_journal_ending_in_markers(site)
+    site.start_origin(fanout=2)
+    nodes = [f"n{i}" for i in range(1, 6)]
+    for name in nodes:
+        site.start_replica(name, fanout=2, listen=True)
+    for name in nodes:
+        reply = site.control(name, {"op": "follow", "user": USER, "wait": True, "timeout": 15})
+        assert reply["applied"] == reply["barrier"] == head, (name, reply)
+        assert converged(site, name), name
+    # The same after a change once every node is in the tree (warm replicas).
+    change_tree(site.view, "two")
+    head = wait_quiet_journal_ending_in_markers(site)
+    for name in nodes:
+        reply = site.control(name, {"op": "follow", "user": USER, "wait": True, "timeout": 15})
+        assert reply["applied"] == head, (name, reply)
+        assert converged(site, name), name
+
+
+def tree_depths(site: Site, nodes: list[str]) -> dict[str, int]:
+    """Each node's depth in the relay tree (the login node's direct followers: 1)."""
+    by_port = {str(port): name for name, port in site.node_ports.items()}
+    parent = {}
+    for name in nodes:
+        upstream = site.control(name, {"op": "status"})["replicas"][USER]["upstream"]  # type: ignore[index]
+        port = str(upstream).rpartition(":")[2]
+        parent[name] = "login" if port == str(site.port) else by_port[port]
+    depths: dict[str, int] = {}
+
+    def depth(name: str) -> int:
+        if name == "login":
+            return 0
+        if name not in depths:
+            depths[name] = -1  # a cycle would show as a negative depth
+            depths[name] = depth(parent[name]) + 1
+        return depths[name]
+
+    for name in nodes:
+        depth(name)
+    children = [sum(1 for p in parent.values() if p == up) for up in ("login", *nodes)]
+    assert max(children) <= int(site.fanout), (parent, children)
+    return depths
+
+
+def optimal_depth(nodes: int, fanout: int) -> int:
+    """The smallest depth of a tree of ``nodes`` below the login node, ``fanout`` each."""
+    depth, capacity, level = 0, 0, 1
+    while capacity < nodes:
+        level *= fanout
+        capacity += level
+        depth += 1
+    return depth
+
+
+@requires_fuse
+@pytest.mark.parametrize(("fanout", "count", "stagger"), [(2, 10, False), (2, 7, True),
+                                                          (4, 20, False)])
+def test_the_relay_tree_is_balanced_however_nodes_join(site: Site, fanout: int, count: int,
+                                                       stagger: bool) -> None:
+    """A joiner is placed by what the upstream already sent where, not by subtree reports
+    that lag behind a cold stream: depth is the least a tree of that fan-out can have."""
+    with open(site.view / "data.bin", "wb") as f:
+        f.write(os.urandom(24 << 20))  # a stream long enough for reports to lag
+    change_tree(site.view, "one")
+    site.start_origin(fanout=fanout)
+    site.fanout = fanout
+    nodes = [f"n{i}" for i in range(1, count + 1)]
+    for name in nodes:
+        site.start_replica(name, fanout=fanout, listen=True)
+    for name in nodes:
+        site.control(name, {"op": "follow", "user": USER})
+        if stagger:
+            time.sleep(0.3)
+    for name in nodes:
+        site.sync_to(name)
+    depths = tree_depths(site, nodes)
+    assert max(depths.values()) == optimal_depth(count, fanout) <= \
+        math.ceil(math.log(count, fanout)), depths
+    for name in nodes:
+        assert converged(site, name), name
+
+
+@requires_fuse
+def test_barrier_queries_climb_the_tree_not_all_to_the_login_node(site: Site) -> None:
+    """Fourteen prologs ask while the login node is busy (stopped): each node asks its
+    upstream, which asks its own in rounds, so the login node answers a few rounds of its
+    two direct followers (about one or two per level below them), not fourteen questions,
+    and every node still waits for the head as it was when it asked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    change_tree(site.view, "one")
+    site.start_origin(fanout=2)
+    nodes = [f"n{i}" for i in range(1, 15)]
+    for name in nodes:
+        site.start_replica(name, fanout=2, listen=True)
+        site.sync_to(name)
+    depth = max(tree_depths(site, nodes).values())
+
+    def queries(name: str) -> int:
+        status = site.control(name, {"op": "status"})
+        table = status["origin"] if name == "login" else status["replicas"]
+        return int(table[USER]["queries"])  # type: ignore[index]
+
+    change_tree(site.view, "two")
+    head = wait_quiet_journal_ending_in_markers(site)
+    before = queries("login")
+    login = site.daemons["login"].pid
+    os.kill(login, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(len(nodes)) as pool:
+            replies = pool.map(site.sync_to, nodes)
+            deadline = time.monotonic() + 20  # until every node below the top asked a relay
+            while sum(queries(name) for name in nodes) < len(nodes) - 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            os.kill(login, signal.SIGCONT)
+            for name, reply in zip(nodes, replies, strict=True):
+                assert reply["barrier"] == reply["applied"] == head, (name, reply)
+    finally:
+        os.kill(login, signal.SIGCONT)
+    answered = queries("login") - before
+    assert answered <= 2 * 2 * depth < len(nodes), answered
+    for name in nodes:
+        assert converged(site, name), name
+
+
+@requires_fuse
+def test_a_relayed_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
+    """As for a direct follower: a copy holding records the login node lost is told so by
+    the relay it is sent to (which asks the login node's head), and is rebuilt."""
+    from sdeefs.replicate import Replica
+
+    change_tree(site.view, "one")
+    site.start_origin(fanout=1)
+    site.start_replica("n1", fanout=1, listen=True)
+    site.sync_to("n1")
+    site.start_replica("n2", fanout=1)
+    site.sync_to("n2")
+    site.kill("n2")
+    replica = Replica.open(str(site.tmp / "n2" / USER))
+    replica.applied += 50  # records the login node no longer has
+    replica._write_position()
+    replica.close()
+    site.start_replica("n2", fanout=1)
+    site.sync_to("n2")
+    assert converged(site, "n2")
+    assert "starting over" in site.log("n2")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def write_mb(path: Path, mb: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(mb):
+            f.write(os.urandom(1 << 20))
+
+
+@requires_fuse
+def test_idle_daemons_cost_no_cpu_and_little_memory(site: Site) -> None:
+    """After a 64 MB stream through a relay: the login replicad waits for its journal to
+    grow (it polled 100 times a second per follower), and the node replicads, the relay
+    included, give the stream's memory back (the relay kept 256 MiB of it)."""
+    write_mb(site.view / "big.bin", 64)
+    site.start_origin(fanout=1)
+    site.start_replica("n1", 1, True)
+    site.start_replica("n2", 1, True)
+    site.sync_to("n1")
+    site.sync_to("n2")
+    change_tree(site.view, "one")  # n2 follows n1's buffer, not a snapshot
+    site.sync_to("n2")
+    time.sleep(5)  # quiet: the daemons notice (within 2 s) and release what they freed
+    login = site.daemons["login"].pid
+    before, start = cpu_seconds(login), time.monotonic()
+    time.sleep(5)
+    share = (cpu_seconds(login) - before) / (time.monotonic() - start)
+    assert share < 0.01, f"the idle login replicad used {share:.1%} of a core"
+    for name in ("n1", "n2"):
+        assert rss_mb(site.daemons[name].pid) <= 64, (name, rss_mb(site.daemons[name].pid))
+    assert converged(site, "n2")
+
+
+@requires_fuse
+def test_a_relay_waits_for_a_slow_follower_then_leaves_a_stuck_one_behind(site: Site) -> None:
+    """A relay buffer far smaller than the stream: the relay applies no faster than its
+    follower takes the records (no snapshot needed); a follower that stops taking them
+    holds it back only RELAY_STALL, then gets a snapshot and converges."""
+    site.start_origin(fanout=1)
+    site.start_replica("n1", 1, True, "--relay-bytes", str(1 << 20))
+    site.start_replica("n2", 1, True)
+    site.sync_to("n1")
+    site.sync_to("n2")
+    write_mb(site.view / "big.bin", 24)
+    site.sync_to("n2")
+    assert converged(site, "n2")
+    assert "sent a snapshot" not in site.log("n1")
+
+    n2 = site.daemons["n2"].pid
+    os.kill(n2, signal.SIGSTOP)
+    try:
+        write_mb(site.view / "more.bin", 16)
+        start = time.monotonic()
+        site.sync_to("n1")
+        assert time.monotonic() - start < 20
+    finally:
+        os.kill(n2, signal.SIGCONT)
+    site.sync_to("n2")
+    assert converged(site, "n2")
+    assert "sent a snapshot" in site.log("n1")

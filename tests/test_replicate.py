@@ -464,6 +464,24 @@ def test_skip_covers_markers_only_forwards(tmp_path: Path) -> None:
     replica.close()
 
 
+def test_a_relay_forwards_a_trailing_skip_frame_and_holds_back_only_incomplete_records(
+        ) -> None:
+    """The frame that carries a stream past its trailing markers (SKIP) is forwarded at
+    once; only a record still missing chunks (MORE) waits."""
+    from sdeefs.replicad import RelayBuffer
+    from sdeefs.replicate import SKIP
+
+    relay = RelayBuffer(1 << 20)
+    write = record_frames(8, rec.Write(b"upper/f", b"", 0, 3), b"abc")[0]
+    sync = Frame(RECORD, 10, encode_record_payload(rec.Sync(0)), SKIP)  # 9 was Done
+    relay.append(7, [write, sync])
+    assert [f.seq for f in relay.after(7)] == [8, 10]
+    relay.append(10, [Frame(RECORD, 11, b"x", MORE)])
+    assert [f.seq for f in relay.after(7)] == [8, 10]
+    relay.append(10, [Frame(RECORD, 11, b"y", 0)])
+    assert [f.seq for f in relay.after(10)] == [11, 11]
+
+
 def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
     from sdeefs.apply import apply_record
     from sdeefs.replicad import merge_setattr
@@ -503,3 +521,37 @@ def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
         assert results[0] == results[1], records
     assert merge_setattr(times, truncate) is None  # the truncate would move mtime
     assert merge_setattr(chmod, rec.Setattr(b"upper/g", rec.SET_MODE, 0o600)) is None
+
+
+def test_placement_builds_a_tree_of_least_depth_for_10000_joiners() -> None:
+    """10,000 nodes join through upstreams that never get a subtree report (the worst case of
+    a cold stream): placement alone gives the least depth fan-out 4 allows, and no upstream
+    more than 4 direct followers."""
+    from sdeefs.replicad import Placement
+
+    fanout, count = 4, 10_000
+    placement: dict[str, Placement] = {"login": Placement()}
+    followers: dict[str, list[Follower]] = {"login": []}
+    depth = {"login": 0}
+    for i in range(count):
+        node, at = f"n{i}", "login"
+        while len(followers[at]) >= fanout:  # what an upstream does with a HELLO
+            best = placement[at].choose(followers[at], node, 0.0)
+            assert best is not None
+            placement[at].sent(node, best, 0.0)
+            at = best.node
+        followers[at].append(Follower(node, USER))
+        placement[node], followers[node], depth[node] = Placement(), [], depth[at] + 1
+    assert max(depth.values()) == 7  # 4 + 16 + ... + 4096 < 10,000 <= ... + 16384
+    assert max(len(f) for f in followers.values()) == fanout
+
+
+def test_a_subtree_report_of_10000_nodes_travels_whole() -> None:
+    from sdeefs.replicate import MAX_FRAME_PAYLOAD, encode_report
+
+    report = [(f"node{i:05d}.cluster", i) for i in range(10_000)]
+    payload = encode_report(report)
+    assert len(payload) <= MAX_FRAME_PAYLOAD
+    assert decode_report(payload) == report
+    with pytest.raises(ProtocolError):
+        decode_report(payload[:4] + payload[4:-3])

@@ -1,6 +1,6 @@
-"""End to end on a real SLURM cluster: a login environment streams to 3 compute nodes.
+"""End to end on a real SLURM cluster: a login environment streams to 3 (or 5) compute nodes.
 
-munge + slurmctld + 3 slurmd, each node in its own network namespace (tests/slurm_cluster.py);
+munge + slurmctld + N slurmd, each node in its own network namespace (tests/slurm_cluster.py);
 sdeefs-replicad as the origin on the login node (the hub) and as a replica on every node;
 SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeefs-run`.
 """
@@ -47,10 +47,11 @@ class Grid:
     base: Path
     user: str
     key: Path
+    nodes: int = NODES
     replicads: dict[int, subprocess.Popen[bytes]] = attrs.field(factory=dict)
 
     def start_replicad(self, i: int) -> None:
-        """i = 0: the login node's origin; 1..NODES: compute nodes."""
+        """i = 0: the login node's origin; 1..nodes: compute nodes."""
         log = open(self.base / f"replicad-{i}.log", "ab")  # noqa: SIM115 (the process keeps it)
         common = [str(VENV_BIN / "sdeefs-replicad"), "--key-file", str(self.key)]
         self.control_path(i).unlink(missing_ok=True)
@@ -106,7 +107,7 @@ class Grid:
 
     def assert_converged(self) -> None:
         want = tree_digest(str(self.site.upper(self.user)))
-        for i in range(1, NODES + 1):
+        for i in range(1, self.nodes + 1):
             self.sync(i)
             if tree_digest(str(self.replica_upper(i))) != want:
                 raise AssertionError(f"n{i} differs: " + tree_difference(
@@ -153,6 +154,19 @@ def tree_difference(a: Path, b: Path) -> str:
 
 @pytest.fixture
 def grid() -> Iterator[Grid]:
+    with open_grid(NODES) as g:
+        yield g
+
+
+@pytest.fixture
+def grid5() -> Iterator[Grid]:
+    """Five nodes under fan-out 2: three of them are fed by a relay."""
+    with open_grid(5, barrier_timeout=30) as g:
+        yield g
+
+
+@contextlib.contextmanager
+def open_grid(nodes: int, barrier_timeout: int = 90) -> Iterator[Grid]:
     base = Path(tempfile.mkdtemp(prefix="sdeefs-grid-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     key = base / "replication.key"
@@ -160,7 +174,7 @@ def grid() -> Iterator[Grid]:
     os.chmod(key, 0o600)
     extra = (f'\n[replication]\nlogin = "10.0.0.1:{PORT}"\nkey_file = "{key}"\n'
              f'control = "{base}/%n/replicad.sock"\nreplica_dir = "{base}/%n/rep"\n'
-             f'job_dir = "{base}/%n/jobs"\nbarrier_timeout = 90\n')
+             f'job_dir = "{base}/%n/jobs"\nbarrier_timeout = {barrier_timeout}\n')
     try:
         with open_site(extra=extra) as site:
             for which in ("prolog", "epilog"):
@@ -169,21 +183,21 @@ def grid() -> Iterator[Grid]:
                     f"job-{which} 2>>{base}/{which}-$SLURMD_NODENAME.log\n")
                 os.chmod(base / f"{which}.sh", 0o755)
             user = site.add_user()
-            for i in range(1, NODES + 1):  # each node's local disk: not the host root's fs
+            for i in range(1, nodes + 1):  # each node's local disk: not the host root's fs
                 (base / f"n{i}").mkdir()
                 subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=2g", "tmpfs",
                                 str(base / f"n{i}")], check=True)
-            with cluster(str(base / "cluster"), nodes=NODES, prolog=str(base / "prolog.sh"),
+            with cluster(str(base / "cluster"), nodes=nodes, prolog=str(base / "prolog.sh"),
                          epilog=str(base / "epilog.sh")) as slurm:
-                g = Grid(site, slurm, base, user, key)
-                for i in range(NODES + 1):
+                g = Grid(site, slurm, base, user, key, nodes)
+                for i in range(nodes + 1):
                     g.start_replicad(i)
                 try:
                     yield g
                 finally:
                     for i in list(g.replicads):
                         g.kill_replicad(i)
-                    for i in range(1, NODES + 1):  # a failed test may leave job environments
+                    for i in range(1, nodes + 1):  # a failed test may leave job environments
                         for run in (base / f"n{i}" / "jobs").glob("*.run"):
                             with contextlib.suppress(Exception):
                                 from sdeefs_launcher import config as config_mod
@@ -192,7 +206,7 @@ def grid() -> Iterator[Grid]:
                                 job_mod.epilog(config_mod.load(str(site.config)), f"n{i}",
                                                run.name.removesuffix(".run"))
     finally:
-        for i in range(1, NODES + 1):
+        for i in range(1, nodes + 1):
             subprocess.run(["umount", "-l", str(base / f"n{i}")], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -336,3 +350,60 @@ def test_two_users_jobs_share_nodes_without_cross_talk(grid: Grid) -> None:
     for i in (1, 2):
         assert sorted(p.name for p in (g.base / f"n{i}" / "rep").iterdir()) == \
             sorted([g.user, other])
+
+
+def wait_quiet_journal(journal: Path) -> int:
+    """Until the user's journal ends in Done and Sync markers (a metadata change was the
+    user's last) and stops growing: the user went idle.  Returns its head."""
+    from sdeefs import records as rec
+    from sdeefs.replicate import JournalTail
+
+    def entries() -> list[object]:
+        tail = JournalTail(str(journal), 1)
+        try:
+            found: list[object] = []
+            while batch := tail.poll():
+                found.extend(batch)
+            return found
+        finally:
+            tail.close()
+
+    deadline = time.monotonic() + 30
+    while True:
+        now = entries()
+        if [type(e.record) for e in now[-2:]] == [rec.Done, rec.Sync]:  # type: ignore[attr-defined]
+            time.sleep(1)
+            if len(entries()) == len(now):
+                return int(now[-1].seq)  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, now[-3:]
+        time.sleep(0.3)
+
+
+@requires_slurm
+@requires_launcher
+def test_a_job_on_more_nodes_than_the_fanout_after_the_user_went_idle(grid5: Grid) -> None:
+    """The prologs of a 5-node job start after the user stopped writing: the journal ends
+    in marker records and nothing follows them.  The two nodes below the login node and
+    the three below them must all pass the barrier (the relayed ones once never did, and
+    the prolog timed out); again after an edit, with the tree already there."""
+    g = grid5
+    g.site.start(g.user)
+    g.site.run(g.user, "mkdir -p /opt/x && head -c 4000000 /dev/urandom > /opt/x/blob && "
+               "echo cold > /etc/sdeefs-demo && mkdir /opt/x/last")  # metadata, then idle
+    journal = g.site.root / g.user / "state" / "journal"
+    wait_quiet_journal(journal)
+    job = (f"#!/bin/sh\nsrun -N5 {VENV_BIN / 'sdeefs-run'} -- sh -c "
+           "'echo $(hostname) $(cat /etc/sdeefs-demo) $(md5sum < /opt/x/blob)'\n")
+    blob = subprocess.run(["md5sum"], input=(g.site.upper(g.user) / "opt/x/blob").read_bytes(),
+                          capture_output=True, check=True).stdout.decode().split()[0]
+    text = g.submit(job, "-N5")
+    assert job_lines(text) == [f"n{i} cold {blob} -" for i in range(1, 6)], text
+    followers = g.control(0, {"op": "status"})["origin"][g.user]["followers"]  # type: ignore[index]
+    assert set(followers) == {f"n{i}" for i in range(1, 6)}, followers
+    assert sum(1 for f in followers.values() if f["direct"]) <= 2, followers
+
+    g.site.run(g.user, "echo warm > /etc/sdeefs-demo && chmod 600 /opt/x/blob")
+    wait_quiet_journal(journal)
+    text = g.submit(job, "-N5")
+    assert job_lines(text) == [f"n{i} warm {blob} -" for i in range(1, 6)], text
+    g.assert_converged()
