@@ -1158,15 +1158,19 @@ class Daemon:
                              ) -> None:
         assert self.config.control is not None
         path = self.config.control
+        # Bound under a temporary name and renamed once listening: a client that sees the
+        # path can connect (a bound socket that does not listen yet refuses connections).
+        staging = f"{path}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(staging)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
         try:
-            await sock.bind(path)
+            await sock.bind(staging)
         finally:
             os.umask(old)
         sock.listen(64)
+        os.replace(staging, path)
         listener = trio.SocketListener(sock)
         task_status.started()
         await trio.serve_listeners(self._handle_control, [listener])
