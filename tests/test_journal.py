@@ -780,6 +780,35 @@ def test_replay_into_empty_layer_root_reproduces_upper(tmp_path: Path) -> None:
 
 
 @needs_root
+def test_replay_applies_a_rename_whose_source_inode_number_is_taken_in_the_target(
+        tmp_path: Path) -> None:
+    """``sdeefs check`` replays next to the upper, on its filesystem: inode numbers freed
+    in the upper come back in the scratch tree.  A Rename whose src_ino (a number of the
+    upper) names the entry at dst in the target by coincidence was taken for done and
+    skipped: check then reported a replay that differs, or failed on an Rmdir."""
+    target = tmp_path / "target"
+    (target / "upper").mkdir(parents=True)
+    (target / "work").mkdir()
+    (target / "upper" / "b").write_bytes(b"what b held")
+    coincidence = os.lstat(target / "upper" / "b").st_ino
+    journal = Journal.open(str(tmp_path / "journal"))
+    try:
+        for record in (rec.Mknod(b"upper/a", stat.S_IFREG | 0o644, 0, 0),
+                       rec.Rename(b"upper/a", b"upper/b", 0, coincidence)):
+            journal.append(record)
+    finally:
+        journal.close()
+    source = _open_layers(tmp_path / "target" / "upper", tmp_path / "target" / "work")
+    layers = _open_layers(target / "upper", target / "work")
+    try:
+        replay(Journal(directory=str(tmp_path / "journal")), source, layers)
+    finally:
+        _close_layers(source, layers)
+    assert not (target / "upper" / "a").exists()
+    assert (target / "upper" / "b").read_bytes() == b""
+
+
+@needs_root
 @pytest.mark.xfail(strict=True, reason="BUG: on a replica, apply_record(Rename) is not idempotent: "
                    "the 'already done' test compares src_ino (an inode number of the SOURCE "
                    "filesystem) with the replica's inode; re-applying a RENAME_WHITEOUT moves the "
