@@ -16,6 +16,8 @@ import logging
 import os
 import stat
 
+import attrs
+
 from . import records as rec
 from .cow import LayerRoot, apply_setattr
 from .journal import Entry, Journal, NullJournal
@@ -213,7 +215,12 @@ def replay(journal: Journal, source: LayerRoot, target: LayerRoot, from_seq: int
         last = entry.seq
         if entry.seq in aborted or any(b <= entry.seq <= e for b, e in void):
             continue
-        data = read_write_data(source, entry.record) if isinstance(entry.record, rec.Write) \
-            else None
-        apply_record(target, entry.record, data)
+        record = entry.record
+        data = read_write_data(source, record) if isinstance(record, rec.Write) else None
+        if isinstance(record, rec.Rename):
+            # src_ino is an inode number of the source's filesystem: in the target, an
+            # entry at dst with that number is a coincidence (``sdeefs check`` replays
+            # next to the upper, where freed numbers come back), not a rename already done.
+            record = attrs.evolve(record, src_ino=0)
+        apply_record(target, record, data)
     return last

@@ -8,16 +8,18 @@ diverge from the user's layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 
 from .apply import replay
 from .cow import LayerRoot
 from .errors import BadRecord, JournalCorrupt
 from .journal import Journal, NullJournal
 from .sysio import is_whiteout
+from .treewalk import Visit, rmtree, walk
 
 PRIVATE_XATTRS = (b"trusted.overlay.", b"user.overlay.")
 
@@ -34,45 +36,52 @@ def check_journal_readable(journal: Journal) -> list[str]:
     return []
 
 
+def _walk(root: str) -> Iterator[Visit]:
+    """The entries below ``root`` (not the root itself), by directory fds: any depth."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for visit in walk(fd):
+            if visit.path:
+                yield visit
+    finally:
+        os.close(fd)
+
+
 def check_upper_format(upper: str) -> list[str]:
     """Kernel overlayfs format only: 0/0 whiteouts, opaque = "y", no aufs leftovers, no devices."""
     problems = []
-    for dirpath, dirnames, filenames in os.walk(upper):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, upper)
-            st = os.lstat(path)
-            if name.startswith(".wh."):
-                problems.append(f"upper: aufs-style whiteout name {rel}")
-            if stat.S_ISCHR(st.st_mode) and not is_whiteout(st) or stat.S_ISBLK(st.st_mode):
-                problems.append(f"upper: device node {rel}")
-            if stat.S_ISDIR(st.st_mode):
-                for prefix in PRIVATE_XATTRS:
-                    try:
-                        value = os.getxattr(path, prefix + b"opaque", follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if value not in (b"y", b"x"):
-                        problems.append(f"upper: {rel} has opaque={value!r}")
+    for visit in _walk(upper):
+        st, rel = visit.st, os.fsdecode(visit.path)
+        if visit.name.startswith(b".wh."):
+            problems.append(f"upper: aufs-style whiteout name {rel}")
+        if stat.S_ISCHR(st.st_mode) and not is_whiteout(st) or stat.S_ISBLK(st.st_mode):
+            problems.append(f"upper: device node {rel}")
+        if stat.S_ISDIR(st.st_mode):
+            for prefix in PRIVATE_XATTRS:
+                try:
+                    value = os.getxattr(visit.at(), prefix + b"opaque", follow_symlinks=False)
+                except OSError:
+                    continue
+                if value not in (b"y", b"x"):
+                    problems.append(f"upper: {rel} has opaque={value!r}")
     return problems
 
 
 def _tree_signature(root: str) -> dict[str, tuple[object, ...]]:
     """path -> (type, mode, uid, gid, size, symlink target, sorted xattrs) for a tree."""
     sig: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
-            size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-            try:
-                names = sorted(os.listxattr(path, follow_symlinks=False))
-                xattrs = tuple((n, os.getxattr(path, n, follow_symlinks=False)) for n in names)
-            except OSError:
-                xattrs = ()
-            sig[os.path.relpath(path, root)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
-                                                st.st_uid, st.st_gid, size, target, xattrs)
+    for visit in _walk(root):
+        st, where = visit.st, visit.at()
+        target = os.fsdecode(os.readlink(visit.name, dir_fd=visit.dir_fd)) \
+            if stat.S_ISLNK(st.st_mode) else None
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        try:
+            names = sorted(os.listxattr(where, follow_symlinks=False))
+            xattrs = tuple((n, os.getxattr(where, n, follow_symlinks=False)) for n in names)
+        except OSError:
+            xattrs = ()
+        sig[os.fsdecode(visit.path)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                        st.st_uid, st.st_gid, size, target, xattrs)
     return sig
 
 
@@ -107,7 +116,8 @@ def check_replay_matches(journal: Journal, upper: str, work: str) -> list[str]:
                                 f"journal {got.get(path)}")
         return problems[:50]
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            rmtree(scratch)  # the replayed tree may be deeper than shutil.rmtree goes
 
 
 def run_checks(upper: str, state: str) -> list[str]:

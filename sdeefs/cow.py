@@ -36,6 +36,7 @@ data I/O run in worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -51,6 +52,7 @@ import attrs
 from . import records as rec
 from .journal import Journal, NullJournal
 from .sysio import (
+    PATH_CHUNK,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
@@ -60,11 +62,13 @@ from .sysio import (
     filesystem_uuid,
     is_whiteout,
     name_to_handle,
+    open_at,
     open_by_handle,
     open_tree_clone,
     openat2_beneath,
     renameat2,
 )
+from .treewalk import walk
 
 log = logging.getLogger(__name__)
 
@@ -582,9 +586,30 @@ class CowFS:
         try:
             if not path:
                 return os.stat(self.lower_fd)
-            return os.stat(path, dir_fd=self.lower_fd, follow_symlinks=False)
+            if len(path) <= PATH_CHUNK:  # all but trees deeper than PATH_MAX: one call
+                return os.stat(path, dir_fd=self.lower_fd, follow_symlinks=False)
+            with self._lower_at(path) as (fd, rest):
+                return os.stat(rest, dir_fd=fd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    @contextlib.contextmanager
+    def _lower_at(self, path: bytes) -> Iterator[tuple[int, bytes]]:
+        """(directory fd, rest of ``path``) that syscalls reach the lower entry ``path`` by.
+
+        The lower root and ``path`` itself when one syscall takes it; for a lower tree
+        deeper than PATH_MAX, the entry's directory, opened in pieces (closed on exit).
+        ``rest`` is b"" for the lower root itself.
+        """
+        if len(path) <= PATH_CHUNK:
+            yield self.lower_fd, path
+            return
+        head, _, name = path.rpartition(b"/")
+        fd = open_at(self.lower_fd, head, os.O_PATH | os.O_DIRECTORY)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
 
     def _shown(self, st: os.stat_result) -> os.stat_result:
         owner = self.config.root_owner
@@ -888,7 +913,8 @@ class CowFS:
     def _origin_of(self, lower_path: bytes) -> bytes:
         """The kernel's ``struct ovl_fb`` for a lower entry: what overlayfs stores as origin."""
         try:
-            fd = os.open(lower_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.lower_fd)
+            with self._lower_at(lower_path) as (dfd, rest):
+                fd = os.open(rest, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         except OSError:
             return b""
         try:
@@ -979,7 +1005,8 @@ class CowFS:
         node = self.node(ino)
         if node.in_upper:
             return self.layers.readlink(self.layer_path(node.path))
-        return os.readlink(self._lower_of(node), dir_fd=self.lower_fd)
+        with self._lower_at(self._lower_of(node)) as (fd, rest):
+            return os.readlink(rest, dir_fd=fd)
 
     def listdir(self, ino: int) -> list[bytes]:
         """The merged names of a directory: upper first, then lower; whiteouts hidden, no dups."""
@@ -1031,8 +1058,7 @@ class CowFS:
 
     def _lower_listdir(self, path: bytes) -> list[bytes]:
         try:
-            fd = os.open(path or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                         dir_fd=self.lower_fd)
+            fd = open_at(self.lower_fd, path or b".", os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
             return []
         try:
@@ -1100,19 +1126,22 @@ class CowFS:
     def _copy_metadata(self, lower_path: bytes, stage: bytes, lst: os.stat_result) -> None:
         """xattrs, origin, owner, mode and times of a lower entry onto a staged copy."""
         layout = self.config.layout
-        try:
-            names = os.listxattr(fd_path(self.lower_fd, lower_path), follow_symlinks=False)
-        except OSError:
-            names = []
-        for sname in names:
-            name = os.fsencode(sname)
-            if layout.is_private(name):
-                continue
+        with self._lower_at(lower_path) as (dfd, rest):
+            where = fd_path(dfd, rest or None)
             try:
-                value = os.getxattr(fd_path(self.lower_fd, lower_path), name,
-                                    follow_symlinks=False)
+                names = os.listxattr(where, follow_symlinks=False)
             except OSError:
-                continue
+                names = []
+            values = []
+            for sname in names:
+                name = os.fsencode(sname)
+                if layout.is_private(name):
+                    continue
+                try:
+                    values.append((name, os.getxattr(where, name, follow_symlinks=False)))
+                except OSError:
+                    continue
+        for name, value in values:
             self.layers.setxattr(stage, name, value)
         origin = self._origin_of(lower_path)
         # user.* xattrs are not allowed on symlinks; trusted.* are (as kernel overlayfs does)
@@ -1138,7 +1167,8 @@ class CowFS:
             raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
         stage = self._stage_name()
         if stat.S_ISLNK(lst.st_mode):
-            target = os.readlink(lower, dir_fd=self.lower_fd)
+            with self._lower_at(lower) as (dfd, rest):
+                target = os.readlink(rest, dir_fd=dfd)
             self.layers.symlink(stage, target, lst.st_uid, lst.st_gid)
             self._copy_metadata(lower, stage, lst)
             self._finish(node, stage, lst)
@@ -1150,7 +1180,7 @@ class CowFS:
             return None
         self.layers.mknod(stage, stat.S_IFREG | 0o600, 0, 0)
         size = lst.st_size if keep_data else 0
-        lower_fd = os.open(lower, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.lower_fd)
+        lower_fd = open_at(self.lower_fd, lower, os.O_RDONLY)
         try:
             upper_fd = self.layers.open(stage, os.O_WRONLY)
         except BaseException:
@@ -1263,8 +1293,7 @@ class CowFS:
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
         path = join(parent.path, name)
-        if len(path) >= PATH_MAX - 1:
-            raise OSError(errno.ENAMETOOLONG, "path too long")
+        self._check_fits(path)
         if self.raw and parent.ino == ROOT_INO:
             raise OSError(errno.EPERM, "the layer root holds only upper and work")
         try:
@@ -1276,6 +1305,57 @@ class CowFS:
         self.ensure_upper_dir(parent)
         upper = None if self.raw else self.layers.lstat(self.layer_path(path))
         return parent, path, upper is not None and is_whiteout(upper)
+
+    # -- what a record can carry ---------------------------------------------------------------
+
+    def _check_fits(self, path: bytes) -> None:
+        """ENAMETOOLONG unless records can name the view path ``path`` in the upper.
+
+        The one limit on depth (``records.MAX_PATH``, what the journal and every replica
+        accept), checked before anything is journaled; each syscall argument is limited
+        by PATH_MAX as always, the tree is not.
+        """
+        if len(self.layer_path(path)) > rec.MAX_PATH:
+            raise OSError(errno.ENAMETOOLONG, f"paths deeper than {rec.MAX_PATH} bytes cannot "
+                                              "be journaled")
+
+    def check_new_entry(self, parent_ino: int, name: bytes) -> None:
+        """Refuse (ENAMETOOLONG) a new name that could not be journaled: before a copy-up."""
+        check_name(name)
+        self._check_fits(join(self.node(parent_ino).path, name))
+
+    def check_rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+                     new_name: bytes, flags: int) -> None:
+        """Refuse (ENAMETOOLONG) a rename after which some record could not be journaled.
+
+        That is the new name, and when a directory moves to a longer path, every path
+        below it: a directory whose subtree would end up deeper than ``records.MAX_PATH``
+        stays where it is (a walk of that subtree, only for directories moving deeper).
+        """
+        check_name(new_name)
+        src = join(self.node(old_parent_ino).path, old_name)
+        dst = join(self.node(new_parent_ino).path, new_name)
+        self._check_fits(dst)
+        growth = len(dst) - len(src)
+        if growth > 0:
+            self._check_subtree_fits(src, growth)
+        elif growth < 0 and flags & RENAME_EXCHANGE:
+            self._check_subtree_fits(dst, -growth)
+
+    def _check_subtree_fits(self, path: bytes, growth: int) -> None:
+        layer = self.layer_path(path)
+        budget = rec.MAX_PATH - len(layer) - growth - 1  # bytes left for a path below it
+        st = self.layers.lstat(layer)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return
+        fd = self.layers.open(layer, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for visit in walk(fd):
+                if len(visit.path) > budget:
+                    raise OSError(errno.ENAMETOOLONG, "the directory holds paths that would "
+                                  f"be deeper than {rec.MAX_PATH} bytes")
+        finally:
+            os.close(fd)
 
     def _place(self, stage: bytes, path: bytes, over_whiteout: bool, is_dir: bool) -> None:
         """Move a staged new entry to ``path``, replacing the whiteout there if any."""
@@ -1332,6 +1412,7 @@ class CowFS:
         node = self.node(ino)
         if node.is_dir:
             raise OSError(errno.EPERM, "hard links to directories are not allowed")
+        self.check_new_entry(new_parent_ino, new_name)
         if self.needs_copy_up(node):
             self.copy_up(node)
         src = self.layer_path(node.path)
@@ -1428,6 +1509,7 @@ class CowFS:
         if self.raw:
             if old_parent.ino == ROOT_INO or new_parent.ino == ROOT_INO:
                 raise OSError(errno.EPERM, "the layer root holds only upper and work")
+            self.check_rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
             victim = self.layers.lstat(dst)
             self.layers.rename(src, dst, flags)
             self._after_rename(src, dst, node, target, flags, victim)
@@ -1444,6 +1526,7 @@ class CowFS:
         if flags & RENAME_EXCHANGE and target is not None and target.is_dir and \
                 target.lower is not None:
             raise OSError(errno.EXDEV, "exchanging a lower directory needs a copy")
+        self.check_rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
         self.copy_up(node)
         if target is not None and flags & RENAME_EXCHANGE:
             self.copy_up(target)
@@ -1524,8 +1607,8 @@ class CowFS:
         if upper is not None:
             return self.layers.getxattr(upper, name)
         if lower is not None:
-            return os.getxattr(fd_path(self.lower_fd, lower) if lower else fd_path(self.lower_fd),
-                               name, follow_symlinks=False)
+            with self._lower_at(lower) as (fd, rest):
+                return os.getxattr(fd_path(fd, rest or None), name, follow_symlinks=False)
         raise OSError(errno.ENODATA, "no such attribute")
 
     def listxattr(self, ino: int) -> list[bytes]:
@@ -1534,8 +1617,9 @@ class CowFS:
         if upper is not None:
             names = self.layers.listxattr(upper)
         elif lower is not None:
-            target = fd_path(self.lower_fd, lower) if lower else fd_path(self.lower_fd)
-            names = [os.fsencode(n) for n in os.listxattr(target, follow_symlinks=False)]
+            with self._lower_at(lower) as (fd, rest):
+                names = [os.fsencode(n) for n in os.listxattr(fd_path(fd, rest or None),
+                                                               follow_symlinks=False)]
         else:
             names = []
         if self.raw:
@@ -1571,8 +1655,8 @@ class CowFS:
             raise OSError(errno.EROFS, "the lower is read-only: copy up before writing")
         if node.in_upper:
             return self.layers.open(self.layer_path(node.path), flags)
-        return os.open(self._lower_of(node), flags | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       dir_fd=self.lower_fd)
+        with self._lower_at(self._lower_of(node)) as (dfd, rest):
+            return os.open(rest, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
 
     def journal_write(self, node: Node, handle: bytes, offset: int, length: int) -> None:
         """Record that ``length`` bytes at ``offset`` are about to change in the upper file.

@@ -34,6 +34,14 @@ class BadRecord(ValueError):
     """
 
 
+class PathTooLong(BadRecord):
+    """A path longer than a record field carries (``records.MAX_PATH``).
+
+    The daemon refuses such an operation with ENAMETOOLONG before anything is
+    journaled; from a peer or a journal it is a bad record like any other.
+    """
+
+
 class FailsafeError(OSError):
     """Mutations are refused because the journal could not be written.
 

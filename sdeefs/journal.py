@@ -27,7 +27,7 @@ replica has acknowledged.
 Segment header (``SEGMENT_HEADER``, 24 bytes, little endian)::
 
     magic      8s   b"SDEEFSJ\\0"
-    version    u16  1
+    version    u16  2 (1: segments written before version 2, still read)
     reserved   u16  0
     first_seq  u64  sequence number of the first record in this segment
     crc32      u32  of the 20 bytes before it
@@ -40,7 +40,15 @@ Record frame (``FRAME_HEADER``, 20 bytes, then ``length`` payload bytes)::
     type       u16  record type (see ``sdeefs.records``)
     flags      u16  0 (reserved)
 
-Payload encodings are pinned per record type in ``sdeefs.records``.
+Payload encodings are pinned per record type in ``sdeefs.records``; the segment's
+version is the encoding of its records.  Version 2 carries path fields with a u32
+length (at most ``records.MAX_PATH``, 64 KiB: trees deeper than PATH_MAX), version 1
+with a u16 length (at most 4096 bytes).  Frames are the same in both.  Old
+journals need no conversion: a version-1 segment is read with the version-1
+encoding, and opening a journal whose last segment is version 1 starts a new
+segment (version 2) for what is appended next, so no segment mixes encodings.
+What is appended must pass ``records.check_record`` (ENAMETOOLONG or EINVAL
+otherwise): the journal never holds a record its readers refuse.
 
 Data by reference
 -----------------
@@ -94,6 +102,7 @@ upper's own filesystem, whatever happens to the capture.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -105,19 +114,32 @@ from collections.abc import Iterator
 
 import attrs
 
-from .errors import FailsafeError, JournalCorrupt
-from .records import Record, Sync, decode_record, encode_record
+from .errors import BadRecord, FailsafeError, JournalCorrupt, PathTooLong
+from .records import (
+    MAX_PATH,
+    MAX_XATTR_NAME,
+    MAX_XATTR_VALUE,
+    RECORD_VERSION,
+    VERSIONS,
+    Record,
+    Sync,
+    check_record,
+    decode_record,
+    encode_record,
+)
 from .sysio import fsync_dir
 
 log = logging.getLogger(__name__)
 
 SEGMENT_MAGIC = b"SDEEFSJ\0"
-SEGMENT_VERSION = 1
+SEGMENT_VERSION = RECORD_VERSION  # a segment's version is its records' encoding
 SEGMENT_HEADER = struct.Struct("<8sHHQI")
 assert SEGMENT_HEADER.size == 24
 FRAME_HEADER = struct.Struct("<IIQHH")
 assert FRAME_HEADER.size == 20
-MAX_PAYLOAD = 1 << 20  # no record needs more: paths ≤ 4 KiB, xattr values ≤ 64 KiB
+MAX_PAYLOAD = 1 << 20  # no record needs more: two paths (Rename), or a path and an xattr value
+assert 2 * (4 + MAX_PATH) + 12 <= MAX_PAYLOAD
+assert 4 + MAX_PATH + 2 + MAX_XATTR_NAME + 4 + MAX_XATTR_VALUE <= MAX_PAYLOAD
 SYNC_FLUSHED = 1  # Sync.reason: every record before this one was fdatasync'ed
 _SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 
@@ -151,27 +173,32 @@ def segment_name(first_seq: int) -> str:
     return f"seg-{first_seq:016x}.log"
 
 
-def encode_frame(seq: int, record: Record) -> bytes:
-    rtype, payload = encode_record(record)
+def encode_frame(seq: int, record: Record, version: int = SEGMENT_VERSION) -> bytes:
+    rtype, payload = encode_record(record, version)
     body = struct.pack("<IQHH", len(payload), seq, rtype, 0) + payload
     return struct.pack("<I", zlib.crc32(body)) + body
 
 
-def encode_segment_header(first_seq: int) -> bytes:
-    head = struct.pack("<8sHHQ", SEGMENT_MAGIC, SEGMENT_VERSION, 0, first_seq)
+def encode_segment_header(first_seq: int, version: int = SEGMENT_VERSION) -> bytes:
+    head = struct.pack("<8sHHQ", SEGMENT_MAGIC, version, 0, first_seq)
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def decode_segment_header(data: bytes) -> int:
-    """Return the segment's first sequence number; raise JournalCorrupt if the header is bad."""
+def read_segment_header(data: bytes) -> tuple[int, int]:
+    """(first sequence number, version) of a segment; JournalCorrupt if the header is bad."""
     if len(data) < SEGMENT_HEADER.size:
         raise JournalCorrupt("segment header truncated")
     magic, version, _, first_seq, crc = SEGMENT_HEADER.unpack_from(data)
     if magic != SEGMENT_MAGIC or zlib.crc32(data[:20]) != crc:
         raise JournalCorrupt("segment header has a bad magic or checksum")
-    if version != SEGMENT_VERSION:
+    if version not in VERSIONS:
         raise JournalCorrupt(f"segment version {version} is not supported")
-    return int(first_seq)
+    return int(first_seq), int(version)
+
+
+def decode_segment_header(data: bytes) -> int:
+    """The segment's first sequence number; raise JournalCorrupt if the header is bad."""
+    return read_segment_header(data)[0]
 
 
 @attrs.frozen
@@ -229,6 +256,17 @@ def good_frame_after(data: bytes, offset: int, last_seq: int) -> bool:
     return False
 
 
+def _admit(record: Record) -> None:
+    """The door: refuse (OSError, nothing written) a record its readers would refuse:
+    ENAMETOOLONG for a path over ``records.MAX_PATH``, EINVAL for anything else."""
+    try:
+        check_record(record)
+    except PathTooLong as exc:
+        raise OSError(errno.ENAMETOOLONG, f"too long to journal: {exc}") from None
+    except BadRecord as exc:
+        raise OSError(errno.EINVAL, f"cannot be journaled: {exc}") from None
+
+
 @attrs.define(eq=False)
 class Journal:
     """An open journal directory.  Thread-safe: appends may come from worker threads.
@@ -267,8 +305,10 @@ class Journal:
         first, path = segments[-1]
         with open(path, "rb") as f:
             data = f.read()
+        version = SEGMENT_VERSION
         try:
-            if decode_segment_header(data) != first:
+            found, version = read_segment_header(data)
+            if found != first:
                 raise JournalCorrupt(f"{path}: header does not match the file name")
         except JournalCorrupt:
             if len(data) > SEGMENT_HEADER.size:
@@ -292,6 +332,13 @@ class Journal:
                 f.truncate(end)
                 os.fsync(f.fileno())
         journal.head = journal.synced = last
+        if version != SEGMENT_VERSION:
+            # Written by an older sdeefs: appending would mix encodings in one segment.
+            if last < first:  # nothing in it: start it again in the current version
+                os.unlink(path)
+                fsync_dir(directory)
+            journal._start_segment(last + 1)
+            return journal
         journal._segment_first = first
         journal._segment_size = end
         journal._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -321,7 +368,12 @@ class Journal:
     # -- appending ----------------------------------------------------------------------------
 
     def append(self, record: Record) -> int:
-        """Write one record into the page cache; return its sequence number."""
+        """Write one record into the page cache; return its sequence number.
+
+        A record its readers would refuse is not written: OSError ENAMETOOLONG for a
+        path over ``records.MAX_PATH``, EINVAL for anything else (nothing changes).
+        """
+        _admit(record)
         with self._lock:
             return self._append_locked(record)
 
@@ -349,7 +401,10 @@ class Journal:
         """Append ``records`` with one write(2) (the capture's batches); the last seq.
 
         Consecutive seqs, like appending them one by one; a batch that would cross the
-        segment size goes one by one (it may start a segment)."""
+        segment size goes one by one (it may start a segment).  Every record is admitted
+        (as by :meth:`append`) before any is written."""
+        for record in records:
+            _admit(record)
         with self._lock:
             if self.failed is not None:
                 raise FailsafeError(self.failed)
@@ -412,13 +467,14 @@ class Journal:
                 continue
             with open(path, "rb") as f:
                 data = f.read()
-            if decode_segment_header(data) != first:
+            found, version = read_segment_header(data)
+            if found != first:
                 raise JournalCorrupt(f"{path}: header does not match the file name")
             end, last = SEGMENT_HEADER.size, first - 1
             for frame_end, seq, rtype, payload in scan_frames(data, SEGMENT_HEADER.size, first):
                 end, last = frame_end, seq
                 if seq >= from_seq:
-                    yield Entry(seq, decode_record(rtype, payload))
+                    yield Entry(seq, decode_record(rtype, payload, version))
             complete = end == len(data)
             if next_first is not None and (not complete or last + 1 != next_first):
                 raise JournalCorrupt(f"{path}: damaged before seq {next_first}")

@@ -278,6 +278,7 @@ class Operations(pyfuse3.Operations):
         async with self.mutex:
             node = self.fs.node(inode)
             if self.fs.needs_copy_up(node) and not node.is_dir:
+                self.fs.check_new_entry(new_parent_inode, new_name)  # before journaling a copy
                 await self._copy_up(node)
             return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
@@ -306,6 +307,7 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: InodeT, name_old: bytes, parent_inode_new: InodeT,
                      name_new: bytes, flags: int, ctx: RequestContext) -> None:
         async with self.mutex:
+            checked = False
             for parent, name in ((parent_inode_old, name_old), (parent_inode_new, name_new)):
                 try:
                     attr = self.fs.lookup(parent, name)
@@ -314,6 +316,10 @@ class Operations(pyfuse3.Operations):
                 node = self.fs.node(attr.ino)
                 try:
                     if self.fs.needs_copy_up(node) and stat.S_ISREG(node.kind):
+                        if not checked:  # what cannot be journaled is refused before a copy is
+                            self.fs.check_rename(parent_inode_old, name_old, parent_inode_new,
+                                                 name_new, flags)
+                            checked = True
                         await self._copy_up(node)
                 finally:
                     self.fs.forget(attr.ino, 1)

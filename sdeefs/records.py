@@ -2,13 +2,16 @@
 
 Every record is an operation on a *layer root* (``upper/`` + ``work/``; see
 ``sdeefs.journal``).  Payloads are a fixed sequence of fields per type, encoded
-little endian with no padding:
+little endian with no padding.  The encoding has a version: the journal segment
+(``sdeefs.journal``) or the replication frame (``sdeefs.replicate``) that holds
+a record says which one.  Version 2 is written; version 1 is still read.
 
 ===========  ==============================================================
-field kind   encoding
+field kind   encoding (version 2)
 ===========  ==============================================================
-``path``     u16 length + bytes: relative, no NUL, no empty/``.``/``..``
-             component, first component ``upper`` or ``work``, ≤ 4096 bytes
+``path``     u32 length + bytes: relative, no NUL, no empty/``.``/``..``
+             component, no component over 255 bytes, first component
+             ``upper`` or ``work``, at most MAX_PATH (65536) bytes
 ``name``     u16 length + bytes (xattr names; ≤ 255 bytes, no NUL)
 ``blob``     u32 length + bytes (symlink targets ≤ 4096, xattr values ≤ 64 KiB,
              file handles ≤ 136)
@@ -16,6 +19,24 @@ field kind   encoding
 ``u64``      8 bytes unsigned
 ``i64``      8 bytes signed
 ===========  ==============================================================
+
+Version 1 (journals written before long paths were carried) differs only in
+``path``: a u16 length and at most 4096 bytes.  That cap was below what the
+daemon accepted (a view path of 4094 bytes is ``upper/`` + 4094 in a record),
+so a legal rename bricked the journal; and a tree is deeper than PATH_MAX
+wherever kernel overlayfs allows it.  A record names a whole layer path because
+replicas and replay resolve it from the layer root, so the cap bounds the depth
+of a tree: MAX_PATH is 16 × PATH_MAX, room for 256 levels of 255-byte names or
+32768 of 1-byte ones.  It is not larger because (a) two paths plus fixed fields
+and an xattr value plus a path must fit a journal frame (``journal.MAX_PAYLOAD``,
+1 MiB) and a path plus a data chunk a replication frame, and (b) the daemon's
+node table keeps a full path per inode the kernel holds, which grows with the
+square of the depth (a chain of 1-byte names at the cap costs about 1 GiB).
+The daemon refuses, with ENAMETOOLONG and before anything is journaled, every
+operation whose records would exceed it: a new name too deep, or a directory
+moved where its subtree would be (``cow.CowFS.check_rename``); and the journal
+appends only records that ``check_record`` passes, the same checks as decoding.
+So whatever the daemon accepted, its journal, replay and every replica accept too.
 
 Decoding is strict because records also arrive from replica peers: any
 trailing byte, out-of-range length, unsafe path or forbidden file type raises
@@ -75,15 +96,20 @@ longer opens; otherwise it waits for the capture's next Commit and reads again.
 
 from __future__ import annotations
 
+import re
 import stat
 import struct
 from typing import ClassVar
 
 import attrs
 
-from .errors import BadRecord
+from .errors import BadRecord, PathTooLong
 
-MAX_PATH = 4096
+RECORD_VERSION = 2  # the encoding written (journal segments and replication frames)
+VERSIONS = (1, 2)  # the encodings read
+MAX_PATH = 1 << 16  # bytes of a path field (version 2); see the docstring for the choice
+MAX_PATH_V1 = 4096  # bytes of a path field in version 1
+MAX_TARGET = 4096  # bytes of a symlink target (the kernel's PATH_MAX)
 MAX_NAME = 255
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 65536
@@ -102,19 +128,27 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
+_PATH_LENGTH = {1: _U16, 2: _U32}  # the length prefix of a path field, per version
+_PATH_LIMIT = {1: MAX_PATH_V1, 2: MAX_PATH}
+# A safe layer path in one C-speed match (checked on every append, Write records included):
+# a layer directory, then components of 1-255 bytes without "/" or NUL that are not . or ..
+_SAFE_PATH = re.compile(rb"(?:upper|work)(?:/(?!\.\.?(?:/|\Z))[^/\x00]{1,255})*")
 
 
-def check_path(path: bytes) -> bytes:
-    """Validate a layer-root-relative path; return it or raise BadRecord."""
-    if not path or len(path) > MAX_PATH or b"\0" in path:
-        raise BadRecord(f"bad path length or NUL byte in {path[:64]!r}")
-    parts = path.split(b"/")
-    if parts[0] not in LAYER_DIRS:
+def check_path(path: bytes, limit: int = MAX_PATH) -> bytes:
+    """Validate a layer-root-relative path; return it or raise BadRecord.
+
+    PathTooLong (a BadRecord) if it is longer than ``limit`` bytes.
+    """
+    if len(path) > limit:
+        raise PathTooLong(f"path of {len(path)} bytes (at most {limit}): {path[:64]!r}...")
+    if _SAFE_PATH.fullmatch(path):
+        return path
+    if not path or b"\0" in path:
+        raise BadRecord(f"empty path or NUL byte in {path[:64]!r}")
+    if path.split(b"/")[0] not in LAYER_DIRS:
         raise BadRecord(f"path {path[:64]!r} is outside the layer root")
-    for part in parts[1:]:
-        if part in (b"", b".", b"..") or len(part) > MAX_NAME:
-            raise BadRecord(f"unsafe component in path {path[:64]!r}")
-    return path
+    raise BadRecord(f"unsafe component in path {path[:64]!r}")
 
 
 class Record:
@@ -167,7 +201,7 @@ class Symlink(Record):
     gid: int
 
     def validate(self) -> None:
-        if not self.target or len(self.target) > MAX_PATH or b"\0" in self.target:
+        if not self.target or len(self.target) > MAX_TARGET or b"\0" in self.target:
             raise BadRecord("bad symlink target")
 
 
@@ -347,11 +381,20 @@ RECORD_TYPES: dict[int, type[Record]] = {
 }
 
 
-def encode_record(record: Record) -> tuple[int, bytes]:
+# per record type: the fields that need more than their struct to be valid
+_CHECKED = {rtype: tuple((n, k) for n, k in cls.FIELDS if k in ("path", "name", "blob"))
+            for rtype, cls in RECORD_TYPES.items()}
+
+
+def encode_record(record: Record, version: int = RECORD_VERSION) -> tuple[int, bytes]:
+    """(type, payload) of a record, without checks (``check_record`` is the door)."""
+    path_length = _PATH_LENGTH[version]
     out = bytearray()
     for name, kind in record.FIELDS:
         value = getattr(record, name)
-        if kind in ("path", "name"):
+        if kind == "path":
+            out += path_length.pack(len(value)) + value
+        elif kind == "name":
             out += _U16.pack(len(value)) + value
         elif kind == "blob":
             out += _U32.pack(len(value)) + value
@@ -364,6 +407,28 @@ def encode_record(record: Record) -> tuple[int, bytes]:
     return record.TYPE, bytes(out)
 
 
+def _check_name(data: bytes) -> None:
+    if not data or len(data) > MAX_XATTR_NAME or b"\0" in data:
+        raise BadRecord("bad xattr name")
+
+
+def check_record(record: Record) -> None:
+    """Raise BadRecord (PathTooLong for a long path) unless ``decode_record`` would accept
+    the record as written now: what the journal takes, replay and every replica take too.
+
+    Runs on every append (a Write record per write(2)): under a microsecond."""
+    for name, kind in _CHECKED[record.TYPE]:
+        value = getattr(record, name)
+        if kind == "path":
+            if len(value) > MAX_PATH or not _SAFE_PATH.fullmatch(value):
+                check_path(value)  # raises, saying why
+        elif kind == "name":
+            _check_name(value)
+        elif len(value) > MAX_XATTR_VALUE:
+            raise BadRecord("blob too long")
+    record.validate()
+
+
 def _take(payload: bytes, pos: int, length: int) -> bytes:
     value = payload[pos : pos + length]
     if len(value) != length:
@@ -371,23 +436,28 @@ def _take(payload: bytes, pos: int, length: int) -> bytes:
     return value
 
 
-def decode_record(rtype: int, payload: bytes) -> Record:
-    """Decode and validate one payload; raise BadRecord on anything unexpected."""
+def decode_record(rtype: int, payload: bytes, version: int = RECORD_VERSION) -> Record:
+    """Decode and validate one payload of encoding ``version``; raise BadRecord on
+    anything unexpected."""
     cls = RECORD_TYPES.get(rtype)
     if cls is None:
         raise BadRecord(f"unknown record type {rtype}")
+    path_length, path_limit = _PATH_LENGTH[version], _PATH_LIMIT[version]
     values: dict[str, bytes | int] = {}
     pos = 0
     try:
         for name, kind in cls.FIELDS:
             if kind in ("path", "name"):
-                (n,) = _U16.unpack_from(payload, pos)
-                data = _take(payload, pos + 2, n)
-                pos += 2 + n
+                codec = path_length if kind == "path" else _U16
+                (n,) = codec.unpack_from(payload, pos)
+                if kind == "path" and n > path_limit:  # before slicing a hostile length
+                    raise PathTooLong(f"path field of {n} bytes (at most {path_limit})")
+                data = _take(payload, pos + codec.size, n)
+                pos += codec.size + n
                 if kind == "path":
-                    check_path(data)
-                elif not data or n > MAX_XATTR_NAME or b"\0" in data:
-                    raise BadRecord("bad xattr name")
+                    check_path(data, path_limit)
+                else:
+                    _check_name(data)
                 values[name] = data
             elif kind == "blob":
                 (n,) = _U32.unpack_from(payload, pos)

@@ -80,10 +80,12 @@ from .replicate import (
     MORE,
     NO_ID,
     NONCE_SIZE,
+    OLD_VERSIONS,
     QUERY,
     REDIRECT,
     SKIP,
     SNAPSHOT_END,
+    VERSION,
     Follower,
     Frame,
     Hello,
@@ -93,6 +95,7 @@ from .replicate import (
     Redirected,
     Replica,
     Trimmed,
+    VersionMismatch,
     answer_hello,
     decode_hello,
     encode_frame,
@@ -552,9 +555,12 @@ class Daemon:
             await self._serve_hello(stream, hello_frame, hello, peer)
         except (ProtocolError, EOFError, trio.TooSlowError, ValueError) as exc:
             log.error("peer %s: %s", peer, exc)
+            # A peer of an older version is told in its own version (it could not read ours).
+            version = exc.peer_version if isinstance(exc, VersionMismatch) and \
+                exc.peer_version in OLD_VERSIONS else VERSION
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(encode_frame(Frame(ERROR, 0, str(exc).encode()[:4096]),
-                                                   self.config.key))
+                                                   self.config.key, version))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("peer %s went away: %s", peer, exc)
         except Exception:  # a bug in one link must not end the daemon and every other link

@@ -25,7 +25,7 @@ Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   3
+             version  u8   3 (see "Versions" below)
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
              flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
                            RECORD: SKIP (2) = the seqs between the previous frame and
@@ -74,6 +74,17 @@ ACK             replica →  seq: last applied.  Empty payload: the subtree repo
 ERROR           either     UTF-8 message; the connection ends
 ==============  =========  ==========================================================
 
+Versions: 3 carries records in encoding version 2 of ``sdeefs.records`` (path
+fields with a u32 length, up to ``records.MAX_PATH``: trees deeper than PATH_MAX)
+and ACK subtree reports with a u32 count, sent only when they change; version 2
+carried encoding 1 (u16, at most 4096 bytes) and u16 report counts.  Frames of both have the
+same header, so a peer of another version is recognised from its first frame and
+refused with one clear error (``VersionMismatch``: "the peer speaks replication
+protocol version 2, this node version 3: run the same sdeefs release on both"),
+never misparsed.  A new upstream answers an old replica's HELLO with that ERROR in
+version 2, which the old replica can read and shows; a new replica says it of the
+old upstream's first frame.  Both ends must run the same release.
+
 Replica rules (every byte from a peer is hostile): a frame with a bad magic,
 version, CRC, MAC or length is rejected; a RECORD whose seq is neither applied + 1
 nor a MORE continuation (nor, with SKIP, beyond it) is rejected ("out of sequence");
@@ -109,7 +120,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import stat
 import struct
 import threading
@@ -125,15 +135,17 @@ from .apply import apply_record
 from .cow import LayerRoot
 from .errors import BadRecord, JournalCorrupt
 from .journal import FRAME_HEADER as JOURNAL_FRAME
-from .journal import SEGMENT_HEADER, Entry, decode_segment_header, scan_frames
+from .journal import SEGMENT_HEADER, Entry, read_segment_header, scan_frames
 from .journal import segment_name as journal_segment_name
 from .records import decode_record
 from .sysio import boot_id, renameat2, syncfs, write_file_atomic
+from .treewalk import rmtree, walk
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"SDRP"
-VERSION = 3  # 3: the ACK's subtree report has a u32 count and may be left out
+VERSION = 3  # records.RECORD_VERSION 2; the ACK's subtree report: u32 count, may be left out
+OLD_VERSIONS = (2,)  # same frame header: told in their own version why they are refused
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
 MORE = 1
@@ -144,6 +156,8 @@ assert FRAME_HEADER.size == 24
 MAC_SIZE = 32
 MAX_FRAME_PAYLOAD = 2 << 20
 CHUNK = 1 << 20  # data bytes per RECORD frame
+# A Write record (path, handle, range) and a chunk of data fit in one frame:
+assert 6 + 4 + rec.MAX_PATH + 4 + rec.MAX_HANDLE + 16 + CHUNK <= MAX_FRAME_PAYLOAD
 NONCE_SIZE = 16
 ID_SIZE = 16
 NO_ID = bytes(ID_SIZE)
@@ -158,6 +172,15 @@ _RENAME_FLAGS_EXCHANGE = 2
 
 class ProtocolError(Exception):
     """A frame or a record that must not be applied; nothing was changed."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the protocol (``peer_version``)."""
+
+    def __init__(self, peer_version: int) -> None:
+        super().__init__(f"the peer speaks replication protocol version {peer_version}, this "
+                         f"node version {VERSION}: run the same sdeefs release on both")
+        self.peer_version = peer_version
 
 
 class Redirected(Exception):
@@ -181,10 +204,12 @@ def session_key(shared_key: bytes, replica_nonce: bytes, upstream_nonce: bytes) 
                     hashlib.sha256).digest()
 
 
-def encode_frame(frame: Frame, key: bytes) -> bytes:
+def encode_frame(frame: Frame, key: bytes, version: int = VERSION) -> bytes:
+    """The frame on the wire.  ``version`` other than VERSION only for an ERROR frame
+    telling a peer of an old version (OLD_VERSIONS: same header) why it is refused."""
     if len(frame.payload) > MAX_FRAME_PAYLOAD:
         raise ValueError("frame payload too large")
-    header = FRAME_HEADER.pack(MAGIC, VERSION, frame.type, frame.flags, len(frame.payload),
+    header = FRAME_HEADER.pack(MAGIC, version, frame.type, frame.flags, len(frame.payload),
                                frame.seq, 0)
     crc = zlib.crc32(frame.payload, zlib.crc32(header))
     header = header[:-4] + struct.pack("<I", crc)
@@ -201,7 +226,7 @@ def decode_header(data: bytes) -> tuple[int, int, int, int, int]:
     if magic != MAGIC:
         raise ProtocolError("not an sdeefs replication frame (bad magic)")
     if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version {version}")
+        raise VersionMismatch(version)
     if ftype not in FRAME_TYPES or flags & ~(MORE | SKIP):
         raise ProtocolError(f"bad frame type {ftype} or flags {flags:#x}")
     if length > MAX_FRAME_PAYLOAD:
@@ -238,7 +263,17 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
 async def receive_frame(stream: trio.abc.ReceiveStream, key: bytes) -> Frame:
     """The next verified frame; EOFError at a clean end of stream."""
     header = await _receive_exactly(stream, FRAME_HEADER.size)
-    _, _, length, _, _ = decode_header(header)
+    try:
+        _, _, length, _, _ = decode_header(header)
+    except VersionMismatch:
+        # Take in the rest of the peer's frame (the header is the same in every version):
+        # closing on unread bytes would reset the connection, and the ERROR telling the
+        # peer why could be lost with it.
+        length = FRAME_HEADER.unpack(header)[4]
+        if length <= MAX_FRAME_PAYLOAD:
+            with contextlib.suppress(EOFError, ProtocolError):
+                await _receive_exactly(stream, length + MAC_SIZE)
+        raise
     try:
         payload = await _receive_exactly(stream, length) if length else b""
         mac = await _receive_exactly(stream, MAC_SIZE)
@@ -529,38 +564,18 @@ def walk_tree(root_fd: int) -> Iterator[tuple[TreeEntry, int, str]]:
     """Every entry of the tree under ``root_fd``, parents first, without following symlinks.
 
     Yields (entry, parent fd, name); the fds are valid only until the next step.  Every
-    directory is opened relative to its parent with O_NOFOLLOW, so a tree that changes
-    while it is walked (a user renaming a directory to a symlink) never leads outside.
+    directory is opened relative to its parent with O_NOFOLLOW (``sdeefs.treewalk``, any
+    depth), so a tree that changes while it is walked (a user renaming a directory to a
+    symlink) never leads outside.
     """
-    root_st = os.fstat(root_fd)
-    yield TreeEntry(b"", root_st, b"", tuple(_allowed_xattrs(root_fd, ""))), root_fd, ""
-    stack: list[tuple[int, bytes]] = [(os.dup(root_fd), b"")]
-    try:
-        while stack:
-            dir_fd, rel = stack.pop()
-            try:
-                names = sorted(os.listdir(dir_fd))
-                for name in names:
-                    try:
-                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    path = (rel + b"/" if rel else b"") + os.fsencode(name)
-                    target = os.fsencode(os.readlink(name, dir_fd=dir_fd)) \
-                        if stat.S_ISLNK(st.st_mode) else b""
-                    xattrs = tuple(_allowed_xattrs(dir_fd, name)) \
-                        if not stat.S_ISLNK(st.st_mode) else ()
-                    yield TreeEntry(path, st, target, xattrs), dir_fd, name
-                for name in reversed(names):
-                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                        sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                      | os.O_CLOEXEC, dir_fd=dir_fd)
-                        stack.append((sub, (rel + b"/" if rel else b"") + os.fsencode(name)))
-            finally:
-                os.close(dir_fd)
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
+    for visit in walk(root_fd):
+        name = os.fsdecode(visit.name)
+        st = visit.st
+        target = os.fsencode(os.readlink(name, dir_fd=visit.dir_fd)) \
+            if visit.name and stat.S_ISLNK(st.st_mode) else b""
+        xattrs = tuple(_allowed_xattrs(visit.dir_fd, name)) \
+            if not stat.S_ISLNK(st.st_mode) else ()
+        yield TreeEntry(visit.path, st, target, xattrs), visit.dir_fd, name
 
 
 def _read_regular(dir_fd: int, name: str) -> Iterator[bytes]:
@@ -743,8 +758,7 @@ class Replica:
                                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         replica._load()
         replica._layers = _open_layers(root)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(os.path.join(root, "incoming"))
+        rmtree(os.path.join(root, "incoming"))
         return replica
 
     def close(self) -> None:
@@ -835,7 +849,8 @@ class Replica:
             if os.path.lexists(path):
                 trash = os.path.join(self.root, f".trash-{sub}-{time.monotonic_ns()}")
                 os.rename(path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    rmtree(trash)
             os.mkdir(path, 0o755)
         if self._layers is not None:
             self._layers.close()
@@ -910,8 +925,7 @@ class Replica:
 
     def begin_snapshot(self, seq: int) -> None:
         incoming = os.path.join(self.root, "incoming")
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(incoming)
+        rmtree(incoming)
         for sub in ("", "upper", "work"):
             os.mkdir(os.path.join(incoming, sub), 0o755 if sub else 0o700)
         if self._staging is not None:
@@ -940,7 +954,8 @@ class Replica:
         self._staging = None
         got = tree_digest(os.path.join(incoming, "upper"))
         if not hmac.compare_digest(got, digest):
-            shutil.rmtree(incoming, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                rmtree(incoming)
             raise ProtocolError("snapshot does not match its digest; discarded")
         self.applied = 0
         self._write_position(SNAPSHOT_MARK)
@@ -960,7 +975,8 @@ class Replica:
         self._write_position()
         self.dirty = True
         self.sync()
-        shutil.rmtree(incoming, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            rmtree(incoming)
 
 
 # -- reading a live journal incrementally ------------------------------------------------------
@@ -983,6 +999,7 @@ class JournalTail:
     _fd: int = -1
     _first: int = 0
     _offset: int = 0
+    _version: int = rec.RECORD_VERSION  # the open segment's record encoding
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -1006,7 +1023,8 @@ class JournalTail:
         self._fd = os.open(os.path.join(self.directory, journal_segment_name(first)),
                            os.O_RDONLY | os.O_CLOEXEC)
         header = os.pread(self._fd, SEGMENT_HEADER.size, 0)
-        if decode_segment_header(header) != first:
+        found, self._version = read_segment_header(header)
+        if found != first:
             raise JournalCorrupt(f"segment {first}: header does not match its name")
         self._first, self._offset = first, SEGMENT_HEADER.size
 
@@ -1036,7 +1054,7 @@ class JournalTail:
         entries = []
         consumed = 0
         for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
-            entries.append(Entry(seq, decode_record(rtype, payload)))
+            entries.append(Entry(seq, decode_record(rtype, payload, self._version)))
             consumed = end
             self.next_seq = seq + 1
         if not entries and len(data) < max_bytes:

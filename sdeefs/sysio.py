@@ -194,15 +194,30 @@ RESOLVE_BENEATH = 0x08
 _OPEN_HOW = struct.Struct("=QQQ")
 
 
-def openat2_beneath(dir_fd: int, path: bytes, flags: int) -> int:
-    """Open ``path`` below ``dir_fd`` without following any symlink or leaving the tree.
+PATH_CHUNK = 4000  # bytes of path per syscall: below PATH_MAX with room for a /proc/self/fd/N/
 
-    This is how every path inside a user-writable tree (the upper, a replica)
-    is resolved: a planted symlink or ``..`` can never lead the root daemon
-    outside it.
+
+def path_chunks(path: bytes, limit: int = PATH_CHUNK) -> list[bytes]:
+    """``path`` cut at slashes into pieces of at most ``limit`` bytes, in order.
+
+    A single component longer than ``limit`` stays whole (the kernel refuses it
+    with ENAMETOOLONG, as it would the whole path).
     """
-    if not path:
-        path = b"."
+    chunks = []
+    start = 0
+    while len(path) - start > limit:
+        cut = path.rfind(b"/", start + 1, start + limit + 1)
+        if cut < 0:
+            cut = path.find(b"/", start + limit + 1)
+            if cut < 0:
+                break
+        chunks.append(path[start:cut])
+        start = cut + 1
+    chunks.append(path[start:])
+    return chunks
+
+
+def _openat2(dir_fd: int, path: bytes, flags: int) -> int:
     how = ctypes.create_string_buffer(
         _OPEN_HOW.pack(flags | os.O_CLOEXEC, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
                        | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV),
@@ -212,7 +227,54 @@ def openat2_beneath(dir_fd: int, path: bytes, flags: int) -> int:
         _SYS_OPENAT2, ctypes.c_int(dir_fd), ctypes.c_char_p(path), how,
         ctypes.c_size_t(_OPEN_HOW.size),
     )
-    return _check(ret, "openat2", path)
+    return _check(ret, "openat2", path[:64])
+
+
+def openat2_beneath(dir_fd: int, path: bytes, flags: int) -> int:
+    """Open ``path`` below ``dir_fd`` without following any symlink or leaving the tree.
+
+    This is how every path inside a user-writable tree (the upper, a replica)
+    is resolved: a planted symlink or ``..`` can never lead the root daemon
+    outside it.  A path longer than one syscall takes (a tree deeper than
+    PATH_MAX) is walked in pieces below PATH_CHUNK, each resolved with the same
+    rules beneath the directory the previous one reached, so the walk as a whole
+    follows no symlink and never leaves ``dir_fd`` either.
+    """
+    if not path:
+        path = b"."
+    if len(path) <= PATH_CHUNK:
+        return _openat2(dir_fd, path, flags)
+    pieces = path_chunks(path)
+    fd = dir_fd
+    try:
+        for piece in pieces[:-1]:
+            step = _openat2(fd, piece, os.O_PATH | os.O_DIRECTORY)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = step
+        return _openat2(fd, pieces[-1], flags)
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+
+
+def open_at(dir_fd: int, path: bytes, flags: int, mode: int = 0o777) -> int:
+    """``os.open(path, flags, dir_fd=dir_fd)`` for a path of any length (a trusted tree:
+    symlinks on the way are followed, as the kernel would for the whole path)."""
+    if len(path) <= PATH_CHUNK:
+        return os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    pieces = path_chunks(path)
+    fd = dir_fd
+    try:
+        for piece in pieces[:-1]:
+            step = os.open(piece, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            if fd != dir_fd:
+                os.close(fd)
+            fd = step
+        return os.open(pieces[-1], flags | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
 
 
 def fd_path(fd: int, name: bytes | None = None) -> bytes:

@@ -1,17 +1,21 @@
-"""User tools over an upper directory and its journal: ``diff``, ``log`` and ``check``."""
+"""User tools over an upper directory and its journal: ``diff``, ``log`` and ``check``.
+
+They walk trees through directory fds, never by path, so an upper of any depth works.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
-from collections.abc import Iterator
 
 import attrs
 
 from . import records as rec
 from .journal import Journal
-from .sysio import is_whiteout
+from .sysio import is_whiteout, open_at
+from .treewalk import Visit, walk
 
 OPAQUE_NAMES = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 SETATTR_BITS = ((rec.SET_MODE, "mode"), (rec.SET_OWNER, "owner"), (rec.SET_SIZE, "size"),
@@ -46,54 +50,74 @@ def _opaque(path: bytes) -> bool:
 
 
 def diff(upper: bytes, lower: bytes) -> list[Change]:
-    """What the upper adds, changes and deletes relative to the lower, in path order."""
-    return list(_diff_dir(upper, lower, b""))
+    """What the upper adds, changes and deletes relative to the lower, in path order.
+
+    The upper is walked through directory fds (``sdeefs.treewalk``: any depth), and
+    the lower directory matching each upper directory is opened once, in pieces.
+    """
+    changes: list[Change] = []
+    upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    lower_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Upper directories merged with a lower directory (by inode: paths of a deep tree
+    # would cost memory with the square of its depth); below any other, all is added.
+    merged: set[int] = set()
+    batch: tuple[bytes | None, bool, int] = (None, False, -1)  # (dir, merged, lower dir fd)
+    try:
+        for visit in walk(upper_fd):
+            if not visit.path:
+                merged.add(visit.st.st_ino)
+                continue
+            parent = visit.path.rpartition(b"/")[0]
+            if parent != batch[0]:  # the entries of one directory come together
+                if batch[2] >= 0:
+                    os.close(batch[2])
+                batch = _diff_batch(visit, parent, merged, lower_fd)
+            change = _diff_entry(visit, batch[1], batch[2], merged)
+            if change is not None:
+                changes.append(change)
+    finally:
+        if batch[2] >= 0:
+            os.close(batch[2])
+        os.close(upper_fd)
+        os.close(lower_fd)
+    changes.sort(key=lambda c: c.path.split(b"/"))  # a parent first, siblings by name
+    return changes
 
 
-def _diff_dir(upper: bytes, lower: bytes, rel: bytes) -> Iterator[Change]:
-    udir = os.path.join(upper, rel) if rel else upper
-    for name in sorted(os.listdir(udir)):
-        path = os.path.join(rel, name) if rel else name
-        ust = os.lstat(os.path.join(upper, path))
-        try:
-            lst: os.stat_result | None = os.lstat(os.path.join(lower, path))
-        except OSError:
-            lst = None
-        if is_whiteout(ust):
-            if lst is not None:
-                yield Change("deleted", path)
-            continue
-        if lst is None:
-            yield Change("added", path, _kind(ust))
-            if stat.S_ISDIR(ust.st_mode):
-                yield from _added_tree(upper, path)
-            continue
-        if stat.S_ISDIR(ust.st_mode) and stat.S_ISDIR(lst.st_mode):
-            if _opaque(os.path.join(upper, path)):
-                yield Change("replaced", path, "directory contents replaced")
-                yield from _added_tree(upper, path)
-            else:
-                if (ust.st_mode, ust.st_uid, ust.st_gid) != (lst.st_mode, lst.st_uid, lst.st_gid):
-                    yield Change("changed", path, "metadata")
-                yield from _diff_dir(upper, lower, path)
-            continue
-        if stat.S_IFMT(ust.st_mode) != stat.S_IFMT(lst.st_mode):
-            yield Change("replaced", path, f"{_kind(lst)} -> {_kind(ust)}")
-            if stat.S_ISDIR(ust.st_mode):
-                yield from _added_tree(upper, path)
-            continue
-        yield Change("changed", path, _what_changed(upper, lower, path, ust, lst))
+def _diff_batch(visit: Visit, parent: bytes, merged: set[int], lower_fd: int
+                ) -> tuple[bytes, bool, int]:
+    """(directory, merged with the lower, its lower directory fd or -1) for a new one."""
+    if os.fstat(visit.dir_fd).st_ino not in merged:
+        return parent, False, -1
+    try:
+        return parent, True, open_at(lower_fd, parent or b".", os.O_PATH | os.O_DIRECTORY)
+    except OSError:  # the lower changed meanwhile: nothing there to compare with
+        return parent, True, -1
 
 
-def _added_tree(upper: bytes, rel: bytes) -> Iterator[Change]:
-    for name in sorted(os.listdir(os.path.join(upper, rel))):
-        path = os.path.join(rel, name)
-        st = os.lstat(os.path.join(upper, path))
-        if is_whiteout(st):
-            continue
-        yield Change("added", path, _kind(st))
-        if stat.S_ISDIR(st.st_mode):
-            yield from _added_tree(upper, path)
+def _diff_entry(visit: Visit, in_merged: bool, lower_dir: int, merged: set[int]
+                ) -> Change | None:
+    ust, path = visit.st, visit.path
+    if not in_merged:  # inside an added or replaced directory
+        return None if is_whiteout(ust) else Change("added", path, _kind(ust))
+    lst: os.stat_result | None = None
+    if lower_dir >= 0:
+        with contextlib.suppress(OSError):
+            lst = os.stat(visit.name, dir_fd=lower_dir, follow_symlinks=False)
+    if is_whiteout(ust):
+        return Change("deleted", path) if lst is not None else None
+    if lst is None:
+        return Change("added", path, _kind(ust))
+    if stat.S_ISDIR(ust.st_mode) and stat.S_ISDIR(lst.st_mode):
+        if _opaque(visit.at()):
+            return Change("replaced", path, "directory contents replaced")
+        merged.add(ust.st_ino)
+        if (ust.st_mode, ust.st_uid, ust.st_gid) != (lst.st_mode, lst.st_uid, lst.st_gid):
+            return Change("changed", path, "metadata")
+        return None
+    if stat.S_IFMT(ust.st_mode) != stat.S_IFMT(lst.st_mode):
+        return Change("replaced", path, f"{_kind(lst)} -> {_kind(ust)}")
+    return Change("changed", path, _what_changed(visit, lower_dir, lst))
 
 
 def _kind(st: os.stat_result) -> str:
@@ -101,14 +125,14 @@ def _kind(st: os.stat_result) -> str:
             stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}.get(stat.S_IFMT(st.st_mode), "special")
 
 
-def _what_changed(upper: bytes, lower: bytes, path: bytes, ust: os.stat_result,
-                  lst: os.stat_result) -> str:
+def _what_changed(visit: Visit, lower_dir: int, lst: os.stat_result) -> str:
+    ust, name = visit.st, visit.name
     parts = []
     if stat.S_ISREG(ust.st_mode) and (ust.st_size != lst.st_size or not _same_content(
-            os.path.join(upper, path), os.path.join(lower, path))):
+            visit.dir_fd, lower_dir, name)):
         parts.append("content")
-    if stat.S_ISLNK(ust.st_mode) and os.readlink(os.path.join(upper, path)) != os.readlink(
-            os.path.join(lower, path)):
+    if stat.S_ISLNK(ust.st_mode) and os.readlink(name, dir_fd=visit.dir_fd) != os.readlink(
+            name, dir_fd=lower_dir):
         parts.append("target")
     if stat.S_IMODE(ust.st_mode) != stat.S_IMODE(lst.st_mode):
         parts.append("mode")
@@ -117,14 +141,23 @@ def _what_changed(upper: bytes, lower: bytes, path: bytes, ust: os.stat_result,
     return ", ".join(parts) or "metadata"
 
 
-def _same_content(a: bytes, b: bytes) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 20), fb.read(1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
+def _same_content(upper_dir: int, lower_dir: int, name: bytes) -> bool:
+    a = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=upper_dir)
+    try:
+        b = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=lower_dir)
+        try:
+            offset = 0
+            while True:
+                x, y = os.pread(a, 1 << 20, offset), os.pread(b, 1 << 20, offset)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+                offset += len(x)
+        finally:
+            os.close(b)
+    finally:
+        os.close(a)
 
 
 def describe(record: rec.Record) -> str:

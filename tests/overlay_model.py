@@ -13,6 +13,13 @@ Everything here is backend-agnostic plumbing:
   temporary directory and every mount of one example and tears them down
   unconditionally.
 
+Paths may be deeper than PATH_MAX (``DEEP_4K``, ``DEEP_20K``, the lower's ``z/``
+chain): every path is handed to the kernel through ``Reach``, which opens the
+directories of a deep path one at a time (as ``mv``, ``rm -r`` or ``find`` do,
+following symlinks on the way as a path walk would) and gives each syscall a
+``/proc/self/fd/N/name`` string below PATH_MAX.  Short paths are passed as they
+are, so the original operations are unchanged; nothing here recurses per level.
+
 Symlink targets used anywhere (lower tree and generated operations) are
 relative and never contain ``..``, so following a symlink can never leave
 the mount.  Explicit timestamps are all before ``EXPLICIT_TIME_LIMIT``; any
@@ -40,6 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdeefs.mount import daemon_pid as mount_daemon_pid
+from sdeefs.treewalk import rmtree
 
 # --------------------------------------------------------------------------
 # constants
@@ -60,6 +68,13 @@ NAMES = ("a", "b", "d", "e", "x")
 SYMLINK_TARGETS = ("a", "b", "d", "d/a", "e", "x", "missing", "d/e/a")
 
 XATTR_NAMES = ("user.foo", "user.bar")
+
+#: directory chains deeper than PATH_MAX (each syscall argument stays below it)
+DEEP_NAME = "L" * 200
+DEEP_4K = "/".join([DEEP_NAME] * 21)  # 4220 bytes
+DEEP_20K = "/".join([DEEP_NAME] * 100)  # 20099 bytes
+#: the lower's deep chain: z/DEEP_4K holds lf (a file), ld/ (a directory) and ll (a symlink)
+LOWER_DEEP = "z/" + DEEP_4K
 
 #: the interpreter that runs ``python -m sdeefs`` (default: the one running the tests)
 SDEEFS_PYTHON = os.environ.get("SDEEFS_PYTHON", sys.executable)
@@ -97,6 +112,10 @@ def build_lower_tree(root: str, hardlink: bool = True) -> None:
         d/e/x    symlink -> missing (dangling)
         d/x      fifo                             0644
         e/       empty dir                        0700 1000:1000
+        z/DEEP_4K/         21 dirs of 200-byte names, 4.2 KB deep   0755
+        z/DEEP_4K/lf       file "deep lower\\n"         0644  user.foo=deep
+        z/DEEP_4K/ld/      empty dir                      0755
+        z/DEEP_4K/ll       symlink -> lf
     """
     j = lambda *p: os.path.join(root, *p)  # noqa: E731
 
@@ -146,17 +165,100 @@ def build_lower_tree(root: str, hardlink: bool = True) -> None:
     os.chmod(j("e"), 0o700)
     os.chown(j("e"), 1000, 1000)
 
-    # explicit, distinct, old timestamps on everything; deepest first so that
-    # directory times are not disturbed afterwards
-    entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            entries.append(os.path.join(dirpath, n))
-    entries.sort(key=lambda p: (-p.count("/"), p))
-    for k, p in enumerate(entries):
-        os.utime(p, ns=(_t(100 + k), _t(k)), follow_symlinks=False)
+    reach = Reach(root)
+    try:
+        prefix = "z"
+        os.mkdir(j("z"), 0o755)
+        for part in DEEP_4K.split("/"):
+            prefix += "/" + part
+            os.mkdir(reach(prefix), 0o755)
+        fd = os.open(reach(LOWER_DEEP + "/lf"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"deep lower\n")
+        os.close(fd)
+        os.setxattr(reach(LOWER_DEEP + "/lf"), "user.foo", b"deep")
+        os.mkdir(reach(LOWER_DEEP + "/ld"), 0o755)
+        os.symlink("lf", reach(LOWER_DEEP + "/ll"))
+
+        # explicit, distinct, old timestamps on everything; deepest first so that
+        # directory times are not disturbed afterwards
+        entries = [rel for rel in walk_rel(root, reach) if rel != "."]
+        entries.sort(key=lambda p: (-p.count("/"), p))
+        for k, rel in enumerate(entries):
+            os.utime(reach(rel), ns=(_t(100 + k), _t(k)), follow_symlinks=False)
+    finally:
+        reach.close()
     os.chmod(root, 0o755)
     os.utime(root, ns=(_t(99), _t(98)))
+
+
+# --------------------------------------------------------------------------
+# paths of any depth
+
+class Reach:
+    """Strings that reach paths below ``root`` of any length, each below PATH_MAX.
+
+    A short path is returned as it is (``root/rel``); a deep one as
+    ``/proc/self/fd/N/name``, N an O_PATH fd of its directory, opened one
+    component at a time (symlinks on the way followed, as the kernel's path walk
+    does) and kept until ``close``.  Permission and lookup errors on the way are
+    the ones the whole path would give.
+    """
+
+    LIMIT = 3000  # bytes of a path handed over as it is
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fds: dict[str, int] = {}  # relative directory -> its O_PATH fd
+
+    def __call__(self, rel: str) -> str:
+        full = self.root if rel in (".", "") else os.path.join(self.root, rel)
+        if len(os.fsencode(full)) < self.LIMIT:
+            return full
+        head, _, tail = rel.rpartition("/")
+        return f"/proc/self/fd/{self.dir_fd(head)}/{tail}"
+
+    def dir_fd(self, rel: str) -> int:
+        fd = self.fds.get(rel)
+        if fd is not None:
+            return fd
+        parts = rel.split("/")
+        i = len(parts)  # the longest prefix already open, or short enough for one call
+        while i > 0 and "/".join(parts[:i]) not in self.fds and \
+                len(os.fsencode(os.path.join(self.root, *parts[:i]))) >= self.LIMIT:
+            i -= 1
+        key = "/".join(parts[:i])
+        fd = self.fds.get(key, -1)
+        if fd < 0:
+            fd = os.open(os.path.join(self.root, *parts[:i]),
+                         os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.fds[key] = fd
+        for j in range(i, len(parts)):
+            fd = os.open(parts[j], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            self.fds["/".join(parts[: j + 1])] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def walk_rel(root: str, reach: Reach) -> list[str]:
+    """"." and every relative path below ``root`` (directories first, sorted), any depth,
+    without following symlinks; no recursion."""
+    out = ["."]
+    stack = ["."]
+    while stack:
+        rel = stack.pop()
+        names = sorted(os.listdir(reach(rel)))
+        for n in names:
+            child = n if rel == "." else f"{rel}/{n}"
+            out.append(child)
+        for n in reversed(names):
+            child = n if rel == "." else f"{rel}/{n}"
+            if stat.S_ISDIR(os.lstat(reach(child)).st_mode):
+                stack.append(child)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -194,11 +296,13 @@ class Op:
 
 
 class Ctx:
-    """Per-mount execution context: the mount root and the open fd slots."""
+    """Per-mount execution context: the mount root, the open fd slots, and (during one
+    operation) the Reach that resolves its paths."""
 
     def __init__(self, root: str) -> None:
         self.root = root
         self.fds: dict[int, int] = {}
+        self.reach = Reach(root)
 
     def close_all(self) -> None:
         for fd in self.fds.values():
@@ -208,7 +312,7 @@ class Ctx:
 
 
 def _p(c: Ctx, rel: str) -> str:
-    return os.path.join(c.root, rel)
+    return c.reach(rel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +417,39 @@ class Mkdir(Op):
 
 
 @dataclasses.dataclass(frozen=True)
+class MkdirP(Op):
+    """``mkdir -p``: each missing component in turn (a chain deeper than PATH_MAX)."""
+    path: str
+    mode: int = 0o755
+
+    def run(self, c: Ctx) -> Any:
+        old = os.umask(0)
+        try:
+            parts = self.path.split("/")
+            for i in range(1, len(parts) + 1):
+                try:
+                    os.mkdir(_p(c, "/".join(parts[:i])), self.mode)
+                except FileExistsError:
+                    if not os.path.isdir(_p(c, "/".join(parts[:i]))):
+                        raise
+        finally:
+            os.umask(old)
+
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,)
+
+    def __repr__(self) -> str:
+        return f"MkdirP({short_path(self.path)!r}, mode={self.mode:#o})"
+
+
+def short_path(path: str) -> str:
+    """A deep path as failure reports show it: the deep chains by name."""
+    for name, chain in (("DEEP_20K", DEEP_20K), ("DEEP_4K", DEEP_4K)):
+        path = path.replace(chain, f"<{name}>")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
 class Rmdir(Op):
     path: str
 
@@ -340,16 +477,23 @@ class RmTree(Op):
     path: str
 
     def run(self, c: Ctx) -> Any:
-        def rm(p: str) -> None:
-            st = os.lstat(p)
-            if stat.S_ISDIR(st.st_mode):
-                for n in sorted(os.listdir(p)):
-                    rm(os.path.join(p, n))
-                os.rmdir(p)
+        # (directory, its remaining names), deepest last: no recursion per level
+        st = os.lstat(_p(c, self.path))
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(_p(c, self.path))
+            return
+        stack = [(self.path, sorted(os.listdir(_p(c, self.path))))]
+        while stack:
+            rel, names = stack[-1]
+            if not names:
+                stack.pop()
+                os.rmdir(_p(c, rel))
+                continue
+            child = f"{rel}/{names.pop(0)}"
+            if stat.S_ISDIR(os.lstat(_p(c, child)).st_mode):
+                stack.append((child, sorted(os.listdir(_p(c, child)))))
             else:
-                os.unlink(p)
-
-        rm(_p(c, self.path))
+                os.unlink(_p(c, child))
 
     def paths(self) -> tuple[str, ...]:
         return (self.path,)
@@ -708,6 +852,8 @@ def apply_op(c: Ctx, op: Op) -> Outcome:
         if e.errno is None:
             raise
         return ("err", _ename(e))
+    finally:
+        c.reach.close()  # the tree may change: resolve afresh for the next operation
 
 
 # --------------------------------------------------------------------------
@@ -780,11 +926,12 @@ def raw_readdir(path: str) -> list[tuple[str, str]]:
 def lower_inodes(lower: str) -> dict[int, str]:
     """st_ino -> relative path (first in sorted order) of every lower entry."""
     out: dict[int, str] = {}
-    for dirpath, dirnames, filenames in os.walk(lower):
-        dirnames.sort()
-        for n in [".", *sorted(dirnames + filenames)]:
-            p = os.path.normpath(os.path.join(dirpath, n))
-            out.setdefault(os.lstat(p).st_ino, os.path.relpath(p, lower))
+    reach = Reach(lower)
+    try:
+        for rel in walk_rel(lower, reach):
+            out.setdefault(os.lstat(reach(rel)).st_ino, rel)
+    finally:
+        reach.close()
     return out
 
 
@@ -801,14 +948,17 @@ def snapshot(root: str, exact_times: bool = False,
     """
     snap: dict[str, dict[str, Any]] = {}
     seen_inos: dict[int, str] = {}
+    reach = Reach(root)  # the tree may be deeper than PATH_MAX
+    listed: list[tuple[str, dict[str, str]]] = []  # directories' d_types, checked at the end
 
-    def visit(rel: str) -> None:
-        p = root if rel == "." else os.path.join(root, rel)
+    def visit(rel: str) -> list[str]:
+        """Record ``rel``; return its children to visit (in order)."""
         try:
+            p = reach(rel)
             st = os.lstat(p)
         except OSError as e:
             snap[rel] = {"lstat": _ename(e)}
-            return
+            return []
         t = _type(st.st_mode)
         info: dict[str, Any] = {
             "type": t,
@@ -846,37 +996,40 @@ def snapshot(root: str, exact_times: bool = False,
         elif t in ("chardev", "blockdev"):
             info["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
         snap[rel] = info
-        if t == "dir":
-            try:
-                names = os.listdir(p)
-            except OSError as e:
-                info["listing"] = "listdir:" + _ename(e)
-                return
-            info["listing"] = sorted(names)
-            try:
-                raw = raw_readdir(p)
-            except OSError as e:
-                info["readdir"] = "getdents64:" + _ename(e)
-            else:
-                # the dots must be there; d_type must agree with lstat (or be
-                # DT_UNKNOWN, which is always allowed)
-                info["dots"] = sorted(n for n, _ in raw if n in (".", ".."))
-                info["readdir_names"] = sorted(n for n, _ in raw if n not in (".", ".."))
-                info["d_types"] = {n: t for n, t in sorted(raw) if n not in (".", "..")}
-            dups = sorted({n for n in names if names.count(n) > 1})
-            if dups:
-                info["duplicate_names"] = dups
-            for n in sorted(set(names)):
-                visit(n if rel == "." else f"{rel}/{n}")
-            dtypes = info.get("d_types")
-            if isinstance(dtypes, dict):
-                for n, t in dtypes.items():
-                    child = snap.get(n if rel == "." else f"{rel}/{n}", {})
-                    if t != "unknown" and child.get("type") not in (None, t):
-                        info.setdefault("d_type_wrong", {})[n] = f"{t} but lstat: {child['type']}"
-                del info["d_types"]  # only their agreement with lstat is compared
+        if t != "dir":
+            return []
+        try:
+            names = os.listdir(p)
+        except OSError as e:
+            info["listing"] = "listdir:" + _ename(e)
+            return []
+        info["listing"] = sorted(names)
+        try:
+            raw = raw_readdir(p)
+        except OSError as e:
+            info["readdir"] = "getdents64:" + _ename(e)
+        else:
+            # the dots must be there; d_type must agree with lstat (or be
+            # DT_UNKNOWN, which is always allowed)
+            info["dots"] = sorted(n for n, _ in raw if n in (".", ".."))
+            info["readdir_names"] = sorted(n for n, _ in raw if n not in (".", ".."))
+            listed.append((rel, {n: t for n, t in sorted(raw) if n not in (".", "..")}))
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            info["duplicate_names"] = dups
+        return [n if rel == "." else f"{rel}/{n}" for n in sorted(set(names))]
 
-    visit(".")
+    try:
+        stack = ["."]  # depth first, in sorted order, as a recursion would go
+        while stack:
+            stack.extend(reversed(visit(stack.pop())))
+    finally:
+        reach.close()
+    for rel, dtypes in listed:
+        for n, t in dtypes.items():
+            child = snap.get(n if rel == "." else f"{rel}/{n}", {})
+            if t != "unknown" and child.get("type") not in (None, t):
+                snap[rel].setdefault("d_type_wrong", {})[n] = f"{t} but lstat: {child['type']}"
     return snap
 
 
@@ -892,11 +1045,12 @@ def diff_snapshots(a: dict, b: dict, name_a: str = "a", name_b: str = "b",
     """``path: field a != b`` lines (empty list == equal)."""
     out: list[str] = []
     for path in sorted(set(a) | set(b)):
+        shown = short_path(path)
         if path not in b:
-            out.append(f"{path}: only in {name_a} ({_fmt(a[path])})")
+            out.append(f"{shown}: only in {name_a} ({_fmt(a[path])})")
             continue
         if path not in a:
-            out.append(f"{path}: only in {name_b} ({_fmt(b[path])})")
+            out.append(f"{shown}: only in {name_b} ({_fmt(b[path])})")
             continue
         ea, eb = a[path], b[path]
         kind = ea.get("type", eb.get("type"))
@@ -905,7 +1059,7 @@ def diff_snapshots(a: dict, b: dict, name_a: str = "a", name_b: str = "b",
                 continue
             va, vb = ea.get(field, "<absent>"), eb.get(field, "<absent>")
             if va != vb:
-                out.append(f"{path}: {field} {name_a}={va!r} != {name_b}={vb!r}")
+                out.append(short_path(f"{path}: {field} {name_a}={va!r} != {name_b}={vb!r}"))
     return out
 
 
@@ -917,18 +1071,20 @@ def _fmt(info: dict) -> str:
 def check_overlay_upper_format(upper: str) -> list[str]:
     """Problems that make ``upper`` not a kernel-overlayfs-format upper dir."""
     problems = []
-    for dirpath, dirnames, filenames in os.walk(upper):
-        for n in dirnames + filenames:
-            p = os.path.join(dirpath, n)
-            rel = os.path.relpath(p, upper)
-            if n.startswith(".wh."):
-                problems.append(f"{rel}: aufs-style whiteout name")
-            st = os.lstat(p)
+    reach = Reach(upper)  # the upper may be deeper than PATH_MAX
+    try:
+        for rel in walk_rel(upper, reach)[1:]:
+            st = os.lstat(reach(rel))
+            shown = short_path(rel)
+            if rel.rpartition("/")[2].startswith(".wh."):
+                problems.append(f"{shown}: aufs-style whiteout name")
             if stat.S_ISCHR(st.st_mode) and st.st_rdev != 0:
-                problems.append(f"{rel}: char device {os.major(st.st_rdev)}/"
+                problems.append(f"{shown}: char device {os.major(st.st_rdev)}/"
                                 f"{os.minor(st.st_rdev)} (whiteouts must be 0/0)")
             if stat.S_ISBLK(st.st_mode):
-                problems.append(f"{rel}: block device in upper")
+                problems.append(f"{shown}: block device in upper")
+    finally:
+        reach.close()
     return problems
 
 
@@ -1048,6 +1204,13 @@ class Sdeefs:
                              + diag)
 
     @staticmethod
+    def check(upper: str, state: str) -> list[str]:
+        """``sdeefs check`` of an unmounted upper: format, journal, replay == upper."""
+        from sdeefs.check import run_checks
+
+        return [short_path(line) for line in run_checks(upper, state)]
+
+    @staticmethod
     def daemon_pid(state: str) -> int | None:
         """The pid in STATE/lock while somebody holds the lock (the daemon)."""
         return mount_daemon_pid(state)
@@ -1162,7 +1325,8 @@ class Workspace:
         if left:
             problems.append(f"mounts left behind, NOT removing {self.root}: {left}")
         else:
-            shutil.rmtree(self.root, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                rmtree(self.root)  # fd by fd: the uppers may be deeper than shutil goes
         return problems
 
 

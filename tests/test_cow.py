@@ -23,6 +23,7 @@ from sdeefs.check import check_journal_readable, check_upper_format, run_checks
 from sdeefs.cow import ROOT_INO, Attr, Config, CowFS
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, is_whiteout, name_to_handle
+from sdeefs.treewalk import walk
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, trusted.* xattrs)")
 
@@ -40,30 +41,37 @@ def fsb(path: Path) -> bytes:
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """path -> (type, mode, uid, gid, size, mtime_ns, content / target, xattrs, st_ino)."""
+    """path -> (type, mode, uid, gid, size, mtime_ns, content / target, xattrs, st_ino).
+
+    Walked through directory fds (trees deeper than PATH_MAX too)."""
     snap: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for visit in walk(top):
+            if not visit.path:
+                continue
+            st, where = visit.st, visit.at()
             if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
+                fd = os.open(visit.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=visit.dir_fd)
+                with os.fdopen(fd, "rb") as f:
                     body: object = hashlib.sha256(f.read()).hexdigest()
             elif stat.S_ISLNK(st.st_mode):
-                body = os.readlink(path)
+                body = os.fsdecode(os.readlink(visit.name, dir_fd=visit.dir_fd))
             else:
                 body = None
             try:
-                xattrs = tuple(sorted((n, os.getxattr(path, n, follow_symlinks=False))
-                                      for n in os.listxattr(path, follow_symlinks=False)))
+                xattrs = tuple(sorted((n, os.getxattr(where, n, follow_symlinks=False))
+                                      for n in os.listxattr(where, follow_symlinks=False)))
             except OSError:
                 xattrs = ()
             mtime = st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else None
-            snap[os.path.relpath(path, root)] = (
+            snap[os.fsdecode(visit.path)] = (
                 stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                 st.st_size if not stat.S_ISDIR(st.st_mode) else 0, mtime, body, xattrs,
                 st.st_ino,
             )
+    finally:
+        os.close(top)
     return snap
 
 
@@ -1371,4 +1379,89 @@ def test_raw_mode(raw_env: Env) -> None:
     env.remount()
     up = env.fs.lookup(ROOT_INO, b"upper").ino
     assert sorted(env.fs.listdir(up)) == [b"d", b"wh"]
+    assert_consistent(env)
+
+
+# --------------------------------------------------------------------------
+# trees deeper than PATH_MAX, and the one limit records set (records.MAX_PATH)
+
+
+def _chain(env: Env, parent: bytes, names: list[bytes]) -> bytes:
+    """mkdir a chain of ``names`` below the view path ``parent``; its view path."""
+    ino = env.ino(parent) if parent else ROOT_INO
+    path = parent
+    for name in names:
+        ino = env.fs.mkdir(ino, name, 0o755, 0, 0).ino
+        path = path + b"/" + name if path else name
+    return path
+
+
+def _levels(count: int, tag: bytes, width: int = 255) -> list[bytes]:
+    return [b"%03d" % i + tag * (width - 3) for i in range(count)]
+
+
+def test_a_deep_lower_tree_reads_copies_up_and_replays(env: Env) -> None:
+    parts = [b"%02d" % i + b"L" * 198 for i in range(30)]  # 6 KB deep in the lower
+    top = os.open(env.lower, os.O_PATH | os.O_DIRECTORY)
+    for part in parts:
+        os.mkdir(part, dir_fd=top)
+        step = os.open(part, os.O_PATH | os.O_DIRECTORY, dir_fd=top)
+        os.close(top)
+        top = step
+    for name, data in ((b"f", b"deep lower\n"), (b"g", b"other\n")):
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=top)
+        os.write(fd, data)
+        os.close(fd)
+    os.setxattr(f"/proc/self/fd/{top}/f", "user.tag", b"deep")
+    os.symlink(b"f", b"link", dir_fd=top)
+    os.close(top)
+    env.start()
+    deep = b"/".join(parts)
+    assert sorted(env.names(deep)) == [b"f", b"g", b"link"]
+    assert env.read(deep + b"/f") == b"deep lower\n"
+    assert env.fs.getxattr(env.ino(deep + b"/f"), b"user.tag") == b"deep"
+    assert env.fs.readlink(env.ino(deep + b"/link")) == b"f"
+    ino = env.ino(deep + b"/f")
+    env.write(deep + b"/f", b"DEEP")  # copy-up of the file and of 30 directories
+    assert env.ino(deep + b"/f") == ino  # origin kept, as for any copy-up
+    assert env.read(deep + b"/f") == b"DEEP lower\n"
+    assert env.fs.getxattr(ino, b"user.tag") == b"deep"
+    env.fs.unlink(env.ino(deep), b"g")  # a whiteout 6 KB deep
+    assert sorted(env.names(deep)) == [b"f", b"link"]
+    assert_consistent(env)
+
+
+def test_what_records_cannot_carry_is_refused_before_anything_is_journaled(env: Env) -> None:
+    mkfile(env.lower / "lowerfile", b"lower\n")
+    env.start()
+    low = _chain(env, b"", [b"a", *_levels(200, b"x")])  # 51201 bytes
+    deepest = _chain(env, low, _levels(55, b"z"))  # 65281: upper/ + it is 65287 bytes
+    high = _chain(env, b"", _levels(60, b"y"))  # 15359
+    env.fs.mkdir(env.ino(high), b"s", 0o755, 0, 0)
+    fits = b"f" * (rec.MAX_PATH - len(b"upper/" + deepest) - 1)
+    env.create_file(deepest, fits, b"at the cap")  # a layer path of exactly MAX_PATH bytes
+    journal = env.journal
+    assert journal is not None
+    head = journal.head
+    refused = [
+        # a new name beyond the cap, for a lower file: refused before its copy-up
+        lambda: env.fs.link(env.ino(b"lowerfile"), env.ino(deepest), b"n" * 255),
+        lambda: env.fs.rename(ROOT_INO, b"lowerfile", env.ino(deepest), b"n" * 255, 0),
+        lambda: env.fs.mkdir(env.ino(deepest), fits + b"x", 0o755, 0, 0),
+        lambda: env.fs.create(env.ino(deepest), fits + b"x", 0o644, 0, 0),
+        lambda: env.fs.symlink(env.ino(deepest), fits + b"x", b"t", 0, 0),
+        # a directory moving 15 KB deeper would take its subtree beyond the cap
+        lambda: env.fs.rename(ROOT_INO, b"a", env.ino(high), b"a", 0),
+        lambda: env.fs.rename(ROOT_INO, b"a", env.ino(high), b"s", RENAME_EXCHANGE),
+        lambda: env.fs.rename(env.ino(high), b"s", ROOT_INO, b"a", RENAME_EXCHANGE),
+    ]
+    for call in refused:
+        with raises_errno(errno.ENAMETOOLONG):
+            call()
+    assert journal.head == head  # nothing journaled
+    assert not (env.upper / "lowerfile").exists()  # nor copied up
+    # moving deeper is fine where the subtree still fits
+    env.fs.rename(env.ino(high), b"s", env.ino(low), b"s", 0)
+    env.fs.rename(ROOT_INO, _levels(1, b"y")[0], env.ino(b"a"), _levels(1, b"y")[0], 0)
+    assert env.read(deepest + b"/" + fits) == b"at the cap"
     assert_consistent(env)

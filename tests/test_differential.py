@@ -15,7 +15,8 @@ shared / kept from the lower layer).  Besides plain syscalls the sequences
 hold fds across other operations, run operations as uid 1000/1001, and drop
 the kernel's dentry/inode caches (FUSE FORGETs).
 
-Then both are unmounted; sdeefs is mounted again on U2/S2, and the upper dirs
+Then both are unmounted; ``sdeefs check`` must find U2/S2 consistent (the journal
+replayed from empty rebuilds U2), sdeefs is mounted again on U2/S2, and the upper dirs
 are swapped: U2 (written by sdeefs) is mounted by the kernel, U1
 (written by the kernel) by sdeefs; all three must show the tree kernel
 overlayfs showed.  U2 must be in overlayfs format (0/0 whiteouts, no ``.wh.``
@@ -177,6 +178,7 @@ operations = st.one_of(
 # short scripted scenarios that random single ops would hit too rarely; they
 # are mixed into the sequence as units (and shrink like everything else)
 _lower_dirs = st.sampled_from(["d", "e", "d/e", "d/d"])
+_deep = st.sampled_from([om.DEEP_4K, om.DEEP_20K])
 _lower_nondirs = st.sampled_from(["a", "b", "x", "d/a", "d/b", "d/x", "d/e/a", "d/e/x"])
 _modes = st.sampled_from([0o755, 0o700])
 # names free in the lower tree, in three directories
@@ -221,6 +223,36 @@ scenarios = st.one_of(
         st.builds(om.Rename, st.just(p), st.sampled_from(["e/b", "a"])),
         st.builds(om.Link, st.just(p), st.sampled_from(["e/b", "d/d/b"]))))
     .map(lambda op: [op, om.Check()]),
+    # trees deeper than PATH_MAX (each syscall argument below it, as on any filesystem):
+    # built below any path, written, renamed within and out, moved as a whole, removed
+    st.builds(lambda p, d, q, data, n: [
+        om.MkdirP(f"{p}/{d}"), om.Write(f"{p}/{d}/f", "excl", 0, data),
+        om.Rename(f"{p}/{d}/f", f"{p}/{d}/{n}"), om.Link(f"{p}/{d}/{n}", f"{p}/{d}/h"),
+        om.Rename(f"{p}/{d}/h", n), om.ListDir(f"{p}/{d}"), om.Check(),
+        om.Rename(p, q), om.Read(f"{q}/{d}/{n}"), om.RmTree(q)],
+        paths, _deep, paths, _datas, _top),
+    st.builds(lambda p, d: [om.MkdirP(f"{p}/{d}"), om.Chmod(f"{p}/{d}", 0o700),
+                            om.SetXattr(f"{p}/{d}", "user.foo", b"v1"),
+                            om.Symlink("a", f"{p}/{d}/s"), om.Mkfifo(f"{p}/{d}/ff"),
+                            om.Utime(f"{p}/{d}/s", 1_200_000_000_000_000_000,
+                                     1_200_000_000_000_000_000, False),
+                            om.Rmdir(f"{p}/{d}")],
+              paths, _deep),
+    # the lower's own tree deeper than PATH_MAX: copy-ups, whiteouts, renames in and out
+    st.builds(lambda op: [op, om.Check()], st.one_of(
+        st.builds(om.Write, st.just(f"{om.LOWER_DEEP}/lf"), st.sampled_from(["append", "trunc"]),
+                  st.just(0), _datas),
+        st.builds(om.Chmod, st.just(f"{om.LOWER_DEEP}/lf"), st.just(0o600)),
+        st.builds(om.SetXattr, st.just(f"{om.LOWER_DEEP}/ld"), st.just("user.bar"),
+                  st.just(b"v1")),
+        st.builds(om.Unlink, st.sampled_from([f"{om.LOWER_DEEP}/lf", f"{om.LOWER_DEEP}/ll"])),
+        st.builds(om.Rename, st.just(f"{om.LOWER_DEEP}/lf"), _top),
+        st.builds(om.Rename, _top, st.just(f"{om.LOWER_DEEP}/ld/moved")),
+        st.builds(om.Link, st.just(f"{om.LOWER_DEEP}/lf"), st.just(f"{om.LOWER_DEEP}/ld/l2")),
+        st.builds(om.Mkdir, st.just(f"{om.LOWER_DEEP}/ld/new"), _modes),
+        st.builds(om.RmTree, st.sampled_from([f"{om.LOWER_DEEP}/ld", "z"])),
+        st.builds(om.Read, st.just(f"{om.LOWER_DEEP}/ll")),
+    )),
     # metadata-only change of a lower file (truncate to its own size too)
     st.builds(lambda pn, op: [op(pn[0], pn[1]), om.Check()],
               st.sampled_from([("a", 8), ("b", 5000), ("d/a", 72), ("d/e/a", 0)]),
@@ -342,7 +374,7 @@ class Side:
 
 
 def _fmt_ops(ops: list[om.Op], upto: int | None = None) -> str:
-    return "\n".join(f"  {i:2d}: {op!r}" for i, op in enumerate(ops[:upto]))
+    return "\n".join(f"  {i:2d}: {om.short_path(repr(op))}" for i, op in enumerate(ops[:upto]))
 
 
 # distinct failure classes, so that hypothesis reports (and shrinks) each kind
@@ -357,6 +389,10 @@ class TreeMismatch(AssertionError):
 
 class UpperFormatError(AssertionError):
     """The upper dir written by the backend under test is not overlayfs format."""
+
+
+class JournalMismatch(AssertionError):
+    """``sdeefs check`` of the upper and journal written by sdeefs finds a problem."""
 
 
 class CrossMountMismatch(AssertionError):
@@ -421,9 +457,9 @@ def run_differential(ops: list[om.Op], lower: str, pristine: dict,
         for i, op in enumerate(ops):
             out_a = a.apply(op)
             out_b = b.apply(op)
-            om.log(f"{i:2d} {op!r}: {a.label}={out_a!r} {b.label}={out_b!r}")
+            om.log(f"{i:2d} {om.short_path(repr(op))}: {a.label}={out_a!r} {b.label}={out_b!r}")
             if out_a != out_b:
-                _fail(OutcomeMismatch, f"outcome of op #{i} {op!r} differs:\n"
+                _fail(OutcomeMismatch, f"outcome of op #{i} {om.short_path(repr(op))} differs:\n"
                       f"  {a.label}: {out_a!r}\n  {b.label}: {out_b!r}", [], ops, i + 1,
                       key=_op_key(op))
             if isinstance(op, om.Check):
@@ -447,11 +483,18 @@ def run_differential(ops: list[om.Op], lower: str, pristine: dict,
         ws.umount(a.backend, a.mnt)
         ws.umount(b.backend, b.mnt)
 
-        # ---- 3. B's upper dir must be in kernel overlayfs format
+        # ---- 3. B's upper dir must be in kernel overlayfs format, and sdeefs' journal
+        # consistent with it (what the daemon accepted, replay rebuilds)
         problems = om.check_overlay_upper_format(b.upper)
         if problems:
             _fail(UpperFormatError, f"{b.label} upper dir is not in overlayfs format:",
                   problems, ops)
+        for s in sides:
+            if isinstance(s.backend, om.Sdeefs):
+                problems = s.backend.check(s.upper, s.aux)
+                if problems:
+                    _fail(JournalMismatch, f"{s.label}: sdeefs check finds problems:",
+                          problems, ops)
 
         # ---- 4. remount + cross-mount: B again on its own upper and state
         # dir (persistence), then A's backend on B's upper (fresh work dir)
@@ -588,6 +631,55 @@ def test_hard_links_match_kernel_overlayfs(case: str, lower_tree: LowerTree) -> 
         pytest.skip(reason)
     run_differential(HARD_LINK_CASES[case], lower_tree.path, lower_tree.pristine,
                      om.Kernel(), om.Sdeefs())
+
+
+# Trees deeper than PATH_MAX in one fixed sequence, so that every run covers them whatever
+# the examples drawn above: an upper tree 20 KB deep below a lower directory, a lower tree
+# 4.2 KB deep, copy-ups, hard links, renames in and out of them, caches dropped, rm -r.
+_D4, _D20, _LD = om.DEEP_4K, om.DEEP_20K, om.LOWER_DEEP
+DEEP_SEQUENCE: list[om.Op] = [
+    om.MkdirP(f"d/{_D20}"),
+    om.Write(f"d/{_D20}/f", "excl", 0, om.Blob(70000, 1)),
+    om.Rename(f"d/{_D20}/f", f"d/{_D20}/g"),
+    om.Link(f"d/{_D20}/g", "n"),
+    om.Rename("a", f"d/{_D4}/a"),
+    om.SetXattr(f"d/{_D20}", "user.foo", b"v1"),
+    om.Symlink("g", f"d/{_D20}/s"),
+    om.Chown(f"d/{_D20}/s", 1000, 100, False),
+    om.Utime(f"d/{_D20}/g", 1_200_000_000_000_000_000, 1_300_000_000_000_000_000),
+    om.Check(),
+    om.DropCaches(),
+    om.Read(f"d/{_D20}/s"),
+    om.AsUser(1000, 1000, om.Read(f"d/{_D20}/g")),
+    om.OpenFd(0, f"d/{_D20}/g", "rw"),
+    om.Write(f"{_LD}/lf", "append", 0, b"+appended"),
+    om.Unlink(f"{_LD}/ll"),
+    om.Rename(f"{_LD}/ld", f"{_LD}/ld2"),
+    om.Mkdir(f"{_LD}/ld/new", 0o700),
+    om.Rename("x", f"{_LD}/ld/new/x"),
+    om.Rename(f"{_LD}/lf", "lf"),
+    om.FdWrite(0, 5, b"through a deep fd"),
+    om.Check(),
+    om.Rename(f"d/{om.DEEP_NAME}", "e/moved"),
+    om.ListDir("e/moved"),
+    om.FdStat(0),
+    om.CloseFd(0),
+    om.DropCaches(),
+    om.Read(f"e/moved/{_D20[len(om.DEEP_NAME) + 1:]}/g"),
+    om.RmTree("z"),
+    om.ListDir("."),
+    om.Check(),  # the 20 KB tree stays: remount and cross-mounts read it too
+]
+
+
+def test_deep_trees_match_kernel_overlayfs(lower_tree: LowerTree) -> None:
+    """Paths deeper than PATH_MAX behave as on kernel overlayfs, through remount and
+    cross-mounts, and ``sdeefs check`` accepts what the daemon journaled."""
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    run_differential(DEEP_SEQUENCE, lower_tree.path, lower_tree.pristine, om.Kernel(),
+                     om.Sdeefs())
 
 
 def test_no_mounts_left_behind() -> None:

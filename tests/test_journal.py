@@ -7,11 +7,13 @@ left as it was, and ``recover`` must make the two agree.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
 import os
 import stat
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,8 +33,10 @@ from sdeefs.journal import (
     NullJournal,
     encode_frame,
     encode_segment_header,
+    read_segment_header,
     segment_name,
 )
+from sdeefs.replicate import JournalTail
 from sdeefs.sysio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -776,6 +780,35 @@ def test_replay_into_empty_layer_root_reproduces_upper(tmp_path: Path) -> None:
 
 
 @needs_root
+def test_replay_applies_a_rename_whose_source_inode_number_is_taken_in_the_target(
+        tmp_path: Path) -> None:
+    """``sdeefs check`` replays next to the upper, on its filesystem: inode numbers freed
+    in the upper come back in the scratch tree.  A Rename whose src_ino (a number of the
+    upper) names the entry at dst in the target by coincidence was taken for done and
+    skipped: check then reported a replay that differs, or failed on an Rmdir."""
+    target = tmp_path / "target"
+    (target / "upper").mkdir(parents=True)
+    (target / "work").mkdir()
+    (target / "upper" / "b").write_bytes(b"what b held")
+    coincidence = os.lstat(target / "upper" / "b").st_ino
+    journal = Journal.open(str(tmp_path / "journal"))
+    try:
+        for record in (rec.Mknod(b"upper/a", stat.S_IFREG | 0o644, 0, 0),
+                       rec.Rename(b"upper/a", b"upper/b", 0, coincidence)):
+            journal.append(record)
+    finally:
+        journal.close()
+    source = _open_layers(tmp_path / "target" / "upper", tmp_path / "target" / "work")
+    layers = _open_layers(target / "upper", target / "work")
+    try:
+        replay(Journal(directory=str(tmp_path / "journal")), source, layers)
+    finally:
+        _close_layers(source, layers)
+    assert not (target / "upper" / "a").exists()
+    assert (target / "upper" / "b").read_bytes() == b""
+
+
+@needs_root
 @pytest.mark.xfail(strict=True, reason="BUG: on a replica, apply_record(Rename) is not idempotent: "
                    "the 'already done' test compares src_ino (an inode number of the SOURCE "
                    "filesystem) with the replica's inode; re-applying a RENAME_WHITEOUT moves the "
@@ -895,3 +928,84 @@ def test_apply_never_leaves_the_layer_root(tmp_path: Path) -> None:
         assert sorted(os.listdir(tmp_path / "upper")) == ["link"]
     finally:
         _close_layers(target)
+
+
+# --------------------------------------------------------------------------
+# journals written before long paths were carried (segment version 1)
+
+# seg-0000000000000001.log as sdeefs wrote it before segment version 2 (commit 1e90051),
+# zlib + base64: OLD_RECORDS appended to a fresh journal.  Path fields have u16 lengths.
+OLD_SEGMENT = (
+    "eNoLdnF1dQv2YmBkYABjEOi/Ys7w6YB6gSiSGIhmZygtKEgt0k95ywgRYALiJk3fLnEomwFKc8IU6qctaWRgYAYK"
+    "sQDxiY971PUZIHwQ4EZVKgDkckCtykjMS8lJ1dODqmRghdKdk18UK0ONY4AaBXNWDh+Qo6enX5yfm6pfkliUnloC"
+    "066VkjNFmR9hDDsQ8zGU5xdl6xenpKamFesrG7LyQ4wpGNlg1P+j/h/1/6j/R/0/6v9R/4/6f9T/o/4f9f+o/0f9"
+    "PzIAqPfdfk0I3E3+Gv1kthqQZoN2mzmRBwHEGEqKSotLUlP08stSi3ISK/XyCxILS1NBBlRO6bq2nwPa0WYAd7YR"
+    "pgAA8AvMlA=="
+)
+OLD_RECORDS = [
+    rec.Mkdir(b"upper/d", 0o755, 1, 2),
+    rec.Mknod(b"upper/d/f", stat.S_IFREG | 0o644, 3, 4),
+    rec.Write(b"upper/d/f", b"\x08\x00\x00\x00\x01\x00\x00\x00handle..", 0, 5),
+    rec.Symlink(b"upper/l", b"../some/target", 0, 0),
+    rec.Rename(b"work/sdeefs/#1", b"upper/" + b"/".join([b"p" * 255] * 15), 1, 1234567),
+    rec.Setxattr(b"upper/d", b"trusted.overlay.opaque", b"y"),
+    rec.Done(6),
+]
+
+
+def _old_journal(tmp_path: Path) -> tuple[str, bytes]:
+    jdir = tmp_path / "journal"
+    jdir.mkdir()
+    (jdir / "id").write_bytes(b"i" * 16)
+    data = zlib.decompress(base64.b64decode(OLD_SEGMENT))
+    (jdir / segment_name(1)).write_bytes(data)
+    return str(jdir), data
+
+
+def test_a_version_1_segment_still_reads_and_appends_go_to_a_version_2_one(
+        tmp_path: Path) -> None:
+    jdir, old = _old_journal(tmp_path)
+    assert read_segment_header(old) == (1, 1)
+    assert [e.record for e in Journal(directory=jdir).read()] == OLD_RECORDS  # sdeefs log/check
+    journal = Journal.open(jdir)
+    try:
+        assert journal.head == len(OLD_RECORDS)
+        deep = b"upper/" + b"/".join([b"q" * 255] * 40)  # 10 KB: only version 2 carries it
+        assert journal.append(rec.Mkdir(deep, 0o755, 0, 0)) == len(OLD_RECORDS) + 1
+        journal.sync()
+    finally:
+        journal.close()
+    segments = Journal(directory=jdir).segments()
+    assert [first for first, _ in segments] == [1, len(OLD_RECORDS) + 1]
+    assert Path(segments[0][1]).read_bytes() == old  # the old segment is never rewritten
+    assert read_segment_header(Path(segments[1][1]).read_bytes())[1] == 2
+    expected = [*OLD_RECORDS, rec.Mkdir(deep, 0o755, 0, 0), rec.Sync(SYNC_FLUSHED)]
+    assert [e.record for e in Journal(directory=jdir).read()] == expected
+    reopened = Journal.open(jdir)
+    try:
+        assert [e.record for e in reopened.read()] == expected
+    finally:
+        reopened.close()
+    # a replication source reading the live journal crosses the versions too
+    tail = JournalTail(jdir, 1)
+    try:
+        got: list[rec.Record] = []
+        for _ in range(4):
+            got += [e.record for e in tail.poll()]
+        assert got == expected
+    finally:
+        tail.close()
+
+
+def test_an_empty_version_1_segment_is_started_again_in_version_2(tmp_path: Path) -> None:
+    jdir = tmp_path / "journal"
+    jdir.mkdir()
+    (jdir / segment_name(9)).write_bytes(encode_segment_header(9, version=1))
+    journal = Journal.open(str(jdir))
+    try:
+        assert journal.head == 8
+        assert journal.append(rec.Sync(1)) == 9
+    finally:
+        journal.close()
+    assert read_segment_header((jdir / segment_name(9)).read_bytes()) == (9, 2)
+    assert [(e.seq, e.record) for e in Journal(directory=str(jdir)).read(9)] == [(9, rec.Sync(1))]

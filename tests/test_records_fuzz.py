@@ -6,17 +6,19 @@ malformed or unsafe payload into :class:`BadRecord` and nothing else.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
 import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
-from sdeefs.errors import BadRecord
+from sdeefs.errors import BadRecord, PathTooLong
 from sdeefs.journal import MAX_PAYLOAD, SEGMENT_HEADER, Journal, encode_frame, scan_frames
 
 FUZZ = settings(max_examples=300, deadline=None,
@@ -32,11 +34,16 @@ I64 = st.integers(-(2**63), 2**63 - 1)
 _component = st.binary(min_size=1, max_size=40).filter(
     lambda c: b"/" not in c and b"\0" not in c and c not in (b".", b".."))
 _long_component = st.integers(200, 255).map(lambda n: b"n" * n)
-paths = st.builds(
+shallow_paths = st.builds(
     lambda top, parts: b"/".join([top, *parts]),
     st.sampled_from(rec.LAYER_DIRS),
     st.lists(st.one_of(_component, _component, _long_component), max_size=6),
 )
+# deeper than PATH_MAX, up to the cap (encoding version 2 only)
+deep_paths = st.builds(lambda top, n, tail: b"/".join([top, *[b"d" * 255] * n, tail])[:rec.MAX_PATH]
+                       .rstrip(b"/"),
+                       st.sampled_from(rec.LAYER_DIRS), st.integers(16, 256), _component)
+paths = st.one_of(shallow_paths, shallow_paths, shallow_paths, deep_paths)
 xattr_names = st.binary(min_size=1, max_size=255).filter(lambda n: b"\0" not in n)
 targets = st.binary(min_size=1, max_size=300).filter(lambda t: b"\0" not in t)
 handles = st.binary(max_size=rec.MAX_HANDLE)
@@ -86,25 +93,31 @@ def test_every_record_type_is_generated() -> None:
 @FUZZ
 @given(valid_records)
 def test_round_trip(record: rec.Record) -> None:
+    rec.check_record(record)  # what the journal takes (the door) ...
     rtype, payload = rec.encode_record(record)
     assert rtype == record.TYPE
-    decoded = rec.decode_record(rtype, payload)
+    decoded = rec.decode_record(rtype, payload)  # ... its readers take
     assert decoded == record
     assert type(decoded) is type(record)
     assert rec.encode_record(decoded) == (rtype, payload)
+    # encoding version 1 (old journals) where its paths fit it
+    if all(len(getattr(record, n)) <= rec.MAX_PATH_V1 for n, k in record.FIELDS if k == "path"):
+        assert rec.decode_record(*rec.encode_record(record, 1), 1) == record
     # and through a journal frame
     frame = encode_frame(7, record)
     ((end, seq, ftype, fpayload),) = list(scan_frames(frame, 0, 7))
     assert (end, seq, ftype, fpayload) == (len(frame), 7, rtype, payload)
 
 
-def _decode_only_badrecord(rtype: int, payload: bytes) -> rec.Record | None:
+def _decode_only_badrecord(rtype: int, payload: bytes, version: int = rec.RECORD_VERSION
+                           ) -> rec.Record | None:
     try:
-        record = rec.decode_record(rtype, payload)
+        record = rec.decode_record(rtype, payload, version)
     except BadRecord:
         return None
     # accepted: then it is canonical and safe
-    assert rec.encode_record(record) == (rtype, payload)
+    assert rec.encode_record(record, version) == (rtype, payload)
+    rec.check_record(record)
     for name, kind in record.FIELDS:
         if kind == "path":
             assert rec.check_path(getattr(record, name))
@@ -123,13 +136,15 @@ def _decode_only_badrecord(rtype: int, payload: bytes) -> rec.Record | None:
 @example(5, struct.pack("<H", 0xFFFF) + b"upper")
 @example(3, struct.pack("<H", 5) + b"upper" + struct.pack("<I", 0xFFFFFFFF))
 def test_random_payload_raises_only_badrecord(rtype: int, payload: bytes) -> None:
-    _decode_only_badrecord(rtype, payload)
+    for version in rec.VERSIONS:
+        _decode_only_badrecord(rtype, payload, version)
 
 
 @FUZZ
 @given(st.sampled_from(KNOWN_TYPES), st.binary(max_size=200))
 def test_random_payload_of_a_known_type(rtype: int, payload: bytes) -> None:
-    _decode_only_badrecord(rtype, payload)
+    for version in rec.VERSIONS:
+        _decode_only_badrecord(rtype, payload, version)
 
 
 _mutation = st.one_of(
@@ -169,6 +184,8 @@ def test_mutated_payload_raises_only_badrecord(record: rec.Record,
                                                other_type: int | None) -> None:
     rtype, payload = rec.encode_record(record)
     _decode_only_badrecord(other_type or rtype, _mutate(payload, mutations))
+    if len(payload) < 20000:
+        _decode_only_badrecord(other_type or rtype, _mutate(payload, mutations), 1)
 
 
 def test_trailing_bytes_and_truncation_are_rejected() -> None:
@@ -212,7 +229,7 @@ UNSAFE_PATHS = [
     b"work2",
     b"state/journal",
     b"upper/" + b"x" * 256,
-    b"upper/" + b"/".join([b"d" * 255] * 17),  # > 4096 bytes
+    b"upper/" + b"/".join([b"d" * 255] * 257),  # > MAX_PATH (65536) bytes
 ]
 
 
@@ -220,8 +237,15 @@ UNSAFE_PATHS = [
 def test_unsafe_paths_are_rejected(path: bytes) -> None:
     with pytest.raises(BadRecord):
         rec.check_path(path)
-    path_field = struct.pack("<H", min(len(path), 0xFFFF)) + path[:0xFFFF]
-    good_field = struct.pack("<H", 7) + b"upper/a"
+    with pytest.raises(BadRecord):
+        rec.check_record(rec.Rename(b"upper/a", path, 0, 0))
+    for version, length, most in ((2, "<I", len(path)), (1, "<H", 0xFFFF)):
+        path_field = struct.pack(length, min(len(path), most)) + path[:most]
+        good_field = struct.pack(length, 7) + b"upper/a"
+        _unsafe_path_fields_are_rejected(version, path_field, good_field)
+
+
+def _unsafe_path_fields_are_rejected(version: int, path_field: bytes, good_field: bytes) -> None:
     payloads = {
         rec.Unlink.TYPE: path_field,
         rec.Rmdir.TYPE: path_field,
@@ -232,10 +256,10 @@ def test_unsafe_paths_are_rejected(path: bytes) -> None:
     }
     for rtype, payload in payloads.items():
         with pytest.raises(BadRecord):
-            rec.decode_record(rtype, payload)
+            rec.decode_record(rtype, payload, version)
     # also as the first path of a Link / Rename
     with pytest.raises(BadRecord):
-        rec.decode_record(rec.Link.TYPE, path_field + good_field)
+        rec.decode_record(rec.Link.TYPE, path_field + good_field, version)
 
 
 @FEW
@@ -290,7 +314,7 @@ def test_mknod_accepts_only_regular_fifo_socket_and_whiteout(mode: int) -> None:
 @pytest.mark.parametrize("record", [
     rec.Symlink(b"upper/l", b"", 0, 0),
     rec.Symlink(b"upper/l", b"a\0b", 0, 0),
-    rec.Symlink(b"upper/l", b"x" * (rec.MAX_PATH + 1), 0, 0),
+    rec.Symlink(b"upper/l", b"x" * (rec.MAX_TARGET + 1), 0, 0),
     rec.Setxattr(b"upper/a", b"", b"v"),
     rec.Setxattr(b"upper/a", b"user.\0", b"v"),
     rec.Setxattr(b"upper/a", b"u" * 256, b"v"),
@@ -306,9 +330,66 @@ def test_mknod_accepts_only_regular_fifo_socket_and_whiteout(mode: int) -> None:
     rec.Setattr(b"upper/a", rec.SET_MODE, stat.S_IFREG | 0o644),
 ], ids=repr)
 def test_invalid_field_values_are_rejected(record: rec.Record) -> None:
+    with pytest.raises(BadRecord):
+        rec.check_record(record)
     rtype, payload = rec.encode_record(record)
     with pytest.raises(BadRecord):
         rec.decode_record(rtype, payload)
+
+
+# -- path lengths: version 2 carries deep trees, version 1 what it always did ---------------
+
+
+def _chain(total: int) -> bytes:
+    """A layer path of exactly ``total`` bytes (components of at most 255)."""
+    path = b"upper"
+    while len(path) < total:
+        path += b"/" + b"p" * min(255, total - len(path) - 1)
+    assert len(path) == total
+    return path
+
+
+@pytest.mark.parametrize("length", [4096, 4097, 20000, rec.MAX_PATH])
+def test_deep_paths_up_to_the_cap_round_trip(length: int) -> None:
+    path = _chain(length)
+    for record in (rec.Rename(path, path + b"x"[: rec.MAX_PATH - length], 0, 1),
+                   rec.Write(path, b"h", 0, 1), rec.Setxattr(path, b"user.x", b"v" * 65536)):
+        rec.check_record(record)
+        assert rec.decode_record(*rec.encode_record(record)) == record
+    if rec.MAX_PATH_V1 < length < 0x10000:
+        with pytest.raises(PathTooLong):  # version 1 never carried it
+            rec.decode_record(*rec.encode_record(rec.Unlink(path), 1), 1)
+
+
+def test_a_path_over_the_cap_is_refused_as_too_long() -> None:
+    path = _chain(rec.MAX_PATH + 1)
+    with pytest.raises(PathTooLong):
+        rec.check_record(rec.Link(b"upper/a", path))
+    with pytest.raises(PathTooLong):
+        rec.decode_record(*rec.encode_record(rec.Unlink(path)))
+    # a hostile length is refused before anything is sliced
+    with pytest.raises(PathTooLong):
+        rec.decode_record(rec.Unlink.TYPE, struct.pack("<I", 0xFFFFFFFF) + b"upper")
+
+
+def test_journal_refuses_what_it_cannot_carry(tmp_path: Path) -> None:
+    """The door: ENAMETOOLONG (EINVAL for other bad records), nothing written."""
+    journal = Journal.open(str(tmp_path))
+    try:
+        journal.append(rec.Mkdir(b"upper/a", 0o755, 0, 0))
+        size = journal.size_bytes()
+        for record, code in ((rec.Rename(b"upper/a", _chain(rec.MAX_PATH + 1), 0, 0),
+                              errno.ENAMETOOLONG),
+                             (rec.Unlink(b"upper/../x"), errno.EINVAL),
+                             (rec.Mknod(b"upper/b", stat.S_IFBLK, 0, 0), errno.EINVAL)):
+            with pytest.raises(OSError) as info:  # noqa: PT011 - the errno is checked
+                journal.append(record)
+            assert info.value.errno == code
+        assert (journal.head, journal.size_bytes(), journal.failed) == (1, size, None)
+        assert journal.append(rec.Rename(b"upper/a", _chain(rec.MAX_PATH), 0, 0)) == 2
+        assert [e.seq for e in journal.read()] == [1, 2]
+    finally:
+        journal.close()
 
 
 # -- journal framing over random bytes ----------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -11,14 +13,25 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sdeefs.mount import daemon_pid
-from sdeefs.replicad import control_request
-from sdeefs.replicate import tree_digest
+from sdeefs.replicad import control_request, load_key
+from sdeefs.replicate import (
+    ERROR,
+    FRAME_HEADER,
+    MAC_SIZE,
+    NO_ID,
+    NONCE_SIZE,
+    Hello,
+    encode_frame,
+    encode_hello,
+    tree_digest,
+)
 
 from .conftest import requires_fuse
 
@@ -586,3 +599,36 @@ def test_a_relay_waits_for_a_slow_follower_then_leaves_a_stuck_one_behind(site: 
     site.sync_to("n2")
     assert converged(site, "n2")
     assert "sent a snapshot" in site.log("n1")
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+@requires_fuse
+def test_a_replica_of_the_old_wire_version_is_told_why_in_its_own_version(site: Site) -> None:
+    """Version 3 frames carry records with u32 path lengths.  A version-2 replica (u16)
+    must get one error it can read, never records it would misparse."""
+    site.start_origin()
+    key = load_key(str(site.key))
+    hello = encode_hello(Hello(b"n" * NONCE_SIZE, NO_ID, USER, "old-node", 1))
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
+        sock.sendall(encode_frame(hello, key, version=2))
+        header = _receive_exactly(sock, FRAME_HEADER.size)
+        magic, version, ftype, _, length, _, crc = FRAME_HEADER.unpack(header)
+        payload = _receive_exactly(sock, length)
+        mac = _receive_exactly(sock, MAC_SIZE)
+        assert sock.recv(1) == b""  # and the connection ends
+    # what a version-2 replica checks: its own version, the CRC and the MAC (shared key)
+    assert (magic, version, ftype) == (b"SDRP", 2, ERROR)
+    assert zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) == crc
+    assert hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac)
+    message = payload.decode()
+    assert "version 2" in message
+    assert "same sdeefs release" in message
+    assert site.log("login").count("replication protocol version 2") == 1

@@ -23,6 +23,7 @@ from sdeefs.journal import Journal, NullJournal
 from sdeefs.replicate import (
     ACK,
     CHUNK,
+    ERROR,
     MORE,
     RECORD,
     Follower,
@@ -30,6 +31,7 @@ from sdeefs.replicate import (
     LinkStats,
     ProtocolError,
     Replica,
+    VersionMismatch,
     answer_hello,
     check_frame,
     decode_hello,
@@ -555,3 +557,75 @@ def test_a_subtree_report_of_10000_nodes_travels_whole() -> None:
     assert decode_report(payload) == report
     with pytest.raises(ProtocolError):
         decode_report(payload[:4] + payload[4:-3])
+
+
+async def test_an_upstream_of_the_old_wire_version_is_one_clear_error(tmp_path: Path) -> None:
+    """A version-3 replica talking to a version-2 upstream (records with u16 path lengths):
+    its first frame is refused by version, never parsed."""
+    left, right = trio.testing.memory_stream_pair()
+    old_error = encode_frame(Frame(ERROR, 0, b"unsupported protocol version 3"), KEY, version=2)
+    await left.send_all(old_error)
+    with pytest.raises(VersionMismatch, match="version 2.*same sdeefs release") as info:
+        await receive_frame(right, KEY)
+    assert info.value.peer_version == 2
+    # and through follow(), as sdeefs-replicad runs it: the replica changes nothing
+    replica = Replica.open(str(tmp_path / USER))
+    try:
+        async with trio.open_nursery() as nursery:
+            async def old_upstream() -> None:
+                await receive_frame(left, KEY)  # the replica's HELLO (version 3)
+                await left.send_all(old_error)
+            nursery.start_soon(old_upstream)
+            with pytest.raises(VersionMismatch):
+                await follow(right, replica, KEY, USER, "n1", LinkStats())
+        assert (replica.applied, replica.journal_id) == (0, bytes(16))
+    finally:
+        replica.close()
+
+
+def test_a_snapshot_of_a_tree_deeper_than_path_max_rebuilds_it(tmp_path: Path) -> None:
+    """snapshot_frames and tree_digest walk by directory fds (a few, whatever the depth);
+    the records carry 40 KB paths, a replica applies them."""
+    import resource
+
+    from sdeefs.replicate import SNAPSHOT, snapshot_frames, tree_digest
+    from sdeefs.treewalk import WINDOW, rmtree
+
+    source = tmp_path / "source"
+    source.mkdir()
+    fd = os.open(source, os.O_PATH | os.O_DIRECTORY)
+    for i in range(160):  # 160 levels of 255 bytes, a side directory at each
+        name = b"%03d" % i + b"d" * 252
+        os.mkdir(name, dir_fd=fd)
+        os.mkdir(b"side", dir_fd=fd)
+        os.mknod(b"side/wh", stat.S_IFCHR, 0, dir_fd=fd)
+        step = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = step
+    big = os.urandom(CHUNK + 4321)
+    leaf = os.open(b"big", os.O_WRONLY | os.O_CREAT, 0o755, dir_fd=fd)
+    os.write(leaf, big)
+    os.close(leaf)
+    os.link(b"big", b"big.link", src_dir_fd=fd, dst_dir_fd=fd)
+    os.symlink(b"big", b"sym", dir_fd=fd)
+    os.setxattr(f"/proc/self/fd/{fd}/big", "user.deep", b"yes")
+    os.close(fd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    replica = Replica.open(str(tmp_path / USER))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (len(os.listdir("/proc/self/fd")) + WINDOW + 30, hard))
+        digest: list[bytes] = []
+        replica.begin_snapshot(7)
+        for frame in snapshot_frames(str(source), 7, digest):
+            assert frame.type == SNAPSHOT
+            replica.accept_snapshot(frame)
+        replica.finish_snapshot(7, digest[0])
+        assert tree_digest(str(tmp_path / USER / "upper")) == tree_digest(str(source))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        replica.close()
+    assert replica.applied == 7
+    assert _tree_signature(str(tmp_path / USER / "upper")) == _tree_signature(str(source))
+    rmtree(str(source))  # deeper than pytest's own clean-up goes
+    rmtree(str(tmp_path / USER))

@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from .. import records as rec
+from ..errors import BadRecord
 from ..sysio import fd_path, name_to_handle, open_by_handle, openat2_beneath
 from .fanotify import handle_buffer, handle_ino, handle_of
 from .model import UPPER, WORK, Model, Node
@@ -319,11 +320,10 @@ class Reconciler:
         b = _Batch(budget=budget)
 
         def out(record: rec.Record) -> None:
-            # Names come from directory listings (one component each, never "." or ".."),
-            # so only the length can make a path one the journal's readers refuse.
-            for name, kind in record.FIELDS:
-                if kind == "path" and len(getattr(record, name)) > rec.MAX_PATH:
-                    raise CaptureError(f"cannot journal {record!r}: path too long")
+            try:  # the journal's door, checked before the batch is written
+                rec.check_record(record)
+            except BadRecord as exc:
+                raise CaptureError(f"cannot journal {record!r}: {exc}") from None
             b.records += 1
             emit(record)
 
