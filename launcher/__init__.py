@@ -1,1 +1,1 @@
-"""sdeefs launcher: the isolated login and job environments (installed as ``sdeefs_launcher``)."""
+"""sdeefs launcher: the isolated login and job environments (installed as ``sdeefs.launcher``)."""

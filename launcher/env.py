@@ -46,7 +46,8 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from sdeefs.errors import QuietError
+from sdeefs.config import SiteConfig
+from sdeefs.errors import ExitCode, QuietError
 from sdeefs.mask import MaskSpec, build_mask
 from sdeefs.mount import (
     GuardRequest,
@@ -59,7 +60,6 @@ from sdeefs.mount import (
 )
 
 from . import private
-from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class User:
         try:
             pw = pwd.getpwnam(name)
         except KeyError:
-            raise QuietError(f"no such user: {name}", 2) from None
+            raise QuietError(f"no such user: {name}", ExitCode.USAGE) from None
         return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
 
 
@@ -90,7 +90,7 @@ class Layout:
     run: str
 
     @classmethod
-    def of(cls, config: Config, user: User) -> Layout:
+    def of(cls, config: SiteConfig, user: User) -> Layout:
         return cls(config.user_root(user.name), config.user_run(user.name))
 
     upper = property(lambda self: os.path.join(self.root, "upper"))
@@ -144,7 +144,8 @@ def helper_path() -> str:
     path = os.environ.get("SDEEFS_ENTER") or os.path.join(os.path.dirname(sys.executable),
                                                            "sdeefs-enter")
     if not os.access(path, os.X_OK):
-        raise QuietError(f"{path} is missing: run scripts/setup.sh to build sdeefs-enter", 3)
+        raise QuietError(f"{path} is missing: run scripts/setup.sh to build sdeefs-enter",
+                         ExitCode.UNAVAILABLE)
     return path
 
 
@@ -229,7 +230,7 @@ def _umount(path: str) -> None:
             subprocess.run(["umount", "-l", path], capture_output=True)
 
 
-def _ensure_upper_daemon(config: Config, layout: Layout) -> None:
+def _ensure_upper_daemon(config: SiteConfig, layout: Layout) -> None:
     """Engine hybrid: the journaling passthrough of the upper, healthy (recovered after a crash)."""
     if _mounted(layout.fuse):
         try:
@@ -246,7 +247,7 @@ def _ensure_upper_daemon(config: Config, layout: Layout) -> None:
                                    xattr_namespace="user", writeback_cache=False))
 
 
-def _begin_guard(config: Config, user: User, layout: Layout) -> Callable[[], str]:
+def _begin_guard(config: SiteConfig, user: User, layout: Layout) -> Callable[[], str]:
     """Make sure the guard layer (sdeefs.guard) of the user's view is mounted and healthy
     (remounted if its daemon died).  Its daemon starts now; the returned call waits for it,
     so that the upper's daemon can start meanwhile."""
@@ -270,7 +271,7 @@ def _begin_guard(config: Config, user: User, layout: Layout) -> Callable[[], str
     return mounted
 
 
-def _mask_spec(config: Config, user: User, scan_private: bool = True) -> MaskSpec:
+def _mask_spec(config: SiteConfig, user: User, scan_private: bool = True) -> MaskSpec:
     lower = config.lower
     empty: list[bytes] = []
     hidden: list[bytes] = []
@@ -324,11 +325,12 @@ def _run_helper(args: list[str]) -> str:
     result = subprocess.run([helper_path(), *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise QuietError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
-                         else f"sdeefs-enter {args[0]} failed ({result.returncode})", 1)
+                         else f"sdeefs-enter {args[0]} failed ({result.returncode})",
+                         ExitCode.FAILURE)
     return result.stdout
 
 
-def _ensure_view(config: Config, user: User, layout: Layout) -> str:
+def _ensure_view(config: SiteConfig, user: User, layout: Layout) -> str:
     """Engine fuse: the pure sdeefs overlay of the host root and the user's upper."""
     if _mounted(layout.view):
         try:
@@ -351,7 +353,7 @@ def _ensure_view(config: Config, user: User, layout: Layout) -> str:
     return layout.view
 
 
-def _start(config: Config, user: User, layout: Layout, engine: str) -> EnvRecord:
+def _start(config: SiteConfig, user: User, layout: Layout, engine: str) -> EnvRecord:
     _ensure_dirs(layout, user)
     if engine == "fuse":
         return _start_namespaces(config, user, ["--root-view", _ensure_view(config, user, layout)],
@@ -369,7 +371,7 @@ def _start(config: Config, user: User, layout: Layout, engine: str) -> EnvRecord
     return launch(config, user, layout, upper, work, engine, guard=guard_path)
 
 
-def launch(config: Config, user: User, layout: Layout, upper: str, work: str, engine: str,
+def launch(config: SiteConfig, user: User, layout: Layout, upper: str, work: str, engine: str,
            middle: tuple[str, ...] = (), guard: str | None = None) -> EnvRecord:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
     replica of the user's upper, on compute nodes) and the masked, idmapped host root.
@@ -400,7 +402,7 @@ def launch(config: Config, user: User, layout: Layout, upper: str, work: str, en
                              engine)
 
 
-def _start_namespaces(config: Config, user: User, root: list[str], engine: str) -> EnvRecord:
+def _start_namespaces(config: SiteConfig, user: User, root: list[str], engine: str) -> EnvRecord:
     """sdeefs-enter start: the namespaces and init of an environment whose root is ``root``
     (its --root-* options)."""
     args = ["start", "--uid", str(user.uid), "--gid", str(user.gid), *root, "--home", user.home,
@@ -412,7 +414,7 @@ def _start_namespaces(config: Config, user: User, root: list[str], engine: str) 
     fields = _proc_stat(pid)
     start = proc_start_time(pid)
     if start is None or fields is None:
-        raise QuietError(f"the environment of {user.name} died while starting", 1)
+        raise QuietError(f"the environment of {user.name} died while starting", ExitCode.FAILURE)
     return EnvRecord(user.name, user.uid, pid, start, int(fields[1]), engine, 0,
                      time.time())
 
@@ -437,7 +439,7 @@ def _usable(layout: Layout, record: EnvRecord | None) -> bool:
     return all(_mounted(path) for path in needed)
 
 
-def ensure(config: Config, user: User, engine: str | None = None) -> EnvRecord:
+def ensure(config: SiteConfig, user: User, engine: str | None = None) -> EnvRecord:
     """The user's running environment, started if needed (no session counted).
 
     ``engine`` (default: the config's) applies to a new environment; a running one of
@@ -450,7 +452,7 @@ def ensure(config: Config, user: User, engine: str | None = None) -> EnvRecord:
             if engine is not None and engine != record.engine:
                 raise QuietError(f"the environment of {user.name} runs the {record.engine} "
                                  f"engine ({record.sessions} session(s)); stop it first to "
-                                 f"start it with {engine}", 4)
+                                 f"start it with {engine}", ExitCode.BUSY)
             return record
         _teardown(layout, record)
         record = _start(config, user, layout, engine or config.engine)
@@ -467,7 +469,7 @@ def _save(layout: Layout, record: EnvRecord) -> None:
     os.replace(tmp, layout.init)
 
 
-def open_session(config: Config, user: User) -> EnvRecord:
+def open_session(config: SiteConfig, user: User) -> EnvRecord:
     layout = Layout.of(config, user)
     with user_lock(layout):
         record = EnvRecord.load(layout.record)
@@ -479,7 +481,7 @@ def open_session(config: Config, user: User) -> EnvRecord:
         return record
 
 
-def close_session(config: Config, user: User) -> None:
+def close_session(config: SiteConfig, user: User) -> None:
     """One session fewer; the last one ends the environment (unless idle_timeout keeps it)."""
     layout = Layout.of(config, user)
     with user_lock(layout):
@@ -494,7 +496,7 @@ def close_session(config: Config, user: User) -> None:
         _save(layout, record)
 
 
-def stop(config: Config, user: User) -> bool:
+def stop(config: SiteConfig, user: User) -> bool:
     """End the environment: its whole process tree, then its mounts.  The upper stays."""
     layout = Layout.of(config, user)
     with user_lock(layout):
@@ -504,7 +506,7 @@ def stop(config: Config, user: User) -> bool:
         return running
 
 
-def stop_idle(config: Config) -> list[str]:
+def stop_idle(config: SiteConfig) -> list[str]:
     """Stop environments without sessions for longer than idle_timeout (run from cron)."""
     stopped = []
     for record in _records(config):
@@ -536,7 +538,7 @@ def _teardown(layout: Layout, record: EnvRecord | None) -> None:
             os.unlink(path)
 
 
-def _records(config: Config) -> list[EnvRecord]:
+def _records(config: SiteConfig) -> list[EnvRecord]:
     found = []
     if os.path.isdir(config.run_dir):
         for name in sorted(os.listdir(config.run_dir)):
@@ -573,7 +575,7 @@ def _tree_size(path: str) -> int:
     return total
 
 
-def status(config: Config) -> list[dict[str, object]]:
+def status(config: SiteConfig) -> list[dict[str, object]]:
     """One dict per known user environment, for ``sdeefs status``."""
     from sdeefs.journal import Journal
 
@@ -613,7 +615,7 @@ def status(config: Config) -> list[dict[str, object]]:
     return rows
 
 
-def remove_user_data(config: Config, user: User) -> None:
+def remove_user_data(config: SiteConfig, user: User) -> None:
     """Delete a user's layers (admin action; the environment must be stopped)."""
     stop(config, user)
     shutil.rmtree(config.user_root(user.name), ignore_errors=True)

@@ -34,11 +34,11 @@ import shutil
 import socket
 import sys
 
-from sdeefs.errors import QuietError
+from sdeefs import config as config_mod
+from sdeefs.config import SiteConfig
+from sdeefs.errors import ExitCode, QuietError
 
-from . import config as config_mod
 from . import env
-from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +56,16 @@ def node_name() -> str:
 def _job_id() -> str:
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID") or ""
     if not job.isdigit():
-        raise QuietError("not in a SLURM job (SLURM_JOB_ID is not set)", 2)
+        raise QuietError("not in a SLURM job (SLURM_JOB_ID is not set)", ExitCode.USAGE)
     return job
 
 
-def layout(config: Config, node: str, job: str) -> env.Layout:
+def layout(config: SiteConfig, node: str, job: str) -> env.Layout:
     job_dir = config.replication.on(node).job_dir
     return env.Layout(os.path.join(job_dir, job), os.path.join(job_dir, f"{job}.run"))
 
 
-def prolog(config: Config, node: str, user: env.User, job: str) -> env.EnvRecord | None:
+def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRecord | None:
     """Replica at the barrier, then the job's environment (idempotent)."""
     from sdeefs.replicad import control_request
 
@@ -84,7 +84,7 @@ def prolog(config: Config, node: str, user: env.User, job: str) -> env.EnvRecord
         if os.stat(path).st_dev == lower_dev:
             raise QuietError(f"replication.{key} {path} is on the same filesystem as the lower "
                              f"({config.lower}): the kernel refuses overlapping overlay layers; "
-                             "put it on the node's local scratch filesystem", 2)
+                             "put it on the node's local scratch filesystem", ExitCode.USAGE)
     where = layout(config, node, job)
     with env.user_lock(where):
         record = env.EnvRecord.load(where.record)
@@ -106,7 +106,7 @@ def _ensure_job_dirs(where: env.Layout, user: env.User) -> None:
         os.chmod(path, mode)
 
 
-def epilog(config: Config, node: str, job: str) -> bool:
+def epilog(config: SiteConfig, node: str, job: str) -> bool:
     """End the job's environment on this node and remove its scratch upper."""
     where = layout(config, node, job)
     if not os.path.isdir(where.run) and not os.path.isdir(where.root):
@@ -121,11 +121,12 @@ def epilog(config: Config, node: str, job: str) -> bool:
 def _slurm_user() -> env.User:
     name = os.environ.get("SLURM_JOB_USER")
     if not name:
-        raise QuietError("SLURM_JOB_USER is not set (run me as SLURM's Prolog/Epilog)", 2)
+        raise QuietError("SLURM_JOB_USER is not set (run me as SLURM's Prolog/Epilog)",
+                         ExitCode.USAGE)
     return env.User.lookup(name)
 
 
-def prolog_main(config: Config) -> int:
+def prolog_main(config: SiteConfig) -> int:
     node, job, user = node_name(), _job_id(), _slurm_user()
     try:
         prolog(config, node, user, job)
@@ -138,7 +139,7 @@ def prolog_main(config: Config) -> int:
     return 0
 
 
-def epilog_main(config: Config) -> int:
+def epilog_main(config: SiteConfig) -> int:
     epilog(config, node_name(), _job_id())
     return 0
 
@@ -153,11 +154,11 @@ def run_main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
         if not command:
-            raise QuietError("usage: sdeefs-run [--engine overlay] -- CMD [ARG...]", 2)
+            raise QuietError("usage: sdeefs-run [--engine overlay] -- CMD [ARG...]", ExitCode.USAGE)
         if args.engine == "fuse":
             raise QuietError("--engine fuse is not available on compute nodes: the pure FUSE "
                              "engine has one lower layer, a job needs the replica and the host",
-                             2)
+                             ExitCode.USAGE)
         config = config_mod.load()
         where = layout(config, node_name(), _job_id())
         try:
@@ -165,7 +166,8 @@ def run_main(argv: list[str] | None = None) -> int:
                 pid = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             raise QuietError(f"no sdeefs environment for job {_job_id()} on {node_name()} "
-                             "(is `sdeefs job-prolog` SLURM's Prolog here?)", 3) from None
+                             "(is `sdeefs job-prolog` SLURM's Prolog here?)",
+                             ExitCode.UNAVAILABLE) from None
         helper = env.helper_path()
         # The environment shows the home and the shared paths of the host; elsewhere the
         # job's directory does not exist inside, so start in the home instead.

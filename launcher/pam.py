@@ -23,9 +23,9 @@ import os
 import shutil
 import sys
 
-from sdeefs.errors import QuietError
+from sdeefs import config as config_mod
+from sdeefs.errors import ExitCode, QuietError
 
-from . import config as config_mod
 from . import env
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def install(service: str, control: str = "optional", pam_dir: str = PAM_DIR,
     """Append the session line to /etc/pam.d/SERVICE (idempotent); return the file."""
     path = os.path.join(pam_dir, service)
     if not os.path.exists(path):
-        raise QuietError(f"no PAM service file {path}", 2)
+        raise QuietError(f"no PAM service file {path}", ExitCode.USAGE)
     config_arg = f" --config {config}" if config else ""
     line = f"session {control} pam_exec.so quiet {hook_path()}{config_arg}  {MARKER}\n"
     with open(path) as f:

@@ -34,9 +34,9 @@ import struct
 import sys
 from typing import Any
 
-from sdeefs.errors import QuietError
+from sdeefs import config as config_mod
+from sdeefs.errors import ExitCode, QuietError
 
-from . import config as config_mod
 from . import env
 
 log = logging.getLogger(__name__)
@@ -46,40 +46,42 @@ MAX_REQUEST = 4096
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def socket_path(config: config_mod.Config) -> str:
+def socket_path(config: config_mod.SiteConfig) -> str:
     return os.path.join(config.run_dir, SOCKET_NAME)
 
 
-def handle(config: config_mod.Config, peer_uid: int, request: object) -> dict[str, Any]:
+def handle(config: config_mod.SiteConfig, peer_uid: int, request: object) -> dict[str, Any]:
     """Answer one request of a client whose uid the kernel vouched for."""
     if not isinstance(request, dict):
-        raise QuietError("bad request: not a JSON object", 2)
+        raise QuietError("bad request: not a JSON object", ExitCode.USAGE)
     op, engine, name = request.get("op"), request.get("engine"), request.get("user")
     if op not in ("start", "stop"):
-        raise QuietError(f"bad request: unknown op {op!r}", 2)
+        raise QuietError(f"bad request: unknown op {op!r}", ExitCode.USAGE)
     if engine is not None and engine not in config_mod.ENGINES:
         raise QuietError(f"unknown engine {engine!r} (choose from {', '.join(config_mod.ENGINES)})",
-                         2)
+                         ExitCode.USAGE)
     if peer_uid != 0:
         try:
             own = pwd.getpwuid(peer_uid).pw_name
         except KeyError:
-            raise QuietError(f"uid {peer_uid} has no passwd entry", 3) from None
+            raise QuietError(f"uid {peer_uid} has no passwd entry", ExitCode.UNAVAILABLE) from None
         if name not in (None, own):
-            raise QuietError("only root may start or stop another user's environment", 3)
+            raise QuietError("only root may start or stop another user's environment",
+                             ExitCode.UNAVAILABLE)
         name = own
     if not isinstance(name, str):
-        raise QuietError("bad request: which user?", 2)
+        raise QuietError("bad request: which user?", ExitCode.USAGE)
     user = env.User.lookup(name)
     if user.uid < config.min_uid:
-        raise QuietError(f"{user.name} is below min_uid {config.min_uid}: no environment", 3)
+        raise QuietError(f"{user.name} is below min_uid {config.min_uid}: no environment",
+                         ExitCode.UNAVAILABLE)
     if op == "stop":
         return {"ok": True, "stopped": env.stop(config, user)}
     record = env.ensure(config, user, engine)
     return {"ok": True, "pid": record.init_pid, "engine": record.engine}
 
 
-def _serve_one(config: config_mod.Config, conn: socket.socket) -> None:
+def _serve_one(config: config_mod.SiteConfig, conn: socket.socket) -> None:
     peer_uid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                              _UCRED.size))[1]
     conn.settimeout(2.0)
@@ -94,11 +96,11 @@ def _serve_one(config: config_mod.Config, conn: socket.socket) -> None:
         return
     try:
         if len(data) > MAX_REQUEST or b"\n" not in data:
-            raise QuietError("bad request: one JSON line of at most 4 KiB expected", 2)
+            raise QuietError("bad request: one JSON line of at most 4 KiB expected", ExitCode.USAGE)
         try:
             request = json.loads(data.split(b"\n", 1)[0])
         except ValueError:
-            raise QuietError("bad request: not JSON", 2) from None
+            raise QuietError("bad request: not JSON", ExitCode.USAGE) from None
         reply = handle(config, peer_uid, request)
         log.info("uid %d: %s -> %s", peer_uid, request, reply)
     except QuietError as exc:
@@ -108,7 +110,7 @@ def _serve_one(config: config_mod.Config, conn: socket.socket) -> None:
         conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def serve(config: config_mod.Config) -> None:
+def serve(config: config_mod.SiteConfig) -> None:
     path = socket_path(config)
     os.makedirs(config.run_dir, mode=0o755, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -134,7 +136,7 @@ def serve(config: config_mod.Config) -> None:
             os.unlink(path)
 
 
-def request(config: config_mod.Config, message: dict[str, Any], timeout: float = 60.0
+def request(config: config_mod.SiteConfig, message: dict[str, Any], timeout: float = 60.0
             ) -> dict[str, Any]:
     """Send one request to the running service (used by tests and the benchmark)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -156,7 +158,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="sdeefs-launchd: %(message)s")
     try:
         if os.geteuid() != 0:
-            raise QuietError("sdeefs-launchd must run as root", 3)
+            raise QuietError("sdeefs-launchd must run as root", ExitCode.UNAVAILABLE)
         serve(config_mod.load())
     except QuietError as exc:
         print(f"sdeefs-launchd: {exc}", file=sys.stderr)

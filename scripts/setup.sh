@@ -36,7 +36,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, att
   /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]' >/dev/null
-elif ! .venv/bin/python -c 'import sdeefs, sdeefs_launcher' 2>/dev/null || [ ! -x .venv/bin/sdeefs-pam ]; then
+elif ! .venv/bin/python -c 'import sdeefs, sdeefs.launcher' 2>/dev/null || [ ! -x .venv/bin/sdeefs-pam ]; then
   .venv/bin/pip install -q -e '.[test]' >/dev/null
 fi
 

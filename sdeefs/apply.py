@@ -4,7 +4,7 @@ Used in two places: crash recovery (re-apply the one metadata record that may
 have been in flight when the daemon died, see ``sdeefs.journal``) and replicas
 (apply a stream of records to a copy of the user's layer root).  Every rule
 here is written so that applying a record twice leaves the same tree as
-applying it once; every path goes through :class:`~sdeefs.cow.LayerRoot`'s
+applying it once; every path goes through :class:`~sdeefs.layers.LayerRoot`'s
 ``openat2`` resolution, so a record can never reach outside the layer root.
 """
 
@@ -19,8 +19,8 @@ import stat
 import attrs
 
 from . import records as rec
-from .cow import LayerRoot, apply_setattr
-from .journal import Entry, Journal, NullJournal
+from .journal import Entry, Journal
+from .layers import LayerRoot, apply_setattr, open_layer_root
 from .sysio import open_by_handle, range_lock, renameat2
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,7 @@ def recover(journal: Journal, upper: bytes, work: bytes) -> int | None:
         journal.append(rec.Done(seq))
         journal.sync()
         return seq
-    upper_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    layers = LayerRoot(upper_fd, work_fd, NullJournal())
+    layers = open_layer_root(upper, work)
     try:
         apply_record(layers, last)
     except OSError as exc:

@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import Iterator
 
 from .apply import replay
-from .cow import LayerRoot
 from .errors import BadRecord, JournalCorrupt
-from .journal import Journal, NullJournal
+from .journal import Journal
+from .layers import open_layer_root
 from .sysio import is_whiteout
 from .treewalk import Visit, rmtree, walk
 
@@ -96,17 +96,12 @@ def check_replay_matches(journal: Journal, upper: str, work: str) -> list[str]:
     try:
         os.mkdir(os.path.join(scratch, "upper"))
         os.mkdir(os.path.join(scratch, "work"))
-        opened = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for p in
-                  (upper, work, os.path.join(scratch, "upper"), os.path.join(scratch, "work"))]
-        source = LayerRoot(opened[0], opened[1], NullJournal())
-        target = LayerRoot(opened[2], opened[3], NullJournal())
-        try:
+        # Closing the layer roots also closes the mount fd that reading Write data opened:
+        # left open, it keeps the upper's filesystem busy (a layer image cannot be unmounted)
+        with open_layer_root(upper, work) as source, \
+                open_layer_root(os.path.join(scratch, "upper"),
+                                os.path.join(scratch, "work")) as target:
             replay(journal, source, target)
-        finally:
-            # LayerRoot.close also closes the mount fd that reading Write data opened: left
-            # open, it keeps the upper's filesystem busy (a layer image cannot be unmounted)
-            source.close()
-            target.close()
         want = _tree_signature(upper)
         got = _tree_signature(os.path.join(scratch, "upper"))
         problems = []

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import BadRecord, JournalCorrupt, QuietError
+from .errors import BadRecord, ExitCode, JournalCorrupt, QuietError
 from .mount import MountRequest, default_state, mount, umount
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exitcode
     except (JournalCorrupt, BadRecord) as exc:
         print(f"sdeefs: journal damaged: {exc}", file=sys.stderr)
-        return 6
+        return ExitCode.JOURNAL_DAMAGED
     except OSError as exc:
         if args.debug:
             raise
@@ -172,7 +172,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             for problem in problems:
                 print(problem)
             print("ok" if not problems else f"{len(problems)} problem(s)")
-        return 0 if not problems else 7
+        return ExitCode.OK if not problems else ExitCode.CHECK_FAILED
     raise AssertionError(args.command)
 
 
@@ -181,7 +181,8 @@ LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", 
 
 
 def _launcher(args: argparse.Namespace) -> int:
-    from sdeefs_launcher import config, env, pam
+    from sdeefs import config
+    from sdeefs.launcher import env, pam
 
     if args.command == "install-pam":
         config_path = os.environ.get("SDEEFS_CONFIG")
@@ -192,7 +193,7 @@ def _launcher(args: argparse.Namespace) -> int:
         print("removed" if removed else "nothing to remove")
         return 0
     if args.command in ("job-prolog", "job-epilog"):
-        from sdeefs_launcher import job
+        from sdeefs.launcher import job
 
         return job.slurm_hook_main(args.command[4:])
     cfg = config.load()
@@ -207,7 +208,7 @@ def _launcher(args: argparse.Namespace) -> int:
         print(f"{args.user}: " + ("stopped" if was else "was not running; mounts cleaned up"))
         return 0
     if args.command == "scan-private":
-        from sdeefs_launcher import private
+        from sdeefs.launcher import private
 
         skip = tuple(os.path.join(cfg.lower, p.lstrip("/")) for p in
                      (*env.ALWAYS_EMPTY, "home", cfg.root, cfg.run_dir))
@@ -240,7 +241,7 @@ def _launcher(args: argparse.Namespace) -> int:
 
 def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
     """Per user, the followers the local (login node) replicad reports; {} if none runs."""
-    from sdeefs_launcher import job
+    from sdeefs.launcher import job
 
     from .replicad import control_request
 
@@ -251,12 +252,12 @@ def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
         reply = control_request(control, {"op": "status"}, timeout=5)
     except QuietError:
         return {}
-    origin: dict[str, dict[str, object]] = reply.get("origin", {})  # type: ignore[assignment]
+    origin: dict[str, dict[str, object]] = reply.get("origin", {})
     return {user: info["followers"] for user, info in origin.items()}  # type: ignore[misc]
 
 
 def _replica(args: argparse.Namespace, cfg: object) -> int:
-    from sdeefs_launcher import job
+    from sdeefs.launcher import job
 
     from .replicad import control_request
 
@@ -268,14 +269,14 @@ def _replica(args: argparse.Namespace, cfg: object) -> int:
             print(json.dumps(reply, indent=1))
             return 0
         print(f"node {reply['node']}")
-        origin: dict[str, dict[str, object]] = reply.get("origin", {})  # type: ignore[assignment]
+        origin: dict[str, dict[str, object]] = reply.get("origin", {})
         for user, info in sorted(origin.items()):
             followers: dict[str, dict[str, object]] = info["followers"]  # type: ignore[assignment]
             print(f"  {user}: head {info['head']}")
             for node, f in sorted(followers.items()):
                 via = "" if f.get("direct") else f" via {f.get('via')}"
                 print(f"    {node:<16} acked {f['acked']:>8}  lag {f['lag']:>6}{via}")
-        replicas: dict[str, dict[str, object]] = reply.get("replicas", {})  # type: ignore[assignment]
+        replicas: dict[str, dict[str, object]] = reply.get("replicas", {})
         for user, info in sorted(replicas.items()):
             print(f"  replica {user}: applied {info['applied']} of {info['upstream_head']} "
                   f"(lag {info['lag']}, {_size(int(str(info['bytes_received'])))} received, "
@@ -283,7 +284,7 @@ def _replica(args: argparse.Namespace, cfg: object) -> int:
                   f"{info['upstream']})")
         return 0
     if not args.user:
-        raise QuietError(f"replica {args.action} needs a user name", 2)
+        raise QuietError(f"replica {args.action} needs a user name", ExitCode.USAGE)
     reply = control_request(control, {"op": args.action, "user": args.user,
                                       "wait": args.wait, "timeout": rep.barrier_timeout})
     print(json.dumps(reply) if args.json else " ".join(f"{k}={v}" for k, v in reply.items()))

@@ -8,13 +8,27 @@ line turns :class:`QuietError` into one line on stderr and an exit code.
 
 from __future__ import annotations
 
+import enum
 import errno
+
+
+class ExitCode(enum.IntEnum):
+    """The exit codes of every sdeefs command (README, "Using it")."""
+
+    OK = 0
+    FAILURE = 1  # anything not below
+    USAGE = 2  # bad arguments or configuration
+    UNAVAILABLE = 3  # a prerequisite is missing: no FUSE, not root, a daemon not running
+    BUSY = 4  # mountpoint busy or not empty, state in use, an environment of another engine
+    UNMOUNT = 5  # an unmount failed or a daemon did not exit in time
+    JOURNAL_DAMAGED = 6
+    CHECK_FAILED = 7  # `sdeefs check` found problems
 
 
 class QuietError(Exception):
     """A user-facing error: printed as one line, no traceback, then ``exit(exitcode)``."""
 
-    def __init__(self, message: str, exitcode: int = 1) -> None:
+    def __init__(self, message: str, exitcode: int = ExitCode.FAILURE) -> None:
         super().__init__(message)
         self.exitcode = exitcode
 

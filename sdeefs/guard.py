@@ -56,7 +56,8 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-from .cow import Attr, check_name, join
+from .cow import Attr, check_name
+from .layers import join
 from .sysio import openat2_beneath
 
 ROOT_INO = 1

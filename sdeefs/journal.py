@@ -169,6 +169,16 @@ def journal_id(directory: str) -> bytes:
     return data
 
 
+def list_segments(directory: str) -> list[tuple[int, str]]:
+    """(first seq, path) of every segment in ``directory``, oldest first."""
+    found = []
+    for name in os.listdir(directory):
+        m = _SEGMENT_NAME.match(name)
+        if m:
+            found.append((int(m.group(1), 16), os.path.join(directory, name)))
+    return sorted(found)
+
+
 def segment_name(first_seq: int) -> str:
     return f"seg-{first_seq:016x}.log"
 
@@ -345,12 +355,7 @@ class Journal:
         return journal
 
     def segments(self) -> list[tuple[int, str]]:
-        found = []
-        for name in os.listdir(self.directory):
-            m = _SEGMENT_NAME.match(name)
-            if m:
-                found.append((int(m.group(1), 16), os.path.join(self.directory, name)))
-        return sorted(found)
+        return list_segments(self.directory)
 
     def _start_segment(self, first_seq: int) -> None:
         path = os.path.join(self.directory, segment_name(first_seq))
@@ -519,3 +524,89 @@ class NullJournal:
 
     def close(self) -> None:
         return None
+
+
+class Trimmed(Exception):
+    """The records asked for were trimmed from the journal: a snapshot must replace them."""
+
+
+@attrs.define(eq=False)
+class JournalTail:
+    """Reads a journal that another process is appending to, from ``next_seq`` on.
+
+    Keeps its place (segment, offset), so following a live journal costs only the new
+    bytes.  A frame still being written (torn) is simply not returned yet.
+    """
+
+    directory: str
+    next_seq: int
+    _fd: int = -1
+    _first: int = 0
+    _offset: int = 0
+    _version: int = RECORD_VERSION  # the open segment's record encoding
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _segments(self) -> list[int]:
+        return [first for first, _ in list_segments(self.directory)]
+
+    def _open_segment(self, first: int) -> None:
+        self.close()
+        self._fd = os.open(os.path.join(self.directory, segment_name(first)),
+                           os.O_RDONLY | os.O_CLOEXEC)
+        header = os.pread(self._fd, SEGMENT_HEADER.size, 0)
+        found, self._version = read_segment_header(header)
+        if found != first:
+            raise JournalCorrupt(f"segment {first}: header does not match its name")
+        self._first, self._offset = first, SEGMENT_HEADER.size
+
+    def _locate(self) -> None:
+        firsts = self._segments()
+        candidates = [f for f in firsts if f <= self.next_seq]
+        if not candidates:
+            raise Trimmed(f"seq {self.next_seq} is no longer in the journal")
+        self._open_segment(candidates[-1])
+        # Skip the frames before next_seq (only when starting in the middle of a segment).
+        while True:
+            header = os.pread(self._fd, FRAME_HEADER.size, self._offset)
+            if len(header) < FRAME_HEADER.size:
+                return
+            _, length, seq, _, _ = FRAME_HEADER.unpack(header)
+            if seq >= self.next_seq:
+                return
+            self._offset += FRAME_HEADER.size + length
+
+    def poll(self, max_bytes: int = 4 << 20) -> list[Entry]:
+        """The complete records appended since the last call (at most about max_bytes)."""
+        if self._fd < 0:
+            self._locate()
+            if self._fd < 0:
+                return []
+        data = os.pread(self._fd, max_bytes, self._offset)
+        entries = []
+        consumed = 0
+        for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
+            entries.append(Entry(seq, decode_record(rtype, payload, self._version)))
+            consumed = end
+            self.next_seq = seq + 1
+        if not entries and len(data) < max_bytes:
+            self._offset += consumed
+            # Nothing new here: has the journal moved on to a next segment?
+            later = [f for f in self._segments() if f > self._first]
+            if later:
+                if later[0] != self.next_seq:
+                    raise JournalCorrupt(f"journal damaged before seq {later[0]}")
+                if len(data) == 0 or not self._growing():
+                    self._open_segment(later[0])
+                    return self.poll(max_bytes)
+            elif not os.path.exists(os.path.join(self.directory,
+                                                 segment_name(self._first))):
+                raise Trimmed(f"segment {self._first} was trimmed while read")
+        self._offset += consumed
+        return entries
+
+    def _growing(self) -> bool:
+        return os.fstat(self._fd).st_size > self._offset

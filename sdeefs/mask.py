@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .errors import QuietError
+from .errors import ExitCode, QuietError
 
 OwnerMap = Callable[[int, int], tuple[int, int]]
 
@@ -42,9 +42,6 @@ class MaskSpec:
     hidden: tuple[bytes, ...] = ()
     mountpoints: tuple[bytes, ...] = ()
 
-    def is_empty(self) -> bool:
-        return not (self.empty_dirs or self.hidden or self.mountpoints)
-
 
 def build_mask(target: str, lower: str, spec: MaskSpec, opaque_xattr: bytes,
                owner_map: OwnerMap = identity) -> bool:
@@ -60,7 +57,7 @@ def build_mask(target: str, lower: str, spec: MaskSpec, opaque_xattr: bytes,
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=8m,nr_inodes=65536",
                              "sdeefs-mask", target], capture_output=True, text=True)
     if result.returncode != 0:
-        raise QuietError(f"cannot mount the mask layer: {result.stderr.strip()}", 1)
+        raise QuietError(f"cannot mount the mask layer: {result.stderr.strip()}", ExitCode.FAILURE)
     top = os.fsencode(target)
     for rel in wanted_dirs:
         path = _make_parents(top, lower_b, rel, owner_map)

@@ -32,7 +32,7 @@ import trio
 
 from .apply import recover
 from .cow import DEFAULT_EXCLUDES, Config, CowFS, Layout, Mode
-from .errors import QuietError
+from .errors import ExitCode, QuietError
 from .guard import DenyPatterns, GuardView, Policy
 from .journal import Journal, NullJournal
 from .mask import MaskSpec
@@ -97,31 +97,36 @@ def validate(req: MountRequest) -> None:
                        ("mountpoint", req.mountpoint)):
         if any(c in path for c in ",:\n\t "):
             raise QuietError(f"cannot mount: the {what} path {path!r} contains a comma, colon or "
-                             "blank (mount options cannot carry it)", 2)
+                             "blank (mount options cannot carry it)", ExitCode.USAGE)
     if req.engine not in ENGINES:
-        raise QuietError(f"unknown engine {req.engine!r} (choose from {', '.join(ENGINES)})", 2)
+        raise QuietError(f"unknown engine {req.engine!r} (choose from {', '.join(ENGINES)})",
+                         ExitCode.USAGE)
     if not os.path.exists("/dev/fuse"):
-        raise QuietError("cannot mount: /dev/fuse does not exist (load the fuse module)", 3)
+        raise QuietError("cannot mount: /dev/fuse does not exist (load the fuse module)",
+                         ExitCode.UNAVAILABLE)
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise QuietError("cannot mount: no permission to open /dev/fuse", 3)
+        raise QuietError("cannot mount: no permission to open /dev/fuse", ExitCode.UNAVAILABLE)
     if os.geteuid() != 0:
-        raise QuietError("cannot mount: sdeefs mount must run as root (it serves every uid)", 3)
+        raise QuietError("cannot mount: sdeefs mount must run as root (it serves every uid)",
+                         ExitCode.UNAVAILABLE)
     for what, path in (("lower", req.lower), ("upper", req.upper), ("mountpoint", req.mountpoint)):
         if not os.path.isdir(path):
-            raise QuietError(f"cannot mount: {what} {path} is not a directory", 2)
+            raise QuietError(f"cannot mount: {what} {path} is not a directory", ExitCode.USAGE)
     if os.path.ismount(req.mountpoint):
-        raise QuietError(f"cannot mount: {req.mountpoint} is busy (something is mounted there)", 4)
+        raise QuietError(f"cannot mount: {req.mountpoint} is busy (something is mounted there)",
+                         ExitCode.BUSY)
     if os.listdir(req.mountpoint):
-        raise QuietError(f"cannot mount: mountpoint {req.mountpoint} is not empty", 4)
+        raise QuietError(f"cannot mount: mountpoint {req.mountpoint} is not empty", ExitCode.BUSY)
     for what, path in (("upper", req.upper), ("state", req.state)):
         if _inside(path, req.mountpoint):
             raise QuietError(f"cannot mount: the {what} directory {path} is inside the mountpoint",
-                             2)
+                             ExitCode.USAGE)
         if _inside(req.lower, path):
-            raise QuietError(f"cannot mount: the lower {req.lower} is inside the {what} {path}", 2)
+            raise QuietError(f"cannot mount: the lower {req.lower} is inside the {what} {path}",
+                             ExitCode.USAGE)
     if _inside(req.state, req.upper) or _inside(req.upper, req.state):
         raise QuietError("cannot mount: upper and state directories must not contain each other",
-                         2)
+                         ExitCode.USAGE)
     lower = os.path.realpath(req.lower)
     given = [*req.excludes, *(os.path.join(lower, os.fsdecode(e)) for e in DEFAULT_EXCLUDES
                               if lower == "/")]
@@ -129,7 +134,8 @@ def validate(req: MountRequest) -> None:
         for excluded in given:
             if _inside(path, excluded):
                 raise QuietError(f"cannot mount: the {what} {path} is inside the excluded path "
-                                 f"{excluded}, which the launcher bind-mounts from the host", 2)
+                                 f"{excluded}, which the launcher bind-mounts from the host",
+                                 ExitCode.USAGE)
 
 
 def prepare_state(req: MountRequest) -> None:
@@ -137,7 +143,8 @@ def prepare_state(req: MountRequest) -> None:
     os.makedirs(os.path.join(req.state, "work"), mode=0o700, exist_ok=True)
     if os.stat(req.upper).st_dev != os.stat(os.path.join(req.state, "work")).st_dev:
         raise QuietError(f"cannot mount: state {req.state} must be on the upper's filesystem "
-                         "(copy-ups are renamed from its work directory into the upper)", 2)
+                         "(copy-ups are renamed from its work directory into the upper)",
+                         ExitCode.USAGE)
 
 
 @contextlib.contextmanager
@@ -150,7 +157,7 @@ def state_lock(state: str) -> Iterator[int]:
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise QuietError(f"cannot mount: state {state} is in use by daemon pid {pid}",
-                             4) from None
+                             ExitCode.BUSY) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
@@ -328,7 +335,8 @@ def _fork_daemon(log_path: str, serve: Callable[[int], int]) -> Callable[[], Non
             return
         status, _, message = answer.partition(" ")
         if not status.isdigit():
-            raise QuietError(f"cannot mount: the daemon died while starting (see {log_path})", 1)
+            raise QuietError(f"cannot mount: the daemon died while starting (see {log_path})",
+                             ExitCode.FAILURE)
         raise QuietError(message, int(status))
 
     return wait
@@ -377,7 +385,8 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
         try:
             lower_fd = open_tree_clone(req.lower)  # no submounts: what the idmapped lower shows
         except PermissionError:
-            raise QuietError("cannot mount the guard: it must run as root", 3) from None
+            raise QuietError("cannot mount the guard: it must run as root",
+                             ExitCode.UNAVAILABLE) from None
         view = GuardView(lower_fd, Policy(DenyPatterns.of(req.deny), req.uid, req.gid))
         ops = GuardOperations(view, Offload(), req.cache_timeout)
         pyfuse3.init(ops, req.mountpoint, {
@@ -406,9 +415,11 @@ def mount_guard(req: GuardRequest) -> None:
 def begin_guard(req: GuardRequest) -> Callable[[], None]:
     """Start mounting the guard; the returned call waits until it is mounted (or raises)."""
     if not os.path.isdir(req.mountpoint):
-        raise QuietError(f"cannot mount the guard: {req.mountpoint} is not a directory", 2)
+        raise QuietError(f"cannot mount the guard: {req.mountpoint} is not a directory",
+                         ExitCode.USAGE)
     if not os.path.isdir(req.lower):
-        raise QuietError(f"cannot mount the guard: lower {req.lower} is not a directory", 2)
+        raise QuietError(f"cannot mount the guard: lower {req.lower} is not a directory",
+                         ExitCode.USAGE)
     return _fork_daemon(req.log, lambda ready_fd: run_guard(req, ready_fd))
 
 
@@ -428,7 +439,8 @@ def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None
     result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise QuietError(f"cannot mount kernel overlayfs: {result.stderr.strip()}", 1)
+        raise QuietError(f"cannot mount kernel overlayfs: {result.stderr.strip()}",
+                         ExitCode.FAILURE)
 
 
 def mount(req: MountRequest) -> None:
@@ -442,7 +454,8 @@ def mount(req: MountRequest) -> None:
     inner = os.path.join(req.state, "mnt")
     os.makedirs(inner, mode=0o700, exist_ok=True)
     if os.path.ismount(inner):
-        raise QuietError(f"cannot mount: {inner} is still mounted from an earlier run", 4)
+        raise QuietError(f"cannot mount: {inner} is still mounted from an earlier run",
+                         ExitCode.BUSY)
     mask = build_mask(req)
     try:
         spawn_daemon(req, inner, "raw")
@@ -476,14 +489,15 @@ def _alive(pid: int) -> bool:
 def unmount_path(path: str) -> None:
     result = subprocess.run(["umount", path], capture_output=True, text=True)
     if result.returncode != 0:
-        raise QuietError(f"cannot unmount {path}: {result.stderr.strip()}", 5)
+        raise QuietError(f"cannot unmount {path}: {result.stderr.strip()}", ExitCode.UNMOUNT)
 
 
 def wait_daemon_exit(state: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while daemon_pid(state) is not None:
         if time.monotonic() > deadline:
-            raise QuietError(f"the daemon of {state} did not exit within {timeout:.0f} s", 5)
+            raise QuietError(f"the daemon of {state} did not exit within {timeout:.0f} s",
+                             ExitCode.UNMOUNT)
         time.sleep(0.02)
 
 
@@ -505,15 +519,15 @@ def mounted_state(mountpoint: str) -> tuple[str, str | None]:
                 return "overlay", None
             if fstype.startswith("fuse") and source.startswith("sdeefs:"):
                 return "fuse", source[len("sdeefs:"):].replace("\\040", " ")
-            raise QuietError(f"{mountpoint} is a {fstype} mount not made by sdeefs", 2)
-    raise QuietError(f"{mountpoint} is not mounted", 2)
+            raise QuietError(f"{mountpoint} is a {fstype} mount not made by sdeefs", ExitCode.USAGE)
+    raise QuietError(f"{mountpoint} is not mounted", ExitCode.USAGE)
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:
     """Unmount an sdeefs view and wait until its daemon has exited (journal closed)."""
     kind, state = mounted_state(mountpoint)
     if kind == "overlay" or state is None:
-        raise QuietError(f"{mountpoint} is a kernel overlay not made by sdeefs", 2)
+        raise QuietError(f"{mountpoint} is a kernel overlay not made by sdeefs", ExitCode.USAGE)
     unmount_path(mountpoint)
     if kind == "hybrid":
         unmount_path(os.path.join(state, "mnt"))

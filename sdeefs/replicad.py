@@ -67,11 +67,12 @@ from collections.abc import Iterator
 import attrs
 import trio
 
+from . import control
 from . import records as rec
 from .apply import open_write_data
-from .cow import LayerRoot
-from .errors import JournalCorrupt, QuietError
-from .journal import Entry, Journal, NullJournal, journal_id
+from .errors import ExitCode, JournalCorrupt, QuietError
+from .journal import Entry, Journal, JournalTail, Trimmed, journal_id
+from .layers import LayerRoot, open_layer_root
 from .replicate import (
     ERROR,
     HEAD,
@@ -89,12 +90,10 @@ from .replicate import (
     Follower,
     Frame,
     Hello,
-    JournalTail,
     LinkStats,
     ProtocolError,
     Redirected,
     Replica,
-    Trimmed,
     VersionMismatch,
     answer_hello,
     decode_hello,
@@ -164,7 +163,7 @@ def parse_address(text: str, default_port: int = 7077) -> tuple[str, int]:
     try:
         return host.strip("[]"), int(port)
     except ValueError:
-        raise QuietError(f"bad address {text!r} (want HOST:PORT)", 2) from None
+        raise QuietError(f"bad address {text!r} (want HOST:PORT)", ExitCode.USAGE) from None
 
 
 def load_key(path: str) -> bytes:
@@ -174,12 +173,13 @@ def load_key(path: str) -> bytes:
         with open(path, "rb") as f:
             key = f.read()
     except OSError as exc:
-        raise QuietError(f"cannot read the replication key {path}: {exc.strerror}", 2) from None
+        raise QuietError(f"cannot read the replication key {path}: {exc.strerror}",
+                         ExitCode.USAGE) from None
     if st.st_mode & 0o077:
         raise QuietError(f"{path}: the replication key must not be readable by others "
-                         "(chmod 600)", 2)
+                         "(chmod 600)", ExitCode.USAGE)
     if len(key.strip()) < 32:
-        raise QuietError(f"{path}: the replication key is shorter than 32 bytes", 2)
+        raise QuietError(f"{path}: the replication key is shorter than 32 bytes", ExitCode.USAGE)
     return key.strip()
 
 
@@ -311,9 +311,8 @@ class OriginUser:
         self.grew = trio.Event()
 
     def source(self) -> LayerRoot:
-        fds = [os.open(os.path.join(self.root, *sub), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-               for sub in (("upper",), ("state", "work"))]
-        return LayerRoot(fds[0], fds[1], NullJournal())
+        return open_layer_root(os.path.join(self.root, "upper"),
+                               os.path.join(self.root, "state", "work"))
 
 
 def _settled(pending: list[Entry], first_seen: float) -> int:
@@ -930,7 +929,8 @@ class Daemon:
 
     def start_following(self, name: str) -> ReplicaUser:
         if self.config.replica_dir is None or self.config.upstream is None:
-            raise QuietError(f"{self.config.node} keeps no replicas (no replica_dir/upstream)", 2)
+            raise QuietError(f"{self.config.node} keeps no replicas (no replica_dir/upstream)",
+                             ExitCode.USAGE)
         user = self.replicas.get(name)
         if user is None:
             replica = Replica.open(os.path.join(self.config.replica_dir, name))
@@ -1163,57 +1163,22 @@ class Daemon:
     async def _serve_control(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
         assert self.config.control is not None
-        path = self.config.control
-        # Bound under a temporary name and renamed once listening: a client that sees the
-        # path can connect (a bound socket that does not listen yet refuses connections).
-        staging = f"{path}.{os.getpid()}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            await sock.bind(staging)
-        finally:
-            os.umask(old)
-        sock.listen(64)
-        os.replace(staging, path)
-        listener = trio.SocketListener(sock)
-        task_status.started()
-        await trio.serve_listeners(self._handle_control, [listener])
+        await control.serve(self.config.control, self._control, task_status=task_status)
 
-    async def _handle_control(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                data = b""
-                with trio.fail_after(10):
-                    while not data.endswith(b"\n"):
-                        chunk = await stream.receive_some(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                        if len(data) > 65536:
-                            raise ValueError("request too long")
-                request = json.loads(data)
-                reply = await self._control(request)
-            except QuietError as exc:
-                reply = {"error": str(exc)}
-            except trio.TooSlowError:
-                reply = {"error": "timed out"}
-            except (ValueError, KeyError, TypeError) as exc:
-                reply = {"error": f"bad request: {exc}"}
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
-
-    async def _control(self, request: dict[str, object]) -> dict[str, object]:
+    async def _control(self, peer: control.Peer, request: control.Request) -> control.Reply:
+        """The control socket's requests (root only: the socket file is 0600)."""
         op = request.get("op")
         if op == "status":
             return self.status()
         user = request.get("user")
         if not isinstance(user, str) or not user or "/" in user or user.startswith("."):
-            raise ValueError("user must be a user name")
+            raise control.BadRequest("user must be a user name")
         if op == "follow":
             if request.get("wait"):
-                timeout = float(request.get("timeout", 300))  # type: ignore[arg-type]
+                try:
+                    timeout = float(request.get("timeout", 300))
+                except (TypeError, ValueError):
+                    raise control.BadRequest("timeout must be a number") from None
                 try:
                     return await self.wait_barrier(user, timeout)
                 except trio.TooSlowError:
@@ -1221,12 +1186,13 @@ class Daemon:
                     raise QuietError(
                         f"{user}: replica not at the barrier after {timeout:.0f} s "
                         f"(applied {r.replica.applied if r else 0}, "
-                        f"last error: {r.stats.last_error if r else ''})", 1) from None
+                        f"last error: {r.stats.last_error if r else ''})",
+                                     ExitCode.FAILURE) from None
             self.start_following(user)
             return {"user": user, "following": True}
         if op == "unfollow":
             return {"user": user, "stopped": self.stop_following(user)}
-        raise ValueError(f"unknown op {op!r}")
+        raise control.BadRequest(f"unknown op {op!r}")
 
     def status(self) -> dict[str, object]:
         origin = {}
@@ -1260,30 +1226,10 @@ def _reset_locked(replica: Replica) -> None:
         replica.reset()
 
 
-def control_request(path: str, request: dict[str, object], timeout: float = 600) -> dict[
-        str, object]:
+def control_request(path: str, request: control.Request, timeout: float = 600
+                    ) -> control.Reply:
     """Send one request to a replicad's control socket (blocking; for the CLI and prolog)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise QuietError(f"sdeefs-replicad is not running ({path}: {exc.strerror})", 3) \
-                from None
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-    try:
-        reply: dict[str, object] = json.loads(data)
-    except ValueError:
-        raise QuietError("sdeefs-replicad gave no answer", 1) from None
-    if "error" in reply:
-        raise QuietError(str(reply["error"]), 1)
-    return reply
+    return control.request(path, request, timeout, what="sdeefs-replicad")
 
 
 def tree_cost(nodes: int, fanout: int) -> dict[str, float]:
@@ -1342,7 +1288,7 @@ def _parser() -> argparse.ArgumentParser:
 def _defaults_from_config(args: argparse.Namespace) -> None:
     """Options not given come from [replication] of the sdeefs config (the file the SLURM
     prolog and ``sdeefs-run`` read too), with ``%n`` the node's name."""
-    from sdeefs_launcher import config as config_mod
+    from sdeefs import config as config_mod
 
     rep = config_mod.load().replication.on(args.node)
     args.key_file = args.key_file or rep.key_file
@@ -1361,11 +1307,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _defaults_from_config(args)
         if args.replica_dir and not args.upstream:
-            raise QuietError("--replica-dir needs --upstream (where to follow users from)", 2)
+            raise QuietError("--replica-dir needs --upstream (where to follow users from)",
+                             ExitCode.USAGE)
         if not (args.origin or args.replica_dir):
-            raise QuietError("nothing to do: give --origin and/or --replica-dir", 2)
+            raise QuietError("nothing to do: give --origin and/or --replica-dir", ExitCode.USAGE)
         if args.fanout < 1:
-            raise QuietError("--fanout must be at least 1", 2)
+            raise QuietError("--fanout must be at least 1", ExitCode.USAGE)
         config = DaemonConfig(
             node=args.node, key=load_key(args.key_file),
             listen=parse_address(args.listen) if args.listen else None,

@@ -132,13 +132,9 @@ import trio
 
 from . import records as rec
 from .apply import apply_record
-from .cow import LayerRoot
-from .errors import BadRecord, JournalCorrupt
-from .journal import FRAME_HEADER as JOURNAL_FRAME
-from .journal import SEGMENT_HEADER, Entry, read_segment_header, scan_frames
-from .journal import segment_name as journal_segment_name
-from .records import decode_record
-from .sysio import boot_id, renameat2, syncfs, write_file_atomic
+from .errors import BadRecord
+from .layers import LayerRoot, open_layer_root
+from .sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
 from .treewalk import rmtree, walk
 
 log = logging.getLogger(__name__)
@@ -167,7 +163,6 @@ REPORT_INTERVAL = 1.0  # seconds: at most one subtree report per link this often
 IN_FLIGHT_BYTES = 8 << 20  # payload received and not yet applied (a replica's memory bound)
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
 _NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
-_RENAME_FLAGS_EXCHANGE = 2
 
 
 class ProtocolError(Exception):
@@ -710,11 +705,7 @@ SNAPSHOT_MARK = (1 << 64) - 1  # in-flight "seq": a snapshot was being swapped i
 
 
 def _open_layers(root: str) -> LayerRoot:
-    from .journal import NullJournal
-
-    fds = [os.open(os.path.join(root, sub), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-           for sub in ("upper", "work")]
-    return LayerRoot(fds[0], fds[1], NullJournal())
+    return open_layer_root(os.path.join(root, "upper"), os.path.join(root, "work"))
 
 
 @attrs.define(eq=False)
@@ -964,7 +955,7 @@ class Replica:
         in_fd = os.open(incoming, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for sub in (b"upper", b"work"):
-                renameat2(in_fd, sub, root_fd, sub, _RENAME_FLAGS_EXCHANGE)
+                renameat2(in_fd, sub, root_fd, sub, RENAME_EXCHANGE)
         finally:
             os.close(in_fd)
             os.close(root_fd)
@@ -980,101 +971,6 @@ class Replica:
 
 
 # -- reading a live journal incrementally ------------------------------------------------------
-
-
-class Trimmed(Exception):
-    """The records asked for were trimmed from the journal: a snapshot must replace them."""
-
-
-@attrs.define(eq=False)
-class JournalTail:
-    """Reads a journal that another process is appending to, from ``next_seq`` on.
-
-    Keeps its place (segment, offset), so following a live journal costs only the new
-    bytes.  A frame still being written (torn) is simply not returned yet.
-    """
-
-    directory: str
-    next_seq: int
-    _fd: int = -1
-    _first: int = 0
-    _offset: int = 0
-    _version: int = rec.RECORD_VERSION  # the open segment's record encoding
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _segments(self) -> list[int]:
-        firsts = []
-        for name in os.listdir(self.directory):
-            if name.startswith("seg-") and name.endswith(".log") and len(name) == 24:
-                with contextlib.suppress(ValueError):
-                    firsts.append(int(name[4:20], 16))
-        return sorted(firsts)
-
-    def first_available(self) -> int:
-        firsts = self._segments()
-        return firsts[0] if firsts else 1
-
-    def _open_segment(self, first: int) -> None:
-        self.close()
-        self._fd = os.open(os.path.join(self.directory, journal_segment_name(first)),
-                           os.O_RDONLY | os.O_CLOEXEC)
-        header = os.pread(self._fd, SEGMENT_HEADER.size, 0)
-        found, self._version = read_segment_header(header)
-        if found != first:
-            raise JournalCorrupt(f"segment {first}: header does not match its name")
-        self._first, self._offset = first, SEGMENT_HEADER.size
-
-    def _locate(self) -> None:
-        firsts = self._segments()
-        candidates = [f for f in firsts if f <= self.next_seq]
-        if not candidates:
-            raise Trimmed(f"seq {self.next_seq} is no longer in the journal")
-        self._open_segment(candidates[-1])
-        # Skip the frames before next_seq (only when starting in the middle of a segment).
-        while True:
-            header = os.pread(self._fd, JOURNAL_FRAME.size, self._offset)
-            if len(header) < JOURNAL_FRAME.size:
-                return
-            _, length, seq, _, _ = JOURNAL_FRAME.unpack(header)
-            if seq >= self.next_seq:
-                return
-            self._offset += JOURNAL_FRAME.size + length
-
-    def poll(self, max_bytes: int = 4 << 20) -> list[Entry]:
-        """The complete records appended since the last call (at most about max_bytes)."""
-        if self._fd < 0:
-            self._locate()
-            if self._fd < 0:
-                return []
-        data = os.pread(self._fd, max_bytes, self._offset)
-        entries = []
-        consumed = 0
-        for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
-            entries.append(Entry(seq, decode_record(rtype, payload, self._version)))
-            consumed = end
-            self.next_seq = seq + 1
-        if not entries and len(data) < max_bytes:
-            self._offset += consumed
-            # Nothing new here: has the journal moved on to a next segment?
-            later = [f for f in self._segments() if f > self._first]
-            if later:
-                if later[0] != self.next_seq:
-                    raise JournalCorrupt(f"journal damaged before seq {later[0]}")
-                if len(data) == 0 or not self._growing():
-                    self._open_segment(later[0])
-                    return self.poll(max_bytes)
-            elif not os.path.exists(os.path.join(self.directory,
-                                                 journal_segment_name(self._first))):
-                raise Trimmed(f"segment {self._first} was trimmed while read")
-        self._offset += consumed
-        return entries
-
-    def _growing(self) -> bool:
-        return os.fstat(self._fd).st_size > self._offset
 
 
 # -- the replica end of a link ------------------------------------------------------------------
@@ -1304,6 +1200,3 @@ async def receive_acks(stream: trio.abc.ReceiveStream, key: bytes, follower: Fol
             follower.report = decode_report(frame.payload)
 
 
-def entry_frames(entry: Entry, read_data: Callable[[rec.Write], bytes | None]) -> list[Frame]:
-    data = read_data(entry.record) if isinstance(entry.record, rec.Write) else None
-    return record_frames(entry.seq, entry.record, data)

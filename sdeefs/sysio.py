@@ -22,11 +22,9 @@ _SYS_OPEN_TREE = 428
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
-RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
-AT_RECURSIVE = 0x8000
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 
@@ -127,10 +125,6 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
 def is_whiteout(st: os.stat_result) -> bool:
     """Kernel overlayfs whiteout: a character device with device number 0/0."""
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def make_whiteout(dir_fd: int, name: bytes) -> None:
-    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
 
 
 def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:

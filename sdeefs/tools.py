@@ -182,9 +182,9 @@ def describe(record: rec.Record) -> str:
 def show_log(state: str, from_seq: int, limit: int, as_json: bool) -> int:
     journal_dir = os.path.join(state, "journal")
     if not os.path.isdir(journal_dir):
-        from .errors import QuietError
+        from .errors import ExitCode, QuietError
 
-        raise QuietError(f"no journal in {state}", 2)
+        raise QuietError(f"no journal in {state}", ExitCode.USAGE)
     journal = Journal(directory=journal_dir)
     for shown, entry in enumerate(journal.read(from_seq), start=1):
         if as_json:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from sdeefs import records as rec
 from sdeefs.apply import apply_record, read_write_data
-from sdeefs.cow import LayerRoot
 from sdeefs.fs.fanotify import handle_of
 from sdeefs.fs.model import UPPER, Model
 from sdeefs.fs.reconcile import Dirty
 from sdeefs.journal import NullJournal
+from sdeefs.layers import LayerRoot
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 

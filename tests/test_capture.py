@@ -23,6 +23,7 @@ import pytest
 from sdeefs import records as rec
 from sdeefs.apply import recover, replay
 from sdeefs.check import check_replay_matches
+from sdeefs.errors import QuietError
 from sdeefs.fs import capture, image
 from sdeefs.fs import fanotify as fan
 from sdeefs.journal import Journal
@@ -83,7 +84,7 @@ class Site:
             try:
                 capture.request(str(self.state), "status", timeout=5)
                 return proc
-            except OSError:
+            except QuietError:  # not listening yet
                 if proc.poll() is not None:
                     raise AssertionError(f"capture exited: {proc.stderr.read()!r}") from None
                 if time.monotonic() > deadline:

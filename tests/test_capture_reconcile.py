@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
-from sdeefs.cow import LayerRoot
 from sdeefs.fs.model import UPPER, CheckpointError, Model
 from sdeefs.fs.reconcile import (
     BLOCK,
@@ -33,6 +32,7 @@ from sdeefs.fs.reconcile import (
     block_sum,
     extents,
 )
+from sdeefs.layers import LayerRoot
 from sdeefs.sysio import RENAME_EXCHANGE, renameat2
 
 from .capture_util import Workload, apply_all, model_tree, open_layers, tree, tree_diff

@@ -49,8 +49,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdeefs.config import DEFAULT_DENY
 from sdeefs.mount import daemon_pid
-from sdeefs_launcher.config import DEFAULT_DENY
 
 from .launcher_site import ENTER, SHELL, Site, open_site, requires_launcher
 

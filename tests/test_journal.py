@@ -23,20 +23,21 @@ import pytest
 from sdeefs import records as rec
 from sdeefs.apply import apply_record, read_write_data, recover, replay
 from sdeefs.check import run_checks
-from sdeefs.cow import ROOT_INO, Config, CowFS, LayerRoot
+from sdeefs.cow import ROOT_INO, Config, CowFS
 from sdeefs.errors import FailsafeError, JournalCorrupt
 from sdeefs.journal import (
     FRAME_HEADER,
     SEGMENT_HEADER,
     SYNC_FLUSHED,
     Journal,
+    JournalTail,
     NullJournal,
     encode_frame,
     encode_segment_header,
     read_segment_header,
     segment_name,
 )
-from sdeefs.replicate import JournalTail
+from sdeefs.layers import LayerRoot
 from sdeefs.sysio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,

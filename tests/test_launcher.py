@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from sdeefs import config as config_mod
+from sdeefs.launcher import service as service_mod
+from sdeefs.launcher.pam import install, uninstall
 from sdeefs.mount import daemon_pid
-from sdeefs_launcher import config as config_mod
-from sdeefs_launcher import service as service_mod
-from sdeefs_launcher.pam import install, uninstall
 
 from .launcher_site import SHELL, VENV_BIN, Site, open_site, requires_launcher
 
@@ -223,7 +223,7 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         assert result.returncode == 2
         assert key in result.stderr
         assert result.stderr.count("\n") == 1
-    assert config_mod.parse({}) == config_mod.Config()
+    assert config_mod.parse({}) == config_mod.SiteConfig()
 
 
 def test_install_pam_edits_only_its_own_line(tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ def test_private_scan_refreshes_may_race(tmp_path: Path) -> None:
     they shared one temporary file name)."""
     import threading
 
-    from sdeefs_launcher import private
+    from sdeefs.launcher import private
 
     lower = tmp_path / "lower"
     (lower / "etc").mkdir(parents=True)

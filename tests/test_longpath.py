@@ -22,8 +22,8 @@ import pytest
 from sdeefs import records as rec
 from sdeefs.apply import read_write_data
 from sdeefs.check import _tree_signature, run_checks
-from sdeefs.cow import LayerRoot
 from sdeefs.journal import Journal, NullJournal
+from sdeefs.layers import LayerRoot
 from sdeefs.replicate import Replica, record_frames, tree_digest
 
 from .conftest import Layers, requires_fuse, sdeefs

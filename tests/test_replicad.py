@@ -290,8 +290,8 @@ def test_trimmed_history_and_a_relay_without_it_resync_by_verified_snapshots(sit
 
 
 def test_replication_config_names_the_bad_key_and_substitutes_the_node() -> None:
+    from sdeefs.config import parse
     from sdeefs.errors import QuietError
-    from sdeefs_launcher.config import parse
 
     config = parse({"replication": {"login": "login1:7077", "replica_dir": "/local/%n/rep",
                                     "control": "/run/%n.sock", "barrier_timeout": 5}})
@@ -347,7 +347,7 @@ def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
 
 def journal_entries(site: Site) -> list[object]:
     """The records of the login node's journal, in order."""
-    from sdeefs.replicate import JournalTail
+    from sdeefs.journal import JournalTail
 
     tail = JournalTail(str(site.state / "journal"), 1)
     try:

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from sdeefs import records as rec
 from sdeefs.apply import read_write_data
 from sdeefs.check import _tree_signature
-from sdeefs.cow import ROOT_INO, Config, CowFS, LayerRoot
+from sdeefs.cow import ROOT_INO, Config, CowFS
 from sdeefs.journal import Journal, NullJournal
+from sdeefs.layers import LayerRoot
 from sdeefs.replicate import (
     ACK,
     CHUNK,

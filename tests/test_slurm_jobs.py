@@ -200,8 +200,8 @@ def open_grid(nodes: int, barrier_timeout: int = 90) -> Iterator[Grid]:
                     for i in range(1, nodes + 1):  # a failed test may leave job environments
                         for run in (base / f"n{i}" / "jobs").glob("*.run"):
                             with contextlib.suppress(Exception):
-                                from sdeefs_launcher import config as config_mod
-                                from sdeefs_launcher import job as job_mod
+                                from sdeefs import config as config_mod
+                                from sdeefs.launcher import job as job_mod
 
                                 job_mod.epilog(config_mod.load(str(site.config)), f"n{i}",
                                                run.name.removesuffix(".run"))
@@ -356,7 +356,7 @@ def wait_quiet_journal(journal: Path) -> int:
     """Until the user's journal ends in Done and Sync markers (a metadata change was the
     user's last) and stops growing: the user went idle.  Returns its head."""
     from sdeefs import records as rec
-    from sdeefs.replicate import JournalTail
+    from sdeefs.journal import JournalTail
 
     def entries() -> list[object]:
         tail = JournalTail(str(journal), 1)

@@ -61,14 +61,12 @@ times are not journaled.  Device nodes (a tampered image) are not journaled.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
-import json
+import functools
 import logging
 import os
 import signal
-import socket
 import struct
 import sys
 import time
@@ -76,8 +74,9 @@ import time
 import attrs
 import trio
 
+from .. import control
 from .. import records as rec
-from ..errors import FailsafeError, JournalCorrupt, QuietError
+from ..errors import ExitCode, FailsafeError, JournalCorrupt, QuietError
 from ..journal import Journal, journal_id
 from ..offload import Offload
 from . import fanotify as fan
@@ -265,7 +264,7 @@ class Capture:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
-            raise QuietError(f"a capture runs for {config.state} already", 4) from None
+            raise QuietError(f"a capture runs for {config.state} already", ExitCode.BUSY) from None
         os.ftruncate(lock_fd, 0)
         os.write(lock_fd, b"%d\n" % os.getpid())
         group = upper = journal = None
@@ -409,15 +408,13 @@ class Capture:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listener = self._listen()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._serve, listener)
+            await nursery.start(functools.partial(control.serve, self.config.socket,
+                                                  self._handle))
             nursery.start_soon(self._signals)
             task_status.started()
             await self._loop()
             nursery.cancel_scope.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket)
 
     async def _loop(self) -> None:
         while True:
@@ -501,47 +498,11 @@ class Capture:
 
     # -- control socket -------------------------------------------------------------------
 
-    def _listen(self) -> trio.socket.SocketType:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket)  # a dead capture's (we hold the lock)
-        return trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-
-    async def _serve(self, sock: trio.socket.SocketType) -> None:
-        old = os.umask(0o177)  # the socket file: root only
-        try:
-            await sock.bind(self.config.socket)
-        finally:
-            os.umask(old)
-        sock.listen(16)
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await sock.accept()
-                nursery.start_soon(self._answer, conn)
-
-    async def _answer(self, conn: trio.socket.SocketType) -> None:
-        with conn:
-            uid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                _UCRED.size))[1]
-            if uid != 0:
-                await conn.send(b'{"ok": false, "error": "root only"}\n')
-                return
-            data = b""
-            with trio.move_on_after(10):
-                while b"\n" not in data and len(data) < MAX_REQUEST:
-                    chunk = await conn.recv(MAX_REQUEST)
-                    if not chunk:
-                        break
-                    data += chunk
-            reply = await self._handle(data.split(b"\n", 1)[0])
-            with contextlib.suppress(OSError):
-                await conn.send(json.dumps(reply).encode() + b"\n")
-
-    async def _handle(self, line: bytes) -> dict[str, object]:
-        try:
-            request = json.loads(line)
-            op = request.get("op") if isinstance(request, dict) else None
-        except ValueError:
-            op = None
+    async def _handle(self, peer: control.Peer, request: control.Request) -> control.Reply:
+        """The control socket's requests: root only (the socket file is 0600, and this)."""
+        if peer.uid != 0:
+            raise control.ControlError("root only", ExitCode.UNAVAILABLE, "forbidden")
+        op = request.get("op")
         if op == "drain":
             return {"ok": True, "head": await self.drain()}
         if op == "status":
@@ -551,34 +512,20 @@ class Capture:
                     "overflows": c.overflows, "events": c.events, "records": c.records,
                     "nodes": len(self.model.nodes),
                     "last_batch_seconds": round(c.last_batch_seconds, 6)}
-        return {"ok": False, "error": "unknown request"}
+        raise control.BadRequest(f"unknown op {op!r}")
 
 
-def request(state: str, op: str, timeout: float = 60.0) -> dict[str, object]:
-    """Ask the capture of ``state`` (blocking); OSError if none answers."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(os.path.join(state, "capture.sock"))
-        sock.sendall(json.dumps({"op": op}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply = json.loads(data)
-    if not isinstance(reply, dict):
-        raise OSError(errno.EPROTO, "bad answer from the capture")
-    return reply
+def request(state: str, op: str, timeout: float = 60.0) -> control.Reply:
+    """Ask the capture of ``state`` (blocking); QuietError if none answers."""
+    return control.request(os.path.join(state, "capture.sock"), {"op": op}, timeout,
+                           what="the capture daemon")
 
 
 def drain(state: str, timeout: float = 60.0) -> int:
     """Ask the capture for a barrier; the journal head that holds everything before it."""
-    reply = request(state, "drain", timeout)
-    if not reply.get("ok"):
-        raise OSError(errno.EPROTO, f"capture: {reply.get('error')}")
-    head = reply["head"]
-    assert isinstance(head, int)
+    head = request(state, "drain", timeout)["head"]
+    if not isinstance(head, int):
+        raise QuietError("the capture daemon gave a malformed answer", ExitCode.FAILURE)
     return head
 
 
@@ -613,14 +560,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(config: Config) -> None:
     if os.geteuid() != 0:
-        raise QuietError("the capture needs root (fanotify filesystem marks)", 3)
+        raise QuietError("the capture needs root (fanotify filesystem marks)", ExitCode.UNAVAILABLE)
     if not os.path.isdir(config.upper):
-        raise QuietError(f"{config.upper} is not a directory", 2)
+        raise QuietError(f"{config.upper} is not a directory", ExitCode.USAGE)
     try:
         capture = Capture.open(config)
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EXDEV):
-            raise QuietError(f"cannot watch {config.layer}: {exc}", 3) from None
+            raise QuietError(f"cannot watch {config.layer}: {exc}", ExitCode.UNAVAILABLE) from None
         raise
     try:
         log.info("capture: watching %s, journal head %d", config.layer, capture.journal.head)

@@ -1,4 +1,7 @@
-"""The launcher's configuration: one TOML file, every key documented, every error naming its key.
+"""The site configuration: one TOML file, every key documented, every error naming its key.
+
+Shared core: read by the launcher (login environments, jobs) and by
+``sdeefs-replicad`` ([replication]) on every node.
 
 Read from ``/etc/sdeefs/sdeefs.toml`` or the file named by ``$SDEEFS_CONFIG``;
 a missing file means all defaults.  Example (every key, with its default)::
@@ -37,6 +40,7 @@ short host name): several simulated nodes can share one machine.
 
 from __future__ import annotations
 
+import enum
 import os
 import re
 import tomllib
@@ -44,10 +48,20 @@ from typing import Any
 
 import attrs
 
-from sdeefs.errors import QuietError
+from sdeefs.errors import ExitCode, QuietError
 
 DEFAULT_PATH = "/etc/sdeefs/sdeefs.toml"
-ENGINES = ("hybrid", "fuse", "overlay")
+
+
+class Engine(enum.StrEnum):
+    """What an environment's root is made of (one enum for "engine" everywhere)."""
+
+    HYBRID = "hybrid"  # kernel overlayfs over the journaling sdeefs passthrough upper
+    FUSE = "fuse"  # the pure sdeefs overlay: every access through the daemon
+    OVERLAY = "overlay"  # plain kernel overlayfs on the upper, no journal (jobs' scratch)
+
+
+ENGINES = tuple(e.value for e in Engine)
 DEFAULT_DENY = (
     "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers.d",
     "/etc/munge", "/etc/ssh/ssh_host_*_key", "/root", "/var/spool/slurm", "/var/spool/slurmd",
@@ -73,12 +87,12 @@ class Replication:
 
 
 @attrs.frozen
-class Config:
-    """Validated launcher configuration (see the module docstring for each key)."""
+class SiteConfig:
+    """Validated site configuration (see the module docstring for each key)."""
 
     root: str = "/var/lib/sdeefs"
     run_dir: str = "/run/sdeefs"
-    engine: str = "hybrid"
+    engine: Engine = Engine.HYBRID
     lower: str = "/"
     min_uid: int = 1000
     shared: tuple[str, ...] = ("/scratch",)
@@ -98,34 +112,35 @@ class Config:
 
 def _absolute(key: str, value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise QuietError(f"config: {key} must be an absolute path, not {value!r}", 2)
+        raise QuietError(f"config: {key} must be an absolute path, not {value!r}", ExitCode.USAGE)
     return os.path.normpath(value)
 
 
 def _paths(key: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list):
-        raise QuietError(f"config: {key} must be a list of absolute paths", 2)
+        raise QuietError(f"config: {key} must be a list of absolute paths", ExitCode.USAGE)
     return tuple(_absolute(f"{key}[{i}]", v) for i, v in enumerate(value))
 
 
 def _number(key: str, value: object, minimum: float = 0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise QuietError(f"config: {key} must be a number >= {minimum}, not {value!r}", 2)
+        raise QuietError(f"config: {key} must be a number >= {minimum}, not {value!r}",
+                         ExitCode.USAGE)
     return float(value)
 
 
-def parse(data: dict[str, Any], source: str = "config") -> Config:
-    """Build a Config from a parsed TOML document; one clear error per bad key."""
+def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
+    """Build a SiteConfig from a parsed TOML document; one clear error per bad key."""
     unknown_tables = set(data) - {"sdeefs", "replication"}
     if unknown_tables:
-        raise QuietError(f"{source}: unknown table [{sorted(unknown_tables)[0]}]", 2)
+        raise QuietError(f"{source}: unknown table [{sorted(unknown_tables)[0]}]", ExitCode.USAGE)
     table = data.get("sdeefs", {})
     if not isinstance(table, dict):
-        raise QuietError(f"{source}: [sdeefs] must be a table", 2)
-    fields = {f.name for f in attrs.fields(Config)}
+        raise QuietError(f"{source}: [sdeefs] must be a table", ExitCode.USAGE)
+    fields = {f.name for f in attrs.fields(SiteConfig)}
     for key in table:
         if key not in fields:
-            raise QuietError(f"{source}: unknown key sdeefs.{key}", 2)
+            raise QuietError(f"{source}: unknown key sdeefs.{key}", ExitCode.USAGE)
     values: dict[str, Any] = {}
     for key in ("root", "run_dir", "lower"):
         if key in table:
@@ -133,8 +148,8 @@ def parse(data: dict[str, Any], source: str = "config") -> Config:
     if "engine" in table:
         if table["engine"] not in ENGINES:
             raise QuietError(f"{source}: sdeefs.engine must be one of {', '.join(ENGINES)}, "
-                             f"not {table['engine']!r}", 2)
-        values["engine"] = table["engine"]
+                             f"not {table['engine']!r}", ExitCode.USAGE)
+        values["engine"] = Engine(table["engine"])
     if "min_uid" in table:
         values["min_uid"] = int(_number("sdeefs.min_uid", table["min_uid"]))
     for key in ("shared", "deny"):
@@ -147,26 +162,26 @@ def parse(data: dict[str, Any], source: str = "config") -> Config:
         size = table["tmp_size"]
         if not isinstance(size, str) or not re.fullmatch(r"\d+[kmgKMG%]?", size):
             raise QuietError(f"{source}: sdeefs.tmp_size must look like 25% or 4G, not {size!r}",
-                             2)
+                             ExitCode.USAGE)
         values["tmp_size"] = size
     if "replication" in data:
         values["replication"] = _replication(data["replication"], source)
-    return Config(**values)
+    return SiteConfig(**values)
 
 
 def _replication(table: object, source: str) -> Replication:
     if not isinstance(table, dict):
-        raise QuietError(f"{source}: [replication] must be a table", 2)
+        raise QuietError(f"{source}: [replication] must be a table", ExitCode.USAGE)
     fields = {f.name for f in attrs.fields(Replication)}
     for key in table:
         if key not in fields:
-            raise QuietError(f"{source}: unknown key replication.{key}", 2)
+            raise QuietError(f"{source}: unknown key replication.{key}", ExitCode.USAGE)
     values: dict[str, Any] = {}
     if "login" in table:
         login = table["login"]
         if not isinstance(login, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", login):
             raise QuietError(f"{source}: replication.login must look like HOST:PORT, "
-                             f"not {login!r}", 2)
+                             f"not {login!r}", ExitCode.USAGE)
         values["login"] = login
     for key in ("key_file", "control", "replica_dir", "job_dir"):
         if key in table:
@@ -177,7 +192,7 @@ def _replication(table: object, source: str) -> Replication:
     return Replication(**values)
 
 
-def load(path: str | None = None) -> Config:
+def load(path: str | None = None) -> SiteConfig:
     """Load the configuration file (``$SDEEFS_CONFIG`` or /etc/sdeefs/sdeefs.toml)."""
     path = path or os.environ.get("SDEEFS_CONFIG") or DEFAULT_PATH
     try:
@@ -185,8 +200,8 @@ def load(path: str | None = None) -> Config:
             data = tomllib.load(f)
     except FileNotFoundError:
         if path != DEFAULT_PATH:
-            raise QuietError(f"config file {path} does not exist", 2) from None
-        return Config()
+            raise QuietError(f"config file {path} does not exist", ExitCode.USAGE) from None
+        return SiteConfig()
     except tomllib.TOMLDecodeError as exc:
-        raise QuietError(f"{path}: not valid TOML: {exc}", 2) from None
+        raise QuietError(f"{path}: not valid TOML: {exc}", ExitCode.USAGE) from None
     return parse(data, path)
