@@ -11,7 +11,6 @@ applying it once; every path goes through :class:`~sdeefs.layers.LayerRoot`'s
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -21,7 +20,8 @@ import attrs
 from . import records as rec
 from .journal import Entry, Journal
 from .layers import LayerRoot, apply_setattr, open_layer_root
-from .sysio import open_by_handle, range_lock, renameat2
+from .sysio import renameat2
+from .writeahead import read_write_data
 
 log = logging.getLogger(__name__)
 
@@ -150,47 +150,6 @@ def recover(journal: Journal, upper: bytes, work: bytes) -> int | None:
         layers.close()
     journal.sync()
     return seq
-
-
-def open_write_data(source: LayerRoot, record: rec.Write) -> int | None:
-    """An fd on the file a Write record refers to, its range read-locked; None if gone.
-
-    By file handle first (the file may have been renamed since), by path when the
-    filesystem has no handles.  The read lock waits for a write of this range still in
-    progress (``sdeefs.ops``); closing the fd drops it.
-    """
-    fd = -1
-    if record.handle:
-        try:
-            fd = open_by_handle(source.mount_fd(), record.handle, os.O_RDONLY)
-        except OSError as exc:
-            if exc.errno in (errno.ESTALE, errno.ENOENT):
-                return None
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-    if fd < 0:
-        try:
-            fd = source.open(record.path, os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-    if record.length:
-        try:
-            range_lock(fd, record.offset, record.length, fcntl.F_RDLCK, wait=True)
-        except BaseException:
-            os.close(fd)
-            raise
-    return fd
-
-
-def read_write_data(source: LayerRoot, record: rec.Write) -> bytes | None:
-    """The bytes a Write record refers to, read from the live source layer root."""
-    fd = open_write_data(source, record)
-    if fd is None:
-        return None
-    try:
-        return os.pread(fd, record.length, record.offset)
-    finally:
-        os.close(fd)  # drops the lock
 
 
 def voided(entries: list[Entry]) -> list[tuple[int, int]]:

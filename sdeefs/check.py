@@ -12,14 +12,14 @@ import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
 
 from .apply import replay
 from .errors import BadRecord, JournalCorrupt
 from .journal import Journal
 from .layers import open_layer_root
+from .statedir import StateDir
 from .sysio import is_whiteout
-from .treewalk import Visit, rmtree, walk
+from .trees import entries_below, rmtree, signature
 
 PRIVATE_XATTRS = (b"trusted.overlay.", b"user.overlay.")
 
@@ -36,21 +36,10 @@ def check_journal_readable(journal: Journal) -> list[str]:
     return []
 
 
-def _walk(root: str) -> Iterator[Visit]:
-    """The entries below ``root`` (not the root itself), by directory fds: any depth."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for visit in walk(fd):
-            if visit.path:
-                yield visit
-    finally:
-        os.close(fd)
-
-
 def check_upper_format(upper: str) -> list[str]:
     """Kernel overlayfs format only: 0/0 whiteouts, opaque = "y", no aufs leftovers, no devices."""
     problems = []
-    for visit in _walk(upper):
+    for visit in entries_below(upper):
         st, rel = visit.st, os.fsdecode(visit.path)
         if visit.name.startswith(b".wh."):
             problems.append(f"upper: aufs-style whiteout name {rel}")
@@ -65,24 +54,6 @@ def check_upper_format(upper: str) -> list[str]:
                 if value not in (b"y", b"x"):
                     problems.append(f"upper: {rel} has opaque={value!r}")
     return problems
-
-
-def _tree_signature(root: str) -> dict[str, tuple[object, ...]]:
-    """path -> (type, mode, uid, gid, size, symlink target, sorted xattrs) for a tree."""
-    sig: dict[str, tuple[object, ...]] = {}
-    for visit in _walk(root):
-        st, where = visit.st, visit.at()
-        target = os.fsdecode(os.readlink(visit.name, dir_fd=visit.dir_fd)) \
-            if stat.S_ISLNK(st.st_mode) else None
-        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-        try:
-            names = sorted(os.listxattr(where, follow_symlinks=False))
-            xattrs = tuple((n, os.getxattr(where, n, follow_symlinks=False)) for n in names)
-        except OSError:
-            xattrs = ()
-        sig[os.fsdecode(visit.path)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
-                                        st.st_uid, st.st_gid, size, target, xattrs)
-    return sig
 
 
 def check_replay_matches(journal: Journal, upper: str, work: str) -> list[str]:
@@ -102,8 +73,8 @@ def check_replay_matches(journal: Journal, upper: str, work: str) -> list[str]:
                 open_layer_root(os.path.join(scratch, "upper"),
                                 os.path.join(scratch, "work")) as target:
             replay(journal, source, target)
-        want = _tree_signature(upper)
-        got = _tree_signature(os.path.join(scratch, "upper"))
+        want = signature(upper)
+        got = signature(os.path.join(scratch, "upper"))
         problems = []
         for path in sorted(set(want) | set(got)):
             if want.get(path) != got.get(path):
@@ -116,14 +87,14 @@ def check_replay_matches(journal: Journal, upper: str, work: str) -> list[str]:
 
 
 def run_checks(upper: str, state: str) -> list[str]:
-    journal_dir = os.path.join(state, "journal")
+    dirs = StateDir(state)
     problems = check_upper_format(upper)
-    if not os.path.isdir(journal_dir):
+    if not os.path.isdir(dirs.journal):
         return problems + [f"no journal in {state}"]
-    journal = Journal(directory=journal_dir)
+    journal = Journal(directory=dirs.journal)
     readable = check_journal_readable(journal)
     problems += readable
     if not readable:
-        problems += check_replay_matches(journal, upper, os.path.join(state, "work"))
+        problems += check_replay_matches(journal, upper, dirs.work)
     return problems
 

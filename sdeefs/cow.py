@@ -2,7 +2,7 @@
 
 This module never imports pyfuse3; it works on inode numbers, ``bytes`` names
 and ``os.stat_result``s, raises ``OSError`` with a real errno, and is tested on
-plain directories without a mount (``tests/test_cow.py``).
+plain directories without a mount (``tests/fs/test_cow.py``).
 
 The upper directory is in **kernel overlayfs format** (Documentation/filesystems/overlayfs.rst):
 
@@ -65,7 +65,7 @@ from .sysio import (
     open_by_handle,
     open_tree_clone,
 )
-from .treewalk import walk
+from .trees import walk
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ mode the host tightens afterwards stays visible while overlayfs keeps its dentry
 (on the host, too, everybody could read it until then).
 
 This module is synchronous and never imports pyfuse3; ``sdeefs.ops.GuardOperations``
-serves it (``tests/test_guard.py`` checks it on plain directories).
+serves it (``tests/fs/test_guard.py`` checks it on plain directories).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from .mask import MaskSpec
 from .mask import build_mask as build_mask_layer
 from .offload import Offload
 from .ops import GuardOperations, Operations
+from .statedir import StateDir
 from .sysio import open_tree_clone
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class MountRequest:
 
 
 def default_state(upper: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(upper.rstrip("/"))), "state")
+    return StateDir.beside(upper).path
 
 
 def _inside(path: str, directory: str) -> bool:

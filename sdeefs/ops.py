@@ -19,7 +19,6 @@ and is allowed to take the mount down loudly.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import logging
 import os
@@ -36,7 +35,8 @@ from . import records as rec
 from .cow import Attr, CowFS, Node
 from .guard import GuardView
 from .offload import Offload
-from .sysio import RENAME_EXCHANGE, name_to_handle, range_lock
+from .sysio import RENAME_EXCHANGE, name_to_handle
+from .writeahead import DataWriter
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self.mutex = trio.Lock()
         self.files: dict[int, OpenFile] = {}
-        self._nowait_writes = True
+        self.writer = DataWriter(offload)
         self.dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
 
@@ -417,27 +417,10 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         handle = self.files[fh]
-        # Journal first: if we die between the two, the record names a range whose
-        # bytes a shipper reads from the file as they are, so the journal still covers it.
-        # The range stays write-locked until the bytes are in: a shipper streaming the
-        # journal live reads the range under a read lock, never before the write landed.
-        fd, length = handle.fd, max(len(buf), 1)
-        if not range_lock(fd, off, length, fcntl.F_WRLCK, wait=False):
-            await self.offload.run(range_lock, fd, off, length, fcntl.F_WRLCK, True)
-        try:
-            self.fs.journal_write(handle.node, handle.handle, off, len(buf))
-            if self._nowait_writes:  # fast path as for read, where the filesystem offers it
-                try:
-                    return os.pwritev(fd, [buf], off, os.RWF_NOWAIT)
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                        raise
-                    self._nowait_writes = False  # e.g. ext4 buffered writes: always a thread
-            return await self.offload.run(os.pwrite, fd, buf, off)
-        finally:
-            range_lock(fd, off, length, fcntl.F_UNLCK, wait=False)
+        return await self.writer.write(
+            handle.fd, off, buf,
+            lambda offset, length: self.fs.journal_write(handle.node, handle.handle, offset,
+                                                         length))
 
     @_errors
     async def flush(self, fh: FileHandleT) -> None:

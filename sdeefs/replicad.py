@@ -69,7 +69,6 @@ import trio
 
 from . import control
 from . import records as rec
-from .apply import open_write_data
 from .errors import ExitCode, JournalCorrupt, QuietError
 from .journal import Entry, Journal, JournalTail, Trimmed, journal_id
 from .layers import LayerRoot, open_layer_root
@@ -107,6 +106,7 @@ from .replicate import (
     record_frames,
     snapshot_frames,
 )
+from .statedir import UserDirs
 from .sysio import (
     IN_CREATE,
     IN_DELETE,
@@ -117,6 +117,7 @@ from .sysio import (
     inotify_watch,
     malloc_trim,
 )
+from .writeahead import open_write_data
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +280,7 @@ class OriginUser:
     """One user's journal on the login node and the replicas following it directly."""
 
     name: str
-    root: str  # ROOT/USER
-    journal_dir: str
+    dirs: UserDirs  # ROOT/USER
     followers: dict[str, Follower] = attrs.field(factory=dict)
     addresses: dict[str, str] = attrs.field(factory=dict)  # node -> where it relays
     placement: Placement = attrs.field(factory=lambda: Placement())
@@ -288,6 +288,10 @@ class OriginUser:
     queries: int = 0  # head queries answered (barriers of the nodes below)
     grew: trio.Event = attrs.field(factory=trio.Event)  # replaced each time the journal grows
     _head_tail: JournalTail | None = None
+
+    @property
+    def journal_dir(self) -> str:
+        return str(self.dirs.state.journal)
     _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
     def refresh_head(self) -> int:
@@ -311,8 +315,7 @@ class OriginUser:
         self.grew = trio.Event()
 
     def source(self) -> LayerRoot:
-        return open_layer_root(os.path.join(self.root, "upper"),
-                               os.path.join(self.root, "state", "work"))
+        return open_layer_root(self.dirs.upper, self.dirs.state.work)
 
 
 def _settled(pending: list[Entry], first_seen: float) -> int:
@@ -572,11 +575,10 @@ class Daemon:
             return None
         user = self.origin.get(name)
         if user is None:
-            root = os.path.join(self.config.origin_root, name)
-            journal_dir = os.path.join(root, "state", "journal")
-            if not os.path.isdir(journal_dir):
+            dirs = UserDirs.of(self.config.origin_root, name)
+            if not os.path.isdir(dirs.state.journal):
                 return None
-            user = self.origin[name] = OriginUser(name, root, journal_dir)
+            user = self.origin[name] = OriginUser(name, dirs)
             assert self._nursery is not None
             self._nursery.start_soon(self._watch_journal, user)
         return user
@@ -759,7 +761,7 @@ class Daemon:
             await trio.sleep(HOLD_BACK)
             if await trio.to_thread.run_sync(journal.size_bytes) != before:
                 continue
-            await self._send_snapshot(stream, key, follower, os.path.join(user.root, "upper"),
+            await self._send_snapshot(stream, key, follower, user.dirs.upper,
                                       seq)
             if await trio.to_thread.run_sync(journal.size_bytes) == before:
                 return seq
@@ -1139,7 +1141,7 @@ class Daemon:
 
     def trim(self, user: OriginUser) -> int:
         """Delete journal segments every follower (seen within ``expire``) acknowledged."""
-        path = os.path.join(user.root, "state", "replicas.json")
+        path = user.dirs.state.replicas
         try:
             with open(path) as f:
                 seen = {k: (int(v[0]), float(v[1])) for k, v in json.load(f).items()}

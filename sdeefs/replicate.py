@@ -135,7 +135,7 @@ from .apply import apply_record
 from .errors import BadRecord
 from .layers import LayerRoot, open_layer_root
 from .sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
-from .treewalk import rmtree, walk
+from .trees import rmtree, walk
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +559,7 @@ def walk_tree(root_fd: int) -> Iterator[tuple[TreeEntry, int, str]]:
     """Every entry of the tree under ``root_fd``, parents first, without following symlinks.
 
     Yields (entry, parent fd, name); the fds are valid only until the next step.  Every
-    directory is opened relative to its parent with O_NOFOLLOW (``sdeefs.treewalk``, any
+    directory is opened relative to its parent with O_NOFOLLOW (``sdeefs.trees``, any
     depth), so a tree that changes while it is walked (a user renaming a directory to a
     symlink) never leads outside.
     """

@@ -13,9 +13,11 @@ import stat
 import attrs
 
 from . import records as rec
+from .errors import ExitCode, QuietError
 from .journal import Journal
+from .statedir import StateDir
 from .sysio import is_whiteout, open_at
-from .treewalk import Visit, walk
+from .trees import Visit, walk
 
 OPAQUE_NAMES = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 SETATTR_BITS = ((rec.SET_MODE, "mode"), (rec.SET_OWNER, "owner"), (rec.SET_SIZE, "size"),
@@ -52,7 +54,7 @@ def _opaque(path: bytes) -> bool:
 def diff(upper: bytes, lower: bytes) -> list[Change]:
     """What the upper adds, changes and deletes relative to the lower, in path order.
 
-    The upper is walked through directory fds (``sdeefs.treewalk``: any depth), and
+    The upper is walked through directory fds (``sdeefs.trees``: any depth), and
     the lower directory matching each upper directory is opened once, in pieces.
     """
     changes: list[Change] = []
@@ -180,10 +182,8 @@ def describe(record: rec.Record) -> str:
 
 
 def show_log(state: str, from_seq: int, limit: int, as_json: bool) -> int:
-    journal_dir = os.path.join(state, "journal")
+    journal_dir = StateDir(state).journal
     if not os.path.isdir(journal_dir):
-        from .errors import ExitCode, QuietError
-
         raise QuietError(f"no journal in {state}", ExitCode.USAGE)
     journal = Journal(directory=journal_dir)
     for shown, entry in enumerate(journal.read(from_seq), start=1):

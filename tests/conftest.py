@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,40 @@ import attrs
 import pytest
 
 from sdeefs.mount import daemon_pid
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_warnings(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test on any WARNING or ERROR logged in this process that it did not expect.
+
+    A test that provokes one on purpose says so: ``@pytest.mark.expect_log("sdeefs.journal")``
+    allows records of that logger (and its children).  Daemons run as subprocesses log to
+    their own files, which their tests read.
+    """
+    handler = _Collect()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    allowed = tuple(name for marker in request.node.iter_markers("expect_log")
+                    for name in marker.args)
+    unexpected = [r for r in handler.records
+                  if not any(r.name == a or r.name.startswith(a + ".") for a in allowed)]
+    if unexpected:
+        pytest.fail("unexpected log records:\n" + "\n".join(
+            f"  {r.levelname} {r.name}: {r.getMessage()}" for r in unexpected[:20]),
+            pytrace=False)
 
 
 def fuse_skip_reason() -> str | None:
@@ -105,5 +140,5 @@ def layers(tmp_path: Path) -> Iterator[Layers]:
         result.cleanup()
 
 
-# The launcher tests' site fixture (tests/launcher_site.py), available to every module.
-from .launcher_site import site  # noqa: E402, F401
+# The launcher tests' site fixture (tests/launcher/launcher_site.py), available to every module.
+from .launcher.launcher_site import site  # noqa: E402, F401

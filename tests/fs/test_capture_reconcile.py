@@ -340,6 +340,7 @@ def test_restart_from_an_older_checkpoint(seed: int, before: list[str], lost: li
             r.close()
 
 
+@pytest.mark.expect_log("sdeefs.fs.reconcile")
 def test_a_model_of_another_filesystem_is_matched_by_names(rig: Rig) -> None:
     populate(rig.up)
     rig.capture()
@@ -349,6 +350,7 @@ def test_a_model_of_another_filesystem_is_matched_by_names(rig: Rig) -> None:
     rig.check()
 
 
+@pytest.mark.expect_log("sdeefs.fs.reconcile")
 def test_devices_are_not_journaled(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     os.mknod(rig.up / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     (rig.up / "f").write_bytes(b"x")

@@ -33,7 +33,7 @@ from sdeefs.replicate import (
     tree_digest,
 )
 
-from .conftest import requires_fuse
+from ..conftest import requires_fuse
 
 SDEEFS = [sys.executable, "-m", "sdeefs"]
 REPLICAD = os.path.join(os.path.dirname(sys.executable), "sdeefs-replicad")

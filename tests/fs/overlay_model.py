@@ -1,4 +1,4 @@
-"""Helpers for the differential test (tests/test_differential.py).
+"""Helpers for the differential test (tests/fs/test_differential.py).
 
 Everything here is backend-agnostic plumbing:
 
@@ -47,7 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdeefs.mount import daemon_pid as mount_daemon_pid
-from sdeefs.treewalk import rmtree
+from sdeefs.trees import rmtree
 
 # --------------------------------------------------------------------------
 # constants
@@ -78,7 +78,7 @@ LOWER_DEEP = "z/" + DEEP_4K
 
 #: the interpreter that runs ``python -m sdeefs`` (default: the one running the tests)
 SDEEFS_PYTHON = os.environ.get("SDEEFS_PYTHON", sys.executable)
-SDEEFS_SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SDEEFS_SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OP_TIMEOUT = float(os.environ.get("SDEEFS_DIFF_OP_TIMEOUT", "30"))
 #: the sdeefs engine under test (hybrid: expect ESTALE in the hard-link scenarios,

@@ -11,13 +11,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from sdeefs import records as rec
-from sdeefs.apply import apply_record, read_write_data
+from sdeefs.apply import apply_record
 from sdeefs.fs.fanotify import handle_of
 from sdeefs.fs.model import UPPER, Model
 from sdeefs.fs.reconcile import Dirty
 from sdeefs.journal import NullJournal
 from sdeefs.layers import LayerRoot
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from sdeefs.writeahead import read_write_data
 
 
 def tree(root: Path | str, mtimes: bool = True) -> dict[str, tuple[object, ...]]:

@@ -407,6 +407,7 @@ def test_scan_frames_never_raises(data: bytes, first: int) -> None:
         expect += 1
 
 
+@pytest.mark.expect_log("sdeefs.journal")
 @FEW
 @given(st.lists(valid_records, min_size=1, max_size=5), st.binary(min_size=1, max_size=300))
 def test_journal_open_survives_any_tail(records: list[rec.Record], garbage: bytes) -> None:

@@ -15,7 +15,7 @@ import pytest
 from sdeefs.check import run_checks
 from sdeefs.mount import daemon_pid
 
-from .conftest import Layers, mounted, requires_fuse
+from ..conftest import Layers, mounted, requires_fuse
 
 pytestmark = requires_fuse
 

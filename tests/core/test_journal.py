@@ -21,7 +21,7 @@ import attrs
 import pytest
 
 from sdeefs import records as rec
-from sdeefs.apply import apply_record, read_write_data, recover, replay
+from sdeefs.apply import apply_record, recover, replay
 from sdeefs.check import run_checks
 from sdeefs.cow import ROOT_INO, Config, CowFS
 from sdeefs.errors import FailsafeError, JournalCorrupt
@@ -45,6 +45,7 @@ from sdeefs.sysio import (
     is_whiteout,
     name_to_handle,
 )
+from sdeefs.writeahead import read_write_data
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, trusted.* xattrs)")
 
@@ -125,6 +126,7 @@ def test_append_read_round_trip(tmp_path: Path) -> None:
     assert [e.seq for e in Journal(directory=jdir).read()] == list(range(1, len(records) + 3))
 
 
+@pytest.mark.expect_log("sdeefs.journal")
 def test_append_after_failure_is_refused(tmp_path: Path) -> None:
     journal = Journal.open(str(tmp_path / "journal"))
     journal.append(rec.Sync(0))
@@ -167,6 +169,7 @@ def test_null_journal_accepts_appends(tmp_path: Path) -> None:
 # torn tails
 
 
+@pytest.mark.expect_log("sdeefs.journal")
 @pytest.mark.parametrize("rotated", [False, True], ids=["one-segment", "last-of-several"])
 def test_torn_tail_is_truncated_at_every_offset(tmp_path: Path, rotated: bool) -> None:
     jdir = str(tmp_path / "journal")
@@ -210,6 +213,7 @@ GARBAGE = [
 ]
 
 
+@pytest.mark.expect_log("sdeefs.journal")
 @pytest.mark.parametrize("garbage", GARBAGE, ids=lambda g: f"{len(g)}B")
 def test_garbage_after_last_record_is_truncated(tmp_path: Path, garbage: bytes) -> None:
     jdir = str(tmp_path / "journal")
@@ -228,6 +232,7 @@ def test_garbage_after_last_record_is_truncated(tmp_path: Path, garbage: bytes) 
     assert [e.record for e in Journal(directory=jdir).read()] == [*records, rec.Sync(0)]
 
 
+@pytest.mark.expect_log("sdeefs.journal")
 def test_frames_that_break_the_sequence_are_a_torn_tail(tmp_path: Path) -> None:
     """A well-formed frame that repeats an earlier seq (a stale or duplicated write) ends the log.
 
@@ -320,6 +325,7 @@ def test_corruption_in_the_middle_of_the_last_segment_is_reported_by_read(
         list(Journal(directory=jdir).read())
 
 
+@pytest.mark.expect_log("sdeefs.journal")
 def test_damage_before_unsynced_records_is_a_torn_tail(tmp_path: Path) -> None:
     """After a power loss, unsynced pages land out of order: a hole, then intact records.
 
@@ -582,6 +588,7 @@ def test_recover_after_the_record_took_effect_changes_nothing(crash: State, case
     crash.check()
 
 
+@pytest.mark.expect_log("sdeefs.apply")
 def test_recover_aborts_a_record_that_cannot_be_redone(crash: State) -> None:
     crash.layers.mkdir(b"upper/d", 0o755, 0, 0)
     _mkfile(crash, b"upper/d/f", b"keep")

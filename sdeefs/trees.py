@@ -216,3 +216,36 @@ def rmtree(path: str | bytes) -> None:
         pass
     finally:
         os.close(parent)
+
+
+def entries_below(root: str | bytes) -> Iterator[Visit]:
+    """The entries below ``root`` (not the root itself), by directory fds: any depth."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for visit in walk(fd):
+            if visit.path:
+                yield visit
+    finally:
+        os.close(fd)
+
+
+def signature(root: str | bytes) -> dict[str, tuple[object, ...]]:
+    """path -> (type, mode, uid, gid, size, symlink target, sorted xattrs) below ``root``.
+
+    What ``sdeefs check`` compares (a journal's replay with the upper) and what tests
+    compare between a layer and its replicas; file contents are not read.
+    """
+    sig: dict[str, tuple[object, ...]] = {}
+    for visit in entries_below(root):
+        st, where = visit.st, visit.at()
+        target = os.fsdecode(os.readlink(visit.name, dir_fd=visit.dir_fd)) \
+            if stat.S_ISLNK(st.st_mode) else None
+        size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+        try:
+            names = sorted(os.listxattr(where, follow_symlinks=False))
+            xattrs = tuple((n, os.getxattr(where, n, follow_symlinks=False)) for n in names)
+        except OSError:
+            xattrs = ()
+        sig[os.fsdecode(visit.path)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode),
+                                        st.st_uid, st.st_gid, size, target, xattrs)
+    return sig

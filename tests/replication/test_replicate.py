@@ -16,8 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
-from sdeefs.apply import read_write_data
-from sdeefs.check import _tree_signature
 from sdeefs.cow import ROOT_INO, Config, CowFS
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
@@ -45,6 +43,8 @@ from sdeefs.replicate import (
     record_frames,
 )
 from sdeefs.sysio import name_to_handle
+from sdeefs.trees import signature
+from sdeefs.writeahead import read_write_data
 
 KEY = b"k" * 32
 USER = "alice"
@@ -87,7 +87,7 @@ class Login:
 
 
 def tree(root: Path) -> dict[str, tuple[object, ...]]:
-    sig = _tree_signature(str(root))
+    sig = signature(str(root))
     out: dict[str, tuple[object, ...]] = {}
     for path, value in sig.items():
         full = root / path
@@ -221,6 +221,7 @@ def _mkdir(path: bytes) -> bytes:
     return encode_record_payload(rec.Mkdir(path, 0o755, 0, 0))
 
 
+@pytest.mark.expect_log("sdeefs.replicate")
 async def test_tampered_frame_is_rejected_and_nothing_applied(tmp_path: Path) -> None:
     def build(key: bytes) -> bytes:
         frame = bytearray(_frames([(1, _mkdir(b"upper/evil"), 0)], key))
@@ -233,6 +234,7 @@ async def test_tampered_frame_is_rejected_and_nothing_applied(tmp_path: Path) ->
     assert not (tmp_path / "replicas" / USER / "upper" / "evil").exists()
 
 
+@pytest.mark.expect_log("sdeefs.replicate")
 async def test_frames_from_another_session_are_rejected(tmp_path: Path) -> None:
     replayed = _frames([(1, _mkdir(b"upper/replayed"), 0)], b"s" * 32)  # another session's key
     replica, error = await _hostile_session(tmp_path, lambda key: replayed)
@@ -240,6 +242,7 @@ async def test_frames_from_another_session_are_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "replicas" / USER / "upper" / "replayed").exists()
 
 
+@pytest.mark.expect_log("sdeefs.replicate")
 async def test_out_of_sequence_is_rejected(tmp_path: Path) -> None:
     replica, error = await _hostile_session(
         tmp_path, lambda key: _frames([(1, _mkdir(b"upper/a"), 0), (3, _mkdir(b"upper/b"), 0)],
@@ -255,12 +258,14 @@ async def test_out_of_sequence_is_rejected(tmp_path: Path) -> None:
     struct.pack("<HI", rec.Mknod.TYPE, 0) + b"",
     rec.encode_record(rec.Mkdir(b"upper/ok", 0o755, 0, 0))[1],  # missing the payload header
 ])
+@pytest.mark.expect_log("sdeefs.replicate")
 async def test_hostile_records_are_rejected(tmp_path: Path, payload: bytes) -> None:
     replica, error = await _hostile_session(tmp_path, lambda key: _frames([(1, payload, 0)], key))
     assert error
     assert replica.applied == 0
 
 
+@pytest.mark.expect_log("sdeefs.replicate")
 async def test_symlinked_parent_on_the_replica_is_not_followed(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -392,6 +397,7 @@ def test_snapshot_rebuilds_a_verified_copy_and_a_bad_one_changes_nothing(tmp_pat
     replica.close()
 
 
+@pytest.mark.expect_log("sdeefs.replicate")
 def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sdeefs.replicate as replicate
@@ -489,7 +495,7 @@ def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
     from sdeefs.apply import apply_record
     from sdeefs.replicad import merge_setattr
 
-    from .test_journal import _close_layers, _open_layers
+    from ..core.test_journal import _close_layers, _open_layers
 
     chmod = rec.Setattr(b"upper/f", rec.SET_MODE, 0o640)
     chown = rec.Setattr(b"upper/f", rec.SET_OWNER, uid=1234, gid=5678)
@@ -590,7 +596,7 @@ def test_a_snapshot_of_a_tree_deeper_than_path_max_rebuilds_it(tmp_path: Path) -
     import resource
 
     from sdeefs.replicate import SNAPSHOT, snapshot_frames, tree_digest
-    from sdeefs.treewalk import WINDOW, rmtree
+    from sdeefs.trees import WINDOW, rmtree
 
     source = tmp_path / "source"
     source.mkdir()
@@ -627,6 +633,6 @@ def test_a_snapshot_of_a_tree_deeper_than_path_max_rebuilds_it(tmp_path: Path) -
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         replica.close()
     assert replica.applied == 7
-    assert _tree_signature(str(tmp_path / USER / "upper")) == _tree_signature(str(source))
+    assert signature(str(tmp_path / USER / "upper")) == signature(str(source))
     rmtree(str(source))  # deeper than pytest's own clean-up goes
     rmtree(str(tmp_path / USER))

@@ -1,6 +1,6 @@
 """End to end on a real SLURM cluster: a login environment streams to 3 (or 5) compute nodes.
 
-munge + slurmctld + N slurmd, each node in its own network namespace (tests/slurm_cluster.py);
+munge + slurmctld + N slurmd, each node in its own network namespace (tests/cluster/slurm_cluster.py);
 sdeefs-replicad as the origin on the login node (the hub) and as a replica on every node;
 SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeefs-run`.
 """
@@ -24,7 +24,7 @@ from sdeefs.mount import daemon_pid
 from sdeefs.replicad import control_request
 from sdeefs.replicate import tree_digest
 
-from .launcher_site import VENV_BIN, Site, open_site, requires_launcher
+from ..launcher.launcher_site import VENV_BIN, Site, open_site, requires_launcher
 from .slurm_cluster import Cluster, cluster, requires_slurm
 
 PORT = 7077
@@ -137,9 +137,9 @@ class Grid:
 
 
 def tree_difference(a: Path, b: Path) -> str:
-    from sdeefs.check import _tree_signature
+    from sdeefs.trees import signature
 
-    sa, sb = _tree_signature(str(a)), _tree_signature(str(b))
+    sa, sb = signature(str(a)), signature(str(b))
     out = []
     for path in sorted(set(sa) | set(sb)):
         va, vb = sa.get(path), sb.get(path)

@@ -14,8 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import BadRecord, ExitCode, JournalCorrupt, QuietError
-from .mount import MountRequest, default_state, mount, umount
+from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
+from sdeefs.mount import MountRequest, default_state, mount, umount
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from . import tools
+    from sdeefs import tools
 
     if args.command == "mount":
         state = args.state or default_state(args.upper)
@@ -141,7 +141,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             xattr_namespace=args.xattr_namespace, writeback_cache=not args.no_writeback_cache,
             foreground=args.foreground, segment_bytes=args.segment_bytes)
         if args.passthrough_upper:
-            from .mount import mount_passthrough
+            from sdeefs.mount import mount_passthrough
 
             mount_passthrough(req)
         else:
@@ -182,7 +182,8 @@ LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", 
 
 def _launcher(args: argparse.Namespace) -> int:
     from sdeefs import config
-    from sdeefs.launcher import env, pam
+
+    from . import env, pam
 
     if args.command == "install-pam":
         config_path = os.environ.get("SDEEFS_CONFIG")
@@ -193,7 +194,7 @@ def _launcher(args: argparse.Namespace) -> int:
         print("removed" if removed else "nothing to remove")
         return 0
     if args.command in ("job-prolog", "job-epilog"):
-        from sdeefs.launcher import job
+        from . import job
 
         return job.slurm_hook_main(args.command[4:])
     cfg = config.load()
@@ -208,7 +209,7 @@ def _launcher(args: argparse.Namespace) -> int:
         print(f"{args.user}: " + ("stopped" if was else "was not running; mounts cleaned up"))
         return 0
     if args.command == "scan-private":
-        from sdeefs.launcher import private
+        from . import private
 
         skip = tuple(os.path.join(cfg.lower, p.lstrip("/")) for p in
                      (*env.ALWAYS_EMPTY, "home", cfg.root, cfg.run_dir))
@@ -233,7 +234,7 @@ def _launcher(args: argparse.Namespace) -> int:
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
               f"{row['processes']:>5} {_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
-        followers: dict[str, dict[str, object]] = row["replicas"]
+        followers: dict[str, dict[str, object]] = row["replicas"]  # type: ignore[assignment]
         for node, f in sorted(followers.items()):
             print(f"{'':<16} replica on {node}: acked {f['acked']}, lag {f['lag']} records")
     return 0
@@ -241,9 +242,9 @@ def _launcher(args: argparse.Namespace) -> int:
 
 def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
     """Per user, the followers the local (login node) replicad reports; {} if none runs."""
-    from sdeefs.launcher import job
+    from sdeefs.replicad import control_request
 
-    from .replicad import control_request
+    from . import job
 
     control = cfg.replication.on(job.node_name()).control  # type: ignore[attr-defined]
     if not os.path.exists(control):
@@ -257,9 +258,9 @@ def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
 
 
 def _replica(args: argparse.Namespace, cfg: object) -> int:
-    from sdeefs.launcher import job
+    from sdeefs.replicad import control_request
 
-    from .replicad import control_request
+    from . import job
 
     rep = cfg.replication.on(job.node_name())  # type: ignore[attr-defined]
     control = args.control or rep.control

@@ -14,7 +14,7 @@ import pytest
 from sdeefs.check import run_checks
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
-from .conftest import Layers, mounted, requires_fuse, sdeefs
+from ..conftest import Layers, mounted, requires_fuse, sdeefs
 
 pytestmark = requires_fuse
 ENGINES = ["fuse", "hybrid"]

@@ -1,4 +1,4 @@
-"""Trees of any depth walked and removed through directory fds (``sdeefs.treewalk``), and the
+"""Trees of any depth walked and removed through directory fds (``sdeefs.trees``), and the
 tools built on them: ``sdeefs diff`` and the chunked resolution of long paths (``sysio``)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sdeefs import treewalk
+from sdeefs import trees
 from sdeefs.sysio import PATH_CHUNK, open_at, openat2_beneath, path_chunks
 from sdeefs.tools import Change, diff
 
@@ -21,7 +21,7 @@ WHITEOUT = stat.S_IFCHR
 
 
 @contextlib.contextmanager
-def few_fds(spare: int = treewalk.WINDOW + 20) -> Iterator[None]:
+def few_fds(spare: int = trees.WINDOW + 20) -> Iterator[None]:
     """RLIMIT_NOFILE just above what is open now: a walk holding an fd per level fails."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + spare, hard))
@@ -67,7 +67,7 @@ def deep_tmp(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "deep"
     path.mkdir()
     yield path
-    treewalk.rmtree(str(path))
+    trees.rmtree(str(path))
 
 
 def test_walk_goes_3000_levels_deep_with_few_fds_and_follows_no_symlink(deep_tmp: Path) -> None:
@@ -75,7 +75,7 @@ def test_walk_goes_3000_levels_deep_with_few_fds_and_follows_no_symlink(deep_tmp
     fd = os.open(deep_tmp, os.O_RDONLY | os.O_DIRECTORY)
     try:
         with few_fds():
-            visits = [(v.path, stat.S_IFMT(v.st.st_mode)) for v in treewalk.walk(fd)]
+            visits = [(v.path, stat.S_IFMT(v.st.st_mode)) for v in trees.walk(fd)]
     finally:
         os.close(fd)
     paths = [p for p, _ in visits]
@@ -95,8 +95,8 @@ def test_walk_order_and_entries_match_os_walk(tmp_path: Path) -> None:
     (tmp_path / "a" / "link").symlink_to("/etc")
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        got = {os.fsdecode(v.path): v.st.st_ino for v in treewalk.walk(fd) if v.path}
-        walk = treewalk.walk(fd)
+        got = {os.fsdecode(v.path): v.st.st_ino for v in trees.walk(fd) if v.path}
+        walk = trees.walk(fd)
         visit = next(v for v in walk if v.path == b"a/d/file")
         assert os.readlink(b"/proc/self/fd/%d" % visit.dir_fd) == os.fsencode(tmp_path / "a/d")
         assert os.path.samefile(visit.at(), tmp_path / "a/d/file")
@@ -114,7 +114,7 @@ def test_walk_order_and_entries_match_os_walk(tmp_path: Path) -> None:
 def test_walk_refuses_to_go_on_when_a_directory_moved_under_it(tmp_path: Path) -> None:
     deep_chain(tmp_path, 200)
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    walk = treewalk.walk(fd)
+    walk = trees.walk(fd)
     try:
         for visit in walk:
             if visit.path.count(b"/") == 150:  # far below the window of open ancestors
@@ -122,7 +122,7 @@ def test_walk_refuses_to_go_on_when_a_directory_moved_under_it(tmp_path: Path) -
         # the directory 100 levels down moves to the top: ".." no longer leads back
         old = b"/".join([b"n"] * 100)
         os.rename(open_path(fd, old), b"moved", dst_dir_fd=fd)
-        with pytest.raises(treewalk.TreeChanged):
+        with pytest.raises(trees.TreeChanged):
             for _ in walk:
                 pass
     finally:
@@ -151,11 +151,11 @@ def test_remove_tree_of_any_depth_never_follows_a_symlink(deep_tmp: Path) -> Non
     finally:
         os.close(fd)
     with few_fds():
-        treewalk.rmtree(str(tree))
+        trees.rmtree(str(tree))
     assert not tree.exists()
     assert (outside / "keep").read_text() == "keep"
-    treewalk.rmtree(str(tree))  # gone already: nothing to do
-    treewalk.rmtree(str(deep_tmp / "no" / "such"))
+    trees.rmtree(str(tree))  # gone already: nothing to do
+    trees.rmtree(str(deep_tmp / "no" / "such"))
 
 
 # -- long paths in one piece per syscall -------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SOURCE = REPO / "launcher" / "sdeefs-enter.c"
 CAP_SYS_ADMIN = 21
 CAP_SYS_PTRACE = 19

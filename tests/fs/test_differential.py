@@ -39,7 +39,7 @@ Environment:
                              default because here sdeefs differs from kernel overlayfs on
                              purpose: a copy-up keeps all lower names of a file linked (as
                              kernel overlayfs does only with index=on), where the default
-                             kernel breaks the link; tests/test_mount.py and test_cow.py
+                             kernel breaks the link; tests/fs/test_mount.py and test_cow.py
                              check sdeefs' behaviour
   SDEEFS_DIFF_IGNORE=f1,f2   leave snapshot fields out of the comparison (to look
                              past a known mismatch), e.g. ino,dir.mtime
@@ -55,7 +55,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -63,9 +62,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-# the helper module lives next to this file (works whether or not tests/ is a package)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import overlay_model as om  # noqa: E402
+from . import overlay_model as om
 
 MAX_EXAMPLES = int(os.environ.get("SDEEFS_DIFF_EXAMPLES", "25"))
 SELF_EXAMPLES = int(os.environ.get("SDEEFS_DIFF_SELF_EXAMPLES", "10"))

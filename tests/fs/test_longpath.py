@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 
 from sdeefs import records as rec
-from sdeefs.apply import read_write_data
-from sdeefs.check import _tree_signature, run_checks
+from sdeefs.check import run_checks
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
 from sdeefs.replicate import Replica, record_frames, tree_digest
+from sdeefs.trees import signature
+from sdeefs.writeahead import read_write_data
 
-from .conftest import Layers, requires_fuse, sdeefs
+from ..conftest import Layers, requires_fuse, sdeefs
 
 pytestmark = requires_fuse
 ENGINES = ["fuse", "hybrid"]
@@ -232,7 +233,7 @@ def test_a_20kb_deep_tree_is_journaled_checked_replayed_and_replicated(
     replica.close()
     replica_upper = tmp_path / "replica" / "upper"
     assert tree_digest(str(replica_upper)) == tree_digest(str(layers.upper))
-    assert _tree_signature(str(replica_upper)) == _tree_signature(str(layers.upper))
+    assert signature(str(replica_upper)) == signature(str(layers.upper))
     for top in (layers.upper, replica_upper):
         top_fd = fd_of(top)
         closing.append(top_fd)

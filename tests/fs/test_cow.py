@@ -23,7 +23,7 @@ from sdeefs.check import check_journal_readable, check_upper_format, run_checks
 from sdeefs.cow import ROOT_INO, Attr, Config, CowFS
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, is_whiteout, name_to_handle
-from sdeefs.treewalk import walk
+from sdeefs.trees import walk
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, trusted.* xattrs)")
 

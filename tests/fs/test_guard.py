@@ -25,7 +25,7 @@ from sdeefs.guard import (
 )
 from sdeefs.mount import GuardRequest, mount_guard
 
-from .conftest import fuse_skip_reason, mounted
+from ..conftest import fuse_skip_reason, mounted
 
 USER = (4242, 4343)  # the host uid/gid the view shows host root as
 

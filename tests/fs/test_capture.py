@@ -342,6 +342,7 @@ def test_control_socket_is_root_only(site: Site) -> None:
 # -- the layer image ------------------------------------------------------------------------
 
 
+@pytest.mark.expect_log("sdeefs.fs.image")
 @requires_kernel
 def test_image_mount_options_and_unclean_images(tmp_path: Path) -> None:
     img, layer, copy_layer = tmp_path / "l.img", tmp_path / "layer", tmp_path / "copy"
@@ -375,6 +376,7 @@ def test_image_mount_options_and_unclean_images(tmp_path: Path) -> None:
 # -- journal rules of batches (no kernel objects needed) ------------------------------------
 
 
+@pytest.mark.expect_log("sdeefs.fs.capture", "sdeefs.fs.reconcile")
 def test_void_dangling_and_replay_skips_it(tmp_path: Path) -> None:
     journal = Journal.open(str(tmp_path / "journal"))
     begin = journal.append(rec.Begin(0))
