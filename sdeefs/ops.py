@@ -216,11 +216,19 @@ class Operations(pyfuse3.Operations):
             mask |= rec.SET_SIZE
         if fields.update_atime:
             mask |= rec.SET_ATIME
+        mtime = attr.st_mtime_ns
         if fields.update_mtime:
             mask |= rec.SET_MTIME
+        elif fields.update_size and self.enable_writeback_cache and stat.S_ISREG(current.st_mode):
+            # With the writeback cache the kernel keeps a regular file's mtime itself (it
+            # never takes ours again) and adds the time to a truncate only when the size it
+            # knows changes.  A truncate without one leaves the mtime alone, here too: else
+            # the upper, its journal and replicas would hold a time the view never shows.
+            mask |= rec.SET_MTIME
+            mtime = current.st_mtime_ns
         change = rec.Setattr(b"upper", mask, stat.S_IMODE(attr.st_mode), uid, gid,
                              attr.st_size if fields.update_size else 0,
-                             attr.st_atime_ns, attr.st_mtime_ns)
+                             attr.st_atime_ns, mtime)
         if unlinked_fd is not None:
             return self._setattr_unlinked(inode, unlinked_fd, mask, change)
         async with self.mutex:
