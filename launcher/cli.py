@@ -2,7 +2,7 @@
 
 User errors are one line on stderr and a non-zero exit code (QuietError);
 ``--debug`` turns on DEBUG logging and shows tracebacks; ``--debug-module
-sdeefs.cow`` limits DEBUG logging to the named modules.
+sdeefs.fs.cow`` limits DEBUG logging to the named modules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
-from sdeefs.mount import MountRequest, default_state, mount, umount
+from sdeefs.fs.mount import MountRequest, default_state, mount, umount
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdeefs", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     parser.add_argument("--debug-module", action="append", default=[], metavar="MODULE",
-                        help="debug logging for one module only, e.g. sdeefs.cow (repeatable)")
+                        help="debug logging for one module only, e.g. sdeefs.fs.cow (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mount", help="mount a user's view (lower + upper)")
@@ -141,7 +141,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             xattr_namespace=args.xattr_namespace, writeback_cache=not args.no_writeback_cache,
             foreground=args.foreground, segment_bytes=args.segment_bytes)
         if args.passthrough_upper:
-            from sdeefs.mount import mount_passthrough
+            from sdeefs.fs.mount import mount_passthrough
 
             mount_passthrough(req)
         else:

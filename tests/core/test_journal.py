@@ -23,8 +23,8 @@ import pytest
 from sdeefs import records as rec
 from sdeefs.apply import apply_record, recover, replay
 from sdeefs.check import run_checks
-from sdeefs.cow import ROOT_INO, Config, CowFS
 from sdeefs.errors import FailsafeError, JournalCorrupt
+from sdeefs.fs.cow import ROOT_INO, Config, CowFS
 from sdeefs.journal import (
     FRAME_HEADER,
     SEGMENT_HEADER,

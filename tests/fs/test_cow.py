@@ -1,4 +1,4 @@
-"""Overlay semantics of ``sdeefs.cow.CowFS`` on plain directories (no FUSE, no mount).
+"""Overlay semantics of ``sdeefs.fs.cow.CowFS`` on plain directories (no FUSE, no mount).
 
 Every test builds a lower tree, opens a CowFS with a real journal on it, and
 ends with :func:`assert_consistent`: the upper is in kernel overlayfs format,
@@ -20,7 +20,7 @@ import pytest
 
 from sdeefs import records as rec
 from sdeefs.check import check_journal_readable, check_upper_format, run_checks
-from sdeefs.cow import ROOT_INO, Attr, Config, CowFS
+from sdeefs.fs.cow import ROOT_INO, Attr, Config, CowFS
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, is_whiteout, name_to_handle
 from sdeefs.trees import walk

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
-from sdeefs.cow import ROOT_INO, Config, CowFS
+from sdeefs.fs.cow import ROOT_INO, Config, CowFS
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
 from sdeefs.replicate import (

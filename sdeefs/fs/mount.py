@@ -30,17 +30,17 @@ import attrs
 import pyfuse3
 import trio
 
-from .apply import recover
+from ..apply import recover
+from ..errors import ExitCode, QuietError
+from ..journal import Journal, NullJournal
+from ..offload import Offload
+from ..statedir import StateDir
+from ..sysio import open_tree_clone
 from .cow import DEFAULT_EXCLUDES, Config, CowFS, Layout, Mode
-from .errors import ExitCode, QuietError
 from .guard import DenyPatterns, GuardView, Policy
-from .journal import Journal, NullJournal
 from .mask import MaskSpec
 from .mask import build_mask as build_mask_layer
-from .offload import Offload
 from .ops import GuardOperations, Operations
-from .statedir import StateDir
-from .sysio import open_tree_clone
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,12 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestContext
 
-from . import records as rec
+from .. import records as rec
+from ..offload import Offload
+from ..sysio import RENAME_EXCHANGE, name_to_handle
+from ..writeahead import DataWriter
 from .cow import Attr, CowFS, Node
 from .guard import GuardView
-from .offload import Offload
-from .sysio import RENAME_EXCHANGE, name_to_handle
-from .writeahead import DataWriter
 
 log = logging.getLogger(__name__)
 

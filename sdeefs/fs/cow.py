@@ -49,9 +49,9 @@ from typing import Literal
 
 import attrs
 
-from . import records as rec
-from .layers import AnyJournal, LayerRoot, join, split
-from .sysio import (
+from .. import records as rec
+from ..layers import AnyJournal, LayerRoot, join, split
+from ..sysio import (
     PATH_CHUNK,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -65,7 +65,7 @@ from .sysio import (
     open_by_handle,
     open_tree_clone,
 )
-from .trees import walk
+from ..trees import walk
 
 log = logging.getLogger(__name__)
 

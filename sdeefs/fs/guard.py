@@ -56,9 +56,9 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from ..layers import join
+from ..sysio import openat2_beneath
 from .cow import Attr, check_name
-from .layers import join
-from .sysio import openat2_beneath
 
 ROOT_INO = 1
 # Node ids: a visible directory keeps its host inode number (stable across restarts);
