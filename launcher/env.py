@@ -46,14 +46,14 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from sdeefs.config import SiteConfig
+from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.fs.daemon import daemon_pid
 from sdeefs.fs.mask import MaskSpec, build_mask
 from sdeefs.fs.mount import (
     GuardRequest,
     MountRequest,
     begin_guard,
-    daemon_pid,
     mount,
     mount_passthrough,
     umount,
@@ -242,7 +242,7 @@ def _ensure_upper_daemon(config: SiteConfig, layout: Layout) -> None:
         log.warning("%s: the upper daemon died; remounting (the journal recovers)", layout.fuse)
         _umount(layout.fuse)
     mount_passthrough(MountRequest(mountpoint=layout.fuse, upper=layout.upper,
-                                   state=layout.state, lower="/", engine="fuse",
+                                   state=layout.state, lower="/", engine=Engine.FUSE,
                                    cache_timeout=config.cache_timeout,
                                    xattr_namespace="user", writeback_cache=False))
 
@@ -344,7 +344,7 @@ def _ensure_view(config: SiteConfig, user: User, layout: Layout) -> str:
     # root-only entries are hidden (sdeefs.fs.guard's rules), sdeefs' own trees vanish, and
     # /proc, /dev, /home ... are empty directories for the environment's own mounts.
     mount(MountRequest(mountpoint=layout.view, upper=layout.upper, state=layout.state,
-                       lower=config.lower, engine="fuse",
+                       lower=config.lower, engine=Engine.FUSE,
                        excludes=tuple(p for p in (*ALWAYS_EMPTY, "/home")
                                       if os.path.isdir(os.path.join(config.lower, p[1:]))),
                        cache_timeout=config.cache_timeout, xattr_namespace="user",

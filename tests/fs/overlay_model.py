@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sdeefs.fs.mount import daemon_pid as mount_daemon_pid
+from sdeefs.fs.daemon import daemon_pid as mount_daemon_pid
 from sdeefs.trees import rmtree
 
 # --------------------------------------------------------------------------

@@ -50,7 +50,7 @@ import attrs
 import pytest
 
 from sdeefs.config import DEFAULT_DENY
-from sdeefs.fs.mount import daemon_pid
+from sdeefs.fs.daemon import daemon_pid
 
 from .launcher_site import ENTER, SHELL, Site, open_site, requires_launcher
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdeefs import config as config_mod
-from sdeefs.fs.mount import daemon_pid
+from sdeefs.fs.daemon import daemon_pid
 from sdeefs.launcher import service as service_mod
 from sdeefs.launcher.pam import install, uninstall
 
