@@ -830,15 +830,16 @@ class CowFS:
         """The moved entry, and for an exchange the other one (a replaced one stays behind)."""
         move = self._check_move(old_parent_ino, old_name, new_parent_ino, new_name, flags,
                                 fits=False)
-        if move is None or self.raw:
-            return None
-        pending = [n for n in (move.node, move.target if flags & RENAME_EXCHANGE else None)
-                   if n is not None and self.needs_copy_up(n)]
-        if not pending:
+        if move is None or not self._moved_lower(move, flags):
             return None
         # what could not be journaled is refused before a copy is
         self.check_rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
-        return self._start_first(pending)
+        return self._start_first(self._moved_lower(move, flags))
+
+    def _moved_lower(self, move: _Move, flags: int) -> list[Node]:
+        """What of a rename is still only in the lower: copied up before it."""
+        moved = [move.node, move.target] if flags & RENAME_EXCHANGE else [move.node]
+        return [n for n in moved if n is not None and self.needs_copy_up(n)]
 
     def copy_up_for_xattr(self, ino: int, name: bytes, removing: bool = False
                           ) -> CopyUp | None:
@@ -1108,11 +1109,10 @@ class CowFS:
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
                new_name: bytes, flags: int) -> None:
-        self.run_copy_ups(lambda: self.copy_up_for_rename(old_parent_ino, old_name,
-                                                          new_parent_ino, new_name, flags))
         move = self._check_move(old_parent_ino, old_name, new_parent_ino, new_name, flags)
         if move is None:
             return
+        self.run_copy_ups(lambda: self._start_first(self._moved_lower(move, flags)))
         node, target, src, dst = move.node, move.target, move.src, move.dst
         if self.raw:
             victim = self.layers.lstat(dst)
