@@ -2,7 +2,7 @@
 
 User errors are one line on stderr and a non-zero exit code (QuietError);
 ``--debug`` turns on DEBUG logging and shows tracebacks; ``--debug-module
-sdeefs.cow`` limits DEBUG logging to the named modules.
+sdeefs.fs.cow`` limits DEBUG logging to the named modules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
-from sdeefs.mount import MountRequest, default_state, mount, umount
+from sdeefs.fs import cli as fs_cli
+from sdeefs.statedir import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -24,39 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdeefs", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     parser.add_argument("--debug-module", action="append", default=[], metavar="MODULE",
-                        help="debug logging for one module only, e.g. sdeefs.cow (repeatable)")
+                        help="debug logging for one module only, e.g. sdeefs.fs.cow (repeatable)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("mount", help="mount a user's view (lower + upper)")
-    m.add_argument("--lower", default="/", help="read-only lower tree (default: /)")
-    m.add_argument("--upper", required=True, help="the user's upper directory")
-    m.add_argument("--state", help="state directory (journal, work dir); default: beside upper")
-    m.add_argument("--engine", choices=("fuse", "hybrid"), default="fuse",
-                   help="fuse: pure sdeefs overlay; hybrid: kernel overlayfs over the "
-                        "journaling sdeefs upper")
-    m.add_argument("--passthrough-upper", action="store_true",
-                   help="serve the layer root itself (upper/ and work/) for a kernel overlay")
-    m.add_argument("--no-journal", action="store_true", help="do not journal (benchmarks)")
-    m.add_argument("--exclude", action="append", default=[], metavar="PATH",
-                   help="lower path shown as an empty directory (repeatable; /proc /sys /dev "
-                        "/run are excluded when the lower is /)")
-    m.add_argument("--cache-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="how long the kernel caches names and attributes; lower changes "
-                        "appear within this time (default 10)")
-    m.add_argument("--sync-interval", type=float, default=5.0, metavar="SECONDS",
-                   help="journal fdatasync period when nobody calls fsync (default 5)")
-    m.add_argument("--xattr-namespace", choices=("trusted", "user"), default="trusted",
-                   help="overlay xattrs as trusted.overlay.* (host mounts) or user.overlay.* "
-                        "(user-namespace mounts with userxattr)")
-    m.add_argument("--no-writeback-cache", action="store_true")
-    m.add_argument("--segment-bytes", type=int, default=64 << 20, metavar="BYTES",
-                   help="start a new journal segment beyond this size; trimming after "
-                        "replication removes whole segments (default 64 MiB)")
-    m.add_argument("--foreground", action="store_true", help="stay attached")
-    m.add_argument("mountpoint")
-
-    u = sub.add_parser("umount", help="unmount and wait for the daemon to finish")
-    u.add_argument("mountpoint")
+    fs_cli.add_commands(sub)
 
     ip = sub.add_parser("install-pam", help="add the session hook to /etc/pam.d/SERVICE")
     ip.add_argument("--service", required=True, help="PAM service, e.g. sshd or login")
@@ -130,29 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from sdeefs import tools
 
-    if args.command == "mount":
-        state = args.state or default_state(args.upper)
-        engine = args.engine
-        req = MountRequest(
-            mountpoint=os.path.abspath(args.mountpoint), upper=os.path.abspath(args.upper),
-            state=os.path.abspath(state), lower=os.path.abspath(args.lower), engine=engine,
-            journal=not args.no_journal, excludes=tuple(args.exclude),
-            cache_timeout=args.cache_timeout, sync_interval=args.sync_interval,
-            xattr_namespace=args.xattr_namespace, writeback_cache=not args.no_writeback_cache,
-            foreground=args.foreground, segment_bytes=args.segment_bytes)
-        if args.passthrough_upper:
-            from sdeefs.mount import mount_passthrough
-
-            mount_passthrough(req)
-        else:
-            mount(req)
-        return 0
-    if args.command == "umount":
-        umount(args.mountpoint)
-        return 0
+    if args.command in fs_cli.COMMANDS:
+        return fs_cli.run(args)
     if args.command in LAUNCHER_COMMANDS:
         return _launcher(args)
-    state = os.path.abspath(args.state or default_state(args.upper))
+    state = os.path.abspath(args.state or StateDir.beside(args.upper).path)
     if args.command == "log":
         return tools.show_log(state, args.from_seq, args.limit, args.json)
     if args.command == "diff":

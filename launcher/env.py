@@ -11,7 +11,7 @@ over four layers::
     mask   RUN/U/private/mask  tmpfs: empties /proc, /dev, /home ... (mountpoints),
                                hides sdeefs' own directories and what the deny
                                list names at start
-    guard  RUN/U/private/guard sdeefs.guard (FUSE, read-only): hides, when first
+    guard  RUN/U/private/guard sdeefs.fs.guard (FUSE, read-only): hides, when first
                                looked up, whatever the deny list matches and
                                whatever only root may read on the host, also
                                entries created after the environment started
@@ -46,14 +46,14 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
-from sdeefs.config import SiteConfig
+from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
-from sdeefs.mask import MaskSpec, build_mask
-from sdeefs.mount import (
+from sdeefs.fs.daemon import daemon_pid
+from sdeefs.fs.mask import MaskSpec, build_mask
+from sdeefs.fs.mount import (
     GuardRequest,
     MountRequest,
     begin_guard,
-    daemon_pid,
     mount,
     mount_passthrough,
     umount,
@@ -242,13 +242,13 @@ def _ensure_upper_daemon(config: SiteConfig, layout: Layout) -> None:
         log.warning("%s: the upper daemon died; remounting (the journal recovers)", layout.fuse)
         _umount(layout.fuse)
     mount_passthrough(MountRequest(mountpoint=layout.fuse, upper=layout.upper,
-                                   state=layout.state, lower="/", engine="fuse",
+                                   state=layout.state, lower="/", engine=Engine.FUSE,
                                    cache_timeout=config.cache_timeout,
                                    xattr_namespace="user", writeback_cache=False))
 
 
 def _begin_guard(config: SiteConfig, user: User, layout: Layout) -> Callable[[], str]:
-    """Make sure the guard layer (sdeefs.guard) of the user's view is mounted and healthy
+    """Make sure the guard layer (sdeefs.fs.guard) of the user's view is mounted and healthy
     (remounted if its daemon died).  Its daemon starts now; the returned call waits for it,
     so that the upper's daemon can start meanwhile."""
     if _mounted(layout.guard):
@@ -341,10 +341,10 @@ def _ensure_view(config: SiteConfig, user: User, layout: Layout) -> str:
             _umount(layout.view)
     os.makedirs(layout.view, mode=0o700, exist_ok=True)
     # The same view as the other engines: host root shows as the user, the deny list and
-    # root-only entries are hidden (sdeefs.guard's rules), sdeefs' own trees vanish, and
+    # root-only entries are hidden (sdeefs.fs.guard's rules), sdeefs' own trees vanish, and
     # /proc, /dev, /home ... are empty directories for the environment's own mounts.
     mount(MountRequest(mountpoint=layout.view, upper=layout.upper, state=layout.state,
-                       lower=config.lower, engine="fuse",
+                       lower=config.lower, engine=Engine.FUSE,
                        excludes=tuple(p for p in (*ALWAYS_EMPTY, "/home")
                                       if os.path.isdir(os.path.join(config.lower, p[1:]))),
                        cache_timeout=config.cache_timeout, xattr_namespace="user",

@@ -1,6 +1,6 @@
 """Which lower entries only root may read, scanned: for job environments on compute nodes.
 
-Login environments do not need this: their guard layer (sdeefs.guard) decides the
+Login environments do not need this: their guard layer (sdeefs.fs.guard) decides the
 same question for every entry as it is looked up.  Jobs run without a daemon.
 
 The idmapped lower shows host uid/gid 0 as the user, so an entry readable by root
@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from sdeefs.guard import readable_only_by_root
+from sdeefs.fs.guard import readable_only_by_root
 
 CACHE_NAME = "private-paths"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from sdeefs.mount import daemon_pid
+from sdeefs.fs.daemon import daemon_pid
 
 
 class _Collect(logging.Handler):

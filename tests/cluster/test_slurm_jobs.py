@@ -20,7 +20,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from sdeefs.mount import daemon_pid
+from sdeefs.fs.daemon import daemon_pid
 from sdeefs.replicad import control_request
 from sdeefs.replicate import tree_digest
 

@@ -23,8 +23,9 @@ import pytest
 from sdeefs import records as rec
 from sdeefs.apply import apply_record, recover, replay
 from sdeefs.check import run_checks
-from sdeefs.cow import ROOT_INO, Config, CowFS
 from sdeefs.errors import FailsafeError, JournalCorrupt
+from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
+from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.journal import (
     FRAME_HEADER,
     SEGMENT_HEADER,
@@ -153,7 +154,7 @@ def test_null_journal_accepts_appends(tmp_path: Path) -> None:
     for d in ("lower", "upper", "state/work"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "lower" / "a").write_bytes(b"A")
-    fs = CowFS.open(Config(upper=bytes(tmp_path / "upper"), work=bytes(tmp_path / "state/work"),
+    fs = CowFS.open(ViewConfig(upper=bytes(tmp_path / "upper"), work=bytes(tmp_path / "state/work"),
                            lower=bytes(tmp_path / "lower")), null)
     try:
         fs.unlink(ROOT_INO, b"a")
@@ -700,7 +701,7 @@ def build_upper_with_cowfs(tmp_path: Path) -> tuple[Path, Path, Path]:
     os.link(lower / "a", lower / "d" / "a-link")
     os.setxattr(lower / "b", b"user.k", b"v")
     journal = Journal.open(str(state / "journal"))
-    fs = CowFS.open(Config(upper=bytes(upper), work=bytes(work), lower=bytes(lower)), journal)
+    fs = CowFS.open(ViewConfig(upper=bytes(upper), work=bytes(work), lower=bytes(lower)), journal)
 
     def ino(path: bytes) -> int:
         i = ROOT_INO
@@ -719,8 +720,7 @@ def build_upper_with_cowfs(tmp_path: Path) -> tuple[Path, Path, Path]:
     try:
         write(b"a", b"changed a")  # hard-linked: d/a-link follows
         write(b"b", b"!", 4999)
-        fs.setattr(ino(b"b"), rec.Setattr(b"upper", rec.SET_MODE | rec.SET_OWNER, 0o600,
-                                          1234, 5678))
+        fs.setattr(ino(b"b"), AttrChange(mode=0o600, uid=1234, gid=5678))
         fs.unlink(ino(b"d"), b"x")
         fs.unlink(ino(b"d/sub"), b"y")
         fs.rmdir(ino(b"d"), b"sub")
@@ -746,7 +746,7 @@ def build_upper_with_cowfs(tmp_path: Path) -> tuple[Path, Path, Path]:
         fs.create(ROOT_INO, b"tmp", 0o644, 0, 0)
         write(b"tmp", b"temporary")
         fs.unlink(ROOT_INO, b"tmp")
-        fs.setattr(ino(b"x2"), rec.Setattr(b"upper", rec.SET_SIZE, size=1))
+        fs.setattr(ino(b"x2"), AttrChange(size=1))
     finally:
         fs.close()
         journal.close()

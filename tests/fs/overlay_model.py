@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sdeefs.mount import daemon_pid as mount_daemon_pid
+from sdeefs.fs.daemon import daemon_pid as mount_daemon_pid
 from sdeefs.trees import rmtree
 
 # --------------------------------------------------------------------------
@@ -856,6 +856,38 @@ def apply_op(c: Ctx, op: Op) -> Outcome:
         c.reach.close()  # the tree may change: resolve afresh for the next operation
 
 
+def same_size_truncate(c: Ctx, op: Op) -> tuple[str, int] | None:
+    """(its path, its mtime) if ``op`` truncates a regular file to the size it has, else None.
+
+    The one place where sdeefs times a change differently from kernel overlayfs, on
+    purpose: with the writeback cache the FUSE kernel keeps a regular file's mtime
+    itself and times a truncate(2) only when the size changes, and sdeefs follows it
+    (else its upper would hold a time its view never shows), where kernel overlayfs
+    hands the truncate to its upper filesystem, which times it (ext4 and tmpfs on 6.x).
+    """
+    inner = op.op if isinstance(op, AsUser) else op
+    if not isinstance(inner, Truncate):
+        return None
+    try:
+        st = os.stat(_p(c, inner.path))
+    except OSError:
+        return None
+    finally:
+        c.reach.close()
+    if not stat.S_ISREG(st.st_mode) or st.st_size != inner.size:
+        return None
+    return inner.path, st.st_mtime_ns
+
+
+def keep_mtime(c: Ctx, path: str, mtime_ns: int) -> None:
+    """Set the mtime of ``path`` back to ``mtime_ns`` (see ``same_size_truncate``)."""
+    try:
+        target = _p(c, path)
+        os.utime(target, ns=(os.stat(target).st_atime_ns, mtime_ns))
+    finally:
+        c.reach.close()
+
+
 # --------------------------------------------------------------------------
 # snapshots
 
@@ -1132,6 +1164,7 @@ class Kernel:
 
     name = "kernel"
     is_fuse = False
+    times_same_size_truncate = True  # its upper filesystem does (see same_size_truncate)
 
     def mount(self, lower: str, upper: str, aux: str, mnt: str) -> None:
         opts = (f"lowerdir={lower},upperdir={upper},workdir={aux},"
@@ -1152,6 +1185,7 @@ class Sdeefs:
 
     name = "sdeefs"
     is_fuse = True
+    times_same_size_truncate = False  # the writeback cache's rule (see same_size_truncate)
 
     def _cmd(self, *args: str) -> list[str]:
         return [SDEEFS_PYTHON, "-m", "sdeefs", *args]

@@ -1,4 +1,4 @@
-"""Overlay semantics of ``sdeefs.cow.CowFS`` on plain directories (no FUSE, no mount).
+"""Overlay semantics of ``sdeefs.fs.cow.CowFS`` on plain directories (no FUSE, no mount).
 
 Every test builds a lower tree, opens a CowFS with a real journal on it, and
 ends with :func:`assert_consistent`: the upper is in kernel overlayfs format,
@@ -20,7 +20,8 @@ import pytest
 
 from sdeefs import records as rec
 from sdeefs.check import check_journal_readable, check_upper_format, run_checks
-from sdeefs.cow import ROOT_INO, Attr, Config, CowFS
+from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
+from sdeefs.fs.inodes import ROOT_INO, Attr
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, is_whiteout, name_to_handle
 from sdeefs.trees import walk
@@ -104,7 +105,7 @@ class Env:
         if self.lower_before is None:
             self.lower_before = tree_snapshot(self.lower)
         self.journal = Journal.open(str(self.state / "journal"))
-        config = Config(upper=fsb(self.upper), work=fsb(self.work),
+        config = ViewConfig(upper=fsb(self.upper), work=fsb(self.work),
                         lower=fsb(self.lower) if self.mode == "merged" else None,
                         mode=self.mode)  # type: ignore[arg-type]
         self._fs = CowFS.open(config, self.journal)
@@ -532,17 +533,16 @@ def test_copy_up_on_setattr_and_truncate(env: Env) -> None:
     mkfile(env.lower / "g", b"0123456789")
     env.start()
     f = env.ino(b"f")
-    env.fs.setattr(f, rec.Setattr(b"upper", rec.SET_MODE, 0o600))
+    env.fs.setattr(f, AttrChange(mode=0o600))
     st = env.ust("f")
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (1234, 5678)
     assert st.st_mtime_ns == MTIME_NS
     assert (env.upper / "f").read_bytes() == b"0123456789"
     g = env.ino(b"g")
-    env.fs.setattr(g, rec.Setattr(b"upper", rec.SET_SIZE, size=0))
+    env.fs.setattr(g, AttrChange(size=0))
     assert env.read(b"g") == b""
-    env.fs.setattr(g, rec.Setattr(b"upper", rec.SET_SIZE | rec.SET_MTIME, size=3,
-                                  mtime_ns=MTIME_NS + 1))
+    env.fs.setattr(g, AttrChange(size=3, mtime_ns=MTIME_NS + 1))
     assert env.read(b"g") == b"\0\0\0"
     assert env.walk(b"g").st.st_mtime_ns == MTIME_NS + 1
     assert_consistent(env)
@@ -674,7 +674,7 @@ def test_writes_after_the_known_name_of_a_hard_link_went_are_journaled(
         else:
             fs.rename(top, b"new", top, b"a", 0)
         _write_through(env, ino, b"written later")
-        fs.setattr(ino, rec.Setattr(b"upper", rec.SET_SIZE, size=7))
+        fs.setattr(ino, AttrChange(size=7))
         assert fs.getattr(ino).st.st_nlink == 1
         assert (env.upper / "s" / "t" / "b").read_bytes() == b"written"
         assert fs.node(ino).paths == [prefix + b"s/t/b"]
@@ -962,12 +962,12 @@ def test_copy_up_of_fifo_and_symlink_on_chown(env: Env) -> None:
     os.chown(env.lower / "p", 1234, 5678)
     os.symlink("t", env.lower / "l")
     env.start()
-    env.fs.setattr(env.ino(b"p"), rec.Setattr(b"upper", rec.SET_MODE, 0o600))
+    env.fs.setattr(env.ino(b"p"), AttrChange(mode=0o600))
     st = env.ust("p")
     assert stat.S_ISFIFO(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (1234, 5678)
-    env.fs.setattr(env.ino(b"l"), rec.Setattr(b"upper", rec.SET_OWNER, uid=42, gid=43))
+    env.fs.setattr(env.ino(b"l"), AttrChange(uid=42, gid=43))
     assert (env.ust("l").st_uid, env.ust("l").st_gid) == (42, 43)
     assert os.readlink(env.upper / "l") == "t"
     assert_consistent(env)
@@ -1198,12 +1198,10 @@ def test_planted_directory_symlink_is_never_followed(env: Env) -> None:
             "link into": lambda: fs.link(env.ino(b"stolen-src"), dir_ino, b"planted"),
             "open for write": lambda: os.close(fs.open_fd(file_ino, os.O_WRONLY)),
             "open for read": lambda: os.close(fs.open_fd(file_ino, os.O_RDONLY)),
-            "chmod": lambda: fs.setattr(file_ino, rec.Setattr(b"upper", rec.SET_MODE, 0o777)),
-            "truncate": lambda: fs.setattr(file_ino, rec.Setattr(b"upper", rec.SET_SIZE)),
-            "chown": lambda: fs.setattr(file_ino, rec.Setattr(b"upper", rec.SET_OWNER,
-                                                              uid=1, gid=1)),
-            "utime": lambda: fs.setattr(file_ino, rec.Setattr(b"upper", rec.SET_MTIME,
-                                                              mtime_ns=1)),
+            "chmod": lambda: fs.setattr(file_ino, AttrChange(mode=0o777)),
+            "truncate": lambda: fs.setattr(file_ino, AttrChange(size=0)),
+            "chown": lambda: fs.setattr(file_ino, AttrChange(uid=1, gid=1)),
+            "utime": lambda: fs.setattr(file_ino, AttrChange(mtime_ns=1)),
             "setxattr": lambda: fs.setxattr(file_ino, b"user.o", b"changed"),
             "removexattr": lambda: fs.removexattr(file_ino, b"user.o"),
             "getxattr": lambda: fs.getxattr(file_ino, b"user.o"),
@@ -1267,12 +1265,11 @@ def test_planted_file_symlink_is_never_followed(env: Env) -> None:
         os.rename(env.upper / name, env.tmp / f"aside-{name}")
         os.symlink(env.outside / "victim", env.upper / name)
     attempts: dict[str, Callable[[int], object]] = {
-        "chmod": lambda i: env.fs.setattr(i, rec.Setattr(b"upper", rec.SET_MODE, 0o4777)),
-        "chown": lambda i: env.fs.setattr(i, rec.Setattr(b"upper", rec.SET_OWNER, uid=7, gid=7)),
-        "utime": lambda i: env.fs.setattr(i, rec.Setattr(b"upper", rec.SET_MTIME, mtime_ns=5)),
-        "truncate": lambda i: env.fs.setattr(i, rec.Setattr(b"upper", rec.SET_SIZE, size=1)),
-        "everything": lambda i: env.fs.setattr(i, rec.Setattr(b"upper", rec.SET_ALL, 0o777,
-                                                              1, 1, 0, 1, 1)),
+        "chmod": lambda i: env.fs.setattr(i, AttrChange(mode=0o4777)),
+        "chown": lambda i: env.fs.setattr(i, AttrChange(uid=7, gid=7)),
+        "utime": lambda i: env.fs.setattr(i, AttrChange(mtime_ns=5)),
+        "truncate": lambda i: env.fs.setattr(i, AttrChange(size=1)),
+        "everything": lambda i: env.fs.setattr(i, AttrChange(0o777, 1, 1, 0, 1, 1)),
         "setxattr": lambda i: env.fs.setxattr(i, b"user.v", b"changed"),
         "removexattr": lambda i: env.fs.removexattr(i, b"user.v"),
         "open for write": lambda i: os.close(env.fs.open_fd(i, os.O_WRONLY)),

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sdeefs.check import run_checks
-from sdeefs.mount import daemon_pid
+from sdeefs.fs.daemon import daemon_pid
 
 from ..conftest import Layers, mounted, requires_fuse
 

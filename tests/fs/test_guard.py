@@ -1,4 +1,4 @@
-"""The guard layer (sdeefs.guard): its decisions on plain directories, then mounted under
+"""The guard layer (sdeefs.fs.guard): its decisions on plain directories, then mounted under
 kernel overlayfs the way the launcher stacks it (as root, without a user namespace: the
 launcher's own tests cover the full environment)."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sdeefs.guard import (
+from sdeefs.fs.guard import (
     ROOT_INO,
     STALE_WHITEOUT,
     WHITEOUT_BASE,
@@ -23,7 +23,7 @@ from sdeefs.guard import (
     Policy,
     readable_only_by_root,
 )
-from sdeefs.mount import GuardRequest, mount_guard
+from sdeefs.fs.mount import GuardRequest, mount_guard
 
 from ..conftest import fuse_skip_reason, mounted
 

@@ -186,6 +186,35 @@ def test_writes_through_a_file_whose_opened_name_went_are_journaled(
     check_consistent(layers)
 
 
+# Regression (was a bug, both engines, CI's differential test): with the writeback cache the
+# kernel keeps regular files' mtime itself and times a truncate(2) only when it changes the
+# size it knows; the daemon's ftruncate timed a same-size one anyway, so the upper (journal,
+# replicas, the view after a remount) held "now" while the view kept the old mtime
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_truncate_times_the_file_as_the_view_shows(layers: Layers, engine: str) -> None:
+    old = 1_100_000_000_123_456_789
+    (layers.lower / "lower").write_bytes(b"x" * 5000)
+    os.utime(layers.lower / "lower", ns=(old, old))
+    mnt = layers.mount(engine)
+    (mnt / "new").write_bytes(b"y" * 300)
+    os.utime(mnt / "new", ns=(old, old))
+    shown: dict[str, int] = {}
+    for name, size in (("lower", 5000), ("new", 300)):
+        os.truncate(mnt / name, size)  # the same size: copy-up, no new mtime
+        shown[name] = os.stat(mnt / name).st_mtime_ns
+        assert shown[name] == old, name
+        assert os.stat(layers.upper / name).st_mtime_ns == old, name
+    os.truncate(mnt / "new", 10)  # a new size: the kernel times it and says when
+    shown["new"] = os.stat(mnt / "new").st_mtime_ns
+    assert shown["new"] > old
+    assert os.stat(layers.upper / "new").st_mtime_ns == shown["new"]
+    layers.umount()
+    mnt = layers.mount(engine)
+    assert {name: os.stat(mnt / name).st_mtime_ns for name in shown} == shown
+    layers.umount()
+    check_consistent(layers)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_rename_flags(layers: Layers, engine: str) -> None:
     populate(layers.lower)

@@ -50,7 +50,7 @@ import attrs
 import pytest
 
 from sdeefs.config import DEFAULT_DENY
-from sdeefs.mount import daemon_pid
+from sdeefs.fs.daemon import daemon_pid
 
 from .launcher_site import ENTER, SHELL, Site, open_site, requires_launcher
 
@@ -529,7 +529,7 @@ def test_root_only_files_outside_the_deny_list_stay_unreadable(env: Escape) -> N
 
 # Regression (was a strict xfail, SECURITY): deny globs and the root-only scan were applied
 # once, when the environment started; a matching file created later was visible, and readable
-# when root-owned.  The guard layer (sdeefs.guard) now decides at lookup time.
+# when root-owned.  The guard layer (sdeefs.fs.guard) now decides at lookup time.
 def test_deny_patterns_hide_files_created_after_start(env: Escape) -> None:
     late = env.probe / "late_key"  # matches the site's deny pattern PROBE/*_key
     late.write_text("LATE KEY\n")

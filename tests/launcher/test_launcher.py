@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from sdeefs import config as config_mod
+from sdeefs.fs.daemon import daemon_pid
 from sdeefs.launcher import service as service_mod
 from sdeefs.launcher.pam import install, uninstall
-from sdeefs.mount import daemon_pid
 
 from .launcher_site import SHELL, VENV_BIN, Site, open_site, requires_launcher
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sdeefs.mount import daemon_pid
+from sdeefs.fs.daemon import daemon_pid
 from sdeefs.replicad import control_request, load_key
 from sdeefs.replicate import (
     ERROR,

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
-from sdeefs.cow import ROOT_INO, Config, CowFS
+from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
+from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
 from sdeefs.replicate import (
@@ -62,7 +63,7 @@ class Login:
         (self.lower / "old").mkdir()
         (self.lower / "old" / "f").write_text("old\n")
         self.journal = Journal.open(str(tmp / "state" / "journal"))
-        self.fs = CowFS.open(Config(upper=bytes(self.upper), work=bytes(self.work),
+        self.fs = CowFS.open(ViewConfig(upper=bytes(self.upper), work=bytes(self.work),
                                     lower=bytes(self.lower)), self.journal)
 
     def write(self, parent: int, name: bytes, data: bytes, mode: int = 0o644) -> int:
@@ -183,7 +184,7 @@ async def test_replica_converges_and_resumes(login: Login, tmp_path: Path) -> No
 async def test_setuid_bits_are_stripped_on_the_replica(login: Login, tmp_path: Path) -> None:
     login.write(ROOT_INO, b"suid", b"x", 0o4755)
     ino = login.fs.lookup(ROOT_INO, b"suid").ino
-    login.fs.setattr(ino, rec.Setattr(b"upper", rec.SET_MODE, 0o6755))
+    login.fs.setattr(ino, AttrChange(mode=0o6755))
     await stream(login, tmp_path / "replicas")
     mode = os.lstat(tmp_path / "replicas" / USER / "upper" / "suid").st_mode
     assert stat.S_IMODE(mode) == 0o755

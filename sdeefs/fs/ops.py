@@ -1,13 +1,16 @@
 """pyfuse3 protocol adapter: FUSE types in, ``EntryAttributes``/``FileInfo`` out, ``FUSEError`` out.
 
-No overlay policy lives here (that is ``sdeefs.cow``).  This module decides
-only *where* each call runs:
+No overlay policy lives here (that is ``sdeefs.fs.cow``, and ``sdeefs.fs.guard``
+for the guard), and no journal record is built here.  This module translates, and
+decides only *where* each call runs:
 
 * namespace mutations and copy-ups run one at a time under ``self.mutex``;
-  their cow.py parts are synchronous on the loop, the bulk data copy of a
-  copy-up goes to a worker thread;
+  their cow parts are synchronous on the loop; of a copy-up, which cow decides
+  and stages (its ``copy_up_for_*`` methods), only the data copy goes to a
+  worker thread;
 * ``read``/``write``/``fsync`` run in worker threads (``Offload``), so many
-  readers proceed in parallel;
+  readers proceed in parallel; a write goes through ``sdeefs.writeahead``
+  (range lock, Write record, pwrite, in that order);
 * lookups and getattrs are synchronous on the loop: a handful of ``lstat``
   calls on local filesystems, cheaper than a thread hop (docs/threading.md).
 
@@ -31,12 +34,12 @@ import pyfuse3
 import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestContext
 
-from . import records as rec
-from .cow import Attr, CowFS, Node
+from ..offload import Offload
+from ..sysio import name_to_handle
+from ..writeahead import DataWriter
+from .cow import AttrChange, CopyUp, CowFS
 from .guard import GuardView
-from .offload import Offload
-from .sysio import RENAME_EXCHANGE, name_to_handle
-from .writeahead import DataWriter
+from .inodes import Attr, Node
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,7 @@ class OpenDir:
 
 
 class Operations(pyfuse3.Operations):
-    """The FUSE face of a :class:`~sdeefs.cow.CowFS`.
+    """The FUSE face of a :class:`~sdeefs.fs.cow.CowFS`.
 
     Attributes:
         fs: the overlay semantics.
@@ -144,17 +147,16 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    async def _copy_up(self, node: Node, keep_data: bool = True) -> None:
-        """Copy-up with the data copy in a worker thread (caller holds the mutex)."""
-        plan = self.fs.start_copy_up(node, keep_data)
-        if plan is None:
-            return
-        try:
-            await self.offload.run(self.fs.copy_data, plan)
-        except BaseException:
-            self.fs.abort_copy_up(plan)
-            raise
-        self.fs.finish_copy_up(plan)
+    async def _copy_ups(self, next_plan: Callable[[], CopyUp | None]) -> None:
+        """The copy-ups cow decides (``next_plan``: one of its ``copy_up_for_*``), each data
+        copy in a worker thread (the caller holds the mutex)."""
+        while (plan := next_plan()) is not None:
+            try:
+                await self.offload.run(self.fs.copy_data, plan)
+            except BaseException:
+                self.fs.abort_copy_up(plan)
+                raise
+            self.fs.finish_copy_up(plan)
 
     # -- lookups and attributes ---------------------------------------------------------------
 
@@ -172,61 +174,22 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> EntryAttributes:
-        fd = self._open_fd_of(inode)
-        if fd is not None:  # unlinked but open: the file lives on in its descriptor
-            return self._entry(Attr(inode, os.fstat(fd)))
         return self._entry(self.fs.getattr(inode))
-
-    def _open_fd_of(self, inode: int) -> int | None:
-        """A descriptor of an open, unlinked file (None if the node still has a name)."""
-        node = self.fs.nodes.get(inode)
-        if node is None or not node.unlinked:
-            return None
-        return next((f.fd for f in self.files.values() if f.node is node), None)
-
-    def _setattr_unlinked(self, inode: int, fd: int, mask: int, change: rec.Setattr
-                          ) -> EntryAttributes:
-        """setattr of an unlinked open file: through its descriptor, nothing to journal."""
-        if mask & rec.SET_SIZE:
-            os.ftruncate(fd, change.size)
-        if mask & rec.SET_OWNER:
-            os.fchown(fd, change.uid, change.gid)
-        if mask & rec.SET_MODE:
-            os.fchmod(fd, change.mode)
-        if mask & (rec.SET_ATIME | rec.SET_MTIME):
-            st = os.fstat(fd)
-            os.utime(fd, ns=(change.atime_ns if mask & rec.SET_ATIME else st.st_atime_ns,
-                             change.mtime_ns if mask & rec.SET_MTIME else st.st_mtime_ns))
-        return self._entry(Attr(inode, os.fstat(fd)))
 
     @_errors
     async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
-        mask = 0
-        unlinked_fd = self._open_fd_of(inode)
-        current = os.fstat(unlinked_fd) if unlinked_fd is not None else self.fs.getattr(inode).st
-        uid, gid = current.st_uid, current.st_gid
-        if fields.update_mode:
-            mask |= rec.SET_MODE
-        if fields.update_uid or fields.update_gid:
-            mask |= rec.SET_OWNER
-            uid = attr.st_uid if fields.update_uid else uid
-            gid = attr.st_gid if fields.update_gid else gid
-        if fields.update_size:
-            mask |= rec.SET_SIZE
-        if fields.update_atime:
-            mask |= rec.SET_ATIME
-        if fields.update_mtime:
-            mask |= rec.SET_MTIME
-        change = rec.Setattr(b"upper", mask, stat.S_IMODE(attr.st_mode), uid, gid,
-                             attr.st_size if fields.update_size else 0,
-                             attr.st_atime_ns, attr.st_mtime_ns)
-        if unlinked_fd is not None:
-            return self._setattr_unlinked(inode, unlinked_fd, mask, change)
+        change = AttrChange(
+            mode=stat.S_IMODE(attr.st_mode) if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            # the kernel keeps regular files' times itself: it sends the ones it changes
+            keep_mtime=self.enable_writeback_cache)
         async with self.mutex:
-            node = self.fs.node(inode)
-            if self.fs.needs_copy_up(node):
-                await self._copy_up(node, keep_data=not (mask & rec.SET_SIZE and attr.st_size == 0))
+            await self._copy_ups(functools.partial(self.fs.copy_up_for_setattr, inode, change))
             return self._entry(self.fs.setattr(inode, change))
 
     @_errors
@@ -247,46 +210,34 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: InodeT, name: bytes, mode: int, ctx: RequestContext
                     ) -> EntryAttributes:
         async with self.mutex:
-            uid, gid, extra = self._owner(parent_inode, ctx, is_dir=True)
-            return self._entry(self.fs.mkdir(parent_inode, name, mode | extra, uid, gid))
+            return self._entry(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errors
     async def mknod(self, parent_inode: InodeT, name: bytes, mode: int, rdev: int,
                     ctx: RequestContext) -> EntryAttributes:
         async with self.mutex:
-            uid, gid, _ = self._owner(parent_inode, ctx, is_dir=False)
-            return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, uid, gid))
+            return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errors
     async def symlink(self, parent_inode: InodeT, name: bytes, target: bytes,
                       ctx: RequestContext) -> EntryAttributes:
         async with self.mutex:
-            uid, gid, _ = self._owner(parent_inode, ctx, is_dir=False)
-            return self._entry(self.fs.symlink(parent_inode, name, target, uid, gid))
-
-    def _owner(self, parent_inode: InodeT, ctx: RequestContext, is_dir: bool
-               ) -> tuple[int, int, int]:
-        """Owner of a new entry: the caller, with BSD group semantics under a setgid directory."""
-        parent = self.fs.getattr(parent_inode).st
-        if parent.st_mode & stat.S_ISGID:
-            return ctx.uid, parent.st_gid, stat.S_ISGID if is_dir else 0
-        return ctx.uid, ctx.gid, 0
+            return self._entry(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errors
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: bytes,
                    ctx: RequestContext) -> EntryAttributes:
         async with self.mutex:
-            node = self.fs.node(inode)
-            if self.fs.needs_copy_up(node) and not node.is_dir:
-                self.fs.check_new_entry(new_parent_inode, new_name)  # before journaling a copy
-                await self._copy_up(node)
+            await self._copy_ups(functools.partial(self.fs.copy_up_for_link, inode,
+                                                   new_parent_inode, new_name))
             return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
-    async def _find_other_name(self, parent_inode: InodeT, name: bytes) -> None:
-        """Before a removal that leaves a hard-linked file's node without a known name,
-        find the file's other name in a worker thread (a scan of the upper; the caller
-        holds the mutex, so nothing renames it meanwhile)."""
-        needed = self.fs.other_name_needed(parent_inode, name)
+    async def _find_other_name(self, parent_inode: InodeT, name: bytes, flags: int = 0) -> None:
+        """Before a removal (an unlink, a rename with ``flags`` over it) that leaves a
+        hard-linked file's node without a known name, find the file's other name in a
+        worker thread (a scan of the upper; the caller holds the mutex, so nothing renames
+        it meanwhile)."""
+        needed = self.fs.other_name_needed(parent_inode, name, flags)
         if needed is not None:
             found = await self.offload.run(self.fs.find_other_name, *needed)
             if found is not None:
@@ -307,24 +258,9 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: InodeT, name_old: bytes, parent_inode_new: InodeT,
                      name_new: bytes, flags: int, ctx: RequestContext) -> None:
         async with self.mutex:
-            checked = False
-            for parent, name in ((parent_inode_old, name_old), (parent_inode_new, name_new)):
-                try:
-                    attr = self.fs.lookup(parent, name)
-                except FileNotFoundError:
-                    continue
-                node = self.fs.node(attr.ino)
-                try:
-                    if self.fs.needs_copy_up(node) and stat.S_ISREG(node.kind):
-                        if not checked:  # what cannot be journaled is refused before a copy is
-                            self.fs.check_rename(parent_inode_old, name_old, parent_inode_new,
-                                                 name_new, flags)
-                            checked = True
-                        await self._copy_up(node)
-                finally:
-                    self.fs.forget(attr.ino, 1)
-            if not flags & RENAME_EXCHANGE:
-                await self._find_other_name(parent_inode_new, name_new)
+            await self._copy_ups(functools.partial(self.fs.copy_up_for_rename, parent_inode_old,
+                                                   name_old, parent_inode_new, name_new, flags))
+            await self._find_other_name(parent_inode_new, name_new, flags)
             self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # -- extended attributes ------------------------------------------------------------------
@@ -341,14 +277,14 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: InodeT, name: bytes, value: bytes, ctx: RequestContext
                        ) -> None:
         async with self.mutex:
-            node = self.fs.node(inode)
-            if self.fs.needs_copy_up(node) and stat.S_ISREG(node.kind):
-                await self._copy_up(node)
+            await self._copy_ups(functools.partial(self.fs.copy_up_for_xattr, inode, name))
             self.fs.setxattr(inode, name, value)
 
     @_errors
     async def removexattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> None:
         async with self.mutex:
+            await self._copy_ups(functools.partial(self.fs.copy_up_for_xattr, inode, name,
+                                                   removing=True))
             self.fs.removexattr(inode, name)
 
     # -- files --------------------------------------------------------------------------------
@@ -370,18 +306,20 @@ class Operations(pyfuse3.Operations):
 
     async def _open(self, node: Node, flags: int) -> FileInfo:
         backing, writable, truncate = self._open_flags(flags)
-        if writable and (self.fs.needs_copy_up(node) or truncate):
+        # (the lock only when something may change: cow decides what, under it)
+        if writable and (truncate or self.fs.needs_copy_up(node)):
             async with self.mutex:
-                if self.fs.needs_copy_up(node):
-                    await self._copy_up(node, keep_data=not truncate)
+                await self._copy_ups(functools.partial(self.fs.copy_up_for_write, node.ino,
+                                                       truncate))
                 if truncate:
-                    self.fs.setattr(node.ino, rec.Setattr(b"upper", rec.SET_SIZE, size=0))
+                    self.fs.setattr(node.ino, AttrChange(size=0))
         fd = self.fs.open_fd(node.ino, backing)
         try:
             handle = name_to_handle(fd) if writable else b""
         except BaseException:
             os.close(fd)
             raise
+        self.fs.opened(node, fd)
         fh = self._new_fh()
         self.files[fh] = OpenFile(fd, node, writable, handle)
         return FileInfo(fh=FileHandleT(fh), keep_cache=True)
@@ -394,8 +332,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: InodeT, name: bytes, mode: int, flags: int,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         async with self.mutex:
-            uid, gid, _ = self._owner(parent_inode, ctx, is_dir=False)
-            attr = self.fs.create(parent_inode, name, mode, uid, gid)
+            attr = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         info = await self._open(self.fs.node(attr.ino), flags & ~os.O_TRUNC)
         return info, self._entry(attr)
 
@@ -429,13 +366,14 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def release(self, fh: FileHandleT) -> None:
         handle = self.files.pop(fh)
+        self.fs.released(handle.node, handle.fd)
         os.close(handle.fd)
 
     @_errors
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         fd = self.files[fh].fd
         await self.offload.run(os.fdatasync if datasync else os.fsync, fd)
-        await self.offload.run(self.fs.layers.journal.sync)
+        await self.offload.run(self.fs.sync_journal)
 
     # -- directories --------------------------------------------------------------------------
 
@@ -473,11 +411,11 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
-        await self.offload.run(self.fs.layers.journal.sync)
+        await self.offload.run(self.fs.sync_journal)
 
 
 class GuardOperations(pyfuse3.Operations):
-    """The FUSE face of a :class:`~sdeefs.guard.GuardView`, mounted read-only.
+    """The FUSE face of a :class:`~sdeefs.fs.guard.GuardView`, mounted read-only.
 
     Lookups and getattrs run on the loop (a few syscalls, as above); a listing
     stats every entry of a host directory, so that part runs in a worker thread.

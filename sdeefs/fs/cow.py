@@ -1,16 +1,19 @@
 """Overlay semantics: a copy-on-write view of a read-only lower tree and a writable upper.
 
-This module never imports pyfuse3; it works on inode numbers, ``bytes`` names
-and ``os.stat_result``s, raises ``OSError`` with a real errno, and is tested on
-plain directories without a mount (``tests/fs/test_cow.py``).
+This module never imports pyfuse3; it works on node ids, ``bytes`` names and
+``os.stat_result``s, raises ``OSError`` with a real errno, and is tested on
+plain directories without a mount (``tests/fs/test_cow.py``).  Its parts:
+the node table (``sdeefs.fs.inodes``), the read-only lower with its hide policy,
+owner mapping and origin handles (``sdeefs.fs.lower``), and the upper, reached
+and changed through :class:`~sdeefs.layers.LayerRoot` only.
 
 The upper directory is in **kernel overlayfs format** (Documentation/filesystems/overlayfs.rst):
 
 * a deleted lower entry is a character device 0/0 (a *whiteout*);
 * a directory that replaces a lower one carries ``<prefix>opaque = "y"``;
 * a copied-up entry carries ``<prefix>origin``, a kernel file handle of its
-  lower original (the same encoding kernel overlayfs writes), which is how
-  sdeefs keeps ``st_ino`` across copy-up and remount;
+  lower original (``sdeefs.fs.lower`` has the format), which is how sdeefs
+  keeps ``st_ino`` across copy-up and remount;
 * ``<prefix>`` is ``trusted.overlay.`` (host root mounts) or ``user.overlay.``
   (user-namespace mounts with ``userxattr``); those names are hidden from the view.
 
@@ -28,52 +31,56 @@ path with ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)``: the upper is
 user-owned in the launcher's set-up, so a symlink planted there must never
 lead the root daemon elsewhere.
 
+Copy-up, in two phases.  Every change of a lower entry copies it up first, and
+copying a regular file's data may take long, so each change that may need it has
+a ``copy_up_for_*`` method that decides what to copy, refuses first what could
+not be journaled, and stages the copy: it returns a :class:`CopyUp` (or None once
+nothing, or nothing more, needs a data copy: directories, symlinks and special
+files are copied at once).  The caller runs :meth:`CowFS.copy_data` (in a worker
+thread), then :meth:`CowFS.finish_copy_up` (or :meth:`CowFS.abort_copy_up`), and
+asks again until None; the change itself then finds its entries in the upper.
+Called directly, a change makes the same copies synchronously
+(:meth:`CowFS.run_copy_ups`): one decision, two ways to run it.
+
 Concurrency contract (docs/threading.md): every method here is synchronous.
 Node-table changes and namespace mutations run on the trio loop, one at a
-time (ops.py holds a lock around them); only :meth:`CowFS.copy_data` and file
-data I/O run in worker threads.
+time (``sdeefs.fs.ops`` holds a lock around them); only :meth:`CowFS.copy_data`,
+:meth:`CowFS.find_other_name`, :meth:`CowFS.sync_journal` and file data I/O
+run in worker threads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
 import os
 import stat
-import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 import attrs
 
-from . import records as rec
-from .layers import AnyJournal, LayerRoot, join, split
-from .sysio import (
-    PATH_CHUNK,
+from .. import records as rec
+from ..layers import AnyJournal, LayerRoot, join, split
+from ..sysio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     copy_file_data,
     fd_path,
-    filesystem_uuid,
     is_whiteout,
     name_to_handle,
-    open_at,
-    open_by_handle,
-    open_tree_clone,
 )
-from .trees import walk
+from ..trees import walk
+from .inodes import ROOT_INO, Attr, Node, ViewNodes, check_name
+from .lower import HidePolicy, Lower
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = 1
-NAME_MAX = 255
 PATH_MAX = 4096
 UPPER_ONLY_BIT = 1 << 63  # tags st_ino of upper-only files when upper and lower differ in st_dev
-RENUMBERED_BASE = 1 << 62  # node ids handed out when the filesystem reuses an inode number
 STAGE = b"work/sdeefs"  # where the merged engine stages copy-ups and replacements
 DEFAULT_EXCLUDES = (b"proc", b"sys", b"dev", b"run")
 
@@ -83,7 +90,7 @@ Resolved = tuple[int, int, bytes | None, bool, bool, os.stat_result]
 
 
 @attrs.frozen
-class Layout:
+class OverlayXattrs:
     """Names of the overlayfs xattrs in the upper (trusted.* or user.* namespace)."""
 
     prefix: bytes = b"trusted.overlay."
@@ -101,75 +108,70 @@ class Layout:
 
 
 @attrs.frozen
-class Attr:
-    """What a lookup or getattr returns: the inode number we report and the backing stat.
+class ViewConfig:
+    """How one view is assembled (all paths absolute, in bytes)."""
 
-    ``owner`` (uid, gid), when set, is shown instead of the backing entry's owner.
+    upper: bytes
+    work: bytes
+    lower: bytes | None = b"/"
+    mode: Mode = "merged"
+    excludes: tuple[bytes, ...] = DEFAULT_EXCLUDES  # view paths shown as empty directories
+    hidden: tuple[bytes, ...] = ()  # view paths whose lower entry is not shown at all
+    xattrs: OverlayXattrs = OverlayXattrs()
+    cache_timeout: float = 0.0  # how long lower-only names may be answered from memory
+    # Lower entries this says to hide (lower path, its lstat) do not show; the launcher
+    # passes sdeefs.fs.guard.Policy.hides: deny patterns and root-only entries, at lookup time.
+    hide: HidePolicy | None = None
+    # (uid, gid) that lower entries of uid/gid 0 show as, and are copied up as: the
+    # launcher's user, who is root inside (what the idmapped lower does for kernel overlayfs).
+    root_owner: tuple[int, int] | None = None
+
+
+@attrs.frozen
+class AttrChange:
+    """A change of attributes as the kernel asks for it (None: that one stays).
+
+    ``keep_mtime``: a change of size leaves a regular file's mtime as it is (ftruncate
+    would set it).  With the writeback cache the kernel keeps regular files' times
+    itself and times a truncate only when the size it knows changes; it did not time
+    this one, so neither may the upper, or it would hold a time the view never shows.
     """
 
-    ino: int
-    st: os.stat_result
-    owner: tuple[int, int] | None = None
-
-
-@attrs.define(eq=False)
-class Node:
-    """One inode of the view.
-
-    Attributes:
-        ino: the FUSE inode number, also the reported st_ino.
-        kind: S_IFMT bits.
-        paths: view paths (b"" = root) naming this inode; the first is used for I/O.
-        lower: path of the visible lower entry, or None.
-        in_upper: an entry exists in the upper at ``paths[0]``.
-        opaque: (directories) nothing below it comes from the lower.
-        lookups: the kernel's lookup count.
-        dead: its last name was removed and its upper inode is gone.
-    """
-
-    ino: int
-    kind: int
-    paths: list[bytes]
-    lower: bytes | None
-    in_upper: bool
-    opaque: bool = False
-    lookups: int = 0
-    dead: bool = False
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    keep_mtime: bool = False
 
     @property
-    def path(self) -> bytes:
-        return self.paths[0]
+    def complete(self) -> bool:
+        """Nothing of the entry's current attributes is needed to apply it."""
+        return (self.uid is None) == (self.gid is None) and not (
+            self.keep_mtime and self.size is not None and self.mtime_ns is None)
 
-    @property
-    def is_dir(self) -> bool:
-        return self.kind == stat.S_IFDIR
+    def against(self, st: os.stat_result) -> AttrChange:
+        """This change made complete by the entry's current ``st``: the owner's other half,
+        the kept mtime."""
+        uid, gid, mtime = self.uid, self.gid, self.mtime_ns
+        if (uid is None) != (gid is None):
+            uid = st.st_uid if uid is None else uid
+            gid = st.st_gid if gid is None else gid
+        if self.keep_mtime and self.size is not None and mtime is None and \
+                stat.S_ISREG(st.st_mode):
+            mtime = st.st_mtime_ns
+        return AttrChange(self.mode, uid, gid, self.size, self.atime_ns, mtime)
 
-    @property
-    def unlinked(self) -> bool:
-        """Removed from the view while the kernel still holds it (an open file, say)."""
-        return not self.in_upper and self.lower is None and self.ino != ROOT_INO
-
-
-def with_owner(st: os.stat_result, uid: int, gid: int) -> os.stat_result:
-    """``st`` with another owner (os.stat_result is immutable)."""
-    fields = list(st[:10])
-    fields[4], fields[5] = uid, gid
-    return os.stat_result(fields, {name: getattr(st, name) for name in _STAT_EXTRA})
-
-
-_STAT_EXTRA = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
-               "st_blksize", "st_blocks", "st_rdev")
-
-
-def _last_link(st: os.stat_result) -> bool:
-    return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
-
-
-def check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise OSError(errno.ENAMETOOLONG, "name too long")
-    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise OSError(errno.EINVAL, "invalid name")
+    def record(self, path: bytes) -> rec.Setattr:
+        """The journal record of this (complete) change of the layer path ``path``."""
+        mask = ((rec.SET_MODE if self.mode is not None else 0)
+                | (rec.SET_OWNER if self.uid is not None else 0)
+                | (rec.SET_SIZE if self.size is not None else 0)
+                | (rec.SET_ATIME if self.atime_ns is not None else 0)
+                | (rec.SET_MTIME if self.mtime_ns is not None else 0))
+        return rec.Setattr(path, mask, self.mode or 0, self.uid or 0, self.gid or 0,
+                           self.size or 0, self.atime_ns or 0, self.mtime_ns or 0)
 
 
 @attrs.frozen
@@ -184,23 +186,19 @@ class CopyUp:
 
 
 @attrs.frozen
-class Config:
-    """How one view is assembled (all paths absolute, in bytes)."""
+class _Move:
+    """A rename that passed every check: its nodes and view paths."""
 
-    upper: bytes
-    work: bytes
-    lower: bytes | None = b"/"
-    mode: Mode = "merged"
-    excludes: tuple[bytes, ...] = DEFAULT_EXCLUDES  # view paths shown as empty directories
-    hidden: tuple[bytes, ...] = ()  # view paths whose lower entry is not shown at all
-    layout: Layout = Layout()
-    cache_timeout: float = 0.0  # how long lower-only names may be answered from memory
-    # Lower entries this says to hide (lower path, its lstat) do not show; the launcher
-    # passes sdeefs.guard.Policy.hides: deny patterns and root-only entries, at lookup time.
-    hide: Callable[[bytes, os.stat_result], bool] | None = None
-    # (uid, gid) that lower entries of uid/gid 0 show as, and are copied up as: the
-    # launcher's user, who is root inside (what the idmapped lower does for kernel overlayfs).
-    root_owner: tuple[int, int] | None = None
+    old_parent: Node
+    node: Node
+    new_parent: Node
+    target: Node | None
+    src: bytes
+    dst: bytes
+
+
+def _last_link(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
 
 
 @attrs.define(eq=False)
@@ -210,72 +208,54 @@ class CowFS:
     Attributes:
         config: how the view is assembled.
         layers: journaled, safe access to upper and work.
-        lower_fd: a detached non-recursive clone of the lower mount (or -1 in raw mode).
-        nodes: inode number -> Node for every inode the kernel knows.
-        upper_dev / lower_dev: st_dev of the two trees, for inode numbering.
-        lower_uuid: uuid of the lower filesystem (part of origin file handles).
-        lower_mount_fd: a readable fd on the lower's root, for open_by_handle_at.
-        renumbered: inode numbers reused by the filesystem -> the node id used instead.
-        origin_inos: cache of decoded origin xattrs -> lower inode numbers.
-        by_path: view path -> the node it names (every path in some ``Node.paths``).
+        lower: the read-only lower (absent in raw mode).
+        inodes: every inode the kernel knows, by node id and by view path.
+        upper_dev: st_dev of the upper, for inode numbering.
     """
 
-    config: Config
+    config: ViewConfig
     layers: LayerRoot
-    lower_fd: int
-    nodes: dict[int, Node]
+    lower: Lower
+    inodes: ViewNodes
     upper_dev: int
-    lower_dev: int
-    lower_uuid: bytes
-    lower_mount_fd: int = -1
-    renumbered: dict[int, int] = attrs.field(factory=dict)
-    origin_inos: dict[bytes, int] = attrs.field(factory=dict)
-    by_path: dict[bytes, Node] = attrs.field(factory=dict)
     _resolved: dict[tuple[int, bytes], tuple[float, Resolved]] = attrs.field(factory=dict)
     _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
     _name_hints: dict[tuple[int, int], bytes] = attrs.field(factory=dict)
     _cache_generation: int = 0
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
-    _generation: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, config: Config, journal: AnyJournal) -> CowFS:
+    def open(cls, config: ViewConfig, journal: AnyJournal) -> CowFS:
         upper_fd = os.open(config.upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        work_fd = os.open(config.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        upper_dev = os.stat(upper_fd).st_dev
-        if os.stat(work_fd).st_dev != upper_dev:
-            raise OSError(errno.EXDEV, "the work directory is not on the upper's filesystem")
-        lower_fd, lower_dev, lower_uuid = -1, upper_dev, bytes(16)
-        if config.mode == "merged":
-            assert config.lower is not None
-            try:
-                lower_fd = open_tree_clone(config.lower)
-            except OSError:  # not root, or an old kernel: plain directory, mounts not cut
-                lower_fd = os.open(config.lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            lower_dev = os.stat(lower_fd).st_dev
-            lower_mount_fd = os.open(fd_path(lower_fd), os.O_RDONLY | os.O_DIRECTORY
-                                     | os.O_CLOEXEC)
-            lower_uuid = filesystem_uuid(lower_mount_fd)
-        else:
-            lower_mount_fd = -1
-        layers = LayerRoot(upper_fd, work_fd, journal)
-        fs = cls(config, layers, lower_fd, {}, upper_dev, lower_dev, lower_uuid, lower_mount_fd)
-        root_kind = stat.S_IFDIR
-        root = Node(ROOT_INO, root_kind, [b""], b"" if lower_fd >= 0 else None, True,
-                    lookups=1)
-        fs.nodes[ROOT_INO] = root
-        fs.by_path[b""] = root
+        work_fd = -1
+        try:
+            work_fd = os.open(config.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            upper_dev = os.stat(upper_fd).st_dev
+            if os.stat(work_fd).st_dev != upper_dev:
+                raise OSError(errno.EXDEV, "the work directory is not on the upper's filesystem")
+            if config.mode == "merged":
+                assert config.lower is not None
+                lower = Lower.open(config.lower, config.hide, config.root_owner)
+            else:
+                lower = Lower.absent(upper_dev)
+        except BaseException:
+            for fd in (upper_fd, work_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        fs = cls(config, LayerRoot(upper_fd, work_fd, journal), lower, ViewNodes(), upper_dev)
+        root = fs.inodes.add(Node(ROOT_INO, stat.S_IFDIR, [], b"" if lower.fd >= 0 else None,
+                                  True, lookups=1))
+        fs.inodes.name(root, b"")
         if config.mode == "merged":
             fs._prepare_stage()
         return fs
 
     def close(self) -> None:
         self.layers.close()
-        for fd in (self.lower_fd, self.lower_mount_fd):
-            if fd >= 0:
-                os.close(fd)
+        self.lower.close()
 
     def _prepare_stage(self) -> None:
         """Create the staging directory and discard what an interrupted copy-up left there."""
@@ -311,107 +291,24 @@ class CowFS:
     def _stage_name(self) -> bytes:
         return join(STAGE, b"#%x-%d" % (os.getpid(), next(self._stage_counter)))
 
-    def _lower_lstat(self, path: bytes) -> os.stat_result | None:
-        """A lower entry's stat as the view shows it (owner mapped, see Config.root_owner)."""
-        st = self._lower_lstat_raw(path)
-        return self._shown(st) if st is not None else None
-
-    def _lower_lstat_raw(self, path: bytes) -> os.stat_result | None:
-        try:
-            if not path:
-                return os.stat(self.lower_fd)
-            if len(path) <= PATH_CHUNK:  # all but trees deeper than PATH_MAX: one call
-                return os.stat(path, dir_fd=self.lower_fd, follow_symlinks=False)
-            with self._lower_at(path) as (fd, rest):
-                return os.stat(rest, dir_fd=fd, follow_symlinks=False)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    @contextlib.contextmanager
-    def _lower_at(self, path: bytes) -> Iterator[tuple[int, bytes]]:
-        """(directory fd, rest of ``path``) that syscalls reach the lower entry ``path`` by.
-
-        The lower root and ``path`` itself when one syscall takes it; for a lower tree
-        deeper than PATH_MAX, the entry's directory, opened in pieces (closed on exit).
-        ``rest`` is b"" for the lower root itself.
-        """
-        if len(path) <= PATH_CHUNK:
-            yield self.lower_fd, path
-            return
-        head, _, name = path.rpartition(b"/")
-        fd = open_at(self.lower_fd, head, os.O_PATH | os.O_DIRECTORY)
-        try:
-            yield fd, name
-        finally:
-            os.close(fd)
-
-    def _shown(self, st: os.stat_result) -> os.stat_result:
-        owner = self.config.root_owner
-        if owner is None or (st.st_uid and st.st_gid):
-            return st
-        return with_owner(st, owner[0] if st.st_uid == 0 else st.st_uid,
-                          owner[1] if st.st_gid == 0 else st.st_gid)
-
-    def _lower_visible(self, path: bytes) -> os.stat_result | None:
-        """The lower entry at ``path`` unless the hide policy hides it (as shown)."""
-        st = self._lower_lstat_raw(path)
-        if st is None or (self.config.hide is not None and self.config.hide(path, st)):
-            return None
-        return self._shown(st)
-
     # -- node table ---------------------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
-        try:
-            return self.nodes[ino]
-        except KeyError:
-            raise OSError(errno.ESTALE, f"unknown inode {ino}") from None
+        return self.inodes.node(ino)
 
     def forget(self, ino: int, count: int) -> None:
-        node = self.nodes.get(ino)
-        if node is None or ino == ROOT_INO:
-            return
-        node.lookups -= count
-        if node.lookups <= 0:
-            del self.nodes[ino]
-            for path in node.paths:
-                if self.by_path.get(path) is node:
-                    del self.by_path[path]
+        self.inodes.forget(ino, count)
 
-    def _name(self, node: Node, path: bytes) -> None:
-        """``path`` now names ``node`` (first among its names)."""
-        previous = self.by_path.get(path)
-        if previous is not None and previous is not node and path in previous.paths:
-            previous.paths.remove(path)
-            if not previous.paths:
-                previous.paths.append(path)  # unreachable now; keeps its last name for I/O
-        self.by_path[path] = node
-        # Only names that still lead to this node stay: one it kept after losing its
-        # last name (see _forget_path) is no name once it is found under another.
-        node.paths = [p for p in node.paths if p != path and self.by_path.get(p) is node]
-        node.paths.insert(0, path)
+    def opened(self, node: Node, fd: int) -> None:
+        """The kernel holds ``fd`` (from :meth:`open_fd`) open on ``node`` until :meth:`released`.
 
-    def _remember(self, ino: int, kind: int, path: bytes, lower: bytes | None, in_upper: bool,
-                  opaque: bool, count: bool) -> Node:
-        real = ino
-        ino = self.renumbered.get(real, real)
-        node = self.nodes.get(ino)
-        if node is not None and node.dead:
-            # The filesystem reused the inode number of a deleted entry the kernel still
-            # remembers.  A FUSE node id must not be reused before the kernel forgets it
-            # (a dead directory inode answers ENOENT to everything), so renumber.
-            ino = RENUMBERED_BASE | next(self._generation)
-            self.renumbered[real] = ino
-            node = None
-        if node is None:
-            node = Node(ino, kind, [], lower, in_upper, opaque)
-            self.nodes[ino] = node
-        else:
-            node.kind, node.lower, node.in_upper, node.opaque = kind, lower, in_upper, opaque
-        self._name(node, path)
-        if count:
-            node.lookups += 1
-        return node
+        An unlinked file lives on in such descriptors: getattr and setattr go through them.
+        """
+        node.fds.append(fd)
+
+    def released(self, node: Node, fd: int) -> None:
+        if fd in node.fds:
+            node.fds.remove(fd)
 
     def _forget_path(self, path: bytes, keep: Node | None = None,
                      removed: os.stat_result | None = None) -> None:
@@ -425,23 +322,15 @@ class CowFS:
         that what is written through the node is journaled under a path a replica
         can find (otherwise it would count as unlinked and go unjournaled).
         """
-        node = self.by_path.get(path)
-        if node is None or node is keep:
-            return
-        del self.by_path[path]
-        if path in node.paths:
-            node.paths.remove(path)
-        if node.paths:
+        node = self.inodes.drop_name(path, keep)
+        if node is None:
             return
         if removed is not None and not _last_link(removed) and node.lookups > 0:
             other = self._other_name(removed, split(path)[0])
             if other is not None:
-                self._name(node, other)
+                self.inodes.name(node, other)
                 return
-        node.paths.append(path)  # unlinked but still open or looked up: keep last name
-        node.in_upper = False
-        node.lower = None
-        node.dead = node.dead or (removed is not None and _last_link(removed))
+        node.lose_last_name(path, gone=removed is not None and _last_link(removed))
 
     def _other_name(self, removed: os.stat_result, near: bytes) -> bytes | None:
         """A view path that still names the upper inode of ``removed``, or None.
@@ -456,19 +345,22 @@ class CowFS:
                 return hint
         return self.find_other_name(removed, near, b"")
 
-    def other_name_needed(self, parent_ino: int, name: bytes
+    def other_name_needed(self, parent_ino: int, name: bytes, flags: int = 0
                           ) -> tuple[os.stat_result, bytes, bytes] | None:
-        """(upper stat, its directory, its path) if removing ``name`` leaves a node the
-        kernel holds with no known name while its file keeps other links; else None.
+        """(upper stat, its directory, its path) if removing ``name`` (by unlink, or by a
+        rename with ``flags`` over it) leaves a node the kernel holds with no known name
+        while its file keeps other links; else None.
 
         Then the file's other name is to be found (:meth:`find_other_name`) before the
         removal, so that the node carries on under it (see :meth:`_forget_path`).
         """
-        parent = self.nodes.get(parent_ino)
+        if flags & RENAME_EXCHANGE:
+            return None  # an exchange removes no name
+        parent = self.inodes.get(parent_ino)
         if parent is None:
             return None
         path = join(parent.path, name)
-        node = self.by_path.get(path)
+        node = self.inodes.by_path.get(path)
         if node is None or node.is_dir or node.lookups <= 0 or node.paths != [path]:
             return None
         try:
@@ -545,19 +437,6 @@ class CowFS:
                 os.close(fd)
         return None
 
-    def _rename_paths(self, src: bytes, dst: bytes, is_dir: bool) -> None:
-        """Every name at or below ``src`` moves to ``dst`` (a scan only for directories)."""
-        if is_dir:
-            prefix = src + b"/"
-            moved = [p for p in self.by_path if p == src or p.startswith(prefix)]
-        else:
-            moved = [src] if src in self.by_path else []
-        renamed = [(p, dst + p[len(src):], self.by_path.pop(p)) for p in moved]
-        for old, new, node in renamed:
-            node.paths = [new if p == old else p for p in node.paths]
-        for _, new, node in renamed:
-            self.by_path[new] = node
-
     # -- resolution ---------------------------------------------------------------------------
 
     def _resolve(self, parent: Node, name: bytes) -> Resolved:
@@ -566,7 +445,7 @@ class CowFS:
         if self.raw:
             return self._resolve_raw(parent, path)
         upper, origin = (self.layers.lstat_with_xattr(self.layer_path(path),
-                                                      self.config.layout.origin)
+                                                      self.config.xattrs.origin)
                          if parent.in_upper else (None, None))
         if upper is not None and is_whiteout(upper):
             raise FileNotFoundError(errno.ENOENT, "whiteout", path)
@@ -574,7 +453,7 @@ class CowFS:
         lower = None
         if parent.lower is not None and not parent.opaque and path not in self.config.hidden:
             candidate = join(parent.lower, name)
-            lower = self._lower_visible(candidate)
+            lower = self.lower.visible(candidate)
             if lower is not None:
                 lower_path = candidate
         if upper is None and lower is None:
@@ -583,7 +462,7 @@ class CowFS:
         if upper is not None:
             kind = stat.S_IFMT(upper.st_mode)
             if kind != stat.S_IFDIR:  # nothing of the lower shows through an upper non-directory
-                ino = self._origin_ino(origin) or self._upper_ino(upper)
+                ino = self.lower.origin_ino(origin) or self._upper_ino(upper)
                 return ino, kind, None, True, False, upper
             opaque = excluded or self._is_opaque(path)
             if lower is None or not stat.S_ISDIR(lower.st_mode) or opaque:
@@ -602,72 +481,30 @@ class CowFS:
         return st.st_ino, stat.S_IFMT(st.st_mode), None, True, True, st
 
     def _upper_ino(self, st: os.stat_result) -> int:
-        if st.st_dev == self.lower_dev or self.raw:
+        if st.st_dev == self.lower.dev or self.raw:
             return st.st_ino
         return st.st_ino | UPPER_ONLY_BIT
 
     def _is_opaque(self, path: bytes) -> bool:
         try:
-            return self.layers.getxattr(self.layer_path(path), self.config.layout.opaque) == b"y"
+            return self.layers.getxattr(self.layer_path(path),
+                                        self.config.xattrs.opaque) == b"y"
         except OSError:
             return False
 
-    def _origin_ino(self, origin: bytes | None) -> int | None:
-        """The lower inode number a copied-up entry came from (its origin xattr), if any.
-
-        This is what keeps st_ino across copy-up, rename, link and remount, for
-        copies made by sdeefs and by kernel overlayfs alike (same origin format).
-        """
-        if origin is None:
-            return None
-        if origin in self.origin_inos:
-            return self.origin_inos[origin]
-        ino = self._decode_origin(origin)
-        if ino is not None:
-            self.origin_inos[origin] = ino
-        return ino
-
-    def _decode_origin(self, origin: bytes) -> int | None:
-        # struct ovl_fb: version, magic 0xfb, len, flags, type, uuid[16], fid[]
-        if len(origin) < 22 or origin[1] != 0xFB or origin[2] != len(origin):
-            return None
-        uuid, fid = origin[5:21], origin[21:]
-        if uuid != self.lower_uuid and any(uuid) and any(self.lower_uuid):
-            return None  # a handle of another filesystem
-        handle = struct.pack("=Ii", len(fid), origin[4]) + fid
-        try:
-            fd = open_by_handle(self.lower_mount_fd, handle, os.O_PATH)
-        except OSError:
-            return None  # the original is gone from the lower (or not ours)
-        try:
-            return os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-
-    def _origin_of(self, lower_path: bytes) -> bytes:
-        """The kernel's ``struct ovl_fb`` for a lower entry: what overlayfs stores as origin."""
-        try:
-            with self._lower_at(lower_path) as (dfd, rest):
-                fd = os.open(rest, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        except OSError:
-            return b""
-        try:
-            handle = name_to_handle(fd)
-        finally:
-            os.close(fd)
-        if not handle:
-            return b""
-        fid, fh_type = handle[8:], int.from_bytes(handle[4:8], "little")
-        # struct ovl_fb: version 0, magic 0xfb, len, flags (0 = little endian), type, uuid, fid
-        return bytes([0, 0xFB, 21 + len(fid), 0, fh_type & 0xFF]) + self.lower_uuid + fid
-
-    def lookup(self, parent_ino: int, name: bytes) -> Attr:
+    def _directory(self, parent_ino: int, name: bytes) -> Node:
+        """The directory ``parent_ino``, for ``name`` to be looked up or made in it."""
         check_name(name)
         parent = self.node(parent_ino)
         if not parent.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
+        return parent
+
+    def lookup(self, parent_ino: int, name: bytes) -> Attr:
+        parent = self._directory(parent_ino, name)
         ino, kind, lower, in_upper, opaque, st = self._resolve_cached(parent, name)
-        node = self._remember(ino, kind, join(parent.path, name), lower, in_upper, opaque, True)
+        node = self.inodes.remember(ino, kind, join(parent.path, name), lower, in_upper,
+                                    opaque, True)
         return Attr(node.ino, st)
 
     def _resolve_cached(self, parent: Node, name: bytes) -> Resolved:
@@ -698,11 +535,7 @@ class CowFS:
         if node.ino == ROOT_INO:
             return ROOT_INO
         head, _ = split(node.path)
-        return self._ino_of_path(head) or ROOT_INO
-
-    def _ino_of_path(self, path: bytes) -> int | None:
-        node = self.by_path.get(path)
-        return node.ino if node is not None else None
+        return self.inodes.ino_of_path(head) or ROOT_INO
 
     def _root_stat(self) -> os.stat_result:
         if self.raw:
@@ -717,13 +550,15 @@ class CowFS:
             if st is not None:
                 return st
         if node.lower is not None:
-            st = self._lower_lstat(node.lower)
+            st = self.lower.lstat(node.lower)
             if st is not None:
                 return st
         raise FileNotFoundError(errno.ENOENT, "entry vanished", node.path)
 
     def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
+        if node.unlinked and node.fds:  # the file lives on in its open descriptors
+            return Attr(node.ino, os.fstat(node.fds[0]))
         return Attr(node.ino, self._stat_node(node))
 
     def _lower_of(self, node: Node) -> bytes:
@@ -739,8 +574,7 @@ class CowFS:
         node = self.node(ino)
         if node.in_upper:
             return self.layers.readlink(self.layer_path(node.path))
-        with self._lower_at(self._lower_of(node)) as (fd, rest):
-            return os.readlink(rest, dir_fd=fd)
+        return self.lower.readlink(self._lower_of(node))
 
     def listdir(self, ino: int) -> list[bytes]:
         """The merged names of a directory: upper first, then lower; whiteouts hidden, no dups."""
@@ -777,28 +611,17 @@ class CowFS:
                 seen.add(name)
                 names.append(name)
         if node.lower is not None and not node.opaque and not self.raw:
-            lower_names = self._lower_listdir(node.lower)
-            for bname in sorted(lower_names):
+            for bname in sorted(self.lower.listdir(node.lower)):
                 if bname in seen or bname in whiteouts:
                     continue
                 if join(node.path, bname) in self.config.hidden:
                     continue
-                if self.config.hide is not None and \
-                        self._lower_visible(join(node.lower, bname)) is None:
+                if self.lower.hide is not None and \
+                        self.lower.visible(join(node.lower, bname)) is None:
                     continue
                 seen.add(bname)
                 names.append(bname)
         return names
-
-    def _lower_listdir(self, path: bytes) -> list[bytes]:
-        try:
-            fd = open_at(self.lower_fd, path or b".", os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return []
-        try:
-            return [os.fsencode(n) for n in os.listdir(fd)]
-        finally:
-            os.close(fd)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(fd_path(self.layers.upper_fd))
@@ -806,21 +629,15 @@ class CowFS:
     # -- copy-up ------------------------------------------------------------------------------
 
     def needs_copy_up(self, node: Node) -> bool:
+        """Is ``node`` still only in the lower (a cheap question, e.g. before taking a lock)?"""
         return not self.raw and not node.in_upper
 
     def ensure_upper_dir(self, node: Node) -> None:
         """Copy a directory (and its parents) up, so entries can be created in it."""
         if node.in_upper or self.raw:
             return
-        head, _ = split(node.path)
-        parent_ino = self._ino_of_path(head)
-        # a parent not in the table is resolved by walking from the root
-        parent = self._walk(head) if parent_ino is None else self.node(parent_ino)
-        self.ensure_upper_dir(parent)
-        lower = self._lower_of(node)
-        lst = self._lower_lstat(lower)
-        if lst is None:
-            raise FileNotFoundError(errno.ENOENT, "lower directory vanished", node.path)
+        self.ensure_upper_dir(self._parent_node(node))
+        lower, lst = self._lower_entry(node)
         stage = self._stage_name()
         self.layers.mkdir(stage, lst.st_mode, lst.st_uid, lst.st_gid)
         self._copy_metadata(lower, stage, lst)
@@ -850,37 +667,29 @@ class CowFS:
 
     def _walk(self, path: bytes) -> Node:
         """The node of a view path, resolved from the root (not counted as a kernel lookup)."""
-        node = self.nodes[ROOT_INO]
+        node = self.node(ROOT_INO)
         for part in path.split(b"/") if path else []:
             ino, kind, lower, in_upper, opaque, _ = self._resolve(node, part)
-            node = self._remember(ino, kind, join(node.path, part), lower, in_upper, opaque,
-                                  False)
+            node = self.inodes.remember(ino, kind, join(node.path, part), lower, in_upper,
+                                        opaque, False)
         return node
+
+    def _parent_node(self, node: Node) -> Node:
+        head, _ = split(node.path)
+        ino = self.inodes.ino_of_path(head)
+        # a parent not in the table is resolved by walking from the root
+        return self.node(ino) if ino is not None else self._walk(head)
 
     def _copy_metadata(self, lower_path: bytes, stage: bytes, lst: os.stat_result) -> None:
         """xattrs, origin, owner, mode and times of a lower entry onto a staged copy."""
-        layout = self.config.layout
-        with self._lower_at(lower_path) as (dfd, rest):
-            where = fd_path(dfd, rest or None)
-            try:
-                names = os.listxattr(where, follow_symlinks=False)
-            except OSError:
-                names = []
-            values = []
-            for sname in names:
-                name = os.fsencode(sname)
-                if layout.is_private(name):
-                    continue
-                try:
-                    values.append((name, os.getxattr(where, name, follow_symlinks=False)))
-                except OSError:
-                    continue
-        for name, value in values:
-            self.layers.setxattr(stage, name, value)
-        origin = self._origin_of(lower_path)
+        xattrs = self.config.xattrs
+        for name, value in self.lower.xattrs(lower_path):
+            if not xattrs.is_private(name):
+                self.layers.setxattr(stage, name, value)
+        origin = self.lower.origin_of(lower_path)
         # user.* xattrs are not allowed on symlinks; trusted.* are (as kernel overlayfs does)
-        if origin and not (stat.S_ISLNK(lst.st_mode) and layout.prefix.startswith(b"user.")):
-            self.layers.setxattr(stage, layout.origin, origin)
+        if origin and not (stat.S_ISLNK(lst.st_mode) and xattrs.prefix.startswith(b"user.")):
+            self.layers.setxattr(stage, xattrs.origin, origin)
         mask = rec.SET_OWNER | rec.SET_ATIME | rec.SET_MTIME
         if not stat.S_ISLNK(lst.st_mode):
             mask |= rec.SET_MODE
@@ -888,33 +697,27 @@ class CowFS:
                                         lst.st_gid, 0, lst.st_atime_ns, lst.st_mtime_ns))
 
     def start_copy_up(self, node: Node, keep_data: bool = True) -> CopyUp | None:
-        """Stage a copy of a lower entry.  Directories and symlinks complete at once (None)."""
+        """Stage a copy of ``node`` if it is only in the lower: a CopyUp for a regular file;
+        anything else is copied at once (None, as for a node that needs no copy)."""
         if not self.needs_copy_up(node):
             return None
         if node.is_dir:
             self.ensure_upper_dir(node)
             return None
         self.ensure_upper_dir(self._parent_node(node))
-        lower = self._lower_of(node)
-        lst = self._lower_lstat(lower)
-        if lst is None:
-            raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
+        lower, lst = self._lower_entry(node)
         stage = self._stage_name()
-        if stat.S_ISLNK(lst.st_mode):
-            with self._lower_at(lower) as (dfd, rest):
-                target = os.readlink(rest, dir_fd=dfd)
-            self.layers.symlink(stage, target, lst.st_uid, lst.st_gid)
-            self._copy_metadata(lower, stage, lst)
-            self._finish(node, stage, lst)
-            return None
         if not stat.S_ISREG(lst.st_mode):
-            self.layers.mknod(stage, lst.st_mode, lst.st_uid, lst.st_gid)
+            if stat.S_ISLNK(lst.st_mode):
+                self.layers.symlink(stage, self.lower.readlink(lower), lst.st_uid, lst.st_gid)
+            else:
+                self.layers.mknod(stage, lst.st_mode, lst.st_uid, lst.st_gid)
             self._copy_metadata(lower, stage, lst)
             self._finish(node, stage, lst)
             return None
         self.layers.mknod(stage, stat.S_IFREG | 0o600, 0, 0)
         size = lst.st_size if keep_data else 0
-        lower_fd = open_at(self.lower_fd, lower, os.O_RDONLY)
+        lower_fd = self.lower.open_file(lower, os.O_RDONLY)
         try:
             upper_fd = self.layers.open(stage, os.O_WRONLY)
         except BaseException:
@@ -925,7 +728,7 @@ class CowFS:
     def copy_data(self, plan: CopyUp) -> None:
         """The bulk copy, in the kernel (reflink or copy_file_range).  Runs in a worker thread."""
         try:
-            if plan.size:  # journal first, as for every write (see ops.Operations.write)
+            if plan.size:  # journal first, as for every write (sdeefs.writeahead)
                 handle = name_to_handle(plan.upper_fd)
                 self.layers.journal.append(rec.Write(plan.stage, handle, 0, plan.size))
             copy_file_data(plan.lower_fd, plan.upper_fd, plan.size)
@@ -938,18 +741,21 @@ class CowFS:
         self.layers.unlink(plan.stage)
 
     def finish_copy_up(self, plan: CopyUp) -> None:
-        node = plan.node
-        lower = self._lower_of(node)
-        lst = self._lower_lstat(lower)
-        if lst is None:
-            self.abort_copy_up(plan)
-            raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
         try:
+            lower, lst = self._lower_entry(plan.node)
             self._copy_metadata(lower, plan.stage, lst)
         except BaseException:
             self.abort_copy_up(plan)
             raise
-        self._finish(node, plan.stage, lst)
+        self._finish(plan.node, plan.stage, lst)
+
+    def _lower_entry(self, node: Node) -> tuple[bytes, os.stat_result]:
+        """(lower path, stat as shown) of a node to copy up; ENOENT if it vanished."""
+        lower = self._lower_of(node)
+        lst = self.lower.lstat(lower)
+        if lst is None:
+            raise FileNotFoundError(errno.ENOENT, "lower entry vanished", node.path)
+        return lower, lst
 
     def _finish(self, node: Node, stage: bytes, lst: os.stat_result) -> None:
         """Move a staged copy into place, then give every other lower name of it the same inode."""
@@ -958,10 +764,9 @@ class CowFS:
         if stat.S_ISREG(lst.st_mode) and lst.st_nlink > 1:
             self._link_other_names(node, lst)
 
-    def copy_up(self, node: Node, keep_data: bool = True) -> None:
-        """Synchronous copy-up (tests, and callers already off the loop)."""
-        plan = self.start_copy_up(node, keep_data)
-        if plan is not None:
+    def run_copy_ups(self, next_plan: Callable[[], CopyUp | None]) -> None:
+        """Make the copies ``next_plan`` (a ``copy_up_for_*``) asks for, here and now."""
+        while (plan := next_plan()) is not None:
             try:
                 self.copy_data(plan)
             except BaseException:
@@ -969,10 +774,18 @@ class CowFS:
                 raise
             self.finish_copy_up(plan)
 
-    def _parent_node(self, node: Node) -> Node:
-        head, _ = split(node.path)
-        ino = self._ino_of_path(head)
-        return self.node(ino) if ino is not None else self._walk(head)
+    def copy_up(self, node: Node, keep_data: bool = True) -> None:
+        """Copy ``node`` up if it is only in the lower, here and now (tests, tools)."""
+        self.run_copy_ups(lambda: self.start_copy_up(node, keep_data))
+
+    def _start_first(self, nodes: list[Node], keep_data: bool = True) -> CopyUp | None:
+        """Copy up the first of ``nodes`` still only in the lower that needs a data copy
+        (those before it that need none are copied at once)."""
+        for node in nodes:
+            plan = self.start_copy_up(node, keep_data)
+            if plan is not None:
+                return plan
+        return None
 
     def _link_other_names(self, node: Node, lst: os.stat_result) -> None:
         """Hard links: after copying up one lower name, link the copy under all the others.
@@ -980,8 +793,7 @@ class CowFS:
         Without this (kernel overlayfs with index=off, fuse-overlayfs #192) a
         write through one name is invisible through the others.
         """
-        src = self.layer_path(node.path)
-        for other in self.lower_names_of(lst, exclude=node.lower):
+        for other in self.lower.names_of(lst, exclude=node.lower):
             head, _ = split(other)
             try:
                 parent = self._walk(head)
@@ -992,40 +804,61 @@ class CowFS:
             if self.layers.lstat(self.layer_path(other)) is not None:
                 continue  # deleted or replaced in the upper: no longer the same file
             self.ensure_upper_dir(parent)
-            self._move_into_place(src, other, link=True)
-            if other not in node.paths:
-                node.paths.append(other)
-                self.by_path[other] = node
+            self._move_into_place(self.layer_path(node.path), other, link=True)
+            self.inodes.also_named(node, other)
 
-    def lower_names_of(self, lst: os.stat_result, exclude: bytes | None) -> list[bytes]:
-        """Every path in the lower tree of the inode ``lst`` (a scan; only for nlink > 1)."""
-        found: list[bytes] = []
-        root = os.fsencode(fd_path(self.lower_fd))
-        wanted = lst.st_nlink
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in filenames:
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.lstat(full)
-                except OSError:
-                    continue
-                if st.st_ino == lst.st_ino and st.st_dev == lst.st_dev:
-                    rel = full[len(root) + 1:]
-                    if rel != exclude:
-                        found.append(rel)
-                    if len(found) + 1 >= wanted:
-                        return found
-            dirnames.sort()
-        return found
+    # -- what each change copies up (the first phase; see the module docstring) ---------------
+
+    def copy_up_for_setattr(self, ino: int, change: AttrChange) -> CopyUp | None:
+        """A setattr copies up; a truncate to 0 leaves the data behind."""
+        node = self.node(ino)
+        self._refuse_layer_root(node)
+        if node.unlinked and node.fds:
+            return None  # changed through its descriptor
+        return self.start_copy_up(node, keep_data=change.size != 0)
+
+    def copy_up_for_link(self, ino: int, new_parent_ino: int, new_name: bytes
+                         ) -> CopyUp | None:
+        node = self.node(ino)
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard links to directories are not allowed")
+        self.check_new_entry(new_parent_ino, new_name)  # before journaling a copy
+        return self.start_copy_up(node)
+
+    def copy_up_for_rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+                           new_name: bytes, flags: int) -> CopyUp | None:
+        """The moved entry, and for an exchange the other one (a replaced one stays behind)."""
+        move = self._check_move(old_parent_ino, old_name, new_parent_ino, new_name, flags,
+                                fits=False)
+        if move is None or not self._moved_lower(move, flags):
+            return None
+        # what could not be journaled is refused before a copy is
+        self.check_rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
+        return self._start_first(self._moved_lower(move, flags))
+
+    def _moved_lower(self, move: _Move, flags: int) -> list[Node]:
+        """What of a rename is still only in the lower: copied up before it."""
+        moved = [move.node, move.target] if flags & RENAME_EXCHANGE else [move.node]
+        return [n for n in moved if n is not None and self.needs_copy_up(n)]
+
+    def copy_up_for_xattr(self, ino: int, name: bytes, removing: bool = False
+                          ) -> CopyUp | None:
+        self._check_xattr_name(name)
+        node = self.node(ino)
+        self._refuse_layer_root(node)
+        if removing:
+            self.getxattr(ino, name)  # ENODATA before any copy-up
+        return self.start_copy_up(node)
+
+    def copy_up_for_write(self, ino: int, truncate: bool) -> CopyUp | None:
+        """An open for writing copies up (its data too, unless it truncates)."""
+        return self.start_copy_up(self.node(ino), keep_data=not truncate)
 
     # -- creating entries ---------------------------------------------------------------------
 
     def _prepare_create(self, parent_ino: int, name: bytes) -> tuple[Node, bytes, bool]:
         """Check that ``name`` is free in the view: (parent, view path, replaces a whiteout)."""
-        check_name(name)
-        parent = self.node(parent_ino)
-        if not parent.is_dir:
-            raise OSError(errno.ENOTDIR, "not a directory")
+        parent = self._directory(parent_ino, name)
         path = join(parent.path, name)
         self._check_fits(path)
         if self.raw and parent.ino == ROOT_INO:
@@ -1039,6 +872,16 @@ class CowFS:
         self.ensure_upper_dir(parent)
         upper = None if self.raw else self.layers.lstat(self.layer_path(path))
         return parent, path, upper is not None and is_whiteout(upper)
+
+    def _creator(self, parent_ino: int, uid: int, gid: int, is_dir: bool
+                 ) -> tuple[int, int, int]:
+        """(uid, gid, mode bits) of a new entry made by ``uid``/``gid``: BSD group semantics
+        under a setgid directory (its group, and a new directory its setgid bit too), what
+        the kernel gives every local filesystem (inode_init_owner)."""
+        parent = self.getattr(parent_ino).st
+        if parent.st_mode & stat.S_ISGID:
+            return uid, parent.st_gid, stat.S_ISGID if is_dir else 0
+        return uid, gid, 0
 
     # -- what a record can carry ---------------------------------------------------------------
 
@@ -1111,7 +954,7 @@ class CowFS:
             stage = self._stage_name()
             make(stage)
             if is_dir and over_whiteout:
-                self.layers.setxattr(stage, self.config.layout.opaque, b"y")
+                self.layers.setxattr(stage, self.config.xattrs.opaque, b"y")
             self._place(stage, path, over_whiteout, is_dir)
         else:
             make(self.layer_path(path))
@@ -1119,8 +962,10 @@ class CowFS:
         return self.lookup(parent.ino, name)
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return self._new_entry(parent_ino, name,
-                               lambda p: self.layers.mkdir(p, mode, uid, gid), is_dir=True)
+        """A new directory, made by ``uid``/``gid`` (the caller; see :meth:`_creator`)."""
+        uid, gid, inherited = self._creator(parent_ino, uid, gid, is_dir=True)
+        return self._new_entry(parent_ino, name, lambda p: self.layers.mkdir(
+            p, mode | inherited, uid, gid), is_dir=True)
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int,
               gid: int) -> Attr:
@@ -1131,11 +976,13 @@ class CowFS:
                 raise OSError(errno.EPERM, "device nodes are refused by policy")
         elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise OSError(errno.EINVAL, "unsupported file type")
+        uid, gid, _ = self._creator(parent_ino, uid, gid, is_dir=False)
         return self._new_entry(parent_ino, name, lambda p: self.layers.mknod(p, mode, uid, gid))
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
         if len(target) >= PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        uid, gid, _ = self._creator(parent_ino, uid, gid, is_dir=False)
         return self._new_entry(parent_ino, name,
                                lambda p: self.layers.symlink(p, target, uid, gid))
 
@@ -1143,15 +990,9 @@ class CowFS:
         return self.mknod(parent_ino, name, stat.S_IFREG | (mode & 0o7777), 0, uid, gid)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attr:
-        node = self.node(ino)
-        if node.is_dir:
-            raise OSError(errno.EPERM, "hard links to directories are not allowed")
-        self.check_new_entry(new_parent_ino, new_name)
-        if self.needs_copy_up(node):
-            self.copy_up(node)
-        src = self.layer_path(node.path)
-        attr = self._new_entry(new_parent_ino, new_name, lambda p: self.layers.link(src, p))
-        return attr
+        self.run_copy_ups(lambda: self.copy_up_for_link(ino, new_parent_ino, new_name))
+        src = self.layer_path(self.node(ino).path)
+        return self._new_entry(new_parent_ino, new_name, lambda p: self.layers.link(src, p))
 
     # -- removing entries ---------------------------------------------------------------------
 
@@ -1159,13 +1000,14 @@ class CowFS:
         check_name(name)
         parent = self.node(parent_ino)
         ino, kind, lower, in_upper, opaque, _ = self._resolve(parent, name)
-        node = self._remember(ino, kind, join(parent.path, name), lower, in_upper, opaque, False)
+        node = self.inodes.remember(ino, kind, join(parent.path, name), lower, in_upper, opaque,
+                                    False)
         return parent, node
 
     def _whiteout_needed(self, parent: Node, name: bytes) -> bool:
         if self.raw or parent.lower is None or parent.opaque:
             return False
-        return self._lower_lstat(join(parent.lower, name)) is not None
+        return self.lower.lstat(join(parent.lower, name)) is not None
 
     def unlink(self, parent_ino: int, name: bytes) -> None:
         parent, node = self._child(parent_ino, name)
@@ -1212,8 +1054,12 @@ class CowFS:
 
     # -- rename -------------------------------------------------------------------------------
 
-    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
-               new_name: bytes, flags: int) -> None:
+    def _check_move(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+                    new_name: bytes, flags: int, fits: bool = True) -> _Move | None:
+        """Everything a rename refuses, before anything changes; None: nothing to do.
+
+        ``fits``: also refuse what could not be journaled (:meth:`check_rename`).
+        """
         check_name(new_name)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
                 flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
@@ -1226,16 +1072,16 @@ class CowFS:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory")
         src = join(old_parent.path, old_name)
         dst = join(new_parent.path, new_name)
-        if dst == src or dst.startswith(src + b"/") and node.is_dir:
-            if dst == src:
-                return
+        if dst == src:
+            return None
+        if dst.startswith(src + b"/") and node.is_dir:
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
         try:
             _, target = self._child(new_parent_ino, new_name)
         except FileNotFoundError:
             target = None
         if target is node and not flags & RENAME_EXCHANGE:
-            return  # two names of one file: rename(2) does nothing
+            return None  # two names of one file: rename(2) does nothing
         if target is not None and flags & RENAME_NOREPLACE:
             raise FileExistsError(errno.EEXIST, "target exists", dst)
         if target is None and flags & RENAME_EXCHANGE:
@@ -1243,43 +1089,50 @@ class CowFS:
         if self.raw:
             if old_parent.ino == ROOT_INO or new_parent.ino == ROOT_INO:
                 raise OSError(errno.EPERM, "the layer root holds only upper and work")
+        else:
+            if node.is_dir and node.lower is not None:
+                raise OSError(errno.EXDEV,
+                              "renaming a lower directory needs a copy (redirect_dir=off)")
+            if target is not None and not (flags & RENAME_EXCHANGE):
+                if node.is_dir and not target.is_dir:
+                    raise NotADirectoryError(errno.ENOTDIR, "target is not a directory")
+                if target.is_dir and not node.is_dir:
+                    raise IsADirectoryError(errno.EISDIR, "target is a directory")
+                if target.is_dir and self.listdir(target.ino):
+                    raise OSError(errno.ENOTEMPTY, "target directory not empty")
+            if flags & RENAME_EXCHANGE and target is not None and target.is_dir and \
+                    target.lower is not None:
+                raise OSError(errno.EXDEV, "exchanging a lower directory needs a copy")
+        if fits:
             self.check_rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
+        return _Move(old_parent, node, new_parent, target, src, dst)
+
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+               new_name: bytes, flags: int) -> None:
+        move = self._check_move(old_parent_ino, old_name, new_parent_ino, new_name, flags)
+        if move is None:
+            return
+        self.run_copy_ups(lambda: self._start_first(self._moved_lower(move, flags)))
+        node, target, src, dst = move.node, move.target, move.src, move.dst
+        if self.raw:
             victim = self.layers.lstat(dst)
             self.layers.rename(src, dst, flags)
             self._after_rename(src, dst, node, target, flags, victim)
             return
-        if node.is_dir and node.lower is not None:
-            raise OSError(errno.EXDEV, "renaming a lower directory needs a copy (redirect_dir=off)")
-        if target is not None and not (flags & RENAME_EXCHANGE):
-            if node.is_dir and not target.is_dir:
-                raise NotADirectoryError(errno.ENOTDIR, "target is not a directory")
-            if target.is_dir and not node.is_dir:
-                raise IsADirectoryError(errno.EISDIR, "target is a directory")
-            if target.is_dir and self.listdir(target.ino):
-                raise OSError(errno.ENOTEMPTY, "target directory not empty")
-        if flags & RENAME_EXCHANGE and target is not None and target.is_dir and \
-                target.lower is not None:
-            raise OSError(errno.EXDEV, "exchanging a lower directory needs a copy")
-        self.check_rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
-        self.copy_up(node)
-        if target is not None and flags & RENAME_EXCHANGE:
-            self.copy_up(target)
-        self.ensure_upper_dir(new_parent)
-        src_whiteout = self._whiteout_needed(old_parent, old_name) and not flags & RENAME_EXCHANGE
+        self.ensure_upper_dir(move.new_parent)
+        src_whiteout = self._whiteout_needed(move.old_parent, old_name) and \
+            not flags & RENAME_EXCHANGE
         dst_upper = self.layer_path(dst)
         upper_target = self.layers.lstat(dst_upper)
         if target is not None and target.is_dir and upper_target is not None and \
                 stat.S_ISDIR(upper_target.st_mode) and not flags & RENAME_EXCHANGE:
             self._clear_whiteouts(dst_upper)
-        if node.is_dir and not flags & RENAME_EXCHANGE and self._whiteout_needed(new_parent,
-                                                                                  new_name):
-            self.layers.setxattr(self.layer_path(src), self.config.layout.opaque, b"y")
+        if node.is_dir and not flags & RENAME_EXCHANGE and \
+                self._whiteout_needed(move.new_parent, new_name):
+            self.layers.setxattr(self.layer_path(src), self.config.xattrs.opaque, b"y")
         if upper_target is not None and is_whiteout(upper_target) and node.is_dir:
-            self.layers.rename(self.layer_path(src), dst_upper,
-                               RENAME_EXCHANGE | 0)
-            if src_whiteout:
-                pass  # the whiteout that came back to src is exactly what src needs
-            else:
+            self.layers.rename(self.layer_path(src), dst_upper, RENAME_EXCHANGE)
+            if not src_whiteout:  # else the whiteout that came back to src is what src needs
                 self.layers.unlink(self.layer_path(src))
         else:
             mode = flags & RENAME_EXCHANGE
@@ -1293,30 +1146,53 @@ class CowFS:
         """Node bookkeeping after a rename; ``victim`` is the replaced upper entry's stat."""
         if flags & RENAME_EXCHANGE and target is not None:
             tmp = b"\0swap"
-            self._rename_paths(dst, tmp, target.is_dir)
-            self._rename_paths(src, dst, node.is_dir)
-            self._rename_paths(tmp, src, target.is_dir)
+            self.inodes.rename_paths(dst, tmp, target.is_dir)
+            self.inodes.rename_paths(src, dst, node.is_dir)
+            self.inodes.rename_paths(tmp, src, target.is_dir)
             return
         if target is not None:
             self._forget_path(dst, keep=node, removed=victim)
-        self._rename_paths(src, dst, node.is_dir)
+        self.inodes.rename_paths(src, dst, node.is_dir)
         node.in_upper = True
         if not self.raw:
             node.lower = None  # the moved entry is upper-only now (lower dirs cannot move)
 
     # -- attributes and xattrs ----------------------------------------------------------------
 
-    def setattr(self, ino: int, change: rec.Setattr) -> Attr:
-        """Apply ``change`` (its path is ignored) after copying up (data kept unless size 0)."""
+    def setattr(self, ino: int, change: AttrChange) -> Attr:
+        """Apply ``change`` after copying up (data kept unless the size becomes 0).
+
+        An unlinked node that the kernel still holds open is changed through its
+        descriptor, unjournaled: no replica knows it by any name.
+        """
+        self.run_copy_ups(lambda: self.copy_up_for_setattr(ino, change))
         node = self.node(ino)
+        if node.unlinked and node.fds:
+            return self._setattr_open(node, change)
+        if not change.complete:
+            change = change.against(self._stat_node(node))
+        path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
+        self.layers.setattr(change.record(path))
+        return self.getattr(ino)
+
+    def _setattr_open(self, node: Node, change: AttrChange) -> Attr:
+        fd = node.fds[0]
+        change = change.against(os.fstat(fd))
+        if change.size is not None:
+            os.ftruncate(fd, change.size)
+        if change.uid is not None and change.gid is not None:
+            os.fchown(fd, change.uid, change.gid)
+        if change.mode is not None:
+            os.fchmod(fd, change.mode)
+        if change.atime_ns is not None or change.mtime_ns is not None:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(st.st_atime_ns if change.atime_ns is None else change.atime_ns,
+                             st.st_mtime_ns if change.mtime_ns is None else change.mtime_ns))
+        return Attr(node.ino, os.fstat(fd))
+
+    def _refuse_layer_root(self, node: Node) -> None:
         if node.ino == ROOT_INO and self.raw:
             raise OSError(errno.EPERM, "the layer root is not changeable")
-        if self.needs_copy_up(node):
-            keep = not (change.mask & rec.SET_SIZE and change.size == 0)
-            self.copy_up(node, keep_data=keep)
-        path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
-        self.layers.setattr(attrs.evolve(change, path=path))
-        return self.getattr(ino)
 
     def _xattr_path(self, node: Node) -> tuple[bytes | None, bytes | None]:
         """(layer path, lower path) that holds this node's xattrs."""
@@ -1327,7 +1203,7 @@ class CowFS:
         return None, node.lower
 
     def _check_xattr_name(self, name: bytes) -> None:
-        if not self.raw and self.config.layout.is_private(name):
+        if not self.raw and self.config.xattrs.is_private(name):
             # overlay's own attributes are not part of the view (kernel overlayfs: EPERM on set)
             raise OSError(errno.EPERM, "overlay xattrs are private")
         if len(name) > 255:
@@ -1335,14 +1211,13 @@ class CowFS:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         node = self.node(ino)
-        if not self.raw and self.config.layout.is_private(name):
+        if not self.raw and self.config.xattrs.is_private(name):
             raise OSError(errno.ENODATA, "no such attribute")
         upper, lower = self._xattr_path(node)
         if upper is not None:
             return self.layers.getxattr(upper, name)
         if lower is not None:
-            with self._lower_at(lower) as (fd, rest):
-                return os.getxattr(fd_path(fd, rest or None), name, follow_symlinks=False)
+            return self.lower.getxattr(lower, name)
         raise OSError(errno.ENODATA, "no such attribute")
 
     def listxattr(self, ino: int) -> list[bytes]:
@@ -1351,31 +1226,22 @@ class CowFS:
         if upper is not None:
             names = self.layers.listxattr(upper)
         elif lower is not None:
-            with self._lower_at(lower) as (fd, rest):
-                names = [os.fsencode(n) for n in os.listxattr(fd_path(fd, rest or None),
-                                                               follow_symlinks=False)]
+            names = self.lower.listxattr(lower)
         else:
             names = []
         if self.raw:
             return names
-        return [n for n in names if not self.config.layout.is_private(n)]
+        return [n for n in names if not self.config.xattrs.is_private(n)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self._check_xattr_name(name)
+        self.run_copy_ups(lambda: self.copy_up_for_xattr(ino, name))
         node = self.node(ino)
-        if node.ino == ROOT_INO and self.raw:
-            raise OSError(errno.EPERM, "the layer root is not changeable")
-        self.copy_up(node)
         path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
         self.layers.setxattr(path, name, value)
 
     def removexattr(self, ino: int, name: bytes) -> None:
-        self._check_xattr_name(name)
+        self.run_copy_ups(lambda: self.copy_up_for_xattr(ino, name, removing=True))
         node = self.node(ino)
-        if node.ino == ROOT_INO and self.raw:
-            raise OSError(errno.EPERM, "the layer root is not changeable")
-        self.getxattr(ino, name)  # ENODATA before any copy-up
-        self.copy_up(node)
         path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
         self.layers.removexattr(path, name)
 
@@ -1389,8 +1255,7 @@ class CowFS:
             raise OSError(errno.EROFS, "the lower is read-only: copy up before writing")
         if node.in_upper:
             return self.layers.open(self.layer_path(node.path), flags)
-        with self._lower_at(self._lower_of(node)) as (dfd, rest):
-            return os.open(rest, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        return self.lower.open_file(self._lower_of(node), flags)
 
     def journal_write(self, node: Node, handle: bytes, offset: int, length: int) -> None:
         """Record that ``length`` bytes at ``offset`` are about to change in the upper file.
@@ -1401,3 +1266,7 @@ class CowFS:
         if node.unlinked:
             return  # the file has no name in the upper any more: nothing a replica must see
         self.layers.journal.append(rec.Write(self.layer_path(node.path), handle, offset, length))
+
+    def sync_journal(self) -> None:
+        """Make every record appended so far durable (a disk flush: a worker thread's job)."""
+        self.layers.journal.sync()

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .errors import ExitCode, QuietError
+from ..errors import ExitCode, QuietError
 
 OwnerMap = Callable[[int, int], tuple[int, int]]
 

@@ -1,50 +1,50 @@
-"""Mounting and unmounting: argument checks, the daemon process, and the hybrid stack.
+"""Mounting and unmounting the views: requests, their checks, the engines, the guard.
 
-``sdeefs mount`` forks a daemon that mounts the filesystem and reports back
-through a pipe: the command returns only once the mount is usable, or prints
-the daemon's one-line reason and exits non-zero.
+* ``--engine fuse``: one daemon serves the merged view (``CowFS`` in ``merged``
+  mode) at the mountpoint.
+* ``--engine hybrid``: the daemon serves the layer root itself (``raw`` mode) at
+  ``STATE/mnt``, journaling every change, and kernel overlayfs is mounted at the
+  mountpoint with ``STATE/mnt/upper`` as its upper and, above the lower, the mask
+  layer (``sdeefs.fs.mask``, on ``STATE/mask``) that shows the excluded paths empty.
+* the guard (``sdeefs.fs.guard``): a read-only layer of its own daemon, mounted
+  by the launcher above the host root.
 
-Layout of a state directory::
-
-    STATE/journal/   journal segments (sdeefs.journal)
-    STATE/work/      overlayfs work directory (same filesystem as the upper)
-    STATE/lock       flock'ed by the running daemon; holds its pid
-    STATE/mnt/       hybrid engine: where the passthrough upper is mounted
-    STATE/mask/      hybrid engine: a tmpfs, the top lower layer that hides excluded paths
+Every daemon is started by ``sdeefs.fs.daemon`` (fork, report on a pipe, detach,
+STATE/lock); every STATE path comes from ``sdeefs.statedir``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
-import fcntl
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 import attrs
 import pyfuse3
 import trio
 
-from .apply import recover
-from .cow import DEFAULT_EXCLUDES, Config, CowFS, Layout, Mode
-from .errors import ExitCode, QuietError
+from ..apply import recover
+from ..config import Engine
+from ..errors import ExitCode, QuietError
+from ..journal import Journal, NullJournal
+from ..offload import Offload
+from ..statedir import StateDir
+from ..sysio import open_tree_clone
+from . import daemon
+from .cow import DEFAULT_EXCLUDES, CowFS, Mode, OverlayXattrs, ViewConfig
 from .guard import DenyPatterns, GuardView, Policy
-from .journal import Journal, NullJournal
-from .mask import MaskSpec
-from .mask import build_mask as build_mask_layer
-from .offload import Offload
+from .lower import HidePolicy
+from .mask import MaskSpec, build_mask
 from .ops import GuardOperations, Operations
-from .statedir import StateDir
-from .sysio import open_tree_clone
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("fuse", "hybrid")
+MOUNT_ENGINES = (Engine.FUSE, Engine.HYBRID)  # what ``sdeefs mount`` makes
 
 
 @attrs.frozen
@@ -55,7 +55,7 @@ class MountRequest:
     upper: str
     state: str
     lower: str = "/"
-    engine: str = "fuse"
+    engine: Engine = Engine.FUSE
     journal: bool = True
     excludes: tuple[str, ...] = ()
     cache_timeout: float = 10.0
@@ -65,14 +65,14 @@ class MountRequest:
     foreground: bool = False
     segment_bytes: int = 64 << 20
     # --engine fuse for a user's environment (the launcher): lower entries of uid/gid 0
-    # show as this (uid, gid), and what sdeefs.guard hides stays hidden (root-only
+    # show as this (uid, gid), and what sdeefs.fs.guard hides stays hidden (root-only
     # entries; the deny patterns also without root_owner)
     root_owner: tuple[int, int] | None = None
     deny: tuple[str, ...] = ()
 
-
-def default_state(upper: str) -> str:
-    return StateDir.beside(upper).path
+    @property
+    def dirs(self) -> StateDir:
+        return StateDir(self.state)
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -99,9 +99,9 @@ def validate(req: MountRequest) -> None:
         if any(c in path for c in ",:\n\t "):
             raise QuietError(f"cannot mount: the {what} path {path!r} contains a comma, colon or "
                              "blank (mount options cannot carry it)", ExitCode.USAGE)
-    if req.engine not in ENGINES:
-        raise QuietError(f"unknown engine {req.engine!r} (choose from {', '.join(ENGINES)})",
-                         ExitCode.USAGE)
+    if req.engine not in MOUNT_ENGINES:
+        raise QuietError(f"unknown engine {req.engine!r} "
+                         f"(choose from {', '.join(MOUNT_ENGINES)})", ExitCode.USAGE)
     if not os.path.exists("/dev/fuse"):
         raise QuietError("cannot mount: /dev/fuse does not exist (load the fuse module)",
                          ExitCode.UNAVAILABLE)
@@ -141,61 +141,22 @@ def validate(req: MountRequest) -> None:
 
 def prepare_state(req: MountRequest) -> None:
     os.makedirs(req.state, mode=0o700, exist_ok=True)
-    os.makedirs(os.path.join(req.state, "work"), mode=0o700, exist_ok=True)
-    if os.stat(req.upper).st_dev != os.stat(os.path.join(req.state, "work")).st_dev:
+    os.makedirs(req.dirs.work, mode=0o700, exist_ok=True)
+    if os.stat(req.upper).st_dev != os.stat(req.dirs.work).st_dev:
         raise QuietError(f"cannot mount: state {req.state} must be on the upper's filesystem "
                          "(copy-ups are renamed from its work directory into the upper)",
                          ExitCode.USAGE)
 
 
-@contextlib.contextmanager
-def state_lock(state: str) -> Iterator[int]:
-    """Hold STATE/lock for the daemon's lifetime: one daemon per state directory."""
-    fd = os.open(os.path.join(state, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            raise QuietError(f"cannot mount: state {state} is in use by daemon pid {pid}",
-                             ExitCode.BUSY) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield fd
-    finally:
-        os.close(fd)
-
-
-def daemon_pid(state: str) -> int | None:
-    """The pid holding STATE/lock, or None if no daemon runs."""
-    path = os.path.join(state, "lock")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-# -- the daemon --------------------------------------------------------------------------------
+# -- the journaling daemon ---------------------------------------------------------------------
 
 
 def _fuse_options(state: str) -> set[str]:
     # The state directory in fsname lets `sdeefs umount MOUNTPOINT` find the daemon's lock.
     # default_permissions in both modes: in raw mode too the caller may be the user (a
     # user-namespace overlay mounted by them), who must not chown to root or the like.
-    options = {f"fsname=sdeefs:{os.path.abspath(state)}", "subtype=sdeefs",
-               "default_permissions", "allow_other", "nodev",
-               "nosuid"}
-    return options
+    return {f"fsname=sdeefs:{os.path.abspath(state)}", "subtype=sdeefs", "default_permissions",
+            "allow_other", "nodev", "nosuid"}
 
 
 async def _serve(periodic: Callable[[], Awaitable[None]] | None = None,
@@ -227,11 +188,11 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
     faulthandler.register(signal.SIGUSR1)
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(state_lock(req.state))
+            stack.enter_context(daemon.state_lock(req.state))
             journal: Journal | NullJournal
-            upper, work = os.fsencode(req.upper), os.fsencode(os.path.join(req.state, "work"))
+            upper, work = os.fsencode(req.upper), os.fsencode(req.dirs.work)
             if req.journal:
-                journal = Journal.open(os.path.join(req.state, "journal"), req.segment_bytes)
+                journal = Journal.open(req.dirs.journal, req.segment_bytes)
                 stack.callback(journal.close)
                 seq = recover(journal, upper, work)
                 if seq is not None:
@@ -239,28 +200,23 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
             else:
                 journal = NullJournal()
             prefix = b"user.overlay." if req.xattr_namespace == "user" else b"trusted.overlay."
-            config = Config(upper=os.fsencode(os.path.abspath(req.upper)),
-                            work=os.fsencode(os.path.abspath(os.path.join(req.state, "work"))),
-                            lower=os.fsencode(req.lower) if mode == "merged" else None,
-                            mode=mode, excludes=view_excludes(req), layout=Layout(prefix),
-                            cache_timeout=req.cache_timeout, hide=_hide_policy(req),
-                            root_owner=req.root_owner)
+            config = ViewConfig(upper=os.fsencode(os.path.abspath(req.upper)),
+                                work=os.fsencode(os.path.abspath(req.dirs.work)),
+                                lower=os.fsencode(req.lower) if mode == "merged" else None,
+                                mode=mode, excludes=view_excludes(req),
+                                xattrs=OverlayXattrs(prefix), cache_timeout=req.cache_timeout,
+                                hide=_hide_policy(req), root_owner=req.root_owner)
             fs = CowFS.open(config, journal)
             stack.callback(fs.close)
             ops = Operations(fs, Offload(), req.cache_timeout,
                              writeback_cache=req.writeback_cache)
             pyfuse3.init(ops, mountpoint, _fuse_options(req.state))
-        except QuietError as exc:
-            _report(ready_fd, str(exc), exc.exitcode)
-            return exc.exitcode
-        except OSError as exc:
-            _report(ready_fd, f"cannot mount: {exc.strerror or exc}"
-                    + (f" ({os.fsdecode(exc.filename)})" if exc.filename else ""), 1)
-            return 1
-        _report(ready_fd, "ok")
+        except (QuietError, OSError) as exc:
+            return _failed(ready_fd, exc, "cannot mount")
+        daemon.report(ready_fd, "ok")
 
         async def sync_journal() -> None:
-            await ops.offload.run(journal.sync)
+            await ops.offload.run(fs.sync_journal)
 
         try:
             trio.run(_serve, sync_journal, req.sync_interval)
@@ -269,8 +225,18 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
     return 0
 
 
-def _hide_policy(req: MountRequest) -> Callable[[bytes, os.stat_result], bool] | None:
-    """What the merged view hides of the lower (sdeefs.guard's rules), if anything."""
+def _failed(ready_fd: int | None, exc: QuietError | OSError, what: str) -> int:
+    """Report why a daemon could not start, in one line; its exit code."""
+    if isinstance(exc, QuietError):
+        daemon.report(ready_fd, str(exc), exc.exitcode)
+        return exc.exitcode
+    where = f" ({os.fsdecode(exc.filename)})" if exc.filename else ""
+    daemon.report(ready_fd, f"{what}: {exc.strerror or exc}{where}", ExitCode.FAILURE)
+    return ExitCode.FAILURE
+
+
+def _hide_policy(req: MountRequest) -> HidePolicy | None:
+    """What the merged view hides of the lower (sdeefs.fs.guard's rules), if anything."""
     deny = DenyPatterns.of(req.deny)
     if req.root_owner is not None:
         return Policy(deny, *req.root_owner).hides
@@ -279,88 +245,16 @@ def _hide_policy(req: MountRequest) -> Callable[[bytes, os.stat_result], bool] |
     return None
 
 
-def _report(fd: int | None, message: str, exitcode: int = 0) -> None:
-    """Tell the waiting ``sdeefs mount`` how starting went: "ok" or "<exit code> <reason>"."""
-    if fd is None:
-        if message != "ok":
-            print(f"sdeefs: {message}", file=sys.stderr)
-        return
-    line = message if message == "ok" else f"{exitcode} {message}"
-    with contextlib.suppress(OSError):
-        os.write(fd, line.encode() + b"\n")
-        os.close(fd)
+def _start_view(req: MountRequest, mountpoint: str, mode: Mode) -> None:
+    """The journaling daemon serving ``mountpoint``: in the foreground, or detached (once
+    it reports that the mount is up)."""
+    if req.foreground:
+        sys.exit(run_daemon(req, mountpoint, mode, None))
+    daemon.spawn(req.dirs.daemon_log, lambda ready_fd: run_daemon(req, mountpoint, mode,
+                                                                  ready_fd))
 
 
-def spawn_daemon(req: MountRequest, mountpoint: str, mode: Mode) -> None:
-    """Fork a detached daemon and wait until it reports that the mount is up."""
-    _spawn(os.path.join(req.state, "daemon.log"),
-           lambda ready_fd: run_daemon(req, mountpoint, mode, ready_fd))
-
-
-def _spawn(log_path: str, serve: Callable[[int], int]) -> None:
-    """Fork a detached process running ``serve(ready_fd)``; return once it reported "ok"
-    on ``ready_fd``, or raise its one-line reason."""
-    _fork_daemon(log_path, serve)()
-
-
-def _fork_daemon(log_path: str, serve: Callable[[int], int]) -> Callable[[], None]:
-    """Fork a detached process running ``serve(ready_fd)``; the returned call waits until it
-    reported "ok" on ``ready_fd``, or raises its one-line reason (two daemons can start at
-    once)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: detach, then serve
-        os.close(read_fd)
-        # Keep nothing of the caller's but the report pipe: an inherited descriptor (a
-        # caller's flock, a socket) would otherwise live as long as the daemon.
-        os.closerange(3, write_fd)
-        os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        _detach_stdio(log_path)
-        code = 1
-        try:
-            code = serve(write_fd)
-        except BaseException:
-            log.exception("daemon failed")
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    os.waitpid(pid, 0)
-
-    def wait() -> None:
-        with os.fdopen(read_fd, "rb") as pipe:
-            answer = pipe.readline().decode(errors="replace").strip()
-        if answer == "ok":
-            return
-        status, _, message = answer.partition(" ")
-        if not status.isdigit():
-            raise QuietError(f"cannot mount: the daemon died while starting (see {log_path})",
-                             ExitCode.FAILURE)
-        raise QuietError(message, int(status))
-
-    return wait
-
-
-def _detach_stdio(log_path: str) -> None:
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    logfile = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    os.dup2(logfile, 1)
-    os.dup2(logfile, 2)
-    os.close(logfile)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
-                                           "%(message)s"))
-    root.addHandler(handler)
-
-
-# -- the guard layer (sdeefs.guard) ------------------------------------------------------------
+# -- the guard layer (sdeefs.fs.guard) ---------------------------------------------------------
 
 
 @attrs.frozen
@@ -393,13 +287,9 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
         pyfuse3.init(ops, req.mountpoint, {
             f"fsname={GUARD_FSNAME}", f"subtype={GUARD_FSNAME}", "ro", "default_permissions",
             "allow_other", "nodev", "nosuid", "noexec"})
-    except QuietError as exc:
-        _report(ready_fd, str(exc), exc.exitcode)
-        return exc.exitcode
-    except OSError as exc:
-        _report(ready_fd, f"cannot mount the guard: {exc.strerror or exc}", 1)
-        return 1
-    _report(ready_fd, "ok")
+    except (QuietError, OSError) as exc:
+        return _failed(ready_fd, exc, "cannot mount the guard")
+    daemon.report(ready_fd, "ok")
     try:
         trio.run(_serve)
     finally:
@@ -421,17 +311,17 @@ def begin_guard(req: GuardRequest) -> Callable[[], None]:
     if not os.path.isdir(req.lower):
         raise QuietError(f"cannot mount the guard: lower {req.lower} is not a directory",
                          ExitCode.USAGE)
-    return _fork_daemon(req.log, lambda ready_fd: run_guard(req, ready_fd))
+    return daemon.fork(req.log, lambda ready_fd: run_guard(req, ready_fd))
 
 
 # -- the hybrid stack --------------------------------------------------------------------------
 
 
-def build_mask(req: MountRequest) -> str | None:
-    """The mask layer (``sdeefs.mask``) showing the excluded paths as empty directories."""
-    mask = os.path.join(req.state, "mask")
+def _hybrid_mask(req: MountRequest) -> str | None:
+    """The mask layer (``sdeefs.fs.mask``) showing the excluded paths as empty directories."""
+    mask = req.dirs.mask
     spec = MaskSpec(empty_dirs=view_excludes(req))
-    return mask if build_mask_layer(mask, req.lower, spec, b"trusted.overlay.opaque") else None
+    return mask if build_mask(mask, req.lower, spec, b"trusted.overlay.opaque") else None
 
 
 def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:
@@ -447,19 +337,18 @@ def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None
 def mount(req: MountRequest) -> None:
     validate(req)
     prepare_state(req)
-    if req.engine == "fuse":
-        if req.foreground:
-            sys.exit(run_daemon(req, req.mountpoint, "merged", None))
-        spawn_daemon(req, req.mountpoint, "merged")
+    if req.engine == Engine.FUSE:
+        _start_view(req, req.mountpoint, "merged")
         return
-    inner = os.path.join(req.state, "mnt")
+    inner = req.dirs.mnt
     os.makedirs(inner, mode=0o700, exist_ok=True)
     if os.path.ismount(inner):
         raise QuietError(f"cannot mount: {inner} is still mounted from an earlier run",
                          ExitCode.BUSY)
-    mask = build_mask(req)
+    mask = _hybrid_mask(req)
     try:
-        spawn_daemon(req, inner, "raw")
+        daemon.spawn(req.dirs.daemon_log, lambda ready_fd: run_daemon(req, inner, "raw",
+                                                                      ready_fd))
         try:
             os.makedirs(os.path.join(inner, "work", "ovl"), exist_ok=True)
             lowers = [mask, req.lower] if mask else [req.lower]
@@ -467,39 +356,34 @@ def mount(req: MountRequest) -> None:
                           os.path.join(inner, "work", "ovl"), req.mountpoint)
         except BaseException:
             unmount_path(inner)
-            wait_daemon_exit(req.state, 10.0)
+            daemon.wait_exit(req.state, 10.0)
             raise
     except BaseException:
         if mask:
             unmount_path(mask)
         raise
     if req.foreground:
-        pid = daemon_pid(req.state)
-        while pid is not None and _alive(pid):
-            time.sleep(0.5)
+        daemon.wait_exit(req.state, None)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def mount_passthrough(req: MountRequest) -> None:
+    """``--passthrough-upper``: serve upper/ and work/ as they are, journaled, at the mountpoint.
+
+    Kernel overlayfs can then use ``MOUNTPOINT/upper`` and ``MOUNTPOINT/work/ovl``
+    as its upper and work directories (this is what ``--engine hybrid`` does).
+    """
+    validate(req)
+    prepare_state(req)
+    _start_view(req, req.mountpoint, "raw")
+
+
+# -- unmounting --------------------------------------------------------------------------------
 
 
 def unmount_path(path: str) -> None:
     result = subprocess.run(["umount", path], capture_output=True, text=True)
     if result.returncode != 0:
         raise QuietError(f"cannot unmount {path}: {result.stderr.strip()}", ExitCode.UNMOUNT)
-
-
-def wait_daemon_exit(state: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while daemon_pid(state) is not None:
-        if time.monotonic() > deadline:
-            raise QuietError(f"the daemon of {state} did not exit within {timeout:.0f} s",
-                             ExitCode.UNMOUNT)
-        time.sleep(0.02)
 
 
 def mounted_state(mountpoint: str) -> tuple[str, str | None]:
@@ -515,7 +399,7 @@ def mounted_state(mountpoint: str) -> tuple[str, str | None]:
             if fstype == "overlay":
                 for opt in options.split(","):
                     if opt.startswith("upperdir="):
-                        inner = os.path.dirname(opt[len("upperdir="):])
+                        inner = os.path.dirname(opt[len("upperdir="):])  # STATE/mnt
                         return "hybrid", os.path.dirname(inner)
                 return "overlay", None
             if fstype.startswith("fuse") and source.startswith("sdeefs:"):
@@ -531,20 +415,8 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
         raise QuietError(f"{mountpoint} is a kernel overlay not made by sdeefs", ExitCode.USAGE)
     unmount_path(mountpoint)
     if kind == "hybrid":
-        unmount_path(os.path.join(state, "mnt"))
-        if os.path.ismount(os.path.join(state, "mask")):
-            unmount_path(os.path.join(state, "mask"))
-    wait_daemon_exit(state, timeout)
-
-
-def mount_passthrough(req: MountRequest) -> None:
-    """``--passthrough-upper``: serve upper/ and work/ as they are, journaled, at the mountpoint.
-
-    Kernel overlayfs can then use ``MOUNTPOINT/upper`` and ``MOUNTPOINT/work/ovl``
-    as its upper and work directories (this is what ``--engine hybrid`` does).
-    """
-    validate(req)
-    prepare_state(req)
-    if req.foreground:
-        sys.exit(run_daemon(req, req.mountpoint, "raw", None))
-    spawn_daemon(req, req.mountpoint, "raw")
+        dirs = StateDir(state)
+        unmount_path(dirs.mnt)
+        if os.path.ismount(dirs.mask):
+            unmount_path(dirs.mask)
+    daemon.wait_exit(state, timeout)

@@ -40,31 +40,30 @@ Not covered: an entry that was visible when the view first looked it up and whos
 mode the host tightens afterwards stays visible while overlayfs keeps its dentry
 (on the host, too, everybody could read it until then).
 
-This module is synchronous and never imports pyfuse3; ``sdeefs.ops.GuardOperations``
-serves it (``tests/fs/test_guard.py`` checks it on plain directories).
+This module is synchronous and never imports pyfuse3; ``sdeefs.fs.ops.GuardOperations``
+serves it (``tests/fs/test_guard.py`` checks it on plain directories).  Its node table
+is ``sdeefs.fs.inodes.NodeTable``, as the overlay's.
 """
 
 from __future__ import annotations
 
 import errno
 import fnmatch
-import itertools
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import attrs
 
-from .cow import Attr, check_name
-from .layers import join
-from .sysio import openat2_beneath
+from ..layers import join
+from ..sysio import openat2_beneath
+from .inodes import ROOT_INO, Attr, NodeTable, check_name
 
-ROOT_INO = 1
 # Node ids: a visible directory keeps its host inode number (stable across restarts);
 # numbers the host cannot lend (1, or too large for overlayfs' xino bits) and all
 # whiteouts come from these ranges instead.
-RENUMBERED_BASE = 1 << 48
+GUARD_ID_BASE = 1 << 48
 WHITEOUT_BASE = 1 << 49
 STALE_WHITEOUT = WHITEOUT_BASE - 1  # the answer for every name in a directory that moved
 # A directory's listing (its hidden entries) is reused while the directory's mtime is the
@@ -166,15 +165,14 @@ class GuardView:
 
     lower_fd: int
     policy: Policy
-    nodes: dict[int, GuardNode] = attrs.field(factory=dict)
+    nodes: NodeTable[GuardNode] = attrs.field(factory=NodeTable)
     _ids: dict[tuple[bool, int], int] = attrs.field(factory=dict)  # (whiteout, host ino) -> id
-    _counter: Iterator[int] = attrs.field(factory=itertools.count)
     # node ino -> (host mtime_ns, monotonic expiry, hidden entries)
     _listings: dict[int, tuple[int, float, Hidden]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         st = os.fstat(self.lower_fd)
-        self.nodes[ROOT_INO] = GuardNode(ROOT_INO, b"", st.st_ino, False, st, lookups=1)
+        self.nodes.add(GuardNode(ROOT_INO, b"", st.st_ino, False, st, lookups=1))
 
     # -- the kernel's questions ---------------------------------------------------------------
 
@@ -204,12 +202,8 @@ class GuardView:
         return self._attr(node)
 
     def forget(self, ino: int, count: int) -> None:
-        node = self.nodes.get(ino)
-        if node is None or ino == ROOT_INO:
-            return
-        node.lookups -= count
-        if node.lookups <= 0:
-            del self.nodes[ino]
+        node = self.nodes.forget(ino, count)
+        if node is not None:
             self._listings.pop(ino, None)
             key = (node.whiteout, node.host_ino)
             if self._ids.get(key) == ino:
@@ -266,10 +260,7 @@ class GuardView:
         return os.statvfs(self.lower_fd)
 
     def node(self, ino: int) -> GuardNode:
-        try:
-            return self.nodes[ino]
-        except KeyError:
-            raise OSError(errno.ESTALE, "unknown inode") from None
+        return self.nodes.node(ino)
 
     # -- inside -------------------------------------------------------------------------------
 
@@ -301,12 +292,12 @@ class GuardView:
         key = (False, st.st_ino)
         ino = self._ids.get(key)
         if ino is None:
-            ino = st.st_ino if 1 < st.st_ino < RENUMBERED_BASE else \
-                RENUMBERED_BASE + next(self._counter)
+            ino = st.st_ino if 1 < st.st_ino < GUARD_ID_BASE else \
+                self.nodes.fresh_id(GUARD_ID_BASE)
             self._ids[key] = ino
         node = self.nodes.get(ino)
         if node is None or node.host_ino != st.st_ino:
-            node = self.nodes[ino] = GuardNode(ino, rel, st.st_ino, False, st)
+            node = self.nodes.add(GuardNode(ino, rel, st.st_ino, False, st))
         node.rel, node.st = rel, st  # the same directory may have moved: follow it
         node.lookups += 1
         return self._attr(node)
@@ -317,13 +308,13 @@ class GuardView:
             ino = STALE_WHITEOUT
         else:
             key = (True, host_ino)
-            ino = self._ids.get(key) or WHITEOUT_BASE + next(self._counter)
+            ino = self._ids.get(key) or self.nodes.fresh_id(WHITEOUT_BASE)
             self._ids[key] = ino
         node = self.nodes.get(ino)
         if node is None:
             st = _whiteout_stat(ino, self.policy.uid, self.policy.gid)
-            node = self.nodes[ino] = GuardNode(ino, rel, -1 if host_ino is None else host_ino,
-                                               True, st)
+            node = self.nodes.add(GuardNode(ino, rel, -1 if host_ino is None else host_ino,
+                                            True, st))
         node.lookups += 1
         return self._attr(node)
 

@@ -1,0 +1,157 @@
+"""The daemon process: forked, detached, and reporting back once it serves.
+
+``sdeefs mount`` (and the guard's mount) fork a daemon that sets the mount up and
+reports on a pipe, in one line: ``ok``, or ``<exit code> <reason>``.  So the command
+returns only once the mount is usable, or prints the daemon's one-line reason and
+exits with its code.  The daemon detaches (its own session, stdin from /dev/null,
+stdout, stderr and logging to its log file) and keeps no descriptor of its caller.
+
+While it serves, the journaling daemon holds ``STATE/lock`` (``flock``), which also
+holds its pid: one daemon per state directory, and :func:`daemon_pid` tells whether
+one runs and which.  Nothing here knows FUSE (``sdeefs.fs.mount`` says what to serve).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from ..errors import ExitCode, QuietError
+from ..statedir import StateDir
+
+log = logging.getLogger(__name__)
+
+Serve = Callable[[int], int]  # serve(ready_fd) -> exit code; reports on ready_fd
+
+
+@contextlib.contextmanager
+def state_lock(state: str) -> Iterator[int]:
+    """Hold STATE/lock for the daemon's lifetime: one daemon per state directory."""
+    fd = os.open(StateDir(state).lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QuietError(f"cannot mount: state {state} is in use by daemon pid "
+                             f"{_pid_in(fd)}", ExitCode.BUSY) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def daemon_pid(state: str) -> int | None:
+    """The pid holding STATE/lock, or None if no daemon runs."""
+    try:
+        fd = os.open(StateDir(state).lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = _pid_in(fd)
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_in(lock_fd: int) -> str:
+    """What the daemon holding STATE/lock wrote into it: its pid."""
+    return os.pread(lock_fd, 32, 0).decode(errors="replace").strip()
+
+
+def wait_exit(state: str, timeout: float | None) -> None:
+    """Wait until no daemon holds STATE/lock (its journal is closed); None: for ever."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while daemon_pid(state) is not None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise QuietError(f"the daemon of {state} did not exit within {timeout:.0f} s",
+                             ExitCode.UNMOUNT)
+        time.sleep(0.02 if deadline is not None else 0.5)
+
+
+def report(fd: int | None, message: str, exitcode: int = 0) -> None:
+    """Tell the waiting command how starting went: "ok" or "<exit code> <reason>".
+
+    ``fd`` None (a daemon in the foreground): a failure goes to stderr instead.
+    """
+    if fd is None:
+        if message != "ok":
+            print(f"sdeefs: {message}", file=sys.stderr)
+        return
+    line = message if message == "ok" else f"{exitcode} {message}"
+    with contextlib.suppress(OSError):
+        os.write(fd, line.encode() + b"\n")
+        os.close(fd)
+
+
+def spawn(log_path: str, serve: Serve) -> None:
+    """Fork a detached process running ``serve(ready_fd)``; return once it reported "ok"
+    on ``ready_fd``, or raise its one-line reason."""
+    fork(log_path, serve)()
+
+
+def fork(log_path: str, serve: Serve) -> Callable[[], None]:
+    """Fork a detached process running ``serve(ready_fd)``; the returned call waits until it
+    reported "ok" on ``ready_fd``, or raises its one-line reason (two daemons can start at
+    once)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: detach, then serve
+        os.close(read_fd)
+        # Keep nothing of the caller's but the report pipe: an inherited descriptor (a
+        # caller's flock, a socket) would otherwise live as long as the daemon.
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        _detach_stdio(log_path)
+        code = 1
+        try:
+            code = serve(write_fd)
+        except BaseException:
+            log.exception("daemon failed")
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    os.waitpid(pid, 0)
+
+    def wait() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            answer = pipe.readline().decode(errors="replace").strip()
+        if answer == "ok":
+            return
+        status, _, message = answer.partition(" ")
+        if not status.isdigit():
+            raise QuietError(f"cannot mount: the daemon died while starting (see {log_path})",
+                             ExitCode.FAILURE)
+        raise QuietError(message, int(status))
+
+    return wait
+
+
+def _detach_stdio(log_path: str) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    logfile = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(logfile, 1)
+    os.dup2(logfile, 2)
+    os.close(logfile)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s "
+                                           "%(message)s"))
+    root.addHandler(handler)
