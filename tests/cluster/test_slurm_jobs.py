@@ -1,6 +1,7 @@
 """End to end on a real SLURM cluster: a login environment streams to 3 (or 5) compute nodes.
 
-munge + slurmctld + N slurmd, each node in its own network namespace (tests/cluster/slurm_cluster.py);
+munge + slurmctld + N slurmd, each node in its own network namespace
+(tests/cluster/slurm_cluster.py);
 sdeefs-replicad as the origin on the login node (the hub) and as a replica on every node;
 SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeefs-run`.
 """
