@@ -20,17 +20,16 @@ from pathlib import Path
 import pytest
 
 from sdeefs.mount import daemon_pid
-from sdeefs.replicad import control_request, load_key
-from sdeefs.replicate import (
+from sdeefs.replication.daemon import control_request, load_key
+from sdeefs.replication.snapshot import tree_digest
+from sdeefs.replication.wire import (
     ERROR,
     FRAME_HEADER,
     MAC_SIZE,
     NO_ID,
     NONCE_SIZE,
     Hello,
-    encode_frame,
     encode_hello,
-    tree_digest,
 )
 
 from ..conftest import requires_fuse
@@ -328,7 +327,7 @@ def test_replicad_refuses_a_readable_or_short_key(tmp_path: Path) -> None:
 def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     """The login node lost its journal's unsynced tail in a crash; a replica had applied it:
     it holds history the login node no longer has, and must be rebuilt, not resumed."""
-    from sdeefs.replicate import Replica
+    from sdeefs.replication.replica import Replica
 
     change_tree(site.view, "one")
     site.start_origin()
@@ -512,7 +511,7 @@ def test_barrier_queries_climb_the_tree_not_all_to_the_login_node(site: Site) ->
 def test_a_relayed_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     """As for a direct follower: a copy holding records the login node lost is told so by
     the relay it is sent to (which asks the login node's head), and is rebuilt."""
-    from sdeefs.replicate import Replica
+    from sdeefs.replication.replica import Replica
 
     change_tree(site.view, "one")
     site.start_origin(fanout=1)
@@ -610,25 +609,32 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-@requires_fuse
-def test_a_replica_of_the_old_wire_version_is_told_why_in_its_own_version(site: Site) -> None:
-    """Version 3 frames carry records with u32 path lengths.  A version-2 replica (u16)
-    must get one error it can read, never records it would misparse."""
-    site.start_origin()
-    key = load_key(str(site.key))
-    hello = encode_hello(Hello(b"n" * NONCE_SIZE, NO_ID, USER, "old-node", 1))
-    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
-        sock.sendall(encode_frame(hello, key, version=2))
-        header = _receive_exactly(sock, FRAME_HEADER.size)
-        magic, version, ftype, _, length, _, crc = FRAME_HEADER.unpack(header)
-        payload = _receive_exactly(sock, length)
-        mac = _receive_exactly(sock, MAC_SIZE)
-        assert sock.recv(1) == b""  # and the connection ends
-    # what a version-2 replica checks: its own version, the CRC and the MAC (shared key)
-    assert (magic, version, ftype) == (b"SDRP", 2, ERROR)
-    assert zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) == crc
-    assert hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac)
-    message = payload.decode()
-    assert "version 2" in message
-    assert "same sdeefs release" in message
-    assert site.log("login").count("replication protocol version 2") == 1
+@pytest.mark.parametrize("old", [2, 3])
+def test_a_replica_of_an_old_wire_version_is_told_why_in_its_own_version(tmp_path: Path,
+                                                                         old: int) -> None:
+    """Version 3 frames carry records with u32 path lengths, version 4 ERRORs with a code.
+    A version-2 replica (u16) or version-3 one (ERRORs of a message alone) must get one
+    error it can read, never records or an ERROR it would misparse."""
+    site = Site(tmp_path)
+    try:
+        site.start_origin()
+        key = load_key(str(site.key))
+        hello = encode_hello(Hello(b"n" * NONCE_SIZE, NO_ID, USER, "old-node", 1))
+        with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
+            sock.sendall(hello.encode(key, version=old))
+            header = _receive_exactly(sock, FRAME_HEADER.size)
+            magic, version, ftype, _, length, _, crc = FRAME_HEADER.unpack(header)
+            payload = _receive_exactly(sock, length)
+            mac = _receive_exactly(sock, MAC_SIZE)
+            assert sock.recv(1) == b""  # and the connection ends
+        # what an old replica checks: its own version, the CRC and the MAC (shared key)
+        assert (magic, version, ftype) == (b"SDRP", old, ERROR)
+        assert zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) == crc
+        assert hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac)
+        message = payload.decode()  # the message alone, first byte to last
+        assert message.startswith("the peer speaks replication protocol version")
+        assert f"version {old}" in message
+        assert "same sdeefs release" in message
+        assert site.log("login").count(f"replication protocol version {old}") == 1
+    finally:
+        site.close()
