@@ -91,6 +91,7 @@ MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000
 HELLO_TIMEOUT = 10.0  # seconds a peer has to say HELLO
 CONNECT_TIMEOUT = 5.0  # seconds to reach an upstream
 THREADS = 40  # worker threads at once (trio's default): replicas applying, shippers reading
+LOCKED_READ_THREADS = 4  # of relays reading their copy for a snapshot, under its lock
 BARRIER_RETRY = 0.2  # seconds between attempts to learn the login node's head for a barrier
 BARRIER_POLL = 0.05  # seconds between looks at a replica catching up with its barrier
 
@@ -179,6 +180,10 @@ class ReplicaUser:
 class Daemon:
     config: DaemonConfig
     offload: Offload = attrs.field(factory=lambda: Offload(trio.CapacityLimiter(THREADS)))
+    # A relay reads its copy for a snapshot holding Replica.lock, which threads of
+    # ``offload`` may be waiting for: its reads have slots of their own (docs/threading.md).
+    locked_reads: Offload = attrs.field(
+        factory=lambda: Offload(trio.CapacityLimiter(LOCKED_READ_THREADS)))
     origin: Origin | None = None
     replicas: dict[str, ReplicaUser] = attrs.field(factory=dict)
     started: float = attrs.field(factory=time.time)
@@ -264,7 +269,7 @@ class Daemon:
                 key = await answer_hello(stream, self.config.key, hello,
                                          max(relay.stats.head, relay.replica.applied),
                                          relay.replica.journal_id)
-                link = DownstreamLink(stream, reader, key, downstream, self.offload)
+                link = DownstreamLink(stream, reader, key, downstream, self.locked_reads)
                 await RelaySender(link, relay.replica, relay.relay, relay.stats,
                                   hello.want - 1, self.offload).run()
         finally:

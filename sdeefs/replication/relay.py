@@ -144,7 +144,7 @@ class DownstreamLink:
     reader: FrameReader
     key: bytes  # the session key
     downstream: Downstream
-    offload: Offload
+    offload: Offload  # reads the tree of a snapshot
 
     async def run(self, producer: Callable[[], Awaitable[None]]) -> None:
         """Run ``producer`` (which sends) while receiving ACKs, until either ends; a
@@ -458,7 +458,11 @@ class RelayBuffer:
 @attrs.define(eq=False)
 class RelaySender:
     """Serves one follower from what this node's replica applied (``buffer``), from
-    ``pos`` on; a snapshot of the copy when the buffer no longer leads from there."""
+    ``pos`` on; a snapshot of the copy when the buffer no longer leads from there.
+
+    ``offload`` waits for ``replica.lock``; ``link`` reads the copy while it is held, in
+    threads of its own (a waiting thread must not hold the slot the reads need).
+    """
 
     link: DownstreamLink
     replica: Replica

@@ -323,6 +323,42 @@ def test_replicad_refuses_a_readable_or_short_key(tmp_path: Path) -> None:
     assert "shorter than 32 bytes" in result.stderr
 
 
+def test_control_errors_carry_kinds_the_prolog_acts_on(tmp_path: Path) -> None:
+    """A barrier for a user the login node holds nothing of fails with kind "no-layer"
+    (the SLURM prolog then runs the job without an environment); one that times out for
+    another reason with "barrier-timeout"; a node keeping no replicas says "no-replicas".
+    The replica rows of ``sdeefs replica status`` come from the same daemon."""
+    from sdeefs.control import ControlError
+    from sdeefs.errors import ExitCode
+
+    site = Site(tmp_path)  # nothing mounted: the login node holds no journal at all
+    try:
+        site.start_origin()
+        site.start_replica("n1")
+        barrier = {"op": "follow", "user": "bob", "wait": True, "timeout": 2}
+        with pytest.raises(ControlError) as info:
+            site.control("n1", barrier)
+        assert info.value.kind == "no-layer", info.value
+        assert "holds nothing of user bob" in str(info.value)
+        assert info.value.exitcode == ExitCode.FAILURE
+        with pytest.raises(ControlError) as info:
+            site.control("login", {"op": "follow", "user": "bob"})
+        assert (info.value.kind, info.value.exitcode) == ("no-replicas", ExitCode.USAGE)
+
+        out = subprocess.run([*SDEEFS, "replica", "status", "--control",
+                              str(site.tmp / "n1.sock")], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.startswith("node n1\n"), out
+        assert "replica bob: applied 0 of 0" in out, out
+
+        site.kill("login")  # now the head cannot be learned at all
+        with pytest.raises(ControlError) as info:
+            site.control("n1", {**barrier, "user": "carol"})
+        assert info.value.kind == "barrier-timeout", info.value
+    finally:
+        site.close()
+
+
 @requires_fuse
 def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     """The login node lost its journal's unsynced tail in a crash; a replica had applied it:

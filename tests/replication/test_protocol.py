@@ -398,7 +398,7 @@ def test_snapshot_rebuilds_a_verified_copy_and_a_bad_one_changes_nothing(tmp_pat
 @pytest.mark.expect_log("sdeefs.replication.replica")
 def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sdeefs.replication.replica as replicate
+    import sdeefs.replication.replica as replica_module
 
     replica = Replica.open(str(tmp_path / USER))
     replica.adopt(b"i" * 16)
@@ -408,7 +408,7 @@ def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
     replica.close()
     assert Replica.open(str(tmp_path / USER)).applied == 2  # same boot: the page cache holds
 
-    monkeypatch.setattr(replicate, "boot_id", lambda: b"\x01" * 16)  # "after a reboot"
+    monkeypatch.setattr(replica_module, "boot_id", lambda: b"\x01" * 16)  # "after a reboot"
     again = Replica.open(str(tmp_path / USER))
     assert again.applied == 0
     assert os.listdir(tmp_path / USER / "upper") == []
@@ -416,7 +416,7 @@ def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
     _accept_all(again, [(1, rec.Mkdir(b"upper/d", 0o755, 0, 0), None)])
     again.sync()
     again.close()
-    monkeypatch.setattr(replicate, "boot_id", lambda: b"\x02" * 16)
+    monkeypatch.setattr(replica_module, "boot_id", lambda: b"\x02" * 16)
     clean = Replica.open(str(tmp_path / USER))
     assert clean.applied == 1
     assert clean.journal_id == b"i" * 16
@@ -563,6 +563,68 @@ def test_a_subtree_report_of_10000_nodes_travels_whole() -> None:
         decode_report(payload[:4] + payload[4:-3])
 
 
+def test_an_error_frame_carries_a_code_and_its_type_comes_from_the_code() -> None:
+    """What a receiver does about an ERROR (start over, tell the prolog the user has no
+    environment) follows the u16 code before the message, never the message's text."""
+    from sdeefs.replication.wire import (
+        ERROR_CODE,
+        ErrorCode,
+        HistoryDiverged,
+        NoLayer,
+        decode_error,
+        encode_error,
+    )
+
+    cases = [(HistoryDiverged("the journal ends at 7"), HistoryDiverged, ErrorCode.DIVERGED),
+             (NoLayer("login holds nothing of user bob"), NoLayer, ErrorCode.NO_LAYER),
+             (ProtocolError("history diverged: only in words"), ProtocolError,
+              ErrorCode.REFUSED),
+             (ValueError("not a protocol error"), ProtocolError, ErrorCode.REFUSED)]
+    for exc, kind, code in cases:
+        wire = encode_error(exc, KEY, seq=7)
+        frame = Frame.decode(wire[:24], wire[24:-32], wire[-32:], KEY)
+        assert (frame.type, frame.seq) == (ERROR, 7)
+        assert frame.payload == ERROR_CODE.pack(code) + str(exc).encode()
+        got = decode_error(frame, "upstream: ")
+        assert type(got) is kind
+        assert str(got) == f"upstream: {exc}"
+    assert type(decode_error(Frame(ERROR, 0, b"\x09\x00why"), "")) is ProtocolError
+    assert type(decode_error(Frame(ERROR, 0, b"x"), "")) is ProtocolError
+    # to a peer of an old version: the message alone, as it reads ERRORs
+    old = encode_error(HistoryDiverged("gone"), KEY, version=2)
+    assert old[24:-32] == b"gone"
+
+
+@pytest.mark.parametrize(("code", "message", "kind"), [
+    (2, b"your copy is ahead of the journal", "HistoryDiverged"),
+    (0, b"history diverged: replica wants seq 9 but the journal ends at 4", "ProtocolError"),
+])
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_a_replica_starts_over_on_the_diverged_code_not_on_the_text(
+        tmp_path: Path, code: int, message: bytes, kind: str) -> None:
+    """The daemon resets a replica when its link ends in HistoryDiverged; that type comes
+    from the ERROR's code (once it was found in the message's text)."""
+    left, right = trio.testing.memory_stream_pair()
+    replica = Replica.open(str(tmp_path / USER))
+    try:
+        async with trio.open_nursery() as nursery:
+            async def upstream_refusing() -> None:
+                reader = FrameReader(left)
+                hello = decode_hello(await reader.frame(KEY))
+                key = await answer_hello(left, KEY, hello, 4, JOURNAL_ID)
+                await left.send_all(Frame(ERROR, 0, struct.pack("<H", code) + message)
+                                    .encode(key))
+                with contextlib.suppress(EOFError, ProtocolError):
+                    await reader.frame(key)  # the replica says why it ends the link too
+            nursery.start_soon(upstream_refusing)
+            with pytest.raises(ProtocolError) as info:
+                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+        assert type(info.value).__name__ == kind
+        assert message.decode() in str(info.value)
+    finally:
+        replica.close()
+
+
 @pytest.mark.parametrize("old", [2, 3])
 async def test_an_upstream_of_an_old_wire_version_is_one_clear_error(tmp_path: Path,
                                                                     old: int) -> None:
@@ -636,3 +698,42 @@ def test_a_snapshot_of_a_tree_deeper_than_path_max_rebuilds_it(tmp_path: Path) -
     assert signature(str(tmp_path / USER / "upper")) == signature(str(source))
     rmtree(str(source))  # deeper than pytest's own clean-up goes
     rmtree(str(tmp_path / USER))
+
+
+async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_waiters(
+        tmp_path: Path) -> None:
+    """A relay reads its copy for a snapshot holding the replica's lock, in threads.  The
+    daemon's appliers and syncers wait for that lock in threads too: were the reads to need
+    one of their slots, a full pool of waiters would stop the snapshot for good."""
+    from sdeefs.replication.daemon import Daemon, DaemonConfig
+    from sdeefs.replication.relay import DownstreamLink, RelayBuffer, RelaySender
+    from sdeefs.replication.wire import SNAPSHOT, SNAPSHOT_END
+
+    daemon = Daemon(DaemonConfig(node="n1", key=KEY))
+    replica = Replica.open(str(tmp_path / USER))
+    size = 6 * CHUNK  # two reads of the tree at least, the first sent while the second waits
+    _accept_all(replica, [(1, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 0, 0), None),
+                          (2, rec.Write(b"upper/f", b"", 0, size), os.urandom(size))])
+    left, right = trio.testing.lockstep_stream_pair()  # a send waits until it is read
+    link = DownstreamLink(left, FrameReader(left), KEY, Downstream("n2", USER),
+                          daemon.locked_reads)  # as the daemon serves a relayed follower
+    sender = RelaySender(link, replica, RelayBuffer(1 << 20), LinkStats(), 0, daemon.offload)
+    reader = FrameReader(right)
+    finished = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.run)
+            assert (await reader.frame(KEY)).type == SNAPSHOT  # the lock is held now
+            slots = int(daemon.offload.limiter.total_tokens)
+            for _ in range(slots):  # every slot: a thread waiting for the lock
+                nursery.start_soon(daemon.offload.run, replica.locked, replica.sync)
+            await trio.testing.wait_all_tasks_blocked()
+            assert daemon.offload.limiter.borrowed_tokens == slots
+            with trio.move_on_after(10):
+                while (await reader.frame(KEY)).type != SNAPSHOT_END:
+                    pass
+                finished = True
+            nursery.cancel_scope.cancel()  # a stuck snapshot lets go of the lock when cancelled
+    finally:
+        replica.close()
+    assert finished
