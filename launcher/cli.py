@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
 from sdeefs.mount import MountRequest, default_state, mount, umount
 from sdeefs.replication import cli as replication_cli
+from sdeefs.tools import format_size
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +227,8 @@ def _launcher(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['user']:<16} {'running' if row['running'] else 'stopped':<8} "
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
-              f"{row['processes']:>5} {_size(int(str(row['upper_bytes']))):>10} "
+              f"{row['processes']:>5} {format_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
         for line in replication_cli.follower_lines(row["replicas"]):  # type: ignore[arg-type]
             print(f"{'':<16} {line}")
     return 0
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024:
-            return f"{n}{unit}"
-        n //= 1024
-    return f"{n}T"

@@ -13,6 +13,7 @@ import json
 
 from ..config import Replication
 from ..errors import ExitCode, QuietError
+from ..tools import format_size
 from .daemon import control_request
 
 STATUS_TIMEOUT = 5.0  # seconds ``sdeefs status`` waits for the replicad
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace, rep: Replication) -> int:
         replicas: dict[str, dict[str, object]] = reply.get("replicas", {})
         for user, info in sorted(replicas.items()):
             print(f"  replica {user}: applied {info['applied']} of {info['upstream_head']} "
-                  f"(lag {info['lag']}, {_size(int(str(info['bytes_received'])))} received, "
+                  f"(lag {info['lag']}, {format_size(int(str(info['bytes_received'])))} received, "
                   f"{'connected' if info['connected'] else 'disconnected'} to "
                   f"{info['upstream']})")
         return 0
@@ -74,11 +75,3 @@ def follower_lines(followers: dict[str, dict[str, object]]) -> list[str]:
     """The rows ``sdeefs status`` shows under a user for these replicas."""
     return [f"replica on {node}: acked {f['acked']}, lag {f['lag']} records"
             for node, f in sorted(followers.items())]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024:
-            return f"{n}{unit}"
-        n //= 1024
-    return f"{n}T"

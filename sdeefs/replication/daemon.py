@@ -168,7 +168,7 @@ class ReplicaUser:
     applied_changed: trio.Event = attrs.field(factory=trio.Event)
     queries: int = 0
 
-    def applied(self, before: int, frames: list[Frame], relaying: bool) -> None:
+    def note_applied(self, before: int, frames: list[Frame], relaying: bool) -> None:
         """The replica applied ``frames`` after seq ``before``."""
         if frames and relaying:  # a node that cannot relay keeps none
             self.relay.append(before, frames)
@@ -178,17 +178,25 @@ class ReplicaUser:
 
 @attrs.define(eq=False)
 class Daemon:
+    """The roles of one node wired together (see the module docstring).
+
+    Attributes:
+        offload: every worker thread of the daemon, but ``locked_reads``'.
+        origin: the login role, with ``--origin``.
+        replicas: the users this node follows, by name.
+    """
+
     config: DaemonConfig
     offload: Offload = attrs.field(factory=lambda: Offload(trio.CapacityLimiter(THREADS)))
     # A relay reads its copy for a snapshot holding Replica.lock, which threads of
     # ``offload`` may be waiting for: its reads have slots of their own (docs/threading.md).
     locked_reads: Offload = attrs.field(
         factory=lambda: Offload(trio.CapacityLimiter(LOCKED_READ_THREADS)))
-    origin: Origin | None = None
+    origin: Origin | None = attrs.field(init=False, default=None)  # with --origin
     replicas: dict[str, ReplicaUser] = attrs.field(factory=dict)
     started: float = attrs.field(factory=time.time)
-    _nursery: trio.Nursery | None = None
-    _opening: trio.Lock = attrs.field(factory=trio.Lock)  # one replica opened at a time
+    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+    _opening: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # one open at a time
 
     def __attrs_post_init__(self) -> None:
         if self.config.origin_root is not None:
@@ -355,7 +363,7 @@ class Daemon:
                                 stream, user.replica, self.config.key, user.name,
                                 self.config.node, user.stats,
                                 report=user.downstreams.report,
-                                on_applied=lambda before, frames: user.applied(
+                                on_applied=lambda before, frames: user.note_applied(
                                     before, frames, relaying),
                                 on_snapshot=user.relay.clear,
                                 silence_timeout=self.config.silence_timeout,
@@ -391,7 +399,7 @@ class Daemon:
                         log.exception("following %s from %s", user.name, address)
                         address, redirects = home, 0
                         backoff = 2.0
-                    user.applied(0, [], relaying)
+                    user.note_applied(0, [], relaying)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
             finally:

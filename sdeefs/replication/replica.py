@@ -63,13 +63,12 @@ import attrs
 import trio
 
 from .. import records as rec
-from ..apply import apply_record
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
 from ..statedir import ReplicaDirs
 from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
 from ..trees import rmtree
-from .snapshot import Staging
+from .snapshot import Staging, apply_from_peer
 from .wire import (
     ACK,
     ERROR,
@@ -302,10 +301,7 @@ class Replica:
         self._mark_dirty()
         if record.METADATA:
             record = self._local_rename(frame.seq, record)
-        try:
-            apply_record(self._layers, record, data if isinstance(record, rec.Write) else None)
-        except OSError as exc:
-            raise ProtocolError(f"record {frame.seq} cannot be applied: {exc}") from None
+        apply_from_peer(self._layers, record, data, f"record {frame.seq}")
         if frame.flags & MORE:
             self.pending = frame.seq
             return False
@@ -463,10 +459,11 @@ class Follower:
     wait_room: Callable[[int], Awaitable[None]] | None = None
     batch_bytes: int = IN_FLIGHT_BYTES
     offload: Offload = attrs.field(factory=Offload)
-    _key: bytes = b""
-    _in_flight: int = 0  # payload bytes in the channel and in the batch being applied
-    _drained: trio.Event = attrs.field(factory=trio.Event)  # set when _in_flight shrinks
-    _sending: trio.Lock = attrs.field(factory=trio.Lock)  # applier and reporter share it
+    _key: bytes = attrs.field(init=False, default=b"")  # the session's, once greeted
+    # payload bytes in the channel and in the batch being applied:
+    _in_flight: int = attrs.field(init=False, default=0)
+    _drained: trio.Event = attrs.field(init=False, factory=trio.Event)  # _in_flight shrank
+    _sending: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # applier and reporter
 
     async def run(self) -> None:
         replica = self.replica

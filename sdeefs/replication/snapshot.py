@@ -226,6 +226,15 @@ def _times(path: bytes, st: os.stat_result, extra: int) -> rec.Setattr:
                        st.st_atime_ns, st.st_mtime_ns)
 
 
+def apply_from_peer(layers: LayerRoot, record: rec.Record, data: bytes, what: str) -> None:
+    """Apply a record a peer sent (decoded and sanitized); one the layer root refuses is
+    the peer's error: ProtocolError, naming it as ``what``."""
+    try:
+        apply_record(layers, record, data if isinstance(record, rec.Write) else None)
+    except OSError as exc:
+        raise ProtocolError(f"{what} cannot be applied: {exc}") from None
+
+
 @attrs.define(eq=False)
 class Staging:
     """A snapshot being received: an empty layer root (``path``: ``upper/``, ``work/``)
@@ -250,10 +259,7 @@ class Staging:
         record, data = decode_record_payload(frame.payload)
         if not isinstance(record, SNAPSHOT_RECORDS):
             raise ProtocolError(f"{type(record).__name__} has no place in a snapshot")
-        try:
-            apply_record(self.layers, record, data if isinstance(record, rec.Write) else None)
-        except OSError as exc:
-            raise ProtocolError(f"snapshot record cannot be applied: {exc}") from None
+        apply_from_peer(self.layers, record, data, "snapshot record")
 
     def close(self) -> None:
         self.layers.close()

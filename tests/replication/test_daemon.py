@@ -359,25 +359,31 @@ def test_control_errors_carry_kinds_the_prolog_acts_on(tmp_path: Path) -> None:
         site.close()
 
 
+def restart_ahead_of_the_login_node(site: Site, name: str, fanout: int = 4) -> None:
+    """Restart replica ``name`` holding 50 records the login node's journal does not have
+    (as if that journal had lost its unsynced tail in a crash); it must be rebuilt."""
+    from sdeefs.replication.replica import Replica
+
+    site.kill(name)
+    replica = Replica.open(str(site.tmp / name / USER))
+    replica.applied += 50
+    replica._write_position()
+    replica.close()
+    site.start_replica(name, fanout=fanout)
+    site.sync_to(name)
+    assert converged(site, name)
+    assert "starting over" in site.log(name)
+
+
 @requires_fuse
 def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     """The login node lost its journal's unsynced tail in a crash; a replica had applied it:
     it holds history the login node no longer has, and must be rebuilt, not resumed."""
-    from sdeefs.replication.replica import Replica
-
     change_tree(site.view, "one")
     site.start_origin()
     site.start_replica("n1")
     site.sync_to("n1")
-    site.kill("n1")
-    replica = Replica.open(str(site.tmp / "n1" / USER))
-    replica.applied += 50  # records the login node no longer has
-    replica._write_position()
-    replica.close()
-    site.start_replica("n1")
-    site.sync_to("n1")
-    assert converged(site, "n1")
-    assert "starting over" in site.log("n1")
+    restart_ahead_of_the_login_node(site, "n1")
 
 
 def journal_entries(site: Site) -> list[object]:
@@ -547,23 +553,13 @@ def test_barrier_queries_climb_the_tree_not_all_to_the_login_node(site: Site) ->
 def test_a_relayed_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     """As for a direct follower: a copy holding records the login node lost is told so by
     the relay it is sent to (which asks the login node's head), and is rebuilt."""
-    from sdeefs.replication.replica import Replica
-
     change_tree(site.view, "one")
     site.start_origin(fanout=1)
     site.start_replica("n1", fanout=1, listen=True)
     site.sync_to("n1")
     site.start_replica("n2", fanout=1)
     site.sync_to("n2")
-    site.kill("n2")
-    replica = Replica.open(str(site.tmp / "n2" / USER))
-    replica.applied += 50  # records the login node no longer has
-    replica._write_position()
-    replica.close()
-    site.start_replica("n2", fanout=1)
-    site.sync_to("n2")
-    assert converged(site, "n2")
-    assert "starting over" in site.log("n2")
+    restart_ahead_of_the_login_node(site, "n2", fanout=1)
 
 
 def cpu_seconds(pid: int) -> float:
