@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
 from sdeefs.fs import cli as fs_cli
+from sdeefs.replication import cli as replication_cli
 from sdeefs.statedir import StateDir
+from sdeefs.tools import format_size
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "every environment hides")
     sub.add_parser("job-prolog", help="SLURM Prolog: replica at the barrier, job environment")
     sub.add_parser("job-epilog", help="SLURM Epilog: end the job's environment")
-    rp = sub.add_parser("replica", help="the local sdeefs-replicad: follow a user, status")
-    rp.add_argument("action", choices=("follow", "unfollow", "status"))
-    rp.add_argument("user", nargs="?")
-    rp.add_argument("--wait", action="store_true", help="follow: wait for the login's head")
-    rp.add_argument("--control", help="control socket (default: from the config)")
-    rp.add_argument("--json", action="store_true")
+    replication_cli.add_parser(sub)
 
     for name, helptext in (("diff", "what this user added, changed and deleted"),
                            ("log", "the journal, human-readable"),
@@ -137,7 +134,7 @@ LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", 
 def _launcher(args: argparse.Namespace) -> int:
     from sdeefs import config
 
-    from . import env, pam
+    from . import env, job, pam
 
     if args.command == "install-pam":
         config_path = os.environ.get("SDEEFS_CONFIG")
@@ -148,12 +145,10 @@ def _launcher(args: argparse.Namespace) -> int:
         print("removed" if removed else "nothing to remove")
         return 0
     if args.command in ("job-prolog", "job-epilog"):
-        from . import job
-
         return job.slurm_hook_main(args.command[4:])
     cfg = config.load()
     if args.command == "replica":
-        return _replica(args, cfg)
+        return replication_cli.run(args, cfg.replication.on(job.node_name()))
     if args.command == "start":
         record = env.ensure(cfg, env.User.lookup(args.user), args.engine)
         print(f"{args.user}: {record.engine} environment pid {record.init_pid}")
@@ -175,7 +170,7 @@ def _launcher(args: argparse.Namespace) -> int:
             print(f"{user}: stopped (idle)")
         return 0
     rows = env.status(cfg)
-    replicas = _replica_lag(cfg)
+    replicas = replication_cli.followers(cfg.replication.on(job.node_name()))
     for row in rows:
         row["replicas"] = replicas.get(str(row["user"]), {})
     if args.json:
@@ -186,69 +181,8 @@ def _launcher(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['user']:<16} {'running' if row['running'] else 'stopped':<8} "
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
-              f"{row['processes']:>5} {_size(int(str(row['upper_bytes']))):>10} "
+              f"{row['processes']:>5} {format_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
-        followers: dict[str, dict[str, object]] = row["replicas"]  # type: ignore[assignment]
-        for node, f in sorted(followers.items()):
-            print(f"{'':<16} replica on {node}: acked {f['acked']}, lag {f['lag']} records")
+        for line in replication_cli.follower_lines(row["replicas"]):  # type: ignore[arg-type]
+            print(f"{'':<16} {line}")
     return 0
-
-
-def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
-    """Per user, the followers the local (login node) replicad reports; {} if none runs."""
-    from sdeefs.replicad import control_request
-
-    from . import job
-
-    control = cfg.replication.on(job.node_name()).control  # type: ignore[attr-defined]
-    if not os.path.exists(control):
-        return {}
-    try:
-        reply = control_request(control, {"op": "status"}, timeout=5)
-    except QuietError:
-        return {}
-    origin: dict[str, dict[str, object]] = reply.get("origin", {})
-    return {user: info["followers"] for user, info in origin.items()}  # type: ignore[misc]
-
-
-def _replica(args: argparse.Namespace, cfg: object) -> int:
-    from sdeefs.replicad import control_request
-
-    from . import job
-
-    rep = cfg.replication.on(job.node_name())  # type: ignore[attr-defined]
-    control = args.control or rep.control
-    if args.action == "status":
-        reply = control_request(control, {"op": "status"})
-        if args.json:
-            print(json.dumps(reply, indent=1))
-            return 0
-        print(f"node {reply['node']}")
-        origin: dict[str, dict[str, object]] = reply.get("origin", {})
-        for user, info in sorted(origin.items()):
-            followers: dict[str, dict[str, object]] = info["followers"]  # type: ignore[assignment]
-            print(f"  {user}: head {info['head']}")
-            for node, f in sorted(followers.items()):
-                via = "" if f.get("direct") else f" via {f.get('via')}"
-                print(f"    {node:<16} acked {f['acked']:>8}  lag {f['lag']:>6}{via}")
-        replicas: dict[str, dict[str, object]] = reply.get("replicas", {})
-        for user, info in sorted(replicas.items()):
-            print(f"  replica {user}: applied {info['applied']} of {info['upstream_head']} "
-                  f"(lag {info['lag']}, {_size(int(str(info['bytes_received'])))} received, "
-                  f"{'connected' if info['connected'] else 'disconnected'} to "
-                  f"{info['upstream']})")
-        return 0
-    if not args.user:
-        raise QuietError(f"replica {args.action} needs a user name", ExitCode.USAGE)
-    reply = control_request(control, {"op": args.action, "user": args.user,
-                                      "wait": args.wait, "timeout": rep.barrier_timeout})
-    print(json.dumps(reply) if args.json else " ".join(f"{k}={v}" for k, v in reply.items()))
-    return 0
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "K", "M", "G"):
-        if n < 1024:
-            return f"{n}{unit}"
-        n //= 1024
-    return f"{n}T"

@@ -25,7 +25,7 @@ a missing file means all defaults.  Example (every key, with its default)::
                                  # environments on compute nodes, which run no guard layer
                                  # (launcher/private.py; `sdeefs scan-private` refreshes)
 
-    [replication]                # compute nodes and jobs (sdeefs.replicad, launcher/job.py)
+    [replication]                # compute nodes and jobs (sdeefs.replication, launcher/job.py)
     login = ""                   # HOST:PORT of the login node's sdeefs-replicad (required on
                                  # compute nodes)
     key_file = "/etc/sdeefs/replication.key"   # shared key, root only, >= 32 bytes

@@ -3,7 +3,7 @@
 Every record is an operation on a *layer root* (``upper/`` + ``work/``; see
 ``sdeefs.journal``).  Payloads are a fixed sequence of fields per type, encoded
 little endian with no padding.  The encoding has a version: the journal segment
-(``sdeefs.journal``) or the replication frame (``sdeefs.replicate``) that holds
+(``sdeefs.journal``) or the replication frame (``sdeefs.replication.wire``) that holds
 a record says which one.  Version 2 is written; version 1 is still read.
 
 ===========  ==============================================================

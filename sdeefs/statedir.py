@@ -24,6 +24,7 @@ On a compute node (``REPLICA_DIR`` is ``[replication] replica_dir``)::
         upper/ work/           the copy
         position               the applied position (rewritten in place per record)
         durable                the last position known to be on stable storage
+        incoming/              a snapshot being received, until verified and swapped in
 """
 
 from __future__ import annotations
@@ -83,3 +84,4 @@ class ReplicaDirs:
     work = property(lambda self: os.path.join(self.path, "work"))
     position = property(lambda self: os.path.join(self.path, "position"))
     durable = property(lambda self: os.path.join(self.path, "durable"))
+    incoming = property(lambda self: os.path.join(self.path, "incoming"))

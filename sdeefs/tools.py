@@ -1,6 +1,7 @@
 """User tools over an upper directory and its journal: ``diff``, ``log`` and ``check``.
 
 They walk trees through directory fds, never by path, so an upper of any depth works.
+:func:`format_size` is how every sdeefs command shows a size.
 """
 
 from __future__ import annotations
@@ -202,3 +203,12 @@ def check(upper: str, state: str) -> list[str]:
     from .check import run_checks
 
     return run_checks(upper, state)
+
+
+def format_size(n: int) -> str:
+    """A byte count as the commands show it: whole units of 1024 (``1536`` -> ``1K``)."""
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n}{unit}"
+        n //= 1024
+    return f"{n}T"

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.deploy.harness import DeployFailed, DeployMethod, Measurement, Net, Spawned, settle
-from sdeefs.replicad import control_request
+from sdeefs.replication.daemon import control_request
 
 USER = "benchuser"
 PORT = 7078

@@ -78,8 +78,9 @@ MB = 1_000_000
 
 sys.path.insert(0, str(REPO_ROOT))
 from sdeefs.journal import JournalTail  # noqa: E402
-from sdeefs.replicad import LOGIN_ROUND_GAP, control_request, tree_cost  # noqa: E402
-from sdeefs.replicate import tree_digest  # noqa: E402
+from sdeefs.replication.daemon import control_request  # noqa: E402
+from sdeefs.replication.relay import LOGIN_ROUND_GAP, tree_cost  # noqa: E402
+from sdeefs.replication.snapshot import tree_digest  # noqa: E402
 
 
 class BenchError(RuntimeError):

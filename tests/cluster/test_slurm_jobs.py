@@ -1,8 +1,8 @@
 """End to end on a real SLURM cluster: a login environment streams to 3 (or 5) compute nodes.
 
 munge + slurmctld + N slurmd, each node in its own network namespace
-(tests/cluster/slurm_cluster.py);
-sdeefs-replicad as the origin on the login node (the hub) and as a replica on every node;
+(tests/cluster/slurm_cluster.py); sdeefs-replicad as the origin on the login node (the hub)
+and as a replica on every node;
 SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeefs-run`.
 """
 
@@ -22,8 +22,8 @@ import attrs
 import pytest
 
 from sdeefs.fs.daemon import daemon_pid
-from sdeefs.replicad import control_request
-from sdeefs.replicate import tree_digest
+from sdeefs.replication.daemon import control_request
+from sdeefs.replication.snapshot import tree_digest
 
 from ..launcher.launcher_site import VENV_BIN, Site, open_site, requires_launcher
 from .slurm_cluster import Cluster, cluster, requires_slurm

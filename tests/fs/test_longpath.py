@@ -23,7 +23,9 @@ from sdeefs import records as rec
 from sdeefs.check import run_checks
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
-from sdeefs.replicate import Replica, record_frames, tree_digest
+from sdeefs.replication.replica import Replica
+from sdeefs.replication.snapshot import tree_digest
+from sdeefs.replication.wire import record_frames
 from sdeefs.trees import signature
 from sdeefs.writeahead import read_write_data
 

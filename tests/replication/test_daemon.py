@@ -20,17 +20,16 @@ from pathlib import Path
 import pytest
 
 from sdeefs.fs.daemon import daemon_pid
-from sdeefs.replicad import control_request, load_key
-from sdeefs.replicate import (
+from sdeefs.replication.daemon import control_request, load_key
+from sdeefs.replication.snapshot import tree_digest
+from sdeefs.replication.wire import (
     ERROR,
     FRAME_HEADER,
     MAC_SIZE,
     NO_ID,
     NONCE_SIZE,
     Hello,
-    encode_frame,
     encode_hello,
-    tree_digest,
 )
 
 from ..conftest import requires_fuse
@@ -324,25 +323,67 @@ def test_replicad_refuses_a_readable_or_short_key(tmp_path: Path) -> None:
     assert "shorter than 32 bytes" in result.stderr
 
 
+def test_control_errors_carry_kinds_the_prolog_acts_on(tmp_path: Path) -> None:
+    """A barrier for a user the login node holds nothing of fails with kind "no-layer"
+    (the SLURM prolog then runs the job without an environment); one that times out for
+    another reason with "barrier-timeout"; a node keeping no replicas says "no-replicas".
+    The replica rows of ``sdeefs replica status`` come from the same daemon."""
+    from sdeefs.control import ControlError
+    from sdeefs.errors import ExitCode
+
+    site = Site(tmp_path)  # nothing mounted: the login node holds no journal at all
+    try:
+        site.start_origin()
+        site.start_replica("n1")
+        barrier = {"op": "follow", "user": "bob", "wait": True, "timeout": 2}
+        with pytest.raises(ControlError) as info:
+            site.control("n1", barrier)
+        assert info.value.kind == "no-layer", info.value
+        assert "holds nothing of user bob" in str(info.value)
+        assert info.value.exitcode == ExitCode.FAILURE
+        with pytest.raises(ControlError) as info:
+            site.control("login", {"op": "follow", "user": "bob"})
+        assert (info.value.kind, info.value.exitcode) == ("no-replicas", ExitCode.USAGE)
+
+        out = subprocess.run([*SDEEFS, "replica", "status", "--control",
+                              str(site.tmp / "n1.sock")], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.startswith("node n1\n"), out
+        assert "replica bob: applied 0 of 0" in out, out
+
+        site.kill("login")  # now the head cannot be learned at all
+        with pytest.raises(ControlError) as info:
+            site.control("n1", {**barrier, "user": "carol"})
+        assert info.value.kind == "barrier-timeout", info.value
+    finally:
+        site.close()
+
+
+def restart_ahead_of_the_login_node(site: Site, name: str, fanout: int = 4) -> None:
+    """Restart replica ``name`` holding 50 records the login node's journal does not have
+    (as if that journal had lost its unsynced tail in a crash); it must be rebuilt."""
+    from sdeefs.replication.replica import Replica
+
+    site.kill(name)
+    replica = Replica.open(str(site.tmp / name / USER))
+    replica.applied += 50
+    replica._write_position()
+    replica.close()
+    site.start_replica(name, fanout=fanout)
+    site.sync_to(name)
+    assert converged(site, name)
+    assert "starting over" in site.log(name)
+
+
 @requires_fuse
 def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     """The login node lost its journal's unsynced tail in a crash; a replica had applied it:
     it holds history the login node no longer has, and must be rebuilt, not resumed."""
-    from sdeefs.replicate import Replica
-
     change_tree(site.view, "one")
     site.start_origin()
     site.start_replica("n1")
     site.sync_to("n1")
-    site.kill("n1")
-    replica = Replica.open(str(site.tmp / "n1" / USER))
-    replica.applied += 50  # records the login node no longer has
-    replica._write_position()
-    replica.close()
-    site.start_replica("n1")
-    site.sync_to("n1")
-    assert converged(site, "n1")
-    assert "starting over" in site.log("n1")
+    restart_ahead_of_the_login_node(site, "n1")
 
 
 def journal_entries(site: Site) -> list[object]:
@@ -512,23 +553,13 @@ def test_barrier_queries_climb_the_tree_not_all_to_the_login_node(site: Site) ->
 def test_a_relayed_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     """As for a direct follower: a copy holding records the login node lost is told so by
     the relay it is sent to (which asks the login node's head), and is rebuilt."""
-    from sdeefs.replicate import Replica
-
     change_tree(site.view, "one")
     site.start_origin(fanout=1)
     site.start_replica("n1", fanout=1, listen=True)
     site.sync_to("n1")
     site.start_replica("n2", fanout=1)
     site.sync_to("n2")
-    site.kill("n2")
-    replica = Replica.open(str(site.tmp / "n2" / USER))
-    replica.applied += 50  # records the login node no longer has
-    replica._write_position()
-    replica.close()
-    site.start_replica("n2", fanout=1)
-    site.sync_to("n2")
-    assert converged(site, "n2")
-    assert "starting over" in site.log("n2")
+    restart_ahead_of_the_login_node(site, "n2", fanout=1)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -610,25 +641,32 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-@requires_fuse
-def test_a_replica_of_the_old_wire_version_is_told_why_in_its_own_version(site: Site) -> None:
-    """Version 3 frames carry records with u32 path lengths.  A version-2 replica (u16)
-    must get one error it can read, never records it would misparse."""
-    site.start_origin()
-    key = load_key(str(site.key))
-    hello = encode_hello(Hello(b"n" * NONCE_SIZE, NO_ID, USER, "old-node", 1))
-    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
-        sock.sendall(encode_frame(hello, key, version=2))
-        header = _receive_exactly(sock, FRAME_HEADER.size)
-        magic, version, ftype, _, length, _, crc = FRAME_HEADER.unpack(header)
-        payload = _receive_exactly(sock, length)
-        mac = _receive_exactly(sock, MAC_SIZE)
-        assert sock.recv(1) == b""  # and the connection ends
-    # what a version-2 replica checks: its own version, the CRC and the MAC (shared key)
-    assert (magic, version, ftype) == (b"SDRP", 2, ERROR)
-    assert zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) == crc
-    assert hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac)
-    message = payload.decode()
-    assert "version 2" in message
-    assert "same sdeefs release" in message
-    assert site.log("login").count("replication protocol version 2") == 1
+@pytest.mark.parametrize("old", [2, 3])
+def test_a_replica_of_an_old_wire_version_is_told_why_in_its_own_version(tmp_path: Path,
+                                                                         old: int) -> None:
+    """Version 3 frames carry records with u32 path lengths, version 4 ERRORs with a code.
+    A version-2 replica (u16) or version-3 one (ERRORs of a message alone) must get one
+    error it can read, never records or an ERROR it would misparse."""
+    site = Site(tmp_path)
+    try:
+        site.start_origin()
+        key = load_key(str(site.key))
+        hello = encode_hello(Hello(b"n" * NONCE_SIZE, NO_ID, USER, "old-node", 1))
+        with socket.create_connection(("127.0.0.1", site.port), timeout=10) as sock:
+            sock.sendall(hello.encode(key, version=old))
+            header = _receive_exactly(sock, FRAME_HEADER.size)
+            magic, version, ftype, _, length, _, crc = FRAME_HEADER.unpack(header)
+            payload = _receive_exactly(sock, length)
+            mac = _receive_exactly(sock, MAC_SIZE)
+            assert sock.recv(1) == b""  # and the connection ends
+        # what an old replica checks: its own version, the CRC and the MAC (shared key)
+        assert (magic, version, ftype) == (b"SDRP", old, ERROR)
+        assert zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) == crc
+        assert hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac)
+        message = payload.decode()  # the message alone, first byte to last
+        assert message.startswith("the peer speaks replication protocol version")
+        assert f"version {old}" in message
+        assert "same sdeefs release" in message
+        assert site.log("login").count(f"replication protocol version {old}") == 1
+    finally:
+        site.close()

@@ -20,27 +20,23 @@ from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
-from sdeefs.replicate import (
+from sdeefs.replication.relay import Downstream
+from sdeefs.replication.replica import Follower, LinkStats, Replica
+from sdeefs.replication.wire import (
     ACK,
     CHUNK,
     ERROR,
     MORE,
     RECORD,
-    Follower,
     Frame,
-    LinkStats,
+    FrameReader,
     ProtocolError,
-    Replica,
     VersionMismatch,
     answer_hello,
-    check_frame,
     decode_hello,
     decode_record_payload,
     decode_report,
-    encode_frame,
     encode_record_payload,
-    follow,
-    receive_frame,
     record_frames,
 )
 from sdeefs.sysio import name_to_handle
@@ -104,12 +100,13 @@ JOURNAL_ID = b"j" * 16
 async def upstream(stream: trio.abc.Stream, frames: list[Frame], last: int) -> int:
     """A minimal upstream: answer HELLO, send ``frames`` after the replica's position,
     wait for the ACK of ``last``, close.  Returns the last seq acknowledged."""
-    hello_frame = await receive_frame(stream, KEY)
-    hello, key = await answer_hello(stream, KEY, hello_frame, last, JOURNAL_ID)
-    follower = Follower("n1", USER, acked=hello.want - 1)
-    await stream.send_all(b"".join(encode_frame(f, key) for f in frames if f.seq >= hello.want))
+    reader = FrameReader(stream)
+    hello = decode_hello(await reader.frame(KEY))
+    key = await answer_hello(stream, KEY, hello, last, JOURNAL_ID)
+    follower = Downstream("n1", USER, acked=hello.want - 1)
+    await stream.send_all(b"".join(f.encode(key) for f in frames if f.seq >= hello.want))
     while follower.acked < last:
-        frame = await receive_frame(stream, key)
+        frame = await reader.frame(key)
         assert frame.type == ACK
         follower.acked = frame.seq
     await stream.aclose()
@@ -133,7 +130,7 @@ async def stream(login: Login, replica_dir: Path) -> tuple[int, int]:
     try:
         async with trio.open_nursery() as nursery:
             async def replica_side() -> None:
-                await follow(right, replica, KEY, USER, "n1", LinkStats())
+                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
                 result["applied"] = replica.applied
 
             nursery.start_soon(replica_side)
@@ -191,7 +188,7 @@ async def test_setuid_bits_are_stripped_on_the_replica(login: Login, tmp_path: P
 
 
 def _frames(payloads: list[tuple[int, bytes, int]], key: bytes) -> bytes:
-    return b"".join(encode_frame(Frame(RECORD, seq, payload, flags), key)
+    return b"".join(Frame(RECORD, seq, payload, flags).encode(key)
                     for seq, payload, flags in payloads)
 
 
@@ -204,14 +201,14 @@ async def _hostile_session(tmp_path: Path, build: object) -> tuple[Replica, str]
 
     async def replica_side() -> None:
         try:
-            await follow(right, replica, KEY, USER, "n1", LinkStats())
+            await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
         except ProtocolError as exc:
             errors.append(str(exc))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(replica_side)
-        hello_frame = await receive_frame(left, KEY)
-        _, key = await answer_hello(left, KEY, hello_frame, 9, JOURNAL_ID)
+        hello = decode_hello(await FrameReader(left).frame(KEY))
+        key = await answer_hello(left, KEY, hello, 9, JOURNAL_ID)
         await left.send_all(build(key))  # type: ignore[operator]
         await left.send_stream.aclose()  # half-close: the replica still answers
     replica.close()
@@ -222,7 +219,7 @@ def _mkdir(path: bytes) -> bytes:
     return encode_record_payload(rec.Mkdir(path, 0o755, 0, 0))
 
 
-@pytest.mark.expect_log("sdeefs.replicate")
+@pytest.mark.expect_log("sdeefs.replication.replica")
 async def test_tampered_frame_is_rejected_and_nothing_applied(tmp_path: Path) -> None:
     def build(key: bytes) -> bytes:
         frame = bytearray(_frames([(1, _mkdir(b"upper/evil"), 0)], key))
@@ -235,7 +232,7 @@ async def test_tampered_frame_is_rejected_and_nothing_applied(tmp_path: Path) ->
     assert not (tmp_path / "replicas" / USER / "upper" / "evil").exists()
 
 
-@pytest.mark.expect_log("sdeefs.replicate")
+@pytest.mark.expect_log("sdeefs.replication.replica")
 async def test_frames_from_another_session_are_rejected(tmp_path: Path) -> None:
     replayed = _frames([(1, _mkdir(b"upper/replayed"), 0)], b"s" * 32)  # another session's key
     replica, error = await _hostile_session(tmp_path, lambda key: replayed)
@@ -243,7 +240,7 @@ async def test_frames_from_another_session_are_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "replicas" / USER / "upper" / "replayed").exists()
 
 
-@pytest.mark.expect_log("sdeefs.replicate")
+@pytest.mark.expect_log("sdeefs.replication.replica")
 async def test_out_of_sequence_is_rejected(tmp_path: Path) -> None:
     replica, error = await _hostile_session(
         tmp_path, lambda key: _frames([(1, _mkdir(b"upper/a"), 0), (3, _mkdir(b"upper/b"), 0)],
@@ -259,14 +256,14 @@ async def test_out_of_sequence_is_rejected(tmp_path: Path) -> None:
     struct.pack("<HI", rec.Mknod.TYPE, 0) + b"",
     rec.encode_record(rec.Mkdir(b"upper/ok", 0o755, 0, 0))[1],  # missing the payload header
 ])
-@pytest.mark.expect_log("sdeefs.replicate")
+@pytest.mark.expect_log("sdeefs.replication.replica")
 async def test_hostile_records_are_rejected(tmp_path: Path, payload: bytes) -> None:
     replica, error = await _hostile_session(tmp_path, lambda key: _frames([(1, payload, 0)], key))
     assert error
     assert replica.applied == 0
 
 
-@pytest.mark.expect_log("sdeefs.replicate")
+@pytest.mark.expect_log("sdeefs.replication.replica")
 async def test_symlinked_parent_on_the_replica_is_not_followed(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -301,7 +298,7 @@ def test_record_payload_decoder_fuzz(data: bytes) -> None:
 @given(st.binary(min_size=24, max_size=24), st.binary(max_size=64), st.binary(max_size=40))
 def test_frame_checker_fuzz(header: bytes, payload: bytes, mac: bytes) -> None:
     with contextlib.suppress(ProtocolError):
-        check_frame(header, payload, mac, KEY)
+        Frame.decode(header, payload, mac, KEY)
 
 
 @settings(max_examples=300, deadline=None)
@@ -367,7 +364,8 @@ def _sample_tree(root: Path) -> None:
 
 
 def test_snapshot_rebuilds_a_verified_copy_and_a_bad_one_changes_nothing(tmp_path: Path) -> None:
-    from sdeefs.replicate import SNAPSHOT, snapshot_frames, tree_digest
+    from sdeefs.replication.snapshot import snapshot_frames, tree_digest
+    from sdeefs.replication.wire import SNAPSHOT
 
     source = tmp_path / "source"
     source.mkdir()
@@ -398,10 +396,10 @@ def test_snapshot_rebuilds_a_verified_copy_and_a_bad_one_changes_nothing(tmp_pat
     replica.close()
 
 
-@pytest.mark.expect_log("sdeefs.replicate")
+@pytest.mark.expect_log("sdeefs.replication.replica")
 def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sdeefs.replicate as replicate
+    import sdeefs.replication.replica as replica_module
 
     replica = Replica.open(str(tmp_path / USER))
     replica.adopt(b"i" * 16)
@@ -411,7 +409,7 @@ def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
     replica.close()
     assert Replica.open(str(tmp_path / USER)).applied == 2  # same boot: the page cache holds
 
-    monkeypatch.setattr(replicate, "boot_id", lambda: b"\x01" * 16)  # "after a reboot"
+    monkeypatch.setattr(replica_module, "boot_id", lambda: b"\x01" * 16)  # "after a reboot"
     again = Replica.open(str(tmp_path / USER))
     assert again.applied == 0
     assert os.listdir(tmp_path / USER / "upper") == []
@@ -419,7 +417,7 @@ def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
     _accept_all(again, [(1, rec.Mkdir(b"upper/d", 0o755, 0, 0), None)])
     again.sync()
     again.close()
-    monkeypatch.setattr(replicate, "boot_id", lambda: b"\x02" * 16)
+    monkeypatch.setattr(replica_module, "boot_id", lambda: b"\x02" * 16)
     clean = Replica.open(str(tmp_path / USER))
     assert clean.applied == 1
     assert clean.journal_id == b"i" * 16
@@ -428,7 +426,7 @@ def test_after_a_reboot_only_a_cleanly_synced_copy_is_trusted(
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 77])
 def test_zero_copy_write_frames_equal_the_reference_encoding(tmp_path: Path, size: int) -> None:
-    from sdeefs.replicate import encode_write_frames
+    from sdeefs.replication.wire import encode_write_frames
 
     path = tmp_path / "f"
     data = os.urandom(size)
@@ -441,24 +439,23 @@ def test_zero_copy_write_frames_equal_the_reference_encoding(tmp_path: Path, siz
             got = [bytes(b) for b in encode_write_frames(9, record, fd, key)]
         finally:
             os.close(fd)
-        want = [encode_frame(f, key)
-                for f in record_frames(9, record, data[offset:offset + length])]
+        want = [f.encode(key) for f in record_frames(9, record, data[offset:offset + length])]
         if offset + length <= size:
             assert got == want, (offset, length)
         # A file shorter than the record: the same bytes arrive (the chunking may differ
         # by an empty last chunk when the file ends on a chunk boundary).
-        frames = [check_frame(b[:24], b[24:-32], b[-32:], key) for b in got]
+        frames = [Frame.decode(b[:24], b[24:-32], b[-32:], key) for b in got]
         assert [f.flags for f in frames][-1] == 0
         assert b"".join(decode_record_payload(f.payload)[1] for f in frames) == \
             data[offset:offset + length]
     assert [bytes(b) for b in encode_write_frames(9, rec.Write(b"upper/f", b"", 0, 10), None,
                                                   key)] == \
-        [encode_frame(f, key) for f in record_frames(9, rec.Write(b"upper/f", b"", 0, 10), None)]
+        [f.encode(key) for f in record_frames(9, rec.Write(b"upper/f", b"", 0, 10), None)]
 
 
 def test_skip_covers_markers_only_forwards(tmp_path: Path) -> None:
     """SKIP lets the upstream leave out no-op markers; it never lets a seq go backwards."""
-    from sdeefs.replicate import SKIP
+    from sdeefs.replication.wire import SKIP
 
     replica = Replica.open(str(tmp_path / USER))
     _accept_all(replica, [(1, rec.Mkdir(b"upper/a", 0o755, 0, 0), None)])
@@ -478,8 +475,8 @@ def test_a_relay_forwards_a_trailing_skip_frame_and_holds_back_only_incomplete_r
         ) -> None:
     """The frame that carries a stream past its trailing markers (SKIP) is forwarded at
     once; only a record still missing chunks (MORE) waits."""
-    from sdeefs.replicad import RelayBuffer
-    from sdeefs.replicate import SKIP
+    from sdeefs.replication.relay import RelayBuffer
+    from sdeefs.replication.wire import SKIP
 
     relay = RelayBuffer(1 << 20)
     write = record_frames(8, rec.Write(b"upper/f", b"", 0, 3), b"abc")[0]
@@ -494,7 +491,7 @@ def test_a_relay_forwards_a_trailing_skip_frame_and_holds_back_only_incomplete_r
 
 def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
     from sdeefs.apply import apply_record
-    from sdeefs.replicad import merge_setattr
+    from sdeefs.replication.origin import merge_setattr
 
     from ..core.test_journal import _close_layers, _open_layers
 
@@ -537,11 +534,11 @@ def test_placement_builds_a_tree_of_least_depth_for_10000_joiners() -> None:
     """10,000 nodes join through upstreams that never get a subtree report (the worst case of
     a cold stream): placement alone gives the least depth fan-out 4 allows, and no upstream
     more than 4 direct followers."""
-    from sdeefs.replicad import Placement
+    from sdeefs.replication.relay import Placement
 
     fanout, count = 4, 10_000
     placement: dict[str, Placement] = {"login": Placement()}
-    followers: dict[str, list[Follower]] = {"login": []}
+    followers: dict[str, list[Downstream]] = {"login": []}
     depth = {"login": 0}
     for i in range(count):
         node, at = f"n{i}", "login"
@@ -550,14 +547,14 @@ def test_placement_builds_a_tree_of_least_depth_for_10000_joiners() -> None:
             assert best is not None
             placement[at].sent(node, best, 0.0)
             at = best.node
-        followers[at].append(Follower(node, USER))
+        followers[at].append(Downstream(node, USER))
         placement[node], followers[node], depth[node] = Placement(), [], depth[at] + 1
     assert max(depth.values()) == 7  # 4 + 16 + ... + 4096 < 10,000 <= ... + 16384
     assert max(len(f) for f in followers.values()) == fanout
 
 
 def test_a_subtree_report_of_10000_nodes_travels_whole() -> None:
-    from sdeefs.replicate import MAX_FRAME_PAYLOAD, encode_report
+    from sdeefs.replication.wire import MAX_FRAME_PAYLOAD, encode_report
 
     report = [(f"node{i:05d}.cluster", i) for i in range(10_000)]
     payload = encode_report(report)
@@ -567,25 +564,89 @@ def test_a_subtree_report_of_10000_nodes_travels_whole() -> None:
         decode_report(payload[:4] + payload[4:-3])
 
 
-async def test_an_upstream_of_the_old_wire_version_is_one_clear_error(tmp_path: Path) -> None:
-    """A version-3 replica talking to a version-2 upstream (records with u16 path lengths):
-    its first frame is refused by version, never parsed."""
+def test_an_error_frame_carries_a_code_and_its_type_comes_from_the_code() -> None:
+    """What a receiver does about an ERROR (start over, tell the prolog the user has no
+    environment) follows the u16 code before the message, never the message's text."""
+    from sdeefs.replication.wire import (
+        ERROR_CODE,
+        ErrorCode,
+        HistoryDiverged,
+        NoLayer,
+        decode_error,
+        encode_error,
+    )
+
+    cases = [(HistoryDiverged("the journal ends at 7"), HistoryDiverged, ErrorCode.DIVERGED),
+             (NoLayer("login holds nothing of user bob"), NoLayer, ErrorCode.NO_LAYER),
+             (ProtocolError("history diverged: only in words"), ProtocolError,
+              ErrorCode.REFUSED),
+             (ValueError("not a protocol error"), ProtocolError, ErrorCode.REFUSED)]
+    for exc, kind, code in cases:
+        wire = encode_error(exc, KEY, seq=7)
+        frame = Frame.decode(wire[:24], wire[24:-32], wire[-32:], KEY)
+        assert (frame.type, frame.seq) == (ERROR, 7)
+        assert frame.payload == ERROR_CODE.pack(code) + str(exc).encode()
+        got = decode_error(frame, "upstream: ")
+        assert type(got) is kind
+        assert str(got) == f"upstream: {exc}"
+    assert type(decode_error(Frame(ERROR, 0, b"\x09\x00why"), "")) is ProtocolError
+    assert type(decode_error(Frame(ERROR, 0, b"x"), "")) is ProtocolError
+    # to a peer of an old version: the message alone, as it reads ERRORs
+    old = encode_error(HistoryDiverged("gone"), KEY, version=2)
+    assert old[24:-32] == b"gone"
+
+
+@pytest.mark.parametrize(("code", "message", "kind"), [
+    (2, b"your copy is ahead of the journal", "HistoryDiverged"),
+    (0, b"history diverged: replica wants seq 9 but the journal ends at 4", "ProtocolError"),
+])
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_a_replica_starts_over_on_the_diverged_code_not_on_the_text(
+        tmp_path: Path, code: int, message: bytes, kind: str) -> None:
+    """The daemon resets a replica when its link ends in HistoryDiverged; that type comes
+    from the ERROR's code (once it was found in the message's text)."""
     left, right = trio.testing.memory_stream_pair()
-    old_error = encode_frame(Frame(ERROR, 0, b"unsupported protocol version 3"), KEY, version=2)
+    replica = Replica.open(str(tmp_path / USER))
+    try:
+        async with trio.open_nursery() as nursery:
+            async def upstream_refusing() -> None:
+                reader = FrameReader(left)
+                hello = decode_hello(await reader.frame(KEY))
+                key = await answer_hello(left, KEY, hello, 4, JOURNAL_ID)
+                await left.send_all(Frame(ERROR, 0, struct.pack("<H", code) + message)
+                                    .encode(key))
+                with contextlib.suppress(EOFError, ProtocolError):
+                    await reader.frame(key)  # the replica says why it ends the link too
+            nursery.start_soon(upstream_refusing)
+            with pytest.raises(ProtocolError) as info:
+                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+        assert type(info.value).__name__ == kind
+        assert message.decode() in str(info.value)
+    finally:
+        replica.close()
+
+
+@pytest.mark.parametrize("old", [2, 3])
+async def test_an_upstream_of_an_old_wire_version_is_one_clear_error(tmp_path: Path,
+                                                                    old: int) -> None:
+    """A replica talking to an upstream of version 2 (records with u16 path lengths) or 3
+    (ERRORs without a code): its first frame is refused by version, never parsed."""
+    left, right = trio.testing.memory_stream_pair()
+    old_error = Frame(ERROR, 0, b"unsupported protocol version 4").encode(KEY, version=old)
     await left.send_all(old_error)
-    with pytest.raises(VersionMismatch, match="version 2.*same sdeefs release") as info:
-        await receive_frame(right, KEY)
-    assert info.value.peer_version == 2
-    # and through follow(), as sdeefs-replicad runs it: the replica changes nothing
+    with pytest.raises(VersionMismatch, match=f"version {old}.*same sdeefs release") as info:
+        await FrameReader(right).frame(KEY)
+    assert info.value.peer_version == old
+    # and through Follower, as sdeefs-replicad runs it: the replica changes nothing
     replica = Replica.open(str(tmp_path / USER))
     try:
         async with trio.open_nursery() as nursery:
             async def old_upstream() -> None:
-                await receive_frame(left, KEY)  # the replica's HELLO (version 3)
+                await FrameReader(left).frame(KEY)  # the replica's HELLO (this version)
                 await left.send_all(old_error)
             nursery.start_soon(old_upstream)
             with pytest.raises(VersionMismatch):
-                await follow(right, replica, KEY, USER, "n1", LinkStats())
+                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
         assert (replica.applied, replica.journal_id) == (0, bytes(16))
     finally:
         replica.close()
@@ -596,7 +657,8 @@ def test_a_snapshot_of_a_tree_deeper_than_path_max_rebuilds_it(tmp_path: Path) -
     the records carry 40 KB paths, a replica applies them."""
     import resource
 
-    from sdeefs.replicate import SNAPSHOT, snapshot_frames, tree_digest
+    from sdeefs.replication.snapshot import snapshot_frames, tree_digest
+    from sdeefs.replication.wire import SNAPSHOT
     from sdeefs.trees import WINDOW, rmtree
 
     source = tmp_path / "source"
@@ -637,3 +699,42 @@ def test_a_snapshot_of_a_tree_deeper_than_path_max_rebuilds_it(tmp_path: Path) -
     assert signature(str(tmp_path / USER / "upper")) == signature(str(source))
     rmtree(str(source))  # deeper than pytest's own clean-up goes
     rmtree(str(tmp_path / USER))
+
+
+async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_waiters(
+        tmp_path: Path) -> None:
+    """A relay reads its copy for a snapshot holding the replica's lock, in threads.  The
+    daemon's appliers and syncers wait for that lock in threads too: were the reads to need
+    one of their slots, a full pool of waiters would stop the snapshot for good."""
+    from sdeefs.replication.daemon import Daemon, DaemonConfig
+    from sdeefs.replication.relay import DownstreamLink, RelayBuffer, RelaySender
+    from sdeefs.replication.wire import SNAPSHOT, SNAPSHOT_END
+
+    daemon = Daemon(DaemonConfig(node="n1", key=KEY))
+    replica = Replica.open(str(tmp_path / USER))
+    size = 6 * CHUNK  # two reads of the tree at least, the first sent while the second waits
+    _accept_all(replica, [(1, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 0, 0), None),
+                          (2, rec.Write(b"upper/f", b"", 0, size), os.urandom(size))])
+    left, right = trio.testing.lockstep_stream_pair()  # a send waits until it is read
+    link = DownstreamLink(left, FrameReader(left), KEY, Downstream("n2", USER),
+                          daemon.locked_reads)  # as the daemon serves a relayed follower
+    sender = RelaySender(link, replica, RelayBuffer(1 << 20), LinkStats(), 0, daemon.offload)
+    reader = FrameReader(right)
+    finished = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.run)
+            assert (await reader.frame(KEY)).type == SNAPSHOT  # the lock is held now
+            slots = int(daemon.offload.limiter.total_tokens)
+            for _ in range(slots):  # every slot: a thread waiting for the lock
+                nursery.start_soon(daemon.offload.run, replica.locked, replica.sync)
+            await trio.testing.wait_all_tasks_blocked()
+            assert daemon.offload.limiter.borrowed_tokens == slots
+            with trio.move_on_after(10):
+                while (await reader.frame(KEY)).type != SNAPSHOT_END:
+                    pass
+                finished = True
+            nursery.cancel_scope.cancel()  # a stuck snapshot lets go of the lock when cancelled
+    finally:
+        replica.close()
+    assert finished

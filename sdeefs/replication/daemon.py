@@ -1,0 +1,602 @@
+"""``sdeefs-replicad``: one daemon per node that serves and keeps users' replicas.
+
+Roles (one process can have both):
+
+* **origin** (login node, ``--origin ROOT``): serves every user's journal from
+  ``ROOT/USER/state/journal`` (``origin``).  The journal is trimmed below what every
+  follower acknowledged; a follower gone longer than ``expire`` no longer holds it back
+  and gets a snapshot when it returns.
+* **replica** (compute node, ``--replica-dir DIR --upstream HOST:PORT``): follows the
+  users it is asked to (``follow`` on the control socket: the SLURM prolog, or
+  ``--follow USER`` for warm replicas), applying into ``DIR/USER`` (``replica``),
+  reconnecting with backoff after any failure and following REDIRECTs down the tree.
+  With ``--listen`` it also *relays*: what it applied is kept in a bounded buffer and
+  served to replicas that connect to it (``relay``), so the login node sends each
+  record to at most ``fanout`` nodes whatever the size of the job.
+
+This module wires the roles: the TCP listener (a peer's HELLO goes to the origin or to
+the relay of its user, or is redirected down the tree), each followed user's link
+upstream, the barrier, the control socket and the command line.
+
+Control socket (unix, root only; ``sdeefs.control``)::
+
+    {"op": "follow", "user": U, "wait": true, "timeout": 120}   -> {"applied", "barrier"}
+    {"op": "follow", "user": U}                                  -> {"following": true}
+    {"op": "unfollow", "user": U}                                -> {"stopped": bool}
+    {"op": "status"}                                             -> every user, both roles
+
+``follow`` with ``wait`` learns the login node's head *now* (``relay.HeadRounds``: at
+least the position the user's journal had when the job was submitted) and returns once
+the replica holds it, of the same history (journal id): that is the job's barrier.  A
+failed request's ``kind`` (``control.ControlError``) says why:
+
+    no-replicas       this node keeps no replicas (no --replica-dir/--upstream)
+    no-layer          the barrier's timeout passed while the login node answered only that
+                      it holds nothing of the user (NO_LAYER): the user has no environment
+    barrier-timeout   the replica was not at the barrier in time (anything else)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+
+import attrs
+import trio
+
+from .. import control
+from ..errors import ExitCode, QuietError
+from ..offload import Offload
+from ..statedir import ReplicaDirs
+from ..sysio import malloc_trim
+from .origin import Origin, OriginUser
+from .relay import (
+    HEAD_QUERY_ERRORS,
+    DownstreamLink,
+    Downstreams,
+    HeadRounds,
+    RelayBuffer,
+    RelaySender,
+)
+from .replica import Follower, LinkStats, Replica
+from .wire import (
+    NO_ID,
+    OLD_VERSIONS,
+    QUERY,
+    REDIRECT,
+    VERSION,
+    Frame,
+    FrameReader,
+    Hello,
+    HistoryDiverged,
+    NoLayer,
+    ProtocolError,
+    Redirected,
+    VersionMismatch,
+    answer_hello,
+    decode_hello,
+    encode_error,
+    parse_address,
+)
+
+log = logging.getLogger(__name__)
+
+MEMORY_CHECK = 1.0  # seconds between looks at whether the streams went quiet
+MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
+HELLO_TIMEOUT = 10.0  # seconds a peer has to say HELLO
+CONNECT_TIMEOUT = 5.0  # seconds to reach an upstream
+THREADS = 40  # worker threads at once (trio's default): replicas applying, shippers reading
+LOCKED_READ_THREADS = 4  # of relays reading their copy for a snapshot, under its lock
+BARRIER_RETRY = 0.2  # seconds between attempts to learn the login node's head for a barrier
+BARRIER_POLL = 0.05  # seconds between looks at a replica catching up with its barrier
+
+
+@attrs.frozen
+class DaemonConfig:
+    node: str
+    key: bytes
+    listen: tuple[str, int] | None = None
+    origin_root: str | None = None
+    replica_dir: str | None = None
+    upstream: tuple[str, int] | None = None
+    fanout: int = 4
+    control: str | None = None
+    follow: tuple[str, ...] = ()
+    relay_bytes: int = 16 << 20
+    expire: float = 86400.0
+    silence_timeout: float = 10.0
+    trim_interval: float = 10.0
+
+
+def address_arg(text: str) -> tuple[str, int]:
+    """A HOST:PORT of the command line or the config (QuietError if it is not one)."""
+    try:
+        return parse_address(text)
+    except ValueError:
+        raise QuietError(f"bad address {text!r} (want HOST:PORT)", ExitCode.USAGE) from None
+
+
+def load_key(path: str) -> bytes:
+    """The shared replication key: a root-only file of at least 32 bytes."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            key = f.read()
+    except OSError as exc:
+        raise QuietError(f"cannot read the replication key {path}: {exc.strerror}",
+                         ExitCode.USAGE) from None
+    if st.st_mode & 0o077:
+        raise QuietError(f"{path}: the replication key must not be readable by others "
+                         "(chmod 600)", ExitCode.USAGE)
+    if len(key.strip()) < 32:
+        raise QuietError(f"{path}: the replication key is shorter than 32 bytes", ExitCode.USAGE)
+    return key.strip()
+
+
+def control_request(path: str, request: control.Request, timeout: float = 600
+                    ) -> control.Reply:
+    """Send one request to a replicad's control socket (blocking; for the CLI and prolog)."""
+    return control.request(path, request, timeout, what="sdeefs-replicad")
+
+
+@attrs.define(eq=False)
+class ReplicaUser:
+    """One user this node follows: the replica, its link upstream, what it relays.
+
+    Attributes:
+        stats: the link upstream (where it goes, its head, whether it is up).
+        relay: what the replica applied, for the replicas below this node.
+        downstreams: the replicas following the user through this node.
+        rounds: the barrier's rounds of asking for the login node's head.
+        scope: cancels the follow loop (``unfollow``).
+        applied_changed: set (and replaced) whenever the replica moved.
+        queries: head queries answered for nodes below.
+    """
+
+    name: str
+    replica: Replica
+    stats: LinkStats
+    relay: RelayBuffer
+    downstreams: Downstreams
+    rounds: HeadRounds
+    scope: trio.CancelScope | None = None
+    applied_changed: trio.Event = attrs.field(factory=trio.Event)
+    queries: int = 0
+
+    def note_applied(self, before: int, frames: list[Frame], relaying: bool) -> None:
+        """The replica applied ``frames`` after seq ``before``."""
+        if frames and relaying:  # a node that cannot relay keeps none
+            self.relay.append(before, frames)
+        self.applied_changed.set()
+        self.applied_changed = trio.Event()
+
+
+@attrs.define(eq=False)
+class Daemon:
+    """The roles of one node wired together (see the module docstring).
+
+    Attributes:
+        offload: every worker thread of the daemon, but ``locked_reads``'.
+        origin: the login role, with ``--origin``.
+        replicas: the users this node follows, by name.
+    """
+
+    config: DaemonConfig
+    offload: Offload = attrs.field(factory=lambda: Offload(trio.CapacityLimiter(THREADS)))
+    # A relay reads its copy for a snapshot holding Replica.lock, which threads of
+    # ``offload`` may be waiting for: its reads have slots of their own (docs/threading.md).
+    locked_reads: Offload = attrs.field(
+        factory=lambda: Offload(trio.CapacityLimiter(LOCKED_READ_THREADS)))
+    origin: Origin | None = attrs.field(init=False, default=None)  # with --origin
+    replicas: dict[str, ReplicaUser] = attrs.field(factory=dict)
+    started: float = attrs.field(factory=time.time)
+    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+    _opening: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # one open at a time
+
+    def __attrs_post_init__(self) -> None:
+        if self.config.origin_root is not None:
+            self.origin = Origin(self.config.origin_root, self.config.key, self.config.fanout,
+                                 self.config.expire, self.offload)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.origin is not None:
+                await nursery.start(self.origin.run, self.config.trim_interval)
+            if self.config.listen is not None:
+                host, port = self.config.listen
+                listeners = await trio.open_tcp_listeners(port, host=host or None)
+                nursery.start_soon(trio.serve_listeners, self._handle_peer, listeners)
+            if self.config.control is not None:
+                await nursery.start(self._serve_control)
+            for user in self.config.follow:
+                await self.start_following(user)
+            nursery.start_soon(self._release_memory)
+            log.info("sdeefs-replicad %s ready (listen %s, origin %s, replicas %s, upstream %s)",
+                     self.config.node, self.config.listen, self.config.origin_root,
+                     self.config.replica_dir, self.config.upstream)
+            task_status.started()
+
+    # -- serving followers ------------------------------------------------------------------
+
+    async def _handle_peer(self, stream: trio.SocketStream) -> None:
+        peer = stream.socket.getpeername()[0]
+        reader = FrameReader(stream)
+        try:
+            with trio.fail_after(HELLO_TIMEOUT):
+                hello = decode_hello(await reader.frame(self.config.key))
+            await self._serve_hello(stream, reader, hello, peer)
+        except (ProtocolError, EOFError, trio.TooSlowError, ValueError) as exc:
+            log.error("peer %s: %s", peer, exc)
+            # A peer of an older version is told in its own version (it could not read ours).
+            version = exc.peer_version if isinstance(exc, VersionMismatch) and \
+                exc.peer_version in OLD_VERSIONS else VERSION
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode_error(exc, self.config.key, version=version))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("peer %s went away: %s", peer, exc)
+        except Exception:  # a bug in one link must not end the daemon and every other link
+            log.exception("peer %s: internal error", peer)
+        finally:
+            await stream.aclose()
+
+    async def _serve_hello(self, stream: trio.SocketStream, reader: FrameReader, hello: Hello,
+                           peer: str) -> None:
+        origin = self.origin.user(hello.user) if self.origin is not None else None
+        relay = self.replicas.get(hello.user)
+        if origin is None and relay is None:
+            raise NoLayer(f"{self.config.node} holds nothing of user {hello.user}")
+        if hello.flags & QUERY:
+            head, jid = await self._answer_query(hello, origin, relay)
+            await answer_hello(stream, self.config.key, hello, head, jid)
+            return
+        if origin is not None:
+            downstreams = origin.downstreams
+        else:
+            assert relay is not None
+            downstreams = relay.downstreams
+        target = downstreams.redirect(hello.node)
+        if target is not None:
+            await stream.send_all(Frame(REDIRECT, 0, target.encode()).encode(self.config.key))
+            return
+        downstream = downstreams.join(hello, peer)
+        try:
+            if origin is not None:
+                assert self.origin is not None
+                await self.origin.serve(stream, reader, hello, origin, downstream)
+            else:
+                assert relay is not None
+                if relay.replica.journal_id == NO_ID:
+                    raise ProtocolError(f"{self.config.node} has no history of {hello.user} yet")
+                await self._refuse_diverged(relay, hello)
+                key = await answer_hello(stream, self.config.key, hello,
+                                         max(relay.stats.head, relay.replica.applied),
+                                         relay.replica.journal_id)
+                link = DownstreamLink(stream, reader, key, downstream, self.locked_reads)
+                await RelaySender(link, relay.replica, relay.relay, relay.stats,
+                                  hello.want - 1, self.offload).run()
+        finally:
+            downstreams.leave(downstream)
+
+    async def _answer_query(self, hello: Hello, origin: OriginUser | None,
+                            relay: ReplicaUser | None) -> tuple[int, bytes]:
+        """A head query's answer: the login node's head of the user now, and its journal id."""
+        if origin is not None:
+            assert self.origin is not None
+            origin.queries += 1
+            return await self.origin.head(origin)
+        assert relay is not None
+        relay.queries += 1
+        try:  # never what this relay last heard: the login node's head *now*
+            return await self._login_head(relay)
+        except HEAD_QUERY_ERRORS as exc:
+            raise ProtocolError(f"{self.config.node} cannot learn the head of "
+                                f"{hello.user}: {exc}") from None
+
+    async def _refuse_diverged(self, user: ReplicaUser, hello: Hello) -> None:
+        """A follower of this history that holds more than this relay: normal if this relay
+        lags, but if it holds more than the login node, its history was lost there (the
+        login node crashed before syncing it) and it must start over, as the origin says."""
+        if hello.journal_id != user.replica.journal_id or hello.want - 1 <= user.replica.applied:
+            return
+        try:
+            head, jid = await self._login_head(user)
+        except HEAD_QUERY_ERRORS:
+            return  # cannot tell now: serve it; nothing reaches it until this relay catches up
+        if jid == hello.journal_id and hello.want - 1 > head:
+            raise HistoryDiverged(f"history diverged: replica wants seq {hello.want} but the "
+                                  f"journal ends at {head}")
+
+    # -- following upstream ------------------------------------------------------------------
+
+    async def start_following(self, name: str) -> ReplicaUser:
+        if self.config.replica_dir is None or self.config.upstream is None:
+            raise control.ControlError(
+                f"{self.config.node} keeps no replicas (no replica_dir/upstream)",
+                ExitCode.USAGE, "no-replicas")
+        async with self._opening:
+            user = self.replicas.get(name)
+            if user is None:
+                dirs = ReplicaDirs.of(self.config.replica_dir, name)
+                replica = await self.offload.run(Replica.open, dirs.path)
+                stats = LinkStats()
+                rounds = HeadRounds(name, self.config.node, self.config.key,
+                                    self.config.upstream, stats)
+                user = self.replicas[name] = ReplicaUser(
+                    name, replica, stats, RelayBuffer(self.config.relay_bytes),
+                    Downstreams(self.config.fanout), rounds)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._follow_loop, user)
+        return user
+
+    def stop_following(self, name: str) -> bool:
+        user = self.replicas.pop(name, None)
+        if user is None:
+            return False
+        if user.scope is not None:
+            user.scope.cancel()
+        return True
+
+    async def _follow_loop(self, user: ReplicaUser) -> None:
+        """Follow ``user`` from the login node, or from where it redirects, until unfollowed:
+        reconnect with backoff after every failure, start over when told the history
+        diverged."""
+        assert self.config.upstream is not None
+        home = f"{self.config.upstream[0]}:{self.config.upstream[1]}"
+        address, redirects, backoff = home, 0, 0.05
+        relaying = self.config.listen is not None
+        with trio.CancelScope() as scope:
+            user.scope = scope
+            try:
+                while True:
+                    user.stats.upstream = address
+                    try:
+                        with trio.fail_after(CONNECT_TIMEOUT):
+                            stream = await trio.open_tcp_stream(*address_arg(address))
+                        async with stream:
+                            await Follower(
+                                stream, user.replica, self.config.key, user.name,
+                                self.config.node, user.stats,
+                                report=user.downstreams.report,
+                                on_applied=lambda before, frames: user.note_applied(
+                                    before, frames, relaying),
+                                on_snapshot=user.relay.clear,
+                                silence_timeout=self.config.silence_timeout,
+                                relay_port=self.config.listen[1] if self.config.listen else 0,
+                                wait_room=user.relay.wait_room,
+                                # a batch never evicts what it waited to keep
+                                batch_bytes=max(1, user.relay.limit // 4),
+                                offload=self.offload).run()
+                        backoff = 0.05
+                    except HistoryDiverged as exc:
+                        user.stats.last_error = f"{address}: {exc}"
+                        log.warning("%s: %s; starting over with a full resync", user.name, exc)
+                        await self.offload.run(user.replica.locked, user.replica.reset)
+                        address, redirects = home, 0
+                    except ProtocolError as exc:
+                        user.stats.last_error = f"{address}: {exc}"
+                        log.warning("following %s from %s: %s", user.name, address, exc)
+                        address, redirects = home, 0
+                    except Redirected as r:
+                        redirects += 1
+                        if redirects <= MAX_REDIRECTS:
+                            log.info("%s: %s redirects to %s", user.name, address, r.address)
+                            address = r.address
+                            continue
+                        address, redirects = home, 0
+                    except (OSError, ConnectionError, EOFError, trio.TooSlowError,
+                            trio.BrokenResourceError, QuietError) as exc:
+                        user.stats.last_error = f"{address}: {exc}"
+                        log.warning("following %s from %s: %s", user.name, address, exc)
+                        address, redirects = home, 0
+                    except Exception as exc:  # a bug must not end every user's replication
+                        user.stats.last_error = f"{address}: internal error: {exc!r}"
+                        log.exception("following %s from %s", user.name, address)
+                        address, redirects = home, 0
+                        backoff = 2.0
+                    user.note_applied(0, [], relaying)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.offload.run(user.replica.close)
+
+    async def _login_head(self, user: ReplicaUser) -> tuple[int, bytes]:
+        assert self._nursery is not None
+        return await user.rounds.login_head(self._nursery)
+
+    async def wait_barrier(self, name: str, limit: float) -> dict[str, object]:
+        """Follow ``name`` and wait until the replica holds the login node's head as it is
+        now (ControlError after ``limit`` seconds, its kind saying why)."""
+        user = await self.start_following(name)
+        failure: BaseException | None = None  # why the head is not known yet
+        try:
+            with trio.fail_after(limit):
+                while True:
+                    try:
+                        barrier, jid = await self._login_head(user)
+                        break
+                    except HEAD_QUERY_ERRORS as exc:
+                        user.stats.last_error = str(exc)
+                        failure = exc
+                        await trio.sleep(BARRIER_RETRY)
+                failure = None
+                while True:
+                    applied = user.replica.journal_id, user.replica.applied
+                    if applied[0] not in (NO_ID, jid):  # the user's history was replaced since
+                        with contextlib.suppress(*HEAD_QUERY_ERRORS):
+                            barrier, jid = await self._login_head(user)
+                    # More than the login node had is normal (it moved on since), unless it is
+                    # more than it has *now*: then this copy holds a history the login node
+                    # lost, and the link is about to start it over.
+                    elif applied[0] == jid and applied[1] >= barrier and (
+                            applied[1] == barrier or applied[1] <= await self._head_now(user)):
+                        break
+                    with trio.move_on_after(BARRIER_POLL):
+                        await user.applied_changed.wait()
+        except trio.TooSlowError:
+            raise control.ControlError(
+                f"{name}: replica not at the barrier after {limit:.0f} s (applied "
+                f"{user.replica.applied}, last error: {user.stats.last_error})",
+                ExitCode.FAILURE,
+                "no-layer" if isinstance(failure, NoLayer) else "barrier-timeout") from None
+        return {"user": name, "applied": user.replica.applied, "barrier": barrier}
+
+    async def _head_now(self, user: ReplicaUser) -> int:
+        try:
+            return (await self._login_head(user))[0]
+        except HEAD_QUERY_ERRORS:
+            await trio.sleep(BARRIER_RETRY)
+            return -1
+
+    async def _release_memory(self) -> None:
+        """Once the streams went quiet, give freed heap pages back (an idle node's replicad
+        is bounded by its relay buffers, not by the largest burst it relayed)."""
+        seen = trimmed = 0
+        while True:
+            await trio.sleep(MEMORY_CHECK)
+            origin_users = self.origin.users.values() if self.origin is not None else ()
+            moved = sum(u.replica.applied for u in self.replicas.values()) + sum(
+                f.sent_seq for u in origin_users for f in u.downstreams.followers.values())
+            if moved == seen and moved != trimmed:
+                await self.offload.run(malloc_trim)
+                trimmed = moved
+            seen = moved
+
+    # -- control and status ----------------------------------------------------------------
+
+    async def _serve_control(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        assert self.config.control is not None
+        await control.serve(self.config.control, self._control, task_status=task_status)
+
+    async def _control(self, peer: control.Peer, request: control.Request) -> control.Reply:
+        """The control socket's requests (root only: the socket file is 0600)."""
+        op = request.get("op")
+        if op == "status":
+            return await self.status()
+        user = request.get("user")
+        if not isinstance(user, str) or not user or "/" in user or user.startswith("."):
+            raise control.BadRequest("user must be a user name")
+        if op == "follow":
+            if request.get("wait"):
+                try:
+                    timeout = float(request.get("timeout", 300))
+                except (TypeError, ValueError):
+                    raise control.BadRequest("timeout must be a number") from None
+                return await self.wait_barrier(user, timeout)
+            await self.start_following(user)
+            return {"user": user, "following": True}
+        if op == "unfollow":
+            return {"user": user, "stopped": self.stop_following(user)}
+        raise control.BadRequest(f"unknown op {op!r}")
+
+    async def status(self) -> dict[str, object]:
+        origin = await self.origin.status() if self.origin is not None else {}
+        replicas = {}
+        for r in self.replicas.values():
+            replicas[r.name] = {
+                "applied": r.replica.applied, "upstream_head": r.stats.head,
+                "lag": max(0, r.stats.head - r.replica.applied),
+                "bytes_received": r.stats.bytes_received, "connected": r.stats.connected,
+                "upstream": r.stats.upstream, "last_error": r.stats.last_error,
+                "followers": sorted(r.downstreams.followers), "queries": r.queries,
+            }
+        return {"node": self.config.node, "origin": origin, "replicas": replicas,
+                "uptime": time.time() - self.started}
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdeefs-replicad", description="serve users' journals (login node) and keep "
+        "their replicas (compute nodes); see `pydoc sdeefs.replication`")
+    parser.add_argument("--node", default=socket.gethostname().split(".")[0],
+                        help="this node's name (default: the short host name)")
+    parser.add_argument("--key-file",
+                        help="shared replication key, root-only, >= 32 bytes (default: "
+                             "replication.key_file of the sdeefs config)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="serve followers here (origin, and relays for the tree)")
+    parser.add_argument("--origin", metavar="ROOT",
+                        help="login node: serve the journals of ROOT/USER/state/journal")
+    parser.add_argument("--replica-dir", metavar="DIR",
+                        help="compute node: keep replicas here (default with --upstream or "
+                             "replication.login set: replication.replica_dir)")
+    parser.add_argument("--upstream", metavar="HOST:PORT",
+                        help="the login node's replicad (default: replication.login)")
+    parser.add_argument("--fanout", type=int, default=4,
+                        help="direct followers per user before redirecting (default 4)")
+    parser.add_argument("--control", metavar="SOCKET",
+                        help="control socket, root only (default: replication.control)")
+    parser.add_argument("--follow", action="append", default=[], metavar="USER",
+                        help="follow USER continuously (a warm replica; repeatable)")
+    parser.add_argument("--relay-bytes", type=int, default=16 << 20,
+                        help="bytes of applied records kept for relaying (default 16 MiB: "
+                             "an idle node's replicad stays under 64 MB)")
+    parser.add_argument("--trim-interval", type=float, default=10.0, metavar="SECONDS",
+                        help="origin: how often the journals are trimmed below every "
+                             "follower's acknowledgement (default 10)")
+    parser.add_argument("--expire", type=float, default=86400.0, metavar="SECONDS",
+                        help="origin: a follower unseen this long no longer holds the journal "
+                             "back; it gets a snapshot when it returns (default 1 day)")
+    parser.add_argument("--log-file", help="log here instead of stderr")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _defaults_from_config(args: argparse.Namespace) -> None:
+    """Options not given come from [replication] of the sdeefs config (the file the SLURM
+    prolog and ``sdeefs-run`` read too), with ``%n`` the node's name."""
+    from .. import config as config_mod
+
+    rep = config_mod.load().replication.on(args.node)
+    args.key_file = args.key_file or rep.key_file
+    args.control = args.control or rep.control
+    if not args.origin:  # a compute node
+        args.upstream = args.upstream or rep.login or None
+        if args.upstream:
+            args.replica_dir = args.replica_dir or rep.replica_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(filename=args.log_file,
+                        level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        _defaults_from_config(args)
+        if args.replica_dir and not args.upstream:
+            raise QuietError("--replica-dir needs --upstream (where to follow users from)",
+                             ExitCode.USAGE)
+        if not (args.origin or args.replica_dir):
+            raise QuietError("nothing to do: give --origin and/or --replica-dir", ExitCode.USAGE)
+        if args.fanout < 1:
+            raise QuietError("--fanout must be at least 1", ExitCode.USAGE)
+        config = DaemonConfig(
+            node=args.node, key=load_key(args.key_file),
+            listen=address_arg(args.listen) if args.listen else None,
+            origin_root=args.origin, replica_dir=args.replica_dir,
+            upstream=address_arg(args.upstream) if args.upstream else None,
+            fanout=args.fanout, control=args.control, follow=tuple(args.follow),
+            relay_bytes=args.relay_bytes, trim_interval=args.trim_interval,
+            expire=args.expire)
+        if config.replica_dir:
+            os.makedirs(config.replica_dir, mode=0o700, exist_ok=True)
+        trio.run(Daemon(config).run)
+    except QuietError as exc:
+        print(f"sdeefs-replicad: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except OSError as exc:
+        print(f"sdeefs-replicad: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,454 @@
+"""The login end: every user's journal as a source for the replicas following it.
+
+The login node's daemon (``--origin ROOT``) serves each user's journal from
+``ROOT/USER/state/journal`` (``sdeefs.statedir.UserDirs``), reading the data of Write
+records from the live upper ``ROOT/USER/upper`` by file handle (``sdeefs.writeahead``:
+under the byte-range read lock the journaling daemon holds until its ``pwrite`` landed).
+Each follower has its own reader of the journal (a :class:`JournalSender`), so a slow
+replica never stalls the user (the journal is the buffer) nor another replica.  A
+follower that asks for records the journal no longer holds gets a snapshot of the live
+upper, valid only if the journal did not move while it was read.
+
+What travels is what a replica must do: markers (Done/Sync/Abort) stay off the wire
+when a later frame carries SKIP, a trailing metadata record waits HOLD_BACK for a
+possible Abort (:func:`settled`), an aborted record travels as a marker, and a file's
+consecutive setattr records go as one (:func:`merge_setattr`).
+
+The journal is trimmed below what every follower acknowledged (:meth:`Origin.trim`,
+whose bookkeeping is ``STATE/replicas.json``); a follower gone longer than ``expire``
+no longer holds it back and gets a snapshot when it returns.  Shippers wait for a
+journal to grow through inotify (:meth:`OriginUser.watch_journal`), so an idle login
+node costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+
+import attrs
+import trio
+
+from .. import records as rec
+from ..errors import JournalCorrupt
+from ..journal import Entry, Journal, JournalTail, Trimmed, journal_id
+from ..layers import LayerRoot, open_layer_root
+from ..offload import Offload
+from ..statedir import UserDirs
+from ..sysio import (
+    IN_CREATE,
+    IN_DELETE,
+    IN_IGNORED,
+    IN_MODIFY,
+    IN_MOVED_TO,
+    inotify_drain,
+    inotify_watch,
+    write_file_atomic,
+)
+from ..writeahead import open_write_data
+from .relay import IDLE_HEAD, Downstream, DownstreamLink, Downstreams
+from .wire import (
+    HEAD,
+    NO_ID,
+    SKIP,
+    Frame,
+    FrameReader,
+    Hello,
+    HistoryDiverged,
+    ProtocolError,
+    answer_hello,
+    encode_write_frames,
+    record_frames,
+)
+
+log = logging.getLogger(__name__)
+
+HOLD_BACK = 0.05  # seconds a trailing metadata record waits for a possible Abort
+POLL = 0.01  # seconds between looks at a journal for new records, where inotify fails
+JOURNAL_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE  # a segment grew or came
+BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
+MAX_PENDING = 4096  # journal entries read ahead of what was sent
+HEAD_READ_BYTES = 16 << 20  # journal bytes read per step while learning the head
+SNAPSHOT_ATTEMPTS = 5
+MARKERS = (rec.Done, rec.Sync, rec.Abort)
+
+
+@attrs.define(eq=False)
+class OriginUser:
+    """One user's journal on the login node and the replicas following it directly.
+
+    Attributes:
+        head: the last seq known to be in the journal.
+        queries: head queries answered (barriers of the nodes below).
+        grew: set (and replaced) each time the journal directory changes.
+    """
+
+    name: str
+    dirs: UserDirs  # ROOT/USER
+    downstreams: Downstreams
+    head: int = 0
+    queries: int = 0
+    grew: trio.Event = attrs.field(factory=trio.Event)
+    _head_tail: JournalTail | None = None
+    _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
+
+    @property
+    def journal_dir(self) -> str:
+        return str(self.dirs.state.journal)
+
+    def refresh_head(self) -> int:
+        """Read new records' seqs (a worker thread; several may call it: one at a time)."""
+        with self._head_lock:
+            if self._head_tail is None:
+                self._head_tail = JournalTail(self.journal_dir, max(1, self.head + 1))
+            try:
+                while entries := self._head_tail.poll(HEAD_READ_BYTES):
+                    self.head = entries[-1].seq
+            except Trimmed:
+                self._head_tail.close()
+                self._head_tail = None
+            return self.head
+
+    def source(self) -> LayerRoot:
+        """The user's layer root, where Write records' data is read (a worker thread)."""
+        return open_layer_root(self.dirs.upper, self.dirs.state.work)
+
+    def journal_grew(self) -> None:
+        self.grew.set()
+        self.grew = trio.Event()
+
+    async def watch_journal(self) -> None:
+        """Wake the user's shippers whenever the journal directory changes (inotify), so an
+        idle login node costs nothing; polling at POLL where inotify cannot watch it."""
+        while True:
+            try:
+                fd = inotify_watch(self.journal_dir, JOURNAL_EVENTS)
+            except OSError as exc:
+                log.warning("%s: cannot watch %s (%s); polling it", self.name,
+                            self.journal_dir, exc.strerror)
+                with trio.move_on_after(IDLE_HEAD * 10):
+                    while True:
+                        await trio.sleep(POLL)
+                        self.journal_grew()
+                continue
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    # Non-blocking reads of a few bytes: on the loop, no thread needed.
+                    mask = inotify_drain(fd)
+                    self.journal_grew()
+                    if mask & IN_IGNORED:  # the directory went (a new history): watch anew
+                        break
+            finally:
+                os.close(fd)
+
+
+# -- what travels --------------------------------------------------------------------------
+
+
+def settled(pending: list[Entry], first_seen: float) -> int:
+    """How many of ``pending`` may be sent now.
+
+    A metadata record is written just before its operation; if the operation fails an
+    Abort follows at once.  So the last metadata record waits until anything follows
+    it, or HOLD_BACK has passed.
+    """
+    if not pending:
+        return 0
+    last = pending[-1]
+    if last.record.METADATA and not isinstance(last.record, MARKERS) \
+            and time.monotonic() - first_seen < HOLD_BACK:
+        return len(pending) - 1
+    return len(pending)
+
+
+def merge_setattr(first: rec.Setattr, then: rec.Setattr) -> rec.Setattr | None:
+    """One Setattr with the effect of ``first`` followed by ``then`` on a replica, or None.
+
+    rsync, tar and pip set mode, owner and times of a file in separate calls: three
+    records where one does.  The merged record is applied in apply_setattr's order (size,
+    owner, mode, times), which differs from the two in sequence only where the order
+    matters: a truncate after a time change (the truncate would move the time: not
+    merged) and set-ID bits cleared by chown (replicas strip set-ID bits anyway).
+    """
+    if first.path != then.path:
+        return None
+    times = rec.SET_ATIME | rec.SET_MTIME
+    if then.mask & rec.SET_SIZE and first.mask & times:
+        return None
+
+    def pick(bit: int, name: str) -> int:
+        return int(getattr(then if then.mask & bit else first, name))
+
+    return rec.Setattr(first.path, first.mask | then.mask, pick(rec.SET_MODE, "mode"),
+                       pick(rec.SET_OWNER, "uid"), pick(rec.SET_OWNER, "gid"),
+                       pick(rec.SET_SIZE, "size"), pick(rec.SET_ATIME, "atime_ns"),
+                       pick(rec.SET_MTIME, "mtime_ns"))
+
+
+def without_aborted(entries: list[Entry]) -> list[Entry]:
+    """``entries`` with every aborted record replaced by a marker (nothing to apply)."""
+    aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
+    return [Entry(e.seq, rec.Sync(0)) if e.seq in aborted else e for e in entries]
+
+
+@attrs.define(eq=False)
+class JournalSender:
+    """Ships one user's journal to one follower from ``tail`` on, as it is written.
+
+    Batches of about BATCH_BYTES are read and encoded in a worker thread (Write data
+    goes from the upper straight into the frame buffers), so reading, sending and
+    applying overlap and a big history never sits in memory at once.  Idle, it sends
+    HEAD every IDLE_HEAD and sleeps until the journal grows.
+
+    Attributes:
+        pending: entries read and not sent yet.
+        first_seen: when the oldest of them was read (``settled``).
+        skipped: markers were left out since the last frame sent (the next says SKIP).
+    """
+
+    link: DownstreamLink
+    user: OriginUser
+    tail: JournalTail
+    source: LayerRoot
+    offload: Offload
+    pending: list[Entry] = attrs.field(factory=list)
+    first_seen: float = 0.0
+    skipped: bool = False
+
+    async def run(self) -> None:
+        user, downstream = self.user, self.link.downstream
+        last_send = trio.current_time()
+        while True:
+            grew = user.grew  # taken before reading: a record written meanwhile sets it
+            try:
+                buffers, last = await self.offload.run(self.next_batch)
+            except Trimmed:
+                raise ProtocolError("the journal was trimmed below this replica; "
+                                    "reconnect for a snapshot") from None
+            except JournalCorrupt as exc:
+                raise ProtocolError(f"journal of {user.name}: {exc}") from None
+            if buffers:
+                await self.link.send_encoded(buffers, last)
+                user.head = max(user.head, last)
+                last_send = trio.current_time()
+                continue
+            if trio.current_time() - last_send >= IDLE_HEAD:
+                await self.link.send([Frame(HEAD, max(user.head, downstream.sent_seq))])
+                last_send = trio.current_time()
+            # A held-back record goes after HOLD_BACK; otherwise sleep until the journal
+            # grows or the next HEAD is due.
+            idle = IDLE_HEAD - (trio.current_time() - last_send)
+            with trio.move_on_after(HOLD_BACK if self.pending else max(idle, 0.0)):
+                await grew.wait()
+
+    def next_batch(self) -> tuple[list[bytes | bytearray], int]:
+        """The next frames to send, encoded, and the last seq they carry (a worker thread)."""
+        if len(self.pending) < MAX_PENDING:
+            new = self.tail.poll()
+            if new and not self.pending:
+                self.first_seen = time.monotonic()
+            self.pending = without_aborted(self.pending + new)
+        pending = self.pending
+        ready = settled(pending, self.first_seen)
+        out: list[bytes | bytearray] = []
+        size = taken = 0
+        held: tuple[int, rec.Setattr, int] | None = None  # (seq, record, flags)
+        while taken < ready and size < BATCH_BYTES:
+            entry = pending[taken]
+            record = entry.record
+            taken += 1
+            last_of_batch = taken == ready  # the batch may end on a marker: send it
+            if isinstance(record, MARKERS) and not last_of_batch:
+                self.skipped = True  # nothing to apply; the next frame says SKIP
+                continue
+            if held is not None and isinstance(record, rec.Setattr):
+                merged = merge_setattr(held[1], record)
+                if merged is not None:  # the earlier seq is left out: SKIP
+                    held, self.skipped = (entry.seq, merged, SKIP), False
+                    continue
+            if held is not None:
+                size += self._encode(*held, out)
+                held = None
+            flags = SKIP if self.skipped else 0
+            self.skipped = False
+            if isinstance(record, rec.Setattr) and not last_of_batch:
+                held = (entry.seq, record, flags)  # the next setattr may join it
+                continue
+            size += self._encode(entry.seq, record, flags, out)
+        if held is not None:
+            size += self._encode(*held, out)
+        last = pending[taken - 1].seq if taken else 0
+        self.pending = pending[taken:]
+        if self.pending and taken:
+            self.first_seen = time.monotonic()
+        return out, last
+
+    def _encode(self, seq: int, record: rec.Record, flags: int,
+                out: list[bytes | bytearray]) -> int:
+        """Append the frames of one record to ``out``; the bytes they count for a batch."""
+        key = self.link.key
+        if not isinstance(record, rec.Write):
+            frame = record_frames(seq, record, None)[0]
+            out.append(attrs.evolve(frame, flags=flags).encode(key))
+            return 64
+        fd = open_write_data(self.source, record)
+        try:
+            encoded = encode_write_frames(seq, record, fd, key, flags)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        out.extend(encoded)
+        return sum(len(b) for b in encoded)
+
+
+# -- the login role ----------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Origin:
+    """The login node's role in ``sdeefs-replicad``: every user's journal under ``root``
+    served to the replicas that ask (see the module docstring).
+
+    Attributes:
+        users: the users asked for so far (their journal existed then).
+    """
+
+    root: str
+    shared_key: bytes
+    fanout: int
+    expire: float
+    offload: Offload
+    users: dict[str, OriginUser] = attrs.field(factory=dict)
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, trim_interval: float,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch the users' journals and trim them, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._trim_periodically, trim_interval)
+            task_status.started()
+
+    def user(self, name: str) -> OriginUser | None:
+        """``name``'s journal (None: the user has none)."""
+        user = self.users.get(name)
+        if user is None:
+            dirs = UserDirs.of(self.root, name)
+            if not os.path.isdir(dirs.state.journal):  # one stat: on the loop
+                return None
+            user = self.users[name] = OriginUser(name, dirs, Downstreams(self.fanout))
+            assert self._nursery is not None
+            self._nursery.start_soon(user.watch_journal)
+        return user
+
+    async def head(self, user: OriginUser) -> tuple[int, bytes]:
+        """The user's head now, and its journal id (a head query's answer)."""
+        head = await self.offload.run(user.refresh_head)
+        return head, await self.offload.run(journal_id, user.journal_dir)
+
+    async def serve(self, stream: trio.abc.Stream, reader: FrameReader, hello: Hello,
+                    user: OriginUser, downstream: Downstream) -> None:
+        """Answer ``hello`` and stream the user's journal to its node until the link ends."""
+        head, jid = await self.head(user)
+        key = await answer_hello(stream, self.shared_key, hello, head, jid)
+        link = DownstreamLink(stream, reader, key, downstream, self.offload)
+        source = await self.offload.run(user.source)
+        try:
+            await link.run(lambda: self._produce(link, hello, user, source))
+        finally:
+            source.close()
+
+    async def _produce(self, link: DownstreamLink, hello: Hello, user: OriginUser,
+                       source: LayerRoot) -> None:
+        want = hello.want
+        if hello.journal_id != NO_ID and \
+                hello.journal_id != await self.offload.run(journal_id, user.journal_dir):
+            return  # another history: the replica resets itself and asks again
+        tail = JournalTail(user.journal_dir, want)
+        try:
+            if want > user.head + 1:
+                await self.offload.run(user.refresh_head)
+            if want > user.head + 1:
+                raise HistoryDiverged(f"history diverged: replica wants seq {want} but the "
+                                      f"journal ends at {user.head}")
+            try:
+                await self.offload.run(tail.poll, 0)
+            except Trimmed:
+                tail.close()
+                seq = await self._snapshot(link, user)
+                tail = JournalTail(user.journal_dir, seq + 1)
+            await JournalSender(link, user, tail, source, self.offload).run()
+        finally:
+            tail.close()
+
+    async def _snapshot(self, link: DownstreamLink, user: OriginUser) -> int:
+        """A snapshot of the live upper, valid only if the journal did not move meanwhile."""
+        journal = Journal(directory=user.journal_dir)
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            before = await self.offload.run(journal.size_bytes)
+            seq = await self.offload.run(user.refresh_head)
+            await trio.sleep(HOLD_BACK)
+            if await self.offload.run(journal.size_bytes) != before:
+                continue
+            await link.send_snapshot(user.dirs.upper, seq)
+            if await self.offload.run(journal.size_bytes) == before:
+                return seq
+            log.warning("snapshot of %s for %s: the upper changed while read (attempt %d)",
+                        user.name, link.downstream.node, attempt + 1)
+            raise ProtocolError("the upper changed during the snapshot; reconnect and retry")
+        raise ProtocolError(f"{user.name}'s environment is too busy for a snapshot; retrying")
+
+    # -- trimming -----------------------------------------------------------------------------
+
+    async def _trim_periodically(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            for user in list(self.users.values()):
+                with contextlib.suppress(OSError, JournalCorrupt):
+                    await self.offload.run(self.trim, user)
+
+    def trim(self, user: OriginUser) -> int:
+        """Delete journal segments every follower (seen within ``expire``) acknowledged.
+
+        ``STATE/replicas.json`` keeps, per node, the last seq it acknowledged and when
+        (a JSON object: node -> [seq, unix time]), so a follower that is away holds the
+        journal back until it expires, across restarts of this daemon."""
+        path = user.dirs.state.replicas
+        try:
+            with open(path) as f:
+                seen = {k: (int(v[0]), float(v[1])) for k, v in json.load(f).items()}
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            seen = {}
+        now = time.time()
+        for node, follower in user.downstreams.followers.items():
+            seen[node] = (follower.acked, now)
+        seen = {k: v for k, v in seen.items() if now - v[1] < self.expire}
+        write_file_atomic(path, json.dumps(seen).encode())
+        if not seen:
+            return 0
+        below = min(acked for acked, _ in seen.values()) + 1
+        return Journal(directory=user.journal_dir).trim(below)
+
+    # -- status -------------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, object]:
+        """Every user's head and followers (direct, and below them as reported)."""
+        origin: dict[str, object] = {}
+        for user in list(self.users.values()):
+            with contextlib.suppress(OSError, JournalCorrupt):
+                await self.offload.run(user.refresh_head)
+            followers: dict[str, dict[str, object]] = {}
+            for f in user.downstreams.followers.values():
+                followers[f.node] = {"acked": f.acked, "lag": user.head - f.acked,
+                                     "bytes_sent": f.bytes_sent, "direct": True}
+                for node, seq in f.report:
+                    followers.setdefault(node, {"acked": seq, "lag": user.head - seq,
+                                                "direct": False, "via": f.node})
+            origin[user.name] = {"head": user.head, "followers": followers,
+                                 "queries": user.queries}
+        return origin

@@ -1,0 +1,585 @@
+"""The replication wire: frames, their authentication, and every payload that travels.
+
+Both ends of a link and every relay between them speak what this module defines, and
+nothing else writes or parses a frame: one encoder (:meth:`Frame.encode`, and
+:func:`encode_write_frames`, which builds the same bytes around file data read straight
+into the frame buffer) and one decoder (:class:`FrameReader` over :meth:`Frame.decode`).
+
+Wire format (version 4)
+=======================
+
+Every frame::
+
+    header   FRAME_HEADER, 24 bytes, little endian
+             magic    4s   b"SDRP"
+             version  u8   4 (see "Versions" below)
+             type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
+             flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
+                           RECORD: SKIP (2) = the seqs between the previous frame and
+                           this one were markers (Done/Sync/Abort: nothing to apply)
+             length   u32  payload bytes (at most MAX_FRAME_PAYLOAD)
+             seq      u64  see below
+             crc32    u32  of the header (crc field zero) and the payload
+    payload  ``length`` bytes
+    mac      32 bytes: HMAC-SHA256(key, header + payload)
+
+A stream never stops short of the position it has reached (a replica's barrier
+depends on it): markers (Done/Sync/Abort, nothing to apply) are left out only when
+a later frame of the same batch follows them and carries SKIP; a batch that ends in
+markers ends with the last of them as a RECORD frame of its own (applying it only
+moves the replica's applied seq).  A relay forwards every RECORD frame it applied,
+its SKIP flag included, and holds back only an incomplete record (MORE), so its
+followers reach exactly its position.  The upstream never needs a later record to
+say how far a follower is.
+
+The two HELLOs are authenticated with the shared key; every later frame with the
+session key HMAC-SHA256(shared key, b"sdeefs-replication" + replica nonce +
+upstream nonce), so a frame recorded in one session is worthless in another.
+
+==============  =========  ==========================================================
+frame           direction  seq / payload
+==============  =========  ==========================================================
+HELLO           replica →  seq: first seq wanted.  nonce 16s, journal id 16s (zero:
+                           none held), flags u16 (QUERY: answer the head, stream
+                           nothing), port u16 (where this replica relays; 0: it
+                           does not), user (u16 + bytes), node (u16 + bytes)
+HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s
+REDIRECT        ← upstream "host:port" of another upstream to ask (tree fan-out)
+RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, record
+                           (``sdeefs.records``), then data for Write records; big
+                           writes are chunks of one seq with MORE on all but the last
+SNAPSHOT        ← upstream seq: the snapshot's position.  A RECORD-style payload
+SNAPSHOT_END    ← upstream seq: as SNAPSHOT.  32 bytes: digest of the tree
+                           (``snapshot.tree_digest``)
+HEAD            ← upstream seq: upstream's head (sent when idle: lag, liveness)
+ACK             replica →  seq: last applied.  Empty payload: the subtree report
+                           is as last sent.  Otherwise the subtree report: u32
+                           count, then per replica below this one (all of them, at
+                           any depth): node (u16 + bytes), applied u64.  Sent when
+                           it changed, at most every REPORT_INTERVAL; bounded only
+                           by MAX_FRAME_PAYLOAD (over 100,000 nodes of short names;
+                           a longer one is cut to what fits)
+ERROR           either     code u16 (ErrorCode), then a UTF-8 message of at most
+                           MAX_ERROR_MESSAGE bytes; the connection ends
+==============  =========  ==========================================================
+
+The code of an ERROR is what the receiver acts on (a replica told DIVERGED starts
+over; a barrier that only ever heard NO_LAYER tells the SLURM prolog so); the
+message is for people and never parsed.
+
+Versions: 4 put the code before an ERROR's message (3 sent the message alone, so a
+replica had to recognise "history diverged" by its text).  3 carries records in
+encoding version 2 of ``sdeefs.records`` (path fields with a u32 length, up to
+``records.MAX_PATH``: trees deeper than PATH_MAX) and ACK subtree reports with a u32
+count, sent only when they change; 2 carried encoding 1 (u16, at most 4096 bytes) and
+u16 report counts.  Frames of all of them have the same header, so a peer of another
+version is recognised from its first frame and refused with one clear error
+(``VersionMismatch``: "the peer speaks replication protocol version 3, this node
+version 4: run the same sdeefs release on both"), never misparsed.  A new upstream
+answers an old replica's HELLO with that ERROR in the replica's own version (a message
+alone, as versions 2 and 3 read it), which the old replica can read and shows; a new
+replica says it of the old upstream's first frame.  Both ends must run the same release.
+
+Every byte from a peer is hostile: a frame with a bad magic, version, CRC, MAC or
+length is rejected; records are decoded strictly (``sdeefs.records``: no unsafe path,
+no device node) and made safe (:func:`sanitize`): set-user/group-ID bits are stripped
+from every mode, xattrs other than ``user.*`` and the overlay's own
+``trusted.overlay.*`` are refused (so no ``security.capability``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+import attrs
+import trio
+
+from .. import records as rec
+from ..errors import BadRecord
+
+MAGIC = b"SDRP"
+VERSION = 4  # 3 + the ERROR frame's code
+OLD_VERSIONS = (2, 3)  # same frame header: told in their own version why they are refused
+HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
+FRAME_TYPES = range(1, 9)
+MORE = 1
+SKIP = 2  # the seqs before this frame's were markers, not sent (a third of a journal)
+QUERY = 1  # HELLO flag: only tell me your head (the SLURM prolog's barrier), then close
+FRAME_HEADER = struct.Struct("<4sBBHIQI")
+assert FRAME_HEADER.size == 24
+CRC = struct.Struct("<I")  # the header's last field, filled in once the frame is complete
+MAC_SIZE = 32
+MAX_FRAME_PAYLOAD = 2 << 20
+RECORD_HEAD = struct.Struct("<HI")  # a RECORD/SNAPSHOT payload: rtype, record length
+CHUNK = 1 << 20  # data bytes per RECORD frame
+# A Write record (path, handle, range) and a chunk of data fit in one frame:
+assert RECORD_HEAD.size + 4 + rec.MAX_PATH + 4 + rec.MAX_HANDLE + 16 + CHUNK \
+    <= MAX_FRAME_PAYLOAD
+NONCE_SIZE = 16
+ID_SIZE = 16
+NO_ID = bytes(ID_SIZE)
+HELLO_FIXED = struct.Struct("<HH")  # after nonce and journal id: flags, relay port
+NAME_LENGTH = struct.Struct("<H")  # user and node names: u16 length + bytes
+REPORT_COUNT = struct.Struct("<I")
+REPORT_ENTRY = struct.Struct("<Q")  # after the node's name
+REPORT_INTERVAL = 1.0  # seconds: at most one subtree report per link this often
+ERROR_CODE = struct.Struct("<H")
+MAX_ERROR_MESSAGE = 4096  # bytes of an ERROR's message
+ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
+DEFAULT_PORT = 7077
+_NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a peer ends a link: the u16 that starts an ERROR frame's payload."""
+
+    REFUSED = 0  # anything below not: a bad frame or record, a busy peer; reconnect
+    VERSION = 1  # the peer speaks another protocol version
+    DIVERGED = 2  # the replica holds records the login node's journal does not: start over
+    NO_LAYER = 3  # the node holds nothing of the user (no journal, no replica)
+
+
+class ProtocolError(Exception):
+    """A frame or a record that must not be applied, or a peer's refusal; nothing was
+    changed.  ``code`` is what an ERROR frame about it carries."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.REFUSED
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the protocol (``peer_version``)."""
+
+    code = ErrorCode.VERSION
+
+    def __init__(self, peer_version: int) -> None:
+        super().__init__(f"the peer speaks replication protocol version {peer_version}, this "
+                         f"node version {VERSION}: run the same sdeefs release on both")
+        self.peer_version = peer_version
+
+
+class HistoryDiverged(ProtocolError):
+    """The replica holds records the login node's journal does not have (the journal lost
+    its unsynced tail in a crash of the login node): the replica must start over."""
+
+    code = ErrorCode.DIVERGED
+
+
+class NoLayer(ProtocolError):
+    """The node holds nothing of the user: no journal on the login node, no replica on a
+    relay (the user never had an sdeefs environment, or not yet)."""
+
+    code = ErrorCode.NO_LAYER
+
+
+_REFUSALS: dict[int, type[ProtocolError]] = {cls.code: cls for cls in (HistoryDiverged, NoLayer)}
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """(host, port) of "HOST:PORT" ("[V6]:PORT", or HOST alone: the default port), as
+    command lines and REDIRECT frames give it; ValueError if the port is not a number."""
+    host, _, port = text.rpartition(":")
+    if not host:
+        return text, default_port
+    return host.strip("[]"), int(port)
+
+
+class Redirected(Exception):
+    """The upstream has enough followers for this user: ask ``address`` ("host:port",
+    parse_address accepts it) instead."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.address = address
+
+
+@contextlib.asynccontextmanager
+async def open_link_tasks() -> AsyncIterator[trio.Nursery]:
+    """A nursery for a link's tasks that raises its first real error itself, not wrapped
+    in an ExceptionGroup.
+
+    A link has a few tasks (reader, applier, ACK receiver); when one fails the others
+    are cancelled, and callers want to catch *that* error (ProtocolError, OSError) to
+    log it and reconnect, not an ExceptionGroup they would have to unpack everywhere.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return group.exceptions[0]
+
+
+# -- frames ----------------------------------------------------------------------------------
+
+
+def session_key(shared_key: bytes, replica_nonce: bytes, upstream_nonce: bytes) -> bytes:
+    return hmac.new(shared_key, b"sdeefs-replication" + replica_nonce + upstream_nonce,
+                    hashlib.sha256).digest()
+
+
+def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: bytes,
+          version: int = VERSION) -> None:
+    """Header, CRC and MAC of the frame in ``buf``, whose ``length`` payload bytes are in
+    place after the header: the one place a frame is made."""
+    end = FRAME_HEADER.size + length
+    assert len(buf) == end + MAC_SIZE
+    FRAME_HEADER.pack_into(buf, 0, MAGIC, version, ftype, flags, length, seq, 0)
+    with memoryview(buf) as view:
+        CRC.pack_into(buf, FRAME_HEADER.size - CRC.size, zlib.crc32(view[:end]))
+        view[end:] = hmac.new(key, view[:end], hashlib.sha256).digest()
+
+
+def _decode_header(header: bytes) -> tuple[int, int, int, int, int]:
+    """(type, flags, length, seq, crc) of a frame header; ProtocolError if malformed."""
+    if len(header) != FRAME_HEADER.size:
+        raise ProtocolError("truncated frame header")
+    magic, version, ftype, flags, length, seq, crc = FRAME_HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError("not an sdeefs replication frame (bad magic)")
+    if version != VERSION:
+        raise VersionMismatch(version)
+    if ftype not in FRAME_TYPES or flags & ~(MORE | SKIP):
+        raise ProtocolError(f"bad frame type {ftype} or flags {flags:#x}")
+    if length > MAX_FRAME_PAYLOAD:
+        raise ProtocolError(f"frame of {length} bytes is too large")
+    return ftype, flags, length, seq, crc
+
+
+@attrs.frozen
+class Frame:
+    type: int
+    seq: int
+    payload: bytes = b""
+    flags: int = 0
+
+    def encode(self, key: bytes, version: int = VERSION) -> bytearray:
+        """The frame on the wire.  ``version`` other than VERSION only for an ERROR frame
+        telling a peer of an old version (OLD_VERSIONS: same header) why it is refused."""
+        if len(self.payload) > MAX_FRAME_PAYLOAD:
+            raise ValueError("frame payload too large")
+        buf = bytearray(FRAME_HEADER.size + len(self.payload) + MAC_SIZE)
+        buf[FRAME_HEADER.size:FRAME_HEADER.size + len(self.payload)] = self.payload
+        _seal(buf, self.type, self.flags, len(self.payload), self.seq, key, version)
+        return buf
+
+    @classmethod
+    def decode(cls, header: bytes, payload: bytes, mac: bytes, key: bytes) -> Frame:
+        """A received frame, its CRC and MAC verified; ProtocolError otherwise."""
+        ftype, flags, length, seq, crc = _decode_header(header)
+        if len(payload) != length or len(mac) != MAC_SIZE:
+            raise ProtocolError("frame truncated")
+        if zlib.crc32(payload, zlib.crc32(header[:-CRC.size] + bytes(CRC.size))) != crc:
+            raise ProtocolError("frame checksum mismatch")
+        want = hmac.new(key, header, hashlib.sha256)
+        want.update(payload)
+        if not hmac.compare_digest(want.digest(), mac):
+            raise ProtocolError("frame authentication failed")
+        return cls(ftype, seq, payload, flags)
+
+
+class FrameReader:
+    """Frames from a stream through one buffer: a stream of small records costs one
+    ``recv`` per READ_SIZE bytes, not three awaits per frame.  It may read ahead of the
+    frames asked for, so once a stream has a reader every frame comes through it."""
+
+    READ_SIZE = 1 << 20
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.pos = 0
+
+    async def _fill(self, need: int, started: bool) -> None:
+        while len(self.buf) - self.pos < need:
+            if self.pos:
+                del self.buf[:self.pos]
+                self.pos = 0
+            chunk = await self.stream.receive_some(max(need - len(self.buf), self.READ_SIZE))
+            if not chunk:
+                if started or self.buf:
+                    raise ProtocolError("connection closed in the middle of a frame")
+                raise EOFError("connection closed")
+            self.buf += chunk
+
+    async def frame(self, key: bytes) -> Frame:
+        """The next verified frame; EOFError at a clean end of stream."""
+        await self._fill(FRAME_HEADER.size, False)
+        header = bytes(self.buf[self.pos:self.pos + FRAME_HEADER.size])
+        try:
+            length = _decode_header(header)[2]
+        except VersionMismatch:
+            # Take in the rest of the peer's frame (the header is the same in every
+            # version): closing on unread bytes would reset the connection, and the
+            # ERROR telling the peer why could be lost with it.
+            length = FRAME_HEADER.unpack(header)[4]
+            if length <= MAX_FRAME_PAYLOAD:
+                with contextlib.suppress(EOFError, ProtocolError):
+                    await self._fill(FRAME_HEADER.size + length + MAC_SIZE, True)
+            raise
+        total = FRAME_HEADER.size + length + MAC_SIZE
+        await self._fill(total, True)
+        start, self.pos = self.pos, self.pos + total
+        with memoryview(self.buf) as view:  # one copy of the payload, not two
+            payload = bytes(view[start + FRAME_HEADER.size:start + total - MAC_SIZE])
+            mac = bytes(view[start + total - MAC_SIZE:start + total])
+        return Frame.decode(header, payload, mac, key)
+
+
+# -- ERROR -----------------------------------------------------------------------------------
+
+
+def encode_error(exc: BaseException, key: bytes, seq: int = 0, version: int = VERSION
+                 ) -> bytearray:
+    """The ERROR frame telling the peer why the link ends (``exc``'s code and message).
+
+    To a peer of an old version (OLD_VERSIONS) the message alone, as it reads ERRORs."""
+    message = str(exc).encode()[:MAX_ERROR_MESSAGE]
+    if version == VERSION:
+        code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.REFUSED
+        message = ERROR_CODE.pack(code) + message
+    return Frame(ERROR, seq, message).encode(key, version)
+
+
+def decode_error(frame: Frame, prefix: str) -> ProtocolError:
+    """What a peer's ERROR frame says, as the error type of its code (message after
+    ``prefix``); a plain ProtocolError for REFUSED, VERSION or a malformed ERROR."""
+    if len(frame.payload) < ERROR_CODE.size:
+        return ProtocolError(f"{prefix}malformed ERROR frame")
+    (code,) = ERROR_CODE.unpack_from(frame.payload)
+    message = prefix + frame.payload[ERROR_CODE.size:].decode(errors="replace")
+    try:
+        kind = ErrorCode(code)
+    except ValueError:
+        return ProtocolError(f"{message} (unknown error code {code})")
+    return _REFUSALS.get(kind, ProtocolError)(message)
+
+
+# -- HELLO and ACK payloads --------------------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    """What a replica asks for: ``user``'s records from ``want`` on (see the module docstring)."""
+
+    nonce: bytes
+    journal_id: bytes
+    user: str
+    node: str
+    want: int
+    flags: int = 0
+    port: int = 0
+
+
+def _name_field(value: str) -> bytes:
+    raw = value.encode()
+    return NAME_LENGTH.pack(len(raw)) + raw
+
+
+def _take_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
+    if offset + NAME_LENGTH.size > len(payload):
+        raise ProtocolError(f"{what} missing")
+    (length,) = NAME_LENGTH.unpack_from(payload, offset)
+    raw = payload[offset + NAME_LENGTH.size:offset + NAME_LENGTH.size + length]
+    if len(raw) != length or not _NAME.match(raw):
+        raise ProtocolError(f"bad {what} {raw[:64]!r}")
+    return raw.decode(), offset + NAME_LENGTH.size + length
+
+
+def encode_hello(hello: Hello) -> Frame:
+    payload = (hello.nonce + hello.journal_id + HELLO_FIXED.pack(hello.flags, hello.port)
+               + _name_field(hello.user) + _name_field(hello.node))
+    return Frame(HELLO, hello.want, payload)
+
+
+def decode_hello(frame: Frame) -> Hello:
+    payload = frame.payload
+    if frame.type != HELLO or len(payload) < NONCE_SIZE + ID_SIZE + HELLO_FIXED.size:
+        raise ProtocolError("expected HELLO")
+    nonce, jid = payload[:NONCE_SIZE], payload[NONCE_SIZE:NONCE_SIZE + ID_SIZE]
+    flags, port = HELLO_FIXED.unpack_from(payload, NONCE_SIZE + ID_SIZE)
+    user, offset = _take_name(payload, NONCE_SIZE + ID_SIZE + HELLO_FIXED.size, "user name")
+    node, offset = _take_name(payload, offset, "node name")
+    if offset != len(payload) or flags & ~QUERY or frame.seq < 1:
+        raise ProtocolError("malformed HELLO")
+    return Hello(nonce, jid, user, node, frame.seq, flags, port)
+
+
+@attrs.frozen
+class Session:
+    """An upstream's answer to a HELLO: its head, its journal id, the session key."""
+
+    head: int
+    journal_id: bytes
+    key: bytes
+
+
+async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, shared_key: bytes,
+                     hello: Hello) -> Session:
+    """The replica's side of the handshake.  Raises Redirected, or the upstream's refusal
+    as its type (``decode_error``), or ProtocolError."""
+    await stream.send_all(encode_hello(hello).encode(shared_key))
+    answer = await reader.frame(shared_key)
+    if answer.type == REDIRECT:
+        address = answer.payload.decode(errors="replace")
+        try:
+            parse_address(address)
+        except ValueError:
+            raise ProtocolError(f"bad REDIRECT {address[:64]!r}") from None
+        raise Redirected(address)
+    if answer.type == ERROR:
+        raise decode_error(answer, "upstream refused: ")
+    if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
+        raise ProtocolError("the upstream did not answer HELLO")
+    return Session(answer.seq, answer.payload[NONCE_SIZE:],
+                   session_key(shared_key, hello.nonce, answer.payload[:NONCE_SIZE]))
+
+
+async def answer_hello(stream: trio.abc.SendStream, shared_key: bytes, hello: Hello, head: int,
+                       journal_id: bytes) -> bytes:
+    """The upstream's side of the handshake: answer ``hello``; return the session key."""
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    await stream.send_all(Frame(HELLO, head, nonce + journal_id).encode(shared_key))
+    return session_key(shared_key, hello.nonce, nonce)
+
+
+def encode_report(report: list[tuple[str, int]]) -> bytes:
+    """A subtree report for an ACK: every entry that fits in one frame."""
+    parts, size = [], REPORT_COUNT.size
+    for node, seq in report:
+        part = _name_field(node) + REPORT_ENTRY.pack(seq)
+        if size + len(part) > MAX_FRAME_PAYLOAD:
+            break
+        parts.append(part)
+        size += len(part)
+    return REPORT_COUNT.pack(len(parts)) + b"".join(parts)
+
+
+def decode_report(payload: bytes) -> list[tuple[str, int]]:
+    if len(payload) < REPORT_COUNT.size:
+        raise ProtocolError("ACK report truncated")
+    (count,) = REPORT_COUNT.unpack_from(payload)
+    # no count a payload cannot hold (a name is at least one byte)
+    if count > len(payload) // (NAME_LENGTH.size + 1 + REPORT_ENTRY.size):
+        raise ProtocolError("ACK report too long for its frame")
+    offset, report = REPORT_COUNT.size, []
+    for _ in range(count):
+        node, offset = _take_name(payload, offset, "node name")
+        if offset + REPORT_ENTRY.size > len(payload):
+            raise ProtocolError("ACK report truncated")
+        (seq,) = REPORT_ENTRY.unpack_from(payload, offset)
+        offset += REPORT_ENTRY.size
+        report.append((node, seq))
+    if offset != len(payload):
+        raise ProtocolError("trailing bytes in ACK report")
+    return report
+
+
+# -- record payloads -------------------------------------------------------------------------
+
+
+def encode_record_payload(record: rec.Record, data: bytes = b"") -> bytes:
+    rtype, body = rec.encode_record(record)
+    return RECORD_HEAD.pack(rtype, len(body)) + body + data
+
+
+def decode_record_payload(payload: bytes) -> tuple[rec.Record, bytes]:
+    """(record, data) from a RECORD payload, made safe to apply; ProtocolError otherwise."""
+    if len(payload) < RECORD_HEAD.size:
+        raise ProtocolError("record frame too short")
+    rtype, length = RECORD_HEAD.unpack_from(payload)
+    end = RECORD_HEAD.size + length
+    if end > len(payload):
+        raise ProtocolError("record runs past the frame")
+    try:
+        record = rec.decode_record(rtype, bytes(payload[RECORD_HEAD.size:end]))
+    except BadRecord as exc:
+        raise ProtocolError(f"bad record: {exc}") from None
+    data = payload[end:]
+    if isinstance(record, rec.Write):
+        if len(data) > record.length:
+            raise ProtocolError("more data than the write record covers")
+    elif data:
+        raise ProtocolError("data attached to a record that takes none")
+    return sanitize(record), data
+
+
+def sanitize(record: rec.Record) -> rec.Record:
+    """What a replica applies: no set-ID bits, only the xattrs an upper legitimately has."""
+    if isinstance(record, rec.Mkdir | rec.Mknod | rec.Setattr) and record.mode & 0o6000:
+        record = attrs.evolve(record, mode=record.mode & ~0o6000)
+    if isinstance(record, rec.Setxattr | rec.Removexattr) and not record.name.startswith(
+            ALLOWED_XATTR_PREFIXES):
+        raise ProtocolError(f"xattr {record.name[:64]!r} is not replicated")
+    if isinstance(record, rec.Mknod) and stat.S_ISCHR(record.mode) and record.mode & 0o7777:
+        raise ProtocolError("a whiteout must have mode 0")
+    return record
+
+
+def record_frames(seq: int, record: rec.Record, data: bytes | None,
+                  ftype: int = RECORD) -> list[Frame]:
+    """The frames of one record; a Write's data split into MORE-chained chunks."""
+    if not isinstance(record, rec.Write):
+        return [Frame(ftype, seq, encode_record_payload(record))]
+    data = data or b""
+    frames = []
+    for start in range(0, max(len(data), 1), CHUNK):
+        chunk = data[start:start + CHUNK]
+        part = attrs.evolve(record, offset=record.offset + start, length=len(chunk))
+        more = MORE if start + CHUNK < len(data) else 0
+        frames.append(Frame(ftype, seq, encode_record_payload(part, chunk), more))
+    return frames
+
+
+def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: bytes,
+                        first_flags: int = 0) -> list[bytearray]:
+    """The encoded RECORD frames of a Write record, its data read from ``fd`` straight into
+    the frame buffers (no copy of the data: this is the bulk of a stream).
+
+    Byte for byte what ``Frame.encode`` of ``record_frames(...)`` gives (the same
+    ``_seal``; tests/replication compare them); ``fd`` None (the file is gone) or a
+    short file gives a shorter write, as ``read_write_data`` would.  ``first_flags``
+    (SKIP) goes on the first frame only.
+    """
+    out: list[bytearray] = []
+    start = 0
+    while True:
+        want = min(CHUNK, record.length - start)
+        part = attrs.evolve(record, offset=record.offset + start, length=want)
+        rtype, body = rec.encode_record(part)
+        head = FRAME_HEADER.size + RECORD_HEAD.size + len(body)
+        buf = bytearray(head + want + MAC_SIZE)
+        got = 0
+        if fd is not None and want:
+            with memoryview(buf) as view:
+                got = os.preadv(fd, [view[head:head + want]], record.offset + start)
+        if got < want:  # the file is shorter now: send what it holds, as read_write_data
+            rtype, body = rec.encode_record(attrs.evolve(part, length=got))  # same size
+            del buf[head + got + MAC_SIZE:]
+        more = MORE if got == want and start + want < record.length else 0
+        RECORD_HEAD.pack_into(buf, FRAME_HEADER.size, rtype, len(body))
+        buf[FRAME_HEADER.size + RECORD_HEAD.size:head] = body
+        _seal(buf, RECORD, more | (first_flags if not out else 0),
+              head - FRAME_HEADER.size + got, seq, key)
+        out.append(buf)
+        start += got
+        if not more:
+            return out
