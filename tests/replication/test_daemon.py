@@ -621,7 +621,10 @@ def test_a_relay_waits_for_a_slow_follower_then_leaves_a_stuck_one_behind(site: 
     n2 = site.daemons["n2"].pid
     os.kill(n2, signal.SIGSTOP)
     try:
-        write_mb(site.view / "more.bin", 16)
+        # More than n2's socket buffers can hold (tcp_rmem + tcp_wmem max, ~10 MB here):
+        # otherwise n1 may hand everything over before it gives up on n2, and no
+        # snapshot is needed.
+        write_mb(site.view / "more.bin", 48)
         start = time.monotonic()
         site.sync_to("n1")
         assert time.monotonic() - start < 20
