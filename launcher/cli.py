@@ -14,8 +14,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sdeefs import config, control
+from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
 from sdeefs.mount import MountRequest, default_state, mount, umount
+
+from . import env, view
+from .compute import job
+from .login import pam
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +187,6 @@ LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", 
 
 
 def _launcher(args: argparse.Namespace) -> int:
-    from sdeefs import config
-
-    from . import env, pam
-
     if args.command == "install-pam":
         config_path = os.environ.get("SDEEFS_CONFIG")
         print(f"installed in {pam.install(args.service, args.control, config=config_path)}")
@@ -194,14 +196,13 @@ def _launcher(args: argparse.Namespace) -> int:
         print("removed" if removed else "nothing to remove")
         return 0
     if args.command in ("job-prolog", "job-epilog"):
-        from . import job
-
         return job.slurm_hook_main(args.command[4:])
     cfg = config.load()
     if args.command == "replica":
         return _replica(args, cfg)
     if args.command == "start":
-        record = env.ensure(cfg, env.User.lookup(args.user), args.engine)
+        engine = Engine(args.engine) if args.engine else None
+        record = env.ensure(cfg, env.User.lookup(args.user), engine)
         print(f"{args.user}: {record.engine} environment pid {record.init_pid}")
         return 0
     if args.command == "stop":
@@ -209,11 +210,7 @@ def _launcher(args: argparse.Namespace) -> int:
         print(f"{args.user}: " + ("stopped" if was else "was not running; mounts cleaned up"))
         return 0
     if args.command == "scan-private":
-        from . import private
-
-        skip = tuple(os.path.join(cfg.lower, p.lstrip("/")) for p in
-                     (*env.ALWAYS_EMPTY, "home", cfg.root, cfg.run_dir))
-        found = private.refresh(cfg.lower, cfg.run_dir, skip)
+        found = view.refresh_private_scan(cfg)
         print(f"{len(found)} root-only entries will be hidden from new environments")
         return 0
     if args.command == "stop-idle":
@@ -240,17 +237,13 @@ def _launcher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
+def _replica_lag(cfg: SiteConfig) -> dict[str, dict[str, object]]:
     """Per user, the followers the local (login node) replicad reports; {} if none runs."""
-    from sdeefs.replicad import control_request
-
-    from . import job
-
-    control = cfg.replication.on(job.node_name()).control  # type: ignore[attr-defined]
-    if not os.path.exists(control):
+    path = cfg.replication.on(job.node_name()).control
+    if not os.path.exists(path):
         return {}
     try:
-        reply = control_request(control, {"op": "status"}, timeout=5)
+        reply = control.request(path, {"op": "status"}, timeout=5, what="sdeefs-replicad")
     except QuietError:
         return {}
     origin: dict[str, dict[str, object]] = reply.get("origin", {})
@@ -259,8 +252,6 @@ def _replica_lag(cfg: object) -> dict[str, dict[str, object]]:
 
 def _replica(args: argparse.Namespace, cfg: object) -> int:
     from sdeefs.replicad import control_request
-
-    from . import job
 
     rep = cfg.replication.on(job.node_name())  # type: ignore[attr-defined]
     control = args.control or rep.control
