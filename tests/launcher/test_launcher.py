@@ -302,10 +302,12 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
         # nobody (a service reading them one at a time would answer it first, after 2 s).
         with socket.socket(socket.AF_UNIX) as idle:
             idle.connect(str(sock))
-            assert control.request(launchd, {"op": "stop", "user": bob})["stopped"] is True
+            with pytest.raises(control.ControlError, match="unknown op 'reboot'"):
+                control.request(launchd, {"op": "reboot"})  # answered at once
             idle.setblocking(False)
             with pytest.raises(BlockingIOError):
                 idle.recv(1)
+        assert control.request(launchd, {"op": "stop", "user": bob})["stopped"] is True
         # a refusal reaches the user as one line with its exit code
         os.chmod(site.home(bob), 0o700)
         free = next(uid for uid in range(999, 500, -1) if not _uid_taken(uid))
