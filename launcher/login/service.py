@@ -113,7 +113,8 @@ class Launchd:
             async with lock:
                 reply = await self.offload.run(handle, self.config, peer.uid, request)
         finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            if self.asking.get(peer.uid) is lock and not lock.locked() and \
+                    lock.statistics().tasks_waiting == 0:
                 del self.asking[peer.uid]
         log.info("uid %d: %s -> %s", peer.uid, request, reply)
         return reply
