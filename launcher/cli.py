@@ -14,11 +14,17 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sdeefs import config
+from sdeefs.config import Engine
 from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
 from sdeefs.fs import cli as fs_cli
 from sdeefs.replication import cli as replication_cli
 from sdeefs.statedir import StateDir
 from sdeefs.tools import format_size
+
+from . import env, view
+from .compute import job
+from .login import pam
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +138,6 @@ LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", 
 
 
 def _launcher(args: argparse.Namespace) -> int:
-    from sdeefs import config
-
-    from . import env, job, pam
-
     if args.command == "install-pam":
         config_path = os.environ.get("SDEEFS_CONFIG")
         print(f"installed in {pam.install(args.service, args.control, config=config_path)}")
@@ -150,7 +152,8 @@ def _launcher(args: argparse.Namespace) -> int:
     if args.command == "replica":
         return replication_cli.run(args, cfg.replication.on(job.node_name()))
     if args.command == "start":
-        record = env.ensure(cfg, env.User.lookup(args.user), args.engine)
+        engine = Engine(args.engine) if args.engine else None
+        record = env.ensure(cfg, env.User.lookup(args.user), engine)
         print(f"{args.user}: {record.engine} environment pid {record.init_pid}")
         return 0
     if args.command == "stop":
@@ -158,11 +161,7 @@ def _launcher(args: argparse.Namespace) -> int:
         print(f"{args.user}: " + ("stopped" if was else "was not running; mounts cleaned up"))
         return 0
     if args.command == "scan-private":
-        from . import private
-
-        skip = tuple(os.path.join(cfg.lower, p.lstrip("/")) for p in
-                     (*env.ALWAYS_EMPTY, "home", cfg.root, cfg.run_dir))
-        found = private.refresh(cfg.lower, cfg.run_dir, skip)
+        found = view.refresh_private_scan(cfg)
         print(f"{len(found)} root-only entries will be hidden from new environments")
         return 0
     if args.command == "stop-idle":

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   fuse3 libfuse3-dev pkg-config           # the FUSE library pyfuse3 builds against
-  python3 python3-venv python3-dev gcc    # Debian's Python 3.11 and headers
+  python3 python3-venv python3-dev gcc make # Debian's Python 3.11 and headers; make: sdeefs-enter
   attr util-linux iproute2 procps         # getfattr/setfattr, mount/unshare, ip, ps
   fuse-overlayfs fio                      # benchmark peers and load generator
   pamtester                               # the launcher's PAM tests
@@ -36,12 +36,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, att
   /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[test]' >/dev/null
-elif ! .venv/bin/python -c 'import sdeefs, sdeefs.launcher' 2>/dev/null || [ ! -x .venv/bin/sdeefs-pam ]; then
+  touch .venv/.installed
+elif [ pyproject.toml -nt .venv/.installed ] || ! .venv/bin/python -c 'import sdeefs, sdeefs.launcher' 2>/dev/null; then
+  # A changed pyproject.toml may move an entry point (sdeefs-pam, sdeefs-run ...): reinstall.
   .venv/bin/pip install -q -e '.[test]' >/dev/null
+  touch .venv/.installed
 fi
 
-# The launcher's namespace helper (C: it sits on every login's hot path).
-if [ -f launcher/sdeefs-enter.c ] && { [ ! -x .venv/bin/sdeefs-enter ] || [ launcher/sdeefs-enter.c -nt .venv/bin/sdeefs-enter ]; }; then
-  gcc -O2 -Wall -Wextra -Werror -o .venv/bin/sdeefs-enter launcher/sdeefs-enter.c
-fi
+# The launcher's namespace helper (C: it sits on every login's hot path); make rebuilds it
+# when a source changed.
+make -s -C launcher/enter OUT="$PWD/.venv/bin/sdeefs-enter"
 ln -sf sdeefs-enter .venv/bin/sdeefs-shell   # the login shell: same binary, shell mode

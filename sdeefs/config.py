@@ -23,9 +23,9 @@ a missing file means all defaults.  Example (every key, with its default)::
     tmp_size = "25%"             # size of the private /tmp of an environment
     private_scan_age = 86400.0   # seconds a scan for root-only files stays valid: job
                                  # environments on compute nodes, which run no guard layer
-                                 # (launcher/private.py; `sdeefs scan-private` refreshes)
+                                 # (launcher/compute/private.py; `sdeefs scan-private`)
 
-    [replication]                # compute nodes and jobs (sdeefs.replication, launcher/job.py)
+    [replication]                # compute nodes and jobs (replicad, launcher/compute/job.py)
     login = ""                   # HOST:PORT of the login node's sdeefs-replicad (required on
                                  # compute nodes)
     key_file = "/etc/sdeefs/replication.key"   # shared key, root only, >= 32 bytes
@@ -102,12 +102,6 @@ class SiteConfig:
     tmp_size: str = "25%"
     private_scan_age: float = 86400.0
     replication: Replication = Replication()
-
-    def user_root(self, user: str) -> str:
-        return os.path.join(self.root, user)
-
-    def user_run(self, user: str) -> str:
-        return os.path.join(self.run_dir, user)
 
 
 def _absolute(key: str, value: object) -> str:

@@ -12,6 +12,7 @@ import fcntl
 import os
 import stat
 import struct
+import tempfile
 
 # x86_64 syscall numbers (the only architecture we build for; checked at import).
 _SYS_RENAMEAT2 = 316
@@ -166,16 +167,26 @@ def fsync_dir(path: str | bytes) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir."""
+def write_file_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` (file mode ``mode``): temp file in the same directory,
+    fsync, rename, fsync dir.
+
+    Every call writes a temporary file of its own (``tempfile.mkstemp``): writers in several
+    processes or threads may replace one file at once, and each renames what it wrote.
+    """
     directory = os.path.dirname(path) or "."
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        os.write(fd, data)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     fsync_dir(directory)
 

@@ -236,7 +236,7 @@ def main() -> int:
     require_root()
     if not ENTER.exists() or not SHELL.exists():
         raise SystemExit(f"{ENTER} / {SHELL} missing (run scripts/setup.sh)")
-    from tests.launcher_site import open_site
+    from tests.launcher.launcher_site import open_site
 
     host = HostInfo.collect()
     with BenchSession("sdeefs-startup-") as session, open_site() as site:

@@ -31,8 +31,10 @@ the replica holds it, of the same history (journal id): that is the job's barrie
 failed request's ``kind`` (``control.ControlError``) says why:
 
     no-replicas       this node keeps no replicas (no --replica-dir/--upstream)
-    no-layer          the barrier's timeout passed while the login node answered only that
-                      it holds nothing of the user (NO_LAYER): the user has no environment
+    no-layer          the login node answered that it holds nothing of the user (NO_LAYER):
+                      the user has no environment (answered at once: a head query that
+                      reaches a relay not holding the user falls back to the login node,
+                      so a NO_LAYER that comes back is the login node's own)
     barrier-timeout   the replica was not at the barrier in time (anything else)
 """
 
@@ -414,18 +416,18 @@ class Daemon:
         """Follow ``name`` and wait until the replica holds the login node's head as it is
         now (ControlError after ``limit`` seconds, its kind saying why)."""
         user = await self.start_following(name)
-        failure: BaseException | None = None  # why the head is not known yet
         try:
             with trio.fail_after(limit):
                 while True:
                     try:
                         barrier, jid = await self._login_head(user)
                         break
+                    except NoLayer as exc:
+                        raise control.ControlError(f"{name}: {exc}", ExitCode.FAILURE,
+                                                   "no-layer") from None
                     except HEAD_QUERY_ERRORS as exc:
                         user.stats.last_error = str(exc)
-                        failure = exc
                         await trio.sleep(BARRIER_RETRY)
-                failure = None
                 while True:
                     applied = user.replica.journal_id, user.replica.applied
                     if applied[0] not in (NO_ID, jid):  # the user's history was replaced since
@@ -443,8 +445,7 @@ class Daemon:
             raise control.ControlError(
                 f"{name}: replica not at the barrier after {limit:.0f} s (applied "
                 f"{user.replica.applied}, last error: {user.stats.last_error})",
-                ExitCode.FAILURE,
-                "no-layer" if isinstance(failure, NoLayer) else "barrier-timeout") from None
+                ExitCode.FAILURE, "barrier-timeout") from None
         return {"user": name, "applied": user.replica.applied, "barrier": barrier}
 
     async def _head_now(self, user: ReplicaUser) -> int:

@@ -1,8 +1,8 @@
 """End to end on a real SLURM cluster: a login environment streams to 3 (or 5) compute nodes.
 
 munge + slurmctld + N slurmd, each node in its own network namespace
-(tests/cluster/slurm_cluster.py); sdeefs-replicad as the origin on the login node (the hub)
-and as a replica on every node;
+(tests/cluster/slurm_cluster.py);
+sdeefs-replicad as the origin on the login node (the hub) and as a replica on every node;
 SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeefs-run`.
 """
 
@@ -202,7 +202,7 @@ def open_grid(nodes: int, barrier_timeout: int = 90) -> Iterator[Grid]:
                         for run in (base / f"n{i}" / "jobs").glob("*.run"):
                             with contextlib.suppress(Exception):
                                 from sdeefs import config as config_mod
-                                from sdeefs.launcher import job as job_mod
+                                from sdeefs.launcher.compute import job as job_mod
 
                                 job_mod.epilog(config_mod.load(str(site.config)), f"n{i}",
                                                run.name.removesuffix(".run"))

@@ -1,4 +1,4 @@
-"""Real-namespace tests of the C helper ``launcher/sdeefs-enter.c`` (idmap, start, join).
+"""Real-namespace tests of the C helper ``launcher/enter/`` (idmap, start, join).
 
 They run as root: the helper is compiled into a tmp dir, a throw-away user is created with
 ``useradd`` and removed with ``userdel -r`` in a ``finally``, and the layers are built here
@@ -31,7 +31,7 @@ import attrs
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCE = REPO / "launcher" / "sdeefs-enter.c"
+SOURCE = REPO / "launcher" / "enter"  # built with its Makefile
 CAP_SYS_ADMIN = 21
 CAP_SYS_PTRACE = 19
 CAP_CHOWN = 0
@@ -40,7 +40,7 @@ CAP_CHOWN = 0
 def _skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "sdeefs-enter idmap/start need root (idmapped mounts, another user's id maps)"
-    for tool in ("gcc", "useradd", "userdel", "runuser", "umount"):
+    for tool in ("gcc", "make", "useradd", "userdel", "runuser", "umount"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     if not Path("/proc/self/ns/user").exists():
@@ -200,10 +200,10 @@ def helper(env_user: EnvUser) -> Iterator[Helper]:
     h = Helper(bindir / "sdeefs-enter", bindir / "sdeefs-enter-fsopen", env_user, base, lower,
                layers)
     try:
-        gcc = ["gcc", "-O2", "-Wall", "-Wextra", "-Werror"]
-        subprocess.run([*gcc, "-o", str(h.binary), str(SOURCE)], check=True)
-        subprocess.run([*gcc, "-DSDEEFS_TEST_FSOPEN_ONLY", "-o", str(h.fsopen_binary),
-                        str(SOURCE)], check=True)
+        make = ["make", "-s", "-C", str(SOURCE)]
+        subprocess.run([*make, f"OUT={h.binary}"], check=True)
+        subprocess.run([*make, f"OUT={h.fsopen_binary}",
+                        "EXTRA_CFLAGS=-DSDEEFS_TEST_FSOPEN_ONLY"], check=True)
         lower.mkdir()
         layers.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700", "sdeefs-test", str(layers)],

@@ -515,7 +515,7 @@ def test_secrets_are_absent_or_unreadable(env: Escape) -> None:
 
 
 # Regression (was a SECURITY finding): the idmapped lower maps host uid 0 to the user, so
-# inside-root owned every root-only file no deny pattern hid.  launcher/private.py now scans
+# inside-root owned every root-only file no deny pattern hid.  launcher/compute/private.py scans
 # for root-only entries and the mask hides them (ENOENT; EACCES would do as well).
 def test_root_only_files_outside_the_deny_list_stay_unreadable(env: Escape) -> None:
     path = env.probe / "root-only"

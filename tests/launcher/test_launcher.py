@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from sdeefs import config as config_mod
+from sdeefs import control
 from sdeefs.fs.daemon import daemon_pid
-from sdeefs.launcher import service as service_mod
-from sdeefs.launcher.pam import install, uninstall
+from sdeefs.launcher.layout import SiteRun
+from sdeefs.launcher.login.pam import install, uninstall
 
 from .launcher_site import SHELL, VENV_BIN, Site, open_site, requires_launcher
 
@@ -247,7 +249,7 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
     alice, bob = site.add_user(), site.add_user()
     service = subprocess.Popen([str(VENV_BIN / "sdeefs-launchd")], env=site.env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    cfg = config_mod.load(str(site.config))
+    launchd = SiteRun(config_mod.load(str(site.config)).run_dir).launchd_socket
     try:
         sock = site.run_dir / "launchd.sock"
         deadline = time.monotonic() + 30
@@ -261,6 +263,13 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
                                   capture_output=True, text=True, timeout=60)
 
         assert shell(alice, "-c", "id -u; echo $((6*7))").stdout == "0\n42\n"
+        # The daemons forked by the service (a trio process) do not inherit its loop's
+        # signal handling: trio warns in a daemon's log when it finds a wakeup fd set.
+        for log in (site.run_dir / alice / "private" / "guard.log",
+                    site.root / alice / "state" / "daemon.log"):
+            text = log.read_text()
+            assert "Warning" not in text, (log, text)
+            assert "Traceback" not in text, (log, text)
         status = {row["user"]: row for row in json.loads(site.sdeefs("status", "--json").stdout)}
         assert status[alice]["running"]
         assert status[alice]["engine"] == "hybrid"
@@ -289,7 +298,16 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
                               "not json"], capture_output=True, text=True, timeout=30)
         assert json.loads(raw.stdout)["error"] == "bad request: not JSON"
         assert service.poll() is None  # still serving after all of that
-        assert service_mod.request(cfg, {"op": "stop", "user": bob})["stopped"] is True
+        # Connections are answered concurrently: one that never sends its line holds up
+        # nobody (a service reading them one at a time would answer it first, after 2 s).
+        with socket.socket(socket.AF_UNIX) as idle:
+            idle.connect(str(sock))
+            with pytest.raises(control.ControlError, match="unknown op 'reboot'"):
+                control.request(launchd, {"op": "reboot"})  # answered at once
+            idle.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                idle.recv(1)
+        assert control.request(launchd, {"op": "stop", "user": bob})["stopped"] is True
         # a refusal reaches the user as one line with its exit code
         os.chmod(site.home(bob), 0o700)
         free = next(uid for uid in range(999, 500, -1) if not _uid_taken(uid))
@@ -297,7 +315,7 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
         refused = shell(bob, "-c", "true")  # now below min_uid
         assert refused.returncode == 3
         assert refused.stderr == f"sdeefs-shell: {bob} is below min_uid 1000: no environment\n"
-        assert service_mod.request(cfg, {"op": "stop", "user": alice})["stopped"] is True
+        assert control.request(launchd, {"op": "stop", "user": alice})["stopped"] is True
         assert site.leftovers() == []
     finally:
         service.terminate()
@@ -319,7 +337,7 @@ def test_private_scan_refreshes_may_race(tmp_path: Path) -> None:
     they shared one temporary file name)."""
     import threading
 
-    from sdeefs.launcher import private
+    from sdeefs.launcher.compute import private
 
     lower = tmp_path / "lower"
     (lower / "etc").mkdir(parents=True)

@@ -30,23 +30,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pwd
 import shutil
 import socket
 import sys
 
 from sdeefs import config as config_mod
-from sdeefs.config import SiteConfig
+from sdeefs import control
+from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.statedir import ReplicaDirs
 
-from . import env
+from .. import enter, env, view
+from ..layout import EnvDirs, make_dirs
 
 log = logging.getLogger(__name__)
 
-
-def pwd_name() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.getuid()).pw_name
+# The ControlError kind of sdeefs-replicad's answer when the login node holds no layer of
+# the user (who never logged in with sdeefs): the job runs without an environment.
+NO_LAYER = "no-layer"
 
 
 def node_name() -> str:
@@ -60,24 +62,21 @@ def _job_id() -> str:
     return job
 
 
-def layout(config: SiteConfig, node: str, job: str) -> env.Layout:
-    job_dir = config.replication.on(node).job_dir
-    return env.Layout(os.path.join(job_dir, job), os.path.join(job_dir, f"{job}.run"))
+def job_dirs(config: SiteConfig, node: str, job: str) -> EnvDirs:
+    return EnvDirs.job(config.replication.on(node).job_dir, job)
 
 
 def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRecord | None:
     """Replica at the barrier, then the job's environment (idempotent)."""
-    from sdeefs.replicad import control_request
-
     rep = config.replication.on(node)
     if user.uid < config.min_uid:
         return None
-    reply = control_request(rep.control, {"op": "follow", "user": user.name, "wait": True,
+    reply = control.request(rep.control, {"op": "follow", "user": user.name, "wait": True,
                                           "timeout": rep.barrier_timeout},
-                            timeout=rep.barrier_timeout + 30)
+                            timeout=rep.barrier_timeout + 30, what="sdeefs-replicad")
     log.info("job %s: replica of %s at seq %s (barrier %s)", job, user.name,
              reply.get("applied"), reply.get("barrier"))
-    replica_upper = os.path.join(rep.replica_dir, user.name, "upper")
+    replica_upper = ReplicaDirs.of(rep.replica_dir, user.name).upper
     os.makedirs(rep.job_dir, mode=0o755, exist_ok=True)
     lower_dev = os.stat(config.lower).st_dev
     for key, path in (("replica_dir", rep.replica_dir), ("job_dir", rep.job_dir)):
@@ -85,36 +84,37 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
             raise QuietError(f"replication.{key} {path} is on the same filesystem as the lower "
                              f"({config.lower}): the kernel refuses overlapping overlay layers; "
                              "put it on the node's local scratch filesystem", ExitCode.USAGE)
-    where = layout(config, node, job)
-    with env.user_lock(where):
-        record = env.EnvRecord.load(where.record)
+    where = job_dirs(config, node, job)
+    with env.locked(where.run):
+        record = env.EnvRecord.load(where.run)
         if record is not None and env.is_alive(record):
             return record
-        _ensure_job_dirs(where, user)
-        record = env.launch(config, user, where, where.upper, os.path.join(where.work, "ovl"),
-                            "overlay", middle=(replica_upper,))
-        env._save(where, record)
+        _make_job_dirs(where, user)
+        layer = where.layer
+        init = view.launch(config, user, where.run, layer.upper,
+                           os.path.join(layer.state.work, "ovl"), middle=(replica_upper,))
+        record = env.EnvRecord.started_now(user, init, Engine.OVERLAY)
+        record.save(where.run)
         return record
 
 
-def _ensure_job_dirs(where: env.Layout, user: env.User) -> None:
-    for path, owner, mode in ((where.root, None, 0o700), (where.upper, user, 0o755),
-                              (where.state, None, 0o700), (where.work, user, 0o700),
-                              (where.lower, None, 0o700)):
-        os.makedirs(path, mode=mode, exist_ok=True)
-        os.chown(path, *((user.uid, user.gid) if owner else (0, 0)))
-        os.chmod(path, mode)
+def _make_job_dirs(where: EnvDirs, user: env.User) -> None:
+    root, owner = (0, 0), (user.uid, user.gid)
+    layer = where.layer
+    make_dirs(((layer.path, root, 0o700), (layer.upper, owner, 0o755),
+               (layer.state.path, root, 0o700), (layer.state.work, owner, 0o700),
+               (where.run.lower, root, 0o700)))
 
 
 def epilog(config: SiteConfig, node: str, job: str) -> bool:
     """End the job's environment on this node and remove its scratch upper."""
-    where = layout(config, node, job)
-    if not os.path.isdir(where.run) and not os.path.isdir(where.root):
+    where = job_dirs(config, node, job)
+    if not os.path.isdir(where.run.path) and not os.path.isdir(where.layer.path):
         return False
-    with env.user_lock(where):
-        env._teardown(where, env.EnvRecord.load(where.record))
-    shutil.rmtree(where.root, ignore_errors=True)
-    shutil.rmtree(where.run, ignore_errors=True)
+    with env.locked(where.run):
+        env.teardown(where, env.EnvRecord.load(where.run))
+    shutil.rmtree(where.layer.path, ignore_errors=True)
+    shutil.rmtree(where.run.path, ignore_errors=True)
     return True
 
 
@@ -130,12 +130,11 @@ def prolog_main(config: SiteConfig) -> int:
     node, job, user = node_name(), _job_id(), _slurm_user()
     try:
         prolog(config, node, user, job)
-    except QuietError as exc:
-        if "holds nothing of user" in str(exc):
-            print(f"sdeefs: job {job}: {user.name} has no sdeefs environment; the job runs "
-                  "without one", file=sys.stderr)
-            return 0
-        raise
+    except control.ControlError as exc:
+        if exc.kind != NO_LAYER:
+            raise
+        print(f"sdeefs: job {job}: {user.name} has no sdeefs environment; the job runs "
+              "without one", file=sys.stderr)
     return 0
 
 
@@ -160,22 +159,21 @@ def run_main(argv: list[str] | None = None) -> int:
                              "engine has one lower layer, a job needs the replica and the host",
                              ExitCode.USAGE)
         config = config_mod.load()
-        where = layout(config, node_name(), _job_id())
+        where = job_dirs(config, node_name(), _job_id())
         try:
-            with open(where.init) as f:
+            with open(where.run.init) as f:
                 pid = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             raise QuietError(f"no sdeefs environment for job {_job_id()} on {node_name()} "
                              "(is `sdeefs job-prolog` SLURM's Prolog here?)",
                              ExitCode.UNAVAILABLE) from None
-        helper = env.helper_path()
         # The environment shows the home and the shared paths of the host; elsewhere the
         # job's directory does not exist inside, so start in the home instead.
         cwd = os.getcwd()
-        me = env.User.lookup(pwd_name())
-        if not any(env._inside(cwd, p) for p in (me.home, *config.shared)):
+        me = env.User.lookup(pwd.getpwuid(os.getuid()).pw_name)
+        if not any(view.is_inside(cwd, p) for p in (me.home, *config.shared)):
             cwd = me.home
-        os.execv(helper, [helper, "join", "--pid", str(pid), "--cwd", cwd, "--", *command])
+        enter.exec_join(pid, cwd, command)
     except QuietError as exc:
         print(f"sdeefs-run: {exc}", file=sys.stderr)
         return exc.exitcode

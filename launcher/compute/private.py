@@ -10,7 +10,7 @@ whiteouts, directories empty).  Entries owned by other users need nothing: their
 owners are not mapped into the user namespace, so inside-root gets no override.
 
 The scan walks the lower's own filesystem (5 s for a full Debian root here), so its
-result is cached in RUN_DIR/private-paths and reused until it is ``max_age`` old;
+result is cached in RUN_DIR/private-paths (layout.py) and reused until it is ``max_age`` old;
 ``sdeefs scan-private`` refreshes it (from cron, or after installing software).
 Entries created after the last scan are not hidden until the next one: the deny
 list in the config covers known secrets at every job start regardless.
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 
 from sdeefs.fs.guard import readable_only_by_root
+from sdeefs.sysio import write_file_atomic
 
-CACHE_NAME = "private-paths"
+from ..layout import SiteRun
 
 
 def scan(lower: str, skip: tuple[str, ...]) -> Iterator[bytes]:
@@ -60,7 +60,7 @@ def scan(lower: str, skip: tuple[str, ...]) -> Iterator[bytes]:
 def private_paths(lower: str, run_dir: str, skip: tuple[str, ...], max_age: float,
                   ) -> list[bytes]:
     """The cached scan, refreshed when missing or older than ``max_age`` seconds."""
-    cache = os.path.join(run_dir, CACHE_NAME)
+    cache = SiteRun(run_dir).private_paths
     try:
         if time.time() - os.stat(cache).st_mtime < max_age:
             with open(cache, "rb") as f:
@@ -73,10 +73,7 @@ def private_paths(lower: str, run_dir: str, skip: tuple[str, ...], max_age: floa
 def refresh(lower: str, run_dir: str, skip: tuple[str, ...]) -> list[bytes]:
     found = sorted(scan(lower, skip))
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
-    # A temporary file of its own: the prologs of several jobs (or simulated nodes sharing a
-    # machine) may refresh at once, and each replace must find its own file.
-    fd, tmp = tempfile.mkstemp(prefix=CACHE_NAME + ".", dir=run_dir)  # mode 0600
-    with os.fdopen(fd, "wb") as f:
-        f.write(b"\n".join(found) + b"\n")
-    os.replace(tmp, os.path.join(run_dir, CACHE_NAME))
+    # The prologs of several jobs (or simulated nodes sharing a machine) may refresh at once:
+    # each writes a temporary file of its own.
+    write_file_atomic(SiteRun(run_dir).private_paths, b"\n".join(found) + b"\n")
     return found

@@ -26,7 +26,7 @@ import sys
 from sdeefs import config as config_mod
 from sdeefs.errors import ExitCode, QuietError
 
-from . import env
+from .. import env
 
 log = logging.getLogger(__name__)
 MARKER = "# sdeefs"

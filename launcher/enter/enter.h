@@ -1,0 +1,97 @@
+/*
+ * sdeefs-enter: create, and join, an sdeefs environment (the launcher's C helper).
+ *
+ * An environment gives the HPC user U (host uid U, gid G) "root inside" but never more than U on
+ * the host: a user namespace owned by U that maps inside 0 to U, a mount namespace and a PID
+ * namespace, whose root is a kernel overlayfs mounted *inside* the user namespace (userxattr) over
+ * an idmapped bind of the host "/" (host 0 shown as U) and an upper that belongs to U.
+ *
+ *   sdeefs-enter idmap --uid U --gid G SRC DST                    (as root)          idmap.c
+ *   sdeefs-enter start --uid U --gid G --root-lower DIR [...] --root-upper DIR --root-work DIR
+ *                      --home HOSTDIR [--bind SRC:DST ...] [--ro-bind SRC:DST ...] [--hide PATH ...]
+ *                      [--tmp-size SIZE]                 (as root; prints the init pid)  start.c
+ *   sdeefs-enter start --uid U --gid G --root-view DIR --home HOSTDIR [...]
+ *                      (the root is a bind of an existing view, the pure FUSE engine's mount,
+ *                      instead of an overlay mounted inside the user namespace)
+ *   sdeefs-enter join --pid PID [--cwd DIR] [--keep-cap NAME ...] -- CMD [ARG...]   (as U or root)
+ *                                                                                    join.c
+ *   sdeefs-shell [--engine E] [ARG...]   (the login shell: this binary under that name)  shell.c
+ *
+ * Every error is one line on stderr, "sdeefs-enter: <step>: <reason>", and exit status 1 (2 for
+ * usage errors).  A failed start leaves nothing behind: the processes it forked are killed.
+ *
+ * This header declares what the commands share (common.c): the error reporting, the few
+ * syscall wrappers more than one command uses, id parsing and the id maps.  Built by the
+ * Makefile beside it (scripts/setup.sh), into .venv/bin/sdeefs-enter.
+ */
+#ifndef SDEEFS_ENTER_H
+#define SDEEFS_ENTER_H
+
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <pwd.h>
+#include <linux/capability.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h> /* glibc 2.36: includes <linux/mount.h> (new mount API constants) */
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define INIT_NAME "sdeefs-init" /* the environment's PID 1: start.c names it, join.c checks it */
+
+/* ---- Errors (common.c) ---- */
+
+extern int g_report;       /* in A and B of start: socket to P; errors go there as "E<line>" */
+extern pid_t g_child;      /* in P: our child (A, or idmap's helper) to kill and reap */
+extern pid_t g_grandchild; /* in P: B, once known; A reaps it */
+
+/* Kill and reap what we forked (g_child, g_grandchild). */
+void cleanup_children(void);
+/* One error line: to P through g_report when there is one, else to stderr. */
+void emit_line(const char *line);
+/* "sdeefs-enter: <message>", then cleanup_children() and exit 1. */
+__attribute__((noreturn, format(printf, 1, 2))) void fail(const char *fmt, ...);
+/* The step failed with errno: "sdeefs-enter: <step>: <strerror>". */
+#define FAIL(...) fail_errno(errno, __VA_ARGS__)
+__attribute__((noreturn, format(printf, 2, 3))) void fail_errno(int err, const char *fmt, ...);
+/* "sdeefs-enter: usage: <message>" and exit 2. */
+__attribute__((noreturn, format(printf, 1, 2))) void usage(const char *fmt, ...);
+
+/* ---- Shared helpers (common.c) ---- */
+
+int sys_open_tree(int dfd, const char *path, unsigned flags);
+int sys_move_mount(int from_dfd, const char *from, int to_dfd, const char *to, unsigned flags);
+int sys_mount_setattr(int dfd, const char *path, unsigned flags, struct mount_attr *attr);
+int sys_close_range(unsigned first, unsigned last);
+
+/* A decimal id below 2^32 - 1, or a usage error naming the option. */
+unsigned parse_id(const char *opt, const char *s);
+/* setgroups "deny", uid_map "0 UID 1", gid_map "0 GID 1" of process PID's user namespace. */
+void write_id_maps(pid_t pid, unsigned uid, unsigned gid);
+
+/* ---- The commands ---- */
+
+extern int g_argc;     /* main's: start.c renames the init by overwriting argv in place */
+extern char **g_argv;
+
+int cmd_idmap(int argc, char **argv);             /* idmap.c */
+int cmd_start(int argc, char **argv);             /* start.c */
+int cmd_join(int argc, char **argv);              /* join.c */
+int cmd_shell(int argc, char **argv, int login);  /* shell.c */
+
+#endif

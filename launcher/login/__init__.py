@@ -1,0 +1,1 @@
+"""What runs on a login node: the PAM session hook (pam) and the resident service (service)."""

@@ -1,0 +1,289 @@
+"""Building an environment's root, and starting its namespaces over it.
+
+The root of a login environment of user U is kernel overlayfs over four layers::
+
+    upper  ROOT/U/upper        through the journaling sdeefs passthrough at
+                               ROOT/U/state/mnt (engine hybrid), or directly
+                               (engine overlay, no journal)
+    mask   RUN/U/private/mask  tmpfs: empties /proc, /dev, /home ... (mountpoints),
+                               hides sdeefs' own directories and what the deny
+                               list names at start
+    guard  RUN/U/private/guard sdeefs.fs.guard (FUSE, read-only): hides, when first
+                               looked up, whatever the deny list matches and
+                               whatever only root may read on the host, also
+                               entries created after the environment started
+    lower  RUN/U/private/lower idmapped read-only bind of the host root:
+                               host root shows as U, so "root-owned" files are
+                               the user's to change inside (copy-up)
+
+Engine fuse replaces all four with one mount, the pure sdeefs overlay at
+RUN/U/private/view, which applies the same rules itself.  A job's root (compute/job.py)
+has a scratch upper, the user's replica as a middle layer, the mask and the lower, and
+no guard: the cached scan of compute/private.py hides root-only entries instead.
+
+Privileged set-up (daemons, idmapped mount, mask) happens here, as root; the
+namespaces themselves are made by the C helper (enter.py).  Paths: layout.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pwd
+import subprocess
+from collections.abc import Callable
+
+import attrs
+
+from sdeefs.config import Engine, SiteConfig
+from sdeefs.errors import ExitCode, QuietError
+from sdeefs.fs.daemon import daemon_pid
+from sdeefs.fs.mask import MaskSpec, build_mask
+from sdeefs.fs.mount import (
+    GuardRequest,
+    MountRequest,
+    begin_guard,
+    mount,
+    mount_passthrough,
+)
+
+from . import enter
+from .compute import private
+from .layout import EnvDirs, RunDirs
+from .procs import InitProcess
+
+log = logging.getLogger(__name__)
+
+ALWAYS_EMPTY = ("/proc", "/sys", "/dev", "/run", "/tmp")  # the environment mounts its own
+
+
+@attrs.frozen
+class User:
+    """Whose environment: the passwd entry that decides its ids and home."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @classmethod
+    def lookup(cls, name: str) -> User:
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise QuietError(f"no such user: {name}", ExitCode.USAGE) from None
+        return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+def mounted(path: str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def detach(path: str) -> None:
+    """Unmount ``path`` if something is mounted there, lazily if it is busy."""
+    if mounted(path):
+        result = subprocess.run(["umount", path], capture_output=True, text=True)
+        if result.returncode != 0:
+            subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def is_inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+# -- the mask ---------------------------------------------------------------------------------
+
+
+def scan_skip(config: SiteConfig) -> tuple[str, ...]:
+    """What the scan for root-only entries (compute/private.py) does not descend into."""
+    return tuple(os.path.join(config.lower, p.lstrip("/")) for p in
+                 (*ALWAYS_EMPTY, "home", config.root, config.run_dir))
+
+
+def mask_spec(config: SiteConfig, user: User, scan_private: bool = True) -> MaskSpec:
+    lower = config.lower
+    empty: list[bytes] = []
+    hidden: list[bytes] = []
+    needed = (user.home, *config.shared)  # mountpoints that must stay reachable
+    for pattern in (*ALWAYS_EMPTY, config.root, config.run_dir, *config.deny):
+        for path in sorted(glob.glob(os.path.join(lower, pattern.lstrip("/")))) or []:
+            rel = os.fsencode(os.path.relpath(path, lower))
+            # A denied directory (and sdeefs' own) vanishes (a whiteout), unless a bind mount
+            # goes inside it (/home) or the environment mounts something there (/proc): then
+            # it is emptied.  An emptied secret directory would keep its owner and mode
+            # (/etc/munge: 0700, munge), and "permission denied" tells more than "no such file".
+            keep = pattern in ALWAYS_EMPTY or any(is_inside(p, "/" + os.fsdecode(rel))
+                                                  for p in needed)
+            if os.path.isdir(path) and not os.path.islink(path) and keep:
+                empty.append(rel)
+            else:
+                hidden.append(rel)
+    covered = set(empty) | set(hidden)
+    scanned = private.private_paths(lower, config.run_dir, scan_skip(config),
+                                    config.private_scan_age) if scan_private else []
+    for rel in scanned:
+        if not _below_any(rel, covered, itself=True):
+            full = os.path.join(os.fsencode(lower), rel)
+            (empty if os.path.isdir(full) and not os.path.islink(full) else hidden).append(rel)
+    # Nothing inside a vanished entry: its whiteout already hides all of it.
+    gone = set(hidden)
+    empty = [e for e in empty if not _below_any(e, gone)]
+    hidden = [h for h in hidden if not _below_any(h, gone)]
+    mountpoints = [os.fsencode(p.lstrip("/")) for p in (user.home, *config.shared)
+                   if any(is_inside(p, "/" + os.fsdecode(e)) for e in empty)]
+    return MaskSpec(tuple(dict.fromkeys(empty)), tuple(dict.fromkeys(hidden)),
+                    tuple(mountpoints))
+
+
+def _below_any(rel: bytes, dirs: set[bytes], itself: bool = False) -> bool:
+    """Is ``rel`` inside one of ``dirs`` (or one of them, with ``itself``)?  One set lookup
+    per ancestor: the private scan can list thousands of paths."""
+    if itself and rel in dirs:
+        return True
+    parts = rel.split(b"/")
+    return any(b"/".join(parts[:i]) in dirs for i in range(1, len(parts)))
+
+
+# -- the daemons of a login's root ------------------------------------------------------------
+
+
+def _ensure_upper_daemon(config: SiteConfig, dirs: EnvDirs) -> None:
+    """Engine hybrid: the journaling passthrough of the upper, healthy (recovered after a crash)."""
+    state = dirs.layer.state
+    if mounted(state.mnt):
+        try:
+            os.stat(os.path.join(state.mnt, "upper"))
+            if daemon_pid(state.path) is not None:
+                return
+        except OSError:
+            pass
+        log.warning("%s: the upper daemon died; remounting (the journal recovers)", state.mnt)
+        detach(state.mnt)
+    mount_passthrough(MountRequest(mountpoint=state.mnt, upper=dirs.layer.upper,
+                                   state=state.path, lower="/", engine=Engine.FUSE,
+                                   cache_timeout=config.cache_timeout,
+                                   xattr_namespace="user", writeback_cache=False))
+
+
+def _begin_guard(config: SiteConfig, user: User, run: RunDirs) -> Callable[[], str]:
+    """Make sure the guard layer (sdeefs.fs.guard) of the user's view is mounted and healthy
+    (remounted if its daemon died).  Its daemon starts now; the returned call waits for it,
+    so that the upper's daemon can start meanwhile."""
+    if mounted(run.guard):
+        try:
+            os.statvfs(run.guard)
+            return lambda: run.guard
+        except OSError:  # ENOTCONN: the daemon is gone
+            log.warning("%s: the guard daemon died; remounting", run.guard)
+            detach(run.guard)
+    os.makedirs(run.guard, mode=0o700, exist_ok=True)
+    wait = begin_guard(GuardRequest(mountpoint=run.guard, lower=config.lower, uid=user.uid,
+                                    gid=user.gid, deny=config.deny, log=run.guard_log,
+                                    cache_timeout=config.cache_timeout))
+
+    def wait_mounted() -> str:
+        wait()
+        return run.guard
+
+    return wait_mounted
+
+
+def _ensure_fuse_view(config: SiteConfig, user: User, dirs: EnvDirs) -> str:
+    """Engine fuse: the pure sdeefs overlay of the host root and the user's upper."""
+    view = dirs.run.view
+    if mounted(view):
+        try:
+            os.statvfs(view)
+            return view
+        except OSError:
+            log.warning("%s: the daemon died; remounting (the journal recovers)", view)
+            detach(view)
+    os.makedirs(view, mode=0o700, exist_ok=True)
+    # The same view as the other engines: host root shows as the user, the deny list and
+    # root-only entries are hidden (sdeefs.fs.guard's rules), sdeefs' own trees vanish, and
+    # /proc, /dev, /home ... are empty directories for the environment's own mounts.
+    mount(MountRequest(mountpoint=view, upper=dirs.layer.upper, state=dirs.layer.state.path,
+                       lower=config.lower, engine=Engine.FUSE,
+                       excludes=tuple(p for p in (*ALWAYS_EMPTY, "/home")
+                                      if os.path.isdir(os.path.join(config.lower, p[1:]))),
+                       cache_timeout=config.cache_timeout, xattr_namespace="user",
+                       root_owner=(user.uid, user.gid),
+                       deny=(*config.deny, config.root, config.run_dir)))
+    return view
+
+
+# -- starting ---------------------------------------------------------------------------------
+
+
+def start_login(config: SiteConfig, user: User, dirs: EnvDirs, engine: Engine) -> InitProcess:
+    """The daemons and mounts of a login environment of ``engine``, then its namespaces.
+
+    The caller made ``dirs`` (env.py) and holds the environment's lock.
+    """
+    if engine == Engine.FUSE:
+        return _start_namespaces(config, user,
+                                 ["--root-view", _ensure_fuse_view(config, user, dirs)])
+    guard = _begin_guard(config, user, dirs.run)
+    try:
+        if engine == Engine.HYBRID:
+            _ensure_upper_daemon(config, dirs)
+            mnt = dirs.layer.state.mnt
+            upper = os.path.join(mnt, "upper")
+            work = os.path.join(mnt, "work", "ovl")  # made through the daemon: journaled
+        else:
+            upper, work = dirs.layer.upper, os.path.join(dirs.layer.state.work, "ovl")
+    finally:
+        guard_path = guard()  # waited for in any case: no daemon is left unreported
+    return launch(config, user, dirs.run, upper, work, guard=guard_path)
+
+
+def launch(config: SiteConfig, user: User, run: RunDirs, upper: str, work: str,
+           middle: tuple[str, ...] = (), guard: str | None = None) -> InitProcess:
+    """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
+    replica of the user's upper, on compute nodes) and the masked, idmapped host root.
+
+    With a ``guard`` layer (logins) root-only host entries are hidden as they are
+    looked up; without one (jobs: no daemon on compute nodes) the cached scan of
+    compute/private.py hides those that existed when it ran.
+    """
+    if not os.path.isdir(work):
+        os.mkdir(work, 0o700)
+        os.chown(work, user.uid, user.gid)
+    if not mounted(run.lower):
+        enter.run(["idmap", "--uid", str(user.uid), "--gid", str(user.gid), config.lower,
+                   run.lower])
+
+    def as_user(uid: int, gid: int) -> tuple[int, int]:  # host root shows as the user
+        return (user.uid if uid == 0 else uid, user.gid if gid == 0 else gid)
+
+    lowers = [run.lower] if guard is None else [guard, run.lower]
+    if build_mask(run.mask, config.lower, mask_spec(config, user, guard is None),
+                  b"user.overlay.opaque", as_user):
+        lowers.insert(0, run.mask)
+    lowers[:0] = middle  # the user's own layer is above the mask, as the upper is at login
+    root = []
+    for lower in lowers:
+        root += ["--root-lower", lower]
+    return _start_namespaces(config, user, [*root, "--root-upper", upper, "--root-work", work])
+
+
+def _start_namespaces(config: SiteConfig, user: User, root: list[str]) -> InitProcess:
+    """sdeefs-enter start: the namespaces and init of an environment whose root is ``root``
+    (its --root-* options)."""
+    args = ["start", "--uid", str(user.uid), "--gid", str(user.gid), *root, "--home", user.home,
+            "--tmp-size", config.tmp_size]
+    for shared in config.shared:
+        if os.path.isdir(shared):
+            args += ["--bind", f"{shared}:{shared}"]
+    init = InitProcess.find(int(enter.run(args).strip()))
+    if init is None:
+        raise QuietError(f"the environment of {user.name} died while starting", ExitCode.FAILURE)
+    return init
+
+
+def refresh_private_scan(config: SiteConfig) -> list[bytes]:
+    """``sdeefs scan-private``: scan the lower for root-only entries now (for new jobs)."""
+    return private.refresh(config.lower, config.run_dir, scan_skip(config))
