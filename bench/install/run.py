@@ -30,7 +30,9 @@ pays for the write-back of another; runs go round-robin, the order rotated each 
 Contenders: ``tmpfs`` (floor), ``native`` (a directory on the host's ext4),
 ``overlay`` (kernel overlayfs, upper on the host's ext4), ``overlay-img`` (upper on
 an ext4 layer image on a loop device, ``sdeefs.fs.image``), ``fuse-overlayfs``,
-``sdeefs-fuse`` and ``sdeefs-hybrid`` (``sdeefs mount --engine E``), and ``kernel``:
+``sdeefs-fuse`` and ``sdeefs-hybrid`` (``sdeefs mount --engine E``), ``guard-img``
+(overlay-img with the guard as a lower: the kernel engine's view without its capture,
+which tells the guard's cost from the capture's), and ``kernel``:
 the login view of the kernel engine as the launcher will stack it: kernel overlayfs
 with lowers = the sdeefs guard (``GuardRequest``/``mount_guard``) over the lower, the
 upper on a layer image, and the capture daemon (``python -m sdeefs.fs.capture``)
@@ -50,12 +52,15 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -68,7 +73,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.common import (  # noqa: E402
     REPO_ROOT,
     BenchSession,
-    CommandTimeout,
     Contender,
     FuseOverlayfsContender,
     HostInfo,
@@ -618,6 +622,59 @@ def workloads(settings: Settings, inputs: Inputs | None) -> list[Workload]:
     return out
 
 
+def timed_run(argv: Sequence[str | os.PathLike[str]], tracker: ProcessTracker, timeout: float,
+              env: dict[str, str] | None = None) -> tuple[float, str]:
+    """(wall-clock seconds, stdout) of ``argv``, to the microsecond.
+
+    Not ``bench.common.run_command``: ``Popen.wait(timeout)`` polls with sleeps of up
+    to 50 ms, which quantizes a 30 ms ``find`` into 35 or 65 ms.  Here the harness
+    blocks in ``waitpid`` and a timer thread kills the command's process group if it
+    runs past ``timeout``.
+    """
+    args = [os.fspath(arg) for arg in argv]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                 env=env, cwd="/", start_new_session=True)
+        tracked = tracker.track(popen.pid, shlex.join(args[:3]))
+        finished = threading.Event()
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            if not finished.is_set():  # the group still exists: its leader is not reaped
+                timed_out.set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(popen.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status = os.waitpid(popen.pid, 0)
+            elapsed = time.perf_counter() - start
+        except BaseException:  # Ctrl-C, SIGTERM: end the command, then go on unwinding
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
+        finally:
+            finished.set()
+            timer.cancel()
+            if tracked is not None:
+                tracker.forget(tracked)
+        popen.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    name = Path(args[0]).name
+    if timed_out.is_set():
+        raise WorkloadError(f"{name} timed out after {timeout:.0f} s")
+    if popen.returncode != 0:
+        detail = one_line(stderr) or one_line(stdout) or "no output"
+        raise WorkloadError(f"{name}: exit {popen.returncode}: {detail}")
+    return elapsed, stdout
+
+
 @dataclass
 class Bench:
     settings: Settings
@@ -632,14 +689,7 @@ class Bench:
     def timed(self, argv: Sequence[str | os.PathLike[str]], env: dict[str, str] | None = None,
               ) -> tuple[float, str]:
         os.sync()  # nobody pays for another's write-back
-        try:
-            result = run_command(argv, self.tracker, timeout=self.settings.timeout, env=env,
-                                 cwd="/")
-        except CommandTimeout as exc:
-            raise WorkloadError(str(exc)) from None
-        if not result.ok:
-            raise WorkloadError(f"{Path(result.argv[0]).name}: {result.failure_reason()}")
-        return result.elapsed, result.stdout
+        return timed_run(argv, self.tracker, self.settings.timeout, env)
 
     def write_command(self, workload: str, target: Path) -> tuple[list[str], dict[str, str] | None]:
         s = self.settings
@@ -831,6 +881,11 @@ def extras_line(results: Results, key: str) -> str:
     return "; ".join(parts)
 
 
+def write_verdict(ratio: float) -> str:
+    return ("stretch met (>= 0.9x)" if ratio >= 0.9 else "met (>= 0.5x)" if ratio >= 0.5
+            else "NOT met (< 0.5x)")
+
+
 def goal_lines(results: Results, chosen: Sequence[Workload]) -> list[str]:
     lines = []
     for workload in chosen:
@@ -841,19 +896,29 @@ def goal_lines(results: Results, chosen: Sequence[Workload]) -> list[str]:
             if kernel is None or overlay is None:
                 lines.append(f"* {metric.label}: no result for the kernel engine or overlay")
                 continue
+            guard_img = results.median(metric.key, "guard-img")
             if metric.writes:
+                # The issue asks for >= 0.5x kernel overlayfs "on the same layers": the
+                # verdict takes the lower of the two overlays' ratios.
                 ratio = overlay / kernel
-                verdict = ("stretch met (>= 0.9x)" if ratio >= 0.9 else "met (>= 0.5x)"
-                           if ratio >= 0.5 else "NOT met (< 0.5x)")
-                same = f", {overlay_img / kernel:.2f}x overlay-img" if overlay_img else ""
-                lines.append(f"* {metric.label}: kernel engine (writer + drain) "
-                             f"{ratio:.2f}x overlay{same}: **{verdict}**")
+                line = f"* {metric.label}: kernel engine (writer + drain) {ratio:.2f}x overlay"
+                if overlay_img:
+                    ratio = min(ratio, overlay_img / kernel)
+                    line += f", {overlay_img / kernel:.2f}x overlay-img (same layers)"
+                writer = results.median(metric.key, "kernel: writer only")
+                if writer and overlay_img:
+                    line += f"; the writer alone {overlay_img / writer:.2f}x overlay-img"
+                lines.append(line + f": **{write_verdict(ratio)}**")
             else:
                 factor = kernel / overlay
                 limit = 2.0 if metric.key.endswith("-1") else 1.1
                 verdict = "met" if factor <= limit else "NOT met"
-                lines.append(f"* {metric.label}: login view {factor:.2f}x the time of plain "
-                             f"overlay (goal <= {limit:g}x): **{verdict}**")
+                line = (f"* {metric.label}: login view {factor:.2f}x the time of plain overlay "
+                        f"(goal <= {limit:g}x)")
+                if guard_img and overlay_img:
+                    line += (f"; the guard alone: guard-img {guard_img / overlay_img:.2f}x "
+                             "overlay-img")
+                lines.append(line + f": **{verdict}**")
     return lines
 
 
@@ -951,6 +1016,8 @@ def all_contenders(template: LayerTemplate, python: Path) -> list[Contender]:
         native,
         KernelOverlayContender(),
         ImageOverlayContender("overlay-img", template, python, guard=False, capture=False),
+        # the kernel engine's view without its capture: what the guard costs alone
+        ImageOverlayContender("guard-img", template, python, guard=True, capture=False),
         FuseOverlayfsContender(),
         SdeefsContender("sdeefs-fuse", "fuse", python=python),
         SdeefsContender("sdeefs-hybrid", "hybrid", python=python),
@@ -970,6 +1037,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"wheel cache, kept between runs (default {DEFAULT_WHEELS})")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT,
                         help="where install.md and install.svg go (default bench/out)")
+    parser.add_argument("--name", default="install",
+                        help="base name of the outputs in --out-dir (default install; "
+                        "quick runs add -quick)")
     parser.add_argument("--no-results", action="store_true",
                         help="do not append to bench/RESULTS.md (quick runs never do)")
     return parser.parse_args(argv)
@@ -1023,10 +1093,10 @@ def main(argv: Sequence[str]) -> int:
         svg = chart(results, chosen, ready, settings)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if settings.quick else ""
-    md_path = args.out_dir / f"install{suffix}.md"
+    md_path = args.out_dir / f"{args.name}{suffix}.md"
     md_path.write_text("# Installing software through the login view (bench/install)\n\n"
                        + text + "\n")
-    plot.write_svg(args.out_dir / f"install{suffix}.svg", svg)
+    plot.write_svg(md_path.with_suffix(".svg"), svg)
     log(f"wrote {md_path} and {md_path.with_suffix('.svg')}")
     if not settings.quick and not args.no_results and not interrupted:
         with RESULTS_MD.open("a") as f:
