@@ -175,10 +175,7 @@ def sdeefs_fs(name: str) -> ModuleType:
 
 GUARD_HELPER = r"""
 import sys
-try:
-    from sdeefs.fs.mount import GuardRequest, mount_guard
-except ImportError:
-    from sdeefs.mount import GuardRequest, mount_guard
+from sdeefs.fs.mount import GuardRequest, mount_guard
 mountpoint, lower, uid, gid, log = sys.argv[1:6]
 mount_guard(GuardRequest(mountpoint=mountpoint, lower=lower, uid=int(uid), gid=int(gid),
                          deny=tuple(sys.argv[6:]), log=log))
