@@ -169,9 +169,11 @@ def _launcher(args: argparse.Namespace) -> int:
             print(f"{user}: stopped (idle)")
         return 0
     rows = env.status(cfg)
-    replicas = replication_cli.followers(cfg.replication.on(job.node_name()))
+    origin = replication_cli.origin_users(cfg.replication.on(job.node_name()))
     for row in rows:
-        row["replicas"] = replicas.get(str(row["user"]), {})
+        info = origin.get(str(row["user"]), {})
+        row["replicas"] = info.get("followers", {})
+        row["replication_errors"] = info.get("refused", [])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -182,6 +184,6 @@ def _launcher(args: argparse.Namespace) -> int:
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
               f"{row['processes']:>5} {format_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
-        for line in replication_cli.follower_lines(row["replicas"]):  # type: ignore[arg-type]
+        for line in replication_cli.user_lines(origin.get(str(row["user"]), {})):
             print(f"{'':<16} {line}")
     return 0
