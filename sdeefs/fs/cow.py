@@ -857,15 +857,17 @@ class CowFS:
         What no replica would carry (``sdeefs.replicable``) is refused with EPERM here,
         before anything is journaled: the journal never holds a record replicas skip."""
         self._check_xattr_name(name)
+        node = self.node(ino)
+        self._refuse_layer_root(node)
+        if removing:
+            # ENODATA before any copy-up, and before the rule: kernel overlayfs removes
+            # POSIX ACLs that are not there from its work directory, and must hear ENODATA
+            self.getxattr(ino, name)
         record = rec.Removexattr(b"upper", name) if removing else \
             rec.Setxattr(b"upper", name, value)
         reason = refusal(record, self.ids)
         if reason is not None:
             raise OSError(errno.EPERM, f"not replicated: {reason}")
-        node = self.node(ino)
-        self._refuse_layer_root(node)
-        if removing:
-            self.getxattr(ino, name)  # ENODATA before any copy-up
         return self.start_copy_up(node)
 
     def copy_up_for_write(self, ino: int, truncate: bool) -> CopyUp | None:
@@ -1252,7 +1254,7 @@ class CowFS:
         return [n for n in names if not self.config.xattrs.is_private(n)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.run_copy_ups(lambda: self.copy_up_for_xattr(ino, name))
+        self.run_copy_ups(lambda: self.copy_up_for_xattr(ino, name, value=value))
         node = self.node(ino)
         path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
         self.layers.setxattr(path, name, value)

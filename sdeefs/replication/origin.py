@@ -90,7 +90,8 @@ class OriginUser:
         grew: set (and replaced) each time the journal directory changes.
         refused: records shipped that every replica will skip (``sdeefs.replicable``:
             the daemon's door refuses them, so only a journal written by something else
-            holds one), the first MAX_REFUSED; ``sdeefs status`` shows them.
+            holds one), the first MAX_REFUSED; ``sdeefs status`` shows them until a
+            snapshot past them was sent (a resync).
     """
 
     name: str
@@ -419,6 +420,10 @@ class Origin:
                 continue
             await link.send_snapshot(user.dirs.upper, seq, user.ids)
             if await self.offload.run(journal.size_bytes) == before:
+                # a replica made faithful past them (``sdeefs replica resync``): no longer
+                # shown as errors
+                for refused in [k for k in user.refused if k <= seq]:
+                    del user.refused[refused]
                 return seq
             log.warning("snapshot of %s for %s: the upper changed while read (attempt %d)",
                         user.name, link.downstream.node, attempt + 1)
