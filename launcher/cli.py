@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "every environment hides")
     sub.add_parser("job-prolog", help="SLURM Prolog: replica at the barrier, job environment")
     sub.add_parser("job-epilog", help="SLURM Epilog: end the job's environment")
+    sl = sub.add_parser("install-slurm", help="put sdeefs-run on PATH and sdeefs-prolog/"
+                        "-epilog where slurm.conf names them (links into PREFIX)")
+    sl.add_argument("--prefix", default="/usr/local")
     replication_cli.add_parser(sub)
 
     for name, helptext in (("diff", "what this user added, changed and deleted"),
@@ -134,7 +137,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle",
-                     "scan-private", "job-prolog", "job-epilog", "replica")
+                     "scan-private", "job-prolog", "job-epilog", "replica", "install-slurm")
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -148,6 +151,13 @@ def _launcher(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("job-prolog", "job-epilog"):
         return job.slurm_hook_main(args.command[4:])
+    if args.command == "install-slurm":
+        for path in job.install_slurm(args.prefix):
+            print(f"installed {path}")
+        sbin = os.path.join(args.prefix, "sbin")
+        print(f"slurm.conf: Prolog={sbin}/sdeefs-prolog  Epilog={sbin}/sdeefs-epilog  "
+              "PrologFlags=Alloc")
+        return 0
     cfg = config.load()
     if args.command == "replica":
         return replication_cli.run(args, cfg.replication.on(job.node_name()))

@@ -60,6 +60,7 @@ import pwd
 import shutil
 import socket
 import sys
+import sysconfig
 
 from sdeefs import config as config_mod
 from sdeefs import control
@@ -266,6 +267,34 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"sdeefs-run: {exc}", file=sys.stderr)
         return exc.exitcode
     return 0  # not reached
+
+
+# What ``sdeefs install-slurm`` puts on the nodes' PATH: (directory under the prefix, name).
+SLURM_COMMANDS = (("bin", "sdeefs-run"), ("sbin", "sdeefs-prolog"), ("sbin", "sdeefs-epilog"))
+
+
+def install_slurm(prefix: str) -> list[str]:
+    """Link the job commands of this installation into ``prefix`` (``/usr/local``:
+    ``bin/sdeefs-run`` on every user's PATH, ``sbin/sdeefs-prolog``/``-epilog`` where
+    slurm.conf names them); a link of ours is replaced, anything else is left and
+    refused.  Returns the paths made."""
+    scripts = sysconfig.get_path("scripts")
+    made = []
+    for sub, name in SLURM_COMMANDS:
+        target = os.path.join(scripts, name)
+        if not os.access(target, os.X_OK):
+            raise QuietError(f"{target} is missing: reinstall sdeefs (scripts/setup.sh)",
+                             ExitCode.UNAVAILABLE)
+        link = os.path.join(prefix, sub, name)
+        os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+        if os.path.lexists(link):
+            if not os.path.islink(link):
+                raise QuietError(f"{link} exists and is not a link of sdeefs: not replaced",
+                                 ExitCode.BUSY)
+            os.unlink(link)
+        os.symlink(target, link)
+        made.append(link)
+    return made
 
 
 def _exec_bare(command: list[str]) -> None:
