@@ -30,7 +30,7 @@ State on disk (``REPLICA_DIR/USER/``)
 ``skipped`` (JSON, replaced atomically with fsync; absent: nothing skipped): the records
 skipped since the copy was last faithful (a snapshot swapped in or a reset removes it)::
 
-    {"journal": "<hex journal id>", "count": N,
+    {"journal": "<hex journal id>", "count": N, "last": <the last seq skipped>,
      "records": [[seq, unix time, "reason"], ...]}    # the first MAX_SKIPPED of them
 
 ``position`` (POSITION, 68 bytes, rewritten in place after every record, never
@@ -159,12 +159,13 @@ class Skipped:
 
     count: int = 0
     records: tuple[SkippedRecord, ...] = ()
+    last: int = 0  # the last seq skipped
 
     def plus(self, record: SkippedRecord) -> Skipped:
-        if any(r.seq == record.seq for r in self.records[-1:]):  # delivered again after a crash
+        if self.count and record.seq <= self.last:  # delivered again after a crash
             return self
         kept = self.records if len(self.records) >= MAX_SKIPPED else (*self.records, record)
-        return Skipped(self.count + 1, kept)
+        return Skipped(self.count + 1, kept, record.seq)
 
     def summary(self) -> str:
         """One line: the first skipped record and how many more."""
@@ -175,8 +176,9 @@ class Skipped:
         return f"record {first.seq} was skipped: {first.reason}{more}"
 
     def encode(self, journal_id: bytes) -> bytes:
-        return json.dumps({"journal": journal_id.hex(), "count": self.count, "records": [
-            [r.seq, r.time, r.reason] for r in self.records]}).encode()
+        return json.dumps({"journal": journal_id.hex(), "count": self.count,
+                           "last": self.last, "records": [
+                               [r.seq, r.time, r.reason] for r in self.records]}).encode()
 
     @classmethod
     def decode(cls, data: bytes, journal_id: bytes) -> Skipped:
@@ -188,7 +190,7 @@ class Skipped:
                 return cls()
             records = tuple(SkippedRecord(int(seq), str(reason), float(when))
                             for seq, when, reason in obj["records"])
-            return cls(max(int(obj["count"]), len(records)), records)
+            return cls(max(int(obj["count"]), len(records)), records, int(obj["last"]))
         except (ValueError, KeyError, TypeError):
             return cls(1, (SkippedRecord(0, "the list of skipped records is damaged", 0.0),))
 

@@ -43,8 +43,8 @@ HELLO           replica →  seq: first seq wanted.  nonce 16s, journal id 16s (
                            none held), flags u16 (QUERY: answer the head, stream
                            nothing; RESYNC: a snapshot first, from the login
                            node itself, never redirected), port u16 (where this
-                           replica relays; 0: it
-                           does not), user (u16 + bytes), node (u16 + bytes)
+                           replica relays; 0: it does not), user (u16 + bytes),
+                           node (u16 + bytes)
 HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s
 REDIRECT        ← upstream "host:port" of another upstream to ask (tree fan-out)
 RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, record
