@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "every environment hides")
     sub.add_parser("job-prolog", help="SLURM Prolog: replica at the barrier, job environment")
     sub.add_parser("job-epilog", help="SLURM Epilog: end the job's environment")
+    sl = sub.add_parser("install-slurm", help="put sdeefs-run on PATH and sdeefs-prolog/"
+                        "-epilog where slurm.conf names them (links into PREFIX)")
+    sl.add_argument("--prefix", default="/usr/local")
     replication_cli.add_parser(sub)
 
     for name, helptext in (("diff", "what this user added, changed and deleted"),
@@ -134,7 +137,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle",
-                     "scan-private", "job-prolog", "job-epilog", "replica")
+                     "scan-private", "job-prolog", "job-epilog", "replica", "install-slurm")
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -148,6 +151,13 @@ def _launcher(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("job-prolog", "job-epilog"):
         return job.slurm_hook_main(args.command[4:])
+    if args.command == "install-slurm":
+        for path in job.install_slurm(args.prefix):
+            print(f"installed {path}")
+        sbin = os.path.join(args.prefix, "sbin")
+        print(f"slurm.conf: Prolog={sbin}/sdeefs-prolog  Epilog={sbin}/sdeefs-epilog  "
+              "PrologFlags=Alloc")
+        return 0
     cfg = config.load()
     if args.command == "replica":
         return replication_cli.run(args, cfg.replication.on(job.node_name()))
@@ -169,9 +179,11 @@ def _launcher(args: argparse.Namespace) -> int:
             print(f"{user}: stopped (idle)")
         return 0
     rows = env.status(cfg)
-    replicas = replication_cli.followers(cfg.replication.on(job.node_name()))
+    origin = replication_cli.origin_users(cfg.replication.on(job.node_name()))
     for row in rows:
-        row["replicas"] = replicas.get(str(row["user"]), {})
+        info = origin.get(str(row["user"]), {})
+        row["replicas"] = info.get("followers", {})
+        row["replication_errors"] = info.get("refused", [])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -182,6 +194,6 @@ def _launcher(args: argparse.Namespace) -> int:
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
               f"{row['processes']:>5} {format_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
-        for line in replication_cli.follower_lines(row["replicas"]):  # type: ignore[arg-type]
+        for line in replication_cli.user_lines(origin.get(str(row["user"]), {})):
             print(f"{'':<16} {line}")
     return 0

@@ -23,6 +23,7 @@ Control socket (unix, root only; ``sdeefs.control``)::
     {"op": "follow", "user": U, "wait": true, "timeout": 120}   -> {"applied", "barrier"}
     {"op": "follow", "user": U}                                  -> {"following": true}
     {"op": "unfollow", "user": U}                                -> {"stopped": bool}
+    {"op": "resync", "user": U, "timeout": 300}                  -> {"applied", "snapshots"}
     {"op": "status"}                                             -> every user, both roles
 
 ``follow`` with ``wait`` learns the login node's head *now* (``relay.HeadRounds``: at
@@ -36,6 +37,16 @@ failed request's ``kind`` (``control.ControlError``) says why:
                       reaches a relay not holding the user falls back to the login node,
                       so a NO_LAYER that comes back is the login node's own)
     barrier-timeout   the replica was not at the barrier in time (anything else)
+    skipped           the replica is at the barrier but skipped records on the way
+                      (``replica``: the user's problem, never the link's): it differs
+                      from the user's upper until ``resync``
+
+``resync`` makes the replica of U faithful again, whatever it holds: the link ends, and
+the next one goes to the login node itself (never redirected) with the HELLO flag RESYNC;
+the login node sends a verified snapshot of U's upper, which replaces the copy (and its
+list of skipped records) only once verified, then the journal from there on.  The nodes
+this one relays to get a snapshot of the new copy in turn (``relay``): resyncing a relay
+resyncs the nodes below it.  Answered once the snapshot swapped in.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ import trio
 from .. import control
 from ..errors import ExitCode, QuietError
 from ..offload import Offload
+from ..replicable import ids_of_user
 from ..statedir import ReplicaDirs
 from ..sysio import malloc_trim
 from .origin import Origin, OriginUser
@@ -71,6 +83,7 @@ from .wire import (
     OLD_VERSIONS,
     QUERY,
     REDIRECT,
+    RESYNC,
     VERSION,
     Frame,
     FrameReader,
@@ -169,6 +182,8 @@ class ReplicaUser:
     scope: trio.CancelScope | None = None
     applied_changed: trio.Event = attrs.field(factory=trio.Event)
     queries: int = 0
+    link_scope: trio.CancelScope | None = None  # the current link upstream (``resync``)
+    resync: bool = False  # the next link asks the login node for a snapshot
 
     def note_applied(self, before: int, frames: list[Frame], relaying: bool) -> None:
         """The replica applied ``frames`` after seq ``before``."""
@@ -262,7 +277,9 @@ class Daemon:
         else:
             assert relay is not None
             downstreams = relay.downstreams
-        target = downstreams.redirect(hello.node)
+        # a resync is served by the login node itself (the relays' copies may be the bad ones)
+        target = None if origin is not None and hello.flags & RESYNC else \
+            downstreams.redirect(hello.node)
         if target is not None:
             await stream.send_all(Frame(REDIRECT, 0, target.encode()).encode(self.config.key))
             return
@@ -325,7 +342,8 @@ class Daemon:
             user = self.replicas.get(name)
             if user is None:
                 dirs = ReplicaDirs.of(self.config.replica_dir, name)
-                replica = await self.offload.run(Replica.open, dirs.path)
+                ids = await self.offload.run(ids_of_user, name)
+                replica = await self.offload.run(Replica.open, dirs.path, ids)
                 stats = LinkStats()
                 rounds = HeadRounds(name, self.config.node, self.config.key,
                                     self.config.upstream, stats)
@@ -356,24 +374,14 @@ class Daemon:
             user.scope = scope
             try:
                 while True:
+                    if user.resync:
+                        address, redirects = home, 0
                     user.stats.upstream = address
                     try:
-                        with trio.fail_after(CONNECT_TIMEOUT):
-                            stream = await trio.open_tcp_stream(*address_arg(address))
-                        async with stream:
-                            await Follower(
-                                stream, user.replica, self.config.key, user.name,
-                                self.config.node, user.stats,
-                                report=user.downstreams.report,
-                                on_applied=lambda before, frames: user.note_applied(
-                                    before, frames, relaying),
-                                on_snapshot=user.relay.clear,
-                                silence_timeout=self.config.silence_timeout,
-                                relay_port=self.config.listen[1] if self.config.listen else 0,
-                                wait_room=user.relay.wait_room,
-                                # a batch never evicts what it waited to keep
-                                batch_bytes=max(1, user.relay.limit // 4),
-                                offload=self.offload).run()
+                        with trio.CancelScope() as user.link_scope:
+                            await self._link(user, address, relaying)
+                        if user.link_scope.cancelled_caught:  # resync: at once
+                            continue
                         backoff = 0.05
                     except HistoryDiverged as exc:
                         user.stats.last_error = f"{address}: {exc}"
@@ -408,6 +416,49 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await self.offload.run(user.replica.close)
 
+    async def _link(self, user: ReplicaUser, address: str, relaying: bool) -> None:
+        """One link upstream for ``user`` (a resync's: to the login node, snapshot first)."""
+        def snapshotted() -> None:
+            user.resync = False
+            user.relay.clear()
+
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(*address_arg(address))
+        async with stream:
+            await Follower(
+                stream, user.replica, self.config.key, user.name,
+                self.config.node, user.stats,
+                report=user.downstreams.report,
+                on_applied=lambda before, frames: user.note_applied(
+                    before, frames, relaying),
+                on_snapshot=snapshotted,
+                silence_timeout=self.config.silence_timeout,
+                relay_port=self.config.listen[1] if self.config.listen else 0,
+                wait_room=user.relay.wait_room,
+                # a batch never evicts what it waited to keep
+                batch_bytes=max(1, user.relay.limit // 4),
+                offload=self.offload, resync=user.resync).run()
+
+    async def resync(self, name: str, limit: float) -> dict[str, object]:
+        """Replace ``name``'s replica with a verified snapshot from the login node (see the
+        module docstring); ControlError ``barrier-timeout`` if none landed in time."""
+        user = await self.start_following(name)
+        snapshots = user.stats.snapshots
+        user.resync = True
+        if user.link_scope is not None:
+            user.link_scope.cancel()
+        try:
+            with trio.fail_after(limit):
+                while user.stats.snapshots == snapshots:
+                    with trio.move_on_after(BARRIER_POLL):
+                        await user.applied_changed.wait()
+        except trio.TooSlowError:
+            raise control.ControlError(
+                f"{name}: no snapshot from the login node within {limit:.0f} s (last error: "
+                f"{user.stats.last_error})", ExitCode.FAILURE, "barrier-timeout") from None
+        return {"user": name, "applied": user.replica.applied,
+                "snapshots": user.stats.snapshots, "skipped": user.replica.skipped.count}
+
     async def _login_head(self, user: ReplicaUser) -> tuple[int, bytes]:
         assert self._nursery is not None
         return await user.rounds.login_head(self._nursery)
@@ -441,6 +492,12 @@ class Daemon:
                         break
                     with trio.move_on_after(BARRIER_POLL):
                         await user.applied_changed.wait()
+            skipped = user.replica.skipped
+            if skipped.count:
+                raise control.ControlError(
+                    f"the replica of {name}'s environment on {self.config.node} differs: "
+                    f"{skipped.summary()}; `sdeefs replica resync {name}` repairs it",
+                    ExitCode.FAILURE, "skipped")
         except trio.TooSlowError:
             raise control.ControlError(
                 f"{name}: replica not at the barrier after {limit:.0f} s (applied "
@@ -495,6 +552,12 @@ class Daemon:
             return {"user": user, "following": True}
         if op == "unfollow":
             return {"user": user, "stopped": self.stop_following(user)}
+        if op == "resync":
+            try:
+                timeout = float(request.get("timeout", 300))
+            except (TypeError, ValueError):
+                raise control.BadRequest("timeout must be a number") from None
+            return await self.resync(user, timeout)
         raise control.BadRequest(f"unknown op {op!r}")
 
     async def status(self) -> dict[str, object]:
@@ -507,6 +570,8 @@ class Daemon:
                 "bytes_received": r.stats.bytes_received, "connected": r.stats.connected,
                 "upstream": r.stats.upstream, "last_error": r.stats.last_error,
                 "followers": sorted(r.downstreams.followers), "queries": r.queries,
+                "snapshots": r.stats.snapshots, "skipped": r.replica.skipped.count,
+                "skipped_records": [x.as_json() for x in r.replica.skipped.records],
             }
         return {"node": self.config.node, "origin": origin, "replicas": replicas,
                 "uptime": time.time() - self.started}

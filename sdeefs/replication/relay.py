@@ -60,6 +60,7 @@ import attrs
 import trio
 
 from ..offload import Offload
+from ..replicable import UserIds
 from .replica import LinkStats, Replica
 from .snapshot import snapshot_frames
 from .wire import (
@@ -192,10 +193,11 @@ class DownstreamLink:
         if frames:
             await self.send_encoded([f.encode(self.key) for f in frames], frames[-1].seq)
 
-    async def send_snapshot(self, upper: str, seq: int) -> None:
-        """Stream a snapshot of ``upper`` as the state at ``seq`` (the caller keeps it still)."""
+    async def send_snapshot(self, upper: str, seq: int, ids: UserIds) -> None:
+        """Stream a snapshot of ``upper`` as the state at ``seq`` (the caller keeps it
+        still), of what replicas carry for the user of ``ids``."""
         digest: list[bytes] = []
-        frames = snapshot_frames(upper, seq, digest)
+        frames = snapshot_frames(upper, seq, digest, ids)
 
         def take() -> list[Frame]:  # a worker thread: reading the tree
             out, size = [], 0
@@ -510,7 +512,7 @@ class RelaySender:
         await self.offload.run(replica.lock.acquire)
         try:
             seq = replica.applied
-            await self.link.send_snapshot(replica.upper, seq)
+            await self.link.send_snapshot(replica.upper, seq, replica.ids)
         finally:
             replica.lock.release()
         return seq

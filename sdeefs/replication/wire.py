@@ -41,8 +41,10 @@ frame           direction  seq / payload
 ==============  =========  ==========================================================
 HELLO           replica →  seq: first seq wanted.  nonce 16s, journal id 16s (zero:
                            none held), flags u16 (QUERY: answer the head, stream
-                           nothing), port u16 (where this replica relays; 0: it
-                           does not), user (u16 + bytes), node (u16 + bytes)
+                           nothing; RESYNC: a snapshot first, from the login
+                           node itself, never redirected), port u16 (where this
+                           replica relays; 0: it does not), user (u16 + bytes),
+                           node (u16 + bytes)
 HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s
 REDIRECT        ← upstream "host:port" of another upstream to ask (tree fan-out)
 RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, record
@@ -83,8 +85,10 @@ replica says it of the old upstream's first frame.  Both ends must run the same 
 Every byte from a peer is hostile: a frame with a bad magic, version, CRC, MAC or
 length is rejected; records are decoded strictly (``sdeefs.records``: no unsafe path,
 no device node) and made safe (:func:`sanitize`): set-user/group-ID bits are stripped
-from every mode, xattrs other than ``user.*`` and the overlay's own
-``trusted.overlay.*`` are refused (so no ``security.capability``).
+from every mode.  What a replica then carries out is the one rule of
+``sdeefs.replicable`` (the login node's door applies it too): a record it refuses, or
+one that does not decode, arrived in an authenticated frame and is the user's problem,
+not the link's (:class:`Refused`): the replica skips it, records the error and goes on.
 """
 
 from __future__ import annotations
@@ -96,7 +100,6 @@ import hmac
 import os
 import re
 import secrets
-import stat
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -116,6 +119,7 @@ FRAME_TYPES = range(1, 9)
 MORE = 1
 SKIP = 2  # the seqs before this frame's were markers, not sent (a third of a journal)
 QUERY = 1  # HELLO flag: only tell me your head (the SLURM prolog's barrier), then close
+RESYNC = 2  # HELLO flag: send me a snapshot first, whatever I hold (``sdeefs replica resync``)
 FRAME_HEADER = struct.Struct("<4sBBHIQI")
 assert FRAME_HEADER.size == 24
 CRC = struct.Struct("<I")  # the header's last field, filled in once the frame is complete
@@ -136,7 +140,6 @@ REPORT_ENTRY = struct.Struct("<Q")  # after the node's name
 REPORT_INTERVAL = 1.0  # seconds: at most one subtree report per link this often
 ERROR_CODE = struct.Struct("<H")
 MAX_ERROR_MESSAGE = 4096  # bytes of an ERROR's message
-ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
 DEFAULT_PORT = 7077
 _NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
 
@@ -173,6 +176,13 @@ class HistoryDiverged(ProtocolError):
     its unsynced tail in a crash of the login node): the replica must start over."""
 
     code = ErrorCode.DIVERGED
+
+
+class Refused(ProtocolError):
+    """A record from an authenticated frame that a replica must not carry out (it does not
+    decode, ``sdeefs.replicable`` refuses it, or this copy cannot apply it): the user's
+    problem, not the link's.  A replica skips it and records the error; a snapshot that
+    holds one changes nothing (as any ProtocolError)."""
 
 
 class NoLayer(ProtocolError):
@@ -418,7 +428,7 @@ def decode_hello(frame: Frame) -> Hello:
     flags, port = HELLO_FIXED.unpack_from(payload, NONCE_SIZE + ID_SIZE)
     user, offset = _take_name(payload, NONCE_SIZE + ID_SIZE + HELLO_FIXED.size, "user name")
     node, offset = _take_name(payload, offset, "node name")
-    if offset != len(payload) or flags & ~QUERY or frame.seq < 1:
+    if offset != len(payload) or flags & ~(QUERY | RESYNC) or frame.seq < 1:
         raise ProtocolError("malformed HELLO")
     return Hello(nonce, jid, user, node, frame.seq, flags, port)
 
@@ -504,33 +514,29 @@ def encode_record_payload(record: rec.Record, data: bytes = b"") -> bytes:
 def decode_record_payload(payload: bytes) -> tuple[rec.Record, bytes]:
     """(record, data) from a RECORD payload, made safe to apply; ProtocolError otherwise."""
     if len(payload) < RECORD_HEAD.size:
-        raise ProtocolError("record frame too short")
+        raise Refused("record frame too short")
     rtype, length = RECORD_HEAD.unpack_from(payload)
     end = RECORD_HEAD.size + length
     if end > len(payload):
-        raise ProtocolError("record runs past the frame")
+        raise Refused("record runs past the frame")
     try:
         record = rec.decode_record(rtype, bytes(payload[RECORD_HEAD.size:end]))
     except BadRecord as exc:
-        raise ProtocolError(f"bad record: {exc}") from None
+        raise Refused(f"bad record: {exc}") from None
     data = payload[end:]
     if isinstance(record, rec.Write):
         if len(data) > record.length:
-            raise ProtocolError("more data than the write record covers")
+            raise Refused("more data than the write record covers")
     elif data:
-        raise ProtocolError("data attached to a record that takes none")
+        raise Refused("data attached to a record that takes none")
     return sanitize(record), data
 
 
 def sanitize(record: rec.Record) -> rec.Record:
-    """What a replica applies: no set-ID bits, only the xattrs an upper legitimately has."""
+    """What a replica applies: no set-ID bits (whether it applies it at all is
+    ``sdeefs.replicable``'s rule)."""
     if isinstance(record, rec.Mkdir | rec.Mknod | rec.Setattr) and record.mode & 0o6000:
         record = attrs.evolve(record, mode=record.mode & ~0o6000)
-    if isinstance(record, rec.Setxattr | rec.Removexattr) and not record.name.startswith(
-            ALLOWED_XATTR_PREFIXES):
-        raise ProtocolError(f"xattr {record.name[:64]!r} is not replicated")
-    if isinstance(record, rec.Mknod) and stat.S_ISCHR(record.mode) and record.mode & 0o7777:
-        raise ProtocolError("a whiteout must have mode 0")
     return record
 
 
