@@ -27,7 +27,10 @@ a missing file means all defaults.  Example (every key, with its default)::
 
     [replication]                # compute nodes and jobs (replicad, launcher/compute/job.py)
     login = ""                   # HOST:PORT of the login node's sdeefs-replicad (required on
-                                 # compute nodes)
+                                 # compute nodes; where the login node's replicad listens)
+    listen = ""                  # HOST:PORT where this node's replicad serves followers: on
+                                 # compute nodes, makes it a relay of the fan-out tree (its
+                                 # address as the other nodes reach it; "" = no relaying)
     key_file = "/etc/sdeefs/replication.key"   # shared key, root only, >= 32 bytes
     control = "/run/sdeefs-replicad.sock"      # the local replicad's control socket
     replica_dir = "/var/lib/sdeefs-replica"    # replicas of users' uppers on this node
@@ -74,6 +77,7 @@ class Replication:
     """The [replication] table (see the module docstring)."""
 
     login: str = ""
+    listen: str = ""
     key_file: str = "/etc/sdeefs/replication.key"
     control: str = "/run/sdeefs-replicad.sock"
     replica_dir: str = "/var/lib/sdeefs-replica"
@@ -83,7 +87,7 @@ class Replication:
     def on(self, node: str) -> Replication:
         """These settings with ``%n`` replaced by ``node``."""
         return attrs.evolve(self, **{key: getattr(self, key).replace("%n", node) for key in
-                                     ("control", "replica_dir", "job_dir")})
+                                     ("listen", "control", "replica_dir", "job_dir")})
 
 
 @attrs.frozen
@@ -171,12 +175,13 @@ def _replication(table: object, source: str) -> Replication:
         if key not in fields:
             raise QuietError(f"{source}: unknown key replication.{key}", ExitCode.USAGE)
     values: dict[str, Any] = {}
-    if "login" in table:
-        login = table["login"]
-        if not isinstance(login, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", login):
-            raise QuietError(f"{source}: replication.login must look like HOST:PORT, "
-                             f"not {login!r}", ExitCode.USAGE)
-        values["login"] = login
+    for key in ("login", "listen"):
+        if key in table:
+            address = table[key]
+            if not isinstance(address, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", address):
+                raise QuietError(f"{source}: replication.{key} must look like HOST:PORT, "
+                                 f"not {address!r}", ExitCode.USAGE)
+            values[key] = address
     for key in ("key_file", "control", "replica_dir", "job_dir"):
         if key in table:
             values[key] = _absolute(f"replication.{key}", table[key])

@@ -519,6 +519,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdeefs-replicad", description="serve users' journals (login node) and keep "
         "their replicas (compute nodes); see `pydoc sdeefs.replication`")
+    parser.add_argument("--role", choices=("login", "compute"),
+                        help="take every setting from the site config for this role: login "
+                             "(serve [sdeefs] root's journals at replication.login) or compute "
+                             "(follow replication.login, keep replicas in replication.replica_dir, "
+                             "relay at replication.listen); what the systemd units run")
     parser.add_argument("--node", default=socket.gethostname().split(".")[0],
                         help="this node's name (default: the short host name)")
     parser.add_argument("--key-file",
@@ -558,9 +563,22 @@ def _defaults_from_config(args: argparse.Namespace) -> None:
     prolog and ``sdeefs-run`` read too), with ``%n`` the node's name."""
     from .. import config as config_mod
 
-    rep = config_mod.load().replication.on(args.node)
+    site = config_mod.load()
+    rep = site.replication.on(args.node)
     args.key_file = args.key_file or rep.key_file
     args.control = args.control or rep.control
+    if args.role == "login":
+        if not (args.listen or rep.login):
+            raise QuietError("--role login: set replication.login (HOST:PORT) in the config",
+                             ExitCode.USAGE)
+        args.origin = args.origin or site.root
+        args.listen = args.listen or rep.login
+        return
+    if args.role == "compute":
+        if not (args.upstream or rep.login):
+            raise QuietError("--role compute: set replication.login (HOST:PORT) in the config",
+                             ExitCode.USAGE)
+        args.listen = args.listen or rep.listen or None
     if not args.origin:  # a compute node
         args.upstream = args.upstream or rep.login or None
         if args.upstream:

@@ -20,7 +20,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-VENV_BIN = Path(sys.executable).parent
+# The installed runtime (tests/conftest.py installs it with scripts/install.sh), or this
+# venv's when pytest runs without root.
+VENV_BIN = Path(os.environ.get("SDEEFS_TEST_BIN") or Path(sys.executable).parent)
 ENTER = VENV_BIN / "sdeefs-enter"
 SHELL = VENV_BIN / "sdeefs-shell"
 
