@@ -20,7 +20,7 @@ from sdeefs.fs.daemon import daemon_pid
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def install_runtime() -> None:
     """Install the runtime the way an admin does (scripts/install.sh), into a directory of
     this checkout's own, before any test module is imported: the tests run the installed
     commands (``$SDEEFS_TEST_BIN``, tests/launcher/launcher_site.py), which every test user
@@ -36,7 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
          "--bin-dir", str(prefix / "bin"), "--sbin-dir", str(prefix / "sbin"),
          "--no-system-files"], capture_output=True, text=True)
     if result.returncode != 0:
-        raise pytest.UsageError(f"scripts/install.sh failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"scripts/install.sh failed:\n{result.stderr[-3000:]}")
     os.chmod(prefix.parent, 0o755)
     os.environ["SDEEFS_TEST_BIN"] = str(prefix / "opt" / "bin")
 
@@ -163,5 +163,7 @@ def layers(tmp_path: Path) -> Iterator[Layers]:
         result.cleanup()
 
 
-# The launcher tests' site fixture (tests/launcher/launcher_site.py), available to every module.
+# The launcher tests' site fixture (tests/launcher/launcher_site.py), available to every module;
+# it runs the installed commands, so the runtime is installed first.
+install_runtime()
 from .launcher.launcher_site import site  # noqa: E402, F401

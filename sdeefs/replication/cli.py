@@ -9,11 +9,15 @@ user of ``sdeefs status`` what :func:`followers` found, as :func:`follower_lines
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 
 from ..config import Replication
 from ..errors import ExitCode, QuietError
+from ..statedir import ReplicaDirs
 from ..tools import format_size
+from ..trees import rmtree
 from .daemon import control_request
 
 STATUS_TIMEOUT = 5.0  # seconds ``sdeefs status`` waits for the replicad
@@ -75,3 +79,15 @@ def follower_lines(followers: dict[str, dict[str, object]]) -> list[str]:
     """The rows ``sdeefs status`` shows under a user for these replicas."""
     return [f"replica on {node}: acked {f['acked']}, lag {f['lag']} records"
             for node, f in sorted(followers.items())]
+
+
+def remove_replica(rep: Replication, name: str) -> list[str]:
+    """``sdeefs remove-user`` on a compute node: the local replicad stops following NAME
+    (if it runs), then the replica goes; what was removed."""
+    path = ReplicaDirs.of(rep.replica_dir, name).path
+    if not name or name in (".", "..") or "/" in name or not os.path.lexists(path):
+        return []
+    with contextlib.suppress(QuietError):  # no replicad here: nothing follows the user
+        control_request(rep.control, {"op": "unfollow", "user": name}, timeout=STATUS_TIMEOUT)
+    rmtree(path)
+    return [f"removed {path}"]

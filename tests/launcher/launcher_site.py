@@ -93,7 +93,7 @@ class Site:
                 "SDEEFS_RUN_DIR": str(self.run_dir)}
 
     def sdeefs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "sdeefs", *args], env=self.env(),
+        result = subprocess.run([str(VENV_BIN / "sdeefs"), *args], env=self.env(),
                                 capture_output=True, text=True, timeout=120)
         if check and result.returncode != 0:
             raise AssertionError(f"sdeefs {' '.join(args)}: {result.stderr.strip()}")
