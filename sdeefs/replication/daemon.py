@@ -91,6 +91,12 @@ log = logging.getLogger(__name__)
 MEMORY_CHECK = 1.0  # seconds between looks at whether the streams went quiet
 MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
 HELLO_TIMEOUT = 10.0  # seconds a peer has to say HELLO
+# Peers connected that have not said an authenticated HELLO yet ("strangers"): at most this
+# many; a new one beyond it makes the daemon close the oldest (which is never a real node
+# for long: a real HELLO takes milliseconds), so idle sockets cannot lock real nodes out.
+# Each holds at most a handshake's read buffer (wire.HANDSHAKE_READ + MAX_HANDSHAKE_PAYLOAD):
+# strangers cost at most ~12 MiB together.
+MAX_STRANGERS = 512
 CONNECT_TIMEOUT = 5.0  # seconds to reach an upstream
 THREADS = 40  # worker threads at once (trio's default): replicas applying, shippers reading
 LOCKED_READ_THREADS = 4  # of relays reading their copy for a snapshot, under its lock
@@ -199,6 +205,8 @@ class Daemon:
     started: float = attrs.field(factory=time.time)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _opening: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # one open at a time
+    # connections before their HELLO, oldest first: a scope to close each
+    _strangers: dict[int, trio.CancelScope] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.config.origin_root is not None:
@@ -230,8 +238,20 @@ class Daemon:
         peer = stream.socket.getpeername()[0]
         reader = FrameReader(stream)
         try:
-            with trio.fail_after(HELLO_TIMEOUT):
-                hello = decode_hello(await reader.frame(self.config.key))
+            hello = None
+            with trio.move_on_after(HELLO_TIMEOUT) as waiting:
+                if len(self._strangers) >= MAX_STRANGERS:  # close the oldest stranger
+                    self._strangers.pop(next(iter(self._strangers))).cancel()
+                self._strangers[id(waiting)] = waiting
+                try:
+                    hello = decode_hello(await reader.frame(self.config.key))
+                finally:
+                    self._strangers.pop(id(waiting), None)
+            if hello is None:
+                raise ProtocolError(f"no HELLO within {HELLO_TIMEOUT:.0f} s" if
+                                    waiting.deadline <= trio.current_time() else
+                                    f"no HELLO before {MAX_STRANGERS} newer connections")
+            reader.trust()
             await self._serve_hello(stream, reader, hello, peer)
         except (ProtocolError, EOFError, trio.TooSlowError, ValueError) as exc:
             log.error("peer %s: %s", peer, exc)

@@ -81,7 +81,9 @@ alone, as versions 2 and 3 read it), which the old replica can read and shows; a
 replica says it of the old upstream's first frame.  Both ends must run the same release.
 
 Every byte from a peer is hostile: a frame with a bad magic, version, CRC, MAC or
-length is rejected; records are decoded strictly (``sdeefs.records``: no unsafe path,
+length is rejected; until a peer's first frame authenticated, a frame may not be
+larger than MAX_HANDSHAKE_PAYLOAD (:class:`FrameReader`), so a stranger costs a few
+KiB (and ``sdeefs-replicad`` keeps at most MAX_STRANGERS of them waiting); records are decoded strictly (``sdeefs.records``: no unsafe path,
 no device node) and made safe (:func:`sanitize`): set-user/group-ID bits are stripped
 from every mode, xattrs other than ``user.*`` and the overlay's own
 ``trusted.overlay.*`` are refused (so no ``security.capability``).
@@ -128,6 +130,12 @@ assert RECORD_HEAD.size + 4 + rec.MAX_PATH + 4 + rec.MAX_HANDLE + 16 + CHUNK \
     <= MAX_FRAME_PAYLOAD
 NONCE_SIZE = 16
 ID_SIZE = 16
+# Until a peer's first frame is authenticated, a frame may carry at most this much (a HELLO,
+# its answer, a REDIRECT or an ERROR all fit), and the reader asks the socket for at most
+# HANDSHAKE_READ bytes at a time: a peer that cannot authenticate makes the daemon hold a
+# few KiB, not a 2 MiB frame (issue 14: 200 such peers cost 480 MiB before).
+MAX_HANDSHAKE_PAYLOAD = 8192
+HANDSHAKE_READ = 16384
 NO_ID = bytes(ID_SIZE)
 HELLO_FIXED = struct.Struct("<HH")  # after nonce and journal id: flags, relay port
 NAME_LENGTH = struct.Struct("<H")  # user and node names: u16 length + bytes
@@ -248,7 +256,8 @@ def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: by
         view[end:] = hmac.new(key, view[:end], hashlib.sha256).digest()
 
 
-def _decode_header(header: bytes) -> tuple[int, int, int, int, int]:
+def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
+                   ) -> tuple[int, int, int, int, int]:
     """(type, flags, length, seq, crc) of a frame header; ProtocolError if malformed."""
     if len(header) != FRAME_HEADER.size:
         raise ProtocolError("truncated frame header")
@@ -259,8 +268,10 @@ def _decode_header(header: bytes) -> tuple[int, int, int, int, int]:
         raise VersionMismatch(version)
     if ftype not in FRAME_TYPES or flags & ~(MORE | SKIP):
         raise ProtocolError(f"bad frame type {ftype} or flags {flags:#x}")
-    if length > MAX_FRAME_PAYLOAD:
-        raise ProtocolError(f"frame of {length} bytes is too large")
+    if length > max_payload:
+        raise ProtocolError(f"frame of {length} bytes is too large" if max_payload ==
+                            MAX_FRAME_PAYLOAD else f"a first frame of {length} bytes (at most "
+                            f"{max_payload} before authentication)")
     return ftype, flags, length, seq, crc
 
 
@@ -299,7 +310,10 @@ class Frame:
 class FrameReader:
     """Frames from a stream through one buffer: a stream of small records costs one
     ``recv`` per READ_SIZE bytes, not three awaits per frame.  It may read ahead of the
-    frames asked for, so once a stream has a reader every frame comes through it."""
+    frames asked for, so once a stream has a reader every frame comes through it.
+
+    A new reader trusts nothing: frames of at most MAX_HANDSHAKE_PAYLOAD, reads of at most
+    HANDSHAKE_READ, until :meth:`trust` (called once the peer's HELLO authenticated)."""
 
     READ_SIZE = 1 << 20
 
@@ -307,13 +321,19 @@ class FrameReader:
         self.stream = stream
         self.buf = bytearray()
         self.pos = 0
+        self.max_payload = MAX_HANDSHAKE_PAYLOAD
+        self.read_size = HANDSHAKE_READ
+
+    def trust(self) -> None:
+        """The peer authenticated: frames and reads of full size from now on."""
+        self.max_payload, self.read_size = MAX_FRAME_PAYLOAD, self.READ_SIZE
 
     async def _fill(self, need: int, started: bool) -> None:
         while len(self.buf) - self.pos < need:
             if self.pos:
                 del self.buf[:self.pos]
                 self.pos = 0
-            chunk = await self.stream.receive_some(max(need - len(self.buf), self.READ_SIZE))
+            chunk = await self.stream.receive_some(max(need - len(self.buf), self.read_size))
             if not chunk:
                 if started or self.buf:
                     raise ProtocolError("connection closed in the middle of a frame")
@@ -325,13 +345,13 @@ class FrameReader:
         await self._fill(FRAME_HEADER.size, False)
         header = bytes(self.buf[self.pos:self.pos + FRAME_HEADER.size])
         try:
-            length = _decode_header(header)[2]
+            length = _decode_header(header, self.max_payload)[2]
         except VersionMismatch:
             # Take in the rest of the peer's frame (the header is the same in every
             # version): closing on unread bytes would reset the connection, and the
             # ERROR telling the peer why could be lost with it.
             length = FRAME_HEADER.unpack(header)[4]
-            if length <= MAX_FRAME_PAYLOAD:
+            if length <= self.max_payload:
                 with contextlib.suppress(EOFError, ProtocolError):
                     await self._fill(FRAME_HEADER.size + length + MAC_SIZE, True)
             raise
@@ -449,6 +469,7 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, shared_ke
         raise decode_error(answer, "upstream refused: ")
     if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
         raise ProtocolError("the upstream did not answer HELLO")
+    reader.trust()
     return Session(answer.seq, answer.payload[NONCE_SIZE:],
                    session_key(shared_key, hello.nonce, answer.payload[:NONCE_SIZE]))
 
