@@ -126,14 +126,19 @@ def _install(cfg: SiteConfig) -> Iterator[Finding]:
 
 
 def _key(cfg: SiteConfig) -> Iterator[Finding]:
-    key_file = cfg.replication.key_file
+    rep = cfg.replication
+    key_file = rep.key_file
+    if rep.auth == "munge" or (rep.auth == "auto" and not os.path.exists(key_file)):
+        yield ok("replication auth", f"MUNGE (munged at {rep.munge_socket}; no key file)")
+        return
     try:
         load_key(key_file)
         yield ok("replication key", key_file)
     except QuietError as exc:
         yield Finding("replication key", Verdict.FAIL, str(exc),
                       f"the same >= 32-byte key on every node, root 0600: "
-                      f"(umask 077; head -c 48 /dev/urandom | base64 > {key_file})")
+                      f"(umask 077; head -c 48 /dev/urandom | base64 > {key_file}); "
+                      f"or replication.auth = \"munge\" (no key)")
 
 
 def _munge(cfg: SiteConfig) -> Iterator[Finding]:
@@ -141,9 +146,11 @@ def _munge(cfg: SiteConfig) -> Iterator[Finding]:
         yield Finding("munge", Verdict.WARN, "munge is not installed",
                       "apt-get install munge (SLURM needs it; so do SLURM commands inside)")
         return
-    probe = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+    sock = f"--socket={cfg.replication.munge_socket}"
+    probe = subprocess.run(["munge", "-n", sock], capture_output=True, timeout=10)
     if probe.returncode == 0:
-        probe = subprocess.run(["unmunge"], input=probe.stdout, capture_output=True, timeout=10)
+        probe = subprocess.run(["unmunge", sock], input=probe.stdout, capture_output=True,
+                               timeout=10)
     error = probe.stderr.decode(errors="replace").strip().splitlines() or ["failed"]
     yield (ok("munge", "a credential round trip works") if probe.returncode == 0 else
            Finding("munge", Verdict.FAIL, error[-1],

@@ -31,6 +31,10 @@ a missing file means all defaults.  Example (every key, with its default)::
     listen = ""                  # HOST:PORT where this node's replicad serves followers: on
                                  # compute nodes, makes it a relay of the fan-out tree (its
                                  # address as the other nodes reach it; "" = no relaying)
+    auth = "auto"                # how replicads know each other: munge (the site's munged: no
+                                 # key to distribute), key (the shared key below), auto (key
+                                 # if key_file exists, munge otherwise); the same everywhere
+    munge_socket = "/run/munge/munge.socket.2"  # munged's socket (auth munge)
     key_file = "/etc/sdeefs/replication.key"   # shared key, root only, >= 32 bytes
     control = "/run/sdeefs-replicad.sock"      # the local replicad's control socket
     replica_dir = "/var/lib/sdeefs-replica"    # replicas of users' uppers on this node
@@ -78,6 +82,8 @@ class Replication:
 
     login: str = ""
     listen: str = ""
+    auth: str = "auto"
+    munge_socket: str = "/run/munge/munge.socket.2"
     key_file: str = "/etc/sdeefs/replication.key"
     control: str = "/run/sdeefs-replicad.sock"
     replica_dir: str = "/var/lib/sdeefs-replica"
@@ -182,7 +188,12 @@ def _replication(table: object, source: str) -> Replication:
                 raise QuietError(f"{source}: replication.{key} must look like HOST:PORT, "
                                  f"not {address!r}", ExitCode.USAGE)
             values[key] = address
-    for key in ("key_file", "control", "replica_dir", "job_dir"):
+    if "auth" in table:
+        if table["auth"] not in ("auto", "munge", "key"):
+            raise QuietError(f"{source}: replication.auth must be auto, munge or key, not "
+                             f"{table['auth']!r}", ExitCode.USAGE)
+        values["auth"] = table["auth"]
+    for key in ("key_file", "munge_socket", "control", "replica_dir", "job_dir"):
         if key in table:
             values[key] = _absolute(f"replication.{key}", table[key])
     if "barrier_timeout" in table:
