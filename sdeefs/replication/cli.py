@@ -12,7 +12,11 @@ import argparse
 import contextlib
 import json
 import os
+import sys
+import threading
+import time
 
+from .. import control as control_mod
 from ..config import Replication
 from ..errors import ExitCode, QuietError
 from ..statedir import ReplicaDirs
@@ -58,8 +62,12 @@ def run(args: argparse.Namespace, rep: Replication) -> int:
         return 0
     if not args.user:
         raise QuietError(f"replica {args.action} needs a user name", ExitCode.USAGE)
-    reply = control_request(control, {"op": args.action, "user": args.user,
-                                      "wait": args.wait, "timeout": rep.barrier_timeout})
+    request = {"op": args.action, "user": args.user, "wait": args.wait,
+               "timeout": rep.barrier_timeout}
+    if args.action == "follow" and args.wait and sys.stderr.isatty() and not args.json:
+        reply = _with_progress(control, request, args.user)
+    else:
+        reply = control_request(control, request)
     print(json.dumps(reply) if args.json else " ".join(f"{k}={v}" for k, v in reply.items()))
     return 0
 
@@ -91,3 +99,45 @@ def remove_replica(rep: Replication, name: str) -> list[str]:
         control_request(rep.control, {"op": "unfollow", "user": name}, timeout=STATUS_TIMEOUT)
     rmtree(path)
     return [f"removed {path}"]
+
+
+PROGRESS_INTERVAL = 0.5  # seconds between two progress lines of ``follow --wait``
+
+
+def _with_progress(control: str, request: control_mod.Request, user: str) -> control_mod.Reply:
+    """``follow --wait`` on a terminal: the request waits in a thread while this one shows,
+    from the replicad's status, how far the replica is (records, bytes, rate, time left)."""
+    result: list[control_mod.Reply | BaseException] = []
+
+    def wait() -> None:
+        try:
+            result.append(control_request(control, request))
+        except BaseException as exc:  # handed to the caller's thread below
+            result.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    started, first = time.monotonic(), None
+    while waiter.is_alive():
+        waiter.join(PROGRESS_INTERVAL)
+        try:
+            info = control_request(control, {"op": "status"}, timeout=STATUS_TIMEOUT)
+        except QuietError:
+            continue
+        replica = info.get("replicas", {}).get(user)
+        if not replica:
+            continue
+        applied, head = int(replica["applied"]), int(replica["upstream_head"])
+        received = int(replica["bytes_received"])
+        first = first if first is not None else (applied, received)
+        elapsed = max(time.monotonic() - started, 1e-3)
+        rate = (applied - first[0]) / elapsed
+        left = f", {(head - applied) / rate:.0f} s left" if rate > 0 and head > applied else ""
+        print(f"\r{user}: {applied} of {head} records, {format_size(received)} received, "
+              f"{format_size(int((received - first[1]) / elapsed))}/s{left}\033[K",
+              end="", file=sys.stderr, flush=True)
+    print("\r\033[K", end="", file=sys.stderr, flush=True)
+    outcome = result[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
