@@ -24,7 +24,7 @@ from sdeefs.replication import cli as replication_cli
 from sdeefs.statedir import StateDir
 from sdeefs.tools import format_size
 
-from . import doctor, env, view
+from . import doctor, env, limits, view
 from .compute import job
 from .login import pam
 
@@ -214,6 +214,11 @@ def _launcher(args: argparse.Namespace) -> int:
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
               f"{row['processes']:>5} {format_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
+        usage: dict[str, int] = row.get("usage") or {}  # type: ignore[assignment]
+        if usage:
+            print(f"{'':<16} limits: memory {format_size(usage.get('memory', 0))} of "
+                  f"{format_size(limits.memory_bytes(cfg.memory_max))}, processes "
+                  f"{usage.get('pids', 0)} of {cfg.pids_max}")
         for line in replication_cli.follower_lines(row["replicas"]):  # type: ignore[arg-type]
             print(f"{'':<16} {line}")
     return 0

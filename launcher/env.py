@@ -50,7 +50,7 @@ from sdeefs.fs.mount import umount
 from sdeefs.journal import Journal
 from sdeefs.sysio import write_file_atomic
 
-from . import procs, view
+from . import limits, procs, view
 from .layout import EnvDirs, RunDirs, SiteRun, make_dirs
 from .view import User
 
@@ -135,7 +135,9 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
     """Tear down what is left of ``record``, then start the environment (no session yet)."""
     teardown(dirs, record)
     _make_login_dirs(dirs, user)
-    return EnvRecord.started_now(user, view.start_login(config, user, dirs, engine), engine)
+    started = EnvRecord.started_now(user, view.start_login(config, user, dirs, engine), engine)
+    limits.apply(config, user.name, [started.holder_pid, started.init_pid])
+    return started
 
 
 def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
@@ -177,11 +179,14 @@ def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvR
         return record
 
 
-def open_session(config: SiteConfig, user: User) -> EnvRecord:
-    """One session more, in the running environment or a new one."""
+def open_session(config: SiteConfig, user: User, session_pid: int | None = None) -> EnvRecord:
+    """One session more, in the running environment or a new one; ``session_pid`` (the
+    login's process) joins the environment's limits (launcher/limits.py)."""
     with _login(config, user) as (dirs, record):
         if record is None or not _usable(dirs, record):
             record = _start_anew(config, user, dirs, record, config.engine)
+        if session_pid is not None:
+            limits.join(user.name, session_pid)
         record = attrs.evolve(record, sessions=record.sessions + 1)
         record.save(dirs.run)
         return record
@@ -196,6 +201,7 @@ def close_session(config: SiteConfig, user: User) -> None:
                               last_logout=time.time())
         if record.sessions == 0 and config.idle_timeout == 0:
             teardown(dirs, record)
+            limits.remove(user.name)
             return
         record.save(dirs.run)
 
@@ -205,6 +211,7 @@ def stop(config: SiteConfig, user: User) -> bool:
     with _login(config, user) as (dirs, record):
         running = record is not None and is_alive(record)
         teardown(dirs, record)
+        limits.remove(user.name)
         return running
 
 
@@ -301,6 +308,7 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "guard_mount": dirs.run.guard if view.mounted(dirs.run.guard) else None,
             "daemon_pid": daemon_pid(state.path) if os.path.isdir(state.path) else None,
             "upper_bytes": _tree_size(dirs.layer.upper),
+            "usage": limits.usage(name) if alive else {},
             "journal_head": _journal_head(state.journal),
         })
     return rows
@@ -323,6 +331,7 @@ def remove_user(config: SiteConfig, name: str, keep_upper: bool = False) -> list
     done = []
     with locked(dirs.run):
         teardown(dirs, EnvRecord.load(dirs.run))
+        limits.remove(name)
         if keep_upper and os.path.isdir(dirs.layer.upper):
             kept_dir = os.path.join(config.root, ".removed")
             make_dirs(((kept_dir, ROOT_OWNED, 0o700),))

@@ -21,6 +21,10 @@ a missing file means all defaults.  Example (every key, with its default)::
     idle_timeout = 0             # seconds an environment outlives its last session; 0: none
     cache_timeout = 10.0         # seconds the view caches names and attributes of the lower
     tmp_size = "25%"             # size of the private /tmp of an environment
+    pids_max = 4096              # processes and threads of one login environment
+    memory_max = "50%"           # its memory, /tmp included (bytes: 8G, 512M; or % of RAM)
+    cpu_weight = 100             # its CPU share against other environments (1..10000)
+                                 # (launcher/limits.py: one cgroup per environment)
     private_scan_age = 86400.0   # seconds a scan for root-only files stays valid: job
                                  # environments on compute nodes, which run no guard layer
                                  # (launcher/compute/private.py; `sdeefs scan-private`)
@@ -110,6 +114,9 @@ class SiteConfig:
     idle_timeout: float = 0.0
     cache_timeout: float = 10.0
     tmp_size: str = "25%"
+    pids_max: int = 4096
+    memory_max: str = "50%"
+    cpu_weight: int = 100
     private_scan_age: float = 86400.0
     replication: Replication = Replication()
 
@@ -162,6 +169,19 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
     for key in ("idle_timeout", "cache_timeout", "private_scan_age"):
         if key in table:
             values[key] = _number(f"sdeefs.{key}", table[key])
+    if "pids_max" in table:
+        values["pids_max"] = int(_number("sdeefs.pids_max", table["pids_max"], 16))
+    if "cpu_weight" in table:
+        values["cpu_weight"] = int(_number("sdeefs.cpu_weight", table["cpu_weight"], 1))
+        if values["cpu_weight"] > 10000:
+            raise QuietError(f"{source}: sdeefs.cpu_weight must be at most 10000",
+                             ExitCode.USAGE)
+    if "memory_max" in table:
+        size = table["memory_max"]
+        if not isinstance(size, str) or not re.fullmatch(r"\d+[kmgtKMGT%]?", size):
+            raise QuietError(f"{source}: sdeefs.memory_max must look like 50% or 8G, not "
+                             f"{size!r}", ExitCode.USAGE)
+        values["memory_max"] = size
     if "tmp_size" in table:
         size = table["tmp_size"]
         if not isinstance(size, str) or not re.fullmatch(r"\d+[kmgKMG%]?", size):
