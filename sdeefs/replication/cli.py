@@ -13,11 +13,19 @@ skipped records or is stuck; the nodes it relays to follow (``daemon``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
+import threading
+import time
 
+from .. import control as control_mod
 from ..config import Replication
 from ..errors import ExitCode, QuietError
+from ..statedir import ReplicaDirs
 from ..tools import format_size
+from ..trees import rmtree
 from .daemon import control_request
 
 STATUS_TIMEOUT = 5.0  # seconds ``sdeefs status`` waits for the replicad
@@ -63,9 +71,12 @@ def run(args: argparse.Namespace, rep: Replication) -> int:
         return 0
     if not args.user:
         raise QuietError(f"replica {args.action} needs a user name", ExitCode.USAGE)
-    reply = control_request(control, {"op": args.action, "user": args.user,
-                                      "wait": args.wait, "timeout": rep.barrier_timeout},
-                            timeout=rep.barrier_timeout + 30)
+    request = {"op": args.action, "user": args.user, "wait": args.wait,
+               "timeout": rep.barrier_timeout}
+    if args.action == "follow" and args.wait and sys.stderr.isatty() and not args.json:
+        reply = _with_progress(control, request, args.user, rep.barrier_timeout + 30)
+    else:
+        reply = control_request(control, request, timeout=rep.barrier_timeout + 30)
     print(json.dumps(reply) if args.json else " ".join(f"{k}={v}" for k, v in reply.items()))
     return 0
 
@@ -105,3 +116,58 @@ def user_lines(info: dict[str, object]) -> list[str]:
     followers: dict[str, dict[str, object]] = info.get("followers", {})  # type: ignore[assignment]
     return [f"replica on {node}: acked {f['acked']}, lag {f['lag']} records"
             for node, f in sorted(followers.items())] + refused_lines(info)
+
+
+def remove_replica(rep: Replication, name: str) -> list[str]:
+    """``sdeefs remove-user`` on a compute node: the local replicad stops following NAME
+    (if it runs), then the replica goes; what was removed."""
+    path = ReplicaDirs.of(rep.replica_dir, name).path
+    if not name or name in (".", "..") or "/" in name or not os.path.lexists(path):
+        return []
+    with contextlib.suppress(QuietError):  # no replicad here: nothing follows the user
+        control_request(rep.control, {"op": "unfollow", "user": name}, timeout=STATUS_TIMEOUT)
+    rmtree(path)
+    return [f"removed {path}"]
+
+
+PROGRESS_INTERVAL = 0.5  # seconds between two progress lines of ``follow --wait``
+
+
+def _with_progress(control: str, request: control_mod.Request, user: str,
+                   timeout: float) -> control_mod.Reply:
+    """``follow --wait`` on a terminal: the request waits in a thread while this one shows,
+    from the replicad's status, how far the replica is (records, bytes, rate, time left)."""
+    result: list[control_mod.Reply | BaseException] = []
+
+    def wait() -> None:
+        try:
+            result.append(control_request(control, request, timeout=timeout))
+        except BaseException as exc:  # handed to the caller's thread below
+            result.append(exc)
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    started, first = time.monotonic(), None
+    while waiter.is_alive():
+        waiter.join(PROGRESS_INTERVAL)
+        try:
+            info = control_request(control, {"op": "status"}, timeout=STATUS_TIMEOUT)
+        except QuietError:
+            continue
+        replica = info.get("replicas", {}).get(user)
+        if not replica:
+            continue
+        applied, head = int(replica["applied"]), int(replica["upstream_head"])
+        received = int(replica["bytes_received"])
+        first = first if first is not None else (applied, received)
+        elapsed = max(time.monotonic() - started, 1e-3)
+        rate = (applied - first[0]) / elapsed
+        left = f", {(head - applied) / rate:.0f} s left" if rate > 0 and head > applied else ""
+        print(f"\r{user}: {applied} of {head} records, {format_size(received)} received, "
+              f"{format_size(int((received - first[1]) / elapsed))}/s{left}\033[K",
+              end="", file=sys.stderr, flush=True)
+    print("\r\033[K", end="", file=sys.stderr, flush=True)
+    outcome = result[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome

@@ -337,7 +337,6 @@ class Origin:
     """
 
     root: str
-    shared_key: bytes
     fanout: int
     expire: float
     offload: Offload
@@ -370,11 +369,12 @@ class Origin:
         return head, await self.offload.run(journal_id, user.journal_dir)
 
     async def serve(self, stream: trio.abc.Stream, reader: FrameReader, hello: Hello,
-                    user: OriginUser, downstream: Downstream) -> None:
-        """Answer ``hello`` and stream the user's journal to its node until the link ends."""
+                    hello_key: bytes, user: OriginUser, downstream: Downstream) -> None:
+        """Answer ``hello`` (authenticated with ``hello_key``) and stream the user's journal
+        to its node until the link ends."""
         head, jid = await self.head(user)
         user.ids = await self.offload.run(ids_of_user, user.name)
-        key = await answer_hello(stream, self.shared_key, hello, head, jid)
+        key = await answer_hello(stream, hello_key, hello, head, jid)
         link = DownstreamLink(stream, reader, key, downstream, self.offload)
         source = await self.offload.run(user.source)
         try:

@@ -85,6 +85,7 @@ from ..replicable import NOBODY, UserIds
 from ..statedir import ReplicaDirs
 from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
 from ..trees import rmtree
+from .auth import HelloAuth
 from .snapshot import Staging, apply_from_peer
 from .wire import (
     ACK,
@@ -558,7 +559,7 @@ class Follower:
 
     stream: trio.abc.Stream
     replica: Replica
-    shared_key: bytes
+    auth: HelloAuth
     user: str
     node: str
     stats: LinkStats = attrs.field(factory=LinkStats)
@@ -583,7 +584,7 @@ class Follower:
         hello = Hello(secrets.token_bytes(NONCE_SIZE), replica.journal_id, self.user,
                       self.node, replica.applied + 1, RESYNC if self.resync else 0,
                       self.relay_port)
-        session = await send_hello(self.stream, reader, self.shared_key, hello)
+        session = await send_hello(self.stream, reader, self.auth, hello)
         self._key = session.key
         self.stats.head, self.stats.connected = session.head, True
         if replica.journal_id != session.journal_id:

@@ -22,6 +22,7 @@ from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
 from sdeefs.replicable import NOBODY, UserIds, user_ids
+from sdeefs.replication.auth import SharedKey
 from sdeefs.replication.relay import Downstream
 from sdeefs.replication.replica import MAX_SKIPPED, Follower, LinkStats, Replica
 from sdeefs.replication.snapshot import snapshot_frames
@@ -47,6 +48,7 @@ from sdeefs.trees import signature
 from sdeefs.writeahead import read_write_data
 
 KEY = b"k" * 32
+AUTH = SharedKey(KEY)
 USER = "alice"
 ALICE_UID = 4242
 ALICE = user_ids(ALICE_UID, 4242)
@@ -140,7 +142,7 @@ async def stream(login: Login, replica_dir: Path) -> tuple[int, int]:
     try:
         async with trio.open_nursery() as nursery:
             async def replica_side() -> None:
-                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+                await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
                 result["applied"] = replica.applied
 
             nursery.start_soon(replica_side)
@@ -213,7 +215,7 @@ async def _hostile_session(tmp_path: Path, build: object, ids: UserIds = NOBODY
 
     async def replica_side() -> None:
         try:
-            await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+            await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
         except ProtocolError as exc:
             errors.append(str(exc))
 
@@ -715,7 +717,7 @@ async def test_a_replica_starts_over_on_the_diverged_code_not_on_the_text(
                     await reader.frame(key)  # the replica says why it ends the link too
             nursery.start_soon(upstream_refusing)
             with pytest.raises(ProtocolError) as info:
-                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+                await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
         assert type(info.value).__name__ == kind
         assert message.decode() in str(info.value)
     finally:
@@ -742,7 +744,7 @@ async def test_an_upstream_of_an_old_wire_version_is_one_clear_error(tmp_path: P
                 await left.send_all(old_error)
             nursery.start_soon(old_upstream)
             with pytest.raises(VersionMismatch):
-                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+                await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
         assert (replica.applied, replica.journal_id) == (0, bytes(16))
     finally:
         replica.close()
@@ -806,7 +808,7 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
     from sdeefs.replication.relay import DownstreamLink, RelayBuffer, RelaySender
     from sdeefs.replication.wire import SNAPSHOT, SNAPSHOT_END
 
-    daemon = Daemon(DaemonConfig(node="n1", key=KEY))
+    daemon = Daemon(DaemonConfig(node="n1", auth=AUTH))
     replica = Replica.open(str(tmp_path / USER))
     size = 6 * CHUNK  # two reads of the tree at least, the first sent while the second waits
     _accept_all(replica, [(1, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 0, 0), None),
@@ -816,6 +818,7 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
                           daemon.locked_reads)  # as the daemon serves a relayed follower
     sender = RelaySender(link, replica, RelayBuffer(1 << 20), LinkStats(), 0, daemon.offload)
     reader = FrameReader(right)
+    reader.trust()  # the follower's end, past its (here omitted) handshake
     finished = False
     try:
         async with trio.open_nursery() as nursery:
