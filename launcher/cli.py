@@ -122,6 +122,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(change.line())
         return 0
     if args.command == "check":
+        from sdeefs.fs import capture, kernel
+
+        if kernel.capture_answers(state, 1.0):  # the kernel engine: journal all it saw first
+            capture.drain(state)
         problems = tools.check(os.path.abspath(args.upper), state)
         if args.json:
             print(json.dumps({"problems": problems}, indent=1))

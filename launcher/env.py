@@ -42,8 +42,10 @@ from collections.abc import Iterator
 
 import attrs
 
+from sdeefs import control
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.fs import capture, image, kernel
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.fs.mount import umount
 from sdeefs.journal import Journal
@@ -134,7 +136,36 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
     """Tear down what is left of ``record``, then start the environment (no session yet)."""
     teardown(dirs, record)
     _make_login_dirs(dirs, user)
+    engine = engine_for(dirs, engine)
     return EnvRecord.started_now(user, view.start_login(config, user, dirs, engine), engine)
+
+
+def engine_for(dirs: EnvDirs, engine: Engine) -> Engine:
+    """The engine a new environment of the user runs: ``engine``, except
+
+    * a user with a layer image (ROOT/U/layer.img) runs the kernel engine: the other
+      engines keep the upper in ROOT/U/upper, and the journal describes the image's;
+    * a user without one whose journal exists (an upper made by another engine) stays
+      on the hybrid engine when the kernel engine is asked, until ``sdeefs migrate``
+      moves the upper into an image (a new journal history: see
+      :func:`migrate_to_kernel`).
+    """
+    layer = dirs.layer
+    if os.path.exists(layer.image):
+        if engine != Engine.KERNEL:
+            log.info("%s has a layer image: the kernel engine, not %s", layer.path, engine)
+        return Engine.KERNEL
+    if engine == Engine.KERNEL and _has_history(layer.state.journal):
+        log.info("%s: an upper of another engine; hybrid until `sdeefs migrate`", layer.path)
+        return Engine.HYBRID
+    return engine
+
+
+def _has_history(journal_dir: str) -> bool:
+    try:
+        return any(name.startswith("seg-") for name in os.listdir(journal_dir))
+    except FileNotFoundError:
+        return False
 
 
 def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
@@ -158,6 +189,26 @@ def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
     return all(view.mounted(path) for path in needed)
 
 
+def _supervise(dirs: EnvDirs, record: EnvRecord) -> None:
+    """A running environment's daemons that can be restarted without replacing it: the
+    kernel engine's capture (not in the I/O path; sdeefs.fs.kernel)."""
+    if record.engine == Engine.KERNEL:
+        kernel.ensure_capture(dirs.layer.layer, dirs.layer.state.path, view.capture_log(dirs))
+
+
+def supervise(config: SiteConfig) -> list[str]:
+    """Restart what :func:`_supervise` restarts, for every running environment (sdeefs-launchd
+    calls it periodically); the users whose daemons were restarted."""
+    restarted = []
+    for record in _records(config):
+        dirs = EnvDirs.login(config.root, config.run_dir, record.user)
+        if record.engine != Engine.KERNEL or not is_alive(record):
+            continue
+        if kernel.ensure_capture(dirs.layer.layer, dirs.layer.state.path, view.capture_log(dirs)):
+            restarted.append(record.user)
+    return restarted
+
+
 def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvRecord:
     """The user's running environment, started if needed (no session counted).
 
@@ -166,7 +217,8 @@ def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvR
     """
     with _login(config, user) as (dirs, record):
         if record is not None and _usable(dirs, record):
-            if engine is not None and engine != record.engine:
+            _supervise(dirs, record)
+            if engine is not None and engine_for(dirs, engine) != record.engine:
                 raise QuietError(f"the environment of {user.name} runs the {record.engine} "
                                  f"engine ({record.sessions} session(s)); stop it first to "
                                  f"start it with {engine}", ExitCode.BUSY)
@@ -181,6 +233,8 @@ def open_session(config: SiteConfig, user: User) -> EnvRecord:
     with _login(config, user) as (dirs, record):
         if record is None or not _usable(dirs, record):
             record = _start_anew(config, user, dirs, record, config.engine)
+        else:
+            _supervise(dirs, record)
         record = attrs.evolve(record, sessions=record.sessions + 1)
         record.save(dirs.run)
         return record
@@ -237,9 +291,28 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
                 umount(mountpoint)
             except QuietError:
                 view.detach(mountpoint)
+    _stop_layer(dirs)
     for path in (run.init, run.record):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _stop_layer(dirs: EnvDirs) -> None:
+    """Engine kernel, once the environment's processes are gone: the capture drains what
+    they did, checkpoints and exits (started again first if it is not running, so that
+    its scan journals what no capture saw), then the image is unmounted (if nothing
+    else reads it: the login replicad may, for a replica catching up)."""
+    layer = dirs.layer
+    if not os.path.exists(layer.image) or not image.is_mounted(layer.image, layer.layer):
+        return
+    state = layer.state.path
+    try:
+        kernel.start_capture(layer.layer, state, view.capture_log(dirs))
+    except QuietError as exc:
+        log.error("%s: the capture cannot start to settle the journal: %s", layer.path, exc)
+        return  # the image stays mounted and the capture expected: the next start scans
+    kernel.stop_capture(state)
+    kernel.close_layer(layer.image, layer.layer)
 
 
 def _records(config: SiteConfig) -> list[EnvRecord]:
@@ -288,6 +361,13 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
         dirs = EnvDirs.login(config.root, config.run_dir, name)
         state = dirs.layer.state
         alive = record is not None and is_alive(record)
+        with contextlib.suppress(QuietError, control.ControlError):
+            if kernel.capture_answers(state.path, 1.0):  # the head with all it saw
+                capture.drain(state.path, 60.0)
+        live_upper = dirs.layer.live()[0]
+        if os.path.exists(dirs.layer.image) and not image.is_mounted(dirs.layer.image,
+                                                                      dirs.layer.layer):
+            live_upper = ""
         rows.append({
             "user": name,
             "running": alive,
@@ -298,7 +378,7 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "upper_mount": state.mnt if view.mounted(state.mnt) else None,
             "guard_mount": dirs.run.guard if view.mounted(dirs.run.guard) else None,
             "daemon_pid": daemon_pid(state.path) if os.path.isdir(state.path) else None,
-            "upper_bytes": _tree_size(dirs.layer.upper),
+            "upper_bytes": _tree_size(live_upper) if live_upper else 0,
             "journal_head": _journal_head(state.journal),
         })
     return rows
