@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -49,8 +50,12 @@ class ImageError(Exception):
 
 
 def _run(argv: list[str], what: str, ok: tuple[int, ...] = (0,)) -> int:
+    # mkfs.ext4 and e2fsck live in sbin, which a PAM hook's empty environment lacks
+    search = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
+    program = shutil.which(argv[0], path=search) or argv[0]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        done = subprocess.run([program, *argv[1:]], capture_output=True, text=True,
+                              timeout=600)
     except FileNotFoundError:
         raise ImageError(f"{what}: {argv[0]} is not installed") from None
     if done.returncode not in ok:

@@ -104,10 +104,13 @@ def capture_answers(state: str, timeout: float = 5.0) -> bool:
 
 def open_layer(image_path: str, layer: str, size: int, uid: int, gid: int) -> tuple[str, str]:
     """The user's layer mounted at ``layer`` (the image made if missing); (upper, work)."""
-    if not os.path.exists(image_path):
-        log.info("making the layer image %s (%d bytes, sparse)", image_path, size)
-        image.create_image(image_path, size)
-    image.mount_image(image_path, layer)
+    try:
+        if not os.path.exists(image_path):
+            log.info("making the layer image %s (%d bytes, sparse)", image_path, size)
+            image.create_image(image_path, size)
+        image.mount_image(image_path, layer)
+    except image.ImageError as exc:
+        raise QuietError(str(exc), ExitCode.FAILURE) from None
     return image.prepare_layer(layer, uid, gid)
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdeefs.fs import kernel
+
 VENV_BIN = Path(sys.executable).parent
 ENTER = VENV_BIN / "sdeefs-enter"
 SHELL = VENV_BIN / "sdeefs-shell"
@@ -82,6 +84,8 @@ class Site:
         return Path(pwd.getpwnam(user).pw_dir)
 
     def upper(self, user: str) -> Path:
+        if (self.root / user / "layer.img").exists():  # engine kernel: on the layer image
+            return self.root / user / "layer" / "upper"
         return self.root / user / "upper"
 
     # -- commands ---------------------------------------------------------------------------
@@ -139,6 +143,12 @@ class Site:
         for user in self.users:
             with contextlib.suppress(Exception):
                 self.sdeefs("stop", user, check=False)
+        for state in self.root.glob("*/state"):  # engine kernel, if a stop failed: the
+            # capture's supervisor and capture, by the pids their held locks name
+            for pid in (kernel.supervisor_pid(str(state)), kernel.capture_pid(str(state))):
+                if pid is not None and pid > 1:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
         for mountpoint in sorted(self.leftovers(), key=len, reverse=True):
             subprocess.run(["umount", "-l", mountpoint], capture_output=True)
         for user in self.users:
