@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -198,14 +199,20 @@ def _supervise(dirs: EnvDirs, record: EnvRecord) -> None:
 
 def supervise(config: SiteConfig) -> list[str]:
     """Restart what :func:`_supervise` restarts, for every running environment (sdeefs-launchd
-    calls it periodically); the users whose daemons were restarted."""
+    calls it periodically); the users whose daemons were restarted.  Under each
+    environment's lock: a stop in progress must not see its capture come back."""
     restarted = []
-    for record in _records(config):
-        dirs = EnvDirs.login(config.root, config.run_dir, record.user)
-        if record.engine != Engine.KERNEL or not is_alive(record):
+    for found in _records(config):
+        if found.engine != Engine.KERNEL:
             continue
-        if kernel.ensure_capture(dirs.layer.layer, dirs.layer.state.path, view.capture_log(dirs)):
-            restarted.append(record.user)
+        dirs = EnvDirs.login(config.root, config.run_dir, found.user)
+        with locked(dirs.run):
+            record = EnvRecord.load(dirs.run)
+            if record is None or record.engine != Engine.KERNEL or not is_alive(record):
+                continue
+            if kernel.ensure_capture(dirs.layer.layer, dirs.layer.state.path,
+                                     view.capture_log(dirs)):
+                restarted.append(record.user)
     return restarted
 
 
@@ -382,6 +389,52 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "journal_head": _journal_head(state.journal),
         })
     return rows
+
+
+def migrate_to_kernel(config: SiteConfig, user: User) -> str:
+    """``sdeefs migrate``: move the user's upper of another engine (ROOT/U/upper, on the
+    host's filesystem) into a new layer image; the next start runs the kernel engine.
+
+    The environment is stopped first (its journal complete: those engines journal ahead).
+    The journal starts a new history: its Write records name files by handles of the
+    host's filesystem, which mean nothing (or another file) on the image, so the old
+    journal cannot go on describing the copy.  The first capture finds an empty journal
+    and journals the whole upper as one full scan; replicas see a new history id and
+    rebuild from it.  The old upper and journal are moved to ROOT/U/pre-kernel (returned)
+    rather than deleted: the admin removes them.
+    """
+    with _login(config, user) as (dirs, record):
+        teardown(dirs, record)
+        layer = dirs.layer
+        if os.path.exists(layer.image):
+            raise QuietError(f"{user.name} has a layer image already", ExitCode.USAGE)
+        kept = os.path.join(layer.path, "pre-kernel")
+        if os.path.exists(kept):
+            raise QuietError(f"{kept} exists (an earlier migration): remove it first",
+                             ExitCode.BUSY)
+        try:
+            upper, _ = kernel.open_layer(layer.image, layer.layer, config.layer_size,
+                                         user.uid, user.gid)
+            if os.path.isdir(layer.upper):
+                # cp -a: owners, modes, times, xattrs (overlay's, as root), hard links,
+                # whiteouts (0/0 devices) and sparse files as they are
+                done = subprocess.run(["cp", "-a", "--sparse=always", f"{layer.upper}/.",
+                                       upper], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise QuietError(f"copying {layer.upper} into the image failed: "
+                                     f"{done.stderr.strip()[-300:]}", ExitCode.FAILURE)
+        except BaseException:
+            kernel.close_layer(layer.image, layer.layer)
+            os.unlink(layer.image)
+            raise
+        kernel.close_layer(layer.image, layer.layer)
+        os.mkdir(kept, 0o700)
+        # replicas.json: the old history's acknowledgements must not trim the new one
+        for path in (layer.upper, layer.state.journal, layer.state.capture,
+                     layer.state.replicas):
+            if os.path.exists(path):
+                os.rename(path, os.path.join(kept, os.path.basename(path)))
+        return kept
 
 
 def remove_user_data(config: SiteConfig, user: User) -> None:

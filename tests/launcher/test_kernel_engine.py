@@ -195,9 +195,10 @@ def test_an_unclean_image_is_checked_and_scanned_at_the_next_login() -> None:
         check(site, user)
 
 
-def test_users_with_an_upper_of_another_engine_stay_on_hybrid() -> None:
+def test_users_with_an_upper_of_another_engine_stay_on_hybrid_until_migrated() -> None:
     """The site's engine becomes kernel; a user whose journal was written by the hybrid
-    engine keeps it (their upper is on the host filesystem) until migrated."""
+    engine keeps it (their upper is on the host filesystem) until ``sdeefs migrate``,
+    which copies the upper into an image and starts a new journal history."""
     with open_site("hybrid") as site:
         user = site.add_user()
         site.start(user)
@@ -211,3 +212,15 @@ def test_users_with_an_upper_of_another_engine_stay_on_hybrid() -> None:
         assert row["engine"] == "hybrid"
         assert site.run(user, "cat /etc/old.conf").stdout == "old\n"
         assert not (site.root / user / "layer.img").exists()
+        site.run(user, "ln /etc/old.conf /etc/hard.conf && mkfifo /etc/fifo && rm /etc/hostname")
+        site.stop(user)
+        site.sdeefs("migrate", user)
+        assert (site.root / user / "layer.img").exists()
+        site.start(user)
+        [row] = [r for r in json.loads(site.sdeefs("status", "--json").stdout)
+                 if r["user"] == user]
+        assert row["engine"] == "kernel"
+        assert site.run(user, "cat /etc/hard.conf; test -p /etc/fifo; test ! -e /etc/hostname; "
+                              "stat -c %h /etc/old.conf").stdout == "old\n2\n"
+        check(site, user)
+        assert (site.root / user / "pre-kernel" / "upper" / "etc" / "old.conf").exists()
