@@ -7,9 +7,10 @@ Read from ``/etc/sdeefs/sdeefs.toml`` or the file named by ``$SDEEFS_CONFIG``;
 a missing file means all defaults.  Example (every key, with its default)::
 
     [sdeefs]
-    root = "/var/lib/sdeefs"     # per-user layers: ROOT/USER/upper and ROOT/USER/state
+    root = "/var/lib/sdeefs"     # per-user layers: ROOT/USER/layer.img (engine kernel) or
+                                 # ROOT/USER/upper, and ROOT/USER/state
     run_dir = "/run/sdeefs"      # per-user runtime state (idmapped lower, mask, init pid)
-    engine = "hybrid"            # kernel: kernel overlayfs, the upper on the user's layer
+    engine = "kernel"            # kernel: kernel overlayfs, the upper on the user's layer
                                  #   image, journaled after the fact by a capture daemon
                                  #   (fanotify; "captured before the barrier")
                                  # hybrid: kernel overlayfs over the journaling sdeefs upper
@@ -102,7 +103,7 @@ class SiteConfig:
 
     root: str = "/var/lib/sdeefs"
     run_dir: str = "/run/sdeefs"
-    engine: Engine = Engine.HYBRID
+    engine: Engine = Engine.KERNEL
     lower: str = "/"
     min_uid: int = 1000
     shared: tuple[str, ...] = ("/scratch",)
