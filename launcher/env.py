@@ -318,7 +318,11 @@ def _stop_layer(dirs: EnvDirs) -> None:
     except QuietError as exc:
         log.error("%s: the capture cannot start to settle the journal: %s", layer.path, exc)
         return  # the image stays mounted and the capture expected: the next start scans
-    kernel.stop_capture(state)
+    try:
+        kernel.stop_capture(state)
+    except QuietError as exc:  # expected stays: heads wait for the next start's scan
+        log.error("%s: %s", layer.path, exc)
+        return
     kernel.close_layer(layer.image, layer.layer)
 
 
@@ -385,6 +389,7 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "upper_mount": state.mnt if view.mounted(state.mnt) else None,
             "guard_mount": dirs.run.guard if view.mounted(dirs.run.guard) else None,
             "daemon_pid": daemon_pid(state.path) if os.path.isdir(state.path) else None,
+            "capture_pid": kernel.capture_pid(state.path),
             "upper_bytes": _tree_size(live_upper) if live_upper else 0,
             "journal_head": _journal_head(state.journal),
         })

@@ -19,9 +19,11 @@ sdeefs process in the write path).  What it needs besides the overlay mount:
   journal to be complete.  Written before the overlay is mounted, removed only after
   a clean stop (:func:`stop_capture`: SIGTERM to the supervisor, which passes it on;
   the capture drains the queue, commits, checkpoints and exits 0, then the
-  supervisor exits).  The login replicad's head query (``sdeefs.replication.origin``)
-  drains the capture first; when none answers and the capture is expected, it fails
-  (the barrier asks again) rather than answer a head that may lack what the user did.
+  supervisor exits; a capture that did not exit cleanly leaves ``unclean`` and
+  ``expected`` stays, until the next start).  The login replicad's head query
+  (``sdeefs.replication.origin``) drains the capture first; when none answers and the
+  capture is expected, it fails (the barrier asks again) rather than answer a head that
+  may lack what the user did.
 
 Stop order (``launcher/env.py``): the environment's processes first (nothing writes
 the upper any more), then :func:`stop_capture` (a supervisor that is gone is started
@@ -56,6 +58,11 @@ def supervisor_lock(state: str) -> str:
 
 def expected_path(state: str) -> str:
     return os.path.join(StateDir(state).capture, "expected")
+
+
+def unclean_path(state: str) -> str:
+    """Left by a supervisor whose capture did not exit cleanly when stopped."""
+    return os.path.join(StateDir(state).capture, "unclean")
 
 
 def capture_expected(state: str) -> bool:
@@ -134,6 +141,8 @@ def start_capture(layer: str, state: str, log_path: str, wait: bool = True) -> N
     os.makedirs(StateDir(state).capture, mode=0o700, exist_ok=True)
     with open(expected_path(state), "ab"):
         pass
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(unclean_path(state))
     if supervisor_pid(state) is None:
         daemon.fork(log_path, lambda ready_fd: _supervise(layer, state, ready_fd))()
     if wait:
@@ -154,20 +163,27 @@ def stop_capture(state: str, timeout: float = 600.0) -> None:
     QuietError (UNMOUNT) if it does not exit within ``timeout``: ``expected`` stays, so
     no head is answered from a journal that may lack something.
     """
-    pid = supervisor_pid(state)
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    orphan = capture_pid(state) if pid is None else None
-    if orphan is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(orphan, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while supervisor_pid(state) is not None or capture_pid(state) is not None:
+    signalled: set[int] = set()
+    while True:
+        # The supervisor passes SIGTERM on to its capture; a capture without one (its
+        # supervisor was killed) is told directly.
+        pid = supervisor_pid(state)
+        if pid is None:
+            pid = capture_pid(state)
+        if pid is None:
+            break
+        if pid not in signalled:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            signalled.add(pid)
         if time.monotonic() > deadline:
             raise QuietError(f"the capture of {state} did not stop within {timeout:.0f} s",
                              ExitCode.UNMOUNT)
         time.sleep(0.02)
+    if os.path.exists(unclean_path(state)):
+        raise QuietError(f"the capture of {state} stopped before it drained: the next start "
+                         "scans the layer", ExitCode.UNMOUNT)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(expected_path(state))
 
@@ -201,6 +217,9 @@ def _supervise(layer: str, state: str, ready_fd: int) -> int:
         if child == 0:
             os.close(lock_fd)
             _run_capture(layer, state)
+        if stopping:  # SIGTERM came between the fork and the assignment: not passed on
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
         try:
             _, status = os.waitpid(child, 0)
         except ChildProcessError:
@@ -209,6 +228,10 @@ def _supervise(layer: str, state: str, ready_fd: int) -> int:
         code = os.waitstatus_to_exitcode(status)
         if stopping and code == 0:
             break
+        if stopping:  # stopped before it could drain: the journal may lack something
+            log.warning("capture: stopped uncleanly (%d); it stays expected", code)
+            with open(unclean_path(state), "ab"):
+                pass
         if code == ExitCode.BUSY:  # an orphaned capture still holds the state: wait for it
             log.info("capture: another capture holds %s; trying again", state)
         elif code == ExitCode.USAGE:

@@ -224,3 +224,28 @@ def test_users_with_an_upper_of_another_engine_stay_on_hybrid_until_migrated() -
                               "stat -c %h /etc/old.conf").stdout == "old\n2\n"
         check(site, user)
         assert (site.root / user / "pre-kernel" / "upper" / "etc" / "old.conf").exists()
+
+
+def test_a_login_restarts_a_capture_whose_supervisor_was_killed_and_check_drains() -> None:
+    """kill -9 of the capture and of its supervisor: the sessions go on; the next login
+    (``sdeefs start``, as the PAM hook) starts them again, the restarted capture scans
+    what nobody journaled, and ``sdeefs check`` (which drains first) finds replay == upper."""
+    with open_site("kernel", 'layer_size = "256M"\n') as site:
+        user = site.add_user()
+        site.start(user)
+        site.run(user, "echo one > /etc/one")
+        state = str(site.root / user / "state")
+        sup, cap = kernel.supervisor_pid(state), kernel.capture_pid(state)
+        assert sup is not None
+        assert cap is not None
+        os.kill(sup, signal.SIGKILL)
+        os.kill(cap, signal.SIGKILL)
+        wait_for("the capture is gone", lambda: kernel.capture_pid(state) is None)
+        site.run(user, "echo two > /etc/two && rm /etc/one && mkdir -p /srv/d/e")
+        assert kernel.capture_expected(state)
+        site.start(user)  # the running environment: joined, its capture started again
+        wait_for("the capture answers", lambda: kernel.capture_answers(state))
+        assert kernel.supervisor_pid(state) not in (None, sup)
+        check(site, user)
+        journal = site.sdeefs("log", "--upper", str(site.upper(user)), "--state", state).stdout
+        assert "upper/etc/two" in journal
