@@ -249,3 +249,31 @@ def test_a_login_restarts_a_capture_whose_supervisor_was_killed_and_check_drains
         check(site, user)
         journal = site.sdeefs("log", "--upper", str(site.upper(user)), "--state", state).stdout
         assert "upper/etc/two" in journal
+
+
+def test_a_layer_still_live_in_another_mount_namespace_is_mounted_again() -> None:
+    """A mount namespace that copied the host's mounts while the layer was mounted (a root
+    ``unshare -m``, a daemon with PrivateTmp: issue 11 item 6) keeps the image's filesystem
+    live after the logout; the next login mounts that live filesystem again (no e2fsck and
+    no second loop device on a mounted filesystem) and the user's files are there."""
+    with open_site("kernel", 'layer_size = "256M"\n') as site:
+        user = site.add_user()
+        site.start(user)
+        site.run(user, "echo a > /etc/a")
+        img = str(site.root / user / "layer.img")
+        pin = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "120"])
+        try:
+            wait_for("the namespace is made", lambda: os.readlink(f"/proc/{pin.pid}/ns/mnt")
+                     != os.readlink("/proc/self/ns/mnt"))
+            site.stop(user)
+            assert not image.is_mounted(img, str(site.root / user / "layer"))
+            assert len(image.loop_devices_of(img)) == 1  # live in the other namespace
+            site.start(user)
+            assert site.run(user, "cat /etc/a").stdout == "a\n"
+            assert len(image.loop_devices_of(img)) == 1
+            site.run(user, "echo b > /etc/b")
+            check(site, user)
+            site.stop(user)
+        finally:
+            pin.kill()
+            pin.wait()
