@@ -446,6 +446,7 @@ def remove_user_data(config: SiteConfig, user: User) -> None:
     """Delete a user's layers (admin action; the environment must be stopped)."""
     stop(config, user)
     dirs = EnvDirs.login(config.root, config.run_dir, user.name)
+    view.detach(dirs.layer.layer)  # a layer image a reader kept mounted: not deleted through
     shutil.rmtree(dirs.layer.path, ignore_errors=True)
     shutil.rmtree(dirs.run.path, ignore_errors=True)
 
