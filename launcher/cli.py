@@ -50,8 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("user")
         if name == "start":
-            p.add_argument("--engine", choices=("hybrid", "fuse", "overlay"),
+            p.add_argument("--engine", choices=("kernel", "hybrid", "fuse", "overlay"),
                            help="engine of a new environment (default: the config's)")
+    mg = sub.add_parser("migrate", help="move USER's upper of another engine into a layer "
+                                        "image (the kernel engine; a new journal history)")
+    mg.add_argument("user")
     st = sub.add_parser("status", help="every user's environment, for admins")
     st.add_argument("--json", action="store_true")
     sub.add_parser("stop-idle", help="stop environments idle longer than idle_timeout")
@@ -136,6 +139,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(change.line())
         return 0
     if args.command == "check":
+        from sdeefs.fs import capture, kernel
+
+        if kernel.capture_answers(state, 1.0):  # the kernel engine: journal all it saw first
+            capture.drain(state)
         problems = tools.check(os.path.abspath(args.upper), state)
         if args.json:
             print(json.dumps({"problems": problems}, indent=1))
@@ -147,9 +154,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)
 
 
-LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle",
-                     "scan-private", "job-prolog", "job-epilog", "replica", "install-slurm",
-                     "remove-user", "doctor")
+LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "migrate", "status",
+                     "stop-idle", "scan-private", "job-prolog", "job-epilog", "replica",
+                     "install-slurm", "remove-user", "doctor")
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -200,6 +207,11 @@ def _launcher(args: argparse.Namespace) -> int:
     if args.command == "stop":
         was = env.stop(cfg, env.User.lookup(args.user))
         print(f"{args.user}: " + ("stopped" if was else "was not running; mounts cleaned up"))
+        return 0
+    if args.command == "migrate":
+        kept = env.migrate_to_kernel(cfg, env.User.lookup(args.user))
+        print(f"{args.user}: migrated to the kernel engine; the old upper and journal are "
+              f"kept in {kept} (remove them once the replicas caught up)")
         return 0
     if args.command == "scan-private":
         found = view.refresh_private_scan(cfg)

@@ -14,7 +14,7 @@ The API (what the command line, the PAM hook, sdeefs-launchd and the jobs call):
                                       ends the environment (unless idle_timeout keeps it)
     stop, stop_idle                   end one environment, or those idle for too long
     status(config)                    every user's environment, for ``sdeefs status``
-    remove_user_data(config, user)    delete a user's layers (admin action)
+    remove_user(config, name)         delete what this node holds of a user (admin action)
 
 and, for environments in other directories (a job's, compute/job.py)::
 
@@ -37,14 +37,16 @@ import logging
 import os
 import pwd
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
 import attrs
 
-from sdeefs import trees
+from sdeefs import control, trees
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.fs import capture, image, kernel
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.fs.mount import umount
 from sdeefs.journal import Journal
@@ -135,9 +137,38 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
     """Tear down what is left of ``record``, then start the environment (no session yet)."""
     teardown(dirs, record)
     _make_login_dirs(dirs, user)
+    engine = engine_for(dirs, engine)
     started = EnvRecord.started_now(user, view.start_login(config, user, dirs, engine), engine)
     limits.apply(config, user.name, [started.holder_pid, started.init_pid])
     return started
+
+
+def engine_for(dirs: EnvDirs, engine: Engine) -> Engine:
+    """The engine a new environment of the user runs: ``engine``, except
+
+    * a user with a layer image (ROOT/U/layer.img) runs the kernel engine: the other
+      engines keep the upper in ROOT/U/upper, and the journal describes the image's;
+    * a user without one whose journal exists (an upper made by another engine) stays
+      on the hybrid engine when the kernel engine is asked, until ``sdeefs migrate``
+      moves the upper into an image (a new journal history: see
+      :func:`migrate_to_kernel`).
+    """
+    layer = dirs.layer
+    if os.path.exists(layer.image):
+        if engine != Engine.KERNEL:
+            log.info("%s has a layer image: the kernel engine, not %s", layer.path, engine)
+        return Engine.KERNEL
+    if engine == Engine.KERNEL and _has_history(layer.state.journal):
+        log.info("%s: an upper of another engine; hybrid until `sdeefs migrate`", layer.path)
+        return Engine.HYBRID
+    return engine
+
+
+def _has_history(journal_dir: str) -> bool:
+    try:
+        return any(name.startswith("seg-") for name in os.listdir(journal_dir))
+    except FileNotFoundError:
+        return False
 
 
 def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
@@ -161,6 +192,32 @@ def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
     return all(view.mounted(path) for path in needed)
 
 
+def _supervise(dirs: EnvDirs, record: EnvRecord) -> None:
+    """A running environment's daemons that can be restarted without replacing it: the
+    kernel engine's capture (not in the I/O path; sdeefs.fs.kernel)."""
+    if record.engine == Engine.KERNEL:
+        kernel.ensure_capture(dirs.layer.layer, dirs.layer.state.path, view.capture_log(dirs))
+
+
+def supervise(config: SiteConfig) -> list[str]:
+    """Restart what :func:`_supervise` restarts, for every running environment (sdeefs-launchd
+    calls it periodically); the users whose daemons were restarted.  Under each
+    environment's lock: a stop in progress must not see its capture come back."""
+    restarted = []
+    for found in _records(config):
+        if found.engine != Engine.KERNEL:
+            continue
+        dirs = EnvDirs.login(config.root, config.run_dir, found.user)
+        with locked(dirs.run):
+            record = EnvRecord.load(dirs.run)
+            if record is None or record.engine != Engine.KERNEL or not is_alive(record):
+                continue
+            if kernel.ensure_capture(dirs.layer.layer, dirs.layer.state.path,
+                                     view.capture_log(dirs)):
+                restarted.append(record.user)
+    return restarted
+
+
 def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvRecord:
     """The user's running environment, started if needed (no session counted).
 
@@ -169,7 +226,8 @@ def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvR
     """
     with _login(config, user) as (dirs, record):
         if record is not None and _usable(dirs, record):
-            if engine is not None and engine != record.engine:
+            _supervise(dirs, record)
+            if engine is not None and engine_for(dirs, engine) != record.engine:
                 raise QuietError(f"the environment of {user.name} runs the {record.engine} "
                                  f"engine ({record.sessions} session(s)); stop it first to "
                                  f"start it with {engine}", ExitCode.BUSY)
@@ -185,6 +243,8 @@ def open_session(config: SiteConfig, user: User, session_pid: int | None = None)
     with _login(config, user) as (dirs, record):
         if record is None or not _usable(dirs, record):
             record = _start_anew(config, user, dirs, record, config.engine)
+        else:
+            _supervise(dirs, record)
         if session_pid is not None:
             limits.join(user.name, session_pid)
         record = attrs.evolve(record, sessions=record.sessions + 1)
@@ -245,9 +305,32 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
                 umount(mountpoint)
             except QuietError:
                 view.detach(mountpoint)
+    _stop_layer(dirs)
     for path in (run.init, run.record):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _stop_layer(dirs: EnvDirs) -> None:
+    """Engine kernel, once the environment's processes are gone: the capture drains what
+    they did, checkpoints and exits (started again first if it is not running, so that
+    its scan journals what no capture saw), then the image is unmounted (if nothing
+    else reads it: the login replicad may, for a replica catching up)."""
+    layer = dirs.layer
+    if not os.path.exists(layer.image) or not image.is_mounted(layer.image, layer.layer):
+        return
+    state = layer.state.path
+    try:
+        kernel.start_capture(layer.layer, state, view.capture_log(dirs))
+    except QuietError as exc:
+        log.error("%s: the capture cannot start to settle the journal: %s", layer.path, exc)
+        return  # the image stays mounted and the capture expected: the next start scans
+    try:
+        kernel.stop_capture(state)
+    except QuietError as exc:  # expected stays: heads wait for the next start's scan
+        log.error("%s: %s", layer.path, exc)
+        return
+    kernel.close_layer(layer.image, layer.layer)
 
 
 def _records(config: SiteConfig) -> list[EnvRecord]:
@@ -296,6 +379,13 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
         dirs = EnvDirs.login(config.root, config.run_dir, name)
         state = dirs.layer.state
         alive = record is not None and is_alive(record)
+        with contextlib.suppress(QuietError, control.ControlError):
+            if kernel.capture_answers(state.path, 1.0):  # the head with all it saw
+                capture.drain(state.path, 60.0)
+        live_upper = dirs.layer.live()[0]
+        if os.path.exists(dirs.layer.image) and not image.is_mounted(dirs.layer.image,
+                                                                      dirs.layer.layer):
+            live_upper = ""
         rows.append({
             "user": name,
             "exists": known_user(name),  # False: userdel'ed (sdeefs remove-user cleans up)
@@ -307,7 +397,8 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "upper_mount": state.mnt if view.mounted(state.mnt) else None,
             "guard_mount": dirs.run.guard if view.mounted(dirs.run.guard) else None,
             "daemon_pid": daemon_pid(state.path) if os.path.isdir(state.path) else None,
-            "upper_bytes": _tree_size(dirs.layer.upper),
+            "capture_pid": kernel.capture_pid(state.path),
+            "upper_bytes": _tree_size(live_upper) if live_upper else 0,
             "usage": limits.usage(name) if alive else {},
             "journal_head": _journal_head(state.journal),
         })
@@ -332,11 +423,16 @@ def remove_user(config: SiteConfig, name: str, keep_upper: bool = False) -> list
     with locked(dirs.run):
         teardown(dirs, EnvRecord.load(dirs.run))
         limits.remove(name)
-        if keep_upper and os.path.isdir(dirs.layer.upper):
+        view.detach(dirs.layer.layer)  # a layer image a reader kept mounted
+        # the user's layer: the image (kernel engine) or the upper directory (the others)
+        layer = next((p for p in (dirs.layer.image, dirs.layer.upper) if os.path.exists(p)),
+                     None)
+        if keep_upper and layer is not None:
             kept_dir = os.path.join(config.root, ".removed")
             make_dirs(((kept_dir, ROOT_OWNED, 0o700),))
-            kept = os.path.join(kept_dir, f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(dirs.layer.upper, kept)
+            kept = os.path.join(kept_dir, f"{name}.{time.strftime('%Y%m%d-%H%M%S')}"
+                                + (".img" if layer == dirs.layer.image else ""))
+            os.rename(layer, kept)
             done.append(f"kept {kept}")
         if os.path.lexists(dirs.layer.path):
             trees.rmtree(dirs.layer.path)
@@ -353,6 +449,54 @@ def known_user(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def migrate_to_kernel(config: SiteConfig, user: User) -> str:
+    """``sdeefs migrate``: move the user's upper of another engine (ROOT/U/upper, on the
+    host's filesystem) into a new layer image; the next start runs the kernel engine.
+
+    The environment is stopped first (its journal complete: those engines journal ahead).
+    The journal starts a new history: its Write records name files by handles of the
+    host's filesystem, which mean nothing (or another file) on the image, so the old
+    journal cannot go on describing the copy.  The first capture finds an empty journal
+    and journals the whole upper as one full scan; replicas see a new history id and
+    rebuild from it.  The old upper and journal are moved to ROOT/U/pre-kernel (returned)
+    rather than deleted: the admin removes them.
+    """
+    with _login(config, user) as (dirs, record):
+        teardown(dirs, record)
+        layer = dirs.layer
+        if os.path.exists(layer.image):
+            raise QuietError(f"{user.name} has a layer image already", ExitCode.USAGE)
+        kept = os.path.join(layer.path, "pre-kernel")
+        if os.path.exists(kept):
+            raise QuietError(f"{kept} exists (an earlier migration): remove it first",
+                             ExitCode.BUSY)
+        try:
+            upper, _ = kernel.open_layer(layer.image, layer.layer, config.layer_size,
+                                         user.uid, user.gid)
+            if os.path.isdir(layer.upper):
+                # cp -a: owners, modes, times, xattrs (overlay's, as root), hard links,
+                # whiteouts (0/0 devices) and sparse files as they are
+                done = subprocess.run(["cp", "-a", "--sparse=always", f"{layer.upper}/.",
+                                       upper], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise QuietError(f"copying {layer.upper} into the image failed: "
+                                     f"{done.stderr.strip()[-300:]}", ExitCode.FAILURE)
+        except BaseException:
+            kernel.close_layer(layer.image, layer.layer)
+            os.unlink(layer.image)
+            raise
+        kernel.close_layer(layer.image, layer.layer)
+        os.mkdir(kept, 0o700)
+        # replicas.json: the old history's acknowledgements must not trim the new one
+        for path in (layer.upper, layer.state.journal, layer.state.capture,
+                     layer.state.replicas):
+            if os.path.exists(path):
+                os.rename(path, os.path.join(kept, os.path.basename(path)))
+        return kept
+
+
 
 
 __all__ = ["EnvRecord", "User", "close_session", "ensure", "is_alive", "locked", "open_session",

@@ -4,7 +4,10 @@ The root of a login environment of user U is kernel overlayfs over four layers::
 
     upper  ROOT/U/upper        through the journaling sdeefs passthrough at
                                ROOT/U/state/mnt (engine hybrid), or directly
-                               (engine overlay, no journal)
+                               (engine overlay, no journal); engine kernel:
+                               ROOT/U/layer/upper on the user's layer image,
+                               journaled by the supervised capture daemon
+                               (sdeefs.fs.kernel, :func:`ensure_kernel_layer`)
     mask   RUN/U/private/mask  tmpfs: empties /proc, /dev, /home ... (mountpoints),
                                hides sdeefs' own directories and what the deny
                                list names at start
@@ -38,6 +41,7 @@ import attrs
 
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.fs import kernel
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.fs.mask import MaskSpec, build_mask
 from sdeefs.fs.mount import (
@@ -233,6 +237,8 @@ def start_login(config: SiteConfig, user: User, dirs: EnvDirs, engine: Engine) -
             mnt = dirs.layer.state.mnt
             upper = os.path.join(mnt, "upper")
             work = os.path.join(mnt, "work", "ovl")  # made through the daemon: journaled
+        elif engine == Engine.KERNEL:
+            upper, work = ensure_kernel_layer(config, user, dirs)
         else:
             upper, work = dirs.layer.upper, os.path.join(dirs.layer.state.work, "ovl")
     finally:
@@ -287,3 +293,26 @@ def _start_namespaces(config: SiteConfig, user: User, root: list[str]) -> InitPr
 def refresh_private_scan(config: SiteConfig) -> list[bytes]:
     """``sdeefs scan-private``: scan the lower for root-only entries now (for new jobs)."""
     return private.refresh(config.lower, config.run_dir, scan_skip(config))
+
+
+# -- engine kernel ------------------------------------------------------------------------------
+
+
+def ensure_kernel_layer(config: SiteConfig, user: User, dirs: EnvDirs) -> tuple[str, str]:
+    """Engine kernel: the user's layer image mounted at ROOT/U/layer and its capture
+    running (supervised), before the overlay exists; (upper, work) on the image.
+
+    The capture starts before the overlay is mounted: its filesystem mark is set
+    before anything of this environment can change the upper, and its start scan
+    (also after an unclean stop: e2fsck first, sdeefs.fs.image) settles what an
+    earlier run left unjournaled.
+    """
+    layer = dirs.layer
+    upper, work = kernel.open_layer(layer.image, layer.layer, config.layer_size,
+                                    user.uid, user.gid)
+    kernel.start_capture(layer.layer, layer.state.path, capture_log(dirs))
+    return upper, work
+
+
+def capture_log(dirs: EnvDirs) -> str:
+    return os.path.join(dirs.layer.state.path, "capture.log")

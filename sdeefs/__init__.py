@@ -27,9 +27,9 @@ links, identity).
     guard, mask  what a user may not see of the host (looked up lazily; a tmpfs mask)
     daemon, mount, cli   forking a daemon and reporting back; mounting the engines; the
                  ``sdeefs mount``/``umount`` commands
-    fanotify, model, reconcile, capture, image
+    fanotify, model, reconcile, capture, image, kernel
                  the ``kernel`` engine: overlayfs on a per-user image, changes captured by
-                 fanotify and reconciled into records
+                 fanotify and reconciled into records; the supervised capture
 
 ``sdeefs/replication/`` — ``sdeefs-replicad``, one daemon per node, two roles.
     wire         frames, their authentication, every payload (the wire format)

@@ -95,6 +95,9 @@ def run_checks(upper: str, state: str) -> list[str]:
     readable = check_journal_readable(journal)
     problems += readable
     if not readable:
-        problems += check_replay_matches(journal, upper, dirs.work)
+        # the layer root's work dir: beside the upper on a layer image (engine kernel)
+        beside = os.path.join(os.path.dirname(os.path.abspath(upper)), "work")
+        work = beside if not os.path.isdir(dirs.work) and os.path.isdir(beside) else dirs.work
+        problems += check_replay_matches(journal, upper, work)
     return problems
 

@@ -7,11 +7,21 @@ Read from ``/etc/sdeefs/sdeefs.toml`` or the file named by ``$SDEEFS_CONFIG``;
 a missing file means all defaults.  Example (every key, with its default)::
 
     [sdeefs]
-    root = "/var/lib/sdeefs"     # per-user layers: ROOT/USER/upper and ROOT/USER/state
+    root = "/var/lib/sdeefs"     # per-user layers: ROOT/USER/layer.img (engine kernel) or
+                                 # ROOT/USER/upper, and ROOT/USER/state
     run_dir = "/run/sdeefs"      # per-user runtime state (idmapped lower, mask, init pid)
-    engine = "hybrid"            # hybrid: kernel overlayfs over the journaling sdeefs upper
+    engine = "kernel"            # kernel: kernel overlayfs, the upper on the user's layer
+                                 #   image, journaled after the fact by a capture daemon
+                                 #   (fanotify; "captured before the barrier")
+                                 # hybrid: kernel overlayfs over the journaling sdeefs upper
+                                 #   (write-ahead)
                                  # fuse: the pure sdeefs overlay (every access through it)
                                  # overlay: plain kernel overlayfs on the upper (no journal)
+    layer_size = "64G"           # engine kernel: size of each user's layer image
+                                 # (ROOT/U/layer.img, sparse ext4): the user's quota; a full
+                                 # layer is ENOSPC in their own filesystem, never the host's.
+                                 # Read when the image is made (a bigger value later does
+                                 # not grow existing images)
     lower = "/"                  # the shared base system every user starts from
     min_uid = 1000               # users below this uid get no environment (system accounts)
     shared = ["/scratch"]        # host paths bind-mounted read-write when they exist
@@ -67,6 +77,7 @@ DEFAULT_PATH = "/etc/sdeefs/sdeefs.toml"
 class Engine(enum.StrEnum):
     """What an environment's root is made of (one enum for "engine" everywhere)."""
 
+    KERNEL = "kernel"  # kernel overlayfs on the user's layer image, captured by fanotify
     HYBRID = "hybrid"  # kernel overlayfs over the journaling sdeefs passthrough upper
     FUSE = "fuse"  # the pure sdeefs overlay: every access through the daemon
     OVERLAY = "overlay"  # plain kernel overlayfs on the upper, no journal (jobs' scratch)
@@ -106,7 +117,7 @@ class SiteConfig:
 
     root: str = "/var/lib/sdeefs"
     run_dir: str = "/run/sdeefs"
-    engine: Engine = Engine.HYBRID
+    engine: Engine = Engine.KERNEL
     lower: str = "/"
     min_uid: int = 1000
     shared: tuple[str, ...] = ("/scratch",)
@@ -117,6 +128,7 @@ class SiteConfig:
     pids_max: int = 4096
     memory_max: str = "50%"
     cpu_weight: int = 100
+    layer_size: int = 64 << 30
     private_scan_age: float = 86400.0
     replication: Replication = Replication()
 
@@ -138,6 +150,24 @@ def _number(key: str, value: object, minimum: float = 0) -> float:
         raise QuietError(f"config: {key} must be a number >= {minimum}, not {value!r}",
                          ExitCode.USAGE)
     return float(value)
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_LAYER = 64 << 20  # ext4 with a journal needs some room; below this a layer is useless
+
+
+def parse_size(what: str, value: object) -> int:
+    """A byte count from ``"64G"``, ``"512M"`` or an integer; at least MIN_LAYER."""
+    match = re.fullmatch(r"(\d+)([kmgtKMGT]?)", value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match:
+        size = int(match[1]) * _UNITS[match[2].lower()]
+    else:
+        raise QuietError(f"{what} must look like 64G or 512M, not {value!r}", ExitCode.USAGE)
+    if size < MIN_LAYER:
+        raise QuietError(f"{what} must be at least 64M, not {value!r}", ExitCode.USAGE)
+    return size
 
 
 def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
@@ -188,6 +218,8 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
             raise QuietError(f"{source}: sdeefs.tmp_size must look like 25% or 4G, not {size!r}",
                              ExitCode.USAGE)
         values["tmp_size"] = size
+    if "layer_size" in table:
+        values["layer_size"] = parse_size(f"{source}: sdeefs.layer_size", table["layer_size"])
     if "replication" in data:
         values["replication"] = _replication(data["replication"], source)
     return SiteConfig(**values)

@@ -98,6 +98,33 @@ did not see yet (it died, the event queue overflowed) it finds by a full scan
 of the upper against its model of the journal's tree, so the journal converges
 to the upper after any crash.  What the user's fsync acknowledged is on the
 upper's own filesystem, whatever happens to the capture.
+
+Guarantees, side by side:
+
+=================================  ===========================  ============================
+                                   write-ahead (fuse, hybrid)   captured before the barrier
+                                                                (kernel)
+=================================  ===========================  ============================
+record vs. change                  record first                 change first, record after
+                                                                (≤ ``max_delay``, 0.25 s,
+                                                                while the capture runs)
+a job's barrier sees               everything before it         everything before it (the
+                                                                login replicad drains the
+                                                                capture before the head)
+kill -9 of the journaling process  loses nothing; recovery      sessions go on; restarted,
+                                   re-applies the last record   the capture scans and
+                                                                converges
+what fsync acknowledged            on the upper and journaled   on the upper (image);
+                                                                journaled by the next scan
+replicas                           byte-identical at the head   byte-identical at the head
+``sdeefs check``                   replay == upper              replay == upper, after a
+                                                                drain (it drains first)
+writes through a shared mmap       journaled as they happen     journaled at close or at
+                                                                the next full scan
+=================================  ===========================  ============================
+
+Readers of a kernel-engine journal (the origin's sender, ``sdeefs.replication.origin``)
+hold every record from a ``Begin`` until its ``Commit`` or ``Void``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,12 @@ finds the whole on-disk layout in one page and a change of it is one change.
 On a login node (``ROOT`` is ``[sdeefs] root`` of the site config)::
 
     ROOT/U/                    UserDirs: one user's layer and its state (root, 0700)
-        upper/                 the user's layer, kernel overlayfs format (owned by U)
+        upper/                 the user's layer, kernel overlayfs format (owned by U);
+                               engines fuse, hybrid, overlay
+        layer.img              engine kernel: the user's layer image (sdeefs.fs.image,
+                               ext4, root 0600), mounted at layer/ while used
+        layer/                 its mountpoint (root 0700); inside, on the image:
+            upper/ work/       the user's layer and overlayfs' work dir (owned by U)
         state/                 StateDir (root, 0700): what the daemons keep about it
             journal/           journal segments and the history id (sdeefs.journal)
             work/              overlayfs work directory (on the upper's filesystem)
@@ -15,7 +20,8 @@ On a login node (``ROOT`` is ``[sdeefs] root`` of the site config)::
             mnt/               engine hybrid: where the journaling passthrough is mounted
             mask/              engine hybrid (sdeefs mount): the mask tmpfs
             capture.sock       engine kernel: the capture daemon's control socket
-            capture/           engine kernel: the capture's model checkpoint
+            capture/           engine kernel: the capture's model checkpoint, its lock,
+                               the supervisor's lock and ``expected`` (sdeefs.fs.kernel)
             replicas.json      the login replicad's placement of this user's replicas
 
 On a compute node (``REPLICA_DIR`` is ``[replication] replica_dir``)::
@@ -68,6 +74,17 @@ class UserDirs:
 
     upper = property(lambda self: os.path.join(self.path, "upper"))
     state = property(lambda self: StateDir(os.path.join(self.path, "state")))
+    image = property(lambda self: os.path.join(self.path, "layer.img"))
+    layer = property(lambda self: os.path.join(self.path, "layer"))
+
+    def live(self) -> tuple[str, str]:
+        """(upper, work) of the layer root the journal describes: on the layer image once
+        the user has one (engine kernel, or ``sdeefs migrate``), else ``upper/`` and
+        ``state/work``.  Whoever reads it must make sure the image is mounted
+        (``sdeefs.fs.image.is_mounted``): the empty mountpoint is on another filesystem."""
+        if os.path.exists(self.image):
+            return os.path.join(self.layer, "upper"), os.path.join(self.layer, "work")
+        return self.upper, self.state.work
 
 
 @attrs.frozen

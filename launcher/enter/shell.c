@@ -109,9 +109,10 @@ int cmd_shell(int argc, char **argv, int login)
     const char *want_engine = NULL;
     if (argc >= 2 && !strcmp(argv[0], "--engine")) {
         want_engine = argv[1];
-        if (strcmp(want_engine, "hybrid") && strcmp(want_engine, "fuse") &&
-            strcmp(want_engine, "overlay"))
-            usage("shell: --engine must be hybrid, fuse or overlay, not %s", want_engine);
+        if (strcmp(want_engine, "kernel") && strcmp(want_engine, "hybrid") &&
+            strcmp(want_engine, "fuse") && strcmp(want_engine, "overlay"))
+            usage("shell: --engine must be kernel, hybrid, fuse or overlay, not %s",
+                  want_engine);
         argc -= 2;
         argv += 2;
     }

@@ -16,6 +16,11 @@ Protocol: a JSON-line control socket (sdeefs.control), one request per connectio
     <- {"ok": true, "stopped": true}
     <- {"ok": false, "error": "one line", "code": 4}
 
+Supervision: every SUPERVISE_INTERVAL the service starts again what a running
+environment needs and can get back in place: the kernel engine's capture supervisor
+(``sdeefs.fs.kernel``; the supervisor itself restarts a capture that dies, this covers
+the supervisor).  A login and ``sdeefs start`` do the same for their own user.
+
 The C client in ``sdeefs-shell`` (launcher/enter/shell.c) reads ``ok``, ``error`` and
 ``code``: they stay.
 
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 4096  # bytes of a request line
 READ_TIMEOUT = 2.0  # seconds a client has to send its line
 MAX_WORKERS = 4  # requests worked on at once (each in a thread)
+SUPERVISE_INTERVAL = 5.0  # seconds between looks at the running environments' daemons
 
 
 def handle(config: SiteConfig, peer_uid: int, request: control.Request,
@@ -123,6 +129,19 @@ class Launchd:
         log.info("uid %d: %s -> %s", peer.uid, request, reply)
         return reply
 
+    async def supervise(self) -> None:
+        """Every SUPERVISE_INTERVAL: restart the daemons of running environments that can be
+        restarted in place (the kernel engine's capture supervisor, ``env.supervise``)."""
+        while True:
+            await trio.sleep(SUPERVISE_INTERVAL)
+            try:
+                restarted = await self.offload.run(env.supervise, self.config)
+            except (QuietError, OSError) as exc:
+                log.warning("supervision: %s", exc)
+                continue
+            for name in restarted:
+                log.warning("%s: restarted the capture's supervisor", name)
+
     async def serve(self) -> None:
         """Answer on RUN_DIR/launchd.sock until SIGTERM or SIGINT (then remove it)."""
         path = SiteRun(self.config.run_dir).launchd_socket
@@ -134,6 +153,7 @@ class Launchd:
                     control.serve, path, self.answer, mode=0o666, max_request=MAX_REQUEST,
                     read_timeout=READ_TIMEOUT))
                 log.info("listening on %s", path)
+                nursery.start_soon(self.supervise)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break

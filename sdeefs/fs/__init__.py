@@ -18,7 +18,9 @@ journal records after the fact: ``fanotify`` is the binding to the kernel's chan
 notifications, ``model`` what the journal says the upper is, ``reconcile`` the
 comparison of that model with the live upper that yields ordered records, and
 ``capture`` the daemon that reads events, reconciles in batches and answers drain
-requests (the barrier a job waits for).
+requests (the barrier a job waits for); ``kernel`` opens the layer and runs the
+capture under a supervisor that restarts it (what the launcher and ``sdeefs mount
+--engine kernel`` call).
 
 Either way the records are those of ``sdeefs.records``, so replay, check and
 replicas take them all alike.  This package imports only the shared core.

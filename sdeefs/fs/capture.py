@@ -542,12 +542,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", help="log file (default: stderr)")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--fault-stall-after", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", type=float, default=Config("", "").quiet, help=argparse.SUPPRESS)
+    parser.add_argument("--max-delay", type=float, default=Config("", "").max_delay,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(filename=args.log, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = Config(os.path.abspath(args.layer), os.path.abspath(args.state),
                     unlimited_queue=not args.bounded_queue,
-                    fault_stall_after=args.fault_stall_after)
+                    fault_stall_after=args.fault_stall_after, quiet=args.quiet,
+                    max_delay=args.max_delay)
     try:
         _main(config)
     except QuietError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import Engine
+from ..config import Engine, parse_size
 from ..statedir import StateDir
 from .mount import MOUNT_ENGINES, MountRequest, mount, mount_passthrough, umount
 
@@ -24,7 +24,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m.add_argument("--state", help="state directory (journal, work dir); default: beside upper")
     m.add_argument("--engine", choices=[str(e) for e in MOUNT_ENGINES], default=Engine.FUSE,
                    help="fuse: pure sdeefs overlay; hybrid: kernel overlayfs over the "
-                        "journaling sdeefs upper")
+                        "journaling sdeefs upper; kernel: kernel overlayfs with its upper "
+                        "on a layer image (--upper LAYER/upper, image LAYER.img), journaled "
+                        "by a capture daemon")
+    m.add_argument("--image-size", default="64G", metavar="SIZE",
+                   help="--engine kernel: size of a new layer image (sparse; default 64G)")
     m.add_argument("--passthrough-upper", action="store_true",
                    help="serve the layer root itself (upper/ and work/) for a kernel overlay")
     m.add_argument("--no-journal", action="store_true", help="do not journal (benchmarks)")
@@ -57,13 +61,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     assert args.command == "mount", args.command
     state = args.state or StateDir.beside(args.upper).path
+    if args.engine == Engine.KERNEL and not args.state:  # ROOT/U/state beside ROOT/U/layer
+        state = StateDir.beside(os.path.dirname(os.path.abspath(args.upper))).path
     req = MountRequest(
         mountpoint=os.path.abspath(args.mountpoint), upper=os.path.abspath(args.upper),
         state=os.path.abspath(state), lower=os.path.abspath(args.lower),
         engine=Engine(args.engine), journal=not args.no_journal, excludes=tuple(args.exclude),
         cache_timeout=args.cache_timeout, sync_interval=args.sync_interval,
         xattr_namespace=args.xattr_namespace, writeback_cache=not args.no_writeback_cache,
-        foreground=args.foreground, segment_bytes=args.segment_bytes)
+        foreground=args.foreground, segment_bytes=args.segment_bytes,
+        image_size=parse_size("--image-size", args.image_size))
     if args.passthrough_upper:
         mount_passthrough(req)
     else:

@@ -23,11 +23,14 @@ set while mounted).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,12 @@ class ImageError(Exception):
 
 
 def _run(argv: list[str], what: str, ok: tuple[int, ...] = (0,)) -> int:
+    # mkfs.ext4 and e2fsck live in sbin, which a PAM hook's empty environment lacks
+    search = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
+    program = shutil.which(argv[0], path=search) or argv[0]
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        done = subprocess.run([program, *argv[1:]], capture_output=True, text=True,
+                              timeout=600)
     except FileNotFoundError:
         raise ImageError(f"{what}: {argv[0]} is not installed") from None
     if done.returncode not in ok:
@@ -137,26 +144,63 @@ def check_image(path: str) -> None:
 def mount_image(path: str, mountpoint: str) -> str:
     """Mount the image at ``mountpoint`` (checked first if needed); return its loop device.
 
-    Refuses an image attached to a loop device already (mounted elsewhere): checking or
-    mounting a filesystem twice would corrupt it.
+    Several processes may mount one image (the launcher at a login, the login replicad
+    reading a logged-out user's layer): an exclusive ``flock`` on the image file
+    serialises check and mount.  An image whose loop device is still attached although
+    nothing is mounted here is mounted in another mount namespace (one that copied the
+    host's mounts while the layer was mounted, issue 11 item 6): its filesystem is live,
+    so it is neither checked nor attached again; mounting the same device here shares
+    its superblock (the kernel never mounts one block device twice as two filesystems).
     """
+    with _image_lock(path):
+        source = mount_source(mountpoint)
+        devices = loop_devices_of(path)
+        if source is not None and source in devices:
+            return source  # mounted here already
+        if source is not None:
+            raise ImageError(f"{mountpoint} has something else mounted on it")
+        os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+        if len(devices) > 1:
+            raise ImageError(f"layer image {path} is attached twice ({', '.join(devices)})")
+        if devices and _mounted_here(devices[0]):
+            raise ImageError(f"layer image {path} is in use ({devices[0]} is mounted "
+                             "elsewhere)")
+        if devices:
+            log.info("layer image %s is live on %s (another mount namespace): mounting it",
+                     path, devices[0])
+            _run(["mount", "-t", "ext4", "-o", "nodev,nosuid", devices[0], mountpoint],
+                 f"mounting the layer image {path}")
+        else:
+            check_image(path)
+            _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, path, mountpoint],
+                 f"mounting the layer image {path}")
+        device = mount_source(mountpoint)
+        if device is None:
+            raise ImageError(f"mounting the layer image {path}: not mounted after mount(8)")
+        if not devices:
+            _direct_io(device)
+        return device
+
+
+@contextlib.contextmanager
+def _image_lock(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _mounted_here(device: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[line.split().index("-") + 2] == device for line in f)
+
+
+def is_mounted(path: str, mountpoint: str) -> bool:
+    """Is the image ``path`` what is mounted at ``mountpoint`` (in this mount namespace)?"""
     source = mount_source(mountpoint)
-    devices = loop_devices_of(path)
-    if source is not None and source in devices:
-        return source  # mounted here already
-    if source is not None:
-        raise ImageError(f"{mountpoint} has something else mounted on it")
-    if devices:
-        raise ImageError(f"layer image {path} is in use ({', '.join(devices)})")
-    check_image(path)
-    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
-    _run(["mount", "-t", "ext4", "-o", MOUNT_OPTIONS, path, mountpoint],
-         f"mounting the layer image {path}")
-    device = mount_source(mountpoint)
-    if device is None:
-        raise ImageError(f"mounting the layer image {path}: not mounted after mount(8)")
-    _direct_io(device)
-    return device
+    return source is not None and source in loop_devices_of(path)
 
 
 def _direct_io(device: str) -> None:
@@ -173,11 +217,20 @@ def _direct_io(device: str) -> None:
         os.close(fd)
 
 
-def unmount_image(mountpoint: str) -> None:
-    """Unmount the layer (its loop device detaches itself)."""
-    if mount_source(mountpoint) is None:
-        return
-    _run(["umount", mountpoint], f"unmounting the layer at {mountpoint}")
+def unmount_image(mountpoint: str, path: str | None = None) -> bool:
+    """Unmount the layer (its loop device detaches itself once no mount namespace holds
+    it); False if it is busy (a reader has files open: it stays mounted, the next
+    :func:`mount_image` finds it so).  ``path``: the image, to take its lock."""
+    lock = _image_lock(path) if path is not None else contextlib.nullcontext()
+    with lock:
+        if mount_source(mountpoint) is None:
+            return True
+        done = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("layer at %s stays mounted: %s", mountpoint,
+                        (done.stderr.strip().splitlines() or ["busy"])[-1])
+            return False
+        return True
 
 
 def prepare_layer(mountpoint: str, uid: int, gid: int) -> tuple[str, str]:

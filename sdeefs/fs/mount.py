@@ -6,6 +6,13 @@
   ``STATE/mnt``, journaling every change, and kernel overlayfs is mounted at the
   mountpoint with ``STATE/mnt/upper`` as its upper and, above the lower, the mask
   layer (``sdeefs.fs.mask``, on ``STATE/mask``) that shows the excluded paths empty.
+* ``--engine kernel``: ``UPPER`` is ``LAYER/upper``, on the layer image
+  ``LAYER.img`` (``sdeefs.fs.image``; made if missing, ``--image-size``) mounted at
+  ``LAYER``; the capture daemon (``sdeefs.fs.kernel``: supervised, restarted if it
+  dies) journals it into ``STATE/journal``, and kernel overlayfs is mounted at the
+  mountpoint over the mask and the lower with ``LAYER/upper`` as its upper: no sdeefs
+  process in the I/O path.  ``LAYER/state`` names the state directory, for
+  ``sdeefs umount``.
 * the guard (``sdeefs.fs.guard``): a read-only layer of its own daemon, mounted
   by the launcher above the host root.
 
@@ -35,16 +42,17 @@ from ..journal import Journal, NullJournal
 from ..offload import Offload
 from ..statedir import StateDir
 from ..sysio import open_tree_clone
-from . import daemon
+from . import daemon, kernel
 from .cow import DEFAULT_EXCLUDES, CowFS, Mode, OverlayXattrs, ViewConfig
 from .guard import DenyPatterns, GuardView, Policy
+from .image import ImageError
 from .lower import HidePolicy
 from .mask import MaskSpec, build_mask
 from .ops import GuardOperations, Operations
 
 log = logging.getLogger(__name__)
 
-MOUNT_ENGINES = (Engine.FUSE, Engine.HYBRID)  # what ``sdeefs mount`` makes
+MOUNT_ENGINES = (Engine.FUSE, Engine.HYBRID, Engine.KERNEL)  # what ``sdeefs mount`` makes
 
 
 @attrs.frozen
@@ -69,6 +77,12 @@ class MountRequest:
     # entries; the deny patterns also without root_owner)
     root_owner: tuple[int, int] | None = None
     deny: tuple[str, ...] = ()
+    image_size: int = 64 << 30  # --engine kernel: a new layer image's size
+
+    @property
+    def layer(self) -> str:
+        """--engine kernel: the layer image's mountpoint (the upper's parent)."""
+        return os.path.dirname(self.upper.rstrip("/"))
 
     @property
     def dirs(self) -> StateDir:
@@ -102,6 +116,9 @@ def validate(req: MountRequest) -> None:
     if req.engine not in MOUNT_ENGINES:
         raise QuietError(f"unknown engine {req.engine!r} "
                          f"(choose from {', '.join(MOUNT_ENGINES)})", ExitCode.USAGE)
+    if req.engine == Engine.KERNEL:
+        _validate_kernel(req)
+        return
     if not os.path.exists("/dev/fuse"):
         raise QuietError("cannot mount: /dev/fuse does not exist (load the fuse module)",
                          ExitCode.UNAVAILABLE)
@@ -137,6 +154,52 @@ def validate(req: MountRequest) -> None:
                 raise QuietError(f"cannot mount: the {what} {path} is inside the excluded path "
                                  f"{excluded}, which the launcher bind-mounts from the host",
                                  ExitCode.USAGE)
+
+
+def _validate_kernel(req: MountRequest) -> None:
+    if os.geteuid() != 0:
+        raise QuietError("cannot mount: sdeefs mount must run as root (fanotify, loop mounts)",
+                         ExitCode.UNAVAILABLE)
+    if os.path.basename(req.upper.rstrip("/")) != "upper":
+        raise QuietError("cannot mount: --engine kernel takes --upper LAYER/upper (the image "
+                         "LAYER.img is mounted at LAYER)", ExitCode.USAGE)
+    for what, path in (("lower", req.lower), ("mountpoint", req.mountpoint)):
+        if not os.path.isdir(path):
+            raise QuietError(f"cannot mount: {what} {path} is not a directory", ExitCode.USAGE)
+    if os.path.ismount(req.mountpoint) or os.listdir(req.mountpoint):
+        raise QuietError(f"cannot mount: mountpoint {req.mountpoint} is busy or not empty",
+                         ExitCode.BUSY)
+    for what, path in (("layer", req.layer), ("state", req.state)):
+        if _inside(path, req.mountpoint) or _inside(req.lower, path):
+            raise QuietError(f"cannot mount: the {what} {path} and the mountpoint or lower "
+                             "overlap", ExitCode.USAGE)
+    if _inside(req.state, req.layer) or _inside(req.layer, req.state):
+        raise QuietError("cannot mount: layer and state directories must not contain each "
+                         "other", ExitCode.USAGE)
+
+
+def mount_kernel(req: MountRequest) -> None:
+    """--engine kernel: the layer image, its capture, then kernel overlayfs over it."""
+    os.makedirs(req.state, mode=0o700, exist_ok=True)
+    image_path = req.layer + ".img"
+    try:
+        upper, work = kernel.open_layer(image_path, req.layer, req.image_size, 0, 0)
+        with open(os.path.join(req.layer, "state"), "w") as f:
+            f.write(os.path.abspath(req.state) + "\n")
+    except (ImageError, OSError) as exc:
+        raise QuietError(f"cannot mount: {exc}", ExitCode.FAILURE) from None
+    mask = None
+    try:
+        kernel.start_capture(req.layer, req.state, os.path.join(req.state, "capture.log"))
+        mask = _hybrid_mask(req)
+        mount_overlay([mask, req.lower] if mask else [req.lower], upper, work, req.mountpoint)
+    except BaseException:
+        if mask:
+            unmount_path(mask)
+        with contextlib.suppress(QuietError):
+            kernel.stop_capture(req.state, 60.0)
+        kernel.close_layer(image_path, req.layer)
+        raise
 
 
 def prepare_state(req: MountRequest) -> None:
@@ -336,6 +399,9 @@ def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None
 
 def mount(req: MountRequest) -> None:
     validate(req)
+    if req.engine == Engine.KERNEL:
+        mount_kernel(req)
+        return
     prepare_state(req)
     if req.engine == Engine.FUSE:
         _start_view(req, req.mountpoint, "merged")
@@ -400,6 +466,9 @@ def mounted_state(mountpoint: str) -> tuple[str, str | None]:
                 for opt in options.split(","):
                     if opt.startswith("upperdir="):
                         inner = os.path.dirname(opt[len("upperdir="):])  # STATE/mnt
+                        if os.path.exists(inner + ".img"):  # LAYER (engine kernel)
+                            with open(os.path.join(inner, "state")) as f:
+                                return "kernel", f.read().strip()
                         return "hybrid", os.path.dirname(inner)
                 return "overlay", None
             if fstype.startswith("fuse") and source.startswith("sdeefs:"):
@@ -408,12 +477,35 @@ def mounted_state(mountpoint: str) -> tuple[str, str | None]:
     raise QuietError(f"{mountpoint} is not mounted", ExitCode.USAGE)
 
 
+def _upperdir(mountpoint: str) -> str:
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                for opt in fields[fields.index("-") + 3].split(","):
+                    if opt.startswith("upperdir="):
+                        return opt[len("upperdir="):]
+    raise QuietError(f"{mountpoint} is not a kernel overlay", ExitCode.USAGE)
+
+
 def umount(mountpoint: str, timeout: float = 30.0) -> None:
     """Unmount an sdeefs view and wait until its daemon has exited (journal closed)."""
     kind, state = mounted_state(mountpoint)
     if kind == "overlay" or state is None:
         raise QuietError(f"{mountpoint} is a kernel overlay not made by sdeefs", ExitCode.USAGE)
+    upper = _upperdir(mountpoint) if kind == "kernel" else None
     unmount_path(mountpoint)
+    if kind == "kernel":
+        assert upper is not None
+        dirs = StateDir(state)
+        if os.path.ismount(dirs.mask):
+            unmount_path(dirs.mask)
+        kernel.stop_capture(state, max(timeout, 600.0))  # the stop drains the queue first
+        layer = os.path.dirname(upper)
+        if not kernel.close_layer(layer + ".img", layer):
+            raise QuietError(f"the layer {layer} stays mounted: it is busy", ExitCode.UNMOUNT)
+        return
     if kind == "hybrid":
         dirs = StateDir(state)
         unmount_path(dirs.mnt)

@@ -14,6 +14,19 @@ when a later frame carries SKIP, a trailing metadata record waits HOLD_BACK for 
 possible Abort (:func:`settled`), an aborted record travels as a marker, and a file's
 consecutive setattr records go as one (:func:`merge_setattr`).
 
+The kernel engine's capture (``sdeefs.fs.capture``) writes batches, ``Begin`` ...
+``Commit``: nothing from a Begin on is shipped until its Commit or Void is in the
+journal (:func:`settled`), and the records a Void names travel as markers, as aborted
+ones do (:func:`without_aborted`).  Its ``Extent`` records are checked against what
+the capture read (the rule in ``sdeefs.records``, :func:`extent_blocks_ok`): a block
+that changed since is shipped only if a later committed Extent rewrites it; otherwise
+the sender waits for the capture's next batch and reads again.  A head query drains
+the capture first (:meth:`OriginUser.drain_capture`): the head it answers holds every
+change the user made before the query; when no capture answers although one is
+expected, the query fails and the barrier asks again.  The layer root is the user's
+image (``UserDirs.live``) once they have one; it is read only while mounted (the
+empty mountpoint is another filesystem: its handles would name other files).
+
 The journal is trimmed below what every follower acknowledged (:meth:`Origin.trim`,
 whose bookkeeping is ``STATE/replicas.json``); a follower gone longer than ``expire``
 no longer holds it back and gets a snapshot when it returns.  Shippers wait for a
@@ -24,6 +37,7 @@ node costs nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +48,9 @@ import attrs
 import trio
 
 from .. import records as rec
-from ..errors import JournalCorrupt
+from ..control import ControlError
+from ..errors import JournalCorrupt, QuietError
+from ..fs import capture, image, kernel
 from ..journal import Entry, Journal, JournalTail, Trimmed, journal_id
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
@@ -77,7 +93,9 @@ MAX_PENDING = 4096  # journal entries read ahead of what was sent
 HEAD_READ_BYTES = 16 << 20  # journal bytes read per step while learning the head
 SNAPSHOT_ATTEMPTS = 5
 MAX_REFUSED = 16  # refused records an origin remembers per user
-MARKERS = (rec.Done, rec.Sync, rec.Abort)
+MARKERS = (rec.Done, rec.Sync, rec.Abort, rec.Begin, rec.Commit, rec.Void)
+DRAIN_TIMEOUT = 60.0  # seconds a head query waits for the capture's drain
+EXTENT_RETRY = 0.05  # seconds between reads of an Extent whose data changed since captured
 
 
 @attrs.define(eq=False)
@@ -123,8 +141,40 @@ class OriginUser:
             return self.head
 
     def source(self) -> LayerRoot:
-        """The user's layer root, where Write records' data is read (a worker thread)."""
-        return open_layer_root(self.dirs.upper, self.dirs.state.work)
+        """The user's layer root, where Write records' data is read (a worker thread).
+
+        A layer image is mounted first if it is not (a logged-out user's replica catching
+        up); the mount stays (the launcher's stop leaves a busy layer mounted, and the
+        next start finds it so).  The open layer root keeps it busy meanwhile.
+        """
+        upper, work = self.dirs.live()
+        if os.path.exists(self.dirs.image):
+            try:
+                image.mount_image(self.dirs.image, self.dirs.layer)
+            except image.ImageError as exc:
+                raise ProtocolError(f"the layer of {self.name} cannot be read: {exc}") from None
+        source = open_layer_root(upper, work)
+        if os.path.exists(self.dirs.image) and \
+                os.fstat(source.upper_fd).st_dev == os.stat(self.dirs.path).st_dev:
+            source.close()  # unmounted between the mount and the open
+            raise ProtocolError(f"the layer of {self.name} is not mounted; retry")
+        return source
+
+    @property
+    def live_upper(self) -> str:
+        return self.dirs.live()[0]
+
+    def drain_capture(self) -> None:
+        """Make the journal hold everything the user did before now (a worker thread):
+        ask the kernel engine's capture for a barrier, if one runs.  ProtocolError if none
+        answers while one is expected (the head could lack changes: the barrier retries)."""
+        state = self.dirs.state.path
+        try:
+            capture.drain(state, DRAIN_TIMEOUT)
+        except (QuietError, ControlError) as exc:
+            if kernel.capture_expected(state):
+                raise ProtocolError(f"the capture of {self.name} does not answer ({exc}); "
+                                    "retry") from None
 
     def journal_grew(self) -> None:
         self.grew.set()
@@ -159,13 +209,32 @@ class OriginUser:
 # -- what travels --------------------------------------------------------------------------
 
 
+def open_batch(pending: list[Entry]) -> int | None:
+    """The index in ``pending`` of a capture batch's Begin whose Commit or Void is not
+    there yet (None: every batch in it is closed)."""
+    begins: dict[int, int] = {}
+    for index, entry in enumerate(pending):
+        record = entry.record
+        if isinstance(record, rec.Begin):
+            begins[entry.seq] = index
+        elif isinstance(record, rec.Commit):
+            begins.pop(record.begin, None)
+        elif isinstance(record, rec.Void):
+            begins = {seq: i for seq, i in begins.items() if seq < record.begin}
+    return min(begins.values()) if begins else None
+
+
 def settled(pending: list[Entry], first_seen: float) -> int:
     """How many of ``pending`` may be sent now.
 
     A metadata record is written just before its operation; if the operation fails an
     Abort follows at once.  So the last metadata record waits until anything follows
-    it, or HOLD_BACK has passed.
+    it, or HOLD_BACK has passed.  A capture batch waits, from its Begin on, for its
+    Commit or Void (``sdeefs.records``): it takes effect as a whole or not at all.
     """
+    held = open_batch(pending)
+    if held is not None:
+        pending = pending[:held]
     if not pending:
         return 0
     last = pending[-1]
@@ -200,9 +269,39 @@ def merge_setattr(first: rec.Setattr, then: rec.Setattr) -> rec.Setattr | None:
 
 
 def without_aborted(entries: list[Entry]) -> list[Entry]:
-    """``entries`` with every aborted record replaced by a marker (nothing to apply)."""
+    """``entries`` with every aborted record, and every record of a voided capture batch,
+    replaced by a marker (nothing to apply)."""
     aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
-    return [Entry(e.seq, rec.Sync(0)) if e.seq in aborted else e for e in entries]
+    void = [(e.record.begin, e.record.end) for e in entries if isinstance(e.record, rec.Void)]
+    if not aborted and not void:
+        return entries
+    return [Entry(e.seq, rec.Sync(0))
+            if e.seq in aborted or any(b <= e.seq <= end for b, end in void)
+            and not isinstance(e.record, rec.Void) else e for e in entries]
+
+
+def extent_blocks_ok(record: rec.Extent, data: bytes, later: list[rec.Record]) -> bool:
+    """May ``data``, read now for ``record``, reach a replica (the Extent rule of
+    ``sdeefs.records``)?  Every block whose hash differs from the capture's sum must be
+    rewritten by a later committed Extent of the same handle (``later``: the committed
+    records after it), or lie at or beyond the size such an Extent says."""
+    count = len(record.sums) // rec.SUM_SIZE
+    for index in range(count):
+        start = index * rec.EXTENT_BLOCK
+        if start >= record.length:
+            break
+        end = min(start + rec.EXTENT_BLOCK, record.length)
+        block = data[start:end]
+        if len(block) == end - start and hashlib.blake2b(
+                block, digest_size=rec.SUM_SIZE).digest() == \
+                record.sums[index * rec.SUM_SIZE:(index + 1) * rec.SUM_SIZE]:
+            continue
+        offset = record.offset + start
+        if not any(isinstance(r, rec.Extent) and r.handle == record.handle and (
+                r.size <= offset or r.offset <= offset
+                and offset + (end - start) <= r.offset + r.length) for r in later):
+            return False
+    return True
 
 
 @attrs.define(eq=False)
@@ -228,6 +327,7 @@ class JournalSender:
     pending: list[Entry] = attrs.field(factory=list)
     first_seen: float = 0.0
     skipped: bool = False
+    waiting: bool = False  # an Extent's data changed since the capture read it
 
     async def run(self) -> None:
         user, downstream = self.user, self.link.downstream
@@ -252,12 +352,15 @@ class JournalSender:
             # A held-back record goes after HOLD_BACK; otherwise sleep until the journal
             # grows or the next HEAD is due.
             idle = IDLE_HEAD - (trio.current_time() - last_send)
-            with trio.move_on_after(HOLD_BACK if self.pending else max(idle, 0.0)):
+            with trio.move_on_after(HOLD_BACK if self.pending and not self.waiting
+                                    else EXTENT_RETRY if self.waiting else max(idle, 0.0)):
                 await grew.wait()
 
     def next_batch(self) -> tuple[list[bytes | bytearray], int]:
         """The next frames to send, encoded, and the last seq they carry (a worker thread)."""
-        if len(self.pending) < MAX_PENDING:
+        # An open capture batch is read to its end whatever its size: nothing of it can
+        # go before its Commit (the capture bounds a batch: Config.batch_entries).
+        if len(self.pending) < MAX_PENDING or open_batch(self.pending) is not None:
             new = self.tail.poll()
             if new and not self.pending:
                 self.first_seen = time.monotonic()
@@ -267,11 +370,29 @@ class JournalSender:
         out: list[bytes | bytearray] = []
         size = taken = 0
         held: tuple[int, rec.Setattr, int] | None = None  # (seq, record, flags)
+        self.waiting = False
         while taken < ready and size < BATCH_BYTES:
             entry = pending[taken]
             record = entry.record
+            data: bytes | None = None
+            if isinstance(record, rec.Extent):
+                ok, data = self._extent_data(record, pending[taken + 1:ready])
+                if not ok:  # read again after the capture's next batch
+                    self.waiting = True
+                    break
             taken += 1
             last_of_batch = taken == ready  # the batch may end on a marker: send it
+            if isinstance(record, rec.Extent):
+                if held is not None:
+                    size += self._encode(*held, out)
+                    held = None
+                flags = SKIP if self.skipped else 0
+                self.skipped = False
+                for frame in record_frames(entry.seq, record, data or None):
+                    out.append(attrs.evolve(frame, flags=flags).encode(self.link.key))
+                    flags = 0
+                size += len(data or b"") + 64
+                continue
             if isinstance(record, MARKERS) and not last_of_batch:
                 self.skipped = True  # nothing to apply; the next frame says SKIP
                 continue
@@ -296,6 +417,18 @@ class JournalSender:
         if self.pending and taken:
             self.first_seen = time.monotonic()
         return out, last
+
+    def _extent_data(self, record: rec.Extent, after: list[Entry]) -> tuple[bool, bytes | None]:
+        """(may it be shipped now, the data of an Extent as read now: None if the file is
+        gone); not yet if a block changed since the capture read it (``extent_blocks_ok``)."""
+        fd = open_write_data(self.source, record)
+        if fd is None:
+            return True, None
+        try:
+            data = os.pread(fd, record.length, record.offset) if record.length else b""
+        finally:
+            os.close(fd)
+        return extent_blocks_ok(record, data, [e.record for e in after]), data
 
     def _encode(self, seq: int, record: rec.Record, flags: int,
                 out: list[bytes | bytearray]) -> int:
@@ -364,7 +497,9 @@ class Origin:
         return user
 
     async def head(self, user: OriginUser) -> tuple[int, bytes]:
-        """The user's head now, and its journal id (a head query's answer)."""
+        """The user's head now, and its journal id (a head query's answer): everything
+        the user did before the query (the capture drained first)."""
+        await self.offload.run(user.drain_capture)
         head = await self.offload.run(user.refresh_head)
         return head, await self.offload.run(journal_id, user.journal_dir)
 
@@ -418,7 +553,7 @@ class Origin:
             await trio.sleep(HOLD_BACK)
             if await self.offload.run(journal.size_bytes) != before:
                 continue
-            await link.send_snapshot(user.dirs.upper, seq, user.ids)
+            await link.send_snapshot(user.live_upper, seq, user.ids)
             if await self.offload.run(journal.size_bytes) == before:
                 # a replica made faithful past them (``sdeefs replica resync``): no longer
                 # shown as errors

@@ -167,7 +167,7 @@ def grid5() -> Iterator[Grid]:
 
 
 @contextlib.contextmanager
-def open_grid(nodes: int, barrier_timeout: int = 90) -> Iterator[Grid]:
+def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid") -> Iterator[Grid]:
     base = Path(tempfile.mkdtemp(prefix="sdeefs-grid-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     key = base / "replication.key"
@@ -177,7 +177,8 @@ def open_grid(nodes: int, barrier_timeout: int = 90) -> Iterator[Grid]:
              f'control = "{base}/%n/replicad.sock"\nreplica_dir = "{base}/%n/rep"\n'
              f'job_dir = "{base}/%n/jobs"\nbarrier_timeout = {barrier_timeout}\n')
     try:
-        with open_site(extra=extra) as site:
+        layer = 'layer_size = "1G"\n' if engine == "kernel" else ""
+        with open_site(engine, layer + extra) as site:
             for which in ("prolog", "epilog"):
                 (base / f"{which}.sh").write_text(
                     f"#!/bin/sh\nSDEEFS_CONFIG={site.config} exec {VENV_BIN}/sdeefs-{which} "
@@ -274,6 +275,30 @@ def test_jobs_run_in_the_users_environment_on_every_node(grid: Grid) -> None:
     for i in (1, 2, 3):
         delta = g.received(i) - before[i]
         assert 0 < delta < 4096, (i, delta)
+
+
+@requires_slurm
+@requires_launcher
+def test_with_the_kernel_engine_a_job_submitted_right_after_an_install_sees_all_of_it() -> None:
+    """The kernel engine journals after the fact (sdeefs.fs.capture): a job submitted the
+    moment the install returned still sees every file, because the barrier drains the
+    capture before it answers the head."""
+    with open_grid(NODES, engine="kernel") as g:
+        g.site.start(g.user)
+        install_software(g)
+        g.site.run(g.user, "mkdir /opt/many && for i in $(seq 1 500); do echo $i > /opt/many/f$i;"
+                           " done && echo v1 > /etc/sdeefs-demo")
+        run = VENV_BIN / "sdeefs-run"
+        job = (f"#!/bin/sh\nsrun -N3 {run} -- sh -c 'echo \"$(hostname) $(ls /opt/many | wc -l) "
+               f"$(cat /opt/many/f500) $(greet) $(cat /etc/sdeefs-demo)\"'\n")
+        text = g.submit(job, "-N3")
+        assert job_lines(text) == [f"n{i} 500 500 hello from libgreet v1" for i in (1, 2, 3)], \
+            text
+        g.assert_converged()
+        g.site.run(g.user, "rm -r /opt/many && echo v2 > /etc/sdeefs-demo")
+        text = g.submit(job, "-N3")
+        assert job_lines(text) == [f"n{i} 0 hello from libgreet v2" for i in (1, 2, 3)], text
+        g.assert_converged()
 
 
 @requires_slurm

@@ -20,6 +20,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdeefs.fs import kernel
+
 # The installed runtime (tests/conftest.py installs it with scripts/install.sh), or this
 # venv's when pytest runs without root.
 VENV_BIN = Path(os.environ.get("SDEEFS_TEST_BIN") or Path(sys.executable).parent)
@@ -84,6 +86,8 @@ class Site:
         return Path(pwd.getpwnam(user).pw_dir)
 
     def upper(self, user: str) -> Path:
+        if (self.root / user / "layer.img").exists():  # engine kernel: on the layer image
+            return self.root / user / "layer" / "upper"
         return self.root / user / "upper"
 
     # -- commands ---------------------------------------------------------------------------
@@ -141,6 +145,12 @@ class Site:
         for user in self.users:
             with contextlib.suppress(Exception):
                 self.sdeefs("stop", user, check=False)
+        for state in self.root.glob("*/state"):  # engine kernel, if a stop failed: the
+            # capture's supervisor and capture, by the pids their held locks name
+            for pid in (kernel.supervisor_pid(str(state)), kernel.capture_pid(str(state))):
+                if pid is not None and pid > 1:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
         for mountpoint in sorted(self.leftovers(), key=len, reverse=True):
             subprocess.run(["umount", "-l", mountpoint], capture_output=True)
         for user in self.users:

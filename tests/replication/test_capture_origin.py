@@ -1,0 +1,164 @@
+"""The login replicad serving a kernel-engine journal: real replicads on loopback, a real
+layer image, kernel overlayfs and the capture daemon (``sdeefs.fs.capture``).
+
+* a head query drains the capture: a barrier asked right after a write (the capture set to
+  wait 30 s before journaling it on its own) holds the write;
+* a capture batch is shipped only once committed: a batch cut off by a kill -9 (and a
+  capture stalled in the middle of one) never reaches a replica, the restarted capture's
+  Void and full scan do, and the replica converges byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sdeefs import records as rec
+from sdeefs.journal import Entry, Journal
+from sdeefs.replication.origin import extent_blocks_ok, open_batch, settled, without_aborted
+from tests.fs.capture_util import tree, tree_diff
+from tests.fs.test_capture import Site, make_site, requires_kernel
+from tests.launcher.test_job import _free_port, _start_replicad
+
+USER = "alice"
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[tuple[Site, Path]]:
+    """A kernel-engine layer of USER under ROOT (ROOT/alice/{layer.img,layer,state}), the
+    login replicad serving ROOT and node n1 following it."""
+    root = tmp_path / "root"
+    (root / USER).mkdir(parents=True)
+    site = make_site(root / USER, size=256 << 20)
+    base = tmp_path / "nodes"
+    base.mkdir()
+    (base / "key").write_text(os.urandom(32).hex())
+    os.chmod(base / "key", 0o600)
+    port = _free_port()
+    daemons = []
+    try:
+        daemons.append(_start_replicad(base, "login", "--origin", str(root), "--listen",
+                                       f"127.0.0.1:{port}"))
+        daemons.append(_start_replicad(base, "n1", "--replica-dir", str(base / "replicas"),
+                                       "--upstream", f"127.0.0.1:{port}"))
+        yield site, base
+    finally:
+        for proc in daemons:
+            proc.kill()
+            proc.wait(10)
+        site.cleanup()
+
+
+def replica(base: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sdeefs", "replica", *args, "--control",
+                           str(base / "n1.sock")], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def barrier(base: Path) -> None:
+    result = replica(base, "follow", USER, "--wait")
+    assert result.returncode == 0, result.stderr
+
+
+def applied(base: Path) -> int:
+    status = json.loads(replica(base, "status", "--json").stdout)
+    return int(status["replicas"][USER]["applied"])
+
+
+def diff(site: Site, base: Path) -> list[str]:
+    return tree_diff(tree(site.upper, mtimes=False),
+                     tree(base / "replicas" / USER / "upper", mtimes=False))
+
+
+@requires_kernel
+def test_a_barrier_right_after_a_write_holds_it(nodes: tuple[Site, Path]) -> None:
+    site, base = nodes
+    site.start("--quiet", "30", "--max-delay", "30")  # it journals only when asked
+    barrier(base)
+    (site.mnt / "d").mkdir()
+    for i in range(50):
+        (site.mnt / "d" / f"f{i}").write_bytes(b"x" * i)
+    barrier(base)
+    assert (base / "replicas" / USER / "upper" / "d" / "f49").read_bytes() == b"x" * 49
+    assert diff(site, base) == []
+
+
+@requires_kernel
+def test_an_uncommitted_batch_never_reaches_a_replica(nodes: tuple[Site, Path]) -> None:
+    site, base = nodes
+    first = site.start()
+    (site.mnt / "before").write_bytes(b"before")
+    barrier(base)
+    site.stop(first)
+    stalled = site.start("--fault-stall-after", "5")  # the start's scan: nothing to do
+    for i in range(40):
+        (site.mnt / f"n{i}").write_bytes(b"new %d" % i)
+    journal = Journal(directory=str(site.state / "journal"))
+    deadline = time.monotonic() + 20
+    begin = None
+    while begin is None:
+        assert time.monotonic() < deadline, "the capture did not start its batch"
+        begins = [e.seq for e in journal.read(1) if isinstance(e.record, rec.Begin)]
+        committed = {e.record.begin for e in journal.read(1) if isinstance(e.record, rec.Commit)}
+        begin = next((b for b in begins if b not in committed), None)
+        time.sleep(0.05)
+    time.sleep(1.0)  # the stalled batch's first records are in the journal, its end is not
+    assert max(e.seq for e in journal.read(1)) > begin
+    assert applied(base) < begin
+    assert not (base / "replicas" / USER / "upper" / "n0").exists()
+    site.stop(stalled, signal.SIGKILL)
+    site.start()  # voids the cut-off batch, then a full scan
+    barrier(base)
+    assert diff(site, base) == []
+    assert applied(base) >= begin
+
+
+# -- the rules, record by record ------------------------------------------------------------
+
+
+def entries(*records: rec.Record) -> list[Entry]:
+    return [Entry(seq, record) for seq, record in enumerate(records, 1)]
+
+
+def test_settled_holds_an_open_batch_and_voided_records_become_markers() -> None:
+    write = rec.Mkdir(b"upper/a", 0o755, 0, 0)
+    pending = entries(write, rec.Sync(0), rec.Begin(0), write, write)
+    assert open_batch(pending) == 2
+    assert settled(pending, time.monotonic()) == 2  # up to the Begin, never into it
+    committed = pending + [Entry(6, rec.Commit(3))]
+    assert open_batch(committed) is None
+    assert settled(committed, time.monotonic()) == 6
+    voided = without_aborted(pending + [Entry(6, rec.Void(3, 5))])
+    assert open_batch(voided) is None
+    assert [type(e.record) for e in voided] == [rec.Mkdir, rec.Sync, rec.Sync, rec.Sync,
+                                                 rec.Sync, rec.Void]
+
+
+def test_an_extent_whose_block_changed_waits_for_a_later_extent() -> None:
+    import hashlib
+
+    block = rec.EXTENT_BLOCK
+    old, new = b"a" * block + b"b" * 10, b"a" * block + b"c" * 10
+
+    def sums(data: bytes) -> bytes:
+        return b"".join(hashlib.blake2b(data[i:i + block], digest_size=rec.SUM_SIZE).digest()
+                        for i in range(0, len(data), block))
+
+    extent = rec.Extent(b"upper/f", b"h", 0, len(old), len(old), sums(old))
+    assert extent_blocks_ok(extent, old, [])
+    assert not extent_blocks_ok(extent, new, [])  # read after it changed: not yet
+    assert not extent_blocks_ok(extent, old[:block], [])  # truncated since
+    later = rec.Extent(b"upper/f", b"h", block, 10, len(new), sums(new)[rec.SUM_SIZE:])
+    assert extent_blocks_ok(extent, new, [later])  # a later Extent rewrites that block
+    other = rec.Extent(b"upper/g", b"g", block, 10, len(new), sums(new)[rec.SUM_SIZE:])
+    assert not extent_blocks_ok(extent, new, [other])
+    shrunk = rec.Extent(b"upper/f", b"h", 0, 0, block, b"")
+    assert extent_blocks_ok(extent, old[:block], [shrunk])  # the file ends before the block
