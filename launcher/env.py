@@ -44,7 +44,7 @@ import attrs
 
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
-from sdeefs.fs.daemon import daemon_pid
+from sdeefs.fs.daemon import daemon_pid, end_after_unmount
 from sdeefs.fs.mount import umount
 from sdeefs.journal import Journal
 from sdeefs.sysio import write_file_atomic
@@ -235,11 +235,26 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
         if view.mounted(mountpoint):
             try:
                 umount(mountpoint)
-            except QuietError:
+            except QuietError as exc:
+                log.warning("%s", exc)
                 view.detach(mountpoint)
+    _end_unmounted_daemon(dirs)
     for path in (run.init, run.record):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _end_unmounted_daemon(dirs: EnvDirs) -> None:
+    """A journaling daemon of this layer whose mount is gone here but held by another mount
+    namespace (issue 11: a root ``unshare -m`` during the logout, or an earlier teardown
+    that gave up) keeps STATE/lock: end it, so that the next login can mount the layer."""
+    state = dirs.layer.state
+    if daemon_pid(state.path) is None or view.mounted(state.mnt) or view.mounted(dirs.run.view):
+        return
+    end_after_unmount(state.path, UNMOUNT_TIMEOUT)
+
+
+UNMOUNT_TIMEOUT = 30.0  # seconds a daemon may take to close its journal after its unmount
 
 
 def _records(config: SiteConfig) -> list[EnvRecord]:

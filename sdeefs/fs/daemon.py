@@ -9,6 +9,13 @@ stdout, stderr and logging to its log file) and keeps no descriptor of its calle
 While it serves, the journaling daemon holds ``STATE/lock`` (``flock``), which also
 holds its pid: one daemon per state directory, and :func:`daemon_pid` tells whether
 one runs and which.  Nothing here knows FUSE (``sdeefs.fs.mount`` says what to serve).
+
+A daemon ends when its mount's last copy is gone.  Another mount namespace that copied
+the mount (a root ``unshare -m``, a service with PrivateTmp) keeps it alive after the
+unmount here, and the daemon with it, holding the lock: :func:`end_after_unmount` then
+asks it to finish (SIGTERM: it stops serving, syncs and closes its journal, exits), so
+the next mount of that state can start.  The daemon's working directory is ``/``: it
+keeps no path of its caller busy.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -79,6 +87,79 @@ def wait_exit(state: str, timeout: float | None) -> None:
         time.sleep(0.02 if deadline is not None else 0.5)
 
 
+PINNED_GRACE = 1.0  # seconds an unmounted daemon gets to exit by itself before it is asked
+
+
+def end_after_unmount(state: str, timeout: float) -> None:
+    """Wait until the daemon of ``state``, whose mount was just unmounted here, has exited.
+
+    One whose mount another namespace still holds never sees the unmount: after
+    PINNED_GRACE it gets SIGTERM and finishes its journal as at an unmount (the copies
+    in other namespaces then fail with ENOTCONN).  A daemon that still does not exit is
+    reported with the namespaces that hold its mount.
+    """
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(QuietError):
+        wait_exit(state, min(PINNED_GRACE, timeout))
+        return
+    pid = daemon_pid(state)
+    if pid is not None:
+        holders = pinning_processes(f"sdeefs:{os.path.abspath(state)}")
+        log.warning("the daemon of %s (pid %d) outlived its unmount: its mount is held by "
+                    "pids %s in other mount namespaces; ending it", state, pid,
+                    ", ".join(map(str, holders[:5])) or "unknown")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        wait_exit(state, max(0.0, deadline - time.monotonic()))
+    except QuietError:
+        holders = pinning_processes(f"sdeefs:{os.path.abspath(state)}")
+        raise QuietError(f"the daemon of {state} (pid {pid}) did not exit within {timeout:.0f} s "
+                         f"of its unmount; its mount is still held by "
+                         f"{_describe(holders)}", ExitCode.UNMOUNT) from None
+
+
+def pinning_processes(fsname: str) -> list[int]:
+    """Pids (one per mount namespace) whose namespace still holds a mount of ``fsname``.
+
+    Reads every process's mountinfo: for error reports and logs only, never on a
+    normal path."""
+    found: dict[str, int] = {}
+    own = os.readlink("/proc/self/ns/mnt")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            namespace = os.readlink(f"/proc/{entry}/ns/mnt")
+            if namespace == own or namespace in found:
+                continue
+            with open(f"/proc/{entry}/mountinfo") as f:
+                if any(_mount_source(line) == fsname for line in f):
+                    found[namespace] = int(entry)
+        except OSError:
+            continue
+    return sorted(found.values())
+
+
+def _mount_source(line: str) -> str:
+    fields = line.split(" - ", 1)
+    return fields[1].split()[1] if len(fields) == 2 and len(fields[1].split()) > 1 else ""
+
+
+def _describe(pids: list[int]) -> str:
+    if not pids:
+        return "an unknown process"
+    names = []
+    for pid in pids[:5]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = "?"
+        names.append(f"pid {pid} ({command[:60]})")
+    return "the mount namespace of " + ", ".join(names)
+
+
 def report(fd: int | None, message: str, exitcode: int = 0) -> None:
     """Tell the waiting command how starting went: "ok" or "<exit code> <reason>".
 
@@ -115,6 +196,7 @@ def fork(log_path: str, serve: Serve) -> Callable[[], None]:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
+        os.chdir("/")  # a caller's cwd kept by a long-lived daemon would keep its mount busy
         _detach_stdio(log_path)
         code = 1
         try:

@@ -409,7 +409,8 @@ def mounted_state(mountpoint: str) -> tuple[str, str | None]:
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:
-    """Unmount an sdeefs view and wait until its daemon has exited (journal closed)."""
+    """Unmount an sdeefs view and wait until its daemon has exited (journal closed); one
+    whose mount another mount namespace pins is asked to finish (daemon.end_after_unmount)."""
     kind, state = mounted_state(mountpoint)
     if kind == "overlay" or state is None:
         raise QuietError(f"{mountpoint} is a kernel overlay not made by sdeefs", ExitCode.USAGE)
@@ -419,4 +420,4 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
         unmount_path(dirs.mnt)
         if os.path.ismount(dirs.mask):
             unmount_path(dirs.mask)
-    daemon.wait_exit(state, timeout)
+    daemon.end_after_unmount(state, timeout)
