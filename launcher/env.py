@@ -10,8 +10,9 @@ The API (what the command line, the PAM hook, sdeefs-launchd and the jobs call):
 
     User, EnvRecord                   who, and the running environment (RUN/U/private/env.json)
     ensure(config, user, engine)      the running environment, started if needed (no session)
-    open_session, close_session       the PAM hook: one session more or fewer; the last one
-                                      ends the environment (unless idle_timeout keeps it)
+    open_session, close_session       the PAM hook: one session more or fewer; after the last
+                                      one the environment lingers while its processes run,
+                                      and ends ``grace`` seconds after the last (linger)
     stop, stop_idle                   end one environment, or those idle for too long
     status(config)                    every user's environment, for ``sdeefs status``
     remove_user_data(config, user)    delete a user's layers (admin action)
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -44,6 +46,7 @@ import attrs
 
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.fs import daemon
 from sdeefs.fs.daemon import daemon_pid, end_after_unmount
 from sdeefs.fs.mount import umount
 from sdeefs.journal import Journal
@@ -101,11 +104,13 @@ def is_alive(record: EnvRecord) -> bool:
 
 
 @contextlib.contextmanager
-def locked(run: RunDirs) -> Iterator[None]:
-    """Serialise the set-up and tear-down of one environment (parallel logins, job steps)."""
-    make_dirs(((os.path.dirname(run.path), ROOT_OWNED, 0o755), (run.path, ROOT_OWNED, 0o711),
-               (run.private, ROOT_OWNED, 0o700)))
-    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def locked(run: RunDirs, create: bool = True) -> Iterator[None]:
+    """Serialise the set-up and tear-down of one environment (parallel logins, job steps).
+    ``create`` False: FileNotFoundError if its directories are gone (removed by an admin)."""
+    if create:
+        make_dirs(((os.path.dirname(run.path), ROOT_OWNED, 0o755),
+                   (run.path, ROOT_OWNED, 0o711), (run.private, ROOT_OWNED, 0o700)))
+    fd = os.open(run.lock, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -114,10 +119,11 @@ def locked(run: RunDirs) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _login(config: SiteConfig, user: User) -> Iterator[tuple[EnvDirs, EnvRecord | None]]:
+def _login(config: SiteConfig, user: User,
+           create: bool = True) -> Iterator[tuple[EnvDirs, EnvRecord | None]]:
     """The user's login environment, locked: its directories, and its record if it has one."""
     dirs = EnvDirs.login(config.root, config.run_dir, user.name)
-    with locked(dirs.run):
+    with locked(dirs.run, create):
         yield dirs, EnvRecord.load(dirs.run)
 
 
@@ -187,16 +193,62 @@ def open_session(config: SiteConfig, user: User) -> EnvRecord:
 
 
 def close_session(config: SiteConfig, user: User) -> None:
-    """One session fewer; the last one ends the environment (unless idle_timeout keeps it)."""
+    """One session fewer.  After the last one the environment lingers (:func:`linger`, in a
+    detached watcher) while processes of its own still run, and ends ``grace`` seconds after
+    the last of them; with grace and idle_timeout 0 and nothing running it ends at once."""
     with _login(config, user) as (dirs, record):
         if record is None:
             return
         record = attrs.evolve(record, sessions=max(0, record.sessions - 1),
                               last_logout=time.time())
-        if record.sessions == 0 and config.idle_timeout == 0:
+        if record.sessions == 0 and (not is_alive(record) or (
+                config.grace == 0 and config.idle_timeout == 0 and
+                not procs.namespace_members(record.init_pid))):
             teardown(dirs, record)
             return
         record.save(dirs.run)
+        if record.sessions == 0:
+            # The watcher keeps none of our descriptors (daemon.fork), the lock's included.
+            daemon.fork(dirs.run.linger_log, functools.partial(_watcher, config, user, record))()
+
+
+def _watcher(config: SiteConfig, user: User, logout: EnvRecord, ready_fd: int) -> int:
+    daemon.report(ready_fd, "ok")
+    linger(config, user, logout)
+    return 0
+
+
+def linger(config: SiteConfig, user: User, logout: EnvRecord) -> None:
+    """End the environment of ``logout`` (its record as the last logout saved it) once no
+    process but its init has run in it for ``grace`` seconds, and not before
+    ``last_logout + idle_timeout``.  Returns without ending it when the record changed: a
+    session opened (it counts), a later logout started its own watcher, or it was stopped.
+
+    Costs nothing while it waits: blocked in poll(2) on pidfds of the namespace's
+    processes (rescanned when all of them have exited: whatever they started is then
+    found) or, once it is empty, on the init's pidfd with the grace as timeout.
+    """
+    init = logout.init_pid
+    while True:
+        namespace, members = procs.namespace_of(init), procs.namespace_members(init)
+        if namespace is not None and members:
+            if not procs.wait_all_exit(members, also=init, member_of=namespace):
+                continue  # all of them ended: rescan, their children may live on
+        elif namespace is not None:
+            until = max(time.time() + config.grace, logout.last_logout + config.idle_timeout)
+            procs.wait_all_exit([], also=init, timeout=max(0.0, until - time.time()))
+        try:
+            with _login(config, user, create=False) as (dirs, record):
+                if record != logout:
+                    return
+                if is_alive(record) and procs.namespace_members(init):
+                    continue  # something joined meanwhile
+                teardown(dirs, record)
+                log.info("%s: no session and no process for %.0f s: ended", user.name,
+                         config.grace)
+                return
+        except FileNotFoundError:  # RUN/U removed (remove_user_data): nothing to end
+            return
 
 
 def stop(config: SiteConfig, user: User) -> bool:
@@ -208,11 +260,14 @@ def stop(config: SiteConfig, user: User) -> bool:
 
 
 def stop_idle(config: SiteConfig) -> list[str]:
-    """Stop environments without sessions for longer than idle_timeout (run from cron)."""
+    """Stop environments without sessions for longer than idle_timeout and without processes
+    of their own (run from cron: for environments that no logout watches, started by
+    ``sdeefs start`` or sdeefs-launchd alone)."""
     stopped = []
     for record in _records(config):
         idle = time.time() - record.last_logout
-        if record.sessions == 0 and idle >= config.idle_timeout and \
+        if record.sessions == 0 and idle >= max(config.idle_timeout, config.grace) and \
+                not procs.namespace_members(record.init_pid) and \
                 stop(config, User.lookup(record.user)):
             stopped.append(record.user)
     return stopped
@@ -327,5 +382,6 @@ def remove_user_data(config: SiteConfig, user: User) -> None:
     shutil.rmtree(dirs.run.path, ignore_errors=True)
 
 
-__all__ = ["EnvRecord", "User", "close_session", "ensure", "is_alive", "locked", "open_session",
+__all__ = ["EnvRecord", "User", "close_session", "ensure", "is_alive", "linger", "locked",
+           "open_session",
            "remove_user_data", "status", "stop", "stop_idle", "teardown"]

@@ -16,6 +16,7 @@ The user's layer (``ROOT/U/upper``, ``ROOT/U/state/...``) is the shared core's
                 mask/          the mask tmpfs
                 guard/         the guard layer's FUSE mount (logins)
                 guard.log      its daemon's log
+                linger.log     the log of the watcher that ends it after the last logout
                 view/          engine fuse: the sdeefs overlay's mount
 
 A job (compute/job.py) has both halves under ``JOB_DIR`` (``[replication] job_dir``)::
@@ -56,6 +57,7 @@ class RunDirs:
     mask = _at("private", "mask")
     guard = _at("private", "guard")
     guard_log = _at("private", "guard.log")
+    linger_log = _at("private", "linger.log")
     view = _at("private", "view")
 
 

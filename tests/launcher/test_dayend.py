@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.launcher.procs import InitProcess
 
-from .launcher_site import Site, requires_launcher
+from .launcher_site import Site, open_site, requires_launcher
 
 pytestmark = requires_launcher
 
@@ -59,9 +59,15 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def test_login_after_a_logout_pinned_by_another_mount_namespace(site: Site) -> None:
+def test_login_after_a_logout_pinned_by_another_mount_namespace() -> None:
     """Issue 11, item 6: a daemon whose mount another namespace still holds must not lock
-    the user out; nothing written before is lost."""
+    the user out; nothing written before is lost.  (grace 0: the logout ends the
+    environment at once, as it did when the lockout was seen.)"""
+    with open_site(extra="grace = 0\n") as site:
+        _pinned_logout_and_login(site)
+
+
+def _pinned_logout_and_login(site: Site) -> None:
     user = site.add_user()
     service = site.pam_service()
     state = str(site.root / user / "state")
@@ -106,3 +112,47 @@ def test_processes_left_running_by_the_launcher_have_cwd_root(site: Site) -> Non
     for pid in (holder, daemon):
         assert os.readlink(f"/proc/{pid}/cwd") == "/", pid
     _close(site, service, user)
+
+
+def _init_pid(site: Site, user: str) -> int:
+    [row] = [r for r in json.loads(site.sdeefs("status", "--json").stdout) if r["user"] == user]
+    assert row["running"]
+    return int(row["init_pid"])
+
+
+def test_logout_keeps_running_work_until_it_ends_and_the_grace_passes() -> None:
+    """Issue 11, item 5: a process left running at logout (nohup) keeps the environment;
+    it ends ``grace`` seconds after that process, and a re-login meanwhile joins it."""
+    with open_site(extra="grace = 2\n") as site:
+        user = site.add_user()
+        service = site.pam_service()
+        _open(site, service, user)
+        init = _init_pid(site, user)
+        site.run(user, "nohup sh -c 'sleep 4; echo done > /tmp/work' >/dev/null 2>&1 &")
+        work_started = time.monotonic()
+        _close(site, service, user)
+        time.sleep(1)
+        assert os.path.exists(f"/proc/{init}/ns"), "the logout ended the running work"
+        _open(site, service, user)  # back in: the same environment, the work still runs
+        assert _init_pid(site, user) == init
+        assert "sleep" in site.run(user, "ps -eo comm").stdout
+        _close(site, service, user)
+        _wait_for(lambda: not os.path.exists(f"/proc/{init}/ns"), 30, "the environment ends")
+        ended = time.monotonic() - work_started
+        assert ended >= 4 + 2 - 0.5, f"ended {ended:.1f} s after the work started"
+        _wait_for(lambda: site.leftovers() == [], 10, "its mounts are gone")
+        assert site.sdeefs("status", "--json").stdout.count('"running": true') == 0
+        # nothing was left to watch: the watchers are gone too
+        _wait_for(lambda: not _watchers(site), 10, "the watchers exit")
+
+
+def _watchers(site: Site) -> list[int]:
+    log = str(site.run_dir)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(f"/proc/{entry}/fd/{fd}").startswith(log)
+                       for fd in (1, 2)):
+                    found.append(int(entry))
+    return found
