@@ -52,7 +52,7 @@ from sdeefs.fs.mount import umount
 from sdeefs.journal import Journal
 from sdeefs.sysio import write_file_atomic
 
-from . import procs, view
+from . import dpkgmerge, procs, view
 from .layout import EnvDirs, RunDirs, SiteRun, make_dirs
 from .view import User
 
@@ -140,7 +140,29 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
     """Tear down what is left of ``record``, then start the environment (no session yet)."""
     teardown(dirs, record)
     _make_login_dirs(dirs, user)
-    return EnvRecord.started_now(user, view.start_login(config, user, dirs, engine), engine)
+    init = view.start_login(config, user, dirs, engine)
+    _merge_package_database(config, dirs, engine)
+    return EnvRecord.started_now(user, init, engine)
+
+
+def _merge_package_database(config: SiteConfig, dirs: EnvDirs, engine: Engine) -> None:
+    """The admin's package changes into the user's dpkg database (dpkgmerge.py).
+
+    Runs after the namespaces started and before anyone may join (the record is saved
+    afterwards): nothing in the environment has looked the file up yet, so its kernel
+    overlay finds the new one.  Written through the journal; a failure costs only the merge.
+    """
+    write_root = {Engine.HYBRID: os.path.join(dirs.layer.state.mnt, "upper"),
+                  Engine.FUSE: dirs.run.view}.get(engine, dirs.layer.upper)
+    try:
+        merged = dpkgmerge.merge_layer(config.lower, dirs.layer.upper, write_root,
+                                       dirs.layer.state.dpkg)
+    except OSError as exc:
+        log.warning("%s: the package database was not merged: %s", dirs.layer.path, exc)
+        return
+    if merged:
+        log.info("%s: merged the admin's package changes into %s", dirs.layer.path,
+                 ", ".join(merged))
 
 
 def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
@@ -286,6 +308,7 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
     run = dirs.run
     for path in (run.mask, run.guard, run.lower):
         view.detach(path)
+    daemon.end_process(run.guard_pid, UNMOUNT_TIMEOUT)
     for mountpoint in (dirs.layer.state.mnt, run.view):
         if view.mounted(mountpoint):
             try:

@@ -16,6 +16,7 @@ The user's layer (``ROOT/U/upper``, ``ROOT/U/state/...``) is the shared core's
                 mask/          the mask tmpfs
                 guard/         the guard layer's FUSE mount (logins)
                 guard.log      its daemon's log
+                guard.pid      "PID START": its daemon (ended if it outlives its unmount)
                 linger.log     the log of the watcher that ends it after the last logout
                 view/          engine fuse: the sdeefs overlay's mount
 
@@ -57,6 +58,7 @@ class RunDirs:
     mask = _at("private", "mask")
     guard = _at("private", "guard")
     guard_log = _at("private", "guard.log")
+    guard_pid = _at("private", "guard.pid")
     linger_log = _at("private", "linger.log")
     view = _at("private", "view")
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 
 from ..errors import ExitCode, QuietError
 from ..statedir import StateDir
+from ..sysio import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,44 @@ def end_after_unmount(state: str, timeout: float) -> None:
         raise QuietError(f"the daemon of {state} (pid {pid}) did not exit within {timeout:.0f} s "
                          f"of its unmount; its mount is still held by "
                          f"{_describe(holders)}", ExitCode.UNMOUNT) from None
+
+
+def write_pid_file(path: str) -> None:
+    """``path``: "PID START\n" of this process (START: field 22 of /proc/PID/stat, which
+    tells a recycled pid from this process)."""
+    write_file_atomic(path, f"{os.getpid()} {_start_time(os.getpid())}\n".encode())
+
+
+def end_process(pid_file: str, timeout: float) -> None:
+    """End the daemon named by ``pid_file`` (write_pid_file) if it still runs after its
+    unmount: after PINNED_GRACE, SIGTERM (a daemon that serves nothing any more loses
+    nothing); the pid file goes."""
+    try:
+        with open(pid_file) as f:
+            pid, start = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    signalled = False
+    while _start_time(pid) == start and time.monotonic() < deadline:
+        if not signalled and time.monotonic() > deadline - timeout + PINNED_GRACE:
+            log.warning("daemon pid %d outlived its unmount (its mount is held in another "
+                        "mount namespace): ending it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            signalled = True
+        time.sleep(0.02)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pid_file)
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != "Z" else None
 
 
 def pinning_processes(fsname: str) -> list[int]:

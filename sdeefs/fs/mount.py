@@ -268,6 +268,9 @@ class GuardRequest:
     deny: tuple[str, ...] = ()
     log: str = "/dev/null"
     cache_timeout: float = 10.0
+    # "PID START\n" of the daemon, written once it serves: a daemon whose mount another
+    # mount namespace keeps after the unmount can be found and ended (daemon.end_process)
+    pid_file: str | None = None
 
 
 GUARD_FSNAME = "sdeefs-guard"
@@ -289,6 +292,8 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
             "allow_other", "nodev", "nosuid", "noexec"})
     except (QuietError, OSError) as exc:
         return _failed(ready_fd, exc, "cannot mount the guard")
+    if req.pid_file is not None:
+        daemon.write_pid_file(req.pid_file)
     daemon.report(ready_fd, "ok")
     try:
         trio.run(_serve)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.launcher.procs import InitProcess
@@ -80,6 +83,7 @@ def _pinned_logout_and_login(site: Site) -> None:
         _close(site, service, user)
         assert time.monotonic() - started < 10, "the logout waited out a timeout"
         _wait_for(lambda: daemon_pid(state) is None, 10, "the pinned daemon exits")
+        _wait_for(lambda: not _site_processes(site), 10, "the pinned guard daemon exits")
         started = time.monotonic()
         _open(site, service, user)
         assert time.monotonic() - started < 10
@@ -143,10 +147,15 @@ def test_logout_keeps_running_work_until_it_ends_and_the_grace_passes() -> None:
         _wait_for(lambda: site.leftovers() == [], 10, "its mounts are gone")
         assert site.sdeefs("status", "--json").stdout.count('"running": true') == 0
         # nothing was left to watch: the watchers are gone too
-        _wait_for(lambda: not _watchers(site), 10, "the watchers exit")
+        try:
+            _wait_for(lambda: not _site_processes(site), 10, "the watchers exit")
+        except AssertionError:
+            raise AssertionError([(pid, _comm(pid), os.readlink(f"/proc/{pid}/fd/2"))
+                                  for pid in _site_processes(site)]) from None
 
 
-def _watchers(site: Site) -> list[int]:
+def _site_processes(site: Site) -> list[int]:
+    """Processes logging into the site's RUN: the guard daemons, the logout watchers."""
     log = str(site.run_dir)
     found = []
     for entry in os.listdir("/proc"):
@@ -156,3 +165,75 @@ def _watchers(site: Site) -> list[int]:
                        for fd in (1, 2)):
                     found.append(int(entry))
     return found
+
+
+SBIN_PATH = "export PATH=/usr/local/sbin:/usr/sbin:/sbin:$PATH; "
+
+
+def _deb(directory: Path, name: str) -> Path:
+    """A package of one file, /opt/NAME/file, built with dpkg-deb."""
+    tree = directory / name
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "opt" / name).mkdir(parents=True)
+    (tree / "opt" / name / "file").write_text(f"{name} payload\n")
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: sdeefs tests "
+        f"<root@localhost>\nDescription: sdeefs test package {name}\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), f"{tree}.deb"],
+                   check=True, capture_output=True)
+    return Path(f"{tree}.deb")
+
+
+def test_the_admins_packages_reach_the_users_dpkg_database() -> None:
+    """Issue 11, item 3: the user installs a package with dpkg (their copy of the status
+    file now shadows the host's); the admin installs another on the host; at the next
+    login the user's dpkg knows both, and the merge went through the journal."""
+    tag = uuid.uuid4().hex[:6]
+    mine, admins = f"sdt-user-{tag}", f"sdt-admin-{tag}"
+    with open_site(extra="grace = 0\n") as site:
+        user = site.add_user()
+        service = site.pam_service()
+        home = site.home(user)
+        shutil.copy(_deb(site.base, mine), home / "mine.deb")
+        admin_deb = _deb(site.base, admins)
+        state = site.root / user / "state"
+        _open(site, service, user)
+        site.run(user, SBIN_PATH + "dpkg -i ~/mine.deb")
+        _close(site, service, user)
+        try:
+            subprocess.run(["dpkg", "-i", str(admin_deb)], check=True, capture_output=True,
+                           timeout=120)
+            # the user's copy shadows the host's: without the merge, dpkg would not know it
+            status = (site.upper(user) / "var/lib/dpkg/status").read_text()
+            assert f"Package: {mine}\n" in status
+            assert f"Package: {admins}\n" not in status
+            diff = site.sdeefs("diff", "--upper", str(site.upper(user))).stdout
+            assert f"C /var/lib/dpkg/status  (packages: D {admins}:all, A {mine}:all)\n" \
+                in diff
+            _open(site, service, user)
+            out = site.run(user, f"dpkg -s {mine} {admins} | grep -E '^(Package|Status):'"
+                                 f"; dpkg -L {admins}; cat /opt/{admins}/file").stdout
+            assert out == (f"Package: {mine}\nStatus: install ok installed\n"
+                           f"Package: {admins}\nStatus: install ok installed\n"
+                           f"/.\n/opt\n/opt/{admins}\n/opt/{admins}/file\n"
+                           f"{admins} payload\n")
+            # the user's dpkg goes on working on the merged database
+            site.run(user, SBIN_PATH + f"dpkg -r {mine} >/dev/null")
+            assert site.run(user, f"dpkg -s {mine}", check=False).returncode == 1
+            _close(site, service, user)
+        finally:
+            subprocess.run(["dpkg", "-P", admins], capture_output=True, timeout=120)
+        # the merged file is in the journal: a replay of the journal is the upper
+        log = site.sdeefs("log", "--upper", str(site.upper(user)), "--state", str(state))
+        assert "var/lib/dpkg/status.sdeefs-merge" in log.stdout
+        check = site.sdeefs("check", "--upper", str(site.upper(user)), "--state", str(state))
+        assert check.stdout.strip().endswith("ok"), check.stdout
+        # and the admin's purge reaches the user too; their own removal stays
+        _open(site, service, user)
+        out = site.run(user, f"dpkg -s {mine} {admins} 2>&1; true").stdout
+        assert f"package '{mine}' is not installed" in out
+        assert f"package '{admins}' is not installed" in out
+        assert site.run(user, "dpkg -s dpkg | grep Status").stdout == \
+            "Status: install ok installed\n"
+        _close(site, service, user)
+
