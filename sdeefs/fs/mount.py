@@ -218,6 +218,10 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
         async def sync_journal() -> None:
             await ops.offload.run(fs.sync_journal)
 
+        # SIGTERM ends the serving (the loop's handler, _serve); once the loop returns the
+        # old disposition is back: ignored, so a SIGTERM that comes late (after the unmount,
+        # daemon.end_after_unmount) cannot cut the journal's close short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             trio.run(_serve, sync_journal, req.sync_interval)
         finally:
