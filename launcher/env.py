@@ -205,13 +205,36 @@ def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvR
 
 
 def open_session(config: SiteConfig, user: User) -> EnvRecord:
-    """One session more, in the running environment or a new one."""
+    """One session more, in the running environment or a new one.  Why a start failed is
+    kept in RUN/U/failure for sdeefs-shell to say (the PAM hook's own output goes nowhere
+    the user sees)."""
     with _login(config, user) as (dirs, record):
-        if record is None or not _usable(dirs, record):
-            record = _start_anew(config, user, dirs, record, config.engine)
+        try:
+            if record is None or not _usable(dirs, record):
+                record = _start_anew(config, user, dirs, record, config.engine)
+        except (QuietError, OSError) as exc:
+            _note_failure(dirs.run, exc)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dirs.run.failure)
         record = attrs.evolve(record, sessions=record.sessions + 1)
         record.save(dirs.run)
         return record
+
+
+def _note_failure(run: RunDirs, exc: QuietError | OSError) -> None:
+    if isinstance(exc, OSError):
+        where = f" ({os.fsdecode(exc.filename)})" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}"
+    else:
+        text = str(exc)
+    line = " ".join(text.split())[:MAX_FAILURE]
+    with contextlib.suppress(OSError):
+        write_file_atomic(run.failure, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n".encode(),
+                          mode=0o644)
+
+
+MAX_FAILURE = 400  # characters of a start's failure kept for sdeefs-shell
 
 
 def close_session(config: SiteConfig, user: User) -> None:

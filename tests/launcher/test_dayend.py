@@ -237,3 +237,24 @@ def test_the_admins_packages_reach_the_users_dpkg_database() -> None:
             "Status: install ok installed\n"
         _close(site, service, user)
 
+
+
+def test_sdeefs_shell_says_why_the_login_could_not_start_the_environment(site: Site) -> None:
+    """The PAM hook's output reaches nobody: sdeefs-shell says the real cause, not "is the
+    sdeefs PAM hook installed?"."""
+    user = site.add_user()
+    service = site.pam_service()
+    home = site.home(user)
+    shutil.rmtree(home)  # the environment cannot bind the user's home
+    assert site.pamtester(service, user, "open_session").returncode != 0
+    shell = site.run(user, "true", check=False)
+    assert shell.returncode == 1
+    [line] = shell.stderr.splitlines()
+    assert line.startswith("sdeefs-enter: shell: your environment could not start at login: "), \
+        line
+    assert f"{home}: No such file or directory" in line, line
+    home.mkdir()
+    os.chown(home, site.uid(user), site.uid(user))
+    _open(site, service, user)  # a start that works forgets the failure
+    assert not (site.run_dir / user / "failure").exists()
+    assert site.run(user, "echo in").stdout == "in\n"
