@@ -429,5 +429,4 @@ def remove_user_data(config: SiteConfig, user: User) -> None:
 
 
 __all__ = ["EnvRecord", "User", "close_session", "ensure", "is_alive", "linger", "locked",
-           "open_session",
-           "remove_user_data", "status", "stop", "stop_idle", "teardown"]
+           "open_session", "remove_user_data", "status", "stop", "stop_idle", "teardown"]
