@@ -239,8 +239,9 @@ MAX_FAILURE = 400  # characters of a start's failure kept for sdeefs-shell
 
 def close_session(config: SiteConfig, user: User) -> None:
     """One session fewer.  After the last one the environment lingers (:func:`linger`, in a
-    detached watcher) while processes of its own still run, and ends ``grace`` seconds after
-    the last of them; with grace and idle_timeout 0 and nothing running it ends at once."""
+    detached watcher: one per environment) while processes of its own still run, and ends
+    ``grace`` seconds after the last of them; with grace and idle_timeout 0 and nothing
+    running it ends at once."""
     with _login(config, user) as (dirs, record):
         if record is None:
             return
@@ -252,48 +253,73 @@ def close_session(config: SiteConfig, user: User) -> None:
             teardown(dirs, record)
             return
         record.save(dirs.run)
-        if record.sessions == 0:
-            # The watcher keeps none of our descriptors (daemon.fork), the lock's included.
-            daemon.fork(dirs.run.linger_log, functools.partial(_watcher, config, user, record))()
+        if record.sessions == 0 and not daemon.pid_file_alive(dirs.run.linger_pid):
+            # The watcher keeps none of our descriptors (daemon.fork), the lock's included;
+            # it writes its pid file before it reports, so the next logout sees it.
+            daemon.fork(dirs.run.linger_log, functools.partial(_watcher, config, user, dirs,
+                                                               record))()
 
 
-def _watcher(config: SiteConfig, user: User, logout: EnvRecord, ready_fd: int) -> int:
+def _watcher(config: SiteConfig, user: User, dirs: EnvDirs, logout: EnvRecord,
+             ready_fd: int) -> int:
+    daemon.write_pid_file(dirs.run.linger_pid)
     daemon.report(ready_fd, "ok")
-    linger(config, user, logout)
+    linger(config, user, (logout.init_pid, logout.init_start))
     return 0
 
 
-def linger(config: SiteConfig, user: User, logout: EnvRecord) -> None:
-    """End the environment of ``logout`` (its record as the last logout saved it) once no
-    process but its init has run in it for ``grace`` seconds, and not before
-    ``last_logout + idle_timeout``.  Returns without ending it when the record changed: a
-    session opened (it counts), a later logout started its own watcher, or it was stopped.
+def linger(config: SiteConfig, user: User, init: tuple[int, int]) -> None:
+    """Watch the environment whose init is ``init`` (pid, start time) after its last logout:
+    end it once it has had neither a session nor a process but its init for ``grace``
+    seconds (from its last process's end or the last logout, whichever is later; and not
+    before ``last_logout + idle_timeout``).  Returns, forgetting its pid file, when a
+    session opened (the next last logout starts a watcher again) or the environment is
+    gone or was replaced.
 
     Costs nothing while it waits: blocked in poll(2) on pidfds of the namespace's
     processes (rescanned when all of them have exited: whatever they started is then
     found) or, once it is empty, on the init's pidfd with the grace as timeout.
     """
-    init = logout.init_pid
+    pid = init[0]
     while True:
-        namespace, members = procs.namespace_of(init), procs.namespace_members(init)
-        if namespace is not None and members:
-            if not procs.wait_all_exit(members, also=init, member_of=namespace):
-                continue  # all of them ended: rescan, their children may live on
-        elif namespace is not None:
-            until = max(time.time() + config.grace, logout.last_logout + config.idle_timeout)
-            procs.wait_all_exit([], also=init, timeout=max(0.0, until - time.time()))
-        try:
-            with _login(config, user, create=False) as (dirs, record):
-                if record != logout:
-                    return
-                if is_alive(record) and procs.namespace_members(init):
-                    continue  # something joined meanwhile
-                teardown(dirs, record)
-                log.info("%s: no session and no process for %.0f s: ended", user.name,
-                         config.grace)
+        namespace, members = procs.namespace_of(pid), procs.namespace_members(pid)
+        if namespace is not None and members and \
+                not procs.wait_all_exit(members, also=pid, member_of=namespace):
+            continue  # all of them ended: rescan, their children may live on
+        empty_since = time.time()
+        while True:
+            try:
+                with _login(config, user, create=False) as (dirs, record):
+                    verdict, until = _linger_verdict(config, record, init, empty_since)
+                    if verdict == "busy":
+                        break  # something joined meanwhile: wait for it
+                    if verdict == "end":
+                        teardown(dirs, record)
+                        log.info("%s: no session and no process for %.0f s: ended",
+                                 user.name, config.grace)
+                    if verdict in ("end", "leave"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(dirs.run.linger_pid)
+                        return
+            except FileNotFoundError:  # RUN/U removed (remove_user_data): nothing to end
                 return
-        except FileNotFoundError:  # RUN/U removed (remove_user_data): nothing to end
-            return
+            procs.wait_all_exit([], also=pid, timeout=max(0.0, until - time.time()))
+
+
+def _linger_verdict(config: SiteConfig, record: EnvRecord | None, init: tuple[int, int],
+                    empty_since: float) -> tuple[str, float]:
+    """What the watcher of ``init`` does now: "leave" (a session is open, or the environment
+    is gone or another), "busy" (a process runs in it), "end", or "wait" until the time
+    returned.  The caller holds the environment's lock."""
+    if record is None or (record.init_pid, record.init_start) != init or record.sessions > 0:
+        return "leave", 0.0
+    if not is_alive(record):
+        return "end", 0.0
+    if procs.namespace_members(record.init_pid):
+        return "busy", 0.0
+    until = max(max(empty_since, record.last_logout) + config.grace,
+                record.last_logout + config.idle_timeout)
+    return ("end", 0.0) if time.time() >= until else ("wait", until)
 
 
 def stop(config: SiteConfig, user: User) -> bool:

@@ -19,6 +19,7 @@ The user's layer (``ROOT/U/upper``, ``ROOT/U/state/...``) is the shared core's
                 guard.log      its daemon's log
                 guard.pid      "PID START": its daemon (ended if it outlives its unmount)
                 linger.log     the log of the watcher that ends it after the last logout
+                linger.pid     "PID START": that watcher, while it watches (one at a time)
                 view/          engine fuse: the sdeefs overlay's mount
 
 A job (compute/job.py) has both halves under ``JOB_DIR`` (``[replication] job_dir``)::
@@ -62,6 +63,7 @@ class RunDirs:
     guard_log = _at("private", "guard.log")
     guard_pid = _at("private", "guard.pid")
     linger_log = _at("private", "linger.log")
+    linger_pid = _at("private", "linger.pid")
     view = _at("private", "view")
 
 

@@ -126,6 +126,16 @@ def write_pid_file(path: str) -> None:
     write_file_atomic(path, f"{os.getpid()} {_start_time(os.getpid())}\n".encode())
 
 
+def pid_file_alive(pid_file: str) -> bool:
+    """Does the process named by ``pid_file`` (write_pid_file) still run?"""
+    try:
+        with open(pid_file) as f:
+            pid, start = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return False
+    return _start_time(pid) == start
+
+
 def end_process(pid_file: str, timeout: float) -> None:
     """End the daemon named by ``pid_file`` (write_pid_file) if it still runs after its
     unmount: after PINNED_GRACE, SIGTERM (a daemon that serves nothing any more loses

@@ -141,6 +141,8 @@ def test_logout_keeps_running_work_until_it_ends_and_the_grace_passes() -> None:
         assert _init_pid(site, user) == init
         assert "sleep" in site.run(user, "ps -eo comm").stdout
         _close(site, service, user)
+        # one watcher per environment, however often the user comes and goes
+        assert len(_site_processes(site, "linger.log")) == 1
         _wait_for(lambda: not os.path.exists(f"/proc/{init}/ns"), 30, "the environment ends")
         ended = time.monotonic() - work_started
         assert ended >= 4 + 2 - 0.5, f"ended {ended:.1f} s after the work started"
@@ -154,15 +156,15 @@ def test_logout_keeps_running_work_until_it_ends_and_the_grace_passes() -> None:
                                   for pid in _site_processes(site)]) from None
 
 
-def _site_processes(site: Site) -> list[int]:
-    """Processes logging into the site's RUN: the guard daemons, the logout watchers."""
-    log = str(site.run_dir)
+def _site_processes(site: Site, log: str = "") -> list[int]:
+    """Processes logging into the site's RUN (into files named ``log``, if given): the
+    guard daemons (guard.log), the logout watchers (linger.log)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError):
-                if any(os.readlink(f"/proc/{entry}/fd/{fd}").startswith(log)
-                       for fd in (1, 2)):
+                if any(os.readlink(f"/proc/{entry}/fd/{fd}").startswith(str(site.run_dir)) and
+                       os.readlink(f"/proc/{entry}/fd/{fd}").endswith(log) for fd in (1, 2)):
                     found.append(int(entry))
     return found
 
