@@ -24,7 +24,7 @@ from sdeefs.replication import cli as replication_cli
 from sdeefs.statedir import StateDir
 from sdeefs.tools import format_size
 
-from . import doctor, env, limits, view
+from . import doctor, dpkgmerge, env, limits, view
 from .compute import job
 from .login import pam
 
@@ -130,8 +130,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "log":
         return tools.show_log(state, args.from_seq, args.limit, args.json)
     if args.command == "diff":
-        changes = tools.diff(os.fsencode(os.path.abspath(args.upper)),
-                             os.fsencode(os.path.abspath(args.lower)))
+        changes = dpkgmerge.describe_changes(
+            tools.diff(os.fsencode(os.path.abspath(args.upper)),
+                       os.fsencode(os.path.abspath(args.lower))),
+            os.path.abspath(args.upper), os.path.abspath(args.lower))
         if args.json:
             print(json.dumps([c.as_json() for c in changes], indent=1))
         else:

@@ -10,8 +10,9 @@ The API (what the command line, the PAM hook, sdeefs-launchd and the jobs call):
 
     User, EnvRecord                   who, and the running environment (RUN/U/private/env.json)
     ensure(config, user, engine)      the running environment, started if needed (no session)
-    open_session, close_session       the PAM hook: one session more or fewer; the last one
-                                      ends the environment (unless idle_timeout keeps it)
+    open_session, close_session       the PAM hook: one session more or fewer; after the last
+                                      one the environment lingers while its processes run,
+                                      and ends ``grace`` seconds after the last (linger)
     stop, stop_idle                   end one environment, or those idle for too long
     status(config)                    every user's environment, for ``sdeefs status``
     remove_user(config, name)         delete what this node holds of a user (admin action)
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -46,13 +48,13 @@ import attrs
 from sdeefs import control, trees
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
-from sdeefs.fs import capture, image, kernel
-from sdeefs.fs.daemon import daemon_pid
+from sdeefs.fs import capture, daemon, image, kernel
+from sdeefs.fs.daemon import daemon_pid, end_after_unmount
 from sdeefs.fs.mount import umount
 from sdeefs.journal import Journal
 from sdeefs.sysio import write_file_atomic
 
-from . import limits, procs, view
+from . import dpkgmerge, limits, procs, view
 from .layout import EnvDirs, RunDirs, SiteRun, make_dirs
 from .view import User
 
@@ -104,11 +106,13 @@ def is_alive(record: EnvRecord) -> bool:
 
 
 @contextlib.contextmanager
-def locked(run: RunDirs) -> Iterator[None]:
-    """Serialise the set-up and tear-down of one environment (parallel logins, job steps)."""
-    make_dirs(((os.path.dirname(run.path), ROOT_OWNED, 0o755), (run.path, ROOT_OWNED, 0o711),
-               (run.private, ROOT_OWNED, 0o700)))
-    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def locked(run: RunDirs, create: bool = True) -> Iterator[None]:
+    """Serialise the set-up and tear-down of one environment (parallel logins, job steps).
+    ``create`` False: FileNotFoundError if its directories are gone (removed by an admin)."""
+    if create:
+        make_dirs(((os.path.dirname(run.path), ROOT_OWNED, 0o755),
+                   (run.path, ROOT_OWNED, 0o711), (run.private, ROOT_OWNED, 0o700)))
+    fd = os.open(run.lock, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -117,10 +121,11 @@ def locked(run: RunDirs) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _login(config: SiteConfig, user: User) -> Iterator[tuple[EnvDirs, EnvRecord | None]]:
+def _login(config: SiteConfig, user: User,
+           create: bool = True) -> Iterator[tuple[EnvDirs, EnvRecord | None]]:
     """The user's login environment, locked: its directories, and its record if it has one."""
     dirs = EnvDirs.login(config.root, config.run_dir, user.name)
-    with locked(dirs.run):
+    with locked(dirs.run, create):
         yield dirs, EnvRecord.load(dirs.run)
 
 
@@ -138,7 +143,9 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
     teardown(dirs, record)
     _make_login_dirs(dirs, user)
     engine = engine_for(dirs, engine)
-    started = EnvRecord.started_now(user, view.start_login(config, user, dirs, engine), engine)
+    init = view.start_login(config, user, dirs, engine)
+    _merge_package_database(config, dirs, engine)
+    started = EnvRecord.started_now(user, init, engine)
     limits.apply(config, user.name, [started.holder_pid, started.init_pid])
     return started
 
@@ -169,6 +176,28 @@ def _has_history(journal_dir: str) -> bool:
         return any(name.startswith("seg-") for name in os.listdir(journal_dir))
     except FileNotFoundError:
         return False
+
+
+def _merge_package_database(config: SiteConfig, dirs: EnvDirs, engine: Engine) -> None:
+    """The admin's package changes into the user's dpkg database (dpkgmerge.py).
+
+    Runs after the namespaces started and before anyone may join (the record is saved
+    afterwards): nothing in the environment has looked the file up yet, so its kernel
+    overlay finds the new one.  Written through the journal; a failure costs only the merge.
+    """
+    # where a write is journaled: the daemon's passthrough (hybrid), the view (fuse), the
+    # image's upper itself (kernel: the capture journals it), the upper (overlay: no journal)
+    upper = dirs.layer.live()[0]
+    write_root = {Engine.HYBRID: os.path.join(dirs.layer.state.mnt, "upper"),
+                  Engine.FUSE: dirs.run.view}.get(engine, upper)
+    try:
+        merged = dpkgmerge.merge_layer(config.lower, upper, write_root, dirs.layer.state.dpkg)
+    except OSError as exc:
+        log.warning("%s: the package database was not merged: %s", dirs.layer.path, exc)
+        return
+    if merged:
+        log.info("%s: merged the admin's package changes into %s", dirs.layer.path,
+                 ", ".join(merged))
 
 
 def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
@@ -239,12 +268,20 @@ def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvR
 
 def open_session(config: SiteConfig, user: User, session_pid: int | None = None) -> EnvRecord:
     """One session more, in the running environment or a new one; ``session_pid`` (the
-    login's process) joins the environment's limits (launcher/limits.py)."""
+    login's process) joins the environment's limits (launcher/limits.py).  Why a start
+    failed is kept in RUN/U/failure for sdeefs-shell to say (the PAM hook's own output goes
+    nowhere the user sees)."""
     with _login(config, user) as (dirs, record):
-        if record is None or not _usable(dirs, record):
-            record = _start_anew(config, user, dirs, record, config.engine)
-        else:
-            _supervise(dirs, record)
+        try:
+            if record is None or not _usable(dirs, record):
+                record = _start_anew(config, user, dirs, record, config.engine)
+            else:
+                _supervise(dirs, record)
+        except (QuietError, OSError) as exc:
+            _note_failure(dirs.run, exc)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dirs.run.failure)
         if session_pid is not None:
             limits.join(user.name, session_pid)
         record = attrs.evolve(record, sessions=record.sessions + 1)
@@ -252,18 +289,106 @@ def open_session(config: SiteConfig, user: User, session_pid: int | None = None)
         return record
 
 
+def _note_failure(run: RunDirs, exc: QuietError | OSError) -> None:
+    if isinstance(exc, OSError):
+        where = f" ({os.fsdecode(exc.filename)})" if exc.filename else ""
+        text = f"{exc.strerror or exc}{where}"
+    else:
+        text = str(exc)
+    line = " ".join(text.split())[:MAX_FAILURE]
+    with contextlib.suppress(OSError):
+        write_file_atomic(run.failure, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n".encode(),
+                          mode=0o644)
+
+
+MAX_FAILURE = 400  # characters of a start's failure kept for sdeefs-shell
+
+
 def close_session(config: SiteConfig, user: User) -> None:
-    """One session fewer; the last one ends the environment (unless idle_timeout keeps it)."""
+    """One session fewer.  After the last one the environment lingers (:func:`linger`, in a
+    detached watcher: one per environment) while processes of its own still run, and ends
+    ``grace`` seconds after the last of them; with grace and idle_timeout 0 and nothing
+    running it ends at once."""
     with _login(config, user) as (dirs, record):
         if record is None:
             return
         record = attrs.evolve(record, sessions=max(0, record.sessions - 1),
                               last_logout=time.time())
-        if record.sessions == 0 and config.idle_timeout == 0:
+        if record.sessions == 0 and (not is_alive(record) or (
+                config.grace == 0 and config.idle_timeout == 0 and
+                not procs.namespace_members(record.init_pid))):
             teardown(dirs, record)
             limits.remove(user.name)
             return
         record.save(dirs.run)
+        if record.sessions == 0 and not daemon.pid_file_alive(dirs.run.linger_pid):
+            # The watcher keeps none of our descriptors (daemon.fork), the lock's included;
+            # it writes its pid file before it reports, so the next logout sees it.
+            daemon.fork(dirs.run.linger_log, functools.partial(_watcher, config, user, dirs,
+                                                               record))()
+
+
+def _watcher(config: SiteConfig, user: User, dirs: EnvDirs, logout: EnvRecord,
+             ready_fd: int) -> int:
+    daemon.write_pid_file(dirs.run.linger_pid)
+    daemon.report(ready_fd, "ok")
+    linger(config, user, (logout.init_pid, logout.init_start))
+    return 0
+
+
+def linger(config: SiteConfig, user: User, init: tuple[int, int]) -> None:
+    """Watch the environment whose init is ``init`` (pid, start time) after its last logout:
+    end it once it has had neither a session nor a process but its init for ``grace``
+    seconds (from its last process's end or the last logout, whichever is later; and not
+    before ``last_logout + idle_timeout``).  Returns, forgetting its pid file, when a
+    session opened (the next last logout starts a watcher again) or the environment is
+    gone or was replaced.
+
+    Costs nothing while it waits: blocked in poll(2) on pidfds of the namespace's
+    processes (rescanned when all of them have exited: whatever they started is then
+    found) or, once it is empty, on the init's pidfd with the grace as timeout.
+    """
+    pid = init[0]
+    while True:
+        namespace, members = procs.namespace_of(pid), procs.namespace_members(pid)
+        if namespace is not None and members and \
+                not procs.wait_all_exit(members, also=pid, member_of=namespace):
+            continue  # all of them ended: rescan, their children may live on
+        empty_since = time.time()
+        while True:
+            try:
+                with _login(config, user, create=False) as (dirs, record):
+                    verdict, until = _linger_verdict(config, record, init, empty_since)
+                    if verdict == "busy":
+                        break  # something joined meanwhile: wait for it
+                    if verdict == "end":
+                        teardown(dirs, record)
+                        limits.remove(user.name)
+                        log.info("%s: no session and no process for %.0f s: ended",
+                                 user.name, config.grace)
+                    if verdict in ("end", "leave"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(dirs.run.linger_pid)
+                        return
+            except FileNotFoundError:  # RUN/U removed (remove_user): nothing to end
+                return
+            procs.wait_all_exit([], also=pid, timeout=max(0.0, until - time.time()))
+
+
+def _linger_verdict(config: SiteConfig, record: EnvRecord | None, init: tuple[int, int],
+                    empty_since: float) -> tuple[str, float]:
+    """What the watcher of ``init`` does now: "leave" (a session is open, or the environment
+    is gone or another), "busy" (a process runs in it), "end", or "wait" until the time
+    returned.  The caller holds the environment's lock."""
+    if record is None or (record.init_pid, record.init_start) != init or record.sessions > 0:
+        return "leave", 0.0
+    if not is_alive(record):
+        return "end", 0.0
+    if procs.namespace_members(record.init_pid):
+        return "busy", 0.0
+    until = max(max(empty_since, record.last_logout) + config.grace,
+                record.last_logout + config.idle_timeout)
+    return ("end", 0.0) if time.time() >= until else ("wait", until)
 
 
 def stop(config: SiteConfig, user: User) -> bool:
@@ -276,11 +401,14 @@ def stop(config: SiteConfig, user: User) -> bool:
 
 
 def stop_idle(config: SiteConfig) -> list[str]:
-    """Stop environments without sessions for longer than idle_timeout (run from cron)."""
+    """Stop environments without sessions for longer than idle_timeout and without processes
+    of their own (run from cron: for environments that no logout watches, started by
+    ``sdeefs start`` or sdeefs-launchd alone)."""
     stopped = []
     for record in _records(config):
         idle = time.time() - record.last_logout
-        if record.sessions == 0 and idle >= config.idle_timeout and \
+        if record.sessions == 0 and idle >= max(config.idle_timeout, config.grace) and \
+                not procs.namespace_members(record.init_pid) and \
                 stop(config, User.lookup(record.user)):
             stopped.append(record.user)
     return stopped
@@ -299,12 +427,15 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
     run = dirs.run
     for path in (run.mask, run.guard, run.lower):
         view.detach(path)
+    daemon.end_process(run.guard_pid, UNMOUNT_TIMEOUT)
     for mountpoint in (dirs.layer.state.mnt, run.view):
         if view.mounted(mountpoint):
             try:
                 umount(mountpoint)
-            except QuietError:
+            except QuietError as exc:
+                log.warning("%s", exc)
                 view.detach(mountpoint)
+    _end_unmounted_daemon(dirs)
     _stop_layer(dirs)
     for path in (run.init, run.record):
         with contextlib.suppress(FileNotFoundError):
@@ -331,6 +462,19 @@ def _stop_layer(dirs: EnvDirs) -> None:
         log.error("%s: %s", layer.path, exc)
         return
     kernel.close_layer(layer.image, layer.layer)
+
+
+def _end_unmounted_daemon(dirs: EnvDirs) -> None:
+    """A journaling daemon of this layer whose mount is gone here but held by another mount
+    namespace (issue 11: a root ``unshare -m`` during the logout, or an earlier teardown
+    that gave up) keeps STATE/lock: end it, so that the next login can mount the layer."""
+    state = dirs.layer.state
+    if daemon_pid(state.path) is None or view.mounted(state.mnt) or view.mounted(dirs.run.view):
+        return
+    end_after_unmount(state.path, UNMOUNT_TIMEOUT)
+
+
+UNMOUNT_TIMEOUT = 30.0  # seconds a daemon may take to close its journal after its unmount
 
 
 def _records(config: SiteConfig) -> list[EnvRecord]:
@@ -499,5 +643,5 @@ def migrate_to_kernel(config: SiteConfig, user: User) -> str:
 
 
 
-__all__ = ["EnvRecord", "User", "close_session", "ensure", "is_alive", "locked", "open_session",
-           "known_user", "remove_user", "status", "stop", "stop_idle", "teardown"]
+__all__ = ["EnvRecord", "User", "close_session", "ensure", "is_alive", "known_user", "linger",
+           "locked", "open_session", "remove_user", "status", "stop", "stop_idle", "teardown"]

@@ -9,6 +9,7 @@ The user's layer (``ROOT/U/upper``, ``ROOT/U/state/...``) is the shared core's
         private-paths          the scan of root-only lower entries (compute/private.py)
         U/                     RunDirs (root, 0711: U reads init, nothing else)
             init               "PID START ENGINE\\n": the environment's init, read by sdeefs-shell
+            failure            why the last start failed (one line), shown by sdeefs-shell
             private/           (root, 0700): the idmapped lower shows root's files as U's
                 env.json       the EnvRecord (env.py)
                 lock           flock'ed while the environment is set up or torn down
@@ -16,6 +17,9 @@ The user's layer (``ROOT/U/upper``, ``ROOT/U/state/...``) is the shared core's
                 mask/          the mask tmpfs
                 guard/         the guard layer's FUSE mount (logins)
                 guard.log      its daemon's log
+                guard.pid      "PID START": its daemon (ended if it outlives its unmount)
+                linger.log     the log of the watcher that ends it after the last logout
+                linger.pid     "PID START": that watcher, while it watches (one at a time)
                 view/          engine fuse: the sdeefs overlay's mount
 
 A job (compute/job.py) has both halves under ``JOB_DIR`` (``[replication] job_dir``)::
@@ -23,7 +27,7 @@ A job (compute/job.py) has both halves under ``JOB_DIR`` (``[replication] job_di
     JOB_DIR/JOBID/             UserDirs: the job's scratch upper and state/work
     JOB_DIR/JOBID.run/         RunDirs
 
-The C helper reads two of these names too: ``U/init`` and ``launchd.sock``
+The C helper reads three of these names too: ``U/init``, ``U/failure`` and ``launchd.sock``
 (launcher/enter/shell.c).
 """
 
@@ -49,6 +53,7 @@ class RunDirs:
     path: str
 
     init = _at("init")
+    failure = _at("failure")
     private = _at("private")
     record = _at("private", "env.json")
     lock = _at("private", "lock")
@@ -56,6 +61,9 @@ class RunDirs:
     mask = _at("private", "mask")
     guard = _at("private", "guard")
     guard_log = _at("private", "guard.log")
+    guard_pid = _at("private", "guard.pid")
+    linger_log = _at("private", "linger.log")
+    linger_pid = _at("private", "linger.pid")
     view = _at("private", "view")
 
 

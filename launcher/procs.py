@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import time
 
 import attrs
 
@@ -66,16 +68,70 @@ class InitProcess:
 
 
 def namespace_processes(pid: int) -> int:
-    """How many processes live in the PID namespace of ``pid``."""
+    """How many processes live in the PID namespace of ``pid`` (its init included)."""
+    members = namespace_members(pid)
+    return len(members) + 1 if members is not None else 0
+
+
+def namespace_members(init_pid: int) -> list[int] | None:
+    """The live processes (host pids) of the PID namespace whose init is ``init_pid``, the
+    init itself left out; None if the init is gone.  A zombie has no namespace links any
+    more: it is not counted.  Reads every /proc entry: called on events, never in a loop."""
     try:
-        target = os.readlink(f"/proc/{pid}/ns/pid_for_children")
-        own = os.readlink(f"/proc/{pid}/ns/pid")
+        target = os.readlink(f"/proc/{init_pid}/ns/pid_for_children")
+        own = os.readlink(f"/proc/{init_pid}/ns/pid")
     except OSError:
-        return 0
-    count = 0
+        return None
+    found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and int(entry) != init_pid:
             with contextlib.suppress(OSError):
                 if os.readlink(f"/proc/{entry}/ns/pid") in (own, target):
-                    count += 1
-    return count
+                    found.append(int(entry))
+    return found
+
+
+def namespace_of(pid: int) -> str | None:
+    """The PID namespace of ``pid`` (its ns/pid link), or None if it is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def wait_all_exit(pids: list[int], also: int | None = None, member_of: str | None = None,
+                  timeout: float | None = None) -> bool:
+    """Block (no polling: poll(2) on pidfds) until every process of ``pids`` has exited,
+    or ``also`` has, or ``timeout`` seconds passed; True if ``also`` exited first.  A pid
+    already gone counts as exited, and so does one no longer in the PID namespace
+    ``member_of`` once its pidfd is open (its pid was recycled meanwhile)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    fds: dict[int, int] = {}
+    try:
+        for pid in ([also] if also is not None else []) + pids:
+            with contextlib.suppress(ProcessLookupError):
+                fd = os.pidfd_open(pid)
+                fds[fd] = pid
+                if pid != also and member_of is not None and namespace_of(pid) != member_of:
+                    del fds[fd]
+                    os.close(fd)
+        also_fd = next((fd for fd, pid in fds.items() if pid == also), None)
+        if also is not None and also_fd is None:
+            return True
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        waiting = set(fds) - {also_fd}
+        while waiting or (not pids and also_fd is not None):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            for fd, _ in poller.poll(None if left is None else max(1, int(left * 1000))):
+                if fd == also_fd:
+                    return True
+                waiting.discard(fd)
+                poller.unregister(fd)
+        return False
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -186,6 +186,7 @@ def _begin_guard(config: SiteConfig, user: User, run: RunDirs) -> Callable[[], s
     os.makedirs(run.guard, mode=0o700, exist_ok=True)
     wait = begin_guard(GuardRequest(mountpoint=run.guard, lower=config.lower, uid=user.uid,
                                     gid=user.gid, deny=config.deny, log=run.guard_log,
+                                    pid_file=run.guard_pid,
                                     cache_timeout=config.cache_timeout))
 
     def wait_mounted() -> str:

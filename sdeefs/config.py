@@ -28,7 +28,12 @@ a missing file means all defaults.  Example (every key, with its default)::
     deny = [...]                 # host paths hidden from every view (globs allowed); the
                                  # default hides credentials, other users' homes and sdeefs'
                                  # own directories, see DEFAULT_DENY
-    idle_timeout = 0             # seconds an environment outlives its last session; 0: none
+    grace = 10.0                 # seconds an environment outlives the end of its last
+                                 # session or of its last process, whichever comes later:
+                                 # work left running at logout (nohup, tmux, screen, a
+                                 # disowned job) keeps it running; so does a quick re-login
+    idle_timeout = 0             # seconds an environment outlives its last session at
+                                 # least, even with nothing running; 0: only the grace
     cache_timeout = 10.0         # seconds the view caches names and attributes of the lower
     tmp_size = "25%"             # size of the private /tmp of an environment
     pids_max = 4096              # processes and threads of one login environment
@@ -122,6 +127,7 @@ class SiteConfig:
     min_uid: int = 1000
     shared: tuple[str, ...] = ("/scratch",)
     deny: tuple[str, ...] = DEFAULT_DENY
+    grace: float = 10.0
     idle_timeout: float = 0.0
     cache_timeout: float = 10.0
     tmp_size: str = "25%"
@@ -196,7 +202,7 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
     for key in ("shared", "deny"):
         if key in table:
             values[key] = _paths(f"sdeefs.{key}", table[key])
-    for key in ("idle_timeout", "cache_timeout", "private_scan_age"):
+    for key in ("grace", "idle_timeout", "cache_timeout", "private_scan_age"):
         if key in table:
             values[key] = _number(f"sdeefs.{key}", table[key])
     if "pids_max" in table:

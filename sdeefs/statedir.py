@@ -23,6 +23,8 @@ On a login node (``ROOT`` is ``[sdeefs] root`` of the site config)::
             capture/           engine kernel: the capture's model checkpoint, its lock,
                                the supervisor's lock and ``expected`` (sdeefs.fs.kernel)
             replicas.json      the login replicad's placement of this user's replicas
+            dpkg/              the host's dpkg status files as the user's copies last merged
+                               them (launcher/dpkgmerge.py: the origin of the 3-way merge)
 
 On a compute node (``REPLICA_DIR`` is ``[replication] replica_dir``)::
 
@@ -55,6 +57,7 @@ class StateDir:
     capture_socket = property(lambda self: os.path.join(self.path, "capture.sock"))
     capture = property(lambda self: os.path.join(self.path, "capture"))
     replicas = property(lambda self: os.path.join(self.path, "replicas.json"))
+    dpkg = property(lambda self: os.path.join(self.path, "dpkg"))
 
     @classmethod
     def beside(cls, upper: str) -> StateDir:

@@ -3,8 +3,8 @@
  * "sdeefs-enter shell").  Finds the caller's environment from RUN/USER/init, asks
  * sdeefs-launchd to start one if none runs, and joins it with the user's inner shell.
  *
- * RUN is $SDEEFS_RUN_DIR or /run/sdeefs; both file names here, RUN/USER/init and
- * RUN/launchd.sock, are defined by the launcher (launcher/layout.py).
+ * RUN is $SDEEFS_RUN_DIR or /run/sdeefs; the file names here, RUN/USER/init, RUN/USER/failure
+ * and RUN/launchd.sock, are defined by the launcher (launcher/layout.py).
  */
 #include "enter.h"
 
@@ -93,6 +93,27 @@ static int ask_launchd(const char *run_dir, const char *engine)
     exit(status > 0 && status < 126 ? status : 1);
 }
 
+/* RUN/USER/failure (written by the launcher when the login's start failed: one line, the
+ * time and the reason): say it and fail, instead of guessing at the cause. */
+static void report_start_failure(const char *run_dir, const char *user)
+{
+    char path[PATH_MAX], line[512];
+    snprintf(path, sizeof path, "%s/%s/failure", run_dir, user);
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, line, sizeof line - 1);
+    close(fd);
+    if (n <= 0)
+        return;
+    line[n] = 0;
+    line[strcspn(line, "\n")] = 0;
+    for (char *c = line; *c; c++) /* one line, printable: it may quote a path */
+        if ((unsigned char)*c < 0x20 || *c == 0x7f)
+            *c = '?';
+    fail("shell: your environment could not start at login: %s", line);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* The login shell                                                                            */
 
@@ -130,6 +151,8 @@ int cmd_shell(int argc, char **argv, int login)
         /* No running environment: the resident service (sdeefs-launchd) starts one, if it runs. */
         if (ask_launchd(run_dir, want_engine) == 0)
             found = find_env(run_dir, pw->pw_name, &pid, engine, path);
+        if (found != ENV_RUNNING)
+            report_start_failure(run_dir, pw->pw_name);
         if (found == ENV_MISSING)
             fail("shell: no environment for %s (%s: %s); is the sdeefs PAM hook installed?",
                  pw->pw_name, path, strerror(ENOENT));

@@ -626,6 +626,11 @@ __attribute__((noreturn)) static void run_a(const struct start_opts *o, int sock
     g_report = sock;
     if (setsid() < 0)
         FAIL("setsid");
+    /* A outlives this call, in the environment's mount namespace: a cwd in the host tree (the
+     * caller's, e.g. slurmd's spool) would keep B's detached copy of every host mount alive,
+     * and with it the FUSE daemons of users who logged out.  At "/", B's pivot_root moves it. */
+    if (chdir("/") < 0)
+        FAIL("chdir /");
     if (setgroups(0, NULL) < 0)
         FAIL("setgroups");
     if (setresgid(o->gid, o->gid, o->gid) < 0)

@@ -9,6 +9,13 @@ stdout, stderr and logging to its log file) and keeps no descriptor of its calle
 While it serves, the journaling daemon holds ``STATE/lock`` (``flock``), which also
 holds its pid: one daemon per state directory, and :func:`daemon_pid` tells whether
 one runs and which.  Nothing here knows FUSE (``sdeefs.fs.mount`` says what to serve).
+
+A daemon ends when its mount's last copy is gone.  Another mount namespace that copied
+the mount (a root ``unshare -m``, a service with PrivateTmp) keeps it alive after the
+unmount here, and the daemon with it, holding the lock: :func:`end_after_unmount` then
+asks it to finish (SIGTERM: it stops serving, syncs and closes its journal, exits), so
+the next mount of that state can start.  The daemon's working directory is ``/``: it
+keeps no path of its caller busy.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 
 from ..errors import ExitCode, QuietError
 from ..statedir import StateDir
+from ..sysio import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,127 @@ def wait_exit(state: str, timeout: float | None) -> None:
         time.sleep(0.02 if deadline is not None else 0.5)
 
 
+PINNED_GRACE = 1.0  # seconds an unmounted daemon gets to exit by itself before it is asked
+
+
+def end_after_unmount(state: str, timeout: float) -> None:
+    """Wait until the daemon of ``state``, whose mount was just unmounted here, has exited.
+
+    One whose mount another namespace still holds never sees the unmount: after
+    PINNED_GRACE it gets SIGTERM and finishes its journal as at an unmount (the copies
+    in other namespaces then fail with ENOTCONN).  A daemon that still does not exit is
+    reported with the namespaces that hold its mount.
+    """
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(QuietError):
+        wait_exit(state, min(PINNED_GRACE, timeout))
+        return
+    pid = daemon_pid(state)
+    if pid is not None:
+        holders = pinning_processes(f"sdeefs:{os.path.abspath(state)}")
+        log.warning("the daemon of %s (pid %d) outlived its unmount: its mount is held by "
+                    "pids %s in other mount namespaces; ending it", state, pid,
+                    ", ".join(map(str, holders[:5])) or "unknown")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    try:
+        wait_exit(state, max(0.0, deadline - time.monotonic()))
+    except QuietError:
+        holders = pinning_processes(f"sdeefs:{os.path.abspath(state)}")
+        raise QuietError(f"the daemon of {state} (pid {pid}) did not exit within {timeout:.0f} s "
+                         f"of its unmount; its mount is still held by "
+                         f"{_describe(holders)}", ExitCode.UNMOUNT) from None
+
+
+def write_pid_file(path: str) -> None:
+    """``path``: "PID START\n" of this process (START: field 22 of /proc/PID/stat, which
+    tells a recycled pid from this process)."""
+    write_file_atomic(path, f"{os.getpid()} {_start_time(os.getpid())}\n".encode())
+
+
+def pid_file_alive(pid_file: str) -> bool:
+    """Does the process named by ``pid_file`` (write_pid_file) still run?"""
+    try:
+        with open(pid_file) as f:
+            pid, start = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return False
+    return _start_time(pid) == start
+
+
+def end_process(pid_file: str, timeout: float) -> None:
+    """End the daemon named by ``pid_file`` (write_pid_file) if it still runs after its
+    unmount: after PINNED_GRACE, SIGTERM (a daemon that serves nothing any more loses
+    nothing); the pid file goes."""
+    try:
+        with open(pid_file) as f:
+            pid, start = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    signalled = False
+    while _start_time(pid) == start and time.monotonic() < deadline:
+        if not signalled and time.monotonic() > deadline - timeout + PINNED_GRACE:
+            log.warning("daemon pid %d outlived its unmount (its mount is held in another "
+                        "mount namespace): ending it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            signalled = True
+        time.sleep(0.02)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pid_file)
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != "Z" else None
+
+
+def pinning_processes(fsname: str) -> list[int]:
+    """Pids (one per mount namespace) whose namespace still holds a mount of ``fsname``.
+
+    Reads every process's mountinfo: for error reports and logs only, never on a
+    normal path."""
+    found: dict[str, int] = {}
+    own = os.readlink("/proc/self/ns/mnt")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            namespace = os.readlink(f"/proc/{entry}/ns/mnt")
+            if namespace == own or namespace in found:
+                continue
+            with open(f"/proc/{entry}/mountinfo") as f:
+                if any(_mount_source(line) == fsname for line in f):
+                    found[namespace] = int(entry)
+        except OSError:
+            continue
+    return sorted(found.values())
+
+
+def _mount_source(line: str) -> str:
+    fields = line.split(" - ", 1)
+    return fields[1].split()[1] if len(fields) == 2 and len(fields[1].split()) > 1 else ""
+
+
+def _describe(pids: list[int]) -> str:
+    if not pids:
+        return "an unknown process"
+    names = []
+    for pid in pids[:5]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            command = "?"
+        names.append(f"pid {pid} ({command[:60]})")
+    return "the mount namespace of " + ", ".join(names)
+
+
 def report(fd: int | None, message: str, exitcode: int = 0) -> None:
     """Tell the waiting command how starting went: "ok" or "<exit code> <reason>".
 
@@ -115,6 +245,7 @@ def fork(log_path: str, serve: Serve) -> Callable[[], None]:
         os.setsid()
         if os.fork() != 0:
             os._exit(0)
+        os.chdir("/")  # a caller's cwd kept by a long-lived daemon would keep its mount busy
         _detach_stdio(log_path)
         code = 1
         try:

@@ -281,6 +281,10 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
         async def sync_journal() -> None:
             await ops.offload.run(fs.sync_journal)
 
+        # SIGTERM ends the serving (the loop's handler, _serve); once the loop returns the
+        # old disposition is back: ignored, so a SIGTERM that comes late (after the unmount,
+        # daemon.end_after_unmount) cannot cut the journal's close short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             trio.run(_serve, sync_journal, req.sync_interval)
         finally:
@@ -331,6 +335,9 @@ class GuardRequest:
     deny: tuple[str, ...] = ()
     log: str = "/dev/null"
     cache_timeout: float = 10.0
+    # "PID START\n" of the daemon, written once it serves: a daemon whose mount another
+    # mount namespace keeps after the unmount can be found and ended (daemon.end_process)
+    pid_file: str | None = None
 
 
 GUARD_FSNAME = "sdeefs-guard"
@@ -352,6 +359,8 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
             "allow_other", "nodev", "nosuid", "noexec"})
     except (QuietError, OSError) as exc:
         return _failed(ready_fd, exc, "cannot mount the guard")
+    if req.pid_file is not None:
+        daemon.write_pid_file(req.pid_file)
     daemon.report(ready_fd, "ok")
     try:
         trio.run(_serve)
@@ -490,7 +499,8 @@ def _upperdir(mountpoint: str) -> str:
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:
-    """Unmount an sdeefs view and wait until its daemon has exited (journal closed)."""
+    """Unmount an sdeefs view and wait until its daemon has exited (journal closed); one
+    whose mount another mount namespace pins is asked to finish (daemon.end_after_unmount)."""
     kind, state = mounted_state(mountpoint)
     if kind == "overlay" or state is None:
         raise QuietError(f"{mountpoint} is a kernel overlay not made by sdeefs", ExitCode.USAGE)
@@ -511,4 +521,4 @@ def umount(mountpoint: str, timeout: float = 30.0) -> None:
         unmount_path(dirs.mnt)
         if os.path.ismount(dirs.mask):
             unmount_path(dirs.mask)
-    daemon.wait_exit(state, timeout)
+    daemon.end_after_unmount(state, timeout)

@@ -152,9 +152,11 @@ def test_pam_sessions_start_count_and_end_the_environment(site: Site) -> None:
     assert site.pamtester(service, user, "close_session").returncode == 0
     assert os.path.exists(f"/proc/{init_pid}")  # one session left
     assert site.pamtester(service, user, "close_session").returncode == 0
-    # the last logout ends the whole tree and unmounts; the upper and journal stay
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{init_pid}/ns") and time.monotonic() < deadline:
+    # grace (default 10 s) after the last logout, with nothing left running, the whole tree
+    # ends and is unmounted; the upper and journal stay
+    deadline = time.monotonic() + 30
+    while (os.path.exists(f"/proc/{init_pid}/ns") or site.leftovers()) and \
+            time.monotonic() < deadline:
         time.sleep(0.02)
     assert not os.path.exists(f"/proc/{init_pid}/ns")
     assert site.leftovers() == []
