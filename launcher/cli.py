@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -109,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (JournalCorrupt, BadRecord) as exc:
         print(f"sdeefs: journal damaged: {exc}", file=sys.stderr)
         return ExitCode.JOURNAL_DAMAGED
+    except BrokenPipeError as exc:
+        if not _reader_went_away():
+            print(f"sdeefs: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        return 128 + signal.SIGPIPE  # `sdeefs status | head`: what a shell tool does, quietly
     except OSError as exc:
         if args.debug:
             raise
@@ -117,6 +124,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_went_away() -> bool:
+    """Is standard output a pipe nobody reads any more?  Then the output still buffered is
+    dropped (the interpreter's last flush would fail again, printing a traceback)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -99,3 +99,17 @@ def test_doctor_names_what_is_wrong_and_the_fix(site: Site, tmp_path: Path) -> N
             daemon.wait()
         with contextlib.suppress(subprocess.CalledProcessError):
             subprocess.run(["umount", str(replicas)], check=True)
+
+
+def test_a_reader_that_goes_away_is_not_an_error(site: Site) -> None:
+    """``sdeefs status | head``: the output's reader leaves; sdeefs ends quietly as shell
+    tools do (it printed "sdeefs: Broken pipe")."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([str(VENV_BIN / "sdeefs"), "doctor", "--json"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, env=site.env(), timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 128 + signal.SIGPIPE
