@@ -25,7 +25,7 @@ pytestmark = requires_launcher
 @contextlib.contextmanager
 def kernel_site() -> Iterator[tuple[Site, Path, list[subprocess.Popen[bytes]]]]:
     """A kernel-engine site with a login replicad (origin) and one replica node ``n1``."""
-    with open_site("kernel", 'layer_size = "256M"\n') as site:
+    with open_site("kernel", 'layer_size = "256M"\ngrace = 0\n') as site:
         base = site.base / "nodes"
         base.mkdir()
         (base / "key").write_text(os.urandom(32).hex())
@@ -230,7 +230,7 @@ def test_a_login_restarts_a_capture_whose_supervisor_was_killed_and_check_drains
     """kill -9 of the capture and of its supervisor: the sessions go on; the next login
     (``sdeefs start``, as the PAM hook) starts them again, the restarted capture scans
     what nobody journaled, and ``sdeefs check`` (which drains first) finds replay == upper."""
-    with open_site("kernel", 'layer_size = "256M"\n') as site:
+    with open_site("kernel", 'layer_size = "256M"\ngrace = 0\n') as site:
         user = site.add_user()
         site.start(user)
         site.run(user, "echo one > /etc/one")
@@ -256,7 +256,7 @@ def test_a_layer_still_live_in_another_mount_namespace_is_mounted_again() -> Non
     ``unshare -m``, a daemon with PrivateTmp: issue 11 item 6) keeps the image's filesystem
     live after the logout; the next login mounts that live filesystem again (no e2fsck and
     no second loop device on a mounted filesystem) and the user's files are there."""
-    with open_site("kernel", 'layer_size = "256M"\n') as site:
+    with open_site("kernel", 'layer_size = "256M"\ngrace = 0\n') as site:
         user = site.add_user()
         site.start(user)
         site.run(user, "echo a > /etc/a")
