@@ -52,6 +52,7 @@ run in worker threads.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -63,15 +64,18 @@ from typing import Literal
 import attrs
 
 from .. import records as rec
+from ..errors import BadRecord
 from ..layers import AnyJournal, LayerRoot, join, split
 from ..sysio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     copy_file_data,
+    fallocate,
     fd_path,
     is_whiteout,
     name_to_handle,
+    range_lock,
 )
 from ..trees import walk
 from .inodes import ROOT_INO, Attr, Node, ViewNodes, check_name
@@ -1266,6 +1270,33 @@ class CowFS:
         if node.unlinked:
             return  # the file has no name in the upper any more: nothing a replica must see
         self.layers.journal.append(rec.Write(self.layer_path(node.path), handle, offset, length))
+
+    def fallocate(self, node: Node, fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) of the upper file open as ``fd`` (writable, so copied up already).
+
+        Journaled as a Fallocate record (``sdeefs.records``: record, syscall, Done), with
+        the range write-locked from the record to the Done, so that no Write record of the
+        range comes between them.  Blocking (an allocation may take long): a worker
+        thread's call, under the namespace lock (one metadata record in flight).  A mode
+        the record cannot carry (COLLAPSE_RANGE, INSERT_RANGE, UNSHARE) is EOPNOTSUPP,
+        as on filesystems without it.  An unlinked file is changed unjournaled, as writes.
+        """
+        record = rec.Fallocate(self.layer_path(node.path) if not node.unlinked else b"upper",
+                               mode, offset, length)
+        try:
+            record.validate()
+        except BadRecord:
+            if mode not in rec.FALLOCATE_MODES:
+                raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported") from None
+            raise OSError(errno.EINVAL, "bad fallocate range") from None
+        if node.unlinked:
+            fallocate(fd, mode, offset, length)
+            return
+        range_lock(fd, offset, length, fcntl.F_WRLCK, wait=True)
+        try:
+            self.layers.fallocate(record, fd)
+        finally:
+            range_lock(fd, offset, length, fcntl.F_UNLCK, wait=False)
 
     def sync_journal(self) -> None:
         """Make every record appended so far durable (a disk flush: a worker thread's job)."""

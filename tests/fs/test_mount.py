@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from sdeefs.check import run_checks
-from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from sdeefs.sysio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    fallocate,
+    renameat2,
+)
 
 from ..conftest import Layers, mounted, requires_fuse, sdeefs
 
@@ -364,3 +372,30 @@ def test_host_root_view_excludes_virtual_trees_and_itself(layers: Layers) -> Non
     layers.umount()
     assert (layers.upper / "etc" / "sdeefs-test-marker").exists()
     assert not mounted(mnt)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fallocate_every_mode_is_journaled(layers: Layers, engine: str) -> None:
+    """fallocate(2) of a lower (copied-up) file in the modes applications use; the upper,
+    a remount and the journal's replay (check) agree (issue 9 item 5)."""
+    if not hasattr(__import__("pyfuse3").Operations, "fallocate"):
+        pytest.skip("the stock pyfuse3: no fallocate handler (third_party/pyfuse3)")
+    (layers.lower / "db").write_bytes(b"L" * 10000)
+    mnt = layers.mount(engine)
+    fd = os.open(mnt / "db", os.O_RDWR)
+    try:
+        fallocate(fd, 0, 8000, 12000)  # grows to 20000
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 1 << 20)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 200)
+        fallocate(fd, FALLOC_FL_ZERO_RANGE, 19000, 3000)  # grows to 22000
+        os.pwrite(fd, b"end", 21997)
+    finally:
+        os.close(fd)
+    want = b"L" * 100 + bytes(200) + b"L" * 9700 + bytes(11997) + b"end"
+    assert (mnt / "db").read_bytes() == want
+    layers.umount()
+    assert (layers.upper / "db").read_bytes() == want
+    check_consistent(layers)
+    mnt = layers.mount(engine)
+    assert (mnt / "db").read_bytes() == want
+    layers.umount()
