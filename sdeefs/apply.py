@@ -35,6 +35,9 @@ def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = Non
         case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.mknod(p, mode, uid, gid)
+        case rec.Mkdev(path=p, mode=mode, rdev=rdev, uid=uid, gid=gid):
+            if layers.lstat(p) is None:
+                layers.mkdev(p, mode, rdev, uid, gid)
         case rec.Symlink(path=p, target=target, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.symlink(p, target, uid, gid)

@@ -238,6 +238,18 @@ class LayerRoot:
             self._at(path, at)
         self._do(rec.Mknod(path, kind | perm, uid, gid), action)
 
+    def mkdev(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> None:
+        """A device node (S_IFCHR or S_IFBLK in ``mode``, not a 0/0 whiteout: ``mknod``)."""
+        record = rec.Mkdev(path, stat.S_IFMT(mode) | (mode & 0o7777), rdev, uid, gid)
+
+        def action() -> None:
+            def at(fd: int, name: bytes) -> None:
+                os.mknod(name, record.mode, rdev, dir_fd=fd)
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                chmod_at(fd, name, mode & 0o7777)
+            self._at(path, at)
+        self._do(record, action)
+
     def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> None:
         def action() -> None:
             def at(fd: int, name: bytes) -> None:

@@ -68,6 +68,7 @@ type   record          fields
 18     Extent          path, handle blob, offset u64, length u64, size u64,
                        sums blob (a Write that says what the capture read, below)
 19     Fallocate       path, mode u32 (fallocate(2) flags), offset u64, length u64
+20     Mkdev           path, mode u32 (S_IFCHR or S_IFBLK), rdev u64, uid u32, gid u32
 =====  ==============  ==========================================================
 
 ``Fallocate`` (type 19, added with fallocate support; journals without it read as
@@ -84,6 +85,14 @@ no Write record of that range can come between them and re-applying it never und
 a later write.  Applying it where the filesystem lacks the mode writes the zeros or
 extends the size instead: the same bytes, only not sparse.  It carries no data: a
 1 GiB preallocation ships as one small record.
+
+``Mkdev`` (type 20, added with device nodes; read as Fallocate is above) is a device
+node: what host root may make in a view it mounted by hand (a user environment cannot:
+the kernel refuses mknod of a device in a user namespace, EPERM, before the daemon
+sees it).  A character device 0/0 is a whiteout and stays a ``Mknod``, so ``Mkdev``
+refuses it.  Device nodes are inert wherever sdeefs shows them: every view is mounted
+``nodev`` (or by a user namespace, which the kernel makes nodev), and a replica's
+layer root is root's 0700 directory, read only through such mounts.
 
 Types 15-18 come from the kernel engine's capture daemon (``sdeefs.fs.capture``),
 which does not journal operations ahead of them but reconciles what the kernel
@@ -391,6 +400,25 @@ class Fallocate(Record):
             raise BadRecord(f"bad fallocate mode {self.mode:#x} or range")
 
 
+@attrs.frozen
+class Mkdev(Record):
+    TYPE = 20
+    FIELDS = (("path", "path"), ("mode", "u32"), ("rdev", "u64"), ("uid", "u32"),
+              ("gid", "u32"))
+    path: bytes
+    mode: int
+    rdev: int
+    uid: int
+    gid: int
+
+    def validate(self) -> None:
+        kind = stat.S_IFMT(self.mode)
+        if kind not in (stat.S_IFCHR, stat.S_IFBLK) or self.mode & ~(kind | 0o7777):
+            raise BadRecord(f"mkdev of file type {kind:o}")
+        if kind == stat.S_IFCHR and self.rdev == 0:
+            raise BadRecord("a character device 0/0 is a whiteout (Mknod)")
+
+
 EXTENT_BLOCK = 1 << 16  # bytes per sum of an Extent
 SUM_SIZE = 16  # blake2b digest_size of a block sum
 MAX_SUMS = 4096  # sums in one Extent (its blob stays within MAX_XATTR_VALUE)
@@ -417,7 +445,7 @@ RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Rename, Setattr, Setxattr,
                 Removexattr, Write, Abort, Sync, Done, Begin, Commit, Void, Extent,
-                Fallocate)
+                Fallocate, Mkdev)
 }
 
 

@@ -714,6 +714,8 @@ class CowFS:
         if not stat.S_ISREG(lst.st_mode):
             if stat.S_ISLNK(lst.st_mode):
                 self.layers.symlink(stage, self.lower.readlink(lower), lst.st_uid, lst.st_gid)
+            elif stat.S_ISBLK(lst.st_mode) or stat.S_ISCHR(lst.st_mode):
+                self.layers.mkdev(stage, lst.st_mode, lst.st_rdev, lst.st_uid, lst.st_gid)
             else:
                 self.layers.mknod(stage, lst.st_mode, lst.st_uid, lst.st_gid)
             self._copy_metadata(lower, stage, lst)
@@ -973,14 +975,24 @@ class CowFS:
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int,
               gid: int) -> Attr:
+        """A new file, fifo, socket or device node.
+
+        A device only reaches here from a caller the kernel let make one (CAP_MKNOD in the
+        initial user namespace: vfs_mknod refuses everyone else with EPERM, a user
+        environment included); the view is mounted nodev, so it stays inert.  A character
+        device 0/0 is a whiteout: the passthrough upper makes one, the merged view refuses
+        it (EPERM), as kernel overlayfs does.
+        """
         kind = stat.S_IFMT(mode)
-        if kind in (stat.S_IFCHR, stat.S_IFBLK):
-            whiteout = self.raw and kind == stat.S_IFCHR and rdev == 0
-            if not whiteout:
-                raise OSError(errno.EPERM, "device nodes are refused by policy")
-        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+        whiteout = kind == stat.S_IFCHR and rdev == 0
+        if whiteout and not self.raw:
+            raise OSError(errno.EPERM, "a whiteout cannot be made in the view")
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise OSError(errno.EINVAL, "unsupported file type")
         uid, gid, _ = self._creator(parent_ino, uid, gid, is_dir=False)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK) and not whiteout:
+            return self._new_entry(parent_ino, name,
+                                   lambda p: self.layers.mkdev(p, mode, rdev, uid, gid))
         return self._new_entry(parent_ino, name, lambda p: self.layers.mknod(p, mode, uid, gid))
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:

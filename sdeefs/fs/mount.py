@@ -325,9 +325,11 @@ def _hybrid_mask(req: MountRequest) -> str | None:
 
 
 def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:
-    # xino=on: st_ino stays the origin's across copy-up although the upper is another fs
+    # xino=on: st_ino stays the origin's across copy-up although the upper is another fs.
+    # nodev: device nodes host root makes in the view stay inert, as in the fuse engine's.
     options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},xino=on"
-    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
+    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"nodev,{options}",
+                             target],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise QuietError(f"cannot mount kernel overlayfs: {result.stderr.strip()}",

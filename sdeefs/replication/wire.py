@@ -524,7 +524,8 @@ def decode_record_payload(payload: bytes) -> tuple[rec.Record, bytes]:
 
 def sanitize(record: rec.Record) -> rec.Record:
     """What a replica applies: no set-ID bits, only the xattrs an upper legitimately has."""
-    if isinstance(record, rec.Mkdir | rec.Mknod | rec.Setattr) and record.mode & 0o6000:
+    if isinstance(record, rec.Mkdir | rec.Mknod | rec.Mkdev | rec.Setattr) and \
+            record.mode & 0o6000:
         record = attrs.evolve(record, mode=record.mode & ~0o6000)
     if isinstance(record, rec.Setxattr | rec.Removexattr) and not record.name.startswith(
             ALLOWED_XATTR_PREFIXES):

@@ -84,6 +84,9 @@ RECORD_STRATEGIES[rec.Extent] = st.builds(
 RECORD_STRATEGIES[rec.Fallocate] = st.builds(
     rec.Fallocate, paths, st.sampled_from(rec.FALLOCATE_MODES), st.integers(0, 2**60),
     st.integers(1, 2**60))
+RECORD_STRATEGIES[rec.Mkdev] = st.builds(
+    rec.Mkdev, paths, st.builds(lambda k, p: k | p, st.sampled_from([stat.S_IFCHR, stat.S_IFBLK]),
+                                st.integers(0, 0o7777)), st.integers(1, 2**64 - 1), U32, U32)
 valid_records = st.one_of(*RECORD_STRATEGIES.values())
 KNOWN_TYPES = sorted(rec.RECORD_TYPES)
 
