@@ -1194,7 +1194,7 @@ class Kernel:
 
     def mount(self, lower: str, upper: str, aux: str, mnt: str) -> None:
         opts = (f"lowerdir={lower},upperdir={upper},workdir={aux},"
-                "redirect_dir=off,index=off,metacopy=off,xino=off")
+                "redirect_dir=on,index=off,metacopy=off,xino=off")
         r = _run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt])
         if r.returncode != 0 or not is_mounted(mnt):
             raise MountError(f"kernel overlay mount failed ({r.returncode}): "

@@ -20,7 +20,7 @@ import pytest
 
 from sdeefs import records as rec
 from sdeefs.check import check_journal_readable, check_upper_format, run_checks
-from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
+from sdeefs.fs.cow import AttrChange, CowFS, OverlayXattrs, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO, Attr
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, is_whiteout, name_to_handle
@@ -79,7 +79,8 @@ def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
 class Env:
     """lower/, upper/, state/{journal,work} below tmp_path, and a CowFS over them."""
 
-    def __init__(self, tmp_path: Path, mode: str = "merged") -> None:
+    def __init__(self, tmp_path: Path, mode: str = "merged",
+                 prefix: bytes = b"trusted.overlay.") -> None:
         self.tmp = tmp_path
         self.lower = tmp_path / "lower"
         self.upper = tmp_path / "upper"
@@ -89,6 +90,7 @@ class Env:
         for d in (self.lower, self.upper, self.work, self.outside):
             d.mkdir(parents=True, exist_ok=True)
         self.mode = mode
+        self.prefix = prefix
         self.journal: Journal | None = None
         self._fs: CowFS | None = None
         self.lower_before: dict[str, tuple[object, ...]] | None = None
@@ -107,7 +109,8 @@ class Env:
         self.journal = Journal.open(str(self.state / "journal"))
         config = ViewConfig(upper=fsb(self.upper), work=fsb(self.work),
                         lower=fsb(self.lower) if self.mode == "merged" else None,
-                        mode=self.mode)  # type: ignore[arg-type]
+                        mode=self.mode,  # type: ignore[arg-type]
+                        xattrs=OverlayXattrs(self.prefix))
         self._fs = CowFS.open(config, self.journal)
         return self._fs
 
@@ -759,13 +762,15 @@ def test_rename_exchange(env: Env) -> None:
     env.fs.rename(ROOT_INO, b"nd", ROOT_INO, b"a", RENAME_EXCHANGE)
     assert env.read(b"a/inner") == b"I"
     assert env.read(b"nd") == b"N"
-    # a lower directory cannot be exchanged (it would need redirect_dir)
-    with raises_errno(errno.EXDEV):
-        env.fs.rename(ROOT_INO, b"n", ROOT_INO, b"d", RENAME_EXCHANGE)
+    # a lower directory exchanged with a file: it carries a redirect (same directory)
+    env.fs.rename(ROOT_INO, b"n", ROOT_INO, b"d", RENAME_EXCHANGE)
+    assert env.read(b"n/x") == b"X"
+    assert os.getxattr(env.upper / "n", "trusted.overlay.redirect") == b"d"
     env.remount()
     assert env.read(b"a/inner") == b"I"
     assert env.read(b"nd") == b"N"
-    assert env.read(b"n") == b"A"
+    assert env.read(b"d") == b"A"
+    assert env.read(b"n/x") == b"X"
     assert_consistent(env)
 
 
@@ -806,7 +811,34 @@ def test_rename_lower_file_keeps_inode_number(env: Env) -> None:
     assert_consistent(env)
 
 
-def test_rename_lower_directory_is_exdev(env: Env) -> None:
+def test_rename_lower_directory_redirects(env: Env) -> None:
+    """The kernel's redirect_dir=on format: the directory keeps merging with its lower one
+    wherever it moves, and its old name is a whiteout."""
+    mkfile(env.lower / "d" / "x", b"X")
+    mkfile(env.lower / "d" / "sub" / "y", b"Y")
+    (env.lower / "e").mkdir()
+    env.start()
+    env.create_file(b"d", b"new", b"N")
+    env.fs.rename(ROOT_INO, b"d", ROOT_INO, b"d2", 0)
+    assert os.getxattr(env.upper / "d2", "trusted.overlay.redirect") == b"d"
+    assert is_whiteout(env.ust("d"))
+    env.fs.rename(env.ino(b"d2"), b"sub", env.ino(b"e"), b"s", 0)
+    assert os.getxattr(env.upper / "e" / "s", "trusted.overlay.redirect") == b"/d/sub"
+    env.fs.rename(ROOT_INO, b"d2", env.ino(b"e"), b"d3", 0)  # a relative one becomes absolute
+    assert os.getxattr(env.upper / "e" / "d3", "trusted.overlay.redirect") == b"/d"
+    assert sorted(env.names(b"e/d3")) == [b"new", b"x"]
+    assert env.read(b"e/s/y") == b"Y"
+    env.remount()
+    assert sorted(env.names()) == [b"e"]
+    assert sorted(env.names(b"e")) == [b"d3", b"s"]
+    assert env.read(b"e/d3/x") == b"X"
+    assert env.read(b"e/s/y") == b"Y"
+    assert_consistent(env)
+
+
+def test_rename_lower_directory_is_exdev_under_userxattr(tmp_path: Path) -> None:
+    """user.overlay. (user-namespace overlays): the kernel has no redirects there."""
+    env = Env(tmp_path, prefix=b"user.overlay.")
     mkfile(env.lower / "d" / "x")
     (env.lower / "e").mkdir()
     env.start()
@@ -819,6 +851,7 @@ def test_rename_lower_directory_is_exdev(env: Env) -> None:
         env.fs.rename(ROOT_INO, b"d", ROOT_INO, b"new", 0)
     assert sorted(env.names(b"d")) == [b"x", b"y"]
     assert_consistent(env)
+    env.close()
 
 
 def test_rename_upper_only_directory(env: Env) -> None:

@@ -212,7 +212,14 @@ scenarios = st.one_of(
     # rename over a lower entry, then reuse the source name
     st.builds(lambda p, q, d: [om.Rename(p, q), om.Write(p, "excl", 0, d)],
               _lower_nondirs, _lower_nondirs, _datas),
-    # a new directory tree renamed around (legal without redirect_dir)
+    # a lower directory renamed (redirect_dir=on on both sides: kernel-format redirects),
+    # changed inside, renamed again, its old name reused
+    st.builds(lambda p, q, f, r: [om.Rename(p, q, f), om.ListDir(q),
+                                  om.Write(f"{q}/new", "excl", 0, b"n"), om.Rename(q, r),
+                                  om.ListDir(r), om.Mkdir(p, 0o755), om.Check()],
+              _lower_dirs, paths, st.sampled_from([0, om.RENAME_NOREPLACE, om.RENAME_EXCHANGE]),
+              paths),
+    # a new directory tree renamed around
     st.builds(lambda p, q, f: [om.Mkdir(p, 0o755), om.Write(f"{p}/a", "excl", 0, b"z"),
                                om.Rename(p, q, f), om.ListDir(q)],
               paths, paths, st.sampled_from([0, om.RENAME_NOREPLACE, om.RENAME_EXCHANGE])),
@@ -698,6 +705,36 @@ def test_deep_trees_match_kernel_overlayfs(lower_tree: LowerTree) -> None:
     if reason:
         pytest.skip(reason)
     run_differential(DEEP_SEQUENCE, lower_tree.path, lower_tree.pristine, om.Kernel(),
+                     om.Sdeefs())
+
+
+# lower directories renamed (kernel-format redirects, redirect_dir=on), in one fixed sequence:
+# within a directory (relative redirect), across (absolute), twice, exchanged, nested, with
+# copy-ups and whiteouts inside, caches dropped; the cross-mounts read each other's redirects
+REDIRECT_SEQUENCE: list[om.Op] = [
+    om.Write("d/a", "append", 0, b"+copied up"),
+    om.Rename("d", "d2"),  # relative: "d"
+    om.Unlink("d2/x"),
+    om.Rename("d2/e", "e/moved"),  # absolute: "/d/e"
+    om.Rename("d2", "e/d3"),  # relative becomes absolute: "/d"
+    om.Mkdir("d", 0o700),  # the old name again: a new, opaque directory
+    om.Write("d/new", "excl", 0, b"new"),
+    om.Rename("e/moved", "e/d3/back", om.RENAME_NOREPLACE),
+    om.Check(),
+    om.DropCaches(),
+    om.ListDir("e/d3"),
+    om.Read("e/d3/a"),
+    om.Rename("e/d3/back", "d/new", om.RENAME_EXCHANGE),
+    om.ListDir("d/new"),
+    om.Check(),
+]
+
+
+def test_lower_directory_renames_match_kernel_overlayfs(lower_tree: LowerTree) -> None:
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    run_differential(REDIRECT_SEQUENCE, lower_tree.path, lower_tree.pristine, om.Kernel(),
                      om.Sdeefs())
 
 
