@@ -168,7 +168,7 @@ SYNC_FLUSHED = 1  # Sync.reason: every record before this one was fdatasync'ed
 RESERVE_BYTES = 1 << 20  # preallocated behind a segment's tail (see "A full disk")
 RESERVE_LOW = 256 << 10  # a record that is not settling is written only above this reserve
 # Records written into the reserve: they settle what was performed, or free space.
-SETTLING = (Done, Abort, Unlink, Rmdir)
+SETTLING = frozenset(cls.TYPE for cls in (Done, Abort, Unlink, Rmdir))
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 
@@ -466,9 +466,13 @@ class Journal:
             raise FailsafeError(self.failed)
         seq = self.head + 1
         frame = encode_frame(seq, record)
-        settling = isinstance(record, SETTLING)
+        settling = record.TYPE in SETTLING
         try:
-            self._make_room(len(frame), settling)
+            end = self._segment_size + len(frame)
+            # (inline: this runs for every write(2) of the view)
+            if not settling and (end + RESERVE_LOW > self._reserved_end
+                                 or end > self.segment_bytes):
+                self._make_room(len(frame))
             written = os.write(self._fd, frame)
             if written != len(frame):
                 raise OSError(errno.ENOSPC, f"short journal write ({written} of {len(frame)} "
@@ -479,12 +483,10 @@ class Journal:
         self.head = seq
         return seq
 
-    def _make_room(self, length: int, settling: bool) -> None:
-        """A new segment if this one is full, and the reserve kept: refuses (ENOSPC) a
-        record that is not settling when there is no room for both.  A settling record
-        goes into the reserve of the open segment, never into a new one."""
-        if settling:
-            return
+    def _make_room(self, length: int) -> None:
+        """For a record that is not settling: a new segment if this one is full, and the
+        reserve kept; ENOSPC when there is no room for both.  (A settling record goes into
+        the reserve of the open segment, never into a new one.)"""
         if self._segment_size + length > self.segment_bytes and \
                 self.head >= self._segment_first:
             self._start_segment(self.head + 1)

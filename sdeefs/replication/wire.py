@@ -5,14 +5,14 @@ nothing else writes or parses a frame: one encoder (:meth:`Frame.encode`, and
 :func:`encode_write_frames`, which builds the same bytes around file data read straight
 into the frame buffer) and one decoder (:class:`FrameReader` over :meth:`Frame.decode`).
 
-Wire format (version 4)
+Wire format (version 5)
 =======================
 
 Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   4 (see "Versions" below)
+             version  u8   5 (see "Versions" below)
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
              flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
                            RECORD: SKIP (2) = the seqs between the previous frame and
@@ -67,15 +67,17 @@ The code of an ERROR is what the receiver acts on (a replica told DIVERGED start
 over; a barrier that only ever heard NO_LAYER tells the SLURM prolog so); the
 message is for people and never parsed.
 
-Versions: 4 put the code before an ERROR's message (3 sent the message alone, so a
-replica had to recognise "history diverged" by its text).  3 carries records in
+Versions: 5 carries record types 19 (Fallocate) and 20 (Mkdev), which a version-4 node
+would refuse mid-stream as unknown; a version-4 peer is refused by version, with an ERROR
+it reads (a code, then the message).  4 put the code before an ERROR's message (3 sent the
+message alone, so a replica had to recognise "history diverged" by its text).  3 carries records in
 encoding version 2 of ``sdeefs.records`` (path fields with a u32 length, up to
 ``records.MAX_PATH``: trees deeper than PATH_MAX) and ACK subtree reports with a u32
 count, sent only when they change; 2 carried encoding 1 (u16, at most 4096 bytes) and
 u16 report counts.  Frames of all of them have the same header, so a peer of another
 version is recognised from its first frame and refused with one clear error
-(``VersionMismatch``: "the peer speaks replication protocol version 3, this node
-version 4: run the same sdeefs release on both"), never misparsed.  A new upstream
+(``VersionMismatch``: "the peer speaks replication protocol version 4, this node
+version 5: run the same sdeefs release on both"), never misparsed.  A new upstream
 answers an old replica's HELLO with that ERROR in the replica's own version (a message
 alone, as versions 2 and 3 read it), which the old replica can read and shows; a new
 replica says it of the old upstream's first frame.  Both ends must run the same release.
@@ -109,8 +111,9 @@ from .. import records as rec
 from ..errors import BadRecord
 
 MAGIC = b"SDRP"
-VERSION = 4  # 3 + the ERROR frame's code
-OLD_VERSIONS = (2, 3)  # same frame header: told in their own version why they are refused
+VERSION = 5  # 4 + record types 19 Fallocate and 20 Mkdev
+OLD_VERSIONS = (2, 3, 4)  # same frame header: told in their own version why they are refused
+CODED_ERRORS = 4  # the first version whose ERROR frames carry a code
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
 MORE = 1
@@ -353,7 +356,7 @@ def encode_error(exc: BaseException, key: bytes, seq: int = 0, version: int = VE
 
     To a peer of an old version (OLD_VERSIONS) the message alone, as it reads ERRORs."""
     message = str(exc).encode()[:MAX_ERROR_MESSAGE]
-    if version == VERSION:
+    if version >= CODED_ERRORS:
         code = exc.code if isinstance(exc, ProtocolError) else ErrorCode.REFUSED
         message = ERROR_CODE.pack(code) + message
     return Frame(ERROR, seq, message).encode(key, version)
