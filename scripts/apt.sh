@@ -21,4 +21,5 @@ RUNTIME_PACKAGES=(
   python3 python3-venv python3-dev gcc make # Debian's Python 3.11; gcc/make: the C helpers
   attr util-linux iproute2 procps e2fsprogs # xattr tools, mount/unshare, ip, ps, mkfs.ext4
   uidmap                                    # /etc/subuid handling (newuidmap, getsubids)
+  patch                                     # the sdeefs patch of pyfuse3 (third_party/)
 )

@@ -84,9 +84,10 @@ apt_install "${RUNTIME_PACKAGES[@]}"
 
 # The source's fingerprint: an unchanged tree is not installed again.
 fingerprint() {
-  (cd "$SRC" && find pyproject.toml sdeefs launcher -type f \
+  (cd "$SRC" && find pyproject.toml sdeefs launcher third_party -type f \
       \( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name Makefile -o -name '*.toml' \
-         -o -name '*.service' -o -name '*.timer' \) -print0 | sort -z | xargs -0 sha256sum
+         -o -name '*.service' -o -name '*.timer' -o -name '*.patch' -o -name '*.sh' \) \
+         -print0 | sort -z | xargs -0 sha256sum
    find docs README.md -name '*.md' -print0 | sort -z | xargs -0 sha256sum) |
     sha256sum | cut -d' ' -f1
 }
@@ -106,6 +107,12 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   "$PREFIX/bin/pip" install -q --disable-pip-version-check --no-warn-script-location \
     --force-reinstall --no-deps "$BUILD" >/dev/null
   "$PREFIX/bin/pip" install -q --disable-pip-version-check "$BUILD" >/dev/null
+  # pyfuse3 with the sdeefs patch (third_party/pyfuse3/README.md: fallocate in views)
+  if ! "$SRC/third_party/pyfuse3/build.sh" "$PREFIX" >"$BUILD/pyfuse3-build.log" 2>&1; then
+    echo "sdeefs: building the patched pyfuse3 failed; keeping the stock one (fallocate in" \
+         "views answers EOPNOTSUPP):" >&2
+    tail -3 "$BUILD/pyfuse3-build.log" >&2
+  fi
   make -s -C "$BUILD/launcher/enter" OUT="$PREFIX/bin/sdeefs-enter"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-shell"
   mkdir -p "$PREFIX/share/doc/sdeefs"

@@ -28,6 +28,13 @@ elif [ pyproject.toml -nt .venv/.installed ] || ! .venv/bin/python -c 'import sd
   touch .venv/.installed
 fi
 
+# pyfuse3 with the sdeefs patch (third_party/pyfuse3/README.md: fallocate); the stock build
+# still serves everything else, so a failed build is a warning, not the end of set-up.
+if ! third_party/pyfuse3/build.sh .venv >/tmp/sdeefs-pyfuse3-build.log 2>&1; then
+  echo "setup: building the patched pyfuse3 failed (see /tmp/sdeefs-pyfuse3-build.log);" \
+       "keeping the stock pyfuse3: fallocate in views answers EOPNOTSUPP" >&2
+fi
+
 # The launcher's namespace helper (C: it sits on every login's hot path); make rebuilds it
 # when a source changed.
 make -s -C launcher/enter OUT="$PWD/.venv/bin/sdeefs-enter"

@@ -19,7 +19,7 @@ import attrs
 
 from . import records as rec
 from .journal import Entry, Journal
-from .layers import LayerRoot, apply_setattr, open_layer_root
+from .layers import LayerRoot, apply_fallocate, apply_setattr, open_layer_root
 from .sysio import renameat2
 from .writeahead import read_write_data
 
@@ -35,6 +35,9 @@ def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = Non
         case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.mknod(p, mode, uid, gid)
+        case rec.Mkdev(path=p, mode=mode, rdev=rdev, uid=uid, gid=gid):
+            if layers.lstat(p) is None:
+                layers.mkdev(p, mode, rdev, uid, gid)
         case rec.Symlink(path=p, target=target, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.symlink(p, target, uid, gid)
@@ -64,6 +67,14 @@ def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = Non
                 except OSError as exc:
                     if exc.errno != errno.ENODATA:
                         raise
+        case rec.Fallocate(path=p):
+            st = layers.lstat(p)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                fd = layers.open(p, os.O_WRONLY)
+                try:
+                    apply_fallocate(fd, record)
+                finally:
+                    os.close(fd)
         case rec.Write(path=p, offset=offset):
             if data is not None:
                 _apply_write(layers, p, offset, data)

@@ -18,7 +18,6 @@ from .errors import BadRecord, JournalCorrupt
 from .journal import Journal
 from .layers import open_layer_root
 from .statedir import StateDir
-from .sysio import is_whiteout
 from .trees import entries_below, rmtree, signature
 
 PRIVATE_XATTRS = (b"trusted.overlay.", b"user.overlay.")
@@ -37,14 +36,13 @@ def check_journal_readable(journal: Journal) -> list[str]:
 
 
 def check_upper_format(upper: str) -> list[str]:
-    """Kernel overlayfs format only: 0/0 whiteouts, opaque = "y", no aufs leftovers, no devices."""
+    """Kernel overlayfs format only: opaque = "y", no aufs leftovers (device nodes are
+    allowed: host root may make them, ``records.Mkdev``; a 0/0 one is a whiteout)."""
     problems = []
     for visit in entries_below(upper):
         st, rel = visit.st, os.fsdecode(visit.path)
         if visit.name.startswith(b".wh."):
             problems.append(f"upper: aufs-style whiteout name {rel}")
-        if stat.S_ISCHR(st.st_mode) and not is_whiteout(st) or stat.S_ISBLK(st.st_mode):
-            problems.append(f"upper: device node {rel}")
         if stat.S_ISDIR(st.st_mode):
             for prefix in PRIVATE_XATTRS:
                 try:

@@ -82,6 +82,24 @@ Durability and ordering
   followed by an intact ``Sync`` record is corruption of durable data: it is
   reported (``JournalCorrupt``), never silently dropped.
 
+A full disk
+-----------
+The journal lives on the upper's filesystem, so it shares its space with the user's
+data.  A record that finds no room is refused like the operation it describes:
+``OSError`` ENOSPC (or EDQUOT), nothing of it left in the segment (a short write is
+cut back), the journal still writable; the operation is not performed, so the user
+gets the error the filesystem would have given, and nothing else changes.  What
+settles an operation already performed or frees space (``Done``, ``Abort``,
+``Unlink``, ``Rmdir``) must never be refused for space: behind the tail of
+the open segment the journal keeps ``RESERVE_BYTES`` preallocated (``fallocate``
+with ``FALLOC_FL_KEEP_SIZE``: blocks past the end of the file, invisible to
+readers), and any other record is written only while at least ``RESERVE_LOW`` of
+that remains or can be preallocated again.  So on a full disk ``rm`` still journals
+and frees space, and writing resumes.  Only an error other than lack of space, or
+no space even in the reserve, turns the filesystem read-only (``FailsafeError``).
+A new segment releases the reserve of the old one (a truncate to its own size).  A
+``Sync`` record that finds no room is left out (it is informational).
+
 Captured batches (the ``kernel`` engine)
 ----------------------------------------
 With the kernel engine no sdeefs process is in the write path: kernel overlayfs
@@ -129,6 +147,7 @@ hold every record from a ``Begin`` until its ``Commit`` or ``Void``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -138,6 +157,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from typing import NoReturn
 
 import attrs
 
@@ -148,13 +168,17 @@ from .records import (
     MAX_XATTR_VALUE,
     RECORD_VERSION,
     VERSIONS,
+    Abort,
+    Done,
     Record,
+    Rmdir,
     Sync,
+    Unlink,
     check_record,
     decode_record,
     encode_record,
 )
-from .sysio import fsync_dir
+from .sysio import FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +192,11 @@ MAX_PAYLOAD = 1 << 20  # no record needs more: two paths (Rename), or a path and
 assert 2 * (4 + MAX_PATH) + 12 <= MAX_PAYLOAD
 assert 4 + MAX_PATH + 2 + MAX_XATTR_NAME + 4 + MAX_XATTR_VALUE <= MAX_PAYLOAD
 SYNC_FLUSHED = 1  # Sync.reason: every record before this one was fdatasync'ed
+RESERVE_BYTES = 1 << 20  # preallocated behind a segment's tail (see "A full disk")
+RESERVE_LOW = 256 << 10  # a record that is not settling is written only above this reserve
+# Records written into the reserve: they settle what was performed, or free space.
+SETTLING = frozenset(cls.TYPE for cls in (Done, Abort, Unlink, Rmdir))
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _SEGMENT_NAME = re.compile(r"^seg-([0-9a-f]{16})\.log$")
 
 
@@ -324,6 +353,8 @@ class Journal:
     _fd: int = -1
     _segment_first: int = 1
     _segment_size: int = 0
+    _reserved_end: int = 0  # the segment's blocks are preallocated up to this offset
+    _reserving: bool = True  # False where the filesystem cannot preallocate
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
     _sync_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -385,17 +416,65 @@ class Journal:
         return list_segments(self.directory)
 
     def _start_segment(self, first_seq: int) -> None:
+        """Start the segment of ``first_seq``; on failure (a full disk) nothing of it is
+        left and the open segment stays the one appended to."""
         path = os.path.join(self.directory, segment_name(first_seq))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        os.write(fd, encode_segment_header(first_seq))
-        os.fsync(fd)
-        fsync_dir(self.directory)
+        try:
+            header = encode_segment_header(first_seq)
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.ENOSPC, "short write of a segment header")
+            os.fsync(fd)
+            fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
         if self._fd >= 0:
+            self._release_reserve()
             os.fsync(self._fd)
             os.close(self._fd)
         self._fd = fd
         self._segment_first = first_seq
         self._segment_size = SEGMENT_HEADER.size
+        self._reserved_end = 0
+
+    def _keep_reserve(self, length: int) -> None:
+        """Make sure ``RESERVE_LOW`` stays preallocated after ``length`` more bytes;
+        ENOSPC/EDQUOT if the disk has no room for that."""
+        need = self._segment_size + length + RESERVE_LOW
+        if not self._reserving or need <= self._reserved_end:
+            return
+        for size in (length + RESERVE_BYTES, length + RESERVE_LOW):
+            try:
+                fallocate(self._fd, FALLOC_FL_KEEP_SIZE, self._segment_size, size)
+            except OSError as exc:
+                if exc.errno in NO_SPACE:
+                    continue
+                if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    self._reserving = False  # no preallocation here: no reserve either
+                    return
+                raise
+            self._reserved_end = self._segment_size + size
+            return
+        raise OSError(errno.ENOSPC, "no space left for the journal")
+
+    def _release_reserve(self) -> None:
+        """Give the preallocated blocks behind the tail back (a closed or old segment)."""
+        if self._reserved_end:
+            os.ftruncate(self._fd, self._segment_size)
+            self._reserved_end = 0
+
+    def _cut_back(self) -> bool:
+        """Remove whatever a failed append left behind the last whole record (a short
+        write); True if the segment ends with a whole record again."""
+        try:
+            if os.fstat(self._fd).st_size != self._segment_size:
+                os.ftruncate(self._fd, self._segment_size)
+                self._reserved_end = 0  # the truncate released the reserve too
+        except OSError:
+            return False
+        return True
 
     # -- appending ----------------------------------------------------------------------------
 
@@ -414,20 +493,40 @@ class Journal:
             raise FailsafeError(self.failed)
         seq = self.head + 1
         frame = encode_frame(seq, record)
+        settling = record.TYPE in SETTLING
         try:
-            full = self._segment_size + len(frame) > self.segment_bytes
-            if full and self.head >= self._segment_first:
-                self._start_segment(seq)
+            end = self._segment_size + len(frame)
+            # (inline: this runs for every write(2) of the view)
+            if not settling and (end + RESERVE_LOW > self._reserved_end
+                                 or end > self.segment_bytes):
+                self._make_room(len(frame))
             written = os.write(self._fd, frame)
             if written != len(frame):
-                raise OSError(f"short journal write ({written} of {len(frame)} bytes)")
+                raise OSError(errno.ENOSPC, f"short journal write ({written} of {len(frame)} "
+                                            "bytes)")
         except OSError as exc:
-            self.failed = f"journal append failed: {exc}"
-            log.error("%s; refusing further mutations", self.failed)
-            raise FailsafeError(self.failed) from exc
+            self._refuse(exc, settling)
         self._segment_size += len(frame)
         self.head = seq
         return seq
+
+    def _make_room(self, length: int) -> None:
+        """For a record that is not settling: a new segment if this one is full, and the
+        reserve kept; ENOSPC when there is no room for both.  (A settling record goes into
+        the reserve of the open segment, never into a new one.)"""
+        if self._segment_size + length > self.segment_bytes and \
+                self.head >= self._segment_first:
+            self._start_segment(self.head + 1)
+        self._keep_reserve(length)
+
+    def _refuse(self, exc: OSError, settling: bool) -> NoReturn:
+        """An append failed: ENOSPC/EDQUOT for a record that was not settling, with the
+        segment cut back to its last whole record; otherwise read-only for good."""
+        if exc.errno in NO_SPACE and not settling and self._cut_back():
+            raise OSError(exc.errno, f"no space left for the journal: {exc.strerror}") from exc
+        self.failed = f"journal append failed: {exc}"
+        log.error("%s; refusing further mutations", self.failed)
+        raise FailsafeError(self.failed) from exc
 
     def append_many(self, records: list[Record]) -> int:
         """Append ``records`` with one write(2) (the capture's batches); the last seq.
@@ -446,13 +545,13 @@ class Journal:
                     self._append_locked(record)
                 return self.head
             try:
+                self._keep_reserve(len(data))
                 written = os.write(self._fd, data)
                 if written != len(data):
-                    raise OSError(f"short journal write ({written} of {len(data)} bytes)")
+                    raise OSError(errno.ENOSPC, f"short journal write ({written} of "
+                                                f"{len(data)} bytes)")
             except OSError as exc:
-                self.failed = f"journal append failed: {exc}"
-                log.error("%s; refusing further mutations", self.failed)
-                raise FailsafeError(self.failed) from exc
+                self._refuse(exc, settling=False)
             self._segment_size += len(data)
             self.head += len(records)
             return self.head
@@ -475,13 +574,21 @@ class Journal:
             os.fdatasync(fd)
             with self._lock:
                 if self.head == head and self.failed is None:
-                    head = self._append_locked(Sync(SYNC_FLUSHED))  # need not be durable
+                    try:
+                        head = self._append_locked(Sync(SYNC_FLUSHED))  # need not be durable
+                    except FailsafeError:
+                        raise
+                    except OSError as exc:
+                        if exc.errno not in NO_SPACE:
+                            raise
                 self.synced = max(self.synced, head)
 
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
                 try:
+                    with contextlib.suppress(OSError):
+                        self._release_reserve()
                     os.fsync(self._fd)
                     self.synced = self.head
                 finally:

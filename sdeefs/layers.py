@@ -28,6 +28,7 @@ from . import records as rec
 from .journal import Journal, NullJournal
 from .sysio import (
     chmod_at,
+    fallocate,
     fd_path,
     openat2_beneath,
     renameat2,
@@ -237,6 +238,18 @@ class LayerRoot:
             self._at(path, at)
         self._do(rec.Mknod(path, kind | perm, uid, gid), action)
 
+    def mkdev(self, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> None:
+        """A device node (S_IFCHR or S_IFBLK in ``mode``, not a 0/0 whiteout: ``mknod``)."""
+        record = rec.Mkdev(path, stat.S_IFMT(mode) | (mode & 0o7777), rdev, uid, gid)
+
+        def action() -> None:
+            def at(fd: int, name: bytes) -> None:
+                os.mknod(name, record.mode, rdev, dir_fd=fd)
+                os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+                chmod_at(fd, name, mode & 0o7777)
+            self._at(path, at)
+        self._do(record, action)
+
     def symlink(self, path: bytes, target: bytes, uid: int, gid: int) -> None:
         def action() -> None:
             def at(fd: int, name: bytes) -> None:
@@ -273,6 +286,11 @@ class LayerRoot:
                 os.close(sfd)
         self._do(rec.Rename(src, dst, flags, src_ino), action)
 
+    def fallocate(self, record: rec.Fallocate, fd: int) -> None:
+        """fallocate(2) of the file ``record`` names, through ``fd`` open on it for writing
+        (blocking: a worker thread's call)."""
+        self._do(record, lambda: fallocate(fd, record.mode, record.offset, record.length))
+
     def setattr(self, record: rec.Setattr) -> None:
         self._do(record, lambda: apply_setattr(self, record))
 
@@ -289,6 +307,31 @@ class LayerRoot:
                 os.removexattr(fd_path(fd, leaf or None), name, follow_symlinks=not leaf)
             self._at(path, at)
         self._do(rec.Removexattr(path, name), action)
+
+
+def apply_fallocate(fd: int, r: rec.Fallocate) -> None:
+    """fallocate(2) of a Fallocate record on ``fd``; where the filesystem lacks the mode,
+    the same bytes another way (zeros written, the size extended), only not sparse."""
+    try:
+        fallocate(fd, r.mode, r.offset, r.length)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    emulate_fallocate(fd, r)
+
+
+def emulate_fallocate(fd: int, r: rec.Fallocate) -> None:
+    """The bytes and size a Fallocate record leaves, by writing zeros and truncating."""
+    size = os.fstat(fd).st_size
+    end = r.offset + r.length
+    if r.mode & (rec.FALLOC_PUNCH_HOLE | rec.FALLOC_ZERO_RANGE):
+        stop = min(end, size) if r.mode & rec.FALLOC_KEEP_SIZE else end
+        zeros = bytes(min(1 << 20, max(stop - r.offset, 0)))
+        for start in range(r.offset, stop, len(zeros) or 1):
+            os.pwrite(fd, zeros[:stop - start], start)
+    elif not r.mode & rec.FALLOC_KEEP_SIZE and end > size:
+        os.ftruncate(fd, end)
 
 
 def apply_setattr(layers: LayerRoot, r: rec.Setattr) -> None:

@@ -67,7 +67,32 @@ type   record          fields
                        not take effect: replay and replicas skip those seqs)
 18     Extent          path, handle blob, offset u64, length u64, size u64,
                        sums blob (a Write that says what the capture read, below)
+19     Fallocate       path, mode u32 (fallocate(2) flags), offset u64, length u64
+20     Mkdev           path, mode u32 (S_IFCHR or S_IFBLK), rdev u64, uid u32, gid u32
 =====  ==============  ==========================================================
+
+``Fallocate`` (type 19, added with fallocate support; journals without it read as
+before, a reader that predates it refuses it as an unknown type) is fallocate(2) of
+the named regular file: ``mode`` is 0 (allocate, the size grows to cover the range),
+``KEEP_SIZE`` (allocate past the end, the size stays), ``PUNCH_HOLE|KEEP_SIZE``
+(the range reads as zeros, its blocks are freed) or ``ZERO_RANGE`` with or without
+``KEEP_SIZE`` (the range reads as zeros).  It is a metadata record, not a Write:
+journaled first, performed, then Done (or Abort), and re-applied by recovery like
+any other, because replaying it is not harmless the way shipping a Write's live
+bytes is (a punch the upper never got would zero the replica's data).  The daemon
+holds the range's write lock from the record to the Done (``sdeefs.writeahead``), so
+no Write record of that range can come between them and re-applying it never undoes
+a later write.  Applying it where the filesystem lacks the mode writes the zeros or
+extends the size instead: the same bytes, only not sparse.  It carries no data: a
+1 GiB preallocation ships as one small record.
+
+``Mkdev`` (type 20, added with device nodes; read as Fallocate is above) is a device
+node: what host root may make in a view it mounted by hand (a user environment cannot:
+the kernel refuses mknod of a device in a user namespace, EPERM, before the daemon
+sees it).  A character device 0/0 is a whiteout and stays a ``Mknod``, so ``Mkdev``
+refuses it.  Device nodes are inert wherever sdeefs shows them: every view is mounted
+``nodev`` (or by a user namespace, which the kernel makes nodev), and a replica's
+layer root is root's 0700 directory, read only through such mounts.
 
 Types 15-18 come from the kernel engine's capture daemon (``sdeefs.fs.capture``),
 which does not journal operations ahead of them but reconciles what the kernel
@@ -352,6 +377,48 @@ class Void(Record):
             raise BadRecord("a void names an empty range")
 
 
+# fallocate(2) flags (linux/falloc.h) and the modes a Fallocate record may carry
+FALLOC_KEEP_SIZE = 0x01
+FALLOC_PUNCH_HOLE = 0x02
+FALLOC_ZERO_RANGE = 0x10
+FALLOCATE_MODES = (0, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
+                   FALLOC_ZERO_RANGE, FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE)
+
+
+@attrs.frozen
+class Fallocate(Record):
+    TYPE = 19
+    FIELDS = (("path", "path"), ("mode", "u32"), ("offset", "u64"), ("length", "u64"))
+    path: bytes
+    mode: int
+    offset: int
+    length: int
+
+    def validate(self) -> None:
+        if self.mode not in FALLOCATE_MODES or not self.length or \
+                self.offset + self.length >= 1 << 62:
+            raise BadRecord(f"bad fallocate mode {self.mode:#x} or range")
+
+
+@attrs.frozen
+class Mkdev(Record):
+    TYPE = 20
+    FIELDS = (("path", "path"), ("mode", "u32"), ("rdev", "u64"), ("uid", "u32"),
+              ("gid", "u32"))
+    path: bytes
+    mode: int
+    rdev: int
+    uid: int
+    gid: int
+
+    def validate(self) -> None:
+        kind = stat.S_IFMT(self.mode)
+        if kind not in (stat.S_IFCHR, stat.S_IFBLK) or self.mode & ~(kind | 0o7777):
+            raise BadRecord(f"mkdev of file type {kind:o}")
+        if kind == stat.S_IFCHR and self.rdev == 0:
+            raise BadRecord("a character device 0/0 is a whiteout (Mknod)")
+
+
 EXTENT_BLOCK = 1 << 16  # bytes per sum of an Extent
 SUM_SIZE = 16  # blake2b digest_size of a block sum
 MAX_SUMS = 4096  # sums in one Extent (its blob stays within MAX_XATTR_VALUE)
@@ -377,7 +444,8 @@ class Extent(Write):
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Rename, Setattr, Setxattr,
-                Removexattr, Write, Abort, Sync, Done, Begin, Commit, Void, Extent)
+                Removexattr, Write, Abort, Sync, Done, Begin, Commit, Void, Extent,
+                Fallocate, Mkdev)
 }
 
 

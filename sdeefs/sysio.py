@@ -330,6 +330,19 @@ def syncfs(fd: int) -> None:
     _check(_libc.syncfs(ctypes.c_int(fd)), "syncfs")
 
 
+# fallocate(2) modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_fallocate = _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with every mode (``os.posix_fallocate`` has mode 0 only)."""
+    _check(_fallocate(fd, mode, offset, length), "fallocate")
+
+
 def boot_id() -> bytes:
     """This boot's random id: a replica's unsynced state is trusted only within one boot."""
     with open("/proc/sys/kernel/random/boot_id") as f:

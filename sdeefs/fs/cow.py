@@ -14,8 +14,18 @@ The upper directory is in **kernel overlayfs format** (Documentation/filesystems
 * a copied-up entry carries ``<prefix>origin``, a kernel file handle of its
   lower original (``sdeefs.fs.lower`` has the format), which is how sdeefs
   keeps ``st_ino`` across copy-up and remount;
+* a directory of the lower that was renamed carries ``<prefix>redirect``, the
+  kernel's format (redirect_dir=on): the name it had in the same parent (a rename
+  within one directory), or ``/`` and its path from the lower's root; it keeps
+  merging with that lower directory wherever it is, and its old name holds a
+  whiteout (:meth:`CowFS.rename`, :meth:`CowFS._redirected`);
 * ``<prefix>`` is ``trusted.overlay.`` (host root mounts) or ``user.overlay.``
   (user-namespace mounts with ``userxattr``); those names are hidden from the view.
+  Redirects exist only under ``trusted.``: the kernel refuses redirect_dir with
+  ``userxattr`` (it neither follows nor makes them there), so a view whose upper
+  user-namespace overlays also mount (the launcher's, jobs' replicas) must not have
+  them either: a rename of a lower directory is EXDEV there (``mv`` copies), as in
+  the kernel.
 
 Two modes share one node table and one journal:
 
@@ -52,6 +62,7 @@ run in worker threads.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import logging
 import os
@@ -63,6 +74,7 @@ from typing import Literal
 import attrs
 
 from .. import records as rec
+from ..errors import BadRecord
 from ..layers import AnyJournal, LayerRoot, join, split
 from ..replicable import NOBODY, UserIds, refusal, user_ids
 from ..sysio import (
@@ -70,9 +82,11 @@ from ..sysio import (
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
     copy_file_data,
+    fallocate,
     fd_path,
     is_whiteout,
     name_to_handle,
+    range_lock,
 )
 from ..trees import walk
 from .inodes import ROOT_INO, Attr, Node, ViewNodes, check_name
@@ -103,6 +117,15 @@ class OverlayXattrs:
     @property
     def origin(self) -> bytes:
         return self.prefix + b"origin"
+
+    @property
+    def redirect(self) -> bytes:
+        return self.prefix + b"redirect"
+
+    @property
+    def redirects(self) -> bool:
+        """Are lower directories renamed with redirects (see the module docstring)?"""
+        return self.prefix == b"trusted.overlay."
 
     def is_private(self, name: bytes) -> bool:
         return name.startswith(b"trusted.overlay.") or name.startswith(b"user.overlay.")
@@ -457,8 +480,19 @@ class CowFS:
             raise FileNotFoundError(errno.ENOENT, "whiteout", path)
         lower_path: bytes | None = None
         lower = None
-        if parent.lower is not None and not parent.opaque and path not in self.config.hidden:
+        redirect = self._redirected(path, upper)
+        if redirect is not None:
+            if redirect.startswith(b"/"):
+                candidate: bytes | None = redirect[1:]
+            elif parent.lower is not None and not parent.opaque:
+                candidate = join(parent.lower, redirect)
+            else:
+                candidate = None
+        elif parent.lower is not None and not parent.opaque:
             candidate = join(parent.lower, name)
+        else:
+            candidate = None
+        if candidate is not None and path not in self.config.hidden:
             lower = self.lower.visible(candidate)
             if lower is not None:
                 lower_path = candidate
@@ -477,6 +511,25 @@ class CowFS:
         assert lower is not None
         kind = stat.S_IFMT(lower.st_mode)
         return lower.st_ino, kind, lower_path, False, excluded, lower
+
+    def _redirected(self, path: bytes, upper: os.stat_result | None) -> bytes | None:
+        """The redirect of the upper directory at view path ``path`` (None: none).
+
+        As the kernel reads it (fs/overlayfs/namei.c): ``/`` then the lower path, or one
+        name (no ``/``) in the parent's lower directory; anything else is EIO.
+        """
+        if upper is None or not stat.S_ISDIR(upper.st_mode) or \
+                not self.config.xattrs.redirects:
+            return None
+        try:
+            value = self.layers.getxattr(self.layer_path(path), self.config.xattrs.redirect)
+        except OSError:
+            return None
+        parts = value[1:].split(b"/") if value.startswith(b"/") else [value]
+        if not value or len(value) > PATH_MAX or any(
+                p in (b"", b".", b"..") or b"\0" in p or len(p) > 255 for p in parts):
+            raise OSError(errno.EIO, f"invalid redirect {value[:64]!r}", path)
+        return value
 
     def _resolve_raw(self, parent: Node, path: bytes) -> Resolved:
         if parent.ino == ROOT_INO and path not in (b"upper", b"work"):
@@ -719,6 +772,8 @@ class CowFS:
         if not stat.S_ISREG(lst.st_mode):
             if stat.S_ISLNK(lst.st_mode):
                 self.layers.symlink(stage, self.lower.readlink(lower), lst.st_uid, lst.st_gid)
+            elif stat.S_ISBLK(lst.st_mode) or stat.S_ISCHR(lst.st_mode):
+                self.layers.mkdev(stage, lst.st_mode, lst.st_rdev, lst.st_uid, lst.st_gid)
             else:
                 self.layers.mknod(stage, lst.st_mode, lst.st_uid, lst.st_gid)
             self._copy_metadata(lower, stage, lst)
@@ -989,14 +1044,24 @@ class CowFS:
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int,
               gid: int) -> Attr:
+        """A new file, fifo, socket or device node.
+
+        A device only reaches here from a caller the kernel let make one (CAP_MKNOD in the
+        initial user namespace: vfs_mknod refuses everyone else with EPERM, a user
+        environment included); the view is mounted nodev, so it stays inert.  A character
+        device 0/0 is a whiteout: the passthrough upper makes one, the merged view refuses
+        it (EPERM), as kernel overlayfs does.
+        """
         kind = stat.S_IFMT(mode)
-        if kind in (stat.S_IFCHR, stat.S_IFBLK):
-            whiteout = self.raw and kind == stat.S_IFCHR and rdev == 0
-            if not whiteout:
-                raise OSError(errno.EPERM, "device nodes are refused by policy")
-        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+        whiteout = kind == stat.S_IFCHR and rdev == 0
+        if whiteout and not self.raw:
+            raise OSError(errno.EPERM, "a whiteout cannot be made in the view")
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise OSError(errno.EINVAL, "unsupported file type")
         uid, gid, _ = self._creator(parent_ino, uid, gid, is_dir=False)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK) and not whiteout:
+            return self._new_entry(parent_ino, name,
+                                   lambda p: self.layers.mkdev(p, mode, rdev, uid, gid))
         return self._new_entry(parent_ino, name, lambda p: self.layers.mknod(p, mode, uid, gid))
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
@@ -1110,9 +1175,10 @@ class CowFS:
             if old_parent.ino == ROOT_INO or new_parent.ino == ROOT_INO:
                 raise OSError(errno.EPERM, "the layer root holds only upper and work")
         else:
-            if node.is_dir and node.lower is not None:
-                raise OSError(errno.EXDEV,
-                              "renaming a lower directory needs a copy (redirect_dir=off)")
+            redirects = self.config.xattrs.redirects
+            if node.is_dir and node.lower is not None and not redirects:
+                raise OSError(errno.EXDEV, "renaming a lower directory needs a copy "
+                                           "(no redirects under userxattr)")
             if target is not None and not (flags & RENAME_EXCHANGE):
                 if node.is_dir and not target.is_dir:
                     raise NotADirectoryError(errno.ENOTDIR, "target is not a directory")
@@ -1121,7 +1187,7 @@ class CowFS:
                 if target.is_dir and self.listdir(target.ino):
                     raise OSError(errno.ENOTEMPTY, "target directory not empty")
             if flags & RENAME_EXCHANGE and target is not None and target.is_dir and \
-                    target.lower is not None:
+                    target.lower is not None and not redirects:
                 raise OSError(errno.EXDEV, "exchanging a lower directory needs a copy")
         if fits:
             self.check_rename(old_parent_ino, old_name, new_parent_ino, new_name, flags)
@@ -1140,6 +1206,10 @@ class CowFS:
             self._after_rename(src, dst, node, target, flags, victim)
             return
         self.ensure_upper_dir(move.new_parent)
+        samedir = move.old_parent is move.new_parent
+        self._set_redirect(node, src, old_name, samedir)
+        if flags & RENAME_EXCHANGE and target is not None:
+            self._set_redirect(target, dst, new_name, samedir)
         src_whiteout = self._whiteout_needed(move.old_parent, old_name) and \
             not flags & RENAME_EXCHANGE
         dst_upper = self.layer_path(dst)
@@ -1147,7 +1217,7 @@ class CowFS:
         if target is not None and target.is_dir and upper_target is not None and \
                 stat.S_ISDIR(upper_target.st_mode) and not flags & RENAME_EXCHANGE:
             self._clear_whiteouts(dst_upper)
-        if node.is_dir and not flags & RENAME_EXCHANGE and \
+        if node.is_dir and node.lower is None and not flags & RENAME_EXCHANGE and \
                 self._whiteout_needed(move.new_parent, new_name):
             self.layers.setxattr(self.layer_path(src), self.config.xattrs.opaque, b"y")
         if upper_target is not None and is_whiteout(upper_target) and node.is_dir:
@@ -1160,6 +1230,25 @@ class CowFS:
                 mode |= RENAME_WHITEOUT
             self.layers.rename(self.layer_path(src), dst_upper, mode)
         self._after_rename(src, dst, node, target, flags, upper_target)
+
+    def _set_redirect(self, node: Node, path: bytes, name: bytes, samedir: bool) -> None:
+        """Before a directory that merges with the lower moves from view path ``path``
+        (named ``name``): its redirect, as the kernel sets it (ovl_set_redirect): kept if
+        it has one that still holds (any, within one directory; an absolute one, always),
+        else its name (within one directory) or ``/`` and its lower path."""
+        if not node.is_dir or node.lower is None:
+            return
+        layer = self.layer_path(path)
+        try:
+            current: bytes | None = self.layers.getxattr(layer, self.config.xattrs.redirect)
+        except OSError:
+            current = None
+        if current and (samedir or current.startswith(b"/")):
+            return
+        value = name if samedir else b"/" + node.lower
+        if len(value) > PATH_MAX - 1:
+            raise OSError(errno.EXDEV, "redirect too long: the move needs a copy")
+        self.layers.setxattr(layer, self.config.xattrs.redirect, value)
 
     def _after_rename(self, src: bytes, dst: bytes, node: Node, target: Node | None,
                       flags: int, victim: os.stat_result | None) -> None:
@@ -1174,8 +1263,8 @@ class CowFS:
             self._forget_path(dst, keep=node, removed=victim)
         self.inodes.rename_paths(src, dst, node.is_dir)
         node.in_upper = True
-        if not self.raw:
-            node.lower = None  # the moved entry is upper-only now (lower dirs cannot move)
+        if not self.raw and not node.is_dir:
+            node.lower = None  # a moved file is upper-only now; a directory keeps merging
 
     # -- attributes and xattrs ----------------------------------------------------------------
 
@@ -1286,6 +1375,33 @@ class CowFS:
         if node.unlinked:
             return  # the file has no name in the upper any more: nothing a replica must see
         self.layers.journal.append(rec.Write(self.layer_path(node.path), handle, offset, length))
+
+    def fallocate(self, node: Node, fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) of the upper file open as ``fd`` (writable, so copied up already).
+
+        Journaled as a Fallocate record (``sdeefs.records``: record, syscall, Done), with
+        the range write-locked from the record to the Done, so that no Write record of the
+        range comes between them.  Blocking (an allocation may take long): a worker
+        thread's call, under the namespace lock (one metadata record in flight).  A mode
+        the record cannot carry (COLLAPSE_RANGE, INSERT_RANGE, UNSHARE) is EOPNOTSUPP,
+        as on filesystems without it.  An unlinked file is changed unjournaled, as writes.
+        """
+        record = rec.Fallocate(self.layer_path(node.path) if not node.unlinked else b"upper",
+                               mode, offset, length)
+        try:
+            record.validate()
+        except BadRecord:
+            if mode not in rec.FALLOCATE_MODES:
+                raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported") from None
+            raise OSError(errno.EINVAL, "bad fallocate range") from None
+        if node.unlinked:
+            fallocate(fd, mode, offset, length)
+            return
+        range_lock(fd, offset, length, fcntl.F_WRLCK, wait=True)
+        try:
+            self.layers.fallocate(record, fd)
+        finally:
+            range_lock(fd, offset, length, fcntl.F_UNLCK, wait=False)
 
     def sync_journal(self) -> None:
         """Make every record appended so far durable (a disk flush: a worker thread's job)."""

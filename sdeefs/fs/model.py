@@ -436,7 +436,8 @@ class Model:
         match record:
             case rec.Mkdir(path=p, mode=mode, uid=uid, gid=gid):
                 self._create(p, Node(stat.S_IFDIR | mode, uid, gid, children={}))
-            case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid):
+            case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid) | \
+                    rec.Mkdev(path=p, mode=mode, uid=uid, gid=gid):
                 self._create(p, Node(mode, uid, gid))
             case rec.Symlink(path=p, target=target, uid=uid, gid=gid):
                 self._create(p, Node(stat.S_IFLNK | 0o777, uid, gid, size=len(target),
@@ -466,7 +467,7 @@ class Model:
                 if tid is not None:
                     node = self.nodes[tid]
                     node.xattrs = tuple((n, v) for n, v in node.xattrs if n != name)
-            case rec.Write(path=p):
+            case rec.Write(path=p) | rec.Fallocate(path=p):
                 tid = self._target(p)
                 if tid is not None and stat.S_ISREG(self.nodes[tid].mode):
                     self.nodes[tid].data = None

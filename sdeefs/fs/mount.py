@@ -397,9 +397,14 @@ def _hybrid_mask(req: MountRequest) -> str | None:
 
 
 def mount_overlay(lowers: list[str], upper: str, work: str, target: str) -> None:
-    # xino=on: st_ino stays the origin's across copy-up although the upper is another fs
-    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},xino=on"
-    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, target],
+    # xino=on: st_ino stays the origin's across copy-up although the upper is another fs.
+    # nodev: device nodes host root makes in the view stay inert, as in the fuse engine's.
+    # redirect_dir=on: a lower directory renames (trusted.overlay.redirect, which the fuse
+    # engine reads and writes too: sdeefs.fs.cow) instead of EXDEV.
+    options = (f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},xino=on,"
+               "redirect_dir=on")
+    result = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"nodev,{options}",
+                             target],
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise QuietError(f"cannot mount kernel overlayfs: {result.stderr.strip()}",

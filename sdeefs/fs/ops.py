@@ -376,6 +376,15 @@ class Operations(pyfuse3.Operations):
         await self.offload.run(os.fdatasync if datasync else os.fsync, fd)
         await self.offload.run(self.fs.sync_journal)
 
+    @_errors
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) (pyfuse3 with the sdeefs patch, third_party/pyfuse3; without it
+        this is never called and the kernel answers EOPNOTSUPP)."""
+        handle = self.files[fh]
+        async with self.mutex:  # a metadata record: one in flight (docs/threading.md)
+            await self.offload.run(self.fs.fallocate, handle.node, handle.fd, mode, offset,
+                                   length)
+
     # -- directories --------------------------------------------------------------------------
 
     @_errors

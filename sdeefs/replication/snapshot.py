@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 KEY_LENGTH = struct.Struct("<I")  # before each entry's key in the digest
 # What a snapshot may hold: records that build a tree, none that change one.
-SNAPSHOT_RECORDS = (rec.Mkdir, rec.Mknod, rec.Symlink, rec.Link, rec.Setattr, rec.Setxattr,
-                    rec.Write)
+SNAPSHOT_RECORDS = (rec.Mkdir, rec.Mknod, rec.Mkdev, rec.Symlink, rec.Link, rec.Setattr,
+                    rec.Setxattr, rec.Write)
 
 
 def _allowed_xattrs(dir_fd: int, name: str, ids: UserIds | None
@@ -214,10 +214,9 @@ def snapshot_frames(upper: str, seq: int, digest_out: list[bytes],
                     content = h.digest()
                     if offset != st.st_size:  # changed under us: the digest will tell
                         log.warning("snapshot: %r changed size while read", path)
-            else:
-                log.warning("snapshot: skipping %r (a device node has no place in an upper)",
-                            path)
-                continue
+            else:  # a device node (records.Mkdev; inert: replicas are read through nodev)
+                yield from record_frames(seq, rec.Mkdev(path, kind | perm, st.st_rdev,
+                                                        st.st_uid, st.st_gid), None, SNAPSHOT)
             if kind not in (stat.S_IFDIR, stat.S_IFLNK):
                 yield from record_frames(seq, _times(path, st, rec.SET_MODE | rec.SET_OWNER),
                                          None, SNAPSHOT)

@@ -1017,3 +1017,25 @@ def test_an_empty_version_1_segment_is_started_again_in_version_2(tmp_path: Path
         journal.close()
     assert read_segment_header((jdir / segment_name(9)).read_bytes()) == (9, 2)
     assert [(e.seq, e.record) for e in Journal(directory=str(jdir)).read(9)] == [(9, rec.Sync(1))]
+
+
+def test_a_fallocate_record_applies_without_the_mode_too(tmp_path: Path) -> None:
+    """Replay or a replica on a filesystem without a mode (tmpfs has no ZERO_RANGE) writes
+    the bytes fallocate(2) leaves: zeros in place, the size extended."""
+    from sdeefs.layers import apply_fallocate, emulate_fallocate
+
+    steps = ((rec.FALLOC_ZERO_RANGE | rec.FALLOC_KEEP_SIZE, 10, 200),
+             (rec.FALLOC_ZERO_RANGE, 90, 20), (0, 0, 150), (rec.FALLOC_KEEP_SIZE, 0, 999),
+             (rec.FALLOC_PUNCH_HOLE | rec.FALLOC_KEEP_SIZE, 0, 2))
+    results = []
+    for apply in (apply_fallocate, emulate_fallocate):
+        path = tmp_path / apply.__name__
+        path.write_bytes(b"A" * 100)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            for mode, offset, length in steps:
+                apply(fd, rec.Fallocate(b"upper/f", mode, offset, length))
+        finally:
+            os.close(fd)
+        results.append(path.read_bytes())
+    assert results[0] == results[1] == bytes(2) + b"A" * 8 + bytes(140)

@@ -81,6 +81,12 @@ RECORD_STRATEGIES[rec.Extent] = st.builds(
     rec.Extent, paths, handles, st.integers(0, 2**40).map(lambda n: n * rec.EXTENT_BLOCK),
     st.integers(0, 2**40), U64,
     st.integers(0, 64).map(lambda n: bytes(range(16)) * n))
+RECORD_STRATEGIES[rec.Fallocate] = st.builds(
+    rec.Fallocate, paths, st.sampled_from(rec.FALLOCATE_MODES), st.integers(0, 2**60),
+    st.integers(1, 2**60))
+RECORD_STRATEGIES[rec.Mkdev] = st.builds(
+    rec.Mkdev, paths, st.builds(lambda k, p: k | p, st.sampled_from([stat.S_IFCHR, stat.S_IFBLK]),
+                                st.integers(0, 0o7777)), st.integers(1, 2**64 - 1), U32, U32)
 valid_records = st.one_of(*RECORD_STRATEGIES.values())
 KNOWN_TYPES = sorted(rec.RECORD_TYPES)
 
@@ -428,3 +434,13 @@ def test_journal_open_survives_any_tail(records: list[rec.Record], garbage: byte
             assert [e.record for e in reopened.read()] == records
         finally:
             reopened.close()
+
+
+def test_fallocate_records_refuse_modes_that_shift_data() -> None:
+    """COLLAPSE_RANGE (8) and INSERT_RANGE (0x20) move bytes, which Write records' data by
+    reference cannot follow: a record never carries them, nor an empty range."""
+    for mode in (0x8 | 0x1, 0x20, 0x40, 0x2):
+        with pytest.raises(BadRecord):
+            rec.Fallocate(b"upper/f", mode, 0, 4096).validate()
+    with pytest.raises(BadRecord):
+        rec.Fallocate(b"upper/f", 0, 0, 0).validate()

@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -47,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdeefs.fs.daemon import daemon_pid as mount_daemon_pid
+from sdeefs.sysio import fallocate
 from sdeefs.trees import rmtree
 
 # --------------------------------------------------------------------------
@@ -728,6 +730,30 @@ class FdTruncate(_FdOp):
 
 
 @dataclasses.dataclass(frozen=True)
+class FdFallocate(_FdOp):
+    """fallocate(2) of a held fd: mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE].
+
+    The outcome is the file's size and its bytes (a hash) after it: block counts differ
+    between an upper of its own and one behind FUSE, contents and sizes may not."""
+
+    slot: int
+    mode: int
+    offset: int
+    length: int
+
+    def run(self, c: Ctx) -> Any:
+        fd = self.fd(c)
+        if fd is None:
+            return "no fd"
+        fallocate(fd, self.mode, self.offset, self.length)
+        st = os.fstat(fd)
+        readable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_WRONLY
+        return {"size": st.st_size,
+                "data": hashlib.sha256(os.pread(fd, st.st_size, 0)).hexdigest()[:16]
+                if readable else None}
+
+
+@dataclasses.dataclass(frozen=True)
 class FdStat(_FdOp):
     slot: int
 
@@ -1168,7 +1194,7 @@ class Kernel:
 
     def mount(self, lower: str, upper: str, aux: str, mnt: str) -> None:
         opts = (f"lowerdir={lower},upperdir={upper},workdir={aux},"
-                "redirect_dir=off,index=off,metacopy=off,xino=off")
+                "redirect_dir=on,index=off,metacopy=off,xino=off")
         r = _run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt])
         if r.returncode != 0 or not is_mounted(mnt):
             raise MountError(f"kernel overlay mount failed ({r.returncode}): "

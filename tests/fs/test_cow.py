@@ -21,7 +21,7 @@ import pytest
 
 from sdeefs import records as rec
 from sdeefs.check import check_journal_readable, check_upper_format, run_checks
-from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
+from sdeefs.fs.cow import AttrChange, CowFS, OverlayXattrs, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO, Attr
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, is_whiteout, name_to_handle
@@ -80,7 +80,8 @@ def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
 class Env:
     """lower/, upper/, state/{journal,work} below tmp_path, and a CowFS over them."""
 
-    def __init__(self, tmp_path: Path, mode: str = "merged") -> None:
+    def __init__(self, tmp_path: Path, mode: str = "merged",
+                 prefix: bytes = b"trusted.overlay.") -> None:
         self.tmp = tmp_path
         self.lower = tmp_path / "lower"
         self.upper = tmp_path / "upper"
@@ -90,6 +91,7 @@ class Env:
         for d in (self.lower, self.upper, self.work, self.outside):
             d.mkdir(parents=True, exist_ok=True)
         self.mode = mode
+        self.prefix = prefix
         self.journal: Journal | None = None
         self._fs: CowFS | None = None
         self.lower_before: dict[str, tuple[object, ...]] | None = None
@@ -108,7 +110,8 @@ class Env:
         self.journal = Journal.open(str(self.state / "journal"))
         config = ViewConfig(upper=fsb(self.upper), work=fsb(self.work),
                         lower=fsb(self.lower) if self.mode == "merged" else None,
-                        mode=self.mode)  # type: ignore[arg-type]
+                        mode=self.mode,  # type: ignore[arg-type]
+                        xattrs=OverlayXattrs(self.prefix))
         self._fs = CowFS.open(config, self.journal)
         return self._fs
 
@@ -760,13 +763,15 @@ def test_rename_exchange(env: Env) -> None:
     env.fs.rename(ROOT_INO, b"nd", ROOT_INO, b"a", RENAME_EXCHANGE)
     assert env.read(b"a/inner") == b"I"
     assert env.read(b"nd") == b"N"
-    # a lower directory cannot be exchanged (it would need redirect_dir)
-    with raises_errno(errno.EXDEV):
-        env.fs.rename(ROOT_INO, b"n", ROOT_INO, b"d", RENAME_EXCHANGE)
+    # a lower directory exchanged with a file: it carries a redirect (same directory)
+    env.fs.rename(ROOT_INO, b"n", ROOT_INO, b"d", RENAME_EXCHANGE)
+    assert env.read(b"n/x") == b"X"
+    assert os.getxattr(env.upper / "n", "trusted.overlay.redirect") == b"d"
     env.remount()
     assert env.read(b"a/inner") == b"I"
     assert env.read(b"nd") == b"N"
-    assert env.read(b"n") == b"A"
+    assert env.read(b"d") == b"A"
+    assert env.read(b"n/x") == b"X"
     assert_consistent(env)
 
 
@@ -807,7 +812,34 @@ def test_rename_lower_file_keeps_inode_number(env: Env) -> None:
     assert_consistent(env)
 
 
-def test_rename_lower_directory_is_exdev(env: Env) -> None:
+def test_rename_lower_directory_redirects(env: Env) -> None:
+    """The kernel's redirect_dir=on format: the directory keeps merging with its lower one
+    wherever it moves, and its old name is a whiteout."""
+    mkfile(env.lower / "d" / "x", b"X")
+    mkfile(env.lower / "d" / "sub" / "y", b"Y")
+    (env.lower / "e").mkdir()
+    env.start()
+    env.create_file(b"d", b"new", b"N")
+    env.fs.rename(ROOT_INO, b"d", ROOT_INO, b"d2", 0)
+    assert os.getxattr(env.upper / "d2", "trusted.overlay.redirect") == b"d"
+    assert is_whiteout(env.ust("d"))
+    env.fs.rename(env.ino(b"d2"), b"sub", env.ino(b"e"), b"s", 0)
+    assert os.getxattr(env.upper / "e" / "s", "trusted.overlay.redirect") == b"/d/sub"
+    env.fs.rename(ROOT_INO, b"d2", env.ino(b"e"), b"d3", 0)  # a relative one becomes absolute
+    assert os.getxattr(env.upper / "e" / "d3", "trusted.overlay.redirect") == b"/d"
+    assert sorted(env.names(b"e/d3")) == [b"new", b"x"]
+    assert env.read(b"e/s/y") == b"Y"
+    env.remount()
+    assert sorted(env.names()) == [b"e"]
+    assert sorted(env.names(b"e")) == [b"d3", b"s"]
+    assert env.read(b"e/d3/x") == b"X"
+    assert env.read(b"e/s/y") == b"Y"
+    assert_consistent(env)
+
+
+def test_rename_lower_directory_is_exdev_under_userxattr(tmp_path: Path) -> None:
+    """user.overlay. (user-namespace overlays): the kernel has no redirects there."""
+    env = Env(tmp_path, prefix=b"user.overlay.")
     mkfile(env.lower / "d" / "x")
     (env.lower / "e").mkdir()
     env.start()
@@ -820,6 +852,7 @@ def test_rename_lower_directory_is_exdev(env: Env) -> None:
         env.fs.rename(ROOT_INO, b"d", ROOT_INO, b"new", 0)
     assert sorted(env.names(b"d")) == [b"x", b"y"]
     assert_consistent(env)
+    env.close()
 
 
 def test_rename_upper_only_directory(env: Env) -> None:
@@ -1084,20 +1117,30 @@ def test_names_longer_than_255_bytes(env: Env) -> None:
     assert_consistent(env)
 
 
-@pytest.mark.parametrize(("mode", "rdev"), [
-    (stat.S_IFCHR | 0o644, os.makedev(1, 3)),
-    (stat.S_IFCHR | 0o644, os.makedev(0, 1)),
-    (stat.S_IFCHR, 0),  # a whiteout is not creatable through the merged view
-    (stat.S_IFBLK | 0o644, os.makedev(8, 0)),
-    (stat.S_IFBLK, 0),
-])
-def test_device_nodes_refused(env: Env, mode: int, rdev: int) -> None:
+def test_a_whiteout_is_not_made_through_the_merged_view(env: Env) -> None:
     mkfile(env.lower / "d" / "x")
     env.start()
     for parent in (ROOT_INO, env.ino(b"d")):
-        with raises_errno(errno.EPERM):
-            env.fs.mknod(parent, b"dev", mode, rdev, 0, 0)
+        with raises_errno(errno.EPERM):  # as kernel overlayfs (ovl_mknod)
+            env.fs.mknod(parent, b"dev", stat.S_IFCHR, 0, 0, 0)
     assert env.upper_names() == set()
+    assert_consistent(env)
+
+
+@pytest.mark.parametrize(("mode", "rdev"), [
+    (stat.S_IFCHR | 0o644, os.makedev(1, 3)),
+    (stat.S_IFCHR | 0o600, os.makedev(0, 1)),
+    (stat.S_IFBLK | 0o640, os.makedev(8, 0)),
+    (stat.S_IFBLK, 0),
+])
+def test_device_nodes_are_made_and_journaled(env: Env, mode: int, rdev: int) -> None:
+    """The daemon makes what the kernel let the caller ask for (CAP_MKNOD: host root);
+    the record (Mkdev) carries the device number through replay (assert_consistent)."""
+    mkfile(env.lower / "d" / "x")
+    env.start()
+    env.fs.mknod(env.ino(b"d"), b"dev", mode, rdev, 0, 0)
+    st = env.ust("d/dev")
+    assert (st.st_mode, st.st_rdev) == (mode, rdev)
     assert_consistent(env)
 
 
@@ -1345,10 +1388,12 @@ def test_raw_mode(raw_env: Env) -> None:
     assert is_whiteout(env.ust("wh"))
     assert fs.listdir(up) == [b"wh"]
     assert stat.S_ISCHR(fs.lookup(up, b"wh").st.st_mode)
-    for mode, rdev in ((stat.S_IFCHR, os.makedev(1, 3)), (stat.S_IFBLK, 0),
-                       (stat.S_IFBLK, os.makedev(8, 0))):
-        with raises_errno(errno.EPERM):
-            fs.mknod(up, b"dev", mode, rdev, 0, 0)
+    # device nodes: what host root asks for through kernel overlayfs (journaled as Mkdev)
+    for i, (mode, rdev) in enumerate(((stat.S_IFCHR, os.makedev(1, 3)), (stat.S_IFBLK, 0),
+                                      (stat.S_IFBLK, os.makedev(8, 0)))):
+        attr = fs.mknod(up, b"dev%d" % i, mode | 0o600, rdev, 0, 0)
+        assert (stat.S_IFMT(attr.st.st_mode), attr.st.st_rdev) == (mode, rdev)
+        fs.unlink(up, b"dev%d" % i)
 
     # overlay xattrs are visible and settable
     d = fs.mkdir(up, b"d", 0o755, 0, 0).ino

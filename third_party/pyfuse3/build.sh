@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build pyfuse3 from its PyPI sdist with the sdeefs patch into a virtualenv (prototype of
-# what scripts/setup.sh would do; idempotent: a patched pyfuse3 is left alone).
-#   build_pyfuse3.sh VENV     e.g. build_pyfuse3.sh .venv
+# Build pyfuse3 from its PyPI sdist with the sdeefs patch into a virtualenv (README.md here;
+# scripts/setup.sh calls it; idempotent: a patched pyfuse3 is left alone).
+#   build.sh VENV     e.g. third_party/pyfuse3/build.sh .venv
 set -euo pipefail
 venv=$1
 version=3.5.0
