@@ -16,6 +16,10 @@
  *   sdeefs-enter join --pid PID [--cwd DIR] [--keep-cap NAME ...] -- CMD [ARG...]   (as U or root)
  *                                                                                    join.c
  *   sdeefs-shell [--engine E] [ARG...]   (the login shell: this binary under that name)  shell.c
+ *   sbatch, srun ... (SLURM client shims inside: this binary bound over them)       asuser.c
+ *
+ * Id maps (--uid-map/--gid-map "INSIDE:HOST:COUNT,...", of start and idmap) come from
+ * sdeefs/identity.py; without them, inside 0 is U (the one-line map of old).
  *
  * Every error is one line on stderr, "sdeefs-enter: <step>: <reason>", and exit status 1 (2 for
  * usage errors).  A failed start leaves nothing behind: the processes it forked are killed.
@@ -81,8 +85,19 @@ int sys_close_range(unsigned first, unsigned last);
 
 /* A decimal id below 2^32 - 1, or a usage error naming the option. */
 unsigned parse_id(const char *opt, const char *s);
-/* setgroups "deny", uid_map "0 UID 1", gid_map "0 GID 1" of process PID's user namespace. */
-void write_id_maps(pid_t pid, unsigned uid, unsigned gid);
+/* An id map as /proc/PID/uid_map takes it ("INSIDE HOST COUNT\n" lines). */
+#define MAX_MAP_LINES 340 /* the kernel's limit */
+struct id_map {
+    int set;
+    char text[MAX_MAP_LINES * 34];
+};
+/* --uid-map/--gid-map "INSIDE:HOST:COUNT,..." into m (a usage error if malformed). */
+void parse_id_map(const char *opt, const char *text, struct id_map *m);
+/* The one-line map "0 ID 1" (inside root = ID), when no map was given. */
+void single_id_map(struct id_map *m, unsigned id);
+/* The maps of process PID's user namespace; setgroups "deny" unless the gid map has more
+ * than one line. */
+void write_id_maps(pid_t pid, const struct id_map *uid_map, const struct id_map *gid_map);
 
 /* ---- The commands ---- */
 
@@ -93,5 +108,9 @@ int cmd_idmap(int argc, char **argv);             /* idmap.c */
 int cmd_start(int argc, char **argv);             /* start.c */
 int cmd_join(int argc, char **argv);              /* join.c */
 int cmd_shell(int argc, char **argv, int login);  /* shell.c */
+/* Where the launcher binds the host's real SLURM clients inside an environment. */
+#define SLURM_REAL_DIR "/run/sdeefs/slurm"
+int is_slurm_client(const char *name);             /* asuser.c */
+int cmd_asuser(const char *name, int argc, char **argv);
 
 #endif

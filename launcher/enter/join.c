@@ -55,6 +55,29 @@ static ssize_t read_at(int dirfd, const char *name, char *buf, size_t size)
     return n;
 }
 
+/* Root's PATH (Debian's ENV_SUPATH) first, then whatever else the caller's PATH holds:
+ * inside, the user is root, and ldconfig, useradd, apt's helpers live in sbin. */
+static void root_path(void)
+{
+    static const char base[] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    const char *old = getenv("PATH");
+    char path[8192];
+    size_t n = (size_t)snprintf(path, sizeof path, "%s", base);
+    char copy[8192];
+    snprintf(copy, sizeof copy, "%s", old ? old : "");
+    char *save = NULL;
+    for (char *dir = strtok_r(copy, ":", &save); dir; dir = strtok_r(NULL, ":", &save)) {
+        char padded[8200], haystack[sizeof base + 2];
+        snprintf(padded, sizeof padded, ":%s:", dir);
+        snprintf(haystack, sizeof haystack, ":%s:", base);
+        if (strstr(haystack, padded) || n + strlen(dir) + 2 >= sizeof path)
+            continue;
+        n += (size_t)snprintf(path + n, sizeof path - n, ":%s", dir);
+    }
+    if (setenv("PATH", path, 1) < 0)
+        FAIL("setenv PATH");
+}
+
 static void drop_capabilities(const uint64_t keep)
 {
     for (int cap = 0; cap < 64; cap++) {
@@ -168,7 +191,8 @@ int cmd_join(int argc, char **argv)
             FAIL("setgroups");
         if (setns(ns_user, CLONE_NEWUSER) < 0)
             FAIL("setns user");
-        /* Inside 0 is host U: for U a no-op, for host root the switch to U. */
+        /* Inside root: host S, the user's first subordinate id (docs/identity.md), or
+         * host U in an environment of the old one-line map. */
         if (setresgid(0, 0, 0) < 0)
             FAIL("setresgid");
         if (setresuid(0, 0, 0) < 0)
@@ -199,6 +223,8 @@ int cmd_join(int argc, char **argv)
                 if (chdir("/") < 0)
                     FAIL("chdir /");
         }
+        if (geteuid() == 0)
+            root_path();
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
             FAIL("prctl PR_SET_NO_NEW_PRIVS");
         drop_capabilities(keep);

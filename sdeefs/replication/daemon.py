@@ -53,6 +53,7 @@ import trio
 
 from .. import control
 from ..errors import ExitCode, QuietError
+from ..identity import replica_ids
 from ..offload import Offload
 from ..statedir import ReplicaDirs
 from ..sysio import malloc_trim
@@ -325,7 +326,12 @@ class Daemon:
             user = self.replicas.get(name)
             if user is None:
                 dirs = ReplicaDirs.of(self.config.replica_dir, name)
-                replica = await self.offload.run(Replica.open, dirs.path)
+                try:
+                    ids = await self.offload.run(replica_ids, name)
+                except QuietError as exc:  # no subordinate ranges here: docs/identity.md
+                    raise control.ControlError(str(exc), ExitCode.UNAVAILABLE,
+                                               "no-ids") from None
+                replica = await self.offload.run(Replica.open, dirs.path, ids)
                 stats = LinkStats()
                 rounds = HeadRounds(name, self.config.node, self.config.key,
                                     self.config.upstream, stats)

@@ -63,6 +63,7 @@ import attrs
 import trio
 
 from .. import records as rec
+from ..identity import Identity
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
 from ..statedir import ReplicaDirs
@@ -147,18 +148,21 @@ class Replica:
     _layers: LayerRoot | None = None
     _pos_fd: int = -1
     _staging: Staging | None = None
+    # the user's ids (sdeefs.identity, from this node's passwd and /etc/subuid|subgid):
+    # the only owners a record may carry; None for a name without a passwd entry here
+    ids: Identity | None = None
 
     root = property(lambda self: self.dirs.path)
     upper = property(lambda self: self.dirs.upper)
 
     @classmethod
-    def open(cls, root: str) -> Replica:
+    def open(cls, root: str, ids: Identity | None = None) -> Replica:
         dirs = ReplicaDirs(root)
         os.makedirs(root, mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
         for sub in (dirs.upper, dirs.work):
             os.makedirs(sub, mode=0o755, exist_ok=True)
-        replica = cls(dirs)
+        replica = cls(dirs, ids=ids)
         replica._pos_fd = os.open(dirs.position, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         replica._load()
         replica._layers = _open_layers(dirs)
@@ -301,7 +305,7 @@ class Replica:
         self._mark_dirty()
         if record.METADATA:
             record = self._local_rename(frame.seq, record)
-        apply_from_peer(self._layers, record, data, f"record {frame.seq}")
+        apply_from_peer(self._layers, record, data, f"record {frame.seq}", self.ids)
         if frame.flags & MORE:
             self.pending = frame.seq
             return False
@@ -341,7 +345,7 @@ class Replica:
         if self._staging is not None:
             self._staging.close()
             self._staging = None
-        self._staging = Staging.begin(self.dirs.incoming, seq)
+        self._staging = Staging.begin(self.dirs.incoming, seq, self.ids)
 
     def accept_snapshot(self, frame: Frame) -> None:
         if self._staging is None or frame.seq != self._staging.seq:

@@ -31,6 +31,7 @@ import attrs
 
 from .. import records as rec
 from ..apply import apply_record
+from ..identity import Identity
 from ..layers import LayerRoot, open_layer_root
 from ..trees import rmtree, walk
 from .wire import (
@@ -226,9 +227,32 @@ def _times(path: bytes, st: os.stat_result, extra: int) -> rec.Setattr:
                        st.st_atime_ns, st.st_mtime_ns)
 
 
-def apply_from_peer(layers: LayerRoot, record: rec.Record, data: bytes, what: str) -> None:
-    """Apply a record a peer sent (decoded and sanitized); one the layer root refuses is
-    the peer's error: ProtocolError, naming it as ``what``."""
+class ForeignId(ProtocolError):
+    """A record carries an owner that is not one of the replica's user's ids."""
+
+
+def check_ids(record: rec.Record, ids: Identity | None, what: str) -> None:
+    """The replica's id door (docs/identity.md): a record may carry only the user's ids
+    (u, its groups, its subordinate ranges from *this node's* /etc/subuid and
+    /etc/subgid); anything else is refused, which is also how a node whose ranges differ
+    from the login node's shows."""
+    if ids is None or not isinstance(record, rec.Mkdir | rec.Mknod | rec.Symlink | rec.Setattr):
+        return
+    if isinstance(record, rec.Setattr) and not record.mask & rec.SET_OWNER:
+        return
+    if not (ids.owns_uid(record.uid) and ids.owns_gid(record.gid)):
+        raise ForeignId(f"{what} carries uid {record.uid} / gid {record.gid}, not one of the "
+                        f"user's ids (uid {ids.uid}, subordinate {ids.subuid}+{ids.count}, "
+                        f"gid {ids.gid}, subordinate {ids.subgid}+{ids.count} on this node): "
+                        "are /etc/subuid and /etc/subgid the same as on the login node?")
+
+
+def apply_from_peer(layers: LayerRoot, record: rec.Record, data: bytes, what: str,
+                    ids: Identity | None = None) -> None:
+    """Apply a record a peer sent (decoded and sanitized); one the layer root refuses, or
+    one carrying ids not the user's (:func:`check_ids`), is the peer's error:
+    ProtocolError, naming it as ``what``."""
+    check_ids(record, ids, what)
     try:
         apply_record(layers, record, data if isinstance(record, rec.Write) else None)
     except OSError as exc:
@@ -243,23 +267,24 @@ class Staging:
     path: str
     seq: int
     layers: LayerRoot
+    ids: Identity | None = None
 
     @classmethod
-    def begin(cls, path: str, seq: int) -> Staging:
+    def begin(cls, path: str, seq: int, ids: Identity | None = None) -> Staging:
         """An empty staging tree at ``path`` (whatever an earlier attempt left is removed)."""
         rmtree(path)
         os.mkdir(path, 0o700)
         for sub in ("upper", "work"):
             os.mkdir(os.path.join(path, sub), 0o755)
         layers = open_layer_root(os.path.join(path, "upper"), os.path.join(path, "work"))
-        return cls(path, seq, layers)
+        return cls(path, seq, layers, ids)
 
     def apply(self, frame: Frame) -> None:
         """Apply one SNAPSHOT frame; ProtocolError for a record no snapshot holds."""
         record, data = decode_record_payload(frame.payload)
         if not isinstance(record, SNAPSHOT_RECORDS):
             raise ProtocolError(f"{type(record).__name__} has no place in a snapshot")
-        apply_from_peer(self.layers, record, data, "snapshot record")
+        apply_from_peer(self.layers, record, data, "snapshot record", self.ids)
 
     def close(self) -> None:
         self.layers.close()
