@@ -46,6 +46,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/nsfs.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h> /* glibc 2.36: includes <linux/mount.h> (new mount API constants) */
 #include <sys/prctl.h>
 #include <sys/socket.h>

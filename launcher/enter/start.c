@@ -642,6 +642,12 @@ __attribute__((noreturn)) static void run_b(const struct start_opts *o, const in
     if (g_report > 3)
         sys_close_range(3, (unsigned)g_report - 1);
     sys_close_range((unsigned)g_report + 1, ~0U);
+    /* The init is inside root, as an init is (B ran as the user's own uid so far, which
+     * the full map keeps as itself: docs/identity.md); its capabilities stay. */
+    if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+        FAIL("become inside root");
+    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) /* the uid change cleared it; see run_a */
+        FAIL("prctl PR_SET_DUMPABLE");
     set_init_name();
     if (prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0) < 0) /* from now on B *is* the environment */
         FAIL("prctl PR_SET_PDEATHSIG");
