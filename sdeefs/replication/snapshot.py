@@ -240,6 +240,9 @@ def check_ids(record: rec.Record, ids: Identity | None, what: str) -> None:
         return
     if isinstance(record, rec.Setattr) and not record.mask & rec.SET_OWNER:
         return
+    if isinstance(record, rec.Mknod) and (record.uid, record.gid) == (0, 0) and (
+            stat.S_ISCHR(record.mode) or record.path.startswith(b"work/")):
+        return  # a whiteout (its owner means nothing), or a copy-up staged before its chown
     if not (ids.owns_uid(record.uid) and ids.owns_gid(record.gid)):
         raise ForeignId(f"{what} carries uid {record.uid} / gid {record.gid}, not one of the "
                         f"user's ids (uid {ids.uid}, subordinate {ids.subuid}+{ids.count}, "

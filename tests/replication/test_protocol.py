@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from sdeefs import records as rec
 from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO
+from sdeefs.identity import Identity
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
 from sdeefs.replication.relay import Downstream
 from sdeefs.replication.replica import Follower, LinkStats, Replica
+from sdeefs.replication.snapshot import ForeignId
 from sdeefs.replication.wire import (
     ACK,
     CHUNK,
@@ -738,3 +740,27 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
     finally:
         replica.close()
     assert finished
+
+
+def test_a_replica_applies_only_its_users_ids(tmp_path: Path) -> None:
+    """The id door (docs/identity.md): the user's uid and groups, its subordinate ranges;
+    anything else is one clear error and changes nothing."""
+    ids = Identity.build(1001, 1001, (27,), (165536, 65536), (231072, 65536), 1000)
+    replica = Replica.open(str(tmp_path / USER), ids)
+    _accept_all(replica, [
+        (1, rec.Mkdir(b"upper/root-s", 0o755, 165536, 231072), None),
+        (2, rec.Mkdir(b"upper/apt", 0o700, 165536 + 42, 231072 + 65534), None),
+        (3, rec.Mkdir(b"upper/mine", 0o755, 1001, 27), None),
+        (4, rec.Mknod(b"upper/gone", stat.S_IFCHR, 0, 0), None),  # a whiteout: 0/0 is fine
+        (5, rec.Setattr(b"upper/mine", rec.SET_MODE, 0o700, 0, 0, 0, 0, 0), None),  # no owner
+    ])
+    for seq, record in ((6, rec.Mkdir(b"upper/host-root", 0o755, 0, 0)),
+                        (6, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 1002, 1001)),
+                        (6, rec.Symlink(b"upper/l", b"x", 165536 + 65536, 231072)),
+                        (6, rec.Setattr(b"upper/mine", rec.SET_OWNER, 0, 1001, 0, 0, 0, 0))):
+        with pytest.raises(ForeignId, match="not one of the user's ids.*/etc/subuid"):
+            replica.accept(record_frames(seq, record, None)[0])
+    assert replica.applied == 5
+    assert sorted(os.listdir(tmp_path / USER / "upper")) == ["apt", "gone", "mine", "root-s"]
+    assert (tmp_path / USER / "upper" / "mine").stat().st_uid == 1001
+    replica.close()
