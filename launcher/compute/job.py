@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 # The ControlError kind of sdeefs-replicad's answer when the login node holds no layer of
 # the user (who never logged in with sdeefs): the job runs without an environment.
 NO_LAYER = "no-layer"
+NO_IDS = "no-ids"  # ... or no subordinate ranges on this node (docs/identity.md)
 
 
 def node_name() -> str:
@@ -92,7 +93,7 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
             return record
         # The node's own /etc/subuid|subgid: the same ranges as the login node's (checked by
         # the replica as it applies records: docs/identity.md); never allocated here.
-        ids = identity.of_user(user.name, config.min_uid, allocate=False)
+        ids = identity.of_user(user.name, config.min_uid, allocate=False)  # SubidError
         _make_job_dirs(where, user, ids)
         layer = where.layer
         init = view.launch(config, user, ids, where.run, layer.upper,
@@ -135,10 +136,15 @@ def prolog_main(config: SiteConfig) -> int:
     try:
         prolog(config, node, user, job)
     except control.ControlError as exc:
-        if exc.kind != NO_LAYER:
+        if exc.kind not in (NO_LAYER, NO_IDS):
             raise
-        print(f"sdeefs: job {job}: {user.name} has no sdeefs environment; the job runs "
-              "without one", file=sys.stderr)
+        why = "has no sdeefs environment" if exc.kind == NO_LAYER else \
+            f"has no subordinate ids on {node} ({exc})"
+        print(f"sdeefs: job {job}: {user.name} {why}; the job runs without one",
+              file=sys.stderr)
+    except identity.SubidError as exc:  # a failed prolog would drain the node
+        print(f"sdeefs: job {job}: {exc}; the job runs without an environment",
+              file=sys.stderr)
     return 0
 
 

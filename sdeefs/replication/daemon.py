@@ -36,6 +36,8 @@ failed request's ``kind`` (``control.ControlError``) says why:
                       reaches a relay not holding the user falls back to the login node,
                       so a NO_LAYER that comes back is the login node's own)
     barrier-timeout   the replica was not at the barrier in time (anything else)
+    no-ids            the user has no subordinate ranges on this node: a replica accepts
+                      only the user's ids, from this node's /etc/subuid (docs/identity.md)
 """
 
 from __future__ import annotations
