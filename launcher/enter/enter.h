@@ -2,12 +2,15 @@
  * sdeefs-enter: create, and join, an sdeefs environment (the launcher's C helper).
  *
  * An environment gives the HPC user U (host uid U, gid G) "root inside" but never more than U on
- * the host: a user namespace owned by U that maps inside 0 to U, a mount namespace and a PID
+ * the host: a user namespace owned by U that maps inside 0.. to U's subordinate ids and U's own
+ * ids to themselves (--uid-map/--gid-map, docs/identity.md), a mount namespace and a PID
  * namespace, whose root is a kernel overlayfs mounted *inside* the user namespace (userxattr) over
- * an idmapped bind of the host "/" (host 0 shown as U) and an upper that belongs to U.
+ * an idmapped bind of the host "/" (system ids shown as U's subordinate ones) and an upper that
+ * belongs to U's ids.
  *
- *   sdeefs-enter idmap --uid U --gid G SRC DST                    (as root)          idmap.c
- *   sdeefs-enter start --uid U --gid G --root-lower DIR [...] --root-upper DIR --root-work DIR
+ *   sdeefs-enter idmap --uid U --gid G [--uid-map M --gid-map M] SRC DST  (as root)   idmap.c
+ *   sdeefs-enter start --uid U --gid G [--uid-map M --gid-map M]
+ *                      --root-lower DIR [...] --root-upper DIR --root-work DIR
  *                      --home HOSTDIR [--bind SRC:DST ...] [--ro-bind SRC:DST ...] [--hide PATH ...]
  *                      [--tmp-size SIZE]                 (as root; prints the init pid)  start.c
  *   sdeefs-enter start --uid U --gid G --root-view DIR --home HOSTDIR [...]
