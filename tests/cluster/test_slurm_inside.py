@@ -42,6 +42,10 @@ def test_sbatch_srun_squeue_scancel_from_inside_run_as_the_user() -> None:
             # srun: a step on both nodes, as the user's own uid, its output streamed back
             out = inside("srun -N2 sh -c 'echo $(hostname) $(id -u)'")
             assert sorted(out.split("\n")[:2]) == [f"n1 {uid}", f"n2 {uid}"], out
+            # salloc: its command runs here, in the environment, as the user; its steps on a node
+            out = inside("salloc -N1 sh -c 'id -u; test -e /run/sdeefs/slurm/srun && "
+                         "echo inside; srun id -u'")
+            assert out.split()[-3:] == [str(uid), "inside", str(uid)], out
             # sbatch: the job is the user's; squeue and scontrol see it, scancel ends it
             job = inside(f"sbatch --parsable -o {home}/long.out --wrap 'sleep 300'").strip()
             assert job.isdigit(), job
