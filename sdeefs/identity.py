@@ -29,6 +29,7 @@ import contextlib
 import os
 import pwd
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -270,7 +271,9 @@ def _free_range(entries: list[tuple[str, int, int]], rules: SubidRules) -> int:
 def _shadow_lock(path: str) -> Iterator[None]:
     """shadow's lock of ``path`` (commonio): ``PATH.lock`` made by link(2) from a file
     holding our pid; a lock whose pid is gone is stale and removed."""
-    lock, mine = f"{path}.lock", f"{path}.{os.getpid()}"
+    # shadow names its file PATH.PID; the thread too here: sdeefs-launchd's workers may
+    # allocate for two users at once
+    lock, mine = f"{path}.lock", f"{path}.{os.getpid()}.{threading.get_native_id()}"
     with open(mine, "w") as f:
         f.write(str(os.getpid()))
     try:

@@ -180,3 +180,19 @@ def test_a_held_lock_is_waited_for(tmp_path: Path) -> None:
     lock.write_text(str(os.getpid()))  # held by a live process: us
     threading.Timer(0.3, lock.unlink).start()
     assert subordinate_range(SubidRules(str(path)), "a", 1, allocate=True) == (100000, 65536)
+
+
+def test_threads_of_one_process_allocate_apart(tmp_path: Path) -> None:
+    """sdeefs-launchd starts environments of several users at once, in worker threads."""
+    path = tmp_path / "subuid"
+    got: list[int] = []
+
+    def allocate(name: str) -> None:
+        got.append(subordinate_range(SubidRules(str(path)), name, 1, allocate=True)[0])
+
+    threads = [threading.Thread(target=allocate, args=(f"t{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == [100000 + i * 65536 for i in range(8)]
