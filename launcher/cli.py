@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import attrs
+
 from sdeefs import config
 from sdeefs.config import Engine
 from sdeefs.errors import BadRecord, ExitCode, JournalCorrupt, QuietError
@@ -22,7 +24,7 @@ from sdeefs.replication import cli as replication_cli
 from sdeefs.statedir import StateDir
 from sdeefs.tools import format_size
 
-from . import env, view
+from . import doctor, env, limits, view
 from .compute import job
 from .login import pam
 
@@ -55,8 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("stop-idle", help="stop environments idle longer than idle_timeout")
     sub.add_parser("scan-private", help="refresh the list of root-only lower entries that "
                                         "every environment hides")
+    rm = sub.add_parser("remove-user", help="end a user's environment and delete what this "
+                                            "node holds of them (layers, replica, state)")
+    rm.add_argument("user", help="the user's name (also after userdel)")
+    rm.add_argument("--keep-upper", action="store_true",
+                    help="move the user's upper to ROOT/.removed/ instead of deleting it")
+    dr = sub.add_parser("doctor", help="check this node against docs/admin.md, one line each")
+    dr.add_argument("--role", choices=("login", "compute"),
+                    help="default: login where a PAM service runs the sdeefs hook")
+    dr.add_argument("--json", action="store_true")
     sub.add_parser("job-prolog", help="SLURM Prolog: replica at the barrier, job environment")
     sub.add_parser("job-epilog", help="SLURM Epilog: end the job's environment")
+    sl = sub.add_parser("install-slurm", help="put sdeefs-run on PATH and sdeefs-prolog/"
+                        "-epilog where slurm.conf names them (links into PREFIX)")
+    sl.add_argument("--prefix", default="/usr/local")
     replication_cli.add_parser(sub)
 
     for name, helptext in (("diff", "what this user added, changed and deleted"),
@@ -134,7 +148,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "status", "stop-idle",
-                     "scan-private", "job-prolog", "job-epilog", "replica")
+                     "scan-private", "job-prolog", "job-epilog", "replica", "install-slurm",
+                     "remove-user", "doctor")
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -148,7 +163,33 @@ def _launcher(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("job-prolog", "job-epilog"):
         return job.slurm_hook_main(args.command[4:])
+    if args.command == "install-slurm":
+        for path in job.install_slurm(args.prefix):
+            print(f"installed {path}")
+        sbin = os.path.join(args.prefix, "sbin")
+        print(f"slurm.conf: Prolog={sbin}/sdeefs-prolog  Epilog={sbin}/sdeefs-epilog  "
+              "PrologFlags=Alloc")
+        return 0
+    if args.command == "doctor":
+        role = args.role or doctor.default_role()
+        findings = doctor.run_checks(role)
+        if args.json:
+            print(json.dumps({"role": role, "checks": [attrs.asdict(f) for f in findings]},
+                             indent=1))
+        else:
+            for finding in findings:
+                print(finding.line())
+        failed = any(f.verdict == doctor.Verdict.FAIL for f in findings)
+        return ExitCode.FAILURE if failed else ExitCode.OK
     cfg = config.load()
+    if args.command == "remove-user":
+        done = env.remove_user(cfg, args.user, args.keep_upper)
+        done += replication_cli.remove_replica(cfg.replication.on(job.node_name()), args.user)
+        if not done:
+            raise QuietError(f"nothing of {args.user} on this node", ExitCode.USAGE)
+        for line in done:
+            print(line)
+        return 0
     if args.command == "replica":
         return replication_cli.run(args, cfg.replication.on(job.node_name()))
     if args.command == "start":
@@ -169,19 +210,27 @@ def _launcher(args: argparse.Namespace) -> int:
             print(f"{user}: stopped (idle)")
         return 0
     rows = env.status(cfg)
-    replicas = replication_cli.followers(cfg.replication.on(job.node_name()))
+    origin = replication_cli.origin_users(cfg.replication.on(job.node_name()))
     for row in rows:
-        row["replicas"] = replicas.get(str(row["user"]), {})
+        info = origin.get(str(row["user"]), {})
+        row["replicas"] = info.get("followers", {})
+        row["replication_errors"] = info.get("refused", [])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"{'user':<16} {'state':<8} {'engine':<8} {'init':>8} {'sess':>4} {'procs':>5} "
           f"{'upper':>10} {'journal':>8}")
     for row in rows:
-        print(f"{row['user']:<16} {'running' if row['running'] else 'stopped':<8} "
+        state = ("running" if row["running"] else "stopped") if row["exists"] else "deleted"
+        print(f"{row['user']:<16} {state:<8} "
               f"{row['engine'] or '-':<8} {row['init_pid'] or '-':>8} {row['sessions']:>4} "
               f"{row['processes']:>5} {format_size(int(str(row['upper_bytes']))):>10} "
               f"{row['journal_head']:>8}")
-        for line in replication_cli.follower_lines(row["replicas"]):  # type: ignore[arg-type]
+        usage: dict[str, int] = row.get("usage") or {}  # type: ignore[assignment]
+        if usage:
+            print(f"{'':<16} limits: memory {format_size(usage.get('memory', 0))} of "
+                  f"{format_size(limits.memory_bytes(cfg.memory_max))}, processes "
+                  f"{usage.get('pids', 0)} of {cfg.pids_max}")
+        for line in replication_cli.user_lines(origin.get(str(row["user"]), {})):
             print(f"{'':<16} {line}")
     return 0

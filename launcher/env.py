@@ -36,7 +36,7 @@ import fcntl
 import json
 import logging
 import os
-import shutil
+import pwd
 import signal
 import stat
 import time
@@ -44,7 +44,7 @@ from collections.abc import Iterator
 
 import attrs
 
-from sdeefs import identity
+from sdeefs import identity, trees
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.fs.daemon import daemon_pid
@@ -53,7 +53,7 @@ from sdeefs.identity import Identity
 from sdeefs.journal import Journal
 from sdeefs.sysio import write_file_atomic
 
-from . import procs, view
+from . import limits, procs, view
 from .layout import EnvDirs, RunDirs, SiteRun, make_dirs
 from .view import User
 
@@ -141,7 +141,10 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
     teardown(dirs, record)
     ids = identity.of_user(user.name, config.min_uid, allocate=True)
     _make_login_dirs(config, dirs, user, ids)
-    return EnvRecord.started_now(user, view.start_login(config, user, ids, dirs, engine), engine)
+    started = EnvRecord.started_now(user, view.start_login(config, user, ids, dirs, engine),
+                                    engine)
+    limits.apply(config, user.name, [started.holder_pid, started.init_pid])
+    return started
 
 
 def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
@@ -183,11 +186,14 @@ def ensure(config: SiteConfig, user: User, engine: Engine | None = None) -> EnvR
         return record
 
 
-def open_session(config: SiteConfig, user: User) -> EnvRecord:
-    """One session more, in the running environment or a new one."""
+def open_session(config: SiteConfig, user: User, session_pid: int | None = None) -> EnvRecord:
+    """One session more, in the running environment or a new one; ``session_pid`` (the
+    login's process) joins the environment's limits (launcher/limits.py)."""
     with _login(config, user) as (dirs, record):
         if record is None or not _usable(dirs, record):
             record = _start_anew(config, user, dirs, record, config.engine)
+        if session_pid is not None:
+            limits.join(user.name, session_pid)
         record = attrs.evolve(record, sessions=record.sessions + 1)
         record.save(dirs.run)
         return record
@@ -202,6 +208,7 @@ def close_session(config: SiteConfig, user: User) -> None:
                               last_logout=time.time())
         if record.sessions == 0 and config.idle_timeout == 0:
             teardown(dirs, record)
+            limits.remove(user.name)
             return
         record.save(dirs.run)
 
@@ -211,6 +218,7 @@ def stop(config: SiteConfig, user: User) -> bool:
     with _login(config, user) as (dirs, record):
         running = record is not None and is_alive(record)
         teardown(dirs, record)
+        limits.remove(user.name)
         return running
 
 
@@ -287,7 +295,7 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
     rows = []
     users = set()
     if os.path.isdir(config.root):
-        users |= set(os.listdir(config.root))
+        users |= {n for n in os.listdir(config.root) if not n.startswith(".")}
     records = {r.user: r for r in _records(config)}
     users |= set(records)
     for name in sorted(users):
@@ -297,6 +305,7 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
         alive = record is not None and is_alive(record)
         rows.append({
             "user": name,
+            "exists": known_user(name),  # False: userdel'ed (sdeefs remove-user cleans up)
             "running": alive,
             "engine": record.engine if record else None,
             "init_pid": record.init_pid if alive and record else None,
@@ -306,18 +315,52 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "guard_mount": dirs.run.guard if view.mounted(dirs.run.guard) else None,
             "daemon_pid": daemon_pid(state.path) if os.path.isdir(state.path) else None,
             "upper_bytes": _tree_size(dirs.layer.upper),
+            "usage": limits.usage(name) if alive else {},
             "journal_head": _journal_head(state.journal),
         })
     return rows
 
 
-def remove_user_data(config: SiteConfig, user: User) -> None:
-    """Delete a user's layers (admin action; the environment must be stopped)."""
-    stop(config, user)
-    dirs = EnvDirs.login(config.root, config.run_dir, user.name)
-    shutil.rmtree(dirs.layer.path, ignore_errors=True)
-    shutil.rmtree(dirs.run.path, ignore_errors=True)
+def remove_user(config: SiteConfig, name: str, keep_upper: bool = False) -> list[str]:
+    """``sdeefs remove-user``: end NAME's environment and delete what this node holds of
+    them (login layers and runtime state); the paths removed or kept, for the admin.
+
+    Works by name, so also after ``userdel``.  With ``keep_upper`` the user's upper is
+    moved to ``ROOT/.removed/NAME.TIME`` (root-only) instead of deleted: a later user of
+    the same name (a new uid) must never find it as their own.  Replicas on compute nodes
+    are removed by running the same command there (``sdeefs.replication``'s side).
+    """
+    if not name or name in (".", "..") or "/" in name or name.startswith(".removed"):
+        raise QuietError(f"not a user name: {name!r}", ExitCode.USAGE)
+    dirs = EnvDirs.login(config.root, config.run_dir, name)
+    if not (os.path.lexists(dirs.layer.path) or os.path.lexists(dirs.run.path)):
+        return []
+    done = []
+    with locked(dirs.run):
+        teardown(dirs, EnvRecord.load(dirs.run))
+        limits.remove(name)
+        if keep_upper and os.path.isdir(dirs.layer.upper):
+            kept_dir = os.path.join(config.root, ".removed")
+            make_dirs(((kept_dir, ROOT_OWNED, 0o700),))
+            kept = os.path.join(kept_dir, f"{name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(dirs.layer.upper, kept)
+            done.append(f"kept {kept}")
+        if os.path.lexists(dirs.layer.path):
+            trees.rmtree(dirs.layer.path)
+            done.append(f"removed {dirs.layer.path}")
+    trees.rmtree(dirs.run.path)  # the lock file too: nobody may wait on it now
+    done.append(f"removed {dirs.run.path}")
+    return done
+
+
+def known_user(name: str) -> bool:
+    """Does the account still exist (``sdeefs status`` marks layers of deleted users)?"""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 __all__ = ["EnvRecord", "User", "close_session", "ensure", "is_alive", "locked", "open_session",
-           "remove_user_data", "status", "stop", "stop_idle", "teardown"]
+           "known_user", "remove_user", "status", "stop", "stop_idle", "teardown"]

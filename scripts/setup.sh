@@ -4,29 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(
-  fuse3 libfuse3-dev pkg-config           # the FUSE library pyfuse3 builds against
-  python3 python3-venv python3-dev gcc make # Debian's Python 3.11 and headers; make: sdeefs-enter
-  attr util-linux iproute2 procps         # getfattr/setfattr, mount/unshare, ip, ps
-  fuse-overlayfs fio                      # benchmark peers and load generator
-  pamtester                               # the launcher's PAM tests
-  munge slurmctld slurmd slurm-client     # a real SLURM cluster for the replication tests
-  rsync                                   # deploy benchmark peer
+. scripts/apt.sh
+DEV_PACKAGES=(
+  fuse-overlayfs fio                  # benchmark peers and load generator
+  pamtester                           # the launcher's PAM tests
+  munge slurmctld slurmd slurm-client # a real SLURM cluster for the replication tests
+  rsync                               # deploy benchmark peer
 )
-
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}" >&2
-  # apt-get update does not wait for the lists lock: retry it.
-  for attempt in 1 2 3 4 5 6; do
-    apt-get update -qq && break
-    sleep 5
-  done
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
-fi
+apt_install "${RUNTIME_PACKAGES[@]}" "${DEV_PACKAGES[@]}"
 
 modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing and could not be loaded" >&2; exit 3; }

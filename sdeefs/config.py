@@ -25,13 +25,24 @@ a missing file means all defaults.  Example (every key, with its default)::
     idle_timeout = 0             # seconds an environment outlives its last session; 0: none
     cache_timeout = 10.0         # seconds the view caches names and attributes of the lower
     tmp_size = "25%"             # size of the private /tmp of an environment
+    pids_max = 4096              # processes and threads of one login environment
+    memory_max = "50%"           # its memory, /tmp included (bytes: 8G, 512M; or % of RAM)
+    cpu_weight = 100             # its CPU share against other environments (1..10000)
+                                 # (launcher/limits.py: one cgroup per environment)
     private_scan_age = 86400.0   # seconds a scan for root-only files stays valid: job
                                  # environments on compute nodes, which run no guard layer
                                  # (launcher/compute/private.py; `sdeefs scan-private`)
 
     [replication]                # compute nodes and jobs (replicad, launcher/compute/job.py)
     login = ""                   # HOST:PORT of the login node's sdeefs-replicad (required on
-                                 # compute nodes)
+                                 # compute nodes; where the login node's replicad listens)
+    listen = ""                  # HOST:PORT where this node's replicad serves followers: on
+                                 # compute nodes, makes it a relay of the fan-out tree (its
+                                 # address as the other nodes reach it; "" = no relaying)
+    auth = "auto"                # how replicads know each other: munge (the site's munged: no
+                                 # key to distribute), key (the shared key below), auto (key
+                                 # if key_file exists, munge otherwise); the same everywhere
+    munge_socket = "/run/munge/munge.socket.2"  # munged's socket (auth munge)
     key_file = "/etc/sdeefs/replication.key"   # shared key, root only, >= 32 bytes
     control = "/run/sdeefs-replicad.sock"      # the local replicad's control socket
     replica_dir = "/var/lib/sdeefs-replica"    # replicas of users' uppers on this node
@@ -78,6 +89,9 @@ class Replication:
     """The [replication] table (see the module docstring)."""
 
     login: str = ""
+    listen: str = ""
+    auth: str = "auto"
+    munge_socket: str = "/run/munge/munge.socket.2"
     key_file: str = "/etc/sdeefs/replication.key"
     control: str = "/run/sdeefs-replicad.sock"
     replica_dir: str = "/var/lib/sdeefs-replica"
@@ -87,7 +101,7 @@ class Replication:
     def on(self, node: str) -> Replication:
         """These settings with ``%n`` replaced by ``node``."""
         return attrs.evolve(self, **{key: getattr(self, key).replace("%n", node) for key in
-                                     ("control", "replica_dir", "job_dir")})
+                                     ("listen", "control", "replica_dir", "job_dir")})
 
 
 @attrs.frozen
@@ -105,6 +119,9 @@ class SiteConfig:
     idle_timeout: float = 0.0
     cache_timeout: float = 10.0
     tmp_size: str = "25%"
+    pids_max: int = 4096
+    memory_max: str = "50%"
+    cpu_weight: int = 100
     private_scan_age: float = 86400.0
     replication: Replication = Replication()
 
@@ -157,6 +174,19 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
     for key in ("idle_timeout", "cache_timeout", "private_scan_age"):
         if key in table:
             values[key] = _number(f"sdeefs.{key}", table[key])
+    if "pids_max" in table:
+        values["pids_max"] = int(_number("sdeefs.pids_max", table["pids_max"], 16))
+    if "cpu_weight" in table:
+        values["cpu_weight"] = int(_number("sdeefs.cpu_weight", table["cpu_weight"], 1))
+        if values["cpu_weight"] > 10000:
+            raise QuietError(f"{source}: sdeefs.cpu_weight must be at most 10000",
+                             ExitCode.USAGE)
+    if "memory_max" in table:
+        size = table["memory_max"]
+        if not isinstance(size, str) or not re.fullmatch(r"\d+[kmgtKMGT%]?", size):
+            raise QuietError(f"{source}: sdeefs.memory_max must look like 50% or 8G, not "
+                             f"{size!r}", ExitCode.USAGE)
+        values["memory_max"] = size
     if "tmp_size" in table:
         size = table["tmp_size"]
         if not isinstance(size, str) or not re.fullmatch(r"\d+[kmgKMG%]?", size):
@@ -176,13 +206,19 @@ def _replication(table: object, source: str) -> Replication:
         if key not in fields:
             raise QuietError(f"{source}: unknown key replication.{key}", ExitCode.USAGE)
     values: dict[str, Any] = {}
-    if "login" in table:
-        login = table["login"]
-        if not isinstance(login, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", login):
-            raise QuietError(f"{source}: replication.login must look like HOST:PORT, "
-                             f"not {login!r}", ExitCode.USAGE)
-        values["login"] = login
-    for key in ("key_file", "control", "replica_dir", "job_dir"):
+    for key in ("login", "listen"):
+        if key in table:
+            address = table[key]
+            if not isinstance(address, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", address):
+                raise QuietError(f"{source}: replication.{key} must look like HOST:PORT, "
+                                 f"not {address!r}", ExitCode.USAGE)
+            values[key] = address
+    if "auth" in table:
+        if table["auth"] not in ("auto", "munge", "key"):
+            raise QuietError(f"{source}: replication.auth must be auto, munge or key, not "
+                             f"{table['auth']!r}", ExitCode.USAGE)
+        values["auth"] = table["auth"]
+    for key in ("key_file", "munge_socket", "control", "replica_dir", "job_dir"):
         if key in table:
             values[key] = _absolute(f"replication.{key}", table[key])
     if "barrier_timeout" in table:

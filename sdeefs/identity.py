@@ -356,16 +356,5 @@ def of_user(name: str, system: int, allocate: bool, subuid: str = SUBUID,
                           ranges[0], ranges[1], system)
 
 
-def replica_ids(name: str, subuid: str = SUBUID, subgid: str = SUBGID) -> Identity | None:
-    """The ids a replica of ``name`` accepts, from this node's passwd and subordinate
-    ranges (never allocated: they must be the login node's); None when the node has no
-    passwd entry of that name (no job of it can run here)."""
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return None
-    return of_user(name, 0, allocate=False, subuid=subuid, subgid=subgid)
-
-
 __all__ = ["Identity", "MapLine", "SubidError", "SubidRules", "format_map", "lookup_range",
-           "of_user", "replica_ids", "subordinate_range", "user_groups"]
+           "of_user", "subordinate_range", "user_groups"]

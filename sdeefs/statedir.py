@@ -85,3 +85,4 @@ class ReplicaDirs:
     position = property(lambda self: os.path.join(self.path, "position"))
     durable = property(lambda self: os.path.join(self.path, "durable"))
     incoming = property(lambda self: os.path.join(self.path, "incoming"))
+    skipped = property(lambda self: os.path.join(self.path, "skipped"))

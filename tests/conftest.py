@@ -17,6 +17,29 @@ import pytest
 
 from sdeefs.fs.daemon import daemon_pid
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def install_runtime() -> None:
+    """Install the runtime the way an admin does (scripts/install.sh), into a directory of
+    this checkout's own, before any test module is imported: the tests run the installed
+    commands (``$SDEEFS_TEST_BIN``, tests/launcher/launcher_site.py), which every test user
+    can execute wherever the checkout lives (a 0700 home).  An unchanged tree is not
+    installed again (under a second)."""
+    if os.geteuid() != 0 or os.environ.get("SDEEFS_TEST_BIN"):
+        return
+    import hashlib
+
+    prefix = Path("/var/tmp/sdeefs-test") / hashlib.sha256(bytes(REPO)).hexdigest()[:12]
+    result = subprocess.run(
+        [str(REPO / "scripts" / "install.sh"), "--prefix", str(prefix / "opt"),
+         "--bin-dir", str(prefix / "bin"), "--sbin-dir", str(prefix / "sbin"),
+         "--no-system-files"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"scripts/install.sh failed:\n{result.stderr[-3000:]}")
+    os.chmod(prefix.parent, 0o755)
+    os.environ["SDEEFS_TEST_BIN"] = str(prefix / "opt" / "bin")
+
 
 class _Collect(logging.Handler):
     def __init__(self) -> None:
@@ -140,5 +163,7 @@ def layers(tmp_path: Path) -> Iterator[Layers]:
         result.cleanup()
 
 
-# The launcher tests' site fixture (tests/launcher/launcher_site.py), available to every module.
+# The launcher tests' site fixture (tests/launcher/launcher_site.py), available to every module;
+# it runs the installed commands, so the runtime is installed first.
+install_runtime()
 from .launcher.launcher_site import site  # noqa: E402, F401

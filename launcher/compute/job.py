@@ -22,18 +22,45 @@ The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
   replica stays for the next job.
 
 A user without an sdeefs environment on the login node gets none on the compute
-node either: the prolog says so in slurmd's log and lets the job run as usual.
+node either: the prolog says so in slurmd's log and lets the job run as usual
+(``sdeefs-run CMD`` then runs CMD as it is, bare).
+
+A user's problem fails the user's job, never the node
+=====================================================
+
+SLURM drains a node whose Prolog exits non-zero, and holds the job: one user's broken
+replica would take nodes away from everybody.  So the prolog (``sdeefs-prolog``, the
+console script SLURM runs; it finds the site config at its default path) tells apart:
+
+* **the user's problems** (:class:`UserProblem`): the barrier not reached in time (a
+  stream stuck), a replica that skipped records (it differs from the user's upper:
+  ``sdeefs replica resync USER`` repairs it), an environment that does not start.  The
+  prolog writes one line to ``JOB_DIR/JOBID.problem`` and exits 0: the node stays in
+  service, and the job fails at its first ``sdeefs-run`` with that line on its stderr
+  (exit 1).  A user without an environment is marked the same way as *bare*;
+* **the node's problems**: the config unreadable, sdeefs-replicad not running, this node
+  keeping no replicas, the replica or job directory on the lower's filesystem: non-zero,
+  and SLURM drains the node, as it should.
+
+The kinds of the replicad's errors (``control.ControlError.kind``) decide, never their
+text.
+
+``JOB_DIR/JOBID.problem`` (JSON, mode 0644, removed by the Epilog)::
+
+    {"kind": "failed" | "bare", "message": "<one line>"}
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pwd
 import shutil
 import socket
 import sys
+import sysconfig
 
 from sdeefs import config as config_mod
 from sdeefs import control, identity
@@ -41,16 +68,23 @@ from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.identity import Identity
 from sdeefs.statedir import ReplicaDirs
+from sdeefs.sysio import write_file_atomic
 
 from .. import enter, env, view
 from ..layout import EnvDirs, make_dirs
 
 log = logging.getLogger(__name__)
 
-# The ControlError kind of sdeefs-replicad's answer when the login node holds no layer of
-# the user (who never logged in with sdeefs): the job runs without an environment.
+# The ControlError kinds of sdeefs-replicad's answer (sdeefs.replication.daemon) that are
+# the user's problem.  no-layer: the login node holds nothing of the user (who never logged
+# in with sdeefs): the job runs without an environment.
 NO_LAYER = "no-layer"
-NO_IDS = "no-ids"  # ... or no subordinate ranges on this node (docs/identity.md)
+USER_KINDS = frozenset({"barrier-timeout", "skipped"})
+PROBLEM_FAILED, PROBLEM_BARE = "failed", "bare"
+
+
+class UserProblem(QuietError):
+    """This user's environment cannot serve the job: the job fails, the node does not."""
 
 
 def node_name() -> str:
@@ -68,14 +102,42 @@ def job_dirs(config: SiteConfig, node: str, job: str) -> EnvDirs:
     return EnvDirs.job(config.replication.on(node).job_dir, job)
 
 
+def problem_path(config: SiteConfig, node: str, job: str) -> str:
+    return os.path.join(config.replication.on(node).job_dir, f"{job}.problem")
+
+
+def record_problem(config: SiteConfig, node: str, job: str, kind: str, message: str) -> None:
+    """Leave the job's problem for its steps (``sdeefs-run``) to tell (module docstring)."""
+    path = problem_path(config, node, job)
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    write_file_atomic(path, json.dumps({"kind": kind, "message": message}).encode(), 0o644)
+
+
+def read_problem(config: SiteConfig, node: str, job: str) -> tuple[str, str] | None:
+    """(kind, message) the prolog left for this job (None: none)."""
+    try:
+        with open(problem_path(config, node, job), "rb") as f:
+            problem = json.loads(f.read())
+        return str(problem["kind"]), str(problem["message"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return PROBLEM_FAILED, "the job's environment could not be prepared on this node"
+
+
 def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRecord | None:
     """Replica at the barrier, then the job's environment (idempotent)."""
     rep = config.replication.on(node)
     if user.uid < config.min_uid:
         return None
-    reply = control.request(rep.control, {"op": "follow", "user": user.name, "wait": True,
-                                          "timeout": rep.barrier_timeout},
-                            timeout=rep.barrier_timeout + 30, what="sdeefs-replicad")
+    try:
+        reply = control.request(rep.control, {"op": "follow", "user": user.name, "wait": True,
+                                              "timeout": rep.barrier_timeout},
+                                timeout=rep.barrier_timeout + 30, what="sdeefs-replicad")
+    except control.ControlError as exc:
+        if exc.kind in USER_KINDS:
+            raise UserProblem(str(exc)) from None
+        raise
     log.info("job %s: replica of %s at seq %s (barrier %s)", job, user.name,
              reply.get("applied"), reply.get("barrier"))
     replica_upper = ReplicaDirs.of(rep.replica_dir, user.name).upper
@@ -93,11 +155,18 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
             return record
         # The node's own /etc/subuid|subgid: the same ranges as the login node's (checked by
         # the replica as it applies records: docs/identity.md); never allocated here.
-        ids = identity.of_user(user.name, config.min_uid, allocate=False)  # SubidError
+        try:
+            ids = identity.of_user(user.name, config.min_uid, allocate=False)
+        except identity.SubidError as exc:  # the user's problem, never the node's
+            raise UserProblem(f"{user.name} on {node}: {exc}") from None
         _make_job_dirs(where, user, ids)
         layer = where.layer
-        init = view.launch(config, user, ids, where.run, layer.upper,
-                           os.path.join(layer.state.work, "ovl"), middle=(replica_upper,))
+        try:
+            init = view.launch(config, user, ids, where.run, layer.upper,
+                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,))
+        except (OSError, QuietError) as exc:  # the replica's content is the user's
+            raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
+                from None
         record = env.EnvRecord.started_now(user, init, Engine.OVERLAY)
         record.save(where.run)
         return record
@@ -114,12 +183,21 @@ def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
 def epilog(config: SiteConfig, node: str, job: str) -> bool:
     """End the job's environment on this node and remove its scratch upper."""
     where = job_dirs(config, node, job)
+    had_problem = _remove_problem(config, node, job)
     if not os.path.isdir(where.run.path) and not os.path.isdir(where.layer.path):
-        return False
+        return had_problem
     with env.locked(where.run):
         env.teardown(where, env.EnvRecord.load(where.run))
     shutil.rmtree(where.layer.path, ignore_errors=True)
     shutil.rmtree(where.run.path, ignore_errors=True)
+    return True
+
+
+def _remove_problem(config: SiteConfig, node: str, job: str) -> bool:
+    try:
+        os.unlink(problem_path(config, node, job))
+    except FileNotFoundError:
+        return False
     return True
 
 
@@ -132,19 +210,22 @@ def _slurm_user() -> env.User:
 
 
 def prolog_main(config: SiteConfig) -> int:
+    """The Prolog: 0 unless the node itself has a problem (module docstring)."""
     node, job, user = node_name(), _job_id(), _slurm_user()
     try:
         prolog(config, node, user, job)
     except control.ControlError as exc:
-        if exc.kind not in (NO_LAYER, NO_IDS):
+        if exc.kind != NO_LAYER:
             raise
-        why = "has no sdeefs environment" if exc.kind == NO_LAYER else \
-            f"has no subordinate ids on {node} ({exc})"
-        print(f"sdeefs: job {job}: {user.name} {why}; the job runs without one",
+        print(f"sdeefs: job {job}: {user.name} has no sdeefs environment; the job runs "
+              "without one", file=sys.stderr)
+        record_problem(config, node, job, PROBLEM_BARE, f"{user.name} has no sdeefs "
+                       "environment")
+    except UserProblem as exc:
+        # slurmd's log says it; the job's steps say it to the user
+        print(f"sdeefs: job {job}: {exc} (the job fails, the node stays in service)",
               file=sys.stderr)
-    except identity.SubidError as exc:  # a failed prolog would drain the node
-        print(f"sdeefs: job {job}: {exc}; the job runs without an environment",
-              file=sys.stderr)
+        record_problem(config, node, job, PROBLEM_FAILED, str(exc))
     return 0
 
 
@@ -169,6 +250,11 @@ def run_main(argv: list[str] | None = None) -> int:
                              "engine has one lower layer, a job needs the replica and the host",
                              ExitCode.USAGE)
         config = config_mod.load()
+        problem = read_problem(config, node_name(), _job_id())
+        if problem is not None and problem[0] == PROBLEM_BARE:
+            _exec_bare(command)
+        if problem is not None:
+            raise QuietError(f"job {_job_id()} on {node_name()}: {problem[1]}")
         where = job_dirs(config, node_name(), _job_id())
         try:
             with open(where.run.init) as f:
@@ -188,6 +274,51 @@ def run_main(argv: list[str] | None = None) -> int:
         print(f"sdeefs-run: {exc}", file=sys.stderr)
         return exc.exitcode
     return 0  # not reached
+
+
+# What ``sdeefs install-slurm`` puts on the nodes' PATH: (directory under the prefix, name).
+SLURM_COMMANDS = (("bin", "sdeefs-run"), ("sbin", "sdeefs-prolog"), ("sbin", "sdeefs-epilog"))
+
+
+def install_slurm(prefix: str) -> list[str]:
+    """Link the job commands of this installation into ``prefix`` (``/usr/local``:
+    ``bin/sdeefs-run`` on every user's PATH, ``sbin/sdeefs-prolog``/``-epilog`` where
+    slurm.conf names them); a link of ours is replaced, anything else is left and
+    refused.  Returns the paths made."""
+    scripts = sysconfig.get_path("scripts")
+    made = []
+    for sub, name in SLURM_COMMANDS:
+        target = os.path.join(scripts, name)
+        if not os.access(target, os.X_OK):
+            raise QuietError(f"{target} is missing: reinstall sdeefs (scripts/setup.sh)",
+                             ExitCode.UNAVAILABLE)
+        link = os.path.join(prefix, sub, name)
+        os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+        if os.path.lexists(link):
+            if not os.path.islink(link):
+                raise QuietError(f"{link} exists and is not a link of sdeefs: not replaced",
+                                 ExitCode.BUSY)
+            os.unlink(link)
+        os.symlink(target, link)
+        made.append(link)
+    return made
+
+
+def _exec_bare(command: list[str]) -> None:
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        raise QuietError(f"{command[0]}: {exc.strerror}", 127) from None
+
+
+def prolog_script() -> int:
+    """``sdeefs-prolog``: SLURM's Prolog (slurm.conf ``Prolog=``), as ``sdeefs job-prolog``."""
+    return slurm_hook_main("prolog")
+
+
+def epilog_script() -> int:
+    """``sdeefs-epilog``: SLURM's Epilog (slurm.conf ``Epilog=``), as ``sdeefs job-epilog``."""
+    return slurm_hook_main("epilog")
 
 
 def slurm_hook_main(which: str) -> int:

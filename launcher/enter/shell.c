@@ -118,6 +118,13 @@ int cmd_shell(int argc, char **argv, int login)
     unsigned long pid = 0;
     char engine[16] = "", path[PATH_MAX];
     int found = find_env(run_dir, pw->pw_name, &pid, engine, path);
+    if (found == ENV_RUNNING && (!want_engine || !strcmp(want_engine, engine))) {
+        /* Running: tell sdeefs-launchd anyway, if it runs, so that this session joins the
+         * environment's limits (launcher/limits.py) as a login through the PAM hook does;
+         * a start it finds running costs it a lock and a statfs per daemon. */
+        if (ask_launchd(run_dir, NULL) == 0)
+            found = find_env(run_dir, pw->pw_name, &pid, engine, path);
+    }
     if (found != ENV_RUNNING) {
         /* No running environment: the resident service (sdeefs-launchd) starts one, if it runs. */
         if (ask_launchd(run_dir, want_engine) == 0)

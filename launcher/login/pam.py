@@ -48,7 +48,9 @@ def hook_main() -> int:
         if user.uid < cfg.min_uid:
             return 0
         if pam_type == "open_session":
-            record = env.open_session(cfg, user)
+            # pam_exec's parent is the login's own process (sshd's or login's session
+            # process, which then runs the shell): it and all it starts join the limits.
+            record = env.open_session(cfg, user, os.getppid())
             log.info("%s: environment pid %d, %d session(s)", user.name, record.init_pid,
                      record.sessions)
         else:

@@ -56,7 +56,7 @@ from sdeefs.config import ENGINES, Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.offload import Offload
 
-from .. import env
+from .. import env, limits
 from ..layout import SiteRun
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ READ_TIMEOUT = 2.0  # seconds a client has to send its line
 MAX_WORKERS = 4  # requests worked on at once (each in a thread)
 
 
-def handle(config: SiteConfig, peer_uid: int, request: control.Request) -> control.Reply:
-    """Answer one request of a client whose uid the kernel vouched for (blocking)."""
+def handle(config: SiteConfig, peer_uid: int, request: control.Request,
+           peer_pid: int | None = None) -> control.Reply:
+    """Answer one request of a client whose uid the kernel vouched for (blocking); a user
+    asking for their own environment (``peer_pid``: sdeefs-shell) joins its limits."""
     op, engine, name = request.get("op"), request.get("engine"), request.get("user")
     if op not in ("start", "stop"):
         raise control.BadRequest(f"unknown op {op!r}")
@@ -92,6 +94,8 @@ def handle(config: SiteConfig, peer_uid: int, request: control.Request) -> contr
     if op == "stop":
         return {"ok": True, "stopped": env.stop(config, user)}
     record = env.ensure(config, user, Engine(engine) if engine is not None else None)
+    if peer_pid is not None and peer_uid == user.uid:
+        limits.join(user.name, peer_pid)
     return {"ok": True, "pid": record.init_pid, "engine": str(record.engine)}
 
 
@@ -111,7 +115,7 @@ class Launchd:
         lock = self.asking.setdefault(peer.uid, trio.Lock())
         try:
             async with lock:
-                reply = await self.offload.run(handle, self.config, peer.uid, request)
+                reply = await self.offload.run(handle, self.config, peer.uid, request, peer.pid)
         finally:
             if self.asking.get(peer.uid) is lock and not lock.locked() and \
                     lock.statistics().tasks_waiting == 0:

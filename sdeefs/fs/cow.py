@@ -65,6 +65,7 @@ import attrs
 from .. import records as rec
 from ..identity import Identity
 from ..layers import AnyJournal, LayerRoot, join, split
+from ..replicable import NOBODY, UserIds, of_identity, refusal, user_ids
 from ..sysio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -213,6 +214,8 @@ class CowFS:
         lower: the read-only lower (absent in raw mode).
         inodes: every inode the kernel knows, by node id and by view path.
         upper_dev: st_dev of the upper, for inode numbering.
+        ids: the host ids of the upper's owner (the launcher's user): what
+            ``sdeefs.replicable`` lets a file capability name.
     """
 
     config: ViewConfig
@@ -220,6 +223,7 @@ class CowFS:
     lower: Lower
     inodes: ViewNodes
     upper_dev: int
+    ids: UserIds = NOBODY
     _resolved: dict[tuple[int, bytes], tuple[float, Resolved]] = attrs.field(factory=dict)
     _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
     _name_hints: dict[tuple[int, int], bytes] = attrs.field(factory=dict)
@@ -234,7 +238,8 @@ class CowFS:
         work_fd = -1
         try:
             work_fd = os.open(config.work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            upper_dev = os.stat(upper_fd).st_dev
+            upper_st = os.stat(upper_fd)
+            upper_dev = upper_st.st_dev
             if os.stat(work_fd).st_dev != upper_dev:
                 raise OSError(errno.EXDEV, "the work directory is not on the upper's filesystem")
             if config.mode == "merged":
@@ -247,7 +252,11 @@ class CowFS:
                 if fd >= 0:
                     os.close(fd)
             raise
-        fs = cls(config, LayerRoot(upper_fd, work_fd, journal), lower, ViewNodes(), upper_dev)
+        # every id of the launcher's user, or (a plain mount) the upper's owner's own
+        ids = of_identity(config.ids) if config.ids is not None else \
+            user_ids(upper_st.st_uid, upper_st.st_gid)
+        fs = cls(config, LayerRoot(upper_fd, work_fd, journal), lower, ViewNodes(), upper_dev,
+                 ids)
         root = fs.inodes.add(Node(ROOT_INO, stat.S_IFDIR, [], b"" if lower.fd >= 0 else None,
                                   True, lookups=1))
         fs.inodes.name(root, b"")
@@ -688,7 +697,10 @@ class CowFS:
         """xattrs, origin, owner, mode and times of a lower entry onto a staged copy."""
         xattrs = self.config.xattrs
         for name, value in self.lower.xattrs(lower_path):
-            if not xattrs.is_private(name):
+            # Not what no replica carries (a host file capability for host root, an LSM
+            # label): the user's copy is theirs, without the host's privileges.
+            if not xattrs.is_private(name) and \
+                    refusal(rec.Setxattr(stage, name, value), self.ids) is None:
                 self.layers.setxattr(stage, name, value)
         origin = self.lower.origin_of(lower_path)
         # user.* xattrs are not allowed on symlinks; trusted.* are (as kernel overlayfs does)
@@ -846,13 +858,24 @@ class CowFS:
         moved = [move.node, move.target] if flags & RENAME_EXCHANGE else [move.node]
         return [n for n in moved if n is not None and self.needs_copy_up(n)]
 
-    def copy_up_for_xattr(self, ino: int, name: bytes, removing: bool = False
-                          ) -> CopyUp | None:
+    def copy_up_for_xattr(self, ino: int, name: bytes, removing: bool = False,
+                          value: bytes = b"") -> CopyUp | None:
+        """Validate a setxattr (of ``value``) or removexattr, then copy up for it.
+
+        What no replica would carry (``sdeefs.replicable``) is refused with EPERM here,
+        before anything is journaled: the journal never holds a record replicas skip."""
         self._check_xattr_name(name)
         node = self.node(ino)
         self._refuse_layer_root(node)
         if removing:
-            self.getxattr(ino, name)  # ENODATA before any copy-up
+            # ENODATA before any copy-up, and before the rule: kernel overlayfs removes
+            # POSIX ACLs that are not there from its work directory, and must hear ENODATA
+            self.getxattr(ino, name)
+        record = rec.Removexattr(b"upper", name) if removing else \
+            rec.Setxattr(b"upper", name, value)
+        reason = refusal(record, self.ids)
+        if reason is not None:
+            raise OSError(errno.EPERM, f"not replicated: {reason}")
         return self.start_copy_up(node)
 
     def copy_up_for_write(self, ino: int, truncate: bool) -> CopyUp | None:
@@ -889,7 +912,7 @@ class CowFS:
             return uid, parent.st_gid, stat.S_ISGID if is_dir else 0
         return uid, gid, 0
 
-    def admit(self, uid: int | None, gid: int | None, refusal: int = errno.EINVAL) -> None:
+    def admit(self, uid: int | None, gid: int | None, err: int = errno.EINVAL) -> None:
         """The id door of a user's view (``config.ids``): only the user's ids may own what
         it creates or chowns (sdeefs.identity: u, its groups, its subordinate ranges), as
         only those can reach the user's journal and replicas.  A creator outside them is
@@ -900,7 +923,7 @@ class CowFS:
             return
         if (uid is not None and not ids.owns_uid(uid)) or \
                 (gid is not None and not ids.owns_gid(gid)):
-            raise OSError(refusal, f"uid {uid} / gid {gid} is not one of the user's ids")
+            raise OSError(err, f"uid {uid} / gid {gid} is not one of the user's ids")
 
     # -- what a record can carry ---------------------------------------------------------------
 
@@ -1254,7 +1277,7 @@ class CowFS:
         return [n for n in names if not self.config.xattrs.is_private(n)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.run_copy_ups(lambda: self.copy_up_for_xattr(ino, name))
+        self.run_copy_ups(lambda: self.copy_up_for_xattr(ino, name, value=value))
         node = self.node(ino)
         path = self.layer_path(node.path) if node.ino != ROOT_INO else b"upper"
         self.layers.setxattr(path, name, value)

@@ -344,9 +344,9 @@ class Model:
         assert not node.parent, f"node {id} still has a name"
         assert not node.children, f"directory {id} is not empty"
 
-    def remove_entry(self, parent: int, name: bytes) -> None:
-        """Remove a name; a directory's names below it go first, and a node without a
-        name left is forgotten (a file with names elsewhere keeps those)."""
+    def entries_below(self, parent: int, name: bytes) -> list[tuple[int, bytes]]:
+        """The entry ``name`` of ``parent`` and every entry below it, children before
+        their directory (the order they can be removed in)."""
         entries = []
         stack = [(parent, name)]
         while stack:
@@ -357,7 +357,13 @@ class Model:
             kids = self.nodes[child].children
             if kids:
                 stack.extend((child, cn) for cn in kids)
-        for p, n in reversed(entries):  # children before their directory
+        entries.reverse()
+        return entries
+
+    def remove_entry(self, parent: int, name: bytes) -> None:
+        """Remove a name; a directory's names below it go first, and a node without a
+        name left is forgotten (a file with names elsewhere keeps those)."""
+        for p, n in self.entries_below(parent, name):
             id = self.lookup(p, n)
             assert id is not None
             self.unbind(id, p, n)

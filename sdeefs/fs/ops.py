@@ -278,7 +278,8 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: InodeT, name: bytes, value: bytes, ctx: RequestContext
                        ) -> None:
         async with self.mutex:
-            await self._copy_ups(functools.partial(self.fs.copy_up_for_xattr, inode, name))
+            await self._copy_ups(functools.partial(self.fs.copy_up_for_xattr, inode, name,
+                                                   value=value))
             self.fs.setxattr(inode, name, value)
 
     @_errors

@@ -757,17 +757,7 @@ class Reconciler:
     def _remove(self, parent: int, name: bytes, emit: Emit) -> None:
         """Remove an entry as records: a directory's contents first."""
         m = self.model
-        entries = []
-        stack = [(parent, name)]
-        while stack:
-            p, n = stack.pop()
-            entries.append((p, n))
-            child = m.lookup(p, n)
-            assert child is not None
-            kids = m.nodes[child].children
-            if kids:
-                stack.extend((child, cn) for cn in kids)
-        for p, n in reversed(entries):
+        for p, n in m.entries_below(parent, name):
             id = m.lookup(p, n)
             assert id is not None
             is_dir = m.nodes[id].is_dir

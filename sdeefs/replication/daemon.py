@@ -23,6 +23,7 @@ Control socket (unix, root only; ``sdeefs.control``)::
     {"op": "follow", "user": U, "wait": true, "timeout": 120}   -> {"applied", "barrier"}
     {"op": "follow", "user": U}                                  -> {"following": true}
     {"op": "unfollow", "user": U}                                -> {"stopped": bool}
+    {"op": "resync", "user": U, "timeout": 300}                  -> {"applied", "snapshots"}
     {"op": "status"}                                             -> every user, both roles
 
 ``follow`` with ``wait`` learns the login node's head *now* (``relay.HeadRounds``: at
@@ -36,8 +37,16 @@ failed request's ``kind`` (``control.ControlError``) says why:
                       reaches a relay not holding the user falls back to the login node,
                       so a NO_LAYER that comes back is the login node's own)
     barrier-timeout   the replica was not at the barrier in time (anything else)
-    no-ids            the user has no subordinate ranges on this node: a replica accepts
-                      only the user's ids, from this node's /etc/subuid (docs/identity.md)
+    skipped           the replica is at the barrier but skipped records on the way
+                      (``replica``: the user's problem, never the link's): it differs
+                      from the user's upper until ``resync``
+
+``resync`` makes the replica of U faithful again, whatever it holds: the link ends, and
+the next one goes to the login node itself (never redirected) with the HELLO flag RESYNC;
+the login node sends a verified snapshot of U's upper, which replaces the copy (and its
+list of skipped records) only once verified, then the journal from there on.  The nodes
+this one relays to get a snapshot of the new copy in turn (``relay``): resyncing a relay
+resyncs the nodes below it.  Answered once the snapshot swapped in.
 """
 
 from __future__ import annotations
@@ -55,10 +64,11 @@ import trio
 
 from .. import control
 from ..errors import ExitCode, QuietError
-from ..identity import replica_ids
 from ..offload import Offload
+from ..replicable import ids_of_user
 from ..statedir import ReplicaDirs
 from ..sysio import malloc_trim
+from .auth import HelloAuth, Munge, SharedKey
 from .origin import Origin, OriginUser
 from .relay import (
     HEAD_QUERY_ERRORS,
@@ -74,6 +84,7 @@ from .wire import (
     OLD_VERSIONS,
     QUERY,
     REDIRECT,
+    RESYNC,
     VERSION,
     Frame,
     FrameReader,
@@ -94,6 +105,12 @@ log = logging.getLogger(__name__)
 MEMORY_CHECK = 1.0  # seconds between looks at whether the streams went quiet
 MAX_REDIRECTS = 64  # hops a joiner follows down the tree (depth 13 holds 10,000 at fan-out 2)
 HELLO_TIMEOUT = 10.0  # seconds a peer has to say HELLO
+# Peers connected that have not said an authenticated HELLO yet ("strangers"): at most this
+# many; a new one beyond it makes the daemon close the oldest (which is never a real node
+# for long: a real HELLO takes milliseconds), so idle sockets cannot lock real nodes out.
+# Each holds at most a handshake's read buffer (wire.HANDSHAKE_READ + MAX_HANDSHAKE_PAYLOAD):
+# strangers cost at most ~12 MiB together.
+MAX_STRANGERS = 512
 CONNECT_TIMEOUT = 5.0  # seconds to reach an upstream
 THREADS = 40  # worker threads at once (trio's default): replicas applying, shippers reading
 LOCKED_READ_THREADS = 4  # of relays reading their copy for a snapshot, under its lock
@@ -104,7 +121,7 @@ BARRIER_POLL = 0.05  # seconds between looks at a replica catching up with its b
 @attrs.frozen
 class DaemonConfig:
     node: str
-    key: bytes
+    auth: HelloAuth
     listen: tuple[str, int] | None = None
     origin_root: str | None = None
     replica_dir: str | None = None
@@ -143,6 +160,15 @@ def load_key(path: str) -> bytes:
     return key.strip()
 
 
+def hello_auth(kind: str, key_file: str, munge_socket: str) -> HelloAuth:
+    """How this node's HELLOs authenticate (``replication.auth``; ``sdeefs.replication.auth``)."""
+    if kind == "auto":
+        kind = "key" if os.path.exists(key_file) else "munge"
+    if kind == "key":
+        return SharedKey(load_key(key_file))
+    return Munge(munge_socket, Offload(trio.CapacityLimiter(4)))
+
+
 def control_request(path: str, request: control.Request, timeout: float = 600
                     ) -> control.Reply:
     """Send one request to a replicad's control socket (blocking; for the CLI and prolog)."""
@@ -172,6 +198,8 @@ class ReplicaUser:
     scope: trio.CancelScope | None = None
     applied_changed: trio.Event = attrs.field(factory=trio.Event)
     queries: int = 0
+    link_scope: trio.CancelScope | None = None  # the current link upstream (``resync``)
+    resync: bool = False  # the next link asks the login node for a snapshot
 
     def note_applied(self, before: int, frames: list[Frame], relaying: bool) -> None:
         """The replica applied ``frames`` after seq ``before``."""
@@ -202,10 +230,12 @@ class Daemon:
     started: float = attrs.field(factory=time.time)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _opening: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # one open at a time
+    # connections before their HELLO, oldest first: a scope to close each
+    _strangers: dict[int, trio.CancelScope] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.config.origin_root is not None:
-            self.origin = Origin(self.config.origin_root, self.config.key, self.config.fanout,
+            self.origin = Origin(self.config.origin_root, self.config.fanout,
                                  self.config.expire, self.offload)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -233,16 +263,35 @@ class Daemon:
         peer = stream.socket.getpeername()[0]
         reader = FrameReader(stream)
         try:
-            with trio.fail_after(HELLO_TIMEOUT):
-                hello = decode_hello(await reader.frame(self.config.key))
-            await self._serve_hello(stream, reader, hello, peer)
+            hello, k = None, None
+            with trio.move_on_after(HELLO_TIMEOUT) as waiting:
+                if len(self._strangers) >= MAX_STRANGERS:  # close the oldest stranger
+                    self._strangers.pop(next(iter(self._strangers))).cancel()
+                self._strangers[id(waiting)] = waiting
+                try:
+                    frame, k = await reader.hello_frame(self.config.auth)
+                    hello = decode_hello(frame)
+                finally:
+                    self._strangers.pop(id(waiting), None)
+            if hello is None or k is None:
+                raise ProtocolError(f"no HELLO within {HELLO_TIMEOUT:.0f} s" if
+                                    waiting.deadline <= trio.current_time() else
+                                    f"no HELLO before {MAX_STRANGERS} newer connections")
+            reader.trust()
+            await self._serve_hello(stream, reader, hello, k, peer)
         except (ProtocolError, EOFError, trio.TooSlowError, ValueError) as exc:
             log.error("peer %s: %s", peer, exc)
             # A peer of an older version is told in its own version (it could not read ours).
             version = exc.peer_version if isinstance(exc, VersionMismatch) and \
                 exc.peer_version in OLD_VERSIONS else VERSION
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(encode_error(exc, self.config.key, version=version))
+            # The refusal is authenticated with the peer's K, or the shared key; a peer
+            # whose HELLO did not authenticate under MUNGE gets no ERROR (nothing to MAC
+            # it with that it could check): it sees the connection close.
+            refusal_key = k or (self.config.auth.key if isinstance(self.config.auth, SharedKey)
+                                else None)
+            if refusal_key is not None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(encode_error(exc, refusal_key, version=version))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("peer %s went away: %s", peer, exc)
         except Exception:  # a bug in one link must not end the daemon and every other link
@@ -251,35 +300,37 @@ class Daemon:
             await stream.aclose()
 
     async def _serve_hello(self, stream: trio.SocketStream, reader: FrameReader, hello: Hello,
-                           peer: str) -> None:
+                           hello_key: bytes, peer: str) -> None:
         origin = self.origin.user(hello.user) if self.origin is not None else None
         relay = self.replicas.get(hello.user)
         if origin is None and relay is None:
             raise NoLayer(f"{self.config.node} holds nothing of user {hello.user}")
         if hello.flags & QUERY:
             head, jid = await self._answer_query(hello, origin, relay)
-            await answer_hello(stream, self.config.key, hello, head, jid)
+            await answer_hello(stream, hello_key, hello, head, jid)
             return
         if origin is not None:
             downstreams = origin.downstreams
         else:
             assert relay is not None
             downstreams = relay.downstreams
-        target = downstreams.redirect(hello.node)
+        # a resync is served by the login node itself (the relays' copies may be the bad ones)
+        target = None if origin is not None and hello.flags & RESYNC else \
+            downstreams.redirect(hello.node)
         if target is not None:
-            await stream.send_all(Frame(REDIRECT, 0, target.encode()).encode(self.config.key))
+            await stream.send_all(Frame(REDIRECT, 0, target.encode()).encode(hello_key))
             return
         downstream = downstreams.join(hello, peer)
         try:
             if origin is not None:
                 assert self.origin is not None
-                await self.origin.serve(stream, reader, hello, origin, downstream)
+                await self.origin.serve(stream, reader, hello, hello_key, origin, downstream)
             else:
                 assert relay is not None
                 if relay.replica.journal_id == NO_ID:
                     raise ProtocolError(f"{self.config.node} has no history of {hello.user} yet")
                 await self._refuse_diverged(relay, hello)
-                key = await answer_hello(stream, self.config.key, hello,
+                key = await answer_hello(stream, hello_key, hello,
                                          max(relay.stats.head, relay.replica.applied),
                                          relay.replica.journal_id)
                 link = DownstreamLink(stream, reader, key, downstream, self.locked_reads)
@@ -328,14 +379,10 @@ class Daemon:
             user = self.replicas.get(name)
             if user is None:
                 dirs = ReplicaDirs.of(self.config.replica_dir, name)
-                try:
-                    ids = await self.offload.run(replica_ids, name)
-                except QuietError as exc:  # no subordinate ranges here: docs/identity.md
-                    raise control.ControlError(str(exc), ExitCode.UNAVAILABLE,
-                                               "no-ids") from None
+                ids = await self.offload.run(ids_of_user, name)
                 replica = await self.offload.run(Replica.open, dirs.path, ids)
                 stats = LinkStats()
-                rounds = HeadRounds(name, self.config.node, self.config.key,
+                rounds = HeadRounds(name, self.config.node, self.config.auth,
                                     self.config.upstream, stats)
                 user = self.replicas[name] = ReplicaUser(
                     name, replica, stats, RelayBuffer(self.config.relay_bytes),
@@ -364,24 +411,14 @@ class Daemon:
             user.scope = scope
             try:
                 while True:
+                    if user.resync:
+                        address, redirects = home, 0
                     user.stats.upstream = address
                     try:
-                        with trio.fail_after(CONNECT_TIMEOUT):
-                            stream = await trio.open_tcp_stream(*address_arg(address))
-                        async with stream:
-                            await Follower(
-                                stream, user.replica, self.config.key, user.name,
-                                self.config.node, user.stats,
-                                report=user.downstreams.report,
-                                on_applied=lambda before, frames: user.note_applied(
-                                    before, frames, relaying),
-                                on_snapshot=user.relay.clear,
-                                silence_timeout=self.config.silence_timeout,
-                                relay_port=self.config.listen[1] if self.config.listen else 0,
-                                wait_room=user.relay.wait_room,
-                                # a batch never evicts what it waited to keep
-                                batch_bytes=max(1, user.relay.limit // 4),
-                                offload=self.offload).run()
+                        with trio.CancelScope() as user.link_scope:
+                            await self._link(user, address, relaying)
+                        if user.link_scope.cancelled_caught:  # resync: at once
+                            continue
                         backoff = 0.05
                     except HistoryDiverged as exc:
                         user.stats.last_error = f"{address}: {exc}"
@@ -416,6 +453,49 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await self.offload.run(user.replica.close)
 
+    async def _link(self, user: ReplicaUser, address: str, relaying: bool) -> None:
+        """One link upstream for ``user`` (a resync's: to the login node, snapshot first)."""
+        def snapshotted() -> None:
+            user.resync = False
+            user.relay.clear()
+
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(*address_arg(address))
+        async with stream:
+            await Follower(
+                stream, user.replica, self.config.auth, user.name,
+                self.config.node, user.stats,
+                report=user.downstreams.report,
+                on_applied=lambda before, frames: user.note_applied(
+                    before, frames, relaying),
+                on_snapshot=snapshotted,
+                silence_timeout=self.config.silence_timeout,
+                relay_port=self.config.listen[1] if self.config.listen else 0,
+                wait_room=user.relay.wait_room,
+                # a batch never evicts what it waited to keep
+                batch_bytes=max(1, user.relay.limit // 4),
+                offload=self.offload, resync=user.resync).run()
+
+    async def resync(self, name: str, limit: float) -> dict[str, object]:
+        """Replace ``name``'s replica with a verified snapshot from the login node (see the
+        module docstring); ControlError ``barrier-timeout`` if none landed in time."""
+        user = await self.start_following(name)
+        snapshots = user.stats.snapshots
+        user.resync = True
+        if user.link_scope is not None:
+            user.link_scope.cancel()
+        try:
+            with trio.fail_after(limit):
+                while user.stats.snapshots == snapshots:
+                    with trio.move_on_after(BARRIER_POLL):
+                        await user.applied_changed.wait()
+        except trio.TooSlowError:
+            raise control.ControlError(
+                f"{name}: no snapshot from the login node within {limit:.0f} s (last error: "
+                f"{user.stats.last_error})", ExitCode.FAILURE, "barrier-timeout") from None
+        return {"user": name, "applied": user.replica.applied,
+                "snapshots": user.stats.snapshots, "skipped": user.replica.skipped.count}
+
     async def _login_head(self, user: ReplicaUser) -> tuple[int, bytes]:
         assert self._nursery is not None
         return await user.rounds.login_head(self._nursery)
@@ -449,6 +529,12 @@ class Daemon:
                         break
                     with trio.move_on_after(BARRIER_POLL):
                         await user.applied_changed.wait()
+            skipped = user.replica.skipped
+            if skipped.count:
+                raise control.ControlError(
+                    f"the replica of {name}'s environment on {self.config.node} differs: "
+                    f"{skipped.summary()}; `sdeefs replica resync {name}` repairs it",
+                    ExitCode.FAILURE, "skipped")
         except trio.TooSlowError:
             raise control.ControlError(
                 f"{name}: replica not at the barrier after {limit:.0f} s (applied "
@@ -503,6 +589,12 @@ class Daemon:
             return {"user": user, "following": True}
         if op == "unfollow":
             return {"user": user, "stopped": self.stop_following(user)}
+        if op == "resync":
+            try:
+                timeout = float(request.get("timeout", 300))
+            except (TypeError, ValueError):
+                raise control.BadRequest("timeout must be a number") from None
+            return await self.resync(user, timeout)
         raise control.BadRequest(f"unknown op {op!r}")
 
     async def status(self) -> dict[str, object]:
@@ -515,6 +607,8 @@ class Daemon:
                 "bytes_received": r.stats.bytes_received, "connected": r.stats.connected,
                 "upstream": r.stats.upstream, "last_error": r.stats.last_error,
                 "followers": sorted(r.downstreams.followers), "queries": r.queries,
+                "snapshots": r.stats.snapshots, "skipped": r.replica.skipped.count,
+                "skipped_records": [x.as_json() for x in r.replica.skipped.records],
             }
         return {"node": self.config.node, "origin": origin, "replicas": replicas,
                 "uptime": time.time() - self.started}
@@ -527,11 +621,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdeefs-replicad", description="serve users' journals (login node) and keep "
         "their replicas (compute nodes); see `pydoc sdeefs.replication`")
+    parser.add_argument("--role", choices=("login", "compute"),
+                        help="take every setting from the site config for this role: login "
+                             "(serve [sdeefs] root's journals at replication.login) or compute "
+                             "(follow replication.login, keep replicas in replication.replica_dir, "
+                             "relay at replication.listen); what the systemd units run")
     parser.add_argument("--node", default=socket.gethostname().split(".")[0],
                         help="this node's name (default: the short host name)")
+    parser.add_argument("--auth", choices=("auto", "munge", "key"),
+                        help="how HELLOs authenticate (default: replication.auth of the "
+                             "sdeefs config; auto: the shared key if its file exists, MUNGE "
+                             "otherwise); --key-file means key")
     parser.add_argument("--key-file",
                         help="shared replication key, root-only, >= 32 bytes (default: "
                              "replication.key_file of the sdeefs config)")
+    parser.add_argument("--munge-socket",
+                        help="munged's socket (default: replication.munge_socket)")
     parser.add_argument("--listen", metavar="HOST:PORT",
                         help="serve followers here (origin, and relays for the tree)")
     parser.add_argument("--origin", metavar="ROOT",
@@ -566,9 +671,26 @@ def _defaults_from_config(args: argparse.Namespace) -> None:
     prolog and ``sdeefs-run`` read too), with ``%n`` the node's name."""
     from .. import config as config_mod
 
-    rep = config_mod.load().replication.on(args.node)
+    site = config_mod.load()
+    rep = site.replication.on(args.node)
+    if args.key_file and not args.auth:
+        args.auth = "key"
+    args.auth = args.auth or rep.auth
+    args.munge_socket = args.munge_socket or rep.munge_socket
     args.key_file = args.key_file or rep.key_file
     args.control = args.control or rep.control
+    if args.role == "login":
+        if not (args.listen or rep.login):
+            raise QuietError("--role login: set replication.login (HOST:PORT) in the config",
+                             ExitCode.USAGE)
+        args.origin = args.origin or site.root
+        args.listen = args.listen or rep.login
+        return
+    if args.role == "compute":
+        if not (args.upstream or rep.login):
+            raise QuietError("--role compute: set replication.login (HOST:PORT) in the config",
+                             ExitCode.USAGE)
+        args.listen = args.listen or rep.listen or None
     if not args.origin:  # a compute node
         args.upstream = args.upstream or rep.login or None
         if args.upstream:
@@ -590,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fanout < 1:
             raise QuietError("--fanout must be at least 1", ExitCode.USAGE)
         config = DaemonConfig(
-            node=args.node, key=load_key(args.key_file),
+            node=args.node, auth=hello_auth(args.auth, args.key_file, args.munge_socket),
             listen=address_arg(args.listen) if args.listen else None,
             origin_root=args.origin, replica_dir=args.replica_dir,
             upstream=address_arg(args.upstream) if args.upstream else None,

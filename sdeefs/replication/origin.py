@@ -38,6 +38,7 @@ from ..errors import JournalCorrupt
 from ..journal import Entry, Journal, JournalTail, Trimmed, journal_id
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
+from ..replicable import NOBODY, UserIds, ids_of_user, refusal
 from ..statedir import UserDirs
 from ..sysio import (
     IN_CREATE,
@@ -54,6 +55,7 @@ from .relay import IDLE_HEAD, Downstream, DownstreamLink, Downstreams
 from .wire import (
     HEAD,
     NO_ID,
+    RESYNC,
     SKIP,
     Frame,
     FrameReader,
@@ -74,6 +76,7 @@ BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MAX_PENDING = 4096  # journal entries read ahead of what was sent
 HEAD_READ_BYTES = 16 << 20  # journal bytes read per step while learning the head
 SNAPSHOT_ATTEMPTS = 5
+MAX_REFUSED = 16  # refused records an origin remembers per user
 MARKERS = (rec.Done, rec.Sync, rec.Abort)
 
 
@@ -85,6 +88,10 @@ class OriginUser:
         head: the last seq known to be in the journal.
         queries: head queries answered (barriers of the nodes below).
         grew: set (and replaced) each time the journal directory changes.
+        refused: records shipped that every replica will skip (``sdeefs.replicable``:
+            the daemon's door refuses them, so only a journal written by something else
+            holds one), the first MAX_REFUSED; ``sdeefs status`` shows them until a
+            snapshot past them was sent (a resync).
     """
 
     name: str
@@ -93,6 +100,8 @@ class OriginUser:
     head: int = 0
     queries: int = 0
     grew: trio.Event = attrs.field(factory=trio.Event)
+    ids: UserIds = NOBODY  # the user's (``sdeefs.replicable``), looked up when first served
+    refused: dict[int, str] = attrs.field(factory=dict)  # seq -> why replicas skip it
     _head_tail: JournalTail | None = None
     _head_lock: threading.Lock = attrs.field(factory=threading.Lock)
 
@@ -290,7 +299,16 @@ class JournalSender:
 
     def _encode(self, seq: int, record: rec.Record, flags: int,
                 out: list[bytes | bytearray]) -> int:
-        """Append the frames of one record to ``out``; the bytes they count for a batch."""
+        """Append the frames of one record to ``out``; the bytes they count for a batch.
+
+        A record ``sdeefs.replicable`` refuses still travels (each replica decides, and
+        records the skip itself); the login node notes it for ``sdeefs status``."""
+        reason = refusal(record, self.user.ids)
+        if reason is not None and seq not in self.user.refused \
+                and len(self.user.refused) < MAX_REFUSED:
+            log.error("%s: record %d of the journal is refused by every replica: %s",
+                      self.user.name, seq, reason)
+            self.user.refused[seq] = reason
         key = self.link.key
         if not isinstance(record, rec.Write):
             frame = record_frames(seq, record, None)[0]
@@ -319,7 +337,6 @@ class Origin:
     """
 
     root: str
-    shared_key: bytes
     fanout: int
     expire: float
     offload: Offload
@@ -352,10 +369,12 @@ class Origin:
         return head, await self.offload.run(journal_id, user.journal_dir)
 
     async def serve(self, stream: trio.abc.Stream, reader: FrameReader, hello: Hello,
-                    user: OriginUser, downstream: Downstream) -> None:
-        """Answer ``hello`` and stream the user's journal to its node until the link ends."""
+                    hello_key: bytes, user: OriginUser, downstream: Downstream) -> None:
+        """Answer ``hello`` (authenticated with ``hello_key``) and stream the user's journal
+        to its node until the link ends."""
         head, jid = await self.head(user)
-        key = await answer_hello(stream, self.shared_key, hello, head, jid)
+        user.ids = await self.offload.run(ids_of_user, user.name)
+        key = await answer_hello(stream, hello_key, hello, head, jid)
         link = DownstreamLink(stream, reader, key, downstream, self.offload)
         source = await self.offload.run(user.source)
         try:
@@ -371,7 +390,11 @@ class Origin:
             return  # another history: the replica resets itself and asks again
         tail = JournalTail(user.journal_dir, want)
         try:
-            if want > user.head + 1:
+            if hello.flags & RESYNC:  # `sdeefs replica resync`: a snapshot, whatever it holds
+                tail.close()
+                seq = await self._snapshot(link, user)
+                tail = JournalTail(user.journal_dir, seq + 1)
+            elif want > user.head + 1:
                 await self.offload.run(user.refresh_head)
             if want > user.head + 1:
                 raise HistoryDiverged(f"history diverged: replica wants seq {want} but the "
@@ -395,8 +418,12 @@ class Origin:
             await trio.sleep(HOLD_BACK)
             if await self.offload.run(journal.size_bytes) != before:
                 continue
-            await link.send_snapshot(user.dirs.upper, seq)
+            await link.send_snapshot(user.dirs.upper, seq, user.ids)
             if await self.offload.run(journal.size_bytes) == before:
+                # a replica made faithful past them (``sdeefs replica resync``): no longer
+                # shown as errors
+                for refused in [k for k in user.refused if k <= seq]:
+                    del user.refused[refused]
                 return seq
             log.warning("snapshot of %s for %s: the upper changed while read (attempt %d)",
                         user.name, link.downstream.node, attempt + 1)
@@ -450,5 +477,7 @@ class Origin:
                     followers.setdefault(node, {"acked": seq, "lag": user.head - seq,
                                                 "direct": False, "via": f.node})
             origin[user.name] = {"head": user.head, "followers": followers,
-                                 "queries": user.queries}
+                                 "queries": user.queries,
+                                 "refused": [{"seq": seq, "reason": reason} for seq, reason
+                                             in sorted(dict(user.refused).items())]}
         return origin

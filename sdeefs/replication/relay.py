@@ -60,6 +60,8 @@ import attrs
 import trio
 
 from ..offload import Offload
+from ..replicable import UserIds
+from .auth import HelloAuth
 from .replica import LinkStats, Replica
 from .snapshot import snapshot_frames
 from .wire import (
@@ -192,10 +194,11 @@ class DownstreamLink:
         if frames:
             await self.send_encoded([f.encode(self.key) for f in frames], frames[-1].seq)
 
-    async def send_snapshot(self, upper: str, seq: int) -> None:
-        """Stream a snapshot of ``upper`` as the state at ``seq`` (the caller keeps it still)."""
+    async def send_snapshot(self, upper: str, seq: int, ids: UserIds) -> None:
+        """Stream a snapshot of ``upper`` as the state at ``seq`` (the caller keeps it
+        still), of what replicas carry for the user of ``ids``."""
         digest: list[bytes] = []
-        frames = snapshot_frames(upper, seq, digest)
+        frames = snapshot_frames(upper, seq, digest, ids)
 
         def take() -> list[Frame]:  # a worker thread: reading the tree
             out, size = [], 0
@@ -510,7 +513,7 @@ class RelaySender:
         await self.offload.run(replica.lock.acquire)
         try:
             seq = replica.applied
-            await self.link.send_snapshot(replica.upper, seq)
+            await self.link.send_snapshot(replica.upper, seq, replica.ids)
         finally:
             replica.lock.release()
         return seq
@@ -519,7 +522,7 @@ class RelaySender:
 # -- barriers: the login node's head, asked up the tree ---------------------------------------
 
 
-async def ask_head(address: tuple[str, int], shared_key: bytes, node: str, user: str
+async def ask_head(address: tuple[str, int], auth: HelloAuth, node: str, user: str
                    ) -> tuple[int, bytes]:
     """One QUERY HELLO to ``address``: the login node's head of ``user`` and its journal
     id, as that node learns them now."""
@@ -528,7 +531,7 @@ async def ask_head(address: tuple[str, int], shared_key: bytes, node: str, user:
         async with stream:
             hello = Hello(secrets.token_bytes(NONCE_SIZE), NO_ID, user, node, 1, QUERY)
             try:
-                session = await send_hello(stream, FrameReader(stream), shared_key, hello)
+                session = await send_hello(stream, FrameReader(stream), auth, hello)
             except Redirected as exc:
                 raise ProtocolError(f"upstream redirected a head query to {exc.address}") \
                     from None
@@ -560,7 +563,7 @@ class HeadRounds:
 
     user: str
     node: str
-    shared_key: bytes
+    auth: HelloAuth
     home: tuple[str, int]
     link: LinkStats
     next_query: HeadQuery | None = None
@@ -608,12 +611,12 @@ class HeadRounds:
         try:
             if not self._linked():
                 raise ConnectionError("not linked upstream")
-            return await ask_head(parse_address(self.link.upstream), self.shared_key,
+            return await ask_head(parse_address(self.link.upstream), self.auth,
                                   self.node, self.user)
         except HEAD_QUERY_ERRORS as exc:
             log.debug("%s: head from %s: %s; asking the login node", self.user,
                       self.link.upstream, exc)
-            return await ask_head(self.home, self.shared_key, self.node, self.user)
+            return await ask_head(self.home, self.auth, self.node, self.user)
 
 
 def tree_cost(nodes: int, fanout: int) -> dict[str, float]:

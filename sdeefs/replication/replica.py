@@ -3,8 +3,17 @@
 A :class:`Replica` applies RECORD frames in seq order into ``REPLICA_DIR/USER``
 (``sdeefs.statedir.ReplicaDirs``); a :class:`Follower` pulls them from an upstream over
 one connection (the login node's ``sdeefs-replicad``, or a relay) and acknowledges
-what was applied.  Both raise ProtocolError for anything that must not be applied;
-nothing was changed then, and the caller (``daemon``) reconnects.
+what was applied.  Both raise ProtocolError for a frame that must not be applied (the
+link's problem: nothing was changed, and the caller, ``daemon``, reconnects).
+
+A record that arrived intact but that this copy must not or cannot carry out (it does
+not decode, ``sdeefs.replicable`` refuses it, applying it fails in a way that will not
+pass: ``wire.Refused``) is the user's problem, not the link's: it is *skipped*, the
+skip is recorded (``skipped`` below, ``sdeefs replica status``, the job's one-line
+error) and the stream goes on past it, so replication never wedges on one record.  A
+copy that skipped a record differs from the user's upper: the SLURM prolog fails the
+user's jobs on it (never the node) until ``sdeefs replica resync USER`` swaps a
+verified snapshot in, which clears the list.
 
 Replica rules (every byte from a peer is hostile): besides what the wire checks
 (``wire``: frames, strict records, :func:`wire.sanitize`), a RECORD whose seq is
@@ -16,7 +25,13 @@ changes nothing, is logged, and ends the connection with ERROR.
 State on disk (``REPLICA_DIR/USER/``)
 =====================================
 
-``upper/`` and ``work/`` (the copy), ``position`` and ``durable``:
+``upper/`` and ``work/`` (the copy), ``position``, ``durable`` and ``skipped``:
+
+``skipped`` (JSON, replaced atomically with fsync; absent: nothing skipped): the records
+skipped since the copy was last faithful (a snapshot swapped in or a reset removes it)::
+
+    {"journal": "<hex journal id>", "count": N, "last": <the last seq skipped>,
+     "records": [[seq, unix time, "reason"], ...]}    # the first MAX_SKIPPED of them
 
 ``position`` (POSITION, 68 bytes, rewritten in place after every record, never
 fsynced: it survives a ``kill -9`` of the daemon, not a power loss)::
@@ -49,6 +64,7 @@ resync).  A snapshot is staged in ``incoming/`` and swapped in only once verifie
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -63,12 +79,13 @@ import attrs
 import trio
 
 from .. import records as rec
-from ..identity import Identity
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
+from ..replicable import NOBODY, UserIds
 from ..statedir import ReplicaDirs
 from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
 from ..trees import rmtree
+from .auth import HelloAuth
 from .snapshot import Staging, apply_from_peer
 from .wire import (
     ACK,
@@ -81,6 +98,7 @@ from .wire import (
     NONCE_SIZE,
     RECORD,
     REPORT_INTERVAL,
+    RESYNC,
     SKIP,
     SNAPSHOT,
     SNAPSHOT_END,
@@ -88,6 +106,7 @@ from .wire import (
     FrameReader,
     Hello,
     ProtocolError,
+    Refused,
     decode_error,
     decode_record_payload,
     encode_error,
@@ -110,6 +129,7 @@ SNAPSHOT_MARK = (1 << 64) - 1  # in-flight "seq": a snapshot was being swapped i
 IN_FLIGHT_BYTES = 8 << 20  # payload received and not yet applied (a replica's memory bound)
 SYNC_INTERVAL = 2.0  # seconds between syncs of a replica being fed (then ``durable`` is clean)
 APPLY_BATCH_FRAMES = 512  # frames applied in one worker-thread call at most
+MAX_SKIPPED = 16  # skipped records kept in ``skipped`` (the first ones: the count goes on)
 
 
 def _with_crc(body: bytes) -> bytes:
@@ -120,6 +140,60 @@ def _with_crc(body: bytes) -> bytes:
 
 def _open_layers(dirs: ReplicaDirs) -> LayerRoot:
     return open_layer_root(dirs.upper, dirs.work)
+
+
+@attrs.frozen
+class SkippedRecord:
+    """A record a replica skipped (``wire.Refused``): the user's error, by seq."""
+
+    seq: int
+    reason: str
+    time: float
+
+    def as_json(self) -> dict[str, object]:
+        return {"seq": self.seq, "reason": self.reason, "time": self.time}
+
+
+@attrs.frozen
+class Skipped:
+    """The records a copy skipped since it was last faithful (``skipped`` on disk)."""
+
+    count: int = 0
+    records: tuple[SkippedRecord, ...] = ()
+    last: int = 0  # the last seq skipped
+
+    def plus(self, record: SkippedRecord) -> Skipped:
+        if self.count and record.seq <= self.last:  # delivered again after a crash
+            return self
+        kept = self.records if len(self.records) >= MAX_SKIPPED else (*self.records, record)
+        return Skipped(self.count + 1, kept, record.seq)
+
+    def summary(self) -> str:
+        """One line: the first skipped record and how many more."""
+        if not self.records:
+            return ""
+        first = self.records[0]
+        more = f" (and {self.count - 1} more)" if self.count > 1 else ""
+        return f"record {first.seq} was skipped: {first.reason}{more}"
+
+    def encode(self, journal_id: bytes) -> bytes:
+        return json.dumps({"journal": journal_id.hex(), "count": self.count,
+                           "last": self.last, "records": [
+                               [r.seq, r.time, r.reason] for r in self.records]}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, journal_id: bytes) -> Skipped:
+        """What ``data`` says for ``journal_id`` (another history's list means nothing here;
+        a damaged file says one record was skipped: the copy is not to be trusted)."""
+        try:
+            obj = json.loads(data)
+            if obj["journal"] != journal_id.hex():
+                return cls()
+            records = tuple(SkippedRecord(int(seq), str(reason), float(when))
+                            for seq, when, reason in obj["records"])
+            return cls(max(int(obj["count"]), len(records)), records, int(obj["last"]))
+        except (ValueError, KeyError, TypeError):
+            return cls(1, (SkippedRecord(0, "the list of skipped records is damaged", 0.0),))
 
 
 @attrs.define(eq=False)
@@ -135,9 +209,13 @@ class Replica:
         applied: the last journal seq fully applied.
         pending: the seq whose chunks are being applied (0 if none).
         synced: the last seq known to be on stable storage.
+        ids: the user's host ids (``sdeefs.replicable``: what is carried).
+        skipped: the records skipped since this copy was last faithful.
     """
 
     dirs: ReplicaDirs
+    ids: UserIds = NOBODY
+    skipped: Skipped = Skipped()
     journal_id: bytes = NO_ID
     applied: int = 0
     pending: int = 0
@@ -148,23 +226,22 @@ class Replica:
     _layers: LayerRoot | None = None
     _pos_fd: int = -1
     _staging: Staging | None = None
-    # the user's ids (sdeefs.identity, from this node's passwd and /etc/subuid|subgid):
-    # the only owners a record may carry; None for a name without a passwd entry here
-    ids: Identity | None = None
+    _skipping: bool = False  # the record being applied (MORE chunks) was skipped
 
     root = property(lambda self: self.dirs.path)
     upper = property(lambda self: self.dirs.upper)
 
     @classmethod
-    def open(cls, root: str, ids: Identity | None = None) -> Replica:
+    def open(cls, root: str, ids: UserIds = NOBODY) -> Replica:
         dirs = ReplicaDirs(root)
         os.makedirs(root, mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
         for sub in (dirs.upper, dirs.work):
             os.makedirs(sub, mode=0o755, exist_ok=True)
-        replica = cls(dirs, ids=ids)
+        replica = cls(dirs, ids)
         replica._pos_fd = os.open(dirs.position, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         replica._load()
+        replica._load_skipped()
         replica._layers = _open_layers(dirs)
         rmtree(dirs.incoming)
         return replica
@@ -210,6 +287,28 @@ class Replica:
             log.warning("replica %s: not cleanly synced before a restart of the machine; "
                         "starting over (full resync)", self.root)
         self.reset()
+
+    def _load_skipped(self) -> None:
+        try:
+            with open(self.dirs.skipped, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            self.skipped = Skipped()
+            return
+        self.skipped = Skipped.decode(data, self.journal_id)
+
+    def _skip(self, seq: int, reason: str) -> None:
+        """Record that ``seq`` was skipped (before the position moves past it)."""
+        log.error("replica %s: skipping %s", self.root, reason)
+        skipped = self.skipped.plus(SkippedRecord(seq, reason, time.time()))
+        if skipped != self.skipped:
+            write_file_atomic(self.dirs.skipped, skipped.encode(self.journal_id))
+            self.skipped = skipped
+
+    def _clear_skipped(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.dirs.skipped)
+        self.skipped = Skipped()
 
     def _read_durable(self) -> tuple[bytes, int, bool] | None:
         try:
@@ -272,8 +371,10 @@ class Replica:
             self._layers.close()
             self._layers = _open_layers(self.dirs)
         self.journal_id, self.applied, self.pending, self.synced = NO_ID, 0, 0, 0
+        self._skipping = False
         self._write_position()
         self._write_durable(clean=True)
+        self._clear_skipped()
         self.dirty = False
 
     def adopt(self, journal_id: bytes) -> None:
@@ -300,16 +401,22 @@ class Replica:
         elif frame.seq != self.applied + 1 and not (frame.flags & SKIP
                                                       and frame.seq > self.applied):
             raise ProtocolError(f"out of sequence: seq {frame.seq} after {self.applied}")
-        record, data = decode_record_payload(frame.payload)
         assert self._layers is not None
         self._mark_dirty()
-        if record.METADATA:
-            record = self._local_rename(frame.seq, record)
-        apply_from_peer(self._layers, record, data, f"record {frame.seq}", self.ids)
+        skipping = self._skipping and self.pending == frame.seq  # a later chunk of a skip
+        if not skipping:
+            try:
+                record, data = decode_record_payload(frame.payload)
+                if record.METADATA:
+                    record = self._local_rename(frame.seq, record)
+                apply_from_peer(self._layers, record, data, f"record {frame.seq}", self.ids)
+            except Refused as exc:  # the user's problem: skip it, say so, go on
+                self._skip(frame.seq, str(exc))
+                skipping = True
         if frame.flags & MORE:
-            self.pending = frame.seq
+            self.pending, self._skipping = frame.seq, skipping
             return False
-        self.pending = 0
+        self.pending, self._skipping = 0, False
         self.applied = frame.seq
         self._write_position()
         return True
@@ -372,8 +479,9 @@ class Replica:
         assert self._layers is not None
         self._layers.close()
         self._layers = _open_layers(self.dirs)
-        self.applied, self.pending = seq, 0
+        self.applied, self.pending, self._skipping = seq, 0, False
         self._write_position()
+        self._clear_skipped()  # a faithful copy again
         self.dirty = True
         self.sync()
         with contextlib.suppress(OSError):
@@ -451,7 +559,7 @@ class Follower:
 
     stream: trio.abc.Stream
     replica: Replica
-    shared_key: bytes
+    auth: HelloAuth
     user: str
     node: str
     stats: LinkStats = attrs.field(factory=LinkStats)
@@ -463,6 +571,7 @@ class Follower:
     wait_room: Callable[[int], Awaitable[None]] | None = None
     batch_bytes: int = IN_FLIGHT_BYTES
     offload: Offload = attrs.field(factory=Offload)
+    resync: bool = False  # ask for a snapshot first (HELLO flag RESYNC)
     _key: bytes = attrs.field(init=False, default=b"")  # the session's, once greeted
     # payload bytes in the channel and in the batch being applied:
     _in_flight: int = attrs.field(init=False, default=0)
@@ -473,8 +582,9 @@ class Follower:
         replica = self.replica
         reader = FrameReader(self.stream)
         hello = Hello(secrets.token_bytes(NONCE_SIZE), replica.journal_id, self.user,
-                      self.node, replica.applied + 1, 0, self.relay_port)
-        session = await send_hello(self.stream, reader, self.shared_key, hello)
+                      self.node, replica.applied + 1, RESYNC if self.resync else 0,
+                      self.relay_port)
+        session = await send_hello(self.stream, reader, self.auth, hello)
         self._key = session.key
         self.stats.head, self.stats.connected = session.head, True
         if replica.journal_id != session.journal_id:
@@ -545,8 +655,10 @@ class Follower:
                 self._in_flight -= size
                 self._drained.set()
                 self._drained = trio.Event()
-                if snapshotted and self.on_snapshot is not None:
-                    self.on_snapshot()
+                if snapshotted:
+                    self.stats.snapshots += 1
+                    if self.on_snapshot is not None:
+                        self.on_snapshot()
                 if self.on_applied is not None:
                     self.on_applied(before, applied)
                 self.stats.head = max(self.stats.head, self.replica.applied)

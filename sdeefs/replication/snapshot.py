@@ -19,6 +19,7 @@ symlink planted in it is never followed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
@@ -31,15 +32,15 @@ import attrs
 
 from .. import records as rec
 from ..apply import apply_record
-from ..identity import Identity
 from ..layers import LayerRoot, open_layer_root
+from ..replicable import CAPABILITY, CARRIED_XATTR_PREFIXES, UserIds, refusal
 from ..trees import rmtree, walk
 from .wire import (
-    ALLOWED_XATTR_PREFIXES,
     CHUNK,
     SNAPSHOT,
     Frame,
     ProtocolError,
+    Refused,
     decode_record_payload,
     encode_record_payload,
     record_frames,
@@ -53,7 +54,10 @@ SNAPSHOT_RECORDS = (rec.Mkdir, rec.Mknod, rec.Symlink, rec.Link, rec.Setattr, re
                     rec.Write)
 
 
-def _allowed_xattrs(dir_fd: int, name: str) -> list[tuple[bytes, bytes]]:
+def _allowed_xattrs(dir_fd: int, name: str, ids: UserIds | None
+                    ) -> list[tuple[bytes, bytes]]:
+    """The xattrs a replica carries (``sdeefs.replicable``) for the user of ``ids``
+    (None: every file capability, whatever its rootid: a digest of a tree as it is)."""
     path = f"/proc/self/fd/{dir_fd}/{name}" if name else f"/proc/self/fd/{dir_fd}"
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -62,9 +66,12 @@ def _allowed_xattrs(dir_fd: int, name: str) -> list[tuple[bytes, bytes]]:
     found = []
     for xname in sorted(names):
         raw = xname.encode()
-        if raw.startswith(ALLOWED_XATTR_PREFIXES):
-            with contextlib.suppress(OSError):
-                found.append((raw, os.getxattr(path, xname, follow_symlinks=False)))
+        if not raw.startswith(CARRIED_XATTR_PREFIXES) and raw != CAPABILITY:
+            continue
+        with contextlib.suppress(OSError):
+            value = os.getxattr(path, xname, follow_symlinks=False)
+            if ids is None or refusal(rec.Setxattr(b"upper", raw, value), ids) is None:
+                found.append((raw, value))
     return found
 
 
@@ -92,7 +99,8 @@ class TreeEntry:
         return repr((b"", self.xattrs)).encode()
 
 
-def walk_tree(root_fd: int) -> Iterator[tuple[TreeEntry, int, str]]:
+def walk_tree(root_fd: int, ids: UserIds | None = None
+              ) -> Iterator[tuple[TreeEntry, int, str]]:
     """Every entry of the tree under ``root_fd``, parents first, without following symlinks.
 
     Yields (entry, parent fd, name); the fds are valid only until the next step.  Every
@@ -105,7 +113,7 @@ def walk_tree(root_fd: int) -> Iterator[tuple[TreeEntry, int, str]]:
         st = visit.st
         target = os.fsencode(os.readlink(name, dir_fd=visit.dir_fd)) \
             if visit.name and stat.S_ISLNK(st.st_mode) else b""
-        xattrs = tuple(_allowed_xattrs(visit.dir_fd, name)) \
+        xattrs = tuple(_allowed_xattrs(visit.dir_fd, name, ids)) \
             if not stat.S_ISLNK(st.st_mode) else ()
         yield TreeEntry(visit.path, st, target, xattrs), visit.dir_fd, name
 
@@ -156,8 +164,12 @@ def tree_digest(root: str) -> bytes:
     return _digest_of(keys)
 
 
-def snapshot_frames(upper: str, seq: int, digest_out: list[bytes]) -> Iterator[Frame]:
+def snapshot_frames(upper: str, seq: int, digest_out: list[bytes],
+                    ids: UserIds | None = None) -> Iterator[Frame]:
     """The upper as SNAPSHOT frames (records that rebuild it in an empty layer root).
+
+    ``ids``: the user's (``sdeefs.replicable``): a file capability no replica carries
+    is left out of the snapshot and of its digest (None: all are sent).
 
     The digest of what was sent (the same function as ``tree_digest``) is appended
     to ``digest_out`` when the walk ends, for the SNAPSHOT_END frame.
@@ -167,7 +179,7 @@ def snapshot_frames(upper: str, seq: int, digest_out: list[bytes]) -> Iterator[F
     first_link: dict[tuple[int, int], bytes] = {}
     dirs: list[TreeEntry] = []
     try:
-        for entry, dir_fd, name in walk_tree(root_fd):
+        for entry, dir_fd, name in walk_tree(root_fd, ids):
             st, path = entry.st, b"upper/" + entry.path if entry.path else b"upper"
             kind = stat.S_IFMT(st.st_mode)
             perm = stat.S_IMODE(st.st_mode) & ~0o6000
@@ -206,11 +218,12 @@ def snapshot_frames(upper: str, seq: int, digest_out: list[bytes]) -> Iterator[F
                 log.warning("snapshot: skipping %r (a device node has no place in an upper)",
                             path)
                 continue
-            for xname, value in entry.xattrs:
-                yield from record_frames(seq, rec.Setxattr(path, xname, value), None, SNAPSHOT)
             if kind not in (stat.S_IFDIR, stat.S_IFLNK):
                 yield from record_frames(seq, _times(path, st, rec.SET_MODE | rec.SET_OWNER),
                                          None, SNAPSHOT)
+            # after the owner: a chown removes a file capability (as the kernel does)
+            for xname, value in entry.xattrs:
+                yield from record_frames(seq, rec.Setxattr(path, xname, value), None, SNAPSHOT)
             keys.append(entry.key(content) if entry.path else entry.root_key())
         for entry in reversed(dirs):  # times last: creating the entries changed them
             path = b"upper/" + entry.path if entry.path else b"upper"
@@ -227,39 +240,28 @@ def _times(path: bytes, st: os.stat_result, extra: int) -> rec.Setattr:
                        st.st_atime_ns, st.st_mtime_ns)
 
 
-class ForeignId(ProtocolError):
-    """A record carries an owner that is not one of the replica's user's ids."""
-
-
-def check_ids(record: rec.Record, ids: Identity | None, what: str) -> None:
-    """The replica's id door (docs/identity.md): a record may carry only the user's ids
-    (u, its groups, its subordinate ranges from *this node's* /etc/subuid and
-    /etc/subgid); anything else is refused, which is also how a node whose ranges differ
-    from the login node's shows."""
-    if ids is None or not isinstance(record, rec.Mkdir | rec.Mknod | rec.Symlink | rec.Setattr):
-        return
-    if isinstance(record, rec.Setattr) and not record.mask & rec.SET_OWNER:
-        return
-    if isinstance(record, rec.Mknod) and (record.uid, record.gid) == (0, 0) and (
-            stat.S_ISCHR(record.mode) or record.path.startswith(b"work/")):
-        return  # a whiteout (its owner means nothing), or a copy-up staged before its chown
-    if not (ids.owns_uid(record.uid) and ids.owns_gid(record.gid)):
-        raise ForeignId(f"{what} carries uid {record.uid} / gid {record.gid}, not one of the "
-                        f"user's ids (uid {ids.uid}, subordinate {ids.subuid}+{ids.count}, "
-                        f"gid {ids.gid}, subordinate {ids.subgid}+{ids.count} on this node): "
-                        "are /etc/subuid and /etc/subgid the same as on the login node?")
+# What applying a record can fail with that may pass by itself (a full disk, a file a job
+# is executing): the link retries it.  Any other error will be the same next time (the
+# record does not fit this copy): the record is refused (Refused), never retried forever.
+TRANSIENT_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM,
+                              errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR,
+                              errno.EBUSY, errno.ETXTBSY, errno.EROFS))
 
 
 def apply_from_peer(layers: LayerRoot, record: rec.Record, data: bytes, what: str,
-                    ids: Identity | None = None) -> None:
-    """Apply a record a peer sent (decoded and sanitized); one the layer root refuses, or
-    one carrying ids not the user's (:func:`check_ids`), is the peer's error:
-    ProtocolError, naming it as ``what``."""
-    check_ids(record, ids, what)
+                    ids: UserIds) -> None:
+    """Apply a record a peer sent (decoded and sanitized) if ``sdeefs.replicable`` carries
+    it for the user of ``ids``.  Refused (naming it as ``what``) for a record refused or
+    that this copy cannot apply; ProtocolError for a failure that may pass (retry)."""
+    reason = refusal(record, ids)
+    if reason is not None:
+        raise Refused(f"{what} refused: {reason}")
     try:
         apply_record(layers, record, data if isinstance(record, rec.Write) else None)
     except OSError as exc:
-        raise ProtocolError(f"{what} cannot be applied: {exc}") from None
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise ProtocolError(f"{what} cannot be applied now: {exc}") from None
+        raise Refused(f"{what} cannot be applied: {exc}") from None
 
 
 @attrs.define(eq=False)
@@ -270,10 +272,10 @@ class Staging:
     path: str
     seq: int
     layers: LayerRoot
-    ids: Identity | None = None
+    ids: UserIds
 
     @classmethod
-    def begin(cls, path: str, seq: int, ids: Identity | None = None) -> Staging:
+    def begin(cls, path: str, seq: int, ids: UserIds) -> Staging:
         """An empty staging tree at ``path`` (whatever an earlier attempt left is removed)."""
         rmtree(path)
         os.mkdir(path, 0o700)

@@ -5,14 +5,14 @@ nothing else writes or parses a frame: one encoder (:meth:`Frame.encode`, and
 :func:`encode_write_frames`, which builds the same bytes around file data read straight
 into the frame buffer) and one decoder (:class:`FrameReader` over :meth:`Frame.decode`).
 
-Wire format (version 4)
+Wire format (version 5)
 =======================
 
 Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   4 (see "Versions" below)
+             version  u8   5 (see "Versions" below)
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
              flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
                            RECORD: SKIP (2) = the seqs between the previous frame and
@@ -32,17 +32,24 @@ its SKIP flag included, and holds back only an incomplete record (MORE), so its
 followers reach exactly its position.  The upstream never needs a later record to
 say how far a follower is.
 
-The two HELLOs are authenticated with the shared key; every later frame with the
-session key HMAC-SHA256(shared key, b"sdeefs-replication" + replica nonce +
-upstream nonce), so a frame recorded in one session is worthless in another.
+The two HELLOs are authenticated with the HELLO key K: the shared key (``auth =
+"key"``), or 32 random bytes the replica sends inside a MUNGE credential that only
+uid 0 of the realm can decode (``auth = "munge"``, :mod:`.auth`); every later frame
+with the session key HMAC-SHA256(K, b"sdeefs-replication" + replica nonce + upstream
+nonce), so a frame recorded in one session is worthless in another.
 
 ==============  =========  ==========================================================
 frame           direction  seq / payload
 ==============  =========  ==========================================================
-HELLO           replica →  seq: first seq wanted.  nonce 16s, journal id 16s (zero:
-                           none held), flags u16 (QUERY: answer the head, stream
-                           nothing), port u16 (where this replica relays; 0: it
-                           does not), user (u16 + bytes), node (u16 + bytes)
+HELLO           replica →  seq: first seq wanted.  credential (u16 + bytes: the
+                           MUNGE credential carrying K; empty with a shared key),
+                           nonce 16s, journal id 16s (zero: none held), flags u16
+                           (QUERY: answer the head, stream nothing; RESYNC: a
+                           snapshot first, from the login node itself, never
+                           redirected), port u16 (where this replica relays; 0: it
+                           does not), user (u16 + bytes), node (u16 + bytes).  Its
+                           MAC is checked with the K that the credential yields
+                           (the credential is read first)
 HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s
 REDIRECT        ← upstream "host:port" of another upstream to ask (tree fan-out)
 RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, record
@@ -67,7 +74,8 @@ The code of an ERROR is what the receiver acts on (a replica told DIVERGED start
 over; a barrier that only ever heard NO_LAYER tells the SLURM prolog so); the
 message is for people and never parsed.
 
-Versions: 4 put the code before an ERROR's message (3 sent the message alone, so a
+Versions: 5 put a credential in front of the replica's HELLO (MUNGE authentication).
+4 put the code before an ERROR's message (3 sent the message alone, so a
 replica had to recognise "history diverged" by its text).  3 carries records in
 encoding version 2 of ``sdeefs.records`` (path fields with a u32 length, up to
 ``records.MAX_PATH``: trees deeper than PATH_MAX) and ACK subtree reports with a u32
@@ -81,10 +89,15 @@ alone, as versions 2 and 3 read it), which the old replica can read and shows; a
 replica says it of the old upstream's first frame.  Both ends must run the same release.
 
 Every byte from a peer is hostile: a frame with a bad magic, version, CRC, MAC or
-length is rejected; records are decoded strictly (``sdeefs.records``: no unsafe path,
-no device node) and made safe (:func:`sanitize`): set-user/group-ID bits are stripped
-from every mode, xattrs other than ``user.*`` and the overlay's own
-``trusted.overlay.*`` are refused (so no ``security.capability``).
+length is rejected; until a peer's first frame authenticated, a frame may not be
+larger than MAX_HANDSHAKE_PAYLOAD (:class:`FrameReader`), so a stranger costs a few
+KiB (and ``sdeefs-replicad`` keeps at most MAX_STRANGERS of them waiting); records
+are decoded strictly (``sdeefs.records``: no unsafe path, no device node) and made
+safe (:func:`sanitize`): set-user/group-ID bits are stripped from every mode.  What a
+replica then carries out is the one rule of ``sdeefs.replicable`` (the login node's
+door applies it too): a record it refuses, or one that does not decode, arrived in an
+authenticated frame and is the user's problem, not the link's (:class:`Refused`): the
+replica skips it, records the error and goes on.
 """
 
 from __future__ import annotations
@@ -96,7 +109,6 @@ import hmac
 import os
 import re
 import secrets
-import stat
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -107,15 +119,17 @@ import trio
 
 from .. import records as rec
 from ..errors import BadRecord
+from .auth import CredentialRefused, HelloAuth
 
 MAGIC = b"SDRP"
-VERSION = 4  # 3 + the ERROR frame's code
-OLD_VERSIONS = (2, 3)  # same frame header: told in their own version why they are refused
+VERSION = 5  # 4 + a credential in the replica's HELLO
+OLD_VERSIONS = (2, 3, 4)  # same frame header: told in their own version why they are refused
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
 MORE = 1
 SKIP = 2  # the seqs before this frame's were markers, not sent (a third of a journal)
 QUERY = 1  # HELLO flag: only tell me your head (the SLURM prolog's barrier), then close
+RESYNC = 2  # HELLO flag: send me a snapshot first, whatever I hold (``sdeefs replica resync``)
 FRAME_HEADER = struct.Struct("<4sBBHIQI")
 assert FRAME_HEADER.size == 24
 CRC = struct.Struct("<I")  # the header's last field, filled in once the frame is complete
@@ -128,15 +142,21 @@ assert RECORD_HEAD.size + 4 + rec.MAX_PATH + 4 + rec.MAX_HANDLE + 16 + CHUNK \
     <= MAX_FRAME_PAYLOAD
 NONCE_SIZE = 16
 ID_SIZE = 16
+# Until a peer's first frame is authenticated, a frame may carry at most this much (a HELLO,
+# its answer, a REDIRECT or an ERROR all fit), and the reader asks the socket for at most
+# HANDSHAKE_READ bytes at a time: a peer that cannot authenticate makes the daemon hold a
+# few KiB, not a 2 MiB frame (issue 14: 200 such peers cost 480 MiB before).
+MAX_HANDSHAKE_PAYLOAD = 8192
+HANDSHAKE_READ = 16384
 NO_ID = bytes(ID_SIZE)
 HELLO_FIXED = struct.Struct("<HH")  # after nonce and journal id: flags, relay port
+CREDENTIAL_LENGTH = struct.Struct("<H")  # a HELLO's credential: u16 length + bytes
 NAME_LENGTH = struct.Struct("<H")  # user and node names: u16 length + bytes
 REPORT_COUNT = struct.Struct("<I")
 REPORT_ENTRY = struct.Struct("<Q")  # after the node's name
 REPORT_INTERVAL = 1.0  # seconds: at most one subtree report per link this often
 ERROR_CODE = struct.Struct("<H")
 MAX_ERROR_MESSAGE = 4096  # bytes of an ERROR's message
-ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
 DEFAULT_PORT = 7077
 _NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\Z")
 
@@ -173,6 +193,13 @@ class HistoryDiverged(ProtocolError):
     its unsynced tail in a crash of the login node): the replica must start over."""
 
     code = ErrorCode.DIVERGED
+
+
+class Refused(ProtocolError):
+    """A record from an authenticated frame that a replica must not carry out (it does not
+    decode, ``sdeefs.replicable`` refuses it, or this copy cannot apply it): the user's
+    problem, not the link's.  A replica skips it and records the error; a snapshot that
+    holds one changes nothing (as any ProtocolError)."""
 
 
 class NoLayer(ProtocolError):
@@ -231,8 +258,8 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 # -- frames ----------------------------------------------------------------------------------
 
 
-def session_key(shared_key: bytes, replica_nonce: bytes, upstream_nonce: bytes) -> bytes:
-    return hmac.new(shared_key, b"sdeefs-replication" + replica_nonce + upstream_nonce,
+def session_key(hello_key: bytes, replica_nonce: bytes, upstream_nonce: bytes) -> bytes:
+    return hmac.new(hello_key, b"sdeefs-replication" + replica_nonce + upstream_nonce,
                     hashlib.sha256).digest()
 
 
@@ -248,7 +275,8 @@ def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: by
         view[end:] = hmac.new(key, view[:end], hashlib.sha256).digest()
 
 
-def _decode_header(header: bytes) -> tuple[int, int, int, int, int]:
+def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
+                   ) -> tuple[int, int, int, int, int]:
     """(type, flags, length, seq, crc) of a frame header; ProtocolError if malformed."""
     if len(header) != FRAME_HEADER.size:
         raise ProtocolError("truncated frame header")
@@ -259,8 +287,10 @@ def _decode_header(header: bytes) -> tuple[int, int, int, int, int]:
         raise VersionMismatch(version)
     if ftype not in FRAME_TYPES or flags & ~(MORE | SKIP):
         raise ProtocolError(f"bad frame type {ftype} or flags {flags:#x}")
-    if length > MAX_FRAME_PAYLOAD:
-        raise ProtocolError(f"frame of {length} bytes is too large")
+    if length > max_payload:
+        raise ProtocolError(f"frame of {length} bytes is too large" if max_payload ==
+                            MAX_FRAME_PAYLOAD else f"a first frame of {length} bytes (at most "
+                            f"{max_payload} before authentication)")
     return ftype, flags, length, seq, crc
 
 
@@ -299,7 +329,10 @@ class Frame:
 class FrameReader:
     """Frames from a stream through one buffer: a stream of small records costs one
     ``recv`` per READ_SIZE bytes, not three awaits per frame.  It may read ahead of the
-    frames asked for, so once a stream has a reader every frame comes through it."""
+    frames asked for, so once a stream has a reader every frame comes through it.
+
+    A new reader trusts nothing: frames of at most MAX_HANDSHAKE_PAYLOAD, reads of at most
+    HANDSHAKE_READ, until :meth:`trust` (called once the peer's HELLO authenticated)."""
 
     READ_SIZE = 1 << 20
 
@@ -307,13 +340,19 @@ class FrameReader:
         self.stream = stream
         self.buf = bytearray()
         self.pos = 0
+        self.max_payload = MAX_HANDSHAKE_PAYLOAD
+        self.read_size = HANDSHAKE_READ
+
+    def trust(self) -> None:
+        """The peer authenticated: frames and reads of full size from now on."""
+        self.max_payload, self.read_size = MAX_FRAME_PAYLOAD, self.READ_SIZE
 
     async def _fill(self, need: int, started: bool) -> None:
         while len(self.buf) - self.pos < need:
             if self.pos:
                 del self.buf[:self.pos]
                 self.pos = 0
-            chunk = await self.stream.receive_some(max(need - len(self.buf), self.READ_SIZE))
+            chunk = await self.stream.receive_some(max(need - len(self.buf), self.read_size))
             if not chunk:
                 if started or self.buf:
                     raise ProtocolError("connection closed in the middle of a frame")
@@ -322,16 +361,33 @@ class FrameReader:
 
     async def frame(self, key: bytes) -> Frame:
         """The next verified frame; EOFError at a clean end of stream."""
+        return Frame.decode(*await self._raw_frame(), key)
+
+    async def hello_frame(self, auth: HelloAuth) -> tuple[Frame, bytes]:
+        """A peer's first frame, a HELLO verified with the K its credential yields: (the
+        frame, K).  ProtocolError if it is not a HELLO or does not authenticate."""
+        header, payload, mac = await self._raw_frame()
+        if FRAME_HEADER.unpack(header)[2] != HELLO:
+            raise ProtocolError("expected HELLO")
+        credential = _take_credential(payload)[0]
+        try:
+            k = await auth.accept(credential)
+        except CredentialRefused as exc:
+            raise ProtocolError(f"HELLO not authenticated: {exc}") from None
+        return Frame.decode(header, payload, mac, k), k
+
+    async def _raw_frame(self) -> tuple[bytes, bytes, bytes]:
+        """(header, payload, mac) of the next frame, its header checked, nothing verified."""
         await self._fill(FRAME_HEADER.size, False)
         header = bytes(self.buf[self.pos:self.pos + FRAME_HEADER.size])
         try:
-            length = _decode_header(header)[2]
+            length = _decode_header(header, self.max_payload)[2]
         except VersionMismatch:
             # Take in the rest of the peer's frame (the header is the same in every
             # version): closing on unread bytes would reset the connection, and the
             # ERROR telling the peer why could be lost with it.
             length = FRAME_HEADER.unpack(header)[4]
-            if length <= MAX_FRAME_PAYLOAD:
+            if length <= self.max_payload:
                 with contextlib.suppress(EOFError, ProtocolError):
                     await self._fill(FRAME_HEADER.size + length + MAC_SIZE, True)
             raise
@@ -341,7 +397,7 @@ class FrameReader:
         with memoryview(self.buf) as view:  # one copy of the payload, not two
             payload = bytes(view[start + FRAME_HEADER.size:start + total - MAC_SIZE])
             mac = bytes(view[start + total - MAC_SIZE:start + total])
-        return Frame.decode(header, payload, mac, key)
+        return header, payload, mac
 
 
 # -- ERROR -----------------------------------------------------------------------------------
@@ -404,21 +460,36 @@ def _take_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
     return raw.decode(), offset + NAME_LENGTH.size + length
 
 
-def encode_hello(hello: Hello) -> Frame:
-    payload = (hello.nonce + hello.journal_id + HELLO_FIXED.pack(hello.flags, hello.port)
+def encode_hello(hello: Hello, credential: bytes = b"") -> Frame:
+    payload = (CREDENTIAL_LENGTH.pack(len(credential)) + credential + hello.nonce
+               + hello.journal_id + HELLO_FIXED.pack(hello.flags, hello.port)
                + _name_field(hello.user) + _name_field(hello.node))
     return Frame(HELLO, hello.want, payload)
 
 
+def _take_credential(payload: bytes) -> tuple[bytes, int]:
+    """A HELLO payload's credential, and where the rest begins."""
+    if len(payload) < CREDENTIAL_LENGTH.size:
+        raise ProtocolError("malformed HELLO")
+    (length,) = CREDENTIAL_LENGTH.unpack_from(payload)
+    end = CREDENTIAL_LENGTH.size + length
+    if end > len(payload):
+        raise ProtocolError("malformed HELLO")
+    return payload[CREDENTIAL_LENGTH.size:end], end
+
+
 def decode_hello(frame: Frame) -> Hello:
-    payload = frame.payload
-    if frame.type != HELLO or len(payload) < NONCE_SIZE + ID_SIZE + HELLO_FIXED.size:
+    if frame.type != HELLO:
         raise ProtocolError("expected HELLO")
+    start = _take_credential(frame.payload)[1]
+    payload = frame.payload[start:]
+    if len(payload) < NONCE_SIZE + ID_SIZE + HELLO_FIXED.size:
+        raise ProtocolError("malformed HELLO")
     nonce, jid = payload[:NONCE_SIZE], payload[NONCE_SIZE:NONCE_SIZE + ID_SIZE]
     flags, port = HELLO_FIXED.unpack_from(payload, NONCE_SIZE + ID_SIZE)
     user, offset = _take_name(payload, NONCE_SIZE + ID_SIZE + HELLO_FIXED.size, "user name")
     node, offset = _take_name(payload, offset, "node name")
-    if offset != len(payload) or flags & ~QUERY or frame.seq < 1:
+    if offset != len(payload) or flags & ~(QUERY | RESYNC) or frame.seq < 1:
         raise ProtocolError("malformed HELLO")
     return Hello(nonce, jid, user, node, frame.seq, flags, port)
 
@@ -432,12 +503,13 @@ class Session:
     key: bytes
 
 
-async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, shared_key: bytes,
+async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: HelloAuth,
                      hello: Hello) -> Session:
     """The replica's side of the handshake.  Raises Redirected, or the upstream's refusal
     as its type (``decode_error``), or ProtocolError."""
-    await stream.send_all(encode_hello(hello).encode(shared_key))
-    answer = await reader.frame(shared_key)
+    credential, k = await auth.credential()
+    await stream.send_all(encode_hello(hello, credential).encode(k))
+    answer = await reader.frame(k)
     if answer.type == REDIRECT:
         address = answer.payload.decode(errors="replace")
         try:
@@ -449,16 +521,18 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, shared_ke
         raise decode_error(answer, "upstream refused: ")
     if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
         raise ProtocolError("the upstream did not answer HELLO")
+    reader.trust()
     return Session(answer.seq, answer.payload[NONCE_SIZE:],
-                   session_key(shared_key, hello.nonce, answer.payload[:NONCE_SIZE]))
+                   session_key(k, hello.nonce, answer.payload[:NONCE_SIZE]))
 
 
-async def answer_hello(stream: trio.abc.SendStream, shared_key: bytes, hello: Hello, head: int,
+async def answer_hello(stream: trio.abc.SendStream, hello_key: bytes, hello: Hello, head: int,
                        journal_id: bytes) -> bytes:
-    """The upstream's side of the handshake: answer ``hello``; return the session key."""
+    """The upstream's side of the handshake: answer ``hello`` (authenticated with
+    ``hello_key``, its K); return the session key."""
     nonce = secrets.token_bytes(NONCE_SIZE)
-    await stream.send_all(Frame(HELLO, head, nonce + journal_id).encode(shared_key))
-    return session_key(shared_key, hello.nonce, nonce)
+    await stream.send_all(Frame(HELLO, head, nonce + journal_id).encode(hello_key))
+    return session_key(hello_key, hello.nonce, nonce)
 
 
 def encode_report(report: list[tuple[str, int]]) -> bytes:
@@ -504,33 +578,29 @@ def encode_record_payload(record: rec.Record, data: bytes = b"") -> bytes:
 def decode_record_payload(payload: bytes) -> tuple[rec.Record, bytes]:
     """(record, data) from a RECORD payload, made safe to apply; ProtocolError otherwise."""
     if len(payload) < RECORD_HEAD.size:
-        raise ProtocolError("record frame too short")
+        raise Refused("record frame too short")
     rtype, length = RECORD_HEAD.unpack_from(payload)
     end = RECORD_HEAD.size + length
     if end > len(payload):
-        raise ProtocolError("record runs past the frame")
+        raise Refused("record runs past the frame")
     try:
         record = rec.decode_record(rtype, bytes(payload[RECORD_HEAD.size:end]))
     except BadRecord as exc:
-        raise ProtocolError(f"bad record: {exc}") from None
+        raise Refused(f"bad record: {exc}") from None
     data = payload[end:]
     if isinstance(record, rec.Write):
         if len(data) > record.length:
-            raise ProtocolError("more data than the write record covers")
+            raise Refused("more data than the write record covers")
     elif data:
-        raise ProtocolError("data attached to a record that takes none")
+        raise Refused("data attached to a record that takes none")
     return sanitize(record), data
 
 
 def sanitize(record: rec.Record) -> rec.Record:
-    """What a replica applies: no set-ID bits, only the xattrs an upper legitimately has."""
+    """What a replica applies: no set-ID bits (whether it applies it at all is
+    ``sdeefs.replicable``'s rule)."""
     if isinstance(record, rec.Mkdir | rec.Mknod | rec.Setattr) and record.mode & 0o6000:
         record = attrs.evolve(record, mode=record.mode & ~0o6000)
-    if isinstance(record, rec.Setxattr | rec.Removexattr) and not record.name.startswith(
-            ALLOWED_XATTR_PREFIXES):
-        raise ProtocolError(f"xattr {record.name[:64]!r} is not replicated")
-    if isinstance(record, rec.Mknod) and stat.S_ISCHR(record.mode) and record.mode & 0o7777:
-        raise ProtocolError("a whiteout must have mode 0")
     return record
 
 

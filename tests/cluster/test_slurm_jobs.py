@@ -180,8 +180,8 @@ def open_grid(nodes: int, barrier_timeout: int = 90) -> Iterator[Grid]:
         with open_site(extra=extra) as site:
             for which in ("prolog", "epilog"):
                 (base / f"{which}.sh").write_text(
-                    f"#!/bin/sh\nSDEEFS_CONFIG={site.config} exec {VENV_BIN / 'sdeefs'} "
-                    f"job-{which} 2>>{base}/{which}-$SLURMD_NODENAME.log\n")
+                    f"#!/bin/sh\nSDEEFS_CONFIG={site.config} exec {VENV_BIN}/sdeefs-{which} "
+                    f"2>>{base}/{which}-$SLURMD_NODENAME.log\n")
                 os.chmod(base / f"{which}.sh", 0o755)
             user = site.add_user()
             for i in range(1, nodes + 1):  # each node's local disk: not the host root's fs

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import stat
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -1463,6 +1464,45 @@ def test_what_records_cannot_carry_is_refused_before_anything_is_journaled(env: 
     env.fs.rename(env.ino(high), b"s", env.ino(low), b"s", 0)
     env.fs.rename(ROOT_INO, _levels(1, b"y")[0], env.ino(b"a"), _levels(1, b"y")[0], 0)
     assert env.read(deepest + b"/" + fits) == b"at the cap"
+    assert_consistent(env)
+
+
+# --------------------------------------------------------------------------
+# the door: nothing is journaled that no replica carries (sdeefs.replicable)
+
+
+def _cap_v3(rootid: int) -> bytes:
+    return struct.pack("<IIIIII", 0x03000001, 1 << 13, 0, 0, 0, rootid)
+
+
+def test_the_door_refuses_what_no_replica_carries_before_journaling(env: Env) -> None:
+    os.chown(env.upper, 4242, 4242)  # the launcher's user owns the layer
+    cap_v2 = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    mkfile(env.lower / "ping", b"host binary", 0o755)
+    os.setxattr(env.lower / "ping", "security.capability", cap_v2)  # host root's capability
+    os.setxattr(env.lower / "ping", "user.note", b"kept")
+    fs = env.fs
+    env.create_file(b"", b"f", b"data")
+    ino = env.ino(b"f")
+    assert env.journal is not None
+    head = env.journal.head
+    for name, value in ((b"security.selinux", b"x"), (b"trusted.evil", b"1"),
+                        (b"security.capability", cap_v2), (b"security.capability",
+                                                           _cap_v3(4243)),
+                        (b"security.capability", _cap_v3(0))):
+        with raises_errno(errno.EPERM):
+            fs.setxattr(ino, name, value)
+    assert env.journal.head == head  # nothing journaled
+    assert os.listxattr(env.upper / "f") == []
+    fs.setxattr(ino, b"security.capability", _cap_v3(4242))  # `setcap` inside: the user's
+    assert os.getxattr(env.upper / "f", "security.capability") == _cap_v3(4242)
+    fs.removexattr(ino, b"security.capability")
+    with raises_errno(errno.ENODATA):  # absent: ENODATA, before the rule
+        fs.removexattr(ino, b"system.posix_acl_default")
+    # A copy-up does not carry the host's privileges into the user's layer.
+    fs.setattr(env.ino(b"ping"), AttrChange(mode=0o700))
+    assert sorted(os.listxattr(env.upper / "ping")) == ["trusted.overlay.origin", "user.note"]
+    assert (env.upper / "ping").read_bytes() == b"host binary"
     assert_consistent(env)
 
 

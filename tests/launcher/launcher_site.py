@@ -20,7 +20,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-VENV_BIN = Path(sys.executable).parent
+# The installed runtime (tests/conftest.py installs it with scripts/install.sh), or this
+# venv's when pytest runs without root.
+VENV_BIN = Path(os.environ.get("SDEEFS_TEST_BIN") or Path(sys.executable).parent)
 ENTER = VENV_BIN / "sdeefs-enter"
 SHELL = VENV_BIN / "sdeefs-shell"
 
@@ -91,7 +93,7 @@ class Site:
                 "SDEEFS_RUN_DIR": str(self.run_dir)}
 
     def sdeefs(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "sdeefs", *args], env=self.env(),
+        result = subprocess.run([str(VENV_BIN / "sdeefs"), *args], env=self.env(),
                                 capture_output=True, text=True, timeout=120)
         if check and result.returncode != 0:
             raise AssertionError(f"sdeefs {' '.join(args)}: {result.stderr.strip()}")

@@ -70,3 +70,89 @@ def test_a_user_without_a_layer_gets_a_job_without_an_environment(site: Site) ->
     assert f"{user} has no sdeefs environment; the job runs without one" in prolog.stderr
     assert took < BARRIER_TIMEOUT / 2, took
     assert not (base / "n1-jobs" / "7.run").exists()
+    # Its steps run bare: sdeefs-run runs the command as it is.
+    step = subprocess.run(["runuser", "-u", user, "--", str(VENV_BIN / "sdeefs-run"), "--",
+                           "sh", "-c", "echo bare $(id -u)"], capture_output=True, text=True,
+                          timeout=60, env={**site.env(), "SLURM_JOB_ID": "7",
+                                           "SLURMD_NODENAME": "n1"})
+    assert step.returncode == 0, step.stderr
+    assert step.stdout.split() == ["bare", str(site.uid(user))]
+
+
+def _hook(site: Site, which: str, user: str, job: str = "8"
+          ) -> subprocess.CompletedProcess[str]:
+    """``sdeefs-prolog``/``-epilog`` as slurmd runs them, on node n1."""
+    return subprocess.run([str(VENV_BIN / f"sdeefs-{which}")], capture_output=True, text=True,
+                          timeout=60, env={**site.env(), "SLURM_JOB_ID": job,
+                                           "SLURM_JOB_USER": user, "SLURMD_NODENAME": "n1"})
+
+
+def test_a_users_problem_fails_the_job_and_a_nodes_problem_fails_the_prolog(site: Site) -> None:
+    """SLURM drains a node whose prolog fails: only the node's own problems may do that."""
+    user = site.add_user()
+    base = site.base / "nodes"
+    base.mkdir()
+    (base / "key").write_text(os.urandom(32).hex())
+    os.chmod(base / "key", 0o600)
+    port = _free_port()  # nothing listens there: the login node is unreachable
+    with site.config.open("a") as f:
+        f.write(f'\n[replication]\nlogin = "127.0.0.1:{port}"\nkey_file = "{base}/key"\n'
+                f'control = "{base}/%n.sock"\nreplica_dir = "{base}/%n-replicas"\n'
+                f'job_dir = "{base}/%n-jobs"\nbarrier_timeout = 2\n')
+    # The node's problem: its replicad is not running.
+    prolog = _hook(site, "prolog", user)
+    assert prolog.returncode != 0
+    assert prolog.stderr.count("\n") == 1, prolog.stderr
+    assert "sdeefs-replicad is not running" in prolog.stderr
+    # The user's problem: the stream does not reach the barrier in time.
+    daemon = _start_replicad(base, "n1", "--replica-dir", str(base / "n1-replicas"),
+                             "--upstream", f"127.0.0.1:{port}")
+    try:
+        prolog = _hook(site, "prolog", user)
+    finally:
+        daemon.kill()
+        daemon.wait(10)
+    assert prolog.returncode == 0, prolog.stderr
+    assert "the node stays in service" in prolog.stderr
+    step = subprocess.run(["runuser", "-u", user, "--", str(VENV_BIN / "sdeefs-run"), "--",
+                           "echo", "ran"], capture_output=True, text=True, timeout=60,
+                          env={**site.env(), "SLURM_JOB_ID": "8", "SLURMD_NODENAME": "n1"})
+    assert step.returncode == 1
+    assert step.stdout == ""
+    lines = step.stderr.splitlines()
+    assert len(lines) == 1, step.stderr
+    assert lines[0].startswith("sdeefs-run: job 8 on n1: ")
+    assert "not at the barrier" in lines[0]
+    epilog = _hook(site, "epilog", user)
+    assert epilog.returncode == 0, epilog.stderr
+    assert not (base / "n1-jobs" / "8.problem").exists()
+    # An unreadable config is the node's problem too.
+    os.chmod(site.config, 0)
+    try:
+        prolog = subprocess.run([str(VENV_BIN / "sdeefs-prolog")], capture_output=True,
+                                text=True, timeout=60, user=site.uid(user),
+                                env={**site.env(), "SLURM_JOB_ID": "9",
+                                     "SLURM_JOB_USER": user, "SLURMD_NODENAME": "n1"})
+    finally:
+        os.chmod(site.config, 0o644)
+    assert prolog.returncode != 0
+    assert prolog.stderr.count("\n") == 1, prolog.stderr
+
+
+def test_install_slurm_links_the_job_commands_into_a_prefix(tmp_path: Path) -> None:
+    for _ in range(2):  # again: our links are replaced
+        out = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--prefix",
+                              str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    for sub, name in (("bin", "sdeefs-run"), ("sbin", "sdeefs-prolog"),
+                      ("sbin", "sdeefs-epilog")):
+        link = tmp_path / sub / name
+        assert link.resolve() == (VENV_BIN / name).resolve()
+        assert f"installed {link}" in out
+    assert f"Prolog={tmp_path}/sbin/sdeefs-prolog" in out
+    (tmp_path / "bin" / "sdeefs-run").unlink()
+    (tmp_path / "bin" / "sdeefs-run").write_text("someone else's\n")
+    refused = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--prefix",
+                              str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode == 4
+    assert "not replaced" in refused.stderr
+    assert (tmp_path / "bin" / "sdeefs-run").read_text() == "someone else's\n"

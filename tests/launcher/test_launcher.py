@@ -121,8 +121,7 @@ def test_sessions_share_one_environment(site: Site) -> None:
     user = site.add_user()
     site.start(user)
     sleeper = subprocess.Popen(["runuser", "-u", user, "--", "env",
-                                f"SDEEFS_RUN_DIR={site.run_dir}", str(Path(sys.executable).parent
-                                                                     / "sdeefs-shell"),
+                                f"SDEEFS_RUN_DIR={site.run_dir}", str(SHELL),
                                 "-c", "exec sleep 30"])
     try:
         deadline = time.monotonic() + 10
@@ -289,13 +288,13 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
                 ({"op": "start", "engine": "nfs"}, "unknown engine 'nfs'"),
                 ({"op": "reboot"}, "unknown op 'reboot'"),
                 (["start"], "not a JSON object")):
-            out = subprocess.run(["runuser", "-u", bob, "--", sys.executable, "-c", probe,
-                                  json.dumps(request)], capture_output=True, text=True,
+            out = subprocess.run(["runuser", "-u", bob, "--", str(VENV_BIN / "python"), "-c",
+                                  probe, json.dumps(request)], capture_output=True, text=True,
                                  timeout=30)
             reply = json.loads(out.stdout)
             assert reply["ok"] is False, request
             assert error in reply["error"]
-        raw = subprocess.run(["runuser", "-u", bob, "--", sys.executable, "-c", probe,
+        raw = subprocess.run(["runuser", "-u", bob, "--", str(VENV_BIN / "python"), "-c", probe,
                               "not json"], capture_output=True, text=True, timeout=30)
         assert json.loads(raw.stdout)["error"] == "bad request: not JSON"
         assert service.poll() is None  # still serving after all of that

@@ -9,6 +9,7 @@ import stat
 import struct
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -21,9 +22,11 @@ from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.identity import Identity
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
+from sdeefs.replicable import NOBODY, UserIds, of_identity, user_ids
+from sdeefs.replication.auth import SharedKey
 from sdeefs.replication.relay import Downstream
-from sdeefs.replication.replica import Follower, LinkStats, Replica
-from sdeefs.replication.snapshot import ForeignId
+from sdeefs.replication.replica import MAX_SKIPPED, Follower, LinkStats, Replica
+from sdeefs.replication.snapshot import snapshot_frames
 from sdeefs.replication.wire import (
     ACK,
     CHUNK,
@@ -46,7 +49,16 @@ from sdeefs.trees import signature
 from sdeefs.writeahead import read_write_data
 
 KEY = b"k" * 32
+AUTH = SharedKey(KEY)
 USER = "alice"
+ALICE_UID = 4242
+ALICE = user_ids(ALICE_UID, 4242)
+ALICE_OWNER = (ALICE_UID, 4242)  # what her records give their entries
+
+
+def _cap_v3(rootid: int) -> bytes:
+    """A v3 security.capability (effective, permitted CAP_NET_RAW) for ``rootid``."""
+    return struct.pack("<IIIIII", 0x03000001, 1 << 13, 0, 0, 0, rootid)
 
 
 class Login:
@@ -132,7 +144,7 @@ async def stream(login: Login, replica_dir: Path) -> tuple[int, int]:
     try:
         async with trio.open_nursery() as nursery:
             async def replica_side() -> None:
-                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+                await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
                 result["applied"] = replica.applied
 
             nursery.start_soon(replica_side)
@@ -194,16 +206,18 @@ def _frames(payloads: list[tuple[int, bytes, int]], key: bytes) -> bytes:
                     for seq, payload, flags in payloads)
 
 
-async def _hostile_session(tmp_path: Path, build: object) -> tuple[Replica, str]:
-    """Run a replica against a scripted upstream; return the replica and the error text."""
+async def _hostile_session(tmp_path: Path, build: object, ids: UserIds = NOBODY
+                           ) -> tuple[Replica, str]:
+    """Run a replica against a scripted upstream; return the replica (opened again: what
+    is on disk) and the error text."""
     left, right = trio.testing.memory_stream_pair()
     replica_dir = tmp_path / "replicas"
     errors: list[str] = []
-    replica = Replica.open(str(replica_dir / USER))
+    replica = Replica.open(str(replica_dir / USER), ids)
 
     async def replica_side() -> None:
         try:
-            await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+            await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
         except ProtocolError as exc:
             errors.append(str(exc))
 
@@ -214,11 +228,11 @@ async def _hostile_session(tmp_path: Path, build: object) -> tuple[Replica, str]
         await left.send_all(build(key))  # type: ignore[operator]
         await left.send_stream.aclose()  # half-close: the replica still answers
     replica.close()
-    return Replica.open(str(replica_dir / USER)), errors[0] if errors else ""
+    return Replica.open(str(replica_dir / USER), ids), errors[0] if errors else ""
 
 
 def _mkdir(path: bytes) -> bytes:
-    return encode_record_payload(rec.Mkdir(path, 0o755, 0, 0))
+    return encode_record_payload(rec.Mkdir(path, 0o755, *ALICE_OWNER))
 
 
 @pytest.mark.expect_log("sdeefs.replication.replica")
@@ -254,15 +268,103 @@ async def test_out_of_sequence_is_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("payload", [
     encode_record_payload(rec.Setxattr(b"upper/f", b"security.capability", b"\1" * 20)),
+    encode_record_payload(rec.Setxattr(b"upper/f", b"security.capability",
+                                       _cap_v3(ALICE_UID + 1))),  # another user's rootid
+    encode_record_payload(rec.Setxattr(b"upper/f", b"security.capability", _cap_v3(0))),
     encode_record_payload(rec.Setxattr(b"upper/f", b"trusted.evil", b"1")),
+    encode_record_payload(rec.Mkdir(b"upper/missing/child", 0o755, 0, 0)),  # cannot apply
     struct.pack("<HI", rec.Mknod.TYPE, 0) + b"",
     rec.encode_record(rec.Mkdir(b"upper/ok", 0o755, 0, 0))[1],  # missing the payload header
 ])
 @pytest.mark.expect_log("sdeefs.replication.replica")
-async def test_hostile_records_are_rejected(tmp_path: Path, payload: bytes) -> None:
-    replica, error = await _hostile_session(tmp_path, lambda key: _frames([(1, payload, 0)], key))
-    assert error
-    assert replica.applied == 0
+async def test_hostile_records_are_skipped_recorded_and_the_stream_goes_on(
+        tmp_path: Path, payload: bytes) -> None:
+    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o755, *ALICE_OWNER))
+    replica, error = await _hostile_session(tmp_path, lambda key: _frames(
+        [(1, create, 0), (2, payload, 0), (3, _mkdir(b"upper/after"), 0)], key), ALICE)
+    assert error == ""  # not the link's problem: it stayed up
+    assert replica.applied == 3
+    assert (tmp_path / "replicas" / USER / "upper" / "after").is_dir()
+    assert [r.seq for r in replica.skipped.records] == [2]  # kept on disk, by seq
+    assert replica.skipped.count == 1
+    assert "record 2 was skipped" in replica.skipped.summary()
+    names = os.listxattr(tmp_path / "replicas" / USER / "upper" / "f")
+    assert not [n for n in names if not n.startswith("user.")], names
+
+
+async def test_a_file_capability_for_the_users_own_rootid_is_carried(tmp_path: Path) -> None:
+    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o755, *ALICE_OWNER))
+    cap = _cap_v3(ALICE_UID)
+    setcap = encode_record_payload(rec.Setxattr(b"upper/f", b"security.capability", cap))
+    replica, error = await _hostile_session(
+        tmp_path, lambda key: _frames([(1, create, 0), (2, setcap, 0)], key), ALICE)
+    assert error == ""
+    assert replica.applied == 2
+    assert replica.skipped.count == 0
+    assert os.getxattr(tmp_path / "replicas" / USER / "upper" / "f",
+                       "security.capability") == cap
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_a_refused_chunked_write_is_skipped_once_whole(tmp_path: Path) -> None:
+    first = struct.pack("<HI", rec.Write.TYPE, 999) + b"abcd"  # does not decode
+    second = encode_record_payload(rec.Write(b"upper/f", b"", 4, 4), b"efgh")
+    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, *ALICE_OWNER))
+    replica, error = await _hostile_session(tmp_path, lambda key: _frames(
+        [(1, create, 0), (2, first, MORE), (2, second, 0),
+         (3, _mkdir(b"upper/after"), 0)], key), ALICE)
+    assert error == ""
+    assert replica.applied == 3
+    assert replica.skipped.count == 1
+    assert replica.skipped.records[0].seq == 2
+    assert (tmp_path / "replicas" / USER / "upper" / "f").read_bytes() == b""  # nothing of it
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+def test_skipped_records_are_kept_bounded_and_cleared_by_a_snapshot_or_reset(
+        tmp_path: Path) -> None:
+    replica = Replica.open(str(tmp_path / "r"), ALICE)
+    replica.adopt(JOURNAL_ID)
+    bad = rec.Setxattr(b"upper", b"security.selinux", b"x")
+    _accept_all(replica, [(seq, bad, None) for seq in range(1, MAX_SKIPPED + 5)])
+    assert replica.skipped.count == MAX_SKIPPED + 4
+    assert [r.seq for r in replica.skipped.records] == list(range(1, MAX_SKIPPED + 1))
+    for seq in (5, MAX_SKIPPED + 4):  # delivered again after a crash: counted once
+        again = replica.skipped.plus(attrs.evolve(replica.skipped.records[0], seq=seq))
+        assert again == replica.skipped
+    replica.close()
+    replica = Replica.open(str(tmp_path / "r"), ALICE)
+    assert replica.skipped.count == MAX_SKIPPED + 4  # on disk
+    # a verified snapshot makes the copy faithful again
+    source = tmp_path / "source"
+    _sample_tree(source)
+    os.chown(source, *ALICE_OWNER)
+    for dirpath, dirnames, filenames in os.walk(source):  # a user's upper holds her ids
+        for name in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, name), *ALICE_OWNER)
+    digest: list[bytes] = []
+    frames = list(snapshot_frames(str(source), 50, digest))
+    replica.begin_snapshot(50)
+    for frame in frames:
+        replica.accept_snapshot(frame)
+    replica.finish_snapshot(50, digest[0])
+    assert replica.skipped.count == 0
+    assert not os.path.exists(replica.dirs.skipped)
+    _accept_all(replica, [(51, bad, None)])
+    assert replica.skipped.count == 1
+    replica.reset()
+    assert replica.skipped.count == 0
+    assert not os.path.exists(replica.dirs.skipped)
+    replica.close()
+    # a damaged list says the copy is not to be trusted
+    replica = Replica.open(str(tmp_path / "r2"), ALICE)
+    replica.adopt(JOURNAL_ID)
+    _accept_all(replica, [(1, bad, None)])
+    replica.close()
+    Path(replica.dirs.skipped).write_bytes(b"{")
+    replica = Replica.open(str(tmp_path / "r2"), ALICE)
+    assert replica.skipped.count == 1
+    replica.close()
 
 
 @pytest.mark.expect_log("sdeefs.replication.replica")
@@ -274,7 +376,7 @@ async def test_symlinked_parent_on_the_replica_is_not_followed(tmp_path: Path) -
     os.symlink(outside, upper / "link")
     replica, error = await _hostile_session(
         tmp_path, lambda key: _frames([(1, _mkdir(b"upper/link/escaped"), 0)], key))
-    assert error
+    assert replica.skipped.count == 1  # skipped, never followed
     assert os.listdir(outside) == []
 
 
@@ -621,7 +723,7 @@ async def test_a_replica_starts_over_on_the_diverged_code_not_on_the_text(
                     await reader.frame(key)  # the replica says why it ends the link too
             nursery.start_soon(upstream_refusing)
             with pytest.raises(ProtocolError) as info:
-                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+                await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
         assert type(info.value).__name__ == kind
         assert message.decode() in str(info.value)
     finally:
@@ -648,7 +750,7 @@ async def test_an_upstream_of_an_old_wire_version_is_one_clear_error(tmp_path: P
                 await left.send_all(old_error)
             nursery.start_soon(old_upstream)
             with pytest.raises(VersionMismatch):
-                await Follower(right, replica, KEY, USER, "n1", LinkStats()).run()
+                await Follower(right, replica, AUTH, USER, "n1", LinkStats()).run()
         assert (replica.applied, replica.journal_id) == (0, bytes(16))
     finally:
         replica.close()
@@ -712,7 +814,7 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
     from sdeefs.replication.relay import DownstreamLink, RelayBuffer, RelaySender
     from sdeefs.replication.wire import SNAPSHOT, SNAPSHOT_END
 
-    daemon = Daemon(DaemonConfig(node="n1", key=KEY))
+    daemon = Daemon(DaemonConfig(node="n1", auth=AUTH))
     replica = Replica.open(str(tmp_path / USER))
     size = 6 * CHUNK  # two reads of the tree at least, the first sent while the second waits
     _accept_all(replica, [(1, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 0, 0), None),
@@ -722,6 +824,7 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
                           daemon.locked_reads)  # as the daemon serves a relayed follower
     sender = RelaySender(link, replica, RelayBuffer(1 << 20), LinkStats(), 0, daemon.offload)
     reader = FrameReader(right)
+    reader.trust()  # the follower's end, past its (here omitted) handshake
     finished = False
     try:
         async with trio.open_nursery() as nursery:
@@ -742,10 +845,13 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
     assert finished
 
 
+@pytest.mark.expect_log("sdeefs.replication.replica")
 def test_a_replica_applies_only_its_users_ids(tmp_path: Path) -> None:
-    """The id door (docs/identity.md): the user's uid and groups, its subordinate ranges;
-    anything else is one clear error and changes nothing."""
-    ids = Identity.build(1001, 1001, (27,), (165536, 65536), (231072, 65536), 1000)
+    """The owner rule (sdeefs.replicable, docs/identity.md): the user's uid and groups, its
+    subordinate ranges; a record giving an entry any other id is skipped, naming the files
+    whose difference between nodes would explain it, and the stream goes on."""
+    ids = of_identity(Identity.build(1001, 1001, (27,), (165536, 65536), (231072, 65536),
+                                     1000))
     replica = Replica.open(str(tmp_path / USER), ids)
     _accept_all(replica, [
         (1, rec.Mkdir(b"upper/root-s", 0o755, 165536, 231072), None),
@@ -753,14 +859,15 @@ def test_a_replica_applies_only_its_users_ids(tmp_path: Path) -> None:
         (3, rec.Mkdir(b"upper/mine", 0o755, 1001, 27), None),
         (4, rec.Mknod(b"upper/gone", stat.S_IFCHR, 0, 0), None),  # a whiteout: 0/0 is fine
         (5, rec.Setattr(b"upper/mine", rec.SET_MODE, 0o700, 0, 0, 0, 0, 0), None),  # no owner
+        (6, rec.Mkdir(b"upper/host-root", 0o755, 0, 0), None),
+        (7, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 1002, 1001), None),
+        (8, rec.Symlink(b"upper/l", b"x", 165536 + 65536, 231072), None),
+        (9, rec.Setattr(b"upper/mine", rec.SET_OWNER, 0, 1001, 0, 0, 0, 0), None),
     ])
-    for seq, record in ((6, rec.Mkdir(b"upper/host-root", 0o755, 0, 0)),
-                        (6, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 1002, 1001)),
-                        (6, rec.Symlink(b"upper/l", b"x", 165536 + 65536, 231072)),
-                        (6, rec.Setattr(b"upper/mine", rec.SET_OWNER, 0, 1001, 0, 0, 0, 0))):
-        with pytest.raises(ForeignId, match="not one of the user's ids.*/etc/subuid"):
-            replica.accept(record_frames(seq, record, None)[0])
-    assert replica.applied == 5
+    assert replica.applied == 9
+    assert [r.seq for r in replica.skipped.records] == [6, 7, 8, 9]
+    assert "/etc/subuid" in replica.skipped.summary()
     assert sorted(os.listdir(tmp_path / USER / "upper")) == ["apt", "gone", "mine", "root-s"]
-    assert (tmp_path / USER / "upper" / "mine").stat().st_uid == 1001
+    st = (tmp_path / USER / "upper" / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (1001, 27)
     replica.close()

@@ -1,0 +1,101 @@
+"""The admin's commands on a real site: ``sdeefs remove-user`` and ``sdeefs doctor``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from .launcher_site import VENV_BIN, Site, requires_launcher
+
+pytestmark = requires_launcher
+
+
+def test_remove_user_after_userdel(site: Site) -> None:
+    """userdel leaves the layers: status says "deleted"; remove-user ends the environment
+    and deletes them (or keeps the upper aside, root-only, with --keep-upper)."""
+    gone, kept = site.add_user(), site.add_user()
+    for user in (gone, kept):
+        site.start(user)
+        site.run(user, "echo mine > /etc/motd.local")
+    subprocess.run(["userdel", "-f", gone], check=True, capture_output=True)
+    status = json.loads(site.sdeefs("status", "--json").stdout)
+    assert {row["user"]: row["exists"] for row in status}[gone] is False
+    assert "deleted" in site.sdeefs("status").stdout
+
+    removed = site.sdeefs("remove-user", gone).stdout
+    assert f"removed {site.root / gone}" in removed
+    assert not (site.root / gone).exists()
+    assert not (site.run_dir / gone).exists()
+    assert not site.leftovers() or all(gone not in m for m in site.leftovers())
+
+    out = site.sdeefs("remove-user", "--keep-upper", kept).stdout
+    kept_dir = Path(out.split("kept ", 1)[1].split()[0])
+    assert kept_dir.parent == site.root / ".removed"
+    assert (kept_dir / "etc" / "motd.local").read_text() == "mine\n"
+    assert os.stat(kept_dir.parent).st_mode & 0o777 == 0o700
+    assert kept not in [row["user"] for row in json.loads(site.sdeefs("status", "--json").stdout)]
+
+    again = site.sdeefs("remove-user", gone, check=False)
+    assert again.returncode == 2
+    assert again.stderr == f"sdeefs: nothing of {gone} on this node\n"
+    bad = site.sdeefs("remove-user", "../etc", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr == "sdeefs: not a user name: '../etc'\n"
+
+
+def test_doctor_names_what_is_wrong_and_the_fix(site: Site, tmp_path: Path) -> None:
+    key = site.base / "replication.key"
+    key.write_text(os.urandom(32).hex())
+    key.chmod(0o644)
+    replicas = site.base / "replicas"
+    replicas.mkdir()
+    control = site.base / "replicad.sock"
+    with site.config.open("a") as f:
+        f.write(f'\n[replication]\nlogin = "127.0.0.1:9"\nkey_file = "{key}"\n'
+                f'control = "{control}"\nreplica_dir = "{replicas}"\n'
+                f'job_dir = "{site.base / "jobs"}"\n')
+
+    def doctor() -> dict[str, dict[str, str]]:
+        result = site.sdeefs("doctor", "--role", "compute", "--json", check=False)
+        assert result.returncode in (0, 1), result.stderr
+        return {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+
+    found = doctor()
+    assert found["replication key"]["verdict"] == "fail"
+    assert "chmod 600" in found["replication key"]["detail"]
+    assert found["replicad"]["verdict"] == "fail"
+    assert "sdeefs-replicad@compute" in found["replicad"]["fix"]
+    assert found["replicas"]["verdict"] == "warn"  # on / here
+    assert found["idmapped mounts"]["verdict"] == "ok"
+
+    key.chmod(0o600)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "doctor-test", str(replicas)],
+                   check=True)
+    daemon = subprocess.Popen([str(VENV_BIN / "sdeefs-replicad"), "--role", "compute",
+                               "--node", "doctor-test"], env=site.env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not control.exists() and time.monotonic() < deadline:
+            assert daemon.poll() is None
+            time.sleep(0.05)
+        found = doctor()
+        assert found["replication key"]["verdict"] == "ok"
+        assert found["replicad"]["verdict"] == "ok", found["replicad"]
+        assert found["replicas"]["verdict"] == "ok"
+        text = site.sdeefs("doctor", "--role", "compute", check=False).stdout
+        assert all(line.split()[0] in ("ok", "warn", "fail") for line in text.splitlines())
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["umount", str(replicas)], check=True)

@@ -1,0 +1,106 @@
+"""The admin's install command (scripts/install.sh), run as the admin guide says, into
+directories of the test's own: what it installs, that users can run it, that it is
+idempotent, and that --uninstall removes exactly what it added."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "scripts" / "install.sh"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the system install runs as root")
+
+
+@pytest.fixture
+def site_dir() -> Iterator[Path]:
+    """A directory every user may search (pytest's own tmp_path is 0700 root's)."""
+    path = Path(tempfile.mkdtemp(prefix="sdeefs-install-test-", dir="/var/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path / "site"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _install(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(INSTALL), "--prefix", str(tmp / "opt"), "--bin-dir", str(tmp / "bin"),
+         "--sbin-dir", str(tmp / "sbin"), "--unit-dir", str(tmp / "units"), *extra],
+        capture_output=True, text=True, timeout=600)
+
+
+def test_install_then_uninstall(site_dir: Path) -> None:
+    tmp = site_dir
+    shells_before = Path("/etc/shells").read_text()
+    try:
+        first = _install(tmp)
+        assert first.returncode == 0, first.stderr
+        for name in ("sdeefs", "sdeefs-shell", "sdeefs-run"):
+            assert os.readlink(tmp / "bin" / name) == str(tmp / "opt" / "bin" / name)
+        for name in ("sdeefs-replicad", "sdeefs-launchd", "sdeefs-pam"):
+            assert (tmp / "sbin" / name).resolve().is_relative_to(tmp / "opt")
+        shell = str(tmp / "bin" / "sdeefs-shell")
+        assert shell in Path("/etc/shells").read_text().splitlines()
+        # Every user can run it: nobody runs the installed command (a 0700 checkout's own
+        # venv would give "Permission denied" here).
+        ran = subprocess.run(["runuser", "-u", "nobody", "--", str(tmp / "bin" / "sdeefs"),
+                              "--help"], capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, ran.stderr
+        assert os.access(tmp / "opt" / "bin" / "sdeefs-enter", os.X_OK)
+        units = {p.name: p.read_text() for p in (tmp / "units").iterdir()}
+        assert set(units) == {"sdeefs-launchd.service", "sdeefs-replicad@.service",
+                              "sdeefs-stop-idle.service", "sdeefs-stop-idle.timer",
+                              "sdeefs-scan-private.service", "sdeefs-scan-private.timer"}
+        assert f"ExecStart={tmp}/sbin/sdeefs-replicad --role %i" in \
+            units["sdeefs-replicad@.service"]
+        assert not any("@" in line for text in units.values()
+                       for line in text.splitlines()
+                       if line.startswith(("ExecStart", "Documentation")))
+        if shutil.which("systemd-analyze"):
+            verify = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                                     *(str(tmp / "units" / u) for u in units
+                                       if not u.endswith("@.service"))],
+                                    capture_output=True, text=True, timeout=60)
+            assert "ExecStart" not in verify.stderr, verify.stderr
+        again = _install(tmp)  # unchanged source: nothing reinstalled
+        assert again.returncode == 0, again.stderr
+        assert "installing into" not in again.stderr
+
+        gone = _install(tmp, "--uninstall")
+        assert gone.returncode == 0, gone.stderr
+        assert not (tmp / "opt").exists()
+        assert not list((tmp / "bin").iterdir())
+        assert not list((tmp / "sbin").iterdir())
+        assert not list((tmp / "units").iterdir())
+        assert Path("/etc/shells").read_text() == shells_before
+    finally:
+        if Path("/etc/shells").read_text() != shells_before:
+            Path("/etc/shells").write_text(shells_before)
+
+
+def test_install_leaves_a_foreign_file_alone(site_dir: Path) -> None:
+    tmp = site_dir
+    (tmp / "bin").mkdir(parents=True)
+    (tmp / "bin" / "sdeefs").write_text("#!/bin/sh\necho the site's own\n")
+    result = _install(tmp, "--no-system-files")
+    assert result.returncode == 0, result.stderr
+    assert "exists and is not a link: left alone" in result.stderr
+    assert (tmp / "bin" / "sdeefs").read_text() == "#!/bin/sh\necho the site's own\n"
+    assert _install(tmp, "--no-system-files", "--uninstall").returncode == 0
+    assert (tmp / "bin" / "sdeefs").exists()
+
+
+def test_bad_options_change_nothing() -> None:
+    result = subprocess.run([str(INSTALL), "--prefix", "relative/dir"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == "install.sh: relative/dir is not an absolute path\n"
+    assert not Path("relative").exists()
