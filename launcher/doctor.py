@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import glob
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 import attrs
 
 from sdeefs import config as config_mod
-from sdeefs import control
+from sdeefs import control, identity
 from sdeefs.config import SiteConfig
 from sdeefs.errors import QuietError
 from sdeefs.replication.daemon import load_key
@@ -71,6 +72,7 @@ def run_checks(role: str, config_path: str | None = None) -> list[Finding]:
     checks: list[Callable[[SiteConfig], Iterator[Finding]]] = [_kernel, _install, _key, _munge,
                                                                 _time_sync]
     checks += [_login_node] if role == "login" else [_compute_node]
+    checks.append(lambda cfg: subids(cfg, role))
     for check in checks:
         try:
             found.extend(check(cfg))
@@ -111,6 +113,26 @@ def _idmapped_mount(cfg: SiteConfig) -> Finding:
                        "a kernel >= 5.19 whose filesystem of the lower supports idmapped mounts")
     finally:
         os.rmdir(target)
+
+
+def subids(cfg: SiteConfig, role: str, subuid: str = identity.SUBUID,
+           subgid: str = identity.SUBGID) -> Iterator[Finding]:
+    """Every user who may have an environment has subordinate ranges here (docs/identity.md).
+    The login node allocates missing ones at login (warn); a compute node never does, and
+    its replicas refuse those users' subordinate ids (fail).  That they are the same on
+    every node, no node can tell alone: distribute the files."""
+    missing = [pw.pw_name for pw in pwd.getpwall()
+               if cfg.min_uid <= pw.pw_uid < 65534 and not all(
+                   identity.lookup_range(path, pw.pw_name, pw.pw_uid) for path in (subuid, subgid))]
+    if not missing:
+        yield ok("subordinate ids", f"every user from uid {cfg.min_uid} has ranges in {subuid}, "
+                 f"{subgid} (they must be the same on every node)")
+        return
+    names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    yield Finding("subordinate ids", Verdict.WARN if role == "login" else Verdict.FAIL,
+                  f"no range of 65536 ids in {subuid} or {subgid} for {names}",
+                  "copy the login node's /etc/subuid and /etc/subgid here" if role != "login"
+                  else "usermod --add-subuids/--add-subgids, or let the first login allocate")
 
 
 def _install(cfg: SiteConfig) -> Iterator[Finding]:

@@ -2,7 +2,8 @@
 
 An environment of user U is a tree of processes under one init process
 (``sdeefs-init``, PID 1 of its own PID namespace), in U's own user namespace
-(inside uid 0 = host uid U) and mount namespace, over a root that view.py builds.
+(inside root = U's first subordinate uid, U's own uid = itself: docs/identity.md) and
+mount namespace, over a root that view.py builds.
 Every session of U shares the one environment; its record (:class:`EnvRecord`) says
 which process is its init, which engine its root runs and how many sessions use it.
 
@@ -39,18 +40,20 @@ import logging
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
 
 import attrs
 
-from sdeefs import control, trees
+from sdeefs import control, identity, trees
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.fs import capture, daemon, image, kernel
 from sdeefs.fs.daemon import daemon_pid, end_after_unmount
 from sdeefs.fs.mount import umount
+from sdeefs.identity import Identity
 from sdeefs.journal import Journal
 from sdeefs.sysio import write_file_atomic
 
@@ -129,10 +132,12 @@ def _login(config: SiteConfig, user: User,
         yield dirs, EnvRecord.load(dirs.run)
 
 
-def _make_login_dirs(dirs: EnvDirs, user: User) -> None:
+def _make_login_dirs(config: SiteConfig, dirs: EnvDirs, user: User, ids: Identity) -> None:
     layer, owner = dirs.layer, (user.uid, user.gid)
+    # The upper's root is the view's "/": inside root's, with the host root's mode.
+    top = (layer.upper, ids.root, stat.S_IMODE(os.stat(config.lower).st_mode))
     make_dirs(((os.path.dirname(layer.path), ROOT_OWNED, 0o755), (layer.path, ROOT_OWNED, 0o700),
-               (layer.upper, owner, 0o700), (layer.state.path, ROOT_OWNED, 0o700),
+               top, (layer.state.path, ROOT_OWNED, 0o700),
                (layer.state.work, owner, 0o700), (layer.state.mnt, ROOT_OWNED, 0o700),
                (dirs.run.lower, ROOT_OWNED, 0o700)))
 
@@ -141,9 +146,10 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
                 engine: Engine) -> EnvRecord:
     """Tear down what is left of ``record``, then start the environment (no session yet)."""
     teardown(dirs, record)
-    _make_login_dirs(dirs, user)
+    ids = identity.of_user(user.name, config.min_uid, allocate=True)
+    _make_login_dirs(config, dirs, user, ids)
     engine = engine_for(dirs, engine)
-    init = view.start_login(config, user, dirs, engine)
+    init = view.start_login(config, user, ids, dirs, engine)
     _merge_package_database(config, dirs, engine)
     started = EnvRecord.started_now(user, init, engine)
     limits.apply(config, user.name, [started.holder_pid, started.init_pid])

@@ -16,8 +16,10 @@ The root of a login environment of user U is kernel overlayfs over four layers::
                                whatever only root may read on the host, also
                                entries created after the environment started
     lower  RUN/U/private/lower idmapped read-only bind of the host root:
-                               host root shows as U, so "root-owned" files are
-                               the user's to change inside (copy-up)
+                               system ids show as U's subordinate ids (inside
+                               root, _apt ...), U's own ids as themselves, every
+                               other id unmapped (sdeefs.identity), so system files
+                               are inside root's to change (copy-up)
 
 Engine fuse replaces all four with one mount, the pure sdeefs overlay at
 RUN/U/private/view, which applies the same rules itself.  A job's root (compute/job.py)
@@ -30,6 +32,7 @@ namespaces themselves are made by the C helper (enter.py).  Paths: layout.py.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import logging
 import os
@@ -50,9 +53,11 @@ from sdeefs.fs.mount import (
     begin_guard,
     mount,
     mount_passthrough,
+    umount,
 )
+from sdeefs.identity import Identity, format_map
 
-from . import enter
+from . import enter, migrate, slurm
 from .compute import private
 from .layout import EnvDirs, RunDirs
 from .procs import InitProcess
@@ -60,6 +65,9 @@ from .procs import InitProcess
 log = logging.getLogger(__name__)
 
 ALWAYS_EMPTY = ("/proc", "/sys", "/dev", "/run", "/tmp")  # the environment mounts its own
+# Denied directories the environment gets an empty one of, its own (in the upper), rather
+# than none: package tools write their logs there.
+OWN_WHEN_DENIED = ("/var/log",)
 
 
 @attrs.frozen
@@ -98,6 +106,25 @@ def is_inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
+def mkdir_as(path: str, mode: int, uid: int, gid: int) -> None:
+    """mkdir as ``uid``/``gid`` (this thread's fsuid/fsgid): through the journaling daemon,
+    whose id door refuses host root as a creator, the directory is the user's from its
+    journal record on.  The parent is opened as root first: the user may not traverse
+    the root-owned directories above it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc.setfsgid(gid)
+        libc.setfsuid(uid)
+        try:
+            os.mkdir(os.path.basename(path), mode, dir_fd=parent)
+        finally:
+            libc.setfsuid(0)  # per thread (the raw syscalls): launchd's workers keep theirs
+            libc.setfsgid(0)
+    finally:
+        os.close(parent)
+
+
 # -- the mask ---------------------------------------------------------------------------------
 
 
@@ -119,23 +146,26 @@ def mask_spec(config: SiteConfig, user: User, scan_private: bool = True) -> Mask
             # goes inside it (/home) or the environment mounts something there (/proc): then
             # it is emptied.  An emptied secret directory would keep its owner and mode
             # (/etc/munge: 0700, munge), and "permission denied" tells more than "no such file".
-            keep = pattern in ALWAYS_EMPTY or any(is_inside(p, "/" + os.fsdecode(rel))
-                                                  for p in needed)
+            keep = pattern in (*ALWAYS_EMPTY, *OWN_WHEN_DENIED) or \
+                any(is_inside(p, "/" + os.fsdecode(rel)) for p in needed)
             if os.path.isdir(path) and not os.path.islink(path) and keep:
                 empty.append(rel)
             else:
                 hidden.append(rel)
     covered = set(empty) | set(hidden)
     scanned = private.private_paths(lower, config.run_dir, scan_skip(config),
-                                    config.private_scan_age) if scan_private else []
+                                    config.private_scan_age, config.min_uid) \
+        if scan_private else []
     for rel in scanned:
         if not _below_any(rel, covered, itself=True):
             full = os.path.join(os.fsencode(lower), rel)
             (empty if os.path.isdir(full) and not os.path.islink(full) else hidden).append(rel)
-    # Nothing inside a vanished entry: its whiteout already hides all of it.
+    # Nothing inside a vanished entry: its whiteout already hides all of it.  No whiteout
+    # inside an emptied directory either: nothing below it shows, and overlayfs lists a
+    # whiteout in a directory it does not merge as a broken entry ("c?????????", /run/sdeefs).
     gone = set(hidden)
     empty = [e for e in empty if not _below_any(e, gone)]
-    hidden = [h for h in hidden if not _below_any(h, gone)]
+    hidden = [h for h in hidden if not _below_any(h, gone | set(empty))]
     mountpoints = [os.fsencode(p.lstrip("/")) for p in (user.home, *config.shared)
                    if any(is_inside(p, "/" + os.fsdecode(e)) for e in empty)]
     return MaskSpec(tuple(dict.fromkeys(empty)), tuple(dict.fromkeys(hidden)),
@@ -154,7 +184,7 @@ def _below_any(rel: bytes, dirs: set[bytes], itself: bool = False) -> bool:
 # -- the daemons of a login's root ------------------------------------------------------------
 
 
-def _ensure_upper_daemon(config: SiteConfig, dirs: EnvDirs) -> None:
+def _ensure_upper_daemon(config: SiteConfig, dirs: EnvDirs, ids: Identity) -> None:
     """Engine hybrid: the journaling passthrough of the upper, healthy (recovered after a crash)."""
     state = dirs.layer.state
     if mounted(state.mnt):
@@ -168,11 +198,11 @@ def _ensure_upper_daemon(config: SiteConfig, dirs: EnvDirs) -> None:
         detach(state.mnt)
     mount_passthrough(MountRequest(mountpoint=state.mnt, upper=dirs.layer.upper,
                                    state=state.path, lower="/", engine=Engine.FUSE,
-                                   cache_timeout=config.cache_timeout,
+                                   cache_timeout=config.cache_timeout, ids=ids,
                                    xattr_namespace="user", writeback_cache=False))
 
 
-def _begin_guard(config: SiteConfig, user: User, run: RunDirs) -> Callable[[], str]:
+def _begin_guard(config: SiteConfig, ids: Identity, run: RunDirs) -> Callable[[], str]:
     """Make sure the guard layer (sdeefs.fs.guard) of the user's view is mounted and healthy
     (remounted if its daemon died).  Its daemon starts now; the returned call waits for it,
     so that the upper's daemon can start meanwhile."""
@@ -184,9 +214,8 @@ def _begin_guard(config: SiteConfig, user: User, run: RunDirs) -> Callable[[], s
             log.warning("%s: the guard daemon died; remounting", run.guard)
             detach(run.guard)
     os.makedirs(run.guard, mode=0o700, exist_ok=True)
-    wait = begin_guard(GuardRequest(mountpoint=run.guard, lower=config.lower, uid=user.uid,
-                                    gid=user.gid, deny=config.deny, log=run.guard_log,
-                                    pid_file=run.guard_pid,
+    wait = begin_guard(GuardRequest(mountpoint=run.guard, lower=config.lower, ids=ids,
+                                    deny=config.deny, log=run.guard_log, pid_file=run.guard_pid,
                                     cache_timeout=config.cache_timeout))
 
     def wait_mounted() -> str:
@@ -196,7 +225,7 @@ def _begin_guard(config: SiteConfig, user: User, run: RunDirs) -> Callable[[], s
     return wait_mounted
 
 
-def _ensure_fuse_view(config: SiteConfig, user: User, dirs: EnvDirs) -> str:
+def _ensure_fuse_view(config: SiteConfig, ids: Identity, dirs: EnvDirs) -> str:
     """Engine fuse: the pure sdeefs overlay of the host root and the user's upper."""
     view = dirs.run.view
     if mounted(view):
@@ -207,47 +236,60 @@ def _ensure_fuse_view(config: SiteConfig, user: User, dirs: EnvDirs) -> str:
             log.warning("%s: the daemon died; remounting (the journal recovers)", view)
             detach(view)
     os.makedirs(view, mode=0o700, exist_ok=True)
-    # The same view as the other engines: host root shows as the user, the deny list and
-    # root-only entries are hidden (sdeefs.fs.guard's rules), sdeefs' own trees vanish, and
-    # /proc, /dev, /home ... are empty directories for the environment's own mounts.
+    own_when_denied = tuple(p for p in OWN_WHEN_DENIED if p in config.deny)
+    # The same view as the other engines: owners as the idmapped lower shows them, the deny
+    # list and what the user cannot read on the host are hidden (sdeefs.fs.guard's rules),
+    # sdeefs' own trees vanish, and /proc, /dev, /home, /var/log ... are empty directories
+    # (for the environment's own mounts, or its own files).
     mount(MountRequest(mountpoint=view, upper=dirs.layer.upper, state=dirs.layer.state.path,
                        lower=config.lower, engine=Engine.FUSE,
-                       excludes=tuple(p for p in (*ALWAYS_EMPTY, "/home")
+                       excludes=tuple(p for p in (*ALWAYS_EMPTY, "/home", *own_when_denied)
                                       if os.path.isdir(os.path.join(config.lower, p[1:]))),
                        cache_timeout=config.cache_timeout, xattr_namespace="user",
-                       root_owner=(user.uid, user.gid),
-                       deny=(*config.deny, config.root, config.run_dir)))
+                       ids=ids, deny=tuple(d for d in (*config.deny, config.root, config.run_dir)
+                                           if d not in own_when_denied)))
     return view
 
 
 # -- starting ---------------------------------------------------------------------------------
 
 
-def start_login(config: SiteConfig, user: User, dirs: EnvDirs, engine: Engine) -> InitProcess:
+def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
+                engine: Engine) -> InitProcess:
     """The daemons and mounts of a login environment of ``engine``, then its namespaces.
 
     The caller made ``dirs`` (env.py) and holds the environment's lock.
     """
     if engine == Engine.FUSE:
-        return _start_namespaces(config, user,
-                                 ["--root-view", _ensure_fuse_view(config, user, dirs)])
-    guard = _begin_guard(config, user, dirs.run)
+        if migrate.needed(dirs, ids) and not mounted(dirs.run.view):
+            _ensure_upper_daemon(config, dirs, ids)  # the chowns journaled, for replicas
+            try:
+                migrate.chown_tree(os.path.join(dirs.layer.state.mnt, "upper"), ids)
+            finally:
+                umount(dirs.layer.state.mnt)
+            migrate.mark(dirs, ids)
+        return _start_namespaces(config, user, ids,
+                                 ["--root-view", _ensure_fuse_view(config, ids, dirs)])
+    guard = _begin_guard(config, ids, dirs.run)
     try:
         if engine == Engine.HYBRID:
-            _ensure_upper_daemon(config, dirs)
+            _ensure_upper_daemon(config, dirs, ids)
             mnt = dirs.layer.state.mnt
             upper = os.path.join(mnt, "upper")
             work = os.path.join(mnt, "work", "ovl")  # made through the daemon: journaled
         elif engine == Engine.KERNEL:
-            upper, work = ensure_kernel_layer(config, user, dirs)
+            upper, work = ensure_kernel_layer(config, ids, dirs)
         else:
             upper, work = dirs.layer.upper, os.path.join(dirs.layer.state.work, "ovl")
+        if migrate.needed(dirs, ids):
+            migrate.chown_tree(upper, ids)
+            migrate.mark(dirs, ids)
     finally:
         guard_path = guard()  # waited for in any case: no daemon is left unreported
-    return launch(config, user, dirs.run, upper, work, guard=guard_path)
+    return launch(config, user, ids, dirs.run, upper, work, guard=guard_path)
 
 
-def launch(config: SiteConfig, user: User, run: RunDirs, upper: str, work: str,
+def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: str, work: str,
            middle: tuple[str, ...] = (), guard: str | None = None) -> InitProcess:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
     replica of the user's upper, on compute nodes) and the masked, idmapped host root.
@@ -257,34 +299,38 @@ def launch(config: SiteConfig, user: User, run: RunDirs, upper: str, work: str,
     compute/private.py hides those that existed when it ran.
     """
     if not os.path.isdir(work):
-        os.mkdir(work, 0o700)
-        os.chown(work, user.uid, user.gid)
+        mkdir_as(work, 0o700, user.uid, user.gid)
     if not mounted(run.lower):
-        enter.run(["idmap", "--uid", str(user.uid), "--gid", str(user.gid), config.lower,
-                   run.lower])
-
-    def as_user(uid: int, gid: int) -> tuple[int, int]:  # host root shows as the user
-        return (user.uid if uid == 0 else uid, user.gid if gid == 0 else gid)
-
+        enter.run(["idmap", "--uid", str(user.uid), "--gid", str(user.gid),
+                   "--uid-map", format_map(ids.lower_uid_map()),
+                   "--gid-map", format_map(ids.lower_gid_map()), config.lower, run.lower])
     lowers = [run.lower] if guard is None else [guard, run.lower]
     if build_mask(run.mask, config.lower, mask_spec(config, user, guard is None),
-                  b"user.overlay.opaque", as_user):
+                  b"user.overlay.opaque", ids.shown):
         lowers.insert(0, run.mask)
     lowers[:0] = middle  # the user's own layer is above the mask, as the upper is at login
     root = []
     for lower in lowers:
         root += ["--root-lower", lower]
-    return _start_namespaces(config, user, [*root, "--root-upper", upper, "--root-work", work])
+    return _start_namespaces(config, user, ids,
+                             [*root, "--root-upper", upper, "--root-work", work])
 
 
-def _start_namespaces(config: SiteConfig, user: User, root: list[str]) -> InitProcess:
+def _start_namespaces(config: SiteConfig, user: User, ids: Identity,
+                      root: list[str]) -> InitProcess:
     """sdeefs-enter start: the namespaces and init of an environment whose root is ``root``
     (its --root-* options)."""
-    args = ["start", "--uid", str(user.uid), "--gid", str(user.gid), *root, "--home", user.home,
-            "--tmp-size", config.tmp_size]
+    args = ["start", "--uid", str(user.uid), "--gid", str(user.gid),
+            "--uid-map", format_map(ids.env_uid_map()),
+            "--gid-map", format_map(ids.env_gid_map()),
+            *root, "--home", user.home, "--tmp-size", config.tmp_size]
     for shared in config.shared:
         if os.path.isdir(shared):
             args += ["--bind", f"{shared}:{shared}"]
+    for socket_dir in config.sockets:  # munge, nscd, sssd: what the host's clients talk to
+        if os.path.exists(socket_dir):
+            args += ["--bind", f"{socket_dir}:{socket_dir}"]
+    args += slurm.shim_binds(config)
     init = InitProcess.find(int(enter.run(args).strip()))
     if init is None:
         raise QuietError(f"the environment of {user.name} died while starting", ExitCode.FAILURE)
@@ -293,13 +339,13 @@ def _start_namespaces(config: SiteConfig, user: User, root: list[str]) -> InitPr
 
 def refresh_private_scan(config: SiteConfig) -> list[bytes]:
     """``sdeefs scan-private``: scan the lower for root-only entries now (for new jobs)."""
-    return private.refresh(config.lower, config.run_dir, scan_skip(config))
+    return private.refresh(config.lower, config.run_dir, scan_skip(config), config.min_uid)
 
 
 # -- engine kernel ------------------------------------------------------------------------------
 
 
-def ensure_kernel_layer(config: SiteConfig, user: User, dirs: EnvDirs) -> tuple[str, str]:
+def ensure_kernel_layer(config: SiteConfig, ids: Identity, dirs: EnvDirs) -> tuple[str, str]:
     """Engine kernel: the user's layer image mounted at ROOT/U/layer and its capture
     running (supervised), before the overlay exists; (upper, work) on the image.
 
@@ -309,8 +355,7 @@ def ensure_kernel_layer(config: SiteConfig, user: User, dirs: EnvDirs) -> tuple[
     earlier run left unjournaled.
     """
     layer = dirs.layer
-    upper, work = kernel.open_layer(layer.image, layer.layer, config.layer_size,
-                                    user.uid, user.gid)
+    upper, work = kernel.open_layer(layer.image, layer.layer, config.layer_size, *ids.root)
     kernel.start_capture(layer.layer, layer.state.path, capture_log(dirs))
     return upper, work
 

@@ -25,6 +25,10 @@ a missing file means all defaults.  Example (every key, with its default)::
     lower = "/"                  # the shared base system every user starts from
     min_uid = 1000               # users below this uid get no environment (system accounts)
     shared = ["/scratch"]        # host paths bind-mounted read-write when they exist
+    sockets = ["/run/munge", "/run/nscd", "/var/lib/sss/pipes"]
+                                 # host directories of unix sockets the environment's
+                                 # clients talk to (munge for SLURM, nscd/sssd for names),
+                                 # bound into its own /run ... when they exist
     deny = [...]                 # host paths hidden from every view (globs allowed); the
                                  # default hides credentials, other users' homes and sdeefs'
                                  # own directories, see DEFAULT_DENY
@@ -126,6 +130,7 @@ class SiteConfig:
     lower: str = "/"
     min_uid: int = 1000
     shared: tuple[str, ...] = ("/scratch",)
+    sockets: tuple[str, ...] = ("/run/munge", "/run/nscd", "/var/lib/sss/pipes")
     deny: tuple[str, ...] = DEFAULT_DENY
     grace: float = 10.0
     idle_timeout: float = 0.0
@@ -199,7 +204,7 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
         values["engine"] = Engine(table["engine"])
     if "min_uid" in table:
         values["min_uid"] = int(_number("sdeefs.min_uid", table["min_uid"]))
-    for key in ("shared", "deny"):
+    for key in ("shared", "deny", "sockets"):
         if key in table:
             values[key] = _paths(f"sdeefs.{key}", table[key])
     for key in ("grace", "idle_timeout", "cache_timeout", "private_scan_age"):

@@ -43,7 +43,9 @@ import struct
 
 import attrs
 
+from . import identity
 from . import records as rec
+from .identity import Identity, SubidError
 
 CARRIED_XATTR_PREFIXES = (b"user.", b"trusted.overlay.")
 CAPABILITY = b"security.capability"
@@ -59,8 +61,8 @@ class UserIds:
     """The host ids a user's files and processes can have: the user's own, no one else's.
 
     Attributes:
-        uids: ranges of host uids (today the user's uid alone).
-        gids: ranges of host gids (today the user's primary gid alone).
+        uids: ranges of host uids (the user's uid, its subordinate uids: docs/identity.md).
+        gids: ranges of host gids (its groups, its subordinate gids).
     """
 
     uids: tuple[range, ...] = ()
@@ -77,18 +79,31 @@ NOBODY = UserIds()  # a user this node does not know: nothing is theirs
 
 
 def user_ids(uid: int, gid: int) -> UserIds:
-    """The user's ids: {uid} and {gid}.  Where the environment maps the user's subordinate
-    ranges (/etc/subuid, /etc/subgid), they are added here and nowhere else."""
+    """The user's own ids alone: {uid} and {gid} (a user without subordinate ranges)."""
     return UserIds((range(uid, uid + 1),), (range(gid, gid + 1),))
 
 
+def of_identity(ids: Identity) -> UserIds:
+    """Every id of the user in an environment (docs/identity.md): its uid and its
+    subordinate uids; its primary and supplementary groups and its subordinate gids."""
+    return UserIds((range(ids.uid, ids.uid + 1), range(ids.subuid, ids.subuid + ids.count)),
+                   (range(ids.gid, ids.gid + 1), *(range(g, g + 1) for g in ids.groups),
+                    range(ids.subgid, ids.subgid + ids.count)))
+
+
 def ids_of_user(name: str) -> UserIds:
-    """:func:`user_ids` of the user called ``name`` on this node (NOBODY if unknown)."""
+    """The ids of the user called ``name`` on this node (NOBODY if unknown): from its own
+    passwd, group, /etc/subuid and /etc/subgid, never allocated (they must be the login
+    node's; a user without ranges here has its own ids alone, and the records of its
+    subordinate ids are refused, naming those files)."""
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
         return NOBODY
-    return user_ids(pw.pw_uid, pw.pw_gid)
+    try:
+        return of_identity(identity.of_user(name, 0, allocate=False))
+    except SubidError:
+        return user_ids(pw.pw_uid, pw.pw_gid)
 
 
 def capability_refusal(value: bytes, ids: UserIds) -> str | None:
@@ -117,4 +132,23 @@ def refusal(record: rec.Record, ids: UserIds) -> str | None:
         return f"xattr {name[:64]!r} is not replicated"
     if isinstance(record, rec.Mknod) and stat.S_ISCHR(record.mode) and record.mode & 0o7777:
         return "a whiteout must have mode 0"
-    return None
+    return owner_refusal(record, ids)
+
+
+def owner_refusal(record: rec.Record, ids: UserIds) -> str | None:
+    """Owners (docs/identity.md): a record may give an entry only the user's own ids.  Not
+    checked for a user the node does not know (NOBODY: no job of theirs runs here), nor
+    for whiteouts (0/0: their owner means nothing) and copy-ups staged in ``work/`` as
+    0/0 before their chown."""
+    if ids is NOBODY or not isinstance(record, rec.Mkdir | rec.Mknod | rec.Symlink |
+                                       rec.Setattr):
+        return None
+    if isinstance(record, rec.Setattr) and not record.mask & rec.SET_OWNER:
+        return None
+    if isinstance(record, rec.Mknod) and (record.uid, record.gid) == (0, 0) and (
+            stat.S_ISCHR(record.mode) or record.path.startswith(b"work/")):
+        return None
+    if ids.has_uid(record.uid) and ids.has_gid(record.gid):
+        return None
+    return (f"owner uid {record.uid} / gid {record.gid} is not one of the user's ids on this "
+            "node (are /etc/subuid and /etc/subgid the same as on the login node?)")

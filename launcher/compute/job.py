@@ -63,9 +63,10 @@ import sys
 import sysconfig
 
 from sdeefs import config as config_mod
-from sdeefs import control
+from sdeefs import control, identity
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.identity import Identity
 from sdeefs.statedir import ReplicaDirs
 from sdeefs.sysio import write_file_atomic
 
@@ -152,10 +153,16 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
         record = env.EnvRecord.load(where.run)
         if record is not None and env.is_alive(record):
             return record
-        _make_job_dirs(where, user)
+        # The node's own /etc/subuid|subgid: the same ranges as the login node's (checked by
+        # the replica as it applies records: docs/identity.md); never allocated here.
+        try:
+            ids = identity.of_user(user.name, config.min_uid, allocate=False)
+        except identity.SubidError as exc:  # the user's problem, never the node's
+            raise UserProblem(f"{user.name} on {node}: {exc}") from None
+        _make_job_dirs(where, user, ids)
         layer = where.layer
         try:
-            init = view.launch(config, user, where.run, layer.upper,
+            init = view.launch(config, user, ids, where.run, layer.upper,
                                os.path.join(layer.state.work, "ovl"), middle=(replica_upper,))
         except (OSError, QuietError) as exc:  # the replica's content is the user's
             raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
@@ -165,10 +172,10 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
         return record
 
 
-def _make_job_dirs(where: EnvDirs, user: env.User) -> None:
+def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
     root, owner = (0, 0), (user.uid, user.gid)
     layer = where.layer
-    make_dirs(((layer.path, root, 0o700), (layer.upper, owner, 0o755),
+    make_dirs(((layer.path, root, 0o700), (layer.upper, ids.root, 0o755),
                (layer.state.path, root, 0o700), (layer.state.work, owner, 0o700),
                (where.run.lower, root, 0o700)))
 

@@ -1,11 +1,12 @@
-"""Which lower entries only root may read, scanned: for job environments on compute nodes.
+"""Which lower entries only system ids may read, scanned: for job environments on compute nodes.
 
 Login environments do not need this: their guard layer (sdeefs.fs.guard) decides the
 same question for every entry as it is looked up.  Jobs run without a daemon.
 
-The idmapped lower shows host uid/gid 0 as the user, so an entry readable by root
-*only through its owner or group bits* (``/etc/ssl/private``, a 0600 root file) would
-be readable inside.  This scan finds them; the mask layer hides them (files become
+The idmapped lower shows host system ids (below min_uid) as the user's subordinate
+ids (docs/identity.md), so an entry readable by a system id *only through its owner or
+group bits* (``/etc/ssl/private``, a 0600 root file, a 0700 _apt directory) would be
+readable by root inside.  This scan finds them; the mask layer hides them (files become
 whiteouts, directories empty).  Entries owned by other users need nothing: their
 owners are not mapped into the user namespace, so inside-root gets no override.
 
@@ -29,8 +30,9 @@ from sdeefs.sysio import write_file_atomic
 from ..layout import SiteRun
 
 
-def scan(lower: str, skip: tuple[str, ...]) -> Iterator[bytes]:
-    """Lower-relative paths (bytes) of root-only entries; does not descend into them."""
+def scan(lower: str, skip: tuple[str, ...], system: int = 1000) -> Iterator[bytes]:
+    """Lower-relative paths (bytes) of entries only system ids (below ``system``, the
+    site's min_uid) may read; does not descend into them."""
     top = os.fsencode(lower)
     skipped = {os.fsencode(s) for s in skip}
     device = os.lstat(top).st_dev
@@ -51,14 +53,14 @@ def scan(lower: str, skip: tuple[str, ...]) -> Iterator[bytes]:
                 continue
             if st.st_dev != device or stat.S_ISLNK(st.st_mode):
                 continue
-            if readable_only_by_root(st):
+            if readable_only_by_root(st, system):
                 yield os.path.relpath(path, top)
             elif stat.S_ISDIR(st.st_mode):
                 stack.append(path)
 
 
 def private_paths(lower: str, run_dir: str, skip: tuple[str, ...], max_age: float,
-                  ) -> list[bytes]:
+                  system: int = 1000) -> list[bytes]:
     """The cached scan, refreshed when missing or older than ``max_age`` seconds."""
     cache = SiteRun(run_dir).private_paths
     try:
@@ -67,11 +69,12 @@ def private_paths(lower: str, run_dir: str, skip: tuple[str, ...], max_age: floa
                 return [line for line in f.read().split(b"\n") if line]
     except FileNotFoundError:
         pass
-    return refresh(lower, run_dir, skip)
+    return refresh(lower, run_dir, skip, system)
 
 
-def refresh(lower: str, run_dir: str, skip: tuple[str, ...]) -> list[bytes]:
-    found = sorted(scan(lower, skip))
+def refresh(lower: str, run_dir: str, skip: tuple[str, ...], system: int = 1000,
+            ) -> list[bytes]:
+    found = sorted(scan(lower, skip, system))
     os.makedirs(run_dir, mode=0o755, exist_ok=True)
     # The prologs of several jobs (or simulated nodes sharing a machine) may refresh at once:
     # each writes a temporary file of its own.

@@ -119,16 +119,58 @@ static void write_file(const char *path, const char *text)
         FAIL("write %s", path);
 }
 
-void write_id_maps(pid_t pid, unsigned uid, unsigned gid)
+/* "INSIDE:HOST:COUNT,..." (sdeefs/identity.py's format_map) into /proc/PID/uid_map's
+ * format, one line each; the kernel itself refuses overlapping lines. */
+void parse_id_map(const char *opt, const char *text, struct id_map *m)
 {
-    char path[64], map[64];
-    snprintf(path, sizeof path, "/proc/%d/setgroups", (int)pid);
-    write_file(path, "deny");
-    snprintf(path, sizeof path, "/proc/%d/uid_map", (int)pid);
-    snprintf(map, sizeof map, "0 %u 1\n", uid);
-    write_file(path, map);
-    snprintf(path, sizeof path, "/proc/%d/gid_map", (int)pid);
-    snprintf(map, sizeof map, "0 %u 1\n", gid);
-    write_file(path, map);
+    size_t n = 0;
+    int lines = 0;
+    const char *c = text;
+    while (*c) {
+        unsigned long v[3];
+        for (int k = 0; k < 3; k++) {
+            char *end;
+            if (!isdigit((unsigned char)*c))
+                usage("%s: expected INSIDE:HOST:COUNT[,...]: %s", opt, text);
+            errno = 0;
+            v[k] = strtoul(c, &end, 10);
+            int sep_ok = k < 2 ? *end == ':' : (*end == ',' && end[1]) || *end == 0;
+            if (errno || v[k] >= UINT32_MAX || !sep_ok)
+                usage("%s: expected INSIDE:HOST:COUNT[,...]: %s", opt, text);
+            c = *end ? end + 1 : end;
+        }
+        if (v[2] == 0 || ++lines > MAX_MAP_LINES)
+            usage("%s: an empty line, or more than %d lines: %s", opt, MAX_MAP_LINES, text);
+        if (v[1] == 0) /* nothing inside may ever be host root (uid or gid 0) */
+            usage("%s: refusing a map to host id 0: %s", opt, text);
+        n += (size_t)snprintf(m->text + n, sizeof m->text - n, "%lu %lu %lu\n", v[0], v[1], v[2]);
+        if (n >= sizeof m->text)
+            usage("%s: too long", opt);
+    }
+    if (!lines)
+        usage("%s: empty", opt);
+    m->set = 1;
 }
 
+void single_id_map(struct id_map *m, unsigned id)
+{
+    snprintf(m->text, sizeof m->text, "0 %u 1\n", id);
+    m->set = 1;
+}
+
+/* A map of one line (the old "0 U 1") keeps setgroups "deny", as an unprivileged writer
+ * would have to.  A full map (identity.md) allows setgroups: apt, sshd and su drop or
+ * switch groups inside, and every group the map holds is the user's own or a subordinate
+ * one (as newgidmap allows for rootless containers). */
+void write_id_maps(pid_t pid, const struct id_map *uid_map, const struct id_map *gid_map)
+{
+    char path[64];
+    if (!strchr(gid_map->text, '\n') || !strchr(strchr(gid_map->text, '\n') + 1, '\n')) {
+        snprintf(path, sizeof path, "/proc/%d/setgroups", (int)pid);
+        write_file(path, "deny");
+    }
+    snprintf(path, sizeof path, "/proc/%d/uid_map", (int)pid);
+    write_file(path, uid_map->text);
+    snprintf(path, sizeof path, "/proc/%d/gid_map", (int)pid);
+    write_file(path, gid_map->text);
+}

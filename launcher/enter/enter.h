@@ -2,12 +2,15 @@
  * sdeefs-enter: create, and join, an sdeefs environment (the launcher's C helper).
  *
  * An environment gives the HPC user U (host uid U, gid G) "root inside" but never more than U on
- * the host: a user namespace owned by U that maps inside 0 to U, a mount namespace and a PID
+ * the host: a user namespace owned by U that maps inside 0.. to U's subordinate ids and U's own
+ * ids to themselves (--uid-map/--gid-map, docs/identity.md), a mount namespace and a PID
  * namespace, whose root is a kernel overlayfs mounted *inside* the user namespace (userxattr) over
- * an idmapped bind of the host "/" (host 0 shown as U) and an upper that belongs to U.
+ * an idmapped bind of the host "/" (system ids shown as U's subordinate ones) and an upper that
+ * belongs to U's ids.
  *
- *   sdeefs-enter idmap --uid U --gid G SRC DST                    (as root)          idmap.c
- *   sdeefs-enter start --uid U --gid G --root-lower DIR [...] --root-upper DIR --root-work DIR
+ *   sdeefs-enter idmap --uid U --gid G [--uid-map M --gid-map M] SRC DST  (as root)   idmap.c
+ *   sdeefs-enter start --uid U --gid G [--uid-map M --gid-map M]
+ *                      --root-lower DIR [...] --root-upper DIR --root-work DIR
  *                      --home HOSTDIR [--bind SRC:DST ...] [--ro-bind SRC:DST ...] [--hide PATH ...]
  *                      [--tmp-size SIZE]                 (as root; prints the init pid)  start.c
  *   sdeefs-enter start --uid U --gid G --root-view DIR --home HOSTDIR [...]
@@ -16,6 +19,10 @@
  *   sdeefs-enter join --pid PID [--cwd DIR] [--keep-cap NAME ...] -- CMD [ARG...]   (as U or root)
  *                                                                                    join.c
  *   sdeefs-shell [--engine E] [ARG...]   (the login shell: this binary under that name)  shell.c
+ *   sbatch, srun ... (SLURM client shims inside: this binary bound over them)       asuser.c
+ *
+ * Id maps (--uid-map/--gid-map "INSIDE:HOST:COUNT,...", of start and idmap) come from
+ * sdeefs/identity.py; without them, inside 0 is U (the one-line map of old).
  *
  * Every error is one line on stderr, "sdeefs-enter: <step>: <reason>", and exit status 1 (2 for
  * usage errors).  A failed start leaves nothing behind: the processes it forked are killed.
@@ -42,6 +49,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/nsfs.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h> /* glibc 2.36: includes <linux/mount.h> (new mount API constants) */
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -81,8 +90,19 @@ int sys_close_range(unsigned first, unsigned last);
 
 /* A decimal id below 2^32 - 1, or a usage error naming the option. */
 unsigned parse_id(const char *opt, const char *s);
-/* setgroups "deny", uid_map "0 UID 1", gid_map "0 GID 1" of process PID's user namespace. */
-void write_id_maps(pid_t pid, unsigned uid, unsigned gid);
+/* An id map as /proc/PID/uid_map takes it ("INSIDE HOST COUNT\n" lines). */
+#define MAX_MAP_LINES 340 /* the kernel's limit */
+struct id_map {
+    int set;
+    char text[MAX_MAP_LINES * 34];
+};
+/* --uid-map/--gid-map "INSIDE:HOST:COUNT,..." into m (a usage error if malformed). */
+void parse_id_map(const char *opt, const char *text, struct id_map *m);
+/* The one-line map "0 ID 1" (inside root = ID), when no map was given. */
+void single_id_map(struct id_map *m, unsigned id);
+/* The maps of process PID's user namespace; setgroups "deny" unless the gid map has more
+ * than one line. */
+void write_id_maps(pid_t pid, const struct id_map *uid_map, const struct id_map *gid_map);
 
 /* ---- The commands ---- */
 
@@ -93,5 +113,9 @@ int cmd_idmap(int argc, char **argv);             /* idmap.c */
 int cmd_start(int argc, char **argv);             /* start.c */
 int cmd_join(int argc, char **argv);              /* join.c */
 int cmd_shell(int argc, char **argv, int login);  /* shell.c */
+/* Where the launcher binds the host's real SLURM clients inside an environment. */
+#define SLURM_REAL_DIR "/run/sdeefs/slurm"
+int is_slurm_client(const char *name);             /* asuser.c */
+int cmd_asuser(const char *name, int argc, char **argv);
 
 #endif

@@ -55,6 +55,29 @@ static ssize_t read_at(int dirfd, const char *name, char *buf, size_t size)
     return n;
 }
 
+/* Root's PATH (Debian's ENV_SUPATH) first, then whatever else the caller's PATH holds:
+ * inside, the user is root, and ldconfig, useradd, apt's helpers live in sbin. */
+static void root_path(void)
+{
+    static const char base[] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    const char *old = getenv("PATH");
+    char path[8192];
+    size_t n = (size_t)snprintf(path, sizeof path, "%s", base);
+    char copy[8192];
+    snprintf(copy, sizeof copy, "%s", old ? old : "");
+    char *save = NULL;
+    for (char *dir = strtok_r(copy, ":", &save); dir; dir = strtok_r(NULL, ":", &save)) {
+        char padded[8200], haystack[sizeof base + 2];
+        snprintf(padded, sizeof padded, ":%s:", dir);
+        snprintf(haystack, sizeof haystack, ":%s:", base);
+        if (strstr(haystack, padded) || n + strlen(dir) + 2 >= sizeof path)
+            continue;
+        n += (size_t)snprintf(path + n, sizeof path - n, ":%s", dir);
+    }
+    if (setenv("PATH", path, 1) < 0)
+        FAIL("setenv PATH");
+}
+
 static void drop_capabilities(const uint64_t keep)
 {
     for (int cap = 0; cap < 64; cap++) {
@@ -136,20 +159,23 @@ int cmd_join(int argc, char **argv)
         fail("check pid %ld: not an sdeefs environment (its name is %.*s)", pid,
              (int)strcspn(buf, "\n"), buf);
     uid_t me = getuid();
-    if (me != 0 || geteuid() != 0) {
-        if (read_at(pdir, "status", buf, sizeof buf) < 0)
-            FAIL("check pid %ld: read status", pid);
-        char *line = strstr(buf, "\nUid:");
-        unsigned long owner;
-        if (!line || sscanf(line + 5, "%lu", &owner) != 1)
-            fail("check pid %ld: no Uid in its status", pid);
-        if (owner != me)
-            fail("check pid %ld: the environment belongs to uid %lu, not to uid %u", pid, owner,
-                 (unsigned)me);
-    }
     int ns_user = openat(pdir, "ns/user", O_RDONLY | O_CLOEXEC);
+    if (ns_user < 0 && (errno == EACCES || errno == EPERM))
+        fail("check pid %ld: the environment does not belong to uid %u (its namespaces are "
+             "closed to it)",
+             pid, (unsigned)me);
     if (ns_user < 0)
         FAIL("open /proc/%ld/ns/user", pid);
+    if (me != 0 || geteuid() != 0) {
+        /* Whose environment: the owner of its user namespace (the user the launcher made it
+         * for; its init runs as inside root, a subordinate id, docs/identity.md). */
+        uid_t owner;
+        if (ioctl(ns_user, NS_GET_OWNER_UID, &owner) < 0)
+            FAIL("check pid %ld: the owner of its user namespace", pid);
+        if (owner != me)
+            fail("check pid %ld: the environment belongs to uid %u, not to uid %u", pid,
+                 (unsigned)owner, (unsigned)me);
+    }
     int ns_mnt = openat(pdir, "ns/mnt", O_RDONLY | O_CLOEXEC);
     if (ns_mnt < 0)
         FAIL("open /proc/%ld/ns/mnt", pid);
@@ -168,7 +194,8 @@ int cmd_join(int argc, char **argv)
             FAIL("setgroups");
         if (setns(ns_user, CLONE_NEWUSER) < 0)
             FAIL("setns user");
-        /* Inside 0 is host U: for U a no-op, for host root the switch to U. */
+        /* Inside root: host S, the user's first subordinate id (docs/identity.md), or
+         * host U in an environment of the old one-line map. */
         if (setresgid(0, 0, 0) < 0)
             FAIL("setresgid");
         if (setresuid(0, 0, 0) < 0)
@@ -199,6 +226,8 @@ int cmd_join(int argc, char **argv)
                 if (chdir("/") < 0)
                     FAIL("chdir /");
         }
+        if (geteuid() == 0)
+            root_path();
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
             FAIL("prctl PR_SET_NO_NEW_PRIVS");
         drop_capabilities(keep);

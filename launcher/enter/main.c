@@ -17,6 +17,8 @@ int main(int argc, char **argv)
     const char *base = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
     if (!strcmp(base, "sdeefs-shell") || !strcmp(base, "-sdeefs-shell"))
         return cmd_shell(argc - 1, argv + 1, base[0] == '-');
+    if (is_slurm_client(base))
+        return cmd_asuser(base, argc, argv);
     if (argc < 2)
         usage("sdeefs-enter idmap|start|join|shell ...");
     if (!strcmp(argv[1], "shell"))

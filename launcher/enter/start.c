@@ -8,7 +8,7 @@
  *   P (host root)                     A (drops to U)                   B (PID 1 of the new pid ns)
  *   fork A  ------------------------> setsid; setgroups(0); setresgid(G); setresuid(U)
  *                                     unshare(NEWUSER)   -- "U" -->
- *   write setgroups=deny, uid_map, gid_map   <-- "M" --
+ *   write uid_map, gid_map (setgroups)       <-- "M" --
  *                                     unshare(NEWNS|NEWPID); / rslave   -- "N" -->
  *   setns(A's mnt ns); open O_PATH layer fds; setns back; send fds --> (SCM_RIGHTS)
  *                                     fork B  -- "P<pid>" -->          scratch tmpfs on /tmp,
@@ -121,7 +121,9 @@ static void expect_msg(int sock, char tag, char *buf, size_t size, const char *s
         fail("%s: unexpected message from the environment", step);
 }
 
-/* mkdir -p; ENOENT-free afterwards (an existing non-directory is left to the mount to report). */
+/* mkdir -p; ENOENT-free afterwards (an existing non-directory is left to the mount to report).
+ * What it creates is inside root's (B runs as the user's own uid, which has CAP_CHOWN in
+ * the namespace), as the rest of the view's system directories. */
 static void mkdir_p(const char *path, mode_t mode)
 {
     char buf[PATH_MAX];
@@ -131,8 +133,11 @@ static void mkdir_p(const char *path, mode_t mode)
         if (*c == '/' || *c == 0) {
             char saved = *c;
             *c = 0;
-            if (mkdir(buf, mode) < 0 && errno != EEXIST)
-                FAIL("mkdir %s", buf);
+            if (mkdir(buf, mode) < 0) {
+                if (errno != EEXIST)
+                    FAIL("mkdir %s", buf);
+            } else if (lchown(buf, 0, 0) < 0)
+                FAIL("chown %s", buf);
             *c = saved;
             if (!saved)
                 break;
@@ -162,6 +167,8 @@ static void ensure_mountpoint(const char *dst, int is_dir)
     int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (fd < 0)
         FAIL("create mountpoint %s", dst);
+    if (fchown(fd, 0, 0) < 0)
+        FAIL("chown mountpoint %s", dst);
     close(fd);
 }
 
@@ -189,6 +196,7 @@ struct bind_spec {
 
 struct start_opts {
     unsigned uid, gid;
+    struct id_map uid_map, gid_map; /* --uid-map/--gid-map, or "0 U 1"/"0 G 1" */
     const char *lower[MAX_LAYERS];
     int nlower;
     const char *upper, *work, *home, *tmp_size;
@@ -238,6 +246,10 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
             uid = parse_id(a, v);
         else if (!strcmp(a, "--gid"))
             gid = parse_id(a, v);
+        else if (!strcmp(a, "--uid-map"))
+            parse_id_map(a, v, &o->uid_map);
+        else if (!strcmp(a, "--gid-map"))
+            parse_id_map(a, v, &o->gid_map);
         else if (!strcmp(a, "--root-lower")) {
             if (o->nlower >= MAX_LAYERS - 2)
                 usage("too many --root-lower");
@@ -275,8 +287,14 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
               "[--hide PATH] [--tmp-size S]");
     if (uid == 0 || gid == 0)
         usage("start: refusing uid/gid 0 (the environment's root would be host root)");
+    if (o->uid_map.set != o->gid_map.set)
+        usage("start: --uid-map and --gid-map go together");
     o->uid = (unsigned)uid;
     o->gid = (unsigned)gid;
+    if (!o->uid_map.set) {
+        single_id_map(&o->uid_map, o->uid);
+        single_id_map(&o->gid_map, o->gid);
+    }
 }
 
 /* ---- B: build the root and become init ---- */
@@ -434,7 +452,7 @@ static void setup_dev(void)
                                      {"pts/ptmx", "ptmx"}};
     char src[PATH_MAX], dst[PATH_MAX];
     mkdir_p("/newroot/dev", 0755);
-    if (mount("tmpfs", "/newroot/dev", "tmpfs", MS_NOSUID, "mode=0755") < 0)
+    if (mount("tmpfs", "/newroot/dev", "tmpfs", MS_NOSUID, "mode=0755,uid=0,gid=0") < 0)
         FAIL("mount tmpfs on /dev");
     /* mknod is refused in a user namespace: bind the host's nodes onto empty files. */
     for (size_t i = 0; i < sizeof nodes / sizeof *nodes; i++) {
@@ -454,7 +472,8 @@ static void setup_dev(void)
         FAIL("mount devpts on /dev/pts");
     if (mkdir("/newroot/dev/shm", 01777) < 0)
         FAIL("mkdir /dev/shm");
-    if (mount("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+    if (mount("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+              "mode=1777,uid=0,gid=0") < 0)
         FAIL("mount tmpfs on /dev/shm");
     for (size_t i = 0; i < sizeof links / sizeof *links; i++) {
         snprintf(dst, sizeof dst, "/newroot/dev/%s", links[i][1]);
@@ -475,10 +494,24 @@ static void setup_sys(void)
 static void setup_tmp(const char *size)
 {
     char opts[64];
-    snprintf(opts, sizeof opts, "mode=1777,size=%s", size);
+    snprintf(opts, sizeof opts, "mode=1777,uid=0,gid=0,size=%s", size);
     mkdir_p("/newroot/tmp", 01777);
     if (mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0)
         FAIL("mount tmpfs on /tmp");
+}
+
+/* The environment's own /run (as a container's): the host's is hidden, sockets the user
+ * needs are bound into it (--bind, [sdeefs] sockets), and nothing written there reaches
+ * the user's layer. */
+static void setup_run(void)
+{
+    mkdir_p("/newroot/run", 0755);
+    if (mount("tmpfs", "/newroot/run", "tmpfs", MS_NOSUID | MS_NODEV,
+              "mode=0755,size=16m,uid=0,gid=0") < 0)
+        FAIL("mount tmpfs on /run");
+    if (mkdir("/newroot/run/lock", 01777) < 0 || chmod("/newroot/run/lock", 01777) < 0 ||
+        lchown("/newroot/run/lock", 0, 0) < 0)
+        FAIL("mkdir /run/lock");
 }
 
 static void setup_bind(const char *src_host, const char *dst_view, int ro, const char *what)
@@ -580,6 +613,7 @@ __attribute__((noreturn)) static void run_b(const struct start_opts *o, const in
     setup_dev();
     setup_sys();
     setup_tmp(o->tmp_size);
+    setup_run();
     setup_bind(o->home, o->home, 0, "home");
     for (int i = 0; i < o->nbinds; i++) {
         snprintf(path, sizeof path, "%s %s", o->binds[i].ro ? "ro-bind" : "bind", o->binds[i].dst);
@@ -608,6 +642,12 @@ __attribute__((noreturn)) static void run_b(const struct start_opts *o, const in
     if (g_report > 3)
         sys_close_range(3, (unsigned)g_report - 1);
     sys_close_range((unsigned)g_report + 1, ~0U);
+    /* The init is inside root, as an init is (B ran as the user's own uid so far, which
+     * the full map keeps as itself: docs/identity.md); its capabilities stay. */
+    if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+        FAIL("become inside root");
+    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) /* the uid change cleared it; see run_a */
+        FAIL("prctl PR_SET_DUMPABLE");
     set_init_name();
     if (prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0) < 0) /* from now on B *is* the environment */
         FAIL("prctl PR_SET_PDEATHSIG");
@@ -729,7 +769,7 @@ int cmd_start(int argc, char **argv)
     char buf[1200];
 
     expect_msg(sock, 'U', buf, sizeof buf, "create user namespace");
-    write_id_maps(a, o.uid, o.gid);
+    write_id_maps(a, &o.uid_map, &o.gid_map);
     send_msg(sock, "M");
     expect_msg(sock, 'N', buf, sizeof buf, "create mount and pid namespaces");
 

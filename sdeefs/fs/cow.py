@@ -75,8 +75,9 @@ import attrs
 
 from .. import records as rec
 from ..errors import BadRecord
+from ..identity import Identity
 from ..layers import AnyJournal, LayerRoot, join, split
-from ..replicable import NOBODY, UserIds, refusal, user_ids
+from ..replicable import NOBODY, UserIds, of_identity, refusal, user_ids
 from ..sysio import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -146,9 +147,10 @@ class ViewConfig:
     # Lower entries this says to hide (lower path, its lstat) do not show; the launcher
     # passes sdeefs.fs.guard.Policy.hides: deny patterns and root-only entries, at lookup time.
     hide: HidePolicy | None = None
-    # (uid, gid) that lower entries of uid/gid 0 show as, and are copied up as: the
-    # launcher's user, who is root inside (what the idmapped lower does for kernel overlayfs).
-    root_owner: tuple[int, int] | None = None
+    # The launcher's user (sdeefs.identity): lower entries show, and are copied up, with
+    # owners as its idmapped lower shows them (system ids as its subordinate ids), and the
+    # daemon accepts only its ids (the id door: ops.py)
+    ids: Identity | None = None
 
 
 @attrs.frozen
@@ -265,7 +267,7 @@ class CowFS:
                 raise OSError(errno.EXDEV, "the work directory is not on the upper's filesystem")
             if config.mode == "merged":
                 assert config.lower is not None
-                lower = Lower.open(config.lower, config.hide, config.root_owner)
+                lower = Lower.open(config.lower, config.hide, config.ids)
             else:
                 lower = Lower.absent(upper_dev)
         except BaseException:
@@ -273,8 +275,11 @@ class CowFS:
                 if fd >= 0:
                     os.close(fd)
             raise
+        # every id of the launcher's user, or (a plain mount) the upper's owner's own
+        ids = of_identity(config.ids) if config.ids is not None else \
+            user_ids(upper_st.st_uid, upper_st.st_gid)
         fs = cls(config, LayerRoot(upper_fd, work_fd, journal), lower, ViewNodes(), upper_dev,
-                 user_ids(upper_st.st_uid, upper_st.st_gid))
+                 ids)
         root = fs.inodes.add(Node(ROOT_INO, stat.S_IFDIR, [], b"" if lower.fd >= 0 else None,
                                   True, lookups=1))
         fs.inodes.name(root, b"")
@@ -697,6 +702,8 @@ class CowFS:
             return
         self.ensure_upper_dir(self._parent_node(node))
         lower, lst = self._lower_entry(node)
+        # another user's entry cannot be copied up (kernel overlayfs: EOVERFLOW)
+        self.admit(lst.st_uid, lst.st_gid, errno.EOVERFLOW)
         stage = self._stage_name()
         self.layers.mkdir(stage, lst.st_mode, lst.st_uid, lst.st_gid)
         self._copy_metadata(lower, stage, lst)
@@ -768,6 +775,7 @@ class CowFS:
             return None
         self.ensure_upper_dir(self._parent_node(node))
         lower, lst = self._lower_entry(node)
+        self.admit(lst.st_uid, lst.st_gid, errno.EOVERFLOW)
         stage = self._stage_name()
         if not stat.S_ISREG(lst.st_mode):
             if stat.S_ISLNK(lst.st_mode):
@@ -953,10 +961,24 @@ class CowFS:
         """(uid, gid, mode bits) of a new entry made by ``uid``/``gid``: BSD group semantics
         under a setgid directory (its group, and a new directory its setgid bit too), what
         the kernel gives every local filesystem (inode_init_owner)."""
+        self.admit(uid, gid, errno.EPERM)
         parent = self.getattr(parent_ino).st
         if parent.st_mode & stat.S_ISGID:
             return uid, parent.st_gid, stat.S_ISGID if is_dir else 0
         return uid, gid, 0
+
+    def admit(self, uid: int | None, gid: int | None, err: int = errno.EINVAL) -> None:
+        """The id door of a user's view (``config.ids``): only the user's ids may own what
+        it creates or chowns (sdeefs.identity: u, its groups, its subordinate ranges), as
+        only those can reach the user's journal and replicas.  A creator outside them is
+        refused with EPERM, a chown to another id with EINVAL (the kernel's answer for an
+        id its namespace does not map)."""
+        ids = self.config.ids
+        if ids is None:
+            return
+        if (uid is not None and not ids.owns_uid(uid)) or \
+                (gid is not None and not ids.owns_gid(gid)):
+            raise OSError(err, f"uid {uid} / gid {gid} is not one of the user's ids")
 
     # -- what a record can carry ---------------------------------------------------------------
 
@@ -1274,6 +1296,7 @@ class CowFS:
         An unlinked node that the kernel still holds open is changed through its
         descriptor, unjournaled: no replica knows it by any name.
         """
+        self.admit(change.uid, change.gid)
         self.run_copy_ups(lambda: self.copy_up_for_setattr(ino, change))
         node = self.node(ino)
         if node.unlinked and node.fds:

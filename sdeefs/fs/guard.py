@@ -1,10 +1,12 @@
 """The guard layer: what a user may not see of the host, decided when it is looked up.
 
-Why.  The launcher shows the host root through an idmapped mount that maps host
-uid and gid 0 to the user, so that root inside owns "root's" files and can change
-them (copy-up into the user's layer).  The price: an entry that on the host only
-root may read - a 0600 file of root, a 0700 directory of root, a 0640 file of
-group root - would be readable inside.  A scan when the environment starts misses
+Why.  The launcher shows the host root through an idmapped mount that maps the
+host's system ids (root, _apt, man ...) to the user's subordinate ids
+(sdeefs.identity, docs/identity.md), so that root inside owns "root's" files and can
+change them (copy-up into the user's layer).  The price: root inside has DAC override
+over every system-owned entry, so an entry the user could not read on the host - a
+0600 file of root, a 0700 directory of _apt, a 0640 file of group shadow - would be
+readable inside.  A scan when the environment starts misses
 everything created afterwards (an ssh host key generated later, a key an admin
 installs, ``/etc/gshadow-`` written by ``groupadd``), and so does a deny list
 expanded once.
@@ -15,8 +17,10 @@ directories and nothing else; when overlayfs looks a name up in it, the guard
 looks at the host entry *at that moment* and answers with
 
 * a **whiteout** (character device 0/0) if the entry is hidden: its path matches
-  a deny pattern (:class:`DenyPatterns`, glob syntax) or only root may read it on
-  the host (:func:`readable_only_by_root`).  Overlayfs stops there: the name does
+  a deny pattern (:class:`DenyPatterns`, glob syntax) or the user cannot read it on
+  the host (:meth:`sdeefs.identity.Identity.host_readable`: owner, group and other
+  bits against the user's uid and groups; a directory the user cannot both list and
+  search is hidden whole).  Overlayfs stops there: the name does
   not exist in the view, and the user may create their own entry of that name;
 * a **directory** if it is a visible host directory, with the host's attributes
   (owner mapped as the idmapped lower maps it, :meth:`Policy.owner`), so that
@@ -56,6 +60,7 @@ from collections.abc import Iterable
 
 import attrs
 
+from ..identity import Identity
 from ..layers import join
 from ..sysio import openat2_beneath
 from .inodes import ROOT_INO, Attr, NodeTable, check_name
@@ -73,8 +78,10 @@ STALE_WHITEOUT = WHITEOUT_BASE - 1  # the answer for every name in a directory t
 LISTING_TTL = 60.0
 
 
-def readable_only_by_root(st: os.stat_result) -> bool:
-    """Would the idmapped view let inside-root read what only host root (uid or gid 0) may?
+def readable_only_by_root(st: os.stat_result, system: int = 1) -> bool:
+    """Would the idmapped view let inside-root read what only system ids (below ``system``:
+    root, _apt, man ...) may?  The user-independent rule of the jobs' cached scan
+    (launcher/compute/private.py); logins use the guard's per-user rule (:class:`Policy`).
 
     Everybody else's entries need nothing: their owners are not mapped into the
     user namespace, so root inside gets no override on them.
@@ -83,8 +90,8 @@ def readable_only_by_root(st: os.stat_result) -> bool:
     needed = 0o005 if stat.S_ISDIR(mode) else 0o004  # what "others" must be allowed
     if mode & needed == needed:
         return False
-    root_bits = (0o500 if stat.S_ISDIR(mode) else 0o400) if st.st_uid == 0 else 0
-    group_bits = (0o050 if stat.S_ISDIR(mode) else 0o040) if st.st_gid == 0 else 0
+    root_bits = (0o500 if stat.S_ISDIR(mode) else 0o400) if st.st_uid < system else 0
+    group_bits = (0o050 if stat.S_ISDIR(mode) else 0o040) if st.st_gid < system else 0
     return bool(mode & (root_bits | group_bits))
 
 
@@ -123,18 +130,17 @@ _MAGIC = frozenset(b"*?[")
 
 @attrs.frozen
 class Policy:
-    """What the guard hides, and how host owners show (host root as ``uid``/``gid``)."""
+    """What the guard hides, and how host owners show (as the user's idmapped lower shows
+    them: ``ids.shown``)."""
 
     deny: DenyPatterns
-    uid: int
-    gid: int
+    ids: Identity
 
     def hides(self, rel: bytes, st: os.stat_result) -> bool:
-        return readable_only_by_root(st) or self.deny.matches(rel)
+        return not self.ids.host_readable(st) or self.deny.matches(rel)
 
     def owner(self, st: os.stat_result) -> tuple[int, int]:
-        return (self.uid if st.st_uid == 0 else st.st_uid,
-                self.gid if st.st_gid == 0 else st.st_gid)
+        return self.ids.shown(st.st_uid, st.st_gid)
 
 
 Hidden = list[tuple[bytes, bytes, os.stat_result]]  # (name, lower path, host stat)
@@ -312,7 +318,7 @@ class GuardView:
             self._ids[key] = ino
         node = self.nodes.get(ino)
         if node is None:
-            st = _whiteout_stat(ino, self.policy.uid, self.policy.gid)
+            st = _whiteout_stat(ino, *self.policy.ids.root)
             node = self.nodes.add(GuardNode(ino, rel, -1 if host_ino is None else host_ino,
                                             True, st))
         node.lookups += 1

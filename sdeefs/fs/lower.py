@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
+from ..identity import Identity
 from ..sysio import (
     PATH_CHUNK,
     fd_path,
@@ -86,12 +87,13 @@ def with_owner(st: os.stat_result, uid: int, gid: int) -> os.stat_result:
     return os.stat_result(fields, {name: getattr(st, name) for name in _STAT_EXTRA})
 
 
-def shown_owner(st: os.stat_result, root_owner: tuple[int, int] | None) -> os.stat_result:
-    """``st`` as the view shows it: uid and gid 0 as ``root_owner`` (if set)."""
-    if root_owner is None or (st.st_uid and st.st_gid):
+def shown_owner(st: os.stat_result, ids: Identity | None) -> os.stat_result:
+    """``st`` as the view shows it: owners as the idmapped lower of ``ids`` shows them
+    (system ids as the user's subordinate ids, sdeefs.identity), if set."""
+    if ids is None:
         return st
-    return with_owner(st, root_owner[0] if st.st_uid == 0 else st.st_uid,
-                      root_owner[1] if st.st_gid == 0 else st.st_gid)
+    uid, gid = ids.shown(st.st_uid, st.st_gid)
+    return st if (uid, gid) == (st.st_uid, st.st_gid) else with_owner(st, uid, gid)
 
 
 @attrs.define(eq=False)
@@ -106,8 +108,8 @@ class Lower:
         uuid: uuid of the lower filesystem (part of origin file handles).
         hide: lower entries it says to hide do not show (sdeefs.fs.guard.Policy.hides:
             deny patterns and root-only entries, decided at lookup time).
-        root_owner: (uid, gid) that lower entries of uid/gid 0 show as (and are copied
-            up as): the launcher's user, who is root inside.
+        ids: the launcher's user (sdeefs.identity): lower entries show (and are copied
+            up) with owners as its idmapped lower shows them.
         origin_inos: decoded origin xattrs -> lower inode numbers.
     """
 
@@ -116,12 +118,12 @@ class Lower:
     dev: int
     uuid: bytes
     hide: HidePolicy | None = None
-    root_owner: tuple[int, int] | None = None
+    ids: Identity | None = None
     origin_inos: dict[bytes, int] = attrs.field(factory=dict)
 
     @classmethod
     def open(cls, path: bytes, hide: HidePolicy | None = None,
-             root_owner: tuple[int, int] | None = None) -> Lower:
+             ids: Identity | None = None) -> Lower:
         try:
             fd = open_tree_clone(path)
         except OSError:  # not root, or an old kernel: plain directory, mounts not cut
@@ -132,7 +134,7 @@ class Lower:
             os.close(fd)
             raise
         return cls(fd, mount_fd, os.stat(fd).st_dev, filesystem_uuid(mount_fd), hide,
-                   root_owner)
+                   ids)
 
     @classmethod
     def absent(cls, dev: int) -> Lower:
@@ -189,7 +191,7 @@ class Lower:
         return self.shown(st)
 
     def shown(self, st: os.stat_result) -> os.stat_result:
-        return shown_owner(st, self.root_owner)
+        return shown_owner(st, self.ids)
 
     def listdir(self, path: bytes) -> list[bytes]:
         """The names in a lower directory ([] if it is none)."""

@@ -38,6 +38,7 @@ import trio
 from ..apply import recover
 from ..config import Engine
 from ..errors import ExitCode, QuietError
+from ..identity import Identity
 from ..journal import Journal, NullJournal
 from ..offload import Offload
 from ..statedir import StateDir
@@ -72,10 +73,11 @@ class MountRequest:
     writeback_cache: bool = True
     foreground: bool = False
     segment_bytes: int = 64 << 20
-    # --engine fuse for a user's environment (the launcher): lower entries of uid/gid 0
-    # show as this (uid, gid), and what sdeefs.fs.guard hides stays hidden (root-only
-    # entries; the deny patterns also without root_owner)
-    root_owner: tuple[int, int] | None = None
+    # A user's environment (the launcher): only its ids are accepted (the id door), and
+    # for --engine fuse lower owners show as its idmapped lower shows them and what
+    # sdeefs.fs.guard hides stays hidden (entries the user cannot read on the host; the
+    # deny patterns also without ids)
+    ids: Identity | None = None
     deny: tuple[str, ...] = ()
     image_size: int = 64 << 30  # --engine kernel: a new layer image's size
 
@@ -268,7 +270,7 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
                                 lower=os.fsencode(req.lower) if mode == "merged" else None,
                                 mode=mode, excludes=view_excludes(req),
                                 xattrs=OverlayXattrs(prefix), cache_timeout=req.cache_timeout,
-                                hide=_hide_policy(req), root_owner=req.root_owner)
+                                hide=_hide_policy(req), ids=req.ids)
             fs = CowFS.open(config, journal)
             stack.callback(fs.close)
             ops = Operations(fs, Offload(), req.cache_timeout,
@@ -305,8 +307,8 @@ def _failed(ready_fd: int | None, exc: QuietError | OSError, what: str) -> int:
 def _hide_policy(req: MountRequest) -> HidePolicy | None:
     """What the merged view hides of the lower (sdeefs.fs.guard's rules), if anything."""
     deny = DenyPatterns.of(req.deny)
-    if req.root_owner is not None:
-        return Policy(deny, *req.root_owner).hides
+    if req.ids is not None:
+        return Policy(deny, req.ids).hides
     if deny.patterns:
         return lambda rel, st: deny.matches(rel)
     return None
@@ -326,12 +328,11 @@ def _start_view(req: MountRequest, mountpoint: str, mode: Mode) -> None:
 
 @attrs.frozen
 class GuardRequest:
-    """A guard over ``lower`` for a user whose view shows host root as ``uid``/``gid``."""
+    """A guard over ``lower`` for the user ``ids`` (sdeefs.identity)."""
 
     mountpoint: str
     lower: str
-    uid: int
-    gid: int
+    ids: Identity
     deny: tuple[str, ...] = ()
     log: str = "/dev/null"
     cache_timeout: float = 10.0
@@ -352,7 +353,7 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
         except PermissionError:
             raise QuietError("cannot mount the guard: it must run as root",
                              ExitCode.UNAVAILABLE) from None
-        view = GuardView(lower_fd, Policy(DenyPatterns.of(req.deny), req.uid, req.gid))
+        view = GuardView(lower_fd, Policy(DenyPatterns.of(req.deny), req.ids))
         ops = GuardOperations(view, Offload(), req.cache_timeout)
         pyfuse3.init(ops, req.mountpoint, {
             f"fsname={GUARD_FSNAME}", f"subtype={GUARD_FSNAME}", "ro", "default_permissions",

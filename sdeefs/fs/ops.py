@@ -189,6 +189,7 @@ class Operations(pyfuse3.Operations):
             # the kernel keeps regular files' times itself: it sends the ones it changes
             keep_mtime=self.enable_writeback_cache)
         async with self.mutex:
+            self.fs.admit(change.uid, change.gid)  # before a copy-up
             await self._copy_ups(functools.partial(self.fs.copy_up_for_setattr, inode, change))
             return self._entry(self.fs.setattr(inode, change))
 

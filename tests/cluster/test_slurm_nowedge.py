@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sdeefs import records as rec
+from sdeefs.identity import of_user
 from sdeefs.journal import Journal
 
 from ..launcher.launcher_site import VENV_BIN, requires_launcher
@@ -59,11 +60,11 @@ def sdeefs_on(g: Grid, i: int, *args: str, check: bool = True) -> str:
 @requires_launcher
 def test_setcap_inside_reaches_every_replica_and_no_node_leaves_service(grid: Grid) -> None:
     g = grid
-    uid = g.site.uid(g.user)
+    root_inside = of_user(g.user, 1000, allocate=False).subuid  # setcap's rootid (identity.md)
     g.site.start(g.user)
     g.site.run(g.user, "cp /bin/cat /usr/local/bin/rawcat && "
                "setcap cap_net_raw+ep /usr/local/bin/rawcat && echo capped > /etc/sdeefs-demo")
-    assert file_cap(g.site.upper(g.user) / "usr/local/bin/rawcat") == (3, uid)
+    assert file_cap(g.site.upper(g.user) / "usr/local/bin/rawcat") == (3, root_inside)
     script = (f"#!/bin/sh\nsrun -N3 {VENV_BIN / 'sdeefs-run'} -- sh -c "
               "'echo $(hostname) $(cat /etc/sdeefs-demo) $(getcap /usr/local/bin/rawcat)'\n")
     text = g.submit(script, "-N3")
@@ -71,7 +72,7 @@ def test_setcap_inside_reaches_every_replica_and_no_node_leaves_service(grid: Gr
     assert len(lines) == 3, text
     for i, line in enumerate(lines, 1):
         assert line.startswith(f"n{i} capped /usr/local/bin/rawcat cap_net_raw=ep"), text
-        assert file_cap(g.replica_upper(i) / "usr/local/bin/rawcat") == (3, uid)
+        assert file_cap(g.replica_upper(i) / "usr/local/bin/rawcat") == (3, root_inside)
     assert_in_service(g)
     g.assert_converged()
     for i in range(1, g.nodes + 1):

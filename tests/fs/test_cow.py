@@ -23,6 +23,7 @@ from sdeefs import records as rec
 from sdeefs.check import check_journal_readable, check_upper_format, run_checks
 from sdeefs.fs.cow import AttrChange, CowFS, OverlayXattrs, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO, Attr
+from sdeefs.identity import Identity
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, RENAME_NOREPLACE, is_whiteout, name_to_handle
 from sdeefs.trees import walk
@@ -81,7 +82,8 @@ class Env:
     """lower/, upper/, state/{journal,work} below tmp_path, and a CowFS over them."""
 
     def __init__(self, tmp_path: Path, mode: str = "merged",
-                 prefix: bytes = b"trusted.overlay.") -> None:
+                 prefix: bytes = b"trusted.overlay.", ids: Identity | None = None) -> None:
+        self.ids = ids
         self.tmp = tmp_path
         self.lower = tmp_path / "lower"
         self.upper = tmp_path / "upper"
@@ -110,7 +112,7 @@ class Env:
         self.journal = Journal.open(str(self.state / "journal"))
         config = ViewConfig(upper=fsb(self.upper), work=fsb(self.work),
                         lower=fsb(self.lower) if self.mode == "merged" else None,
-                        mode=self.mode,  # type: ignore[arg-type]
+                        mode=self.mode, ids=self.ids,  # type: ignore[arg-type]
                         xattrs=OverlayXattrs(self.prefix))
         self._fs = CowFS.open(config, self.journal)
         return self._fs
@@ -1547,3 +1549,46 @@ def test_the_door_refuses_what_no_replica_carries_before_journaling(env: Env) ->
     assert sorted(os.listxattr(env.upper / "ping")) == ["trusted.overlay.origin", "user.note"]
     assert (env.upper / "ping").read_bytes() == b"host binary"
     assert_consistent(env)
+
+
+# --------------------------------------------------------------------------
+# the id door of a user's view (docs/identity.md)
+
+IDS = Identity.build(1001, 1001, (27,), (165536, 65536), (231072, 65536), 1000)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners other than our own need root")
+@pytest.mark.parametrize("mode", ["merged", "raw"])
+def test_the_id_door_admits_only_the_users_ids(tmp_path: Path, mode: str) -> None:
+    """What the kernel refuses inside the namespace, the daemon refuses too: a creator
+    outside the user's ids (EPERM), a chown to one (EINVAL), the copy-up of another user's
+    entry (EOVERFLOW), before anything is journaled."""
+    env = Env(tmp_path, mode, IDS)
+    try:
+        if mode == "merged":
+            mkfile(env.lower / "etc/conf", b"c", owner=(0, 0))
+            mkfile(env.lower / "srv/theirs", b"t", mode=0o666, owner=(2000, 2000))
+            # system files show (and are copied up) as inside root's: S, T
+            assert (env.walk(b"etc/conf").st.st_uid, env.walk(b"etc/conf").st.st_gid) == \
+                IDS.root
+            env.write(b"etc/conf", b"C")
+            assert (env.ust("etc/conf").st_uid, env.ust("etc/conf").st_gid) == IDS.root
+            with raises_errno(errno.EOVERFLOW):
+                env.write(b"srv/theirs", b"T")
+        root = b"upper" if mode == "raw" else b""
+        parent = env.ino(root) if root else ROOT_INO
+        env.fs.mkdir(parent, b"ok", 0o755, 165536 + 42, 231072 + 42)  # _apt inside
+        env.fs.mknod(parent, b"mine", stat.S_IFREG | 0o644, 0, 1001, 27)
+        for uid, gid in ((0, 0), (1002, 1001), (1001, 1002), (165536 + 65536, 231072)):
+            with raises_errno(errno.EPERM):
+                env.fs.mkdir(parent, b"bad", 0o755, uid, gid)
+        ino = env.ino(root + b"/ok" if root else b"ok")
+        for uid, gid in ((0, None), (None, 0), (2000, None)):
+            with raises_errno(errno.EINVAL):
+                env.fs.setattr(ino, AttrChange(uid=uid, gid=gid))
+        env.fs.setattr(ino, AttrChange(uid=1001, gid=27))
+        assert not (env.upper / "bad").exists()
+        assert (env.ust("ok").st_uid, env.ust("ok").st_gid) == (1001, 27)
+        assert_consistent(env)
+    finally:
+        env.close()

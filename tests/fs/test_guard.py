@@ -24,10 +24,13 @@ from sdeefs.fs.guard import (
     readable_only_by_root,
 )
 from sdeefs.fs.mount import GuardRequest, mount_guard
+from sdeefs.identity import Identity
 
 from ..conftest import fuse_skip_reason, mounted
 
-USER = (4242, 4343)  # the host uid/gid the view shows host root as
+# the user: uid 4242, gid 4343, in group 4444; its subordinate ranges; system ids below 1000
+IDS = Identity.build(4242, 4343, (4444,), (200000, 65536), (300000, 65536), 1000)
+USER = IDS.root  # the host uid/gid the view shows host root as (inside root)
 
 
 def make_tree(lower: Path) -> None:
@@ -59,6 +62,33 @@ def test_readable_only_by_root() -> None:
     assert readable_only_by_root(as_root(0o711, is_dir=True))  # searchable, not listable
     assert readable_only_by_root(as_root(0o700, is_dir=True))
     assert not readable_only_by_root(as_root(0o755, is_dir=True))
+    # the jobs' scan: every system id counts as root does (inside root owns their files)
+    assert readable_only_by_root(as_root(0o700, uid=42, gid=65534, is_dir=True), system=1000)
+    assert not readable_only_by_root(as_root(0o700, uid=42, is_dir=True))
+
+
+def test_the_guard_hides_what_the_user_cannot_read_on_the_host() -> None:
+    """Policy.hides: owner, group and other bits against the user's uid and groups."""
+    policy = Policy(DenyPatterns.of(()), IDS)
+
+    def hides(mode: int, uid: int = 0, gid: int = 0, is_dir: bool = False) -> bool:
+        return policy.hides(b"x", as_root(mode, uid, gid, is_dir))
+
+    assert hides(0o600)
+    assert hides(0o640)
+    assert hides(0o750, is_dir=True)
+    assert hides(0o700, uid=42, gid=42, is_dir=True)  # _apt's partial/: another system id
+    assert hides(0o711, is_dir=True)  # the user could search it, not list it: hidden whole
+    assert hides(0o600, uid=5000, gid=5000)  # another user's private file
+    assert hides(0o004, uid=4242)  # the owner class decides, even if "other" may read
+    assert not hides(0o644)
+    assert not hides(0o755, is_dir=True)
+    assert not hides(0o640, gid=4444)
+    assert not hides(0o640, gid=4343)
+    assert not hides(0o400, uid=4242)  # the user's own
+    assert hides(0o044, uid=4242)  # ... unless its owner bits say no
+    assert not policy.hides(b"l", os.stat_result((stat.S_IFLNK | 0o777, 1, 1, 1, 0, 0, 0, 0, 0,
+                                                  0)))
 
 
 @pytest.mark.parametrize("pattern", [
@@ -78,7 +108,7 @@ def test_deny_patterns_match_what_glob_expands(tmp_path: Path, pattern: str) -> 
 
 def view_of(lower: Path, deny: tuple[str, ...] = ()) -> GuardView:
     fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    return GuardView(fd, Policy(DenyPatterns.of(deny), *USER))
+    return GuardView(fd, Policy(DenyPatterns.of(deny), IDS))
 
 
 def child(view: GuardView, path: str) -> int:
@@ -173,7 +203,7 @@ def stacked(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         path.mkdir()
     make_tree(dirs["lower"])
     try:
-        mount_guard(GuardRequest(str(dirs["guard"]), str(dirs["lower"]), *USER,
+        mount_guard(GuardRequest(str(dirs["guard"]), str(dirs["lower"]), IDS,
                                  deny=("/etc/ssh/ssh_host_*_key", "/pub/*.key"),
                                  log=str(tmp_path / "guard.log")))
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",

@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from sdeefs.config import SiteConfig
+from sdeefs.launcher.doctor import Verdict, subids
 
 from .launcher_site import VENV_BIN, Site, requires_launcher
 
@@ -113,3 +117,20 @@ def test_a_reader_that_goes_away_is_not_an_error(site: Site) -> None:
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == 128 + signal.SIGPIPE
+
+
+def test_doctor_names_users_without_subordinate_ids(site: Site, tmp_path: Path) -> None:
+    user = site.add_user()
+    uid = site.uid(user)
+    cfg = SiteConfig(min_uid=uid)  # this user and later ones
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text("")
+    subgid.write_text("")
+    compute = list(subids(cfg, "compute", str(subuid), str(subgid)))
+    assert compute[0].verdict == Verdict.FAIL
+    assert user in compute[0].detail
+    assert list(subids(cfg, "login", str(subuid), str(subgid)))[0].verdict == Verdict.WARN
+    for path in (subuid, subgid):
+        path.write_text("".join(f"{pw.pw_name}:{100000 + i * 65536}:65536\n"
+                                for i, pw in enumerate(pwd.getpwall()) if pw.pw_uid >= uid))
+    assert list(subids(cfg, "compute", str(subuid), str(subgid)))[0].verdict == Verdict.OK

@@ -313,7 +313,7 @@ def test_another_user_is_refused(helper: Helper, env: int) -> None:
     result = helper.join(env, "id", user="nobody")
     assert result.returncode == 1
     assert result.stderr.startswith("sdeefs-enter: check pid")
-    assert "belongs to uid" in result.stderr
+    assert "belong to uid" in result.stderr or "belongs to uid" in result.stderr
 
 
 def test_a_non_sdeefs_pid_is_refused(helper: Helper) -> None:
@@ -426,3 +426,55 @@ def test_kill_ends_the_environment_and_nothing_stays_mounted(helper: Helper) -> 
     subprocess.run(["umount", str(own_lower)], check=True)  # not busy: the namespace is gone
     assert _mounts_under(own_lower) == []
     assert [m for m in _mounts_under(helper.layers) if "overlay" in m] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the full id map (docs/identity.md) and the SLURM client shims
+
+
+def test_bad_id_maps_are_usage_errors(helper: Helper) -> None:
+    common = ["--uid", str(helper.user.uid), "--gid", str(helper.user.gid)]
+    for maps in (["--uid-map", "0:0:1", "--gid-map", "0:200000:65536"],  # host root: never
+                 ["--uid-map", "0:200000:65536,", "--gid-map", "0:200000:65536"],
+                 ["--uid-map", "0:200000", "--gid-map", "0:200000:65536"],
+                 ["--uid-map", "0:200000:0", "--gid-map", "0:200000:65536"],
+                 ["--uid-map", "0:200000:65536"]):  # one without the other
+        for command in ("start", "idmap"):
+            result = helper.run(command, *common, *maps, "/", str(helper.base / "x"))
+            assert result.returncode == 2, (command, maps, result.stderr)
+            assert result.stderr.startswith("sdeefs-enter: usage:"), result.stderr
+    result = helper.run("start", *common, "--uid-map", "0:0:1", "--gid-map", "0:1:1",
+                        "--root-view", "/", "--home", "/")
+    assert "refusing a map to host id 0" in result.stderr
+
+
+def test_a_full_map_and_the_slurm_shims(helper: Helper) -> None:
+    """Inside root is a subordinate id, the user itself; a shim run by inside root runs the
+    real client as the user, with the user's USER and HOME; run by the user, unchanged."""
+    u, g = helper.user.uid, helper.user.gid
+    sub = 4_000_000_000  # far above what useradd allocates: this test writes no /etc/subuid
+    maps = ["--uid-map", f"0:{sub}:{u},{u + 1}:{sub + u + 1}:{65536 - u - 1},{u}:{u}:1",
+            "--gid-map", f"0:{sub}:{g},{g + 1}:{sub + g + 1}:{65536 - g - 1},{g}:{g}:1"]
+    pid = helper.start("fullmap", *maps, "--ro-bind", "/usr/bin/id:/run/sdeefs/slurm/sinfo",
+                       "--ro-bind", "/usr/bin/env:/run/sdeefs/slurm/squeue",
+                       "--ro-bind", f"{helper.binary}:/usr/local/bin/sinfo",
+                       "--ro-bind", f"{helper.binary}:/usr/local/bin/squeue")
+    try:
+        assert helper.out(pid, "cat", "/proc/self/uid_map").split()[:3] == ["0", str(sub), str(u)]
+        assert helper.out(pid, "cat", "/proc/self/setgroups").strip() == "allow"
+        assert _proc_field(pid, "Uid") == f"{sub}\t{sub}\t{sub}\t{sub}"  # the init: inside root
+        assert helper.out(pid, "id", "-u").strip() == "0"
+        assert helper.out(pid, "/usr/local/bin/sinfo", "-u").strip() == str(u)
+        assert helper.out(pid, "/usr/local/bin/sinfo", "-g").strip() == str(g)
+        env = dict(line.split("=", 1) for line in
+                   helper.out(pid, "/usr/local/bin/squeue").splitlines() if "=" in line)
+        assert (env["USER"], env["LOGNAME"], env["HOME"]) == (helper.user.name,
+                                                              helper.user.name,
+                                                              str(helper.user.home))
+        # the user joining (as the user namespace's owner) is root inside too
+        assert helper.out(pid, "/usr/local/bin/sinfo", "-u", user=helper.user.name).strip() \
+            == str(u)
+        assert helper.out(pid, "setpriv", f"--reuid={u}", f"--regid={g}", "--clear-groups",
+                          "/usr/local/bin/sinfo", "-u").strip() == str(u)
+    finally:
+        helper.stop(pid)

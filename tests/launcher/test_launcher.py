@@ -18,6 +18,7 @@ import pytest
 from sdeefs import config as config_mod
 from sdeefs import control
 from sdeefs.fs.daemon import daemon_pid
+from sdeefs.identity import of_user
 from sdeefs.launcher.layout import SiteRun
 from sdeefs.launcher.login.pam import install, uninstall
 
@@ -48,18 +49,18 @@ def test_two_users_are_isolated_and_the_host_unchanged(site: Site) -> None:
     for path in ("/usr/local/bin/alice-tool", "/etc/profile.d/alice.sh",
                  f"{PYTHON_MODULE_DIR}/sdeefs_demo_mod"):
         assert not os.path.exists(path)
-    # results land in the real home; the upper holds the rest, owned by the user
+    # results land in the real home; the upper holds the rest, owned by the user's inside
+    # root (its first subordinate uid: docs/identity.md)
     assert (site.home(alice) / "result.txt").read_text() == "done\n"
     tool = site.upper(alice) / "usr/local/bin/alice-tool"
-    assert tool.stat().st_uid == site.uid(alice)
+    assert tool.stat().st_uid == of_user(alice, 1000, allocate=False).subuid
     # each sees only its own processes, and root inside is the user outside
     ps = site.run(alice, "ps -eo pid,comm --no-headers").stdout.split("\n")
     assert ps[0].split() == ["1", "sdeefs-init"]
     assert all("sleep" not in line for line in ps)
     assert site.run(alice, "id -u").stdout == "0\n"
-    assert site.run(alice, "cat /proc/self/uid_map").stdout.split() == ["0",
-                                                                          str(site.uid(alice)),
-                                                                          "1"]
+    assert site.run(alice, "cat /proc/self/uid_map").stdout.split()[:3] == [
+        "0", str(of_user(alice, 1000, allocate=False).subuid), str(site.uid(alice))]
     # bob's home and the sdeefs directories are not visible from alice's view
     assert site.run(alice, f"ls {site.home(bob)} 2>&1; true").stdout.count("No such file") == 1
     assert "No such file" in site.run(alice, f"ls -A {site.root} 2>&1; true").stdout

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from sdeefs import records as rec
 from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO
+from sdeefs.identity import Identity
 from sdeefs.journal import Journal, NullJournal
 from sdeefs.layers import LayerRoot
-from sdeefs.replicable import NOBODY, UserIds, user_ids
+from sdeefs.replicable import NOBODY, UserIds, of_identity, user_ids
 from sdeefs.replication.auth import SharedKey
 from sdeefs.replication.relay import Downstream
 from sdeefs.replication.replica import MAX_SKIPPED, Follower, LinkStats, Replica
@@ -52,6 +53,7 @@ AUTH = SharedKey(KEY)
 USER = "alice"
 ALICE_UID = 4242
 ALICE = user_ids(ALICE_UID, 4242)
+ALICE_OWNER = (ALICE_UID, 4242)  # what her records give their entries
 
 
 def _cap_v3(rootid: int) -> bytes:
@@ -230,7 +232,7 @@ async def _hostile_session(tmp_path: Path, build: object, ids: UserIds = NOBODY
 
 
 def _mkdir(path: bytes) -> bytes:
-    return encode_record_payload(rec.Mkdir(path, 0o755, 0, 0))
+    return encode_record_payload(rec.Mkdir(path, 0o755, *ALICE_OWNER))
 
 
 @pytest.mark.expect_log("sdeefs.replication.replica")
@@ -277,7 +279,7 @@ async def test_out_of_sequence_is_rejected(tmp_path: Path) -> None:
 @pytest.mark.expect_log("sdeefs.replication.replica")
 async def test_hostile_records_are_skipped_recorded_and_the_stream_goes_on(
         tmp_path: Path, payload: bytes) -> None:
-    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o755, 0, 0))
+    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o755, *ALICE_OWNER))
     replica, error = await _hostile_session(tmp_path, lambda key: _frames(
         [(1, create, 0), (2, payload, 0), (3, _mkdir(b"upper/after"), 0)], key), ALICE)
     assert error == ""  # not the link's problem: it stayed up
@@ -291,7 +293,7 @@ async def test_hostile_records_are_skipped_recorded_and_the_stream_goes_on(
 
 
 async def test_a_file_capability_for_the_users_own_rootid_is_carried(tmp_path: Path) -> None:
-    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o755, 0, 0))
+    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o755, *ALICE_OWNER))
     cap = _cap_v3(ALICE_UID)
     setcap = encode_record_payload(rec.Setxattr(b"upper/f", b"security.capability", cap))
     replica, error = await _hostile_session(
@@ -307,7 +309,7 @@ async def test_a_file_capability_for_the_users_own_rootid_is_carried(tmp_path: P
 async def test_a_refused_chunked_write_is_skipped_once_whole(tmp_path: Path) -> None:
     first = struct.pack("<HI", rec.Write.TYPE, 999) + b"abcd"  # does not decode
     second = encode_record_payload(rec.Write(b"upper/f", b"", 4, 4), b"efgh")
-    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 0, 0))
+    create = encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, *ALICE_OWNER))
     replica, error = await _hostile_session(tmp_path, lambda key: _frames(
         [(1, create, 0), (2, first, MORE), (2, second, 0),
          (3, _mkdir(b"upper/after"), 0)], key), ALICE)
@@ -336,6 +338,10 @@ def test_skipped_records_are_kept_bounded_and_cleared_by_a_snapshot_or_reset(
     # a verified snapshot makes the copy faithful again
     source = tmp_path / "source"
     _sample_tree(source)
+    os.chown(source, *ALICE_OWNER)
+    for dirpath, dirnames, filenames in os.walk(source):  # a user's upper holds her ids
+        for name in (*dirnames, *filenames):
+            os.lchown(os.path.join(dirpath, name), *ALICE_OWNER)
     digest: list[bytes] = []
     frames = list(snapshot_frames(str(source), 50, digest))
     replica.begin_snapshot(50)
@@ -885,3 +891,31 @@ def test_fallocate_and_device_records_cross_the_wire_made_safe() -> None:
     with pytest.raises(ProtocolError):  # a whiteout is a Mknod, never a Mkdev
         decode_record_payload(encode_record_payload(
             rec.Mkdev(b"upper/wh", stat.S_IFCHR, 0, 0, 0)))
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+def test_a_replica_applies_only_its_users_ids(tmp_path: Path) -> None:
+    """The owner rule (sdeefs.replicable, docs/identity.md): the user's uid and groups, its
+    subordinate ranges; a record giving an entry any other id is skipped, naming the files
+    whose difference between nodes would explain it, and the stream goes on."""
+    ids = of_identity(Identity.build(1001, 1001, (27,), (165536, 65536), (231072, 65536),
+                                     1000))
+    replica = Replica.open(str(tmp_path / USER), ids)
+    _accept_all(replica, [
+        (1, rec.Mkdir(b"upper/root-s", 0o755, 165536, 231072), None),
+        (2, rec.Mkdir(b"upper/apt", 0o700, 165536 + 42, 231072 + 65534), None),
+        (3, rec.Mkdir(b"upper/mine", 0o755, 1001, 27), None),
+        (4, rec.Mknod(b"upper/gone", stat.S_IFCHR, 0, 0), None),  # a whiteout: 0/0 is fine
+        (5, rec.Setattr(b"upper/mine", rec.SET_MODE, 0o700, 0, 0, 0, 0, 0), None),  # no owner
+        (6, rec.Mkdir(b"upper/host-root", 0o755, 0, 0), None),
+        (7, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 1002, 1001), None),
+        (8, rec.Symlink(b"upper/l", b"x", 165536 + 65536, 231072), None),
+        (9, rec.Setattr(b"upper/mine", rec.SET_OWNER, 0, 1001, 0, 0, 0, 0), None),
+    ])
+    assert replica.applied == 9
+    assert [r.seq for r in replica.skipped.records] == [6, 7, 8, 9]
+    assert "/etc/subuid" in replica.skipped.summary()
+    assert sorted(os.listdir(tmp_path / USER / "upper")) == ["apt", "gone", "mine", "root-s"]
+    st = (tmp_path / USER / "upper" / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (1001, 27)
+    replica.close()
