@@ -81,8 +81,8 @@ def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
 class Env:
     """lower/, upper/, state/{journal,work} below tmp_path, and a CowFS over them."""
 
-    def __init__(self, tmp_path: Path, mode: str = "merged",
-                 prefix: bytes = b"trusted.overlay.", ids: Identity | None = None) -> None:
+    def __init__(self, tmp_path: Path, mode: str = "merged", ids: Identity | None = None,
+                 prefix: bytes = b"trusted.overlay.") -> None:
         self.ids = ids
         self.tmp = tmp_path
         self.lower = tmp_path / "lower"
