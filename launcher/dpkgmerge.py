@@ -42,7 +42,7 @@ import stat
 
 import attrs
 
-from sdeefs.sysio import write_file_atomic
+from sdeefs.sysio import filesystem_ids, write_file_atomic
 from sdeefs.tools import Change
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,11 @@ def _replace_own(root: str, name: bytes, data: bytes) -> None:
         old = os.stat(name, dir_fd=directory, follow_symlinks=False)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=directory)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=directory)
+        # created as the old file's owner (the user's id: the journaling daemon's id door
+        # refuses host root as a creator)
+        with filesystem_ids(old.st_uid, old.st_gid):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600, dir_fd=directory)
         try:
             view = memoryview(data)
             while view:

@@ -32,7 +32,6 @@ namespaces themselves are made by the C helper (enter.py).  Paths: layout.py.
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import logging
 import os
@@ -56,6 +55,7 @@ from sdeefs.fs.mount import (
     umount,
 )
 from sdeefs.identity import Identity, format_map
+from sdeefs.sysio import filesystem_ids
 
 from . import enter, migrate, slurm
 from .compute import private
@@ -111,16 +111,10 @@ def mkdir_as(path: str, mode: int, uid: int, gid: int) -> None:
     whose id door refuses host root as a creator, the directory is the user's from its
     journal record on.  The parent is opened as root first: the user may not traverse
     the root-owned directories above it."""
-    libc = ctypes.CDLL(None, use_errno=True)
     parent = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        libc.setfsgid(gid)
-        libc.setfsuid(uid)
-        try:
+        with filesystem_ids(uid, gid):
             os.mkdir(os.path.basename(path), mode, dir_fd=parent)
-        finally:
-            libc.setfsuid(0)  # per thread (the raw syscalls): launchd's workers keep theirs
-            libc.setfsgid(0)
     finally:
         os.close(parent)
 

@@ -6,6 +6,7 @@ runs on the trio loop or in a worker thread (see docs/threading.md).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -13,6 +14,7 @@ import os
 import stat
 import struct
 import tempfile
+from collections.abc import Iterator
 
 # x86_64 syscall numbers (the only architecture we build for; checked at import).
 _SYS_RENAMEAT2 = 316
@@ -417,3 +419,17 @@ def malloc_trim() -> None:
     the size of the frames it freed, so later ones come from the heap and stay there.
     """
     _libc.malloc_trim(ctypes.c_size_t(0))
+
+
+@contextlib.contextmanager
+def filesystem_ids(uid: int, gid: int) -> Iterator[None]:
+    """Act on files as ``uid``/``gid`` in this thread (setfsuid/setfsgid: per thread, so
+    other workers of a service keep theirs), root again afterwards.  A journaling daemon
+    whose id door refuses host root as a creator sees the user's id instead."""
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    try:
+        yield
+    finally:
+        _libc.setfsuid(0)
+        _libc.setfsgid(0)
