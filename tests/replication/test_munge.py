@@ -59,7 +59,11 @@ def munged(base: Path, name: str) -> Iterator[str]:
         yield str(sock)
     finally:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10  # it writes its seed file as it exits
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.02)
 
 
 @pytest.fixture
