@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from ..conftest import requires_fuse
 from .test_daemon import SDEEFS, USER, Site, converged, write_mb
-
-
-@pytest.fixture
-def login(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    try:
-        s.mount()
-        yield s
-    finally:
-        s.close()
 
 
 @requires_fuse

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from sdeefs.replication.wire import FRAME_HEADER, HELLO, MAGIC, MAX_FRAME_PAYLOAD, VERSION
 
@@ -17,16 +13,6 @@ from .test_daemon import Site, change_tree, converged, rss_mb
 
 STRANGERS = 200
 
-
-@pytest.fixture
-def login(tmp_path: Path) -> Iterator[Site]:
-    """A login node (journaling mount + origin replicad, started by the test) and replicas."""
-    s = Site(tmp_path)
-    try:
-        s.mount()
-        yield s
-    finally:
-        s.close()
 
 
 def _reaches_eof(sock: socket.socket, timeout: float) -> bool:
