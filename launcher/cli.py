@@ -102,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.debug, args.debug_module)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, not at exit: a reader gone is handled below, quietly
+        return code
     except QuietError as exc:
         if args.debug:
             raise

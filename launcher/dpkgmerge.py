@@ -248,9 +248,10 @@ def _replace_own(root: str, name: bytes, data: bytes) -> None:
         old = os.stat(name, dir_fd=directory, follow_symlinks=False)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=directory)
-        # created as the old file's owner (the user's id: the journaling daemon's id door
-        # refuses host root as a creator)
-        with filesystem_ids(old.st_uid, old.st_gid):
+        # created as the directory's owner (the user's id in a layer: the journaling
+        # daemon's id door refuses host root as a creator), then given the old file's owner
+        owner = os.fstat(directory)
+        with filesystem_ids(owner.st_uid, owner.st_gid):
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
                          os.O_CLOEXEC, 0o600, dir_fd=directory)
         try:

@@ -368,11 +368,14 @@ class RelayBuffer:
     Pipelined like the hops of a tree should be: before applying more, the replica waits
     (``wait_room``) until the followers being served have been sent what the new frames
     would evict, for at most RELAY_STALL; a follower still behind then (stuck, or far
-    slower than its siblings) falls off the buffer and gets a snapshot, as one that
-    connects too late does.
+    slower than its siblings) is left behind: not waited for again until it has caught up
+    with the buffer's end or was rebuilt (a stopped follower held the relay RELAY_STALL
+    per batch, many times over), so it falls off the buffer and gets a snapshot, as one
+    that connects too late does.
 
     Attributes:
         readers: each follower being served (by token) and the last seq sent to it.
+        left_behind: followers the relay no longer waits for.
     """
 
     limit: int
@@ -383,20 +386,25 @@ class RelayBuffer:
     base: int = 0  # the seq just before the first frame kept
     readers: dict[object, int] = attrs.field(factory=dict)
     moved: trio.Event = attrs.field(factory=trio.Event)
+    left_behind: set[object] = attrs.field(factory=set)
 
     def reader_at(self, token: object, pos: int | None) -> None:
         """Follower ``token`` was sent everything up to ``pos`` (None: it is gone)."""
         if pos is None:
             self.readers.pop(token, None)
+            self.left_behind.discard(token)
         else:
             self.readers[token] = pos
+            if not self.frames or pos >= self.frames[-1].seq:
+                self.left_behind.discard(token)  # caught up: waited for again
         self.moved.set()
         self.moved = trio.Event()
 
     def _room(self, incoming: int) -> bool:
         """Whether appending ``incoming`` bytes evicts nothing a reader still needs."""
         excess = self.size + incoming - self.limit
-        inside = [pos for pos in self.readers.values() if pos >= self.base]
+        inside = [pos for token, pos in self.readers.items()
+                  if pos >= self.base and token not in self.left_behind]
         if excess <= 0 or not self.frames or not inside:
             return True
         slowest, freed = min(inside), 0
@@ -409,9 +417,14 @@ class RelayBuffer:
         return True
 
     async def wait_room(self, incoming: int) -> None:
-        with trio.move_on_after(RELAY_STALL):
+        with trio.move_on_after(RELAY_STALL) as waiting:
             while not self._room(incoming):
                 await self.moved.wait()
+        if waiting.cancelled_caught:  # whoever still holds the room is left behind
+            slowest = min((pos for token, pos in self.readers.items()
+                           if pos >= self.base and token not in self.left_behind), default=None)
+            self.left_behind |= {token for token, pos in self.readers.items()
+                                 if pos == slowest}
 
     def append(self, before: int, frames: list[Frame]) -> None:
         """Keep ``frames``, applied after seq ``before``."""
