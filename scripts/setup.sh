@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 . scripts/apt.sh
 DEV_PACKAGES=(
   fuse-overlayfs fio                  # benchmark peers and load generator
-  pamtester                           # the launcher's PAM tests
+  pamtester openssh-server            # the launcher's PAM tests; a real sshd login (tests)
+  apt-utils                           # apt-ftparchive: a local package repository (tests)
   munge slurmctld slurmd slurm-client # a real SLURM cluster for the replication tests
   rsync                               # deploy benchmark peer
 )
