@@ -9,6 +9,7 @@ DEV_PACKAGES=(
   fuse-overlayfs fio                  # benchmark peers and load generator
   pamtester openssh-server            # the launcher's PAM tests; a real sshd login (tests)
   apt-utils                           # apt-ftparchive: a local package repository (tests)
+  python3-pip                         # pip into the system site-packages, inside (tests)
   munge slurmctld slurmd slurm-client # a real SLURM cluster for the replication tests
   rsync                               # deploy benchmark peer
 )
