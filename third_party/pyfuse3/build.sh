@@ -12,7 +12,7 @@ if "$venv/bin/python" -c 'import pyfuse3, sys; sys.exit(not hasattr(pyfuse3.Oper
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$venv/bin/pip" download -q --no-deps --no-binary :all: "pyfuse3==$version" -d "$tmp"
+"$venv/bin/pip" download -q --no-deps --no-binary pyfuse3 "pyfuse3==$version" -d "$tmp"
 tar xzf "$tmp/pyfuse3-$version.tar.gz" -C "$tmp"
 # --forward: a patch that does not apply (another pyfuse3) stops here, loudly
 patch -p1 --forward --quiet -d "$tmp/pyfuse3-$version" < "$patch_file"
