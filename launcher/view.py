@@ -239,9 +239,10 @@ def _ensure_fuse_view(config: SiteConfig, ids: Identity, dirs: EnvDirs) -> str:
                        lower=config.lower, engine=Engine.FUSE,
                        excludes=tuple(p for p in (*ALWAYS_EMPTY, "/home", *own_when_denied)
                                       if os.path.isdir(os.path.join(config.lower, p[1:]))),
-                       cache_timeout=config.cache_timeout, xattr_namespace="user",
-                       ids=ids, deny=tuple(d for d in (*config.deny, config.root, config.run_dir)
-                                           if d not in own_when_denied)))
+                       cache_timeout=config.cache_timeout, node_limit=config.fuse_nodes,
+                       xattr_namespace="user", ids=ids,
+                       deny=tuple(d for d in (*config.deny, config.root, config.run_dir)
+                                  if d not in own_when_denied)))
     return view
 
 

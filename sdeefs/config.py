@@ -39,6 +39,9 @@ a missing file means all defaults.  Example (every key, with its default)::
     idle_timeout = 0             # seconds an environment outlives its last session at
                                  # least, even with nothing running; 0: only the grace
     cache_timeout = 10.0         # seconds the view caches names and attributes of the lower
+    fuse_nodes = 50000           # (engine fuse) inodes its daemon keeps known to the kernel;
+                                 # past it the least recently looked-up are handed back:
+                                 # bounds the daemon's memory (~1.5 KB each), at least 1000
     tmp_size = "25%"             # size of the private /tmp of an environment
     pids_max = 4096              # processes and threads of one login environment
     memory_max = "50%"           # its memory, /tmp included (bytes: 8G, 512M; or % of RAM)
@@ -135,6 +138,7 @@ class SiteConfig:
     grace: float = 10.0
     idle_timeout: float = 0.0
     cache_timeout: float = 10.0
+    fuse_nodes: int = 50_000
     tmp_size: str = "25%"
     pids_max: int = 4096
     memory_max: str = "50%"
@@ -210,6 +214,8 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
     for key in ("grace", "idle_timeout", "cache_timeout", "private_scan_age"):
         if key in table:
             values[key] = _number(f"sdeefs.{key}", table[key])
+    if "fuse_nodes" in table:
+        values["fuse_nodes"] = int(_number("sdeefs.fuse_nodes", table["fuse_nodes"], 1000))
     if "pids_max" in table:
         values["pids_max"] = int(_number("sdeefs.pids_max", table["pids_max"], 16))
     if "cpu_weight" in table:

@@ -38,6 +38,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     m.add_argument("--cache-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long the kernel caches names and attributes; lower changes "
                         "appear within this time (default 10)")
+    m.add_argument("--node-limit", type=int, default=50_000, metavar="N",
+                   help="(fuse engine) inodes the daemon keeps known to the kernel; past it "
+                        "the entries looked up longest ago are handed back, which bounds "
+                        "its memory (default 50000, at least 1000)")
     m.add_argument("--sync-interval", type=float, default=5.0, metavar="SECONDS",
                    help="journal fdatasync period when nobody calls fsync (default 5)")
     m.add_argument("--xattr-namespace", choices=("trusted", "user"), default="trusted",
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         mountpoint=os.path.abspath(args.mountpoint), upper=os.path.abspath(args.upper),
         state=os.path.abspath(state), lower=os.path.abspath(args.lower),
         engine=Engine(args.engine), journal=not args.no_journal, excludes=tuple(args.exclude),
-        cache_timeout=args.cache_timeout, sync_interval=args.sync_interval,
+        cache_timeout=args.cache_timeout, node_limit=args.node_limit,
+        sync_interval=args.sync_interval,
         xattr_namespace=args.xattr_namespace, writeback_cache=not args.no_writeback_cache,
         foreground=args.foreground, segment_bytes=args.segment_bytes,
         image_size=parse_size("--image-size", args.image_size))

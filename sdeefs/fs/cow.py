@@ -144,6 +144,9 @@ class ViewConfig:
     hidden: tuple[bytes, ...] = ()  # view paths whose lower entry is not shown at all
     xattrs: OverlayXattrs = OverlayXattrs()
     cache_timeout: float = 0.0  # how long lower-only names may be answered from memory
+    # Nodes the daemon keeps known to the kernel (merged mode): past it the entries looked
+    # up longest ago are handed back (overflow); it bounds the name caches too
+    node_limit: int = 50_000
     # Lower entries this says to hide (lower path, its lstat) do not show; the launcher
     # passes sdeefs.fs.guard.Policy.hides: deny patterns and root-only entries, at lookup time.
     hide: HidePolicy | None = None
@@ -251,6 +254,7 @@ class CowFS:
     _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
     _name_hints: dict[tuple[int, int], bytes] = attrs.field(factory=dict)
     _cache_generation: int = 0
+    _since_shed: int = 0
     _stage_counter: Iterator[int] = attrs.field(factory=itertools.count)
 
     # -- construction -------------------------------------------------------------------------
@@ -332,6 +336,31 @@ class CowFS:
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
+
+    def overflow(self) -> list[tuple[int, bytes]]:
+        """Entries (parent node id, name) for the kernel to drop, after a lookup.
+
+        The kernel forgets nodes only under memory pressure: without this the daemon
+        would keep a node for every entry ever looked up (a ``find`` over /usr: 140,000,
+        230 MB).  Past ``node_limit`` nodes, one batch of the least recently looked-up
+        (``ViewNodes.least_recent``) every batch's worth of lookups, so shedding keeps
+        pace with lookups without asking again for entries whose FORGET is on its way.
+        None in raw mode: kernel overlayfs above holds the upper's dentries, and a
+        dropped one would make it revalidate (ESTALE, docs/hardlinks.md).
+        """
+        if self.raw:
+            return []
+        batch = max(64, self.config.node_limit // 16)
+        self._since_shed += 1
+        if len(self.inodes) <= self.config.node_limit or self._since_shed < batch:
+            return []
+        self._since_shed = 0
+        entries = []
+        for node in self.inodes.least_recent(batch):
+            head, name = split(node.path)
+            if name:
+                entries.append((self.inodes.ino_of_path(head) or ROOT_INO, name))
+        return entries
 
     def opened(self, node: Node, fd: int) -> None:
         """The kernel holds ``fd`` (from :meth:`open_fd`) open on ``node`` until :meth:`released`.
@@ -581,7 +610,8 @@ class CowFS:
         entries are never cached (their size changes with every write).
         """
         now = time.monotonic()
-        if self._cache_generation != self.layers.generation or len(self._resolved) > 500_000:
+        if self._cache_generation != self.layers.generation \
+                or len(self._resolved) > self.config.node_limit:
             self._resolved.clear()
             self._listings.clear()
             self._cache_generation = self.layers.generation

@@ -8,6 +8,13 @@ kept here for both FUSE daemons of this package:
 * an id stands for one inode until the kernel has forgotten it, so an inode
   number the filesystem reuses meanwhile for something new gets another id.
 
+The kernel forgets only under memory pressure, so on a big machine a ``find`` over
+/usr would keep 140,000 nodes (and the daemon's memory) for good.  The overlay's
+table therefore keeps its nodes in the order they were last looked up, and past a
+configured number the daemon asks the kernel to drop the entries looked up longest
+ago (:meth:`ViewNodes.least_recent`, ``sdeefs.fs.ops``): the kernel forgets those it
+does not use, and looks them up again when it needs them.
+
 :class:`NodeTable` holds any node type with an ``ino`` and a ``lookups`` count
 (the guard's ``GuardNode``, the overlay's :class:`Node`); :class:`ViewNodes` adds
 what the overlay needs: the view paths naming each node (``by_path``, a hard-linked
@@ -184,6 +191,23 @@ class ViewNodes(NodeTable[Node]):
                     del self.by_path[path]
         return node
 
+    def least_recent(self, count: int) -> list[Node]:
+        """Up to ``count`` nodes looked up longest ago, for the kernel to be asked to drop.
+
+        The table is in lookup order (:meth:`remember` moves a node to its end), so they
+        are read from its front.  Each one read is moved to the end, so a node the kernel
+        keeps (one in use) is not asked again before the rest of the table was, and a
+        call reads ``count`` entries, not the table.  Passed over: the root and files the
+        kernel holds open.
+        """
+        found: list[Node] = []
+        for node in list(itertools.islice(self.nodes.values(), count)):
+            del self.nodes[node.ino]
+            self.nodes[node.ino] = node
+            if node.ino != ROOT_INO and not node.fds:
+                found.append(node)
+        return found
+
     def ino_of_path(self, path: bytes) -> int | None:
         node = self.by_path.get(path)
         return node.ino if node is not None else None
@@ -205,6 +229,9 @@ class ViewNodes(NodeTable[Node]):
             node = self.add(Node(ino, kind, [], lower, in_upper, opaque))
         else:
             node.kind, node.lower, node.in_upper, node.opaque = kind, lower, in_upper, opaque
+            if count:  # most recently looked up: to the end of the table (least_recent)
+                del self.nodes[ino]
+                self.nodes[ino] = node
         self.name(node, path)
         if count:
             node.lookups += 1

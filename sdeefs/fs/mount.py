@@ -53,6 +53,8 @@ from .ops import GuardOperations, Operations
 
 log = logging.getLogger(__name__)
 
+# Below this, a deep tree walk would drop its own parents' entries again and again
+MIN_NODE_LIMIT = 1000
 MOUNT_ENGINES = (Engine.FUSE, Engine.HYBRID, Engine.KERNEL)  # what ``sdeefs mount`` makes
 
 
@@ -68,6 +70,7 @@ class MountRequest:
     journal: bool = True
     excludes: tuple[str, ...] = ()
     cache_timeout: float = 10.0
+    node_limit: int = 50_000  # the fuse engine's bound on nodes known to the kernel
     sync_interval: float = 5.0
     xattr_namespace: str = "trusted"
     writeback_cache: bool = True
@@ -118,6 +121,9 @@ def validate(req: MountRequest) -> None:
     if req.engine not in MOUNT_ENGINES:
         raise QuietError(f"unknown engine {req.engine!r} "
                          f"(choose from {', '.join(MOUNT_ENGINES)})", ExitCode.USAGE)
+    if req.node_limit < MIN_NODE_LIMIT:
+        raise QuietError(f"cannot mount: --node-limit must be at least {MIN_NODE_LIMIT}",
+                         ExitCode.USAGE)
     if req.engine == Engine.KERNEL:
         _validate_kernel(req)
         return
@@ -270,7 +276,7 @@ def run_daemon(req: MountRequest, mountpoint: str, mode: Mode, ready_fd: int | N
                                 lower=os.fsencode(req.lower) if mode == "merged" else None,
                                 mode=mode, excludes=view_excludes(req),
                                 xattrs=OverlayXattrs(prefix), cache_timeout=req.cache_timeout,
-                                hide=_hide_policy(req), ids=req.ids)
+                                node_limit=req.node_limit, hide=_hide_policy(req), ids=req.ids)
             fs = CowFS.open(config, journal)
             stack.callback(fs.close)
             ops = Operations(fs, Offload(), req.cache_timeout,

@@ -166,7 +166,14 @@ class Operations(pyfuse3.Operations):
         attr = self.fs.lookup(parent_inode, name)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("lookup -> %d mode %o", attr.ino, attr.st.st_mode)
+        self._shed()
         return self._entry(attr)
+
+    def _shed(self) -> None:
+        """Ask the kernel to drop what the node limit says (CowFS.overflow).  Its own thread
+        sends the notices: one sent from a handler could wait for this very request."""
+        for parent, name in self.fs.overflow():
+            pyfuse3.invalidate_entry_async(InodeT(parent), name, ignore_enoent=True)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for ino, count in inode_list:
@@ -415,6 +422,7 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._entry(attr), index + 1):
                 self.fs.forget(attr.ino, 1)  # not delivered: the kernel did not count it
                 return
+            self._shed()
 
     @_errors
     async def releasedir(self, fh: FileHandleT) -> None:
