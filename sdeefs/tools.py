@@ -21,6 +21,7 @@ from .sysio import is_whiteout, open_at
 from .trees import Visit, walk
 
 OPAQUE_NAMES = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+REDIRECT_NAMES = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 SETATTR_BITS = ((rec.SET_MODE, "mode"), (rec.SET_OWNER, "owner"), (rec.SET_SIZE, "size"),
                 (rec.SET_ATIME, "atime"), (rec.SET_MTIME, "mtime"))
 
@@ -52,6 +53,20 @@ def _opaque(path: bytes) -> bool:
     return False
 
 
+def _redirect(path: bytes, parent_lower: bytes) -> bytes | None:
+    """The lower path a renamed directory's redirect names (kernel format: relative to the
+    parent's lower directory, or absolute from the lower root), or None."""
+    for name in REDIRECT_NAMES:
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+        if value.startswith(b"/"):
+            return value.strip(b"/")
+        return parent_lower + b"/" + value if parent_lower else value
+    return None
+
+
 def diff(upper: bytes, lower: bytes) -> list[Change]:
     """What the upper adds, changes and deletes relative to the lower, in path order.
 
@@ -61,14 +76,16 @@ def diff(upper: bytes, lower: bytes) -> list[Change]:
     changes: list[Change] = []
     upper_fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     lower_fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    # Upper directories merged with a lower directory (by inode: paths of a deep tree
-    # would cost memory with the square of its depth); below any other, all is added.
-    merged: set[int] = set()
+    # Upper directories merged with a lower directory, by inode -> its lower path where
+    # that is not its own (a renamed directory's redirect, and what is below it; paths of
+    # every directory of a deep tree would cost memory with the square of its depth);
+    # below any other directory, all is added.
+    merged: dict[int, bytes | None] = {}
     batch: tuple[bytes | None, bool, int] = (None, False, -1)  # (dir, merged, lower dir fd)
     try:
         for visit in walk(upper_fd):
             if not visit.path:
-                merged.add(visit.st.st_ino)
+                merged[visit.st.st_ino] = None
                 continue
             parent = visit.path.rpartition(b"/")[0]
             if parent != batch[0]:  # the entries of one directory come together
@@ -87,34 +104,45 @@ def diff(upper: bytes, lower: bytes) -> list[Change]:
     return changes
 
 
-def _diff_batch(visit: Visit, parent: bytes, merged: set[int], lower_fd: int
+def _diff_batch(visit: Visit, parent: bytes, merged: dict[int, bytes | None], lower_fd: int
                 ) -> tuple[bytes, bool, int]:
     """(directory, merged with the lower, its lower directory fd or -1) for a new one."""
-    if os.fstat(visit.dir_fd).st_ino not in merged:
+    ino = os.fstat(visit.dir_fd).st_ino
+    if ino not in merged:
         return parent, False, -1
+    lower = merged[ino]
     try:
-        return parent, True, open_at(lower_fd, parent or b".", os.O_PATH | os.O_DIRECTORY)
+        return parent, True, open_at(lower_fd, (parent if lower is None else lower) or b".",
+                                     os.O_PATH | os.O_DIRECTORY)
     except OSError:  # the lower changed meanwhile: nothing there to compare with
         return parent, True, -1
 
 
-def _diff_entry(visit: Visit, in_merged: bool, lower_dir: int, merged: set[int]
+def _diff_entry(visit: Visit, in_merged: bool, lower_dir: int, merged: dict[int, bytes | None]
                 ) -> Change | None:
     ust, path = visit.st, visit.path
     if not in_merged:  # inside an added or replaced directory
         return None if is_whiteout(ust) else Change("added", path, _kind(ust))
+    parent_lower = merged.get(os.fstat(visit.dir_fd).st_ino)
     lst: os.stat_result | None = None
     if lower_dir >= 0:
         with contextlib.suppress(OSError):
             lst = os.stat(visit.name, dir_fd=lower_dir, follow_symlinks=False)
     if is_whiteout(ust):
         return Change("deleted", path) if lst is not None else None
+    if stat.S_ISDIR(ust.st_mode) and not _opaque(visit.at()):
+        moved = _redirect(visit.at(), path.rpartition(b"/")[0] if parent_lower is None
+                          else parent_lower)
+        if moved is not None:  # a renamed directory: its contents are the lower's at moved
+            merged[ust.st_ino] = moved
+            return Change("added", path, f"directory, renamed from /{os.fsdecode(moved)}")
     if lst is None:
         return Change("added", path, _kind(ust))
     if stat.S_ISDIR(ust.st_mode) and stat.S_ISDIR(lst.st_mode):
         if _opaque(visit.at()):
             return Change("replaced", path, "directory contents replaced")
-        merged.add(ust.st_ino)
+        merged[ust.st_ino] = None if parent_lower is None else \
+            parent_lower + b"/" + visit.name
         if (ust.st_mode, ust.st_uid, ust.st_gid) != (lst.st_mode, lst.st_uid, lst.st_gid):
             return Change("changed", path, "metadata")
         return None

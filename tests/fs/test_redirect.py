@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,31 @@ def test_lower_directory_renames_cross_mount(layers: Layers, engine: str, tmp_pa
         for m in (kmnt,):
             if mounted(m):
                 subprocess.run(["umount", "-l", str(m)], capture_output=True)
+
+
+def test_diff_follows_renamed_directories(tmp_path: Path) -> None:
+    """``sdeefs diff`` of an upper the kernel wrote: a renamed lower directory is its old
+    contents under the new name, and only what changed inside it is listed."""
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    populate(lower)
+    kernel_mount(lower, upper, work, mnt)
+    try:
+        exercise(mnt)
+    finally:
+        kernel_umount(mnt)
+    result = subprocess.run([sys.executable, "-m", "sdeefs", "diff", "--upper", str(upper),
+                             "--lower", str(lower)], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [
+        "A /etc/conf  (directory, renamed from /etc/conf.d)",
+        "D /etc/conf/a.conf",
+        "R /etc/conf.d  (directory contents replaced)",
+        "A /etc/conf.d/b.conf  (file)",
+        "D /usr/lib/pkg",
+        "A /usr/share/doc/pkg  (directory, renamed from /usr/lib/pkg)",
+        "A /usr/share/doc/pkg/new.py  (file)",
+        "D /usr/share/doc/pkg/sub",
+        "A /usr/share/sub  (directory, renamed from /usr/lib/pkg/sub)",
+        "A /usr/share/sub/more  (file)",
+    ]
