@@ -66,6 +66,8 @@ a missing file means all defaults.  Example (every key, with its default)::
     replica_dir = "/var/lib/sdeefs-replica"    # replicas of users' uppers on this node
     job_dir = "/var/lib/sdeefs-jobs"           # per-job scratch uppers (removed at job end)
     barrier_timeout = 300.0      # seconds the prolog waits for the replica to catch up
+    fanout = 4                   # direct followers of a user's stream per replicad before
+                                 # the next ones are sent to a relay (needs listen there)
 
 In the [replication] paths, ``%n`` stands for the node's name (SLURMD_NODENAME, or the
 short host name): several simulated nodes can share one machine.
@@ -116,6 +118,7 @@ class Replication:
     replica_dir: str = "/var/lib/sdeefs-replica"
     job_dir: str = "/var/lib/sdeefs-jobs"
     barrier_timeout: float = 300.0
+    fanout: int = 4
 
     def on(self, node: str) -> Replication:
         """These settings with ``%n`` replaced by ``node``."""
@@ -268,6 +271,8 @@ def _replication(table: object, source: str) -> Replication:
     if "barrier_timeout" in table:
         values["barrier_timeout"] = _number("replication.barrier_timeout",
                                             table["barrier_timeout"], 1)
+    if "fanout" in table:
+        values["fanout"] = int(_number("replication.fanout", table["fanout"], 1))
     return Replication(**values)
 
 

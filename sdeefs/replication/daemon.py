@@ -646,8 +646,9 @@ def _parser() -> argparse.ArgumentParser:
                              "replication.login set: replication.replica_dir)")
     parser.add_argument("--upstream", metavar="HOST:PORT",
                         help="the login node's replicad (default: replication.login)")
-    parser.add_argument("--fanout", type=int, default=4,
-                        help="direct followers per user before redirecting (default 4)")
+    parser.add_argument("--fanout", type=int,
+                        help="direct followers per user before redirecting (default: "
+                             "replication.fanout, 4)")
     parser.add_argument("--control", metavar="SOCKET",
                         help="control socket, root only (default: replication.control)")
     parser.add_argument("--follow", action="append", default=[], metavar="USER",
@@ -679,6 +680,8 @@ def _defaults_from_config(args: argparse.Namespace) -> None:
     args.munge_socket = args.munge_socket or rep.munge_socket
     args.key_file = args.key_file or rep.key_file
     args.control = args.control or rep.control
+    if args.fanout is None:
+        args.fanout = rep.fanout
     if args.role == "login":
         if not (args.listen or rep.login):
             raise QuietError("--role login: set replication.login (HOST:PORT) in the config",

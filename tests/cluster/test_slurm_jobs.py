@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +31,8 @@ from .slurm_cluster import Cluster, cluster, requires_slurm
 
 PORT = 7077
 NODES = 3
+# the login node (the hub) runs in the host's UTS namespace: its replicad's default --node
+LOGIN_NODE = socket.gethostname().split(".")[0]
 
 LIB_C = r"""
 const char *greeting(void) { return "hello from libgreet"; }
@@ -52,24 +55,19 @@ class Grid:
     replicads: dict[int, subprocess.Popen[bytes]] = attrs.field(factory=dict)
 
     def start_replicad(self, i: int) -> None:
-        """i = 0: the login node's origin; 1..nodes: compute nodes."""
+        """i = 0: the login node's origin; 1..nodes: compute nodes.  As the admin guide and
+        the systemd units start them: ``sdeefs-replicad --role login|compute``, everything
+        else from the site config (open_grid: [replication])."""
         log = open(self.base / f"replicad-{i}.log", "ab")  # noqa: SIM115 (the process keeps it)
-        common = [str(VENV_BIN / "sdeefs-replicad"), "--key-file", str(self.key)]
-        self.control_path(i).unlink(missing_ok=True)
+        control = self.control_path(i)
+        control.unlink(missing_ok=True)
+        control.parent.mkdir(exist_ok=True)
+        argv = [str(VENV_BIN / "sdeefs-replicad"), "--role", "login" if i == 0 else "compute"]
+        env = {"SDEEFS_CONFIG": str(self.site.config)}
         if i == 0:
-            control = self.control_path(0)
-            control.parent.mkdir(exist_ok=True)
-            argv = [*common, "--node", "login", "--origin", str(self.site.root),
-                    "--listen", f"{self.slurm.hub_addr}:{PORT}", "--control", str(control),
-                    "--fanout", "2"]
-            proc = self.slurm.hub_popen(argv, stdout=log, stderr=log)
+            proc = self.slurm.hub_popen(argv, stdout=log, stderr=log, env=env)
         else:
-            control = self.base / f"n{i}" / "replicad.sock"
-            argv = [*common, "--node", f"n{i}", "--replica-dir", str(self.base / f"n{i}" / "rep"),
-                    "--upstream", f"{self.slurm.hub_addr}:{PORT}",
-                    "--listen", f"{self.slurm.node_addr(i)}:{PORT}", "--control", str(control),
-                    "--fanout", "2"]
-            proc = self.slurm.node_popen(i, argv, stdout=log, stderr=log)
+            proc = self.slurm.node_popen(i, argv, stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + 10
         while not control.exists():  # the old one was removed before the start (below)
             assert proc.poll() is None, self.log(i)
@@ -86,7 +84,8 @@ class Grid:
         return (self.base / f"replicad-{i}.log").read_text(errors="replace")[-3000:]
 
     def control_path(self, i: int) -> Path:
-        return self.base / ("login" if i == 0 else f"n{i}") / "replicad.sock"
+        """replication.control of node i (``%n``: the login node's is its host name)."""
+        return self.base / (LOGIN_NODE if i == 0 else f"n{i}") / "replicad.sock"
 
     def control(self, i: int, request: dict[str, object]) -> dict[str, object]:
         return control_request(str(self.control_path(i)), request, timeout=120)
@@ -173,7 +172,10 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid") -> 
     key = base / "replication.key"
     key.write_text(os.urandom(32).hex())
     os.chmod(key, 0o600)
-    extra = (f'\n[replication]\nlogin = "10.0.0.1:{PORT}"\nkey_file = "{key}"\n'
+    # Every node is its own network namespace: a relay listens on all its addresses.
+    hub = Cluster.create(base / "cluster").hub_addr
+    extra = (f'\n[replication]\nlogin = "{hub}:{PORT}"\nlisten = "0.0.0.0:{PORT}"\n'
+             f'key_file = "{key}"\nfanout = 2\n'
              f'control = "{base}/%n/replicad.sock"\nreplica_dir = "{base}/%n/rep"\n'
              f'job_dir = "{base}/%n/jobs"\nbarrier_timeout = {barrier_timeout}\n')
     try:
@@ -353,7 +355,7 @@ def test_replicas_converge_through_failures(grid: Grid) -> None:
     followers = status["origin"][g.user]["followers"]  # type: ignore[index]
     assert set(followers) == {"n1", "n2", "n3"}, followers
     out = subprocess.run([str(VENV_BIN / "sdeefs"), "status"], capture_output=True, text=True,
-                         env={**g.site.env(), "SLURMD_NODENAME": "login"}, check=True).stdout
+                         env={**g.site.env(), "SLURMD_NODENAME": LOGIN_NODE}, check=True).stdout
     for node in ("n1", "n2", "n3"):
         assert f"replica on {node}: acked" in out, out
 

@@ -22,7 +22,7 @@ from sdeefs.journal import Journal
 
 from ..launcher.launcher_site import VENV_BIN, requires_launcher
 from .slurm_cluster import requires_slurm
-from .test_slurm_jobs import NODES, Grid, job_lines, open_grid
+from .test_slurm_jobs import LOGIN_NODE, NODES, Grid, job_lines, open_grid
 
 IN_SERVICE = ("idle", "allocated", "mixed", "completing")
 
@@ -49,7 +49,7 @@ def assert_in_service(g: Grid) -> None:
 def sdeefs_on(g: Grid, i: int, *args: str, check: bool = True) -> str:
     """``sdeefs ARGS`` as root on node i (0: the login node)."""
     env = {"SDEEFS_CONFIG": str(g.site.config), "SDEEFS_RUN_DIR": str(g.site.run_dir),
-           "SLURMD_NODENAME": "login" if i == 0 else f"n{i}"}
+           "SLURMD_NODENAME": LOGIN_NODE if i == 0 else f"n{i}"}
     argv = [str(VENV_BIN / "sdeefs"), *args]
     result = g.slurm.run(argv, env=env, check=check) if i == 0 else \
         g.slurm.node_run(i, argv, env=env, check=check)
