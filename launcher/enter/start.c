@@ -810,12 +810,26 @@ int cmd_start(int argc, char **argv)
     for (int i = 0; i < npaths; i++)
         close(fds[i]);
 
-    expect_msg(sock, 'P', buf, sizeof buf, "fork init");
-    pid_t b = (pid_t)atoi(buf + 1);
-    if (b <= 0)
-        fail("fork init: bad pid from the environment");
-    g_grandchild = b;
-    expect_msg(sock, 'R', buf, sizeof buf, "set up the environment");
+    /* A sends P<pid> right after its fork and B sends R once it is set up: two processes,
+     * so either may come first (on a loaded node B once finished before A was scheduled
+     * again, and its R was taken for a wrong answer: "unexpected message"). */
+    pid_t b = 0;
+    int ready = 0;
+    while (b <= 0 || !ready) {
+        const char *step = b > 0 ? "set up the environment" : "fork init";
+        if (recv_msg(sock, buf, sizeof buf, NULL, NULL, step) == 0)
+            fail("%s: the environment exited during setup", step);
+        if (buf[0] == 'P' && b <= 0) {
+            b = (pid_t)atoi(buf + 1);
+            if (b <= 0)
+                fail("fork init: bad pid from the environment");
+            g_grandchild = b;
+        } else if (buf[0] == 'R' && !ready) {
+            ready = 1;
+        } else {
+            fail("%s: unexpected message from the environment", step);
+        }
+    }
     printf("%d\n", (int)b);
     if (fflush(stdout) != 0)
         FAIL("write pid");
