@@ -300,7 +300,7 @@ def test_replication_config_names_the_bad_key_and_substitutes_the_node() -> None
     for table, key in (({"login": "no-port"}, "replication.login"),
                        ({"replica_dir": "relative"}, "replication.replica_dir"),
                        ({"barrier_timeout": 0}, "replication.barrier_timeout"),
-                       ({"fanout": 3}, "replication.fanout")):
+                       ({"fan_out": 3}, "replication.fan_out")):
         with pytest.raises(QuietError, match=key):
             parse({"replication": table})
 
