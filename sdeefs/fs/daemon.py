@@ -57,8 +57,14 @@ def state_lock(state: str) -> Iterator[int]:
 
 def daemon_pid(state: str) -> int | None:
     """The pid holding STATE/lock, or None if no daemon runs."""
+    return lock_holder(StateDir(state).lock)
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid written into a pid file that its writer holds flock'ed, or None (no file, or
+    nobody holds the lock: the writer is gone)."""
     try:
-        fd = os.open(StateDir(state).lock, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:

@@ -70,30 +70,12 @@ def capture_expected(state: str) -> bool:
     return os.path.exists(expected_path(state))
 
 
-def _lock_holder(path: str) -> int | None:
-    """The pid in a flock'ed pid file, if a process holds the lock."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
 def supervisor_pid(state: str) -> int | None:
-    return _lock_holder(supervisor_lock(state))
+    return daemon.lock_holder(supervisor_lock(state))
 
 
 def capture_pid(state: str) -> int | None:
-    return _lock_holder(os.path.join(StateDir(state).capture, "lock"))
+    return daemon.lock_holder(os.path.join(StateDir(state).capture, "lock"))
 
 
 def capture_answers(state: str, timeout: float = 5.0) -> bool:

@@ -22,12 +22,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_replicad(base: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+def replication_config(site: Site, barrier_timeout: float) -> tuple[Path, int]:
+    """Add a [replication] table for a login node and node n1 on loopback to the site's
+    config: (their directory, the login replicad's port)."""
+    base = site.base / "nodes"
+    base.mkdir()
+    (base / "key").write_text(os.urandom(32).hex())
+    os.chmod(base / "key", 0o600)
+    port = _free_port()
+    with site.config.open("a") as f:
+        f.write(f'\n[replication]\nlogin = "127.0.0.1:{port}"\nkey_file = "{base}/key"\n'
+                f'control = "{base}/%n.sock"\nreplica_dir = "{base}/%n-replicas"\n'
+                f'job_dir = "{base}/%n-jobs"\nbarrier_timeout = {barrier_timeout}\n')
+    site.root.mkdir(exist_ok=True)
+    return base, port
+
+
+def _start_replicad(site: Site, base: Path, name: str) -> subprocess.Popen[bytes]:
+    """The replicad of node ``name`` as its unit starts it: ``--role``, the rest from the
+    site config (one machine plays both nodes: ``--node`` tells them apart)."""
     control = base / f"{name}.sock"
     log = open(base / f"{name}.log", "ab")  # noqa: SIM115 (kept by the process)
-    proc = subprocess.Popen([str(VENV_BIN / "sdeefs-replicad"), "--node", name, "--key-file",
-                             str(base / "key"), "--control", str(control), *args],
-                            stdout=log, stderr=log, start_new_session=True)
+    role = "login" if name == "login" else "compute"
+    proc = subprocess.Popen([str(VENV_BIN / "sdeefs-replicad"), "--role", role, "--node", name],
+                            stdout=log, stderr=log, start_new_session=True, env=site.env())
     deadline = time.monotonic() + 10
     while not control.exists():
         assert proc.poll() is None, (base / f"{name}.log").read_text()
@@ -41,21 +59,10 @@ def test_a_user_without_a_layer_gets_a_job_without_an_environment(site: Site) ->
     an environment at once (it used to recognise the case by the text of the replicad's
     error, and only once the barrier timed out)."""
     user = site.add_user()  # no environment: the login node holds nothing of them
-    base = site.base / "nodes"
-    base.mkdir()
-    (base / "key").write_text(os.urandom(32).hex())
-    os.chmod(base / "key", 0o600)
-    port = _free_port()
-    with site.config.open("a") as f:
-        f.write(f'\n[replication]\nlogin = "127.0.0.1:{port}"\nkey_file = "{base}/key"\n'
-                f'control = "{base}/%n.sock"\nreplica_dir = "{base}/%n-replicas"\n'
-                f'job_dir = "{base}/%n-jobs"\nbarrier_timeout = {BARRIER_TIMEOUT}\n')
-    (site.root).mkdir(exist_ok=True)
-    daemons = [_start_replicad(base, "login", "--origin", str(site.root), "--listen",
-                               f"127.0.0.1:{port}")]
+    base, _ = replication_config(site, BARRIER_TIMEOUT)
+    daemons = [_start_replicad(site, base, "login")]
     try:
-        daemons.append(_start_replicad(base, "n1", "--replica-dir", str(base / "n1-replicas"),
-                                       "--upstream", f"127.0.0.1:{port}"))
+        daemons.append(_start_replicad(site, base, "n1"))
         began = time.monotonic()
         prolog = subprocess.run([str(VENV_BIN / "sdeefs"), "job-prolog"], capture_output=True,
                                 text=True, timeout=BARRIER_TIMEOUT + 60,
@@ -90,23 +97,14 @@ def _hook(site: Site, which: str, user: str, job: str = "8"
 def test_a_users_problem_fails_the_job_and_a_nodes_problem_fails_the_prolog(site: Site) -> None:
     """SLURM drains a node whose prolog fails: only the node's own problems may do that."""
     user = site.add_user()
-    base = site.base / "nodes"
-    base.mkdir()
-    (base / "key").write_text(os.urandom(32).hex())
-    os.chmod(base / "key", 0o600)
-    port = _free_port()  # nothing listens there: the login node is unreachable
-    with site.config.open("a") as f:
-        f.write(f'\n[replication]\nlogin = "127.0.0.1:{port}"\nkey_file = "{base}/key"\n'
-                f'control = "{base}/%n.sock"\nreplica_dir = "{base}/%n-replicas"\n'
-                f'job_dir = "{base}/%n-jobs"\nbarrier_timeout = 2\n')
+    base, _ = replication_config(site, 2)  # no login replicad: the login node is unreachable
     # The node's problem: its replicad is not running.
     prolog = _hook(site, "prolog", user)
     assert prolog.returncode != 0
     assert prolog.stderr.count("\n") == 1, prolog.stderr
     assert "sdeefs-replicad is not running" in prolog.stderr
     # The user's problem: the stream does not reach the barrier in time.
-    daemon = _start_replicad(base, "n1", "--replica-dir", str(base / "n1-replicas"),
-                             "--upstream", f"127.0.0.1:{port}")
+    daemon = _start_replicad(site, base, "n1")
     try:
         prolog = _hook(site, "prolog", user)
     finally:

@@ -17,7 +17,7 @@ from sdeefs.fs import image, kernel
 from tests.fs.capture_util import tree, tree_diff
 
 from .launcher_site import SHELL, Site, open_site, requires_launcher
-from .test_job import _free_port, _start_replicad
+from .test_job import _start_replicad, replication_config
 
 pytestmark = requires_launcher
 
@@ -26,31 +26,19 @@ pytestmark = requires_launcher
 def kernel_site() -> Iterator[tuple[Site, Path, list[subprocess.Popen[bytes]]]]:
     """A kernel-engine site with a login replicad (origin) and one replica node ``n1``."""
     with open_site("kernel", 'layer_size = "256M"\ngrace = 0\n') as site:
-        base = site.base / "nodes"
-        base.mkdir()
-        (base / "key").write_text(os.urandom(32).hex())
-        os.chmod(base / "key", 0o600)
-        port = _free_port()
-        with site.config.open("a") as f:
-            f.write(f'\n[replication]\nlogin = "127.0.0.1:{port}"\nkey_file = "{base}/key"\n'
-                    f'control = "{base}/%n.sock"\nreplica_dir = "{base}/%n-replicas"\n'
-                    f'job_dir = "{base}/%n-jobs"\nbarrier_timeout = 60\n')
-        site.root.mkdir(exist_ok=True)
+        base, _ = replication_config(site, 60)
         daemons: list[subprocess.Popen[bytes]] = []
         try:
-            start_replicads(site, base, port, daemons)
+            start_replicads(site, base, daemons)
             yield site, base, daemons
         finally:
             kill_all(daemons)
 
 
-def start_replicads(site: Site, base: Path, port: int,
-                    daemons: list[subprocess.Popen[bytes]]) -> None:
+def start_replicads(site: Site, base: Path, daemons: list[subprocess.Popen[bytes]]) -> None:
     """The login node's replicad (origin) and n1's (a replica), appended to ``daemons``."""
-    daemons.append(_start_replicad(base, "login", "--origin", str(site.root), "--listen",
-                                   f"127.0.0.1:{port}"))
-    daemons.append(_start_replicad(base, "n1", "--replica-dir", str(base / "n1-replicas"),
-                                   "--upstream", f"127.0.0.1:{port}"))
+    daemons.append(_start_replicad(site, base, "login"))
+    daemons.append(_start_replicad(site, base, "n1"))
 
 
 def kill_all(daemons: list[subprocess.Popen[bytes]]) -> None:
@@ -185,9 +173,8 @@ def test_an_unclean_image_is_checked_and_scanned_at_the_next_login() -> None:
         shutil.move(site.base / "crash.img", img)
         assert image.superblock_state(str(img))[0]  # needs recovery
         site.start(user)
-        port = int(site.config.read_text().split('login = "127.0.0.1:')[1].split('"')[0])
         daemons.clear()
-        start_replicads(site, base, port, daemons)
+        start_replicads(site, base, daemons)
         assert site.run(user, "cat /opt/u/synced").stdout == "synced\n"
         assert site.run(user, "ls /opt/u").stdout == "synced\n"
         barrier(site, base, user)
