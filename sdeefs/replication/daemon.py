@@ -74,6 +74,7 @@ from .relay import (
     HEAD_QUERY_ERRORS,
     DownstreamLink,
     Downstreams,
+    FollowerStalled,
     HeadRounds,
     RelayBuffer,
     RelaySender,
@@ -292,6 +293,8 @@ class Daemon:
             if refusal_key is not None:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await stream.send_all(encode_error(exc, refusal_key, version=version))
+        except FollowerStalled as exc:  # a node stopped (or hung): it reconnects
+            log.warning("peer %s: %s", peer, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.info("peer %s went away: %s", peer, exc)
         except Exception:  # a bug in one link must not end the daemon and every other link

@@ -25,7 +25,10 @@ serves it to the replicas below it (:class:`RelaySender`); one whose buffer no l
 leads from a follower's position sends a snapshot of its own copy, held still
 meanwhile.  Hop by hop the stream is pipelined: a relay applies no further than its
 followers have taken (for at most RELAY_STALL: a stuck follower is left behind and
-later gets a snapshot).
+later gets a snapshot).  A follower that takes none of its snapshot for RELAY_STALL is
+dropped (:class:`FollowerStalled`; it reconnects for a new one): the copy is held still
+while it is read, so a stopped follower would otherwise stop its relay, and every node
+below, from applying anything until it woke.
 
 Barriers: asking for the login node's head
 ==========================================
@@ -100,6 +103,11 @@ HEAD_QUERY_ERRORS = (OSError, ConnectionError, EOFError, ProtocolError, trio.Too
 
 
 # -- serving a follower -----------------------------------------------------------------------
+
+
+class FollowerStalled(ConnectionError):
+    """A follower took none of what was sent to it for a time: the link is dropped (mid-frame:
+    no ERROR can follow), and the follower reconnects."""
 
 
 @attrs.define(eq=False)
@@ -180,23 +188,32 @@ class DownstreamLink:
             if frame.payload:
                 downstream.report = decode_report(frame.payload)
 
-    async def send_encoded(self, buffers: list[bytes | bytearray], last_seq: int) -> None:
-        """Send encoded frames whose last seq is ``last_seq``."""
+    async def send_encoded(self, buffers: list[bytes | bytearray], last_seq: int,
+                           stall: float = math.inf) -> None:
+        """Send encoded frames whose last seq is ``last_seq``; FollowerStalled if one send
+        of about 256 KiB (``coalesce``) does not go through within ``stall`` seconds."""
         if not buffers:
             return
         # Before sending: the ACK can arrive before send_all returns.
         self.downstream.sent_seq = max(self.downstream.sent_seq, last_seq)
         for buf in coalesce(buffers):
             self.downstream.bytes_sent += len(buf)
-            await self.stream.send_all(buf)
+            with trio.move_on_after(stall) as sending:
+                await self.stream.send_all(buf)
+            if sending.cancelled_caught:
+                raise FollowerStalled(f"{self.downstream.node} took nothing for "
+                                      f"{stall:.0f} s; dropped")
 
-    async def send(self, frames: list[Frame]) -> None:
+    async def send(self, frames: list[Frame], stall: float = math.inf) -> None:
         if frames:
-            await self.send_encoded([f.encode(self.key) for f in frames], frames[-1].seq)
+            await self.send_encoded([f.encode(self.key) for f in frames], frames[-1].seq,
+                                    stall)
 
-    async def send_snapshot(self, upper: str, seq: int, ids: UserIds) -> None:
+    async def send_snapshot(self, upper: str, seq: int, ids: UserIds,
+                            stall: float = math.inf) -> None:
         """Stream a snapshot of ``upper`` as the state at ``seq`` (the caller keeps it
-        still), of what replicas carry for the user of ``ids``."""
+        still), of what replicas carry for the user of ``ids``; FollowerStalled if the
+        follower takes nothing for ``stall`` seconds (``send_encoded``)."""
         digest: list[bytes] = []
         frames = snapshot_frames(upper, seq, digest, ids)
 
@@ -210,8 +227,8 @@ class DownstreamLink:
             return out
 
         while batch := await self.offload.run(take):
-            await self.send(batch)
-        await self.send([Frame(SNAPSHOT_END, seq, digest[0])])
+            await self.send(batch, stall)
+        await self.send([Frame(SNAPSHOT_END, seq, digest[0])], stall)
         log.info("sent a snapshot of %s at seq %d to %s", self.downstream.user, seq,
                  self.downstream.node)
 
@@ -362,8 +379,9 @@ class Downstreams:
 
 @attrs.define(eq=False)
 class RelayBuffer:
-    """The last RECORD frames a replica applied (at most ``limit`` payload bytes: this is
-    most of an idle node replicad's memory), and who waits for more.
+    """The last RECORD frames a replica applied (at most ``limit`` payload bytes, or the
+    last batch applied if it alone holds more: this is most of an idle node replicad's
+    memory), and who waits for more.
 
     Pipelined like the hops of a tree should be: before applying more, the replica waits
     (``wait_room``) until the followers being served have been sent what the new frames
@@ -371,7 +389,10 @@ class RelayBuffer:
     slower than its siblings) is left behind: not waited for again until it has caught up
     with the buffer's end or was rebuilt (a stopped follower held the relay RELAY_STALL
     per batch, many times over), so it falls off the buffer and gets a snapshot, as one
-    that connects too late does.
+    that connects too late does.  The batch just applied is kept whole, whatever the
+    limit: evicting part of it would take from a follower that was waited for what it
+    has not been sent yet (a 1 MiB data frame and a SKIP frame after it, in a 1 MiB
+    buffer, sent a follower that was up to date to a snapshot).
 
     Attributes:
         readers: each follower being served (by token) and the last seq sent to it.
@@ -433,7 +454,7 @@ class RelayBuffer:
         for frame in frames:
             self.frames.append(frame)
             self.size += len(frame.payload)
-        while self.size > self.limit and len(self.frames) > 1:
+        while self.size > self.limit and self.frames[0].seq <= before:
             first = self.frames[0].seq
             while self.frames and self.frames[0].seq == first:  # whole records only
                 self.size -= len(self.frames.popleft().payload)
@@ -521,12 +542,13 @@ class RelaySender:
                 await buffer.changed.wait()
 
     async def _snapshot(self) -> int:
-        """Our own copy, held still (applying pauses) while it is read."""
+        """Our own copy, held still (applying pauses) while it is read: by a follower that
+        keeps taking it (FollowerStalled: not by one that stopped)."""
         replica = self.replica
         await self.offload.run(replica.lock.acquire)
         try:
             seq = replica.applied
-            await self.link.send_snapshot(replica.upper, seq, replica.ids)
+            await self.link.send_snapshot(replica.upper, seq, replica.ids, RELAY_STALL)
         finally:
             replica.lock.release()
         return seq

@@ -593,6 +593,31 @@ def test_a_relay_forwards_a_trailing_skip_frame_and_holds_back_only_incomplete_r
     assert [f.seq for f in relay.after(10)] == [11, 11]
 
 
+def test_a_relay_keeps_the_batch_it_just_applied_whole() -> None:
+    """A batch larger than the relay buffer (a 1 MiB data frame and the SKIP frame after
+    it, in a 1 MiB buffer) stays whole until a follower that was waited for is sent it: it
+    lost the data frame, so an up-to-date follower was sent to a snapshot."""
+    from sdeefs.replication.relay import RelayBuffer
+    from sdeefs.replication.wire import SKIP
+
+    relay = RelayBuffer(1 << 20)
+    follower = object()
+    relay.append(6, [record_frames(7, rec.Mkdir(b"upper/d", 0o755, 0, 0), None)[0]])
+    relay.reader_at(follower, 7)  # sent everything so far
+    data = record_frames(8, rec.Write(b"upper/f", b"", 0, 1 << 20), b"x" * (1 << 20))
+    sync = Frame(RECORD, 10, encode_record_payload(rec.Sync(0)), SKIP)  # 9 was Done
+    incoming = sum(len(f.payload) for f in [*data, sync])
+    assert incoming > relay.limit
+    assert relay._room(incoming)  # what the follower was sent may go
+    relay.append(7, [*data, sync])
+    assert relay.first_seq() == 8
+    assert [f.seq for f in relay.frames] == [8, 10]
+    assert relay.after(7)[0] is data[0]
+    relay.reader_at(follower, 10)
+    relay.append(10, [Frame(RECORD, 11, b"y", 0)])  # now the data frame goes
+    assert [f.seq for f in relay.frames] == [10, 11]
+
+
 def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
     from sdeefs.apply import apply_record
     from sdeefs.replication.origin import merge_setattr
