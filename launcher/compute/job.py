@@ -53,6 +53,7 @@ text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -60,7 +61,6 @@ import pwd
 import shutil
 import socket
 import sys
-import sysconfig
 
 from sdeefs import config as config_mod
 from sdeefs import control, identity
@@ -129,6 +129,8 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
     """Replica at the barrier, then the job's environment (idempotent)."""
     rep = config.replication.on(node)
     if user.uid < config.min_uid:
+        record_problem(config, node, job, PROBLEM_BARE, f"{user.name} is a system account "
+                       f"(uid below min_uid {config.min_uid})")
         return None
     try:
         reply = control.request(rep.control, {"op": "follow", "user": user.name, "wait": True,
@@ -163,7 +165,8 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
         layer = where.layer
         try:
             init = view.launch(config, user, ids, where.run, layer.upper,
-                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,))
+                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
+                               host_pids=True)
         except (OSError, QuietError) as exc:  # the replica's content is the user's
             raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
                 from None
@@ -250,6 +253,8 @@ def run_main(argv: list[str] | None = None) -> int:
                              "engine has one lower layer, a job needs the replica and the host",
                              ExitCode.USAGE)
         config = config_mod.load()
+        if os.environ.get("SDEEFS_JOB_ENV") == _job_id():
+            _exec_bare(command)  # the SPANK plugin put this task in the environment already
         problem = read_problem(config, node_name(), _job_id())
         if problem is not None and problem[0] == PROBLEM_BARE:
             _exec_bare(command)
@@ -276,32 +281,43 @@ def run_main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
-# What ``sdeefs install-slurm`` puts on the nodes' PATH: (directory under the prefix, name).
-SLURM_COMMANDS = (("bin", "sdeefs-run"), ("sbin", "sdeefs-prolog"), ("sbin", "sdeefs-epilog"))
+PLUGSTACK_DIR = "/etc/slurm/plugstack.conf.d"  # Debian's plugstack.conf includes *.conf here
+PLUGSTACK_FILE = "sdeefs.conf"
+PLUGSTACK_MARK = "# written by sdeefs install-slurm"
 
 
-def install_slurm(prefix: str) -> list[str]:
-    """Link the job commands of this installation into ``prefix`` (``/usr/local``:
-    ``bin/sdeefs-run`` on every user's PATH, ``sbin/sdeefs-prolog``/``-epilog`` where
-    slurm.conf names them); a link of ours is replaced, anything else is left and
-    refused.  Returns the paths made."""
-    scripts = sysconfig.get_path("scripts")
-    made = []
-    for sub, name in SLURM_COMMANDS:
-        target = os.path.join(scripts, name)
-        if not os.access(target, os.X_OK):
-            raise QuietError(f"{target} is missing: reinstall sdeefs (scripts/setup.sh)",
-                             ExitCode.UNAVAILABLE)
-        link = os.path.join(prefix, sub, name)
-        os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
-        if os.path.lexists(link):
-            if not os.path.islink(link):
-                raise QuietError(f"{link} exists and is not a link of sdeefs: not replaced",
-                                 ExitCode.BUSY)
-            os.unlink(link)
-        os.symlink(target, link)
-        made.append(link)
-    return made
+def spank_plugin() -> str:
+    """This installation's SPANK plugin (scripts/install.sh: PREFIX/lib/sdeefs)."""
+    return os.path.join(sys.prefix, "lib", "sdeefs", "sdeefs_spank.so")
+
+
+def plugstack_line(config: SiteConfig) -> str:
+    """The plugstack.conf line that loads the plugin (launcher/enter/spank.c)."""
+    return f"required {spank_plugin()} job_dir={config.replication.job_dir}"
+
+
+def install_slurm(config: SiteConfig, plugstack_dir: str) -> str:
+    """``sdeefs install-slurm``: write ``plugstack_dir/sdeefs.conf`` (the plugin's line, for
+    this site's job_dir); returns its path.  The commands themselves (sdeefs-prolog,
+    sdeefs-epilog, sdeefs-run) are scripts/install.sh's; a file of that name not written
+    by us is refused."""
+    plugin = spank_plugin()
+    if not os.path.isfile(plugin):
+        raise QuietError(f"{plugin} is missing: run scripts/install.sh (it builds the plugin "
+                         "against libslurm-dev)", ExitCode.UNAVAILABLE)
+    if not config.replication.job_dir.startswith("/") or any(
+            c.isspace() for c in config.replication.job_dir):
+        raise QuietError(f"replication.job_dir {config.replication.job_dir!r}: the plugin "
+                         "needs an absolute path without spaces", ExitCode.USAGE)
+    path = os.path.join(plugstack_dir, PLUGSTACK_FILE)
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        if not f.read().startswith(PLUGSTACK_MARK):
+            raise QuietError(f"{path} exists and was not written by sdeefs: not replaced",
+                             ExitCode.BUSY)
+    os.makedirs(plugstack_dir, mode=0o755, exist_ok=True)
+    write_file_atomic(path, f"{PLUGSTACK_MARK} (docs/admin.md)\n{plugstack_line(config)}\n"
+                      .encode(), 0o644)
+    return path
 
 
 def _exec_bare(command: list[str]) -> None:

@@ -139,20 +139,25 @@ def test_a_users_problem_fails_the_job_and_a_nodes_problem_fails_the_prolog(site
     assert prolog.stderr.count("\n") == 1, prolog.stderr
 
 
-def test_install_slurm_links_the_job_commands_into_a_prefix(tmp_path: Path) -> None:
-    for _ in range(2):  # again: our links are replaced
-        out = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--prefix",
-                              str(tmp_path)], capture_output=True, text=True, check=True).stdout
-    for sub, name in (("bin", "sdeefs-run"), ("sbin", "sdeefs-prolog"),
-                      ("sbin", "sdeefs-epilog")):
-        link = tmp_path / sub / name
-        assert link.resolve() == (VENV_BIN / name).resolve()
-        assert f"installed {link}" in out
-    assert f"Prolog={tmp_path}/sbin/sdeefs-prolog" in out
-    (tmp_path / "bin" / "sdeefs-run").unlink()
-    (tmp_path / "bin" / "sdeefs-run").write_text("someone else's\n")
-    refused = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--prefix",
-                              str(tmp_path)], capture_output=True, text=True)
+def test_install_slurm_writes_the_plugstack_line_and_says_what_slurm_conf_needs(
+        tmp_path: Path) -> None:
+    config = tmp_path / "sdeefs.toml"
+    config.write_text('[replication]\njob_dir = "/var/tmp/jobs-%n"\n')
+    plugstack = tmp_path / "plugstack.conf.d"
+    env = {**os.environ, "SDEEFS_CONFIG": str(config)}
+    for _ in range(2):  # again: our file is replaced
+        out = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--plugstack-dir",
+                              str(plugstack)], capture_output=True, text=True, check=True,
+                             env=env).stdout
+    plugin = VENV_BIN.parent / "lib" / "sdeefs" / "sdeefs_spank.so"
+    assert plugin.is_file()
+    line = f"required {plugin} job_dir=/var/tmp/jobs-%n"
+    assert (plugstack / "sdeefs.conf").read_text().splitlines()[1:] == [line]
+    assert "PrologFlags=Alloc" in out, out
+    assert "sdeefs-prolog" in out, out
+    (plugstack / "sdeefs.conf").write_text("someone else's\n")
+    refused = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--plugstack-dir",
+                              str(plugstack)], capture_output=True, text=True, env=env)
     assert refused.returncode == 4
     assert "not replaced" in refused.stderr
-    assert (tmp_path / "bin" / "sdeefs-run").read_text() == "someone else's\n"
+    assert (plugstack / "sdeefs.conf").read_text() == "someone else's\n"
