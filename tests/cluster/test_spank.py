@@ -105,3 +105,107 @@ def test_every_task_of_an_ordinary_job_runs_in_the_environment(grid: Grid) -> No
     assert lines(text, "off") == [f"n{i} {uid} bare no-greet procself sh" for i in (1, 2)], text
     assert "host secret" not in text
     assert lines(text, "secret:")[0].endswith("Permission denied"), text
+
+
+MPI_HELLO = r"""
+#include <mpi.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+    int rank, size;
+    char host[64], demo[64] = "bare";
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    gethostname(host, sizeof host);
+    FILE *f = fopen("/etc/sdeefs-demo", "r");
+    if (f) { if (fscanf(f, "%63s", demo) != 1) demo[0] = 0; fclose(f); }
+    int sum = 0;
+    MPI_Allreduce(&rank, &sum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    printf("rank %d of %d on %s %s sum %d\n", rank, size, host, demo, sum);
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+
+def test_interactive_steps_salloc_and_mpi_ranks_run_in_the_environment(grid: Grid) -> None:
+    g = grid
+    g.site.start(g.user)
+    uid, home = g.site.uid(g.user), g.site.home(g.user)
+    (home / "hello.c").write_text(MPI_HELLO)
+    # MPI built at login, into the user's environment only (the host has no mpi-hello)
+    g.site.run(g.user, f"echo v1 > /etc/sdeefs-demo && "
+               f"mpicc.mpich -o /usr/local/bin/mpi-hello {home}/hello.c")
+    assert not Path("/usr/local/bin/mpi-hello").exists()
+
+    # srun --pty, typed at a terminal (script(1) gives srun the pty a terminal would)
+    (home / "pty.sh").write_text('test -t 0 && echo "pty $(hostname) $(cat /etc/sdeefs-demo) '
+                                 '$(id -u)"\n')
+    out = inside(g, f"script -qec 'srun -N1 -w n2 --pty sh {home}/pty.sh' /dev/null")
+    assert f"pty n2 v1 {uid}" in out, out
+    # salloc: its command runs here (in the login environment), its steps on the nodes
+    out = inside(g, "salloc -N2 srun -N2 sh -c 'echo alloc $(hostname) $(cat /etc/sdeefs-demo)'")
+    assert lines(out, "alloc") == ["n1 v1", "n2 v1"], out
+    # MPI ranks started by srun (Debian's MPICH over UCX; PMI-2 of SLURM's mpi/pmi2 plugin).
+    # Two ranks on one node: UCX's shared memory between them (they share the node's
+    # environment).
+    out = inside(g, "srun -n2 -N1 --mpi=pmi2 mpi-hello")
+    ranks = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    assert [line.split()[:5] + line.split()[6:] for line in ranks] == \
+        [["rank", str(r), "of", "2", "on", "v1", "sum", "1"] for r in (0, 1)], out
+    # 4 ranks on 2 nodes.  These two "nodes" share one kernel (and boot id), so UCX takes
+    # them for one host and maps the other node's ranks' memory through /proc/PID/fd,
+    # which the kernel refuses between two jobs' user namespaces (as it should); on real
+    # nodes it never tries.  TCP between the nodes, as between real ones:
+    out = inside(g, "UCX_TLS=tcp,self srun -n4 -N2 --mpi=pmi2 mpi-hello")
+    ranks = sorted(line for line in out.splitlines() if line.startswith("rank "))
+    assert len(ranks) == 4, out
+    for rank, line in enumerate(ranks):
+        assert line.startswith(f"rank {rank} of 4 on n"), out
+        assert line.endswith(" v1 sum 6"), out
+    assert {line.split()[5] for line in ranks} == {"n1", "n2"}, out
+
+
+def test_a_user_without_an_environment_runs_bare_and_a_users_problem_fails_only_the_job(
+        grid: Grid) -> None:
+    from sdeefs import records as rec
+    from sdeefs.journal import Journal
+
+    g = grid
+    # Never logged in with sdeefs: the job runs as usual, bare.
+    other = g.site.add_user()
+    home = g.site.home(other)
+    job = g.slurm.sbatch(f"#!/bin/sh\nsrun -N2 sh -c 'echo plain {WHERE}'\n",
+                         ["-N2", "-o", str(home / "plain.out")], user=other, cwd=home)
+    text = wait_output(g, str(job), home / "plain.out")
+    assert lines(text, "plain") == [f"n{i} {g.site.uid(other)} bare no-greet procself sh"
+                                    for i in (1, 2)], text
+    assert "sdeefs" not in text
+
+    # A record no replica may apply: the user's job fails with one line a task, the nodes
+    # stay in service (the crafted record of test_slurm_nowedge).
+    g.site.start(g.user)
+    g.site.run(g.user, "echo before > /etc/sdeefs-demo")
+    g.site.stop(g.user)
+    journal = Journal.open(str(g.site.root / g.user / "state" / "journal"))
+    try:
+        bad = journal.append(rec.Setxattr(b"upper/etc/sdeefs-demo", b"trusted.evil", b"1"))
+        journal.append(rec.Done(bad))
+        journal.sync()
+    finally:
+        journal.close()
+    g.site.start(g.user)
+    home = g.site.home(g.user)
+    (home / "fails.sh").write_text("#!/bin/sh\necho never printed\n")
+    job = inside(g, f"sbatch --parsable -N2 -o {home}/fails.out {home}/fails.sh").strip()
+    state = g.slurm.wait_job(int(job), timeout=120)
+    text = (home / "fails.out").read_text() if (home / "fails.out").exists() else ""
+    assert state == "FAILED", (state, text, g.hook_logs())
+    assert len(text.splitlines()) == 1, text  # one line, from the batch script's task
+    assert text.startswith(f"sdeefs: job {job} on n1: "), text
+    assert f"record {bad} was skipped" in text, text
+    states = g.slurm.node_states()
+    assert all(states.get(f"n{i}") in ("idle", "allocated", "mixed", "completing")
+               for i in (1, 2)), states
