@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from .launcher_site import VENV_BIN, Site, requires_launcher
 
 pytestmark = requires_launcher
@@ -161,3 +163,24 @@ def test_install_slurm_writes_the_plugstack_line_and_says_what_slurm_conf_needs(
     assert refused.returncode == 4
     assert "not replaced" in refused.stderr
     assert (plugstack / "sdeefs.conf").read_text() == "someone else's\n"
+
+
+def test_doctor_checks_that_slurms_plugstack_loads_the_plugin(tmp_path: Path) -> None:
+    from sdeefs import config as config_mod
+    from sdeefs.launcher import doctor
+    from sdeefs.launcher.compute import job
+
+    config = tmp_path / "sdeefs.toml"
+    config.write_text('[replication]\njob_dir = "/var/tmp/jobs-%n"\n')
+    site = config_mod.load(str(config))
+    main = tmp_path / "plugstack.conf"
+    main.write_text(f"include {tmp_path}/plugstack.conf.d/*.conf\n")
+    assert doctor._plugstack(site, str(main)).verdict == doctor.Verdict.FAIL  # not loaded
+    if not os.path.isfile(job.spank_plugin()):
+        pytest.skip(f"{job.spank_plugin()} is not built here (scripts/setup.sh builds it)")
+    job.install_slurm(site, str(tmp_path / "plugstack.conf.d"))
+    assert doctor._plugstack(site, str(main)).verdict == doctor.Verdict.OK
+    config.write_text('[replication]\njob_dir = "/elsewhere"\n')  # the site's changed since
+    moved = doctor._plugstack(config_mod.load(str(config)), str(main))
+    assert moved.verdict == doctor.Verdict.FAIL
+    assert "/var/tmp/jobs-%n" in moved.detail, moved
