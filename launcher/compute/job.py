@@ -15,15 +15,23 @@ The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
   step; ``PrologFlags=Alloc``): asks the local replicad to follow U and waits until
   the replica holds the journal position the login node has *now* (at least what U
   had at submission), then starts the job's environment.
-* ``sdeefs-run [--] CMD ...`` (what ``srun`` runs, as U): joins that environment and
-  runs CMD; every step of the job on this node shares it (start once, run many).
+* **the SPANK plugin** (``launcher/enter/spank.c``, loaded by the plugstack line of
+  ``sdeefs install-slurm``): every task SLURM starts for the job on this node joins that
+  environment before it execs, as U's own uid inside: the batch script, each ``srun``
+  step, MPI ranks, ``srun --pty``; ``--sdeefs=off`` runs a job or step bare.  Every step
+  of the job on this node shares the environment (start once, run many).  A job's
+  environment has no PID namespace of its own (``host_pids``: a task SLURM forked cannot
+  move into one; its /proc is the host's), and the epilog ends it by mount namespace;
+* ``sdeefs-run [--] CMD ...`` (the explicit form, as U): joins that environment as inside
+  root and runs CMD (in a task the plugin already moved in: CMD as it is).
 * ``sdeefs job-epilog`` (SLURM ``Epilog``, root): kills the environment's root
   process (the whole tree goes with it), unmounts, removes the scratch upper.  The
   replica stays for the next job.
 
 A user without an sdeefs environment on the login node gets none on the compute
-node either: the prolog says so in slurmd's log and lets the job run as usual
-(``sdeefs-run CMD`` then runs CMD as it is, bare).
+node either (nor does a system account, uid below ``min_uid``): the prolog says so in
+slurmd's log and lets the job run as usual (the plugin leaves its tasks alone, and
+``sdeefs-run CMD`` runs CMD as it is, bare).
 
 A user's problem fails the user's job, never the node
 =====================================================
@@ -36,8 +44,9 @@ console script SLURM runs; it finds the site config at its default path) tells a
   stream stuck), a replica that skipped records (it differs from the user's upper:
   ``sdeefs replica resync USER`` repairs it), an environment that does not start.  The
   prolog writes one line to ``JOB_DIR/JOBID.problem`` and exits 0: the node stays in
-  service, and the job fails at its first ``sdeefs-run`` with that line on its stderr
-  (exit 1).  A user without an environment is marked the same way as *bare*;
+  service, and every task of the job fails with that line on its stderr (exit 1: the
+  plugin, or ``sdeefs-run``).  A user without an environment is marked the same way as
+  *bare*;
 * **the node's problems**: the config unreadable, sdeefs-replicad not running, this node
   keeping no replicas, the replica or job directory on the lower's filesystem: non-zero,
   and SLURM drains the node, as it should.
