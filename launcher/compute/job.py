@@ -261,9 +261,9 @@ def run_main(argv: list[str] | None = None) -> int:
             raise QuietError("--engine fuse is not available on compute nodes: the pure FUSE "
                              "engine has one lower layer, a job needs the replica and the host",
                              ExitCode.USAGE)
-        config = config_mod.load()
         if os.environ.get("SDEEFS_JOB_ENV") == _job_id():
             _exec_bare(command)  # the SPANK plugin put this task in the environment already
+        config = config_mod.load()
         problem = read_problem(config, node_name(), _job_id())
         if problem is not None and problem[0] == PROBLEM_BARE:
             _exec_bare(command)

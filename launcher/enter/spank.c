@@ -361,13 +361,13 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         dprintf(STDERR_FILENO, "sdeefs: %s does not exist in your environment on %s: "
                 "running in %s\n", cwd, node, home);
     }
-    resolve_program(sp);
-    /* sdeefs-run (the explicit form) in such a task runs its command as it is. */
-    snprintf(text, sizeof text, "%u", job);
-    spank_setenv(sp, "SDEEFS_JOB_ENV", text, 1);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
         task_fail("prctl PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
     if (drop_capabilities(0, err, sizeof err) < 0)
         task_fail("%s", err);
+    resolve_program(sp); /* as the task will exec it: the user, no capabilities */
+    /* sdeefs-run (the explicit form) in such a task runs its command as it is. */
+    snprintf(text, sizeof text, "%u", job);
+    spank_setenv(sp, "SDEEFS_JOB_ENV", text, 1);
     return 0;
 }

@@ -168,7 +168,7 @@ def grid5() -> Iterator[Grid]:
 
 @contextlib.contextmanager
 def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
-              spank: bool = False) -> Iterator[Grid]:
+              spank: bool = False, extra_conf: str = "") -> Iterator[Grid]:
     """``spank``: SLURM loads the SPANK plugin, as ``sdeefs install-slurm`` sets it up, and
     munge's socket is bound into environments (SLURM clients typed inside)."""
     base = Path(tempfile.mkdtemp(prefix="sdeefs-grid-", dir="/var/tmp"))
@@ -201,7 +201,8 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
                 subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=2g", "tmpfs",
                                 str(base / f"n{i}")], check=True)
             with cluster(str(base / "cluster"), nodes=nodes, prolog=str(base / "prolog.sh"),
-                         epilog=str(base / "epilog.sh"), plugstack=plugstack) as slurm:
+                         epilog=str(base / "epilog.sh"), extra_conf=extra_conf,
+                         plugstack=plugstack) as slurm:
                 g = Grid(site, slurm, base, user, key, nodes)
                 for i in range(nodes + 1):
                     g.start_replicad(i)

@@ -43,7 +43,9 @@ cat /etc/sdeefs-late-secret 2>&1 | sed 's/^/secret: /'
 
 @pytest.fixture
 def grid() -> Iterator[Grid]:
-    with open_grid(2, spank=True) as g:
+    # use_interactive_step: salloc's shell is a step on the first node (SLURM's interactive
+    # step), as sites configure it for salloc to land on a compute node
+    with open_grid(2, spank=True, extra_conf="LaunchParameters=use_interactive_step") as g:
         try:
             yield g
         finally:  # the login environments name the cluster's munge directory: end them first
@@ -52,13 +54,14 @@ def grid() -> Iterator[Grid]:
                                env=g.site.env(), capture_output=True)
 
 
-def inside(g: Grid, command: str, user: str | None = None, timeout: float = 120) -> str:
+def inside(g: Grid, command: str, user: str | None = None, timeout: float = 120,
+           stdin: str | None = None) -> str:
     """sdeefs-shell -c COMMAND on the login node (the hub), as the user types it."""
     user = user or g.user
     home = g.site.home(user)
     out = g.slurm.run([str(SHELL), "-c", command], user=user, cwd=home, timeout=timeout,
                       env={"SDEEFS_RUN_DIR": str(g.site.run_dir), "HOME": str(home),
-                           "SDEEFS_CONFIG": str(g.site.config)})
+                           "SDEEFS_CONFIG": str(g.site.config)}, input=stdin)
     return out.stdout
 
 
@@ -106,6 +109,12 @@ def test_every_task_of_an_ordinary_job_runs_in_the_environment(grid: Grid) -> No
     assert "host secret" not in text
     assert lines(text, "secret:")[0].endswith("Permission denied"), text
 
+    # --sdeefs=off for the whole job: the batch script and its steps run bare
+    job = inside(g, f"sbatch --parsable --sdeefs=off -N2 -o {home}/off.out {home}/job.sh").strip()
+    text = wait_output(g, job, home / "off.out")
+    assert lines(text, "batch") == [f"n1 {uid} bare no-greet procself slurm_script"], text
+    assert lines(text, "step") == [f"n{i} {uid} bare no-greet procself sh" for i in (1, 2)], text
+
 
 MPI_HELLO = r"""
 #include <mpi.h>
@@ -148,6 +157,10 @@ def test_interactive_steps_salloc_and_mpi_ranks_run_in_the_environment(grid: Gri
     # salloc: its command runs here (in the login environment), its steps on the nodes
     out = inside(g, "salloc -N2 srun -N2 sh -c 'echo alloc $(hostname) $(cat /etc/sdeefs-demo)'")
     assert lines(out, "alloc") == ["n1 v1", "n2 v1"], out
+    # salloc's interactive shell (the interactive step), at a terminal: on n1, inside
+    out = inside(g, "script -qec 'salloc -N1 -w n1' /dev/null",
+                 stdin='echo "istep $(hostname) $(cat /etc/sdeefs-demo) $(id -u)"; exit\n')
+    assert f"istep n1 v1 {uid}" in out, out
     # MPI ranks started by srun (Debian's MPICH over UCX; PMI-2 of SLURM's mpi/pmi2 plugin).
     # Two ranks on one node: UCX's shared memory between them (they share the node's
     # environment).
