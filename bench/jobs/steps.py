@@ -17,13 +17,16 @@ script (``date +%s%N`` before and after):
   ``sdeefs-enter join``).
 
 Reported: median, mean, p90 per contender and the plugin's and the wrapper's cost over
-bare (difference of medians).  The batch script itself runs inside the environment (the
-plugin), as a user's does; the srun client is the same for all three.
+bare (difference of medians); an SVG beside the report (``.svg``): every step's time,
+sorted, per contender (log-log, bench/deploy/plot.py).  The batch script itself runs
+inside the environment (the plugin), as a user's does; the srun client is the same for
+all three.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -34,6 +37,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.deploy.plot import PALETTE, Chart, Series, render  # noqa: E402
 from tests.cluster.test_slurm_jobs import open_grid  # noqa: E402
 from tests.launcher.launcher_site import SHELL, VENV_BIN  # noqa: E402
 
@@ -87,12 +91,15 @@ def main() -> int:
             times[name].append(int(ns) / 1e6)
     rows = []
     base = statistics.median(times["bare"])
+    # Steps of a round ran back to back: pair each with the bare step of its round.
+    paired = {name: statistics.median(v - b for v, b in zip(values, times["bare"], strict=True))
+              for name, values in times.items()}
     for name, values in times.items():
-        values.sort()
+        values = sorted(values)
         median = statistics.median(values)
         rows.append(f"| {name} | `{CONTENDERS[name]}` | {len(values)} | {median:.1f} | "
                     f"{statistics.mean(values):.1f} | {values[int(len(values) * 0.9) - 1]:.1f} | "
-                    f"{median - base:+.1f} |")
+                    f"{median - base:+.1f} | {paired[name]:+.1f} |")
     uname = os.uname()
     report = "\n".join([
         "# bench/jobs/steps.py: per-step start cost",
@@ -105,13 +112,21 @@ def main() -> int:
         f"- {args.steps} steps of each contender in one allocation (one node), interleaved "
         "round-robin, timed around srun in the batch script (ms)",
         "",
-        "| contender | step | n | median ms | mean ms | p90 ms | median over bare |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| contender | step | n | median ms | mean ms | p90 ms | median over bare | "
+        "median of paired differences (same round) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
     ])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(times))
+    chart = Chart(title="Job step start: srun true, sorted per contender",
+                  subtitle=f"{args.steps} steps each, one allocation, interleaved",
+                  x_label="step (sorted by time)", y_label="seconds",
+                  series=[Series(name, [(i + 1, v / 1000) for i, v in enumerate(sorted(values))],
+                                 PALETTE[k]) for k, (name, values) in enumerate(times.items())])
+    Path(args.out).with_suffix(".svg").write_text(render(chart, x_ticks_as_bytes=False))
     print(report)
     return 0
 

@@ -9,6 +9,7 @@ SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeef
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdeefs.config import DEFAULT_DENY
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.replication.daemon import control_request
 from sdeefs.replication.snapshot import tree_digest
@@ -182,7 +184,10 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
     try:
         layer = 'layer_size = "1G"\n' if engine == "kernel" else ""
         if spank:
-            layer += f'sockets = ["{base}/cluster/munge"]\n'
+            # slurmd's spool is on the deny list, as a site's is (DEFAULT_DENY): the plugin
+            # must bring the batch script in
+            deny = json.dumps([*DEFAULT_DENY, f"{base}/cluster/spool"])
+            layer += f'sockets = ["{base}/cluster/munge"]\ndeny = {deny}\n'
         with open_site(engine, layer + extra) as site:
             plugstack = ""
             if spank:  # the admin's documented command (docs/admin.md)

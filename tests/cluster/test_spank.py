@@ -29,12 +29,16 @@ pytestmark = [requires_slurm, requires_launcher]
 WHERE = ('"$(hostname) $(id -u) $(cat /etc/sdeefs-demo 2>/dev/null || echo bare) '
          '$(greet 2>/dev/null || echo no-greet) $(test -e /proc/self/exe && echo procself) '
          '$(ps -o comm= -p $$)"')
+# no_new_privs and no capabilities in the environment (bare: whatever SLURM gives)
+PRIVS = "$(grep -E '^(NoNewPrivs|CapEff|CapBnd)' /proc/self/status | tr -s '\t\n' '  ')"
 
 BATCH = f"""#!/bin/sh
 #SBATCH -N2
 echo batch {WHERE}
 pwd
+echo spool $(ls "$(dirname "$(dirname "$0")")")
 srun -N2 sh -c 'echo step {WHERE}'
+srun -N1 sh -c "echo privs {PRIVS}"
 srun -N2 greet
 srun -N2 --sdeefs=off sh -c 'echo off {WHERE}'
 cat /etc/sdeefs-late-secret 2>&1 | sed 's/^/secret: /'
@@ -102,9 +106,13 @@ def test_every_task_of_an_ordinary_job_runs_in_the_environment(grid: Grid) -> No
     assert lines(text, "batch") == [f"n1 {uid} v1 hello from libgreet procself slurm_script"], \
         text
     assert f"\n{home}\n" in f"\n{text}", text  # cwd: the directory sbatch ran in
+    # slurmd's spool is hidden inside (deny list): only this job's directory, brought in
+    assert lines(text, "spool") == [f"job{int(job):05d}"], text
     assert lines(text, "step") == [f"n{i} {uid} v1 hello from libgreet procself sh"
                                    for i in (1, 2)], text
     assert text.count("hello from libgreet\n") >= 2, text
+    assert lines(text, "privs") == ["CapEff: 0000000000000000 CapBnd: 0000000000000000 "
+                                    "NoNewPrivs: 1"], text
     assert lines(text, "off") == [f"n{i} {uid} bare no-greet procself sh" for i in (1, 2)], text
     assert "host secret" not in text
     assert lines(text, "secret:")[0].endswith("Permission denied"), text
