@@ -30,8 +30,8 @@
  * - task_init (the user): setns into the environment's user namespace (the user owns it,
  *   so the kernel grants that) and mount namespace (its root and cwd become the
  *   environment's); the script's directory is attached at its path; cwd is the job's
- *   directory inside (else HOME, else /); a program name slurmstepd did not find on the
- *   host is looked up in the environment's PATH; no_new_privs, every capability dropped.
+ *   directory inside (else HOME, else /); no_new_privs, every capability dropped.  A bare
+ *   program name (srun --multi-prog) is found inside too (tests/cluster/test_spank.py).
  *   The task runs as "inside u": the user's own uid, which DAC treats as the user, so
  *   root-only host files are closed to it whenever they were made (docs/identity.md).
  *
@@ -256,33 +256,6 @@ static void attach_script_dir(const char *dir)
     g_script_tree = -1;
 }
 
-/* A program name slurmstepd did not find on the host (it searched the host's PATH before
- * task_init): look it up in the environment, in the task's PATH. */
-static void resolve_program(spank_t sp)
-{
-    int argc = 0;
-    char **argv = NULL;
-    if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 ||
-        !argv[0] || strchr(argv[0], '/'))
-        return;
-    char path[8192];
-    if (spank_getenv(sp, "PATH", path, sizeof path) != ESPANK_SUCCESS)
-        return;
-    char *save = NULL;
-    for (char *dir = strtok_r(path, ":", &save); dir; dir = strtok_r(NULL, ":", &save)) {
-        char full[PATH_MAX];
-        struct stat st;
-        if (snprintf(full, sizeof full, "%s/%s", dir, argv[0]) >= (int)sizeof full)
-            continue;
-        if (stat(full, &st) == 0 && S_ISREG(st.st_mode) && access(full, X_OK) == 0) {
-            char *found = strdup(full);
-            if (found)
-                argv[0] = found; /* slurmstepd execs task->argv[0] next */
-            return;
-        }
-    }
-}
-
 int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
     (void)ac;
@@ -365,7 +338,6 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         task_fail("prctl PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
     if (drop_capabilities(0, err, sizeof err) < 0)
         task_fail("%s", err);
-    resolve_program(sp); /* as the task will exec it: the user, no capabilities */
     /* sdeefs-run (the explicit form) in such a task runs its command as it is. */
     snprintf(text, sizeof text, "%u", job);
     spank_setenv(sp, "SDEEFS_JOB_ENV", text, 1);
