@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -73,9 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true")
     sub.add_parser("job-prolog", help="SLURM Prolog: replica at the barrier, job environment")
     sub.add_parser("job-epilog", help="SLURM Epilog: end the job's environment")
-    sl = sub.add_parser("install-slurm", help="put sdeefs-run on PATH and sdeefs-prolog/"
-                        "-epilog where slurm.conf names them (links into PREFIX)")
-    sl.add_argument("--prefix", default="/usr/local")
+    sl = sub.add_parser("install-slurm", help="load the SPANK plugin (jobs run in the "
+                        "user's environment): write its plugstack line; says what slurm.conf "
+                        "needs")
+    sl.add_argument("--plugstack-dir", default=job.PLUGSTACK_DIR,
+                    help="a directory SLURM's plugstack.conf includes (default %(default)s)")
     replication_cli.add_parser(sub)
 
     for name, helptext in (("diff", "what this user added, changed and deleted"),
@@ -199,11 +202,14 @@ def _launcher(args: argparse.Namespace) -> int:
     if args.command in ("job-prolog", "job-epilog"):
         return job.slurm_hook_main(args.command[4:])
     if args.command == "install-slurm":
-        for path in job.install_slurm(args.prefix):
-            print(f"installed {path}")
-        sbin = os.path.join(args.prefix, "sbin")
-        print(f"slurm.conf: Prolog={sbin}/sdeefs-prolog  Epilog={sbin}/sdeefs-epilog  "
-              "PrologFlags=Alloc")
+        site = config.load()
+        print(f"wrote {job.install_slurm(site, args.plugstack_dir)}: "
+              f"{job.plugstack_line(site)}")
+        hooks = {name: shutil.which(name) or f"/usr/local/sbin/{name}"
+                 for name in ("sdeefs-prolog", "sdeefs-epilog")}
+        print(f"slurm.conf needs: Prolog={hooks['sdeefs-prolog']} "
+              f"Epilog={hooks['sdeefs-epilog']} PrologFlags=Alloc (and a PlugStackConfig "
+              f"that includes {args.plugstack_dir}/*.conf, as Debian's does); restart slurmd")
         return 0
     if args.command == "doctor":
         role = args.role or doctor.default_role()

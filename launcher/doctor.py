@@ -246,10 +246,49 @@ def _compute_node(cfg: SiteConfig) -> Iterator[Finding]:
         yield from _replicad(cfg, "compute")
     yield from _not_on_root("replicas", rep.replica_dir)
     yield from _not_on_root("job layers", rep.job_dir)
-    yield from _slurm_hooks()
+    yield from _slurm_hooks(cfg)
 
 
-def _slurm_hooks() -> Iterator[Finding]:
+def plugstack_lines(path: str, depth: int = 0) -> list[str]:
+    """The plugin lines of a SLURM plugstack.conf, its ``include`` globs followed."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return []
+    found = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("include") and depth < 4:
+            pattern = line.split(None, 1)[1] if len(line.split(None, 1)) > 1 else ""
+            if not os.path.isabs(pattern):
+                pattern = os.path.join(os.path.dirname(path), pattern)
+            for included in sorted(glob.glob(pattern)):
+                found += plugstack_lines(included, depth + 1)
+        elif line:
+            found.append(line)
+    return found
+
+
+def _plugstack(cfg: SiteConfig, config_path: str) -> Finding:
+    """The SPANK plugin (jobs run in the environment with no wrapper) in SLURM's plugstack,
+    for this site's job_dir."""
+    fix = "sdeefs install-slurm, then restart slurmd (docs/admin.md)"
+    want = job.plugstack_line(cfg)
+    lines = [line for line in plugstack_lines(config_path) if "sdeefs_spank.so" in line]
+    if not lines:
+        return Finding("SLURM plugstack", Verdict.FAIL,
+                       f"{config_path} does not load sdeefs_spank.so: jobs run bare", fix)
+    if " ".join(lines[0].split()) != want:
+        return Finding("SLURM plugstack", Verdict.FAIL,
+                       f"{lines[0]!r} is not this installation's {want!r}", fix)
+    if not os.path.isfile(job.spank_plugin()):
+        return Finding("SLURM plugstack", Verdict.FAIL, f"{job.spank_plugin()} is missing",
+                       "scripts/install.sh (it builds the plugin against libslurm-dev)")
+    return ok("SLURM plugstack", want)
+
+
+def _slurm_hooks(cfg: SiteConfig) -> Iterator[Finding]:
     if shutil.which("scontrol") is None:
         yield Finding("SLURM", Verdict.WARN, "scontrol not found", "install slurmd")
         return
@@ -271,6 +310,7 @@ def _slurm_hooks() -> Iterator[Finding]:
     yield (ok("SLURM PrologFlags", flags) if "Alloc" in flags else
            Finding("SLURM PrologFlags", Verdict.FAIL, f"PrologFlags = {flags or '(none)'}",
                    "PrologFlags=Alloc in slurm.conf: the replica is ready before any step"))
+    yield _plugstack(cfg, settings.get("PlugStackConfig") or "/etc/slurm/plugstack.conf")
 
 
 def _has_marker(path: str) -> bool:

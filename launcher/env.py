@@ -424,6 +424,13 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
     """Kill the environment's process tree (if ``record`` still names it), unmount what its
     root was made of, forget the record.  The caller holds :func:`locked`."""
     if record is not None and is_alive(record):
+        if procs.shares_our_pids(record.init_pid):
+            # A job's environment has no PID namespace to die with its init: its processes
+            # are those of its mount namespace (tasks SLURM left, or that escaped it).
+            for _ in range(3):
+                for pid in procs.namespace_members(record.init_pid) or []:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.init_pid, signal.SIGKILL)  # the PID namespace dies with its init
         deadline = time.monotonic() + 10

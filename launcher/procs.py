@@ -76,19 +76,34 @@ def namespace_processes(pid: int) -> int:
 def namespace_members(init_pid: int) -> list[int] | None:
     """The live processes (host pids) of the PID namespace whose init is ``init_pid``, the
     init itself left out; None if the init is gone.  A zombie has no namespace links any
-    more: it is not counted.  Reads every /proc entry: called on events, never in a loop."""
+    more: it is not counted.  Reads every /proc entry: called on events, never in a loop.
+
+    An environment without a PID namespace of its own (a job's, ``start --host-pids``):
+    the processes of its mount namespace instead (the tasks the SPANK plugin moved in)."""
     try:
         target = os.readlink(f"/proc/{init_pid}/ns/pid_for_children")
         own = os.readlink(f"/proc/{init_pid}/ns/pid")
+        links: tuple[str, ...] = (own, target)
+        kind = "pid"
+        if own == os.readlink("/proc/self/ns/pid"):
+            links, kind = ((os.readlink(f"/proc/{init_pid}/ns/mnt"),), "mnt")
     except OSError:
         return None
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != init_pid:
             with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry}/ns/pid") in (own, target):
+                if os.readlink(f"/proc/{entry}/ns/{kind}") in links:
                     found.append(int(entry))
     return found
+
+
+def shares_our_pids(pid: int) -> bool:
+    """Is ``pid`` in this process's PID namespace (a job environment's init is)?"""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
 
 
 def namespace_of(pid: int) -> str | None:

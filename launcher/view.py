@@ -285,13 +285,16 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
 
 
 def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: str, work: str,
-           middle: tuple[str, ...] = (), guard: str | None = None) -> InitProcess:
+           middle: tuple[str, ...] = (), guard: str | None = None,
+           host_pids: bool = False) -> InitProcess:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
     replica of the user's upper, on compute nodes) and the masked, idmapped host root.
 
     With a ``guard`` layer (logins) root-only host entries are hidden as they are
     looked up; without one (jobs: no daemon on compute nodes) the cached scan of
-    compute/private.py hides those that existed when it ran.
+    compute/private.py hides those that existed when it ran.  ``host_pids`` (jobs): no PID
+    namespace of its own and the host's /proc, for tasks that join it later (the SPANK
+    plugin, launcher/compute/job.py).
     """
     if not os.path.isdir(work):
         mkdir_as(work, 0o700, user.uid, user.gid)
@@ -308,7 +311,8 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
     for lower in lowers:
         root += ["--root-lower", lower]
     return _start_namespaces(config, user, ids,
-                             [*root, "--root-upper", upper, "--root-work", work])
+                             [*root, "--root-upper", upper, "--root-work", work,
+                              *(["--host-pids"] if host_pids else [])])
 
 
 def _start_namespaces(config: SiteConfig, user: User, ids: Identity,

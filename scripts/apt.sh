@@ -30,4 +30,5 @@ RUNTIME_PACKAGES=(
   attr util-linux iproute2 procps e2fsprogs # xattr tools, mount/unshare, ip, ps, mkfs.ext4
   uidmap                                    # /etc/subuid handling (newuidmap, getsubids)
   patch                                     # the sdeefs patch of pyfuse3 (third_party/)
+  libslurm-dev                              # slurm/spank.h: the SPANK plugin (sdeefs_spank.so)
 )

@@ -6,7 +6,9 @@
 #
 # What it installs (docs/admin.md says what each piece is for):
 #   PREFIX (/opt/sdeefs)        a Python venv with sdeefs (not editable: a copy of this tree),
-#                               and the C helpers bin/sdeefs-enter, bin/sdeefs-shell
+#                               the C helpers bin/sdeefs-enter, bin/sdeefs-shell, and
+#                               lib/sdeefs/sdeefs_spank.so, the SLURM SPANK plugin (SLURM loads
+#                               it once `sdeefs install-slurm` wrote the plugstack line)
 #   BIN_DIR (/usr/local/bin)    sdeefs, sdeefs-shell, sdeefs-run: what users run
 #   SBIN_DIR (/usr/local/sbin)  sdeefs-replicad, sdeefs-launchd, sdeefs-pam, sdeefs-prolog,
 #                               sdeefs-epilog: what root, PAM and slurmd run
@@ -115,6 +117,9 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   fi
   make -s -C "$BUILD/launcher/enter" OUT="$PREFIX/bin/sdeefs-enter"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-shell"
+  # The SPANK plugin; `sdeefs install-slurm` names it in SLURM's plugstack (docs/admin.md)
+  mkdir -p "$PREFIX/lib/sdeefs"
+  make -s -C "$BUILD/launcher/enter" spank SPANK_OUT="$PREFIX/lib/sdeefs/sdeefs_spank.so"
   mkdir -p "$PREFIX/share/doc/sdeefs"
   cp "$SRC/README.md" "$SRC"/docs/*.md "$PREFIX/share/doc/sdeefs/"
   chmod -R go-w "$PREFIX"

@@ -12,6 +12,7 @@ DEV_PACKAGES=(
   python3-pip                         # pip into the system site-packages, inside (tests)
   munge slurmctld slurmd slurm-client # a real SLURM cluster for the replication tests
   rsync                               # deploy benchmark peer
+  mpich libmpich-dev                  # MPI ranks started by srun, in the environment (tests)
 )
 apt_install "${RUNTIME_PACKAGES[@]}" "${DEV_PACKAGES[@]}"
 
@@ -41,3 +42,7 @@ fi
 # when a source changed.
 make -s -C launcher/enter OUT="$PWD/.venv/bin/sdeefs-enter"
 ln -sf sdeefs-enter .venv/bin/sdeefs-shell   # the login shell: same binary, shell mode
+# The SLURM SPANK plugin (jobs run in the user's environment with no wrapper), beside the
+# venv's lib as install.sh puts it beside PREFIX's: `sdeefs install-slurm` finds it there.
+mkdir -p .venv/lib/sdeefs
+make -s -C launcher/enter spank SPANK_OUT="$PWD/.venv/lib/sdeefs/sdeefs_spank.so"

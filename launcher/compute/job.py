@@ -15,15 +15,23 @@ The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
   step; ``PrologFlags=Alloc``): asks the local replicad to follow U and waits until
   the replica holds the journal position the login node has *now* (at least what U
   had at submission), then starts the job's environment.
-* ``sdeefs-run [--] CMD ...`` (what ``srun`` runs, as U): joins that environment and
-  runs CMD; every step of the job on this node shares it (start once, run many).
+* **the SPANK plugin** (``launcher/enter/spank.c``, loaded by the plugstack line of
+  ``sdeefs install-slurm``): every task SLURM starts for the job on this node joins that
+  environment before it execs, as U's own uid inside: the batch script, each ``srun``
+  step, MPI ranks, ``srun --pty``; ``--sdeefs=off`` runs a job or step bare.  Every step
+  of the job on this node shares the environment (start once, run many).  A job's
+  environment has no PID namespace of its own (``host_pids``: a task SLURM forked cannot
+  move into one; its /proc is the host's), and the epilog ends it by mount namespace;
+* ``sdeefs-run [--] CMD ...`` (the explicit form, as U): joins that environment as inside
+  root and runs CMD (in a task the plugin already moved in: CMD as it is).
 * ``sdeefs job-epilog`` (SLURM ``Epilog``, root): kills the environment's root
   process (the whole tree goes with it), unmounts, removes the scratch upper.  The
   replica stays for the next job.
 
 A user without an sdeefs environment on the login node gets none on the compute
-node either: the prolog says so in slurmd's log and lets the job run as usual
-(``sdeefs-run CMD`` then runs CMD as it is, bare).
+node either (nor does a system account, uid below ``min_uid``): the prolog says so in
+slurmd's log and lets the job run as usual (the plugin leaves its tasks alone, and
+``sdeefs-run CMD`` runs CMD as it is, bare).
 
 A user's problem fails the user's job, never the node
 =====================================================
@@ -36,8 +44,9 @@ console script SLURM runs; it finds the site config at its default path) tells a
   stream stuck), a replica that skipped records (it differs from the user's upper:
   ``sdeefs replica resync USER`` repairs it), an environment that does not start.  The
   prolog writes one line to ``JOB_DIR/JOBID.problem`` and exits 0: the node stays in
-  service, and the job fails at its first ``sdeefs-run`` with that line on its stderr
-  (exit 1).  A user without an environment is marked the same way as *bare*;
+  service, and every task of the job fails with that line on its stderr (exit 1: the
+  plugin, or ``sdeefs-run``).  A user without an environment is marked the same way as
+  *bare*;
 * **the node's problems**: the config unreadable, sdeefs-replicad not running, this node
   keeping no replicas, the replica or job directory on the lower's filesystem: non-zero,
   and SLURM drains the node, as it should.
@@ -53,6 +62,7 @@ text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -60,7 +70,6 @@ import pwd
 import shutil
 import socket
 import sys
-import sysconfig
 
 from sdeefs import config as config_mod
 from sdeefs import control, identity
@@ -129,6 +138,8 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
     """Replica at the barrier, then the job's environment (idempotent)."""
     rep = config.replication.on(node)
     if user.uid < config.min_uid:
+        record_problem(config, node, job, PROBLEM_BARE, f"{user.name} is a system account "
+                       f"(uid below min_uid {config.min_uid})")
         return None
     try:
         reply = control.request(rep.control, {"op": "follow", "user": user.name, "wait": True,
@@ -163,7 +174,8 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
         layer = where.layer
         try:
             init = view.launch(config, user, ids, where.run, layer.upper,
-                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,))
+                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
+                               host_pids=True)
         except (OSError, QuietError) as exc:  # the replica's content is the user's
             raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
                 from None
@@ -249,6 +261,8 @@ def run_main(argv: list[str] | None = None) -> int:
             raise QuietError("--engine fuse is not available on compute nodes: the pure FUSE "
                              "engine has one lower layer, a job needs the replica and the host",
                              ExitCode.USAGE)
+        if os.environ.get("SDEEFS_JOB_ENV") == _job_id():
+            _exec_bare(command)  # the SPANK plugin put this task in the environment already
         config = config_mod.load()
         problem = read_problem(config, node_name(), _job_id())
         if problem is not None and problem[0] == PROBLEM_BARE:
@@ -276,32 +290,43 @@ def run_main(argv: list[str] | None = None) -> int:
     return 0  # not reached
 
 
-# What ``sdeefs install-slurm`` puts on the nodes' PATH: (directory under the prefix, name).
-SLURM_COMMANDS = (("bin", "sdeefs-run"), ("sbin", "sdeefs-prolog"), ("sbin", "sdeefs-epilog"))
+PLUGSTACK_DIR = "/etc/slurm/plugstack.conf.d"  # Debian's plugstack.conf includes *.conf here
+PLUGSTACK_FILE = "sdeefs.conf"
+PLUGSTACK_MARK = "# written by sdeefs install-slurm"
 
 
-def install_slurm(prefix: str) -> list[str]:
-    """Link the job commands of this installation into ``prefix`` (``/usr/local``:
-    ``bin/sdeefs-run`` on every user's PATH, ``sbin/sdeefs-prolog``/``-epilog`` where
-    slurm.conf names them); a link of ours is replaced, anything else is left and
-    refused.  Returns the paths made."""
-    scripts = sysconfig.get_path("scripts")
-    made = []
-    for sub, name in SLURM_COMMANDS:
-        target = os.path.join(scripts, name)
-        if not os.access(target, os.X_OK):
-            raise QuietError(f"{target} is missing: reinstall sdeefs (scripts/setup.sh)",
-                             ExitCode.UNAVAILABLE)
-        link = os.path.join(prefix, sub, name)
-        os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
-        if os.path.lexists(link):
-            if not os.path.islink(link):
-                raise QuietError(f"{link} exists and is not a link of sdeefs: not replaced",
-                                 ExitCode.BUSY)
-            os.unlink(link)
-        os.symlink(target, link)
-        made.append(link)
-    return made
+def spank_plugin() -> str:
+    """This installation's SPANK plugin (scripts/install.sh: PREFIX/lib/sdeefs)."""
+    return os.path.join(sys.prefix, "lib", "sdeefs", "sdeefs_spank.so")
+
+
+def plugstack_line(config: SiteConfig) -> str:
+    """The plugstack.conf line that loads the plugin (launcher/enter/spank.c)."""
+    return f"required {spank_plugin()} job_dir={config.replication.job_dir}"
+
+
+def install_slurm(config: SiteConfig, plugstack_dir: str) -> str:
+    """``sdeefs install-slurm``: write ``plugstack_dir/sdeefs.conf`` (the plugin's line, for
+    this site's job_dir); returns its path.  The commands themselves (sdeefs-prolog,
+    sdeefs-epilog, sdeefs-run) are scripts/install.sh's; a file of that name not written
+    by us is refused."""
+    plugin = spank_plugin()
+    if not os.path.isfile(plugin):
+        raise QuietError(f"{plugin} is missing: run scripts/install.sh (it builds the plugin "
+                         "against libslurm-dev)", ExitCode.UNAVAILABLE)
+    if not config.replication.job_dir.startswith("/") or any(
+            c.isspace() for c in config.replication.job_dir):
+        raise QuietError(f"replication.job_dir {config.replication.job_dir!r}: the plugin "
+                         "needs an absolute path without spaces", ExitCode.USAGE)
+    path = os.path.join(plugstack_dir, PLUGSTACK_FILE)
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        if not f.read().startswith(PLUGSTACK_MARK):
+            raise QuietError(f"{path} exists and was not written by sdeefs: not replaced",
+                             ExitCode.BUSY)
+    os.makedirs(plugstack_dir, mode=0o755, exist_ok=True)
+    write_file_atomic(path, f"{PLUGSTACK_MARK} (docs/admin.md)\n{plugstack_line(config)}\n"
+                      .encode(), 0o644)
+    return path
 
 
 def _exec_bare(command: list[str]) -> None:

@@ -12,7 +12,9 @@
  *   sdeefs-enter start --uid U --gid G [--uid-map M --gid-map M]
  *                      --root-lower DIR [...] --root-upper DIR --root-work DIR
  *                      --home HOSTDIR [--bind SRC:DST ...] [--ro-bind SRC:DST ...] [--hide PATH ...]
- *                      [--tmp-size SIZE]                 (as root; prints the init pid)  start.c
+ *                      [--tmp-size SIZE] [--host-pids]   (as root; prints the init pid)  start.c
+ *                      (--host-pids: no PID namespace of its own and the host's /proc: a job's,
+ *                      whose tasks SLURM forks and the SPANK plugin moves in, spank.c)
  *   sdeefs-enter start --uid U --gid G --root-view DIR --home HOSTDIR [...]
  *                      (the root is a bind of an existing view, the pure FUSE engine's mount,
  *                      instead of an overlay mounted inside the user namespace)
@@ -20,6 +22,8 @@
  *                                                                                    join.c
  *   sdeefs-shell [--engine E] [ARG...]   (the login shell: this binary under that name)  shell.c
  *   sbatch, srun ... (SLURM client shims inside: this binary bound over them)       asuser.c
+ *   sdeefs_spank.so: the SLURM SPANK plugin (spank.c), not part of this binary; it shares
+ *   envns.c (joining an environment) with join.c
  *
  * Id maps (--uid-map/--gid-map "INSIDE:HOST:COUNT,...", of start and idmap) come from
  * sdeefs/identity.py; without them, inside 0 is U (the one-line map of old).

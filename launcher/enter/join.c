@@ -5,11 +5,7 @@
  * becomes U on the way in.
  */
 #include "enter.h"
-
-#ifndef PR_CAP_AMBIENT
-#define PR_CAP_AMBIENT 47
-#define PR_CAP_AMBIENT_CLEAR_ALL 4
-#endif
+#include "envns.h"
 
 static const char *const cap_names[] = {
     "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
@@ -41,20 +37,6 @@ static void forward_signal(int sig, siginfo_t *si, void *uctx)
         kill(g_join_child, sig);
 }
 
-static ssize_t read_at(int dirfd, const char *name, char *buf, size_t size)
-{
-    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, size - 1);
-    int err = errno;
-    close(fd);
-    errno = err;
-    if (n >= 0)
-        buf[n] = 0;
-    return n;
-}
-
 /* Root's PATH (Debian's ENV_SUPATH) first, then whatever else the caller's PATH holds:
  * inside, the user is root, and ldconfig, useradd, apt's helpers live in sbin. */
 static void root_path(void)
@@ -76,33 +58,6 @@ static void root_path(void)
     }
     if (setenv("PATH", path, 1) < 0)
         FAIL("setenv PATH");
-}
-
-static void drop_capabilities(const uint64_t keep)
-{
-    for (int cap = 0; cap < 64; cap++) {
-        if (keep & (1ULL << cap))
-            continue;
-        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
-            if (errno == EINVAL)
-                break; /* beyond the kernel's last capability */
-            FAIL("drop %s from the bounding set", cap < NCAP_NAMES ? cap_names[cap] : "cap");
-        }
-    }
-    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
-        FAIL("clear ambient capabilities");
-    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
-    if (syscall(SYS_capget, &hdr, data) < 0)
-        FAIL("capget");
-    for (int i = 0; i < 2; i++) {
-        uint32_t k = (uint32_t)(keep >> (32 * i));
-        data[i].permitted &= k;
-        data[i].effective &= k;
-        data[i].inheritable = 0;
-    }
-    if (syscall(SYS_capset, &hdr, data) < 0)
-        FAIL("capset");
 }
 
 int cmd_join(int argc, char **argv)
@@ -142,58 +97,20 @@ int cmd_join(int argc, char **argv)
         usage("join --pid PID [--cwd DIR] [--keep-cap NAME ...] -- CMD [ARG...]");
     char **cmd = argv + i;
 
-    /* Everything through one /proc/PID directory fd: if the pid is recycled meanwhile, the
-     * reads fail instead of describing another process. */
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%ld", pid);
-    int pdir = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (pdir < 0) {
-        if (errno == ENOENT)
-            fail("check pid %ld: no such process", pid);
-        FAIL("check pid %ld", pid);
-    }
-    char buf[4096];
-    if (read_at(pdir, "comm", buf, sizeof buf) < 0)
-        FAIL("check pid %ld: read comm", pid);
-    if (strcmp(buf, INIT_NAME "\n"))
-        fail("check pid %ld: not an sdeefs environment (its name is %.*s)", pid,
-             (int)strcspn(buf, "\n"), buf);
-    uid_t me = getuid();
-    int ns_user = openat(pdir, "ns/user", O_RDONLY | O_CLOEXEC);
-    if (ns_user < 0 && (errno == EACCES || errno == EPERM))
-        fail("check pid %ld: the environment does not belong to uid %u (its namespaces are "
-             "closed to it)",
-             pid, (unsigned)me);
-    if (ns_user < 0)
-        FAIL("open /proc/%ld/ns/user", pid);
-    if (me != 0 || geteuid() != 0) {
-        /* Whose environment: the owner of its user namespace (the user the launcher made it
-         * for; its init runs as inside root, a subordinate id, docs/identity.md). */
-        uid_t owner;
-        if (ioctl(ns_user, NS_GET_OWNER_UID, &owner) < 0)
-            FAIL("check pid %ld: the owner of its user namespace", pid);
-        if (owner != me)
-            fail("check pid %ld: the environment belongs to uid %u, not to uid %u", pid,
-                 (unsigned)owner, (unsigned)me);
-    }
-    int ns_mnt = openat(pdir, "ns/mnt", O_RDONLY | O_CLOEXEC);
-    if (ns_mnt < 0)
-        FAIL("open /proc/%ld/ns/mnt", pid);
-    int ns_pid = openat(pdir, "ns/pid", O_RDONLY | O_CLOEXEC);
-    if (ns_pid < 0)
-        FAIL("open /proc/%ld/ns/pid", pid);
-    close(pdir);
-
-    struct stat theirs, ours;
-    if (fstat(ns_user, &theirs) < 0 || stat("/proc/self/ns/user", &ours) < 0)
-        FAIL("stat user namespaces");
-    if (theirs.st_ino != ours.st_ino || theirs.st_dev != ours.st_dev) {
-        /* Host root would keep its supplementary groups (0 among them) otherwise; the
-         * environment's setgroups is "deny", so this is the last moment to drop them. */
-        if (geteuid() == 0 && setgroups(0, NULL) < 0)
-            FAIL("setgroups");
-        if (setns(ns_user, CLONE_NEWUSER) < 0)
-            FAIL("setns user");
+    char err[600];
+    struct env_ns ns;
+    /* U may join only U's environments (the owner of their user namespace); root any. */
+    long owner = (getuid() != 0 || geteuid() != 0) ? (long)getuid() : -1;
+    if (env_ns_open(pid, owner, &ns, err, sizeof err) < 0)
+        fail("%s", err);
+    /* Host root would keep its supplementary groups (0 among them) otherwise; the
+     * environment's setgroups is "deny", so this is the last moment to drop them. */
+    if (geteuid() == 0 && setgroups(0, NULL) < 0)
+        FAIL("setgroups");
+    int joined = env_ns_join_user(&ns, err, sizeof err);
+    if (joined < 0)
+        fail("%s", err);
+    if (joined) {
         /* Inside root: host S, the user's first subordinate id (docs/identity.md), or
          * host U in an environment of the old one-line map. */
         if (setresgid(0, 0, 0) < 0)
@@ -201,13 +118,9 @@ int cmd_join(int argc, char **argv)
         if (setresuid(0, 0, 0) < 0)
             FAIL("setresuid");
     }
-    if (setns(ns_mnt, CLONE_NEWNS) < 0)
-        FAIL("setns mnt");
-    if (setns(ns_pid, CLONE_NEWPID) < 0)
-        FAIL("setns pid");
-    close(ns_user);
-    close(ns_mnt);
-    close(ns_pid);
+    if (env_ns_join_rest(&ns, err, sizeof err) < 0)
+        fail("%s", err);
+    env_ns_close(&ns);
 
     sigset_t all, old;
     sigfillset(&all);
@@ -230,7 +143,8 @@ int cmd_join(int argc, char **argv)
             root_path();
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
             FAIL("prctl PR_SET_NO_NEW_PRIVS");
-        drop_capabilities(keep);
+        if (drop_capabilities(keep, err, sizeof err) < 0)
+            fail("%s", err);
         sys_close_range(3, ~0U);
         execvp(cmd[0], cmd);
         FAIL("exec %s", cmd[0]);

@@ -205,6 +205,7 @@ struct start_opts {
     int nbinds;
     const char *hide[MAX_MOUNTS];
     int nhide;
+    int host_pids; /* --host-pids: no PID namespace of its own, the host's /proc (jobs) */
 };
 
 
@@ -239,6 +240,10 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
     o->tmp_size = "25%";
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "--host-pids")) {
+            o->host_pids = 1;
+            continue;
+        }
         if (i + 1 >= argc)
             usage("start: %s needs a value (or is unknown)", a);
         char *v = argv[++i];
@@ -284,7 +289,7 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
     if (uid < 0 || gid < 0 || !(layers || o->view) || !o->home)
         usage("start --uid U --gid G (--root-lower DIR [...] --root-upper DIR --root-work DIR | "
               "--root-view DIR) --home HOSTDIR [--bind SRC:DST] [--ro-bind SRC:DST] "
-              "[--hide PATH] [--tmp-size S]");
+              "[--hide PATH] [--tmp-size S] [--host-pids]");
     if (uid == 0 || gid == 0)
         usage("start: refusing uid/gid 0 (the environment's root would be host root)");
     if (o->uid_map.set != o->gid_map.set)
@@ -417,13 +422,18 @@ static void mount_overlay(const char *target, const int *fds, int nlower)
     fail("mount overlay: %s; fallback %s", strerror(legacy), err);
 }
 
-static void setup_proc(void)
+/* The environment's /proc: its own PID namespace's, or (host_pids: a job's, whose tasks
+ * SLURM forks in the host's PID namespace and which cannot move into another one) the
+ * host's, bound, so that /proc/self of a task names the task. */
+static void setup_proc(int host_pids)
 {
     static const char *masked[] = {"kcore", "keys", "timer_list", "sysrq-trigger", "sched_debug"};
     static const char *readonly[] = {"sys", "irq", "bus", "fs"};
     char path[PATH_MAX];
     mkdir_p("/newroot/proc", 0555);
-    if (mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+    if (host_pids) {
+        bind_mount("/oldroot/proc", "/newroot/proc", "/proc");
+    } else if (mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         FAIL("mount proc");
     for (size_t i = 0; i < sizeof masked / sizeof *masked; i++) {
         snprintf(path, sizeof path, "/newroot/proc/%s", masked[i]);
@@ -563,6 +573,10 @@ static void set_init_name(void)
 
 __attribute__((noreturn)) static void run_init(void)
 {
+    /* Without a PID namespace of its own (--host-pids) the init is an ordinary process:
+     * kill(-1) would reach every process its uid may signal, other jobs' among them.  It
+     * only holds the namespaces; the epilog ends the processes of its mount namespace. */
+    int own_pid_ns = getpid() == 1;
     sigset_t all, wanted;
     sigfillset(&all);
     sigprocmask(SIG_BLOCK, &all, NULL);
@@ -574,7 +588,8 @@ __attribute__((noreturn)) static void run_init(void)
         /* Blocked signals are queued even for PID 1 with SIG_DFL, so sigwaitinfo sees them. */
         int sig = sigwaitinfo(&wanted, NULL);
         if (sig == SIGTERM || sig == SIGINT) {
-            kill(-1, SIGKILL); /* every other process of the PID namespace */
+            if (own_pid_ns)
+                kill(-1, SIGKILL); /* every other process of the PID namespace */
             _exit(0);
         }
         while (waitpid(-1, NULL, WNOHANG) > 0)
@@ -609,7 +624,7 @@ __attribute__((noreturn)) static void run_b(const struct start_opts *o, const in
     if (chdir("/") < 0)
         FAIL("chdir /");
 
-    setup_proc();
+    setup_proc(o->host_pids);
     setup_dev();
     setup_sys();
     setup_tmp(o->tmp_size);
@@ -682,7 +697,7 @@ __attribute__((noreturn)) static void run_a(const struct start_opts *o, int sock
         FAIL("unshare user namespace");
     send_msg(sock, "U");
     expect_msg(sock, 'M', buf, sizeof buf, "wait for id maps");
-    if (unshare(CLONE_NEWNS | CLONE_NEWPID) < 0)
+    if (unshare(CLONE_NEWNS | (o->host_pids ? 0 : CLONE_NEWPID)) < 0)
         FAIL("unshare mount and pid namespaces");
     if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
         FAIL("make / a recursive slave");

@@ -9,6 +9,7 @@ SLURM's Prolog/Epilog are `sdeefs job-prolog`/`job-epilog`; job steps run `sdeef
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdeefs.config import DEFAULT_DENY
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.replication.daemon import control_request
 from sdeefs.replication.snapshot import tree_digest
@@ -166,7 +168,10 @@ def grid5() -> Iterator[Grid]:
 
 
 @contextlib.contextmanager
-def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid") -> Iterator[Grid]:
+def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
+              spank: bool = False, extra_conf: str = "") -> Iterator[Grid]:
+    """``spank``: SLURM loads the SPANK plugin, as ``sdeefs install-slurm`` sets it up, and
+    munge's socket is bound into environments (SLURM clients typed inside)."""
     base = Path(tempfile.mkdtemp(prefix="sdeefs-grid-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     key = base / "replication.key"
@@ -180,7 +185,18 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid") -> 
              f'job_dir = "{base}/%n/jobs"\nbarrier_timeout = {barrier_timeout}\n')
     try:
         layer = 'layer_size = "1G"\n' if engine == "kernel" else ""
+        if spank:
+            # slurmd's spool is on the deny list, as a site's is (DEFAULT_DENY): the plugin
+            # must bring the batch script in
+            deny = json.dumps([*DEFAULT_DENY, f"{base}/cluster/spool"])
+            layer += f'sockets = ["{base}/cluster/munge"]\ndeny = {deny}\n'
         with open_site(engine, layer + extra) as site:
+            plugstack = ""
+            if spank:  # the admin's documented command (docs/admin.md)
+                subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--plugstack-dir",
+                                str(base / "plugstack.conf.d")], check=True, capture_output=True,
+                               env={**os.environ, "SDEEFS_CONFIG": str(site.config)})
+                plugstack = f"include {base}/plugstack.conf.d/*.conf"
             for which in ("prolog", "epilog"):
                 (base / f"{which}.sh").write_text(
                     f"#!/bin/sh\nSDEEFS_CONFIG={site.config} exec {VENV_BIN}/sdeefs-{which} "
@@ -192,7 +208,8 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid") -> 
                 subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=2g", "tmpfs",
                                 str(base / f"n{i}")], check=True)
             with cluster(str(base / "cluster"), nodes=nodes, prolog=str(base / "prolog.sh"),
-                         epilog=str(base / "epilog.sh")) as slurm:
+                         epilog=str(base / "epilog.sh"), extra_conf=extra_conf,
+                         plugstack=plugstack) as slurm:
                 g = Grid(site, slurm, base, user, key, nodes)
                 for i in range(nodes + 1):
                     g.start_replicad(i)

@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from .launcher_site import VENV_BIN, Site, requires_launcher
 
 pytestmark = requires_launcher
@@ -137,20 +139,46 @@ def test_a_users_problem_fails_the_job_and_a_nodes_problem_fails_the_prolog(site
     assert prolog.stderr.count("\n") == 1, prolog.stderr
 
 
-def test_install_slurm_links_the_job_commands_into_a_prefix(tmp_path: Path) -> None:
-    for _ in range(2):  # again: our links are replaced
-        out = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--prefix",
-                              str(tmp_path)], capture_output=True, text=True, check=True).stdout
-    for sub, name in (("bin", "sdeefs-run"), ("sbin", "sdeefs-prolog"),
-                      ("sbin", "sdeefs-epilog")):
-        link = tmp_path / sub / name
-        assert link.resolve() == (VENV_BIN / name).resolve()
-        assert f"installed {link}" in out
-    assert f"Prolog={tmp_path}/sbin/sdeefs-prolog" in out
-    (tmp_path / "bin" / "sdeefs-run").unlink()
-    (tmp_path / "bin" / "sdeefs-run").write_text("someone else's\n")
-    refused = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--prefix",
-                              str(tmp_path)], capture_output=True, text=True)
+def test_install_slurm_writes_the_plugstack_line_and_says_what_slurm_conf_needs(
+        tmp_path: Path) -> None:
+    config = tmp_path / "sdeefs.toml"
+    config.write_text('[replication]\njob_dir = "/var/tmp/jobs-%n"\n')
+    plugstack = tmp_path / "plugstack.conf.d"
+    env = {**os.environ, "SDEEFS_CONFIG": str(config)}
+    for _ in range(2):  # again: our file is replaced
+        out = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--plugstack-dir",
+                              str(plugstack)], capture_output=True, text=True, check=True,
+                             env=env).stdout
+    plugin = VENV_BIN.parent / "lib" / "sdeefs" / "sdeefs_spank.so"
+    assert plugin.is_file()
+    line = f"required {plugin} job_dir=/var/tmp/jobs-%n"
+    assert (plugstack / "sdeefs.conf").read_text().splitlines()[1:] == [line]
+    assert "PrologFlags=Alloc" in out, out
+    assert "sdeefs-prolog" in out, out
+    (plugstack / "sdeefs.conf").write_text("someone else's\n")
+    refused = subprocess.run([str(VENV_BIN / "sdeefs"), "install-slurm", "--plugstack-dir",
+                              str(plugstack)], capture_output=True, text=True, env=env)
     assert refused.returncode == 4
     assert "not replaced" in refused.stderr
-    assert (tmp_path / "bin" / "sdeefs-run").read_text() == "someone else's\n"
+    assert (plugstack / "sdeefs.conf").read_text() == "someone else's\n"
+
+
+def test_doctor_checks_that_slurms_plugstack_loads_the_plugin(tmp_path: Path) -> None:
+    from sdeefs import config as config_mod
+    from sdeefs.launcher import doctor
+    from sdeefs.launcher.compute import job
+
+    config = tmp_path / "sdeefs.toml"
+    config.write_text('[replication]\njob_dir = "/var/tmp/jobs-%n"\n')
+    site = config_mod.load(str(config))
+    main = tmp_path / "plugstack.conf"
+    main.write_text(f"include {tmp_path}/plugstack.conf.d/*.conf\n")
+    assert doctor._plugstack(site, str(main)).verdict == doctor.Verdict.FAIL  # not loaded
+    if not os.path.isfile(job.spank_plugin()):
+        pytest.skip(f"{job.spank_plugin()} is not built here (scripts/setup.sh builds it)")
+    job.install_slurm(site, str(tmp_path / "plugstack.conf.d"))
+    assert doctor._plugstack(site, str(main)).verdict == doctor.Verdict.OK
+    config.write_text('[replication]\njob_dir = "/elsewhere"\n')  # the site's changed since
+    moved = doctor._plugstack(config_mod.load(str(config)), str(main))
+    assert moved.verdict == doctor.Verdict.FAIL
+    assert "/var/tmp/jobs-%n" in moved.detail, moved
