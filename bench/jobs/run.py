@@ -14,7 +14,8 @@ batch job per contender, the contenders' order rotating each round (interleaved:
 * sysbench cpu (fixed number of events; events/s);
 * hpcc (HPL, DGEMM, STREAM, RandomAccess, FFT, PTRANS; N=1000) on 1 rank, and on 2 ranks
   across the 2 nodes (Debian's hpcc is built with Open MPI: ``mpirun`` starts its daemons
-  through an agent that runs ``srun -w NODE PREFIX``, so every rank is inside);
+  through an agent that runs ``srun -w NODE PREFIX``, so every rank is inside; always
+  ``--allow-run-as-root``: inside sdeefs the user is root of the environment's namespace);
 * fio's six modes (read, write, randread, randwrite, rw, randrw; 64 MiB, 3 s each) in a
   scratch directory on the node's local tmpfs: for sdeefs the job's scratch upper (which
   the prolog puts on that tmpfs), for the others the same tmpfs directly or bind-mounted.
@@ -57,7 +58,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.common import HostInfo, log, require_root  # noqa: E402
+from bench.common import log, require_root  # noqa: E402
 
 PACKAGES = ("hpcc", "sysbench", "charliecloud", "podman", "fio", "openmpi-bin")
 STEPS = 100
@@ -116,7 +117,10 @@ def contenders(venv_bin: Path, work: Path, image: Path, spank: str | None,
         Contender("sdeefs", (str(venv_bin / "sdeefs-run"), "--"), fio_inside="/var/tmp"),
         Contender("ch-run", ("ch-run", "-b", "{dir}:/mnt", "-b", "{cwd}", str(image), "--"),
                   fio_inside="/mnt"),
+        # the cluster's directory bound too: srun inside (mpirun's agent) reaches munged's
+        # socket only as the host's inode, not through podman's overlay of the image
         Contender("podman", (*podman, "-v", "{dir}:/mnt", "-v", "{cwd}:{cwd}", "-w", "{cwd}",
+                             "-v", "{grid}:{grid}",
                              "-e", "SLURM_CONF", "--rootfs",
                              f"{image}:O"), root=True, fio_inside="/mnt"),
     ]
@@ -125,15 +129,16 @@ def contenders(venv_bin: Path, work: Path, image: Path, spank: str | None,
     return out
 
 
-def words(contender: Contender, scratch: str, cwd: str) -> str:
+def words(contender: Contender, scratch: str, cwd: str, grid: str) -> str:
     """The step prefix as shell words."""
-    return " ".join(shlex.quote(w.format(dir=scratch, cwd=cwd)) for w in contender.prefix)
+    return " ".join(shlex.quote(w.format(dir=scratch, cwd=cwd, grid=grid))
+                    for w in contender.prefix)
 
 
-def job_script(b: Bench, c: Contender, scratch: str, tag: str) -> str:
+def job_script(b: Bench, c: Contender, scratch: str, grid: str, tag: str) -> str:
     """The batch script: every step under ``c``, results as lines ``R key value``."""
     work = str(b.work)
-    pre = words(c, scratch, work)
+    pre = words(c, scratch, work, grid)
     srun = "srun " + " ".join(shlex.quote(a) for a in c.srun_args)
     fio_dir = f"{c.fio_inside or scratch}/fio-{tag}"
     fio = []
@@ -160,7 +165,7 @@ for ranks in 1 2; do
   {srun} -N1 -n1 --overlap {pre} mpirun --allow-run-as-root -np $ranks --host $hosts --mca plm rsh \
     --mca plm_rsh_agent {agent} --mca ras ^slurm --mca oob_tcp_if_include eth0 \
     --mca btl_tcp_if_include eth0 --mca btl self,vader,tcp --wdir $d hpcc > $d/mpirun.log 2>&1 \
-    || {{ echo "R mpi_failed 1"; tail -5 $d/mpirun.log; }}
+    || {{ echo "R mpi_failed 1"; tail -40 $d/mpirun.log; }}
   {srun} -N1 -n1 -w $(hostname) {pre} sh -c "grep -E '^({hpcc_grep})=' $d/hpccoutf.txt" \
     | sed "s/^/R hpcc${{ranks}}_/; s/=/ /"
   rm -rf $d
@@ -170,12 +175,12 @@ done
 """
 
 
-def agent_script(c: Contender, scratch: str, cwd: str) -> str:
+def agent_script(c: Contender, scratch: str, cwd: str, grid: str) -> str:
     """Open MPI's launch agent (``plm_rsh_agent``, called like ssh: HOST COMMAND...): the
     daemon goes through srun to HOST, inside the contender."""
     srun = " ".join(shlex.quote(a) for a in c.srun_args)
     return (f"#!/bin/sh\nhost=$1; shift\nexec srun {srun} --overlap -N1 -n1 -w \"$host\" "
-            f"{words(c, scratch, cwd)} sh -c \"$*\"\n")
+            f"{words(c, scratch, cwd, grid)} sh -c \"$*\"\n")
 
 
 def hpcc_input(ranks: int) -> str:
@@ -253,16 +258,25 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["umount", "-l", str(image)], check=False)
         os.rmdir(image)
         subprocess.run(["rm", "-rf", str(work)], check=False)
-    host = HostInfo.collect() if hasattr(HostInfo, "collect") else None
-    (args.out / "results.json").write_text(json.dumps(
-        {"rounds": args.rounds, "contenders": [c.name for c in b.contenders],
-         "raw": b.results, "summary": summary(b), "host": str(host)}, indent=1))
     log(f"results in {args.out / 'results.json'}")
     return 0
 
 
+def save(b: Bench) -> None:
+    """results.json, after every job (an interrupted run keeps what it measured)."""
+    (b.out / "results.json").write_text(json.dumps(
+        {"rounds": b.rounds, "contenders": [c.name for c in b.contenders],
+         "raw": b.results, "summary": summary(b)}, indent=1))
+
+
 def run_rounds(b: Bench, open_grid: object) -> None:
     with open_grid(2) as g:  # type: ignore[operator]
+        # The test cluster's munged listens in its own directory, not /run/munge: the
+        # admin's ``sockets`` setting binds it into environments (srun inside a job
+        # environment: mpirun's agent), as /run/munge is by default.
+        config = g.site.config.read_text()
+        g.site.config.write_text(config.replace(
+            "shared = []\n", f'shared = []\nsockets = ["{g.base}/cluster/munge"]\n', 1))
         g.site.start(g.user)  # the user logged in: their environment streams to the nodes
         for i in (1, 2):  # each node's scratch for the bare and container contenders
             scratch = g.base / f"n{i}" / "scratch"
@@ -272,14 +286,15 @@ def run_rounds(b: Bench, open_grid: object) -> None:
             agent = b.work / f"agent-{c.name}"
             # every node has its own tmpfs at base/nI: the scratch path names node 1's;
             # jobs run their single-node steps on the allocation's first node
-            agent.write_text(agent_script(c, str(g.base / "n1" / "scratch"), str(b.work)))
+            agent.write_text(agent_script(c, str(g.base / "n1" / "scratch"), str(b.work),
+                                          str(g.base)))
             agent.chmod(0o755)
         for r in range(b.rounds):
             order = b.contenders[r % len(b.contenders):] + b.contenders[:r % len(b.contenders)]
             for c in order:
                 scratch = str(g.base / "n1" / "scratch")
                 tag = f"{c.name}-{r}"
-                script = job_script(b, c, scratch, tag)
+                script = job_script(b, c, scratch, str(g.base), tag)
                 out = b.work / f"job-{tag}.out"
                 began = time.monotonic()
                 job = g.slurm.sbatch(script, ["-N2", "-w", "n1,n2", "--exclusive", "-o",
@@ -295,6 +310,7 @@ def run_rounds(b: Bench, open_grid: object) -> None:
                 if got < 10:
                     log(f"  output: {text[-1500:]}")
                 (b.out / f"job-{tag}.out").write_text(text)
+                save(b)
 
 
 if __name__ == "__main__":
