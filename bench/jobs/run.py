@@ -54,6 +54,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -67,7 +68,9 @@ HPCC_KEYS = ("HPL_Tflops", "SingleDGEMM_Gflops", "SingleSTREAM_Triad", "SingleRa
              "SingleFFT_Gflops", "PTRANS_GBs", "MPIRandomAccess_GUPs", "MPIFFT_Gflops")
 SYSBENCH = "sysbench cpu --cpu-max-prime=10000 --threads=1 --time=0 --events=4000 run"
 PODMAN_OPTS = ("--log-level=error", "--runtime", "runc", "--cgroup-manager", "cgroupfs")
-PODMAN_RUN_OPTS = ("--rm", "--network=host", "--ipc=host")
+# SLURM_*: srun inside (mpirun's agent) must know it runs in the job's allocation, or it
+# asks for a new one and waits behind the job itself
+PODMAN_RUN_OPTS = ("--rm", "--network=host", "--ipc=host", "-e", "SLURM_*")
 
 
 @dataclass(frozen=True)
@@ -278,39 +281,47 @@ def run_rounds(b: Bench, open_grid: object) -> None:
         g.site.config.write_text(config.replace(
             "shared = []\n", f'shared = []\nsockets = ["{g.base}/cluster/munge"]\n', 1))
         g.site.start(g.user)  # the user logged in: their environment streams to the nodes
-        for i in (1, 2):  # each node's scratch for the bare and container contenders
-            scratch = g.base / f"n{i}" / "scratch"
-            scratch.mkdir()
-            os.chmod(scratch, 0o1777)
-        for c in b.contenders:
-            agent = b.work / f"agent-{c.name}"
-            # every node has its own tmpfs at base/nI: the scratch path names node 1's;
-            # jobs run their single-node steps on the allocation's first node
-            agent.write_text(agent_script(c, str(g.base / "n1" / "scratch"), str(b.work),
-                                          str(g.base)))
-            agent.chmod(0o755)
-        for r in range(b.rounds):
-            order = b.contenders[r % len(b.contenders):] + b.contenders[:r % len(b.contenders)]
-            for c in order:
-                scratch = str(g.base / "n1" / "scratch")
-                tag = f"{c.name}-{r}"
-                script = job_script(b, c, scratch, str(g.base), tag)
-                out = b.work / f"job-{tag}.out"
-                began = time.monotonic()
-                job = g.slurm.sbatch(script, ["-N2", "-w", "n1,n2", "--exclusive", "-o",
-                                              str(out)],
-                                     user=None if c.root else g.user,
-                                     env={"SDEEFS_CONFIG": str(g.site.config)}, cwd=b.work)
-                state = g.slurm.wait_job(job, timeout=1800)
-                text = out.read_text() if out.exists() else ""
-                got = parse(b, c, text)
-                b.record(c.name, "job_s", time.monotonic() - began)
-                log(f"round {r + 1}/{b.rounds} {c.name}: {state}, {got} results "
-                    f"in {time.monotonic() - began:.0f} s")
-                if got < 10:
-                    log(f"  output: {text[-1500:]}")
-                (b.out / f"job-{tag}.out").write_text(text)
-                save(b)
+        try:
+            run_jobs(b, g)
+        finally:  # its environment holds the cluster's munge directory (sockets)
+            g.site.stop(g.user)
+
+
+def run_jobs(b: Bench, g: Any) -> None:
+    """The rounds of jobs on the grid ``g`` (tests/cluster/test_slurm_jobs.Grid)."""
+    for i in (1, 2):  # each node's scratch for the bare and container contenders
+        scratch = g.base / f"n{i}" / "scratch"
+        scratch.mkdir()
+        os.chmod(scratch, 0o1777)
+    for c in b.contenders:
+        agent = b.work / f"agent-{c.name}"
+        # every node has its own tmpfs at base/nI: the scratch path names node 1's;
+        # jobs run their single-node steps on the allocation's first node
+        agent.write_text(agent_script(c, str(g.base / "n1" / "scratch"), str(b.work),
+                                      str(g.base)))
+        agent.chmod(0o755)
+    for r in range(b.rounds):
+        order = b.contenders[r % len(b.contenders):] + b.contenders[:r % len(b.contenders)]
+        for c in order:
+            scratch = str(g.base / "n1" / "scratch")
+            tag = f"{c.name}-{r}"
+            script = job_script(b, c, scratch, str(g.base), tag)
+            out = b.work / f"job-{tag}.out"
+            began = time.monotonic()
+            job = g.slurm.sbatch(script, ["-N2", "-w", "n1,n2", "--exclusive", "-o",
+                                          str(out)],
+                                 user=None if c.root else g.user,
+                                 env={"SDEEFS_CONFIG": str(g.site.config)}, cwd=b.work)
+            state = g.slurm.wait_job(job, timeout=1800)
+            text = out.read_text() if out.exists() else ""
+            got = parse(b, c, text)
+            b.record(c.name, "job_s", time.monotonic() - began)
+            log(f"round {r + 1}/{b.rounds} {c.name}: {state}, {got} results "
+                f"in {time.monotonic() - began:.0f} s")
+            if got < 10:
+                log(f"  output: {text[-1500:]}")
+            (b.out / f"job-{tag}.out").write_text(text)
+            save(b)
 
 
 if __name__ == "__main__":
