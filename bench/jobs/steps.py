@@ -2,7 +2,7 @@
 
 Usage (as root)::
 
-    .venv/bin/python bench/jobs/steps.py [--steps 100] [--out bench/out/jobs-steps.md]
+    .venv/bin/python bench/jobs/steps.py [--steps 100] [--out bench/out/jobs-plugin-steps.md]
 
 One real SLURM node (tests/cluster: slurmctld and slurmd in network namespaces, the
 shipped prolog/epilog, a replica of the user, the plugin loaded through the plugstack
