@@ -454,25 +454,46 @@ _CHECKED = {rtype: tuple((n, k) for n, k in cls.FIELDS if k in ("path", "name", 
             for rtype, cls in RECORD_TYPES.items()}
 
 
+_FIXED = {"u32": "I", "u64": "Q", "i64": "q"}
+# An encoder: per step, (struct of consecutive fixed fields, their names) or (the length
+# prefix of a variable field, its name); the same bytes as the table above, with one
+# struct call per run of fixed fields (the capture encodes ~3 records per file).
+_Step = tuple[struct.Struct, "tuple[str, ...] | str"]
+
+
+def _encoder(cls: type[Record], version: int) -> tuple[_Step, ...]:
+    steps: list[_Step] = []
+    fmt, names = "<", []
+    for name, kind in cls.FIELDS:
+        if kind in _FIXED:
+            fmt += _FIXED[kind]
+            names.append(name)
+            continue
+        if names:
+            steps.append((struct.Struct(fmt), tuple(names)))
+            fmt, names = "<", []
+        prefix = _PATH_LENGTH[version] if kind == "path" else _U16 if kind == "name" else _U32
+        steps.append((prefix, name))
+    if names:
+        steps.append((struct.Struct(fmt), tuple(names)))
+    return tuple(steps)
+
+
+_ENCODERS = {(rtype, version): _encoder(cls, version)
+             for rtype, cls in RECORD_TYPES.items() for version in VERSIONS}
+
+
 def encode_record(record: Record, version: int = RECORD_VERSION) -> tuple[int, bytes]:
     """(type, payload) of a record, without checks (``check_record`` is the door)."""
-    path_length = _PATH_LENGTH[version]
-    out = bytearray()
-    for name, kind in record.FIELDS:
-        value = getattr(record, name)
-        if kind == "path":
-            out += path_length.pack(len(value)) + value
-        elif kind == "name":
-            out += _U16.pack(len(value)) + value
-        elif kind == "blob":
-            out += _U32.pack(len(value)) + value
-        elif kind == "u32":
-            out += _U32.pack(value)
-        elif kind == "u64":
-            out += _U64.pack(value)
+    parts = []
+    for codec, names in _ENCODERS[record.TYPE, version]:
+        if isinstance(names, str):
+            value = getattr(record, names)
+            parts.append(codec.pack(len(value)))
+            parts.append(value)
         else:
-            out += _I64.pack(value)
-    return record.TYPE, bytes(out)
+            parts.append(codec.pack(*[getattr(record, n) for n in names]))
+    return record.TYPE, b"".join(parts)
 
 
 def _check_name(data: bytes) -> None:

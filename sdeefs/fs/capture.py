@@ -81,7 +81,7 @@ from ..journal import Journal, journal_id
 from ..offload import Offload
 from . import fanotify as fan
 from .model import CheckpointError, Model
-from .reconcile import CaptureError, Dirty, Reconciler, Upper, handle_id
+from .reconcile import CaptureError, Dirty, Reconciler, Upper, capturec, handle_id
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,7 @@ class Capture:
     _last_checkpoint: float = 0.0
     _checkpoint_seq: int = 0
     _starting: bool = False  # the start's full scan is not done yet
+    native: bool = capturec is not None  # events decoded by sdeefs.fs._capturec
 
     # -- start and stop (synchronous) -----------------------------------------------------
 
@@ -309,12 +310,30 @@ class Capture:
     def _read_events(self) -> int:
         """Read what is queued (up to a batch's worth) into ``dirty``; how many events."""
         total = 0
+        fast = self.native and capturec is not None and not log.isEnabledFor(logging.DEBUG)
         while total < self.config.max_batch_events:
-            events = self.group.read()
-            if not events:
+            if not fast:
+                events = self.group.read()
+                if not events:
+                    break
+                total += len(events)
+                self._note(events)
+                continue
+            data = self.group.read_raw()
+            if not data:
                 break
-            total += len(events)
-            self._note(events)
+            d = self.dirty
+            try:
+                count, overflows, unresolved = capturec.note_events(data, d.dirs, d.objects,
+                                                                    d.data, d.names)
+            except ValueError as exc:
+                raise fan.BadEvent(str(exc)) from None
+            total += count
+            if overflows:
+                self._note([fan.Event(fan.FAN_Q_OVERFLOW, 0, None, ())] * overflows)
+            if unresolved:  # handles without an inode number in them: the Python path
+                self._note([fan.Event(mask, pid, handle, dirs)
+                            for mask, pid, handle, dirs in unresolved])
         self.counters.events += total
         self.pending_events += total
         return total
@@ -374,10 +393,10 @@ class Capture:
             pending.append(record)
             count += 1
             if len(pending) >= APPEND_CHUNK:
-                journal.append_many(pending)
+                journal.append_many(pending, admitted=True)  # (reconcile checked them)
                 pending.clear()
             if stall and count == stall:
-                journal.append_many(pending)
+                journal.append_many(pending, admitted=True)
                 log.warning("capture: fault injection: stalled in a batch after %d records",
                             count)
                 time.sleep(3600)
@@ -386,7 +405,7 @@ class Capture:
         if stats.carry:
             self.dirty.merge(Dirty(dirs=stats.carry))
         if pending:
-            journal.append_many(pending)
+            journal.append_many(pending, admitted=True)
         if begin:
             journal.append(rec.Commit(begin))
         self.model.seq = journal.head
