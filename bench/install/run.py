@@ -176,8 +176,10 @@ def sdeefs_fs(name: str) -> ModuleType:
 GUARD_HELPER = r"""
 import sys
 from sdeefs.fs.mount import GuardRequest, mount_guard
+from sdeefs.identity import Identity
 mountpoint, lower, uid, gid, log = sys.argv[1:6]
-mount_guard(GuardRequest(mountpoint=mountpoint, lower=lower, uid=int(uid), gid=int(gid),
+ids = Identity.build(int(uid), int(gid), (), (200000, 65536), (200000, 65536), 1000)
+mount_guard(GuardRequest(mountpoint=mountpoint, lower=lower, ids=ids,
                          deny=tuple(sys.argv[6:]), log=log))
 """
 

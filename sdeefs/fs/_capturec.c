@@ -311,12 +311,12 @@ static PyObject *raise_errno(int err, const char *what, const char *name)
     return NULL;
 }
 
-/* Sorted ((name, value), ...) of the entry's xattrs; NULL with errno set (0: error
- * already raised).  ENOTSUP/ENOENT on listing: none. */
-static PyObject *read_xattrs(const char *path, int *gone)
+/* Sorted ((name, value), ...) of the xattrs of ``fd`` (if >= 0) or of ``path`` (not
+ * following a symlink); NULL with an exception set.  ENOTSUP/ENOENT on listing: none. */
+static PyObject *read_xattrs(const char *path, int fd)
 {
     char list[65536];
-    ssize_t n = llistxattr(path, list, sizeof list);
+    ssize_t n = fd >= 0 ? flistxattr(fd, list, sizeof list) : llistxattr(path, list, sizeof list);
     if (n < 0) {
         if (errno == ENOTSUP || errno == ENOENT)
             return PyTuple_New(0);
@@ -335,7 +335,8 @@ static PyObject *read_xattrs(const char *path, int *gone)
         const char *name = list + at;
         size_t len = strnlen(name, (size_t)(n - at));
         at += (ssize_t)len + 1;
-        ssize_t vlen = lgetxattr(path, name, value, sizeof value);
+        ssize_t vlen = fd >= 0 ? fgetxattr(fd, name, value, sizeof value)
+                               : lgetxattr(path, name, value, sizeof value);
         if (vlen < 0) {
             if (errno == ENODATA || errno == ENOENT)
                 continue;
@@ -351,7 +352,6 @@ static PyObject *read_xattrs(const char *path, int *gone)
         }
         Py_DECREF(pair);
     }
-    (void)gone;
     if (PyList_Sort(out) < 0) {
         Py_DECREF(out);
         return NULL;
@@ -361,47 +361,26 @@ static PyObject *read_xattrs(const char *path, int *gone)
     return tuple;
 }
 
-/* Read a regular file whole: contents tuple, Py_False (too large), Py_None (cannot be
- * opened: gone, a symlink or FIFO swapped in, no access); NULL on errors. */
-static PyObject *read_contents(int dir_fd, const char *name)
+/* Read the regular file open at ``fd`` (``before``: its fstat) whole: the contents
+ * tuple, or Py_False (too large); NULL on errors.  Closes nothing. */
+static PyObject *read_contents(int fd, const struct stat *bp, const char *name)
 {
-    int fd = openat(dir_fd, name, O_RDONLY | O_NOATIME | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) {
-        if (errno == ENOENT || errno == ELOOP || errno == ENXIO || errno == EACCES)
-            Py_RETURN_NONE;
-        return raise_errno(errno, "open", name);
-    }
-    struct stat before, after;
-    if (fstat(fd, &before) < 0) {
-        int err = errno;
-        close(fd);
-        return raise_errno(err, "fstat", name);
-    }
-    if (!S_ISREG(before.st_mode)) {
-        close(fd);
-        return Py_BuildValue("(y#IKLLL)", "", (Py_ssize_t)0, (unsigned)before.st_mode,
-                             (unsigned long long)before.st_ino, 0LL, 0LL, 0LL);
-    }
+    struct stat before = *bp, after;
     size_t cap = before.st_size > 0 && before.st_size < MAX_INLINE
         ? (size_t)before.st_size + 1 : 4096;
     PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
-    if (data == NULL) {
-        close(fd);
+    if (data == NULL)
         return NULL;
-    }
     size_t size = 0;
     for (;;) {
         if (size == cap) {
             if (cap >= MAX_INLINE) {
                 Py_DECREF(data);
-                close(fd);
                 Py_RETURN_FALSE;
             }
             cap = cap * 2 > MAX_INLINE ? MAX_INLINE : cap * 2;
-            if (_PyBytes_Resize(&data, (Py_ssize_t)cap) < 0) {
-                close(fd);
+            if (_PyBytes_Resize(&data, (Py_ssize_t)cap) < 0)
                 return NULL;
-            }
         }
         ssize_t got;
         int err;
@@ -414,7 +393,6 @@ static PyObject *read_contents(int dir_fd, const char *name)
             if (err == EINTR)
                 continue;
             Py_DECREF(data);
-            close(fd);
             return raise_errno(err, "read", name);
         }
         if (got == 0)
@@ -424,10 +402,8 @@ static PyObject *read_contents(int dir_fd, const char *name)
     if (fstat(fd, &after) < 0) {
         int err = errno;
         Py_DECREF(data);
-        close(fd);
         return raise_errno(err, "fstat", name);
     }
-    close(fd);
     if (_PyBytes_Resize(&data, (Py_ssize_t)size) < 0)
         return NULL;
     long long b_ctime = (long long)before.st_ctim.tv_sec * 1000000000LL + before.st_ctim.tv_nsec;
@@ -437,82 +413,124 @@ static PyObject *read_contents(int dir_fd, const char *name)
                          (unsigned long long)before.st_ino, b_ctime, a_mtime, a_ctime);
 }
 
+static PyObject *file_handle(int fd, const char *name, int flags, const char *what)
+{
+    struct handle_buf hb;
+    int mount_id, ret, err;
+    hb.handle_bytes = MAX_HANDLE;
+    hb.handle_type = 0;
+    Py_BEGIN_ALLOW_THREADS
+    ret = name_to_handle_at(fd, name, (struct file_handle *)&hb, &mount_id, flags);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (ret == 0)
+        return PyBytes_FromStringAndSize((const char *)&hb, 8 + (Py_ssize_t)hb.handle_bytes);
+    if (err == ENOENT)
+        Py_RETURN_NONE; /* gone */
+    if (err == EOPNOTSUPP || err == ENOSYS)
+        return PyBytes_FromStringAndSize("", 0);
+    return raise_errno(err, "name_to_handle_at", what);
+}
+
+/* A regular file to read: open it (never following a symlink, never waiting on a FIFO
+ * swapped in) and fstat it; -1 (and nothing raised) if it cannot be opened or is no
+ * longer the inode ``st`` describes: the caller then looks at it by name, unread. */
+static int open_same_file(int dir_fd, const char *name, const struct stat *st,
+                          struct stat *before, int *err)
+{
+    int fd;
+    *err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    fd = openat(dir_fd, name, O_RDONLY | O_NOATIME | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        *err = errno;
+    } else if (fstat(fd, before) < 0) {
+        *err = errno;
+        close(fd);
+        fd = -1;
+    } else if (!S_ISREG(before->st_mode) || before->st_ino != st->st_ino
+               || before->st_dev != st->st_dev) {
+        close(fd);
+        fd = -1;
+    }
+    Py_END_ALLOW_THREADS
+    if (fd < 0 && *err != 0 && *err != ENOENT && *err != ELOOP && *err != ENXIO
+        && *err != EACCES)
+        return -2;
+    return fd;
+}
+
 static PyObject *examine_one(int dir_fd, const char *name, Py_ssize_t name_len,
                              unsigned long long exp_ino, unsigned long long exp_size,
                              long long exp_mtime, long long exp_ctime, int force)
 {
     if ((Py_ssize_t)strlen(name) != name_len || name_len == 0 || name_len > 255)
         return raise_errno(EINVAL, "examine: bad name", name);
-    struct stat st;
-    struct handle_buf hb;
-    int mount_id, stat_ret, handle_ret, stat_err = 0, handle_err = 0;
-    hb.handle_bytes = MAX_HANDLE;
-    hb.handle_type = 0;
+    struct stat st, before;
+    int stat_ret, err = 0;
     Py_BEGIN_ALLOW_THREADS
     stat_ret = fstatat(dir_fd, name, &st, AT_SYMLINK_NOFOLLOW);
-    stat_err = errno;
-    handle_ret = stat_ret < 0 ? -1
-        : name_to_handle_at(dir_fd, name, (struct file_handle *)&hb, &mount_id, 0);
-    handle_err = errno;
+    err = errno;
     Py_END_ALLOW_THREADS
     if (stat_ret < 0) {
-        if (stat_err == ENOENT)
+        if (err == ENOENT)
             Py_RETURN_NONE;
-        return raise_errno(stat_err, "lstat", name);
+        return raise_errno(err, "lstat", name);
     }
-    PyObject *handle;
-    if (handle_ret < 0) {
-        if (handle_err == ENOENT)
-            Py_RETURN_NONE;
-        if (handle_err != EOPNOTSUPP && handle_err != ENOSYS)
-            return raise_errno(handle_err, "name_to_handle_at", name);
-        handle = PyBytes_FromStringAndSize("", 0);
+    long long mtime = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
+    long long ctime = (long long)st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec;
+    int fd = -1;
+    if (S_ISREG(st.st_mode) && (force || st.st_ino != exp_ino
+                                || (unsigned long long)st.st_size != exp_size
+                                || mtime != exp_mtime || (exp_ctime >= 0 && ctime != exp_ctime))) {
+        fd = open_same_file(dir_fd, name, &st, &before, &err);
+        if (fd == -2)
+            return raise_errno(err, "open", name);
+    }
+    /* With the file open, its handle and xattrs come from the descriptor (the inode that
+     * is read); otherwise by name, below the directory, not following a symlink. */
+    PyObject *handle = NULL, *xattrs = NULL, *target = NULL, *contents = NULL;
+    if (fd >= 0) {
+        handle = file_handle(fd, "", AT_EMPTY_PATH, name);
+        if (handle != NULL && handle != Py_None)
+            xattrs = read_xattrs(name, fd);
+        if (xattrs != NULL)
+            contents = read_contents(fd, &before, name);
+        close(fd);
     } else {
-        handle = PyBytes_FromStringAndSize((const char *)&hb, 8 + (Py_ssize_t)hb.handle_bytes);
+        handle = file_handle(dir_fd, name, 0, name);
+        if (handle != NULL && handle != Py_None) {
+            char path[64 + 256];
+            snprintf(path, sizeof path, "/proc/self/fd/%d/%s", dir_fd, name);
+            xattrs = read_xattrs(path, -1);
+        }
+        if (xattrs != NULL)
+            contents = Py_NewRef(Py_None);
     }
-    if (handle == NULL)
-        return NULL;
-    char path[64 + 256];
-    snprintf(path, sizeof path, "/proc/self/fd/%d/%s", dir_fd, name);
-    PyObject *xattrs = read_xattrs(path, NULL);
-    if (xattrs == NULL) {
+    if (handle == Py_None) { /* gone meanwhile */
         Py_DECREF(handle);
-        return NULL;
+        return Py_NewRef(Py_None);
     }
-    PyObject *target;
-    if (S_ISLNK(st.st_mode)) {
+    if (contents != NULL && S_ISLNK(st.st_mode)) {
         char buf[4097];
         ssize_t n = readlinkat(dir_fd, name, buf, sizeof buf);
         if (n < 0) {
-            int err = errno;
-            Py_DECREF(handle);
-            Py_DECREF(xattrs);
+            err = errno;
+            Py_XDECREF(handle);
+            Py_XDECREF(xattrs);
+            Py_XDECREF(contents);
             if (err == ENOENT || err == EINVAL) /* gone, or no longer a symlink */
                 Py_RETURN_NONE;
             return raise_errno(err, "readlink", name);
         }
         target = PyBytes_FromStringAndSize(buf, n);
-    } else {
+    } else if (contents != NULL) {
         target = PyBytes_FromStringAndSize("", 0);
     }
     if (target == NULL) {
-        Py_DECREF(handle);
-        Py_DECREF(xattrs);
-        return NULL;
-    }
-    long long mtime = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
-    long long ctime = (long long)st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec;
-    PyObject *contents;
-    if (S_ISREG(st.st_mode) && (force || st.st_ino != exp_ino
-                                || (unsigned long long)st.st_size != exp_size
-                                || mtime != exp_mtime || (exp_ctime >= 0 && ctime != exp_ctime)))
-        contents = read_contents(dir_fd, name);
-    else
-        contents = Py_NewRef(Py_None);
-    if (contents == NULL) {
-        Py_DECREF(handle);
-        Py_DECREF(xattrs);
-        Py_DECREF(target);
+        Py_XDECREF(handle);
+        Py_XDECREF(xattrs);
+        Py_XDECREF(contents);
         return NULL;
     }
     return Py_BuildValue("(IIIKLLKKNNNN)", (unsigned)st.st_mode, (unsigned)st.st_uid,
