@@ -239,10 +239,14 @@ def segment_name(first_seq: int) -> str:
     return f"seg-{first_seq:016x}.log"
 
 
+_FRAME_BODY = struct.Struct("<IQHH")
+_FRAME_CRC = struct.Struct("<I")
+
+
 def encode_frame(seq: int, record: Record, version: int = SEGMENT_VERSION) -> bytes:
     rtype, payload = encode_record(record, version)
-    body = struct.pack("<IQHH", len(payload), seq, rtype, 0) + payload
-    return struct.pack("<I", zlib.crc32(body)) + body
+    body = _FRAME_BODY.pack(len(payload), seq, rtype, 0) + payload
+    return _FRAME_CRC.pack(zlib.crc32(body)) + body
 
 
 def encode_segment_header(first_seq: int, version: int = SEGMENT_VERSION) -> bytes:
