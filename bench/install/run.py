@@ -39,6 +39,8 @@ upper on a layer image, and the capture daemon (``python -m sdeefs.fs.capture``)
 watching the image.  Its write times include a drain (``sdeefs.fs.capture.drain``)
 at the end: until the journal holds everything; writer-only time and drain lag are
 reported too, with the journal's records and bytes and the capture's peak RSS.
+``kernel-py`` is ``kernel`` with the capture's pure-Python path (``--python-only``:
+no ``sdeefs.fs._capturec``), to show what the C hot path buys in the same run.
 
 Outputs: ``OUT/install.md`` (a table per workload), ``OUT/install.svg`` (speed
 relative to kernel overlayfs), and (full runs) a section appended to
@@ -288,12 +290,13 @@ class ImageOverlayContender(Contender):
     the capture daemon watching the image (then: the kernel engine's login view)."""
 
     def __init__(self, name: str, template: LayerTemplate, python: Path, *, guard: bool,
-                 capture: bool) -> None:
+                 capture: bool, capture_args: tuple[str, ...] = ()) -> None:
         self.name = name
         self.template = template
         self.python = python
         self.guard = guard
         self.capture = capture
+        self.capture_args = capture_args
         self.captures: dict[Path, CaptureRun] = {}
 
     def prepare(self, lower: Path, scratch: Path, tracker: ProcessTracker) -> None:
@@ -305,6 +308,8 @@ class ImageOverlayContender(Contender):
             parts.append("lowers = sdeefs guard over the lower")
         if self.capture:
             parts.append("capture daemon running; write times include a drain")
+        if "--python-only" in self.capture_args:
+            parts.append("the capture's pure-Python path (no sdeefs.fs._capturec)")
         return "; ".join(parts)
 
     def mount(self, lower: Path, dirs: RunDirs, tracker: ProcessTracker) -> MountedView:
@@ -349,7 +354,8 @@ class ImageOverlayContender(Contender):
         with (dirs.root / "capture.err").open("wb") as err:
             popen = subprocess.Popen(
                 [str(self.python), "-m", "sdeefs.fs.capture", "--layer", str(layer),
-                 "--state", str(dirs.state), "--log", str(dirs.root / "capture.log")],
+                 "--state", str(dirs.state), "--log", str(dirs.root / "capture.log"),
+                 *self.capture_args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 cwd=REPO_ROOT, start_new_session=True)
         tracked = tracker.track(popen.pid, f"capture {layer}")
@@ -725,7 +731,8 @@ class Bench:
                 self.results.samples[(metric, f"{name}: writer only")].append(writer)
                 self.results.samples[(metric, f"{name}: drain lag")].append(lag)
                 for key, value in contender.capture_stats(mounted).items():
-                    self.results.extras[(metric, key)].append(value)
+                    if name == "kernel":
+                        self.results.extras[(metric, key)].append(value)
         self.results.samples[(metric, name)].append(total)
         self.daemon_stats(metric, mounted)
         if round_no == 0:
@@ -831,8 +838,8 @@ def rows_of(metric: Metric, contenders: Sequence[str]) -> list[str]:
     rows = []
     for name in contenders:
         rows.append(name)
-        if metric.writes and name == "kernel":
-            rows += ["kernel: writer only", "kernel: drain lag"]
+        if metric.writes and name in ("kernel", "kernel-py"):
+            rows += [f"{name}: writer only", f"{name}: drain lag"]
     return rows
 
 
@@ -1021,6 +1028,9 @@ def all_contenders(template: LayerTemplate, python: Path) -> list[Contender]:
         SdeefsContender("sdeefs-fuse", "fuse", python=python),
         SdeefsContender("sdeefs-hybrid", "hybrid", python=python),
         ImageOverlayContender("kernel", template, python, guard=True, capture=True),
+        # the same with the capture's pure-Python path: what sdeefs.fs._capturec buys
+        ImageOverlayContender("kernel-py", template, python, guard=True, capture=True,
+                              capture_args=("--python-only",)),
     ]
 
 

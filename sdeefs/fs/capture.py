@@ -115,6 +115,7 @@ class Config:
     sync_interval: float = 5.0
     checkpoint_interval: float = 300.0
     fault_stall_after: int = 0  # tests: stop for good after this many records of a batch
+    native: bool = True  # the C hot path (sdeefs.fs._capturec) where it is built
 
     @property
     def upper(self) -> str:
@@ -276,8 +277,10 @@ class Capture:
             void_dangling(journal)
             model, trust = load_model(journal, config.checkpoint)
             upper = Upper.open(config.upper)
-            capture = cls(config, journal, model, upper, Reconciler(model, upper), group,
-                          lock_fd)
+            native = config.native and capturec is not None
+            capture = cls(config, journal, model, upper,
+                          Reconciler(model, upper, native=native), group, lock_fd,
+                          native=native)
             capture._start(trust)
             return capture
         except BaseException:
@@ -561,6 +564,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", help="log file (default: stderr)")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--fault-stall-after", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--python-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quiet", type=float, default=Config("", "").quiet, help=argparse.SUPPRESS)
     parser.add_argument("--max-delay", type=float, default=Config("", "").max_delay,
                         help=argparse.SUPPRESS)
@@ -570,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
     config = Config(os.path.abspath(args.layer), os.path.abspath(args.state),
                     unlimited_queue=not args.bounded_queue,
                     fault_stall_after=args.fault_stall_after, quiet=args.quiet,
-                    max_delay=args.max_delay)
+                    max_delay=args.max_delay, native=not args.python_only)
     try:
         _main(config)
     except QuietError as exc:
