@@ -36,6 +36,13 @@ filesystem's inode numbers mean nothing where records are applied).  Access time
 are not journaled (reads change them without events); mtimes are, and every
 directory whose entries the batch changed gets its mtime restored after them.
 
+Step 1's syscalls per entry (``_examine_entries``) go through
+``sdeefs.fs._capturec.examine`` when it is built: one call per directory that
+returns what ``_examine_entry`` would have found, and the contents of the regular
+files whose lstat differs from the model (``needs_read``'s test, made in C on what
+the listing's inode number has in the model); ``_judge`` then decides as before, and
+reads a file itself if the C call could not (over 1 MiB, replaced meanwhile).
+
 Everything here is synchronous and may block for as long as reading changed files
 takes: the capture runs it in a worker thread (docs/threading.md).  Nothing in the
 upper is trusted: names are bytes of any value, symlinks are never followed (every
