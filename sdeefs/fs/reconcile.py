@@ -282,6 +282,9 @@ class _Batch:
     """What one reconciliation observed and decided (ids are model ids)."""
 
     want: dict[int, dict[bytes, int]] = attrs.field(factory=dict)  # listed dir -> entries
+    # listed dir -> the entries of ``want`` that were examined (the others are as the
+    # model has them: same name, same inode): what the plan's loops need to look at
+    fresh: dict[int, dict[bytes, int]] = attrs.field(factory=dict)
     order: list[int] = attrs.field(factory=list)  # listed dirs, in listing order
     seen: dict[int, Seen] = attrs.field(factory=dict)  # examined and not as the model has it
     looked: set[int] = attrs.field(factory=set)  # examined
@@ -404,6 +407,7 @@ class Reconciler:
         if opened is None:
             if id in m.nodes:
                 b.want[id] = {}
+                b.fresh[id] = {}
                 b.order.append(id)
             return
         fd = opened
@@ -435,6 +439,7 @@ class Reconciler:
                 plan.append((name, cur, True))
                 todo.append((name, cur, ino))
             got_ids = iter(self._examine_entries(fd, todo, b))
+            fresh: dict[bytes, int] = {}
             for name, cur, examine in plan:
                 got = next(got_ids) if examine else cur
                 if got is None:
@@ -442,10 +447,12 @@ class Reconciler:
                 entries[name] = got
                 if not examine:
                     continue
+                fresh[name] = got
                 child = b.seen.get(got)  # (directories are always kept)
                 if child is not None and child.kind == stat.S_IFDIR and (full or got in b.new):
                     yield got, child.handle
             b.want[id] = entries
+            b.fresh[id] = fresh
             b.order.append(id)
         finally:
             os.close(fd)
@@ -693,10 +700,20 @@ class Reconciler:
             node = m.nodes.get(p)
             if node is None or node.children is None:
                 continue
-            keep = alive(p)
-            for name, old in node.children.items():
-                if not keep or b.want[p].get(name) != old:
+            children, want = node.children, b.want[p]
+            if not alive(p):
+                for name, old in children.items():
                     drops[p, name] = old
+                continue
+            # (an entry listed unchanged is bound as in the model: only names gone and
+            # examined entries can differ; the loops cost per entry of the directories
+            # listed, each batch, so they stay in comprehensions)
+            for name in [n for n in children if n not in want]:
+                drops[p, name] = children[name]
+            for name in b.fresh[p]:
+                had = children.get(name)
+                if had is not None and name in want and want[name] != had:
+                    drops[p, name] = had
         for d, (p, name) in bound.items():  # a directory's old place in an unlisted directory
             node = m.nodes.get(d)
             if node is not None and node.parent and (node.parent, node.name) != (p, name) \
@@ -716,8 +733,9 @@ class Reconciler:
         for p in b.order:
             if not alive(p):
                 continue
-            for name, id in b.want[p].items():
-                if m.lookup(p, name) != id:
+            want = b.want[p]
+            for name, id in b.fresh[p].items():  # (unchanged entries are bound already)
+                if want.get(name) == id and m.lookup(p, name) != id:
                     adds.append((p, name, id))
 
         # moves: an existing inode leaves one name for another
