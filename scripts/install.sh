@@ -86,9 +86,10 @@ apt_install "${RUNTIME_PACKAGES[@]}"
 
 # The source's fingerprint: an unchanged tree is not installed again.
 fingerprint() {
-  (cd "$SRC" && find pyproject.toml sdeefs launcher third_party -type f \
+  (cd "$SRC" && find pyproject.toml setup.py sdeefs launcher third_party -type f \
       \( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name Makefile -o -name '*.toml' \
-         -o -name '*.service' -o -name '*.timer' -o -name '*.patch' -o -name '*.sh' \) \
+         -o -name '*.service' -o -name '*.timer' -o -name '*.patch' -o -name '*.sh' \
+         -o -name '*.pyi' \) \
          -print0 | sort -z | xargs -0 sha256sum
    find docs README.md -name '*.md' -print0 | sort -z | xargs -0 sha256sum) |
     sha256sum | cut -d' ' -f1
@@ -104,7 +105,8 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   # the source stays, nor on its owner's home directory being searchable.
   BUILD="$(mktemp -d)"
   trap 'rm -rf "$BUILD"' EXIT
-  (cd "$SRC" && tar --exclude=__pycache__ -cf - pyproject.toml README.md sdeefs launcher) |
+  (cd "$SRC" && tar --exclude=__pycache__ --exclude='*.so' -cf - pyproject.toml setup.py \
+      README.md sdeefs launcher) |
     tar -xf - -C "$BUILD"
   "$PREFIX/bin/pip" install -q --disable-pip-version-check --no-warn-script-location \
     --force-reinstall --no-deps "$BUILD" >/dev/null
@@ -114,6 +116,12 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
     echo "sdeefs: building the patched pyfuse3 failed; keeping the stock one (fallocate in" \
          "views answers EOPNOTSUPP):" >&2
     tail -3 "$BUILD/pyfuse3-build.log" >&2
+  fi
+  # the capture's hot path in C is optional (the Python path gives the same journal) but
+  # the kernel engine's small-file speed depends on it (issue 16): say so if it is missing
+  if ! (cd / && "$PREFIX/bin/python" -c 'import sdeefs.fs._capturec') 2>/dev/null; then
+    echo "sdeefs: warning: sdeefs.fs._capturec was not built (python3-dev, gcc?): the" \
+         "kernel engine's capture uses its slower Python path" >&2
   fi
   make -s -C "$BUILD/launcher/enter" OUT="$PREFIX/bin/sdeefs-enter"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-shell"

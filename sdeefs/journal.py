@@ -239,10 +239,14 @@ def segment_name(first_seq: int) -> str:
     return f"seg-{first_seq:016x}.log"
 
 
+_FRAME_BODY = struct.Struct("<IQHH")
+_FRAME_CRC = struct.Struct("<I")
+
+
 def encode_frame(seq: int, record: Record, version: int = SEGMENT_VERSION) -> bytes:
     rtype, payload = encode_record(record, version)
-    body = struct.pack("<IQHH", len(payload), seq, rtype, 0) + payload
-    return struct.pack("<I", zlib.crc32(body)) + body
+    body = _FRAME_BODY.pack(len(payload), seq, rtype, 0) + payload
+    return _FRAME_CRC.pack(zlib.crc32(body)) + body
 
 
 def encode_segment_header(first_seq: int, version: int = SEGMENT_VERSION) -> bytes:
@@ -528,14 +532,17 @@ class Journal:
         log.error("%s; refusing further mutations", self.failed)
         raise FailsafeError(self.failed) from exc
 
-    def append_many(self, records: list[Record]) -> int:
+    def append_many(self, records: list[Record], admitted: bool = False) -> int:
         """Append ``records`` with one write(2) (the capture's batches); the last seq.
 
         Consecutive seqs, like appending them one by one; a batch that would cross the
         segment size goes one by one (it may start a segment).  Every record is admitted
-        (as by :meth:`append`) before any is written."""
-        for record in records:
-            _admit(record)
+        (as by :meth:`append`) before any is written, unless ``admitted``: the caller
+        ran ``check_record`` on each already (the capture's reconciler does, to stop
+        before a batch is written) and nothing changed them since (records are frozen)."""
+        if not admitted:
+            for record in records:
+                _admit(record)
         with self._lock:
             if self.failed is not None:
                 raise FailsafeError(self.failed)

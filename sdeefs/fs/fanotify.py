@@ -184,13 +184,14 @@ class Group:
 
     def read(self, size: int = READ_SIZE) -> list[Event]:
         """The events queued now (one read(2)); empty when there are none."""
+        return decode_events(self.read_raw(size))
+
+    def read_raw(self, size: int = READ_SIZE) -> bytes:
+        """The packed events queued now (one read(2)); b"" when there are none."""
         try:
-            data = os.read(self.fd, size)
-        except BlockingIOError:
-            return []
-        except InterruptedError:
-            return []
-        return decode_events(data)
+            return os.read(self.fd, size)
+        except (BlockingIOError, InterruptedError):
+            return b""
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -276,8 +277,4 @@ def handle_of(dir_fd: int, name: bytes, buf: object = None) -> bytes:
     size, _ = HANDLE_HEADER.unpack_from(buf, 0)
     return bytes(buf.raw[:HANDLE_HEADER.size + size])
 
-
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_SYS_NAME_TO_HANDLE_AT = 303
 

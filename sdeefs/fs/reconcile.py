@@ -36,6 +36,13 @@ filesystem's inode numbers mean nothing where records are applied).  Access time
 are not journaled (reads change them without events); mtimes are, and every
 directory whose entries the batch changed gets its mtime restored after them.
 
+Step 1's syscalls per entry (``_examine_entries``) go through
+``sdeefs.fs._capturec.examine`` when it is built: one call per directory that
+returns what ``_examine_entry`` would have found, and the contents of the regular
+files whose lstat differs from the model (``needs_read``'s test, made in C on what
+the listing's inode number has in the model); ``_judge`` then decides as before, and
+reads a file itself if the C call could not (over 1 MiB, replaced meanwhile).
+
 Everything here is synchronous and may block for as long as reading changed files
 takes: the capture runs it in a worker thread (docs/threading.md).  Nothing in the
 upper is trusted: names are bytes of any value, symlinks are never followed (every
@@ -46,6 +53,7 @@ and only regular files are read.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -60,6 +68,11 @@ from ..errors import BadRecord
 from ..sysio import fd_path, name_to_handle, open_by_handle, openat2_beneath
 from .fanotify import handle_buffer, handle_ino, handle_of
 from .model import UPPER, WORK, Model, Node
+
+try:  # the hot path in C (sdeefs/fs/_capturec.c); optional: the same in Python below
+    import sdeefs.fs._capturec as capturec
+except ImportError:  # pragma: no cover (an install that could not compile it)
+    capturec = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +95,12 @@ def block_sum(data: bytes | memoryview) -> bytes:
 
 
 ZERO_SUM = block_sum(bytes(BLOCK))
+
+
+@functools.lru_cache(maxsize=256)
+def zero_sum(length: int) -> bytes:
+    """The sum of ``length`` zero bytes (a pure function: cached)."""
+    return ZERO_SUM if length == BLOCK else block_sum(bytes(length))
 
 
 class CaptureError(Exception):
@@ -235,7 +254,8 @@ def refused(seen: Seen) -> bool:
     return seen.kind == stat.S_IFBLK or seen.kind == stat.S_IFCHR and seen.rdev != 0
 
 
-def needs_read(node: Node | None, st: os.stat_result, data_dirty: bool, full: bool) -> bool:
+def needs_read(node: Node | None, st: os.stat_result | Seen, data_dirty: bool,
+               full: bool) -> bool:
     """Must a regular file's data be read (sums compared with the model's)?
 
     Always after a data event (timestamps may be too coarse to show a change), when the
@@ -243,9 +263,12 @@ def needs_read(node: Node | None, st: os.stat_result, data_dirty: bool, full: bo
     lost) also when its ctime moved: a change of attributes alone (chmod) is no reason
     to read a file when events say its data did not change.
     """
-    return node is None or data_dirty or node.data is None or node.size != st.st_size \
-        or node.mtime != st.st_mtime_ns \
-        or full and (not node.ctime or node.ctime != st.st_ctime_ns)
+    if isinstance(st, Seen):
+        size, mtime, ctime = st.size, st.mtime, st.ctime
+    else:
+        size, mtime, ctime = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return node is None or data_dirty or node.data is None or node.size != size \
+        or node.mtime != mtime or full and (not node.ctime or node.ctime != ctime)
 
 
 def same_attributes(node: Node, seen: Seen) -> bool:
@@ -259,6 +282,9 @@ class _Batch:
     """What one reconciliation observed and decided (ids are model ids)."""
 
     want: dict[int, dict[bytes, int]] = attrs.field(factory=dict)  # listed dir -> entries
+    # listed dir -> the entries of ``want`` that were examined (the others are as the
+    # model has them: same name, same inode): what the plan's loops need to look at
+    fresh: dict[int, dict[bytes, int]] = attrs.field(factory=dict)
     order: list[int] = attrs.field(factory=list)  # listed dirs, in listing order
     seen: dict[int, Seen] = attrs.field(factory=dict)  # examined and not as the model has it
     looked: set[int] = attrs.field(factory=set)  # examined
@@ -289,6 +315,7 @@ class Reconciler:
     model: Model
     upper: Upper
     refused_seen: set[tuple[int, bytes]] = attrs.field(factory=set)
+    native: bool = capturec is not None  # entries examined by sdeefs.fs._capturec
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
 
@@ -380,6 +407,7 @@ class Reconciler:
         if opened is None:
             if id in m.nodes:
                 b.want[id] = {}
+                b.fresh[id] = {}
                 b.order.append(id)
             return
         fd = opened
@@ -394,22 +422,37 @@ class Reconciler:
             entries: dict[bytes, int] = {}
             with os.scandir(fd) as it:
                 listing = [(os.fsencode(e.name), e.inode()) for e in it]
+            # what to do with each entry: keep the model's id, examine, or leave it for
+            # the next batch (None)
+            plan: list[tuple[bytes, int | None, bool]] = []
+            todo: list[tuple[bytes, int | None, int]] = []
+            new = 0
             for name, ino in listing:
                 cur = children.get(name)
                 if not full and cur is not None and cur == ino and (id, name) not in hints:
-                    entries[name] = cur  # same inode under the same name: nothing to look at
+                    plan.append((name, cur, False))  # same inode, same name: nothing to do
                     continue
-                if cur is None and b.budget and len(b.seen) >= b.budget:
+                if cur is None and b.budget and len(b.seen) + new >= b.budget:
                     b.carry[st.st_ino] = handle or b""  # the next batch takes the rest
                     continue
-                got = self._examine_entry(fd, name, cur, b)
+                new += cur is None
+                plan.append((name, cur, True))
+                todo.append((name, cur, ino))
+            got_ids = iter(self._examine_entries(fd, todo, b))
+            fresh: dict[bytes, int] = {}
+            for name, cur, examine in plan:
+                got = next(got_ids) if examine else cur
                 if got is None:
                     continue
                 entries[name] = got
+                if not examine:
+                    continue
+                fresh[name] = got
                 child = b.seen.get(got)  # (directories are always kept)
                 if child is not None and child.kind == stat.S_IFDIR and (full or got in b.new):
                     yield got, child.handle
             b.want[id] = entries
+            b.fresh[id] = fresh
             b.order.append(id)
         finally:
             os.close(fd)
@@ -452,7 +495,6 @@ class Reconciler:
         What differs from the model (or is a directory) goes to ``b.seen``; a regular
         file that must be read is read now, while its directory is open.
         """
-        m = self.model
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             handle = handle_of(dir_fd, name, self._hbuf)
@@ -460,9 +502,46 @@ class Reconciler:
             target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else b""
         except FileNotFoundError:
             return None  # gone meanwhile: its event is queued, the next batch looks again
-        seen = Seen.of(st, handle, xattrs, target)
+        return self._judge(dir_fd, name, cur, Seen.of(st, handle, xattrs, target), None, b)
+
+    def _examine_entries(self, dir_fd: int, todo: list[tuple[bytes, int | None, int]],
+                         b: _Batch) -> list[int | None]:
+        """``_examine_entry`` for each (name, model id, listed inode) of one directory:
+        one call into ``_capturec.examine`` for all of them, which also reads the
+        regular files the model's expectation says changed (``needs_read``, given
+        what the listing's inode number has in the model)."""
+        if not (self.native and capturec is not None) or not todo:
+            return [self._examine_entry(dir_fd, name, cur, b) for name, cur, _ in todo]
+        m = self.model
+        ask = []
+        for name, _, ino in todo:
+            node = m.nodes.get(ino)
+            if node is None or node.data is None or m.id_of_ino(ino) in b.data \
+                    or b.full and not node.ctime:
+                ask.append((name, 0, 0, 0, -1, True))
+            else:
+                ask.append((name, ino, node.size, node.mtime, node.ctime if b.full else -1,
+                            False))
+        out: list[int | None] = []
+        for (name, cur, _), got in zip(todo, capturec.examine(dir_fd, ask), strict=True):
+            if got is None:
+                out.append(None)  # gone meanwhile (as above)
+                continue
+            (mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target,
+             contents) = got
+            seen = Seen(mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target)
+            out.append(self._judge(dir_fd, name, cur, seen, contents, b))
+        return out
+
+    def _judge(self, dir_fd: int, name: bytes, cur: int | None, seen: Seen,
+               read_ahead: tuple[bytes, int, int, int, int, int] | bool | None,
+               b: _Batch) -> int | None:
+        """The rest of ``_examine_entry``, given what the entry is (``seen``).
+        ``read_ahead``: the file's contents as ``_capturec.examine`` read them, if it
+        did (used only if the file must be read)."""
+        m = self.model
         b.examined += 1
-        ino = st.st_ino
+        ino = seen.ino
         if refused(seen):
             if (ino, name) not in self.refused_seen:
                 self.refused_seen.add((ino, name))
@@ -472,17 +551,18 @@ class Reconciler:
         if node is None and cur is not None and cur < 0:
             # A node journaled while nobody watched, at this name: adopt it if it can be it.
             cnode = m.nodes[cur]
-            if same_kind(cnode, seen) and cnode.handle in (b"", handle):
+            if same_kind(cnode, seen) and cnode.handle in (b"", seen.handle):
                 m.rekey(cur, ino)
-                m.nodes[ino].handle = handle
+                m.nodes[ino].handle = seen.handle
                 m.nodes[ino].ctime = 0
                 node = m.nodes[ino]
         if node is None:
             id = ino
-            if id in b.new and id in b.seen and b.seen[id].handle != handle:
+            if id in b.new and id in b.seen and b.seen[id].handle != seen.handle:
                 return None  # two inodes of one number in one batch: a race, look again later
             b.new.add(id)
-        elif same_kind(node, seen) and (not node.handle or not handle or node.handle == handle):
+        elif same_kind(node, seen) and (not node.handle or not seen.handle
+                                        or node.handle == seen.handle):
             id = ino
         else:
             # The number was reused: the model's node is another (dead) inode.
@@ -495,12 +575,21 @@ class Reconciler:
             b.new.add(id)
             node = None
         b.looked.add(id)
-        regular = stat.S_ISREG(st.st_mode)
-        read = regular and needs_read(node, st, id in b.data, b.full)
+        regular = seen.kind == stat.S_IFREG
+        read = regular and needs_read(node, seen, id in b.data, b.full)
         if node is not None and cur == id and not read and seen.kind != stat.S_IFDIR \
                 and same_attributes(node, seen):
             return id  # as the model has it: nothing to keep
-        if read:
+        if read and isinstance(read_ahead, tuple):
+            data, before_mode, before_ino, before_ctime, after_mtime, after_ctime = read_ahead
+            if stat.S_ISREG(before_mode) and before_ino == ino:
+                b.read_bytes += len(data)
+                seen = Seen(seen.mode, seen.uid, seen.gid, seen.size, seen.mtime, seen.ctime,
+                            seen.ino, seen.rdev, seen.handle, seen.xattrs, seen.target,
+                            Contents(data_sums(data), len(data), after_mtime,
+                                     after_ctime if after_ctime == before_ctime else 0))
+            # (else replaced meanwhile, as _read says: its events are queued)
+        elif read:
             try:
                 fd = os.open(name, OPEN_DATA, dir_fd=dir_fd)
             except OSError as exc:
@@ -611,10 +700,20 @@ class Reconciler:
             node = m.nodes.get(p)
             if node is None or node.children is None:
                 continue
-            keep = alive(p)
-            for name, old in node.children.items():
-                if not keep or b.want[p].get(name) != old:
+            children, want = node.children, b.want[p]
+            if not alive(p):
+                for name, old in children.items():
                     drops[p, name] = old
+                continue
+            # (an entry listed unchanged is bound as in the model: only names gone and
+            # examined entries can differ; the loops cost per entry of the directories
+            # listed, each batch, so they stay in comprehensions)
+            for name in [n for n in children if n not in want]:
+                drops[p, name] = children[name]
+            for name in b.fresh[p]:
+                had = children.get(name)
+                if had is not None and name in want and want[name] != had:
+                    drops[p, name] = had
         for d, (p, name) in bound.items():  # a directory's old place in an unlisted directory
             node = m.nodes.get(d)
             if node is not None and node.parent and (node.parent, node.name) != (p, name) \
@@ -634,8 +733,9 @@ class Reconciler:
         for p in b.order:
             if not alive(p):
                 continue
-            for name, id in b.want[p].items():
-                if m.lookup(p, name) != id:
+            want = b.want[p]
+            for name, id in b.fresh[p].items():  # (unchanged entries are bound already)
+                if want.get(name) == id and m.lookup(p, name) != id:
                     adds.append((p, name, id))
 
         # moves: an existing inode leaves one name for another
@@ -868,6 +968,12 @@ class Reconciler:
                 emit(rec.Setattr(path, mask, perm, seen.uid, seen.gid, size, 0, mtime))
 
 
+def data_sums(data: bytes) -> bytes:
+    """The sums ``read_sums`` gives for a file holding ``data``."""
+    view = memoryview(data)
+    return b"".join([block_sum(view[at:at + BLOCK]) for at in range(0, len(data), BLOCK)])
+
+
 def read_sums(fd: int, buf: bytearray | None = None) -> tuple[bytes, int]:
     """(blake2b-128 of every BLOCK of the file, bytes read); ``buf``: READ_CHUNK bytes."""
     view = memoryview(buf if buf is not None else bytearray(READ_CHUNK))
@@ -901,8 +1007,7 @@ def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: b
                 continue
             if i * BLOCK >= old_size:
                 length = min(BLOCK, new_size - i * BLOCK)
-                zero = ZERO_SUM if length == BLOCK else block_sum(bytes(length))
-                if s == zero:
+                if s == zero_sum(length):
                     continue
         changed.append(i)
     out = 0

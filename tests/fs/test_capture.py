@@ -24,8 +24,9 @@ from sdeefs import records as rec
 from sdeefs.apply import recover, replay
 from sdeefs.check import check_replay_matches
 from sdeefs.errors import QuietError
-from sdeefs.fs import capture, image
+from sdeefs.fs import capture, image, reconcile
 from sdeefs.fs import fanotify as fan
+from sdeefs.fs.model import Model
 from sdeefs.journal import Journal
 from sdeefs.sysio import RENAME_EXCHANGE, renameat2
 
@@ -466,3 +467,124 @@ def test_decode_events_refuses_what_it_does_not_know(damage: str) -> None:
         struct.pack_into("<I", data, fan.METADATA.size + 12, 100)
     with pytest.raises(fan.BadEvent):
         fan.decode_events(bytes(data))
+
+
+# -- the C hot path (sdeefs.fs._capturec) against the Python one -----------------------------
+
+requires_capturec = pytest.mark.skipif(
+    reconcile.capturec is None, reason="sdeefs.fs._capturec is not built (pip install -e .)")
+
+
+def _note_in_python(data: bytes) -> tuple[reconcile.Dirty, int]:
+    """What Capture._note makes of ``data`` (its inode lookups: handles only)."""
+    @attrs.define
+    class Notes:
+        dirty: reconcile.Dirty = attrs.field(factory=reconcile.Dirty)
+        counters: capture.Counters = attrs.field(factory=capture.Counters)
+
+        def _ino(self, handle: bytes) -> int | None:
+            return fan.handle_ino(handle)
+
+    notes = Notes()
+    capture.Capture._note(notes, fan.decode_events(data))  # type: ignore[arg-type]
+    return notes.dirty, notes.counters.overflows
+
+
+@requires_capturec
+@pytest.mark.expect_log("sdeefs.fs.capture")  # the overflow's warning
+def test_note_events_in_c_matches_python() -> None:
+    data = (_event(fan.FAN_RENAME, _fid_info(fan.INFO_OLD_DFID_NAME, 10, 1, b"a"),
+                   _fid_info(fan.INFO_NEW_DFID_NAME, 11, 2, b"b\xff"),
+                   _fid_info(fan.INFO_FID, 12, 3))
+            + _event(fan.FAN_CREATE | fan.FAN_MODIFY | fan.FAN_CLOSE_WRITE,
+                     _fid_info(fan.INFO_DFID_NAME, 10, 1, b"new"), _fid_info(fan.INFO_FID, 14, 1))
+            + _event(fan.FAN_ATTRIB | fan.FAN_ONDIR, _fid_info(fan.INFO_DFID_NAME, 13, 4, b"."))
+            + _event(fan.FAN_ATTRIB, _fid_info(fan.INFO_FID, 15, 9))
+            + _event(fan.FAN_DELETE | fan.FAN_ONDIR, _fid_info(fan.INFO_DFID_NAME, 11, 2, b"d"),
+                     _fid_info(fan.INFO_FID, 16, 1))
+            + _event(fan.FAN_Q_OVERFLOW))
+    want, overflows = _note_in_python(data)
+    got = reconcile.Dirty()
+    count, c_overflows, unresolved = reconcile.capturec.note_events(
+        data, got.dirs, got.objects, got.data, got.names)
+    assert (count, c_overflows, unresolved) == (6, overflows, [])
+    assert (got.dirs, got.objects, got.data, got.names) == \
+        (want.dirs, want.objects, want.data, want.names)
+    assert got.names == {(10, b"a"), (11, b"b\xff"), (10, b"new"), (11, b"d")}
+    assert got.data == {14}
+    # a handle that is not ext4's comes back whole, for the Python path
+    other = fan.HANDLE_HEADER.pack(12, 0x81) + bytes(12)
+    body = b"\x01" * 8 + other
+    info = fan.INFO_HEADER.pack(fan.INFO_FID, 0, 4 + len(body)) + body
+    odd = _event(fan.FAN_MODIFY, info, _fid_info(fan.INFO_DFID_NAME, 10, 1, b"n"), pid=7)
+    got = reconcile.Dirty()
+    count, _, unresolved = reconcile.capturec.note_events(
+        odd, got.dirs, got.objects, got.data, got.names)
+    assert count == 1
+    assert not got
+    [(mask, pid, handle, dirs)] = unresolved
+    [event] = fan.decode_events(odd)
+    assert fan.Event(mask, pid, handle, dirs) == event
+
+
+@requires_capturec
+@pytest.mark.parametrize("damage", ["version", "event_len", "info_len", "handle_len"])
+def test_note_events_in_c_refuses_what_it_does_not_know(damage: str) -> None:
+    data = bytearray(_event(fan.FAN_CREATE, _fid_info(fan.INFO_DFID_NAME, 10, 1, b"name")))
+    if damage == "version":
+        data[4] = 2
+    elif damage == "event_len":
+        struct.pack_into("<I", data, 0, len(data) + 8)
+    elif damage == "info_len":
+        struct.pack_into("<H", data, fan.METADATA.size + 2, 200)
+    else:
+        struct.pack_into("<I", data, fan.METADATA.size + 12, 100)
+    d = reconcile.Dirty()
+    with pytest.raises(ValueError, match="fanotify"):
+        reconcile.capturec.note_events(bytes(data), d.dirs, d.objects, d.data, d.names)
+    assert not d
+
+
+@requires_capturec
+def test_examine_in_c_sees_what_python_sees(tmp_path: Path) -> None:
+    """Every kind of entry (xattrs, a symlink, a FIFO, a whiteout, a big and an empty file,
+    hard links): the C examination gives the Python one's Seen, contents included."""
+    up = tmp_path / "upper"
+    (up / "d").mkdir(parents=True)
+    (up / "f").write_bytes(b"hello" * 1000)
+    (up / "big").write_bytes(os.urandom(3 << 20))  # past what C reads itself
+    (up / "empty").write_bytes(b"")
+    os.link(up / "f", up / "d" / "f2")
+    os.symlink("../some/where", up / "l")
+    os.mkfifo(up / "fifo")
+    os.mknod(up / "wh", stat.S_IFCHR, 0)
+    os.setxattr(up / "f", "user.k", b"v")
+    os.setxattr(up / "d", "trusted.overlay.opaque", b"y")
+    os.chown(up / "empty", 1000, 1001)
+    upper = reconcile.Upper.open(up)
+    try:
+        results = {}
+        for native in (True, False):
+            model = Model.empty()
+            rc = reconcile.Reconciler(model, upper, native=native)
+            b = reconcile._Batch(full=True)
+            fd = os.open(up, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                names = sorted(os.fsencode(n) for n in os.listdir(up))
+                ids = rc._examine_entries(fd, [(n, None, os.lstat(up / os.fsdecode(n)).st_ino)
+                                               for n in names], b)
+                ids += rc._examine_entries(fd, [(b"gone", None, 0)], b)
+            finally:
+                os.close(fd)
+            results[native] = (ids, b.seen, b.read_bytes)
+        assert results[True] == results[False]
+        ids, seen, read = results[True]
+        assert ids[-1] is None  # gone
+        assert read == 5000 + (3 << 20)
+        by_name = dict(zip(names, ids[:-1], strict=True))
+        assert seen[by_name[b"f"]].xattrs == ((b"user.k", b"v"),)
+        assert seen[by_name[b"l"]].target == b"../some/where"
+        assert seen[by_name[b"big"]].contents is not None
+        assert seen[by_name[b"fifo"]].contents is None
+    finally:
+        upper.close()
