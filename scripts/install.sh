@@ -6,7 +6,8 @@
 #
 # What it installs (docs/admin.md says what each piece is for):
 #   PREFIX (/opt/sdeefs)        a Python venv with sdeefs (not editable: a copy of this tree),
-#                               and the C helpers bin/sdeefs-enter, bin/sdeefs-shell
+#                               and the C helpers bin/sdeefs-enter, bin/sdeefs-shell,
+#                               bin/sdeefs-guard (the guard layer's daemon)
 #   BIN_DIR (/usr/local/bin)    sdeefs, sdeefs-shell, sdeefs-run: what users run
 #   SBIN_DIR (/usr/local/sbin)  sdeefs-replicad, sdeefs-launchd, sdeefs-pam, sdeefs-prolog,
 #                               sdeefs-epilog: what root, PAM and slurmd run
@@ -115,6 +116,7 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   fi
   make -s -C "$BUILD/launcher/enter" OUT="$PREFIX/bin/sdeefs-enter"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-shell"
+  make -s -C "$BUILD/sdeefs/fs/guardd" OUT="$PREFIX/bin/sdeefs-guard"
   mkdir -p "$PREFIX/share/doc/sdeefs"
   cp "$SRC/README.md" "$SRC"/docs/*.md "$PREFIX/share/doc/sdeefs/"
   chmod -R go-w "$PREFIX"

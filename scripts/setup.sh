@@ -41,3 +41,5 @@ fi
 # when a source changed.
 make -s -C launcher/enter OUT="$PWD/.venv/bin/sdeefs-enter"
 ln -sf sdeefs-enter .venv/bin/sdeefs-shell   # the login shell: same binary, shell mode
+# The guard layer's daemon (C, libfuse3: every first lookup of a login view passes it).
+make -s -C sdeefs/fs/guardd OUT="$PWD/.venv/bin/sdeefs-guard"

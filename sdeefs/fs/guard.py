@@ -55,6 +55,7 @@ import errno
 import fnmatch
 import os
 import stat
+import sys
 import time
 from collections.abc import Iterable
 
@@ -141,6 +142,25 @@ class Policy:
 
     def owner(self, st: os.stat_result) -> tuple[int, int]:
         return self.ids.shown(st.st_uid, st.st_gid)
+
+    def argv(self) -> list[bytes]:
+        """This policy as ``sdeefs-guard``'s options (the C daemon applies the same rules to
+        these parameters: the one place they are handed over)."""
+        ids = self.ids
+        args = [b"--uid", b"%d" % ids.uid, b"--gid", b"%d" % ids.gid,
+                b"--groups", b",".join(b"%d" % g for g in ids.groups),
+                b"--subuid", b"%d" % ids.subuid, b"--subgid", b"%d" % ids.subgid,
+                b"--count", b"%d" % ids.count, b"--system", b"%d" % ids.system]
+        for pattern in self.deny.patterns:
+            args += [b"--deny", b"/" + b"/".join(pattern)]
+        return args
+
+
+def guard_binary() -> str:
+    """The compiled ``sdeefs-guard`` (``$SDEEFS_GUARD_BIN``, or next to this Python: scripts/
+    setup.sh and scripts/install.sh build it there from sdeefs/fs/guardd/)."""
+    return os.environ.get("SDEEFS_GUARD_BIN") or os.path.join(os.path.dirname(sys.executable),
+                                                              "sdeefs-guard")
 
 
 Hidden = list[tuple[bytes, bytes, os.stat_result]]  # (name, lower path, host stat)
