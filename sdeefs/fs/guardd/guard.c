@@ -9,7 +9,10 @@
  *   - every directory handed to the kernel is watched (inotify); a change of an entry in it
  *     (created, deleted, moved, chmod/chown) invalidates the kernel's dentry of that name and
  *     the directory's cached listing and attributes (fuse_lowlevel_notify_inval_*), so the
- *     kernel may keep directories, whiteouts and negative entries for long;
+ *     kernel may keep directories and whiteouts for long;
+ *   - a name that is neither is answered ENOENT, not cached: every lookup of it decides
+ *     afresh (overlayfs keeps its own dentries, positive and negative, so a cached negative
+ *     entry here saved nothing: 0 requests for 50 repeated stats of a missing name);
  *   - OPENDIR is answered ENOSYS: the kernel opens directories without asking and caches
  *     their listings (the whiteouts) in its page cache until we invalidate them;
  *   - READDIRPLUS hands the whiteouts out with their attributes (no LOOKUP each).
@@ -683,18 +686,7 @@ static struct node *dir_node(struct guard *g, fuse_ino_t ino, int *err)
 
 /* -- the kernel's questions ----------------------------------------------------------------- */
 
-static void reply_negative(struct guard *g, fuse_req_t req, const struct node *parent)
-{
-    if (parent && watched(g, parent)) {
-        /* a cached negative entry: a change of that name on the host invalidates it */
-        struct fuse_entry_param e;
-        memset(&e, 0, sizeof e);
-        e.entry_timeout = g->timeout;
-        fuse_reply_entry(req, &e);
-        return;
-    }
-    fuse_reply_err(req, ENOENT);
-}
+static void forget_one(struct guard *g, fuse_ino_t ino, uint64_t count);
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent_ino, const char *name)
 {
@@ -763,24 +755,13 @@ out:
         if (fuse_reply_entry(req, &e) != 0) {
             /* the kernel did not take it: undo the lookup count */
             pthread_mutex_lock(&g->lock);
-            struct node *again = by_ino(g, e.ino);
-            if (again && again->lookups)
-                again->lookups--;
+            forget_one(g, e.ino, 1);
             pthread_mutex_unlock(&g->lock);
         }
         return;
     }
-    bool negative = err == ENOENT;
     pthread_mutex_unlock(&g->lock);
     free(rel);
-    if (negative) {
-        pthread_mutex_lock(&g->lock);
-        struct node *p = dir_node(g, parent_ino, &err);
-        bool cache = p && watched(g, p);
-        pthread_mutex_unlock(&g->lock);
-        reply_negative(g, req, cache ? p : NULL);
-        return;
-    }
     fuse_reply_err(req, err);
 }
 
