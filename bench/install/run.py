@@ -30,9 +30,10 @@ pays for the write-back of another; runs go round-robin, the order rotated each 
 Contenders: ``tmpfs`` (floor), ``native`` (a directory on the host's ext4),
 ``overlay`` (kernel overlayfs, upper on the host's ext4), ``overlay-img`` (upper on
 an ext4 layer image on a loop device, ``sdeefs.fs.image``), ``fuse-overlayfs``,
-``sdeefs-fuse`` and ``sdeefs-hybrid`` (``sdeefs mount --engine E``), ``guardc-img`` and ``guardpy-img``
-(overlay-img with the guard as a lower: the kernel engine's view without its capture,
-which tells the guard's cost from the capture's), and ``kernel``:
+``sdeefs-fuse`` and ``sdeefs-hybrid`` (``sdeefs mount --engine E``), ``guardc-img`` and
+``guardpy-img`` (overlay-img with the guard as a lower, its C daemon or its Python one: the
+kernel engine's view without its capture, which tells the guard's cost from the capture's),
+and ``kernel``:
 the login view of the kernel engine as the launcher will stack it: kernel overlayfs
 with lowers = the sdeefs guard (``GuardRequest``/``mount_guard``) over the lower, the
 upper on a layer image, and the capture daemon (``python -m sdeefs.fs.capture``)

@@ -158,7 +158,8 @@ def test_the_daemons_answer_as_the_model(guard: tuple[Path, Path, GuardDaemon]) 
     lower, mountpoint, _ = guard
     checked = compare(lower, mountpoint)
     kinds = {a[0] for a in model_answers(lower)[0].values()}
-    assert checked > 200 and kinds == {"absent", "whiteout", "dir"}
+    assert checked > 200
+    assert kinds == {"absent", "whiteout", "dir"}
     compare(lower, mountpoint)  # again, from the kernel's caches
 
 
@@ -229,7 +230,8 @@ def test_a_moved_directory_fails_closed(guard: tuple[Path, Path, GuardDaemon]) -
         time.sleep(0.05)
         for name in ("visible", "other"):
             st = os.stat(name, dir_fd=held, follow_symlinks=False)
-            assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, name
+            assert stat.S_ISCHR(st.st_mode), name
+            assert st.st_rdev == 0, name
     finally:
         os.close(held)
     assert os.listdir(mountpoint / "pub/s0") == []  # the new directory, looked up afresh
@@ -245,4 +247,5 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("sdeefs-guard: ")
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("sdeefs-guard: ")
