@@ -4,6 +4,7 @@ mode/owner/group/glob combinations, before and after the host changes it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import stat
@@ -249,3 +250,43 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("sdeefs-guard: ")
+
+
+def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path) -> None:
+    """Under kernel overlayfs, as the launcher stacks it: a directory the view already walked
+    into becomes unreadable on the host (chmod 700): sdeefs-guard drops the kernel's answer,
+    overlayfs revalidates its dentry and refuses it (ESTALE: it holds the old one until it
+    forgets it; the Python guard did so only after cache_timeout, 10 s)."""
+    reason = fuse_skip_reason()
+    if reason or os.geteuid() != 0:
+        pytest.skip(reason or "mounting needs root")
+    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
+    for path in dirs.values():
+        path.mkdir()
+    (dirs["lower"] / "pub/sub").mkdir(parents=True)
+    (dirs["lower"] / "pub/sub/f").write_text("x")
+    for path in (dirs["lower"], dirs["lower"] / "pub", dirs["lower"] / "pub/sub"):
+        path.chmod(0o755)
+    view = dirs["view"]
+    try:
+        mount_guard(GuardRequest(str(dirs["guard"]), str(dirs["lower"]), IDS,
+                                 log=str(tmp_path / "guard.log"), daemon=GuardDaemon.C))
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={dirs['guard']}:{dirs['lower']},upperdir={dirs['upper']},"
+                        f"workdir={dirs['work']},xino=on", str(view)], check=True)
+        assert (view / "pub/sub/f").read_text() == "x"
+        assert os.listdir(view / "pub") == ["sub"]
+        (dirs["lower"] / "pub/sub").chmod(0o700)
+        (dirs["lower"] / "pub/late").write_text("root only")
+        (dirs["lower"] / "pub/late").chmod(0o600)
+        time.sleep(0.05)
+        assert os.listdir(view / "pub") == []
+        for path in ("pub/sub/f", "pub/late"):
+            with pytest.raises(OSError, match="No such file|Stale file handle") as exc:
+                (view / path).read_text()
+            assert exc.value.errno in (errno.ENOENT, errno.ESTALE), path
+    finally:
+        for name in ("view", "guard"):
+            if mounted(dirs[name]):
+                subprocess.run(["umount", str(dirs[name])], check=False)
+        assert not mounted(dirs["guard"])

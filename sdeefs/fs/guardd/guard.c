@@ -618,8 +618,15 @@ static void watch(struct guard *g, struct node *n, int fd)
     char path[64];
     snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
     int wd = inotify_add_watch(g->inotify_fd, path, WATCH_MASK);
-    if (wd < 0)
-        return; /* ENOSPC (limits): unwatched, short timeouts */
+    if (wd < 0) { /* ENOSPC (limits): unwatched, short timeouts */
+        static bool said;
+        if (!said)
+            fprintf(stderr, "sdeefs-guard: cannot watch %s/ (%s): directories beyond the "
+                    "inotify limit get the short timeout\n", *n->rel ? n->rel : ".",
+                    strerror(errno));
+        said = true;
+        return;
+    }
     /* Another node may hold this watch (a directory whose old node the kernel keeps): the
      * watch then belongs to the newer one. */
     struct node *old = node_of_wd(g, wd);
