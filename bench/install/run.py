@@ -305,7 +305,8 @@ class ImageOverlayContender(Contender):
         self.template.ensure(tracker)
 
     def describe(self) -> str:
-        parts = ["kernel overlayfs, upper on an ext4 layer image (loop, sdeefs.fs.image)"]
+        parts = ["kernel overlayfs (userxattr, as the launcher mounts it), upper on an ext4 layer "
+                 "image (loop, sdeefs.fs.image)"]
         if self.guard:
             parts.append(f"lowers = sdeefs guard ({GUARD_NAMES[self.guard]}) over the lower")
         if self.capture:
@@ -323,7 +324,8 @@ class ImageOverlayContender(Contender):
         except (image.ImageError, OSError) as exc:
             raise MountError(f"layer image: {exc}") from None
         lowers = [str(lower)]
-        options = ""
+        # as the launcher mounts a login view (launcher/enter/start.c): userxattr, no xino
+        options = ",userxattr"
         if self.guard:
             guard = dirs.root / "guard"
             guard.mkdir()
@@ -336,7 +338,6 @@ class ImageOverlayContender(Contender):
             if not result.ok:
                 raise MountError(f"guard: {result.failure_reason()}", daemons)
             lowers.insert(0, str(guard))
-            options = ",xino=on"  # as sdeefs' own overlays over a FUSE layer
         result = run_command(
             ["mount", "-t", "overlay", "overlay", "-o",
              f"lowerdir={':'.join(lowers)},upperdir={layer}/upper,workdir={layer}/work"
