@@ -276,11 +276,14 @@ def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path)
                         f"workdir={dirs['work']},xino=on", str(view)], check=True)
         assert (view / "pub/sub/f").read_text() == "x"
         assert os.listdir(view / "pub") == ["sub"]
+        assert os.listxattr(view / "pub") == []  # what cp -a, rsync -X, tar ask: nothing
+        (view / "pub/mine").write_text("copied up")  # its directory copied up: no xattrs
+        assert (dirs["upper"] / "pub/mine").read_text() == "copied up"
         (dirs["lower"] / "pub/sub").chmod(0o700)
         (dirs["lower"] / "pub/late").write_text("root only")
         (dirs["lower"] / "pub/late").chmod(0o600)
         time.sleep(0.05)
-        assert os.listdir(view / "pub") == []
+        assert os.listdir(view / "pub") == ["mine"]
         for path in ("pub/sub/f", "pub/late"):
             with pytest.raises(OSError, match="No such file|Stale file handle") as exc:
                 (view / path).read_text()

@@ -15,7 +15,12 @@
  *     entry here saved nothing: 0 requests for 50 repeated stats of a missing name);
  *   - OPENDIR is answered ENOSYS: the kernel opens directories without asking and caches
  *     their listings (the whiteouts) in its page cache until we invalidate them;
- *   - READDIRPLUS hands the whiteouts out with their attributes (no LOOKUP each).
+ *   - READDIRPLUS hands the whiteouts out with their attributes (no LOOKUP each);
+ *   - GETXATTR is answered ENOSYS, once: the kernel then answers every later one EOPNOTSUPP
+ *     itself.  overlayfs asks two per directory it looks up (opaque? redirect?) and takes
+ *     EOPNOTSUPP as "no".  LISTXATTR answers an empty list, so that tools that copy extended
+ *     attributes (cp -a, rsync -X, tar) find none and ask no further, as before; asking for
+ *     one by name gives EOPNOTSUPP where the Python guard said ENODATA.
  *
  * A directory that cannot be watched (inotify limits) gets the short timeout (--timeout) and
  * no cached negative entries: the Python guard's behaviour.  A lost event (queue overflow)
@@ -39,6 +44,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <linux/openat2.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -209,7 +215,7 @@ static bool component_matches(const char *name, const char *pattern)
     return fnmatch_py(pattern, name);
 }
 
-/* DenyPatterns.matches: rel is lower-relative, no leading slash */
+/* DenyPatterns.matches: rel is lower-relative, no leading slash (any length) */
 static bool deny_matches(const struct policy *p, const char *rel)
 {
     if (p->ndeny == 0)
@@ -217,24 +223,23 @@ static bool deny_matches(const struct policy *p, const char *rel)
     size_t nparts = 1;
     for (const char *c = rel; *c; c++)
         nparts += *c == '/';
-    char buf[PATH_MAX * 2];
-    if (strlen(rel) >= sizeof buf)
-        return false;
     for (size_t i = 0; i < p->ndeny; i++) {
         const struct pattern *pat = &p->deny[i];
         if (pat->n != nparts)
             continue;
-        strcpy(buf, rel);
-        char *save = NULL, *part = buf;
+        const char *part = rel;
         bool all = true;
         for (size_t k = 0; k < nparts && all; k++) {
-            char *slash = strchr(part, '/');
-            if (slash)
-                *slash = 0;
-            all = component_matches(part, pat->parts[k]);
-            part = slash ? slash + 1 : part + strlen(part);
+            const char *end = strchrnul(part, '/');
+            char name[NAME_MAX + 1];
+            size_t len = (size_t)(end - part);
+            if (len > NAME_MAX) /* not a name the host can have: never matched by a glob */
+                len = NAME_MAX;
+            memcpy(name, part, len);
+            name[len] = 0;
+            all = component_matches(name, pat->parts[k]);
+            part = *end ? end + 1 : end;
         }
-        (void)save;
         if (all)
             return true;
     }
@@ -828,17 +833,6 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_attr(req, &st, timeout);
 }
 
-static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
-{
-    (void)name;
-    (void)size;
-    struct guard *g = fuse_req_userdata(req);
-    pthread_mutex_lock(&g->lock);
-    bool known = by_ino(g, ino) != NULL;
-    pthread_mutex_unlock(&g->lock);
-    fuse_reply_err(req, known ? ENODATA : ESTALE);
-}
-
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     struct guard *g = fuse_req_userdata(req);
@@ -1060,7 +1054,6 @@ static const struct fuse_lowlevel_ops ops = {
     .forget = op_forget,
     .forget_multi = op_forget_multi,
     .getattr = op_getattr,
-    .getxattr = op_getxattr,
     .listxattr = op_listxattr,
     .statfs = op_statfs,
     .opendir = op_opendir,
