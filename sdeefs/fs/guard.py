@@ -52,7 +52,9 @@ out, and for how long depends on the daemon:
   listing, as soon as the guard has read the notification (the kernel queues it with the
   change; the guard reads it within microseconds, on a busy machine after its next
   wakeup).  A directory it cannot watch (inotify limits), and everything after lost
-  notifications, gets the short timeout instead;
+  notifications, gets the short timeout instead.  It answers no extended attribute
+  requests but listings (empty): a named one is EOPNOTSUPP (Python daemon: ENODATA), which
+  overlayfs takes as "not opaque, no redirect" without asking again;
 * the Python daemon (``GuardOperations``, ``guard = "python"`` or ``SDEEFS_GUARD=python``)
   lets the kernel keep every answer for ``cache_timeout`` seconds and re-reads a listing
   when its directory's mtime changed (at most ``LISTING_TTL`` later).
