@@ -581,6 +581,16 @@ static void attr_of(const struct guard *g, const struct node *n, struct stat *ou
     }
 }
 
+/* attr_timeout: a directory's attributes (its mtime tells the kernel that its cached listing
+ * is stale) are kept long only while it is watched; unwatched, the kernel asks again at every
+ * listing, as the Python guard re-reads a listing whose mtime changed. */
+static double attr_timeout(const struct guard *g, const struct node *n, double entry_timeout)
+{
+    if (n->whiteout)
+        return entry_timeout;
+    return watched(g, n) ? LONG_TIMEOUT : 0.0;
+}
+
 static void entry_of(const struct guard *g, const struct node *n, double timeout,
                      struct fuse_entry_param *e)
 {
@@ -588,7 +598,7 @@ static void entry_of(const struct guard *g, const struct node *n, double timeout
     e->ino = n->ino;
     e->generation = 0;
     attr_of(g, n, &e->attr);
-    e->attr_timeout = timeout;
+    e->attr_timeout = attr_timeout(g, n, timeout);
     e->entry_timeout = timeout;
 }
 
@@ -828,7 +838,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     }
     struct stat st;
     attr_of(g, n, &st);
-    double timeout = n->whiteout || watched(g, n) ? LONG_TIMEOUT : g->timeout;
+    double timeout = attr_timeout(g, n, n->whiteout ? LONG_TIMEOUT : g->timeout);
     pthread_mutex_unlock(&g->lock);
     fuse_reply_attr(req, &st, timeout);
 }
@@ -1323,8 +1333,13 @@ int main(int argc, char **argv)
     struct node *root = new_node(ROOT_INO, "", root_st.st_ino, false, &root_st);
     root->lookups = 1;
     add_node(&g, root);
-    g.inotify_fd = inotify_init1(IN_CLOEXEC);
-    if (g.inotify_fd < 0)
+    /* SDEEFS_GUARD_NO_INOTIFY=1: as if no directory could be watched (the tests check that
+     * fallback; an admin may use it to spare inotify watches) */
+    const char *no_inotify = getenv("SDEEFS_GUARD_NO_INOTIFY");
+    g.inotify_fd = no_inotify && *no_inotify == '1' ? -1 : inotify_init1(IN_CLOEXEC);
+    if (no_inotify && *no_inotify == '1')
+        fprintf(stderr, "sdeefs-guard: SDEEFS_GUARD_NO_INOTIFY=1: short timeouts\n");
+    else if (g.inotify_fd < 0)
         fprintf(stderr, "sdeefs-guard: no inotify (%s): short timeouts\n", strerror(errno));
     else
         watch(&g, root, g.lower_fd);
