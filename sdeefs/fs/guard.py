@@ -51,8 +51,9 @@ out, and for how long depends on the daemon:
   chmod/chown) drops the kernel's answer for that name and the directory's cached
   listing, as soon as the guard has read the notification (the kernel queues it with the
   change; the guard reads it within microseconds, on a busy machine after its next
-  wakeup).  A directory it cannot watch (inotify limits), and everything after lost
-  notifications, gets the short timeout instead.  It answers no extended attribute
+  wakeup).  A directory it cannot watch (inotify limits, ``SDEEFS_GUARD_NO_INOTIFY=1``),
+  and everything after lost notifications, gets the short timeout instead, and its
+  listing is re-read whenever its mtime changed.  It answers no extended attribute
   requests but listings (empty): a named one is EOPNOTSUPP (Python daemon: ENODATA), which
   overlayfs takes as "not opaque, no redirect" without asking again;
 * the Python daemon (``GuardOperations``, ``guard = "python"`` or ``SDEEFS_GUARD=python``)
