@@ -23,8 +23,9 @@ import attrs
 
 from sdeefs import config as config_mod
 from sdeefs import control, identity
-from sdeefs.config import SiteConfig
+from sdeefs.config import GuardDaemon, SiteConfig
 from sdeefs.errors import QuietError
+from sdeefs.fs.guard import guard_binary
 from sdeefs.replication.daemon import load_key
 
 from . import enter, view
@@ -140,6 +141,11 @@ def _install(cfg: SiteConfig) -> Iterator[Finding]:
         yield ok("sdeefs-enter", enter.helper_path())
     except QuietError as exc:
         yield Finding("sdeefs-enter", Verdict.FAIL, str(exc), "scripts/install.sh")
+    if cfg.guard == GuardDaemon.C:  # the guard layer's daemon (login views)
+        guard = guard_binary()
+        yield (ok("sdeefs-guard", guard) if os.access(guard, os.X_OK) else
+               Finding("sdeefs-guard", Verdict.FAIL, f"{guard} is missing: logins cannot start "
+                       "their guard layer", 'scripts/install.sh (or guard = "python")'))
     for command in ("sdeefs", "sdeefs-run"):
         where = shutil.which(command, path="/usr/local/bin:/usr/bin:/bin")
         yield (ok(f"{command} on PATH", where) if where else

@@ -210,7 +210,7 @@ def _begin_guard(config: SiteConfig, ids: Identity, run: RunDirs) -> Callable[[]
     os.makedirs(run.guard, mode=0o700, exist_ok=True)
     wait = begin_guard(GuardRequest(mountpoint=run.guard, lower=config.lower, ids=ids,
                                     deny=config.deny, log=run.guard_log, pid_file=run.guard_pid,
-                                    cache_timeout=config.cache_timeout))
+                                    cache_timeout=config.cache_timeout, daemon=config.guard))
 
     def wait_mounted() -> str:
         wait()

@@ -6,7 +6,8 @@
 #
 # What it installs (docs/admin.md says what each piece is for):
 #   PREFIX (/opt/sdeefs)        a Python venv with sdeefs (not editable: a copy of this tree),
-#                               the C helpers bin/sdeefs-enter, bin/sdeefs-shell, and
+#                               the C helpers bin/sdeefs-enter, bin/sdeefs-shell,
+#                               bin/sdeefs-guard (the guard layer's daemon), and
 #                               lib/sdeefs/sdeefs_spank.so, the SLURM SPANK plugin (SLURM loads
 #                               it once `sdeefs install-slurm` wrote the plugstack line)
 #   BIN_DIR (/usr/local/bin)    sdeefs, sdeefs-shell, sdeefs-run: what users run
@@ -125,6 +126,7 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   fi
   make -s -C "$BUILD/launcher/enter" OUT="$PREFIX/bin/sdeefs-enter"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-shell"
+  make -s -C "$BUILD/sdeefs/fs/guardd" OUT="$PREFIX/bin/sdeefs-guard"
   # The SPANK plugin; `sdeefs install-slurm` names it in SLURM's plugstack (docs/admin.md)
   mkdir -p "$PREFIX/lib/sdeefs"
   make -s -C "$BUILD/launcher/enter" spank SPANK_OUT="$PREFIX/lib/sdeefs/sdeefs_spank.so"

@@ -42,6 +42,9 @@ a missing file means all defaults.  Example (every key, with its default)::
     fuse_nodes = 50000           # (engine fuse) inodes its daemon keeps known to the kernel;
                                  # past it the least recently looked-up are handed back:
                                  # bounds the daemon's memory (~1.5 KB each), at least 1000
+    guard = "c"                  # the guard layer's daemon (sdeefs.fs.guard): c (sdeefs-guard,
+                                 #   libfuse3) or python (pyfuse3, the reference model);
+                                 #   $SDEEFS_GUARD overrides it (comparisons, benchmarks)
     tmp_size = "25%"             # size of the private /tmp of an environment
     pids_max = 4096              # processes and threads of one login environment
     memory_max = "50%"           # its memory, /tmp included (bytes: 8G, 512M; or % of RAM)
@@ -98,6 +101,25 @@ class Engine(enum.StrEnum):
 
 
 ENGINES = tuple(e.value for e in Engine)
+
+
+class GuardDaemon(enum.StrEnum):
+    """Which daemon serves the guard layer (sdeefs.fs.guard: the same rules in both)."""
+
+    C = "c"  # sdeefs-guard (sdeefs/fs/guardd/guard.c, libfuse3's low-level API)
+    PYTHON = "python"  # sdeefs.fs.ops.GuardOperations (pyfuse3): the reference model
+
+
+GUARD_DAEMONS = tuple(g.value for g in GuardDaemon)
+
+
+def guard_daemon(configured: GuardDaemon) -> GuardDaemon:
+    """The configured guard daemon, or the one ``$SDEEFS_GUARD`` names."""
+    chosen = os.environ.get("SDEEFS_GUARD", "") or configured.value
+    if chosen not in GUARD_DAEMONS:
+        raise QuietError(f"SDEEFS_GUARD must be one of {', '.join(GUARD_DAEMONS)}, not "
+                         f"{chosen!r}", ExitCode.USAGE)
+    return GuardDaemon(chosen)
 DEFAULT_DENY = (
     "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers.d",
     "/etc/munge", "/etc/ssh/ssh_host_*_key", "/root", "/var/spool/slurm", "/var/spool/slurmd",
@@ -142,6 +164,7 @@ class SiteConfig:
     idle_timeout: float = 0.0
     cache_timeout: float = 10.0
     fuse_nodes: int = 50_000
+    guard: GuardDaemon = GuardDaemon.C
     tmp_size: str = "25%"
     pids_max: int = 4096
     memory_max: str = "50%"
@@ -209,6 +232,11 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
             raise QuietError(f"{source}: sdeefs.engine must be one of {', '.join(ENGINES)}, "
                              f"not {table['engine']!r}", ExitCode.USAGE)
         values["engine"] = Engine(table["engine"])
+    if "guard" in table:
+        if table["guard"] not in GUARD_DAEMONS:
+            raise QuietError(f"{source}: sdeefs.guard must be one of {', '.join(GUARD_DAEMONS)}, "
+                             f"not {table['guard']!r}", ExitCode.USAGE)
+        values["guard"] = GuardDaemon(table["guard"])
     if "min_uid" in table:
         values["min_uid"] = int(_number("sdeefs.min_uid", table["min_uid"]))
     for key in ("shared", "deny", "sockets"):

@@ -31,7 +31,7 @@ looks at the host entry *at that moment* and answers with
 A directory listing holds only the whiteouts (overlayfs merges the layers'
 listings and drops whited-out names).  Overlayfs asks the guard once per name and
 keeps its dentry, so the cost is one FUSE round trip the first time a path is
-looked up, and nothing on reads and writes.
+looked up, and nothing on reads and writes (bench/RESULTS.md: ``bench/install`` meta).
 
 Failing closed.  A directory handed out to the kernel is remembered by path and
 host inode number; once that path no longer leads to that directory (renamed or
@@ -40,13 +40,37 @@ process dies, lookups in the view fail (ENOTCONN) instead of showing the host
 unfiltered.  Entries are resolved below a detached clone of the lower mount
 without following symlinks.
 
+What is decided when.  A name the guard answers "nothing" for is never cached by the
+guard: every lookup of it decides afresh (overlayfs keeps its own dentry of what it then
+finds in the layer below, see below).  What the kernel may keep is what the guard handed
+out, and for how long depends on the daemon:
+
+* ``sdeefs-guard`` (C, the default: ``sdeefs/fs/guardd/guard.c``) watches every host
+  directory it handed out (inotify) and lets the kernel keep directories, whiteouts and
+  listings until the host changes them: a change of an entry (created, removed, moved,
+  chmod/chown) drops the kernel's answer for that name and the directory's cached
+  listing, as soon as the guard has read the notification (the kernel queues it with the
+  change; the guard reads it within microseconds, on a busy machine after its next
+  wakeup).  A directory it cannot watch (inotify limits, ``SDEEFS_GUARD_NO_INOTIFY=1``),
+  and everything after lost notifications, gets the short timeout instead, and its
+  listing is re-read whenever its mtime changed.  It answers no extended attribute
+  requests but listings (empty): a named one is EOPNOTSUPP (Python daemon: ENODATA), which
+  overlayfs takes as "not opaque, no redirect" without asking again;
+* the Python daemon (``GuardOperations``, ``guard = "python"`` or ``SDEEFS_GUARD=python``)
+  lets the kernel keep every answer for ``cache_timeout`` seconds and re-reads a listing
+  when its directory's mtime changed (at most ``LISTING_TTL`` later).
+
 Not covered: an entry that was visible when the view first looked it up and whose
 mode the host tightens afterwards stays visible while overlayfs keeps its dentry
-(on the host, too, everybody could read it until then).
+(on the host, too, everybody could read it until then).  For a directory the C daemon
+narrows this: its guard dentry is part of overlayfs' dentry, which overlayfs revalidates,
+so a directory tightened on the host is hidden once the notification is read.
 
 This module is synchronous and never imports pyfuse3; ``sdeefs.fs.ops.GuardOperations``
 serves it (``tests/fs/test_guard.py`` checks it on plain directories).  Its node table
-is ``sdeefs.fs.inodes.NodeTable``, as the overlay's.
+is ``sdeefs.fs.inodes.NodeTable``, as the overlay's.  It is also the reference model of the
+C daemon, which gets its parameters from :meth:`Policy.argv` and is checked against
+:class:`GuardView` by ``tests/fs/test_guard_c.py``.
 """
 
 from __future__ import annotations
@@ -55,6 +79,7 @@ import errno
 import fnmatch
 import os
 import stat
+import sys
 import time
 from collections.abc import Iterable
 
@@ -141,6 +166,25 @@ class Policy:
 
     def owner(self, st: os.stat_result) -> tuple[int, int]:
         return self.ids.shown(st.st_uid, st.st_gid)
+
+    def argv(self) -> list[bytes]:
+        """This policy as ``sdeefs-guard``'s options (the C daemon applies the same rules to
+        these parameters: the one place they are handed over)."""
+        ids = self.ids
+        args = [b"--uid", b"%d" % ids.uid, b"--gid", b"%d" % ids.gid,
+                b"--groups", b",".join(b"%d" % g for g in ids.groups),
+                b"--subuid", b"%d" % ids.subuid, b"--subgid", b"%d" % ids.subgid,
+                b"--count", b"%d" % ids.count, b"--system", b"%d" % ids.system]
+        for pattern in self.deny.patterns:
+            args += [b"--deny", b"/" + b"/".join(pattern)]
+        return args
+
+
+def guard_binary() -> str:
+    """The compiled ``sdeefs-guard`` (``$SDEEFS_GUARD_BIN``, or next to this Python: scripts/
+    setup.sh and scripts/install.sh build it there from sdeefs/fs/guardd/)."""
+    return os.environ.get("SDEEFS_GUARD_BIN") or os.path.join(os.path.dirname(sys.executable),
+                                                              "sdeefs-guard")
 
 
 Hidden = list[tuple[bytes, bytes, os.stat_result]]  # (name, lower path, host stat)

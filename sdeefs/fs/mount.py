@@ -36,7 +36,7 @@ import pyfuse3
 import trio
 
 from ..apply import recover
-from ..config import Engine
+from ..config import Engine, GuardDaemon, guard_daemon
 from ..errors import ExitCode, QuietError
 from ..identity import Identity
 from ..journal import Journal, NullJournal
@@ -45,7 +45,7 @@ from ..statedir import StateDir
 from ..sysio import open_tree_clone
 from . import daemon, kernel
 from .cow import DEFAULT_EXCLUDES, CowFS, Mode, OverlayXattrs, ViewConfig
-from .guard import DenyPatterns, GuardView, Policy
+from .guard import DenyPatterns, GuardView, Policy, guard_binary
 from .image import ImageError
 from .lower import HidePolicy
 from .mask import MaskSpec, build_mask
@@ -345,6 +345,7 @@ class GuardRequest:
     # "PID START\n" of the daemon, written once it serves: a daemon whose mount another
     # mount namespace keeps after the unmount can be found and ended (daemon.end_process)
     pid_file: str | None = None
+    daemon: GuardDaemon = GuardDaemon.C  # ($SDEEFS_GUARD overrides it: config.guard_daemon)
 
 
 GUARD_FSNAME = "sdeefs-guard"
@@ -359,7 +360,10 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
         except PermissionError:
             raise QuietError("cannot mount the guard: it must run as root",
                              ExitCode.UNAVAILABLE) from None
-        view = GuardView(lower_fd, Policy(DenyPatterns.of(req.deny), req.ids))
+        policy = Policy(DenyPatterns.of(req.deny), req.ids)
+        if guard_daemon(req.daemon) == GuardDaemon.C:
+            _exec_c_guard(req, policy, lower_fd, ready_fd)  # returns only if exec failed
+        view = GuardView(lower_fd, policy)
         ops = GuardOperations(view, Offload(), req.cache_timeout)
         pyfuse3.init(ops, req.mountpoint, {
             f"fsname={GUARD_FSNAME}", f"subtype={GUARD_FSNAME}", "ro", "default_permissions",
@@ -375,6 +379,28 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
         pyfuse3.close(unmount=True)
         os.close(lower_fd)
     return 0
+
+
+def _exec_c_guard(req: GuardRequest, policy: Policy, lower_fd: int, ready_fd: int | None) -> None:
+    """Become ``sdeefs-guard`` (sdeefs/fs/guardd/guard.c) with this policy: it mounts, reports
+    on ``ready_fd`` and serves (the same process: the pid file and the caller's wait hold)."""
+    binary = guard_binary()
+    argv = [os.fsencode(binary), b"--lower-fd", b"%d" % lower_fd, b"--mountpoint",
+            os.fsencode(req.mountpoint), b"--timeout", repr(req.cache_timeout).encode()]
+    if req.pid_file is not None:
+        argv += [b"--pid-file", os.fsencode(req.pid_file)]
+    if ready_fd is not None:
+        os.set_inheritable(ready_fd, True)
+        argv += [b"--ready-fd", b"%d" % ready_fd]
+    os.set_inheritable(lower_fd, True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(binary, [*argv, *policy.argv()])
+    except OSError as exc:
+        raise QuietError(f"cannot mount the guard: {binary}: {exc.strerror} (scripts/setup.sh "
+                         "builds it; SDEEFS_GUARD=python runs the Python guard)",
+                         ExitCode.UNAVAILABLE) from None
 
 
 def mount_guard(req: GuardRequest) -> None:

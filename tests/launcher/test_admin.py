@@ -76,6 +76,7 @@ def test_doctor_names_what_is_wrong_and_the_fix(site: Site, tmp_path: Path) -> N
     assert "sdeefs-replicad@compute" in found["replicad"]["fix"]
     assert found["replicas"]["verdict"] == "warn"  # on / here
     assert found["idmapped mounts"]["verdict"] == "ok"
+    assert found["sdeefs-guard"]["verdict"] == "ok"  # built by scripts/install.sh
 
     key.chmod(0o600)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "doctor-test", str(replicas)],

@@ -55,6 +55,7 @@ def test_install_then_uninstall(site_dir: Path) -> None:
                               "--help"], capture_output=True, text=True, timeout=60)
         assert ran.returncode == 0, ran.stderr
         assert os.access(tmp / "opt" / "bin" / "sdeefs-enter", os.X_OK)
+        assert os.access(tmp / "opt" / "bin" / "sdeefs-guard", os.X_OK)  # the guard's daemon
         units = {p.name: p.read_text() for p in (tmp / "units").iterdir()}
         assert set(units) == {"sdeefs-launchd.service", "sdeefs-replicad@.service",
                               "sdeefs-stop-idle.service", "sdeefs-stop-idle.timer",

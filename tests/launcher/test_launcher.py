@@ -17,6 +17,7 @@ import pytest
 
 from sdeefs import config as config_mod
 from sdeefs import control
+from sdeefs.errors import QuietError
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.identity import of_user
 from sdeefs.launcher.layout import SiteRun
@@ -219,7 +220,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     for text, key in (('[sdeefs]\nengine = "docker"\n', "sdeefs.engine"),
                       ('[sdeefs]\nroot = "relative"\n', "sdeefs.root"),
                       ('[sdeefs]\nshred = []\n', "sdeefs.shred"),
-                      ('[sdeefs]\nidle_timeout = -1\n', "sdeefs.idle_timeout")):
+                      ('[sdeefs]\nidle_timeout = -1\n', "sdeefs.idle_timeout"),
+                      ('[sdeefs]\nguard = "rust"\n', "sdeefs.guard")):
         bad.write_text(text)
         result = subprocess.run([sys.executable, "-m", "sdeefs", "status"],
                                 env={**os.environ, "SDEEFS_CONFIG": str(bad)},
@@ -228,6 +230,18 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         assert key in result.stderr
         assert result.stderr.count("\n") == 1
     assert config_mod.parse({}) == config_mod.SiteConfig()
+    assert config_mod.parse({"sdeefs": {"guard": "python"}}).guard == config_mod.GuardDaemon.PYTHON
+
+
+def test_the_guard_daemon_is_chosen_by_config_or_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    choose = config_mod.guard_daemon
+    assert choose(config_mod.SiteConfig().guard) == config_mod.GuardDaemon.C
+    monkeypatch.setenv("SDEEFS_GUARD", "python")
+    assert choose(config_mod.GuardDaemon.C) == config_mod.GuardDaemon.PYTHON
+    monkeypatch.setenv("SDEEFS_GUARD", "perl")
+    with pytest.raises(QuietError, match="SDEEFS_GUARD must be one of c, python"):
+        choose(config_mod.GuardDaemon.C)
 
 
 def test_install_pam_edits_only_its_own_line(tmp_path: Path) -> None:
@@ -276,6 +290,8 @@ def test_launchd_starts_environments_for_sdeefs_shell(site: Site) -> None:
         assert status[alice]["running"]
         assert status[alice]["engine"] == "hybrid"
         assert status[alice]["guard_mount"] == str(site.run_dir / alice / "private" / "guard")
+        guard_pid = int((site.run_dir / alice / "private" / "guard.pid").read_text().split()[0])
+        assert os.readlink(f"/proc/{guard_pid}/exe").endswith("/sdeefs-guard")  # C, the default
         assert not status.get(bob, {}).get("running")  # nobody asked for bob's
         got = shell(bob, "--engine", "fuse", "-c", "echo fuse; ls /etc/shadow 2>&1; true")
         assert got.stdout == "fuse\nls: cannot access '/etc/shadow': No such file or directory\n"

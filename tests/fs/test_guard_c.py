@@ -1,0 +1,300 @@
+"""The guard daemons against the model: sdeefs-guard (C) and the pyfuse3 guard, mounted, answer
+what sdeefs.fs.guard.GuardView (the reference model, in process) answers, over a tree of many
+mode/owner/group/glob combinations, before and after the host changes it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sdeefs.config import GuardDaemon
+from sdeefs.fs.guard import ROOT_INO, DenyPatterns, GuardView, Policy, guard_binary
+from sdeefs.fs.mount import GuardRequest, mount_guard
+from sdeefs.identity import Identity
+
+from ..conftest import fuse_skip_reason, mounted
+
+# the user 4242:4343 in group 4444; system ids below 1000 (42: a system account)
+IDS = Identity.build(4242, 4343, (4444,), (200000, 65536), (300000, 65536), 1000)
+OWNERS = (0, 42, 4242, 5000, 200001)
+GROUPS = (0, 42, 4343, 4444, 5000)
+FILE_MODES = (0o000, 0o004, 0o040, 0o044, 0o400, 0o404, 0o440, 0o444, 0o600, 0o604, 0o640,
+              0o644, 0o660, 0o664, 0o4755, 0o2711)
+DIR_MODES = (0o700, 0o701, 0o705, 0o711, 0o750, 0o751, 0o755, 0o770, 0o775, 0o057, 0o1777,
+             0o500, 0o550, 0o555, 0o005, 0o050, 0o744, 0o754, 0o704, 0o740, 0o644)
+NAMES = ("a", "b.key", ".hidden", "ssh_host_x_key", "x]y", "[z", "^c", "back\\slash", "f0",
+         "f7", "deep")
+DENY = ("/d*/f[0-3]*", "/*/*.key", "/d1/.h*", "/d2/*", "/*/*/deep", "/d3/[!a-m]*",
+        "/d4/[^c]*", "/d5/x]y", "/d5/[[]z", "/*/back\\slash", "/d6/?", "/nothing/here")
+
+
+def build(lower: Path, seed: int) -> None:
+    """Three levels of directories, every kind of entry, modes and owners drawn at random."""
+    rng = random.Random(seed)
+    dirs = [lower]
+    for top in ("d1", "d2", "d3", "d4", "d5", "d6", "pub"):
+        dirs.append(lower / top)
+        for sub in ("s0", "s1", ".s2"):
+            dirs.append(lower / top / sub)
+    for directory in dirs:
+        directory.mkdir(exist_ok=True)
+    for directory in dirs:
+        for name in NAMES:
+            path = directory / name
+            kind = rng.choice(("file", "file", "dir", "link"))
+            if kind == "dir" and directory != lower:
+                path.mkdir()
+                path.chmod(rng.choice(DIR_MODES))
+            elif kind == "link":
+                os.symlink(rng.choice(("a", "/etc/passwd", "../x")), path)
+                continue
+            else:
+                path.write_text(name)
+                path.chmod(rng.choice(FILE_MODES))
+            os.lchown(path, rng.choice(OWNERS), rng.choice(GROUPS))
+    for directory in dirs[1:]:
+        if directory.parent == lower:  # the top level visible: more below to compare
+            directory.chmod(0o755)
+            os.lchown(directory, 0, 0)
+        else:
+            directory.chmod(rng.choice((0o755, 0o755, 0o711, 0o750, 0o775)))
+            os.lchown(directory, rng.choice(OWNERS), rng.choice(GROUPS))
+
+
+Answer = tuple[object, ...]
+
+
+def model_answers(lower: Path) -> tuple[dict[str, Answer], dict[str, list[str]]]:
+    """What the model says of every host path (below visible directories) and each visible
+    directory's listing."""
+    fd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        view = GuardView(fd, Policy(DenyPatterns.of(DENY), IDS))
+        answers: dict[str, Answer] = {}
+        listings: dict[str, list[str]] = {}
+
+        def walk(ino: int, rel: str) -> None:
+            listings[rel] = sorted(os.fsdecode(name) for name, _, _ in view.scan_hidden(ino))
+            for name in sorted(os.listdir(lower / rel if rel else lower)):
+                path = f"{rel}/{name}" if rel else name
+                try:
+                    attr = view.lookup(ino, os.fsencode(name))
+                except FileNotFoundError:
+                    answers[path] = ("absent",)
+                    continue
+                st = attr.st
+                if stat.S_ISCHR(st.st_mode):
+                    answers[path] = ("whiteout", st.st_mode, st.st_uid, st.st_gid, st.st_rdev)
+                    continue
+                uid, gid = attr.owner or (st.st_uid, st.st_gid)
+                answers[path] = ("dir", attr.ino, st.st_mode, uid, gid, st.st_mtime_ns)
+                walk(attr.ino, path)
+
+        walk(ROOT_INO, "")
+        return answers, listings
+    finally:
+        os.close(fd)
+
+
+def mount_answers(guard: Path, paths: list[str], listed: list[str]
+                  ) -> tuple[dict[str, Answer], dict[str, list[str]]]:
+    answers: dict[str, Answer] = {}
+    for path in paths:
+        try:
+            st = os.lstat(guard / path)
+        except FileNotFoundError:
+            answers[path] = ("absent",)
+            continue
+        except NotADirectoryError:  # its directory is a whiteout here, not in the model
+            answers[path] = ("unreachable",)
+            continue
+        if stat.S_ISCHR(st.st_mode):
+            answers[path] = ("whiteout", st.st_mode, st.st_uid, st.st_gid, st.st_rdev)
+        else:
+            assert stat.S_ISDIR(st.st_mode), path
+            answers[path] = ("dir", st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+    listings = {rel: sorted(os.listdir(guard / rel if rel else guard)) for rel in listed}
+    return answers, listings
+
+
+@pytest.fixture(params=["c", "c-unwatched", "python"])
+def guard(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+          ) -> Iterator[tuple[Path, Path, bool]]:
+    """(host lower, guard mountpoint, watched) with the daemon of the parameter serving it
+    (c-unwatched: sdeefs-guard as when inotify watches run out: short timeouts).  watched:
+    the daemon drops the kernel's answers when the host changes (sdeefs-guard, watching)."""
+    reason = fuse_skip_reason()
+    if reason or os.geteuid() != 0:
+        pytest.skip(reason or "mounting needs root")
+    if request.param == "c-unwatched":
+        monkeypatch.setenv("SDEEFS_GUARD_NO_INOTIFY", "1")
+    daemon = GuardDaemon.PYTHON if request.param == "python" else GuardDaemon.C
+    lower, mountpoint = tmp_path / "lower", tmp_path / "guard"
+    lower.mkdir()
+    mountpoint.mkdir()
+    build(lower, seed=16)
+    try:
+        mount_guard(GuardRequest(str(mountpoint), str(lower), IDS, deny=DENY,
+                                 log=str(tmp_path / "guard.log"), daemon=daemon))
+        yield lower, mountpoint, request.param == "c"
+    finally:
+        if mounted(mountpoint):
+            subprocess.run(["umount", str(mountpoint)], check=False)
+        assert not mounted(mountpoint)
+
+
+def compare(lower: Path, mountpoint: Path) -> int:
+    answers, listings = model_answers(lower)
+    got_answers, got_listings = mount_answers(mountpoint, sorted(answers), sorted(listings))
+    wrong = {p: (answers[p], got_answers[p]) for p in answers if answers[p] != got_answers[p]}
+    assert not wrong, f"{len(wrong)} of {len(answers)} differ, e.g. {sorted(wrong.items())[:5]}"
+    assert got_listings == listings
+    return len(answers)
+
+
+def test_the_daemons_answer_as_the_model(guard: tuple[Path, Path, bool]) -> None:
+    lower, mountpoint, _ = guard
+    checked = compare(lower, mountpoint)
+    kinds = {a[0] for a in model_answers(lower)[0].values()}
+    assert checked > 200
+    assert kinds == {"absent", "whiteout", "dir"}
+    compare(lower, mountpoint)  # again, from the kernel's caches
+
+
+def test_the_daemons_follow_the_host(guard: tuple[Path, Path, bool]) -> None:
+    """After everything was looked up and listed once (cached by the kernel), the host
+    changes: new entries, a directory moved and replaced, and (C) chmod/chown both ways of
+    entries the kernel already holds.  The next answers are the model's, at once.
+
+    The Python guard lets the kernel keep what it answered for cache_timeout (10 s): an
+    entry the kernel holds changes there only after that; sdeefs-guard invalidates it when
+    the host's change notification arrives."""
+    lower, mountpoint, watched = guard
+    compare(lower, mountpoint)
+    if not watched:
+        late_entries(lower, mountpoint)
+        return
+    rng = random.Random(7)
+    every = sorted(p for p in lower.rglob("*") if not p.is_symlink())
+    for path in rng.sample(every, 60):
+        if path.exists():
+            path.chmod(rng.choice(DIR_MODES if path.is_dir() else FILE_MODES))
+            os.lchown(path, rng.choice(OWNERS), rng.choice(GROUPS))
+    for directory in ("d1", "pub", "d2/s0", "pub/s1"):
+        if (lower / directory).is_dir():
+            late = lower / directory / "late"
+            late.write_text("late")
+            late.chmod(0o600)
+            (lower / directory / "late.key").write_text("late")
+            (lower / directory / "late-public").write_text("public")
+    (lower / "pub").rename(lower / "pub.old")
+    (lower / "pub").mkdir()
+    (lower / "pub/a").write_text("another directory's")
+    (lower / "pub/a").chmod(0o600)
+    time.sleep(0.05)  # the C daemon reads the host's change notifications: give it that long
+    compare(lower, mountpoint)
+
+
+def late_entries(lower: Path, mountpoint: Path) -> None:
+    """Entries the host makes after the kernel listed their directory: decided when first
+    looked up, whatever the daemon (the promise of sdeefs.fs.guard's docstring)."""
+    for directory in ("d1", "pub", "d2/s0", "pub/s1"):
+        if (lower / directory).is_dir() and (mountpoint / directory).is_dir():
+            for name, mode in (("late", 0o600), ("late.key", 0o644), ("late-public", 0o644),
+                               ("late-group", 0o640)):
+                (lower / directory / name).write_text("late")
+                (lower / directory / name).chmod(mode)
+    answers, listings = model_answers(lower)
+    late = sorted(p for p in answers if p.rsplit("/", 1)[-1].startswith("late"))
+    assert len(late) >= 8
+    got_answers, got_listings = mount_answers(mountpoint, late, sorted(listings))
+    assert {p: answers[p] for p in late} == got_answers
+    assert got_listings == listings
+
+
+def test_a_moved_directory_fails_closed(guard: tuple[Path, Path, bool]) -> None:
+    """A directory the kernel holds (an open descriptor) that the host moves away: every name
+    looked up in it is hidden (the shared stale whiteout), also one that exists."""
+    lower, mountpoint, _ = guard
+    (lower / "pub").chmod(0o755)
+    (lower / "pub/s0").chmod(0o755)
+    (lower / "pub/s0/visible").write_text("x")
+    held = os.open(mountpoint / "pub/s0", os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(FileNotFoundError):
+            os.stat("visible", dir_fd=held, follow_symlinks=False)  # shown: in the layer below
+        os.rename(lower / "pub/s0", lower / "pub/s0.old")
+        (lower / "pub/s0").mkdir()
+        time.sleep(0.05)
+        for name in ("visible", "other"):
+            st = os.stat(name, dir_fd=held, follow_symlinks=False)
+            assert stat.S_ISCHR(st.st_mode), name
+            assert st.st_rdev == 0, name
+    finally:
+        os.close(held)
+    assert os.listdir(mountpoint / "pub/s0") == []  # the new directory, looked up afresh
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    """sdeefs-guard's errors: one line, and the exit code (2: bad arguments)."""
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        result = subprocess.run([guard_binary(), "--lower-fd", str(fd), "--mountpoint",
+                                 str(tmp_path), "--uid", "1"],
+                                capture_output=True, text=True, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("sdeefs-guard: ")
+
+
+def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path) -> None:
+    """Under kernel overlayfs, as the launcher stacks it: a directory the view already walked
+    into becomes unreadable on the host (chmod 700): sdeefs-guard drops the kernel's answer,
+    overlayfs revalidates its dentry and refuses it (ESTALE: it holds the old one until it
+    forgets it; the Python guard did so only after cache_timeout, 10 s)."""
+    reason = fuse_skip_reason()
+    if reason or os.geteuid() != 0:
+        pytest.skip(reason or "mounting needs root")
+    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
+    for path in dirs.values():
+        path.mkdir()
+    (dirs["lower"] / "pub/sub").mkdir(parents=True)
+    (dirs["lower"] / "pub/sub/f").write_text("x")
+    for path in (dirs["lower"], dirs["lower"] / "pub", dirs["lower"] / "pub/sub"):
+        path.chmod(0o755)
+    view = dirs["view"]
+    try:
+        mount_guard(GuardRequest(str(dirs["guard"]), str(dirs["lower"]), IDS,
+                                 log=str(tmp_path / "guard.log"), daemon=GuardDaemon.C))
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={dirs['guard']}:{dirs['lower']},upperdir={dirs['upper']},"
+                        f"workdir={dirs['work']},xino=on", str(view)], check=True)
+        assert (view / "pub/sub/f").read_text() == "x"
+        assert os.listdir(view / "pub") == ["sub"]
+        assert os.listxattr(view / "pub") == []  # what cp -a, rsync -X, tar ask: nothing
+        (view / "pub/mine").write_text("copied up")  # its directory copied up: no xattrs
+        assert (dirs["upper"] / "pub/mine").read_text() == "copied up"
+        (dirs["lower"] / "pub/sub").chmod(0o700)
+        (dirs["lower"] / "pub/late").write_text("root only")
+        (dirs["lower"] / "pub/late").chmod(0o600)
+        time.sleep(0.05)
+        assert os.listdir(view / "pub") == ["mine"]
+        for path in ("pub/sub/f", "pub/late"):
+            with pytest.raises(OSError, match="No such file|Stale file handle") as exc:
+                (view / path).read_text()
+            assert exc.value.errno in (errno.ENOENT, errno.ESTALE), path
+    finally:
+        for name in ("view", "guard"):
+            if mounted(dirs[name]):
+                subprocess.run(["umount", str(dirs[name])], check=False)
+        assert not mounted(dirs["guard"])
