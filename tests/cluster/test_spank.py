@@ -67,7 +67,9 @@ def inside(g: Grid, command: str, user: str | None = None, timeout: float = 120,
     home = g.site.home(user)
     out = g.slurm.run([str(SHELL), "-c", command], user=user, cwd=home, timeout=timeout,
                       env={"SDEEFS_RUN_DIR": str(g.site.run_dir), "HOME": str(home),
-                           "SDEEFS_CONFIG": str(g.site.config)}, input=stdin)
+                           "SDEEFS_CONFIG": str(g.site.config),
+                           # as a login sets it: salloc's interactive step runs $SHELL
+                           "SHELL": "/bin/sh"}, input=stdin)
     return out.stdout
 
 

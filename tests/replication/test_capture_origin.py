@@ -26,9 +26,25 @@ from sdeefs.journal import Entry, Journal
 from sdeefs.replication.origin import extent_blocks_ok, open_batch, settled, without_aborted
 from tests.fs.capture_util import tree, tree_diff
 from tests.fs.test_capture import Site, make_site, requires_kernel
-from tests.launcher.test_job import _free_port, _start_replicad
+from tests.launcher.launcher_site import VENV_BIN
+from tests.launcher.test_job import _free_port
 
 USER = "alice"
+
+
+def _start_replicad(base: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    """A replicad with explicit options (no site config here: a bare layer under ROOT)."""
+    control = base / f"{name}.sock"
+    log = open(base / f"{name}.log", "ab")  # noqa: SIM115 (kept by the process)
+    proc = subprocess.Popen([str(VENV_BIN / "sdeefs-replicad"), "--node", name, "--key-file",
+                             str(base / "key"), "--control", str(control), *args],
+                            stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not control.exists():
+        assert proc.poll() is None, (base / f"{name}.log").read_text()
+        assert time.monotonic() < deadline, (base / f"{name}.log").read_text()
+        time.sleep(0.02)
+    return proc
 
 
 @pytest.fixture
