@@ -36,9 +36,9 @@ static int errf(char *err, size_t len, int errnum, const char *fmt, ...)
     return -1;
 }
 
-static ssize_t read_at(int dirfd, const char *name, char *buf, size_t size)
+ssize_t env_read_small(int dirfd, const char *name, char *buf, size_t size)
 {
-    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0)
         return -1;
     ssize_t n = read(fd, buf, size - 1);
@@ -72,7 +72,7 @@ int env_ns_open(long pid, long owner, struct env_ns *ns, char *err, size_t len)
         return errno == ENOENT ? errf(err, len, 0, "check pid %ld: no such process", pid)
                                : errf(err, len, errno, "check pid %ld", pid);
     char buf[256];
-    if (read_at(pdir, "comm", buf, sizeof buf) < 0) {
+    if (env_read_small(pdir, "comm", buf, sizeof buf) < 0) {
         int saved = errno;
         close(pdir);
         return errf(err, len, saved, "check pid %ld: read comm", pid);

@@ -10,6 +10,7 @@
 #endif
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define ENV_INIT_NAME "sdeefs-init" /* the environment's init: start.c names it */
 
@@ -28,6 +29,9 @@ int env_ns_join_user(const struct env_ns *ns, char *err, size_t len);
 int env_ns_join_rest(const struct env_ns *ns, char *err, size_t len);
 /* 1 if the environment's PID namespace is not this process's own (a login's), else 0. */
 int env_has_own_pid_ns(const struct env_ns *ns);
+/* A small file's content, NUL-terminated (name relative to dirfd, not followed if a
+ * symlink): its length, or -1 with errno. */
+ssize_t env_read_small(int dirfd, const char *name, char *buf, size_t size);
 /* Keep only the capabilities in keep (bounding, ambient, permitted, effective). */
 int drop_capabilities(uint64_t keep, char *err, size_t len);
 

@@ -161,21 +161,6 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
     return 0;
 }
 
-/* A small file's content (NUL-terminated); -1 with errno. */
-static ssize_t read_small(const char *path, char *buf, size_t size)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, size - 1);
-    int saved = errno;
-    close(fd);
-    errno = saved;
-    if (n >= 0)
-        buf[n] = 0;
-    return n;
-}
-
 /* The string value of "key" in the prolog's one-line JSON object (json.dumps: ASCII, with
  * \" \\ \n \uXXXX escapes); "" if absent.  Non-ASCII escapes become '?'. */
 static void json_string(const char *json, const char *key, char *out, size_t size)
@@ -285,7 +270,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 
     /* The prolog's verdict for this job on this node. */
     snprintf(path, sizeof path, "%s/%u.problem", dir, job);
-    if (read_small(path, text, sizeof text) >= 0) {
+    if (env_read_small(AT_FDCWD, path, text, sizeof text) >= 0) {
         char kind[32], message[2048];
         json_string(text, "kind", kind, sizeof kind);
         json_string(text, "message", message, sizeof message);
@@ -295,7 +280,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
                   *message ? message : "the job's environment could not be prepared");
     }
     snprintf(path, sizeof path, "%s/%u.run/init", dir, job);
-    if (read_small(path, text, sizeof text) < 0)
+    if (env_read_small(AT_FDCWD, path, text, sizeof text) < 0)
         task_fail("no sdeefs environment for job %u on %s (%s: %s; is sdeefs-prolog SLURM's "
                   "Prolog here, with PrologFlags=Alloc?)",
                   job, node, path, strerror(errno));
