@@ -255,7 +255,12 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: RequestContext) -> None:
         async with self.mutex:
             await self._find_other_name(parent_inode, name)
-            self.fs.unlink(parent_inode, name)
+            stale = self.fs.unlink(parent_inode, name)
+            if stale is not None:
+                # Before the reply: the kernel's own drop of nlink follows it, and the next
+                # fstat() asks getattr.  Attributes only: nothing to write back, it cannot
+                # wait for another request.
+                pyfuse3.invalidate_inode(InodeT(stale), attr_only=True)
 
     @_errors
     async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: RequestContext) -> None:

@@ -730,6 +730,18 @@ class FdTruncate(_FdOp):
 
 
 @dataclasses.dataclass(frozen=True)
+class FdChmod(_FdOp):
+    slot: int
+    mode: int
+
+    def run(self, c: Ctx) -> Any:
+        fd = self.fd(c)
+        if fd is None:
+            return "no fd"
+        os.fchmod(fd, self.mode)
+
+
+@dataclasses.dataclass(frozen=True)
 class FdFallocate(_FdOp):
     """fallocate(2) of a held fd: mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE].
 

@@ -769,6 +769,49 @@ def test_fallocate_matches_kernel_overlayfs(lower_tree: LowerTree) -> None:
                      om.Sdeefs())
 
 
+# Open files whose name is removed: fstat() through the descriptor, in one fixed sequence.
+# Kernel overlayfs answers a file still in the lower only with the lower file's attributes
+# (nlink 1, not 0: nothing in the lower was unlinked) and refuses to change it (EEXIST);
+# a copied-up or new file with its upper inode's (nlink 0).  The FUSE kernel drops its
+# cached nlink at every unlink and asks again only when told to; sdeefs used to change the
+# lower file through the descriptor (issue 9).
+UNLINKED_FD_SEQUENCE: list[om.Op] = [
+    om.OpenFd(0, "a", "r"),  # in the lower only
+    om.OpenFd(1, "d/a", "r"),
+    om.Read("d/a"),  # (cached attributes)
+    om.OpenFd(2, "d/e/a", "rw"),  # copied up
+    om.Write("e/new", "excl", 0, b"new"),
+    om.OpenFd(3, "e/new", "r"),  # in the upper only
+    om.Unlink("a"),
+    om.Unlink("d/a"),
+    om.Unlink("d/e/a"),
+    om.Unlink("e/new"),
+    om.FdStat(0),
+    om.FdStat(1),
+    om.FdStat(2),
+    om.FdStat(3),
+    om.FdChmod(0, 0o600),  # never the lower file (the kernel: EEXIST)
+    om.FdChmod(2, 0o600),
+    om.DropCaches(),
+    om.FdStat(0),
+    om.FdStat(1),
+    om.FdStat(2),
+    om.CloseFd(0),
+    om.CloseFd(1),
+    om.CloseFd(2),
+    om.CloseFd(3),
+    om.Check(),
+]
+
+
+def test_fstat_of_unlinked_files_matches_kernel_overlayfs(lower_tree: LowerTree) -> None:
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    run_differential(UNLINKED_FD_SEQUENCE, lower_tree.path, lower_tree.pristine, om.Kernel(),
+                     om.Sdeefs())
+
+
 def test_no_mounts_left_behind() -> None:
     """Runs last in this module: nothing this process mounted is still mounted."""
     left = [m for root in om.WORKSPACE_ROOTS for m in om.mounted_under(root)]
