@@ -738,6 +738,43 @@ def test_lower_directory_renames_match_kernel_overlayfs(lower_tree: LowerTree) -
                      om.Sdeefs())
 
 
+# Under userxattr (the user-namespace views: the launcher's, jobs' on replicas) the kernel
+# has no redirects: renaming a directory that comes from the lower is EXDEV (mv copies);
+# renaming one made in the upper, or a file, works.  sdeefs with user.overlay.* the same,
+# and the two read each other's uppers (issue 9).
+USERXATTR_REDIRECT_SEQUENCE: list[om.Op] = [
+    om.Rename("d", "d2"),  # a lower directory: EXDEV
+    om.Rename("d/e", "e/moved"),  # EXDEV across directories too
+    om.Write("d/a", "append", 0, b"+copied up"),
+    om.Rename("d", "d2"),  # copied up (it holds a copied-up file): still EXDEV
+    om.Rename("d/d", "d/d2", om.RENAME_NOREPLACE),  # EXDEV before EEXIST/ENOENT matter
+    om.Rename("d/e", "d", om.RENAME_EXCHANGE),  # an exchange of lower directories: EXDEV
+    om.Mkdir("e/new", 0o700),
+    om.Write("e/new/f", "excl", 0, b"new"),
+    om.Rename("e/new", "e/new2"),  # made in the upper: renames
+    om.Rename("d/a", "e/a"),  # a (copied-up) file: renames
+    om.Rename("b", "e/b"),  # a lower file: copied up and renamed
+    om.Unlink("d/x"),
+    om.Rmdir("d/d"),
+    om.Mkdir("d/d", 0o755),  # opaque (user.overlay.opaque)
+    om.Check(),
+    om.DropCaches(),
+    om.ListDir("d"),
+    om.Rename("d/d", "d/d3"),  # an opaque directory of the upper: renames
+    om.ListDir("d"),
+    om.Check(),
+]
+
+
+def test_lower_directory_renames_under_userxattr_match_kernel_overlayfs(
+        lower_tree: LowerTree) -> None:
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    run_differential(USERXATTR_REDIRECT_SEQUENCE, lower_tree.path, lower_tree.pristine,
+                     om.KernelUserXattr(), om.SdeefsUserXattr())
+
+
 # fallocate in every mode, in one fixed sequence (the random ones reach it now and then).
 # Not COLLAPSE_RANGE/INSERT_RANGE: sdeefs answers EOPNOTSUPP (as tmpfs does) where an ext4
 # upper shifts the data, because shifted bytes break Write records' data by reference
