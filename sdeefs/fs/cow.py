@@ -1158,21 +1158,30 @@ class CowFS:
             return False
         return self.lower.lstat(join(parent.lower, name)) is not None
 
-    def unlink(self, parent_ino: int, name: bytes) -> int | None:
-        """Remove a name; returns the inode whose attributes the kernel must ask for again
-        (None: its own bookkeeping is right).
+    def stale_if_removed(self, parent_ino: int, name: bytes) -> int | None:
+        """The inode whose attributes the kernel must ask for again if the name goes (by
+        unlink, or a rename over it), else None (its own bookkeeping is right then).
 
-        The FUSE kernel drops the cached link count of an unlinked inode by one; that is
-        right for a file in the upper, but a file still only in the lower keeps the lower
-        file's count, as kernel overlayfs shows it through an open descriptor (nothing in
-        the lower was unlinked): its attributes are invalidated instead.
+        The FUSE kernel drops the cached link count of the inode by one; that is right for
+        a file in the upper, but a file still only in the lower keeps the lower file's
+        count, as kernel overlayfs shows it through an open descriptor (nothing in the
+        lower was unlinked).
         """
+        if self.raw:
+            return None
+        try:
+            _, node = self._child(parent_ino, name)
+        except OSError:
+            return None
+        if node.is_dir or node.in_upper or node.lookups == 0:
+            return None
+        return node.ino
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
         parent, node = self._child(parent_ino, name)
         if node.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory")
-        lower_only = not node.in_upper and not self.raw
         self._remove(parent, node, name)
-        return node.ino if lower_only and node.lookups > 0 else None
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent, node = self._child(parent_ino, name)

@@ -819,10 +819,16 @@ UNLINKED_FD_SEQUENCE: list[om.Op] = [
     om.OpenFd(2, "d/e/a", "rw"),  # copied up
     om.Write("e/new", "excl", 0, b"new"),
     om.OpenFd(3, "e/new", "r"),  # in the upper only
+    om.OpenFd(4, "b", "r"),  # in the lower only
     om.Unlink("a"),
     om.Unlink("d/a"),
     om.Unlink("d/e/a"),
     om.Unlink("e/new"),
+    om.Write("e/over", "excl", 0, b"over"),
+    om.Rename("e/over", "b"),  # a rename over it removes the name as well
+    om.FdStat(4),
+    om.FdRead(4),
+    om.CloseFd(4),
     om.FdStat(0),
     om.FdStat(1),
     om.FdStat(2),
