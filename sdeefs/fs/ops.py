@@ -21,6 +21,7 @@ and is allowed to take the mount down loudly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -282,7 +283,9 @@ class Operations(pyfuse3.Operations):
         Sent before the reply, after which the kernel drops its cached nlink; attributes
         only: nothing to write back, so it cannot wait for another request."""
         if ino is not None:
-            pyfuse3.invalidate_inode(InodeT(ino), attr_only=True)
+            # (ENOENT: the kernel let go of it meanwhile, its FORGET on the way: done)
+            with contextlib.suppress(FileNotFoundError):
+                pyfuse3.invalidate_inode(InodeT(ino), attr_only=True)
 
     # -- extended attributes ------------------------------------------------------------------
 
