@@ -279,4 +279,6 @@ def _launcher(args: argparse.Namespace) -> int:
                   f"{usage.get('pids', 0)} of {cfg.pids_max}")
         for line in replication_cli.user_lines(origin.get(str(row["user"]), {})):
             print(f"{'':<16} {line}")
+        if row["hybrid"]:
+            print(f"{'':<16} {env.HYBRID_HINT.format(user=row['user'])}")
     return 0

@@ -236,11 +236,34 @@ def _login_node(cfg: SiteConfig) -> Iterator[Finding]:
         yield Finding("launchd", Verdict.FAIL, str(exc),
                       "systemctl enable --now sdeefs-launchd (logins that skip PAM need it)")
     yield from _not_on_root("layers", cfg.root)
+    yield _engine(cfg)
     if not cfg.replication.login:
         yield Finding("replication", Verdict.FAIL, "replication.login is not set",
                       "set [replication] login = \"THIS-HOST:PORT\" in the config")
     else:
         yield from _replicad(cfg, "login")
+
+
+def _engine(cfg: SiteConfig) -> Finding:
+    """The hybrid engine gives ESTALE after one name of a hard-linked file is removed
+    (docs/hardlinks.md: the kernel's, no fix in the daemon): new environments must not
+    get it, and its users are pointed to ``sdeefs migrate``."""
+    from . import env  # (env imports the launcher's other modules)
+
+    users = sorted(n for n in os.listdir(cfg.root) if not n.startswith(".")) \
+        if os.path.isdir(cfg.root) else []
+    hybrid = [n for n in users if env.on_hybrid(cfg, n)]
+    if cfg.engine == config_mod.Engine.HYBRID:
+        return Finding("engine", Verdict.WARN, "new environments get the hybrid engine, whose "
+                       "hard links can give ESTALE (docs/hardlinks.md)",
+                       'engine = "kernel" in the config, then `sdeefs migrate USER` per user')
+    if hybrid:
+        shown = ", ".join(hybrid[:5]) + (f" and {len(hybrid) - 5} more" if len(hybrid) > 5
+                                         else "")
+        return Finding("engine", Verdict.WARN, f"{len(hybrid)} users stay on the hybrid engine "
+                       f"until migrated ({shown}): hard links can give ESTALE there "
+                       "(docs/hardlinks.md)", "sdeefs stop USER; sdeefs migrate USER")
+    return ok("engine", f"{cfg.engine} for every environment")
 
 
 def _compute_node(cfg: SiteConfig) -> Iterator[Finding]:

@@ -177,6 +177,19 @@ def engine_for(dirs: EnvDirs, engine: Engine) -> Engine:
     return engine
 
 
+HYBRID_HINT = ("hybrid engine: removing one name of a hard-linked file can leave its other "
+               "names answering ESTALE (docs/hardlinks.md); `sdeefs stop {user}; sdeefs migrate "
+               "{user}` moves the environment to the kernel engine")
+
+
+def on_hybrid(config: SiteConfig, name: str, record_engine: str | None = None) -> bool:
+    """Does ``name``'s environment run (or will its next start run) the hybrid engine?"""
+    if record_engine == Engine.HYBRID:
+        return True
+    dirs = EnvDirs.login(config.root, config.run_dir, name)
+    return os.path.isdir(dirs.layer.path) and engine_for(dirs, config.engine) == Engine.HYBRID
+
+
 def _has_history(journal_dir: str) -> bool:
     try:
         return any(name.startswith("seg-") for name in os.listdir(journal_dir))
@@ -558,6 +571,8 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "upper_bytes": _tree_size(live_upper) if live_upper else 0,
             "usage": limits.usage(name) if alive else {},
             "journal_head": _journal_head(state.journal),
+            # hard links can give ESTALE there (docs/hardlinks.md): `sdeefs migrate`
+            "hybrid": on_hybrid(config, name, record.engine if record else None),
         })
     return rows
 

@@ -65,7 +65,8 @@ One JSON object per line in, one per line out, then the connection closes::
 
 Limits: mmap writes cause no events; a file written through a shared mapping is
 captured when it is closed (``FAN_CLOSE_WRITE``) or at the next full scan.  Access
-times are not journaled.  Device nodes (a tampered image) are not journaled.
+times are not journaled.  Device nodes (host root's, mounting by hand: a user namespace
+cannot make one) are journaled as ``records.Mkdev``; every mount of the upper is nodev.
 """
 
 from __future__ import annotations

@@ -240,6 +240,8 @@ class CowFS:
         lower: the read-only lower (absent in raw mode).
         inodes: every inode the kernel knows, by node id and by view path.
         upper_dev: st_dev of the upper, for inode numbering.
+        lower_fds: the descriptors in ``Node.fds`` that are of lower files (read-only):
+            an unlinked file is changed only through one of the upper.
         ids: the host ids of the upper's owner (the launcher's user): what
             ``sdeefs.replicable`` lets a file capability name.
     """
@@ -250,6 +252,7 @@ class CowFS:
     inodes: ViewNodes
     upper_dev: int
     ids: UserIds = NOBODY
+    lower_fds: set[int] = attrs.field(factory=set)
     _resolved: dict[tuple[int, bytes], tuple[float, Resolved]] = attrs.field(factory=dict)
     _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
     _name_hints: dict[tuple[int, int], bytes] = attrs.field(factory=dict)
@@ -372,6 +375,15 @@ class CowFS:
     def released(self, node: Node, fd: int) -> None:
         if fd in node.fds:
             node.fds.remove(fd)
+        self.lower_fds.discard(fd)
+
+    def _open_fd_of(self, node: Node) -> tuple[int, bool]:
+        """(a descriptor an unlinked ``node`` lives on in, whether it is a lower file's):
+        one of the upper file if the kernel holds any (the file as it is now)."""
+        for fd in node.fds:
+            if fd not in self.lower_fds:
+                return fd, False
+        return node.fds[0], True
 
     def _forget_path(self, path: bytes, keep: Node | None = None,
                      removed: os.stat_result | None = None) -> None:
@@ -652,7 +664,7 @@ class CowFS:
     def getattr(self, ino: int) -> Attr:
         node = self.node(ino)
         if node.unlinked and node.fds:  # the file lives on in its open descriptors
-            return Attr(node.ino, os.fstat(node.fds[0]))
+            return Attr(node.ino, os.fstat(self._open_fd_of(node)[0]))
         return Attr(node.ino, self._stat_node(node))
 
     def _lower_of(self, node: Node) -> bytes:
@@ -1146,6 +1158,25 @@ class CowFS:
             return False
         return self.lower.lstat(join(parent.lower, name)) is not None
 
+    def stale_if_removed(self, parent_ino: int, name: bytes) -> int | None:
+        """The inode whose attributes the kernel must ask for again if the name goes (by
+        unlink, or a rename over it), else None (its own bookkeeping is right then).
+
+        The FUSE kernel drops the cached link count of the inode by one; that is right for
+        a file in the upper, but a file still only in the lower keeps the lower file's
+        count, as kernel overlayfs shows it through an open descriptor (nothing in the
+        lower was unlinked).
+        """
+        if self.raw:
+            return None
+        try:
+            _, node = self._child(parent_ino, name)
+        except OSError:
+            return None
+        if node.is_dir or node.in_upper or node.lookups == 0:
+            return None
+        return node.ino
+
     def unlink(self, parent_ino: int, name: bytes) -> None:
         parent, node = self._child(parent_ino, name)
         if node.is_dir:
@@ -1338,7 +1369,16 @@ class CowFS:
         return self.getattr(ino)
 
     def _setattr_open(self, node: Node, change: AttrChange) -> Attr:
-        fd = node.fds[0]
+        fd, lower = self._open_fd_of(node)
+        if lower:
+            # Never the lower file.  Kernel overlayfs answers EEXIST (its copy-up of a file
+            # whose name is gone meets the whiteout or the new entry at that name).  Times
+            # alone are what the FUSE kernel flushes by itself at close after the unlink
+            # (writeback cache): refusing them would fail the close (EIO); ignored.
+            if change.mode is None and change.uid is None and change.gid is None \
+                    and change.size is None:
+                return Attr(node.ino, os.fstat(fd))
+            raise FileExistsError(errno.EEXIST, "the file was removed before it was copied up")
         change = change.against(os.fstat(fd))
         if change.size is not None:
             os.ftruncate(fd, change.size)
@@ -1417,7 +1457,9 @@ class CowFS:
             raise OSError(errno.EROFS, "the lower is read-only: copy up before writing")
         if node.in_upper:
             return self.layers.open(self.layer_path(node.path), flags)
-        return self.lower.open_file(self._lower_of(node), flags)
+        fd = self.lower.open_file(self._lower_of(node), flags)
+        self.lower_fds.add(fd)
+        return fd
 
     def journal_write(self, node: Node, handle: bytes, offset: int, length: int) -> None:
         """Record that ``length`` bytes at ``offset`` are about to change in the upper file.

@@ -17,7 +17,8 @@ inode number from the inode the model knew: ext4 changes the generation in it.
 
 Per node: ``mode`` (type and permissions), ``uid``, ``gid``, ``mtime`` (ns; 0
 unknown), ``ctime`` (ns when last examined; 0 forces a re-read of the data at the
-next full scan), ``size``, ``handle``, its names (``parent``, ``name`` and, for more
+next full scan), ``size`` (for a character or block device its ``rdev``: a whiteout
+has 0), ``handle``, its names (``parent``, ``name`` and, for more
 hard links, ``links``), ``xattrs`` (sorted (name, value) pairs), ``data`` and for
 directories ``children`` (name -> id).  ``data`` is, for regular files, the
 blake2b-128 sums of each ``EXTENT_BLOCK`` block (None: unknown, the next look at the
@@ -436,9 +437,10 @@ class Model:
         match record:
             case rec.Mkdir(path=p, mode=mode, uid=uid, gid=gid):
                 self._create(p, Node(stat.S_IFDIR | mode, uid, gid, children={}))
-            case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid) | \
-                    rec.Mkdev(path=p, mode=mode, uid=uid, gid=gid):
+            case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid):
                 self._create(p, Node(mode, uid, gid))
+            case rec.Mkdev(path=p, mode=mode, rdev=rdev, uid=uid, gid=gid):
+                self._create(p, Node(mode, uid, gid, size=rdev))
             case rec.Symlink(path=p, target=target, uid=uid, gid=gid):
                 self._create(p, Node(stat.S_IFLNK | 0o777, uid, gid, size=len(target),
                                      data=target))

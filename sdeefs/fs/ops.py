@@ -21,6 +21,7 @@ and is allowed to take the mount down loudly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -35,7 +36,7 @@ import trio
 from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT, RequestContext
 
 from ..offload import Offload
-from ..sysio import name_to_handle
+from ..sysio import RENAME_EXCHANGE, name_to_handle
 from ..writeahead import DataWriter
 from .cow import AttrChange, CopyUp, CowFS
 from .guard import GuardView
@@ -255,7 +256,9 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: RequestContext) -> None:
         async with self.mutex:
             await self._find_other_name(parent_inode, name)
+            stale = self.fs.stale_if_removed(parent_inode, name)
             self.fs.unlink(parent_inode, name)
+            self._refresh(stale)
 
     @_errors
     async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: RequestContext) -> None:
@@ -269,7 +272,20 @@ class Operations(pyfuse3.Operations):
             await self._copy_ups(functools.partial(self.fs.copy_up_for_rename, parent_inode_old,
                                                    name_old, parent_inode_new, name_new, flags))
             await self._find_other_name(parent_inode_new, name_new, flags)
+            stale = None if flags & RENAME_EXCHANGE else \
+                self.fs.stale_if_removed(parent_inode_new, name_new)
             self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+            self._refresh(stale)
+
+    @staticmethod
+    def _refresh(ino: int | None) -> None:
+        """Make the kernel ask getattr for ``ino`` (CowFS.stale_if_removed) next time.
+        Sent before the reply, after which the kernel drops its cached nlink; attributes
+        only: nothing to write back, so it cannot wait for another request."""
+        if ino is not None:
+            # (ENOENT: the kernel let go of it meanwhile, its FORGET on the way: done)
+            with contextlib.suppress(FileNotFoundError):
+                pyfuse3.invalidate_inode(InodeT(ino), attr_only=True)
 
     # -- extended attributes ------------------------------------------------------------------
 

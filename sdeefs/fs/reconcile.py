@@ -175,7 +175,16 @@ class Seen:
 
     @property
     def perm(self) -> int:
-        return 0 if self.kind == stat.S_IFCHR else stat.S_IMODE(self.mode)
+        return 0 if self.whiteout else stat.S_IMODE(self.mode)
+
+    @property
+    def whiteout(self) -> bool:
+        return self.kind == stat.S_IFCHR and self.rdev == 0
+
+    @property
+    def device(self) -> bool:
+        """A character or block device (not a whiteout): journaled as ``records.Mkdev``."""
+        return self.kind == stat.S_IFBLK or self.kind == stat.S_IFCHR and self.rdev != 0
 
 
 @attrs.frozen
@@ -244,14 +253,11 @@ def _xattrs(path: bytes, follow: bool) -> tuple[tuple[bytes, bytes], ...]:
 
 
 def same_kind(node: Node, seen: Seen) -> bool:
+    """The same type of inode (a device of the same number: the model keeps a device's
+    ``rdev`` in ``size``, a whiteout has 0)."""
     if stat.S_IFMT(node.mode) != seen.kind:
         return False
-    return seen.kind != stat.S_IFCHR or seen.rdev == 0
-
-
-def refused(seen: Seen) -> bool:
-    """Device nodes cannot be journaled (records refuse them); whiteouts (0/0) can."""
-    return seen.kind == stat.S_IFBLK or seen.kind == stat.S_IFCHR and seen.rdev != 0
+    return seen.kind not in (stat.S_IFCHR, stat.S_IFBLK) or node.size == seen.rdev
 
 
 def needs_read(node: Node | None, st: os.stat_result | Seen, data_dirty: bool,
@@ -309,12 +315,10 @@ class Reconciler:
     Attributes:
         model: the journaled tree (changed by every call).
         upper: the live upper.
-        refused_seen: devices already reported (each is logged once).
     """
 
     model: Model
     upper: Upper
-    refused_seen: set[tuple[int, bytes]] = attrs.field(factory=set)
     native: bool = capturec is not None  # entries examined by sdeefs.fs._capturec
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
@@ -542,11 +546,6 @@ class Reconciler:
         m = self.model
         b.examined += 1
         ino = seen.ino
-        if refused(seen):
-            if (ino, name) not in self.refused_seen:
-                self.refused_seen.add((ino, name))
-                log.warning("capture: %r is a device node: not journaled", name)
-            return None
         node = m.nodes.get(ino)
         if node is None and cur is not None and cur < 0:
             # A node journaled while nobody watched, at this name: adopt it if it can be it.
@@ -917,7 +916,10 @@ class Reconciler:
         if kind == stat.S_IFLNK:
             emit(rec.Symlink(path, seen.target, uid, gid))
             return Node(seen.mode, uid, gid, size=len(seen.target), data=seen.target)
-        emit(rec.Mknod(path, kind | perm, uid, gid))
+        if seen.device:  # host root's (a user namespace cannot make one); inert: nodev
+            emit(rec.Mkdev(path, kind | perm, seen.rdev, uid, gid))
+            return Node(kind | perm, uid, gid, size=seen.rdev)
+        emit(rec.Mknod(path, kind | perm, uid, gid))  # files, FIFOs, sockets, whiteouts
         return Node(kind | perm, uid, gid)
 
     # -- attributes and data ------------------------------------------------------------------

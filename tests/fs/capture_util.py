@@ -65,7 +65,7 @@ def apply_all(records: Iterable[rec.Record], source: LayerRoot, target: LayerRoo
 
 def model_tree(model: Model) -> dict[bytes, tuple[object, ...]]:
     """What a model says, without ids: path -> (mode, uid, gid, mtime, xattrs, symlink,
-    size of a file, names of its inode)."""
+    size of a file or rdev of a device, names of its inode)."""
     out = {}
     for id, node in model.walk(UPPER):
         if id == UPPER:
@@ -73,7 +73,8 @@ def model_tree(model: Model) -> dict[bytes, tuple[object, ...]]:
         names = tuple(sorted(model.entry_path(p, n) for p, n in node.names()))
         for p, n in node.names():
             target = node.data if stat.S_ISLNK(node.mode) else None
-            size = node.size if stat.S_ISREG(node.mode) else 0
+            size = node.size if stat.S_IFMT(node.mode) in (stat.S_IFREG, stat.S_IFCHR,
+                                                           stat.S_IFBLK) else 0
             out[model.entry_path(p, n)] = (node.mode, node.uid, node.gid, node.mtime,
                                            node.xattrs, target, size, names)
     return out

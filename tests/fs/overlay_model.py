@@ -730,6 +730,18 @@ class FdTruncate(_FdOp):
 
 
 @dataclasses.dataclass(frozen=True)
+class FdChmod(_FdOp):
+    slot: int
+    mode: int
+
+    def run(self, c: Ctx) -> Any:
+        fd = self.fd(c)
+        if fd is None:
+            return "no fd"
+        os.fchmod(fd, self.mode)
+
+
+@dataclasses.dataclass(frozen=True)
 class FdFallocate(_FdOp):
     """fallocate(2) of a held fd: mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE[|KEEP_SIZE].
 
@@ -1192,9 +1204,10 @@ class Kernel:
     is_fuse = False
     times_same_size_truncate = True  # its upper filesystem does (see same_size_truncate)
 
+    options = "redirect_dir=on,index=off,metacopy=off,xino=off"
+
     def mount(self, lower: str, upper: str, aux: str, mnt: str) -> None:
-        opts = (f"lowerdir={lower},upperdir={upper},workdir={aux},"
-                "redirect_dir=on,index=off,metacopy=off,xino=off")
+        opts = f"lowerdir={lower},upperdir={upper},workdir={aux},{self.options}"
         r = _run(["mount", "-t", "overlay", "overlay", "-o", opts, mnt])
         if r.returncode != 0 or not is_mounted(mnt):
             raise MountError(f"kernel overlay mount failed ({r.returncode}): "
@@ -1241,10 +1254,12 @@ class Sdeefs:
     def __init__(self) -> None:
         self.states: dict[str, str] = {}  # mountpoint -> state dir
 
+    extra: tuple[str, ...] = ()
+
     def mount(self, lower: str, upper: str, aux: str, mnt: str) -> None:
         self.states[mnt] = aux
         cmd = self._cmd("mount", "--engine", SDEEFS_ENGINE, "--lower", lower,
-                        "--upper", upper, "--state", aux, mnt)
+                        "--upper", upper, "--state", aux, *self.extra, mnt)
         rc, out, err = self._run_cli(cmd)
         if rc != 0 or not is_mounted(mnt):
             raise MountError(f"sdeefs mount failed (exit {rc}, mounted={is_mounted(mnt)}): "
@@ -1298,6 +1313,20 @@ class Sdeefs:
                             info.append(f"{name}: {f.read().strip()}")
                     out.append(f"  thread {tid}: " + " | ".join(info))
         return ("\n" + "\n".join(out)) if out else ""
+
+
+class KernelUserXattr(Kernel):
+    """Kernel overlayfs with ``userxattr`` (as a user namespace mounts it): user.overlay.*
+    xattrs, and no redirects (the kernel refuses redirect_dir=on with userxattr and
+    implies redirect_dir=nofollow)."""
+
+    options = "userxattr,index=off,metacopy=off,xino=off"
+
+
+class SdeefsUserXattr(Sdeefs):
+    """sdeefs writing user.overlay.* (``--xattr-namespace user``)."""
+
+    extra = ("--xattr-namespace", "user")
 
 
 class Hung(Exception):

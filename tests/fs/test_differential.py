@@ -738,6 +738,43 @@ def test_lower_directory_renames_match_kernel_overlayfs(lower_tree: LowerTree) -
                      om.Sdeefs())
 
 
+# Under userxattr (the user-namespace views: the launcher's, jobs' on replicas) the kernel
+# has no redirects: renaming a directory that comes from the lower is EXDEV (mv copies);
+# renaming one made in the upper, or a file, works.  sdeefs with user.overlay.* the same,
+# and the two read each other's uppers (issue 9).
+USERXATTR_REDIRECT_SEQUENCE: list[om.Op] = [
+    om.Rename("d", "d2"),  # a lower directory: EXDEV
+    om.Rename("d/e", "e/moved"),  # EXDEV across directories too
+    om.Write("d/a", "append", 0, b"+copied up"),
+    om.Rename("d", "d2"),  # copied up (it holds a copied-up file): still EXDEV
+    om.Rename("d/d", "d/d2", om.RENAME_NOREPLACE),  # EXDEV before EEXIST/ENOENT matter
+    om.Rename("d/e", "d", om.RENAME_EXCHANGE),  # an exchange of lower directories: EXDEV
+    om.Mkdir("e/new", 0o700),
+    om.Write("e/new/f", "excl", 0, b"new"),
+    om.Rename("e/new", "e/new2"),  # made in the upper: renames
+    om.Rename("d/a", "e/a"),  # a (copied-up) file: renames
+    om.Rename("b", "e/b"),  # a lower file: copied up and renamed
+    om.Unlink("d/x"),
+    om.Rmdir("d/d"),
+    om.Mkdir("d/d", 0o755),  # opaque (user.overlay.opaque)
+    om.Check(),
+    om.DropCaches(),
+    om.ListDir("d"),
+    om.Rename("d/d", "d/d3"),  # an opaque directory of the upper: renames
+    om.ListDir("d"),
+    om.Check(),
+]
+
+
+def test_lower_directory_renames_under_userxattr_match_kernel_overlayfs(
+        lower_tree: LowerTree) -> None:
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    run_differential(USERXATTR_REDIRECT_SEQUENCE, lower_tree.path, lower_tree.pristine,
+                     om.KernelUserXattr(), om.SdeefsUserXattr())
+
+
 # fallocate in every mode, in one fixed sequence (the random ones reach it now and then).
 # Not COLLAPSE_RANGE/INSERT_RANGE: sdeefs answers EOPNOTSUPP (as tmpfs does) where an ext4
 # upper shifts the data, because shifted bytes break Write records' data by reference
@@ -766,6 +803,55 @@ def test_fallocate_matches_kernel_overlayfs(lower_tree: LowerTree) -> None:
     if reason:
         pytest.skip(reason)
     run_differential(FALLOCATE_SEQUENCE, lower_tree.path, lower_tree.pristine, om.Kernel(),
+                     om.Sdeefs())
+
+
+# Open files whose name is removed: fstat() through the descriptor, in one fixed sequence.
+# Kernel overlayfs answers a file still in the lower only with the lower file's attributes
+# (nlink 1, not 0: nothing in the lower was unlinked) and refuses to change it (EEXIST);
+# a copied-up or new file with its upper inode's (nlink 0).  The FUSE kernel drops its
+# cached nlink at every unlink and asks again only when told to; sdeefs used to change the
+# lower file through the descriptor (issue 9).
+UNLINKED_FD_SEQUENCE: list[om.Op] = [
+    om.OpenFd(0, "a", "r"),  # in the lower only
+    om.OpenFd(1, "d/a", "r"),
+    om.Read("d/a"),  # (cached attributes)
+    om.OpenFd(2, "d/e/a", "rw"),  # copied up
+    om.Write("e/new", "excl", 0, b"new"),
+    om.OpenFd(3, "e/new", "r"),  # in the upper only
+    om.OpenFd(4, "b", "r"),  # in the lower only
+    om.Unlink("a"),
+    om.Unlink("d/a"),
+    om.Unlink("d/e/a"),
+    om.Unlink("e/new"),
+    om.Write("e/over", "excl", 0, b"over"),
+    om.Rename("e/over", "b"),  # a rename over it removes the name as well
+    om.FdStat(4),
+    om.FdRead(4),
+    om.CloseFd(4),
+    om.FdStat(0),
+    om.FdStat(1),
+    om.FdStat(2),
+    om.FdStat(3),
+    om.FdChmod(0, 0o600),  # never the lower file (the kernel: EEXIST)
+    om.FdChmod(2, 0o600),
+    om.DropCaches(),
+    om.FdStat(0),
+    om.FdStat(1),
+    om.FdStat(2),
+    om.CloseFd(0),
+    om.CloseFd(1),
+    om.CloseFd(2),
+    om.CloseFd(3),
+    om.Check(),
+]
+
+
+def test_fstat_of_unlinked_files_matches_kernel_overlayfs(lower_tree: LowerTree) -> None:
+    reason = _skip_reason(need_fuse=True)
+    if reason:
+        pytest.skip(reason)
+    run_differential(UNLINKED_FD_SEQUENCE, lower_tree.path, lower_tree.pristine, om.Kernel(),
                      om.Sdeefs())
 
 
