@@ -279,8 +279,8 @@ static bool hides(const struct policy *p, const char *rel, const struct stat *st
  *   - watches every directory again and drops every answer the kernel holds (entries,
  *     attributes, listings): what the host changed while nobody watched is decided afresh.
  *
- * Fail closed: a log that cannot be trusted (overflowed, unreadable), a server that dies
- * before it serves, or more than KEEP_BURST restarts within KEEP_WINDOW seconds (a request
+ * Fail closed: a log that cannot be trusted (overflowed, unreadable), a first server that
+ * dies before it serves (nothing to take over), or more than KEEP_BURST restarts within KEEP_WINDOW seconds (a request
  * that kills every server it is sent to again) end the keeper: its descriptor closes with
  * the server's, the kernel aborts the connection, and the view fails with ENOTCONN until the
  * next login remounts it - as without a keeper.  A node id the log does not know is ESTALE.
@@ -1719,6 +1719,7 @@ static int serve(struct guard *g, const char *mountpoint, const char *pid_file, 
     if (g->keep.resume && keep_replay(g) != 0) {
         fprintf(stderr, "sdeefs-guard: the node table's log cannot be trusted: the view "
                 "fails closed\n");
+        __atomic_store_n(&g->keep.hdr->trusted, 0, __ATOMIC_RELEASE);
         return 3;
     }
 
@@ -1858,8 +1859,7 @@ static int keeper(struct guard *g, const char *mountpoint, const char *pid_file)
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
             ;
         keeper_child = 0;
-        bool served = __atomic_load_n(&k->hdr->serving, __ATOMIC_ACQUIRE);
-        ever_served |= served;
+        ever_served |= __atomic_load_n(&k->hdr->serving, __ATOMIC_ACQUIRE) != 0;
         if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
             ended = true; /* unmounted, or ended by a signal: the session is over */
             break;
@@ -1869,10 +1869,10 @@ static int keeper(struct guard *g, const char *mountpoint, const char *pid_file)
             snprintf(how, sizeof how, "was killed by signal %d", WTERMSIG(status));
         else
             snprintf(how, sizeof how, "exited with %d", WEXITSTATUS(status));
-        if (keeper_stop || !served || !keep_on(k)) {
+        if (keeper_stop || !ever_served || !keep_on(k)) {
             fprintf(stderr, "sdeefs-guard: the server (pid %d) %s%s: the view fails closed\n",
-                    pid, how, keeper_stop ? " while stopping" : !served ? " before it served"
-                    : " and its node table's log is incomplete");
+                    pid, how, keeper_stop ? " while stopping" : !ever_served
+                    ? " before it served" : " and its node table's log is incomplete");
             break;
         }
         if (now() - window > KEEP_WINDOW) {
