@@ -1380,6 +1380,7 @@ static int keep_replay(struct guard *g)
 {
     struct keep *k = &g->keep;
     struct keep_header *h = k->hdr;
+    double began = now();
     if (h->magic != KEEP_MAGIC || !__atomic_load_n(&h->trusted, __ATOMIC_ACQUIRE) ||
         h->active > 1 || !h->init_len || h->init_len > KEEP_INIT_MAX)
         return -1;
@@ -1443,7 +1444,8 @@ static int keep_replay(struct guard *g)
         }
     keep_compact(g); /* a fresh log: this server's own */
     fprintf(stderr, "sdeefs-guard: took over the session (restart %" PRIu64 "): %zu nodes the "
-            "kernel holds\n", h->restarts, nodes);
+            "kernel holds, replayed and watched in %.1f ms\n", h->restarts, nodes,
+            (now() - began) * 1e3);
     return keep_on(k) ? 0 : -1;
 }
 
