@@ -34,7 +34,9 @@
  * The lower fd is a detached clone of the lower's mount (open_tree), resolved beneath with
  * openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS|RESOLVE_NO_XDEV).  It
  * reports "ok" or "<exit code> <reason>" on the ready fd (sdeefs.fs.daemon.report), errors
- * as one line.
+ * as one line.  The process started is the keeper (its pid in the pid file); it forks the
+ * server, and a new one if the server dies ("surviving a crash" below).
+ * SDEEFS_GUARD_KEEPER=0: one process, which mounts and serves (its death ends the view).
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 34
