@@ -320,6 +320,7 @@ struct k_out_header {
 };
 #define K_FUSE_INIT 26
 #define K_NOTIFY_RESEND 7
+#define K_UNIQUE_RESEND (1ULL << 63) /* the kernel marks a request it sends again */
 
 struct keep_header {
     uint64_t magic;
@@ -349,6 +350,7 @@ struct keep {
     struct keep_header *hdr;
     char *regions;           /* both regions, mapped */
     size_t used;             /* bytes of the active region written */
+    size_t slack;            /* compact past this many bytes ($SDEEFS_GUARD_LOG_SLACK, tests) */
     bool resume;             /* this server takes over a dead one's session */
     bool resend;             /* ... and has yet to ask for the requests it left */
     bool swallow;            /* the synthetic INIT's reply is not the kernel's */
@@ -625,7 +627,7 @@ static void keep_compact(struct guard *g)
     size_t used = 0;
     for (size_t i = 0; i < g->t.size; i++)
         for (struct node *n = g->t.by_ino[i]; n; n = n->next_ino)
-            if (n->ino != ROOT_INO && !put_node(region, &used, n)) {
+            if (n->ino != ROOT_INO && n->lookups && !put_node(region, &used, n)) {
                 keep_lost(g, "the node table outgrew its log");
                 return;
             }
@@ -641,7 +643,7 @@ static void keep_log(struct guard *g, const struct node *n, bool full)
     struct keep *k = &g->keep;
     if (!keep_on(k) || n->ino == ROOT_INO)
         return;
-    if (k->used > KEEP_SLACK + g->t.count * 1024)
+    if (k->used > (k->slack ? k->slack : KEEP_SLACK + g->t.count * 1024))
         keep_compact(g);
     for (int attempt = 0; attempt < 2 && keep_on(k); attempt++) {
         char *region = keep_region(k, k->hdr->active);
@@ -1415,8 +1417,12 @@ static int keep_replay(struct guard *g)
         } else if (type == REC_COUNT) {
             struct rec_count *r = (struct rec_count *)(region + pos);
             struct node *n = by_ino(g, r->ino);
-            if (!n)
-                return -1;
+            if (!n) {
+                if (r->lookups) /* a count of a node never made */
+                    return -1;
+                pos += len;  /* forgotten as the log was compacted: already gone */
+                continue;
+            }
             n->lookups = r->lookups;
             if (!n->lookups) {
                 unlink_node(g, n);
@@ -1551,6 +1557,12 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
         __atomic_store_n(&k->hdr->serving, 1, __ATOMIC_RELEASE);
     }
     ssize_t n = read(fd, buf, len);
+    if (k->fd >= 0 && n >= (ssize_t)sizeof(struct k_in_header) &&
+        (((const struct k_in_header *)buf)->unique & K_UNIQUE_RESEND))
+        fprintf(stderr, "sdeefs-guard: request %" PRIu64 " (opcode %u) the dead server had "
+                "read: sent again by the kernel\n",
+                (uint64_t)(((const struct k_in_header *)buf)->unique & ~K_UNIQUE_RESEND),
+                ((const struct k_in_header *)buf)->opcode);
     if (k->fd >= 0 && !k->hdr->init_len && n >= (ssize_t)sizeof(struct k_in_header)) {
         const struct k_in_header *h = buf;
         size_t body = (size_t)n - sizeof *h;
@@ -1824,6 +1836,8 @@ static int keeper(struct guard *g, const char *mountpoint, const char *pid_file)
         fail(1, "cannot keep the guard's node table: %s", strerror(errno));
     }
     k->regions = (char *)k->hdr + KEEP_PAGE;
+    const char *slack = getenv("SDEEFS_GUARD_LOG_SLACK"); /* tests: compact all the time */
+    k->slack = slack ? strtoul(slack, NULL, 10) : 0;
     k->hdr->magic = KEEP_MAGIC;
     k->hdr->trusted = 1;
     if (pid_file)
