@@ -282,8 +282,9 @@ static bool hides(const struct policy *p, const char *rel, const struct stat *st
  *     attributes, listings): what the host changed while nobody watched is decided afresh.
  *
  * Fail closed: a log that cannot be trusted (overflowed, unreadable), a first server that
- * dies before it serves (nothing to take over), or more than KEEP_BURST restarts within KEEP_WINDOW seconds (a request
- * that kills every server it is sent to again) end the keeper: its descriptor closes with
+ * dies before it serves (nothing to take over), or more than KEEP_BURST restarts within
+ * KEEP_WINDOW seconds (a request that kills every server it is sent to again: the kernel
+ * resends it each time) end the keeper: its descriptor closes with
  * the server's, the kernel aborts the connection, and the view fails with ENOTCONN until the
  * next login remounts it - as without a keeper.  A node id the log does not know is ESTALE.
  * kill -9 of the keeper: the server goes on serving (it holds the descriptor too); a later
@@ -304,7 +305,9 @@ static bool hides(const struct policy *p, const char *rel, const struct stat *st
 #define KEEP_INIT_MAX 256
 #define REC_NODE 1
 #define REC_COUNT 2
-#define SYNTH_UNIQUE 1ULL /* the synthetic INIT: odd, so never a request's (the kernel's are even) */
+/* the synthetic INIT's id: no request's (the kernel's are even and never 0; an interrupt's is
+ * its request's + 1), and its reply is the first the new server sends */
+#define SYNTH_UNIQUE 1ULL
 
 /* the kernel's framing (include/uapi/linux/fuse.h; the installed header may predate 7.40) */
 struct k_in_header {
@@ -607,12 +610,11 @@ static void keep_lost(struct guard *g, const char *why)
     __atomic_store_n(&g->keep.hdr->trusted, 0, __ATOMIC_RELEASE);
 }
 
-static void punch(const struct keep *k, uint32_t which)
+/* zero a region (its pages are freed) */
+static bool punch(const struct keep *k, uint32_t which)
 {
-    /* zeroes the region (memfd: its pages are freed) */
-    if (fallocate(k->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                  (off_t)(KEEP_PAGE + (size_t)which * KEEP_REGION), (off_t)KEEP_REGION) != 0)
-        memset(keep_region(k, which), 0, KEEP_REGION);
+    return fallocate(k->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     (off_t)(KEEP_PAGE + (size_t)which * KEEP_REGION), (off_t)KEEP_REGION) == 0;
 }
 
 /* the live table into the other region, then "active" flips to it */
@@ -623,7 +625,10 @@ static void keep_compact(struct guard *g)
         return;
     uint32_t old = k->hdr->active, other = 1 - old;
     char *region = keep_region(k, other);
-    punch(k, other);
+    if (!punch(k, other)) {
+        keep_lost(g, "the node table's log cannot be compacted");
+        return;
+    }
     size_t used = 0;
     for (size_t i = 0; i < g->t.size; i++)
         for (struct node *n = g->t.by_ino[i]; n; n = n->next_ino)
@@ -632,7 +637,7 @@ static void keep_compact(struct guard *g)
                 return;
             }
     __atomic_store_n(&k->hdr->active, other, __ATOMIC_RELEASE);
-    punch(k, old);
+    punch(k, old); /* else its pages stay until the next compaction punches it */
     k->used = used;
 }
 
@@ -1272,7 +1277,8 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA)
         conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
     /* every request through the custom io (the keeper's INIT and resend need it) */
-    conn->want &= ~(unsigned)(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+    conn->want &= ~(unsigned)(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
+                              FUSE_CAP_SPLICE_MOVE);
     g->stateless_dirs = (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT) != 0;
     /* the first server: the session can be taken over once its INIT is kept */
     if (g->keep.fd >= 0 && !g->keep.resume && g->keep.hdr->init_len)
