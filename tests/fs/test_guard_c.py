@@ -423,23 +423,27 @@ def test_the_view_survives_kill_9_of_the_guard(tmp_path: Path, monkeypatch: pyte
 
         # the host changes while no server runs: a directory the view holds becomes
         # root-only, a root-only file appears in a listed directory
+        target = next(p for p, a in before.items()
+                      if "/" in p and not p.endswith("/") and a[0] == stat.S_IFDIR)
+        parent = target.rsplit("/", 1)[0]
         os.kill(keeper, signal.SIGSTOP)
         try:
             server = server_of(keeper)
             assert server is not None
             os.kill(server, signal.SIGKILL)
             wait_until("the server is dead", lambda: not alive(server))
-            (lower / "pub/s0").chmod(0o700)
-            os.chown(lower / "pub/s0", 0, 0)
-            (lower / "pub/late").write_text("root only")
-            (lower / "pub/late").chmod(0o600)
+            (lower / target).chmod(0o700)
+            os.chown(lower / target, 0, 0)
+            (lower / parent / "late").write_text("root only")
+            (lower / parent / "late").chmod(0o600)
         finally:
             os.kill(keeper, signal.SIGCONT)
         wait_until("a new server", lambda: server_of(keeper) not in (None, server))
-        for path in ("pub/s0", "pub/late"):
+        for path in (target, f"{parent}/late"):
             wait_until(f"{path} hidden", lambda p=path: not os.path.lexists(view / p),
                        timeout=5)
-        assert "late" not in os.listdir(view / "pub")
+        assert "late" not in os.listdir(view / parent)
+        assert os.path.basename(target) not in os.listdir(view / parent)
         log = (tmp_path / "guard.log").read_text()
         assert log.count("a new one takes over its session") == 4, log
 

@@ -374,6 +374,7 @@ struct node {
     struct stat st;     /* the host entry when last seen (whiteouts: their own) */
     uint64_t lookups;
     int wd;             /* inotify watch of a directory, -1 if none */
+    bool recheck;       /* after a takeover: its entry may no longer be a visible directory */
     /* listing cache: hidden entries */
     bool listed;
     struct timespec list_mtime;
@@ -1449,12 +1450,20 @@ static int keep_replay(struct guard *g)
                 g->fresh = n->ino - base;
             if (n->whiteout || n->ino == ROOT_INO)
                 continue;
-            int fd = open_dir(g, n, O_PATH); /* moved meanwhile: fails closed, as before */
-            if (fd >= 0) {
-                fstat(fd, &n->st);
+            /* Did the host change it while no server watched?  Moved or replaced (its
+             * names fail closed, as before), or now hidden: the kernel's entry must go.
+             * Else only its attributes and listing (invalidate_after_takeover). */
+            int fd = open_dir(g, n, O_PATH);
+            struct stat st;
+            if (fd >= 0 && fstat(fd, &st) == 0) {
+                n->st = st;
+                n->recheck = hides(&g->policy, n->rel, &st);
                 watch(g, n, fd);
-                close(fd);
+            } else {
+                n->recheck = true;
             }
+            if (fd >= 0)
+                close(fd);
         }
     keep_compact(g); /* a fresh log: this server's own */
     fprintf(stderr, "sdeefs-guard: took over the session (restart %" PRIu64 "): %zu nodes the "
@@ -1473,9 +1482,11 @@ static int cmp_dir_rel(const void *a, const void *b)
     return strcmp(((const struct dir_rel *)a)->rel, ((const struct dir_rel *)b)->rel);
 }
 
-/* After a takeover: drop every answer the kernel holds (each node's entry in its parent,
- * each directory's attributes and listing): what changed on the host while no server
- * watched is decided afresh.  Kept answers that still hold are confirmed by one LOOKUP. */
+/* After a takeover: what changed on the host while no server watched is decided afresh.
+ * The kernel's answers are dropped: every directory's attributes and listing (its
+ * whiteouts), every whiteout's entry, and the entry of every directory that is no longer a
+ * visible directory at its path (keep_replay looked).  The entries of the directories that
+ * still are stay: overlayfs keeps its own dentries on them (a walk costs what it did). */
 static void *invalidate_after_takeover(void *arg)
 {
     struct guard *g = arg;
@@ -1500,7 +1511,7 @@ static void *invalidate_after_takeover(void *arg)
     qsort(dirs, ndirs, sizeof *dirs, cmp_dir_rel);
     for (size_t i = 0; i < g->t.size; i++)
         for (struct node *n = g->t.by_ino[i]; n; n = n->next_ino) {
-            if (n->ino == ROOT_INO || n->ino == STALE_WHITEOUT)
+            if (n->ino == ROOT_INO || n->ino == STALE_WHITEOUT || (!n->whiteout && !n->recheck))
                 continue;
             const char *slash = strrchr(n->rel, '/');
             char *parent = strndup(n->rel, slash ? (size_t)(slash - n->rel) : 0);
