@@ -104,6 +104,7 @@ def main() -> int:
                 times.append(takeover_ms(keeper, walked, i))
                 time.sleep(7.0)  # more than KEEP_BURST kills in KEEP_WINDOW s fail closed
             _, again = walk(walked)
+            print((base / "guard.log").read_text(), file=sys.stderr)
             replays = [float(m) for m in re.findall(r"watched in ([0-9.]+) ms",
                                                     (base / "guard.log").read_text())]
         finally:
