@@ -277,6 +277,12 @@ def _launcher(args: argparse.Namespace) -> int:
             print(f"{'':<16} limits: memory {format_size(usage.get('memory', 0))} of "
                   f"{format_size(limits.memory_bytes(cfg.memory_max))}, processes "
                   f"{usage.get('pids', 0)} of {cfg.pids_max}")
+        guard: list[int] = row.get("guard_pids") or []  # type: ignore[assignment]
+        if row["running"] and row["guard_mount"]:
+            print(f"{'':<16} guard: " + (
+                f"keeper {guard[0]}, server {guard[1]}" if len(guard) == 2 else
+                f"pid {guard[0]}" if guard else
+                "no keeper (a crash of the guard ends the view until the next login)"))
         for line in replication_cli.user_lines(origin.get(str(row["user"]), {})):
             print(f"{'':<16} {line}")
         if row["hybrid"]:

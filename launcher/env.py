@@ -51,7 +51,7 @@ from sdeefs import control, identity, trees
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.fs import capture, daemon, image, kernel
-from sdeefs.fs.daemon import daemon_pid, end_after_unmount
+from sdeefs.fs.daemon import daemon_pid, end_after_unmount, keeper_pids
 from sdeefs.fs.mount import umount
 from sdeefs.identity import Identity
 from sdeefs.journal import Journal
@@ -566,6 +566,8 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "processes": procs.namespace_processes(record.init_pid) if alive and record else 0,
             "upper_mount": state.mnt if view.mounted(state.mnt) else None,
             "guard_mount": dirs.run.guard if view.mounted(dirs.run.guard) else None,
+            # [keeper, server] of sdeefs-guard (the Python guard: [its pid]); [] if none runs
+            "guard_pids": keeper_pids(dirs.run.guard_pid),
             "daemon_pid": daemon_pid(state.path) if os.path.isdir(state.path) else None,
             "capture_pid": kernel.capture_pid(state.path),
             "upper_bytes": _tree_size(live_upper) if live_upper else 0,

@@ -294,8 +294,10 @@ class ImageOverlayContender(Contender):
     the capture daemon watching the image (then: the kernel engine's login view)."""
 
     def __init__(self, name: str, template: LayerTemplate, python: Path, *, guard: str | None,
-                 capture: bool, capture_args: tuple[str, ...] = ()) -> None:
-        """``guard``: None, or the guard daemon below the overlay ("c" or "python")."""
+                 capture: bool, capture_args: tuple[str, ...] = (), keeper: bool = True) -> None:
+        """``guard``: None, or the guard daemon below the overlay ("c" or "python");
+        ``keeper``: False runs sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0)."""
+        self.keeper = keeper
         self.name = name
         self.template = template
         self.python = python
@@ -312,6 +314,8 @@ class ImageOverlayContender(Contender):
                  "image (loop, sdeefs.fs.image)"]
         if self.guard:
             parts.append(f"lowers = sdeefs guard ({GUARD_NAMES[self.guard]}) over the lower")
+        if self.guard == "c" and not self.keeper:
+            parts.append("sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0)")
         if self.capture:
             parts.append("capture daemon running; write times include a drain")
         if "--python-only" in self.capture_args:
@@ -337,7 +341,8 @@ class ImageOverlayContender(Contender):
             argv = [str(self.python), "-c", GUARD_HELPER, str(guard), str(lower),
                     *map(str, GUARD_USER), str(dirs.root / "guard.log"), self.guard,
                     *GUARD_DENY]
-            result = run_command(argv, tracker, timeout=60, cwd=REPO_ROOT)
+            env = None if self.keeper else {**os.environ, "SDEEFS_GUARD_KEEPER": "0"}
+            result = run_command(argv, tracker, timeout=60, cwd=REPO_ROOT, env=env)
             daemons += [p for pid in processes_referencing(str(guard))
                         if (p := tracker.track(pid, f"guard {guard}")) is not None]
             if not result.ok:
@@ -1049,6 +1054,9 @@ def all_contenders(template: LayerTemplate, python: Path) -> list[Contender]:
         # C daemon (the default) and the Python one (the reference model)
         ImageOverlayContender("guardc-img", template, python, guard="c", capture=False),
         ImageOverlayContender("guardpy-img", template, python, guard="python", capture=False),
+        # sdeefs-guard as before its keeper: what surviving a crash costs (the node log)
+        ImageOverlayContender("guardc-nokeeper-img", template, python, guard="c",
+                              capture=False, keeper=False),
         FuseOverlayfsContender(),
         SdeefsContender("sdeefs-fuse", "fuse", python=python),
         SdeefsContender("sdeefs-hybrid", "hybrid", python=python),

@@ -165,6 +165,23 @@ def end_process(pid_file: str, timeout: float) -> None:
         os.unlink(pid_file)
 
 
+def keeper_pids(pid_file: str) -> list[int]:
+    """The daemon named by ``pid_file`` (write_pid_file) while it runs, then the processes it
+    forked: sdeefs-guard's keeper and its server (guard.c "surviving a crash"); [] if gone."""
+    try:
+        with open(pid_file) as f:
+            pid, start = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return []
+    if _start_time(pid) != start:
+        return []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(p) for p in f.read().split())]
+    except OSError:
+        return [pid]
+
+
 def _start_time(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:

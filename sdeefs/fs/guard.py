@@ -37,8 +37,10 @@ Failing closed.  A directory handed out to the kernel is remembered by path and
 host inode number; once that path no longer leads to that directory (renamed or
 replaced on the host), every name looked up in it is hidden.  If the guard
 process dies, lookups in the view fail (ENOTCONN) instead of showing the host
-unfiltered.  Entries are resolved below a detached clone of the lower mount
-without following symlinks.
+unfiltered - unless ``sdeefs-guard``'s keeper takes the connection over with a new
+server that resolves every node the kernel holds and drops every answer it kept
+(guard.c, "surviving a crash"; the Python daemon has no keeper).  Entries are
+resolved below a detached clone of the lower mount without following symlinks.
 
 What is decided when.  A name the guard answers "nothing" for is never cached by the
 guard: every lookup of it decides afresh (overlayfs keeps its own dentry of what it then

@@ -383,7 +383,8 @@ def run_guard(req: GuardRequest, ready_fd: int | None) -> int:
 
 def _exec_c_guard(req: GuardRequest, policy: Policy, lower_fd: int, ready_fd: int | None) -> None:
     """Become ``sdeefs-guard`` (sdeefs/fs/guardd/guard.c) with this policy: it mounts, reports
-    on ``ready_fd`` and serves (the same process: the pid file and the caller's wait hold)."""
+    on ``ready_fd`` and serves (this process becomes its keeper, the pid file's pid; the
+    server it forks reports, and is replaced if it dies: guard.c "surviving a crash")."""
     binary = guard_binary()
     argv = [os.fsencode(binary), b"--lower-fd", b"%d" % lower_fd, b"--mountpoint",
             os.fsencode(req.mountpoint), b"--timeout", repr(req.cache_timeout).encode()]

@@ -4,13 +4,17 @@ mode/owner/group/glob combinations, before and after the host changes it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
+import re
+import signal
 import stat
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -298,3 +302,237 @@ def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path)
             if mounted(dirs[name]):
                 subprocess.run(["umount", str(dirs[name])], check=False)
         assert not mounted(dirs["guard"])
+
+
+# -- a crash of the guard (issue 14 item 5: sdeefs-guard's keeper, guard.c "surviving a crash")
+
+
+def server_of(keeper: int) -> int | None:
+    """The serving process the keeper forked (None while it has none)."""
+    try:
+        with open(f"/proc/{keeper}/task/{keeper}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except OSError:
+        return None
+    return children[0] if children else None
+
+
+def view_answers(view: Path, paths: list[str]) -> dict[str, Answer]:
+    """What a process sees through the overlay: each path's kind, mode, owner and inode
+    (absent: hidden or not there), and each visible directory's listing."""
+    answers: dict[str, Answer] = {}
+    for path in paths:
+        try:
+            st = os.lstat(view / path)
+        except (FileNotFoundError, NotADirectoryError):
+            answers[path] = ("absent",)
+            continue
+        answers[path] = (stat.S_IFMT(st.st_mode), st.st_mode, st.st_uid, st.st_gid, st.st_ino)
+        if stat.S_ISDIR(st.st_mode):
+            answers[path + "/"] = tuple(sorted(os.listdir(view / path)))
+    return answers
+
+
+@contextlib.contextmanager
+def guarded_view(tmp_path: Path, keeper: bool = True) -> Iterator[tuple[Path, Path, int]]:
+    """(host lower, overlay view, the guard's pid file's pid): the guard under kernel
+    overlayfs as the launcher stacks it."""
+    reason = fuse_skip_reason()
+    if reason or os.geteuid() != 0:
+        pytest.skip(reason or "mounting needs root")
+    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
+    for path in dirs.values():
+        path.mkdir(parents=True)
+    build(dirs["lower"], seed=16)
+    env = os.environ.copy()
+    os.environ["SDEEFS_GUARD_KEEPER"] = "1" if keeper else "0"
+    try:
+        mount_guard(GuardRequest(str(dirs["guard"]), str(dirs["lower"]), IDS, deny=DENY,
+                                 log=str(tmp_path / "guard.log"), daemon=GuardDaemon.C,
+                                 pid_file=str(tmp_path / "guard.pid")))
+        os.environ.clear()
+        os.environ.update(env)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={dirs['guard']}:{dirs['lower']},upperdir={dirs['upper']},"
+                        f"workdir={dirs['work']},xino=on", str(dirs["view"])], check=True)
+        pid = int((tmp_path / "guard.pid").read_text().split()[0])
+        yield dirs["lower"], dirs["view"], pid
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        for name in ("view", "guard"):
+            if mounted(dirs[name]):
+                subprocess.run(["umount", "-l", str(dirs[name])], check=False)
+        assert not mounted(dirs["guard"])
+
+
+def wait_until(what: str, condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_the_view_survives_kill_9_of_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """kill -9 of the serving guard, three times, while a loop lists and stats every path
+    through the overlay: the loop never sees an error, every answer stays what it was (the
+    hidden stay hidden, the same inode numbers), a new server serves each time; a host
+    change made while no server ran is in the next answers (the kernel's were dropped).
+    The node table's log is compacted after every few records (SDEEFS_GUARD_LOG_SLACK), so
+    every takeover replays a compacted log."""
+    monkeypatch.setenv("SDEEFS_GUARD_LOG_SLACK", "4096")
+    with guarded_view(tmp_path) as (lower, view, keeper):
+        paths = sorted(str(p.relative_to(lower)) for p in lower.rglob("*"))
+        before = view_answers(view, paths)
+        hidden = [p for p, a in before.items() if a == ("absent",)]
+        assert len(hidden) > 50
+        errors: list[BaseException] = []
+        differ: list[str] = []
+        rounds = [0]
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    now = view_answers(view, paths)
+                except BaseException as exc:  # noqa: BLE001 - the test reports it
+                    errors.append(exc)
+                    return
+                differ.extend(p for p in before if now[p] != before[p])
+                rounds[0] += 1
+
+        walker = threading.Thread(target=loop)
+        walker.start()
+        try:
+            for _ in range(3):
+                server = server_of(keeper)
+                assert server is not None
+                seen = rounds[0]
+                wait_until("the loop runs", lambda s=seen: rounds[0] >= s + 2 or errors)
+                os.kill(server, signal.SIGKILL)
+                wait_until("a new server", lambda s=server: server_of(keeper) not in (None, s))
+                seen = rounds[0]
+                wait_until("the loop goes on", lambda s=seen: rounds[0] >= s + 2 or errors,
+                           timeout=30)
+        finally:
+            stop.set()
+            walker.join(60)
+        assert not errors, errors
+        assert not differ, sorted(set(differ))[:10]
+
+        # the host changes while no server runs: a directory the view holds becomes
+        # root-only, a root-only file appears in a listed directory
+        target = next(p for p, a in before.items()
+                      if "/" in p and not p.endswith("/") and a[0] == stat.S_IFDIR)
+        parent = target.rsplit("/", 1)[0]
+        os.kill(keeper, signal.SIGSTOP)
+        try:
+            server = server_of(keeper)
+            assert server is not None
+            os.kill(server, signal.SIGKILL)
+            wait_until("the server is dead", lambda: not alive(server))
+            (lower / target).chmod(0o700)
+            os.chown(lower / target, 0, 0)
+            (lower / parent / "late").write_text("root only")
+            (lower / parent / "late").chmod(0o600)
+        finally:
+            os.kill(keeper, signal.SIGCONT)
+        wait_until("a new server", lambda: server_of(keeper) not in (None, server))
+        for path in (target, f"{parent}/late"):
+            wait_until(f"{path} hidden", lambda p=path: not os.path.lexists(view / p),
+                       timeout=5)
+        assert "late" not in os.listdir(view / parent)
+        assert os.path.basename(target) not in os.listdir(view / parent)
+        log = (tmp_path / "guard.log").read_text()
+        assert log.count("a new one takes over its session") == 4, log
+
+
+def test_a_request_the_killed_guard_was_answering_is_answered_by_the_next(tmp_path: Path) -> None:
+    """kill -9 of the server while it answers (it lists a directory of 20,000 entries, half of
+    them root-only): the kernel sends the request again to the new server (FUSE_NOTIFY_RESEND)
+    and the listing that waited for it is complete and shows no hidden entry."""
+    with guarded_view(tmp_path) as (lower, view, keeper):
+        big = lower / "pub" / "big"
+        big.mkdir()
+        for i in range(20_000):
+            (big / f"f{i}").write_text("")
+            if i % 2:
+                (big / f"f{i}").chmod(0o600)
+        os.stat(view / "pub/big")  # looked up: the listing is the one request left
+        server = server_of(keeper)
+        assert server is not None
+        listed: list[list[str]] = []
+        lister = threading.Thread(target=lambda: listed.append(os.listdir(view / "pub/big")))
+        lister.start()
+        try:
+            wait_until("the server answers a request", lambda: busy(server) or listed)
+            os.kill(server, signal.SIGKILL)
+        finally:
+            lister.join(60)
+        assert not lister.is_alive()
+        assert sorted(listed[0]) == sorted(f"f{i}" for i in range(0, 20_000, 2))
+        log = (tmp_path / "guard.log").read_text()
+        assert re.search(r"opcode (28|44)\) the dead server had read: sent again", log), log
+
+
+def busy(pid: int) -> bool:
+    """Is the server's main thread out of its read of /dev/fuse (answering a request)?"""
+    with open(f"/proc/{pid}/task/{pid}/syscall") as f:
+        return f.read().split()[0] != "0"
+
+
+def test_a_guard_that_cannot_be_kept_fails_closed(tmp_path: Path) -> None:
+    """Without a keeper (SDEEFS_GUARD_KEEPER=0, as before it had one) kill -9 of the guard
+    ends the view (ENOTCONN); with one, a server that keeps dying (more than 5 times in 30 s:
+    a request that kills each server it is resent to) and a server whose keeper was killed
+    before it end the view the same way: never an answer the guard did not decide."""
+    with guarded_view(tmp_path / "bare", keeper=False) as (_, view, pid):
+        os.listdir(view / "pub")
+        os.kill(pid, signal.SIGKILL)
+        wait_until("the view fails", lambda: not _answers(view))
+    with guarded_view(tmp_path / "burst") as (_, view, keeper):
+        for _ in range(6):
+            server = server_of(keeper)
+            assert server is not None
+            os.listdir(view / "pub")
+            os.kill(server, signal.SIGKILL)
+            wait_until("a new server or none", replaced(keeper, server))
+        wait_until("the keeper gave up", lambda: not alive(keeper))
+        wait_until("the view fails", lambda: not _answers(view))
+        assert "the 6. time" in (tmp_path / "burst" / "guard.log").read_text()
+    with guarded_view(tmp_path / "keeper") as (_, view, keeper):
+        server = server_of(keeper)
+        assert server is not None
+        os.kill(keeper, signal.SIGKILL)
+        wait_until("the keeper is gone", lambda: not alive(keeper))
+        assert os.listdir(view / "pub")  # the server goes on alone
+        os.kill(server, signal.SIGKILL)
+        wait_until("the view fails", lambda: not _answers(view))
+
+
+def alive(pid: int) -> bool:
+    """Is ``pid`` running (not gone, not a zombie)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _answers(view: Path) -> bool:
+    """Does the guard answer the overlay's lookup of a name it never saw?"""
+    try:
+        os.lstat(view / "pub" / f"never-seen-{time.monotonic_ns()}")
+    except FileNotFoundError:
+        return True
+    except (ConnectionAbortedError, OSError) as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise
+        return False
+    return True  # never: the name does not exist
+
+
+def replaced(keeper: int, server: int) -> Callable[[], bool]:
+    """Has the keeper another server than ``server``, or is it gone?"""
+    return lambda: server_of(keeper) != server or not alive(keeper)

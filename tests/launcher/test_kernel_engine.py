@@ -340,3 +340,49 @@ def test_a_device_node_host_root_makes_by_hand_reaches_the_replica_inert() -> No
                         check=False)
         assert seen.stdout.splitlines() == [f"character special file 1:3 {user}"], seen.stdout
         assert "Permission denied" in seen.stderr, seen.stderr
+
+
+def guard_pids(site: Site, user: str) -> list[int]:
+    [row] = [r for r in json.loads(site.sdeefs("status", "--json").stdout) if r["user"] == user]
+    return list(row["guard_pids"])
+
+
+def test_a_pam_login_survives_kill_9_of_its_guard() -> None:
+    """kill -9 of the guard's server (sdeefs-guard, guard.c "surviving a crash"), twice, while
+    a shell inside reads host directories, looks up names the guard decides afresh and
+    writes files: the loop never notices, hidden files stay hidden, a new server serves
+    (``sdeefs status`` shows keeper and server), ``sdeefs check`` is clean and the replica
+    converges.  (Before the keeper, the loop died with "Transport endpoint is not connected".)"""
+    with kernel_site() as (site, base, _):
+        user = site.add_user()
+        service = site.pam_service()
+        opened = site.pamtester(service, user, "open_session")
+        assert opened.returncode == 0, opened.stderr
+        keeper, first = guard_pids(site, user)
+        loop = in_env(site, user,
+                      "mkdir -p /opt/g && for i in $(seq 1 1500); do "
+                      "ls /usr/share /etc >/dev/null || exit 3; "
+                      "test ! -e /usr/share/never-$i || exit 4; "
+                      "test ! -e /etc/shadow || exit 5; "
+                      "cat /etc/hostname >/dev/null || exit 6; "
+                      "echo g$i > /opt/g/f$i || exit 7; done; echo done")
+        wait_for("the loop has started", lambda: (site.upper(user) / "opt/g/f50").exists())
+        os.kill(first, signal.SIGKILL)
+        wait_for("a new server", lambda: guard_pids(site, user)[1:] not in ([], [first]))
+        second = guard_pids(site, user)[1]
+        count = len(list((site.upper(user) / "opt/g").iterdir()))
+        wait_for("the loop goes on", lambda: len(list((site.upper(user) / "opt/g").iterdir()))
+                 > count + 50)
+        os.kill(second, signal.SIGKILL)
+        out, err = loop.communicate(timeout=300)
+        assert loop.returncode == 0, (loop.returncode, err)
+        assert out == "done\n"
+        assert guard_pids(site, user)[0] == keeper
+        assert guard_pids(site, user)[1] not in (first, second)
+        assert site.run(user, "cat /opt/g/f1500; test ! -e /etc/shadow && echo hidden").stdout \
+            == "g1500\nhidden\n"
+        barrier(site, base, user)
+        assert replica_diff(site, base, user) == []
+        check(site, user)
+        log = (site.run_dir / user / "private" / "guard.log").read_text()
+        assert log.count("a new one takes over its session") == 2, log

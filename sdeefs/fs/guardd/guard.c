@@ -34,7 +34,9 @@
  * The lower fd is a detached clone of the lower's mount (open_tree), resolved beneath with
  * openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS|RESOLVE_NO_XDEV).  It
  * reports "ok" or "<exit code> <reason>" on the ready fd (sdeefs.fs.daemon.report), errors
- * as one line.
+ * as one line.  The process started is the keeper (its pid in the pid file); it forks the
+ * server, and a new one if the server dies ("surviving a crash" below).
+ * SDEEFS_GUARD_KEEPER=0: one process, which mounts and serves (its death ends the view).
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 34
@@ -50,13 +52,20 @@
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/inotify.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -251,6 +260,105 @@ static bool hides(const struct policy *p, const char *rel, const struct stat *st
     return !host_readable(p, st) || deny_matches(p, rel);
 }
 
+/* -- surviving a crash: the keeper and the node table's log --------------------------------
+ *
+ * The process the launcher starts is the keeper: it opens /dev/fuse, mounts, and forks the
+ * server, which serves the mount with that descriptor.  The keeper does nothing else (it
+ * waits for the server), so it has nothing to crash on.  If the server dies of anything but
+ * the end of its mount (kill -9, a signal, a crash), the keeper forks a new one on the same
+ * descriptor: the kernel's connection never closed, so the view never saw the death; its
+ * requests waited in the connection's queue.  The new server
+ *
+ *   - takes up the session without a new INIT from the kernel (which sends only one): it
+ *     feeds libfuse the INIT the first server read (kept below), and swallows the reply,
+ *     so it negotiates what the kernel already agreed to (fuse_session_custom_io);
+ *   - resolves every node id the kernel still holds: the servers log every change of the
+ *     node table (node made, moved, lookup count) into a memfd the keeper holds, before the
+ *     reply that hands the node out; the new server replays it.  A crash between the log
+ *     and the reply leaves a count one too high: the node is never forgotten, nothing worse;
+ *   - asks the kernel to send again the requests the dead server had read but not answered
+ *     (FUSE_NOTIFY_RESEND, Linux >= 6.9);
+ *   - watches every directory again and drops every answer the kernel holds (entries,
+ *     attributes, listings): what the host changed while nobody watched is decided afresh.
+ *
+ * Fail closed: a log that cannot be trusted (overflowed, unreadable), a first server that
+ * dies before it serves (nothing to take over), or more than KEEP_BURST restarts within
+ * KEEP_WINDOW seconds (a request that kills every server it is sent to again: the kernel
+ * resends it each time) end the keeper: its descriptor closes with
+ * the server's, the kernel aborts the connection, and the view fails with ENOTCONN until the
+ * next login remounts it - as without a keeper.  A node id the log does not know is ESTALE.
+ * kill -9 of the keeper: the server goes on serving (it holds the descriptor too); a later
+ * death of the server then closes the last descriptor: fail closed as above.
+ *
+ * The log (one memfd: a header page, two regions; memory stores, no syscall per record):
+ * records of 8-aligned length, "len" stored last (release), so that a record cut short by a
+ * kill is not there.  When the log grows past KEEP_SLACK + 4 x (nodes x 256), the live table
+ * is written into the other region, then "active" flips to it: a crash at any point leaves
+ * one complete log. */
+
+#define KEEP_MAGIC 0x316570656b647373ULL /* "ssdkepe1" */
+#define KEEP_PAGE 4096UL
+#define KEEP_REGION (256UL << 20) /* sparse: pages are used only as the log fills them */
+#define KEEP_SLACK (4UL << 20)
+#define KEEP_BURST 5
+#define KEEP_WINDOW 30.0
+#define KEEP_INIT_MAX 256
+#define REC_NODE 1
+#define REC_COUNT 2
+/* the synthetic INIT's id: no request's (the kernel's are even and never 0; an interrupt's is
+ * its request's + 1), and its reply is the first the new server sends */
+#define SYNTH_UNIQUE 1ULL
+
+/* the kernel's framing (include/uapi/linux/fuse.h; the installed header may predate 7.40) */
+struct k_in_header {
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+struct k_out_header {
+    uint32_t len;
+    int32_t error;
+    uint64_t unique;
+};
+#define K_FUSE_INIT 26
+#define K_NOTIFY_RESEND 7
+#define K_UNIQUE_RESEND (1ULL << 63) /* the kernel marks a request it sends again */
+
+struct keep_header {
+    uint64_t magic;
+    uint32_t trusted;  /* 0: the log is incomplete: no restart (fail closed) */
+    uint32_t active;   /* the region holding the log */
+    uint32_t serving;  /* a server serves (it reached its loop): worth restarting */
+    uint32_t init_len; /* the INIT body the first server read */
+    uint64_t restarts;
+    uint8_t init[KEEP_INIT_MAX];
+};
+
+struct rec_node {
+    uint32_t len, type;
+    uint64_t ino, host_ino, lookups;
+    uint32_t whiteout, rel_len;
+    struct stat st;
+    char rel[];
+};
+
+struct rec_count {
+    uint32_t len, type;
+    uint64_t ino, lookups;
+};
+
+struct keep {
+    int fd;                  /* the memfd (-1: no keeper, nothing logged) */
+    struct keep_header *hdr;
+    char *regions;           /* both regions, mapped */
+    size_t used;             /* bytes of the active region written */
+    size_t slack;            /* compact past this many bytes ($SDEEFS_GUARD_LOG_SLACK, tests) */
+    bool resume;             /* this server takes over a dead one's session */
+    bool resend;             /* ... and has yet to ask for the requests it left */
+    bool swallow;            /* the synthetic INIT's reply is not the kernel's */
+};
+
 /* -- nodes (guard.py GuardNode, NodeTable) ------------------------------------------------- */
 
 struct hidden {
@@ -266,6 +374,7 @@ struct node {
     struct stat st;     /* the host entry when last seen (whiteouts: their own) */
     uint64_t lookups;
     int wd;             /* inotify watch of a directory, -1 if none */
+    bool recheck;       /* after a takeover: its entry may no longer be a visible directory */
     /* listing cache: hidden entries */
     bool listed;
     struct timespec list_mtime;
@@ -291,6 +400,7 @@ struct guard {
     bool lost_events;           /* an inotify overflow happened: no long timeouts any more */
     struct fuse_session *se;
     bool stateless_dirs;
+    struct keep keep;           /* the node table's log, for a restarted server */
 };
 
 static size_t hash64(uint64_t v, size_t size)
@@ -442,6 +552,112 @@ static struct node *new_node(uint64_t ino, const char *rel, uint64_t host_ino, b
     n->st = *st;
     n->wd = -1;
     return n;
+}
+
+/* -- the node table's log (see "surviving a crash") ------------------------------------------ */
+
+static char *keep_region(const struct keep *k, uint32_t which)
+{
+    return k->regions + (size_t)which * KEEP_REGION;
+}
+
+static bool keep_on(const struct keep *k)
+{
+    return k->fd >= 0 && __atomic_load_n(&k->hdr->trusted, __ATOMIC_ACQUIRE);
+}
+
+/* append a record to a region with ``*used`` bytes written; its length goes in last: a
+ * record cut short by a kill is not in the log.  false: the region is full */
+static bool put_node(char *region, size_t *used, const struct node *n)
+{
+    size_t rel_len = strlen(n->rel);
+    size_t size = (sizeof(struct rec_node) + rel_len + 1 + 7) & ~(size_t)7;
+    if (*used + size + sizeof(uint64_t) > KEEP_REGION || rel_len > UINT32_MAX / 2)
+        return false;
+    struct rec_node *r = (struct rec_node *)(region + *used);
+    r->type = REC_NODE;
+    r->ino = n->ino;
+    r->host_ino = n->host_ino;
+    r->lookups = n->lookups;
+    r->whiteout = n->whiteout;
+    r->rel_len = (uint32_t)rel_len;
+    r->st = n->st;
+    memcpy(r->rel, n->rel, rel_len + 1);
+    __atomic_store_n(&r->len, (uint32_t)size, __ATOMIC_RELEASE);
+    *used += size;
+    return true;
+}
+
+static bool put_count(char *region, size_t *used, const struct node *n)
+{
+    size_t size = sizeof(struct rec_count);
+    if (*used + size + sizeof(uint64_t) > KEEP_REGION)
+        return false;
+    struct rec_count *r = (struct rec_count *)(region + *used);
+    r->type = REC_COUNT;
+    r->ino = n->ino;
+    r->lookups = n->lookups;
+    __atomic_store_n(&r->len, (uint32_t)size, __ATOMIC_RELEASE);
+    *used += size;
+    return true;
+}
+
+static void keep_lost(struct guard *g, const char *why)
+{
+    if (!keep_on(&g->keep))
+        return;
+    fprintf(stderr, "sdeefs-guard: %s: a crash of this server now ends the view (ENOTCONN) "
+            "instead of a restart\n", why);
+    __atomic_store_n(&g->keep.hdr->trusted, 0, __ATOMIC_RELEASE);
+}
+
+/* zero a region (its pages are freed) */
+static bool punch(const struct keep *k, uint32_t which)
+{
+    return fallocate(k->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                     (off_t)(KEEP_PAGE + (size_t)which * KEEP_REGION), (off_t)KEEP_REGION) == 0;
+}
+
+/* the live table into the other region, then "active" flips to it */
+static void keep_compact(struct guard *g)
+{
+    struct keep *k = &g->keep;
+    if (!keep_on(k))
+        return;
+    uint32_t old = k->hdr->active, other = 1 - old;
+    char *region = keep_region(k, other);
+    if (!punch(k, other)) {
+        keep_lost(g, "the node table's log cannot be compacted");
+        return;
+    }
+    size_t used = 0;
+    for (size_t i = 0; i < g->t.size; i++)
+        for (struct node *n = g->t.by_ino[i]; n; n = n->next_ino)
+            if (n->ino != ROOT_INO && n->lookups && !put_node(region, &used, n)) {
+                keep_lost(g, "the node table outgrew its log");
+                return;
+            }
+    __atomic_store_n(&k->hdr->active, other, __ATOMIC_RELEASE);
+    punch(k, old); /* else its pages stay until the next compaction punches it */
+    k->used = used;
+}
+
+/* log a node's change (full: made or moved; else its lookup count), before the reply that
+ * hands it to the kernel */
+static void keep_log(struct guard *g, const struct node *n, bool full)
+{
+    struct keep *k = &g->keep;
+    if (!keep_on(k) || n->ino == ROOT_INO)
+        return;
+    if (k->used > (k->slack ? k->slack : KEEP_SLACK + g->t.count * 1024))
+        keep_compact(g);
+    for (int attempt = 0; attempt < 2 && keep_on(k); attempt++) {
+        char *region = keep_region(k, k->hdr->active);
+        if (full ? put_node(region, &k->used, n) : put_count(region, &k->used, n))
+            return;
+        keep_compact(g);
+    }
+    keep_lost(g, "the node table outgrew its log");
 }
 
 /* -- the host ------------------------------------------------------------------------------ */
@@ -613,7 +829,8 @@ static struct node *remember_whiteout(struct guard *g, bool stale, uint64_t host
     } else {
         n = by_key(g, true, host_ino);
     }
-    if (!n) {
+    bool made = !n;
+    if (made) {
         uint64_t ino = stale ? STALE_WHITEOUT : WHITEOUT_BASE + ++g->fresh;
         struct stat st;
         whiteout_stat(&st, ino, &g->policy);
@@ -623,6 +840,7 @@ static struct node *remember_whiteout(struct guard *g, bool stale, uint64_t host
         add_node(g, n);
     }
     n->lookups++;
+    keep_log(g, n, made);
     return n;
 }
 
@@ -662,6 +880,7 @@ static struct node *answer(struct guard *g, const char *rel, const struct stat *
         return NULL;
     }
     struct node *n = by_key(g, false, st->st_ino);
+    bool changed = !n;
     if (!n) {
         uint64_t ino = 1 < st->st_ino && st->st_ino < GUARD_ID_BASE
                            ? (uint64_t)st->st_ino : GUARD_ID_BASE + ++g->fresh;
@@ -684,9 +903,11 @@ static struct node *answer(struct guard *g, const char *rel, const struct stat *
             n->rel = copy;
         }
         drop_listing(n);
+        changed = true;
     }
     n->st = *st;
     n->lookups++;
+    keep_log(g, n, changed);
     if (fd >= 0)
         watch(g, n, fd);
     return n;
@@ -793,6 +1014,7 @@ static void forget_one(struct guard *g, fuse_ino_t ino, uint64_t count)
     if (!n || ino == ROOT_INO)
         return;
     n->lookups = n->lookups > count ? n->lookups - count : 0;
+    keep_log(g, n, false);
     if (n->lookups)
         return;
     unlink_node(g, n);
@@ -1055,7 +1277,13 @@ static void op_init(void *userdata, struct fuse_conn_info *conn)
     conn->want &= ~(unsigned)FUSE_CAP_READDIRPLUS_AUTO;
     if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA)
         conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
+    /* every request through the custom io (the keeper's INIT and resend need it) */
+    conn->want &= ~(unsigned)(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE |
+                              FUSE_CAP_SPLICE_MOVE);
     g->stateless_dirs = (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT) != 0;
+    /* the first server: the session can be taken over once its INIT is kept */
+    if (g->keep.fd >= 0 && !g->keep.resume && g->keep.hdr->init_len)
+        __atomic_store_n(&g->keep.hdr->serving, 1, __ATOMIC_RELEASE);
 }
 
 static const struct fuse_lowlevel_ops ops = {
@@ -1154,6 +1382,228 @@ static void *watch_host(void *arg)
         }
         free(todo);
     }
+}
+
+/* -- taking over a dead server's session (see "surviving a crash") ---------------------------- */
+
+/* The log into the node table; every directory in it watched again.  -1: not to be trusted. */
+static int keep_replay(struct guard *g)
+{
+    struct keep *k = &g->keep;
+    struct keep_header *h = k->hdr;
+    double began = now();
+    if (h->magic != KEEP_MAGIC || !__atomic_load_n(&h->trusted, __ATOMIC_ACQUIRE) ||
+        h->active > 1 || !h->init_len || h->init_len > KEEP_INIT_MAX)
+        return -1;
+    char *region = keep_region(k, h->active);
+    size_t pos = 0;
+    while (pos + sizeof(uint64_t) <= KEEP_REGION) {
+        uint32_t len = __atomic_load_n((uint32_t *)(region + pos), __ATOMIC_ACQUIRE);
+        if (!len)
+            break;
+        if (len < sizeof(struct rec_count) || len % 8 || len > KEEP_REGION - pos)
+            return -1;
+        uint32_t type = ((uint32_t *)(region + pos))[1];
+        if (type == REC_NODE) {
+            struct rec_node *r = (struct rec_node *)(region + pos);
+            if (len < sizeof *r || r->rel_len >= len - sizeof *r || r->rel[r->rel_len] ||
+                r->ino == ROOT_INO)
+                return -1;
+            struct node *n = by_ino(g, r->ino);
+            if (n) {
+                unlink_node(g, n);
+                free_node(n);
+            }
+            if (r->lookups) {
+                n = new_node(r->ino, r->rel, r->host_ino, r->whiteout, &r->st);
+                if (!n)
+                    return -1;
+                n->lookups = r->lookups;
+                add_node(g, n);
+            }
+        } else if (type == REC_COUNT) {
+            struct rec_count *r = (struct rec_count *)(region + pos);
+            struct node *n = by_ino(g, r->ino);
+            if (!n) {
+                if (r->lookups) /* a count of a node never made */
+                    return -1;
+                pos += len;  /* forgotten as the log was compacted: already gone */
+                continue;
+            }
+            n->lookups = r->lookups;
+            if (!n->lookups) {
+                unlink_node(g, n);
+                free_node(n);
+            }
+        } else {
+            return -1;
+        }
+        pos += len;
+    }
+    size_t nodes = 0;
+    for (size_t i = 0; i < g->t.size; i++)
+        for (struct node *n = g->t.by_ino[i]; n; n = n->next_ino) {
+            nodes++;
+            uint64_t base = n->ino >= WHITEOUT_BASE ? WHITEOUT_BASE
+                            : n->ino >= GUARD_ID_BASE ? GUARD_ID_BASE : 0;
+            if (base && n->ino != STALE_WHITEOUT && n->ino - base > g->fresh)
+                g->fresh = n->ino - base;
+            if (n->whiteout || n->ino == ROOT_INO)
+                continue;
+            /* Did the host change it while no server watched?  Moved or replaced (its
+             * names fail closed, as before), or now hidden: the kernel's entry must go.
+             * Else only its attributes and listing (invalidate_after_takeover). */
+            int fd = open_dir(g, n, O_PATH);
+            struct stat st;
+            if (fd >= 0 && fstat(fd, &st) == 0) {
+                n->st = st;
+                n->recheck = hides(&g->policy, n->rel, &st);
+                watch(g, n, fd);
+            } else {
+                n->recheck = true;
+            }
+            if (fd >= 0)
+                close(fd);
+        }
+    keep_compact(g); /* a fresh log: this server's own */
+    fprintf(stderr, "sdeefs-guard: took over the session (restart %" PRIu64 "): %zu nodes the "
+            "kernel holds, replayed and watched in %.1f ms\n", h->restarts, nodes,
+            (now() - began) * 1e3);
+    return keep_on(k) ? 0 : -1;
+}
+
+struct dir_rel {
+    const char *rel;
+    fuse_ino_t ino;
+};
+
+static int cmp_dir_rel(const void *a, const void *b)
+{
+    return strcmp(((const struct dir_rel *)a)->rel, ((const struct dir_rel *)b)->rel);
+}
+
+/* After a takeover: what changed on the host while no server watched is decided afresh.
+ * The kernel's answers are dropped: every directory's attributes and listing (its
+ * whiteouts), every whiteout's entry, and the entry of every directory that is no longer a
+ * visible directory at its path (keep_replay looked).  The entries of the directories that
+ * still are stay: overlayfs keeps its own dentries on them (a walk costs what it did). */
+static void *invalidate_after_takeover(void *arg)
+{
+    struct guard *g = arg;
+    struct inval *todo = NULL;
+    struct dir_rel *dirs = NULL;
+    size_t ntodo = 0, ndirs = 0;
+    pthread_mutex_lock(&g->lock);
+    todo = calloc(2 * g->t.count + 1, sizeof *todo);
+    dirs = calloc(g->t.count + 1, sizeof *dirs);
+    if (!todo || !dirs) {
+        pthread_mutex_unlock(&g->lock);
+        fprintf(stderr, "sdeefs-guard: out of memory after a takeover\n");
+        exit(1); /* the keeper decides: a new server, or fail closed */
+    }
+    for (size_t i = 0; i < g->t.size; i++)
+        for (struct node *n = g->t.by_ino[i]; n; n = n->next_ino)
+            if (!n->whiteout) {
+                drop_listing(n);
+                dirs[ndirs++] = (struct dir_rel){n->rel, n->ino};
+                todo[ntodo++] = (struct inval){n->ino, NULL};
+            }
+    qsort(dirs, ndirs, sizeof *dirs, cmp_dir_rel);
+    for (size_t i = 0; i < g->t.size; i++)
+        for (struct node *n = g->t.by_ino[i]; n; n = n->next_ino) {
+            if (n->ino == ROOT_INO || n->ino == STALE_WHITEOUT || (!n->whiteout && !n->recheck))
+                continue;
+            const char *slash = strrchr(n->rel, '/');
+            char *parent = strndup(n->rel, slash ? (size_t)(slash - n->rel) : 0);
+            if (!parent)
+                continue;
+            struct dir_rel key = {parent, 0};
+            struct dir_rel *found = bsearch(&key, dirs, ndirs, sizeof *dirs, cmp_dir_rel);
+            free(parent);
+            if (found)
+                todo[ntodo++] = (struct inval){found->ino, strdup(slash ? slash + 1 : n->rel)};
+        }
+    pthread_mutex_unlock(&g->lock);
+    free(dirs);
+    for (size_t i = 0; i < ntodo; i++) {
+        if (todo[i].name) {
+            fuse_lowlevel_notify_inval_entry(g->se, todo[i].ino, todo[i].name,
+                                             strlen(todo[i].name));
+            free(todo[i].name);
+        } else {
+            fuse_lowlevel_notify_inval_inode(g->se, todo[i].ino, 0, 0);
+        }
+    }
+    free(todo);
+    return NULL;
+}
+
+/* libfuse's reads and writes of /dev/fuse (fuse_session_custom_io): the first server keeps
+ * the kernel's INIT; a new one is handed that INIT instead of a read, its reply swallowed,
+ * then asks the kernel to resend what the dead one left. */
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    struct guard *g = userdata;
+    struct keep *k = &g->keep;
+    if (k->resume) {
+        k->resume = false;
+        size_t body = k->hdr->init_len, total = sizeof(struct k_in_header) + body;
+        if (len < total) {
+            errno = EIO;
+            return -1;
+        }
+        struct k_in_header h = {.len = (uint32_t)total, .opcode = K_FUSE_INIT,
+                                .unique = SYNTH_UNIQUE};
+        memcpy(buf, &h, sizeof h);
+        memcpy((char *)buf + sizeof h, k->hdr->init, body);
+        __atomic_store_n(&k->swallow, true, __ATOMIC_RELEASE);
+        k->resend = true;
+        return (ssize_t)total;
+    }
+    if (k->resend) { /* the INIT is through: the kernel's own requests from now on */
+        k->resend = false;
+        struct k_out_header note = {.len = sizeof note, .error = K_NOTIFY_RESEND, .unique = 0};
+        if (write(fd, &note, sizeof note) != (ssize_t)sizeof note)
+            fprintf(stderr, "sdeefs-guard: the kernel cannot resend the requests the dead "
+                    "server had read (%s; Linux >= 6.9 can): they wait\n", strerror(errno));
+        pthread_t t;
+        if (pthread_create(&t, NULL, invalidate_after_takeover, g) == 0)
+            pthread_detach(t);
+        else
+            exit(1); /* nothing invalidated: not to be served (the keeper decides) */
+        __atomic_store_n(&k->hdr->serving, 1, __ATOMIC_RELEASE);
+    }
+    ssize_t n = read(fd, buf, len);
+    if (k->fd >= 0 && n >= (ssize_t)sizeof(struct k_in_header) &&
+        (((const struct k_in_header *)buf)->unique & K_UNIQUE_RESEND))
+        fprintf(stderr, "sdeefs-guard: request %" PRIu64 " (opcode %u) the dead server had "
+                "read: sent again by the kernel\n",
+                (uint64_t)(((const struct k_in_header *)buf)->unique & ~K_UNIQUE_RESEND),
+                ((const struct k_in_header *)buf)->opcode);
+    if (k->fd >= 0 && !k->hdr->init_len && n >= (ssize_t)sizeof(struct k_in_header)) {
+        const struct k_in_header *h = buf;
+        size_t body = (size_t)n - sizeof *h;
+        if (h->opcode == K_FUSE_INIT && body <= KEEP_INIT_MAX) {
+            memcpy(k->hdr->init, (const char *)buf + sizeof *h, body);
+            __atomic_store_n(&k->hdr->init_len, (uint32_t)body, __ATOMIC_RELEASE);
+        }
+    }
+    return n;
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    struct guard *g = userdata;
+    if (__atomic_load_n(&g->keep.swallow, __ATOMIC_ACQUIRE) && count > 0 &&
+        iov[0].iov_len >= sizeof(struct k_out_header) &&
+        ((const struct k_out_header *)iov[0].iov_base)->unique == SYNTH_UNIQUE) {
+        __atomic_store_n(&g->keep.swallow, false, __ATOMIC_RELEASE);
+        ssize_t total = 0;
+        for (int i = 0; i < count; i++)
+            total += (ssize_t)iov[i].iov_len;
+        return total; /* the kernel agreed to all this with the first server */
+    }
+    return writev(fd, iov, count);
 }
 
 /* -- start ----------------------------------------------------------------------------------- */
@@ -1278,6 +1728,213 @@ static void write_pid_file(const char *path)
     }
 }
 
+/* Serve the mount: on ``fuse_fd`` (the keeper's, -1: mount ``mountpoint`` here) */
+static int serve(struct guard *g, const char *mountpoint, const char *pid_file, int fuse_fd)
+{
+    struct stat root_st;
+    if (fstat(g->lower_fd, &root_st) < 0)
+        fail(1, "the lower is gone: %s", strerror(errno));
+    table_init(&g->t, 1024);
+    pthread_mutex_init(&g->lock, NULL);
+    struct node *root = new_node(ROOT_INO, "", root_st.st_ino, false, &root_st);
+    root->lookups = 1;
+    add_node(g, root);
+    /* SDEEFS_GUARD_NO_INOTIFY=1: as if no directory could be watched (the tests check that
+     * fallback; an admin may use it to spare inotify watches) */
+    const char *no_inotify = getenv("SDEEFS_GUARD_NO_INOTIFY");
+    g->inotify_fd = no_inotify && *no_inotify == '1' ? -1 : inotify_init1(IN_CLOEXEC);
+    if (no_inotify && *no_inotify == '1')
+        fprintf(stderr, "sdeefs-guard: SDEEFS_GUARD_NO_INOTIFY=1: short timeouts\n");
+    else if (g->inotify_fd < 0)
+        fprintf(stderr, "sdeefs-guard: no inotify (%s): short timeouts\n", strerror(errno));
+    else
+        watch(g, root, g->lower_fd);
+    if (g->keep.resume && keep_replay(g) != 0) {
+        fprintf(stderr, "sdeefs-guard: the node table's log cannot be trusted: the view "
+                "fails closed\n");
+        __atomic_store_n(&g->keep.hdr->trusted, 0, __ATOMIC_RELEASE);
+        return 3;
+    }
+
+    char *fuse_argv[] = {
+        "sdeefs-guard", "-o",
+        "fsname=sdeefs-guard,subtype=sdeefs-guard,ro,default_permissions,allow_other,nodev,"
+        "nosuid,noexec",
+        NULL};
+    struct fuse_args args = FUSE_ARGS_INIT(3, fuse_argv);
+    g->se = fuse_session_new(&args, &ops, sizeof ops, g);
+    if (!g->se)
+        fail(1, "cannot mount the guard: fuse_session_new failed");
+    if (fuse_set_signal_handlers(g->se) != 0)
+        fail(1, "cannot mount the guard: signal handlers");
+    if (fuse_fd >= 0) {
+        static const struct fuse_custom_io io = {.read = io_read, .writev = io_writev};
+        if (fuse_session_custom_io(g->se, &io, fuse_fd) != 0)
+            fail(1, "cannot serve the guard: fuse_session_custom_io failed");
+    } else {
+        if (fuse_session_mount(g->se, mountpoint) != 0)
+            fail(1, "cannot mount the guard at %s", mountpoint);
+        if (pid_file)
+            write_pid_file(pid_file);
+    }
+    pthread_t watcher;
+    if (g->inotify_fd >= 0 && pthread_create(&watcher, NULL, watch_host, g) != 0) {
+        fprintf(stderr, "sdeefs-guard: no watcher thread: short timeouts\n");
+        g->lost_events = true;
+    }
+    if (ready_fd >= 0) {
+        if (write(ready_fd, "ok\n", 3) != 3)
+            fprintf(stderr, "sdeefs-guard: nobody waits for the report\n");
+        close(ready_fd);
+        ready_fd = -1;
+    }
+    short_slice();
+    int ret = fuse_session_loop(g->se);
+    fuse_session_unmount(g->se);
+    fuse_remove_signal_handlers(g->se);
+    fuse_session_destroy(g->se);
+    return ret < 0 ? 1 : 0;
+}
+
+/* the mount's device in this mount namespace (/proc/self/mountinfo), 0 if none */
+static dev_t mount_dev(const char *mountpoint)
+{
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f)
+        return 0;
+    char *line = NULL;
+    size_t cap = 0;
+    dev_t dev = 0;
+    while (getline(&line, &cap, f) > 0) {
+        unsigned major, minor;
+        char point[PATH_MAX];
+        if (sscanf(line, "%*u %*u %u:%u %*s %4095s", &major, &minor, point) == 3 &&
+            !strcmp(point, mountpoint))
+            dev = makedev(major, minor);
+    }
+    free(line);
+    fclose(f);
+    return dev;
+}
+
+static volatile sig_atomic_t keeper_child, keeper_stop;
+
+static void keeper_signal(int sig)
+{
+    keeper_stop = 1;
+    if (keeper_child > 0)
+        kill(keeper_child, sig); /* the server ends its session: the keeper follows */
+}
+
+/* The keeper (see "surviving a crash"): mount, then a server, and a new one whenever one
+ * dies while its session lives. */
+static int keeper(struct guard *g, const char *mountpoint, const char *pid_file)
+{
+    int fuse_fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+    if (fuse_fd < 0)
+        fail(1, "cannot mount the guard: /dev/fuse: %s", strerror(errno));
+    struct stat mst;
+    if (stat(mountpoint, &mst) < 0)
+        fail(1, "cannot mount the guard at %s: %s", mountpoint, strerror(errno));
+    char opts[256];
+    snprintf(opts, sizeof opts, "fd=%d,rootmode=%o,user_id=%u,group_id=%u,"
+             "default_permissions,allow_other", fuse_fd, mst.st_mode & S_IFMT, getuid(),
+             getgid());
+    if (mount("sdeefs-guard", mountpoint, "fuse.sdeefs-guard",
+              MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, opts) != 0)
+        fail(1, "cannot mount the guard at %s: %s", mountpoint, strerror(errno));
+    dev_t dev = mount_dev(mountpoint);
+    struct keep *k = &g->keep;
+    k->fd = memfd_create("sdeefs-guard-nodes", MFD_CLOEXEC);
+    if (k->fd < 0 || ftruncate(k->fd, (off_t)(KEEP_PAGE + 2 * KEEP_REGION)) != 0 ||
+        (k->hdr = mmap(NULL, KEEP_PAGE + 2 * KEEP_REGION, PROT_READ | PROT_WRITE, MAP_SHARED,
+                       k->fd, 0)) == MAP_FAILED) {
+        umount2(mountpoint, MNT_DETACH);
+        fail(1, "cannot keep the guard's node table: %s", strerror(errno));
+    }
+    k->regions = (char *)k->hdr + KEEP_PAGE;
+    const char *slack = getenv("SDEEFS_GUARD_LOG_SLACK"); /* tests: compact all the time */
+    k->slack = slack ? strtoul(slack, NULL, 10) : 0;
+    k->hdr->magic = KEEP_MAGIC;
+    k->hdr->trusted = 1;
+    if (pid_file)
+        write_pid_file(pid_file);
+    struct sigaction sa = {.sa_handler = keeper_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    bool ever_served = false, ended = false;
+    double window = now();
+    int burst = 0;
+    for (;;) {
+        __atomic_store_n(&k->hdr->serving, 0, __ATOMIC_RELEASE);
+        pid_t pid = fork();
+        if (pid == 0) {
+            signal(SIGTERM, SIG_DFL); /* libfuse sets its handlers only over the defaults */
+            signal(SIGINT, SIG_DFL);
+            signal(SIGHUP, SIG_DFL);
+            signal(SIGPIPE, SIG_DFL);
+            _exit(serve(g, mountpoint, NULL, fuse_fd));
+        }
+        if (pid < 0) {
+            fprintf(stderr, "sdeefs-guard: no server (fork: %s): the view fails closed\n",
+                    strerror(errno));
+            break;
+        }
+        keeper_child = pid;
+        if (keeper_stop)
+            kill(pid, SIGTERM);
+        if (ready_fd >= 0) { /* the first server reports */
+            close(ready_fd);
+            ready_fd = -1;
+        }
+        int status = 0;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        keeper_child = 0;
+        ever_served |= __atomic_load_n(&k->hdr->serving, __ATOMIC_ACQUIRE) != 0;
+        if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+            ended = true; /* unmounted, or ended by a signal: the session is over */
+            break;
+        }
+        char how[64];
+        if (WIFSIGNALED(status))
+            snprintf(how, sizeof how, "was killed by signal %d", WTERMSIG(status));
+        else
+            snprintf(how, sizeof how, "exited with %d", WEXITSTATUS(status));
+        if (keeper_stop || !ever_served || !keep_on(k)) {
+            fprintf(stderr, "sdeefs-guard: the server (pid %d) %s%s: the view fails closed\n",
+                    pid, how, keeper_stop ? " while stopping" : !ever_served
+                    ? " before it served" : " and its node table's log is incomplete");
+            break;
+        }
+        if (now() - window > KEEP_WINDOW) {
+            window = now();
+            burst = 0;
+        }
+        if (++burst > KEEP_BURST) {
+            fprintf(stderr, "sdeefs-guard: the server (pid %d) %s, the %d. time within %.0f s: "
+                    "the view fails closed\n", pid, how, burst, KEEP_WINDOW);
+            break;
+        }
+        k->hdr->restarts++;
+        fprintf(stderr, "sdeefs-guard: the server (pid %d) %s: a new one takes over its "
+                "session\n", pid, how);
+        k->resume = true;
+    }
+    /* ours to unmount if its session ended (or never began) and it is still ours here */
+    if ((ended || !ever_served) && dev && mount_dev(mountpoint) == dev) {
+        struct pollfd pfd = {.fd = fuse_fd, .events = 0};
+        if (!(poll(&pfd, 1, 0) == 1 && (pfd.revents & POLLERR))) {
+            close(fuse_fd);
+            umount2(mountpoint, MNT_DETACH);
+        }
+    }
+    return ended ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
     static struct guard g;
@@ -1328,52 +1985,13 @@ int main(int argc, char **argv)
     struct stat root_st;
     if (fstat(g.lower_fd, &root_st) < 0 || !S_ISDIR(root_st.st_mode))
         fail(2, "--lower-fd %d is not a directory", g.lower_fd);
-    table_init(&g.t, 1024);
-    pthread_mutex_init(&g.lock, NULL);
-    struct node *root = new_node(ROOT_INO, "", root_st.st_ino, false, &root_st);
-    root->lookups = 1;
-    add_node(&g, root);
-    /* SDEEFS_GUARD_NO_INOTIFY=1: as if no directory could be watched (the tests check that
-     * fallback; an admin may use it to spare inotify watches) */
-    const char *no_inotify = getenv("SDEEFS_GUARD_NO_INOTIFY");
-    g.inotify_fd = no_inotify && *no_inotify == '1' ? -1 : inotify_init1(IN_CLOEXEC);
-    if (no_inotify && *no_inotify == '1')
-        fprintf(stderr, "sdeefs-guard: SDEEFS_GUARD_NO_INOTIFY=1: short timeouts\n");
-    else if (g.inotify_fd < 0)
-        fprintf(stderr, "sdeefs-guard: no inotify (%s): short timeouts\n", strerror(errno));
-    else
-        watch(&g, root, g.lower_fd);
-
-    char *fuse_argv[] = {
-        argv[0], "-o",
-        "fsname=sdeefs-guard,subtype=sdeefs-guard,ro,default_permissions,allow_other,nodev,"
-        "nosuid,noexec",
-        NULL};
-    struct fuse_args args = FUSE_ARGS_INIT(3, fuse_argv);
-    g.se = fuse_session_new(&args, &ops, sizeof ops, &g);
-    if (!g.se)
-        fail(1, "cannot mount the guard: fuse_session_new failed");
-    if (fuse_set_signal_handlers(g.se) != 0)
-        fail(1, "cannot mount the guard: signal handlers");
-    if (fuse_session_mount(g.se, mountpoint) != 0)
-        fail(1, "cannot mount the guard at %s", mountpoint);
-    if (pid_file)
-        write_pid_file(pid_file);
-    pthread_t watcher;
-    if (g.inotify_fd >= 0 && pthread_create(&watcher, NULL, watch_host, &g) != 0) {
-        fprintf(stderr, "sdeefs-guard: no watcher thread: short timeouts\n");
-        g.lost_events = true;
+    g.keep.fd = -1;
+    /* SDEEFS_GUARD_KEEPER=0: no keeper, the server mounts itself (its death ends the view;
+     * for comparisons) */
+    const char *keeper_env = getenv("SDEEFS_GUARD_KEEPER");
+    if (keeper_env && *keeper_env == '0') {
+        fprintf(stderr, "sdeefs-guard: SDEEFS_GUARD_KEEPER=0: no keeper\n");
+        return serve(&g, mountpoint, pid_file, -1);
     }
-    if (ready_fd >= 0) {
-        if (write(ready_fd, "ok\n", 3) != 3)
-            fprintf(stderr, "sdeefs-guard: nobody waits for the report\n");
-        close(ready_fd);
-        ready_fd = -1;
-    }
-    short_slice();
-    int ret = fuse_session_loop(g.se);
-    fuse_session_unmount(g.se);
-    fuse_remove_signal_handlers(g.se);
-    fuse_session_destroy(g.se);
-    return ret < 0 ? 1 : 0;
+    return keeper(&g, mountpoint, pid_file);
 }
