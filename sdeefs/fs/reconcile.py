@@ -144,6 +144,7 @@ class Contents:
     size: int
     mtime: int
     ctime: int  # 0: the file changed while it was read
+    data: bytes | None = None  # the bytes read, if at most rec.MAX_INLINE (for a Create)
 
 
 @attrs.frozen
@@ -293,6 +294,7 @@ class _Batch:
     reborn: dict[int, int] = attrs.field(factory=dict)  # temporary id -> its inode number
     data: set[int] = attrs.field(factory=set)  # ids whose data must be read
     touched: set[int] = attrs.field(factory=set)  # dirs whose entries records changed
+    whole: set[int] = attrs.field(factory=set)  # new files journaled whole (Create)
     stage: int = 0  # id of work/sdeefs-capture once made
     staged: dict[tuple[int, bytes], bytes] = attrs.field(factory=dict)  # dest -> stage name
     records: int = 0
@@ -587,7 +589,8 @@ class Reconciler:
                 seen = Seen(seen.mode, seen.uid, seen.gid, seen.size, seen.mtime, seen.ctime,
                             seen.ino, seen.rdev, seen.handle, seen.xattrs, seen.target,
                             Contents(data_sums(data), len(data), after_mtime,
-                                     after_ctime if after_ctime == before_ctime else 0))
+                                     after_ctime if after_ctime == before_ctime else 0,
+                                     data if len(data) <= rec.MAX_INLINE else None))
             # (else replaced meanwhile, as _read says: its events are queued)
         elif read:
             try:
@@ -634,7 +637,9 @@ class Reconciler:
         if b is not None:
             b.read_bytes += size
         ctime = after.st_ctime_ns if after.st_ctime_ns == before.st_ctime_ns else 0
-        return Contents(sums, size, after.st_mtime_ns, ctime)
+        # (a file this small was read in one chunk: the buffer holds it)
+        data = bytes(self._buf[:size]) if size <= rec.MAX_INLINE else None
+        return Contents(sums, size, after.st_mtime_ns, ctime, data)
 
     # -- 2. decide the new tree ---------------------------------------------------------------
 
@@ -901,13 +906,34 @@ class Reconciler:
                 m.bind(id, p, name)
             elif id not in m.nodes:
                 seen = b.seen[id]
-                node = self._create(path, seen, emit)
+                node = self._create_whole(path, seen, emit)
+                if node is not None:
+                    b.whole.add(id)  # attributes and data journaled with it
+                else:
+                    node = self._create(path, seen, emit)
+                    b.data.add(id)
                 m.add(id, node)
                 m.bind(id, p, name)
-                b.data.add(id)
             else:
                 continue
             b.touched.add(p)
+
+    def _create_whole(self, path: bytes, seen: Seen, emit: Emit) -> Node | None:
+        """A new regular file whose contents were read whole as one ``Create`` record
+        (``sdeefs.records``); its node as the record leaves it.  None if it is not one
+        (another kind, too big, not read, too many xattrs): then the records of old."""
+        got = seen.contents
+        if seen.kind != stat.S_IFREG or got is None or got.data is None:
+            return None
+        xattrs = rec.encode_xattr_list(seen.xattrs) if seen.xattrs else b""
+        if len(xattrs) > rec.MAX_XATTR_LIST:
+            return None
+        mode = stat.S_IFREG | seen.perm
+        emit(rec.Create(path, mode, seen.uid, seen.gid, got.mtime, seen.handle, xattrs,
+                        got.data))
+        ctime = 0 if time.time_ns() - got.ctime < UNSURE_NS else got.ctime
+        return Node(mode, seen.uid, seen.gid, got.mtime, ctime, got.size, seen.handle,
+                    xattrs=seen.xattrs, data=got.sums)
 
     def _create(self, path: bytes, seen: Seen, emit: Emit) -> Node:
         perm, kind, uid, gid = seen.perm, seen.kind, seen.uid, seen.gid
@@ -925,7 +951,10 @@ class Reconciler:
     def _emit_attributes(self, b: _Batch, alive: Callable[[int], bool], emit: Emit) -> None:
         m = self.model
         now = time.time_ns()
+        whole = b.whole
         for id, seen in b.seen.items():
+            if id in whole:
+                continue  # made whole by its Create
             node = m.nodes.get(id)
             if node is None or not node.parent and id != UPPER:
                 continue

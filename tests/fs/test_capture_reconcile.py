@@ -165,7 +165,7 @@ def test_moves_swaps_and_cycles(rig: Rig) -> None:
     os.rename(up / "wh" / "c", up / "n" / "c")
     os.rename(up / "x", up / "y")
     records = rig.capture()
-    assert not any(isinstance(r, rec.Mknod | rec.Mkdir) and r.path != b"work/" + STAGE
+    assert not any(isinstance(r, rec.Mknod | rec.Mkdir | rec.Create) and r.path != b"work/" + STAGE
                    and not r.path.endswith(b"/n") for r in records), records
     rig.check()
 
@@ -207,7 +207,7 @@ def test_inode_reuse_is_a_new_file(rig: Rig) -> None:
         if reused:
             # not a rename of the old inode: a new file, the old one unlinked
             assert any(isinstance(r, rec.Unlink) for r in records), records
-            assert any(isinstance(r, rec.Mknod) for r in records), records
+            assert any(isinstance(r, rec.Mknod | rec.Create) for r in records), records
             return
         os.rename(rig.up / "e" / "new", rig.up / "d" / "old")
         os.setxattr(rig.up / "d" / "old", "user.only-old", b"1")
@@ -284,7 +284,7 @@ def test_a_budget_splits_big_batches(rig: Rig) -> None:
         batches.append(batch)
         todo = Dirty(dirs=stats.carry)
     assert len(batches) > 5
-    assert max(sum(isinstance(r, rec.Mknod) for r in b) for b in batches) <= 10
+    assert max(sum(isinstance(r, rec.Mknod | rec.Create) for r in b) for b in batches) <= 10
     rig.check()
 
 
@@ -356,7 +356,7 @@ def test_a_model_of_another_filesystem_is_matched_by_names(rig: Rig) -> None:
     rig.capture()
     rig.model.root_ino += 1  # as if the upper had been copied to a new filesystem
     records = rig.capture()
-    assert not any(isinstance(r, rec.Mknod | rec.Mkdir | rec.Unlink) for r in records)
+    assert not any(isinstance(r, rec.Mknod | rec.Mkdir | rec.Unlink | rec.Create) for r in records)
     rig.check()
 
 
