@@ -76,11 +76,12 @@ message is for people and never parsed.
 
 Versions: 6 carries records in encoding version 3 of ``sdeefs.records`` (record type 21,
 ``Create``: a new file with its attributes, xattrs and data in one record), which a
-version-5 node would refuse mid-stream as unknown.  5 put a credential in front of the replica's HELLO (MUNGE authentication) and
-carries record types 19 (Fallocate) and 20 (Mkdev), which a version-4 node would refuse
-mid-stream as unknown; a version-4 peer is refused by version, with an ERROR it reads (a
-code, then the message).  4 put the code before an ERROR's message (3 sent the message
-alone, so a replica had to recognise "history diverged" by its text).  3 carries records in
+version-5 node would refuse mid-stream as unknown.  5 put a credential in front of the
+replica's HELLO (MUNGE authentication) and carries record types 19 (Fallocate) and 20
+(Mkdev), which a version-4 node would refuse mid-stream as unknown; a version-4 peer is
+refused by version, with an ERROR it reads (a code, then the message).  4 put the code
+before an ERROR's message (3 sent the message alone, so a replica had to recognise
+"history diverged" by its text).  3 carries records in
 encoding version 2 of ``sdeefs.records`` (path fields with a u32 length, up to
 ``records.MAX_PATH``: trees deeper than PATH_MAX) and ACK subtree reports with a u32
 count, sent only when they change; 2 carried encoding 1 (u16, at most 4096 bytes) and
