@@ -25,7 +25,9 @@ coalesced.  So every batch looks at the upper itself, only where the events poin
       cycles, destinations below a directory that moves too);
    c. removals, children first;
    d. directories, staged entries, new entries and new hard links, by their depth in
-      the new tree, so a parent always exists first;
+      the new tree, so a parent always exists first; a new regular file whose contents
+      were read whole and fit ``records.MAX_INLINE`` is one ``Create`` record (its
+      attributes, xattrs and data: step e has nothing left to say about it);
    e. per inode: xattrs, data (``Extent`` records for the 64 KiB blocks whose sums
       differ from the model's; a new file's zero blocks come from its size), then one
       ``Setattr`` (size, owner, mode, mtime: applied in that order);
