@@ -168,7 +168,8 @@ def test_new_files_travel_as_create_records_and_the_replica_converges(
     assert b"upper/inst/over" not in creates
     f7 = creates[b"upper/inst/f7"]
     assert f7.xattr_pairs() == ((b"user.a", b"1"), (b"user.b", b"2"))
-    assert f7.mode & 0o7777 == 0o640 and f7.data == contents["f7"]
+    assert f7.mode & 0o7777 == 0o640
+    assert f7.data == contents["f7"]
     assert diff(site, base) == []
     mirror = base / "replicas" / USER / "upper" / "inst"
     for name, data in contents.items():
