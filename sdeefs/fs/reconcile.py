@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 BLOCK = rec.EXTENT_BLOCK
 SUM = rec.SUM_SIZE
 MAX_EXTENT_BLOCKS = 256  # blocks per Extent record (16 MiB, 4 KiB of sums)
+INLINE_BYTES = 64 << 20  # data a batch keeps for its Create records, at most
 STAGE = b"sdeefs-capture"  # work/sdeefs-capture: where moved entries wait within a batch
 READ_CHUNK = 1 << 20
 # A change this recent may be followed by another within the same timestamp tick
@@ -303,6 +304,16 @@ class _Batch:
     examined: int = 0
     read_bytes: int = 0
     budget: int = 0  # new entries to examine at most (0: no bound)
+    inline_left: int = INLINE_BYTES  # bytes new files may still keep for their Create
+
+    def inline(self, data: bytes) -> bytes | None:
+        """``data`` if a Create may carry it (at most MAX_INLINE, and the batch has not
+        kept INLINE_BYTES yet: that bounds what a batch holds; past it, a new file takes
+        the records of old, its data by reference)."""
+        if len(data) > rec.MAX_INLINE or len(data) > self.inline_left:
+            return None
+        self.inline_left -= len(data)
+        return data
     carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
 
 
@@ -320,6 +331,7 @@ class Reconciler:
     upper: Upper
     refused_seen: set[tuple[int, bytes]] = attrs.field(factory=set)
     native: bool = capturec is not None  # entries examined by sdeefs.fs._capturec
+    inline_bytes: int = INLINE_BYTES  # data one batch keeps for Create records, at most
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
 
@@ -348,7 +360,7 @@ class Reconciler:
         directories that hold more come back in ``Stats.carry``, to be listed again by
         the next call; every call leaves a complete tree (with fewer new entries).
         """
-        b = _Batch(budget=budget)
+        b = _Batch(budget=budget, inline_left=self.inline_bytes)
 
         def out(record: rec.Record) -> None:
             try:  # the journal's door, checked before the batch is written
@@ -548,7 +560,7 @@ class Reconciler:
                     mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target,
                     Contents(data_sums(data), len(data), after_mtime,
                              after_ctime if after_ctime == before_ctime else 0,
-                             data if len(data) <= rec.MAX_INLINE else None))
+                             b.inline(data)))
                 out.append(ino)
                 continue
             seen = Seen(mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target)
@@ -610,7 +622,7 @@ class Reconciler:
                             seen.ino, seen.rdev, seen.handle, seen.xattrs, seen.target,
                             Contents(data_sums(data), len(data), after_mtime,
                                      after_ctime if after_ctime == before_ctime else 0,
-                                     data if len(data) <= rec.MAX_INLINE else None))
+                                     b.inline(data) if node is None else None))
             # (else replaced meanwhile, as _read says: its events are queued)
         elif read:
             try:
@@ -620,7 +632,8 @@ class Reconciler:
                     raise
             else:
                 try:
-                    seen = attrs.evolve(seen, contents=self._read(fd, ino, b))
+                    seen = attrs.evolve(seen, contents=self._read(fd, ino, b,
+                                                                  keep=node is None))
                 finally:
                     os.close(fd)
         b.seen[id] = seen
@@ -648,7 +661,10 @@ class Reconciler:
                     os.close(fd)
         return seen
 
-    def _read(self, fd: int, ino: int, b: _Batch | None) -> Contents | None:
+    def _read(self, fd: int, ino: int, b: _Batch | None, keep: bool = False
+              ) -> Contents | None:
+        """What reading the file finds; with its bytes if ``keep`` (a new file: its
+        Create carries them) and the batch's ``inline`` allows."""
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode) or before.st_ino != ino:
             return None  # replaced meanwhile: its events are queued
@@ -658,7 +674,8 @@ class Reconciler:
             b.read_bytes += size
         ctime = after.st_ctime_ns if after.st_ctime_ns == before.st_ctime_ns else 0
         # (a file this small was read in one chunk: the buffer holds it)
-        data = bytes(self._buf[:size]) if size <= rec.MAX_INLINE else None
+        data = b.inline(bytes(self._buf[:size])) \
+            if keep and b is not None and size <= rec.MAX_INLINE else None
         return Contents(sums, size, after.st_mtime_ns, ctime, data)
 
     # -- 2. decide the new tree ---------------------------------------------------------------
