@@ -36,7 +36,7 @@ syscalls and bytes, done in C by ``sdeefs.fs._capturec`` (an optional extension:
 ``setup.py``); every decision stays in Python, and a new file that C read whole takes
 the short way through it (``Reconciler._examine_entries``).  Without the extension (or
 with ``--python-only``) the same code paths run in Python and journal the same
-records: 64 against 39 µs of CPU per small file created, 81 and 57 µs with the three
+records: 61 against 32 µs of CPU per small file created, 72 and 49 µs with the three
 records of before (``bench/install/capture_cpu.py``; bench/RESULTS.md).
 
 Start
