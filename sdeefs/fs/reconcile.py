@@ -305,6 +305,7 @@ class _Batch:
     read_bytes: int = 0
     budget: int = 0  # new entries to examine at most (0: no bound)
     inline_left: int = INLINE_BYTES  # bytes new files may still keep for their Create
+    carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
 
     def inline(self, data: bytes) -> bytes | None:
         """``data`` if a Create may carry it (at most MAX_INLINE, and the batch has not
@@ -314,7 +315,6 @@ class _Batch:
             return None
         self.inline_left -= len(data)
         return data
-    carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
 
 
 @attrs.define(eq=False)
