@@ -78,6 +78,9 @@ def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = Non
         case rec.Write(path=p, offset=offset):
             if data is not None:
                 _apply_write(layers, p, offset, data)
+        case rec.Create():
+            for part, part_data in record.expand():  # what it means (sdeefs.records)
+                apply_record(layers, part, part_data)
         case rec.Abort() | rec.Sync() | rec.Done() | rec.Begin() | rec.Commit() | rec.Void():
             pass
         case _:

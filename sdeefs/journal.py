@@ -27,7 +27,7 @@ replica has acknowledged.
 Segment header (``SEGMENT_HEADER``, 24 bytes, little endian)::
 
     magic      8s   b"SDEEFSJ\\0"
-    version    u16  2 (1: segments written before version 2, still read)
+    version    u16  3 (1, 2: segments written before version 3, still read)
     reserved   u16  0
     first_seq  u64  sequence number of the first record in this segment
     crc32      u32  of the 20 bytes before it
@@ -41,18 +41,21 @@ Record frame (``FRAME_HEADER``, 20 bytes, then ``length`` payload bytes)::
     flags      u16  0 (reserved)
 
 Payload encodings are pinned per record type in ``sdeefs.records``; the segment's
-version is the encoding of its records.  Version 2 carries path fields with a u32
-length (at most ``records.MAX_PATH``, 64 KiB: trees deeper than PATH_MAX), version 1
-with a u16 length (at most 4096 bytes).  Frames are the same in both.  Old
-journals need no conversion: a version-1 segment is read with the version-1
-encoding, and opening a journal whose last segment is version 1 starts a new
-segment (version 2) for what is appended next, so no segment mixes encodings.
+version is the encoding of its records.  Version 3 is version 2 plus record type 21
+(``Create``: a new file whole, its data by value); version 2 carries path fields with
+a u32 length (at most ``records.MAX_PATH``, 64 KiB: trees deeper than PATH_MAX),
+version 1 with a u16 length (at most 4096 bytes).  Frames are the same in all.  Old
+journals need no conversion: a segment is read with its own version's encoding (a
+Create in a version-1 or -2 segment is refused: BadRecord), and opening a journal
+whose last segment is older starts a new segment (version 3) for what is appended
+next, so no segment mixes encodings.
 What is appended must pass ``records.check_record`` (ENAMETOOLONG or EINVAL
 otherwise): the journal never holds a record its readers refuse.
 
 Data by reference
 -----------------
-``Write`` records carry no data: they name the file (path and a persistent
+``Write`` records carry no data (a ``Create``, the capture's new small file, is the one
+record that carries its data by value): they name the file (path and a persistent
 kernel file handle) and the byte range.  The shipper reads the bytes from the
 live upper when it sends the record.  Reading later data than the record saw
 is harmless: every later change to those bytes has its own later record, so a

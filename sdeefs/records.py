@@ -4,21 +4,27 @@ Every record is an operation on a *layer root* (``upper/`` + ``work/``; see
 ``sdeefs.journal``).  Payloads are a fixed sequence of fields per type, encoded
 little endian with no padding.  The encoding has a version: the journal segment
 (``sdeefs.journal``) or the replication frame (``sdeefs.replication.wire``) that holds
-a record says which one.  Version 2 is written; version 1 is still read.
+a record says which one.  Version 3 is written; versions 1 and 2 are still read.
 
 ===========  ==============================================================
-field kind   encoding (version 2)
+field kind   encoding (versions 2 and 3)
 ===========  ==============================================================
 ``path``     u32 length + bytes: relative, no NUL, no empty/``.``/``..``
              component, no component over 255 bytes, first component
              ``upper`` or ``work``, at most MAX_PATH (65536) bytes
 ``name``     u16 length + bytes (xattr names; ≤ 255 bytes, no NUL)
 ``blob``     u32 length + bytes (symlink targets ≤ 4096, xattr values ≤ 64 KiB,
-             file handles ≤ 136)
+             file handles ≤ 136, a Create's xattr list and data ≤ 64 KiB)
 ``u32``      4 bytes unsigned
 ``u64``      8 bytes unsigned
 ``i64``      8 bytes signed
 ===========  ==============================================================
+
+Version 3 is version 2 plus record type 21 (``Create``); a payload of type 21 in a
+version-1 or version-2 segment or frame is refused (BadRecord), and a Create cannot be
+encoded in them.  So a reader of version 2 (an older sdeefs) refuses a newer journal
+by its segment version, with one clear error, instead of stopping at the first
+Create as an unknown record type.
 
 Version 1 (journals written before long paths were carried) differs only in
 ``path``: a u16 length and at most 4096 bytes.  That cap was below what the
@@ -69,7 +75,32 @@ type   record          fields
                        sums blob (a Write that says what the capture read, below)
 19     Fallocate       path, mode u32 (fallocate(2) flags), offset u64, length u64
 20     Mkdev           path, mode u32 (S_IFCHR or S_IFBLK), rdev u64, uid u32, gid u32
+21     Create          path, mode u32 (S_IFREG | permission bits), uid u32, gid u32,
+                       mtime_ns i64, handle blob, xattrs blob (the list below),
+                       data blob (the whole file, ≤ ``MAX_INLINE``); version 3 only
 =====  ==============  ==========================================================
+
+``Create`` (type 21, encoding version 3) is a new regular file made whole in one
+record: what the capture journaled before as ``Mknod``, a ``Setxattr`` per xattr, the
+data (an ``Extent``) and ``Setattr(SET_SIZE|SET_MTIME)``, for a file whose name is
+new and whose contents fit ``MAX_INLINE`` (64 KiB: one ``EXTENT_BLOCK``), which is
+most files an install makes.  It *means* exactly those records in that order
+(:meth:`Create.expand`): ``Mknod(path, mode, uid, gid)``; ``Setxattr(path, name,
+value)`` for each xattr; ``Write(path, handle, 0, len(data))`` carrying ``data``;
+``Setattr(path, SET_SIZE|SET_MTIME, mode & 0o7777, uid, gid, len(data), 0,
+mtime_ns)``; every reader (replay and ``sdeefs check``, the capture's model, replicas
+and their door, ``sdeefs.replicable``) applies or judges it as those records, so
+it cannot mean anything they did not already accept.  Unlike an ``Extent`` its data
+is *by value*: the bytes the capture read (not the live upper's when shipped), so no
+shipper waits on it and a replica holds what the capture saw; a later change of the
+file has its own later records, as ever.  The xattrs blob::
+
+    repeated: name (u16 length + bytes, 1-255, no NUL), value (u32 length + bytes)
+    names strictly increasing (sorted bytewise, no duplicate); the whole blob ≤ 64 KiB
+
+Decoding checks all of it (and ``mode``, ``handle`` ≤ MAX_HANDLE, ``data`` ≤
+MAX_INLINE) once, at the door (``decode_record``, ``check_record``); what is decoded
+is never checked again.
 
 ``Fallocate`` (type 19, added with fallocate support; journals without it read as
 before, a reader that predates it refuses it as an unknown type) is fallocate(2) of
@@ -131,8 +162,8 @@ import attrs
 
 from .errors import BadRecord, PathTooLong
 
-RECORD_VERSION = 2  # the encoding written (journal segments and replication frames)
-VERSIONS = (1, 2)  # the encodings read
+RECORD_VERSION = 3  # the encoding written (journal segments and replication frames)
+VERSIONS = (1, 2, 3)  # the encodings read
 MAX_PATH = 1 << 16  # bytes of a path field (version 2); see the docstring for the choice
 MAX_PATH_V1 = 4096  # bytes of a path field in version 1
 MAX_TARGET = 4096  # bytes of a symlink target (the kernel's PATH_MAX)
@@ -154,8 +185,9 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
-_PATH_LENGTH = {1: _U16, 2: _U32}  # the length prefix of a path field, per version
-_PATH_LIMIT = {1: MAX_PATH_V1, 2: MAX_PATH}
+_PATH_LENGTH = {1: _U16, 2: _U32, 3: _U32}  # the length prefix of a path field, per version
+_PATH_LIMIT = {1: MAX_PATH_V1, 2: MAX_PATH, 3: MAX_PATH}
+CREATE_VERSION = 3  # the first encoding with record type 21 (Create)
 # A safe layer path in one C-speed match (checked on every append, Write records included):
 # a layer directory, then components of 1-255 bytes without "/" or NUL that are not . or ..
 _SAFE_PATH = re.compile(rb"(?:upper|work)(?:/(?!\.\.?(?:/|\Z))[^/\x00]{1,255})*")
@@ -442,12 +474,94 @@ class Extent(Write):
             raise BadRecord("bad extent sums or offset")
 
 
+MAX_INLINE = EXTENT_BLOCK  # bytes of data a Create carries (its data blob)
+MAX_XATTR_LIST = MAX_XATTR_VALUE  # bytes of a Create's xattr list (its xattrs blob)
+_NAME_LENGTH = _U16
+_VALUE_LENGTH = _U32
+
+
+def encode_xattr_list(pairs: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """A Create's xattrs blob (the docstring's list) of ``pairs``, sorted by name."""
+    return b"".join(_NAME_LENGTH.pack(len(n)) + n + _VALUE_LENGTH.pack(len(v)) + v
+                    for n, v in sorted(pairs))
+
+
+def decode_xattr_list(blob: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    """The (name, value) pairs of a Create's xattrs blob; BadRecord unless it is exactly
+    what ``encode_xattr_list`` gives for valid pairs."""
+    if len(blob) > MAX_XATTR_LIST:
+        raise BadRecord("xattr list too long")
+    pairs: list[tuple[bytes, bytes]] = []
+    pos = 0
+    try:
+        while pos < len(blob):
+            (n,) = _NAME_LENGTH.unpack_from(blob, pos)
+            name = _take(blob, pos + 2, n)
+            _check_name(name)
+            pos += 2 + n
+            (n,) = _VALUE_LENGTH.unpack_from(blob, pos)
+            if n > MAX_XATTR_VALUE:
+                raise BadRecord("xattr value too long")
+            value = _take(blob, pos + 4, n)
+            pos += 4 + n
+            if pairs and pairs[-1][0] >= name:
+                raise BadRecord("xattr names out of order or repeated")
+            pairs.append((name, value))
+    except struct.error:
+        raise BadRecord("xattr list truncated") from None
+    return tuple(pairs)
+
+
+@attrs.frozen
+class Create(Record):
+    """A new regular file made whole (type 21, encoding 3; the docstring says what it
+    means: :meth:`expand`)."""
+
+    TYPE = 21
+    FIELDS = (("path", "path"), ("mode", "u32"), ("uid", "u32"), ("gid", "u32"),
+              ("mtime_ns", "i64"), ("handle", "blob"), ("xattrs", "blob"), ("data", "blob"))
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    handle: bytes
+    xattrs: bytes  # encode_xattr_list
+    data: bytes
+
+    def validate(self) -> None:
+        if stat.S_IFMT(self.mode) != stat.S_IFREG or self.mode & ~(stat.S_IFREG | 0o7777):
+            raise BadRecord(f"create of mode {self.mode:o} (a regular file only)")
+        if len(self.handle) > MAX_HANDLE or len(self.data) > MAX_INLINE:
+            raise BadRecord("bad create handle or data")
+        decode_xattr_list(self.xattrs)
+
+    def xattr_pairs(self) -> tuple[tuple[bytes, bytes], ...]:
+        return decode_xattr_list(self.xattrs)
+
+    def expand(self) -> list[tuple[Record, bytes | None]]:
+        """The records this one means, in order, each with its data (a Write's)."""
+        p = self.path
+        out: list[tuple[Record, bytes | None]] = [(Mknod(p, self.mode, self.uid, self.gid),
+                                                   None)]
+        out += [(Setxattr(p, n, v), None) for n, v in self.xattr_pairs()]
+        out.append((Write(p, self.handle, 0, len(self.data)), self.data))
+        out.append((Setattr(p, SET_SIZE | SET_MTIME, self.mode & 0o7777, self.uid, self.gid,
+                            len(self.data), 0, self.mtime_ns), None))
+        return out
+
+
 RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Rename, Setattr, Setxattr,
                 Removexattr, Write, Abort, Sync, Done, Begin, Commit, Void, Extent,
-                Fallocate, Mkdev)
+                Fallocate, Mkdev, Create)
 }
+
+
+def in_version(rtype: int, version: int) -> bool:
+    """Does encoding ``version`` have record type ``rtype``?"""
+    return rtype != Create.TYPE or version >= CREATE_VERSION
 
 
 # per record type: the fields that need more than their struct to be valid
@@ -497,12 +611,17 @@ def _encoder(cls: type[Record], version: int) -> Encoder:
 
 
 _ENCODERS = {(rtype, version): _encoder(cls, version)
-             for rtype, cls in RECORD_TYPES.items() for version in VERSIONS}
+             for rtype, cls in RECORD_TYPES.items() for version in VERSIONS
+             if in_version(rtype, version)}
 
 
 def encode_record(record: Record, version: int = RECORD_VERSION) -> tuple[int, bytes]:
-    """(type, payload) of a record, without checks (``check_record`` is the door)."""
-    return record.TYPE, _ENCODERS[record.TYPE, version](record)
+    """(type, payload) of a record, without checks (``check_record`` is the door).
+    BadRecord for a type that encoding ``version`` does not have."""
+    encoder = _ENCODERS.get((record.TYPE, version))
+    if encoder is None:
+        raise BadRecord(f"record type {record.TYPE} is not in encoding version {version}")
+    return record.TYPE, encoder(record)
 
 
 def _check_name(data: bytes) -> None:
@@ -540,6 +659,8 @@ def decode_record(rtype: int, payload: bytes, version: int = RECORD_VERSION) -> 
     cls = RECORD_TYPES.get(rtype)
     if cls is None:
         raise BadRecord(f"unknown record type {rtype}")
+    if not in_version(rtype, version):
+        raise BadRecord(f"record type {rtype} is not in encoding version {version}")
     path_length, path_limit = _PATH_LENGTH[version], _PATH_LIMIT[version]
     values: dict[str, bytes | int] = {}
     pos = 0

@@ -120,7 +120,16 @@ def capability_refusal(value: bytes, ids: UserIds) -> str | None:
 
 
 def refusal(record: rec.Record, ids: UserIds) -> str | None:
-    """Why ``record`` is not carried to replicas (None: it is), for the user of ``ids``."""
+    """Why ``record`` is not carried to replicas (None: it is), for the user of ``ids``.
+
+    A ``Create`` is judged as the records it means (``records.Create.expand``): the first
+    of them refused says why (a replica applies the others: ``snapshot.apply_from_peer``)."""
+    if isinstance(record, rec.Create):
+        for part, _ in record.expand():
+            reason = refusal(part, ids)
+            if reason is not None:
+                return reason
+        return None
     if isinstance(record, rec.Setxattr | rec.Removexattr):
         name = record.name
         if name.startswith(CARRIED_XATTR_PREFIXES):

@@ -198,6 +198,11 @@ def describe(record: rec.Record) -> str:
         value = getattr(record, name)
         if kind in ("path", "name"):
             fields.append(f"{name}={os.fsdecode(value)}")
+        elif isinstance(record, rec.Create) and name == "xattrs":
+            names = b",".join(n for n, _ in record.xattr_pairs())
+            fields.append(f"xattrs={os.fsdecode(names) or '-'}")
+        elif isinstance(record, rec.Create) and name == "data":
+            fields.append(f"data={len(value)} bytes")
         elif kind == "blob":
             shown = value if len(value) <= 32 else value[:32] + b"..."
             fields.append(f"{name}={shown!r}")

@@ -42,6 +42,9 @@ at the end: until the journal holds everything; writer-only time and drain lag a
 reported too, with the journal's records and bytes and the capture's peak RSS.
 ``kernel-py`` is ``kernel`` with the capture's pure-Python path (``--python-only``:
 no ``sdeefs.fs._capturec``), to show what the C hot path buys in the same run.
+``--base-tree DIR`` adds ``kernel-base``: ``kernel`` with the capture of the sdeefs tree
+unpacked in DIR (``git archive COMMIT sdeefs | tar -x -C DIR``, its built extension
+copied in), e.g. the capture before a change, in the same minutes.
 
 Outputs: ``OUT/install.md`` (a table per workload), ``OUT/install.svg`` (speed
 relative to kernel overlayfs), and (full runs) a section appended to
@@ -294,11 +297,14 @@ class ImageOverlayContender(Contender):
     the capture daemon watching the image (then: the kernel engine's login view)."""
 
     def __init__(self, name: str, template: LayerTemplate, python: Path, *, guard: str | None,
-                 capture: bool, capture_args: tuple[str, ...] = (), keeper: bool = True) -> None:
+                 capture: bool, capture_args: tuple[str, ...] = (), keeper: bool = True,
+                 tree: Path | None = None) -> None:
         """``guard``: None, or the guard daemon below the overlay ("c" or "python");
-        ``keeper``: False runs sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0)."""
+        ``keeper``: False runs sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0);
+        ``tree``: run the capture of the sdeefs tree in this directory."""
         self.keeper = keeper
         self.name = name
+        self.tree = tree
         self.template = template
         self.python = python
         self.guard = guard
@@ -320,6 +326,8 @@ class ImageOverlayContender(Contender):
             parts.append("capture daemon running; write times include a drain")
         if "--python-only" in self.capture_args:
             parts.append("the capture's pure-Python path (no sdeefs.fs._capturec)")
+        if self.tree is not None:
+            parts.append(f"the capture of the sdeefs tree in {self.tree}")
         return "; ".join(parts)
 
     def mount(self, lower: Path, dirs: RunDirs, tracker: ProcessTracker) -> MountedView:
@@ -369,7 +377,7 @@ class ImageOverlayContender(Contender):
                  "--state", str(dirs.state), "--log", str(dirs.root / "capture.log"),
                  *self.capture_args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                cwd=REPO_ROOT, start_new_session=True)
+                cwd=self.tree or REPO_ROOT, start_new_session=True)
         tracked = tracker.track(popen.pid, f"capture {layer}")
         run = CaptureRun(popen, dirs.state)
         self.captures[dirs.mount_point] = run
@@ -846,11 +854,14 @@ def fmt_s(value: float) -> str:
     return f"{value:.3f}" if value < 100 else f"{value:.1f}"
 
 
+CAPTURE_CONTENDERS = ("kernel", "kernel-py", "kernel-base")  # rows: writer only, drain lag
+
+
 def rows_of(metric: Metric, contenders: Sequence[str]) -> list[str]:
     rows = []
     for name in contenders:
         rows.append(name)
-        if metric.writes and name in ("kernel", "kernel-py"):
+        if metric.writes and name in CAPTURE_CONTENDERS:
             rows += [f"{name}: writer only", f"{name}: drain lag"]
     return rows
 
@@ -1013,7 +1024,7 @@ def chart(results: Results, chosen: Sequence[Workload], contenders: Sequence[Con
     rows = []  # contenders, and the capture contenders' writer-only time beside them
     for name in names:
         rows.append(name)
-        if name in ("kernel", "kernel-py"):
+        if name in CAPTURE_CONTENDERS:
             rows.append(f"{name}: writer only")
     for workload in chosen:
         for metric in workload.metrics:
@@ -1043,8 +1054,11 @@ def chart(results: Results, chosen: Sequence[Workload], contenders: Sequence[Con
 # --------------------------------------------------------------------------
 
 
-def all_contenders(template: LayerTemplate, python: Path) -> list[Contender]:
+def all_contenders(template: LayerTemplate, python: Path,
+                   base_tree: Path | None = None) -> list[Contender]:
     native = HostDirContender()
+    base = [ImageOverlayContender("kernel-base", template, python, guard="c", capture=True,
+                                  tree=base_tree)] if base_tree is not None else []
     return [
         TmpfsContender(),
         native,
@@ -1064,6 +1078,7 @@ def all_contenders(template: LayerTemplate, python: Path) -> list[Contender]:
         # the same with the capture's pure-Python path: what sdeefs.fs._capturec buys
         ImageOverlayContender("kernel-py", template, python, guard="c", capture=True,
                               capture_args=("--python-only",)),
+        *base,
     ]
 
 
@@ -1082,6 +1097,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--name", default="install",
                         help="base name of the outputs in --out-dir (default install; "
                         "quick runs add -quick)")
+    parser.add_argument("--base-tree", type=Path,
+                        help="add contender kernel-base: the capture of the sdeefs tree here")
     parser.add_argument("--no-results", action="store_true",
                         help="do not append to bench/RESULTS.md (quick runs never do)")
     return parser.parse_args(argv)
@@ -1101,7 +1118,8 @@ def main(argv: Sequence[str]) -> int:
     with InstallSession("sdeefs-install-") as session:
         (session.scratch / "tmp").mkdir()
         template = LayerTemplate(session.scratch / "template.img", settings.image_bytes)
-        contenders = all_contenders(template, python)
+        contenders = all_contenders(template, python,
+                                    args.base_tree.resolve() if args.base_tree else None)
         if args.contenders:
             wanted = args.contenders.split(",")
             unknown = set(wanted) - {c.name for c in contenders}

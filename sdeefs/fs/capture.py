@@ -29,12 +29,15 @@ allocated) makes the next batch a full scan of the upper.
 Hot path
 ========
 A small file created costs the capture an event, an examination (lstat, handle,
-xattrs, its contents read and summed) and three records (``Mknod``, ``Extent``,
-``Setattr``).  Decoding events and examining entries are syscalls and bytes, done in
-C by ``sdeefs.fs._capturec`` (an optional extension: ``setup.py``); every decision
-stays in Python.  Without the extension (or with ``--python-only``) the same code
-paths run in Python and journal the same records: 93 against 58 µs of CPU per small
-file created (``bench/install/capture_cpu.py``; bench/RESULTS.md).
+xattrs, its contents read and summed) and one record: ``Create`` (``sdeefs.records``,
+the file whole: attributes, xattrs and contents up to 64 KiB; a bigger one still takes
+``Mknod``, ``Extent``, ``Setattr``).  Decoding events and examining entries are
+syscalls and bytes, done in C by ``sdeefs.fs._capturec`` (an optional extension:
+``setup.py``); every decision stays in Python, and a new file that C read whole takes
+the short way through it (``Reconciler._examine_entries``).  Without the extension (or
+with ``--python-only``) the same code paths run in Python and journal the same
+records: 61 against 32 µs of CPU per small file created, 72 and 49 µs with the three
+records of before (``bench/install/capture_cpu.py``; bench/RESULTS.md).
 
 Start
 =====

@@ -469,6 +469,9 @@ class Model:
                 if tid is not None:
                     node = self.nodes[tid]
                     node.xattrs = tuple((n, v) for n, v in node.xattrs if n != name)
+            case rec.Create():
+                for part, _ in record.expand():  # what it means (sdeefs.records)
+                    self.apply(part)
             case rec.Write(path=p) | rec.Fallocate(path=p):
                 tid = self._target(p)
                 if tid is not None and stat.S_ISREG(self.nodes[tid].mode):

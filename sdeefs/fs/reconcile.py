@@ -25,7 +25,9 @@ coalesced.  So every batch looks at the upper itself, only where the events poin
       cycles, destinations below a directory that moves too);
    c. removals, children first;
    d. directories, staged entries, new entries and new hard links, by their depth in
-      the new tree, so a parent always exists first;
+      the new tree, so a parent always exists first; a new regular file whose contents
+      were read whole and fit ``records.MAX_INLINE`` is one ``Create`` record (its
+      attributes, xattrs and data: step e has nothing left to say about it);
    e. per inode: xattrs, data (``Extent`` records for the 64 KiB blocks whose sums
       differ from the model's; a new file's zero blocks come from its size), then one
       ``Setattr`` (size, owner, mode, mtime: applied in that order);
@@ -79,6 +81,7 @@ log = logging.getLogger(__name__)
 BLOCK = rec.EXTENT_BLOCK
 SUM = rec.SUM_SIZE
 MAX_EXTENT_BLOCKS = 256  # blocks per Extent record (16 MiB, 4 KiB of sums)
+INLINE_BYTES = 64 << 20  # data a batch keeps for its Create records, at most
 STAGE = b"sdeefs-capture"  # work/sdeefs-capture: where moved entries wait within a batch
 READ_CHUNK = 1 << 20
 # A change this recent may be followed by another within the same timestamp tick
@@ -144,6 +147,7 @@ class Contents:
     size: int
     mtime: int
     ctime: int  # 0: the file changed while it was read
+    data: bytes | None = None  # the bytes read, if at most rec.MAX_INLINE (for a Create)
 
 
 @attrs.frozen
@@ -299,13 +303,24 @@ class _Batch:
     reborn: dict[int, int] = attrs.field(factory=dict)  # temporary id -> its inode number
     data: set[int] = attrs.field(factory=set)  # ids whose data must be read
     touched: set[int] = attrs.field(factory=set)  # dirs whose entries records changed
+    whole: set[int] = attrs.field(factory=set)  # new files journaled whole (Create)
     stage: int = 0  # id of work/sdeefs-capture once made
     staged: dict[tuple[int, bytes], bytes] = attrs.field(factory=dict)  # dest -> stage name
     records: int = 0
     examined: int = 0
     read_bytes: int = 0
     budget: int = 0  # new entries to examine at most (0: no bound)
+    inline_left: int = INLINE_BYTES  # bytes new files may still keep for their Create
     carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
+
+    def inline(self, data: bytes) -> bytes | None:
+        """``data`` if a Create may carry it (at most MAX_INLINE, and the batch has not
+        kept INLINE_BYTES yet: that bounds what a batch holds; past it, a new file takes
+        the records of old, its data by reference)."""
+        if len(data) > rec.MAX_INLINE or len(data) > self.inline_left:
+            return None
+        self.inline_left -= len(data)
+        return data
 
 
 @attrs.define(eq=False)
@@ -320,6 +335,7 @@ class Reconciler:
     model: Model
     upper: Upper
     native: bool = capturec is not None  # entries examined by sdeefs.fs._capturec
+    inline_bytes: int = INLINE_BYTES  # data one batch keeps for Create records, at most
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
 
@@ -348,7 +364,7 @@ class Reconciler:
         directories that hold more come back in ``Stats.carry``, to be listed again by
         the next call; every call leaves a complete tree (with fewer new entries).
         """
-        b = _Batch(budget=budget)
+        b = _Batch(budget=budget, inline_left=self.inline_bytes)
 
         def out(record: rec.Record) -> None:
             try:  # the journal's door, checked before the batch is written
@@ -527,12 +543,30 @@ class Reconciler:
                 ask.append((name, ino, node.size, node.mtime, node.ctime if b.full else -1,
                             False))
         out: list[int | None] = []
+        nodes, new, seen_of = m.nodes, b.new, b.seen
         for (name, cur, _), got in zip(todo, capturec.examine(dir_fd, ask), strict=True):
             if got is None:
                 out.append(None)  # gone meanwhile (as above)
                 continue
             (mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target,
              contents) = got
+            if cur is None and ino not in nodes and ino not in new and \
+                    stat.S_ISREG(mode) and type(contents) is tuple and \
+                    contents[2] == ino and stat.S_ISREG(contents[1]):
+                # The install's case, what _judge decides for it in short: a new name, an
+                # inode the model does not know, a regular file C read whole.
+                data, _, _, before_ctime, after_mtime, after_ctime = contents
+                b.examined += 1
+                b.read_bytes += len(data)
+                new.add(ino)
+                b.looked.add(ino)
+                seen_of[ino] = Seen(
+                    mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target,
+                    Contents(data_sums(data), len(data), after_mtime,
+                             after_ctime if after_ctime == before_ctime else 0,
+                             b.inline(data)))
+                out.append(ino)
+                continue
             seen = Seen(mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target)
             out.append(self._judge(dir_fd, name, cur, seen, contents, b))
         return out
@@ -586,7 +620,8 @@ class Reconciler:
                 seen = Seen(seen.mode, seen.uid, seen.gid, seen.size, seen.mtime, seen.ctime,
                             seen.ino, seen.rdev, seen.handle, seen.xattrs, seen.target,
                             Contents(data_sums(data), len(data), after_mtime,
-                                     after_ctime if after_ctime == before_ctime else 0))
+                                     after_ctime if after_ctime == before_ctime else 0,
+                                     b.inline(data) if node is None else None))
             # (else replaced meanwhile, as _read says: its events are queued)
         elif read:
             try:
@@ -596,7 +631,8 @@ class Reconciler:
                     raise
             else:
                 try:
-                    seen = attrs.evolve(seen, contents=self._read(fd, ino, b))
+                    seen = attrs.evolve(seen, contents=self._read(fd, ino, b,
+                                                                  keep=node is None))
                 finally:
                     os.close(fd)
         b.seen[id] = seen
@@ -624,7 +660,10 @@ class Reconciler:
                     os.close(fd)
         return seen
 
-    def _read(self, fd: int, ino: int, b: _Batch | None) -> Contents | None:
+    def _read(self, fd: int, ino: int, b: _Batch | None, keep: bool = False
+              ) -> Contents | None:
+        """What reading the file finds; with its bytes if ``keep`` (a new file: its
+        Create carries them) and the batch's ``inline`` allows."""
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode) or before.st_ino != ino:
             return None  # replaced meanwhile: its events are queued
@@ -633,7 +672,10 @@ class Reconciler:
         if b is not None:
             b.read_bytes += size
         ctime = after.st_ctime_ns if after.st_ctime_ns == before.st_ctime_ns else 0
-        return Contents(sums, size, after.st_mtime_ns, ctime)
+        # (a file this small was read in one chunk: the buffer holds it)
+        data = b.inline(bytes(self._buf[:size])) \
+            if keep and b is not None and size <= rec.MAX_INLINE else None
+        return Contents(sums, size, after.st_mtime_ns, ctime, data)
 
     # -- 2. decide the new tree ---------------------------------------------------------------
 
@@ -883,10 +925,16 @@ class Reconciler:
     def _emit_places(self, places: list[tuple[int, bytes, int]],
                      final_depth: Callable[[int], int], b: _Batch, emit: Emit) -> None:
         m = self.model
+        # a directory's path, once per directory: places come parents first, and only a
+        # rename (a staged entry put back) can move a directory whose path is known
+        dir_paths: dict[int, bytes] = {}
         for p, name, id in sorted(places, key=lambda x: final_depth(x[0])):
             if p not in m.nodes:
                 continue  # its directory could not be made (a refused or too long path)
-            path = m.entry_path(p, name)
+            ppath = dir_paths.get(p)
+            if ppath is None:
+                ppath = dir_paths[p] = m.path(p)
+            path = ppath + b"/" + name
             if len(path) > rec.MAX_PATH:
                 log.warning("capture: %r... is too long a path to journal", path[:200])
                 continue
@@ -895,18 +943,40 @@ class Reconciler:
                 emit(rec.Rename(m.entry_path(b.stage, staged), path, 0, 0))
                 m.unbind(id, b.stage, staged)
                 m.bind(id, p, name)
+                dir_paths.clear()
             elif id in m.nodes and m.nodes[id].parent and not m.nodes[id].is_dir:
                 emit(rec.Link(m.path(id), path))
                 m.bind(id, p, name)
             elif id not in m.nodes:
                 seen = b.seen[id]
-                node = self._create(path, seen, emit)
+                node = self._create_whole(path, seen, emit)
+                if node is not None:
+                    b.whole.add(id)  # attributes and data journaled with it
+                else:
+                    node = self._create(path, seen, emit)
+                    b.data.add(id)
                 m.add(id, node)
                 m.bind(id, p, name)
-                b.data.add(id)
             else:
                 continue
             b.touched.add(p)
+
+    def _create_whole(self, path: bytes, seen: Seen, emit: Emit) -> Node | None:
+        """A new regular file whose contents were read whole as one ``Create`` record
+        (``sdeefs.records``); its node as the record leaves it.  None if it is not one
+        (another kind, too big, not read, too many xattrs): then the records of old."""
+        got = seen.contents
+        if seen.kind != stat.S_IFREG or got is None or got.data is None:
+            return None
+        xattrs = rec.encode_xattr_list(seen.xattrs) if seen.xattrs else b""
+        if len(xattrs) > rec.MAX_XATTR_LIST:
+            return None
+        mode = stat.S_IFREG | seen.perm
+        emit(rec.Create(path, mode, seen.uid, seen.gid, got.mtime, seen.handle, xattrs,
+                        got.data))
+        ctime = 0 if time.time_ns() - got.ctime < UNSURE_NS else got.ctime
+        return Node(mode, seen.uid, seen.gid, got.mtime, ctime, got.size, seen.handle,
+                    xattrs=seen.xattrs, data=got.sums)
 
     def _create(self, path: bytes, seen: Seen, emit: Emit) -> Node:
         perm, kind, uid, gid = seen.perm, seen.kind, seen.uid, seen.gid
@@ -927,7 +997,10 @@ class Reconciler:
     def _emit_attributes(self, b: _Batch, alive: Callable[[int], bool], emit: Emit) -> None:
         m = self.model
         now = time.time_ns()
+        whole = b.whole
         for id, seen in b.seen.items():
+            if id in whole:
+                continue  # made whole by its Create
             node = m.nodes.get(id)
             if node is None or not node.parent and id != UPPER:
                 continue
@@ -972,6 +1045,8 @@ class Reconciler:
 
 def data_sums(data: bytes) -> bytes:
     """The sums ``read_sums`` gives for a file holding ``data``."""
+    if 0 < len(data) <= BLOCK:
+        return hashlib.blake2b(data, digest_size=SUM).digest()
     view = memoryview(data)
     return b"".join([block_sum(view[at:at + BLOCK]) for at in range(0, len(data), BLOCK)])
 

@@ -446,7 +446,7 @@ class JournalSender:
         if not isinstance(record, rec.Write):
             frame = record_frames(seq, record, None)[0]
             out.append(attrs.evolve(frame, flags=flags).encode(key))
-            return 64
+            return 64 + len(frame.payload)
         fd = open_write_data(self.source, record)
         try:
             encoded = encode_write_frames(seq, record, fd, key, flags)

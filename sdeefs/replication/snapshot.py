@@ -251,7 +251,21 @@ def apply_from_peer(layers: LayerRoot, record: rec.Record, data: bytes, what: st
                     ids: UserIds) -> None:
     """Apply a record a peer sent (decoded and sanitized) if ``sdeefs.replicable`` carries
     it for the user of ``ids``.  Refused (naming it as ``what``) for a record refused or
-    that this copy cannot apply; ProtocolError for a failure that may pass (retry)."""
+    that this copy cannot apply; ProtocolError for a failure that may pass (retry).
+
+    A ``Create`` is applied as the records it means (``records.Create.expand``), each
+    judged by itself as if it had come alone: the parts that are carried are applied,
+    and the record is Refused (the replica notes the skip) if any part was not."""
+    if isinstance(record, rec.Create):
+        reasons = []
+        for part, part_data in record.expand():
+            try:
+                apply_from_peer(layers, part, part_data or b"", what, ids)
+            except Refused as exc:
+                reasons.append(str(exc))
+        if reasons:
+            raise Refused("; ".join(reasons))
+        return
     reason = refusal(record, ids)
     if reason is not None:
         raise Refused(f"{what} refused: {reason}")

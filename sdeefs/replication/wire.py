@@ -5,14 +5,14 @@ nothing else writes or parses a frame: one encoder (:meth:`Frame.encode`, and
 :func:`encode_write_frames`, which builds the same bytes around file data read straight
 into the frame buffer) and one decoder (:class:`FrameReader` over :meth:`Frame.decode`).
 
-Wire format (version 5)
+Wire format (version 6)
 =======================
 
 Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   5 (see "Versions" below)
+             version  u8   6 (see "Versions" below)
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
              flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
                            RECORD: SKIP (2) = the seqs between the previous frame and
@@ -74,18 +74,21 @@ The code of an ERROR is what the receiver acts on (a replica told DIVERGED start
 over; a barrier that only ever heard NO_LAYER tells the SLURM prolog so); the
 message is for people and never parsed.
 
-Versions: 5 put a credential in front of the replica's HELLO (MUNGE authentication) and
-carries record types 19 (Fallocate) and 20 (Mkdev), which a version-4 node would refuse
-mid-stream as unknown; a version-4 peer is refused by version, with an ERROR it reads (a
-code, then the message).  4 put the code before an ERROR's message (3 sent the message
-alone, so a replica had to recognise "history diverged" by its text).  3 carries records in
+Versions: 6 carries records in encoding version 3 of ``sdeefs.records`` (record type 21,
+``Create``: a new file with its attributes, xattrs and data in one record), which a
+version-5 node would refuse mid-stream as unknown.  5 put a credential in front of the
+replica's HELLO (MUNGE authentication) and carries record types 19 (Fallocate) and 20
+(Mkdev), which a version-4 node would refuse mid-stream as unknown; a version-4 peer is
+refused by version, with an ERROR it reads (a code, then the message).  4 put the code
+before an ERROR's message (3 sent the message alone, so a replica had to recognise
+"history diverged" by its text).  3 carries records in
 encoding version 2 of ``sdeefs.records`` (path fields with a u32 length, up to
 ``records.MAX_PATH``: trees deeper than PATH_MAX) and ACK subtree reports with a u32
 count, sent only when they change; 2 carried encoding 1 (u16, at most 4096 bytes) and
 u16 report counts.  Frames of all of them have the same header, so a peer of another
 version is recognised from its first frame and refused with one clear error
-(``VersionMismatch``: "the peer speaks replication protocol version 4, this node
-version 5: run the same sdeefs release on both"), never misparsed.  A new upstream
+(``VersionMismatch``: "the peer speaks replication protocol version 5, this node
+version 6: run the same sdeefs release on both"), never misparsed.  A new upstream
 answers an old replica's HELLO with that ERROR in the replica's own version (a message
 alone, as versions 2 and 3 read it), which the old replica can read and shows; a new
 replica says it of the old upstream's first frame.  Both ends must run the same release.
@@ -124,8 +127,8 @@ from ..errors import BadRecord
 from .auth import CredentialRefused, HelloAuth
 
 MAGIC = b"SDRP"
-VERSION = 5  # 4 + a credential in the replica's HELLO, record types 19 and 20
-OLD_VERSIONS = (2, 3, 4)  # same frame header: told in their own version why they are refused
+VERSION = 6  # 5 + record encoding 3 (record type 21, Create)
+OLD_VERSIONS = (2, 3, 4, 5)  # same frame header: told in their own version why they are refused
 CODED_ERRORS = 4  # the first version whose ERROR frames carry a code
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
@@ -602,7 +605,7 @@ def decode_record_payload(payload: bytes) -> tuple[rec.Record, bytes]:
 def sanitize(record: rec.Record) -> rec.Record:
     """What a replica applies: no set-ID bits (whether it applies it at all is
     ``sdeefs.replicable``'s rule)."""
-    if isinstance(record, rec.Mkdir | rec.Mknod | rec.Mkdev | rec.Setattr) and \
+    if isinstance(record, rec.Mkdir | rec.Mknod | rec.Mkdev | rec.Setattr | rec.Create) and \
             record.mode & 0o6000:
         record = attrs.evolve(record, mode=record.mode & ~0o6000)
     return record

@@ -23,12 +23,13 @@ import pytest
 from sdeefs import records as rec
 from sdeefs.apply import apply_record, recover, replay
 from sdeefs.check import run_checks
-from sdeefs.errors import FailsafeError, JournalCorrupt
+from sdeefs.errors import BadRecord, FailsafeError, JournalCorrupt
 from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.journal import (
     FRAME_HEADER,
     SEGMENT_HEADER,
+    SEGMENT_VERSION,
     SYNC_FLUSHED,
     Journal,
     JournalTail,
@@ -986,7 +987,7 @@ def test_a_version_1_segment_still_reads_and_appends_go_to_a_version_2_one(
     segments = Journal(directory=jdir).segments()
     assert [first for first, _ in segments] == [1, len(OLD_RECORDS) + 1]
     assert Path(segments[0][1]).read_bytes() == old  # the old segment is never rewritten
-    assert read_segment_header(Path(segments[1][1]).read_bytes())[1] == 2
+    assert read_segment_header(Path(segments[1][1]).read_bytes())[1] == SEGMENT_VERSION
     expected = [*OLD_RECORDS, rec.Mkdir(deep, 0o755, 0, 0), rec.Sync(SYNC_FLUSHED)]
     assert [e.record for e in Journal(directory=jdir).read()] == expected
     reopened = Journal.open(jdir)
@@ -1015,8 +1016,42 @@ def test_an_empty_version_1_segment_is_started_again_in_version_2(tmp_path: Path
         assert journal.append(rec.Sync(1)) == 9
     finally:
         journal.close()
-    assert read_segment_header((jdir / segment_name(9)).read_bytes()) == (9, 2)
+    assert read_segment_header((jdir / segment_name(9)).read_bytes()) == (9, SEGMENT_VERSION)
     assert [(e.seq, e.record) for e in Journal(directory=str(jdir)).read(9)] == [(9, rec.Sync(1))]
+
+
+def test_a_version_2_segment_still_reads_and_a_create_goes_to_a_version_3_one(
+        tmp_path: Path) -> None:
+    """Journals of the release before Create (segment version 2) read as before; what is
+    appended next starts a version-3 segment; a Create inside a version-2 segment is
+    damage (that encoding never had it), refused with one clear error."""
+    jdir = tmp_path / "journal"
+    jdir.mkdir()
+    (jdir / "id").write_bytes(b"i" * 16)
+    old = [rec.Mkdir(b"upper/d", 0o755, 1, 2), rec.Mknod(b"upper/d/f", stat.S_IFREG | 0o644, 1, 2),
+           rec.Write(b"upper/d/f", b"h", 0, 3)]
+    (jdir / segment_name(1)).write_bytes(
+        encode_segment_header(1, version=2)
+        + b"".join(encode_frame(seq, r, 2) for seq, r in enumerate(old, 1)))
+    create = rec.Create(b"upper/d/g", stat.S_IFREG | 0o600, 1, 2, 5, b"h", b"", b"new")
+    journal = Journal.open(str(jdir))
+    try:
+        assert journal.head == 3
+        assert journal.append(create) == 4
+    finally:
+        journal.close()
+    segments = Journal(directory=str(jdir)).segments()
+    assert [first for first, _ in segments] == [1, 4]
+    assert read_segment_header(Path(segments[1][1]).read_bytes())[1] == SEGMENT_VERSION == 3
+    assert [e.record for e in Journal(directory=str(jdir)).read()][:4] == [*old, create]
+    # a Create framed into a version-2 segment (no sdeefs writes that)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / segment_name(1)).write_bytes(encode_segment_header(1, version=2)
+                                        + encode_frame(1, old[0], 2)
+                                        + encode_frame(2, create, 3))
+    with pytest.raises(BadRecord, match="record type 21 is not in encoding version 2"):
+        list(Journal(directory=str(bad)).read())
 
 
 def test_a_fallocate_record_applies_without_the_mode_too(tmp_path: Path) -> None:

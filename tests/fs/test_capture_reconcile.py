@@ -25,6 +25,7 @@ from sdeefs import records as rec
 from sdeefs.fs.model import UPPER, CheckpointError, Model
 from sdeefs.fs.reconcile import (
     BLOCK,
+    INLINE_BYTES,
     STAGE,
     ZERO_SUM,
     Dirty,
@@ -53,6 +54,7 @@ class Rig:
     src: LayerRoot
     dst: LayerRoot
     native: bool = True  # examine entries through sdeefs.fs._capturec (else: Python)
+    inline_bytes: int = INLINE_BYTES  # Reconciler.inline_bytes
     log: list[rec.Record] = attrs.field(factory=list)
 
     @property
@@ -68,7 +70,8 @@ class Rig:
         todo = dirty or Dirty(full=True)
         while todo:  # a budget leaves directories to list again: until none is left
             batch: list[rec.Record] = []
-            stats = Reconciler(self.model, self.upper, native=self.native).reconcile(
+            stats = Reconciler(self.model, self.upper, native=self.native,
+                               inline_bytes=self.inline_bytes).reconcile(
                 todo, batch.append, budget)
             for record in batch:  # what the journal would hold: every record decodes
                 assert rec.decode_record(*rec.encode_record(record)) == record
@@ -166,7 +169,7 @@ def test_moves_swaps_and_cycles(rig: Rig) -> None:
     os.rename(up / "wh" / "c", up / "n" / "c")
     os.rename(up / "x", up / "y")
     records = rig.capture()
-    assert not any(isinstance(r, rec.Mknod | rec.Mkdir) and r.path != b"work/" + STAGE
+    assert not any(isinstance(r, rec.Mknod | rec.Mkdir | rec.Create) and r.path != b"work/" + STAGE
                    and not r.path.endswith(b"/n") for r in records), records
     rig.check()
 
@@ -208,7 +211,7 @@ def test_inode_reuse_is_a_new_file(rig: Rig) -> None:
         if reused:
             # not a rename of the old inode: a new file, the old one unlinked
             assert any(isinstance(r, rec.Unlink) for r in records), records
-            assert any(isinstance(r, rec.Mknod) for r in records), records
+            assert any(isinstance(r, rec.Mknod | rec.Create) for r in records), records
             return
         os.rename(rig.up / "e" / "new", rig.up / "d" / "old")
         os.setxattr(rig.up / "d" / "old", "user.only-old", b"1")
@@ -285,7 +288,7 @@ def test_a_budget_splits_big_batches(rig: Rig) -> None:
         batches.append(batch)
         todo = Dirty(dirs=stats.carry)
     assert len(batches) > 5
-    assert max(sum(isinstance(r, rec.Mknod) for r in b) for b in batches) <= 10
+    assert max(sum(isinstance(r, rec.Mknod | rec.Create) for r in b) for b in batches) <= 10
     rig.check()
 
 
@@ -357,7 +360,7 @@ def test_a_model_of_another_filesystem_is_matched_by_names(rig: Rig) -> None:
     rig.capture()
     rig.model.root_ino += 1  # as if the upper had been copied to a new filesystem
     records = rig.capture()
-    assert not any(isinstance(r, rec.Mknod | rec.Mkdir | rec.Unlink) for r in records)
+    assert not any(isinstance(r, rec.Mknod | rec.Mkdir | rec.Unlink | rec.Create) for r in records)
     rig.check()
 
 
@@ -433,3 +436,45 @@ def test_checkpoint_with_a_cycle_is_refused() -> None:
     model.bind(a, b, b"loop")
     with pytest.raises(CheckpointError):
         Model.decode(model.encode())
+
+
+def test_new_small_files_are_one_create_each_within_the_batch_bound(rig: Rig) -> None:
+    """A new regular file read whole is one Create (attributes, xattrs, data); one over
+    MAX_INLINE, or past the batch's INLINE_BYTES, takes Mknod, Extent, Setattr as before;
+    the replica is the same either way, and a later edit of a Create's file is an Extent."""
+    rig.capture()
+    rig.inline_bytes = 3 * 300  # three of the small ones fit
+    (rig.up / "d").mkdir()
+    for i in range(10):
+        (rig.up / "d" / f"f{i}").write_bytes(bytes([i]) * 300)
+    os.setxattr(rig.up / "d" / "f0", "user.k", b"v")
+    os.chmod(rig.up / "d" / "f0", 0o4750)
+    (rig.up / "d" / "big").write_bytes(b"b" * (rec.MAX_INLINE + 1))
+    records = rig.capture()
+    creates = [r for r in records if isinstance(r, rec.Create)]
+    assert len(creates) == 3
+    assert sum(isinstance(r, rec.Mknod) for r in records) == 8  # 7 small ones and big
+    assert not any(isinstance(r, rec.Extent) and r.path in {c.path for c in creates}
+                   for r in records)
+    rig.check()
+    rig.inline_bytes = INLINE_BYTES
+    (rig.up / "e").mkdir()
+    for i in range(10):
+        (rig.up / "e" / f"f{i}").write_bytes(b"%d" % i * 100)
+    os.setxattr(rig.up / "e" / "f1", "user.b", b"2")
+    os.setxattr(rig.up / "e" / "f1", "user.a", b"1")
+    os.chmod(rig.up / "e" / "f1", 0o4750)
+    records = rig.capture()
+    creates = {r.path: r for r in records if isinstance(r, rec.Create)}
+    assert len(creates) == 10
+    assert not any(isinstance(r, rec.Mknod | rec.Extent | rec.Setxattr) for r in records)
+    f1 = creates[b"upper/e/f1"]
+    assert f1.xattr_pairs() == ((b"user.a", b"1"), (b"user.b", b"2"))
+    assert f1.mode == stat.S_IFREG | 0o4750
+    assert f1.data == b"1" * 100
+    rig.check()
+    with open(rig.up / "e" / "f1", "r+b") as f:
+        f.write(b"X")
+    records = rig.capture()
+    assert [type(r) for r in records if isinstance(r, rec.Write)] == [rec.Extent]
+    rig.check()

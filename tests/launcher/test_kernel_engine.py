@@ -259,6 +259,11 @@ def test_a_login_restarts_a_capture_whose_supervisor_was_killed_and_check_drains
         check(site, user)
         journal = site.sdeefs("log", "--upper", str(site.upper(user)), "--state", state).stdout
         assert "upper/etc/two" in journal
+        # found by the restarted capture's scan: a new small file, one Create record
+        created = [line for line in journal.splitlines()
+                   if "create      path=upper/etc/two " in line]
+        assert len(created) == 1
+        assert "data=4 bytes" in created[0]
 
 
 def test_a_layer_still_live_in_another_mount_namespace_is_mounted_again() -> None:

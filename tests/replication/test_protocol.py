@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
+from sdeefs.errors import BadRecord
 from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.identity import Identity
@@ -36,6 +37,7 @@ from sdeefs.replication.wire import (
     Frame,
     FrameReader,
     ProtocolError,
+    Refused,
     VersionMismatch,
     answer_hello,
     decode_hello,
@@ -43,6 +45,7 @@ from sdeefs.replication.wire import (
     decode_report,
     encode_record_payload,
     record_frames,
+    sanitize,
 )
 from sdeefs.sysio import name_to_handle
 from sdeefs.trees import signature
@@ -944,3 +947,120 @@ def test_a_replica_applies_only_its_users_ids(tmp_path: Path) -> None:
     st = (tmp_path / USER / "upper" / "mine").stat()
     assert (st.st_uid, st.st_gid) == (1001, 27)
     replica.close()
+
+
+# -- Create (record type 21, wire version 6): a new file whole, judged as what it means ------
+
+
+def _create(path: bytes = b"upper/new", mode: int = stat.S_IFREG | 0o640,
+            xattrs: tuple[tuple[bytes, bytes], ...] = ((b"user.a", b"1"),),
+            data: bytes = b"contents") -> rec.Create:
+    return rec.Create(path, mode, *ALICE_OWNER, 1_700_000_000_123_456_789, b"h" * 12,
+                      rec.encode_xattr_list(xattrs), data)
+
+
+def _garbled_creates() -> list[tuple[str, bytes]]:
+    """(what, RECORD payload) of Create records a hostile upstream might send."""
+    good = rec.encode_record(_create())[1]
+    xattr_at = good.index(b"user.a") - 2 - 4  # the xattrs blob's length field
+
+    def with_xattrs(blob: bytes) -> bytes:
+        (n,) = struct.unpack_from("<I", good, xattr_at)
+        body = good[:xattr_at] + struct.pack("<I", len(blob)) + blob + \
+            good[xattr_at + 4 + n:]
+        return struct.pack("<HI", rec.Create.TYPE, len(body)) + body
+
+    def raw(record: rec.Create) -> bytes:  # encoded without the door's checks
+        body = rec.encode_record(record)[1]
+        return struct.pack("<HI", rec.Create.TYPE, len(body)) + body
+
+    pair = struct.pack("<H", 6) + b"user.b" + struct.pack("<I", 1) + b"2"
+    first = struct.pack("<H", 6) + b"user.a" + struct.pack("<I", 1) + b"1"
+    return [
+        ("a directory", raw(attrs.evolve(_create(), mode=stat.S_IFDIR | 0o755))),
+        ("a device", raw(attrs.evolve(_create(), mode=stat.S_IFCHR | 0o644))),
+        ("data over 64 KiB", raw(attrs.evolve(_create(), data=b"d" * (rec.MAX_INLINE + 1)))),
+        ("a handle over 136 bytes", raw(attrs.evolve(_create(), handle=b"h" * 137))),
+        ("an escaping path", raw(attrs.evolve(_create(), path=b"upper/../../etc/passwd"))),
+        ("xattrs out of order", with_xattrs(pair + first)),
+        ("a repeated xattr", with_xattrs(first + first)),
+        ("an xattr list cut short", with_xattrs(first[:-1])),
+        ("an empty xattr name", with_xattrs(struct.pack("<HI", 0, 0))),
+        ("a NUL in an xattr name", with_xattrs(struct.pack("<H", 3) + b"a\0b" +
+                                               struct.pack("<I", 0))),
+        ("a trailing byte", struct.pack("<HI", rec.Create.TYPE, len(good) + 1) + good + b"!"),
+        ("cut short", struct.pack("<HI", rec.Create.TYPE, len(good) - 3) + good[:-3]),
+    ]
+
+
+@pytest.mark.parametrize(("what", "payload"), _garbled_creates(),
+                         ids=[what for what, _ in _garbled_creates()])
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_a_garbled_create_is_refused_with_one_clear_error(tmp_path: Path, what: str,
+                                                                payload: bytes) -> None:
+    with pytest.raises(Refused) as refused:  # the door: decoding
+        decode_record_payload(payload)
+    assert str(refused.value).startswith("bad record: ")
+    assert "\n" not in str(refused.value)
+    replica, error = await _hostile_session(tmp_path, lambda key: _frames(
+        [(1, payload, 0), (2, _mkdir(b"upper/after"), 0)], key), ALICE)
+    assert error == ""  # the user's problem, not the link's: the stream goes on
+    assert replica.applied == 2
+    assert [r.seq for r in replica.skipped.records] == [1]
+    assert not (tmp_path / "replicas" / USER / "upper" / "new").exists()
+    assert not (tmp_path / "replicas" / USER / "upper" / "etc").exists()
+    assert (tmp_path / "replicas" / USER / "upper" / "after").is_dir()
+
+
+def test_a_create_in_an_older_encoding_is_refused() -> None:
+    rtype, payload = rec.encode_record(_create())
+    for version in (1, 2):
+        with pytest.raises(BadRecord, match="not in encoding version"):
+            rec.decode_record(rtype, payload, version)
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_a_create_applies_as_the_records_it_means(tmp_path: Path) -> None:
+    """A replica fed Creates holds what the old records (Mknod, Setxattr, Write, Setattr)
+    made; set-ID bits are stripped as from a Mknod; a refused xattr is left out, the rest
+    applied, and the record noted as skipped."""
+    creates = [
+        _create(b"upper/a", xattrs=((b"user.a", b"1"), (b"user.b", b"two"))),
+        _create(b"upper/empty", data=b"", xattrs=()),
+        _create(b"upper/whole", data=os.urandom(rec.MAX_INLINE), mode=stat.S_IFREG | 0o755),
+        _create(b"upper/suid", mode=stat.S_IFREG | 0o4755, xattrs=()),
+    ]
+    frames = [(seq, encode_record_payload(r), 0) for seq, r in enumerate(creates, 1)]
+    refused_xattr = _create(b"upper/sel", xattrs=((b"security.selinux", b"x"),
+                                                  (b"user.ok", b"1")))
+    frames.append((5, encode_record_payload(refused_xattr), 0))
+    replica, error = await _hostile_session(tmp_path, lambda key: _frames(frames, key),
+                                            ALICE)
+    assert error == ""
+    assert replica.applied == 5
+    assert [r.seq for r in replica.skipped.records] == [5]
+    assert "security.selinux" in replica.skipped.records[0].reason
+    # the same records, the old way, on a second replica
+    old = tmp_path / "old"
+    plain = Replica.open(str(old / USER))
+    seq = 0
+    for record in [*creates, refused_xattr]:
+        for part, data in sanitize(record).expand():  # type: ignore[attr-defined]
+            if isinstance(part, rec.Setxattr) and part.name == b"security.selinux":
+                continue
+            seq += 1
+            _accept_all(plain, [(seq, part, data)])
+    plain.close()
+    assert signature(tmp_path / "replicas" / USER / "upper") == \
+        signature(old / USER / "upper")
+    for record in [*creates, refused_xattr]:  # byte-identical, same mtime
+        name = record.path.decode()[len("upper/"):]
+        new, was = tmp_path / "replicas" / USER / "upper" / name, old / USER / "upper" / name
+        assert new.read_bytes() == was.read_bytes() == record.data
+        assert new.stat().st_mtime_ns == was.stat().st_mtime_ns == record.mtime_ns
+    upper = tmp_path / "replicas" / USER / "upper"
+    assert stat.S_IMODE((upper / "suid").stat().st_mode) == 0o755
+    assert (upper / "whole").read_bytes() == creates[2].data
+    assert os.getxattr(upper / "a", "user.b") == b"two"
+    assert os.getxattr(upper / "sel", "user.ok") == b"1"
+    assert (upper / "a").stat().st_mtime_ns == creates[0].mtime_ns
