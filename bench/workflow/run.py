@@ -52,6 +52,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -465,14 +466,18 @@ class Bench:
 HOOK_TIMES = "hook-times.log"
 
 
-def timed_hooks(base: Path) -> None:
+def timed_hooks(base: Path, without: Sequence[str]) -> None:
     """Make open_grid's prolog.sh and epilog.sh note how long they take: a line
-    ``JOB NODE prolog|epilog START_NS END_NS`` in BASE/hook-times.log."""
+    ``JOB NODE prolog|epilog START_NS END_NS`` in BASE/hook-times.log; for the users
+    ``without`` they do nothing (their jobs run as on a site without sdeefs: the peers'
+    and bare's baseline; their jobs say ``--sdeefs=off``, so the plugin asks for nothing)."""
+    users = "|".join(without) or "''"  # '': no user (SLURM_JOB_USER is set)
     for which in ("prolog", "epilog"):
         script = base / f"{which}.sh"
         lines = script.read_text().splitlines()
-        command = "\n".join(line.replace("exec ", "", 1) for line in lines[1:])
-        script.write_text(f"#!/bin/sh\nt0=$(date +%s%N)\n{command}\nrc=$?\n"
+        command = "\n".join("  " + line.replace("exec ", "", 1) for line in lines[1:])
+        script.write_text(f'#!/bin/sh\nt0=$(date +%s%N)\nrc=0\ncase "$SLURM_JOB_USER" in\n'
+                          f"{users}) ;;\n*)\n{command}\n  rc=$?;;\nesac\n"
                           f'echo "$SLURM_JOB_ID $SLURMD_NODENAME {which} $t0 $(date +%s%N)" '
                           f">> {base / HOOK_TIMES}\nexit $rc\n")
 
@@ -536,9 +541,12 @@ def available(names: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 @contextmanager
 def open_bench(tasks: int, names: Sequence[str], shapes: Sequence[str], out: Path | None,
-               log: Callable[[str], None] = print, engine: str = "hybrid") -> Iterator[Bench]:
+               log: Callable[[str], None] = print, engine: str = "hybrid",
+               bare_site: bool = True) -> Iterator[Bench]:
     """The SLURM test cluster with the plugin, user A logged in with the program installed,
-    user B without an environment, the container image; all gone afterwards."""
+    user B without an environment, the container image; all gone afterwards.
+    ``bare_site``: B's and root's jobs skip the prolog and epilog (a site without
+    sdeefs); else they run them (sdeefs-prolog finds no environment: the job runs bare)."""
     from tests.cluster.test_slurm_jobs import open_grid
 
     if out is not None:
@@ -548,13 +556,13 @@ def open_bench(tasks: int, names: Sequence[str], shapes: Sequence[str], out: Pat
         with container_image() as (image, podman_run), open_grid(2, spank=True,
                                                                   engine=engine) as g:
             try:
-                timed_hooks(g.base)
+                plain = g.site.add_user()
+                timed_hooks(g.base, without=(plain, "root") if bare_site else ())
                 began = time.monotonic()
                 g.site.start(g.user)
                 install_at_login(g)
                 log(f"user logged in and installed the program ({time.monotonic() - began:.1f}"
                     " s)")
-                plain = g.site.add_user()
                 every = make_contenders(image, podman_run)
                 yield Bench(g, tasks, [every[n] for n in names], list(shapes), plain,
                             root_work, out, log=log)
@@ -572,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--engine", default="hybrid", help="the login environment's engine")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "workflow")
+    parser.add_argument("--sdeefs-site", action="store_true",
+                        help="bare and the peers' jobs run sdeefs' prolog and epilog too "
+                        "(default: skipped for them, as on a site without sdeefs)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="no untimed first workflow per contender")
     parser.add_argument("--no-install", action="store_true",
@@ -590,9 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, reason in left.items():
         print(f"run.py: {name} left out: {reason}", file=sys.stderr)
     started = time.time()
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # the clean-up below runs
+
+    signal.signal(signal.SIGTERM, interrupt)
     with open_bench(args.tasks, names, args.shapes.split(","), args.out,
                     log=lambda m: print(m, file=sys.stderr, flush=True),
-                    engine=args.engine) as b:
+                    engine=args.engine, bare_site=not args.sdeefs_site) as b:
         b.run_rounds(args.rounds, warmup=not args.no_warmup)
     uname = os.uname()
     data = json.loads((args.out / "results.json").read_text())
