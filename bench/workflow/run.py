@@ -22,13 +22,15 @@ Contenders (the same program everywhere):
   program *inside* the environment (``/usr/local``, which the host does not have), and
   types ``sh submit.sh`` in ``sdeefs-shell``: plain ``sbatch``/``srun``, the SPANK
   plugin puts every task into the job's environment on its node;
-* ``bare``: user B, who has no sdeefs environment (the prolog marks their jobs bare); the
-  program installed on the host just for these runs, removed after each;
+* ``bare``: user B, who has no sdeefs environment; the program installed on the host just
+  for these runs, removed after each; SLURM's prolog and epilog do nothing for B's jobs (a
+  site without sdeefs; ``--sdeefs-site``: they run sdeefs-prolog/-epilog, which find no
+  environment, and the job runs bare);
 * ``ch-run``: user B, one Charliecloud container per task, ``srun ... ch-run -b WORK IMG
   -- wf-task``; IMG is the host root plus the program: a read-only kernel overlay
   ``lowerdir=LAYER:/`` (LAYER holds only the program);
 * ``podman``: root (rootful podman: rootless needs per-user storage), one container per
-  task, ``podman run --rm --rootfs IMG:O -v WORK:WORK ... wf-task``.
+  task, ``podman run --rm --rootfs IMG:O -v WORK:WORK ... wf-task``; no prolog/epilog, as B.
 
 Every job but sdeefs' is submitted with ``--sdeefs=off``.  Rounds interleave: every
 round runs each (contender, shape) once, the order rotating round by round.
@@ -36,11 +38,14 @@ round runs each (contender, shape) once, the order rotating round by round.
 Measured per workflow: **makespan** (the submit script's first line, ``date +%s%N`` before
 the first ``sbatch``, to the end of the last task: the clock after its ``srun``
 returned), **task wall** (``srun`` to its return, per task, in the job script), the
-program's own time (``W`` line), and a digest of stage 4's outputs (the same for all).
+program's own time (``W`` line), how long SLURM's prolog and epilog took per job and node
+(the cluster's prolog.sh/epilog.sh wrapped to time themselves), and a digest of stage 4's
+outputs (the same for all).
 
-Run (root; ~10 min for 3 rounds)::
+Run (root; ~10 min for 5 rounds at load 10, one untimed warm-up workflow per contender
+first)::
 
-    .venv/bin/python bench/workflow/run.py --rounds 3 --out bench/out/workflow
+    .venv/bin/python bench/workflow/run.py --rounds 5 --out bench/out/workflow
     .venv/bin/python bench/workflow/plot.py bench/out/workflow/results.json \\
         bench/out/workflow.svg
 """
