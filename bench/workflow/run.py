@@ -459,13 +459,15 @@ class Bench:
             for f in files:
                 f.unlink(missing_ok=True)
 
+    def data(self) -> dict[str, Any]:
+        """What results.json holds (bench/workflow/plot.py reads it)."""
+        return {"tasks_per_stage": self.tasks, "contenders": [c.name for c in self.contenders],
+                "shapes": self.shapes, "runs": [r.as_json() for r in self.runs],
+                "summary": summary(self.runs)}
+
     def save(self) -> None:
-        if self.out is None:
-            return
-        (self.out / "results.json").write_text(json.dumps(
-            {"tasks_per_stage": self.tasks, "contenders": [c.name for c in self.contenders],
-             "shapes": self.shapes, "runs": [r.as_json() for r in self.runs],
-             "summary": summary(self.runs)}, indent=1))
+        if self.out is not None:
+            (self.out / "results.json").write_text(json.dumps(self.data(), indent=1))
 
 
 HOOK_TIMES = "hook-times.log"

@@ -10,8 +10,10 @@ inside; every contender must produce the same outputs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from bench.workflow import plot
 from bench.workflow.run import SHAPES, STAGES, available, open_bench, parse_tasks, summary
 
 from ..launcher.launcher_site import requires_launcher
@@ -61,3 +63,6 @@ def test_workflow_harness_runs_each_contender_and_shape_through_slurm() -> None:
     assert set(table) == set(SHAPES)
     assert table["chain"]["sdeefs"]["makespan"]["n"] == 1
     assert table["steps"]["bare"]["makespan_vs_bare"] == 1
+    data = json.loads(json.dumps(b.data()))  # as results.json
+    assert plot.svg(data).startswith("<svg")
+    assert len(plot.table(data).splitlines()) == 2 + len(runs)
