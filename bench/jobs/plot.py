@@ -16,7 +16,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 PALETTE = {"sdeefs": "#1f77b4", "ch-run": "#ff7f0e", "podman": "#2ca02c",
-           "sdeefs-spank": "#9467bd", "bare": "#7f7f7f"}
+           "sdeefs-run": "#9467bd", "bare": "#7f7f7f"}
 # the benchmark keys shown, in order, with a label (all are higher-is-better throughputs)
 SHOWN = [("sysbench_eps", "sysbench cpu"), ("hpcc1_HPL_Tflops", "HPL 1 rank"),
          ("hpcc1_SingleDGEMM_Gflops", "DGEMM"), ("hpcc1_SingleSTREAM_Triad", "STREAM triad"),
@@ -37,13 +37,15 @@ def overheads(raw: dict[str, dict[str, list[float]]], name: str, key: str
     return tuple(100 * (base / v - 1) for v in (statistics.median(mine), max(mine), min(mine)))  # type: ignore[return-value]
 
 
-def bars(raw: dict[str, dict[str, list[float]]], names: list[str], out: Path) -> None:
-    rows = [(k, label) for k, label in SHOWN if any(overheads(raw, n, k) for n in names)]
+def bars(raw: dict[str, dict[str, list[float]]], names: list[str], out: Path,
+         shown: list[tuple[str, str]] = SHOWN,
+         title: str = "Job overhead over bare srun, % of time") -> None:
+    rows = [(k, label) for k, label in shown if any(overheads(raw, n, k) for n in names)]
     values = [o for k, _ in rows for n in names if (o := overheads(raw, n, k))]
     lo = min([-5.0, *(v[1] for v in values)])
     hi = max([5.0, *(v[2] for v in values)])
     hi = min(hi, 200.0)
-    left, width, bar, gap = 170, 520, 9, 8
+    left, width, bar, gap = 230, 520, 9, 8
     height = 60 + len(rows) * (len(names) * bar + gap) + 40
 
     def x(v: float) -> float:
@@ -51,7 +53,7 @@ def bars(raw: dict[str, dict[str, list[float]]], names: list[str], out: Path) ->
 
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 40}" '
            f'height="{height}" font-family="sans-serif" font-size="11">',
-           f'<text x="{left}" y="18" font-size="13">Job overhead over bare srun, % of time '
+           f'<text x="{left}" y="18" font-size="13">{escape(title)} '
            '(bar: median, whisker: min-max over rounds)</text>']
     for tick in range(int(lo // 10) * 10, int(hi) + 1, 10 if hi - lo < 120 else 25):
         if tick < lo:
@@ -109,7 +111,8 @@ def steps(raw: dict[str, dict[str, list[float]]], out: Path) -> None:
     out.write_text("\n".join(svg))
 
 
-def table(raw: dict[str, dict[str, list[float]]], names: list[str]) -> str:
+def table(raw: dict[str, dict[str, list[float]]], names: list[str],
+          shown: list[tuple[str, str]] = SHOWN) -> str:
     """Bare's median, and each contender's median overhead [best, worst] in % of time."""
     head = ["benchmark", "bare (median)", *names]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
@@ -120,7 +123,7 @@ def table(raw: dict[str, dict[str, list[float]]], names: list[str]) -> str:
                  if raw.get(n, {}).get("step_ms") else "–" for n in names]
         lines.append(f"| job step (srun, /bin/true) | {statistics.median(steps):.0f} ms | "
                      + " | ".join(cells) + " |")
-    for key, label in SHOWN:
+    for key, label in shown:
         bare = raw.get("bare", {}).get(key)
         if not bare:
             continue
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(argv[1])
     names = [n for n in data["contenders"] if n != "bare" and n in raw]
     bars(raw, names, out)
-    steps(raw, out.with_name(out.stem + "-steps.svg"))
+    if any(raw[n].get("step_ms") for n in raw):  # runs before bench/jobs/steps.py
+        steps(raw, out.with_name(out.stem + "-steps.svg"))
     print(table(raw, names))
     return 0
 

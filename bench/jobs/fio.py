@@ -1,0 +1,221 @@
+"""fio's six modes in a job: the job's scratch and the user's files from the replica, paired.
+
+Usage (as root)::
+
+    .venv/bin/python bench/jobs/fio.py [--rounds 5] [--runtime 2] [--out bench/out/jobs-fio.md]
+
+A real SLURM cluster of one node (tests/cluster, the SPANK plugin loaded as ``sdeefs
+install-slurm`` sets it up).  The user logs in and writes one 64 MiB file of random bytes per
+mode into ``/var/tmp/bench-fio`` inside their environment (the login upper; the node's
+replica follows).  The harness copies the same bytes to the node's local tmpfs for the bare
+runs (the medium the node's replica and job scratch live on here), drops the page cache,
+and the user submits one job.  In it, round after round (order rotating), each mode runs as
+one step of each variant, so every sdeefs step has a bare step of the same round beside it:
+
+* ``bare`` scratch: ``srun --sdeefs=off fio`` in a directory on the node's tmpfs;
+* ``sdeefs`` scratch: ``srun fio`` in ``/var/tmp/fio-s`` inside: the job's scratch upper
+  (kernel overlayfs, upper on the node's tmpfs);
+* ``sdeefs-run`` scratch: ``srun --sdeefs=off sdeefs-run -- fio`` in ``/var/tmp/fio-w``: the
+  explicit form of before (the earlier finding: sequential read +96…+111 % over bare);
+* ``bare`` replica: the node-local copy of the user's file;
+* ``sdeefs`` replica: the user's file as the job sees it (the replica, a middle layer of the
+  overlay; the write modes copy it up into the job's scratch at open).
+
+Before the rounds, one pass over each file (``first``: no ``--time_based``; the step's
+wall time is recorded too, srun and the copy-up of the write modes included): the first
+access in the job, right after replication.  The node's replica and scratch are tmpfs in
+this cluster, so "cold" can only mean "never read before in this job environment": tmpfs
+pages cannot be dropped.
+
+Sequential modes use 1 MiB blocks, random ones 4 KiB; psync; reads and writes summed (KiB/s).
+Writes OUT (Markdown: overhead in % of time over bare, median of the paired rounds [min,
+max]), OUT.json and OUT.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT))
+
+from bench.jobs import plot  # noqa: E402
+from bench.jobs.run import FIO_MODES, install_packages  # noqa: E402
+from tests.cluster.test_slurm_jobs import open_grid  # noqa: E402
+from tests.launcher.launcher_site import SHELL, VENV_BIN  # noqa: E402
+
+INSIDE = "/var/tmp/bench-fio"  # the user's files, written at login
+
+
+def fio(target: str, mode: str, size: str, runtime: int) -> str:
+    """fio on ``target`` (a directory's file ``data``, or a file), one terse line."""
+    bs = "1m" if mode in ("read", "write", "rw") else "4k"
+    where = (f"--filename={target}" if not target.endswith("/") else
+             f"--directory={target} --filename=data")
+    timed = f"--runtime={runtime} --time_based" if runtime else ""
+    return (f"fio --name={mode} {where} --size={size} --rw={mode} --bs={bs} --ioengine=psync "
+            f"{timed} --minimal")
+
+
+def step(name: str, key: str, srun: str, command: str) -> list[str]:
+    """Shell lines: run one fio step, print ``R NAME KEY KiB/s STEP_MS``."""
+    return ["t0=$(date +%s%N)",
+            f"kbs=$({srun} sh -c {shlex.quote(command)} | awk -F';' '{{print $7 + $48}}')",
+            f'echo "R {name} {key} ${{kbs:-0}} $(( ($(date +%s%N) - t0) / 1000000 ))"']
+
+
+def variants(scratch: Path, copy: Path, mode: str, size: str, runtime: int
+             ) -> dict[str, tuple[str, str, str]]:
+    """(contender, key) name -> (contender, srun prefix, fio command)."""
+    off = "srun -N1 --sdeefs=off"
+    # env -u: the batch script runs in the environment, and sdeefs-run trusts the
+    # SDEEFS_JOB_ENV it inherits through srun --sdeefs=off (it would exec bare)
+    run = f"{off} env -u SDEEFS_JOB_ENV {VENV_BIN / 'sdeefs-run'} --"
+    return {
+        f"bare:fio_{mode}_scratch": ("bare", off, fio(f"{scratch}/", mode, size, runtime)),
+        f"sdeefs:fio_{mode}_scratch": ("sdeefs", "srun -N1",
+                                       fio("/var/tmp/fio-s/", mode, size, runtime)),
+        f"sdeefs-run:fio_{mode}_scratch": ("sdeefs-run", run,
+                                           fio("/var/tmp/fio-w/", mode, size, runtime)),
+        f"bare:fio_{mode}_replica": ("bare", off, fio(f"{copy}/{mode}", mode, size, runtime)),
+        f"sdeefs:fio_{mode}_replica": ("sdeefs", "srun -N1",
+                                       fio(f"{INSIDE}/{mode}", mode, size, runtime)),
+    }
+
+
+def job_script(scratch: Path, copy: Path, modes: list[str], size: str, runtime: int,
+               rounds: int) -> str:
+    lines = ["#!/bin/sh", "mkdir -p /var/tmp/fio-s /var/tmp/fio-w"]
+    for mode in modes:  # first pass over the user's files: right after replication
+        for name in ("bare", "sdeefs"):
+            c, srun, command = variants(scratch, copy, mode, size, 0)[f"{name}:fio_{mode}_replica"]
+            lines += step(c, f"fio_{mode}_replica_first", srun, command)
+            lines += [f'echo "R {c} fio_{mode}_replica_first_ms $(( ($(date +%s%N) - t0) '
+                      '/ 1000000 ))"']
+    for r in range(rounds):
+        for mode in modes:
+            v = variants(scratch, copy, mode, size, runtime)
+            names = list(v)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                c, srun, command = v[name]
+                lines += step(c, name.split(":")[1], srun, command)
+    return "\n".join(lines) + "\n"
+
+
+def parse(text: str) -> dict[str, dict[str, list[float]]]:
+    raw: dict[str, dict[str, list[float]]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] == "R":
+            raw.setdefault(parts[1], {}).setdefault(parts[2], []).append(float(parts[3]))
+    return raw
+
+
+def shown(modes: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for mode in modes:
+        out += [(f"fio_{mode}_scratch", f"{mode}: job scratch"),
+                (f"fio_{mode}_replica", f"{mode}: user's file"),
+                (f"fio_{mode}_replica_first", f"{mode}: user's file, first pass")]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runtime", type=int, default=2)
+    parser.add_argument("--size", default="64m")
+    parser.add_argument("--modes", default=",".join(FIO_MODES))
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "jobs-fio.md")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("fio.py: run as root (it starts a SLURM cluster)", file=sys.stderr)
+        return 2
+    install_packages()
+    modes = args.modes.split(",")
+    started = time.time()
+    loads = [os.getloadavg()[0]]
+    with open_grid(1, spank=True) as g:
+        try:
+            g.site.start(g.user)
+            g.site.run(g.user, f"mkdir -p {INSIDE} && for m in {' '.join(modes)}; do "
+                       f"head -c {args.size.upper()} /dev/urandom "
+                       f"> {INSIDE}/$m; done; chmod -R a+rwX {INSIDE}", timeout=300)
+            copy = g.base / "n1" / "copy"  # bare's: the same bytes on the node's tmpfs
+            scratch = g.base / "n1" / "scratch"
+            for d in (copy, scratch):
+                d.mkdir()
+            subprocess.run(["cp", "-r", f"{g.site.upper(g.user)}{INSIDE}/.", str(copy)],
+                           check=True)
+            uid, gid = g.site.uid(g.user), os.stat(g.site.home(g.user)).st_gid
+            for p in (copy, scratch, *copy.iterdir()):
+                os.chown(p, uid, gid)
+            g.sync(1)  # the replica holds the files (the prolog would wait for it too)
+            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+            home = g.site.home(g.user)
+            (home / "fio.sh").write_text(job_script(scratch, copy, modes, args.size,
+                                                    args.runtime, args.rounds))
+            out = home / "fio.out"
+            env = {"SDEEFS_RUN_DIR": str(g.site.run_dir), "HOME": str(home),
+                   "SDEEFS_CONFIG": str(g.site.config)}
+            job = g.slurm.run([str(SHELL), "-c", f"sbatch --parsable -N1 -o {out} {home}/fio.sh"],
+                              user=g.user, cwd=home, env=env).stdout.strip()
+            state = g.slurm.wait_job(int(job), timeout=600 + args.rounds * len(modes) * 5 * (
+                args.runtime + 5))
+            text = out.read_text() if out.exists() else ""
+        finally:
+            subprocess.run([str(VENV_BIN / "sdeefs"), "stop", g.user], env=g.site.env(),
+                           capture_output=True)
+    loads.append(os.getloadavg()[0])
+    raw = parse(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".out").write_text(text)
+    if state != "COMPLETED" or not raw.get("sdeefs"):
+        print(f"fio.py: the job ended {state}:\n{text[-2000:]}", file=sys.stderr)
+        return 1
+    names: list[str] = [n for n in ("sdeefs", "sdeefs-run") if n in raw]
+    rows = shown(modes)
+    first_ms = [(f"fio_{m}_replica_first_ms", m) for m in modes]
+    lines = [
+        "# bench/jobs/fio.py: fio in a job, the job's scratch and the user's files",
+        "",
+        f"- Command: `.venv/bin/python bench/jobs/fio.py --rounds {args.rounds} "
+        f"--runtime {args.runtime} --size {args.size} --modes {args.modes}`",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; wall time "
+        f"{(time.time() - started) / 60:.1f} min; kernel {os.uname().release}; "
+        f"{os.cpu_count()} CPUs; 1-min load average before/after: "
+        f"{', '.join(f'{x:.1f}' for x in loads)}",
+        "- % of time over bare (bare/contender − 1 of KiB/s), median of the rounds [best, "
+        "worst]; bare: its median KiB/s",
+        "",
+        plot.table(raw, names, rows),
+        "",
+        "First pass over the user's files, the whole step (srun, open, copy-up, one pass), ms:",
+        "",
+        "| mode | bare | sdeefs |",
+        "| --- | ---: | ---: |",
+        *(f"| {m} | {statistics.median(raw['bare'].get(k, [0])):.0f} | "
+          f"{statistics.median(raw['sdeefs'].get(k, [0])):.0f} |" for k, m in first_ms),
+        "",
+    ]
+    report = "\n".join(lines)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    args.out.with_suffix(".json").write_text(json.dumps({"raw": raw, "load": loads}))
+    args.out.with_suffix(".out").write_text(text)  # the job's output: fio's own errors
+    plot.bars(raw, names, args.out.with_suffix(".svg"), rows,
+              title="fio in a job, % of time over bare")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
