@@ -50,14 +50,12 @@ import attrs
 from sdeefs import control, identity, trees
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
-from sdeefs.fs import capture, daemon, image, kernel
+from sdeefs.fs import daemon, image, kernel
 from sdeefs.fs.daemon import daemon_pid, end_after_unmount, keeper_pids
-from sdeefs.fs.mount import umount
 from sdeefs.identity import Identity
-from sdeefs.journal import Journal
 from sdeefs.sysio import write_file_atomic
 
-from . import dpkgmerge, limits, procs, view
+from . import limits, procs, view
 from .layout import EnvDirs, RunDirs, SiteRun, make_dirs
 from .view import User
 
@@ -204,6 +202,8 @@ def _merge_package_database(config: SiteConfig, dirs: EnvDirs, engine: Engine) -
     afterwards): nothing in the environment has looked the file up yet, so its kernel
     overlay finds the new one.  Written through the journal; a failure costs only the merge.
     """
+    from . import dpkgmerge  # (view.py's docstring: what jobs import)
+
     # where a write is journaled: the daemon's passthrough (hybrid), the view (fuse), the
     # image's upper itself (kernel: the capture journals it), the upper (overlay: no journal)
     upper = dirs.layer.live()[0]
@@ -456,6 +456,8 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
     daemon.end_process(run.guard_pid, UNMOUNT_TIMEOUT)
     for mountpoint in (dirs.layer.state.mnt, run.view):
         if view.mounted(mountpoint):
+            from sdeefs.fs.mount import umount  # a login view's: jobs never import FUSE
+
             try:
                 umount(mountpoint)
             except QuietError as exc:
@@ -526,6 +528,8 @@ def _tree_size(path: str) -> int:
 
 def _journal_head(journal_dir: str) -> int:
     """The last sequence number in the journal (0 if none, or unreadable: a report only)."""
+    from sdeefs.journal import Journal  # (view.py's docstring: what jobs import)
+
     head = 0
     if os.path.isdir(journal_dir):
         with contextlib.suppress(Exception):
@@ -551,6 +555,8 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
         alive = record is not None and is_alive(record)
         with contextlib.suppress(QuietError, control.ControlError):
             if kernel.capture_answers(state.path, 1.0):  # the head with all it saw
+                from sdeefs.fs import capture  # (view.py's docstring: what jobs import)
+
                 capture.drain(state.path, 60.0)
         live_upper = dirs.layer.live()[0]
         if os.path.exists(dirs.layer.image) and not image.is_mounted(dirs.layer.image,

@@ -28,6 +28,10 @@ no guard: the cached scan of compute/private.py hides root-only entries instead.
 
 Privileged set-up (daemons, idmapped mount, mask) happens here, as root; the
 namespaces themselves are made by the C helper (enter.py).  Paths: layout.py.
+
+A job's prolog and epilog import this module too, and start a Python process per job
+on every node: the FUSE stack (sdeefs.fs.mount: pyfuse3, trio, the overlay) is imported
+only by the functions that mount a login view, so a job pays none of its import time.
 """
 
 from __future__ import annotations
@@ -46,14 +50,6 @@ from sdeefs.errors import ExitCode, QuietError
 from sdeefs.fs import kernel
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.fs.mask import MaskSpec, build_mask
-from sdeefs.fs.mount import (
-    GuardRequest,
-    MountRequest,
-    begin_guard,
-    mount,
-    mount_passthrough,
-    umount,
-)
 from sdeefs.identity import Identity, format_map
 from sdeefs.sysio import filesystem_ids
 
@@ -180,6 +176,8 @@ def _below_any(rel: bytes, dirs: set[bytes], itself: bool = False) -> bool:
 
 def _ensure_upper_daemon(config: SiteConfig, dirs: EnvDirs, ids: Identity) -> None:
     """Engine hybrid: the journaling passthrough of the upper, healthy (recovered after a crash)."""
+    from sdeefs.fs.mount import MountRequest, mount_passthrough
+
     state = dirs.layer.state
     if mounted(state.mnt):
         try:
@@ -200,6 +198,8 @@ def _begin_guard(config: SiteConfig, ids: Identity, run: RunDirs) -> Callable[[]
     """Make sure the guard layer (sdeefs.fs.guard) of the user's view is mounted and healthy
     (remounted if its daemon died).  Its daemon starts now; the returned call waits for it,
     so that the upper's daemon can start meanwhile."""
+    from sdeefs.fs.mount import GuardRequest, begin_guard
+
     if mounted(run.guard):
         try:
             os.statvfs(run.guard)
@@ -221,6 +221,8 @@ def _begin_guard(config: SiteConfig, ids: Identity, run: RunDirs) -> Callable[[]
 
 def _ensure_fuse_view(config: SiteConfig, ids: Identity, dirs: EnvDirs) -> str:
     """Engine fuse: the pure sdeefs overlay of the host root and the user's upper."""
+    from sdeefs.fs.mount import MountRequest, mount
+
     view = dirs.run.view
     if mounted(view):
         try:
@@ -255,6 +257,8 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
 
     The caller made ``dirs`` (env.py) and holds the environment's lock.
     """
+    from sdeefs.fs.mount import umount
+
     if engine == Engine.FUSE:
         if migrate.needed(dirs, ids) and not mounted(dirs.run.view):
             _ensure_upper_daemon(config, dirs, ids)  # the chowns journaled, for replicas

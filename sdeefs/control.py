@@ -36,12 +36,14 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import trio
 
 from .errors import ExitCode, QuietError
+
+if TYPE_CHECKING:  # the server's side imports trio when it serves: clients (a job's
+    import trio  # prolog, sdeefs-shell) stay free of its import time
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +98,14 @@ def error_reply(exc: QuietError) -> Reply:
 
 async def serve(path: str, handler: Handler, *, mode: int = 0o600,
                 max_request: int = MAX_REQUEST, read_timeout: float = 10.0,
-                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[None] | None = None) -> None:
     """Answer requests on the Unix socket ``path`` until cancelled (then remove it).
 
     ``mode`` is the socket file's mode: 0600 for root-only services, 0666 where
     everybody may ask and the handler decides by :class:`Peer`.
     """
+    import trio
+
     staging = f"{path}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(staging)
@@ -116,7 +120,8 @@ async def serve(path: str, handler: Handler, *, mode: int = 0o600,
     os.replace(staging, path)
     ours = os.stat(path).st_ino  # removed at the end unless another server replaced it
     listener = trio.SocketListener(sock)
-    task_status.started()
+    if task_status is not None:
+        task_status.started()
     async def answer(stream: trio.SocketStream) -> None:
         await _answer(stream, handler, max_request, read_timeout)
 
@@ -130,6 +135,8 @@ async def serve(path: str, handler: Handler, *, mode: int = 0o600,
 
 async def _answer(stream: trio.SocketStream, handler: Handler, max_request: int,
                   read_timeout: float) -> None:
+    import trio
+
     async with stream:
         try:
             peer = Peer.of(stream.socket)
@@ -149,6 +156,8 @@ async def _answer(stream: trio.SocketStream, handler: Handler, max_request: int,
 
 
 async def _read_line(stream: trio.SocketStream, max_request: int, read_timeout: float) -> bytes:
+    import trio
+
     data = b""
     with trio.move_on_after(read_timeout) as scope:
         while b"\n" not in data:
