@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from sdeefs.config import GuardDaemon
+from sdeefs.fs.daemon import keeper_pids
 from sdeefs.fs.guard import ROOT_INO, DenyPatterns, GuardView, Policy, guard_binary
 from sdeefs.fs.mount import GuardRequest, mount_guard
 from sdeefs.identity import Identity
@@ -507,6 +508,9 @@ def test_a_guard_that_cannot_be_kept_fails_closed(tmp_path: Path) -> None:
         os.kill(keeper, signal.SIGKILL)
         wait_until("the keeper is gone", lambda: not alive(keeper))
         assert os.listdir(view / "pub")  # the server goes on alone
+        pid_file = tmp_path / "keeper" / "guard.pid"
+        wait_until("the server names itself in the pid file (sdeefs stop ends it)",
+                   lambda: keeper_pids(str(pid_file)) == [server])
         os.kill(server, signal.SIGKILL)
         wait_until("the view fails", lambda: not _answers(view))
 
