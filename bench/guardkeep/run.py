@@ -11,6 +11,8 @@ server's RSS, and the node table's log (the memfd's pages).
 
     .venv/bin/python bench/guardkeep/run.py [--dir /usr] [--kills 5]
 
+Prints the guard's log (stderr), then a markdown table row (stdout).
+
 Needs root (mounts); everything it mounts or starts is removed at the end.
 """
 

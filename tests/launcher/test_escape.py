@@ -580,35 +580,54 @@ def test_root_only_entries_created_after_start_stay_hidden(env: Escape) -> None:
 
 
 def test_a_dead_guard_fails_closed_and_relogin_recovers(env: Escape) -> None:
+    """kill -9 of the guard's server: a new one takes over (guard.c "surviving a crash") and
+    a root-only file made meanwhile stays hidden; kill -9 of every process holding the
+    guard's connection (keeper and server): the view fails closed, a login recovers."""
     user = env.fresh_user()
     site = env.site
     guard = site.run_dir / user / "private" / "guard"
-    pid = _mount_daemon_pid(guard)
+    keeper = int((site.run_dir / user / "private" / "guard.pid").read_text().split()[0])
+    [server] = [p for p in _mount_daemon_pids(guard) if p != keeper]
     late = env.probe / "late-after-guard-death"
+    later = env.probe / "later-after-guard-death"
     late.write_text("root only\n")
     late.chmod(0o600)
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(server, signal.SIGKILL)
         result = env.sh(f"cat {late}", user=user)
+        assert result.returncode != 0
+        assert "root only" not in result.stdout
+        assert "No such file or directory" in result.stderr  # hidden by the new server
+        assert server not in _mount_daemon_pids(guard)
+        for pid in _mount_daemon_pids(guard):
+            os.kill(pid, signal.SIGKILL)
+        later.write_text("root only\n")  # a name the view never looked up
+        later.chmod(0o600)
+        result = env.sh(f"cat {later}", user=user)
         assert result.returncode != 0
         assert "root only" not in result.stdout
         assert "Transport endpoint is not connected" in result.stderr  # the view fails closed
         env.inits[user] = site.start(user)  # a login replaces the broken environment
         out = env.inside(f"""
             attempt("read", read, {str(late)!r})
+            attempt("read-later", read, {str(later)!r})
             attempt("public", read, "/etc/hostname")
         """, user=user)
         assert out["read"] == "ENOENT", out
+        assert out["read-later"] == "ENOENT", out
         assert out["public"] == "OK", out
     finally:
         late.unlink()
+        later.unlink(missing_ok=True)
 
 
-def _mount_daemon_pid(mountpoint: Path) -> int:
-    """The pid of the FUSE daemon serving ``mountpoint`` (the process holding /dev/fuse for it)."""
+def _mount_daemon_pids(mountpoint: Path) -> list[int]:
+    """The pids of the FUSE daemon serving ``mountpoint`` (the processes holding /dev/fuse for
+    it: sdeefs-guard's keeper and server)."""
     with open("/proc/self/mountinfo") as f:
         device = next(line.split()[2] for line in f if line.split()[4] == str(mountpoint))
     minor = int(device.split(":")[1])
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -618,8 +637,10 @@ def _mount_daemon_pid(mountpoint: Path) -> int:
                     with open(f"/proc/{entry}/fdinfo/{fd}") as info:
                         if any(line.split() == ["fuse_connection:", str(minor)]
                                for line in info):
-                            return int(entry)
-    raise AssertionError(f"no daemon found for {mountpoint}")
+                            found.append(int(entry))
+                            break
+    assert found, f"no daemon found for {mountpoint}"
+    return found
 
 
 # -- 7. /proc/sys and other global settings -------------------------------------------------

@@ -60,6 +60,7 @@
 #include <sys/inotify.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
@@ -287,8 +288,10 @@ static bool hides(const struct policy *p, const char *rel, const struct stat *st
  * resends it each time) end the keeper: its descriptor closes with
  * the server's, the kernel aborts the connection, and the view fails with ENOTCONN until the
  * next login remounts it - as without a keeper.  A node id the log does not know is ESTALE.
- * kill -9 of the keeper: the server goes on serving (it holds the descriptor too); a later
- * death of the server then closes the last descriptor: fail closed as above.
+ * kill -9 of the keeper: the server goes on serving (it holds the descriptor too) and names
+ * itself in the pid file (the environment's stop ends it); a later death of the server then
+ * closes the last descriptor: fail closed as above.  (A new keeper cannot be attached: the
+ * descriptor would have to be handed over, and the server's own death is the case to cover.)
  *
  * The log (one memfd: a header page, two regions; memory stores, no syscall per record):
  * records of 8-aligned length, "len" stored last (release), so that a record cut short by a
@@ -401,6 +404,7 @@ struct guard {
     struct fuse_session *se;
     bool stateless_dirs;
     struct keep keep;           /* the node table's log, for a restarted server */
+    const char *pid_file;       /* the keeper's; a server whose keeper died writes its own */
 };
 
 static size_t hash64(uint64_t v, size_t size)
@@ -1716,7 +1720,7 @@ static unsigned long long start_time(void)
 }
 
 /* daemon.write_pid_file: "PID START\n", atomically */
-static void write_pid_file(const char *path)
+static bool put_pid_file(const char *path)
 {
     char tmp[PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s.tmp%d", path, getpid());
@@ -1724,8 +1728,34 @@ static void write_pid_file(const char *path)
     if (!f || fprintf(f, "%d %llu\n", getpid(), start_time()) < 0 || fflush(f) ||
         fsync(fileno(f)) || fclose(f) || rename(tmp, path)) {
         unlink(tmp);
-        fail(1, "cannot write %s: %s", path, strerror(errno));
+        return false;
     }
+    return true;
+}
+
+static void write_pid_file(const char *path)
+{
+    if (!put_pid_file(path))
+        fail(1, "cannot write %s: %s", path, strerror(errno));
+}
+
+/* A server whose keeper died (kill -9: PR_SET_PDEATHSIG sends SIGUSR2) serves on alone: its
+ * own death then ends the view (fail closed).  It names itself in the pid file, so that the
+ * environment's stop still finds and ends it (daemon.end_process). */
+static void *await_keeper_death(void *arg)
+{
+    struct guard *g = arg;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    int sig;
+    while (sigwait(&set, &sig) != 0)
+        ;
+    fprintf(stderr, "sdeefs-guard: the keeper is gone: this server (pid %d) serves on alone; "
+            "its death now ends the view (ENOTCONN) until the next login\n", getpid());
+    if (g->pid_file && !put_pid_file(g->pid_file))
+        fprintf(stderr, "sdeefs-guard: cannot write %s: %s\n", g->pid_file, strerror(errno));
+    return NULL;
 }
 
 /* Serve the mount: on ``fuse_fd`` (the keeper's, -1: mount ``mountpoint`` here) */
@@ -1778,6 +1808,8 @@ static int serve(struct guard *g, const char *mountpoint, const char *pid_file, 
             write_pid_file(pid_file);
     }
     pthread_t watcher;
+    if (fuse_fd >= 0 && pthread_create(&watcher, NULL, await_keeper_death, g) != 0)
+        fail(1, "cannot serve the guard: no thread");
     if (g->inotify_fd >= 0 && pthread_create(&watcher, NULL, watch_host, g) != 0) {
         fprintf(stderr, "sdeefs-guard: no watcher thread: short timeouts\n");
         g->lost_events = true;
@@ -1866,6 +1898,7 @@ static int keeper(struct guard *g, const char *mountpoint, const char *pid_file)
     sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
     bool ever_served = false, ended = false;
+    pid_t keeper_pid = getpid();
     double window = now();
     int burst = 0;
     for (;;) {
@@ -1876,6 +1909,13 @@ static int keeper(struct guard *g, const char *mountpoint, const char *pid_file)
             signal(SIGINT, SIG_DFL);
             signal(SIGHUP, SIG_DFL);
             signal(SIGPIPE, SIG_DFL);
+            sigset_t usr2; /* for await_keeper_death, in every thread */
+            sigemptyset(&usr2);
+            sigaddset(&usr2, SIGUSR2);
+            pthread_sigmask(SIG_BLOCK, &usr2, NULL);
+            if (prctl(PR_SET_PDEATHSIG, SIGUSR2) != 0 || getppid() != keeper_pid)
+                raise(SIGUSR2);
+            g->pid_file = pid_file;
             _exit(serve(g, mountpoint, NULL, fuse_fd));
         }
         if (pid < 0) {
