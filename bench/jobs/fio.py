@@ -76,9 +76,7 @@ def variants(scratch: Path, copy: Path, mode: str, size: str, runtime: int
              ) -> dict[str, tuple[str, str, str]]:
     """(contender, key) name -> (contender, srun prefix, fio command)."""
     off = "srun -N1 --sdeefs=off"
-    # env -u: the batch script runs in the environment, and sdeefs-run trusts the
-    # SDEEFS_JOB_ENV it inherits through srun --sdeefs=off (it would exec bare)
-    run = f"{off} env -u SDEEFS_JOB_ENV {VENV_BIN / 'sdeefs-run'} --"
+    run = f"{off} {VENV_BIN / 'sdeefs-run'} --"
     return {
         f"bare:fio_{mode}_scratch": ("bare", off, fio(f"{scratch}/", mode, size, runtime)),
         f"sdeefs:fio_{mode}_scratch": ("sdeefs", "srun -N1",

@@ -70,10 +70,7 @@ def step_commands(image: Path, podman: Path) -> dict[str, dict[str, str]]:
         "user": {
             "bare": f"srun -N1 --sdeefs=off {STAMP}",
             "sdeefs": f"srun -N1 {STAMP}",
-            # env -u: sdeefs-run would trust the SDEEFS_JOB_ENV the batch script (in the
-            # environment) passes on through srun --sdeefs=off, and exec bare
-            "sdeefs-run": f"srun -N1 --sdeefs=off env -u SDEEFS_JOB_ENV "
-                          f"{VENV_BIN / 'sdeefs-run'} -- {STAMP}",
+            "sdeefs-run": f"srun -N1 --sdeefs=off {VENV_BIN / 'sdeefs-run'} -- {STAMP}",
             "ch-run": f"srun -N1 --sdeefs=off ch-run {image} -- {STAMP}",
         },
         "root": {

@@ -247,6 +247,11 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     (void)av;
     if (spank_context() != S_CTX_REMOTE)
         return 0;
+    /* SDEEFS_JOB_ENV says "this task is in the environment": only for a task this plugin
+     * moved in.  A step's environment comes from srun's, and srun typed in a task that is
+     * inside passes it on: a step run --sdeefs=off (or one left bare) must not keep it, or
+     * sdeefs-run there would run its command bare instead of joining. */
+    spank_unsetenv(sp, "SDEEFS_JOB_ENV");
     if (!g_enabled) {
         if (g_script_tree >= 0)
             close(g_script_tree);

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ..launcher.launcher_site import SHELL, requires_launcher
+from ..launcher.launcher_site import SHELL, VENV_BIN, requires_launcher
 from .slurm_cluster import requires_slurm
 from .test_slurm_jobs import Grid, install_software, open_grid
 
@@ -43,6 +43,7 @@ srun -N2 greet
 echo "0 greet" > multi.conf
 srun -N1 -n1 --multi-prog multi.conf
 srun -N2 --sdeefs=off sh -c 'echo off {WHERE}'
+srun -N1 --sdeefs=off {VENV_BIN / "sdeefs-run"} -- sh -c 'echo explicit {WHERE}'
 cat /etc/sdeefs-late-secret 2>&1 | sed 's/^/secret: /'
 """
 
@@ -120,6 +121,9 @@ def test_every_task_of_an_ordinary_job_runs_in_the_environment(grid: Grid) -> No
     assert lines(text, "privs") == ["CapEff: 0000000000000000 CapBnd: 0000000000000000 "
                                     "NoNewPrivs: 1"], text
     assert lines(text, "off") == [f"n{i} {uid} bare no-greet procself sh" for i in (1, 2)], text
+    # sdeefs-run in a step left bare joins (the batch script's SDEEFS_JOB_ENV, passed on by
+    # srun, is not the step's: with it, sdeefs-run ran its command bare)
+    assert lines(text, "explicit") == ["n1 0 v1 hello from libgreet procself sh"], text
     assert "host secret" not in text
     assert lines(text, "secret:")[0].endswith("Permission denied"), text
 
