@@ -256,6 +256,18 @@ def parse_tasks(text: str) -> tuple[list[Task], list[str], dict[int, float]]:
     return tasks, errors, began
 
 
+def dump(data: dict[str, Any]) -> str:
+    """JSON with one line per key (a run per line under "runs"): small and diffable."""
+    lines = []
+    for key, value in data.items():
+        if key == "runs":
+            inner = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in value)
+            lines.append(f'"runs": [\n  {inner}\n ]')
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values),
             "n": len(values)}
@@ -470,7 +482,7 @@ class Bench:
 
     def save(self) -> None:
         if self.out is not None:
-            (self.out / "results.json").write_text(json.dumps(self.data(), indent=1))
+            (self.out / "results.json").write_text(dump(self.data()))
 
 
 HOOK_TIMES = "hook-times.log"
@@ -649,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                     "minutes": (time.time() - started) / 60,
                     "kernel": f"{uname.sysname} {uname.release}", "cpus": os.cpu_count(),
                     "left_out": left}
-    (args.out / "results.json").write_text(json.dumps(data, indent=1))
+    (args.out / "results.json").write_text(dump(data))
     digests = {r["digest"] for r in data["runs"]}
     print(json.dumps(data["summary"], indent=1))
     if len(digests) != 1:
