@@ -35,12 +35,13 @@ Contenders (the same program everywhere):
 Every job but sdeefs' is submitted with ``--sdeefs=off``.  Rounds interleave: every
 round runs each (contender, shape) once, the order rotating round by round.
 
-Measured per workflow: **makespan** (the submit script's first line, ``date +%s%N`` before
+Measured per workflow: **makespan** (the submit script's first line, the clock before
 the first ``sbatch``, to the end of the last task: the clock after its ``srun``
-returned), **task wall** (``srun`` to its return, per task, in the job script), the
-program's own time (``W`` line), how long SLURM's prolog and epilog took per job and node
-(the cluster's prolog.sh/epilog.sh wrapped to time themselves), and a digest of stage 4's
-outputs (the same for all).
+returned; the clock is CLOCK_MONOTONIC, read by a tiny C program ``WORK/mono``: the
+wall clock of this VM was seen to step by 22 s in a run), **task wall** (``srun`` to its
+return, per task, in the job script), the program's own time (``W`` line), how long
+SLURM's prolog and epilog took per job and node (the cluster's prolog.sh/epilog.sh
+wrapped to time themselves), and a digest of stage 4's outputs (the same for all).
 
 Run (root; ~10 min for 5 rounds at load 10, one untimed warm-up workflow per contender
 first)::
@@ -135,13 +136,13 @@ def stage_script(c: Contender, tasks: int, work: str) -> str:
     lanes = " & ".join(f"lane {node} {first}" for node, first in LANES if first < tasks)
     return f"""#!/bin/bash
 st=$1
-echo "B $st $(date +%s%N)"
+echo "B $st $({work}/mono)"
 lane() {{
   for i in $(seq $2 {len(LANES)} {tasks - 1}); do
-    t0=$(date +%s%N)
+    t0=$({work}/mono)
     out=$(srun -N1 -n1 -w $1 --overlap {prefix} wf-task $st $i {tasks} {work} 2>&1)
     rc=$?
-    t1=$(date +%s%N)
+    t1=$({work}/mono)
     echo "T $st $i $1 $t0 $t1 $rc $(echo "$out" | grep '^W ' | tail -1)"
     [ $rc = 0 ] || echo "$out" | sed "s/^/E $st $i: /"
   done
@@ -158,7 +159,7 @@ def steps_job(work: str) -> str:
 
 def submit_script(c: Contender, shape: str, work: str) -> str:
     args = " ".join(shlex.quote(a) for a in (*JOB_ARGS, *c.sbatch_args))
-    lines = ["#!/bin/sh", "set -e", f"cd {work}", 'echo "SUBMIT $(date +%s%N)"']
+    lines = ["#!/bin/sh", "set -e", f"cd {work}", f'echo "SUBMIT $({work}/mono)"']
     if shape == "steps":
         lines += [f"j=$(sbatch --parsable {args} -J wf -o {work}/out-steps.txt {work}/job.sh)",
                   'echo "JOBS $j"']
@@ -255,6 +256,18 @@ def parse_tasks(text: str) -> tuple[list[Task], list[str], dict[int, float]]:
     return tasks, errors, began
 
 
+def dump(data: dict[str, Any]) -> str:
+    """JSON with one line per key (a run per line under "runs"): small and diffable."""
+    lines = []
+    for key, value in data.items():
+        if key == "runs":
+            inner = ",\n  ".join(json.dumps(r, separators=(",", ":")) for r in value)
+            lines.append(f'"runs": [\n  {inner}\n ]')
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(value, separators=(',', ':'))}")
+    return "{\n " + ",\n ".join(lines) + "\n}\n"
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values),
             "n": len(values)}
@@ -315,6 +328,7 @@ class Bench:
     plain_user: str
     root_work: Path
     out: Path | None
+    clock: Path = Path("mono")  # build_clock's program, copied into every work directory
     runs: list[Run] = field(default_factory=list)
     log: Callable[[str], None] = print
 
@@ -372,6 +386,7 @@ class Bench:
         (work / "stage.sh").write_text(stage_script(c, self.tasks, str(work)))
         (work / "job.sh").write_text(steps_job(str(work)))
         (work / "submit.sh").write_text(submit_script(c, shape, str(work)))
+        shutil.copy(self.clock, work / "mono")
         if owner is not None:
             subprocess.run(["chown", "-R", f"{owner}:", str(work.parent)], check=True)
         load = os.getloadavg()[0]
@@ -467,13 +482,33 @@ class Bench:
 
     def save(self) -> None:
         if self.out is not None:
-            (self.out / "results.json").write_text(json.dumps(self.data(), indent=1))
+            (self.out / "results.json").write_text(dump(self.data()))
 
 
 HOOK_TIMES = "hook-times.log"
+MONO_C = r"""#include <stdio.h>
+#include <time.h>
+int main(void)
+{
+    struct timespec t;
+    if (clock_gettime(CLOCK_MONOTONIC, &t) != 0)
+        return 1;
+    printf("%lld%09ld\n", (long long)t.tv_sec, t.tv_nsec);
+    return 0;
+}
+"""
 
 
-def timed_hooks(base: Path, without: Sequence[str]) -> None:
+def build_clock(directory: Path) -> Path:
+    """``DIRECTORY/mono``: prints CLOCK_MONOTONIC in ns (one clock for every node here)."""
+    source = directory / "mono.c"
+    source.write_text(MONO_C)
+    subprocess.run(["cc", "-O2", "-o", str(directory / "mono"), str(source)], check=True)
+    (directory / "mono").chmod(0o755)
+    return directory / "mono"
+
+
+def timed_hooks(base: Path, without: Sequence[str], clock: Path) -> None:
     """Make open_grid's prolog.sh and epilog.sh note how long they take: a line
     ``JOB NODE prolog|epilog START_NS END_NS`` in BASE/hook-times.log; for the users
     ``without`` they do nothing (their jobs run as on a site without sdeefs: the peers'
@@ -483,9 +518,9 @@ def timed_hooks(base: Path, without: Sequence[str]) -> None:
         script = base / f"{which}.sh"
         lines = script.read_text().splitlines()
         command = "\n".join("  " + line.replace("exec ", "", 1) for line in lines[1:])
-        script.write_text(f'#!/bin/sh\nt0=$(date +%s%N)\nrc=0\ncase "$SLURM_JOB_USER" in\n'
+        script.write_text(f'#!/bin/sh\nt0=$({clock})\nrc=0\ncase "$SLURM_JOB_USER" in\n'
                           f"{users}) ;;\n*)\n{command}\n  rc=$?;;\nesac\n"
-                          f'echo "$SLURM_JOB_ID $SLURMD_NODENAME {which} $t0 $(date +%s%N)" '
+                          f'echo "$SLURM_JOB_ID $SLURMD_NODENAME {which} $t0 $({clock})" '
                           f">> {base / HOOK_TIMES}\nexit $rc\n")
 
 
@@ -564,7 +599,9 @@ def open_bench(tasks: int, names: Sequence[str], shapes: Sequence[str], out: Pat
                                                                   engine=engine) as g:
             try:
                 plain = g.site.add_user()
-                timed_hooks(g.base, without=(plain, "root") if bare_site else ())
+                mono = build_clock(image.parent)
+                timed_hooks(g.base, without=(plain, "root") if bare_site else (),
+                            clock=mono)
                 began = time.monotonic()
                 g.site.start(g.user)
                 install_at_login(g)
@@ -572,7 +609,7 @@ def open_bench(tasks: int, names: Sequence[str], shapes: Sequence[str], out: Pat
                     " s)")
                 every = make_contenders(image, podman_run)
                 yield Bench(g, tasks, [every[n] for n in names], list(shapes), plain,
-                            root_work, out, log=log)
+                            root_work, out, clock=mono, log=log)
             finally:  # the login environment names the cluster's munge directory
                 g.site.sdeefs("stop", g.user, check=False)
     finally:
@@ -624,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                     "minutes": (time.time() - started) / 60,
                     "kernel": f"{uname.sysname} {uname.release}", "cpus": os.cpu_count(),
                     "left_out": left}
-    (args.out / "results.json").write_text(json.dumps(data, indent=1))
+    (args.out / "results.json").write_text(dump(data))
     digests = {r["digest"] for r in data["runs"]}
     print(json.dumps(data["summary"], indent=1))
     if len(digests) != 1:

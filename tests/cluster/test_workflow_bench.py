@@ -14,7 +14,15 @@ import json
 from pathlib import Path
 
 from bench.workflow import plot
-from bench.workflow.run import SHAPES, STAGES, available, open_bench, parse_tasks, summary
+from bench.workflow.run import (
+    SHAPES,
+    STAGES,
+    available,
+    dump,
+    open_bench,
+    parse_tasks,
+    summary,
+)
 
 from ..launcher.launcher_site import requires_launcher
 from .slurm_cluster import requires_slurm
@@ -63,6 +71,6 @@ def test_workflow_harness_runs_each_contender_and_shape_through_slurm() -> None:
     assert set(table) == set(SHAPES)
     assert table["chain"]["sdeefs"]["makespan"]["n"] == 1
     assert table["steps"]["bare"]["makespan_vs_bare"] == 1
-    data = json.loads(json.dumps(b.data()))  # as results.json
+    data = json.loads(dump(b.data()))  # as results.json
     assert plot.svg(data).startswith("<svg")
     assert len(plot.table(data).splitlines()) == 2 + len(runs)
