@@ -606,7 +606,10 @@ def test_a_dead_guard_fails_closed_and_relogin_recovers(env: Escape) -> None:
         result = env.sh(f"cat {later}", user=user)
         assert result.returncode != 0
         assert "root only" not in result.stdout
-        assert "Transport endpoint is not connected" in result.stderr  # the view fails closed
+        # the view fails closed: ENOTCONN, or ECONNABORTED for a lookup the kernel had
+        # already queued when the connection was aborted
+        assert ("Transport endpoint is not connected" in result.stderr
+                or "Software caused connection abort" in result.stderr), result.stderr
         env.inits[user] = site.start(user)  # a login replaces the broken environment
         out = env.inside(f"""
             attempt("read", read, {str(late)!r})
