@@ -47,8 +47,9 @@ def test_a_walk_over_a_big_tree_stays_within_the_node_limit(layers: Layers) -> N
         assert walk_count(mnt / "tree") == expected
         assert walk_count(mnt / "tree") == expected  # what was handed back is found again
         grown = rss_mib(pid) - before
-        # unbounded, the daemon grew by ~60 MiB here (a node and a cached stat per entry)
-        assert grown < 20, f"the daemon grew by {grown:.1f} MiB walking {expected} entries"
+        # unbounded, the daemon grew by ~60 MiB here (a node and a cached stat per entry);
+        # bounded, 10-21 MiB (allocator and interpreter noise on top of 1,000 nodes)
+        assert grown < 30, f"the daemon grew by {grown:.1f} MiB walking {expected} entries"
         assert os.pread(kept, 1, 0) == b"x"
         assert os.fstat(kept).st_size == 1
         assert sorted(os.listdir(cwd))[:2] == ["f000", "f001"]
