@@ -257,10 +257,15 @@ def _xattrs(path: bytes, follow: bool) -> tuple[tuple[bytes, bytes], ...]:
 
 
 def same_kind(node: Node, seen: Seen) -> bool:
-    """The same type of inode (a device of the same number: the model keeps a device's
-    ``rdev`` in ``size``, a whiteout has 0)."""
+    """Can ``seen`` be the inode ``node`` describes: the same type, and what that type
+    cannot change in place the same too (a device's number: the model keeps a device's
+    ``rdev`` in ``size``, a whiteout has 0; a symlink's target: ``data``).  Records
+    cannot change either, so a node that differs there is another inode (a reused
+    number, a name adopted after a restart), made anew."""
     if stat.S_IFMT(node.mode) != seen.kind:
         return False
+    if seen.kind == stat.S_IFLNK:
+        return node.data == seen.target
     return seen.kind not in (stat.S_IFCHR, stat.S_IFBLK) or node.size == seen.rdev
 
 
@@ -301,6 +306,7 @@ class _Batch:
     full: bool = False  # a full scan
     new: set[int] = attrs.field(factory=set)  # ids the model does not hold yet
     reborn: dict[int, int] = attrs.field(factory=dict)  # temporary id -> its inode number
+    adopted: dict[int, int] = attrs.field(factory=dict)  # synthetic id -> the inode it became
     data: set[int] = attrs.field(factory=set)  # ids whose data must be read
     touched: set[int] = attrs.field(factory=set)  # dirs whose entries records changed
     whole: set[int] = attrs.field(factory=set)  # new files journaled whole (Create)
@@ -581,11 +587,17 @@ class Reconciler:
         b.examined += 1
         ino = seen.ino
         node = m.nodes.get(ino)
+        if cur is not None and cur < 0 and cur not in m.nodes:
+            # Adopted meanwhile through another of its names (a hard link the journal
+            # made, listed before this one): the listing's id is stale, the node is
+            # the inode it became.
+            cur = b.adopted[cur]
         if node is None and cur is not None and cur < 0:
             # A node journaled while nobody watched, at this name: adopt it if it can be it.
             cnode = m.nodes[cur]
             if same_kind(cnode, seen) and cnode.handle in (b"", seen.handle):
                 m.rekey(cur, ino)
+                b.adopted[cur] = ino
                 m.nodes[ino].handle = seen.handle
                 m.nodes[ino].ctime = 0
                 node = m.nodes[ino]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
@@ -324,6 +324,16 @@ def test_random_changes_replay_identically(seed: int, ops: list[str], rounds: in
 @given(seed=st.integers(0, 2**32), before=st.lists(st.sampled_from(Workload.OPS), max_size=20),
        lost=st.lists(st.sampled_from(Workload.OPS), max_size=20),
        dead=st.lists(st.sampled_from(Workload.OPS), max_size=20))
+# Found by CI on a fresh machine (ext4 /tmp reuses inode numbers): two names the journal
+# made for one node, the first adopted by a full scan while the second still named it by
+# its old id (KeyError); a symlink at a name the journal gave another target, adopted by
+# kind alone (the replica kept the old target).
+@example(seed=30, before=[], lost=["reuse", "write", "link", "chattr", "create", "create",
+                                   "create", "reuse", "reuse", "rename", "truncate", "create",
+                                   "create", "write", "link"], dead=["create", "rename"])
+@example(seed=30, before=[], lost=["reuse", "write", "write", "link", "create", "reuse", "reuse",
+                                   "create", "rename"],
+         dead=["truncate", "create", "create", "write", "reuse", "link", "create", "rename"])
 def test_restart_from_an_older_checkpoint(seed: int, before: list[str], lost: list[str],
                                           dead: list[str]) -> None:
     """Checkpoint; more batches (journaled, not checkpointed); changes while no capture
