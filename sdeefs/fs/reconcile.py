@@ -419,7 +419,7 @@ class Reconciler:
                 node = m.nodes[id]
                 if node.handle and node.handle != handle:
                     continue  # the model's inode is gone (its directory says how)
-                seen = self._examine_handle(handle, node, id in b.data)
+                seen = self._examine_handle(id, handle, node, id in b.data)
                 b.looked.add(id)
                 if seen is not None and seen.ino == ino and same_kind(node, seen):
                     b.seen[id] = seen
@@ -487,8 +487,9 @@ class Reconciler:
         """The directory ``id`` (None: it is gone), by handle, else by the model's path."""
         if handle is None:
             return os.open(fd_path(self.upper.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_DIRECTORY
         try:
-            fd = self.upper.open_handle(handle, os.O_RDONLY | os.O_DIRECTORY)
+            fd = self.upper.open_handle(handle, flags)
         except OSError as exc:
             # Seen here (6.18) for a directory removed a moment before: the kernel could
             # not reconnect it.  The model's path tells whether it is still there.
@@ -497,6 +498,11 @@ class Reconciler:
             fd = None
         if fd is not None:
             return fd
+        return self._open_by_path(id, handle, flags)
+
+    def _open_by_path(self, id: int, handle: bytes, flags: int) -> int | None:
+        """The inode ``id`` at the model's path, if that still holds the inode of
+        ``handle`` (None otherwise): for a handle the kernel could not open."""
         node = self.model.nodes.get(id)
         if node is None or not node.parent:
             return None
@@ -504,7 +510,7 @@ class Reconciler:
         if not path.startswith(b"upper/"):
             return None
         try:
-            fd = openat2_beneath(self.upper.fd, path[6:], os.O_RDONLY | os.O_DIRECTORY)
+            fd = openat2_beneath(self.upper.fd, path[6:], flags)
         except OSError:
             return None
         try:
@@ -650,8 +656,16 @@ class Reconciler:
         b.seen[id] = seen
         return id
 
-    def _examine_handle(self, handle: bytes, node: Node, data_dirty: bool) -> Seen | None:
-        fd = self.upper.open_handle(handle, os.O_PATH)
+    def _examine_handle(self, id: int, handle: bytes, node: Node, data_dirty: bool
+                        ) -> Seen | None:
+        try:
+            fd = self.upper.open_handle(handle, os.O_PATH)
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            # A directory the kernel could not reconnect (removed a moment before, as
+            # in _open_dir): seen now and then by a fuzz run.  Its model path decides.
+            fd = self._open_by_path(id, handle, os.O_PATH | os.O_NOFOLLOW)
         if fd is None:
             return None
         try:
