@@ -44,6 +44,10 @@ def _start_replicad(site: Site, base: Path, name: str) -> subprocess.Popen[bytes
     """The replicad of node ``name`` as its unit starts it: ``--role``, the rest from the
     site config (one machine plays both nodes: ``--node`` tells them apart)."""
     control = base / f"{name}.sock"
+    # A replicad killed by a test (kill -9) leaves its socket: waiting for the file would
+    # return at once and the next request could meet nobody (ECONNREFUSED).  The daemon
+    # puts its socket in place once it listens, so the file's appearance says it is up.
+    control.unlink(missing_ok=True)
     log = open(base / f"{name}.log", "ab")  # noqa: SIM115 (kept by the process)
     role = "login" if name == "login" else "compute"
     proc = subprocess.Popen([str(VENV_BIN / "sdeefs-replicad"), "--role", role, "--node", name],
