@@ -400,6 +400,7 @@ struct node {
     char **shown;
     size_t nshown;
     unsigned asked;     /* lookups in it since its listing went: at LIST_AFTER, list it */
+    bool ahead;         /* its names are (being) looked up ahead, see "looking ahead" */
     struct node *next_ino, *next_key, *next_wd;
 };
 
@@ -590,6 +591,7 @@ static void drop_listing(struct node *n)
     n->nlist = 0;
     drop_shown(n);
     n->listed = false;
+    n->ahead = false;
 }
 
 static void free_node(struct node *n)
@@ -992,6 +994,8 @@ static struct node *dir_node(struct guard *g, fuse_ino_t ino, int *err)
 
 static void forget_one(struct guard *g, fuse_ino_t ino, uint64_t count);
 static int scan_hidden(struct guard *g, struct node *n);
+static void prefetch_dir(struct guard *g, struct node *n);
+static bool pf_asking(struct guard *g, pid_t pid);
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent_ino, const char *name)
 {
@@ -1019,7 +1023,8 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent_ino, const char *name)
     if (watched(g, parent) && !parent->listed && ++parent->asked >= LIST_AFTER &&
         !g->no_shown) {
         parent->asked = 0;
-        scan_hidden(g, parent); /* on failure: not listed, asked as before */
+        if (scan_hidden(g, parent) == 0) /* on failure: not listed, asked as before */
+            prefetch_dir(g, parent);
     }
     if (watched(g, parent) && parent->listed && is_shown(parent, name)) {
         /* a visible non-directory of the listing the kernel holds (READDIRPLUS): what the
@@ -1068,6 +1073,11 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent_ino, const char *name)
     if (fd >= 0)
         close(fd);
 out:
+    /* a walker that listed the parent looks this directory up: it will likely read it next
+     * (find, du, cp -r: a directory's entries first, then each subdirectory) */
+    if (n && g->prefetch && !n->whiteout && watched(g, n) && parent->listed && !n->listed &&
+        !n->ahead && !pf_asking(g, fuse_req_ctx(req)->pid))
+        prefetch_dir(g, n);
     if (n) {
         double timeout = watched(g, parent) && (n->whiteout ? true : watched(g, n))
                              ? LONG_TIMEOUT : g->timeout;
@@ -1321,7 +1331,7 @@ static bool listing_fresh(struct guard *g, struct node *n)
     return same;
 }
 
-static void prefetch_dir(struct guard *g, const char *rel);
+static void prefetch_dir(struct guard *g, struct node *n);
 
 static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus)
 {
@@ -1337,7 +1347,7 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, b
         if (err)
             goto fail;
         if (plus && off == 0 && watched(g, n))
-            prefetch_dir(g, n->rel);
+            prefetch_dir(g, n);
     }
     char *buf = malloc(size);
     if (!buf) {
@@ -1412,16 +1422,27 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
  * threads of this daemon look up its names through the mount themselves, several at once:
  * the kernel keeps the answers (a visible entry's "nothing here" until a host change of that
  * name drops it, see op_lookup), so the walker's own lookups find them and ask nothing.
+ * A directory is looked ahead once the kernel lists it, once it is listed after LIST_AFTER
+ * lookups, or once a walker that listed its parent looks it up (find, du, cp -r read a
+ * directory's entries, then each subdirectory): the thread's own lookups do not look further.
  * The answers are the ones a walker would have got (same requests, same rules); only their
- * time moves.  $SDEEFS_GUARD_PREFETCH: how many threads (0: none). */
+ * time moves, so it pays only where a CPU is idle (walker, server and threads each want one):
+ * on 2 loaded cores it cost more than it saved (bench/RESULTS.md, issue 16).
+ * $SDEEFS_GUARD_PREFETCH: how many threads (default 0: none). */
 
-#define PREFETCH_CHUNK 32
+#define PREFETCH_CHUNK 4 /* names per turn: a directory's are looked up by every thread at once */
 #define PREFETCH_QUEUE 4096 /* directories waiting; beyond it, new ones are not looked ahead */
+
+struct pf_dir { /* a listed directory, in a clone of the mount, shared by its chunks */
+    int fd;
+    size_t refs; /* under prefetch.lock */
+};
 
 struct pf_job {
     char *rel;
     char **names; /* NULL: list the directory first */
     size_t n;
+    struct pf_dir *dir;
     struct pf_job *next;
 };
 
@@ -1431,6 +1452,8 @@ struct prefetch {
     struct pf_job *head, *tail;
     size_t queued;
     dev_t dev;   /* the mount's device, learned from the first clone (0: not yet) */
+    pid_t tids[16]; /* the threads': their lookups do not look further ahead */
+    int ntids;
 };
 
 #ifndef OPEN_TREE_CLONE
@@ -1497,12 +1520,26 @@ static void pf_push(struct prefetch *pf, struct pf_job *job, bool front)
     pthread_cond_signal(&pf->more);
 }
 
-/* a directory the kernel lists for the first time: look its names up ahead of the walker */
-static void prefetch_dir(struct guard *g, const char *rel)
+/* is ``pid`` (a request's) one of the threads looking ahead? */
+static bool pf_asking(struct guard *g, pid_t pid)
 {
     struct prefetch *pf = g->prefetch;
-    if (!pf)
+    bool ours = false;
+    pthread_mutex_lock(&pf->lock);
+    for (int i = 0; i < pf->ntids && !ours; i++)
+        ours = pf->tids[i] == pid;
+    pthread_mutex_unlock(&pf->lock);
+    return ours;
+}
+
+/* a directory the kernel lists for the first time: look its names up ahead of the walker */
+static void prefetch_dir(struct guard *g, struct node *n)
+{
+    struct prefetch *pf = g->prefetch;
+    if (!pf || n->ahead)
         return;
+    n->ahead = true;
+    const char *rel = n->rel;
     struct pf_job *job = calloc(1, sizeof *job);
     if (!job || !(job->rel = strdup(rel))) {
         free(job);
@@ -1517,6 +1554,19 @@ static void prefetch_dir(struct guard *g, const char *rel)
     if (job) {
         free(job->rel);
         free(job);
+    }
+}
+
+static void pf_release(struct prefetch *pf, struct pf_dir *dir)
+{
+    if (!dir)
+        return;
+    pthread_mutex_lock(&pf->lock);
+    bool last = --dir->refs == 0;
+    pthread_mutex_unlock(&pf->lock);
+    if (last) {
+        close(dir->fd);
+        free(dir);
     }
 }
 
@@ -1564,6 +1614,31 @@ static struct pf_job *pf_split(struct guard *g, struct pf_job *job)
     if (!chunks)
         return NULL;
     struct prefetch *pf = g->prefetch;
+    struct pf_dir *shared = calloc(1, sizeof *shared);
+    int root = pf_open_mount(g, pf);
+    shared = root >= 0 ? shared : (free(shared), NULL);
+    if (shared) {
+        shared->fd = *job->rel ? openat(root, job->rel, O_PATH | O_DIRECTORY | O_NOFOLLOW |
+                                        O_CLOEXEC) : dup(root);
+        if (shared->fd < 0) {
+            free(shared);
+            shared = NULL;
+        }
+    }
+    if (root >= 0)
+        close(root);
+    if (!shared) {
+        while (chunks) {
+            struct pf_job *next = chunks->next;
+            pf_free(chunks);
+            chunks = next;
+        }
+        return NULL;
+    }
+    for (struct pf_job *c = chunks; c; c = c->next) {
+        c->dir = shared;
+        shared->refs++; /* not yet shared: no lock needed */
+    }
     pthread_mutex_lock(&pf->lock);
     /* the rest go first in the queue, in order: other threads take them up at once */
     struct pf_job *rest = chunks->next, *reversed = NULL;
@@ -1588,6 +1663,10 @@ static void *prefetch_thread(void *arg)
 {
     struct guard *g = arg;
     struct prefetch *pf = g->prefetch;
+    pthread_mutex_lock(&pf->lock);
+    if (pf->ntids < (int)(sizeof pf->tids / sizeof *pf->tids))
+        pf->tids[pf->ntids++] = (pid_t)syscall(SYS_gettid);
+    pthread_mutex_unlock(&pf->lock);
     for (;;) {
         pthread_mutex_lock(&pf->lock);
         while (!pf->head)
@@ -1606,18 +1685,10 @@ static void *prefetch_thread(void *arg)
             if (!job)
                 continue;
         }
-        int root = pf_open_mount(g, pf);
-        int dfd = root < 0 ? -1 : *job->rel ? openat(root, job->rel, O_PATH | O_DIRECTORY |
-                                                      O_NOFOLLOW | O_CLOEXEC)
-                                            : dup(root);
-        if (root >= 0)
-            close(root);
-        if (dfd >= 0) {
-            struct stat st;
-            for (size_t i = 0; i < job->n; i++)
-                fstatat(dfd, job->names[i], &st, AT_SYMLINK_NOFOLLOW);
-            close(dfd);
-        }
+        struct stat st;
+        for (size_t i = 0; i < job->n; i++)
+            fstatat(job->dir->fd, job->names[i], &st, AT_SYMLINK_NOFOLLOW);
+        pf_release(pf, job->dir);
         pf_free(job);
     }
     return NULL;
