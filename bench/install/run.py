@@ -215,6 +215,26 @@ def guard_counts(mounted: MountedView) -> dict[str, int] | None:
     return dict(zip(GUARD_COUNT_KINDS, GUARD_COUNTS.unpack(data), strict=True))
 
 
+def cpu_seconds(mounted: MountedView) -> float:
+    """CPU time (user + system, every thread) of the view's guard daemons so far."""
+    ticks = 0
+    for daemon in mounted.daemons:
+        if not daemon.label.startswith("guard "):
+            continue
+        try:
+            tasks = os.listdir(f"/proc/{daemon.pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{daemon.pid}/task/{task}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def vm_kib(pid: int, field_name: str) -> int | None:
     """A ``Vm*`` line of /proc/PID/status in KiB (VmHWM: peak RSS), None if gone."""
     try:
@@ -819,10 +839,12 @@ class Bench:
         times, outs = {}, {}
         for key, argv, env in (("find-1", find, None), ("find-2", find, None),
                                ("git-1", git, git_env), ("git-2", git, git_env)):
-            before = guard_counts(mounted)
+            before, cpu_before = guard_counts(mounted), cpu_seconds(mounted)
             times[key], outs[key] = self.timed(argv, env)
             after = guard_counts(mounted)
             if before is not None and after is not None:
+                self.results.extras[("meta", f"{name} {key} cpu")].append(
+                    cpu_seconds(mounted) - cpu_before)
                 for kind in ("requests", "lookup", "listed"):
                     value = (sum(after[k] - before[k] for k in GUARD_COUNT_KINDS
                                  if k not in ("negative", "listed"))
@@ -949,7 +971,8 @@ def extras_line(results: Results, key: str) -> str:
             total = med(f"{guard} {metric} requests")
             if total is not None:
                 passes.append(f"{metric} {total:,.0f} ({med(f'{guard} {metric} lookup') or 0:,.0f} "
-                              f"LOOKUP, {med(f'{guard} {metric} listed') or 0:,.0f} from listings)")
+                              f"LOOKUP, {med(f'{guard} {metric} listed') or 0:,.0f} from listings; "
+                              f"daemon CPU {med(f'{guard} {metric} cpu') or 0:.2f} s)")
         if passes:
             parts.append(f"{guard}: guard requests per pass (medians): " + ", ".join(passes))
     for engine in ("sdeefs-fuse", "sdeefs-hybrid"):
