@@ -13,15 +13,13 @@
  *   - a name the host does not have is answered ENOENT, not cached: every lookup of it
  *     decides afresh ("a late root-only file is hidden at its first lookup"; overlayfs keeps
  *     its own dentries, positive and negative, so a cached one here saved nothing);
- *   - a visible non-directory (the lower below shows it) is answered "nothing here", kept by
- *     the kernel until a change of that name on the host drops it (inotify), like any entry
- *     handed out; once the kernel listed a directory (READDIRPLUS), or after LIST_AFTER
- *     lookups in it, its visible non-directories are answered from that listing without a
- *     syscall (before: openat2, fstat, fstatat, close each), until a change in it drops the
- *     listing.  The answer is sent under the lock the watcher takes to drop it: a change
- *     it reads later is invalidated after the answer reached the kernel, never before.  So a
- *     listed file the host tightens is hidden once the watcher reads the change (the bound
- *     every cached answer has); a new name is never in a listing: asked;
+ *   - a visible non-directory (the lower below shows it) is answered ENOENT too, not cached
+ *     (but for looking ahead, below); once the kernel listed a directory (READDIRPLUS), or
+ *     after LIST_AFTER lookups in it, its visible non-directories are answered from that
+ *     listing without a syscall (before: openat2, fstat, fstatat, close each), until a change
+ *     in it drops the listing (inotify; the answer goes out under the lock the watcher takes
+ *     to drop it).  So a listed file the host tightens is hidden once the watcher reads the
+ *     change (the bound every cached answer has); a new name is never in a listing: asked;
  *   - OPENDIR is answered ENOSYS: the kernel opens directories without asking and caches
  *     their listings (the whiteouts) in its page cache until we invalidate them;
  *   - READDIRPLUS hands the whiteouts out with their attributes (no LOOKUP each);
@@ -1096,12 +1094,15 @@ out:
     }
     if (err == ENOENT)
         tally(g, COUNT_NEGATIVE);
-    if (visible && parent && watched(g, parent) && parent->ino == parent_ino) {
-        /* a visible non-directory: "nothing here" kept by the kernel until a host change
-         * of this name (inotify) drops it.  Sent under the lock: a change the watcher reads
-         * from now on is invalidated after this reply reaches the kernel, not before. */
+    if (visible && g->prefetch && parent && watched(g, parent) && parent->ino == parent_ino) {
+        /* looking ahead: a visible non-directory's "nothing here" is kept by the kernel (the
+         * walker finds it there) until a host change of this name drops it (inotify), and
+         * at most --timeout: a server that takes over a session does not know these names,
+         * so what changed while nobody watched shows within that.  Sent under the lock: a
+         * change the watcher reads from now on is invalidated after this reply reaches the
+         * kernel, not before. */
         memset(&e, 0, sizeof e);
-        e.entry_timeout = LONG_TIMEOUT;
+        e.entry_timeout = g->timeout;
         fuse_reply_entry(req, &e);
         pthread_mutex_unlock(&g->lock);
         free(rel);
