@@ -62,6 +62,7 @@ import shlex
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -193,6 +194,47 @@ mount_guard(GuardRequest(mountpoint=mountpoint, lower=lower, ids=ids, deny=tuple
 """
 
 
+# sdeefs-guard's request counters ($SDEEFS_GUARD_COUNTS: guard.c enum count_kind)
+GUARD_COUNT_KINDS = ("lookup", "getattr", "readdir", "readdirplus", "opendir", "releasedir",
+                     "getxattr", "listxattr", "statfs", "forget", "negative", "listed")
+GUARD_COUNTS = struct.Struct("<12Q")
+
+
+def counts_file(dirs: RunDirs) -> Path:
+    return dirs.root / "guard.counts"
+
+
+def guard_counts(mounted: MountedView) -> dict[str, int] | None:
+    """The guard's requests so far, by kind (None: no counted guard)."""
+    if mounted.dirs is None:
+        return None
+    try:
+        data = counts_file(mounted.dirs).read_bytes()
+    except OSError:
+        return None
+    return dict(zip(GUARD_COUNT_KINDS, GUARD_COUNTS.unpack(data), strict=True))
+
+
+def cpu_seconds(mounted: MountedView) -> float:
+    """CPU time (user + system, every thread) of the view's guard daemons so far."""
+    ticks = 0
+    for daemon in mounted.daemons:
+        if not daemon.label.startswith("guard "):
+            continue
+        try:
+            tasks = os.listdir(f"/proc/{daemon.pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{daemon.pid}/task/{task}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def vm_kib(pid: int, field_name: str) -> int | None:
     """A ``Vm*`` line of /proc/PID/status in KiB (VmHWM: peak RSS), None if gone."""
     try:
@@ -298,11 +340,14 @@ class ImageOverlayContender(Contender):
 
     def __init__(self, name: str, template: LayerTemplate, python: Path, *, guard: str | None,
                  capture: bool, capture_args: tuple[str, ...] = (), keeper: bool = True,
-                 tree: Path | None = None) -> None:
+                 tree: Path | None = None, guard_env: tuple[tuple[str, str, str], ...] = ()
+                 ) -> None:
         """``guard``: None, or the guard daemon below the overlay ("c" or "python");
         ``keeper``: False runs sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0);
-        ``tree``: run the capture of the sdeefs tree in this directory."""
+        ``tree``: run the capture of the sdeefs tree in this directory; ``guard_env``:
+        (variable, value, what it does) for sdeefs-guard's environment."""
         self.keeper = keeper
+        self.guard_env = guard_env
         self.name = name
         self.tree = tree
         self.template = template
@@ -322,6 +367,8 @@ class ImageOverlayContender(Contender):
             parts.append(f"lowers = sdeefs guard ({GUARD_NAMES[self.guard]}) over the lower")
         if self.guard == "c" and not self.keeper:
             parts.append("sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0)")
+        parts += [f"sdeefs-guard with {var}={value} ({what})"
+                  for var, value, what in self.guard_env]
         if self.capture:
             parts.append("capture daemon running; write times include a drain")
         if "--python-only" in self.capture_args:
@@ -349,7 +396,11 @@ class ImageOverlayContender(Contender):
             argv = [str(self.python), "-c", GUARD_HELPER, str(guard), str(lower),
                     *map(str, GUARD_USER), str(dirs.root / "guard.log"), self.guard,
                     *GUARD_DENY]
-            env = None if self.keeper else {**os.environ, "SDEEFS_GUARD_KEEPER": "0"}
+            env = {**os.environ, **{var: value for var, value, _ in self.guard_env}}
+            if not self.keeper:
+                env["SDEEFS_GUARD_KEEPER"] = "0"
+            if self.guard == "c":  # its request counters (guard.c enum count_kind)
+                env["SDEEFS_GUARD_COUNTS"] = str(counts_file(dirs))
             result = run_command(argv, tracker, timeout=60, cwd=REPO_ROOT, env=env)
             daemons += [p for pid in processes_referencing(str(guard))
                         if (p := tracker.track(pid, f"guard {guard}")) is not None]
@@ -785,11 +836,21 @@ class Bench:
         git = ["git", "-c", "safe.directory=*", "-C", str(repo), "status", "--porcelain"]
         git_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/root",
                    "LANG": "C.UTF-8", "GIT_OPTIONAL_LOCKS": "0"}
-        times = {}
-        times["find-1"], _ = self.timed(find)
-        times["find-2"], _ = self.timed(find)
-        times["git-1"], out1 = self.timed(git, git_env)
-        times["git-2"], out2 = self.timed(git, git_env)
+        times, outs = {}, {}
+        for key, argv, env in (("find-1", find, None), ("find-2", find, None),
+                               ("git-1", git, git_env), ("git-2", git, git_env)):
+            before, cpu_before = guard_counts(mounted), cpu_seconds(mounted)
+            times[key], outs[key] = self.timed(argv, env)
+            after = guard_counts(mounted)
+            if before is not None and after is not None:
+                self.results.extras[("meta", f"{name} {key} cpu")].append(
+                    cpu_seconds(mounted) - cpu_before)
+                for kind in ("requests", "lookup", "listed"):
+                    value = (sum(after[k] - before[k] for k in GUARD_COUNT_KINDS
+                                 if k not in ("negative", "listed"))
+                             if kind == "requests" else after[kind] - before[kind])
+                    self.results.extras[("meta", f"{name} {key} {kind}")].append(value)
+        out1, out2 = outs["git-1"], outs["git-2"]
         for key, value in times.items():
             self.results.samples[(key, name)].append(value)
         if out1.strip() or out2.strip():
@@ -902,6 +963,18 @@ def extras_line(results: Results, key: str) -> str:
             parts.append(f"queue overflows: {overflows:.0f}")
     if (drain := med("drain_s")) is not None:
         parts.append(f"kernel engine drain after the passes: {drain:.3f} s")
+    counted = sorted({name.split(" ")[0] for (k, name) in results.extras
+                      if k == key and name.endswith(" requests")})
+    for guard in counted:
+        passes = []
+        for metric in ("find-1", "find-2", "git-1", "git-2"):
+            total = med(f"{guard} {metric} requests")
+            if total is not None:
+                passes.append(f"{metric} {total:,.0f} ({med(f'{guard} {metric} lookup') or 0:,.0f} "
+                              f"LOOKUP, {med(f'{guard} {metric} listed') or 0:,.0f} from listings; "
+                              f"daemon CPU {med(f'{guard} {metric} cpu') or 0:.2f} s)")
+        if passes:
+            parts.append(f"{guard}: guard requests per pass (medians): " + ", ".join(passes))
     for engine in ("sdeefs-fuse", "sdeefs-hybrid"):
         rss, jr = med(f"{engine} rss_peak_mib"), med(f"{engine} journal_mib")
         if rss is not None or jr is not None:
@@ -926,7 +999,8 @@ def goal_lines(results: Results, chosen: Sequence[Workload]) -> list[str]:
                 lines.append(f"* {metric.label}: no result for the kernel engine or overlay")
                 continue
             guards = [(name, results.median(metric.key, name))
-                      for name in ("guardc-img", "guardpy-img")]
+                      for name in ("guardc-img", "guardc-asking-img", "guardc-ahead-img",
+                                   "guardpy-img")]
             if metric.writes:
                 # The issue asks for >= 0.5x kernel overlayfs "on the same layers": the
                 # verdict takes the lower of the two overlays' ratios (those that ran).
@@ -1068,6 +1142,14 @@ def all_contenders(template: LayerTemplate, python: Path,
         # C daemon (the default) and the Python one (the reference model)
         ImageOverlayContender("guardc-img", template, python, guard="c", capture=False),
         ImageOverlayContender("guardpy-img", template, python, guard="python", capture=False),
+        # sdeefs-guard asking the host at every lookup (as before the guardfast branch), and
+        # looking names up ahead of the walker (guard.c "looking ahead")
+        ImageOverlayContender("guardc-asking-img", template, python, guard="c", capture=False,
+                              guard_env=(("SDEEFS_GUARD_LISTED_LOOKUPS", "0",
+                                          "every lookup asks the host"),)),
+        ImageOverlayContender("guardc-ahead-img", template, python, guard="c", capture=False,
+                              guard_env=(("SDEEFS_GUARD_PREFETCH", "2",
+                                          "2 threads look names up ahead"),)),
         # sdeefs-guard as before its keeper: what surviving a crash costs (the node log)
         ImageOverlayContender("guardc-nokeeper-img", template, python, guard="c",
                               capture=False, keeper=False),

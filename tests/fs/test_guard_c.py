@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -130,17 +131,23 @@ def mount_answers(guard: Path, paths: list[str], listed: list[str]
     return answers, listings
 
 
-@pytest.fixture(params=["c", "c-unwatched", "python"])
+@pytest.fixture(params=["c", "c-unwatched", "c-prefetch", "c-asking", "python"])
 def guard(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
           ) -> Iterator[tuple[Path, Path, bool]]:
     """(host lower, guard mountpoint, watched) with the daemon of the parameter serving it
-    (c-unwatched: sdeefs-guard as when inotify watches run out: short timeouts).  watched:
-    the daemon drops the kernel's answers when the host changes (sdeefs-guard, watching)."""
+    (c-unwatched: sdeefs-guard as when inotify watches run out: short timeouts; c-prefetch:
+    looking names up ahead of the walker, guard.c "looking ahead"; c-asking: every lookup
+    asks the host, none is answered from a listing).  watched: the daemon drops the kernel's
+    answers when the host changes (sdeefs-guard, watching)."""
     reason = fuse_skip_reason()
     if reason or os.geteuid() != 0:
         pytest.skip(reason or "mounting needs root")
     if request.param == "c-unwatched":
         monkeypatch.setenv("SDEEFS_GUARD_NO_INOTIFY", "1")
+    if request.param == "c-prefetch":
+        monkeypatch.setenv("SDEEFS_GUARD_PREFETCH", "3")
+    if request.param == "c-asking":
+        monkeypatch.setenv("SDEEFS_GUARD_LISTED_LOOKUPS", "0")
     daemon = GuardDaemon.PYTHON if request.param == "python" else GuardDaemon.C
     lower, mountpoint = tmp_path / "lower", tmp_path / "guard"
     lower.mkdir()
@@ -149,7 +156,7 @@ def guard(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     try:
         mount_guard(GuardRequest(str(mountpoint), str(lower), IDS, deny=DENY,
                                  log=str(tmp_path / "guard.log"), daemon=daemon))
-        yield lower, mountpoint, request.param == "c"
+        yield lower, mountpoint, request.param in ("c", "c-prefetch", "c-asking")
     finally:
         if mounted(mountpoint):
             subprocess.run(["umount", str(mountpoint)], check=False)
@@ -305,6 +312,133 @@ def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path)
         assert not mounted(dirs["guard"])
 
 
+# -- what a walk costs (issue 16, "reads through the guard")
+
+# sdeefs-guard's request counters ($SDEEFS_GUARD_COUNTS, guard.c enum count_kind)
+COUNT_KINDS = ("lookup", "getattr", "readdir", "readdirplus", "opendir", "releasedir",
+               "getxattr", "listxattr", "statfs", "forget", "negative", "listed")
+COUNTS = struct.Struct("<12Q")
+
+
+def read_counts(path: Path) -> dict[str, int]:
+    return dict(zip(COUNT_KINDS, COUNTS.unpack(path.read_bytes()), strict=True))
+
+
+def spent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {kind: after[kind] - before[kind] for kind in COUNT_KINDS if after[kind] != before[kind]}
+
+
+@contextlib.contextmanager
+def counted_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                 ) -> Iterator[tuple[Path, Path, Callable[[], dict[str, int]]]]:
+    """(host lower, view, the guard's request counts): sdeefs-guard under kernel overlayfs
+    as the launcher mounts a login view (userxattr, no xino), over a tree of 10 directories
+    of 20 visible files, a root-only one and a subdirectory of 5 files each."""
+    reason = fuse_skip_reason()
+    if reason or os.geteuid() != 0:
+        pytest.skip(reason or "mounting needs root")
+    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
+    for path in dirs.values():
+        path.mkdir()
+    lower = dirs["lower"]
+    lower.chmod(0o755)
+    for i in range(10):
+        (lower / f"pub/d{i}/sub").mkdir(parents=True)
+        for j in range(20):
+            (lower / f"pub/d{i}/f{j}").write_text("x")
+        for j in range(5):
+            (lower / f"pub/d{i}/sub/g{j}").write_text("x")
+        (lower / f"pub/d{i}/secret").write_text("root only")
+        (lower / f"pub/d{i}/secret").chmod(0o600)
+    counts = tmp_path / "counts"
+    monkeypatch.setenv("SDEEFS_GUARD_COUNTS", str(counts))
+    try:
+        mount_guard(GuardRequest(str(dirs["guard"]), str(lower), IDS,
+                                 log=str(tmp_path / "guard.log"), daemon=GuardDaemon.C))
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={dirs['guard']}:{lower},upperdir={dirs['upper']},"
+                        f"workdir={dirs['work']},userxattr", str(dirs["view"])], check=True)
+        yield lower, dirs["view"], lambda: read_counts(counts)
+    finally:
+        for name in ("view", "guard"):
+            if mounted(dirs[name]):
+                subprocess.run(["umount", str(dirs[name])], check=False)
+        assert not mounted(dirs["guard"])
+
+
+def walk(view: Path) -> int:
+    """What find does: list every directory, lstat every entry; the entries seen."""
+    seen = 0
+    for top, subdirs, files in os.walk(view):
+        for name in subdirs + files:
+            os.lstat(os.path.join(top, name))
+            seen += 1
+    return seen
+
+
+def test_a_walk_costs_one_lookup_per_entry_and_asks_the_host_for_directories_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first walk: one READDIRPLUS per directory (the whiteouts come with it), one LOOKUP
+    per other entry (overlayfs asks the guard's layer first: no kernel cache can answer a name
+    not asked yet), each visible file's answered from its directory's listing (no syscall on
+    the host; before, every one was an openat2, fstat, fstatat and close).  A repeated walk:
+    no request at all."""
+    with counted_view(tmp_path, monkeypatch) as (_, view, counts):
+        before = counts()
+        assert walk(view) == 1 + 10 * (1 + 1 + 20 + 5)  # pub, d*, sub, f*, g* (no secret)
+        first = spent(before, counts())
+        dirs, files = 1 + 10 + 10, 10 * 20 + 10 * 5
+        # one per directory (the root too), one more where it got whiteouts (until empty)
+        assert first["readdirplus"] == 1 + dirs + 10, first
+        assert first["lookup"] == dirs + files, first
+        assert first["negative"] == files
+        assert first["listed"] == files
+        again = counts()
+        assert walk(view) == 1 + 10 * 27
+        assert spent(again, counts()) == {}
+
+
+def test_a_listed_file_tightened_on_the_host_is_hidden(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers from a listing stand while the host does not change the name: a file the view
+    listed (but did not look up) that the host makes root-only, or removes and makes anew
+    root-only, is hidden once the guard reads the change notification; a new root-only file
+    is hidden at its first lookup, at once (not in any listing: the host is asked)."""
+    with counted_view(tmp_path, monkeypatch) as (lower, view, _):
+        assert "f5" in os.listdir(view / "pub/d0")
+        (lower / "pub/d0/f5").chmod(0o600)
+        (lower / "pub/d0/f6").unlink()
+        (lower / "pub/d0/f6").write_text("root only")
+        (lower / "pub/d0/f6").chmod(0o600)
+        late = lower / "pub/d0/late"
+        late.write_text("root only")
+        late.chmod(0o600)
+        with pytest.raises(FileNotFoundError):
+            os.lstat(view / "pub/d0/late")
+        for name in ("f5", "f6"):
+            wait_until(f"{name} hidden", lambda name=name: not os.path.lexists(view / "pub/d0" /
+                                                                             name), timeout=5)
+        assert "f5" not in os.listdir(view / "pub/d0")
+        assert stat.S_ISREG(os.lstat(view / "pub/d0/f7").st_mode)  # the rest still shows
+
+
+def test_looking_ahead_answers_before_the_walker_asks(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """$SDEEFS_GUARD_PREFETCH: once the kernel lists a directory, the guard looks its names
+    up itself: the walker's own lookups then find the kernel's answers (0 requests), and the
+    view can still be unmounted at once (the guard looks through a clone of the mount)."""
+    monkeypatch.setenv("SDEEFS_GUARD_PREFETCH", "2")
+    with counted_view(tmp_path, monkeypatch) as (_, view, counts):
+        names = os.listdir(view / "pub/d3")
+        assert len(names) == 21
+        wait_until("looked ahead", lambda: counts()["lookup"] >= 1 + 21 + 1)
+        before = counts()
+        for name in names:
+            os.lstat(view / "pub/d3" / name)
+        assert spent(before, counts()).get("lookup", 0) == 0
+        os.listdir(view / "pub/d4")  # queued as the view goes away
+
+
 # -- a crash of the guard (issue 14 item 5: sdeefs-guard's keeper, guard.c "surviving a crash")
 
 
@@ -367,11 +501,12 @@ def guarded_view(tmp_path: Path, keeper: bool = True) -> Iterator[tuple[Path, Pa
         assert not mounted(dirs["guard"])
 
 
-def wait_until(what: str, condition: Callable[[], object], timeout: float = 10.0) -> None:
+def wait_until(what: str, condition: Callable[[], object], timeout: float = 10.0,
+               poll: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, what
-        time.sleep(0.01)
+        time.sleep(poll)
 
 
 def test_the_view_survives_kill_9_of_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -449,10 +584,13 @@ def test_the_view_survives_kill_9_of_the_guard(tmp_path: Path, monkeypatch: pyte
         assert log.count("a new one takes over its session") == 4, log
 
 
-def test_a_request_the_killed_guard_was_answering_is_answered_by_the_next(tmp_path: Path) -> None:
+def test_a_request_the_killed_guard_was_answering_is_answered_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """kill -9 of the server while it answers (it lists a directory of 20,000 entries, half of
     them root-only): the kernel sends the request again to the new server (FUSE_NOTIFY_RESEND)
     and the listing that waited for it is complete and shows no hidden entry."""
+    counts = tmp_path / "counts"
+    monkeypatch.setenv("SDEEFS_GUARD_COUNTS", str(counts))
     with guarded_view(tmp_path) as (lower, view, keeper):
         big = lower / "pub" / "big"
         big.mkdir()
@@ -464,11 +602,16 @@ def test_a_request_the_killed_guard_was_answering_is_answered_by_the_next(tmp_pa
         os.stat(view / "pub/big")  # looked up: the listing is the one request left
         server = server_of(keeper)
         assert server is not None
+        listings = read_counts(counts)["readdirplus"]
         listed: list[list[str]] = []
         lister = threading.Thread(target=lambda: listed.append(os.listdir(view / "pub/big")))
         lister.start()
         try:
-            wait_until("the server answers a request", lambda: busy(server) or listed)
+            # the listing's READDIRPLUS counted (at its start): the server scans the 20,000
+            # (a kill between two short requests would leave nothing to send again)
+            wait_until("the server answers a request",
+                       lambda: read_counts(counts)["readdirplus"] > listings or listed,
+                       poll=0.0005)
             os.kill(server, signal.SIGKILL)
         finally:
             lister.join(60)
@@ -478,12 +621,6 @@ def test_a_request_the_killed_guard_was_answering_is_answered_by_the_next(tmp_pa
         # (almost always the listing, opcode 44 or 28; on a loaded machine the kill may
         # catch another request of the lister's: resent all the same)
         assert re.search(r"\(opcode [0-9]+\) the dead server had read: sent again", log), log
-
-
-def busy(pid: int) -> bool:
-    """Is the server's main thread out of its read of /dev/fuse (answering a request)?"""
-    with open(f"/proc/{pid}/task/{pid}/syscall") as f:
-        return f.read().split()[0] != "0"
 
 
 def test_a_guard_that_cannot_be_kept_fails_closed(tmp_path: Path) -> None:

@@ -10,9 +10,16 @@
  *     (created, deleted, moved, chmod/chown) invalidates the kernel's dentry of that name and
  *     the directory's cached listing and attributes (fuse_lowlevel_notify_inval_*), so the
  *     kernel may keep directories and whiteouts for long;
- *   - a name that is neither is answered ENOENT, not cached: every lookup of it decides
- *     afresh (overlayfs keeps its own dentries, positive and negative, so a cached negative
- *     entry here saved nothing: 0 requests for 50 repeated stats of a missing name);
+ *   - a name the host does not have is answered ENOENT, not cached: every lookup of it
+ *     decides afresh ("a late root-only file is hidden at its first lookup"; overlayfs keeps
+ *     its own dentries, positive and negative, so a cached one here saved nothing);
+ *   - a visible non-directory (the lower below shows it) is answered ENOENT too, not cached
+ *     (but for looking ahead, below); once the kernel listed a directory (READDIRPLUS), or
+ *     after LIST_AFTER lookups in it, its visible non-directories are answered from that
+ *     listing without a syscall (before: openat2, fstat, fstatat, close each), until a change
+ *     in it drops the listing (inotify; the answer goes out under the lock the watcher takes
+ *     to drop it).  So a listed file the host tightens is hidden once the watcher reads the
+ *     change (the bound every cached answer has); a new name is never in a listing: asked;
  *   - OPENDIR is answered ENOSYS: the kernel opens directories without asking and caches
  *     their listings (the whiteouts) in its page cache until we invalidate them;
  *   - READDIRPLUS hands the whiteouts out with their attributes (no LOOKUP each);
@@ -63,6 +70,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
@@ -76,6 +84,7 @@
 #define GUARD_ID_BASE (1ULL << 48)
 #define WHITEOUT_BASE (1ULL << 49)
 #define STALE_WHITEOUT (WHITEOUT_BASE - 1)
+#define LIST_AFTER 8        /* lookups in an unlisted watched directory before it is listed */
 #define LISTING_TTL 60.0   /* unwatched directories: a listing reused while mtime is the same */
 #define LONG_TIMEOUT 86400.0 /* watched: the kernel keeps it until we invalidate it */
 #define PATH_CHUNK 4000
@@ -384,6 +393,12 @@ struct node {
     double list_expiry;
     struct hidden *list;
     size_t nlist;
+    /* ... and the names of its visible non-directories (watched directories only), sorted:
+     * a lookup of one is answered from here ("nothing here") while the listing stands */
+    char **shown;
+    size_t nshown;
+    unsigned asked;     /* lookups in it since its listing went: at LIST_AFTER, list it */
+    bool ahead;         /* its names are (being) looked up ahead, see "looking ahead" */
     struct node *next_ino, *next_key, *next_wd;
 };
 
@@ -392,8 +407,22 @@ struct table {
     size_t size, count;
 };
 
+/* Requests answered, by kind ($SDEEFS_GUARD_COUNTS=FILE: a file of COUNT_KINDS native
+ * uint64 counters, shared by the keeper's servers; tests/fs/test_guard_c.py reads it with
+ * struct "<12Q" to pin how many requests a walk costs; benches print it) */
+enum count_kind {
+    COUNT_LOOKUP, COUNT_GETATTR, COUNT_READDIR, COUNT_READDIRPLUS, COUNT_OPENDIR,
+    COUNT_RELEASEDIR, COUNT_GETXATTR, COUNT_LISTXATTR, COUNT_STATFS, COUNT_FORGET,
+    COUNT_NEGATIVE /* LOOKUPs answered "nothing here" */,
+    COUNT_LISTED /* ... of them from the directory's listing, without asking the host */,
+    COUNT_KINDS
+};
+
 struct guard {
     int lower_fd;
+    uint64_t *counts;           /* $SDEEFS_GUARD_COUNTS mapped, or NULL */
+    struct prefetch *prefetch;  /* see "looking ahead", NULL: off */
+    const char *mountpoint;
     struct policy policy;
     double timeout;
     struct table t;
@@ -403,9 +432,16 @@ struct guard {
     bool lost_events;           /* an inotify overflow happened: no long timeouts any more */
     struct fuse_session *se;
     bool stateless_dirs;
+    bool no_shown;              /* $SDEEFS_GUARD_LISTED_LOOKUPS=0: every lookup asks the host */
     struct keep keep;           /* the node table's log, for a restarted server */
     const char *pid_file;       /* the keeper's; a server whose keeper died writes its own */
 };
+
+static void tally(struct guard *g, enum count_kind kind)
+{
+    if (g->counts)
+        __atomic_add_fetch(&g->counts[kind], 1, __ATOMIC_RELAXED);
+}
 
 static size_t hash64(uint64_t v, size_t size)
 {
@@ -525,6 +561,25 @@ static void unlink_node(struct guard *g, struct node *n)
     g->t.count--;
 }
 
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static bool is_shown(const struct node *n, const char *name)
+{
+    return n->nshown && bsearch(&name, n->shown, n->nshown, sizeof *n->shown, cmp_name);
+}
+
+static void drop_shown(struct node *n)
+{
+    for (size_t i = 0; i < n->nshown; i++)
+        free(n->shown[i]);
+    free(n->shown);
+    n->shown = NULL;
+    n->nshown = 0;
+}
+
 static void drop_listing(struct node *n)
 {
     for (size_t i = 0; i < n->nlist; i++)
@@ -532,7 +587,9 @@ static void drop_listing(struct node *n)
     free(n->list);
     n->list = NULL;
     n->nlist = 0;
+    drop_shown(n);
     n->listed = false;
+    n->ahead = false;
 }
 
 static void free_node(struct node *n)
@@ -934,10 +991,14 @@ static struct node *dir_node(struct guard *g, fuse_ino_t ino, int *err)
 /* -- the kernel's questions ----------------------------------------------------------------- */
 
 static void forget_one(struct guard *g, fuse_ino_t ino, uint64_t count);
+static int scan_hidden(struct guard *g, struct node *n);
+static void prefetch_dir(struct guard *g, struct node *n);
+static bool pf_asking(struct guard *g, pid_t pid);
 
 static void op_lookup(fuse_req_t req, fuse_ino_t parent_ino, const char *name)
 {
     struct guard *g = fuse_req_userdata(req);
+    tally(g, COUNT_LOOKUP);
     size_t len = strlen(name);
     if (len > 255) {
         fuse_reply_err(req, ENAMETOOLONG);
@@ -949,11 +1010,29 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent_ino, const char *name)
     }
     pthread_mutex_lock(&g->lock);
     int err = 0;
+    bool visible = false; /* a host entry the view shows from the lower below */
     struct fuse_entry_param e;
     struct node *parent = dir_node(g, parent_ino, &err), *n = NULL;
     char *rel = NULL;
     if (!parent)
         goto out;
+    /* A walker that looks up names without listing first (git status: its index's paths)
+     * gets the directory listed at its LIST_AFTER-th lookup (once: a change drops it) */
+    if (watched(g, parent) && !parent->listed && ++parent->asked >= LIST_AFTER &&
+        !g->no_shown) {
+        parent->asked = 0;
+        if (scan_hidden(g, parent) == 0) /* on failure: not listed, asked as before */
+            prefetch_dir(g, parent);
+    }
+    if (watched(g, parent) && parent->listed && is_shown(parent, name)) {
+        /* a visible non-directory of the listing the kernel holds (READDIRPLUS): what the
+         * host says of it now, unless a change the watcher has yet to read (which drops
+         * this answer after it, as any other: sent under the lock) */
+        err = ENOENT;
+        visible = true;
+        tally(g, COUNT_LISTED);
+        goto out;
+    }
     rel = join(parent->rel, name);
     if (!rel) {
         err = ENOMEM;
@@ -988,9 +1067,15 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent_ino, const char *name)
     }
     close(dfd);
     n = answer(g, rel, &st, fd, &err);
+    visible = !n && err == ENOENT;
     if (fd >= 0)
         close(fd);
 out:
+    /* a walker that listed the parent looks this directory up: it will likely read it next
+     * (find, du, cp -r: a directory's entries first, then each subdirectory) */
+    if (n && g->prefetch && !n->whiteout && watched(g, n) && parent->listed && !n->listed &&
+        !n->ahead && !pf_asking(g, fuse_req_ctx(req)->pid))
+        prefetch_dir(g, n);
     if (n) {
         double timeout = watched(g, parent) && (n->whiteout ? true : watched(g, n))
                              ? LONG_TIMEOUT : g->timeout;
@@ -1005,6 +1090,22 @@ out:
             forget_one(g, e.ino, 1);
             pthread_mutex_unlock(&g->lock);
         }
+        return;
+    }
+    if (err == ENOENT)
+        tally(g, COUNT_NEGATIVE);
+    if (visible && g->prefetch && parent && watched(g, parent) && parent->ino == parent_ino) {
+        /* looking ahead: a visible non-directory's "nothing here" is kept by the kernel (the
+         * walker finds it there) until a host change of this name drops it (inotify), and
+         * at most --timeout: a server that takes over a session does not know these names,
+         * so what changed while nobody watched shows within that.  Sent under the lock: a
+         * change the watcher reads from now on is invalidated after this reply reaches the
+         * kernel, not before. */
+        memset(&e, 0, sizeof e);
+        e.entry_timeout = g->timeout;
+        fuse_reply_entry(req, &e);
+        pthread_mutex_unlock(&g->lock);
+        free(rel);
         return;
     }
     pthread_mutex_unlock(&g->lock);
@@ -1028,6 +1129,7 @@ static void forget_one(struct guard *g, fuse_ino_t ino, uint64_t count)
 static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
 {
     struct guard *g = fuse_req_userdata(req);
+    tally(g, COUNT_FORGET);
     pthread_mutex_lock(&g->lock);
     forget_one(g, ino, nlookup);
     pthread_mutex_unlock(&g->lock);
@@ -1037,6 +1139,7 @@ static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
 static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
 {
     struct guard *g = fuse_req_userdata(req);
+    tally(g, COUNT_FORGET);
     pthread_mutex_lock(&g->lock);
     for (size_t i = 0; i < count; i++)
         forget_one(g, forgets[i].ino, forgets[i].nlookup);
@@ -1048,6 +1151,7 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 {
     (void)fi;
     struct guard *g = fuse_req_userdata(req);
+    tally(g, COUNT_GETATTR);
     pthread_mutex_lock(&g->lock);
     struct node *n = by_ino(g, ino);
     if (!n) {
@@ -1069,9 +1173,20 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_attr(req, &st, timeout);
 }
 
+/* ENOSYS: the kernel answers every later one EOPNOTSUPP itself (see the top) */
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    (void)ino;
+    (void)name;
+    (void)size;
+    tally(fuse_req_userdata(req), COUNT_GETXATTR);
+    fuse_reply_err(req, ENOSYS);
+}
+
 static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     struct guard *g = fuse_req_userdata(req);
+    tally(g, COUNT_LISTXATTR);
     pthread_mutex_lock(&g->lock);
     bool known = by_ino(g, ino) != NULL;
     pthread_mutex_unlock(&g->lock);
@@ -1087,6 +1202,7 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
 {
     (void)ino;
     struct guard *g = fuse_req_userdata(req);
+    tally(g, COUNT_STATFS);
     struct statvfs sv;
     if (fstatvfs(g->lower_fd, &sv) < 0) {
         fuse_reply_err(req, errno);
@@ -1099,6 +1215,7 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino)
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     struct guard *g = fuse_req_userdata(req);
+    tally(g, COUNT_OPENDIR);
     if (g->stateless_dirs) {
         fuse_reply_err(req, ENOSYS); /* the kernel opens directories without asking from now */
         return;
@@ -1142,7 +1259,8 @@ static int scan_hidden(struct guard *g, struct node *n)
         close(fd);
         return err;
     }
-    size_t cap = 0;
+    size_t cap = 0, shown_cap = 0;
+    bool keep_shown = watched(g, n) && !g->no_shown;
     struct dirent *de;
     while ((de = readdir(dir))) {
         if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
@@ -1155,8 +1273,22 @@ static int scan_hidden(struct guard *g, struct node *n)
             break;
         bool hidden = hides(&g->policy, rel, &st);
         free(rel);
-        if (!hidden)
+        if (!hidden) {
+            if (keep_shown && !S_ISDIR(st.st_mode)) {
+                if (n->nshown == shown_cap) {
+                    shown_cap = shown_cap ? shown_cap * 2 : 16;
+                    char **more = realloc(n->shown, shown_cap * sizeof *more);
+                    if (!more) {
+                        keep_shown = false;
+                        continue;
+                    }
+                    n->shown = more;
+                }
+                if ((n->shown[n->nshown] = strdup(de->d_name)))
+                    n->nshown++;
+            }
             continue;
+        }
         if (n->nlist == cap) {
             cap = cap ? cap * 2 : 8;
             struct hidden *more = realloc(n->list, cap * sizeof *more);
@@ -1171,6 +1303,10 @@ static int scan_hidden(struct guard *g, struct node *n)
     }
     closedir(dir);
     qsort(n->list, n->nlist, sizeof *n->list, cmp_hidden);
+    if (keep_shown)
+        qsort(n->shown, n->nshown, sizeof *n->shown, cmp_name);
+    else
+        drop_shown(n);
     n->listed = true;
     n->list_mtime = dst.st_mtim;
     n->list_expiry = now() + LISTING_TTL;
@@ -1196,9 +1332,12 @@ static bool listing_fresh(struct guard *g, struct node *n)
     return same;
 }
 
+static void prefetch_dir(struct guard *g, struct node *n);
+
 static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, bool plus)
 {
     struct guard *g = fuse_req_userdata(req);
+    tally(g, plus ? COUNT_READDIRPLUS : COUNT_READDIR);
     pthread_mutex_lock(&g->lock);
     int err = 0;
     struct node *n = dir_node(g, ino, &err);
@@ -1208,6 +1347,8 @@ static void do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, b
         err = scan_hidden(g, n);
         if (err)
             goto fail;
+        if (plus && off == 0 && watched(g, n))
+            prefetch_dir(g, n);
     }
     char *buf = malloc(size);
     if (!buf) {
@@ -1270,7 +1411,307 @@ static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 {
     (void)ino;
     (void)fi;
+    tally(fuse_req_userdata(req), COUNT_RELEASEDIR);
     fuse_reply_err(req, 0);
+}
+
+/* -- looking ahead ---------------------------------------------------------------------------
+ *
+ * A first walk of a tree asks the guard about every name once (overlayfs looks each name
+ * up in the guard's layer before the host's), and a walker that waits for each answer pays
+ * a round trip per entry.  When the kernel first lists a directory (READDIRPLUS), a few
+ * threads of this daemon look up its names through the mount themselves, several at once:
+ * the kernel keeps the answers (a visible entry's "nothing here" until a host change of that
+ * name drops it, see op_lookup), so the walker's own lookups find them and ask nothing.
+ * A directory is looked ahead once the kernel lists it, once it is listed after LIST_AFTER
+ * lookups, or once a walker that listed its parent looks it up (find, du, cp -r read a
+ * directory's entries, then each subdirectory): the thread's own lookups do not look further.
+ * The answers are the ones a walker would have got (same requests, same rules); only their
+ * time moves, so it pays only where a CPU is idle (walker, server and threads each want one):
+ * on 2 loaded cores it cost more than it saved (bench/RESULTS.md, issue 16).
+ * $SDEEFS_GUARD_PREFETCH: how many threads (default 0: none). */
+
+#define PREFETCH_CHUNK 4 /* names per turn: a directory's are looked up by every thread at once */
+#define PREFETCH_QUEUE 4096 /* directories waiting; beyond it, new ones are not looked ahead */
+
+struct pf_dir { /* a listed directory, in a clone of the mount, shared by its chunks */
+    int fd;
+    size_t refs; /* under prefetch.lock */
+};
+
+struct pf_job {
+    char *rel;
+    char **names; /* NULL: list the directory first */
+    size_t n;
+    struct pf_dir *dir;
+    struct pf_job *next;
+};
+
+struct prefetch {
+    pthread_mutex_t lock;
+    pthread_cond_t more;
+    struct pf_job *head, *tail;
+    size_t queued;
+    dev_t dev;   /* the mount's device, learned from the first clone (0: not yet) */
+    pid_t tids[16]; /* the threads': their lookups do not look further ahead */
+    int ntids;
+};
+
+#ifndef OPEN_TREE_CLONE
+#define OPEN_TREE_CLONE 1
+#endif
+#ifndef OPEN_TREE_CLOEXEC
+#define OPEN_TREE_CLOEXEC O_CLOEXEC
+#endif
+#define FUSE_MAGIC 0x65735546
+
+/* The mount, as a detached clone for one chunk of names: the same superblock (the kernel's
+ * answers land in the cache the view uses), but not the view's mount, which stays free to
+ * be unmounted (plain umount) while a chunk is looked up; a clone made after that finds
+ * another device there and is not used.  -1: none. */
+static int pf_open_mount(struct guard *g, struct prefetch *pf)
+{
+    int fd = (int)syscall(SYS_open_tree, AT_FDCWD, g->mountpoint,
+                          OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    pthread_mutex_lock(&pf->lock);
+    dev_t dev = pf->dev;
+    pthread_mutex_unlock(&pf->lock);
+    if (!dev) { /* the first clone: is it the guard's mount? (STATFS asks us, once) */
+        struct statfs sf;
+        if (fstatfs(fd, &sf) != 0 || sf.f_type != FUSE_MAGIC || fstat(fd, &st) != 0) {
+            close(fd);
+            return -1;
+        }
+        pthread_mutex_lock(&pf->lock);
+        if (!pf->dev)
+            pf->dev = st.st_dev;
+        dev = pf->dev;
+        pthread_mutex_unlock(&pf->lock);
+    } else if (fstat(fd, &st) != 0) {
+        close(fd);
+        return -1;
+    }
+    bool ours = dev == st.st_dev;
+    if (!ours) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void pf_push(struct prefetch *pf, struct pf_job *job, bool front)
+{
+    job->next = NULL;
+    if (front) {
+        job->next = pf->head;
+        pf->head = job;
+        if (!pf->tail)
+            pf->tail = job;
+    } else {
+        if (pf->tail)
+            pf->tail->next = job;
+        else
+            pf->head = job;
+        pf->tail = job;
+    }
+    pf->queued++;
+    pthread_cond_signal(&pf->more);
+}
+
+/* is ``pid`` (a request's) one of the threads looking ahead? */
+static bool pf_asking(struct guard *g, pid_t pid)
+{
+    struct prefetch *pf = g->prefetch;
+    bool ours = false;
+    pthread_mutex_lock(&pf->lock);
+    for (int i = 0; i < pf->ntids && !ours; i++)
+        ours = pf->tids[i] == pid;
+    pthread_mutex_unlock(&pf->lock);
+    return ours;
+}
+
+/* a directory the kernel lists for the first time: look its names up ahead of the walker */
+static void prefetch_dir(struct guard *g, struct node *n)
+{
+    struct prefetch *pf = g->prefetch;
+    if (!pf || n->ahead)
+        return;
+    n->ahead = true;
+    const char *rel = n->rel;
+    struct pf_job *job = calloc(1, sizeof *job);
+    if (!job || !(job->rel = strdup(rel))) {
+        free(job);
+        return;
+    }
+    pthread_mutex_lock(&pf->lock);
+    if (pf->queued < PREFETCH_QUEUE) {
+        pf_push(pf, job, false);
+        job = NULL;
+    }
+    pthread_mutex_unlock(&pf->lock);
+    if (job) {
+        free(job->rel);
+        free(job);
+    }
+}
+
+static void pf_release(struct prefetch *pf, struct pf_dir *dir)
+{
+    if (!dir)
+        return;
+    pthread_mutex_lock(&pf->lock);
+    bool last = --dir->refs == 0;
+    pthread_mutex_unlock(&pf->lock);
+    if (last) {
+        close(dir->fd);
+        free(dir);
+    }
+}
+
+static void pf_free(struct pf_job *job)
+{
+    for (size_t i = 0; i < job->n; i++)
+        free(job->names[i]);
+    free(job->names);
+    free(job->rel);
+    free(job);
+}
+
+/* the host directory's names, queued in chunks (the first returned to do here) */
+static struct pf_job *pf_split(struct guard *g, struct pf_job *job)
+{
+    int fd = openat2_beneath(g->lower_fd, job->rel, O_RDONLY | O_DIRECTORY);
+    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!dir) {
+        if (fd >= 0)
+            close(fd);
+        return NULL;
+    }
+    struct pf_job *chunks = NULL, **tail = &chunks, *cur = NULL;
+    struct dirent *de;
+    while ((de = readdir(dir))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+            continue;
+        if (!cur || cur->n == PREFETCH_CHUNK) {
+            cur = calloc(1, sizeof *cur);
+            if (!cur || !(cur->rel = strdup(job->rel)) ||
+                !(cur->names = calloc(PREFETCH_CHUNK, sizeof *cur->names))) {
+                if (cur) {
+                    free(cur->rel);
+                    free(cur);
+                }
+                break;
+            }
+            *tail = cur;
+            tail = &cur->next;
+        }
+        if ((cur->names[cur->n] = strdup(de->d_name)))
+            cur->n++;
+    }
+    closedir(dir);
+    if (!chunks)
+        return NULL;
+    struct prefetch *pf = g->prefetch;
+    struct pf_dir *shared = calloc(1, sizeof *shared);
+    int root = pf_open_mount(g, pf);
+    shared = root >= 0 ? shared : (free(shared), NULL);
+    if (shared) {
+        shared->fd = *job->rel ? openat(root, job->rel, O_PATH | O_DIRECTORY | O_NOFOLLOW |
+                                        O_CLOEXEC) : dup(root);
+        if (shared->fd < 0) {
+            free(shared);
+            shared = NULL;
+        }
+    }
+    if (root >= 0)
+        close(root);
+    if (!shared) {
+        while (chunks) {
+            struct pf_job *next = chunks->next;
+            pf_free(chunks);
+            chunks = next;
+        }
+        return NULL;
+    }
+    for (struct pf_job *c = chunks; c; c = c->next) {
+        c->dir = shared;
+        shared->refs++; /* not yet shared: no lock needed */
+    }
+    pthread_mutex_lock(&pf->lock);
+    /* the rest go first in the queue, in order: other threads take them up at once */
+    struct pf_job *rest = chunks->next, *reversed = NULL;
+    while (rest) {
+        struct pf_job *next = rest->next;
+        rest->next = reversed;
+        reversed = rest;
+        rest = next;
+    }
+    while (reversed) {
+        struct pf_job *next = reversed->next;
+        pf->queued--; /* pf_push counts it; a chunk is not a directory */
+        pf_push(pf, reversed, true);
+        reversed = next;
+    }
+    pthread_mutex_unlock(&pf->lock);
+    chunks->next = NULL;
+    return chunks;
+}
+
+static void *prefetch_thread(void *arg)
+{
+    struct guard *g = arg;
+    struct prefetch *pf = g->prefetch;
+    pthread_mutex_lock(&pf->lock);
+    if (pf->ntids < (int)(sizeof pf->tids / sizeof *pf->tids))
+        pf->tids[pf->ntids++] = (pid_t)syscall(SYS_gettid);
+    pthread_mutex_unlock(&pf->lock);
+    for (;;) {
+        pthread_mutex_lock(&pf->lock);
+        while (!pf->head)
+            pthread_cond_wait(&pf->more, &pf->lock);
+        struct pf_job *job = pf->head;
+        pf->head = job->next;
+        if (!pf->head)
+            pf->tail = NULL;
+        if (!job->names)
+            pf->queued--;
+        pthread_mutex_unlock(&pf->lock);
+        if (!job->names) {
+            struct pf_job *first = pf_split(g, job);
+            pf_free(job);
+            job = first;
+            if (!job)
+                continue;
+        }
+        struct stat st;
+        for (size_t i = 0; i < job->n; i++)
+            fstatat(job->dir->fd, job->names[i], &st, AT_SYMLINK_NOFOLLOW);
+        pf_release(pf, job->dir);
+        pf_free(job);
+    }
+    return NULL;
+}
+
+static void start_prefetch(struct guard *g)
+{
+    const char *env = getenv("SDEEFS_GUARD_PREFETCH");
+    long threads = env ? strtol(env, NULL, 10) : 0;
+    if (threads <= 0 || !g->mountpoint)
+        return;
+    struct prefetch *pf = calloc(1, sizeof *pf);
+    if (!pf)
+        return;
+    pthread_mutex_init(&pf->lock, NULL);
+    pthread_cond_init(&pf->more, NULL);
+    g->prefetch = pf;
+    for (long i = 0; i < threads && i < 16; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, prefetch_thread, g) == 0)
+            pthread_detach(t);
+    }
 }
 
 static void op_init(void *userdata, struct fuse_conn_info *conn)
@@ -1296,6 +1737,7 @@ static const struct fuse_lowlevel_ops ops = {
     .forget = op_forget,
     .forget_multi = op_forget_multi,
     .getattr = op_getattr,
+    .getxattr = op_getxattr,
     .listxattr = op_listxattr,
     .statfs = op_statfs,
     .opendir = op_opendir,
@@ -1639,6 +2081,24 @@ static void short_slice(void)
 }
 
 static int ready_fd = -1;
+static void fail(int code, const char *fmt, ...);
+
+/* $SDEEFS_GUARD_COUNTS: the request counters, in a file others read (see enum count_kind) */
+static void open_counts(struct guard *g)
+{
+    const char *path = getenv("SDEEFS_GUARD_COUNTS");
+    if (!path || !*path)
+        return;
+    size_t size = COUNT_KINDS * sizeof(uint64_t);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0 || ftruncate(fd, (off_t)size) != 0)
+        fail(1, "cannot keep request counts in %s: %s", path, strerror(errno));
+    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED)
+        fail(1, "cannot keep request counts in %s: %s", path, strerror(errno));
+    g->counts = map;
+}
 
 static void fail(int code, const char *fmt, ...)
 {
@@ -1820,6 +2280,8 @@ static int serve(struct guard *g, const char *mountpoint, const char *pid_file, 
         close(ready_fd);
         ready_fd = -1;
     }
+    g->mountpoint = mountpoint;
+    start_prefetch(g);
     short_slice();
     int ret = fuse_session_loop(g->se);
     fuse_session_unmount(g->se);
@@ -2026,6 +2488,9 @@ int main(int argc, char **argv)
     if (fstat(g.lower_fd, &root_st) < 0 || !S_ISDIR(root_st.st_mode))
         fail(2, "--lower-fd %d is not a directory", g.lower_fd);
     g.keep.fd = -1;
+    open_counts(&g);
+    const char *listed_lookups = getenv("SDEEFS_GUARD_LISTED_LOOKUPS");
+    g.no_shown = listed_lookups && *listed_lookups == '0';
     /* SDEEFS_GUARD_KEEPER=0: no keeper, the server mounts itself (its death ends the view;
      * for comparisons) */
     const char *keeper_env = getenv("SDEEFS_GUARD_KEEPER");
