@@ -503,7 +503,9 @@ class Capture:
             self._wakeup = trio.Event()
         if self._waiters or self.stopping or self.dirty:
             return
-        if select.select([self.group.fd], [], [], 0)[0]:
+        queued = select.poll()  # (not select(): no FD_SETSIZE limit on the fd)
+        queued.register(self.group.fd, select.POLLIN)
+        if queued.poll(0):
             return  # queued while a batch ran (as old as it: see _gather)
         async with trio.open_nursery() as nursery:
             async def readable() -> None:
