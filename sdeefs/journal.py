@@ -181,7 +181,7 @@ from .records import (
     decode_record,
     encode_record,
 )
-from .sysio import FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir
+from .sysio import FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ assert 4 + MAX_PATH + 2 + MAX_XATTR_NAME + 4 + MAX_XATTR_VALUE <= MAX_PAYLOAD
 SYNC_FLUSHED = 1  # Sync.reason: every record before this one was fdatasync'ed
 RESERVE_BYTES = 1 << 20  # preallocated behind a segment's tail (see "A full disk")
 RESERVE_LOW = 256 << 10  # a record that is not settling is written only above this reserve
+_IOV_MAX = 1024  # iovecs of one writev(2) (Linux UIO_MAXIOV)
 # Records written into the reserve: they settle what was performed, or free space.
 SETTLING = frozenset(cls.TYPE for cls in (Done, Abort, Unlink, Rmdir))
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -549,20 +550,23 @@ class Journal:
         with self._lock:
             if self.failed is not None:
                 raise FailsafeError(self.failed)
-            data = b"".join(encode_frame(self.head + 1 + i, r) for i, r in enumerate(records))
-            if self._segment_size + len(data) > self.segment_bytes:
+            # one writev(2) of the frames (not joined first: a batch of Create records is
+            # megabytes, and a join copies them once more into freshly faulted pages)
+            frames = [encode_frame(self.head + 1 + i, r) for i, r in enumerate(records)]
+            length = sum(map(len, frames))
+            if self._segment_size + length > self.segment_bytes or len(frames) > _IOV_MAX:
                 for record in records:
                     self._append_locked(record)
                 return self.head
             try:
-                self._keep_reserve(len(data))
-                written = os.write(self._fd, data)
-                if written != len(data):
+                self._keep_reserve(length)
+                written = os.writev(self._fd, frames)
+                if written != length:
                     raise OSError(errno.ENOSPC, f"short journal write ({written} of "
-                                                f"{len(data)} bytes)")
+                                                f"{length} bytes)")
             except OSError as exc:
                 self._refuse(exc, settling=False)
-            self._segment_size += len(data)
+            self._segment_size += length
             self.head += len(records)
             return self.head
 
@@ -592,6 +596,17 @@ class Journal:
                         if exc.errno not in NO_SPACE:
                             raise
                 self.synced = max(self.synced, head)
+
+    def start_writeback(self) -> None:
+        """Have the kernel start writing the unsynced tail to disk, without waiting: a
+        later :meth:`sync` then has less to write (durable is only what ``sync`` says)."""
+        with self._lock:
+            if self._fd < 0 or self.failed is not None:
+                return
+            try:
+                start_writeback(self._fd)
+            except OSError as exc:  # advisory: only sync() decides what is durable
+                log.debug("journal: sync_file_range: %s", exc)
 
     def close(self) -> None:
         with self._lock:

@@ -345,6 +345,18 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     _check(_fallocate(fd, mode, offset, length), "fallocate")
 
 
+SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+
+
+def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing the range's dirty pages
+    back, without waiting (length 0: to the end).  Makes nothing durable by itself (no
+    metadata, no flush): a later fdatasync has less to write."""
+    _check(_sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE), "sync_file_range")
+
+
 def boot_id() -> bytes:
     """This boot's random id: a replica's unsynced state is trusted only within one boot."""
     with open("/proc/sys/kernel/random/boot_id") as f:

@@ -245,6 +245,15 @@ def vm_kib(pid: int, field_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def process_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads), None if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def journal_bytes(state: Path) -> int:
     return sum(p.stat().st_size for p in (state / "journal").glob("seg-*.log"))
 
@@ -332,6 +341,7 @@ class CaptureRun:
     popen: subprocess.Popen[bytes]
     state: Path
     records_before: int = 0
+    cpu_before: float = 0.0
 
 
 class ImageOverlayContender(Contender):
@@ -444,6 +454,7 @@ class ImageOverlayContender(Contender):
                                      [*daemons, *([tracked] if tracked else [])]) from None
                 time.sleep(0.05)
         run.records_before = int(capture.request(str(dirs.state), "status")["records"])
+        run.cpu_before = process_cpu(popen.pid) or 0.0
         return tracked
 
     def drain(self, mounted: MountedView) -> float | None:
@@ -467,6 +478,9 @@ class ImageOverlayContender(Contender):
             "rss_peak_mib": (vm_kib(run.popen.pid, "VmHWM") or 0) / 1024,
             "rss_mib": (vm_kib(run.popen.pid, "VmRSS") or 0) / 1024,
             "overflows": float(status.get("overflows", 0)),
+            # CPU the capture spent on the run (writer and drain): on a loaded machine a
+            # steadier measure of its cost than the wall times
+            "cpu_s": (process_cpu(run.popen.pid) or run.cpu_before) - run.cpu_before,
         }
 
     def unmount(self, mounted: MountedView, tracker: ProcessTracker) -> list[str]:
@@ -804,6 +818,8 @@ class Bench:
                 for key, value in contender.capture_stats(mounted).items():
                     if name == "kernel":
                         self.results.extras[(metric, key)].append(value)
+                    if key == "cpu_s":
+                        self.results.extras[(metric, f"{name} cpu_s")].append(value)
         self.results.samples[(metric, name)].append(total)
         self.daemon_stats(metric, mounted)
         if round_no == 0:
@@ -961,6 +977,11 @@ def extras_line(results: Results, key: str) -> str:
                      f"{med('rss_peak_mib') or 0:.0f} MiB (medians)")
         if (overflows := med("overflows")):
             parts.append(f"queue overflows: {overflows:.0f}")
+        cpus = [f"{name} {cpu:.2f} s" for name in CAPTURE_CONTENDERS
+                if (cpu := med(f"{name} cpu_s")) is not None]
+        if cpus:
+            parts.append("capture CPU (user + system) during the run: " + ", ".join(cpus)
+                         + " (medians)")
     if (drain := med("drain_s")) is not None:
         parts.append(f"kernel engine drain after the passes: {drain:.3f} s")
     counted = sorted({name.split(" ")[0] for (k, name) in results.extras

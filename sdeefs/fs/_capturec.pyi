@@ -1,4 +1,4 @@
-"""Types of the C extension sdeefs/fs/_capturec.c (its comment documents both functions)."""
+"""Types of the C extension sdeefs/fs/_capturec.c (its comment documents the functions)."""
 
 Unresolved = tuple[int, int, bytes | None, tuple[tuple[int, bytes, bytes], ...]]
 Contents = tuple[bytes, int, int, int, int, int]  # data, before mode/ino/ctime, after m/ctime
@@ -10,3 +10,4 @@ def note_events(buf: bytes, dirs: dict[int, bytes], objects: dict[int, bytes],
                 ) -> tuple[int, int, list[Unresolved]]: ...
 def examine(dir_fd: int, entries: list[tuple[bytes, int, int, int, int, bool]]
             ) -> list[Examined | None]: ...
+def block_sums(data: bytes | bytearray | memoryview) -> bytes | None: ...

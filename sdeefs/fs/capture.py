@@ -15,7 +15,13 @@ events mentioned).  When the queue has been quiet for ``quiet`` seconds, or
 ``max_delay`` after the first event of a batch, or when a drain is requested, the
 set is reconciled against the live upper (``sdeefs.fs.reconcile``) and the records
 go to the journal as one batch: ``Begin``, records, ``Commit`` (``sdeefs.records``).
-The journal is fdatasync'ed every ``sync_interval`` seconds and on every drain.
+The first event of a batch is as old as the moment the queue was last seen empty:
+what queued while the previous batch ran is batched as soon as it ends if that batch
+took longer than ``max_delay`` (an install on a busy machine: no idle gathering while
+the writer runs ahead).  The journal is fdatasync'ed every ``sync_interval`` seconds
+and on every drain; after other batches the kernel only starts writing them back
+(``sync_file_range``), so the drain's fdatasync finds little left to write and no
+batch waits for the disk.
 
 Barrier: fanotify queues an event inside the syscall that caused it, so every change
 whose syscall returned before a drain request is in the queue when the request
@@ -37,7 +43,9 @@ syscalls and bytes, done in C by ``sdeefs.fs._capturec`` (an optional extension:
 the short way through it (``Reconciler._examine_entries``).  Without the extension (or
 with ``--python-only``) the same code paths run in Python and journal the same
 records: 61 against 32 µs of CPU per small file created, 72 and 49 µs with the three
-records of before (``bench/install/capture_cpu.py``; bench/RESULTS.md).
+records of before (``bench/install/capture_cpu.py``; bench/RESULTS.md).  Bigger files
+cost their blake2b block sums (a third of the capture's CPU in an untar): the C path
+computes them with libsodium where it is installed (``_capturec.block_sums``).
 
 Start
 =====
@@ -80,6 +88,7 @@ import fcntl
 import functools
 import logging
 import os
+import select
 import signal
 import struct
 import sys
@@ -267,6 +276,12 @@ class Capture:
     _last_checkpoint: float = 0.0
     _checkpoint_seq: int = 0
     _starting: bool = False  # the start's full scan is not done yet
+    # (time.monotonic) when the event queue was last seen empty; events read after it
+    # arrived after it.  Not updated while a batch runs: what queues meanwhile is as old
+    # as the batch, so the next one starts without waiting for more (``_gather``).
+    _queue_empty_at: float = attrs.field(factory=time.monotonic)
+    _first_event: float = 0.0  # (monotonic) the oldest event ``dirty`` holds arrived after this
+    _last_sync: float = attrs.field(factory=time.monotonic)  # the capture's last journal sync
     native: bool = capturec is not None  # events decoded by sdeefs.fs._capturec
 
     # -- start and stop (synchronous) -----------------------------------------------------
@@ -328,16 +343,19 @@ class Capture:
         """Read what is queued (up to a batch's worth) into ``dirty``; how many events."""
         total = 0
         fast = self.native and capturec is not None and not log.isEnabledFor(logging.DEBUG)
+        empty_before, had = self._queue_empty_at, bool(self.dirty)
         while total < self.config.max_batch_events:
             if not fast:
                 events = self.group.read()
                 if not events:
+                    self._queue_empty_at = time.monotonic()
                     break
                 total += len(events)
                 self._note(events)
                 continue
             data = self.group.read_raw()
             if not data:
+                self._queue_empty_at = time.monotonic()
                 break
             d = self.dirty
             try:
@@ -353,6 +371,8 @@ class Capture:
                             for mask, pid, handle, dirs in unresolved])
         self.counters.events += total
         self.pending_events += total
+        if not had and self.dirty:
+            self._first_event = empty_before
         return total
 
     def _note(self, events: list[fan.Event]) -> None:
@@ -433,9 +453,13 @@ class Capture:
         log.debug("capture: batch of %d records in %.3f s", count,
                   self.counters.last_batch_seconds)
 
+    def _sync(self) -> None:
+        self.journal.sync()
+        self._last_sync = time.monotonic()
+
     def _checkpoint(self) -> None:
         """Save the model (its seq must be durable in the journal first)."""
-        self.journal.sync()
+        self._sync()
         self.model.seq = min(self.model.seq, self.journal.synced)
         self.model.save(self.config.checkpoint)
         self._checkpoint_seq = self.model.seq
@@ -465,7 +489,7 @@ class Capture:
                 while (waiters or self.stopping) and self.dirty:  # what the batch left over
                     await self.offload.run(self._batch)
                 if waiters or self.stopping:
-                    await self.offload.run(self.journal.sync)
+                    await self.offload.run(self._sync)
                 for waiter in waiters:
                     waiter.set()
             if self.stopping:
@@ -479,6 +503,10 @@ class Capture:
             self._wakeup = trio.Event()
         if self._waiters or self.stopping or self.dirty:
             return
+        queued = select.poll()  # (not select(): no FD_SETSIZE limit on the fd)
+        queued.register(self.group.fd, select.POLLIN)
+        if queued.poll(0):
+            return  # queued while a batch ran (as old as it: see _gather)
         async with trio.open_nursery() as nursery:
             async def readable() -> None:
                 await trio.lowlevel.wait_readable(self.group.fd)
@@ -490,14 +518,21 @@ class Capture:
 
             nursery.start_soon(readable)
             nursery.start_soon(woken)
+        self._queue_empty_at = time.monotonic()  # empty until the wait ended
 
     async def _gather(self) -> None:
-        """Read events until the queue is quiet, the batch old or big enough, or asked."""
-        deadline = trio.current_time() + self.config.max_delay
+        """Read events until the queue is quiet, the batch old or big enough, or asked.
+
+        Old: ``max_delay`` after its first event arrived, as far as the capture can
+        tell (``_first_event``): events that queued while the previous batch ran are as
+        old as that batch, so when batches take longer than ``max_delay`` (a big
+        install, a busy machine) the next one starts at once instead of idling for
+        ``max_delay`` while the writer goes on.
+        """
         while not self._waiters and not self.stopping:
             await self.offload.run(self._read_events)
             if self.pending_events >= self.config.max_batch_events \
-                    or trio.current_time() >= deadline:
+                    or time.monotonic() >= self._first_event + self.config.max_delay:
                 return
             with trio.move_on_after(self.config.quiet) as scope:
                 await trio.lowlevel.wait_readable(self.group.fd)
@@ -509,7 +544,13 @@ class Capture:
             self._starting = False
             await self.offload.run(self._checkpoint)  # what the start's scan found
         if self.journal.head > self.journal.synced:
-            await self.offload.run(self.journal.sync)
+            if time.monotonic() - self._last_sync >= self.config.sync_interval:
+                await self.offload.run(self._sync)
+            else:
+                # Not an fdatasync after every batch (its wait stalls the next batch, and
+                # the one of a drain or of sync_interval comes soon): the kernel starts
+                # writing the batch back now, so that the fdatasync has little left to do.
+                await self.offload.run(self.journal.start_writeback)
         if self.model.seq != self._checkpoint_seq and \
                 time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval:
             await self.offload.run(self._checkpoint)

@@ -91,6 +91,7 @@ UNSURE_NS = 50_000_000
 OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Emit = Callable[[rec.Record], None]
+Sums = Callable[[bytes | bytearray | memoryview], bytes | None]  # _capturec.block_sums
 
 
 def block_sum(data: bytes | memoryview) -> bytes:
@@ -344,8 +345,11 @@ class Reconciler:
     inline_bytes: int = INLINE_BYTES  # data one batch keeps for Create records, at most
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
+    _sums: Sums | None = None  # block sums in C (with ``native``; None: hashlib)
 
     def __attrs_post_init__(self) -> None:
+        if self.native and capturec is not None:
+            self._sums = capturec.block_sums
         if self.model.root_ino and self.model.root_ino != self.upper.ino:
             # Another filesystem (the upper was copied or recreated): inode numbers
             # mean nothing; a full scan finds every node again by its name.
@@ -574,7 +578,7 @@ class Reconciler:
                 b.looked.add(ino)
                 seen_of[ino] = Seen(
                     mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target,
-                    Contents(data_sums(data), len(data), after_mtime,
+                    Contents(data_sums(data, self._sums), len(data), after_mtime,
                              after_ctime if after_ctime == before_ctime else 0,
                              b.inline(data)))
                 out.append(ino)
@@ -637,7 +641,7 @@ class Reconciler:
                 b.read_bytes += len(data)
                 seen = Seen(seen.mode, seen.uid, seen.gid, seen.size, seen.mtime, seen.ctime,
                             seen.ino, seen.rdev, seen.handle, seen.xattrs, seen.target,
-                            Contents(data_sums(data), len(data), after_mtime,
+                            Contents(data_sums(data, self._sums), len(data), after_mtime,
                                      after_ctime if after_ctime == before_ctime else 0,
                                      b.inline(data) if node is None else None))
             # (else replaced meanwhile, as _read says: its events are queued)
@@ -693,7 +697,7 @@ class Reconciler:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode) or before.st_ino != ino:
             return None  # replaced meanwhile: its events are queued
-        sums, size = read_sums(fd, self._buf)
+        sums, size = read_sums(fd, self._buf, self._sums)
         after = os.fstat(fd)
         if b is not None:
             b.read_bytes += size
@@ -1069,16 +1073,21 @@ class Reconciler:
                 emit(rec.Setattr(path, mask, perm, seen.uid, seen.gid, size, 0, mtime))
 
 
-def data_sums(data: bytes) -> bytes:
-    """The sums ``read_sums`` gives for a file holding ``data``."""
+def data_sums(data: bytes | memoryview, fast: Sums | None = None) -> bytes:
+    """The sums ``read_sums`` gives for a file holding ``data``.  ``fast``: the same
+    computed elsewhere (``_capturec.block_sums``; None from it: not available)."""
+    if fast is not None and (sums := fast(data)) is not None:
+        return sums
     if 0 < len(data) <= BLOCK:
         return hashlib.blake2b(data, digest_size=SUM).digest()
     view = memoryview(data)
     return b"".join([block_sum(view[at:at + BLOCK]) for at in range(0, len(data), BLOCK)])
 
 
-def read_sums(fd: int, buf: bytearray | None = None) -> tuple[bytes, int]:
-    """(blake2b-128 of every BLOCK of the file, bytes read); ``buf``: READ_CHUNK bytes."""
+def read_sums(fd: int, buf: bytearray | None = None, fast: Sums | None = None
+              ) -> tuple[bytes, int]:
+    """(blake2b-128 of every BLOCK of the file, bytes read); ``buf``: READ_CHUNK bytes;
+    ``fast`` as for ``data_sums``."""
     view = memoryview(buf if buf is not None else bytearray(READ_CHUNK))
     sums = bytearray()
     size = 0
@@ -1089,8 +1098,8 @@ def read_sums(fd: int, buf: bytearray | None = None) -> tuple[bytes, int]:
             if n == 0:
                 break
             filled += n
-        for start in range(0, filled, BLOCK):
-            sums += block_sum(view[start:min(start + BLOCK, filled)])
+        if filled:
+            sums += data_sums(view[:filled], fast)
         size += filled
         if filled < READ_CHUNK:
             return bytes(sums), size

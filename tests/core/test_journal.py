@@ -128,6 +128,30 @@ def test_append_read_round_trip(tmp_path: Path) -> None:
     assert [e.seq for e in Journal(directory=jdir).read()] == list(range(1, len(records) + 3))
 
 
+def test_append_many_writes_what_append_would(tmp_path: Path) -> None:
+    """One writev(2) of a batch's frames (more than an iovec list holds: one by one),
+    the same bytes as appending the records one at a time; start_writeback makes
+    nothing durable by itself (only sync does)."""
+    records = [rec.Create(b"upper/f%d" % i, stat.S_IFREG | 0o644, 0, 0, i, b"", b"",
+                          os.urandom(i * 37 % 5000)) for i in range(2100)]
+    one = Journal.open(str(tmp_path / "one"))
+    for record in records:
+        one.append(record)
+    many = Journal.open(str(tmp_path / "many"))
+    assert many.append_many(records[:700]) == 700
+    assert many.append_many(records[700:]) == 2100  # past 1024 iovecs
+    many.start_writeback()
+    assert many.synced == 0
+    assert [e.record for e in many.read()] == records
+    for journal in (one, many):
+        journal.close()
+    segments = sorted(os.listdir(tmp_path / "one"))
+    assert segments == sorted(os.listdir(tmp_path / "many"))
+    for name in segments:
+        assert (tmp_path / "one" / name).read_bytes()[SEGMENT_HEADER.size:] == \
+            (tmp_path / "many" / name).read_bytes()[SEGMENT_HEADER.size:]  # (ids differ)
+
+
 @pytest.mark.expect_log("sdeefs.journal")
 def test_append_after_failure_is_refused(tmp_path: Path) -> None:
     journal = Journal.open(str(tmp_path / "journal"))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+import trio
 
 from sdeefs import records as rec
 from sdeefs.apply import recover, replay
@@ -588,3 +589,73 @@ def test_examine_in_c_sees_what_python_sees(tmp_path: Path) -> None:
         assert seen[by_name[b"fifo"]].contents is None
     finally:
         upper.close()
+
+
+@requires_capturec
+def test_block_sums_in_c_are_hashlibs_blake2b() -> None:
+    """``_capturec.block_sums`` (libsodium) gives the sums of ``data_sums``' hashlib path
+    for every length around the block size, from bytes and from a memoryview."""
+    if reconcile.capturec.block_sums(b"x") is None:
+        pytest.skip("libsodium is not installed (block_sums answers None: hashlib is used)")
+    for length in (0, 1, 300, reconcile.BLOCK - 1, reconcile.BLOCK, reconcile.BLOCK + 1,
+                   3 * reconcile.BLOCK + 17, reconcile.READ_CHUNK):
+        data = os.urandom(length)
+        want = reconcile.data_sums(data)  # hashlib
+        assert want == b"".join(reconcile.block_sum(data[at:at + reconcile.BLOCK])
+                                for at in range(0, length, reconcile.BLOCK))
+        assert reconcile.data_sums(data, reconcile.capturec.block_sums) == want
+        assert reconcile.capturec.block_sums(memoryview(bytearray(data))) == want
+
+
+@requires_capturec
+def test_read_sums_in_c_and_python_agree(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(2 * reconcile.READ_CHUNK + 5))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert reconcile.read_sums(fd, None, reconcile.capturec.block_sums) == \
+            reconcile.read_sums(fd) == \
+            (reconcile.data_sums(path.read_bytes()), path.stat().st_size)
+    finally:
+        os.close(fd)
+
+
+@requires_kernel
+def test_events_queued_during_a_batch_start_the_next_at_once(site: Site) -> None:
+    """A batch is gathered for at most ``max_delay`` after its first event arrived: what
+    queued while the previous batch ran (a big install on a busy machine) is batched
+    at once, not after another ``max_delay`` of waiting while the writer goes on.  And a
+    batch is not fdatasync'ed by itself (the drain's fdatasync, or sync_interval's).
+    In process: the Capture's steps driven by hand (the daemon's loop runs them so)."""
+    config = capture.Config(str(site.layer), str(site.state), quiet=600, max_delay=1,
+                            sync_interval=600)
+    cap = capture.Capture.open(config)
+    try:
+        cap._batch()  # the start's full scan
+        trio.run(cap._maintain)  # its checkpoint
+        (site.mnt / "first").write_bytes(b"1")
+        assert cap._read_events()
+        (site.mnt / "second").write_bytes(b"2")  # queued while the batch runs ...
+        time.sleep(1.5)  # ... longer than max_delay
+        cap._batch()
+        assert (site.upper / "second").exists()
+
+        async def gather() -> None:
+            with trio.fail_after(30):  # (the old rule: max_delay from now, then quiet: 600 s)
+                await cap._gather()
+
+        trio.run(gather)
+        assert cap.dirty
+        cap._batch()
+        assert b"second" in {getattr(e.record, "path", b"").rsplit(b"/", 1)[-1]
+                             for e in site.journal().read(1)}
+        # not synced by the loop's maintenance (only its writeback started) ...
+        trio.run(cap._maintain)
+        assert cap.journal.synced < cap.journal.head
+        # ... until sync_interval has passed since the last sync, or a drain asks
+        cap._last_sync -= config.sync_interval
+        trio.run(cap._maintain)
+        assert cap.journal.synced == cap.journal.head
+    finally:
+        cap.close()
+    assert site.replay_diff() == []
