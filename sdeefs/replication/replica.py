@@ -85,6 +85,7 @@ from ..replicable import NOBODY, UserIds
 from ..statedir import ReplicaDirs
 from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
 from ..trees import rmtree
+from .applier import REPLAYABLE, BatchApplier
 from .auth import HelloAuth
 from .snapshot import Staging, apply_from_peer
 from .wire import (
@@ -390,8 +391,12 @@ class Replica:
 
     # -- applying records -----------------------------------------------------------------
 
-    def accept(self, frame: Frame) -> bool:
-        """Apply one RECORD frame; True when its seq is complete (then ACK it)."""
+    def accept(self, frame: Frame, batch: BatchApplier | None = None) -> bool:
+        """Apply one RECORD frame; True when its seq is complete (then ACK it).
+
+        With ``batch`` (``_apply_batch``): a REPLAYABLE record goes through it and the
+        position is written by :meth:`end_batch`; any other record first ends what the
+        batch deferred, then goes the per-record way (``sdeefs.replication.applier``)."""
         if frame.type != RECORD:
             raise ProtocolError(f"unexpected frame type {frame.type}")
         if self.pending:
@@ -407,9 +412,16 @@ class Replica:
         if not skipping:
             try:
                 record, data = decode_record_payload(frame.payload)
-                if record.METADATA:
-                    record = self._local_rename(frame.seq, record)
-                apply_from_peer(self._layers, record, data, f"record {frame.seq}", self.ids)
+                if batch is not None and isinstance(record, REPLAYABLE):
+                    batch.deferred = True
+                    batch.apply(record, data, f"record {frame.seq}")
+                else:
+                    if batch is not None:
+                        self.end_batch(batch)
+                    if record.METADATA:
+                        record = self._local_rename(frame.seq, record)
+                    apply_from_peer(self._layers, record, data, f"record {frame.seq}",
+                                    self.ids)
             except Refused as exc:  # the user's problem: skip it, say so, go on
                 self._skip(frame.seq, str(exc))
                 skipping = True
@@ -418,8 +430,16 @@ class Replica:
             return False
         self.pending, self._skipping = 0, False
         self.applied = frame.seq
-        self._write_position()
+        if batch is None or not batch.deferred:
+            self._write_position()
         return True
+
+    def end_batch(self, batch: BatchApplier) -> None:
+        """Close what ``batch`` holds and write the position it deferred."""
+        batch.close()
+        if batch.deferred:
+            self._write_position()
+            batch.deferred = False
 
     def _local_rename(self, seq: int, record: rec.Record) -> rec.Record:
         """Note the in-flight record (and, for a rename, the source's inode *here*).
@@ -495,7 +515,21 @@ def _apply_batch(replica: Replica, batch: list[Frame]) -> tuple[int, list[Frame]
     applied: list[Frame] = []
     before, snapshotted = replica.applied, False
     with replica.lock:
-        for frame in batch:
+        assert replica._layers is not None
+        records = BatchApplier(replica._layers, replica.ids)
+        try:
+            for frame in batch:
+                if frame.type != RECORD:
+                    break
+                if not applied:
+                    before = replica.applied
+                replica.accept(frame, records)
+                applied.append(frame)
+            else:
+                return before, applied, snapshotted
+        finally:
+            replica.end_batch(records)
+        for frame in batch[len(applied):]:
             if frame.type == RECORD:
                 if not applied:
                     before = replica.applied
