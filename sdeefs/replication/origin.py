@@ -90,6 +90,7 @@ POLL = 0.01  # seconds between looks at a journal for new records, where inotify
 JOURNAL_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE  # a segment grew or came
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MAX_PENDING = 4096  # journal entries read ahead of what was sent
+POLL_BYTES = 256 << 10  # journal bytes read per look (some 2,500 records)
 HEAD_READ_BYTES = 16 << 20  # journal bytes read per step while learning the head
 SNAPSHOT_ATTEMPTS = 5
 MAX_REFUSED = 16  # refused records an origin remembers per user
@@ -268,16 +269,22 @@ def merge_setattr(first: rec.Setattr, then: rec.Setattr) -> rec.Setattr | None:
                        pick(rec.SET_MTIME, "mtime_ns"))
 
 
-def without_aborted(entries: list[Entry]) -> list[Entry]:
-    """``entries`` with every aborted record, and every record of a voided capture batch,
-    replaced by a marker (nothing to apply)."""
-    aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
-    void = [(e.record.begin, e.record.end) for e in entries if isinstance(e.record, rec.Void)]
+def without_aborted(entries: list[Entry], new: list[Entry] | None = None) -> list[Entry]:
+    """``entries`` (then ``new``) with every aborted record, and every record of a voided
+    capture batch, replaced by a marker (nothing to apply).
+
+    With ``new`` only the Aborts and Voids in ``new`` are looked for: those in ``entries``
+    were applied when they were new (an Abort or a Void always follows what it names), so
+    a sender reading a long history costs the records it reads, not the square of them."""
+    fresh = entries if new is None else new
+    joined = entries if new is None else entries + new
+    aborted = {e.record.seq for e in fresh if isinstance(e.record, rec.Abort)}
+    void = [(e.record.begin, e.record.end) for e in fresh if isinstance(e.record, rec.Void)]
     if not aborted and not void:
-        return entries
+        return joined
     return [Entry(e.seq, rec.Sync(0))
             if e.seq in aborted or any(b <= e.seq <= end for b, end in void)
-            and not isinstance(e.record, rec.Void) else e for e in entries]
+            and not isinstance(e.record, rec.Void) else e for e in joined]
 
 
 def extent_blocks_ok(record: rec.Extent, data: bytes, later: list[rec.Record]) -> bool:
@@ -358,13 +365,13 @@ class JournalSender:
 
     def next_batch(self) -> tuple[list[bytes | bytearray], int]:
         """The next frames to send, encoded, and the last seq they carry (a worker thread)."""
-        # An open capture batch is read to its end whatever its size: nothing of it can
-        # go before its Commit (the capture bounds a batch: Config.batch_entries).
-        if len(self.pending) < MAX_PENDING or open_batch(self.pending) is not None:
-            new = self.tail.poll()
-            if new and not self.pending:
-                self.first_seen = time.monotonic()
-            self.pending = without_aborted(self.pending + new)
+        # At most about MAX_PENDING entries are held (each batch looks at all of them),
+        # but an open capture batch is read to its end whatever its size: nothing of it
+        # can go before its Commit (the capture bounds a batch: Config.batch_entries).
+        if len(self.pending) < MAX_PENDING:
+            self._take(self.tail.poll(POLL_BYTES))
+        while open_batch(self.pending) is not None and self._take(self.tail.poll(POLL_BYTES)):
+            pass
         pending = self.pending
         ready = settled(pending, self.first_seen)
         out: list[bytes | bytearray] = []
@@ -417,6 +424,13 @@ class JournalSender:
         if self.pending and taken:
             self.first_seen = time.monotonic()
         return out, last
+
+    def _take(self, new: list[Entry]) -> bool:
+        """Add entries just read to ``pending``; False if there were none."""
+        if new and not self.pending:
+            self.first_seen = time.monotonic()
+        self.pending = without_aborted(self.pending, new)
+        return bool(new)
 
     def _extent_data(self, record: rec.Extent, after: list[Entry]) -> tuple[bool, bytes | None]:
         """(may it be shipped now, the data of an Extent as read now: None if the file is
