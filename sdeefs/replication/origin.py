@@ -80,6 +80,7 @@ from .wire import (
     ProtocolError,
     answer_hello,
     encode_write_frames,
+    open_link_tasks,
     record_frames,
 )
 
@@ -337,31 +338,48 @@ class JournalSender:
     waiting: bool = False  # an Extent's data changed since the capture read it
 
     async def run(self) -> None:
+        """Read and encode the next batch (a worker thread) while the one before it is
+        sent: a cold follower's stream is bound by the slower of the two, not their sum."""
+        send, receive = trio.open_memory_channel[tuple[list[bytes | bytearray], int]](1)
+        async with open_link_tasks() as nursery:
+            nursery.start_soon(self._send, receive)
+            await self._produce(send)
+
+    async def _send(self, receive: trio.MemoryReceiveChannel[
+            tuple[list[bytes | bytearray], int]]) -> None:
+        async with receive:
+            async for buffers, last in receive:
+                await self.link.send_encoded(buffers, last)
+                self.user.head = max(self.user.head, last)
+
+    async def _produce(self, send: trio.MemorySendChannel[
+            tuple[list[bytes | bytearray], int]]) -> None:
         user, downstream = self.user, self.link.downstream
         last_send = trio.current_time()
-        while True:
-            grew = user.grew  # taken before reading: a record written meanwhile sets it
-            try:
-                buffers, last = await self.offload.run(self.next_batch)
-            except Trimmed:
-                raise ProtocolError("the journal was trimmed below this replica; "
-                                    "reconnect for a snapshot") from None
-            except JournalCorrupt as exc:
-                raise ProtocolError(f"journal of {user.name}: {exc}") from None
-            if buffers:
-                await self.link.send_encoded(buffers, last)
-                user.head = max(user.head, last)
-                last_send = trio.current_time()
-                continue
-            if trio.current_time() - last_send >= IDLE_HEAD:
-                await self.link.send([Frame(HEAD, max(user.head, downstream.sent_seq))])
-                last_send = trio.current_time()
-            # A held-back record goes after HOLD_BACK; otherwise sleep until the journal
-            # grows or the next HEAD is due.
-            idle = IDLE_HEAD - (trio.current_time() - last_send)
-            with trio.move_on_after(HOLD_BACK if self.pending and not self.waiting
-                                    else EXTENT_RETRY if self.waiting else max(idle, 0.0)):
-                await grew.wait()
+        async with send:
+            while True:
+                grew = user.grew  # taken before reading: a record written meanwhile sets it
+                try:
+                    buffers, last = await self.offload.run(self.next_batch)
+                except Trimmed:
+                    raise ProtocolError("the journal was trimmed below this replica; "
+                                        "reconnect for a snapshot") from None
+                except JournalCorrupt as exc:
+                    raise ProtocolError(f"journal of {user.name}: {exc}") from None
+                if buffers:
+                    await send.send((buffers, last))
+                    last_send = trio.current_time()
+                    continue
+                if trio.current_time() - last_send >= IDLE_HEAD:
+                    head = Frame(HEAD, max(user.head, downstream.sent_seq))
+                    await send.send(([head.encode(self.link.key)], head.seq))
+                    last_send = trio.current_time()
+                # A held-back record goes after HOLD_BACK; otherwise sleep until the
+                # journal grows or the next HEAD is due.
+                idle = IDLE_HEAD - (trio.current_time() - last_send)
+                with trio.move_on_after(HOLD_BACK if self.pending and not self.waiting
+                                        else EXTENT_RETRY if self.waiting else max(idle, 0.0)):
+                    await grew.wait()
 
     def next_batch(self) -> tuple[list[bytes | bytearray], int]:
         """The next frames to send, encoded, and the last seq they carry (a worker thread)."""

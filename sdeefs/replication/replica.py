@@ -53,8 +53,9 @@ fsynced: it survives a ``kill -9`` of the daemon, not a power loss)::
     crc32     u32  of the fields before
 
 Before the first record after a sync point ``durable`` says *dirty*; every few seconds
-the filesystem is ``syncfs``-ed and ``durable`` says *clean at seq N*.  On start: the
-same boot → trust ``position`` (re-apply the in-flight record, idempotently: renames
+the filesystem is ``syncfs``-ed and ``durable`` says *clean at seq N* (every 30 s only
+while the copy is far behind its upstream: a cold stream, ``Follower._sync_periodically``).
+On start: the same boot → trust ``position`` (re-apply the in-flight record, idempotently: renames
 compare the replica's own inode number, saved in ``position`` before the rename);
 another boot → trust ``durable`` if clean, otherwise start over (a full, verified
 resync).  A snapshot is staged in ``incoming/`` and swapped in only once verified
@@ -129,6 +130,8 @@ CRC = struct.Struct("<I")  # the last field of POSITION and DURABLE
 SNAPSHOT_MARK = (1 << 64) - 1  # in-flight "seq": a snapshot was being swapped in
 IN_FLIGHT_BYTES = 8 << 20  # payload received and not yet applied (a replica's memory bound)
 SYNC_INTERVAL = 2.0  # seconds between syncs of a replica being fed (then ``durable`` is clean)
+SYNC_LAG = 4096  # records behind its upstream: a copy this far behind syncs less often
+SYNC_INTERVAL_BEHIND = 30.0  # seconds between its syncs then (``Follower._sync_periodically``)
 APPLY_BATCH_FRAMES = 512  # frames applied in one worker-thread call at most
 MAX_SKIPPED = 16  # skipped records kept in ``skipped`` (the first ones: the count goes on)
 
@@ -715,6 +718,16 @@ class Follower:
                 last = now
 
     async def _sync_periodically(self) -> None:
+        """Sync every SYNC_INTERVAL; a copy more than SYNC_LAG records behind its upstream
+        (a cold stream) only every SYNC_INTERVAL_BEHIND: each ``syncfs`` waits for the
+        writeback of everything written since, under the lock the applier needs, and a
+        copy that far behind gains little from being clean at a point no job waits for
+        (after a power loss it starts over, as a copy that was never synced does)."""
+        last = trio.current_time()
         while True:
             await trio.sleep(SYNC_INTERVAL)
+            if self.stats.head - self.replica.applied > SYNC_LAG \
+                    and trio.current_time() - last < SYNC_INTERVAL_BEHIND:
+                continue
             await self.offload.run(self.replica.locked, self.replica.sync)
+            last = trio.current_time()
