@@ -5,13 +5,13 @@ some ten records per file (``Mknod``, ``Write`` chunks, ``Setattr``; their marke
 off the wire).  Applied one by one (``sdeefs.apply.apply_record``) each record resolves
 its path from the layer root again (``openat2`` of the parent, an ``lstat``, an
 ``open`` of the file) and the replica rewrites its ``position`` after each: some 15
-syscalls a record.  A :class:`BatchApplier` lives for one batch of frames
-(``replica._apply_batch``, at most APPLY_BATCH_FRAMES) and applies the records that
-build a tree with what the batch already resolved:
+syscalls a record.  A :class:`BatchApplier` (one per replica, used by each batch of frames:
+``replica._apply_batch``) applies the records that build a tree with what it already
+resolved:
 
 * directories it resolved (``LayerRoot.open_dir``: ``openat2`` beneath the layer root,
-  no symlink followed) are kept open by path, so a file's parent is resolved once per
-  batch, not once per record;
+  no symlink followed) are kept open by path (at most MAX_DIRS), so a file's parent is
+  resolved once, not once per record, until a record it does not take comes;
 * a regular file it created (``Mknod``, ``O_CREAT|O_EXCL``) or opened for a ``Write``
   stays open while the next records are about the same path: its data goes with
   ``pwrite`` on that fd, its ``Setattr`` with ``ftruncate``/``fchown``/``fchmod``/
@@ -25,8 +25,9 @@ is missing or set a file's data or attributes, never one that removes or moves a
 entry.  So a ``kill -9`` in the middle of a batch, whose position still says where the
 batch began, re-applies the run and converges (``tests/replication``).  Before any
 other record (Rename, Unlink, Rmdir, Link ...) the batch writes the position it has
-reached, forgets every fd it holds (a rename may move what a cached path names) and
-the record goes the per-record way (``snapshot.apply_from_peer``), position and
+reached, the applier forgets every fd it holds (a rename may move what a cached path
+names; so does replacing the layer root: a snapshot, a reset) and the record goes the
+per-record way (``snapshot.apply_from_peer``), position and
 in-flight rename rules included.
 
 Nothing is trusted more than before: every record was decoded strictly and sanitized
@@ -34,13 +35,13 @@ at the door (``wire.decode_record_payload``) and is judged by ``sdeefs.replicabl
 exactly as on the per-record path; the same errors become the same ``Refused`` (skip)
 or ``ProtocolError`` (retry).  Directory fds come only from ``openat2`` with
 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS; names inside them are opened with O_NOFOLLOW.
-A cached directory cannot be replaced by a symlink while cached: only a REPLAYABLE
-record runs meanwhile, and none of them removes or renames an entry.
+A cached directory cannot be replaced by a symlink while cached: only REPLAYABLE
+records run meanwhile, none of them removes or renames an entry, and nothing else
+writes a replica's tree (jobs see it as a read-only lower layer).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -50,7 +51,7 @@ import attrs
 from .. import records as rec
 from ..layers import LayerRoot, split
 from ..replicable import UserIds, refusal
-from ..sysio import chmod_at
+from ..sysio import chmod_at, fd_path
 from .snapshot import TRANSIENT_ERRNOS, apply_from_peer
 from .wire import ProtocolError, Refused
 
@@ -58,7 +59,8 @@ from .wire import ProtocolError, Refused
 REPLAYABLE = (rec.Mkdir, rec.Mknod, rec.Symlink, rec.Write, rec.Setattr, rec.Setxattr,
               rec.Removexattr, rec.Create, rec.Done, rec.Sync, rec.Abort, rec.Begin,
               rec.Commit, rec.Void)
-MAX_DIRS = 256  # directory fds one batch keeps open at most
+MAX_DIRS = 256  # directory fds the applier keeps open at most
+MAX_FILES = 16  # files a batch keeps open at most
 
 
 @attrs.define(eq=False)
@@ -66,22 +68,30 @@ class BatchApplier:
     """Applies one batch's REPLAYABLE records into ``layers`` (see the module docstring).
 
     Attributes:
-        dirs: layer path of a directory -> an O_PATH fd of it, resolved in this batch.
-        file: (layer path, O_WRONLY fd) of the regular file the last records were about.
+        dirs: layer path of a directory -> an O_PATH fd of it, resolved before.
+        files: layer path -> O_WRONLY fd of the regular files the last records were about
+            (at most MAX_FILES, oldest first: a tool writes a file while it sets the
+            times of its directory, so records of several paths interleave).
         deferred: records were applied whose position is not written yet.
     """
 
     layers: LayerRoot
     ids: UserIds
     dirs: dict[bytes, int] = attrs.field(factory=dict)
-    file: tuple[bytes, int] | None = None
+    files: dict[bytes, int] = attrs.field(factory=dict)
     deferred: bool = False
 
+    def close_file(self) -> None:
+        """Close the files held (a batch ended: the next may be long in coming, and a
+        file held open for writing cannot be executed by a job: ETXTBSY)."""
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
     def close(self) -> None:
-        """Close every fd held (the batch ended, or a record that moves entries comes)."""
-        if self.file is not None:
-            os.close(self.file[1])
-            self.file = None
+        """Close every fd held (a record that moves or removes entries comes, or the
+        layer root is replaced)."""
+        self.close_file()
         for fd in self.dirs.values():
             os.close(fd)
         self.dirs.clear()
@@ -90,7 +100,6 @@ class BatchApplier:
         """Apply a REPLAYABLE record a peer sent, as ``apply_from_peer`` would."""
         if not isinstance(record, rec.Mknod | rec.Mkdir | rec.Write | rec.Setattr) \
                 or b"/" not in record.path:  # (the layer directories themselves)
-            self._drop_file(record)
             apply_from_peer(self.layers, record, data, what, self.ids)
             return
         reason = refusal(record, self.ids)
@@ -107,13 +116,14 @@ class BatchApplier:
                     fd = self._file(p)
                     if fd is not None:
                         os.pwrite(fd, data, offset)
-                case rec.Setattr(path=p) if self.file is not None and self.file[0] == p:
-                    _setattr_fd(self.file[1], record)
+                case rec.Setattr(path=p) if p in self.files:
+                    _setattr_fd(self.files[p], record)
+                case rec.Setattr(path=p) if p in self.dirs and not record.mask & rec.SET_SIZE:
+                    _setattr_dir(self.dirs[p], record)
                 case _:
-                    self._drop_file(record)
                     apply_from_peer(self.layers, record, data, what, self.ids)
         except OSError as exc:
-            self._drop_file(None)
+            self.close_file()
             if exc.errno in TRANSIENT_ERRNOS:
                 raise ProtocolError(f"{what} cannot be applied now: {exc}") from None
             raise Refused(f"{what} cannot be applied: {exc}") from None
@@ -137,24 +147,18 @@ class BatchApplier:
         head, name = split(path)
         return self._dir(head), name
 
-    def _drop_file(self, record: rec.Record | None) -> None:
-        """Forget the open file unless ``record`` is about it (by path)."""
-        if self.file is not None and (record is None or
-                                      getattr(record, "path", None) != self.file[0]):
-            os.close(self.file[1])
-            self.file = None
-
     def _hold(self, path: bytes, fd: int) -> None:
-        if self.file is not None:
-            os.close(self.file[1])
-        self.file = (path, fd)
+        if len(self.files) >= MAX_FILES:
+            oldest = next(iter(self.files))
+            os.close(self.files.pop(oldest))
+        self.files[path] = fd
 
     def _file(self, path: bytes) -> int | None:
         """The open fd of the regular file ``path``: the one held, or opened now.  None if
         there is no such file (a Write then has nothing to do, as ``apply_record`` says)."""
-        if self.file is not None and self.file[0] == path:
-            return self.file[1]
-        self._drop_file(None)
+        held = self.files.get(path)
+        if held is not None:
+            return held
         try:
             dir_fd, name = self._parent(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -184,7 +188,6 @@ class BatchApplier:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, perm, dir_fd=dir_fd)
         except FileExistsError:
-            self._drop_file(None)
             return  # already there (applied before a crash): as apply_record
         self._hold(path, fd)
         os.fchown(fd, uid, gid)
@@ -218,7 +221,19 @@ def _setattr_fd(fd: int, r: rec.Setattr) -> None:
         os.utime(fd, ns=times)
 
 
-def close_quietly(applier: BatchApplier | None) -> None:
-    if applier is not None:
-        with contextlib.suppress(OSError):
-            applier.close()
+def _setattr_dir(fd: int, r: rec.Setattr) -> None:
+    """``layers.apply_setattr`` on a directory held by an O_PATH fd (its /proc link: the
+    directory itself, never a symlink): owner, mode, times."""
+    target = fd_path(fd)
+    if r.mask & rec.SET_OWNER:
+        os.chown(target, r.uid, r.gid)
+    if r.mask & rec.SET_MODE:
+        os.chmod(target, r.mode)
+    if r.mask & (rec.SET_ATIME | rec.SET_MTIME):
+        if r.mask & rec.SET_ATIME and r.mask & rec.SET_MTIME:
+            times = (r.atime_ns, r.mtime_ns)
+        else:
+            st = os.stat(target)
+            times = (r.atime_ns if r.mask & rec.SET_ATIME else st.st_atime_ns,
+                     r.mtime_ns if r.mask & rec.SET_MTIME else st.st_mtime_ns)
+        os.utime(target, ns=times)

@@ -230,6 +230,7 @@ class Replica:
     _layers: LayerRoot | None = None
     _pos_fd: int = -1
     _staging: Staging | None = None
+    _batch: BatchApplier | None = None  # see ``batch_applier``
     _skipping: bool = False  # the record being applied (MORE chunks) was skipped
 
     root = property(lambda self: self.dirs.path)
@@ -251,6 +252,7 @@ class Replica:
         return replica
 
     def close(self) -> None:
+        self._forget_batch()
         if self._layers is not None:
             self._layers.close()
         if self._staging is not None:
@@ -371,6 +373,7 @@ class Replica:
                 with contextlib.suppress(OSError):
                     rmtree(trash)
             os.mkdir(path, 0o755)
+        self._forget_batch()
         if self._layers is not None:
             self._layers.close()
             self._layers = _open_layers(self.dirs)
@@ -420,7 +423,9 @@ class Replica:
                     batch.apply(record, data, f"record {frame.seq}")
                 else:
                     if batch is not None:
-                        self.end_batch(batch)
+                        self.end_batch(batch, forget=True)
+                    else:
+                        self._forget_batch()  # what it resolved may move now
                     if record.METADATA:
                         record = self._local_rename(frame.seq, record)
                     apply_from_peer(self._layers, record, data, f"record {frame.seq}",
@@ -437,9 +442,25 @@ class Replica:
             self._write_position()
         return True
 
-    def end_batch(self, batch: BatchApplier) -> None:
-        """Close what ``batch`` holds and write the position it deferred."""
-        batch.close()
+    def batch_applier(self) -> BatchApplier:
+        """The applier batches share (its directory fds outlive a batch)."""
+        if self._batch is None:
+            assert self._layers is not None
+            self._batch = BatchApplier(self._layers, self.ids)
+        return self._batch
+
+    def _forget_batch(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    def end_batch(self, batch: BatchApplier, forget: bool = False) -> None:
+        """Close the file ``batch`` holds (with ``forget``: every fd) and write the
+        position it deferred."""
+        if forget:
+            batch.close()
+        else:
+            batch.close_file()
         if batch.deferred:
             self._write_position()
             batch.deferred = False
@@ -500,6 +521,7 @@ class Replica:
             os.close(in_fd)
             os.close(root_fd)
         assert self._layers is not None
+        self._forget_batch()
         self._layers.close()
         self._layers = _open_layers(self.dirs)
         self.applied, self.pending, self._skipping = seq, 0, False
@@ -518,8 +540,7 @@ def _apply_batch(replica: Replica, batch: list[Frame]) -> tuple[int, list[Frame]
     applied: list[Frame] = []
     before, snapshotted = replica.applied, False
     with replica.lock:
-        assert replica._layers is not None
-        records = BatchApplier(replica._layers, replica.ids)
+        records = replica.batch_applier()
         try:
             for frame in batch:
                 if frame.type != RECORD:
@@ -528,10 +549,12 @@ def _apply_batch(replica: Replica, batch: list[Frame]) -> tuple[int, list[Frame]
                     before = replica.applied
                 replica.accept(frame, records)
                 applied.append(frame)
-            else:
-                return before, applied, snapshotted
-        finally:
-            replica.end_batch(records)
+        except BaseException:
+            replica.end_batch(records, forget=True)
+            raise
+        replica.end_batch(records)
+        if len(applied) == len(batch):
+            return before, applied, snapshotted
         for frame in batch[len(applied):]:
             if frame.type == RECORD:
                 if not applied:
@@ -669,7 +692,13 @@ class Follower:
                 while self._in_flight >= IN_FLIGHT_BYTES:
                     await self._drained.wait()
                 self._in_flight += len(frame.payload)
-                await send.send(frame)
+                try:
+                    # Without a checkpoint: every frame already read is handed over
+                    # before the applier runs, so it takes them as one batch (a file's
+                    # records together), not one or two frames per thread call.
+                    send.send_nowait(frame)
+                except trio.WouldBlock:
+                    await send.send(frame)
 
     async def _apply(self, receive: trio.MemoryReceiveChannel[Frame]) -> None:
         async with receive:

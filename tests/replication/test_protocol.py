@@ -1235,3 +1235,29 @@ def test_a_hostile_record_in_a_batch_is_refused_like_one_alone(tmp_path: Path) -
         replica.close()
     assert skipped[0] == skipped[1]
     assert {2, 3, 5, 6} <= {seq for seq, _ in skipped[1]}
+
+
+def test_directories_the_applier_keeps_open_are_forgotten_when_an_entry_moves(
+        tmp_path: Path) -> None:
+    """The batch applier keeps the directories it resolved open across batches; a rename
+    (or a snapshot, a reset) in between must not leave it writing into the old one."""
+    from sdeefs.replication.replica import _apply_batch
+
+    replica = Replica.open(str(tmp_path / USER), ALICE)
+    owner = ALICE_OWNER
+    batches: list[list[tuple[int, rec.Record, bytes | None]]] = [
+        [(1, rec.Mkdir(b"upper/d", 0o755, *owner), None),
+         (2, rec.Mknod(b"upper/d/f", stat.S_IFREG | 0o644, *owner), None)],
+        [(3, rec.Rename(b"upper/d", b"upper/e", 0, 0), None)],
+        [(4, rec.Mkdir(b"upper/d", 0o755, *owner), None),
+         (5, rec.Mknod(b"upper/d/g", stat.S_IFREG | 0o644, *owner), None),
+         (6, rec.Write(b"upper/d/g", b"", 0, 1), b"g")],
+    ]
+    for one in batches:
+        _apply_batch(replica, [f for seq, record, data in one
+                               for f in record_frames(seq, record, data)])
+    upper = tmp_path / USER / "upper"
+    assert sorted(os.listdir(upper / "e")) == ["f"]
+    assert sorted(os.listdir(upper / "d")) == ["g"]
+    assert (upper / "d" / "g").read_bytes() == b"g"
+    replica.close()
