@@ -17,6 +17,12 @@ login node for its head and wait until the replica holds it.
 * ``sdeefs-cold``: the node starts following only at job start and receives the whole
   history then (the worst case: no pre-streaming at all).
 
+* ``sdeefs-cold-base``: ``sdeefs-cold`` run by another release of sdeefs, for a before/after
+  comparison in one run (interleaved with the others, under the same load): set
+  ``SDEEFS_DEPLOY_BASELINE`` to a source tree of that release (``git archive`` of the
+  commit; its C extension copied in); its mount and both daemons import sdeefs from there
+  (``PYTHONPATH``).  Without the variable the method is not offered.
+
 Bytes sent: what the replica received (frames: headers, records, data, MACs).
 """
 
@@ -38,16 +44,21 @@ VENV_BIN = Path(sys.executable).parent
 
 
 class SdeefsMethod:
-    def __init__(self, prestream: bool) -> None:
+    def __init__(self, prestream: bool, baseline: str = "") -> None:
         self.prestream = prestream
-        self.port = PORT if prestream else PORT + 1  # both methods' daemons stay up
-        self.name = "sdeefs" if prestream else "sdeefs-cold"
+        self.baseline = baseline
+        # every method's daemons stay up: a port each
+        self.port = PORT if prestream else PORT + 1 if not baseline else PORT + 2
+        self.name = "sdeefs" if prestream else "sdeefs-cold" if not baseline \
+            else "sdeefs-cold-base"
+        self.env = {**os.environ, "PYTHONPATH": baseline} if baseline else None
         self.description = (
             "journaling passthrough mount + `sdeefs-replicad --origin` (login ns) → "
             "`sdeefs-replicad --replica-dir` (compute ns); timed: the prolog's `follow "
             "--wait` after the user changed the upper (rsync --inplace into the mount, "
             "untimed); " + ("replica following all along (pre-streamed)" if prestream
-                            else "replica starts following at job start (cold)"))
+                            else "replica starts following at job start (cold)")
+            + (f"; sdeefs imported from {baseline} (another release)" if baseline else ""))
         self.dest = ""
         self._net: Net | None = None
         self._work = Path()
@@ -93,7 +104,7 @@ class SdeefsMethod:
                     "--upstream", f"{self._net.login_addr}:{self.port}"]
         Path(self._control(side)).unlink(missing_ok=True)
         proc = self._net.spawn(side, argv, label=f"sdeefs-replicad {side}",  # type: ignore[arg-type]
-                               log_file=self._work / f"{side}.log")
+                               log_file=self._work / f"{side}.log", env=self.env)
         deadline = time.monotonic() + 10
         while not os.path.exists(self._control(side)):
             if not proc.alive() or time.monotonic() > deadline:
@@ -114,7 +125,7 @@ class SdeefsMethod:
         self._stop("replica")
         self._stop("origin")
         if os.path.ismount(self._mnt):
-            subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=True)
+            subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=True, env=self.env)
         shutil.rmtree(self._login_root, ignore_errors=True)
         shutil.rmtree(self._work / "replicas", ignore_errors=True)
         upper = self._login_root / USER / "upper"
@@ -122,7 +133,8 @@ class SdeefsMethod:
         for path in (upper, state / "work", self._mnt):
             path.mkdir(parents=True, exist_ok=True)
         subprocess.run([VENV_BIN / "sdeefs", "mount", "--passthrough-upper", "--upper", upper,
-                        "--state", state, "--no-writeback-cache", self._mnt], check=True)
+                        "--state", state, "--no-writeback-cache", self._mnt], check=True,
+                       env=self.env)
         self._origin = self._daemon("login")
         if self.prestream:
             self._replica = self._daemon("compute")
@@ -163,8 +175,11 @@ class SdeefsMethod:
         self._stop("replica")
         self._stop("origin")
         if os.path.ismount(self._mnt):
-            subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=False)
+            subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=False,
+                           env=self.env)
         shutil.rmtree(self._login_root, ignore_errors=True)
 
 
 METHODS: list[DeployMethod] = [SdeefsMethod(prestream=True), SdeefsMethod(prestream=False)]
+if os.environ.get("SDEEFS_DEPLOY_BASELINE"):
+    METHODS.append(SdeefsMethod(prestream=False, baseline=os.environ["SDEEFS_DEPLOY_BASELINE"]))

@@ -80,6 +80,7 @@ from .wire import (
     ProtocolError,
     answer_hello,
     encode_write_frames,
+    open_link_tasks,
     record_frames,
 )
 
@@ -90,6 +91,7 @@ POLL = 0.01  # seconds between looks at a journal for new records, where inotify
 JOURNAL_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE  # a segment grew or came
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MAX_PENDING = 4096  # journal entries read ahead of what was sent
+POLL_BYTES = 256 << 10  # journal bytes read per look (some 2,500 records)
 HEAD_READ_BYTES = 16 << 20  # journal bytes read per step while learning the head
 SNAPSHOT_ATTEMPTS = 5
 MAX_REFUSED = 16  # refused records an origin remembers per user
@@ -268,16 +270,22 @@ def merge_setattr(first: rec.Setattr, then: rec.Setattr) -> rec.Setattr | None:
                        pick(rec.SET_MTIME, "mtime_ns"))
 
 
-def without_aborted(entries: list[Entry]) -> list[Entry]:
-    """``entries`` with every aborted record, and every record of a voided capture batch,
-    replaced by a marker (nothing to apply)."""
-    aborted = {e.record.seq for e in entries if isinstance(e.record, rec.Abort)}
-    void = [(e.record.begin, e.record.end) for e in entries if isinstance(e.record, rec.Void)]
+def without_aborted(entries: list[Entry], new: list[Entry] | None = None) -> list[Entry]:
+    """``entries`` (then ``new``) with every aborted record, and every record of a voided
+    capture batch, replaced by a marker (nothing to apply).
+
+    With ``new`` only the Aborts and Voids in ``new`` are looked for: those in ``entries``
+    were applied when they were new (an Abort or a Void always follows what it names), so
+    a sender reading a long history costs the records it reads, not the square of them."""
+    fresh = entries if new is None else new
+    joined = entries if new is None else entries + new
+    aborted = {e.record.seq for e in fresh if isinstance(e.record, rec.Abort)}
+    void = [(e.record.begin, e.record.end) for e in fresh if isinstance(e.record, rec.Void)]
     if not aborted and not void:
-        return entries
+        return joined
     return [Entry(e.seq, rec.Sync(0))
             if e.seq in aborted or any(b <= e.seq <= end for b, end in void)
-            and not isinstance(e.record, rec.Void) else e for e in entries]
+            and not isinstance(e.record, rec.Void) else e for e in joined]
 
 
 def extent_blocks_ok(record: rec.Extent, data: bytes, later: list[rec.Record]) -> bool:
@@ -330,41 +338,58 @@ class JournalSender:
     waiting: bool = False  # an Extent's data changed since the capture read it
 
     async def run(self) -> None:
+        """Read and encode the next batch (a worker thread) while the one before it is
+        sent: a cold follower's stream is bound by the slower of the two, not their sum."""
+        send, receive = trio.open_memory_channel[tuple[list[bytes | bytearray], int]](1)
+        async with open_link_tasks() as nursery:
+            nursery.start_soon(self._send, receive)
+            await self._produce(send)
+
+    async def _send(self, receive: trio.MemoryReceiveChannel[
+            tuple[list[bytes | bytearray], int]]) -> None:
+        async with receive:
+            async for buffers, last in receive:
+                await self.link.send_encoded(buffers, last)
+                self.user.head = max(self.user.head, last)
+
+    async def _produce(self, send: trio.MemorySendChannel[
+            tuple[list[bytes | bytearray], int]]) -> None:
         user, downstream = self.user, self.link.downstream
         last_send = trio.current_time()
-        while True:
-            grew = user.grew  # taken before reading: a record written meanwhile sets it
-            try:
-                buffers, last = await self.offload.run(self.next_batch)
-            except Trimmed:
-                raise ProtocolError("the journal was trimmed below this replica; "
-                                    "reconnect for a snapshot") from None
-            except JournalCorrupt as exc:
-                raise ProtocolError(f"journal of {user.name}: {exc}") from None
-            if buffers:
-                await self.link.send_encoded(buffers, last)
-                user.head = max(user.head, last)
-                last_send = trio.current_time()
-                continue
-            if trio.current_time() - last_send >= IDLE_HEAD:
-                await self.link.send([Frame(HEAD, max(user.head, downstream.sent_seq))])
-                last_send = trio.current_time()
-            # A held-back record goes after HOLD_BACK; otherwise sleep until the journal
-            # grows or the next HEAD is due.
-            idle = IDLE_HEAD - (trio.current_time() - last_send)
-            with trio.move_on_after(HOLD_BACK if self.pending and not self.waiting
-                                    else EXTENT_RETRY if self.waiting else max(idle, 0.0)):
-                await grew.wait()
+        async with send:
+            while True:
+                grew = user.grew  # taken before reading: a record written meanwhile sets it
+                try:
+                    buffers, last = await self.offload.run(self.next_batch)
+                except Trimmed:
+                    raise ProtocolError("the journal was trimmed below this replica; "
+                                        "reconnect for a snapshot") from None
+                except JournalCorrupt as exc:
+                    raise ProtocolError(f"journal of {user.name}: {exc}") from None
+                if buffers:
+                    await send.send((buffers, last))
+                    last_send = trio.current_time()
+                    continue
+                if trio.current_time() - last_send >= IDLE_HEAD:
+                    head = Frame(HEAD, max(user.head, downstream.sent_seq))
+                    await send.send(([head.encode(self.link.key)], head.seq))
+                    last_send = trio.current_time()
+                # A held-back record goes after HOLD_BACK; otherwise sleep until the
+                # journal grows or the next HEAD is due.
+                idle = IDLE_HEAD - (trio.current_time() - last_send)
+                with trio.move_on_after(HOLD_BACK if self.pending and not self.waiting
+                                        else EXTENT_RETRY if self.waiting else max(idle, 0.0)):
+                    await grew.wait()
 
     def next_batch(self) -> tuple[list[bytes | bytearray], int]:
         """The next frames to send, encoded, and the last seq they carry (a worker thread)."""
-        # An open capture batch is read to its end whatever its size: nothing of it can
-        # go before its Commit (the capture bounds a batch: Config.batch_entries).
-        if len(self.pending) < MAX_PENDING or open_batch(self.pending) is not None:
-            new = self.tail.poll()
-            if new and not self.pending:
-                self.first_seen = time.monotonic()
-            self.pending = without_aborted(self.pending + new)
+        # At most about MAX_PENDING entries are held (each batch looks at all of them),
+        # but an open capture batch is read to its end whatever its size: nothing of it
+        # can go before its Commit (the capture bounds a batch: Config.batch_entries).
+        if len(self.pending) < MAX_PENDING:
+            self._take(self.tail.poll(POLL_BYTES))
+        while open_batch(self.pending) is not None and self._take(self.tail.poll(POLL_BYTES)):
+            pass
         pending = self.pending
         ready = settled(pending, self.first_seen)
         out: list[bytes | bytearray] = []
@@ -417,6 +442,13 @@ class JournalSender:
         if self.pending and taken:
             self.first_seen = time.monotonic()
         return out, last
+
+    def _take(self, new: list[Entry]) -> bool:
+        """Add entries just read to ``pending``; False if there were none."""
+        if new and not self.pending:
+            self.first_seen = time.monotonic()
+        self.pending = without_aborted(self.pending, new)
+        return bool(new)
 
     def _extent_data(self, record: rec.Extent, after: list[Entry]) -> tuple[bool, bytes | None]:
         """(may it be shipped now, the data of an Extent as read now: None if the file is

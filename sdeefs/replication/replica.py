@@ -53,8 +53,9 @@ fsynced: it survives a ``kill -9`` of the daemon, not a power loss)::
     crc32     u32  of the fields before
 
 Before the first record after a sync point ``durable`` says *dirty*; every few seconds
-the filesystem is ``syncfs``-ed and ``durable`` says *clean at seq N*.  On start: the
-same boot → trust ``position`` (re-apply the in-flight record, idempotently: renames
+the filesystem is ``syncfs``-ed and ``durable`` says *clean at seq N* (every 30 s only
+while the copy is far behind its upstream: a cold stream, ``Follower._sync_periodically``).
+On start: the same boot → trust ``position`` (re-apply the in-flight record, idempotently: renames
 compare the replica's own inode number, saved in ``position`` before the rename);
 another boot → trust ``durable`` if clean, otherwise start over (a full, verified
 resync).  A snapshot is staged in ``incoming/`` and swapped in only once verified
@@ -85,6 +86,7 @@ from ..replicable import NOBODY, UserIds
 from ..statedir import ReplicaDirs
 from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
 from ..trees import rmtree
+from .applier import REPLAYABLE, BatchApplier
 from .auth import HelloAuth
 from .snapshot import Staging, apply_from_peer
 from .wire import (
@@ -128,6 +130,8 @@ CRC = struct.Struct("<I")  # the last field of POSITION and DURABLE
 SNAPSHOT_MARK = (1 << 64) - 1  # in-flight "seq": a snapshot was being swapped in
 IN_FLIGHT_BYTES = 8 << 20  # payload received and not yet applied (a replica's memory bound)
 SYNC_INTERVAL = 2.0  # seconds between syncs of a replica being fed (then ``durable`` is clean)
+SYNC_LAG = 4096  # records behind its upstream: a copy this far behind syncs less often
+SYNC_INTERVAL_BEHIND = 30.0  # seconds between its syncs then (``Follower._sync_periodically``)
 APPLY_BATCH_FRAMES = 512  # frames applied in one worker-thread call at most
 MAX_SKIPPED = 16  # skipped records kept in ``skipped`` (the first ones: the count goes on)
 
@@ -226,6 +230,7 @@ class Replica:
     _layers: LayerRoot | None = None
     _pos_fd: int = -1
     _staging: Staging | None = None
+    _batch: BatchApplier | None = None  # see ``batch_applier``
     _skipping: bool = False  # the record being applied (MORE chunks) was skipped
 
     root = property(lambda self: self.dirs.path)
@@ -247,6 +252,7 @@ class Replica:
         return replica
 
     def close(self) -> None:
+        self._forget_batch()
         if self._layers is not None:
             self._layers.close()
         if self._staging is not None:
@@ -367,6 +373,7 @@ class Replica:
                 with contextlib.suppress(OSError):
                     rmtree(trash)
             os.mkdir(path, 0o755)
+        self._forget_batch()
         if self._layers is not None:
             self._layers.close()
             self._layers = _open_layers(self.dirs)
@@ -390,8 +397,12 @@ class Replica:
 
     # -- applying records -----------------------------------------------------------------
 
-    def accept(self, frame: Frame) -> bool:
-        """Apply one RECORD frame; True when its seq is complete (then ACK it)."""
+    def accept(self, frame: Frame, batch: BatchApplier | None = None) -> bool:
+        """Apply one RECORD frame; True when its seq is complete (then ACK it).
+
+        With ``batch`` (``_apply_batch``): a REPLAYABLE record goes through it and the
+        position is written by :meth:`end_batch`; any other record first ends what the
+        batch deferred, then goes the per-record way (``sdeefs.replication.applier``)."""
         if frame.type != RECORD:
             raise ProtocolError(f"unexpected frame type {frame.type}")
         if self.pending:
@@ -407,9 +418,18 @@ class Replica:
         if not skipping:
             try:
                 record, data = decode_record_payload(frame.payload)
-                if record.METADATA:
-                    record = self._local_rename(frame.seq, record)
-                apply_from_peer(self._layers, record, data, f"record {frame.seq}", self.ids)
+                if batch is not None and isinstance(record, REPLAYABLE):
+                    batch.deferred = True
+                    batch.apply(record, data, f"record {frame.seq}")
+                else:
+                    if batch is not None:
+                        self.end_batch(batch, forget=True)
+                    else:
+                        self._forget_batch()  # what it resolved may move now
+                    if record.METADATA:
+                        record = self._local_rename(frame.seq, record)
+                    apply_from_peer(self._layers, record, data, f"record {frame.seq}",
+                                    self.ids)
             except Refused as exc:  # the user's problem: skip it, say so, go on
                 self._skip(frame.seq, str(exc))
                 skipping = True
@@ -418,8 +438,32 @@ class Replica:
             return False
         self.pending, self._skipping = 0, False
         self.applied = frame.seq
-        self._write_position()
+        if batch is None or not batch.deferred:
+            self._write_position()
         return True
+
+    def batch_applier(self) -> BatchApplier:
+        """The applier batches share (its directory fds outlive a batch)."""
+        if self._batch is None:
+            assert self._layers is not None
+            self._batch = BatchApplier(self._layers, self.ids)
+        return self._batch
+
+    def _forget_batch(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+
+    def end_batch(self, batch: BatchApplier, forget: bool = False) -> None:
+        """Close the file ``batch`` holds (with ``forget``: every fd) and write the
+        position it deferred."""
+        if forget:
+            batch.close()
+        else:
+            batch.close_file()
+        if batch.deferred:
+            self._write_position()
+            batch.deferred = False
 
     def _local_rename(self, seq: int, record: rec.Record) -> rec.Record:
         """Note the in-flight record (and, for a rename, the source's inode *here*).
@@ -477,6 +521,7 @@ class Replica:
             os.close(in_fd)
             os.close(root_fd)
         assert self._layers is not None
+        self._forget_batch()
         self._layers.close()
         self._layers = _open_layers(self.dirs)
         self.applied, self.pending, self._skipping = seq, 0, False
@@ -495,7 +540,22 @@ def _apply_batch(replica: Replica, batch: list[Frame]) -> tuple[int, list[Frame]
     applied: list[Frame] = []
     before, snapshotted = replica.applied, False
     with replica.lock:
-        for frame in batch:
+        records = replica.batch_applier()
+        try:
+            for frame in batch:
+                if frame.type != RECORD:
+                    break
+                if not applied:
+                    before = replica.applied
+                replica.accept(frame, records)
+                applied.append(frame)
+        except BaseException:
+            replica.end_batch(records, forget=True)
+            raise
+        replica.end_batch(records)
+        if len(applied) == len(batch):
+            return before, applied, snapshotted
+        for frame in batch[len(applied):]:
             if frame.type == RECORD:
                 if not applied:
                     before = replica.applied
@@ -632,7 +692,13 @@ class Follower:
                 while self._in_flight >= IN_FLIGHT_BYTES:
                     await self._drained.wait()
                 self._in_flight += len(frame.payload)
-                await send.send(frame)
+                try:
+                    # Without a checkpoint: every frame already read is handed over
+                    # before the applier runs, so it takes them as one batch (a file's
+                    # records together), not one or two frames per thread call.
+                    send.send_nowait(frame)
+                except trio.WouldBlock:
+                    await send.send(frame)
 
     async def _apply(self, receive: trio.MemoryReceiveChannel[Frame]) -> None:
         async with receive:
@@ -681,6 +747,16 @@ class Follower:
                 last = now
 
     async def _sync_periodically(self) -> None:
+        """Sync every SYNC_INTERVAL; a copy more than SYNC_LAG records behind its upstream
+        (a cold stream) only every SYNC_INTERVAL_BEHIND: each ``syncfs`` waits for the
+        writeback of everything written since, under the lock the applier needs, and a
+        copy that far behind gains little from being clean at a point no job waits for
+        (after a power loss it starts over, as a copy that was never synced does)."""
+        last = trio.current_time()
         while True:
             await trio.sleep(SYNC_INTERVAL)
+            if self.stats.head - self.replica.applied > SYNC_LAG \
+                    and trio.current_time() - last < SYNC_INTERVAL_BEHIND:
+                continue
             await self.offload.run(self.replica.locked, self.replica.sync)
+            last = trio.current_time()

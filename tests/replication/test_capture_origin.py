@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -235,3 +236,53 @@ def test_an_extent_whose_block_changed_waits_for_a_later_extent() -> None:
     assert not extent_blocks_ok(extent, new, [other])
     shrunk = rec.Extent(b"upper/f", b"h", 0, 0, block, b"")
     assert extent_blocks_ok(extent, old[:block], [shrunk])  # the file ends before the block
+
+
+def test_a_sender_reading_a_long_history_holds_a_bounded_window(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold follower of a long history (a pip install: tens of thousands of records)
+    is served from a window of about MAX_PENDING entries: every batch looks at what is
+    held, so holding the whole history made a cold stream cost its square.  Every
+    record still travels, in order, markers left out."""
+    from sdeefs.journal import JournalTail
+    from sdeefs.offload import Offload
+    from sdeefs.replication import origin
+    from sdeefs.replication.origin import MAX_PENDING, JournalSender, OriginUser
+    from sdeefs.replication.relay import Downstream, DownstreamLink, Downstreams
+    from sdeefs.replication.wire import FRAME_HEADER, MAC_SIZE, decode_record_payload
+    from sdeefs.statedir import UserDirs
+
+    dirs = UserDirs.of(str(tmp_path), "alice")
+    journal = Journal.open(str(dirs.state.journal))
+    files = 12_000
+    for i in range(files):
+        seq = journal.append(rec.Mknod(b"upper/f%d" % i, stat.S_IFREG | 0o644, 1000, 1000))
+        journal.append(rec.Done(seq))
+    journal.close()
+    user = OriginUser("alice", dirs, Downstreams(4))
+    link = DownstreamLink(None, None, b"k" * 32, Downstream("n1", "alice"),  # type: ignore[arg-type]
+                          Offload())
+    sender = JournalSender(link, user, JournalTail(str(dirs.state.journal), 1),
+                           None, Offload())  # type: ignore[arg-type]
+    made: list[bytes] = []
+    looked_at: list[int] = []
+
+    def settled(pending: list[Entry], first_seen: float) -> int:
+        looked_at.append(len(pending))
+        return original(pending, first_seen)
+
+    original = origin.settled
+    monkeypatch.setattr(origin, "settled", settled)
+    deadline = time.monotonic() + 60
+    while len(made) < files and time.monotonic() < deadline:
+        out, _ = sender.next_batch()
+        for buf in out:
+            record, _ = decode_record_payload(bytes(buf[FRAME_HEADER.size:-MAC_SIZE]))
+            if not isinstance(record, rec.Done):  # a batch may end on a marker
+                assert isinstance(record, rec.Mknod)
+                made.append(record.path)
+        if not out:
+            time.sleep(0.06)  # the last record waits HOLD_BACK for a possible Abort
+    assert made == [b"upper/f%d" % i for i in range(files)]
+    # what each batch looked at (it scans it whole): the whole history before, 24,000
+    assert max(looked_at) <= 2 * MAX_PENDING

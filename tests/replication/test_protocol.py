@@ -1064,3 +1064,200 @@ async def test_a_create_applies_as_the_records_it_means(tmp_path: Path) -> None:
     assert os.getxattr(upper / "a", "user.b") == b"two"
     assert os.getxattr(upper / "sel", "user.ok") == b"1"
     assert (upper / "a").stat().st_mtime_ns == creates[0].mtime_ns
+
+
+def _mixed_history() -> list[tuple[int, rec.Record, bytes | None]]:
+    """A history of new files (the bulk of a cold stream) with renames, removals and a
+    truncation among them: runs the batch applier takes, and records it must not."""
+    owner = ALICE_OWNER
+    big = os.urandom(CHUNK + 5)
+    records: list[rec.Record | tuple[rec.Record, bytes]] = [
+        rec.Mkdir(b"upper/d", 0o755, *owner),
+        rec.Mknod(b"upper/d/f", stat.S_IFREG | 0o600, *owner),
+        (rec.Write(b"upper/d/f", b"", 0, len(big)), big),
+        rec.Setattr(b"upper/d/f", rec.SET_MODE | rec.SET_OWNER | rec.SET_ATIME | rec.SET_MTIME,
+                    0o750, *owner, 0, 10**18, 2 * 10**18),
+        rec.Mknod(b"upper/d/g", stat.S_IFREG | 0o644, *owner),
+        (rec.Write(b"upper/d/g", b"", 0, 10), b"0123456789"),
+        rec.Setattr(b"upper/d/g", rec.SET_SIZE, size=3),
+        rec.Setxattr(b"upper/d/g", b"user.note", b"v"),
+        rec.Setattr(b"upper/d/g", rec.SET_MTIME, mtime_ns=3 * 10**18),
+        rec.Rename(b"upper/d/g", b"upper/d/h", 0, 0),
+        rec.Mknod(b"upper/d/g", stat.S_IFREG | 0o644, *owner),  # a new g, after the move
+        (rec.Write(b"upper/d/g", b"", 0, 3), b"new"),
+        rec.Mkdir(b"upper/d/e", 0o700, *owner),
+        rec.Symlink(b"upper/d/e/l", b"../h", *owner),
+        rec.Mknod(b"upper/d/e/fifo", stat.S_IFIFO | 0o600, *owner),
+        (rec.Write(b"upper/d/e/fifo", b"", 0, 1), b"x"),  # a fifo is no file to write
+        rec.Unlink(b"upper/d/f"),
+        rec.Mknod(b"upper/d/f", stat.S_IFREG | 0o640, *owner),
+        (rec.Write(b"upper/d/f", b"", 5, 2), b"hi"),  # a hole, then data
+        (rec.Write(b"upper/gone/x", b"", 0, 1), b"x"),  # its file is gone: nothing to do
+        rec.Setattr(b"upper/d", rec.SET_ATIME | rec.SET_MTIME, 0, 0, 0, 0, 10**18, 10**18),
+    ]
+    out = []
+    for seq, item in enumerate(records, 1):
+        record, data = item if isinstance(item, tuple) else (item, None)
+        out.append((seq, record, data))
+    return out
+
+
+def _tree_state(upper: Path) -> list[tuple[object, ...]]:
+    """Every entry as a replica must reproduce it, and the mtime the history set (d/h's:
+    the others are when the entry was made)."""
+    state: list[tuple[object, ...]] = []
+    for path in sorted(upper.rglob("*")):
+        st = path.lstat()
+        content = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        xattrs = {} if path.is_symlink() else {
+            n: os.getxattr(path, n) for n in os.listxattr(path)}
+        state.append((str(path.relative_to(upper)), st.st_mode, st.st_uid, st.st_gid,
+                      st.st_size, content, xattrs,
+                      st.st_mtime_ns if path.name == "h" else None))
+    return state
+
+
+def test_a_batch_applies_as_record_by_record_and_writes_its_position_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch applier (a cold stream's bulk) leaves the tree applying one record at a
+    time leaves, and rewrites ``position`` per batch and before each record it does not
+    take (here: the rename, the unlink), not after every record."""
+    from sdeefs.replication.replica import _apply_batch
+
+    history = _mixed_history()
+    one_by_one = Replica.open(str(tmp_path / "one" / USER), ALICE)
+    _accept_all(one_by_one, history)
+    frames = [f for seq, record, data in history for f in record_frames(seq, record, data)]
+    batched = Replica.open(str(tmp_path / "batch" / USER), ALICE)
+    writes: list[int] = []
+    original = Replica._write_position
+
+    def counted(self: Replica, inflight: int = 0, inflight_ino: int = 0) -> None:
+        writes.append(self.applied)
+        original(self, inflight, inflight_ino)
+
+    monkeypatch.setattr(Replica, "_write_position", counted)
+    before, applied, _ = _apply_batch(batched, frames)
+    assert (before, len(applied)) == (0, len(frames))
+    assert batched.applied == one_by_one.applied == len(history)
+    assert one_by_one.skipped.count == batched.skipped.count == 0
+    assert _tree_state(tmp_path / "batch" / USER / "upper") == \
+        _tree_state(tmp_path / "one" / USER / "upper")
+    # for the rename: the batch's position before it, in flight, done; the same for the
+    # unlink; once at the end of the batch: 7 (one per record, 21, before).
+    assert len(writes) == 7
+    one_by_one.close()
+    batched.close()
+
+
+@pytest.mark.parametrize("dies_at", range(1, 21))  # each record the batch takes
+def test_a_kill_in_the_middle_of_a_batch_converges_when_it_is_delivered_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_at: int) -> None:
+    """kill -9 while a batch is applied: ``position`` says where the batch began (or the
+    last record it did not take); the stream delivers the rest again and the copy ends
+    exactly as if nothing had happened (the REPLAYABLE rule of ``applier``)."""
+    from sdeefs.replication.applier import BatchApplier
+    from sdeefs.replication.replica import _apply_batch
+
+    history = _mixed_history()
+    reference = Replica.open(str(tmp_path / "ref" / USER), ALICE)
+    _accept_all(reference, history)
+    reference.close()
+    frames = [f for seq, record, data in history for f in record_frames(seq, record, data)]
+    replica = Replica.open(str(tmp_path / "n1" / USER), ALICE)
+    calls: list[int] = []
+    original_apply, original_position = BatchApplier.apply, Replica._write_position
+
+    def apply(self: BatchApplier, record: rec.Record, data: bytes, what: str) -> None:
+        calls.append(1)
+        original_apply(self, record, data, what)
+        if len(calls) == dies_at:
+            raise KeyboardInterrupt  # SIGKILL: nothing after this runs, nothing is written
+
+    def position(self: Replica, inflight: int = 0, inflight_ino: int = 0) -> None:
+        if len(calls) < dies_at:
+            original_position(self, inflight, inflight_ino)
+
+    monkeypatch.setattr(BatchApplier, "apply", apply)
+    monkeypatch.setattr(Replica, "_write_position", position)
+    with pytest.raises(KeyboardInterrupt):
+        _apply_batch(replica, frames)
+    monkeypatch.undo()
+    replica = Replica.open(str(tmp_path / "n1" / USER), ALICE)  # the same boot
+    resumed = replica.applied
+    assert resumed < len(history)
+    again = [f for f in frames if f.seq > resumed]
+    _apply_batch(replica, again)
+    assert replica.applied == len(history)
+    assert replica.skipped.count == 0
+    assert _tree_state(tmp_path / "n1" / USER / "upper") == \
+        _tree_state(tmp_path / "ref" / USER / "upper")
+    replica.close()
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+def test_a_hostile_record_in_a_batch_is_refused_like_one_alone(tmp_path: Path) -> None:
+    """The batch applier judges every record by ``sdeefs.replicable`` as the per-record
+    path does: a foreign owner, a host-root capability and a path through a planted
+    symlink are skipped with one error each, nothing outside the copy is touched, and
+    the records around them are applied."""
+    from sdeefs.replication.replica import _apply_batch
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    v2_cap = struct.pack("<IIIII", 0x02000001, 0x2000, 0, 0, 0)  # cap_net_raw, host root's
+    history: list[tuple[int, rec.Record, bytes | None]] = [
+        (1, rec.Mknod(b"upper/ok", stat.S_IFREG | 0o644, *ALICE_OWNER), None),
+        (2, rec.Mknod(b"upper/root-owned", stat.S_IFREG | 0o4755, 0, 0), None),
+        (3, rec.Mknod(b"upper/link/escaped", stat.S_IFREG | 0o644, *ALICE_OWNER), None),
+        (4, rec.Write(b"upper/link/escaped", b"", 0, 4), b"evil"),
+        (5, rec.Setxattr(b"upper/ok", b"security.capability", v2_cap), None),
+        (6, rec.Setattr(b"upper/ok", rec.SET_OWNER, uid=0, gid=0), None),
+        (7, rec.Write(b"upper/ok", b"", 0, 2), b"ok"),
+    ]
+    skipped = []
+    for how in ("one", "batch"):
+        replica = Replica.open(str(tmp_path / how / USER), ALICE)
+        os.symlink(outside, tmp_path / how / USER / "upper" / "link")
+        if how == "one":
+            _accept_all(replica, history)
+        else:
+            _apply_batch(replica, [f for seq, record, data in history
+                                   for f in record_frames(seq, record, data)])
+        assert replica.applied == 7
+        skipped.append([(r.seq, r.reason) for r in replica.skipped.records])
+        assert os.listdir(outside) == []
+        ok = tmp_path / how / USER / "upper" / "ok"
+        assert ok.read_bytes() == b"ok"
+        assert (ok.stat().st_uid, ok.stat().st_gid) == ALICE_OWNER
+        assert os.listxattr(ok) == []
+        assert not (tmp_path / how / USER / "upper" / "root-owned").exists()
+        replica.close()
+    assert skipped[0] == skipped[1]
+    assert {2, 3, 5, 6} <= {seq for seq, _ in skipped[1]}
+
+
+def test_directories_the_applier_keeps_open_are_forgotten_when_an_entry_moves(
+        tmp_path: Path) -> None:
+    """The batch applier keeps the directories it resolved open across batches; a rename
+    (or a snapshot, a reset) in between must not leave it writing into the old one."""
+    from sdeefs.replication.replica import _apply_batch
+
+    replica = Replica.open(str(tmp_path / USER), ALICE)
+    owner = ALICE_OWNER
+    batches: list[list[tuple[int, rec.Record, bytes | None]]] = [
+        [(1, rec.Mkdir(b"upper/d", 0o755, *owner), None),
+         (2, rec.Mknod(b"upper/d/f", stat.S_IFREG | 0o644, *owner), None)],
+        [(3, rec.Rename(b"upper/d", b"upper/e", 0, 0), None)],
+        [(4, rec.Mkdir(b"upper/d", 0o755, *owner), None),
+         (5, rec.Mknod(b"upper/d/g", stat.S_IFREG | 0o644, *owner), None),
+         (6, rec.Write(b"upper/d/g", b"", 0, 1), b"g")],
+    ]
+    for one in batches:
+        _apply_batch(replica, [f for seq, record, data in one
+                               for f in record_frames(seq, record, data)])
+    upper = tmp_path / USER / "upper"
+    assert sorted(os.listdir(upper / "e")) == ["f"]
+    assert sorted(os.listdir(upper / "d")) == ["g"]
+    assert (upper / "d" / "g").read_bytes() == b"g"
+    replica.close()

@@ -1,0 +1,239 @@
+"""Applying a run of records on a replica off the per-record path (a cold stream's bulk).
+
+A node that starts following late receives the user's whole history: for an install,
+some ten records per file (``Mknod``, ``Write`` chunks, ``Setattr``; their markers stay
+off the wire).  Applied one by one (``sdeefs.apply.apply_record``) each record resolves
+its path from the layer root again (``openat2`` of the parent, an ``lstat``, an
+``open`` of the file) and the replica rewrites its ``position`` after each: some 15
+syscalls a record.  A :class:`BatchApplier` (one per replica, used by each batch of frames:
+``replica._apply_batch``) applies the records that build a tree with what it already
+resolved:
+
+* directories it resolved (``LayerRoot.open_dir``: ``openat2`` beneath the layer root,
+  no symlink followed) are kept open by path (at most MAX_DIRS), so a file's parent is
+  resolved once, not once per record, until a record it does not take comes;
+* a regular file it created (``Mknod``, ``O_CREAT|O_EXCL``) or opened for a ``Write``
+  stays open while the next records are about the same path: its data goes with
+  ``pwrite`` on that fd, its ``Setattr`` with ``ftruncate``/``fchown``/``fchmod``/
+  ``futimens``; the fd is the file's inode, so nothing is looked up again;
+* the replica's ``position`` is written once per batch instead of once per record
+  (:attr:`deferred`).
+
+What may be applied so (:data:`REPLAYABLE`) is what re-applying from any earlier
+point of the run leaves as applying once did: records that create an entry when it
+is missing or set a file's data or attributes, never one that removes or moves an
+entry.  So a ``kill -9`` in the middle of a batch, whose position still says where the
+batch began, re-applies the run and converges (``tests/replication``).  Before any
+other record (Rename, Unlink, Rmdir, Link ...) the batch writes the position it has
+reached, the applier forgets every fd it holds (a rename may move what a cached path
+names; so does replacing the layer root: a snapshot, a reset) and the record goes the
+per-record way (``snapshot.apply_from_peer``), position and
+in-flight rename rules included.
+
+Nothing is trusted more than before: every record was decoded strictly and sanitized
+at the door (``wire.decode_record_payload``) and is judged by ``sdeefs.replicable``
+exactly as on the per-record path; the same errors become the same ``Refused`` (skip)
+or ``ProtocolError`` (retry).  Directory fds come only from ``openat2`` with
+RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS; names inside them are opened with O_NOFOLLOW.
+A cached directory cannot be replaced by a symlink while cached: only REPLAYABLE
+records run meanwhile, none of them removes or renames an entry, and nothing else
+writes a replica's tree (jobs see it as a read-only lower layer).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import attrs
+
+from .. import records as rec
+from ..layers import LayerRoot, split
+from ..replicable import UserIds, refusal
+from ..sysio import chmod_at, fd_path
+from .snapshot import TRANSIENT_ERRNOS, apply_from_peer
+from .wire import ProtocolError, Refused
+
+# Records whose re-application from an earlier point of a run converges (module docstring).
+REPLAYABLE = (rec.Mkdir, rec.Mknod, rec.Symlink, rec.Write, rec.Setattr, rec.Setxattr,
+              rec.Removexattr, rec.Create, rec.Done, rec.Sync, rec.Abort, rec.Begin,
+              rec.Commit, rec.Void)
+MAX_DIRS = 256  # directory fds the applier keeps open at most
+MAX_FILES = 16  # files a batch keeps open at most
+
+
+@attrs.define(eq=False)
+class BatchApplier:
+    """Applies one batch's REPLAYABLE records into ``layers`` (see the module docstring).
+
+    Attributes:
+        dirs: layer path of a directory -> an O_PATH fd of it, resolved before.
+        files: layer path -> O_WRONLY fd of the regular files the last records were about
+            (at most MAX_FILES, oldest first: a tool writes a file while it sets the
+            times of its directory, so records of several paths interleave).
+        deferred: records were applied whose position is not written yet.
+    """
+
+    layers: LayerRoot
+    ids: UserIds
+    dirs: dict[bytes, int] = attrs.field(factory=dict)
+    files: dict[bytes, int] = attrs.field(factory=dict)
+    deferred: bool = False
+
+    def close_file(self) -> None:
+        """Close the files held (a batch ended: the next may be long in coming, and a
+        file held open for writing cannot be executed by a job: ETXTBSY)."""
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+    def close(self) -> None:
+        """Close every fd held (a record that moves or removes entries comes, or the
+        layer root is replaced)."""
+        self.close_file()
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs.clear()
+
+    def apply(self, record: rec.Record, data: bytes, what: str) -> None:
+        """Apply a REPLAYABLE record a peer sent, as ``apply_from_peer`` would."""
+        if not isinstance(record, rec.Mknod | rec.Mkdir | rec.Write | rec.Setattr) \
+                or b"/" not in record.path:  # (the layer directories themselves)
+            apply_from_peer(self.layers, record, data, what, self.ids)
+            return
+        reason = refusal(record, self.ids)
+        if reason is not None:
+            raise Refused(f"{what} refused: {reason}")
+        try:
+            match record:
+                case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid) \
+                        if stat.S_ISREG(mode):
+                    self._mknod(p, mode, uid, gid)
+                case rec.Mkdir(path=p, mode=mode, uid=uid, gid=gid):
+                    self._mkdir(p, mode, uid, gid)
+                case rec.Write(path=p, offset=offset):
+                    fd = self._file(p)
+                    if fd is not None:
+                        os.pwrite(fd, data, offset)
+                case rec.Setattr(path=p) if p in self.files:
+                    _setattr_fd(self.files[p], record)
+                case rec.Setattr(path=p) if p in self.dirs and not record.mask & rec.SET_SIZE:
+                    _setattr_dir(self.dirs[p], record)
+                case _:
+                    apply_from_peer(self.layers, record, data, what, self.ids)
+        except OSError as exc:
+            self.close_file()
+            if exc.errno in TRANSIENT_ERRNOS:
+                raise ProtocolError(f"{what} cannot be applied now: {exc}") from None
+            raise Refused(f"{what} cannot be applied: {exc}") from None
+
+    # -- the cached resolution -------------------------------------------------------------
+
+    def _dir(self, path: bytes) -> int:
+        """An O_PATH fd of the directory ``path`` (resolved beneath the layer root)."""
+        fd = self.dirs.get(path)
+        if fd is None:
+            if len(self.dirs) >= MAX_DIRS:
+                for old in self.dirs.values():
+                    os.close(old)
+                self.dirs.clear()
+            fd = self.dirs[path] = self.layers.open_dir(path)
+        return fd
+
+    def _parent(self, path: bytes) -> tuple[int, bytes]:
+        """(fd of the parent, name); OSError if the parent cannot be resolved (creating an
+        entry there fails, as on the per-record path)."""
+        head, name = split(path)
+        return self._dir(head), name
+
+    def _hold(self, path: bytes, fd: int) -> None:
+        if len(self.files) >= MAX_FILES:
+            oldest = next(iter(self.files))
+            os.close(self.files.pop(oldest))
+        self.files[path] = fd
+
+    def _file(self, path: bytes) -> int | None:
+        """The open fd of the regular file ``path``: the one held, or opened now.  None if
+        there is no such file (a Write then has nothing to do, as ``apply_record`` says)."""
+        held = self.files.get(path)
+        if held is not None:
+            return held
+        try:
+            dir_fd, name = self._parent(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # as apply_record: its file is gone, a later record says why
+        try:
+            # O_NONBLOCK: a fifo must not block the applier; it is not a file to write.
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR,
+                             errno.ENOTDIR):
+                return None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        self._hold(path, fd)
+        return fd
+
+    # -- the records -----------------------------------------------------------------------
+
+    def _mknod(self, path: bytes, mode: int, uid: int, gid: int) -> None:
+        """``Mknod`` of a regular file (``layers.mknod``): created if missing, then held."""
+        dir_fd, name = self._parent(path)
+        perm = mode & 0o7777
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, perm, dir_fd=dir_fd)
+        except FileExistsError:
+            return  # already there (applied before a crash): as apply_record
+        self._hold(path, fd)
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, perm)  # after chown (which clears set-ID bits), as layers.mknod
+
+    def _mkdir(self, path: bytes, mode: int, uid: int, gid: int) -> None:
+        dir_fd, name = self._parent(path)
+        try:
+            os.mkdir(name, mode & 0o7777, dir_fd=dir_fd)
+        except FileExistsError:
+            return
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        chmod_at(dir_fd, name, mode & 0o7777)
+
+
+def _setattr_fd(fd: int, r: rec.Setattr) -> None:
+    """``layers.apply_setattr`` on an open regular file: size, owner, mode, times."""
+    if r.mask & rec.SET_SIZE:
+        os.ftruncate(fd, r.size)
+    if r.mask & rec.SET_OWNER:
+        os.fchown(fd, r.uid, r.gid)
+    if r.mask & rec.SET_MODE:
+        os.fchmod(fd, r.mode)
+    if r.mask & (rec.SET_ATIME | rec.SET_MTIME):
+        if r.mask & rec.SET_ATIME and r.mask & rec.SET_MTIME:
+            times = (r.atime_ns, r.mtime_ns)
+        else:
+            st = os.fstat(fd)
+            times = (r.atime_ns if r.mask & rec.SET_ATIME else st.st_atime_ns,
+                     r.mtime_ns if r.mask & rec.SET_MTIME else st.st_mtime_ns)
+        os.utime(fd, ns=times)
+
+
+def _setattr_dir(fd: int, r: rec.Setattr) -> None:
+    """``layers.apply_setattr`` on a directory held by an O_PATH fd (its /proc link: the
+    directory itself, never a symlink): owner, mode, times."""
+    target = fd_path(fd)
+    if r.mask & rec.SET_OWNER:
+        os.chown(target, r.uid, r.gid)
+    if r.mask & rec.SET_MODE:
+        os.chmod(target, r.mode)
+    if r.mask & (rec.SET_ATIME | rec.SET_MTIME):
+        if r.mask & rec.SET_ATIME and r.mask & rec.SET_MTIME:
+            times = (r.atime_ns, r.mtime_ns)
+        else:
+            st = os.stat(target)
+            times = (r.atime_ns if r.mask & rec.SET_ATIME else st.st_atime_ns,
+                     r.mtime_ns if r.mask & rec.SET_MTIME else st.st_mtime_ns)
+        os.utime(target, ns=times)
