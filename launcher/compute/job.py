@@ -70,6 +70,10 @@ import pwd
 import shutil
 import socket
 import sys
+import time
+from collections.abc import Callable, Mapping
+
+import attrs
 
 from sdeefs import config as config_mod
 from sdeefs import control, identity
@@ -134,7 +138,56 @@ def read_problem(config: SiteConfig, node: str, job: str) -> tuple[str, str] | N
         return PROBLEM_FAILED, "the job's environment could not be prepared on this node"
 
 
-def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRecord | None:
+@attrs.frozen
+class Verdict:
+    """What the prolog decided for a job on a node: ``ready`` (the environment runs), or
+    the problem it recorded for the job's tasks (``bare``, ``failed``) with its one line."""
+
+    kind: str
+    message: str = ""
+
+
+READY = "ready"
+Barrier = Callable[[str, float], Mapping[str, object]]
+
+
+def control_barrier(config: SiteConfig, node: str) -> Barrier:
+    """The barrier as the prolog asks it: ``follow --wait`` on the node's replicad."""
+    rep = config.replication.on(node)
+
+    def wait(user: str, timeout: float) -> Mapping[str, object]:
+        return control.request(rep.control, {"op": "follow", "user": user, "wait": True,
+                                             "timeout": timeout},
+                               timeout=timeout + 30, what="sdeefs-replicad")
+
+    return wait
+
+
+def start_job(config: SiteConfig, node: str, user: env.User, job: str, barrier: Barrier
+              ) -> Verdict:
+    """The prolog's work, whoever runs it (``sdeefs job-prolog``, or the node's replicad on
+    ``job-start``: sdeefs.replication.daemon): the replica at the barrier, then the job's
+    environment; the user's problems recorded for the job's tasks (module docstring).
+    Raises only for the node's problems."""
+    try:
+        prolog(config, node, user, job, barrier)
+    except control.ControlError as exc:
+        if exc.kind != NO_LAYER:
+            raise
+        message = f"{user.name} has no sdeefs environment"
+        record_problem(config, node, job, PROBLEM_BARE, message)
+        return Verdict(PROBLEM_BARE, f"{message}; the job runs without one")
+    except UserProblem as exc:
+        record_problem(config, node, job, PROBLEM_FAILED, str(exc))
+        return Verdict(PROBLEM_FAILED, f"{exc} (the job fails, the node stays in service)")
+    if user.uid < config.min_uid:
+        return Verdict(PROBLEM_BARE, f"{user.name} is a system account: the job runs without "
+                       "an environment")
+    return Verdict(READY)
+
+
+def prolog(config: SiteConfig, node: str, user: env.User, job: str,
+           barrier: Barrier | None = None) -> env.EnvRecord | None:
     """Replica at the barrier, then the job's environment (idempotent)."""
     rep = config.replication.on(node)
     if user.uid < config.min_uid:
@@ -142,15 +195,20 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
                        f"(uid below min_uid {config.min_uid})")
         return None
     try:
-        reply = control.request(rep.control, {"op": "follow", "user": user.name, "wait": True,
-                                              "timeout": rep.barrier_timeout},
-                                timeout=rep.barrier_timeout + 30, what="sdeefs-replicad")
+        reply = (barrier or control_barrier(config, node))(user.name, rep.barrier_timeout)
     except control.ControlError as exc:
         if exc.kind in USER_KINDS:
             raise UserProblem(str(exc)) from None
         raise
     log.info("job %s: replica of %s at seq %s (barrier %s)", job, user.name,
              reply.get("applied"), reply.get("barrier"))
+    return start_environment(config, node, user, job)
+
+
+def start_environment(config: SiteConfig, node: str, user: env.User, job: str
+                      ) -> env.EnvRecord:
+    """The job's environment over the user's replica (the caller saw it at the barrier)."""
+    rep = config.replication.on(node)
     replica_upper = ReplicaDirs.of(rep.replica_dir, user.name).upper
     os.makedirs(rep.job_dir, mode=0o755, exist_ok=True)
     lower_dev = os.stat(config.lower).st_dev
@@ -184,6 +242,28 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
         return record
 
 
+@attrs.frozen
+class NodeJobs:
+    """The job ops of the node's resident sdeefs-replicad (``job-start``, ``job-end``:
+    sdeefs.replication.daemon), which ``sdeefs-prolog``/``-epilog`` (launcher/enter/jobhook.c)
+    ask for: the same work as ``sdeefs job-prolog``/``job-epilog``, without a Python start
+    per job.  Each call reads the site config afresh, as a prolog would (the replicad's
+    ``$SDEEFS_CONFIG`` or the default path); blocking: the replicad runs it in a thread."""
+
+    def start(self, node: str, user: str, job: str, barrier: Barrier) -> dict[str, object]:
+        config = config_mod.load()
+        verdict = start_job(config, node, env.User.lookup(user), job, barrier)
+        return {"job": job, "verdict": verdict.kind, "message": verdict.message}
+
+    def end(self, node: str, job: str) -> tuple[dict[str, object], str | None]:
+        """(the reply, the scratch left to remove in the background)."""
+        ended, gone = end_job(config_mod.load(), node, job)
+        return {"job": job, "ended": ended}, gone
+
+    def leftovers(self, node: str) -> list[str]:
+        return gone_jobs(config_mod.load(), node)
+
+
 def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
     root, owner = (0, 0), (user.uid, user.gid)
     layer = where.layer
@@ -194,15 +274,48 @@ def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
 
 def epilog(config: SiteConfig, node: str, job: str) -> bool:
     """End the job's environment on this node and remove its scratch upper."""
+    ended, gone = end_job(config, node, job)
+    if gone is not None:
+        shutil.rmtree(gone, ignore_errors=True)
+    return ended
+
+
+GONE_PREFIX = ".gone-"  # JOB_DIR/.gone-JOBID-NS: a finished job's scratch, being removed
+
+
+def end_job(config: SiteConfig, node: str, job: str) -> tuple[bool, str | None]:
+    """The epilog's work, whoever runs it: the job's processes killed (gone when this
+    returns), its mounts detached, its problem and run directory removed, and its scratch
+    upper renamed out of the way: ``(ended, path)``, ``path`` what is left to remove (by
+    the caller, at leisure: a new job of the same id finds nothing of this one)."""
     where = job_dirs(config, node, job)
     had_problem = _remove_problem(config, node, job)
     if not os.path.isdir(where.run.path) and not os.path.isdir(where.layer.path):
-        return had_problem
+        return had_problem, None
     with env.locked(where.run):
         env.teardown(where, env.EnvRecord.load(where.run))
-    shutil.rmtree(where.layer.path, ignore_errors=True)
+    trash = os.path.join(os.path.dirname(where.layer.path),
+                         f"{GONE_PREFIX}{job}-{time.monotonic_ns()}")
+    gone: str | None = trash
+    try:
+        os.rename(where.layer.path, trash)
+    except FileNotFoundError:
+        gone = None
+    except OSError:  # not renamable (it should be): removed here and now instead
+        shutil.rmtree(where.layer.path, ignore_errors=True)
+        gone = None
     shutil.rmtree(where.run.path, ignore_errors=True)
-    return True
+    return True, gone
+
+
+def gone_jobs(config: SiteConfig, node: str) -> list[str]:
+    """Scratch uppers of finished jobs not removed yet (their remover stopped)."""
+    job_dir = config.replication.on(node).job_dir
+    try:
+        return [os.path.join(job_dir, n) for n in os.listdir(job_dir)
+                if n.startswith(GONE_PREFIX)]
+    except FileNotFoundError:
+        return []
 
 
 def _remove_problem(config: SiteConfig, node: str, job: str) -> bool:
@@ -224,20 +337,9 @@ def _slurm_user() -> env.User:
 def prolog_main(config: SiteConfig) -> int:
     """The Prolog: 0 unless the node itself has a problem (module docstring)."""
     node, job, user = node_name(), _job_id(), _slurm_user()
-    try:
-        prolog(config, node, user, job)
-    except control.ControlError as exc:
-        if exc.kind != NO_LAYER:
-            raise
-        print(f"sdeefs: job {job}: {user.name} has no sdeefs environment; the job runs "
-              "without one", file=sys.stderr)
-        record_problem(config, node, job, PROBLEM_BARE, f"{user.name} has no sdeefs "
-                       "environment")
-    except UserProblem as exc:
-        # slurmd's log says it; the job's steps say it to the user
-        print(f"sdeefs: job {job}: {exc} (the job fails, the node stays in service)",
-              file=sys.stderr)
-        record_problem(config, node, job, PROBLEM_FAILED, str(exc))
+    verdict = start_job(config, node, user, job, control_barrier(config, node))
+    if verdict.message:  # slurmd's log says it; the job's steps say it to the user
+        print(f"sdeefs: job {job}: {verdict.message}", file=sys.stderr)
     return 0
 
 
@@ -336,17 +438,10 @@ def _exec_bare(command: list[str]) -> None:
         raise QuietError(f"{command[0]}: {exc.strerror}", 127) from None
 
 
-def prolog_script() -> int:
-    """``sdeefs-prolog``: SLURM's Prolog (slurm.conf ``Prolog=``), as ``sdeefs job-prolog``."""
-    return slurm_hook_main("prolog")
-
-
-def epilog_script() -> int:
-    """``sdeefs-epilog``: SLURM's Epilog (slurm.conf ``Epilog=``), as ``sdeefs job-epilog``."""
-    return slurm_hook_main("epilog")
-
-
 def slurm_hook_main(which: str) -> int:
+    """``sdeefs job-prolog``/``job-epilog``: the prolog's or epilog's work in this process.
+    SLURM runs ``sdeefs-prolog``/``-epilog`` (launcher/enter/jobhook.c), which ask the
+    node's replicad instead, and run this where they cannot (the replicad not running ...)."""
     logging.basicConfig(level=logging.INFO, format="sdeefs: %(message)s")
     try:
         config = config_mod.load()
