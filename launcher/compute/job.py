@@ -70,6 +70,7 @@ import pwd
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -84,7 +85,7 @@ from sdeefs.statedir import ReplicaDirs
 from sdeefs.sysio import write_file_atomic
 
 from .. import enter, env, view
-from ..layout import EnvDirs, make_dirs
+from ..layout import EnvDirs, SiteRun, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class Verdict:
 
 READY = "ready"
 Barrier = Callable[[str, float], Mapping[str, object]]
+TakeSpare = Callable[[EnvDirs], bool]
 
 
 def control_barrier(config: SiteConfig, node: str) -> Barrier:
@@ -163,14 +165,14 @@ def control_barrier(config: SiteConfig, node: str) -> Barrier:
     return wait
 
 
-def start_job(config: SiteConfig, node: str, user: env.User, job: str, barrier: Barrier
-              ) -> Verdict:
+def start_job(config: SiteConfig, node: str, user: env.User, job: str, barrier: Barrier,
+              spare: TakeSpare | None = None) -> Verdict:
     """The prolog's work, whoever runs it (``sdeefs job-prolog``, or the node's replicad on
     ``job-start``: sdeefs.replication.daemon): the replica at the barrier, then the job's
     environment; the user's problems recorded for the job's tasks (module docstring).
     Raises only for the node's problems."""
     try:
-        prolog(config, node, user, job, barrier)
+        prolog(config, node, user, job, barrier, spare)
     except control.ControlError as exc:
         if exc.kind != NO_LAYER:
             raise
@@ -187,7 +189,8 @@ def start_job(config: SiteConfig, node: str, user: env.User, job: str, barrier: 
 
 
 def prolog(config: SiteConfig, node: str, user: env.User, job: str,
-           barrier: Barrier | None = None) -> env.EnvRecord | None:
+           barrier: Barrier | None = None, spare: TakeSpare | None = None
+           ) -> env.EnvRecord | None:
     """Replica at the barrier, then the job's environment (idempotent)."""
     rep = config.replication.on(node)
     if user.uid < config.min_uid:
@@ -202,14 +205,14 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str,
         raise
     log.info("job %s: replica of %s at seq %s (barrier %s)", job, user.name,
              reply.get("applied"), reply.get("barrier"))
-    return start_environment(config, node, user, job)
+    return start_environment(config, node, user, job, spare)
 
 
-def start_environment(config: SiteConfig, node: str, user: env.User, job: str
-                      ) -> env.EnvRecord:
-    """The job's environment over the user's replica (the caller saw it at the barrier)."""
+def start_environment(config: SiteConfig, node: str, user: env.User, job: str,
+                      spare: TakeSpare | None = None) -> env.EnvRecord:
+    """The job's environment over the user's replica (the caller saw it at the barrier):
+    ``spare`` moves a spare environment of the user into the job's place if it has one."""
     rep = config.replication.on(node)
-    replica_upper = ReplicaDirs.of(rep.replica_dir, user.name).upper
     os.makedirs(rep.job_dir, mode=0o755, exist_ok=True)
     lower_dev = os.stat(config.lower).st_dev
     for key, path in (("replica_dir", rep.replica_dir), ("job_dir", rep.job_dir)):
@@ -218,50 +221,195 @@ def start_environment(config: SiteConfig, node: str, user: env.User, job: str
                              f"({config.lower}): the kernel refuses overlapping overlay layers; "
                              "put it on the node's local scratch filesystem", ExitCode.USAGE)
     where = job_dirs(config, node, job)
+    if spare is not None and not os.path.exists(where.run.path) and \
+            not os.path.exists(where.layer.path):
+        spare(where)
     with env.locked(where.run):
         record = env.EnvRecord.load(where.run)
         if record is not None and env.is_alive(record):
             return record
-        # The node's own /etc/subuid|subgid: the same ranges as the login node's (checked by
-        # the replica as it applies records: docs/identity.md); never allocated here.
-        try:
-            ids = identity.of_user(user.name, config.min_uid, allocate=False)
-        except identity.SubidError as exc:  # the user's problem, never the node's
-            raise UserProblem(f"{user.name} on {node}: {exc}") from None
-        _make_job_dirs(where, user, ids)
-        layer = where.layer
-        try:
-            init = view.launch(config, user, ids, where.run, layer.upper,
-                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
-                               host_pids=True)
-        except (OSError, QuietError) as exc:  # the replica's content is the user's
-            raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
-                from None
-        record = env.EnvRecord.started_now(user, init, Engine.OVERLAY)
-        record.save(where.run)
-        return record
+        return _launch(config, node, user, where)
 
 
-@attrs.frozen
+def _launch(config: SiteConfig, node: str, user: env.User, where: EnvDirs) -> env.EnvRecord:
+    """A job environment at ``where`` (the caller holds its lock)."""
+    replica_upper = ReplicaDirs.of(config.replication.on(node).replica_dir,
+                                   user.name).upper
+    # The node's own /etc/subuid|subgid: the same ranges as the login node's (checked by
+    # the replica as it applies records: docs/identity.md); never allocated here.
+    try:
+        ids = identity.of_user(user.name, config.min_uid, allocate=False)
+    except identity.SubidError as exc:  # the user's problem, never the node's
+        raise UserProblem(f"{user.name} on {node}: {exc}") from None
+    _make_job_dirs(where, user, ids)
+    layer = where.layer
+    try:
+        init = view.launch(config, user, ids, where.run, layer.upper,
+                           os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
+                           host_pids=True)
+    except (OSError, QuietError) as exc:  # the replica's content is the user's
+        raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
+            from None
+    record = env.EnvRecord.started_now(user, init, Engine.OVERLAY)
+    record.save(where.run)
+    return record
+
+
+SPARE_PREFIX = ".spare-"  # JOB_DIR/.spare-USER(.run): a spare environment of USER
+
+
+@attrs.define(eq=False)
 class NodeJobs:
     """The job ops of the node's resident sdeefs-replicad (``job-start``, ``job-end``:
     sdeefs.replication.daemon), which ``sdeefs-prolog``/``-epilog`` (launcher/enter/jobhook.c)
     ask for: the same work as ``sdeefs job-prolog``/``job-epilog``, without a Python start
     per job.  Each call reads the site config afresh, as a prolog would (the replicad's
-    ``$SDEEFS_CONFIG`` or the default path); blocking: the replicad runs it in a thread."""
+    ``$SDEEFS_CONFIG`` or the default path); blocking: the replicad runs it in a thread.
+
+    **Spare environments.**  After a job of U started here, :meth:`prepare` starts the next
+    one ahead (``JOB_DIR/.spare-U``, ``.spare-U.run``: a fresh empty scratch upper over U's
+    replica, nothing run in it); the next job of U takes it, after its barrier, by renaming
+    both directories to the job's (its mounts go with them): the prolog's environment start
+    becomes two renames.  A spare is used only if it was made under the same config file and
+    the same scan for root-only files (its ``key``; the scan is refreshed after
+    ``private_scan_age``): otherwise it is ended and a job environment started as before.
+    Nothing of a job is ever reused: a spare has never run a task.  Its overlay is mounted
+    before the barrier, over the replica as it then was; a job environment's overlay is over a
+    replica that moves on while the job runs anyway (the replica applies whole records, the
+    overlay looks the changed entries up afresh: nothing was looked up in a spare but the
+    mountpoints of its start).  The replicad ends the spares it finds at its start
+    (:meth:`leftovers`) and a spare whose user it stops following.
+    """
+
+    _locks: dict[str, threading.Lock] = attrs.field(init=False, factory=dict)
+    _locks_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+
+    def _lock(self, user: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(user, threading.Lock())
 
     def start(self, node: str, user: str, job: str, barrier: Barrier) -> dict[str, object]:
+        """The reply of ``job-start``, with the milliseconds the barrier took (``barrier_ms``,
+        None if there was none), whether a spare served (``spare``) and the whole (``ms``)."""
+        began = time.monotonic()
+        waited: list[float] = []
+        took: list[bool] = []
+
+        def timed(name: str, timeout: float) -> Mapping[str, object]:
+            t0 = time.monotonic()
+            try:
+                return barrier(name, timeout)
+            finally:
+                waited.append(time.monotonic() - t0)
+
         config = config_mod.load()
-        verdict = start_job(config, node, env.User.lookup(user), job, barrier)
-        return {"job": job, "verdict": verdict.kind, "message": verdict.message}
+        owner = env.User.lookup(user)
+
+        def take(where: EnvDirs) -> bool:
+            took.append(self._take_spare(config, node, owner, where))
+            return took[-1]
+
+        verdict = start_job(config, node, owner, job, timed, take)
+        return {"job": job, "verdict": verdict.kind, "message": verdict.message,
+                "barrier_ms": round(waited[0] * 1000, 1) if waited else None,
+                "spare": bool(took and took[0]),
+                "ms": round((time.monotonic() - began) * 1000, 1)}
 
     def end(self, node: str, job: str) -> tuple[dict[str, object], str | None]:
         """(the reply, the scratch left to remove in the background)."""
         ended, gone = end_job(config_mod.load(), node, job)
         return {"job": job, "ended": ended}, gone
 
+    def prepare(self, node: str, user: str) -> bool:
+        """Start a spare environment of ``user`` unless a usable one is there (True if one
+        is there now).  The user's problems (a replica not there, ids) leave none."""
+        config = config_mod.load()
+        owner = env.User.lookup(user)
+        if owner.uid < config.min_uid:
+            return False
+        spare = spare_dirs(config, node, user)
+        key = _spare_key(config)
+        with self._lock(user):
+            if _spare_usable(spare, key):
+                return True
+            self._end_spare(spare)
+            try:
+                os.makedirs(spare.run.path, mode=0o711, exist_ok=True)
+                with env.locked(spare.run):
+                    _launch(config, node, owner, spare)
+                    write_file_atomic(os.path.join(spare.run.path, "spare-key"), key.encode())
+            except (OSError, QuietError) as exc:
+                log.info("no spare environment of %s on %s: %s", user, node, exc)
+                self._end_spare(spare)
+                return False
+            return True
+
+    def _take_spare(self, config: SiteConfig, node: str, user: env.User, where: EnvDirs
+                    ) -> bool:
+        spare = spare_dirs(config, node, user.name)
+        with self._lock(user.name):
+            if not os.path.isdir(spare.run.path):
+                return False
+            if not _spare_usable(spare, _spare_key(config)):
+                self._end_spare(spare)
+                return False
+            os.rename(spare.run.path, where.run.path)
+            os.rename(spare.layer.path, where.layer.path)
+            return True
+
+    def _end_spare(self, spare: EnvDirs) -> None:
+        if not os.path.isdir(spare.run.path) and not os.path.isdir(spare.layer.path):
+            return
+        with env.locked(spare.run):
+            env.teardown(spare, env.EnvRecord.load(spare.run))
+        shutil.rmtree(spare.layer.path, ignore_errors=True)
+        shutil.rmtree(spare.run.path, ignore_errors=True)
+
+    def forget(self, node: str, user: str) -> None:
+        """End ``user``'s spare environment (the replicad stops following them)."""
+        config = config_mod.load()
+        with self._lock(user):
+            self._end_spare(spare_dirs(config, node, user))
+
     def leftovers(self, node: str) -> list[str]:
-        return gone_jobs(config_mod.load(), node)
+        """At the replicad's start: every spare ended; the scratch left to remove."""
+        config = config_mod.load()
+        job_dir = config.replication.on(node).job_dir
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(job_dir):
+                if name.startswith(SPARE_PREFIX) and name.endswith(".run"):
+                    with self._lock(name[len(SPARE_PREFIX):-4]):
+                        self._end_spare(EnvDirs.job(job_dir, name[:-4]))
+        return gone_jobs(config, node)
+
+
+def spare_dirs(config: SiteConfig, node: str, user: str) -> EnvDirs:
+    return job_dirs(config, node, f"{SPARE_PREFIX}{user}")
+
+
+def _spare_key(config: SiteConfig) -> str:
+    """What a spare must have been made under to serve a job now: the config file and the
+    cached scan for root-only files (their identity and modification times)."""
+    parts = []
+    for path in (os.environ.get("SDEEFS_CONFIG") or config_mod.DEFAULT_PATH,
+                 SiteRun(config.run_dir).private_paths):
+        try:
+            st = os.stat(path)
+            parts.append(f"{path}:{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
+        except FileNotFoundError:
+            parts.append(f"{path}:-")
+    return "\n".join(parts)
+
+
+def _spare_usable(spare: EnvDirs, key: str) -> bool:
+    try:
+        with open(os.path.join(spare.run.path, "spare-key")) as f:
+            if f.read() != key:
+                return False
+    except FileNotFoundError:
+        return False
+    record = env.EnvRecord.load(spare.run)
+    return record is not None and env.is_alive(record)
 
 
 def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:

@@ -51,7 +51,9 @@ starts the job's environment; its ``verdict`` is ``ready``, or ``bare``/``failed
 one line the job's tasks will tell (sdeefs.launcher.compute.job: the user's problems never
 fail the request, the node's do).  ``job-end`` answers once the job's processes are gone and
 its mounts detached; its scratch upper, renamed out of the way first, is removed in the
-background (what a stopped daemon left is removed at its next start).  Only compute nodes
+background (what a stopped daemon left is removed at its next start).  After a job of U
+started, the next one's environment is started ahead, a *spare* (``NodeJobs``): the next
+``job-start`` of U takes it once at the barrier; ``unfollow`` ends it.  Only compute nodes
 (a ``--replica-dir``) answer them (``jobs``: the launcher's job host, given by ``main``).
 
 ``resync`` makes the replica of U faithful again, whatever it holds: the link ends, and
@@ -205,6 +207,10 @@ class JobHost(Protocol):
 
     def end(self, node: str, job: str) -> tuple[dict[str, object], str | None]: ...
 
+    def prepare(self, node: str, user: str) -> bool: ...
+
+    def forget(self, node: str, user: str) -> None: ...
+
     def leftovers(self, node: str) -> list[str]: ...
 
 
@@ -255,7 +261,9 @@ class Daemon:
     config: DaemonConfig
     offload: Offload = attrs.field(factory=lambda: Offload(trio.CapacityLimiter(THREADS)))
     jobs: JobHost | None = None  # compute nodes: the job ops (module docstring)
-    job_ops: dict[str, int] = attrs.field(factory=lambda: {"job-start": 0, "job-end": 0})
+    job_ops: dict[str, int] = attrs.field(
+        factory=lambda: {"job-start": 0, "job-end": 0, "spare": 0})
+    spare_nodes: dict[str, str] = attrs.field(factory=dict)  # user -> node of their spare
     # A relay reads its copy for a snapshot holding Replica.lock, which threads of
     # ``offload`` may be waiting for: its reads have slots of their own (docs/threading.md).
     locked_reads: Offload = attrs.field(
@@ -433,6 +441,9 @@ class Daemon:
 
     def stop_following(self, name: str) -> bool:
         user = self.replicas.pop(name, None)
+        node = self.spare_nodes.pop(name, None)
+        if node is not None and self._nursery is not None:
+            self._nursery.start_soon(self._forget_spare, node, name)
         if user is None:
             return False
         if user.scope is not None:
@@ -668,7 +679,14 @@ class Daemon:
                 return trio.from_thread.run(self.wait_barrier, name, timeout)
 
             reply = await self.offload.run(jobs.start, node, user, job, barrier)
-            self._job_done(op, job, node, began, f"{user}: {reply.get('verdict')}")
+            self._job_done(op, job, node, began, f"{user}: {reply.get('verdict')}, barrier "
+                           f"{reply.get('barrier_ms')} ms, spare {reply.get('spare')}")
+            if reply.get("spare"):
+                self.job_ops["spare"] += 1
+            if reply.get("verdict") == "ready" and user in self.replicas:
+                assert self._nursery is not None  # the next job of the user: ready ahead
+                self.spare_nodes[user] = node
+                self._nursery.start_soon(self._prepare_spare, node, user)
             return reply
         except QuietError as exc:
             log.error("%s of job %s on %s: %s", op, job, node, exc)
@@ -684,6 +702,20 @@ class Daemon:
         self.job_ops[op] += 1
         log.info("%s of job %s on %s: %s (%.1f ms)", op, job, node, what,
                  (time.monotonic() - began) * 1000)
+
+    async def _prepare_spare(self, node: str, user: str) -> None:
+        assert self.jobs is not None
+        try:
+            await self.offload.run(self.jobs.prepare, node, user)
+        except Exception:  # a spare is an optimisation: never the daemon's end
+            log.exception("a spare environment of %s on %s", user, node)
+
+    async def _forget_spare(self, node: str, user: str) -> None:
+        assert self.jobs is not None
+        try:
+            await self.offload.run(self.jobs.forget, node, user)
+        except Exception:
+            log.exception("ending the spare environment of %s on %s", user, node)
 
     async def _remove_gone(self, path: str) -> None:
         """A finished job's scratch upper, renamed out of the way by ``job-end``."""
