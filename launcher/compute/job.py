@@ -11,10 +11,12 @@ outside), over these layers::
 
 The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
 
-* ``sdeefs job-prolog`` (SLURM ``Prolog``, root, every allocated node, before any
-  step; ``PrologFlags=Alloc``): asks the local replicad to follow U and waits until
-  the replica holds the journal position the login node has *now* (at least what U
-  had at submission), then starts the job's environment.
+* the prolog (SLURM ``Prolog``, root, every allocated node, before any step;
+  ``PrologFlags=Alloc``; done by the node's resident sdeefs-replicad, which
+  ``sdeefs-prolog``, a C client, asks: :class:`NodeJobs`; ``sdeefs job-prolog`` does the
+  same in-process where the replicad does not answer): has the local replicad follow U
+  and waits until the replica holds the journal position the login node has *now* (at
+  least what U had at submission), then starts the job's environment.
 * **the SPANK plugin** (``launcher/enter/spank.c``, loaded by the plugstack line of
   ``sdeefs install-slurm``): every task SLURM starts for the job on this node joins that
   environment before it execs, as U's own uid inside: the batch script, each ``srun``
@@ -24,9 +26,9 @@ The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
   move into one; its /proc is the host's), and the epilog ends it by mount namespace;
 * ``sdeefs-run [--] CMD ...`` (the explicit form, as U): joins that environment as inside
   root and runs CMD (in a task the plugin already moved in: CMD as it is).
-* ``sdeefs job-epilog`` (SLURM ``Epilog``, root): kills the environment's root
-  process (the whole tree goes with it), unmounts, removes the scratch upper.  The
-  replica stays for the next job.
+* the epilog (SLURM ``Epilog``, root; ``sdeefs-epilog`` asks the replicad, ``sdeefs
+  job-epilog`` in-process): kills the environment's root process (the whole tree goes
+  with it), unmounts, removes the scratch upper.  The replica stays for the next job.
 
 A user without an sdeefs environment on the login node gets none on the compute
 node either (nor does a system account, uid below ``min_uid``): the prolog says so in
@@ -37,8 +39,9 @@ A user's problem fails the user's job, never the node
 =====================================================
 
 SLURM drains a node whose Prolog exits non-zero, and holds the job: one user's broken
-replica would take nodes away from everybody.  So the prolog (``sdeefs-prolog``, the
-console script SLURM runs; it finds the site config at its default path) tells apart:
+replica would take nodes away from everybody.  So the prolog (whoever runs it: the
+replicad for ``sdeefs-prolog``, or ``sdeefs job-prolog``; it finds the site config at its
+default path) tells apart:
 
 * **the user's problems** (:class:`UserProblem`): the barrier not reached in time (a
   stream stuck), a replica that skipped records (it differs from the user's upper:
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -389,16 +393,17 @@ def spare_dirs(config: SiteConfig, node: str, user: str) -> EnvDirs:
 
 def _spare_key(config: SiteConfig) -> str:
     """What a spare must have been made under to serve a job now: the config file and the
-    cached scan for root-only files (their identity and modification times)."""
-    parts = []
+    cached scan for root-only files (a digest of their contents: nodes sharing a run
+    directory rewrite the scan with the same content)."""
+    digest = hashlib.sha256()
     for path in (os.environ.get("SDEEFS_CONFIG") or config_mod.DEFAULT_PATH,
                  SiteRun(config.run_dir).private_paths):
         try:
-            st = os.stat(path)
-            parts.append(f"{path}:{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
+            with open(path, "rb") as f:
+                digest.update(f"{path}\0{len(data := f.read())}\0".encode() + data)
         except FileNotFoundError:
-            parts.append(f"{path}:-")
-    return "\n".join(parts)
+            digest.update(f"{path}\0-\0".encode())
+    return digest.hexdigest()
 
 
 def _spare_usable(spare: EnvDirs, key: str) -> bool:

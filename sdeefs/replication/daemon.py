@@ -290,14 +290,14 @@ class Daemon:
                 host, port = self.config.listen
                 listeners = await trio.open_tcp_listeners(port, host=host or None)
                 nursery.start_soon(trio.serve_listeners, self._handle_peer, listeners)
+            if self.jobs is not None:  # before any job op: the spares a stopped daemon left
+                for path in await self.offload.run(self.jobs.leftovers, self.config.node):
+                    nursery.start_soon(self._remove_gone, path)
             if self.config.control is not None:
                 await nursery.start(self._serve_control)
             for user in self.config.follow:
                 await self.start_following(user)
             nursery.start_soon(self._release_memory)
-            if self.jobs is not None:
-                for path in await self.offload.run(self.jobs.leftovers, self.config.node):
-                    nursery.start_soon(self._remove_gone, path)
             log.info("sdeefs-replicad %s ready (listen %s, origin %s, replicas %s, upstream %s)",
                      self.config.node, self.config.listen, self.config.origin_root,
                      self.config.replica_dir, self.config.upstream)

@@ -53,19 +53,21 @@ def job_files(g: Grid, i: int) -> list[str]:
     return sorted(os.listdir(jobs)) if jobs.is_dir() else []
 
 
-def wait_nothing_left(g: Grid, i: int) -> None:
-    deadline = time.monotonic() + 20  # the scratch upper goes in the background
-    while job_files(g, i) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert job_files(g, i) == [], job_files(g, i)
-
-
 def alive(pid: int) -> bool:
     """Is ``pid`` a live process (a zombie is not: its parent reaps it when it will)?"""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def wait_spare_only(g: Grid, i: int) -> None:
+    """Nothing of a finished job left in JOB_DIR: only the user's spare environment."""
+    spare = [f".spare-{g.user}", f".spare-{g.user}.run"]
+    deadline = time.monotonic() + 20  # the scratch upper goes in the background
+    while job_files(g, i) != spare and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job_files(g, i) == spare, job_files(g, i)
 
 
 def submit(g: Grid, name: str, script: str, *args: str) -> tuple[int, Path]:
@@ -96,14 +98,16 @@ def test_slurm_runs_the_c_client_and_the_replicad_starts_and_ends_each_job(grid:
         # a job's scratch is its own: the second job on n1 sees nothing of the first
         assert out.read_text().split() == [f"{job}-n1"], out.read_text()
         for i in (1, 2):
-            # the node's replicad did this job's prolog and epilog
+            # the node's replicad did this job's prolog and epilog; the second job took the
+            # spare environment started after the first one's start
             status = g.control(i, {"op": "status"})
-            assert status["jobs"] == {"job-start": round_, "job-end": round_}, status
+            assert status["jobs"] == {"job-start": round_, "job-end": round_,
+                                      "spare": round_ - 1}, status
             # the job's own directories are gone when the epilog returned (a new job of the
             # same id finds nothing); its scratch upper follows in the background
             assert not any(name in (str(job), f"{job}.run", f"{job}.problem")
                            for name in job_files(g, i)), job_files(g, i)
-            wait_nothing_left(g, i)
+            wait_spare_only(g, i)
     tasks = (g.site.home(g.user) / "tasks").read_text().splitlines()
     assert sorted(tasks) == sorted([f"task n{i} v1 {uid}" for i in (1, 2)] * 2), tasks
     logs = g.hook_logs()
@@ -125,6 +129,11 @@ def test_with_the_replicad_down_the_epilog_still_ends_the_job_and_the_prolog_say
         assert time.monotonic() < deadline, g.hook_logs()
         time.sleep(0.1)
     pid = int(init.read_text().split()[0])
+    spare = g.base / "n1" / "jobs" / f".spare-{g.user}.run"
+    while not (spare / "spare-key").exists():  # the next job's, started ahead
+        assert time.monotonic() < deadline, g.log(1)
+        time.sleep(0.1)
+    spare_pid = int((spare / "init").read_text().split()[0])
     g.kill_replicad(1)
     (home / "go").touch()
     state = g.slurm.wait_job(job, timeout=120)
@@ -133,7 +142,7 @@ def test_with_the_replicad_down_the_epilog_still_ends_the_job_and_the_prolog_say
     # The epilog ran `sdeefs job-epilog` in its place: the environment ended, nothing left,
     # the node in service.
     assert not alive(pid)
-    assert job_files(g, 1) == [], job_files(g, 1)
+    assert job_files(g, 1) == [f".spare-{g.user}", f".spare-{g.user}.run"], job_files(g, 1)
     assert g.slurm.node_states().get("n1") in IN_SERVICE, g.slurm.node_states()
 
     # The prolog cannot serve a job without the replicad: the node's problem, one line.
@@ -150,10 +159,11 @@ def test_with_the_replicad_down_the_epilog_still_ends_the_job_and_the_prolog_say
     assert not out.exists()
     # The admin's fix (docs/admin.md): the replicad back, the node resumed; jobs run again.
     g.slurm.run(["scancel", str(job)], check=False)  # requeued, held: SLURM's own way
-    g.start_replicad(1)
+    g.start_replicad(1)  # it ends the spare it left
+    assert not alive(spare_pid)
     g.slurm.run(["scontrol", "update", "nodename=n1", "state=resume"])
     job, out = submit(g, "again", "#!/bin/sh\ncat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
     state = g.slurm.wait_job(job, timeout=120)
     assert state == "COMPLETED", (state, g.hook_logs())
     assert out.read_text() == "v2\n"
-    wait_nothing_left(g, 1)
+    wait_spare_only(g, 1)
