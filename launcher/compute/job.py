@@ -282,7 +282,8 @@ class NodeJobs:
     replica that moves on while the job runs anyway (the replica applies whole records, the
     overlay looks the changed entries up afresh: nothing was looked up in a spare but the
     mountpoints of its start).  The replicad ends the spares it finds at its start
-    (:meth:`leftovers`) and a spare whose user it stops following.
+    (:meth:`leftovers`), a spare whose user it stops following, and every spare older than
+    its ``SPARE_TTL`` (:meth:`expire`; 10 minutes).
     """
 
     _locks: dict[str, threading.Lock] = attrs.field(init=False, factory=dict)
@@ -377,14 +378,29 @@ class NodeJobs:
 
     def leftovers(self, node: str) -> list[str]:
         """At the replicad's start: every spare ended; the scratch left to remove."""
+        self.expire(node, 0)
+        return gone_jobs(config_mod.load(), node)
+
+    def expire(self, node: str, max_age: float) -> list[str]:
+        """End the spares made more than ``max_age`` seconds ago (a user who stopped
+        submitting keeps nothing running here for long); the users whose spare ended."""
         config = config_mod.load()
         job_dir = config.replication.on(node).job_dir
+        ended = []
         with contextlib.suppress(FileNotFoundError):
             for name in os.listdir(job_dir):
-                if name.startswith(SPARE_PREFIX) and name.endswith(".run"):
-                    with self._lock(name[len(SPARE_PREFIX):-4]):
-                        self._end_spare(EnvDirs.job(job_dir, name[:-4]))
-        return gone_jobs(config, node)
+                if not (name.startswith(SPARE_PREFIX) and name.endswith(".run")):
+                    continue
+                user, dirs = name[len(SPARE_PREFIX):-4], EnvDirs.job(job_dir, name[:-4])
+                with self._lock(user):
+                    try:
+                        made = os.stat(os.path.join(dirs.run.path, "spare-key")).st_mtime
+                    except FileNotFoundError:
+                        made = 0.0  # half made (a daemon stopped while making it)
+                    if time.time() - made >= max_age:
+                        self._end_spare(dirs)
+                        ended.append(user)
+        return ended
 
 
 def spare_dirs(config: SiteConfig, node: str, user: str) -> EnvDirs:

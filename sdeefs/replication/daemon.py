@@ -137,6 +137,8 @@ THREADS = 40  # worker threads at once (trio's default): replicas applying, ship
 LOCKED_READ_THREADS = 4  # of relays reading their copy for a snapshot, under its lock
 BARRIER_RETRY = 0.2  # seconds between attempts to learn the login node's head for a barrier
 BARRIER_POLL = 0.05  # seconds between looks at a replica catching up with its barrier
+SPARE_TTL = 600.0  # seconds a spare job environment waits for its user's next job
+SPARE_CHECK = 30.0  # seconds between looks for spares older than that
 JOB_ID = re.compile(r"[0-9]{1,20}")  # a SLURM job id, as job-start/job-end take it
 NODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")  # a SLURM node name
 
@@ -212,6 +214,8 @@ class JobHost(Protocol):
     def forget(self, node: str, user: str) -> None: ...
 
     def leftovers(self, node: str) -> list[str]: ...
+
+    def expire(self, node: str, max_age: float) -> list[str]: ...
 
 
 @attrs.define(eq=False)
@@ -298,6 +302,8 @@ class Daemon:
             for user in self.config.follow:
                 await self.start_following(user)
             nursery.start_soon(self._release_memory)
+            if self.jobs is not None:
+                nursery.start_soon(self._expire_spares)
             log.info("sdeefs-replicad %s ready (listen %s, origin %s, replicas %s, upstream %s)",
                      self.config.node, self.config.listen, self.config.origin_root,
                      self.config.replica_dir, self.config.upstream)
@@ -709,6 +715,18 @@ class Daemon:
             await self.offload.run(self.jobs.prepare, node, user)
         except Exception:  # a spare is an optimisation: never the daemon's end
             log.exception("a spare environment of %s on %s", user, node)
+
+    async def _expire_spares(self) -> None:
+        """End spares unused for SPARE_TTL (every SPARE_CHECK seconds)."""
+        assert self.jobs is not None
+        while True:
+            await trio.sleep(SPARE_CHECK)
+            for node in set(self.spare_nodes.values()):
+                try:
+                    for user in await self.offload.run(self.jobs.expire, node, SPARE_TTL):
+                        self.spare_nodes.pop(user, None)
+                except Exception:
+                    log.exception("ending old spare environments on %s", node)
 
     async def _forget_spare(self, node: str, user: str) -> None:
         assert self.jobs is not None
