@@ -447,9 +447,6 @@ class Daemon:
 
     def stop_following(self, name: str) -> bool:
         user = self.replicas.pop(name, None)
-        node = self.spare_nodes.pop(name, None)
-        if node is not None and self._nursery is not None:
-            self._nursery.start_soon(self._forget_spare, node, name)
         if user is None:
             return False
         if user.scope is not None:
@@ -647,7 +644,11 @@ class Daemon:
             await self.start_following(user)
             return {"user": user, "following": True}
         if op == "unfollow":
-            return {"user": user, "stopped": self.stop_following(user)}
+            stopped = self.stop_following(user)
+            node = self.spare_nodes.pop(user, None)
+            if node is not None:  # before the answer: remove-user removes the replica next
+                await self._forget_spare(node, user)
+            return {"user": user, "stopped": stopped}
         if op == "resync":
             try:
                 timeout = float(request.get("timeout", 300))
