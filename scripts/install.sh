@@ -7,6 +7,7 @@
 # What it installs (docs/admin.md says what each piece is for):
 #   PREFIX (/opt/sdeefs)        a Python venv with sdeefs (not editable: a copy of this tree),
 #                               the C helpers bin/sdeefs-enter, bin/sdeefs-shell,
+#                               bin/sdeefs-prolog, bin/sdeefs-epilog (links to sdeefs-enter),
 #                               bin/sdeefs-guard (the guard layer's daemon), and
 #                               lib/sdeefs/sdeefs_spank.so, the SLURM SPANK plugin (SLURM loads
 #                               it once `sdeefs install-slurm` wrote the plugstack line)
@@ -132,6 +133,9 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   fi
   make -s -C "$BUILD/launcher/enter" OUT="$PREFIX/bin/sdeefs-enter"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-shell"
+  # SLURM's Prolog/Epilog: the same binary, a client of the node's replicad (jobhook.c)
+  ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-prolog"
+  ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-epilog"
   make -s -C "$BUILD/sdeefs/fs/guardd" OUT="$PREFIX/bin/sdeefs-guard"
   # The SPANK plugin; `sdeefs install-slurm` names it in SLURM's plugstack (docs/admin.md)
   mkdir -p "$PREFIX/lib/sdeefs"

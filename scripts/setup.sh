@@ -45,6 +45,9 @@ fi
 # when a source changed.
 make -s -C launcher/enter OUT="$PWD/.venv/bin/sdeefs-enter"
 ln -sf sdeefs-enter .venv/bin/sdeefs-shell   # the login shell: same binary, shell mode
+# SLURM's Prolog/Epilog: same binary, a client of the node's replicad (launcher/enter/jobhook.c)
+ln -sf sdeefs-enter .venv/bin/sdeefs-prolog
+ln -sf sdeefs-enter .venv/bin/sdeefs-epilog
 # The guard layer's daemon (C, libfuse3: every first lookup of a login view passes it).
 make -s -C sdeefs/fs/guardd OUT="$PWD/.venv/bin/sdeefs-guard"
 # The SLURM SPANK plugin (jobs run in the user's environment with no wrapper), beside the

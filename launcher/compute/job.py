@@ -11,10 +11,12 @@ outside), over these layers::
 
 The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
 
-* ``sdeefs job-prolog`` (SLURM ``Prolog``, root, every allocated node, before any
-  step; ``PrologFlags=Alloc``): asks the local replicad to follow U and waits until
-  the replica holds the journal position the login node has *now* (at least what U
-  had at submission), then starts the job's environment.
+* the prolog (SLURM ``Prolog``, root, every allocated node, before any step;
+  ``PrologFlags=Alloc``; done by the node's resident sdeefs-replicad, which
+  ``sdeefs-prolog``, a C client, asks: :class:`NodeJobs`; ``sdeefs job-prolog`` does the
+  same in-process where the replicad does not answer): has the local replicad follow U
+  and waits until the replica holds the journal position the login node has *now* (at
+  least what U had at submission), then starts the job's environment.
 * **the SPANK plugin** (``launcher/enter/spank.c``, loaded by the plugstack line of
   ``sdeefs install-slurm``): every task SLURM starts for the job on this node joins that
   environment before it execs, as U's own uid inside: the batch script, each ``srun``
@@ -24,9 +26,9 @@ The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
   move into one; its /proc is the host's), and the epilog ends it by mount namespace;
 * ``sdeefs-run [--] CMD ...`` (the explicit form, as U): joins that environment as inside
   root and runs CMD (in a task the plugin already moved in: CMD as it is).
-* ``sdeefs job-epilog`` (SLURM ``Epilog``, root): kills the environment's root
-  process (the whole tree goes with it), unmounts, removes the scratch upper.  The
-  replica stays for the next job.
+* the epilog (SLURM ``Epilog``, root; ``sdeefs-epilog`` asks the replicad, ``sdeefs
+  job-epilog`` in-process): kills the environment's root process (the whole tree goes
+  with it), unmounts, removes the scratch upper.  The replica stays for the next job.
 
 A user without an sdeefs environment on the login node gets none on the compute
 node either (nor does a system account, uid below ``min_uid``): the prolog says so in
@@ -37,8 +39,9 @@ A user's problem fails the user's job, never the node
 =====================================================
 
 SLURM drains a node whose Prolog exits non-zero, and holds the job: one user's broken
-replica would take nodes away from everybody.  So the prolog (``sdeefs-prolog``, the
-console script SLURM runs; it finds the site config at its default path) tells apart:
+replica would take nodes away from everybody.  So the prolog (whoever runs it: the
+replicad for ``sdeefs-prolog``, or ``sdeefs job-prolog``; it finds the site config at its
+default path) tells apart:
 
 * **the user's problems** (:class:`UserProblem`): the barrier not reached in time (a
   stream stuck), a replica that skipped records (it differs from the user's upper:
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -70,6 +74,11 @@ import pwd
 import shutil
 import socket
 import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import attrs
 
 from sdeefs import config as config_mod
 from sdeefs import control, identity
@@ -80,7 +89,7 @@ from sdeefs.statedir import ReplicaDirs
 from sdeefs.sysio import write_file_atomic
 
 from .. import enter, env, view
-from ..layout import EnvDirs, make_dirs
+from ..layout import EnvDirs, SiteRun, make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +143,58 @@ def read_problem(config: SiteConfig, node: str, job: str) -> tuple[str, str] | N
         return PROBLEM_FAILED, "the job's environment could not be prepared on this node"
 
 
-def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRecord | None:
+@attrs.frozen
+class Verdict:
+    """What the prolog decided for a job on a node: ``ready`` (the environment runs), or
+    the problem it recorded for the job's tasks (``bare``, ``failed``) with its one line."""
+
+    kind: str
+    message: str = ""
+
+
+READY = "ready"
+Barrier = Callable[[str, float], Mapping[str, object]]
+TakeSpare = Callable[[EnvDirs], bool]
+
+
+def control_barrier(config: SiteConfig, node: str) -> Barrier:
+    """The barrier as the prolog asks it: ``follow --wait`` on the node's replicad."""
+    rep = config.replication.on(node)
+
+    def wait(user: str, timeout: float) -> Mapping[str, object]:
+        return control.request(rep.control, {"op": "follow", "user": user, "wait": True,
+                                             "timeout": timeout},
+                               timeout=timeout + 30, what="sdeefs-replicad")
+
+    return wait
+
+
+def start_job(config: SiteConfig, node: str, user: env.User, job: str, barrier: Barrier,
+              spare: TakeSpare | None = None) -> Verdict:
+    """The prolog's work, whoever runs it (``sdeefs job-prolog``, or the node's replicad on
+    ``job-start``: sdeefs.replication.daemon): the replica at the barrier, then the job's
+    environment; the user's problems recorded for the job's tasks (module docstring).
+    Raises only for the node's problems."""
+    try:
+        prolog(config, node, user, job, barrier, spare)
+    except control.ControlError as exc:
+        if exc.kind != NO_LAYER:
+            raise
+        message = f"{user.name} has no sdeefs environment"
+        record_problem(config, node, job, PROBLEM_BARE, message)
+        return Verdict(PROBLEM_BARE, f"{message}; the job runs without one")
+    except UserProblem as exc:
+        record_problem(config, node, job, PROBLEM_FAILED, str(exc))
+        return Verdict(PROBLEM_FAILED, f"{exc} (the job fails, the node stays in service)")
+    if user.uid < config.min_uid:
+        return Verdict(PROBLEM_BARE, f"{user.name} is a system account: the job runs without "
+                       "an environment")
+    return Verdict(READY)
+
+
+def prolog(config: SiteConfig, node: str, user: env.User, job: str,
+           barrier: Barrier | None = None, spare: TakeSpare | None = None
+           ) -> env.EnvRecord | None:
     """Replica at the barrier, then the job's environment (idempotent)."""
     rep = config.replication.on(node)
     if user.uid < config.min_uid:
@@ -142,16 +202,21 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
                        f"(uid below min_uid {config.min_uid})")
         return None
     try:
-        reply = control.request(rep.control, {"op": "follow", "user": user.name, "wait": True,
-                                              "timeout": rep.barrier_timeout},
-                                timeout=rep.barrier_timeout + 30, what="sdeefs-replicad")
+        reply = (barrier or control_barrier(config, node))(user.name, rep.barrier_timeout)
     except control.ControlError as exc:
         if exc.kind in USER_KINDS:
             raise UserProblem(str(exc)) from None
         raise
     log.info("job %s: replica of %s at seq %s (barrier %s)", job, user.name,
              reply.get("applied"), reply.get("barrier"))
-    replica_upper = ReplicaDirs.of(rep.replica_dir, user.name).upper
+    return start_environment(config, node, user, job, spare)
+
+
+def start_environment(config: SiteConfig, node: str, user: env.User, job: str,
+                      spare: TakeSpare | None = None) -> env.EnvRecord:
+    """The job's environment over the user's replica (the caller saw it at the barrier):
+    ``spare`` moves a spare environment of the user into the job's place if it has one."""
+    rep = config.replication.on(node)
     os.makedirs(rep.job_dir, mode=0o755, exist_ok=True)
     lower_dev = os.stat(config.lower).st_dev
     for key, path in (("replica_dir", rep.replica_dir), ("job_dir", rep.job_dir)):
@@ -160,28 +225,212 @@ def prolog(config: SiteConfig, node: str, user: env.User, job: str) -> env.EnvRe
                              f"({config.lower}): the kernel refuses overlapping overlay layers; "
                              "put it on the node's local scratch filesystem", ExitCode.USAGE)
     where = job_dirs(config, node, job)
+    if spare is not None and not os.path.exists(where.run.path) and \
+            not os.path.exists(where.layer.path):
+        spare(where)
     with env.locked(where.run):
         record = env.EnvRecord.load(where.run)
         if record is not None and env.is_alive(record):
             return record
-        # The node's own /etc/subuid|subgid: the same ranges as the login node's (checked by
-        # the replica as it applies records: docs/identity.md); never allocated here.
+        return _launch(config, node, user, where)
+
+
+def _launch(config: SiteConfig, node: str, user: env.User, where: EnvDirs) -> env.EnvRecord:
+    """A job environment at ``where`` (the caller holds its lock)."""
+    replica_upper = ReplicaDirs.of(config.replication.on(node).replica_dir,
+                                   user.name).upper
+    # The node's own /etc/subuid|subgid: the same ranges as the login node's (checked by
+    # the replica as it applies records: docs/identity.md); never allocated here.
+    try:
+        ids = identity.of_user(user.name, config.min_uid, allocate=False)
+    except identity.SubidError as exc:  # the user's problem, never the node's
+        raise UserProblem(f"{user.name} on {node}: {exc}") from None
+    _make_job_dirs(where, user, ids)
+    layer = where.layer
+    try:
+        init = view.launch(config, user, ids, where.run, layer.upper,
+                           os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
+                           host_pids=True)
+    except (OSError, QuietError) as exc:  # the replica's content is the user's
+        raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
+            from None
+    record = env.EnvRecord.started_now(user, init, Engine.OVERLAY)
+    record.save(where.run)
+    return record
+
+
+SPARE_PREFIX = ".spare-"  # JOB_DIR/.spare-USER(.run): a spare environment of USER
+
+
+@attrs.define(eq=False)
+class NodeJobs:
+    """The job ops of the node's resident sdeefs-replicad (``job-start``, ``job-end``:
+    sdeefs.replication.daemon), which ``sdeefs-prolog``/``-epilog`` (launcher/enter/jobhook.c)
+    ask for: the same work as ``sdeefs job-prolog``/``job-epilog``, without a Python start
+    per job.  Each call reads the site config afresh, as a prolog would (the replicad's
+    ``$SDEEFS_CONFIG`` or the default path); blocking: the replicad runs it in a thread.
+
+    **Spare environments.**  After a job of U started here, :meth:`prepare` starts the next
+    one ahead (``JOB_DIR/.spare-U``, ``.spare-U.run``: a fresh empty scratch upper over U's
+    replica, nothing run in it); the next job of U takes it, after its barrier, by renaming
+    both directories to the job's (its mounts go with them): the prolog's environment start
+    becomes two renames.  A spare is used only if it was made under the same config file and
+    the same scan for root-only files (its ``key``; the scan is refreshed after
+    ``private_scan_age``): otherwise it is ended and a job environment started as before.
+    Nothing of a job is ever reused: a spare has never run a task.  Its overlay is mounted
+    before the barrier, over the replica as it then was; a job environment's overlay is over a
+    replica that moves on while the job runs anyway (the replica applies whole records, the
+    overlay looks the changed entries up afresh: nothing was looked up in a spare but the
+    mountpoints of its start).  The replicad ends the spares it finds at its start
+    (:meth:`leftovers`), a spare whose user it stops following, and every spare older than
+    its ``SPARE_TTL`` (:meth:`expire`; 10 minutes).
+    """
+
+    _locks: dict[str, threading.Lock] = attrs.field(init=False, factory=dict)
+    _locks_lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+
+    def _lock(self, user: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(user, threading.Lock())
+
+    def start(self, node: str, user: str, job: str, barrier: Barrier) -> dict[str, object]:
+        """The reply of ``job-start``, with the milliseconds the barrier took (``barrier_ms``,
+        None if there was none), whether a spare served (``spare``) and the whole (``ms``)."""
+        began = time.monotonic()
+        waited: list[float] = []
+        took: list[bool] = []
+
+        def timed(name: str, timeout: float) -> Mapping[str, object]:
+            t0 = time.monotonic()
+            try:
+                return barrier(name, timeout)
+            finally:
+                waited.append(time.monotonic() - t0)
+
+        config = config_mod.load()
+        owner = env.User.lookup(user)
+
+        def take(where: EnvDirs) -> bool:
+            took.append(self._take_spare(config, node, owner, where))
+            return took[-1]
+
+        verdict = start_job(config, node, owner, job, timed, take)
+        return {"job": job, "verdict": verdict.kind, "message": verdict.message,
+                "barrier_ms": round(waited[0] * 1000, 1) if waited else None,
+                "spare": bool(took and took[0]),
+                "ms": round((time.monotonic() - began) * 1000, 1)}
+
+    def end(self, node: str, job: str) -> tuple[dict[str, object], str | None]:
+        """(the reply, the scratch left to remove in the background)."""
+        ended, gone = end_job(config_mod.load(), node, job)
+        return {"job": job, "ended": ended}, gone
+
+    def prepare(self, node: str, user: str) -> bool:
+        """Start a spare environment of ``user`` unless a usable one is there (True if one
+        is there now).  The user's problems (a replica not there, ids) leave none."""
+        config = config_mod.load()
+        owner = env.User.lookup(user)
+        if owner.uid < config.min_uid:
+            return False
+        spare = spare_dirs(config, node, user)
+        key = _spare_key(config)
+        with self._lock(user):
+            if _spare_usable(spare, key):
+                return True
+            self._end_spare(spare)
+            try:
+                os.makedirs(spare.run.path, mode=0o711, exist_ok=True)
+                with env.locked(spare.run):
+                    _launch(config, node, owner, spare)
+                    write_file_atomic(os.path.join(spare.run.path, "spare-key"), key.encode())
+            except (OSError, QuietError) as exc:
+                log.info("no spare environment of %s on %s: %s", user, node, exc)
+                self._end_spare(spare)
+                return False
+            return True
+
+    def _take_spare(self, config: SiteConfig, node: str, user: env.User, where: EnvDirs
+                    ) -> bool:
+        spare = spare_dirs(config, node, user.name)
+        with self._lock(user.name):
+            if not os.path.isdir(spare.run.path):
+                return False
+            if not _spare_usable(spare, _spare_key(config)):
+                self._end_spare(spare)
+                return False
+            os.rename(spare.run.path, where.run.path)
+            os.rename(spare.layer.path, where.layer.path)
+            return True
+
+    def _end_spare(self, spare: EnvDirs) -> None:
+        if not os.path.isdir(spare.run.path) and not os.path.isdir(spare.layer.path):
+            return
+        with env.locked(spare.run):
+            env.teardown(spare, env.EnvRecord.load(spare.run))
+        shutil.rmtree(spare.layer.path, ignore_errors=True)
+        shutil.rmtree(spare.run.path, ignore_errors=True)
+
+    def forget(self, node: str, user: str) -> None:
+        """End ``user``'s spare environment (the replicad stops following them)."""
+        config = config_mod.load()
+        with self._lock(user):
+            self._end_spare(spare_dirs(config, node, user))
+
+    def leftovers(self, node: str) -> list[str]:
+        """At the replicad's start: every spare ended; the scratch left to remove."""
+        self.expire(node, 0)
+        return gone_jobs(config_mod.load(), node)
+
+    def expire(self, node: str, max_age: float) -> list[str]:
+        """End the spares made more than ``max_age`` seconds ago (a user who stopped
+        submitting keeps nothing running here for long); the users whose spare ended."""
+        config = config_mod.load()
+        job_dir = config.replication.on(node).job_dir
+        ended = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(job_dir):
+                if not (name.startswith(SPARE_PREFIX) and name.endswith(".run")):
+                    continue
+                user, dirs = name[len(SPARE_PREFIX):-4], EnvDirs.job(job_dir, name[:-4])
+                with self._lock(user):
+                    try:
+                        made = os.stat(os.path.join(dirs.run.path, "spare-key")).st_mtime
+                    except FileNotFoundError:
+                        made = 0.0  # half made (a daemon stopped while making it)
+                    if time.time() - made >= max_age:
+                        self._end_spare(dirs)
+                        ended.append(user)
+        return ended
+
+
+def spare_dirs(config: SiteConfig, node: str, user: str) -> EnvDirs:
+    return job_dirs(config, node, f"{SPARE_PREFIX}{user}")
+
+
+def _spare_key(config: SiteConfig) -> str:
+    """What a spare must have been made under to serve a job now: the config file and the
+    cached scan for root-only files (a digest of their contents: nodes sharing a run
+    directory rewrite the scan with the same content)."""
+    digest = hashlib.sha256()
+    for path in (os.environ.get("SDEEFS_CONFIG") or config_mod.DEFAULT_PATH,
+                 SiteRun(config.run_dir).private_paths):
         try:
-            ids = identity.of_user(user.name, config.min_uid, allocate=False)
-        except identity.SubidError as exc:  # the user's problem, never the node's
-            raise UserProblem(f"{user.name} on {node}: {exc}") from None
-        _make_job_dirs(where, user, ids)
-        layer = where.layer
-        try:
-            init = view.launch(config, user, ids, where.run, layer.upper,
-                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
-                               host_pids=True)
-        except (OSError, QuietError) as exc:  # the replica's content is the user's
-            raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
-                from None
-        record = env.EnvRecord.started_now(user, init, Engine.OVERLAY)
-        record.save(where.run)
-        return record
+            with open(path, "rb") as f:
+                digest.update(f"{path}\0{len(data := f.read())}\0".encode() + data)
+        except FileNotFoundError:
+            digest.update(f"{path}\0-\0".encode())
+    return digest.hexdigest()
+
+
+def _spare_usable(spare: EnvDirs, key: str) -> bool:
+    try:
+        with open(os.path.join(spare.run.path, "spare-key")) as f:
+            if f.read() != key:
+                return False
+    except FileNotFoundError:
+        return False
+    record = env.EnvRecord.load(spare.run)
+    return record is not None and env.is_alive(record)
 
 
 def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
@@ -194,15 +443,48 @@ def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
 
 def epilog(config: SiteConfig, node: str, job: str) -> bool:
     """End the job's environment on this node and remove its scratch upper."""
+    ended, gone = end_job(config, node, job)
+    if gone is not None:
+        shutil.rmtree(gone, ignore_errors=True)
+    return ended
+
+
+GONE_PREFIX = ".gone-"  # JOB_DIR/.gone-JOBID-NS: a finished job's scratch, being removed
+
+
+def end_job(config: SiteConfig, node: str, job: str) -> tuple[bool, str | None]:
+    """The epilog's work, whoever runs it: the job's processes killed (gone when this
+    returns), its mounts detached, its problem and run directory removed, and its scratch
+    upper renamed out of the way: ``(ended, path)``, ``path`` what is left to remove (by
+    the caller, at leisure: a new job of the same id finds nothing of this one)."""
     where = job_dirs(config, node, job)
     had_problem = _remove_problem(config, node, job)
     if not os.path.isdir(where.run.path) and not os.path.isdir(where.layer.path):
-        return had_problem
+        return had_problem, None
     with env.locked(where.run):
         env.teardown(where, env.EnvRecord.load(where.run))
-    shutil.rmtree(where.layer.path, ignore_errors=True)
+    trash = os.path.join(os.path.dirname(where.layer.path),
+                         f"{GONE_PREFIX}{job}-{time.monotonic_ns()}")
+    gone: str | None = trash
+    try:
+        os.rename(where.layer.path, trash)
+    except FileNotFoundError:
+        gone = None
+    except OSError:  # not renamable (it should be): removed here and now instead
+        shutil.rmtree(where.layer.path, ignore_errors=True)
+        gone = None
     shutil.rmtree(where.run.path, ignore_errors=True)
-    return True
+    return True, gone
+
+
+def gone_jobs(config: SiteConfig, node: str) -> list[str]:
+    """Scratch uppers of finished jobs not removed yet (their remover stopped)."""
+    job_dir = config.replication.on(node).job_dir
+    try:
+        return [os.path.join(job_dir, n) for n in os.listdir(job_dir)
+                if n.startswith(GONE_PREFIX)]
+    except FileNotFoundError:
+        return []
 
 
 def _remove_problem(config: SiteConfig, node: str, job: str) -> bool:
@@ -224,20 +506,9 @@ def _slurm_user() -> env.User:
 def prolog_main(config: SiteConfig) -> int:
     """The Prolog: 0 unless the node itself has a problem (module docstring)."""
     node, job, user = node_name(), _job_id(), _slurm_user()
-    try:
-        prolog(config, node, user, job)
-    except control.ControlError as exc:
-        if exc.kind != NO_LAYER:
-            raise
-        print(f"sdeefs: job {job}: {user.name} has no sdeefs environment; the job runs "
-              "without one", file=sys.stderr)
-        record_problem(config, node, job, PROBLEM_BARE, f"{user.name} has no sdeefs "
-                       "environment")
-    except UserProblem as exc:
-        # slurmd's log says it; the job's steps say it to the user
-        print(f"sdeefs: job {job}: {exc} (the job fails, the node stays in service)",
-              file=sys.stderr)
-        record_problem(config, node, job, PROBLEM_FAILED, str(exc))
+    verdict = start_job(config, node, user, job, control_barrier(config, node))
+    if verdict.message:  # slurmd's log says it; the job's steps say it to the user
+        print(f"sdeefs: job {job}: {verdict.message}", file=sys.stderr)
     return 0
 
 
@@ -336,17 +607,10 @@ def _exec_bare(command: list[str]) -> None:
         raise QuietError(f"{command[0]}: {exc.strerror}", 127) from None
 
 
-def prolog_script() -> int:
-    """``sdeefs-prolog``: SLURM's Prolog (slurm.conf ``Prolog=``), as ``sdeefs job-prolog``."""
-    return slurm_hook_main("prolog")
-
-
-def epilog_script() -> int:
-    """``sdeefs-epilog``: SLURM's Epilog (slurm.conf ``Epilog=``), as ``sdeefs job-epilog``."""
-    return slurm_hook_main("epilog")
-
-
 def slurm_hook_main(which: str) -> int:
+    """``sdeefs job-prolog``/``job-epilog``: the prolog's or epilog's work in this process.
+    SLURM runs ``sdeefs-prolog``/``-epilog`` (launcher/enter/jobhook.c), which ask the
+    node's replicad instead, and run this where they cannot (the replicad not running ...)."""
     logging.basicConfig(level=logging.INFO, format="sdeefs: %(message)s")
     try:
         config = config_mod.load()

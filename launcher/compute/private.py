@@ -10,7 +10,11 @@ readable by root inside.  This scan finds them; the mask layer hides them (files
 whiteouts, directories empty).  Entries owned by other users need nothing: their
 owners are not mapped into the user namespace, so inside-root gets no override.
 
-The scan walks the lower's own filesystem (5 s for a full Debian root here), so its
+The scan walks the lower's own mount, never another mounted below it: the idmapped lower
+is a bind of that mount alone (launcher/enter/idmap.c: no submounts), so what is mounted
+below shows inside as the empty directory beneath it; a bind of ``/`` itself below ``/``
+(a container image: the same device) would otherwise be scanned again in full.  The
+scan walks the lower's own filesystem (5 s for a full Debian root here), so its
 result is cached in RUN_DIR/private-paths (layout.py) and reused until it is ``max_age`` old;
 ``sdeefs scan-private`` refreshes it (from cron, or after installing software).
 Entries created after the last scan are not hidden until the next one: the deny
@@ -20,6 +24,7 @@ list in the config covers known secrets at every job start regardless.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -30,11 +35,28 @@ from sdeefs.sysio import write_file_atomic
 from ..layout import SiteRun
 
 
+def _mountpoints_below(top: bytes) -> set[bytes]:
+    """Mountpoints strictly below ``top`` in this mount namespace (/proc/self/mountinfo,
+    its octal escapes undone)."""
+    found = set()
+    prefix = top.rstrip(b"/") + b"/"
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
+                           fields[4])
+            if point.startswith(prefix) and point != prefix:
+                found.add(point)
+    return found
+
+
 def scan(lower: str, skip: tuple[str, ...], system: int = 1000) -> Iterator[bytes]:
     """Lower-relative paths (bytes) of entries only system ids (below ``system``, the
     site's min_uid) may read; does not descend into them."""
     top = os.fsencode(lower)
-    skipped = {os.fsencode(s) for s in skip}
+    skipped = {os.fsencode(s) for s in skip} | _mountpoints_below(top)
     device = os.lstat(top).st_dev
     stack = [top]
     while stack:

@@ -22,6 +22,8 @@
  *                                                                                    join.c
  *   sdeefs-shell [--engine E] [ARG...]   (the login shell: this binary under that name)  shell.c
  *   sbatch, srun ... (SLURM client shims inside: this binary bound over them)       asuser.c
+ *   sdeefs-prolog, sdeefs-epilog (SLURM's Prolog/Epilog: this binary under those names; they
+ *                      ask the node's sdeefs-replicad to start/end the job's environment) jobhook.c
  *   sdeefs_spank.so: the SLURM SPANK plugin (spank.c), not part of this binary; it shares
  *   envns.c (joining an environment) with join.c
  *
@@ -117,6 +119,7 @@ int cmd_idmap(int argc, char **argv);             /* idmap.c */
 int cmd_start(int argc, char **argv);             /* start.c */
 int cmd_join(int argc, char **argv);              /* join.c */
 int cmd_shell(int argc, char **argv, int login);  /* shell.c */
+int cmd_jobhook(const char *which);                /* jobhook.c: "prolog" or "epilog" */
 /* Where the launcher binds the host's real SLURM clients inside an environment. */
 #define SLURM_REAL_DIR "/run/sdeefs/slurm"
 int is_slurm_client(const char *name);             /* asuser.c */

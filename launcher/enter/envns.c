@@ -189,3 +189,28 @@ int drop_capabilities(uint64_t keep, char *err, size_t len)
         return errf(err, len, errno, "capset");
     return 0;
 }
+
+void env_json_string(const char *json, const char *key, char *out, size_t size)
+{
+    char pattern[64];
+    snprintf(pattern, sizeof pattern, "\"%s\": \"", key);
+    const char *p = strstr(json, pattern);
+    size_t n = 0;
+    if (p)
+        for (p += strlen(pattern); *p && *p != '"' && n + 1 < size; p++) {
+            char c = *p;
+            if (c == '\\' && p[1]) {
+                c = *++p;
+                if (c == 'n' || c == 't' || c == 'r')
+                    c = ' ';
+                else if (c == 'u') {
+                    unsigned v = 0;
+                    if (sscanf(p + 1, "%4x", &v) == 1)
+                        p += 4;
+                    c = v >= 0x20 && v < 0x7f ? (char)v : '?';
+                }
+            }
+            out[n++] = c;
+        }
+    out[n] = 0;
+}

@@ -35,4 +35,10 @@ ssize_t env_read_small(int dirfd, const char *name, char *buf, size_t size);
 /* Keep only the capabilities in keep (bounding, ambient, permitted, effective). */
 int drop_capabilities(uint64_t keep, char *err, size_t len);
 
+/* The string value of "key" in a one-line JSON object as Python's json.dumps writes it
+ * (ASCII, ": " after keys, \" \\ \n \uXXXX escapes): "" if absent; newlines and tabs become
+ * spaces, non-ASCII escapes '?'.  For the prolog's files (spank.c) and the replicad's
+ * answers (jobhook.c), never for anything a user wrote unescaped. */
+void env_json_string(const char *json, const char *key, char *out, size_t size);
+
 #endif

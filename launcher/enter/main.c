@@ -17,6 +17,8 @@ int main(int argc, char **argv)
     const char *base = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
     if (!strcmp(base, "sdeefs-shell") || !strcmp(base, "-sdeefs-shell"))
         return cmd_shell(argc - 1, argv + 1, base[0] == '-');
+    if (!strcmp(base, "sdeefs-prolog") || !strcmp(base, "sdeefs-epilog"))
+        return cmd_jobhook(base + 7);
     if (is_slurm_client(base))
         return cmd_asuser(base, argc, argv);
     if (argc < 2)

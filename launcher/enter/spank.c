@@ -161,33 +161,6 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
     return 0;
 }
 
-/* The string value of "key" in the prolog's one-line JSON object (json.dumps: ASCII, with
- * \" \\ \n \uXXXX escapes); "" if absent.  Non-ASCII escapes become '?'. */
-static void json_string(const char *json, const char *key, char *out, size_t size)
-{
-    char pattern[64];
-    snprintf(pattern, sizeof pattern, "\"%s\": \"", key);
-    const char *p = strstr(json, pattern);
-    size_t n = 0;
-    if (p)
-        for (p += strlen(pattern); *p && *p != '"' && n + 1 < size; p++) {
-            char c = *p;
-            if (c == '\\' && p[1]) {
-                c = *++p;
-                if (c == 'n' || c == 't' || c == 'r')
-                    c = ' ';
-                else if (c == 'u') {
-                    unsigned v = 0;
-                    if (sscanf(p + 1, "%4x", &v) == 1)
-                        p += 4;
-                    c = v >= 0x20 && v < 0x7f ? (char)v : '?';
-                }
-            }
-            out[n++] = c;
-        }
-    out[n] = 0;
-}
-
 /* job_dir with %n replaced by the node's name. */
 static void node_job_dir(const char *node, char *out, size_t size)
 {
@@ -277,8 +250,8 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
     snprintf(path, sizeof path, "%s/%u.problem", dir, job);
     if (env_read_small(AT_FDCWD, path, text, sizeof text) >= 0) {
         char kind[32], message[2048];
-        json_string(text, "kind", kind, sizeof kind);
-        json_string(text, "message", message, sizeof message);
+        env_json_string(text, "kind", kind, sizeof kind);
+        env_json_string(text, "message", message, sizeof message);
         if (!strcmp(kind, "bare"))
             return 0; /* no environment: the task runs as usual */
         task_fail("job %u on %s: %s", job, node,

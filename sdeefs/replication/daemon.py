@@ -25,6 +25,8 @@ Control socket (unix, root only; ``sdeefs.control``)::
     {"op": "unfollow", "user": U}                                -> {"stopped": bool}
     {"op": "resync", "user": U, "timeout": 300}                  -> {"applied", "snapshots"}
     {"op": "status"}                                             -> every user, both roles
+    {"op": "job-start", "job": ID, "user": U, "node": N}         -> {"verdict", "message"}
+    {"op": "job-end", "job": ID, "node": N}                      -> {"ended": bool}
 
 ``follow`` with ``wait`` learns the login node's head *now* (``relay.HeadRounds``: at
 least the position the user's journal had when the job was submitted) and returns once
@@ -41,6 +43,19 @@ failed request's ``kind`` (``control.ControlError``) says why:
                       (``replica``: the user's problem, never the link's): it differs
                       from the user's upper until ``resync``
 
+``job-start`` and ``job-end`` are SLURM's prolog and epilog for job ID on node N (its SLURM
+name: the job directory's ``%n``), done by this resident daemon for the small C client that
+slurmd runs (``sdeefs-prolog``/``-epilog``, launcher/enter/jobhook.c), so that no job starts
+a Python process: ``job-start`` waits for U's barrier (as ``follow --wait``, in-process) and
+starts the job's environment; its ``verdict`` is ``ready``, or ``bare``/``failed`` with the
+one line the job's tasks will tell (sdeefs.launcher.compute.job: the user's problems never
+fail the request, the node's do).  ``job-end`` answers once the job's processes are gone and
+its mounts detached; its scratch upper, renamed out of the way first, is removed in the
+background (what a stopped daemon left is removed at its next start).  After a job of U
+started, the next one's environment is started ahead, a *spare* (``NodeJobs``): the next
+``job-start`` of U takes it once at the barrier; ``unfollow`` ends it.  Only compute nodes
+(a ``--replica-dir``) answer them (``jobs``: the launcher's job host, given by ``main``).
+
 ``resync`` makes the replica of U faithful again, whatever it holds: the link ends, and
 the next one goes to the login node itself (never redirected) with the HELLO flag RESYNC;
 the login node sends a verified snapshot of U's upper, which replaces the copy (and its
@@ -53,11 +68,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
+import re
+import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import attrs
 import trio
@@ -117,6 +137,10 @@ THREADS = 40  # worker threads at once (trio's default): replicas applying, ship
 LOCKED_READ_THREADS = 4  # of relays reading their copy for a snapshot, under its lock
 BARRIER_RETRY = 0.2  # seconds between attempts to learn the login node's head for a barrier
 BARRIER_POLL = 0.05  # seconds between looks at a replica catching up with its barrier
+SPARE_TTL = 600.0  # seconds a spare job environment waits for its user's next job
+SPARE_CHECK = 30.0  # seconds between looks for spares older than that
+JOB_ID = re.compile(r"[0-9]{1,20}")  # a SLURM job id, as job-start/job-end take it
+NODE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")  # a SLURM node name
 
 
 @attrs.frozen
@@ -176,6 +200,24 @@ def control_request(path: str, request: control.Request, timeout: float = 600
     return control.request(path, request, timeout, what="sdeefs-replicad")
 
 
+class JobHost(Protocol):
+    """What runs a job's prolog and epilog for this daemon (``job-start``, ``job-end``;
+    sdeefs.launcher.compute.job.NodeJobs).  Blocking: called in a worker thread."""
+
+    def start(self, node: str, user: str, job: str,
+              barrier: Callable[[str, float], Mapping[str, object]]) -> dict[str, object]: ...
+
+    def end(self, node: str, job: str) -> tuple[dict[str, object], str | None]: ...
+
+    def prepare(self, node: str, user: str) -> bool: ...
+
+    def forget(self, node: str, user: str) -> None: ...
+
+    def leftovers(self, node: str) -> list[str]: ...
+
+    def expire(self, node: str, max_age: float) -> list[str]: ...
+
+
 @attrs.define(eq=False)
 class ReplicaUser:
     """One user this node follows: the replica, its link upstream, what it relays.
@@ -222,6 +264,10 @@ class Daemon:
 
     config: DaemonConfig
     offload: Offload = attrs.field(factory=lambda: Offload(trio.CapacityLimiter(THREADS)))
+    jobs: JobHost | None = None  # compute nodes: the job ops (module docstring)
+    job_ops: dict[str, int] = attrs.field(
+        factory=lambda: {"job-start": 0, "job-end": 0, "spare": 0})
+    spare_nodes: dict[str, str] = attrs.field(factory=dict)  # user -> node of their spare
     # A relay reads its copy for a snapshot holding Replica.lock, which threads of
     # ``offload`` may be waiting for: its reads have slots of their own (docs/threading.md).
     locked_reads: Offload = attrs.field(
@@ -248,11 +294,16 @@ class Daemon:
                 host, port = self.config.listen
                 listeners = await trio.open_tcp_listeners(port, host=host or None)
                 nursery.start_soon(trio.serve_listeners, self._handle_peer, listeners)
+            if self.jobs is not None:  # before any job op: the spares a stopped daemon left
+                for path in await self.offload.run(self.jobs.leftovers, self.config.node):
+                    nursery.start_soon(self._remove_gone, path)
             if self.config.control is not None:
                 await nursery.start(self._serve_control)
             for user in self.config.follow:
                 await self.start_following(user)
             nursery.start_soon(self._release_memory)
+            if self.jobs is not None:
+                nursery.start_soon(self._expire_spares)
             log.info("sdeefs-replicad %s ready (listen %s, origin %s, replicas %s, upstream %s)",
                      self.config.node, self.config.listen, self.config.origin_root,
                      self.config.replica_dir, self.config.upstream)
@@ -578,6 +629,8 @@ class Daemon:
         op = request.get("op")
         if op == "status":
             return await self.status()
+        if op in ("job-start", "job-end"):
+            return await self._job_op(op, request)
         user = request.get("user")
         if not isinstance(user, str) or not user or "/" in user or user.startswith("."):
             raise control.BadRequest("user must be a user name")
@@ -591,7 +644,11 @@ class Daemon:
             await self.start_following(user)
             return {"user": user, "following": True}
         if op == "unfollow":
-            return {"user": user, "stopped": self.stop_following(user)}
+            stopped = self.stop_following(user)
+            node = self.spare_nodes.pop(user, None)
+            if node is not None:  # before the answer: remove-user removes the replica next
+                await self._forget_spare(node, user)
+            return {"user": user, "stopped": stopped}
         if op == "resync":
             try:
                 timeout = float(request.get("timeout", 300))
@@ -599,6 +656,89 @@ class Daemon:
                 raise control.BadRequest("timeout must be a number") from None
             return await self.resync(user, timeout)
         raise control.BadRequest(f"unknown op {op!r}")
+
+    async def _job_op(self, op: str, request: control.Request) -> control.Reply:
+        """``job-start``/``job-end`` (module docstring).  Whatever goes wrong is the node's
+        problem (the prolog's client exits non-zero): the user's are in the verdict."""
+        if self.jobs is None:
+            raise control.ControlError(f"{self.config.node} runs no jobs (no replica_dir)",
+                                       ExitCode.USAGE, "no-replicas")
+        job, node = request.get("job"), request.get("node")
+        if not isinstance(job, str) or not JOB_ID.fullmatch(job):
+            raise control.BadRequest("job must be a SLURM job id")
+        if not isinstance(node, str) or not NODE_NAME.fullmatch(node):
+            raise control.BadRequest("node must be a node name")
+        jobs = self.jobs
+        began = time.monotonic()
+        try:
+            if op == "job-end":
+                reply, gone = await self.offload.run(jobs.end, node, job)
+                if gone is not None:
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._remove_gone, gone)
+                self._job_done(op, job, node, began, "ended")
+                return reply
+            user = request.get("user")
+            if not isinstance(user, str) or not user or "/" in user or user.startswith("."):
+                raise control.BadRequest("user must be a user name")
+
+            def barrier(name: str, timeout: float) -> Mapping[str, object]:
+                return trio.from_thread.run(self.wait_barrier, name, timeout)
+
+            reply = await self.offload.run(jobs.start, node, user, job, barrier)
+            self._job_done(op, job, node, began, f"{user}: {reply.get('verdict')}, barrier "
+                           f"{reply.get('barrier_ms')} ms, spare {reply.get('spare')}")
+            if reply.get("spare"):
+                self.job_ops["spare"] += 1
+            if reply.get("verdict") == "ready" and user in self.replicas:
+                assert self._nursery is not None  # the next job of the user: ready ahead
+                self.spare_nodes[user] = node
+                self._nursery.start_soon(self._prepare_spare, node, user)
+            return reply
+        except QuietError as exc:
+            log.error("%s of job %s on %s: %s", op, job, node, exc)
+            raise
+        except OSError as exc:
+            raise QuietError(f"job {job} on {node}: {exc}", ExitCode.FAILURE) from None
+        except Exception as exc:  # a bug must not end the daemon (and every replica with it)
+            log.exception("%s of job %s", op, job)
+            raise QuietError(f"job {job} on {node}: internal error: {exc!r}",
+                             ExitCode.FAILURE) from None
+
+    def _job_done(self, op: str, job: str, node: str, began: float, what: str) -> None:
+        self.job_ops[op] += 1
+        log.info("%s of job %s on %s: %s (%.1f ms)", op, job, node, what,
+                 (time.monotonic() - began) * 1000)
+
+    async def _prepare_spare(self, node: str, user: str) -> None:
+        assert self.jobs is not None
+        try:
+            await self.offload.run(self.jobs.prepare, node, user)
+        except Exception:  # a spare is an optimisation: never the daemon's end
+            log.exception("a spare environment of %s on %s", user, node)
+
+    async def _expire_spares(self) -> None:
+        """End spares unused for SPARE_TTL (every SPARE_CHECK seconds)."""
+        assert self.jobs is not None
+        while True:
+            await trio.sleep(SPARE_CHECK)
+            for node in set(self.spare_nodes.values()):
+                try:
+                    for user in await self.offload.run(self.jobs.expire, node, SPARE_TTL):
+                        self.spare_nodes.pop(user, None)
+                except Exception:
+                    log.exception("ending old spare environments on %s", node)
+
+    async def _forget_spare(self, node: str, user: str) -> None:
+        assert self.jobs is not None
+        try:
+            await self.offload.run(self.jobs.forget, node, user)
+        except Exception:
+            log.exception("ending the spare environment of %s on %s", user, node)
+
+    async def _remove_gone(self, path: str) -> None:
+        """A finished job's scratch upper, renamed out of the way by ``job-end``."""
+        await self.offload.run(functools.partial(shutil.rmtree, path, ignore_errors=True))
 
     async def status(self) -> dict[str, object]:
         origin = await self.origin.status() if self.origin is not None else {}
@@ -614,7 +754,7 @@ class Daemon:
                 "skipped_records": [x.as_json() for x in r.replica.skipped.records],
             }
         return {"node": self.config.node, "origin": origin, "replicas": replicas,
-                "uptime": time.time() - self.started}
+                "uptime": time.time() - self.started, "jobs": dict(self.job_ops)}
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -727,7 +867,12 @@ def main(argv: list[str] | None = None) -> int:
             expire=args.expire)
         if config.replica_dir:
             os.makedirs(config.replica_dir, mode=0o700, exist_ok=True)
-        trio.run(Daemon(config).run)
+        jobs = None
+        if config.replica_dir:  # a compute node runs the jobs' prolog and epilog too
+            from ..launcher.compute.job import NodeJobs
+
+            jobs = NodeJobs()
+        trio.run(Daemon(config, jobs=jobs).run)
     except QuietError as exc:
         print(f"sdeefs-replicad: {exc}", file=sys.stderr)
         return exc.exitcode

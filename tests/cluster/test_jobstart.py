@@ -1,0 +1,169 @@
+"""SLURM's Prolog and Epilog start no Python: a C client asks the node's resident replicad.
+
+A real 2-node cluster with the SPANK plugin, the prolog and epilog of docs/admin.md
+(``sdeefs-prolog``/``sdeefs-epilog``: launcher/enter/jobhook.c), a replicad on every node
+(sdeefs.replication.daemon, ops ``job-start``/``job-end``).  The user types plain ``sbatch``
+inside the environment; the node's replicad counts the jobs it started and ended.  With the
+replicad killed, the epilog still ends the job's environment (the client runs ``sdeefs
+job-epilog`` instead), and the prolog fails with one line in slurmd's log (the node's problem:
+SLURM drains it, as docs/admin.md says).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..launcher.launcher_site import SHELL, VENV_BIN, requires_launcher
+from .slurm_cluster import requires_slurm
+from .test_slurm_jobs import Grid, open_grid
+
+pytestmark = [requires_slurm, requires_launcher]
+
+IN_SERVICE = ("idle", "allocated", "mixed", "completing")
+
+
+@pytest.fixture
+def grid() -> Iterator[Grid]:
+    with open_grid(2, spank=True) as g:
+        try:
+            yield g
+        finally:  # the login environments name the cluster's munge directory: end them first
+            for user in g.site.users:
+                subprocess.run([str(SHELL.parent / "sdeefs"), "stop", user],
+                               env=g.site.env(), capture_output=True)
+
+
+def inside(g: Grid, command: str) -> str:
+    """sdeefs-shell -c COMMAND on the login node, as the user types it."""
+    home = g.site.home(g.user)
+    return g.slurm.run([str(SHELL), "-c", command], user=g.user, cwd=home, timeout=120,
+                       env={"SDEEFS_RUN_DIR": str(g.site.run_dir), "HOME": str(home),
+                            "SDEEFS_CONFIG": str(g.site.config)}).stdout
+
+
+def job_files(g: Grid, i: int) -> list[str]:
+    """What JOB_DIR of node i holds (scratch uppers, run directories, problems)."""
+    jobs = g.base / f"n{i}" / "jobs"
+    return sorted(os.listdir(jobs)) if jobs.is_dir() else []
+
+
+def alive(pid: int) -> bool:
+    """Is ``pid`` a live process (a zombie is not: its parent reaps it when it will)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_spare_only(g: Grid, i: int) -> None:
+    """Nothing of a finished job left in JOB_DIR: only the user's spare environment."""
+    spare = [f".spare-{g.user}", f".spare-{g.user}.run"]
+    deadline = time.monotonic() + 20  # the scratch upper goes in the background
+    while job_files(g, i) != spare and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job_files(g, i) == spare, job_files(g, i)
+
+
+def submit(g: Grid, name: str, script: str, *args: str) -> tuple[int, Path]:
+    home = g.site.home(g.user)
+    (home / f"{name}.sh").write_text(script)
+    out = home / f"{name}.out"
+    job = inside(g, f"sbatch --parsable {' '.join(args)} -o {out} {home}/{name}.sh").strip()
+    return int(job), out
+
+
+def test_slurm_runs_the_c_client_and_the_replicad_starts_and_ends_each_job(grid: Grid) -> None:
+    g = grid
+    for which in ("prolog", "epilog"):  # what slurmd runs: no interpreter
+        assert (VENV_BIN / f"sdeefs-{which}").resolve().read_bytes()[:4] == b"\x7fELF"
+    g.site.start(g.user)
+    # /opt/scratch: made at login, anybody's to write in; what a job writes there lands in
+    # the job's scratch upper
+    g.site.run(g.user, "echo v1 > /etc/sdeefs-demo && mkdir -m 1777 /opt/scratch")
+    uid = g.site.uid(g.user)
+    for round_ in (1, 2):
+        job, out = submit(g, f"job{round_}", "#!/bin/sh\nsrun -N2 sh -c 'echo task $(hostname) "
+                          "$(cat /etc/sdeefs-demo) $(id -u) >> $HOME/tasks; "
+                          "touch /opt/scratch/$SLURM_JOB_ID-$(hostname)'\nls /opt/scratch\n",
+                          "-N2")
+        state = g.slurm.wait_job(job, timeout=120)  # the epilog included
+        assert state == "COMPLETED", (state, out.read_text() if out.exists() else "",
+                                      g.hook_logs())
+        # a job's scratch is its own: the second job on n1 sees nothing of the first
+        assert out.read_text().split() == [f"{job}-n1"], out.read_text()
+        for i in (1, 2):
+            # the node's replicad did this job's prolog and epilog; the second job took the
+            # spare environment started after the first one's start
+            status = g.control(i, {"op": "status"})
+            assert status["jobs"] == {"job-start": round_, "job-end": round_,
+                                      "spare": round_ - 1}, status
+            # the job's own directories are gone when the epilog returned (a new job of the
+            # same id finds nothing); its scratch upper follows in the background
+            assert not any(name in (str(job), f"{job}.run", f"{job}.problem")
+                           for name in job_files(g, i)), job_files(g, i)
+            wait_spare_only(g, i)
+    tasks = (g.site.home(g.user) / "tasks").read_text().splitlines()
+    assert sorted(tasks) == sorted([f"task n{i} v1 {uid}" for i in (1, 2)] * 2), tasks
+    logs = g.hook_logs()
+    assert "Traceback" not in logs, logs
+    assert "job-prolog:" not in logs, logs  # no fallback to the Python prolog
+
+
+def test_with_the_replicad_down_the_epilog_still_ends_the_job_and_the_prolog_says_why(
+        grid: Grid) -> None:
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "echo v2 > /etc/sdeefs-demo")
+    home = g.site.home(g.user)
+    job, out = submit(g, "long", f"#!/bin/sh\ncat /etc/sdeefs-demo\n"
+                      f"while [ ! -e {home}/go ]; do sleep 0.1; done\n", "-N1", "-w", "n1")
+    init = g.base / "n1" / "jobs" / f"{job}.run" / "init"
+    deadline = time.monotonic() + 60
+    while not init.exists():
+        assert time.monotonic() < deadline, g.hook_logs()
+        time.sleep(0.1)
+    pid = int(init.read_text().split()[0])
+    spare = g.base / "n1" / "jobs" / f".spare-{g.user}.run"
+    while not (spare / "spare-key").exists():  # the next job's, started ahead
+        assert time.monotonic() < deadline, g.log(1)
+        time.sleep(0.1)
+    spare_pid = int((spare / "init").read_text().split()[0])
+    g.kill_replicad(1)
+    (home / "go").touch()
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text(), g.hook_logs())
+    assert out.read_text() == "v2\n"
+    # The epilog ran `sdeefs job-epilog` in its place: the environment ended, nothing left,
+    # the node in service.
+    assert not alive(pid)
+    assert job_files(g, 1) == [f".spare-{g.user}", f".spare-{g.user}.run"], job_files(g, 1)
+    assert g.slurm.node_states().get("n1") in IN_SERVICE, g.slurm.node_states()
+
+    # The prolog cannot serve a job without the replicad: the node's problem, one line.
+    log = g.base / "prolog-n1.log"
+    before = log.read_text() if log.exists() else ""
+    job, out = submit(g, "never", "#!/bin/sh\necho ran\n", "-N1", "-w", "n1")
+    deadline = time.monotonic() + 60
+    while "drain" not in g.slurm.node_states().get("n1", ""):
+        assert time.monotonic() < deadline, (g.slurm.node_states(), g.hook_logs())
+        time.sleep(0.2)
+    new = log.read_text()[len(before):].splitlines()
+    assert len(new) == 1, new
+    assert new[0].startswith("sdeefs job-prolog: sdeefs-replicad is not running"), new
+    assert not out.exists()
+    # The admin's fix (docs/admin.md): the replicad back, the node resumed; jobs run again.
+    g.slurm.run(["scancel", str(job)], check=False)  # requeued, held: SLURM's own way
+    g.start_replicad(1)  # it ends the spare it left
+    assert not alive(spare_pid)
+    g.slurm.run(["scontrol", "update", "nodename=n1", "state=resume"])
+    job, out = submit(g, "again", "#!/bin/sh\ncat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, g.hook_logs())
+    assert out.read_text() == "v2\n"
+    wait_spare_only(g, 1)
