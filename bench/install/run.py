@@ -114,6 +114,9 @@ REQUIRED_PROGRAMS = ("gcc", "git", "tar", "find", "cp", "mount", "umount", "mkfs
 GUARD_USER = (1000, 1000)  # the guard shows host root's directories as this user's
 GUARD_DENY = ("/etc/ssh/ssh_host_*_key",)
 GUARD_NAMES = {"c": "C, sdeefs-guard", "python": "Python, pyfuse3"}
+# the transport prototype (bench/guardring/ringproto.c): a guard-like layer with nothing to hide
+RINGPROTO = REPO_ROOT / "bench" / "guardring" / "ringproto.c"
+ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 MIB = 1 << 20
 
 
@@ -350,9 +353,11 @@ class ImageOverlayContender(Contender):
 
     def __init__(self, name: str, template: LayerTemplate, python: Path, *, guard: str | None,
                  capture: bool, capture_args: tuple[str, ...] = (), keeper: bool = True,
-                 tree: Path | None = None, guard_env: tuple[tuple[str, str, str], ...] = ()
-                 ) -> None:
+                 tree: Path | None = None, guard_env: tuple[tuple[str, str, str], ...] = (),
+                 proto: tuple[str, ...] = ()) -> None:
         """``guard``: None, or the guard daemon below the overlay ("c" or "python");
+        ``proto``: instead of a guard, bench/guardring/ringproto with these arguments (its
+        transport, then options: "read" over /dev/fuse, "ring" over io_uring);
         ``keeper``: False runs sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0);
         ``tree``: run the capture of the sdeefs tree in this directory; ``guard_env``:
         (variable, value, what it does) for sdeefs-guard's environment."""
@@ -366,15 +371,33 @@ class ImageOverlayContender(Contender):
         self.capture = capture
         self.capture_args = capture_args
         self.captures: dict[Path, CaptureRun] = {}
+        self.proto = proto
+        self.proto_binary: Path | None = None
 
     def prepare(self, lower: Path, scratch: Path, tracker: ProcessTracker) -> None:
         self.template.ensure(tracker)
+        if self.proto:
+            if self.proto[0] == "ring" and ENABLE_URING.read_text().strip() != "Y":
+                raise MountError(f"FUSE over io_uring is off ({ENABLE_URING} is N; "
+                                 f"echo Y > {ENABLE_URING})")
+            binary = scratch / "ringproto"
+            if not binary.exists():
+                result = run_command(["gcc", "-O2", "-Wall", "-pthread", "-o", str(binary),
+                                      str(RINGPROTO)], tracker, timeout=120)
+                if not result.ok:
+                    raise MountError(f"gcc ringproto.c: {result.failure_reason()}")
+            self.proto_binary = binary
 
     def describe(self) -> str:
         parts = ["kernel overlayfs (userxattr, as the launcher mounts it), upper on an ext4 layer "
                  "image (loop, sdeefs.fs.image)"]
         if self.guard:
             parts.append(f"lowers = sdeefs guard ({GUARD_NAMES[self.guard]}) over the lower")
+        if self.proto:
+            parts.append(f"lowers = bench/guardring/ringproto {' '.join(self.proto)} over "
+                         "the lower (a guard with nothing to hide; "
+                         + ("FUSE over io_uring)" if self.proto[0] == "ring"
+                            else "read/writev on /dev/fuse)"))
         if self.guard == "c" and not self.keeper:
             parts.append("sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0)")
         parts += [f"sdeefs-guard with {var}={value} ({what})"
@@ -416,6 +439,17 @@ class ImageOverlayContender(Contender):
                         if (p := tracker.track(pid, f"guard {guard}")) is not None]
             if not result.ok:
                 raise MountError(f"guard: {result.failure_reason()}", daemons)
+            lowers.insert(0, str(guard))
+        elif self.proto:
+            assert self.proto_binary is not None
+            guard = dirs.root / "guard"
+            guard.mkdir()
+            result = run_command([str(self.proto_binary), self.proto[0], str(lower),
+                                  str(guard), *self.proto[1:]], tracker, timeout=60)
+            daemons += [p for pid in processes_referencing(str(guard))
+                        if (p := tracker.track(pid, f"guard {guard}")) is not None]
+            if not result.ok:
+                raise MountError(f"ringproto: {result.failure_reason()}", daemons)
             lowers.insert(0, str(guard))
         result = run_command(
             ["mount", "-t", "overlay", "overlay", "-o",
@@ -1021,7 +1055,8 @@ def goal_lines(results: Results, chosen: Sequence[Workload]) -> list[str]:
                 continue
             guards = [(name, results.median(metric.key, name))
                       for name in ("guardc-img", "guardc-asking-img", "guardc-ahead-img",
-                                   "guardpy-img")]
+                                   "guardpy-img", "proto-read-img", "proto-ring-img",
+                                   "proto-ring-nopin-img")]
             if metric.writes:
                 # The issue asks for >= 0.5x kernel overlayfs "on the same layers": the
                 # verdict takes the lower of the two overlays' ratios (those that ran).
@@ -1171,6 +1206,14 @@ def all_contenders(template: LayerTemplate, python: Path,
         ImageOverlayContender("guardc-ahead-img", template, python, guard="c", capture=False,
                               guard_env=(("SDEEFS_GUARD_PREFETCH", "2",
                                           "2 threads look names up ahead"),)),
+        # the transport alone (bench/guardring/ringproto.c): a guard-like layer answering
+        # from the host, over /dev/fuse as libfuse 3.14 does, and over io_uring
+        ImageOverlayContender("proto-read-img", template, python, guard=None, capture=False,
+                              proto=("read",)),
+        ImageOverlayContender("proto-ring-img", template, python, guard=None, capture=False,
+                              proto=("ring",)),
+        ImageOverlayContender("proto-ring-nopin-img", template, python, guard=None,
+                              capture=False, proto=("ring", "--pin", "0")),
         # sdeefs-guard as before its keeper: what surviving a crash costs (the node log)
         ImageOverlayContender("guardc-nokeeper-img", template, python, guard="c",
                               capture=False, keeper=False),
