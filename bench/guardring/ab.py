@@ -12,7 +12,8 @@ layer kind between them as the login view stacks the guard (``userxattr``), and 
 ``find -fprintf /dev/null '%i %s %m %n %T@'`` twice: a first walk (every entry asks the
 layer) and a repeated one.  Layer kinds: ``overlay`` (none), ``guardc`` (sdeefs-guard, C),
 ``read`` / ``ring`` / ``ring-nopin`` (bench/guardring/ringproto: the transport alone, over
-/dev/fuse or io_uring).  ``--strace``: one extra first walk per FUSE layer under
+/dev/fuse or io_uring), ``shown`` (ringproto --shown 1: every entry a positive one, listed by
+READDIRPLUS).  ``--strace``: one extra first walk per FUSE layer under
 ``strace -c -f`` of its daemon (the syscalls per request); ``--perf``: the same under
 ``perf stat`` (context switches, CPU).  Not a bench of record: bench/install/run.py is.
 """
@@ -62,7 +63,8 @@ class Layer:
                  str(self.work / "guard.log")], cwd=REPO)
         else:
             mode, *opts = {"read": ["read"], "ring": ["ring"],
-                           "ring-nopin": ["ring", "--pin", "0"]}[self.kind]
+                           "ring-nopin": ["ring", "--pin", "0"],
+                           "shown": ["read", "--shown", "1"]}[self.kind]
             before = set(pids_of(self.proto))
             with (self.work / "proto.log").open("w") as log:  # the daemon keeps it open
                 subprocess.run([str(self.proto), mode, str(self.lower), str(self.fuse), *opts],

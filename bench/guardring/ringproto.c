@@ -10,7 +10,14 @@
  * It does the host work the guard's "asking" path does at least (one fstatat per lookup) and
  * no policy: the difference between its two transports is the transport's.
  *
- *   ringproto read|ring LOWER MOUNTPOINT [--pin 0|1] [--entries N] [--defer 0|1]
+ *   ringproto read|ring LOWER MOUNTPOINT [--pin 0|1] [--entries N] [--defer 0|1] [--shown 1]
+ *
+ * --shown 1: a different layer, to measure a different design: every host entry is a
+ *   positive entry (LOOKUP answers files too) and READDIRPLUS lists every entry with its
+ *   attributes, so that the kernel holds a dentry for each name once a directory is listed
+ *   and a walker's lstat of a listed name makes no request.  Files' data: OPEN, READ,
+ *   READLINK answered from the host file (enough for git status; a real layer would hand
+ *   the host file to the kernel: FUSE passthrough).
  *
  * read: one thread, read(2)/writev(2) on /dev/fuse (what libfuse 3.14's loop does).
  * ring: FUSE over io_uring (Linux >= 6.14 with fuse.enable_uring=1): one thread per possible
@@ -26,6 +33,7 @@
  * ring); the installed header is older.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/io_uring.h>
@@ -48,6 +56,7 @@
 /* -- the kernel's framing ------------------------------------------------------------------- */
 
 enum {
+    OP_READLINK = 5, OP_OPEN = 14, OP_READ = 15, OP_RELEASE = 18, OP_FLUSH = 25,
     OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_STATFS = 17, OP_RELEASEDIR = 29,
     OP_GETXATTR = 22, OP_LISTXATTR = 23, OP_INIT = 26, OP_OPENDIR = 27, OP_READDIR = 28,
     OP_INTERRUPT = 36, OP_DESTROY = 38, OP_BATCH_FORGET = 42, OP_READDIRPLUS = 44,
@@ -129,9 +138,20 @@ struct uring_cmd_req {
 
 /* -- nodes: a host directory each (O_PATH), node id = index + 1 ----------------------------- */
 
+struct listed {
+    char *name;
+    struct stat st;
+};
+
 struct node {
-    int fd;
+    int fd;            /* O_PATH of a directory; -1: not opened yet (--shown), or a file */
     uint64_t host_ino;
+    uint64_t parent;   /* --shown: where to open it from */
+    char *name;
+    struct stat st;
+    struct listed *list; /* --shown: the directory's entries, listed at READDIRPLUS */
+    size_t nlist;
+    bool listed;
 };
 
 static struct {
@@ -182,17 +202,67 @@ static uint64_t node_for(int fd, uint64_t ino)
         for (uint64_t id = 1; id <= table.count; id++)
             slots_put(id);
     }
-    table.nodes[table.count] = (struct node){fd, ino};
+    table.nodes[table.count] = (struct node){.fd = fd, .host_ino = ino};
     uint64_t id = ++table.count;
     slots_put(id);
     pthread_mutex_unlock(&table.lock);
     return id;
 }
 
+/* --shown: the node of a host entry ``name`` of directory node ``parent`` (made if new) */
+static uint64_t node_entry_locked(uint64_t parent, const char *name, const struct stat *st)
+{
+    for (size_t i = slot_of(st->st_ino, table.nslots); table.slots[i];
+         i = (i + 1) & (table.nslots - 1))
+        if (table.nodes[table.slots[i] - 1].host_ino == st->st_ino) {
+            uint64_t id = table.slots[i];
+            table.nodes[id - 1].st = *st;
+            return id;
+        }
+    if (table.count == table.cap) {
+        table.cap *= 2;
+        table.nodes = realloc(table.nodes, table.cap * sizeof *table.nodes);
+    }
+    if (2 * (table.count + 1) > table.nslots) {
+        free(table.slots);
+        table.nslots *= 2;
+        table.slots = calloc(table.nslots, sizeof *table.slots);
+        for (uint64_t id = 1; id <= table.count; id++)
+            slots_put(id);
+    }
+    table.nodes[table.count] = (struct node){.fd = -1, .host_ino = st->st_ino, .parent = parent,
+                                             .name = strdup(name), .st = *st};
+    uint64_t id = ++table.count;
+    slots_put(id);
+    return id;
+}
+
+static uint64_t node_entry(uint64_t parent, const char *name, const struct stat *st)
+{
+    pthread_mutex_lock(&table.lock);
+    uint64_t id = node_entry_locked(parent, name, st);
+    pthread_mutex_unlock(&table.lock);
+    return id;
+}
+
+static int node_fd_locked(uint64_t id)
+{
+    if (id < 1 || id > table.count)
+        return -1;
+    struct node *n = &table.nodes[id - 1];
+    if (n->fd < 0 && n->name && S_ISDIR(n->st.st_mode)) {
+        int pfd = node_fd_locked(n->parent);
+        n = &table.nodes[id - 1];
+        if (pfd >= 0)
+            n->fd = openat(pfd, n->name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    }
+    return n->fd;
+}
+
 static int node_fd(uint64_t id)
 {
     pthread_mutex_lock(&table.lock);
-    int fd = id >= 1 && id <= table.count ? table.nodes[id - 1].fd : -1;
+    int fd = node_fd_locked(id);
     pthread_mutex_unlock(&table.lock);
     return fd;
 }
@@ -216,11 +286,92 @@ static void to_attr(const struct stat *st, uint64_t ino, struct k_attr *a)
     a->blksize = 4096;
 }
 
+
 /* -- answers (the same for both transports) -------------------------------------------------- */
 
 #define DAY 86400
 
 static bool use_ring;
+static int shown; /* --shown 1: every host entry a positive entry, READDIRPLUS lists them */
+#define OUT_SIZE (128 * 1024) /* a reply's body at most (a READ's: max_write) */
+
+static size_t put_entry(char *out, size_t room, uint64_t id, const struct stat *st,
+                        const char *name, uint64_t off)
+{
+    size_t len = strlen(name), need = (sizeof(struct entry_out) + 24 + len + 7) & ~(size_t)7;
+    if (need > room)
+        return 0;
+    memset(out, 0, need);
+    struct entry_out *e = (void *)out;
+    e->nodeid = id;
+    e->entry_valid = e->attr_valid = 86400;
+    to_attr(st, st->st_ino, &e->attr);
+    char *d = out + sizeof *e;
+    uint64_t ino = st->st_ino;
+    uint32_t namelen = (uint32_t)len, type = (st->st_mode & S_IFMT) >> 12;
+    memcpy(d, &ino, 8);
+    memcpy(d + 8, &off, 8);
+    memcpy(d + 16, &namelen, 4);
+    memcpy(d + 20, &type, 4);
+    memcpy(d + 24, name, len);
+    return need;
+}
+
+/* --shown: READDIRPLUS hands out every host entry, with its attributes */
+static int list_shown(const struct in_header *h, const char *arg, char *out, size_t room)
+{
+    uint64_t off;
+    uint32_t size;
+    memcpy(&off, arg + 8, 8);
+    memcpy(&size, arg + 16, 4);
+    if (size < room)
+        room = size;
+    pthread_mutex_lock(&table.lock);
+    int dfd = node_fd_locked(h->nodeid);
+    if (dfd < 0) {
+        pthread_mutex_unlock(&table.lock);
+        return -ESTALE;
+    }
+    struct node *n = &table.nodes[h->nodeid - 1];
+    if (!n->listed || off == 0) {
+        for (size_t i = 0; i < n->nlist; i++)
+            free(n->list[i].name);
+        free(n->list);
+        n->list = NULL;
+        n->nlist = 0;
+        size_t cap = 0;
+        int fd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+        struct dirent *de;
+        while (dir && (de = readdir(dir))) {
+            if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+                continue;
+            struct stat st;
+            if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+                continue;
+            if (n->nlist == cap) {
+                cap = cap ? 2 * cap : 16;
+                n->list = realloc(n->list, cap * sizeof *n->list);
+            }
+            n->list[n->nlist++] = (struct listed){strdup(de->d_name), st};
+        }
+        if (dir)
+            closedir(dir);
+        n->listed = true;
+    }
+    size_t used = 0;
+    for (size_t i = (size_t)off; i < table.nodes[h->nodeid - 1].nlist; i++) {
+        struct listed *l = &table.nodes[h->nodeid - 1].list[i];
+        uint64_t id = node_entry_locked(h->nodeid, l->name, &l->st);
+        l = &table.nodes[h->nodeid - 1].list[i]; /* the table may have moved */
+        size_t put = put_entry(out + used, room - used, id, &l->st, l->name, i + 1);
+        if (!put)
+            break;
+        used += put;
+    }
+    pthread_mutex_unlock(&table.lock);
+    return (int)used;
+}
 
 /* op_size: bytes of the opcode's first argument (the ring's op_in; /dev/fuse: the body's start) */
 static size_t op_size(uint32_t opcode)
@@ -231,6 +382,9 @@ static size_t op_size(uint32_t opcode)
     case OP_OPENDIR: return 8;
     case OP_RELEASEDIR: return 24;
     case OP_GETXATTR: case OP_LISTXATTR: return 8;
+    case OP_OPEN: return 8;
+    case OP_READ: return 40;
+    case OP_RELEASE: case OP_FLUSH: return 24;
     case OP_FORGET: case OP_BATCH_FORGET: return 8;
     case OP_INIT: return sizeof(struct init_in);
     default: return 0;
@@ -269,6 +423,14 @@ static int answer(const struct in_header *h, const char *arg, const char *rest, 
         struct stat st;
         if (fstatat(dfd, rest, &st, AT_SYMLINK_NOFOLLOW) != 0)
             return -ENOENT;
+        if (shown) { /* every entry a positive one: kept by the kernel */
+            struct entry_out *e = (void *)out;
+            memset(e, 0, sizeof *e);
+            e->nodeid = node_entry(h->nodeid, rest, &st);
+            e->entry_valid = e->attr_valid = DAY;
+            to_attr(&st, st.st_ino, &e->attr);
+            return (int)sizeof *e;
+        }
         if (!S_ISDIR(st.st_mode))
             return -ENOENT; /* a visible non-directory: the lower below shows it */
         int fd = openat(dfd, rest, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
@@ -284,16 +446,25 @@ static int answer(const struct in_header *h, const char *arg, const char *rest, 
     case OP_GETATTR: {
         int fd = node_fd(h->nodeid);
         struct stat st;
-        if (fd < 0 || fstat(fd, &st) != 0)
+        if (fd < 0 && shown && h->nodeid <= table.count) { /* a file: as last listed */
+            pthread_mutex_lock(&table.lock);
+            st = table.nodes[h->nodeid - 1].st;
+            pthread_mutex_unlock(&table.lock);
+        } else if (fd < 0 || fstat(fd, &st) != 0) {
             return -ESTALE;
+        }
         struct attr_out *a = (void *)out;
         memset(a, 0, sizeof *a);
         a->attr_valid = DAY;
         to_attr(&st, h->nodeid, &a->attr);
         return (int)sizeof *a;
     }
-    case OP_READDIR: case OP_READDIRPLUS:
+    case OP_READDIRPLUS:
+        if (shown)
+            return list_shown(h, arg, out, OUT_SIZE);
         return 0; /* nothing hidden: no whiteouts */
+    case OP_READDIR:
+        return 0;
     case OP_OPENDIR: case OP_GETXATTR:
         return -ENOSYS;
     case OP_RELEASEDIR:
@@ -315,6 +486,54 @@ static int answer(const struct in_header *h, const char *arg, const char *rest, 
     case OP_FORGET: case OP_BATCH_FORGET: case OP_INTERRUPT:
         *none = true;
         return 0;
+    case OP_OPEN: case OP_READLINK: { /* --shown: a file's data, from the host */
+        pthread_mutex_lock(&table.lock);
+        int pfd = -1;
+        char *name = NULL;
+        if (h->nodeid >= 1 && h->nodeid <= table.count && table.nodes[h->nodeid - 1].name) {
+            pfd = node_fd_locked(table.nodes[h->nodeid - 1].parent);
+            name = strdup(table.nodes[h->nodeid - 1].name);
+        }
+        pthread_mutex_unlock(&table.lock);
+        if (pfd < 0 || !name) {
+            free(name);
+            return -ESTALE;
+        }
+        int r;
+        if (h->opcode == OP_READLINK) {
+            ssize_t n = readlinkat(pfd, name, out, OUT_SIZE);
+            r = n < 0 ? -errno : (int)n;
+        } else {
+            int fd = openat(pfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+            if (fd < 0) {
+                r = -errno;
+            } else {
+                uint64_t fh = (uint64_t)fd;
+                memset(out, 0, 16);
+                memcpy(out, &fh, 8);
+                r = 16;
+            }
+        }
+        free(name);
+        return r;
+    }
+    case OP_READ: {
+        uint64_t fh, off;
+        uint32_t size;
+        memcpy(&fh, arg, 8);
+        memcpy(&off, arg + 8, 8);
+        memcpy(&size, arg + 16, 4);
+        ssize_t n = pread((int)fh, out, size < OUT_SIZE ? size : OUT_SIZE, (off_t)off);
+        return n < 0 ? -errno : (int)n;
+    }
+    case OP_RELEASE: {
+        uint64_t fh;
+        memcpy(&fh, arg, 8);
+        close((int)fh);
+        return 0;
+    }
+    case OP_FLUSH:
+        return 0;
     case OP_DESTROY:
         return 0;
     default:
@@ -330,7 +549,7 @@ static int fuse_fd;
 static void *read_loop(void *arg)
 {
     (void)arg;
-    char *buf = malloc(BUFSIZE), *out = malloc(4096);
+    char *buf = malloc(BUFSIZE), *out = malloc(OUT_SIZE);
     for (;;) {
         ssize_t n = read(fuse_fd, buf, BUFSIZE);
         if (n < 0) {
@@ -452,7 +671,7 @@ static void *ring_loop(void *arg)
         r->iovs[2 * i + 1] = (struct iovec){r->payloads[i], payload_size};
         ring_cmd(r, i, URING_CMD_REGISTER, 0);
     }
-    char out[4096];
+    char *out = malloc(OUT_SIZE);
     for (;;) {
         int got = (int)syscall(__NR_io_uring_enter, r->fd, r->to_submit, 1,
                                IORING_ENTER_GETEVENTS, NULL, 0);
@@ -531,6 +750,8 @@ int main(int argc, char **argv)
             entries = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--defer"))
             defer = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--shown"))
+            shown = atoi(argv[i + 1]);
     }
     int lower = open(argv[2], O_PATH | O_DIRECTORY | O_CLOEXEC);
     struct stat st;
@@ -544,6 +765,7 @@ int main(int argc, char **argv)
     table.slots = calloc(table.nslots, sizeof *table.slots);
     node_for(lower, 1); /* the root: node 1; keyed by a number no directory has */
     table.nodes[0].host_ino = 1;
+    table.nodes[0].st = st;
     fuse_fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
     if (fuse_fd < 0) {
         perror("ringproto: /dev/fuse");
@@ -570,7 +792,7 @@ int main(int argc, char **argv)
     setsid();
     signal(SIGUSR1, on_usr1);
     /* INIT over /dev/fuse (always): its reply says whether the ring is wanted */
-    char *buf = malloc(BUFSIZE), out[4096];
+    char *buf = malloc(BUFSIZE), *out = malloc(OUT_SIZE);
     ssize_t n = read(fuse_fd, buf, BUFSIZE);
     const struct in_header *h = (const void *)buf;
     if (n < (ssize_t)sizeof *h || h->opcode != OP_INIT) {

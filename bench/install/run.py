@@ -42,6 +42,10 @@ at the end: until the journal holds everything; writer-only time and drain lag a
 reported too, with the journal's records and bytes and the capture's peak RSS.
 ``kernel-py`` is ``kernel`` with the capture's pure-Python path (``--python-only``:
 no ``sdeefs.fs._capturec``), to show what the C hot path buys in the same run.
+``proto-read-img``, ``proto-ring-img``, ``proto-ring-nopin-img`` and ``proto-shown-img`` put
+``bench/guardring/ringproto.c`` (compiled at start; a bench prototype) where the guard goes:
+the FUSE transport alone, over /dev/fuse or over io_uring (needs ``fuse.enable_uring=Y``), and
+a layer that shows every entry itself (issue 16, branch guardring).
 ``--base-tree DIR`` adds ``kernel-base``: ``kernel`` with the capture of the sdeefs tree
 unpacked in DIR (``git archive COMMIT sdeefs | tar -x -C DIR``, its built extension
 copied in), e.g. the capture before a change, in the same minutes.
@@ -396,8 +400,10 @@ class ImageOverlayContender(Contender):
         if self.proto:
             parts.append(f"lowers = bench/guardring/ringproto {' '.join(self.proto)} over "
                          "the lower (a guard with nothing to hide; "
-                         + ("FUSE over io_uring)" if self.proto[0] == "ring"
-                            else "read/writev on /dev/fuse)"))
+                         + ("FUSE over io_uring" if self.proto[0] == "ring"
+                            else "read/writev on /dev/fuse")
+                         + ("; every entry shown by the layer itself, listed by READDIRPLUS)"
+                            if "--shown" in self.proto else ")"))
         if self.guard == "c" and not self.keeper:
             parts.append("sdeefs-guard without its keeper (SDEEFS_GUARD_KEEPER=0)")
         parts += [f"sdeefs-guard with {var}={value} ({what})"
@@ -1056,7 +1062,7 @@ def goal_lines(results: Results, chosen: Sequence[Workload]) -> list[str]:
             guards = [(name, results.median(metric.key, name))
                       for name in ("guardc-img", "guardc-asking-img", "guardc-ahead-img",
                                    "guardpy-img", "proto-read-img", "proto-ring-img",
-                                   "proto-ring-nopin-img")]
+                                   "proto-ring-nopin-img", "proto-shown-img")]
             if metric.writes:
                 # The issue asks for >= 0.5x kernel overlayfs "on the same layers": the
                 # verdict takes the lower of the two overlays' ratios (those that ran).
@@ -1214,6 +1220,9 @@ def all_contenders(template: LayerTemplate, python: Path,
                               proto=("ring",)),
         ImageOverlayContender("proto-ring-nopin-img", template, python, guard=None,
                               capture=False, proto=("ring", "--pin", "0")),
+        # a layer showing every host entry itself (READDIRPLUS primes a dentry per name)
+        ImageOverlayContender("proto-shown-img", template, python, guard=None, capture=False,
+                              proto=("read", "--shown", "1")),
         # sdeefs-guard as before its keeper: what surviving a crash costs (the node log)
         ImageOverlayContender("guardc-nokeeper-img", template, python, guard="c",
                               capture=False, keeper=False),
