@@ -11,9 +11,9 @@ overlayfs over ``--lower`` (default /usr/include) with the upper in a fresh tmpf
 layer kind between them as the login view stacks the guard (``userxattr``), and times
 ``find -fprintf /dev/null '%i %s %m %n %T@'`` twice: a first walk (every entry asks the
 layer) and a repeated one.  Layer kinds: ``overlay`` (none), ``guardc`` (sdeefs-guard, C),
-``read`` / ``ring`` / ``ring-nopin`` (bench/guardring/ringproto: the transport alone, over
-/dev/fuse or io_uring), ``shown`` (ringproto --shown 1: every entry a positive one, listed by
-READDIRPLUS).  ``--strace``: one extra first walk per FUSE layer under
+``read`` / ``ring`` / ``ring-nopin`` / ``ring-nodefer`` (bench/guardring/ringproto: the
+transport alone, over /dev/fuse or io_uring), ``shown`` (ringproto --shown 1: every entry a
+positive one, listed by READDIRPLUS).  ``--strace``: one extra first walk per FUSE layer under
 ``strace -c -f`` of its daemon (the syscalls per request); ``--perf``: the same under
 ``perf stat`` (context switches, CPU).  Not a bench of record: bench/install/run.py is.
 """
@@ -64,6 +64,7 @@ class Layer:
         else:
             mode, *opts = {"read": ["read"], "ring": ["ring"],
                            "ring-nopin": ["ring", "--pin", "0"],
+                           "ring-nodefer": ["ring", "--defer", "0"],
                            "shown": ["read", "--shown", "1"]}[self.kind]
             before = set(pids_of(self.proto))
             with (self.work / "proto.log").open("w") as log:  # the daemon keeps it open
