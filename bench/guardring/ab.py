@@ -10,7 +10,8 @@ Each round mounts, for every layer kind in turn (order rotated each round), kern
 overlayfs over ``--lower`` (default /usr/include) with the upper in a fresh tmpfs, the
 layer kind between them as the login view stacks the guard (``userxattr``), and times
 ``find -fprintf /dev/null '%i %s %m %n %T@'`` twice: a first walk (every entry asks the
-layer) and a repeated one.  Layer kinds: ``overlay`` (none), ``guardc`` (sdeefs-guard, C),
+layer) and a repeated one.  Layer kinds: ``overlay`` (none), ``guardc`` (sdeefs-guard, C;
+``guardc-noslice``, ``guardc-nokeeper``, ``guardc-nowatch``: its variants, see GUARD_ENV),
 ``read`` / ``ring`` / ``ring-nopin`` / ``ring-nodefer`` (bench/guardring/ringproto: the
 transport alone, over /dev/fuse or io_uring), ``shown`` (ringproto --shown 1: every entry a
 positive one, listed by READDIRPLUS).  ``--strace``: one extra first walk per FUSE layer under
@@ -42,6 +43,13 @@ mount_guard(GuardRequest(mountpoint=mountpoint, lower=lower, ids=ids,
                          deny=("/etc/ssh/ssh_host_*_key",), log=log, daemon=GuardDaemon("c")))
 """
 FIND_FORMAT = "%i %s %m %n %T@\n"
+# sdeefs-guard variants: its environment
+GUARD_ENV: dict[str, dict[str, str]] = {
+    "guardc": {},
+    "guardc-noslice": {"SDEEFS_GUARD_SLICE_US": "0"},  # no short EEVDF slice
+    "guardc-nokeeper": {"SDEEFS_GUARD_KEEPER": "0"},
+    "guardc-nowatch": {"SDEEFS_GUARD_NO_INOTIFY": "1"},  # short timeouts, no listed lookups
+}
 
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -58,9 +66,10 @@ class Layer:
         if self.kind == "overlay":
             return [str(self.lower)]
         self.fuse.mkdir()
-        if self.kind == "guardc":
+        if self.kind.startswith("guardc"):
+            env = {**os.environ, **GUARD_ENV[self.kind]}
             run([sys.executable, "-c", GUARD_HELPER, str(self.fuse), str(self.lower),
-                 str(self.work / "guard.log")], cwd=REPO)
+                 str(self.work / "guard.log")], cwd=REPO, env=env)
         else:
             mode, *opts = {"read": ["read"], "ring": ["ring"],
                            "ring-nopin": ["ring", "--pin", "0"],
@@ -71,7 +80,7 @@ class Layer:
                 subprocess.run([str(self.proto), mode, str(self.lower), str(self.fuse), *opts],
                                check=True, stdout=log, stderr=log)
             self.pids = [p for p in pids_of(self.proto) if p not in before]
-        if self.kind == "guardc":
+        if self.kind.startswith("guardc"):
             self.pids = guard_pids(self.fuse)
         return [str(self.fuse), str(self.lower)]
 
