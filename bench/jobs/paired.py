@@ -163,8 +163,9 @@ def hpcc_input(ranks: int) -> str:
     # one rank: N=2000 (the example's 1000 makes HPL a 0.3 s run: finer ratios); two ranks
     # over TCP between network namespaces: N=1000 (MPIRandomAccess alone takes a minute at 2000)
     n = 2000 if ranks == 1 else 1000
-    return text.replace("2            Ps", "1            Ps").replace(
-        "2            Qs", f"{ranks}            Qs").replace("1000         Ns", f"{n:<4}         Ns")
+    grid = text.replace("2            Ps", "1            Ps").replace(
+        "2            Qs", f"{ranks}            Qs")
+    return grid.replace("1000         Ns", f"{n:<4}         Ns")
 
 
 def parse(text: str) -> dict[str, dict[int, dict[str, float]]]:
