@@ -112,6 +112,7 @@ if out.returncode:
     print("R failed", out.returncode, out.stdout[-300:].replace(chr(10), " "))
     sys.exit(1)
 print(f"R {kind}_wall_s {wall:.6f}")
+print(f"R {kind}_mntns {os.stat('/proc/self/ns/mnt').st_ino}")  # which environment ran it
 print(f"R {kind}_cpu_s {cpu:.6f}")
 if kind in ("hpcc", "mpi2"):
     text = open("hpccoutf.txt").read()
