@@ -31,4 +31,5 @@ RUNTIME_PACKAGES=(
   uidmap                                    # /etc/subuid handling (newuidmap, getsubids)
   patch                                     # the sdeefs patch of pyfuse3 (third_party/)
   libslurm-dev                              # slurm/spank.h: the SPANK plugin (sdeefs_spank.so)
+  libsodium23                               # the capture's block sums in C (hashlib otherwise)
 )
