@@ -188,7 +188,8 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
         if spank:
             # slurmd's spool is on the deny list, as a site's is (DEFAULT_DENY): the plugin
             # must bring the batch script in
-            deny = json.dumps([*DEFAULT_DENY, f"{base}/cluster/spool"])
+            # (and a glob that new files can match: tests/cluster/test_jobstart.py)
+            deny = json.dumps([*DEFAULT_DENY, f"{base}/cluster/spool", f"{base}/denied-*"])
             layer += f'sockets = ["{base}/cluster/munge"]\ndeny = {deny}\n'
         with open_site(engine, layer + extra) as site:
             plugstack = ""
