@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
@@ -51,6 +52,38 @@ done
 """
 
 
+def layer_costs(g: Any, times: int) -> dict[str, Any]:
+    """What the read-only layers under a job environment cost the node (the replicad's
+    thread: the idmapped lower, the mask): made anew (each environment, before branch
+    workflow2; now once per user, node and key) against shared (each environment now).
+    The grid's config and user, node n1; ending the shared layers under running
+    environments is safe (launcher/compute/job.py, UserLayers)."""
+    if times <= 0:
+        return {}
+    from sdeefs import config as config_mod
+    from sdeefs import identity
+    from sdeefs.launcher import env
+    from sdeefs.launcher.compute import job as job_mod
+
+    config = config_mod.load(str(g.site.config))
+    user = env.User.lookup(g.user)
+    ids = identity.of_user(g.user, config.min_uid, allocate=False)
+    where = job_mod.UserLayers.of(config, "n1", g.user)
+    out: dict[str, Any] = {"made": [], "made_cpu": [], "shared": [], "shared_cpu": []}
+    for _ in range(times):
+        for what in ("made", "shared"):
+            if what == "made":
+                job_mod.end_user_layers(where)
+            wall, cpu = time.perf_counter(), time.process_time()
+            with job_mod.user_layers(config, "n1", user, ids) as layers:
+                pass
+            out[what].append((time.perf_counter() - wall) * 1000)
+            out[what + "_cpu"].append((time.process_time() - cpu) * 1000)
+    out["whiteouts"] = sum(len(files) for _, _, files in os.walk(layers[0])) \
+        if len(layers) == 2 else 0
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=4)
@@ -58,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delays", default="0,3")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--layers", type=int, default=5,
+                        help="times the job layers are made and shared (0: not measured)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("probe.py: run as root", file=sys.stderr)
@@ -108,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(work, ignore_errors=True)
                 print(f"round {rnd + 1} delay {delay}: load {os.getloadavg()[0]:.1f}",
                       file=sys.stderr, flush=True)
+        layers = layer_costs(g, args.layers)
+        if args.out is not None:
+            for log in g.base.glob("replicad-*.log"):
+                shutil.copy(log, args.out / log.name)
     print("| delay s | " + " | ".join(f"task {i + 1}" for i in range(args.positions)) + " |")
     print("|---|" + "---:|" * args.positions)
     for delay in delays:
@@ -117,10 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {delay:g} | " + " | ".join(cells) + " |")
     print("(median task wall ms, program ms in brackets, over "
           f"{args.rounds} x {args.jobs} jobs; load now {os.getloadavg()[0]:.1f})")
+    if layers:
+        print(f"\nthe layers under a job environment of the user on n1 ({args.layers} times "
+              f"each, ms, median [min-max]; the mask holds {layers['whiteouts']} whiteouts):")
+        for what in ("made", "shared"):
+            wall, cpu = layers[what], layers[what + "_cpu"]
+            print(f"  {what:6}: wall {statistics.median(wall):7.1f} [{min(wall):.1f}-"
+                  f"{max(wall):.1f}], CPU of this process {statistics.median(cpu):7.1f}")
     if args.out is not None:
         (args.out / "probe.json").write_text(json.dumps(
             {"walls": {str(d): v for d, v in walls.items()},
-             "programs": {str(d): v for d, v in programs.items()},
+             "programs": {str(d): v for d, v in programs.items()}, "layers": layers,
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
     return 0
 
