@@ -138,6 +138,12 @@ def masked_matches(config: SiteConfig) -> list[tuple[str, str]]:
             for path in sorted(glob.glob(os.path.join(config.lower, pattern.lstrip("/"))))]
 
 
+def private_scan(config: SiteConfig) -> list[bytes]:
+    """The cached scan for root-only entries, refreshed if missing or too old."""
+    return private.private_paths(config.lower, config.run_dir, scan_skip(config),
+                                 config.private_scan_age, config.min_uid)
+
+
 def mask_spec(config: SiteConfig, user: User, scan_private: bool = True) -> MaskSpec:
     lower = config.lower
     empty: list[bytes] = []
@@ -156,9 +162,7 @@ def mask_spec(config: SiteConfig, user: User, scan_private: bool = True) -> Mask
         else:
             hidden.append(rel)
     covered = set(empty) | set(hidden)
-    scanned = private.private_paths(lower, config.run_dir, scan_skip(config),
-                                    config.private_scan_age, config.min_uid) \
-        if scan_private else []
+    scanned = private_scan(config) if scan_private else []
     for rel in scanned:
         if not _below_any(rel, covered, itself=True):
             full = os.path.join(os.fsencode(lower), rel)

@@ -310,6 +310,13 @@ def layers_key(config: SiteConfig, user: env.User, ids: Identity) -> str:
     """What a shared mask was made from: the config file and the root-only scan, the
     user's passwd entry and id maps, and what the deny list and sdeefs' own directories
     match in the lower now.  A change of any makes a new mask."""
+    scan = SiteRun(config.run_dir).private_paths
+    try:
+        stale = time.time() - os.stat(scan).st_mtime >= config.private_scan_age
+    except FileNotFoundError:
+        stale = True
+    if stale:  # current first: a key made without it would not last
+        view.private_scan(config)
     digest = hashlib.sha256(_config_key(config).encode())
     digest.update(repr((attrs.astuple(user), attrs.astuple(ids))).encode())
     for pattern, path in view.masked_matches(config):

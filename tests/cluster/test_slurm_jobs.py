@@ -273,7 +273,7 @@ def test_jobs_run_in_the_users_environment_on_every_node(grid: Grid) -> None:
     g.assert_converged()
     # The job environments are gone after the job: no scratch upper, no processes (the
     # scratch upper is removed in the background); the user's next one waits, never used.
-    spare = [f".spare-{g.user}", f".spare-{g.user}.run"]
+    spare = [f".layers-{g.user}", f".spare-{g.user}", f".spare-{g.user}.run"]
     for i in (1, 2, 3):
         deadline = time.monotonic() + 20
         while sorted(os.listdir(g.base / f"n{i}" / "jobs")) != spare:
