@@ -60,6 +60,7 @@ from .procs import InitProcess
 
 log = logging.getLogger(__name__)
 
+MASK_OPAQUE = b"user.overlay.opaque"  # the environment's overlay is mounted userxattr
 ALWAYS_EMPTY = ("/proc", "/sys", "/dev", "/run", "/tmp")  # the environment mounts its own
 # Denied directories the environment gets an empty one of, its own (in the upper), rather
 # than none: package tools write their logs there.
@@ -85,9 +86,13 @@ class User:
 
 
 def mounted(path: str) -> bool:
-    target = os.path.realpath(path)
+    return os.path.realpath(path) in mount_targets()
+
+
+def mount_targets() -> set[str]:
+    """Where something is mounted in this mount namespace (/proc/self/mountinfo)."""
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+        return {line.split()[4] for line in f}
 
 
 def detach(path: str) -> None:
@@ -124,28 +129,40 @@ def scan_skip(config: SiteConfig) -> tuple[str, ...]:
                  (*ALWAYS_EMPTY, "home", config.root, config.run_dir))
 
 
+def masked_matches(config: SiteConfig) -> list[tuple[str, str]]:
+    """(pattern, path in the lower) for every entry the deny list, sdeefs' own directories
+    and the environment's own mountpoints name now: what the mask hides or empties, before
+    the scan for root-only entries (a few globs: cheap, unlike the mask itself)."""
+    return [(pattern, path)
+            for pattern in (*ALWAYS_EMPTY, config.root, config.run_dir, *config.deny)
+            for path in sorted(glob.glob(os.path.join(config.lower, pattern.lstrip("/"))))]
+
+
+def private_scan(config: SiteConfig) -> list[bytes]:
+    """The cached scan for root-only entries, refreshed if missing or too old."""
+    return private.private_paths(config.lower, config.run_dir, scan_skip(config),
+                                 config.private_scan_age, config.min_uid)
+
+
 def mask_spec(config: SiteConfig, user: User, scan_private: bool = True) -> MaskSpec:
     lower = config.lower
     empty: list[bytes] = []
     hidden: list[bytes] = []
     needed = (user.home, *config.shared)  # mountpoints that must stay reachable
-    for pattern in (*ALWAYS_EMPTY, config.root, config.run_dir, *config.deny):
-        for path in sorted(glob.glob(os.path.join(lower, pattern.lstrip("/")))) or []:
-            rel = os.fsencode(os.path.relpath(path, lower))
-            # A denied directory (and sdeefs' own) vanishes (a whiteout), unless a bind mount
-            # goes inside it (/home) or the environment mounts something there (/proc): then
-            # it is emptied.  An emptied secret directory would keep its owner and mode
-            # (/etc/munge: 0700, munge), and "permission denied" tells more than "no such file".
-            keep = pattern in (*ALWAYS_EMPTY, *OWN_WHEN_DENIED) or \
-                any(is_inside(p, "/" + os.fsdecode(rel)) for p in needed)
-            if os.path.isdir(path) and not os.path.islink(path) and keep:
-                empty.append(rel)
-            else:
-                hidden.append(rel)
+    for pattern, path in masked_matches(config):
+        rel = os.fsencode(os.path.relpath(path, lower))
+        # A denied directory (and sdeefs' own) vanishes (a whiteout), unless a bind mount
+        # goes inside it (/home) or the environment mounts something there (/proc): then
+        # it is emptied.  An emptied secret directory would keep its owner and mode
+        # (/etc/munge: 0700, munge), and "permission denied" tells more than "no such file".
+        keep = pattern in (*ALWAYS_EMPTY, *OWN_WHEN_DENIED) or \
+            any(is_inside(p, "/" + os.fsdecode(rel)) for p in needed)
+        if os.path.isdir(path) and not os.path.islink(path) and keep:
+            empty.append(rel)
+        else:
+            hidden.append(rel)
     covered = set(empty) | set(hidden)
-    scanned = private.private_paths(lower, config.run_dir, scan_skip(config),
-                                    config.private_scan_age, config.min_uid) \
-        if scan_private else []
+    scanned = private_scan(config) if scan_private else []
     for rel in scanned:
         if not _below_any(rel, covered, itself=True):
             full = os.path.join(os.fsencode(lower), rel)
@@ -289,9 +306,16 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
     return launch(config, user, ids, dirs.run, upper, work, guard=guard_path)
 
 
+def idmap_lower(config: SiteConfig, user: User, ids: Identity, target: str) -> None:
+    """The idmapped read-only bind of the host root at ``target`` (module docstring)."""
+    enter.run(["idmap", "--uid", str(user.uid), "--gid", str(user.gid),
+               "--uid-map", format_map(ids.lower_uid_map()),
+               "--gid-map", format_map(ids.lower_gid_map()), config.lower, target])
+
+
 def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: str, work: str,
            middle: tuple[str, ...] = (), guard: str | None = None,
-           host_pids: bool = False) -> InitProcess:
+           host_pids: bool = False, layers: tuple[str, ...] | None = None) -> InitProcess:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
     replica of the user's upper, on compute nodes) and the masked, idmapped host root.
 
@@ -299,18 +323,21 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
     looked up; without one (jobs: no daemon on compute nodes) the cached scan of
     compute/private.py hides those that existed when it ran.  ``host_pids`` (jobs): no PID
     namespace of its own and the host's /proc, for tasks that join it later (the SPANK
-    plugin, launcher/compute/job.py).
+    plugin, launcher/compute/job.py).  ``layers``: the mask (if any) and the idmapped lower
+    made already (a job's: the user's, shared by their jobs on the node, compute/job.py),
+    instead of this environment's own at ``run.mask`` and ``run.lower``.
     """
     if not os.path.isdir(work):
         mkdir_as(work, 0o700, user.uid, user.gid)
-    if not mounted(run.lower):
-        enter.run(["idmap", "--uid", str(user.uid), "--gid", str(user.gid),
-                   "--uid-map", format_map(ids.lower_uid_map()),
-                   "--gid-map", format_map(ids.lower_gid_map()), config.lower, run.lower])
-    lowers = [run.lower] if guard is None else [guard, run.lower]
-    if build_mask(run.mask, config.lower, mask_spec(config, user, guard is None),
-                  b"user.overlay.opaque", ids.shown):
-        lowers.insert(0, run.mask)
+    if layers is not None:
+        lowers = list(layers)
+    else:
+        if not mounted(run.lower):
+            idmap_lower(config, user, ids, run.lower)
+        lowers = [run.lower] if guard is None else [guard, run.lower]
+        if build_mask(run.mask, config.lower, mask_spec(config, user, guard is None),
+                      MASK_OPAQUE, ids.shown):
+            lowers.insert(0, run.mask)
     lowers[:0] = middle  # the user's own layer is above the mask, as the upper is at login
     root = []
     for lower in lowers:

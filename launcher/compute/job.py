@@ -9,6 +9,9 @@ outside), over these layers::
     mask    (tmpfs)                    the same deny list as at login
     lower   host /, idmapped           host root shows as U
 
+(mask and lower are made once per user and node and shared by U's job environments
+there: JOB_DIR/.layers-U, :class:`UserLayers`).
+
 The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
 
 * the prolog (SLURM ``Prolog``, root, every allocated node, before any step;
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -76,7 +80,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import attrs
 
@@ -84,6 +88,7 @@ from sdeefs import config as config_mod
 from sdeefs import control, identity
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
+from sdeefs.fs.mask import build_mask
 from sdeefs.identity import Identity
 from sdeefs.statedir import ReplicaDirs
 from sdeefs.sysio import write_file_atomic
@@ -248,9 +253,10 @@ def _launch(config: SiteConfig, node: str, user: env.User, where: EnvDirs) -> en
     _make_job_dirs(where, user, ids)
     layer = where.layer
     try:
-        init = view.launch(config, user, ids, where.run, layer.upper,
-                           os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
-                           host_pids=True)
+        with user_layers(config, node, user, ids) as layers:
+            init = view.launch(config, user, ids, where.run, layer.upper,
+                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
+                               host_pids=True, layers=layers)
     except (OSError, QuietError) as exc:  # the replica's content is the user's
         raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
             from None
@@ -260,6 +266,165 @@ def _launch(config: SiteConfig, node: str, user: env.User, where: EnvDirs) -> en
 
 
 SPARE_PREFIX = ".spare-"  # JOB_DIR/.spare-USER(.run): a spare environment of USER
+LAYERS_PREFIX = ".layers-"  # JOB_DIR/.layers-USER: the mask and lower USER's jobs share
+LAYERS_TTL = 600.0  # seconds a shared mask serves new jobs before it is made again
+
+
+@attrs.frozen
+class UserLayers:
+    """``JOB_DIR/.layers-U`` (root, 0700): the read-only layers below the replica that every
+    job environment of U on the node shares, made once instead of per job::
+
+        lock            flock'ed while they are made, used for a start, or ended
+        lower/          the idmapped read-only bind of the host root (U's id maps)
+        lower.key       U's passwd entry and id maps it was made with
+        mask-KEY/       the mask tmpfs (launcher/view.py), made under KEY (:func:`layers_key`)
+        mask-KEY.made   written once it is complete: "mask" or "none" (nothing to mask)
+
+    Building the mask (thousands of whiteouts, one per root-only host entry of the cached
+    scan) took 0.3-1 s of CPU per environment, run by the replicad while the previous
+    job's first tasks ran (the spare), on every node of the job: the workflow's chain paid
+    it in every stage.  Shared, each new environment costs the overlay mount and the
+    namespaces only.  Safe to share: overlayfs never writes a lower layer, the user is the
+    same, and nothing inside an environment can reach a layer's mount (the environment's
+    root is the overlay; the host's tree is detached).  Safe to end any time: an overlay
+    holds private clones of its layers (``clone_private_mount``), so environments running
+    over an ended mask or lower keep theirs, whatever is unmounted here.
+    """
+
+    path: str
+
+    lock = property(lambda self: os.path.join(self.path, "lock"))
+    lower = property(lambda self: os.path.join(self.path, "lower"))
+    lower_key = property(lambda self: os.path.join(self.path, "lower.key"))
+
+    def mask(self, key: str) -> str:
+        return os.path.join(self.path, f"mask-{key[:16]}")
+
+    @classmethod
+    def of(cls, config: SiteConfig, node: str, user: str) -> UserLayers:
+        return cls(os.path.join(config.replication.on(node).job_dir, f"{LAYERS_PREFIX}{user}"))
+
+
+def layers_key(config: SiteConfig, user: env.User, ids: Identity) -> str:
+    """What a shared mask was made from: the config file and the root-only scan, the
+    user's passwd entry and id maps, and what the deny list and sdeefs' own directories
+    match in the lower now.  A change of any makes a new mask."""
+    scan = SiteRun(config.run_dir).private_paths
+    try:
+        stale = time.time() - os.stat(scan).st_mtime >= config.private_scan_age
+    except FileNotFoundError:
+        stale = True
+    if stale:  # current first: a key made without it would not last
+        view.private_scan(config)
+    digest = hashlib.sha256(_config_key(config).encode())
+    digest.update(repr((attrs.astuple(user), attrs.astuple(ids))).encode())
+    for pattern, path in view.masked_matches(config):
+        kind = "d" if os.path.isdir(path) and not os.path.islink(path) else "-"
+        digest.update(f"\0{pattern}\0{path}\0{kind}".encode())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def user_layers(config: SiteConfig, node: str, user: env.User, ids: Identity
+                ) -> Iterator[tuple[str, ...]]:
+    """The shared layers of ``user``'s job environments on ``node``, made if missing, made
+    under another key or older than LAYERS_TTL: ``(mask, lower)`` or ``(lower,)``.  Locked
+    until the caller's overlay is mounted over them (nobody ends them meanwhile)."""
+    layers = UserLayers.of(config, node, user.name)
+    fd = _lock_layers(layers, create=True)
+    assert fd is not None
+    try:
+        os.utime(fd)  # last used: NodeJobs.expire ends layers unused for SPARE_TTL
+        mounts = view.mount_targets()
+        maps = repr((attrs.astuple(user), attrs.astuple(ids))).encode()
+        try:
+            with open(layers.lower_key, "rb") as f:
+                same = f.read() == maps
+        except FileNotFoundError:
+            same = False
+        if not same or os.path.realpath(layers.lower) not in mounts:
+            view.detach(layers.lower)  # made under other id maps (subuid changed): anew
+            os.makedirs(layers.lower, mode=0o700, exist_ok=True)
+            view.idmap_lower(config, user, ids, layers.lower)
+            write_file_atomic(layers.lower_key, maps)
+        key = layers_key(config, user, ids)
+        mask, made = layers.mask(key), layers.mask(key) + ".made"
+        try:
+            with open(made) as f:
+                kind = f.read()
+                age = time.time() - os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            kind, age = "", LAYERS_TTL
+        if age >= LAYERS_TTL or kind not in ("mask", "none") or \
+                (kind == "mask" and os.path.realpath(mask) not in mounts):
+            _end_masks(layers)  # this key's too: it is made anew
+            masked = build_mask(mask, config.lower, view.mask_spec(config, user),
+                                view.MASK_OPAQUE, ids.shown)
+            kind = "mask" if masked else "none"
+            write_file_atomic(made, kind.encode())
+        yield (mask, layers.lower) if kind == "mask" else (layers.lower,)
+    finally:
+        os.close(fd)
+
+
+def _end_masks(layers: UserLayers) -> None:
+    """Every mask of ``layers`` unmounted and removed (environments keep their clones)."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(layers.path):
+            if name.startswith("mask-"):
+                path = os.path.join(layers.path, name)
+                if name.endswith(".made"):
+                    os.unlink(path)
+                else:
+                    view.detach(path)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(path)
+
+
+def end_user_layers(layers: UserLayers) -> None:
+    """Unmount and remove ``layers`` (running environments keep their clones)."""
+    fd = _lock_layers(layers, create=False)
+    if fd is None:
+        return
+    try:
+        _end_masks(layers)
+        view.detach(layers.lower)
+        # never rmtree: a lower whose unmount failed is the host root
+        with contextlib.suppress(OSError):
+            os.rmdir(layers.lower)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layers.lower_key)
+        os.unlink(layers.lock)  # a waiter sees its lock file gone, and starts over
+        with contextlib.suppress(OSError):
+            os.rmdir(layers.path)
+    finally:
+        os.close(fd)
+
+
+def _lock_layers(layers: UserLayers, create: bool) -> int | None:
+    """flock ``layers``' lock file (made with its directory if ``create``; else None when
+    there is none): the descriptor, to close when done."""
+    while True:
+        if create:
+            make_dirs(((os.path.dirname(layers.path), (0, 0), 0o755),
+                       (layers.path, (0, 0), 0o700)))
+        try:
+            fd = os.open(layers.lock, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0),
+                         0o600)
+        except FileNotFoundError:
+            if create:
+                continue  # the directory was removed meanwhile
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(layers.lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # ended while we waited
+        if not create:
+            return None
 
 
 @attrs.define(eq=False)
@@ -274,9 +439,10 @@ class NodeJobs:
     one ahead (``JOB_DIR/.spare-U``, ``.spare-U.run``: a fresh empty scratch upper over U's
     replica, nothing run in it); the next job of U takes it, after its barrier, by renaming
     both directories to the job's (its mounts go with them): the prolog's environment start
-    becomes two renames.  A spare is used only if it was made under the same config file and
-    the same scan for root-only files (its ``key``; the scan is refreshed after
-    ``private_scan_age``): otherwise it is ended and a job environment started as before.
+    becomes two renames.  A spare is used only if it was made under the same config file,
+    the same scan for root-only files (refreshed after ``private_scan_age``), the same ids
+    of the user and what the deny list matches in the lower now (its ``key``,
+    :func:`layers_key`): otherwise it is ended and a job environment started as before.
     Nothing of a job is ever reused: a spare has never run a task.  Its overlay is mounted
     before the barrier, over the replica as it then was; a job environment's overlay is over a
     replica that moves on while the job runs anyway (the replica applies whole records, the
@@ -333,7 +499,9 @@ class NodeJobs:
         if owner.uid < config.min_uid:
             return False
         spare = spare_dirs(config, node, user)
-        key = _spare_key(config)
+        key = _env_key(config, owner)
+        if key is None:
+            return False
         with self._lock(user):
             if _spare_usable(spare, key):
                 return True
@@ -355,7 +523,8 @@ class NodeJobs:
         with self._lock(user.name):
             if not os.path.isdir(spare.run.path):
                 return False
-            if not _spare_usable(spare, _spare_key(config)):
+            key = _env_key(config, user)
+            if key is None or not _spare_usable(spare, key):
                 self._end_spare(spare)
                 return False
             os.rename(spare.run.path, where.run.path)
@@ -371,10 +540,12 @@ class NodeJobs:
         shutil.rmtree(spare.run.path, ignore_errors=True)
 
     def forget(self, node: str, user: str) -> None:
-        """End ``user``'s spare environment (the replicad stops following them)."""
+        """End ``user``'s spare environment and shared layers (the replicad stops following
+        them)."""
         config = config_mod.load()
         with self._lock(user):
             self._end_spare(spare_dirs(config, node, user))
+            end_user_layers(UserLayers.of(config, node, user))
 
     def leftovers(self, node: str) -> list[str]:
         """At the replicad's start: every spare ended; the scratch left to remove."""
@@ -400,6 +571,17 @@ class NodeJobs:
                     if time.time() - made >= max_age:
                         self._end_spare(dirs)
                         ended.append(user)
+            for name in os.listdir(job_dir):  # shared layers no new job used for as long
+                if name.startswith(LAYERS_PREFIX):
+                    user = name[len(LAYERS_PREFIX):]
+                    layers = UserLayers(os.path.join(job_dir, name))
+                    with self._lock(user):
+                        try:
+                            used = os.stat(layers.lock).st_mtime
+                        except FileNotFoundError:
+                            used = 0.0
+                        if time.time() - used >= max_age:
+                            end_user_layers(layers)
         return ended
 
 
@@ -407,10 +589,9 @@ def spare_dirs(config: SiteConfig, node: str, user: str) -> EnvDirs:
     return job_dirs(config, node, f"{SPARE_PREFIX}{user}")
 
 
-def _spare_key(config: SiteConfig) -> str:
-    """What a spare must have been made under to serve a job now: the config file and the
-    cached scan for root-only files (a digest of their contents: nodes sharing a run
-    directory rewrite the scan with the same content)."""
+def _config_key(config: SiteConfig) -> str:
+    """A digest of the config file and the cached scan for root-only files (of their
+    contents: nodes sharing a run directory rewrite the scan with the same content)."""
     digest = hashlib.sha256()
     for path in (os.environ.get("SDEEFS_CONFIG") or config_mod.DEFAULT_PATH,
                  SiteRun(config.run_dir).private_paths):
@@ -420,6 +601,18 @@ def _spare_key(config: SiteConfig) -> str:
         except FileNotFoundError:
             digest.update(f"{path}\0-\0".encode())
     return digest.hexdigest()
+
+
+def _env_key(config: SiteConfig, user: env.User) -> str | None:
+    """What a spare must have been made under to serve a job now: the key of its shared
+    layers (:func:`layers_key`: the config, the root-only scan, the user's ids, what the
+    deny list matches now).  None: the user's ids are not there (no spare: the job's start
+    says why)."""
+    try:
+        ids = identity.of_user(user.name, config.min_uid, allocate=False)
+    except identity.SubidError:
+        return None
+    return layers_key(config, user, ids)
 
 
 def _spare_usable(spare: EnvDirs, key: str) -> bool:

@@ -23,6 +23,7 @@ list in the config covers known secrets at every job start regardless.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
@@ -85,13 +86,31 @@ def private_paths(lower: str, run_dir: str, skip: tuple[str, ...], max_age: floa
                   system: int = 1000) -> list[bytes]:
     """The cached scan, refreshed when missing or older than ``max_age`` seconds."""
     cache = SiteRun(run_dir).private_paths
+    found = _fresh(cache, max_age)
+    if found is not None:
+        return found
+    # One scan at a time: the first jobs of several nodes sharing a run directory (or
+    # several users' on one node) would each scan, and the last writer's result, different
+    # by whatever changed meanwhile, would invalidate the masks and spares made from the
+    # others' (compute/job.py: their key holds the scan).  The others use the first's.
+    os.makedirs(run_dir, mode=0o755, exist_ok=True)
+    fd = os.open(cache + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        found = _fresh(cache, max_age)
+        return found if found is not None else refresh(lower, run_dir, skip, system)
+    finally:
+        os.close(fd)
+
+
+def _fresh(cache: str, max_age: float) -> list[bytes] | None:
     try:
         if time.time() - os.stat(cache).st_mtime < max_age:
             with open(cache, "rb") as f:
                 return [line for line in f.read().split(b"\n") if line]
     except FileNotFoundError:
         pass
-    return refresh(lower, run_dir, skip, system)
+    return None
 
 
 def refresh(lower: str, run_dir: str, skip: tuple[str, ...], system: int = 1000,

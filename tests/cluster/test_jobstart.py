@@ -62,8 +62,9 @@ def alive(pid: int) -> bool:
 
 
 def wait_spare_only(g: Grid, i: int) -> None:
-    """Nothing of a finished job left in JOB_DIR: only the user's spare environment."""
-    spare = [f".spare-{g.user}", f".spare-{g.user}.run"]
+    """Nothing of a finished job left in JOB_DIR: only the user's spare environment and the
+    layers their jobs share."""
+    spare = [f".layers-{g.user}", f".spare-{g.user}", f".spare-{g.user}.run"]
     deadline = time.monotonic() + 20  # the scratch upper goes in the background
     while job_files(g, i) != spare and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -142,7 +143,8 @@ def test_with_the_replicad_down_the_epilog_still_ends_the_job_and_the_prolog_say
     # The epilog ran `sdeefs job-epilog` in its place: the environment ended, nothing left,
     # the node in service.
     assert not alive(pid)
-    assert job_files(g, 1) == [f".spare-{g.user}", f".spare-{g.user}.run"], job_files(g, 1)
+    assert job_files(g, 1) == [f".layers-{g.user}", f".spare-{g.user}", f".spare-{g.user}.run"
+                               ], job_files(g, 1)
     assert g.slurm.node_states().get("n1") in IN_SERVICE, g.slurm.node_states()
 
     # The prolog cannot serve a job without the replicad: the node's problem, one line.
@@ -167,3 +169,69 @@ def test_with_the_replicad_down_the_epilog_still_ends_the_job_and_the_prolog_say
     assert state == "COMPLETED", (state, g.hook_logs())
     assert out.read_text() == "v2\n"
     wait_spare_only(g, 1)
+
+
+def masks(g: Grid, i: int) -> dict[str, int]:
+    """The masks of the user's shared layers on node i: name -> device of its tmpfs."""
+    layers = g.base / f"n{i}" / "jobs" / f".layers-{g.user}"
+    return {p.name: p.stat().st_dev for p in sorted(layers.glob("mask-*"))
+            if p.is_dir() and os.path.ismount(p)}
+
+
+def wait_spare(g: Grid, i: int) -> None:
+    """The jobs ended on node i, the next one's spare environment made."""
+    jobs = g.base / f"n{i}" / "jobs"
+    deadline = time.monotonic() + 20
+    while not ((jobs / f".spare-{g.user}.run" / "spare-key").exists() and
+               not any(n[:1].isdigit() or n.startswith(".gone-") for n in job_files(g, i))):
+        assert time.monotonic() < deadline, job_files(g, i)
+        time.sleep(0.1)
+
+
+def test_a_users_jobs_share_one_mask_and_a_file_the_deny_list_matches_since_is_hidden(
+        grid: Grid) -> None:
+    """The mask (thousands of whiteouts: every root-only host entry) is made once per user
+    and node, not per job; a file the deny list matches made between two jobs is hidden
+    from the second all the same (it makes a new mask, and the spare made before it is not
+    used)."""
+    g = grid
+    g.site.start(g.user)
+    denied = g.base / "denied-1"  # the grid's deny list has BASE/denied-*
+    # per task: the node, whether the grid's prolog.sh shows (the directory is seen), how
+    # many denied-* show, what reading the file gives
+    look = (f"#!/bin/sh\nsrun -N2 sh -c 'echo $(hostname) $(ls {g.base} | grep -c prolog.sh) "
+            f"$(ls {g.base} | grep -c denied) $(cat {denied} 2>&1)'\n")
+    seen = []
+    for round_ in (1, 2, 3):
+        if round_ == 3:  # after the spare of the next job was made
+            denied.write_text("secret\n")
+            denied.chmod(0o644)  # readable by all: only the deny list hides it
+        job, out = submit(g, f"look{round_}", look, "-N2")
+        state = g.slurm.wait_job(job, timeout=120)
+        assert state == "COMPLETED", (state, out.read_text() if out.exists() else "",
+                                      g.hook_logs())
+        assert sorted(line.split()[:3] for line in out.read_text().splitlines()) == \
+            [["n1", "1", "0"], ["n2", "1", "0"]], out.read_text()
+        assert "secret" not in out.read_text()
+        for i in (1, 2):
+            wait_spare(g, i)
+        seen.append({i: masks(g, i) for i in (1, 2)})
+    for i in (1, 2):
+        wait_spare_only(g, i)
+        # one mask at a time: the second job and the spares took the first's (made once);
+        # the new file made a new one
+        assert len(seen[0][i]) == 1, seen
+        assert seen[1][i] == seen[0][i], seen
+        assert len(seen[2][i]) == 1, seen
+        assert seen[2][i] != seen[0][i], seen
+        # and no environment has a mask (or an idmapped lower) of its own
+        private = g.base / f"n{i}" / "jobs" / f".spare-{g.user}.run" / "private"
+        assert not os.path.ismount(private / "mask")
+        assert not os.path.ismount(private / "lower")
+    # The replicad stops following the user: their spare and layers end, nothing is left.
+    for i in (1, 2):
+        g.control(i, {"op": "unfollow", "user": g.user})
+        assert job_files(g, i) == [], job_files(g, i)
+        left = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if f"n{i}/jobs/.layers-{g.user}" in line]
+        assert not left, left

@@ -188,7 +188,8 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
         if spank:
             # slurmd's spool is on the deny list, as a site's is (DEFAULT_DENY): the plugin
             # must bring the batch script in
-            deny = json.dumps([*DEFAULT_DENY, f"{base}/cluster/spool"])
+            # (and a glob that new files can match: tests/cluster/test_jobstart.py)
+            deny = json.dumps([*DEFAULT_DENY, f"{base}/cluster/spool", f"{base}/denied-*"])
             layer += f'sockets = ["{base}/cluster/munge"]\ndeny = {deny}\n'
         with open_site(engine, layer + extra) as site:
             plugstack = ""
@@ -272,7 +273,7 @@ def test_jobs_run_in_the_users_environment_on_every_node(grid: Grid) -> None:
     g.assert_converged()
     # The job environments are gone after the job: no scratch upper, no processes (the
     # scratch upper is removed in the background); the user's next one waits, never used.
-    spare = [f".spare-{g.user}", f".spare-{g.user}.run"]
+    spare = [f".layers-{g.user}", f".spare-{g.user}", f".spare-{g.user}.run"]
     for i in (1, 2, 3):
         deadline = time.monotonic() + 20
         while sorted(os.listdir(g.base / f"n{i}" / "jobs")) != spare:
