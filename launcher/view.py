@@ -291,7 +291,7 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
 
 def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: str, work: str,
            middle: tuple[str, ...] = (), guard: str | None = None,
-           host_pids: bool = False) -> InitProcess:
+           host_pids: bool = False, tmp_dir: str | None = None) -> InitProcess:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
     replica of the user's upper, on compute nodes) and the masked, idmapped host root.
 
@@ -299,7 +299,8 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
     looked up; without one (jobs: no daemon on compute nodes) the cached scan of
     compute/private.py hides those that existed when it ran.  ``host_pids`` (jobs): no PID
     namespace of its own and the host's /proc, for tasks that join it later (the SPANK
-    plugin, launcher/compute/job.py).
+    plugin, launcher/compute/job.py).  ``tmp_dir`` (jobs): the host directory that is the
+    environment's /tmp (bound; else a tmpfs of ``tmp_size``).
     """
     if not os.path.isdir(work):
         mkdir_as(work, 0o700, user.uid, user.gid)
@@ -317,17 +318,18 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
         root += ["--root-lower", lower]
     return _start_namespaces(config, user, ids,
                              [*root, "--root-upper", upper, "--root-work", work,
-                              *(["--host-pids"] if host_pids else [])])
+                              *(["--host-pids"] if host_pids else [])], tmp_dir)
 
 
 def _start_namespaces(config: SiteConfig, user: User, ids: Identity,
-                      root: list[str]) -> InitProcess:
+                      root: list[str], tmp_dir: str | None = None) -> InitProcess:
     """sdeefs-enter start: the namespaces and init of an environment whose root is ``root``
-    (its --root-* options)."""
+    (its --root-* options), its /tmp ``tmp_dir`` bound (else a tmpfs)."""
     args = ["start", "--uid", str(user.uid), "--gid", str(user.gid),
             "--uid-map", format_map(ids.env_uid_map()),
             "--gid-map", format_map(ids.env_gid_map()),
-            *root, "--home", user.home, "--tmp-size", config.tmp_size]
+            *root, "--home", user.home,
+            *(["--tmp-dir", tmp_dir] if tmp_dir else ["--tmp-size", config.tmp_size])]
     for shared in config.shared:
         if os.path.isdir(shared):
             args += ["--bind", f"{shared}:{shared}"]
