@@ -120,26 +120,29 @@ def main(argv: list[str] | None = None) -> int:
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; kernel "
              f"{os.uname().release}; {os.cpu_count()} CPUs; 1-min load before/after: "
              f"{', '.join(f'{x:.1f}' for x in loads)}",
-             "- ns per call, median of the rounds; over plain: paired (same round) difference, "
-             "median [min, max], ns and %",
+             "- ns per call, median and best of the rounds; over plain: paired (same round) "
+             "difference, median [min, max], ns and %; best over best: the least each "
+             "took (the run least disturbed by other processes), ns",
              "",
-             "| medium | file | op | ns/call | over plain, ns | over plain, % |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
+             "| medium | file | op | ns/call median | best | over plain, ns | over plain, % "
+             "| best over best, ns |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for kind, targets in raw.items():
         for name, _, _, paired in TARGETS:
             for op, values in targets[name].items():
                 if not values:
                     continue
-                cell = ["–", "–"]
+                cell = ["–", "–", "–"]
                 if paired:
                     base_v = targets[paired][op]
                     diffs = [a - b for a, b in zip(values, base_v, strict=True)]
                     pct = [100 * (a / b - 1) for a, b in zip(values, base_v, strict=True)]
                     cell = [f"{statistics.median(diffs):+.0f} [{min(diffs):+.0f}, "
                             f"{max(diffs):+.0f}]",
-                            f"{statistics.median(pct):+.1f} [{min(pct):+.1f}, {max(pct):+.1f}]"]
+                            f"{statistics.median(pct):+.1f} [{min(pct):+.1f}, {max(pct):+.1f}]",
+                            f"{min(values) - min(base_v):+.0f}"]
                 lines.append(f"| {kind} | {name} | {op} | {statistics.median(values):.0f} | "
-                             f"{cell[0]} | {cell[1]} |")
+                             f"{min(values):.0f} | {cell[0]} | {cell[1]} | {cell[2]} |")
     report = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

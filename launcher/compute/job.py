@@ -13,7 +13,7 @@ The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
 
 **A job's /tmp** is ``JOB_DIR/JOBID/tmp``, a plain directory on the node's local
 filesystem (``job_dir``'s), bound at /tmp: no overlay in its I/O path (a 4 KiB write
-through the overlay costs a fixed ~0.5-1 µs more: bench/RESULTS.md, issue 15), and no
+through the overlay costs ~1-2.5 µs more: bench/RESULTS.md, issue 15), and no
 memory (a login's /tmp is a tmpfs of ``tmp_size``).  Nothing there is journaled or kept,
 as nothing of the scratch upper is.  Made by root in the job's root-only directory, owned
 by inside root with mode 1777 (a /tmp as the host's), only this job's environment binds
