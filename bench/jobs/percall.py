@@ -19,6 +19,10 @@ created in the overlay: it lives in the upper), and read-only on ``lower/f`` and
 (the lower's file read through the overlay, not copied up): round after round, order
 rotating, so every overlay sample has a plain one of the same round beside it.  Writes OUT
 (Markdown: median ns per call, and the paired difference, median [min, max]) and OUT.json.
+
+``--cold-rounds N`` (ext4 only): then N rounds of cold reads of ``lower/f`` directly and
+through ``ovl/f`` (``sync; echo 3 > /proc/sys/vm/drop_caches`` before each; fio, one pass,
+1 MiB sequential and 4 KiB random, 3 s at most), KiB/s, paired the same way.
 """
 
 from __future__ import annotations
@@ -79,11 +83,29 @@ def prepare(d: Path) -> None:
                    check=True)
 
 
+def cold(d: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """KiB/s of cold reads: {"lower"|"overlay-lower": {"read"|"randread": [per round]}}."""
+    out: dict[str, dict[str, list[float]]] = {"lower": {}, "overlay-lower": {}}
+    for r in range(rounds):
+        targets = [("lower", d / "lower" / "f"), ("overlay-lower", d / "ovl" / "f")]
+        for name, path in targets[r % 2:] + targets[:r % 2]:
+            for mode, bs in (("read", "1m"), ("randread", "4k")):
+                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"],
+                               check=True)
+                terse = subprocess.run(
+                    ["fio", "--name=cold", f"--filename={path}", f"--rw={mode}", f"--bs={bs}",
+                     "--size=64m", "--ioengine=psync", "--invalidate=1", "--runtime=3",
+                     "--minimal"], check=True, capture_output=True, text=True).stdout
+                out[name].setdefault(mode, []).append(float(terse.split(";")[6]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--calls", type=int, default=200000)
     parser.add_argument("--media", default="tmpfs,ext4")
+    parser.add_argument("--cold-rounds", type=int, default=0)
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "bench" / "out" / "jobs-percall.md")
     args = parser.parse_args(argv)
@@ -93,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     started, loads = time.time(), [os.getloadavg()[0]]
     # ns per call: raw[medium][target][op] = [one per round]
     raw: dict[str, dict[str, dict[str, list[float]]]] = {}
+    colds: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="sdeefs-percall-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         prog = base / "percall"
@@ -112,11 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                         if not ro:
                             raw[kind][name]["pwrite"].append(w)
                         raw[kind][name]["pread"].append(rd)
+                if kind == "ext4" and args.cold_rounds:
+                    colds = cold(d, args.cold_rounds)
     loads.append(os.getloadavg()[0])
     lines = ["# bench/jobs/percall.py: 4 KiB pwrite/pread, plain directory vs the job's overlay",
              "",
              f"- Command: `.venv/bin/python bench/jobs/percall.py --rounds {args.rounds} "
-             f"--calls {args.calls} --media {args.media}`",
+             f"--calls {args.calls} --media {args.media} --cold-rounds {args.cold_rounds}`",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; kernel "
              f"{os.uname().release}; {os.cpu_count()} CPUs; 1-min load before/after: "
              f"{', '.join(f'{x:.1f}' for x in loads)}",
@@ -143,10 +168,22 @@ def main(argv: list[str] | None = None) -> int:
                             f"{min(values) - min(base_v):+.0f}"]
                 lines.append(f"| {kind} | {name} | {op} | {statistics.median(values):.0f} | "
                              f"{min(values):.0f} | {cell[0]} | {cell[1]} | {cell[2]} |")
+    if colds:
+        lines += ["", "Cold reads on ext4 (page cache dropped before each), KiB/s, median of the "
+                  "rounds; through the overlay: paired % of time over the direct read, median "
+                  "[min, max]:", "", "| mode | lower file, direct | through the overlay, "
+                  "KiB/s | over direct, % |", "| --- | ---: | ---: | ---: |"]
+        for mode, direct in colds["lower"].items():
+            via = colds["overlay-lower"][mode]
+            pct = [100 * (a / b - 1) for a, b in zip(direct, via, strict=True)]
+            lines.append(f"| {mode} | {statistics.median(direct):.0f} | "
+                         f"{statistics.median(via):.0f} | {statistics.median(pct):+.1f} "
+                         f"[{min(pct):+.0f}, {max(pct):+.0f}] |")
     report = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
-    args.out.with_suffix(".json").write_text(json.dumps({"raw": raw, "load": loads}))
+    args.out.with_suffix(".json").write_text(json.dumps({"raw": raw, "cold": colds,
+                                                         "load": loads}))
     print(report)
     return 0
 
