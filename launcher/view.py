@@ -315,7 +315,8 @@ def idmap_lower(config: SiteConfig, user: User, ids: Identity, target: str) -> N
 
 def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: str, work: str,
            middle: tuple[str, ...] = (), guard: str | None = None,
-           host_pids: bool = False, layers: tuple[str, ...] | None = None) -> InitProcess:
+           host_pids: bool = False, layers: tuple[str, ...] | None = None,
+           tmp_dir: str | None = None) -> InitProcess:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
     replica of the user's upper, on compute nodes) and the masked, idmapped host root.
 
@@ -325,7 +326,9 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
     namespace of its own and the host's /proc, for tasks that join it later (the SPANK
     plugin, launcher/compute/job.py).  ``layers``: the mask (if any) and the idmapped lower
     made already (a job's: the user's, shared by their jobs on the node, compute/job.py),
-    instead of this environment's own at ``run.mask`` and ``run.lower``.
+    instead of this environment's own at ``run.mask`` and ``run.lower``.  ``tmp_dir``
+    (jobs): the host directory that is the environment's /tmp (bound; else a tmpfs of
+    ``tmp_size``).
     """
     if not os.path.isdir(work):
         mkdir_as(work, 0o700, user.uid, user.gid)
@@ -344,17 +347,18 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
         root += ["--root-lower", lower]
     return _start_namespaces(config, user, ids,
                              [*root, "--root-upper", upper, "--root-work", work,
-                              *(["--host-pids"] if host_pids else [])])
+                              *(["--host-pids"] if host_pids else [])], tmp_dir)
 
 
 def _start_namespaces(config: SiteConfig, user: User, ids: Identity,
-                      root: list[str]) -> InitProcess:
+                      root: list[str], tmp_dir: str | None = None) -> InitProcess:
     """sdeefs-enter start: the namespaces and init of an environment whose root is ``root``
-    (its --root-* options)."""
+    (its --root-* options), its /tmp ``tmp_dir`` bound (else a tmpfs)."""
     args = ["start", "--uid", str(user.uid), "--gid", str(user.gid),
             "--uid-map", format_map(ids.env_uid_map()),
             "--gid-map", format_map(ids.env_gid_map()),
-            *root, "--home", user.home, "--tmp-size", config.tmp_size]
+            *root, "--home", user.home,
+            *(["--tmp-dir", tmp_dir] if tmp_dir else ["--tmp-size", config.tmp_size])]
     for shared in config.shared:
         if os.path.isdir(shared):
             args += ["--bind", f"{shared}:{shared}"]

@@ -45,7 +45,8 @@ a missing file means all defaults.  Example (every key, with its default)::
     guard = "c"                  # the guard layer's daemon (sdeefs.fs.guard): c (sdeefs-guard,
                                  #   libfuse3) or python (pyfuse3, the reference model);
                                  #   $SDEEFS_GUARD overrides it (comparisons, benchmarks)
-    tmp_size = "25%"             # size of the private /tmp of an environment
+    tmp_size = "25%"             # size of the private /tmp (a tmpfs) of a login environment;
+                                 #   a job's /tmp is JOB_DIR/JOBID/tmp on the node's disk
     pids_max = 4096              # processes and threads of one login environment
     memory_max = "50%"           # its memory, /tmp included (bytes: 8G, 512M; or % of RAM)
     cpu_weight = 100             # its CPU share against other environments (1..10000)

@@ -2,33 +2,42 @@
 
 Usage (as root)::
 
-    .venv/bin/python bench/jobs/fio.py [--rounds 5] [--runtime 2] [--out bench/out/jobs-fio.md]
+    .venv/bin/python bench/jobs/fio.py [--rounds 5] [--runtime 2] [--node-fs ext4] \
+        [--wrapper] [--out bench/out/jobs-fio.md]
 
 A real SLURM cluster of one node (tests/cluster, the SPANK plugin loaded as ``sdeefs
-install-slurm`` sets it up).  The user logs in and writes one 64 MiB file of random bytes per
-mode into ``/var/tmp/bench-fio`` inside their environment (the login upper; the node's
-replica follows).  The harness copies the same bytes to the node's local tmpfs for the bare
-runs (the medium the node's replica and job scratch live on here), drops the page cache,
-and the user submits one job.  In it, round after round (order rotating), each mode runs as
-one step of each variant, so every sdeefs step has a bare step of the same round beside it:
+install-slurm`` sets it up) whose state (replica, jobs' scratch) is on ``--node-fs``: ext4
+on a loop device with direct I/O (default: a node's local disk, whose page cache can be
+dropped) or tmpfs (the test suite's nodes).  The user logs in and writes one 64 MiB file of
+random bytes per mode into ``/var/tmp/bench-fio`` inside their environment (the login upper;
+the node's replica follows).  The harness copies the same bytes to the node's filesystem for
+the bare runs (the filesystem the node's replica and job scratch live on), syncs and drops
+the page cache, and the user submits one job.  In it, round after round (order rotating),
+each mode runs as one step of each variant, so every sdeefs step has a bare step of the same
+round beside it:
 
-* ``bare`` scratch: ``srun --sdeefs=off fio`` in a directory on the node's tmpfs;
+* ``bare`` scratch: ``srun --sdeefs=off fio`` in a directory on the node's filesystem;
 * ``sdeefs`` scratch: ``srun fio`` in ``/var/tmp/fio-s`` inside: the job's scratch upper
-  (kernel overlayfs, upper on the node's tmpfs);
-* ``sdeefs-run`` scratch: ``srun --sdeefs=off sdeefs-run -- fio`` in ``/var/tmp/fio-w``: the
-  explicit form of before (the earlier finding: sequential read +96…+111 % over bare);
-* ``bare`` replica: the node-local copy of the user's file;
+  (kernel overlayfs, upper on the node's filesystem);
+* ``sdeefs`` tmp: ``srun fio`` in ``/tmp/fio-t`` inside: the job's /tmp (a plain directory on
+  the node's filesystem, bound: launcher/compute/job.py; paired with bare scratch);
+* ``sdeefs-run`` scratch (``--wrapper``): ``srun --sdeefs=off sdeefs-run -- fio`` in
+  ``/var/tmp/fio-w``: the explicit form;
+* ``bare`` replica: the node-local copy of the user's file, from the page cache (read once
+  before the step; fio ``--invalidate=0``);
 * ``sdeefs`` replica: the user's file as the job sees it (the replica, a middle layer of the
-  overlay; the write modes copy it up into the job's scratch at open).
+  overlay; the write modes copy it up into the job's scratch at open), the same way;
+* ``bare``/``sdeefs`` replica_cold: the same files, one pass (no ``--time_based``) after
+  fio dropped their pages (``--invalidate=1``: ``posix_fadvise(DONTNEED)``, which overlayfs
+  hands to the file below; the file is fsynced first, ``sync FILE``).  The loop device
+  reads its image with direct I/O: a cold read reaches the host's disk.
 
 Before the rounds, one pass over each file (``first``: no ``--time_based``; the step's
 wall time is recorded too, srun and the copy-up of the write modes included): the first
-access in the job, right after replication.  The node's replica and scratch are tmpfs in
-this cluster, so "cold" can only mean "never read before in this job environment": tmpfs
-pages cannot be dropped.
+access in the job, right after replication, the page cache dropped (cold on ext4).
 
 Sequential modes use 1 MiB blocks, random ones 4 KiB; psync; reads and writes summed (KiB/s).
-Writes OUT (Markdown: overhead in % of time over bare, median of the paired rounds [min,
+Writes OUT (Markdown: overhead in % of time over bare, of each round's pair, median [min,
 max]), OUT.json and OUT.svg.
 """
 
@@ -55,14 +64,21 @@ from tests.launcher.launcher_site import SHELL, VENV_BIN  # noqa: E402
 INSIDE = "/var/tmp/bench-fio"  # the user's files, written at login
 
 
-def fio(target: str, mode: str, size: str, runtime: int) -> str:
-    """fio on ``target`` (a directory's file ``data``, or a file), one terse line."""
+def fio(target: str, mode: str, size: str, runtime: int, cache: str = "warm") -> str:
+    """fio on ``target`` (a directory's file ``data``, or a file), one terse line.
+    ``cache``: "warm" (the file read once first, fio keeps the pages), "cold" (fsynced,
+    then fio drops its pages), "first" (as it is)."""
     bs = "1m" if mode in ("read", "write", "rw") else "4k"
     where = (f"--filename={target}" if not target.endswith("/") else
              f"--directory={target} --filename=data")
     timed = f"--runtime={runtime} --time_based" if runtime else ""
-    return (f"fio --name={mode} {where} --size={size} --rw={mode} --bs={bs} --ioengine=psync "
-            f"{timed} --minimal")
+    run = (f"fio --name={mode} {where} --size={size} --rw={mode} --bs={bs} --ioengine=psync "
+           f"{timed} --invalidate={1 if cache == 'cold' else 0} --minimal")
+    if target.endswith("/") or cache == "first":
+        return run
+    if cache == "cold":
+        return f"sync {target}; {run}"
+    return f"cat {target} > /dev/null; {run}"
 
 
 def step(name: str, key: str, srun: str, command: str) -> list[str]:
@@ -72,40 +88,71 @@ def step(name: str, key: str, srun: str, command: str) -> list[str]:
             f'echo "R {name} {key} ${{kbs:-0}} $(( ($(date +%s%N) - t0) / 1000000 ))"']
 
 
-def variants(scratch: Path, copy: Path, mode: str, size: str, runtime: int
-             ) -> dict[str, tuple[str, str, str]]:
+# the key of each sdeefs variant's bare pair (by default the same key)
+BARE_PAIR = {"tmp": "scratch"}
+
+
+def variants(scratch: Path, copy: Path, mode: str, size: str, runtime: int,
+             wrapper: bool = False) -> dict[str, tuple[str, str, str]]:
     """(contender, key) name -> (contender, srun prefix, fio command)."""
     off = "srun -N1 --sdeefs=off"
     run = f"{off} {VENV_BIN / 'sdeefs-run'} --"
-    return {
+    out = {
         f"bare:fio_{mode}_scratch": ("bare", off, fio(f"{scratch}/", mode, size, runtime)),
         f"sdeefs:fio_{mode}_scratch": ("sdeefs", "srun -N1",
                                        fio("/var/tmp/fio-s/", mode, size, runtime)),
-        f"sdeefs-run:fio_{mode}_scratch": ("sdeefs-run", run,
-                                           fio("/var/tmp/fio-w/", mode, size, runtime)),
+        f"sdeefs:fio_{mode}_tmp": ("sdeefs", "srun -N1", fio("/tmp/fio-t/", mode, size, runtime)),
         f"bare:fio_{mode}_replica": ("bare", off, fio(f"{copy}/{mode}", mode, size, runtime)),
         f"sdeefs:fio_{mode}_replica": ("sdeefs", "srun -N1",
                                        fio(f"{INSIDE}/{mode}", mode, size, runtime)),
+        f"bare:fio_{mode}_replica_cold": ("bare", off,
+                                          fio(f"{copy}/{mode}", mode, size, 0, "cold")),
+        f"sdeefs:fio_{mode}_replica_cold": ("sdeefs", "srun -N1",
+                                            fio(f"{INSIDE}/{mode}", mode, size, 0, "cold")),
     }
+    if wrapper:
+        out[f"sdeefs-run:fio_{mode}_scratch"] = ("sdeefs-run", run,
+                                                 fio("/var/tmp/fio-w/", mode, size, runtime))
+    return out
 
 
 def job_script(scratch: Path, copy: Path, modes: list[str], size: str, runtime: int,
-               rounds: int) -> str:
-    lines = ["#!/bin/sh", "mkdir -p /var/tmp/fio-s /var/tmp/fio-w"]
+               rounds: int, wrapper: bool = False) -> str:
+    lines = ["#!/bin/sh", "mkdir -p /var/tmp/fio-s /var/tmp/fio-w /tmp/fio-t"]
     for mode in modes:  # first pass over the user's files: right after replication
         for name in ("bare", "sdeefs"):
             c, srun, command = variants(scratch, copy, mode, size, 0)[f"{name}:fio_{mode}_replica"]
+            command = fio(f"{copy}/{mode}" if name == "bare" else f"{INSIDE}/{mode}", mode,
+                          size, 0, "first")
             lines += step(c, f"fio_{mode}_replica_first", srun, command)
             lines += [f'echo "R {c} fio_{mode}_replica_first_ms $(( ($(date +%s%N) - t0) '
                       '/ 1000000 ))"']
     for r in range(rounds):
         for mode in modes:
-            v = variants(scratch, copy, mode, size, runtime)
+            v = variants(scratch, copy, mode, size, runtime, wrapper)
             names = list(v)
             for name in names[r % len(names):] + names[:r % len(names)]:
                 c, srun, command = v[name]
                 lines += step(c, name.split(":")[1], srun, command)
     return "\n".join(lines) + "\n"
+
+
+def paired(raw: dict[str, dict[str, list[float]]], name: str, key: str
+           ) -> list[float] | None:
+    """Per round: % of time over bare (bare/contender - 1 of KiB/s), against the bare step
+    of the same round (``BARE_PAIR``)."""
+    mine = raw.get(name, {}).get(key)
+    kind = key.split("_", 2)[2]
+    bare = raw.get("bare", {}).get(key.replace(kind, BARE_PAIR.get(kind, kind)))
+    if not mine or not bare or len(mine) != len(bare) or min(mine) <= 0:
+        return None
+    return [100 * (b / m - 1) for b, m in zip(bare, mine, strict=True)]
+
+
+def cell(values: list[float] | None) -> str:
+    if not values:
+        return "–"
+    return f"{statistics.median(values):+.1f} % [{min(values):+.0f}, {max(values):+.0f}]"
 
 
 def parse(text: str) -> dict[str, dict[str, list[float]]]:
@@ -120,10 +167,30 @@ def parse(text: str) -> dict[str, dict[str, list[float]]]:
 def shown(modes: list[str]) -> list[tuple[str, str]]:
     out = []
     for mode in modes:
-        out += [(f"fio_{mode}_scratch", f"{mode}: job scratch"),
-                (f"fio_{mode}_replica", f"{mode}: user's file"),
-                (f"fio_{mode}_replica_first", f"{mode}: user's file, first pass")]
+        out += [(f"fio_{mode}_scratch", f"{mode}: job scratch /var/tmp (overlay)"),
+                (f"fio_{mode}_tmp", f"{mode}: job /tmp"),
+                (f"fio_{mode}_replica", f"{mode}: user's file, page cache"),
+                (f"fio_{mode}_replica_cold", f"{mode}: user's file, cold")]
     return out
+
+
+def normalized(raw: dict[str, dict[str, list[float]]], names: list[str],
+               rows: list[tuple[str, str]]) -> dict[str, dict[str, list[float]]]:
+    """``raw`` as plot.bars reads it, each round's value divided by its bare pair's (bare:
+    1): the bars show the paired overheads."""
+    out: dict[str, dict[str, list[float]]] = {"bare": {}}
+    for key, _ in rows:
+        out["bare"][key] = [1.0]
+        for n in names:
+            p = paired(raw, n, key)
+            if p:
+                out.setdefault(n, {})[key] = [1 / (1 + v / 100) for v in p]
+    return out
+
+
+def bare_median(raw: dict[str, dict[str, list[float]]], key: str) -> str:
+    values = raw.get("bare", {}).get(key)
+    return f"{statistics.median(values):.0f}" if values else "–"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", type=int, default=2)
     parser.add_argument("--size", default="64m")
     parser.add_argument("--modes", default=",".join(FIO_MODES))
+    parser.add_argument("--node-fs", choices=("ext4", "tmpfs"), default="ext4",
+                        help="the node's filesystem (replica, scratch, bare's files)")
+    parser.add_argument("--wrapper", action="store_true",
+                        help="also sdeefs-run (the explicit form) on the job's scratch")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "jobs-fio.md")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -141,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     started = time.time()
     loads = [os.getloadavg()[0]]
-    with open_grid(1, spank=True) as g:
+    with open_grid(1, spank=True, node_fs=args.node_fs) as g:
         try:
             g.site.start(g.user)
             g.site.run(g.user, f"mkdir -p {INSIDE} && for m in {' '.join(modes)}; do "
                        f"head -c {args.size.upper()} /dev/urandom "
                        f"> {INSIDE}/$m; done; chmod -R a+rwX {INSIDE}", timeout=300)
-            copy = g.base / "n1" / "copy"  # bare's: the same bytes on the node's tmpfs
+            copy = g.base / "n1" / "copy"  # bare's: the same bytes on the node's fs
             scratch = g.base / "n1" / "scratch"
             for d in (copy, scratch):
                 d.mkdir()
@@ -160,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
             home = g.site.home(g.user)
             (home / "fio.sh").write_text(job_script(scratch, copy, modes, args.size,
-                                                    args.runtime, args.rounds))
+                                                    args.runtime, args.rounds, args.wrapper))
             out = home / "fio.out"
             env = {"SDEEFS_RUN_DIR": str(g.site.run_dir), "HOME": str(home),
                    "SDEEFS_CONFIG": str(g.site.config)}
             job = g.slurm.run([str(SHELL), "-c", f"sbatch --parsable -N1 -o {out} {home}/fio.sh"],
                               user=g.user, cwd=home, env=env).stdout.strip()
-            state = g.slurm.wait_job(int(job), timeout=600 + args.rounds * len(modes) * 5 * (
+            state = g.slurm.wait_job(int(job), timeout=600 + args.rounds * len(modes) * 8 * (
                 args.runtime + 5))
             text = out.read_text() if out.exists() else ""
         finally:
@@ -186,21 +257,42 @@ def main(argv: list[str] | None = None) -> int:
         "# bench/jobs/fio.py: fio in a job, the job's scratch and the user's files",
         "",
         f"- Command: `.venv/bin/python bench/jobs/fio.py --rounds {args.rounds} "
-        f"--runtime {args.runtime} --size {args.size} --modes {args.modes}`",
+        f"--runtime {args.runtime} --size {args.size} --modes {args.modes} "
+        f"--node-fs {args.node_fs}{' --wrapper' if args.wrapper else ''}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; wall time "
         f"{(time.time() - started) / 60:.1f} min; kernel {os.uname().release}; "
         f"{os.cpu_count()} CPUs; 1-min load average before/after: "
         f"{', '.join(f'{x:.1f}' for x in loads)}",
-        "- % of time over bare (bare/contender − 1 of KiB/s), median of the rounds [best, "
-        "worst]; bare: its median KiB/s",
+        f"- The node's filesystem: {args.node_fs}"
+        + (" (loop device, direct I/O to its image)" if args.node_fs == "ext4" else ""),
+        "- % of time over bare (bare/contender − 1 of KiB/s), each round against the bare "
+        "step of the same round, median [min, max] over the rounds; bare: its median KiB/s "
+        "(the job's /tmp is paired with bare's scratch directory)",
         "",
-        plot.table(raw, names, rows),
+        "| mode | bare scratch KiB/s | sdeefs /var/tmp (overlay) | sdeefs /tmp"
+        + (" | sdeefs-run /var/tmp" if "sdeefs-run" in names else "")
+        + " | bare file, page cache KiB/s | sdeefs file, page cache | bare file, cold KiB/s "
+        "| sdeefs file, cold |",
+        "| --- | ---: | ---: | ---:" + (" | ---:" if "sdeefs-run" in names else "")
+        + " | ---: | ---: | ---: | ---: |",
+        *(f"| {m} | {bare_median(raw, f'fio_{m}_scratch')} | "
+          f"{cell(paired(raw, 'sdeefs', f'fio_{m}_scratch'))} | "
+          f"{cell(paired(raw, 'sdeefs', f'fio_{m}_tmp'))} | "
+          + (f"{cell(paired(raw, 'sdeefs-run', f'fio_{m}_scratch'))} | "
+             if "sdeefs-run" in names else "")
+          + f"{bare_median(raw, f'fio_{m}_replica')} | "
+          f"{cell(paired(raw, 'sdeefs', f'fio_{m}_replica'))} | "
+          f"{bare_median(raw, f'fio_{m}_replica_cold')} | "
+          f"{cell(paired(raw, 'sdeefs', f'fio_{m}_replica_cold'))} |" for m in modes),
         "",
-        "First pass over the user's files, the whole step (srun, open, copy-up, one pass), ms:",
+        "First pass over the user's files, right after replication, page cache dropped: "
+        "fio's KiB/s, and the whole step (srun, open, copy-up, one pass), ms (one sample):",
         "",
-        "| mode | bare | sdeefs |",
-        "| --- | ---: | ---: |",
-        *(f"| {m} | {statistics.median(raw['bare'].get(k, [0])):.0f} | "
+        "| mode | bare KiB/s | sdeefs KiB/s | bare ms | sdeefs ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *(f"| {m} | {bare_median(raw, f'fio_{m}_replica_first')} | "
+          f"{statistics.median(raw['sdeefs'].get(f'fio_{m}_replica_first', [0])):.0f} | "
+          f"{statistics.median(raw['bare'].get(k, [0])):.0f} | "
           f"{statistics.median(raw['sdeefs'].get(k, [0])):.0f} |" for k, m in first_ms),
         "",
     ]
@@ -209,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(report)
     args.out.with_suffix(".json").write_text(json.dumps({"raw": raw, "load": loads}))
     args.out.with_suffix(".out").write_text(text)  # the job's output: fio's own errors
-    plot.bars(raw, names, args.out.with_suffix(".svg"), rows,
-              title="fio in a job, % of time over bare")
+    plot.bars(normalized(raw, names, rows), names, args.out.with_suffix(".svg"), rows,
+              title="fio in a job, % of time over bare (paired)")
     print(report)
     return 0
 

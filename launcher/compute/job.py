@@ -14,6 +14,17 @@ there: JOB_DIR/.layers-U, :class:`UserLayers`).
 
 The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
 
+**A job's /tmp** is ``JOB_DIR/JOBID/tmp``, a plain directory on the node's local
+filesystem (``job_dir``'s), bound at /tmp: no overlay in its I/O path (a 4 KiB write
+through the overlay costs ~1-2.5 µs more: bench/RESULTS.md, issue 15), and no
+memory (a login's /tmp is a tmpfs of ``tmp_size``).  Nothing there is journaled or kept,
+as nothing of the scratch upper is.  Made by root in the job's root-only directory, owned
+by inside root with mode 1777 (a /tmp as the host's), only this job's environment binds
+it (by an fd opened as root: ``sdeefs-enter start --tmp-dir``): another job, of the same
+user or another, never sees it; the epilog removes it with the scratch upper (no symlink
+the job planted is followed: ``shutil.rmtree`` walks by fds).  ``$TMPDIR`` is left as
+the job was given it (SLURM passes the submitter's environment; unset, programs use /tmp).
+
 * the prolog (SLURM ``Prolog``, root, every allocated node, before any step;
   ``PrologFlags=Alloc``; done by the node's resident sdeefs-replicad, which
   ``sdeefs-prolog``, a C client, asks: :class:`NodeJobs`; ``sdeefs job-prolog`` does the
@@ -256,7 +267,7 @@ def _launch(config: SiteConfig, node: str, user: env.User, where: EnvDirs) -> en
         with user_layers(config, node, user, ids) as layers:
             init = view.launch(config, user, ids, where.run, layer.upper,
                                os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
-                               host_pids=True, layers=layers)
+                               host_pids=True, layers=layers, tmp_dir=job_tmp(where))
     except (OSError, QuietError) as exc:  # the replica's content is the user's
         raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
             from None
@@ -626,12 +637,17 @@ def _spare_usable(spare: EnvDirs, key: str) -> bool:
     return record is not None and env.is_alive(record)
 
 
+def job_tmp(where: EnvDirs) -> str:
+    """The job's /tmp on the host (module docstring): inside its root-only directory."""
+    return os.path.join(where.layer.path, "tmp")
+
+
 def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
     root, owner = (0, 0), (user.uid, user.gid)
     layer = where.layer
     make_dirs(((layer.path, root, 0o700), (layer.upper, ids.root, 0o755),
                (layer.state.path, root, 0o700), (layer.state.work, owner, 0o700),
-               (where.run.lower, root, 0o700)))
+               (job_tmp(where), ids.root, 0o1777), (where.run.lower, root, 0o700)))
 
 
 def epilog(config: SiteConfig, node: str, job: str) -> bool:

@@ -200,6 +200,7 @@ struct start_opts {
     const char *lower[MAX_LAYERS];
     int nlower;
     const char *upper, *work, *home, *tmp_size;
+    const char *tmp_dir; /* --tmp-dir: this host directory is /tmp, not a tmpfs (jobs) */
     const char *view; /* --root-view: bind this mount as the root instead of an overlay */
     struct bind_spec binds[MAX_MOUNTS];
     int nbinds;
@@ -256,7 +257,7 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
         else if (!strcmp(a, "--gid-map"))
             parse_id_map(a, v, &o->gid_map);
         else if (!strcmp(a, "--root-lower")) {
-            if (o->nlower >= MAX_LAYERS - 2)
+            if (o->nlower >= MAX_LAYERS - 3) /* + upper, work, --tmp-dir */
                 usage("too many --root-lower");
             o->lower[o->nlower++] = v;
         } else if (!strcmp(a, "--root-view"))
@@ -280,6 +281,9 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
         } else if (!strcmp(a, "--tmp-size")) {
             check_tmp_size(v);
             o->tmp_size = v;
+        } else if (!strcmp(a, "--tmp-dir")) {
+            check_abs_path(a, v);
+            o->tmp_dir = v;
         } else
             usage("start: unknown option %s", a);
     }
@@ -289,7 +293,7 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
     if (uid < 0 || gid < 0 || !(layers || o->view) || !o->home)
         usage("start --uid U --gid G (--root-lower DIR [...] --root-upper DIR --root-work DIR | "
               "--root-view DIR) --home HOSTDIR [--bind SRC:DST] [--ro-bind SRC:DST] "
-              "[--hide PATH] [--tmp-size S] [--host-pids]");
+              "[--hide PATH] [--tmp-size S | --tmp-dir HOSTDIR] [--host-pids]");
     if (uid == 0 || gid == 0)
         usage("start: refusing uid/gid 0 (the environment's root would be host root)");
     if (o->uid_map.set != o->gid_map.set)
@@ -398,6 +402,12 @@ static int layer_count(const struct start_opts *o)
     return o->view ? 1 : o->nlower + 2;
 }
 
+/* ... and all fds it sends: the layers, then --tmp-dir's directory if given. */
+static int fd_count(const struct start_opts *o)
+{
+    return layer_count(o) + (o->tmp_dir ? 1 : 0);
+}
+
 static void bind_view(const char *target, int view_fd)
 {
     int tree = sys_open_tree(view_fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
@@ -501,11 +511,22 @@ static void setup_sys(void)
                    "/sys");
 }
 
-static void setup_tmp(const char *size)
+/* /tmp: a tmpfs of its own (logins), or (--tmp-dir, jobs) the host directory P opened,
+ * bound: a plain directory of the node's local filesystem, no overlay in its I/O path
+ * (launcher/compute/job.py).  It is bound by its fd, opened by host root in this mount
+ * namespace: B, the user here, could not walk the root-only directories above it, and no
+ * path the user controls is resolved. */
+static void setup_tmp(const char *size, int dir_fd)
 {
     char opts[64];
-    snprintf(opts, sizeof opts, "mode=1777,uid=0,gid=0,size=%s", size);
     mkdir_p("/newroot/tmp", 01777);
+    if (dir_fd >= 0) {
+        bind_view("/newroot/tmp", dir_fd);
+        set_mount_attr("/newroot/tmp", MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, "/tmp");
+        close(dir_fd);
+        return;
+    }
+    snprintf(opts, sizeof opts, "mode=1777,uid=0,gid=0,size=%s", size);
     if (mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV, opts) < 0)
         FAIL("mount tmpfs on /tmp");
 }
@@ -627,7 +648,7 @@ __attribute__((noreturn)) static void run_b(const struct start_opts *o, const in
     setup_proc(o->host_pids);
     setup_dev();
     setup_sys();
-    setup_tmp(o->tmp_size);
+    setup_tmp(o->tmp_size, o->tmp_dir ? fds[layer_count(o)] : -1);
     setup_run();
     setup_bind(o->home, o->home, 0, "home");
     for (int i = 0; i < o->nbinds; i++) {
@@ -704,8 +725,8 @@ __attribute__((noreturn)) static void run_a(const struct start_opts *o, int sock
     send_msg(sock, "N");
     if (recv_msg(sock, buf, sizeof buf, fds, &nfds, "receive layer fds") == 0)
         fail("receive layer fds: the launcher exited");
-    if (buf[0] != 'F' || nfds != layer_count(o))
-        fail("receive layer fds: got %d fds, expected %d", nfds, layer_count(o));
+    if (buf[0] != 'F' || nfds != fd_count(o))
+        fail("receive layer fds: got %d fds, expected %d", nfds, fd_count(o));
     /* The uid change made us non-dumpable: /proc/<init>/ns/ files would then be root-only and
      * U could not join.  B inherits the flag through fork. */
     if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0)
@@ -756,7 +777,8 @@ int cmd_start(int argc, char **argv)
     given[o.nlower + 1] = o.work;
     if (o.view)
         given[0] = o.view;
-    for (int i = 0; i < layer_count(&o); i++)
+    given[layer_count(&o)] = o.tmp_dir; /* (past the layers: not sent without --tmp-dir) */
+    for (int i = 0; i < fd_count(&o); i++)
         if (!(paths[npaths++] = realpath(given[i], NULL)))
             FAIL("layer %s", given[i]);
 

@@ -46,11 +46,12 @@ def test_steps_measures_every_contender_in_the_environment_or_not(tmp_path: Path
 def test_fio_reads_the_users_file_in_the_job(tmp_path: Path) -> None:
     out = tmp_path / "fio.md"
     assert fio.main(["--rounds", "1", "--runtime", "1", "--size", "4m", "--modes", "randrw",
-                     "--out", str(out)]) == 0
+                     "--wrapper", "--out", str(out)]) == 0  # the node's fs: ext4 (loop)
     raw = json.loads(out.with_suffix(".json").read_text())["raw"]
-    want = {"fio_randrw_scratch", "fio_randrw_replica", "fio_randrw_replica_first"}
+    want = {"fio_randrw_scratch", "fio_randrw_replica", "fio_randrw_replica_first",
+            "fio_randrw_replica_cold"}
     assert want <= set(raw["bare"]), raw
-    assert want <= set(raw["sdeefs"]), raw
+    assert want | {"fio_randrw_tmp"} <= set(raw["sdeefs"]), raw
     assert raw["sdeefs-run"]["fio_randrw_scratch"][0] > 0, raw
     # every fio step measured something: the user's file is there and writable in the job
     assert all(v > 0 for name in raw for key, vs in raw[name].items() for v in vs), raw

@@ -169,9 +169,15 @@ def grid5() -> Iterator[Grid]:
 
 @contextlib.contextmanager
 def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
-              spank: bool = False, extra_conf: str = "") -> Iterator[Grid]:
+              spank: bool = False, extra_conf: str = "", node_fs: str = "tmpfs"
+              ) -> Iterator[Grid]:
     """``spank``: SLURM loads the SPANK plugin, as ``sdeefs install-slurm`` sets it up, and
-    munge's socket is bound into environments (SLURM clients typed inside)."""
+    munge's socket is bound into environments (SLURM clients typed inside).
+
+    Each node's state (replica, jobs' scratch: BASE/nI) is on a filesystem of its own:
+    ``node_fs`` "tmpfs" (2 GiB), or "ext4": a block filesystem as a node's local disk (an
+    image BASE/nI.img on a loop device with direct I/O, so its pages can be dropped and a
+    cold read reaches the disk), made and removed here."""
     base = Path(tempfile.mkdtemp(prefix="sdeefs-grid-", dir="/var/tmp"))
     os.chmod(base, 0o755)
     key = base / "replication.key"
@@ -205,9 +211,7 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
                 os.chmod(base / f"{which}.sh", 0o755)
             user = site.add_user()
             for i in range(1, nodes + 1):  # each node's local disk: not the host root's fs
-                (base / f"n{i}").mkdir()
-                subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=2g", "tmpfs",
-                                str(base / f"n{i}")], check=True)
+                mount_node_fs(base, i, node_fs)
             with cluster(str(base / "cluster"), nodes=nodes, prolog=str(base / "prolog.sh"),
                          epilog=str(base / "epilog.sh"), extra_conf=extra_conf,
                          plugstack=plugstack) as slurm:
@@ -230,7 +234,32 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
     finally:
         for i in range(1, nodes + 1):
             subprocess.run(["umount", "-l", str(base / f"n{i}")], capture_output=True)
+            loop = base / f"n{i}.loop"
+            if loop.exists():  # detached when its last user (a lazy umount) lets go
+                subprocess.run(["losetup", "-d", loop.read_text().strip()], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def mount_node_fs(base: Path, i: int, kind: str) -> None:
+    """BASE/nI: node I's own filesystem (open_grid's ``node_fs``); an ext4 image's loop
+    device is named in BASE/nI.loop for the clean-up."""
+    target = base / f"n{i}"
+    target.mkdir()
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=2g", "tmpfs", str(target)],
+                       check=True)
+        return
+    if kind != "ext4":
+        raise ValueError(f"node_fs: tmpfs or ext4, not {kind!r}")
+    image = base / f"n{i}.img"
+    subprocess.run(["truncate", "-s", "4G", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                    str(image)], check=True)
+    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (base / f"n{i}.loop").write_text(loop)
+    subprocess.run(["mount", loop, str(target)], check=True)
+    os.chmod(target, 0o755)
 
 
 def install_software(g: Grid) -> None:

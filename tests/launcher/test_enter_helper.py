@@ -346,6 +346,26 @@ def test_binds(helper: Helper, env: int) -> None:
     assert "size=16384k" in helper.out(env, "findmnt", "-no", "OPTIONS", "/tmp")
 
 
+def test_tmp_dir_is_a_host_directory_bound_by_root(helper: Helper) -> None:
+    """--tmp-dir (a job's /tmp): the host directory, bound, even below root-only
+    directories the user could not walk (the layers' tmpfs is 0700 root)."""
+    tmp = helper.layers / "job-tmp"
+    tmp.mkdir(mode=0o1777)
+    os.chmod(tmp, 0o1777)
+    (tmp / "from-host").write_text("host\n")
+    pid = helper.start("tmpdir", "--tmp-dir", str(tmp))
+    try:
+        assert helper.out(pid, "cat", "/tmp/from-host") == "host\n"
+        helper.out(pid, "sh", "-c", "echo inside > /tmp/from-inside")
+        assert (tmp / "from-inside").read_text() == "inside\n"
+        options = helper.out(pid, "findmnt", "-no", "OPTIONS", "/tmp")
+        assert options.startswith("rw,nosuid,nodev"), options
+        # not a tmpfs of its own: the directory of the layers' filesystem
+        assert helper.out(pid, "findmnt", "-no", "FSROOT", "/tmp") == "/job-tmp\n"
+    finally:
+        helper.stop(pid)
+
+
 def test_capabilities(helper: Helper, env: int) -> None:
     status = dict(line.split(":\t", 1) for line in
                   helper.out(env, "cat", "/proc/self/status").splitlines() if ":\t" in line)

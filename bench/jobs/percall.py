@@ -1,0 +1,192 @@
+"""What one 4 KiB pwrite/pread costs through the job's kernel overlay vs a plain directory.
+
+Usage (as root; outside SLURM, a few minutes)::
+
+    .venv/bin/python bench/jobs/percall.py [--rounds 10] [--calls 200000] \
+        [--out bench/out/jobs-percall.md]
+
+On each medium a job's scratch can live on (a tmpfs, as the test cluster's nodes; ext4 on
+a loop device, direct I/O to its image, as a node's local disk), the harness makes::
+
+    D/plain/            a plain directory (the bare job's scratch)
+    D/bind/             a bind mount of D/plain (what a job's /tmp is: launcher/enter/start.c)
+    D/lower/f           64 MiB of random bytes (a file of the user's replica)
+    D/ovl/              kernel overlayfs, lowerdir=D/lower, upperdir=D/upper (a job's root)
+
+and runs ``percall`` (bench/jobs/percall.c: 4 KiB pwrite then pread at random offsets of a
+64 MiB file, page cache, ns per call) on ``plain/new``, ``bind/new2``, ``ovl/new`` (a file
+created in the overlay: it lives in the upper), and read-only on ``lower/f`` and ``ovl/f``
+(the lower's file read through the overlay, not copied up): round after round, order
+rotating, so every overlay sample has a plain one of the same round beside it.  Writes OUT
+(Markdown: median ns per call, and the paired difference, median [min, max]) and OUT.json.
+
+``--cold-rounds N`` (ext4 only): then N rounds of cold reads of ``lower/f`` directly and
+through ``ovl/f`` (``sync; echo 3 > /proc/sys/vm/drop_caches`` before each; fio, one pass,
+1 MiB sequential and 4 KiB random, 3 s at most), KiB/s, paired the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# (name, file under D, read-only?, the plain counterpart it is paired with)
+TARGETS = (("plain", "plain/new", False, None), ("bind", "bind/new2", False, "plain"),
+           ("overlay", "ovl/new", False, "plain"), ("lower", "lower/f", True, None),
+           ("overlay-lower", "ovl/f", True, "lower"))
+
+
+@contextlib.contextmanager
+def medium(kind: str, base: Path) -> Iterator[Path]:
+    """A mounted filesystem of ``kind`` (tmpfs | ext4) at base/kind, removed afterwards."""
+    mnt = base / kind
+    mnt.mkdir()
+    loop = ""
+    try:
+        if kind == "tmpfs":
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(mnt)],
+                           check=True)
+        else:
+            image = base / f"{kind}.img"
+            subprocess.run(["truncate", "-s", "1G", str(image)], check=True)
+            subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+            loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+            subprocess.run(["mount", loop, str(mnt)], check=True)
+        yield mnt
+    finally:
+        for sub in ("ovl", "bind", ""):
+            subprocess.run(["umount", str(mnt / sub) if sub else str(mnt)], capture_output=True)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def prepare(d: Path) -> None:
+    for sub in ("plain", "bind", "lower", "upper", "work", "ovl"):
+        (d / sub).mkdir()
+    subprocess.run(["mount", "--bind", str(d / "plain"), str(d / "bind")], check=True)
+    with open(d / "lower" / "f", "wb") as f:
+        f.write(os.urandom(64 << 20))
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={d}/lower,upperdir={d}/upper,workdir={d}/work", str(d / "ovl")],
+                   check=True)
+
+
+def cold(d: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """KiB/s of cold reads: {"lower"|"overlay-lower": {"read"|"randread": [per round]}}."""
+    out: dict[str, dict[str, list[float]]] = {"lower": {}, "overlay-lower": {}}
+    for r in range(rounds):
+        targets = [("lower", d / "lower" / "f"), ("overlay-lower", d / "ovl" / "f")]
+        for name, path in targets[r % 2:] + targets[:r % 2]:
+            for mode, bs in (("read", "1m"), ("randread", "4k")):
+                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"],
+                               check=True)
+                terse = subprocess.run(
+                    ["fio", "--name=cold", f"--filename={path}", f"--rw={mode}", f"--bs={bs}",
+                     "--size=64m", "--ioengine=psync", "--invalidate=1", "--runtime=3",
+                     "--minimal"], check=True, capture_output=True, text=True).stdout
+                out[name].setdefault(mode, []).append(float(terse.split(";")[6]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=200000)
+    parser.add_argument("--media", default="tmpfs,ext4")
+    parser.add_argument("--cold-rounds", type=int, default=0)
+    parser.add_argument("--out", type=Path,
+                        default=REPO_ROOT / "bench" / "out" / "jobs-percall.md")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("percall.py: run as root (it mounts)", file=sys.stderr)
+        return 2
+    started, loads = time.time(), [os.getloadavg()[0]]
+    # ns per call: raw[medium][target][op] = [one per round]
+    raw: dict[str, dict[str, dict[str, list[float]]]] = {}
+    colds: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="sdeefs-percall-", dir="/var/tmp") as tmp:
+        base = Path(tmp)
+        prog = base / "percall"
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(prog),
+                        str(REPO_ROOT / "bench" / "jobs" / "percall.c")], check=True)
+        for kind in args.media.split(","):
+            with medium(kind, base) as d:
+                prepare(d)
+                raw[kind] = {t[0]: {"pwrite": [], "pread": []} for t in TARGETS}
+                for r in range(args.rounds):
+                    order = list(TARGETS[r % len(TARGETS):] + TARGETS[:r % len(TARGETS)])
+                    for name, rel, ro, _ in order:
+                        out = subprocess.run([str(prog), str(d / rel), "64", str(args.calls),
+                                              *(["ro"] if ro else [])],
+                                             check=True, capture_output=True, text=True)
+                        w, rd = (float(v) for v in out.stdout.split()[1::2])
+                        if not ro:
+                            raw[kind][name]["pwrite"].append(w)
+                        raw[kind][name]["pread"].append(rd)
+                if kind == "ext4" and args.cold_rounds:
+                    colds = cold(d, args.cold_rounds)
+    loads.append(os.getloadavg()[0])
+    lines = ["# bench/jobs/percall.py: 4 KiB pwrite/pread, plain directory vs the job's overlay",
+             "",
+             f"- Command: `.venv/bin/python bench/jobs/percall.py --rounds {args.rounds} "
+             f"--calls {args.calls} --media {args.media} --cold-rounds {args.cold_rounds}`",
+             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; kernel "
+             f"{os.uname().release}; {os.cpu_count()} CPUs; 1-min load before/after: "
+             f"{', '.join(f'{x:.1f}' for x in loads)}",
+             "- ns per call, median and best of the rounds; over plain: paired (same round) "
+             "difference, median [min, max], ns and %; best over best: the least each "
+             "took (the run least disturbed by other processes), ns",
+             "",
+             "| medium | file | op | ns/call median | best | over plain, ns | over plain, % "
+             "| best over best, ns |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for kind, targets in raw.items():
+        for name, _, _, paired in TARGETS:
+            for op, values in targets[name].items():
+                if not values:
+                    continue
+                cell = ["–", "–", "–"]
+                if paired:
+                    base_v = targets[paired][op]
+                    diffs = [a - b for a, b in zip(values, base_v, strict=True)]
+                    pct = [100 * (a / b - 1) for a, b in zip(values, base_v, strict=True)]
+                    cell = [f"{statistics.median(diffs):+.0f} [{min(diffs):+.0f}, "
+                            f"{max(diffs):+.0f}]",
+                            f"{statistics.median(pct):+.1f} [{min(pct):+.1f}, {max(pct):+.1f}]",
+                            f"{min(values) - min(base_v):+.0f}"]
+                lines.append(f"| {kind} | {name} | {op} | {statistics.median(values):.0f} | "
+                             f"{min(values):.0f} | {cell[0]} | {cell[1]} | {cell[2]} |")
+    if colds:
+        lines += ["", "Cold reads on ext4 (page cache dropped before each), KiB/s, median of the "
+                  "rounds; through the overlay: paired % of time over the direct read, median "
+                  "[min, max]:", "", "| mode | lower file, direct | through the overlay, "
+                  "KiB/s | over direct, % |", "| --- | ---: | ---: | ---: |"]
+        for mode, direct in colds["lower"].items():
+            via = colds["overlay-lower"][mode]
+            pct = [100 * (a / b - 1) for a, b in zip(direct, via, strict=True)]
+            lines.append(f"| {mode} | {statistics.median(direct):.0f} | "
+                         f"{statistics.median(via):.0f} | {statistics.median(pct):+.1f} "
+                         f"[{min(pct):+.0f}, {max(pct):+.0f}] |")
+    report = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    args.out.with_suffix(".json").write_text(json.dumps({"raw": raw, "cold": colds,
+                                                         "load": loads}))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
