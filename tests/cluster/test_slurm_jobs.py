@@ -146,7 +146,7 @@ def tree_difference(a: Path, b: Path) -> str:
     for path in sorted(set(sa) | set(sb)):
         va, vb = sa.get(path), sb.get(path)
         regular = (a / path).is_file() and not (a / path).is_symlink()
-        if va == vb and va is not None and regular and \
+        if va is not None and vb is not None and va == vb and regular and \
                 (a / path).read_bytes() != (b / path).read_bytes():
             va, vb = (*va, "content"), (*vb, "differs")
         if va != vb:

@@ -234,12 +234,12 @@ def test_a_user_without_an_environment_runs_bare_and_a_users_problem_fails_only_
     g.site.start(g.user)
     home = g.site.home(g.user)
     (home / "fails.sh").write_text("#!/bin/sh\necho never printed\n")
-    job = inside(g, f"sbatch --parsable -N2 -o {home}/fails.out {home}/fails.sh").strip()
-    state = g.slurm.wait_job(int(job), timeout=120)
+    failing = inside(g, f"sbatch --parsable -N2 -o {home}/fails.out {home}/fails.sh").strip()
+    state = g.slurm.wait_job(int(failing), timeout=120)
     text = (home / "fails.out").read_text() if (home / "fails.out").exists() else ""
     assert state == "FAILED", (state, text, g.hook_logs())
     assert len(text.splitlines()) == 1, text  # one line, from the batch script's task
-    assert text.startswith(f"sdeefs: job {job} on n1: "), text
+    assert text.startswith(f"sdeefs: job {failing} on n1: "), text
     assert f"record {bad} was skipped" in text, text
     states = g.slurm.node_states()
     assert all(states.get(f"n{i}") in ("idle", "allocated", "mixed", "completing")
