@@ -90,8 +90,11 @@ def compute_fs() -> Path:
 
 
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """In /: ``python -c`` puts the working directory first on the path, and a baseline
+    (PYTHONPATH) must win over this tree."""
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True)
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True,
+                                cwd="/")
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
