@@ -24,11 +24,13 @@ LINE = re.compile(r"\]\s+(\S+) full #(\d+) (\S+): ([0-9.]+) s,")
 def main() -> int:
     log, out = Path(sys.argv[1]), Path(sys.argv[2])
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    reps: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for line in log.read_text().splitlines():
         match = LINE.search(line)
         if match:
-            size, _, method, seconds = match.groups()
+            size, rep, method, seconds = match.groups()
             cells[(size, method)].append(float(seconds))
+            reps[(size, rep)][method] = float(seconds)
     sizes = sorted({s for s, _ in cells}, key=parse_size)
     methods = ["tar", "rsync", "sdeefs-cold", "sdeefs-cold-base", "sdeefs"]
     methods = [m for m in methods if any((s, m) in cells for s in sizes)]
@@ -49,8 +51,15 @@ def main() -> int:
             ratio = f"{statistics.median(tar) / statistics.median(cold):.2f}x"
         rows.append(f"| {size} | " + " | ".join(cell(size, m) for m in methods)
                     + f" | {ratio} |")
+    per_rep = ["| upper | repetition | " + " | ".join(methods) + " |",
+               "|---|---:|" + "---:|" * len(methods)]
+    for size, rep in sorted(reps, key=lambda k: (parse_size(k[0]), int(k[1]))):
+        got = reps[(size, rep)]
+        per_rep.append(f"| {size} | #{rep} | " + " | ".join(
+            f"{got[m]:.3g}" if m in got else "–" for m in methods) + " |")
     out.write_text("Median seconds (min..max) of full deploys, from the log "
-                   f"{log.name}:\n\n" + "\n".join(rows) + "\n")
+                   f"{log.name}:\n\n" + "\n".join(rows) + "\n\nEach repetition:\n\n"
+                   + "\n".join(per_rep) + "\n")
     series = [Series(method, [(float(parse_size(s)), statistics.median(cells[(s, method)]))
                               for s in sizes if cells.get((s, method))],
                      PALETTE[i % len(PALETTE)], annotate_last=True)
