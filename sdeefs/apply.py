@@ -26,7 +26,8 @@ from .writeahead import read_write_data
 log = logging.getLogger(__name__)
 
 
-def apply_record(layers: LayerRoot, record: rec.Record, data: bytes | None = None) -> None:
+def apply_record(layers: LayerRoot, record: rec.Record,
+                 data: bytes | memoryview | None = None) -> None:
     """Make the effect of ``record`` true in ``layers`` (whose journal should be a NullJournal)."""
     match record:
         case rec.Mkdir(path=p, mode=mode, uid=uid, gid=gid):
@@ -105,7 +106,7 @@ def _apply_rename(layers: LayerRoot, src: bytes, dst: bytes, flags: int, src_ino
         os.close(sfd)
 
 
-def _apply_write(layers: LayerRoot, path: bytes, offset: int, data: bytes) -> None:
+def _apply_write(layers: LayerRoot, path: bytes, offset: int, data: bytes | memoryview) -> None:
     st = layers.lstat(path)
     if st is None or not stat.S_ISREG(st.st_mode):
         return  # the file is gone by now; a later record removes or replaces it

@@ -740,18 +740,31 @@ class JournalTail:
 
     def poll(self, max_bytes: int = 4 << 20) -> list[Entry]:
         """The complete records appended since the last call (at most about max_bytes)."""
+        entries: list[Entry] = []
+        self._scan(max_bytes, entries)
+        return entries
+
+    def skip(self, max_bytes: int = 4 << 20) -> int:
+        """Pass the complete records appended since the last call (at most about
+        max_bytes) without decoding them (``next_seq`` says how far): how many.  Learning
+        the head of a long journal costs a checksum per record, not a decode."""
+        return self._scan(max_bytes, None)
+
+    def _scan(self, max_bytes: int, entries: list[Entry] | None) -> int:
+        """Read on (``poll``, ``skip``): the records passed, decoded into ``entries``."""
         if self._fd < 0:
             self._locate()
             if self._fd < 0:
-                return []
+                return 0
         data = os.pread(self._fd, max_bytes, self._offset)
-        entries = []
-        consumed = 0
+        count = consumed = 0
         for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
-            entries.append(Entry(seq, decode_record(rtype, payload, self._version)))
+            if entries is not None:
+                entries.append(Entry(seq, decode_record(rtype, payload, self._version)))
+            count += 1
             consumed = end
             self.next_seq = seq + 1
-        if not entries and len(data) < max_bytes:
+        if not count and len(data) < max_bytes:
             self._offset += consumed
             # Nothing new here: has the journal moved on to a next segment?
             later = [f for f in self._segments() if f > self._first]
@@ -760,12 +773,12 @@ class JournalTail:
                     raise JournalCorrupt(f"journal damaged before seq {later[0]}")
                 if len(data) == 0 or not self._growing():
                     self._open_segment(later[0])
-                    return self.poll(max_bytes)
+                    return self._scan(max_bytes, entries)
             elif not os.path.exists(os.path.join(self.directory,
                                                  segment_name(self._first))):
                 raise Trimmed(f"segment {self._first} was trimmed while read")
         self._offset += consumed
-        return entries
+        return count
 
     def _growing(self) -> bool:
         return os.fstat(self._fd).st_size > self._offset

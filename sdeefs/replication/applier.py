@@ -96,7 +96,7 @@ class BatchApplier:
             os.close(fd)
         self.dirs.clear()
 
-    def apply(self, record: rec.Record, data: bytes, what: str) -> None:
+    def apply(self, record: rec.Record, data: bytes | memoryview, what: str) -> None:
         """Apply a REPLAYABLE record a peer sent, as ``apply_from_peer`` would."""
         if not isinstance(record, rec.Mknod | rec.Mkdir | rec.Write | rec.Setattr) \
                 or b"/" not in record.path:  # (the layer directories themselves)

@@ -134,9 +134,9 @@ class OriginUser:
         with self._head_lock:
             if self._head_tail is None:
                 self._head_tail = JournalTail(self.journal_dir, max(1, self.head + 1))
-            try:
-                while entries := self._head_tail.poll(HEAD_READ_BYTES):
-                    self.head = entries[-1].seq
+            try:  # seqs only: a cold follower's first query reads the whole journal
+                while self._head_tail.skip(HEAD_READ_BYTES):
+                    self.head = self._head_tail.next_seq - 1
             except Trimmed:
                 self._head_tail.close()
                 self._head_tail = None
@@ -226,15 +226,16 @@ def open_batch(pending: list[Entry]) -> int | None:
     return min(begins.values()) if begins else None
 
 
-def settled(pending: list[Entry], first_seen: float) -> int:
+def settled(pending: list[Entry], first_seen: float, batches: bool = True) -> int:
     """How many of ``pending`` may be sent now.
 
     A metadata record is written just before its operation; if the operation fails an
     Abort follows at once.  So the last metadata record waits until anything follows
     it, or HOLD_BACK has passed.  A capture batch waits, from its Begin on, for its
-    Commit or Void (``sdeefs.records``): it takes effect as a whole or not at all.
+    Commit or Void (``sdeefs.records``): it takes effect as a whole or not at all
+    (``batches`` False: ``pending`` holds no Begin, nothing to look for).
     """
-    held = open_batch(pending)
+    held = open_batch(pending) if batches else None
     if held is not None:
         pending = pending[:held]
     if not pending:
@@ -336,6 +337,9 @@ class JournalSender:
     first_seen: float = 0.0
     skipped: bool = False
     waiting: bool = False  # an Extent's data changed since the capture read it
+    # A capture batch (Begin) was read: look for open ones (``open_batch``, a scan of
+    # ``pending`` per call: a passthrough journal, which has none, skips it).
+    batches: bool = False
 
     async def run(self) -> None:
         """Read and encode the next batch (a worker thread) while the one before it is
@@ -388,10 +392,11 @@ class JournalSender:
         # can go before its Commit (the capture bounds a batch: Config.batch_entries).
         if len(self.pending) < MAX_PENDING:
             self._take(self.tail.poll(POLL_BYTES))
-        while open_batch(self.pending) is not None and self._take(self.tail.poll(POLL_BYTES)):
+        while self.batches and open_batch(self.pending) is not None \
+                and self._take(self.tail.poll(POLL_BYTES)):
             pass
         pending = self.pending
-        ready = settled(pending, self.first_seen)
+        ready = settled(pending, self.first_seen, self.batches)
         out: list[bytes | bytearray] = []
         size = taken = 0
         held: tuple[int, rec.Setattr, int] | None = None  # (seq, record, flags)
@@ -447,6 +452,8 @@ class JournalSender:
         """Add entries just read to ``pending``; False if there were none."""
         if new and not self.pending:
             self.first_seen = time.monotonic()
+        if not self.batches:
+            self.batches = any(type(e.record) is rec.Begin for e in new)
         self.pending = without_aborted(self.pending, new)
         return bool(new)
 

@@ -186,7 +186,7 @@ class DownstreamLink:
                 raise ProtocolError(f"replica {downstream.node} sent a bad ACK")
             downstream.acked = max(downstream.acked, frame.seq)
             if frame.payload:
-                downstream.report = decode_report(frame.payload)
+                downstream.report = decode_report(frame.body)
 
     async def send_encoded(self, buffers: list[bytes | bytearray], last_seq: int,
                            stall: float = math.inf) -> None:

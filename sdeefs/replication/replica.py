@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import struct
@@ -568,7 +569,7 @@ def _apply_batch(replica: Replica, batch: list[Frame]) -> tuple[int, list[Frame]
             elif frame.type == SNAPSHOT_END:
                 if replica.snapshot_seq is None:
                     replica.begin_snapshot(frame.seq)  # an empty upper has no records
-                replica.finish_snapshot(frame.seq, frame.payload)
+                replica.finish_snapshot(frame.seq, frame.body)
                 applied, snapshotted = [], True
             else:
                 raise ProtocolError(f"unexpected frame type {frame.type} from upstream")
@@ -672,16 +673,23 @@ class Follower:
                 await self.offload.run(replica.locked, replica.sync)
 
     async def _read(self, reader: FrameReader, send: trio.MemorySendChannel[Frame]) -> None:
+        # One cancel scope whose deadline moves (not a new one per frame: a cold stream
+        # is tens of thousands of frames); it counts only while a frame is awaited.
+        with trio.CancelScope() as silence:
+            await self._read_frames(reader, send, silence)
+        if silence.cancelled_caught:
+            raise ConnectionError(f"upstream silent for {self.silence_timeout:.0f} s")
+
+    async def _read_frames(self, reader: FrameReader, send: trio.MemorySendChannel[Frame],
+                           silence: trio.CancelScope) -> None:
         async with send:
             while True:
+                silence.deadline = trio.current_time() + self.silence_timeout
                 try:
-                    with trio.fail_after(self.silence_timeout):
-                        frame = await reader.frame(self._key)
+                    frame = await reader.frame(self._key)
                 except EOFError:
                     return
-                except trio.TooSlowError:
-                    raise ConnectionError(f"upstream silent for {self.silence_timeout:.0f} s") \
-                        from None
+                silence.deadline = math.inf
                 self.stats.bytes_received += FRAME_HEADER.size + len(frame.payload) + MAC_SIZE
                 self.stats.frames += 1
                 if frame.type == ERROR:

@@ -247,7 +247,7 @@ TRANSIENT_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOME
                               errno.EBUSY, errno.ETXTBSY, errno.EROFS))
 
 
-def apply_from_peer(layers: LayerRoot, record: rec.Record, data: bytes, what: str,
+def apply_from_peer(layers: LayerRoot, record: rec.Record, data: bytes | memoryview, what: str,
                     ids: UserIds) -> None:
     """Apply a record a peer sent (decoded and sanitized) if ``sdeefs.replicable`` carries
     it for the user of ``ids``.  Refused (naming it as ``what``) for a record refused or

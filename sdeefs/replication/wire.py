@@ -5,23 +5,29 @@ nothing else writes or parses a frame: one encoder (:meth:`Frame.encode`, and
 :func:`encode_write_frames`, which builds the same bytes around file data read straight
 into the frame buffer) and one decoder (:class:`FrameReader` over :meth:`Frame.decode`).
 
-Wire format (version 6)
+Wire format (version 7)
 =======================
 
 Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   6 (see "Versions" below)
+             version  u8   7 (see "Versions" below)
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
              flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
                            RECORD: SKIP (2) = the seqs between the previous frame and
                            this one were markers (Done/Sync/Abort: nothing to apply)
              length   u32  payload bytes (at most MAX_FRAME_PAYLOAD)
              seq      u64  see below
-             crc32    u32  of the header (crc field zero) and the payload
+             crc32    u32  of the header alone (crc field zero): a damaged header (a
+                           wrong length) is refused before its payload is read
     payload  ``length`` bytes
     mac      32 bytes: HMAC-SHA256(key, header + payload)
+
+The MAC is what protects the payload: every byte of it is covered, and nothing of a
+frame is used (decoded, applied, relayed) before its MAC was checked.  (Up to version 6
+the CRC covered the payload too: a second pass over every byte on both ends, which
+found nothing the MAC does not; it cost about as much as the MAC itself.)
 
 A stream never stops short of the position it has reached (a replica's barrier
 depends on it): markers (Done/Sync/Abort, nothing to apply) are left out only when
@@ -74,7 +80,10 @@ The code of an ERROR is what the receiver acts on (a replica told DIVERGED start
 over; a barrier that only ever heard NO_LAYER tells the SLURM prolog so); the
 message is for people and never parsed.
 
-Versions: 6 carries records in encoding version 3 of ``sdeefs.records`` (record type 21,
+Versions: 7 has the CRC cover the header only (the MAC alone covers the payload), so
+a version-6 node would reject every frame with a payload as damaged: it is refused by
+version instead, with the ERROR in its own version.  6 carries records in encoding
+version 3 of ``sdeefs.records`` (record type 21,
 ``Create``: a new file with its attributes, xattrs and data in one record), which a
 version-5 node would refuse mid-stream as unknown.  5 put a credential in front of the
 replica's HELLO (MUNGE authentication) and carries record types 19 (Fallocate) and 20
@@ -87,8 +96,8 @@ encoding version 2 of ``sdeefs.records`` (path fields with a u32 length, up to
 count, sent only when they change; 2 carried encoding 1 (u16, at most 4096 bytes) and
 u16 report counts.  Frames of all of them have the same header, so a peer of another
 version is recognised from its first frame and refused with one clear error
-(``VersionMismatch``: "the peer speaks replication protocol version 5, this node
-version 6: run the same sdeefs release on both"), never misparsed.  A new upstream
+(``VersionMismatch``: "the peer speaks replication protocol version 6, this node
+version 7: run the same sdeefs release on both"), never misparsed.  A new upstream
 answers an old replica's HELLO with that ERROR in the replica's own version (a message
 alone, as versions 2 and 3 read it), which the old replica can read and shows; a new
 replica says it of the old upstream's first frame.  Both ends must run the same release.
@@ -127,8 +136,9 @@ from ..errors import BadRecord
 from .auth import CredentialRefused, HelloAuth
 
 MAGIC = b"SDRP"
-VERSION = 6  # 5 + record encoding 3 (record type 21, Create)
-OLD_VERSIONS = (2, 3, 4, 5)  # same frame header: told in their own version why they are refused
+VERSION = 7  # 6 with the CRC over the header only (the MAC covers the payload)
+OLD_VERSIONS = (2, 3, 4, 5, 6)  # same frame header: told in their own version why refused
+HEADER_CRC = 7  # the first version whose CRC covers the header alone
 CODED_ERRORS = 4  # the first version whose ERROR frames carry a code
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
@@ -277,7 +287,9 @@ def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: by
     assert len(buf) == end + MAC_SIZE
     FRAME_HEADER.pack_into(buf, 0, MAGIC, version, ftype, flags, length, seq, 0)
     with memoryview(buf) as view:
-        CRC.pack_into(buf, FRAME_HEADER.size - CRC.size, zlib.crc32(view[:end]))
+        covered = view[:FRAME_HEADER.size if version >= HEADER_CRC else end]
+        CRC.pack_into(buf, FRAME_HEADER.size - CRC.size, zlib.crc32(covered))
+        covered.release()
         view[end:] = hmac.new(key, view[:end], hashlib.sha256).digest()
 
 
@@ -291,6 +303,8 @@ def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
         raise ProtocolError("not an sdeefs replication frame (bad magic)")
     if version != VERSION:
         raise VersionMismatch(version)
+    if zlib.crc32(header[:-CRC.size] + bytes(CRC.size)) != crc:
+        raise ProtocolError("frame header checksum mismatch")
     if ftype not in FRAME_TYPES or flags & ~(MORE | SKIP):
         raise ProtocolError(f"bad frame type {ftype} or flags {flags:#x}")
     if length > max_payload:
@@ -300,12 +314,21 @@ def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
     return ftype, flags, length, seq, crc
 
 
+Payload = bytes | memoryview  # a frame's payload: a received RECORD's may be a view
+
+
 @attrs.frozen
 class Frame:
     type: int
     seq: int
-    payload: bytes = b""
+    payload: Payload = b""
     flags: int = 0
+
+    @property
+    def body(self) -> bytes:
+        """The payload of a frame other than RECORD and SNAPSHOT (``decode`` makes it bytes;
+        only those two may carry a view)."""
+        return self.payload if isinstance(self.payload, bytes) else bytes(self.payload)
 
     def encode(self, key: bytes, version: int = VERSION) -> bytearray:
         """The frame on the wire.  ``version`` other than VERSION only for an ERROR frame
@@ -318,52 +341,100 @@ class Frame:
         return buf
 
     @classmethod
-    def decode(cls, header: bytes, payload: bytes, mac: bytes, key: bytes) -> Frame:
-        """A received frame, its CRC and MAC verified; ProtocolError otherwise."""
-        ftype, flags, length, seq, crc = _decode_header(header)
+    def decode(cls, header: bytes, payload: Payload, mac: bytes, key: bytes) -> Frame:
+        """A received frame, its header's CRC and the MAC of all of it verified;
+        ProtocolError otherwise.  ``payload`` may be a view of the reader's buffer (the
+        bulk of a stream, not copied): it stays one for RECORD and SNAPSHOT frames, the
+        payload of any other is made bytes."""
+        ftype, flags, length, seq, _ = _decode_header(header)
         if len(payload) != length or len(mac) != MAC_SIZE:
             raise ProtocolError("frame truncated")
-        if zlib.crc32(payload, zlib.crc32(header[:-CRC.size] + bytes(CRC.size))) != crc:
-            raise ProtocolError("frame checksum mismatch")
         want = hmac.new(key, header, hashlib.sha256)
         want.update(payload)
         if not hmac.compare_digest(want.digest(), mac):
             raise ProtocolError("frame authentication failed")
+        if ftype not in (RECORD, SNAPSHOT) and not isinstance(payload, bytes):
+            payload = bytes(payload)
         return cls(ftype, seq, payload, flags)
 
 
 class FrameReader:
-    """Frames from a stream through one buffer: a stream of small records costs one
-    ``recv`` per READ_SIZE bytes, not three awaits per frame.  It may read ahead of the
-    frames asked for, so once a stream has a reader every frame comes through it.
+    """Frames from a stream, read with as few copies and calls as it allows.
+
+    Small frames (a stream of metadata records) come through one buffer: one receive per
+    READ_SIZE bytes, not three awaits per frame, and one copy of each payload out of it.
+    A frame of BIG_FRAME bytes or more (file data: the bulk of a cold stream) is read
+    into a buffer of its own, straight from the socket where the stream is a
+    ``trio.SocketStream`` (``recv_into``), and its payload is a view of that buffer:
+    nothing copies those bytes between the kernel and the ``pwrite`` that applies them
+    (it was three copies).  The reader may read ahead of the frames asked for, so once a
+    stream has a reader every frame comes through it.
 
     A new reader trusts nothing: frames of at most MAX_HANDSHAKE_PAYLOAD, reads of at most
-    HANDSHAKE_READ, until :meth:`trust` (called once the peer's HELLO authenticated)."""
+    HANDSHAKE_READ (its buffer is that big), until :meth:`trust` (called once the peer's
+    HELLO authenticated)."""
 
-    READ_SIZE = 1 << 20
+    READ_SIZE = 1 << 16  # a big frame's head read with the frames before it is copied once
+    BIG_FRAME = 1 << 16
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self.stream = stream
-        self.buf = bytearray()
-        self.pos = 0
+        self.buf = bytearray(HANDSHAKE_READ)
+        self.start = self.end = 0  # the bytes read and not taken: buf[start:end]
         self.max_payload = MAX_HANDSHAKE_PAYLOAD
-        self.read_size = HANDSHAKE_READ
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     def trust(self) -> None:
         """The peer authenticated: frames and reads of full size from now on."""
-        self.max_payload, self.read_size = MAX_FRAME_PAYLOAD, self.READ_SIZE
+        self.max_payload = MAX_FRAME_PAYLOAD
+        if len(self.buf) < self.READ_SIZE:
+            bigger = bytearray(self.READ_SIZE)
+            bigger[:self.end - self.start] = self.buf[self.start:self.end]
+            self.buf, self.start, self.end = bigger, 0, self.end - self.start
+
+    async def _receive_into(self, view: memoryview) -> int:
+        """Receive at most ``len(view)`` bytes into ``view``; how many (0: end of stream)."""
+        if self._socket is not None:
+            try:
+                return await self._socket.recv_into(view)
+            except OSError as exc:  # as trio.SocketStream.receive_some says it
+                raise trio.BrokenResourceError(str(exc)) from exc
+        chunk = await self.stream.receive_some(len(view))
+        view[:len(chunk)] = chunk
+        return len(chunk)
 
     async def _fill(self, need: int, started: bool) -> None:
-        while len(self.buf) - self.pos < need:
-            if self.pos:
-                del self.buf[:self.pos]
-                self.pos = 0
-            chunk = await self.stream.receive_some(max(need - len(self.buf), self.read_size))
-            if not chunk:
-                if started or self.buf:
+        """At least ``need`` bytes (at most the buffer's size) in ``buf[start:end]``."""
+        while self.end - self.start < need:
+            if self.start and len(self.buf) - self.start < need:
+                held = self.end - self.start  # move what is held to the front
+                self.buf[:held] = self.buf[self.start:self.end]
+                self.start, self.end = 0, held
+            with memoryview(self.buf) as view:
+                got = await self._receive_into(view[self.end:])
+            if not got:
+                if started or self.end > self.start:
                     raise ProtocolError("connection closed in the middle of a frame")
                 raise EOFError("connection closed")
-            self.buf += chunk
+            self.end += got
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    async def _big(self, total: int) -> memoryview:
+        """The next ``total`` bytes in a buffer of their own (a big frame)."""
+        frame = bytearray(total)
+        view = memoryview(frame)
+        have = min(self.end - self.start, total)
+        view[:have] = self.buf[self.start:self.start + have]
+        self.start += have
+        if self.start == self.end:
+            self.start = self.end = 0
+        while have < total:
+            got = await self._receive_into(view[have:])
+            if not got:
+                raise ProtocolError("connection closed in the middle of a frame")
+            have += got
+        return view
 
     async def frame(self, key: bytes) -> Frame:
         """The next verified frame; EOFError at a clean end of stream."""
@@ -375,17 +446,17 @@ class FrameReader:
         header, payload, mac = await self._raw_frame()
         if FRAME_HEADER.unpack(header)[2] != HELLO:
             raise ProtocolError("expected HELLO")
-        credential = _take_credential(payload)[0]
+        credential = _take_credential(bytes(payload))[0]
         try:
             k = await auth.accept(credential)
         except CredentialRefused as exc:
             raise ProtocolError(f"HELLO not authenticated: {exc}") from None
         return Frame.decode(header, payload, mac, k), k
 
-    async def _raw_frame(self) -> tuple[bytes, bytes, bytes]:
+    async def _raw_frame(self) -> tuple[bytes, Payload, bytes]:
         """(header, payload, mac) of the next frame, its header checked, nothing verified."""
         await self._fill(FRAME_HEADER.size, False)
-        header = bytes(self.buf[self.pos:self.pos + FRAME_HEADER.size])
+        header = bytes(self.buf[self.start:self.start + FRAME_HEADER.size])
         try:
             length = _decode_header(header, self.max_payload)[2]
         except VersionMismatch:
@@ -395,15 +466,23 @@ class FrameReader:
             length = FRAME_HEADER.unpack(header)[4]
             if length <= self.max_payload:
                 with contextlib.suppress(EOFError, ProtocolError):
-                    await self._fill(FRAME_HEADER.size + length + MAC_SIZE, True)
+                    await self._take(FRAME_HEADER.size + length + MAC_SIZE)
             raise
         total = FRAME_HEADER.size + length + MAC_SIZE
+        view = await self._take(total)
+        payload: Payload = view[FRAME_HEADER.size:total - MAC_SIZE]
+        if total < self.BIG_FRAME:  # out of the shared buffer: a copy of its own
+            payload = bytes(payload)
+        return header, payload, bytes(view[total - MAC_SIZE:])
+
+    async def _take(self, total: int) -> memoryview:
+        """The next ``total`` bytes (a whole frame): a view of the shared buffer, valid
+        until the next read, or of a buffer of their own for a big frame."""
+        if total >= self.BIG_FRAME:
+            return await self._big(total)
         await self._fill(total, True)
-        start, self.pos = self.pos, self.pos + total
-        with memoryview(self.buf) as view:  # one copy of the payload, not two
-            payload = bytes(view[start + FRAME_HEADER.size:start + total - MAC_SIZE])
-            mac = bytes(view[start + total - MAC_SIZE:start + total])
-        return header, payload, mac
+        start, self.start = self.start, self.start + total
+        return memoryview(self.buf)[start:start + total]
 
 
 # -- ERROR -----------------------------------------------------------------------------------
@@ -427,7 +506,7 @@ def decode_error(frame: Frame, prefix: str) -> ProtocolError:
     if len(frame.payload) < ERROR_CODE.size:
         return ProtocolError(f"{prefix}malformed ERROR frame")
     (code,) = ERROR_CODE.unpack_from(frame.payload)
-    message = prefix + frame.payload[ERROR_CODE.size:].decode(errors="replace")
+    message = prefix + frame.body[ERROR_CODE.size:].decode(errors="replace")
     try:
         kind = ErrorCode(code)
     except ValueError:
@@ -487,8 +566,8 @@ def _take_credential(payload: bytes) -> tuple[bytes, int]:
 def decode_hello(frame: Frame) -> Hello:
     if frame.type != HELLO:
         raise ProtocolError("expected HELLO")
-    start = _take_credential(frame.payload)[1]
-    payload = frame.payload[start:]
+    start = _take_credential(frame.body)[1]
+    payload = frame.body[start:]
     if len(payload) < NONCE_SIZE + ID_SIZE + HELLO_FIXED.size:
         raise ProtocolError("malformed HELLO")
     nonce, jid = payload[:NONCE_SIZE], payload[NONCE_SIZE:NONCE_SIZE + ID_SIZE]
@@ -517,7 +596,7 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: Hel
     await stream.send_all(encode_hello(hello, credential).encode(k))
     answer = await reader.frame(k)
     if answer.type == REDIRECT:
-        address = answer.payload.decode(errors="replace")
+        address = answer.body.decode(errors="replace")
         try:
             parse_address(address)
         except ValueError:
@@ -528,8 +607,8 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: Hel
     if answer.type != HELLO or len(answer.payload) != NONCE_SIZE + ID_SIZE:
         raise ProtocolError("the upstream did not answer HELLO")
     reader.trust()
-    return Session(answer.seq, answer.payload[NONCE_SIZE:],
-                   session_key(k, hello.nonce, answer.payload[:NONCE_SIZE]))
+    return Session(answer.seq, answer.body[NONCE_SIZE:],
+                   session_key(k, hello.nonce, answer.body[:NONCE_SIZE]))
 
 
 async def answer_hello(stream: trio.abc.SendStream, hello_key: bytes, hello: Hello, head: int,
@@ -581,19 +660,21 @@ def encode_record_payload(record: rec.Record, data: bytes = b"") -> bytes:
     return RECORD_HEAD.pack(rtype, len(body)) + body + data
 
 
-def decode_record_payload(payload: bytes) -> tuple[rec.Record, bytes]:
-    """(record, data) from a RECORD payload, made safe to apply; ProtocolError otherwise."""
+def decode_record_payload(payload: Payload) -> tuple[rec.Record, Payload]:
+    """(record, data) from a RECORD payload, made safe to apply; ProtocolError otherwise.
+    The data is a view of ``payload`` (not a copy: it is most of a stream's bytes)."""
     if len(payload) < RECORD_HEAD.size:
         raise Refused("record frame too short")
     rtype, length = RECORD_HEAD.unpack_from(payload)
     end = RECORD_HEAD.size + length
     if end > len(payload):
         raise Refused("record runs past the frame")
+    view = memoryview(payload)
     try:
-        record = rec.decode_record(rtype, bytes(payload[RECORD_HEAD.size:end]))
+        record = rec.decode_record(rtype, bytes(view[RECORD_HEAD.size:end]))
     except BadRecord as exc:
         raise Refused(f"bad record: {exc}") from None
-    data = payload[end:]
+    data = view[end:]
     if isinstance(record, rec.Write):
         if len(data) > record.length:
             raise Refused("more data than the write record covers")

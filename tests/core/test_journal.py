@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import stat
+import struct
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from sdeefs.errors import BadRecord, FailsafeError, JournalCorrupt
 from sdeefs.fs.cow import AttrChange, CowFS, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.journal import (
+    _FRAME_BODY,
     FRAME_HEADER,
     SEGMENT_HEADER,
     SEGMENT_VERSION,
@@ -1098,3 +1100,49 @@ def test_a_fallocate_record_applies_without_the_mode_too(tmp_path: Path) -> None
             os.close(fd)
         results.append(path.read_bytes())
     assert results[0] == results[1] == bytes(2) + b"A" * 8 + bytes(140)
+
+
+def test_a_tail_skips_records_without_decoding_them_across_segments(tmp_path: Path) -> None:
+    """``JournalTail.skip`` (how the login node learns a head: a cold follower's first
+    query passes the whole journal) reaches exactly where ``poll`` does, segment after
+    segment, and decodes nothing: a record that would not decode does not stop it."""
+    jdir = str(tmp_path / "journal")
+    journal = Journal.open(jdir, segment_bytes=4096)
+    try:
+        for i in range(300):
+            journal.append(rec.Mkdir(b"upper/d%d" % i, 0o755, 1, 2))
+        head = journal.head
+    finally:
+        journal.close()
+    assert len(os.listdir(jdir)) > 3  # several segments
+    polled, skipped = JournalTail(jdir, 1), JournalTail(jdir, 1)
+    try:
+        seqs = []
+        while entries := polled.poll(1000):
+            seqs += [e.seq for e in entries]
+        count = 0
+        while passed := skipped.skip(1000):
+            count += passed
+        assert seqs == list(range(1, head + 1))
+        assert count == head
+        assert skipped.next_seq == polled.next_seq == head + 1
+    finally:
+        polled.close()
+        skipped.close()
+    # a frame whose checksum is right but whose record would not decode: poll stops on it,
+    # skip passes it (what is in a record is not the head's business)
+    body = _FRAME_BODY.pack(1, head + 1, rec.Mkdir.TYPE, 0) + b"\xff"
+    with open(os.path.join(jdir, sorted(os.listdir(jdir))[-1]), "ab") as segment:
+        segment.write(struct.pack("<I", zlib.crc32(body)) + body)
+    polled = JournalTail(jdir, head)
+    try:
+        with pytest.raises(BadRecord):
+            polled.poll()
+    finally:
+        polled.close()
+    skipped = JournalTail(jdir, head)
+    try:
+        assert skipped.skip() == 2
+        assert skipped.next_seq == head + 2
+    finally:
+        skipped.close()

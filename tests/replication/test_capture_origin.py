@@ -267,9 +267,9 @@ def test_a_sender_reading_a_long_history_holds_a_bounded_window(
     made: list[bytes] = []
     looked_at: list[int] = []
 
-    def settled(pending: list[Entry], first_seen: float) -> int:
+    def settled(pending: list[Entry], first_seen: float, batches: bool = True) -> int:
         looked_at.append(len(pending))
-        return original(pending, first_seen)
+        return original(pending, first_seen, batches)
 
     original = origin.settled
     monkeypatch.setattr(origin, "settled", settled)

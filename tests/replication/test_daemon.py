@@ -759,12 +759,13 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("old", [2, 3])
+@pytest.mark.parametrize("old", [2, 3, 6])
 def test_a_replica_of_an_old_wire_version_is_told_why_in_its_own_version(tmp_path: Path,
                                                                          old: int) -> None:
-    """Version 3 frames carry records with u32 path lengths, version 4 ERRORs with a code.
-    A version-2 replica (u16) or version-3 one (ERRORs of a message alone) must get one
-    error it can read, never records or an ERROR it would misparse."""
+    """Version 3 frames carry records with u32 path lengths, version 4 ERRORs with a code,
+    version 7 a CRC of the header alone.  A version-2 replica (u16), a version-3 one
+    (ERRORs of a message alone) or a version-6 one (a CRC over the payload too) must get
+    one error it can read, never records or an ERROR it would misparse."""
     site = Site(tmp_path)
     try:
         site.start_origin()
@@ -781,6 +782,9 @@ def test_a_replica_of_an_old_wire_version_is_told_why_in_its_own_version(tmp_pat
         assert (magic, version, ftype) == (b"SDRP", old, ERROR)
         assert zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) == crc
         assert hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac)
+        if old >= 4:  # a code first (VERSION), then the message
+            assert payload[:2] == bytes([1, 0])
+            payload = payload[2:]
         message = payload.decode()  # the message alone, first byte to last
         assert message.startswith("the peer speaks replication protocol version")
         assert f"version {old}" in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+import zlib
 
 from sdeefs.replication.wire import FRAME_HEADER, HELLO, MAGIC, MAX_FRAME_PAYLOAD, VERSION
 
@@ -32,6 +33,8 @@ def _claim_a_big_frame(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setblocking(False)
     header = FRAME_HEADER.pack(MAGIC, VERSION, HELLO, 0, MAX_FRAME_PAYLOAD, 1, 0)
+    # a valid header CRC (anyone can compute one): refused for its size, not its CRC
+    header = header[:-4] + zlib.crc32(header).to_bytes(4, "little")
     try:
         sock.send(header)
         sent, chunk = 0, b"\x00" * 65536

@@ -758,11 +758,12 @@ async def test_a_replica_starts_over_on_the_diverged_code_not_on_the_text(
         replica.close()
 
 
-@pytest.mark.parametrize("old", [2, 3])
+@pytest.mark.parametrize("old", [2, 3, 6])
 async def test_an_upstream_of_an_old_wire_version_is_one_clear_error(tmp_path: Path,
                                                                     old: int) -> None:
-    """A replica talking to an upstream of version 2 (records with u16 path lengths) or 3
-    (ERRORs without a code): its first frame is refused by version, never parsed."""
+    """A replica talking to an upstream of version 2 (records with u16 path lengths), 3
+    (ERRORs without a code) or 6 (a CRC over the payload): its first frame is refused by
+    version, never parsed."""
     left, right = trio.testing.memory_stream_pair()
     old_error = Frame(ERROR, 0, b"unsupported protocol version 4").encode(KEY, version=old)
     await left.send_all(old_error)

@@ -1,0 +1,205 @@
+"""A cold stream's CPU, end by end: the login node's and the replica's daemon over loopback.
+
+Usage (as root)::
+
+    .venv/bin/python bench/deploy/coldcpu.py [--size 1G] [--runs 2]
+        [--baseline TREE] [--perf DIR] [--profile DIR]
+
+The journal is made once per data set (``bench/deploy``'s, under
+``/var/tmp/sdeefs-deploy-data``): ``rsync -a --inplace`` of it into a journaling
+passthrough mount, as ``bench/deploy``'s sdeefs methods do; kept in
+``/var/tmp/sdeefs-coldcpu/SIZE``.  Each run then starts ``sdeefs-replicad --origin`` on it
+and ``sdeefs-replicad --replica-dir`` (a fresh, empty replica on a journaled ext4 image,
+``compute_fs``) over 127.0.0.1 and times the
+prolog's ``follow --wait``; reported per daemon: CPU seconds (user + system, every
+thread, from ``/proc/PID/stat``) and the wall time.  CPU is what the load of other
+processes on the machine changes least, so this compares two releases better than the
+wall time of ``bench/deploy`` on a shared machine.
+
+``--baseline TREE`` alternates the runs with the daemons of another release (a ``git
+archive`` of it, imported with ``PYTHONPATH``), the same journal each.  ``--perf DIR``
+records ``perf record -g`` of both daemons during each run (``perf report`` per daemon:
+where the CPU goes, in C and in the kernel); ``--profile DIR`` runs the daemons under
+cProfile, every thread (``bench/deploy/profiled.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sdeefs.replication.daemon import control_request  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+DATA = Path("/var/tmp/sdeefs-deploy-data")
+WORK = Path("/var/tmp/sdeefs-coldcpu")
+USER = "benchuser"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+
+
+def build(size: str) -> Path:
+    root = WORK / size / "login"
+    done = WORK / size / "built"
+    if done.exists():
+        return root
+    shutil.rmtree(WORK / size, ignore_errors=True)
+    upper, state, mnt = root / USER / "upper", root / USER / "state", WORK / size / "mnt"
+    for path in (upper, state / "work", mnt):
+        path.mkdir(parents=True)
+    subprocess.run([VENV_BIN / "sdeefs", "mount", "--passthrough-upper", "--upper", upper,
+                    "--state", state, "--no-writeback-cache", mnt], check=True)
+    try:
+        subprocess.run(["rsync", "-a", "--inplace", "--no-whole-file",
+                        f"{DATA / size / 'tree'}/", f"{mnt}/upper/"], check=True)
+    finally:
+        subprocess.run([VENV_BIN / "sdeefs", "umount", mnt], check=True)
+    done.touch()
+    return root
+
+
+def compute_fs() -> Path:
+    """The replica's disk: a journaled ext4 in a loop-mounted image, as ``bench/deploy``
+    makes it (the root file system here has no journal, and without one ext4 scans past
+    every inode freed in the last minutes on each create: that measured the ``rm`` of the
+    previous run's copy, 40% of the replica's CPU)."""
+    mount = WORK / "compute"
+    if os.path.ismount(mount):
+        return mount
+    mount.mkdir(parents=True, exist_ok=True)
+    image = WORK / "compute.img"
+    with open(image, "wb") as handle:
+        handle.truncate(8 << 30)  # sparse: one copy of the 2G set at a time
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                    "lazy_itable_init=0,lazy_journal_init=0", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    return mount
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """In /: ``python -c`` puts the working directory first on the path, and a baseline
+    (PYTHONPATH) must win over this tree."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True,
+                                cwd="/")
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"coldcpu: a daemon did not start (see {path.parent}/*.log)")
+        time.sleep(0.02)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
+            profile: Path | None, run: int) -> dict[str, object]:
+    work = WORK / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    replicas = WORK / "compute" / "replicas"
+    shutil.rmtree(replicas, ignore_errors=True)
+    key = work / "key"
+    key.write_text(os.urandom(32).hex())
+    os.chmod(key, 0o600)
+    env = {**os.environ, "PYTHONPATH": baseline} if baseline else dict(os.environ)
+    procs = {}
+    for side in ("login", "compute"):
+        control = work / f"{side}.sock"
+        argv = [str(VENV_BIN / "python")]
+        if profile is not None:
+            argv += [str(Path(__file__).with_name("profiled.py")),
+                     str(profile / f"{label}-{side}-{run}.prof")]
+        else:
+            argv += ["-c", "import sys; from sdeefs.replication.daemon import main; "
+                     "sys.exit(main())"]
+        argv += ["--key-file", str(key), "--node", side, "--control", str(control)]
+        if side == "login":
+            argv += ["--origin", str(root), "--listen", f"127.0.0.1:{port}"]
+        else:
+            argv += ["--replica-dir", str(replicas), "--upstream",
+                     f"127.0.0.1:{port}"]
+        procs[side] = spawn(argv, env, work / f"{side}.log")
+        wait_socket(control, procs[side])
+    recorder = None
+    try:
+        cpu0 = {side: cpu_seconds(p.pid) for side, p in procs.items()}
+        if perf is not None:
+            recorder = subprocess.Popen(
+                ["perf", "record", "-q", "-g", "-F", "499", "-o",
+                 str(perf / f"{label}-{run}.data"), "-p",
+                 f"{procs['login'].pid},{procs['compute'].pid}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+        subprocess.run(["sync"], check=True)
+        start = time.perf_counter()
+        reply = control_request(str(work / "compute.sock"),
+                                {"op": "follow", "user": USER, "wait": True, "timeout": 900})
+        wall = time.perf_counter() - start
+        cpu = {side: cpu_seconds(p.pid) - cpu0[side] for side, p in procs.items()}
+    finally:
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait()
+        for proc in procs.values():
+            stop(proc)
+    check = subprocess.run(["diff", "-rq", "--no-dereference", str(root / USER / "upper"),
+                            str(replicas / USER / "upper")], capture_output=True,
+                           text=True)
+    return {"release": label, "wall": round(wall, 2), "origin_cpu": round(cpu["login"], 2),
+            "replica_cpu": round(cpu["compute"], 2), "barrier": reply.get("barrier"),
+            "identical": check.returncode == 0 and not check.stdout,
+            "load": os.getloadavg()[0]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1G")
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--baseline", default="")
+    parser.add_argument("--perf", type=Path)
+    parser.add_argument("--profile", type=Path)
+    parser.add_argument("--port", type=int, default=7391)
+    args = parser.parse_args()
+    root = build(args.size)
+    compute_fs()
+    for out in (args.perf, args.profile):
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+    releases = [("new", "")] + ([("base", args.baseline)] if args.baseline else [])
+    try:
+        for run in range(args.runs):
+            for label, tree in releases:
+                result = one_run(root, label, tree, args.port, args.perf, args.profile, run)
+                print(json.dumps(result), flush=True)
+    finally:
+        subprocess.run(["umount", str(WORK / "compute")], check=False)
+        (WORK / "compute.img").unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
