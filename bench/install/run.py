@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import os
 import re
 import shlex
@@ -78,6 +79,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -107,6 +109,18 @@ from bench.common import (  # noqa: E402
     wait_until,
 )
 from bench.install import plot  # noqa: E402
+from bench.lsmguard.stack import (  # noqa: E402
+    Holder,
+    Loader,
+    LsmGuardError,
+    bpf_lsm_active,
+    kernel_dev,
+)
+from bench.lsmguard.stack import build as lsm_build  # noqa: E402
+from bench.lsmguard.stack import loadable as lsm_loadable  # noqa: E402
+
+if TYPE_CHECKING:
+    from sdeefs.fs.mask import MaskSpec
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "out"
@@ -457,6 +471,7 @@ class ImageOverlayContender(Contender):
             if not result.ok:
                 raise MountError(f"ringproto: {result.failure_reason()}", daemons)
             lowers.insert(0, str(guard))
+        lowers[:0] = self.layers_above(lower, dirs, tracker, daemons)
         result = run_command(
             ["mount", "-t", "overlay", "overlay", "-o",
              f"lowerdir={':'.join(lowers)},upperdir={layer}/upper,workdir={layer}/work"
@@ -467,7 +482,25 @@ class ImageOverlayContender(Contender):
             tracked = self._start_capture(layer, dirs, tracker, daemons)
             if tracked is not None:
                 daemons.append(tracked)
+        self.mounted(lower, dirs, tracker, daemons)
         return MountedView(self, dirs.mount_point, dirs, daemons)
+
+    def layers_above(self, lower: Path, dirs: RunDirs, tracker: ProcessTracker,
+                     daemons: list[TrackedProcess]) -> list[str]:
+        """More lower layers, above the others (a subclass's: the mask)."""
+        return []
+
+    def mounted(self, lower: Path, dirs: RunDirs, tracker: ProcessTracker,
+                daemons: list[TrackedProcess]) -> None:
+        """Called once the view is mounted (a subclass's: attach a program)."""
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """How a timed command runs in this view (a subclass's: in a user namespace)."""
+        return list(argv)
+
+    def hook_counts(self, mounted: MountedView) -> dict[str, int] | None:
+        """Per LSM hook, its calls so far (None: no program)."""
+        return None
 
     def _start_capture(self, layer: Path, dirs: RunDirs, tracker: ProcessTracker,
                        daemons: list[TrackedProcess]) -> TrackedProcess | None:
@@ -542,6 +575,105 @@ class ImageOverlayContender(Contender):
             notes += force_unmount(path, tracker)
         notes += detach_loops(mounted.dirs.root, tracker)
         return notes
+
+
+class LsmImageContender(ImageOverlayContender):
+    """``overlay-img`` + the mask + (``program``) the BPF LSM guard prototype.
+
+    The layers a login would have without FUSE: the upper on a layer image, the mask (a
+    tmpfs: what the deny list and the start-time scan for root-only entries find in the
+    lower, as a job's root has it; in the bench's lower that is nothing, so the mask holds
+    one placeholder directory at its root and is a layer as at login) and the lower.  The
+    program (bench/lsmguard/lsmguard.bpf.c, attached while its loader lives: from the
+    mount to the unmount) hides from the tasks of one user namespace of the bench's own
+    what ``GUARD_USER`` could not read on the host; the timed commands run in that
+    namespace (``nsenter``; also without the program, so the two rows differ by it alone).
+    """
+
+    def __init__(self, name: str, template: LayerTemplate, python: Path, *,
+                 program: bool) -> None:
+        super().__init__(name, template, python, guard=None, capture=False)
+        self.program = program
+        self.binaries: Path | None = None
+        self.holder: Holder | None = None
+        self.loaders: dict[Path, Loader] = {}
+        self.spec: MaskSpec | None = None
+
+    def prepare(self, lower: Path, scratch: Path, tracker: ProcessTracker) -> None:
+        super().prepare(lower, scratch, tracker)
+        from launcher.compute import private
+        from sdeefs.fs.mask import MaskSpec
+
+        if self.program:
+            if not bpf_lsm_active():
+                raise MountError("BPF LSM is not active (/sys/kernel/security/lsm)")
+            out = scratch / "lsmguard"
+            try:
+                self.binaries = out if (out / "lsmguard-load").exists() else lsm_build(out)
+            except LsmGuardError as exc:
+                raise MountError(str(exc)) from None
+            why = lsm_loadable(self.binaries)
+            if why is not None:
+                raise MountError(f"the kernel does not load the programs: {why}")
+        # GUARD_USER must reach the view through the host's directories, as a login's
+        # tasks reach their root (the scratch directory is mkdtemp's 0700)
+        os.chmod(scratch, 0o755)
+        hidden = [os.fsencode(os.path.relpath(p, lower)) for pattern in GUARD_DENY
+                  for p in sorted(glob.glob(str(lower) + pattern))]
+        hidden += private.scan(str(lower), (), GUARD_USER[0])
+        self.spec = MaskSpec(hidden=tuple(hidden), mountpoints=(b".mask",))
+        try:
+            self.holder = Holder()
+        except LsmGuardError as exc:
+            raise MountError(str(exc)) from None
+        tracker.track(self.holder.pid, "lsmguard user namespace")
+
+    def describe(self) -> str:
+        return ("kernel overlayfs (userxattr), upper on an ext4 layer image; lowers = the mask "
+                "(tmpfs: deny list + start-time scan) over the lower; "
+                + ("the BPF LSM guard attached (bench/lsmguard)" if self.program
+                   else "no program") + "; timed commands in a user namespace (nsenter)")
+
+    def layers_above(self, lower: Path, dirs: RunDirs, tracker: ProcessTracker,
+                     daemons: list[TrackedProcess]) -> list[str]:
+        from sdeefs.fs.mask import build_mask
+
+        assert self.spec is not None
+        mask = dirs.root / "mask"
+        if not build_mask(str(mask), str(lower), self.spec, b"user.overlay.opaque"):
+            raise MountError("the mask is empty", daemons)
+        return [str(mask)]
+
+    def mounted(self, lower: Path, dirs: RunDirs, tracker: ProcessTracker,
+                daemons: list[TrackedProcess]) -> None:
+        if not self.program:
+            return
+        assert self.binaries is not None
+        assert self.holder is not None
+        try:
+            loader = Loader(self.binaries / "lsmguard-load", self.holder.userns, *GUARD_USER,
+                            devs=[kernel_dev(lower)], counts=dirs.root / "lsm.counts")
+        except LsmGuardError as exc:
+            raise MountError(str(exc), daemons) from None
+        self.loaders[dirs.mount_point] = loader
+        if (tracked := tracker.track(loader.pid, f"lsmguard-load {dirs.root}")) is not None:
+            daemons.append(tracked)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        assert self.holder is not None
+        return self.holder.argv(argv)
+
+    def hook_counts(self, mounted: MountedView) -> dict[str, int] | None:
+        loader = self.loaders.get(mounted.view)
+        if loader is None:
+            return None
+        return {hook: calls for hook, (calls, _) in loader.counts().hooks.items()}
+
+    def unmount(self, mounted: MountedView, tracker: ProcessTracker) -> list[str]:
+        loader = self.loaders.pop(mounted.view, None)
+        if loader is not None:
+            loader.stop()  # detached before the view goes
+        return super().unmount(mounted, tracker)
 
 
 def detach_loops(under: Path, tracker: ProcessTracker) -> list[str]:
@@ -893,11 +1025,20 @@ class Bench:
         git_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/root",
                    "LANG": "C.UTF-8", "GIT_OPTIONAL_LOCKS": "0"}
         times, outs = {}, {}
+        contender = mounted.contender
+        wrap = contender.command if isinstance(contender, ImageOverlayContender) else list
         for key, argv, env in (("find-1", find, None), ("find-2", find, None),
                                ("git-1", git, git_env), ("git-2", git, git_env)):
             before, cpu_before = guard_counts(mounted), cpu_seconds(mounted)
-            times[key], outs[key] = self.timed(argv, env)
+            hooks_before = (contender.hook_counts(mounted)
+                            if isinstance(contender, ImageOverlayContender) else None)
+            times[key], outs[key] = self.timed(wrap(argv), env)
             after = guard_counts(mounted)
+            if hooks_before is not None and isinstance(contender, ImageOverlayContender):
+                hooks_after = contender.hook_counts(mounted) or {}
+                for hook, calls in hooks_after.items():
+                    self.results.extras[("meta", f"{name} {key} hook {hook}")].append(
+                        calls - hooks_before.get(hook, 0))
             if before is not None and after is not None:
                 self.results.extras[("meta", f"{name} {key} cpu")].append(
                     cpu_seconds(mounted) - cpu_before)
@@ -912,7 +1053,6 @@ class Bench:
         if out1.strip() or out2.strip():
             self.results.notes.append(f"git status through {name} reports changes: "
                                       f"{one_line(out1 or out2)}")
-        contender = mounted.contender
         if isinstance(contender, ImageOverlayContender):
             lag = contender.drain(mounted)
             if lag is not None:
@@ -1036,6 +1176,21 @@ def extras_line(results: Results, key: str) -> str:
                               f"daemon CPU {med(f'{guard} {metric} cpu') or 0:.2f} s)")
         if passes:
             parts.append(f"{guard}: guard requests per pass (medians): " + ", ".join(passes))
+    programs = sorted({name.split(" ")[0] for (k, name) in results.extras
+                       if k == key and " hook " in name})
+    for program in programs:
+        passes = []
+        for metric in ("find-1", "find-2", "git-1", "git-2"):
+            hooks = {name.rsplit(" ", 1)[1]: value for (k, name) in results.extras
+                     if k == key and name.startswith(f"{program} {metric} hook ")
+                     and (value := med(name)) is not None}
+            if hooks:
+                passes.append(f"{metric} {sum(hooks.values()):,.0f} ("
+                              + ", ".join(f"{hook} {calls:,.0f}" for hook, calls in hooks.items()
+                                          if calls) + ")")
+        if passes:
+            parts.append(f"{program}: LSM hook calls on host inodes per pass (medians): "
+                         + ", ".join(passes))
     for engine in ("sdeefs-fuse", "sdeefs-hybrid"):
         rss, jr = med(f"{engine} rss_peak_mib"), med(f"{engine} journal_mib")
         if rss is not None or jr is not None:
@@ -1062,7 +1217,8 @@ def goal_lines(results: Results, chosen: Sequence[Workload]) -> list[str]:
             guards = [(name, results.median(metric.key, name))
                       for name in ("guardc-img", "guardc-asking-img", "guardc-ahead-img",
                                    "guardpy-img", "proto-read-img", "proto-ring-img",
-                                   "proto-ring-nopin-img", "proto-shown-img")]
+                                   "proto-ring-nopin-img", "proto-shown-img", "lsm-img",
+                                   "lsm-off-img")]
             if metric.writes:
                 # The issue asks for >= 0.5x kernel overlayfs "on the same layers": the
                 # verdict takes the lower of the two overlays' ratios (those that ran).
@@ -1226,6 +1382,10 @@ def all_contenders(template: LayerTemplate, python: Path,
         # sdeefs-guard as before its keeper: what surviving a crash costs (the node log)
         ImageOverlayContender("guardc-nokeeper-img", template, python, guard="c",
                               capture=False, keeper=False),
+        # no FUSE: the mask and a BPF LSM program instead of the guard (bench/lsmguard), and
+        # the same stack without the program (the timed commands run in a user namespace)
+        LsmImageContender("lsm-img", template, python, program=True),
+        LsmImageContender("lsm-off-img", template, python, program=False),
         FuseOverlayfsContender(),
         SdeefsContender("sdeefs-fuse", "fuse", python=python),
         SdeefsContender("sdeefs-hybrid", "hybrid", python=python),

@@ -1,0 +1,16 @@
+#!/bin/sh
+# Build the BPF LSM prototype (bench only): build.sh OUTDIR -> OUTDIR/lsmguard-load, OUTDIR/hookcost
+# Needs: apt-get install -y clang libbpf-dev bpftool (Debian 12: bpftool from bookworm)
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: build.sh OUTDIR}
+mkdir -p "$out"
+bpftool=$(command -v bpftool || ls /usr/sbin/bpftool 2>/dev/null)
+[ -s "$out/vmlinux.h" ] || "$bpftool" btf dump file /sys/kernel/btf/vmlinux format c > "$out/vmlinux.h"
+clang -g -O2 -target bpf -D__TARGET_ARCH_x86 -I"$out" -c "$here/lsmguard.bpf.c" -o "$out/lsmguard.bpf.o"
+"$bpftool" gen skeleton "$out/lsmguard.bpf.o" name lsmguard_bpf > "$out/lsmguard.skel.h"
+cc -O2 -Wall -I"$out" -o "$out/lsmguard-load" "$here/loader.c" -lbpf -lelf -lz
+cc -O2 -Wall -o "$out/hookcost" "$here/hookcost.c"
+cc -O2 -static -o "$out/true-static" -x c - <<'C'
+int main(void) { return 0; }
+C

@@ -1,0 +1,358 @@
+// SPDX-License-Identifier: GPL-2.0
+/* A guard at kernel speed: a BPF LSM prototype (issue 16, branch lsmguard; bench only).
+ *
+ * What it enforces.  For a task of a guarded environment (below), an inode of the host's
+ * filesystem (its superblock's s_dev is in `host_devs`) that the environment's user could
+ * not read on the host fails with ENOENT: stat (inode_getattr), open (file_open: also
+ * exec, opendir, copy-up's read), a path walk through it (inode_permission), its extended
+ * attributes (inode_getxattr / inode_listxattr, except overlayfs' own "*.overlay.*"
+ * names).  "Could not read" is sdeefs.identity.Identity.host_readable: owner, group and
+ * other bits against the user's uid, gid and groups (the first class that applies); a
+ * directory needs r and x; a symlink is always readable.  Decided at every access, from
+ * the inode as it is now: an entry created or chmod-ed on the host after the environment
+ * started is hidden at its next access.
+ *
+ * Which tasks.  A task is guarded when its user namespace, or one of that namespace's
+ * ancestors, is a key of `guarded` (the namespace's inode number, as /proc/PID/ns/user
+ * shows it; the loader puts it there).  The task's *real* credentials are read
+ * (task->real_cred), not current_cred(): overlayfs calls the lower layer's
+ * vfs_getattr/open/permission with the mounter's credentials (ovl_override_creds), so
+ * current_cred() at the real inode's hook is the mounter's.  The ancestors are walked
+ * because root inside may unshare a user namespace of its own.  Every other task of the
+ * machine returns 0 at the first test (its namespace's level is 0, or no key matches):
+ * the program can deny nothing outside the environment it was given.
+ *
+ * What it cannot do: hide a name from a listing (no LSM hook sees directory entries),
+ * so `ls` of a directory shows a hidden entry's name, and lstat of it says ENOENT.
+ *
+ * Counters (`counts`, per CPU): per hook, the calls on host inodes by guarded tasks and
+ * the denials, for bench/lsmguard/hooks.py ("which hooks fire").
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define ENOENT 2
+#define MAX_GROUPS 32
+#define MAX_NS_DEPTH 33 /* user namespaces nest at most 32 deep */
+
+#define S_IFMT 00170000
+#define S_IFDIR 0040000
+#define S_IFLNK 0120000
+
+struct identity {
+	__u32 uid;
+	__u32 gid;
+	__u32 ngroups;
+	__u32 groups[MAX_GROUPS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32); /* user namespace inode number */
+	__type(value, struct identity);
+} guarded SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32); /* sb->s_dev, the kernel's encoding (major << 20 | minor) */
+	__type(value, __u8);
+} host_devs SEC(".maps");
+
+enum hook { H_PERMISSION, H_GETATTR, H_OPEN, H_GETXATTR, H_LISTXATTR, H_READLINK, H_COUNT };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * H_COUNT); /* [hook] calls, [H_COUNT + hook] denials */
+	__type(key, __u32);
+	__type(value, __u64);
+} counts SEC(".maps");
+
+static __always_inline void count(__u32 slot)
+{
+	__u64 *value = bpf_map_lookup_elem(&counts, &slot);
+
+	if (value)
+		*value += 1;
+}
+
+/* The identity of the environment the current task belongs to, or NULL. */
+static __always_inline struct identity *guarded_identity(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct user_namespace *ns = BPF_CORE_READ(task, real_cred, user_ns);
+
+	for (int i = 0; i < MAX_NS_DEPTH; i++) {
+		if (!ns || BPF_CORE_READ(ns, level) == 0)
+			return NULL; /* the host's namespace: never guarded */
+		__u32 inum = BPF_CORE_READ(ns, ns.inum);
+		struct identity *id = bpf_map_lookup_elem(&guarded, &inum);
+
+		if (id)
+			return id;
+		ns = BPF_CORE_READ(ns, parent);
+	}
+	return NULL;
+}
+
+static __always_inline int in_groups(const struct identity *id, __u32 gid)
+{
+	for (int i = 0; i < MAX_GROUPS; i++) {
+		if (i >= id->ngroups)
+			break;
+		if (id->groups[i] == gid)
+			return 1;
+	}
+	return 0;
+}
+
+/* 0, or -ENOENT if `inode` is a host inode the identity could not read on the host. */
+static __always_inline int decide(struct inode *inode, enum hook hook)
+{
+	struct identity *id = guarded_identity();
+
+	if (!id || !inode)
+		return 0;
+	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
+
+	if (!bpf_map_lookup_elem(&host_devs, &dev))
+		return 0;
+	count(hook);
+	__u32 mode = BPF_CORE_READ(inode, i_mode);
+
+	if ((mode & S_IFMT) == S_IFLNK)
+		return 0;
+	__u32 need = (mode & S_IFMT) == S_IFDIR ? 5 : 4;
+	__u32 uid = BPF_CORE_READ(inode, i_uid.val), gid = BPF_CORE_READ(inode, i_gid.val);
+	__u32 bits;
+
+	if (uid == id->uid)
+		bits = mode >> 6;
+	else if (gid == id->gid || in_groups(id, gid))
+		bits = mode >> 3;
+	else
+		bits = mode;
+	if ((bits & need) == need)
+		return 0;
+	count(H_COUNT + hook);
+	return -ENOENT;
+}
+
+SEC("lsm/inode_permission")
+int BPF_PROG(guard_permission, struct inode *inode, int mask, int ret)
+{
+	if (ret)
+		return ret;
+	return decide(inode, H_PERMISSION);
+}
+
+SEC("lsm/inode_getattr")
+int BPF_PROG(guard_getattr, const struct path *path, int ret)
+{
+	if (ret)
+		return ret;
+	return decide(BPF_CORE_READ(path, dentry, d_inode), H_GETATTR);
+}
+
+SEC("lsm/file_open")
+int BPF_PROG(guard_open, struct file *file, int ret)
+{
+	if (ret)
+		return ret;
+	return decide(BPF_CORE_READ(file, f_inode), H_OPEN);
+}
+
+/* overlayfs' own attributes of a layer (user.overlay.*, trusted.overlay.*) stay readable:
+ * it reads them while it looks names up, before any decision about the user's access. */
+static __always_inline int overlay_xattr(const char *name)
+{
+	char buf[16] = {};
+
+	bpf_probe_read_kernel_str(buf, sizeof(buf), name);
+	if (buf[0] == 'u' && buf[1] == 's' && buf[2] == 'e' && buf[3] == 'r' && buf[4] == '.')
+		return buf[5] == 'o' && buf[6] == 'v' && buf[7] == 'e' && buf[8] == 'r' &&
+		       buf[9] == 'l' && buf[10] == 'a' && buf[11] == 'y' && buf[12] == '.';
+	if (buf[0] == 't' && buf[1] == 'r' && buf[2] == 'u' && buf[3] == 's' && buf[4] == 't' &&
+	    buf[5] == 'e' && buf[6] == 'd' && buf[7] == '.')
+		return buf[8] == 'o' && buf[9] == 'v' && buf[10] == 'e' && buf[11] == 'r' &&
+		       buf[12] == 'l' && buf[13] == 'a' && buf[14] == 'y';
+	return 0;
+}
+
+SEC("lsm/inode_getxattr")
+int BPF_PROG(guard_getxattr, struct dentry *dentry, const char *name, int ret)
+{
+	if (ret || overlay_xattr(name))
+		return ret;
+	return decide(BPF_CORE_READ(dentry, d_inode), H_GETXATTR);
+}
+
+SEC("lsm/inode_listxattr")
+int BPF_PROG(guard_listxattr, struct dentry *dentry, int ret)
+{
+	if (ret)
+		return ret;
+	return decide(BPF_CORE_READ(dentry, d_inode), H_LISTXATTR);
+}
+
+SEC("lsm/inode_readlink")
+int BPF_PROG(guard_readlink, struct dentry *dentry, int ret)
+{
+	if (ret)
+		return ret;
+	return decide(BPF_CORE_READ(dentry, d_inode), H_READLINK); /* a symlink: counted only */
+}
+
+/* A probe for bench/lsmguard/hooks.py: may a sleepable program on these hooks call
+ * bpf_d_path (what a deny glob matched late needs)?  Loaded only with --probe-d-path;
+ * it records the last path it saw for a guarded task. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, char[256]);
+} last_path SEC(".maps");
+
+static __always_inline void record_path(const struct path *path, __u32 slot)
+{
+	char *buf = bpf_map_lookup_elem(&last_path, &slot);
+
+	if (buf && guarded_identity())
+		bpf_d_path((struct path *)path, buf, 256);
+}
+
+SEC("lsm.s/file_open")
+int BPF_PROG(probe_open_path, struct file *file, int ret)
+{
+	record_path(&file->f_path, 0);
+	return ret;
+}
+
+SEC("lsm.s/inode_getattr")
+int BPF_PROG(probe_getattr_path, const struct path *path, int ret)
+{
+	record_path(path, 1);
+	return ret;
+}
+
+/* Deny globs matched late: a subset (--deny PATTERN in the loader; sleepable programs on
+ * file_open and inode_getattr, the hooks with a path, where bpf_d_path may be called).
+ * A pattern is a literal absolute path (the entry and everything below it is denied), or
+ * one `*` inside its last component ("/etc/ssh/ssh_host_*_key": that component's name
+ * starts and ends as given, a leading dot only if the pattern's component has one).  No
+ * `?`, `[...]`, or several stars: sdeefs' DEFAULT_DENY needs none of them.  The path
+ * is bpf_d_path's of the real (lower) path; the loader prefixes the patterns with the
+ * lower's root as bpf_d_path shows it (--deny-root). */
+#define DENY_MAX 16
+#define DENY_LEN 192
+#define SUFFIX_LEN 32
+#define PATH_LEN 256
+#define COMPONENT_LEN 64
+
+struct deny_pattern {
+	__u32 prefix_len; /* bytes of prefix: everything before the star, or all of it */
+	__u32 suffix_len; /* bytes after the star */
+	__u32 star;
+	char prefix[DENY_LEN];
+	char suffix[SUFFIX_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DENY_MAX);
+	__type(key, __u32);
+	__type(value, struct deny_pattern);
+} deny SEC(".maps");
+
+const volatile __u32 deny_count = 0;
+
+static __always_inline int pattern_matches(const char *path, __u32 len,
+					   const struct deny_pattern *p)
+{
+	__u32 plen = p->prefix_len, e;
+
+	if (plen > DENY_LEN || len < plen)
+		return 0;
+	for (__u32 j = 0; j < DENY_LEN; j++) {
+		if (j >= plen)
+			break;
+		if (path[j & (PATH_LEN - 1)] != p->prefix[j])
+			return 0;
+	}
+	if (!p->star) /* the entry itself, or below it */
+		return len == plen || path[plen & (PATH_LEN - 1)] == '/';
+	/* the rest of this component: path[plen .. e), at most COMPONENT_LEN bytes */
+	e = plen + COMPONENT_LEN;
+	for (__u32 j = 0; j < COMPONENT_LEN; j++) {
+		if (plen + j >= len || path[(plen + j) & (PATH_LEN - 1)] == '/') {
+			e = plen + j;
+			break;
+		}
+	}
+	if (e == plen + COMPONENT_LEN)
+		return 0; /* longer: not matched (a prototype's limit) */
+	if (plen > 0 && path[(plen - 1) & (PATH_LEN - 1)] == '/' &&
+	    path[plen & (PATH_LEN - 1)] == '.')
+		return 0; /* a wildcard matches no leading dot */
+	__u32 slen = p->suffix_len;
+
+	if (slen > SUFFIX_LEN || e < plen + slen)
+		return 0;
+	for (__u32 j = 0; j < SUFFIX_LEN; j++) {
+		if (j >= slen)
+			break;
+		if (path[(e - slen + j) & (PATH_LEN - 1)] != p->suffix[j])
+			return 0;
+	}
+	return 1; /* the component matches: it, or an entry below it */
+}
+
+static __always_inline int denied_path(const struct path *path, enum hook hook)
+{
+	char buf[PATH_LEN] = {};
+
+	if (!deny_count || !guarded_identity())
+		return 0;
+	__u32 dev = BPF_CORE_READ(path, dentry, d_inode, i_sb, s_dev);
+
+	if (!bpf_map_lookup_elem(&host_devs, &dev))
+		return 0;
+	long len = bpf_d_path((struct path *)path, buf, sizeof(buf));
+
+	if (len <= 1)
+		return 0; /* (too long for the buffer: not matched; a prototype's limit) */
+	len -= 1; /* bpf_d_path counts the NUL */
+	for (__u32 i = 0; i < DENY_MAX; i++) {
+		if (i >= deny_count)
+			break;
+		__u32 key = i;
+		struct deny_pattern *p = bpf_map_lookup_elem(&deny, &key);
+
+		if (p && pattern_matches(buf, (__u32)len, p)) {
+			count(H_COUNT + hook);
+			return -ENOENT;
+		}
+	}
+	return 0;
+}
+
+SEC("lsm.s/file_open")
+int BPF_PROG(deny_open, struct file *file, int ret)
+{
+	if (ret)
+		return ret;
+	return denied_path(&file->f_path, H_OPEN);
+}
+
+SEC("lsm.s/inode_getattr")
+int BPF_PROG(deny_getattr, const struct path *path, int ret)
+{
+	if (ret)
+		return ret;
+	return denied_path(path, H_GETATTR);
+}
