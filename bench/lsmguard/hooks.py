@@ -27,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.lsmguard.stack import HOOKS, Holder, Loader, View, build, kernel_dev  # noqa: E402
+from bench.lsmguard.stack import (  # noqa: E402
+    HOOKS,
+    Holder,
+    Loader,
+    View,
+    build,
+    kernel_dev,
+    loadable,
+)
 
 WORKER = r"""
 import errno, os, subprocess, sys
@@ -63,6 +71,11 @@ def main() -> int:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="lsmguard-hooks-", dir="/var/tmp"))
     binaries = build(args.build or scratch / "build")
+    why = loadable(binaries)
+    if why is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+        print(f"hooks.py: the kernel does not load the programs: {why}", file=sys.stderr)
+        return 1
     view = View.create(scratch)
     holder = Holder()
     loader = None

@@ -4,6 +4,9 @@
  *   lsmguard-load --userns INUM --uid U --gid G [--group G]... --dev MAJ:MIN [--dev ..]
  *                 [--deny PATTERN]... [--deny-root PREFIX] [--counts FILE] [--probe-d-path]
  *   lsmguard-load --check      (load every program, attach nothing, exit: can this kernel?)
+ *   lsmguard-load --body-cost ... (the same map arguments: only the decision's cost program,
+ *                                  on the sys_enter BTF tracepoint; it denies nothing)
+ *   lsmguard-load --empty-cost ... (an empty program there: the tracepoint's own cost)
  *
  * The programs stay attached as long as this process lives: their links are held by its
  * file descriptors only (nothing is pinned), so killing it (by its PID) detaches them.
@@ -41,7 +44,8 @@ struct identity {
 };
 
 static const char *const HOOKS[] = {"inode_permission", "inode_getattr", "file_open",
-				    "inode_getxattr", "inode_listxattr", "inode_readlink"};
+				    "inode_getxattr", "inode_listxattr", "inode_readlink",
+				    "body_cost"};
 #define NHOOKS (sizeof(HOOKS) / sizeof(HOOKS[0]))
 
 static volatile sig_atomic_t stop, dump;
@@ -72,6 +76,20 @@ static void write_counts(struct lsmguard_bpf *skel, const char *path, int probe)
 	for (size_t h = 0; h < NHOOKS; h++)
 		fprintf(f, "%s %llu %llu\n", HOOKS[h], (unsigned long long)totals[h],
 			(unsigned long long)totals[NHOOKS + h]);
+	{
+		__u64 sums[4] = {0};
+		__u64 *per = calloc(ncpu, sizeof(*per));
+
+		for (__u32 slot = 0; per && slot < 4; slot++)
+			if (bpf_map__lookup_elem(skel->maps.body_ns, &slot, sizeof(slot), per,
+						 sizeof(*per) * ncpu, 0) == 0)
+				for (int c = 0; c < ncpu; c++)
+					sums[slot] += per[c];
+		free(per);
+		fprintf(f, "body_ns_host %llu %llu\nbody_ns_guarded %llu %llu\n",
+			(unsigned long long)sums[0], (unsigned long long)sums[1],
+			(unsigned long long)sums[2], (unsigned long long)sums[3]);
+	}
 	if (probe) {
 		for (__u32 slot = 0; slot < 2; slot++) {
 			char buf[256] = {0};
@@ -100,7 +118,7 @@ int main(int argc, char **argv)
 	unsigned devs[16];
 	int ndevs = 0, probe = 0, have_uid = 0, have_gid = 0, err;
 	const char *counts = NULL, *deny_root = "", *denies[DENY_MAX];
-	int ndeny = 0, check = 0;
+	int ndeny = 0, check = 0, body = 0, empty = 0;
 	struct deny_pattern patterns[DENY_MAX];
 	struct lsmguard_bpf *skel;
 
@@ -109,6 +127,14 @@ int main(int argc, char **argv)
 
 		if (!strcmp(arg, "--probe-d-path")) {
 			probe = 1;
+			continue;
+		}
+		if (!strcmp(arg, "--body-cost")) {
+			body = 1;
+			continue;
+		}
+		if (!strcmp(arg, "--empty-cost")) {
+			empty = 1;
 			continue;
 		}
 		if (!strcmp(arg, "--check")) {
@@ -150,6 +176,8 @@ int main(int argc, char **argv)
 		if (!skel)
 			return 1;
 		skel->rodata->deny_count = 1;
+		bpf_program__set_autoload(skel->progs.body_cost, 0);
+		bpf_program__set_autoload(skel->progs.empty_cost, 0);
 		err = lsmguard_bpf__load(skel);
 		if (err)
 			fprintf(stderr, "lsmguard-load: load: %s\n", strerror(-err));
@@ -211,6 +239,16 @@ int main(int argc, char **argv)
 	bpf_program__set_autoload(skel->progs.deny_open, ndeny > 0);
 	bpf_program__set_autoload(skel->progs.deny_getattr, ndeny > 0);
 	skel->rodata->deny_count = ndeny;
+	if (body || empty) {
+		struct bpf_program *prog, *only = body ? skel->progs.body_cost
+						       : skel->progs.empty_cost;
+
+		bpf_object__for_each_program(prog, skel->obj)
+			bpf_program__set_autoload(prog, prog == only);
+	} else {
+		bpf_program__set_autoload(skel->progs.body_cost, 0);
+		bpf_program__set_autoload(skel->progs.empty_cost, 0);
+	}
 	err = lsmguard_bpf__load(skel);
 	if (err) {
 		fprintf(stderr, "lsmguard-load: load: %s\n", strerror(-err));

@@ -64,7 +64,7 @@ struct {
 	__type(value, __u8);
 } host_devs SEC(".maps");
 
-enum hook { H_PERMISSION, H_GETATTR, H_OPEN, H_GETXATTR, H_LISTXATTR, H_READLINK, H_COUNT };
+enum hook { H_PERMISSION, H_GETATTR, H_OPEN, H_GETXATTR, H_LISTXATTR, H_READLINK, H_BODY, H_COUNT };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -81,15 +81,36 @@ static __always_inline void count(__u32 slot)
 		*value += 1;
 }
 
-/* The identity of the environment the current task belongs to, or NULL. */
+/* The identity of the environment the current task belongs to, or NULL.  Plain loads
+ * through the task's BTF pointers (the JIT makes each one instruction with an exception
+ * entry): the non-sleepable programs'.  guarded_identity_probe() is the same with
+ * bpf_probe_read_kernel, for the sleepable ones (where __rcu pointers need more). */
 static __always_inline struct identity *guarded_identity(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct user_namespace *ns = task->real_cred->user_ns;
+
+	for (int i = 0; i < MAX_NS_DEPTH; i++) {
+		if (!ns || ns->level == 0)
+			return NULL; /* the host's namespace: never guarded */
+		__u32 inum = ns->ns.inum;
+		struct identity *id = bpf_map_lookup_elem(&guarded, &inum);
+
+		if (id)
+			return id;
+		ns = ns->parent;
+	}
+	return NULL;
+}
+
+static __always_inline struct identity *guarded_identity_probe(void)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct user_namespace *ns = BPF_CORE_READ(task, real_cred, user_ns);
 
 	for (int i = 0; i < MAX_NS_DEPTH; i++) {
 		if (!ns || BPF_CORE_READ(ns, level) == 0)
-			return NULL; /* the host's namespace: never guarded */
+			return NULL;
 		__u32 inum = BPF_CORE_READ(ns, ns.inum);
 		struct identity *id = bpf_map_lookup_elem(&guarded, &inum);
 
@@ -118,17 +139,17 @@ static __always_inline int decide(struct inode *inode, enum hook hook)
 
 	if (!id || !inode)
 		return 0;
-	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	__u32 dev = inode->i_sb->s_dev;
 
 	if (!bpf_map_lookup_elem(&host_devs, &dev))
 		return 0;
 	count(hook);
-	__u32 mode = BPF_CORE_READ(inode, i_mode);
+	__u32 mode = inode->i_mode;
 
 	if ((mode & S_IFMT) == S_IFLNK)
 		return 0;
 	__u32 need = (mode & S_IFMT) == S_IFDIR ? 5 : 4;
-	__u32 uid = BPF_CORE_READ(inode, i_uid.val), gid = BPF_CORE_READ(inode, i_gid.val);
+	__u32 uid = inode->i_uid.val, gid = inode->i_gid.val;
 	__u32 bits;
 
 	if (uid == id->uid)
@@ -156,7 +177,7 @@ int BPF_PROG(guard_getattr, const struct path *path, int ret)
 {
 	if (ret)
 		return ret;
-	return decide(BPF_CORE_READ(path, dentry, d_inode), H_GETATTR);
+	return decide(path->dentry->d_inode, H_GETATTR);
 }
 
 SEC("lsm/file_open")
@@ -164,7 +185,7 @@ int BPF_PROG(guard_open, struct file *file, int ret)
 {
 	if (ret)
 		return ret;
-	return decide(BPF_CORE_READ(file, f_inode), H_OPEN);
+	return decide(file->f_inode, H_OPEN);
 }
 
 /* overlayfs' own attributes of a layer (user.overlay.*, trusted.overlay.*) stay readable:
@@ -189,7 +210,7 @@ int BPF_PROG(guard_getxattr, struct dentry *dentry, const char *name, int ret)
 {
 	if (ret || overlay_xattr(name))
 		return ret;
-	return decide(BPF_CORE_READ(dentry, d_inode), H_GETXATTR);
+	return decide(dentry->d_inode, H_GETXATTR);
 }
 
 SEC("lsm/inode_listxattr")
@@ -197,7 +218,7 @@ int BPF_PROG(guard_listxattr, struct dentry *dentry, int ret)
 {
 	if (ret)
 		return ret;
-	return decide(BPF_CORE_READ(dentry, d_inode), H_LISTXATTR);
+	return decide(dentry->d_inode, H_LISTXATTR);
 }
 
 SEC("lsm/inode_readlink")
@@ -205,7 +226,7 @@ int BPF_PROG(guard_readlink, struct dentry *dentry, int ret)
 {
 	if (ret)
 		return ret;
-	return decide(BPF_CORE_READ(dentry, d_inode), H_READLINK); /* a symlink: counted only */
+	return decide(dentry->d_inode, H_READLINK); /* a symlink: counted only */
 }
 
 /* A probe for bench/lsmguard/hooks.py: may a sleepable program on these hooks call
@@ -222,7 +243,7 @@ static __always_inline void record_path(const struct path *path, __u32 slot)
 {
 	char *buf = bpf_map_lookup_elem(&last_path, &slot);
 
-	if (buf && guarded_identity())
+	if (buf && guarded_identity_probe())
 		bpf_d_path((struct path *)path, buf, 256);
 }
 
@@ -316,7 +337,7 @@ static __always_inline int denied_path(const struct path *path, enum hook hook)
 {
 	char buf[PATH_LEN] = {};
 
-	if (!deny_count || !guarded_identity())
+	if (!deny_count || !guarded_identity_probe())
 		return 0;
 	__u32 dev = BPF_CORE_READ(path, dentry, d_inode, i_sb, s_dev);
 
@@ -355,4 +376,48 @@ int BPF_PROG(deny_getattr, const struct path *path, int ret)
 	if (ret)
 		return ret;
 	return denied_path(path, H_GETATTR);
+}
+
+/* The program's own work, measured where no LSM program can be attached (bench/lsmguard/
+ * hookcost.py --body): the decision above, for the task's working directory (a host
+ * inode when it is on the host's filesystem), at every system call's entry (a BTF
+ * tracepoint: no trampoline, no text patching; it cannot deny anything).  Loaded only
+ * with the loader's --body-cost, and then alone. */
+#define BODY_REPEAT 32
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 4); /* ns spent in BODY_REPEAT decisions, how many times: [0], [1]
+				 * for tasks not guarded, [2], [3] for guarded ones */
+	__type(key, __u32);
+	__type(value, __u64);
+} body_ns SEC(".maps");
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(body_cost, struct pt_regs *regs, long id)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct inode *inode = task->fs->pwd.dentry->d_inode;
+	__u32 k0 = guarded_identity() ? 2 : 0, k1 = k0 + 1;
+	__u64 start = bpf_ktime_get_ns();
+
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < BODY_REPEAT; i++)
+		decide(inode, H_BODY);
+	__u64 spent = bpf_ktime_get_ns() - start;
+	__u64 *total = bpf_map_lookup_elem(&body_ns, &k0), *times = bpf_map_lookup_elem(&body_ns, &k1);
+
+	if (total && times) {
+		*total += spent;
+		*times += 1;
+	}
+	return 0;
+}
+
+/* The same tracepoint with nothing to do: what attaching to sys_enter costs by itself
+ * (every task's system calls take the traced entry path), to subtract (--empty-cost). */
+SEC("tp_btf/sys_enter")
+int BPF_PROG(empty_cost, struct pt_regs *regs, long id)
+{
+	return 0;
 }

@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 HOOKS = ("inode_permission", "inode_getattr", "file_open", "inode_getxattr",
-         "inode_listxattr", "inode_readlink")
+         "inode_listxattr", "inode_readlink", "body_cost")
 
 
 class LsmGuardError(RuntimeError):
@@ -114,7 +114,8 @@ class Loader:
     def __init__(self, binary: Path, userns: int, uid: int, gid: int, devs: Sequence[str],
                  groups: Sequence[int] = (), counts: Path | None = None,
                  probe_d_path: bool = False, deny: Sequence[str] = (),
-                 deny_root: str = "") -> None:
+                 deny_root: str = "", body_cost: bool = False,
+                 empty_cost: bool = False) -> None:
         argv = [str(binary), "--userns", str(userns), "--uid", str(uid), "--gid", str(gid)]
         for group in groups:
             argv += ["--group", str(group)]
@@ -124,6 +125,10 @@ class Loader:
             argv += ["--counts", str(counts)]
         if probe_d_path:
             argv.append("--probe-d-path")
+        if body_cost:
+            argv.append("--body-cost")
+        if empty_cost:
+            argv.append("--empty-cost")
         for pattern in deny:
             argv += ["--deny", pattern]
         if deny:
