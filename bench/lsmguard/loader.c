@@ -45,7 +45,7 @@ struct identity {
 
 static const char *const HOOKS[] = {"inode_permission", "inode_getattr", "file_open",
 				    "inode_getxattr", "inode_listxattr", "inode_readlink",
-				    "body_cost"};
+				    "body_cost", "inode_copy_up"};
 #define NHOOKS (sizeof(HOOKS) / sizeof(HOOKS[0]))
 
 static volatile sig_atomic_t stop, dump;

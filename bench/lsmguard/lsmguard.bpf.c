@@ -64,7 +64,8 @@ struct {
 	__type(value, __u8);
 } host_devs SEC(".maps");
 
-enum hook { H_PERMISSION, H_GETATTR, H_OPEN, H_GETXATTR, H_LISTXATTR, H_READLINK, H_BODY, H_COUNT };
+enum hook { H_PERMISSION, H_GETATTR, H_OPEN, H_GETXATTR, H_LISTXATTR, H_READLINK, H_BODY,
+	    H_COPY_UP, H_COUNT };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -164,6 +165,36 @@ static __always_inline int decide(struct inode *inode, enum hook hook)
 	return -ENOENT;
 }
 
+#define OVERLAYFS_SUPER_MAGIC 0x794c7630
+
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+/* The host inode behind an overlayfs inode.  stat through overlayfs never reaches the
+ * real inode's inode_getattr hook: since Linux 6.13 ovl_getattr() asks the layer with
+ * vfs_getattr_nosec() (commit "fs: Simplify getattr interface function checking
+ * AT_GETATTR_NOSEC flag"), so the decision for a stat is made on the overlay inode's
+ * lower entry, read from overlayfs' own inode (struct ovl_inode, in vmlinux's BTF).  An
+ * entry with an upper (copied up: the user's own) or none: NULL, nothing to decide. */
+static __always_inline struct inode *real_inode(struct inode *inode)
+{
+	if (!inode || inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC)
+		return inode;
+	struct ovl_inode *oi = (void *)inode - bpf_core_field_offset(struct ovl_inode, vfs_inode);
+
+	if (BPF_CORE_READ(oi, __upperdentry))
+		return NULL;
+	struct ovl_entry *oe = BPF_CORE_READ(oi, oe);
+
+	if (!oe || BPF_CORE_READ(oe, __numlower) == 0)
+		return NULL;
+	struct inode *real = BPF_CORE_READ(oe, __lowerstack[0].dentry, d_inode);
+
+	if (!real)
+		return NULL;
+	/* a BTF pointer again (read-only), so that decide() may load through it */
+	return bpf_rdonly_cast(real, bpf_core_type_id_kernel(struct inode));
+}
+
 SEC("lsm/inode_permission")
 int BPF_PROG(guard_permission, struct inode *inode, int mask, int ret)
 {
@@ -177,7 +208,8 @@ int BPF_PROG(guard_getattr, const struct path *path, int ret)
 {
 	if (ret)
 		return ret;
-	return decide(path->dentry->d_inode, H_GETATTR);
+	/* the overlay path's own call (the real one is vfs_getattr_nosec, see real_inode) */
+	return decide(real_inode(path->dentry->d_inode), H_GETATTR);
 }
 
 SEC("lsm/file_open")
@@ -186,6 +218,16 @@ int BPF_PROG(guard_open, struct file *file, int ret)
 	if (ret)
 		return ret;
 	return decide(file->f_inode, H_OPEN);
+}
+
+/* copy-up (ovl_copy_up_one) passes the lower dentry: a directory's copy-up opens nothing,
+ * so without this its owner, mode and times would reach the upper */
+SEC("lsm/inode_copy_up")
+int BPF_PROG(guard_copy_up, struct dentry *src, struct cred **new, int ret)
+{
+	if (ret)
+		return ret;
+	return decide(src->d_inode, H_COPY_UP);
 }
 
 /* overlayfs' own attributes of a layer (user.overlay.*, trusted.overlay.*) stay readable:
@@ -397,7 +439,9 @@ SEC("tp_btf/sys_enter")
 int BPF_PROG(body_cost, struct pt_regs *regs, long id)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct inode *inode = task->fs->pwd.dentry->d_inode;
+	/* the working directory, through overlayfs' lower entry if it is in a view: the
+	 * inode_getattr program's path (real_inode), exercised here */
+	struct inode *inode = real_inode(task->fs->pwd.dentry->d_inode);
 	__u32 k0 = guarded_identity() ? 2 : 0, k1 = k0 + 1;
 	__u64 start = bpf_ktime_get_ns();
 

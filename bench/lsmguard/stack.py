@@ -21,6 +21,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 HOOKS = ("inode_permission", "inode_getattr", "file_open", "inode_getxattr",
-         "inode_listxattr", "inode_readlink", "body_cost")
+         "inode_listxattr", "inode_readlink", "body_cost", "inode_copy_up")
 
 
 class LsmGuardError(RuntimeError):
@@ -134,14 +135,18 @@ class Loader:
         if deny:
             argv += ["--deny-root", deny_root]
         self.counts_path = counts
+        # its stderr to a file: a verifier log fills a pipe long before "ready" is read
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the loader
         self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, start_new_session=True)
+                                      stderr=self.errors, start_new_session=True)
         assert self.popen.stdout is not None
         line = self.popen.stdout.readline().decode().strip()
         if line != "ready":
-            err = self.popen.stderr.read().decode() if self.popen.stderr else ""
             self.stop()
-            raise LsmGuardError(f"lsmguard-load: {err.strip() or 'did not attach'}")
+            self.errors.seek(0)
+            lines = [x for x in self.errors.read().decode(errors="replace").splitlines()
+                     if x.startswith("lsmguard-load")]
+            raise LsmGuardError(f"lsmguard-load: {lines[-1] if lines else 'did not attach'}")
 
     @property
     def pid(self) -> int:

@@ -86,8 +86,13 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 
 @pytest.fixture(scope="module")
-def binaries(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = build(tmp_path_factory.mktemp("lsmguard-build"))
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("lsmguard-build"))
+
+
+@pytest.fixture(scope="module")
+def binaries(built: Path) -> Path:
+    out = built
     why = loadable(out)
     if why is not None:
         pytest.skip(f"the kernel does not load the programs: {why}")
@@ -261,5 +266,40 @@ def test_deny_globs_matched_late(binaries: Path, view: View, holder: Holder) -> 
         assert seen[str(v / "private/f")]["lstat"] == "ENOENT"
         assert seen[str(v / "private/f")]["read"] == "ENOENT"
         assert seen[str(v / "privateer")]["read"] == "ok"
+    finally:
+        loader.stop()
+
+
+def test_the_decision_sees_through_overlayfs(built: Path, view: View, holder: Holder) -> None:
+    """The decision code itself, on this kernel, where no LSM program loads: the loader's
+    --body-cost attaches it to the sys_enter BTF tracepoint (it denies nothing, it
+    counts), deciding for the task's working directory as the inode_getattr program
+    decides for a stat through the view (overlayfs' lower entry: real_inode()).  A
+    directory made 0700 on the host after the start is "would deny" seen through the
+    view, a visible lower directory is decided and allowed, the view's root (it has an
+    upper: the user's own) is not decided, and tasks outside the namespace are not
+    decided at all."""
+    (view.lower / "secretdir").mkdir(mode=0o700)
+    loader = Loader(built / "lsmguard-load", holder.userns, *USER,
+                    devs=[kernel_dev(view.lower)], counts=view.scratch / "counts",
+                    body_cost=True)
+    try:
+        seen = {}
+        for name, cwd, guarded in (("root", view.view, True), ("visible", view.view / "d", True),
+                                   ("hidden", view.view / "secretdir", True),
+                                   ("hidden, host task", view.view / "secretdir", False)):
+            before = loader.counts().hooks["body_cost"]
+            argv = [str(built / "hookcost"), "stat", "/", "100", "1"]
+            subprocess.run(holder.argv(argv) if guarded else argv, cwd=cwd, check=True,
+                           capture_output=True)
+            after = loader.counts().hooks["body_cost"]
+            seen[name] = (after[0] - before[0], after[1] - before[1])
+        assert seen["root"] == (0, 0)
+        assert seen["visible"][0] >= 100
+        assert seen["visible"][1] == 0
+        assert seen["hidden"][1] >= 100
+        # a task of the host in the same directory is not decided for (nor is any other
+        # process of the machine: only the guarded namespace's calls are counted)
+        assert seen["hidden, host task"] == (0, 0)
     finally:
         loader.stop()
