@@ -381,7 +381,20 @@ static __always_inline int denied_path(const struct path *path, enum hook hook)
 
 	if (!deny_count || !guarded_identity_probe())
 		return 0;
-	__u32 dev = BPF_CORE_READ(path, dentry, d_inode, i_sb, s_dev);
+	/* a stat's path is the overlay's (see real_inode): the entry is a host one if
+	 * overlayfs' lower entry is; the path matched is the one given */
+	struct inode *inode = BPF_CORE_READ(path, dentry, d_inode);
+
+	if (inode && BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC) {
+		struct ovl_inode *oi = (void *)inode -
+				       bpf_core_field_offset(struct ovl_inode, vfs_inode);
+		struct ovl_entry *oe = BPF_CORE_READ(oi, oe);
+
+		if (BPF_CORE_READ(oi, __upperdentry) || !oe || !BPF_CORE_READ(oe, __numlower))
+			return 0;
+		inode = BPF_CORE_READ(oe, __lowerstack[0].dentry, d_inode);
+	}
+	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
 
 	if (!bpf_map_lookup_elem(&host_devs, &dev))
 		return 0;
