@@ -3,7 +3,8 @@
  *
  * What it enforces.  For a task of a guarded environment (below), an inode of the host's
  * filesystem (its superblock's s_dev is in `host_devs`) that the environment's user could
- * not read on the host fails with ENOENT: stat (inode_getattr), open (file_open: also
+ * not read on the host fails with ENOENT: stat (inode_getattr, on overlayfs' lower entry:
+ * real_inode), copy-up (inode_copy_up), open (file_open: also
  * exec, opendir, copy-up's read), a path walk through it (inode_permission), its extended
  * attributes (inode_getxattr / inode_listxattr, except overlayfs' own "*.overlay.*"
  * names).  "Could not read" is sdeefs.identity.Identity.host_readable: owner, group and
@@ -16,7 +17,7 @@
  * ancestors, is a key of `guarded` (the namespace's inode number, as /proc/PID/ns/user
  * shows it; the loader puts it there).  The task's *real* credentials are read
  * (task->real_cred), not current_cred(): overlayfs calls the lower layer's
- * vfs_getattr/open/permission with the mounter's credentials (ovl_override_creds), so
+ * inode_permission, open and copy-up with the mounter's credentials (ovl_override_creds), so
  * current_cred() at the real inode's hook is the mounter's.  The ancestors are walked
  * because root inside may unshare a user namespace of its own.  Every other task of the
  * machine returns 0 at the first test (its namespace's level is 0, or no key matches):
@@ -170,9 +171,9 @@ static __always_inline int decide(struct inode *inode, enum hook hook)
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
 /* The host inode behind an overlayfs inode.  stat through overlayfs never reaches the
- * real inode's inode_getattr hook: since Linux 6.13 ovl_getattr() asks the layer with
- * vfs_getattr_nosec() (commit "fs: Simplify getattr interface function checking
- * AT_GETATTR_NOSEC flag"), so the decision for a stat is made on the overlay inode's
+ * real inode's inode_getattr hook: ovl_getattr() asks the layer with vfs_getattr_nosec()
+ * (patch "fs: Simplify getattr interface function checking AT_GETATTR_NOSEC flag", Nov
+ * 2024; in 6.18), so the decision for a stat is made on the overlay inode's
  * lower entry, read from overlayfs' own inode (struct ovl_inode, in vmlinux's BTF).  An
  * entry with an upper (copied up: the user's own) or none: NULL, nothing to decide. */
 static __always_inline struct inode *real_inode(struct inode *inode)
