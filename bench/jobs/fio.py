@@ -35,9 +35,15 @@ round beside it:
 
 Before the rounds, one pass over each file (``first``: no ``--time_based``; the step's
 wall time is recorded too): the first access in the job, right after replication, the page
-cache dropped (cold on ext4).  Before the first pass of a mode that writes, one step opens
-the file for writing (``: >> FILE``, ms, srun included): for sdeefs, the file's copy-up
-into the job's scratch upper happens there, not in fio's pass.
+cache dropped (cold on ext4).  Before the first pass of a mode that writes, one step gets
+the file to write (ms, srun included), so that both write into a fresh copy of the user's
+file: sdeefs opens it for writing (``: >> FILE``: the copy-up into the job's scratch
+upper), bare copies it to the node's disk (``cp FILE FILE.job``, what a bare job does to
+write into a copy of its input without changing it) and writes into the copy.  Both
+copies go through the page cache in 64 KiB folios (splice's chunks); before this, bare
+wrote into its file as fio's first pass had left it in the cache (1 MiB folios for write,
+4 KiB ones for the random modes) and sdeefs into its copy-up (64 KiB), which is not the
+overlay's cost (bench/RESULTS.md, branch jobwrite).
 
 Sequential modes use 1 MiB blocks, random ones 4 KiB; psync; reads and writes summed (KiB/s).
 Writes OUT (Markdown: overhead in % of time over bare, of each round's pair, median [min,
@@ -93,6 +99,12 @@ def step(name: str, key: str, srun: str, command: str) -> list[str]:
 
 WRITING = ("write", "randwrite", "rw", "randrw")  # the modes that open the user's file to write
 
+
+def bare_file(copy: Path, mode: str) -> str:
+    """Bare's file of ``mode``: the node-local copy of the user's file, or for a mode that
+    writes, a ``cp`` of it the job makes (module docstring)."""
+    return f"{copy}/{mode}.job" if mode in WRITING else f"{copy}/{mode}"
+
 # the key of each sdeefs variant's bare pair (by default the same key)
 BARE_PAIR = {"tmp": "scratch"}
 
@@ -107,11 +119,12 @@ def variants(scratch: Path, copy: Path, mode: str, size: str, runtime: int,
         f"sdeefs:fio_{mode}_scratch": ("sdeefs", "srun -N1",
                                        fio("/var/tmp/fio-s/", mode, size, runtime)),
         f"sdeefs:fio_{mode}_tmp": ("sdeefs", "srun -N1", fio("/tmp/fio-t/", mode, size, runtime)),
-        f"bare:fio_{mode}_replica": ("bare", off, fio(f"{copy}/{mode}", mode, size, runtime)),
+        f"bare:fio_{mode}_replica": ("bare", off, fio(bare_file(copy, mode), mode, size,
+                                                      runtime)),
         f"sdeefs:fio_{mode}_replica": ("sdeefs", "srun -N1",
                                        fio(f"{INSIDE}/{mode}", mode, size, runtime)),
         f"bare:fio_{mode}_replica_cold": ("bare", off,
-                                          fio(f"{copy}/{mode}", mode, size, 0, "cold")),
+                                          fio(bare_file(copy, mode), mode, size, 0, "cold")),
         f"sdeefs:fio_{mode}_replica_cold": ("sdeefs", "srun -N1",
                                             fio(f"{INSIDE}/{mode}", mode, size, 0, "cold")),
     }
@@ -128,12 +141,13 @@ def job_script(scratch: Path, copy: Path, modes: list[str], size: str, runtime: 
         for name in ("bare", "sdeefs"):
             if mode in WRITING:  # the open for writing apart: the copy-up (sdeefs) is in it
                 srun = "srun -N1" + (" --sdeefs=off" if name == "bare" else "")
-                path = f"{copy}/{mode}" if name == "bare" else f"{INSIDE}/{mode}"
-                lines += ["t0=$(date +%s%N)", f"{srun} sh -c {shlex.quote(f': >> {path}')}",
+                get = (f"cp {copy}/{mode} {bare_file(copy, mode)}" if name == "bare" else
+                       f": >> {INSIDE}/{mode}")
+                lines += ["t0=$(date +%s%N)", f"{srun} sh -c {shlex.quote(get)}",
                           f'echo "R {name} fio_{mode}_open_ms $(( ($(date +%s%N) - t0) '
                           '/ 1000000 ))"']
             c, srun, command = variants(scratch, copy, mode, size, 0)[f"{name}:fio_{mode}_replica"]
-            command = fio(f"{copy}/{mode}" if name == "bare" else f"{INSIDE}/{mode}", mode,
+            command = fio(bare_file(copy, mode) if name == "bare" else f"{INSIDE}/{mode}", mode,
                           size, 0, "first")
             lines += step(c, f"fio_{mode}_replica_first", srun, command)
             lines += [f'echo "R {c} fio_{mode}_replica_first_ms $(( ($(date +%s%N) - t0) '
@@ -283,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         + (" (loop device, direct I/O to its image)" if args.node_fs == "ext4" else ""),
         "- % of time over bare (bare/contender − 1 of KiB/s), each round against the bare "
         "step of the same round, median [min, max] over the rounds; bare: its median KiB/s "
-        "(the job's /tmp is paired with bare's scratch directory)",
+        "(the job's /tmp is paired with bare's scratch directory); the user's file, for the "
+        "modes that write: a fresh copy on both sides (bare: `cp` in the job; sdeefs: the "
+        "copy-up)",
         "",
         "| mode | bare scratch KiB/s | sdeefs /var/tmp (overlay) | sdeefs /tmp"
         + (" | sdeefs-run /var/tmp" if "sdeefs-run" in names else "")

@@ -158,8 +158,11 @@ def prepare(d: Path, write_rounds: int = 0) -> None:
                     str(d / "ovlv")], check=True)
 
 
-def writes(d: Path, prog: Path, rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
-    """--write-rounds (module docstring): {variant: {"open"|"seqwrite"|"pwrite": [ns]}}."""
+def writes(d: Path, prog: Path, rounds: int, calls: int, fio_modes: tuple[str, ...] = ()
+           ) -> dict[str, dict[str, list[float]]]:
+    """--write-rounds (module docstring): {variant: {"open"|"seqwrite"|"pwrite": [ns],
+    "folio": [KiB]}}; with ``fio_modes`` (--write-fio) fio instead of percall's writes:
+    {"open": [ns], "folio": [KiB], "fio_MODE": [KiB/s]}."""
     out: dict[str, dict[str, list[float]]] = {n: {} for n, _ in WRITES}
     for r in range(rounds):
         subprocess.run(["cp", str(d / "lower" / f"w{r}-a"), str(d / "plain" / f"a{r}")],
@@ -172,12 +175,29 @@ def writes(d: Path, prog: Path, rounds: int, calls: int) -> dict[str, dict[str, 
                        check=True)
         order = list(WRITES[r % len(WRITES):] + WRITES[:r % len(WRITES)])
         for name, rel in order:
-            line = subprocess.run([str(prog), str(d / rel.format(r=r)), str(MIB), str(calls),
+            path = d / rel.format(r=r)
+            if fio_modes:
+                began = time.perf_counter_ns()
+                os.close(os.open(path, os.O_WRONLY))  # the copy-up, if not done yet
+                out[name].setdefault("open", []).append(time.perf_counter_ns() - began)
+                out[name].setdefault("folio", []).append(folio_kib(path))
+                for mode in fio_modes:  # as bench/jobs/fio.py's page-cache passes
+                    subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL)
+                    terse = subprocess.run(
+                        ["fio", f"--name={mode}", f"--filename={path}", f"--size={MIB}m",
+                         f"--rw={mode}", f"--bs={'1m' if mode in ('write', 'rw') else '4k'}",
+                         "--ioengine=psync", "--runtime=2", "--time_based", "--invalidate=0",
+                         "--minimal"], check=True, capture_output=True, text=True).stdout
+                    fields = terse.split(";")
+                    out[name].setdefault(f"fio_{mode}", []).append(
+                        float(fields[6]) + float(fields[47]))
+                continue
+            line = subprocess.run([str(prog), str(path), str(MIB), str(calls),
                                    "seq"], check=True, capture_output=True, text=True).stdout
             words = line.split()
             for key, value in zip(words[::2], words[1::2], strict=True):
                 out[name].setdefault(key, []).append(float(value))
-            out[name].setdefault("folio", []).append(folio_kib(d / rel.format(r=r)))
+            out[name].setdefault("folio", []).append(folio_kib(path))
         for _, rel in WRITES:  # room for the next round's files
             os.unlink(d / rel.format(r=r))
     return out
@@ -206,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--media", default="tmpfs,ext4")
     parser.add_argument("--cold-rounds", type=int, default=0)
     parser.add_argument("--write-rounds", type=int, default=0)
+    parser.add_argument("--write-fio", default="",
+                        help="with --write-rounds: these fio modes (2 s each, page cache, as "
+                        "bench/jobs/fio.py) instead of percall's writes, e.g. write,randwrite")
     parser.add_argument("--write-calls", type=int, default=1024,
                         help="1 MiB writes per --write-rounds sample (64x as many 4 KiB)")
     parser.add_argument("--out", type=Path,
@@ -242,13 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "ext4" and args.cold_rounds:
                     colds = cold(d, args.cold_rounds)
                 if rounds:
-                    wrote = writes(d, prog, rounds, args.write_calls)
+                    wrote = writes(d, prog, rounds, args.write_calls,
+                                   tuple(m for m in args.write_fio.split(",") if m))
     loads.append(os.getloadavg()[0])
     lines = ["# bench/jobs/percall.py: 4 KiB pwrite/pread, plain directory vs the job's overlay",
              "",
              f"- Command: `.venv/bin/python bench/jobs/percall.py --rounds {args.rounds} "
              f"--calls {args.calls} --media {args.media} --cold-rounds {args.cold_rounds} "
-             f"--write-rounds {args.write_rounds} --write-calls {args.write_calls}`",
+             f"--write-rounds {args.write_rounds} --write-calls {args.write_calls}"
+             + (f" --write-fio {args.write_fio}" if args.write_fio else "") + "`",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; kernel "
              f"{os.uname().release}; {os.cpu_count()} CPUs; 1-min load before/after: "
              f"{', '.join(f'{x:.1f}' for x in loads)}",
@@ -286,7 +311,29 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {mode} | {statistics.median(direct):.0f} | "
                          f"{statistics.median(via):.0f} | {statistics.median(pct):+.1f} "
                          f"[{min(pct):+.0f}, {max(pct):+.0f}] |")
-    if wrote:
+    if wrote and args.write_fio:
+        first = wrote[WRITES[0][0]]
+        modes = [m for m in args.write_fio.split(",") if m]
+        lines += ["", f"fio writes into a user's file on ext4 ({args.write_rounds} rounds, new "
+                  "64 MiB files each; the open for writing done first, timed apart; then per "
+                  "mode `cat FILE`, fio 2 s, page cache, as bench/jobs/fio.py): KiB/s, median "
+                  "of the rounds; % of time over the plain file re-read (fio.py's bare file), "
+                  "paired, median [min, max]:", "",
+                  "| file | open, ms | its folios, KiB | "
+                  + " | ".join(f"{m} KiB/s | {m} over plain re-read" for m in modes) + " |",
+                  "| --- | ---: | ---: |" + " ---: | ---: |" * len(modes)]
+        for name, _ in WRITES:
+            v = wrote[name]
+            cells = []
+            for m in modes:
+                pct = [100 * (b / a - 1) for a, b in zip(v[f"fio_{m}"], first[f"fio_{m}"],
+                                                          strict=True)]
+                cells += [f"{statistics.median(v[f'fio_{m}']):.0f}",
+                          "–" if name == WRITES[0][0] else
+                          f"{statistics.median(pct):+.1f} % [{min(pct):+.0f}, {max(pct):+.0f}]"]
+            lines.append(f"| {name} | {statistics.median(v['open']) / 1e6:.2f} | "
+                         f"{statistics.median(v['folio']):.0f} | " + " | ".join(cells) + " |")
+    elif wrote:
         first = wrote[WRITES[0][0]]
         lines += ["", f"Writes into a user's file on ext4 (--write-rounds: {args.write_rounds} "
                   f"rounds, new 64 MiB files each; {args.write_calls} writes of 1 MiB, then "
