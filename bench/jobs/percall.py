@@ -40,6 +40,11 @@ the page-cache folios holding the file, :func:`folio_kib`) on
 
 Order rotating each round; paired with ``plain, re-read`` of the same round.
 
+``--write-fio MODES`` (with ``--write-rounds``): fio instead of percall's writes, each mode
+2 s after ``cat FILE`` (bench/jobs/fio.py's page-cache passes), the open for writing (the
+copy-up) done and timed first.  ``--folios`` (ext4): the folio sizes bench/jobs/fio.py's
+first pass used to leave in bare's file and in sdeefs' copy (:func:`folios_after_first_pass`).
+
 ``--cold-rounds N`` (ext4 only): then N rounds of cold reads of ``lower/f`` directly and
 through ``ovl/f`` (``sync; echo 3 > /proc/sys/vm/drop_caches`` before each; fio, one pass,
 1 MiB sequential and 4 KiB random, 3 s at most), KiB/s, paired the same way.
@@ -141,7 +146,8 @@ def medium(kind: str, base: Path, size_gib: int = 1) -> Iterator[Path]:
 
 
 def prepare(d: Path, write_rounds: int = 0) -> None:
-    for sub in ("plain", "bind", "lower", "upper", "work", "ovl", "upperv", "workv", "ovlv"):
+    for sub in ("plain", "bind", "lower", "upper", "work", "ovl", "upperv", "workv", "ovlv",
+                "upperf", "workf", "ovlf"):
         (d / sub).mkdir()
     subprocess.run(["mount", "--bind", str(d / "plain"), str(d / "bind")], check=True)
     with open(d / "lower" / "f", "wb") as f:
@@ -203,6 +209,44 @@ def writes(d: Path, prog: Path, rounds: int, calls: int, fio_modes: tuple[str, .
     return out
 
 
+FOLIO_MODES = ("write", "randwrite", "rw", "randrw")
+
+
+def folios_after_first_pass(d: Path) -> dict[str, tuple[float, float, float]]:
+    """--folios (ext4): for each mode that writes, a lower file of 64 MiB and a ``cp`` of it
+    beside, the page cache dropped; then as bench/jobs/fio.py's first pass used to do: the
+    bare copy written by one fio pass, the lower file through the overlay opened for
+    writing (its copy-up) and written by one fio pass; each read once (``cat``).  {mode:
+    (bare's folio KiB, sdeefs' after the copy-up, sdeefs' after the pass)}."""
+    for m in FOLIO_MODES:
+        with open(d / "lower" / f"fo-{m}", "wb") as f:
+            f.write(os.urandom(MIB << 20))
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={d}/lower,"
+                    f"upperdir={d}/upperf,workdir={d}/workf", str(d / "ovlf")], check=True)
+    try:
+        for m in FOLIO_MODES:
+            subprocess.run(["cp", str(d / "lower" / f"fo-{m}"), str(d / "plain" / f"fo-{m}")],
+                           check=True)
+        drop_caches()
+        out = {}
+        for m in FOLIO_MODES:
+            sizes = []
+            for path in (d / "plain" / f"fo-{m}", d / "ovlf" / f"fo-{m}"):
+                if path.parent.name == "ovlf":
+                    os.close(os.open(path, os.O_WRONLY))
+                    sizes.append(folio_kib(path))
+                subprocess.run(["fio", "--name=first", f"--filename={path}", f"--size={MIB}m",
+                                f"--rw={m}", f"--bs={'1m' if m in ('write', 'rw') else '4k'}",
+                                "--ioengine=psync", "--invalidate=0", "--minimal"], check=True,
+                               capture_output=True)
+                subprocess.run(["cat", str(path)], check=True, stdout=subprocess.DEVNULL)
+                sizes.append(folio_kib(path))
+            out[m] = (sizes[0], sizes[1], sizes[2])
+        return out
+    finally:
+        subprocess.run(["umount", str(d / "ovlf")], check=True)
+
+
 def cold(d: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
     """KiB/s of cold reads: {"lower"|"overlay-lower": {"read"|"randread": [per round]}}."""
     out: dict[str, dict[str, list[float]]] = {"lower": {}, "overlay-lower": {}}
@@ -226,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--media", default="tmpfs,ext4")
     parser.add_argument("--cold-rounds", type=int, default=0)
     parser.add_argument("--write-rounds", type=int, default=0)
+    parser.add_argument("--folios", action="store_true",
+                        help="(ext4) the folio sizes fio.py's first pass used to leave")
     parser.add_argument("--write-fio", default="",
                         help="with --write-rounds: these fio modes (2 s each, page cache, as "
                         "bench/jobs/fio.py) instead of percall's writes, e.g. write,randwrite")
@@ -242,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, dict[str, dict[str, list[float]]]] = {}
     colds: dict[str, dict[str, list[float]]] = {}
     wrote: dict[str, dict[str, list[float]]] = {}
+    folios: dict[str, tuple[float, float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="sdeefs-percall-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         prog = base / "percall"
@@ -264,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                         raw[kind][name]["pread"].append(rd)
                 if kind == "ext4" and args.cold_rounds:
                     colds = cold(d, args.cold_rounds)
+                if kind == "ext4" and args.folios:
+                    folios = folios_after_first_pass(d)
                 if rounds:
                     wrote = writes(d, prog, rounds, args.write_calls,
                                    tuple(m for m in args.write_fio.split(",") if m))
@@ -273,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
              f"- Command: `.venv/bin/python bench/jobs/percall.py --rounds {args.rounds} "
              f"--calls {args.calls} --media {args.media} --cold-rounds {args.cold_rounds} "
              f"--write-rounds {args.write_rounds} --write-calls {args.write_calls}"
-             + (f" --write-fio {args.write_fio}" if args.write_fio else "") + "`",
+             + (f" --write-fio {args.write_fio}" if args.write_fio else "")
+             + (" --folios" if args.folios else "") + "`",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}; kernel "
              f"{os.uname().release}; {os.cpu_count()} CPUs; 1-min load before/after: "
              f"{', '.join(f'{x:.1f}' for x in loads)}",
@@ -311,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {mode} | {statistics.median(direct):.0f} | "
                          f"{statistics.median(via):.0f} | {statistics.median(pct):+.1f} "
                          f"[{min(pct):+.0f}, {max(pct):+.0f}] |")
+    if folios:
+        lines += ["", "Page-cache folios of a user's file a job writes into (--folios, ext4): "
+                  "bare's file after one fio pass, sdeefs' after the copy-up and after one fio "
+                  "pass over the copy (each read once after), mean KiB:", "",
+                  "| mode | bare, after fio's pass | sdeefs, after the copy-up | sdeefs, after "
+                  "fio's pass |", "| --- | ---: | ---: | ---: |",
+                  *(f"| {m} | {a:.0f} | {b:.0f} | {c:.0f} |" for m, (a, b, c) in folios.items())]
     if wrote and args.write_fio:
         first = wrote[WRITES[0][0]]
         modes = [m for m in args.write_fio.split(",") if m]
@@ -358,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     args.out.with_suffix(".json").write_text(json.dumps({"raw": raw, "cold": colds,
-                                                         "writes": wrote, "load": loads}))
+                                                         "writes": wrote, "folios": folios,
+                                                         "load": loads}))
     print(report)
     return 0
 

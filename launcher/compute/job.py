@@ -29,6 +29,8 @@ it (by an fd opened as root: ``sdeefs-enter start --tmp-dir``): another job, of 
 user or another, never sees it; the epilog removes it with the scratch upper (no symlink
 the job planted is followed: ``shutil.rmtree`` walks by fds).  ``$TMPDIR`` is left as
 the job was given it (SLURM passes the submitter's environment; unset, programs use /tmp).
+/var/tmp stays in the overlay, not a per-job directory: in an environment it is the user's
+own (kept, replicated, seen by their jobs) over the node's, which a bind would hide.
 
 * the prolog (SLURM ``Prolog``, root, every allocated node, before any step;
   ``PrologFlags=Alloc``; done by the node's resident sdeefs-replicad, which
