@@ -316,7 +316,7 @@ def idmap_lower(config: SiteConfig, user: User, ids: Identity, target: str) -> N
 def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: str, work: str,
            middle: tuple[str, ...] = (), guard: str | None = None,
            host_pids: bool = False, layers: tuple[str, ...] | None = None,
-           tmp_dir: str | None = None) -> InitProcess:
+           tmp_dir: str | None = None, scratch: bool = False) -> InitProcess:
     """Start the namespaces of an environment over ``upper``, the ``middle`` lowers (a
     replica of the user's upper, on compute nodes) and the masked, idmapped host root.
 
@@ -328,7 +328,9 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
     made already (a job's: the user's, shared by their jobs on the node, compute/job.py),
     instead of this environment's own at ``run.mask`` and ``run.lower``.  ``tmp_dir``
     (jobs): the host directory that is the environment's /tmp (bound; else a tmpfs of
-    ``tmp_size``).
+    ``tmp_size``).  ``scratch`` (jobs): ``upper`` is discarded when the environment ends,
+    mounted "volatile" (``sdeefs-enter start --volatile``): never synced, a copy-up does not
+    fsync the file it copied (launcher/compute/job.py).
     """
     if not os.path.isdir(work):
         mkdir_as(work, 0o700, user.uid, user.gid)
@@ -347,7 +349,8 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
         root += ["--root-lower", lower]
     return _start_namespaces(config, user, ids,
                              [*root, "--root-upper", upper, "--root-work", work,
-                              *(["--host-pids"] if host_pids else [])], tmp_dir)
+                              *(["--host-pids"] if host_pids else []),
+                              *(["--volatile"] if scratch else [])], tmp_dir)
 
 
 def _start_namespaces(config: SiteConfig, user: User, ids: Identity,

@@ -29,12 +29,21 @@ round beside it:
   overlay; the write modes copy it up into the job's scratch at open), the same way;
 * ``bare``/``sdeefs`` replica_cold: the same files, one pass (no ``--time_based``) after
   fio dropped their pages (``--invalidate=1``: ``posix_fadvise(DONTNEED)``, which overlayfs
-  hands to the file below; the file is fsynced first, ``sync FILE``).  The loop device
+  hands to the file below; dirty pages first written out, ``sync``: sync(2), as the job's
+  scratch upper is mounted volatile and an fsync there does not write).  The loop device
   reads its image with direct I/O: a cold read reaches the host's disk.
 
 Before the rounds, one pass over each file (``first``: no ``--time_based``; the step's
-wall time is recorded too, srun and the copy-up of the write modes included): the first
-access in the job, right after replication, the page cache dropped (cold on ext4).
+wall time is recorded too): the first access in the job, right after replication, the page
+cache dropped (cold on ext4).  Before the first pass of a mode that writes, one step gets
+the file to write (ms, srun included), so that both write into a fresh copy of the user's
+file: sdeefs opens it for writing (``: >> FILE``: the copy-up into the job's scratch
+upper), bare copies it to the node's disk (``cp FILE FILE.job``, what a bare job does to
+write into a copy of its input without changing it) and writes into the copy.  Both
+copies go through the page cache in 64 KiB folios (splice's chunks); before this, bare
+wrote into its file as fio's first pass had left it in the cache (1 MiB folios for write,
+4 KiB ones for the random modes) and sdeefs into its copy-up (64 KiB), which is not the
+overlay's cost (bench/RESULTS.md, branch jobwrite).
 
 Sequential modes use 1 MiB blocks, random ones 4 KiB; psync; reads and writes summed (KiB/s).
 Writes OUT (Markdown: overhead in % of time over bare, of each round's pair, median [min,
@@ -66,8 +75,8 @@ INSIDE = "/var/tmp/bench-fio"  # the user's files, written at login
 
 def fio(target: str, mode: str, size: str, runtime: int, cache: str = "warm") -> str:
     """fio on ``target`` (a directory's file ``data``, or a file), one terse line.
-    ``cache``: "warm" (the file read once first, fio keeps the pages), "cold" (fsynced,
-    then fio drops its pages), "first" (as it is)."""
+    ``cache``: "warm" (the file read once first, fio keeps the pages), "cold" (every
+    filesystem synced, then fio drops its pages), "first" (as it is)."""
     bs = "1m" if mode in ("read", "write", "rw") else "4k"
     where = (f"--filename={target}" if not target.endswith("/") else
              f"--directory={target} --filename=data")
@@ -76,8 +85,8 @@ def fio(target: str, mode: str, size: str, runtime: int, cache: str = "warm") ->
            f"{timed} --invalidate={1 if cache == 'cold' else 0} --minimal")
     if target.endswith("/") or cache == "first":
         return run
-    if cache == "cold":
-        return f"sync {target}; {run}"
+    if cache == "cold":  # sync(2), not fsync: a job's scratch upper is never synced (volatile)
+        return f"sync; {run}"
     return f"cat {target} > /dev/null; {run}"
 
 
@@ -87,6 +96,14 @@ def step(name: str, key: str, srun: str, command: str) -> list[str]:
             f"kbs=$({srun} sh -c {shlex.quote(command)} | awk -F';' '{{print $7 + $48}}')",
             f'echo "R {name} {key} ${{kbs:-0}} $(( ($(date +%s%N) - t0) / 1000000 ))"']
 
+
+WRITING = ("write", "randwrite", "rw", "randrw")  # the modes that open the user's file to write
+
+
+def bare_file(copy: Path, mode: str) -> str:
+    """Bare's file of ``mode``: the node-local copy of the user's file, or for a mode that
+    writes, a ``cp`` of it the job makes (module docstring)."""
+    return f"{copy}/{mode}.job" if mode in WRITING else f"{copy}/{mode}"
 
 # the key of each sdeefs variant's bare pair (by default the same key)
 BARE_PAIR = {"tmp": "scratch"}
@@ -102,11 +119,12 @@ def variants(scratch: Path, copy: Path, mode: str, size: str, runtime: int,
         f"sdeefs:fio_{mode}_scratch": ("sdeefs", "srun -N1",
                                        fio("/var/tmp/fio-s/", mode, size, runtime)),
         f"sdeefs:fio_{mode}_tmp": ("sdeefs", "srun -N1", fio("/tmp/fio-t/", mode, size, runtime)),
-        f"bare:fio_{mode}_replica": ("bare", off, fio(f"{copy}/{mode}", mode, size, runtime)),
+        f"bare:fio_{mode}_replica": ("bare", off, fio(bare_file(copy, mode), mode, size,
+                                                      runtime)),
         f"sdeefs:fio_{mode}_replica": ("sdeefs", "srun -N1",
                                        fio(f"{INSIDE}/{mode}", mode, size, runtime)),
         f"bare:fio_{mode}_replica_cold": ("bare", off,
-                                          fio(f"{copy}/{mode}", mode, size, 0, "cold")),
+                                          fio(bare_file(copy, mode), mode, size, 0, "cold")),
         f"sdeefs:fio_{mode}_replica_cold": ("sdeefs", "srun -N1",
                                             fio(f"{INSIDE}/{mode}", mode, size, 0, "cold")),
     }
@@ -121,8 +139,15 @@ def job_script(scratch: Path, copy: Path, modes: list[str], size: str, runtime: 
     lines = ["#!/bin/sh", "mkdir -p /var/tmp/fio-s /var/tmp/fio-w /tmp/fio-t"]
     for mode in modes:  # first pass over the user's files: right after replication
         for name in ("bare", "sdeefs"):
+            if mode in WRITING:  # the open for writing apart: the copy-up (sdeefs) is in it
+                srun = "srun -N1" + (" --sdeefs=off" if name == "bare" else "")
+                get = (f"cp {copy}/{mode} {bare_file(copy, mode)}" if name == "bare" else
+                       f": >> {INSIDE}/{mode}")
+                lines += ["t0=$(date +%s%N)", f"{srun} sh -c {shlex.quote(get)}",
+                          f'echo "R {name} fio_{mode}_open_ms $(( ($(date +%s%N) - t0) '
+                          '/ 1000000 ))"']
             c, srun, command = variants(scratch, copy, mode, size, 0)[f"{name}:fio_{mode}_replica"]
-            command = fio(f"{copy}/{mode}" if name == "bare" else f"{INSIDE}/{mode}", mode,
+            command = fio(bare_file(copy, mode) if name == "bare" else f"{INSIDE}/{mode}", mode,
                           size, 0, "first")
             lines += step(c, f"fio_{mode}_replica_first", srun, command)
             lines += [f'echo "R {c} fio_{mode}_replica_first_ms $(( ($(date +%s%N) - t0) '
@@ -186,6 +211,11 @@ def normalized(raw: dict[str, dict[str, list[float]]], names: list[str],
             if p:
                 out.setdefault(n, {})[key] = [1 / (1 + v / 100) for v in p]
     return out
+
+
+def one(raw: dict[str, dict[str, list[float]]], name: str, key: str) -> str:
+    values = raw.get(name, {}).get(key)
+    return f"{statistics.median(values):.0f}" if values else "–"
 
 
 def bare_median(raw: dict[str, dict[str, list[float]]], key: str) -> str:
@@ -267,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         + (" (loop device, direct I/O to its image)" if args.node_fs == "ext4" else ""),
         "- % of time over bare (bare/contender − 1 of KiB/s), each round against the bare "
         "step of the same round, median [min, max] over the rounds; bare: its median KiB/s "
-        "(the job's /tmp is paired with bare's scratch directory)",
+        "(the job's /tmp is paired with bare's scratch directory); the user's file, for the "
+        "modes that write: a fresh copy on both sides (bare: `cp` in the job; sdeefs: the "
+        "copy-up)",
         "",
         "| mode | bare scratch KiB/s | sdeefs /var/tmp (overlay) | sdeefs /tmp"
         + (" | sdeefs-run /var/tmp" if "sdeefs-run" in names else "")
@@ -285,15 +317,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{bare_median(raw, f'fio_{m}_replica_cold')} | "
           f"{cell(paired(raw, 'sdeefs', f'fio_{m}_replica_cold'))} |" for m in modes),
         "",
-        "First pass over the user's files, right after replication, page cache dropped: "
-        "fio's KiB/s, and the whole step (srun, open, copy-up, one pass), ms (one sample):",
+        "First pass over the user's files, right after replication, page cache dropped (one "
+        "sample): the step opening the file for writing (srun included; sdeefs: the copy-up "
+        "into the job's scratch), ms; then fio's pass, KiB/s, and its whole step, ms:",
         "",
-        "| mode | bare KiB/s | sdeefs KiB/s | bare ms | sdeefs ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        *(f"| {m} | {bare_median(raw, f'fio_{m}_replica_first')} | "
-          f"{statistics.median(raw['sdeefs'].get(f'fio_{m}_replica_first', [0])):.0f} | "
-          f"{statistics.median(raw['bare'].get(k, [0])):.0f} | "
-          f"{statistics.median(raw['sdeefs'].get(k, [0])):.0f} |" for k, m in first_ms),
+        "| mode | bare open ms | sdeefs open (copy-up) ms | bare KiB/s | sdeefs KiB/s "
+        "| bare ms | sdeefs ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {m} | {one(raw, 'bare', f'fio_{m}_open_ms')} | "
+          f"{one(raw, 'sdeefs', f'fio_{m}_open_ms')} | "
+          f"{one(raw, 'bare', f'fio_{m}_replica_first')} | "
+          f"{one(raw, 'sdeefs', f'fio_{m}_replica_first')} | "
+          f"{one(raw, 'bare', k)} | {one(raw, 'sdeefs', k)} |" for k, m in first_ms),
         "",
     ]
     report = "\n".join(lines)

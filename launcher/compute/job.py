@@ -12,7 +12,12 @@ outside), over these layers::
 (mask and lower are made once per user and node and shared by U's job environments
 there: JOB_DIR/.layers-U, :class:`UserLayers`).
 
-The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.
+The hot path is plain kernel overlayfs: no FUSE daemon runs for a job.  **The upper is
+mounted volatile** (``sdeefs-enter start --volatile``): it is scratch, removed with the job,
+so nothing syncs it: a copy-up (a file of the replica or the host opened for writing) does
+not fsync the copy it made, and an fsync or syncfs inside returns without writing the
+upper's pages (they are written back as any dirty page is; the job reads its own writes as
+ever).  A crash loses nothing a job could have kept: a job's scratch never outlives it.
 
 **A job's /tmp** is ``JOB_DIR/JOBID/tmp``, a plain directory on the node's local
 filesystem (``job_dir``'s), bound at /tmp: no overlay in its I/O path (a 4 KiB write
@@ -24,6 +29,8 @@ it (by an fd opened as root: ``sdeefs-enter start --tmp-dir``): another job, of 
 user or another, never sees it; the epilog removes it with the scratch upper (no symlink
 the job planted is followed: ``shutil.rmtree`` walks by fds).  ``$TMPDIR`` is left as
 the job was given it (SLURM passes the submitter's environment; unset, programs use /tmp).
+/var/tmp stays in the overlay, not a per-job directory: in an environment it is the user's
+own (kept, replicated, seen by their jobs) over the node's, which a bind would hide.
 
 * the prolog (SLURM ``Prolog``, root, every allocated node, before any step;
   ``PrologFlags=Alloc``; done by the node's resident sdeefs-replicad, which
@@ -263,11 +270,19 @@ def _launch(config: SiteConfig, node: str, user: env.User, where: EnvDirs) -> en
         raise UserProblem(f"{user.name} on {node}: {exc}") from None
     _make_job_dirs(where, user, ids)
     layer = where.layer
+    work = os.path.join(layer.state.work, "ovl")
+    # A volatile overlay (scratch=True below) leaves WORK/work/incompat/volatile, and the
+    # kernel refuses another mount over that workdir (after a crash, unsynced writes of the
+    # upper may be lost).  Found here, it is this job's environment that died while the node
+    # ran on (the caller holds the job's lock and found it dead; a crash ends the job): the
+    # upper's writes are all in the page cache, the same job may go on with them.
+    shutil.rmtree(os.path.join(work, "work", "incompat"), ignore_errors=True)
     try:
         with user_layers(config, node, user, ids) as layers:
-            init = view.launch(config, user, ids, where.run, layer.upper,
-                               os.path.join(layer.state.work, "ovl"), middle=(replica_upper,),
-                               host_pids=True, layers=layers, tmp_dir=job_tmp(where))
+            init = view.launch(config, user, ids, where.run, layer.upper, work,
+                               middle=(replica_upper,),
+                               host_pids=True, layers=layers, tmp_dir=job_tmp(where),
+                               scratch=True)
     except (OSError, QuietError) as exc:  # the replica's content is the user's
         raise UserProblem(f"{user.name}'s environment did not start on {node}: {exc}") \
             from None

@@ -12,11 +12,13 @@
  *   sdeefs-enter start --uid U --gid G [--uid-map M --gid-map M]
  *                      --root-lower DIR [...] --root-upper DIR --root-work DIR
  *                      --home HOSTDIR [--bind SRC:DST ...] [--ro-bind SRC:DST ...] [--hide PATH ...]
- *                      [--tmp-size SIZE | --tmp-dir HOSTDIR] [--host-pids]
+ *                      [--tmp-size SIZE | --tmp-dir HOSTDIR] [--host-pids] [--volatile]
  *                      (as root; prints the init pid)                                start.c
  *                      (--host-pids: no PID namespace of its own and the host's /proc: a job's,
  *                      whose tasks SLURM forks and the SPANK plugin moves in, spank.c;
- *                      --tmp-dir: /tmp is that host directory, bound, not a tmpfs: a job's)
+ *                      --tmp-dir: /tmp is that host directory, bound, not a tmpfs: a job's;
+ *                      --volatile: the upper is scratch, overlayfs "volatile": never synced,
+ *                      a copy-up does not fsync: a job's, discarded at its end)
  *   sdeefs-enter start --uid U --gid G --root-view DIR --home HOSTDIR [...]
  *                      (the root is a bind of an existing view, the pure FUSE engine's mount,
  *                      instead of an overlay mounted inside the user namespace)

@@ -207,6 +207,7 @@ struct start_opts {
     const char *hide[MAX_MOUNTS];
     int nhide;
     int host_pids; /* --host-pids: no PID namespace of its own, the host's /proc (jobs) */
+    int scratch;   /* --volatile: the upper is scratch, mounted "volatile" (jobs) */
 };
 
 
@@ -243,6 +244,10 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
         const char *a = argv[i];
         if (!strcmp(a, "--host-pids")) {
             o->host_pids = 1;
+            continue;
+        }
+        if (!strcmp(a, "--volatile")) {
+            o->scratch = 1;
             continue;
         }
         if (i + 1 >= argc)
@@ -288,12 +293,13 @@ static void parse_start(struct start_opts *o, int argc, char **argv)
             usage("start: unknown option %s", a);
     }
     int layers = o->nlower && o->upper && o->work;
-    if (o->view && (o->nlower || o->upper || o->work))
-        usage("start: --root-view excludes --root-lower, --root-upper and --root-work");
+    if (o->view && (o->nlower || o->upper || o->work || o->scratch))
+        usage("start: --root-view excludes --root-lower, --root-upper, --root-work and "
+              "--volatile");
     if (uid < 0 || gid < 0 || !(layers || o->view) || !o->home)
         usage("start --uid U --gid G (--root-lower DIR [...] --root-upper DIR --root-work DIR | "
               "--root-view DIR) --home HOSTDIR [--bind SRC:DST] [--ro-bind SRC:DST] "
-              "[--hide PATH] [--tmp-size S | --tmp-dir HOSTDIR] [--host-pids]");
+              "[--hide PATH] [--tmp-size S | --tmp-dir HOSTDIR] [--host-pids] [--volatile]");
     if (uid == 0 || gid == 0)
         usage("start: refusing uid/gid 0 (the environment's root would be host root)");
     if (o->uid_map.set != o->gid_map.set)
@@ -317,11 +323,15 @@ static const char *in_root(const char *prefix, const char *p, char *buf)
 }
 
 /* lowerdir=/proc/self/fd/N paths: the kernel follows the magic links straight to the fds'
- * directories without walking their (root-owned, 0700) parents. */
-static int mount_overlay_legacy(const char *target, const int *fds, int nlower)
+ * directories without walking their (root-owned, 0700) parents.  "scratch" (--volatile, a
+ * job's upper, discarded at its end): overlayfs' "volatile", no sync of the upper (a copy-up
+ * does not fsync the file it copied, an fsync inside does not wait for the node's disk;
+ * Documentation/filesystems/overlayfs.rst). */
+static int mount_overlay_legacy(const char *target, const int *fds, int nlower, int scratch)
 {
     char opts[4096];
-    size_t n = (size_t)snprintf(opts, sizeof opts, "userxattr,lowerdir=");
+    size_t n = (size_t)snprintf(opts, sizeof opts, "userxattr%s,lowerdir=",
+                                scratch ? ",volatile" : "");
     for (int i = 0; i < nlower && n < sizeof opts; i++)
         n += (size_t)snprintf(opts + n, sizeof opts - n, "%s/proc/self/fd/%d", i ? ":" : "",
                               fds[i]);
@@ -338,8 +348,8 @@ static int mount_overlay_legacy(const char *target, const int *fds, int nlower)
 
 /* The new mount API with the layers given as fds ("lowerdir+", 6.8+).  On failure, writes a
  * description (with the kernel's own message from the fs context when there is one) to err. */
-static int mount_overlay_fsopen(const char *target, const int *fds, int nlower, char *err,
-                                size_t errlen)
+static int mount_overlay_fsopen(const char *target, const int *fds, int nlower, int scratch,
+                                char *err, size_t errlen)
 {
     const char *step = "fsopen";
     int mfd = -1, fs = sys_fsopen("overlay", FSOPEN_CLOEXEC);
@@ -347,6 +357,9 @@ static int mount_overlay_fsopen(const char *target, const int *fds, int nlower, 
         goto out;
     step = "fsconfig userxattr";
     if (sys_fsconfig(fs, FSCONFIG_SET_FLAG, "userxattr", NULL, 0) < 0)
+        goto out;
+    step = "fsconfig volatile";
+    if (scratch && sys_fsconfig(fs, FSCONFIG_SET_FLAG, "volatile", NULL, 0) < 0)
         goto out;
     step = "fsconfig lowerdir+";
     for (int i = 0; i < nlower; i++)
@@ -418,16 +431,16 @@ static void bind_view(const char *target, int view_fd)
     close(tree);
 }
 
-static void mount_overlay(const char *target, const int *fds, int nlower)
+static void mount_overlay(const char *target, const int *fds, int nlower, int scratch)
 {
     char err[400];
     int legacy = ENOSYS;
     if (TRY_LEGACY_OVERLAY) {
-        if (mount_overlay_legacy(target, fds, nlower) == 0)
+        if (mount_overlay_legacy(target, fds, nlower, scratch) == 0)
             return;
         legacy = errno;
     }
-    if (mount_overlay_fsopen(target, fds, nlower, err, sizeof err) == 0)
+    if (mount_overlay_fsopen(target, fds, nlower, scratch, err, sizeof err) == 0)
         return;
     fail("mount overlay: %s; fallback %s", strerror(legacy), err);
 }
@@ -635,7 +648,7 @@ __attribute__((noreturn)) static void run_b(const struct start_opts *o, const in
     if (o->view)
         bind_view("/tmp/newroot", fds[0]);
     else
-        mount_overlay("/tmp/newroot", fds, o->nlower);
+        mount_overlay("/tmp/newroot", fds, o->nlower, o->scratch);
     for (int i = 0; i < layer_count(o); i++)
         close(fds[i]);
     if (chdir("/tmp") < 0)

@@ -105,3 +105,26 @@ echo tmp $(ls -A /tmp | tr '\\n' ' ')
         dirs[:] = [n for n in dirs if os.lstat(os.path.join(d, n)).st_dev == node.stat().st_dev]
         left += [os.path.join(d, n) for n in dirs + files if n == "secret"]
     assert left == [], left
+
+
+def test_a_jobs_scratch_upper_is_volatile_and_a_logins_upper_is_not(grid: Grid) -> None:
+    """A job's scratch upper (what it writes outside /tmp and the home: discarded at its
+    end) is mounted volatile: never synced, a copy-up does not fsync the file it copied
+    (bench/RESULTS.md, issue 15, branch jobwrite); the user's file the job writes into is
+    copied up, written and fsynced as before, and the user's own file stays as it was.  A
+    login's upper (journaled and kept) is not volatile.  Fails on the old code: no job's root
+    was volatile."""
+    g = grid
+    g.site.start(g.user)
+    home = g.site.home(g.user)
+    inside(g, "mkdir -p /opt/mine && echo login > /opt/mine/f && chmod -R a+rwX /opt/mine")
+    (home / "v.sh").write_text("""#!/bin/sh
+echo root $(findmnt -no OPTIONS / | tr , '\\n' | grep -x fsync=volatile)
+echo job >> /opt/mine/f && sync /opt/mine/f && echo file $(cat /opt/mine/f)
+""")
+    job = inside(g, f"sbatch --parsable -o {home}/v.out {home}/v.sh").strip()
+    text = wait_output(g, job, home / "v.out")
+    assert text.split("\n")[:2] == ["root fsync=volatile", "file login job"], text
+    login = inside(g, "findmnt -no OPTIONS /; cat /opt/mine/f").split("\n")
+    assert "fsync=volatile" not in login[0].split(","), login
+    assert login[1] == "login", login

@@ -366,6 +366,35 @@ def test_tmp_dir_is_a_host_directory_bound_by_root(helper: Helper) -> None:
         helper.stop(pid)
 
 
+def test_volatile_mounts_the_upper_as_scratch_and_only_then(helper: Helper) -> None:
+    """--volatile (a job's scratch upper, discarded at its end): overlayfs' "volatile", with
+    either mount API; a copy-up and an fsync inside work as before.  Without it (a login's
+    upper, journaled and kept): not volatile."""
+    for binary in (helper.binary, helper.fsopen_binary):
+        name = f"volatile-{binary.name}"
+        mine = helper.layers / "mask" / name / "f"  # a file of the user's in a lower layer
+        mine.parent.mkdir()
+        mine.write_text("lower\n")
+        for path in (mine.parent, mine):
+            os.chown(path, helper.user.uid, helper.user.gid)
+        pid = helper.start(name, "--volatile", binary=binary)
+        try:
+            options = helper.out(pid, "findmnt", "-no", "OPTIONS", "/").strip()
+            assert "fsync=volatile" in options.split(","), (binary, options)
+            helper.out(pid, "sh", "-c", f"echo x >> /{name}/f && sync /{name}/f")
+            assert (helper.layers / f"upper-{name}" / name / "f").read_text() == \
+                "lower\nx\n"  # copied up, then written
+            assert mine.read_text() == "lower\n"
+        finally:
+            helper.stop(pid)
+    pid = helper.start("kept")
+    try:
+        assert "fsync=volatile" not in helper.out(pid, "findmnt", "-no", "OPTIONS", "/").strip() \
+            .split(",")
+    finally:
+        helper.stop(pid)
+
+
 def test_capabilities(helper: Helper, env: int) -> None:
     status = dict(line.split(":\t", 1) for line in
                   helper.out(env, "cat", "/proc/self/status").splitlines() if ":\t" in line)
