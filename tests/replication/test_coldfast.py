@@ -249,3 +249,34 @@ def test_the_run_encoder_closes_frames_at_run_bytes_and_keeps_single_records_pla
         list(range(1, 11))
     assert all(decode_record_payload(p)[1] == b"x" * (60 << 10)
                for f in frames for _, _, p in split_run(f.payload, f.seq))
+
+
+def test_frames_carry_an_aes_gmac_with_a_fresh_nonce_and_nothing_else_passes() -> None:
+    """Version 8's MAC field: a random nonce, the GMAC tag, four zero bytes.  The same
+    frame sealed twice has two nonces; a flipped tag, nonce or padding bit, the HMAC of
+    version 7 and another key are all refused."""
+    import hashlib
+    import hmac
+
+    from sdeefs.replication import mac
+
+    frame = Frame(RECORD, 3, MKDIR)
+    one, two = frame.encode(KEY), frame.encode(KEY)
+    assert one[:-MAC_SIZE] == two[:-MAC_SIZE]
+    assert one[-MAC_SIZE:-MAC_SIZE + mac.NONCE_SIZE] != two[-MAC_SIZE:-MAC_SIZE + mac.NONCE_SIZE]
+    assert bytes(one[-4:]) == bytes(4)
+
+    def decode(wire: bytes | bytearray, key: bytes = KEY) -> Frame:
+        return Frame.decode(bytes(wire[:24]), bytes(wire[24:-32]), bytes(wire[-32:]), key)
+
+    assert decode(one) == decode(two) == frame
+    for byte in range(len(one) - MAC_SIZE, len(one)):
+        bad = bytearray(one)
+        bad[byte] ^= 0x01
+        with pytest.raises(ProtocolError, match="authentication failed"):
+            decode(bad)
+    with pytest.raises(ProtocolError, match="authentication failed"):
+        decode(one, b"x" * 32)
+    old_mac = hmac.new(KEY, bytes(one[:-MAC_SIZE]), hashlib.sha256).digest()
+    with pytest.raises(ProtocolError, match="authentication failed"):
+        decode(bytes(one[:-MAC_SIZE]) + old_mac)

@@ -547,17 +547,18 @@ def test_zero_copy_write_frames_equal_the_reference_encoding(tmp_path: Path, siz
         finally:
             os.close(fd)
         want = [f.encode(key) for f in record_frames(9, record, data[offset:offset + length])]
-        if offset + length <= size:
-            assert got == want, (offset, length)
+        if offset + length <= size:  # the same frames (each MAC has a nonce of its own)
+            assert [g[:-32] for g in got] == [bytes(w[:-32]) for w in want], (offset, length)
         # A file shorter than the record: the same bytes arrive (the chunking may differ
         # by an empty last chunk when the file ends on a chunk boundary).
         frames = [Frame.decode(b[:24], b[24:-32], b[-32:], key) for b in got]
         assert [f.flags for f in frames][-1] == 0
         assert b"".join(decode_record_payload(f.payload)[1] for f in frames) == \
             data[offset:offset + length]
-    assert [bytes(b) for b in encode_write_frames(9, rec.Write(b"upper/f", b"", 0, 10), None,
-                                                  key)] == \
-        [f.encode(key) for f in record_frames(9, rec.Write(b"upper/f", b"", 0, 10), None)]
+    assert [bytes(b[:-32]) for b in encode_write_frames(9, rec.Write(b"upper/f", b"", 0, 10),
+                                                        None, key)] == \
+        [bytes(f.encode(key)[:-32])
+         for f in record_frames(9, rec.Write(b"upper/f", b"", 0, 10), None)]
 
 
 def test_skip_covers_markers_only_forwards(tmp_path: Path) -> None:
