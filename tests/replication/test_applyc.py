@@ -143,7 +143,7 @@ def _run(root: Path, payloads: list[bytes], ids: UserIds, native: bool,
 
 
 @pytest.mark.expect_log("sdeefs.replication.replica")
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(PAYLOADS, min_size=1, max_size=10), st.sampled_from(["alice", "nobody"]))
 def test_what_the_c_path_takes_python_accepts_and_both_leave_the_same_tree(
         payloads: list[bytes], who: str) -> None:
