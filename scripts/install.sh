@@ -131,6 +131,11 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
     echo "sdeefs: note: libsodium is not installed: the capture computes its block sums" \
          "with hashlib (install libsodium23 / libsodium for ~1.4x faster sums)" >&2
   fi
+  # a replica's common records in C (a cold stream's CPU, issue 16): optional as well
+  if ! (cd / && "$PREFIX/bin/python" -c 'import sdeefs.replication._applyc') 2>/dev/null; then
+    echo "sdeefs: warning: sdeefs.replication._applyc was not built (python3-dev, gcc?):" \
+         "replicas apply records with their slower Python path" >&2
+  fi
   make -s -C "$BUILD/launcher/enter" OUT="$PREFIX/bin/sdeefs-enter"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-shell"
   # SLURM's Prolog/Epilog: the same binary, a client of the node's replicad (jobhook.c)

@@ -27,9 +27,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, att
   touch .venv/.installed
 elif [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] ||
      [ sdeefs/fs/_capturec.c -nt .venv/.installed ] ||
+     [ sdeefs/replication/_applyc.c -nt .venv/.installed ] ||
      ! .venv/bin/python -c 'import sdeefs, sdeefs.launcher' 2>/dev/null; then
   # A changed pyproject.toml may move an entry point (sdeefs-pam, sdeefs-run ...), and the
-  # capture's C extension is built in place by the editable install: reinstall.
+  # C extensions are built in place by the editable install: reinstall.
   .venv/bin/pip install -q -e '.[test]' >/dev/null
   touch .venv/.installed
 fi

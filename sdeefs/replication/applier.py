@@ -30,6 +30,15 @@ names; so does replacing the layer root: a snapshot, a reset) and the record goe
 per-record way (``snapshot.apply_from_peer``), position and
 in-flight rename rules included.
 
+The commonest of them (a regular file's ``Mknod``, ``Write``, ``Setattr`` of a file held)
+are applied in C when the extension is built (``_applyc``, :meth:`BatchApplier.take`):
+straight from the RECORD payload, without a Python object per record.  It only *takes*
+a record it is certain the Python path would accept and carry (its comment lists the
+conditions), and applies it with the same syscalls in the same order, resolving
+directories through the same Python method; everything else, doubtful or hostile,
+is left to the Python path below, which alone refuses (tests/replication/
+test_applyc.py compares both on hostile inputs).
+
 Nothing is trusted more than before: every record was decoded strictly and sanitized
 at the door (``wire.decode_record_payload``) and is judged by ``sdeefs.replicable``
 exactly as on the per-record path; the same errors become the same ``Refused`` (skip)
@@ -50,10 +59,15 @@ import attrs
 
 from .. import records as rec
 from ..layers import LayerRoot, split
-from ..replicable import UserIds, refusal
+from ..replicable import NOBODY, UserIds, refusal
 from ..sysio import chmod_at, fd_path
 from .snapshot import TRANSIENT_ERRNOS, apply_from_peer
-from .wire import ProtocolError, Refused
+from .wire import Payload, ProtocolError, Refused
+
+try:  # the common records in C (sdeefs/replication/_applyc.c); optional: Python does the same
+    from . import _applyc
+except ImportError:  # pragma: no cover
+    _applyc = None  # type: ignore[assignment]
 
 # Records whose re-application from an earlier point of a run converges (module docstring).
 REPLAYABLE = (rec.Mkdir, rec.Mknod, rec.Symlink, rec.Write, rec.Setattr, rec.Setxattr,
@@ -61,6 +75,19 @@ REPLAYABLE = (rec.Mkdir, rec.Mknod, rec.Symlink, rec.Write, rec.Setattr, rec.Set
               rec.Commit, rec.Void)
 MAX_DIRS = 256  # directory fds the applier keeps open at most
 MAX_FILES = 16  # files a batch keeps open at most
+Ranges = tuple[tuple[int, int], ...] | None  # ids as ``_applyc.apply`` takes them
+
+
+def owner_ranges(ids: UserIds) -> tuple[Ranges, Ranges] | None:
+    """``ids`` as ``_applyc.apply`` takes them: (None, None) for NOBODY (owners are not
+    checked), otherwise (start, stop) pairs; None if it cannot judge them (a range with
+    a step: then nothing goes through C)."""
+    if ids is NOBODY:
+        return None, None
+    if any(r.step != 1 for r in (*ids.uids, *ids.gids)):
+        return None
+    return (tuple((r.start, r.stop) for r in ids.uids),
+            tuple((r.start, r.stop) for r in ids.gids))
 
 
 @attrs.define(eq=False)
@@ -73,6 +100,7 @@ class BatchApplier:
             (at most MAX_FILES, oldest first: a tool writes a file while it sets the
             times of its directory, so records of several paths interleave).
         deferred: records were applied whose position is not written yet.
+        native: the common records go through ``_applyc`` (:meth:`take`).
     """
 
     layers: LayerRoot
@@ -80,6 +108,26 @@ class BatchApplier:
     dirs: dict[bytes, int] = attrs.field(factory=dict)
     files: dict[bytes, int] = attrs.field(factory=dict)
     deferred: bool = False
+    native: bool = _applyc is not None
+    _owners: tuple[Ranges, Ranges] | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self._owners = owner_ranges(self.ids)
+
+    def take(self, payload: Payload, seq: int) -> bool:
+        """Apply the RECORD payload of record ``seq`` in C if it is one of the common
+        records ``_applyc`` takes (the module docstring); False: not taken, nothing was
+        done (decode it and :meth:`apply` it).  The same errors as :meth:`apply`."""
+        if not self.native or self._owners is None or _applyc is None:
+            return False
+        try:
+            taken = _applyc.apply(payload, self.dirs, self.files, self, *self._owners)
+        except OSError as exc:
+            self.deferred = True
+            raise self._failed(exc, f"record {seq}") from None
+        if taken:
+            self.deferred = True
+        return taken
 
     def close_file(self) -> None:
         """Close the files held (a batch ended: the next may be long in coming, and a
@@ -123,10 +171,14 @@ class BatchApplier:
                 case _:
                     apply_from_peer(self.layers, record, data, what, self.ids)
         except OSError as exc:
-            self.close_file()
-            if exc.errno in TRANSIENT_ERRNOS:
-                raise ProtocolError(f"{what} cannot be applied now: {exc}") from None
-            raise Refused(f"{what} cannot be applied: {exc}") from None
+            raise self._failed(exc, what) from None
+
+    def _failed(self, exc: OSError, what: str) -> ProtocolError:
+        """What a failed application is: a retry for a passing error, a skip otherwise."""
+        self.close_file()
+        if exc.errno in TRANSIENT_ERRNOS:
+            return ProtocolError(f"{what} cannot be applied now: {exc}")
+        return Refused(f"{what} cannot be applied: {exc}")
 
     # -- the cached resolution -------------------------------------------------------------
 

@@ -11,8 +11,9 @@ upper, valid only if the journal did not move while it was read.
 
 What travels is what a replica must do: markers (Done/Sync/Abort) stay off the wire
 when a later frame carries SKIP, a trailing metadata record waits HOLD_BACK for a
-possible Abort (:func:`settled`), an aborted record travels as a marker, and a file's
-consecutive setattr records go as one (:func:`merge_setattr`).
+possible Abort (:func:`settled`), an aborted record travels as a marker, a file's
+consecutive setattr records go as one (:func:`merge_setattr`), and small records and
+writes share frames (runs, ``wire.RUN``: one MAC for many records).
 
 The kernel engine's capture (``sdeefs.fs.capture``) writes batches, ``Begin`` ...
 ``Commit``: nothing from a Begin on is shipped until its Commit or Void is in the
@@ -72,16 +73,20 @@ from .wire import (
     HEAD,
     NO_ID,
     RESYNC,
+    RUN_WRITE,
     SKIP,
     Frame,
     FrameReader,
     Hello,
     HistoryDiverged,
     ProtocolError,
+    RunEncoder,
     answer_hello,
+    encode_record_payload,
     encode_write_frames,
     open_link_tasks,
     record_frames,
+    write_record_payload,
 )
 
 log = logging.getLogger(__name__)
@@ -398,6 +403,7 @@ class JournalSender:
         pending = self.pending
         ready = settled(pending, self.first_seen, self.batches)
         out: list[bytes | bytearray] = []
+        run = RunEncoder(self.link.key)  # small records share frames (``wire.RUN``)
         size = taken = 0
         held: tuple[int, rec.Setattr, int] | None = None  # (seq, record, flags)
         self.waiting = False
@@ -414,8 +420,9 @@ class JournalSender:
             last_of_batch = taken == ready  # the batch may end on a marker: send it
             if isinstance(record, rec.Extent):
                 if held is not None:
-                    size += self._encode(*held, out)
+                    size += self._encode(*held, out, run)
                     held = None
+                run.flush(out)
                 flags = SKIP if self.skipped else 0
                 self.skipped = False
                 for frame in record_frames(entry.seq, record, data or None):
@@ -432,16 +439,17 @@ class JournalSender:
                     held, self.skipped = (entry.seq, merged, SKIP), False
                     continue
             if held is not None:
-                size += self._encode(*held, out)
+                size += self._encode(*held, out, run)
                 held = None
             flags = SKIP if self.skipped else 0
             self.skipped = False
             if isinstance(record, rec.Setattr) and not last_of_batch:
                 held = (entry.seq, record, flags)  # the next setattr may join it
                 continue
-            size += self._encode(entry.seq, record, flags, out)
+            size += self._encode(entry.seq, record, flags, out, run)
         if held is not None:
-            size += self._encode(*held, out)
+            size += self._encode(*held, out, run)
+        run.flush(out)
         last = pending[taken - 1].seq if taken else 0
         self.pending = pending[taken:]
         if self.pending and taken:
@@ -470,8 +478,9 @@ class JournalSender:
         return extent_blocks_ok(record, data, [e.record for e in after]), data
 
     def _encode(self, seq: int, record: rec.Record, flags: int,
-                out: list[bytes | bytearray]) -> int:
-        """Append the frames of one record to ``out``; the bytes they count for a batch.
+                out: list[bytes | bytearray], run: RunEncoder) -> int:
+        """Add one record to ``run`` (a Write of more than RUN_WRITE bytes: its own
+        frames to ``out``, after the run so far); the bytes it counts for a batch.
 
         A record ``sdeefs.replicable`` refuses still travels (each replica decides, and
         records the skip itself); the login node notes it for ``sdeefs status``."""
@@ -481,14 +490,18 @@ class JournalSender:
             log.error("%s: record %d of the journal is refused by every replica: %s",
                       self.user.name, seq, reason)
             self.user.refused[seq] = reason
-        key = self.link.key
         if not isinstance(record, rec.Write):
-            frame = record_frames(seq, record, None)[0]
-            out.append(attrs.evolve(frame, flags=flags).encode(key))
-            return 64 + len(frame.payload)
+            payload = encode_record_payload(record)
+            run.add(seq, flags, payload, out)
+            return 64 + len(payload)
         fd = open_write_data(self.source, record)
         try:
-            encoded = encode_write_frames(seq, record, fd, key, flags)
+            if record.length <= RUN_WRITE:
+                payload = write_record_payload(record, fd)
+                run.add(seq, flags, payload, out)
+                return 64 + len(payload)
+            run.flush(out)
+            encoded = encode_write_frames(seq, record, fd, self.link.key, flags)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -18,8 +18,10 @@ verified snapshot in, which clears the list.
 Replica rules (every byte from a peer is hostile): besides what the wire checks
 (``wire``: frames, strict records, :func:`wire.sanitize`), a RECORD whose seq is
 neither applied + 1 nor a MORE continuation (nor, with SKIP, beyond it) is rejected
-("out of sequence").  Paths resolve under the replica's layer root with
-``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)`` (``sdeefs.layers``).  A rejected frame
+("out of sequence"), and so is a record of a run (``wire.RUN``), except that a run's
+records at or below applied are passed over (this copy holds them already).  Paths
+resolve under the replica's layer root with ``openat2(RESOLVE_BENEATH|
+RESOLVE_NO_SYMLINKS)`` (``sdeefs.layers``).  A rejected frame
 changes nothing, is logged, and ends the connection with ERROR.
 
 State on disk (``REPLICA_DIR/USER/``)
@@ -102,6 +104,7 @@ from .wire import (
     RECORD,
     REPORT_INTERVAL,
     RESYNC,
+    RUN,
     SKIP,
     SNAPSHOT,
     SNAPSHOT_END,
@@ -116,6 +119,7 @@ from .wire import (
     encode_report,
     open_link_tasks,
     send_hello,
+    split_run,
 )
 
 log = logging.getLogger(__name__)
@@ -403,42 +407,65 @@ class Replica:
 
         With ``batch`` (``_apply_batch``): a REPLAYABLE record goes through it and the
         position is written by :meth:`end_batch`; any other record first ends what the
-        batch deferred, then goes the per-record way (``sdeefs.replication.applier``)."""
+        batch deferred, then goes the per-record way (``sdeefs.replication.applier``).
+        A RUN frame (``wire``) is checked whole first, then its records are applied in
+        order as if each had come alone; those this copy already holds are passed over
+        (a relay's frames may be cut elsewhere than the frames that brought them here)."""
         if frame.type != RECORD:
             raise ProtocolError(f"unexpected frame type {frame.type}")
+        if not frame.flags & RUN:
+            return self._accept_record(frame.seq, frame.flags, frame.payload, batch)
+        entries = split_run(frame.payload, frame.seq)  # before any of it is applied
         if self.pending:
-            if frame.seq != self.pending:
-                raise ProtocolError(f"out of sequence: seq {frame.seq} while {self.pending} "
+            raise ProtocolError(f"out of sequence: a run of records while {self.pending} "
+                                "is incomplete")
+        at = self.applied  # the sequence of the whole run, before any of it is applied
+        for seq, flags, _ in entries:
+            if seq > at:
+                if seq != at + 1 and not flags & SKIP:
+                    raise ProtocolError(f"out of sequence: seq {seq} after {at}")
+                at = seq
+        for seq, flags, payload in entries:
+            if seq > self.applied:
+                self._accept_record(seq, flags, payload, batch)
+        return True
+
+    def _accept_record(self, seq: int, flags: int, payload: bytes | memoryview,
+                       batch: BatchApplier | None) -> bool:
+        """Apply the record ``seq`` (a frame's, or one of a run's); see :meth:`accept`."""
+        if self.pending:
+            if seq != self.pending:
+                raise ProtocolError(f"out of sequence: seq {seq} while {self.pending} "
                                     "is incomplete")
-        elif frame.seq != self.applied + 1 and not (frame.flags & SKIP
-                                                      and frame.seq > self.applied):
-            raise ProtocolError(f"out of sequence: seq {frame.seq} after {self.applied}")
+        elif seq != self.applied + 1 and not (flags & SKIP and seq > self.applied):
+            raise ProtocolError(f"out of sequence: seq {seq} after {self.applied}")
         assert self._layers is not None
         self._mark_dirty()
-        skipping = self._skipping and self.pending == frame.seq  # a later chunk of a skip
+        skipping = self._skipping and self.pending == seq  # a later chunk of a skip
         if not skipping:
             try:
-                record, data = decode_record_payload(frame.payload)
-                if batch is not None and isinstance(record, REPLAYABLE):
-                    batch.deferred = True
-                    batch.apply(record, data, f"record {frame.seq}")
-                else:
-                    if batch is not None:
-                        self.end_batch(batch, forget=True)
+                if batch is None or not batch.take(payload, seq):
+                    record, data = decode_record_payload(payload)
+                    if batch is not None and isinstance(record, REPLAYABLE):
+                        batch.deferred = True
+                        batch.apply(record, data, f"record {seq}")
                     else:
-                        self._forget_batch()  # what it resolved may move now
-                    if record.METADATA:
-                        record = self._local_rename(frame.seq, record)
-                    apply_from_peer(self._layers, record, data, f"record {frame.seq}",
-                                    self.ids)
+                        if batch is not None:
+                            self.end_batch(batch, forget=True)
+                        else:
+                            self._forget_batch()  # what it resolved may move now
+                        if record.METADATA:
+                            record = self._local_rename(seq, record)
+                        apply_from_peer(self._layers, record, data, f"record {seq}",
+                                        self.ids)
             except Refused as exc:  # the user's problem: skip it, say so, go on
-                self._skip(frame.seq, str(exc))
+                self._skip(seq, str(exc))
                 skipping = True
-        if frame.flags & MORE:
-            self.pending, self._skipping = frame.seq, skipping
+        if flags & MORE:
+            self.pending, self._skipping = seq, skipping
             return False
         self.pending, self._skipping = 0, False
-        self.applied = frame.seq
+        self.applied = seq
         if batch is None or not batch.deferred:
             self._write_position()
         return True

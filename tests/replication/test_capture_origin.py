@@ -249,7 +249,13 @@ def test_a_sender_reading_a_long_history_holds_a_bounded_window(
     from sdeefs.replication import origin
     from sdeefs.replication.origin import MAX_PENDING, JournalSender, OriginUser
     from sdeefs.replication.relay import Downstream, DownstreamLink, Downstreams
-    from sdeefs.replication.wire import FRAME_HEADER, MAC_SIZE, decode_record_payload
+    from sdeefs.replication.wire import (
+        FRAME_HEADER,
+        MAC_SIZE,
+        RUN,
+        decode_record_payload,
+        split_run,
+    )
     from sdeefs.statedir import UserDirs
 
     dirs = UserDirs.of(str(tmp_path), "alice")
@@ -266,6 +272,7 @@ def test_a_sender_reading_a_long_history_holds_a_bounded_window(
                            None, Offload())  # type: ignore[arg-type]
     made: list[bytes] = []
     looked_at: list[int] = []
+    runs: list[int] = []  # records per frame
 
     def settled(pending: list[Entry], first_seen: float, batches: bool = True) -> int:
         looked_at.append(len(pending))
@@ -277,12 +284,18 @@ def test_a_sender_reading_a_long_history_holds_a_bounded_window(
     while len(made) < files and time.monotonic() < deadline:
         out, _ = sender.next_batch()
         for buf in out:
-            record, _ = decode_record_payload(bytes(buf[FRAME_HEADER.size:-MAC_SIZE]))
-            if not isinstance(record, rec.Done):  # a batch may end on a marker
-                assert isinstance(record, rec.Mknod)
-                made.append(record.path)
+            payload = bytes(buf[FRAME_HEADER.size:-MAC_SIZE])
+            flags, seq = FRAME_HEADER.unpack_from(buf)[3], FRAME_HEADER.unpack_from(buf)[5]
+            records = [p for _, _, p in split_run(payload, seq)] if flags & RUN else [payload]
+            runs.append(len(records))
+            for one in records:
+                record, _ = decode_record_payload(one)
+                if not isinstance(record, rec.Done):  # a batch may end on a marker
+                    assert isinstance(record, rec.Mknod)
+                    made.append(record.path)
         if not out:
             time.sleep(0.06)  # the last record waits HOLD_BACK for a possible Abort
     assert made == [b"upper/f%d" % i for i in range(files)]
+    assert len(runs) < files / 100  # many records per frame (wire.RUN), one MAC each
     # what each batch looked at (it scans it whole): the whole history before, 24,000
     assert max(looked_at) <= 2 * MAX_PENDING

@@ -221,7 +221,9 @@ def test_a_cold_stream_killed_and_cut_mid_way_converges(site: Site) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             applied, head = _applied(site, "n1")
-            if applied > (kills[-1] if kills else 0):
+            # (linked: a restarted node may hold more than its last reading said, and
+            # shows head 0 until its upstream answered)
+            if applied > (kills[-1] if kills else 0) and head:
                 break
             time.sleep(0.005)
         site.kill(victim)  # mid-stream: the replica had applied some of it, not all
@@ -759,13 +761,14 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("old", [2, 3, 6])
+@pytest.mark.parametrize("old", [2, 3, 6, 7])
 def test_a_replica_of_an_old_wire_version_is_told_why_in_its_own_version(tmp_path: Path,
                                                                          old: int) -> None:
     """Version 3 frames carry records with u32 path lengths, version 4 ERRORs with a code,
-    version 7 a CRC of the header alone.  A version-2 replica (u16), a version-3 one
-    (ERRORs of a message alone) or a version-6 one (a CRC over the payload too) must get
-    one error it can read, never records or an ERROR it would misparse."""
+    version 7 a CRC of the header alone, version 8 runs of records.  A version-2 replica
+    (u16), a version-3 one (ERRORs of a message alone), a version-6 one (a CRC over the
+    payload too) or a version-7 one (no runs) must get one error it can read, never
+    records or an ERROR it would misparse."""
     site = Site(tmp_path)
     try:
         site.start_origin()
@@ -780,7 +783,8 @@ def test_a_replica_of_an_old_wire_version_is_told_why_in_its_own_version(tmp_pat
             assert sock.recv(1) == b""  # and the connection ends
         # what an old replica checks: its own version, the CRC and the MAC (shared key)
         assert (magic, version, ftype) == (b"SDRP", old, ERROR)
-        assert zlib.crc32(payload, zlib.crc32(header[:-4] + b"\0\0\0\0")) == crc
+        covered = header[:-4] + b"\0\0\0\0" + (payload if old < 7 else b"")
+        assert zlib.crc32(covered) == crc
         assert hmac.compare_digest(hmac.new(key, header + payload, hashlib.sha256).digest(), mac)
         if old >= 4:  # a code first (VERSION), then the message
             assert payload[:2] == bytes([1, 0])

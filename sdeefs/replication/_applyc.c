@@ -1,0 +1,488 @@
+/* sdeefs.replication._applyc: a replica's most common records applied in C (issue 16).
+ *
+ * A cold stream is tens of thousands of records, nearly all of three kinds: Mknod of a
+ * regular file, Write, Setattr of a file just made.  Decoding each into a Python
+ * object, judging it and applying it through os.* cost more CPU than the syscalls
+ * (bench/RESULTS.md, branch coldfast).  This module takes those three off the Python
+ * path, for the batch applier (sdeefs/replication/applier.py) only:
+ *
+ * apply(payload, dirs, files, applier, uids, gids) -> bool
+ *     ``payload`` is a RECORD payload (sdeefs.replication.wire: rtype u16, record length
+ *     u32, the record in encoding 3 of sdeefs.records, then a Write's data).  False:
+ *     not taken, nothing was done or looked up (the caller decodes it and applies it the
+ *     Python way: BatchApplier.apply).  True: applied exactly as BatchApplier.apply
+ *     applies it.  OSError (with the name, as os.open gives it) when a syscall of the
+ *     application failed: what BatchApplier.apply turns into a skip or a retry.
+ *
+ * What is taken: it decides ONLY to take or not to take, never to refuse.  A record is
+ * taken when it is certainly one that sdeefs.records.decode_record accepts,
+ * sdeefs.replication.wire.sanitize leaves as it is apart from set-ID bits, and
+ * sdeefs.replicable.refusal carries for the user of ``uids``/``gids``; anything else,
+ * including anything doubtful, is left to the Python path, which refuses or applies it
+ * with its one set of rules (tests/replication/test_applyc.py compares the two on
+ * hostile inputs: what this takes, Python takes and applies to the same tree):
+ *
+ *   Mknod (2)    mode exactly S_IFREG | permission bits; path with a component below
+ *                ``upper/`` or ``work/`` (records.check_path: components of 1-255 bytes,
+ *                no NUL, not . or ..); uid and gid one of the user's and not 0 (the
+ *                whiteout and work/ 0/0 exceptions of replicable.owner_refusal are left
+ *                to Python), no data
+ *   Write (11)   handle at most 136 bytes, offset + length < 2^62, data at most length
+ *   Setattr (8)  mask within SET_ALL, mode within 07777, size below 2^63, owner (with
+ *                SET_OWNER) one of the user's; only of a file the applier holds open
+ *
+ * ``uids``/``gids`` None: the user is not known here (replicable.NOBODY: owners are not
+ * checked); otherwise tuples of (start, stop) ranges (replicable.UserIds, step 1).
+ * ``dirs`` and ``files`` are the applier's dicts (layer path -> fd) and ``applier``
+ * the BatchApplier: a directory not in ``dirs`` is resolved by applier._dir(path)
+ * (openat2 beneath the layer root, in Python: resolution stays in one place), a new
+ * file is held by applier._hold(path, fd), a file to write not held is opened by
+ * applier._file(path).  Names are opened with O_NOFOLLOW in directories so resolved.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#define T_MKNOD 2
+#define T_SETATTR 8
+#define T_WRITE 11
+#define RECORD_HEAD 6
+#define MAX_PATH (1 << 16)
+#define MAX_BLOB 65536
+#define MAX_HANDLE 136
+#define MAX_NAME 255
+#define SET_MODE 1
+#define SET_OWNER 2
+#define SET_SIZE 4
+#define SET_ATIME 8
+#define SET_MTIME 16
+#define SET_ALL 31
+#define NSEC 1000000000LL
+
+struct cursor {
+    const unsigned char *p;
+    size_t left;
+};
+
+static int take(struct cursor *c, size_t n, const unsigned char **out)
+{
+    if (c->left < n)
+        return -1;
+    *out = c->p;
+    c->p += n;
+    c->left -= n;
+    return 0;
+}
+
+static int get_u32(struct cursor *c, uint32_t *v)
+{
+    const unsigned char *p;
+    if (take(c, 4, &p))
+        return -1;
+    memcpy(v, p, 4);
+    return 0;
+}
+
+static int get_u64(struct cursor *c, uint64_t *v)
+{
+    const unsigned char *p;
+    if (take(c, 8, &p))
+        return -1;
+    memcpy(v, p, 8);
+    return 0;
+}
+
+/* A path field (u32 length + bytes); -1 if it runs past the record or is too long. */
+static int get_path(struct cursor *c, const unsigned char **path, size_t *len)
+{
+    uint32_t n;
+    if (get_u32(c, &n) || n > MAX_PATH || take(c, n, path))
+        return -1;
+    *len = n;
+    return 0;
+}
+
+/* Is ``p`` a layer path records.check_path accepts, with at least one component below
+ * upper/ or work/?  ``*slash``: the offset of its last "/". */
+static int safe_path(const unsigned char *p, size_t n, size_t *slash)
+{
+    size_t i;
+    if (n >= 6 && memcmp(p, "upper/", 6) == 0)
+        i = 5;
+    else if (n >= 5 && memcmp(p, "work/", 5) == 0)
+        i = 4;
+    else
+        return 0;
+    while (i < n) { /* p[i] == '/' */
+        size_t start = i + 1, j = start;
+        while (j < n && p[j] != '/') {
+            if (p[j] == 0)
+                return 0;
+            j++;
+        }
+        size_t len = j - start;
+        if (len == 0 || len > MAX_NAME)
+            return 0;
+        if (p[start] == '.' && (len == 1 || (len == 2 && p[start + 1] == '.')))
+            return 0;
+        *slash = i;
+        i = j;
+    }
+    return 1;
+}
+
+/* Is ``id`` in one of the (start, stop) ranges of ``ranges`` and not 0?  -1: error. */
+static int has_id(PyObject *ranges, uint32_t id)
+{
+    if (id == 0)
+        return 0;
+    Py_ssize_t count = PyTuple_GET_SIZE(ranges);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(ranges, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "id ranges are (start, stop) pairs");
+            return -1;
+        }
+        long long start = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 0));
+        long long stop = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+        if ((start == -1 || stop == -1) && PyErr_Occurred())
+            return -1;
+        if (start <= (long long)id && (long long)id < stop)
+            return 1;
+    }
+    return 0;
+}
+
+/* 1: both ids are the user's (or owners are not checked); 0: not; -1: error. */
+static int owner_ok(PyObject *uids, PyObject *gids, uint32_t uid, uint32_t gid)
+{
+    /* (uid_t)-1 means "leave it": os.fchown refuses it (OverflowError); not taken */
+    if (uid == UINT32_MAX || gid == UINT32_MAX)
+        return 0;
+    if (uids == Py_None)
+        return 1;
+    int ok = has_id(uids, uid);
+    if (ok != 1)
+        return ok;
+    return has_id(gids, gid);
+}
+
+static PyObject *os_error(PyObject *name)
+{
+    if (name != NULL)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* An fd from a Python int result (a new reference, consumed); -1 with an exception. */
+static int fd_of(PyObject *obj)
+{
+    if (obj == NULL)
+        return -1;
+    long fd = PyLong_AsLong(obj);
+    Py_DECREF(obj);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad fd");
+        return -1;
+    }
+    return (int)fd;
+}
+
+/* The fd of the directory ``path[:len]``: the one held, or applier._dir(path). */
+static int dir_fd(PyObject *dirs, PyObject *applier, const unsigned char *path, size_t len)
+{
+    PyObject *key = PyBytes_FromStringAndSize((const char *)path, (Py_ssize_t)len);
+    if (key == NULL)
+        return -1;
+    PyObject *held = PyDict_GetItemWithError(dirs, key);
+    if (held != NULL) {
+        Py_DECREF(key);
+        Py_INCREF(held);
+        return fd_of(held);
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(key);
+        return -1;
+    }
+    PyObject *got = PyObject_CallMethod(applier, "_dir", "O", key);
+    Py_DECREF(key);
+    return fd_of(got);
+}
+
+static int mknod_file(PyObject *dirs, PyObject *applier, PyObject *path_obj,
+                      const unsigned char *path, size_t slash, size_t len,
+                      uint32_t perm, uint32_t uid, uint32_t gid)
+{
+    int parent = dir_fd(dirs, applier, path, slash);
+    if (parent < 0)
+        return -1;
+    PyObject *name = PyBytes_FromStringAndSize((const char *)path + slash + 1,
+                                               (Py_ssize_t)(len - slash - 1));
+    if (name == NULL)
+        return -1;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = openat(parent, PyBytes_AS_STRING(name),
+                O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, perm);
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        if (errno == EEXIST) { /* already there (applied before a crash): as Python */
+            Py_DECREF(name);
+            return 0;
+        }
+        os_error(name);
+        Py_DECREF(name);
+        return -1;
+    }
+    Py_DECREF(name);
+    PyObject *held = PyObject_CallMethod(applier, "_hold", "Oi", path_obj, fd);
+    if (held == NULL) {
+        close(fd);
+        return -1;
+    }
+    Py_DECREF(held);
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = fchown(fd, uid, gid) || fchmod(fd, perm); /* chmod after chown: set-ID bits */
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        os_error(NULL);
+        return -1;
+    }
+    return 0;
+}
+
+/* pwrite all of ``data`` (at least one call, as os.pwrite makes one for no data too;
+ * a short write is continued where os.pwrite would leave the rest unwritten). */
+static int write_all(int fd, const unsigned char *data, size_t len, uint64_t offset)
+{
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        ssize_t n = pwrite(fd, data, len, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            failed = 1;
+            break;
+        }
+        if (n == 0 && len > 0) {
+            errno = EIO;
+            failed = 1;
+            break;
+        }
+        data += n;
+        len -= (size_t)n;
+        offset += (uint64_t)n;
+    } while (len > 0);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        os_error(NULL);
+        return -1;
+    }
+    return 0;
+}
+
+static void to_timespec(int64_t ns, struct timespec *ts)
+{
+    int64_t sec = ns / NSEC, rem = ns % NSEC;
+    if (rem < 0) { /* floor, as os.utime(ns=...) splits */
+        rem += NSEC;
+        sec -= 1;
+    }
+    ts->tv_sec = (time_t)sec;
+    ts->tv_nsec = (long)rem;
+}
+
+/* applier._setattr_fd: size, owner, mode, times, on an open regular file. */
+static int setattr_fd(int fd, uint32_t mask, uint32_t mode, uint32_t uid, uint32_t gid,
+                      uint64_t size, int64_t atime, int64_t mtime)
+{
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (mask & SET_SIZE && ftruncate(fd, (off_t)size))
+        failed = 1;
+    else if (mask & SET_OWNER && fchown(fd, uid, gid))
+        failed = 1;
+    else if (mask & SET_MODE && fchmod(fd, mode))
+        failed = 1;
+    else if (mask & (SET_ATIME | SET_MTIME)) {
+        struct timespec times[2];
+        struct stat st;
+        memset(&st, 0, sizeof st);
+        if ((mask & (SET_ATIME | SET_MTIME)) != (SET_ATIME | SET_MTIME) && fstat(fd, &st))
+            failed = 1;
+        else {
+            if (mask & SET_ATIME)
+                to_timespec(atime, &times[0]);
+            else
+                times[0] = st.st_atim;
+            if (mask & SET_MTIME)
+                to_timespec(mtime, &times[1]);
+            else
+                times[1] = st.st_mtim;
+            failed = futimens(fd, times) != 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        os_error(NULL);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *apply(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    PyObject *dirs, *files, *applier, *uids, *gids;
+    if (!PyArg_ParseTuple(args, "y*O!O!OOO", &buf, &PyDict_Type, &dirs, &PyDict_Type, &files,
+                          &applier, &uids, &gids))
+        return NULL;
+    PyObject *result = Py_False;
+    PyObject *path_obj = NULL;
+    if ((uids != Py_None || gids != Py_None) && !(PyTuple_Check(uids) && PyTuple_Check(gids))) {
+        PyErr_SetString(PyExc_TypeError, "uids and gids: tuples of ranges, or both None");
+        goto error;
+    }
+    const unsigned char *p = buf.buf;
+    size_t total = (size_t)buf.len;
+    if (total < RECORD_HEAD)
+        goto done;
+    uint16_t rtype;
+    uint32_t rlen;
+    memcpy(&rtype, p, 2);
+    memcpy(&rlen, p + 2, 4);
+    if ((size_t)rlen > total - RECORD_HEAD)
+        goto done;
+    struct cursor c = {p + RECORD_HEAD, rlen};
+    const unsigned char *data = p + RECORD_HEAD + rlen;
+    size_t data_len = total - RECORD_HEAD - rlen;
+    const unsigned char *path;
+    size_t path_len, slash;
+    if (rtype != T_MKNOD && rtype != T_WRITE && rtype != T_SETATTR)
+        goto done;
+    if (get_path(&c, &path, &path_len) || !safe_path(path, path_len, &slash))
+        goto done;
+
+    if (rtype == T_MKNOD) {
+        uint32_t mode, uid, gid;
+        if (get_u32(&c, &mode) || get_u32(&c, &uid) || get_u32(&c, &gid) || c.left
+            || data_len || (mode & ~07777u) != S_IFREG)
+            goto done;
+        int ok = owner_ok(uids, gids, uid, gid);
+        if (ok < 0)
+            goto error;
+        if (!ok)
+            goto done;
+        path_obj = PyBytes_FromStringAndSize((const char *)path, (Py_ssize_t)path_len);
+        if (path_obj == NULL
+            || mknod_file(dirs, applier, path_obj, path, slash, path_len,
+                          mode & 07777 & ~06000u, uid, gid))
+            goto error;
+        result = Py_True;
+    } else if (rtype == T_WRITE) {
+        uint32_t handle_len;
+        const unsigned char *handle;
+        uint64_t offset, length;
+        if (get_u32(&c, &handle_len) || handle_len > MAX_HANDLE
+            || take(&c, handle_len, &handle) || get_u64(&c, &offset)
+            || get_u64(&c, &length) || c.left)
+            goto done;
+        (void)handle; /* the data is applied by path here, as the batch applier does */
+        if (offset >= (1ULL << 62) || length >= (1ULL << 62)
+            || offset + length >= (1ULL << 62) || data_len > length)
+            goto done;
+        path_obj = PyBytes_FromStringAndSize((const char *)path, (Py_ssize_t)path_len);
+        if (path_obj == NULL)
+            goto error;
+        PyObject *held = PyDict_GetItemWithError(files, path_obj);
+        int fd;
+        if (held != NULL) {
+            Py_INCREF(held);
+            fd = fd_of(held);
+        } else if (PyErr_Occurred()) {
+            goto error;
+        } else {
+            PyObject *got = PyObject_CallMethod(applier, "_file", "O", path_obj);
+            if (got == NULL)
+                goto error;
+            if (got == Py_None) { /* no such file: nothing to do, as Python */
+                Py_DECREF(got);
+                result = Py_True;
+                goto done;
+            }
+            fd = fd_of(got);
+        }
+        if (fd < 0 || write_all(fd, data, data_len, offset))
+            goto error;
+        result = Py_True;
+    } else { /* T_SETATTR */
+        uint32_t mask, mode, uid, gid;
+        uint64_t size, atime, mtime;
+        if (get_u32(&c, &mask) || get_u32(&c, &mode) || get_u32(&c, &uid)
+            || get_u32(&c, &gid) || get_u64(&c, &size) || get_u64(&c, &atime)
+            || get_u64(&c, &mtime) || c.left || data_len)
+            goto done;
+        if (mask & ~(uint32_t)SET_ALL || mode & ~07777u || size > (uint64_t)INT64_MAX)
+            goto done;
+        if (mask & SET_OWNER) {
+            int ok = owner_ok(uids, gids, uid, gid);
+            if (ok < 0)
+                goto error;
+            if (!ok)
+                goto done;
+        }
+        path_obj = PyBytes_FromStringAndSize((const char *)path, (Py_ssize_t)path_len);
+        if (path_obj == NULL)
+            goto error;
+        PyObject *held = PyDict_GetItemWithError(files, path_obj);
+        if (held == NULL) {
+            if (PyErr_Occurred())
+                goto error;
+            goto done; /* not held: the Python path (a directory, a file made before) */
+        }
+        Py_INCREF(held);
+        int fd = fd_of(held);
+        if (fd < 0 || setattr_fd(fd, mask, mode & ~06000u, uid, gid, size, (int64_t)atime,
+                                 (int64_t)mtime))
+            goto error;
+        result = Py_True;
+    }
+done:
+    Py_XDECREF(path_obj);
+    PyBuffer_Release(&buf);
+    Py_INCREF(result);
+    return result;
+error:
+    Py_XDECREF(path_obj);
+    PyBuffer_Release(&buf);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"apply", apply, METH_VARARGS,
+     "apply(payload, dirs, files, applier, uids, gids) -> bool: a common record applied "
+     "in C (True), or not taken (False: nothing done)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_applyc",
+    "A replica's most common records applied in C (see the source's comment).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__applyc(void)
+{
+    return PyModule_Create(&module);
+}

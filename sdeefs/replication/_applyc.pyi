@@ -1,0 +1,6 @@
+"""Types of the C extension sdeefs/replication/_applyc.c (its comment documents apply)."""
+
+Ranges = tuple[tuple[int, int], ...] | None
+
+def apply(payload: bytes | bytearray | memoryview, dirs: dict[bytes, int],
+          files: dict[bytes, int], applier: object, uids: Ranges, gids: Ranges) -> bool: ...

@@ -1,0 +1,207 @@
+"""The replica's common records in C (``sdeefs/replication/_applyc.c``) against the Python
+path they stand in for, on hostile inputs.
+
+The C path only *takes* a record or leaves it to Python; it never refuses.  So the
+property: whatever it takes, Python's one set of rules (``records.decode_record``,
+``wire.sanitize``, ``replicable.refusal``) accepts and carries, and a history applied with
+the C path and without it leaves the same tree, the same skipped records (same seqs,
+same reasons) and nothing outside the copy."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sdeefs import records as rec
+from sdeefs.replicable import NOBODY, UserIds, refusal, user_ids
+from sdeefs.replication import applier
+from sdeefs.replication.replica import Replica, _apply_batch
+from sdeefs.replication.wire import (
+    RECORD,
+    RECORD_HEAD,
+    Frame,
+    ProtocolError,
+    decode_record_payload,
+    encode_record_payload,
+)
+
+pytestmark = pytest.mark.skipif(applier._applyc is None,
+                                reason="sdeefs.replication._applyc is not built")
+
+USER = "alice"
+ALICE = user_ids(4242, 4242)
+PATHS = [b"upper/a", b"upper/d/b", b"upper/d", b"upper/l/x", b"upper/../x", b"upper/./a",
+         b"upper//a", b"work/w", b"upper", b"upper/a\x00", b"upper/" + b"n" * 256,
+         b"upper/" + b"n" * 255, b"uppe/x", b"upper/a/", b"upper/d/..", b"upper/.a"]
+MODES = [stat.S_IFREG | 0o644, stat.S_IFREG | 0o4755, stat.S_IFREG | 0o7777,
+         stat.S_IFIFO | 0o644, stat.S_IFCHR, 0o644, stat.S_IFREG | 0o644 | 0x10000,
+         stat.S_IFDIR | 0o755, stat.S_IFREG]
+OWNERS = [(4242, 4242), (0, 0), (4242, 0), (1000, 4242), (4242, 1000)]
+TIMES = [0, 10**18, -1, -(10**9) + 1, 2**62]
+NOW_SLACK = 3600 * 10**9  # a time within an hour of now was set by the kernel, not a record
+
+
+def _mknod() -> st.SearchStrategy[bytes]:
+    return st.builds(lambda p, m, o: encode_record_payload(rec.Mknod(p, m, *o)),
+                     st.sampled_from(PATHS), st.sampled_from(MODES), st.sampled_from(OWNERS))
+
+
+def _write() -> st.SearchStrategy[bytes]:
+    def build(path: bytes, offset: int, data: bytes, extra: int, handle: bytes) -> bytes:
+        length = max(len(data) + extra, 0)
+        return encode_record_payload(rec.Write(path, handle, offset, length), data)
+    return st.builds(build, st.sampled_from(PATHS), st.sampled_from([0, 5, 2**62 - 3, 2**62]),
+                     st.sampled_from([b"", b"abc", b"x" * 100]), st.sampled_from([0, 4, -1]),
+                     st.sampled_from([b"", b"h" * 136, b"h" * 137]))
+
+
+def _setattr() -> st.SearchStrategy[bytes]:
+    def build(path: bytes, mask: int, mode: int, owner: tuple[int, int], size: int,
+              atime: int, mtime: int) -> bytes:
+        return encode_record_payload(rec.Setattr(path, mask, mode, *owner, size, atime, mtime))
+    return st.builds(build, st.sampled_from(PATHS), st.integers(0, 63),
+                     st.sampled_from([0o644, 0o4755, 0o7777, 0o17777]),
+                     st.sampled_from(OWNERS), st.sampled_from([0, 3, 100]),
+                     st.sampled_from(TIMES), st.sampled_from(TIMES))
+
+
+def _mutated(payload: bytes, where: int, byte: int, cut: int) -> bytes:
+    """``payload`` with one byte replaced, or cut short, or with a byte added."""
+    if cut == 1:
+        return payload[:where % (len(payload) + 1)]
+    if cut == 2:
+        return payload + bytes([byte])
+    buf = bytearray(payload)
+    buf[where % len(buf)] = byte
+    return bytes(buf)
+
+
+PAYLOADS = st.one_of(
+    _mknod(), _write(), _setattr(),
+    st.builds(_mutated, st.one_of(_mknod(), _write(), _setattr()), st.integers(0, 400),
+              st.integers(0, 255), st.integers(0, 2)),
+    st.just(encode_record_payload(rec.Mkdir(b"upper/d", 0o755, 4242, 4242))),
+    st.binary(max_size=40))
+
+
+def _state(upper: Path, now: int) -> list[tuple[object, ...]]:
+    """Every entry: type and permissions, owner, size, the times a record set (others are
+    the kernel's: "now"), then every file's contents (read after every stat)."""
+    def when(t: int) -> int | str:
+        return "now" if abs(t - now) < NOW_SLACK else t
+
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            s = path.lstat()
+            entries.append((str(path.relative_to(upper)), s.st_mode, s.st_uid, s.st_gid,
+                            s.st_size, when(s.st_mtime_ns),
+                            when(s.st_atime_ns) if stat.S_ISREG(s.st_mode) else None))
+    contents = [(path, (upper / path).read_bytes())
+                for path, mode, *_ in entries if stat.S_ISREG(mode)]
+    return sorted(entries) + contents  # type: ignore[operator]
+
+
+def _run(root: Path, payloads: list[bytes], ids: UserIds, native: bool,
+         taken: list[bytes]) -> tuple[object, ...]:
+    outside = root / "outside"
+    outside.mkdir(parents=True)
+    replica = Replica.open(str(root / USER), ids)
+    os.symlink(outside, root / USER / "upper" / "l")
+    replica.batch_applier().native = native
+    original = applier.BatchApplier.take
+
+    def take(self: applier.BatchApplier, payload: bytes, seq: int) -> bool:
+        got = original(self, payload, seq)
+        if got:
+            taken.append(bytes(payload))
+        return got
+
+    frames = [Frame(RECORD, seq, payload) for seq, payload in enumerate(payloads, 1)]
+    error = None
+    applier.BatchApplier.take = take  # type: ignore[method-assign]
+    try:
+        _apply_batch(replica, frames)
+    except ProtocolError as exc:
+        error = str(exc)
+    finally:
+        applier.BatchApplier.take = original  # type: ignore[method-assign]
+    result = (error, replica.applied, [(r.seq, r.reason) for r in replica.skipped.records],
+              replica.skipped.count, _state(root / USER / "upper", time.time_ns()),
+              os.listdir(outside))
+    replica.close()
+    return result
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(PAYLOADS, min_size=1, max_size=10), st.sampled_from(["alice", "nobody"]))
+def test_what_the_c_path_takes_python_accepts_and_both_leave_the_same_tree(
+        payloads: list[bytes], who: str) -> None:
+    ids = ALICE if who == "alice" else NOBODY
+    with tempfile.TemporaryDirectory() as tmp:
+        taken: list[bytes] = []
+        native = _run(Path(tmp) / "n", payloads, ids, True, taken)
+        python = _run(Path(tmp) / "p", payloads, ids, False, [])
+    assert native == python
+    assert native[-1] == []  # nothing outside the copy
+    for payload in taken:
+        record, _ = decode_record_payload(payload)  # Python accepts it ...
+        assert refusal(record, ids) is None  # ... and carries it
+        assert isinstance(record, rec.Mknod | rec.Write | rec.Setattr)
+
+
+def test_the_c_path_takes_the_common_records_and_leaves_the_rest() -> None:
+    """It does take a cold stream's bulk (else the property above holds trivially), and
+    leaves what only Python may judge: a whiteout, a root owner, a set-ID mode beyond
+    07777, a path through a symlink is resolved by Python's resolver and refused there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        replica = Replica.open(str(root / USER), ALICE)
+        batch = replica.batch_applier()
+        common = [
+            encode_record_payload(rec.Mknod(b"upper/f", stat.S_IFREG | 0o4755, 4242, 4242)),
+            encode_record_payload(rec.Write(b"upper/f", b"", 0, 3), b"abc"),
+            encode_record_payload(rec.Setattr(b"upper/f", rec.SET_ALL, 0o6755, 4242, 4242, 2,
+                                              10**18, 2 * 10**18)),
+        ]
+        assert [batch.take(p, seq) for seq, p in enumerate(common, 1)] == [True] * 3
+        batch.close()
+        f = root / USER / "upper" / "f"
+        assert f.read_bytes() == b"ab"
+        assert stat.S_IMODE(f.stat().st_mode) == 0o755  # set-ID bits stripped
+        assert f.stat().st_mtime_ns == 2 * 10**18
+        left = [
+            encode_record_payload(rec.Mknod(b"upper/w", stat.S_IFCHR, 0, 0)),
+            encode_record_payload(rec.Mknod(b"upper/r", stat.S_IFREG | 0o644, 0, 0)),
+            encode_record_payload(rec.Mknod(b"upper/x", stat.S_IFREG | 0o644 | 0x10000,
+                                            4242, 4242)),
+            encode_record_payload(rec.Setattr(b"upper/f", rec.SET_MODE, 0o644)),  # not held
+            encode_record_payload(rec.Mkdir(b"upper/d", 0o755, 4242, 4242)),
+            encode_record_payload(rec.Mknod(b"upper", stat.S_IFREG | 0o644, 4242, 4242)),
+            struct.pack("<HI", rec.Mknod.TYPE, 3) + b"abc",
+        ]
+        assert [batch.take(p, 9) for p in left] == [False] * len(left)
+        assert sorted(os.listdir(root / USER / "upper")) == ["f"]
+        # a parent through a symlink: Python's resolver refuses it (ELOOP), as a skip
+        outside = root / "outside"
+        outside.mkdir()
+        os.symlink(outside, root / USER / "upper" / "l")
+        with pytest.raises(ProtocolError, match="record 9 cannot be applied"):
+            batch.take(encode_record_payload(rec.Mknod(b"upper/l/x", stat.S_IFREG | 0o644,
+                                                       4242, 4242)), 9)
+        assert os.listdir(outside) == []
+        replica.close()
+
+
+def test_record_head_is_what_the_c_path_reads() -> None:
+    assert RECORD_HEAD.format == "<HI"
