@@ -134,3 +134,24 @@ def test_every_cut_of_a_common_record_is_left_to_python(tmp_path: Path) -> None:
         assert not batch.take(bytes(lying), 1)
     assert os.listdir(tmp_path / USER / "upper") == []
     replica.close()
+
+
+def test_a_run_replayed_whole_is_out_of_sequence_and_not_relayed(tmp_path: Path) -> None:
+    """Finding (failed on ddadbe1): a RUN frame all of whose records this copy holds was
+    passed over silently and returned for relaying, where a plain frame replayed is "out
+    of sequence".  Within a session its MAC stays valid, so anyone on the path could
+    replay it: the relay buffer got an old frame after newer ones (a follower's position,
+    the last frame sent, went back; what it is sent again is out of sequence there).  A
+    run overlapping what a copy holds (a relay's cut) is still applied from there on."""
+    replica = Replica.open(str(tmp_path / USER), ALICE)
+    mkdirs = [encode_record_payload(rec.Mkdir(b"upper/d%d" % seq, 0o755, *ALICE_OWNER))
+              for seq in range(1, 5)]
+    run = Frame(RECORD, 3, b"".join(_entry(s, 0, mkdirs[s - 1]) for s in (1, 2, 3)), RUN)
+    assert _apply_batch(replica, [run])[1] == [run]
+    with pytest.raises(ProtocolError, match="out of sequence"):
+        _apply_batch(replica, [run])
+    overlap = Frame(RECORD, 4, b"".join(_entry(s, 0, mkdirs[s - 1]) for s in (2, 3, 4)), RUN)
+    assert _apply_batch(replica, [overlap])[1] == [overlap]
+    assert replica.applied == 4
+    assert sorted(os.listdir(tmp_path / USER / "upper")) == ["d1", "d2", "d3", "d4"]
+    replica.close()
