@@ -60,7 +60,7 @@ type   record          fields
 6      Rmdir           path
 7      Rename          src path, dst path, flags u32 (renameat2), src_ino u64
 8      Setattr         path, mask u32, mode u32, uid u32, gid u32, size u64,
-                       atime_ns i64, mtime_ns i64
+                       atime_ns i64, mtime_ns i64 (size < 2^63 with SET_SIZE)
 9      Setxattr        path, name, value blob
 10     Removexattr     path, name
 11     Write           path, handle blob, offset u64, length u64
@@ -319,6 +319,8 @@ class Setattr(Record):
     def validate(self) -> None:
         if self.mask & ~SET_ALL or self.mode & ~0o7777:
             raise BadRecord("invalid setattr mask or mode")
+        if self.mask & SET_SIZE and self.size >= 1 << 63:  # past off_t: no file is that long
+            raise BadRecord("setattr size past 2^63 - 1")
 
 
 @attrs.frozen

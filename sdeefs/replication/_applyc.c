@@ -357,6 +357,9 @@ static PyObject *apply(PyObject *self, PyObject *args)
     }
     const unsigned char *p = buf.buf;
     size_t total = (size_t)buf.len;
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    goto done; /* fields are read by memcpy in host order: the wire's is little endian */
+#endif
     if (total < RECORD_HEAD)
         goto done;
     uint16_t rtype;

@@ -410,7 +410,8 @@ class Replica:
         batch deferred, then goes the per-record way (``sdeefs.replication.applier``).
         A RUN frame (``wire``) is checked whole first, then its records are applied in
         order as if each had come alone; those this copy already holds are passed over
-        (a relay's frames may be cut elsewhere than the frames that brought them here)."""
+        (a relay's frames may be cut elsewhere than the frames that brought them here),
+        but a run holding nothing new is out of sequence (a replay, as for a plain frame)."""
         if frame.type != RECORD:
             raise ProtocolError(f"unexpected frame type {frame.type}")
         if not frame.flags & RUN:
@@ -419,6 +420,9 @@ class Replica:
         if self.pending:
             raise ProtocolError(f"out of sequence: a run of records while {self.pending} "
                                 "is incomplete")
+        if frame.seq <= self.applied:  # nothing new: a replay, as a plain frame's would be
+            raise ProtocolError(f"out of sequence: a run up to seq {frame.seq} after "
+                                f"{self.applied}")
         at = self.applied  # the sequence of the whole run, before any of it is applied
         for seq, flags, _ in entries:
             if seq > at:

@@ -98,7 +98,8 @@ records (``bench/RESULTS.md``, issue 16, branch coldfast).  The receiver checks 
 structure whole (:func:`split_run`) before it applies any of it, then applies its records
 in order, each as if it had come in a frame of its own.  A run may begin with records
 a replica already holds (a relay forwards the frames it received, cut where its own
-upstream cut them): those are passed over.
+upstream cut them): those are passed over; a run with nothing new (its last seq at or
+below the replica's) is out of sequence, as a plain frame replayed is.
 
 Versions: 8 carries runs of records (RUN) and authenticates frames with AES-GMAC, which
 a version-7 node would refuse as damaged: it is refused by version instead (the ERROR

@@ -62,7 +62,8 @@ RECORD_STRATEGIES: dict[type[rec.Record], st.SearchStrategy[rec.Record]] = {
     rec.Rmdir: st.builds(rec.Rmdir, paths),
     rec.Rename: st.builds(rec.Rename, paths, paths, rename_flags, U64),
     rec.Setattr: st.builds(rec.Setattr, paths, st.integers(0, rec.SET_ALL),
-                           st.integers(0, 0o7777), U32, U32, U64, I64, I64),
+                           st.integers(0, 0o7777), U32, U32, st.integers(0, 2**63 - 1),
+                           I64, I64),
     rec.Setxattr: st.builds(rec.Setxattr, paths, xattr_names, xattr_values),
     rec.Removexattr: st.builds(rec.Removexattr, paths, xattr_names),
     rec.Write: st.builds(rec.Write, paths, handles, st.integers(0, 2**61 - 1),
@@ -348,6 +349,8 @@ def test_mknod_accepts_only_regular_fifo_socket_and_whiteout(mode: int) -> None:
     rec.Rename(b"upper/a", b"upper/b", 8, 0),
     rec.Setattr(b"upper/a", 32, 0),
     rec.Setattr(b"upper/a", rec.SET_MODE, stat.S_IFREG | 0o644),
+    rec.Setattr(b"upper/a", rec.SET_SIZE, size=2**63),  # past off_t (branch applyreview)
+    rec.Setattr(b"upper/a", rec.SET_ALL, size=2**64 - 1),
 ], ids=repr)
 def test_invalid_field_values_are_rejected(record: rec.Record) -> None:
     with pytest.raises(BadRecord):
