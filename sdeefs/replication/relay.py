@@ -448,7 +448,18 @@ class RelayBuffer:
                                  if pos == slowest}
 
     def append(self, before: int, frames: list[Frame]) -> None:
-        """Keep ``frames``, applied after seq ``before``."""
+        """Keep ``frames``, applied after seq ``before``.
+
+        ``before`` past the last frame kept means records were applied that never reached
+        the buffer (an error part-way through a batch skips its relaying): what is kept no
+        longer leads here, so it goes, and a follower behind ``before`` is sent a snapshot
+        instead of a stream with a hole (it would be refused "out of sequence" at every
+        reconnect, for good on an idle stream).  ``before`` below the last frame is a
+        record whose chunks span batches (MORE).
+        """
+        if self.frames and before > self.frames[-1].seq:
+            self.frames.clear()
+            self.size = 0
         if not self.frames:
             self.base = before
         for frame in frames:

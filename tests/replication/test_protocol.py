@@ -622,6 +622,22 @@ def test_a_relay_keeps_the_batch_it_just_applied_whole() -> None:
     assert [f.seq for f in relay.frames] == [10, 11]
 
 
+def test_a_relay_drops_what_no_longer_leads_to_the_frames_it_is_given() -> None:
+    """Records applied without reaching the buffer (an error part-way through a batch) leave
+    a hole: the frames kept before it are dropped, so a follower behind the hole is sent a
+    snapshot (first_seq past its position) instead of frames that skip records."""
+    from sdeefs.replication.relay import RelayBuffer
+
+    relay = RelayBuffer(1 << 20)
+    relay.append(6, [record_frames(7, rec.Mkdir(b"upper/a", 0o755, 0, 0), None)[0]])
+    assert relay.first_seq() == 7
+    # seqs 8 and 9 were applied but never relayed
+    relay.append(9, [record_frames(10, rec.Mkdir(b"upper/b", 0o755, 0, 0), None)[0]])
+    assert [f.seq for f in relay.frames] == [10]
+    assert relay.first_seq() == 10  # a follower at 7 falls off: 10 > 7 + 1
+    assert relay.size == len(relay.frames[0].payload)
+
+
 def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
     from sdeefs.apply import apply_record
     from sdeefs.replication.origin import merge_setattr
