@@ -13,11 +13,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+import hypothesis
 import pytest
 
 from sdeefs.fs.daemon import daemon_pid
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Hypothesis: every property test draws the same examples on every run and machine (a
+# green CI run stays green; a failure reproduces as it was drawn), with no example
+# database (nothing written into the checkout).  A test's own @settings keep their
+# max_examples; every setting they do not name comes from the loaded profile.
+# SDEEFS_HYPOTHESIS=explore searches afresh each run instead (random examples, shrinking,
+# failures remembered in the default database, .hypothesis/: ignored by git).
+# (tests/fs/test_differential.py has its own switch for the same: SDEEFS_DIFF_EXPLORE=1.)
+hypothesis.settings.register_profile("ci", derandomize=True, database=None,
+                                     print_blob=True)
+hypothesis.settings.register_profile("explore", derandomize=False)
+hypothesis.settings.load_profile(os.environ.get("SDEEFS_HYPOTHESIS", "ci"))
 
 
 def install_runtime() -> None:

@@ -4,16 +4,22 @@
   ``sdeefs.replication``, ``sdeefs.launcher``);
 * ``sdeefs/fs/ops.py`` is a protocol adapter: it does not build journal records;
 * pyproject's package list names every package directory, so an install ships them all;
-* ruff and mypy (over ``sdeefs`` and ``launcher``) are clean.
+* ruff and mypy (over ``sdeefs`` and ``launcher``) are clean;
+* every Hypothesis test draws the same examples on every run, with no example database
+  (tests/conftest.py's profile), and enough of them to mean something.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ROOMS = ("sdeefs.fs", "sdeefs.replication", "sdeefs.launcher")
@@ -61,6 +67,27 @@ def test_pyproject_ships_every_package() -> None:
                 for p in (REPO / "launcher").rglob("__init__.py")}
     assert listed == on_disk
     assert project["package-dir"]["sdeefs.launcher"] == "launcher"
+
+
+def test_every_hypothesis_test_is_deterministic() -> None:
+    if os.environ.get("SDEEFS_HYPOTHESIS", "ci") != "ci" or \
+            os.environ.get("SDEEFS_DIFF_EXPLORE") == "1":
+        pytest.skip("asked for a random search (tests/conftest.py)")
+    from hypothesis.internal.detection import is_hypothesis_test
+
+    found = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if "hypothesis" not in path.read_text():
+            continue
+        module = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
+        for name, value in vars(module).items():
+            if is_hypothesis_test(value):
+                found[f"{path.name}::{name}"] = value._hypothesis_internal_use_settings
+    assert len(found) >= 10, sorted(found)  # the fuzzers, the capture's, the differential
+    for test, used in found.items():
+        assert used.derandomize, (test, used)
+        assert used.database is None, (test, used)
+        assert used.max_examples >= 10, (test, used)
 
 
 def test_ruff_and_mypy_are_clean() -> None:
