@@ -4,7 +4,7 @@
   ``sdeefs.replication``, ``sdeefs.launcher``);
 * ``sdeefs/fs/ops.py`` is a protocol adapter: it does not build journal records;
 * pyproject's package list names every package directory, so an install ships them all;
-* ruff and mypy (over ``sdeefs`` and ``launcher``) are clean;
+* ruff and mypy (over ``sdeefs``, ``launcher`` and ``tests``) are clean;
 * every Hypothesis test draws the same examples on every run, with no example database
   (tests/conftest.py's profile), and enough of them to mean something.
 """
@@ -93,6 +93,6 @@ def test_every_hypothesis_test_is_deterministic() -> None:
 def test_ruff_and_mypy_are_clean() -> None:
     bin_dir = Path(sys.executable).parent
     for command in ([str(bin_dir / "ruff"), "check", "--no-cache", "."],
-                    [str(bin_dir / "mypy"), "sdeefs", "launcher"]):
+                    [str(bin_dir / "mypy"), "sdeefs", "launcher", "tests"]):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
