@@ -110,6 +110,18 @@ def sdeefs(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Co
     return result
 
 
+def wait_for_socket(proc: subprocess.Popen[bytes], path: Path, log: Path,
+                    timeout: float = 10.0) -> None:
+    """Wait until the daemon ``proc`` made its socket ``path``; fail with the end of its
+    ``log`` if it exits first or takes longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{path.name}: the daemon did not start: "
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.02)
+
+
 def mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

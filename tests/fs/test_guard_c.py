@@ -27,6 +27,7 @@ from sdeefs.fs.mount import GuardRequest, mount_guard
 from sdeefs.identity import Identity
 
 from ..conftest import fuse_skip_reason, mounted
+from .test_guard import guard_dirs
 
 # the user 4242:4343 in group 4444; system ids below 1000 (42: a system account)
 IDS = Identity.build(4242, 4343, (4444,), (200000, 65536), (300000, 65536), 1000)
@@ -274,12 +275,7 @@ def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path)
     into becomes unreadable on the host (chmod 700): sdeefs-guard drops the kernel's answer,
     overlayfs revalidates its dentry and refuses it (ESTALE: it holds the old one until it
     forgets it; the Python guard did so only after cache_timeout, 10 s)."""
-    reason = fuse_skip_reason()
-    if reason or os.geteuid() != 0:
-        pytest.skip(reason or "mounting needs root")
-    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
-    for path in dirs.values():
-        path.mkdir()
+    dirs = guard_dirs(tmp_path)
     (dirs["lower"] / "pub/sub").mkdir(parents=True)
     (dirs["lower"] / "pub/sub/f").write_text("x")
     for path in (dirs["lower"], dirs["lower"] / "pub", dirs["lower"] / "pub/sub"):
@@ -334,12 +330,7 @@ def counted_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """(host lower, view, the guard's request counts): sdeefs-guard under kernel overlayfs
     as the launcher mounts a login view (userxattr, no xino), over a tree of 10 directories
     of 20 visible files, a root-only one and a subdirectory of 5 files each."""
-    reason = fuse_skip_reason()
-    if reason or os.geteuid() != 0:
-        pytest.skip(reason or "mounting needs root")
-    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
-    for path in dirs.values():
-        path.mkdir()
+    dirs = guard_dirs(tmp_path)
     lower = dirs["lower"]
     lower.chmod(0o755)
     for i in range(10):

@@ -39,7 +39,7 @@ from sdeefs.replication.wire import (
     send_hello,
 )
 
-from ..conftest import requires_fuse
+from ..conftest import requires_fuse, wait_for_socket
 
 SDEEFS = [sys.executable, "-m", "sdeefs"]
 REPLICAD = os.path.join(os.path.dirname(sys.executable), "sdeefs-replicad")
@@ -93,11 +93,7 @@ class Site:
         self.daemons[name] = subprocess.Popen(
             [REPLICAD, "--node", name, "--key-file", str(self.key), "--control", str(control),
              *args], stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not control.exists():
-            if self.daemons[name].poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name} did not start: {self.log(name)}")
-            time.sleep(0.02)
+        wait_for_socket(self.daemons[name], control, self.tmp / f"{name}.log")
 
     def start_origin(self, fanout: int = 4) -> None:
         self.start("login", "--origin", str(self.root), "--listen", f"127.0.0.1:{self.port}",
@@ -135,16 +131,6 @@ class Site:
         for name in list(self.daemons):
             self.kill(name)
         self.umount()
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    try:
-        s.mount()
-        yield s
-    finally:
-        s.close()
 
 
 def converged(site: Site, name: str) -> bool:
