@@ -865,6 +865,8 @@ class BenchSession:
         for entry in mounts_under(self.scratch)[::-1]:
             for note in force_unmount(entry.mount_point, self.tracker):
                 log(f"cleanup: {note}")
+        for note in self._after_unmount():
+            log(f"cleanup: {note}")
         for desc in self.tracker.terminate_all():
             log(f"cleanup: killed {desc}")
         stray = [
@@ -876,6 +878,11 @@ class BenchSession:
             log(f"cleanup: killed {desc}")
         if not self.keep_scratch and not safe_remove_tree(self.scratch):
             log(f"cleanup: could not remove {self.scratch}")
+
+    def _after_unmount(self) -> list[str]:
+        """What else a subclass cleans up once the scratch holds no mount (before the
+        processes it started are ended): the notes to log."""
+        return []
 
 
 # --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sdeefs.statedir import StateDir
 from sdeefs.tools import format_size
 
 from . import doctor, dpkgmerge, env, limits, view
-from .compute import job
+from .compute import job, spares
 from .login import pam
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true")
     sub.add_parser("job-prolog", help="SLURM Prolog: replica at the barrier, job environment")
     sub.add_parser("job-epilog", help="SLURM Epilog: end the job's environment")
+    es = sub.add_parser("end-spares", help="end the spare job environments and shared layers "
+                        "a stopped sdeefs-replicad left (its unit's ExecStopPost)")
+    es.add_argument("--role", choices=("login", "compute"), default="compute",
+                    help="the replicad's role: login nodes have none (default %(default)s)")
     sl = sub.add_parser("install-slurm", help="load the SPANK plugin (jobs run in the "
                         "user's environment): write its plugstack line; says what slurm.conf "
                         "needs")
@@ -187,7 +191,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "migrate", "status",
                      "stop-idle", "scan-private", "job-prolog", "job-epilog", "replica",
-                     "install-slurm", "remove-user", "doctor")
+                     "install-slurm", "remove-user", "doctor", "end-spares")
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -222,7 +226,13 @@ def _launcher(args: argparse.Namespace) -> int:
                 print(finding.line())
         failed = any(f.verdict == doctor.Verdict.FAIL for f in findings)
         return ExitCode.FAILURE if failed else ExitCode.OK
+    if args.command == "end-spares" and args.role == "login":
+        return 0  # a login node's replicad starts no job environments
     cfg = config.load()
+    if args.command == "end-spares":
+        for user in spares.end_spares(cfg, job.node_name()):
+            print(f"{user}: spare job environment ended")
+        return 0
     if args.command == "remove-user":
         done = env.remove_user(cfg, args.user, args.keep_upper)
         done += replication_cli.remove_replica(cfg.replication.on(job.node_name()), args.user)

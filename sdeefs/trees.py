@@ -26,7 +26,7 @@ import errno
 import os
 import stat
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import attrs
 
@@ -137,7 +137,7 @@ def _names(fd: int) -> list[bytes]:
     return sorted(os.fsencode(n) for n in os.listdir(fd))
 
 
-def walk(root_fd: int) -> Iterator[Visit]:
+def walk(root_fd: int) -> Generator[Visit, None, None]:
     """Every entry below ``root_fd`` (an open directory; not closed here), root first."""
     root_st = os.fstat(root_fd)
     yield Visit(b"", root_fd, b"", root_st)

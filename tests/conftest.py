@@ -13,11 +13,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
+import hypothesis
 import pytest
 
 from sdeefs.fs.daemon import daemon_pid
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Hypothesis: every property test draws the same examples on every run and machine (a
+# green CI run stays green; a failure reproduces as it was drawn), with no example
+# database (nothing written into the checkout).  A test's own @settings keep their
+# max_examples; every setting they do not name comes from the loaded profile.
+# SDEEFS_HYPOTHESIS=explore searches afresh each run instead (random examples, shrinking,
+# failures remembered in the default database, .hypothesis/: ignored by git).
+# (tests/fs/test_differential.py has its own switch for the same: SDEEFS_DIFF_EXPLORE=1.)
+hypothesis.settings.register_profile("ci", derandomize=True, database=None,
+                                     print_blob=True)
+hypothesis.settings.register_profile("explore", derandomize=False)
+hypothesis.settings.load_profile(os.environ.get("SDEEFS_HYPOTHESIS", "ci"))
 
 
 def install_runtime() -> None:
@@ -95,6 +108,18 @@ def sdeefs(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Co
         raise AssertionError(f"sdeefs {' '.join(args)} failed ({result.returncode}): "
                              f"{result.stderr.strip()}")
     return result
+
+
+def wait_for_socket(proc: subprocess.Popen[bytes], path: Path, log: Path,
+                    timeout: float = 10.0) -> None:
+    """Wait until the daemon ``proc`` made its socket ``path``; fail with the end of its
+    ``log`` if it exits first or takes longer than ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{path.name}: the daemon did not start: "
+                                 f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.02)
 
 
 def mounted(path: Path) -> bool:

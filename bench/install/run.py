@@ -100,7 +100,6 @@ from bench.common import (  # noqa: E402
     force_unmount,
     have_program,
     log,
-    mounts_under,
     one_line,
     processes_referencing,
     render_markdown_table,
@@ -701,15 +700,8 @@ def detach_loops(under: Path, tracker: ProcessTracker) -> list[str]:
 class InstallSession(BenchSession):
     """BenchSession that also detaches loop devices backed by files in its scratch."""
 
-    def _cleanup(self) -> None:
-        if self.mounts is not None:
-            self.mounts.release_all()
-        for entry in mounts_under(self.scratch)[::-1]:
-            for note in force_unmount(entry.mount_point, self.tracker):
-                log(f"cleanup: {note}")
-        for note in detach_loops(self.scratch, self.tracker):
-            log(f"cleanup: {note}")
-        super()._cleanup()
+    def _after_unmount(self) -> list[str]:
+        return list(detach_loops(self.scratch, self.tracker))
 
 
 # --------------------------------------------------------------------------

@@ -214,3 +214,18 @@ void env_json_string(const char *json, const char *key, char *out, size_t size)
         }
     out[n] = 0;
 }
+
+void env_substitute_node(const char *path, const char *node, char *out, size_t size)
+{
+    size_t n = 0;
+    for (const char *p = path; *p && n + 1 < size; p++) {
+        if (p[0] == '%' && p[1] == 'n') {
+            n += (size_t)snprintf(out + n, size - n, "%s", node);
+            if (n >= size)
+                n = size - 1;
+            p++;
+        } else
+            out[n++] = *p;
+    }
+    out[n] = 0;
+}

@@ -40,5 +40,8 @@ int drop_capabilities(uint64_t keep, char *err, size_t len);
  * spaces, non-ASCII escapes '?'.  For the prolog's files (spank.c) and the replicad's
  * answers (jobhook.c), never for anything a user wrote unescaped. */
 void env_json_string(const char *json, const char *key, char *out, size_t size);
+/* path with every %n replaced by node (the config's per-node paths: the replicad's control
+ * socket for jobhook.c, job_dir for spank.c), cut to fit size. */
+void env_substitute_node(const char *path, const char *node, char *out, size_t size);
 
 #endif

@@ -157,22 +157,6 @@ static int config_control(const char *path, char *out, size_t size)
     return ok;
 }
 
-/* path with %n replaced by node. */
-static void substitute_node(const char *path, const char *node, char *out, size_t size)
-{
-    size_t n = 0;
-    for (const char *p = path; *p && n + 1 < size; p++) {
-        if (p[0] == '%' && p[1] == 'n') {
-            n += (size_t)snprintf(out + n, size - n, "%s", node);
-            if (n >= size)
-                n = size - 1;
-            p++;
-        } else
-            out[n++] = *p;
-    }
-    out[n] = 0;
-}
-
 int cmd_jobhook(const char *which)
 {
     g_which = which;
@@ -199,7 +183,7 @@ int cmd_jobhook(const char *which)
     char control[PATH_MAX], sock_path[PATH_MAX];
     if (config_control(config && *config ? config : DEFAULT_CONFIG, control, sizeof control) < 0)
         fallback("the config is not read here");
-    substitute_node(control, node, sock_path, sizeof sock_path);
+    env_substitute_node(control, node, sock_path, sizeof sock_path);
 
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(sock_path) >= sizeof addr.sun_path)

@@ -161,22 +161,6 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
     return 0;
 }
 
-/* job_dir with %n replaced by the node's name. */
-static void node_job_dir(const char *node, char *out, size_t size)
-{
-    size_t n = 0;
-    for (const char *p = g_job_dir; *p && n + 1 < size; p++) {
-        if (p[0] == '%' && p[1] == 'n') {
-            n += (size_t)snprintf(out + n, size - n, "%s", node);
-            if (n >= size)
-                n = size - 1;
-            p++;
-        } else
-            out[n++] = *p;
-    }
-    out[n] = 0;
-}
-
 /* Make DIR (absolute) exist inside, a directory at each step (no symlink followed), and
  * attach the batch script's directory there. */
 static void attach_script_dir(const char *dir)
@@ -244,7 +228,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
         node[strcspn(node, ".")] = 0;
     }
     char dir[PATH_MAX], path[PATH_MAX + 64], text[4096];
-    node_job_dir(node, dir, sizeof dir);
+    env_substitute_node(g_job_dir, node, dir, sizeof dir);
 
     /* The prolog's verdict for this job on this node. */
     snprintf(path, sizeof path, "%s/%u.problem", dir, job);

@@ -12,6 +12,8 @@ SLURM drains it, as docs/admin.md says).
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,18 +27,14 @@ from .test_slurm_jobs import Grid, open_grid
 
 pytestmark = [requires_slurm, requires_launcher]
 
+REPO = Path(__file__).resolve().parents[2]
 IN_SERVICE = ("idle", "allocated", "mixed", "completing")
 
 
 @pytest.fixture
 def grid() -> Iterator[Grid]:
     with open_grid(2, spank=True) as g:
-        try:
-            yield g
-        finally:  # the login environments name the cluster's munge directory: end them first
-            for user in g.site.users:
-                subprocess.run([str(SHELL.parent / "sdeefs"), "stop", user],
-                               env=g.site.env(), capture_output=True)
+        yield g
 
 
 def inside(g: Grid, command: str) -> str:
@@ -235,3 +233,94 @@ def test_a_users_jobs_share_one_mask_and_a_file_the_deny_list_matches_since_is_h
         left = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
                 if f"n{i}/jobs/.layers-{g.user}" in line]
         assert not left, left
+
+
+def unit_service(role: str) -> dict[str, list[str]]:
+    """The [Service] settings of ``sdeefs-replicad@ROLE.service`` as scripts/install.sh
+    renders the unit for this installation (its commands: VENV_BIN): key -> values."""
+    text = (REPO / "launcher" / "systemd" / "sdeefs-replicad@.service").read_text()
+    text = text.replace("@SBIN_DIR@", str(VENV_BIN)).replace("@BIN_DIR@", str(VENV_BIN))
+    service: dict[str, list[str]] = {}
+    section = ""
+    for line in text.replace("%i", role).splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            service.setdefault(key.strip(), []).append(value.strip())
+    return service
+
+
+def stop_as_systemd(g: Grid, i: int) -> list[subprocess.CompletedProcess[str]]:
+    """``systemctl stop sdeefs-replicad@compute`` on node i, as systemd does it with the
+    unit (no systemd runs here): its KillSignal to the main process only (KillMode=process),
+    then its ExecStopPost commands once that exited, in order, each checked."""
+    service = unit_service("compute")
+    # the grid runs the unit's own command (Grid.start_replicad)
+    assert service["ExecStart"] == [f"{VENV_BIN}/sdeefs-replicad --role compute"], service
+    assert service["KillMode"] == ["process"], service
+    proc = g.replicads.pop(i)
+    proc.send_signal(signal.Signals[service.get("KillSignal", ["SIGTERM"])[-1]])
+    proc.wait(90)  # systemd's TimeoutStopSec
+    done = []
+    for line in service.get("ExecStopPost", []):
+        checked = not line.startswith("-")  # "-": its failure is ignored
+        result = g.slurm.node_run(i, shlex.split(line.lstrip("-@:+!")), check=False,
+                                  env={"SDEEFS_CONFIG": str(g.site.config)})
+        assert result.returncode == 0 or not checked, (line, result.stderr)
+        done.append(result)
+    return done
+
+
+def test_stopping_the_replicad_ends_its_spares_and_leaves_running_jobs(grid: Grid) -> None:
+    """``systemctl stop`` (and so a restart) of the node's replicad: the spare environment it
+    started ahead and the layers the user's jobs share end with it, nothing of them running
+    or mounted; the job that runs keeps its environment and ends as usual."""
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "echo v3 > /etc/sdeefs-demo")
+    home = g.site.home(g.user)
+    job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
+                      "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    jobs = g.base / "n1" / "jobs"
+    spare = jobs / f".spare-{g.user}.run"
+    deadline = time.monotonic() + 60
+    while not ((jobs / f"{job}.run" / "init").exists() and (spare / "spare-key").exists()):
+        assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
+        time.sleep(0.1)
+    pid = int((jobs / f"{job}.run" / "init").read_text().split()[0])
+    spare_pid = int((spare / "init").read_text().split()[0])
+
+    def ours_mounted() -> list[str]:
+        return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                if f"n1/jobs/.layers-{g.user}" in line or f"n1/jobs/.spare-{g.user}" in line]
+
+    assert ours_mounted()  # the shared lower (and mask) of the user's jobs
+    # While the replicad runs, the command leaves its spares alone: one line, BUSY.
+    busy = g.slurm.node_run(1, [str(VENV_BIN / "sdeefs"), "end-spares"], check=False,
+                            env={"SDEEFS_CONFIG": str(g.site.config)})
+    assert busy.returncode == 4, busy
+    assert busy.stderr.strip().splitlines() == [
+        "sdeefs: sdeefs-replicad is running on n1: it ends its spare environments itself "
+        "(stop it first)"], busy.stderr
+    assert alive(spare_pid)
+
+    stopped = stop_as_systemd(g, 1)
+    assert not alive(spare_pid)
+    assert ours_mounted() == []
+    assert job_files(g, 1) == [str(job), f"{job}.run"], job_files(g, 1)
+    assert [r.stdout for r in stopped] == [f"{g.user}: spare job environment ended\n"], stopped
+    # the running job keeps its environment, over its own clones of the ended layers
+    assert alive(pid)
+    (home / "go").touch()
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text() if out.exists() else "", g.hook_logs())
+    assert out.read_text() == "v3\n"
+    assert not alive(pid)
+    # ... the unit's start (a restart is this stop, then a start): jobs run as before
+    g.start_replicad(1)
+    job, out = submit(g, "again", "#!/bin/sh\ncat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, g.hook_logs())
+    assert out.read_text() == "v3\n"
+    wait_spare_only(g, 1)

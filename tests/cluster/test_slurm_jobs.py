@@ -221,6 +221,10 @@ def open_grid(nodes: int, barrier_timeout: int = 90, engine: str = "hybrid",
                 try:
                     yield g
                 finally:
+                    if spank:  # the login environments name the cluster's munge directory
+                        for name in site.users:  # (sockets): end them before it goes
+                            subprocess.run([str(VENV_BIN / "sdeefs"), "stop", name],
+                                           env=site.env(), capture_output=True)
                     for i in list(g.replicads):
                         g.kill_replicad(i)
                     for i in range(1, nodes + 1):  # a failed test may leave job environments

@@ -79,16 +79,9 @@ def test_setcap_inside_reaches_every_replica_and_no_node_leaves_service(grid: Gr
         assert "skipped" not in sdeefs_on(g, i, "replica", "status")
 
 
-@requires_slurm
-@requires_launcher
-def test_a_record_no_replica_may_apply_fails_the_job_never_the_node(grid: Grid) -> None:
-    g = grid
-    g.site.start(g.user)
-    g.site.run(g.user, "echo before > /etc/sdeefs-demo")
-    for i in range(1, g.nodes + 1):
-        g.sync(i)
-    # Written into the journal behind the daemon's back (its door refuses it): an xattr
-    # no replica carries.
+def append_refused_record(g: Grid) -> int:
+    """Write into the user's journal, behind the daemon's back (its door refuses it), an
+    xattr no replica carries (the environment is stopped for it: start it again); its seq."""
     g.site.stop(g.user)
     journal = Journal.open(str(g.site.root / g.user / "state" / "journal"))
     try:
@@ -97,6 +90,18 @@ def test_a_record_no_replica_may_apply_fails_the_job_never_the_node(grid: Grid) 
         journal.sync()
     finally:
         journal.close()
+    return bad
+
+
+@requires_slurm
+@requires_launcher
+def test_a_record_no_replica_may_apply_fails_the_job_never_the_node(grid: Grid) -> None:
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "echo before > /etc/sdeefs-demo")
+    for i in range(1, g.nodes + 1):
+        g.sync(i)
+    bad = append_refused_record(g)
     g.site.start(g.user)
     g.site.run(g.user, "echo after > /etc/sdeefs-demo")  # the stream goes on past it
 

@@ -10,7 +10,6 @@ Each task checks where it runs: the program installed at login, the file the use
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,12 +52,7 @@ def grid() -> Iterator[Grid]:
     # use_interactive_step: salloc's shell is a step on the first node (SLURM's interactive
     # step), as sites configure it for salloc to land on a compute node
     with open_grid(2, spank=True, extra_conf="LaunchParameters=use_interactive_step") as g:
-        try:
-            yield g
-        finally:  # the login environments name the cluster's munge directory: end them first
-            for user in g.site.users:
-                subprocess.run([str(SHELL.parent / "sdeefs"), "stop", user],
-                               env=g.site.env(), capture_output=True)
+        yield g
 
 
 def inside(g: Grid, command: str, user: str | None = None, timeout: float = 120,
@@ -205,8 +199,7 @@ def test_interactive_steps_salloc_and_mpi_ranks_run_in_the_environment(grid: Gri
 
 def test_a_user_without_an_environment_runs_bare_and_a_users_problem_fails_only_the_job(
         grid: Grid) -> None:
-    from sdeefs import records as rec
-    from sdeefs.journal import Journal
+    from .test_slurm_nowedge import append_refused_record
 
     g = grid
     # Never logged in with sdeefs: the job runs as usual, bare.
@@ -223,14 +216,7 @@ def test_a_user_without_an_environment_runs_bare_and_a_users_problem_fails_only_
     # stay in service (the crafted record of test_slurm_nowedge).
     g.site.start(g.user)
     g.site.run(g.user, "echo before > /etc/sdeefs-demo")
-    g.site.stop(g.user)
-    journal = Journal.open(str(g.site.root / g.user / "state" / "journal"))
-    try:
-        bad = journal.append(rec.Setxattr(b"upper/etc/sdeefs-demo", b"trusted.evil", b"1"))
-        journal.append(rec.Done(bad))
-        journal.sync()
-    finally:
-        journal.close()
+    bad = append_refused_record(g)
     g.site.start(g.user)
     home = g.site.home(g.user)
     (home / "fails.sh").write_text("#!/bin/sh\necho never printed\n")

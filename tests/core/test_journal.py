@@ -134,8 +134,9 @@ def test_append_many_writes_what_append_would(tmp_path: Path) -> None:
     """One writev(2) of a batch's frames (more than an iovec list holds: one by one),
     the same bytes as appending the records one at a time; start_writeback makes
     nothing durable by itself (only sync does)."""
-    records = [rec.Create(b"upper/f%d" % i, stat.S_IFREG | 0o644, 0, 0, i, b"", b"",
-                          os.urandom(i * 37 % 5000)) for i in range(2100)]
+    records: list[rec.Record] = [
+        rec.Create(b"upper/f%d" % i, stat.S_IFREG | 0o644, 0, 0, i, b"", b"",
+                   os.urandom(i * 37 % 5000)) for i in range(2100)]
     one = Journal.open(str(tmp_path / "one"))
     for record in records:
         one.append(record)

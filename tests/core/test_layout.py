@@ -4,16 +4,22 @@
   ``sdeefs.replication``, ``sdeefs.launcher``);
 * ``sdeefs/fs/ops.py`` is a protocol adapter: it does not build journal records;
 * pyproject's package list names every package directory, so an install ships them all;
-* ruff and mypy (over ``sdeefs`` and ``launcher``) are clean.
+* ruff and mypy (over ``sdeefs``, ``launcher`` and ``tests``) are clean;
+* every Hypothesis test draws the same examples on every run, with no example database
+  (tests/conftest.py's profile), and enough of them to mean something.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ROOMS = ("sdeefs.fs", "sdeefs.replication", "sdeefs.launcher")
@@ -63,9 +69,30 @@ def test_pyproject_ships_every_package() -> None:
     assert project["package-dir"]["sdeefs.launcher"] == "launcher"
 
 
+def test_every_hypothesis_test_is_deterministic() -> None:
+    if os.environ.get("SDEEFS_HYPOTHESIS", "ci") != "ci" or \
+            os.environ.get("SDEEFS_DIFF_EXPLORE") == "1":
+        pytest.skip("asked for a random search (tests/conftest.py)")
+    from hypothesis.internal.detection import is_hypothesis_test
+
+    found = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if "hypothesis" not in path.read_text():
+            continue
+        module = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
+        for name, value in vars(module).items():
+            if is_hypothesis_test(value):
+                found[f"{path.name}::{name}"] = value._hypothesis_internal_use_settings
+    assert len(found) >= 10, sorted(found)  # the fuzzers, the capture's, the differential
+    for test, used in found.items():
+        assert used.derandomize, (test, used)
+        assert used.database is None, (test, used)
+        assert used.max_examples >= 10, (test, used)
+
+
 def test_ruff_and_mypy_are_clean() -> None:
     bin_dir = Path(sys.executable).parent
     for command in ([str(bin_dir / "ruff"), "check", "--no-cache", "."],
-                    [str(bin_dir / "mypy"), "sdeefs", "launcher"]):
+                    [str(bin_dir / "mypy"), "sdeefs", "launcher", "tests"]):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -66,7 +66,7 @@ def apply_all(records: Iterable[rec.Record], source: LayerRoot, target: LayerRoo
 def model_tree(model: Model) -> dict[bytes, tuple[object, ...]]:
     """What a model says, without ids: path -> (mode, uid, gid, mtime, xattrs, symlink,
     size of a file or rdev of a device, names of its inode)."""
-    out = {}
+    out: dict[bytes, tuple[object, ...]] = {}
     for id, node in model.walk(UPPER):
         if id == UPPER:
             continue
@@ -255,7 +255,8 @@ class Workload:
         if self.rng.random() < 0.5:
             others = [e for e in self.entries() if e.parent == d and e != src
                       and src not in e.parents and e not in src.parents]
-            dst = self.pick(others) if others else d / self.new_name()
+            picked = self.pick(others)
+            dst = picked if picked is not None else d / self.new_name()
             if os.path.lexists(dst):
                 flags = RENAME_EXCHANGE if self.rng.random() < 0.6 else 0
         else:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -88,6 +89,7 @@ class Site:
                 return proc
             except QuietError:  # not listening yet
                 if proc.poll() is not None:
+                    assert proc.stderr is not None
                     raise AssertionError(f"capture exited: {proc.stderr.read()!r}") from None
                 if time.monotonic() > deadline:
                     raise AssertionError("capture did not start") from None
@@ -103,7 +105,8 @@ class Site:
     def drain(self) -> int:
         return capture.drain(str(self.state))
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict[str, Any]:
+        """The capture's answer (JSON)."""
         return capture.request(str(self.state), "status")
 
     def journal(self) -> Journal:
@@ -400,8 +403,8 @@ def test_void_dangling_and_replay_skips_it(tmp_path: Path) -> None:
         target.close()
     assert sorted(os.listdir(tmp_path / "dst" / "upper")) == ["committed"]
     # recovery of the FUSE engines leaves a committed batch alone
-    assert recover(journal, str(tmp_path / "src" / "upper"), str(tmp_path / "src" / "work")) \
-        is None
+    assert recover(journal, os.fsencode(tmp_path / "src" / "upper"),
+                   os.fsencode(tmp_path / "src" / "work")) is None
     journal.close()
 
 
@@ -562,7 +565,7 @@ def test_examine_in_c_sees_what_python_sees(tmp_path: Path) -> None:
     os.setxattr(up / "f", "user.k", b"v")
     os.setxattr(up / "d", "trusted.overlay.opaque", b"y")
     os.chown(up / "empty", 1000, 1001)
-    upper = reconcile.Upper.open(up)
+    upper = reconcile.Upper.open(str(up))
     try:
         results = {}
         for native in (True, False):
@@ -582,7 +585,10 @@ def test_examine_in_c_sees_what_python_sees(tmp_path: Path) -> None:
         ids, seen, read = results[True]
         assert ids[-1] is None  # gone
         assert read == 5000 + (3 << 20)
-        by_name = dict(zip(names, ids[:-1], strict=True))
+        by_name: dict[bytes, int] = {}
+        for name, found in zip(names, ids[:-1], strict=True):
+            assert found is not None, name
+            by_name[name] = found
         assert seen[by_name[b"f"]].xattrs == ((b"user.k", b"v"),)
         assert seen[by_name[b"l"]].target == b"../some/where"
         assert seen[by_name[b"big"]].contents is not None

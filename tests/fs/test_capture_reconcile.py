@@ -104,7 +104,7 @@ class Rig:
 def make_rig(root: Path, native: bool = True) -> Rig:
     for sub in ("src/upper", "src/work", "dst/upper", "dst/work"):
         (root / sub).mkdir(parents=True)
-    return Rig(root, Model.empty(), Upper.open(root / "src" / "upper"),
+    return Rig(root, Model.empty(), Upper.open(str(root / "src" / "upper")),
                open_layers(root / "src"), open_layers(root / "dst"), native)
 
 
@@ -508,10 +508,10 @@ def test_new_small_files_are_one_create_each_within_the_batch_bound(rig: Rig) ->
     os.setxattr(rig.up / "e" / "f1", "user.a", b"1")
     os.chmod(rig.up / "e" / "f1", 0o4750)
     records = rig.capture()
-    creates = {r.path: r for r in records if isinstance(r, rec.Create)}
-    assert len(creates) == 10
+    by_path = {r.path: r for r in records if isinstance(r, rec.Create)}
+    assert len(by_path) == 10
     assert not any(isinstance(r, rec.Mknod | rec.Extent | rec.Setxattr) for r in records)
-    f1 = creates[b"upper/e/f1"]
+    f1 = by_path[b"upper/e/f1"]
     assert f1.xattr_pairs() == ((b"user.a", b"1"), (b"user.b", b"2"))
     assert f1.mode == stat.S_IFREG | 0o4750
     assert f1.data == b"1" * 100

@@ -1583,9 +1583,10 @@ def test_the_id_door_admits_only_the_users_ids(tmp_path: Path, mode: str) -> Non
             with raises_errno(errno.EPERM):
                 env.fs.mkdir(parent, b"bad", 0o755, uid, gid)
         ino = env.ino(root + b"/ok" if root else b"ok")
-        for uid, gid in ((0, None), (None, 0), (2000, None)):
+        halves: tuple[tuple[int | None, int | None], ...] = ((0, None), (None, 0), (2000, None))
+        for half_uid, half_gid in halves:
             with raises_errno(errno.EINVAL):
-                env.fs.setattr(ino, AttrChange(uid=uid, gid=gid))
+                env.fs.setattr(ino, AttrChange(uid=half_uid, gid=half_gid))
         env.fs.setattr(ino, AttrChange(uid=1001, gid=27))
         assert not (env.upper / "bad").exists()
         assert (env.ust("ok").st_uid, env.ust("ok").st_gid) == (1001, 27)

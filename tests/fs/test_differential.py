@@ -584,7 +584,7 @@ def run_differential(ops: list[om.Op], lower: str, pristine: dict,
 _EXPLORE = os.environ.get("SDEEFS_DIFF_EXPLORE") == "1"
 _common_settings: dict[str, Any] = {
     "derandomize": not _EXPLORE,
-    "database": None if not _EXPLORE else settings.default.database,
+    "database": None if not _EXPLORE else settings().database,
     "phases": tuple(Phase) if _EXPLORE else (Phase.explicit, Phase.generate),
     "deadline": None,
     "suppress_health_check": [HealthCheck.function_scoped_fixture,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import subprocess
@@ -188,7 +189,8 @@ def test_full_disk_mid_journal_append(full_layers: Layers, engine: str) -> None:
     fill(filler)
     failed = 0
     for i in range(400):  # metadata records, until one of them finds no room
-        failed = error_of(lambda i=i: os.setxattr(mnt / "keep", f"user.n{i}", os.urandom(2000)))
+        failed = error_of(functools.partial(os.setxattr, mnt / "keep", f"user.n{i}",
+                                            os.urandom(2000)))
         if failed:
             break
     assert failed in FULL

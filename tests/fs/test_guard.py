@@ -33,6 +33,18 @@ IDS = Identity.build(4242, 4343, (4444,), (200000, 65536), (300000, 65536), 1000
 USER = IDS.root  # the host uid/gid the view shows host root as (inside root)
 
 
+def guard_dirs(tmp_path: Path) -> dict[str, Path]:
+    """The directories of a guard stacked under kernel overlayfs, made in ``tmp_path``:
+    lower, guard, upper, work, view (the test is skipped where it cannot mount)."""
+    reason = fuse_skip_reason()
+    if reason or os.geteuid() != 0:
+        pytest.skip(reason or "mounting needs root")
+    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
+    for path in dirs.values():
+        path.mkdir()
+    return dirs
+
+
 def make_tree(lower: Path) -> None:
     for directory, mode in (("etc", 0o755), ("etc/ssh", 0o755), ("etc/ssl/private", 0o700),
                             ("pub", 0o755), ("pub/.dot", 0o755), ("root", 0o700),
@@ -195,12 +207,7 @@ def test_forget_drops_nodes(tmp_path: Path) -> None:
 @pytest.fixture
 def stacked(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """(host lower, overlay view) with the guard between them, as the launcher stacks it."""
-    reason = fuse_skip_reason()
-    if reason or os.geteuid() != 0:
-        pytest.skip(reason or "mounting needs root")
-    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
-    for path in dirs.values():
-        path.mkdir()
+    dirs = guard_dirs(tmp_path)
     make_tree(dirs["lower"])
     try:
         mount_guard(GuardRequest(str(dirs["guard"]), str(dirs["lower"]), IDS,

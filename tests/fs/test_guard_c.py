@@ -27,6 +27,7 @@ from sdeefs.fs.mount import GuardRequest, mount_guard
 from sdeefs.identity import Identity
 
 from ..conftest import fuse_skip_reason, mounted
+from .test_guard import guard_dirs
 
 # the user 4242:4343 in group 4444; system ids below 1000 (42: a system account)
 IDS = Identity.build(4242, 4343, (4444,), (200000, 65536), (300000, 65536), 1000)
@@ -274,12 +275,7 @@ def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path)
     into becomes unreadable on the host (chmod 700): sdeefs-guard drops the kernel's answer,
     overlayfs revalidates its dentry and refuses it (ESTALE: it holds the old one until it
     forgets it; the Python guard did so only after cache_timeout, 10 s)."""
-    reason = fuse_skip_reason()
-    if reason or os.geteuid() != 0:
-        pytest.skip(reason or "mounting needs root")
-    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
-    for path in dirs.values():
-        path.mkdir()
+    dirs = guard_dirs(tmp_path)
     (dirs["lower"] / "pub/sub").mkdir(parents=True)
     (dirs["lower"] / "pub/sub/f").write_text("x")
     for path in (dirs["lower"], dirs["lower"] / "pub", dirs["lower"] / "pub/sub"):
@@ -301,10 +297,10 @@ def test_a_directory_tightened_on_the_host_is_hidden_in_the_view(tmp_path: Path)
         (dirs["lower"] / "pub/late").chmod(0o600)
         time.sleep(0.05)
         assert os.listdir(view / "pub") == ["mine"]
-        for path in ("pub/sub/f", "pub/late"):
+        for hidden in ("pub/sub/f", "pub/late"):
             with pytest.raises(OSError, match="No such file|Stale file handle") as exc:
-                (view / path).read_text()
-            assert exc.value.errno in (errno.ENOENT, errno.ESTALE), path
+                (view / hidden).read_text()
+            assert exc.value.errno in (errno.ENOENT, errno.ESTALE), hidden
     finally:
         for name in ("view", "guard"):
             if mounted(dirs[name]):
@@ -334,12 +330,7 @@ def counted_view(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """(host lower, view, the guard's request counts): sdeefs-guard under kernel overlayfs
     as the launcher mounts a login view (userxattr, no xino), over a tree of 10 directories
     of 20 visible files, a root-only one and a subdirectory of 5 files each."""
-    reason = fuse_skip_reason()
-    if reason or os.geteuid() != 0:
-        pytest.skip(reason or "mounting needs root")
-    dirs = {name: tmp_path / name for name in ("lower", "guard", "upper", "work", "view")}
-    for path in dirs.values():
-        path.mkdir()
+    dirs = guard_dirs(tmp_path)
     lower = dirs["lower"]
     lower.chmod(0o755)
     for i in range(10):
@@ -416,8 +407,7 @@ def test_a_listed_file_tightened_on_the_host_is_hidden(tmp_path: Path,
         with pytest.raises(FileNotFoundError):
             os.lstat(view / "pub/d0/late")
         for name in ("f5", "f6"):
-            wait_until(f"{name} hidden", lambda name=name: not os.path.lexists(view / "pub/d0" /
-                                                                             name), timeout=5)
+            wait_until(f"{name} hidden", absent(view / "pub/d0" / name), timeout=5)
         assert "f5" not in os.listdir(view / "pub/d0")
         assert stat.S_ISREG(os.lstat(view / "pub/d0/f7").st_mode)  # the rest still shows
 
@@ -501,6 +491,11 @@ def guarded_view(tmp_path: Path, keeper: bool = True) -> Iterator[tuple[Path, Pa
         assert not mounted(dirs["guard"])
 
 
+def absent(path: Path) -> Callable[[], bool]:
+    """A condition for :func:`wait_until`: nothing at ``path`` (not even a symlink)."""
+    return lambda: not os.path.lexists(path)
+
+
 def wait_until(what: str, condition: Callable[[], object], timeout: float = 10.0,
                poll: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
@@ -538,6 +533,12 @@ def test_the_view_survives_kill_9_of_the_guard(tmp_path: Path, monkeypatch: pyte
                 differ.extend(p for p in before if now[p] != before[p])
                 rounds[0] += 1
 
+        def ran_twice(since: int) -> Callable[[], object]:
+            return lambda: rounds[0] >= since + 2 or errors
+
+        def replaced(server: int) -> Callable[[], bool]:
+            return lambda: server_of(keeper) not in (None, server)
+
         walker = threading.Thread(target=loop)
         walker.start()
         try:
@@ -545,12 +546,10 @@ def test_the_view_survives_kill_9_of_the_guard(tmp_path: Path, monkeypatch: pyte
                 server = server_of(keeper)
                 assert server is not None
                 seen = rounds[0]
-                wait_until("the loop runs", lambda s=seen: rounds[0] >= s + 2 or errors)
+                wait_until("the loop runs", ran_twice(seen))
                 os.kill(server, signal.SIGKILL)
-                wait_until("a new server", lambda s=server: server_of(keeper) not in (None, s))
-                seen = rounds[0]
-                wait_until("the loop goes on", lambda s=seen: rounds[0] >= s + 2 or errors,
-                           timeout=30)
+                wait_until("a new server", replaced(server))
+                wait_until("the loop goes on", ran_twice(rounds[0]), timeout=30)
         finally:
             stop.set()
             walker.join(60)
@@ -576,8 +575,7 @@ def test_the_view_survives_kill_9_of_the_guard(tmp_path: Path, monkeypatch: pyte
             os.kill(keeper, signal.SIGCONT)
         wait_until("a new server", lambda: server_of(keeper) not in (None, server))
         for path in (target, f"{parent}/late"):
-            wait_until(f"{path} hidden", lambda p=path: not os.path.lexists(view / p),
-                       timeout=5)
+            wait_until(f"{path} hidden", absent(view / path), timeout=5)
         assert "late" not in os.listdir(view / parent)
         assert os.path.basename(target) not in os.listdir(view / parent)
         log = (tmp_path / "guard.log").read_text()

@@ -14,8 +14,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import cast
 
 import attrs
 import pyfuse3
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, tr
 
 
 @attrs.frozen
-class Ctx:
+class _Ctx:
     """What a pyfuse3.RequestContext carries."""
 
     uid: int = 0
@@ -44,7 +45,7 @@ class Ctx:
 
 
 @attrs.frozen
-class Fields:
+class _Fields:
     """A pyfuse3.SetattrFields (whose attributes Python code cannot set)."""
 
     update_atime: bool = False
@@ -56,8 +57,21 @@ class Fields:
     update_size: bool = False
 
 
+def context(uid: int = 0, gid: int = 0) -> pyfuse3.RequestContext:
+    """A request context as the handlers read it (pyfuse3 makes its own only from a
+    request of /dev/fuse)."""
+    return cast(pyfuse3.RequestContext, _Ctx(uid, gid))
+
+
+def fields(**updates: bool) -> pyfuse3.SetattrFields:
+    """SetattrFields with ``updates`` (``update_mode=True`` ...) set."""
+    return cast(pyfuse3.SetattrFields, _Fields(**updates))
+
+
 ROOT = InodeT(ROOT_INO)
-CTX = Ctx()
+CTX = context()
+# readdir's reply buffer: only pyfuse3.readdir_reply reads it, stood in for where it is used
+NO_TOKEN = cast(pyfuse3.ReaddirToken, None)
 
 
 def attributes(**values: int) -> EntryAttributes:
@@ -100,7 +114,7 @@ async def read_all(ops: Operations, ino: InodeT) -> bytes:
         await ops.release(info.fh)
 
 
-async def fuse_errno(call: object) -> int:
+async def fuse_errno(call: Awaitable[object]) -> int:
     """The errno of the FUSEError the awaitable ``call`` raises."""
     with pytest.raises(pyfuse3.FUSEError) as info:
         await call
@@ -128,7 +142,7 @@ async def test_lookup_getattr_forget(env: Env) -> None:
 async def test_create_write_read_fsync(env: Env) -> None:
     ops = operations(env)
     info, entry = await ops.create(ROOT, b"new", 0o640, os.O_WRONLY | os.O_CREAT,
-                                   Ctx(uid=1000, gid=100))
+                                   context(uid=1000, gid=100))
     assert (entry.st_uid, entry.st_gid) == (1000, 100)
     assert await ops.write(info.fh, 0, b"hello") == 5
     assert await ops.write(info.fh, 5, b" world") == 6
@@ -166,15 +180,15 @@ async def test_setattr_copies_up_and_completes_the_owner(env: Env) -> None:
     ops = operations(env)
     f = (await lookup(ops, b"f")).st_ino
     entry = await ops.setattr(f, attributes(st_mode=stat.S_IFREG | 0o600),
-                              Fields(update_mode=True), None, CTX)
+                              fields(update_mode=True), None, CTX)
     assert stat.S_IMODE(entry.st_mode) == 0o600
     assert (env.upper / "f").read_bytes() == b"0123456789"
-    entry = await ops.setattr(f, attributes(st_uid=42), Fields(update_uid=True), None,
+    entry = await ops.setattr(f, attributes(st_uid=42), fields(update_uid=True), None,
                               CTX)
     assert (entry.st_uid, entry.st_gid) == (42, 5678)
     assert env.ust("f").st_mtime_ns == MTIME_NS
     times = attributes(st_atime_ns=MTIME_NS - 5, st_mtime_ns=MTIME_NS + 5)
-    entry = await ops.setattr(f, times, Fields(update_atime=True, update_mtime=True), None,
+    entry = await ops.setattr(f, times, fields(update_atime=True, update_mtime=True), None,
                               CTX)
     assert (env.ust("f").st_atime_ns, env.ust("f").st_mtime_ns) == (MTIME_NS - 5, MTIME_NS + 5)
     assert_consistent(env)
@@ -188,7 +202,7 @@ async def test_a_truncate_the_kernel_did_not_time(env: Env, writeback_cache: boo
     mkfile(env.lower / "f", b"0123456789", mtime_ns=MTIME_NS)
     ops = operations(env, writeback_cache)
     f = (await lookup(ops, b"f")).st_ino
-    entry = await ops.setattr(f, attributes(st_size=10), Fields(update_size=True), None,
+    entry = await ops.setattr(f, attributes(st_size=10), fields(update_size=True), None,
                               CTX)
     assert (entry.st_mtime_ns == MTIME_NS) is writeback_cache
     assert (env.ust("f").st_mtime_ns == MTIME_NS) is writeback_cache
@@ -204,7 +218,7 @@ async def test_setattr_of_an_unlinked_open_file_goes_through_its_descriptor(env:
     await ops.unlink(ROOT, b"f", CTX)
     before = len(records(env))
     entry = await ops.setattr(f, attributes(st_size=3, st_mode=stat.S_IFREG | 0o600),
-                              Fields(update_size=True, update_mode=True), None,
+                              fields(update_size=True, update_mode=True), None,
                               CTX)
     assert (entry.st_size, stat.S_IMODE(entry.st_mode), entry.st_nlink) == (3, 0o600, 0)
     assert (await ops.getattr(f, CTX)).st_size == 3
@@ -268,7 +282,7 @@ async def test_new_entries_in_a_setgid_directory_take_its_group(env: Env) -> Non
     os.chmod(env.lower / "shared", 0o2775)
     ops = operations(env)
     shared = (await lookup(ops, b"shared")).st_ino
-    user = Ctx(uid=1000, gid=1000)
+    user = context(uid=1000, gid=1000)
     sub = await ops.mkdir(shared, b"sub", 0o755, user)
     assert (sub.st_uid, sub.st_gid) == (1000, 5678)
     assert sub.st_mode & stat.S_ISGID
@@ -322,14 +336,14 @@ async def test_readdir_counts_what_it_delivers(env: Env,
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
     fh = await ops.opendir(ROOT, CTX)
-    await ops.readdir(fh, 0, None)
+    await ops.readdir(fh, 0, NO_TOKEN)
     assert [name for name, _ in delivered] == [b".", b"..", b"a", b"b"]
     counted = {name: ops.fs.node(ino).lookups for name, ino in delivered[2:]}
     assert counted == {b"a": 1, b"b": 1}
     c = os.stat(env.lower / "c").st_ino
     assert ops.fs.inodes.get(c) is None  # offered, not taken: forgotten again
     delivered.clear()
-    await ops.readdir(fh, 4, None)
+    await ops.readdir(fh, 4, NO_TOKEN)
     assert [name for name, _ in delivered] == [b"c"]
     await ops.releasedir(FileHandleT(fh))
     assert_consistent(env)

@@ -111,7 +111,9 @@ def test_processes_left_running_by_the_launcher_have_cwd_root(site: Site) -> Non
     rows = [r for r in json.loads(site.sdeefs("status", "--json").stdout)
             if r["user"] == user]
     init_pid = rows[0]["init_pid"]
-    holder = InitProcess.find(init_pid).holder_pid  # type: ignore[union-attr]
+    init = InitProcess.find(init_pid)
+    assert init is not None
+    holder = init.holder_pid
     daemon = rows[0]["daemon_pid"]
     for pid in (holder, daemon):
         assert os.readlink(f"/proc/{pid}/cwd") == "/", pid

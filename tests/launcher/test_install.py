@@ -62,9 +62,11 @@ def test_install_then_uninstall(site_dir: Path) -> None:
                               "sdeefs-scan-private.service", "sdeefs-scan-private.timer"}
         assert f"ExecStart={tmp}/sbin/sdeefs-replicad --role %i" in \
             units["sdeefs-replicad@.service"]
+        assert f"ExecStopPost={tmp}/bin/sdeefs end-spares --role %i" in \
+            units["sdeefs-replicad@.service"]
         assert not any("@" in line for text in units.values()
                        for line in text.splitlines()
-                       if line.startswith(("ExecStart", "Documentation")))
+                       if line.startswith(("Exec", "Documentation")))
         if shutil.which("systemd-analyze"):
             verify = subprocess.run(["systemd-analyze", "verify", "--man=no",
                                      *(str(tmp / "units" / u) for u in units

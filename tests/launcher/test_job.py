@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import wait_for_socket
 from .launcher_site import VENV_BIN, Site, requires_launcher
 
 pytestmark = requires_launcher
@@ -52,11 +53,7 @@ def _start_replicad(site: Site, base: Path, name: str) -> subprocess.Popen[bytes
     role = "login" if name == "login" else "compute"
     proc = subprocess.Popen([str(VENV_BIN / "sdeefs-replicad"), "--role", role, "--node", name],
                             stdout=log, stderr=log, start_new_session=True, env=site.env())
-    deadline = time.monotonic() + 10
-    while not control.exists():
-        assert proc.poll() is None, (base / f"{name}.log").read_text()
-        assert time.monotonic() < deadline, (base / f"{name}.log").read_text()
-        time.sleep(0.02)
+    wait_for_socket(proc, control, base / f"{name}.log")
     return proc
 
 

@@ -190,7 +190,7 @@ def engine_finding(site: Site) -> dict[str, str]:
     result = site.sdeefs("doctor", "--role", "login", "--json", check=False)
     assert result.returncode in (0, 1), result.stderr
     [found] = [c for c in json.loads(result.stdout)["checks"] if c["check"] == "engine"]
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def test_users_with_an_upper_of_another_engine_stay_on_hybrid_until_migrated() -> None:

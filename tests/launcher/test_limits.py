@@ -36,7 +36,7 @@ for proc in started:
 
 
 @pytest.fixture
-def limited() -> Iterator[tuple[Site, subprocess.Popen[str]]]:
+def limited() -> Iterator[tuple[Site, subprocess.Popen[bytes]]]:
     """A site with small limits and sdeefs-launchd running (sdeefs-shell asks it, so the
     shell joins its environment's cgroup as a login through PAM would)."""
     with open_site(extra=f'pids_max = {PIDS_MAX}\nmemory_max = "{MEMORY_MAX >> 20}M"\n') as site:
@@ -67,7 +67,7 @@ def _cgroup_dirs(user: str) -> list[Path]:
 
 
 def test_a_fork_bomb_a_memory_hog_and_a_full_tmp_stay_inside(
-        limited: tuple[Site, subprocess.Popen[str]]) -> None:
+        limited: tuple[Site, subprocess.Popen[bytes]]) -> None:
     site, _ = limited
     alice, bob = site.add_user(), site.add_user()
     spawned = _shell(site, alice, f"python3 -c '{SPAWN}'")

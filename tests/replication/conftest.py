@@ -11,7 +11,7 @@ from .test_daemon import Site
 
 
 @pytest.fixture
-def login(tmp_path: Path) -> Iterator[Site]:
+def site(tmp_path: Path) -> Iterator[Site]:
     """A login node (journaling mount; the test starts the origin replicad) and replicas."""
     s = Site(tmp_path)
     try:
@@ -19,3 +19,9 @@ def login(tmp_path: Path) -> Iterator[Site]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture
+def login(site: Site) -> Site:
+    """The same, by the name of the tests that start only the login node's side."""
+    return site

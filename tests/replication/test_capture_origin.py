@@ -25,6 +25,7 @@ import pytest
 from sdeefs import records as rec
 from sdeefs.journal import Entry, Journal
 from sdeefs.replication.origin import extent_blocks_ok, open_batch, settled, without_aborted
+from tests.conftest import wait_for_socket
 from tests.fs.capture_util import tree, tree_diff
 from tests.fs.test_capture import Site, make_site, requires_kernel
 from tests.launcher.launcher_site import VENV_BIN
@@ -40,11 +41,7 @@ def _start_replicad(base: Path, name: str, *args: str) -> subprocess.Popen[bytes
     proc = subprocess.Popen([str(VENV_BIN / "sdeefs-replicad"), "--node", name, "--key-file",
                              str(base / "key"), "--control", str(control), *args],
                             stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + 10
-    while not control.exists():
-        assert proc.poll() is None, (base / f"{name}.log").read_text()
-        assert time.monotonic() < deadline, (base / f"{name}.log").read_text()
-        time.sleep(0.02)
+    wait_for_socket(proc, control, base / f"{name}.log")
     return proc
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from sdeefs.control import Reply, Request
 from sdeefs.fs.daemon import daemon_pid
+from sdeefs.journal import Entry, JournalTail
 from sdeefs.replication.auth import SharedKey
 from sdeefs.replication.daemon import control_request, load_key
 from sdeefs.replication.snapshot import tree_digest
@@ -37,7 +39,7 @@ from sdeefs.replication.wire import (
     send_hello,
 )
 
-from ..conftest import requires_fuse
+from ..conftest import requires_fuse, wait_for_socket
 
 SDEEFS = [sys.executable, "-m", "sdeefs"]
 REPLICAD = os.path.join(os.path.dirname(sys.executable), "sdeefs-replicad")
@@ -91,11 +93,7 @@ class Site:
         self.daemons[name] = subprocess.Popen(
             [REPLICAD, "--node", name, "--key-file", str(self.key), "--control", str(control),
              *args], stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not control.exists():
-            if self.daemons[name].poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name} did not start: {self.log(name)}")
-            time.sleep(0.02)
+        wait_for_socket(self.daemons[name], control, self.tmp / f"{name}.log")
 
     def start_origin(self, fanout: int = 4) -> None:
         self.start("login", "--origin", str(self.root), "--listen", f"127.0.0.1:{self.port}",
@@ -119,10 +117,11 @@ class Site:
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")[-3000:]
 
-    def control(self, name: str, request: dict[str, object]) -> dict[str, object]:
+    def control(self, name: str, request: Request) -> Reply:
+        """The daemon's answer (JSON)."""
         return control_request(str(self.tmp / f"{name}.sock"), request, timeout=60)
 
-    def sync_to(self, name: str) -> dict[str, object]:
+    def sync_to(self, name: str) -> Reply:
         return self.control(name, {"op": "follow", "user": USER, "wait": True, "timeout": 30})
 
     def replica_upper(self, name: str) -> Path:
@@ -132,16 +131,6 @@ class Site:
         for name in list(self.daemons):
             self.kill(name)
         self.umount()
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    try:
-        s.mount()
-        yield s
-    finally:
-        s.close()
 
 
 def converged(site: Site, name: str) -> bool:
@@ -169,7 +158,7 @@ def test_replica_follows_a_live_journal_and_resumes_after_kill(site: Site) -> No
     site.start_origin()
     site.start_replica("n1")
     reply = site.sync_to("n1")
-    assert reply["applied"] >= reply["barrier"] > 0  # type: ignore[operator]
+    assert reply["applied"] >= reply["barrier"] > 0
     assert converged(site, "n1")
     assert (site.replica_upper("n1") / "usr/local/bin/tool-one").read_text() == \
         "#!/bin/sh\necho one\n"
@@ -213,7 +202,7 @@ def test_a_cold_stream_killed_and_cut_mid_way_converges(site: Site) -> None:
         os.truncate(pkg / "m2.py", 7)
     (view / "big.bin").write_bytes(os.urandom(6 << 20))
     site.start_origin()
-    kills = []
+    kills: list[int] = []
     for victim in ("n1", "n1", "login"):
         if "n1" not in site.daemons:
             site.start_replica("n1")
@@ -244,15 +233,15 @@ def test_one_byte_edit_sends_that_byte_not_the_file(site: Site) -> None:
     site.start_origin()
     site.start_replica("n1")
     site.sync_to("n1")
-    before = site.control("n1", {"op": "status"})["replicas"][USER]["bytes_received"]  # type: ignore[index]
+    before = site.control("n1", {"op": "status"})["replicas"][USER]["bytes_received"]
     with open(site.view / "big.bin", "r+b") as f:
         f.seek(8 << 20)
         f.write(b"X")
     site.sync_to("n1")
-    after = site.control("n1", {"op": "status"})["replicas"][USER]["bytes_received"]  # type: ignore[index]
+    after = site.control("n1", {"op": "status"})["replicas"][USER]["bytes_received"]
     assert converged(site, "n1")
     # The page cache writes back whole pages: one 4 KiB page plus framing, not 16 MiB.
-    assert 0 < after - before < 8192, after - before  # type: ignore[operator]
+    assert 0 < after - before < 8192, after - before
 
 
 @requires_fuse
@@ -296,13 +285,13 @@ def test_tree_fan_out_relays_and_status(site: Site) -> None:
         site.sync_to(name)
         assert converged(site, name), name
     status = site.control("login", {"op": "status"})
-    followers = status["origin"][USER]["followers"]  # type: ignore[index]
+    followers = status["origin"][USER]["followers"]
     direct = [n for n, f in followers.items() if f["direct"]]
     assert len(direct) <= 2, followers
     deadline = time.monotonic() + 10
     while set(followers) != {"n1", "n2", "n3", "n4"} and time.monotonic() < deadline:
         time.sleep(0.2)
-        followers = site.control("login", {"op": "status"})["origin"][USER]["followers"]  # type: ignore[index]
+        followers = site.control("login", {"op": "status"})["origin"][USER]["followers"]
     assert set(followers) == {"n1", "n2", "n3", "n4"}, json.dumps(followers)
 
 
@@ -442,13 +431,11 @@ def test_a_replica_ahead_of_the_login_journal_starts_over(site: Site) -> None:
     restart_ahead_of_the_login_node(site, "n1")
 
 
-def journal_entries(site: Site) -> list[object]:
+def journal_entries(site: Site) -> list[Entry]:
     """The records of the login node's journal, in order."""
-    from sdeefs.journal import JournalTail
-
     tail = JournalTail(str(site.state / "journal"), 1)
     try:
-        entries = []
+        entries: list[Entry] = []
         while batch := tail.poll():
             entries.extend(batch)
         return entries
@@ -463,11 +450,11 @@ def wait_quiet_journal_ending_in_markers(site: Site) -> int:
     deadline = time.monotonic() + 20
     while True:
         entries = journal_entries(site)
-        tail = [type(e.record) for e in entries[-2:]]  # type: ignore[attr-defined]
+        tail = [type(e.record) for e in entries[-2:]]
         if tail == [rec.Done, rec.Sync]:
             time.sleep(0.5)
             if len(journal_entries(site)) == len(entries):
-                return int(entries[-1].seq)  # type: ignore[attr-defined]
+                return int(entries[-1].seq)
         assert time.monotonic() < deadline, tail
         time.sleep(0.2)
 
@@ -503,7 +490,7 @@ def tree_depths(site: Site, nodes: list[str]) -> dict[str, int]:
     by_port = {str(port): name for name, port in site.node_ports.items()}
     parent = {}
     for name in nodes:
-        upstream = site.control(name, {"op": "status"})["replicas"][USER]["upstream"]  # type: ignore[index]
+        upstream = site.control(name, {"op": "status"})["replicas"][USER]["upstream"]
         port = str(upstream).rpartition(":")[2]
         parent[name] = "login" if port == str(site.port) else by_port[port]
     depths: dict[str, int] = {}
@@ -580,7 +567,7 @@ def test_barrier_queries_climb_the_tree_not_all_to_the_login_node(site: Site) ->
     def queries(name: str) -> int:
         status = site.control(name, {"op": "status"})
         table = status["origin"] if name == "login" else status["replicas"]
-        return int(table[USER]["queries"])  # type: ignore[index]
+        return int(table[USER]["queries"])
 
     change_tree(site.view, "two")
     head = wait_quiet_journal_ending_in_markers(site)

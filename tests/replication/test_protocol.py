@@ -7,6 +7,7 @@ import hashlib
 import os
 import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -158,7 +159,7 @@ async def stream(login: Login, replica_dir: Path) -> tuple[int, int]:
 
 
 @pytest.fixture
-def login(tmp_path: Path) -> Login:
+def login(tmp_path: Path) -> Iterator[Login]:
     result = Login(tmp_path / "login")
     yield result
     result.close()
@@ -651,7 +652,7 @@ def test_merged_setattrs_apply_like_the_sequence(tmp_path: Path) -> None:
     truncate = rec.Setattr(b"upper/f", rec.SET_SIZE, size=3)
     sequences = [[chmod, chown, times], [truncate, chmod, times], [chown, truncate, chmod]]
     for records in sequences:
-        results = []
+        results: list[tuple[int, int, int, int, int | None]] = []
         for merged in (False, True):
             root = tmp_path / f"{len(results)}-{sequences.index(records)}"
             (root / "upper").mkdir(parents=True)
@@ -731,7 +732,7 @@ def test_an_error_frame_carries_a_code_and_its_type_comes_from_the_code() -> Non
               ErrorCode.REFUSED),
              (ValueError("not a protocol error"), ProtocolError, ErrorCode.REFUSED)]
     for exc, kind, code in cases:
-        wire = encode_error(exc, KEY, seq=7)
+        wire = bytes(encode_error(exc, KEY, seq=7))
         frame = Frame.decode(wire[:24], wire[24:-32], wire[-32:], KEY)
         assert (frame.type, frame.seq) == (ERROR, 7)
         assert frame.payload == ERROR_CODE.pack(code) + str(exc).encode()
@@ -1069,8 +1070,8 @@ async def test_a_create_applies_as_the_records_it_means(tmp_path: Path) -> None:
             seq += 1
             _accept_all(plain, [(seq, part, data)])
     plain.close()
-    assert signature(tmp_path / "replicas" / USER / "upper") == \
-        signature(old / USER / "upper")
+    assert signature(str(tmp_path / "replicas" / USER / "upper")) == \
+        signature(str(old / USER / "upper"))
     for record in [*creates, refused_xattr]:  # byte-identical, same mtime
         name = record.path.decode()[len("upper/"):]
         new, was = tmp_path / "replicas" / USER / "upper" / name, old / USER / "upper" / name
