@@ -98,7 +98,7 @@ def _state(upper: Path, now: int) -> list[tuple[object, ...]]:
     def when(t: int) -> int | str:
         return "now" if abs(t - now) < NOW_SLACK else t
 
-    entries = []
+    entries: list[tuple[object, ...]] = []
     for dirpath, dirnames, filenames in os.walk(upper):
         for name in sorted(dirnames + filenames):
             path = Path(dirpath) / name
@@ -106,9 +106,10 @@ def _state(upper: Path, now: int) -> list[tuple[object, ...]]:
             entries.append((str(path.relative_to(upper)), s.st_mode, s.st_uid, s.st_gid,
                             s.st_size, when(s.st_mtime_ns),
                             when(s.st_atime_ns) if stat.S_ISREG(s.st_mode) else None))
-    contents = [(path, (upper / path).read_bytes())
-                for path, mode, *_ in entries if stat.S_ISREG(mode)]
-    return sorted(entries) + contents  # type: ignore[operator]
+    contents: list[tuple[object, ...]] = [
+        (path, (upper / path).read_bytes()) for path, mode, *_ in entries
+        if isinstance(path, str) and isinstance(mode, int) and stat.S_ISREG(mode)]
+    return sorted(entries, key=repr) + contents
 
 
 def _run(root: Path, payloads: list[bytes], ids: UserIds, native: bool,
@@ -120,7 +121,7 @@ def _run(root: Path, payloads: list[bytes], ids: UserIds, native: bool,
     replica.batch_applier().native = native
     original = applier.BatchApplier.take
 
-    def take(self: applier.BatchApplier, payload: bytes, seq: int) -> bool:
+    def take(self: applier.BatchApplier, payload: bytes | memoryview, seq: int) -> bool:
         got = original(self, payload, seq)
         if got:
             taken.append(bytes(payload))

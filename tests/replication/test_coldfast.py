@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ from .test_protocol import (
 )
 
 
-def _runs(history: list[tuple[int, rec.Record, bytes | None]], key: bytes = KEY,
+def _runs(history: Sequence[tuple[int, rec.Record, bytes | None]], key: bytes = KEY,
           flags: dict[int, int] | None = None) -> list[bytearray]:
     """``history`` as an origin sends it: small records in runs, big writes alone."""
     out: list[bytes | bytearray] = []
@@ -178,7 +179,7 @@ def test_a_hostile_record_in_a_run_is_refused_exactly_as_alone(tmp_path: Path,
     outside = tmp_path / "outside"
     outside.mkdir()
     v2_cap = struct.pack("<IIIII", 0x02000001, 0x2000, 0, 0, 0)
-    history: list[tuple[int, rec.Record, bytes | None]] = [
+    history: Sequence[tuple[int, rec.Record, bytes | None]] = [
         (1, rec.Mknod(b"upper/ok", stat.S_IFREG | 0o644, *ALICE_OWNER), None),
         (2, rec.Mknod(b"upper/root-owned", stat.S_IFREG | 0o4755, 0, 0), None),
         (3, rec.Mknod(b"upper/link/escaped", stat.S_IFREG | 0o644, *ALICE_OWNER), None),

@@ -7,7 +7,7 @@ import hashlib
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -418,7 +418,7 @@ def test_hello_and_report_decoders_fuzz(data: bytes, seq: int) -> None:
         decode_report(data)
 
 
-def _accept_all(replica: Replica, records: list[tuple[int, rec.Record, bytes | None]]) -> None:
+def _accept_all(replica: Replica, records: Sequence[tuple[int, rec.Record, bytes | None]]) -> None:
     for seq, record, data in records:
         for frame in record_frames(seq, record, data):
             replica.accept(frame)
