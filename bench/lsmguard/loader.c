@@ -221,7 +221,8 @@ int main(int argc, char **argv)
 		memcpy(p->prefix, full, p->prefix_len);
 		if (star) {
 			p->suffix_len = strlen(star + 1);
-			memcpy(p->suffix, star + 1, p->suffix_len);
+			/* right-aligned: lsmguard.bpf.c's pattern_matches */
+			memcpy(p->suffix + SUFFIX_LEN - p->suffix_len, star + 1, p->suffix_len);
 		}
 	}
 	signal(SIGTERM, on_stop);

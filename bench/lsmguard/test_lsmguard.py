@@ -32,6 +32,9 @@ from bench.lsmguard.stack import (  # noqa: E402
     loadable,
 )
 
+# A directory build.sh already filled (bench/lsmguard/vm.py: built on the host, the tests run
+# in a guest kernel that has no compiler)
+PREBUILT = "SDEEFS_LSMGUARD_PREBUILT"
 USER = (1000, 1000)  # whose environment: the host's uid/gid the rule checks against
 
 PROBE = r"""
@@ -75,7 +78,9 @@ def _skip_reason() -> str | None:
         return "needs root (mounts, BPF)"
     if not bpf_lsm_active():
         return "BPF LSM is not active (/sys/kernel/security/lsm has no bpf)"
-    missing = [p for p in ("clang", "bpftool", "unshare", "nsenter")
+    tools = ("unshare", "nsenter") if os.environ.get(PREBUILT) else \
+        ("clang", "bpftool", "unshare", "nsenter")
+    missing = [p for p in tools
                if shutil.which(p) is None and not os.path.exists(f"/usr/sbin/{p}")]
     if missing:
         return f"missing {' '.join(missing)} (apt-get install -y clang libbpf-dev bpftool)"
@@ -87,6 +92,8 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.environ.get(PREBUILT):
+        return Path(os.environ[PREBUILT])
     return build(tmp_path_factory.mktemp("lsmguard-build"))
 
 
@@ -140,6 +147,16 @@ def inside(holder: Holder, *paths: Path, nested: bool = False) -> dict[str, dict
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
+def read_inside(holder: Holder, path: Path) -> str:
+    """"ok", or the errno's name, of reading ``path`` from inside (nothing else)."""
+    code = ("import errno, sys\ntry:\n    open(sys.argv[1], 'rb').read(1)\n    print('ok')\n"
+            "except OSError as exc:\n    print(errno.errorcode.get(exc.errno, exc.errno))\n")
+    result = subprocess.run(holder.argv(["/usr/bin/python3", "-c", code, str(path)]),
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def make_secrets(view: View) -> tuple[Path, Path]:
     """On the host, after the environment started: a 0600 root file and a 0700 root
     directory (with a file)."""
@@ -159,9 +176,14 @@ def test_created_after_start_is_hidden(view: View, holder: Holder, loader: Loade
     make_secrets(view)
     seen = inside(holder, view.view / "secret", view.view / "secretdir", view.view / "visible",
                   view.view / "d" / "known")
-    # (below a file: ENOTDIR, from the path walk before any hook: the name exists)
-    assert seen[str(view.view / "secret")] == {**HIDDEN, "below": "ENOTDIR"}
-    assert seen[str(view.view / "secretdir")] == HIDDEN
+    # below a file: read from the 6.18 sources, ENOTDIR from the path walk before any hook
+    # (the name exists); on Debian 12's 6.12 kernel (bench/lsmguard/vm.py) a hook on the
+    # way denies first: ENOENT
+    assert seen[str(view.view / "secret")] in ({**HIDDEN, "below": "ENOTDIR"}, HIDDEN)
+    # open(O_WRONLY) of a directory fails EISDIR in may_open(), before any hook (seen on
+    # 6.12): like its name in a listing, a hidden directory's existence and type show
+    write = "copy-up (open for writing / mkdir inside)"
+    assert seen[str(view.view / "secretdir")] in (HIDDEN, {**HIDDEN, write: "EISDIR"})
     visible = seen[str(view.view / "visible")]
     assert visible["lstat"] == visible["read"] == "ok"
     assert visible["xattr"] == "ENODATA"  # looked up: it is there, without that attribute
@@ -176,14 +198,16 @@ def test_created_after_start_is_hidden(view: View, holder: Holder, loader: Loade
 def test_tightened_on_the_host_is_hidden_at_the_next_access(
         view: View, holder: Holder, loader: Loader) -> None:
     """Stronger than today's guard (decided at the first lookup): a file read once, then
-    chmod 0600 on the host, is hidden at its next access."""
+    chmod 0600 on the host, is hidden at its next access.  (Read only: PROBE's write
+    attempts would copy it up, and a copied-up file is the user's own.)"""
     path = view.lower / "d" / "known"
-    assert inside(holder, view.view / "d" / "known")[str(view.view / "d" / "known")]["read"] == "ok"
+    seen = view.view / "d" / "known"
+    assert read_inside(holder, seen) == "ok"
     os.chmod(path, 0o600)
-    assert inside(holder, view.view / "d" / "known")[str(view.view / "d" / "known")]["read"] \
-        == "ENOENT"
+    assert read_inside(holder, seen) == "ENOENT"
     os.chmod(path, 0o644)  # and shown again once readable
-    assert inside(holder, view.view / "d" / "known")[str(view.view / "d" / "known")]["read"] == "ok"
+    assert read_inside(holder, seen) == "ok"
+    assert not (view.upper / "d" / "known").exists()
 
 
 def test_a_nested_user_namespace_is_guarded_too(view: View, holder: Holder,
