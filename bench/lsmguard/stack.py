@@ -36,8 +36,15 @@ class LsmGuardError(RuntimeError):
     pass
 
 
+PREBUILT = "SDEEFS_LSMGUARD_PREBUILT"  # a directory build.sh filled elsewhere (vm.py)
+
+
 def build(out: Path) -> Path:
-    """Build into ``out``; the directory (with lsmguard-load and hookcost)."""
+    """Build into ``out``; the directory (with lsmguard-load and hookcost).  With
+    ``$SDEEFS_LSMGUARD_PREBUILT`` set, that directory instead: bench/lsmguard/vm.py builds
+    on the host and runs these tools in a guest that has no compiler."""
+    if os.environ.get(PREBUILT):
+        return Path(os.environ[PREBUILT])
     result = subprocess.run(["sh", str(HERE / "build.sh"), str(out)], capture_output=True,
                             text=True)
     if result.returncode != 0:

@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.lsmguard.stack import (  # noqa: E402
+    PREBUILT,
     Holder,
     Loader,
     View,
@@ -32,9 +33,6 @@ from bench.lsmguard.stack import (  # noqa: E402
     loadable,
 )
 
-# A directory build.sh already filled (bench/lsmguard/vm.py: built on the host, the tests run
-# in a guest kernel that has no compiler)
-PREBUILT = "SDEEFS_LSMGUARD_PREBUILT"
 USER = (1000, 1000)  # whose environment: the host's uid/gid the rule checks against
 
 PROBE = r"""
@@ -92,8 +90,6 @@ pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason(
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.environ.get(PREBUILT):
-        return Path(os.environ[PREBUILT])
     return build(tmp_path_factory.mktemp("lsmguard-build"))
 
 

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Run the BPF LSM prototype's tools on a kernel that loads BPF LSM programs: Debian 12's
+own, booted under qemu (issue 16, bench only).
+
+Usage (as root)::
+
+    .venv/bin/python bench/lsmguard/vm.py [tests|hooks|cost|check] [--kernel PKG]
+        [--work DIR] [--rootfs-tar TAR] [--timeout S]
+
+Why: this machine's kernel refuses every program that attaches through a BPF trampoline
+(bench/RESULTS.md, "a BPF LSM prototype"), and it has no hardware virtualisation, so the
+guest runs under qemu's software emulation (TCG): right for *what happens* (which hooks
+fire, what is hidden, whether the verifier takes the programs), meaningless for absolute
+times (``cost`` prints them, for ratios inside one run only).
+
+What it does, cached in ``--work`` (default ``/var/tmp/sdeefs-lsmvm``):
+
+1. a root filesystem: ``--rootfs-tar`` (a ``debootstrap --variant=minbase bookworm``
+   tarball, e.g. the one ``$FRESH_CACHE`` names for ../shared/tools/fresh-machine.sh) or
+   ``debootstrap`` itself; then, in a chroot, python3, pytest, attrs, libbpf1, kmod and
+   the kernel package ``--kernel`` (``apt-get download``; default: Debian 12's 6.12
+   cloud kernel: ``CONFIG_BPF_LSM=y``, ``bpf`` in ``CONFIG_LSM``, BTF for vmlinux and
+   modules), whose post-install makes the initramfs;
+2. every run: ``build.sh`` on the host (clang, bpftool: apt-get install -y clang
+   libbpf-dev bpftool), the result and this repository's ``sdeefs/`` and
+   ``bench/lsmguard/`` copied into the root, an ext4 image made from it (``mkfs.ext4
+   -d``), and the kernel booted with a shell script as PID 1 that mounts proc, sys,
+   securityfs, bpffs, loads overlay, runs the command with ``SDEEFS_LSMGUARD_PREBUILT``
+   set (the guest has no compiler) and powers off;
+3. the serial console is kept in ``WORK/serial.log``; what the command printed is
+   shown and its exit status returned.  A boot that dies before the command (seen once
+   in a few dozen boots: an int3 oops while the kernel patches its own text under
+   multi-threaded TCG) is retried, at most twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+KERNEL = "linux-image-6.12.107+deb12-cloud-amd64-unsigned"
+GUEST_PACKAGES = ["python3", "python3-pytest", "python3-attr", "libbpf1", "libelf1", "zlib1g",
+                  "initramfs-tools", "kmod", "util-linux", "procps"]
+COMMANDS = {
+    "tests": "python3 -m pytest -v -rs --color=no -p no:cacheprovider "
+             "bench/lsmguard/test_lsmguard.py",
+    "hooks": "python3 bench/lsmguard/hooks.py",
+    "cost": "python3 bench/lsmguard/hookcost.py --calls 20000 --rounds 3 --reps 2",
+    "check": "/opt/lsmbuild/lsmguard-load --check",
+}
+BEGIN, END = "== sdeefs-vm: begin", "== sdeefs-vm: end rc "
+
+INIT = """#!/bin/sh
+# PID 1 of the guest (bench/lsmguard/vm.py): mount, run the command, power off.
+mount -t proc proc /proc
+mount -t sysfs sys /sys 2>/dev/null
+mount -t devtmpfs dev /dev 2>/dev/null
+mount -t securityfs securityfs /sys/kernel/security
+mount -t bpf bpf /sys/fs/bpf
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -o remount,rw /
+modprobe overlay
+cd /opt/sdeefs
+echo "== kernel $(uname -r), LSMs $(cat /sys/kernel/security/lsm)"
+echo "{begin}"
+SDEEFS_LSMGUARD_PREBUILT=/opt/lsmbuild {command} 2>&1
+echo "{end}$?"
+sync
+echo o > /proc/sysrq-trigger
+sleep 30
+"""
+
+
+class VmError(Exception):
+    """One line for the user: what failed."""
+
+
+def run(argv: list[str], **kwargs: object) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False,
+                            **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise VmError(f"{' '.join(argv[:4])}: {(result.stderr or result.stdout).strip()[-300:]}")
+
+
+def base_root(work: Path, kernel: str, rootfs_tar: Path | None) -> Path:
+    """The guest's root with its packages and kernel (made once)."""
+    root, ready = work / "root", work / "root.ready"
+    if ready.exists() and ready.read_text() == kernel:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    if rootfs_tar is not None:
+        run(["tar", "xf", str(rootfs_tar), "-C", str(root)])
+    else:
+        run(["debootstrap", "--variant=minbase", "bookworm", str(root)])
+    debs = work / "debs"
+    debs.mkdir(exist_ok=True)
+    run(["apt-get", "download", kernel], cwd=debs)
+    deb = next(debs.glob(f"{kernel}_*.deb"))
+    shutil.copy(deb, root / "tmp" / deb.name)
+    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    binds = [root / "proc", root / "sys", root / "dev"]
+    for target in binds:
+        run(["mount", "--bind", f"/{target.name}", str(target)])
+    try:
+        run(["chroot", str(root), "sh", "-c",
+             "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && "
+             f"apt-get install -y -q --no-install-recommends {' '.join(GUEST_PACKAGES)} && "
+             f"dpkg -i /tmp/{deb.name} && rm /tmp/{deb.name}"])
+    finally:
+        for target in reversed(binds):
+            subprocess.run(["umount", str(target)], check=False)
+    ready.write_text(kernel)
+    return root
+
+
+def prepare(work: Path, root: Path, command: str) -> Path:
+    """Build on the host, copy into the root, make the image; its path."""
+    build = work / "build"
+    shutil.rmtree(build, ignore_errors=True)
+    run(["sh", str(HERE / "build.sh"), str(build)])
+    opt = root / "opt"
+    for name in ("lsmbuild", "sdeefs"):
+        shutil.rmtree(opt / name, ignore_errors=True)
+    shutil.copytree(build, opt / "lsmbuild")
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    shutil.copytree(REPO / "sdeefs", opt / "sdeefs" / "sdeefs", ignore=ignore)
+    shutil.copytree(HERE, opt / "sdeefs" / "bench" / "lsmguard", ignore=ignore)
+    init = root / "sbin" / "sdeefs-vm-init"
+    init.write_text(INIT.replace("{begin}", BEGIN).replace("{end}", END)
+                    .replace("{command}", command))
+    init.chmod(0o755)
+    image = work / "root.img"
+    image.unlink(missing_ok=True)
+    run(["mkfs.ext4", "-q", "-d", str(root), "-L", "sdeefsvm", str(image), "3G"])
+    return image
+
+
+def boot(work: Path, root: Path, image: Path, timeout: float) -> str:
+    """Boot once; the serial console's text."""
+    kernel = sorted((root / "boot").glob("vmlinuz-*"))[-1]
+    initrd = root / "boot" / kernel.name.replace("vmlinuz-", "initrd.img-")
+    serial = work / "serial.log"
+    serial.unlink(missing_ok=True)
+    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi",
+            "-cpu", "max", "-smp", "2", "-m", "3G", "-kernel", str(kernel),
+            "-initrd", str(initrd), "-append",
+            "root=/dev/vda rw console=ttyS0 init=/sbin/sdeefs-vm-init panic=-1 quiet",
+            "-drive", f"file={image},if=virtio,format=raw", "-nographic", "-no-reboot",
+            "-serial", f"file:{serial}", "-monitor", "none", "-display", "none"]
+    try:
+        subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise VmError(f"the guest did not power off in {timeout:.0f} s "
+                      f"(console: {serial})") from None
+    return serial.read_text(errors="replace")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("what", nargs="?", default="tests", choices=sorted(COMMANDS))
+    parser.add_argument("--kernel", default=KERNEL, help="Debian kernel package")
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/sdeefs-lsmvm"))
+    parser.add_argument("--rootfs-tar", type=Path,
+                        default=Path(os.environ["FRESH_CACHE"])
+                        if os.environ.get("FRESH_CACHE") else None)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+    try:
+        if shutil.which("qemu-system-x86_64") is None:
+            raise VmError("no qemu-system-x86_64 (apt-get install -y qemu-system-x86)")
+        args.work.mkdir(parents=True, exist_ok=True)
+        root = base_root(args.work, args.kernel, args.rootfs_tar)
+        image = prepare(args.work, root, COMMANDS[args.what])
+        for _attempt in range(3):
+            console = boot(args.work, root, image, args.timeout)
+            if BEGIN in console:
+                break
+        else:
+            raise VmError(f"the guest died before the command three times "
+                          f"(console: {args.work / 'serial.log'})")
+    except VmError as exc:
+        print(f"vm.py: {exc}", file=sys.stderr)
+        return 1
+    header = re.findall(r"== kernel .*", console)
+    body = console.split(BEGIN, 1)[1]
+    output, _, rest = body.partition(END)
+    print(*header, sep="\n")
+    print(re.sub(r"(?m)^\[ *\d+\.\d+\] .*\n", "", output).strip("\r\n"))
+    match = re.match(r"\d+", rest)
+    if match is None:
+        print(f"vm.py: the command did not finish (console: {args.work / 'serial.log'})",
+              file=sys.stderr)
+        return 1
+    return int(match.group())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
