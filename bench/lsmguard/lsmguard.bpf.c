@@ -4,7 +4,7 @@
  * What it enforces.  For a task of a guarded environment (below), an inode of the host's
  * filesystem (its superblock's s_dev is in `host_devs`) that the environment's user could
  * not read on the host fails with ENOENT: stat (inode_getattr, on overlayfs' lower entry:
- * real_inode), copy-up (inode_copy_up), open (file_open: also
+ * decide_stat), copy-up (inode_copy_up), open (file_open: also
  * exec, opendir, copy-up's read), a path walk through it (inode_permission), its extended
  * attributes (inode_getxattr / inode_listxattr, except overlayfs' own "*.overlay.*"
  * names).  "Could not read" is sdeefs.identity.Identity.host_readable: owner, group and
@@ -134,24 +134,14 @@ static __always_inline int in_groups(const struct identity *id, __u32 gid)
 	return 0;
 }
 
-/* 0, or -ENOENT if `inode` is a host inode the identity could not read on the host. */
-static __always_inline int decide(struct inode *inode, enum hook hook)
+/* 0, or -ENOENT: the rule on the fields of a host inode (identity.host_readable). */
+static __always_inline int decide_fields(struct identity *id, __u32 mode, __u32 uid, __u32 gid,
+					 enum hook hook)
 {
-	struct identity *id = guarded_identity();
-
-	if (!id || !inode)
-		return 0;
-	__u32 dev = inode->i_sb->s_dev;
-
-	if (!bpf_map_lookup_elem(&host_devs, &dev))
-		return 0;
 	count(hook);
-	__u32 mode = inode->i_mode;
-
 	if ((mode & S_IFMT) == S_IFLNK)
 		return 0;
 	__u32 need = (mode & S_IFMT) == S_IFDIR ? 5 : 4;
-	__u32 uid = inode->i_uid.val, gid = inode->i_gid.val;
 	__u32 bits;
 
 	if (uid == id->uid)
@@ -166,34 +156,82 @@ static __always_inline int decide(struct inode *inode, enum hook hook)
 	return -ENOENT;
 }
 
+/* 0, or -ENOENT if `inode` (a hook's argument: plain loads) is a host inode the identity
+ * could not read on the host. */
+static __always_inline int decide(struct inode *inode, enum hook hook)
+{
+	struct identity *id = guarded_identity();
+
+	if (!id || !inode)
+		return 0;
+	__u32 dev = inode->i_sb->s_dev;
+
+	if (!bpf_map_lookup_elem(&host_devs, &dev))
+		return 0;
+	return decide_fields(id, inode->i_mode, inode->i_uid.val, inode->i_gid.val, hook);
+}
+
+/* The same for an inode reached through overlayfs' own structures (read with
+ * bpf_probe_read_kernel: such a pointer is not a BTF one; bpf_rdonly_cast, which would
+ * make it one, came in 6.2). */
+static __always_inline int decide_read(struct inode *inode, enum hook hook)
+{
+	struct identity *id = guarded_identity();
+
+	if (!id || !inode)
+		return 0;
+	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
+
+	if (!bpf_map_lookup_elem(&host_devs, &dev))
+		return 0;
+	return decide_fields(id, BPF_CORE_READ(inode, i_mode), BPF_CORE_READ(inode, i_uid.val),
+			     BPF_CORE_READ(inode, i_gid.val), hook);
+}
+
 #define OVERLAYFS_SUPER_MAGIC 0x794c7630
 
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+/* overlayfs before 6.5 (Debian 12's 6.1) keeps the lower entry in the inode itself */
+struct ovl_inode___pre65 {
+	struct inode vfs_inode;
+	struct dentry *__upperdentry;
+	struct ovl_path lowerpath;
+} __attribute__((preserve_access_index));
 
-/* The host inode behind an overlayfs inode.  stat through overlayfs never reaches the
- * real inode's inode_getattr hook: ovl_getattr() asks the layer with vfs_getattr_nosec()
- * (patch "fs: Simplify getattr interface function checking AT_GETATTR_NOSEC flag", Nov
- * 2024; in 6.18), so the decision for a stat is made on the overlay inode's
- * lower entry, read from overlayfs' own inode (struct ovl_inode, in vmlinux's BTF).  An
- * entry with an upper (copied up: the user's own) or none: NULL, nothing to decide. */
-static __always_inline struct inode *real_inode(struct inode *inode)
+/* The host inode behind an overlayfs inode, from overlayfs' own inode (CO-RE, both
+ * layouts: the relocations of the one this kernel lacks are left unreachable); NULL for
+ * an entry with an upper (copied up: the user's own) or no lower. */
+static __always_inline struct inode *ovl_lower(struct inode *inode)
 {
-	if (!inode || inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC)
-		return inode;
-	struct ovl_inode *oi = (void *)inode - bpf_core_field_offset(struct ovl_inode, vfs_inode);
+	if (bpf_core_field_exists(struct ovl_inode, oe)) {
+		struct ovl_inode *oi = (void *)inode -
+				       bpf_core_field_offset(struct ovl_inode, vfs_inode);
 
-	if (BPF_CORE_READ(oi, __upperdentry))
-		return NULL;
-	struct ovl_entry *oe = BPF_CORE_READ(oi, oe);
+		if (BPF_CORE_READ(oi, __upperdentry))
+			return NULL;
+		struct ovl_entry *oe = BPF_CORE_READ(oi, oe);
 
-	if (!oe || BPF_CORE_READ(oe, __numlower) == 0)
-		return NULL;
-	struct inode *real = BPF_CORE_READ(oe, __lowerstack[0].dentry, d_inode);
+		if (!oe || BPF_CORE_READ(oe, __numlower) == 0)
+			return NULL;
+		return BPF_CORE_READ(oe, __lowerstack[0].dentry, d_inode);
+	}
+	struct ovl_inode___pre65 *old = (void *)inode -
+					bpf_core_field_offset(struct ovl_inode___pre65, vfs_inode);
 
-	if (!real)
+	if (BPF_CORE_READ(old, __upperdentry))
 		return NULL;
-	/* a BTF pointer again (read-only), so that decide() may load through it */
-	return bpf_rdonly_cast(real, bpf_core_type_id_kernel(struct inode));
+	return BPF_CORE_READ(old, lowerpath.dentry, d_inode);
+}
+
+/* A stat's decision.  Since ovl_getattr() asks the layer with vfs_getattr_nosec() (patch
+ * "fs: Simplify getattr interface function checking AT_GETATTR_NOSEC flag", Nov 2024), no
+ * inode_getattr hook fires on the host inode for a stat through overlayfs, so the overlay
+ * inode's call decides on its lower entry.  (Before that, as on 6.1, the real inode's own
+ * call decides too.) */
+static __always_inline int decide_stat(struct inode *inode, enum hook hook)
+{
+	if (inode && inode->i_sb->s_magic == OVERLAYFS_SUPER_MAGIC)
+		return decide_read(ovl_lower(inode), hook);
+	return decide(inode, hook);
 }
 
 SEC("lsm/inode_permission")
@@ -209,8 +247,7 @@ int BPF_PROG(guard_getattr, const struct path *path, int ret)
 {
 	if (ret)
 		return ret;
-	/* the overlay path's own call (the real one is vfs_getattr_nosec, see real_inode) */
-	return decide(real_inode(path->dentry->d_inode), H_GETATTR);
+	return decide_stat(path->dentry->d_inode, H_GETATTR);
 }
 
 SEC("lsm/file_open")
@@ -396,19 +433,14 @@ static __always_inline int denied_path(const struct path *path, enum hook hook)
 
 	if (!deny_count || !guarded_identity_probe())
 		return 0;
-	/* a stat's path is the overlay's (see real_inode): the entry is a host one if
+	/* a stat's path is the overlay's (see decide_stat): the entry is a host one if
 	 * overlayfs' lower entry is; the path matched is the one given */
 	struct inode *inode = BPF_CORE_READ(path, dentry, d_inode);
 
-	if (inode && BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC) {
-		struct ovl_inode *oi = (void *)inode -
-				       bpf_core_field_offset(struct ovl_inode, vfs_inode);
-		struct ovl_entry *oe = BPF_CORE_READ(oi, oe);
-
-		if (BPF_CORE_READ(oi, __upperdentry) || !oe || !BPF_CORE_READ(oe, __numlower))
-			return 0;
-		inode = BPF_CORE_READ(oe, __lowerstack[0].dentry, d_inode);
-	}
+	if (inode && BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC)
+		inode = ovl_lower(inode);
+	if (!inode)
+		return 0;
 	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);
 
 	if (!bpf_map_lookup_elem(&host_devs, &dev))
@@ -468,14 +500,18 @@ int BPF_PROG(body_cost, struct pt_regs *regs, long id)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
 	/* the working directory, through overlayfs' lower entry if it is in a view: the
-	 * inode_getattr program's path (real_inode), exercised here */
-	struct inode *inode = real_inode(task->fs->pwd.dentry->d_inode);
+	 * inode_getattr program's path (decide_stat), its mapping done once, before the
+	 * loop (in the loop, clang hoisted the 6.1 layout's address arithmetic above the
+	 * layout test, where the relocation this kernel cannot resolve became reachable) */
+	struct inode *inode = task->fs->pwd.dentry->d_inode;
+	int overlay = inode && inode->i_sb->s_magic == OVERLAYFS_SUPER_MAGIC;
+	struct inode *lower = overlay ? ovl_lower(inode) : NULL;
 	__u32 k0 = guarded_identity() ? 2 : 0, k1 = k0 + 1;
 	__u64 start = bpf_ktime_get_ns();
 
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < BODY_REPEAT; i++)
-		decide(inode, H_BODY);
+		overlay ? decide_read(lower, H_BODY) : decide(inode, H_BODY);
 	__u64 spent = bpf_ktime_get_ns() - start;
 	__u64 *total = bpf_map_lookup_elem(&body_ns, &k0), *times = bpf_map_lookup_elem(&body_ns, &k1);
 

@@ -182,7 +182,9 @@ def test_created_after_start_is_hidden(view: View, holder: Holder, loader: Loade
     assert seen[str(view.view / "secretdir")] in (HIDDEN, {**HIDDEN, write: "EISDIR"})
     visible = seen[str(view.view / "visible")]
     assert visible["lstat"] == visible["read"] == "ok"
-    assert visible["xattr"] == "ENODATA"  # looked up: it is there, without that attribute
+    # looked up: it is there, without that attribute (6.1's overlayfs answers ENOTSUP for a
+    # user.* name of a lower file with userxattr)
+    assert visible["xattr"] in ("ENODATA", "ENOTSUP")
     assert seen[str(view.view / "d" / "known")]["read"] == "ok"
     # nothing of the hidden entries reached the upper (no copy-up)
     assert not (view.upper / "secret").exists()

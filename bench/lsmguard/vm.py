@@ -5,7 +5,7 @@ own, booted under qemu (issue 16, bench only).
 Usage (as root)::
 
     .venv/bin/python bench/lsmguard/vm.py [tests|hooks|cost|check] [--kernel PKG]
-        [--work DIR] [--rootfs-tar TAR] [--timeout S]
+        [--work DIR] [--rootfs-tar TAR] [--timeout S] [--command SHELL]
 
 Why: this machine's kernel refuses every program that attaches through a BPF trampoline
 (bench/RESULTS.md, "a BPF LSM prototype"), and it has no hardware virtualisation, so the
@@ -173,13 +173,15 @@ def main() -> int:
                         default=Path(os.environ["FRESH_CACHE"])
                         if os.environ.get("FRESH_CACHE") else None)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--command", help="run this shell command in the guest instead "
+                        "(from the repository's copy, /opt/sdeefs)")
     args = parser.parse_args()
     try:
         if shutil.which("qemu-system-x86_64") is None:
             raise VmError("no qemu-system-x86_64 (apt-get install -y qemu-system-x86)")
         args.work.mkdir(parents=True, exist_ok=True)
         root = base_root(args.work, args.kernel, args.rootfs_tar)
-        image = prepare(args.work, root, COMMANDS[args.what])
+        image = prepare(args.work, root, args.command or COMMANDS[args.what])
         for _attempt in range(3):
             console = boot(args.work, root, image, args.timeout)
             if BEGIN in console:
