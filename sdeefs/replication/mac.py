@@ -25,8 +25,9 @@ frame dropped, replayed or reordered on the path does not authenticate where it 
 (``wire.LinkKey``).  That is also NIST SP 800-38D's deterministic construction: no nonce
 repeats under a key (a session key lives for one connection and each direction has its
 own label), with no bound on the number of frames.  The HELLOs and what answers them
-before a session key exists (REDIRECT, an ERROR) are under the HELLO key, which a shared
-key makes long-lived: they keep a random nonce (``os.urandom``, as every frame of
+before a session key exists (REDIRECT, an ERROR) are under the HELLO key (the answers
+under one bound to the HELLO's nonce, ``wire.answer_key``), which a shared key makes
+long-lived: they keep a random nonce (``os.urandom``, as every frame of
 version 8; 2^32 frames per key), :func:`seal`.  Nothing of a frame is used before its
 tag matched (``hmac.compare_digest``).
 """

@@ -70,7 +70,10 @@ HELLO           replica →  seq: first seq wanted.  credential (u16 + bytes: th
                            does not), user (u16 + bytes), node (u16 + bytes).  Its
                            MAC is checked with the K that the credential yields
                            (the credential is read first)
-HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s
+HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s.  This
+                           answer (or a REDIRECT, or an ERROR refusing a HELLO
+                           that decoded) is authenticated with ``answer_key(K,
+                           replica nonce)``: it answers this HELLO and no other
 REDIRECT        ← upstream "host:port" of another upstream to ask (tree fan-out)
 RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, record
                            (``sdeefs.records``), then data for Write records; big
@@ -328,6 +331,13 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def session_key(hello_key: bytes, replica_nonce: bytes, upstream_nonce: bytes) -> bytes:
     return hmac.new(hello_key, b"sdeefs-replication" + replica_nonce + upstream_nonce,
                     hashlib.sha256).digest()
+
+
+def answer_key(hello_key: bytes, replica_nonce: bytes) -> bytes:
+    """The key of the upstream's answer to a HELLO (its HELLO, a REDIRECT, a refusal):
+    bound to the replica's nonce, so an answer recorded once (a shared key is long-lived)
+    never passes as the answer to another HELLO (an old head to a barrier's query)."""
+    return hmac.new(hello_key, b"sdeefs-answer" + replica_nonce, hashlib.sha256).digest()
 
 
 @attrs.define(eq=False)
@@ -707,7 +717,7 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: Hel
     as its type (``decode_error``), or ProtocolError."""
     credential, k = await auth.credential()
     await stream.send_all(encode_hello(hello, credential).encode(k))
-    answer = await reader.frame(k)
+    answer = await reader.frame(answer_key(k, hello.nonce))
     if answer.type == REDIRECT:
         address = answer.body.decode(errors="replace")
         try:
@@ -727,9 +737,10 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: Hel
 async def answer_hello(stream: trio.abc.SendStream, hello_key: bytes, hello: Hello, head: int,
                        journal_id: bytes) -> LinkKey:
     """The upstream's side of the handshake: answer ``hello`` (authenticated with
-    ``hello_key``, its K); return the session key."""
+    ``hello_key``, its K; the answer with ``answer_key``); return the session key."""
     nonce = secrets.token_bytes(NONCE_SIZE)
-    await stream.send_all(Frame(HELLO, head, nonce + journal_id).encode(hello_key))
+    await stream.send_all(Frame(HELLO, head, nonce + journal_id).encode(
+        answer_key(hello_key, hello.nonce)))
     return LinkKey(session_key(hello_key, hello.nonce, nonce), DOWN)
 
 

@@ -36,6 +36,7 @@ from sdeefs.replication.wire import (
     MAC_SIZE,
     NO_ID,
     NONCE_SIZE,
+    QUERY,
     RECORD,
     RUN,
     RUN_ENTRY,
@@ -49,6 +50,7 @@ from sdeefs.replication.wire import (
     decode_hello,
     encode_error,
     encode_record_payload,
+    open_link_tasks,
     record_frames,
     send_hello,
 )
@@ -212,6 +214,38 @@ async def test_an_error_is_read_after_frames_that_were_never_sent() -> None:
     old = bytearray(encode_error(ProtocolError("an old error"), session.key))
     with pytest.raises(ProtocolError, match="out of sequence"):  # a reflected one: not ours
         Frame.decode(bytes(old[:24]), bytes(old[24:-32]), bytes(old[-32:]), session.key)
+
+
+async def test_an_answer_to_an_old_hello_does_not_answer_a_new_one() -> None:
+    """Finding: with a shared key the HELLO key is long-lived, and the upstream's answer
+    (a HELLO carrying its head) passed as the answer to any later HELLO.  Replayed to a
+    barrier's head query (``relay.ask_head`` takes the answer's head; no frame follows),
+    an old head let a job start before its replica had what the user wrote since.  Now
+    the answer is authenticated with a key bound to the replica's nonce."""
+    recorded = b""
+
+    async def upstream(stream: trio.abc.Stream) -> None:
+        nonlocal recorded
+        hello = decode_hello(await FrameReader(stream).frame(KEY))
+        if recorded:  # a man in the middle answers a new question with the old answer
+            await stream.send_all(recorded)
+            return
+        tap, path = trio.testing.memory_stream_pair()  # the answer, recorded on the path
+        await answer_hello(tap, KEY, hello, 5, JOURNAL_ID)
+        recorded = bytes(await path.receive_some(1 << 16))
+        await stream.send_all(recorded)
+
+    async def ask() -> int:
+        up, down = trio.testing.memory_stream_pair()
+        async with open_link_tasks() as nursery:  # its first error, not a group
+            nursery.start_soon(upstream, up)
+            session = await send_hello(down, FrameReader(down), AUTH, Hello(
+                os.urandom(NONCE_SIZE), NO_ID, USER, "n1", 1, QUERY))
+        return session.head
+
+    assert await ask() == 5
+    with pytest.raises(ProtocolError, match="authentication failed"):
+        await ask()
 
 
 def test_session_frames_carry_their_place_and_only_there_they_pass() -> None:
