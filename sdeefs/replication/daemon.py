@@ -116,6 +116,7 @@ from .wire import (
     Redirected,
     VersionMismatch,
     answer_hello,
+    answer_key,
     decode_hello,
     encode_error,
     parse_address,
@@ -336,11 +337,14 @@ class Daemon:
             # A peer of an older version is told in its own version (it could not read ours).
             version = exc.peer_version if isinstance(exc, VersionMismatch) and \
                 exc.peer_version in OLD_VERSIONS else VERSION
-            # The refusal is authenticated with the peer's K, or the shared key; a peer
-            # whose HELLO did not authenticate under MUNGE gets no ERROR (nothing to MAC
-            # it with that it could check): it sees the connection close.
-            refusal_key = k or (self.config.auth.key if isinstance(self.config.auth, SharedKey)
-                                else None)
+            # The refusal is authenticated as an answer to the peer's HELLO (its K and
+            # nonce: ``wire.answer_key``), or with K or the shared key if the HELLO did
+            # not decode; a peer whose HELLO did not authenticate under MUNGE gets no
+            # ERROR (nothing to MAC it with that it could check): it sees the connection
+            # close.
+            refusal_key = answer_key(k, hello.nonce) if k is not None and hello is not None \
+                else k or (self.config.auth.key if isinstance(self.config.auth, SharedKey)
+                           else None)
             if refusal_key is not None:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await stream.send_all(encode_error(exc, refusal_key, version=version))
@@ -372,7 +376,8 @@ class Daemon:
         target = None if origin is not None and hello.flags & RESYNC else \
             downstreams.redirect(hello.node)
         if target is not None:
-            await stream.send_all(Frame(REDIRECT, 0, target.encode()).encode(hello_key))
+            await stream.send_all(Frame(REDIRECT, 0, target.encode()).encode(
+                answer_key(hello_key, hello.nonce)))
             return
         downstream = downstreams.join(hello, peer)
         try:

@@ -1,4 +1,4 @@
-"""The frame MAC of wire version 8: AES-256-GMAC, through OpenSSL's libcrypto.
+"""The frame MAC of wire versions 8 and 9: AES-256-GMAC, through OpenSSL's libcrypto.
 
 Every frame of a link is authenticated (``wire``); a cold stream authenticates every
 byte of the user's upper twice (the sender, then the receiver).  HMAC-SHA256 (versions
@@ -11,17 +11,25 @@ while OpenSSL hashes, as ``hashlib`` does).
 
 The 32-byte MAC field of a frame holds::
 
-    nonce  12 bytes  random (``os.urandom``), fresh for every frame
+    nonce  12 bytes  see below
     tag    16 bytes  GMAC(key', nonce, header + payload): AES-256-GCM with the frame as
                      additional data and nothing encrypted
     zero    4 bytes
 
 ``key'`` = SHA-256(b"sdeefs-gmac" + key), key the HELLO key or the session key of the
-link (``wire``).  A random 96-bit nonce per frame: GCM stays sound for 2^32 frames under
-one key (NIST SP 800-38D's bound for random nonces), and a session key lives for one
-connection (a link sends at most ~5 frames a second when idle, ~4,000 per GB streamed).
-A receiver takes the nonce from the frame and recomputes the tag (``hmac.compare_digest``);
-nothing of a frame is used before it matched.
+link (``wire``).  The nonce of a frame under a session key (version 9) is its place on
+the link (:func:`counted`): 4 bytes naming the direction (``wire.DOWN``: upstream to
+replica, ``wire.UP``: replica to upstream), then the frame's number in that direction
+on this connection (u64, from 0).  The receiver computes the nonce it expects next, so a
+frame dropped, replayed or reordered on the path does not authenticate where it arrives
+(``wire.LinkKey``).  That is also NIST SP 800-38D's deterministic construction: no nonce
+repeats under a key (a session key lives for one connection and each direction has its
+own label), with no bound on the number of frames.  The HELLOs and what answers them
+before a session key exists (REDIRECT, an ERROR) are under the HELLO key (the answers
+under one bound to the HELLO's nonce, ``wire.answer_key``), which a shared key makes
+long-lived: they keep a random nonce (``os.urandom``, as every frame of
+version 8; 2^32 frames per key), :func:`seal`.  Nothing of a frame is used before its
+tag matched (``hmac.compare_digest``).
 """
 
 from __future__ import annotations
@@ -32,11 +40,15 @@ import functools
 import hashlib
 import hmac
 import os
+import struct
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
 FIELD = NONCE_SIZE + TAG_SIZE + 4  # the MAC field of a frame (wire.MAC_SIZE)
 _EVP_CTRL_AEAD_GET_TAG = 0x10
+LABEL_SIZE = 4  # a counted nonce: the direction's label, then the frame's number
+COUNT = struct.Struct("<Q")
+assert LABEL_SIZE + COUNT.size == NONCE_SIZE
 _Buffer = bytes | bytearray | memoryview
 
 
@@ -112,14 +124,30 @@ def tag(key: bytes, nonce: bytes, *parts: _Buffer) -> bytes:
         lib.EVP_CIPHER_CTX_free(ctx)
 
 
-def seal(key: bytes, *parts: _Buffer) -> bytes:
-    """The MAC field (FIELD bytes) of a frame made of ``parts``."""
-    nonce = os.urandom(NONCE_SIZE)
+def counted(label: bytes, number: int) -> bytes:
+    """The nonce of frame ``number`` of a direction (``label``) of a link."""
+    return label + COUNT.pack(number)
+
+
+def number(nonce: bytes, label: bytes) -> int | None:
+    """The frame number a counted nonce of direction ``label`` says (None: not one)."""
+    if len(nonce) != NONCE_SIZE or nonce[:LABEL_SIZE] != label:
+        return None
+    return int(COUNT.unpack_from(nonce, LABEL_SIZE)[0])
+
+
+def seal(key: bytes, *parts: _Buffer, nonce: bytes | None = None) -> bytes:
+    """The MAC field (FIELD bytes) of a frame made of ``parts``, under ``nonce`` (a
+    counted one, :func:`counted`) or a random one."""
+    if nonce is None:
+        nonce = os.urandom(NONCE_SIZE)
     return nonce + tag(key, nonce, *parts) + bytes(4)
 
 
 def matches(key: bytes, field: _Buffer, *parts: _Buffer) -> bool:
-    """Does ``field`` (a frame's MAC field) authenticate ``parts`` under ``key``?"""
+    """Does ``field`` (a frame's MAC field) authenticate ``parts`` under ``key``, with the
+    nonce it carries?  (A frame under a session key must carry the nonce its receiver
+    expects: ``wire.LinkKey`` checks that first.)"""
     field = bytes(field)
     if len(field) != FIELD or field[NONCE_SIZE + TAG_SIZE:] != bytes(4):
         return False

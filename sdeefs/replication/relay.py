@@ -79,6 +79,7 @@ from .wire import (
     Frame,
     FrameReader,
     Hello,
+    LinkKey,
     ProtocolError,
     Redirected,
     decode_error,
@@ -152,7 +153,7 @@ class DownstreamLink:
 
     stream: trio.abc.Stream
     reader: FrameReader
-    key: bytes  # the session key
+    key: LinkKey  # the session key, and the place of the frames either way
     downstream: Downstream
     offload: Offload  # reads the tree of a snapshot
 

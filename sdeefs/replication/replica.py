@@ -108,9 +108,11 @@ from .wire import (
     SKIP,
     SNAPSHOT,
     SNAPSHOT_END,
+    UP,
     Frame,
     FrameReader,
     Hello,
+    LinkKey,
     ProtocolError,
     Refused,
     decode_error,
@@ -664,7 +666,8 @@ class Follower:
     batch_bytes: int = IN_FLIGHT_BYTES
     offload: Offload = attrs.field(factory=Offload)
     resync: bool = False  # ask for a snapshot first (HELLO flag RESYNC)
-    _key: bytes = attrs.field(init=False, default=b"")  # the session's, once greeted
+    # the session's, once greeted (until then a placeholder nothing is sealed with)
+    _key: LinkKey = attrs.field(init=False, factory=lambda: LinkKey(b"", UP))
     # payload bytes in the channel and in the batch being applied:
     _in_flight: int = attrs.field(init=False, default=0)
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)  # _in_flight shrank

@@ -5,14 +5,14 @@ nothing else writes or parses a frame: one encoder (:meth:`Frame.encode`, and
 :func:`encode_write_frames`, which builds the same bytes around file data read straight
 into the frame buffer) and one decoder (:class:`FrameReader` over :meth:`Frame.decode`).
 
-Wire format (version 8)
+Wire format (version 9)
 =======================
 
 Every frame::
 
     header   FRAME_HEADER, 24 bytes, little endian
              magic    4s   b"SDRP"
-             version  u8   7 (see "Versions" below)
+             version  u8   9 (see "Versions" below)
              type     u8   HELLO RECORD ACK ERROR HEAD REDIRECT SNAPSHOT SNAPSHOT_END
              flags    u16  RECORD/SNAPSHOT: MORE (1) = more chunks of this seq follow;
                            RECORD: SKIP (2) = the seqs between the previous frame and
@@ -24,11 +24,19 @@ Every frame::
              crc32    u32  of the header alone (crc field zero): a damaged header (a
                            wrong length) is refused before its payload is read
     payload  ``length`` bytes
-    mac      32 bytes: a random nonce (12), the AES-256-GMAC tag of header + payload
-             under the key and that nonce (16), 4 zero bytes (``mac``: why GMAC)
+    mac      32 bytes: the nonce (12), the AES-256-GMAC tag of header + payload under
+             the key and that nonce (16), 4 zero bytes (``mac``: why GMAC).  Under a
+             session key the nonce is the frame's place on the link: direction (DOWN
+             from the upstream, UP from the replica: 4 bytes) and its number in that
+             direction on this connection (u64, from 0); the receiver expects exactly
+             the next one (:class:`LinkKey`).  Under a HELLO key (the HELLOs, a
+             REDIRECT, a refusal before the session): 12 random bytes
 
 The MAC is what protects the payload: every byte of it is covered, and nothing of a
-frame is used (decoded, applied, relayed) before its MAC was checked.  (Up to version 7
+frame is used (decoded, applied, relayed) before its MAC was checked.  It also binds
+the frame to its place: a frame dropped, replayed, reordered or reflected on the path
+fails where it arrives ("out of sequence on the link"), whatever its type; the seq
+checks below need not see every frame to be sound.  (Up to version 7
 it was HMAC-SHA256(key, header + payload): 4x the CPU of GMAC here, a fifth of a cold
 stream's.)  (Up to version 6
 the CRC covered the payload too: a second pass over every byte on both ends, which
@@ -47,7 +55,8 @@ The two HELLOs are authenticated with the HELLO key K: the shared key (``auth =
 "key"``), or 32 random bytes the replica sends inside a MUNGE credential that only
 uid 0 of the realm can decode (``auth = "munge"``, :mod:`.auth`); every later frame
 with the session key HMAC-SHA256(K, b"sdeefs-replication" + replica nonce + upstream
-nonce), so a frame recorded in one session is worthless in another.
+nonce), so a frame recorded in one session is worthless in another, and within a
+session (version 9) anywhere but at its place.
 
 ==============  =========  ==========================================================
 frame           direction  seq / payload
@@ -61,7 +70,10 @@ HELLO           replica →  seq: first seq wanted.  credential (u16 + bytes: th
                            does not), user (u16 + bytes), node (u16 + bytes).  Its
                            MAC is checked with the K that the credential yields
                            (the credential is read first)
-HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s
+HELLO           ← upstream seq: upstream's head.  nonce 16s, journal id 16s.  This
+                           answer (or a REDIRECT, or an ERROR refusing a HELLO
+                           that decoded) is authenticated with ``answer_key(K,
+                           replica nonce)``: it answers this HELLO and no other
 REDIRECT        ← upstream "host:port" of another upstream to ask (tree fan-out)
 RECORD          ← upstream seq: journal seq.  rtype u16, record length u32, record
                            (``sdeefs.records``), then data for Write records; big
@@ -101,7 +113,10 @@ a replica already holds (a relay forwards the frames it received, cut where its 
 upstream cut them): those are passed over; a run with nothing new (its last seq at or
 below the replica's) is out of sequence, as a plain frame replayed is.
 
-Versions: 8 carries runs of records (RUN) and authenticates frames with AES-GMAC, which
+Versions: 9 numbers every frame under a session key in its nonce (:class:`LinkKey`), which
+a version-8 node would take for a random nonce and so accept a frame moved on the path:
+it is refused by version (the ERROR telling it so carries the GMAC with a random nonce
+it checks).  8 carries runs of records (RUN) and authenticates frames with AES-GMAC, which
 a version-7 node would refuse as damaged: it is refused by version instead (the ERROR
 telling it so carries the HMAC it checks).  7 has the CRC cover the header
 only (the MAC alone covers the payload), so a version-6 node would reject every frame
@@ -144,12 +159,13 @@ import contextlib
 import enum
 import hashlib
 import hmac
+import itertools
 import os
 import re
 import secrets
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import ClassVar
 
 import attrs
@@ -161,10 +177,13 @@ from . import mac
 from .auth import CredentialRefused, HelloAuth
 
 MAGIC = b"SDRP"
-VERSION = 8  # 7 with runs of records in a frame (RUN)
-OLD_VERSIONS = (2, 3, 4, 5, 6, 7)  # same frame header: told in their own version why refused
+VERSION = 9  # 8 with every frame under a session key bound to its place (``LinkKey``)
+OLD_VERSIONS = (2, 3, 4, 5, 6, 7, 8)  # same frame header: told in their own version why refused
 HEADER_CRC = 7  # the first version whose CRC covers the header alone
 GMAC = 8  # the first version whose frames carry an AES-GMAC (``mac``), not an HMAC
+COUNTED = 9  # the first version whose session frames' nonce is their place on the link
+DOWN = b"SDdn"  # the nonce label of frames from an upstream to a replica (``LinkKey``)
+UP = b"SDup"  # ... and of frames from a replica to its upstream
 CODED_ERRORS = 4  # the first version whose ERROR frames carry a code
 HELLO, RECORD, ACK, ERROR, HEAD, REDIRECT, SNAPSHOT, SNAPSHOT_END = range(1, 9)
 FRAME_TYPES = range(1, 9)
@@ -179,6 +198,8 @@ CRC = struct.Struct("<I")  # the header's last field, filled in once the frame i
 MAC_SIZE = 32
 assert MAC_SIZE == mac.FIELD
 mac_field_matches = mac.matches
+_frame_number = mac.number
+NONCE_SIZE_MAC = mac.NONCE_SIZE  # the nonce at the start of a frame's MAC field
 MAX_FRAME_PAYLOAD = 2 << 20
 RECORD_HEAD = struct.Struct("<HI")  # a RECORD/SNAPSHOT payload: rtype, record length
 CHUNK = 1 << 20  # data bytes per RECORD frame
@@ -312,21 +333,84 @@ def session_key(hello_key: bytes, replica_nonce: bytes, upstream_nonce: bytes) -
                     hashlib.sha256).digest()
 
 
-def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: bytes,
+def answer_key(hello_key: bytes, replica_nonce: bytes) -> bytes:
+    """The key of the upstream's answer to a HELLO (its HELLO, a REDIRECT, a refusal):
+    bound to the replica's nonce, so an answer recorded once (a shared key is long-lived)
+    never passes as the answer to another HELLO (an old head to a barrier's query)."""
+    return hmac.new(hello_key, b"sdeefs-answer" + replica_nonce, hashlib.sha256).digest()
+
+
+@attrs.define(eq=False)
+class LinkKey:
+    """One end's session key of a link, and the place of every frame under it (version 9).
+
+    A frame under the session key is sealed with the nonce (direction, number)
+    (``mac.counted``): ``DOWN`` for what the upstream sends, ``UP`` for what the replica
+    sends, and the frame's number in that direction on this connection, from 0.  Each
+    end seals what it sends in the order it sends it and verifies what arrives in the
+    order it arrives (:meth:`Frame.decode`), so a frame dropped, replayed, reordered or
+    reflected on the path fails where it arrives ("out of sequence on the link"),
+    whatever it is: a RECORD before a SKIP frame, a chunk of a big write, a run, a HEAD,
+    an ACK.  A relay re-seals what it forwards, with the key and numbers of each
+    downstream link; every hop is checked by its own receiver.
+
+    An ERROR ends the link and may follow frames that were sealed and never sent (the
+    sender failed with a batch encoded ahead): its number may be ahead of the one due,
+    never behind.  Numbers come from an ``itertools.count`` (atomic under the GIL): no
+    nonce is ever used twice, even by a worker thread abandoned mid-batch.
+
+    Attributes:
+        key: the session key (``session_key``).
+        sends: the label of the frames this end sends (DOWN or UP).
+        received: the number of the next frame due from the peer.
+    """
+
+    key: bytes
+    sends: bytes
+    received: int = 0
+    _numbers: Iterator[int] = attrs.field(init=False, factory=itertools.count)
+
+    @property
+    def receives(self) -> bytes:
+        return UP if self.sends == DOWN else DOWN
+
+    def next_nonce(self) -> bytes:
+        """The nonce of the next frame this end seals."""
+        return mac.counted(self.sends, next(self._numbers))
+
+    def arrived(self, ftype: int, nonce: bytes) -> None:
+        """A frame of type ``ftype`` that authenticated with ``nonce`` arrived: is it the
+        one due?  ProtocolError (out of sequence) otherwise."""
+        number = _frame_number(nonce, self.receives)
+        if number != self.received and not (ftype == ERROR and number is not None
+                                            and number > self.received):
+            where = f"frame {number}" if number is not None else "a frame not numbered for it"
+            raise ProtocolError(f"out of sequence on the link: {where} arrived where frame "
+                                f"{self.received} was due (a frame dropped, replayed or "
+                                "reordered on the path)")
+        self.received = number + 1
+
+
+Key = bytes | LinkKey  # a HELLO key (random nonces), or a session key with its frame numbers
+
+
+def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: Key,
           version: int = VERSION) -> None:
     """Header, CRC and MAC of the frame in ``buf``, whose ``length`` payload bytes are in
     place after the header: the one place a frame is made."""
     end = FRAME_HEADER.size + length
     assert len(buf) == end + MAC_SIZE
     FRAME_HEADER.pack_into(buf, 0, MAGIC, version, ftype, flags, length, seq, 0)
+    nonce = key.next_nonce() if isinstance(key, LinkKey) and version >= COUNTED else None
+    raw = key.key if isinstance(key, LinkKey) else key
     with memoryview(buf) as view:
         covered = view[:FRAME_HEADER.size if version >= HEADER_CRC else end]
         CRC.pack_into(buf, FRAME_HEADER.size - CRC.size, zlib.crc32(covered))
         covered.release()
         if version >= GMAC:
-            view[end:] = mac.seal(key, view[:end])
+            view[end:] = mac.seal(raw, view[:end], nonce=nonce)  # nonce None: random
         else:  # an ERROR to a peer of an old version: the MAC it checks
-            view[end:] = hmac.new(key, view[:end], hashlib.sha256).digest()
+            view[end:] = hmac.new(raw, view[:end], hashlib.sha256).digest()
 
 
 def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
@@ -367,7 +451,7 @@ class Frame:
         only those two may carry a view)."""
         return self.payload if isinstance(self.payload, bytes) else bytes(self.payload)
 
-    def encode(self, key: bytes, version: int = VERSION) -> bytearray:
+    def encode(self, key: Key, version: int = VERSION) -> bytearray:
         """The frame on the wire.  ``version`` other than VERSION only for an ERROR frame
         telling a peer of an old version (OLD_VERSIONS: same header) why it is refused."""
         if len(self.payload) > MAX_FRAME_PAYLOAD:
@@ -378,16 +462,20 @@ class Frame:
         return buf
 
     @classmethod
-    def decode(cls, header: bytes, payload: Payload, mac: bytes, key: bytes) -> Frame:
-        """A received frame, its header's CRC and the MAC of all of it verified;
-        ProtocolError otherwise.  ``payload`` may be a view of the reader's buffer (the
-        bulk of a stream, not copied): it stays one for RECORD and SNAPSHOT frames, the
-        payload of any other is made bytes."""
+    def decode(cls, header: bytes, payload: Payload, mac: bytes, key: Key) -> Frame:
+        """A received frame, its header's CRC and the MAC of all of it verified, and under a
+        session key (``LinkKey``) its place on the link; ProtocolError otherwise.
+        ``payload`` may be a view of the reader's buffer (the bulk of a stream, not
+        copied): it stays one for RECORD and SNAPSHOT frames, the payload of any other is
+        made bytes."""
         ftype, flags, length, seq, _ = _decode_header(header)
         if len(payload) != length or len(mac) != MAC_SIZE:
             raise ProtocolError("frame truncated")
-        if not mac_field_matches(key, mac, header, payload):
+        raw = key.key if isinstance(key, LinkKey) else key
+        if not mac_field_matches(raw, mac, header, payload):
             raise ProtocolError("frame authentication failed")
+        if isinstance(key, LinkKey):
+            key.arrived(ftype, mac[:NONCE_SIZE_MAC])
         if ftype not in (RECORD, SNAPSHOT) and not isinstance(payload, bytes):
             payload = bytes(payload)
         return cls(ftype, seq, payload, flags)
@@ -471,7 +559,7 @@ class FrameReader:
             have += got
         return view
 
-    async def frame(self, key: bytes) -> Frame:
+    async def frame(self, key: Key) -> Frame:
         """The next verified frame; EOFError at a clean end of stream."""
         return Frame.decode(*await self._raw_frame(), key)
 
@@ -523,7 +611,7 @@ class FrameReader:
 # -- ERROR -----------------------------------------------------------------------------------
 
 
-def encode_error(exc: BaseException, key: bytes, seq: int = 0, version: int = VERSION
+def encode_error(exc: BaseException, key: Key, seq: int = 0, version: int = VERSION
                  ) -> bytearray:
     """The ERROR frame telling the peer why the link ends (``exc``'s code and message).
 
@@ -620,7 +708,7 @@ class Session:
 
     head: int
     journal_id: bytes
-    key: bytes
+    key: LinkKey
 
 
 async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: HelloAuth,
@@ -629,7 +717,7 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: Hel
     as its type (``decode_error``), or ProtocolError."""
     credential, k = await auth.credential()
     await stream.send_all(encode_hello(hello, credential).encode(k))
-    answer = await reader.frame(k)
+    answer = await reader.frame(answer_key(k, hello.nonce))
     if answer.type == REDIRECT:
         address = answer.body.decode(errors="replace")
         try:
@@ -643,16 +731,17 @@ async def send_hello(stream: trio.abc.SendStream, reader: FrameReader, auth: Hel
         raise ProtocolError("the upstream did not answer HELLO")
     reader.trust()
     return Session(answer.seq, answer.body[NONCE_SIZE:],
-                   session_key(k, hello.nonce, answer.body[:NONCE_SIZE]))
+                   LinkKey(session_key(k, hello.nonce, answer.body[:NONCE_SIZE]), UP))
 
 
 async def answer_hello(stream: trio.abc.SendStream, hello_key: bytes, hello: Hello, head: int,
-                       journal_id: bytes) -> bytes:
+                       journal_id: bytes) -> LinkKey:
     """The upstream's side of the handshake: answer ``hello`` (authenticated with
-    ``hello_key``, its K); return the session key."""
+    ``hello_key``, its K; the answer with ``answer_key``); return the session key."""
     nonce = secrets.token_bytes(NONCE_SIZE)
-    await stream.send_all(Frame(HELLO, head, nonce + journal_id).encode(hello_key))
-    return session_key(hello_key, hello.nonce, nonce)
+    await stream.send_all(Frame(HELLO, head, nonce + journal_id).encode(
+        answer_key(hello_key, hello.nonce)))
+    return LinkKey(session_key(hello_key, hello.nonce, nonce), DOWN)
 
 
 def encode_report(report: list[tuple[str, int]]) -> bytes:
@@ -742,7 +831,7 @@ def record_frames(seq: int, record: rec.Record, data: bytes | None,
     return frames
 
 
-def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: bytes,
+def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: Key,
                         first_flags: int = 0) -> list[bytearray]:
     """The encoded RECORD frames of a Write record, its data read from ``fd`` straight into
     the frame buffers (no copy of the data: this is the bulk of a stream).
@@ -799,7 +888,7 @@ class RunEncoder:
     :meth:`add` a record's payload with its seq and flags; encoded frames are appended to
     the ``out`` list given.  A run of one record is sent as a plain RECORD frame."""
 
-    key: bytes
+    key: Key
     _parts: list[bytes] = attrs.field(factory=list)
     _single: tuple[int, int, bytes] | None = None
     _count: int = 0

@@ -2,7 +2,8 @@
 applyreview): what a peer's bytes can do to a replica through a RUN frame, the C path
 (``sdeefs/replication/_applyc.c``) and the frame MAC.
 
-Each test names what it guards; those marked as findings failed on ddadbe1."""
+Each test names what it guards; those marked as findings failed on ddadbe1 (or where
+they say)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from sdeefs.replication.wire import (
     record_frames,
 )
 
-from .test_protocol import ALICE, ALICE_OWNER, USER
+from .test_protocol import ALICE, ALICE_OWNER, USER, _hostile_session
 
 NATIVE = [pytest.param(True, marks=pytest.mark.skipif(
     applier._applyc is None, reason="sdeefs.replication._applyc is not built")), False]
@@ -65,24 +66,31 @@ def test_a_setattr_size_past_off_t_is_skipped_not_a_crash(tmp_path: Path, how: s
     replica.close()
 
 
-@pytest.mark.xfail(strict=True, reason="finding, not fixed: a frame (or a whole run) "
-                   "dropped by a man in the middle just before a SKIP frame goes unnoticed: "
-                   "the MAC binds no frame order (random nonce, no counter) and SKIP says "
-                   "only 'markers came before me', not from which seq")
+@pytest.mark.expect_log("sdeefs.replication.replica")
 @pytest.mark.parametrize("run", [False, True])
-def test_a_frame_dropped_before_a_skip_frame_is_noticed(tmp_path: Path, run: bool) -> None:
-    """The origin sends Mknod (1), leaves out its Done (2) and sends the next record (3)
-    with SKIP.  Someone on the path drops frame 1 (TCP segments rewritten: the MAC of
-    every frame that arrives is intact).  The replica must not take 3 as following 0:
-    record 1 would be lost for good (its position is written past it)."""
-    replica = Replica.open(str(tmp_path / USER), ALICE)
-    mkdir = encode_record_payload(rec.Mkdir(b"upper/d", 0o755, *ALICE_OWNER))
-    third = Frame(RECORD, 3, _entry(3, SKIP, mkdir), RUN) if run else \
-        Frame(RECORD, 3, mkdir, SKIP)
+async def test_a_frame_dropped_before_a_skip_frame_is_noticed(tmp_path: Path, run: bool) -> None:
+    """Finding (failed on main before wire version 9, branch wireseq): the origin sends
+    Mkdir (1), leaves out its Done (2) and sends the next record (3) with SKIP.  Someone
+    on the path drops frame 1 (TCP segments rewritten: the MAC of every frame that
+    arrives is intact).  The replica took 3 as following 0 and wrote its position past
+    record 1: lost for good.  Now every frame's MAC binds its place on the link
+    (``wire.LinkKey``): frame 3 arrives where the first frame was due, and nothing of
+    it is applied."""
+    first = encode_record_payload(rec.Mkdir(b"upper/one", 0o755, *ALICE_OWNER))
+    third = encode_record_payload(rec.Mkdir(b"upper/three", 0o755, *ALICE_OWNER))
+    frames = [Frame(RECORD, 1, _entry(1, 0, first), RUN), Frame(RECORD, 3, _entry(3, SKIP, third),
+                                                                    RUN)] if run else \
+        [Frame(RECORD, 1, first), Frame(RECORD, 3, third, SKIP)]
+
+    def build(key: bytes) -> bytes:
+        sent = [frame.encode(key) for frame in frames]  # sealed in order by the sender
+        return bytes(sent[1])  # ... and the first dropped on the path
+
+    replica, error = await _hostile_session(tmp_path, build, ALICE)
     try:
-        with pytest.raises(ProtocolError, match="out of sequence"):
-            _apply_batch(replica, [third])
+        assert "out of sequence" in error
         assert replica.applied == 0
+        assert os.listdir(tmp_path / "replicas" / USER / "upper") == []
     finally:
         replica.close()
 

@@ -25,7 +25,10 @@ from sdeefs.replication.wire import (
     RUN_BYTES,
     RUN_ENTRY,
     SKIP,
+    UP,
     Frame,
+    Key,
+    LinkKey,
     ProtocolError,
     RunEncoder,
     decode_record_payload,
@@ -46,7 +49,7 @@ from .test_protocol import (
 )
 
 
-def _runs(history: Sequence[tuple[int, rec.Record, bytes | None]], key: bytes = KEY,
+def _runs(history: Sequence[tuple[int, rec.Record, bytes | None]], key: Key = KEY,
           flags: dict[int, int] | None = None) -> list[bytearray]:
     """``history`` as an origin sends it: small records in runs, big writes alone."""
     out: list[bytes | bytearray] = []
@@ -94,11 +97,11 @@ async def test_a_run_with_one_flipped_bit_is_refused_and_nothing_applied(
     applies none of them (nor anything after it)."""
     history = [(seq, rec.Mkdir(b"upper/d%d" % seq, 0o755, 0, 0), None) for seq in range(1, 9)]
     for flip in (FRAME_HEADER.size + RUN_ENTRY.size + 3, FRAME_HEADER.size + 200):
-        def build(key: bytes, flip: int = flip) -> bytes:
+        def build(key: LinkKey, flip: int = flip) -> bytes:
             wire = _runs(history, key)
             assert len(wire) == 1
             assert Frame.decode(bytes(wire[0][:24]), bytes(wire[0][24:-32]),
-                                bytes(wire[0][-32:]), key).flags == RUN
+                                bytes(wire[0][-32:]), LinkKey(key.key, UP)).flags == RUN
             wire[0][flip] ^= 0x04
             return bytes(wire[0])
 

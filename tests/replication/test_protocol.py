@@ -776,12 +776,13 @@ async def test_a_replica_starts_over_on_the_diverged_code_not_on_the_text(
         replica.close()
 
 
-@pytest.mark.parametrize("old", [2, 3, 6, 7])
+@pytest.mark.parametrize("old", [2, 3, 6, 7, 8])
 async def test_an_upstream_of_an_old_wire_version_is_one_clear_error(tmp_path: Path,
                                                                     old: int) -> None:
     """A replica talking to an upstream of version 2 (records with u16 path lengths), 3
-    (ERRORs without a code), 6 (a CRC over the payload) or 7 (no runs of records): its
-    first frame is refused by version, never parsed."""
+    (ERRORs without a code), 6 (a CRC over the payload), 7 (no runs of records) or 8
+    (frames not bound to their place): its first frame is refused by version, never
+    parsed."""
     left, right = trio.testing.memory_stream_pair()
     old_error = Frame(ERROR, 0, b"unsupported protocol version 4").encode(KEY, version=old)
     await left.send_all(old_error)
@@ -859,7 +860,7 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
     one of their slots, a full pool of waiters would stop the snapshot for good."""
     from sdeefs.replication.daemon import Daemon, DaemonConfig
     from sdeefs.replication.relay import DownstreamLink, RelayBuffer, RelaySender
-    from sdeefs.replication.wire import SNAPSHOT, SNAPSHOT_END
+    from sdeefs.replication.wire import DOWN, SNAPSHOT, SNAPSHOT_END, UP, LinkKey
 
     daemon = Daemon(DaemonConfig(node="n1", auth=AUTH))
     replica = Replica.open(str(tmp_path / USER))
@@ -867,23 +868,24 @@ async def test_a_relay_snapshot_never_waits_for_a_thread_slot_held_by_its_lock_w
     _accept_all(replica, [(1, rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, 0, 0), None),
                           (2, rec.Write(b"upper/f", b"", 0, size), os.urandom(size))])
     left, right = trio.testing.lockstep_stream_pair()  # a send waits until it is read
-    link = DownstreamLink(left, FrameReader(left), KEY, Downstream("n2", USER),
+    link = DownstreamLink(left, FrameReader(left), LinkKey(KEY, DOWN), Downstream("n2", USER),
                           daemon.locked_reads)  # as the daemon serves a relayed follower
     sender = RelaySender(link, replica, RelayBuffer(1 << 20), LinkStats(), 0, daemon.offload)
     reader = FrameReader(right)
     reader.trust()  # the follower's end, past its (here omitted) handshake
+    key = LinkKey(KEY, UP)
     finished = False
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender.run)
-            assert (await reader.frame(KEY)).type == SNAPSHOT  # the lock is held now
+            assert (await reader.frame(key)).type == SNAPSHOT  # the lock is held now
             slots = int(daemon.offload.limiter.total_tokens)
             for _ in range(slots):  # every slot: a thread waiting for the lock
                 nursery.start_soon(daemon.offload.run, replica.locked, replica.sync)
             await trio.testing.wait_all_tasks_blocked()
             assert daemon.offload.limiter.borrowed_tokens == slots
             with trio.move_on_after(10):
-                while (await reader.frame(KEY)).type != SNAPSHOT_END:
+                while (await reader.frame(key)).type != SNAPSHOT_END:
                     pass
                 finished = True
             nursery.cancel_scope.cancel()  # a stuck snapshot lets go of the lock when cancelled
