@@ -426,7 +426,7 @@ class JournalSender:
                 flags = SKIP if self.skipped else 0
                 self.skipped = False
                 for frame in record_frames(entry.seq, record, data or None):
-                    out.append(attrs.evolve(frame, flags=flags).encode(self.link.key))
+                    out.append(attrs.evolve(frame, flags=frame.flags | flags).encode(self.link.key))
                     flags = 0
                 size += len(data or b"") + 64
                 continue

@@ -192,6 +192,26 @@ def test_new_files_travel_as_create_records_and_the_replica_converges(
     assert site.replay_diff() == []
 
 
+@requires_kernel
+def test_an_extent_bigger_than_a_frame_reaches_the_replica_whole(
+        nodes: tuple[Site, Path]) -> None:
+    """An Extent's data travels in MORE-chained frames of wire.CHUNK bytes, SKIP on the
+    first only: the origin once set the first frame's flags over its MORE, so the replica
+    took the first MiB for the whole record, refused the next chunk as out of sequence,
+    resumed past the record, and reached the barrier with the file cut short."""
+    site, base = nodes
+    site.start("--quiet", "30", "--max-delay", "30")  # one batch, when the barrier asks
+    barrier(base)
+    (site.mnt / "m1").mkdir()  # metadata before it: the Extent's first frame says SKIP
+    big = os.urandom((3 << 20) + 12345)
+    (site.mnt / "big").write_bytes(big)
+    barrier(base)
+    assert any(isinstance(e.record, rec.Extent) and e.record.length > (1 << 20)
+               for e in site.journal().read(1))
+    assert (base / "replicas" / USER / "upper" / "big").read_bytes() == big
+    assert diff(site, base) == []
+
+
 # -- the rules, record by record ------------------------------------------------------------
 
 
