@@ -4,6 +4,7 @@ Usage (as root)::
 
     .venv/bin/python bench/deploy/coldcpu.py [--size 1G] [--runs 2]
         [--engine passthrough|kernel] [--baseline TREE] [--perf DIR] [--profile DIR]
+        [--work DIR] [--port N]
 
 The journal is made once per data set and engine (``bench/deploy``'s data set, under
 ``/var/tmp/sdeefs-deploy-data``): ``rsync -a --inplace`` of it into a journaling
@@ -217,6 +218,7 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
 
 
 def main() -> int:
+    global WORK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
     parser.add_argument("--runs", type=int, default=2)
@@ -225,7 +227,11 @@ def main() -> int:
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--port", type=int, default=7391)
     parser.add_argument("--engine", choices=("passthrough", "kernel"), default="passthrough")
+    parser.add_argument("--work", type=Path, default=WORK,
+                        help=f"journals, runs and the replica's disk (default {WORK}; "
+                        "another directory and --port for runs beside someone else's)")
     args = parser.parse_args()
+    WORK = args.work
     root = build(args.size, args.engine)
     print(json.dumps({"engine": args.engine, "size": args.size,
                       "journal": histogram(str(root / USER / "state"))}), flush=True)
