@@ -3,12 +3,18 @@
 Usage (as root)::
 
     .venv/bin/python bench/deploy/coldcpu.py [--size 1G] [--runs 2]
-        [--baseline TREE] [--perf DIR] [--profile DIR]
+        [--engine passthrough|kernel] [--baseline TREE] [--perf DIR] [--profile DIR]
+        [--work DIR] [--port N]
 
-The journal is made once per data set (``bench/deploy``'s, under
+The journal is made once per data set and engine (``bench/deploy``'s data set, under
 ``/var/tmp/sdeefs-deploy-data``): ``rsync -a --inplace`` of it into a journaling
-passthrough mount, as ``bench/deploy``'s sdeefs methods do; kept in
-``/var/tmp/sdeefs-coldcpu/SIZE``.  Each run then starts ``sdeefs-replicad --origin`` on it
+passthrough mount, as ``bench/deploy``'s ``sdeefs-cold`` does (``--engine
+passthrough``, the default: Mknod/Write/Setattr records), or into the default engine's
+login view (``--engine kernel``: kernel overlayfs on the user's layer image with the
+capture running, ``bench/deploy/kernelview.py``; Create and Extent records, data read
+from the layer at send time), up to the capture's barrier; kept in
+``/var/tmp/sdeefs-coldcpu/SIZE`` (``SIZE-kernel``).  The journal's record histogram is
+printed first.  Each run then starts ``sdeefs-replicad --origin`` on it
 and ``sdeefs-replicad --replica-dir`` (a fresh, empty replica on a journaled ext4 image,
 ``compute_fs``) over 127.0.0.1 and times the
 prolog's ``follow --wait``; reported per daemon: CPU seconds (user + system, every
@@ -37,7 +43,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench.deploy.kernelview import KernelView, histogram  # noqa: E402
+from sdeefs.fs import image  # noqa: E402
 from sdeefs.replication.daemon import control_request  # noqa: E402
+from sdeefs.statedir import UserDirs  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 DATA = Path("/var/tmp/sdeefs-deploy-data")
@@ -51,7 +60,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
 
 
-def build(size: str) -> Path:
+def build(size: str, engine: str) -> Path:
+    if engine == "kernel":
+        return build_kernel(size)
     root = WORK / size / "login"
     done = WORK / size / "built"
     if done.exists():
@@ -67,6 +78,28 @@ def build(size: str) -> Path:
                         f"{DATA / size / 'tree'}/", f"{mnt}/upper/"], check=True)
     finally:
         subprocess.run([VENV_BIN / "sdeefs", "umount", mnt], check=True)
+    done.touch()
+    return root
+
+
+def build_kernel(size: str) -> Path:
+    """The journal of the default engine: the data set copied into a kernel-engine login
+    view with its capture running, up to the capture's barrier; the capture is then
+    stopped cleanly and the layer left mounted (the origin reads the data from it)."""
+    base = WORK / f"{size}-kernel"
+    root, done = base / "login", base / "built"
+    view = KernelView(root, USER, base / "mnt")
+    if done.exists():
+        return root
+    view.remove()
+    shutil.rmtree(base, ignore_errors=True)
+    view.open()
+    try:
+        subprocess.run(["rsync", "-a", "--inplace", "--no-whole-file",
+                        f"{DATA / size / 'tree'}/", f"{view.mnt}/"], check=True)
+        view.barrier()
+    finally:
+        view.close()
     done.touch()
     return root
 
@@ -115,8 +148,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def live_upper(root: Path) -> str:
+    """The upper the journal describes (the layer image's, mounted, for the kernel engine)."""
+    dirs = UserDirs.of(str(root), USER)
+    if os.path.exists(dirs.image):
+        image.mount_image(dirs.image, dirs.layer)
+    return dirs.live()[0]
+
+
 def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
-            profile: Path | None, run: int) -> dict[str, object]:
+            profile: Path | None, run: int, engine: str) -> dict[str, object]:
     work = WORK / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -132,7 +173,7 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
         argv = [str(VENV_BIN / "python")]
         if profile is not None:
             argv += [str(Path(__file__).with_name("profiled.py")),
-                     str(profile / f"{label}-{side}-{run}.prof")]
+                     str(profile / f"{label}-{engine}-{side}-{run}.prof")]
         else:
             argv += ["-c", "import sys; from sdeefs.replication.daemon import main; "
                      "sys.exit(main())"]
@@ -150,7 +191,7 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
         if perf is not None:
             recorder = subprocess.Popen(
                 ["perf", "record", "-q", "-g", "-F", "499", "-o",
-                 str(perf / f"{label}-{run}.data"), "-p",
+                 str(perf / f"{label}-{engine}-{run}.data"), "-p",
                  f"{procs['login'].pid},{procs['compute'].pid}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
@@ -166,16 +207,18 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
             recorder.wait()
         for proc in procs.values():
             stop(proc)
-    check = subprocess.run(["diff", "-rq", "--no-dereference", str(root / USER / "upper"),
+    check = subprocess.run(["diff", "-rq", "--no-dereference", live_upper(root),
                             str(replicas / USER / "upper")], capture_output=True,
                            text=True)
-    return {"release": label, "wall": round(wall, 2), "origin_cpu": round(cpu["login"], 2),
+    return {"release": label, "engine": engine, "wall": round(wall, 2),
+            "origin_cpu": round(cpu["login"], 2),
             "replica_cpu": round(cpu["compute"], 2), "barrier": reply.get("barrier"),
             "identical": check.returncode == 0 and not check.stdout,
             "load": os.getloadavg()[0]}
 
 
 def main() -> int:
+    global WORK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
     parser.add_argument("--runs", type=int, default=2)
@@ -183,8 +226,15 @@ def main() -> int:
     parser.add_argument("--perf", type=Path)
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--port", type=int, default=7391)
+    parser.add_argument("--engine", choices=("passthrough", "kernel"), default="passthrough")
+    parser.add_argument("--work", type=Path, default=WORK,
+                        help=f"journals, runs and the replica's disk (default {WORK}; "
+                        "another directory and --port for runs beside someone else's)")
     args = parser.parse_args()
-    root = build(args.size)
+    WORK = args.work
+    root = build(args.size, args.engine)
+    print(json.dumps({"engine": args.engine, "size": args.size,
+                      "journal": histogram(str(root / USER / "state"))}), flush=True)
     compute_fs()
     for out in (args.perf, args.profile):
         if out is not None:
@@ -193,7 +243,8 @@ def main() -> int:
     try:
         for run in range(args.runs):
             for label, tree in releases:
-                result = one_run(root, label, tree, args.port, args.perf, args.profile, run)
+                result = one_run(root, label, tree, args.port, args.perf, args.profile, run,
+                                 args.engine)
                 print(json.dumps(result), flush=True)
     finally:
         subprocess.run(["umount", str(WORK / "compute")], check=False)

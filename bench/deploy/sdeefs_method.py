@@ -17,6 +17,12 @@ login node for its head and wait until the replica holds it.
 * ``sdeefs-cold``: the node starts following only at job start and receives the whole
   history then (the worst case: no pre-streaming at all).
 
+* ``sdeefs-cold-kernel``: ``sdeefs-cold`` from the default engine's login view: the
+  user's changes go into kernel overlayfs on their layer image with the capture running
+  (``bench/deploy/kernelview.py``: the launcher's own calls), whose journal holds Create
+  and Extent records (data read from the layer at send time); the head query drains the
+  capture, as a login's barrier does.
+
 * ``sdeefs-cold-base``: ``sdeefs-cold`` run by another release of sdeefs, for a before/after
   comparison in one run (interleaved with the others, under the same load): set
   ``SDEEFS_DEPLOY_BASELINE`` to a source tree of that release (``git archive`` of the
@@ -36,6 +42,7 @@ import time
 from pathlib import Path
 
 from bench.deploy.harness import DeployFailed, DeployMethod, Measurement, Net, Spawned, settle
+from bench.deploy.kernelview import KernelView
 from sdeefs.replication.daemon import control_request
 
 USER = "benchuser"
@@ -44,16 +51,22 @@ VENV_BIN = Path(sys.executable).parent
 
 
 class SdeefsMethod:
-    def __init__(self, prestream: bool, baseline: str = "") -> None:
+    def __init__(self, prestream: bool, baseline: str = "", kernel: bool = False) -> None:
         self.prestream = prestream
         self.baseline = baseline
+        self.kernel = kernel
         # every method's daemons stay up: a port each
-        self.port = PORT if prestream else PORT + 1 if not baseline else PORT + 2
-        self.name = "sdeefs" if prestream else "sdeefs-cold" if not baseline \
-            else "sdeefs-cold-base"
+        self.port = PORT + 3 if kernel else PORT if prestream else PORT + 1 if not baseline \
+            else PORT + 2
+        self.name = "sdeefs-cold-kernel" if kernel else "sdeefs" if prestream \
+            else "sdeefs-cold" if not baseline else "sdeefs-cold-base"
         self.env = {**os.environ, "PYTHONPATH": baseline} if baseline else None
+        self._view: KernelView | None = None
         self.description = (
-            "journaling passthrough mount + `sdeefs-replicad --origin` (login ns) → "
+            ("the default engine's login view (kernel overlayfs on the layer image, the "
+             "capture running: Create/Extent records)" if kernel
+             else "journaling passthrough mount")
+            + " + `sdeefs-replicad --origin` (login ns) → "
             "`sdeefs-replicad --replica-dir` (compute ns); timed: the prolog's `follow "
             "--wait` after the user changed the upper (rsync --inplace into the mount, "
             "untimed); " + ("replica following all along (pre-streamed)" if prestream
@@ -124,10 +137,16 @@ class SdeefsMethod:
         """A new user history: empty upper, empty journal, replica and daemons restarted."""
         self._stop("replica")
         self._stop("origin")
+        self._close_view()
         if os.path.ismount(self._mnt):
             subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=True, env=self.env)
         shutil.rmtree(self._login_root, ignore_errors=True)
         shutil.rmtree(self._work / "replicas", ignore_errors=True)
+        if self.kernel:
+            self._view = KernelView(self._login_root, USER, self._mnt)
+            self._view.open()
+            self._origin = self._daemon("login")
+            return
         upper = self._login_root / USER / "upper"
         state = self._login_root / USER / "state"
         for path in (upper, state / "work", self._mnt):
@@ -147,9 +166,9 @@ class SdeefsMethod:
             self._reset()
             self._src = src
         # The user changes the environment (untimed): only changed blocks are written.
+        into = f"{self._mnt}/" if self.kernel else f"{self._mnt}/upper/"
         result = subprocess.run(["rsync", "-a", "--inplace", "--no-whole-file", "--delete",
-                                 f"{src}/", f"{self._mnt}/upper/"], capture_output=True,
-                                text=True)
+                                 f"{src}/", into], capture_output=True, text=True)
         if result.returncode != 0:
             raise DeployFailed(f"rsync into the mounted upper: {result.stderr.strip()[-300:]}")
         if self._replica is None:
@@ -171,15 +190,22 @@ class SdeefsMethod:
         info = replicas.get(USER) if isinstance(replicas, dict) else None
         return int(info["bytes_received"]) if info else 0
 
+    def _close_view(self) -> None:
+        if self._view is not None:
+            self._view.remove()
+            self._view = None
+
     def teardown(self) -> None:
         self._stop("replica")
         self._stop("origin")
+        self._close_view()
         if os.path.ismount(self._mnt):
             subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=False,
                            env=self.env)
         shutil.rmtree(self._login_root, ignore_errors=True)
 
 
-METHODS: list[DeployMethod] = [SdeefsMethod(prestream=True), SdeefsMethod(prestream=False)]
+METHODS: list[DeployMethod] = [SdeefsMethod(prestream=True), SdeefsMethod(prestream=False),
+                               SdeefsMethod(prestream=False, kernel=True)]
 if os.environ.get("SDEEFS_DEPLOY_BASELINE"):
     METHODS.append(SdeefsMethod(prestream=False, baseline=os.environ["SDEEFS_DEPLOY_BASELINE"]))

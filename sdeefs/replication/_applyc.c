@@ -1,7 +1,8 @@
 /* sdeefs.replication._applyc: a replica's most common records applied in C (issue 16).
  *
  * A cold stream is tens of thousands of records, nearly all of three kinds: Mknod of a
- * regular file, Write, Setattr of a file just made.  Decoding each into a Python
+ * regular file, Write, Setattr of a file just made; from the default (kernel) engine's
+ * capture, Create: a small file whole, in one record.  Decoding each into a Python
  * object, judging it and applying it through os.* cost more CPU than the syscalls
  * (bench/RESULTS.md, branch coldfast).  This module takes those three off the Python
  * path, for the batch applier (sdeefs/replication/applier.py) only:
@@ -30,6 +31,16 @@
  *   Write (11)   handle at most 136 bytes, offset + length < 2^62, data at most length
  *   Setattr (8)  mask within SET_ALL, mode within 07777, size below 2^63, owner (with
  *                SET_OWNER) one of the user's; only of a file the applier holds open
+ *   Create (21)  path and owner as Mknod, mode exactly S_IFREG | permission bits,
+ *                handle at most 136 bytes, NO xattrs (an empty list: xattrs are judged
+ *                one by one in Python), data at most MAX_INLINE bytes, nothing after
+ *                the record; and only if the file is new: its parent is resolved (an
+ *                OSError there) or ``O_CREAT|O_EXCL`` fails (it exists: replayed after
+ *                a crash) -> not taken, Python applies it as the records it means
+ *                (``records.Create.expand``) with their own reasons.  Taken, it is
+ *                what that expansion does to a new file: created (perm), chown,
+ *                chmod, the data written at 0, truncated to its length, mtime set
+ *                (atime left as is); the file is then held, as after a Mknod.
  *
  * ``uids``/``gids`` None: the user is not known here (replicable.NOBODY: owners are not
  * checked); otherwise tuples of (start, stop) ranges (replicable.UserIds, step 1).
@@ -54,6 +65,8 @@
 #define T_MKNOD 2
 #define T_SETATTR 8
 #define T_WRITE 11
+#define T_CREATE 21
+#define MAX_INLINE 65536
 #define RECORD_HEAD 6
 #define MAX_PATH (1 << 16)
 #define MAX_BLOB 65536
@@ -342,6 +355,52 @@ static int setattr_fd(int fd, uint32_t mask, uint32_t mode, uint32_t uid, uint32
     return 0;
 }
 
+/* A Create of a new file (see the top comment); 1 taken, 0 not taken (nothing done:
+ * at most a directory resolved and cached), -1 an exception. */
+static int create_file(PyObject *dirs, PyObject *applier, PyObject *path_obj,
+                       const unsigned char *path, size_t slash, size_t len, uint32_t perm,
+                       uint32_t uid, uint32_t gid, const unsigned char *data, size_t data_len,
+                       int64_t mtime)
+{
+    int parent = dir_fd(dirs, applier, path, slash);
+    if (parent < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OSError))
+            return -1;
+        PyErr_Clear(); /* Python resolves it again and says why */
+        return 0;
+    }
+    PyObject *name = PyBytes_FromStringAndSize((const char *)path + slash + 1,
+                                               (Py_ssize_t)(len - slash - 1));
+    if (name == NULL)
+        return -1;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = openat(parent, PyBytes_AS_STRING(name),
+                O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, perm);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(name);
+    if (fd < 0)
+        return 0; /* it exists, or cannot be made: Python's way, with its reasons */
+    PyObject *held = PyObject_CallMethod(applier, "_hold", "Oi", path_obj, fd);
+    if (held == NULL) {
+        close(fd);
+        return -1;
+    }
+    Py_DECREF(held);
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = fchown(fd, uid, gid) || fchmod(fd, perm); /* chmod after chown: set-ID bits */
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        os_error(NULL);
+        return -1;
+    }
+    if (write_all(fd, data, data_len, 0)
+        || setattr_fd(fd, SET_SIZE | SET_MTIME, 0, 0, 0, data_len, 0, mtime))
+        return -1;
+    return 1;
+}
+
 static PyObject *apply(PyObject *self, PyObject *args)
 {
     Py_buffer buf;
@@ -373,7 +432,7 @@ static PyObject *apply(PyObject *self, PyObject *args)
     size_t data_len = total - RECORD_HEAD - rlen;
     const unsigned char *path;
     size_t path_len, slash;
-    if (rtype != T_MKNOD && rtype != T_WRITE && rtype != T_SETATTR)
+    if (rtype != T_MKNOD && rtype != T_WRITE && rtype != T_SETATTR && rtype != T_CREATE)
         goto done;
     if (get_path(&c, &path, &path_len) || !safe_path(path, path_len, &slash))
         goto done;
@@ -430,6 +489,33 @@ static PyObject *apply(PyObject *self, PyObject *args)
         if (fd < 0 || write_all(fd, data, data_len, offset))
             goto error;
         result = Py_True;
+    } else if (rtype == T_CREATE) {
+        uint32_t mode, uid, gid, handle_len, xattrs_len, inline_len;
+        uint64_t mtime;
+        const unsigned char *handle, *inline_data;
+        if (get_u32(&c, &mode) || get_u32(&c, &uid) || get_u32(&c, &gid)
+            || get_u64(&c, &mtime) || get_u32(&c, &handle_len) || handle_len > MAX_HANDLE
+            || take(&c, handle_len, &handle) || get_u32(&c, &xattrs_len) || xattrs_len
+            || get_u32(&c, &inline_len) || inline_len > MAX_INLINE
+            || take(&c, inline_len, &inline_data) || c.left || data_len
+            || (mode & ~07777u) != S_IFREG)
+            goto done;
+        (void)handle; /* applied by path, as the batch applier does */
+        int ok = owner_ok(uids, gids, uid, gid);
+        if (ok < 0)
+            goto error;
+        if (!ok)
+            goto done;
+        path_obj = PyBytes_FromStringAndSize((const char *)path, (Py_ssize_t)path_len);
+        if (path_obj == NULL)
+            goto error;
+        int made = create_file(dirs, applier, path_obj, path, slash, path_len,
+                               mode & 07777 & ~06000u, uid, gid, inline_data, inline_len,
+                               (int64_t)mtime);
+        if (made < 0)
+            goto error;
+        if (made)
+            result = Py_True;
     } else { /* T_SETATTR */
         uint32_t mask, mode, uid, gid;
         uint64_t size, atime, mtime;

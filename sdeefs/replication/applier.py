@@ -30,9 +30,10 @@ names; so does replacing the layer root: a snapshot, a reset) and the record goe
 per-record way (``snapshot.apply_from_peer``), position and
 in-flight rename rules included.
 
-The commonest of them (a regular file's ``Mknod``, ``Write``, ``Setattr`` of a file held)
-are applied in C when the extension is built (``_applyc``, :meth:`BatchApplier.take`):
-straight from the RECORD payload, without a Python object per record.  It only *takes*
+The commonest of them (a regular file's ``Mknod``, ``Write``, ``Setattr`` of a file held;
+the kernel engine's ``Create`` of a new file without xattrs) are applied in C when the
+extension is built (``_applyc``, :meth:`BatchApplier.take`): straight from the RECORD
+payload, without a Python object per record.  It only *takes*
 a record it is certain the Python path would accept and carry (its comment lists the
 conditions), and applies it with the same syscalls in the same order, resolving
 directories through the same Python method; everything else, doubtful or hostile,

@@ -44,6 +44,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -70,8 +71,11 @@ from ..sysio import (
 from ..writeahead import open_write_data
 from .relay import IDLE_HEAD, Downstream, DownstreamLink, Downstreams
 from .wire import (
+    FRAME_HEADER,
     HEAD,
+    MAC_SIZE,
     NO_ID,
+    RECORD_HEAD,
     RESYNC,
     RUN_WRITE,
     SKIP,
@@ -85,9 +89,13 @@ from .wire import (
     encode_record_payload,
     encode_write_frames,
     open_link_tasks,
-    record_frames,
     write_record_payload,
 )
+
+try:  # block sums with libsodium, the GIL released (sdeefs/fs/_capturec.c); optional
+    from ..fs import _capturec
+except ImportError:  # pragma: no cover
+    _capturec = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -294,11 +302,14 @@ def without_aborted(entries: list[Entry], new: list[Entry] | None = None) -> lis
             and not isinstance(e.record, rec.Void) else e for e in joined]
 
 
-def extent_blocks_ok(record: rec.Extent, data: bytes, later: list[rec.Record]) -> bool:
+def extent_blocks_ok(record: rec.Extent, data: bytes | bytearray | memoryview,
+                     later: list[rec.Record]) -> bool:
     """May ``data``, read now for ``record``, reach a replica (the Extent rule of
     ``sdeefs.records``)?  Every block whose hash differs from the capture's sum must be
     rewritten by a later committed Extent of the same handle (``later``: the committed
     records after it), or lie at or beyond the size such an Extent says."""
+    if all_blocks_match(record, [data]):
+        return True
     count = len(record.sums) // rec.SUM_SIZE
     for index in range(count):
         start = index * rec.EXTENT_BLOCK
@@ -316,6 +327,35 @@ def extent_blocks_ok(record: rec.Extent, data: bytes, later: list[rec.Record]) -
                 and offset + (end - start) <= r.offset + r.length) for r in later):
             return False
     return True
+
+
+def all_blocks_match(record: rec.Extent,
+                     parts: Sequence[bytes | bytearray | memoryview]) -> bool:
+    """Is the data ``parts`` hold (one after the other) the ``record.length`` bytes whose
+    every block the capture summed (``record.sums``) as they are?  The common case of
+    :func:`extent_blocks_ok`, in one C call per part (``_capturec.block_sums``:
+    libsodium's BLAKE2b, the same sums as hashlib's, with the GIL released).  Every
+    part but the last must hold whole blocks.  False where it cannot tell (no
+    libsodium, a short read, a block that differs): the rule block by block decides."""
+    if _capturec is None or sum(len(p) for p in parts) != record.length:
+        return False
+    need = min(-(-record.length // rec.EXTENT_BLOCK), len(record.sums) // rec.SUM_SIZE)
+    sums = []
+    for part in parts:
+        if len(part) % rec.EXTENT_BLOCK and part is not parts[-1]:
+            return False
+        got = _capturec.block_sums(part)
+        if got is None:
+            return False
+        sums.append(got)
+    return b"".join(sums)[:need * rec.SUM_SIZE] == record.sums[:need * rec.SUM_SIZE]
+
+
+def write_frame_data(frame: bytearray) -> memoryview:
+    """The data of a RECORD frame ``wire.encode_write_frames`` made: after the header, the
+    record head and the record, before the MAC."""
+    _, length = RECORD_HEAD.unpack_from(frame, FRAME_HEADER.size)
+    return memoryview(frame)[FRAME_HEADER.size + RECORD_HEAD.size + length:-MAC_SIZE]
 
 
 @attrs.define(eq=False)
@@ -410,25 +450,23 @@ class JournalSender:
         while taken < ready and size < BATCH_BYTES:
             entry = pending[taken]
             record = entry.record
-            data: bytes | None = None
+            frames: list[bytearray] | None = None
             if isinstance(record, rec.Extent):
-                ok, data = self._extent_data(record, pending[taken + 1:ready])
-                if not ok:  # read again after the capture's next batch
+                frames = self._extent_frames(entry.seq, record, pending[taken + 1:ready],
+                                             SKIP if self.skipped else 0)
+                if frames is None:  # read again after the capture's next batch
                     self.waiting = True
                     break
             taken += 1
             last_of_batch = taken == ready  # the batch may end on a marker: send it
-            if isinstance(record, rec.Extent):
+            if frames is not None:
                 if held is not None:
                     size += self._encode(*held, out, run)
                     held = None
                 run.flush(out)
-                flags = SKIP if self.skipped else 0
-                self.skipped = False
-                for frame in record_frames(entry.seq, record, data or None):
-                    out.append(attrs.evolve(frame, flags=flags).encode(self.link.key))
-                    flags = 0
-                size += len(data or b"") + 64
+                self.skipped = False  # the first frame says SKIP (_extent_frames)
+                out.extend(frames)
+                size += sum(len(frame) for frame in frames)
                 continue
             if isinstance(record, MARKERS) and not last_of_batch:
                 self.skipped = True  # nothing to apply; the next frame says SKIP
@@ -465,17 +503,30 @@ class JournalSender:
         self.pending = without_aborted(self.pending, new)
         return bool(new)
 
-    def _extent_data(self, record: rec.Extent, after: list[Entry]) -> tuple[bool, bytes | None]:
-        """(may it be shipped now, the data of an Extent as read now: None if the file is
-        gone); not yet if a block changed since the capture read it (``extent_blocks_ok``)."""
+    def _extent_frames(self, seq: int, record: rec.Extent, after: list[Entry],
+                       flags: int) -> list[bytearray] | None:
+        """The encoded frames of an Extent (``flags``, SKIP, on the first), its data read
+        from the upper now straight into the frame buffers (``wire.encode_write_frames``,
+        as a Write's: no copy of the data); None: not yet, a block changed since the
+        capture read it (``extent_blocks_ok``: what is shipped is what was checked).  A
+        file gone gives one frame without data, as before."""
         fd = open_write_data(self.source, record)
-        if fd is None:
-            return True, None
         try:
-            data = os.pread(fd, record.length, record.offset) if record.length else b""
+            frames = encode_write_frames(seq, record, fd, self.link.key, flags)
         finally:
-            os.close(fd)
-        return extent_blocks_ok(record, data, [e.record for e in after]), data
+            if fd is not None:
+                os.close(fd)
+        if fd is None:
+            return frames
+        parts = [write_frame_data(frame) for frame in frames]
+        try:
+            if all_blocks_match(record, parts) or extent_blocks_ok(
+                    record, b"".join(parts), [e.record for e in after]):
+                return frames
+            return None
+        finally:
+            for part in parts:
+                part.release()
 
     def _encode(self, seq: int, record: rec.Record, flags: int,
                 out: list[bytes | bytearray], run: RunEncoder) -> int:

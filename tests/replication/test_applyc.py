@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -73,6 +74,23 @@ def _setattr() -> st.SearchStrategy[bytes]:
                      st.sampled_from(TIMES), st.sampled_from(TIMES))
 
 
+def _create() -> st.SearchStrategy[bytes]:
+    """A Create (the kernel engine's small file whole): the C path takes a new file's
+    without xattrs and leaves the rest (an existing file, xattrs) to Python."""
+    def build(path: bytes, mode: int, owner: tuple[int, int], mtime: int, handle: bytes,
+              xattrs: bytes, data: bytes) -> bytes:
+        return encode_record_payload(rec.Create(path, mode, *owner, mtime, handle, xattrs,
+                                                data))
+    return st.builds(build, st.sampled_from(PATHS), st.sampled_from(MODES),
+                     st.sampled_from(OWNERS), st.sampled_from(TIMES),
+                     st.sampled_from([b"", b"h" * 136, b"h" * 137]),
+                     st.sampled_from([b"", rec.encode_xattr_list(((b"user.a", b"1"),)),
+                                      rec.encode_xattr_list(((b"trusted.x", b"1"),)),
+                                      b"\x00"]),
+                     st.sampled_from([b"", b"abc", b"y" * 5000, b"z" * rec.MAX_INLINE,
+                                      b"z" * (rec.MAX_INLINE + 1)]))
+
+
 def _mutated(payload: bytes, where: int, byte: int, cut: int) -> bytes:
     """``payload`` with one byte replaced, or cut short, or with a byte added."""
     if cut == 1:
@@ -85,8 +103,9 @@ def _mutated(payload: bytes, where: int, byte: int, cut: int) -> bytes:
 
 
 PAYLOADS = st.one_of(
-    _mknod(), _write(), _setattr(),
-    st.builds(_mutated, st.one_of(_mknod(), _write(), _setattr()), st.integers(0, 400),
+    _mknod(), _write(), _setattr(), _create(),
+    st.builds(_mutated, st.one_of(_mknod(), _write(), _setattr(), _create()),
+              st.integers(0, 400),
               st.integers(0, 255), st.integers(0, 2)),
     st.just(encode_record_payload(rec.Mkdir(b"upper/d", 0o755, 4242, 4242))),
     st.binary(max_size=40))
@@ -158,7 +177,7 @@ def test_what_the_c_path_takes_python_accepts_and_both_leave_the_same_tree(
     for payload in taken:
         record, _ = decode_record_payload(payload)  # Python accepts it ...
         assert refusal(record, ids) is None  # ... and carries it
-        assert isinstance(record, rec.Mknod | rec.Write | rec.Setattr)
+        assert isinstance(record, rec.Mknod | rec.Write | rec.Setattr | rec.Create)
 
 
 def test_the_c_path_takes_the_common_records_and_leaves_the_rest() -> None:
@@ -201,6 +220,39 @@ def test_the_c_path_takes_the_common_records_and_leaves_the_rest() -> None:
             batch.take(encode_record_payload(rec.Mknod(b"upper/l/x", stat.S_IFREG | 0o644,
                                                        4242, 4242)), 9)
         assert os.listdir(outside) == []
+        replica.close()
+
+
+def test_the_c_path_takes_a_new_files_create_and_leaves_the_rest() -> None:
+    """The kernel engine's Create (a small file whole, most of a cold stream's records)
+    goes through C when the file is new and has no xattrs: created, owned, its data,
+    size and mtime as ``Create.expand`` applies them; an existing file (a replay), xattrs
+    and a parent that cannot be resolved are Python's, which says why."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        replica = Replica.open(str(root / USER), ALICE)
+        batch = replica.batch_applier()
+        new = rec.Create(b"upper/c", stat.S_IFREG | 0o4751, 4242, 4242, 3 * 10**18, b"h",
+                         b"", b"hello")
+        assert batch.take(encode_record_payload(new), 1)
+        assert batch.take(encode_record_payload(  # the held file's next record: C too
+            rec.Setattr(b"upper/c", rec.SET_MODE, 0o640)), 2)
+        batch.close()
+        c = root / USER / "upper" / "c"
+        assert c.read_bytes() == b"hello"
+        s = c.stat()
+        assert (stat.S_IMODE(s.st_mode), s.st_uid, s.st_gid, s.st_mtime_ns) == \
+            (0o640, 4242, 4242, 3 * 10**18)
+        left = [
+            new,  # it exists now
+            attrs.evolve(new, path=b"upper/x", xattrs=rec.encode_xattr_list(
+                ((b"user.a", b"1"),))),
+            attrs.evolve(new, path=b"upper/x", uid=0),
+            attrs.evolve(new, path=b"upper/nodir/x"),
+            attrs.evolve(new, path=b"upper/x", mode=stat.S_IFREG | 0o644 | 0x10000),
+        ]
+        assert [batch.take(encode_record_payload(r), 3) for r in left] == [False] * len(left)
+        assert sorted(os.listdir(root / USER / "upper")) == ["c"]
         replica.close()
 
 

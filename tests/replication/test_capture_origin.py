@@ -192,6 +192,26 @@ def test_new_files_travel_as_create_records_and_the_replica_converges(
     assert site.replay_diff() == []
 
 
+@requires_kernel
+def test_an_extent_bigger_than_a_frame_reaches_the_replica_whole(
+        nodes: tuple[Site, Path]) -> None:
+    """An Extent's data travels in MORE-chained frames of wire.CHUNK bytes, SKIP on the
+    first only: the origin once set the first frame's flags over its MORE, so the replica
+    took the first MiB for the whole record, refused the next chunk as out of sequence,
+    resumed past the record, and reached the barrier with the file cut short."""
+    site, base = nodes
+    site.start("--quiet", "30", "--max-delay", "30")  # one batch, when the barrier asks
+    barrier(base)
+    (site.mnt / "m1").mkdir()  # metadata before it: the Extent's first frame says SKIP
+    big = os.urandom((3 << 20) + 12345)
+    (site.mnt / "big").write_bytes(big)
+    barrier(base)
+    assert any(isinstance(e.record, rec.Extent) and e.record.length > (1 << 20)
+               for e in site.journal().read(1))
+    assert (base / "replicas" / USER / "upper" / "big").read_bytes() == big
+    assert diff(site, base) == []
+
+
 # -- the rules, record by record ------------------------------------------------------------
 
 
@@ -213,8 +233,16 @@ def test_settled_holds_an_open_batch_and_voided_records_become_markers() -> None
                                                  rec.Sync, rec.Void]
 
 
-def test_an_extent_whose_block_changed_waits_for_a_later_extent() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_an_extent_whose_block_changed_waits_for_a_later_extent(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule, with the sums in C (libsodium, one call) and block by block (hashlib)."""
     import hashlib
+
+    from sdeefs.replication import origin
+
+    if not native:
+        monkeypatch.setattr(origin, "_capturec", None)
 
     block = rec.EXTENT_BLOCK
     old, new = b"a" * block + b"b" * 10, b"a" * block + b"c" * 10
@@ -233,6 +261,95 @@ def test_an_extent_whose_block_changed_waits_for_a_later_extent() -> None:
     assert not extent_blocks_ok(extent, new, [other])
     shrunk = rec.Extent(b"upper/f", b"h", 0, 0, block, b"")
     assert extent_blocks_ok(extent, old[:block], [shrunk])  # the file ends before the block
+
+
+def _sums(data: bytes) -> bytes:
+    import hashlib
+
+    return b"".join(hashlib.blake2b(data[i:i + rec.EXTENT_BLOCK],
+                                    digest_size=rec.SUM_SIZE).digest()
+                    for i in range(0, len(data), rec.EXTENT_BLOCK))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_senders_extent_frames_carry_the_data_it_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """An Extent's data goes from the upper straight into MORE-chained frames (SKIP on the
+    first only) and is checked there against the capture's sums (in C, or block by block):
+    what travels is what was checked.  A block changed since the capture read it holds the
+    Extent back (the sender waits) until a later committed Extent rewrites it; then both
+    travel, with the data as it is now."""
+    from sdeefs.journal import JournalTail
+    from sdeefs.layers import open_layer_root
+    from sdeefs.offload import Offload
+    from sdeefs.replication import origin
+    from sdeefs.replication.origin import JournalSender, OriginUser
+    from sdeefs.replication.relay import Downstream, DownstreamLink, Downstreams
+    from sdeefs.replication.wire import (
+        FRAME_HEADER,
+        MAC_SIZE,
+        MORE,
+        RUN,
+        SKIP,
+        decode_record_payload,
+        split_run,
+    )
+    from sdeefs.statedir import UserDirs
+
+    if not native:
+        monkeypatch.setattr(origin, "_capturec", None)
+    layer = tmp_path / "layer"
+    for sub in ("upper", "work"):
+        (layer / sub).mkdir(parents=True)
+    data = os.urandom((3 << 20) + 1234)
+    (layer / "upper" / "big").write_bytes(data)
+    dirs = UserDirs.of(str(tmp_path / "root"), "alice")
+    journal = Journal.open(str(dirs.state.journal))
+    seq = journal.append(rec.Mkdir(b"upper/d", 0o755, 1000, 1000))
+    journal.append(rec.Done(seq))
+    first = journal.append(rec.Extent(b"upper/big", b"", 0, len(data), len(data),
+                                      _sums(data)))
+    source = open_layer_root(str(layer / "upper"), str(layer / "work"))
+    link = DownstreamLink(None, None, b"k" * 32, Downstream("n1", "alice"),  # type: ignore[arg-type]
+                          Offload())
+    sender = JournalSender(link, OriginUser("alice", dirs, Downstreams(4)),
+                           JournalTail(str(dirs.state.journal), 1), source, Offload())
+
+    def frames() -> list[tuple[int, int, rec.Record, bytes]]:
+        out, _ = sender.next_batch()
+        got = []
+        for buf in out:
+            _, _, _, flags, _, seq, _ = FRAME_HEADER.unpack_from(buf)
+            payload = bytes(buf[FRAME_HEADER.size:-MAC_SIZE])
+            for one in ([p for _, _, p in split_run(payload, seq)] if flags & RUN
+                        else [payload]):
+                record, chunk = decode_record_payload(one)
+                got.append((seq, flags, record, bytes(chunk)))
+        return got
+
+    sent = frames()
+    assert [type(r) for _, _, r, _ in sent[:1]] == [rec.Mkdir]
+    chunks = [(seq, flags, chunk) for seq, flags, r, chunk in sent if isinstance(r, rec.Extent)]
+    assert {seq for seq, _, _ in chunks} == {first}
+    assert [flags for _, flags, _ in chunks] == [SKIP | MORE, MORE, MORE, 0]
+    assert b"".join(chunk for _, _, chunk in chunks) == data
+    # changed since the capture read it: not shipped, whatever the file holds now
+    second = journal.append(rec.Extent(b"upper/big", b"", 0, len(data), len(data),
+                                       _sums(data)))
+    changed = bytearray(data)
+    changed[(20 << 16) + 5] ^= 1
+    (layer / "upper" / "big").write_bytes(changed)
+    assert frames() == []
+    assert sender.waiting
+    # the capture's next batch rewrites the block: both go, with the data as it is now
+    block = bytes(changed[20 << 16:21 << 16])
+    journal.append(rec.Extent(b"upper/big", b"", 20 << 16, len(block), len(data),
+                              _sums(block)))
+    sent = frames()
+    assert {seq for seq, _, _, _ in sent} == {second, second + 1}
+    assert b"".join(c for seq, _, _, c in sent if seq == second) == changed
+    journal.close()
+    source.close()
 
 
 def test_a_sender_reading_a_long_history_holds_a_bounded_window(
