@@ -89,6 +89,7 @@ from .wire import (
     encode_record_payload,
     encode_write_frames,
     open_link_tasks,
+    seal_frame,
     write_record_payload,
 )
 
@@ -465,6 +466,8 @@ class JournalSender:
                     held = None
                 run.flush(out)
                 self.skipped = False  # the first frame says SKIP (_extent_frames)
+                for frame in frames:  # sealed in send order (wire v9)
+                    seal_frame(frame, self.link.key)
                 out.extend(frames)
                 size += sum(len(frame) for frame in frames)
                 continue
@@ -509,24 +512,26 @@ class JournalSender:
         from the upper now straight into the frame buffers (``wire.encode_write_frames``,
         as a Write's: no copy of the data); None: not yet, a block changed since the
         capture read it (``extent_blocks_ok``: what is shipped is what was checked).  A
-        file gone gives one frame without data, as before."""
+        file gone gives one frame without data, as before.  The frames come unsealed:
+        under wire v9 sealing takes a place on the link, so the caller seals them
+        (``seal_frame``) where they go into the batch, after what goes before them; a
+        frame sealed and then held back, or out of order, is a gap the follower refuses."""
         fd = open_write_data(self.source, record)
         try:
-            frames = encode_write_frames(seq, record, fd, self.link.key, flags)
+            frames = encode_write_frames(seq, record, fd, None, flags)
         finally:
             if fd is not None:
                 os.close(fd)
-        if fd is None:
-            return frames
-        parts = [write_frame_data(frame) for frame in frames]
-        try:
-            if all_blocks_match(record, parts) or extent_blocks_ok(
-                    record, b"".join(parts), [e.record for e in after]):
-                return frames
-            return None
-        finally:
-            for part in parts:
-                part.release()
+        if fd is not None:
+            parts = [write_frame_data(frame) for frame in frames]
+            try:
+                if not (all_blocks_match(record, parts) or extent_blocks_ok(
+                        record, b"".join(parts), [e.record for e in after])):
+                    return None
+            finally:
+                for part in parts:
+                    part.release()
+        return frames
 
     def _encode(self, seq: int, record: rec.Record, flags: int,
                 out: list[bytes | bytearray], run: RunEncoder) -> int:

@@ -394,23 +394,40 @@ class LinkKey:
 Key = bytes | LinkKey  # a HELLO key (random nonces), or a session key with its frame numbers
 
 
-def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: Key,
+def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: Key | None,
           version: int = VERSION) -> None:
     """Header, CRC and MAC of the frame in ``buf``, whose ``length`` payload bytes are in
-    place after the header: the one place a frame is made."""
+    place after the header: the one place a frame is made.  ``key`` None: header and CRC
+    only, the MAC left for :func:`seal_frame` (a frame made before it is known to be sent
+    takes a place on the link only once it is: an origin's Extent, checked after its data
+    is read, may be held back)."""
     end = FRAME_HEADER.size + length
     assert len(buf) == end + MAC_SIZE
     FRAME_HEADER.pack_into(buf, 0, MAGIC, version, ftype, flags, length, seq, 0)
-    nonce = key.next_nonce() if isinstance(key, LinkKey) and version >= COUNTED else None
-    raw = key.key if isinstance(key, LinkKey) else key
     with memoryview(buf) as view:
         covered = view[:FRAME_HEADER.size if version >= HEADER_CRC else end]
         CRC.pack_into(buf, FRAME_HEADER.size - CRC.size, zlib.crc32(covered))
         covered.release()
+    if key is not None:
+        _mac_into(buf, end, key, version)
+
+
+def _mac_into(buf: bytearray, end: int, key: Key, version: int) -> None:
+    """The MAC of ``buf[:end]`` into ``buf[end:]`` (under a LinkKey: the next nonce)."""
+    nonce = key.next_nonce() if isinstance(key, LinkKey) and version >= COUNTED else None
+    raw = key.key if isinstance(key, LinkKey) else key
+    with memoryview(buf) as view:
         if version >= GMAC:
             view[end:] = mac.seal(raw, view[:end], nonce=nonce)  # nonce None: random
         else:  # an ERROR to a peer of an old version: the MAC it checks
             view[end:] = hmac.new(raw, view[:end], hashlib.sha256).digest()
+
+
+def seal_frame(buf: bytearray, key: Key) -> None:
+    """The MAC of a frame made with no key (``encode_write_frames(..., None)``), sealed
+    now: under a LinkKey it takes the next place on the link, so call it in send order."""
+    length = FRAME_HEADER.unpack_from(buf)[4]
+    _mac_into(buf, FRAME_HEADER.size + length, key, VERSION)
 
 
 def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
@@ -831,7 +848,7 @@ def record_frames(seq: int, record: rec.Record, data: bytes | None,
     return frames
 
 
-def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: Key,
+def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: Key | None,
                         first_flags: int = 0) -> list[bytearray]:
     """The encoded RECORD frames of a Write record, its data read from ``fd`` straight into
     the frame buffers (no copy of the data: this is the bulk of a stream).
@@ -839,7 +856,7 @@ def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: Key,
     Byte for byte what ``Frame.encode`` of ``record_frames(...)`` gives (the same
     ``_seal``; tests/replication compare them); ``fd`` None (the file is gone) or a
     short file gives a shorter write, as ``read_write_data`` would.  ``first_flags``
-    (SKIP) goes on the first frame only.
+    (SKIP) goes on the first frame only; ``key`` None: not sealed yet (``seal_frame``).
     """
     out: list[bytearray] = []
     start = 0

@@ -286,11 +286,15 @@ def test_a_senders_extent_frames_carry_the_data_it_checked(
     from sdeefs.replication.origin import JournalSender, OriginUser
     from sdeefs.replication.relay import Downstream, DownstreamLink, Downstreams
     from sdeefs.replication.wire import (
+        DOWN,
         FRAME_HEADER,
         MAC_SIZE,
         MORE,
         RUN,
         SKIP,
+        UP,
+        Frame,
+        LinkKey,
         decode_record_payload,
         split_run,
     )
@@ -310,8 +314,11 @@ def test_a_senders_extent_frames_carry_the_data_it_checked(
     first = journal.append(rec.Extent(b"upper/big", b"", 0, len(data), len(data),
                                       _sums(data)))
     source = open_layer_root(str(layer / "upper"), str(layer / "work"))
-    link = DownstreamLink(None, None, b"k" * 32, Downstream("n1", "alice"),  # type: ignore[arg-type]
-                          Offload())
+    link = DownstreamLink(None, None, LinkKey(b"k" * 32, DOWN),  # type: ignore[arg-type]
+                          Downstream("n1", "alice"), Offload())
+    # the follower's end: every frame must arrive in its place on the link (wire v9), also
+    # after a batch the sender held back
+    follower = LinkKey(b"k" * 32, UP)
     sender = JournalSender(link, OriginUser("alice", dirs, Downstreams(4)),
                            JournalTail(str(dirs.state.journal), 1), source, Offload())
 
@@ -319,6 +326,8 @@ def test_a_senders_extent_frames_carry_the_data_it_checked(
         out, _ = sender.next_batch()
         got = []
         for buf in out:
+            Frame.decode(bytes(buf[:FRAME_HEADER.size]), bytes(buf[FRAME_HEADER.size:-MAC_SIZE]),
+                         bytes(buf[-MAC_SIZE:]), follower)
             _, _, _, flags, _, seq, _ = FRAME_HEADER.unpack_from(buf)
             payload = bytes(buf[FRAME_HEADER.size:-MAC_SIZE])
             for one in ([p for _, _, p in split_run(payload, seq)] if flags & RUN
