@@ -73,6 +73,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -308,6 +309,24 @@ class Daemon:
                      self.config.node, self.config.listen, self.config.origin_root,
                      self.config.replica_dir, self.config.upstream)
             task_status.started()
+
+    async def serve(self) -> None:
+        """:meth:`run` until SIGTERM (``systemctl stop``, the unit's ``KillSignal``), then a
+        clean stop: every task cancelled, and the work in worker threads *finished*, not
+        abandoned (``Offload``): a spare environment being prepared is started and recorded
+        (``JOB_DIR/.spare-U.run``: its init, its key), so that the unit's ``ExecStopPost``
+        (``sdeefs end-spares``) finds and ends it.  Killed by the default action instead,
+        the daemon left the spare's ``sdeefs-enter start`` running on its own: an init and
+        an overlay nothing named, never ended.  A job's barrier wait is cancelled at once
+        (its prolog's client sees the daemon gone, as before)."""
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run)
+                async for signum in signals:
+                    log.info("sdeefs-replicad %s: %s: stopping (work in progress finishes)",
+                             self.config.node, signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
 
     # -- serving followers ------------------------------------------------------------------
 
@@ -872,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..launcher.compute.job import NodeJobs
 
             jobs = NodeJobs()
-        trio.run(Daemon(config, jobs=jobs).run)
+        trio.run(Daemon(config, jobs=jobs).serve)
     except QuietError as exc:
         print(f"sdeefs-replicad: {exc}", file=sys.stderr)
         return exc.exitcode

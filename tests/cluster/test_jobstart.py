@@ -11,12 +11,13 @@ SLURM drains it, as docs/admin.md says).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -251,16 +252,20 @@ def unit_service(role: str) -> dict[str, list[str]]:
     return service
 
 
-def stop_as_systemd(g: Grid, i: int) -> list[subprocess.CompletedProcess[str]]:
+def stop_as_systemd(g: Grid, i: int, signalled: Callable[[], None] | None = None
+                    ) -> list[subprocess.CompletedProcess[str]]:
     """``systemctl stop sdeefs-replicad@compute`` on node i, as systemd does it with the
     unit (no systemd runs here): its KillSignal to the main process only (KillMode=process),
-    then its ExecStopPost commands once that exited, in order, each checked."""
+    then its ExecStopPost commands once that exited, in order, each checked.  ``signalled``
+    is called once the signal is sent."""
     service = unit_service("compute")
     # the grid runs the unit's own command (Grid.start_replicad)
     assert service["ExecStart"] == [f"{VENV_BIN}/sdeefs-replicad --role compute"], service
     assert service["KillMode"] == ["process"], service
     proc = g.replicads.pop(i)
     proc.send_signal(signal.Signals[service.get("KillSignal", ["SIGTERM"])[-1]])
+    if signalled is not None:
+        signalled()
     proc.wait(90)  # systemd's TimeoutStopSec
     done = []
     for line in service.get("ExecStopPost", []):
@@ -323,4 +328,83 @@ def test_stopping_the_replicad_ends_its_spares_and_leaves_running_jobs(grid: Gri
     state = g.slurm.wait_job(job, timeout=120)
     assert state == "COMPLETED", (state, g.hook_logs())
     assert out.read_text() == "v3\n"
+    wait_spare_only(g, 1)
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid``'s threads forked (each thread's children file)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def spare_traces(g: Grid, i: int) -> list[str]:
+    """Whatever of the user's spare on node i is running or mounted, in any process's mount
+    namespace: a process naming it, a mount made from its directories."""
+    mark = f"n{i}/jobs/.spare-{g.user}"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if mark.encode() in (proc / "cmdline").read_bytes():
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()!r}")
+            found += [f"{proc.name}: {line}" for line in
+                      (proc / "mountinfo").read_text().splitlines() if mark in line]
+    return found
+
+
+def test_stopping_the_replicad_while_it_starts_a_spare_ends_that_spare_too(grid: Grid) -> None:
+    """``systemctl stop`` while the replicad is starting the next job's spare environment
+    (its ``sdeefs-enter start`` running: held there with SIGSTOP by the test, the window
+    made wide): the daemon finishes the start and records the spare before it exits, and
+    the unit's ``sdeefs end-spares`` ends it: nothing of the spare runs or is mounted
+    anywhere.  Fails on the old code: SIGTERM killed the daemon at once, the start went on
+    without it, and its init and overlay were named nowhere end-spares looks."""
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "echo v4 > /etc/sdeefs-demo")
+    home = g.site.home(g.user)
+    daemon = g.replicads[1].pid
+    job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
+                      "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    spare_upper = f"n1/jobs/.spare-{g.user}/upper".encode()
+    held = None
+    deadline = time.monotonic() + 60
+    while held is None:  # the spare's start, a child of the replicad: held where it is
+        assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
+        assert not (g.base / "n1" / "jobs" / f".spare-{g.user}.run" / "spare-key").exists(), \
+            "the spare was started before its start was seen"
+        for pid in children(daemon):
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"start" in argv and any(spare_upper in a for a in argv):
+                    os.kill(pid, signal.SIGSTOP)
+                    held = pid
+    proc = g.replicads[1]
+
+    def release() -> None:  # once the daemon had the signal (the old one dies of it at once)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(2)
+        os.kill(held, signal.SIGCONT)
+
+    stopped = stop_as_systemd(g, 1, release)
+    assert [r.stdout for r in stopped] == [f"{g.user}: spare job environment ended\n"], stopped
+    assert not alive(held)
+    assert spare_traces(g, 1) == []
+    assert f".spare-{g.user}.run" not in job_files(g, 1)
+    log = g.log(1)
+    assert "SIGTERM: stopping" in log, log
+    # the running job keeps its environment and ends as usual; the replicad back, jobs run
+    (home / "go").touch()
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text() if out.exists() else "", g.hook_logs())
+    assert out.read_text() == "v4\n"
+    g.start_replicad(1)
+    job, out = submit(g, "again", "#!/bin/sh\ncat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, g.hook_logs())
+    assert out.read_text() == "v4\n"
     wait_spare_only(g, 1)
