@@ -21,8 +21,10 @@ command once the daemon is gone, on a stop, a restart and after a crash alike:
   its control socket: then it is running and ends its spares itself (this refuses, and
   exits BUSY, rather than race its job ops).
 
-Scratch uppers of finished jobs that the daemon was removing in the background
-(``JOB_DIR/.gone-*``: nothing mounted, nothing running) stay for its next start.
+* the scratch uppers of finished jobs that the daemon had not removed yet
+  (``JOB_DIR/.gone-*``: renamed there by the job's epilog once its processes were gone
+  and its mounts detached; a stopping daemon does not wait for their removal) removed,
+  unless something is mounted there (:func:`sdeefs.launcher.compute.job.remove_gone`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from sdeefs import control
 from sdeefs.config import SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 
-from .job import NodeJobs
+from .job import NodeJobs, gone_jobs, remove_gone
 
 log = logging.getLogger(__name__)
 
@@ -63,4 +65,6 @@ def end_spares(config: SiteConfig, node: str) -> list[str]:
     ended = NodeJobs().expire(node, 0)
     for user in ended:
         log.info("%s: the spare job environment on %s ended", user, node)
+    for path in gone_jobs(config, node):
+        remove_gone(path)
     return ended

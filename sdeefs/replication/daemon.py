@@ -68,11 +68,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import sys
@@ -217,6 +215,8 @@ class JobHost(Protocol):
     def leftovers(self, node: str) -> list[str]: ...
 
     def expire(self, node: str, max_age: float) -> list[str]: ...
+
+    def remove_gone(self, path: str) -> bool: ...
 
 
 @attrs.define(eq=False)
@@ -756,8 +756,11 @@ class Daemon:
             log.exception("ending the spare environment of %s on %s", user, node)
 
     async def _remove_gone(self, path: str) -> None:
-        """A finished job's scratch upper, renamed out of the way by ``job-end``."""
-        await self.offload.run(functools.partial(shutil.rmtree, path, ignore_errors=True))
+        """A finished job's scratch upper, renamed out of the way by ``job-end`` (or left by
+        a stopped daemon): removed in a worker thread that a stop abandons (it may be
+        gigabytes; ``sdeefs end-spares``, the unit's ExecStopPost, removes the rest)."""
+        assert self.jobs is not None
+        await self.offload.run_abandoning(self.jobs.remove_gone, path)
 
     async def status(self) -> dict[str, object]:
         origin = await self.origin.status() if self.origin is not None else {}
