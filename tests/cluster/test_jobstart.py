@@ -269,6 +269,13 @@ def stop_as_systemd(g: Grid, i: int, signalled: Callable[[], None] | None = None
     if signalled is not None:
         signalled()
     proc.wait(90)  # systemd's TimeoutStopSec
+    return exec_stop_post(g, i)
+
+
+def exec_stop_post(g: Grid, i: int) -> list[subprocess.CompletedProcess[str]]:
+    """The unit's ExecStopPost commands on node i, in order, each checked: what systemd runs
+    once the daemon is gone, after a stop as after a crash."""
+    service = unit_service("compute")
     done = []
     for line in service.get("ExecStopPost", []):
         checked = not line.startswith("-")  # "-": its failure is ignored
@@ -410,3 +417,51 @@ def test_stopping_the_replicad_while_it_starts_a_spare_ends_that_spare_too(grid:
     assert state == "COMPLETED", (state, g.hook_logs())
     assert out.read_text() == "v4\n"
     wait_spare_only(g, 1)
+
+
+def test_a_node_whose_replicad_was_killed_mid_job_comes_back_and_runs_the_next_job(
+        grid: Grid) -> None:
+    """The node's replicad killed -9 (the OOM killer; systemd's SIGKILL after a stop timed
+    out) while a job runs: systemd runs the unit's ExecStopPost (the spare ends) and starts
+    it again (Restart=always); the running job goes on in its environment, the new daemon
+    does its epilog (the environment the old one started ends), and the next job of the
+    user runs on that node as ever: the node never leaves service."""
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "echo v5 > /etc/sdeefs-demo")
+    home = g.site.home(g.user)
+    job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
+                      "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    jobs = g.base / "n1" / "jobs"
+    spare = jobs / f".spare-{g.user}.run"
+    deadline = time.monotonic() + 60
+    while not ((jobs / f"{job}.run" / "init").exists() and (spare / "spare-key").exists()):
+        assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
+        time.sleep(0.1)
+    pid = int((jobs / f"{job}.run" / "init").read_text().split()[0])
+    spare_pid = int((spare / "init").read_text().split()[0])
+    proc = g.replicads.pop(1)
+    os.kill(proc.pid, signal.SIGKILL)  # the daemon only (KillMode=process), by its pid
+    proc.wait(10)
+    stopped = exec_stop_post(g, 1)
+    assert [r.stdout for r in stopped] == [f"{g.user}: spare job environment ended\n"], stopped
+    assert not alive(spare_pid)
+    assert spare_traces(g, 1) == []
+    assert alive(pid)
+    g.start_replicad(1)
+    (home / "go").touch()
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text() if out.exists() else "", g.hook_logs())
+    assert out.read_text() == "v5\n"
+    assert not alive(pid)
+    assert g.control(1, {"op": "status"})["jobs"] == {"job-start": 0, "job-end": 1, "spare": 0}
+    job, out = submit(g, "next", "#!/bin/sh\ncat /etc/sdeefs-demo\nsrun cat /etc/sdeefs-demo\n",
+                      "-N1", "-w", "n1")
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text() if out.exists() else "", g.hook_logs())
+    assert out.read_text() == "v5\nv5\n"
+    wait_spare_only(g, 1)
+    assert g.slurm.node_states().get("n1") in IN_SERVICE, g.slurm.node_states()
+    logs = g.hook_logs()
+    assert "Traceback" not in logs, logs
+    assert "job-prolog:" not in logs, logs  # the replicad did every prolog
