@@ -13,10 +13,12 @@ until the daemon's next start, possibly never.  The unit's ``ExecStopPost`` runs
 command once the daemon is gone, on a stop, a restart and after a crash alike:
 
 * every spare of the node ended (its init and the processes of its mount namespace
-  killed, by the pid and start time its record names: nothing else is; its directories
-  removed) and every user's shared layers unmounted and removed.  Running jobs keep
-  theirs: an overlay holds private clones of its layers, and a job's own environment is
-  not a spare (a spare a job took was renamed to the job's directory);
+  killed, by the pid and start time its record names, or, for a spare whose start the
+  daemon did not live to record, the pid its start left in ``private/starting``:
+  sdeefs.launcher.env.unrecorded; nothing else is; its directories removed) and every
+  user's shared layers unmounted and removed.  Running jobs keep theirs: an overlay holds
+  private clones of its layers, and a job's own environment is not a spare (a spare a job
+  took was renamed to the job's directory);
 * nothing if this node has no replicas (``--role login``), or if the replicad answers on
   its control socket: then it is running and ends its spares itself (this refuses, and
   exits BUSY, rather than race its job ops).

@@ -365,13 +365,18 @@ def spare_traces(g: Grid, i: int) -> list[str]:
     return found
 
 
-def test_stopping_the_replicad_while_it_starts_a_spare_ends_that_spare_too(grid: Grid) -> None:
-    """``systemctl stop`` while the replicad is starting the next job's spare environment
-    (its ``sdeefs-enter start`` running: held there with SIGSTOP by the test, the window
-    made wide): the daemon finishes the start and records the spare before it exits, and
-    the unit's ``sdeefs end-spares`` ends it: nothing of the spare runs or is mounted
-    anywhere.  Fails on the old code: SIGTERM killed the daemon at once, the start went on
-    without it, and its init and overlay were named nowhere end-spares looks."""
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_a_spare_the_replicad_was_starting_when_it_stopped_or_died_is_ended(
+        grid: Grid, how: str) -> None:
+    """``systemctl stop`` (``stop``), or a SIGKILL (``kill -9``: the OOM killer, systemd's
+    last resort), while the replicad is starting the next job's spare environment (its
+    ``sdeefs-enter start`` running: held there with SIGSTOP by the test, the window made
+    wide), then the unit's ``sdeefs end-spares``: nothing of the spare runs or is mounted
+    anywhere.  On a stop the daemon finishes the start and records the spare before it
+    exits; killed, it leaves the start's output (``private/starting``: the init) that
+    end-spares reads, once the start it did not wait for is done.  Fails on the old code
+    both ways: SIGTERM killed the daemon at once as SIGKILL does, the start went on without
+    it, and its init and overlay were named nowhere end-spares looks."""
     g = grid
     g.site.start(g.user)
     g.site.run(g.user, "echo v4 > /etc/sdeefs-demo")
@@ -393,19 +398,24 @@ def test_stopping_the_replicad_while_it_starts_a_spare_ends_that_spare_too(grid:
                     os.kill(pid, signal.SIGSTOP)
                     held = pid
     proc = g.replicads[1]
+    if how == "stop":
+        def release() -> None:  # once the daemon had the signal (the old one dies at once)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2)
+            os.kill(held, signal.SIGCONT)
 
-    def release() -> None:  # once the daemon had the signal (the old one dies of it at once)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(2)
-        os.kill(held, signal.SIGCONT)
-
-    stopped = stop_as_systemd(g, 1, release)
+        stopped = stop_as_systemd(g, 1, release)
+        assert "SIGTERM: stopping" in g.log(1), g.log(1)
+    else:
+        g.replicads.pop(1)
+        os.kill(daemon, signal.SIGKILL)  # the daemon only (KillMode=process), by its pid
+        proc.wait(10)
+        os.kill(held, signal.SIGCONT)  # the start goes on while ExecStopPost runs
+        stopped = exec_stop_post(g, 1)
     assert [r.stdout for r in stopped] == [f"{g.user}: spare job environment ended\n"], stopped
     assert not alive(held)
     assert spare_traces(g, 1) == []
     assert f".spare-{g.user}.run" not in job_files(g, 1)
-    log = g.log(1)
-    assert "SIGTERM: stopping" in log, log
     # the running job keeps its environment and ends as usual; the replicad back, jobs run
     (home / "go").touch()
     state = g.slurm.wait_job(job, timeout=120)
