@@ -310,3 +310,35 @@ def test_end_spares_removes_finished_jobs_scratch_but_never_through_a_mount(
         result = end_spares()
         assert (result.returncode, result.stderr) == (0, ""), result
         assert os.listdir(jobs) == []
+
+
+def test_a_stop_does_not_wait_for_a_prolog_at_its_barrier(site: Site) -> None:
+    """SIGTERM (``systemctl stop``) while a job's prolog waits on the node's replicad for a
+    barrier that does not come (the login node unreachable): the daemon cancels the wait and
+    exits well before the barrier's timeout (it waits only for work in its threads: a
+    spare's start); the prolog fails with one line, as for any replicad that went away (the
+    node's problem: SLURM drains it)."""
+    user = site.add_user()
+    base, _ = replication_config(site, 120)  # no login replicad: no barrier
+    daemon = _start_replicad(site, base, "n1")
+    try:
+        prolog = subprocess.Popen([str(VENV_BIN / "sdeefs-prolog")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**site.env(), "SLURM_JOB_ID": "31",
+                                       "SLURM_JOB_USER": user, "SLURMD_NODENAME": "n1"})
+        deadline = time.monotonic() + 30
+        while f"following {user} from" not in (base / "n1.log").read_text():  # at the barrier
+            assert prolog.poll() is None, prolog.communicate()
+            assert time.monotonic() < deadline, (base / "n1.log").read_text()
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, (base / "n1.log").read_text()
+        _, err = prolog.communicate(timeout=60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    assert prolog.returncode != 0
+    assert err.count("\n") == 1, err
+    assert "sdeefs-replicad closed the connection without an answer" in err, err
+    assert "SIGTERM: stopping" in (base / "n1.log").read_text()
