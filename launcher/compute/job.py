@@ -255,6 +255,10 @@ def start_environment(config: SiteConfig, node: str, user: env.User, job: str,
         record = env.EnvRecord.load(where.run)
         if record is not None and env.is_alive(record):
             return record
+        if os.path.exists(where.run.starting):  # an environment of this job that died, or
+            # whose starter died before recording it (env.unrecorded): ended first, or its
+            # init would run on with an overlay over the same upper as the new one
+            env.teardown(where, record)
         return _launch(config, node, user, where)
 
 

@@ -51,7 +51,9 @@ starts the job's environment; its ``verdict`` is ``ready``, or ``bare``/``failed
 one line the job's tasks will tell (sdeefs.launcher.compute.job: the user's problems never
 fail the request, the node's do).  ``job-end`` answers once the job's processes are gone and
 its mounts detached; its scratch upper, renamed out of the way first, is removed in the
-background (what a stopped daemon left is removed at its next start).  After a job of U
+background (a stop does not wait for it: ``sdeefs end-spares``, the unit's ExecStopPost,
+or the next start removes what is left).  SIGTERM stops the daemon cleanly (``serve``):
+work in its threads finishes, so a spare being started is recorded for end-spares.  After a job of U
 started, the next one's environment is started ahead, a *spare* (``NodeJobs``): the next
 ``job-start`` of U takes it once at the barrier; ``unfollow`` ends it.  Only compute nodes
 (a ``--replica-dir``) answer them (``jobs``: the launcher's job host, given by ``main``).

@@ -224,13 +224,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_job_environment_starts_again_over_its_old_directories(site: Site) -> None:
-    """A job's environment died while the node ran on (its init killed), and the prolog
-    runs again for the same job (SLURM requeues a job with its id): the new environment
-    starts over the old job's directories.  Its scratch upper is mounted volatile, and the
-    kernel leaves WORK/work/incompat/volatile behind and refuses another mount over that
-    workdir until it is cleared: fails if the prolog does not clear it (the mount fails, the
-    job with it)."""
+@pytest.mark.parametrize("old", ["died", "unrecorded"])
+def test_a_job_environment_starts_again_over_its_old_directories(site: Site, old: str) -> None:
+    """The prolog runs again for a job (SLURM requeues a job with its id) whose environment
+    on the node ``died`` (its init killed while the node ran on), or was started and never
+    recorded (``unrecorded``: its starter, the replicad, killed -9 between the start and
+    the record; the record removed here for that): the new environment starts over the old
+    job's directories, and the old one, if it still runs, is ended first (else its init
+    would run on, forever, over the same scratch upper: fails without that).  The scratch
+    upper is mounted volatile, and the kernel leaves WORK/work/incompat/volatile behind and
+    refuses another mount over that workdir until it is cleared: fails if the prolog does
+    not clear it (the mount fails, the job with it)."""
     user = site.add_user()
     with nodes_on_tmpfs(site, BARRIER_TIMEOUT) as (base, _):
         login = _start_replicad(site, base, "login")
@@ -243,16 +247,21 @@ def test_a_job_environment_starts_again_over_its_old_directories(site: Site) -> 
             assert (first.returncode, first.stderr) == (0, ""), first
             init = base / "n1-jobs" / "21.run" / "init"
             pid = int(init.read_text().split()[0])
-            os.kill(pid, signal.SIGKILL)  # the environment dies; the node runs on
-            deadline = time.monotonic() + 20
-            while _alive(pid):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            markers = list((base / "n1-jobs" / "21").rglob("incompat/volatile"))
-            assert markers, "the kernel left no volatile marker: nothing to test"
+            if old == "died":
+                os.kill(pid, signal.SIGKILL)  # the environment dies; the node runs on
+                deadline = time.monotonic() + 20
+                while _alive(pid):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                markers = list((base / "n1-jobs" / "21").rglob("incompat/volatile"))
+                assert markers, "the kernel left no volatile marker: nothing to test"
+            else:
+                init.unlink()
+                (base / "n1-jobs" / "21.run" / "private" / "env.json").unlink()
             again = _hook(site, "prolog", user, "21")
             assert (again.returncode, again.stderr) == (0, ""), again
             assert int(init.read_text().split()[0]) != pid
+            assert not _alive(pid)
             step = subprocess.run(["runuser", "-u", user, "--", str(VENV_BIN / "sdeefs-run"),
                                    "--", "cat", "/etc/sdeefs-again"], capture_output=True,
                                   text=True, timeout=60,
