@@ -238,7 +238,7 @@ def test_a_job_environment_starts_again_over_its_old_directories(site: Site, old
     user = site.add_user()
     with nodes_on_tmpfs(site, BARRIER_TIMEOUT) as (base, _):
         login = _start_replicad(site, base, "login")
-        node = None
+        node, pid = None, 0
         try:
             node = _start_replicad(site, base, "n1")
             site.start(user)
@@ -271,7 +271,10 @@ def test_a_job_environment_starts_again_over_its_old_directories(site: Site, old
             epilog = _hook(site, "epilog", user, "21")
             assert epilog.returncode == 0, epilog.stderr
             assert not any(n in ("21", "21.run") for n in os.listdir(base / "n1-jobs"))
-        finally:
+        finally:  # nothing of the job left, whatever failed (the old init: the test's own)
+            _hook(site, "epilog", user, "21")
+            if pid and _alive(pid) and Path(f"/proc/{pid}/comm").read_text() == "sdeefs-init\n":
+                os.kill(pid, signal.SIGKILL)
             if node is not None:
                 _stop_node(site, base, node)
             login.kill()
