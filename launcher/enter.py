@@ -25,9 +25,23 @@ def helper_path() -> str:
     return path
 
 
-def run(args: list[str]) -> str:
-    """``sdeefs-enter ARGS...``: its standard output, or its error line as a QuietError."""
-    result = subprocess.run([helper_path(), *args], capture_output=True, text=True)
+def run(args: list[str], output: str | None = None) -> str:
+    """``sdeefs-enter ARGS...``: its standard output, or its error line as a QuietError.
+    ``output``: its standard output goes to this file (made or emptied, 0600) instead of a
+    pipe, and stays there: what it printed outlives the caller (a caller killed meanwhile
+    leaves a pipe nobody reads, and the helper's output with it)."""
+    if output is not None:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, 0o600)
+        try:
+            result = subprocess.run([helper_path(), *args], stdout=fd,
+                                    stderr=subprocess.PIPE, text=True)
+        finally:
+            os.close(fd)
+        with open(output) as f:
+            result.stdout = f.read()
+    else:
+        result = subprocess.run([helper_path(), *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise QuietError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
                          else f"sdeefs-enter {args[0]} failed ({result.returncode})",

@@ -433,9 +433,51 @@ def stop_idle(config: SiteConfig) -> list[str]:
     return stopped
 
 
+START_WAIT = 65.0  # seconds: sdeefs-enter start gives up after 60 (SETUP_TIMEOUT_S)
+
+
+def unrecorded(run: RunDirs) -> EnvRecord | None:
+    """An environment started and never recorded: whoever started it (a replicad killed
+    -9 while it started a spare or a job's environment) died between ``sdeefs-enter start``
+    and :meth:`EnvRecord.save`.  Start's output stays in ``RUN/private/starting`` (view.py):
+    the init's pid.  Trusted only if that pid is an ``sdeefs-init`` that started before the
+    file was last written (a pid reused since started after it).  A start still running
+    (its helper holds the file open: the starter died, the helper did not) is waited for,
+    at most START_WAIT seconds.  A record of it (user unknown, uid the holder's) for
+    :func:`teardown`, or None."""
+    writers = procs.opened_by(run.starting)
+    deadline = time.monotonic() + START_WAIT
+    while writers and time.monotonic() < deadline:
+        time.sleep(0.05)
+        writers = procs.opened_by(run.starting, writers)
+    try:
+        with open(run.starting) as f:
+            pid = int(f.read().split()[0])
+            written = os.fstat(f.fileno()).st_mtime
+    except (OSError, ValueError, IndexError):
+        return None
+    init = procs.InitProcess.find(pid)
+    started = procs.started_at(pid)
+    if init is None or started is None or started > written + 1 or \
+            procs.command_name(pid) != "sdeefs-init":
+        return None
+    try:
+        uid = os.stat(f"/proc/{init.holder_pid}").st_uid
+    except OSError:
+        uid = -1
+    return EnvRecord("", uid, init.pid, init.start, init.holder_pid, Engine.OVERLAY, 0,
+                     written)
+
+
 def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
-    """Kill the environment's process tree (if ``record`` still names it), unmount what its
-    root was made of, forget the record.  The caller holds :func:`locked`."""
+    """Kill the environment's process tree (if ``record`` still names it, or with no record
+    an init its starter did not live to record: :func:`unrecorded`), unmount what its root
+    was made of, forget the record.  The caller holds :func:`locked`."""
+    if record is None:
+        record = unrecorded(dirs.run)
+        if record is not None:
+            log.info("%s: ending an environment started and never recorded (init %d)",
+                     dirs.run.path, record.init_pid)
     if record is not None and is_alive(record):
         if procs.shares_our_pids(record.init_pid):
             # A job's environment has no PID namespace to die with its init: its processes
@@ -465,7 +507,7 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
                 view.detach(mountpoint)
     _end_unmounted_daemon(dirs)
     _stop_layer(dirs)
-    for path in (run.init, run.record):
+    for path in (run.init, run.record, run.starting):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 

@@ -56,6 +56,7 @@ class RunDirs:
     failure = _at("failure")
     private = _at("private")
     record = _at("private", "env.json")
+    starting = _at("private", "starting")  # sdeefs-enter start's output: the init it started
     lock = _at("private", "lock")
     lower = _at("private", "lower")
     mask = _at("private", "mask")

@@ -29,6 +29,36 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields and fields[0] != "Z" else None
 
 
+def started_at(pid: int) -> float | None:
+    """When the live process ``pid`` started, in seconds since the epoch (its start time
+    after boot, to a clock tick), or None."""
+    ticks = start_time(pid)
+    if ticks is None:
+        return None
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def opened_by(path: str, pids: list[int] | None = None) -> list[int]:
+    """The processes (of ``pids``, else all) that have ``path`` open.  Reads every
+    descriptor of every process: for rare events only."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    found = []
+    for pid in pids if pids is not None else [int(e) for e in os.listdir("/proc") if e.isdigit()]:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held = os.stat(f"/proc/{pid}/fd/{fd}")
+                    if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+                        found.append(pid)
+                        break
+    return found
+
+
 def running(pid: int, uid: int) -> bool:
     """Is ``pid`` a live (not zombie) process of ``uid``?"""
     fields = _stat_fields(pid)

@@ -350,13 +350,17 @@ def launch(config: SiteConfig, user: User, ids: Identity, run: RunDirs, upper: s
     return _start_namespaces(config, user, ids,
                              [*root, "--root-upper", upper, "--root-work", work,
                               *(["--host-pids"] if host_pids else []),
-                              *(["--volatile"] if scratch else [])], tmp_dir)
+                              *(["--volatile"] if scratch else [])], tmp_dir,
+                             run.starting if os.path.isdir(run.private) else None)
 
 
 def _start_namespaces(config: SiteConfig, user: User, ids: Identity,
-                      root: list[str], tmp_dir: str | None = None) -> InitProcess:
+                      root: list[str], tmp_dir: str | None = None,
+                      starting: str | None = None) -> InitProcess:
     """sdeefs-enter start: the namespaces and init of an environment whose root is ``root``
-    (its --root-* options), its /tmp ``tmp_dir`` bound (else a tmpfs)."""
+    (its --root-* options), its /tmp ``tmp_dir`` bound (else a tmpfs).  ``starting``
+    (``RUN/private/starting``): where its output, the init's pid, stays, so that an
+    environment whose starter died before recording it is found (env.teardown)."""
     args = ["start", "--uid", str(user.uid), "--gid", str(user.gid),
             "--uid-map", format_map(ids.env_uid_map()),
             "--gid-map", format_map(ids.env_gid_map()),
@@ -369,7 +373,7 @@ def _start_namespaces(config: SiteConfig, user: User, ids: Identity,
         if os.path.exists(socket_dir):
             args += ["--bind", f"{socket_dir}:{socket_dir}"]
     args += slurm.shim_binds(config)
-    init = InitProcess.find(int(enter.run(args).strip()))
+    init = InitProcess.find(int(enter.run(args, starting).strip()))
     if init is None:
         raise QuietError(f"the environment of {user.name} died while starting", ExitCode.FAILURE)
     return init

@@ -23,3 +23,12 @@ class Offload:
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def run_abandoning(self, fn: Callable[..., T], *args: object) -> T:
+        """As :meth:`run`, but a cancellation abandons the thread (it runs on until it
+        returns or the process exits).  Only for work that is safe to stop anywhere and that
+        somebody else finishes: removing a finished job's scratch (a daemon that stops does
+        not wait for it; ``sdeefs end-spares`` or its next start removes the rest).  Never
+        for a write."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter,
+                                             abandon_on_cancel=True)

@@ -255,6 +255,10 @@ def start_environment(config: SiteConfig, node: str, user: env.User, job: str,
         record = env.EnvRecord.load(where.run)
         if record is not None and env.is_alive(record):
             return record
+        if os.path.exists(where.run.starting):  # an environment of this job that died, or
+            # whose starter died before recording it (env.unrecorded): ended first, or its
+            # init would run on with an overlay over the same upper as the new one
+            env.teardown(where, record)
         return _launch(config, node, user, where)
 
 
@@ -573,6 +577,10 @@ class NodeJobs:
             self._end_spare(spare_dirs(config, node, user))
             end_user_layers(UserLayers.of(config, node, user))
 
+    def remove_gone(self, path: str) -> bool:
+        """A finished job's scratch (:func:`remove_gone`)."""
+        return remove_gone(path)
+
     def leftovers(self, node: str) -> list[str]:
         """At the replicad's start: every spare ended; the scratch left to remove."""
         self.expire(node, 0)
@@ -665,11 +673,13 @@ def _make_job_dirs(where: EnvDirs, user: env.User, ids: Identity) -> None:
                (job_tmp(where), ids.root, 0o1777), (where.run.lower, root, 0o700)))
 
 
-def epilog(config: SiteConfig, node: str, job: str) -> bool:
-    """End the job's environment on this node and remove its scratch upper."""
+def epilog(config: SiteConfig, node: str, job: str, detach: bool = False) -> bool:
+    """End the job's environment on this node and remove its scratch upper: here, or with
+    ``detach`` by a detached process (:func:`remove_gone_detached`: SLURM's epilog does not
+    wait for it)."""
     ended, gone = end_job(config, node, job)
     if gone is not None:
-        shutil.rmtree(gone, ignore_errors=True)
+        (remove_gone_detached if detach else remove_gone)(gone)
     return ended
 
 
@@ -699,6 +709,42 @@ def end_job(config: SiteConfig, node: str, job: str) -> tuple[bool, str | None]:
         gone = None
     shutil.rmtree(where.run.path, ignore_errors=True)
     return True, gone
+
+
+def remove_gone(path: str) -> bool:
+    """Remove a finished job's scratch (``JOB_DIR/.gone-*``, renamed there by
+    :func:`end_job` once the job's processes were gone and its mounts detached): True once
+    it is gone.  Never while something is mounted at or below it in this mount namespace
+    (nothing of a job is, but rmtree walks into a mount, and a detach that failed would
+    leave the idmapped host root or a replica there): left, False, with one line in the
+    log; the next remover (the replicad's next start, ``sdeefs end-spares``) tries again.
+    Symlinks a job planted are removed, never followed (``shutil.rmtree`` walks by fds)."""
+    mounted = sorted(m for m in view.mount_targets() if view.is_inside(m, path))
+    if mounted:
+        log.warning("%s not removed: %s mounted there", path, ", ".join(mounted))
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
+
+
+def remove_gone_detached(path: str) -> None:
+    """:func:`remove_gone` in a detached process (its own session; ``sdeefs job-epilog``,
+    the epilog without the replicad, returns at once, as the replicad's does)."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child ends by os._exit)
+        code = 0
+        try:
+            os.setsid()
+            if os.fork() == 0:  # nothing of slurmd's: its pipes stay nobody's
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                remove_gone(path)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.waitpid(child, 0)
 
 
 def gone_jobs(config: SiteConfig, node: str) -> list[str]:
@@ -737,7 +783,7 @@ def prolog_main(config: SiteConfig) -> int:
 
 
 def epilog_main(config: SiteConfig) -> int:
-    epilog(config, node_name(), _job_id())
+    epilog(config, node_name(), _job_id(), detach=True)
     return 0
 
 

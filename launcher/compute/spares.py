@@ -13,16 +13,20 @@ until the daemon's next start, possibly never.  The unit's ``ExecStopPost`` runs
 command once the daemon is gone, on a stop, a restart and after a crash alike:
 
 * every spare of the node ended (its init and the processes of its mount namespace
-  killed, by the pid and start time its record names: nothing else is; its directories
-  removed) and every user's shared layers unmounted and removed.  Running jobs keep
-  theirs: an overlay holds private clones of its layers, and a job's own environment is
-  not a spare (a spare a job took was renamed to the job's directory);
+  killed, by the pid and start time its record names, or, for a spare whose start the
+  daemon did not live to record, the pid its start left in ``private/starting``:
+  sdeefs.launcher.env.unrecorded; nothing else is; its directories removed) and every
+  user's shared layers unmounted and removed.  Running jobs keep theirs: an overlay holds
+  private clones of its layers, and a job's own environment is not a spare (a spare a job
+  took was renamed to the job's directory);
 * nothing if this node has no replicas (``--role login``), or if the replicad answers on
   its control socket: then it is running and ends its spares itself (this refuses, and
   exits BUSY, rather than race its job ops).
 
-Scratch uppers of finished jobs that the daemon was removing in the background
-(``JOB_DIR/.gone-*``: nothing mounted, nothing running) stay for its next start.
+* the scratch uppers of finished jobs that the daemon had not removed yet
+  (``JOB_DIR/.gone-*``: renamed there by the job's epilog once its processes were gone
+  and its mounts detached; a stopping daemon does not wait for their removal) removed,
+  unless something is mounted there (:func:`sdeefs.launcher.compute.job.remove_gone`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from sdeefs import control
 from sdeefs.config import SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 
-from .job import NodeJobs
+from .job import NodeJobs, gone_jobs, remove_gone
 
 log = logging.getLogger(__name__)
 
@@ -63,4 +67,6 @@ def end_spares(config: SiteConfig, node: str) -> list[str]:
     ended = NodeJobs().expire(node, 0)
     for user in ended:
         log.info("%s: the spare job environment on %s ended", user, node)
+    for path in gone_jobs(config, node):
+        remove_gone(path)
     return ended

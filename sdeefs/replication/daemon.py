@@ -51,7 +51,9 @@ starts the job's environment; its ``verdict`` is ``ready``, or ``bare``/``failed
 one line the job's tasks will tell (sdeefs.launcher.compute.job: the user's problems never
 fail the request, the node's do).  ``job-end`` answers once the job's processes are gone and
 its mounts detached; its scratch upper, renamed out of the way first, is removed in the
-background (what a stopped daemon left is removed at its next start).  After a job of U
+background (a stop does not wait for it: ``sdeefs end-spares``, the unit's ExecStopPost,
+or the next start removes what is left).  SIGTERM stops the daemon cleanly (``serve``):
+work in its threads finishes, so a spare being started is recorded for end-spares.  After a job of U
 started, the next one's environment is started ahead, a *spare* (``NodeJobs``): the next
 ``job-start`` of U takes it once at the barrier; ``unfollow`` ends it.  Only compute nodes
 (a ``--replica-dir``) answer them (``jobs``: the launcher's job host, given by ``main``).
@@ -68,11 +70,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import re
-import shutil
+import signal
 import socket
 import sys
 import time
@@ -218,6 +219,8 @@ class JobHost(Protocol):
 
     def expire(self, node: str, max_age: float) -> list[str]: ...
 
+    def remove_gone(self, path: str) -> bool: ...
+
 
 @attrs.define(eq=False)
 class ReplicaUser:
@@ -309,6 +312,24 @@ class Daemon:
                      self.config.node, self.config.listen, self.config.origin_root,
                      self.config.replica_dir, self.config.upstream)
             task_status.started()
+
+    async def serve(self) -> None:
+        """:meth:`run` until SIGTERM (``systemctl stop``, the unit's ``KillSignal``), then a
+        clean stop: every task cancelled, and the work in worker threads *finished*, not
+        abandoned (``Offload``): a spare environment being prepared is started and recorded
+        (``JOB_DIR/.spare-U.run``: its init, its key), so that the unit's ``ExecStopPost``
+        (``sdeefs end-spares``) finds and ends it.  Killed by the default action instead,
+        the daemon left the spare's ``sdeefs-enter start`` running on its own: an init and
+        an overlay nothing named, never ended.  A job's barrier wait is cancelled at once
+        (its prolog's client sees the daemon gone, as before)."""
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.run)
+                async for signum in signals:
+                    log.info("sdeefs-replicad %s: %s: stopping (work in progress finishes)",
+                             self.config.node, signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
 
     # -- serving followers ------------------------------------------------------------------
 
@@ -742,8 +763,11 @@ class Daemon:
             log.exception("ending the spare environment of %s on %s", user, node)
 
     async def _remove_gone(self, path: str) -> None:
-        """A finished job's scratch upper, renamed out of the way by ``job-end``."""
-        await self.offload.run(functools.partial(shutil.rmtree, path, ignore_errors=True))
+        """A finished job's scratch upper, renamed out of the way by ``job-end`` (or left by
+        a stopped daemon): removed in a worker thread that a stop abandons (it may be
+        gigabytes; ``sdeefs end-spares``, the unit's ExecStopPost, removes the rest)."""
+        assert self.jobs is not None
+        await self.offload.run_abandoning(self.jobs.remove_gone, path)
 
     async def status(self) -> dict[str, object]:
         origin = await self.origin.status() if self.origin is not None else {}
@@ -877,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..launcher.compute.job import NodeJobs
 
             jobs = NodeJobs()
-        trio.run(Daemon(config, jobs=jobs).run)
+        trio.run(Daemon(config, jobs=jobs).serve)
     except QuietError as exc:
         print(f"sdeefs-replicad: {exc}", file=sys.stderr)
         return exc.exitcode

@@ -11,12 +11,13 @@ SLURM drains it, as docs/admin.md says).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -138,11 +139,13 @@ def test_with_the_replicad_down_the_epilog_still_ends_the_job_and_the_prolog_say
     state = g.slurm.wait_job(job, timeout=120)
     assert state == "COMPLETED", (state, out.read_text(), g.hook_logs())
     assert out.read_text() == "v2\n"
-    # The epilog ran `sdeefs job-epilog` in its place: the environment ended, nothing left,
-    # the node in service.
+    # The epilog ran `sdeefs job-epilog` in its place: the environment ended, nothing left
+    # (the scratch upper removed by a process of its own, as the replicad does it: the
+    # epilog does not wait), the node in service.
     assert not alive(pid)
-    assert job_files(g, 1) == [f".layers-{g.user}", f".spare-{g.user}", f".spare-{g.user}.run"
-                               ], job_files(g, 1)
+    assert str(job) not in job_files(g, 1)
+    assert f"{job}.run" not in job_files(g, 1)
+    wait_spare_only(g, 1)
     assert g.slurm.node_states().get("n1") in IN_SERVICE, g.slurm.node_states()
 
     # The prolog cannot serve a job without the replicad: the node's problem, one line.
@@ -251,17 +254,28 @@ def unit_service(role: str) -> dict[str, list[str]]:
     return service
 
 
-def stop_as_systemd(g: Grid, i: int) -> list[subprocess.CompletedProcess[str]]:
+def stop_as_systemd(g: Grid, i: int, signalled: Callable[[], None] | None = None
+                    ) -> list[subprocess.CompletedProcess[str]]:
     """``systemctl stop sdeefs-replicad@compute`` on node i, as systemd does it with the
     unit (no systemd runs here): its KillSignal to the main process only (KillMode=process),
-    then its ExecStopPost commands once that exited, in order, each checked."""
+    then its ExecStopPost commands once that exited, in order, each checked.  ``signalled``
+    is called once the signal is sent."""
     service = unit_service("compute")
     # the grid runs the unit's own command (Grid.start_replicad)
     assert service["ExecStart"] == [f"{VENV_BIN}/sdeefs-replicad --role compute"], service
     assert service["KillMode"] == ["process"], service
     proc = g.replicads.pop(i)
     proc.send_signal(signal.Signals[service.get("KillSignal", ["SIGTERM"])[-1]])
+    if signalled is not None:
+        signalled()
     proc.wait(90)  # systemd's TimeoutStopSec
+    return exec_stop_post(g, i)
+
+
+def exec_stop_post(g: Grid, i: int) -> list[subprocess.CompletedProcess[str]]:
+    """The unit's ExecStopPost commands on node i, in order, each checked: what systemd runs
+    once the daemon is gone, after a stop as after a crash."""
+    service = unit_service("compute")
     done = []
     for line in service.get("ExecStopPost", []):
         checked = not line.startswith("-")  # "-": its failure is ignored
@@ -324,3 +338,140 @@ def test_stopping_the_replicad_ends_its_spares_and_leaves_running_jobs(grid: Gri
     assert state == "COMPLETED", (state, g.hook_logs())
     assert out.read_text() == "v3\n"
     wait_spare_only(g, 1)
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid``'s threads forked (each thread's children file)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def spare_traces(g: Grid, i: int) -> list[str]:
+    """Whatever of the user's spare on node i is running or mounted, in any process's mount
+    namespace: a process naming it, a mount made from its directories."""
+    mark = f"n{i}/jobs/.spare-{g.user}"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if mark.encode() in (proc / "cmdline").read_bytes():
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()!r}")
+            found += [f"{proc.name}: {line}" for line in
+                      (proc / "mountinfo").read_text().splitlines() if mark in line]
+    return found
+
+
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_a_spare_the_replicad_was_starting_when_it_stopped_or_died_is_ended(
+        grid: Grid, how: str) -> None:
+    """``systemctl stop`` (``stop``), or a SIGKILL (``kill -9``: the OOM killer, systemd's
+    last resort), while the replicad is starting the next job's spare environment (its
+    ``sdeefs-enter start`` running: held there with SIGSTOP by the test, the window made
+    wide), then the unit's ``sdeefs end-spares``: nothing of the spare runs or is mounted
+    anywhere.  On a stop the daemon finishes the start and records the spare before it
+    exits; killed, it leaves the start's output (``private/starting``: the init) that
+    end-spares reads, once the start it did not wait for is done.  Fails on the old code
+    both ways: SIGTERM killed the daemon at once as SIGKILL does, the start went on without
+    it, and its init and overlay were named nowhere end-spares looks."""
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "echo v4 > /etc/sdeefs-demo")
+    home = g.site.home(g.user)
+    daemon = g.replicads[1].pid
+    job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
+                      "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    spare_upper = f"n1/jobs/.spare-{g.user}/upper".encode()
+    held = None
+    deadline = time.monotonic() + 60
+    while held is None:  # the spare's start, a child of the replicad: held where it is
+        assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
+        assert not (g.base / "n1" / "jobs" / f".spare-{g.user}.run" / "spare-key").exists(), \
+            "the spare was started before its start was seen"
+        for pid in children(daemon):
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"start" in argv and any(spare_upper in a for a in argv):
+                    os.kill(pid, signal.SIGSTOP)
+                    held = pid
+    proc = g.replicads[1]
+    if how == "stop":
+        def release() -> None:  # once the daemon had the signal (the old one dies at once)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2)
+            os.kill(held, signal.SIGCONT)
+
+        stopped = stop_as_systemd(g, 1, release)
+        assert "SIGTERM: stopping" in g.log(1), g.log(1)
+    else:
+        g.replicads.pop(1)
+        os.kill(daemon, signal.SIGKILL)  # the daemon only (KillMode=process), by its pid
+        proc.wait(10)
+        os.kill(held, signal.SIGCONT)  # the start goes on while ExecStopPost runs
+        stopped = exec_stop_post(g, 1)
+    assert [r.stdout for r in stopped] == [f"{g.user}: spare job environment ended\n"], stopped
+    assert not alive(held)
+    assert spare_traces(g, 1) == []
+    assert f".spare-{g.user}.run" not in job_files(g, 1)
+    # the running job keeps its environment and ends as usual; the replicad back, jobs run
+    (home / "go").touch()
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text() if out.exists() else "", g.hook_logs())
+    assert out.read_text() == "v4\n"
+    g.start_replicad(1)
+    job, out = submit(g, "again", "#!/bin/sh\ncat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, g.hook_logs())
+    assert out.read_text() == "v4\n"
+    wait_spare_only(g, 1)
+
+
+def test_a_node_whose_replicad_was_killed_mid_job_comes_back_and_runs_the_next_job(
+        grid: Grid) -> None:
+    """The node's replicad killed -9 (the OOM killer; systemd's SIGKILL after a stop timed
+    out) while a job runs: systemd runs the unit's ExecStopPost (the spare ends) and starts
+    it again (Restart=always); the running job goes on in its environment, the new daemon
+    does its epilog (the environment the old one started ends), and the next job of the
+    user runs on that node as ever: the node never leaves service."""
+    g = grid
+    g.site.start(g.user)
+    g.site.run(g.user, "echo v5 > /etc/sdeefs-demo")
+    home = g.site.home(g.user)
+    job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
+                      "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
+    jobs = g.base / "n1" / "jobs"
+    spare = jobs / f".spare-{g.user}.run"
+    deadline = time.monotonic() + 60
+    while not ((jobs / f"{job}.run" / "init").exists() and (spare / "spare-key").exists()):
+        assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
+        time.sleep(0.1)
+    pid = int((jobs / f"{job}.run" / "init").read_text().split()[0])
+    spare_pid = int((spare / "init").read_text().split()[0])
+    proc = g.replicads.pop(1)
+    os.kill(proc.pid, signal.SIGKILL)  # the daemon only (KillMode=process), by its pid
+    proc.wait(10)
+    stopped = exec_stop_post(g, 1)
+    assert [r.stdout for r in stopped] == [f"{g.user}: spare job environment ended\n"], stopped
+    assert not alive(spare_pid)
+    assert spare_traces(g, 1) == []
+    assert alive(pid)
+    g.start_replicad(1)
+    (home / "go").touch()
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text() if out.exists() else "", g.hook_logs())
+    assert out.read_text() == "v5\n"
+    assert not alive(pid)
+    assert g.control(1, {"op": "status"})["jobs"] == {"job-start": 0, "job-end": 1, "spare": 0}
+    job, out = submit(g, "next", "#!/bin/sh\ncat /etc/sdeefs-demo\nsrun cat /etc/sdeefs-demo\n",
+                      "-N1", "-w", "n1")
+    state = g.slurm.wait_job(job, timeout=120)
+    assert state == "COMPLETED", (state, out.read_text() if out.exists() else "", g.hook_logs())
+    assert out.read_text() == "v5\nv5\n"
+    wait_spare_only(g, 1)
+    assert g.slurm.node_states().get("n1") in IN_SERVICE, g.slurm.node_states()
+    logs = g.hook_logs()
+    assert "Traceback" not in logs, logs
+    assert "job-prolog:" not in logs, logs  # the replicad did every prolog

@@ -3,10 +3,13 @@ slurmd runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -183,3 +186,171 @@ def test_doctor_checks_that_slurms_plugstack_loads_the_plugin(tmp_path: Path) ->
     moved = doctor._plugstack(config_mod.load(str(config)), str(main))
     assert moved.verdict == doctor.Verdict.FAIL
     assert "/var/tmp/jobs-%n" in moved.detail, moved
+
+
+@contextlib.contextmanager
+def nodes_on_tmpfs(site: Site, barrier_timeout: float) -> Iterator[tuple[Path, int]]:
+    """:func:`replication_config`, the nodes' directory (replicas, job directories) on a
+    tmpfs of its own, as a node's local disk is (a job's overlay refuses layers on the
+    lower's filesystem); unmounted at the end."""
+    base, port = replication_config(site, barrier_timeout)
+    key = (base / "key").read_text()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=512m", "tmpfs", str(base)],
+                   check=True)
+    try:
+        (base / "key").write_text(key)
+        os.chmod(base / "key", 0o600)
+        yield base, port
+    finally:
+        subprocess.run(["umount", "-l", str(base)], capture_output=True)
+
+
+def _stop_node(site: Site, base: Path, daemon: subprocess.Popen[bytes]) -> None:
+    """As the unit stops node n1's replicad: SIGTERM, then ``sdeefs end-spares``."""
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(60)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait(10)
+    subprocess.run([str(VENV_BIN / "sdeefs"), "end-spares"], capture_output=True, timeout=60,
+                   env={**site.env(), "SLURMD_NODENAME": "n1"})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("old", ["died", "unrecorded"])
+def test_a_job_environment_starts_again_over_its_old_directories(site: Site, old: str) -> None:
+    """The prolog runs again for a job (SLURM requeues a job with its id) whose environment
+    on the node ``died`` (its init killed while the node ran on), or was started and never
+    recorded (``unrecorded``: its starter, the replicad, killed -9 between the start and
+    the record; the record removed here for that): the new environment starts over the old
+    job's directories, and the old one, if it still runs, is ended first (else its init
+    would run on, forever, over the same scratch upper: fails without that).  The scratch
+    upper is mounted volatile, and the kernel leaves WORK/work/incompat/volatile behind and
+    refuses another mount over that workdir until it is cleared: fails if the prolog does
+    not clear it (the mount fails, the job with it)."""
+    user = site.add_user()
+    with nodes_on_tmpfs(site, BARRIER_TIMEOUT) as (base, _):
+        login = _start_replicad(site, base, "login")
+        node, pid = None, 0
+        try:
+            node = _start_replicad(site, base, "n1")
+            site.start(user)
+            site.run(user, "echo v1 > /etc/sdeefs-again")
+            first = _hook(site, "prolog", user, "21")
+            assert (first.returncode, first.stderr) == (0, ""), first
+            init = base / "n1-jobs" / "21.run" / "init"
+            pid = int(init.read_text().split()[0])
+            if old == "died":
+                os.kill(pid, signal.SIGKILL)  # the environment dies; the node runs on
+                deadline = time.monotonic() + 20
+                while _alive(pid):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                markers = list((base / "n1-jobs" / "21").rglob("incompat/volatile"))
+                assert markers, "the kernel left no volatile marker: nothing to test"
+            else:
+                init.unlink()
+                (base / "n1-jobs" / "21.run" / "private" / "env.json").unlink()
+            again = _hook(site, "prolog", user, "21")
+            assert (again.returncode, again.stderr) == (0, ""), again
+            assert int(init.read_text().split()[0]) != pid
+            assert not _alive(pid)
+            step = subprocess.run(["runuser", "-u", user, "--", str(VENV_BIN / "sdeefs-run"),
+                                   "--", "cat", "/etc/sdeefs-again"], capture_output=True,
+                                  text=True, timeout=60,
+                                  env={**site.env(), "SLURM_JOB_ID": "21",
+                                       "SLURMD_NODENAME": "n1"})
+            assert (step.returncode, step.stdout) == (0, "v1\n"), step.stderr
+            epilog = _hook(site, "epilog", user, "21")
+            assert epilog.returncode == 0, epilog.stderr
+            assert not any(n in ("21", "21.run") for n in os.listdir(base / "n1-jobs"))
+        finally:  # nothing of the job left, whatever failed (the old init: the test's own)
+            _hook(site, "epilog", user, "21")
+            if pid and _alive(pid) and Path(f"/proc/{pid}/comm").read_text() == "sdeefs-init\n":
+                os.kill(pid, signal.SIGKILL)
+            if node is not None:
+                _stop_node(site, base, node)
+            login.kill()
+            login.wait(10)
+
+
+def test_end_spares_removes_finished_jobs_scratch_but_never_through_a_mount(
+        site: Site) -> None:
+    """``sdeefs end-spares`` (the replicad's unit, once it stopped) removes the scratch of
+    finished jobs the daemon had not removed yet (``JOB_DIR/.gone-*``): following no symlink
+    a job planted, through directories the job made unreadable; one with something mounted
+    in it stays (rmtree would walk into the mount), with one line, until it is not.  Fails
+    on the old code: it stayed until the replicad's next start."""
+    with nodes_on_tmpfs(site, 2) as (base, _):
+        jobs = base / "n1-jobs"
+        victim = site.base / "victim"
+        victim.write_text("keep\n")
+        gone = jobs / ".gone-5-1"
+        (gone / "upper" / "deep" / "er").mkdir(parents=True)
+        (gone / "upper" / "deep" / "er" / "f").write_text("x")
+        (gone / "upper" / "link").symlink_to(victim)
+        (gone / "upper" / "dirlink").symlink_to(site.base)
+        os.chmod(gone / "upper" / "deep", 0)
+        held = jobs / ".gone-6-1"
+        (held / "upper" / "m").mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(held / "upper" / "m")], check=True)
+        try:
+            (held / "upper" / "m" / "f").write_text("mounted\n")
+
+            def end_spares() -> subprocess.CompletedProcess[str]:
+                return subprocess.run([str(VENV_BIN / "sdeefs"), "end-spares"],
+                                      capture_output=True, text=True, timeout=60,
+                                      env={**site.env(), "SLURMD_NODENAME": "n1"})
+
+            result = end_spares()
+            assert (result.returncode, result.stdout) == (0, ""), result
+            assert not gone.exists()
+            assert victim.read_text() == "keep\n"
+            assert site.base.is_dir()
+            assert (held / "upper" / "m" / "f").read_text() == "mounted\n"
+            assert result.stderr.splitlines() == [
+                f"sdeefs: {held} not removed: {held}/upper/m mounted there"], result.stderr
+        finally:
+            subprocess.run(["umount", str(held / "upper" / "m")], capture_output=True)
+        result = end_spares()
+        assert (result.returncode, result.stderr) == (0, ""), result
+        assert os.listdir(jobs) == []
+
+
+def test_a_stop_does_not_wait_for_a_prolog_at_its_barrier(site: Site) -> None:
+    """SIGTERM (``systemctl stop``) while a job's prolog waits on the node's replicad for a
+    barrier that does not come (the login node unreachable): the daemon cancels the wait and
+    exits well before the barrier's timeout (it waits only for work in its threads: a
+    spare's start); the prolog fails with one line, as for any replicad that went away (the
+    node's problem: SLURM drains it)."""
+    user = site.add_user()
+    base, _ = replication_config(site, 120)  # no login replicad: no barrier
+    daemon = _start_replicad(site, base, "n1")
+    try:
+        prolog = subprocess.Popen([str(VENV_BIN / "sdeefs-prolog")], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**site.env(), "SLURM_JOB_ID": "31",
+                                       "SLURM_JOB_USER": user, "SLURMD_NODENAME": "n1"})
+        deadline = time.monotonic() + 30
+        while f"following {user} from" not in (base / "n1.log").read_text():  # at the barrier
+            assert prolog.poll() is None, prolog.communicate()
+            assert time.monotonic() < deadline, (base / "n1.log").read_text()
+            time.sleep(0.05)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0, (base / "n1.log").read_text()
+        _, err = prolog.communicate(timeout=60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    assert prolog.returncode != 0
+    assert err.count("\n") == 1, err
+    assert "sdeefs-replicad closed the connection without an answer" in err, err
+    assert "SIGTERM: stopping" in (base / "n1.log").read_text()
