@@ -792,28 +792,55 @@ def write_record_payload(record: rec.Write, fd: int | None) -> bytes:
     return encode_record_payload(record, data)
 
 
+RUN_RECORD = struct.Struct("<QHIHI")  # RUN_ENTRY and RECORD_HEAD of a record in a run
+assert RUN_RECORD.size == RUN_ENTRY.size + RECORD_HEAD.size
+_HEADER_SPACE = bytes(FRAME_HEADER.size)
+_MAC_SPACE = bytes(MAC_SIZE)
+
+
 @attrs.define(eq=False)
 class RunEncoder:
     """Records gathered into RUN frames of about RUN_BYTES (an origin's small records).
 
-    :meth:`add` a record's payload with its seq and flags; encoded frames are appended to
-    the ``out`` list given.  A run of one record is sent as a plain RECORD frame."""
+    :meth:`add` a record's payload with its seq and flags (or :meth:`add_record` its
+    type and body: no payload made); encoded frames are appended to the ``out`` list
+    given.  A run of one record is sent as a plain RECORD frame."""
 
     key: bytes
     _parts: list[bytes] = attrs.field(factory=list)
-    _single: tuple[int, int, bytes] | None = None
+    _single: tuple[int, int, int, bytes, bytes] | None = None  # seq, flags, type, body, data
     _count: int = 0
     _size: int = 0
     _last: int = 0
 
     def add(self, seq: int, flags: int, payload: bytes, out: list[bytes | bytearray]) -> None:
+        """Add a RECORD payload (``encode_record_payload``)."""
         if self._size + RUN_ENTRY.size + len(payload) > MAX_FRAME_PAYLOAD:
             self.flush(out)
         if not self._count:
-            self._single = (seq, flags, payload)
+            self._single = (seq, flags, -1, payload, b"")
         self._parts += (RUN_ENTRY.pack(seq, flags, len(payload)), payload)
+        self._added(seq, RUN_ENTRY.size + len(payload), out)
+
+    def add_record(self, seq: int, flags: int, rtype: int, body: bytes,
+                   out: list[bytes | bytearray], data: bytes = b"") -> int:
+        """Add the record of type ``rtype`` whose encoding (``sdeefs.records``) is
+        ``body``, then ``data`` (a Write's): what ``add`` of ``encode_record_payload`` of
+        it does, byte for byte.  The bytes it counts for a sender's batch (64 + payload)."""
+        length = RECORD_HEAD.size + len(body) + len(data)
+        if self._size + RUN_ENTRY.size + length > MAX_FRAME_PAYLOAD:
+            self.flush(out)
+        if not self._count:
+            self._single = (seq, flags, rtype, body, data)
+        self._parts += (RUN_RECORD.pack(seq, flags, length, rtype, len(body)), body)
+        if data:
+            self._parts.append(data)
+        self._added(seq, RUN_ENTRY.size + length, out)
+        return 64 + length
+
+    def _added(self, seq: int, size: int, out: list[bytes | bytearray]) -> None:
         self._count += 1
-        self._size += RUN_ENTRY.size + len(payload)
+        self._size += size
         self._last = seq
         if self._size >= RUN_BYTES:
             self.flush(out)
@@ -821,10 +848,14 @@ class RunEncoder:
     def flush(self, out: list[bytes | bytearray]) -> None:
         """Close the run being gathered (if any) into a frame on ``out``."""
         if self._count == 1 and self._single is not None:
-            seq, flags, payload = self._single
+            seq, flags, rtype, body, data = self._single
+            payload = body if rtype < 0 else RECORD_HEAD.pack(rtype, len(body)) + body + data
             out.append(Frame(RECORD, seq, payload, flags).encode(self.key))
         elif self._count:
-            out.append(Frame(RECORD, self._last, b"".join(self._parts), RUN).encode(self.key))
+            # header and MAC space around the parts in one join: one copy, no zeroing
+            buf = bytearray().join([_HEADER_SPACE, *self._parts, _MAC_SPACE])
+            _seal(buf, RECORD, RUN, self._size, self._last, self.key)
+            out.append(buf)
         self._parts, self._single, self._count, self._size = [], None, 0, 0
 
 
