@@ -71,16 +71,16 @@ def build(size: str) -> Path:
     return root
 
 
-def compute_fs() -> Path:
+def compute_fs(scratch: Path = WORK) -> Path:
     """The replica's disk: a journaled ext4 in a loop-mounted image, as ``bench/deploy``
     makes it (the root file system here has no journal, and without one ext4 scans past
     every inode freed in the last minutes on each create: that measured the ``rm`` of the
     previous run's copy, 40% of the replica's CPU)."""
-    mount = WORK / "compute"
+    mount = scratch / "compute"
     if os.path.ismount(mount):
         return mount
     mount.mkdir(parents=True, exist_ok=True)
-    image = WORK / "compute.img"
+    image = scratch / "compute.img"
     with open(image, "wb") as handle:
         handle.truncate(8 << 30)  # sparse: one copy of the 2G set at a time
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
@@ -116,11 +116,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
-            profile: Path | None, run: int) -> dict[str, object]:
-    work = WORK / "run"
+            profile: Path | None, run: int, scratch: Path = WORK) -> dict[str, object]:
+    work = scratch / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    replicas = WORK / "compute" / "replicas"
+    replicas = scratch / "compute" / "replicas"
     shutil.rmtree(replicas, ignore_errors=True)
     key = work / "key"
     key.write_text(os.urandom(32).hex())
@@ -183,9 +183,12 @@ def main() -> int:
     parser.add_argument("--perf", type=Path)
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--port", type=int, default=7391)
+    parser.add_argument("--scratch", type=Path, default=WORK,
+                        help="where the runs' replicas and logs go (the journals stay in "
+                        f"{WORK}): another engineer's runs at the same time use another")
     args = parser.parse_args()
     root = build(args.size)
-    compute_fs()
+    compute_fs(args.scratch)
     for out in (args.perf, args.profile):
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -193,11 +196,12 @@ def main() -> int:
     try:
         for run in range(args.runs):
             for label, tree in releases:
-                result = one_run(root, label, tree, args.port, args.perf, args.profile, run)
+                result = one_run(root, label, tree, args.port, args.perf, args.profile, run,
+                                 args.scratch)
                 print(json.dumps(result), flush=True)
     finally:
-        subprocess.run(["umount", str(WORK / "compute")], check=False)
-        (WORK / "compute.img").unlink(missing_ok=True)
+        subprocess.run(["umount", str(args.scratch / "compute")], check=False)
+        (args.scratch / "compute.img").unlink(missing_ok=True)
     return 0
 
 

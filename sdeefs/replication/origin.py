@@ -79,6 +79,8 @@ from .wire import (
     RESYNC,
     RUN_WRITE,
     SKIP,
+    BufferPool,
+    Encoded,
     Frame,
     FrameReader,
     Hello,
@@ -356,24 +358,26 @@ class JournalSender:
     # A capture batch (Begin) was read: look for open ones (``open_batch``, a scan of
     # ``pending`` per call: a passthrough journal, which has none, skips it).
     batches: bool = False
+    frames: BufferPool = attrs.field(factory=lambda: BufferPool(keep=3 * 32))  # 3 batches
 
     async def run(self) -> None:
         """Read and encode the next batch (a worker thread) while the one before it is
         sent: a cold follower's stream is bound by the slower of the two, not their sum."""
-        send, receive = trio.open_memory_channel[tuple[list[bytes | bytearray], int]](1)
+        send, receive = trio.open_memory_channel[tuple[list[Encoded], int]](1)
         async with open_link_tasks() as nursery:
             nursery.start_soon(self._send, receive)
             await self._produce(send)
 
     async def _send(self, receive: trio.MemoryReceiveChannel[
-            tuple[list[bytes | bytearray], int]]) -> None:
+            tuple[list[Encoded], int]]) -> None:
+        sending = Offload(trio.CapacityLimiter(1))  # its own thread: never the pool's
         async with receive:
             async for buffers, last in receive:
-                await self.link.send_encoded(buffers, last)
+                await self.link.send_encoded_offloaded(buffers, last, sending)
                 self.user.head = max(self.user.head, last)
 
     async def _produce(self, send: trio.MemorySendChannel[
-            tuple[list[bytes | bytearray], int]]) -> None:
+            tuple[list[Encoded], int]]) -> None:
         user, downstream = self.user, self.link.downstream
         last_send = trio.current_time()
         async with send:
@@ -390,6 +394,7 @@ class JournalSender:
                     await send.send((buffers, last))
                     last_send = trio.current_time()
                     continue
+                self.frames.clear()  # idle: no buffers kept
                 if trio.current_time() - last_send >= IDLE_HEAD:
                     head = Frame(HEAD, max(user.head, downstream.sent_seq))
                     await send.send(([head.encode(self.link.key)], head.seq))
@@ -401,7 +406,7 @@ class JournalSender:
                                         else EXTENT_RETRY if self.waiting else max(idle, 0.0)):
                     await grew.wait()
 
-    def next_batch(self) -> tuple[list[bytes | bytearray], int]:
+    def next_batch(self) -> tuple[list[Encoded], int]:
         """The next frames to send, encoded, and the last seq they carry (a worker thread).
 
         Records travel as the journal holds them (``JournalTail.poll_raw``: a record's
@@ -420,7 +425,7 @@ class JournalSender:
             pass
         pending = self.pending
         ready = settled(pending, self.first_seen, self.batches)
-        out: list[bytes | bytearray] = []
+        out: list[Encoded] = []
         run = RunEncoder(self.link.key)  # small records share frames (``wire.RUN``)
         size = taken = 0
         held: HeldSetattr | None = None
@@ -529,7 +534,7 @@ class JournalSender:
                 return None
         return refusal(entry.record, self.user.ids)
 
-    def _encode_setattr(self, held: HeldSetattr, out: list[bytes | bytearray],
+    def _encode_setattr(self, held: HeldSetattr, out: list[Encoded],
                         run: RunEncoder) -> int:
         """Add a (merged) setattr to ``run``; the bytes it counts for a batch."""
         fields = held.fields
@@ -541,7 +546,7 @@ class JournalSender:
                 *fields[1:])
         return run.add_record(held.seq, held.flags, rec.Setattr.TYPE, body, out)
 
-    def _encode(self, entry: SendEntry, flags: int, out: list[bytes | bytearray],
+    def _encode(self, entry: SendEntry, flags: int, out: list[Encoded],
                 run: RunEncoder) -> int:
         """Add one record to ``run`` (a Write of more than RUN_WRITE bytes: its own
         frames to ``out``, after the run so far); the bytes it counts for a batch."""
@@ -568,7 +573,7 @@ class JournalSender:
                 run.add(seq, flags, payload, out)
                 return 64 + len(payload)
             run.flush(out)
-            encoded = encode_write_frames(seq, record, fd, self.link.key, flags)
+            encoded = encode_write_frames(seq, record, fd, self.link.key, flags, self.frames)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -138,7 +138,7 @@ def _reference(entries: list[Entry], source: object, ids: UserIds,
                 run.add(seq, flags, write_record_payload(record, fd), out)
                 return
             run.flush(out)
-            out.extend(encode_write_frames(seq, record, fd, KEY, flags))
+            out.extend(bytes(b) for b in encode_write_frames(seq, record, fd, KEY, flags))
         finally:
             if fd is not None:
                 os.close(fd)
@@ -485,3 +485,81 @@ def test_a_run_with_add_record_is_what_add_made(fixed_mac: None) -> None:
         a.flush(out_a)
         b.flush(out_b)
         assert [bytes(x) for x in out_a] == [bytes(x) for x in out_b]
+
+
+def test_a_pooled_buffer_is_used_again_only_once_nothing_refers_to_it() -> None:
+    """``wire.BufferPool`` (the sender's Write frames, read into buffers not zeroed): a
+    buffer some view, slice or list still holds is never handed out again."""
+    from sdeefs.replication.wire import BufferPool
+
+    pool = BufferPool(keep=4)
+    first = pool.take(100)
+    first[:] = b"a" * 100
+    held = first[10:20]  # a slice of a view: holds the buffer too
+    del first
+    second = pool.take(100)
+    second[:] = b"b" * 100
+    assert bytes(held) == b"a" * 10  # not reused while the slice lives
+    frames = [second]
+    del second, held
+    third = pool.take(50)  # the first buffer, free again
+    third[:] = b"c" * 50
+    assert bytes(frames[0]) == b"b" * 100
+    assert len(pool._buffers) == 2
+    bigger = pool.take(4000)  # no free buffer big enough: a new one
+    assert len(bigger) == 4000
+    assert len(pool._buffers) == 3
+    del third, frames, bigger
+    many = [pool.take(10) for _ in range(10)]  # beyond ``keep``: buffers of their own
+    assert len(pool._buffers) == 4
+    for i, view in enumerate(many):
+        view[:] = bytes([i]) * 10
+    assert [bytes(v) for v in many] == [bytes([i]) * 10 for i in range(10)]
+    pool.clear()
+    assert not pool._buffers
+
+
+def test_frames_sent_from_a_worker_thread_arrive_whole_and_a_cancel_ends_the_wait() -> None:
+    """``relay.send_blocking`` (the origin's sends off the trio loop): every byte of many
+    buffers arrives in order through a socket whose buffer takes a fraction of them at a
+    time; a peer that reads nothing leaves the thread waiting, and cancelling the task
+    that waits for it ends that wait within a poll interval."""
+    import socket
+
+    import trio
+
+    from sdeefs.replication.relay import SEND_WAIT, send_blocking
+    from sdeefs.replication.wire import Encoded
+
+    rng = random.Random(7)
+    buffers: list[Encoded] = [rng.randbytes(rng.choice([10, 5000, 300_000]))
+                                        for _ in range(200)]
+    buffers.append(bytearray(rng.randbytes(1 << 20)))
+    want = b"".join(buffers)
+
+    async def main() -> None:
+        left, right = socket.socketpair()
+        left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        left.setblocking(False)
+        got = bytearray()
+
+        def receive() -> None:
+            while len(got) < len(want):
+                chunk = right.recv(1 << 16)
+                assert chunk
+                got.extend(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, receive)
+            await trio.to_thread.run_sync(send_blocking, left.fileno(), buffers)
+        assert bytes(got) == want
+        # nobody reads: the thread waits for room until its task is cancelled
+        start = trio.current_time()
+        with trio.move_on_after(0.3):
+            silent: list[Encoded] = [bytes(8 << 20)]
+            await trio.to_thread.run_sync(send_blocking, left.fileno(), silent)
+        assert trio.current_time() - start < 0.3 + 3 * SEND_WAIT / 1000
+        left.close()
+        right.close()
+
+    trio.run(main)
