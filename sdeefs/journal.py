@@ -180,6 +180,7 @@ from .records import (
     check_record,
     decode_record,
     encode_record,
+    peek,
 )
 from .sysio import FALLOC_FL_KEEP_SIZE, fallocate, fsync_dir, start_writeback
 
@@ -281,6 +282,40 @@ class Entry:
 
     seq: int
     record: Record
+
+    @property
+    def rtype(self) -> int:
+        return self.record.TYPE
+
+    @property
+    def payload(self) -> bytes:
+        """The record's payload in the encoding written now (``RECORD_VERSION``)."""
+        return encode_record(self.record)[1]
+
+
+@attrs.define(eq=False)
+class RawEntry:
+    """One journal record with its position, not decoded unless asked (``record``): what
+    a sender copies into frames as it is (``JournalTail.poll_raw``).
+
+    Attributes:
+        payload: the record's payload in the encoding written now (``RECORD_VERSION``:
+            a record of an older segment is decoded and encoded again when read).
+        fields: ``records.peek`` of it (None: it was decoded when read, ``record``).
+    """
+
+    seq: int
+    rtype: int
+    payload: bytes
+    fields: tuple[int, ...] | None
+    _record: Record | None = None
+
+    @property
+    def record(self) -> Record:
+        """The record decoded (once; it was checked when read: this cannot fail)."""
+        if self._record is None:
+            self._record = decode_record(self.rtype, self.payload)
+        return self._record
 
 
 def scan_frames(data: bytes, offset: int, expect_seq: int) -> Iterator[tuple[int, int, int, bytes]]:
@@ -744,23 +779,42 @@ class JournalTail:
         self._scan(max_bytes, entries)
         return entries
 
+    def poll_raw(self, max_bytes: int = 4 << 20) -> list[RawEntry]:
+        """``poll``, each record left as its payload (``RawEntry``): checked as ``poll``
+        checks it (BadRecord where ``poll`` raises it), decoded only where
+        ``records.peek`` cannot vouch for it."""
+        entries: list[RawEntry] = []
+        self._scan(max_bytes, entries, raw=True)
+        return entries
+
     def skip(self, max_bytes: int = 4 << 20) -> int:
         """Pass the complete records appended since the last call (at most about
         max_bytes) without decoding them (``next_seq`` says how far): how many.  Learning
         the head of a long journal costs a checksum per record, not a decode."""
         return self._scan(max_bytes, None)
 
-    def _scan(self, max_bytes: int, entries: list[Entry] | None) -> int:
-        """Read on (``poll``, ``skip``): the records passed, decoded into ``entries``."""
+    def _scan(self, max_bytes: int, entries: list[Entry] | list[RawEntry] | None,
+              raw: bool = False) -> int:
+        """Read on (``poll``, ``skip``, ``poll_raw``): the records passed, into ``entries``
+        (decoded, or raw if ``raw``)."""
         if self._fd < 0:
             self._locate()
             if self._fd < 0:
                 return 0
         data = os.pread(self._fd, max_bytes, self._offset)
         count = consumed = 0
+        version = self._version
         for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
-            if entries is not None:
-                entries.append(Entry(seq, decode_record(rtype, payload, self._version)))
+            if raw:
+                fields = peek(rtype, payload, version)
+                record = None
+                if fields is None:
+                    record = decode_record(rtype, payload, version)
+                    if version != RECORD_VERSION:
+                        payload = encode_record(record)[1]
+                entries.append(RawEntry(seq, rtype, payload, fields, record))  # type: ignore[arg-type, union-attr]
+            elif entries is not None:
+                entries.append(Entry(seq, decode_record(rtype, payload, version)))  # type: ignore[arg-type]
             count += 1
             consumed = end
             self.next_seq = seq + 1
@@ -773,7 +827,7 @@ class JournalTail:
                     raise JournalCorrupt(f"journal damaged before seq {later[0]}")
                 if len(data) == 0 or not self._growing():
                     self._open_segment(later[0])
-                    return self._scan(max_bytes, entries)
+                    return self._scan(max_bytes, entries, raw)
             elif not os.path.exists(os.path.join(self.directory,
                                                  segment_name(self._first))):
                 raise Trimmed(f"segment {self._first} was trimmed while read")

@@ -699,3 +699,68 @@ def decode_record(rtype: int, payload: bytes, version: int = RECORD_VERSION) -> 
     record = cls(**values)
     record.validate()
     return record
+
+
+# -- a look at a payload without decoding it (the login node's sender) ------------------------
+
+_PEEK_FIXED = {Mkdir.TYPE: struct.Struct("<III"), Mknod.TYPE: struct.Struct("<III"),
+               Unlink.TYPE: struct.Struct("<"), Rmdir.TYPE: struct.Struct("<"),
+               Setattr.TYPE: struct.Struct("<IIIIQqq")}
+_PEEK_WRITE = struct.Struct("<QQ")  # a Write's offset and length, after its handle blob
+_PEEK_MARKERS = {Done.TYPE: _U64, Sync.TYPE: _U32}
+_MKNOD_KINDS = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR)
+
+
+def peek(rtype: int, payload: bytes, version: int = RECORD_VERSION) -> tuple[int, ...] | None:
+    """The fields of a payload of one of the commonest types, without a Record: only if
+    ``decode_record(rtype, payload, version)`` certainly accepts it (None: decode it to
+    know, and to learn why not).  What a cold stream's sender needs of ~90 % of a journal
+    (``sdeefs.replication.origin``), at a fraction of a decode's cost.
+
+    ==============================  ===============================================
+    type                            fields
+    ==============================  ===============================================
+    Done, Sync                      (its u64 / u32)
+    Mkdir, Mknod                    (end of the path, mode, uid, gid)
+    Unlink, Rmdir                   (end of the path,)
+    Setattr                         (end of the path, mask, mode, uid, gid, size,
+                                    atime_ns, mtime_ns)
+    Write                           (end of the path, end of the handle, offset, length)
+    ==============================  ===============================================
+
+    The path is ``payload[4:end]`` (versions 2 and 3; version 1 is always decoded).  The
+    checks are ``decode_record``'s and each type's ``validate``, field for field
+    (tests/replication compare the two over hostile payloads)."""
+    marker = _PEEK_MARKERS.get(rtype)
+    if marker is not None:
+        return marker.unpack(payload) if len(payload) == marker.size else None
+    if version < 2 or len(payload) < 4:
+        return None
+    (n,) = _U32.unpack_from(payload)
+    end = 4 + n
+    if n > MAX_PATH or end > len(payload) or not _SAFE_PATH.fullmatch(payload, 4, end):
+        return None
+    fixed = _PEEK_FIXED.get(rtype)
+    if fixed is not None:
+        if len(payload) != end + fixed.size:
+            return None
+        values = fixed.unpack_from(payload, end)
+        if rtype == Setattr.TYPE:
+            mask, mode, size = values[0], values[1], values[4]
+            if mask & ~SET_ALL or mode & ~0o7777 or mask & SET_SIZE and size >= 1 << 63:
+                return None
+        elif rtype == Mknod.TYPE and stat.S_IFMT(values[0]) not in _MKNOD_KINDS:
+            return None
+        return (end, *values)
+    if rtype == Write.TYPE:
+        if end + 4 > len(payload):
+            return None
+        (h,) = _U32.unpack_from(payload, end)
+        handle_end = end + 4 + h
+        if h > MAX_HANDLE or len(payload) != handle_end + _PEEK_WRITE.size:
+            return None
+        offset, length = _PEEK_WRITE.unpack_from(payload, handle_end)
+        if offset + length >= 1 << 62:
+            return None
+        return (end, handle_end, offset, length)
+    return None

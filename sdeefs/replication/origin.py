@@ -42,9 +42,12 @@ import hashlib
 import json
 import logging
 import os
+import stat
+import struct
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any, cast
 
 import attrs
 import trio
@@ -53,7 +56,7 @@ from .. import records as rec
 from ..control import ControlError
 from ..errors import JournalCorrupt, QuietError
 from ..fs import capture, image, kernel
-from ..journal import Entry, Journal, JournalTail, Trimmed, journal_id
+from ..journal import Entry, Journal, JournalTail, RawEntry, Trimmed, journal_id
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
 from ..replicable import NOBODY, UserIds, ids_of_user, refusal
@@ -79,6 +82,8 @@ from .wire import (
     RESYNC,
     RUN_WRITE,
     SKIP,
+    BufferPool,
+    Encoded,
     Frame,
     FrameReader,
     Hello,
@@ -90,7 +95,6 @@ from .wire import (
     encode_write_frames,
     open_link_tasks,
     seal_frame,
-    write_record_payload,
 )
 
 try:  # block sums with libsodium, the GIL released (sdeefs/fs/_capturec.c); optional
@@ -225,22 +229,28 @@ class OriginUser:
 # -- what travels --------------------------------------------------------------------------
 
 
-def open_batch(pending: list[Entry]) -> int | None:
+SendEntry = Entry | RawEntry  # a sender's pending entry: read raw, or made (a marker)
+MARKER_TYPES = frozenset(cls.TYPE for cls in MARKERS)
+METADATA_TYPES = frozenset(t for t, cls in rec.RECORD_TYPES.items() if cls.METADATA)
+
+
+def open_batch(pending: Sequence[SendEntry]) -> int | None:
     """The index in ``pending`` of a capture batch's Begin whose Commit or Void is not
     there yet (None: every batch in it is closed)."""
     begins: dict[int, int] = {}
     for index, entry in enumerate(pending):
-        record = entry.record
-        if isinstance(record, rec.Begin):
+        rtype = entry.rtype
+        if rtype == rec.Begin.TYPE:
             begins[entry.seq] = index
-        elif isinstance(record, rec.Commit):
-            begins.pop(record.begin, None)
-        elif isinstance(record, rec.Void):
-            begins = {seq: i for seq, i in begins.items() if seq < record.begin}
+        elif rtype == rec.Commit.TYPE:
+            begins.pop(cast(rec.Commit, entry.record).begin, None)
+        elif rtype == rec.Void.TYPE:
+            first = cast(rec.Void, entry.record).begin
+            begins = {seq: i for seq, i in begins.items() if seq < first}
     return min(begins.values()) if begins else None
 
 
-def settled(pending: list[Entry], first_seen: float, batches: bool = True) -> int:
+def settled(pending: Sequence[SendEntry], first_seen: float, batches: bool = True) -> int:
     """How many of ``pending`` may be sent now.
 
     A metadata record is written just before its operation; if the operation fails an
@@ -254,8 +264,8 @@ def settled(pending: list[Entry], first_seen: float, batches: bool = True) -> in
         pending = pending[:held]
     if not pending:
         return 0
-    last = pending[-1]
-    if last.record.METADATA and not isinstance(last.record, MARKERS) \
+    last = pending[-1].rtype
+    if last in METADATA_TYPES and last not in MARKER_TYPES \
             and time.monotonic() - first_seen < HOLD_BACK:
         return len(pending) - 1
     return len(pending)
@@ -285,7 +295,8 @@ def merge_setattr(first: rec.Setattr, then: rec.Setattr) -> rec.Setattr | None:
                        pick(rec.SET_MTIME, "mtime_ns"))
 
 
-def without_aborted(entries: list[Entry], new: list[Entry] | None = None) -> list[Entry]:
+def without_aborted(entries: Sequence[SendEntry], new: Sequence[SendEntry] | None = None
+                    ) -> list[SendEntry]:
     """``entries`` (then ``new``) with every aborted record, and every record of a voided
     capture batch, replaced by a marker (nothing to apply).
 
@@ -293,14 +304,15 @@ def without_aborted(entries: list[Entry], new: list[Entry] | None = None) -> lis
     were applied when they were new (an Abort or a Void always follows what it names), so
     a sender reading a long history costs the records it reads, not the square of them."""
     fresh = entries if new is None else new
-    joined = entries if new is None else entries + new
-    aborted = {e.record.seq for e in fresh if isinstance(e.record, rec.Abort)}
-    void = [(e.record.begin, e.record.end) for e in fresh if isinstance(e.record, rec.Void)]
+    joined = list(entries) if new is None else [*entries, *new]
+    aborted = {cast(rec.Abort, e.record).seq for e in fresh if e.rtype == rec.Abort.TYPE}
+    void = [(v.begin, v.end) for e in fresh if e.rtype == rec.Void.TYPE
+            for v in [cast(rec.Void, e.record)]]
     if not aborted and not void:
         return joined
     return [Entry(e.seq, rec.Sync(0))
             if e.seq in aborted or any(b <= e.seq <= end for b, end in void)
-            and not isinstance(e.record, rec.Void) else e for e in joined]
+            and e.rtype != rec.Void.TYPE else e for e in joined]
 
 
 def extent_blocks_ok(record: rec.Extent, data: bytes | bytearray | memoryview,
@@ -352,7 +364,7 @@ def all_blocks_match(record: rec.Extent,
     return b"".join(sums)[:need * rec.SUM_SIZE] == record.sums[:need * rec.SUM_SIZE]
 
 
-def write_frame_data(frame: bytearray) -> memoryview:
+def write_frame_data(frame: bytearray | memoryview) -> memoryview:
     """The data of a RECORD frame ``wire.encode_write_frames`` made: after the header, the
     record head and the record, before the MAC."""
     _, length = RECORD_HEAD.unpack_from(frame, FRAME_HEADER.size)
@@ -379,31 +391,33 @@ class JournalSender:
     tail: JournalTail
     source: LayerRoot
     offload: Offload
-    pending: list[Entry] = attrs.field(factory=list)
+    pending: list[SendEntry] = attrs.field(factory=list)
     first_seen: float = 0.0
     skipped: bool = False
     waiting: bool = False  # an Extent's data changed since the capture read it
     # A capture batch (Begin) was read: look for open ones (``open_batch``, a scan of
     # ``pending`` per call: a passthrough journal, which has none, skips it).
     batches: bool = False
+    frames: BufferPool = attrs.field(factory=lambda: BufferPool(keep=3 * 32))  # 3 batches
 
     async def run(self) -> None:
         """Read and encode the next batch (a worker thread) while the one before it is
         sent: a cold follower's stream is bound by the slower of the two, not their sum."""
-        send, receive = trio.open_memory_channel[tuple[list[bytes | bytearray], int]](1)
+        send, receive = trio.open_memory_channel[tuple[list[Encoded], int]](1)
         async with open_link_tasks() as nursery:
             nursery.start_soon(self._send, receive)
             await self._produce(send)
 
     async def _send(self, receive: trio.MemoryReceiveChannel[
-            tuple[list[bytes | bytearray], int]]) -> None:
+            tuple[list[Encoded], int]]) -> None:
+        sending = Offload(trio.CapacityLimiter(1))  # its own thread: never the pool's
         async with receive:
             async for buffers, last in receive:
-                await self.link.send_encoded(buffers, last)
+                await self.link.send_encoded_offloaded(buffers, last, sending)
                 self.user.head = max(self.user.head, last)
 
     async def _produce(self, send: trio.MemorySendChannel[
-            tuple[list[bytes | bytearray], int]]) -> None:
+            tuple[list[Encoded], int]]) -> None:
         user, downstream = self.user, self.link.downstream
         last_send = trio.current_time()
         async with send:
@@ -420,6 +434,7 @@ class JournalSender:
                     await send.send((buffers, last))
                     last_send = trio.current_time()
                     continue
+                self.frames.clear()  # idle: no buffers kept
                 if trio.current_time() - last_send >= IDLE_HEAD:
                     head = Frame(HEAD, max(user.head, downstream.sent_seq))
                     await send.send(([head.encode(self.link.key)], head.seq))
@@ -431,29 +446,37 @@ class JournalSender:
                                         else EXTENT_RETRY if self.waiting else max(idle, 0.0)):
                     await grew.wait()
 
-    def next_batch(self) -> tuple[list[bytes | bytearray], int]:
-        """The next frames to send, encoded, and the last seq they carry (a worker thread)."""
+    def next_batch(self) -> tuple[list[Encoded], int]:
+        """The next frames to send, encoded, and the last seq they carry (a worker thread).
+
+        Records travel as the journal holds them (``JournalTail.poll_raw``: a record's
+        payload is its bytes on the wire): only what the sender must know is decoded
+        (Extents, batch markers, a Write's range, a setattr merged, a record that a
+        cheap look at its owner cannot clear of a refusal), so a cold stream costs a
+        copy per record, not a decode and an encode (bench/RESULTS.md, issue 16,
+        branch coldorigin)."""
         # At most about MAX_PENDING entries are held (each batch looks at all of them),
         # but an open capture batch is read to its end whatever its size: nothing of it
         # can go before its Commit (the capture bounds a batch: Config.batch_entries).
         if len(self.pending) < MAX_PENDING:
-            self._take(self.tail.poll(POLL_BYTES))
+            self._take(self.tail.poll_raw(POLL_BYTES))
         while self.batches and open_batch(self.pending) is not None \
-                and self._take(self.tail.poll(POLL_BYTES)):
+                and self._take(self.tail.poll_raw(POLL_BYTES)):
             pass
         pending = self.pending
         ready = settled(pending, self.first_seen, self.batches)
-        out: list[bytes | bytearray] = []
+        out: list[Encoded] = []
         run = RunEncoder(self.link.key)  # small records share frames (``wire.RUN``)
         size = taken = 0
-        held: tuple[int, rec.Setattr, int] | None = None  # (seq, record, flags)
+        held: HeldSetattr | None = None
         self.waiting = False
         while taken < ready and size < BATCH_BYTES:
             entry = pending[taken]
-            record = entry.record
-            frames: list[bytearray] | None = None
-            if isinstance(record, rec.Extent):
-                frames = self._extent_frames(entry.seq, record, pending[taken + 1:ready],
+            rtype = entry.rtype
+            frames: list[bytearray | memoryview] | None = None
+            if rtype == rec.Extent.TYPE:
+                frames = self._extent_frames(entry.seq, cast(rec.Extent, entry.record),
+                                             pending[taken + 1:ready],
                                              SKIP if self.skipped else 0)
                 if frames is None:  # read again after the capture's next batch
                     self.waiting = True
@@ -462,7 +485,7 @@ class JournalSender:
             last_of_batch = taken == ready  # the batch may end on a marker: send it
             if frames is not None:
                 if held is not None:
-                    size += self._encode(*held, out, run)
+                    size += self._encode_setattr(held, out, run)
                     held = None
                 run.flush(out)
                 self.skipped = False  # the first frame says SKIP (_extent_frames)
@@ -471,25 +494,29 @@ class JournalSender:
                 out.extend(frames)
                 size += sum(len(frame) for frame in frames)
                 continue
-            if isinstance(record, MARKERS) and not last_of_batch:
+            if rtype in MARKER_TYPES and not last_of_batch:
                 self.skipped = True  # nothing to apply; the next frame says SKIP
                 continue
-            if held is not None and isinstance(record, rec.Setattr):
-                merged = merge_setattr(held[1], record)
+            if held is not None and rtype == rec.Setattr.TYPE:
+                merged = merge_setattr_fields(held.fields, setattr_fields(entry))
                 if merged is not None:  # the earlier seq is left out: SKIP
-                    held, self.skipped = (entry.seq, merged, SKIP), False
+                    held, self.skipped = HeldSetattr(entry.seq, merged, None, SKIP), False
                     continue
             if held is not None:
-                size += self._encode(*held, out, run)
+                size += self._encode_setattr(held, out, run)
                 held = None
             flags = SKIP if self.skipped else 0
             self.skipped = False
-            if isinstance(record, rec.Setattr) and not last_of_batch:
-                held = (entry.seq, record, flags)  # the next setattr may join it
+            if rtype == rec.Setattr.TYPE:
+                held = HeldSetattr(entry.seq, setattr_fields(entry), entry.payload, flags)
+                if not last_of_batch:
+                    continue  # the next setattr may join it
+                size += self._encode_setattr(held, out, run)
+                held = None
                 continue
-            size += self._encode(entry.seq, record, flags, out, run)
+            size += self._encode(entry, flags, out, run)
         if held is not None:
-            size += self._encode(*held, out, run)
+            size += self._encode_setattr(held, out, run)
         run.flush(out)
         last = pending[taken - 1].seq if taken else 0
         self.pending = pending[taken:]
@@ -497,17 +524,17 @@ class JournalSender:
             self.first_seen = time.monotonic()
         return out, last
 
-    def _take(self, new: list[Entry]) -> bool:
+    def _take(self, new: list[RawEntry]) -> bool:
         """Add entries just read to ``pending``; False if there were none."""
         if new and not self.pending:
             self.first_seen = time.monotonic()
         if not self.batches:
-            self.batches = any(type(e.record) is rec.Begin for e in new)
+            self.batches = any(e.rtype == rec.Begin.TYPE for e in new)
         self.pending = without_aborted(self.pending, new)
         return bool(new)
 
-    def _extent_frames(self, seq: int, record: rec.Extent, after: list[Entry],
-                       flags: int) -> list[bytearray] | None:
+    def _extent_frames(self, seq: int, record: rec.Extent, after: Sequence[SendEntry],
+                       flags: int) -> list[bytearray | memoryview] | None:
         """The encoded frames of an Extent (``flags``, SKIP, on the first), its data read
         from the upper now straight into the frame buffers (``wire.encode_write_frames``,
         as a Write's: no copy of the data); None: not yet, a block changed since the
@@ -533,36 +560,125 @@ class JournalSender:
                     part.release()
         return frames
 
-    def _encode(self, seq: int, record: rec.Record, flags: int,
-                out: list[bytes | bytearray], run: RunEncoder) -> int:
-        """Add one record to ``run`` (a Write of more than RUN_WRITE bytes: its own
-        frames to ``out``, after the run so far); the bytes it counts for a batch.
-
-        A record ``sdeefs.replicable`` refuses still travels (each replica decides, and
+    def _note_refusal(self, seq: int, reason: str | None) -> None:
+        """A record ``sdeefs.replicable`` refuses still travels (each replica decides, and
         records the skip itself); the login node notes it for ``sdeefs status``."""
-        reason = refusal(record, self.user.ids)
         if reason is not None and seq not in self.user.refused \
                 and len(self.user.refused) < MAX_REFUSED:
             log.error("%s: record %d of the journal is refused by every replica: %s",
                       self.user.name, seq, reason)
             self.user.refused[seq] = reason
-        if not isinstance(record, rec.Write):
-            payload = encode_record_payload(record)
-            run.add(seq, flags, payload, out)
-            return 64 + len(payload)
+
+    def _owner_ok(self, uid: int, gid: int) -> bool:
+        """Do the owner rules of ``sdeefs.replicable`` certainly pass an entry owned so?"""
+        ids = self.user.ids
+        return ids is NOBODY or ids.has_uid(uid) and ids.has_gid(gid)
+
+    def _refusal(self, entry: SendEntry) -> str | None:
+        """``refusal`` of the entry's record, decoding it only where a look at its type
+        and owner cannot clear it (most records are the user's own files)."""
+        rtype = entry.rtype
+        if rtype not in MAY_BE_REFUSED:
+            return None
+        fields = entry.fields if isinstance(entry, RawEntry) else None
+        if fields is not None:  # Mkdir, Mknod: (path end, mode, uid, gid)
+            _, mode, uid, gid = fields
+            if not (rtype == rec.Mknod.TYPE and stat.S_ISCHR(mode) and mode & 0o7777) \
+                    and self._owner_ok(uid, gid):
+                return None
+        return refusal(entry.record, self.user.ids)
+
+    def _encode_setattr(self, held: HeldSetattr, out: list[Encoded],
+                        run: RunEncoder) -> int:
+        """Add a (merged) setattr to ``run``; the bytes it counts for a batch."""
+        fields = held.fields
+        if fields[1] & rec.SET_OWNER and not self._owner_ok(fields[3], fields[4]):
+            self._note_refusal(held.seq, refusal(rec.Setattr(*fields), self.user.ids))
+        body = held.payload
+        if body is None:  # merged: the record's encoding (``sdeefs.records``)
+            body = PATH_LENGTH.pack(len(fields[0])) + fields[0] + SETATTR_FIXED.pack(
+                *fields[1:])
+        return run.add_record(held.seq, held.flags, rec.Setattr.TYPE, body, out)
+
+    def _encode(self, entry: SendEntry, flags: int, out: list[Encoded],
+                run: RunEncoder) -> int:
+        """Add one record to ``run`` (a Write of more than RUN_WRITE bytes: its own
+        frames to ``out``, after the run so far); the bytes it counts for a batch."""
+        seq, rtype = entry.seq, entry.rtype
+        self._note_refusal(seq, self._refusal(entry))
+        if rtype != rec.Write.TYPE:
+            return run.add_record(seq, flags, rtype, entry.payload, out)
+        fields = entry.fields if isinstance(entry, RawEntry) else None
+        if fields is not None:  # (path end, handle end, offset, length): no decode
+            raw = entry.payload
+            path_end, handle_end, offset, length = fields
+            record = rec.Write(raw[4:path_end], raw[path_end + 4:handle_end], offset, length)
+        else:
+            record = cast(rec.Write, entry.record)
         fd = open_write_data(self.source, record)
         try:
             if record.length <= RUN_WRITE:
-                payload = write_record_payload(record, fd)
+                data = os.pread(fd, record.length, record.offset) \
+                    if fd is not None and record.length else b""
+                if len(data) == record.length:  # as journaled: its bytes as they are
+                    return run.add_record(seq, flags, rtype, entry.payload, out, data)
+                # the file is shorter now: a shorter write (``write_record_payload``)
+                payload = encode_record_payload(attrs.evolve(record, length=len(data)), data)
                 run.add(seq, flags, payload, out)
                 return 64 + len(payload)
             run.flush(out)
-            encoded = encode_write_frames(seq, record, fd, self.link.key, flags)
+            encoded = encode_write_frames(seq, record, fd, self.link.key, flags, self.frames)
         finally:
             if fd is not None:
                 os.close(fd)
         out.extend(encoded)
         return sum(len(b) for b in encoded)
+
+
+@attrs.frozen
+class HeldSetattr:
+    """A setattr a sender holds for the next to join (``merge_setattr_fields``): its seq,
+    fields (``setattr_fields``), payload (None: merged, encoded when sent) and flags."""
+
+    seq: int
+    fields: tuple[Any, ...]
+    payload: bytes | None
+    flags: int
+
+
+MAY_BE_REFUSED = frozenset(cls.TYPE for cls in (
+    rec.Mkdir, rec.Mknod, rec.Symlink, rec.Setattr, rec.Setxattr, rec.Removexattr,
+    rec.Create))  # ``refusal`` passes every other type
+PATH_LENGTH = struct.Struct("<I")  # a path field of ``sdeefs.records`` (version 3)
+SETATTR_FIXED = struct.Struct("<IIIIQqq")  # a Setattr's fields after its path
+assert SETATTR_FIXED.size == 40
+
+
+def setattr_fields(entry: SendEntry) -> tuple[Any, ...]:
+    """(path, mask, mode, uid, gid, size, atime_ns, mtime_ns) of a Setattr entry."""
+    fields = entry.fields if isinstance(entry, RawEntry) else None
+    if fields is not None:
+        return (entry.payload[4:fields[0]], *fields[1:])
+    r = cast(rec.Setattr, entry.record)
+    return (r.path, r.mask, r.mode, r.uid, r.gid, r.size, r.atime_ns, r.mtime_ns)
+
+
+def merge_setattr_fields(first: tuple[Any, ...], then: tuple[Any, ...]
+                         ) -> tuple[Any, ...] | None:
+    """``merge_setattr`` of two setattrs' fields (``setattr_fields``), without records:
+    the fields of the merged one, or None."""
+    if first[0] != then[0]:
+        return None
+    fmask, tmask = first[1], then[1]
+    if tmask & rec.SET_SIZE and fmask & (rec.SET_ATIME | rec.SET_MTIME):
+        return None
+    mode = then if tmask & rec.SET_MODE else first
+    owner = then if tmask & rec.SET_OWNER else first
+    size = then if tmask & rec.SET_SIZE else first
+    atime = then if tmask & rec.SET_ATIME else first
+    mtime = then if tmask & rec.SET_MTIME else first
+    return (first[0], fmask | tmask, mode[2], owner[3], owner[4], size[5], atime[6],
+            mtime[7])
 
 
 # -- the login role ----------------------------------------------------------------------------

@@ -55,7 +55,9 @@ import collections
 import contextlib
 import logging
 import math
+import os
 import secrets
+import select
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -76,6 +78,7 @@ from .wire import (
     NONCE_SIZE,
     QUERY,
     SNAPSHOT_END,
+    Encoded,
     Frame,
     FrameReader,
     Hello,
@@ -124,10 +127,43 @@ class Downstream:
     report: list[tuple[str, int]] = attrs.field(factory=list)
 
 
-def coalesce(buffers: list[bytes | bytearray], small: int = 1 << 16,
-             target: int = 1 << 18) -> Iterator[bytes | bytearray]:
+SEND_IOVECS = 512  # buffers per writev (Linux takes up to IOV_MAX, 1024)
+SEND_WAIT = 100  # ms a sending thread waits for room before it looks for a cancellation
+
+
+def send_blocking(fd: int, buffers: list[Encoded]) -> None:
+    """Write ``buffers`` whole to the non-blocking socket ``fd`` (a worker thread of
+    ``trio.to_thread``): ``writev`` of many at once, ``poll`` for room between; raises
+    ``trio.Cancelled`` (``trio.from_thread.check_cancelled``) if the task that waits for
+    it was cancelled meanwhile, OSError if the connection failed."""
+    views = [memoryview(b) for b in buffers]
+    waiting = select.poll()
+    waiting.register(fd, select.POLLOUT)
+    first = 0
+    try:
+        while first < len(views):
+            try:
+                sent = os.writev(fd, views[first:first + SEND_IOVECS])
+            except BlockingIOError:
+                while not waiting.poll(SEND_WAIT):
+                    trio.from_thread.check_cancelled()
+                continue
+            while sent:
+                size = len(views[first])
+                if sent < size:
+                    views[first] = views[first][sent:]
+                    break
+                sent -= size
+                first += 1
+    finally:
+        for view in views:
+            view.release()
+
+
+def coalesce(buffers: list[Encoded], small: int = 1 << 16,
+             target: int = 1 << 18) -> Iterator[Encoded]:
     """Small frames joined into sends of about ``target`` bytes; big ones as they are."""
-    pending: list[bytes | bytearray] = []
+    pending: list[Encoded] = []
     size = 0
     for buf in buffers:
         if len(buf) >= small:
@@ -189,7 +225,7 @@ class DownstreamLink:
             if frame.payload:
                 downstream.report = decode_report(frame.body)
 
-    async def send_encoded(self, buffers: list[bytes | bytearray], last_seq: int,
+    async def send_encoded(self, buffers: list[Encoded], last_seq: int,
                            stall: float = math.inf) -> None:
         """Send encoded frames whose last seq is ``last_seq``; FollowerStalled if one send
         of about 256 KiB (``coalesce``) does not go through within ``stall`` seconds."""
@@ -204,6 +240,25 @@ class DownstreamLink:
             if sending.cancelled_caught:
                 raise FollowerStalled(f"{self.downstream.node} took nothing for "
                                       f"{stall:.0f} s; dropped")
+
+    async def send_encoded_offloaded(self, buffers: list[Encoded], last_seq: int,
+                                     offload: Offload) -> None:
+        """``send_encoded`` (no stall bound) from a worker thread of ``offload``: the
+        frames go out in ``writev`` calls of many frames each, waiting for room in
+        ``poll``, so the trio loop does nothing per send (it looped on every ~100 KiB the
+        socket took: a tenth of a cold stream's CPU, bench/RESULTS.md, branch
+        coldorigin).  A stream that is not a socket's is sent on the loop."""
+        if not isinstance(self.stream, trio.SocketStream):
+            await self.send_encoded(buffers, last_seq)
+            return
+        if not buffers:
+            return
+        self.downstream.sent_seq = max(self.downstream.sent_seq, last_seq)
+        self.downstream.bytes_sent += sum(map(len, buffers))
+        try:
+            await offload.run(send_blocking, self.stream.socket.fileno(), buffers)
+        except OSError as exc:  # as trio.SocketStream.send_all says it
+            raise trio.BrokenResourceError(str(exc)) from exc
 
     async def send(self, frames: list[Frame], stall: float = math.inf) -> None:
         if frames:

@@ -164,6 +164,7 @@ import os
 import re
 import secrets
 import struct
+import sys
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from typing import ClassVar
@@ -394,7 +395,8 @@ class LinkKey:
 Key = bytes | LinkKey  # a HELLO key (random nonces), or a session key with its frame numbers
 
 
-def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: Key | None,
+def _seal(buf: bytearray | memoryview, ftype: int, flags: int, length: int, seq: int,
+          key: Key | None,
           version: int = VERSION) -> None:
     """Header, CRC and MAC of the frame in ``buf``, whose ``length`` payload bytes are in
     place after the header: the one place a frame is made.  ``key`` None: header and CRC
@@ -412,7 +414,7 @@ def _seal(buf: bytearray, ftype: int, flags: int, length: int, seq: int, key: Ke
         _mac_into(buf, end, key, version)
 
 
-def _mac_into(buf: bytearray, end: int, key: Key, version: int) -> None:
+def _mac_into(buf: bytearray | memoryview, end: int, key: Key, version: int) -> None:
     """The MAC of ``buf[:end]`` into ``buf[end:]`` (under a LinkKey: the next nonce)."""
     nonce = key.next_nonce() if isinstance(key, LinkKey) and version >= COUNTED else None
     raw = key.key if isinstance(key, LinkKey) else key
@@ -423,7 +425,7 @@ def _mac_into(buf: bytearray, end: int, key: Key, version: int) -> None:
             view[end:] = hmac.new(raw, view[:end], hashlib.sha256).digest()
 
 
-def seal_frame(buf: bytearray, key: Key) -> None:
+def seal_frame(buf: bytearray | memoryview, key: Key) -> None:
     """The MAC of a frame made with no key (``encode_write_frames(..., None)``), sealed
     now: under a LinkKey it takes the next place on the link, so call it in send order."""
     length = FRAME_HEADER.unpack_from(buf)[4]
@@ -453,6 +455,8 @@ def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
 
 
 Payload = bytes | memoryview  # a frame's payload: a received RECORD's may be a view
+Encoded = bytes | bytearray | memoryview  # an encoded frame (a view: of a ``BufferPool``'s)
+Out = list[bytes | bytearray] | list[Encoded]  # where a RunEncoder puts the frames it closes
 
 
 @attrs.frozen
@@ -496,6 +500,56 @@ class Frame:
         if ftype not in (RECORD, SNAPSHOT) and not isinstance(payload, bytes):
             payload = bytes(payload)
         return cls(ftype, seq, payload, flags)
+
+
+@attrs.define(eq=False)
+class BufferPool:
+    """Buffers for big frames, each used again once nothing refers to it any more.
+
+    A new ``bytearray`` per frame is zeroed (a memset) and faulted in page by page, only
+    to be overwritten by file data: a few % of a cold stream's CPU (bench/RESULTS.md,
+    branch coldorigin).  A buffer is free when the pool holds the only reference to it
+    (``sys.getrefcount``, against the count of a buffer known free: interpreters
+    differ): every memoryview of it, every slice of those and every ctypes view keeps
+    one, so a frame still queued or being sent keeps its buffer.  At most ``keep``
+    buffers are kept (about the frames in flight); beyond that a buffer of its own, as
+    before.
+    """
+
+    keep: int = 64
+    _buffers: list[bytearray] = attrs.field(factory=list)
+    _free_refs: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._buffers.append(bytearray(1))
+        buf = self._buffers[0]
+        self._free_refs = self._refs(buf)
+        del buf
+        self._buffers.clear()
+
+    @staticmethod
+    def _refs(buf: bytearray) -> int:
+        return sys.getrefcount(buf)
+
+    def take(self, length: int) -> memoryview:
+        """A writable view of ``length`` bytes, contents undefined."""
+        smaller = -1  # a free buffer too small: replaced by the new one
+        for index in range(len(self._buffers)):
+            buf = self._buffers[index]
+            if self._refs(buf) <= self._free_refs:
+                if len(buf) >= length:
+                    return memoryview(buf)[:length]
+                smaller = index
+        buf = bytearray(length)
+        if smaller >= 0:
+            self._buffers[smaller] = buf
+        elif len(self._buffers) < self.keep:
+            self._buffers.append(buf)
+        return memoryview(buf)
+
+    def clear(self) -> None:
+        """Let the buffers go (an idle link keeps none)."""
+        self._buffers.clear()
 
 
 class FrameReader:
@@ -849,7 +903,8 @@ def record_frames(seq: int, record: rec.Record, data: bytes | None,
 
 
 def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: Key | None,
-                        first_flags: int = 0) -> list[bytearray]:
+                        first_flags: int = 0, pool: BufferPool | None = None
+                        ) -> list[bytearray | memoryview]:
     """The encoded RECORD frames of a Write record, its data read from ``fd`` straight into
     the frame buffers (no copy of the data: this is the bulk of a stream).
 
@@ -857,22 +912,25 @@ def encode_write_frames(seq: int, record: rec.Write, fd: int | None, key: Key | 
     ``_seal``; tests/replication compare them); ``fd`` None (the file is gone) or a
     short file gives a shorter write, as ``read_write_data`` would.  ``first_flags``
     (SKIP) goes on the first frame only; ``key`` None: not sealed yet (``seal_frame``).
+    With a ``pool`` the frames are views of its buffers (none zeroed first), valid until
+    dropped.
     """
-    out: list[bytearray] = []
+    out: list[bytearray | memoryview] = []
     start = 0
     while True:
         want = min(CHUNK, record.length - start)
         part = attrs.evolve(record, offset=record.offset + start, length=want)
         rtype, body = rec.encode_record(part)
         head = FRAME_HEADER.size + RECORD_HEAD.size + len(body)
-        buf = bytearray(head + want + MAC_SIZE)
+        buf: bytearray | memoryview = bytearray(head + want + MAC_SIZE) if pool is None \
+            else pool.take(head + want + MAC_SIZE)
         got = 0
         if fd is not None and want:
             with memoryview(buf) as view:
                 got = os.preadv(fd, [view[head:head + want]], record.offset + start)
         if got < want:  # the file is shorter now: send what it holds, as read_write_data
             rtype, body = rec.encode_record(attrs.evolve(part, length=got))  # same size
-            del buf[head + got + MAC_SIZE:]
+            buf = buf[:head + got + MAC_SIZE]
         more = MORE if got == want and start + want < record.length else 0
         RECORD_HEAD.pack_into(buf, FRAME_HEADER.size, rtype, len(body))
         buf[FRAME_HEADER.size + RECORD_HEAD.size:head] = body
@@ -898,39 +956,70 @@ def write_record_payload(record: rec.Write, fd: int | None) -> bytes:
     return encode_record_payload(record, data)
 
 
+RUN_RECORD = struct.Struct("<QHIHI")  # RUN_ENTRY and RECORD_HEAD of a record in a run
+assert RUN_RECORD.size == RUN_ENTRY.size + RECORD_HEAD.size
+_HEADER_SPACE = bytes(FRAME_HEADER.size)
+_MAC_SPACE = bytes(MAC_SIZE)
+
+
 @attrs.define(eq=False)
 class RunEncoder:
     """Records gathered into RUN frames of about RUN_BYTES (an origin's small records).
 
-    :meth:`add` a record's payload with its seq and flags; encoded frames are appended to
-    the ``out`` list given.  A run of one record is sent as a plain RECORD frame."""
+    :meth:`add` a record's payload with its seq and flags (or :meth:`add_record` its
+    type and body: no payload made); encoded frames are appended to the ``out`` list
+    given.  A run of one record is sent as a plain RECORD frame."""
 
     key: Key
     _parts: list[bytes] = attrs.field(factory=list)
-    _single: tuple[int, int, bytes] | None = None
+    _single: tuple[int, int, int, bytes, bytes] | None = None  # seq, flags, type, body, data
     _count: int = 0
     _size: int = 0
     _last: int = 0
 
-    def add(self, seq: int, flags: int, payload: bytes, out: list[bytes | bytearray]) -> None:
+    def add(self, seq: int, flags: int, payload: bytes, out: Out) -> None:
+        """Add a RECORD payload (``encode_record_payload``)."""
         if self._size + RUN_ENTRY.size + len(payload) > MAX_FRAME_PAYLOAD:
             self.flush(out)
         if not self._count:
-            self._single = (seq, flags, payload)
+            self._single = (seq, flags, -1, payload, b"")
         self._parts += (RUN_ENTRY.pack(seq, flags, len(payload)), payload)
+        self._added(seq, RUN_ENTRY.size + len(payload), out)
+
+    def add_record(self, seq: int, flags: int, rtype: int, body: bytes,
+                   out: Out, data: bytes = b"") -> int:
+        """Add the record of type ``rtype`` whose encoding (``sdeefs.records``) is
+        ``body``, then ``data`` (a Write's): what ``add`` of ``encode_record_payload`` of
+        it does, byte for byte.  The bytes it counts for a sender's batch (64 + payload)."""
+        length = RECORD_HEAD.size + len(body) + len(data)
+        if self._size + RUN_ENTRY.size + length > MAX_FRAME_PAYLOAD:
+            self.flush(out)
+        if not self._count:
+            self._single = (seq, flags, rtype, body, data)
+        self._parts += (RUN_RECORD.pack(seq, flags, length, rtype, len(body)), body)
+        if data:
+            self._parts.append(data)
+        self._added(seq, RUN_ENTRY.size + length, out)
+        return 64 + length
+
+    def _added(self, seq: int, size: int, out: Out) -> None:
         self._count += 1
-        self._size += RUN_ENTRY.size + len(payload)
+        self._size += size
         self._last = seq
         if self._size >= RUN_BYTES:
             self.flush(out)
 
-    def flush(self, out: list[bytes | bytearray]) -> None:
+    def flush(self, out: Out) -> None:
         """Close the run being gathered (if any) into a frame on ``out``."""
         if self._count == 1 and self._single is not None:
-            seq, flags, payload = self._single
+            seq, flags, rtype, body, data = self._single
+            payload = body if rtype < 0 else RECORD_HEAD.pack(rtype, len(body)) + body + data
             out.append(Frame(RECORD, seq, payload, flags).encode(self.key))
         elif self._count:
-            out.append(Frame(RECORD, self._last, b"".join(self._parts), RUN).encode(self.key))
+            # header and MAC space around the parts in one join: one copy, no zeroing
+            buf = bytearray().join([_HEADER_SPACE, *self._parts, _MAC_SPACE])
+            _seal(buf, RECORD, RUN, self._size, self._last, self.key)
+            out.append(buf)
         self._parts, self._single, self._count, self._size = [], None, 0, 0
 
 
