@@ -27,21 +27,11 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <bpf/libbpf.h>
+#include <linux/types.h>
 #include <bpf/bpf.h>
 #include "lsmguard.skel.h"
 
-#define MAX_GROUPS 32
-#define DENY_MAX 16
-#define DENY_LEN 192
-#define SUFFIX_LEN 32
-struct deny_pattern {
-	__u32 prefix_len, suffix_len, star;
-	char prefix[DENY_LEN];
-	char suffix[SUFFIX_LEN];
-};
-struct identity {
-	__u32 uid, gid, ngroups, groups[MAX_GROUPS];
-};
+#include "guard.h" /* struct identity, struct deny_pattern: the product's */
 
 static const char *const HOOKS[] = {"inode_permission", "inode_getattr", "file_open",
 				    "inode_getxattr", "inode_listxattr", "inode_readlink",
