@@ -288,8 +288,11 @@ def _launcher(args: argparse.Namespace) -> int:
                   f"{format_size(limits.memory_bytes(cfg.memory_max))}, processes "
                   f"{usage.get('pids', 0)} of {cfg.pids_max}")
         guard: list[int] = row.get("guard_pids") or []  # type: ignore[assignment]
-        if row["running"] and row["guard_mount"]:
-            print(f"{'':<16} guard: " + (
+        if row["running"] and row.get("guard") == "bpf":
+            print(f"{'':<16} guard: bpf (the BPF LSM program; user namespace "
+                  f"{row['guard_key']})")
+        elif row["running"] and row["guard_mount"]:
+            print(f"{'':<16} guard: {row.get('guard') or 'c'} layer, " + (
                 f"keeper {guard[0]}, server {guard[1]}" if len(guard) == 2 else
                 f"pid {guard[0]}" if guard else
                 "no keeper (a crash of the guard ends the view until the next login)"))

@@ -23,7 +23,7 @@ import attrs
 
 from sdeefs import config as config_mod
 from sdeefs import control, identity
-from sdeefs.config import GuardDaemon, SiteConfig
+from sdeefs.config import Guard, SiteConfig
 from sdeefs.errors import QuietError
 from sdeefs.fs.guard import guard_binary
 from sdeefs.replication.daemon import load_key
@@ -31,7 +31,7 @@ from sdeefs.replication.daemon import load_key
 from . import enter, view
 from .compute import job
 from .layout import SiteRun
-from .login import pam
+from .login import bpfguard, pam
 
 
 class Verdict(enum.StrEnum):
@@ -141,16 +141,51 @@ def _install(cfg: SiteConfig) -> Iterator[Finding]:
         yield ok("sdeefs-enter", enter.helper_path())
     except QuietError as exc:
         yield Finding("sdeefs-enter", Verdict.FAIL, str(exc), "scripts/install.sh")
-    if cfg.guard == GuardDaemon.C:  # the guard layer's daemon (login views)
-        guard = guard_binary()
-        yield (ok("sdeefs-guard", guard) if os.access(guard, os.X_OK) else
-               Finding("sdeefs-guard", Verdict.FAIL, f"{guard} is missing: logins cannot start "
-                       "their guard layer", 'scripts/install.sh (or guard = "python")'))
+    yield from _guard(cfg)
     for command in ("sdeefs", "sdeefs-run"):
         where = shutil.which(command, path="/usr/local/bin:/usr/bin:/bin")
         yield (ok(f"{command} on PATH", where) if where else
                Finding(f"{command} on PATH", Verdict.FAIL, "not in /usr/local/bin or /usr/bin",
                        "scripts/install.sh"))
+
+
+def _guard(cfg: SiteConfig) -> Iterator[Finding]:
+    """Which guard logins get and why (launcher/login/bpfguard.py: choose), and that what
+    it needs is there."""
+    try:
+        choice = bpfguard.choose(cfg, cfg.engine)
+    except bpfguard.GuardUnavailable as exc:
+        yield Finding("login guard", Verdict.FAIL, f"{exc}: every login fails",
+                      _bpf_fix(exc.why) + ' (or guard = "auto": the guard layer where bpf '
+                      "cannot run)")
+        return
+    if choice.guard in (Guard.C, Guard.PYTHON, Guard.AUTO):
+        guard = guard_binary()
+        if choice.guard != Guard.PYTHON and not os.access(guard, os.X_OK):
+            yield Finding("login guard", Verdict.FAIL, f"{choice.why}; but {guard} is missing: "
+                          "logins cannot start their guard layer",
+                          'scripts/install.sh (or guard = "python")')
+            return
+    detail = f"{choice.guard or 'none'}: {choice.why}"
+    if cfg.guard == Guard.AUTO and choice.guard == Guard.C:
+        # works, but the metadata of every first walk pays the FUSE layer (issue 16)
+        why = bpfguard.bpf_unavailable(cfg, cfg.engine, None, bpfguard.BpfGuard(cfg.run_dir))
+        yield Finding("login guard", Verdict.WARN, detail, _bpf_fix(why or ""))
+        return
+    yield ok("login guard", detail)
+
+
+def _bpf_fix(why: str) -> str:
+    """What gets the BPF guard running, for the reason ``why``."""
+    if "not built" in why:
+        return ("apt-get install clang libbpf-dev bpftool libbpf1, then scripts/install.sh "
+                "(it builds sdeefs-bpfguard)")
+    if "subset" in why:
+        return "write each deny pattern as a path or with one * in its last component"
+    if "engine" in why:
+        return 'engine = "kernel"'
+    return ("a kernel with BPF LSM active (CONFIG_BPF_LSM=y, bpf in the lsm= boot list: "
+            "Debian 12's own kernels) that allows BPF trampolines")
 
 
 def _key(cfg: SiteConfig) -> Iterator[Finding]:

@@ -48,7 +48,7 @@ from collections.abc import Iterator
 import attrs
 
 from sdeefs import control, identity, trees
-from sdeefs.config import Engine, SiteConfig
+from sdeefs.config import Engine, Guard, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.fs import daemon, image, kernel
 from sdeefs.fs.daemon import daemon_pid, end_after_unmount, keeper_pids
@@ -57,6 +57,7 @@ from sdeefs.sysio import write_file_atomic
 
 from . import limits, procs, view
 from .layout import EnvDirs, RunDirs, SiteRun, make_dirs
+from .login import bpfguard
 from .view import User
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,19 @@ class EnvRecord:
     sessions: int
     started: float
     last_logout: float = 0.0
+    # what hides root-only and denied host files: "bpf" (the BPF LSM guard, guarding the
+    # user namespace guard_key: launcher/login/bpfguard.py), "c"/"python" (the guard
+    # layer's daemon), "none" (engine fuse: its overlay does); records from before: "c"
+    guard: str = "c"
+    guard_key: int = 0
 
     @classmethod
-    def started_now(cls, user: User, init: procs.InitProcess, engine: Engine) -> EnvRecord:
-        """A new environment's record (no session counted yet)."""
+    def started_now(cls, user: User, init: procs.InitProcess, engine: Engine,
+                    guard: Guard | None = None, guard_key: int = 0) -> EnvRecord:
+        """A new environment's record (no session counted yet); ``guard``: what guards it
+        (None: nothing, a job's or engine fuse's)."""
         return cls(user.name, user.uid, init.pid, init.start, init.holder_pid, engine, 0,
-                   time.time())
+                   time.time(), guard=guard.value if guard else "none", guard_key=guard_key)
 
     def save(self, run: RunDirs) -> None:
         """env.json, and RUN/U/init: "PID START ENGINE\\n", which the user may read
@@ -147,9 +155,14 @@ def _start_anew(config: SiteConfig, user: User, dirs: EnvDirs, record: EnvRecord
     ids = identity.of_user(user.name, config.min_uid, allocate=True)
     _make_login_dirs(config, dirs, user, ids)
     engine = engine_for(dirs, engine)
-    init = view.start_login(config, user, ids, dirs, engine)
+    try:
+        start = view.start_login(config, user, ids, dirs, engine)
+    except bpfguard.GuardError:
+        teardown(dirs, None)  # its init is killed: unmount what its root was made of
+        raise
     _merge_package_database(config, dirs, engine)
-    started = EnvRecord.started_now(user, init, engine)
+    started = EnvRecord.started_now(user, start.init, engine, start.guard,
+                                     start.guard_key)
     limits.apply(config, user.name, [started.holder_pid, started.init_pid])
     return started
 
@@ -227,10 +240,16 @@ def _usable(dirs: EnvDirs, record: EnvRecord | None) -> bool:
     """
     if record is None or not is_alive(record):
         return False
+    if record.guard == Guard.BPF and not bpfguard.BpfGuard(
+            os.path.dirname(dirs.run.path)).guarding(record.guard_key, record.uid):
+        # fail closed: never joined unguarded (the program unpinned, the key dropped)
+        log.warning("the environment of %s is no longer guarded by the BPF guard: starting "
+                    "it anew", record.user)
+        return False
     # statfs always reaches the daemon (a stat may be answered from the kernel's cache)
+    layer = [] if record.guard == Guard.BPF else [dirs.run.guard]
     needed = {Engine.FUSE: [dirs.run.view],
-              Engine.HYBRID: [dirs.run.guard, dirs.layer.state.mnt]}.get(record.engine,
-                                                                          [dirs.run.guard])
+              Engine.HYBRID: [*layer, dirs.layer.state.mnt]}.get(record.engine, layer)
     try:
         for path in needed:
             os.statvfs(path)
@@ -493,6 +512,9 @@ def teardown(dirs: EnvDirs, record: EnvRecord | None) -> None:
                 is_alive(record) or procs.running(record.holder_pid, record.uid)):
             time.sleep(0.01)
     run = dirs.run
+    if record is not None and record.guard == Guard.BPF:
+        # after its processes: a key is never removed under a live environment
+        bpfguard.BpfGuard(os.path.dirname(run.path)).forget(record.guard_key, record.uid)
     for path in (run.mask, run.guard, run.lower):
         view.detach(path)
     daemon.end_process(run.guard_pid, UNMOUNT_TIMEOUT)
@@ -614,6 +636,9 @@ def status(config: SiteConfig) -> list[dict[str, object]]:
             "processes": procs.namespace_processes(record.init_pid) if alive and record else 0,
             "upper_mount": state.mnt if view.mounted(state.mnt) else None,
             "guard_mount": dirs.run.guard if view.mounted(dirs.run.guard) else None,
+            # what guards it: bpf, c, python, none (engine fuse); None if not running
+            "guard": record.guard if alive and record else None,
+            "guard_key": record.guard_key if alive and record else 0,
             # [keeper, server] of sdeefs-guard (the Python guard: [its pid]); [] if none runs
             "guard_pids": keeper_pids(dirs.run.guard_pid),
             "daemon_pid": daemon_pid(state.path) if os.path.isdir(state.path) else None,

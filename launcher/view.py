@@ -15,11 +15,23 @@ The root of a login environment of user U is kernel overlayfs over four layers::
                                looked up, whatever the deny list matches and
                                whatever only root may read on the host, also
                                entries created after the environment started
+                               (guard c or python; with guard bpf there is no such
+                               layer, see below)
     lower  RUN/U/private/lower idmapped read-only bind of the host root:
                                system ids show as U's subordinate ids (inside
                                root, _apt ...), U's own ids as themselves, every
                                other id unmapped (sdeefs.identity), so system files
                                are inside root's to change (copy-up)
+
+With ``guard = "bpf"`` (or ``auto`` where it can run: launcher/login/bpfguard.py) the root
+is upper + mask + lower, no FUSE: a BPF LSM program in the kernel (launcher/login/bpf)
+answers ENOENT, at every access, for what the guard layer hides, and the mask also hides,
+by name, the root-only entries the scan of compute/private.py finds at start (as a job's
+mask does).  The one difference to the guard layer: an entry created or made root-only on
+the host after the start still shows its *name* in a listing (no LSM hook sees directory
+entries); stat, open, exec, xattrs, copy-up and everything below it say ENOENT.  The
+environment's user namespace is added to the program's map after ``sdeefs-enter start``
+returned its init and before the environment is recorded (no session can join before).
 
 Engine fuse replaces all four with one mount, the pure sdeefs overlay at
 RUN/U/private/view, which applies the same rules itself.  A job's root (compute/job.py)
@@ -36,16 +48,18 @@ only by the functions that mount a login view, so a job pays none of its import 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import pwd
+import signal
 import subprocess
 from collections.abc import Callable
 
 import attrs
 
-from sdeefs.config import Engine, SiteConfig
+from sdeefs.config import Engine, Guard, GuardDaemon, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.fs import kernel
 from sdeefs.fs.daemon import daemon_pid
@@ -212,7 +226,8 @@ def _ensure_upper_daemon(config: SiteConfig, dirs: EnvDirs, ids: Identity) -> No
                                    xattr_namespace="user", writeback_cache=False))
 
 
-def _begin_guard(config: SiteConfig, ids: Identity, run: RunDirs) -> Callable[[], str]:
+def _begin_guard(config: SiteConfig, ids: Identity, run: RunDirs,
+                 daemon: Guard) -> Callable[[], str]:
     """Make sure the guard layer (sdeefs.fs.guard) of the user's view is mounted and healthy
     (remounted if its daemon died).  Its daemon starts now; the returned call waits for it,
     so that the upper's daemon can start meanwhile."""
@@ -228,7 +243,8 @@ def _begin_guard(config: SiteConfig, ids: Identity, run: RunDirs) -> Callable[[]
     os.makedirs(run.guard, mode=0o700, exist_ok=True)
     wait = begin_guard(GuardRequest(mountpoint=run.guard, lower=config.lower, ids=ids,
                                     deny=config.deny, log=run.guard_log, pid_file=run.guard_pid,
-                                    cache_timeout=config.cache_timeout, daemon=config.guard))
+                                    cache_timeout=config.cache_timeout,
+                                    daemon=GuardDaemon(daemon)))
 
     def wait_mounted() -> str:
         wait()
@@ -269,14 +285,30 @@ def _ensure_fuse_view(config: SiteConfig, ids: Identity, dirs: EnvDirs) -> str:
 # -- starting ---------------------------------------------------------------------------------
 
 
+@attrs.frozen
+class LoginStart:
+    """A login environment just started: its init, the guard it got (None: engine fuse)
+    and, with the BPF guard, the key it was added under (its user namespace's inode)."""
+
+    init: InitProcess
+    guard: Guard | None
+    guard_key: int = 0
+
+
 def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
-                engine: Engine) -> InitProcess:
+                engine: Engine) -> LoginStart:
     """The daemons and mounts of a login environment of ``engine``, then its namespaces.
 
-    The caller made ``dirs`` (env.py) and holds the environment's lock.
+    The caller made ``dirs`` (env.py) and holds the environment's lock.  The guard is
+    chosen first (launcher/login/bpfguard.py): ``guard = "bpf"`` where the program cannot
+    run fails here, before anything is mounted.
     """
     from sdeefs.fs.mount import umount
 
+    from .login import bpfguard
+
+    choice = bpfguard.choose(config, engine, ids)
+    log.info("%s: %s", user.name, choice.why)
     if engine == Engine.FUSE:
         if migrate.needed(dirs, ids) and not mounted(dirs.run.view):
             _ensure_upper_daemon(config, dirs, ids)  # the chowns journaled, for replicas
@@ -285,9 +317,14 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
             finally:
                 umount(dirs.layer.state.mnt)
             migrate.mark(dirs, ids)
-        return _start_namespaces(config, user, ids,
-                                 ["--root-view", _ensure_fuse_view(config, ids, dirs)])
-    guard = _begin_guard(config, ids, dirs.run)
+        return LoginStart(_start_namespaces(config, user, ids,
+                                            ["--root-view", _ensure_fuse_view(config, ids, dirs)]),
+                          None)
+    if choice.guard == Guard.BPF:
+        detach(dirs.run.guard)  # an earlier environment's guard layer: not below this one
+        guard: Callable[[], str | None] = lambda: None  # noqa: E731
+    else:
+        guard = _begin_guard(config, ids, dirs.run, choice.guard or Guard.C)
     try:
         if engine == Engine.HYBRID:
             _ensure_upper_daemon(config, dirs, ids)
@@ -303,7 +340,20 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
             migrate.mark(dirs, ids)
     finally:
         guard_path = guard()  # waited for in any case: no daemon is left unreported
-    return launch(config, user, ids, dirs.run, upper, work, guard=guard_path)
+    init = launch(config, user, ids, dirs.run, upper, work, guard=guard_path)
+    if choice.guard != Guard.BPF:
+        return LoginStart(init, choice.guard)
+    # Nothing of the user runs in it yet: only its init, and nobody may join before the
+    # record is saved.  Not guarded: it never runs (the init killed, the error raised).
+    try:
+        key = bpfguard.userns_of(init.pid)
+        bpfguard.BpfGuard(config.run_dir).add(config, key, ids)
+    except (OSError, QuietError) as exc:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(init.pid, signal.SIGKILL)
+        raise bpfguard.GuardError(f"the environment of {user.name} could not be guarded "
+                                  f"by the BPF guard: {exc}") from None
+    return LoginStart(init, Guard.BPF, key)
 
 
 def idmap_lower(config: SiteConfig, user: User, ids: Identity, target: str) -> None:

@@ -32,4 +32,9 @@ RUNTIME_PACKAGES=(
   patch                                     # the sdeefs patch of pyfuse3 (third_party/)
   libslurm-dev                              # slurm/spank.h: the SPANK plugin (sdeefs_spank.so)
   libsodium23                               # the capture's block sums in C (hashlib otherwise)
+  libbpf1                                   # the BPF guard's loader and map calls (login nodes)
 )
+
+# What builds the BPF LSM guard (launcher/login/bpf: sdeefs-bpfguard).  Optional: without
+# them, or if the build fails, logins use the guard layer (guard = "auto"; sdeefs doctor).
+BPF_BUILD_PACKAGES=(clang libbpf-dev bpftool)

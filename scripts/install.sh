@@ -8,7 +8,9 @@
 #   PREFIX (/opt/sdeefs)        a Python venv with sdeefs (not editable: a copy of this tree),
 #                               the C helpers bin/sdeefs-enter, bin/sdeefs-shell,
 #                               bin/sdeefs-prolog, bin/sdeefs-epilog (links to sdeefs-enter),
-#                               bin/sdeefs-guard (the guard layer's daemon), and
+#                               bin/sdeefs-guard (the guard layer's daemon),
+#                               bin/sdeefs-bpfguard (the BPF LSM guard; optional: built
+#                               if clang, bpftool, libbpf-dev install and it compiles), and
 #                               lib/sdeefs/sdeefs_spank.so, the SLURM SPANK plugin (SLURM loads
 #                               it once `sdeefs install-slurm` wrote the plugstack line)
 #   BIN_DIR (/usr/local/bin)    sdeefs, sdeefs-shell, sdeefs-run: what users run
@@ -142,6 +144,14 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-prolog"
   ln -sf sdeefs-enter "$PREFIX/bin/sdeefs-epilog"
   make -s -C "$BUILD/sdeefs/fs/guardd" OUT="$PREFIX/bin/sdeefs-guard"
+  # the BPF LSM guard: optional (guard = "auto" falls back to the layer; sdeefs doctor says so)
+  if ! { apt_install "${BPF_BUILD_PACKAGES[@]}" &&
+         make -s -C "$BUILD/launcher/login/bpf" OUT="$PREFIX/bin/sdeefs-bpfguard" \
+           BUILD="$BUILD/bpfguard"; } >"$PREFIX/bpfguard-build.log" 2>&1; then
+    rm -f "$PREFIX/bin/sdeefs-bpfguard"
+    echo "sdeefs: warning: the BPF guard was not built (see $PREFIX/bpfguard-build.log): logins" \
+         "use the guard layer; sdeefs doctor says what is missing" >&2
+  fi
   # The SPANK plugin; `sdeefs install-slurm` names it in SLURM's plugstack (docs/admin.md)
   mkdir -p "$PREFIX/lib/sdeefs"
   make -s -C "$BUILD/launcher/enter" spank SPANK_OUT="$PREFIX/lib/sdeefs/sdeefs_spank.so"

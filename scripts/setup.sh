@@ -15,6 +15,8 @@ DEV_PACKAGES=(
   mpich libmpich-dev                  # MPI ranks started by srun, in the environment (tests)
 )
 apt_install "${RUNTIME_PACKAGES[@]}" "${DEV_PACKAGES[@]}"
+apt_install "${BPF_BUILD_PACKAGES[@]}" || echo "setup: $(echo "${BPF_BUILD_PACKAGES[@]}") not" \
+  "installed: no BPF guard (logins use the guard layer)" >&2
 
 modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing and could not be loaded" >&2; exit 3; }
@@ -51,6 +53,13 @@ ln -sf sdeefs-enter .venv/bin/sdeefs-prolog
 ln -sf sdeefs-enter .venv/bin/sdeefs-epilog
 # The guard layer's daemon (C, libfuse3: every first lookup of a login view passes it).
 make -s -C sdeefs/fs/guardd OUT="$PWD/.venv/bin/sdeefs-guard"
+# The BPF LSM guard (launcher/login/bpf): optional, guard = "auto" falls back to the layer.
+if ! make -s -C launcher/login/bpf OUT="$PWD/.venv/bin/sdeefs-bpfguard" \
+     BUILD="$PWD/.venv/lib/sdeefs-bpfguard.build" >/tmp/sdeefs-bpfguard-build.log 2>&1; then
+  rm -f .venv/bin/sdeefs-bpfguard
+  echo "setup: building the BPF guard failed (see /tmp/sdeefs-bpfguard-build.log): logins" \
+       "use the guard layer (sdeefs doctor)" >&2
+fi
 # The SLURM SPANK plugin (jobs run in the user's environment with no wrapper), beside the
 # venv's lib as install.sh puts it beside PREFIX's: `sdeefs install-slurm` finds it there.
 mkdir -p .venv/lib/sdeefs

@@ -42,9 +42,15 @@ a missing file means all defaults.  Example (every key, with its default)::
     fuse_nodes = 50000           # (engine fuse) inodes its daemon keeps known to the kernel;
                                  # past it the least recently looked-up are handed back:
                                  # bounds the daemon's memory (~1.5 KB each), at least 1000
-    guard = "c"                  # the guard layer's daemon (sdeefs.fs.guard): c (sdeefs-guard,
-                                 #   libfuse3) or python (pyfuse3, the reference model);
-                                 #   $SDEEFS_GUARD overrides it (comparisons, benchmarks)
+    guard = "auto"               # what hides root-only and denied host files in a login
+                                 #   view: bpf (a BPF LSM program in the kernel, no
+                                 #   layer: launcher/login/bpfguard.py), c (the guard
+                                 #   layer's daemon sdeefs-guard, FUSE, libfuse3) or python
+                                 #   (the same layer in pyfuse3, the reference model);
+                                 #   auto: bpf where this kernel loads the program, the
+                                 #   engine is kernel or hybrid and every deny pattern is
+                                 #   in its subset, else c (`sdeefs doctor` says which and
+                                 #   why).  $SDEEFS_GUARD overrides the daemon (c/python)
     tmp_size = "25%"             # size of the private /tmp (a tmpfs) of a login environment;
                                  #   a job's /tmp is JOB_DIR/JOBID/tmp on the node's disk
     pids_max = 4096              # processes and threads of one login environment
@@ -114,6 +120,18 @@ class GuardDaemon(enum.StrEnum):
 GUARD_DAEMONS = tuple(g.value for g in GuardDaemon)
 
 
+class Guard(enum.StrEnum):
+    """The ``guard`` key: what hides root-only and denied host files in a login view."""
+
+    AUTO = "auto"  # bpf where it can run (launcher/login/bpfguard.py: choose), else c
+    BPF = "bpf"  # the BPF LSM program (launcher/login/bpf), no layer; the login fails if not
+    C = "c"  # the guard layer, served by sdeefs-guard (GuardDaemon.C)
+    PYTHON = "python"  # the guard layer, served by pyfuse3 (GuardDaemon.PYTHON)
+
+
+GUARDS = tuple(g.value for g in Guard)
+
+
 def guard_daemon(configured: GuardDaemon) -> GuardDaemon:
     """The configured guard daemon, or the one ``$SDEEFS_GUARD`` names."""
     chosen = os.environ.get("SDEEFS_GUARD", "") or configured.value
@@ -165,7 +183,7 @@ class SiteConfig:
     idle_timeout: float = 0.0
     cache_timeout: float = 10.0
     fuse_nodes: int = 50_000
-    guard: GuardDaemon = GuardDaemon.C
+    guard: Guard = Guard.AUTO
     tmp_size: str = "25%"
     pids_max: int = 4096
     memory_max: str = "50%"
@@ -234,10 +252,10 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
                              f"not {table['engine']!r}", ExitCode.USAGE)
         values["engine"] = Engine(table["engine"])
     if "guard" in table:
-        if table["guard"] not in GUARD_DAEMONS:
-            raise QuietError(f"{source}: sdeefs.guard must be one of {', '.join(GUARD_DAEMONS)}, "
+        if table["guard"] not in GUARDS:
+            raise QuietError(f"{source}: sdeefs.guard must be one of {', '.join(GUARDS)}, "
                              f"not {table['guard']!r}", ExitCode.USAGE)
-        values["guard"] = GuardDaemon(table["guard"])
+        values["guard"] = Guard(table["guard"])
     if "min_uid" in table:
         values["min_uid"] = int(_number("sdeefs.min_uid", table["min_uid"]))
     for key in ("shared", "deny", "sockets"):

@@ -230,13 +230,14 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         assert key in result.stderr
         assert result.stderr.count("\n") == 1
     assert config_mod.parse({}) == config_mod.SiteConfig()
-    assert config_mod.parse({"sdeefs": {"guard": "python"}}).guard == config_mod.GuardDaemon.PYTHON
+    assert config_mod.parse({"sdeefs": {"guard": "python"}}).guard == config_mod.Guard.PYTHON
+    assert config_mod.SiteConfig().guard == config_mod.Guard.AUTO
 
 
 def test_the_guard_daemon_is_chosen_by_config_or_environment(
         monkeypatch: pytest.MonkeyPatch) -> None:
     choose = config_mod.guard_daemon
-    assert choose(config_mod.SiteConfig().guard) == config_mod.GuardDaemon.C
+    assert choose(config_mod.GuardDaemon.C) == config_mod.GuardDaemon.C
     monkeypatch.setenv("SDEEFS_GUARD", "python")
     assert choose(config_mod.GuardDaemon.C) == config_mod.GuardDaemon.PYTHON
     monkeypatch.setenv("SDEEFS_GUARD", "perl")

@@ -1,0 +1,619 @@
+"""The login view's guard in the kernel: the BPF LSM program of launcher/login/bpf (issue 16).
+
+A login view hides, from the user's environment, every host file the user could not read
+on the host and whatever the site's deny list names (docs/admin.md, "What a view hides").
+The guard layer (sdeefs.fs.guard: FUSE) does it by answering every first lookup in user
+space; this program does it in the kernel, at every access, with no layer at all: the
+view is upper + mask + idmapped lower, kernel overlayfs' own speed (bench/RESULTS.md,
+"The BPF LSM guard in the product").  guard.bpf.c says what it enforces; this module is
+the root side that loads it, feeds it and chooses it.
+
+**Which guard** (:func:`choose`, the config's ``guard``).  ``c``/``python``: the guard
+layer, as before.  ``bpf``: this program, or the login fails with one line saying why.
+``auto`` (the default): bpf when all of these hold, else c, and :class:`Choice` says why:
+
+* the engine is kernel or hybrid: their upper is on another filesystem than the lower (the
+  layer image; the journaling daemon's FUSE mount).  Engine overlay keeps the upper on the
+  host's filesystem, owned by the user's subordinate ids: the program would hide the
+  user's own copied-up files.  Engine fuse has no guard at all (its overlay applies the rules);
+* every deny pattern is in the program's subset (:func:`deny_subset`; DEFAULT_DENY is);
+* the user is in at most MAX_GROUPS groups (the identity's fixed array, guard.h);
+* ``sdeefs-bpfguard`` is built (scripts/install.sh; clang, bpftool, libbpf-dev) and this
+  kernel loads its programs (``sdeefs-bpfguard check``: BPF LSM active, trampolines
+  allowed, the verifier's verdict), checked once per boot and loader: RUN_DIR/bpfguard.check.
+
+**Lifetime: loaded once per host, pinned, fail closed.**  The programs' links and the maps
+are pinned in bpffs under PINS/g-FINGERPRINT/ (PINS: /sys/fs/bpf/sdeefs), so nothing a user
+can kill detaches them: the prototype's per-environment loader process (bench/lsmguard)
+fails open when it dies, which is right for a bench and wrong here.  The first login that
+needs them (:meth:`BpfGuard.add`) loads them; an environment is added (its user namespace's
+inode -> the user's uid, gid, groups) after ``sdeefs-enter start`` returned its init and
+before anyone may join it (the record is saved afterwards, view.start_login), and removed
+at teardown (:meth:`BpfGuard.forget`: only a key it holds for that uid, and only once no
+process is left in the namespace: a key is never removed under a live environment).  Keys
+of namespaces no process has any more (an environment whose teardown never ran) are
+dropped whenever the map is written.  A join checks that its environment's key is still
+there (:meth:`BpfGuard.guarding`, env._usable); if not (an admin unpinned the programs),
+the environment is started anew, never joined unguarded.
+
+**A reload** happens when FINGERPRINT changes: the loader binary (the program's version),
+the host devices or the deny list.  The new set is loaded and attached beside the old
+one, its maps filled (host_devs, deny, then the live keys copied: in that order, since a
+zero deny pattern matches every path), then renamed into place, and only then the old
+set unpinned: at every moment at least one attached set guards every environment.  All
+writers take RUN_DIR/bpfguard.lock (flock), so no key is added to a set being replaced.
+
+**The maps' values** are written here, pinned with ``struct`` (IDENTITY, DENY_PATTERN)
+against guard.h (tests/launcher/test_bpfguard.py compiles it to check); keys are native
+u32s; the map calls go through libbpf1 (ctypes: ``bpf_obj_get``, ``bpf_map_*_elem``).
+
+**host_devs**: the device of ``config.lower``.  The lower is one idmapped bind of it
+(``sdeefs-enter idmap``: open_tree without AT_RECURSIVE), so filesystems mounted below
+it on the host (/boot, a separate /var) are not in the view at all (empty mountpoints):
+its one filesystem is every host filesystem the view shows.
+
+**The one semantic difference to the guard layer**: no LSM hook sees directory entries,
+so the program cannot hide a *name*.  The mask therefore hides by name what the scan for
+root-only entries (compute/private.py, as for a job) finds at start; an entry created or
+made root-only on the host *after* the start shows its name in a listing and answers
+ENOENT to stat, open, exec, xattrs and copy-up (and a hidden directory's open for writing
+says EISDIR, from may_open() before any hook).  In exchange an entry tightened after its
+first lookup is hidden at its next access (the layer decides once, at the first lookup).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+from sdeefs.config import Engine, Guard, SiteConfig
+from sdeefs.errors import ExitCode, QuietError
+from sdeefs.identity import Identity
+from sdeefs.sysio import write_file_atomic
+
+log = logging.getLogger(__name__)
+
+PINS = "/sys/fs/bpf/sdeefs"
+BPF_FS_MAGIC = 0xCAFE4A11
+
+# guard.h, which these pin: change one, change both (tests/launcher/test_bpfguard.py)
+MAX_GROUPS = 64
+GUARDED_MAX = 4096
+DEVS_MAX = 16
+DENY_MAX = 16
+DENY_LEN = 192
+SUFFIX_LEN = 32
+COMPONENT_LEN = 64  # guard.bpf.c: a starred component longer than this never matches
+PATH_LEN = 256
+
+KEY = struct.Struct("=I")  # guarded: user namespace inode; host_devs: s_dev; deny: index
+IDENTITY = struct.Struct(f"=III{MAX_GROUPS}I")  # struct identity: uid, gid, ngroups, groups
+DENY_PATTERN = struct.Struct(f"=III{DENY_LEN}s{SUFFIX_LEN}s")  # struct deny_pattern
+DEV_PRESENT = struct.Struct("=B")  # host_devs' value: 1
+assert IDENTITY.size == 12 + 4 * MAX_GROUPS
+assert DENY_PATTERN.size == 12 + DENY_LEN + SUFFIX_LEN
+
+MAPS = ("guarded", "host_devs", "deny", "counts")
+
+
+class GuardUnavailable(QuietError):
+    """``guard = "bpf"`` and the program cannot guard this login (one line: why)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f'guard = "bpf": {why}', ExitCode.UNAVAILABLE)
+        self.why = why
+
+
+class GuardError(QuietError):
+    """The program could not be loaded or the environment not added: it does not start."""
+
+
+class NotInSubset(ValueError):
+    """A deny pattern the program cannot match (``pattern``: which; the message: why)."""
+
+    def __init__(self, pattern: str, why: str) -> None:
+        super().__init__(f"deny pattern {pattern!r} is not in the BPF subset: {why}")
+        self.pattern = pattern
+
+
+# -- the deny subset ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class DenyPattern:
+    """One pattern as guard.bpf.c matches it: ``prefix`` (all of it without a star), and
+    after the star ``suffix``."""
+
+    prefix: bytes
+    suffix: bytes
+    star: bool
+
+    @classmethod
+    def parse(cls, pattern: str) -> DenyPattern:
+        """The subset: an absolute literal path (the entry and everything below it), or one
+        ``*`` inside its last component; no ``?``, ``[``, ``\\``."""
+        raw = os.fsencode(pattern)
+        if not raw.startswith(b"/"):
+            raise NotInSubset(pattern, "not an absolute path")
+        if any(c in raw for c in (b"?", b"[", b"\\")):
+            raise NotInSubset(pattern, "only `*` is matched, not ?, [...] or escapes")
+        stars = raw.count(b"*")
+        if stars > 1:
+            raise NotInSubset(pattern, "more than one `*`")
+        if stars == 1:
+            prefix, suffix = raw.split(b"*")
+            if b"/" in suffix:
+                raise NotInSubset(pattern, "the `*` is not in the last component")
+            if len(suffix) >= SUFFIX_LEN:
+                raise NotInSubset(pattern, f"{len(suffix)} bytes after the `*` (at most "
+                                  f"{SUFFIX_LEN - 1})")
+        else:
+            prefix, suffix = raw.rstrip(b"/") or b"/", b""
+        if len(prefix) >= DENY_LEN:
+            raise NotInSubset(pattern, f"{len(prefix)} bytes before the `*` (at most "
+                              f"{DENY_LEN - 1})")
+        return cls(prefix, suffix, stars == 1)
+
+    def encode(self) -> bytes:
+        """struct deny_pattern: the prefix zero-filled, the suffix right-aligned (a zero byte
+        of either matches anything: guard.bpf.c's pattern_matches)."""
+        return DENY_PATTERN.pack(len(self.prefix), len(self.suffix), int(self.star),
+                                 self.prefix, self.suffix.rjust(SUFFIX_LEN, b"\0"))
+
+
+def deny_subset(patterns: Iterable[str]) -> tuple[DenyPattern, ...]:
+    """The deny list as the program matches it; NotInSubset for the first it cannot."""
+    parsed = tuple(DenyPattern.parse(p) for p in patterns)
+    if len(parsed) > DENY_MAX:
+        raise NotInSubset(str(len(parsed)), f"more than {DENY_MAX} patterns")
+    return parsed
+
+
+def view_deny(config: SiteConfig) -> tuple[str, ...]:
+    """What the program denies late: the deny list (sdeefs' own directories are in no
+    lower a login sees: the mask hides them, and the run dir is a tmpfs elsewhere)."""
+    return config.deny
+
+
+# -- the maps' values ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class Guarded:
+    """``guarded``'s value: whose environment (the rule's uid, gid and groups)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+    @classmethod
+    def of(cls, ids: Identity) -> Guarded:
+        return cls(ids.uid, ids.gid, ids.groups)
+
+    def encode(self) -> bytes:
+        if len(self.groups) > MAX_GROUPS:
+            raise ValueError(f"{len(self.groups)} groups (the program holds {MAX_GROUPS})")
+        groups = list(self.groups) + [0] * (MAX_GROUPS - len(self.groups))
+        return IDENTITY.pack(self.uid, self.gid, len(self.groups), *groups)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Guarded:
+        uid, gid, count, *groups = IDENTITY.unpack(data)
+        return cls(uid, gid, tuple(groups[:min(count, MAX_GROUPS)]))
+
+
+def kernel_dev(st_dev: int) -> int:
+    """A device number as the kernel keeps it in sb->s_dev (MKDEV: major << 20 | minor)."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
+def host_devs(config: SiteConfig) -> tuple[int, ...]:
+    """The host filesystems a login view shows: the lower's one (module docstring)."""
+    return (kernel_dev(os.stat(config.lower).st_dev),)
+
+
+def userns_of(pid: int) -> int:
+    """The inode number of ``pid``'s user namespace (the map's key)."""
+    return os.stat(f"/proc/{pid}/ns/user").st_ino
+
+
+def live_namespaces() -> set[int]:
+    """The user namespaces some process of the host is in now (root reads every /proc/PID/ns)."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                found.add(os.stat(f"/proc/{name}/ns/user").st_ino)
+    return found
+
+
+# -- libbpf -------------------------------------------------------------------------------
+
+
+class Libbpf:
+    """The few map calls of libbpf1 this module makes (ctypes); errors as OSError."""
+
+    BPF_ANY = 0
+    BPF_MAP_TYPE_HASH = 1
+    BPF_MAP_TYPE_ARRAY = 2
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            self._lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
+            raise GuardError(f"libbpf: {exc} (apt-get install libbpf1)",
+                             ExitCode.UNAVAILABLE) from None
+        lib = self._lib
+        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+        lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        for fn in (lib.bpf_map_update_elem,):
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+        for fn in (lib.bpf_map_lookup_elem, lib.bpf_map_get_next_key):
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
+                                       ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
+
+    @staticmethod
+    def _check(result: int, what: str) -> int:
+        if result < 0:
+            code = -result if result != -1 else ctypes.get_errno()
+            raise OSError(code, f"{what}: {os.strerror(code)}")
+        return result
+
+    def open(self, path: str) -> int:
+        return self._check(self._lib.bpf_obj_get(os.fsencode(path)), f"bpf_obj_get {path}")
+
+    def pin(self, fd: int, path: str) -> None:
+        self._check(self._lib.bpf_obj_pin(fd, os.fsencode(path)), f"bpf_obj_pin {path}")
+
+    def create(self, kind: int, name: str, key_size: int, value_size: int,
+               entries: int) -> int:
+        """A new map (tests: the pinned maps' shapes where no program loads)."""
+        return self._check(self._lib.bpf_map_create(kind, name.encode(), key_size, value_size,
+                                                    entries, None), "bpf_map_create")
+
+    def update(self, fd: int, key: bytes, value: bytes) -> None:
+        self._check(self._lib.bpf_map_update_elem(fd, key, value, self.BPF_ANY),
+                    "bpf_map_update_elem")
+
+    def lookup(self, fd: int, key: bytes, size: int) -> bytes | None:
+        value = ctypes.create_string_buffer(size)
+        result = self._lib.bpf_map_lookup_elem(fd, key, value)
+        if result < 0:
+            if ctypes.get_errno() == errno.ENOENT or result == -errno.ENOENT:
+                return None
+            self._check(result, "bpf_map_lookup_elem")
+        return value.raw
+
+    def delete(self, fd: int, key: bytes) -> bool:
+        result = self._lib.bpf_map_delete_elem(fd, key)
+        if result < 0 and (result == -errno.ENOENT or ctypes.get_errno() == errno.ENOENT):
+            return False
+        self._check(result, "bpf_map_delete_elem")
+        return True
+
+    def keys(self, fd: int, size: int) -> list[bytes]:
+        found: list[bytes] = []
+        key = ctypes.create_string_buffer(size)
+        previous: bytes | None = None
+        while True:
+            result = self._lib.bpf_map_get_next_key(fd, previous, key)
+            if result < 0:
+                if result == -errno.ENOENT or ctypes.get_errno() == errno.ENOENT:
+                    return found
+                self._check(result, "bpf_map_get_next_key")
+            previous = key.raw
+            found.append(previous)
+
+
+@contextlib.contextmanager
+def opened(lib: Libbpf, path: str) -> Iterator[int]:
+    fd = lib.open(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+# -- choosing -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Choice:
+    """Which guard a login gets (``guard``: BPF, C or PYTHON; None: engine fuse, whose
+    overlay applies the rules itself) and why, for the login, doctor and status."""
+
+    guard: Guard | None
+    why: str
+
+
+def loader_path() -> str:
+    """``sdeefs-bpfguard`` (``$SDEEFS_BPFGUARD_BIN``, or next to this Python: scripts/setup.sh
+    and scripts/install.sh build it there from launcher/login/bpf/)."""
+    return os.environ.get("SDEEFS_BPFGUARD_BIN") or os.path.join(os.path.dirname(sys.executable),
+                                                                 "sdeefs-bpfguard")
+
+
+def pins_path() -> str:
+    """Where the programs and maps are pinned (``$SDEEFS_BPF_PINS``: tests, a private bpffs)."""
+    return os.environ.get("SDEEFS_BPF_PINS") or PINS
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+@attrs.define(eq=False)
+class BpfGuard:
+    """The root side of the program on this host: check, load, add, forget.
+
+    ``run_dir``: the site's run dir (the check's cache, the writers' lock); ``pins``: the
+    bpffs directory of the pinned sets; ``loader``: sdeefs-bpfguard."""
+
+    run_dir: str
+    pins: str = attrs.field(factory=pins_path)
+    loader: str = attrs.field(factory=loader_path)
+    _lib: Libbpf | None = None
+
+    @property
+    def lib(self) -> Libbpf:
+        if self._lib is None:
+            self._lib = Libbpf()
+        return self._lib
+
+    # -- can this kernel? --------------------------------------------------------------------
+
+    def unavailable(self) -> str | None:
+        """None if sdeefs-bpfguard is built and this kernel loads its programs, else why
+        not (one line).  The kernel's verdict is cached per boot and loader build."""
+        try:
+            st = os.stat(self.loader)
+        except OSError:
+            return (f"{self.loader} is not built (scripts/install.sh builds it; it needs "
+                    "clang, bpftool and libbpf-dev)")
+        build = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        cache = os.path.join(self.run_dir, "bpfguard.check")
+        boot = _boot_id()
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(cache) as f:
+                cached = json.load(f)
+            if cached["boot"] == boot and cached["build"] == build:
+                return cached["why"]
+        result = subprocess.run([self.loader, "check"], capture_output=True, text=True,
+                                check=False)
+        why = None if result.returncode == 0 else _last_line(result.stderr)
+        if why is not None and "Operation not permitted" in why:
+            why += (" (this kernel refuses BPF trampoline programs: BPF LSM not active, or "
+                    "its text patching refused)")
+        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
+        write_file_atomic(cache, json.dumps({"boot": boot, "build": build, "why": why}).encode(),
+                          mode=0o644)
+        return why
+
+    # -- the pinned set ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
+        fd = os.open(os.path.join(self.run_dir, "bpfguard.lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def sets(self) -> list[str]:
+        """The pinned sets (directories PINS/g-*), complete ones only."""
+        try:
+            names = sorted(os.listdir(self.pins))
+        except FileNotFoundError:
+            return []
+        return [os.path.join(self.pins, n) for n in names
+                if n.startswith("g-") and not n.endswith(".new")]
+
+    def fingerprint(self, devs: tuple[int, ...], deny: tuple[DenyPattern, ...]) -> str:
+        digest = hashlib.sha256()
+        with open(self.loader, "rb") as f:
+            digest.update(f.read())  # the program's version: its object is inside
+        digest.update(repr(sorted(devs)).encode())
+        for pattern in deny:
+            digest.update(pattern.encode())
+        return digest.hexdigest()[:16]
+
+    def _ensure_bpffs(self) -> None:
+        parent = os.path.dirname(self.pins.rstrip("/"))
+        if _fs_type(parent) != "bpf":
+            subprocess.run(["mount", "-t", "bpf", "bpf", parent], check=True,
+                           capture_output=True)
+        os.makedirs(self.pins, mode=0o700, exist_ok=True)
+
+    def _ensure_attached(self, devs: tuple[int, ...], deny: tuple[DenyPattern, ...]) -> str:
+        """The set for ``devs`` and ``deny``, loaded and attached if it is not (a reload:
+        module docstring).  The caller holds the lock."""
+        self._ensure_bpffs()
+        target = os.path.join(self.pins, f"g-{self.fingerprint(devs, deny)}")
+        if os.path.isdir(target):
+            return target
+        staging = target + ".new"
+        _unpin(staging)  # a load that died half-way
+        result = subprocess.run([self.loader, "attach", staging, str(len(deny))],
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise GuardError(f"the BPF guard did not load: {_last_line(result.stderr)}",
+                             ExitCode.UNAVAILABLE)
+        try:
+            with opened(self.lib, os.path.join(staging, "map_host_devs")) as fd:
+                for dev in devs:
+                    self.lib.update(fd, KEY.pack(dev), DEV_PRESENT.pack(1))
+            with opened(self.lib, os.path.join(staging, "map_deny")) as fd:
+                for index, pattern in enumerate(deny):
+                    self.lib.update(fd, KEY.pack(index), pattern.encode())
+            live = live_namespaces()
+            with opened(self.lib, os.path.join(staging, "map_guarded")) as new:
+                for old in self.sets():
+                    for key, value in self._entries(old).items():
+                        if key in live:
+                            self.lib.update(new, KEY.pack(key), value.encode())
+            os.rename(staging, target)
+        except BaseException:
+            _unpin(staging)
+            raise
+        for old in self.sets():
+            if old != target:
+                _unpin(old)  # the new set guards every live key already
+        log.info("the BPF guard attached: %s", target)
+        return target
+
+    def _entries(self, pinned: str) -> dict[int, Guarded]:
+        with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
+            entries = {}
+            for key in self.lib.keys(fd, KEY.size):
+                value = self.lib.lookup(fd, key, IDENTITY.size)
+                if value is not None:
+                    entries[KEY.unpack(key)[0]] = Guarded.decode(value)
+            return entries
+
+    # -- environments ------------------------------------------------------------------------
+
+    def add(self, config: SiteConfig, key: int, ids: Identity) -> None:
+        """Guard the environment whose user namespace is ``key`` as ``ids``' user (loading
+        the program first if needed); stale keys are dropped on the way."""
+        if key == os.stat("/proc/1/ns/user").st_ino:
+            raise GuardError("refusing to guard the host's own user namespace")
+        deny = deny_subset(view_deny(config))
+        with self._locked():
+            pinned = self._ensure_attached(host_devs(config), deny)
+            with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
+                live = live_namespaces()
+                for stale in set(self._entries(pinned)) - live - {key}:
+                    self.lib.delete(fd, KEY.pack(stale))
+                    log.info("the BPF guard: dropped the stale key %d", stale)
+                self.lib.update(fd, KEY.pack(key), Guarded.of(ids).encode())
+
+    def guarding(self, key: int, uid: int) -> bool:
+        """Is the environment ``key`` of ``uid`` guarded by an attached set now?"""
+        try:
+            return any(pinned_uid(self._entries(pinned), key) == uid for pinned in self.sets())
+        except (OSError, GuardError):
+            return False
+
+    def forget(self, key: int, uid: int) -> bool:
+        """Stop guarding ``key``, if it is guarded for ``uid`` (what this environment
+        added) and no process is left in that namespace; True if a key was removed."""
+        if not key or not os.path.isdir(self.pins):
+            return False
+        removed = False
+        with self._locked():
+            if key in live_namespaces():
+                log.warning("the BPF guard: namespace %d still has processes; its key stays "
+                            "(dropped once it has none)", key)
+                return False
+            for pinned in self.sets():
+                if pinned_uid(self._entries(pinned), key) != uid:
+                    continue
+                with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
+                    removed = self.lib.delete(fd, KEY.pack(key)) or removed
+        return removed
+
+    def keys(self) -> dict[int, Guarded]:
+        """Every guarded environment of every attached set (status, tests)."""
+        found: dict[int, Guarded] = {}
+        for pinned in self.sets():
+            found.update(self._entries(pinned))
+        return found
+
+    def detach_all(self) -> None:
+        """Unpin every set (the programs detach): for an uninstall, and tests."""
+        with self._locked():
+            for pinned in self.sets():
+                _unpin(pinned)
+
+
+def pinned_uid(entries: dict[int, Guarded], key: int) -> int | None:
+    found = entries.get(key)
+    return None if found is None else found.uid
+
+
+def _unpin(directory: str) -> None:
+    """Remove a pinned set (links unpinned: their programs detach)."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory), key=lambda n: not n.startswith("link_")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(directory)
+
+
+def _fs_type(path: str) -> str | None:
+    """The filesystem type mounted exactly at ``path`` (/proc/self/mountinfo), or None."""
+    real = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == real:
+                found = fields[fields.index("-") + 1]
+    return found
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("sdeefs-bpfguard")]
+    return (ours or lines or ["no output"])[-1]
+
+
+def choose(config: SiteConfig, engine: Engine, ids: Identity | None = None,
+           guard: BpfGuard | None = None) -> Choice:
+    """Which guard a login of ``engine`` (of ``ids``' user, if known) gets, and why
+    (module docstring); GuardUnavailable if ``guard = "bpf"`` and the program cannot."""
+    if engine == Engine.FUSE:
+        return Choice(None, "engine fuse: its overlay applies the rules itself (no guard)")
+    if config.guard in (Guard.C, Guard.PYTHON):
+        return Choice(config.guard, f'guard = "{config.guard}" (configured)')
+    why = bpf_unavailable(config, engine, ids, guard or BpfGuard(config.run_dir))
+    if why is None:
+        return Choice(Guard.BPF, "the BPF LSM guard: this kernel loads it, every deny pattern "
+                                 "is in its subset" + (" (configured)"
+                                                       if config.guard == Guard.BPF else ""))
+    if config.guard == Guard.BPF:
+        raise GuardUnavailable(why)
+    return Choice(Guard.C, f"the guard layer (sdeefs-guard), since {why}")
+
+
+def bpf_unavailable(config: SiteConfig, engine: Engine, ids: Identity | None,
+                    guard: BpfGuard) -> str | None:
+    if engine not in (Engine.KERNEL, Engine.HYBRID):
+        return (f"engine {engine} keeps the upper on the host's filesystem, where the "
+                "program would hide the user's own copied-up files")
+    try:
+        deny_subset(view_deny(config))
+    except NotInSubset as exc:
+        return str(exc)
+    if ids is not None and len(ids.groups) > MAX_GROUPS:
+        return f"uid {ids.uid} is in {len(ids.groups)} groups (the program holds {MAX_GROUPS})"
+    if shutil.which("mount") is None:
+        return "no mount(8) to mount bpffs"
+    return guard.unavailable()
+
+
+__all__ = ["BpfGuard", "Choice", "DenyPattern", "GuardError", "GuardUnavailable", "Guarded",
+           "NotInSubset", "choose", "deny_subset", "host_devs", "kernel_dev", "userns_of"]
