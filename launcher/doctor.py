@@ -141,6 +141,11 @@ def _install(cfg: SiteConfig) -> Iterator[Finding]:
         yield ok("sdeefs-enter", enter.helper_path())
     except QuietError as exc:
         yield Finding("sdeefs-enter", Verdict.FAIL, str(exc), "scripts/install.sh")
+    if cfg.guard in (Guard.C, Guard.AUTO):  # the guard layer's daemon (login views)
+        guard = guard_binary()
+        yield (ok("sdeefs-guard", guard) if os.access(guard, os.X_OK) else
+               Finding("sdeefs-guard", Verdict.FAIL, f"{guard} is missing: logins cannot start "
+                       "their guard layer", 'scripts/install.sh (or guard = "python")'))
     yield from _guard(cfg)
     for command in ("sdeefs", "sdeefs-run"):
         where = shutil.which(command, path="/usr/local/bin:/usr/bin:/bin")
@@ -150,42 +155,32 @@ def _install(cfg: SiteConfig) -> Iterator[Finding]:
 
 
 def _guard(cfg: SiteConfig) -> Iterator[Finding]:
-    """Which guard logins get and why (launcher/login/bpfguard.py: choose), and that what
-    it needs is there."""
+    """Which guard logins get and why (launcher/login/bpfguard.py: choose)."""
     try:
         choice = bpfguard.choose(cfg, cfg.engine)
     except bpfguard.GuardUnavailable as exc:
         yield Finding("login guard", Verdict.FAIL, f"{exc}: every login fails",
-                      _bpf_fix(exc.why) + ' (or guard = "auto": the guard layer where bpf '
-                      "cannot run)")
+                      BPF_FIXES[exc.blocked.blocker] + ' (or guard = "auto": the guard layer '
+                      "where bpf cannot run)")
         return
-    if choice.guard in (Guard.C, Guard.PYTHON, Guard.AUTO):
-        guard = guard_binary()
-        if choice.guard != Guard.PYTHON and not os.access(guard, os.X_OK):
-            yield Finding("login guard", Verdict.FAIL, f"{choice.why}; but {guard} is missing: "
-                          "logins cannot start their guard layer",
-                          'scripts/install.sh (or guard = "python")')
-            return
     detail = f"{choice.guard or 'none'}: {choice.why}"
-    if cfg.guard == Guard.AUTO and choice.guard == Guard.C:
-        # works, but the metadata of every first walk pays the FUSE layer (issue 16)
-        why = bpfguard.bpf_unavailable(cfg, cfg.engine, None, bpfguard.BpfGuard(cfg.run_dir))
-        yield Finding("login guard", Verdict.WARN, detail, _bpf_fix(why or ""))
+    if choice.blocked is not None:
+        # works, but every first walk's metadata pays the FUSE layer (issue 16)
+        yield Finding("login guard", Verdict.WARN, detail, BPF_FIXES[choice.blocked.blocker])
         return
     yield ok("login guard", detail)
 
 
-def _bpf_fix(why: str) -> str:
-    """What gets the BPF guard running, for the reason ``why``."""
-    if "not built" in why:
-        return ("apt-get install clang libbpf-dev bpftool libbpf1, then scripts/install.sh "
-                "(it builds sdeefs-bpfguard)")
-    if "subset" in why:
-        return "write each deny pattern as a path or with one * in its last component"
-    if "engine" in why:
-        return 'engine = "kernel"'
-    return ("a kernel with BPF LSM active (CONFIG_BPF_LSM=y, bpf in the lsm= boot list: "
-            "Debian 12's own kernels) that allows BPF trampolines")
+BPF_FIXES = {  # what gets the BPF guard running
+    bpfguard.Blocker.NOT_BUILT: "apt-get install clang libbpf-dev bpftool libbpf1, then "
+                                "scripts/install.sh (it builds sdeefs-bpfguard)",
+    bpfguard.Blocker.DENY: "write each deny pattern as a path or with one * in its last "
+                           "component",
+    bpfguard.Blocker.ENGINE: 'engine = "kernel"',
+    bpfguard.Blocker.GROUPS: "fewer groups for that user",
+    bpfguard.Blocker.KERNEL: "a kernel with BPF LSM active (CONFIG_BPF_LSM=y, bpf in the lsm= "
+                             "list: Debian 12's own kernels) that allows BPF trampolines",
+}
 
 
 def _key(cfg: SiteConfig) -> Iterator[Finding]:

@@ -66,13 +66,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import enum
 import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -110,12 +110,28 @@ assert DENY_PATTERN.size == 12 + DENY_LEN + SUFFIX_LEN
 MAPS = ("guarded", "host_devs", "deny", "counts")
 
 
+class Blocker(enum.Enum):
+    """What keeps the BPF guard from a login (doctor names the fix of each)."""
+
+    ENGINE = "engine"  # engine overlay: its upper is on the host's filesystem
+    DENY = "deny"  # a deny pattern outside the subset
+    GROUPS = "groups"  # the user is in more than MAX_GROUPS groups
+    NOT_BUILT = "not built"  # no sdeefs-bpfguard
+    KERNEL = "kernel"  # this kernel does not load the programs
+
+
+@attrs.frozen
+class Blocked:
+    blocker: Blocker
+    why: str  # one line
+
+
 class GuardUnavailable(QuietError):
     """``guard = "bpf"`` and the program cannot guard this login (one line: why)."""
 
-    def __init__(self, why: str) -> None:
-        super().__init__(f'guard = "bpf": {why}', ExitCode.UNAVAILABLE)
-        self.why = why
+    def __init__(self, blocked: Blocked) -> None:
+        super().__init__(f'guard = "bpf": {blocked.why}', ExitCode.UNAVAILABLE)
+        self.blocked = blocked
 
 
 class GuardError(QuietError):
@@ -341,6 +357,7 @@ class Choice:
 
     guard: Guard | None
     why: str
+    blocked: Blocked | None = None  # auto: what kept it from bpf
 
 
 def loader_path() -> str:
@@ -380,14 +397,14 @@ class BpfGuard:
 
     # -- can this kernel? --------------------------------------------------------------------
 
-    def unavailable(self) -> str | None:
+    def unavailable(self) -> Blocked | None:
         """None if sdeefs-bpfguard is built and this kernel loads its programs, else why
-        not (one line).  The kernel's verdict is cached per boot and loader build."""
+        not.  The kernel's verdict is cached per boot and loader build."""
         try:
             st = os.stat(self.loader)
         except OSError:
-            return (f"{self.loader} is not built (scripts/install.sh builds it; it needs "
-                    "clang, bpftool and libbpf-dev)")
+            return Blocked(Blocker.NOT_BUILT, f"{self.loader} is not built (scripts/install.sh "
+                           "builds it; it needs clang, bpftool and libbpf-dev)")
         build = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         cache = os.path.join(self.run_dir, "bpfguard.check")
         boot = _boot_id()
@@ -395,7 +412,7 @@ class BpfGuard:
             with open(cache) as f:
                 cached = json.load(f)
             if cached["boot"] == boot and cached["build"] == build:
-                return cached["why"]
+                return None if cached["why"] is None else Blocked(Blocker.KERNEL, cached["why"])
         result = subprocess.run([self.loader, "check"], capture_output=True, text=True,
                                 check=False)
         why = None if result.returncode == 0 else _last_line(result.stderr)
@@ -405,7 +422,7 @@ class BpfGuard:
         os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
         write_file_atomic(cache, json.dumps({"boot": boot, "build": build, "why": why}).encode(),
                           mode=0o644)
-        return why
+        return None if why is None else Blocked(Blocker.KERNEL, why)
 
     # -- the pinned set ----------------------------------------------------------------------
 
@@ -589,31 +606,32 @@ def choose(config: SiteConfig, engine: Engine, ids: Identity | None = None,
         return Choice(None, "engine fuse: its overlay applies the rules itself (no guard)")
     if config.guard in (Guard.C, Guard.PYTHON):
         return Choice(config.guard, f'guard = "{config.guard}" (configured)')
-    why = bpf_unavailable(config, engine, ids, guard or BpfGuard(config.run_dir))
-    if why is None:
+    blocked = bpf_unavailable(config, engine, ids, guard or BpfGuard(config.run_dir))
+    if blocked is None:
         return Choice(Guard.BPF, "the BPF LSM guard: this kernel loads it, every deny pattern "
                                  "is in its subset" + (" (configured)"
                                                        if config.guard == Guard.BPF else ""))
     if config.guard == Guard.BPF:
-        raise GuardUnavailable(why)
-    return Choice(Guard.C, f"the guard layer (sdeefs-guard), since {why}")
+        raise GuardUnavailable(blocked)
+    return Choice(Guard.C, f"the guard layer (sdeefs-guard), since {blocked.why}", blocked)
 
 
 def bpf_unavailable(config: SiteConfig, engine: Engine, ids: Identity | None,
-                    guard: BpfGuard) -> str | None:
+                    guard: BpfGuard) -> Blocked | None:
+    """Why the BPF guard cannot guard a login of ``engine`` (of ``ids``' user), or None."""
     if engine not in (Engine.KERNEL, Engine.HYBRID):
-        return (f"engine {engine} keeps the upper on the host's filesystem, where the "
-                "program would hide the user's own copied-up files")
+        return Blocked(Blocker.ENGINE, f"engine {engine} keeps the upper on the host's "
+                       "filesystem, where the program would hide the user's own copied-up files")
     try:
         deny_subset(view_deny(config))
     except NotInSubset as exc:
-        return str(exc)
+        return Blocked(Blocker.DENY, str(exc))
     if ids is not None and len(ids.groups) > MAX_GROUPS:
-        return f"uid {ids.uid} is in {len(ids.groups)} groups (the program holds {MAX_GROUPS})"
-    if shutil.which("mount") is None:
-        return "no mount(8) to mount bpffs"
+        return Blocked(Blocker.GROUPS, f"uid {ids.uid} is in {len(ids.groups)} groups (the "
+                       f"program holds {MAX_GROUPS})")
     return guard.unavailable()
 
 
-__all__ = ["BpfGuard", "Choice", "DenyPattern", "GuardError", "GuardUnavailable", "Guarded",
-           "NotInSubset", "choose", "deny_subset", "host_devs", "kernel_dev", "userns_of"]
+__all__ = ["Blocked", "Blocker", "BpfGuard", "Choice", "DenyPattern", "GuardError",
+           "GuardUnavailable", "Guarded", "NotInSubset", "choose", "deny_subset", "host_devs",
+           "kernel_dev", "userns_of"]
