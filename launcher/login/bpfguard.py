@@ -513,7 +513,7 @@ class BpfGuard:
     def add(self, config: SiteConfig, key: int, ids: Identity) -> None:
         """Guard the environment whose user namespace is ``key`` as ``ids``' user (loading
         the program first if needed); stale keys are dropped on the way."""
-        if key == os.stat("/proc/1/ns/user").st_ino:
+        if key == os.stat("/proc/self/ns/user").st_ino:  # the host's: root runs this
             raise GuardError("refusing to guard the host's own user namespace")
         deny = deny_subset(view_deny(config))
         with self._locked():
@@ -539,13 +539,12 @@ class BpfGuard:
             return False
         removed = False
         with self._locked():
-            if key in live_namespaces():
+            ours = [p for p in self.sets() if pinned_uid(self._entries(p), key) == uid]
+            if ours and key in live_namespaces():
                 log.warning("the BPF guard: namespace %d still has processes; its key stays "
                             "(dropped once it has none)", key)
                 return False
-            for pinned in self.sets():
-                if pinned_uid(self._entries(pinned), key) != uid:
-                    continue
+            for pinned in ours:
                 with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
                     removed = self.lib.delete(fd, KEY.pack(key)) or removed
         return removed

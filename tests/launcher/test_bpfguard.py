@@ -1,0 +1,269 @@
+"""The BPF LSM guard's root side (launcher/login/bpfguard.py) on this machine.
+
+This VM's kernel refuses every BPF trampoline program (bench/RESULTS.md), so here the
+program never attaches: these tests check what runs without it, for real (the choice and
+its reasons through the front door, the maps' layouts against guard.h compiled, the map
+calls on real pinned maps in a private bpffs, an explicit ``guard = "bpf"`` failing the
+login).  What the program hides is tested in a guest whose kernel loads it:
+``bench/lsmguard/vm.py product`` (bench/lsmguard/test_product.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sdeefs.config import DEFAULT_DENY, SiteConfig
+from sdeefs.identity import Identity
+from sdeefs.launcher.login import bpfguard
+from sdeefs.launcher.login.bpfguard import (
+    DENY_PATTERN,
+    IDENTITY,
+    BpfGuard,
+    DenyPattern,
+    Guarded,
+    NotInSubset,
+)
+
+from .launcher_site import VENV_BIN, Site, open_site, requires_launcher
+
+GUARD_H = Path(__file__).resolve().parents[2] / "launcher" / "login" / "bpf" / "guard.h"
+
+
+# -- the deny subset and the layouts (no kernel needed) ---------------------------------------
+
+
+def test_the_default_deny_list_is_in_the_subset() -> None:
+    parsed = bpfguard.deny_subset(DEFAULT_DENY)
+    assert len(parsed) == len(DEFAULT_DENY)
+    key = DenyPattern.parse("/etc/ssh/ssh_host_*_key")
+    assert key == DenyPattern(b"/etc/ssh/ssh_host_", b"_key", True)
+    assert DenyPattern.parse("/etc/munge/") == DenyPattern(b"/etc/munge", b"", False)
+    # the layout guard.bpf.c's matcher expects: prefix zero-filled, suffix right-aligned
+    prefix_len, suffix_len, star, prefix, suffix = DENY_PATTERN.unpack(key.encode())
+    assert (prefix_len, suffix_len, star) == (18, 4, 1)
+    assert prefix == b"/etc/ssh/ssh_host_".ljust(bpfguard.DENY_LEN, b"\0")
+    assert suffix == b"_key".rjust(bpfguard.SUFFIX_LEN, b"\0")
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    ("/etc/ssh/ssh_host_?sa_key", "only `*`"),
+    ("/etc/*/ssh_host_*_key", "more than one"),
+    ("/etc/*/secret", "not in the last component"),
+    ("/etc/[ab]", "only `*`"),
+    ("etc/shadow", "not an absolute path"),
+    ("/" + "x" * 200, "bytes before"),
+    ("/etc/a*" + "b" * 40, "bytes after"),
+])
+def test_patterns_outside_the_subset_are_refused_with_the_reason(pattern: str, why: str) -> None:
+    with pytest.raises(NotInSubset, match=why) as caught:
+        bpfguard.deny_subset(("/etc/shadow", pattern))
+    assert caught.value.pattern == pattern
+    with pytest.raises(NotInSubset, match="more than 16"):
+        bpfguard.deny_subset([f"/p{i}" for i in range(17)])
+
+
+LAYOUT_PROBE = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include <linux/types.h>
+#include "guard.h"
+int main(void)
+{
+    struct identity id = {.uid = 1000, .gid = 100, .ngroups = 2, .groups = {27, 44}};
+    const unsigned char *b = (const unsigned char *)&id;
+    printf("%zu %zu %zu %zu %zu\n", sizeof(struct identity), offsetof(struct identity, uid),
+           offsetof(struct identity, gid), offsetof(struct identity, ngroups),
+           offsetof(struct identity, groups));
+    printf("%zu %zu %zu %zu %zu %zu\n", sizeof(struct deny_pattern),
+           offsetof(struct deny_pattern, prefix_len), offsetof(struct deny_pattern, suffix_len),
+           offsetof(struct deny_pattern, star), offsetof(struct deny_pattern, prefix),
+           offsetof(struct deny_pattern, suffix));
+    printf("%d %d %d %d %d %d\n", MAX_GROUPS, GUARDED_MAX, DEVS_MAX, DENY_MAX, DENY_LEN,
+           SUFFIX_LEN);
+    for (size_t i = 0; i < sizeof(id); i++)
+        printf("%02x", b[i]);
+    printf("\n");
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc to compile guard.h")
+def test_the_values_python_writes_match_guard_h(tmp_path: Path) -> None:
+    """IDENTITY and DENY_PATTERN (struct) are guard.h's structs: sizes, offsets, limits,
+    and the bytes of one identity as C lays it out."""
+    source = tmp_path / "probe.c"
+    source.write_text(LAYOUT_PROBE)
+    subprocess.run(["gcc", "-Wall", "-Werror", f"-I{GUARD_H.parent}", "-o",
+                    str(tmp_path / "probe"), str(source)], check=True, capture_output=True)
+    out = subprocess.run([str(tmp_path / "probe")], check=True, capture_output=True,
+                         text=True).stdout
+    identity, deny, limits, raw = out.split("\n")[:4]
+    groups = 4 * bpfguard.MAX_GROUPS
+    assert identity.split() == [str(IDENTITY.size), "0", "4", "8", "12"]
+    assert IDENTITY.size == 12 + groups
+    assert deny.split() == [str(DENY_PATTERN.size), "0", "4", "8", "12",
+                            str(12 + bpfguard.DENY_LEN)]
+    assert [int(n) for n in limits.split()] == [
+        bpfguard.MAX_GROUPS, bpfguard.GUARDED_MAX, bpfguard.DEVS_MAX, bpfguard.DENY_MAX,
+        bpfguard.DENY_LEN, bpfguard.SUFFIX_LEN]
+    assert bytes.fromhex(raw) == Guarded(1000, 100, (27, 44)).encode()
+    assert Guarded.decode(bytes.fromhex(raw)) == Guarded(1000, 100, (27, 44))
+
+
+# -- the maps, pinned in a private bpffs (maps load here; programs do not) ---------------------
+
+
+@contextlib.contextmanager
+def private_bpffs() -> Iterator[Path]:
+    where = Path(tempfile.mkdtemp(prefix="sdeefs-bpffs-", dir="/var/tmp"))
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(where)], check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+        where.rmdir()
+
+
+@contextlib.contextmanager
+def holder() -> Iterator[int]:
+    """A user namespace of our own with a process in it (ended by its pid); its inode."""
+    proc = subprocess.Popen(["unshare", "--user", "--", "sleep", "infinity"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        host = os.stat("/proc/self/ns/user").st_ino
+        deadline = time.monotonic() + 10
+        while (ino := os.stat(f"/proc/{proc.pid}/ns/user").st_ino) == host:
+            assert time.monotonic() < deadline
+            assert proc.poll() is None
+            time.sleep(0.01)
+        yield ino
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _skip_maps() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (bpffs, BPF maps)"
+    try:
+        bpfguard.Libbpf()
+    except bpfguard.GuardError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.skipif(_skip_maps() is not None, reason=_skip_maps() or "")
+@pytest.mark.expect_log("sdeefs.launcher.login.bpfguard")  # "still has processes"
+def test_add_forget_and_stale_keys_on_the_pinned_map(tmp_path: Path) -> None:
+    """The set a login finds pinned (made here by hand, the maps only: the loader's
+    programs do not load on this kernel) gets the environment's key; stale keys (no
+    process in that namespace) go when the map is written; forget removes only a key held
+    for that uid, and never one whose namespace still has processes."""
+    config = SiteConfig(run_dir=str(tmp_path / "run"))
+    loader = tmp_path / "sdeefs-bpfguard"
+    loader.write_bytes(b"a stand-in: its bytes are the program's version")
+    with private_bpffs() as fs:
+        guard = BpfGuard(str(tmp_path / "run"), pins=str(fs / "sdeefs"), loader=str(loader))
+        lib = guard.lib
+        pinned = fs / "sdeefs" / f"g-{guard.fingerprint(bpfguard.host_devs(config), bpfguard.deny_subset(config.deny))}"  # noqa: E501
+        pinned.mkdir(parents=True)
+        fd = lib.create(lib.BPF_MAP_TYPE_HASH, "guarded", 4, IDENTITY.size,
+                        bpfguard.GUARDED_MAX)
+        try:
+            lib.pin(fd, str(pinned / "map_guarded"))
+        finally:
+            os.close(fd)
+        ids = Identity(1000, 1000, (27,), 100000, 100000, 65536, 1000)
+        stale = 4026531000  # a namespace inode no process has (checked below)
+        assert stale not in bpfguard.live_namespaces()
+        with bpfguard.opened(lib, str(pinned / "map_guarded")) as fd:
+            lib.update(fd, bpfguard.KEY.pack(stale), Guarded(1000, 1000, ()).encode())
+        with holder() as live, holder() as other:
+            guard.add(config, live, ids)
+            assert guard.keys() == {live: Guarded(1000, 1000, (27,))}  # the stale one dropped
+            assert guard.guarding(live, 1000)
+            assert not guard.guarding(live, 1001)
+            # someone else's key (another uid): forget leaves it; a live namespace's too
+            guard.add(config, other, Identity(1001, 1001, (), 200000, 200000, 65536, 1000))
+            assert not guard.forget(other, 1000)
+            assert not guard.forget(live, 1000)  # its process still runs
+            assert set(guard.keys()) == {live, other}
+        # the processes are gone: forget removes the key of that uid, and only that one
+        assert guard.forget(live, 1000)
+        assert not guard.forget(live, 1000)
+        assert set(guard.keys()) == {other}
+        with pytest.raises(bpfguard.GuardError, match="host's own user namespace"):
+            guard.add(config, os.stat("/proc/self/ns/user").st_ino, ids)
+        guard.detach_all()
+        assert guard.sets() == []
+
+
+# -- through the front door ---------------------------------------------------------------------
+
+
+def _bpf_runs_here() -> bool:
+    loader = VENV_BIN / "sdeefs-bpfguard"
+    if not loader.exists():
+        return False
+    with tempfile.TemporaryDirectory() as run:
+        return BpfGuard(run, loader=str(loader)).unavailable() is None
+
+
+@requires_launcher
+@pytest.mark.skipif(_bpf_runs_here(), reason="this kernel loads the BPF guard: auto picks bpf")
+def test_auto_uses_the_guard_layer_here_and_says_why(site: Site) -> None:
+    """guard = "auto" (the default) on a kernel that refuses the program: the login gets
+    the guard layer as before, and doctor and status say which guard and why."""
+    user = site.add_user()
+    site.start(user)
+    assert site.run(user, "ls /etc/shadow 2>&1; true").stdout.endswith("No such file or "
+                                                                      "directory\n")
+    rows = {r["user"]: r for r in json.loads(site.sdeefs("status", "--json").stdout)}
+    assert rows[user]["guard"] == "c"
+    assert rows[user]["guard_mount"]
+    assert "guard: c layer" in site.sdeefs("status").stdout
+    result = site.sdeefs("doctor", "--role", "login", "--json", check=False)
+    found = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    guard = found["login guard"]
+    assert guard["verdict"] == "warn"
+    assert guard["detail"].startswith("c: the guard layer (sdeefs-guard), since ")
+    assert "BPF" in guard["fix"] or "scripts/install.sh" in guard["fix"]
+    # the kernel's answer is kept for this boot
+    if (VENV_BIN / "sdeefs-bpfguard").exists():
+        cached = json.loads((site.run_dir / "bpfguard.check").read_text())
+        assert cached["why"]
+        assert cached["why"] in guard["detail"]
+
+
+@requires_launcher
+@pytest.mark.skipif(_bpf_runs_here(), reason="this kernel loads the BPF guard")
+def test_explicit_bpf_fails_the_login_in_one_line_and_leaves_nothing_mounted() -> None:
+    with open_site(extra='guard = "bpf"\n') as site:
+        user = site.add_user()
+        result = site.sdeefs("start", user, check=False)
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.startswith('sdeefs: guard = "bpf": ')
+        assert result.stderr.count("\n") == 1
+        assert site.leftovers() == []
+        rows = {r["user"]: r for r in json.loads(site.sdeefs("status", "--json").stdout)}
+        assert not rows.get(user, {}).get("running")
+        found = {c["check"]: c for c in json.loads(site.sdeefs(
+            "doctor", "--role", "login", "--json", check=False).stdout)["checks"]}
+        assert found["login guard"]["verdict"] == "fail"
+        assert "every login fails" in found["login guard"]["detail"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
