@@ -78,8 +78,8 @@ class EnvRecord:
     sessions: int
     started: float
     last_logout: float = 0.0
-    # what hides root-only and denied host files: "bpf" (the BPF LSM guard, guarding the
-    # user namespace guard_key: launcher/login/bpfguard.py), "c"/"python" (the guard
+    # what hides root-only and denied host files: "bpf" (the BPF LSM guard, its key
+    # guard_key: the user's uid, launcher/login/bpfguard.py), "c"/"python" (the guard
     # layer's daemon), "none" (engine fuse: its overlay does); records from before: "c"
     guard: str = "c"
     guard_key: int = 0

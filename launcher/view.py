@@ -30,8 +30,9 @@ by name, the root-only entries the scan of compute/private.py finds at start (as
 mask does).  The one difference to the guard layer: an entry created or made root-only on
 the host after the start still shows its *name* in a listing (no LSM hook sees directory
 entries); stat, open, exec, xattrs, copy-up and everything below it say ENOENT.  The
-environment's user namespace is added to the program's map after ``sdeefs-enter start``
-returned its init and before the environment is recorded (no session can join before).
+user's uid is added to the program's map before anything is mounted: the program guards
+every user namespace the user owns, the environment's from the moment ``sdeefs-enter
+start`` makes it (bpfguard.py says why not the namespace's inode).
 
 Engine fuse replaces all four with one mount, the pure sdeefs overlay at
 RUN/U/private/view, which applies the same rules itself.  A job's root (compute/job.py)
@@ -48,12 +49,10 @@ only by the functions that mount a login view, so a job pays none of its import 
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
 import pwd
-import signal
 import subprocess
 from collections.abc import Callable
 
@@ -320,8 +319,15 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
         return LoginStart(_start_namespaces(config, user, ids,
                                             ["--root-view", _ensure_fuse_view(config, ids, dirs)]),
                           None)
+    guard_key = 0
     if choice.guard == Guard.BPF:
         detach(dirs.run.guard)  # an earlier environment's guard layer: not below this one
+        # Before the namespace exists: the user can join it from then on (bpfguard.py)
+        try:
+            guard_key = bpfguard.BpfGuard(config.run_dir).add(config, ids)
+        except (OSError, QuietError) as exc:
+            raise bpfguard.GuardError(f"the BPF guard cannot guard {user.name}: {exc}",
+                                      ExitCode.UNAVAILABLE) from None
         guard: Callable[[], str | None] = lambda: None  # noqa: E731
     else:
         guard = _begin_guard(config, ids, dirs.run, choice.guard or Guard.C)
@@ -341,19 +347,7 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
     finally:
         guard_path = guard()  # waited for in any case: no daemon is left unreported
     init = launch(config, user, ids, dirs.run, upper, work, guard=guard_path)
-    if choice.guard != Guard.BPF:
-        return LoginStart(init, choice.guard)
-    # Nothing of the user runs in it yet: only its init, and nobody may join before the
-    # record is saved.  Not guarded: it never runs (the init killed, the error raised).
-    try:
-        key = bpfguard.userns_of(init.pid)
-        bpfguard.BpfGuard(config.run_dir).add(config, key, ids)
-    except (OSError, QuietError) as exc:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(init.pid, signal.SIGKILL)
-        raise bpfguard.GuardError(f"the environment of {user.name} could not be guarded "
-                                  f"by the BPF guard: {exc}") from None
-    return LoginStart(init, Guard.BPF, key)
+    return LoginStart(init, choice.guard, guard_key)
 
 
 def idmap_lower(config: SiteConfig, user: User, ids: Identity, target: str) -> None:

@@ -26,15 +26,25 @@ layer, as before.  ``bpf``: this program, or the login fails with one line sayin
 are pinned in bpffs under PINS/g-FINGERPRINT/ (PINS: /sys/fs/bpf/sdeefs), so nothing a user
 can kill detaches them: the prototype's per-environment loader process (bench/lsmguard)
 fails open when it dies, which is right for a bench and wrong here.  The first login that
-needs them (:meth:`BpfGuard.add`) loads them; an environment is added (its user namespace's
-inode -> the user's uid, gid, groups) after ``sdeefs-enter start`` returned its init and
-before anyone may join it (the record is saved afterwards, view.start_login), and removed
-at teardown (:meth:`BpfGuard.forget`: only a key it holds for that uid, and only once no
-process is left in the namespace: a key is never removed under a live environment).  Keys
-of namespaces no process has any more (an environment whose teardown never ran) are
-dropped whenever the map is written.  A join checks that its environment's key is still
-there (:meth:`BpfGuard.guarding`, env._usable); if not (an admin unpinned the programs),
-the environment is started anew, never joined unguarded.
+needs them (:meth:`BpfGuard.add`) loads them.
+
+**The key is the user's uid, not the namespace's inode** (the prototype's).  ``sdeefs-enter
+start`` makes the environment's user namespace as the user, so that the user's sessions
+can join it (launcher/enter/start.c): the user may ``setns`` into it from the moment it
+exists, before ``start`` has even returned its init.  A key added after that (the
+namespace's inode) leaves a window in which a process of the user could join, open a
+root-only file and keep it open.  The program instead guards every user namespace whose
+*owner* (or an ancestor's) is a key, and the key is the user's uid: it is in the map
+before the namespace exists (view.start_login adds it before anything is mounted), so no
+such moment exists.  It guards the user's other namespaces too (a rootless container):
+there the rule is the host's own permission check for the user, so nothing changes for
+them but ACLs and capabilities (a file readable through an ACL only is hidden).  It is
+removed at teardown (:meth:`BpfGuard.forget`: only the key of that uid, and only once no
+process is left in a namespace the user owns: a key is never removed under a live
+environment).  Keys of users with no such process and no environment being set up (its
+lock free) are dropped whenever the map is written.  A join checks that its
+environment's key is still there (:meth:`BpfGuard.guarding`, env._usable); if not (an
+admin unpinned the programs), the environment is started anew, never joined unguarded.
 
 **A reload** happens when FINGERPRINT changes: the loader binary (the program's version),
 the host devices or the deny list.  The new set is loaded and attached beside the old
@@ -73,6 +83,7 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import struct
 import subprocess
 import sys
@@ -242,19 +253,49 @@ def host_devs(config: SiteConfig) -> tuple[int, ...]:
     return (kernel_dev(os.stat(config.lower).st_dev),)
 
 
-def userns_of(pid: int) -> int:
-    """The inode number of ``pid``'s user namespace (the map's key)."""
-    return os.stat(f"/proc/{pid}/ns/user").st_ino
+NS_GET_OWNER_UID = 0xB704  # ioctl_ns(2): _IO(0xb7, 0x4), the uid owning a user namespace
 
 
-def live_namespaces() -> set[int]:
-    """The user namespaces some process of the host is in now (root reads every /proc/PID/ns)."""
+def userns_owner(path: str) -> int:
+    """The uid owning the user namespace ``path`` (/proc/PID/ns/user) names."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4)
+    finally:
+        os.close(fd)
+    return int(struct.unpack("=I", raw)[0])
+
+
+def live_owners() -> set[int]:
+    """The uids owning the user namespace of some process now, other than the host's (root
+    reads every /proc/PID/ns; a namespace's ancestors are owned by uids with processes too,
+    or by root: an environment's namespace is a child of the host's)."""
+    host = os.stat("/proc/self/ns/user").st_ino
     found = set()
     for name in os.listdir("/proc"):
         if name.isdigit():
+            path = f"/proc/{name}/ns/user"
             with contextlib.suppress(OSError):
-                found.add(os.stat(f"/proc/{name}/ns/user").st_ino)
+                if os.stat(path).st_ino != host:
+                    found.add(userns_owner(path))
     return found
+
+
+def _setting_up(run_dir: str, uid: int) -> bool:
+    """Is the environment of ``uid``'s user being set up or torn down now (its lock held:
+    env.locked)?  Then its key is not stale, even with no process in its namespace yet."""
+    try:
+        lock = os.path.join(run_dir, pwd.getpwuid(uid).pw_name, "lock")
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except (KeyError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 # -- libbpf -------------------------------------------------------------------------------
@@ -483,12 +524,10 @@ class BpfGuard:
             with opened(self.lib, os.path.join(staging, "map_deny")) as fd:
                 for index, pattern in enumerate(deny):
                     self.lib.update(fd, KEY.pack(index), pattern.encode())
-            live = live_namespaces()
             with opened(self.lib, os.path.join(staging, "map_guarded")) as new:
-                for old in self.sets():
+                for old in self.sets():  # every key, stale or not: those go at the next add
                     for key, value in self._entries(old).items():
-                        if key in live:
-                            self.lib.update(new, KEY.pack(key), value.encode())
+                        self.lib.update(new, KEY.pack(key), value.encode())
             os.rename(staging, target)
         except BaseException:
             _unpin(staging)
@@ -510,46 +549,48 @@ class BpfGuard:
 
     # -- environments ------------------------------------------------------------------------
 
-    def add(self, config: SiteConfig, key: int, ids: Identity) -> None:
-        """Guard the environment whose user namespace is ``key`` as ``ids``' user (loading
-        the program first if needed); stale keys are dropped on the way."""
-        if key == os.stat("/proc/self/ns/user").st_ino:  # the host's: root runs this
-            raise GuardError("refusing to guard the host's own user namespace")
+    def add(self, config: SiteConfig, ids: Identity) -> int:
+        """Guard every user namespace ``ids``' user owns (loading the program first if
+        needed), as that user; the key.  Stale keys are dropped on the way."""
+        if ids.uid == 0:
+            raise GuardError("refusing to guard the namespaces root owns")
         deny = deny_subset(view_deny(config))
         with self._locked():
             pinned = self._ensure_attached(host_devs(config), deny)
             with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
-                live = live_namespaces()
-                for stale in set(self._entries(pinned)) - live - {key}:
-                    self.lib.delete(fd, KEY.pack(stale))
-                    log.info("the BPF guard: dropped the stale key %d", stale)
-                self.lib.update(fd, KEY.pack(key), Guarded.of(ids).encode())
+                live = live_owners()
+                for stale in set(self._entries(pinned)) - live - {ids.uid}:
+                    if not _setting_up(self.run_dir, stale):
+                        self.lib.delete(fd, KEY.pack(stale))
+                        log.info("the BPF guard: dropped the stale key of uid %d", stale)
+                self.lib.update(fd, KEY.pack(ids.uid), Guarded.of(ids).encode())
+        return ids.uid
 
     def guarding(self, key: int, uid: int) -> bool:
-        """Is the environment ``key`` of ``uid`` guarded by an attached set now?"""
+        """Is the key ``key`` held for ``uid`` in an attached set now?"""
         try:
             return any(pinned_uid(self._entries(pinned), key) == uid for pinned in self.sets())
         except (OSError, GuardError):
             return False
 
     def forget(self, key: int, uid: int) -> bool:
-        """Stop guarding ``key``, if it is guarded for ``uid`` (what this environment
-        added) and no process is left in that namespace; True if a key was removed."""
+        """Remove ``key``, if it is held for ``uid`` (what this environment added) and no
+        process is left in a namespace that uid owns; True if a key was removed."""
         if not key or not os.path.isdir(self.pins):
             return False
         removed = False
         with self._locked():
             ours = [p for p in self.sets() if pinned_uid(self._entries(p), key) == uid]
-            if ours and key in live_namespaces():
-                log.warning("the BPF guard: namespace %d still has processes; its key stays "
-                            "(dropped once it has none)", key)
+            if ours and key in live_owners():
+                log.warning("the BPF guard: a user namespace of uid %d still has processes; "
+                            "its key stays (dropped once none has)", key)
                 return False
             for pinned in ours:
                 with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
                     removed = self.lib.delete(fd, KEY.pack(key)) or removed
         return removed
 
-    def keys(self) -> dict[int, Guarded]:
+    def entries(self) -> dict[int, Guarded]:
         """Every guarded environment of every attached set (status, tests)."""
         found: dict[int, Guarded] = {}
         for pinned in self.sets():
@@ -633,4 +674,4 @@ def bpf_unavailable(config: SiteConfig, engine: Engine, ids: Identity | None,
 
 __all__ = ["Blocked", "Blocker", "BpfGuard", "Choice", "DenyPattern", "GuardError",
            "GuardUnavailable", "Guarded", "NotInSubset", "choose", "deny_subset", "host_devs",
-           "kernel_dev", "userns_of"]
+           "kernel_dev", "live_owners", "userns_owner"]

@@ -137,9 +137,10 @@ def private_bpffs() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def holder() -> Iterator[int]:
-    """A user namespace of our own with a process in it (ended by its pid); its inode."""
-    proc = subprocess.Popen(["unshare", "--user", "--", "sleep", "infinity"],
+def holder(uid: int) -> Iterator[int]:
+    """A user namespace owned by ``uid`` with a process in it (ended by its pid); its inode."""
+    proc = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                             "--", "unshare", "--user", "--", "sleep", "infinity"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         host = os.stat("/proc/self/ns/user").st_ino
@@ -148,6 +149,7 @@ def holder() -> Iterator[int]:
             assert time.monotonic() < deadline
             assert proc.poll() is None
             time.sleep(0.01)
+        assert bpfguard.userns_owner(f"/proc/{proc.pid}/ns/user") == uid
         yield ino
     finally:
         proc.kill()
@@ -168,16 +170,19 @@ def _skip_maps() -> str | None:
 @pytest.mark.expect_log("sdeefs.launcher.login.bpfguard")  # "still has processes"
 def test_add_forget_and_stale_keys_on_the_pinned_map(tmp_path: Path) -> None:
     """The set a login finds pinned (made here by hand, the maps only: the loader's
-    programs do not load on this kernel) gets the environment's key; stale keys (no
-    process in that namespace) go when the map is written; forget removes only a key held
-    for that uid, and never one whose namespace still has processes."""
+    programs do not load on this kernel) gets the user's key; stale keys (no process in a
+    namespace that uid owns, no environment being set up) go when the map is written;
+    forget removes only a key held for that uid, and never while a namespace of that uid
+    has processes."""
     config = SiteConfig(run_dir=str(tmp_path / "run"))
     loader = tmp_path / "sdeefs-bpfguard"
     loader.write_bytes(b"a stand-in: its bytes are the program's version")
+    alice, bob, gone = 61000, 61001, 61002  # uids without passwd entries: no lock to look at
     with private_bpffs() as fs:
         guard = BpfGuard(str(tmp_path / "run"), pins=str(fs / "sdeefs"), loader=str(loader))
         lib = guard.lib
-        pinned = fs / "sdeefs" / f"g-{guard.fingerprint(bpfguard.host_devs(config), bpfguard.deny_subset(config.deny))}"  # noqa: E501
+        devs, deny = bpfguard.host_devs(config), bpfguard.deny_subset(config.deny)
+        pinned = fs / "sdeefs" / f"g-{guard.fingerprint(devs, deny)}"
         pinned.mkdir(parents=True)
         fd = lib.create(lib.BPF_MAP_TYPE_HASH, "guarded", 4, IDENTITY.size,
                         bpfguard.GUARDED_MAX)
@@ -185,27 +190,26 @@ def test_add_forget_and_stale_keys_on_the_pinned_map(tmp_path: Path) -> None:
             lib.pin(fd, str(pinned / "map_guarded"))
         finally:
             os.close(fd)
-        ids = Identity(1000, 1000, (27,), 100000, 100000, 65536, 1000)
-        stale = 4026531000  # a namespace inode no process has (checked below)
-        assert stale not in bpfguard.live_namespaces()
+        assert gone not in bpfguard.live_owners()
         with bpfguard.opened(lib, str(pinned / "map_guarded")) as fd:
-            lib.update(fd, bpfguard.KEY.pack(stale), Guarded(1000, 1000, ()).encode())
-        with holder() as live, holder() as other:
-            guard.add(config, live, ids)
-            assert guard.keys() == {live: Guarded(1000, 1000, (27,))}  # the stale one dropped
-            assert guard.guarding(live, 1000)
-            assert not guard.guarding(live, 1001)
-            # someone else's key (another uid): forget leaves it; a live namespace's too
-            guard.add(config, other, Identity(1001, 1001, (), 200000, 200000, 65536, 1000))
-            assert not guard.forget(other, 1000)
-            assert not guard.forget(live, 1000)  # its process still runs
-            assert set(guard.keys()) == {live, other}
+            lib.update(fd, bpfguard.KEY.pack(gone), Guarded(gone, gone, ()).encode())
+        ids = Identity(alice, alice, (27,), 100000, 100000, 65536, 1000)
+        assert guard.add(config, ids) == alice  # before its namespace exists: a login's order
+        assert guard.entries() == {alice: Guarded(alice, alice, (27,))}  # gone's dropped
+        with holder(alice), holder(bob):
+            assert guard.guarding(alice, alice)
+            assert not guard.guarding(alice, bob)
+            guard.add(config, Identity(bob, bob, (), 200000, 200000, 65536, 1000))
+            assert set(guard.entries()) == {alice, bob}  # both live: nothing stale
+            assert not guard.forget(bob, alice)  # held for another uid: left alone
+            assert not guard.forget(alice, alice)  # a namespace of alice's still runs
+            assert set(guard.entries()) == {alice, bob}
         # the processes are gone: forget removes the key of that uid, and only that one
-        assert guard.forget(live, 1000)
-        assert not guard.forget(live, 1000)
-        assert set(guard.keys()) == {other}
-        with pytest.raises(bpfguard.GuardError, match="host's own user namespace"):
-            guard.add(config, os.stat("/proc/self/ns/user").st_ino, ids)
+        assert guard.forget(alice, alice)
+        assert not guard.forget(alice, alice)
+        assert set(guard.entries()) == {bob}
+        with pytest.raises(bpfguard.GuardError, match="root owns"):
+            guard.add(config, Identity(0, 0, (), 300000, 300000, 65536, 1000))
         guard.detach_all()
         assert guard.sets() == []
 

@@ -15,8 +15,8 @@
  * is hidden at its next access.  And the deny globs of a subset, matched late (below).
  *
  * Which tasks.  A task is guarded when its user namespace, or one of that namespace's
- * ancestors, is a key of `guarded` (the namespace's inode number, as /proc/PID/ns/user
- * shows it; bpfguard.py puts it there before any process of the user runs in it).  The
+ * ancestors, is a key of `guarded` by its owner's uid (key_by_owner: the user's uid, put
+ * there by bpfguard.py before the environment's namespace is made).  The
  * task's *real* credentials are read (task->real_cred), not current_cred(): overlayfs
  * calls the lower layer's inode_permission, open and copy-up with the mounter's
  * credentials (ovl_override_creds), so current_cred() at the real inode's hook is the
@@ -82,6 +82,15 @@ static __always_inline void count(__u32 slot)
 		*value += 1;
 }
 
+/* What a key of `guarded` is (fixed at load): 1 (the product, bpfguard.py) the uid that
+ * owns the user namespace, i.e. the user: sdeefs-enter start makes the environment's
+ * namespace as the user (so that the user can join it), and the key can be in the map
+ * before the namespace exists, so there is no moment in which the user could join an
+ * environment the program does not guard yet; it also guards every other namespace the
+ * user makes (a rootless container: the same rule as the host's permissions, for the
+ * user's own files).  0 (bench/lsmguard's loader): the namespace's inode number. */
+const volatile __u32 key_by_owner = 0;
+
 /* The identity of the environment the current task belongs to, or NULL.  Plain loads
  * through the task's BTF pointers (the JIT makes each one instruction with an exception
  * entry): the non-sleepable programs'.  guarded_identity_probe() is the same with
@@ -94,8 +103,8 @@ static __always_inline struct identity *guarded_identity(void)
 	for (int i = 0; i < MAX_NS_DEPTH; i++) {
 		if (!ns || ns->level == 0)
 			return NULL; /* the host's namespace: never guarded */
-		__u32 inum = ns->ns.inum;
-		struct identity *id = bpf_map_lookup_elem(&guarded, &inum);
+		__u32 key = key_by_owner ? ns->owner.val : ns->ns.inum;
+		struct identity *id = bpf_map_lookup_elem(&guarded, &key);
 
 		if (id)
 			return id;
@@ -112,8 +121,8 @@ static __always_inline struct identity *guarded_identity_probe(void)
 	for (int i = 0; i < MAX_NS_DEPTH; i++) {
 		if (!ns || BPF_CORE_READ(ns, level) == 0)
 			return NULL;
-		__u32 inum = BPF_CORE_READ(ns, ns.inum);
-		struct identity *id = bpf_map_lookup_elem(&guarded, &inum);
+		__u32 key = key_by_owner ? BPF_CORE_READ(ns, owner.val) : BPF_CORE_READ(ns, ns.inum);
+		struct identity *id = bpf_map_lookup_elem(&guarded, &key);
 
 		if (id)
 			return id;

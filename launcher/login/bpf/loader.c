@@ -62,6 +62,7 @@ static int check(void)
 	if (!skel)
 		return fail("open", errno);
 	skel->rodata->deny_count = 1; /* the deny programs are checked too */
+	skel->rodata->key_by_owner = 1;
 	err = guard_bpf__load(skel);
 	guard_bpf__destroy(skel);
 	if (err)
@@ -88,6 +89,7 @@ static int attach(const char *dir, unsigned deny_count)
 		return fail("open", err);
 	}
 	skel->rodata->deny_count = deny_count;
+	skel->rodata->key_by_owner = 1; /* guarded: the namespace owner's uid (guard.bpf.c) */
 	bpf_program__set_autoload(skel->progs.deny_open, deny_count > 0);
 	bpf_program__set_autoload(skel->progs.deny_getattr, deny_count > 0);
 	err = guard_bpf__load(skel);

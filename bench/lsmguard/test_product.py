@@ -1,0 +1,229 @@
+"""The product's BPF guard in login environments: run in a guest whose kernel loads it.
+
+``python3 bench/lsmguard/vm.py product`` (as root, on the host) boots Debian 12's kernel
+under qemu and runs this file there.  The environments are started through the launcher's
+own calls (``launcher.env.ensure``: engine kernel, ``guard = "bpf"``: the user's layer
+image, the capture daemon, the mask with the start-time scan, the idmapped lower,
+``sdeefs-enter start``, then ``launcher/login/bpfguard.py`` loading and pinning the
+program and adding the environment's user namespace), and commands run inside them as a
+login runs them (``sdeefs-shell -c`` as the user, through ``runuser``).  Not covered:
+the PAM hook and sshd (the front door), which run the same ``env.open_session`` -> the
+same start.
+
+Each check that something is hidden has its control in
+``test_without_the_program_the_environment_is_replaced``: once the pinned programs are
+removed, root inside reads the same secret (so what hid it was the program), and the next
+``ensure`` does not join the unguarded environment: it starts it anew, guarded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from launcher import env  # noqa: E402
+from launcher.login import bpfguard  # noqa: E402
+from launcher.view import User  # noqa: E402
+from sdeefs.config import DEFAULT_DENY, Engine, Guard, SiteConfig  # noqa: E402
+
+BASE = Path("/var/lib/sdeefs-bpftest")
+RUN = Path("/run/sdeefs-bpftest")
+HOST = Path("/srv/bpftest")  # host files the tests make (on the lower: the guest's /)
+LATE_GLOB = "/srv/bpftest/late/host_*_key"
+
+PROBE = r"""
+import errno, json, os, sys
+def attempt(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+def read(p):
+    with open(p, "rb") as f:
+        f.read(1)
+out = {p: {"lstat": attempt(lambda: os.lstat(p)), "read": attempt(lambda: read(p))}
+       for p in sys.argv[2:]}
+out["listing"] = sorted(os.listdir(sys.argv[1]))
+print(json.dumps(out))
+"""
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    binary = os.environ.get("SDEEFS_BPFGUARD_BIN")
+    if not binary or not os.path.exists(binary):
+        return "no SDEEFS_BPFGUARD_BIN (bench/lsmguard/vm.py product sets it)"
+    why = bpfguard.BpfGuard(str(RUN)).unavailable()
+    return None if why is None else why.why
+
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+
+
+def config() -> SiteConfig:
+    return SiteConfig(root=str(BASE / "root"), run_dir=str(RUN), engine=Engine.KERNEL,
+                      guard=Guard.BPF, shared=(), sockets=(), layer_size=256 << 20,
+                      deny=(*DEFAULT_DENY, LATE_GLOB))
+
+
+def add_user() -> User:
+    name = f"bt{uuid.uuid4().hex[:6]}"
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
+    return User.lookup(name)
+
+
+def inside(user: User, listing: Path, *paths: Path) -> dict[str, object]:
+    """What root inside ``user``'s environment meets: lstat and read of each path, and the
+    names listed in ``listing``."""
+    command = " ".join(["python3", "-c", _quote(PROBE), str(listing), *map(str, paths)])
+    result = subprocess.run(["runuser", "-u", user.name, "--", "env", f"SDEEFS_RUN_DIR={RUN}",
+                             f"HOME={user.home}", os.environ["SDEEFS_SHELL"], "-c", command],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def run_inside(user: User, command: str) -> str:
+    result = subprocess.run(["runuser", "-u", user.name, "--", "env", f"SDEEFS_RUN_DIR={RUN}",
+                             f"HOME={user.home}", os.environ["SDEEFS_SHELL"], "-c", command],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.chmod(path, mode)
+
+
+@pytest.fixture(scope="module")
+def alice() -> Iterator[User]:
+    """A running environment (guard bpf); an entry root-only before it started."""
+    shutil.rmtree(HOST, ignore_errors=True)
+    write(HOST / "early-secret", "root only, before the start\n", 0o600)
+    write(HOST / "public", "readable\n", 0o644)
+    (HOST / "late").mkdir(mode=0o755)
+    user = add_user()
+    started = time.monotonic()
+    record = env.ensure(config(), user, Engine.KERNEL)
+    print(f"alice's environment started in {time.monotonic() - started:.1f} s")
+    assert record.guard == "bpf"
+    try:
+        yield user
+    finally:
+        env.stop(config(), user)
+
+
+def test_the_login_is_guarded_by_the_program(alice: User) -> None:
+    record = env.EnvRecord.load(env.EnvDirs.login(config().root, str(RUN), alice.name).run)
+    assert record is not None
+    assert record.guard == "bpf"
+    assert record.guard_key == bpfguard.userns_of(record.init_pid)
+    keys = bpfguard.BpfGuard(str(RUN)).entries()
+    assert keys[record.guard_key].uid == alice.uid
+    # no guard layer: upper + mask + lower
+    assert not os.path.ismount(RUN / alice.name / "private" / "guard")
+    rows = {r["user"]: r for r in env.status(config())}
+    assert rows[alice.name]["guard"] == "bpf"
+
+
+def test_root_only_at_start_is_hidden_by_name(alice: User) -> None:
+    seen = inside(alice, HOST, HOST / "early-secret", HOST / "public")
+    assert "early-secret" not in seen["listing"]  # type: ignore[operator]
+    assert seen[str(HOST / "early-secret")] == {"lstat": "ENOENT", "read": "ENOENT"}
+    assert seen[str(HOST / "public")] == {"lstat": "ok", "read": "ok"}
+
+
+def test_root_only_created_after_start_is_enoent(alice: User) -> None:
+    write(HOST / "late-secret", "root only, after the start\n", 0o600)
+    (HOST / "late-dir").mkdir(mode=0o700)
+    write(HOST / "late-dir" / "f", "inside a root-only directory\n", 0o644)
+    seen = inside(alice, HOST, HOST / "late-secret", HOST / "late-dir", HOST / "late-dir" / "f")
+    assert seen[str(HOST / "late-secret")] == {"lstat": "ENOENT", "read": "ENOENT"}
+    assert seen[str(HOST / "late-dir")]["lstat"] == "ENOENT"  # type: ignore[index]
+    assert seen[str(HOST / "late-dir" / "f")] == {"lstat": "ENOENT", "read": "ENOENT"}
+    # the one difference to the guard layer: a late entry's name is listed
+    assert "late-secret" in seen["listing"]  # type: ignore[operator]
+
+
+def test_read_then_chmod_on_the_host_is_enoent_at_the_next_access(alice: User) -> None:
+    path = HOST / "tightened"
+    write(path, "readable, then not\n", 0o644)
+    assert inside(alice, HOST, path)[str(path)] == {"lstat": "ok", "read": "ok"}
+    os.chmod(path, 0o600)
+    assert inside(alice, HOST, path)[str(path)] == {"lstat": "ENOENT", "read": "ENOENT"}
+
+
+def test_a_deny_glob_matched_late(alice: User) -> None:
+    late = HOST / "late"
+    write(late / "host_rsa_key", "denied by the glob\n", 0o644)
+    write(late / "host_rsa_key.pub", "not denied\n", 0o644)
+    seen = inside(alice, late, late / "host_rsa_key", late / "host_rsa_key.pub")
+    assert seen[str(late / "host_rsa_key")] == {"lstat": "ENOENT", "read": "ENOENT"}
+    assert seen[str(late / "host_rsa_key.pub")] == {"lstat": "ok", "read": "ok"}
+
+
+def test_own_and_copied_up_files_work(alice: User) -> None:
+    out = run_inside(alice, "echo mine > /etc/bpftest-own && cat /etc/bpftest-own && "
+                            f"echo more >> {HOST}/public && cat {HOST}/public && "
+                            "echo home > ~/bpftest-home && cat ~/bpftest-home && id -u")
+    assert out == "mine\nreadable\nmore\nhome\n0\n"
+    assert (HOST / "public").read_text() == "readable\n"  # the host's is unchanged
+
+
+def test_teardown_removes_its_key_and_leaves_the_others(alice: User) -> None:
+    guard = bpfguard.BpfGuard(str(RUN))
+    bob = add_user()
+    bob_record = env.ensure(config(), bob, Engine.KERNEL)
+    assert bob_record.guard == "bpf"
+    carol = add_user()
+    carol_record = env.ensure(config(), carol, Engine.KERNEL)
+    assert {bob_record.guard_key, carol_record.guard_key} <= set(guard.entries())
+    env.stop(config(), carol)
+    keys = guard.entries()
+    assert carol_record.guard_key not in keys
+    assert keys[bob_record.guard_key].uid == bob.uid
+    # bob is still guarded, his own files work
+    write(HOST / "for-bob", "root only\n", 0o600)
+    seen = inside(bob, HOST, HOST / "for-bob", HOST / "public")
+    assert seen[str(HOST / "for-bob")] == {"lstat": "ENOENT", "read": "ENOENT"}
+    assert run_inside(bob, "echo b > /etc/bob && cat /etc/bob") == "b\n"
+    env.stop(config(), bob)
+    assert bob_record.guard_key not in guard.entries()
+
+
+def test_without_the_program_the_environment_is_replaced(alice: User) -> None:
+    """The control: with the pinned programs removed (what an admin's rm under
+    /sys/fs/bpf/sdeefs would do), root inside reads the secrets (so the program was what
+    hid them) -- and the next login does not join that environment: it starts it anew,
+    guarded again (fail closed)."""
+    guard = bpfguard.BpfGuard(str(RUN))
+    before = env.EnvRecord.load(env.EnvDirs.login(config().root, str(RUN), alice.name).run)
+    assert before is not None
+    guard.detach_all()
+    seen = inside(alice, HOST, HOST / "late-secret")
+    assert seen[str(HOST / "late-secret")] == {"lstat": "ok", "read": "ok"}
+    after = env.ensure(config(), alice, Engine.KERNEL)
+    assert after.init_pid != before.init_pid
+    assert guard.entries()[after.guard_key].uid == alice.uid
+    assert inside(alice, HOST, HOST / "late-secret")[str(HOST / "late-secret")] == {
+        "lstat": "ENOENT", "read": "ENOENT"}
