@@ -307,7 +307,7 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
     from .login import bpfguard
 
     choice = bpfguard.choose(config, engine, ids)
-    log.info("%s: %s", user.name, choice.why)
+    log.debug("%s: %s", user.name, choice.why)
     if engine == Engine.FUSE:
         if migrate.needed(dirs, ids) and not mounted(dirs.run.view):
             _ensure_upper_daemon(config, dirs, ids)  # the chowns journaled, for replicas

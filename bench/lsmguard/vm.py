@@ -4,7 +4,7 @@ own, booted under qemu (issue 16, bench only).
 
 Usage (as root)::
 
-    .venv/bin/python bench/lsmguard/vm.py [tests|hooks|cost|check] [--kernel PKG]
+    .venv/bin/python bench/lsmguard/vm.py [tests|hooks|cost|check|product] [--kernel PKG]
         [--work DIR] [--rootfs-tar TAR] [--timeout S] [--command SHELL]
 
 Why: this machine's kernel refuses every program that attaches through a BPF trampoline
@@ -27,6 +27,10 @@ What it does, cached in ``--work`` (default ``/var/tmp/sdeefs-lsmvm``):
    -d``), and the kernel booted with a shell script as PID 1 that mounts proc, sys,
    securityfs, bpffs, loads overlay, runs the command with ``SDEEFS_LSMGUARD_PREBUILT``
    set (the guest has no compiler) and powers off;
+   ``product`` also builds ``sdeefs-enter`` and copies ``launcher/`` and the pure-Python
+   packages the launcher's kernel engine needs (PYDEPS) from ``.venv``: it runs
+   bench/lsmguard/test_product.py, login environments started by the launcher with
+   ``guard = "bpf"`` (the product's ``sdeefs-bpfguard``, built by ``build.sh``);
 3. the serial console is kept in ``WORK/serial.log``; what the command printed is
    shown and its exit status returned.  A boot that dies before the command (seen once
    in a few dozen boots: an int3 oops while the kernel patches its own text under
@@ -54,7 +58,15 @@ COMMANDS = {
     "hooks": "python3 bench/lsmguard/hooks.py",
     "cost": "python3 bench/lsmguard/hookcost.py --calls 20000 --rounds 3 --reps 2",
     "check": "/opt/lsmbuild/lsmguard-load --check",
+    # the product's guard in login environments started by the launcher (test_product.py)
+    "product": "env SDEEFS_BPFGUARD_BIN=/opt/lsmbuild/sdeefs-bpfguard "
+               "SDEEFS_ENTER=/opt/lsmbuild/sdeefs-enter SDEEFS_SHELL=/opt/lsmbuild/sdeefs-shell "
+               "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 -m pytest -v -rs --color=no "
+               "-p no:cacheprovider bench/lsmguard/test_product.py",
 }
+# What the launcher's Python needs beyond the guest's python3-attr, pytest: pure Python
+# (the kernel engine's capture runs on trio), copied from this checkout's .venv
+PYDEPS = ("trio", "outcome", "sniffio", "sortedcontainers", "idna")
 BEGIN, END = "== sdeefs-vm: begin", "== sdeefs-vm: end rc "
 
 INIT = """#!/bin/sh
@@ -68,6 +80,7 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -o remount,rw /
 modprobe overlay
+modprobe loop
 cd /opt/sdeefs
 echo "== kernel $(uname -r), LSMs $(cat /sys/kernel/security/lsm)"
 echo "{begin}"
@@ -127,13 +140,22 @@ def prepare(work: Path, root: Path, command: str) -> Path:
     build = work / "build"
     shutil.rmtree(build, ignore_errors=True)
     run(["sh", str(HERE / "build.sh"), str(build)])
+    # the launcher's namespace helper, for the product's login environments (sdeefs-shell:
+    # the same binary under that name); the host is Debian 12 too: the same libc
+    run(["make", "-s", "-C", str(REPO / "launcher" / "enter"), f"OUT={build / 'sdeefs-enter'}"])
+    (build / "sdeefs-shell").symlink_to("sdeefs-enter")
     opt = root / "opt"
     for name in ("lsmbuild", "sdeefs"):
         shutil.rmtree(opt / name, ignore_errors=True)
-    shutil.copytree(build, opt / "lsmbuild")
+    shutil.copytree(build, opt / "lsmbuild", symlinks=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.so")
     shutil.copytree(REPO / "sdeefs", opt / "sdeefs" / "sdeefs", ignore=ignore)
+    shutil.copytree(REPO / "launcher", opt / "sdeefs" / "launcher", ignore=ignore)
     shutil.copytree(HERE, opt / "sdeefs" / "bench" / "lsmguard", ignore=ignore)
+    (opt / "sdeefs" / "bench" / "__init__.py").touch()
+    site = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
+    for name in PYDEPS:
+        shutil.copytree(site / name, opt / "sdeefs" / "pydeps" / name, ignore=ignore)
     init = root / "sbin" / "sdeefs-vm-init"
     init.write_text(INIT.replace("{begin}", BEGIN).replace("{end}", END)
                     .replace("{command}", command))
