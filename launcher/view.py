@@ -302,13 +302,13 @@ def start_login(config: SiteConfig, user: User, ids: Identity, dirs: EnvDirs,
     chosen first (launcher/login/bpfguard.py): ``guard = "bpf"`` where the program cannot
     run fails here, before anything is mounted.
     """
-    from sdeefs.fs.mount import umount
-
     from .login import bpfguard
 
     choice = bpfguard.choose(config, engine, ids)
     log.debug("%s: %s", user.name, choice.why)
     if engine == Engine.FUSE:
+        from sdeefs.fs.mount import umount  # (the FUSE stack: only where a login mounts it)
+
         if migrate.needed(dirs, ids) and not mounted(dirs.run.view):
             _ensure_upper_daemon(config, dirs, ids)  # the chowns journaled, for replicas
             try:

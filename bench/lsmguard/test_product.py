@@ -90,16 +90,15 @@ def inside(user: User, listing: Path, *paths: Path) -> dict[str, object]:
     """What root inside ``user``'s environment meets: lstat and read of each path, and the
     names listed in ``listing``."""
     command = " ".join(["python3", "-c", _quote(PROBE), str(listing), *map(str, paths)])
-    result = subprocess.run(["runuser", "-u", user.name, "--", "env", f"SDEEFS_RUN_DIR={RUN}",
-                             f"HOME={user.home}", os.environ["SDEEFS_SHELL"], "-c", command],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return json.loads(run_inside(user, command))  # type: ignore[no-any-return]
 
 
 def run_inside(user: User, command: str) -> str:
-    result = subprocess.run(["runuser", "-u", user.name, "--", "env", f"SDEEFS_RUN_DIR={RUN}",
-                             f"HOME={user.home}", os.environ["SDEEFS_SHELL"], "-c", command],
+    """``command`` in the user's environment as a login runs it: sdeefs-shell, as the user."""
+    result = subprocess.run([os.environ["SDEEFS_SHELL"], "-c", command],
+                            env={"SDEEFS_RUN_DIR": str(RUN), "HOME": user.home,
+                                 "USER": user.name, "PATH": "/usr/bin:/bin"},
+                            user=user.uid, group=user.gid, extra_groups=[], cwd="/",
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -137,7 +136,8 @@ def test_the_login_is_guarded_by_the_program(alice: User) -> None:
     record = env.EnvRecord.load(env.EnvDirs.login(config().root, str(RUN), alice.name).run)
     assert record is not None
     assert record.guard == "bpf"
-    assert record.guard_key == bpfguard.userns_of(record.init_pid)
+    assert record.guard_key == alice.uid  # the owner of the environment's user namespace
+    assert bpfguard.userns_owner(f"/proc/{record.init_pid}/ns/user") == alice.uid
     keys = bpfguard.BpfGuard(str(RUN)).entries()
     assert keys[record.guard_key].uid == alice.uid
     # no guard layer: upper + mask + lower

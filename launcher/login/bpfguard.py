@@ -484,8 +484,7 @@ class BpfGuard:
             names = sorted(os.listdir(self.pins))
         except FileNotFoundError:
             return []
-        return [os.path.join(self.pins, n) for n in names
-                if n.startswith("g-") and not n.endswith(".new")]
+        return [os.path.join(self.pins, n) for n in names if n.startswith("g-")]
 
     def fingerprint(self, devs: tuple[int, ...], deny: tuple[DenyPattern, ...]) -> str:
         digest = hashlib.sha256()
@@ -510,7 +509,8 @@ class BpfGuard:
         target = os.path.join(self.pins, f"g-{self.fingerprint(devs, deny)}")
         if os.path.isdir(target):
             return target
-        staging = target + ".new"
+        # bpffs refuses dots in names ("reserved for the system"): new-g-..., then g-...
+        staging = os.path.join(self.pins, f"new-{os.path.basename(target)}")
         _unpin(staging)  # a load that died half-way
         result = subprocess.run([self.loader, "attach", staging, str(len(deny))],
                                 capture_output=True, text=True, check=False)
