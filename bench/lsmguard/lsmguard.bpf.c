@@ -73,7 +73,7 @@ int BPF_PROG(body_cost, struct pt_regs *regs, long id)
 
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < BODY_REPEAT; i++)
-		overlay ? decide_read(lower, H_BODY) : decide(inode, H_BODY);
+		overlay ? decide_read(lower, H_BODY) : decide_host(inode, H_BODY);
 	__u64 spent = bpf_ktime_get_ns() - start;
 	__u64 *total = bpf_map_lookup_elem(&body_ns, &k0), *times = bpf_map_lookup_elem(&body_ns, &k1);
 

@@ -57,6 +57,13 @@ writers take RUN_DIR/bpfguard.lock (flock), so no key is added to a set being re
 against guard.h (tests/launcher/test_bpfguard.py compiles it to check); keys are native
 u32s; the map calls go through libbpf1 (ctypes: ``bpf_obj_get``, ``bpf_map_*_elem``).
 
+**What is decided** (the program's ``view_only``): what a task reaches through the view,
+on overlayfs' lower entry (an entry with an upper is the user's own).  Host files reached
+otherwise, through the binds of the user's home, ``shared`` and ``sockets``, are not the
+guard's (the guard layer never saw them either): in the home a 0600 file root inside made
+is owned on the host by the user's subordinate uid, and it stays the user's to read; and
+the deny list's ``/home`` (the lower's, emptied by the mask) does not reach the bound home.
+
 **host_devs**: the device of ``config.lower``.  The lower is one idmapped bind of it
 (``sdeefs-enter idmap``: open_tree without AT_RECURSIVE), so filesystems mounted below
 it on the host (/boot, a separate /var) are not in the view at all (empty mountpoints):

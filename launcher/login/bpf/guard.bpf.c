@@ -2,9 +2,10 @@
 /* The login view's guard in the kernel: a BPF LSM program (issue 16; launcher/login/bpfguard.py
  * loads it, pins it and fills its maps; its design is that module's docstring).
  *
- * What it enforces.  For a task of a guarded environment (below), an inode of the host's
- * filesystem (its superblock's s_dev is in `host_devs`) that the environment's user could
- * not read on the host fails with ENOENT: stat (inode_getattr, on overlayfs' lower entry:
+ * What it enforces.  For a task of a guarded environment (below), an entry of a view whose
+ * lower entry is an inode of the host's filesystem (its superblock's s_dev is in
+ * `host_devs`; view_only: what is reached through overlayfs, not a bound home) that the
+ * environment's user could not read on the host fails with ENOENT: stat (inode_getattr, on overlayfs' lower entry:
  * decide_stat), copy-up (inode_copy_up), open (file_open: also exec, opendir, copy-up's
  * read), a path walk through it (inode_permission), its extended attributes
  * (inode_getxattr / inode_listxattr, except overlayfs' own "*.overlay.*" names).  "Could
@@ -164,9 +165,17 @@ static __always_inline int decide_fields(struct identity *id, __u32 mode, __u32 
 	return -ENOENT;
 }
 
+/* What is decided (fixed at load): 1 (the product) only what a task reaches through an
+ * overlayfs view, on the view's lower entry; an inode of the host reached directly (the
+ * user's home, /scratch: bound into the environment, the user's own business as on the
+ * host, and files there made by root inside with mode 0600 are the user's own) is not
+ * the guard's.  0 (bench/lsmguard): every host inode, also the real inodes overlayfs
+ * passes to the hooks itself. */
+const volatile __u32 view_only = 0;
+
 /* 0, or -ENOENT if `inode` (a hook's argument: plain loads) is a host inode the identity
  * could not read on the host. */
-static __always_inline int decide(struct inode *inode, enum hook hook)
+static __always_inline int decide_host(struct inode *inode, enum hook hook)
 {
 	struct identity *id = guarded_identity();
 
@@ -197,6 +206,19 @@ static __always_inline int decide_read(struct inode *inode, enum hook hook)
 }
 
 #define OVERLAYFS_SUPER_MAGIC 0x794c7630
+
+static __always_inline struct inode *ovl_lower(struct inode *inode);
+
+/* The decision of the inode hooks: with view_only, on an overlayfs inode's lower entry
+ * (none: an entry with an upper, the user's own); else on a host inode itself. */
+static __always_inline int decide(struct inode *inode, enum hook hook)
+{
+	if (!view_only)
+		return decide_host(inode, hook);
+	if (!inode || inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC || !guarded_identity())
+		return 0;
+	return decide_read(ovl_lower(inode), hook);
+}
 
 /* overlayfs' structures, as much of them as the program reads, defined here: on Debian
  * overlayfs is a module, so the build host's vmlinux.h (from /sys/kernel/btf/vmlinux)
@@ -259,8 +281,8 @@ static __always_inline struct inode *ovl_lower(struct inode *inode)
 static __always_inline int decide_stat(struct inode *inode, enum hook hook)
 {
 	if (inode && inode->i_sb->s_magic == OVERLAYFS_SUPER_MAGIC)
-		return decide_read(ovl_lower(inode), hook);
-	return decide(inode, hook);
+		return guarded_identity() ? decide_read(ovl_lower(inode), hook) : 0;
+	return view_only ? 0 : decide_host(inode, hook);
 }
 
 SEC("lsm/inode_permission")
@@ -294,7 +316,7 @@ int BPF_PROG(guard_copy_up, struct dentry *src, struct cred **new, int ret)
 {
 	if (ret)
 		return ret;
-	return decide(src->d_inode, H_COPY_UP);
+	return decide_host(src->d_inode, H_COPY_UP); /* the lower's own dentry */
 }
 
 /* overlayfs' own attributes of a layer (user.overlay.*, trusted.overlay.*) stay readable:
@@ -428,6 +450,8 @@ static __always_inline int denied_path(const struct path *path, enum hook hook)
 
 	if (inode && BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC)
 		inode = ovl_lower(inode);
+	else if (view_only)
+		return 0; /* not through a view: a bound home's "/home/..." is not denied */
 	if (!inode)
 		return 0;
 	__u32 dev = BPF_CORE_READ(inode, i_sb, s_dev);

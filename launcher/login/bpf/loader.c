@@ -63,6 +63,7 @@ static int check(void)
 		return fail("open", errno);
 	skel->rodata->deny_count = 1; /* the deny programs are checked too */
 	skel->rodata->key_by_owner = 1;
+	skel->rodata->view_only = 1;
 	err = guard_bpf__load(skel);
 	guard_bpf__destroy(skel);
 	if (err)
@@ -90,6 +91,7 @@ static int attach(const char *dir, unsigned deny_count)
 	}
 	skel->rodata->deny_count = deny_count;
 	skel->rodata->key_by_owner = 1; /* guarded: the namespace owner's uid (guard.bpf.c) */
+	skel->rodata->view_only = 1;    /* decided: what a task reaches through a view */
 	bpf_program__set_autoload(skel->progs.deny_open, deny_count > 0);
 	bpf_program__set_autoload(skel->progs.deny_getattr, deny_count > 0);
 	err = guard_bpf__load(skel);
