@@ -163,6 +163,10 @@ def test_root_only_created_after_start_is_enoent(alice: User) -> None:
     assert seen[str(HOST / "late-dir" / "f")] == {"lstat": "ENOENT", "read": "ENOENT"}
     # the one difference to the guard layer: a late entry's name is listed
     assert "late-secret" in seen["listing"]  # type: ignore[operator]
+    # from a user namespace root inside makes (owned by root inside, its parent by the user)
+    out = run_inside(alice, f"unshare --user --map-root-user cat {HOST}/late-secret 2>&1; "
+                            "echo rc=$?")
+    assert out.endswith("No such file or directory\nrc=1\n"), out
 
 
 def test_read_then_chmod_on_the_host_is_enoent_at_the_next_access(alice: User) -> None:
