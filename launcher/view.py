@@ -287,7 +287,7 @@ def _ensure_fuse_view(config: SiteConfig, ids: Identity, dirs: EnvDirs) -> str:
 @attrs.frozen
 class LoginStart:
     """A login environment just started: its init, the guard it got (None: engine fuse)
-    and, with the BPF guard, the key it was added under (its user namespace's inode)."""
+    and, with the BPF guard, its key in the program's map (the user's uid: bpfguard.py)."""
 
     init: InitProcess
     guard: Guard | None

@@ -453,6 +453,8 @@ class BpfGuard:
         except OSError:
             return Blocked(Blocker.NOT_BUILT, f"{self.loader} is not built (scripts/install.sh "
                            "builds it; it needs clang, bpftool and libbpf-dev)")
+        if os.geteuid() != 0:  # not cached: the kernel's answer to root is what counts
+            return Blocked(Blocker.KERNEL, "only root may load BPF programs: check as root")
         build = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         cache = os.path.join(self.run_dir, "bpfguard.check")
         boot = _boot_id()
