@@ -56,6 +56,10 @@ def test_install_then_uninstall(site_dir: Path) -> None:
         assert ran.returncode == 0, ran.stderr
         assert os.access(tmp / "opt" / "bin" / "sdeefs-enter", os.X_OK)
         assert os.access(tmp / "opt" / "bin" / "sdeefs-guard", os.X_OK)  # the guard's daemon
+        # the BPF guard's loader: built where its build packages are (scripts/apt.sh)
+        bpf = tmp / "opt" / "bin" / "sdeefs-bpfguard"
+        if shutil.which("clang") and shutil.which("bpftool", path="/usr/sbin:/usr/bin"):
+            assert os.access(bpf, os.X_OK), (tmp / "opt" / "bpfguard-build.log").read_text()
         units = {p.name: p.read_text() for p in (tmp / "units").iterdir()}
         assert set(units) == {"sdeefs-launchd.service", "sdeefs-replicad@.service",
                               "sdeefs-stop-idle.service", "sdeefs-stop-idle.timer",
