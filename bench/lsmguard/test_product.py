@@ -6,9 +6,10 @@ own calls (``launcher.env.ensure``: engine kernel, ``guard = "bpf"``: the user's
 image, the capture daemon, the mask with the start-time scan, the idmapped lower,
 ``sdeefs-enter start``, then ``launcher/login/bpfguard.py`` loading and pinning the
 program and adding the environment's user namespace), and commands run inside them as a
-login runs them (``sdeefs-shell -c`` as the user, through ``runuser``).  Not covered:
-the PAM hook and sshd (the front door), which run the same ``env.open_session`` -> the
-same start.
+login runs them (``sdeefs-shell -c`` as the user).  ``test_a_pam_session_gets_the_bpf_guard``
+goes through the PAM hook: a PAM service whose session phase runs ``sdeefs-pam`` by
+``pam_exec`` (as ``sdeefs install-pam`` writes it), opened and closed through libpam; not
+covered: sshd itself (not in the guest).
 
 Each check that something is hidden has its control in
 ``test_without_the_program_the_environment_is_replaced``: once the pinned programs are
@@ -18,6 +19,7 @@ removed, root inside reads the same secret (so what hid it was the program), and
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -90,7 +92,7 @@ def inside(user: User, listing: Path, *paths: Path) -> dict[str, object]:
     """What root inside ``user``'s environment meets: lstat and read of each path, and the
     names listed in ``listing``."""
     command = " ".join(["python3", "-c", _quote(PROBE), str(listing), *map(str, paths)])
-    return json.loads(run_inside(user, command))  # type: ignore[no-any-return]
+    return json.loads(run_inside(user, command))
 
 
 def run_inside(user: User, command: str) -> str:
@@ -239,3 +241,69 @@ def test_without_the_program_the_environment_is_replaced(alice: User) -> None:
     assert guard.entries()[after.guard_key].uid == alice.uid
     assert inside(alice, HOST, HOST / "late-secret")[str(HOST / "late-secret")] == {
         "lstat": "ENOENT", "read": "ENOENT"}
+
+
+PAM_SERVICE = "sdeefs-bpftest"
+# sdeefs-pam as install.sh puts it beside its Python; here the guest's binaries are in
+# /opt/lsmbuild (pam_exec passes none of our environment: they are set in the script)
+HOOK = """#!/usr/bin/python3
+import os, sys
+sys.path[:0] = ["/opt/sdeefs", "/opt/sdeefs/pydeps"]
+os.environ.update(SDEEFS_ENTER={enter!r}, SDEEFS_BPFGUARD_BIN={bpfguard!r})
+from launcher.login.pam import hook_main
+sys.exit(hook_main())
+"""
+PAM_LOG = Path("/tmp/sdeefs-pam.log")
+
+
+class PamConv(ctypes.Structure):
+    _fields_ = [("conv", ctypes.c_void_p), ("appdata_ptr", ctypes.c_void_p)]
+
+
+def pam_session(user: User, config_file: Path) -> Iterator[None]:
+    """A PAM session of ``user`` on a service whose session phase runs the sdeefs hook."""
+    hook = Path("/opt/lsmbuild/sdeefs-pam")
+    hook.write_text(HOOK.format(enter=os.environ["SDEEFS_ENTER"],
+                                bpfguard=os.environ["SDEEFS_BPFGUARD_BIN"]))
+    hook.chmod(0o755)
+    Path("/etc/pam.d", PAM_SERVICE).write_text(
+        "auth required pam_permit.so\naccount required pam_permit.so\n"
+        f"session required pam_exec.so quiet log={PAM_LOG} {hook} --config {config_file}"
+        "  # sdeefs\n")
+    pam = ctypes.CDLL("libpam.so.0")
+    handle = ctypes.c_void_p()
+    conv = PamConv(None, None)  # pam_exec quiet asks nothing
+    assert pam.pam_start(PAM_SERVICE.encode(), user.name.encode(), ctypes.byref(conv),
+                         ctypes.byref(handle)) == 0
+    try:
+        assert pam.pam_open_session(handle, 0) == 0, PAM_LOG.read_text(errors="replace")
+        yield
+        assert pam.pam_close_session(handle, 0) == 0
+    finally:
+        pam.pam_end(handle, 0)
+
+
+def test_a_pam_session_gets_the_bpf_guard(alice: User) -> None:
+    """The PAM hook (pam_exec -> sdeefs-pam -> env.open_session) with ``guard = "bpf"`` in
+    the site's file: the session's environment is guarded, and the key goes at its end."""
+    config_file = BASE / "sdeefs.toml"
+    deny = ", ".join(json.dumps(p) for p in config().deny)
+    config_file.write_text(f'[sdeefs]\nroot = "{config().root}"\nrun_dir = "{RUN}"\n'
+                           'engine = "kernel"\nguard = "bpf"\nshared = []\nsockets = []\n'
+                           f'layer_size = "256M"\ngrace = 0\ndeny = [{deny}]\n')
+    dave = add_user()
+    guard = bpfguard.BpfGuard(str(RUN))
+    session = pam_session(dave, config_file)
+    next(session)
+    record = env.EnvRecord.load(env.EnvDirs.login(config().root, str(RUN), dave.name).run)
+    assert record is not None
+    assert (record.guard, record.sessions) == ("bpf", 1)
+    assert guard.entries()[dave.uid].uid == dave.uid
+    write(HOST / "for-dave", "root only\n", 0o600)
+    seen = inside(dave, HOST, HOST / "for-dave", HOST / "public")
+    assert seen[str(HOST / "for-dave")] == {"lstat": "ENOENT", "read": "ENOENT"}
+    assert seen[str(HOST / "public")]["read"] == "ok"  # type: ignore[index]
+    with pytest.raises(StopIteration):
+        next(session)  # the session closes: grace 0, nothing running: the end
+    assert env.EnvRecord.load(env.EnvDirs.login(config().root, str(RUN), dave.name).run) is None
+    assert dave.uid not in guard.entries()
