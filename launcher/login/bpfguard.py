@@ -118,7 +118,7 @@ SUFFIX_LEN = 32
 COMPONENT_LEN = 64  # guard.bpf.c: a starred component longer than this never matches
 PATH_LEN = 256
 
-KEY = struct.Struct("=I")  # guarded: user namespace inode; host_devs: s_dev; deny: index
+KEY = struct.Struct("=I")  # guarded: the namespace owner's uid; host_devs: s_dev; deny: index
 IDENTITY = struct.Struct(f"=III{MAX_GROUPS}I")  # struct identity: uid, gid, ngroups, groups
 DENY_PATTERN = struct.Struct(f"=III{DENY_LEN}s{SUFFIX_LEN}s")  # struct deny_pattern
 DEV_PRESENT = struct.Struct("=B")  # host_devs' value: 1
