@@ -14,7 +14,7 @@
 #define DENY_LEN 192     /* a pattern's bytes before its star (or all of them) */
 #define SUFFIX_LEN 32    /* its bytes after the star */
 
-/* `guarded`'s value, under the key: an environment's user namespace inode number */
+/* `guarded`'s value, under the key: the uid owning the namespace (guard.bpf.c: key_by_owner) */
 struct identity {
 	__u32 uid;
 	__u32 gid;
