@@ -88,6 +88,12 @@ READ_CHUNK = 1 << 20
 # (kernels without fine-grained ctime): the model then keeps ctime 0, so that a full
 # scan reads the file again instead of trusting an unchanged ctime.
 UNSURE_NS = 50_000_000
+# The clock the kernel stamps file times with (CLOCK_REALTIME_COARSE, which the time
+# module does not name) and its tick: a file time a tick older than a reading of it was
+# set before the reading, and any change after it gets a later one (kernels with
+# fine-grained ctime give a later one also within the tick, once the ctime was looked at).
+CLOCK_FILE_TIMES = 5
+FILE_TIME_TICK = round(time.clock_getres(CLOCK_FILE_TIMES) * 1e9)
 OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Emit = Callable[[rec.Record], None]
@@ -319,6 +325,9 @@ class _Batch:
     budget: int = 0  # new entries to examine at most (0: no bound)
     inline_left: int = INLINE_BYTES  # bytes new files may still keep for their Create
     carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
+    # (the kernel's clock for file times) before anything of the batch was read: a ctime
+    # a tick older than this is a StableExtent's witness (``sdeefs.records``)
+    started_ns: int = attrs.field(factory=lambda: time.clock_gettime_ns(CLOCK_FILE_TIMES))
 
     def inline(self, data: bytes) -> bytes | None:
         """``data`` if a Create may carry it (at most MAX_INLINE, and the batch has not
@@ -1051,7 +1060,10 @@ class Reconciler:
             if got is not None:
                 mtime, ctime = got.mtime, got.ctime
                 if data != got.sums or size != got.size:
-                    for extent in extents(path, seen.handle, data, size, got.sums, got.size):
+                    witness = got.ctime if got.ctime and \
+                        got.ctime + FILE_TIME_TICK <= b.started_ns else 0
+                    for extent in extents(path, seen.handle, data, size, got.sums, got.size,
+                                          witness):
                         emit(extent)
                     mask |= rec.SET_MTIME
                     if size != got.size or data is None:
@@ -1106,10 +1118,12 @@ def read_sums(fd: int, buf: bytearray | None = None, fast: Sums | None = None
 
 
 def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: bytes,
-            new_size: int) -> Iterator[rec.Extent]:
+            new_size: int, witness: int = 0) -> Iterator[rec.Extent]:
     """Extent records that turn a file with sums ``old`` (None: unknown) into one with
     sums ``new``.  Blocks past the old end that are all zeros are left to the size
-    change; at least one Extent (maybe of length 0) comes out."""
+    change; at least one Extent (maybe of length 0) comes out.  ``witness``: the ctime
+    the file kept while read, old enough to prove it (``sdeefs.records``): the Extents
+    with data are StableExtents that carry it (0: plain Extents)."""
     count = len(new) // SUM
     changed = []
     for i in range(count):
@@ -1132,7 +1146,9 @@ def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: b
         first, last = changed[start], changed[end]
         offset = first * BLOCK
         length = min((last + 1) * BLOCK, new_size) - offset
-        yield rec.Extent(path, handle, offset, length, new_size, new[first * SUM:(last + 1) * SUM])
+        sums = new[first * SUM:(last + 1) * SUM]
+        yield rec.StableExtent(path, handle, offset, length, new_size, sums, witness) \
+            if witness else rec.Extent(path, handle, offset, length, new_size, sums)
         out += 1
         start = end + 1
     if not out:

@@ -38,10 +38,12 @@ node costs nothing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import signal
 import stat
 import struct
 import threading
@@ -56,6 +58,7 @@ from .. import records as rec
 from ..control import ControlError
 from ..errors import JournalCorrupt, QuietError
 from ..fs import capture, image, kernel
+from ..fs.fanotify import handle_ino
 from ..journal import Entry, Journal, JournalTail, RawEntry, Trimmed, journal_id
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
@@ -364,6 +367,37 @@ def all_blocks_match(record: rec.Extent,
     return b"".join(sums)[:need * rec.SUM_SIZE] == record.sums[:need * rec.SUM_SIZE]
 
 
+def no_writer(fd: int) -> bool:
+    """Has nobody the file at ``fd`` (open read-only) open for writing, a writable
+    mapping included?  A read lease taken and released at once (condition 1 of a
+    StableExtent's witness, ``sdeefs.records``); False where a lease cannot be had."""
+    try:
+        # A writer opening the file between the two calls breaks the lease: the kernel
+        # signals its holder, SIGIO by default, which would end this daemon.  SIGWINCH's
+        # default is to ignore it, and nothing here handles it.
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGWINCH)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:  # EAGAIN: open for writing (or being executed); others: no leases
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
+def unchanged_since_read(fd: int, record: rec.StableExtent,
+                         frames: Sequence[bytearray | memoryview]) -> bool:
+    """Are the data ``frames`` hold, just read from ``fd``, the bytes the capture summed
+    for ``record``?  Condition 2 of its witness (``sdeefs.records``): the read was whole
+    and the open file is the handle's inode with its ctime as the capture saw it."""
+    st = os.fstat(fd)
+    if st.st_ctime_ns != record.ctime_ns or handle_ino(record.handle) != st.st_ino:
+        return False
+    got = 0
+    for frame in frames:
+        with write_frame_data(frame) as data:
+            got += len(data)
+    return got == record.length
+
+
 def write_frame_data(frame: bytearray | memoryview) -> memoryview:
     """The data of a RECORD frame ``wire.encode_write_frames`` made: after the header, the
     record head and the record, before the MAC."""
@@ -474,7 +508,7 @@ class JournalSender:
             entry = pending[taken]
             rtype = entry.rtype
             frames: list[bytearray | memoryview] | None = None
-            if rtype == rec.Extent.TYPE:
+            if rtype in rec.EXTENT_TYPES:
                 frames = self._extent_frames(entry.seq, cast(rec.Extent, entry.record),
                                              pending[taken + 1:ready],
                                              SKIP if self.skipped else 0)
@@ -544,12 +578,19 @@ class JournalSender:
         (``seal_frame``) where they go into the batch, after what goes before them; a
         frame sealed and then held back, or out of order, is a gap the follower refuses."""
         fd = open_write_data(self.source, record)
+        witnessed = False
         try:
-            frames = encode_write_frames(seq, record, fd, None, flags)
+            if isinstance(record, rec.StableExtent):  # its witness stays on the login node
+                stable = fd is not None and no_writer(fd)
+                frames = encode_write_frames(seq, record.extent(), fd, None, flags)
+                witnessed = stable and fd is not None and unchanged_since_read(
+                    fd, record, frames)
+            else:
+                frames = encode_write_frames(seq, record, fd, None, flags)
         finally:
             if fd is not None:
                 os.close(fd)
-        if fd is not None:
+        if fd is not None and not witnessed:
             parts = [write_frame_data(frame) for frame in frames]
             try:
                 if not (all_blocks_match(record, parts) or extent_blocks_ok(
