@@ -429,9 +429,13 @@ class JournalSender:
     first_seen: float = 0.0
     skipped: bool = False
     waiting: bool = False  # an Extent's data changed since the capture read it
-    # A capture batch (Begin) was read: look for open ones (``open_batch``, a scan of
-    # ``pending`` per call: a passthrough journal, which has none, skips it).
+    # A capture batch (Begin) was read: look for open ones (a passthrough journal, which
+    # has none, skips it).
     batches: bool = False
+    # the seqs of the Begins read whose Commit or Void was not read yet: ``open_batch``
+    # kept as entries are read, not a scan of ``pending`` per look (a cold stream's
+    # thousands of looks at a window of thousands of entries)
+    open_begins: set[int] = attrs.field(factory=set)
     frames: BufferPool = attrs.field(factory=lambda: BufferPool(keep=3 * 32))  # 3 batches
 
     async def run(self) -> None:
@@ -494,11 +498,13 @@ class JournalSender:
         # can go before its Commit (the capture bounds a batch: Config.batch_entries).
         if len(self.pending) < MAX_PENDING:
             self._take(self.tail.poll_raw(POLL_BYTES))
-        while self.batches and open_batch(self.pending) is not None \
+        while self.batches and self._open_batch() is not None \
                 and self._take(self.tail.poll_raw(POLL_BYTES)):
             pass
         pending = self.pending
-        ready = settled(pending, self.first_seen, self.batches)
+        open_at = self._open_batch() if self.batches else None
+        ready = settled(pending if open_at is None else pending[:open_at], self.first_seen,
+                        False)
         out: list[Encoded] = []
         run = RunEncoder(self.link.key)  # small records share frames (``wire.RUN``)
         size = taken = 0
@@ -564,8 +570,33 @@ class JournalSender:
             self.first_seen = time.monotonic()
         if not self.batches:
             self.batches = any(e.rtype == rec.Begin.TYPE for e in new)
+        if self.batches:
+            begins = self.open_begins
+            for entry in new:  # what ``open_batch`` looks for, entry by entry
+                rtype = entry.rtype
+                if rtype == rec.Begin.TYPE:
+                    begins.add(entry.seq)
+                elif rtype == rec.Commit.TYPE:
+                    begins.discard(cast(rec.Commit, entry.record).begin)
+                elif rtype == rec.Void.TYPE:
+                    first = cast(rec.Void, entry.record).begin
+                    self.open_begins = begins = {seq for seq in begins if seq < first}
         self.pending = without_aborted(self.pending, new)
         return bool(new)
+
+    def _open_batch(self) -> int | None:
+        """``open_batch(self.pending)``, from ``open_begins``: ``pending`` holds consecutive
+        seqs (a stretch of the journal), so the oldest open Begin's index is its seq's
+        distance from the first; scanned where that does not hold."""
+        if not self.open_begins:
+            return None
+        pending = self.pending
+        first = min(self.open_begins)
+        index = first - pending[0].seq if pending else -1
+        if 0 <= index < len(pending) and pending[index].seq == first \
+                and pending[index].rtype == rec.Begin.TYPE:
+            return index
+        return open_batch(pending)
 
     def _extent_frames(self, seq: int, record: rec.Extent, after: Sequence[SendEntry],
                        flags: int) -> list[bytearray | memoryview] | None:

@@ -236,3 +236,48 @@ def test_the_capture_witnesses_a_quiet_file_and_the_replica_converges(
         f.write(b"changed")
     barrier(base)
     assert diff(site, base) == []
+
+
+# -- open batches, kept as entries are read -----------------------------------------------------
+
+
+def test_the_senders_open_batch_is_open_batch_of_its_window(login: _Sender) -> None:
+    """``JournalSender`` keeps the capture's open batches as it reads (not a scan of its
+    window per look): over random histories of batches, Commits, Voids and records, read
+    a few at a time and sent a few at a time, it finds the Begin ``open_batch`` finds."""
+    import random
+
+    from sdeefs.journal import RawEntry
+    from sdeefs.replication.origin import open_batch, without_aborted
+
+    rng = random.Random(16)
+    record = rec.Mkdir(b"upper/d", 0o755, 1000, 1000)
+    for _ in range(200):
+        sender = login.sender
+        sender.pending, sender.open_begins, sender.batches = [], set(), False
+        seq, begins = 0, []
+        for _ in range(rng.randrange(1, 12)):
+            new = []
+            for _ in range(rng.randrange(0, 6)):
+                seq += 1
+                roll = rng.random()
+                if roll < 0.2:
+                    one: rec.Record = rec.Begin(0)
+                    begins.append(seq)
+                elif roll < 0.35 and begins:
+                    one = rec.Commit(begins.pop())
+                elif roll < 0.45 and begins:
+                    one = rec.Void(begins[0], seq - 1)
+                    begins = []
+                else:
+                    one = record
+                rtype, payload = rec.encode_record(one)
+                new.append(RawEntry(seq, rtype, payload, None))
+            sender._take(new)
+            expected = open_batch(without_aborted(sender.pending))
+            assert sender._open_batch() == expected
+            if sender.pending and rng.random() < 0.5:  # some sent: the window moves on
+                cut = rng.randrange(0, (expected if expected is not None
+                                        else len(sender.pending)) + 1)
+                sender.pending = sender.pending[cut:]
+                assert sender._open_batch() == open_batch(sender.pending)
