@@ -410,8 +410,10 @@ class Capture:
         ino = fan.handle_ino(handle)
         return ino if ino is not None else handle_id(self.model, handle, self.upper)
 
-    def _batch(self) -> None:
-        """Reconcile what ``dirty`` points at and journal it as one committed batch."""
+    def _batch(self, final: bool = True) -> None:
+        """Reconcile what ``dirty`` points at and journal it as one committed batch
+        (``final``: a drain waits for it; otherwise a file still being written may wait
+        for the next batch, ``Reconciler.reconcile``)."""
         dirty, self.dirty = self.dirty, Dirty()
         self.pending_events = 0
         if not dirty:
@@ -438,9 +440,13 @@ class Capture:
                             count)
                 time.sleep(3600)
 
-        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries)
+        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries, final)
         if stats.carry:
             self.dirty.merge(Dirty(dirs=stats.carry))
+        if stats.carry_data:  # read again once the queue is quiet or max_delay passed
+            if not self.dirty:
+                self._first_event = time.monotonic()
+            self.dirty.merge(Dirty(objects=dict(stats.carry_data), data=set(stats.carry_data)))
         if pending:
             journal.append_many(pending, admitted=True)
         if begin:
@@ -485,7 +491,7 @@ class Capture:
                 await self._gather()
                 waiters, self._waiters = self._waiters, []
                 await self.offload.run(self._read_events)  # all queued before the requests
-                await self.offload.run(self._batch)
+                await self.offload.run(self._batch, bool(waiters) or self.stopping)
                 while (waiters or self.stopping) and self.dirty:  # what the batch left over
                     await self.offload.run(self._batch)
                 if waiters or self.stopping:

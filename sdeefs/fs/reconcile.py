@@ -93,6 +93,7 @@ UNSURE_NS = 50_000_000
 # set before the reading, and any change after it gets a later one (kernels with
 # fine-grained ctime give a later one also within the tick, once the ctime was looked at).
 CLOCK_FILE_TIMES = 5
+DEFER_NS = 1_000_000_000  # a file read while changing waits this long at most (reconcile)
 FILE_TIME_TICK = round(time.clock_getres(CLOCK_FILE_TIMES) * 1e9)
 OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -205,6 +206,9 @@ class Stats:
     examined: int = 0
     read_bytes: int = 0
     carry: dict[int, bytes] = attrs.field(factory=dict)  # directories to list again
+    # inode -> handle of files whose data were changing as they were read: the next
+    # batch reads them again (``Reconciler.reconcile``'s ``final``)
+    carry_data: dict[int, bytes] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -328,6 +332,8 @@ class _Batch:
     # (the kernel's clock for file times) before anything of the batch was read: a ctime
     # a tick older than this is a StableExtent's witness (``sdeefs.records``)
     started_ns: int = attrs.field(factory=lambda: time.clock_gettime_ns(CLOCK_FILE_TIMES))
+    may_defer: bool = False  # files read while changing may wait for the next batch
+    carry_data: dict[int, bytes] = attrs.field(factory=dict)  # (Stats.carry_data)
 
     def inline(self, data: bytes) -> bytes | None:
         """``data`` if a Create may carry it (at most MAX_INLINE, and the batch has not
@@ -355,6 +361,8 @@ class Reconciler:
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
     _sums: Sums | None = None  # block sums in C (with ``native``; None: hashlib)
+    # inode -> (time.monotonic_ns) when its data were first left for a later batch
+    _deferred: dict[int, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.native and capturec is not None:
@@ -376,14 +384,27 @@ class Reconciler:
 
     # -- the one entry point ------------------------------------------------------------------
 
-    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0) -> Stats:
+    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0, final: bool = True
+                  ) -> Stats:
         """Journal (through ``emit``) what changed where ``dirty`` points.
 
         ``budget`` bounds the new entries one call examines (and so its memory): the
         directories that hold more come back in ``Stats.carry``, to be listed again by
         the next call; every call leaves a complete tree (with fewer new entries).
+
+        Not ``final`` (a batch no drain waits for): a file whose data changed and were
+        still changing as they were read (no witness: ``sdeefs.records``,
+        StableExtent) is left as the model has it, for DEFER_NS at most, and comes
+        back in ``Stats.carry_data`` for the next call to read again: a file an
+        install is still writing is journaled once it is written, with the witness
+        that spares a shipper hashing it, instead of as it grows.
         """
-        b = _Batch(budget=budget, inline_left=self.inline_bytes)
+        b = _Batch(budget=budget, inline_left=self.inline_bytes,
+                   may_defer=not final and not dirty.full)
+        if self._deferred:  # (files deleted while they waited are not seen again)
+            now = time.monotonic_ns()
+            self._deferred = {ino: since for ino, since in self._deferred.items()
+                              if now - since < 2 * DEFER_NS}
 
         def out(record: rec.Record) -> None:
             try:  # the journal's door, checked before the batch is written
@@ -395,7 +416,7 @@ class Reconciler:
 
         self._observe(dirty, b)
         self._plan_and_emit(b, out)
-        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry)
+        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry, b.carry_data)
 
     # -- 1. observe ---------------------------------------------------------------------------
 
@@ -1043,6 +1064,8 @@ class Reconciler:
             node = m.nodes.get(id)
             if node is None or not node.parent and id != UPPER:
                 continue
+            if self._defer(b, node, seen):
+                continue
             path = m.path(id)
             if seen.xattrs != node.xattrs:
                 have = dict(node.xattrs)
@@ -1083,6 +1106,26 @@ class Reconciler:
                      size=size, handle=seen.handle or handle, data=data)
             if mask:
                 emit(rec.Setattr(path, mask, perm, seen.uid, seen.gid, size, 0, mtime))
+
+
+    def _defer(self, b: _Batch, node: Node, seen: Seen) -> bool:
+        """Leave ``seen`` (all of it) for the next batch?  Its data changed, they were
+        changing as they were read (no witness), the batch may defer and it was not
+        deferred for DEFER_NS already (``reconcile``)."""
+        got = seen.contents
+        if got is None or not got.size or got.sums == node.data and got.size == node.size:
+            self._deferred.pop(seen.ino, None)
+            return False
+        if got.ctime and got.ctime + FILE_TIME_TICK <= b.started_ns or not b.may_defer \
+                or not seen.handle:
+            self._deferred.pop(seen.ino, None)
+            return False
+        now = time.monotonic_ns()
+        if now - self._deferred.setdefault(seen.ino, now) >= DEFER_NS:
+            self._deferred.pop(seen.ino, None)
+            return False
+        b.carry_data[seen.ino] = seen.handle
+        return True
 
 
 def data_sums(data: bytes | memoryview, fast: Sums | None = None) -> bytes:

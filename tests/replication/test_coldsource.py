@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -281,3 +282,42 @@ def test_the_senders_open_batch_is_open_batch_of_its_window(login: _Sender) -> N
                                         else len(sender.pending)) + 1)
                 sender.pending = sender.pending[cut:]
                 assert sender._open_batch() == open_batch(sender.pending)
+
+
+@requires_kernel
+def test_a_file_still_being_written_is_journaled_once_written_with_its_witness(
+        nodes: tuple[Site, Path]) -> None:  # noqa: F811
+    """The capture's batches run while a big file is written (every max_delay): it is
+    not journaled as it grows, in Extents no witness can cover (read while changing),
+    but once written, with the witness; a barrier asked while it is still being written
+    holds what was written before it all the same."""
+    site, base = nodes
+    site.start()
+    barrier(base)
+    piece = os.urandom(16 << 10)
+
+    def write_for(f: BinaryIO, seconds: float) -> int:
+        written, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            f.write(piece)
+            f.flush()
+            written += len(piece)
+            time.sleep(0.001)
+        return written
+
+    with open(site.mnt / "growing", "wb") as f:
+        first = write_for(f, 0.3)
+        barrier(base)  # asked while it is being written: nothing is left for later
+        assert (base / "replicas" / USER / "upper" / "growing").stat().st_size == first
+        write_for(f, 0.4)
+    time.sleep(0.2)
+    barrier(base)
+    assert diff(site, base) == []
+    # written between two barriers: journaled once written, with the witness (what
+    # went at the first barrier was read while the file was changing: no witness)
+    second = [e.record for e in site.journal().read(1)
+              if isinstance(e.record, rec.Extent) and e.record.path == b"upper/growing"
+              and e.record.length and e.record.offset + e.record.length > first]
+    assert second
+    assert all(isinstance(r, rec.StableExtent) for r in second), \
+        [(type(r).__name__, r.offset, r.length) for r in second]
