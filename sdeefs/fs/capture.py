@@ -23,6 +23,14 @@ and on every drain; after other batches the kernel only starts writing them back
 (``sync_file_range``), so the drain's fdatasync finds little left to write and no
 batch waits for the disk.
 
+A file whose data are still changing as a batch reads them (an install writing a big
+file while batches run every ``max_delay``) is left for the next batch, up to
+``reconcile.DEFER_NS`` (3 s), unless a drain waits for the batch: it is journaled once
+written, read while it does not change, so its Extents carry the witness that spares
+the login replicad hashing them when it ships them (``records.StableExtent``), instead
+of as it grows, in Extents read while it changed.  A follower that streams all along
+sees such a file up to DEFER_NS later; a barrier sees it all.
+
 Barrier: fanotify queues an event inside the syscall that caused it, so every change
 whose syscall returned before a drain request is in the queue when the request
 arrives.  A drain reads the queue until it is empty *after* the request, reconciles,

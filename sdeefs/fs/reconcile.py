@@ -93,7 +93,7 @@ UNSURE_NS = 50_000_000
 # set before the reading, and any change after it gets a later one (kernels with
 # fine-grained ctime give a later one also within the tick, once the ctime was looked at).
 CLOCK_FILE_TIMES = 5
-DEFER_NS = 1_000_000_000  # a file read while changing waits this long at most (reconcile)
+DEFER_NS = 3_000_000_000  # a file read while changing waits this long at most (reconcile)
 FILE_TIME_TICK = round(time.clock_getres(CLOCK_FILE_TIMES) * 1e9)
 OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
