@@ -21,7 +21,10 @@ journal (:func:`settled`), and the records a Void names travel as markers, as ab
 ones do (:func:`without_aborted`).  Its ``Extent`` records are checked against what
 the capture read (the rule in ``sdeefs.records``, :func:`extent_blocks_ok`): a block
 that changed since is shipped only if a later committed Extent rewrites it; otherwise
-the sender waits for the capture's next batch and reads again.  A head query drains
+the sender waits for the capture's next batch and reads again.  A ``StableExtent``
+(an Extent with the capture's witness) is shipped without hashing its data when the
+witness holds (:func:`no_writer`, :func:`unchanged_since_read`), as the plain Extent it
+also is (the witness never leaves the login node).  A head query drains
 the capture first (:meth:`OriginUser.drain_capture`): the head it answers holds every
 change the user made before the query; when no capture answers although one is
 expected, the query fails and the barrier asks again.  The layer root is the user's
