@@ -78,6 +78,9 @@ type   record          fields
 21     Create          path, mode u32 (S_IFREG | permission bits), uid u32, gid u32,
                        mtime_ns i64, handle blob, xattrs blob (the list below),
                        data blob (the whole file, ≤ ``MAX_INLINE``); version 3 only
+22     StableExtent    path, handle blob, offset u64, length u64, size u64,
+                       sums blob, ctime_ns i64 (an Extent with a witness, below);
+                       version 3 only
 =====  ==============  ==========================================================
 
 ``Create`` (type 21, encoding version 3) is a new regular file made whole in one
@@ -148,6 +151,29 @@ So a shipper that finds a block whose hash differs from its sum must not let a
 replica settle on those bytes unless a later committed Extent of the same handle
 covers that block (or has a ``size`` at or below its start), or the handle no
 longer opens; otherwise it waits for the capture's next Commit and reads again.
+
+``StableExtent`` (type 22; added with it, as ``Fallocate`` was: journals without it
+read as before, and only the login node's journal holds one: a shipper sends it as
+the ``Extent`` it also is) is an ``Extent`` plus a *witness*, ``ctime_ns``: the
+file's ctime when the capture read the range, the same before and after the read
+and at least a tick of the kernel's file-time clock older than that clock when the
+capture's batch began (``sdeefs.fs.reconcile.FILE_TIME_TICK``), so older than the
+read: any change made since the read began has given the file a later ctime.  It
+proves, without hashing a byte, that the bytes a shipper reads now are those the
+sums were made of, if both hold:
+
+1. when the shipper starts reading, nobody has the file open for writing: a read
+   lease can be taken on it (``fcntl(F_SETLEASE, F_RDLCK)``, released at once), so
+   no writable mapping exists either, and a mapping made later changes the ctime at
+   its first write fault, as ``write(2)``, ``truncate`` and ``fallocate`` do;
+2. after reading, ``fstat`` of the same open file gives ``ctime_ns`` unchanged, the
+   inode is the handle's and the read was whole.
+
+Otherwise (a writer, a changed ctime, no lease) the sums decide, as for an Extent.
+The capture trusts an unchanged ctime the same way for its full scans
+(``sdeefs.fs.reconcile``); the witness saves a shipper hashing every byte it sends
+(a cold stream of a 1 GiB install: about a GiB of BLAKE2b).  ``ctime_ns`` is never
+0 (an Extent without a witness is an ``Extent``).
 """
 
 from __future__ import annotations
@@ -476,6 +502,24 @@ class Extent(Write):
             raise BadRecord("bad extent sums or offset")
 
 
+@attrs.frozen
+class StableExtent(Extent):
+    """An Extent with the capture's witness (type 22; the docstring says what it proves)."""
+
+    TYPE = 22
+    FIELDS = Extent.FIELDS + (("ctime_ns", "i64"),)  # type: ignore[assignment]
+    ctime_ns: int  # the file's ctime while the capture read it; > 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ctime_ns <= 0:
+            raise BadRecord("bad extent witness")
+
+    def extent(self) -> Extent:
+        """The same Extent without its witness (what a replica is sent)."""
+        return Extent(self.path, self.handle, self.offset, self.length, self.size, self.sums)
+
+
 MAX_INLINE = EXTENT_BLOCK  # bytes of data a Create carries (its data blob)
 MAX_XATTR_LIST = MAX_XATTR_VALUE  # bytes of a Create's xattr list (its xattrs blob)
 _NAME_LENGTH = _U16
@@ -557,13 +601,14 @@ RECORD_TYPES: dict[int, type[Record]] = {
     cls.TYPE: cls
     for cls in (Mkdir, Mknod, Symlink, Link, Unlink, Rmdir, Rename, Setattr, Setxattr,
                 Removexattr, Write, Abort, Sync, Done, Begin, Commit, Void, Extent,
-                Fallocate, Mkdev, Create)
+                Fallocate, Mkdev, Create, StableExtent)
 }
+EXTENT_TYPES = frozenset((Extent.TYPE, StableExtent.TYPE))
 
 
 def in_version(rtype: int, version: int) -> bool:
     """Does encoding ``version`` have record type ``rtype``?"""
-    return rtype != Create.TYPE or version >= CREATE_VERSION
+    return rtype not in (Create.TYPE, StableExtent.TYPE) or version >= CREATE_VERSION
 
 
 # per record type: the fields that need more than their struct to be valid

@@ -60,7 +60,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
 
 
-def build(size: str, engine: str) -> Path:
+def build(size: str, engine: str, baseline: str = "") -> Path:
+    """The journal of ``size`` for ``engine``; ``baseline``: made by that release (a
+    kernel-engine journal holds what its capture writes, which another release may not
+    read: each release streams the journal its own capture made of the same data)."""
+    if engine == "kernel" and baseline:
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                        f"sys.path.insert(0, {baseline!r}); "
+                        "import bench.deploy.coldcpu as c; "
+                        f"c.WORK = Path({str(WORK / 'base')!r}); c.build_kernel({size!r})"],
+                       check=True, cwd="/", env={**os.environ, "PYTHONPATH": baseline})
+        return WORK / "base" / f"{size}-kernel" / "login"
     if engine == "kernel":
         return build_kernel(size)
     root = WORK / size / "login"
@@ -232,9 +242,12 @@ def main() -> int:
                         "another directory and --port for runs beside someone else's)")
     args = parser.parse_args()
     WORK = args.work
-    root = build(args.size, args.engine)
-    print(json.dumps({"engine": args.engine, "size": args.size,
-                      "journal": histogram(str(root / USER / "state"))}), flush=True)
+    roots = {"new": build(args.size, args.engine)}
+    if args.baseline:
+        roots["base"] = build(args.size, args.engine, args.baseline)
+    for label, root in roots.items():
+        print(json.dumps({"release": label, "engine": args.engine, "size": args.size,
+                          "journal": histogram(str(root / USER / "state"))}), flush=True)
     compute_fs()
     for out in (args.perf, args.profile):
         if out is not None:
@@ -243,8 +256,8 @@ def main() -> int:
     try:
         for run in range(args.runs):
             for label, tree in releases:
-                result = one_run(root, label, tree, args.port, args.perf, args.profile, run,
-                                 args.engine)
+                result = one_run(roots.get(label, roots["new"]), label, tree, args.port,
+                                 args.perf, args.profile, run, args.engine)
                 print(json.dumps(result), flush=True)
     finally:
         subprocess.run(["umount", str(WORK / "compute")], check=False)

@@ -74,7 +74,8 @@ def main() -> int:
     parser.add_argument("--tar", type=float)
     parser.add_argument("--title", default="A cold stream of the 1 GB set: CPU per run")
     args = parser.parse_args()
-    runs = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    runs = [r for r in (json.loads(line) for line in args.results.read_text().splitlines()
+                        if line.strip()) if "origin_cpu" in r]  # (not the journal lines)
     args.out.write_text(render(runs, args.tar, args.title))
     return 0
 

@@ -4,6 +4,10 @@ over a whole journal, as a cold follower gets it (no socket, no replica).
 Usage (as root, a journal ``bench/deploy/coldcpu.py`` built)::
 
     .venv/bin/python bench/deploy/originbatch.py [--size 1G] [--runs 3] [--profile FILE]
+        [--root ROOT]
+
+``--root``: another login root than coldcpu.py's passthrough journal of ``--size`` (its
+kernel-engine one: ``WORK/SIZE-kernel/login``, the layer image mounted).
 
 Reported per run: CPU seconds of the thread (``time.thread_time``), frames, bytes; with
 ``--digest`` also the SHA-256 of every frame sent in order, their MAC made deterministic
@@ -89,10 +93,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile")
     parser.add_argument("--digest", action="store_true")
+    parser.add_argument("--root", type=Path)
     args = parser.parse_args()
     if args.digest:
         deterministic_mac()
-    root = WORK / args.size / "login"
+    root = args.root or WORK / args.size / "login"
     for _ in range(args.runs):
         print(json.dumps(one_run(root, args.profile, args.digest)), flush=True)
     return 0

@@ -23,6 +23,14 @@ and on every drain; after other batches the kernel only starts writing them back
 (``sync_file_range``), so the drain's fdatasync finds little left to write and no
 batch waits for the disk.
 
+A file whose data are still changing as a batch reads them (an install writing a big
+file while batches run every ``max_delay``) is left for the next batch, up to
+``reconcile.DEFER_NS`` (3 s), unless a drain waits for the batch: it is journaled once
+written, read while it does not change, so its Extents carry the witness that spares
+the login replicad hashing them when it ships them (``records.StableExtent``), instead
+of as it grows, in Extents read while it changed.  A follower that streams all along
+sees such a file up to DEFER_NS later; a barrier sees it all.
+
 Barrier: fanotify queues an event inside the syscall that caused it, so every change
 whose syscall returned before a drain request is in the queue when the request
 arrives.  A drain reads the queue until it is empty *after* the request, reconciles,
@@ -410,8 +418,10 @@ class Capture:
         ino = fan.handle_ino(handle)
         return ino if ino is not None else handle_id(self.model, handle, self.upper)
 
-    def _batch(self) -> None:
-        """Reconcile what ``dirty`` points at and journal it as one committed batch."""
+    def _batch(self, final: bool = True) -> None:
+        """Reconcile what ``dirty`` points at and journal it as one committed batch
+        (``final``: a drain waits for it; otherwise a file still being written may wait
+        for the next batch, ``Reconciler.reconcile``)."""
         dirty, self.dirty = self.dirty, Dirty()
         self.pending_events = 0
         if not dirty:
@@ -438,9 +448,13 @@ class Capture:
                             count)
                 time.sleep(3600)
 
-        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries)
+        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries, final)
         if stats.carry:
             self.dirty.merge(Dirty(dirs=stats.carry))
+        if stats.carry_data:  # read again once the queue is quiet or max_delay passed
+            if not self.dirty:
+                self._first_event = time.monotonic()
+            self.dirty.merge(Dirty(objects=dict(stats.carry_data), data=set(stats.carry_data)))
         if pending:
             journal.append_many(pending, admitted=True)
         if begin:
@@ -485,7 +499,7 @@ class Capture:
                 await self._gather()
                 waiters, self._waiters = self._waiters, []
                 await self.offload.run(self._read_events)  # all queued before the requests
-                await self.offload.run(self._batch)
+                await self.offload.run(self._batch, bool(waiters) or self.stopping)
                 while (waiters or self.stopping) and self.dirty:  # what the batch left over
                     await self.offload.run(self._batch)
                 if waiters or self.stopping:

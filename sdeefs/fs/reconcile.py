@@ -88,6 +88,13 @@ READ_CHUNK = 1 << 20
 # (kernels without fine-grained ctime): the model then keeps ctime 0, so that a full
 # scan reads the file again instead of trusting an unchanged ctime.
 UNSURE_NS = 50_000_000
+# The clock the kernel stamps file times with (CLOCK_REALTIME_COARSE, which the time
+# module does not name) and its tick: a file time a tick older than a reading of it was
+# set before the reading, and any change after it gets a later one (kernels with
+# fine-grained ctime give a later one also within the tick, once the ctime was looked at).
+CLOCK_FILE_TIMES = 5
+DEFER_NS = 3_000_000_000  # a file read while changing waits this long at most (reconcile)
+FILE_TIME_TICK = round(time.clock_getres(CLOCK_FILE_TIMES) * 1e9)
 OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Emit = Callable[[rec.Record], None]
@@ -199,6 +206,9 @@ class Stats:
     examined: int = 0
     read_bytes: int = 0
     carry: dict[int, bytes] = attrs.field(factory=dict)  # directories to list again
+    # inode -> handle of files whose data were changing as they were read: the next
+    # batch reads them again (``Reconciler.reconcile``'s ``final``)
+    carry_data: dict[int, bytes] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -319,6 +329,11 @@ class _Batch:
     budget: int = 0  # new entries to examine at most (0: no bound)
     inline_left: int = INLINE_BYTES  # bytes new files may still keep for their Create
     carry: dict[int, bytes] = attrs.field(factory=dict)  # inode -> handle: list it again
+    # (the kernel's clock for file times) before anything of the batch was read: a ctime
+    # a tick older than this is a StableExtent's witness (``sdeefs.records``)
+    started_ns: int = attrs.field(factory=lambda: time.clock_gettime_ns(CLOCK_FILE_TIMES))
+    may_defer: bool = False  # files read while changing may wait for the next batch
+    carry_data: dict[int, bytes] = attrs.field(factory=dict)  # (Stats.carry_data)
 
     def inline(self, data: bytes) -> bytes | None:
         """``data`` if a Create may carry it (at most MAX_INLINE, and the batch has not
@@ -346,6 +361,8 @@ class Reconciler:
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
     _sums: Sums | None = None  # block sums in C (with ``native``; None: hashlib)
+    # inode -> (time.monotonic_ns) when its data were first left for a later batch
+    _deferred: dict[int, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         if self.native and capturec is not None:
@@ -367,14 +384,27 @@ class Reconciler:
 
     # -- the one entry point ------------------------------------------------------------------
 
-    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0) -> Stats:
+    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0, final: bool = True
+                  ) -> Stats:
         """Journal (through ``emit``) what changed where ``dirty`` points.
 
         ``budget`` bounds the new entries one call examines (and so its memory): the
         directories that hold more come back in ``Stats.carry``, to be listed again by
         the next call; every call leaves a complete tree (with fewer new entries).
+
+        Not ``final`` (a batch no drain waits for): a file whose data changed and were
+        still changing as they were read (no witness: ``sdeefs.records``,
+        StableExtent) is left as the model has it, for DEFER_NS at most, and comes
+        back in ``Stats.carry_data`` for the next call to read again: a file an
+        install is still writing is journaled once it is written, with the witness
+        that spares a shipper hashing it, instead of as it grows.
         """
-        b = _Batch(budget=budget, inline_left=self.inline_bytes)
+        b = _Batch(budget=budget, inline_left=self.inline_bytes,
+                   may_defer=not final and not dirty.full)
+        if self._deferred:  # (files deleted while they waited are not seen again)
+            now = time.monotonic_ns()
+            self._deferred = {ino: since for ino, since in self._deferred.items()
+                              if now - since < 2 * DEFER_NS}
 
         def out(record: rec.Record) -> None:
             try:  # the journal's door, checked before the batch is written
@@ -386,7 +416,7 @@ class Reconciler:
 
         self._observe(dirty, b)
         self._plan_and_emit(b, out)
-        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry)
+        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry, b.carry_data)
 
     # -- 1. observe ---------------------------------------------------------------------------
 
@@ -1034,6 +1064,8 @@ class Reconciler:
             node = m.nodes.get(id)
             if node is None or not node.parent and id != UPPER:
                 continue
+            if self._defer(b, node, seen):
+                continue
             path = m.path(id)
             if seen.xattrs != node.xattrs:
                 have = dict(node.xattrs)
@@ -1051,7 +1083,10 @@ class Reconciler:
             if got is not None:
                 mtime, ctime = got.mtime, got.ctime
                 if data != got.sums or size != got.size:
-                    for extent in extents(path, seen.handle, data, size, got.sums, got.size):
+                    witness = got.ctime if got.ctime and \
+                        got.ctime + FILE_TIME_TICK <= b.started_ns else 0
+                    for extent in extents(path, seen.handle, data, size, got.sums, got.size,
+                                          witness):
                         emit(extent)
                     mask |= rec.SET_MTIME
                     if size != got.size or data is None:
@@ -1071,6 +1106,26 @@ class Reconciler:
                      size=size, handle=seen.handle or handle, data=data)
             if mask:
                 emit(rec.Setattr(path, mask, perm, seen.uid, seen.gid, size, 0, mtime))
+
+
+    def _defer(self, b: _Batch, node: Node, seen: Seen) -> bool:
+        """Leave ``seen`` (all of it) for the next batch?  Its data changed, they were
+        changing as they were read (no witness), the batch may defer and it was not
+        deferred for DEFER_NS already (``reconcile``)."""
+        got = seen.contents
+        if got is None or not got.size or got.sums == node.data and got.size == node.size:
+            self._deferred.pop(seen.ino, None)
+            return False
+        if got.ctime and got.ctime + FILE_TIME_TICK <= b.started_ns or not b.may_defer \
+                or not seen.handle:
+            self._deferred.pop(seen.ino, None)
+            return False
+        now = time.monotonic_ns()
+        if now - self._deferred.setdefault(seen.ino, now) >= DEFER_NS:
+            self._deferred.pop(seen.ino, None)
+            return False
+        b.carry_data[seen.ino] = seen.handle
+        return True
 
 
 def data_sums(data: bytes | memoryview, fast: Sums | None = None) -> bytes:
@@ -1106,10 +1161,12 @@ def read_sums(fd: int, buf: bytearray | None = None, fast: Sums | None = None
 
 
 def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: bytes,
-            new_size: int) -> Iterator[rec.Extent]:
+            new_size: int, witness: int = 0) -> Iterator[rec.Extent]:
     """Extent records that turn a file with sums ``old`` (None: unknown) into one with
     sums ``new``.  Blocks past the old end that are all zeros are left to the size
-    change; at least one Extent (maybe of length 0) comes out."""
+    change; at least one Extent (maybe of length 0) comes out.  ``witness``: the ctime
+    the file kept while read, old enough to prove it (``sdeefs.records``): the Extents
+    with data are StableExtents that carry it (0: plain Extents)."""
     count = len(new) // SUM
     changed = []
     for i in range(count):
@@ -1132,7 +1189,9 @@ def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: b
         first, last = changed[start], changed[end]
         offset = first * BLOCK
         length = min((last + 1) * BLOCK, new_size) - offset
-        yield rec.Extent(path, handle, offset, length, new_size, new[first * SUM:(last + 1) * SUM])
+        sums = new[first * SUM:(last + 1) * SUM]
+        yield rec.StableExtent(path, handle, offset, length, new_size, sums, witness) \
+            if witness else rec.Extent(path, handle, offset, length, new_size, sums)
         out += 1
         start = end + 1
     if not out:

@@ -21,7 +21,10 @@ journal (:func:`settled`), and the records a Void names travel as markers, as ab
 ones do (:func:`without_aborted`).  Its ``Extent`` records are checked against what
 the capture read (the rule in ``sdeefs.records``, :func:`extent_blocks_ok`): a block
 that changed since is shipped only if a later committed Extent rewrites it; otherwise
-the sender waits for the capture's next batch and reads again.  A head query drains
+the sender waits for the capture's next batch and reads again.  A ``StableExtent``
+(an Extent with the capture's witness) is shipped without hashing its data when the
+witness holds (:func:`no_writer`, :func:`unchanged_since_read`), as the plain Extent it
+also is (the witness never leaves the login node).  A head query drains
 the capture first (:meth:`OriginUser.drain_capture`): the head it answers holds every
 change the user made before the query; when no capture answers although one is
 expected, the query fails and the barrier asks again.  The layer root is the user's
@@ -38,10 +41,12 @@ node costs nothing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import signal
 import stat
 import struct
 import threading
@@ -56,6 +61,7 @@ from .. import records as rec
 from ..control import ControlError
 from ..errors import JournalCorrupt, QuietError
 from ..fs import capture, image, kernel
+from ..fs.fanotify import handle_ino
 from ..journal import Entry, Journal, JournalTail, RawEntry, Trimmed, journal_id
 from ..layers import LayerRoot, open_layer_root
 from ..offload import Offload
@@ -364,6 +370,37 @@ def all_blocks_match(record: rec.Extent,
     return b"".join(sums)[:need * rec.SUM_SIZE] == record.sums[:need * rec.SUM_SIZE]
 
 
+def no_writer(fd: int) -> bool:
+    """Has nobody the file at ``fd`` (open read-only) open for writing, a writable
+    mapping included?  A read lease taken and released at once (condition 1 of a
+    StableExtent's witness, ``sdeefs.records``); False where a lease cannot be had."""
+    try:
+        # A writer opening the file between the two calls breaks the lease: the kernel
+        # signals its holder, SIGIO by default, which would end this daemon.  SIGWINCH's
+        # default is to ignore it, and nothing here handles it.
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGWINCH)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:  # EAGAIN: open for writing (or being executed); others: no leases
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
+def unchanged_since_read(fd: int, record: rec.StableExtent,
+                         frames: Sequence[bytearray | memoryview]) -> bool:
+    """Are the data ``frames`` hold, just read from ``fd``, the bytes the capture summed
+    for ``record``?  Condition 2 of its witness (``sdeefs.records``): the read was whole
+    and the open file is the handle's inode with its ctime as the capture saw it."""
+    st = os.fstat(fd)
+    if st.st_ctime_ns != record.ctime_ns or handle_ino(record.handle) != st.st_ino:
+        return False
+    got = 0
+    for frame in frames:
+        with write_frame_data(frame) as data:
+            got += len(data)
+    return got == record.length
+
+
 def write_frame_data(frame: bytearray | memoryview) -> memoryview:
     """The data of a RECORD frame ``wire.encode_write_frames`` made: after the header, the
     record head and the record, before the MAC."""
@@ -395,9 +432,13 @@ class JournalSender:
     first_seen: float = 0.0
     skipped: bool = False
     waiting: bool = False  # an Extent's data changed since the capture read it
-    # A capture batch (Begin) was read: look for open ones (``open_batch``, a scan of
-    # ``pending`` per call: a passthrough journal, which has none, skips it).
+    # A capture batch (Begin) was read: look for open ones (a passthrough journal, which
+    # has none, skips it).
     batches: bool = False
+    # the seqs of the Begins read whose Commit or Void was not read yet: ``open_batch``
+    # kept as entries are read, not a scan of ``pending`` per look (a cold stream's
+    # thousands of looks at a window of thousands of entries)
+    open_begins: set[int] = attrs.field(factory=set)
     frames: BufferPool = attrs.field(factory=lambda: BufferPool(keep=3 * 32))  # 3 batches
 
     async def run(self) -> None:
@@ -460,11 +501,13 @@ class JournalSender:
         # can go before its Commit (the capture bounds a batch: Config.batch_entries).
         if len(self.pending) < MAX_PENDING:
             self._take(self.tail.poll_raw(POLL_BYTES))
-        while self.batches and open_batch(self.pending) is not None \
+        while self.batches and self._open_batch() is not None \
                 and self._take(self.tail.poll_raw(POLL_BYTES)):
             pass
         pending = self.pending
-        ready = settled(pending, self.first_seen, self.batches)
+        open_at = self._open_batch() if self.batches else None
+        ready = settled(pending if open_at is None else pending[:open_at], self.first_seen,
+                        False)
         out: list[Encoded] = []
         run = RunEncoder(self.link.key)  # small records share frames (``wire.RUN``)
         size = taken = 0
@@ -474,7 +517,7 @@ class JournalSender:
             entry = pending[taken]
             rtype = entry.rtype
             frames: list[bytearray | memoryview] | None = None
-            if rtype == rec.Extent.TYPE:
+            if rtype in rec.EXTENT_TYPES:
                 frames = self._extent_frames(entry.seq, cast(rec.Extent, entry.record),
                                              pending[taken + 1:ready],
                                              SKIP if self.skipped else 0)
@@ -530,8 +573,33 @@ class JournalSender:
             self.first_seen = time.monotonic()
         if not self.batches:
             self.batches = any(e.rtype == rec.Begin.TYPE for e in new)
+        if self.batches:
+            begins = self.open_begins
+            for entry in new:  # what ``open_batch`` looks for, entry by entry
+                rtype = entry.rtype
+                if rtype == rec.Begin.TYPE:
+                    begins.add(entry.seq)
+                elif rtype == rec.Commit.TYPE:
+                    begins.discard(cast(rec.Commit, entry.record).begin)
+                elif rtype == rec.Void.TYPE:
+                    first = cast(rec.Void, entry.record).begin
+                    self.open_begins = begins = {seq for seq in begins if seq < first}
         self.pending = without_aborted(self.pending, new)
         return bool(new)
+
+    def _open_batch(self) -> int | None:
+        """``open_batch(self.pending)``, from ``open_begins``: ``pending`` holds consecutive
+        seqs (a stretch of the journal), so the oldest open Begin's index is its seq's
+        distance from the first; scanned where that does not hold."""
+        if not self.open_begins:
+            return None
+        pending = self.pending
+        first = min(self.open_begins)
+        index = first - pending[0].seq if pending else -1
+        if 0 <= index < len(pending) and pending[index].seq == first \
+                and pending[index].rtype == rec.Begin.TYPE:
+            return index
+        return open_batch(pending)
 
     def _extent_frames(self, seq: int, record: rec.Extent, after: Sequence[SendEntry],
                        flags: int) -> list[bytearray | memoryview] | None:
@@ -544,12 +612,19 @@ class JournalSender:
         (``seal_frame``) where they go into the batch, after what goes before them; a
         frame sealed and then held back, or out of order, is a gap the follower refuses."""
         fd = open_write_data(self.source, record)
+        witnessed = False
         try:
-            frames = encode_write_frames(seq, record, fd, None, flags)
+            if isinstance(record, rec.StableExtent):  # its witness stays on the login node
+                stable = fd is not None and no_writer(fd)
+                frames = encode_write_frames(seq, record.extent(), fd, None, flags)
+                witnessed = stable and fd is not None and unchanged_since_read(
+                    fd, record, frames)
+            else:
+                frames = encode_write_frames(seq, record, fd, None, flags)
         finally:
             if fd is not None:
                 os.close(fd)
-        if fd is not None:
+        if fd is not None and not witnessed:
             parts = [write_frame_data(frame) for frame in frames]
             try:
                 if not (all_blocks_match(record, parts) or extent_blocks_ok(

@@ -95,6 +95,11 @@ RECORD_STRATEGIES[rec.Create] = st.builds(
     rec.Create, paths, st.integers(0, 0o7777).map(lambda p: stat.S_IFREG | p), U32, U32, I64,
     handles, _xattr_lists,
     st.one_of(st.binary(max_size=400), st.just(b"d" * rec.MAX_INLINE)))
+# an Extent with the capture's witness (encoding 3): a ctime > 0
+RECORD_STRATEGIES[rec.StableExtent] = st.builds(
+    rec.StableExtent, paths, handles,
+    st.integers(0, 2**40).map(lambda n: n * rec.EXTENT_BLOCK), st.integers(0, 2**40), U64,
+    st.integers(0, 64).map(lambda n: bytes(range(16)) * n), st.integers(1, 2**63 - 1))
 valid_records = st.one_of(*RECORD_STRATEGIES.values())
 KNOWN_TYPES = sorted(rec.RECORD_TYPES)
 
