@@ -135,15 +135,18 @@ class Identity:
         """Could U read this entry on the host (list *and* search it, for a directory)?
 
         Owner, group and other bits are checked as the kernel would for U (only the
-        first class that applies counts); a symlink is always readable.
+        first class that applies counts); a symlink is always readable.  U's subordinate
+        ids count as U's own (:meth:`owns_uid`, :meth:`owns_gid`): U is each of them in a
+        namespace of its own (root inside is one), so an entry they own is U's business,
+        as the files root inside makes in U's home or a rootless container's layers are.
         """
         mode = st.st_mode
         if stat.S_ISLNK(mode):
             return True
         need = 0o5 if stat.S_ISDIR(mode) else 0o4
-        if st.st_uid == self.uid:
+        if self.owns_uid(st.st_uid):
             bits = mode >> 6
-        elif st.st_gid == self.gid or st.st_gid in self.groups:
+        elif self.owns_gid(st.st_gid):
             bits = mode >> 3
         else:
             bits = mode

@@ -307,3 +307,25 @@ def test_a_pam_session_gets_the_bpf_guard(alice: User) -> None:
         next(session)  # the session closes: grace 0, nothing running: the end
     assert env.EnvRecord.load(env.EnvDirs.login(config().root, str(RUN), dave.name).run) is None
     assert dave.uid not in guard.entries()
+
+
+def test_a_rootless_containers_layers_in_the_home(alice: User) -> None:
+    """A container root inside runs (its own user and mount namespaces and overlay, layers
+    in the bound home): a file root inside made there is owned on the host by the user's
+    first subordinate uid, which the rule counts as the user's own
+    (Identity.host_readable), so the guard hides none of it — through the container's
+    overlay (inode hooks), nor at its copy-up."""
+    ctr = f"{alice.home}/bpftest-ctr"
+    out = run_inside(alice, f"rm -rf {ctr} && mkdir -p {ctr}/lower {ctr}/merged && "
+                            f"(umask 077; echo layer > {ctr}/lower/f) && "
+                            "mkdir -p /tmp/ctr-u /tmp/ctr-w && "
+                            "unshare --user --map-root-user --mount sh -c '"
+                            f"mount -t overlay overlay -o lowerdir={ctr}/lower,upperdir=/tmp/ctr-u,"
+                            f"workdir=/tmp/ctr-w,userxattr {ctr}/merged && "
+                            f"cat {ctr}/merged/f && echo more >> {ctr}/merged/f && "
+                            f"cat {ctr}/merged/f' 2>&1; echo rc=$?")
+    assert out == "layer\nlayer\nmore\nrc=0\n", out
+    # the control: on the host the layer's file is a subordinate uid's, 0600
+    st = (Path(alice.home) / "bpftest-ctr" / "lower" / "f").stat()
+    assert st.st_mode & 0o777 == 0o600
+    assert st.st_uid != alice.uid

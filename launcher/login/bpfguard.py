@@ -37,8 +37,9 @@ root-only file and keep it open.  The program instead guards every user namespac
 *owner* (or an ancestor's) is a key, and the key is the user's uid: it is in the map
 before the namespace exists (view.start_login adds it before anything is mounted), so no
 such moment exists.  It guards the user's other namespaces too (a rootless container):
-there the rule is the host's own permission check for the user, so nothing changes for
-them but ACLs and capabilities (a file readable through an ACL only is hidden).  It is
+there the rule is the host's own permission check for the user, counting the user's
+subordinate ids as the user's (a container's layers are owned by them), so nothing changes
+for them but ACLs (a file readable through an ACL only is hidden).  It is
 removed at teardown (:meth:`BpfGuard.forget`: only the key of that uid, and only once no
 process is left in a namespace the user owns: a key is never removed under a live
 environment).  Keys of users with no such process and no environment being set up (its
@@ -119,10 +120,11 @@ COMPONENT_LEN = 64  # guard.bpf.c: a starred component longer than this never ma
 PATH_LEN = 256
 
 KEY = struct.Struct("=I")  # guarded: the namespace owner's uid; host_devs: s_dev; deny: index
-IDENTITY = struct.Struct(f"=III{MAX_GROUPS}I")  # struct identity: uid, gid, ngroups, groups
+# struct identity: uid, gid, ngroups, subuid, subgid, count, groups
+IDENTITY = struct.Struct(f"=IIIIII{MAX_GROUPS}I")
 DENY_PATTERN = struct.Struct(f"=III{DENY_LEN}s{SUFFIX_LEN}s")  # struct deny_pattern
 DEV_PRESENT = struct.Struct("=B")  # host_devs' value: 1
-assert IDENTITY.size == 12 + 4 * MAX_GROUPS
+assert IDENTITY.size == 24 + 4 * MAX_GROUPS
 assert DENY_PATTERN.size == 12 + DENY_LEN + SUFFIX_LEN
 
 MAPS = ("guarded", "host_devs", "deny", "counts")
@@ -228,26 +230,31 @@ def view_deny(config: SiteConfig) -> tuple[str, ...]:
 
 @attrs.frozen
 class Guarded:
-    """``guarded``'s value: whose environment (the rule's uid, gid and groups)."""
+    """``guarded``'s value: whose environment (the rule's uid, gid, groups and
+    subordinate ranges: Identity.host_readable)."""
 
     uid: int
     gid: int
     groups: tuple[int, ...]
+    subuid: int = 0
+    subgid: int = 0
+    count: int = 0  # of each subordinate range (0: none)
 
     @classmethod
     def of(cls, ids: Identity) -> Guarded:
-        return cls(ids.uid, ids.gid, ids.groups)
+        return cls(ids.uid, ids.gid, ids.groups, ids.subuid, ids.subgid, ids.count)
 
     def encode(self) -> bytes:
         if len(self.groups) > MAX_GROUPS:
             raise ValueError(f"{len(self.groups)} groups (the program holds {MAX_GROUPS})")
         groups = list(self.groups) + [0] * (MAX_GROUPS - len(self.groups))
-        return IDENTITY.pack(self.uid, self.gid, len(self.groups), *groups)
+        return IDENTITY.pack(self.uid, self.gid, len(self.groups), self.subuid, self.subgid,
+                             self.count, *groups)
 
     @classmethod
     def decode(cls, data: bytes) -> Guarded:
-        uid, gid, count, *groups = IDENTITY.unpack(data)
-        return cls(uid, gid, tuple(groups[:min(count, MAX_GROUPS)]))
+        uid, gid, ngroups, subuid, subgid, count, *groups = IDENTITY.unpack(data)
+        return cls(uid, gid, tuple(groups[:min(ngroups, MAX_GROUPS)]), subuid, subgid, count)
 
 
 def kernel_dev(st_dev: int) -> int:

@@ -99,6 +99,12 @@ def test_the_guard_hides_what_the_user_cannot_read_on_the_host() -> None:
     assert not hides(0o640, gid=4343)
     assert not hides(0o400, uid=4242)  # the user's own
     assert hides(0o044, uid=4242)  # ... unless its owner bits say no
+    # the user's subordinate ids are the user's own (root inside, a rootless container's)
+    assert not hides(0o600, uid=200005, gid=5000)
+    assert not hides(0o640, uid=5000, gid=300007)
+    assert not hides(0o700, uid=200000 + 65535, is_dir=True)
+    assert hides(0o600, uid=200000 + 65536)  # past the range: another's
+    assert hides(0o640, uid=5000, gid=300000 + 65536)
     assert not policy.hides(b"l", os.stat_result((stat.S_IFLNK | 0o777, 1, 1, 1, 0, 0, 0, 0, 0,
                                                   0)))
 

@@ -80,10 +80,13 @@ LAYOUT_PROBE = r"""
 #include "guard.h"
 int main(void)
 {
-    struct identity id = {.uid = 1000, .gid = 100, .ngroups = 2, .groups = {27, 44}};
+    struct identity id = {.uid = 1000, .gid = 100, .ngroups = 2, .subuid = 231072,
+                          .subgid = 231073, .count = 65536, .groups = {27, 44}};
     const unsigned char *b = (const unsigned char *)&id;
-    printf("%zu %zu %zu %zu %zu\n", sizeof(struct identity), offsetof(struct identity, uid),
-           offsetof(struct identity, gid), offsetof(struct identity, ngroups),
+    printf("%zu %zu %zu %zu %zu %zu %zu %zu\n", sizeof(struct identity),
+           offsetof(struct identity, uid), offsetof(struct identity, gid),
+           offsetof(struct identity, ngroups), offsetof(struct identity, subuid),
+           offsetof(struct identity, subgid), offsetof(struct identity, count),
            offsetof(struct identity, groups));
     printf("%zu %zu %zu %zu %zu %zu\n", sizeof(struct deny_pattern),
            offsetof(struct deny_pattern, prefix_len), offsetof(struct deny_pattern, suffix_len),
@@ -111,15 +114,16 @@ def test_the_values_python_writes_match_guard_h(tmp_path: Path) -> None:
                          text=True).stdout
     identity, deny, limits, raw = out.split("\n")[:4]
     groups = 4 * bpfguard.MAX_GROUPS
-    assert identity.split() == [str(IDENTITY.size), "0", "4", "8", "12"]
-    assert IDENTITY.size == 12 + groups
+    assert identity.split() == [str(IDENTITY.size), "0", "4", "8", "12", "16", "20", "24"]
+    assert IDENTITY.size == 24 + groups
     assert deny.split() == [str(DENY_PATTERN.size), "0", "4", "8", "12",
                             str(12 + bpfguard.DENY_LEN)]
     assert [int(n) for n in limits.split()] == [
         bpfguard.MAX_GROUPS, bpfguard.GUARDED_MAX, bpfguard.DEVS_MAX, bpfguard.DENY_MAX,
         bpfguard.DENY_LEN, bpfguard.SUFFIX_LEN]
-    assert bytes.fromhex(raw) == Guarded(1000, 100, (27, 44)).encode()
-    assert Guarded.decode(bytes.fromhex(raw)) == Guarded(1000, 100, (27, 44))
+    written = Guarded(1000, 100, (27, 44), 231072, 231073, 65536)
+    assert bytes.fromhex(raw) == written.encode()
+    assert Guarded.decode(bytes.fromhex(raw)) == written
 
 
 # -- the maps, pinned in a private bpffs (maps load here; programs do not) ---------------------
@@ -195,7 +199,8 @@ def test_add_forget_and_stale_keys_on_the_pinned_map(tmp_path: Path) -> None:
             lib.update(fd, bpfguard.KEY.pack(gone), Guarded(gone, gone, ()).encode())
         ids = Identity(alice, alice, (27,), 100000, 100000, 65536, 1000)
         assert guard.add(config, ids) == alice  # before its namespace exists: a login's order
-        assert guard.entries() == {alice: Guarded(alice, alice, (27,))}  # gone's dropped
+        # gone's dropped
+        assert guard.entries() == {alice: Guarded(alice, alice, (27,), 100000, 100000, 65536)}
         with holder(alice), holder(bob):
             assert guard.guarding(alice, alice)
             assert not guard.guarding(alice, bob)

@@ -89,7 +89,7 @@ static __always_inline void count(__u32 slot)
  * before the namespace exists, so there is no moment in which the user could join an
  * environment the program does not guard yet; it also guards every other namespace the
  * user makes (a rootless container: the same rule as the host's permissions, for the
- * user's own files).  0 (bench/lsmguard's loader): the namespace's inode number. */
+ * user's own files, its subordinate ids' included: the container's layers are theirs).  0 (bench/lsmguard's loader): the namespace's inode number. */
 const volatile __u32 key_by_owner = 0;
 
 /* The identity of the environment the current task belongs to, or NULL.  Plain loads
@@ -153,9 +153,9 @@ static __always_inline int decide_fields(struct identity *id, __u32 mode, __u32 
 	__u32 need = (mode & S_IFMT) == S_IFDIR ? 5 : 4;
 	__u32 bits;
 
-	if (uid == id->uid)
+	if (uid == id->uid || uid - id->subuid < id->count) /* (unsigned: below wraps) */
 		bits = mode >> 6;
-	else if (gid == id->gid || in_groups(id, gid))
+	else if (gid == id->gid || in_groups(id, gid) || gid - id->subgid < id->count)
 		bits = mode >> 3;
 	else
 		bits = mode;
@@ -209,13 +209,33 @@ static __always_inline int decide_read(struct inode *inode, enum hook hook)
 
 static __always_inline struct inode *ovl_lower(struct inode *inode);
 
+/* Is this overlayfs superblock an environment's own view (with key_by_owner)?  The
+ * environment's overlay is mounted in its user namespace, which the user owns (sdeefs-enter
+ * start makes it as the user); an overlay a container inside mounts is in a namespace
+ * root inside made, owned by root inside's host uid (a subordinate one), so its layers
+ * (in the bound home, say: the user's own business, as on the host) are not the guard's.
+ * Nothing of the host is reachable through such an overlay but through the view (decided
+ * there) or the binds (never decided).  The bench's loader (key: the namespace) decides all. */
+static __always_inline int env_view(const struct super_block *sb, const struct identity *id)
+{
+	if (!key_by_owner)
+		return 1;
+	return BPF_CORE_READ(sb, s_user_ns, owner.val) == id->uid;
+}
+
 /* The decision of the inode hooks: with view_only, on an overlayfs inode's lower entry
- * (none: an entry with an upper, the user's own); else on a host inode itself. */
+ * (none: an entry with an upper, the user's own) of an environment's view; else on a host
+ * inode itself. */
 static __always_inline int decide(struct inode *inode, enum hook hook)
 {
+	struct identity *id;
+
 	if (!view_only)
 		return decide_host(inode, hook);
-	if (!inode || inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC || !guarded_identity())
+	if (!inode || inode->i_sb->s_magic != OVERLAYFS_SUPER_MAGIC)
+		return 0;
+	id = guarded_identity();
+	if (!id || !env_view(inode->i_sb, id))
 		return 0;
 	return decide_read(ovl_lower(inode), hook);
 }
@@ -280,8 +300,11 @@ static __always_inline struct inode *ovl_lower(struct inode *inode)
  * call decides too.) */
 static __always_inline int decide_stat(struct inode *inode, enum hook hook)
 {
-	if (inode && inode->i_sb->s_magic == OVERLAYFS_SUPER_MAGIC)
-		return guarded_identity() ? decide_read(ovl_lower(inode), hook) : 0;
+	if (inode && inode->i_sb->s_magic == OVERLAYFS_SUPER_MAGIC) {
+		struct identity *id = guarded_identity();
+
+		return id && env_view(inode->i_sb, id) ? decide_read(ovl_lower(inode), hook) : 0;
+	}
 	return view_only ? 0 : decide_host(inode, hook);
 }
 
@@ -442,14 +465,19 @@ static __always_inline int denied_path(const struct path *path, enum hook hook)
 {
 	struct path_buf buf = {};
 
-	if (!deny_count || !guarded_identity_probe())
+	struct identity *id = guarded_identity_probe();
+
+	if (!deny_count || !id)
 		return 0;
 	/* a stat's path is the overlay's (see decide_stat): the entry is a host one if
 	 * overlayfs' lower entry is; the path matched is the one given */
 	struct inode *inode = BPF_CORE_READ(path, dentry, d_inode);
 
-	if (inode && BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC)
+	if (inode && BPF_CORE_READ(inode, i_sb, s_magic) == OVERLAYFS_SUPER_MAGIC) {
+		if (!env_view(BPF_CORE_READ(inode, i_sb), id))
+			return 0; /* a container's overlay: not a view of the host */
 		inode = ovl_lower(inode);
+	}
 	else if (view_only)
 		return 0; /* not through a view: a bound home's "/home/..." is not denied */
 	if (!inode)

@@ -19,6 +19,9 @@ struct identity {
 	__u32 uid;
 	__u32 gid;
 	__u32 ngroups;
+	__u32 subuid; /* U's subordinate ranges: [subuid, subuid + count) and the same of */
+	__u32 subgid; /* gids count as U's own (sdeefs.identity: owns_uid, owns_gid) */
+	__u32 count;
 	__u32 groups[MAX_GROUPS];
 };
 

@@ -123,9 +123,10 @@ static bool host_readable(const struct policy *p, const struct stat *st)
     if (S_ISLNK(mode))
         return true;
     mode_t need = S_ISDIR(mode) ? 05 : 04;
-    if (st->st_uid == p->uid)
-        bits = mode >> 6;
-    else if (st->st_gid == p->gid || in_groups(p, st->st_gid))
+    if (st->st_uid == p->uid || (st->st_uid >= p->subuid && st->st_uid - p->subuid < p->count))
+        bits = mode >> 6; /* Identity.owns_uid: U's subordinate uids are U's */
+    else if (st->st_gid == p->gid || in_groups(p, st->st_gid) ||
+             (st->st_gid >= p->subgid && st->st_gid - p->subgid < p->count))
         bits = mode >> 3;
     else
         bits = mode;
