@@ -91,6 +91,7 @@ from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atom
 from ..trees import rmtree
 from .applier import REPLAYABLE, BatchApplier
 from .auth import HelloAuth
+from .receiver import ThreadReader
 from .snapshot import Staging, apply_from_peer
 from .wire import (
     ACK,
@@ -631,7 +632,9 @@ class Follower:
     """Pulls ``user``'s records over ``stream`` into ``replica`` until the upstream closes.
 
     Blocking work (applying, syncing) runs in worker threads (``offload``) under
-    ``replica.lock``; the trio loop only moves bytes and checks frames.  At most
+    ``replica.lock``; on a socket, frames are read and checked in a thread of the link's
+    own (``receiver.ThreadReader``, handed over in batches), otherwise on the trio loop
+    (``wire.FrameReader``); the trio loop moves checked frames to the applier.  At most
     IN_FLIGHT_BYTES are read ahead of what is applied (TCP holds the upstream back), and
     ``wait_room(bytes)``, when given, is awaited before a batch of RECORD frames of that
     size (at most about ``batch_bytes``) is applied (a relay's buffer waiting for its
@@ -672,6 +675,9 @@ class Follower:
     _in_flight: int = attrs.field(init=False, default=0)
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)  # _in_flight shrank
     _sending: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # applier and reporter
+    # the link's reading thread (``receiver.ThreadReader``): one, never the daemon's pool
+    _reading: Offload = attrs.field(init=False,
+                                    factory=lambda: Offload(trio.CapacityLimiter(1)))
 
     async def run(self) -> None:
         replica = self.replica
@@ -716,31 +722,43 @@ class Follower:
 
     async def _read_frames(self, reader: FrameReader, send: trio.MemorySendChannel[Frame],
                            silence: trio.CancelScope) -> None:
+        threaded = ThreadReader.take_over(reader)
         async with send:
             while True:
                 silence.deadline = trio.current_time() + self.silence_timeout
                 try:
-                    frame = await reader.frame(self._key)
+                    if threaded is None:
+                        frames = [await reader.frame(self._key)]
+                    else:  # (its own thread: never one the applier waits for)
+                        while self._in_flight >= IN_FLIGHT_BYTES:
+                            await self._drained.wait()
+                        frames = await self._reading.run(
+                            threaded.frames, self._key, IN_FLIGHT_BYTES - self._in_flight)
                 except EOFError:
                     return
                 silence.deadline = math.inf
-                self.stats.bytes_received += FRAME_HEADER.size + len(frame.payload) + MAC_SIZE
-                self.stats.frames += 1
-                if frame.type == ERROR:
-                    raise decode_error(frame, "upstream: ")
-                if frame.type == HEAD:
-                    self.stats.head = max(self.stats.head, frame.seq)
-                    continue
-                while self._in_flight >= IN_FLIGHT_BYTES:
-                    await self._drained.wait()
-                self._in_flight += len(frame.payload)
-                try:
-                    # Without a checkpoint: every frame already read is handed over
-                    # before the applier runs, so it takes them as one batch (a file's
-                    # records together), not one or two frames per thread call.
-                    send.send_nowait(frame)
-                except trio.WouldBlock:
-                    await send.send(frame)
+                for frame in frames:
+                    await self._hand_over(frame, send)
+
+    async def _hand_over(self, frame: Frame, send: trio.MemorySendChannel[Frame]) -> None:
+        """A checked frame to the applier (or, HEAD and ERROR, taken in here)."""
+        self.stats.bytes_received += FRAME_HEADER.size + len(frame.payload) + MAC_SIZE
+        self.stats.frames += 1
+        if frame.type == ERROR:
+            raise decode_error(frame, "upstream: ")
+        if frame.type == HEAD:
+            self.stats.head = max(self.stats.head, frame.seq)
+            return
+        while self._in_flight >= IN_FLIGHT_BYTES:
+            await self._drained.wait()
+        self._in_flight += len(frame.payload)
+        try:
+            # Without a checkpoint: every frame already read is handed over
+            # before the applier runs, so it takes them as one batch (a file's
+            # records together), not one or two frames per thread call.
+            send.send_nowait(frame)
+        except trio.WouldBlock:
+            await send.send(frame)
 
     async def _apply(self, receive: trio.MemoryReceiveChannel[Frame]) -> None:
         async with receive:

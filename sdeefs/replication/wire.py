@@ -454,6 +454,9 @@ def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
     return ftype, flags, length, seq, crc
 
 
+decode_header = _decode_header  # the receiving end's (``receiver.ThreadReader``) name for it
+
+
 Payload = bytes | memoryview  # a frame's payload: a received RECORD's may be a view
 Encoded = bytes | bytearray | memoryview  # an encoded frame (a view: of a ``BufferPool``'s)
 Out = list[bytes | bytearray] | list[Encoded]  # where a RunEncoder puts the frames it closes
@@ -577,6 +580,11 @@ class FrameReader:
         self.start = self.end = 0  # the bytes read and not taken: buf[start:end]
         self.max_payload = MAX_HANDSHAKE_PAYLOAD
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The socket of the stream (None: it is not a ``trio.SocketStream``)."""
+        return self._socket
 
     def trust(self) -> None:
         """The peer authenticated: frames and reads of full size from now on."""
