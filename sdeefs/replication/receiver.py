@@ -31,6 +31,7 @@ upstream is silent for too long (the caller's deadline), is not held by it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import sys
@@ -69,28 +70,45 @@ class SlabPool:
     """
 
     keep: int = KEEP_SLABS
-    _slabs: list[bytearray] = attrs.field(factory=list)
+    _slabs: list[mmap.mmap] = attrs.field(factory=list)
     _free_refs: int = 0
 
     def __attrs_post_init__(self) -> None:
-        self._slabs.append(bytearray(1))
+        self._slabs.append(_new_slab())
         slab = self._slabs[0]
         self._free_refs = sys.getrefcount(slab)
         del slab
         self._slabs.clear()
 
-    def take(self) -> bytearray:
+    def take(self) -> mmap.mmap:
         """A slab nothing else refers to, contents undefined."""
         for slab in self._slabs:  # (a local name: counted as when measured)
             if sys.getrefcount(slab) <= self._free_refs:
                 return slab
-        slab = bytearray(SLAB)
+        slab = _new_slab()
         if len(self._slabs) < self.keep:
             self._slabs.append(slab)
         return slab
 
+    def trim(self) -> None:
+        """Let the free slabs go (an idle link keeps none: its memory goes back)."""
+        kept = []
+        for slab in self._slabs:
+            if sys.getrefcount(slab) > self._free_refs:
+                kept.append(slab)
+        self._slabs[:] = kept
+
     def __len__(self) -> int:
         return len(self._slabs)
+
+
+def _new_slab() -> mmap.mmap:
+    """Anonymous memory, its pages made on first use: not a ``bytearray``, which is zeroed
+    whole when made (a memset of SLAB bytes, every page at once)."""
+    return mmap.mmap(-1, SLAB)
+
+
+NO_SLAB = bytearray()  # the slab of a reader that let its slab go (idle): none
 
 
 class ThreadReader:
@@ -106,7 +124,7 @@ class ThreadReader:
         self.fd = fd
         self.max_payload = max_payload
         self.pool = pool if pool is not None else SlabPool()
-        self.slab = self.pool.take()
+        self.slab: mmap.mmap | bytearray = self.pool.take()
         self.slab[:len(pending)] = pending
         self.start, self.end = 0, len(pending)  # bytes read and not taken: slab[start:end]
         self._failed: BaseException | None = None  # raised by the next call (docstring)
@@ -169,15 +187,21 @@ class ThreadReader:
             if not self._read(max(total, FRAME_HEADER.size), wait):
                 return None
 
+    def _idle(self) -> None:
+        """Nothing came for POLL_MS: give the slabs back that nothing holds."""
+        if self.start == self.end and self.slab is not NO_SLAB:
+            self.slab, self.start, self.end = NO_SLAB, 0, 0
+        self.pool.trim()
+
     def _read(self, need: int, wait: bool) -> bool:
         """Read what the socket holds (waiting for some if ``wait``) into the slab, with
         room for a frame of ``need`` bytes from ``start``; False if nothing was there."""
-        if self.start + need > len(self.slab) or len(self.slab) - self.end < MIN_READ:
-            slab = self.pool.take()  # the next slab, the frame begun moved to its start
-            held = self.end - self.start
-            slab[:held] = self.slab[self.start:self.end]
-            self.slab, self.start, self.end = slab, 0, held
         while True:
+            if self.start + need > len(self.slab) or len(self.slab) - self.end < MIN_READ:
+                slab = self.pool.take()  # the next slab, the frame begun moved to its start
+                held = self.end - self.start
+                slab[:held] = self.slab[self.start:self.end]
+                self.slab, self.start, self.end = slab, 0, held
             try:
                 with memoryview(self.slab) as view:
                     got = os.readv(self.fd, [view[self.end:]])
@@ -185,6 +209,7 @@ class ThreadReader:
                 if not wait:
                     return False
                 while not self._poll.poll(POLL_MS):
+                    self._idle()  # (then the slab is looked at again)
                     trio.from_thread.check_cancelled()
                 continue
             except OSError as exc:  # as FrameReader (trio.SocketStream) says it

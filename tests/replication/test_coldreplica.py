@@ -1,0 +1,236 @@
+"""A replica's frames read in a worker thread over a real socket (``receiver.ThreadReader``).
+
+The per-frame reader (``wire.FrameReader``) stays the one for memory streams and for the
+HELLOs, and test_protocol.py checks the replica through it; these run the same rules
+through the threaded reader, which takes over a link that is a socket."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+from sdeefs import records as rec
+from sdeefs.replication.receiver import SLAB, SlabPool, ThreadReader
+from sdeefs.replication.replica import Follower, LinkStats, Replica
+from sdeefs.replication.wire import (
+    DOWN,
+    MAX_FRAME_PAYLOAD,
+    RECORD,
+    SNAPSHOT,
+    UP,
+    Frame,
+    FrameReader,
+    LinkKey,
+    ProtocolError,
+    answer_hello,
+    decode_hello,
+    encode_record_payload,
+)
+
+from .test_protocol import ALICE_OWNER, AUTH, JOURNAL_ID, KEY, USER
+
+SESSION = b"s" * 32
+
+
+def _stream(count: int, seed: int) -> list[Frame]:
+    """``count`` frames of random sizes (a few bytes to the largest a frame may carry) and
+    random contents, so a byte out of place shows."""
+    rng = random.Random(seed)
+    frames = []
+    for seq in range(1, count + 1):
+        size = rng.choice([0, 1, 37, 4000, 70000, 300000, 1 << 20, MAX_FRAME_PAYLOAD])
+        frames.append(Frame(SNAPSHOT, seq, rng.randbytes(size)))
+    return frames
+
+
+def _sender(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` in pieces of odd sizes (frames cut anywhere), then close."""
+    sock.settimeout(30)  # a reader that stopped fails the test, never hangs it
+    with sock:
+        rng = random.Random(len(data))
+        view = memoryview(data)
+        while view:
+            piece = rng.choice([1, 23, 4096, 65537, 1 << 20])
+            sock.sendall(view[:piece])
+            view = view[piece:]
+
+
+async def _read_all(reader: ThreadReader, key: LinkKey, room: int = 8 << 20
+                    ) -> list[Frame]:
+    got: list[Frame] = []
+    while True:
+        try:
+            got += await trio.to_thread.run_sync(reader.frames, key, room)
+        except EOFError:
+            return got
+
+
+async def test_frames_held_while_more_arrive_keep_their_bytes() -> None:
+    """Every frame is still intact after the rest of the stream was read behind it (a
+    frame's payload is a view of a slab: a slab must never be written while held)."""
+    frames = _stream(60, seed=1)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    sealing = LinkKey(SESSION, DOWN)
+    data = b"".join(f.encode(sealing) for f in frames)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, _sender, theirs, data)
+        reader = ThreadReader(ours.fileno(), MAX_FRAME_PAYLOAD, b"")
+        got = await _read_all(reader, LinkKey(SESSION, UP))  # receives DOWN
+    ours.close()
+    assert [(f.type, f.seq, bytes(f.payload)) for f in got] == \
+        [(f.type, f.seq, f.payload) for f in frames]
+
+
+async def test_slabs_are_used_again_once_their_frames_are_let_go() -> None:
+    frames = _stream(120, seed=2)
+    total = sum(len(f.payload) for f in frames)
+    assert total > 8 * SLAB  # more than a pool keeps: only used again can it stay small
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    sealing = LinkKey(SESSION, DOWN)
+    data = b"".join(f.encode(sealing) for f in frames)
+    pool = SlabPool()
+    reader = ThreadReader(ours.fileno(), MAX_FRAME_PAYLOAD, b"", pool)
+    key = LinkKey(SESSION, UP)
+    seen = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, _sender, theirs, data)
+        while True:
+            try:
+                batch = await trio.to_thread.run_sync(reader.frames, key, 1 << 20)
+            except EOFError:
+                break
+            for frame in batch:
+                assert bytes(frame.payload) == frames[seen].payload
+                seen += 1
+            del batch, frame
+    ours.close()
+    assert seen == len(frames)
+    assert len(pool) <= 3  # the slab being read, the one before it, and one spare
+
+
+async def test_a_bad_frame_ends_the_stream_after_the_good_ones_before_it() -> None:
+    frames = [Frame(SNAPSHOT, seq, bytes([seq]) * 100) for seq in range(1, 6)]
+    sealing = LinkKey(SESSION, DOWN)
+    encoded = [f.encode(sealing) for f in frames]
+    encoded[3][30] ^= 1  # a payload byte of the fourth frame: its MAC fails
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.sendall(b"".join(encoded))
+    theirs.close()
+    reader = ThreadReader(ours.fileno(), MAX_FRAME_PAYLOAD, b"")
+    key = LinkKey(SESSION, UP)
+    got = await trio.to_thread.run_sync(reader.frames, key, 64 << 20)
+    assert [f.seq for f in got] == [1, 2, 3]  # handed over first: they were checked
+    with pytest.raises(ProtocolError, match="authentication"):
+        await trio.to_thread.run_sync(reader.frames, key, 64 << 20)
+    ours.close()
+
+
+async def test_a_stranger_cannot_send_a_big_frame_through_a_reader_not_trusting_it() -> None:
+    big = Frame(SNAPSHOT, 1, bytes(100000)).encode(LinkKey(SESSION, DOWN))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.sendall(big[:1000])  # its header says what it is
+    theirs.close()
+    reader = ThreadReader.take_over(FrameReader(trio.SocketStream(trio.socket.from_stdlib_socket(
+        ours))))
+    assert reader is not None
+    with pytest.raises(ProtocolError, match="too large|at most"):
+        await trio.to_thread.run_sync(reader.frames, LinkKey(SESSION, UP), 1 << 20)
+    ours.close()
+
+
+async def _socket_session(tmp_path: Path, send: object, silence: float = 10.0
+                          ) -> tuple[Replica, str]:
+    """A replica following a scripted upstream over a socket (the threaded reader); the
+    replica (opened again: what is on disk) and the error the link ended with."""
+    left_sock, right_sock = trio.socket.socketpair()
+    left, right = trio.SocketStream(left_sock), trio.SocketStream(right_sock)
+    replica = Replica.open(str(tmp_path / "replicas" / USER))
+    errors: list[str] = []
+
+    async def replica_side() -> None:
+        try:
+            await Follower(right, replica, AUTH, USER, "n1", LinkStats(),
+                           silence_timeout=silence).run()
+        except (ProtocolError, ConnectionError) as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replica_side)
+        hello = decode_hello(await FrameReader(left).frame(KEY))
+        key = await answer_hello(left, KEY, hello, 9, JOURNAL_ID)
+        await send(left, key)  # type: ignore[operator]
+    await left.aclose()
+    replica.close()
+    return Replica.open(str(tmp_path / "replicas" / USER)), errors[0] if errors else ""
+
+
+def _mkdir(name: bytes) -> bytes:
+    return encode_record_payload(rec.Mkdir(b"upper/" + name, 0o755, *ALICE_OWNER))
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_over_a_socket_a_tampered_frame_is_refused_after_what_came_before(
+        tmp_path: Path) -> None:
+    async def send(stream: trio.SocketStream, key: LinkKey) -> None:
+        good = [Frame(RECORD, seq, _mkdir(b"d%d" % seq)).encode(key) for seq in (1, 2, 3)]
+        bad = Frame(RECORD, 4, _mkdir(b"evil")).encode(key)
+        bad[-20] ^= 1  # its tag
+        await stream.send_all(b"".join([*good, bad]))
+        await stream.send_eof()
+
+    replica, error = await _socket_session(tmp_path, send)
+    assert "authentication" in error
+    upper = tmp_path / "replicas" / USER / "upper"
+    assert replica.applied == 3
+    assert (upper / "d3").is_dir()
+    assert not (upper / "evil").exists()
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_over_a_socket_a_frame_replayed_on_the_link_is_refused(tmp_path: Path) -> None:
+    async def send(stream: trio.SocketStream, key: LinkKey) -> None:
+        first = Frame(RECORD, 1, _mkdir(b"a")).encode(key)
+        await stream.send_all(bytes(first) + bytes(first))  # the same frame twice
+        await stream.send_eof()
+
+    replica, error = await _socket_session(tmp_path, send)
+    assert "out of sequence on the link" in error
+    assert replica.applied == 1
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+async def test_over_a_socket_a_silent_upstream_ends_the_link(tmp_path: Path) -> None:
+    async def send(stream: trio.SocketStream, key: LinkKey) -> None:
+        await stream.send_all(Frame(RECORD, 1, _mkdir(b"a")).encode(key))
+        await trio.sleep(1.5)  # then nothing, not even HEAD
+
+    with trio.fail_after(10):
+        replica, error = await _socket_session(tmp_path, send, silence=0.5)
+    assert "silent" in error
+    assert replica.applied == 1
+
+
+async def test_over_a_socket_a_big_write_arrives_whole(tmp_path: Path) -> None:
+    data = os.urandom(5 << 20)
+
+    async def send(stream: trio.SocketStream, key: LinkKey) -> None:
+        from sdeefs.replication.wire import record_frames
+        frames = record_frames(1, rec.Mknod(b"upper/f", 0o100644, *ALICE_OWNER), None) + \
+            record_frames(2, rec.Write(b"upper/f", b"", 0, len(data)), data)
+        for frame in frames:
+            await stream.send_all(frame.encode(key))
+        await stream.send_eof()
+
+    replica, error = await _socket_session(tmp_path, send)
+    assert error == ""
+    assert replica.applied == 2
+    assert (tmp_path / "replicas" / USER / "upper" / "f").read_bytes() == data
