@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sdeefs import records as rec
+from sdeefs.replication import _gmacc, mac
 from sdeefs.replication.receiver import SLAB, SlabPool, ThreadReader
 from sdeefs.replication.replica import Follower, LinkStats, Replica
 from sdeefs.replication.wire import (
@@ -234,3 +237,41 @@ async def test_over_a_socket_a_big_write_arrives_whole(tmp_path: Path) -> None:
     assert error == ""
     assert replica.applied == 2
     assert (tmp_path / "replicas" / USER / "upper" / "f").read_bytes() == data
+
+
+# -- the MAC check in C (``_gmacc``) against the one through ctypes (``mac.matches``) ----------
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.binary(min_size=1, max_size=40), header=st.binary(max_size=40),
+       payload=st.binary(max_size=3000), nonce=st.binary(min_size=12, max_size=12),
+       damage=st.sampled_from(["none", "tag", "nonce", "zeros", "short", "long", "payload"]),
+       at=st.integers(0, 1 << 16))
+def test_the_mac_check_in_c_says_what_the_ctypes_one_says(
+        key: bytes, header: bytes, payload: bytes, nonce: bytes, damage: str, at: int) -> None:
+    assert _gmacc is not None, "the C extensions are built by scripts/setup.sh"
+    field = bytearray(mac.seal(key, header, payload, nonce=nonce))
+    if damage == "tag":
+        field[12 + at % 16] ^= 1 << at % 8 or 1
+    elif damage == "nonce":
+        field[at % 12] ^= 1
+    elif damage == "zeros":
+        field[28 + at % 4] = 1 + at % 255
+    elif damage == "short":
+        del field[at % 32:]
+    elif damage == "long":
+        field += b"\0"
+    elif damage == "payload" and payload:
+        payload = payload[:at % len(payload)] + bytes([payload[at % len(payload)] ^ 0x80]) + \
+            payload[at % len(payload) + 1:]
+    want = mac.matches(key, field, header, payload)
+    assert want == (damage == "none" or damage == "payload" and not payload)
+    assert _gmacc.matches(mac.derived(key), bytes(field), header, payload) == want
+    assert _gmacc.matches(mac.derived(key), memoryview(field), bytearray(header),
+                          memoryview(bytearray(payload))) == want
+
+
+def test_the_mac_check_in_c_refuses_a_key_not_derived() -> None:
+    assert _gmacc is not None
+    with pytest.raises(ValueError, match="32 bytes"):
+        _gmacc.matches(b"short", bytes(32), b"", b"")
