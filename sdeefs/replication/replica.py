@@ -432,14 +432,26 @@ class Replica:
                 if seq != at + 1 and not flags & SKIP:
                     raise ProtocolError(f"out of sequence: seq {seq} after {at}")
                 at = seq
-        for seq, flags, payload in entries:
+        index = 0
+        while index < len(entries):
+            seq, flags, payload = entries[index]
+            failed = None
+            if seq > self.applied and batch is not None:
+                # the records C takes, in one call; it stops before the first it does not
+                self._mark_dirty()
+                index, self.applied, failed = batch.take_run(entries, index, self.applied)
+                if index == len(entries):
+                    break
+                seq, flags, payload = entries[index]
             if seq > self.applied:
-                self._accept_record(seq, flags, payload, batch)
+                self._accept_record(seq, flags, payload, batch, failed)
+            index += 1
         return True
 
     def _accept_record(self, seq: int, flags: int, payload: bytes | memoryview,
-                       batch: BatchApplier | None) -> bool:
-        """Apply the record ``seq`` (a frame's, or one of a run's); see :meth:`accept`."""
+                       batch: BatchApplier | None, failed: OSError | None = None) -> bool:
+        """Apply the record ``seq`` (a frame's, or one of a run's); see :meth:`accept`.
+        ``failed``: its application in C failed so (``BatchApplier.take_run``)."""
         if self.pending:
             if seq != self.pending:
                 raise ProtocolError(f"out of sequence: seq {seq} while {self.pending} "
@@ -451,6 +463,9 @@ class Replica:
         skipping = self._skipping and self.pending == seq  # a later chunk of a skip
         if not skipping:
             try:
+                if failed is not None:
+                    assert batch is not None
+                    raise batch.native_failure(failed, seq)
                 if batch is None or not batch.take(payload, seq):
                     record, data = decode_record_payload(payload)
                     if batch is not None and isinstance(record, REPLAYABLE):

@@ -9,21 +9,26 @@ from __future__ import annotations
 import os
 import random
 import socket
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
-from sdeefs.replication import _gmacc, mac
+from sdeefs.replicable import NOBODY, UserIds
+from sdeefs.replication import _gmacc, applier, mac
 from sdeefs.replication.receiver import SLAB, SlabPool, ThreadReader
-from sdeefs.replication.replica import Follower, LinkStats, Replica
+from sdeefs.replication.replica import Follower, LinkStats, Replica, _apply_batch
 from sdeefs.replication.wire import (
     DOWN,
     MAX_FRAME_PAYLOAD,
     RECORD,
+    RUN,
+    RUN_ENTRY,
     SNAPSHOT,
     UP,
     Frame,
@@ -35,6 +40,7 @@ from sdeefs.replication.wire import (
     encode_record_payload,
 )
 
+from .test_applyc import ALICE, PAYLOADS, _state
 from .test_protocol import ALICE_OWNER, AUTH, JOURNAL_ID, KEY, USER
 
 SESSION = b"s" * 32
@@ -275,3 +281,72 @@ def test_the_mac_check_in_c_refuses_a_key_not_derived() -> None:
     assert _gmacc is not None
     with pytest.raises(ValueError, match="32 bytes"):
         _gmacc.matches(b"short", bytes(32), b"", b"")
+
+
+# -- a whole run applied by one C call (``_applyc.apply_run``) -------------------------------
+
+
+def _run_payload(payloads: list[bytes]) -> bytes:
+    return b"".join(RUN_ENTRY.pack(seq, 0, len(p)) + p for seq, p in enumerate(payloads, 1))
+
+
+def _apply_as_run(root: Path, payloads: list[bytes], ids: UserIds, native: bool
+                  ) -> tuple[object, ...]:
+    outside = root / "outside"
+    outside.mkdir(parents=True)
+    replica = Replica.open(str(root / USER), ids)
+    os.symlink(outside, root / USER / "upper" / "l")
+    replica.batch_applier().native = native
+    error = None
+    try:
+        _apply_batch(replica, [Frame(RECORD, len(payloads), _run_payload(payloads), RUN)])
+    except ProtocolError as exc:
+        error = str(exc)
+    result = (error, replica.applied, [(r.seq, r.reason) for r in replica.skipped.records],
+              replica.skipped.count, _state(root / USER / "upper", time.time_ns()),
+              os.listdir(outside))
+    replica.close()
+    return result
+
+
+@pytest.mark.expect_log("sdeefs.replication.replica")
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(PAYLOADS, min_size=1, max_size=12), st.sampled_from(["alice", "nobody"]))
+def test_a_run_applied_in_c_leaves_what_python_leaves(payloads: list[bytes], who: str) -> None:
+    """The hostile records of test_applyc.py in one run: applied by ``apply_run`` (C
+    until a record it does not take, Python for that one, C again) and by Python alone,
+    the same tree, the same skips and errors, nothing outside the copy."""
+    ids = ALICE if who == "alice" else NOBODY
+    with tempfile.TemporaryDirectory() as tmp:
+        native = _apply_as_run(Path(tmp) / "n", payloads, ids, True)
+        python = _apply_as_run(Path(tmp) / "p", payloads, ids, False)
+    assert native == python
+    assert native[-1] == []
+
+
+def test_a_run_of_common_records_takes_no_python_call_per_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = applier.BatchApplier.take
+
+    def take(self: applier.BatchApplier, payload: bytes | memoryview, seq: int) -> bool:
+        calls.append(seq)
+        return original(self, payload, seq)
+
+    monkeypatch.setattr(applier.BatchApplier, "take", take)
+    payloads = [encode_record_payload(rec.Mkdir(b"upper/d", 0o755, 4242, 4242))]
+    for n in range(20):
+        path = b"upper/d/f%d" % n
+        payloads += [encode_record_payload(rec.Mknod(path, 0o100644, 4242, 4242)),
+                     encode_record_payload(rec.Write(path, b"", 0, 5), b"hello"),
+                     encode_record_payload(rec.Setattr(path, rec.SET_MTIME, 0, 0, 0, 0, 0,
+                                                       10**18))]
+    replica = Replica.open(str(tmp_path / USER), ALICE)
+    _apply_batch(replica, [Frame(RECORD, len(payloads), _run_payload(payloads), RUN)])
+    assert replica.applied == len(payloads)
+    replica.close()
+    assert calls == [1]  # the Mkdir, which C does not take; the 60 others in one call
+    for n in range(20):
+        f = tmp_path / USER / "upper" / "d" / f"f{n}"
+        assert f.read_bytes() == b"hello"
+        assert f.stat().st_mtime_ns == 10**18
