@@ -79,16 +79,32 @@ async def _read_all(reader: ThreadReader, key: LinkKey, room: int = 8 << 20
             return got
 
 
-async def test_frames_held_while_more_arrive_keep_their_bytes() -> None:
+def _frame_by_frame(sock: socket.socket, frames: list[bytes]) -> None:
+    """Send each frame whole, a pause now and then: the reader finds the socket empty
+    at a frame's end (where the per-frame reader started its buffer again)."""
+    sock.settimeout(30)
+    with sock:
+        for number, frame in enumerate(frames):
+            sock.sendall(frame)
+            if number % 3 == 0:
+                time.sleep(0.01)
+
+
+@pytest.mark.parametrize("cut", [True, False])
+async def test_frames_held_while_more_arrive_keep_their_bytes(cut: bool) -> None:
     """Every frame is still intact after the rest of the stream was read behind it (a
-    frame's payload is a view of a slab: a slab must never be written while held)."""
+    frame's payload is a view of a slab: a slab must never be written while held),
+    whether frames arrive cut anywhere or whole."""
     frames = _stream(60, seed=1)
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     sealing = LinkKey(SESSION, DOWN)
-    data = b"".join(f.encode(sealing) for f in frames)
+    encoded = [bytes(f.encode(sealing)) for f in frames]
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, _sender, theirs, data)
+        if cut:
+            nursery.start_soon(trio.to_thread.run_sync, _sender, theirs, b"".join(encoded))
+        else:
+            nursery.start_soon(trio.to_thread.run_sync, _frame_by_frame, theirs, encoded)
         reader = ThreadReader(ours.fileno(), MAX_FRAME_PAYLOAD, b"")
         got = await _read_all(reader, LinkKey(SESSION, UP))  # receives DOWN
     ours.close()
