@@ -32,4 +32,5 @@ RUNTIME_PACKAGES=(
   patch                                     # the sdeefs patch of pyfuse3 (third_party/)
   libslurm-dev                              # slurm/spank.h: the SPANK plugin (sdeefs_spank.so)
   libsodium23                               # the capture's block sums in C (hashlib otherwise)
+  libssl-dev                                # openssl/evp.h: a replica checks frame MACs in C (_gmacc)
 )
