@@ -610,10 +610,14 @@ static PyObject *apply_run(PyObject *self, PyObject *args)
         if (seq <= applied)
             continue; /* held already: passed over, as Replica.accept does */
         Py_buffer buf;
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, 2), &buf, PyBUF_SIMPLE))
+        Py_INCREF(entry); /* held while Python code (applier._dir ...) runs */
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(entry, 2), &buf, PyBUF_SIMPLE)) {
+            Py_DECREF(entry);
             return NULL;
+        }
         int taken = apply_record(buf.buf, (size_t)buf.len, dirs, files, applier, uids, gids);
         PyBuffer_Release(&buf);
+        Py_DECREF(entry);
         if (taken == 1) {
             applied = seq;
             continue;
