@@ -33,6 +33,7 @@ RUNTIME_PACKAGES=(
   libslurm-dev                              # slurm/spank.h: the SPANK plugin (sdeefs_spank.so)
   libsodium23                               # the capture's block sums in C (hashlib otherwise)
   libbpf1                                   # the BPF guard's loader and map calls (login nodes)
+  libssl-dev                                # openssl/evp.h: a replica checks frame MACs in C (_gmacc)
 )
 
 # What builds the BPF LSM guard (launcher/login/bpf: sdeefs-bpfguard).  Optional: without

@@ -30,6 +30,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, att
 elif [ pyproject.toml -nt .venv/.installed ] || [ setup.py -nt .venv/.installed ] ||
      [ sdeefs/fs/_capturec.c -nt .venv/.installed ] ||
      [ sdeefs/replication/_applyc.c -nt .venv/.installed ] ||
+     [ sdeefs/replication/_gmacc.c -nt .venv/.installed ] ||
      ! .venv/bin/python -c 'import sdeefs, sdeefs.launcher' 2>/dev/null; then
   # A changed pyproject.toml may move an entry point (sdeefs-pam, sdeefs-run ...), and the
   # C extensions are built in place by the editable install: reinstall.

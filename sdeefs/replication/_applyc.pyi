@@ -4,3 +4,7 @@ Ranges = tuple[tuple[int, int], ...] | None
 
 def apply(payload: bytes | bytearray | memoryview, dirs: dict[bytes, int],
           files: dict[bytes, int], applier: object, uids: Ranges, gids: Ranges) -> bool: ...
+
+def apply_run(entries: list[tuple[int, int, memoryview]], index: int, applied: int,
+              dirs: dict[bytes, int], files: dict[bytes, int], applier: object,
+              uids: Ranges, gids: Ranges) -> tuple[int, int, OSError | None]: ...

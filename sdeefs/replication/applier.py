@@ -130,6 +130,28 @@ class BatchApplier:
             self.deferred = True
         return taken
 
+    def take_run(self, entries: list[tuple[int, int, memoryview]], index: int, applied: int
+                 ) -> tuple[int, int, OSError | None]:
+        """Apply the records of a run (``wire.split_run``'s entries) from ``entries[index]``
+        in C while ``_applyc`` takes them, as :meth:`take` would one by one, with no
+        Python call per record; those at or below ``applied`` are passed over.  Returns
+        the index of the first record not applied (nothing was done for it; len(entries):
+        all were), the applied seq reached, and the OSError that record's application
+        failed with (None: it was not taken; :meth:`native_failure` says what it is)."""
+        if not self.native or self._owners is None or _applyc is None:
+            return index, applied, None
+        reached, at, failed = _applyc.apply_run(entries, index, applied, self.dirs,
+                                                self.files, self, *self._owners)
+        if at != applied:
+            self.deferred = True
+        return reached, at, failed
+
+    def native_failure(self, exc: OSError, seq: int) -> ProtocolError:
+        """What the failed application in C of record ``seq`` is (:meth:`take_run`): the
+        skip or retry :meth:`take` raises for it."""
+        self.deferred = True
+        return self._failed(exc, f"record {seq}")
+
     def close_file(self) -> None:
         """Close the files held (a batch ended: the next may be long in coming, and a
         file held open for writing cannot be executed by a job: ETXTBSY)."""

@@ -90,6 +90,9 @@ def _derived(key: bytes) -> bytes:
     return hashlib.sha256(b"sdeefs-gmac" + key).digest()
 
 
+derived = _derived  # key' of the module docstring (``wire``'s check in C takes it)
+
+
 def _pointer(buf: _Buffer) -> object:
     """Something ctypes passes as a pointer to ``buf``'s bytes, without copying them
     (a read-only view is copied: not on a hot path)."""

@@ -91,6 +91,7 @@ from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atom
 from ..trees import rmtree
 from .applier import REPLAYABLE, BatchApplier
 from .auth import HelloAuth
+from .receiver import ThreadReader
 from .snapshot import Staging, apply_from_peer
 from .wire import (
     ACK,
@@ -431,14 +432,26 @@ class Replica:
                 if seq != at + 1 and not flags & SKIP:
                     raise ProtocolError(f"out of sequence: seq {seq} after {at}")
                 at = seq
-        for seq, flags, payload in entries:
+        index = 0
+        while index < len(entries):
+            seq, flags, payload = entries[index]
+            failed = None
+            if seq > self.applied and batch is not None:
+                # the records C takes, in one call; it stops before the first it does not
+                self._mark_dirty()
+                index, self.applied, failed = batch.take_run(entries, index, self.applied)
+                if index == len(entries):
+                    break
+                seq, flags, payload = entries[index]
             if seq > self.applied:
-                self._accept_record(seq, flags, payload, batch)
+                self._accept_record(seq, flags, payload, batch, failed)
+            index += 1
         return True
 
     def _accept_record(self, seq: int, flags: int, payload: bytes | memoryview,
-                       batch: BatchApplier | None) -> bool:
-        """Apply the record ``seq`` (a frame's, or one of a run's); see :meth:`accept`."""
+                       batch: BatchApplier | None, failed: OSError | None = None) -> bool:
+        """Apply the record ``seq`` (a frame's, or one of a run's); see :meth:`accept`.
+        ``failed``: its application in C failed so (``BatchApplier.take_run``)."""
         if self.pending:
             if seq != self.pending:
                 raise ProtocolError(f"out of sequence: seq {seq} while {self.pending} "
@@ -450,6 +463,9 @@ class Replica:
         skipping = self._skipping and self.pending == seq  # a later chunk of a skip
         if not skipping:
             try:
+                if failed is not None:
+                    assert batch is not None
+                    raise batch.native_failure(failed, seq)
                 if batch is None or not batch.take(payload, seq):
                     record, data = decode_record_payload(payload)
                     if batch is not None and isinstance(record, REPLAYABLE):
@@ -631,7 +647,9 @@ class Follower:
     """Pulls ``user``'s records over ``stream`` into ``replica`` until the upstream closes.
 
     Blocking work (applying, syncing) runs in worker threads (``offload``) under
-    ``replica.lock``; the trio loop only moves bytes and checks frames.  At most
+    ``replica.lock``; on a socket, frames are read and checked in a thread of the link's
+    own (``receiver.ThreadReader``, handed over in batches), otherwise on the trio loop
+    (``wire.FrameReader``); the trio loop moves checked frames to the applier.  At most
     IN_FLIGHT_BYTES are read ahead of what is applied (TCP holds the upstream back), and
     ``wait_room(bytes)``, when given, is awaited before a batch of RECORD frames of that
     size (at most about ``batch_bytes``) is applied (a relay's buffer waiting for its
@@ -672,6 +690,9 @@ class Follower:
     _in_flight: int = attrs.field(init=False, default=0)
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)  # _in_flight shrank
     _sending: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # applier and reporter
+    # the link's reading thread (``receiver.ThreadReader``): one, never the daemon's pool
+    _reading: Offload = attrs.field(init=False,
+                                    factory=lambda: Offload(trio.CapacityLimiter(1)))
 
     async def run(self) -> None:
         replica = self.replica
@@ -716,31 +737,43 @@ class Follower:
 
     async def _read_frames(self, reader: FrameReader, send: trio.MemorySendChannel[Frame],
                            silence: trio.CancelScope) -> None:
+        threaded = ThreadReader.take_over(reader)
         async with send:
             while True:
                 silence.deadline = trio.current_time() + self.silence_timeout
                 try:
-                    frame = await reader.frame(self._key)
+                    if threaded is None:
+                        frames = [await reader.frame(self._key)]
+                    else:  # (its own thread: never one the applier waits for)
+                        while self._in_flight >= IN_FLIGHT_BYTES:
+                            await self._drained.wait()
+                        frames = await self._reading.run(
+                            threaded.frames, self._key, IN_FLIGHT_BYTES - self._in_flight)
                 except EOFError:
                     return
                 silence.deadline = math.inf
-                self.stats.bytes_received += FRAME_HEADER.size + len(frame.payload) + MAC_SIZE
-                self.stats.frames += 1
-                if frame.type == ERROR:
-                    raise decode_error(frame, "upstream: ")
-                if frame.type == HEAD:
-                    self.stats.head = max(self.stats.head, frame.seq)
-                    continue
-                while self._in_flight >= IN_FLIGHT_BYTES:
-                    await self._drained.wait()
-                self._in_flight += len(frame.payload)
-                try:
-                    # Without a checkpoint: every frame already read is handed over
-                    # before the applier runs, so it takes them as one batch (a file's
-                    # records together), not one or two frames per thread call.
-                    send.send_nowait(frame)
-                except trio.WouldBlock:
-                    await send.send(frame)
+                for frame in frames:
+                    await self._hand_over(frame, send)
+
+    async def _hand_over(self, frame: Frame, send: trio.MemorySendChannel[Frame]) -> None:
+        """A checked frame to the applier (or, HEAD and ERROR, taken in here)."""
+        self.stats.bytes_received += FRAME_HEADER.size + len(frame.payload) + MAC_SIZE
+        self.stats.frames += 1
+        if frame.type == ERROR:
+            raise decode_error(frame, "upstream: ")
+        if frame.type == HEAD:
+            self.stats.head = max(self.stats.head, frame.seq)
+            return
+        while self._in_flight >= IN_FLIGHT_BYTES:
+            await self._drained.wait()
+        self._in_flight += len(frame.payload)
+        try:
+            # Without a checkpoint: every frame already read is handed over
+            # before the applier runs, so it takes them as one batch (a file's
+            # records together), not one or two frames per thread call.
+            send.send_nowait(frame)
+        except trio.WouldBlock:
+            await send.send(frame)
 
     async def _apply(self, receive: trio.MemoryReceiveChannel[Frame]) -> None:
         async with receive:

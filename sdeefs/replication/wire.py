@@ -177,6 +177,11 @@ from ..errors import BadRecord
 from . import mac
 from .auth import CredentialRefused, HelloAuth
 
+try:  # a received frame's MAC checked in C (sdeefs/replication/_gmacc.c); optional
+    from . import _gmacc
+except ImportError:  # pragma: no cover
+    _gmacc = None  # type: ignore[assignment]
+
 MAGIC = b"SDRP"
 VERSION = 9  # 8 with every frame under a session key bound to its place (``LinkKey``)
 OLD_VERSIONS = (2, 3, 4, 5, 6, 7, 8)  # same frame header: told in their own version why refused
@@ -454,7 +459,18 @@ def _decode_header(header: bytes, max_payload: int = MAX_FRAME_PAYLOAD
     return ftype, flags, length, seq, crc
 
 
+decode_header = _decode_header  # the receiving end's (``receiver.ThreadReader``) name for it
+
+
 Payload = bytes | memoryview  # a frame's payload: a received RECORD's may be a view
+
+
+def _field_matches(key: bytes, field: bytes, header: bytes, payload: Payload) -> bool:
+    """``mac.matches``: in one call to ``_gmacc`` where it is built (not seven through
+    ctypes), the same check."""
+    if _gmacc is None:
+        return mac_field_matches(key, field, header, payload)
+    return _gmacc.matches(mac.derived(bytes(key)), field, header, payload)
 Encoded = bytes | bytearray | memoryview  # an encoded frame (a view: of a ``BufferPool``'s)
 Out = list[bytes | bytearray] | list[Encoded]  # where a RunEncoder puts the frames it closes
 
@@ -493,7 +509,7 @@ class Frame:
         if len(payload) != length or len(mac) != MAC_SIZE:
             raise ProtocolError("frame truncated")
         raw = key.key if isinstance(key, LinkKey) else key
-        if not mac_field_matches(raw, mac, header, payload):
+        if not _field_matches(raw, mac, header, payload):
             raise ProtocolError("frame authentication failed")
         if isinstance(key, LinkKey):
             key.arrived(ftype, mac[:NONCE_SIZE_MAC])
@@ -577,6 +593,11 @@ class FrameReader:
         self.start = self.end = 0  # the bytes read and not taken: buf[start:end]
         self.max_payload = MAX_HANDSHAKE_PAYLOAD
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    @property
+    def socket(self) -> trio.socket.SocketType | None:
+        """The socket of the stream (None: it is not a ``trio.SocketStream``)."""
+        return self._socket
 
     def trust(self) -> None:
         """The peer authenticated: frames and reads of full size from now on."""

@@ -1222,12 +1222,30 @@ def test_a_kill_in_the_middle_of_a_batch_converges_when_it_is_delivered_again(
                 raise KeyboardInterrupt
         return taken
 
+    original_take_run = BatchApplier.take_run
+
+    def take_run(self: BatchApplier, entries: list[tuple[int, int, memoryview]], index: int,
+                 applied: int) -> tuple[int, int, OSError | None]:
+        """A run's records applied in C, one call: killed right after the record the
+        kill falls on (C is given the run up to it, then the kill comes)."""
+        while True:
+            part = entries[:index + max(dies_at - len(calls), 0)]
+            reached, at, failed = original_take_run(self, part, index, applied)
+            calls.extend(1 for seq, _, _ in entries[index:reached] if seq > applied)
+            if len(calls) == dies_at and reached > index:
+                raise KeyboardInterrupt
+            if reached < len(part) or failed is not None or reached == len(entries) \
+                    or reached == index:
+                return reached, at, failed
+            index, applied = reached, at  # (records passed over used the part up)
+
     def position(self: Replica, inflight: int = 0, inflight_ino: int = 0) -> None:
         if len(calls) < dies_at:
             original_position(self, inflight, inflight_ino)
 
     monkeypatch.setattr(BatchApplier, "apply", apply)
     monkeypatch.setattr(BatchApplier, "take", take)
+    monkeypatch.setattr(BatchApplier, "take_run", take_run)
     monkeypatch.setattr(Replica, "_write_position", position)
     with pytest.raises(KeyboardInterrupt):
         _apply_batch(replica, frames)
