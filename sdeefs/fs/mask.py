@@ -12,13 +12,34 @@ too, so putting this layer on top of the host root hides paths at kernel speed:
 Every directory the mask creates copies mode, owner and times from the lower,
 because overlayfs takes a merged directory's attributes from its top layer.
 Owners pass through ``owner_map`` (the launcher shows host root as the user).
-The layer lives on its own tmpfs: overlayfs refuses a layer inside another
-layer of the same filesystem, and the state directory is usually inside /.
+The layer lives on a filesystem of its own: overlayfs refuses a layer inside
+another layer of the same filesystem, and the state directory is usually inside /.
+
+Which filesystem: a tmpfs, if it takes the opaque xattr.  The launcher's overlays are
+mounted in a user namespace with ``userxattr``, so the opaque mark is
+``user.overlay.opaque``, and tmpfs stores ``user.*`` xattrs only since Linux 6.6
+(Debian 12's default kernel, 6.1, answers EOPNOTSUPP).  So the fresh tmpfs is asked
+(:func:`_takes_xattr`: the kernel's answer, never its version) and, where it refuses,
+the mask is an ext4 image instead (:data:`MaskBacking.IMAGE`): a sparse file beside
+``target`` (``TARGET.img``), ``mkfs.ext4`` without a journal, ``mount -o loop`` (its
+loop device detaches itself when the filesystem is unmounted), and the file unlinked
+as soon as it is mounted: the loop device holds the only reference, so unmounting the
+mask, as every teardown already does, leaves no loop device and no file.  An
+environment whose overlay still holds a clone of an unmounted mask keeps it (and the
+loop device) until it ends.  Cost (bench/RESULTS.md, "Debian 12's default kernel"):
+mkfs and the loop mount, tens of milliseconds a mask.
+
+``SDEEFS_MASK_BACKING=image`` (:data:`BACKING_ENV`; tests and benchmarks only) skips
+the tmpfs, for the suite on kernels whose tmpfs takes user xattrs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import errno
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Callable
@@ -43,9 +64,24 @@ class MaskSpec:
     mountpoints: tuple[bytes, ...] = ()
 
 
+class MaskBacking(enum.Enum):
+    """The filesystem a mask is made on (module docstring)."""
+
+    TMPFS = "tmpfs"
+    IMAGE = "image"  # an ext4 image on a self-detaching loop device, its file unlinked
+
+
+BACKING_ENV = "SDEEFS_MASK_BACKING"  # "image": skip the tmpfs (tests and benchmarks only)
+IMAGE_SIZE = 64 << 20  # sparse: what the mask writes (a few hundred KiB) is what it takes
+IMAGE_INODES = 65536  # as the tmpfs' nr_inodes: a whiteout per root-only host entry
+TMPFS_OPTIONS = "mode=755,size=8m,nr_inodes=65536"
+
+
 def build_mask(target: str, lower: str, spec: MaskSpec, opaque_xattr: bytes,
                owner_map: OwnerMap = identity) -> bool:
-    """Mount a fresh tmpfs at ``target`` holding the mask; False (nothing mounted) if empty."""
+    """Mount a fresh filesystem at ``target`` holding the mask (a tmpfs where it takes
+    ``opaque_xattr``, else an ext4 image: module docstring); False (nothing mounted) if
+    there is nothing to mask."""
     lower_b = os.fsencode(lower)
     wanted_dirs = [p for p in spec.empty_dirs if _is_real_dir(os.path.join(lower_b, p))]
     wanted_hidden = [p for p in spec.hidden if os.path.lexists(os.path.join(lower_b, p))]
@@ -54,10 +90,7 @@ def build_mask(target: str, lower: str, spec: MaskSpec, opaque_xattr: bytes,
     os.makedirs(target, mode=0o755, exist_ok=True)
     if os.path.ismount(target):
         subprocess.run(["umount", target], check=True, capture_output=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=8m,nr_inodes=65536",
-                             "sdeefs-mask", target], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise QuietError(f"cannot mount the mask layer: {result.stderr.strip()}", ExitCode.FAILURE)
+    mount_mask_filesystem(target, opaque_xattr, forced_backing())
     top = os.fsencode(target)
     for rel in wanted_dirs:
         path = _make_parents(top, lower_b, rel, owner_map)
@@ -75,6 +108,87 @@ def build_mask(target: str, lower: str, spec: MaskSpec, opaque_xattr: bytes,
         _copy_dir_attrs(os.path.join(lower_b, rel) if rel != b"." else lower_b, dirpath,
                         owner_map)
     return True
+
+
+def forced_backing() -> MaskBacking | None:
+    """The backing :data:`BACKING_ENV` forces (None: decided by the kernel's answer)."""
+    value = os.environ.get(BACKING_ENV, "")
+    try:
+        return MaskBacking(value) if value else None
+    except ValueError:
+        raise QuietError(f"{BACKING_ENV}={value}: not one of "
+                         + ", ".join(b.value for b in MaskBacking), ExitCode.USAGE) from None
+
+
+def mount_mask_filesystem(target: str, opaque_xattr: bytes,
+                          backing: MaskBacking | None = None) -> MaskBacking:
+    """An empty filesystem for a mask mounted at ``target``: a tmpfs if ``backing`` says so
+    or (None) if it takes ``opaque_xattr``, else an ext4 image; which one it is."""
+    if backing in (None, MaskBacking.TMPFS):
+        _mount(["-t", "tmpfs", "-o", TMPFS_OPTIONS, "sdeefs-mask", target])
+        if backing is MaskBacking.TMPFS or _takes_xattr(target, opaque_xattr):
+            return MaskBacking.TMPFS
+        _unmount(target)
+    _mount_image(target)
+    return MaskBacking.IMAGE
+
+
+def _takes_xattr(path: str, name: bytes) -> bool:
+    """Whether the filesystem at ``path`` stores the xattr ``name`` (set, then removed)."""
+    try:
+        os.setxattr(path, name, b"y")
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return False
+        raise
+    os.removexattr(path, name)
+    return True
+
+
+def _mount_image(target: str) -> None:
+    """The ext4 image of a mask at ``target`` (module docstring); its file is gone on return."""
+    image = target.rstrip("/") + ".img"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(image)  # left by a start killed between its creation and its mount
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, IMAGE_SIZE)
+        os.close(fd)
+        fd = -1
+        # no journal (the mask is made once and never written again), 1 KiB blocks (a
+        # directory of a few entries takes 1 KiB), inode tables initialised lazily and
+        # never by the kernel's thread (noinit_itable): the file stays sparse
+        _run_tool(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0", "-b", "1024",
+                   "-N", str(IMAGE_INODES), "-L", "sdeefs-mask",
+                   "-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", image],
+                  "cannot make the mask layer's image")
+        _mount(["-t", "ext4", "-o", "loop,noinit_itable", image, target])
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(image)  # mounted, the loop device holds it; unmounted, it is gone
+    os.rmdir(os.path.join(target, "lost+found"))  # the mask's root is merged with /
+
+
+def _mount(argv: list[str]) -> None:
+    _run_tool(["mount", *argv], "cannot mount the mask layer")
+
+
+def _unmount(target: str) -> None:
+    _run_tool(["umount", target], "cannot unmount the mask layer's probe")
+
+
+def _run_tool(argv: list[str], what: str) -> None:
+    # mkfs.ext4 lives in sbin, which a PAM hook's empty environment lacks
+    search = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
+    program = shutil.which(argv[0], path=search)
+    if program is None:
+        raise QuietError(f"{what}: {argv[0]} is not installed", ExitCode.UNAVAILABLE)
+    result = subprocess.run([program, *argv[1:]], capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        reason = detail[-1] if detail else f"{argv[0]} exited with {result.returncode}"
+        raise QuietError(f"{what}: {reason}", ExitCode.FAILURE)
 
 
 def _is_real_dir(path: bytes) -> bool:
