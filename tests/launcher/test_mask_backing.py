@@ -125,7 +125,8 @@ def test_nothing_to_mask_mounts_nothing(tree: Path, image_backing: None) -> None
     target = str(tree / "mask")
     assert not build_mask(target, str(tree / "lower"), MaskSpec(hidden=(b"absent",)),
                           view.MASK_OPAQUE)
-    assert not view.mounted(target) and _loops_backed_under(str(tree)) == []
+    assert not view.mounted(target)
+    assert _loops_backed_under(str(tree)) == []
 
 
 def test_the_probe_asks_the_filesystem(tmp_path: Path) -> None:
@@ -170,7 +171,8 @@ def test_a_login_on_the_image_mask_leaves_nothing_after_stop(image_backing: None
         mask_dir = str(site.run_dir / user / "private" / "mask")
         assert _fs_type(mask_dir) == "ext4"
         out = site.run(user, "ls -A /; ls -A /proc | grep -c . ; id -u").stdout.split()
-        assert "lost+found" not in out and out[-1] == "0"
+        assert "lost+found" not in out
+        assert out[-1] == "0"
         assert int(out[-2]) > 3  # the environment's own /proc over the emptied one
         assert _loops_backed_under(str(site.run_dir))
         site.stop(user)
