@@ -20,14 +20,16 @@ mounted in a user namespace with ``userxattr``, so the opaque mark is
 ``user.overlay.opaque``, and tmpfs stores ``user.*`` xattrs only since Linux 6.6
 (Debian 12's default kernel, 6.1, answers EOPNOTSUPP).  So the fresh tmpfs is asked
 (:func:`_takes_xattr`: the kernel's answer, never its version) and, where it refuses,
-the mask is an ext4 image instead (:data:`MaskBacking.IMAGE`): a sparse file beside
-``target`` (``TARGET.img``), ``mkfs.ext4`` without a journal, ``mount -o loop`` (its
-loop device detaches itself when the filesystem is unmounted), and the file unlinked
-as soon as it is mounted: the loop device holds the only reference, so unmounting the
-mask, as every teardown already does, leaves no loop device and no file.  An
-environment whose overlay still holds a clone of an unmounted mask keeps it (and the
-loop device) until it ends.  Cost (bench/RESULTS.md, "Debian 12's default kernel"):
-mkfs and the loop mount, tens of milliseconds a mask.
+the mask is an ext4 image instead (:data:`MaskBacking.IMAGE`): a sparse file without
+a name in ``target``'s directory (``O_TMPFILE``), ``mkfs.ext4`` without a journal,
+``mount -o loop`` (its loop device detaches itself when the filesystem is unmounted):
+the loop device holds the only reference to the file, so unmounting the mask, as every
+teardown already does, leaves no loop device and no file, and a start killed on the way
+leaves no file either.  An environment whose overlay still holds a clone of an
+unmounted mask keeps it (and the loop device) until it ends.  Cost (bench/RESULTS.md,
+"Debian 12's default kernel"): mkfs, the loop mount and its teardown add ~0.06-0.13 s
+of wall time (~10 ms of CPU) to each mask built; a job's is built once per user and
+node (launcher/compute/job.py).
 
 ``SDEEFS_MASK_BACKING=image`` (:data:`BACKING_ENV`; tests and benchmarks only) skips
 the tmpfs, for the suite on kernels whose tmpfs takes user xattrs.
@@ -35,7 +37,6 @@ the tmpfs, for the suite on kernels whose tmpfs takes user xattrs.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import os
@@ -146,27 +147,29 @@ def _takes_xattr(path: str, name: bytes) -> bool:
 
 
 def _mount_image(target: str) -> None:
-    """The ext4 image of a mask at ``target`` (module docstring); its file is gone on return."""
-    image = target.rstrip("/") + ".img"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(image)  # left by a start killed between its creation and its mount
-    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    """The ext4 image of a mask at ``target`` (module docstring): a file without a name
+    (``O_TMPFILE`` in ``target``'s directory, reached as ``/proc/self/fd/N`` by mkfs.ext4
+    and mount), so that nothing is left even if this process is killed on the way."""
+    parent = os.path.dirname(target.rstrip("/")) or "."
+    try:
+        fd = os.open(parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # a login's is on RUN_DIR (tmpfs), a job's on its local scratch
+        raise QuietError(f"cannot make the mask layer's image in {parent}: {exc.strerror} "
+                         "(a filesystem without O_TMPFILE)", ExitCode.FAILURE) from None
+    image = f"/proc/self/fd/{fd}"
     try:
         os.ftruncate(fd, IMAGE_SIZE)
-        os.close(fd)
-        fd = -1
         # no journal (the mask is made once and never written again), 1 KiB blocks (a
         # directory of a few entries takes 1 KiB), inode tables initialised lazily and
         # never by the kernel's thread (noinit_itable): the file stays sparse
         _run_tool(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", "-m", "0", "-b", "1024",
                    "-N", str(IMAGE_INODES), "-L", "sdeefs-mask",
                    "-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", image],
-                  "cannot make the mask layer's image")
-        _mount(["-t", "ext4", "-o", "loop,noinit_itable", image, target])
+                  "cannot make the mask layer's image", fd)
+        _run_tool(["mount", "-t", "ext4", "-o", "loop,noinit_itable", image, target],
+                  "cannot mount the mask layer", fd)
     finally:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(image)  # mounted, the loop device holds it; unmounted, it is gone
+        os.close(fd)  # mounted, the loop device holds the file; unmounted, it is gone
     os.rmdir(os.path.join(target, "lost+found"))  # the mask's root is merged with /
 
 
@@ -178,13 +181,14 @@ def _unmount(target: str) -> None:
     _run_tool(["umount", target], "cannot unmount the mask layer's probe")
 
 
-def _run_tool(argv: list[str], what: str) -> None:
+def _run_tool(argv: list[str], what: str, pass_fd: int | None = None) -> None:
     # mkfs.ext4 lives in sbin, which a PAM hook's empty environment lacks
     search = os.environ.get("PATH", os.defpath) + ":/usr/sbin:/sbin"
     program = shutil.which(argv[0], path=search)
     if program is None:
         raise QuietError(f"{what}: {argv[0]} is not installed", ExitCode.UNAVAILABLE)
-    result = subprocess.run([program, *argv[1:]], capture_output=True, text=True)
+    result = subprocess.run([program, *argv[1:]], capture_output=True, text=True,
+                            pass_fds=() if pass_fd is None else (pass_fd,))
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
         reason = detail[-1] if detail else f"{argv[0]} exited with {result.returncode}"
