@@ -19,7 +19,7 @@ Which filesystem: a tmpfs, if it takes the opaque xattr.  The launcher's overlay
 mounted in a user namespace with ``userxattr``, so the opaque mark is
 ``user.overlay.opaque``, and tmpfs stores ``user.*`` xattrs only since Linux 6.6
 (Debian 12's default kernel, 6.1, answers EOPNOTSUPP).  So the fresh tmpfs is asked
-(:func:`_takes_xattr`: the kernel's answer, never its version) and, where it refuses,
+(:func:`takes_xattr`: the kernel's answer, never its version) and, where it refuses,
 the mask is an ext4 image instead (:data:`MaskBacking.IMAGE`): a sparse file without
 a name in ``target``'s directory (``O_TMPFILE``), ``mkfs.ext4`` without a journal,
 ``mount -o loop`` (its loop device detaches itself when the filesystem is unmounted):
@@ -127,14 +127,14 @@ def mount_mask_filesystem(target: str, opaque_xattr: bytes,
     or (None) if it takes ``opaque_xattr``, else an ext4 image; which one it is."""
     if backing in (None, MaskBacking.TMPFS):
         _mount(["-t", "tmpfs", "-o", TMPFS_OPTIONS, "sdeefs-mask", target])
-        if backing is MaskBacking.TMPFS or _takes_xattr(target, opaque_xattr):
+        if backing is MaskBacking.TMPFS or takes_xattr(target, opaque_xattr):
             return MaskBacking.TMPFS
         _unmount(target)
     _mount_image(target)
     return MaskBacking.IMAGE
 
 
-def _takes_xattr(path: str, name: bytes) -> bool:
+def takes_xattr(path: str, name: bytes) -> bool:
     """Whether the filesystem at ``path`` stores the xattr ``name`` (set, then removed)."""
     try:
         os.setxattr(path, name, b"y")
