@@ -62,7 +62,7 @@ COMMANDS = {
     "product": "env SDEEFS_BPFGUARD_BIN=/opt/lsmbuild/sdeefs-bpfguard "
                "SDEEFS_ENTER=/opt/lsmbuild/sdeefs-enter SDEEFS_SHELL=/opt/lsmbuild/sdeefs-shell "
                "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 -m pytest -v -rs --color=no "
-               "--tb=short -p no:cacheprovider bench/lsmguard/test_product.py",
+               "--tb=short -rP -p no:cacheprovider bench/lsmguard/test_product.py",
 }
 # What the launcher's Python needs beyond the guest's python3-attr, pytest: pure Python
 # (the kernel engine's capture runs on trio), copied from this checkout's .venv
