@@ -61,8 +61,8 @@ COMMANDS = {
     # the product's guard in login environments started by the launcher (test_product.py)
     "product": "env SDEEFS_BPFGUARD_BIN=/opt/lsmbuild/sdeefs-bpfguard "
                "SDEEFS_ENTER=/opt/lsmbuild/sdeefs-enter SDEEFS_SHELL=/opt/lsmbuild/sdeefs-shell "
-               "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 -m pytest -v -rs --color=no "
-               "--tb=short -rP -p no:cacheprovider bench/lsmguard/test_product.py",
+               "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 -m pytest -v --color=no "
+               "--tb=short -rsP -p no:cacheprovider bench/lsmguard/test_product.py",
 }
 # What the launcher's Python needs beyond the guest's python3-attr, pytest: pure Python
 # (the kernel engine's capture runs on trio), copied from this checkout's .venv
