@@ -27,9 +27,9 @@ the loop device holds the only reference to the file, so unmounting the mask, as
 teardown already does, leaves no loop device and no file, and a start killed on the way
 leaves no file either.  An environment whose overlay still holds a clone of an
 unmounted mask keeps it (and the loop device) until it ends.  Cost (bench/RESULTS.md,
-"Debian 12's default kernel"): mkfs, the loop mount and its teardown add ~0.06-0.13 s
-of wall time (~10 ms of CPU) to each mask built; a job's is built once per user and
-node (launcher/compute/job.py).
+"Debian 12's default kernel"): mkfs, the loop mount and its teardown add 10-20 ms of
+wall time to each mask built on a quiet machine (0.06-0.13 s at load 5), 5-10 ms of it
+CPU; a job's mask is built once per user and node (launcher/compute/job.py).
 
 ``SDEEFS_MASK_BACKING=image`` (:data:`BACKING_ENV`; tests and benchmarks only) skips
 the tmpfs, for the suite on kernels whose tmpfs takes user xattrs.
