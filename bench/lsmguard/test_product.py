@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -367,6 +368,37 @@ def test_a_pam_session_gets_the_bpf_guard(alice: User) -> None:
         next(session)  # the session closes: grace 0, nothing running: the end
     assert env.EnvRecord.load(env.EnvDirs.login(config().root, str(RUN), dave.name).run) is None
     assert dave.uid not in guard.entries()
+
+
+# -- the guard layer (FUSE) instead of the program ----------------------------------------------
+
+
+def test_a_login_with_the_guard_layer(alice: User) -> None:
+    """``guard = "c"``: the guard layer (sdeefs-guard, FUSE) between the mask and the lower,
+    on this kernel too: what it hides (root-only at start, and created after), the user's
+    own files, and its stop leaving no mount and no loop device."""
+    cfg = attrs.evolve(config(), guard=Guard.C)
+    user = add_user()
+    write(HOST / "c-early", "root only, before the start\n", 0o600)
+    record = env.ensure(cfg, user, Engine.KERNEL)
+    private = RUN / user.name / "private"
+    try:
+        assert record.guard == "c"
+        assert fs_type(private / "guard") is not None  # the FUSE layer is mounted
+        print(f"kernel {os.uname().release}: guard layer {fs_type(private / 'guard')}, "
+              f"mask {fs_type(private / 'mask')}")
+        write(HOST / "c-late", "root only, after the start\n", 0o600)
+        seen = inside(user, HOST, HOST / "c-early", HOST / "c-late", HOST / "public")
+        assert seen[str(HOST / "c-early")] == {"lstat": "ENOENT", "read": "ENOENT"}
+        assert seen[str(HOST / "c-late")] == {"lstat": "ENOENT", "read": "ENOENT"}
+        # the layer hides the late name too (the program cannot: its one difference)
+        assert "c-late" not in seen["listing"]  # type: ignore[operator]
+        assert seen[str(HOST / "public")] == {"lstat": "ok", "read": "ok"}
+        assert run_inside(user, "echo c > /etc/c-own && cat /etc/c-own && id -u") == "c\n0\n"
+    finally:
+        env.stop(cfg, user)
+    assert mounts_under(private) == []
+    assert loops_backed_under(private) == []
 
 
 # -- a job's environment on this kernel: the shared mask, a volatile scratch upper ------------
