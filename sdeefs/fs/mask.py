@@ -69,10 +69,10 @@ class MaskBacking(enum.Enum):
     """The filesystem a mask is made on (module docstring)."""
 
     TMPFS = "tmpfs"
-    IMAGE = "image"  # an ext4 image on a self-detaching loop device, its file unlinked
+    IMAGE = "image"  # an ext4 image on a self-detaching loop device, its file nameless
 
 
-BACKING_ENV = "SDEEFS_MASK_BACKING"  # "image": skip the tmpfs (tests and benchmarks only)
+BACKING_ENV = "SDEEFS_MASK_BACKING"  # "image" or "tmpfs", no probe (tests, benchmarks only)
 IMAGE_SIZE = 64 << 20  # sparse: what the mask writes (a few hundred KiB) is what it takes
 IMAGE_INODES = 65536  # as the tmpfs' nr_inodes: a whiteout per root-only host entry
 TMPFS_OPTIONS = "mode=755,size=8m,nr_inodes=65536"
