@@ -8,9 +8,10 @@ The root of a login environment of user U is kernel overlayfs over four layers::
                                ROOT/U/layer/upper on the user's layer image,
                                journaled by the supervised capture daemon
                                (sdeefs.fs.kernel, :func:`ensure_kernel_layer`)
-    mask   RUN/U/private/mask  tmpfs: empties /proc, /dev, /home ... (mountpoints),
-                               hides sdeefs' own directories and what the deny
-                               list names at start
+    mask   RUN/U/private/mask  tmpfs (an ext4 image where tmpfs has no user xattrs:
+                               Linux < 6.6, sdeefs/fs/mask.py): empties /proc, /dev,
+                               /home ... (mountpoints), hides sdeefs' own directories
+                               and what the deny list names at start
     guard  RUN/U/private/guard sdeefs.fs.guard (FUSE, read-only): hides, when first
                                looked up, whatever the deny list matches and
                                whatever only root may read on the host, also

@@ -30,15 +30,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from launcher import env  # noqa: E402
+from launcher.compute import job  # noqa: E402
 from launcher.login import bpfguard  # noqa: E402
-from launcher.view import User  # noqa: E402
-from sdeefs.config import DEFAULT_DENY, Engine, Guard, SiteConfig  # noqa: E402
+from launcher.view import MASK_OPAQUE, User  # noqa: E402
+from sdeefs import identity  # noqa: E402
+from sdeefs.config import DEFAULT_DENY, Engine, Guard, Replication, SiteConfig  # noqa: E402
+from sdeefs.errors import QuietError  # noqa: E402
+from sdeefs.statedir import ReplicaDirs  # noqa: E402
 
 BASE = Path("/var/lib/sdeefs-bpftest")
 RUN = Path("/run/sdeefs-bpftest")
@@ -146,6 +151,62 @@ def test_the_login_is_guarded_by_the_program(alice: User) -> None:
     assert not os.path.ismount(RUN / alice.name / "private" / "guard")
     rows = {r["user"]: r for r in env.status(config())}
     assert rows[alice.name]["guard"] == "bpf"
+
+
+def fs_type(mountpoint: Path) -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(mountpoint):
+                return fields[fields.index("-") + 1]
+    return None
+
+
+def mounts_under(directory: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(f"{directory}/")]
+
+
+def loops_backed_under(directory: Path) -> list[str]:
+    """Loop devices whose backing file is (or was: deleted) under ``directory``."""
+    found = []
+    for name in os.listdir("/sys/block"):
+        try:
+            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(f"{directory}/"):
+            found.append(f"{name}: {backing}")
+    return found
+
+
+def tmpfs_takes_user_xattrs() -> bool:
+    """The kernel's answer (tmpfs stores user.* xattrs since 6.6): asked of a fresh tmpfs."""
+    probe = Path("/run/sdeefs-xattr-probe")
+    probe.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "probe", str(probe)], check=True)
+    try:
+        os.setxattr(probe, MASK_OPAQUE, b"y")
+        return True
+    except OSError:
+        return False
+    finally:
+        subprocess.run(["umount", str(probe)], check=True)
+        probe.rmdir()
+
+
+def test_the_mask_is_on_a_filesystem_this_kernel_takes(alice: User) -> None:
+    """On 6.1 the mask's tmpfs refuses ``user.overlay.opaque``: the mask is an ext4 image
+    (sdeefs/fs/mask.py), without its lost+found (its root is merged with /), and its
+    opaque /home shows the user's mountpoint only."""
+    mask = RUN / alice.name / "private" / "mask"
+    expected = "tmpfs" if tmpfs_takes_user_xattrs() else "ext4"
+    print(f"kernel {os.uname().release}: the mask is on {fs_type(mask)}")
+    assert fs_type(mask) == expected
+    if (mask / "lost+found").exists():  # the guest's root-only one, emptied (the scan);
+        assert os.getxattr(mask / "lost+found", MASK_OPAQUE) == b"y"  # not mkfs.ext4's
+    assert run_inside(alice, "ls -A /proc/self/ >/dev/null && ls -A /home").split() == [
+        alice.home.rsplit("/", 1)[-1]]  # emptied (opaque), with the user's own mountpoint
 
 
 def test_root_only_at_start_is_hidden_by_name(alice: User) -> None:
@@ -329,3 +390,138 @@ def test_a_rootless_containers_layers_in_the_home(alice: User) -> None:
     st = (Path(alice.home) / "bpftest-ctr" / "lower" / "f").stat()
     assert st.st_mode & 0o777 == 0o600
     assert st.st_uid != alice.uid
+
+
+# -- the guard layer (FUSE) instead of the program ----------------------------------------------
+
+
+def test_a_login_with_the_guard_layer(alice: User) -> None:
+    """``guard = "c"``: the guard layer (sdeefs-guard, FUSE) between the mask and the lower,
+    on this kernel too: what it hides (root-only at start, and created after), the user's
+    own files, and its stop leaving no mount and no loop device."""
+    cfg = attrs.evolve(config(), guard=Guard.C)
+    user = add_user()
+    write(HOST / "c-early", "root only, before the start\n", 0o600)
+    record = env.ensure(cfg, user, Engine.KERNEL)
+    private = RUN / user.name / "private"
+    try:
+        assert record.guard == "c"
+        assert fs_type(private / "guard") is not None  # the FUSE layer is mounted
+        print(f"kernel {os.uname().release}: guard layer {fs_type(private / 'guard')}, "
+              f"mask {fs_type(private / 'mask')}")
+        write(HOST / "c-late", "root only, after the start\n", 0o600)
+        seen = inside(user, HOST, HOST / "c-early", HOST / "c-late", HOST / "public")
+        assert seen[str(HOST / "c-early")] == {"lstat": "ENOENT", "read": "ENOENT"}
+        assert seen[str(HOST / "c-late")] == {"lstat": "ENOENT", "read": "ENOENT"}
+        # the layer hides the late name too (the program cannot: its one difference)
+        assert "c-late" not in seen["listing"]  # type: ignore[operator]
+        assert seen[str(HOST / "public")] == {"lstat": "ok", "read": "ok"}
+        assert run_inside(user, "echo c > /etc/c-own && cat /etc/c-own && id -u") == "c\n0\n"
+    finally:
+        env.stop(cfg, user)
+    assert mounts_under(private) == []
+    assert loops_backed_under(private) == []
+
+
+# -- a job's environment on this kernel: the shared mask, a volatile scratch upper ------------
+
+JOBFS = Path("/srv/sdeefs-jobfs")  # the node's local scratch: not on the lower's filesystem
+
+
+@pytest.fixture
+def jobfs() -> Iterator[Path]:
+    """An ext4 scratch filesystem for the replica and job directories (a compute node's
+    local disk: the kernel refuses layers on the lower's filesystem, and a scratch upper
+    needs user xattrs, which tmpfs lacks before 6.6)."""
+    image = Path("/var/tmp/sdeefs-jobfs.img")
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    JOBFS.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(JOBFS)], check=True)
+    image.unlink()
+    try:
+        yield JOBFS
+    finally:
+        for mountpoint in sorted(mounts_under(JOBFS), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+        subprocess.run(["umount", "-l", str(JOBFS)], check=True)
+
+
+def test_a_job_environment_starts_and_its_end_leaves_nothing(jobfs: Path) -> None:
+    """``job.start_environment`` as the prolog runs it (no replicad: the replica is made by
+    hand): the shared mask and idmapped lower, the replica as a middle layer, a volatile
+    scratch upper; inside, a replica's file, a lower directory removed and made anew (a
+    whiteout and an opaque directory in the upper); then the epilog's end and the layers'
+    end leave no mount and no loop device."""
+    cfg = SiteConfig(root=str(BASE / "root"), run_dir=str(RUN), engine=Engine.OVERLAY,
+                     shared=(), sockets=(), deny=DEFAULT_DENY,
+                     replication=Replication(replica_dir=str(jobfs / "replica"),
+                                             job_dir=str(jobfs / "jobs")))
+    user = add_user()
+    ids = identity.of_user(user.name, cfg.min_uid, allocate=True)
+    replica = Path(ReplicaDirs.of(cfg.replication.replica_dir, user.name).upper)
+    write(replica / "etc" / "from-replica", "the user's layer\n", 0o644)
+    for path in (replica, replica / "etc", replica / "etc" / "from-replica"):
+        os.chown(path, *ids.root)
+    (HOST / "jobdir").mkdir(parents=True, exist_ok=True)
+    write(HOST / "jobdir" / "old", "host\n", 0o644)
+    record = job.start_environment(cfg, "node1", user, "42")
+    layers = job.UserLayers.of(cfg, "node1", user.name)
+    masks = [m for m in mounts_under(Path(layers.path)) if "/mask-" in m]
+    print(f"kernel {os.uname().release}: the job's mask is on {fs_type(Path(masks[0]))}")
+    assert fs_type(Path(masks[0])) == ("tmpfs" if tmpfs_takes_user_xattrs() else "ext4")
+    result = subprocess.run(
+        ["nsenter", "-t", str(record.init_pid), "-U", "-m", "--", "sh", "-c",
+         f"cat /etc/from-replica && rm -r {HOST}/jobdir && mkdir {HOST}/jobdir && "
+         f"ls -A {HOST}/jobdir | wc -l && ls -A /proc/self/ >/dev/null && id -u"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["the", "user's", "layer", "0", "0"]
+    ended, gone = job.end_job(cfg, "node1", "42")
+    assert ended
+    if gone is not None:
+        job.remove_gone(gone)
+    job.end_user_layers(layers)
+    assert mounts_under(jobfs) == []
+    assert loops_backed_under(jobfs) == []
+    assert (HOST / "jobdir" / "old").read_text() == "host\n"  # the host's is unchanged
+
+
+def test_a_job_dir_without_user_xattrs_is_one_line(jobfs: Path) -> None:
+    """A scratch upper on a filesystem without user xattrs (tmpfs before 6.6): the kernel
+    mounts the overlay, then fails the first directory made where a lower one was removed
+    (its opaque mark); the prolog refuses such a job_dir in one line instead."""
+    takes = tmpfs_takes_user_xattrs()
+    scratch = Path("/run/sdeefs-tmpfs-scratch")
+    scratch.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "scratch", str(scratch)], check=True)
+    try:
+        write(jobfs / "lower" / "d" / "f", "lower\n", 0o644)
+        for name in ("upper", "work"):
+            (scratch / name).mkdir()
+        (jobfs / "merged").mkdir()
+        options = (f"userxattr,lowerdir={jobfs}/lower,upperdir={scratch}/upper,"
+                   f"workdir={scratch}/work")
+        raw = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c",
+             f"mount -t overlay probe -o {options} {jobfs}/merged && rm -r {jobfs}/merged/d "
+             f"&& mkdir {jobfs}/merged/d"], capture_output=True, text=True, timeout=60)
+        print(f"kernel {os.uname().release}: tmpfs takes user xattrs: {takes}; a directory "
+              f"made again on a tmpfs upper: rc {raw.returncode} {raw.stderr.strip()}")
+        assert (raw.returncode == 0) == takes
+        cfg = SiteConfig(root=str(BASE / "root"), run_dir=str(RUN), engine=Engine.OVERLAY,
+                         shared=(), sockets=(),
+                         replication=Replication(replica_dir=str(jobfs / "replica"),
+                                                 job_dir=str(scratch / "jobs")))
+        user = add_user()
+        os.makedirs(ReplicaDirs.of(cfg.replication.replica_dir, user.name).upper)
+        if takes:
+            return  # (a kernel whose tmpfs has them: the job_dir is fine)
+        with pytest.raises(QuietError, match=r"replication.job_dir .*: its filesystem stores "
+                           r"no user.\* xattrs") as refused:
+            job.start_environment(cfg, "node1", user, "43")
+        print(f"refused: {refused.value}")
+        assert mounts_under(scratch) == []
+    finally:
+        subprocess.run(["umount", "-l", str(scratch)], check=True)

@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 KERNEL = "linux-image-6.12.107+deb12-cloud-amd64-unsigned"
 GUEST_PACKAGES = ["python3", "python3-pytest", "python3-attr", "libbpf1", "libelf1", "zlib1g",
-                  "initramfs-tools", "kmod", "util-linux", "procps"]
+                  "initramfs-tools", "kmod", "util-linux", "procps", "libfuse3-3"]
 COMMANDS = {
     "tests": "python3 -m pytest -v -rs --color=no -p no:cacheprovider "
              "bench/lsmguard/test_lsmguard.py",
@@ -60,9 +60,10 @@ COMMANDS = {
     "check": "/opt/lsmbuild/lsmguard-load --check",
     # the product's guard in login environments started by the launcher (test_product.py)
     "product": "env SDEEFS_BPFGUARD_BIN=/opt/lsmbuild/sdeefs-bpfguard "
+               "SDEEFS_GUARD_BIN=/opt/lsmbuild/sdeefs-guard "
                "SDEEFS_ENTER=/opt/lsmbuild/sdeefs-enter SDEEFS_SHELL=/opt/lsmbuild/sdeefs-shell "
-               "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 -m pytest -v -rs --color=no "
-               "--tb=short -p no:cacheprovider bench/lsmguard/test_product.py",
+               "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 -m pytest -v --color=no "
+               "--tb=short -rsP -p no:cacheprovider bench/lsmguard/test_product.py",
 }
 # What the launcher's Python needs beyond the guest's python3-attr, pytest: pure Python
 # (the kernel engine's capture runs on trio), copied from this checkout's .venv
@@ -81,6 +82,7 @@ mount -t tmpfs tmpfs /run
 mount -o remount,rw /
 modprobe overlay
 modprobe loop
+modprobe fuse
 cd /opt/sdeefs
 echo "== kernel $(uname -r), LSMs $(cat /sys/kernel/security/lsm)"
 echo "{begin}"
@@ -107,6 +109,11 @@ def base_root(work: Path, kernel: str, rootfs_tar: Path | None) -> Path:
     """The guest's root with its packages and kernel (made once)."""
     root, ready = work / "root", work / "root.ready"
     if ready.exists() and ready.read_text() == kernel:
+        packages = work / "root.packages"
+        if not packages.exists() or packages.read_text() != " ".join(GUEST_PACKAGES):
+            in_chroot(root, "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && "
+                      f"apt-get install -y -q --no-install-recommends {' '.join(GUEST_PACKAGES)}")
+            packages.write_text(" ".join(GUEST_PACKAGES))  # (a root made before the list grew)
         return root
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -132,7 +139,20 @@ def base_root(work: Path, kernel: str, rootfs_tar: Path | None) -> Path:
         for target in reversed(binds):
             subprocess.run(["umount", str(target)], check=False)
     ready.write_text(kernel)
+    (work / "root.packages").write_text(" ".join(GUEST_PACKAGES))
     return root
+
+
+def in_chroot(root: Path, script: str) -> None:
+    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    binds = [root / "proc", root / "sys", root / "dev"]
+    for target in binds:
+        run(["mount", "--bind", f"/{target.name}", str(target)])
+    try:
+        run(["chroot", str(root), "sh", "-c", script])
+    finally:
+        for target in reversed(binds):
+            subprocess.run(["umount", str(target)], check=False)
 
 
 def prepare(work: Path, root: Path, command: str) -> Path:
@@ -156,6 +176,11 @@ def prepare(work: Path, root: Path, command: str) -> Path:
     site = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
     for name in PYDEPS:
         shutil.copytree(site / name, opt / "sdeefs" / "pydeps" / name, ignore=ignore)
+    # the guard layer (guard = "c"): its C daemon and, for the launcher's sdeefs.fs.mount,
+    # pyfuse3 with its extension (cpython-311, libfuse3: as the guest's)
+    shutil.copy(REPO / ".venv" / "bin" / "sdeefs-guard", opt / "lsmbuild" / "sdeefs-guard")
+    shutil.copytree(site / "pyfuse3", opt / "sdeefs" / "pydeps" / "pyfuse3",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     init = root / "sbin" / "sdeefs-vm-init"
     init.write_text(INIT.replace("{begin}", BEGIN).replace("{end}", END)
                     .replace("{command}", command))

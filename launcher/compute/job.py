@@ -106,7 +106,7 @@ from sdeefs import config as config_mod
 from sdeefs import control, identity
 from sdeefs.config import Engine, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
-from sdeefs.fs.mask import build_mask
+from sdeefs.fs.mask import build_mask, takes_xattr
 from sdeefs.identity import Identity
 from sdeefs.statedir import ReplicaDirs
 from sdeefs.sysio import write_file_atomic
@@ -247,6 +247,11 @@ def start_environment(config: SiteConfig, node: str, user: env.User, job: str,
             raise QuietError(f"replication.{key} {path} is on the same filesystem as the lower "
                              f"({config.lower}): the kernel refuses overlapping overlay layers; "
                              "put it on the node's local scratch filesystem", ExitCode.USAGE)
+        if not takes_xattr(path, USER_XATTR_PROBE):  # (tmpfs before Linux 6.6)
+            raise QuietError(f"replication.{key} {path}: its filesystem stores no user.* "
+                             "xattrs, which a job's layers need (overlayfs' whiteouts and "
+                             "opaque directories in a user namespace); put it on the node's "
+                             "local scratch filesystem (ext4, xfs)", ExitCode.USAGE)
     where = job_dirs(config, node, job)
     if spare is not None and not os.path.exists(where.run.path) and \
             not os.path.exists(where.layer.path):
@@ -298,6 +303,7 @@ def _launch(config: SiteConfig, node: str, user: env.User, where: EnvDirs) -> en
 SPARE_PREFIX = ".spare-"  # JOB_DIR/.spare-USER(.run): a spare environment of USER
 LAYERS_PREFIX = ".layers-"  # JOB_DIR/.layers-USER: the mask and lower USER's jobs share
 LAYERS_TTL = 600.0  # seconds a shared mask serves new jobs before it is made again
+USER_XATTR_PROBE = b"user.sdeefs.probe"  # set and removed on the job and replica dirs
 
 
 @attrs.frozen
@@ -308,7 +314,8 @@ class UserLayers:
         lock            flock'ed while they are made, used for a start, or ended
         lower/          the idmapped read-only bind of the host root (U's id maps)
         lower.key       U's passwd entry and id maps it was made with
-        mask-KEY/       the mask tmpfs (launcher/view.py), made under KEY (:func:`layers_key`)
+        mask-KEY/       the mask (launcher/view.py: a tmpfs, or an ext4 image where tmpfs
+                        has no user xattrs, sdeefs/fs/mask.py), made under KEY (:func:`layers_key`)
         mask-KEY.made   written once it is complete: "mask" or "none" (nothing to mask)
 
     Building the mask (thousands of whiteouts, one per root-only host entry of the cached
