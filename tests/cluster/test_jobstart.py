@@ -378,25 +378,31 @@ def test_a_spare_the_replicad_was_starting_when_it_stopped_or_died_is_ended(
     both ways: SIGTERM killed the daemon at once as SIGKILL does, the start went on without
     it, and its init and overlay were named nowhere end-spares looks."""
     g = grid
+    # The spare's start held where it is: the replicad's sdeefs-enter, through a wrapper that
+    # stops itself before it execs the real one when it is asked to start the spare (polling
+    # /proc for it lost the race under load: the start was done before it was seen).
+    holder = g.base / "hold-spare-start"
+    hold_pid = g.base / "held-spare-start.pid"
+    holder.write_text(f"#!/bin/sh\nif [ \"$1\" = start ]; then case \"$*\" in "
+                      f"*n1/jobs/.spare-{g.user}/upper*) [ -e {hold_pid} ] || "
+                      f"{{ echo $$ > {hold_pid}.new; mv {hold_pid}.new {hold_pid}; "
+                      f"kill -STOP $$; }} ;; esac; fi\n"
+                      f"exec {VENV_BIN / 'sdeefs-enter'} \"$@\"\n")
+    holder.chmod(0o755)
+    g.kill_replicad(1)
+    g.start_replicad(1, {"SDEEFS_ENTER": str(holder)})
     g.site.start(g.user)
     g.site.run(g.user, "echo v4 > /etc/sdeefs-demo")
     home = g.site.home(g.user)
     daemon = g.replicads[1].pid
     job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
                       "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
-    spare_upper = f"n1/jobs/.spare-{g.user}/upper".encode()
-    held = None
     deadline = time.monotonic() + 60
-    while held is None:  # the spare's start, a child of the replicad: held where it is
+    while not hold_pid.exists():
         assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
-        assert not (g.base / "n1" / "jobs" / f".spare-{g.user}.run" / "spare-key").exists(), \
-            "the spare was started before its start was seen"
-        for pid in children(daemon):
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"start" in argv and any(spare_upper in a for a in argv):
-                    os.kill(pid, signal.SIGSTOP)
-                    held = pid
+        time.sleep(0.05)
+    held = int(hold_pid.read_text())
+    assert held in children(daemon)
     proc = g.replicads[1]
     if how == "stop":
         def release() -> None:  # once the daemon had the signal (the old one dies at once)

@@ -27,6 +27,7 @@ from sdeefs.config import DEFAULT_DENY
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.replication.daemon import control_request
 from sdeefs.replication.snapshot import tree_digest
+from sdeefs.replication.wire import REPORT_INTERVAL
 
 from ..launcher.launcher_site import VENV_BIN, Site, open_site, requires_launcher
 from .slurm_cluster import Cluster, cluster, requires_slurm
@@ -56,16 +57,17 @@ class Grid:
     nodes: int = NODES
     replicads: dict[int, subprocess.Popen[bytes]] = attrs.field(factory=dict)
 
-    def start_replicad(self, i: int) -> None:
+    def start_replicad(self, i: int, extra_env: dict[str, str] | None = None) -> None:
         """i = 0: the login node's origin; 1..nodes: compute nodes.  As the admin guide and
         the systemd units start them: ``sdeefs-replicad --role login|compute``, everything
-        else from the site config (open_grid: [replication])."""
+        else from the site config (open_grid: [replication]); ``extra_env``: a test's hook
+        (``SDEEFS_ENTER``)."""
         log = open(self.base / f"replicad-{i}.log", "ab")  # noqa: SIM115 (the process keeps it)
         control = self.control_path(i)
         control.unlink(missing_ok=True)
         control.parent.mkdir(exist_ok=True)
         argv = [str(VENV_BIN / "sdeefs-replicad"), "--role", "login" if i == 0 else "compute"]
-        env = {"SDEEFS_CONFIG": str(self.site.config)}
+        env = {"SDEEFS_CONFIG": str(self.site.config), **(extra_env or {})}
         if i == 0:
             proc = self.slurm.hub_popen(argv, stdout=log, stderr=log, env=env)
         else:
@@ -482,7 +484,14 @@ def test_a_job_on_more_nodes_than_the_fanout_after_the_user_went_idle(grid5: Gri
                           capture_output=True, check=True).stdout.decode().split()[0]
     text = g.submit(job, "-N5")
     assert job_lines(text) == [f"n{i} cold {blob} -" for i in range(1, 6)], text
-    followers = g.control(0, {"op": "status"})["origin"][g.user]["followers"]  # type: ignore[index]
+    # relayed followers reach the login node's status through their relay's report, sent at
+    # most every REPORT_INTERVAL: a job as short as this one can end before it arrives
+    deadline = time.monotonic() + 10 * REPORT_INTERVAL
+    while True:
+        followers = g.control(0, {"op": "status"})["origin"][g.user]["followers"]  # type: ignore[index]
+        if set(followers) == {f"n{i}" for i in range(1, 6)} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert set(followers) == {f"n{i}" for i in range(1, 6)}, followers
     assert sum(1 for f in followers.values() if f["direct"]) <= 2, followers
 
