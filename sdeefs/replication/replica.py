@@ -690,6 +690,9 @@ class Follower:
     _in_flight: int = attrs.field(init=False, default=0)
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)  # _in_flight shrank
     _sending: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # applier and reporter
+    # the upstream's head when the link was made: below it the copy is catching up (a cold
+    # stream), and syncs only every SYNC_INTERVAL_BEHIND (``_sync_periodically``)
+    catching_up_to: int = attrs.field(init=False, default=0)
     # the link's reading thread (``receiver.ThreadReader``): one, never the daemon's pool
     _reading: Offload = attrs.field(init=False,
                                     factory=lambda: Offload(trio.CapacityLimiter(1)))
@@ -703,6 +706,7 @@ class Follower:
         session = await send_hello(self.stream, reader, self.auth, hello)
         self._key = session.key
         self.stats.head, self.stats.connected = session.head, True
+        self.catching_up_to = max(self.catching_up_to, session.head)
         if replica.journal_id != session.journal_id:
             had_history = replica.journal_id != NO_ID
             await self.offload.run(replica.locked, replica.adopt, session.journal_id)
@@ -822,16 +826,20 @@ class Follower:
                 last = now
 
     async def _sync_periodically(self) -> None:
-        """Sync every SYNC_INTERVAL; a copy more than SYNC_LAG records behind its upstream
-        (a cold stream) only every SYNC_INTERVAL_BEHIND: each ``syncfs`` waits for the
-        writeback of everything written since, under the lock the applier needs, and a
-        copy that far behind gains little from being clean at a point no job waits for
-        (after a power loss it starts over, as a copy that was never synced does)."""
+        """Sync every SYNC_INTERVAL; a copy more than SYNC_LAG records behind its upstream,
+        or not yet at the head its upstream had when it connected (a cold stream: a
+        default-engine journal holds few records for much data, so a record count alone
+        does not tell), only every SYNC_INTERVAL_BEHIND: each ``syncfs`` waits for the
+        writeback of everything written since, under the lock the applier needs (a
+        gigabyte of it stalled a cold stream ~2.5 s: bench/RESULTS.md), and a copy that
+        far behind gains little from being clean at a point no job waits for (after a
+        power loss it starts over, as a copy that was never synced does)."""
         last = trio.current_time()
         while True:
             await trio.sleep(SYNC_INTERVAL)
-            if self.stats.head - self.replica.applied > SYNC_LAG \
-                    and trio.current_time() - last < SYNC_INTERVAL_BEHIND:
+            applied = self.replica.applied
+            behind = self.stats.head - applied > SYNC_LAG or applied < self.catching_up_to
+            if behind and trio.current_time() - last < SYNC_INTERVAL_BEHIND:
                 continue
             await self.offload.run(self.replica.locked, self.replica.sync)
             last = trio.current_time()
