@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -29,7 +30,7 @@ from sdeefs.tools import format_size
 
 from . import doctor, dpkgmerge, env, limits, view
 from .compute import job, spares
-from .login import pam
+from .login import bpfguard, pam
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="every user's environment, for admins")
     st.add_argument("--json", action="store_true")
     sub.add_parser("stop-idle", help="stop environments idle longer than idle_timeout")
+    sub.add_parser("unload-guard", help="unpin the BPF guard once no environment it guards "
+                                        "runs (scripts/install.sh --uninstall)")
     sub.add_parser("scan-private", help="refresh the list of root-only lower entries that "
                                         "every environment hides")
     rm = sub.add_parser("remove-user", help="end a user's environment and delete what this "
@@ -191,7 +194,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 LAUNCHER_COMMANDS = ("install-pam", "uninstall-pam", "start", "stop", "migrate", "status",
                      "stop-idle", "scan-private", "job-prolog", "job-epilog", "replica",
-                     "install-slurm", "remove-user", "doctor", "end-spares")
+                     "install-slurm", "remove-user", "doctor", "end-spares", "unload-guard")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _launcher(args: argparse.Namespace) -> int:
@@ -256,6 +266,16 @@ def _launcher(args: argparse.Namespace) -> int:
         kept = env.migrate_to_kernel(cfg, env.User.lookup(args.user))
         print(f"{args.user}: migrated to the kernel engine; the old upper and journal are "
               f"kept in {kept} (remove them once the replicas caught up)")
+        return 0
+    if args.command == "unload-guard":
+        unpinned, keeping = bpfguard.BpfGuard(cfg.run_dir).unload()
+        if keeping:
+            users = ", ".join(_user_name(uid) for uid in keeping)
+            raise QuietError(f"the BPF guard stays loaded: it still guards {users} (processes "
+                             "in their user namespaces); run this again once they end",
+                             ExitCode.BUSY)
+        print(f"the BPF guard is unloaded ({unpinned} pinned set(s) removed)" if unpinned
+              else "no BPF guard is loaded")
         return 0
     if args.command == "scan-private":
         found = view.refresh_private_scan(cfg)

@@ -14,7 +14,7 @@ The user's layer (``ROOT/U/upper``, ``ROOT/U/state/...``) is the shared core's
                 env.json       the EnvRecord (env.py)
                 lock           flock'ed while the environment is set up or torn down
                 lower/         idmapped read-only bind of the host root
-                mask/          the mask tmpfs
+                mask/          the mask (tmpfs; an ext4 image on kernels < 6.6: mask.py)
                 guard/         the guard layer's FUSE mount (logins)
                 guard.log      its daemon's log
                 guard.pid      "PID START": its daemon (ended if it outlives its unmount)

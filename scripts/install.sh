@@ -64,6 +64,11 @@ remove_link() {
 }
 
 if [ "$UNINSTALL" = 1 ]; then
+  # The BPF guard's pinned set outlives every process (docs/admin.md): unpinned here unless
+  # it still guards a running environment (then it stays, and the command says whose).
+  if [ "$SYSTEM_FILES" = 1 ] && [ -x "$PREFIX/bin/sdeefs" ]; then
+    "$PREFIX/bin/sdeefs" unload-guard | grep -v '^no BPF guard is loaded$' || true
+  fi
   for name in "${USER_COMMANDS[@]}"; do remove_link "$BIN_DIR/$name"; done
   for name in "${ROOT_COMMANDS[@]}"; do remove_link "$SBIN_DIR/$name"; done
   if [ "$SYSTEM_FILES" = 1 ]; then

@@ -613,6 +613,26 @@ class BpfGuard:
             found.update(self._entries(pinned))
         return found
 
+    def unload(self) -> tuple[int, list[int]]:
+        """Unpin every set (an uninstall), unless one still guards someone: a key whose uid
+        has processes in a user namespace it owns, or whose environment is being set up.
+        Returns how many sets were unpinned and the uids that keep them (then none is)."""
+        if not os.path.isdir(self.pins):
+            return 0, []
+        with self._locked():
+            keys = set(self.entries())
+            live = live_owners()
+            keeping = sorted(k for k in keys if k in live or _setting_up(self.run_dir, k))
+            if keeping:
+                return 0, keeping
+            # with the sets a load that died half-way left (attached links, never renamed)
+            names = [n for n in os.listdir(self.pins) if n.startswith(("g-", "new-g-"))]
+            for name in names:
+                _unpin(os.path.join(self.pins, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.pins)
+            return len(names), []
+
     def detach_all(self) -> None:
         """Unpin every set (the programs detach): for an uninstall, and tests."""
         with self._locked():

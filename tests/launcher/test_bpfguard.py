@@ -160,7 +160,7 @@ def holder(uid: int) -> Iterator[int]:
         proc.wait()
 
 
-def _skip_maps() -> str | None:
+def maps_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root (bpffs, BPF maps)"
     try:
@@ -170,7 +170,24 @@ def _skip_maps() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_skip_maps() is not None, reason=_skip_maps() or "")
+def handmade_set(guard: BpfGuard, config: SiteConfig, *keys: int) -> Path:
+    """The pinned set a login of ``config`` would find (its maps only, made by hand: the
+    loader's programs do not load on this kernel), holding ``keys``."""
+    devs, deny = bpfguard.host_devs(config), bpfguard.deny_subset(config.deny)
+    pinned = Path(guard.pins) / f"g-{guard.fingerprint(devs, deny)}"
+    pinned.mkdir(parents=True)
+    lib = guard.lib
+    fd = lib.create(lib.BPF_MAP_TYPE_HASH, "guarded", 4, IDENTITY.size, bpfguard.GUARDED_MAX)
+    try:
+        lib.pin(fd, str(pinned / "map_guarded"))
+        for key in keys:
+            lib.update(fd, bpfguard.KEY.pack(key), Guarded(key, key, ()).encode())
+    finally:
+        os.close(fd)
+    return pinned
+
+
+@pytest.mark.skipif(maps_unavailable() is not None, reason=maps_unavailable() or "")
 @pytest.mark.expect_log("sdeefs.launcher.login.bpfguard")  # "still has processes"
 def test_add_forget_and_stale_keys_on_the_pinned_map(tmp_path: Path) -> None:
     """The set a login finds pinned (made here by hand, the maps only: the loader's
@@ -185,15 +202,7 @@ def test_add_forget_and_stale_keys_on_the_pinned_map(tmp_path: Path) -> None:
     with private_bpffs() as fs:
         guard = BpfGuard(str(tmp_path / "run"), pins=str(fs / "sdeefs"), loader=str(loader))
         lib = guard.lib
-        devs, deny = bpfguard.host_devs(config), bpfguard.deny_subset(config.deny)
-        pinned = fs / "sdeefs" / f"g-{guard.fingerprint(devs, deny)}"
-        pinned.mkdir(parents=True)
-        fd = lib.create(lib.BPF_MAP_TYPE_HASH, "guarded", 4, IDENTITY.size,
-                        bpfguard.GUARDED_MAX)
-        try:
-            lib.pin(fd, str(pinned / "map_guarded"))
-        finally:
-            os.close(fd)
+        pinned = handmade_set(guard, config)
         assert gone not in bpfguard.live_owners()
         with bpfguard.opened(lib, str(pinned / "map_guarded")) as fd:
             lib.update(fd, bpfguard.KEY.pack(gone), Guarded(gone, gone, ()).encode())
@@ -217,6 +226,43 @@ def test_add_forget_and_stale_keys_on_the_pinned_map(tmp_path: Path) -> None:
             guard.add(config, Identity(0, 0, (), 300000, 300000, 65536, 1000))
         guard.detach_all()
         assert guard.sets() == []
+
+
+@pytest.mark.skipif(maps_unavailable() is not None, reason=maps_unavailable() or "")
+def test_unload_guard_keeps_a_set_while_it_guards_someone(tmp_path: Path) -> None:
+    """``sdeefs unload-guard`` (what ``install.sh --uninstall`` runs): while a guarded uid
+    has a process in a user namespace it owns, one line naming it, exit 4, the set stays;
+    once none has, every set is unpinned (also one a load left half-way)."""
+    run = tmp_path / "run"
+    conf = tmp_path / "sdeefs.toml"
+    conf.write_text(f'[sdeefs]\nrun_dir = "{run}"\n')
+    loader = tmp_path / "sdeefs-bpfguard"
+    loader.write_bytes(b"a stand-in: its bytes are the program's version")
+    alice = 61010
+    with private_bpffs() as fs:
+        pins = fs / "sdeefs"
+        guard = BpfGuard(str(run), pins=str(pins), loader=str(loader))
+        pinned = handmade_set(guard, SiteConfig(run_dir=str(run)), alice)
+        (pins / "new-g-0123456789abcdef").mkdir()  # a load that died before its rename
+        env = {**os.environ, "SDEEFS_CONFIG": str(conf), "SDEEFS_BPF_PINS": str(pins),
+               "SDEEFS_BPFGUARD_BIN": str(loader)}
+
+        def unload() -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(VENV_BIN / "sdeefs"), "unload-guard"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+
+        with holder(alice):
+            kept = unload()
+            assert kept.returncode == 4, kept
+            assert kept.stderr.count("\n") == 1, kept.stderr
+            assert "uid 61010" in kept.stderr
+            assert (pinned / "map_guarded").exists()
+        done = unload()
+        assert done.returncode == 0, done
+        assert "2 pinned set(s) removed" in done.stdout
+        assert not pins.exists()
+        again = unload()
+        assert (again.returncode, again.stdout.strip()) == (0, "no BPF guard is loaded")
 
 
 # -- through the front door ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ idempotent, and that --uninstall removes exactly what it added."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -12,6 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from sdeefs.config import SiteConfig
+from sdeefs.launcher.login.bpfguard import BpfGuard
+
+from .test_bpfguard import handmade_set, maps_unavailable, private_bpffs
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install.sh"
@@ -30,11 +36,12 @@ def site_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _install(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def _install(tmp: Path, *extra: str,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(INSTALL), "--prefix", str(tmp / "opt"), "--bin-dir", str(tmp / "bin"),
          "--sbin-dir", str(tmp / "sbin"), "--unit-dir", str(tmp / "units"), *extra],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_install_then_uninstall(site_dir: Path) -> None:
@@ -81,8 +88,23 @@ def test_install_then_uninstall(site_dir: Path) -> None:
         assert again.returncode == 0, again.stderr
         assert "installing into" not in again.stderr
 
-        gone = _install(tmp, "--uninstall")
-        assert gone.returncode == 0, gone.stderr
+        # A BPF guard set the installed sdeefs loaded (by hand here: this kernel loads its
+        # maps, not its programs), guarding nobody now: the uninstall unpins it.
+        with contextlib.ExitStack() as stack:
+            env = None
+            if maps_unavailable() is None:
+                pins = stack.enter_context(private_bpffs()) / "sdeefs"
+                guard = BpfGuard(str(tmp / "run"), pins=str(pins),
+                                 loader=str(tmp / "opt" / "bin" / "sdeefs-bpfguard"))
+                handmade_set(guard, SiteConfig(run_dir=str(tmp / "run")))
+                conf = tmp / "sdeefs.toml"
+                conf.write_text(f'[sdeefs]\nrun_dir = "{tmp / "run"}"\n')
+                env = {**os.environ, "SDEEFS_BPF_PINS": str(pins), "SDEEFS_CONFIG": str(conf)}
+            gone = _install(tmp, "--uninstall", env=env)
+            assert gone.returncode == 0, gone.stderr
+            if env is not None:
+                assert "the BPF guard is unloaded (1 pinned set(s) removed)" in gone.stdout
+                assert not pins.exists()
         assert not (tmp / "opt").exists()
         assert not list((tmp / "bin").iterdir())
         assert not list((tmp / "sbin").iterdir())
