@@ -53,6 +53,10 @@ one, its maps filled (host_devs, deny, then the live keys copied: in that order,
 zero deny pattern matches every path), then renamed into place, and only then the old
 set unpinned: at every moment at least one attached set guards every environment.  All
 writers take RUN_DIR/bpfguard.lock (flock), so no key is added to a set being replaced.
+A set of another build whose ``guarded`` values have another size (``OtherLayout``: its
+keys cannot be copied) is not unpinned: it keeps guarding its environments beside the new
+set, and goes once its last key is stale.  Every value is read with its map's own value
+size, and only its first field (the uid, first in every build) from another build's.
 
 **The maps' values** are written here, pinned with ``struct`` (IDENTITY, DENY_PATTERN)
 against guard.h (tests/launcher/test_bpfguard.py compiles it to check); keys are native
@@ -124,6 +128,9 @@ KEY = struct.Struct("=I")  # guarded: the namespace owner's uid; host_devs: s_de
 IDENTITY = struct.Struct(f"=IIIIII{MAX_GROUPS}I")
 DENY_PATTERN = struct.Struct(f"=III{DENY_LEN}s{SUFFIX_LEN}s")  # struct deny_pattern
 DEV_PRESENT = struct.Struct("=B")  # host_devs' value: 1
+GUARDED_UID = struct.Struct("=I")  # the first field of guarded's value in every build: guard.h
+# struct bpf_map_info's head: type, id, key_size, value_size, max_entries (linux/bpf.h, stable)
+MAP_INFO = struct.Struct("=IIIII")
 assert IDENTITY.size == 24 + 4 * MAX_GROUPS
 assert DENY_PATTERN.size == 12 + DENY_LEN + SUFFIX_LEN
 
@@ -156,6 +163,16 @@ class GuardUnavailable(QuietError):
 
 class GuardError(QuietError):
     """The program could not be loaded or the environment not added: it does not start."""
+
+
+class OtherLayout(Exception):
+    """A pinned set whose ``guarded`` values are not this build's (an older or newer sdeefs
+    loaded it): its keys cannot be copied, so it stays attached beside the new set."""
+
+    def __init__(self, pinned: str, value_size: int) -> None:
+        super().__init__(f"{pinned}: values of {value_size} bytes, this build's "
+                         f"{IDENTITY.size}")
+        self.pinned = pinned
 
 
 class NotInSubset(ValueError):
@@ -337,6 +354,8 @@ class Libbpf:
         for fn in (lib.bpf_map_lookup_elem, lib.bpf_map_get_next_key):
             fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p,
+                                               ctypes.POINTER(ctypes.c_uint32)]
         lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
                                        ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
 
@@ -358,6 +377,14 @@ class Libbpf:
         """A new map (tests: the pinned maps' shapes where no program loads)."""
         return self._check(self._lib.bpf_map_create(kind, name.encode(), key_size, value_size,
                                                     entries, None), "bpf_map_create")
+
+    def value_size(self, fd: int) -> int:
+        """The map's value size: what a lookup writes (a smaller buffer would overflow)."""
+        info = ctypes.create_string_buffer(MAP_INFO.size)
+        length = ctypes.c_uint32(MAP_INFO.size)
+        self._check(self._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(length)),
+                    "bpf_obj_get_info_by_fd")
+        return int(MAP_INFO.unpack(info.raw)[3])
 
     def update(self, fd: int, key: bytes, value: bytes) -> None:
         self._check(self._lib.bpf_map_update_elem(fd, key, value, self.BPF_ANY),
@@ -540,28 +567,63 @@ class BpfGuard:
             with opened(self.lib, os.path.join(staging, "map_deny")) as fd:
                 for index, pattern in enumerate(deny):
                     self.lib.update(fd, KEY.pack(index), pattern.encode())
+            kept = []  # sets of another build's layout: they keep guarding their keys
             with opened(self.lib, os.path.join(staging, "map_guarded")) as new:
                 for old in self.sets():  # every key, stale or not: those go at the next add
-                    for key, value in self._entries(old).items():
+                    try:
+                        entries = self._entries(old)
+                    except OtherLayout as exc:
+                        log.warning("the BPF guard: %s: left attached until its "
+                                    "environments ended", exc)
+                        kept.append(old)
+                        continue
+                    for key, value in entries.items():
                         self.lib.update(new, KEY.pack(key), value.encode())
             os.rename(staging, target)
         except BaseException:
             _unpin(staging)
             raise
         for old in self.sets():
-            if old != target:
+            if old != target and old not in kept:
                 _unpin(old)  # the new set guards every live key already
         log.info("the BPF guard attached: %s", target)
         return target
 
     def _entries(self, pinned: str) -> dict[int, Guarded]:
+        """The keys of a set of this build's layout and their values (else OtherLayout)."""
         with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
+            size = self.lib.value_size(fd)
+            if size != IDENTITY.size:
+                raise OtherLayout(pinned, size)
             entries = {}
             for key in self.lib.keys(fd, KEY.size):
                 value = self.lib.lookup(fd, key, IDENTITY.size)
                 if value is not None:
                     entries[KEY.unpack(key)[0]] = Guarded.decode(value)
             return entries
+
+    def _uids(self, pinned: str) -> dict[int, int]:
+        """The keys of a set of any build and the uid each is held for."""
+        with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
+            size = self.lib.value_size(fd)
+            uids = {}
+            for key in self.lib.keys(fd, KEY.size):
+                value = self.lib.lookup(fd, key, size)
+                if value is not None and size >= GUARDED_UID.size:
+                    uids[KEY.unpack(key)[0]] = GUARDED_UID.unpack_from(value)[0]
+            return uids
+
+    def _drop_stale(self, pinned: str, live: set[int], keep: int | None = None) -> int:
+        """Remove the keys of ``pinned`` no process and no set-up holds (other than
+        ``keep``); how many keys are left."""
+        uids = self._uids(pinned)
+        with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
+            for stale in set(uids) - live - {keep}:
+                if not _setting_up(self.run_dir, stale):
+                    self.lib.delete(fd, KEY.pack(stale))
+                    del uids[stale]
+                    log.info("the BPF guard: dropped the stale key of uid %d", stale)
+        return len(uids)
 
     # -- environments ------------------------------------------------------------------------
 
@@ -573,19 +635,19 @@ class BpfGuard:
         deny = deny_subset(view_deny(config))
         with self._locked():
             pinned = self._ensure_attached(host_devs(config), deny)
+            live = live_owners()
+            self._drop_stale(pinned, live, keep=ids.uid)
             with opened(self.lib, os.path.join(pinned, "map_guarded")) as fd:
-                live = live_owners()
-                for stale in set(self._entries(pinned)) - live - {ids.uid}:
-                    if not _setting_up(self.run_dir, stale):
-                        self.lib.delete(fd, KEY.pack(stale))
-                        log.info("the BPF guard: dropped the stale key of uid %d", stale)
                 self.lib.update(fd, KEY.pack(ids.uid), Guarded.of(ids).encode())
+            for old in self.sets():  # another build's set, kept for its environments
+                if old != pinned and self._drop_stale(old, live) == 0:
+                    _unpin(old)
         return ids.uid
 
     def guarding(self, key: int, uid: int) -> bool:
         """Is the key ``key`` held for ``uid`` in an attached set now?"""
         try:
-            return any(pinned_uid(self._entries(pinned), key) == uid for pinned in self.sets())
+            return any(self._uids(pinned).get(key) == uid for pinned in self.sets())
         except (OSError, GuardError):
             return False
 
@@ -596,7 +658,7 @@ class BpfGuard:
             return False
         removed = False
         with self._locked():
-            ours = [p for p in self.sets() if pinned_uid(self._entries(p), key) == uid]
+            ours = [p for p in self.sets() if self._uids(p).get(key) == uid]
             if ours and key in live_owners():
                 log.warning("the BPF guard: a user namespace of uid %d still has processes; "
                             "its key stays (dropped once none has)", key)
@@ -607,10 +669,12 @@ class BpfGuard:
         return removed
 
     def entries(self) -> dict[int, Guarded]:
-        """Every guarded environment of every attached set (status, tests)."""
+        """Every guarded environment of every attached set of this build's layout (status,
+        tests)."""
         found: dict[int, Guarded] = {}
         for pinned in self.sets():
-            found.update(self._entries(pinned))
+            with contextlib.suppress(OtherLayout):
+                found.update(self._entries(pinned))
         return found
 
     def unload(self) -> tuple[int, list[int]]:
@@ -620,7 +684,7 @@ class BpfGuard:
         if not os.path.isdir(self.pins):
             return 0, []
         with self._locked():
-            keys = set(self.entries())
+            keys = {key for pinned in self.sets() for key in self._uids(pinned)}
             live = live_owners()
             keeping = sorted(k for k in keys if k in live or _setting_up(self.run_dir, k))
             if keeping:
@@ -638,11 +702,6 @@ class BpfGuard:
         with self._locked():
             for pinned in self.sets():
                 _unpin(pinned)
-
-
-def pinned_uid(entries: dict[int, Guarded], key: int) -> int | None:
-    found = entries.get(key)
-    return None if found is None else found.uid
 
 
 def _unpin(directory: str) -> None:

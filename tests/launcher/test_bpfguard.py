@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -263,6 +264,63 @@ def test_unload_guard_keeps_a_set_while_it_guards_someone(tmp_path: Path) -> Non
         assert not pins.exists()
         again = unload()
         assert (again.returncode, again.stdout.strip()) == (0, "no BPF guard is loaded")
+
+
+MAPS_ONLY_LOADER = """#!{python}
+# A stand-in for `sdeefs-bpfguard attach DIR N` where programs do not load: the set's maps.
+import os, sys
+from sdeefs.launcher.login import bpfguard as g
+assert sys.argv[1] == "attach"
+lib, where = g.Libbpf(), sys.argv[2]
+os.makedirs(where)
+for name, kind, value, entries in (
+        ("guarded", lib.BPF_MAP_TYPE_HASH, g.IDENTITY.size, g.GUARDED_MAX),
+        ("host_devs", lib.BPF_MAP_TYPE_HASH, g.DEV_PRESENT.size, g.DEVS_MAX),
+        ("deny", lib.BPF_MAP_TYPE_ARRAY, g.DENY_PATTERN.size, g.DENY_MAX)):
+    fd = lib.create(kind, name, 4, value, entries)
+    lib.pin(fd, os.path.join(where, "map_" + name))
+    os.close(fd)
+"""
+
+
+@pytest.mark.skipif(maps_unavailable() is not None, reason=maps_unavailable() or "")
+@pytest.mark.expect_log("sdeefs.launcher.login.bpfguard")  # "left attached"
+def test_a_set_of_another_layout_keeps_guarding_its_environments(tmp_path: Path) -> None:
+    """A set another build pinned, whose values are bigger than this build's: a login of
+    this build loads its own set beside it, reads the old one's keys with the old map's own
+    value size (a buffer of this build's size would overflow), leaves it attached while a
+    namespace of its user runs, and unpins it once its keys are stale."""
+    config = SiteConfig(run_dir=str(tmp_path / "run"))
+    loader = tmp_path / "sdeefs-bpfguard"
+    loader.write_text(MAPS_ONLY_LOADER.format(python=sys.executable))
+    loader.chmod(0o755)
+    alice, bob, gone = 61020, 61021, 61022
+    with private_bpffs() as fs:
+        guard = BpfGuard(str(tmp_path / "run"), pins=str(fs / "sdeefs"), loader=str(loader))
+        lib = guard.lib
+        old = fs / "sdeefs" / "g-00000000000000ff"
+        old.mkdir(parents=True)
+        wider = IDENTITY.size + 64  # a newer layout: the uid first, as in every build
+        fd = lib.create(lib.BPF_MAP_TYPE_HASH, "guarded", 4, wider, bpfguard.GUARDED_MAX)
+        try:
+            lib.pin(fd, str(old / "map_guarded"))
+            for key in (alice, gone):
+                value = struct.pack("=I", key) + b"\xee" * (wider - 4)
+                lib.update(fd, bpfguard.KEY.pack(key), value)
+        finally:
+            os.close(fd)
+        with holder(alice):
+            guard.add(config, Identity(bob, bob, (), 200000, 200000, 65536, 1000))
+            deny = bpfguard.deny_subset(config.deny)
+            new = fs / "sdeefs" / f"g-{guard.fingerprint(bpfguard.host_devs(config), deny)}"
+            assert sorted(guard.sets()) == sorted([str(old), str(new)])
+            assert guard.guarding(alice, alice)  # still, by the old set
+            assert not guard.guarding(gone, gone)  # stale: dropped from the old set
+            assert guard.entries() == {bob: Guarded(bob, bob, (), 200000, 200000, 65536)}
+            assert guard.unload() == (0, [alice])
+        guard.add(config, Identity(bob, bob, (), 200000, 200000, 65536, 1000))
+        assert str(old) not in guard.sets()  # its last key went stale: unpinned
+        assert len(guard.sets()) == 1
 
 
 # -- through the front door ---------------------------------------------------------------------

@@ -16,7 +16,7 @@
 
 /* `guarded`'s value, under the key: the uid owning the namespace (guard.bpf.c: key_by_owner) */
 struct identity {
-	__u32 uid;
+	__u32 uid; /* first, in every build: an older set's keys are read by it (bpfguard.py) */
 	__u32 gid;
 	__u32 ngroups;
 	__u32 subuid; /* U's subordinate ranges: [subuid, subuid + count) and the same of */
