@@ -6,20 +6,34 @@ Each test names what it guards; those marked as findings failed on 279a0a8."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from sdeefs import records as rec
-from sdeefs.replication import applier
+from sdeefs.offload import Offload
+from sdeefs.replication import applier, receiver
 from sdeefs.replication.replica import Replica, _apply_batch
-from sdeefs.replication.wire import record_frames
+from sdeefs.replication.wire import (
+    DOWN,
+    MAX_FRAME_PAYLOAD,
+    SNAPSHOT,
+    UP,
+    Frame,
+    LinkKey,
+    record_frames,
+)
 from sdeefs.sysio import inotify_drain, inotify_watch
 
 from .test_protocol import ALICE, ALICE_OWNER, USER
 
 IN_OPEN = 0x20  # inotify(7)
+DRIBBLE_S = 10.0  # seconds a trickling upstream sends for at most
 NULL_DEVICE = os.makedev(1, 3)  # /dev/null's numbers: opening it does nothing, but is seen
 
 
@@ -57,3 +71,44 @@ def test_a_device_node_a_peer_made_is_never_opened(tmp_path: Path, how: str) -> 
     assert replica.applied == 3
     assert [r.seq for r in replica.skipped.records] == [3]  # a truncate of a device: refused
     replica.close()
+
+
+def _dribble(sock: socket.socket, data: bytes, stop: threading.Event) -> None:
+    """Send ``data`` a byte every few ms until told to stop (or DRIBBLE_S passed), then
+    close the socket."""
+    sock.settimeout(30)
+    deadline = time.monotonic() + DRIBBLE_S
+    with sock:
+        for index in range(len(data)):
+            if stop.wait(0.005) or time.monotonic() > deadline:
+                return
+            sock.sendall(data[index:index + 1])
+
+
+async def test_a_link_whose_upstream_trickles_bytes_can_still_be_cancelled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding (failed on 279a0a8): the reading thread looked for a cancellation only when
+    the socket stayed empty for POLL_MS.  An upstream sending a byte every few ms (a
+    frame of 4 MiB takes hours so) kept it reading: neither the link's silence deadline
+    nor the daemon's shutdown could end the link (``trio.to_thread`` waits for its
+    thread).  Now it looks after every read too.  (POLL_MS is made long here so that a
+    pause of the sender on a loaded machine cannot stand in for the look that is
+    missing; the sender stops after DRIBBLE_S: the old reader then fails the frame.)"""
+    monkeypatch.setattr(receiver, "POLL_MS", 600_000)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    frame = bytes(Frame(SNAPSHOT, 1, b"x" * MAX_FRAME_PAYLOAD).encode(LinkKey(b"k" * 32, DOWN)))
+    stop = threading.Event()
+    reading = Offload(trio.CapacityLimiter(1))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, _dribble, theirs, frame, stop)
+            reader = receiver.ThreadReader(ours.fileno(), MAX_FRAME_PAYLOAD, b"")
+            with trio.move_on_after(0.3) as scope:
+                await reading.run(reader.frames, LinkKey(b"k" * 32, UP), 8 << 20)
+            still_sending = not stop.is_set() and theirs.fileno() >= 0
+            stop.set()
+    finally:
+        ours.close()
+    assert scope.cancelled_caught
+    assert still_sending  # (the cancellation came through while bytes still arrived)
