@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from sdeefs import records as rec
+from sdeefs.layers import open_layer_root
 from sdeefs.offload import Offload
 from sdeefs.replication import applier, receiver
 from sdeefs.replication.replica import Replica, _apply_batch
@@ -29,6 +30,7 @@ from sdeefs.replication.wire import (
     record_frames,
 )
 from sdeefs.sysio import inotify_drain, inotify_watch
+from sdeefs.writeahead import open_write_data
 
 from .test_protocol import ALICE, ALICE_OWNER, USER
 
@@ -112,3 +114,32 @@ async def test_a_link_whose_upstream_trickles_bytes_can_still_be_cancelled(
         ours.close()
     assert scope.cancelled_caught
     assert still_sending  # (the cancellation came through while bytes still arrived)
+
+
+def test_a_fifo_put_where_a_write_records_file_was_is_not_waited_on(tmp_path: Path) -> None:
+    """Finding (failed on 279a0a8): where the upper's filesystem has no file handles, a
+    Write record names its file by path alone, and the shipper (``open_write_data``: the
+    origin, replay, ``sdeefs check``) opened that path O_RDONLY as it found it.  A user
+    who put a FIFO there (mkfifo works in a user namespace) held the root daemon's
+    thread in ``open`` until someone wrote to the FIFO: one such thread per follower,
+    from the pool every user's shipping shares.  Now the path is looked at first and
+    only a regular file is opened; anything else is a file gone (None)."""
+    for sub in ("upper", "work"):
+        (tmp_path / sub).mkdir()
+    os.mkfifo(tmp_path / "upper" / "f")
+    source = open_layer_root(str(tmp_path / "upper").encode(), str(tmp_path / "work").encode())
+    got: list[int | None] = []
+    opener = threading.Thread(target=lambda: got.append(
+        open_write_data(source, rec.Write(b"upper/f", b"", 0, 4))), daemon=True)
+    opener.start()
+    opener.join(20)
+    waited = opener.is_alive()
+    if waited:  # let the thread go: a writer opens the FIFO
+        os.close(os.open(tmp_path / "upper" / "f", os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(20)
+    for fd in got:
+        if fd is not None:
+            os.close(fd)
+    source.close()
+    assert not waited, "open_write_data waited on a FIFO"
+    assert got == [None]
