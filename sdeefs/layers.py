@@ -30,6 +30,7 @@ from .sysio import (
     chmod_at,
     fallocate,
     fd_path,
+    open_regular_at,
     openat2_beneath,
     renameat2,
 )
@@ -342,8 +343,15 @@ def apply_setattr(layers: LayerRoot, r: rec.Setattr) -> None:
         # link is the target and must be followed; otherwise nothing is followed.
         target, follow = fd_path(fd, name or None), not name
         if r.mask & rec.SET_SIZE:
-            wfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                          dir_fd=fd)
+            # (never a device node's open: sysio.open_regular_at; a truncate of anything
+            # but a regular file is EINVAL, as the kernel's)
+            try:
+                wfd = open_regular_at(fd, name, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                raise OSError(errno.EINVAL, "truncate of a file that is not regular",
+                              r.path[:64]) from None
             try:
                 os.ftruncate(wfd, r.size)
             finally:

@@ -327,6 +327,30 @@ def chmod_at(dir_fd: int, name: bytes, mode: int) -> None:
         os.close(fd)
 
 
+def open_regular_at(dir_fd: int, name: bytes, flags: int) -> int:
+    """Open ``name`` in ``dir_fd`` with ``flags`` only if it is a regular file: it is
+    looked at through an O_PATH descriptor first (which opens nothing), then that same
+    inode is opened through its /proc link, so what is checked is what is opened.
+
+    Why: a plain ``open(O_WRONLY)`` of a name a peer chose opens whatever is there, and
+    opening a device node is itself an action (a watchdog starts counting down, a tape
+    rewinds, a tty becomes a controlling terminal), done as root on a replica whose tree
+    a peer's ``Mkdev`` records filled.  OSError otherwise, with the errno opening that
+    entry for writing would give where it did no harm: ELOOP for a symlink (O_NOFOLLOW),
+    EISDIR for a directory, ENXIO for anything else (a FIFO without a reader, a socket,
+    a device node)."""
+    fd = os.open(name or b".", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            code = errno.ELOOP if stat.S_ISLNK(mode) else \
+                errno.EISDIR if stat.S_ISDIR(mode) else errno.ENXIO
+            raise OSError(code, f"not a regular file: {os.strerror(code)}", name)
+        return os.open(fd_path(fd), flags | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
+
+
 def syncfs(fd: int) -> None:
     """syncfs(2): flush the whole filesystem holding ``fd`` (one call for a batch of changes)."""
     _check(_libc.syncfs(ctypes.c_int(fd)), "syncfs")

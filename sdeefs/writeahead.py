@@ -29,7 +29,7 @@ import attrs
 from . import records as rec
 from .layers import LayerRoot
 from .offload import Offload
-from .sysio import open_by_handle, range_lock
+from .sysio import open_by_handle, open_regular_at, range_lock
 
 
 @attrs.define(eq=False)
@@ -86,11 +86,21 @@ def open_write_data(source: LayerRoot, record: rec.Write) -> int | None:
                 return None
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
-    if fd < 0:
+    if fd < 0:  # by path: whatever the user put there now, so looked at before it is opened
         try:
-            fd = source.open(record.path, os.O_RDONLY)
+            parent, name = source.parent_fd(record.path)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        try:
+            # only a regular file: a FIFO put there would hold this thread in open(2)
+            fd = open_regular_at(parent, name, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR,
+                                 errno.ENXIO):
+                raise
+            return None  # gone, or no longer a file: as a file gone
+        finally:
+            os.close(parent)
     if record.length:
         try:
             range_lock(fd, record.offset, record.length, fcntl.F_RDLCK, wait=True)

@@ -285,30 +285,64 @@ def host_devs(config: SiteConfig) -> tuple[int, ...]:
 
 
 NS_GET_OWNER_UID = 0xB704  # ioctl_ns(2): _IO(0xb7, 0x4), the uid owning a user namespace
+NS_GET_PARENT = 0xB702  # ioctl_ns(2): _IO(0xb7, 0x2), an fd of a user namespace's parent
+MAX_NS_DEPTH = 32  # user namespaces nest 32 deep at most (the kernel's limit)
+
+
+def _owner_of(fd: int) -> int:
+    raw = fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4)
+    return int(struct.unpack("=I", raw)[0])
 
 
 def userns_owner(path: str) -> int:
     """The uid owning the user namespace ``path`` (/proc/PID/ns/user) names."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        raw = fcntl.ioctl(fd, NS_GET_OWNER_UID, b"\0" * 4)
+        return _owner_of(fd)
     finally:
         os.close(fd)
-    return int(struct.unpack("=I", raw)[0])
+
+
+def userns_owners(path: str, host: int) -> set[int]:
+    """The uids owning the user namespace ``path`` names and each of its ancestors below
+    the host's (whose inode is ``host``): every key the program looks up for a task there
+    (guard.bpf.c walks the same chain)."""
+    found: set[int] = set()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for _ in range(MAX_NS_DEPTH):
+            if os.fstat(fd).st_ino == host:
+                break
+            found.add(_owner_of(fd))
+            try:
+                parent = fcntl.ioctl(fd, NS_GET_PARENT)
+            except OSError:  # EPERM: its parent is outside ours (never the case for root)
+                break
+            os.close(fd)
+            fd = parent
+    finally:
+        os.close(fd)
+    return found
 
 
 def live_owners() -> set[int]:
-    """The uids owning the user namespace of some process now, other than the host's (root
-    reads every /proc/PID/ns; a namespace's ancestors are owned by uids with processes too,
-    or by root: an environment's namespace is a child of the host's)."""
+    """The uids owning the user namespace of some process now, or one of its ancestors,
+    other than the host's (root reads every /proc/PID/ns).  Ancestors count: a process
+    in a namespace a user's environment made (a rootless container, its root one of the
+    user's subordinate uids) is guarded by the user's key (guard.bpf.c walks up to it),
+    and that namespace outlives every process of the environment's own when the
+    environment shares the host's PIDs."""
     host = os.stat("/proc/self/ns/user").st_ino
-    found = set()
+    found: set[int] = set()
+    seen: set[int] = set()
     for name in os.listdir("/proc"):
         if name.isdigit():
             path = f"/proc/{name}/ns/user"
             with contextlib.suppress(OSError):
-                if os.stat(path).st_ino != host:
-                    found.add(userns_owner(path))
+                ino = os.stat(path).st_ino
+                if ino != host and ino not in seen:
+                    seen.add(ino)
+                    found |= userns_owners(path, host)
     return found
 
 

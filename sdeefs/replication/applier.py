@@ -61,7 +61,7 @@ import attrs
 from .. import records as rec
 from ..layers import LayerRoot, split
 from ..replicable import NOBODY, UserIds, refusal
-from ..sysio import chmod_at, fd_path
+from ..sysio import chmod_at, fd_path, open_regular_at
 from .snapshot import TRANSIENT_ERRNOS, apply_from_peer
 from .wire import Payload, ProtocolError, Refused
 
@@ -239,17 +239,14 @@ class BatchApplier:
         except (FileNotFoundError, NotADirectoryError):
             return None  # as apply_record: its file is gone, a later record says why
         try:
-            # O_NONBLOCK: a fifo must not block the applier; it is not a file to write.
-            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         dir_fd=dir_fd)
+            # Looked at before it is opened: a device node a peer's Mkdev made there must
+            # not be opened at all (sysio.open_regular_at), a FIFO not waited on.
+            fd = open_regular_at(dir_fd, name, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR,
                              errno.ENOTDIR):
                 return None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
         self._hold(path, fd)
         return fd
 

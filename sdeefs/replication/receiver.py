@@ -25,8 +25,9 @@ Nothing changes in what is accepted: the same checks in the same order, the same
 (a frame that fails is the last thing read: the frames checked before it are handed over
 first, as the per-frame reader handed them over before reading it, and its error is
 raised by the next call).  Waiting for data, the thread looks every POLL_MS for a
-cancellation (``trio.from_thread.check_cancelled``): a link that ends, or whose
-upstream is silent for too long (the caller's deadline), is not held by it.
+cancellation (``trio.from_thread.check_cancelled``), and before every read: a link that
+ends, or whose upstream is silent for too long (the caller's deadline), is not held by
+it, even while bytes trickle in.
 """
 
 from __future__ import annotations
@@ -195,8 +196,13 @@ class ThreadReader:
 
     def _read(self, need: int, wait: bool) -> bool:
         """Read what the socket holds (waiting for some if ``wait``) into the slab, with
-        room for a frame of ``need`` bytes from ``start``; False if nothing was there."""
+        room for a frame of ``need`` bytes from ``start``; False if nothing was there.
+        A cancellation is looked for before every read, not only when the socket stays
+        empty: an upstream that trickles a byte every few ms never leaves it empty for
+        POLL_MS, and would otherwise hold the link past its silence deadline and the
+        daemon's shutdown (``trio.to_thread`` waits for this thread)."""
         while True:
+            trio.from_thread.check_cancelled()
             if self.start + need > len(self.slab) or len(self.slab) - self.end < MIN_READ:
                 slab = self.pool.take()  # the next slab, the frame begun moved to its start
                 held = self.end - self.start
