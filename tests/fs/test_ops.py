@@ -109,7 +109,7 @@ async def lookup(ops: Operations, path: bytes) -> EntryAttributes:
 async def read_all(ops: Operations, ino: InodeT) -> bytes:
     info = await ops.open(ino, os.O_RDONLY, CTX)
     try:
-        return await ops.read(info.fh, 0, 1 << 20)
+        return bytes(await ops.read(info.fh, 0, 1 << 20))  # a view of a reused buffer
     finally:
         await ops.release(info.fh)
 
