@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# pyfuse3 with the sdeefs patch (third_party/pyfuse3, recognised by opendir_stateless) lets
+# opendir answer a FileInfo with cache_readdir (FOPEN_CACHE_DIR); the stock build takes only
+# a handle, and listings are then read anew at every open, as before.
+CACHE_DIR = hasattr(pyfuse3.Operations, "opendir_stateless")
+
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Translate OSError into FUSEError (the one place that does)."""
@@ -432,12 +437,20 @@ class Operations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------------------
 
     @_errors
-    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+    async def opendir(self, inode: InodeT, ctx: RequestContext  # type: ignore[override, unused-ignore]
+                      ) -> FileHandleT | FileInfo:
         node = self.fs.node(inode)
-        names = self.fs.listdir(inode)
+        names, keep = self.fs.open_listing(inode)
         fh = self._new_fh()
         self.dirs[fh] = OpenDir(node, names)
-        return FileHandleT(fh)
+        if not CACHE_DIR:
+            return FileHandleT(fh)
+        # FOPEN_CACHE_DIR: the kernel keeps the listing it reads through this handle and
+        # answers later opens from it while we say keep (CowFS.open_listing: only while
+        # our own listing is the one it cached); it drops it itself when a change through
+        # the mount touches the directory.
+        return FileInfo(fh=FileHandleT(fh), cache_readdir=True,  # type: ignore[call-arg, unused-ignore]
+                        keep_cache=keep)
 
     @_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -454,7 +467,9 @@ class Operations(pyfuse3.Operations):
             try:
                 attr = self.fs.lookup(handle.node.ino, name)
             except FileNotFoundError:
-                continue  # removed since opendir
+                # removed since opendir: the kernel may cache this listing without it
+                self.fs.listing_changed(handle.node.ino)
+                continue
             if not pyfuse3.readdir_reply(token, name, self._entry(attr), index + 1):
                 self.fs.forget(attr.ino, 1)  # not delivered: the kernel did not count it
                 return

@@ -21,7 +21,7 @@ from typing import cast
 import attrs
 import pyfuse3
 import pytest
-from pyfuse3 import EntryAttributes, FileHandleT, InodeT
+from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT
 
 from sdeefs import records as rec
 from sdeefs.fs.inodes import ROOT_INO
@@ -335,7 +335,8 @@ async def test_readdir_counts_what_it_delivers(env: Env,
         return True
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
-    fh = await ops.opendir(ROOT, CTX)
+    opened = await ops.opendir(ROOT, CTX)
+    fh = FileHandleT(opened.fh if isinstance(opened, FileInfo) else opened)  # (patched: FileInfo)
     await ops.readdir(fh, 0, NO_TOKEN)
     assert [name for name, _ in delivered] == [b".", b"..", b"a", b"b"]
     counted = {name: ops.fs.node(ino).lookups for name, ino in delivered[2:]}
