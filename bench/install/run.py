@@ -48,7 +48,8 @@ the FUSE transport alone, over /dev/fuse or over io_uring (needs ``fuse.enable_u
 a layer that shows every entry itself (issue 16, branch guardring).
 ``--base-tree DIR`` adds ``kernel-base``: ``kernel`` with the capture of the sdeefs tree
 unpacked in DIR (``git archive COMMIT sdeefs | tar -x -C DIR``, its built extension
-copied in), e.g. the capture before a change, in the same minutes.
+copied in), e.g. the capture before a change, in the same minutes; and ``sdeefs-fuse-base``,
+the fuse engine of that tree (DIR may be a checkout: ``git worktree add --detach DIR main``).
 
 Outputs: ``OUT/install.md`` (a table per workload), ``OUT/install.svg`` (speed
 relative to kernel overlayfs), and (full runs) a section appended to
@@ -1342,7 +1343,10 @@ def all_contenders(template: LayerTemplate, python: Path,
                    base_tree: Path | None = None) -> list[Contender]:
     native = HostDirContender()
     base = [ImageOverlayContender("kernel-base", template, python, guard="c", capture=True,
-                                  tree=base_tree)] if base_tree is not None else []
+                                  tree=base_tree),
+            # the fuse engine of that tree (a checkout: run from it, with this interpreter)
+            SdeefsContender("sdeefs-fuse-base", "fuse", python=python, tree=base_tree),
+            ] if base_tree is not None else []
     return [
         TmpfsContender(),
         native,
