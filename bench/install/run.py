@@ -743,7 +743,7 @@ def settle_git_index(repo: Path, tracker: ProcessTracker) -> None:
 
 
 def prepare_inputs(scratch: Path, settings: Settings, wheels: Path,
-                   tracker: ProcessTracker) -> Inputs:
+                   tracker: ProcessTracker, need_wheels: bool = True) -> Inputs:
     lower, data = scratch / "lower", scratch / "data"
     data.mkdir()
     for sub in ("tree", "repo"):
@@ -767,7 +767,8 @@ def prepare_inputs(scratch: Path, settings: Settings, wheels: Path,
                          tracker, timeout=120)
     if not result.ok:
         raise RuntimeError(f"gcc mkfiles.c: {result.failure_reason()}")
-    wheel_files = fetch_wheels(wheels, settings.pip_packages, tracker)
+    # (only the pip workload installs them: a run without it downloads nothing)
+    wheel_files = fetch_wheels(wheels, settings.pip_packages, tracker) if need_wheels else []
     return Inputs(lower=lower, tarball=tarball, tar_entries=count_entries(lower / "tree") + 1,
                   tar_mib=tarball.stat().st_size / MIB,
                   tree_entries=count_entries(lower / "tree"), wheels=wheels,
@@ -1439,7 +1440,9 @@ def main(argv: Sequence[str]) -> int:
                 return 2
             contenders = [c for c in contenders if c.name in wanted]
         log(f"scratch {session.scratch}; preparing inputs")
-        inputs = prepare_inputs(session.scratch, settings, args.wheels, session.tracker)
+        inputs = prepare_inputs(session.scratch, settings, args.wheels, session.tracker,
+                                need_wheels=not args.workloads
+                                or "pip" in args.workloads.split(","))
         chosen = workloads(settings, inputs)
         if args.workloads:
             wanted_w = args.workloads.split(",")
