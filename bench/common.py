@@ -706,7 +706,8 @@ class SdeefsContender(_MountCommandContender):
     """sdeefs through its CLI: ``python -m sdeefs mount --engine E ...``."""
 
     def __init__(
-        self, name: str, engine: str, extra_args: Sequence[str] = (), python: Path | None = None
+        self, name: str, engine: str, extra_args: Sequence[str] = (), python: Path | None = None,
+        tree: Path | None = None,
     ) -> None:
         self.name = name
         self.engine = engine
@@ -714,9 +715,12 @@ class SdeefsContender(_MountCommandContender):
         self.python = python or (
             DEFAULT_SDEEFS_PYTHON if DEFAULT_SDEEFS_PYTHON.exists() else Path(sys.executable)
         )
+        # another checkout's sdeefs (e.g. a baseline before a change), run from its tree
+        self.tree = tree
 
     def command_cwd(self) -> Path:
-        return REPO_ROOT  # so `-m sdeefs` finds the package even if not installed
+        # so `-m sdeefs` finds the package even if not installed (the cwd comes first)
+        return self.tree or REPO_ROOT
 
     def mount_argv(self, lower: Path, dirs: RunDirs) -> list[str]:
         return [
@@ -740,15 +744,24 @@ class SdeefsContender(_MountCommandContender):
         return [str(self.python), "-m", "sdeefs", "umount", str(mount_point)]
 
     def describe(self) -> str:
-        return " ".join(["sdeefs", "--engine", self.engine, *self.extra_args])
+        tree = [f"(the tree {self.tree})"] if self.tree is not None else []
+        return " ".join(["sdeefs", "--engine", self.engine, *self.extra_args, *tree])
 
 
-def standard_contenders(python: Path | None = None) -> dict[str, Contender]:
-    """All contenders known to the benchmarks, by name, in report order."""
+def standard_contenders(
+    python: Path | None = None, base_tree: Path | None = None
+) -> dict[str, Contender]:
+    """All contenders known to the benchmarks, by name, in report order; ``base_tree`` adds
+    sdeefs-fuse-base: the fuse engine of the sdeefs tree there (a baseline checkout)."""
+    base: list[Contender] = (
+        [SdeefsContender("sdeefs-fuse-base", "fuse", python=python, tree=base_tree)]
+        if base_tree is not None else []
+    )
     contenders: list[Contender] = [
         NativeContender(),
         KernelOverlayContender(),
         FuseOverlayfsContender(),
+        *base,
         SdeefsContender("sdeefs-fuse", "fuse", python=python),
         SdeefsContender("sdeefs-hybrid", "hybrid", python=python),
         SdeefsContender("sdeefs-fuse-nojournal", "fuse", ["--no-journal"], python=python),

@@ -35,6 +35,7 @@ import io
 import json
 import os
 import random
+import statistics
 import sys
 import tarfile
 import time
@@ -682,7 +683,8 @@ def report_lines(
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    known = standard_contenders()
+    base_tree = _option_value(argv, "--base-tree")
+    known = standard_contenders(base_tree=Path(base_tree) if base_tree else None)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="short fio runs and fewer repetitions (~3 min)"
@@ -706,6 +708,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--no-numpy", action="store_true", help="import storm from the stdlib only (no pip)"
     )
     parser.add_argument("--sdeefs-python", type=Path, help="interpreter that runs `-m sdeefs`")
+    parser.add_argument(
+        "--base-tree",
+        type=Path,
+        help="add contender sdeefs-fuse-base: the fuse engine of the sdeefs tree here "
+        "(e.g. `git worktree add --detach DIR main`), run with the same interpreter",
+    )
+    parser.add_argument("--svg", type=Path, help="also draw the medians relative to native")
+    parser.add_argument("--json", type=Path, help="also write every sample as JSON")
     args = parser.parse_args(argv)
 
     args.contender_names = [name.strip() for name in args.contenders.split(",") if name.strip()]
@@ -733,7 +743,7 @@ def main(argv: Sequence[str]) -> int:
         )
     settings = Settings.for_mode(args.quick, args.reps, args.runtime)
     host = HostInfo.collect()
-    every_contender = standard_contenders(args.sdeefs_python)
+    every_contender = standard_contenders(args.sdeefs_python, args.base_tree)
     contenders = [every_contender[name] for name in args.contender_names]
     started = time.monotonic()
     lower: LowerTree | None = None
@@ -792,7 +802,50 @@ def main(argv: Sequence[str]) -> int:
         markdown = report_lines(host, settings, lower, contenders, table, elapsed, markdown=True)
         args.out.write_text("\n".join(markdown) + "\n")
         log(f"wrote {args.out}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(
+            {"metrics": {m.key: [m.label, m.unit, m.higher_is_better] for m in table.metrics},
+             "samples": [[key, name, values] for (key, name), values in table.samples.items()]},
+            indent=1) + "\n")
+        log(f"wrote {args.json}")
+    if args.svg is not None:
+        write_chart(args.svg, table, settings)
+        log(f"wrote {args.svg}")
     return 0
+
+
+def _option_value(argv: Sequence[str], option: str) -> str | None:
+    """An option's value before argparse runs (it decides which contenders exist)."""
+    for index, arg in enumerate(argv):
+        if arg == option and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def write_chart(path: Path, table: ResultTable, settings: Settings) -> None:
+    """Medians relative to native as bars (bench/install/plot.py), min..max in each label."""
+    from bench.install import plot  # noqa: PLC0415 - only for --svg
+
+    groups = []
+    for metric in table.metrics:
+        bars = []
+        for name in table.contenders:
+            ratio = table.ratio(metric, name)
+            values = table.samples.get((metric.key, name), [])
+            label = (f"{metric.format_value(statistics.median(values))} "
+                     f"({metric.format_value(min(values))}..{metric.format_value(max(values))})"
+                     if values else "")
+            bars.append(plot.Bar(name, ratio or 0.0, 0.0, label))
+        groups.append(plot.Group(metric.label, bars))
+    colors = {name: plot.PALETTE[i % len(plot.PALETTE)] for i, name in enumerate(table.contenders)}
+    plot.write_svg(path, plot.BarChart(
+        title="bench/fio: " + ", ".join(m.label for m in table.metrics),
+        subtitle=f"relative to native, median of {settings.reps}, min..max in brackets",
+        axis_label="contender / native (throughput), native / contender (time): longer is faster",
+        groups=groups, colors=colors, goals=(plot.GoalLine(0.8, "0.8x native"),)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class Bar:
     contender: str
     ratio: float  # reference time / contender time; > 1 is faster than the reference
     seconds: float  # the contender's median, printed beside the bar
+    label: str = ""  # printed in place of the seconds if given (bench/fio: throughputs)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ def _ratio_text(value: float) -> str:
 def _seconds_text(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s" if value < 10 \
         else f"{value:.1f} s"
+
+
+def _bar_text(bar: Bar) -> str:
+    return bar.label or _seconds_text(bar.seconds)
 
 
 def render(chart: BarChart) -> str:
@@ -116,10 +121,10 @@ def render(chart: BarChart) -> str:
                 x0, x1 = px(10.0**low), px(bar.ratio)
                 out.append(f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(x1 - x0, 1):.1f}" '
                            f'height="{BAR_H}" fill="{color}"><title>{escape(bar.contender)}: '
-                           f'{_ratio_text(bar.ratio)}, {_seconds_text(bar.seconds)}'
+                           f'{_ratio_text(bar.ratio)}, {escape(_bar_text(bar))}'
                            '</title></rect>')
                 out.append(f'<text x="{x1 + 4:.1f}" y="{y + BAR_H - 2:.1f}" fill="#333">'
-                           f'{_ratio_text(bar.ratio)} ({_seconds_text(bar.seconds)})</text>')
+                           f'{_ratio_text(bar.ratio)} ({escape(_bar_text(bar))})</text>')
             else:
                 out.append(f'<text x="{LEFT + 4}" y="{y + BAR_H - 2:.1f}" fill="#999">'
                            f'{escape(bar.contender)}: no result</text>')

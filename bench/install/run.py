@@ -48,7 +48,8 @@ the FUSE transport alone, over /dev/fuse or over io_uring (needs ``fuse.enable_u
 a layer that shows every entry itself (issue 16, branch guardring).
 ``--base-tree DIR`` adds ``kernel-base``: ``kernel`` with the capture of the sdeefs tree
 unpacked in DIR (``git archive COMMIT sdeefs | tar -x -C DIR``, its built extension
-copied in), e.g. the capture before a change, in the same minutes.
+copied in), e.g. the capture before a change, in the same minutes; and ``sdeefs-fuse-base``,
+the fuse engine of that tree (DIR may be a checkout: ``git worktree add --detach DIR main``).
 
 Outputs: ``OUT/install.md`` (a table per workload), ``OUT/install.svg`` (speed
 relative to kernel overlayfs), and (full runs) a section appended to
@@ -742,7 +743,7 @@ def settle_git_index(repo: Path, tracker: ProcessTracker) -> None:
 
 
 def prepare_inputs(scratch: Path, settings: Settings, wheels: Path,
-                   tracker: ProcessTracker) -> Inputs:
+                   tracker: ProcessTracker, need_wheels: bool = True) -> Inputs:
     lower, data = scratch / "lower", scratch / "data"
     data.mkdir()
     for sub in ("tree", "repo"):
@@ -766,7 +767,8 @@ def prepare_inputs(scratch: Path, settings: Settings, wheels: Path,
                          tracker, timeout=120)
     if not result.ok:
         raise RuntimeError(f"gcc mkfiles.c: {result.failure_reason()}")
-    wheel_files = fetch_wheels(wheels, settings.pip_packages, tracker)
+    # (only the pip workload installs them: a run without it downloads nothing)
+    wheel_files = fetch_wheels(wheels, settings.pip_packages, tracker) if need_wheels else []
     return Inputs(lower=lower, tarball=tarball, tar_entries=count_entries(lower / "tree") + 1,
                   tar_mib=tarball.stat().st_size / MIB,
                   tree_entries=count_entries(lower / "tree"), wheels=wheels,
@@ -1342,7 +1344,10 @@ def all_contenders(template: LayerTemplate, python: Path,
                    base_tree: Path | None = None) -> list[Contender]:
     native = HostDirContender()
     base = [ImageOverlayContender("kernel-base", template, python, guard="c", capture=True,
-                                  tree=base_tree)] if base_tree is not None else []
+                                  tree=base_tree),
+            # the fuse engine of that tree (a checkout: run from it, with this interpreter)
+            SdeefsContender("sdeefs-fuse-base", "fuse", python=python, tree=base_tree),
+            ] if base_tree is not None else []
     return [
         TmpfsContender(),
         native,
@@ -1435,7 +1440,9 @@ def main(argv: Sequence[str]) -> int:
                 return 2
             contenders = [c for c in contenders if c.name in wanted]
         log(f"scratch {session.scratch}; preparing inputs")
-        inputs = prepare_inputs(session.scratch, settings, args.wheels, session.tracker)
+        inputs = prepare_inputs(session.scratch, settings, args.wheels, session.tracker,
+                                need_wheels=not args.workloads
+                                or "pip" in args.workloads.split(","))
         chosen = workloads(settings, inputs)
         if args.workloads:
             wanted_w = args.workloads.split(",")

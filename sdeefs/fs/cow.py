@@ -203,6 +203,33 @@ class AttrChange:
                            self.size or 0, self.atime_ns or 0, self.mtime_ns or 0)
 
 
+# A directory changed less than this before its stamp was taken may change again with the
+# same timestamps (a coarse clock: one jiffy; some filesystems: 1-2 s): its stamp is not
+# trusted (ListingStamp).
+RACY_NS = 2_000_000_000
+
+
+@attrs.frozen
+class ListingStamp:
+    """What one merged directory's listing was made from: the kernel may keep a copy of it
+    (FOPEN_KEEP_CACHE at opendir) only while a new listing has the same stamp.
+
+    ``names``: the hash of the listed names in order; the hash of bytes is SipHash with a
+    per-process secret key, so nobody can craft two listings that collide.  ``upper`` and
+    ``lower``: (st_ino, st_mtime_ns, st_ctime_ns) of the directory in each layer (None where
+    it has none), taken before the listing: they change when a name is replaced by another
+    entry under the same name, which the names alone do not show.
+    """
+
+    names: int
+    upper: tuple[int, int, int] | None
+    lower: tuple[int, int, int] | None
+
+
+def _dir_stamp(st: os.stat_result | None) -> tuple[int, int, int] | None:
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @attrs.frozen
 class CopyUp:
     """A copy-up in progress: the staged file and where it goes."""
@@ -254,7 +281,9 @@ class CowFS:
     ids: UserIds = NOBODY
     lower_fds: set[int] = attrs.field(factory=set)
     _resolved: dict[tuple[int, bytes], tuple[float, Resolved]] = attrs.field(factory=dict)
-    _listings: dict[int, tuple[float, list[bytes]]] = attrs.field(factory=dict)
+    _listings: dict[int, tuple[float, list[bytes], ListingStamp | None]] = \
+        attrs.field(factory=dict)
+    _listed: dict[int, ListingStamp | None] = attrs.field(factory=dict)
     _name_hints: dict[tuple[int, int], bytes] = attrs.field(factory=dict)
     _cache_generation: int = 0
     _since_shed: int = 0
@@ -684,17 +713,57 @@ class CowFS:
 
     def listdir(self, ino: int) -> list[bytes]:
         """The merged names of a directory: upper first, then lower; whiteouts hidden, no dups."""
+        return self._listing(ino)[0]
+
+    def open_listing(self, ino: int) -> tuple[list[bytes], bool]:
+        """The merged names of directory ``ino`` for an opendir, and whether the kernel may
+        keep the copy of its listing it cached at an earlier open (FOPEN_KEEP_CACHE).
+
+        It may while this listing has the stamp of the listing handed out at the previous
+        open (:class:`ListingStamp`); a change through the mount the kernel notices itself
+        (it drops its copy when it changes a directory), a host change of the lower shows
+        here once the listing is made again: at once for a directory in the upper, within
+        ``cache_timeout`` for a lower-only one, as with :meth:`listdir`.
+        """
+        names, stamp = self._listing(ino)
+        previous = self._listed.get(ino)
+        if len(self._listed) >= self.config.node_limit:
+            self._listed.clear()  # bounded like the name caches; a forgotten stamp: refetch
+        self._listed[ino] = stamp
+        return names, stamp is not None and stamp == previous
+
+    def listing_changed(self, ino: int) -> None:
+        """What the kernel cached of ``ino``'s listing may not be its last open's listing
+        (an entry of it vanished before readdir handed it out): not kept at the next open."""
+        self._listed.pop(ino, None)
+
+    def _listing(self, ino: int) -> tuple[list[bytes], ListingStamp | None]:
         node = self.node(ino)
         if node.in_upper or self.raw or self.config.cache_timeout <= 0:
-            return self._listdir(node)
+            return self._stamped_listdir(node)
         now = time.monotonic()
         hit = self._listings.get(ino)
         if hit is not None and hit[0] > now and self._cache_generation == self.layers.generation:
-            return hit[1]
-        names = self._listdir(node)
+            return hit[1], hit[2]
+        names, stamp = self._stamped_listdir(node)
         if self._cache_generation == self.layers.generation:
-            self._listings[ino] = (now + self.config.cache_timeout, names)
-        return names
+            self._listings[ino] = (now + self.config.cache_timeout, names, stamp)
+        return names, stamp
+
+    def _stamped_listdir(self, node: Node) -> tuple[list[bytes], ListingStamp | None]:
+        """:meth:`_listdir` and its stamp (None: not to be trusted, RACY_NS)."""
+        upper = None
+        if node.ino == ROOT_INO:
+            upper = self._root_stat()
+        elif node.in_upper:
+            upper = self.layers.lstat(self.layer_path(node.path))
+        lower = self.lower.lstat_raw(node.lower) \
+            if node.lower is not None and not node.opaque and not self.raw else None
+        taken = time.time_ns()
+        names = self._listdir(node)
+        if any(st.st_ctime_ns > taken - RACY_NS for st in (upper, lower) if st is not None):
+            return names, None
+        return names, ListingStamp(hash(tuple(names)), _dir_stamp(upper), _dir_stamp(lower))
 
     def _listdir(self, node: Node) -> list[bytes]:
         if not node.is_dir:

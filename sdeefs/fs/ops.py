@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# pyfuse3 with the sdeefs patch (third_party/pyfuse3, recognised by opendir_stateless) lets
+# opendir answer a FileInfo with cache_readdir (FOPEN_CACHE_DIR); the stock build takes only
+# a handle, and listings are then read anew at every open, as before.
+CACHE_DIR = hasattr(pyfuse3.Operations, "opendir_stateless")
+
 
 def _errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Translate OSError into FUSEError (the one place that does)."""
@@ -121,6 +126,8 @@ class Operations(pyfuse3.Operations):
         timeout: entry/attribute cache lifetime in seconds (the lower may change under us).
         mutex: serialises namespace mutations and copy-ups.
         files / dirs: open handles.
+        _read_buffer: where read's fast path reads to (reused; see read).
+        initialized: set once the kernel's INIT is answered (mount.raise_readahead waits).
     """
 
     supports_dot_lookup = False
@@ -137,6 +144,13 @@ class Operations(pyfuse3.Operations):
         self.writer = DataWriter(offload)
         self.dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
+        self._read_buffer = memoryview(bytearray(0))  # read's fast path (see there)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # (pyfuse3 calls this during INIT, before libfuse's reply: after the reply, which
+        # the kernel takes before this task's next step, the mount's settings are final)
+        self.initialized.set()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -361,20 +375,31 @@ class Operations(pyfuse3.Operations):
         info = await self._open(self.fs.node(attr.ino), flags & ~os.O_TRUNC)
         return info, self._entry(attr)
 
-    @_errors
-    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+    @_errors  # (pyfuse3 replies with any buffer, PyObject_GetBuffer; its stub says bytes)
+    async def read(self, fh: FileHandleT, off: int, size: int  # type: ignore[override]
+                   ) -> bytes | memoryview:
         fd = self.files[fh].fd
         # Fast path: data already in the page cache is copied on the loop (RWF_NOWAIT
         # refuses, rather than waits for, anything that would block); the rest goes to
-        # a worker thread.  A thread hop costs more than a cached 128 KiB read.
-        buf = bytearray(size)
+        # a worker thread.  A thread hop costs more than a cached 1 MiB read.
+        #
+        # The fast path reads into one buffer kept for the life of the mount and answers
+        # with a view of it: pyfuse3 takes any buffer and copies it into its reply with no
+        # await between this return and that copy, so no other read can overwrite it
+        # meanwhile.  A fresh buffer of 1 MiB (the requests' size once the readahead is
+        # raised, mount.raise_readahead) costs its page faults and zeroing every time, and
+        # slicing it into bytes two more copies.  Anything that awaits copies out first.
+        if len(self._read_buffer) < size:
+            self._read_buffer = memoryview(bytearray(size))
+        view = self._read_buffer[:size]
         try:
-            n = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+            n = os.preadv(fd, [view], off, os.RWF_NOWAIT)
         except BlockingIOError:
             return await self.offload.run(os.pread, fd, size, off)
         if n == size or n == 0:
-            return bytes(buf[:n])
-        return bytes(buf[:n]) + await self.offload.run(os.pread, fd, size - n, off + n)
+            return view[:n]
+        head = bytes(view[:n])  # before the await: another read may reuse the buffer
+        return head + await self.offload.run(os.pread, fd, size - n, off + n)
 
     @_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -412,12 +437,20 @@ class Operations(pyfuse3.Operations):
     # -- directories --------------------------------------------------------------------------
 
     @_errors
-    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+    async def opendir(self, inode: InodeT, ctx: RequestContext  # type: ignore[override, unused-ignore]
+                      ) -> FileHandleT | FileInfo:
         node = self.fs.node(inode)
-        names = self.fs.listdir(inode)
+        names, keep = self.fs.open_listing(inode)
         fh = self._new_fh()
         self.dirs[fh] = OpenDir(node, names)
-        return FileHandleT(fh)
+        if not CACHE_DIR:
+            return FileHandleT(fh)
+        # FOPEN_CACHE_DIR: the kernel keeps the listing it reads through this handle and
+        # answers later opens from it while we say keep (CowFS.open_listing: only while
+        # our own listing is the one it cached); it drops it itself when a change through
+        # the mount touches the directory.
+        return FileInfo(fh=FileHandleT(fh), cache_readdir=True,  # type: ignore[call-arg, unused-ignore]
+                        keep_cache=keep)
 
     @_errors
     async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -434,7 +467,9 @@ class Operations(pyfuse3.Operations):
             try:
                 attr = self.fs.lookup(handle.node.ino, name)
             except FileNotFoundError:
-                continue  # removed since opendir
+                # removed since opendir: the kernel may cache this listing without it
+                self.fs.listing_changed(handle.node.ino)
+                continue
             if not pyfuse3.readdir_reply(token, name, self._entry(attr), index + 1):
                 self.fs.forget(attr.ino, 1)  # not delivered: the kernel did not count it
                 return

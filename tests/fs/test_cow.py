@@ -21,6 +21,7 @@ import pytest
 
 from sdeefs import records as rec
 from sdeefs.check import check_journal_readable, check_upper_format, run_checks
+from sdeefs.fs import cow
 from sdeefs.fs.cow import AttrChange, CowFS, OverlayXattrs, ViewConfig
 from sdeefs.fs.inodes import ROOT_INO, Attr
 from sdeefs.identity import Identity
@@ -1593,3 +1594,54 @@ def test_the_id_door_admits_only_the_users_ids(tmp_path: Path, mode: str) -> Non
         assert_consistent(env)
     finally:
         env.close()
+
+
+# -- the kernel's cached listings (FOPEN_CACHE_DIR): CowFS.open_listing ------------------------
+
+
+def test_a_cached_listing_is_kept_only_while_the_directory_is_unchanged(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cow, "RACY_NS", 0)  # (its own test below)
+    mkfile(env.lower / "d" / "a")
+    mkfile(env.lower / "m" / "a")
+    d = env.ino(b"d")
+    assert env.fs.open_listing(d) == ([b"a"], False)  # nothing cached yet
+    assert env.fs.open_listing(d) == ([b"a"], True)
+    # a host change of the lower: a new name, then a name replaced by another entry
+    mkfile(env.lower / "d" / "b")
+    assert env.fs.open_listing(d) == ([b"a", b"b"], False)
+    assert env.fs.open_listing(d)[1]
+    os.unlink(env.lower / "d" / "b")
+    (env.lower / "d" / "b").mkdir()
+    assert env.fs.open_listing(d) == ([b"a", b"b"], False)
+    assert env.fs.open_listing(d)[1]
+    # a change through the view (here the directory is copied up, then merged)
+    env.create_file(b"d", b"c")
+    assert env.fs.open_listing(d) == ([b"c", b"a", b"b"], False)
+    assert env.fs.open_listing(d)[1]
+    env.fs.unlink(d, b"a")
+    assert env.fs.open_listing(d) == ([b"c", b"b"], False)
+    assert env.fs.open_listing(d)[1]
+    # a host change of the lower under a merged directory (its upper does not change)
+    mkfile(env.lower / "d" / "e")
+    assert env.fs.open_listing(d) == ([b"c", b"b", b"e"], False)
+    assert env.fs.open_listing(d)[1]
+    # readdir found an entry gone: what the kernel cached is not this listing
+    env.fs.listing_changed(d)
+    assert not env.fs.open_listing(d)[1]
+    # other directories keep theirs
+    m = env.ino(b"m")
+    env.fs.open_listing(m)
+    env.create_file(b"d", b"f")
+    assert env.fs.open_listing(m)[1]
+    env.admin_changed_lower()
+    assert_consistent(env)
+
+
+def test_a_listing_of_a_directory_changed_just_now_is_not_kept(env: Env) -> None:
+    # a second change within the clock's granularity could leave every timestamp as is
+    mkfile(env.lower / "d" / "a")
+    d = env.ino(b"d")
+    assert not env.fs.open_listing(d)[1]
+    assert not env.fs.open_listing(d)[1]
+    assert_consistent(env)

@@ -21,9 +21,10 @@ from typing import cast
 import attrs
 import pyfuse3
 import pytest
-from pyfuse3 import EntryAttributes, FileHandleT, InodeT
+from pyfuse3 import EntryAttributes, FileHandleT, FileInfo, InodeT
 
 from sdeefs import records as rec
+from sdeefs.fs import ops as ops_module
 from sdeefs.fs.inodes import ROOT_INO
 from sdeefs.fs.ops import Operations
 from sdeefs.offload import Offload
@@ -109,7 +110,7 @@ async def lookup(ops: Operations, path: bytes) -> EntryAttributes:
 async def read_all(ops: Operations, ino: InodeT) -> bytes:
     info = await ops.open(ino, os.O_RDONLY, CTX)
     try:
-        return await ops.read(info.fh, 0, 1 << 20)
+        return bytes(await ops.read(info.fh, 0, 1 << 20))  # a view of a reused buffer
     finally:
         await ops.release(info.fh)
 
@@ -335,7 +336,8 @@ async def test_readdir_counts_what_it_delivers(env: Env,
         return True
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
-    fh = await ops.opendir(ROOT, CTX)
+    opened = await ops.opendir(ROOT, CTX)
+    fh = FileHandleT(opened.fh if isinstance(opened, FileInfo) else opened)  # (patched: FileInfo)
     await ops.readdir(fh, 0, NO_TOKEN)
     assert [name for name, _ in delivered] == [b".", b"..", b"a", b"b"]
     counted = {name: ops.fs.node(ino).lookups for name, ino in delivered[2:]}
@@ -347,3 +349,21 @@ async def test_readdir_counts_what_it_delivers(env: Env,
     assert [name for name, _ in delivered] == [b"c"]
     await ops.releasedir(FileHandleT(fh))
     assert_consistent(env)
+
+
+async def test_opendir_asks_the_kernel_to_cache_listings_only_with_the_patched_pyfuse3(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stock pyfuse3 takes only a handle from opendir (FileInfo: third_party/pyfuse3)."""
+    mkfile(env.lower / "d" / "a", b"x")
+    ops = operations(env)
+    d = (await lookup(ops, b"d")).st_ino
+    monkeypatch.setattr(ops_module, "CACHE_DIR", False)
+    plain = await ops.opendir(d, CTX)
+    assert isinstance(plain, int)
+    await ops.releasedir(FileHandleT(plain))
+    if hasattr(pyfuse3.Operations, "opendir_stateless"):  # the patched build is installed
+        monkeypatch.setattr(ops_module, "CACHE_DIR", True)
+        info = await ops.opendir(d, CTX)
+        assert isinstance(info, FileInfo)
+        assert info.cache_readdir  # type: ignore[attr-defined, unused-ignore]
+        await ops.releasedir(FileHandleT(info.fh))
