@@ -2,12 +2,16 @@
 
 Usage (as root; the release measured is the one on ``PYTHONPATH``)::
 
-    PYTHONPATH=TREE .venv/bin/python bench/deploy/colddrain.py [--size 1G]
+    PYTHONPATH=TREE .venv/bin/python bench/deploy/colddrain.py [--size 1G] [--runs N]
+        [--pyspy OUT] [--work DIR]
 
 A new kernel-engine login view (``kernelview.py``), the data set copied in
 (``rsync -a --inplace``), ``sync``; then the capture's barrier, timed.  Printed: its
 seconds, the journal head before and after it, and the records (and Extent bytes) the
-drain journaled.
+drain journaled, the capture's counters (``status``) before and after, and how many
+committed batches the drain's records came in (``batches``).  ``--pyspy OUT``: py-spy
+records the capture's threads over the drain alone (``OUT.N.txt``, collapsed stacks,
+idle frames kept), attached before the copy, so over the copy and the drain.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import collections
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -33,36 +38,66 @@ WORK = Path("/var/tmp/coldsource-drain")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--pyspy", help="py-spy binary and output prefix: BIN:PREFIX")
+    parser.add_argument("--work", type=Path, default=WORK)
     args = parser.parse_args()
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
-    view = KernelView(WORK / "login", "benchuser", WORK / "mnt")
+    for run in range(args.runs):
+        one(args.size, args.work, args.pyspy, run)
+    return 0
+
+
+def one(size: str, work: Path, pyspy: str | None, run: int) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    view = KernelView(work / "login", "benchuser", work / "mnt")
     view.open()
+    spy = None
     try:
+        if pyspy:  # attached before the copy: its attaching does not delay the drain
+            binary, prefix = pyspy.split(":", 1)
+            pid = int(Path(view.state, "capture", "lock").read_text())
+            spy = subprocess.Popen([binary, "record", "--pid", str(pid), "--idle", "--threads",
+                                    "--native", "--rate", "250", "--format", "raw",
+                                    "-o", f"{prefix}.{run}.txt"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         subprocess.run(["rsync", "-a", "--inplace", "--no-whole-file",
-                        f"{DATA / args.size / 'tree'}/", f"{view.mnt}/"], check=True)
+                        f"{DATA / size / 'tree'}/", f"{view.mnt}/"], check=True)
         os.sync()
-        before = capture.request(view.state, "status")["head"]
+        status_before = capture.request(view.state, "status")
+        before = status_before["head"]
         assert isinstance(before, int)
         start = time.perf_counter()
         after = capture.drain(view.state, 600)
         seconds = time.perf_counter() - start
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+            spy = None
+        status_after = capture.request(view.state, "status")
         counts: collections.Counter[str] = collections.Counter()
         extent_bytes = 0
+        batches = 0
         tail = JournalTail(os.path.join(view.state, "journal"), before + 1)
         try:
             for entry in tail.poll(1 << 30):
                 counts[type(entry.record).__name__] += 1
+                batches += isinstance(entry.record, rec.Commit)
                 if isinstance(entry.record, rec.Extent):
                     extent_bytes += entry.record.length
         finally:
             tail.close()
         print(json.dumps({"drain": round(seconds, 2), "head_before": before,
                           "head_after": after, "records": dict(counts),
-                          "extent_bytes": extent_bytes, "load": os.getloadavg()[0]}))
+                          "extent_bytes": extent_bytes, "batches": batches,
+                          "status_before": status_before, "status_after": status_after,
+                          "load": os.getloadavg()[0]}), flush=True)
     finally:
+        if spy is not None:
+            spy.kill()
+            spy.wait()
         view.remove()
-    return 0
 
 
 if __name__ == "__main__":

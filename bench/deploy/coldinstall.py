@@ -3,7 +3,7 @@
 Usage (as root)::
 
     .venv/bin/python bench/deploy/coldinstall.py [--size 1G] [--runs 3] [--baseline TREE]
-        [--work DIR] [--port N]
+        [--work DIR] [--port N] [--modes install,drained]
 
 Each run makes a new kernel-engine login view (``bench/deploy/kernelview.py``: the layer
 image, the capture running, kernel overlayfs), starts ``sdeefs-replicad --origin`` on it
@@ -119,6 +119,7 @@ def main() -> int:
     parser.add_argument("--baseline", default="")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/sdeefs-coldinstall"))
     parser.add_argument("--port", type=int, default=7392)
+    parser.add_argument("--modes", default="install,drained")
     parser.add_argument("--one", choices=("install", "drained"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -129,7 +130,7 @@ def main() -> int:
     releases = [("new", str(HERE))] + ([("base", args.baseline)] if args.baseline else [])
     try:
         for run in range(args.runs):
-            for mode in ("install", "drained"):
+            for mode in args.modes.split(","):
                 order = releases if run % 2 == 0 else releases[::-1]
                 for label, tree in order:
                     out = subprocess.run(

@@ -23,6 +23,14 @@ and on every drain; after other batches the kernel only starts writing them back
 (``sync_file_range``), so the drain's fdatasync finds little left to write and no
 batch waits for the disk.
 
+A batch reads about ``batch_bytes`` (64 MiB) of file data at most: past it, new files
+and changed data wait for the next batch, which starts at once (``Reconciler.reconcile``'s
+``read_budget``).  So a backlog (an install the capture is behind on when a job is
+submitted) is journaled in committed batches of about that much, and a follower (the
+login replicad's sender ships committed batches only) streams each while the capture
+reads the next, instead of waiting for one batch of everything; a drain answers once
+the last of them is committed and synced.
+
 A file whose data are still changing as a batch reads them (an install writing a big
 file while batches run every ``max_delay``) is left for the next batch, up to
 ``reconcile.DEFER_NS`` (3 s), unless a drain waits for the batch: it is journaled once
@@ -30,6 +38,8 @@ written, read while it does not change, so its Extents carry the witness that sp
 the login replicad hashing them when it ships them (``records.StableExtent``), instead
 of as it grows, in Extents read while it changed.  A follower that streams all along
 sees such a file up to DEFER_NS later; a barrier sees it all.
+A big file whose ctime says it is being written right now is not even read by such a
+batch (``reconcile.WRITING_NS``): reading it would only find it changing.
 
 Barrier: fanotify queues an event inside the syscall that caused it, so every change
 whose syscall returned before a drain request is in the queue when the request
@@ -79,7 +89,10 @@ One JSON object per line in, one per line out, then the connection closes::
     {"op": "drain"}   -> {"ok": true, "head": SEQ}   everything before the request is in
                                                      the journal up to SEQ, fdatasync'ed
     {"op": "status"}  -> {"ok": true, "head": ..., "batches": ..., "full_scans": ...,
-                          "overflows": ..., "events": ..., "records": ..., "nodes": ...}
+                          "overflows": ..., "events": ..., "records": ..., "nodes": ...,
+                          "read_bytes": ..., "seconds": {"events": ..., "observe": ...,
+                          "sum": ..., "read": ..., "emit": ..., "append": ..., "sync": ...}}
+                                                     (``Counters``: where the time went)
     anything else     -> {"ok": false, "error": "..."}
 
 Limits: mmap writes cause no events; a file written through a shared mapping is
@@ -143,6 +156,10 @@ class Config:
     max_delay: float = 0.25
     max_batch_events: int = 20_000
     batch_entries: int = 20_000  # new entries examined per batch (bounds its memory)
+    # file data read per batch, about (a file is read whole): a backlog is journaled in
+    # batches of this much, each committed as it is done (``Reconciler.reconcile``), so a
+    # follower streams the first while the capture reads the next (0: no bound)
+    batch_bytes: int = 64 << 20
     sync_interval: float = 5.0
     checkpoint_interval: float = 300.0
     fault_stall_after: int = 0  # tests: stop for good after this many records of a batch
@@ -173,6 +190,18 @@ class Counters:
     full_scans: int = 0
     overflows: int = 0
     last_batch_seconds: float = 0.0
+    # where the capture's time went (seconds; ``status``; bench/deploy/colddrain.py takes
+    # the difference over a drain): reading events, observing the upper (reconcile's step
+    # 1), of it summing what C read and reading+summing bigger files, deciding and
+    # emitting (with the journal writes, of which ``append``), fdatasyncs
+    events_s: float = 0.0
+    observe_s: float = 0.0
+    sum_s: float = 0.0
+    read_s: float = 0.0
+    emit_s: float = 0.0
+    append_s: float = 0.0
+    sync_s: float = 0.0
+    read_bytes: int = 0
 
 
 # -- journal helpers (also for other writers of a journal) -------------------------------------
@@ -349,6 +378,13 @@ class Capture:
 
     def _read_events(self) -> int:
         """Read what is queued (up to a batch's worth) into ``dirty``; how many events."""
+        started = time.perf_counter()
+        try:
+            return self._read_events_timed()
+        finally:
+            self.counters.events_s += time.perf_counter() - started
+
+    def _read_events_timed(self) -> int:
         total = 0
         fast = self.native and capturec is not None and not log.isEnabledFor(logging.DEBUG)
         empty_before, had = self._queue_empty_at, bool(self.dirty)
@@ -433,6 +469,8 @@ class Capture:
         stall = self.config.fault_stall_after
         pending: list[rec.Record] = []
 
+        counters = self.counters
+
         def emit(record: rec.Record) -> None:
             nonlocal begin, count
             if not begin:
@@ -440,7 +478,9 @@ class Capture:
             pending.append(record)
             count += 1
             if len(pending) >= APPEND_CHUNK:
+                appending = time.perf_counter()
                 journal.append_many(pending, admitted=True)  # (reconcile checked them)
+                counters.append_s += time.perf_counter() - appending
                 pending.clear()
             if stall and count == stall:
                 journal.append_many(pending, admitted=True)
@@ -448,17 +488,28 @@ class Capture:
                             count)
                 time.sleep(3600)
 
-        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries, final)
-        if stats.carry:
+        stats = self.reconciler.reconcile(dirty, emit, self.config.batch_entries, final,
+                                          self.config.batch_bytes)
+        if stats.carry:  # (left for the next batch by a budget: it starts at once)
             self.dirty.merge(Dirty(dirs=stats.carry))
+        if stats.carry_objects:
+            self.dirty.merge(Dirty(objects=dict(stats.carry_objects),
+                                   data=set(stats.carry_objects)))
         if stats.carry_data:  # read again once the queue is quiet or max_delay passed
             if not self.dirty:
                 self._first_event = time.monotonic()
             self.dirty.merge(Dirty(objects=dict(stats.carry_data), data=set(stats.carry_data)))
+        appending = time.perf_counter()
         if pending:
             journal.append_many(pending, admitted=True)
         if begin:
             journal.append(rec.Commit(begin))
+        counters.append_s += time.perf_counter() - appending
+        counters.observe_s += stats.observe_ns / 1e9
+        counters.sum_s += stats.sum_ns / 1e9
+        counters.read_s += stats.read_ns / 1e9
+        counters.emit_s += stats.emit_ns / 1e9
+        counters.read_bytes += stats.read_bytes
         self.model.seq = journal.head
         self.counters.batches += 1
         self.counters.records += count
@@ -468,8 +519,10 @@ class Capture:
                   self.counters.last_batch_seconds)
 
     def _sync(self) -> None:
+        started = time.perf_counter()
         self.journal.sync()
         self._last_sync = time.monotonic()
+        self.counters.sync_s += self._last_sync - started
 
     def _checkpoint(self) -> None:
         """Save the model (its seq must be durable in the journal first)."""
@@ -602,7 +655,10 @@ class Capture:
                     "batches": c.batches, "full_scans": c.full_scans,
                     "overflows": c.overflows, "events": c.events, "records": c.records,
                     "nodes": len(self.model.nodes),
-                    "last_batch_seconds": round(c.last_batch_seconds, 6)}
+                    "last_batch_seconds": round(c.last_batch_seconds, 6),
+                    "read_bytes": c.read_bytes,
+                    "seconds": {name: round(getattr(c, f"{name}_s"), 6) for name in (
+                        "events", "observe", "sum", "read", "emit", "append", "sync")}}
         raise control.BadRequest(f"unknown op {op!r}")
 
 
@@ -637,13 +693,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", type=float, default=Config("", "").quiet, help=argparse.SUPPRESS)
     parser.add_argument("--max-delay", type=float, default=Config("", "").max_delay,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--batch-bytes", type=int, default=Config("", "").batch_bytes,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(filename=args.log, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = Config(os.path.abspath(args.layer), os.path.abspath(args.state),
                     unlimited_queue=not args.bounded_queue,
                     fault_stall_after=args.fault_stall_after, quiet=args.quiet,
-                    max_delay=args.max_delay, native=not args.python_only)
+                    max_delay=args.max_delay, batch_bytes=args.batch_bytes,
+                    native=not args.python_only)
     try:
         _main(config)
     except QuietError as exc:

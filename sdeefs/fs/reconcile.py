@@ -94,6 +94,12 @@ UNSURE_NS = 50_000_000
 # fine-grained ctime give a later one also within the tick, once the ctime was looked at).
 CLOCK_FILE_TIMES = 5
 DEFER_NS = 3_000_000_000  # a file read while changing waits this long at most (reconcile)
+# A file over READ_CHUNK whose ctime is this recent when a batch that may defer comes to
+# read it is being written now: reading it would find it changing (no witness) and leave
+# it for the next batch anyway, so it is left unread (``Contents.unread``), within the
+# same DEFER_NS.  (An install writing a 397 MiB file was read again and again as it grew:
+# the capture's largest cost under load, bench/RESULTS.md, branch colddrain.)
+WRITING_NS = 50_000_000
 FILE_TIME_TICK = round(time.clock_getres(CLOCK_FILE_TIMES) * 1e9)
 OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -156,6 +162,9 @@ class Contents:
     mtime: int
     ctime: int  # 0: the file changed while it was read
     data: bytes | None = None  # the bytes read, if at most rec.MAX_INLINE (for a Create)
+    # not read: being written as the batch came to it (WRITING_NS); ``sums`` are empty
+    # and the file waits for the next batch (``Reconciler._defer``)
+    unread: bool = False
 
 
 @attrs.frozen
@@ -209,6 +218,16 @@ class Stats:
     # inode -> handle of files whose data were changing as they were read: the next
     # batch reads them again (``Reconciler.reconcile``'s ``final``)
     carry_data: dict[int, bytes] = attrs.field(factory=dict)
+    # inode -> handle of files whose data changed and were not looked at: the batch had
+    # read ``read_budget`` bytes already (the next batch looks at them, at once)
+    carry_objects: dict[int, bytes] = attrs.field(factory=dict)
+    # where the batch's time went (``status``, bench/deploy/colddrain.py): observing (all
+    # of step 1), of it summing data read whole by C and reading+summing bigger files;
+    # deciding and emitting (steps 2-3, with the emit callback's journal writes)
+    observe_ns: int = 0
+    sum_ns: int = 0
+    read_ns: int = 0
+    emit_ns: int = 0
 
 
 @attrs.define(eq=False)
@@ -334,6 +353,13 @@ class _Batch:
     started_ns: int = attrs.field(factory=lambda: time.clock_gettime_ns(CLOCK_FILE_TIMES))
     may_defer: bool = False  # files read while changing may wait for the next batch
     carry_data: dict[int, bytes] = attrs.field(factory=dict)  # (Stats.carry_data)
+    carry_objects: dict[int, bytes] = attrs.field(factory=dict)  # (Stats.carry_objects)
+    # bytes of file data one batch reads at most before it leaves new files and changed
+    # data for the next one (0: no bound); see ``Reconciler.reconcile``
+    read_budget: int = 0
+    cut: bool = False  # ``_judge`` left a new file of the directory listed for later
+    sum_ns: int = 0  # (Stats)
+    read_ns: int = 0
 
     def inline(self, data: bytes) -> bytes | None:
         """``data`` if a Create may carry it (at most MAX_INLINE, and the batch has not
@@ -343,6 +369,12 @@ class _Batch:
             return None
         self.inline_left -= len(data)
         return data
+
+    @property
+    def read_enough(self) -> bool:
+        """Has the batch read its ``read_budget``?  Then new files and changed data wait
+        for the next batch (what is read already is journaled)."""
+        return bool(self.read_budget) and self.read_bytes >= self.read_budget
 
 
 @attrs.define(eq=False)
@@ -384,8 +416,8 @@ class Reconciler:
 
     # -- the one entry point ------------------------------------------------------------------
 
-    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0, final: bool = True
-                  ) -> Stats:
+    def reconcile(self, dirty: Dirty, emit: Emit, budget: int = 0, final: bool = True,
+                  read_budget: int = 0) -> Stats:
         """Journal (through ``emit``) what changed where ``dirty`` points.
 
         ``budget`` bounds the new entries one call examines (and so its memory): the
@@ -398,9 +430,18 @@ class Reconciler:
         back in ``Stats.carry_data`` for the next call to read again: a file an
         install is still writing is journaled once it is written, with the witness
         that spares a shipper hashing it, instead of as it grows.
+
+        ``read_budget`` bounds the file data one call reads (0: no bound): once it has
+        read that many bytes, new files (a directory's new entries, a file over
+        READ_CHUNK) and files whose data changed are left for the next call
+        (``Stats.carry``, ``Stats.carry_objects``), as for ``budget``: a backlog (an
+        install the capture is behind on) is journaled in batches of about that much
+        data, each committed as it is done, so a follower streams the first while the
+        next is read, instead of waiting for one batch of everything.  Each call reads
+        at least one file, so a backlog always shrinks.
         """
         b = _Batch(budget=budget, inline_left=self.inline_bytes,
-                   may_defer=not final and not dirty.full)
+                   may_defer=not final and not dirty.full, read_budget=read_budget)
         if self._deferred:  # (files deleted while they waited are not seen again)
             now = time.monotonic_ns()
             self._deferred = {ino: since for ino, since in self._deferred.items()
@@ -414,9 +455,13 @@ class Reconciler:
             b.records += 1
             emit(record)
 
+        started = time.perf_counter_ns()
         self._observe(dirty, b)
+        observed = time.perf_counter_ns()
         self._plan_and_emit(b, out)
-        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry, b.carry_data)
+        return Stats(b.records, len(b.want), b.examined, b.read_bytes, b.carry, b.carry_data,
+                     b.carry_objects, observed - started, b.sum_ns, b.read_ns,
+                     time.perf_counter_ns() - observed)
 
     # -- 1. observe ---------------------------------------------------------------------------
 
@@ -453,7 +498,10 @@ class Reconciler:
                 node = m.nodes[id]
                 if node.handle and node.handle != handle:
                     continue  # the model's inode is gone (its directory says how)
-                seen = self._examine_handle(id, handle, node, id in b.data)
+                if id in b.data and b.read_enough:
+                    b.carry_objects[ino] = handle  # its data: the next batch's
+                    continue
+                seen = self._examine_handle(id, handle, node, id in b.data, b)
                 b.looked.add(id)
                 if seen is not None and seen.ino == ino and same_kind(node, seen):
                     b.seen[id] = seen
@@ -492,13 +540,17 @@ class Reconciler:
                 if not full and cur is not None and cur == ino and (id, name) not in hints:
                     plan.append((name, cur, False))  # same inode, same name: nothing to do
                     continue
-                if cur is None and b.budget and len(b.seen) + new >= b.budget:
+                if cur is None and (b.budget and len(b.seen) + new >= b.budget
+                                    or b.read_enough):
                     b.carry[st.st_ino] = handle or b""  # the next batch takes the rest
                     continue
                 new += cur is None
                 plan.append((name, cur, True))
                 todo.append((name, cur, ino))
             got_ids = iter(self._examine_entries(fd, todo, b))
+            if b.cut:  # a new file left for the next batch (``_judge``): list it again
+                b.carry[st.st_ino] = handle or b""
+                b.cut = False
             fresh: dict[bytes, int] = {}
             for name, cur, examine in plan:
                 got = next(got_ids) if examine else cur
@@ -606,9 +658,12 @@ class Reconciler:
                 b.read_bytes += len(data)
                 new.add(ino)
                 b.looked.add(ino)
+                summing = time.perf_counter_ns()
+                sums = data_sums(data, self._sums)
+                b.sum_ns += time.perf_counter_ns() - summing
                 seen_of[ino] = Seen(
                     mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target,
-                    Contents(data_sums(data, self._sums), len(data), after_mtime,
+                    Contents(sums, len(data), after_mtime,
                              after_ctime if after_ctime == before_ctime else 0,
                              b.inline(data)))
                 out.append(ino)
@@ -624,8 +679,13 @@ class Reconciler:
         ``read_ahead``: the file's contents as ``_capturec.examine`` read them, if it
         did (used only if the file must be read)."""
         m = self.model
-        b.examined += 1
         ino = seen.ino
+        if cur is None and b.read_enough and seen.kind == stat.S_IFREG \
+                and not isinstance(read_ahead, tuple) and seen.size > READ_CHUNK \
+                and ino not in m.nodes and ino not in b.new:
+            b.cut = True  # a new file that needs a read of its own: the next batch's
+            return None
+        b.examined += 1
         node = m.nodes.get(ino)
         if cur is not None and cur < 0 and cur not in m.nodes:
             # Adopted meanwhile through another of its names (a hard link the journal
@@ -684,14 +744,15 @@ class Reconciler:
             else:
                 try:
                     seen = attrs.evolve(seen, contents=self._read(fd, ino, b,
-                                                                  keep=node is None))
+                                                                  keep=node is None,
+                                                                  may_wait=bool(seen.handle)))
                 finally:
                     os.close(fd)
         b.seen[id] = seen
         return id
 
-    def _examine_handle(self, id: int, handle: bytes, node: Node, data_dirty: bool
-                        ) -> Seen | None:
+    def _examine_handle(self, id: int, handle: bytes, node: Node, data_dirty: bool,
+                        b: _Batch | None = None) -> Seen | None:
         try:
             fd = self.upper.open_handle(handle, os.O_PATH)
         except OSError as exc:
@@ -715,22 +776,32 @@ class Reconciler:
             fd = self.upper.open_handle(handle, OPEN_DATA)
             if fd is not None:
                 try:
-                    seen = attrs.evolve(seen, contents=self._read(fd, st.st_ino, None))
+                    seen = attrs.evolve(seen, contents=self._read(fd, st.st_ino, b,
+                                                                  may_wait=bool(handle)))
                 finally:
                     os.close(fd)
         return seen
 
-    def _read(self, fd: int, ino: int, b: _Batch | None, keep: bool = False
-              ) -> Contents | None:
+    def _read(self, fd: int, ino: int, b: _Batch | None, keep: bool = False,
+              may_wait: bool = False) -> Contents | None:
         """What reading the file finds; with its bytes if ``keep`` (a new file: its
-        Create carries them) and the batch's ``inline`` allows."""
+        Create carries them) and the batch's ``inline`` allows.  ``may_wait``: the file
+        may be left for the next batch (it has a handle): a big file being written now
+        is then not read (``WRITING_NS``; ``Contents.unread``)."""
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode) or before.st_ino != ino:
             return None  # replaced meanwhile: its events are queued
+        if may_wait and b is not None and b.may_defer and before.st_size > READ_CHUNK \
+                and time.clock_gettime_ns(CLOCK_FILE_TIMES) - before.st_ctime_ns < WRITING_NS:
+            now = time.monotonic_ns()
+            if now - self._deferred.setdefault(ino, now) < DEFER_NS:
+                return Contents(b"", before.st_size, before.st_mtime_ns, 0, unread=True)
+        reading = time.perf_counter_ns()
         sums, size = read_sums(fd, self._buf, self._sums)
         after = os.fstat(fd)
         if b is not None:
             b.read_bytes += size
+            b.read_ns += time.perf_counter_ns() - reading
         ctime = after.st_ctime_ns if after.st_ctime_ns == before.st_ctime_ns else 0
         # (a file this small was read in one chunk: the buffer holds it)
         data = b.inline(bytes(self._buf[:size])) \
@@ -1113,6 +1184,9 @@ class Reconciler:
         changing as they were read (no witness), the batch may defer and it was not
         deferred for DEFER_NS already (``reconcile``)."""
         got = seen.contents
+        if got is not None and got.unread:  # (``_read`` checked DEFER_NS)
+            b.carry_data[seen.ino] = seen.handle
+            return True
         if got is None or not got.size or got.sums == node.data and got.size == node.size:
             self._deferred.pop(seen.ino, None)
             return False

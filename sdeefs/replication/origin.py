@@ -461,8 +461,13 @@ class JournalSender:
             tuple[list[Encoded], int]]) -> None:
         user, downstream = self.user, self.link.downstream
         last_send = trio.current_time()
+        announced = user.head  # (about what the hello said)
         async with send:
             while True:
+                if user.head > announced:  # a head query (a barrier) drained the capture
+                    announced = user.head
+                    head = Frame(HEAD, announced)
+                    await send.send(([head.encode(self.link.key)], head.seq))
                 grew = user.grew  # taken before reading: a record written meanwhile sets it
                 try:
                     buffers, last = await self.offload.run(self.next_batch)
@@ -474,12 +479,14 @@ class JournalSender:
                 if buffers:
                     await send.send((buffers, last))
                     last_send = trio.current_time()
+                    announced = max(announced, last)  # (what is sent is no news)
                     continue
                 self.frames.clear()  # idle: no buffers kept
                 if trio.current_time() - last_send >= IDLE_HEAD:
                     head = Frame(HEAD, max(user.head, downstream.sent_seq))
                     await send.send(([head.encode(self.link.key)], head.seq))
                     last_send = trio.current_time()
+                    announced = max(announced, head.seq)
                 # A held-back record goes after HOLD_BACK; otherwise sleep until the
                 # journal grows or the next HEAD is due.
                 idle = IDLE_HEAD - (trio.current_time() - last_send)
@@ -805,8 +812,15 @@ class Origin:
     async def serve(self, stream: trio.abc.Stream, reader: FrameReader, hello: Hello,
                     hello_key: bytes, user: OriginUser, downstream: Downstream) -> None:
         """Answer ``hello`` (authenticated with ``hello_key``) and stream the user's journal
-        to its node until the link ends."""
-        head, jid = await self.head(user)
+        to its node until the link ends.
+
+        The answer's head is the journal's as it is, the capture not drained: a follower
+        starts on the batches committed so far while the capture journals the rest (an
+        install it is behind on: each batch committed as it is done), and a job's barrier
+        is a head query of its own, which drains (:meth:`head`).  The sender announces
+        that head once it is known (HEAD), so the follower knows it is catching up."""
+        head = await self.offload.run(user.refresh_head)
+        jid = await self.offload.run(journal_id, user.journal_dir)
         user.ids = await self.offload.run(ids_of_user, user.name)
         key = await answer_hello(stream, hello_key, hello, head, jid)
         link = DownstreamLink(stream, reader, key, downstream, self.offload)

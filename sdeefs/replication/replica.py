@@ -690,8 +690,9 @@ class Follower:
     _in_flight: int = attrs.field(init=False, default=0)
     _drained: trio.Event = attrs.field(init=False, factory=trio.Event)  # _in_flight shrank
     _sending: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # applier and reporter
-    # the upstream's head when the link was made: below it the copy is catching up (a cold
-    # stream), and syncs only every SYNC_INTERVAL_BEHIND (``_sync_periodically``)
+    # the upstream's head when the link was made, or the last one it announced since
+    # (HEAD): below it the copy is catching up (a cold stream), and syncs only every
+    # SYNC_INTERVAL_BEHIND (``_sync_periodically``)
     catching_up_to: int = attrs.field(init=False, default=0)
     # the link's reading thread (``receiver.ThreadReader``): one, never the daemon's pool
     _reading: Offload = attrs.field(init=False,
@@ -767,6 +768,10 @@ class Follower:
             raise decode_error(frame, "upstream: ")
         if frame.type == HEAD:
             self.stats.head = max(self.stats.head, frame.seq)
+            # a head announced during the stream (the login node's, once a job's barrier
+            # drained its capture: the origin's sender passes it on) is caught up to as
+            # the connect's is: no syncfs of a cold stream's gigabyte mid-way
+            self.catching_up_to = max(self.catching_up_to, frame.seq)
             return
         while self._in_flight >= IN_FLIGHT_BYTES:
             await self._drained.wait()

@@ -316,6 +316,42 @@ def test_a_one_byte_edit_of_a_64_mib_file(site: Site) -> None:
 
 
 @requires_kernel
+def test_a_backlog_is_committed_in_batches_of_bounded_bytes(site: Site) -> None:
+    """An install the capture is behind on (here: stopped while it runs) is journaled in
+    committed batches of about ``--batch-bytes`` of data each, so a follower streams
+    the first while the capture reads the next; the drain asked as it resumes still
+    holds all of it (a barrier sees everything done before it)."""
+    proc = site.start("--batch-bytes", str(4 << 20))
+    with open(site.mnt / "known", "wb") as f:
+        f.write(os.urandom(3 << 20))
+    first = site.drain()
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        with open(site.mnt / "known", "r+b") as f:  # changed data of a journaled file
+            f.write(os.urandom(3 << 20))
+        for d in range(3):
+            (site.mnt / f"d{d}").mkdir()
+            for i in range(4):
+                (site.mnt / f"d{d}" / f"big{i}").write_bytes(os.urandom((2 << 20) + i))
+                (site.mnt / f"d{d}" / f"small{i}").write_bytes(os.urandom(5000 + i))
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    head = site.drain()
+    assert site.replay_diff() == []
+    batches: list[int] = []  # Extent bytes per committed batch
+    for entry in site.journal().read(first + 1):
+        if isinstance(entry.record, rec.Begin):
+            batches.append(0)
+        elif isinstance(entry.record, rec.Extent):
+            batches[-1] += entry.record.length
+        assert entry.seq <= head
+    assert sum(batches) >= 27 << 20
+    assert len([b for b in batches if b]) >= 5, batches  # 27 MiB, about 4 MiB a batch
+    assert max(batches) <= (4 << 20) + (3 << 20), batches  # one file past the bound at most
+    site.stop(proc)
+
+
+@requires_kernel
 def test_a_journal_of_another_engine_is_trusted(site: Site) -> None:
     """No capture wrote the journal (an engine that journals ahead of every change): the
     upper is taken as its state, nothing is journaled for what it holds already."""

@@ -65,19 +65,21 @@ class Rig:
     def replica(self) -> Path:
         return self.root / "dst" / "upper"
 
-    def capture(self, dirty: Dirty | None = None, budget: int = 0) -> list[rec.Record]:
+    def capture(self, dirty: Dirty | None = None, budget: int = 0, read_budget: int = 0
+                ) -> list[rec.Record]:
         records: list[rec.Record] = []
         todo = dirty or Dirty(full=True)
         while todo:  # a budget leaves directories to list again: until none is left
             batch: list[rec.Record] = []
             stats = Reconciler(self.model, self.upper, native=self.native,
                                inline_bytes=self.inline_bytes).reconcile(
-                todo, batch.append, budget)
+                todo, batch.append, budget, read_budget=read_budget)
             for record in batch:  # what the journal would hold: every record decodes
                 assert rec.decode_record(*rec.encode_record(record)) == record
             apply_all(batch, self.src, self.dst)  # every batch leaves a complete tree
             records += batch
-            todo = Dirty(dirs=stats.carry)
+            todo = Dirty(dirs=stats.carry, objects=dict(stats.carry_objects),
+                         data=set(stats.carry_objects))
         self.log += records
         return records
 
@@ -292,13 +294,50 @@ def test_a_budget_splits_big_batches(rig: Rig) -> None:
     rig.check()
 
 
+def test_a_read_budget_splits_a_backlog_by_bytes(rig: Rig) -> None:
+    """A backlog of data is journaled in batches of about ``read_budget`` bytes, each a
+    complete tree; new files over READ_CHUNK are cut one by one, small ones by directory,
+    and changed data of files the model knows wait too (``Stats.carry_objects``)."""
+    rng = random.Random(7)
+    (rig.up / "known").write_bytes(rng.randbytes(3 << 20))
+    rig.capture()
+    w = Workload(rig.up, rng)
+    with open(rig.up / "known", "r+b") as f:  # changed data of a file the model knows
+        f.write(rng.randbytes(3 << 20))
+    w._note_object(rig.up / "known", data=True)
+    for d in range(4):
+        (rig.up / f"d{d}").mkdir()
+        w._note_dir(rig.up, f"d{d}")
+        for i in range(3):
+            (rig.up / f"d{d}" / f"big{i}").write_bytes(rng.randbytes((2 << 20) + i))
+            (rig.up / f"d{d}" / f"small{i}").write_bytes(rng.randbytes(1000 + i))
+    todo = w.take()
+    batches: list[list[rec.Record]] = []
+    while todo:
+        batch: list[rec.Record] = []
+        stats = Reconciler(rig.model, rig.upper, native=rig.native).reconcile(
+            todo, batch.append, read_budget=3 << 20)
+        assert stats.read_bytes <= (3 << 20) + (3 << 20) + 4000  # a file past the budget
+        apply_all(batch, rig.src, rig.dst)  # every batch leaves a complete tree
+        rig.log += batch
+        batches.append(batch)
+        todo = Dirty(dirs=stats.carry, objects=dict(stats.carry_objects),
+                     data=set(stats.carry_objects))
+    data = [sum(r.length for r in b if isinstance(r, rec.Extent)) for b in batches]
+    assert len(batches) >= 5, data  # 27 MiB in batches of about 3 MiB
+    assert max(data) <= 6 << 20, data
+    rig.check()
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32), ops=st.lists(st.sampled_from(Workload.OPS), min_size=1,
                                                max_size=40),
        rounds=st.integers(1, 4), events=st.booleans(), budget=st.sampled_from([0, 0, 3]),
+       read_budget=st.sampled_from([0, 0, 1, 200_000]),
        native=st.booleans() if capturec is not None else st.just(False))
 def test_random_changes_replay_identically(seed: int, ops: list[str], rounds: int,
-                                           events: bool, budget: int, native: bool) -> None:
+                                           events: bool, budget: int, read_budget: int,
+                                           native: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="capture-", dir="/tmp") as tmp:
         r = make_rig(Path(tmp), native)
         try:
@@ -311,7 +350,7 @@ def test_random_changes_replay_identically(seed: int, ops: list[str], rounds: in
                 for op in ops[start:start + per_round]:
                     w.run(op)
                 dirty = w.take()
-                r.capture(dirty if events else Dirty(full=True), budget)
+                r.capture(dirty if events else Dirty(full=True), budget, read_budget)
                 r.check()
             # a full scan after event batches finds nothing they missed
             assert [x for x in r.capture() if not isinstance(x, rec.Setattr)] == []

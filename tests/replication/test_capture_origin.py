@@ -3,6 +3,8 @@ layer image, kernel overlayfs and the capture daemon (``sdeefs.fs.capture``).
 
 * a head query drains the capture: a barrier asked right after a write (the capture set to
   wait 30 s before journaling it on its own) holds the write;
+* a follower's link does not wait for a drain: it streams the committed batches while
+  the capture is busy;
 * a capture batch is shipped only once committed: a batch cut off by a kill -9 (and a
   capture stalled in the middle of one) never reaches a replica, the restarted capture's
   Void and full scan do, and the replica converges byte-identical.
@@ -102,6 +104,36 @@ def test_a_barrier_right_after_a_write_holds_it(nodes: tuple[Site, Path]) -> Non
         (site.mnt / "d" / f"f{i}").write_bytes(b"x" * i)
     barrier(base)
     assert (base / "replicas" / USER / "upper" / "d" / "f49").read_bytes() == b"x" * 49
+    assert diff(site, base) == []
+
+
+@requires_kernel
+def test_a_follower_streams_committed_batches_while_the_capture_is_busy(
+        nodes: tuple[Site, Path]) -> None:
+    """A follower's link is answered with the journal's head as it is, not after a drain:
+    it starts on the batches committed so far while the capture journals the rest (here
+    the capture is stopped, so no drain could answer); a barrier still drains."""
+    site, base = nodes
+    proc = site.start()
+    (site.mnt / "d").mkdir()
+    for i in range(20):
+        (site.mnt / "d" / f"f{i}").write_bytes(b"y" * i)
+    head = site.drain()
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        (site.mnt / "later").write_bytes(b"not journaled yet")
+        result = replica(base, "follow", USER)
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 30  # (a drain would wait DRAIN_TIMEOUT, 60 s)
+        while applied(base) < head:
+            assert time.monotonic() < deadline, "the follower got nothing while the " \
+                "capture was busy"
+            time.sleep(0.1)
+        assert (base / "replicas" / USER / "upper" / "d" / "f19").read_bytes() == b"y" * 19
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    barrier(base)
+    assert (base / "replicas" / USER / "upper" / "later").read_bytes() == b"not journaled yet"
     assert diff(site, base) == []
 
 

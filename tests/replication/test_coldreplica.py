@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 from sdeefs import records as rec
 from sdeefs.replicable import NOBODY, UserIds
 from sdeefs.replication import applier, mac
+from sdeefs.replication import replica as replica_mod
 from sdeefs.replication.receiver import SLAB, SlabPool, ThreadReader
 from sdeefs.replication.replica import Follower, LinkStats, Replica, _apply_batch
 from sdeefs.replication.wire import (
     DOWN,
+    HEAD,
     MAX_FRAME_PAYLOAD,
     RECORD,
     RUN,
@@ -371,3 +373,34 @@ def test_a_run_of_common_records_takes_no_python_call_per_record(
         f = tmp_path / USER / "upper" / "d" / f"f{n}"
         assert f.read_bytes() == b"hello"
         assert f.stat().st_mtime_ns == 10**18
+
+
+async def test_a_head_announced_mid_stream_is_caught_up_to_without_a_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cold follower's link is answered before the login node drained its capture (the
+    head then is short of what the job's barrier will ask); the origin announces the
+    barrier's head as HEAD once known.  Below it the copy is catching up: no syncfs every
+    SYNC_INTERVAL in the middle of the stream (each waits for the writeback of all that
+    was written since, under the lock the applier needs)."""
+    syncs: list[int] = []
+    real_sync = Replica.sync
+
+    def counting(self: Replica) -> None:
+        syncs.append(self.applied)
+        real_sync(self)
+
+    monkeypatch.setattr(Replica, "sync", counting)
+
+    async def send(stream: trio.SocketStream, key: LinkKey) -> None:  # the hello said 9
+        await stream.send_all(b"".join(bytes(Frame(RECORD, seq, _mkdir(b"d%d" % seq)).encode(
+            key)) for seq in range(1, 10)))
+        await stream.send_all(Frame(HEAD, 1000).encode(key))  # the barrier's head
+        await stream.send_all(Frame(RECORD, 10, _mkdir(b"d10")).encode(key))
+        await trio.sleep(replica_mod.SYNC_INTERVAL + 1.0)  # the rest is still coming
+        during.extend(syncs)
+        await stream.send_eof()
+
+    during: list[int] = []
+    replica, _ = await _socket_session(tmp_path, send)
+    assert replica.applied == 10
+    assert during == []
