@@ -451,7 +451,9 @@ class Reconciler:
             try:  # the journal's door, checked before the batch is written
                 rec.check_record(record)
             except BadRecord as exc:
-                raise CaptureError(f"cannot journal {record!r}: {exc}") from None
+                shown = repr(record)  # (a record can hold paths of 64 KiB: one line)
+                shown = shown if len(shown) <= 300 else shown[:300] + "..."
+                raise CaptureError(f"cannot journal {shown}: {str(exc)[:300]}") from None
             b.records += 1
             emit(record)
 
@@ -980,7 +982,15 @@ class Reconciler:
                             or onode.children:
                         continue
                     del drops[p1, n1]  # replaced by the rename
-                emit(rec.Rename(m.entry_path(p0, n0), m.entry_path(p1, n1), 0, 0))
+                dst = m.entry_path(p1, n1)
+                if self._prune_too_deep(p0, n0, len(dst), emit):
+                    b.touched.add(p0)  # it left the journal's tree whole (and the occupant
+                    pending.remove(move)  # stays: "replaced" no more)
+                    if occ is not None:
+                        drops[p1, n1] = occ
+                    progress = True
+                    continue
+                emit(rec.Rename(m.entry_path(p0, n0), dst, 0, 0))
                 if occ is not None:
                     m.unbind(occ, p1, n1)
                     if not m.nodes[occ].parent:
@@ -990,6 +1000,39 @@ class Reconciler:
                 b.touched.update((p0, p1))
                 pending.remove(move)
                 progress = True
+
+    def _prune_too_deep(self, parent: int, name: bytes, new_length: int, emit: Emit) -> bool:
+        """Before the entry ``name`` of ``parent`` moves to a path of ``new_length`` bytes:
+        remove, as records at their present paths, the entries below it that the move puts
+        deeper than a record's path holds (``records.MAX_PATH``: kernel overlayfs lets a
+        user do it, the journal cannot say it).  Entries that deep leave the journal's tree,
+        as new ones that deep never enter it (``_emit_places``); moved back within reach,
+        they are new entries again.  True if the entry itself is too deep: removed whole."""
+        m = self.model
+        if new_length > rec.MAX_PATH:
+            log.warning("capture: %r... moved deeper than a journaled path can be; its "
+                        "replicas lose it", m.entry_path(parent, name)[:200])
+            self._remove(parent, name, emit)
+            return True
+        id = m.lookup(parent, name)
+        if id is None or not m.nodes[id].children \
+                or new_length <= len(m.entry_path(parent, name)):
+            return False  # nothing below it gets deeper than it already is
+        too_deep: list[tuple[int, bytes]] = []
+        stack = [(id, new_length)]
+        while stack:
+            d, length = stack.pop()
+            for child_name, child in (m.nodes[d].children or {}).items():
+                child_length = length + 1 + len(child_name)
+                if child_length > rec.MAX_PATH:
+                    too_deep.append((d, child_name))
+                elif m.nodes[child].children:
+                    stack.append((child, child_length))
+        for d, child_name in too_deep:
+            log.warning("capture: %r... moved deeper than a journaled path can be; its "
+                        "replicas lose it", m.entry_path(d, child_name)[:200])
+            self._remove(d, child_name, emit)
+        return False
 
     def _stage(self, move: tuple[int, tuple[int, bytes], tuple[int, bytes]], b: _Batch,
                emit: Emit) -> None:
@@ -1071,6 +1114,7 @@ class Reconciler:
                 continue
             if (p, name) in b.staged:
                 staged = b.staged.pop((p, name))
+                self._prune_too_deep(b.stage, staged, len(path), emit)
                 emit(rec.Rename(m.entry_path(b.stage, staged), path, 0, 0))
                 m.unbind(id, b.stage, staged)
                 m.bind(id, p, name)

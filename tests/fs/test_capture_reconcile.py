@@ -85,6 +85,9 @@ class Rig:
 
     def check(self) -> None:
         assert tree_diff(tree(self.up), tree(self.replica)) == []
+        self.check_model()
+
+    def check_model(self) -> None:
         assert not (self.root / "dst" / "work" / os.fsdecode(STAGE)).exists()
         # the model is what the records say: replaying them into an empty model agrees
         replayed = Model.empty()
@@ -560,3 +563,94 @@ def test_new_small_files_are_one_create_each_within_the_batch_bound(rig: Rig) ->
     records = rig.capture()
     assert [type(r) for r in records if isinstance(r, rec.Write)] == [rec.Extent]
     rig.check()
+
+
+def _fd_tree(fd: int, rel: bytes = b"") -> dict[bytes, tuple[int, bytes]]:
+    """rel path -> (type, contents) below the directory ``fd``, through directory fds (the
+    paths here are longer than PATH_MAX: os.walk cannot)."""
+    out: dict[bytes, tuple[int, bytes]] = {}
+    for name in sorted(os.listdir(fd)):
+        raw = os.fsencode(name)
+        st = os.lstat(raw, dir_fd=fd)
+        path = rel + b"/" + raw
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(raw, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                out[path] = (stat.S_IFDIR, b"")
+                out.update(_fd_tree(sub, path))
+            finally:
+                os.close(sub)
+        else:
+            f = os.open(raw, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                out[path] = (stat.S_IFMT(st.st_mode), os.read(f, 1 << 20))
+            finally:
+                os.close(f)
+    return out
+
+
+def _fd_trees(rig: Rig) -> tuple[dict[bytes, tuple[int, bytes]], dict[bytes, tuple[int, bytes]]]:
+    """The upper's and the replica's trees (_fd_tree)."""
+    trees = []
+    for root in (rig.up, rig.replica):
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            trees.append(_fd_tree(fd))
+        finally:
+            os.close(fd)
+    return trees[0], trees[1]
+
+
+@pytest.mark.expect_log("sdeefs.fs.reconcile")  # "moved deeper than a journaled path can be"
+def test_a_move_that_puts_entries_too_deep_to_journal_leaves_them_out(rig: Rig) -> None:
+    """Kernel overlayfs lets a user move a directory so that entries below it end up
+    deeper than a record's path holds (records.MAX_PATH): those entries leave the journal's
+    tree (as new entries that deep are never journaled), the capture goes on (it died with
+    CaptureError at the first record of such a path), and once moved back they are
+    journaled again."""
+    name = b"d" * 250
+    levels = rec.MAX_PATH // (len(name) + 1) - 2  # the bottom fits below upper/chain
+    top = os.open(rig.up, os.O_RDONLY | os.O_DIRECTORY)
+    fds = [top]
+    try:
+        os.mkdir(b"chain", dir_fd=top)
+        fds.append(os.open(b"chain", os.O_RDONLY | os.O_DIRECTORY, dir_fd=top))
+        for _ in range(levels):
+            os.mkdir(name, dir_fd=fds[-1])
+            fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        bottom = fds[-1]
+
+        def write(data: bytes) -> None:
+            f = os.open(b"f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=bottom)
+            try:
+                os.write(f, data)
+            finally:
+                os.close(f)
+
+        write(b"first")
+        (rig.up / "keep").write_bytes(b"kept")
+        rig.capture()
+        rig.check_model()
+        assert _fd_trees(rig)[0] == _fd_trees(rig)[1]
+        os.makedirs(rig.up / "deeper" / ("e" * 250) / ("e" * 250) / ("e" * 250))
+        os.rename(rig.up / "chain", rig.up / "deeper" / ("e" * 250) / ("e" * 250) /
+                  ("e" * 250) / "chain")
+        write(b"second")  # an existing file, now too deep: its change has no path
+        rig.capture()  # (every record it journals decodes: Rig.capture)
+        rig.check_model()
+        (rig.up / "after").write_bytes(b"the capture goes on")
+        rig.capture()
+        assert (rig.replica / "after").read_bytes() == b"the capture goes on"
+        got = _fd_trees(rig)[1]
+        assert max(len(p) for p in got) + len(b"upper") <= rec.MAX_PATH
+        assert got[b"/keep"] == (stat.S_IFREG, b"kept")
+        os.rename(rig.up / "deeper" / ("e" * 250) / ("e" * 250) / ("e" * 250) / "chain",
+                  rig.up / "chain")
+        rig.capture()
+        rig.check_model()
+        want, have = _fd_trees(rig)
+        assert have == want
+        assert have[b"/chain" + (b"/" + name) * levels + b"/f"] == (stat.S_IFREG, b"second")
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)

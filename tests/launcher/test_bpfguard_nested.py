@@ -25,7 +25,7 @@ from sdeefs.identity import Identity
 from sdeefs.launcher.login import bpfguard
 from sdeefs.launcher.login.bpfguard import IDENTITY, BpfGuard
 
-from .test_bpfguard import _skip_maps, private_bpffs
+from .test_bpfguard import maps_unavailable, private_bpffs
 
 # uids without passwd entries (no environment lock to look at)
 OWNER, SUBORDINATE, OTHER = 61010, 61011, 61012
@@ -74,7 +74,7 @@ def test_a_nested_namespace_keeps_the_owner_of_its_ancestors_live() -> None:
     assert OWNER not in bpfguard.live_owners()
 
 
-@pytest.mark.skipif(_skip_maps() is not None, reason=_skip_maps() or "")
+@pytest.mark.skipif(maps_unavailable() is not None, reason=maps_unavailable() or "")
 @pytest.mark.expect_log("sdeefs.launcher.login.bpfguard")  # "still has processes"
 def test_a_key_stays_while_a_nested_namespace_of_its_user_runs(tmp_path: Path) -> None:
     """Neither another user's login (stale keys) nor ``forget`` removes the key."""
