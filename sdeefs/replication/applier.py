@@ -20,15 +20,16 @@ resolved:
   (:attr:`deferred`).
 
 What may be applied so (:data:`REPLAYABLE`) is what re-applying from any earlier
-point of the run leaves as applying once did: records that create an entry when it
-is missing or set a file's data or attributes, never one that removes or moves an
-entry.  So a ``kill -9`` in the middle of a batch, whose position still says where the
-batch began, re-applies the run and converges (``tests/replication``).  Before any
-other record (Rename, Unlink, Rmdir, Link ...) the batch writes the position it has
-reached, the applier forgets every fd it holds (a rename may move what a cached path
-names; so does replacing the layer root: a snapshot, a reset) and the record goes the
-per-record way (``snapshot.apply_from_peer``), position and
-in-flight rename rules included.
+point of the run leaves as applying once did: records that create an entry when it is
+missing (and give one of their kind already there their owner and mode: a kill may have
+come between the create and the chown, ``sdeefs.apply.settle_existing``) or set a file's
+data or attributes, never one that removes or moves an entry.  So a ``kill -9`` in the
+middle of a batch, whose position still says where the batch began, re-applies the run
+and converges (``tests/replication``).  Before any other record (Rename, Unlink, Rmdir,
+Link ...) the batch writes the position it has reached, the applier forgets every fd it
+holds (a rename may move what a cached path names; so does replacing the layer root: a
+snapshot, a reset) and the record goes the per-record way
+(``snapshot.apply_from_peer``), position and in-flight rename rules included.
 
 The commonest of them (a regular file's ``Mknod``, ``Write``, ``Setattr`` of a file held;
 the kernel engine's ``Create`` of a new file without xattrs) are applied in C when the
@@ -59,6 +60,7 @@ import stat
 import attrs
 
 from .. import records as rec
+from ..apply import settle_existing
 from ..layers import LayerRoot, split
 from ..replicable import NOBODY, UserIds, refusal
 from ..sysio import chmod_at, fd_path, open_regular_at
@@ -260,7 +262,9 @@ class BatchApplier:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, perm, dir_fd=dir_fd)
         except FileExistsError:
-            return  # already there (applied before a crash): as apply_record
+            # already there (a crash may have come before its chown): as apply_record
+            settle_existing(dir_fd, name, stat.S_IFREG | perm, uid, gid)
+            return
         self._hold(path, fd)
         os.fchown(fd, uid, gid)
         os.fchmod(fd, perm)  # after chown (which clears set-ID bits), as layers.mknod
@@ -270,6 +274,7 @@ class BatchApplier:
         try:
             os.mkdir(name, mode & 0o7777, dir_fd=dir_fd)
         except FileExistsError:
+            settle_existing(dir_fd, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
             return
         os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         chmod_at(dir_fd, name, mode & 0o7777)
