@@ -4,8 +4,10 @@ Used in two places: crash recovery (re-apply the one metadata record that may
 have been in flight when the daemon died, see ``sdeefs.journal``) and replicas
 (apply a stream of records to a copy of the user's layer root).  Every rule
 here is written so that applying a record twice leaves the same tree as
-applying it once; every path goes through :class:`~sdeefs.layers.LayerRoot`'s
-``openat2`` resolution, so a record can never reach outside the layer root.
+applying it once (a record that creates an entry finds it there the second time:
+it gives it its owner and mode, :func:`settle_existing`); every path goes through
+:class:`~sdeefs.layers.LayerRoot`'s ``openat2`` resolution, so a record can never
+reach outside the layer root.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import attrs
 from . import records as rec
 from .journal import Entry, Journal
 from .layers import LayerRoot, apply_fallocate, apply_setattr, open_layer_root
-from .sysio import renameat2
+from .sysio import fd_path, renameat2
 from .writeahead import read_write_data
 
 log = logging.getLogger(__name__)
@@ -33,15 +35,25 @@ def apply_record(layers: LayerRoot, record: rec.Record,
         case rec.Mkdir(path=p, mode=mode, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.mkdir(p, mode, uid, gid)
+            else:
+                _settle(layers, p, stat.S_IFDIR | (mode & 0o7777), uid, gid)
         case rec.Mknod(path=p, mode=mode, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.mknod(p, mode, uid, gid)
+            elif stat.S_IFMT(mode) in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+                _settle(layers, p, mode, uid, gid)
+            elif stat.S_IFMT(mode) == stat.S_IFCHR:  # a whiteout: 0/0, its mode left as made
+                _settle(layers, p, stat.S_IFCHR, uid, gid, chmod=False)
         case rec.Mkdev(path=p, mode=mode, rdev=rdev, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.mkdev(p, mode, rdev, uid, gid)
+            else:
+                _settle(layers, p, mode, uid, gid, rdev)
         case rec.Symlink(path=p, target=target, uid=uid, gid=gid):
             if layers.lstat(p) is None:
                 layers.symlink(p, target, uid, gid)
+            else:
+                _settle(layers, p, stat.S_IFLNK, uid, gid, chmod=False)
         case rec.Link(src=src, dst=dst):
             if layers.lstat(dst) is None and layers.lstat(src) is not None:
                 layers.link(src, dst)
@@ -86,6 +98,54 @@ def apply_record(layers: LayerRoot, record: rec.Record,
             pass
         case _:
             raise TypeError(f"no rule to apply {record!r}")
+
+
+def settle_existing(dir_fd: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                    chmod: bool = True) -> bool:
+    """A record that creates ``name`` in ``dir_fd`` finds an entry there: if it is of the
+    record's kind (file type of ``mode``; a device's also its ``rdev``), give it the
+    record's owner and (with ``chmod``) permission bits, and return True; another kind
+    is left as it is (False), as it always was.
+
+    Why: creating an entry and setting its owner and mode are separate syscalls (as root,
+    the entry is made root's, with the mode less the umask).  A crash between them leaves
+    the entry, and the record comes again (a replica's replay from its position, the
+    login node's recovery of the record in flight): skipping it because the entry exists
+    would leave, say, a 0600 file the job cannot read.  The rest of what the first
+    attempt may have missed is the following records' (a ``Create``'s data, size and
+    times: its expansion), which come again with it.  What is looked at is what is
+    changed: the entry is held by an O_PATH fd (opens nothing, follows no symlink) and
+    changed through its /proc link, a symlink by name (lchown); chmod after chown, which
+    clears set-ID bits."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        kind = stat.S_IFMT(mode)
+        if stat.S_IFMT(st.st_mode) != kind \
+                or kind in (stat.S_IFCHR, stat.S_IFBLK) and st.st_rdev != rdev:
+            return False
+        if kind == stat.S_IFLNK:
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            return True
+        target = fd_path(fd)
+        os.chown(target, uid, gid)
+        if chmod:
+            os.chmod(target, mode & 0o7777)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _settle(layers: LayerRoot, path: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+            chmod: bool = True) -> None:
+    """:func:`settle_existing` of the entry ``path`` (not the layer directories
+    themselves: no record creates them)."""
+    fd, name = layers.parent_fd(path)
+    try:
+        if name:
+            settle_existing(fd, name, mode, uid, gid, rdev, chmod)
+    finally:
+        os.close(fd)
 
 
 def _apply_rename(layers: LayerRoot, src: bytes, dst: bytes, flags: int, src_ino: int) -> None:

@@ -40,7 +40,11 @@
  *                ``upper/`` or ``work/`` (records.check_path: components of 1-255 bytes,
  *                no NUL, not . or ..); uid and gid one of the user's and not 0 (the
  *                whiteout and work/ 0/0 exceptions of replicable.owner_refusal are left
- *                to Python), no data
+ *                to Python), no data; and only if the file is new: ``O_CREAT|O_EXCL``
+ *                fails with EEXIST (replayed after a crash, perhaps one before its
+ *                chown) -> not taken (its parent resolved and cached, nothing else
+ *                done): Python gives an existing file of its kind its owner and mode
+ *                (sdeefs.apply.settle_existing), one rule for both paths
  *   Write (11)   handle at most 136 bytes, offset + length < 2^62, data at most length
  *   Setattr (8)  mask within SET_ALL, mode within 07777, size below 2^63, owner (with
  *                SET_OWNER) one of the user's; only of a file the applier holds open
@@ -245,6 +249,8 @@ static int dir_fd(PyObject *dirs, PyObject *applier, const unsigned char *path, 
     return fd_of(got);
 }
 
+/* A Mknod of a regular file: 1 taken (made, held, owned), 0 not taken (it exists: nothing
+ * done but its parent resolved and cached), -1 an exception. */
 static int mknod_file(PyObject *dirs, PyObject *applier, PyObject *path_obj,
                       const unsigned char *path, size_t slash, size_t len,
                       uint32_t perm, uint32_t uid, uint32_t gid)
@@ -262,7 +268,10 @@ static int mknod_file(PyObject *dirs, PyObject *applier, PyObject *path_obj,
                 O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, perm);
     Py_END_ALLOW_THREADS
     if (fd < 0) {
-        if (errno == EEXIST) { /* already there (applied before a crash): as Python */
+        if (errno == EEXIST) {
+            /* already there: applied before a crash, which may have come before the
+             * chown.  Python's (BatchApplier._mknod: settle_existing): one rule for what
+             * an existing entry gets, not two */
             Py_DECREF(name);
             return 0;
         }
@@ -285,7 +294,7 @@ static int mknod_file(PyObject *dirs, PyObject *applier, PyObject *path_obj,
         os_error(NULL);
         return -1;
     }
-    return 0;
+    return 1;
 }
 
 /* pwrite all of ``data`` (at least one call, as os.pwrite makes one for no data too;
@@ -453,11 +462,13 @@ static int apply_record(const unsigned char *p, size_t total, PyObject *dirs, Py
         if (!ok)
             goto done;
         path_obj = PyBytes_FromStringAndSize((const char *)path, (Py_ssize_t)path_len);
-        if (path_obj == NULL
-            || mknod_file(dirs, applier, path_obj, path, slash, path_len,
-                          mode & 07777 & ~06000u, uid, gid))
+        if (path_obj == NULL)
             goto error;
-        result = 1;
+        int made = mknod_file(dirs, applier, path_obj, path, slash, path_len,
+                              mode & 07777 & ~06000u, uid, gid);
+        if (made < 0)
+            goto error;
+        result = made;
     } else if (rtype == T_WRITE) {
         uint32_t handle_len;
         const unsigned char *handle;

@@ -10,7 +10,8 @@ syscalls a record.  A :class:`BatchApplier` (one per replica, used by each batch
 resolved:
 
 * directories it resolved (``LayerRoot.open_dir``: ``openat2`` beneath the layer root,
-  no symlink followed) are kept open by path (at most MAX_DIRS), so a file's parent is
+  no symlink followed) are kept open by path (at most MAX_DIRS; every user's appliers
+  of a daemon together within one bound, :class:`DirFds`), so a file's parent is
   resolved once, not once per record, until a record it does not take comes;
 * a regular file it created (``Mknod``, ``O_CREAT|O_EXCL``) or opened for a ``Write``
   stays open while the next records are about the same path: its data goes with
@@ -20,15 +21,16 @@ resolved:
   (:attr:`deferred`).
 
 What may be applied so (:data:`REPLAYABLE`) is what re-applying from any earlier
-point of the run leaves as applying once did: records that create an entry when it
-is missing or set a file's data or attributes, never one that removes or moves an
-entry.  So a ``kill -9`` in the middle of a batch, whose position still says where the
-batch began, re-applies the run and converges (``tests/replication``).  Before any
-other record (Rename, Unlink, Rmdir, Link ...) the batch writes the position it has
-reached, the applier forgets every fd it holds (a rename may move what a cached path
-names; so does replacing the layer root: a snapshot, a reset) and the record goes the
-per-record way (``snapshot.apply_from_peer``), position and
-in-flight rename rules included.
+point of the run leaves as applying once did: records that create an entry when it is
+missing (and give one of their kind already there their owner and mode: a kill may have
+come between the create and the chown, ``sdeefs.apply.settle_existing``) or set a file's
+data or attributes, never one that removes or moves an entry.  So a ``kill -9`` in the
+middle of a batch, whose position still says where the batch began, re-applies the run
+and converges (``tests/replication``).  Before any other record (Rename, Unlink, Rmdir,
+Link ...) the batch writes the position it has reached, the applier forgets every fd it
+holds (a rename may move what a cached path names; so does replacing the layer root: a
+snapshot, a reset) and the record goes the per-record way
+(``snapshot.apply_from_peer``), position and in-flight rename rules included.
 
 The commonest of them (a regular file's ``Mknod``, ``Write``, ``Setattr`` of a file held;
 the kernel engine's ``Create`` of a new file without xattrs) are applied in C when the
@@ -54,11 +56,14 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
+import threading
 
 import attrs
 
 from .. import records as rec
+from ..apply import settle_existing
 from ..layers import LayerRoot, split
 from ..replicable import NOBODY, UserIds, refusal
 from ..sysio import chmod_at, fd_path, open_regular_at
@@ -74,7 +79,9 @@ except ImportError:  # pragma: no cover
 REPLAYABLE = (rec.Mkdir, rec.Mknod, rec.Symlink, rec.Write, rec.Setattr, rec.Setxattr,
               rec.Removexattr, rec.Create, rec.Done, rec.Sync, rec.Abort, rec.Begin,
               rec.Commit, rec.Void)
-MAX_DIRS = 256  # directory fds the applier keeps open at most
+MAX_DIRS = 256  # directory fds one applier keeps open at most
+DIR_FDS_SHARE = 4  # DirFds.from_rlimit: a daemon's cached directories get 1/4 of its fds
+MIN_DIR_FDS = 16
 MAX_FILES = 16  # files a batch keeps open at most
 Ranges = tuple[tuple[int, int], ...] | None  # ids as ``_applyc.apply`` takes them
 
@@ -92,6 +99,81 @@ def owner_ranges(ids: UserIds) -> tuple[Ranges, Ranges] | None:
 
 
 @attrs.define(eq=False)
+class DirFds:
+    """The directory fds the batch appliers of one daemon keep open, every user's together.
+
+    An applier keeps the directories it resolved open across batches (the module
+    docstring), up to MAX_DIRS.  One per user, a few hundred users would hold the
+    daemon's whole RLIMIT_NOFILE, and then every user's next ``open`` fails (EMFILE):
+    one user's traffic failing another's apply.  So they share one bound, ``limit``
+    (:meth:`from_rlimit`): an applier that needs one more fd when ``held`` is at it
+    first closes the caches of appliers between batches, least recently active first,
+    then its own; only when every fd is held by appliers inside a batch does it take
+    one beyond (it holds no other then).  So ``held`` <= ``limit`` + the appliers inside
+    a batch at once (at most the daemon's worker threads), whatever the users do.
+
+    Threads: users apply in different worker threads.  An applier's ``dirs`` change in
+    its own thread while it is inside a batch (:meth:`begin` .. :meth:`end`; nobody
+    else touches them then, C included), otherwise only under ``_lock`` (another's
+    eviction, its ``close``): so no fd is closed while another thread may use it.
+
+    Attributes:
+        limit: the bound (see above).
+        held: directory fds the appliers sharing it hold.
+        _idle: appliers between batches that hold fds, least recently active first.
+    """
+
+    limit: int
+    held: int = 0
+    _idle: dict[BatchApplier, None] = attrs.field(init=False, factory=dict)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+
+    @classmethod
+    def from_rlimit(cls) -> DirFds:
+        """The bound for this process: a quarter of its RLIMIT_NOFILE (soft), the rest
+        for what every user needs whatever its traffic (sockets, layer roots, files
+        held in a batch, relays' reads)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        return cls(max(MIN_DIR_FDS, soft // DIR_FDS_SHARE))
+
+    def begin(self, applier: BatchApplier) -> None:
+        """``applier`` starts a batch: nobody closes its fds until :meth:`end`."""
+        with self._lock:
+            self._idle.pop(applier, None)
+
+    def end(self, applier: BatchApplier) -> None:
+        """``applier``'s batch ended: its fds may be closed for another's from now on."""
+        with self._lock:
+            if applier.dirs:
+                self._idle.pop(applier, None)
+                self._idle[applier] = None  # the most recently active
+
+    def acquire(self, applier: BatchApplier) -> None:
+        """Count one more fd for ``applier`` (inside a batch), making room (see above)."""
+        with self._lock:
+            while self.held >= self.limit and self._idle:
+                other = next(iter(self._idle))
+                del self._idle[other]
+                self.held -= other.close_dirs()
+            if self.held >= self.limit:
+                self.held -= applier.close_dirs()
+            self.held += 1
+
+    def release(self, count: int) -> None:
+        """``count`` fds counted were not opened after all."""
+        with self._lock:
+            self.held -= count
+
+    def drop(self, applier: BatchApplier) -> None:
+        """Close every fd of ``applier`` (its ``close``)."""
+        with self._lock:
+            self._idle.pop(applier, None)
+            self.held -= applier.close_dirs()
+
+
+@attrs.define(eq=False)
 class BatchApplier:
     """Applies one batch's REPLAYABLE records into ``layers`` (see the module docstring).
 
@@ -102,6 +184,8 @@ class BatchApplier:
             times of its directory, so records of several paths interleave).
         deferred: records were applied whose position is not written yet.
         native: the common records go through ``_applyc`` (:meth:`take`).
+        fds: the bound on directory fds it shares with the other users' appliers (a
+            daemon's; by itself: its own MAX_DIRS).
     """
 
     layers: LayerRoot
@@ -110,6 +194,7 @@ class BatchApplier:
     files: dict[bytes, int] = attrs.field(factory=dict)
     deferred: bool = False
     native: bool = _applyc is not None
+    fds: DirFds = attrs.field(factory=lambda: DirFds(MAX_DIRS))
     _owners: tuple[Ranges, Ranges] | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
@@ -159,13 +244,30 @@ class BatchApplier:
             os.close(fd)
         self.files.clear()
 
+    def begin(self) -> None:
+        """A batch starts (``Replica.batch_applier``): what it resolves is its own until
+        :meth:`end`."""
+        self.fds.begin(self)
+
+    def end(self) -> None:
+        """The batch ended: close its files; the directories stay open, for the next
+        batch, unless another user's applier needs their fds first (``DirFds``)."""
+        self.close_file()
+        self.fds.end(self)
+
     def close(self) -> None:
         """Close every fd held (a record that moves or removes entries comes, or the
         layer root is replaced)."""
         self.close_file()
+        self.fds.drop(self)
+
+    def close_dirs(self) -> int:
+        """Close the directories held (``DirFds``, under its lock); how many there were."""
+        count = len(self.dirs)
         for fd in self.dirs.values():
             os.close(fd)
         self.dirs.clear()
+        return count
 
     def apply(self, record: rec.Record, data: bytes | memoryview, what: str) -> None:
         """Apply a REPLAYABLE record a peer sent, as ``apply_from_peer`` would."""
@@ -210,10 +312,14 @@ class BatchApplier:
         fd = self.dirs.get(path)
         if fd is None:
             if len(self.dirs) >= MAX_DIRS:
-                for old in self.dirs.values():
-                    os.close(old)
-                self.dirs.clear()
-            fd = self.dirs[path] = self.layers.open_dir(path)
+                self.fds.drop(self)
+            self.fds.acquire(self)  # (may close this applier's own: none is in use here)
+            try:
+                fd = self.layers.open_dir(path)
+            except BaseException:
+                self.fds.release(1)
+                raise
+            self.dirs[path] = fd
         return fd
 
     def _parent(self, path: bytes) -> tuple[int, bytes]:
@@ -260,7 +366,9 @@ class BatchApplier:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, perm, dir_fd=dir_fd)
         except FileExistsError:
-            return  # already there (applied before a crash): as apply_record
+            # already there (a crash may have come before its chown): as apply_record
+            settle_existing(dir_fd, name, stat.S_IFREG | perm, uid, gid)
+            return
         self._hold(path, fd)
         os.fchown(fd, uid, gid)
         os.fchmod(fd, perm)  # after chown (which clears set-ID bits), as layers.mknod
@@ -270,6 +378,7 @@ class BatchApplier:
         try:
             os.mkdir(name, mode & 0o7777, dir_fd=dir_fd)
         except FileExistsError:
+            settle_existing(dir_fd, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
             return
         os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         chmod_at(dir_fd, name, mode & 0o7777)

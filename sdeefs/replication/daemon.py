@@ -89,6 +89,7 @@ from ..offload import Offload
 from ..replicable import ids_of_user
 from ..statedir import ReplicaDirs
 from ..sysio import malloc_trim
+from .applier import DirFds
 from .auth import HelloAuth, Munge, SharedKey
 from .origin import Origin, OriginUser
 from .relay import (
@@ -278,6 +279,9 @@ class Daemon:
         factory=lambda: Offload(trio.CapacityLimiter(LOCKED_READ_THREADS)))
     origin: Origin | None = attrs.field(init=False, default=None)  # with --origin
     replicas: dict[str, ReplicaUser] = attrs.field(factory=dict)
+    # the directory fds every replica's applier keeps open, together (one user's traffic
+    # must not take the fds another's apply needs): from RLIMIT_NOFILE at start
+    dir_fds: DirFds = attrs.field(factory=DirFds.from_rlimit)
     started: float = attrs.field(factory=time.time)
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     _opening: trio.Lock = attrs.field(init=False, factory=trio.Lock)  # one open at a time
@@ -460,7 +464,7 @@ class Daemon:
             if user is None:
                 dirs = ReplicaDirs.of(self.config.replica_dir, name)
                 ids = await self.offload.run(ids_of_user, name)
-                replica = await self.offload.run(Replica.open, dirs.path, ids)
+                replica = await self.offload.run(Replica.open, dirs.path, ids, self.dir_fds)
                 stats = LinkStats()
                 rounds = HeadRounds(name, self.config.node, self.config.auth,
                                     self.config.upstream, stats)

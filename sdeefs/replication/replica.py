@@ -89,7 +89,7 @@ from ..replicable import NOBODY, UserIds
 from ..statedir import ReplicaDirs
 from ..sysio import RENAME_EXCHANGE, boot_id, renameat2, syncfs, write_file_atomic
 from ..trees import rmtree
-from .applier import REPLAYABLE, BatchApplier
+from .applier import MAX_DIRS, REPLAYABLE, BatchApplier, DirFds
 from .auth import HelloAuth
 from .receiver import ThreadReader
 from .snapshot import Staging, apply_from_peer
@@ -239,19 +239,24 @@ class Replica:
     _pos_fd: int = -1
     _staging: Staging | None = None
     _batch: BatchApplier | None = None  # see ``batch_applier``
+    # the bound on the directory fds its applier keeps (a daemon's is every user's)
+    dir_fds: DirFds = attrs.field(factory=lambda: DirFds(MAX_DIRS))
     _skipping: bool = False  # the record being applied (MORE chunks) was skipped
 
     root = property(lambda self: self.dirs.path)
     upper = property(lambda self: self.dirs.upper)
 
     @classmethod
-    def open(cls, root: str, ids: UserIds = NOBODY) -> Replica:
+    def open(cls, root: str, ids: UserIds = NOBODY, dir_fds: DirFds | None = None
+             ) -> Replica:
+        """The copy at ``root``; ``dir_fds``: the bound it shares with the daemon's other
+        replicas (``applier.DirFds``; None: one of its own)."""
         dirs = ReplicaDirs(root)
         os.makedirs(root, mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
         for sub in (dirs.upper, dirs.work):
             os.makedirs(sub, mode=0o755, exist_ok=True)
-        replica = cls(dirs, ids)
+        replica = cls(dirs, ids) if dir_fds is None else cls(dirs, ids, dir_fds=dir_fds)
         replica._pos_fd = os.open(dirs.position, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         replica._load()
         replica._load_skipped()
@@ -493,10 +498,12 @@ class Replica:
         return True
 
     def batch_applier(self) -> BatchApplier:
-        """The applier batches share (its directory fds outlive a batch)."""
+        """The applier batches share (its directory fds outlive a batch, within the
+        bound ``dir_fds`` keeps), begun for a batch that :meth:`end_batch` ends."""
         if self._batch is None:
             assert self._layers is not None
-            self._batch = BatchApplier(self._layers, self.ids)
+            self._batch = BatchApplier(self._layers, self.ids, fds=self.dir_fds)
+        self._batch.begin()
         return self._batch
 
     def _forget_batch(self) -> None:
@@ -510,7 +517,7 @@ class Replica:
         if forget:
             batch.close()
         else:
-            batch.close_file()
+            batch.end()
         if batch.deferred:
             self._write_position()
             batch.deferred = False

@@ -617,6 +617,61 @@ def test_recover_after_the_record_took_effect_changes_nothing(crash: State, case
     crash.check()
 
 
+# The state a kill between creating an entry and its chown leaves: made (root's, the
+# mode less a 077 umask), never owned.  Each: the record, how the entry was made, and
+# the st_mode recovery must leave.
+HALF_DONE: dict[str, tuple[rec.Record, Callable[[Path], None], int]] = {
+    "mkdir": (rec.Mkdir(b"upper/d", 0o755, 1234, 5678), lambda p: p.mkdir(mode=0o700),
+              stat.S_IFDIR | 0o755),
+    "mknod": (rec.Mknod(b"upper/d", stat.S_IFREG | 0o644, 1234, 5678),
+              lambda p: p.touch(mode=0o600), stat.S_IFREG | 0o644),
+    "fifo": (rec.Mknod(b"upper/d", stat.S_IFIFO | 0o640, 1234, 5678),
+             lambda p: os.mkfifo(p, 0o600), stat.S_IFIFO | 0o640),
+    "symlink": (rec.Symlink(b"upper/d", b"t", 1234, 5678), lambda p: p.symlink_to("t"),
+                stat.S_IFLNK | 0o777),
+    "whiteout": (rec.Mknod(b"upper/d", stat.S_IFCHR, 1234, 5678),
+                 lambda p: os.mknod(p, stat.S_IFCHR, 0), stat.S_IFCHR),
+    "mkdev": (rec.Mkdev(b"upper/d", stat.S_IFCHR | 0o620, os.makedev(1, 3), 1234, 5678),
+              lambda p: os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+              stat.S_IFCHR | 0o620),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", sorted(HALF_DONE))
+def test_recover_owns_an_entry_made_before_the_kill(crash: State, case: str) -> None:
+    """Killed between the create and the chown: recovery finds the entry and gives it
+    the record's owner and mode (it once left it root's: a 0600 file no job could read)."""
+    record, make, mode = HALF_DONE[case]
+    seq = crash.journal.append(record)
+    make(crash.upper / "d")
+    crash.reopen()
+    assert crash.recover() == seq
+    st = os.lstat(crash.upper / "d")
+    assert (st.st_mode, st.st_uid, st.st_gid) == (mode, 1234, 5678)
+    assert not _aborted(crash.journal, seq)
+
+
+@needs_root
+@pytest.mark.parametrize("case", ["mkdir", "mknod", "whiteout", "mkdev"])
+def test_recover_leaves_an_entry_of_another_kind_as_it_is(crash: State, case: str) -> None:
+    """A different kind at the path (a different device number too) stays as it is."""
+    record, _, _ = HALF_DONE[case]
+    if case in ("mkdir", "mknod"):
+        os.symlink("/etc", crash.upper / "d")
+    else:
+        os.mknod(crash.upper / "d", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+    before = os.lstat(crash.upper / "d")
+    etc = os.stat("/etc")
+    seq = crash.journal.append(record)
+    crash.reopen()
+    assert crash.recover() == seq
+    after = os.lstat(crash.upper / "d")
+    assert (after.st_mode, after.st_uid, after.st_rdev) == \
+        (before.st_mode, before.st_uid, before.st_rdev)
+    assert os.stat("/etc") == etc
+
+
 @pytest.mark.expect_log("sdeefs.apply")
 def test_recover_aborts_a_record_that_cannot_be_redone(crash: State) -> None:
     crash.layers.mkdir(b"upper/d", 0o755, 0, 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sdeefs import records as rec
@@ -131,12 +131,41 @@ def _state(upper: Path, now: int) -> list[tuple[object, ...]]:
     return sorted(entries, key=repr) + contents
 
 
+# Entries a crash left (made, never chowned: root's, mode less a 077 umask) before the
+# history comes again: of the kind its records make, and of another kind.
+CRASHED = [(b"upper/a", stat.S_IFREG), (b"upper/d", stat.S_IFDIR), (b"upper/d/b", stat.S_IFREG),
+           (b"upper/a", stat.S_IFDIR), (b"upper/a", stat.S_IFIFO), (b"work/w", stat.S_IFREG),
+           (b"upper/d", stat.S_IFREG), (b"upper/.a", stat.S_IFREG)]
+
+
+def _crashed(copy: Path, entries: list[tuple[bytes, int]]) -> None:
+    """Make ``entries`` in the copy at ``copy`` as a kill between create and chown leaves
+    them (those whose parent is missing or whose name is taken are passed over)."""
+    for name, kind in entries:
+        top, *parts = name.split(b"/")
+        if top not in (b"upper", b"work") or not parts or any(
+                p in (b"", b".", b"..") or b"\0" in p or len(p) > 255 for p in parts):
+            continue  # a path no record may name (refused as such)
+        path = copy / os.fsdecode(name)
+        if os.path.lexists(path) or not path.parent.is_dir() \
+                or path.parent.resolve() != path.parent.absolute():
+            continue  # (never through the planted symlink)
+        if kind == stat.S_IFDIR:
+            path.mkdir(mode=0o700)
+        elif kind == stat.S_IFIFO:
+            os.mkfifo(path, 0o600)
+        else:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _run(root: Path, payloads: list[bytes], ids: UserIds, native: bool,
-         taken: list[bytes]) -> tuple[object, ...]:
+         taken: list[bytes], crashed: list[tuple[bytes, int]] | None = None
+         ) -> tuple[object, ...]:
     outside = root / "outside"
     outside.mkdir(parents=True)
     replica = Replica.open(str(root / USER), ids)
     os.symlink(outside, root / USER / "upper" / "l")
+    _crashed(root / USER, crashed or [])
     replica.batch_applier().native = native
     original = applier.BatchApplier.take
 
@@ -162,16 +191,45 @@ def _run(root: Path, payloads: list[bytes], ids: UserIds, native: bool,
     return result
 
 
+def _made_by(payloads: list[bytes]) -> list[tuple[bytes, int]]:
+    """The entries the creating records among ``payloads`` make (those that decode)."""
+    made = []
+    for payload in payloads:
+        try:
+            record, _ = decode_record_payload(payload)
+        except ProtocolError:
+            continue
+        if isinstance(record, rec.Mknod | rec.Create):
+            made.append((record.path, stat.S_IFMT(record.mode)))
+        elif isinstance(record, rec.Mkdir):
+            made.append((record.path, stat.S_IFDIR))
+    return made
+
+
 @pytest.mark.expect_log("sdeefs.replication.replica")
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(PAYLOADS, min_size=1, max_size=10), st.sampled_from(["alice", "nobody"]))
+@example([encode_record_payload(rec.Mknod(b"upper/a", stat.S_IFREG | 0o644, 4242, 4242))],
+         "alice", [], True)
+@example([encode_record_payload(rec.Create(b"upper/a", stat.S_IFREG | 0o755, 4242, 4242, 0,
+                                           b"", b"", b"abc"))], "alice", [], True)
+@example([encode_record_payload(rec.Mkdir(b"upper/d", 0o755, 4242, 4242))], "alice", [], True)
+@given(st.lists(PAYLOADS, min_size=1, max_size=10), st.sampled_from(["alice", "nobody"]),
+       st.lists(st.sampled_from(CRASHED), max_size=3), st.booleans())
 def test_what_the_c_path_takes_python_accepts_and_both_leave_the_same_tree(
-        payloads: list[bytes], who: str) -> None:
+        payloads: list[bytes], who: str, crashed: list[tuple[bytes, int]],
+        replayed: bool) -> None:
+    """(``crashed``, ``replayed``: the history comes again after a crash that left
+    entries, unowned: some at its records' paths, or, ``replayed``, every entry its
+    creating records make, as a kill between create and chown leaves it.  Both paths
+    settle them the same way.)"""
     ids = ALICE if who == "alice" else NOBODY
+    if replayed:
+        crashed = crashed + [(path, kind) for path, kind in _made_by(payloads)
+                             if kind in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO)]
     with tempfile.TemporaryDirectory() as tmp:
         taken: list[bytes] = []
-        native = _run(Path(tmp) / "n", payloads, ids, True, taken)
-        python = _run(Path(tmp) / "p", payloads, ids, False, [])
+        native = _run(Path(tmp) / "n", payloads, ids, True, taken, crashed)
+        python = _run(Path(tmp) / "p", payloads, ids, False, [], crashed)
     assert native == python
     assert native[-1] == []  # nothing outside the copy
     for payload in taken:
