@@ -43,7 +43,8 @@ process (pass 1 "first", the others "repeated").  Only dentries and inodes are d
 not the page cache: the lower's directory and inode-table blocks stay in memory, so a
 first pass rebuilds every dentry and inode without waiting for the disk (which an
 instruction count cannot measure: the guest idles meanwhile); the disk's reads during each
-walk are counted (``/sys/block/vda/stat``) to show that none happened.
+walk are counted (``/sys/block/vda/stat``, reads and writes) to show that none happened
+(the walks write nothing either: a journal commit waited for would count).
 
 ``walk`` times each pass with CLOCK_MONOTONIC in the guest: under ``vm.py --icount`` one
 ns per guest instruction (vm.py's ``boot`` says what that leaves out), else the emulated
@@ -53,7 +54,8 @@ starting the tool (the same walk of an empty directory) is measured too.
 Output: progress lines, and one line ``META-JSON {...}`` (``samples``: contender -> op ->
 {"first": [ns...], "repeated": [ns...]}; ``startup``: contender -> op -> [ns...];
 ``entries``: contender -> entries the walk saw; ``disk_reads``: contender -> reads
-during walks).
+during walks; ``hooks``: op -> the program's hook calls in one pass, counted once, untimed,
+after the first round's bpf walks).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ BASE = Path("/var/lib/sdeefs-meta")
 PLAIN = RUN_DIR / "plain"  # the plain overlay's image, its mount, the merged view
 
 
-def walk(op: str, directory: str, passes: int) -> dict[str, Any]:
+def walk(op: str, directory: str, passes: int, counted: bool = True) -> dict[str, Any]:
     """Run ``op`` ``passes`` times in ``directory``; the monotonic ns of each, the disk's
     reads during them, and the ns of the same tool run in an empty directory (twice, after
     an untimed run that brings its binary back into memory: drop_caches dropped its inode
@@ -105,7 +107,8 @@ def walk(op: str, directory: str, passes: int) -> dict[str, Any]:
             subprocess.run(argv, cwd=directory, stdout=null, check=True)
             times.append(time.monotonic_ns() - start)
         after = disk_reads()
-    entries = sum(len(d) + len(f) for _, d, f in os.walk(directory))  # untimed, after
+    entries = (sum(len(d) + len(f) for _, d, f in os.walk(directory))  # untimed, after
+               if counted else None)
     return {"ns": times, "startup": startup, "entries": entries,
             "disk_reads": None if before is None or after is None else after - before}
 
@@ -123,11 +126,13 @@ def drop_caches() -> None:
 
 
 def disk_reads() -> int | None:
-    """Reads completed by the guest's disk (None where /sys is not there: inside a view)."""
+    """Reads and writes completed by the guest's disk (None where /sys is not there: inside
+    a view): a walk that waited for the disk would count the wait's virtual time too."""
     try:
-        return int(Path("/sys/block/vda/stat").read_text().split()[0])
+        fields = Path("/sys/block/vda/stat").read_text().split()
     except OSError:
         return None
+    return int(fields[0]) + int(fields[4])
 
 
 class Contender:
@@ -159,8 +164,47 @@ def measure(contender: Contender, repeats: int, out: dict[str, Any]) -> None:
         out["startup"].setdefault(name, {}).setdefault(op, []).extend(result["startup"])
         print(f"  {name:8} {op:5} first {result['ns'][0] / 1e6:9.2f} ms  repeated "
               + " ".join(f"{t / 1e6:.2f}" for t in result["ns"][1:])
-              + f" ms  (start {min(result['startup']) / 1e6:.2f} ms, disk reads {reads}, "
+              + f" ms  (start {min(result['startup']) / 1e6:.2f} ms, disk I/O {reads}, "
               f"{result['entries']} entries)", flush=True)
+
+
+HOOKS = ("inode_permission", "inode_getattr", "file_open", "inode_getxattr",
+         "inode_listxattr", "inode_readlink", "body", "inode_copy_up")  # guard.bpf.c's enum
+
+
+def hook_counts(guard: Any) -> list[int]:
+    """The program's per-hook call counters (guard.bpf.c's ``counts``: [hook] calls,
+    [len(HOOKS) + hook] denials), summed over the CPUs, of every pinned set."""
+    from launcher.login.bpfguard import opened
+
+    cpus = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    ncpu = int(cpus.rsplit("-", 1)[-1]) + 1
+    total = [0] * (2 * len(HOOKS))
+    for pinned in guard.sets():
+        with opened(guard.lib, os.path.join(pinned, "map_counts")) as fd:
+            for slot in range(len(total)):
+                value = guard.lib.lookup(fd, slot.to_bytes(4, sys.byteorder), 8 * ncpu)
+                if value is not None:
+                    total[slot] += sum(int.from_bytes(value[i:i + 8], sys.byteorder)
+                                       for i in range(0, 8 * ncpu, 8))
+    return total
+
+
+def hooks_per_walk(guard: Any, walker: Callable[[list[str]], str], out: dict[str, Any]) -> None:
+    """The program's hook calls in one pass of each walk (a pass over the tree minus the
+    same walker's run in the empty directory), untimed."""
+    me = str(Path(__file__).resolve())
+    for op in OPS:
+        calls = []
+        for directory in (str(TREE), str(EMPTY)):
+            before = hook_counts(guard)
+            walker(["python3", me, "walk", op, directory, "1", "nocount"])
+            calls.append([b - a for a, b in zip(before, hook_counts(guard), strict=True)])
+        per_pass = {name: calls[0][i] - calls[1][i] for i, name in enumerate(HOOKS)
+                    if calls[0][i] - calls[1][i]}
+        denied = sum(calls[0][len(HOOKS):]) - sum(calls[1][len(HOOKS):])
+        out["hooks"][op] = {"calls": per_pass, "denied": denied}
+        print(f"  bpf hooks in one {op} pass: {per_pass}, denied {denied}", flush=True)
 
 
 def plain_overlay() -> Contender:
@@ -241,6 +285,7 @@ def main_run(argv: list[str]) -> int:
                              "echo ENOENT"]).strip()
 
     out: dict[str, Any] = {"samples": {}, "startup": {}, "entries": {}, "disk_reads": {},
+                           "hooks": {},
                            "kernel": os.uname().release, "rounds": args.rounds,
                            "repeats": args.repeats, "ops": OPS,
                            "clocksource": Path("/sys/devices/system/clocksource/clocksource0/"
@@ -295,6 +340,8 @@ def main_run(argv: list[str]) -> int:
                 walker = inside(user)
                 if unit == "c" or "bpf" in chosen:
                     measure(Contender(unit, str(TREE), walker), args.repeats, out)
+                if unit == "bpf" and not out["hooks"]:
+                    hooks_per_walk(guard, walker, out)
                 if unit == "bpf" and "bpf-off" in chosen:
                     guard.detach_all()
                     deadline = time.monotonic() + 120  # the links' release lags the unpin
@@ -313,7 +360,7 @@ def main_run(argv: list[str]) -> int:
 def main() -> int:
     if sys.argv[1:2] == ["walk"]:
         op, directory, passes = sys.argv[2], sys.argv[3], int(sys.argv[4])
-        print(json.dumps(walk(op, directory, passes)))
+        print(json.dumps(walk(op, directory, passes, sys.argv[5:6] != ["nocount"])))
         return 0
     if sys.argv[1:2] == ["run"]:
         return main_run(sys.argv[2:])
