@@ -34,7 +34,10 @@ Contenders (``run``), round-robin, the order rotated each round:
   checked guarded: a root-only file made after the start is ENOENT inside;
 * ``bpf-off``: the same environment after ``BpfGuard.detach_all()`` (the program
   detached; checked: that file now reads inside): the stack without the program;
-* ``c``: ``guard = "c"``: the FUSE guard layer (sdeefs-guard) between mask and lower.
+* ``c``: ``guard = "c"``: the FUSE guard layer (sdeefs-guard) between mask and lower;
+* ``bpf-nodeny`` (only when named): ``bpf`` with an empty deny list (``deny = []``: the
+  program's sleepable part, bpf_d_path and the patterns, returns at once): what the deny
+  globs' late matching costs.
 
 A fresh environment (and a fresh overlay mount) for each contender in each round.  Each
 walk: ``sync``, ``echo 2 > /proc/sys/vm/drop_caches`` (dentries and inodes, of every
@@ -79,7 +82,7 @@ OPS: dict[str, list[str]] = {
     # the list beside the tree, read through the same view
     "stat": ["xargs", "-0", "-a", f"../{LIST.name}", "stat", "--printf", "%i\n"],
 }
-CONTENDERS = ("overlay", "bpf", "bpf-off", "c")
+CONTENDERS = ("overlay", "bpf", "bpf-off", "c")  # and bpf-nodeny, on request
 RUN_DIR = Path("/run/sdeefs-meta")
 BASE = Path("/var/lib/sdeefs-meta")
 PLAIN = RUN_DIR / "plain"  # the plain overlay's image, its mount, the merged view
@@ -94,6 +97,8 @@ def walk(op: str, directory: str, passes: int, counted: bool = True) -> dict[str
     argv = OPS[op]
     empty_argv = (["xargs", "-0", "-a", f"../{EMPTY_LIST.name}", *argv[4:]] if op == "stat"
                   else argv)
+    if directory == empty:  # (hooks_per_walk's control: the empty directory itself)
+        argv = empty_argv
     times, startup = [], []
     with open(os.devnull, "wb") as null:
         for i in range(3):
@@ -306,8 +311,8 @@ def main_run(argv: list[str]) -> int:
         for name in dirs + files:
             os.lstat(os.path.join(top, name))
     LIST.read_bytes()
-    units = [u for u in ("overlay", "bpf", "c") if u in chosen or (u == "bpf" and
-                                                                    "bpf-off" in chosen)]
+    units = [u for u in ("overlay", "bpf", "c", "bpf-nodeny")
+             if u in chosen or (u == "bpf" and "bpf-off" in chosen)]
     print(f"kernel {out['kernel']}, clocksource {out['clocksource']}, tree {TREE}: "
           f"{sum(len(d) + len(f) for _, d, f in os.walk(TREE))} entries, "
           f"{sum(len(d) for _, d, _ in os.walk(TREE))} directories", flush=True)
@@ -321,8 +326,10 @@ def main_run(argv: list[str]) -> int:
                 finally:
                     teardown_plain()
                 continue
-            kind = Guard.BPF if unit == "bpf" else Guard.C
+            kind = Guard.C if unit == "c" else Guard.BPF
             cfg = attrs.evolve(config, guard=kind)
+            if unit == "bpf-nodeny":
+                cfg = attrs.evolve(cfg, deny=())
             user = user_for(unit)
             LATE.unlink(missing_ok=True)
             started = time.monotonic()
@@ -338,7 +345,7 @@ def main_run(argv: list[str]) -> int:
                 if seen != "ENOENT":
                     raise RuntimeError(f"{unit}: a late root-only file is {seen} inside")
                 walker = inside(user)
-                if unit == "c" or "bpf" in chosen:
+                if unit != "bpf" or "bpf" in chosen:
                     measure(Contender(unit, str(TREE), walker), args.repeats, out)
                 if unit == "bpf" and not out["hooks"]:
                     hooks_per_walk(guard, walker, out)

@@ -31,9 +31,10 @@ CONTENDERS = {
     "bpf": "login view, BPF guard (guard=bpf)",
     "bpf-off": "same stack, program detached",
     "c": "login view, FUSE guard (guard=c)",
+    "bpf-nodeny": "BPF guard, empty deny list",
 }
 OPS = {"find": "find + lstat", "ls": "ls -R", "stat": "stat of every path"}
-COLORS = {"bpf": "#1f77b4", "bpf-off": "#2ca02c", "c": "#ff7f0e"}
+COLORS = {"bpf": "#1f77b4", "bpf-off": "#2ca02c", "c": "#ff7f0e", "bpf-nodeny": "#9467bd"}
 
 
 def load(log: Path) -> dict[str, Any]:
