@@ -35,6 +35,9 @@ Contenders (``run``), round-robin, the order rotated each round:
 * ``bpf-off``: the same environment after ``BpfGuard.detach_all()`` (the program
   detached; checked: that file now reads inside): the stack without the program;
 * ``c``: ``guard = "c"``: the FUSE guard layer (sdeefs-guard) between mask and lower;
+* ``overlay-attached`` (only when named): ``overlay`` walked by the host's root while a
+  bpf environment runs (the program attached, its key in the map): what the program costs
+  a task it does not guard (every other process of the login node);
 * ``bpf-nodeny`` (only when named): ``bpf`` with an empty deny list (``deny = []``: the
   program's sleepable part, bpf_d_path and the patterns, returns at once): what the deny
   globs' late matching costs.
@@ -311,7 +314,7 @@ def main_run(argv: list[str]) -> int:
         for name in dirs + files:
             os.lstat(os.path.join(top, name))
     LIST.read_bytes()
-    units = [u for u in ("overlay", "bpf", "c", "bpf-nodeny")
+    units = [u for u in ("overlay", "bpf", "c", "bpf-nodeny", "overlay-attached")
              if u in chosen or (u == "bpf" and "bpf-off" in chosen)]
     print(f"kernel {out['kernel']}, clocksource {out['clocksource']}, tree {TREE}: "
           f"{sum(len(d) + len(f) for _, d, f in os.walk(TREE))} entries, "
@@ -325,6 +328,20 @@ def main_run(argv: list[str]) -> int:
                     measure(plain_overlay(), args.repeats, out)
                 finally:
                     teardown_plain()
+                continue
+            if unit == "overlay-attached":
+                cfg = attrs.evolve(config, guard=Guard.BPF)
+                user = user_for("bpf")
+                record = env.ensure(cfg, user, Engine.KERNEL)
+                try:
+                    if record.guard != "bpf" or not guard.entries():
+                        raise RuntimeError("overlay-attached: no program attached")
+                    plain = plain_overlay()
+                    measure(Contender(unit, plain.directory, plain.walker), args.repeats, out)
+                finally:
+                    teardown_plain()
+                    env.stop(cfg, user)
+                    guard.detach_all()  # (the next units start without it)
                 continue
             kind = Guard.C if unit == "c" else Guard.BPF
             cfg = attrs.evolve(config, guard=kind)

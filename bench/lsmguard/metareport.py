@@ -32,9 +32,11 @@ CONTENDERS = {
     "bpf-off": "same stack, program detached",
     "c": "login view, FUSE guard (guard=c)",
     "bpf-nodeny": "BPF guard, empty deny list",
+    "overlay-attached": "plain overlay, program attached (host task)",
 }
 OPS = {"find": "find + lstat", "ls": "ls -R", "stat": "stat of every path"}
-COLORS = {"bpf": "#1f77b4", "bpf-off": "#2ca02c", "c": "#ff7f0e", "bpf-nodeny": "#9467bd"}
+COLORS = {"bpf": "#1f77b4", "bpf-off": "#2ca02c", "c": "#ff7f0e", "bpf-nodeny": "#9467bd",
+          "overlay-attached": "#8c564b"}
 
 
 def load(log: Path) -> dict[str, Any]:
