@@ -4,7 +4,7 @@
 Usage::
 
     python3 bench/lsmguard/metareport.py --out bench/out/lsmmeasure \\
-        --run "6.12, icount=LOG" [--run "LABEL=LOG" ...] [--svg-runs LABEL,LABEL]
+        --run "6.12, icount=LOG" [--run "LABEL=LOG" ...] [--svg-runs "LABEL;LABEL"]
 
 Writes OUT.md (per run: each walk's median, min-max and the ratios to the plain overlay's
 median; the spread of the samples, as a check of the clock's determinism), OUT.json (the
@@ -110,7 +110,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text("\n".join(md))
     args.out.with_suffix(".json").write_text(json.dumps(runs, indent=1) + "\n")
-    chosen = [r for r in args.svg_runs.split(",") if r] or list(runs)
+    chosen = [r for r in args.svg_runs.split(";") if r] or list(runs)
     groups = []
     for label in chosen:
         samples = runs[label]["samples"]
@@ -120,7 +120,8 @@ def main() -> int:
                 bars = [plot.Bar(CONTENDERS[c], statistics.median(samples[c][op][kind]) / base,
                                  statistics.median(samples[c][op][kind]) / 1e9)
                         for c in COLORS if c in samples]
-                groups.append(plot.Group(f"{label}: {OPS[op]}, {kind}", bars))
+                short = {"find": "find", "ls": "ls -R", "stat": "stat"}[op]
+                groups.append(plot.Group(f"{label}: {short}, {kind}", bars))
     chart = plot.BarChart(
         title="Metadata walks through the login view vs plain overlayfs (issue 16)",
         subtitle="Debian 12's kernels under qemu; bench/install's tree (11,644 entries); "
