@@ -14,6 +14,7 @@ clang -g -O2 -target bpf -D__TARGET_ARCH_x86 -I"$out" -I"$product" -c "$here/lsm
 "$bpftool" gen skeleton "$out/lsmguard.bpf.o" name lsmguard_bpf > "$out/lsmguard.skel.h"
 cc -O2 -Wall -I"$out" -I"$product" -o "$out/lsmguard-load" "$here/loader.c" -lbpf -lelf -lz
 cc -O2 -Wall -o "$out/hookcost" "$here/hookcost.c"
+cc -O2 -static -o "$out/spin" "$here/spin.c"
 cc -O2 -static -o "$out/true-static" -x c - <<'C'
 int main(void) { return 0; }
 C

@@ -4,8 +4,9 @@ own, booted under qemu (issue 16, bench only).
 
 Usage (as root)::
 
-    .venv/bin/python bench/lsmguard/vm.py [tests|hooks|cost|check|product] [--kernel PKG]
-        [--work DIR] [--rootfs-tar TAR] [--timeout S] [--command SHELL]
+    .venv/bin/python bench/lsmguard/vm.py [tests|hooks|cost|check|product|meta] [--kernel PKG]
+        [--work DIR] [--rootfs-tar TAR] [--timeout S] [--icount] [--meta-args ARGS]
+        [--command SHELL]
 
 Why: this machine's kernel refuses every program that attaches through a BPF trampoline
 (bench/RESULTS.md, "a BPF LSM prototype"), and it has no hardware virtualisation, so the
@@ -31,10 +32,16 @@ What it does, cached in ``--work`` (default ``/var/tmp/sdeefs-lsmvm``):
    packages the launcher's kernel engine needs (PYDEPS) from ``.venv``: it runs
    bench/lsmguard/test_product.py, login environments started by the launcher with
    ``guard = "bpf"`` (the product's ``sdeefs-bpfguard``, built by ``build.sh``);
+   ``meta`` builds the same and also copies bench/install's meta tree into the root
+   (:func:`meta_tree`): bench/lsmguard/metaguest.py walks it through a plain overlay and
+   through login views, with the program attached, detached, and the FUSE guard instead;
 3. the serial console is kept in ``WORK/serial.log``; what the command printed is
    shown and its exit status returned.  A boot that dies before the command (seen once
    in a few dozen boots: an int3 oops while the kernel patches its own text under
    multi-threaded TCG) is retried, at most twice.
+
+``--icount``: the guest's clock counts its instructions (:func:`boot`), so what the
+guest measures does not depend on the host's load: for ``meta``.
 """
 
 from __future__ import annotations
@@ -64,6 +71,12 @@ COMMANDS = {
                "SDEEFS_ENTER=/opt/lsmbuild/sdeefs-enter SDEEFS_SHELL=/opt/lsmbuild/sdeefs-shell "
                "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 -m pytest -v --color=no "
                "--tb=short -rsP -p no:cacheprovider bench/lsmguard/test_product.py",
+    # metadata walks through login views, the program attached and not (metaguest.py;
+    # vm.py copies bench/install's meta tree into the root: meta_tree)
+    "meta": "env SDEEFS_BPFGUARD_BIN=/opt/lsmbuild/sdeefs-bpfguard "
+            "SDEEFS_GUARD_BIN=/opt/lsmbuild/sdeefs-guard "
+            "SDEEFS_ENTER=/opt/lsmbuild/sdeefs-enter SDEEFS_SHELL=/opt/lsmbuild/sdeefs-shell "
+            "PYTHONPATH=/opt/sdeefs:/opt/sdeefs/pydeps python3 bench/lsmguard/metaguest.py run",
 }
 # What the launcher's Python needs beyond the guest's python3-attr, pytest: pure Python
 # (the kernel engine's capture runs on trio), copied from this checkout's .venv
@@ -191,14 +204,46 @@ def prepare(work: Path, root: Path, command: str) -> Path:
     return image
 
 
-def boot(work: Path, root: Path, image: Path, timeout: float) -> str:
-    """Boot once; the serial console's text."""
+def meta_tree(root: Path) -> None:
+    """bench/install's meta tree (its Python standard library and /usr/include, without
+    byte code and site-packages) at /srv/sdeefs-meta/tree in the root, with ``list`` (every
+    entry's path relative to it, NUL-separated, sorted), an empty directory ``empty`` and
+    ``emptylist`` (``.``: stat's start-up cost):
+    metaguest.py's input."""
+    sys.path.insert(0, str(REPO))
+    from bench.install.run import INCLUDE, _ignore, find_stdlib
+
+    meta = root / "srv" / "sdeefs-meta"
+    shutil.rmtree(meta, ignore_errors=True)
+    for source in (find_stdlib(), INCLUDE):
+        shutil.copytree(source, meta / "tree" / source.name, symlinks=True, ignore=_ignore)
+    (meta / "empty").mkdir()
+    (meta / "emptylist").write_bytes(b".\0")
+    names = sorted(os.path.relpath(os.path.join(top, name), meta / "tree")
+                   for top, dirs, files in os.walk(meta / "tree") for name in dirs + files)
+    (meta / "list").write_bytes(b"".join(os.fsencode(n) + b"\0" for n in names))
+
+
+def boot(work: Path, root: Path, image: Path, timeout: float, icount: bool = False) -> str:
+    """Boot once; the serial console's text.
+
+    ``icount``: qemu's ``-icount shift=0,sleep=off``: the guest's clocks (its TSC, timers,
+    CLOCK_MONOTONIC) advance one nanosecond per guest instruction executed, and an idle
+    guest jumps to its next timer instead of sleeping, so a time measured inside the guest
+    is the number of instructions every guest CPU executed in it, whatever the host's load.
+    icount needs single-threaded TCG; one CPU, so that the count is of one CPU's
+    instructions in sequence (two CPUs would be run in turn by the one thread and their
+    counts summed).  Not counted: anything the host does for the guest (qemu's device
+    emulation, disk I/O: a walk measured so must not wait for the disk; caches, memory
+    latency, mispredictions: every instruction costs the same ns)."""
     kernel = sorted((root / "boot").glob("vmlinuz-*"))[-1]
     initrd = root / "boot" / kernel.name.replace("vmlinuz-", "initrd.img-")
     serial = work / "serial.log"
     serial.unlink(missing_ok=True)
-    argv = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg,thread=multi",
-            "-cpu", "max", "-smp", "2", "-m", "3G", "-kernel", str(kernel),
+    accel = (["-accel", "tcg,thread=single", "-smp", "1", "-icount", "shift=0,sleep=off"]
+             if icount else ["-accel", "tcg,thread=multi", "-smp", "2"])
+    argv = ["qemu-system-x86_64", "-machine", "q35", *accel,
+            "-cpu", "max", "-m", "3G", "-kernel", str(kernel),
             "-initrd", str(initrd), "-append",
             "root=/dev/vda rw console=ttyS0 init=/sbin/sdeefs-vm-init panic=-1 quiet",
             "-drive", f"file={image},if=virtio,format=raw", "-nographic", "-no-reboot",
@@ -220,6 +265,11 @@ def main() -> int:
                         default=Path(os.environ["FRESH_CACHE"])
                         if os.environ.get("FRESH_CACHE") else None)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--icount", action="store_true",
+                        help="-icount shift=0,sleep=off: the guest's clock counts its "
+                        "instructions (one ns each; one CPU, single-threaded TCG)")
+    parser.add_argument("--meta-args", default="",
+                        help="appended to meta's command (e.g. '--rounds 5 --repeats 2')")
     parser.add_argument("--command", help="run this shell command in the guest instead "
                         "(from the repository's copy, /opt/sdeefs)")
     args = parser.parse_args()
@@ -228,9 +278,14 @@ def main() -> int:
             raise VmError("no qemu-system-x86_64 (apt-get install -y qemu-system-x86)")
         args.work.mkdir(parents=True, exist_ok=True)
         root = base_root(args.work, args.kernel, args.rootfs_tar)
-        image = prepare(args.work, root, args.command or COMMANDS[args.what])
+        if args.what == "meta":
+            meta_tree(root)
+        command = args.command or COMMANDS[args.what]
+        if args.what == "meta" and not args.command and args.meta_args:
+            command += " " + args.meta_args
+        image = prepare(args.work, root, command)
         for _attempt in range(3):
-            console = boot(args.work, root, image, args.timeout)
+            console = boot(args.work, root, image, args.timeout, args.icount)
             if BEGIN in console:
                 break
         else:
