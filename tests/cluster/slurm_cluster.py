@@ -584,7 +584,8 @@ class Cluster:
             return []
         return result.stdout.split()
 
-    def _cancel_jobs(self) -> None:
+    def cancel_jobs(self) -> None:
+        """Cancel every job and wait (10 s at most) until none is left."""
         if self._pidfile_pid("slurmctld") is None:
             return
         with contextlib.suppress(ClusterError):
@@ -623,7 +624,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Take everything down. Idempotent, and safe after a partially failed start."""
-        self._cancel_jobs()
+        self.cancel_jobs()
         # Globbed rather than derived from node_names, so a Cluster.create() with the wrong
         # node count still stops a stale cluster in the same DIR.
         names = ["slurmctld", *(p.stem for p in self._path("run").glob("slurmd-*.pid"))]

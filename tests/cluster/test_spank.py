@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ..launcher.launcher_site import SHELL, VENV_BIN, requires_launcher
-from .slurm_cluster import requires_slurm
+from .slurm_cluster import ClusterError, requires_slurm
 from .test_slurm_jobs import Grid, install_software, open_grid
 
 pytestmark = [requires_slurm, requires_launcher]
@@ -187,8 +187,17 @@ def test_interactive_steps_salloc_and_mpi_ranks_run_in_the_environment(grid: Gri
     # on each node, now and then one rank spun forever in UCX's MPI_Finalize over TCP while
     # the others waited in PMI: also on main before this session's changes, 1 run in 9;
     # Debian's MPICH/UCX on simulated nodes, not the environment: the ranks had all
-    # computed and printed their result.)
-    out = inside(g, "UCX_TLS=tcp,self srun -n2 -N2 --mpi=pmi2 mpi-hello")
+    # computed and printed their result.)  The same spin was seen once with one rank on each
+    # node under load (both ranks had printed "sum 1"): then the step is cancelled and run once
+    # more; a second hang, or a rank that did not print its result, fails the test.
+    for attempt in (1, 2):
+        try:
+            out = inside(g, "UCX_TLS=tcp,self srun -n2 -N2 --mpi=pmi2 mpi-hello")
+            break
+        except ClusterError as exc:
+            if attempt == 2 or str(exc).count(" v1 sum 1") < 2:
+                raise
+            g.slurm.cancel_jobs()
     ranks = sorted(line for line in out.splitlines() if line.startswith("rank "))
     assert len(ranks) == 2, out
     for rank, line in enumerate(ranks):
