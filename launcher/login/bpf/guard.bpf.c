@@ -610,6 +610,8 @@ struct lower_fields {
 	__u32 mode, uid, gid;
 };
 
+static __always_inline int lower_head(struct inode *lower, struct lower_fields *f);
+
 static __always_inline struct inode *ovl_lower_fields(struct inode *inode,
 						      struct lower_fields *f)
 {
@@ -653,8 +655,36 @@ static __always_inline struct inode *ovl_lower_fields(struct inode *inode,
 			lower = ovl_lower(inode);
 		}
 	}
-	if (!lower)
+	if (!lower || lower_head(lower, f))
 		return NULL;
+	return lower;
+}
+
+/* 1 if overlayfs' inode has an upper entry (one probe read: __upperdentry) */
+static __always_inline int ovl_has_upper(struct inode *inode)
+{
+	void *upper = NULL;
+
+	if (bpf_core_field_exists(struct ovl_inode___sdeefs, oe)) {
+		__u32 up = bpf_core_field_offset(struct ovl_inode___sdeefs, __upperdentry);
+		__u32 vfs = bpf_core_field_offset(struct ovl_inode___sdeefs, vfs_inode);
+
+		if (bpf_probe_read_kernel(&upper, sizeof(upper), (void *)inode - vfs + up))
+			return 1;
+	} else {
+		__u32 up = bpf_core_field_offset(struct ovl_inode___pre65, __upperdentry);
+		__u32 vfs = bpf_core_field_offset(struct ovl_inode___pre65, vfs_inode);
+
+		if (bpf_probe_read_kernel(&upper, sizeof(upper), (void *)inode - vfs + up))
+			return 1;
+	}
+	return upper != NULL;
+}
+
+/* The lower inode's mode, uid, gid (one probe read where they are in its first 16 bytes);
+ * nonzero if unreadable. */
+static __always_inline int lower_head(struct inode *lower, struct lower_fields *f)
+{
 	__u32 m = bpf_core_field_offset(struct inode, i_mode);
 	__u32 u = bpf_core_field_offset(struct inode, i_uid);
 	__u32 g = bpf_core_field_offset(struct inode, i_gid);
@@ -663,7 +693,7 @@ static __always_inline struct inode *ovl_lower_fields(struct inode *inode,
 		__u32 words[4] = {};
 
 		if (bpf_probe_read_kernel(words, sizeof(words), lower))
-			return NULL;
+			return 1;
 		f->mode = words[0] & 0xffff;
 		f->uid = words[(u / 4) & 3];
 		f->gid = words[(g / 4) & 3];
@@ -672,7 +702,7 @@ static __always_inline struct inode *ovl_lower_fields(struct inode *inode,
 		f->uid = BPF_CORE_READ(lower, i_uid.val);
 		f->gid = BPF_CORE_READ(lower, i_gid.val);
 	}
-	return lower;
+	return 0;
 }
 
 /* 1 if the path is denied by a glob (bpf_d_path: the path as the task sees it) */
@@ -713,12 +743,23 @@ static __always_inline int view_guard(struct inode *inode, const struct path *pa
 	if (!id || sb->s_user_ns->owner.val != id->uid) /* env_view, with plain loads */
 		return 0;
 	struct lower_fields f;
-	struct inode *lower = ovl_lower_fields(inode, &f);
+	struct inode *lower;
+	/* An overlay inode's lower entry is fixed for its life (overlayfs sets it when it
+	 * makes the inode): once cached, only whether an upper appeared (a copy-up) and the
+	 * lower's fields are read again. */
+	struct verdict *v = bpf_inode_storage_get(&verdicts, inode, 0, 0);
+	__u64 known = v ? READ_ONCE_U64(v->lower) : 0;
 
-	if (!lower)
-		return 0;
-	struct verdict *v = bpf_inode_storage_get(&verdicts, inode, 0,
-						  BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (known) {
+		lower = (struct inode *)known;
+		if (ovl_has_upper(inode) || lower_head(lower, &f))
+			return 0;
+	} else {
+		lower = ovl_lower_fields(inode, &f);
+		if (!lower)
+			return 0;
+		v = bpf_inode_storage_get(&verdicts, inode, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	}
 	__u32 k0 = 0, host = 0, deny_state = 0;
 	__u64 *gen = bpf_map_lookup_elem(&deny_gen, &k0);
 	__u64 seq = 0, gen_now = gen ? READ_ONCE_U64(*gen) : 0;
