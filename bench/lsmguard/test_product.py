@@ -249,6 +249,57 @@ def test_a_deny_glob_matched_late(alice: User) -> None:
     assert seen[str(late / "host_rsa_key.pub")] == {"lstat": "ok", "read": "ok"}
 
 
+def test_read_then_chown_on_the_host_is_enoent_at_the_next_access(alice: User) -> None:
+    """The decision is cached per inode (guard.bpf.c, view_guard), keyed with the lower
+    inode's owner too: a chown on the host after a read takes effect at the next access."""
+    path = HOST / "given-away"
+    write(path, "the user's, then root's\n", 0o600)
+    os.chown(path, alice.uid, alice.gid)
+    first = inside(alice, HOST, path)[str(path)]
+    again = inside(alice, HOST, path)[str(path)]  # decided from the cache
+    os.chown(path, 0, 0)
+    assert (first, again) == ({"lstat": "ok", "read": "ok"}, {"lstat": "ok", "read": "ok"})
+    assert inside(alice, HOST, path)[str(path)] == {"lstat": "ENOENT", "read": "ENOENT"}
+    os.chown(path, 0, alice.gid)  # the group's: 0600 still hides it
+    assert inside(alice, HOST, path)[str(path)] == {"lstat": "ENOENT", "read": "ENOENT"}
+    os.chmod(path, 0o640)
+    assert inside(alice, HOST, path)[str(path)] == {"lstat": "ok", "read": "ok"}
+
+
+def test_a_host_rename_into_and_out_of_a_denied_path(alice: User) -> None:
+    """The deny verdict is cached per inode, valid until a rename or link on the host
+    (guard.bpf.c, deny_gen): a file read, then renamed on the host to a path the globs
+    deny, is denied at its next access, and one renamed out of it is readable again; the
+    same for a directory renamed over a denied name, and a hard link made into it."""
+    late = HOST / "late"
+    src, dst = HOST / "moving_key", late / "host_moved_key"
+    write(src, "allowed here, denied there\n", 0o644)
+    late.mkdir(exist_ok=True)
+    assert inside(alice, HOST, src)[str(src)] == {"lstat": "ok", "read": "ok"}
+    assert inside(alice, HOST, src)[str(src)] == {"lstat": "ok", "read": "ok"}  # cached
+    os.rename(src, dst)
+    assert inside(alice, late, dst)[str(dst)] == {"lstat": "ENOENT", "read": "ENOENT"}
+    os.rename(dst, src)
+    assert inside(alice, HOST, src)[str(src)] == {"lstat": "ok", "read": "ok"}
+    # a directory renamed to a denied name: every entry below it is denied
+    outer = HOST / "outer"
+    write(outer / "f", "allowed, then below a denied directory\n", 0o644)
+    assert inside(alice, outer, outer / "f")[str(outer / "f")] == {"lstat": "ok", "read": "ok"}
+    os.rename(outer, late / "host_dir_key")
+    below = late / "host_dir_key" / "f"
+    assert inside(alice, late, below)[str(below)] == {"lstat": "ENOENT", "read": "ENOENT"}
+    os.rename(late / "host_dir_key", outer)
+    assert inside(alice, outer, outer / "f")[str(outer / "f")] == {"lstat": "ok", "read": "ok"}
+    # a hard link into the denied path of a file read (and cached) elsewhere
+    plain = HOST / "linked"
+    write(plain, "read, then linked\n", 0o644)
+    assert inside(alice, HOST, plain)[str(plain)] == {"lstat": "ok", "read": "ok"}
+    os.link(plain, late / "host_linked_key")
+    os.unlink(plain)
+    linked = late / "host_linked_key"
+    assert inside(alice, late, linked)[str(linked)] == {"lstat": "ENOENT", "read": "ENOENT"}
+
+
 def test_own_and_copied_up_files_work(alice: User) -> None:
     out = run_inside(alice, "echo mine > /etc/bpftest-own && cat /etc/bpftest-own && "
                             f"echo more >> {HOST}/public && cat {HOST}/public && "

@@ -13,7 +13,9 @@
  * against the user's uid, gid and groups (the first class that applies); a directory
  * needs r and x; a symlink is always readable.  Decided at every access, from the inode
  * as it is now: an entry created or chmod-ed on the host after the environment started
- * is hidden at its next access.  And the deny globs of a subset, matched late (below).
+ * is hidden at its next access (the verdicts are cached per inode, keyed with the fields
+ * they were made from: view_guard, at the end).  And the deny globs of a subset, matched
+ * late (below).
  *
  * Which tasks.  A task is guarded when its user namespace, or one of that namespace's
  * ancestors, is a key of `guarded` by its owner's uid (key_by_owner: the user's uid, put
@@ -308,11 +310,16 @@ static __always_inline int decide_stat(struct inode *inode, enum hook hook)
 	return view_only ? 0 : decide_host(inode, hook);
 }
 
+static __always_inline int view_guard(struct inode *inode, const struct path *path,
+				      enum hook hook);
+
 SEC("lsm/inode_permission")
 int BPF_PROG(guard_permission, struct inode *inode, int mask, int ret)
 {
 	if (ret)
 		return ret;
+	if (view_only)
+		return view_guard(inode, NULL, H_PERMISSION);
 	return decide(inode, H_PERMISSION);
 }
 
@@ -321,6 +328,8 @@ int BPF_PROG(guard_getattr, const struct path *path, int ret)
 {
 	if (ret)
 		return ret;
+	if (view_only)
+		return view_guard(path->dentry->d_inode, path, H_GETATTR);
 	return decide_stat(path->dentry->d_inode, H_GETATTR);
 }
 
@@ -329,6 +338,8 @@ int BPF_PROG(guard_open, struct file *file, int ret)
 {
 	if (ret)
 		return ret;
+	if (view_only)
+		return view_guard(file->f_inode, &file->f_path, H_OPEN);
 	return decide(file->f_inode, H_OPEN);
 }
 
@@ -364,6 +375,8 @@ int BPF_PROG(guard_getxattr, struct dentry *dentry, const char *name, int ret)
 {
 	if (ret || overlay_xattr(name))
 		return ret;
+	if (view_only)
+		return view_guard(dentry->d_inode, NULL, H_GETXATTR);
 	return decide(dentry->d_inode, H_GETXATTR);
 }
 
@@ -372,19 +385,24 @@ int BPF_PROG(guard_listxattr, struct dentry *dentry, int ret)
 {
 	if (ret)
 		return ret;
+	if (view_only)
+		return view_guard(dentry->d_inode, NULL, H_LISTXATTR);
 	return decide(dentry->d_inode, H_LISTXATTR);
 }
 
-SEC("lsm/inode_readlink")
+SEC("lsm/inode_readlink") /* a symlink: counted only */
 int BPF_PROG(guard_readlink, struct dentry *dentry, int ret)
 {
 	if (ret)
 		return ret;
-	return decide(dentry->d_inode, H_READLINK); /* a symlink: counted only */
+	if (view_only)
+		return view_guard(dentry->d_inode, NULL, H_READLINK);
+	return decide(dentry->d_inode, H_READLINK);
 }
 
-/* Deny globs matched late: a subset (bpfguard.py writes the `deny` map; sleepable programs on
- * file_open and inode_getattr, the hooks with a path, where bpf_d_path may be called).
+/* Deny globs matched late: a subset (bpfguard.py writes the `deny` map; on file_open and
+ * inode_getattr, the hooks with a path, where bpf_d_path may be called: the product's in
+ * view_guard, below, the bench's in the sleepable deny_open and deny_getattr).
  * A pattern is a literal absolute path (the entry and everything below it is denied), or
  * one `*` inside its last component ("/etc/ssh/ssh_host_*_key": that component's name
  * starts and ends as given, a leading dot only if the pattern's component has one).  No
@@ -465,8 +483,11 @@ static __always_inline int denied_path(const struct path *path, enum hook hook)
 {
 	struct path_buf buf = {};
 
-	struct identity *id = guarded_identity_probe();
+	struct identity *id;
 
+	if (view_only)
+		return 0; /* the product's view_guard matches the globs itself (below) */
+	id = guarded_identity_probe();
 	if (!deny_count || !id)
 		return 0;
 	/* a stat's path is the overlay's (see decide_stat): the entry is a host one if
@@ -521,3 +542,318 @@ int BPF_PROG(deny_getattr, const struct path *path, int ret)
 	return denied_path(path, H_GETATTR);
 }
 
+
+/* -- The product's path (view_only): one program a hook, the verdicts cached -------------
+ *
+ * Every hook call of a guarded task on a view's inode used to walk the identity twice, read
+ * overlayfs' and the lower inode's fields one bpf_probe_read_kernel each, and (stat, open)
+ * run a second, sleepable program for bpf_d_path and the deny patterns: ~2,000 + ~5,000
+ * instructions a call (bench/RESULTS.md, issue 16).  Now one program a hook (bpf_d_path is
+ * allowed in any LSM program of a sleepable hook: file_open, inode_getattr), the identity
+ * looked up once (an unguarded task: the namespace's level, one load, then 0), the lower
+ * entry read in as few probe reads as its layout allows, and both verdicts cached on the
+ * overlay inode (inode local storage, freed with the inode):
+ *
+ * * the decision, keyed with everything it was made from: the lower inode (its address;
+ *   overlayfs holds it as long as the overlay inode lives), its i_mode, i_uid, i_gid as
+ *   read at this access, and the identity (the address of its value in `guarded`: a new
+ *   one whenever bpfguard.py writes the key).  A chmod or chown on the host changes the
+ *   fields read at the next access: a miss, decided anew;
+ * * the deny verdict (the path's, by the globs), valid while `deny_gen` has the value it
+ *   had before bpf_d_path was called: fexit programs on vfs_rename and vfs_link bump it
+ *   after every rename or link on a host filesystem or an overlayfs (the only ways an
+ *   inode of the view gets another path), so a verdict made before a rename's d_move
+ *   ends is invalid after it.  The verdict is the inode's, not the path's: an inode with
+ *   two paths (a hard link, a bind mount inside) gets the first path's; either path reads
+ *   the same inode, so nothing becomes readable that is not readable by a path the globs
+ *   do not deny (which the late matching cannot stop either).
+ *
+ * A verdict is written under `seq` (odd while written; a writer claims it with a
+ * compare-and-swap, a reader that sees it odd or changed treats it as a miss), so two CPUs
+ * deciding the same inode never leave one's key with the other's verdict. */
+
+struct verdict {
+	__u64 seq;        /* (64 bits: the BPF ISA's atomics before v3) */
+	__u64 lower;      /* the lower inode (its address) */
+	__u64 id;         /* the identity (its value's address) */
+	__u64 deny_gen;   /* the deny verdict is for this value of deny_gen */
+	__s32 decision;   /* 0 or -ENOENT, for lower, id and: */
+	__u32 mode;       /* the lower's i_mode, i_uid, i_gid */
+	__u32 uid;
+	__u32 gid;
+	__u32 host;       /* the lower is on a host filesystem (host_devs) */
+	__u32 deny_state; /* 0: none, 1: not denied, 2: denied */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_INODE_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct verdict);
+} verdicts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} deny_gen SEC(".maps");
+
+#define barrier() asm volatile("" ::: "memory")
+#define READ_ONCE_U64(x) (*(volatile __u64 *)&(x))
+
+/* The lower inode behind an overlayfs inode and its mode, uid, gid; NULL for an entry with
+ * an upper (the user's own) or none.  Adjacent fields are read together (one
+ * bpf_probe_read_kernel each), where this kernel's layout has them adjacent (CO-RE
+ * offsets; else ovl_lower's reads). */
+struct lower_fields {
+	__u32 mode, uid, gid;
+};
+
+static __always_inline int lower_head(struct inode *lower, struct lower_fields *f);
+
+static __always_inline struct inode *ovl_lower_fields(struct inode *inode,
+						      struct lower_fields *f)
+{
+	struct inode *lower = NULL;
+	__u64 w[4] = {};
+
+	if (bpf_core_field_exists(struct ovl_inode___sdeefs, oe)) {
+		__u32 up = bpf_core_field_offset(struct ovl_inode___sdeefs, __upperdentry);
+		__u32 oe = bpf_core_field_offset(struct ovl_inode___sdeefs, oe);
+		__u32 vfs = bpf_core_field_offset(struct ovl_inode___sdeefs, vfs_inode);
+		__u32 n = bpf_core_field_offset(struct ovl_entry___sdeefs, __numlower);
+		__u32 st = bpf_core_field_offset(struct ovl_entry___sdeefs, __lowerstack);
+		__u32 d = bpf_core_field_offset(struct ovl_path___sdeefs, dentry);
+
+		if (oe == up + 8 && n == 0 && (st + d) % 8 == 0 && st + d < 32) {
+			if (bpf_probe_read_kernel(w, 16, (void *)inode - vfs + up) || w[0] || !w[1])
+				return NULL;
+			void *entry = (void *)w[1];
+
+			if (bpf_probe_read_kernel(w, 32, entry) || (__u32)w[0] == 0)
+				return NULL;
+			struct dentry *dentry = (void *)w[((st + d) / 8) & 3];
+
+			lower = BPF_CORE_READ(dentry, d_inode);
+		} else {
+			lower = ovl_lower(inode);
+		}
+	} else {
+		__u32 up = bpf_core_field_offset(struct ovl_inode___pre65, __upperdentry);
+		__u32 lp = bpf_core_field_offset(struct ovl_inode___pre65, lowerpath);
+		__u32 vfs = bpf_core_field_offset(struct ovl_inode___pre65, vfs_inode);
+		__u32 d = bpf_core_field_offset(struct ovl_path___sdeefs, dentry);
+
+		if (lp > up && (lp + d - up) % 8 == 0 && lp + d - up < 32) {
+			if (bpf_probe_read_kernel(w, 32, (void *)inode - vfs + up) || w[0])
+				return NULL;
+			struct dentry *dentry = (void *)w[((lp + d - up) / 8) & 3];
+
+			lower = BPF_CORE_READ(dentry, d_inode);
+		} else {
+			lower = ovl_lower(inode);
+		}
+	}
+	if (!lower || lower_head(lower, f))
+		return NULL;
+	return lower;
+}
+
+/* 1 if overlayfs' inode has an upper entry (one probe read: __upperdentry) */
+static __always_inline int ovl_has_upper(struct inode *inode)
+{
+	void *upper = NULL;
+
+	if (bpf_core_field_exists(struct ovl_inode___sdeefs, oe)) {
+		__u32 up = bpf_core_field_offset(struct ovl_inode___sdeefs, __upperdentry);
+		__u32 vfs = bpf_core_field_offset(struct ovl_inode___sdeefs, vfs_inode);
+
+		if (bpf_probe_read_kernel(&upper, sizeof(upper), (void *)inode - vfs + up))
+			return 1;
+	} else {
+		__u32 up = bpf_core_field_offset(struct ovl_inode___pre65, __upperdentry);
+		__u32 vfs = bpf_core_field_offset(struct ovl_inode___pre65, vfs_inode);
+
+		if (bpf_probe_read_kernel(&upper, sizeof(upper), (void *)inode - vfs + up))
+			return 1;
+	}
+	return upper != NULL;
+}
+
+/* The lower inode's mode, uid, gid (one probe read where they are in its first 16 bytes);
+ * nonzero if unreadable. */
+static __always_inline int lower_head(struct inode *lower, struct lower_fields *f)
+{
+	__u32 m = bpf_core_field_offset(struct inode, i_mode);
+	__u32 u = bpf_core_field_offset(struct inode, i_uid);
+	__u32 g = bpf_core_field_offset(struct inode, i_gid);
+
+	if (m == 0 && u % 4 == 0 && g % 4 == 0 && u < 16 && g < 16) {
+		__u32 words[4] = {};
+
+		if (bpf_probe_read_kernel(words, sizeof(words), lower))
+			return 1;
+		f->mode = words[0] & 0xffff;
+		f->uid = words[(u / 4) & 3];
+		f->gid = words[(g / 4) & 3];
+	} else {
+		f->mode = BPF_CORE_READ(lower, i_mode);
+		f->uid = BPF_CORE_READ(lower, i_uid.val);
+		f->gid = BPF_CORE_READ(lower, i_gid.val);
+	}
+	return 0;
+}
+
+/* 1 if the path is denied by a glob (bpf_d_path: the path as the task sees it) */
+static __noinline int deny_match(const struct path *path)
+{
+	struct path_buf buf = {};
+
+	if (!path)
+		return 0;
+	long len = bpf_d_path((struct path *)path, buf.s, sizeof(buf.s));
+
+	if (len <= 1)
+		return 0; /* (too long for the buffer: not matched; a prototype's limit) */
+	len -= 1; /* bpf_d_path counts the NUL */
+	for (__u32 i = 0; i < DENY_MAX; i++) {
+		if (i >= deny_count)
+			break;
+		__u32 key = i;
+		struct deny_pattern *p = bpf_map_lookup_elem(&deny, &key);
+
+		if (p && pattern_matches(&buf, (__u32)len, p))
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int view_guard(struct inode *inode, const struct path *path,
+				      enum hook hook)
+{
+	if (!inode)
+		return 0;
+	struct super_block *sb = inode->i_sb;
+
+	if (sb->s_magic != OVERLAYFS_SUPER_MAGIC)
+		return 0; /* not through a view: a bound home, the host's own tasks' files */
+	struct identity *id = guarded_identity();
+
+	if (!id || sb->s_user_ns->owner.val != id->uid) /* env_view, with plain loads */
+		return 0;
+	struct lower_fields f;
+	struct inode *lower;
+	/* An overlay inode's lower entry is fixed for its life (overlayfs sets it when it
+	 * makes the inode): once cached, only whether an upper appeared (a copy-up) and the
+	 * lower's fields are read again. */
+	struct verdict *v = bpf_inode_storage_get(&verdicts, inode, 0, 0);
+	__u64 known = v ? READ_ONCE_U64(v->lower) : 0;
+
+	if (known) {
+		lower = (struct inode *)known;
+		if (ovl_has_upper(inode) || lower_head(lower, &f))
+			return 0;
+	} else {
+		lower = ovl_lower_fields(inode, &f);
+		if (!lower)
+			return 0;
+		v = bpf_inode_storage_get(&verdicts, inode, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	}
+	__u32 k0 = 0, host = 0, deny_state = 0;
+	__u64 *gen = bpf_map_lookup_elem(&deny_gen, &k0);
+	__u64 seq = 0, gen_now = gen ? READ_ONCE_U64(*gen) : 0;
+	__s32 decision = 0;
+	int hit = 0;
+
+	if (v) {
+		seq = READ_ONCE_U64(v->seq);
+		barrier();
+		if (!(seq & 1) && v->lower == (__u64)lower && v->id == (__u64)id &&
+		    v->mode == f.mode && v->uid == f.uid && v->gid == f.gid) {
+			decision = v->decision;
+			host = v->host;
+			if (v->deny_gen == gen_now)
+				deny_state = v->deny_state;
+			barrier();
+			hit = READ_ONCE_U64(v->seq) == seq;
+		}
+		if (!hit)
+			deny_state = 0;
+	}
+	if (!hit) {
+		__u32 dev = BPF_CORE_READ(lower, i_sb, s_dev);
+
+		host = bpf_map_lookup_elem(&host_devs, &dev) != NULL;
+		decision = host ? decide_fields(id, f.mode, f.uid, f.gid, hook) : 0;
+	} else if (host) {
+		count(hook);
+		if (decision)
+			count(H_COUNT + hook);
+	}
+	if (!host)
+		return 0;
+	if (!decision && path && deny_count && !deny_state) {
+		deny_state = deny_match(path) ? 2 : 1;
+		if (deny_state == 2)
+			count(H_COUNT + hook);
+	} else if (deny_state == 2) {
+		count(H_COUNT + hook);
+	}
+	/* store what was decided anew (a writer at a time: the one whose CAS took seq) */
+	if (v && (!hit || (path && deny_count && !decision && v->deny_gen != gen_now))) {
+		__u64 s = READ_ONCE_U64(v->seq);
+
+		if (!(s & 1) && __sync_val_compare_and_swap(&v->seq, s, s + 1) == s) {
+			v->decision = decision;
+			v->lower = (__u64)lower;
+			v->id = (__u64)id;
+			v->mode = f.mode;
+			v->uid = f.uid;
+			v->gid = f.gid;
+			v->host = host;
+			v->deny_gen = gen_now;
+			v->deny_state = deny_state;
+			barrier();
+			__sync_fetch_and_add(&v->seq, 1);
+		}
+	}
+	/* (-ENOENT, not the cached value: the verifier wants a return in [-4095, 0]) */
+	return decision || deny_state == 2 ? -ENOENT : 0;
+}
+
+/* deny_gen's bumps: after every rename or link on a host filesystem or an overlayfs (a
+ * verdict read deny_gen before its bpf_d_path, so one made during the d_move is stale at
+ * once).  fexit: after the new name is in place, not before (an LSM hook's moment). */
+static __always_inline void bump_deny_gen(struct dentry *dentry)
+{
+	if (!view_only || !deny_count || !dentry)
+		return;
+	struct super_block *sb = dentry->d_sb;
+
+	if (sb->s_magic != OVERLAYFS_SUPER_MAGIC) {
+		__u32 dev = sb->s_dev;
+
+		if (!bpf_map_lookup_elem(&host_devs, &dev))
+			return;
+	}
+	__u32 k0 = 0;
+	__u64 *gen = bpf_map_lookup_elem(&deny_gen, &k0);
+
+	if (gen)
+		__sync_fetch_and_add(gen, 1);
+}
+
+SEC("fexit/vfs_rename")
+int BPF_PROG(renamed, struct renamedata *rd, int ret)
+{
+	bump_deny_gen(rd->old_dentry);
+	return 0;
+}
+
+SEC("fexit/vfs_link")
+int BPF_PROG(linked, struct dentry *old_dentry)
+{
+	bump_deny_gen(old_dentry);
+	return 0;
+}
