@@ -8,15 +8,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import hypothesis
 import pytest
 
 from sdeefs.fs.daemon import daemon_pid
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +124,26 @@ def wait_for_socket(proc: subprocess.Popen[bytes], path: Path, log: Path,
             raise AssertionError(f"{path.name}: the daemon did not start: "
                                  f"{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.02)
+
+
+def concurrently(work: Callable[[T], None], args: Iterable[T]) -> None:
+    """``work(arg)`` for every arg, each in its own thread, all at once; the first error any
+    raised is raised here once all have ended."""
+    errors: list[BaseException] = []
+
+    def run(arg: T) -> None:
+        try:
+            work(arg)
+        except BaseException as exc:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(arg,)) for arg in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def mounted(path: Path) -> bool:

@@ -15,13 +15,12 @@ within the cache timeout).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 from sdeefs.fs.cow import RACY_NS
 
-from ..conftest import Layers, requires_fuse
+from ..conftest import Layers, concurrently, requires_fuse
 
 pytestmark = requires_fuse
 
@@ -46,21 +45,12 @@ def test_concurrent_first_reads_of_many_files_get_their_own_data(layers: Layers)
     for name, data in files.items():
         (layers.lower / name).write_bytes(data)
     mnt = layers.mount("fuse")
-    errors: list[BaseException] = []
 
     def reader(name: str) -> None:
-        try:
-            with open(mnt / name, "rb") as f:
-                assert f.read() == files[name]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with open(mnt / name, "rb") as f:
+            assert f.read() == files[name]
 
-    threads = [threading.Thread(target=reader, args=(name,)) for name in files]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    concurrently(reader, files)
     layers.umount()
 
 

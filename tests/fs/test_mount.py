@@ -6,7 +6,6 @@ import errno
 import os
 import stat
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sdeefs.sysio import (
     renameat2,
 )
 
-from ..conftest import Layers, mounted, requires_fuse, sdeefs
+from ..conftest import Layers, concurrently, mounted, requires_fuse, sdeefs
 
 pytestmark = requires_fuse
 ENGINES = ["fuse", "hybrid"]
@@ -291,23 +290,14 @@ def test_many_concurrent_readers(layers: Layers) -> None:
     data = os.urandom(4 << 20)
     (layers.lower / "big").write_bytes(data)
     mnt = layers.mount("fuse")
-    errors: list[BaseException] = []
 
     def reader(offset: int) -> None:
-        try:
-            with open(mnt / "big", "rb") as f:
-                for _ in range(20):
-                    f.seek(offset)
-                    assert f.read(65536) == data[offset:offset + 65536]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        with open(mnt / "big", "rb") as f:
+            for _ in range(20):
+                f.seek(offset)
+                assert f.read(65536) == data[offset:offset + 65536]
 
-    threads = [threading.Thread(target=reader, args=(i * 65536,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    concurrently(reader, [i * 65536 for i in range(16)])
     layers.umount()
 
 

@@ -30,6 +30,17 @@ from sdeefs.replication.wire import (
 
 from .test_protocol import ALICE, ALICE_OWNER, USER, _hostile_session
 
+
+def apply_frames(replica: Replica, frames: list[Frame], how: str) -> None:
+    """Apply ``frames`` the way ``how`` names: "per-record" (``Replica.accept``), or as one
+    batch through the C applier ("native") or the Python one."""
+    if how == "per-record":
+        for frame in frames:
+            replica.accept(frame)
+    else:
+        replica.batch_applier().native = how == "native"
+        _apply_batch(replica, frames)
+
 NATIVE = [pytest.param(True, marks=pytest.mark.skipif(
     applier._applyc is None, reason="sdeefs.replication._applyc is not built")), False]
 MKNOD_F = rec.Mknod(b"upper/f", stat.S_IFREG | 0o644, *ALICE_OWNER)
@@ -54,12 +65,7 @@ def test_a_setattr_size_past_off_t_is_skipped_not_a_crash(tmp_path: Path, how: s
     frames = record_frames(1, MKNOD_F, None) + \
         record_frames(2, rec.Setattr(b"upper/f", rec.SET_SIZE, size=1 << 63), None) + \
         record_frames(3, rec.Setattr(b"upper/f", rec.SET_SIZE, size=5), None)
-    if how == "per-record":
-        for frame in frames:
-            replica.accept(frame)
-    else:
-        replica.batch_applier().native = how == "native"
-        _apply_batch(replica, frames)
+    apply_frames(replica, frames, how)
     assert replica.applied == 3
     assert [r.seq for r in replica.skipped.records] == [2]
     assert (tmp_path / USER / "upper" / "f").stat().st_size == 5

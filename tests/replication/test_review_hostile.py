@@ -19,7 +19,7 @@ from sdeefs import records as rec
 from sdeefs.layers import open_layer_root
 from sdeefs.offload import Offload
 from sdeefs.replication import applier, receiver
-from sdeefs.replication.replica import Replica, _apply_batch
+from sdeefs.replication.replica import Replica
 from sdeefs.replication.wire import (
     DOWN,
     MAX_FRAME_PAYLOAD,
@@ -32,6 +32,7 @@ from sdeefs.replication.wire import (
 from sdeefs.sysio import inotify_drain, inotify_watch
 from sdeefs.writeahead import open_write_data
 
+from .test_applyc_hostile import apply_frames
 from .test_protocol import ALICE, ALICE_OWNER, USER
 
 IN_OPEN = 0x20  # inotify(7)
@@ -61,12 +62,7 @@ def test_a_device_node_a_peer_made_is_never_opened(tmp_path: Path, how: str) -> 
         record_frames(3, rec.Setattr(b"upper/dev", rec.SET_SIZE, size=0), None)
     watch = inotify_watch(str(node), IN_OPEN)
     try:
-        if how == "per-record":
-            for frame in frames:
-                replica.accept(frame)
-        else:
-            replica.batch_applier().native = how == "native"
-            _apply_batch(replica, frames)
+        apply_frames(replica, frames, how)
         assert inotify_drain(watch) & IN_OPEN == 0, "the device node was opened"
     finally:
         os.close(watch)

@@ -479,10 +479,10 @@ __noinline int pattern_matches(const struct path_buf *buf, __u32 len,
 	return 1; /* the component matches: it, or an entry below it */
 }
 
+static __noinline int deny_match(const struct path *path);
+
 static __always_inline int denied_path(const struct path *path, enum hook hook)
 {
-	struct path_buf buf = {};
-
 	struct identity *id;
 
 	if (view_only)
@@ -507,21 +507,9 @@ static __always_inline int denied_path(const struct path *path, enum hook hook)
 
 	if (!bpf_map_lookup_elem(&host_devs, &dev))
 		return 0;
-	long len = bpf_d_path((struct path *)path, buf.s, sizeof(buf.s));
-
-	if (len <= 1)
-		return 0; /* (too long for the buffer: not matched; a prototype's limit) */
-	len -= 1; /* bpf_d_path counts the NUL */
-	for (__u32 i = 0; i < DENY_MAX; i++) {
-		if (i >= deny_count)
-			break;
-		__u32 key = i;
-		struct deny_pattern *p = bpf_map_lookup_elem(&deny, &key);
-
-		if (p && pattern_matches(&buf, (__u32)len, p)) {
-			count(H_COUNT + hook);
-			return -ENOENT;
-		}
+	if (deny_match(path)) {
+		count(H_COUNT + hook);
+		return -ENOENT;
 	}
 	return 0;
 }
