@@ -135,14 +135,20 @@ def mount_mask_filesystem(target: str, opaque_xattr: bytes,
 
 
 def takes_xattr(path: str, name: bytes) -> bool:
-    """Whether the filesystem at ``path`` stores the xattr ``name`` (set, then removed)."""
+    """Whether the filesystem at ``path`` stores the xattr ``name`` (set, then removed).
+    Several may probe one path at once (two jobs' prologs on one node): the set is the
+    answer, and another prober may already have removed the name."""
     try:
         os.setxattr(path, name, b"y")
     except OSError as exc:
         if exc.errno == errno.EOPNOTSUPP:
             return False
         raise
-    os.removexattr(path, name)
+    try:
+        os.removexattr(path, name)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
     return True
 
 

@@ -23,6 +23,7 @@ from sdeefs.fs import mask
 from sdeefs.fs.mask import MaskSpec, build_mask
 from sdeefs.launcher import view
 
+from ..conftest import concurrently
 from .launcher_site import Site, open_site, requires_launcher
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
@@ -151,6 +152,17 @@ def test_the_probe_asks_the_filesystem(tmp_path: Path) -> None:
         assert _fs_type(target) == "tmpfs"
     finally:
         view.detach(target)
+
+
+def test_probes_of_one_path_at_once_all_answer(tmp_path: Path) -> None:
+    """Two jobs' prologs on one node probe the same replica directory at once: one's remove
+    may find the name already gone (ENODATA, which drained a node in CI)."""
+    def probe(_: int) -> None:
+        for _round in range(2000):
+            assert mask.takes_xattr(str(tmp_path), b"user.sdeefs.probe")
+
+    concurrently(probe, range(4))
+    assert os.listxattr(tmp_path) == []
 
 
 def test_a_bad_override_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
