@@ -4,7 +4,7 @@ Usage (as root)::
 
     .venv/bin/python bench/deploy/coldcpu.py [--size 1G] [--runs 2]
         [--engine passthrough|kernel] [--baseline TREE] [--perf DIR] [--profile DIR]
-        [--work DIR] [--port N]
+        [--pyspy DIR] [--work DIR] [--port N]
 
 The journal is made once per data set and engine (``bench/deploy``'s data set, under
 ``/var/tmp/sdeefs-deploy-data``): ``rsync -a --inplace`` of it into a journaling
@@ -26,7 +26,10 @@ wall time of ``bench/deploy`` on a shared machine.
 archive`` of it, imported with ``PYTHONPATH``), the same journal each.  ``--perf DIR``
 records ``perf record -g`` of both daemons during each run (``perf report`` per daemon:
 where the CPU goes, in C and in the kernel); ``--profile DIR`` runs the daemons under
-cProfile, every thread (``bench/deploy/profiled.py``).
+cProfile, every thread (``bench/deploy/profiled.py``); ``--pyspy DIR`` records both
+daemons with ``py-spy record --native`` (``$PYSPY``, default ``py-spy`` on the path; raw
+collapsed stacks per daemon, sorted by ``bench/deploy/coldcpu_split.py``;
+``$PYSPY_ARGS`` instead of ``--native``: e.g. ``--gil``, only what holds the GIL).
 """
 
 from __future__ import annotations
@@ -167,7 +170,8 @@ def live_upper(root: Path) -> str:
 
 
 def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
-            profile: Path | None, run: int, engine: str) -> dict[str, object]:
+            profile: Path | None, run: int, engine: str,
+            pyspy: Path | None = None) -> dict[str, object]:
     work = WORK / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -196,8 +200,18 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
         procs[side] = spawn(argv, env, work / f"{side}.log")
         wait_socket(control, procs[side])
     recorder = None
+    spies: list[subprocess.Popen[bytes]] = []
     try:
         cpu0 = {side: cpu_seconds(p.pid) for side, p in procs.items()}
+        if pyspy is not None:
+            for side, proc in procs.items():
+                spies.append(subprocess.Popen(
+                    [os.environ.get("PYSPY", "py-spy"), "record", "--threads", "-r", "200",
+                     *os.environ.get("PYSPY_ARGS", "--native").split(), "--format", "raw",
+                     "-p", str(proc.pid), "-o",
+                     str(pyspy / f"{label}-{engine}-{side}-{run}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)
         if perf is not None:
             recorder = subprocess.Popen(
                 ["perf", "record", "-q", "-g", "-F", "499", "-o",
@@ -215,6 +229,9 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
         if recorder is not None:
             recorder.send_signal(signal.SIGINT)
             recorder.wait()
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
         for proc in procs.values():
             stop(proc)
     check = subprocess.run(["diff", "-rq", "--no-dereference", live_upper(root),
@@ -235,6 +252,7 @@ def main() -> int:
     parser.add_argument("--baseline", default="")
     parser.add_argument("--perf", type=Path)
     parser.add_argument("--profile", type=Path)
+    parser.add_argument("--pyspy", type=Path)
     parser.add_argument("--port", type=int, default=7391)
     parser.add_argument("--engine", choices=("passthrough", "kernel"), default="passthrough")
     parser.add_argument("--work", type=Path, default=WORK,
@@ -249,7 +267,7 @@ def main() -> int:
         print(json.dumps({"release": label, "engine": args.engine, "size": args.size,
                           "journal": histogram(str(root / USER / "state"))}), flush=True)
     compute_fs()
-    for out in (args.perf, args.profile):
+    for out in (args.perf, args.profile, args.pyspy):
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
     releases = [("new", "")] + ([("base", args.baseline)] if args.baseline else [])
@@ -257,7 +275,7 @@ def main() -> int:
         for run in range(args.runs):
             for label, tree in releases:
                 result = one_run(roots.get(label, roots["new"]), label, tree, args.port,
-                                 args.perf, args.profile, run, args.engine)
+                                 args.perf, args.profile, run, args.engine, args.pyspy)
                 print(json.dumps(result), flush=True)
     finally:
         subprocess.run(["umount", str(WORK / "compute")], check=False)

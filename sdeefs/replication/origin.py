@@ -614,7 +614,11 @@ class JournalSender:
         from the upper now straight into the frame buffers (``wire.encode_write_frames``,
         as a Write's: no copy of the data); None: not yet, a block changed since the
         capture read it (``extent_blocks_ok``: what is shipped is what was checked).  A
-        file gone gives one frame without data, as before.  The frames come unsealed:
+        file gone gives one frame without data, as before.  The frames are views of the
+        sender's ``frames`` pool, as a Write's: a new zeroed ``bytearray`` per MiB was
+        a fifth of a cold stream's origin CPU (memset, page faults, unmap: bench/RESULTS.md,
+        branch coldcpu); a frame held back is dropped and its buffer free again.  The
+        frames come unsealed:
         under wire v9 sealing takes a place on the link, so the caller seals them
         (``seal_frame``) where they go into the batch, after what goes before them; a
         frame sealed and then held back, or out of order, is a gap the follower refuses."""
@@ -623,11 +627,12 @@ class JournalSender:
         try:
             if isinstance(record, rec.StableExtent):  # its witness stays on the login node
                 stable = fd is not None and no_writer(fd)
-                frames = encode_write_frames(seq, record.extent(), fd, None, flags)
+                frames = encode_write_frames(seq, record.extent(), fd, None, flags,
+                                             self.frames)
                 witnessed = stable and fd is not None and unchanged_since_read(
                     fd, record, frames)
             else:
-                frames = encode_write_frames(seq, record, fd, None, flags)
+                frames = encode_write_frames(seq, record, fd, None, flags, self.frames)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -1,0 +1,82 @@
+"""A cold stream's CPU per byte (issue 16, branch coldcpu).
+
+* the login node's sender reads an Extent's data into the buffers of its pool
+  (``wire.BufferPool``), as a Write's: not a new zeroed ``bytearray`` per MiB; a buffer
+  still held (a batch being sent) is never read into, and a frame held back (its data
+  changed since the capture read it) frees its buffer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sdeefs.replication.origin import write_frame_data
+from tests.replication.test_coldsource import _Sender, _stable, _wrong_sums
+
+
+@pytest.fixture
+def login(tmp_path: Path) -> Iterator[_Sender]:
+    sender = _Sender(tmp_path)
+    try:
+        yield sender
+    finally:
+        sender.close()
+
+
+def _bases(frames: list[bytearray | memoryview]) -> list[int]:
+    """The buffers the frames are made in (a view's underlying object)."""
+    return [id(f.obj) if isinstance(f, memoryview) else id(f) for f in frames]
+
+
+def test_an_extents_frames_are_read_into_the_senders_pool(login: _Sender) -> None:
+    """Every frame of a (witnessed) Extent is a view of a buffer of the sender's pool;
+    once the frames are dropped, the next Extent's are read into the same buffers."""
+    first = os.urandom((2 << 20) + 4321)
+    second = os.urandom((2 << 20) + 99)
+    _, h1, c1 = login.file("one", first)
+    _, h2, c2 = login.file("two", second)
+    login.journal.append(_stable("one", h1, first, c1, _wrong_sums(first)))
+    out, _ = login.sender.next_batch()
+    pool = [id(b) for b in login.sender.frames._buffers]
+    assert len(out) == 3 and set(_bases(out)) <= set(pool)
+    used = _bases(out)
+    del out
+    login.journal.append(_stable("two", h2, second, c2, _wrong_sums(second)))
+    out, _ = login.sender.next_batch()
+    assert b"".join(bytes(write_frame_data(f)) for f in out) == second
+    assert [id(b) for b in login.sender.frames._buffers] == pool  # no new buffer
+    assert len(set(used)) == 3
+
+
+def test_frames_still_held_keep_their_bytes(login: _Sender) -> None:
+    """A batch still being sent holds its buffers: the next Extent is read elsewhere,
+    and the held frames keep the bytes they were sealed over."""
+    first = os.urandom(3 << 20)
+    second = os.urandom(3 << 20)
+    _, h1, c1 = login.file("one", first)
+    _, h2, c2 = login.file("two", second)
+    login.journal.append(_stable("one", h1, first, c1, _wrong_sums(first)))
+    held, _ = login.sender.next_batch()
+    login.journal.append(_stable("two", h2, second, c2, _wrong_sums(second)))
+    out, _ = login.sender.next_batch()
+    assert not set(_bases(out)) & set(_bases(held))
+    assert b"".join(bytes(write_frame_data(f)) for f in held) == first
+    assert b"".join(bytes(write_frame_data(f)) for f in out) == second
+
+
+def test_a_frame_held_back_frees_its_buffer(login: _Sender) -> None:
+    """Data changed since the capture read them (a ctime moved) and sums no data has:
+    the Extent waits, and its buffer is free for the next read."""
+    data = os.urandom(1 << 20)
+    path, handle, ctime = login.file("f", data)
+    os.chmod(path, 0o600)  # the ctime moves: the witness no longer holds
+    login.journal.append(_stable("f", handle, data, ctime, _wrong_sums(data)))
+    assert login.frames() == []
+    assert login.sender.waiting
+    buffers = login.sender.frames._buffers
+    assert len(buffers) == 1 and len(buffers[0]) >= len(data)
+    assert login.sender.frames.take(len(data)).obj is buffers[0]  # free again
