@@ -4,7 +4,7 @@ Usage (as root)::
 
     .venv/bin/python bench/deploy/coldcpu.py [--size 1G] [--runs 2]
         [--engine passthrough|kernel] [--baseline TREE] [--perf DIR] [--profile DIR]
-        [--pyspy DIR] [--work DIR] [--port N]
+        [--pyspy DIR] [--syscalls DIR] [--work DIR] [--port N]
 
 The journal is made once per data set and engine (``bench/deploy``'s data set, under
 ``/var/tmp/sdeefs-deploy-data``): ``rsync -a --inplace`` of it into a journaling
@@ -29,7 +29,9 @@ where the CPU goes, in C and in the kernel); ``--profile DIR`` runs the daemons 
 cProfile, every thread (``bench/deploy/profiled.py``); ``--pyspy DIR`` records both
 daemons with ``py-spy record --native`` (``$PYSPY``, default ``py-spy`` on the path; raw
 collapsed stacks per daemon, sorted by ``bench/deploy/coldcpu_split.py``;
-``$PYSPY_ARGS`` instead of ``--native``: e.g. ``--gil``, only what holds the GIL).
+``$PYSPY_ARGS`` instead of ``--native``: e.g. ``--gil``, only what holds the GIL);
+``--syscalls DIR``: ``perf trace -s`` of each daemon (its syscalls counted per thread,
+from the kernel's tracepoints: no ptrace).
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def live_upper(root: Path) -> str:
 
 def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
             profile: Path | None, run: int, engine: str,
-            pyspy: Path | None = None) -> dict[str, object]:
+            pyspy: Path | None = None, syscalls: Path | None = None) -> dict[str, object]:
     work = WORK / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -210,6 +212,13 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
                      *os.environ.get("PYSPY_ARGS", "--native").split(), "--format", "raw",
                      "-p", str(proc.pid), "-o",
                      str(pyspy / f"{label}-{engine}-{side}-{run}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)
+        if syscalls is not None:
+            for side, proc in procs.items():
+                spies.append(subprocess.Popen(
+                    ["perf", "trace", "-s", "-p", str(proc.pid), "-o",
+                     str(syscalls / f"{label}-{engine}-{side}-{run}.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(1.0)
         if perf is not None:
@@ -253,6 +262,7 @@ def main() -> int:
     parser.add_argument("--perf", type=Path)
     parser.add_argument("--profile", type=Path)
     parser.add_argument("--pyspy", type=Path)
+    parser.add_argument("--syscalls", type=Path)
     parser.add_argument("--port", type=int, default=7391)
     parser.add_argument("--engine", choices=("passthrough", "kernel"), default="passthrough")
     parser.add_argument("--work", type=Path, default=WORK,
@@ -267,7 +277,7 @@ def main() -> int:
         print(json.dumps({"release": label, "engine": args.engine, "size": args.size,
                           "journal": histogram(str(root / USER / "state"))}), flush=True)
     compute_fs()
-    for out in (args.perf, args.profile, args.pyspy):
+    for out in (args.perf, args.profile, args.pyspy, args.syscalls):
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
     releases = [("new", "")] + ([("base", args.baseline)] if args.baseline else [])
@@ -275,7 +285,8 @@ def main() -> int:
         for run in range(args.runs):
             for label, tree in releases:
                 result = one_run(roots.get(label, roots["new"]), label, tree, args.port,
-                                 args.perf, args.profile, run, args.engine, args.pyspy)
+                                 args.perf, args.profile, run, args.engine, args.pyspy,
+                                 args.syscalls)
                 print(json.dumps(result), flush=True)
     finally:
         subprocess.run(["umount", str(WORK / "compute")], check=False)

@@ -535,6 +535,11 @@ class BufferPool:
     keep: int = 64
     _buffers: list[bytearray] = attrs.field(factory=list)
     _free_refs: int = 0
+    # where the next look for a free buffer starts: just after the last one handed out.
+    # Buffers come free in the order they were taken (frames are sent in order), so the
+    # oldest is the likeliest free: not a scan of every buffer in flight per frame (96
+    # of them at a sender's full window: ~9 % of an origin's Python in a cold stream)
+    _next: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._buffers.append(bytearray(1))
@@ -550,22 +555,28 @@ class BufferPool:
     def take(self, length: int) -> memoryview:
         """A writable view of ``length`` bytes, contents undefined."""
         smaller = -1  # a free buffer too small: replaced by the new one
-        for index in range(len(self._buffers)):
+        count = len(self._buffers)
+        for step in range(count):
+            index = (self._next + step) % count
             buf = self._buffers[index]
             if self._refs(buf) <= self._free_refs:
                 if len(buf) >= length:
+                    self._next = index + 1
                     return memoryview(buf)[:length]
                 smaller = index
         buf = bytearray(length)
         if smaller >= 0:
             self._buffers[smaller] = buf
+            self._next = smaller + 1
         elif len(self._buffers) < self.keep:
             self._buffers.append(buf)
+            self._next = 0  # (the oldest next)
         return memoryview(buf)
 
     def clear(self) -> None:
         """Let the buffers go (an idle link keeps none)."""
         self._buffers.clear()
+        self._next = 0
 
 
 class FrameReader:

@@ -3,18 +3,21 @@
 * the login node's sender reads an Extent's data into the buffers of its pool
   (``wire.BufferPool``), as a Write's: not a new zeroed ``bytearray`` per MiB; a buffer
   still held (a batch being sent) is never read into, and a frame held back (its data
-  changed since the capture read it) frees its buffer.
+  changed since the capture read it) frees its buffer; a full pool finds the buffer
+  freed first at its first look.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sdeefs.replication.origin import write_frame_data
+from sdeefs.replication.wire import BufferPool
 from tests.replication.test_coldsource import _Sender, _stable, _wrong_sums
 
 
@@ -80,3 +83,27 @@ def test_a_frame_held_back_frees_its_buffer(login: _Sender) -> None:
     buffers = login.sender.frames._buffers
     assert len(buffers) == 1 and len(buffers[0]) >= len(data)
     assert login.sender.frames.take(len(data)).obj is buffers[0]  # free again
+
+
+def test_a_full_pool_looks_at_the_oldest_buffer_first() -> None:
+    """Frames come free in the order they were taken: a pool of many buffers in flight
+    finds the free one at its first look, not after a look at every buffer."""
+    looks = []
+
+    class Counted(BufferPool):
+        @staticmethod
+        def _refs(buf: bytearray) -> int:
+            looks.append(1)
+            return sys.getrefcount(buf) - 1  # (this frame's own reference)
+
+    pool = Counted(keep=64)
+    window = [pool.take(100) for _ in range(64)]  # the sender's window, all in flight
+    for step in range(200):
+        window.pop(0)  # the oldest was sent
+        looks.clear()
+        view = pool.take(100)
+        view[:] = bytes([step % 256]) * 100
+        window.append(view)
+        assert len(looks) == 1
+    assert len(pool._buffers) == 64
+    assert len({id(v.obj) for v in window}) == 64  # no buffer handed out twice
