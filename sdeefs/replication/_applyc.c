@@ -2,10 +2,10 @@
  *
  * A cold stream is tens of thousands of records, nearly all of three kinds: Mknod of a
  * regular file, Write, Setattr of a file just made; from the default (kernel) engine's
- * capture, Create: a small file whole, in one record.  Decoding each into a Python
- * object, judging it and applying it through os.* cost more CPU than the syscalls
- * (bench/RESULTS.md, branch coldfast).  This module takes those three off the Python
- * path, for the batch applier (sdeefs/replication/applier.py) only:
+ * capture, Create: a small file whole, in one record, and Extent: a big file's data.
+ * Decoding each into a Python object, judging it and applying it through os.* cost more
+ * CPU than the syscalls (bench/RESULTS.md, branch coldfast).  This module takes those
+ * off the Python path, for the batch applier (sdeefs/replication/applier.py) only:
  *
  * apply(payload, dirs, files, applier, uids, gids) -> bool
  *     ``payload`` is a RECORD payload (sdeefs.replication.wire: rtype u16, record length
@@ -46,6 +46,12 @@
  *                done): Python gives an existing file of its kind its owner and mode
  *                (sdeefs.apply.settle_existing), one rule for both paths
  *   Write (11)   handle at most 136 bytes, offset + length < 2^62, data at most length
+ *   Extent (18)  as a Write (the Python path applies it as the Write it is), and its own
+ *                fields as records.Extent.validate has them: a size (not used by a
+ *                replica), sums a whole number of 16-byte sums, at most 4096 of them,
+ *                offset a multiple of EXTENT_BLOCK; nothing after them.  The default
+ *                engine's data: a 1 GiB cold stream's ~1,000 frames, each decoded into
+ *                a Python object before (bench/RESULTS.md, branch coldcpu)
  *   Setattr (8)  mask within SET_ALL, mode within 07777, size below 2^63, owner (with
  *                SET_OWNER) one of the user's; only of a file the applier holds open
  *   Create (21)  path and owner as Mknod, mode exactly S_IFREG | permission bits,
@@ -56,8 +62,9 @@
  *                a crash) -> not taken, Python applies it as the records it means
  *                (``records.Create.expand``) with their own reasons.  Taken, it is
  *                what that expansion does to a new file: created (perm), chown,
- *                chmod, the data written at 0, truncated to its length, mtime set
- *                (atime left as is); the file is then held, as after a Mknod.
+ *                chmod, the data written at 0, mtime set (atime left as is: UTIME_OMIT;
+ *                its size is its data's length already: no ftruncate); the file is then
+ *                held, as after a Mknod.
  *
  * ``uids``/``gids`` None: the user is not known here (replicable.NOBODY: owners are not
  * checked); otherwise tuples of (start, stop) ranges (replicable.UserIds, step 1).
@@ -82,7 +89,11 @@
 #define T_MKNOD 2
 #define T_SETATTR 8
 #define T_WRITE 11
+#define T_EXTENT 18
 #define T_CREATE 21
+#define EXTENT_BLOCK 65536
+#define SUM_SIZE 16
+#define MAX_SUMS 4096
 #define MAX_INLINE 65536
 #define RECORD_HEAD 6
 #define MAX_PATH (1 << 16)
@@ -417,9 +428,23 @@ static int create_file(PyObject *dirs, PyObject *applier, PyObject *path_obj,
         os_error(NULL);
         return -1;
     }
-    if (write_all(fd, data, data_len, 0)
-        || setattr_fd(fd, SET_SIZE | SET_MTIME, 0, 0, 0, data_len, 0, mtime))
+    if (write_all(fd, data, data_len, 0))
         return -1;
+    /* The expansion's Setattr(SET_SIZE|SET_MTIME), without the syscalls that do nothing
+     * here: the file is new (O_EXCL) and now holds exactly data_len bytes from 0, so its
+     * size is data_len already (no ftruncate), and its atime is left as it is by
+     * UTIME_OMIT (no fstat to read it back first): two of a Create's eight syscalls. */
+    struct timespec times[2];
+    times[0].tv_sec = 0;
+    times[0].tv_nsec = UTIME_OMIT;
+    to_timespec(mtime, &times[1]);
+    Py_BEGIN_ALLOW_THREADS
+    failed = futimens(fd, times) != 0;
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        os_error(NULL);
+        return -1;
+    }
     return 1;
 }
 
@@ -446,7 +471,8 @@ static int apply_record(const unsigned char *p, size_t total, PyObject *dirs, Py
     size_t data_len = total - RECORD_HEAD - rlen;
     const unsigned char *path;
     size_t path_len, slash;
-    if (rtype != T_MKNOD && rtype != T_WRITE && rtype != T_SETATTR && rtype != T_CREATE)
+    if (rtype != T_MKNOD && rtype != T_WRITE && rtype != T_SETATTR && rtype != T_CREATE
+        && rtype != T_EXTENT)
         goto done;
     if (get_path(&c, &path, &path_len) || !safe_path(path, path_len, &slash))
         goto done;
@@ -469,13 +495,26 @@ static int apply_record(const unsigned char *p, size_t total, PyObject *dirs, Py
         if (made < 0)
             goto error;
         result = made;
-    } else if (rtype == T_WRITE) {
+    } else if (rtype == T_WRITE || rtype == T_EXTENT) {
         uint32_t handle_len;
         const unsigned char *handle;
         uint64_t offset, length;
         if (get_u32(&c, &handle_len) || handle_len > MAX_HANDLE
             || take(&c, handle_len, &handle) || get_u64(&c, &offset)
-            || get_u64(&c, &length) || c.left)
+            || get_u64(&c, &length))
+            goto done;
+        if (rtype == T_EXTENT) { /* then size u64 (not used here) and the sums blob */
+            uint64_t size;
+            uint32_t sums_len;
+            const unsigned char *sums;
+            if (get_u64(&c, &size) || get_u32(&c, &sums_len) || sums_len % SUM_SIZE
+                || sums_len > SUM_SIZE * MAX_SUMS || take(&c, sums_len, &sums)
+                || offset % EXTENT_BLOCK)
+                goto done;
+            (void)size;
+            (void)sums; /* the login node's check (records: the Extent rule), not a replica's */
+        }
+        if (c.left)
             goto done;
         (void)handle; /* the data is applied by path here, as the batch applier does */
         if (offset >= (1ULL << 62) || length >= (1ULL << 62)

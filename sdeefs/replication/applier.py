@@ -33,7 +33,8 @@ snapshot, a reset) and the record goes the per-record way
 (``snapshot.apply_from_peer``), position and in-flight rename rules included.
 
 The commonest of them (a regular file's ``Mknod``, ``Write``, ``Setattr`` of a file held;
-the kernel engine's ``Create`` of a new file without xattrs) are applied in C when the
+the kernel engine's ``Create`` of a new file without xattrs and its ``Extent``, a Write
+with the capture's sums) are applied in C when the
 extension is built (``_applyc``, :meth:`BatchApplier.take`): straight from the RECORD
 payload, without a Python object per record.  It only *takes*
 a record it is certain the Python path would accept and carry (its comment lists the

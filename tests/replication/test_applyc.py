@@ -91,6 +91,24 @@ def _create() -> st.SearchStrategy[bytes]:
                                       b"z" * (rec.MAX_INLINE + 1)]))
 
 
+def _extent() -> st.SearchStrategy[bytes]:
+    """An Extent (the kernel engine's data, a Write with the capture's sums): the C path
+    takes it as the Write it is when ``records.Extent.validate`` would pass it."""
+    def build(path: bytes, offset: int, data: bytes, extra: int, handle: bytes,
+              sums: bytes, size: int) -> bytes:
+        length = max(len(data) + extra, 0)
+        return encode_record_payload(rec.Extent(path, handle, offset, length, size, sums),
+                                     data)
+    return st.builds(build, st.sampled_from(PATHS),
+                     st.sampled_from([0, 5, rec.EXTENT_BLOCK, 2**62 - rec.EXTENT_BLOCK, 2**62]),
+                     st.sampled_from([b"", b"abc", b"x" * 100]), st.sampled_from([0, 4, -1]),
+                     st.sampled_from([b"", b"h" * 136, b"h" * 137]),
+                     st.sampled_from([b"", b"s" * rec.SUM_SIZE, b"s" * (rec.SUM_SIZE - 1),
+                                      b"s" * (rec.SUM_SIZE * rec.MAX_SUMS),
+                                      b"s" * (rec.SUM_SIZE * (rec.MAX_SUMS + 1))]),
+                     st.sampled_from([0, 3, 2**64 - 1]))
+
+
 def _mutated(payload: bytes, where: int, byte: int, cut: int) -> bytes:
     """``payload`` with one byte replaced, or cut short, or with a byte added."""
     if cut == 1:
@@ -103,8 +121,8 @@ def _mutated(payload: bytes, where: int, byte: int, cut: int) -> bytes:
 
 
 PAYLOADS = st.one_of(
-    _mknod(), _write(), _setattr(), _create(),
-    st.builds(_mutated, st.one_of(_mknod(), _write(), _setattr(), _create()),
+    _mknod(), _write(), _setattr(), _create(), _extent(),
+    st.builds(_mutated, st.one_of(_mknod(), _write(), _setattr(), _create(), _extent()),
               st.integers(0, 400),
               st.integers(0, 255), st.integers(0, 2)),
     st.just(encode_record_payload(rec.Mkdir(b"upper/d", 0o755, 4242, 4242))),
@@ -311,6 +329,39 @@ def test_the_c_path_takes_a_new_files_create_and_leaves_the_rest() -> None:
         ]
         assert [batch.take(encode_record_payload(r), 3) for r in left] == [False] * len(left)
         assert sorted(os.listdir(root / USER / "upper")) == ["c"]
+        replica.close()
+
+
+def test_the_c_path_takes_an_extent_as_the_write_it_is() -> None:
+    """The kernel engine's Extent (most of a cold stream's bytes) is written by C into the
+    held file at its offset; one ``records.Extent.validate`` refuses (sums not whole, an
+    offset off its block, bytes after the sums) and a StableExtent (never sent to a
+    replica: the login node keeps its witness) are Python's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        replica = Replica.open(str(root / USER), ALICE)
+        batch = replica.batch_applier()
+        made = rec.Create(b"upper/e", stat.S_IFREG | 0o644, 4242, 4242, 0, b"h", b"", b"")
+        assert batch.take(encode_record_payload(made), 1)
+        sums = b"s" * (2 * rec.SUM_SIZE)
+        data = os.urandom(rec.EXTENT_BLOCK + 10)
+        first = rec.Extent(b"upper/e", b"h", 0, len(data), 2 * len(data), sums)
+        assert batch.take(encode_record_payload(first, data), 2)
+        again = attrs.evolve(first, offset=2 * rec.EXTENT_BLOCK)
+        assert batch.take(encode_record_payload(again, data[:7]), 3)
+        batch.close()
+        assert (root / USER / "upper" / "e").read_bytes() == \
+            data + bytes(rec.EXTENT_BLOCK - 10) + data[:7]
+        left = [
+            encode_record_payload(attrs.evolve(first, sums=b"s" * 15), data),
+            encode_record_payload(attrs.evolve(first, offset=5), data),
+            encode_record_payload(first, data) + b"",  # (taken: the control)
+            encode_record_payload(rec.StableExtent(b"upper/e", b"h", 0, 3, 3, sums, 1),
+                                  b"abc"),
+        ]
+        body = rec.encode_record(first)[1] + b"x"  # a byte after the sums
+        left.append(struct.pack("<HI", rec.Extent.TYPE, len(body)) + body + data)
+        assert [batch.take(p, 4) for p in left] == [False, False, True, False, False]
         replica.close()
 
 
