@@ -481,8 +481,13 @@ class JournalSender:
                     last_send = trio.current_time()
                     announced = max(announced, last)  # (what is sent is no news)
                     continue
-                self.frames.clear()  # idle: no buffers kept
                 if trio.current_time() - last_send >= IDLE_HEAD:
+                    # idle for a while: no buffers kept.  Not at every look that finds
+                    # nothing: a follower of a capture still journaling an install finds
+                    # nothing between its committed batches, every few hundred ms, and
+                    # each batch then faulted in new buffers (bench/RESULTS.md, branch
+                    # coldcpu)
+                    self.frames.clear()
                     head = Frame(HEAD, max(user.head, downstream.sent_seq))
                     await send.send(([head.encode(self.link.key)], head.seq))
                     last_send = trio.current_time()

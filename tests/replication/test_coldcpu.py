@@ -4,20 +4,23 @@
   (``wire.BufferPool``), as a Write's: not a new zeroed ``bytearray`` per MiB; a buffer
   still held (a batch being sent) is never read into, and a frame held back (its data
   changed since the capture read it) frees its buffer; a full pool finds the buffer
-  freed first at its first look.
+  freed first at its first look; a sender keeps them between a capture's committed
+  batches and drops them once its link is idle.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import trio
 
 from sdeefs.replication.origin import write_frame_data
-from sdeefs.replication.wire import BufferPool
+from sdeefs.replication.relay import IDLE_HEAD
+from sdeefs.replication.wire import BufferPool, Encoded
 from tests.replication.test_coldsource import _Sender, _stable, _wrong_sums
 
 
@@ -30,9 +33,14 @@ def login(tmp_path: Path) -> Iterator[_Sender]:
         sender.close()
 
 
-def _bases(frames: list[bytearray | memoryview]) -> list[int]:
+def _bases(frames: Sequence[bytes | bytearray | memoryview]) -> list[int]:
     """The buffers the frames are made in (a view's underlying object)."""
     return [id(f.obj) if isinstance(f, memoryview) else id(f) for f in frames]
+
+
+def _writable(frame: bytes | bytearray | memoryview) -> bytearray | memoryview:
+    assert not isinstance(frame, bytes)  # (a big frame is made in a buffer)
+    return frame
 
 
 def test_an_extents_frames_are_read_into_the_senders_pool(login: _Sender) -> None:
@@ -45,12 +53,13 @@ def test_an_extents_frames_are_read_into_the_senders_pool(login: _Sender) -> Non
     login.journal.append(_stable("one", h1, first, c1, _wrong_sums(first)))
     out, _ = login.sender.next_batch()
     pool = [id(b) for b in login.sender.frames._buffers]
-    assert len(out) == 3 and set(_bases(out)) <= set(pool)
+    assert len(out) == 3
+    assert set(_bases(out)) <= set(pool)
     used = _bases(out)
     del out
     login.journal.append(_stable("two", h2, second, c2, _wrong_sums(second)))
     out, _ = login.sender.next_batch()
-    assert b"".join(bytes(write_frame_data(f)) for f in out) == second
+    assert b"".join(bytes(write_frame_data(_writable(f))) for f in out) == second
     assert [id(b) for b in login.sender.frames._buffers] == pool  # no new buffer
     assert len(set(used)) == 3
 
@@ -67,8 +76,8 @@ def test_frames_still_held_keep_their_bytes(login: _Sender) -> None:
     login.journal.append(_stable("two", h2, second, c2, _wrong_sums(second)))
     out, _ = login.sender.next_batch()
     assert not set(_bases(out)) & set(_bases(held))
-    assert b"".join(bytes(write_frame_data(f)) for f in held) == first
-    assert b"".join(bytes(write_frame_data(f)) for f in out) == second
+    assert b"".join(bytes(write_frame_data(_writable(f))) for f in held) == first
+    assert b"".join(bytes(write_frame_data(_writable(f))) for f in out) == second
 
 
 def test_a_frame_held_back_frees_its_buffer(login: _Sender) -> None:
@@ -81,7 +90,8 @@ def test_a_frame_held_back_frees_its_buffer(login: _Sender) -> None:
     assert login.frames() == []
     assert login.sender.waiting
     buffers = login.sender.frames._buffers
-    assert len(buffers) == 1 and len(buffers[0]) >= len(data)
+    assert len(buffers) == 1
+    assert len(buffers[0]) >= len(data)
     assert login.sender.frames.take(len(data)).obj is buffers[0]  # free again
 
 
@@ -107,3 +117,32 @@ def test_a_full_pool_looks_at_the_oldest_buffer_first() -> None:
         assert len(looks) == 1
     assert len(pool._buffers) == 64
     assert len({id(v.obj) for v in window}) == 64  # no buffer handed out twice
+
+
+def test_a_brief_idle_keeps_the_senders_buffers_a_long_one_drops_them(
+        login: _Sender) -> None:
+    """Between a capture's committed batches the sender finds nothing for a moment: it
+    keeps its buffers for the next batch (they were dropped at every such look, and
+    each batch faulted in new ones), and lets them go once the link is idle
+    (IDLE_HEAD: its HEAD frame then)."""
+    data = os.urandom(2 << 20)
+    _, handle, ctime = login.file("one", data)
+    login.journal.append(_stable("one", handle, data, ctime, _wrong_sums(data)))
+
+    async def main() -> None:
+        send, receive = trio.open_memory_channel[tuple[list[Encoded], int]](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(login.sender._produce, send)
+            with trio.fail_after(10):
+                buffers, _ = await receive.receive()
+            assert len(buffers) == 2
+            del buffers
+            await trio.sleep(IDLE_HEAD / 4)  # the looks that find nothing
+            assert len(login.sender.frames._buffers) == 2
+            with trio.fail_after(IDLE_HEAD * 5):
+                head, _ = await receive.receive()  # idle: the HEAD frame ...
+            assert len(head) == 1
+            assert login.sender.frames._buffers == []  # ... and no buffers kept
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
