@@ -468,3 +468,54 @@ def test_a_sender_reading_a_long_history_holds_a_bounded_window(
     assert len(runs) < files / 100  # many records per frame (wire.RUN), one MAC each
     # what each batch looked at (it scans it whole): the whole history before, 24,000
     assert max(looked_at) <= 2 * MAX_PENDING
+
+
+def test_a_journal_written_before_blake3_replays_and_checks(tmp_path: Path) -> None:
+    """A capture batch as sdeefs wrote it before BLAKE3 (Extent 18 and StableExtent 22,
+    BLAKE2b sums) is what it was: ``sdeefs check`` and replay rebuild the upper from it,
+    and the shipper's rule passes each record's data as it is (checked with BLAKE2b)."""
+    from sdeefs.apply import replay
+    from sdeefs.check import check_replay_matches
+    from sdeefs.sysio import name_to_handle
+    from tests.fs.capture_util import open_layers
+
+    layer = tmp_path / "layer"
+    for sub in ("upper", "work"):
+        (layer / sub).mkdir(parents=True)
+    data = os.urandom(5 * rec.EXTENT_BLOCK + 99)
+    big = layer / "upper" / "big"
+    big.write_bytes(data)
+    os.chmod(big, 0o644)
+    st = os.stat(big)
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        handle = name_to_handle(fd)
+    finally:
+        os.close(fd)
+    cut = 2 * rec.EXTENT_BLOCK
+    journal = Journal.open(str(tmp_path / "journal"))
+    begin = journal.append(rec.Begin(1))
+    journal.append(rec.Mknod(b"upper/big", stat.S_IFREG | 0o644, st.st_uid, st.st_gid))
+    records: list[rec.Extent] = [
+        rec.Extent(b"upper/big", handle, 0, cut, len(data), _sums(data[:cut], rec.Extent)),
+        rec.StableExtent(b"upper/big", handle, cut, len(data) - cut, len(data),
+                         _sums(data[cut:], rec.StableExtent), st.st_ctime_ns)]
+    for record in records:
+        journal.append(record)
+        assert extent_blocks_ok(record, data[record.offset:record.offset + record.length], [])
+    journal.append(rec.Setattr(b"upper/big", rec.SET_SIZE | rec.SET_MTIME, 0o644, st.st_uid,
+                               st.st_gid, len(data), 0, st.st_mtime_ns))
+    journal.append(rec.Commit(begin))
+    assert [type(e.record) for e in journal.read(1)][2:4] == [rec.Extent, rec.StableExtent]
+    assert check_replay_matches(journal, str(layer / "upper"), str(layer / "work")) == []
+    scratch = tmp_path / "replay"
+    for sub in ("upper", "work"):
+        (scratch / sub).mkdir(parents=True)
+    source, target = open_layers(layer), open_layers(scratch)
+    try:
+        replay(journal, source, target)
+    finally:
+        source.close()
+        target.close()
+        journal.close()
+    assert tree_diff(tree(layer / "upper"), tree(scratch / "upper")) == []
