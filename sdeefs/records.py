@@ -549,7 +549,6 @@ class StableExtent(Extent):
             raise BadRecord("bad extent witness")
 
 
-
 @attrs.frozen
 class Extent3(Extent):
     """An Extent whose sums are BLAKE3's (type 23; the docstring says why)."""
