@@ -31,7 +31,6 @@ RUNTIME_PACKAGES=(
   uidmap                                    # /etc/subuid handling (newuidmap, getsubids)
   patch                                     # the sdeefs patch of pyfuse3 (third_party/)
   libslurm-dev                              # slurm/spank.h: the SPANK plugin (sdeefs_spank.so)
-  libsodium23                               # the capture's block sums in C (hashlib otherwise)
   libbpf1                                   # the BPF guard's loader and map calls (login nodes)
   libssl-dev                                # openssl/evp.h: a replica checks frame MACs in C (_gmacc)
 )

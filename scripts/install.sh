@@ -131,12 +131,6 @@ if [ ! -f "$PREFIX/.sdeefs-install" ] || [ "$(cat "$PREFIX/.sdeefs-install")" !=
   if ! (cd / && "$PREFIX/bin/python" -c 'import sdeefs.fs._capturec') 2>/dev/null; then
     echo "sdeefs: warning: sdeefs.fs._capturec was not built (python3-dev, gcc?): the" \
          "kernel engine's capture uses its slower Python path" >&2
-  elif ! (cd / && "$PREFIX/bin/python" -c \
-          'import sdeefs.fs._capturec as c, sys; sys.exit(c.block_sums(b"") is None)') \
-          2>/dev/null; then
-    # optional too: without it the block sums are hashlib's (the same sums, ~1.4x the CPU)
-    echo "sdeefs: note: libsodium is not installed: the capture computes its block sums" \
-         "with hashlib (install libsodium23 / libsodium for ~1.4x faster sums)" >&2
   fi
   # a replica's common records in C (a cold stream's CPU, issue 16): optional as well
   if ! (cd / && "$PREFIX/bin/python" -c 'import sdeefs.replication._applyc') 2>/dev/null; then

@@ -21,7 +21,7 @@ apt_install "${BPF_BUILD_PACKAGES[@]}" || echo "setup: $(echo "${BPF_BUILD_PACKA
 modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing and could not be loaded" >&2; exit 3; }
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, attrs, xattr, pytest_trio, hypothesis' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, attrs, xattr, blake3, pytest_trio, hypothesis' 2>/dev/null; then
   echo "setup: creating .venv" >&2
   /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip >/dev/null

@@ -9,7 +9,10 @@ A new kernel-engine login view (``kernelview.py``), the data set copied in
 (``rsync -a --inplace``), ``sync``; then the capture's barrier, timed.  Printed: its
 seconds, the journal head before and after it, and the records (and Extent bytes) the
 drain journaled, the capture's counters (``status``) before and after, and how many
-committed batches the drain's records came in (``batches``).  ``--pyspy OUT``: py-spy
+committed batches the drain's records came in (``batches``), and the CPU the capture's
+process spent over the copy and the drain (``capture_cpu``: user + system seconds from
+/proc, with the file data it read then, ``capture_read_bytes``, and its counters' seconds
+over the same span, ``capture_seconds``).  ``--pyspy OUT``: py-spy
 records the capture's threads over the drain alone (``OUT.N.txt``, collapsed stacks,
 idle frames kept), attached before the copy, so over the copy and the drain.
 """
@@ -47,13 +50,31 @@ def main() -> int:
     return 0
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (all its threads: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def seconds_between(before: dict[str, object], after: dict[str, object]) -> dict[str, float]:
+    """The capture's ``status`` seconds (``capture.Counters``) spent between two answers."""
+    start, end = before["seconds"], after["seconds"]
+    assert isinstance(start, dict)
+    assert isinstance(end, dict)
+    return {key: round(end[key] - start.get(key, 0.0), 3) for key in end}
+
+
 def one(size: str, work: Path, pyspy: str | None, run: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     view = KernelView(work / "login", "benchuser", work / "mnt")
     view.open()
     spy = None
+    capture_pid = int(Path(view.state, "capture", "lock").read_text())
     try:
+        cpu_before = process_cpu(capture_pid)
+        status_start = capture.request(view.state, "status")
+        read_before = status_start["read_bytes"]
         if pyspy:  # attached before the copy: its attaching does not delay the drain
             binary, prefix = pyspy.split(":", 1)
             pid = int(Path(view.state, "capture", "lock").read_text())
@@ -71,6 +92,7 @@ def one(size: str, work: Path, pyspy: str | None, run: int) -> None:
         start = time.perf_counter()
         after = capture.drain(view.state, 600)
         seconds = time.perf_counter() - start
+        cpu = process_cpu(capture_pid) - cpu_before
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
@@ -88,7 +110,13 @@ def one(size: str, work: Path, pyspy: str | None, run: int) -> None:
                     extent_bytes += entry.record.length
         finally:
             tail.close()
+        read = status_after["read_bytes"]
+        assert isinstance(read, int)
+        assert isinstance(read_before, int)
         print(json.dumps({"drain": round(seconds, 2), "head_before": before,
+                          "capture_cpu": round(cpu, 2),
+                          "capture_read_bytes": read - read_before,
+                          "capture_seconds": seconds_between(status_start, status_after),
                           "head_after": after, "records": dict(counts),
                           "extent_bytes": extent_bytes, "batches": batches,
                           "status_before": status_before, "status_after": status_after,

@@ -26,12 +26,13 @@ def category(stack: str) -> str:
     if "Capture._sync" in stack or "Journal.sync" in stack:
         return "fdatasync"
     if "read_sums" in stack:
-        if "sodium" in stack or "block_sums" in stack:
-            return "big files: blake2b sums"
+        # libsodium's BLAKE2b in C (before branch sumsfast), BLAKE3 per block since
+        if any(k in stack for k in ("sodium", "block_sums", "data_sums", "blocksums")):
+            return "big files: block sums"
         return "big files: preadv"
     if "_observe" in stack:
         if "data_sums" in stack:
-            return "small files (read by C): blake2b sums"
+            return "small files (read by C): block sums"
         if "examine" in stack:
             return "examine (C: lstat, handle, xattrs, read <= 1 MiB)"
         return "observe: other"

@@ -1,6 +1,6 @@
 /* sdeefs.fs._capturec: the capture's per-file hot path in C (issue 16).
  *
- * Three functions, all pure helpers over syscalls and bytes: every decision about
+ * Two functions, all pure helpers over syscalls and bytes: every decision about
  * what the tree is stays in Python (sdeefs.fs.reconcile, sdeefs.fs.capture).  The
  * pure-Python versions they replace stay in those modules: they are the fallback
  * when this extension is not built, and the tests compare the two.
@@ -38,22 +38,14 @@
  *     a second guard: only S_ISREG entries are opened, and O_NOFOLLOW refuses a
  *     symlink swapped in).
  *
- * block_sums(data) -> bytes | None
- *     The blake2b-128 of every 64 KiB block of ``data`` (any buffer; the last block
- *     may be shorter; b"" for no data), concatenated: what reconcile.data_sums gives
- *     (hashlib.blake2b(block, digest_size=16) of each), computed by libsodium's
- *     crypto_generichash (the same function, BLAKE2b with a 16-byte digest and no
- *     key; libsodium picks its AVX2/SSE code at run time, ~1.4x hashlib's here) with
- *     the GIL released.  None when libsodium (libsodium.so.23, loaded at import with
- *     dlopen: an optional library, not a build dependency) is not there: the caller
- *     uses hashlib.  Sums are about a third of the capture's CPU when an install
- *     writes big files (bench/RESULTS.md, issue 16's untar).
+ * (The block sums of the data it reads are not made here: they are BLAKE3's, one
+ * Python call per block into the ``blake3`` module with the GIL released, ~5x cheaper
+ * than the libsodium BLAKE2b this module once called; sdeefs.blocksums.)
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
 #include <Python.h>
 
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -583,75 +575,11 @@ static PyObject *examine(PyObject *self, PyObject *args)
     return out;
 }
 
-/* libsodium's crypto_generichash, if loaded (set once, at import) */
-typedef int (*generichash_fn)(unsigned char *out, size_t outlen, const unsigned char *in,
-                              unsigned long long inlen, const unsigned char *key,
-                              size_t keylen);
-static generichash_fn sodium_generichash;
-
-#define SUM_BLOCK 65536
-#define SUM_SIZE 16
-
-static void load_sodium(void)
-{
-    static const char *const names[] = {"libsodium.so.23", "libsodium.so.26", "libsodium.so"};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        void *lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-        if (lib == NULL)
-            continue;
-        int (*init)(void) = (int (*)(void))dlsym(lib, "sodium_init");
-        generichash_fn hash = (generichash_fn)dlsym(lib, "crypto_generichash");
-        if (init != NULL && hash != NULL && init() >= 0) {
-            sodium_generichash = hash;
-            return;  /* (kept loaded for the life of the process) */
-        }
-        dlclose(lib);
-    }
-}
-
-static PyObject *block_sums(PyObject *self, PyObject *args)
-{
-    Py_buffer view;
-    if (!PyArg_ParseTuple(args, "y*", &view))
-        return NULL;
-    if (sodium_generichash == NULL) {
-        PyBuffer_Release(&view);
-        Py_RETURN_NONE;
-    }
-    Py_ssize_t len = view.len;
-    Py_ssize_t blocks = (len + SUM_BLOCK - 1) / SUM_BLOCK;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, blocks * SUM_SIZE);
-    if (out == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
-    unsigned char *into = (unsigned char *)PyBytes_AS_STRING(out); /* ours alone */
-    const unsigned char *data = view.buf; /* the export keeps it alive and unresized */
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < blocks && !failed; i++) {
-        Py_ssize_t start = i * SUM_BLOCK;
-        Py_ssize_t n = len - start < SUM_BLOCK ? len - start : SUM_BLOCK;
-        failed = sodium_generichash(into + i * SUM_SIZE, SUM_SIZE, data + start,
-                                    (unsigned long long)n, NULL, 0) != 0;
-    }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
-    if (failed) {
-        Py_DECREF(out);
-        PyErr_SetString(PyExc_RuntimeError, "crypto_generichash failed");
-        return NULL;
-    }
-    return out;
-}
-
 static PyMethodDef methods[] = {
     {"note_events", note_events, METH_VARARGS,
      "Decode fanotify events into a Dirty set's containers (see the module source)."},
     {"examine", examine, METH_VARARGS,
      "lstat, handle, xattrs, target and (if changed) contents of directory entries."},
-    {"block_sums", block_sums, METH_VARARGS,
-     "blake2b-128 of each 64 KiB block (libsodium); None without libsodium."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -663,6 +591,5 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__capturec(void)
 {
-    load_sodium();
     return PyModule_Create(&module);
 }

@@ -21,9 +21,11 @@ next full scan), ``size`` (for a character or block device its ``rdev``: a white
 has 0), ``handle``, its names (``parent``, ``name`` and, for more
 hard links, ``links``), ``xattrs`` (sorted (name, value) pairs), ``data`` and for
 directories ``children`` (name -> id).  ``data`` is, for regular files, the
-blake2b-128 sums of each ``EXTENT_BLOCK`` block (None: unknown, the next look at the
-file ships all of it), for symlinks the target, otherwise b"".  Access times are not
-modelled: reads change them without any event.
+BLAKE3 block sums of each ``EXTENT_BLOCK`` block (``sdeefs.blocksums``; None: unknown,
+the next look at the file reads it and ships all of it; b"" for a file that is not
+empty: as journaled, but no block's sum is known, so each compares as changed when the
+file is next read), for symlinks the target, otherwise b"".
+Access times are not modelled: reads change them without any event.
 
 Checkpoint (``STATE/capture/model``)
 ====================================
@@ -33,7 +35,7 @@ always reaches at least the checkpoint's seq.  Little endian::
 
     header  CKPT_HEADER, 64 bytes
             magic      8s   b"SDEEFSM\\0"
-            version    u16  1
+            version    u16  2 (1 is still read: below)
             flags      u16  0
             block      u32  EXTENT_BLOCK: the block size of the sums
             journal    16s  the journal's history id (``STATE/journal/id``)
@@ -48,6 +50,18 @@ always reaches at least the checkpoint's seq.  Little endian::
             then name, handle, data, ``links`` × (parent q, name_len H, name),
             ``xattrs`` × (name_len H, value_len I, name, value)
     crc32   u32 of every byte before it
+
+Version 1 is the same layout with BLAKE2b sums (``blocksums.BLAKE2B``: sdeefs before
+BLAKE3).  Loading one keeps everything but those sums: a regular file whose sums were
+known gets ``data`` b"" (as journaled, no block's sum known), one whose sums were not
+stays None.  A BLAKE2b sum compared with the capture's BLAKE3 sums could only ever
+"differ", and a false "equal" is what must be impossible; b"" differs from the sums of
+every file that is not empty (an empty file has none either way), so the next time a
+file is read after the upgrade all of it within its old size is shipped, as the old
+sums would have made it.  Not None: the model would then read every file again at the
+first full scan and ship the whole upper to every replica once more; with b"" a file
+is read only when it changes (its size, mtime and ctime are kept and trusted as ever).
+The next checkpoint is version 2 (keeping b"" where nothing read the file since).
 
 Loading checks the whole file (CRC, every parent a directory, no name bound twice,
 every name a single safe component) and refuses it as a whole otherwise
@@ -73,7 +87,8 @@ FIRST_SYNTHETIC = -3
 ROOTS = {b"upper": UPPER, b"work": WORK}
 
 CKPT_MAGIC = b"SDEEFSM\0"
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # written: BLAKE3 sums
+CKPT_VERSION_BLAKE2B = 1  # read: BLAKE2b sums, loaded as unknown (the docstring)
 CKPT_HEADER = struct.Struct("<8sHHI16sQQqQ")
 assert CKPT_HEADER.size == 64
 NODE = struct.Struct("<qqIIIqqQHHHBBI")
@@ -561,8 +576,10 @@ class Model:
             raise CheckpointError("checkpoint checksum mismatch")
         magic, version, _, block, journal_id, seq, root_ino, next_id, count = \
             CKPT_HEADER.unpack_from(data)
-        if magic != CKPT_MAGIC or version != CKPT_VERSION or block != rec.EXTENT_BLOCK:
+        if magic != CKPT_MAGIC or version not in (CKPT_VERSION, CKPT_VERSION_BLAKE2B) \
+                or block != rec.EXTENT_BLOCK:
             raise CheckpointError(f"checkpoint format {magic!r} {version} {block}")
+        blake2b = version == CKPT_VERSION_BLAKE2B  # its files' sums: not ours (docstring)
         model = cls({}, root_ino, seq, journal_id, next_id)
         names: list[tuple[int, int, bytes]] = []
         pos = CKPT_HEADER.size
@@ -581,8 +598,11 @@ class Model:
                  handle_len, flags, data_len) = NODE.unpack(take(NODE.size))
                 name, handle, body = take(name_len), take(handle_len), take(data_len)
                 kind = stat.S_IFMT(mode)
-                node = Node(mode, uid, gid, mtime, ctime, size, handle,
-                            data=body if flags & DATA_KNOWN or kind != stat.S_IFREG else None,
+                if kind != stat.S_IFREG:
+                    known: bytes | None = body
+                else:
+                    known = (b"" if blake2b else body) if flags & DATA_KNOWN else None
+                node = Node(mode, uid, gid, mtime, ctime, size, handle, data=known,
                             children={} if kind == stat.S_IFDIR else None)
                 if id in model.nodes or id == 0:
                     raise CheckpointError(f"checkpoint has node {id} twice")

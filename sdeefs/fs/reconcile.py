@@ -55,8 +55,6 @@ and only regular files are read.
 from __future__ import annotations
 
 import errno
-import functools
-import hashlib
 import logging
 import os
 import stat
@@ -65,6 +63,7 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
+from .. import blocksums
 from .. import records as rec
 from ..errors import BadRecord
 from ..sysio import fd_path, name_to_handle, open_by_handle, openat2_beneath
@@ -104,20 +103,21 @@ FILE_TIME_TICK = round(time.clock_getres(CLOCK_FILE_TIMES) * 1e9)
 OPEN_DATA = os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Emit = Callable[[rec.Record], None]
-Sums = Callable[[bytes | bytearray | memoryview], bytes | None]  # _capturec.block_sums
+# The capture's block sums: BLAKE3's, in Extent3/StableExtent3 records and the model
+# (``sdeefs.blocksums``; the checkpoint's version says so, ``sdeefs.fs.model``).
+SUMS = blocksums.BLAKE3
 
 
 def block_sum(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=SUM).digest()
+    return blocksums.block_sum(data, SUMS)
 
 
 ZERO_SUM = block_sum(bytes(BLOCK))
 
 
-@functools.lru_cache(maxsize=256)
 def zero_sum(length: int) -> bytes:
-    """The sum of ``length`` zero bytes (a pure function: cached)."""
-    return ZERO_SUM if length == BLOCK else block_sum(bytes(length))
+    """The sum of ``length`` zero bytes (cached)."""
+    return ZERO_SUM if length == BLOCK else blocksums.zero_sum(length, SUMS)
 
 
 class CaptureError(Exception):
@@ -392,13 +392,10 @@ class Reconciler:
     inline_bytes: int = INLINE_BYTES  # data one batch keeps for Create records, at most
     _buf: bytearray = attrs.field(factory=lambda: bytearray(READ_CHUNK))
     _hbuf: object = attrs.field(factory=handle_buffer)
-    _sums: Sums | None = None  # block sums in C (with ``native``; None: hashlib)
     # inode -> (time.monotonic_ns) when its data were first left for a later batch
     _deferred: dict[int, int] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
-        if self.native and capturec is not None:
-            self._sums = capturec.block_sums
         if self.model.root_ino and self.model.root_ino != self.upper.ino:
             # Another filesystem (the upper was copied or recreated): inode numbers
             # mean nothing; a full scan finds every node again by its name.
@@ -661,7 +658,7 @@ class Reconciler:
                 new.add(ino)
                 b.looked.add(ino)
                 summing = time.perf_counter_ns()
-                sums = data_sums(data, self._sums)
+                sums = data_sums(data)
                 b.sum_ns += time.perf_counter_ns() - summing
                 seen_of[ino] = Seen(
                     mode, uid, gid, size, mtime, ctime, ino, rdev, handle, xattrs, target,
@@ -733,7 +730,7 @@ class Reconciler:
                 b.read_bytes += len(data)
                 seen = Seen(seen.mode, seen.uid, seen.gid, seen.size, seen.mtime, seen.ctime,
                             seen.ino, seen.rdev, seen.handle, seen.xattrs, seen.target,
-                            Contents(data_sums(data, self._sums), len(data), after_mtime,
+                            Contents(data_sums(data), len(data), after_mtime,
                                      after_ctime if after_ctime == before_ctime else 0,
                                      b.inline(data) if node is None else None))
             # (else replaced meanwhile, as _read says: its events are queued)
@@ -799,7 +796,7 @@ class Reconciler:
             if now - self._deferred.setdefault(ino, now) < DEFER_NS:
                 return Contents(b"", before.st_size, before.st_mtime_ns, 0, unread=True)
         reading = time.perf_counter_ns()
-        sums, size = read_sums(fd, self._buf, self._sums)
+        sums, size = read_sums(fd, self._buf)
         after = os.fstat(fd)
         if b is not None:
             b.read_bytes += size
@@ -1246,21 +1243,14 @@ class Reconciler:
         return True
 
 
-def data_sums(data: bytes | memoryview, fast: Sums | None = None) -> bytes:
-    """The sums ``read_sums`` gives for a file holding ``data``.  ``fast``: the same
-    computed elsewhere (``_capturec.block_sums``; None from it: not available)."""
-    if fast is not None and (sums := fast(data)) is not None:
-        return sums
-    if 0 < len(data) <= BLOCK:
-        return hashlib.blake2b(data, digest_size=SUM).digest()
-    view = memoryview(data)
-    return b"".join([block_sum(view[at:at + BLOCK]) for at in range(0, len(data), BLOCK)])
+def data_sums(data: bytes | bytearray | memoryview) -> bytes:
+    """The sums ``read_sums`` gives for a file holding ``data`` (a call per block, the
+    GIL released: ``sdeefs.blocksums``)."""
+    return blocksums.data_sums(data, SUMS)
 
 
-def read_sums(fd: int, buf: bytearray | None = None, fast: Sums | None = None
-              ) -> tuple[bytes, int]:
-    """(blake2b-128 of every BLOCK of the file, bytes read); ``buf``: READ_CHUNK bytes;
-    ``fast`` as for ``data_sums``."""
+def read_sums(fd: int, buf: bytearray | None = None) -> tuple[bytes, int]:
+    """(the sum of every BLOCK of the file, bytes read); ``buf``: READ_CHUNK bytes."""
     view = memoryview(buf if buf is not None else bytearray(READ_CHUNK))
     sums = bytearray()
     size = 0
@@ -1272,7 +1262,7 @@ def read_sums(fd: int, buf: bytearray | None = None, fast: Sums | None = None
                 break
             filled += n
         if filled:
-            sums += data_sums(view[:filled], fast)
+            sums += data_sums(view[:filled])
         size += filled
         if filled < READ_CHUNK:
             return bytes(sums), size
@@ -1281,10 +1271,11 @@ def read_sums(fd: int, buf: bytearray | None = None, fast: Sums | None = None
 def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: bytes,
             new_size: int, witness: int = 0) -> Iterator[rec.Extent]:
     """Extent records that turn a file with sums ``old`` (None: unknown) into one with
-    sums ``new``.  Blocks past the old end that are all zeros are left to the size
-    change; at least one Extent (maybe of length 0) comes out.  ``witness``: the ctime
-    the file kept while read, old enough to prove it (``sdeefs.records``): the Extents
-    with data are StableExtents that carry it (0: plain Extents)."""
+    sums ``new`` (both SUMS: BLAKE3's, so the records are Extent3s).  Blocks past the old
+    end that are all zeros are left to the size change; at least one Extent (maybe of
+    length 0) comes out.  ``witness``: the ctime the file kept while read, old enough to
+    prove it (``sdeefs.records``): the Extents with data are StableExtent3s that carry it
+    (0: plain Extent3s)."""
     count = len(new) // SUM
     changed = []
     for i in range(count):
@@ -1308,12 +1299,12 @@ def extents(path: bytes, handle: bytes, old: bytes | None, old_size: int, new: b
         offset = first * BLOCK
         length = min((last + 1) * BLOCK, new_size) - offset
         sums = new[first * SUM:(last + 1) * SUM]
-        yield rec.StableExtent(path, handle, offset, length, new_size, sums, witness) \
-            if witness else rec.Extent(path, handle, offset, length, new_size, sums)
+        yield rec.StableExtent3(path, handle, offset, length, new_size, sums, witness) \
+            if witness else rec.Extent3(path, handle, offset, length, new_size, sums)
         out += 1
         start = end + 1
     if not out:
-        yield rec.Extent(path, handle, 0, 0, new_size, b"")
+        yield rec.Extent3(path, handle, 0, 0, new_size, b"")
 
 
 def handle_id(model: Model, handle: bytes, upper: Upper) -> int | None:

@@ -19,12 +19,14 @@ The kernel engine's capture (``sdeefs.fs.capture``) writes batches, ``Begin`` ..
 ``Commit``: nothing from a Begin on is shipped until its Commit or Void is in the
 journal (:func:`settled`), and the records a Void names travel as markers, as aborted
 ones do (:func:`without_aborted`).  Its ``Extent`` records are checked against what
-the capture read (the rule in ``sdeefs.records``, :func:`extent_blocks_ok`): a block
-that changed since is shipped only if a later committed Extent rewrites it; otherwise
-the sender waits for the capture's next batch and reads again.  A ``StableExtent``
-(an Extent with the capture's witness) is shipped without hashing its data when the
-witness holds (:func:`no_writer`, :func:`unchanged_since_read`), as the plain Extent it
-also is (the witness never leaves the login node).  A head query drains
+the capture read (the rule in ``sdeefs.records``, :func:`extent_blocks_ok`; each record
+type's sums with its own function, ``sdeefs.blocksums``: BLAKE3 now, BLAKE2b in journals
+written before): a block that changed since is shipped only if a later committed Extent
+rewrites it; otherwise the sender waits for the capture's next batch and reads again.
+A ``StableExtent`` (an Extent with the capture's witness) is shipped without hashing its
+data when the witness holds (:func:`no_writer`, :func:`unchanged_since_read`).  Every
+Extent goes to a replica as a type-18 ``Extent`` (``Extent.shipped``: the witness never
+leaves the login node, nor do BLAKE3 sums, which type 18 cannot say).  A head query drains
 the capture first (:meth:`OriginUser.drain_capture`): the head it answers holds every
 change the user made before the query; when no capture answers although one is
 expected, the query fails and the barrier asks again.  The layer root is the user's
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -57,6 +58,7 @@ from typing import Any, cast
 import attrs
 import trio
 
+from .. import blocksums
 from .. import records as rec
 from ..control import ControlError
 from ..errors import JournalCorrupt, QuietError
@@ -102,11 +104,6 @@ from .wire import (
     open_link_tasks,
     seal_frame,
 )
-
-try:  # block sums with libsodium, the GIL released (sdeefs/fs/_capturec.c); optional
-    from ..fs import _capturec
-except ImportError:  # pragma: no cover
-    _capturec = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +323,8 @@ def extent_blocks_ok(record: rec.Extent, data: bytes | bytearray | memoryview,
     """May ``data``, read now for ``record``, reach a replica (the Extent rule of
     ``sdeefs.records``)?  Every block whose hash differs from the capture's sum must be
     rewritten by a later committed Extent of the same handle (``later``: the committed
-    records after it), or lie at or beyond the size such an Extent says."""
+    records after it), or lie at or beyond the size such an Extent says.  Each block is
+    hashed with the function of ``record``'s type (``Extent.SUMS``)."""
     if all_blocks_match(record, [data]):
         return True
     count = len(record.sums) // rec.SUM_SIZE
@@ -336,8 +334,7 @@ def extent_blocks_ok(record: rec.Extent, data: bytes | bytearray | memoryview,
             break
         end = min(start + rec.EXTENT_BLOCK, record.length)
         block = data[start:end]
-        if len(block) == end - start and hashlib.blake2b(
-                block, digest_size=rec.SUM_SIZE).digest() == \
+        if len(block) == end - start and blocksums.block_sum(block, record.SUMS) == \
                 record.sums[index * rec.SUM_SIZE:(index + 1) * rec.SUM_SIZE]:
             continue
         offset = record.offset + start
@@ -351,22 +348,19 @@ def extent_blocks_ok(record: rec.Extent, data: bytes | bytearray | memoryview,
 def all_blocks_match(record: rec.Extent,
                      parts: Sequence[bytes | bytearray | memoryview]) -> bool:
     """Is the data ``parts`` hold (one after the other) the ``record.length`` bytes whose
-    every block the capture summed (``record.sums``) as they are?  The common case of
-    :func:`extent_blocks_ok`, in one C call per part (``_capturec.block_sums``:
-    libsodium's BLAKE2b, the same sums as hashlib's, with the GIL released).  Every
-    part but the last must hold whole blocks.  False where it cannot tell (no
-    libsodium, a short read, a block that differs): the rule block by block decides."""
-    if _capturec is None or sum(len(p) for p in parts) != record.length:
+    every block the capture summed (``record.sums``, made by ``record.SUMS``) as they
+    are?  The common case of :func:`extent_blocks_ok`, with one ``blocksums.data_sums``
+    per part (the GIL released block by block).  Every part but the last must hold
+    whole blocks.  False where it cannot tell (a short read, a block that differs): the
+    rule block by block decides."""
+    if sum(len(p) for p in parts) != record.length:
         return False
     need = min(-(-record.length // rec.EXTENT_BLOCK), len(record.sums) // rec.SUM_SIZE)
     sums = []
     for part in parts:
         if len(part) % rec.EXTENT_BLOCK and part is not parts[-1]:
             return False
-        got = _capturec.block_sums(part)
-        if got is None:
-            return False
-        sums.append(got)
+        sums.append(blocksums.data_sums(part, record.SUMS))
     return b"".join(sums)[:need * rec.SUM_SIZE] == record.sums[:need * rec.SUM_SIZE]
 
 
@@ -630,14 +624,17 @@ class JournalSender:
         fd = open_write_data(self.source, record)
         witnessed = False
         try:
-            if isinstance(record, rec.StableExtent):  # its witness stays on the login node
+            # what a replica is sent: a type-18 Extent (``Extent.shipped``: no witness,
+            # sums only if they are BLAKE2b's, the function type 18 says)
+            if isinstance(record, rec.StableExtent):
                 stable = fd is not None and no_writer(fd)
-                frames = encode_write_frames(seq, record.extent(), fd, None, flags,
+                frames = encode_write_frames(seq, record.shipped(), fd, None, flags,
                                              self.frames)
                 witnessed = stable and fd is not None and unchanged_since_read(
                     fd, record, frames)
             else:
-                frames = encode_write_frames(seq, record, fd, None, flags, self.frames)
+                frames = encode_write_frames(seq, record.shipped(), fd, None, flags,
+                                             self.frames)
         finally:
             if fd is not None:
                 os.close(fd)

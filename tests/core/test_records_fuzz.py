@@ -100,6 +100,15 @@ RECORD_STRATEGIES[rec.StableExtent] = st.builds(
     rec.StableExtent, paths, handles,
     st.integers(0, 2**40).map(lambda n: n * rec.EXTENT_BLOCK), st.integers(0, 2**40), U64,
     st.integers(0, 64).map(lambda n: bytes(range(16)) * n), st.integers(1, 2**63 - 1))
+# the same two with BLAKE3 sums (encoding 3)
+RECORD_STRATEGIES[rec.Extent3] = st.builds(
+    rec.Extent3, paths, handles, st.integers(0, 2**40).map(lambda n: n * rec.EXTENT_BLOCK),
+    st.integers(0, 2**40), U64,
+    st.integers(0, 64).map(lambda n: bytes(range(16)) * n))
+RECORD_STRATEGIES[rec.StableExtent3] = st.builds(
+    rec.StableExtent3, paths, handles,
+    st.integers(0, 2**40).map(lambda n: n * rec.EXTENT_BLOCK), st.integers(0, 2**40), U64,
+    st.integers(0, 64).map(lambda n: bytes(range(16)) * n), st.integers(1, 2**63 - 1))
 valid_records = st.one_of(*RECORD_STRATEGIES.values())
 KNOWN_TYPES = sorted(rec.RECORD_TYPES)
 

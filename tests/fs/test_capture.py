@@ -22,6 +22,7 @@ import attrs
 import pytest
 import trio
 
+from sdeefs import blocksums
 from sdeefs import records as rec
 from sdeefs.apply import recover, replay
 from sdeefs.check import check_replay_matches
@@ -633,31 +634,19 @@ def test_examine_in_c_sees_what_python_sees(tmp_path: Path) -> None:
         upper.close()
 
 
-@requires_capturec
-def test_block_sums_in_c_are_hashlibs_blake2b() -> None:
-    """``_capturec.block_sums`` (libsodium) gives the sums of ``data_sums``' hashlib path
-    for every length around the block size, from bytes and from a memoryview."""
-    if reconcile.capturec.block_sums(b"x") is None:
-        pytest.skip("libsodium is not installed (block_sums answers None: hashlib is used)")
-    for length in (0, 1, 300, reconcile.BLOCK - 1, reconcile.BLOCK, reconcile.BLOCK + 1,
-                   3 * reconcile.BLOCK + 17, reconcile.READ_CHUNK):
-        data = os.urandom(length)
-        want = reconcile.data_sums(data)  # hashlib
-        assert want == b"".join(reconcile.block_sum(data[at:at + reconcile.BLOCK])
-                                for at in range(0, length, reconcile.BLOCK))
-        assert reconcile.data_sums(data, reconcile.capturec.block_sums) == want
-        assert reconcile.capturec.block_sums(memoryview(bytearray(data))) == want
-
-
-@requires_capturec
-def test_read_sums_in_c_and_python_agree(tmp_path: Path) -> None:
+def test_read_sums_are_the_blake3_sums_of_the_data(tmp_path: Path) -> None:
+    """The capture's sums (``read_sums``, ``data_sums``) are BLAKE3's (``SUMS``), what its
+    Extent3 records say they are, one per BLOCK of the file."""
+    assert reconcile.SUMS == blocksums.BLAKE3 == rec.Extent3.SUMS
     path = tmp_path / "f"
-    path.write_bytes(os.urandom(2 * reconcile.READ_CHUNK + 5))
+    data = os.urandom(2 * reconcile.READ_CHUNK + 5)
+    path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert reconcile.read_sums(fd, None, reconcile.capturec.block_sums) == \
-            reconcile.read_sums(fd) == \
-            (reconcile.data_sums(path.read_bytes()), path.stat().st_size)
+        want = blocksums.data_sums(data, blocksums.BLAKE3)
+        assert reconcile.read_sums(fd) == (want, len(data))
+        assert reconcile.data_sums(data) == reconcile.data_sums(memoryview(data)) == want
+        assert want[:rec.SUM_SIZE] == reconcile.block_sum(data[:reconcile.BLOCK])
     finally:
         os.close(fd)
 

@@ -12,7 +12,10 @@ import os
 import random
 import socket
 import stat
+import struct
 import tempfile
+import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,12 +24,20 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from sdeefs import blocksums
 from sdeefs import records as rec
-from sdeefs.fs.model import UPPER, CheckpointError, Model
+from sdeefs.fs.model import (
+    CKPT_VERSION,
+    CKPT_VERSION_BLAKE2B,
+    UPPER,
+    CheckpointError,
+    Model,
+)
 from sdeefs.fs.reconcile import (
     BLOCK,
     INLINE_BYTES,
     STAGE,
+    UNSURE_NS,
     ZERO_SUM,
     Dirty,
     Reconciler,
@@ -508,6 +519,59 @@ def test_checkpoint_damage_is_refused(rig: Rig) -> None:
             Model.decode(bytes(bad))
 
 
+def _checkpoint_of_version_1(model: Model, up: Path) -> bytes:
+    """The checkpoint sdeefs wrote of ``model`` before BLAKE3: version 1, each regular
+    file's sums BLAKE2b's of what ``up`` holds (the layout is the same)."""
+    old = Model.decode(model.encode())
+    for id, node in old.nodes.items():
+        if stat.S_ISREG(node.mode) and node.data is not None and node.parent:
+            data = (up / os.fsdecode(old.path(id).removeprefix(b"upper/"))).read_bytes()
+            node.data = blocksums.data_sums(data, blocksums.BLAKE2B)
+    out = bytearray(old.encode())
+    assert struct.unpack_from("<H", out, 8) == (CKPT_VERSION,)
+    struct.pack_into("<H", out, 8, CKPT_VERSION_BLAKE2B)
+    struct.pack_into("<I", out, len(out) - 4, zlib.crc32(out[:-4]))
+    return bytes(out)
+
+
+def test_a_checkpoint_of_blake2b_sums_never_takes_a_changed_block_for_unchanged(
+        rig: Rig) -> None:
+    """A version-1 checkpoint (BLAKE2b sums: sdeefs before BLAKE3) is loaded with no
+    file's sums, only that each is as journaled: a file unchanged since is not read (no
+    record, nothing shipped again), and the first read of a changed one ships every block
+    within its old size, the unchanged ones too: compared with the capture's BLAKE3 sums
+    an old sum may only ever differ.  The next checkpoint is version 2 with BLAKE3 sums,
+    and the capture is back to shipping only the blocks that changed."""
+    same, big = os.urandom(4 * BLOCK + 3), os.urandom(3 * BLOCK)
+    (rig.up / "same").write_bytes(same)
+    (rig.up / "changed").write_bytes(big)
+    time.sleep(2 * UNSURE_NS / 1e9)  # ctimes the model may trust (else it reads again)
+    rig.capture()
+    model = Model.decode(_checkpoint_of_version_1(rig.model, rig.up))
+    files = {model.path(i): n for i, n in model.nodes.items() if stat.S_ISREG(n.mode)}
+    assert {p: n.data for p, n in files.items()} == {b"upper/same": b"", b"upper/changed": b""}
+    rig.model = model
+    assert rig.capture() == []  # a full scan: nothing is read again, nothing shipped
+    changed = bytearray(big)
+    changed[BLOCK + 5] ^= 1
+    (rig.up / "changed").write_bytes(changed)
+    records = rig.capture()
+    extents = [r for r in records if isinstance(r, rec.Extent)]
+    assert [type(r) for r in extents] in ([rec.Extent3], [rec.StableExtent3])
+    assert {getattr(r, "path", None) for r in records} == {b"upper/changed"}
+    assert [(r.offset, r.length) for r in extents] == [(0, 3 * BLOCK)]  # all of it
+    assert extents[0].sums == blocksums.data_sums(changed, blocksums.BLAKE3)
+    rig.check()
+    again = Model.decode(rig.model.encode())
+    assert struct.unpack_from("<H", rig.model.encode(), 8) == (CKPT_VERSION,)
+    rig.model = again
+    changed[2 * BLOCK] ^= 1
+    (rig.up / "changed").write_bytes(changed)
+    extents = [r for r in rig.capture() if isinstance(r, rec.Extent)]
+    assert [(r.offset, r.length) for r in extents] == [(2 * BLOCK, BLOCK)]
+    rig.check()
+
+
 def test_checkpoint_with_a_cycle_is_refused() -> None:
     model = Model.empty()
     model.apply(rec.Mkdir(b"upper/a", 0o755, 0, 0))
@@ -561,7 +625,7 @@ def test_new_small_files_are_one_create_each_within_the_batch_bound(rig: Rig) ->
     with open(rig.up / "e" / "f1", "r+b") as f:
         f.write(b"X")
     records = rig.capture()
-    assert [type(r) for r in records if isinstance(r, rec.Write)] == [rec.Extent]
+    assert [type(r) for r in records if isinstance(r, rec.Write)] == [rec.Extent3]
     rig.check()
 
 

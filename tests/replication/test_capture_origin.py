@@ -265,56 +265,69 @@ def test_settled_holds_an_open_batch_and_voided_records_become_markers() -> None
                                                  rec.Sync, rec.Void]
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_an_extent_whose_block_changed_waits_for_a_later_extent(
-        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rule, with the sums in C (libsodium, one call) and block by block (hashlib)."""
+def _sums(data: bytes, kind: type[rec.Extent] = rec.Extent3) -> bytes:
+    """The block sums of ``kind``'s function (made here, not by sdeefs.blocksums):
+    BLAKE2b for the types of journals written before BLAKE3 (18, 22), BLAKE3 for 23, 24."""
     import hashlib
 
-    from sdeefs.replication import origin
+    import blake3
 
-    if not native:
-        monkeypatch.setattr(origin, "_capturec", None)
+    def one(block: bytes) -> bytes:
+        if kind.SUMS == "blake3":
+            return blake3.blake3(block).digest(rec.SUM_SIZE)
+        assert kind.SUMS == "blake2b"
+        return hashlib.blake2b(block, digest_size=rec.SUM_SIZE).digest()
 
+    return b"".join(one(data[i:i + rec.EXTENT_BLOCK])
+                    for i in range(0, len(data), rec.EXTENT_BLOCK))
+
+
+OTHER_KIND = {rec.Extent: rec.Extent3, rec.Extent3: rec.Extent}
+
+
+@pytest.mark.parametrize("kind", [rec.Extent, rec.Extent3])
+def test_an_extent_whose_block_changed_waits_for_a_later_extent(
+        kind: type[rec.Extent]) -> None:
+    """The rule, for an Extent of a journal written before BLAKE3 (type 18, BLAKE2b sums)
+    and one of now (type 23, BLAKE3): each record's sums are checked with its type's
+    function, never the other's (which would hold every block back for good)."""
     block = rec.EXTENT_BLOCK
     old, new = b"a" * block + b"b" * 10, b"a" * block + b"c" * 10
 
     def sums(data: bytes) -> bytes:
-        return b"".join(hashlib.blake2b(data[i:i + block], digest_size=rec.SUM_SIZE).digest()
-                        for i in range(0, len(data), block))
+        return _sums(data, kind)
 
-    extent = rec.Extent(b"upper/f", b"h", 0, len(old), len(old), sums(old))
+    extent = kind(b"upper/f", b"h", 0, len(old), len(old), sums(old))
+    # the same sums said to be the other function's: no block matches
+    assert not extent_blocks_ok(OTHER_KIND[kind](b"upper/f", b"h", 0, len(old), len(old),
+                                                 sums(old)), old, [])
     assert extent_blocks_ok(extent, old, [])
     assert not extent_blocks_ok(extent, new, [])  # read after it changed: not yet
     assert not extent_blocks_ok(extent, old[:block], [])  # truncated since
-    later = rec.Extent(b"upper/f", b"h", block, 10, len(new), sums(new)[rec.SUM_SIZE:])
+    later = kind(b"upper/f", b"h", block, 10, len(new), sums(new)[rec.SUM_SIZE:])
     assert extent_blocks_ok(extent, new, [later])  # a later Extent rewrites that block
-    other = rec.Extent(b"upper/g", b"g", block, 10, len(new), sums(new)[rec.SUM_SIZE:])
+    # of either type: an old journal's record is rewritten by one of the new capture
+    assert extent_blocks_ok(extent, new, [rec.Extent3(b"upper/f", b"h", block, 10, len(new),
+                                                      _sums(new)[rec.SUM_SIZE:])])
+    other = kind(b"upper/g", b"g", block, 10, len(new), sums(new)[rec.SUM_SIZE:])
     assert not extent_blocks_ok(extent, new, [other])
     shrunk = rec.Extent(b"upper/f", b"h", 0, 0, block, b"")
     assert extent_blocks_ok(extent, old[:block], [shrunk])  # the file ends before the block
 
 
-def _sums(data: bytes) -> bytes:
-    import hashlib
-
-    return b"".join(hashlib.blake2b(data[i:i + rec.EXTENT_BLOCK],
-                                    digest_size=rec.SUM_SIZE).digest()
-                    for i in range(0, len(data), rec.EXTENT_BLOCK))
-
-
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kind", [rec.Extent, rec.Extent3])
 def test_a_senders_extent_frames_carry_the_data_it_checked(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+        tmp_path: Path, kind: type[rec.Extent]) -> None:
     """An Extent's data goes from the upper straight into MORE-chained frames (SKIP on the
-    first only) and is checked there against the capture's sums (in C, or block by block):
-    what travels is what was checked.  A block changed since the capture read it holds the
-    Extent back (the sender waits) until a later committed Extent rewrites it; then both
-    travel, with the data as it is now."""
+    first only) and is checked there against the capture's sums: what travels is what was
+    checked.  A block changed since the capture read it holds the Extent back (the sender
+    waits) until a later committed Extent rewrites it; then both travel, with the data as
+    it is now.  Of a journal written before BLAKE3 (type 18, BLAKE2b sums) as of one
+    written now (type 23): a replica gets a type-18 Extent either way, with the sums only
+    if they are BLAKE2b's (the only function type 18 says)."""
     from sdeefs.journal import JournalTail
     from sdeefs.layers import open_layer_root
     from sdeefs.offload import Offload
-    from sdeefs.replication import origin
     from sdeefs.replication.origin import JournalSender, OriginUser
     from sdeefs.replication.relay import Downstream, DownstreamLink, Downstreams
     from sdeefs.replication.wire import (
@@ -332,8 +345,6 @@ def test_a_senders_extent_frames_carry_the_data_it_checked(
     )
     from sdeefs.statedir import UserDirs
 
-    if not native:
-        monkeypatch.setattr(origin, "_capturec", None)
     layer = tmp_path / "layer"
     for sub in ("upper", "work"):
         (layer / sub).mkdir(parents=True)
@@ -343,8 +354,8 @@ def test_a_senders_extent_frames_carry_the_data_it_checked(
     journal = Journal.open(str(dirs.state.journal))
     seq = journal.append(rec.Mkdir(b"upper/d", 0o755, 1000, 1000))
     journal.append(rec.Done(seq))
-    first = journal.append(rec.Extent(b"upper/big", b"", 0, len(data), len(data),
-                                      _sums(data)))
+    first = journal.append(kind(b"upper/big", b"", 0, len(data), len(data),
+                                _sums(data, kind)))
     source = open_layer_root(str(layer / "upper"), str(layer / "work"))
     link = DownstreamLink(None, None, LinkKey(b"k" * 32, DOWN),  # type: ignore[arg-type]
                           Downstream("n1", "alice"), Offload())
@@ -374,9 +385,12 @@ def test_a_senders_extent_frames_carry_the_data_it_checked(
     assert {seq for seq, _, _ in chunks} == {first}
     assert [flags for _, flags, _ in chunks] == [SKIP | MORE, MORE, MORE, 0]
     assert b"".join(chunk for _, _, chunk in chunks) == data
+    shipped = [r for _, _, r, _ in sent if isinstance(r, rec.Extent)]
+    assert {type(r) for r in shipped} == {rec.Extent}
+    assert {r.sums for r in shipped} == {_sums(data, kind) if kind is rec.Extent else b""}
     # changed since the capture read it: not shipped, whatever the file holds now
-    second = journal.append(rec.Extent(b"upper/big", b"", 0, len(data), len(data),
-                                       _sums(data)))
+    second = journal.append(kind(b"upper/big", b"", 0, len(data), len(data),
+                                 _sums(data, kind)))
     changed = bytearray(data)
     changed[(20 << 16) + 5] ^= 1
     (layer / "upper" / "big").write_bytes(changed)
@@ -384,8 +398,8 @@ def test_a_senders_extent_frames_carry_the_data_it_checked(
     assert sender.waiting
     # the capture's next batch rewrites the block: both go, with the data as it is now
     block = bytes(changed[20 << 16:21 << 16])
-    journal.append(rec.Extent(b"upper/big", b"", 20 << 16, len(block), len(data),
-                              _sums(block)))
+    journal.append(kind(b"upper/big", b"", 20 << 16, len(block), len(data),
+                        _sums(block, kind)))
     sent = frames()
     assert {seq for seq, _, _, _ in sent} == {second, second + 1}
     assert b"".join(c for seq, _, _, c in sent if seq == second) == changed
@@ -454,3 +468,54 @@ def test_a_sender_reading_a_long_history_holds_a_bounded_window(
     assert len(runs) < files / 100  # many records per frame (wire.RUN), one MAC each
     # what each batch looked at (it scans it whole): the whole history before, 24,000
     assert max(looked_at) <= 2 * MAX_PENDING
+
+
+def test_a_journal_written_before_blake3_replays_and_checks(tmp_path: Path) -> None:
+    """A capture batch as sdeefs wrote it before BLAKE3 (Extent 18 and StableExtent 22,
+    BLAKE2b sums) is what it was: ``sdeefs check`` and replay rebuild the upper from it,
+    and the shipper's rule passes each record's data as it is (checked with BLAKE2b)."""
+    from sdeefs.apply import replay
+    from sdeefs.check import check_replay_matches
+    from sdeefs.sysio import name_to_handle
+    from tests.fs.capture_util import open_layers
+
+    layer = tmp_path / "layer"
+    for sub in ("upper", "work"):
+        (layer / sub).mkdir(parents=True)
+    data = os.urandom(5 * rec.EXTENT_BLOCK + 99)
+    big = layer / "upper" / "big"
+    big.write_bytes(data)
+    os.chmod(big, 0o644)
+    st = os.stat(big)
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        handle = name_to_handle(fd)
+    finally:
+        os.close(fd)
+    cut = 2 * rec.EXTENT_BLOCK
+    journal = Journal.open(str(tmp_path / "journal"))
+    begin = journal.append(rec.Begin(1))
+    journal.append(rec.Mknod(b"upper/big", stat.S_IFREG | 0o644, st.st_uid, st.st_gid))
+    records: list[rec.Extent] = [
+        rec.Extent(b"upper/big", handle, 0, cut, len(data), _sums(data[:cut], rec.Extent)),
+        rec.StableExtent(b"upper/big", handle, cut, len(data) - cut, len(data),
+                         _sums(data[cut:], rec.StableExtent), st.st_ctime_ns)]
+    for record in records:
+        journal.append(record)
+        assert extent_blocks_ok(record, data[record.offset:record.offset + record.length], [])
+    journal.append(rec.Setattr(b"upper/big", rec.SET_SIZE | rec.SET_MTIME, 0o644, st.st_uid,
+                               st.st_gid, len(data), 0, st.st_mtime_ns))
+    journal.append(rec.Commit(begin))
+    assert [type(e.record) for e in journal.read(1)][2:4] == [rec.Extent, rec.StableExtent]
+    assert check_replay_matches(journal, str(layer / "upper"), str(layer / "work")) == []
+    scratch = tmp_path / "replay"
+    for sub in ("upper", "work"):
+        (scratch / sub).mkdir(parents=True)
+    source, target = open_layers(layer), open_layers(scratch)
+    try:
+        replay(journal, source, target)
+    finally:
+        source.close()
+        target.close()
+        journal.close()
+    assert tree_diff(tree(layer / "upper"), tree(scratch / "upper")) == []

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import struct
@@ -44,7 +43,13 @@ from sdeefs.replication.wire import (
 from sdeefs.statedir import UserDirs
 from sdeefs.sysio import name_to_handle
 from tests.fs.test_capture import Site, requires_kernel
-from tests.replication.test_capture_origin import USER, barrier, diff, nodes  # noqa: F401
+from tests.replication.test_capture_origin import (  # noqa: F401
+    USER,
+    _sums,
+    barrier,
+    diff,
+    nodes,
+)
 
 # -- the record -----------------------------------------------------------------------------
 
@@ -53,7 +58,7 @@ def test_a_stable_extent_is_an_extent_and_its_witness_pinned() -> None:
     """Type 22: an Extent's fields, then the witness as a little-endian i64."""
     stable = rec.StableExtent(b"upper/f", b"h" * 8, 1 << 16, 10, 100, b"s" * 16, 1234567890)
     rtype, payload = rec.encode_record(stable)
-    plain = stable.extent()
+    plain = stable.shipped()
     assert rtype == 22
     assert type(plain) is rec.Extent
     assert payload == rec.encode_record(plain)[1] + struct.pack("<q", 1234567890)
@@ -135,9 +140,9 @@ def login(tmp_path: Path) -> Iterator[_Sender]:
         sender.close()
 
 
-def _stable(name: str, handle: bytes, data: bytes, ctime: int, sums: bytes) -> rec.StableExtent:
-    return rec.StableExtent(f"upper/{name}".encode(), handle, 0, len(data), len(data), sums,
-                            ctime)
+def _stable(name: str, handle: bytes, data: bytes, ctime: int, sums: bytes,
+            kind: type[rec.StableExtent] = rec.StableExtent3) -> rec.StableExtent:
+    return kind(f"upper/{name}".encode(), handle, 0, len(data), len(data), sums, ctime)
 
 
 WRONG = b"\0" * rec.SUM_SIZE  # sums no data has: only the witness can let such data go
@@ -162,21 +167,25 @@ def test_a_witnessed_extent_travels_unhashed_as_a_plain_extent(login: _Sender) -
     assert not login.sender.waiting
 
 
-def test_a_changed_ctime_leaves_it_to_the_sums(login: _Sender) -> None:
+@pytest.mark.parametrize("kind", [rec.StableExtent, rec.StableExtent3])
+def test_a_changed_ctime_leaves_it_to_the_sums(login: _Sender,
+                                               kind: type[rec.StableExtent]) -> None:
     """The file's ctime moved since the capture read it: the sums decide.  Wrong sums:
-    held back; right sums: shipped."""
+    held back; right sums: shipped, checked with the function of the record's type
+    (BLAKE2b in a journal written before BLAKE3: type 22; BLAKE3 now: type 24)."""
     data = os.urandom(3 << 16)
     path, handle, ctime = login.file("f", data)
     os.chmod(path, 0o600)  # a ctime change only: the data are the same
     assert os.stat(path).st_ctime_ns != ctime
-    login.journal.append(_stable("f", handle, data, ctime, _wrong_sums(data)))
+    login.journal.append(_stable("f", handle, data, ctime, _wrong_sums(data), kind))
     assert login.frames() == []
     assert login.sender.waiting
-    right = hashlib.blake2b
-    sums = b"".join(right(data[i:i + rec.EXTENT_BLOCK], digest_size=rec.SUM_SIZE).digest()
-                    for i in range(0, len(data), rec.EXTENT_BLOCK))
     login.sender.pending.clear()
-    seq = login.journal.append(_stable("f", handle, data, ctime, sums))
+    other = rec.StableExtent3 if kind is rec.StableExtent else rec.StableExtent
+    login.journal.append(_stable("f", handle, data, ctime, _sums(data, kind), other))
+    assert login.frames() == []  # the right bytes, said to be the other function's
+    login.sender.pending.clear()
+    seq = login.journal.append(_stable("f", handle, data, ctime, _sums(data, kind), kind))
     sent = login.frames()
     assert {s for s, _, _, _ in sent} == {seq}
     assert b"".join(chunk for _, _, _, chunk in sent) == data
