@@ -22,6 +22,8 @@ The harnesses run as root (mounting needs it).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as _dt
 import os
 import platform
@@ -53,6 +55,16 @@ def log(message: str) -> None:
     """Progress output, stamped with seconds since start, goes to stderr so
     stdout stays clean for the table."""
     print(f"[{time.monotonic() - _STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def load_sodium() -> ctypes.CDLL | None:
+    """libsodium, initialised, for a benchmark's comparison with it (None: not installed;
+    sdeefs itself no longer uses it)."""
+    path = ctypes.util.find_library("sodium")
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)
+    return lib if lib.sodium_init() >= 0 else None
 
 
 def one_line(text: str, limit: int = 200) -> str:

@@ -20,8 +20,14 @@ import hashlib
 import hmac
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.common import load_sodium  # noqa: E402
 
 KEY = os.urandom(32)
 
@@ -77,11 +83,8 @@ def evp_aead(cipher_name: bytes) -> Callable[[bytes], bytes] | None:
 
 
 def sodium_poly1305() -> Callable[[bytes], bytes] | None:
-    path = ctypes.util.find_library("sodium")
-    if path is None:
-        return None
-    lib = ctypes.CDLL(path)
-    if lib.sodium_init() < 0:
+    lib = load_sodium()
+    if lib is None:
         return None
     out = ctypes.create_string_buffer(16)
     lib.crypto_onetimeauth_poly1305.argtypes = [ctypes.c_char_p, ctypes.c_char_p,

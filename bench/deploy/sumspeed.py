@@ -23,10 +23,15 @@ import ctypes.util
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.common import load_sodium  # noqa: E402
 from sdeefs import blocksums
 
 BLOCK = blocksums.BLOCK
@@ -34,11 +39,8 @@ CHUNK = 1 << 20
 
 
 def sodium_sums() -> Callable[[bytes], bytes] | None:
-    path = ctypes.util.find_library("sodium")
-    if path is None:
-        return None
-    lib = ctypes.CDLL(path)
-    if lib.sodium_init() < 0:
+    lib = load_sodium()
+    if lib is None:
         return None
     hash_fn = lib.crypto_generichash
     hash_fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p,

@@ -12,25 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import pytest
 import trio
 
 from sdeefs.replication.origin import write_frame_data
 from sdeefs.replication.relay import IDLE_HEAD
 from sdeefs.replication.wire import BufferPool, Encoded
+from tests.replication import test_coldsource
 from tests.replication.test_coldsource import _Sender, _stable, _wrong_sums
 
-
-@pytest.fixture
-def login(tmp_path: Path) -> Iterator[_Sender]:
-    sender = _Sender(tmp_path)
-    try:
-        yield sender
-    finally:
-        sender.close()
+login = test_coldsource.login  # the same login journal and sender fixture
 
 
 def _bases(frames: Sequence[bytes | bytearray | memoryview]) -> list[int]:
