@@ -42,6 +42,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from sdeefs import mountinfo
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SDEEFS_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 SCRATCH_PARENT = Path("/var/tmp")
@@ -375,22 +377,6 @@ def timed_command(
 # --------------------------------------------------------------------------
 
 
-def _unescape_mountinfo(field_text: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
-    out: list[str] = []
-    index = 0
-    while index < len(field_text):
-        char = field_text[index]
-        octal = field_text[index + 1 : index + 4]
-        if char == "\\" and len(octal) == 3 and all(digit in "01234567" for digit in octal):
-            out.append(chr(int(octal, 8)))
-            index += 4
-        else:
-            out.append(char)
-            index += 1
-    return "".join(out)
-
-
 @dataclass(frozen=True)
 class MountEntry:
     mount_id: int
@@ -402,24 +388,12 @@ class MountEntry:
 
 
 def read_mounts() -> list[MountEntry]:
+    """This namespace's mounts (parsed, escapes undone, by ``sdeefs.mountinfo``)."""
     entries: list[MountEntry] = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        rest = right.split()
-        if len(fields) < 5 or len(rest) < 2:
-            continue
-        major, _, minor = fields[2].partition(":")
-        entries.append(
-            MountEntry(
-                mount_id=int(fields[0]),
-                major=int(major),
-                minor=int(minor),
-                mount_point=Path(_unescape_mountinfo(fields[4])),
-                fs_type=rest[0],
-                source=_unescape_mountinfo(rest[1]),
-            )
-        )
+    for mount in mountinfo.mounts():
+        major, _, minor = mount.device.partition(":")
+        entries.append(MountEntry(mount.mount_id, int(major), int(minor), Path(mount.point),
+                                  mount.fstype, mount.source))
     return entries
 
 

@@ -33,6 +33,7 @@ import re
 
 import attrs
 
+from sdeefs import mountinfo
 from sdeefs.config import SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 
@@ -84,16 +85,12 @@ class Hierarchy:
             if {"memory", "pids"} <= set(have):
                 return cls(True, {"": CGROUP_ROOT})
         mounts: dict[str, str] = {}
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if fields[sep + 1] != "cgroup":
-                    continue
-                options = set(fields[sep + 3].split(","))
-                for controller in ("memory", "pids", "cpu"):
-                    if controller in options:
-                        mounts[controller] = fields[4]
+        for mount in mountinfo.mounts():
+            if mount.fstype != "cgroup":
+                continue
+            for controller in ("memory", "pids", "cpu"):
+                if controller in mount.super_options:
+                    mounts[controller] = mount.point
         return cls(False, mounts) if {"memory", "pids"} <= set(mounts) else None
 
     def dirs(self, user: str) -> list[str]:

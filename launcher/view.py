@@ -59,6 +59,7 @@ from collections.abc import Callable
 
 import attrs
 
+from sdeefs import mountinfo
 from sdeefs.config import Engine, Guard, GuardDaemon, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.fs import kernel
@@ -105,8 +106,7 @@ def mounted(path: str) -> bool:
 
 def mount_targets() -> set[str]:
     """Where something is mounted in this mount namespace (/proc/self/mountinfo)."""
-    with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f}
+    return mountinfo.points()
 
 
 def detach(path: str) -> None:

@@ -18,6 +18,7 @@ import attrs
 import hypothesis
 import pytest
 
+from sdeefs import mountinfo
 from sdeefs.fs.daemon import daemon_pid
 
 T = TypeVar("T")
@@ -147,9 +148,7 @@ def concurrently(work: Callable[[T], None], args: Iterable[T]) -> None:
 
 
 def mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    return mountinfo.at(path) is not None
 
 
 @attrs.define

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import stat
 import time
 from collections.abc import Iterator
 
+from sdeefs import mountinfo
 from sdeefs.fs.guard import readable_only_by_root
 from sdeefs.sysio import write_file_atomic
 
@@ -39,18 +39,9 @@ from ..layout import SiteRun
 def _mountpoints_below(top: bytes) -> set[bytes]:
     """Mountpoints strictly below ``top`` in this mount namespace (/proc/self/mountinfo,
     its octal escapes undone)."""
-    found = set()
     prefix = top.rstrip(b"/") + b"/"
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 5:
-                continue
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
-                           fields[4])
-            if point.startswith(prefix) and point != prefix:
-                found.add(point)
-    return found
+    points = (os.fsencode(point) for point in mountinfo.points())
+    return {point for point in points if point.startswith(prefix) and point != prefix}
 
 
 def scan(lower: str, skip: tuple[str, ...], system: int = 1000) -> Iterator[bytes]:

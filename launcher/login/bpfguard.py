@@ -103,6 +103,7 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
+from sdeefs import mountinfo
 from sdeefs.config import Engine, Guard, SiteConfig
 from sdeefs.errors import ExitCode, QuietError
 from sdeefs.identity import Identity
@@ -751,14 +752,8 @@ def _unpin(directory: str) -> None:
 
 def _fs_type(path: str) -> str | None:
     """The filesystem type mounted exactly at ``path`` (/proc/self/mountinfo), or None."""
-    real = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == real:
-                found = fields[fields.index("-") + 1]
-    return found
+    mount = mountinfo.at(path)
+    return mount.fstype if mount is not None else None
 
 
 def _last_line(text: str) -> str:

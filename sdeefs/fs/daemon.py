@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+from .. import mountinfo
 from ..errors import ExitCode, QuietError
 from ..statedir import StateDir
 from ..sysio import write_file_atomic
@@ -205,17 +206,11 @@ def pinning_processes(fsname: str) -> list[int]:
             namespace = os.readlink(f"/proc/{entry}/ns/mnt")
             if namespace == own or namespace in found:
                 continue
-            with open(f"/proc/{entry}/mountinfo") as f:
-                if any(_mount_source(line) == fsname for line in f):
-                    found[namespace] = int(entry)
+            if any(mount.source == fsname for mount in mountinfo.mounts(int(entry))):
+                found[namespace] = int(entry)
         except OSError:
             continue
     return sorted(found.values())
-
-
-def _mount_source(line: str) -> str:
-    fields = line.split(" - ", 1)
-    return fields[1].split()[1] if len(fields) == 2 and len(fields[1].split()) > 1 else ""
 
 
 def _describe(pids: list[int]) -> str:

@@ -32,6 +32,8 @@ import struct
 import subprocess
 from collections.abc import Iterator
 
+from .. import mountinfo
+
 log = logging.getLogger(__name__)
 
 SUPERBLOCK_OFFSET = 1024
@@ -121,14 +123,8 @@ def loop_devices_of(path: str) -> list[str]:
 
 def mount_source(mountpoint: str) -> str | None:
     """The source device of the mount at ``mountpoint`` (None if nothing is mounted there)."""
-    target = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                found = fields[fields.index("-") + 2]
-    return found
+    mount = mountinfo.at(mountpoint)
+    return mount.source if mount is not None else None
 
 
 def check_image(path: str) -> None:
@@ -193,8 +189,7 @@ def _image_lock(path: str) -> Iterator[None]:
 
 
 def _mounted_here(device: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[line.split().index("-") + 2] == device for line in f)
+    return any(mount.source == device for mount in mountinfo.mounts())
 
 
 def is_mounted(path: str, mountpoint: str) -> bool:

@@ -35,6 +35,7 @@ import attrs
 import pyfuse3
 import trio
 
+from .. import mountinfo
 from ..apply import recover
 from ..config import Engine, GuardDaemon, guard_daemon
 from ..errors import ExitCode, QuietError
@@ -249,13 +250,9 @@ def raise_readahead(fsname: str, kib: int = READAHEAD_KIB) -> None:
     the mountpoint would be a request to this very daemon, which does not serve yet.
     Best effort: without it reads are correct, only slower (a note in the log).
     """
-    escaped = fsname.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011") \
-        .replace("\n", "\\012")
     try:
-        with open("/proc/self/mountinfo") as f:
-            devices = [fields[2] for fields in map(str.split, f)
-                       if fields[fields.index("-") + 1].startswith("fuse")
-                       and fields[fields.index("-") + 2] == escaped]
+        devices = [mount.device for mount in mountinfo.mounts()
+                   if mount.fstype.startswith("fuse") and mount.source == fsname]
         if not devices:
             log.warning("readahead left at the default: %s not in mountinfo", fsname)
             return
@@ -548,39 +545,29 @@ def unmount_path(path: str) -> None:
 
 def mounted_state(mountpoint: str) -> tuple[str, str | None]:
     """(type, state dir) of an sdeefs mount at ``mountpoint``, from /proc/self/mountinfo."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[4] != target:
-                continue
-            fstype, source, options = fields[sep + 1], fields[sep + 2], fields[sep + 3]
-            if fstype == "overlay":
-                for opt in options.split(","):
-                    if opt.startswith("upperdir="):
-                        inner = os.path.dirname(opt[len("upperdir="):])  # STATE/mnt
-                        if os.path.exists(inner + ".img"):  # LAYER (engine kernel)
-                            with open(os.path.join(inner, "state")) as f:
-                                return "kernel", f.read().strip()
-                        return "hybrid", os.path.dirname(inner)
-                return "overlay", None
-            if fstype.startswith("fuse") and source.startswith("sdeefs:"):
-                return "fuse", source[len("sdeefs:"):].replace("\\040", " ")
-            raise QuietError(f"{mountpoint} is a {fstype} mount not made by sdeefs", ExitCode.USAGE)
-    raise QuietError(f"{mountpoint} is not mounted", ExitCode.USAGE)
+    mount = mountinfo.at(mountpoint)
+    if mount is None:
+        raise QuietError(f"{mountpoint} is not mounted", ExitCode.USAGE)
+    if mount.fstype == "overlay":
+        upper = mount.super_option("upperdir")
+        if upper is None:
+            return "overlay", None
+        inner = os.path.dirname(upper)  # STATE/mnt
+        if os.path.exists(inner + ".img"):  # LAYER (engine kernel)
+            with open(os.path.join(inner, "state")) as f:
+                return "kernel", f.read().strip()
+        return "hybrid", os.path.dirname(inner)
+    if mount.fstype.startswith("fuse") and mount.source.startswith("sdeefs:"):
+        return "fuse", mount.source[len("sdeefs:"):]
+    raise QuietError(f"{mountpoint} is a {mount.fstype} mount not made by sdeefs", ExitCode.USAGE)
 
 
 def _upperdir(mountpoint: str) -> str:
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == target:
-                for opt in fields[fields.index("-") + 3].split(","):
-                    if opt.startswith("upperdir="):
-                        return opt[len("upperdir="):]
-    raise QuietError(f"{mountpoint} is not a kernel overlay", ExitCode.USAGE)
+    mount = mountinfo.at(mountpoint)
+    upper = mount.super_option("upperdir") if mount is not None else None
+    if upper is None:
+        raise QuietError(f"{mountpoint} is not a kernel overlay", ExitCode.USAGE)
+    return upper
 
 
 def umount(mountpoint: str, timeout: float = 30.0) -> None:

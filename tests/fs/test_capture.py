@@ -22,7 +22,7 @@ import attrs
 import pytest
 import trio
 
-from sdeefs import blocksums
+from sdeefs import blocksums, mountinfo
 from sdeefs import records as rec
 from sdeefs.apply import recover, replay
 from sdeefs.check import check_replay_matches
@@ -394,9 +394,9 @@ def test_image_mount_options_and_unclean_images(tmp_path: Path) -> None:
     with contextlib.ExitStack() as stack:
         image.mount_image(str(img), str(layer))
         stack.callback(image.unmount_image, str(layer))
-        with open("/proc/self/mountinfo") as f:
-            line = next(x for x in f if x.split()[4] == str(layer))
-        assert {"nodev", "nosuid"} <= set(line.split()[5].split(","))
+        mount = mountinfo.at(layer)
+        assert mount is not None
+        assert {"nodev", "nosuid"} <= mount.options
         upper, _ = image.prepare_layer(str(layer), 4242, 4343)
         assert os.stat(upper).st_uid == 4242
         assert os.stat(layer).st_uid == 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdeefs import mountinfo
 from sdeefs.fs import kernel
 
 # The installed runtime (tests/conftest.py installs it with scripts/install.sh), or this
@@ -44,8 +45,7 @@ requires_launcher = pytest.mark.skipif(launcher_skip_reason() is not None,
 
 
 def _mounts_under(prefix: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        found = [line.split()[4] for line in f]
+    found = [mount.point for mount in mountinfo.mounts()]
     return [m for m in found if m == prefix or m.startswith(prefix.rstrip("/") + "/")]
 
 

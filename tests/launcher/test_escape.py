@@ -49,6 +49,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from sdeefs import mountinfo
 from sdeefs.config import DEFAULT_DENY
 from sdeefs.fs.daemon import daemon_pid
 from sdeefs.identity import of_user
@@ -627,9 +628,9 @@ def test_a_dead_guard_fails_closed_and_relogin_recovers(env: Escape) -> None:
 def _mount_daemon_pids(mountpoint: Path) -> list[int]:
     """The pids of the FUSE daemon serving ``mountpoint`` (the processes holding /dev/fuse for
     it: sdeefs-guard's keeper and server)."""
-    with open("/proc/self/mountinfo") as f:
-        device = next(line.split()[2] for line in f if line.split()[4] == str(mountpoint))
-    minor = int(device.split(":")[1])
+    mount = mountinfo.at(mountpoint, resolve=False)
+    assert mount is not None, f"nothing mounted at {mountpoint}"
+    minor = mount.minor
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from sdeefs import mountinfo
 from sdeefs.fs import mask
 from sdeefs.fs.mask import MaskSpec, build_mask
 from sdeefs.launcher import view
@@ -30,12 +31,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
 
 
 def _fs_type(mountpoint: str) -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == os.path.realpath(mountpoint):
-                return fields[fields.index("-") + 1]
-    return None
+    mount = mountinfo.at(mountpoint)
+    return mount.fstype if mount is not None else None
 
 
 def _loops_backed_under(directory: str) -> list[str]:
