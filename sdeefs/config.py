@@ -230,6 +230,14 @@ def parse_size(what: str, value: object) -> int:
     return size
 
 
+def _known_keys(table: dict[str, Any], record: type, name: str, source: str) -> None:
+    """Every key of the TOML table ``[name]`` is a field of ``record``, or one clear error."""
+    fields = {f.name for f in attrs.fields(record)}
+    for key in table:
+        if key not in fields:
+            raise QuietError(f"{source}: unknown key {name}.{key}", ExitCode.USAGE)
+
+
 def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
     """Build a SiteConfig from a parsed TOML document; one clear error per bad key."""
     unknown_tables = set(data) - {"sdeefs", "replication"}
@@ -238,10 +246,7 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
     table = data.get("sdeefs", {})
     if not isinstance(table, dict):
         raise QuietError(f"{source}: [sdeefs] must be a table", ExitCode.USAGE)
-    fields = {f.name for f in attrs.fields(SiteConfig)}
-    for key in table:
-        if key not in fields:
-            raise QuietError(f"{source}: unknown key sdeefs.{key}", ExitCode.USAGE)
+    _known_keys(table, SiteConfig, "sdeefs", source)
     values: dict[str, Any] = {}
     for key in ("root", "run_dir", "lower"):
         if key in table:
@@ -295,10 +300,7 @@ def parse(data: dict[str, Any], source: str = "config") -> SiteConfig:
 def _replication(table: object, source: str) -> Replication:
     if not isinstance(table, dict):
         raise QuietError(f"{source}: [replication] must be a table", ExitCode.USAGE)
-    fields = {f.name for f in attrs.fields(Replication)}
-    for key in table:
-        if key not in fields:
-            raise QuietError(f"{source}: unknown key replication.{key}", ExitCode.USAGE)
+    _known_keys(table, Replication, "replication", source)
     values: dict[str, Any] = {}
     for key in ("login", "listen"):
         if key in table:
