@@ -1755,6 +1755,22 @@ struct inval {
 };
 
 
+/* Tell the kernel, then free the list: called outside g->lock, as the kernel may wait for
+ * a lookup this guard is answering. */
+static void send_invals(struct guard *g, struct inval *todo, size_t ntodo)
+{
+    for (size_t i = 0; i < ntodo; i++) {
+        if (todo[i].name) {
+            fuse_lowlevel_notify_inval_entry(g->se, todo[i].ino, todo[i].name,
+                                             strlen(todo[i].name));
+            free(todo[i].name);
+        } else {
+            fuse_lowlevel_notify_inval_inode(g->se, todo[i].ino, 0, 0);
+        }
+    }
+    free(todo);
+}
+
 static void invalidate_all(struct guard *g, struct inval **todo, size_t *ntodo, size_t *cap)
 {
     for (size_t i = 0; i < g->t.size; i++)
@@ -1817,17 +1833,7 @@ static void *watch_host(void *arg)
                 todo[ntodo++] = (struct inval){n->ino, strdup(ev->name)};
         }
         pthread_mutex_unlock(&g->lock);
-        /* outside the lock: the kernel may wait for a lookup we are answering */
-        for (size_t i = 0; i < ntodo; i++) {
-            if (todo[i].name) {
-                fuse_lowlevel_notify_inval_entry(g->se, todo[i].ino, todo[i].name,
-                                                 strlen(todo[i].name));
-                free(todo[i].name);
-            } else {
-                fuse_lowlevel_notify_inval_inode(g->se, todo[i].ino, 0, 0);
-            }
-        }
-        free(todo);
+        send_invals(g, todo, ntodo); /* outside the lock: see send_invals */
     }
 }
 
@@ -1972,16 +1978,7 @@ static void *invalidate_after_takeover(void *arg)
         }
     pthread_mutex_unlock(&g->lock);
     free(dirs);
-    for (size_t i = 0; i < ntodo; i++) {
-        if (todo[i].name) {
-            fuse_lowlevel_notify_inval_entry(g->se, todo[i].ino, todo[i].name,
-                                             strlen(todo[i].name));
-            free(todo[i].name);
-        } else {
-            fuse_lowlevel_notify_inval_inode(g->se, todo[i].ino, 0, 0);
-        }
-    }
-    free(todo);
+    send_invals(g, todo, ntodo);
     return NULL;
 }
 
