@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from ..launcher.launcher_site import SHELL, VENV_BIN, requires_launcher
@@ -286,13 +287,22 @@ def exec_stop_post(g: Grid, i: int) -> list[subprocess.CompletedProcess[str]]:
     return done
 
 
-def test_stopping_the_replicad_ends_its_spares_and_leaves_running_jobs(grid: Grid) -> None:
-    """``systemctl stop`` (and so a restart) of the node's replicad: the spare environment it
-    started ahead and the layers the user's jobs share end with it, nothing of them running
-    or mounted; the job that runs keeps its environment and ends as usual."""
-    g = grid
+@attrs.frozen
+class LongJob:
+    """A job on n1 that waits for ``home/go``, and the spare environment started beside it."""
+
+    home: Path
+    job: int
+    out: Path
+    pid: int  # the job environment's init
+    spare_pid: int  # the spare's init
+
+
+def start_long_job_beside_a_spare(g: Grid, version: str) -> LongJob:
+    """The user writes ``version`` into /etc/sdeefs-demo at login and submits a job that
+    prints it once ``home/go`` exists; returns once the job's and the spare's inits run."""
     g.site.start(g.user)
-    g.site.run(g.user, "echo v3 > /etc/sdeefs-demo")
+    g.site.run(g.user, f"echo {version} > /etc/sdeefs-demo")
     home = g.site.home(g.user)
     job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
                       "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
@@ -302,8 +312,19 @@ def test_stopping_the_replicad_ends_its_spares_and_leaves_running_jobs(grid: Gri
     while not ((jobs / f"{job}.run" / "init").exists() and (spare / "spare-key").exists()):
         assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
         time.sleep(0.1)
-    pid = int((jobs / f"{job}.run" / "init").read_text().split()[0])
-    spare_pid = int((spare / "init").read_text().split()[0])
+    return LongJob(home, job, out,
+                   int((jobs / f"{job}.run" / "init").read_text().split()[0]),
+                   int((spare / "init").read_text().split()[0]))
+
+
+def test_stopping_the_replicad_ends_its_spares_and_leaves_running_jobs(grid: Grid) -> None:
+    """``systemctl stop`` (and so a restart) of the node's replicad: the spare environment it
+    started ahead and the layers the user's jobs share end with it, nothing of them running
+    or mounted; the job that runs keeps its environment and ends as usual."""
+    g = grid
+    run = start_long_job_beside_a_spare(g, "v3")
+    home, job, out = run.home, run.job, run.out
+    pid, spare_pid = run.pid, run.spare_pid
 
     def ours_mounted() -> list[str]:
         return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
@@ -443,19 +464,9 @@ def test_a_node_whose_replicad_was_killed_mid_job_comes_back_and_runs_the_next_j
     does its epilog (the environment the old one started ends), and the next job of the
     user runs on that node as ever: the node never leaves service."""
     g = grid
-    g.site.start(g.user)
-    g.site.run(g.user, "echo v5 > /etc/sdeefs-demo")
-    home = g.site.home(g.user)
-    job, out = submit(g, "long", f"#!/bin/sh\nwhile [ ! -e {home}/go ]; do sleep 0.1; done\n"
-                      "cat /etc/sdeefs-demo\n", "-N1", "-w", "n1")
-    jobs = g.base / "n1" / "jobs"
-    spare = jobs / f".spare-{g.user}.run"
-    deadline = time.monotonic() + 60
-    while not ((jobs / f"{job}.run" / "init").exists() and (spare / "spare-key").exists()):
-        assert time.monotonic() < deadline, (job_files(g, 1), g.hook_logs())
-        time.sleep(0.1)
-    pid = int((jobs / f"{job}.run" / "init").read_text().split()[0])
-    spare_pid = int((spare / "init").read_text().split()[0])
+    run = start_long_job_beside_a_spare(g, "v5")
+    home, job, out = run.home, run.job, run.out
+    pid, spare_pid = run.pid, run.spare_pid
     proc = g.replicads.pop(1)
     os.kill(proc.pid, signal.SIGKILL)  # the daemon only (KillMode=process), by its pid
     proc.wait(10)
