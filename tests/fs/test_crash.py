@@ -4,6 +4,7 @@ and after the next mount the upper and the journal agree (replaying the journal 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -84,7 +85,13 @@ def kill_daemon_during_storm(layers: Layers, engine: str, seed: int, delay: floa
     mnt = layers.mount(engine)
     storm = subprocess.Popen([sys.executable, "-c", STORM, str(mnt), str(seed)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = ""
     try:
+        # The delay counts from the storm's first fsync'd file, not from its start: on a
+        # loaded machine Python alone may take longer than the delay to get going.
+        assert storm.stdout is not None
+        if select.select([storm.stdout], [], [], 60)[0]:
+            first = storm.stdout.readline()
         time.sleep(delay)
         pid = daemon_pid(str(layers.state))
         assert pid is not None
@@ -101,7 +108,7 @@ def kill_daemon_during_storm(layers: Layers, engine: str, seed: int, delay: floa
     for path in (mnt, layers.state / "mnt"):
         if mounted(path):
             subprocess.run(["umount", "-l", str(path)], check=True)
-    lines = out.splitlines()
+    lines = first.splitlines() + out.splitlines()
     assert lines, f"the storm failed at once: {err.strip()[-600:]}"
     assert lines[-1].startswith("stopped"), f"the storm failed: {err.strip()[-600:]}"
     stopped_at = float(lines[-1].split()[2])
