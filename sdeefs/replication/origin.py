@@ -528,6 +528,12 @@ class JournalSender:
             rtype = entry.rtype
             frames: list[bytearray | memoryview] | None = None
             if rtype in rec.EXTENT_TYPES:
+                if size and size + cast(rec.Extent, entry.record).length > BATCH_BYTES:
+                    # a big Extent (up to 16 MiB) starts the next batch: a batch is then
+                    # at most one such Extent, not 8 MiB and one, so the frames in
+                    # flight (three batches) and the pool's buffers are fewer, and the
+                    # buffers warmer (bench/RESULTS.md, branch originlean)
+                    break
                 frames = self._extent_frames(entry.seq, cast(rec.Extent, entry.record),
                                              pending[taken + 1:ready],
                                              SKIP if self.skipped else 0)
@@ -679,7 +685,16 @@ class JournalSender:
             if not (rtype == rec.Mknod.TYPE and stat.S_ISCHR(mode) and mode & 0o7777) \
                     and self._owner_ok(uid, gid):
                 return None
-        return refusal(entry.record, self.user.ids)
+        record = entry.record
+        if rtype == rec.Create.TYPE:
+            # a new file of the user's own, without xattrs: the records it means (Mknod
+            # of a regular file, a Write, a Setattr of size and mtime) all pass, as
+            # ``refusal`` of each would say, without making them (most of a cold
+            # stream's records are Creates)
+            create = cast(rec.Create, record)
+            if not create.xattrs and self._owner_ok(create.uid, create.gid):
+                return None
+        return refusal(record, self.user.ids)
 
     def _encode_setattr(self, held: HeldSetattr, out: list[Encoded],
                         run: RunEncoder) -> int:

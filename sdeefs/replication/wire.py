@@ -540,10 +540,11 @@ class BufferPool:
     buffers are kept (about the frames in flight); beyond that a buffer of its own, as
     before.
 
-    A buffer is made at least ``size`` bytes (the sender's: a whole data chunk's frame),
-    so the short last frame of a file does not leave a buffer too small for the next
-    full one (each replaced by a new one: faulted in again, ~100 MiB a GiB streamed,
-    bench/RESULTS.md, branch originlean).  Of the free buffers the one freed last is
+    A buffer for a frame of at least half of ``size`` is made ``size`` bytes (the
+    sender's: a whole data chunk's frame), so the short last frame of a big file does
+    not leave a buffer too small for the next full one (each replaced by a new one:
+    faulted in again, bench/RESULTS.md, branch originlean); a smaller frame's (a small
+    file's) is made its own size, so a window of those does not hold a chunk each.  Of the free buffers the one freed last is
     handed out (the warmest in the CPU's cache: the copy into it is cheaper), so the
     pool holds about the buffers in flight at once, not ``keep``.
     """
@@ -587,12 +588,15 @@ class BufferPool:
             buf = buffers.pop(pick)
             buffers.append(buf)
             return memoryview(buf)[:length]
-        buf = bytearray(max(length, self.size))
+        if smaller < 0 and len(buffers) >= self.keep:
+            return memoryview(bytearray(length))  # a buffer of its own: just its size
+        # a frame of at least half a chunk gets a whole chunk's buffer (the next full
+        # frame fits it); a smaller one (a small file's Extent) just its size: a
+        # window of those must not hold a chunk each
+        buf = bytearray(self.size if length * 2 >= self.size > length else length)
         if smaller >= 0:
             del buffers[smaller]
-            buffers.append(buf)
-        elif len(buffers) < self.keep:
-            buffers.append(buf)
+        buffers.append(buf)
         return memoryview(buf)[:length]
 
     def clear(self) -> None:
