@@ -544,9 +544,10 @@ class BufferPool:
     sender's: a whole data chunk's frame), so the short last frame of a big file does
     not leave a buffer too small for the next full one (each replaced by a new one:
     faulted in again, bench/RESULTS.md, branch originlean); a smaller frame's (a small
-    file's) is made its own size, so a window of those does not hold a chunk each.  Of the free buffers the one freed last is
-    handed out (the warmest in the CPU's cache: the copy into it is cheaper), so the
-    pool holds about the buffers in flight at once, not ``keep``.
+    file's) is made its own size, so a window of those does not hold a chunk each.  Of
+    the free buffers the one freed last is handed out (the warmest in the CPU's cache:
+    the copy into it is cheaper), so the pool holds about the buffers in flight at
+    once, not ``keep``.
     """
 
     keep: int = 64
