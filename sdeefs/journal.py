@@ -861,11 +861,14 @@ class JournalTail:
 
     def _read(self, max_bytes: int) -> memoryview:
         """Up to ``max_bytes`` of the open segment from the place reached, read into the
-        tail's buffer (valid until the next read)."""
-        if len(self._buffer) < max_bytes:
-            self._buffer = bytearray(max_bytes)
+        tail's buffer (valid until the next read).  The buffer grows to what the segment
+        holds there, not to ``max_bytes``: a look asked for much more than a journal
+        holds (a gigabyte) neither zeroes nor keeps that much."""
+        want = max(0, min(max_bytes, os.fstat(self._fd).st_size - self._offset))
+        if len(self._buffer) < want:
+            self._buffer = bytearray(want)
         with memoryview(self._buffer) as whole:
-            got = os.preadv(self._fd, [whole[:max_bytes]], self._offset)
+            got = os.preadv(self._fd, [whole[:want]], self._offset) if want else 0
         return memoryview(self._buffer)[:got]
 
     def _growing(self) -> bool:

@@ -217,3 +217,22 @@ def test_a_tail_reads_into_the_buffer_it_keeps(tmp_path: os.PathLike[str]) -> No
         for t in (tail, raw, skip):
             t.close()
         journal.close()
+
+
+def test_a_tail_asked_for_more_than_the_journal_holds_keeps_what_it_holds(
+        tmp_path: os.PathLike[str]) -> None:
+    directory = os.path.join(tmp_path, "journal")
+    journal = Journal.open(directory)
+    for i in range(10):
+        journal.append(rec.Write(b"upper/f", b"h", i, 1))
+    tail = JournalTail(directory, 1)
+    try:
+        assert len(tail.poll(1 << 30)) == 10
+        size = os.path.getsize(os.path.join(directory, "seg-0000000000000001.log"))
+        assert 0 < len(tail._buffer) <= size
+        journal.append(rec.Write(b"upper/f", b"h", 10, 1))
+        assert [e.seq for e in tail.poll(1 << 30)] == [11]
+        assert tail.poll(1 << 30) == []
+    finally:
+        tail.close()
+        journal.close()
