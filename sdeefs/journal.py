@@ -318,28 +318,43 @@ class RawEntry:
         return self._record
 
 
-def scan_frames(data: bytes, offset: int, expect_seq: int) -> Iterator[tuple[int, int, int, bytes]]:
-    """Yield (end_offset, seq, type, payload) for each good frame from ``offset``.
+def frame_spans(data: bytes | bytearray | memoryview, offset: int, expect_seq: int
+                ) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (start, end_offset, seq, type) for each good frame from ``offset``: the
+    frame is ``data[start:end]``, its payload after FRAME_HEADER.
 
     Stops at the first frame that is truncated, fails its checksum or breaks
-    the sequence; the caller compares the stop offset with ``len(data)``.
+    the sequence; the caller compares the stop offset with ``len(data)``.  The CRC is
+    taken over a view of ``data`` (no copy of the record: bench/RESULTS.md, branch
+    originlean).
     """
-    while offset + FRAME_HEADER.size <= len(data):
-        crc, length, seq, rtype, _flags = FRAME_HEADER.unpack_from(data, offset)
+    view = memoryview(data)
+    size = len(view)
+    while offset + FRAME_HEADER.size <= size:
+        crc, length, seq, rtype, _flags = FRAME_HEADER.unpack_from(view, offset)
         end = offset + FRAME_HEADER.size + length
-        if length > MAX_PAYLOAD or end > len(data):
+        if length > MAX_PAYLOAD or end > size:
             return
-        if zlib.crc32(data[offset + 4 : end]) != crc or seq != expect_seq:
+        if zlib.crc32(view[offset + 4 : end]) != crc or seq != expect_seq:
             return
-        yield end, seq, rtype, data[offset + FRAME_HEADER.size : end]
+        yield offset, end, seq, rtype
         offset = end
         expect_seq += 1
+
+
+def scan_frames(data: bytes | bytearray | memoryview, offset: int, expect_seq: int
+                ) -> Iterator[tuple[int, int, int, bytes]]:
+    """Yield (end_offset, seq, type, payload) for each good frame from ``offset``
+    (:func:`frame_spans`; the payload a copy of its own, checked before it is made)."""
+    view = memoryview(data)
+    for start, end, seq, rtype in frame_spans(view, offset, expect_seq):
+        yield end, seq, rtype, bytes(view[start + FRAME_HEADER.size : end])
 
 
 def last_good_frame(data: bytes, first_seq: int) -> tuple[int, int]:
     """(offset just past the last good frame, its seq) of a segment's bytes."""
     end, last = SEGMENT_HEADER.size, first_seq - 1
-    for frame_end, seq, _, _ in scan_frames(data, SEGMENT_HEADER.size, first_seq):
+    for _, frame_end, seq, _ in frame_spans(data, SEGMENT_HEADER.size, first_seq):
         end, last = frame_end, seq
     return end, last
 
@@ -738,6 +753,10 @@ class JournalTail:
     _first: int = 0
     _offset: int = 0
     _version: int = RECORD_VERSION  # the open segment's record encoding
+    # what each look reads into, kept: a new ``bytes`` per look was faulted in page by
+    # page (glibc growing and trimming a thread's heap: a page fault per 4 KiB of the
+    # journal, bench/RESULTS.md, branch originlean); records are copied out of it
+    _buffer: bytearray = attrs.field(factory=bytearray)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -801,23 +820,29 @@ class JournalTail:
             self._locate()
             if self._fd < 0:
                 return 0
-        data = os.pread(self._fd, max_bytes, self._offset)
+        data = self._read(max_bytes)
         count = consumed = 0
         version = self._version
-        for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
-            if raw:
-                fields = peek(rtype, payload, version)
-                record = None
-                if fields is None:
-                    record = decode_record(rtype, payload, version)
-                    if version != RECORD_VERSION:
-                        payload = encode_record(record)[1]
-                entries.append(RawEntry(seq, rtype, payload, fields, record))  # type: ignore[arg-type, union-attr]
-            elif entries is not None:
-                entries.append(Entry(seq, decode_record(rtype, payload, version)))  # type: ignore[arg-type]
-            count += 1
-            consumed = end
-            self.next_seq = seq + 1
+        if entries is None:  # skip: the checksums only, no record copied out
+            for _, end, seq, _ in frame_spans(data, 0, self.next_seq):
+                count += 1
+                consumed = end
+                self.next_seq = seq + 1
+        else:
+            for end, seq, rtype, payload in scan_frames(data, 0, self.next_seq):
+                if raw:
+                    fields = peek(rtype, payload, version)
+                    record = None
+                    if fields is None:
+                        record = decode_record(rtype, payload, version)
+                        if version != RECORD_VERSION:
+                            payload = encode_record(record)[1]
+                    entries.append(RawEntry(seq, rtype, payload, fields, record))  # type: ignore[arg-type]
+                else:
+                    entries.append(Entry(seq, decode_record(rtype, payload, version)))  # type: ignore[arg-type]
+                count += 1
+                consumed = end
+                self.next_seq = seq + 1
         if not count and len(data) < max_bytes:
             self._offset += consumed
             # Nothing new here: has the journal moved on to a next segment?
@@ -833,6 +858,18 @@ class JournalTail:
                 raise Trimmed(f"segment {self._first} was trimmed while read")
         self._offset += consumed
         return count
+
+    def _read(self, max_bytes: int) -> memoryview:
+        """Up to ``max_bytes`` of the open segment from the place reached, read into the
+        tail's buffer (valid until the next read).  The buffer grows to what the segment
+        holds there, not to ``max_bytes``: a look asked for much more than a journal
+        holds (a gigabyte) neither zeroes nor keeps that much."""
+        want = max(0, min(max_bytes, os.fstat(self._fd).st_size - self._offset))
+        if len(self._buffer) < want:
+            self._buffer = bytearray(want)
+        with memoryview(self._buffer) as whole:
+            got = os.preadv(self._fd, [whole[:want]], self._offset) if want else 0
+        return memoryview(self._buffer)[:got]
 
     def _growing(self) -> bool:
         return os.fstat(self._fd).st_size > self._offset

@@ -255,13 +255,20 @@ class Net:
     tracker: ProcessTracker = field(compare=False, repr=False)
     login_addr: str = LOGIN_ADDR
     compute_addr: str = COMPUTE_ADDR
+    # CPUs each side's processes may run on (taskset's list form; "" = any): two one-core
+    # "nodes" on one machine, so the login side's CPU time never comes out of the compute
+    # side's, as it does not between two real nodes.
+    login_cpus: str = ""
+    compute_cpus: str = ""
 
     def namespace(self, side: Side) -> str:
         return self.login_ns if side == "login" else self.compute_ns
 
     def argv(self, side: Side, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
-        """``argv`` wrapped to run inside the namespace of ``side``."""
-        return ["nsenter", f"--net=/run/netns/{self.namespace(side)}", "--",
+        """``argv`` wrapped to run inside the namespace of ``side`` (on its CPUs)."""
+        cpus = self.login_cpus if side == "login" else self.compute_cpus
+        pin = ["taskset", "--cpu-list", cpus] if cpus else []
+        return [*pin, "nsenter", f"--net=/run/netns/{self.namespace(side)}", "--",
                 *(os.fspath(arg) for arg in argv)]
 
     def run(
@@ -362,6 +369,23 @@ def remove_net(net: Net) -> list[str]:
         if not result.ok:
             notes.append(f"ip netns del {name}: {result.failure_reason()}")
     return notes
+
+
+def cpu_set(cpus: str) -> set[int]:
+    """taskset's list form ("0", "0-1,3") as a set of CPU numbers."""
+    found: set[int] = set()
+    for part in cpus.split(","):
+        first, _, last = part.partition("-")
+        found.update(range(int(first), int(last or first) + 1))
+    return found
+
+
+def pin_process(pid: int, cpus: str) -> None:
+    """Move every thread of a running process (one not started through :class:`Net`,
+    e.g. the login view's capture daemon) onto ``cpus``; its later threads inherit it."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), cpu_set(cpus))
 
 
 def create_net(tracker: ProcessTracker, prefix: str = "sdd") -> Net:

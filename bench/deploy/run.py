@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
@@ -1205,7 +1206,10 @@ def write_outputs(run: Run, out: Path, host: HostInfo, wall: float,
         f"{tool_version(['rsync', '--version'])}; {tool_version(['tar', '--version'])}",
         f"- Network: two network namespaces on this machine, login {run.net.login_addr} and "
         f"compute {run.net.compute_addr}, joined by a veth pair (MTU 1500, IPv6 off); plain "
-        "TCP, no encryption, no compression. Both ends share this machine's disk and CPUs.",
+        "TCP, no encryption, no compression. Both ends share this machine's disk"
+        + (f"; each side's processes run on its own CPUs (`--pin`): login {run.net.login_cpus},"
+           f" compute {run.net.compute_cpus} (the kernel's own workers on any)."
+           if run.net.login_cpus else " and CPUs."),
         f"- Login side: the data set's working copy on the host root file system. Compute "
         f"side: every method writes into a {run.compute_fs} (`--compute-fs`; see "
         "`make_compute_fs` in run.py for why not the host's root ext4).",
@@ -1344,6 +1348,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--compute-fs", choices=COMPUTE_FS_CHOICES, default="ext4",
                         help="file system the compute side writes into: a journaled ext4 "
                              "made for the run (default), a tmpfs, or the host's own")
+    parser.add_argument("--pin", metavar="LOGIN:COMPUTE", type=parse_pin, default=("", ""),
+                        help="run the login side's processes on the CPUs LOGIN and the compute "
+                             "side's on COMPUTE (taskset lists, e.g. 0:1: two one-core nodes, "
+                             "whose CPU time does not add up as on one shared machine); "
+                             "default: both sides on every CPU")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one untimed full deploy per method and data set before the "
                              "measurements (default on)")
@@ -1353,6 +1362,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 COMPUTE_FS_CHOICES = ("ext4", "tmpfs", "host")
+
+
+def parse_pin(text: str) -> tuple[str, str]:
+    """``LOGIN:COMPUTE`` CPU lists (taskset's form, e.g. ``0:1`` or ``0-1:2-3``)."""
+    login, sep, compute = text.partition(":")
+    cpu_list = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+    if not sep or not cpu_list.fullmatch(login) or not cpu_list.fullmatch(compute):
+        raise argparse.ArgumentTypeError(f"expected LOGIN:COMPUTE CPU lists such as 0:1, "
+                                         f"not {text!r}")
+    return login, compute
 
 
 def make_compute_fs(kind: str, mount_point: Path, size: int, tracker: ProcessTracker) -> str:
@@ -1473,6 +1492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             net = create_net(tracker)
         except MethodUnavailable as exc:
             raise BenchError(f"network namespaces: {exc}") from None
+        net = dataclasses.replace(net, login_cpus=args.pin[0], compute_cpus=args.pin[1])
         atexit.register(remove_net, net)  # last resort if the finally below never runs
         set_up: list[MethodEntry] = []
         try:

@@ -41,8 +41,17 @@ import sys
 import time
 from pathlib import Path
 
-from bench.deploy.harness import DeployFailed, DeployMethod, Measurement, Net, Spawned, settle
+from bench.deploy.harness import (
+    DeployFailed,
+    DeployMethod,
+    Measurement,
+    Net,
+    Spawned,
+    pin_process,
+    settle,
+)
 from bench.deploy.kernelview import KernelView
+from sdeefs.fs import kernel
 from sdeefs.replication.daemon import control_request
 
 USER = "benchuser"
@@ -145,6 +154,11 @@ class SdeefsMethod:
         if self.kernel:
             self._view = KernelView(self._login_root, USER, self._mnt)
             self._view.open()
+            if self._net is not None and self._net.login_cpus:  # the login node's own
+                for pid in (kernel.supervisor_pid(self._view.state),
+                            kernel.capture_pid(self._view.state)):
+                    if pid is not None:
+                        pin_process(pid, self._net.login_cpus)
             self._origin = self._daemon("login")
             return
         upper = self._login_root / USER / "upper"

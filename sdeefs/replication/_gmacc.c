@@ -1,4 +1,4 @@
-/* sdeefs.replication._gmacc: a received frame's AES-256-GMAC checked in one C call.
+/* sdeefs.replication._gmacc: a frame's AES-256-GMAC checked (or sealed) in one C call.
  *
  * sdeefs.replication.mac checks a frame's MAC field through ctypes: seven foreign calls
  * (context, init, two updates, final, tag, free), each a few microseconds of argument
@@ -17,6 +17,17 @@
  * Whether the nonce is the one due on the link is wire.LinkKey's check, after this one,
  * as after mac.matches.  tests/replication/test_coldreplica.py compares both on random
  * and damaged frames.
+ *
+ * seal(derived_key, nonce, frame, end) -> None
+ *     The sender's side (mac.seal, in one call: the origin seals every frame it sends,
+ *     seven ctypes calls each, bench/RESULTS.md, branch originlean): the MAC field of
+ *     the frame whose header and payload are ``frame[:end]``, written into
+ *     ``frame[end:end + 32]``: ``nonce`` (12 bytes), the GMAC tag of ``frame[:end]``
+ *     under that key and nonce, four zero bytes.  ``frame`` is a writable buffer of
+ *     exactly end + 32 bytes; ValueError otherwise (or for a key not 32 bytes, a nonce
+ *     not 12), MemoryError if libcrypto fails.  The GIL is released while libcrypto
+ *     hashes, as for matches.  tests/replication/test_originlean.py compares it with
+ *     mac.seal.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -95,16 +106,55 @@ out:
     return result;
 }
 
+static PyObject *seal(PyObject *self, PyObject *args)
+{
+    Py_buffer key, nonce, frame;
+    Py_ssize_t end;
+    if (!PyArg_ParseTuple(args, "y*y*w*n", &key, &nonce, &frame, &end))
+        return NULL;
+    PyObject *result = NULL;
+    if (key.len != KEY_SIZE || nonce.len != NONCE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "a derived GMAC key is 32 bytes, a nonce 12");
+        goto out;
+    }
+    if (end < 0 || frame.len != end + FIELD_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "a frame to seal ends in its 32-byte MAC field");
+        goto out;
+    }
+    unsigned char *f = frame.buf;
+    unsigned char tag[TAG_SIZE];
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = gmac(key.buf, nonce.buf, f, (size_t)end, NULL, 0, tag);
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_SetString(PyExc_MemoryError, "libcrypto failed to compute an AES-GMAC");
+        goto out;
+    }
+    memcpy(f + end, nonce.buf, NONCE_SIZE);
+    memcpy(f + end + NONCE_SIZE, tag, TAG_SIZE);
+    memset(f + end + NONCE_SIZE + TAG_SIZE, 0, 4);
+    result = Py_NewRef(Py_None);
+out:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&nonce);
+    PyBuffer_Release(&frame);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"matches", matches, METH_VARARGS,
      "matches(derived_key, field, header, payload) -> bool: a frame's GMAC field checked "
      "(see the source's comment)."},
+    {"seal", seal, METH_VARARGS,
+     "seal(derived_key, nonce, frame, end) -> None: a frame's GMAC field written into "
+     "frame[end:] (see the source's comment)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_gmacc",
-    "A received frame's AES-256-GMAC checked in one call (see the source's comment).", -1,
+    "A frame's AES-256-GMAC checked, or sealed, in one call (see the source's comment).", -1,
     methods,
 };
 

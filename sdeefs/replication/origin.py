@@ -86,6 +86,7 @@ from .wire import (
     HEAD,
     MAC_SIZE,
     NO_ID,
+    POOL_BUFFER,
     RECORD_HEAD,
     RESYNC,
     RUN_WRITE,
@@ -113,7 +114,9 @@ JOURNAL_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO | IN_DELETE  # a segment gr
 BATCH_BYTES = 8 << 20  # data read from the upper per batch sent
 MAX_PENDING = 4096  # journal entries read ahead of what was sent
 POLL_BYTES = 256 << 10  # journal bytes read per look (some 2,500 records)
-HEAD_READ_BYTES = 16 << 20  # journal bytes read per step while learning the head
+# journal bytes read per step while learning the head (into the head tail's buffer, which
+# it keeps: 2 MiB, a record of MAX_PAYLOAD fits)
+HEAD_READ_BYTES = 2 << 20
 SNAPSHOT_ATTEMPTS = 5
 MAX_REFUSED = 16  # refused records an origin remembers per user
 MARKERS = (rec.Done, rec.Sync, rec.Abort, rec.Begin, rec.Commit, rec.Void)
@@ -433,7 +436,8 @@ class JournalSender:
     # kept as entries are read, not a scan of ``pending`` per look (a cold stream's
     # thousands of looks at a window of thousands of entries)
     open_begins: set[int] = attrs.field(factory=set)
-    frames: BufferPool = attrs.field(factory=lambda: BufferPool(keep=3 * 32))  # 3 batches
+    frames: BufferPool = attrs.field(  # 3 batches
+        factory=lambda: BufferPool(keep=3 * 32, size=POOL_BUFFER))
 
     async def run(self) -> None:
         """Read and encode the next batch (a worker thread) while the one before it is
@@ -524,6 +528,12 @@ class JournalSender:
             rtype = entry.rtype
             frames: list[bytearray | memoryview] | None = None
             if rtype in rec.EXTENT_TYPES:
+                if size and size + cast(rec.Extent, entry.record).length > BATCH_BYTES:
+                    # a big Extent (up to 16 MiB) starts the next batch: a batch is then
+                    # at most one such Extent, not 8 MiB and one, so the frames in
+                    # flight (three batches) and the pool's buffers are fewer, and the
+                    # buffers warmer (bench/RESULTS.md, branch originlean)
+                    break
                 frames = self._extent_frames(entry.seq, cast(rec.Extent, entry.record),
                                              pending[taken + 1:ready],
                                              SKIP if self.skipped else 0)
@@ -675,7 +685,16 @@ class JournalSender:
             if not (rtype == rec.Mknod.TYPE and stat.S_ISCHR(mode) and mode & 0o7777) \
                     and self._owner_ok(uid, gid):
                 return None
-        return refusal(entry.record, self.user.ids)
+        record = entry.record
+        if rtype == rec.Create.TYPE:
+            # a new file of the user's own, without xattrs: the records it means (Mknod
+            # of a regular file, a Write, a Setattr of size and mtime) all pass, as
+            # ``refusal`` of each would say, without making them (most of a cold
+            # stream's records are Creates)
+            create = cast(rec.Create, record)
+            if not create.xattrs and self._owner_ok(create.uid, create.gid):
+                return None
+        return refusal(record, self.user.ids)
 
     def _encode_setattr(self, held: HeldSetattr, out: list[Encoded],
                         run: RunEncoder) -> int:

@@ -209,6 +209,9 @@ NONCE_SIZE_MAC = mac.NONCE_SIZE  # the nonce at the start of a frame's MAC field
 MAX_FRAME_PAYLOAD = 2 << 20
 RECORD_HEAD = struct.Struct("<HI")  # a RECORD/SNAPSHOT payload: rtype, record length
 CHUNK = 1 << 20  # data bytes per RECORD frame
+# the least a sender's pooled frame buffer is made (``BufferPool.size``): a data chunk's
+# frame with a record head of up to 8 KiB (a path, a handle, an Extent's sums)
+POOL_BUFFER = CHUNK + (8 << 10)
 RUN_ENTRY = struct.Struct("<QHI")  # a record in a RUN frame: seq, flags (SKIP), length
 assert RUN_ENTRY.size == 14
 RUN_BYTES = 256 << 10  # payload bytes after which an origin closes a RUN frame
@@ -423,6 +426,12 @@ def _mac_into(buf: bytearray | memoryview, end: int, key: Key, version: int) -> 
     """The MAC of ``buf[:end]`` into ``buf[end:]`` (under a LinkKey: the next nonce)."""
     nonce = key.next_nonce() if isinstance(key, LinkKey) and version >= COUNTED else None
     raw = key.key if isinstance(key, LinkKey) else key
+    if version >= GMAC and _gmacc is not None:
+        # in one C call (``_gmacc.seal``): the same field as ``mac.seal``, without its
+        # seven ctypes calls per frame (bench/RESULTS.md, branch originlean)
+        _gmacc.seal(mac.derived(bytes(raw)), os.urandom(mac.NONCE_SIZE) if nonce is None
+                    else nonce, buf, end)
+        return
     with memoryview(buf) as view:
         if version >= GMAC:
             view[end:] = mac.seal(raw, view[:end], nonce=nonce)  # nonce None: random
@@ -530,16 +539,26 @@ class BufferPool:
     one, so a frame still queued or being sent keeps its buffer.  At most ``keep``
     buffers are kept (about the frames in flight); beyond that a buffer of its own, as
     before.
+
+    A buffer for a frame of at least half of ``size`` is made ``size`` bytes (the
+    sender's: a whole data chunk's frame), so the short last frame of a big file does
+    not leave a buffer too small for the next full one (each replaced by a new one:
+    faulted in again, bench/RESULTS.md, branch originlean); a smaller frame's (a small
+    file's) is made its own size, so a window of those does not hold a chunk each.  Of
+    the free buffers the one freed last is handed out (the warmest in the CPU's cache:
+    the copy into it is cheaper), so the pool holds about the buffers in flight at
+    once, not ``keep``.
     """
 
     keep: int = 64
+    size: int = 0  # the least a new buffer is made (0: what ``take`` asks)
+    # in the order they were last handed out, the oldest first.  Frames are sent in
+    # that order, so the free buffers are (nearly always) a run at the front, and the
+    # last of that run is the one freed last: not a scan of every buffer in flight per
+    # frame (96 of them at a sender's full window: ~9 % of an origin's Python in a cold
+    # stream, bench/RESULTS.md, branch coldcpu)
     _buffers: list[bytearray] = attrs.field(factory=list)
     _free_refs: int = 0
-    # where the next look for a free buffer starts: just after the last one handed out.
-    # Buffers come free in the order they were taken (frames are sent in order), so the
-    # oldest is the likeliest free: not a scan of every buffer in flight per frame (96
-    # of them at a sender's full window: ~9 % of an origin's Python in a cold stream)
-    _next: int = 0
 
     def __attrs_post_init__(self) -> None:
         self._buffers.append(bytearray(1))
@@ -554,29 +573,36 @@ class BufferPool:
 
     def take(self, length: int) -> memoryview:
         """A writable view of ``length`` bytes, contents undefined."""
-        smaller = -1  # a free buffer too small: replaced by the new one
-        count = len(self._buffers)
-        for step in range(count):
-            index = (self._next + step) % count
-            buf = self._buffers[index]
-            if self._refs(buf) <= self._free_refs:
-                if len(buf) >= length:
-                    self._next = index + 1
-                    return memoryview(buf)[:length]
+        buffers, free_refs = self._buffers, self._free_refs
+        pick = smaller = -1  # smaller: a free buffer too small, replaced by the new one
+        for index in range(len(buffers)):  # (not enumerate: its tuple holds a reference)
+            buf = buffers[index]
+            if self._refs(buf) > free_refs:  # in flight
+                if pick >= 0:
+                    break  # the run of free buffers ended: its last fitting one is picked
+                continue
+            if len(buf) >= length:
+                pick = index
+            else:
                 smaller = index
-        buf = bytearray(length)
+        if pick >= 0:
+            buf = buffers.pop(pick)
+            buffers.append(buf)
+            return memoryview(buf)[:length]
+        if smaller < 0 and len(buffers) >= self.keep:
+            return memoryview(bytearray(length))  # a buffer of its own: just its size
+        # a frame of at least half a chunk gets a whole chunk's buffer (the next full
+        # frame fits it); a smaller one (a small file's Extent) just its size: a
+        # window of those must not hold a chunk each
+        buf = bytearray(self.size if length * 2 >= self.size > length else length)
         if smaller >= 0:
-            self._buffers[smaller] = buf
-            self._next = smaller + 1
-        elif len(self._buffers) < self.keep:
-            self._buffers.append(buf)
-            self._next = 0  # (the oldest next)
-        return memoryview(buf)
+            del buffers[smaller]
+        buffers.append(buf)
+        return memoryview(buf)[:length]
 
     def clear(self) -> None:
         """Let the buffers go (an idle link keeps none)."""
         self._buffers.clear()
-        self._next = 0
 
 
 class FrameReader:

@@ -33,7 +33,7 @@ from sdeefs.journal import (
 )
 from sdeefs.layers import open_layer_root
 from sdeefs.replicable import NOBODY, UserIds, refusal, user_ids
-from sdeefs.replication import mac
+from sdeefs.replication import mac, wire
 from sdeefs.replication.origin import (
     MARKERS,
     MAX_REFUSED,
@@ -76,6 +76,7 @@ def fixed_mac(monkeypatch: pytest.MonkeyPatch) -> None:
         return digest.digest()[:mac.FIELD - 4] + bytes(4)
 
     monkeypatch.setattr(mac, "seal", seal)
+    monkeypatch.setattr(wire, "_gmacc", None)  # frames sealed through mac.seal, patched
 
 
 # -- the decoding sender, as it was (the reference) -------------------------------------------
