@@ -1,9 +1,10 @@
 """Bars (median, min..max whisker) of a writer's CPU into the compute fs: an SVG for RESULTS.md.
 
-Usage: ``.venv/bin/python bench/deploy/ext4plot.py EXT4WRITE.jsonl [--coldcpu COLDCPU.jsonl]
+Usage: ``.venv/bin/python bench/deploy/ext4plot.py EXT4WRITE.jsonl [--coldcpu COLDCPU.jsonl]...
 --out OUT.svg``: the writer's system CPU per pattern and memory state (``ext4write.py``
 output: one bar per pattern and ``settle``), and, with ``--coldcpu``, the replica daemon's
-CPU per memory state (``coldcpu.py --settle`` output, a ``settle`` field added per line).
+CPU per memory state (``coldcpu.py --settle`` output, a ``settle`` field added per line, and
+a ``pattern`` naming the release if there are several).
 Blue: memory freed just before the write; red: free for 15 s.
 """
 
@@ -38,12 +39,12 @@ def bars_of(path: str, key: str, label: str) -> list[tuple[str, float, float, fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ext4write")
-    parser.add_argument("--coldcpu")
+    parser.add_argument("--coldcpu", action="append", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     bars = bars_of(args.ext4write, "sys", "")
-    if args.coldcpu:
-        bars += bars_of(args.coldcpu, "replica_cpu", "replica daemon, 2G cold stream (all CPU)")
+    for path in args.coldcpu:
+        bars += bars_of(path, "replica_cpu", "replica daemon, 2G cold stream (all CPU)")
     top = max(b[3] for b in bars) * 1.1
     height = TOP + len(bars) * (BAR + GAP) + 30
     scale = (WIDTH - LEFT - 60) / top
