@@ -4,7 +4,8 @@ Usage (as root)::
 
     .venv/bin/python bench/deploy/coldcpu.py [--size 1G] [--runs 2]
         [--engine passthrough|kernel] [--baseline TREE] [--perf DIR] [--profile DIR]
-        [--pyspy DIR] [--syscalls DIR] [--work DIR] [--port N]
+        [--pyspy DIR] [--syscalls DIR] [--compute-fs ext4|tmpfs] [--settle S]
+        [--work DIR] [--port N]
 
 The journal is made once per data set and engine (``bench/deploy``'s data set, under
 ``/var/tmp/sdeefs-deploy-data``): ``rsync -a --inplace`` of it into a journaling
@@ -58,6 +59,30 @@ DATA = Path("/var/tmp/sdeefs-deploy-data")
 WORK = Path("/var/tmp/sdeefs-coldcpu")
 USER = "benchuser"
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (every core; kernel threads
+    included: the compute disk's writeback, the loop device's worker)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / TICK
+
+
+VMSTAT = ("nr_written", "compact_stall", "allocstall_movable", "pgscan_direct",
+          "pgscan_kswapd")  # counted over a run (``vmstat``)
+
+
+def vmstat() -> dict[str, int]:
+    """The VMSTAT counters of /proc/vmstat: pages written back (every device), direct
+    compactions, direct reclaims and the pages they scanned, kswapd's scans."""
+    out = dict.fromkeys(VMSTAT, 0)
+    with open("/proc/vmstat") as f:
+        for line in f:
+            key, value = line.split()
+            if key in out:
+                out[key] = int(value)
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -119,15 +144,19 @@ def build_kernel(size: str) -> Path:
     return root
 
 
-def compute_fs() -> Path:
+def compute_fs(kind: str = "ext4") -> Path:
     """The replica's disk: a journaled ext4 in a loop-mounted image, as ``bench/deploy``
     makes it (the root file system here has no journal, and without one ext4 scans past
     every inode freed in the last minutes on each create: that measured the ``rm`` of the
-    previous run's copy, 40% of the replica's CPU)."""
+    previous run's copy, 40% of the replica's CPU); ``tmpfs``: a tmpfs (no writeback)."""
     mount = WORK / "compute"
     if os.path.ismount(mount):
         return mount
     mount.mkdir(parents=True, exist_ok=True)
+    if kind == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8g,mode=0755", "tmpfs",
+                        str(mount)], check=True)
+        return mount
     image = WORK / "compute.img"
     with open(image, "wb") as handle:
         handle.truncate(8 << 30)  # sparse: one copy of the 2G set at a time
@@ -173,12 +202,20 @@ def live_upper(root: Path) -> str:
 
 def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
             profile: Path | None, run: int, engine: str,
-            pyspy: Path | None = None, syscalls: Path | None = None) -> dict[str, object]:
+            pyspy: Path | None = None, syscalls: Path | None = None,
+            settle: float = 0.0) -> dict[str, object]:
     work = WORK / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     replicas = WORK / "compute" / "replicas"
     shutil.rmtree(replicas, ignore_errors=True)
+    if settle:
+        # the last run's copy was just freed: its memory serves this run's page cache
+        # unless it has been free long enough for the virtio balloon to report it to the
+        # host, which then faults it in again at the first write (bench/RESULTS.md,
+        # branch applyext4): ``bench/deploy/run.py``'s sdeefs deploys meet that memory
+        subprocess.run(["sync"], check=True)
+        time.sleep(settle)
     key = work / "key"
     key.write_text(os.urandom(32).hex())
     os.chmod(key, 0o600)
@@ -229,11 +266,13 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
         subprocess.run(["sync"], check=True)
+        busy0, vm0 = busy_seconds(), vmstat()
         start = time.perf_counter()
         reply = control_request(str(work / "compute.sock"),
                                 {"op": "follow", "user": USER, "wait": True, "timeout": 900})
         wall = time.perf_counter() - start
         cpu = {side: cpu_seconds(p.pid) - cpu0[side] for side, p in procs.items()}
+        busy, vm = busy_seconds() - busy0, {k: v - vm0[k] for k, v in vmstat().items()}
     finally:
         if recorder is not None:
             recorder.send_signal(signal.SIGINT)
@@ -248,7 +287,8 @@ def one_run(root: Path, label: str, baseline: str, port: int, perf: Path | None,
                            text=True)
     return {"release": label, "engine": engine, "wall": round(wall, 2),
             "origin_cpu": round(cpu["login"], 2),
-            "replica_cpu": round(cpu["compute"], 2), "barrier": reply.get("barrier"),
+            "replica_cpu": round(cpu["compute"], 2), "busy": round(busy, 2),
+            "written_mib": vm.pop("nr_written") * 4096 >> 20, **vm, "barrier": reply.get("barrier"),
             "identical": check.returncode == 0 and not check.stdout,
             "load": os.getloadavg()[0]}
 
@@ -265,6 +305,11 @@ def main() -> int:
     parser.add_argument("--syscalls", type=Path)
     parser.add_argument("--port", type=int, default=7391)
     parser.add_argument("--engine", choices=("passthrough", "kernel"), default="passthrough")
+    parser.add_argument("--compute-fs", choices=("ext4", "tmpfs"), default="ext4",
+                        help="the replica's file system (default: ext4 on a loop image)")
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds to wait after deleting the last run's copy (memory "
+                        "free that long: see one_run)")
     parser.add_argument("--work", type=Path, default=WORK,
                         help=f"journals, runs and the replica's disk (default {WORK}; "
                         "another directory and --port for runs beside someone else's)")
@@ -276,7 +321,7 @@ def main() -> int:
     for label, root in roots.items():
         print(json.dumps({"release": label, "engine": args.engine, "size": args.size,
                           "journal": histogram(str(root / USER / "state"))}), flush=True)
-    compute_fs()
+    compute_fs(args.compute_fs)
     for out in (args.perf, args.profile, args.pyspy, args.syscalls):
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +331,7 @@ def main() -> int:
             for label, tree in releases:
                 result = one_run(roots.get(label, roots["new"]), label, tree, args.port,
                                  args.perf, args.profile, run, args.engine, args.pyspy,
-                                 args.syscalls)
+                                 args.syscalls, args.settle)
                 print(json.dumps(result), flush=True)
     finally:
         subprocess.run(["umount", str(WORK / "compute")], check=False)

@@ -132,13 +132,28 @@ class DeployMethod(Protocol):
     def teardown(self) -> None: ...
 
 
+SETTLE_MEMORY = "SDEEFS_DEPLOY_SETTLE_MEMORY"  # seconds settle() waits after its sync
+
+
 def settle() -> None:
     """Flush dirty pages before a clock starts.
 
     The page cache stays warm (nothing is dropped), but without this the write-back of
     the previous deploy's gigabytes would run during the next measurement.
+
+    With ``$SDEEFS_DEPLOY_SETTLE_MEMORY`` seconds (``run.py --settle-memory``) it then
+    waits that long, so that every method's page cache comes from the same kind of free
+    memory.  On this harness's VM, memory freed a few seconds earlier is handed back to the
+    host (the virtio balloon's free page reporting), and the first write to each page of it
+    faults on the host: a method that deleted its previous copy right before its clock
+    (tar's ``empty_dir``) writes into memory still mapped, one whose copy went earlier
+    (sdeefs, before the user's untimed rsync) into memory handed back, at 2-5x the CPU per
+    byte (bench/RESULTS.md, branch applyext4).
     """
     os.sync()
+    wait = float(os.environ.get(SETTLE_MEMORY) or 0)
+    if wait > 0:
+        time.sleep(wait)
 
 
 def empty_dir(path: str | os.PathLike[str]) -> None:

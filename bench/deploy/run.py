@@ -80,6 +80,7 @@ from bench.deploy.harness import (  # noqa: E402
     FULL,
     ONE_PCT,
     SCENARIOS,
+    SETTLE_MEMORY,
     SYNC,
     DeployFailed,
     DeployMethod,
@@ -1217,7 +1218,10 @@ def write_outputs(run: Run, out: Path, host: HostInfo, wall: float,
         "compute-side tree are read once and `sync` runs (write-back of earlier runs does "
         "not overlap the measurement); receivers do not fsync. The clock stops when the "
         "compute side has the files (rsync: client exit; "
-        "tar: the receiver's tar exit, acknowledged over the socket).",
+        "tar: the receiver's tar exit, acknowledged over the socket)."
+        + (f" After that `sync`, {os.environ[SETTLE_MEMORY]} s of wait (`--settle-memory`): "
+           "every method's page cache comes from memory free that long."
+           if os.environ.get(SETTLE_MEMORY) else ""),
         f"- Repetitions: {run.repeat} per cell, methods interleaved (order rotated each "
         "repetition), median reported with min..max"
         + ("; before them, one untimed full deploy per method and data set (warm-up)."
@@ -1353,6 +1357,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "side's on COMPUTE (taskset lists, e.g. 0:1: two one-core nodes, "
                              "whose CPU time does not add up as on one shared machine); "
                              "default: both sides on every CPU")
+    parser.add_argument("--settle-memory", type=float, default=0.0, metavar="S",
+                        help="after the sync before each clock, wait S seconds: every "
+                             "method's page cache then comes from memory free that long "
+                             "(bench/deploy/harness.py, settle)")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one untimed full deploy per method and data set before the "
                              "measurements (default on)")
@@ -1476,6 +1484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise BenchError(f"method {entry.name}: {entry.unavailable}")
             log(f"method {entry.name}: unavailable: {entry.unavailable}")
     check_space(args.data_dir, sizes, len(entries), args.rebuild, args.compute_fs)
+    if args.settle_memory > 0:  # read by harness.settle, in this process and its methods'
+        os.environ[SETTLE_MEMORY] = str(args.settle_memory)
 
     host = HostInfo.collect()
     started = time.monotonic()
