@@ -389,10 +389,18 @@ class BatchApplier:
 
 
 def _write_pieces(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """``data`` at ``offset``, WRITE_PIECE bytes per pwrite (one pwrite if there is none)."""
+    """``data`` at ``offset``, WRITE_PIECE bytes per pwrite (one pwrite if there is none);
+    a short write is continued, as ``_applyc``'s ``write_all`` does: the rest of a record
+    is written or the error is raised (EFBIG past the file size limit), never dropped."""
     view = memoryview(data)
-    for start in range(0, max(len(view), 1), WRITE_PIECE):
-        os.pwrite(fd, view[start:start + WRITE_PIECE], offset + start)
+    done = 0
+    while True:
+        written = os.pwrite(fd, view[done:done + WRITE_PIECE], offset + done)
+        done += written
+        if done >= len(view):
+            return
+        if written == 0:
+            raise OSError(errno.EIO, "a write of a record's data made no progress")
 
 
 def _setattr_fd(fd: int, r: rec.Setattr) -> None:

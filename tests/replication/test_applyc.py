@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -404,3 +407,26 @@ def test_a_records_data_goes_in_pieces_and_lands_whole(native: bool) -> None:
 
 def test_record_head_is_what_the_c_path_reads() -> None:
     assert RECORD_HEAD.format == "<HI"
+
+
+def test_a_short_write_of_a_records_data_is_continued_or_raised_never_dropped(
+        tmp_path: Path) -> None:
+    """Python's path writes a record's data as ``_applyc``'s does: a short write (here: the
+    process's file size limit cuts a piece) is continued, so the limit's EFBIG is raised
+    rather than the rest of the record silently left out."""
+    script = textwrap.dedent(f"""
+        import errno, os, resource, signal
+        from sdeefs.replication import applier
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        fd = os.open({str(tmp_path / "f")!r}, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            applier._write_pieces(fd, b"x" * 30_000, 80_000)
+        except OSError as exc:
+            print("raised", errno.errorcode[exc.errno])
+        else:
+            print("returned")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.split() == ["raised", "EFBIG"]
