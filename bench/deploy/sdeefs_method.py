@@ -62,6 +62,7 @@ VENV_BIN = Path(sys.executable).parent
 class SdeefsMethod:
     def __init__(self, prestream: bool, baseline: str = "", kernel: bool = False) -> None:
         self.prestream = prestream
+        self._stale_replica = False  # a cold method's last copy, to go before the clock
         self.baseline = baseline
         self.kernel = kernel
         # every method's daemons stay up: a port each
@@ -150,7 +151,10 @@ class SdeefsMethod:
         if os.path.ismount(self._mnt):
             subprocess.run([VENV_BIN / "sdeefs", "umount", self._mnt], check=True, env=self.env)
         shutil.rmtree(self._login_root, ignore_errors=True)
-        shutil.rmtree(self._work / "replicas", ignore_errors=True)
+        if self.prestream:  # its replica follows from here on: a new one now
+            shutil.rmtree(self._work / "replicas", ignore_errors=True)
+        else:  # the old copy goes right before the clock (deploy)
+            self._stale_replica = True
         if self.kernel:
             self._view = KernelView(self._login_root, USER, self._mnt)
             self._view.open()
@@ -186,6 +190,16 @@ class SdeefsMethod:
         if result.returncode != 0:
             raise DeployFailed(f"rsync into the mounted upper: {result.stderr.strip()[-300:]}")
         if self._replica is None:
+            if self._stale_replica:
+                # The last deploy's copy is removed right before the clock, as tar's
+                # receiver empties its destination right before its own: both then write
+                # into page cache just freed.  Removed before the user's rsync instead,
+                # that memory went to the rsync, and on this VM memory free for seconds
+                # has been handed back to the host (free page reporting), so the first
+                # write into it faults on the host, inside the copy (bench/RESULTS.md,
+                # branch applyext4): a 2G copy cost the replica up to 2.6 s instead of 0.7.
+                shutil.rmtree(self._work / "replicas", ignore_errors=True)
+                self._stale_replica = False
             self._replica = self._daemon("compute")
         before = self._received()
         settle()
