@@ -13,7 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from xml.sax.saxutils import escape
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.deploy.whiskers import whisker_svg  # noqa: E402 - after the path is set
 
 WIDTH, BAR, GAP, LEFT, TOP = 700, 22, 10, 300, 40
 
@@ -45,28 +50,13 @@ def main() -> int:
     bars = bars_of(args.ext4write, "sys", "")
     for path in args.coldcpu:
         bars += bars_of(path, "replica_cpu", "replica daemon, 2G cold stream (all CPU)")
-    top = max(b[3] for b in bars) * 1.1
-    height = TOP + len(bars) * (BAR + GAP) + 30
-    scale = (WIDTH - LEFT - 60) / top
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-           'font-family="sans-serif" font-size="12">',
-           '<text x="10" y="20" font-size="14">Writing the 2G data set into the loop ext4: '
-           'CPU seconds (median, min..max)</text>']
-    for i, (name, median, low, high, cold) in enumerate(bars):
-        y = TOP + i * (BAR + GAP)
-        colour = "#d62728" if cold else "#1f77b4"
-        out.append(f'<text x="{LEFT - 6}" y="{y + BAR / 2 + 4}" text-anchor="end">'
-                   f'{escape(name)}</text>')
-        out.append(f'<rect x="{LEFT}" y="{y}" width="{median * scale:.1f}" height="{BAR}" '
-                   f'fill="{colour}"/>')
-        if high > low:
-            out.append(f'<line x1="{LEFT + low * scale:.1f}" x2="{LEFT + high * scale:.1f}" '
-                       f'y1="{y + BAR / 2}" y2="{y + BAR / 2}" stroke="black"/>')
-        out.append(f'<text x="{LEFT + max(median, high) * scale + 4:.1f}" '
-                   f'y="{y + BAR / 2 + 4}">{median:.2f}</text>')
-    out.append("</svg>")
+    chart = whisker_svg("Writing the 2G data set into the loop ext4: CPU seconds "
+                        "(median, min..max)",
+                        [(name, median, low, high, "#d62728" if cold else "#1f77b4")
+                         for name, median, low, high, cold in bars],
+                        width=WIDTH, left=LEFT, bar=BAR, gap=GAP, top=TOP)
     with open(args.out, "w") as f:
-        f.write("\n".join(out) + "\n")
+        f.write(chart)
     return 0
 
 

@@ -11,6 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.deploy.whiskers import whisker_svg  # noqa: E402 - after the path is set
 
 WIDTH, BAR, GAP, LEFT, TOP = 640, 26, 14, 250, 40
 
@@ -41,28 +47,12 @@ def main() -> int:
             if "cpu_s_per_gib" in row:
                 value = row["cpu_s_per_gib"]
                 bars.append((f"sums alone: {row['contender']}", value, value, value))
-    top = max(b[3] for b in bars) * 1.1
-    height = TOP + len(bars) * (BAR + GAP) + 30
-    scale = (WIDTH - LEFT - 60) / top
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-           'font-family="sans-serif" font-size="12">',
-           '<text x="10" y="20" font-size="14">CPU seconds per GiB (median, min..max)'
-           '</text>']
-    for i, (name, median, low, high) in enumerate(bars):
-        y = TOP + i * (BAR + GAP)
-        colour = "#d62728" if "main" in name or "BLAKE2b" in name else "#1f77b4"
-        out.append(f'<text x="{LEFT - 6}" y="{y + BAR / 2 + 4}" text-anchor="end">'
-                   f'{name}</text>')
-        out.append(f'<rect x="{LEFT}" y="{y}" width="{median * scale:.1f}" height="{BAR}" '
-                   f'fill="{colour}"/>')
-        if high > low:
-            out.append(f'<line x1="{LEFT + low * scale:.1f}" x2="{LEFT + high * scale:.1f}" '
-                       f'y1="{y + BAR / 2}" y2="{y + BAR / 2}" stroke="black"/>')
-        out.append(f'<text x="{LEFT + high * scale + 6:.1f}" y="{y + BAR / 2 + 4}">'
-                   f'{median:.2f}</text>')
-    out.append("</svg>")
+    colours = ["#d62728" if "main" in b[0] or "BLAKE2b" in b[0] else "#1f77b4" for b in bars]
+    chart = whisker_svg("CPU seconds per GiB (median, min..max)",
+                        [(*b, colour) for b, colour in zip(bars, colours, strict=True)],
+                        width=WIDTH, left=LEFT, bar=BAR, gap=GAP, top=TOP)
     with open(args.out, "w") as f:
-        f.write("\n".join(out) + "\n")
+        f.write(chart)
     return 0
 
 
